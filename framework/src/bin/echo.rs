@@ -1,0 +1,60 @@
+//! `echo`: the example service. Republishes every JSON message it receives as its success
+//! message; used by the framework's tests and the benchmark.
+
+use std::process::ExitCode;
+
+use framework::config::{Config, ConfigError};
+use framework::{BoxError, MessageContext, MessageProcessor, Outcome, Service, async_trait};
+use serde::{Deserialize, Serialize};
+
+/// `[echo]` keys besides queue/output_exchange/http_listen.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct EchoSettings {
+    input_exchange: String,
+    routing_keys: Vec<String>,
+    output_routing_key: String,
+}
+
+struct Echo;
+
+#[async_trait]
+impl MessageProcessor for Echo {
+    type Input = serde_json::Value;
+    async fn handle(&self, input: serde_json::Value, _ctx: &MessageContext) -> Outcome {
+        Outcome::success(input)
+    }
+}
+
+struct EchoService;
+
+#[async_trait]
+impl Service for EchoService {
+    const NAME: &'static str = "echo";
+    const SECTION: &'static str = "echo";
+    type Settings = EchoSettings;
+    type Processor = Echo;
+
+    fn binding(cfg: &Config<EchoSettings>) -> framework::Binding {
+        framework::Binding {
+            exchange: cfg.settings.input_exchange.clone(),
+            routing_keys: cfg.settings.routing_keys.clone(),
+            output_routing_key: cfg.settings.output_routing_key.clone(),
+        }
+    }
+
+    fn validate(cfg: &Config<EchoSettings>) -> Result<(), ConfigError> {
+        if cfg.settings.routing_keys.is_empty() {
+            return Err(ConfigError::new("echo.routing_keys", "needs at least one key"));
+        }
+        Ok(())
+    }
+
+    async fn processor(_cfg: &Config<EchoSettings>) -> Result<Echo, BoxError> {
+        Ok(Echo)
+    }
+}
+
+fn main() -> ExitCode {
+    framework::cli::main::<EchoService>()
+}

@@ -1,0 +1,414 @@
+//! The shared command line of design §4: each binary's `main` is `framework::cli::main::<S>()`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{self, Config, ConfigError, LoadOptions};
+use crate::dlq;
+use crate::processor::{MessageProcessor, ProcessorConfiguration};
+use crate::runtime::{Runtime, Status, connect, is_precondition_failed};
+use crate::telemetry;
+use crate::topology::{Subscription, Topology};
+
+/// Boxed error from a service's own setup code.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Where a service listens: the static half of a `ProcessorConfiguration`.
+#[derive(Debug, Clone)]
+pub struct Binding {
+    /// Producer exchange.
+    pub exchange: String,
+    /// Binding keys.
+    pub routing_keys: Vec<String>,
+    /// Success key prefix.
+    pub output_routing_key: String,
+}
+
+/// A service binary: its names, its settings and how to build its processor.
+#[async_trait]
+pub trait Service: Send + Sync + 'static {
+    /// Binary name, used in logs, `x-service` and connection names.
+    const NAME: &'static str;
+    /// Own config section, e.g. `online_archive`.
+    const SECTION: &'static str;
+    /// The service's own keys (deny unknown fields); framework keys are taken out first.
+    type Settings: DeserializeOwned + Serialize + std::fmt::Debug + Send + Sync + 'static;
+    /// Its processor.
+    type Processor: MessageProcessor;
+
+    /// Exchange, binding keys and output key (no I/O, so `declare` needs nothing else).
+    fn binding(cfg: &Config<Self::Settings>) -> Binding;
+
+    /// Checks settings beyond their types; errors exit 2.
+    fn validate(_cfg: &Config<Self::Settings>) -> Result<(), ConfigError> {
+        Ok(())
+    }
+
+    /// Builds the processor (opens databases, stores, HTTP clients).
+    async fn processor(cfg: &Config<Self::Settings>) -> Result<Self::Processor, BoxError>;
+}
+
+#[derive(Parser, Debug)]
+#[command(about, version)]
+struct Cli {
+    /// Directory holding default.toml and <env>.toml.
+    #[arg(long, global = true, env = "STORAGETIER_CONFIG_DIR", default_value = "config")]
+    config_dir: PathBuf,
+    /// Environment name: reads <config-dir>/<env>.toml (default dev).
+    #[arg(long, global = true, env = "APP_ENV")]
+    env: Option<String>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Consume until SIGTERM/SIGINT, then drain and exit 0 (the default).
+    Run,
+    /// Validate and print the effective config (secrets redacted).
+    CheckConfig,
+    /// Declare the topology and exit.
+    Declare,
+    /// Print the topology as RabbitMQ definitions JSON (management UI import).
+    Definitions {
+        /// Virtual host to put in the document.
+        #[arg(long, default_value = "/")]
+        vhost: String,
+    },
+    /// Inspect and repair dead letters.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DlqCommand {
+    /// Show dead letters: error, kind, original key, failed-at, size.
+    List {
+        /// At most this many.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Republish dead letters to their original exchange and routing key.
+    Replay {
+        /// Every dead letter.
+        #[arg(long, conflicts_with = "message_id", required_unless_present = "message_id")]
+        all: bool,
+        /// Only the dead letter(s) with this message id.
+        #[arg(long)]
+        message_id: Option<String>,
+        /// Show what would move, move nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Delete every dead letter.
+    Purge {
+        /// Required: confirms the deletion.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+/// Exit code for configuration and usage errors.
+pub const EXIT_CONFIG: u8 = 2;
+/// Exit code for any other failure.
+pub const EXIT_FAILURE: u8 = 1;
+
+/// Parses the command line, loads config and runs the command; the whole `main` of a binary.
+pub fn main<S: Service>() -> ExitCode {
+    let cli = Cli::parse();
+    let opts = LoadOptions {
+        config_dir: Some(cli.config_dir.clone()),
+        config_dir_explicit: std::env::args_os().any(|a| a == "--config-dir")
+            || std::env::var_os("STORAGETIER_CONFIG_DIR").is_some(),
+        env_name: cli.env.clone(),
+        env_vars: None,
+        overrides: Vec::new(),
+    };
+    let cfg = match load_config::<S>(&opts) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{}: {e}", S::NAME);
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    telemetry::init_logging(&cfg.log);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{}: cannot start the async runtime: {e}", S::NAME);
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let result = rt.block_on(execute::<S>(cli.command.unwrap_or(Command::Run), cfg));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Usage(m)) => {
+            eprintln!("{}: {m}", S::NAME);
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(Failure::Other(m)) => {
+            tracing::error!("{m}");
+            eprintln!("{}: {m}", S::NAME);
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+/// Loads and validates a service's configuration.
+pub fn load_config<S: Service>(opts: &LoadOptions) -> Result<Config<S::Settings>, ConfigError> {
+    let cfg = config::load::<S::Settings>(S::SECTION, opts)?;
+    S::validate(&cfg)?;
+    Ok(cfg)
+}
+
+/// Why a command failed: usage (exit 2) or anything else (exit 1).
+pub enum Failure {
+    /// Bad usage or configuration.
+    Usage(String),
+    /// Any other failure.
+    Other(String),
+}
+
+fn topology_of<S: Service>(cfg: &Config<S::Settings>) -> Topology {
+    let b = S::binding(cfg);
+    let subs = b
+        .routing_keys
+        .iter()
+        .map(|k| Subscription {
+            exchange: b.exchange.clone(),
+            routing_key: k.clone(),
+        })
+        .collect();
+    Topology::new(
+        &cfg.service.queue,
+        &cfg.service.output_exchange,
+        subs,
+        &cfg.amqp,
+        &cfg.retry,
+    )
+}
+
+async fn execute<S: Service>(cmd: Command, cfg: Config<S::Settings>) -> Result<(), Failure> {
+    let other = |e: &dyn std::fmt::Display| Failure::Other(e.to_string());
+    match cmd {
+        Command::Run => run_service::<S>(cfg, shutdown_on_signal()).await.map(|_| ()),
+        Command::CheckConfig => {
+            let text = serde_json::to_string_pretty(&cfg).map_err(|e| other(&e))?;
+            println!("{text}");
+            Ok(())
+        }
+        Command::Declare => {
+            let topo = topology_of::<S>(&cfg);
+            let conn = connect(&cfg.amqp, S::NAME).await.map_err(|e| {
+                Failure::Other(format!("cannot connect to {}: {e}", cfg.amqp.url))
+            })?;
+            let ch = conn.create_channel().await.map_err(|e| other(&e))?;
+            topo.declare(&ch).await.map_err(|e| {
+                if is_precondition_failed(&e) {
+                    other(&crate::runtime::RuntimeError::TopologyConflict(e.to_string()))
+                } else {
+                    other(&e)
+                }
+            })?;
+            let _ = conn.close(200, "declared".into()).await;
+            println!(
+                "declared queue {} (+{} retry tiers, {}), exchanges {}, {}, {}",
+                topo.queue,
+                topo.delays_ms.len(),
+                topo.dlq(),
+                topo.retry_exchange(),
+                topo.fail_exchange(),
+                topo.output_exchange
+            );
+            Ok(())
+        }
+        Command::Definitions { vhost } => {
+            let topo = topology_of::<S>(&cfg);
+            let text = serde_json::to_string_pretty(&topo.definitions(&vhost))
+                .map_err(|e| other(&e))?;
+            println!("{text}");
+            Ok(())
+        }
+        Command::Dlq { command } => {
+            let topo = topology_of::<S>(&cfg);
+            let conn = connect(&cfg.amqp, S::NAME).await.map_err(|e| {
+                Failure::Other(format!("cannot connect to {}: {e}", cfg.amqp.url))
+            })?;
+            let r = dlq_command(&conn, &topo, command).await;
+            let _ = conn.close(200, "done".into()).await;
+            r
+        }
+    }
+}
+
+async fn dlq_command(
+    conn: &lapin::Connection,
+    topo: &Topology,
+    cmd: DlqCommand,
+) -> Result<(), Failure> {
+    let other = |e: &dyn std::fmt::Display| Failure::Other(e.to_string());
+    match cmd {
+        DlqCommand::List { limit, json } => {
+            let items = dlq::list(conn, topo, limit).await.map_err(|e| other(&e))?;
+            if json {
+                for i in &items {
+                    println!("{}", serde_json::to_string(i).map_err(|e| other(&e))?);
+                }
+            } else {
+                println!(
+                    "{:<38} {:<18} {:<26} {:>8}  {:<40} ERROR",
+                    "MESSAGE-ID", "KIND", "FAILED-AT", "SIZE", "ORIGINAL-KEY"
+                );
+                for i in &items {
+                    println!(
+                        "{:<38} {:<18} {:<26} {:>8}  {:<40} {}",
+                        i.message_id.as_deref().unwrap_or("-"),
+                        i.kind.as_deref().unwrap_or("-"),
+                        i.failed_at.as_deref().unwrap_or("-"),
+                        i.size,
+                        format!("{}/{}", i.original_exchange, i.original_routing_key),
+                        i.error.as_deref().unwrap_or("-").replace('\n', " ")
+                    );
+                }
+                println!("{} dead letter(s) shown from {}", items.len(), topo.dlq());
+            }
+            Ok(())
+        }
+        DlqCommand::Replay {
+            all,
+            message_id,
+            dry_run,
+        } => {
+            let sel = match (all, message_id) {
+                (_, Some(id)) => dlq::Selection::MessageId(id),
+                (true, None) => dlq::Selection::All,
+                (false, None) => {
+                    return Err(Failure::Usage(
+                        "dlq replay needs --all or --message-id ID".into(),
+                    ));
+                }
+            };
+            let moved = dlq::replay(conn, topo, &sel, dry_run)
+                .await
+                .map_err(|e| other(&e))?;
+            let verb = if dry_run { "would replay" } else { "replayed" };
+            for i in &moved {
+                println!(
+                    "{verb} {} -> {}/{}",
+                    i.message_id.as_deref().unwrap_or("-"),
+                    i.original_exchange,
+                    i.original_routing_key
+                );
+            }
+            println!("{verb} {} dead letter(s)", moved.len());
+            Ok(())
+        }
+        DlqCommand::Purge { yes } => {
+            if !yes {
+                return Err(Failure::Usage(
+                    "dlq purge deletes every dead letter: pass --yes to confirm".into(),
+                ));
+            }
+            let n = dlq::purge(conn, topo).await.map_err(|e| other(&e))?;
+            println!("purged {n} dead letter(s) from {}", topo.dlq());
+            Ok(())
+        }
+    }
+}
+
+/// A token cancelled on SIGTERM or SIGINT.
+pub fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot listen for SIGTERM");
+                        let _ = ctrl_c.await;
+                        t.cancel();
+                        return;
+                    }
+                };
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutdown requested");
+        t.cancel();
+    });
+    token
+}
+
+/// A running service's handles, for embedding and tests.
+pub struct Running {
+    /// Readiness and session count.
+    pub status: Arc<Status>,
+    /// Address the health/metrics server listens on.
+    pub http_addr: std::net::SocketAddr,
+}
+
+/// Builds the processor, serves HTTP and consumes until `shutdown`; returns after draining.
+pub async fn run_service<S: Service>(
+    cfg: Config<S::Settings>,
+    shutdown: CancellationToken,
+) -> Result<Running, Failure> {
+    let processor = S::processor(&cfg)
+        .await
+        .map_err(|e| Failure::Other(format!("cannot start {}: {e}", S::NAME)))?;
+    let b = S::binding(&cfg);
+    let pc = ProcessorConfiguration {
+        exchange: b.exchange,
+        routing_keys: b.routing_keys,
+        output_routing_key: b.output_routing_key,
+        processor,
+    };
+    run_processor(S::NAME, &cfg, pc, shutdown).await
+}
+
+/// Serves HTTP and runs a processor until `shutdown` (used by services and tests alike).
+pub async fn run_processor<P: MessageProcessor, T>(
+    name: &str,
+    cfg: &Config<T>,
+    pc: ProcessorConfiguration<P>,
+    shutdown: CancellationToken,
+) -> Result<Running, Failure> {
+    let runtime = Runtime::new(name, cfg, pc);
+    let status = runtime.status();
+    let http_stop = CancellationToken::new();
+    let (http_addr, http_task) =
+        crate::http::serve(&cfg.service.http_listen, status.clone(), http_stop.clone())
+            .await
+            .map_err(|e| {
+                Failure::Other(format!(
+                    "cannot listen on {} (http_listen): {e}",
+                    cfg.service.http_listen
+                ))
+            })?;
+    tracing::info!(service = name, http = %http_addr, "started");
+    let r = runtime.run(shutdown).await;
+    http_stop.cancel();
+    let _ = http_task.await;
+    r.map_err(|e| Failure::Other(e.to_string()))?;
+    tracing::info!(service = name, "stopped cleanly");
+    Ok(Running { status, http_addr })
+}

@@ -1,0 +1,557 @@
+//! Layered, strictly validated configuration shared by every service (design §5).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use config::{Environment, File, FileFormat, Map, Value};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize, Serializer};
+
+/// The built-in defaults: `config/default.toml`, compiled in so a binary runs anywhere.
+pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
+
+/// Prefix of environment overrides: `STORAGETIER__<SECTION>__<KEY>`.
+pub const ENV_PREFIX: &str = "STORAGETIER";
+
+/// Top-level sections that may appear in the shared config files.
+pub const KNOWN_SECTIONS: &[&str] = &[
+    "amqp",
+    "retry",
+    "log",
+    "storage",
+    "echo",
+    "online_archive",
+    "online_nearline",
+    "project_ingest",
+    "crash_router",
+    "snapshot_status",
+    "event_forwarder",
+];
+
+/// Keys whose environment-variable value is a comma-separated list.
+const LIST_KEYS: &[&str] = &[
+    "retry.delays_ms",
+    "echo.routing_keys",
+    "online_archive.online_roots",
+    "online_nearline.online_roots",
+];
+
+/// A configuration problem; `key` names the offending setting (e.g. `amqp.prefetch`).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("invalid configuration: {key}: {message}")]
+pub struct ConfigError {
+    /// Dotted path of the setting, or the file/flag at fault.
+    pub key: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl ConfigError {
+    /// Builds an error naming `key`.
+    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// A secret string: usable by code, printed as `***` by Debug, Display and Serialize.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    /// The real value, for the one place that must send it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    /// True when no secret was given.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(if self.0.is_empty() { "" } else { "***" })
+    }
+}
+
+/// A broker URL (`amqp://` or `amqps://`) whose password never shows when printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AmqpUrl(url::Url);
+
+impl AmqpUrl {
+    /// Parses and checks scheme and host.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let u = url::Url::parse(s).map_err(|e| format!("not a URL: {e}"))?;
+        if u.scheme() != "amqp" && u.scheme() != "amqps" {
+            return Err(format!(
+                "scheme must be amqp or amqps, got `{}`",
+                u.scheme()
+            ));
+        }
+        if u.host_str().is_none_or(str::is_empty) {
+            return Err("missing host".into());
+        }
+        Ok(Self(u))
+    }
+    /// The full URL including the password, for connecting only.
+    pub fn expose(&self) -> &str {
+        self.0.as_str()
+    }
+    /// Replaces the password (from a secret file).
+    pub fn with_password(&self, password: &str) -> Result<Self, String> {
+        let mut u = self.0.clone();
+        u.set_password(Some(password))
+            .map_err(|_| "cannot set a password on this URL".to_string())?;
+        Ok(Self(u))
+    }
+    /// The URL with the password replaced by `***`, safe for logs.
+    pub fn redacted(&self) -> String {
+        let mut u = self.0.clone();
+        if u.password().is_some() {
+            let _ = u.set_password(Some("***"));
+        }
+        u.to_string()
+    }
+    /// The password, if any (used by tests and redaction checks).
+    pub fn password(&self) -> Option<&str> {
+        self.0.password()
+    }
+}
+
+impl fmt::Debug for AmqpUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl fmt::Display for AmqpUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl<'de> Deserialize<'de> for AmqpUrl {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        AmqpUrl::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for AmqpUrl {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.redacted())
+    }
+}
+
+/// Queue type for Q, its retry queues and its DLQ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    /// Replicated Raft queue; supports `x-delivery-limit`.
+    Quorum,
+    /// Single-node classic queue.
+    Classic,
+}
+
+impl QueueType {
+    /// Value of the `x-queue-type` argument.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Quorum => "quorum",
+            QueueType::Classic => "classic",
+        }
+    }
+}
+
+/// `[amqp]`: the broker connection and consumer settings.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpConfig {
+    /// Broker URL, vhost included.
+    pub url: AmqpUrl,
+    /// File holding the password (overrides the URL's).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// Queue type for every queue the service owns.
+    pub queue_type: QueueType,
+    /// Broker prefetch (unacked deliveries per instance).
+    pub prefetch: u16,
+    /// Concurrent handlers; 0 means `prefetch`.
+    pub concurrency: usize,
+    /// Quorum `x-delivery-limit` on Q.
+    pub delivery_limit: u32,
+    /// Budget for finishing in-flight messages on shutdown.
+    pub drain_timeout_ms: u64,
+    /// First reconnect delay.
+    pub reconnect_initial_ms: u64,
+    /// Reconnect delay cap.
+    pub reconnect_max_ms: u64,
+    /// Connection name for the management UI ("" = derived).
+    pub connection_name: String,
+}
+
+impl AmqpConfig {
+    /// Handlers allowed to run at once.
+    pub fn effective_concurrency(&self) -> usize {
+        if self.concurrency == 0 {
+            usize::from(self.prefetch)
+        } else {
+            self.concurrency.min(usize::from(self.prefetch))
+        }
+    }
+}
+
+/// `[retry]`: delay tiers and the attempt limit.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// One TTL queue per delay.
+    pub delays_ms: Vec<u64>,
+    /// Attempts before `retries-exhausted`.
+    pub max_attempts: u32,
+}
+
+impl RetryConfig {
+    /// The delay before attempt `attempt + 1`, i.e. after 0-based attempt `attempt` failed.
+    pub fn delay_for_attempt(&self, attempt: u32) -> u64 {
+        let i = (attempt as usize).min(self.delays_ms.len().saturating_sub(1));
+        self.delays_ms[i]
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[log]`: level filter and format.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `tracing` filter directives.
+    pub level: String,
+    /// Text or JSON.
+    pub format: LogFormat,
+}
+
+/// `[storage]`: where embedded defaults live.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Root of SQLite files, local stores and online roots by default.
+    pub data_dir: PathBuf,
+}
+
+/// The framework-owned keys of a service's own section.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSection {
+    /// The input queue `Q`.
+    pub queue: String,
+    /// Exchange for success messages.
+    pub output_exchange: String,
+    /// Address of /metrics, /healthz, /readyz.
+    pub http_listen: String,
+}
+
+const SERVICE_SECTION_KEYS: &[&str] = &["queue", "output_exchange", "http_listen"];
+
+/// Everything a service runs with: shared sections plus its own section.
+#[derive(Debug, Clone, Serialize)]
+pub struct Config<S> {
+    /// `[amqp]`
+    pub amqp: AmqpConfig,
+    /// `[retry]`
+    pub retry: RetryConfig,
+    /// `[log]`
+    pub log: LogConfig,
+    /// `[storage]`
+    pub storage: StorageConfig,
+    /// Framework keys of the service's section.
+    pub service: ServiceSection,
+    /// The service's own keys.
+    pub settings: S,
+}
+
+/// Where configuration comes from; tests pass explicit env maps and overrides.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Directory with `default.toml` and `<env>.toml`; `None` = built-in defaults only.
+    pub config_dir: Option<PathBuf>,
+    /// Whether `config_dir` was asked for explicitly (then it must exist).
+    pub config_dir_explicit: bool,
+    /// Environment name; `None` = `dev`, whose file is optional.
+    pub env_name: Option<String>,
+    /// Environment variables to read overrides from; `None` = the process environment.
+    pub env_vars: Option<HashMap<String, String>>,
+    /// Highest-priority overrides, `("amqp.url", "...")`.
+    pub overrides: Vec<(String, String)>,
+}
+
+impl LoadOptions {
+    /// Built-in defaults plus `overrides`, ignoring the process environment.
+    pub fn isolated() -> Self {
+        Self {
+            env_vars: Some(HashMap::new()),
+            ..Self::default()
+        }
+    }
+    /// Adds an override (a TOML value or a bare string).
+    pub fn set(mut self, key: &str, value: impl Into<String>) -> Self {
+        self.overrides.push((key.to_string(), value.into()));
+        self
+    }
+}
+
+fn cfg_err(key: &str, e: impl fmt::Display) -> ConfigError {
+    ConfigError::new(key, e.to_string())
+}
+
+/// Loads all layers into one merged tree, checking top-level sections.
+fn load_tree(opts: &LoadOptions) -> Result<Map<String, Value>, ConfigError> {
+    let mut b = config::Config::builder().add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml));
+    let env_name = opts.env_name.clone().unwrap_or_else(|| "dev".to_string());
+    if env_name.is_empty()
+        || !env_name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(ConfigError::new(
+            "--env",
+            format!("`{env_name}` is not a valid environment name"),
+        ));
+    }
+    if let Some(dir) = &opts.config_dir {
+        if dir.is_dir() {
+            let default = dir.join("default.toml");
+            if default.is_file() {
+                b = b.add_source(File::from(default.as_path()).format(FileFormat::Toml));
+            }
+            let envf = dir.join(format!("{env_name}.toml"));
+            if envf.is_file() {
+                b = b.add_source(File::from(envf.as_path()).format(FileFormat::Toml));
+            } else if opts.env_name.is_some() {
+                return Err(ConfigError::new(
+                    "--env",
+                    format!("no config file {} for environment `{env_name}`", envf.display()),
+                ));
+            }
+        } else if opts.config_dir_explicit {
+            return Err(ConfigError::new(
+                "--config-dir",
+                format!("{} is not a directory", dir.display()),
+            ));
+        }
+    }
+    let mut env = Environment::with_prefix(ENV_PREFIX)
+        .prefix_separator("__")
+        .separator("__")
+        .try_parsing(true)
+        .list_separator(",");
+    for k in LIST_KEYS {
+        env = env.with_list_parse_key(k);
+    }
+    if let Some(vars) = &opts.env_vars {
+        env = env.source(Some(vars.clone().into_iter().collect()));
+    }
+    b = b.add_source(env);
+    for (k, v) in &opts.overrides {
+        let value: Value = match toml_scalar(v) {
+            Some(parsed) => parsed,
+            None => Value::from(v.clone()),
+        };
+        b = b.set_override(k.as_str(), value).map_err(|e| cfg_err(k, e))?;
+    }
+    let built = b.build().map_err(|e| cfg_err("config", e))?;
+    let tree: Map<String, Value> = built
+        .try_deserialize()
+        .map_err(|e| cfg_err("config", e))?;
+    for key in tree.keys() {
+        if !KNOWN_SECTIONS.contains(&key.as_str()) {
+            return Err(ConfigError::new(
+                key,
+                format!(
+                    "unknown section `[{key}]` (known: {})",
+                    KNOWN_SECTIONS.join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(tree)
+}
+
+/// Interprets an override as a TOML scalar or array when it parses as one.
+fn toml_scalar(v: &str) -> Option<Value> {
+    let looks_typed = v.starts_with('[')
+        || v == "true"
+        || v == "false"
+        || v.parse::<i64>().is_ok()
+        || v.parse::<f64>().is_ok();
+    if !looks_typed {
+        return None;
+    }
+    let doc = format!("x = {v}");
+    let c = config::Config::builder()
+        .add_source(File::from_str(&doc, FileFormat::Toml))
+        .build()
+        .ok()?;
+    c.get::<Value>("x").ok()
+}
+
+/// Deserializes one section, naming the exact key on error.
+fn section<T: DeserializeOwned>(
+    tree: &Map<String, Value>,
+    name: &str,
+) -> Result<T, ConfigError> {
+    let v = tree
+        .get(name)
+        .cloned()
+        .unwrap_or_else(|| Value::from(Map::<String, Value>::new()));
+    serde_path_to_error::deserialize::<_, T>(v).map_err(|e| {
+        let path = e.path().to_string();
+        let key = if path == "." || path.is_empty() {
+            name.to_string()
+        } else {
+            format!("{name}.{path}")
+        };
+        ConfigError::new(key, e.into_inner().to_string())
+    })
+}
+
+/// Loads and validates the configuration of the service whose section is `section_name`.
+pub fn load<S: DeserializeOwned>(
+    section_name: &str,
+    opts: &LoadOptions,
+) -> Result<Config<S>, ConfigError> {
+    let tree = load_tree(opts)?;
+    let mut amqp: AmqpConfig = section(&tree, "amqp")?;
+    let retry: RetryConfig = section(&tree, "retry")?;
+    let log: LogConfig = section(&tree, "log")?;
+    let storage: StorageConfig = section(&tree, "storage")?;
+
+    let own = tree
+        .get(section_name)
+        .cloned()
+        .map(|v| {
+            v.into_table()
+                .map_err(|e| cfg_err(section_name, format!("must be a table: {e}")))
+        })
+        .transpose()?
+        .unwrap_or_default();
+    let (framework_part, service_part): (Map<String, Value>, Map<String, Value>) = own
+        .into_iter()
+        .partition(|(k, _)| SERVICE_SECTION_KEYS.contains(&k.as_str()));
+    let mut split = Map::new();
+    split.insert("fw".to_string(), Value::from(framework_part));
+    split.insert("svc".to_string(), Value::from(service_part));
+    let service: ServiceSection = section(&split, "fw").map_err(|e| rename(e, "fw", section_name))?;
+    let settings: S = section(&split, "svc").map_err(|e| rename(e, "svc", section_name))?;
+
+    if let Some(pf) = &amqp.password_file {
+        let pw = std::fs::read_to_string(pf).map_err(|e| {
+            ConfigError::new("amqp.password_file", format!("cannot read {}: {e}", pf.display()))
+        })?;
+        amqp.url = amqp
+            .url
+            .with_password(pw.trim())
+            .map_err(|e| ConfigError::new("amqp.password_file", e))?;
+    }
+
+    let cfg = Config {
+        amqp,
+        retry,
+        log,
+        storage,
+        service,
+        settings,
+    };
+    validate(&cfg, section_name)?;
+    Ok(cfg)
+}
+
+fn rename(mut e: ConfigError, from: &str, to: &str) -> ConfigError {
+    if let Some(rest) = e.key.strip_prefix(from) {
+        e.key = format!("{to}{rest}");
+    }
+    e
+}
+
+fn validate<S>(cfg: &Config<S>, section_name: &str) -> Result<(), ConfigError> {
+    let a = &cfg.amqp;
+    if a.prefetch == 0 {
+        return Err(ConfigError::new("amqp.prefetch", "must be at least 1"));
+    }
+    if a.queue_type == QueueType::Quorum && a.delivery_limit == 0 {
+        return Err(ConfigError::new("amqp.delivery_limit", "must be at least 1"));
+    }
+    if a.reconnect_initial_ms == 0 || a.reconnect_max_ms < a.reconnect_initial_ms {
+        return Err(ConfigError::new(
+            "amqp.reconnect_max_ms",
+            "reconnect_initial_ms must be > 0 and reconnect_max_ms >= reconnect_initial_ms",
+        ));
+    }
+    let r = &cfg.retry;
+    if r.delays_ms.is_empty() {
+        return Err(ConfigError::new("retry.delays_ms", "needs at least one delay"));
+    }
+    if r.delays_ms.contains(&0) {
+        return Err(ConfigError::new("retry.delays_ms", "delays must be > 0 ms"));
+    }
+    let mut sorted = r.delays_ms.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    if sorted.len() != r.delays_ms.len() {
+        return Err(ConfigError::new("retry.delays_ms", "delays must be distinct"));
+    }
+    if r.max_attempts == 0 {
+        return Err(ConfigError::new("retry.max_attempts", "must be at least 1"));
+    }
+    tracing_subscriber::EnvFilter::try_new(&cfg.log.level)
+        .map_err(|e| ConfigError::new("log.level", e.to_string()))?;
+    let s = &cfg.service;
+    for (k, v) in [("queue", &s.queue), ("output_exchange", &s.output_exchange)] {
+        if v.is_empty() || v.len() > 200 {
+            return Err(ConfigError::new(
+                format!("{section_name}.{k}"),
+                "must be 1 to 200 characters",
+            ));
+        }
+    }
+    s.http_listen
+        .parse::<std::net::SocketAddr>()
+        .map_err(|e| ConfigError::new(format!("{section_name}.http_listen"), e.to_string()))?;
+    Ok(())
+}
+
+impl<S> Config<S> {
+    /// A path under `[storage] data_dir`.
+    pub fn data_path(&self, rel: impl AsRef<Path>) -> PathBuf {
+        self.storage.data_dir.join(rel)
+    }
+}

@@ -1,0 +1,165 @@
+//! Dead-letter tooling: list, replay (confirm before removing) and purge `Q-dlq`.
+
+use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions, QueuePurgeOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection};
+use serde::Serialize;
+
+use crate::headers as h;
+use crate::runtime::{Outgoing, PublishError, confirm_channel, publish_confirmed};
+use crate::topology::Topology;
+
+/// One dead letter as shown by `dlq list`.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadLetter {
+    /// AMQP message id, if any.
+    pub message_id: Option<String>,
+    /// `x-error`.
+    pub error: Option<String>,
+    /// `x-error-kind` (broker-side dead letters have none; then the x-death reason).
+    pub kind: Option<String>,
+    /// Exchange it will be replayed to.
+    pub original_exchange: String,
+    /// Routing key it will be replayed with.
+    pub original_routing_key: String,
+    /// `x-failed-at`.
+    pub failed_at: Option<String>,
+    /// Body size in bytes.
+    pub size: usize,
+}
+
+/// Failures of the dead-letter tools.
+#[derive(Debug, thiserror::Error)]
+pub enum DlqError {
+    /// Broker failure.
+    #[error("broker error: {0}")]
+    Amqp(#[from] lapin::Error),
+    /// A replay could not be confirmed; the dead letter was kept.
+    #[error("replay not confirmed, dead letter kept: {0}")]
+    Publish(#[from] PublishError),
+}
+
+fn describe(props: &lapin::BasicProperties, routing_key: &str, size: usize) -> DeadLetter {
+    let hdr = props.headers().clone().unwrap_or_default();
+    let death_reason = h::get_str(&hdr, "x-first-death-reason");
+    let death_exchange = h::get_str(&hdr, "x-first-death-exchange");
+    DeadLetter {
+        message_id: props.message_id().as_ref().map(|s| s.to_string()),
+        error: h::get_str(&hdr, h::ERROR),
+        kind: h::get_str(&hdr, h::ERROR_KIND).or(death_reason),
+        original_exchange: h::get_str(&hdr, h::ORIGINAL_EXCHANGE)
+            .or(death_exchange)
+            .unwrap_or_default(),
+        original_routing_key: h::get_str(&hdr, h::ORIGINAL_ROUTING_KEY)
+            .unwrap_or_else(|| routing_key.to_string()),
+        failed_at: h::get_str(&hdr, h::FAILED_AT),
+        size,
+    }
+}
+
+async fn count(ch: &Channel, queue: &str) -> Result<u32, lapin::Error> {
+    let q = ch
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(q.message_count())
+}
+
+/// Reads up to `limit` dead letters without removing them (they return when the channel closes).
+pub async fn list(
+    conn: &Connection,
+    topo: &Topology,
+    limit: usize,
+) -> Result<Vec<DeadLetter>, DlqError> {
+    let ch = conn.create_channel().await?;
+    let total = count(&ch, &topo.dlq()).await? as usize;
+    let mut out = Vec::new();
+    while out.len() < limit.min(total) {
+        let Some(m) = ch
+            .basic_get(topo.dlq().as_str().into(), BasicGetOptions { no_ack: false })
+            .await?
+        else {
+            break;
+        };
+        out.push(describe(&m.delivery.properties, m.delivery.routing_key.as_str(), m.delivery.data.len()));
+    }
+    let _ = ch.close(200, "list done".into()).await;
+    Ok(out)
+}
+
+/// Which dead letters a replay moves.
+#[derive(Debug, Clone)]
+pub enum Selection {
+    /// Every dead letter present when the replay starts.
+    All,
+    /// Only those with this message id.
+    MessageId(String),
+}
+
+/// Republishes selected dead letters to their original exchange and key, each removed
+/// from the DLQ only after the broker confirmed its replay. Returns what was (or, with
+/// `dry_run`, would be) replayed.
+pub async fn replay(
+    conn: &Connection,
+    topo: &Topology,
+    selection: &Selection,
+    dry_run: bool,
+) -> Result<Vec<DeadLetter>, DlqError> {
+    let ch = confirm_channel(conn).await?;
+    let total = count(&ch, &topo.dlq()).await?;
+    let mut moved = Vec::new();
+    for _ in 0..total {
+        let Some(m) = ch
+            .basic_get(topo.dlq().as_str().into(), BasicGetOptions { no_ack: false })
+            .await?
+        else {
+            break;
+        };
+        let d = m.delivery;
+        let info = describe(&d.properties, d.routing_key.as_str(), d.data.len());
+        let selected = match selection {
+            Selection::All => true,
+            Selection::MessageId(id) => info.message_id.as_deref() == Some(id.as_str()),
+        };
+        if !selected {
+            continue;
+        }
+        if !dry_run {
+            let hdr = h::without(
+                &d.properties.headers().clone().unwrap_or_default(),
+                h::REPLAY_STRIPPED,
+            );
+            publish_confirmed(
+                &ch,
+                vec![Outgoing {
+                    exchange: info.original_exchange.clone(),
+                    routing_key: info.original_routing_key.clone(),
+                    body: d.data.clone(),
+                    properties: d.properties.clone().with_headers(hdr),
+                    mandatory: true,
+                }],
+            )
+            .await?;
+            d.acker.ack(BasicAckOptions::default()).await?;
+        }
+        moved.push(info);
+    }
+    let _ = ch.close(200, "replay done".into()).await;
+    Ok(moved)
+}
+
+/// Deletes every dead letter; returns how many.
+pub async fn purge(conn: &Connection, topo: &Topology) -> Result<u32, DlqError> {
+    let ch = conn.create_channel().await?;
+    let n = ch
+        .queue_purge(topo.dlq().as_str().into(), QueuePurgeOptions::default())
+        .await?;
+    let _ = ch.close(200, "purge done".into()).await;
+    Ok(n)
+}

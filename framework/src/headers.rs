@@ -1,0 +1,138 @@
+//! Header names of design §3 and helpers to read and write AMQP field tables.
+
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+
+/// Attempts so far.
+pub const RETRY_COUNT: &str = "x-retry-count";
+/// Exchange the message was first published to.
+pub const ORIGINAL_EXCHANGE: &str = "x-original-exchange";
+/// Routing key the message was first published with.
+pub const ORIGINAL_ROUTING_KEY: &str = "x-original-routing-key";
+/// Reason of the last Retry.
+pub const LAST_ERROR: &str = "x-last-error";
+/// Dead letter: the error (≤ 1 KiB).
+pub const ERROR: &str = "x-error";
+/// Dead letter: `permanent` or `retries-exhausted`.
+pub const ERROR_KIND: &str = "x-error-kind";
+/// Dead letter: when (RFC 3339).
+pub const FAILED_AT: &str = "x-failed-at";
+/// Dead letter: which service.
+pub const SERVICE: &str = "x-service";
+/// Success: the input's message id, or its routing key.
+pub const IN_RESPONSE_TO: &str = "x-in-response-to";
+
+/// Headers a replay removes so the message starts afresh.
+pub const REPLAY_STRIPPED: &[&str] = &[
+    RETRY_COUNT,
+    LAST_ERROR,
+    ERROR,
+    ERROR_KIND,
+    FAILED_AT,
+    SERVICE,
+    ORIGINAL_EXCHANGE,
+    ORIGINAL_ROUTING_KEY,
+    "x-death",
+    "x-first-death-exchange",
+    "x-first-death-queue",
+    "x-first-death-reason",
+    "x-last-death-exchange",
+    "x-last-death-queue",
+    "x-last-death-reason",
+    "x-delivery-count",
+];
+
+/// `x-error-kind` values.
+pub const KIND_PERMANENT: &str = "permanent";
+/// `x-error-kind` when `max_attempts` ran out.
+pub const KIND_RETRIES_EXHAUSTED: &str = "retries-exhausted";
+
+/// Maximum size of `x-error`.
+pub const MAX_ERROR_BYTES: usize = 1024;
+
+/// A header's value as text, if it is a string.
+pub fn get_str(h: &FieldTable, key: &str) -> Option<String> {
+    match h.inner().get(key)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
+        _ => None,
+    }
+}
+
+/// A header's value as an integer (any integer width, or a decimal string).
+pub fn get_int(h: &FieldTable, key: &str) -> Option<i64> {
+    match h.inner().get(key)? {
+        AMQPValue::ShortShortInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortShortUInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortUInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongUInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongLongInt(v) => Some(*v),
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).trim().parse().ok(),
+        AMQPValue::ShortString(s) => s.as_str().trim().parse().ok(),
+        _ => None,
+    }
+}
+
+/// Sets a string header.
+pub fn set_str(h: &mut FieldTable, key: &str, value: &str) {
+    h.insert(
+        ShortString::from(key),
+        AMQPValue::LongString(LongString::from(value)),
+    );
+}
+
+/// Sets an integer header.
+pub fn set_int(h: &mut FieldTable, key: &str, value: i64) {
+    h.insert(ShortString::from(key), AMQPValue::LongLongInt(value));
+}
+
+/// A copy of `h` without `keys`.
+pub fn without(h: &FieldTable, keys: &[&str]) -> FieldTable {
+    let mut out = FieldTable::default();
+    for (k, v) in h.inner() {
+        if !keys.contains(&k.as_str()) {
+            out.insert(k.clone(), v.clone());
+        }
+    }
+    out
+}
+
+/// Cuts `s` to at most `max` bytes on a character boundary.
+pub fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncate_respects_char_boundaries() {
+        let s = "é".repeat(600);
+        let t = truncate(&s, MAX_ERROR_BYTES);
+        assert!(t.len() <= MAX_ERROR_BYTES);
+        assert_eq!(t.len(), 1024);
+        assert_eq!(truncate("abc", 10), "abc");
+        assert_eq!(truncate("aé", 2), "a");
+    }
+
+    #[test]
+    fn ints_read_from_any_width_and_strings() {
+        let mut h = FieldTable::default();
+        h.insert("a".into(), AMQPValue::ShortShortUInt(3));
+        h.insert("b".into(), AMQPValue::LongString("42".into()));
+        set_int(&mut h, "c", 7);
+        assert_eq!(get_int(&h, "a"), Some(3));
+        assert_eq!(get_int(&h, "b"), Some(42));
+        assert_eq!(get_int(&h, "c"), Some(7));
+        assert_eq!(get_int(&h, "d"), None);
+    }
+}

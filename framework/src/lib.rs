@@ -1,0 +1,26 @@
+//! storagetier's bus framework: everything about RabbitMQ, written once.
+//!
+//! A service implements [`MessageProcessor`] (typed input, an [`Outcome`]) and
+//! [`cli::Service`] (names, settings, how to build the processor); its `main` is
+//! `framework::cli::main::<MyService>()`. The framework declares the topology, consumes
+//! with bounded concurrency, publishes outcomes with publisher confirms before acking,
+//! retries through TTL tiers, dead-letters with a replayable envelope, recovers from
+//! broker failures, drains on SIGTERM and serves metrics and health.
+
+pub mod cli;
+pub mod config;
+pub mod dlq;
+pub mod headers;
+pub mod http;
+pub mod processor;
+pub mod runtime;
+pub mod telemetry;
+pub mod topology;
+
+pub use async_trait::async_trait;
+pub use cli::{Binding, BoxError, Service};
+pub use config::{Config, ConfigError, LoadOptions, Secret};
+pub use processor::{MessageContext, MessageProcessor, Outcome, ProcessorConfiguration, Publication};
+pub use runtime::{Runtime, Status};
+pub use lapin;
+pub use tokio_util::sync::CancellationToken;

@@ -1,0 +1,153 @@
+//! What a service writes: a typed message processor and its outcomes (design §3).
+
+use async_trait::async_trait;
+use lapin::types::FieldTable;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// A message to publish besides the primary success message (another exchange or queue).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Publication {
+    /// Target exchange (`""` = the default exchange, routing key = queue name).
+    pub exchange: String,
+    /// Routing key.
+    pub routing_key: String,
+    /// Body bytes, sent as given.
+    pub body: Vec<u8>,
+    /// MIME type of `body`.
+    pub content_type: String,
+}
+
+impl Publication {
+    /// A JSON publication.
+    pub fn json(exchange: &str, routing_key: &str, body: &impl Serialize) -> Self {
+        Self {
+            exchange: exchange.to_string(),
+            routing_key: routing_key.to_string(),
+            body: serde_json::to_vec(body).unwrap_or_default(),
+            content_type: "application/json".to_string(),
+        }
+    }
+    /// A plain-text publication.
+    pub fn text(exchange: &str, routing_key: &str, body: impl Into<String>) -> Self {
+        Self {
+            exchange: exchange.to_string(),
+            routing_key: routing_key.to_string(),
+            body: body.into().into_bytes(),
+            content_type: "text/plain".to_string(),
+        }
+    }
+}
+
+/// The result of processing one message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Done: publish `body` to the output exchange (and `extra`), then ack.
+    Success {
+        /// Success message body (JSON).
+        body: serde_json::Value,
+        /// Further messages published, with confirms, before the ack.
+        extra: Vec<Publication>,
+    },
+    /// Transient failure: try again later via the retry tiers.
+    Retry(String),
+    /// Will never succeed: dead-letter now.
+    Permanent(String),
+    /// Nothing to do: ack, log and count, publish nothing.
+    Drop(String),
+}
+
+impl Outcome {
+    /// Success with a serializable body and no extra destinations.
+    pub fn success(body: impl Serialize) -> Self {
+        match serde_json::to_value(body) {
+            Ok(body) => Outcome::Success {
+                body,
+                extra: Vec::new(),
+            },
+            Err(e) => Outcome::Permanent(format!("success body could not be serialized: {e}")),
+        }
+    }
+    /// Adds extra publications to a Success (no effect on other outcomes).
+    pub fn with_extra(mut self, more: impl IntoIterator<Item = Publication>) -> Self {
+        if let Outcome::Success { extra, .. } = &mut self {
+            extra.extend(more);
+        }
+        self
+    }
+    /// A Retry with a reason.
+    pub fn retry(reason: impl std::fmt::Display) -> Self {
+        Outcome::Retry(reason.to_string())
+    }
+    /// A Permanent failure with a reason.
+    pub fn permanent(reason: impl std::fmt::Display) -> Self {
+        Outcome::Permanent(reason.to_string())
+    }
+    /// A Drop with a reason.
+    pub fn drop(reason: impl std::fmt::Display) -> Self {
+        Outcome::Drop(reason.to_string())
+    }
+    /// The metric label of this outcome.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Success { .. } => "success",
+            Outcome::Retry(_) => "retry",
+            Outcome::Permanent(_) => "dead_letter",
+            Outcome::Drop(_) => "drop",
+        }
+    }
+}
+
+/// What a processor may know about the delivery it handles.
+#[derive(Debug, Clone)]
+pub struct MessageContext {
+    /// Exchange the message was first published to (survives retries).
+    pub exchange: String,
+    /// Routing key it was first published with (survives retries).
+    pub routing_key: String,
+    /// 0-based attempt number (`x-retry-count` of the delivery).
+    pub attempt: u32,
+    /// The broker's redelivered flag (a previous delivery was not acked).
+    pub redelivered: bool,
+    /// AMQP message id, if the producer set one.
+    pub message_id: Option<String>,
+    /// AMQP correlation id, if set.
+    pub correlation_id: Option<String>,
+    /// All headers of the delivery.
+    pub headers: FieldTable,
+}
+
+/// A service's message handler; the framework does decoding, publishing and acking.
+#[async_trait]
+pub trait MessageProcessor: Send + Sync + 'static {
+    /// The JSON shape of input messages; a body that does not fit is Permanent.
+    type Input: DeserializeOwned + Send + 'static;
+
+    /// Handles one decoded message. Must be idempotent: delivery is at-least-once.
+    async fn handle(&self, input: Self::Input, ctx: &MessageContext) -> Outcome;
+}
+
+/// Where a processor listens and where its successes go (the original `ProcessorConfiguration`).
+#[derive(Debug, Clone)]
+pub struct ProcessorConfiguration<P> {
+    /// Producer's exchange the input queue is bound to.
+    pub exchange: String,
+    /// Binding keys (topic patterns) on `exchange`.
+    pub routing_keys: Vec<String>,
+    /// Success messages go out with `<output_routing_key>.success`.
+    pub output_routing_key: String,
+    /// The handler.
+    pub processor: P,
+}
+
+impl<P> ProcessorConfiguration<P> {
+    /// A configuration with one binding key.
+    pub fn new(exchange: &str, routing_key: &str, output_routing_key: &str, processor: P) -> Self {
+        Self {
+            exchange: exchange.to_string(),
+            routing_keys: vec![routing_key.to_string()],
+            output_routing_key: output_routing_key.to_string(),
+            processor,
+        }
+    }
+}

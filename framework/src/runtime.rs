@@ -1,0 +1,611 @@
+//! The consumer runtime: connect, declare, consume with bounded concurrency, publish
+//! outcomes with confirms before acking, recover from any loss, drain on shutdown.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::{FutureExt, StreamExt};
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+};
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use tokio::sync::{Semaphore, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use crate::config::{AmqpConfig, Config, RetryConfig};
+use crate::headers::{self as h};
+use crate::processor::{MessageContext, MessageProcessor, Outcome, ProcessorConfiguration};
+use crate::telemetry as m;
+use crate::topology::{Subscription, Topology};
+
+/// How long a message whose outcome could not be published waits before going back.
+const PUBLISH_FAILURE_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Live state of a runtime, read by `/readyz` and by tests.
+#[derive(Debug)]
+pub struct Status {
+    ready: AtomicBool,
+    sessions: watch::Sender<u64>,
+}
+
+impl Default for Status {
+    fn default() -> Self {
+        Self {
+            ready: AtomicBool::new(false),
+            sessions: watch::channel(0).0,
+        }
+    }
+}
+
+impl Status {
+    /// True while connected and consuming.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+    /// Counts consuming sessions started so far (1 after the first connect, +1 per recovery).
+    pub fn sessions(&self) -> watch::Receiver<u64> {
+        self.sessions.subscribe()
+    }
+    fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+        metrics::gauge!(m::CONNECTED).set(if ready { 1.0 } else { 0.0 });
+        if ready {
+            self.sessions.send_modify(|n| *n += 1);
+        }
+    }
+}
+
+/// Errors that stop a runtime (everything else is retried by reconnecting).
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The broker has an object with the same name but other arguments.
+    #[error(
+        "topology conflict: {0}. An existing queue or exchange has different arguments \
+         (e.g. another queue_type); delete it or change the config"
+    )]
+    TopologyConflict(String),
+}
+
+/// Opens a connection named for the management UI.
+pub async fn connect(amqp: &AmqpConfig, service: &str) -> Result<Connection, lapin::Error> {
+    let name = if amqp.connection_name.is_empty() {
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "localhost".into());
+        format!("{service}@{host}")
+    } else {
+        amqp.connection_name.clone()
+    };
+    let props = ConnectionProperties::default()
+        .with_connection_name(name.into())
+        .with_client_property("product".into(), "storagetier".into())
+        .with_client_property("service".into(), service.into());
+    Connection::connect(amqp.url.expose(), props).await
+}
+
+/// Opens a channel with publisher confirms enabled.
+pub async fn confirm_channel(conn: &Connection) -> Result<Channel, lapin::Error> {
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    Ok(ch)
+}
+
+/// True when the broker refused a declaration because the object exists with other arguments.
+pub fn is_precondition_failed(e: &lapin::Error) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(p)
+        if *p.kind() == AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED))
+}
+
+/// Why an outcome could not be published.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// Channel or connection failure.
+    #[error("publish failed: {0}")]
+    Amqp(#[from] lapin::Error),
+    /// The broker refused the message (basic.nack).
+    #[error("broker nacked the publish to exchange `{0}`")]
+    Nacked(String),
+    /// A mandatory message reached no queue (e.g. a retry or dead-letter queue was deleted).
+    #[error("message to exchange `{0}` routing key `{1}` reached no queue")]
+    Unroutable(String, String),
+}
+
+/// One message to send as part of an outcome.
+pub struct Outgoing {
+    /// Exchange.
+    pub exchange: String,
+    /// Routing key.
+    pub routing_key: String,
+    /// Body.
+    pub body: Vec<u8>,
+    /// Properties.
+    pub properties: BasicProperties,
+    /// Must reach a queue (retry and dead letters).
+    pub mandatory: bool,
+}
+
+/// Publishes all messages, then waits for every confirm; any nack or return is an error.
+pub async fn publish_confirmed(ch: &Channel, msgs: Vec<Outgoing>) -> Result<(), PublishError> {
+    let mut pending = Vec::with_capacity(msgs.len());
+    for o in msgs {
+        let confirm = ch
+            .basic_publish(
+                o.exchange.as_str().into(),
+                o.routing_key.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: o.mandatory,
+                    ..Default::default()
+                },
+                &o.body,
+                o.properties,
+            )
+            .await?;
+        pending.push((o.exchange, o.routing_key, confirm));
+    }
+    for (ex, rk, confirm) in pending {
+        match confirm.await? {
+            Confirmation::Ack(None) | Confirmation::NotRequested => {}
+            Confirmation::Ack(Some(_)) => return Err(PublishError::Unroutable(ex, rk)),
+            Confirmation::Nack(_) => return Err(PublishError::Nacked(ex)),
+        }
+    }
+    Ok(())
+}
+
+/// Runs one processor against the broker until shut down.
+pub struct Runtime<P: MessageProcessor> {
+    inner: Arc<Inner<P>>,
+}
+
+struct Inner<P> {
+    service: String,
+    topology: Topology,
+    output_routing_key: String,
+    amqp: AmqpConfig,
+    retry: RetryConfig,
+    processor: P,
+    status: Arc<Status>,
+    permits: Arc<Semaphore>,
+    tasks: TaskTracker,
+}
+
+enum SessionEnd {
+    Shutdown,
+    Lost(String),
+}
+
+impl<P: MessageProcessor> Runtime<P> {
+    /// Builds a runtime for `service` from its config and processor configuration.
+    pub fn new<S>(service: &str, cfg: &Config<S>, pc: ProcessorConfiguration<P>) -> Self {
+        let subs = pc
+            .routing_keys
+            .iter()
+            .map(|k| Subscription {
+                exchange: pc.exchange.clone(),
+                routing_key: k.clone(),
+            })
+            .collect();
+        let topology = Topology::new(
+            &cfg.service.queue,
+            &cfg.service.output_exchange,
+            subs,
+            &cfg.amqp,
+            &cfg.retry,
+        );
+        Self {
+            inner: Arc::new(Inner {
+                service: service.to_string(),
+                topology,
+                output_routing_key: pc.output_routing_key,
+                amqp: cfg.amqp.clone(),
+                retry: cfg.retry.clone(),
+                processor: pc.processor,
+                status: Arc::new(Status::default()),
+                permits: Arc::new(Semaphore::new(cfg.amqp.effective_concurrency())),
+                tasks: TaskTracker::new(),
+            }),
+        }
+    }
+
+    /// Shared status (readiness, session count).
+    pub fn status(&self) -> Arc<Status> {
+        self.inner.status.clone()
+    }
+
+    /// The topology this runtime declares.
+    pub fn topology(&self) -> &Topology {
+        &self.inner.topology
+    }
+
+    /// Consumes until `shutdown`, reconnecting with capped exponential backoff on any loss.
+    pub async fn run(&self, shutdown: CancellationToken) -> Result<(), RuntimeError> {
+        let inner = &self.inner;
+        let initial = Duration::from_millis(inner.amqp.reconnect_initial_ms);
+        let max = Duration::from_millis(inner.amqp.reconnect_max_ms);
+        let mut backoff = initial;
+        let mut first = true;
+        loop {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            if !first {
+                metrics::counter!(m::RECONNECTS_TOTAL, "queue" => inner.topology.queue.clone())
+                    .increment(1);
+            }
+            first = false;
+            match self.session(&shutdown).await {
+                Ok(SessionEnd::Shutdown) => break,
+                Ok(SessionEnd::Lost(why)) => {
+                    warn!(queue = %inner.topology.queue, reason = %why, "lost the broker; reconnecting");
+                    backoff = initial;
+                }
+                Err(e) if is_precondition_failed(&e) => {
+                    return Err(RuntimeError::TopologyConflict(e.to_string()));
+                }
+                Err(e) => {
+                    warn!(queue = %inner.topology.queue, error = %e, retry_in_ms = backoff.as_millis() as u64,
+                        "cannot reach the broker");
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = shutdown.cancelled() => break,
+            }
+            backoff = (backoff * 2).min(max);
+        }
+        self.drain().await;
+        Ok(())
+    }
+
+    async fn drain(&self) {
+        let inner = &self.inner;
+        inner.tasks.close();
+        let budget = Duration::from_millis(inner.amqp.drain_timeout_ms);
+        if tokio::time::timeout(budget, inner.tasks.wait()).await.is_err() {
+            warn!(
+                still_running = inner.tasks.len(),
+                "drain timeout reached; unfinished messages return to the queue"
+            );
+        }
+    }
+
+    async fn session(&self, shutdown: &CancellationToken) -> Result<SessionEnd, lapin::Error> {
+        let inner = &self.inner;
+        let conn = connect(&inner.amqp, &inner.service).await?;
+        let ch = confirm_channel(&conn).await?;
+        inner.topology.declare(&ch).await?;
+        ch.basic_qos(inner.amqp.prefetch, BasicQosOptions::default())
+            .await?;
+        let tag = format!("{}-{}", inner.service, uuid::Uuid::new_v4());
+        let mut consumer = ch
+            .basic_consume(
+                inner.topology.queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        info!(queue = %inner.topology.queue, url = %inner.amqp.url, "consuming");
+        inner.status.set_ready(true);
+        let broken = CancellationToken::new();
+
+        let end = loop {
+            let permit = tokio::select! {
+                _ = shutdown.cancelled() => break SessionEnd::Shutdown,
+                _ = broken.cancelled() => break SessionEnd::Lost("topology incomplete (unroutable retry or dead letter)".into()),
+                p = inner.permits.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break SessionEnd::Shutdown,
+                },
+            };
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => break SessionEnd::Shutdown,
+                _ = broken.cancelled() => break SessionEnd::Lost("topology incomplete (unroutable retry or dead letter)".into()),
+                n = consumer.next() => n,
+            };
+            match next {
+                Some(Ok(delivery)) => {
+                    let inner2 = inner.clone();
+                    let ch2 = ch.clone();
+                    let broken2 = broken.clone();
+                    inner.tasks.spawn(async move {
+                        handle_delivery(&inner2, &ch2, delivery, &broken2).await;
+                        drop(permit);
+                    });
+                }
+                Some(Err(e)) => break SessionEnd::Lost(e.to_string()),
+                None => break SessionEnd::Lost("consumer cancelled by the broker (queue deleted?)".into()),
+            }
+        };
+        inner.status.set_ready(false);
+        match &end {
+            SessionEnd::Shutdown => {
+                info!(queue = %inner.topology.queue, in_flight = inner.tasks.len(), "shutting down: cancelling consumer and draining");
+                if let Err(e) = ch
+                    .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                    .await
+                {
+                    debug!(error = %e, "basic.cancel failed");
+                }
+                self.drain().await;
+                let _ = ch.close(200, "shutdown".into()).await;
+                let _ = conn.close(200, "shutdown".into()).await;
+            }
+            SessionEnd::Lost(_) => {
+                let _ = conn.close(320, "recovering".into()).await;
+            }
+        }
+        Ok(end)
+    }
+}
+
+/// Metadata read off a delivery before processing.
+struct Incoming {
+    attempt: u32,
+    exchange: String,
+    routing_key: String,
+    headers: FieldTable,
+}
+
+fn incoming(d: &Delivery) -> Incoming {
+    let headers = d.properties.headers().clone().unwrap_or_default();
+    let attempt = h::get_int(&headers, h::RETRY_COUNT)
+        .unwrap_or(0)
+        .clamp(0, i64::from(u32::MAX)) as u32;
+    let exchange =
+        h::get_str(&headers, h::ORIGINAL_EXCHANGE).unwrap_or_else(|| d.exchange.to_string());
+    let routing_key =
+        h::get_str(&headers, h::ORIGINAL_ROUTING_KEY).unwrap_or_else(|| d.routing_key.to_string());
+    Incoming {
+        attempt,
+        exchange,
+        routing_key,
+        headers,
+    }
+}
+
+/// Describes a body that failed to decode, naming what was wrong.
+pub fn describe_decode_error(e: &serde_json::Error) -> String {
+    use serde_json::error::Category;
+    match e.classify() {
+        Category::Data => format!("body does not match the expected input: {e}"),
+        Category::Syntax | Category::Eof | Category::Io => format!("body is not valid JSON: {e}"),
+    }
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_string()
+    }
+}
+
+async fn handle_delivery<P: MessageProcessor>(
+    inner: &Inner<P>,
+    ch: &Channel,
+    delivery: Delivery,
+    broken: &CancellationToken,
+) {
+    let inc = incoming(&delivery);
+    let message_id = delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|s| s.to_string());
+    let span = info_span!("message",
+        queue = %inner.topology.queue,
+        routing_key = %inc.routing_key,
+        message_id = message_id.as_deref().unwrap_or(""),
+        attempt = inc.attempt);
+    async move {
+        let queue = inner.topology.queue.clone();
+        let in_flight = metrics::gauge!(m::IN_FLIGHT, "queue" => queue.clone());
+        in_flight.increment(1.0);
+        let started = Instant::now();
+        let ctx = MessageContext {
+            exchange: inc.exchange.clone(),
+            routing_key: inc.routing_key.clone(),
+            attempt: inc.attempt,
+            redelivered: delivery.redelivered,
+            message_id: message_id.clone(),
+            correlation_id: delivery
+                .properties
+                .correlation_id()
+                .as_ref()
+                .map(|s| s.to_string()),
+            headers: inc.headers.clone(),
+        };
+        let outcome = match serde_json::from_slice::<P::Input>(&delivery.data) {
+            Err(e) => Outcome::Permanent(describe_decode_error(&e)),
+            Ok(input) => match AssertUnwindSafe(inner.processor.handle(input, &ctx))
+                .catch_unwind()
+                .await
+            {
+                Ok(o) => o,
+                Err(p) => Outcome::Permanent(format!("processor panicked: {}", panic_message(&*p))),
+            },
+        };
+        metrics::histogram!(m::HANDLER_SECONDS, "queue" => queue.clone())
+            .record(started.elapsed().as_secs_f64());
+        let (label, msgs) = plan(inner, &delivery, &inc, &ctx, outcome);
+        let published = if msgs.is_empty() {
+            Ok(())
+        } else {
+            publish_confirmed(ch, msgs).await
+        };
+        match published {
+            Ok(()) => {
+                if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
+                    warn!(error = %e, "ack failed; the message will be redelivered");
+                } else {
+                    metrics::counter!(m::MESSAGES_TOTAL, "queue" => queue.clone(), "outcome" => label)
+                        .increment(1);
+                }
+            }
+            Err(e) => {
+                metrics::counter!(m::PUBLISH_FAILURES_TOTAL, "queue" => queue.clone()).increment(1);
+                error!(error = %e, outcome = label, "could not publish the outcome; the input goes back to the queue");
+                if matches!(e, PublishError::Unroutable(..)) {
+                    broken.cancel();
+                }
+                tokio::time::sleep(PUBLISH_FAILURE_BACKOFF).await;
+                let _ = delivery
+                    .acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await;
+            }
+        }
+        in_flight.decrement(1.0);
+    }
+    .instrument(span)
+    .await
+}
+
+fn new_message_id() -> ShortString {
+    uuid::Uuid::new_v4().to_string().into()
+}
+
+fn now_ts() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Turns an outcome into the messages to publish (before ack) and a metric label.
+fn plan<P>(
+    inner: &Inner<P>,
+    d: &Delivery,
+    inc: &Incoming,
+    ctx: &MessageContext,
+    outcome: Outcome,
+) -> (&'static str, Vec<Outgoing>) {
+    match outcome {
+        Outcome::Success { body, extra } => {
+            let in_response_to = ctx
+                .message_id
+                .clone()
+                .unwrap_or_else(|| ctx.routing_key.clone());
+            let props = |content_type: &str| {
+                let mut hdr = FieldTable::default();
+                h::set_str(&mut hdr, h::IN_RESPONSE_TO, &in_response_to);
+                let mut p = BasicProperties::default()
+                    .with_content_type(content_type.into())
+                    .with_delivery_mode(2)
+                    .with_message_id(new_message_id())
+                    .with_timestamp(now_ts())
+                    .with_app_id(inner.service.as_str().into())
+                    .with_headers(hdr);
+                if let Some(c) = &ctx.correlation_id {
+                    p = p.with_correlation_id(c.as_str().into());
+                }
+                p
+            };
+            let mut msgs = vec![Outgoing {
+                exchange: inner.topology.output_exchange.clone(),
+                routing_key: format!("{}.success", inner.output_routing_key),
+                body: serde_json::to_vec(&body).unwrap_or_default(),
+                properties: props("application/json"),
+                mandatory: false,
+            }];
+            for x in extra {
+                msgs.push(Outgoing {
+                    properties: props(&x.content_type),
+                    exchange: x.exchange,
+                    routing_key: x.routing_key,
+                    body: x.body,
+                    mandatory: false,
+                });
+            }
+            info!("success");
+            ("success", msgs)
+        }
+        Outcome::Drop(reason) => {
+            info!(reason = %reason, "dropped");
+            ("drop", Vec::new())
+        }
+        Outcome::Retry(reason) => {
+            let attempts = inc.attempt.saturating_add(1);
+            if attempts >= inner.retry.max_attempts {
+                let why = format!("gave up after {attempts} attempts; last error: {reason}");
+                warn!(error = %why, "retries exhausted; dead-lettering");
+                return (
+                    "dead_letter",
+                    vec![dead_letter(inner, d, inc, attempts, h::KIND_RETRIES_EXHAUSTED, &why)],
+                );
+            }
+            let delay = inner.retry.delay_for_attempt(inc.attempt);
+            warn!(error = %reason, retry_in_ms = delay, "retrying later");
+            let mut hdr = inc.headers.clone();
+            h::set_int(&mut hdr, h::RETRY_COUNT, i64::from(attempts));
+            h::set_str(&mut hdr, h::ORIGINAL_EXCHANGE, &inc.exchange);
+            h::set_str(&mut hdr, h::ORIGINAL_ROUTING_KEY, &inc.routing_key);
+            h::set_str(&mut hdr, h::LAST_ERROR, h::truncate(&reason, h::MAX_ERROR_BYTES));
+            let props = d.properties.clone().with_delivery_mode(2).with_headers(hdr);
+            (
+                "retry",
+                vec![Outgoing {
+                    exchange: inner.topology.retry_exchange(),
+                    routing_key: Topology::retry_routing_key(delay),
+                    body: d.data.clone(),
+                    properties: props,
+                    mandatory: true,
+                }],
+            )
+        }
+        Outcome::Permanent(reason) => {
+            warn!(error = %reason, "permanent failure; dead-lettering");
+            let attempts = inc.attempt.saturating_add(1);
+            (
+                "dead_letter",
+                vec![dead_letter(inner, d, inc, attempts, h::KIND_PERMANENT, &reason)],
+            )
+        }
+    }
+}
+
+fn dead_letter<P>(
+    inner: &Inner<P>,
+    d: &Delivery,
+    inc: &Incoming,
+    attempts: u32,
+    kind: &str,
+    error: &str,
+) -> Outgoing {
+    let mut hdr = inc.headers.clone();
+    h::set_str(&mut hdr, h::ERROR, h::truncate(error, h::MAX_ERROR_BYTES));
+    h::set_str(&mut hdr, h::ERROR_KIND, kind);
+    h::set_str(&mut hdr, h::ORIGINAL_EXCHANGE, &inc.exchange);
+    h::set_str(&mut hdr, h::ORIGINAL_ROUTING_KEY, &inc.routing_key);
+    h::set_int(&mut hdr, h::RETRY_COUNT, i64::from(attempts));
+    h::set_str(
+        &mut hdr,
+        h::FAILED_AT,
+        &chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    );
+    h::set_str(&mut hdr, h::SERVICE, &inner.service);
+    Outgoing {
+        exchange: inner.topology.fail_exchange(),
+        routing_key: inc.routing_key.clone(),
+        body: d.data.clone(),
+        properties: d.properties.clone().with_delivery_mode(2).with_headers(hdr),
+        mandatory: true,
+    }
+}

@@ -1,0 +1,64 @@
+//! Logging setup and the Prometheus metrics of design §6.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{LogConfig, LogFormat};
+
+/// Messages finished, labelled `queue` and `outcome` (success|retry|dead_letter|drop).
+pub const MESSAGES_TOTAL: &str = "storagetier_messages_total";
+/// Handler duration histogram, labelled `queue`.
+pub const HANDLER_SECONDS: &str = "storagetier_handler_seconds";
+/// Handlers running now, labelled `queue`.
+pub const IN_FLIGHT: &str = "storagetier_in_flight";
+/// 1 while connected to the broker and consuming.
+pub const CONNECTED: &str = "storagetier_connected";
+/// Publishes (outcome or extra) the broker refused or that failed; the input went back.
+pub const PUBLISH_FAILURES_TOTAL: &str = "storagetier_publish_failures_total";
+/// Reconnections after a lost connection, channel or consumer.
+pub const RECONNECTS_TOTAL: &str = "storagetier_reconnects_total";
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder once and returns its handle.
+pub fn metrics_handle() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full(HANDLER_SECONDS.to_string()),
+                    &[
+                        0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                        30.0, 60.0, 300.0,
+                    ],
+                )
+                .unwrap_or_else(|_| PrometheusBuilder::new());
+            match builder.install_recorder() {
+                Ok(h) => h,
+                // Another recorder is already global (embedding app): render our own, unregistered.
+                Err(_) => PrometheusBuilder::new().build_recorder().handle(),
+            }
+        })
+        .clone()
+}
+
+/// Starts `tracing` output per `[log]`; later calls are no-ops (tests run many services).
+pub fn init_logging(cfg: &LogConfig) {
+    let filter = EnvFilter::try_new(&cfg.level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let result = match cfg.format {
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .try_init(),
+        LogFormat::Text => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .try_init(),
+    };
+    let _ = result;
+}

@@ -1,0 +1,311 @@
+//! The queues and exchanges a service owns (design §2), declared idempotently.
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{Channel, ExchangeKind};
+
+use crate::config::{AmqpConfig, QueueType, RetryConfig};
+
+/// One binding of the input queue to a producer's exchange.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscription {
+    /// Producer's topic exchange.
+    pub exchange: String,
+    /// Binding key pattern.
+    pub routing_key: String,
+}
+
+/// Names and arguments of everything a service declares.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    /// Input queue `Q`.
+    pub queue: String,
+    /// Success exchange.
+    pub output_exchange: String,
+    /// Bindings of `Q`.
+    pub subscriptions: Vec<Subscription>,
+    /// Retry delays, one TTL queue each.
+    pub delays_ms: Vec<u64>,
+    /// Queue type of every queue.
+    pub queue_type: QueueType,
+    /// Quorum delivery limit on `Q`.
+    pub delivery_limit: u32,
+}
+
+/// A queue with its arguments, as declared.
+#[derive(Debug, Clone)]
+pub struct QueueSpec {
+    /// Queue name.
+    pub name: String,
+    /// `x-` arguments.
+    pub arguments: FieldTable,
+}
+
+/// An exchange with its kind, as declared.
+#[derive(Debug, Clone)]
+pub struct ExchangeSpec {
+    /// Exchange name.
+    pub name: String,
+    /// `topic` or `direct`.
+    pub kind: &'static str,
+}
+
+/// A binding, as declared.
+#[derive(Debug, Clone)]
+pub struct BindingSpec {
+    /// Source exchange.
+    pub exchange: String,
+    /// Destination queue.
+    pub queue: String,
+    /// Binding key.
+    pub routing_key: String,
+}
+
+impl Topology {
+    /// The topology of a service from its config and subscriptions.
+    pub fn new(
+        queue: &str,
+        output_exchange: &str,
+        subscriptions: Vec<Subscription>,
+        amqp: &AmqpConfig,
+        retry: &RetryConfig,
+    ) -> Self {
+        Self {
+            queue: queue.to_string(),
+            output_exchange: output_exchange.to_string(),
+            subscriptions,
+            delays_ms: retry.delays_ms.clone(),
+            queue_type: amqp.queue_type,
+            delivery_limit: amqp.delivery_limit,
+        }
+    }
+
+    /// `Q-retry`: the direct exchange retries are published to.
+    pub fn retry_exchange(&self) -> String {
+        format!("{}-retry", self.queue)
+    }
+    /// `Q-retry-<ms>`: the TTL queue of one delay tier.
+    pub fn retry_queue(&self, delay_ms: u64) -> String {
+        format!("{}-retry-{delay_ms}", self.queue)
+    }
+    /// Routing key on `Q-retry` that reaches the `delay_ms` tier.
+    pub fn retry_routing_key(delay_ms: u64) -> String {
+        delay_ms.to_string()
+    }
+    /// `Q-fail`: the dead-letter exchange.
+    pub fn fail_exchange(&self) -> String {
+        format!("{}-fail", self.queue)
+    }
+    /// `Q-dlq`: the dead-letter queue.
+    pub fn dlq(&self) -> String {
+        format!("{}-dlq", self.queue)
+    }
+
+    fn base_args(&self) -> FieldTable {
+        let mut a = FieldTable::default();
+        put_str(&mut a, "x-queue-type", self.queue_type.as_str());
+        a
+    }
+
+    /// Arguments making broker-side dead-lettering from a quorum queue at-least-once.
+    fn at_least_once(&self, a: &mut FieldTable) {
+        if self.queue_type == QueueType::Quorum {
+            put_str(a, "x-dead-letter-strategy", "at-least-once");
+            put_str(a, "x-overflow", "reject-publish");
+        }
+    }
+
+    /// Every exchange, in declaration order.
+    pub fn exchanges(&self) -> Vec<ExchangeSpec> {
+        let mut v = vec![
+            ExchangeSpec {
+                name: self.fail_exchange(),
+                kind: "topic",
+            },
+            ExchangeSpec {
+                name: self.retry_exchange(),
+                kind: "direct",
+            },
+            ExchangeSpec {
+                name: self.output_exchange.clone(),
+                kind: "topic",
+            },
+        ];
+        for s in &self.subscriptions {
+            if !v.iter().any(|e| e.name == s.exchange) {
+                v.push(ExchangeSpec {
+                    name: s.exchange.clone(),
+                    kind: "topic",
+                });
+            }
+        }
+        v
+    }
+
+    /// Every queue with its arguments, in declaration order.
+    pub fn queues(&self) -> Vec<QueueSpec> {
+        let mut v = Vec::new();
+        v.push(QueueSpec {
+            name: self.dlq(),
+            arguments: self.base_args(),
+        });
+        let mut q = self.base_args();
+        put_str(&mut q, "x-dead-letter-exchange", &self.fail_exchange());
+        if self.queue_type == QueueType::Quorum {
+            q.insert(
+                ShortString::from("x-delivery-limit"),
+                AMQPValue::LongLongInt(i64::from(self.delivery_limit)),
+            );
+        }
+        self.at_least_once(&mut q);
+        v.push(QueueSpec {
+            name: self.queue.clone(),
+            arguments: q,
+        });
+        for &d in &self.delays_ms {
+            let mut a = self.base_args();
+            a.insert(
+                ShortString::from("x-message-ttl"),
+                AMQPValue::LongLongInt(d as i64),
+            );
+            put_str(&mut a, "x-dead-letter-exchange", "");
+            put_str(&mut a, "x-dead-letter-routing-key", &self.queue);
+            self.at_least_once(&mut a);
+            v.push(QueueSpec {
+                name: self.retry_queue(d),
+                arguments: a,
+            });
+        }
+        v
+    }
+
+    /// Every binding.
+    pub fn bindings(&self) -> Vec<BindingSpec> {
+        let mut v = vec![BindingSpec {
+            exchange: self.fail_exchange(),
+            queue: self.dlq(),
+            routing_key: "#".into(),
+        }];
+        for &d in &self.delays_ms {
+            v.push(BindingSpec {
+                exchange: self.retry_exchange(),
+                queue: self.retry_queue(d),
+                routing_key: Self::retry_routing_key(d),
+            });
+        }
+        for s in &self.subscriptions {
+            v.push(BindingSpec {
+                exchange: s.exchange.clone(),
+                queue: self.queue.clone(),
+                routing_key: s.routing_key.clone(),
+            });
+        }
+        v
+    }
+
+    /// Declares everything; safe to repeat. A conflicting existing object is an error.
+    pub async fn declare(&self, ch: &Channel) -> Result<(), lapin::Error> {
+        for e in self.exchanges() {
+            let kind = if e.kind == "direct" {
+                ExchangeKind::Direct
+            } else {
+                ExchangeKind::Topic
+            };
+            ch.exchange_declare(
+                e.name.as_str().into(),
+                kind,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        }
+        for q in self.queues() {
+            ch.queue_declare(
+                q.name.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                q.arguments,
+            )
+            .await?;
+        }
+        for b in self.bindings() {
+            ch.queue_bind(
+                b.queue.as_str().into(),
+                b.exchange.as_str().into(),
+                b.routing_key.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// The topology as a RabbitMQ definitions document (management UI import).
+    pub fn definitions(&self, vhost: &str) -> serde_json::Value {
+        use serde_json::json;
+        let exchanges: Vec<_> = self
+            .exchanges()
+            .into_iter()
+            .map(|e| json!({"name": e.name, "vhost": vhost, "type": e.kind, "durable": true,
+                "auto_delete": false, "internal": false, "arguments": {}}))
+            .collect();
+        let queues: Vec<_> = self
+            .queues()
+            .into_iter()
+            .map(|q| json!({"name": q.name, "vhost": vhost, "durable": true,
+                "auto_delete": false, "arguments": table_to_json(&q.arguments)}))
+            .collect();
+        let bindings: Vec<_> = self
+            .bindings()
+            .into_iter()
+            .map(|b| json!({"source": b.exchange, "vhost": vhost, "destination": b.queue,
+                "destination_type": "queue", "routing_key": b.routing_key, "arguments": {}}))
+            .collect();
+        json!({"exchanges": exchanges, "queues": queues, "bindings": bindings})
+    }
+}
+
+fn put_str(a: &mut FieldTable, k: &str, v: &str) {
+    a.insert(
+        ShortString::from(k),
+        AMQPValue::LongString(LongString::from(v)),
+    );
+}
+
+/// A field table of strings and integers as JSON.
+pub fn table_to_json(t: &FieldTable) -> serde_json::Value {
+    let mut m = serde_json::Map::new();
+    for (k, v) in t.inner() {
+        m.insert(k.as_str().to_string(), amqp_to_json(v));
+    }
+    serde_json::Value::Object(m)
+}
+
+/// One AMQP value as JSON (strings lossily decoded, nested tables and arrays kept).
+pub fn amqp_to_json(v: &AMQPValue) -> serde_json::Value {
+    use serde_json::Value as J;
+    match v {
+        AMQPValue::Boolean(b) => J::Bool(*b),
+        AMQPValue::ShortShortInt(i) => J::from(*i),
+        AMQPValue::ShortShortUInt(i) => J::from(*i),
+        AMQPValue::ShortInt(i) => J::from(*i),
+        AMQPValue::ShortUInt(i) => J::from(*i),
+        AMQPValue::LongInt(i) => J::from(*i),
+        AMQPValue::LongUInt(i) => J::from(*i),
+        AMQPValue::LongLongInt(i) => J::from(*i),
+        AMQPValue::Float(f) => J::from(*f),
+        AMQPValue::Double(f) => J::from(*f),
+        AMQPValue::ShortString(s) => J::from(s.as_str()),
+        AMQPValue::LongString(s) => J::from(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::FieldArray(a) => J::Array(a.as_slice().iter().map(amqp_to_json).collect()),
+        AMQPValue::FieldTable(t) => table_to_json(t),
+        AMQPValue::Timestamp(t) => J::from(*t),
+        other => J::from(format!("{other:?}")),
+    }
+}
