@@ -14,14 +14,22 @@ struct EchoSettings {
     input_exchange: String,
     routing_keys: Vec<String>,
     output_routing_key: String,
+    /// Artificial handling time per message (tests and benchmarks of draining).
+    #[serde(default)]
+    delay_ms: u64,
 }
 
-struct Echo;
+struct Echo {
+    delay: std::time::Duration,
+}
 
 #[async_trait]
 impl MessageProcessor for Echo {
     type Input = serde_json::Value;
     async fn handle(&self, input: serde_json::Value, _ctx: &MessageContext) -> Outcome {
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
         Outcome::success(input)
     }
 }
@@ -50,8 +58,10 @@ impl Service for EchoService {
         Ok(())
     }
 
-    async fn processor(_cfg: &Config<EchoSettings>) -> Result<Echo, BoxError> {
-        Ok(Echo)
+    async fn processor(cfg: &Config<EchoSettings>) -> Result<Echo, BoxError> {
+        Ok(Echo {
+            delay: std::time::Duration::from_millis(cfg.settings.delay_ms),
+        })
     }
 }
 

@@ -1,0 +1,494 @@
+//! The bus contract of design §2–§3 against the real RabbitMQ.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use framework::headers as h;
+use framework::lapin::BasicProperties;
+use framework::lapin::options::QueueDeclareOptions;
+use framework::lapin::types::{AMQPValue, FieldTable};
+use framework::{MessageContext, MessageProcessor, Outcome, async_trait};
+use serde_json::json;
+
+fn echo() -> FnProcessor<impl Fn(serde_json::Value, &MessageContext) -> Outcome + Send + Sync> {
+    FnProcessor(|v, _ctx: &MessageContext| Outcome::success(v))
+}
+
+fn recording<F>(
+    calls: &Calls,
+    f: F,
+) -> FnProcessor<impl Fn(serde_json::Value, &MessageContext) -> Outcome + Send + Sync + use<F>>
+where
+    F: Fn(&serde_json::Value, &MessageContext) -> Outcome + Send + Sync + 'static,
+{
+    let calls = calls.clone();
+    FnProcessor(move |v: serde_json::Value, ctx: &MessageContext| {
+        let o = f(&v, ctx);
+        calls.lock().unwrap().push((v, ctx.clone()));
+        o
+    })
+}
+
+async fn redeclare(ch: &framework::lapin::Channel, q: &str, args: FieldTable) -> bool {
+    ch.queue_declare(
+        q.into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await
+    .is_ok()
+}
+
+fn args(pairs: &[(&str, AMQPValue)]) -> FieldTable {
+    let mut t = FieldTable::default();
+    for (k, v) in pairs {
+        t.insert((*k).into(), v.clone());
+    }
+    t
+}
+
+fn s(v: &str) -> AMQPValue {
+    AMQPValue::LongString(v.into())
+}
+
+#[tokio::test]
+async fn topology_is_declared_with_the_designed_arguments() {
+    let mut hs = Harness::start("topo", &[("amqp.delivery_limit", "7")], echo()).await;
+    let q = hs.q.clone();
+    let (_c, ch) = test_channel().await;
+    let q_args = args(&[
+        ("x-queue-type", s("quorum")),
+        ("x-dead-letter-exchange", s(&format!("{q}-fail"))),
+        ("x-delivery-limit", AMQPValue::LongLongInt(7)),
+        ("x-dead-letter-strategy", s("at-least-once")),
+        ("x-overflow", s("reject-publish")),
+    ]);
+    // An equivalent re-declaration succeeds; any differing argument is refused by the broker.
+    assert!(redeclare(&ch, &q, q_args.clone()).await, "Q has exactly the designed arguments");
+    let (_c2, ch2) = test_channel().await;
+    let mut wrong = q_args.clone();
+    wrong.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(8));
+    assert!(!redeclare(&ch2, &q, wrong).await, "a different delivery limit is refused");
+    for (d, rest) in [(200, 400), (400, 200)] {
+        let (_c, ch) = test_channel().await;
+        let mut a = args(&[
+            ("x-queue-type", s("quorum")),
+            ("x-message-ttl", AMQPValue::LongLongInt(d)),
+            ("x-dead-letter-exchange", s("")),
+            ("x-dead-letter-routing-key", s(&q)),
+            ("x-dead-letter-strategy", s("at-least-once")),
+            ("x-overflow", s("reject-publish")),
+        ]);
+        assert!(redeclare(&ch, &format!("{q}-retry-{d}"), a.clone()).await, "tier {d} args");
+        let (_c, ch) = test_channel().await;
+        a.insert("x-message-ttl".into(), AMQPValue::LongLongInt(rest));
+        assert!(!redeclare(&ch, &format!("{q}-retry-{d}"), a).await, "tier {d} TTL is {d}");
+    }
+    assert!(redeclare(&ch, &format!("{q}-dlq"), args(&[("x-queue-type", s("quorum"))])).await);
+    // Declaring again (a restart) is idempotent.
+    let cfg = config(&q, &[("amqp.delivery_limit", "7")]);
+    let topo = framework::topology::Topology::new(
+        &q,
+        &format!("{q}-out"),
+        vec![framework::topology::Subscription {
+            exchange: format!("{q}-in"),
+            routing_key: "test.#".into(),
+        }],
+        &cfg.amqp,
+        &cfg.retry,
+    );
+    topo.declare(&ch).await.expect("re-declaration is idempotent");
+    // Bindings: a message on the input exchange reaches Q; one on the retry exchange reaches its tier.
+    hs.stop().await;
+    publish(&ch, &format!("{q}-in"), "other.x", b"{}", BasicProperties::default()).await;
+    publish(&ch, &format!("{q}-retry"), "400", b"{}", BasicProperties::default()).await;
+    publish(&ch, &format!("{q}-fail"), "any.key", b"{}", BasicProperties::default()).await;
+    assert_eq!(ready_count(&ch, &q).await, 1);
+    assert_eq!(ready_count(&ch, &format!("{q}-retry-400")).await, 1);
+    assert_eq!(ready_count(&ch, &format!("{q}-dlq")).await, 1);
+}
+
+#[tokio::test]
+async fn classic_queue_type_is_selectable() {
+    let mut hs = Harness::start("classic", &[("amqp.queue_type", "classic")], echo()).await;
+    let (_c, ch) = test_channel().await;
+    let q = hs.q.clone();
+    let a = args(&[
+        ("x-queue-type", s("classic")),
+        ("x-dead-letter-exchange", s(&format!("{q}-fail"))),
+    ]);
+    assert!(redeclare(&ch, &q, a).await, "classic Q without delivery limit");
+    let mut out = hs.watch_output().await;
+    hs.publish("test.a", br#"{"a":1}"#, BasicProperties::default()).await;
+    let d = next(&mut out).await;
+    assert_eq!(d.data, br#"{"a":1}"#);
+    hs.stop().await;
+}
+
+#[tokio::test]
+async fn success_is_published_with_response_headers() {
+    let mut hs = Harness::start("success", &[], echo()).await;
+    let mut out = hs.watch_output().await;
+    let props = BasicProperties::default()
+        .with_message_id("msg-1".into())
+        .with_correlation_id("corr-9".into());
+    hs.publish("test.one", br#"{"x":1}"#, props).await;
+    let d = next(&mut out).await;
+    assert_eq!(d.routing_key.as_str(), "test.out.success");
+    assert_eq!(d.exchange.as_str(), hs.output_exchange);
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&d.data).unwrap(), json!({"x":1}));
+    assert_eq!(header(&d, h::IN_RESPONSE_TO).as_deref(), Some("msg-1"));
+    assert_eq!(d.properties.correlation_id().as_ref().map(|s| s.as_str()), Some("corr-9"));
+    assert_eq!(*d.properties.delivery_mode(), Some(2));
+    let mid = d.properties.message_id().clone().expect("output has a message id");
+    assert!(!mid.as_str().is_empty() && mid.as_str() != "msg-1");
+
+    // Without a message id, x-in-response-to is the routing key.
+    hs.publish("other.two", br#"{"y":2}"#, BasicProperties::default()).await;
+    let d = next(&mut out).await;
+    assert_eq!(header(&d, h::IN_RESPONSE_TO).as_deref(), Some("other.two"));
+    assert!(d.properties.message_id().is_some());
+    hs.stop().await;
+}
+
+#[tokio::test]
+async fn extra_destinations_are_published_with_the_success() {
+    let extra_ex = unique("extra");
+    let ex2 = extra_ex.clone();
+    let p = FnProcessor(move |v: serde_json::Value, _: &MessageContext| {
+        Outcome::success(&v).with_extra([framework::Publication::text(&ex2, "side.key", "hello")])
+    });
+    let mut hs = Harness::start("extra", &[], p).await;
+    hs.ch
+        .exchange_declare(
+            extra_ex.as_str().into(),
+            framework::lapin::ExchangeKind::Topic,
+            Default::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut side = watch(&hs.ch, &extra_ex, "#").await;
+    hs.publish("test.x", b"{}", BasicProperties::default()).await;
+    let d = next(&mut side).await;
+    assert_eq!(d.data, b"hello");
+    assert_eq!(d.routing_key.as_str(), "side.key");
+    hs.stop().await;
+    cleanup(vec![], vec![extra_ex]);
+}
+
+#[derive(serde::Deserialize)]
+#[allow(dead_code)]
+struct Shaped {
+    name: String,
+    size: u64,
+}
+
+struct Typed;
+
+#[async_trait]
+impl MessageProcessor for Typed {
+    type Input = Shaped;
+    async fn handle(&self, input: Shaped, _ctx: &MessageContext) -> Outcome {
+        Outcome::success(json!({"name": input.name}))
+    }
+}
+
+fn assert_dead_letter(d: &framework::lapin::message::Delivery, kind: &str, key: &str) {
+    assert_eq!(header(d, h::ERROR_KIND).as_deref(), Some(kind));
+    assert!(header(d, h::ERROR).is_some_and(|e| !e.is_empty() && e.len() <= 1024));
+    assert!(header(d, h::ORIGINAL_EXCHANGE).is_some_and(|e| e.ends_with("-in")));
+    assert_eq!(header(d, h::ORIGINAL_ROUTING_KEY).as_deref(), Some(key));
+    assert!(int_header(d, h::RETRY_COUNT).is_some());
+    let at = header(d, h::FAILED_AT).expect("x-failed-at");
+    chrono::DateTime::parse_from_rfc3339(&at).expect("x-failed-at is RFC 3339");
+    assert_eq!(header(d, h::SERVICE).as_deref(), Some("test-service"));
+    assert_eq!(*d.properties.delivery_mode(), Some(2));
+}
+
+#[tokio::test]
+async fn bad_bodies_are_dead_lettered_byte_for_byte() {
+    let mut hs = Harness::start("badbody", &[], Typed).await;
+    let mut dlq = hs.watch_dlq().await;
+    let mut out = hs.watch_output().await;
+    let not_json: &[u8] = b"\xff\xfenot json at all {";
+    let props = BasicProperties::default()
+        .with_message_id("bad-1".into())
+        .with_content_type("application/octet-stream".into());
+    hs.publish("test.bad", not_json, props).await;
+    let d = next(&mut dlq).await;
+    assert_eq!(d.data, not_json, "body kept byte-for-byte");
+    assert_eq!(d.properties.message_id().as_ref().map(|s| s.as_str()), Some("bad-1"));
+    assert_eq!(
+        d.properties.content_type().as_ref().map(|s| s.as_str()),
+        Some("application/octet-stream")
+    );
+    assert_dead_letter(&d, "permanent", "test.bad");
+    assert!(header(&d, h::ERROR).unwrap().contains("not valid JSON"));
+
+    let wrong_shape = br#"{"name": "a", "size": "big"}"#;
+    hs.publish("test.shape", wrong_shape, BasicProperties::default()).await;
+    let d = next(&mut dlq).await;
+    assert_eq!(d.data, wrong_shape);
+    assert_dead_letter(&d, "permanent", "test.shape");
+    let err = header(&d, h::ERROR).unwrap();
+    assert!(err.contains("does not match") && err.contains("invalid type"), "{err}");
+
+    hs.publish("test.shape", br#"{"size": 3}"#, BasicProperties::default()).await;
+    let d = next(&mut dlq).await;
+    assert!(header(&d, h::ERROR).unwrap().contains("missing field `name`"));
+
+    hs.publish("test.empty", b"", BasicProperties::default()).await;
+    let d = next(&mut dlq).await;
+    assert!(d.data.is_empty());
+    assert_dead_letter(&d, "permanent", "test.empty");
+
+    // A good message still works afterwards.
+    hs.publish("test.good", br#"{"name":"n","size":1}"#, BasicProperties::default()).await;
+    assert_eq!(next(&mut out).await.data, br#"{"name":"n"}"#);
+    hs.stop().await;
+}
+
+#[tokio::test]
+async fn long_errors_are_cut_to_one_kib() {
+    let p = FnProcessor(|_v, _: &MessageContext| Outcome::permanent("é".repeat(5000)));
+    let mut hs = Harness::start("longerr", &[], p).await;
+    let mut dlq = hs.watch_dlq().await;
+    hs.publish("test.x", b"{}", BasicProperties::default()).await;
+    let d = next(&mut dlq).await;
+    let e = header(&d, h::ERROR).unwrap();
+    assert!(e.len() <= 1024 && e.len() > 1000, "len {}", e.len());
+    hs.stop().await;
+}
+
+#[tokio::test]
+async fn retries_carry_headers_and_count_up() {
+    let calls: Calls = Arc::default();
+    let p = recording(&calls, |_v, ctx| {
+        if ctx.attempt < 2 {
+            Outcome::retry(format!("not yet ({})", ctx.attempt))
+        } else {
+            Outcome::success(json!({"done": ctx.attempt}))
+        }
+    });
+    let mut hs = Harness::start("retry", &[], p).await;
+    let mut out = hs.watch_output().await;
+    let props = BasicProperties::default().with_correlation_id("c-r".into());
+    hs.publish("test.retry.me", br#"{"k":1}"#, props).await;
+    let d = next(&mut out).await;
+    assert_eq!(d.data, br#"{"done":2}"#);
+    assert_eq!(d.properties.correlation_id().as_ref().map(|s| s.as_str()), Some("c-r"));
+    let calls = calls.lock().unwrap().clone();
+    let attempts: Vec<u32> = calls.iter().map(|(_, c)| c.attempt).collect();
+    assert_eq!(attempts, vec![0, 1, 2]);
+    for (i, (body, ctx)) in calls.iter().enumerate() {
+        assert_eq!(body, &json!({"k":1}));
+        assert_eq!(ctx.routing_key, "test.retry.me", "original key survives retries");
+        assert_eq!(ctx.exchange, hs.input_exchange);
+        let count = framework::headers::get_int(&ctx.headers, h::RETRY_COUNT);
+        assert_eq!(count, if i == 0 { None } else { Some(i as i64) });
+        if i > 0 {
+            let last = framework::headers::get_str(&ctx.headers, h::LAST_ERROR).unwrap();
+            assert_eq!(last, format!("not yet ({})", i - 1));
+            assert_eq!(
+                framework::headers::get_str(&ctx.headers, h::ORIGINAL_ROUTING_KEY).as_deref(),
+                Some("test.retry.me")
+            );
+        }
+    }
+    hs.stop().await;
+}
+
+#[tokio::test]
+async fn retries_exhausted_after_exactly_max_attempts() {
+    let calls: Calls = Arc::default();
+    let p = recording(&calls, |_v, _ctx| Outcome::retry("always failing"));
+    let mut hs = Harness::start("exhaust", &[("retry.max_attempts", "3")], p).await;
+    let mut dlq = hs.watch_dlq().await;
+    hs.publish("test.x", br#"{"n":1}"#, BasicProperties::default()).await;
+    let d = next(&mut dlq).await;
+    assert_dead_letter(&d, "retries-exhausted", "test.x");
+    assert_eq!(int_header(&d, h::RETRY_COUNT), Some(3));
+    assert!(header(&d, h::ERROR).unwrap().contains("always failing"));
+    assert_eq!(d.data, br#"{"n":1}"#);
+    let n = calls.lock().unwrap().len();
+    assert_eq!(n, 3, "exactly max_attempts handler calls");
+    // Nothing is left to call the handler again.
+    for t in [format!("{}-retry-200", hs.q), format!("{}-retry-400", hs.q), hs.q.clone()] {
+        assert_eq!(ready_count(&hs.ch, &t).await, 0, "{t} is empty");
+    }
+    hs.stop().await;
+}
+
+#[tokio::test]
+async fn a_short_retry_overtakes_a_long_one() {
+    let order: Arc<Mutex<Vec<String>>> = Arc::default();
+    let o2 = order.clone();
+    let p = FnProcessor(move |v: serde_json::Value, ctx: &MessageContext| {
+        let name = v["name"].as_str().unwrap_or("?").to_string();
+        let first = framework::headers::get_str(&ctx.headers, h::LAST_ERROR).is_none();
+        if first {
+            Outcome::retry("first sight")
+        } else {
+            o2.lock().unwrap().push(name.clone());
+            Outcome::success(json!({"name": name}))
+        }
+    });
+    let mut hs = Harness::start("tiers", &[("retry.delays_ms", "[300, 4000]")], p).await;
+    let mut out = hs.watch_output().await;
+    // "slow" already has one attempt behind it, so its retry waits in the 4 s tier.
+    let mut hdr = FieldTable::default();
+    framework::headers::set_int(&mut hdr, h::RETRY_COUNT, 1);
+    hs.publish("test.slow", br#"{"name":"slow"}"#, BasicProperties::default().with_headers(hdr))
+        .await;
+    hs.publish("test.fast", br#"{"name":"fast"}"#, BasicProperties::default()).await;
+    let first = next(&mut out).await;
+    let second = next(&mut out).await;
+    assert_eq!(first.data, br#"{"name":"fast"}"#, "300 ms retry did not wait behind the 4 s one");
+    assert_eq!(second.data, br#"{"name":"slow"}"#);
+    assert_eq!(*order.lock().unwrap(), vec!["fast", "slow"]);
+    hs.stop().await;
+}
+
+#[tokio::test]
+async fn drop_acks_and_publishes_nothing() {
+    let calls: Calls = Arc::default();
+    let p = recording(&calls, |v, _ctx| {
+        if v["drop"] == json!(true) {
+            Outcome::drop("not interesting")
+        } else {
+            Outcome::success(v)
+        }
+    });
+    // prefetch 1: the sentinel is delivered only after the dropped message was acked.
+    let mut hs = Harness::start("drop", &[("amqp.prefetch", "1")], p).await;
+    let mut out = hs.watch_output().await;
+    let mut dlq = hs.watch_dlq().await;
+    hs.publish("test.d", br#"{"drop":true}"#, BasicProperties::default()).await;
+    hs.publish("test.d", br#"{"sentinel":1}"#, BasicProperties::default()).await;
+    let d = next(&mut out).await;
+    assert_eq!(d.data, br#"{"sentinel":1}"#, "the dropped message published nothing");
+    assert_eq!(calls.lock().unwrap().len(), 2);
+    assert!(next_within(&mut dlq, Duration::from_millis(300)).await.is_none());
+    assert_eq!(ready_count(&hs.ch, &hs.q).await, 0);
+    for d in [200, 400] {
+        assert_eq!(ready_count(&hs.ch, &format!("{}-retry-{d}", hs.q)).await, 0);
+    }
+    hs.stop().await;
+}
+
+#[tokio::test]
+async fn a_panicking_processor_dead_letters_and_keeps_running() {
+    let p = FnProcessor(|v: serde_json::Value, _: &MessageContext| {
+        if v["boom"] == json!(true) {
+            panic!("kaboom in handler");
+        }
+        Outcome::success(v)
+    });
+    let mut hs = Harness::start("panic", &[], p).await;
+    let mut out = hs.watch_output().await;
+    let mut dlq = hs.watch_dlq().await;
+    hs.publish("test.p", br#"{"boom":true}"#, BasicProperties::default()).await;
+    let d = next(&mut dlq).await;
+    assert_dead_letter(&d, "permanent", "test.p");
+    assert!(header(&d, h::ERROR).unwrap().contains("kaboom in handler"));
+    hs.publish("test.p", br#"{"ok":1}"#, BasicProperties::default()).await;
+    assert_eq!(next(&mut out).await.data, br#"{"ok":1}"#);
+    assert!(hs.status.is_ready());
+    hs.stop().await;
+}
+
+#[tokio::test]
+async fn a_nacked_publish_leaves_the_input_unacked() {
+    let calls: Calls = Arc::default();
+    let p = recording(&calls, |v, _| Outcome::success(v));
+    let mut hs = Harness::start("nack", &[("amqp.delivery_limit", "2")], p).await;
+    // A full queue that rejects publishes: every success publish is nacked by the broker.
+    let full = unique("full");
+    let mut a = FieldTable::default();
+    a.insert("x-max-length".into(), AMQPValue::LongLongInt(0));
+    a.insert("x-overflow".into(), s("reject-publish"));
+    hs.ch
+        .queue_declare(full.as_str().into(), QueueDeclareOptions::default(), a)
+        .await
+        .unwrap();
+    hs.ch
+        .queue_bind(
+            full.as_str().into(),
+            hs.output_exchange.as_str().into(),
+            "#".into(),
+            Default::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut dlq = hs.watch_dlq().await;
+    hs.publish("test.n", br#"{"n":1}"#, BasicProperties::default()).await;
+    // Never acked: the broker redelivers it until its delivery limit dead-letters it.
+    let d = next(&mut dlq).await;
+    assert_eq!(d.data, br#"{"n":1}"#);
+    assert_eq!(header(&d, h::ERROR_KIND), None, "dead-lettered by the broker, not by us");
+    let calls = calls.lock().unwrap().clone();
+    assert!(calls.len() >= 2, "redelivered after the nack ({} calls)", calls.len());
+    assert!(!calls[0].1.redelivered);
+    assert!(calls[1].1.redelivered, "second delivery is a redelivery");
+    hs.stop().await;
+    cleanup(vec![full], vec![]);
+}
+
+#[tokio::test]
+async fn metrics_and_health_are_served() {
+    let q = unique("http");
+    let cfg = config(&q, &[]);
+    let shutdown = framework::CancellationToken::new();
+    let pc = framework::ProcessorConfiguration::new(&format!("{q}-in"), "test.#", "test.out", echo());
+    let t = shutdown.clone();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let mut cfg = cfg;
+    cfg.service.http_listen = addr.to_string();
+    let cfg2 = cfg.clone();
+    let task = tokio::spawn(async move {
+        framework::cli::run_processor("test-service", &cfg2, pc, t).await.is_ok()
+    });
+    let base = format!("http://{addr}");
+    let client = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Ok(r) = client.get(format!("{base}/readyz")).send().await {
+            if r.status() == 200 {
+                break;
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(client.get(format!("{base}/healthz")).send().await.unwrap().status(), 200);
+    let (_c, ch) = test_channel().await;
+    let mut out = watch(&ch, &format!("{q}-out"), "#").await;
+    publish(&ch, &format!("{q}-in"), "test.m", b"{}", BasicProperties::default()).await;
+    next(&mut out).await;
+    let text = client.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(
+        text.contains(&format!("storagetier_messages_total{{queue=\"{q}\",outcome=\"success\"}} 1")),
+        "{text}"
+    );
+    assert!(text.contains("storagetier_handler_seconds_bucket"), "histogram exported");
+    assert!(text.contains(&format!("storagetier_in_flight{{queue=\"{q}\"}}")));
+    assert!(text.contains("storagetier_connected"));
+    shutdown.cancel();
+    assert!(tokio::time::timeout(WAIT, task).await.unwrap().unwrap());
+    let mut queues = vec![q.clone(), format!("{q}-dlq")];
+    queues.extend([200, 400].map(|d| format!("{q}-retry-{d}")));
+    cleanup(
+        queues,
+        vec![format!("{q}-in"), format!("{q}-out"), format!("{q}-retry"), format!("{q}-fail")],
+    );
+}

@@ -1,0 +1,308 @@
+//! Test harness: a real broker, unique names per test, cleanup on drop.
+#![allow(dead_code)]
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use framework::config::{Config, LoadOptions};
+use framework::lapin::message::Delivery;
+use framework::lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ExchangeDeleteOptions,
+    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use framework::lapin::types::FieldTable;
+use framework::lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
+use framework::{
+    CancellationToken, MessageContext, MessageProcessor, Outcome, ProcessorConfiguration, Runtime,
+    async_trait,
+};
+use futures_util::StreamExt;
+use serde::de::IgnoredAny;
+
+/// Broker URL for tests (`AMQP_URL` overrides).
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// A name no other test uses.
+pub fn unique(prefix: &str) -> String {
+    format!("t-{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..10])
+}
+
+/// Bounds every wait in the tests.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// Config for queue `q` with fast retries, from the built-in defaults plus `extra`.
+pub fn config(q: &str, extra: &[(&str, &str)]) -> Config<IgnoredAny> {
+    let mut o = LoadOptions::isolated()
+        .set("amqp.url", amqp_url())
+        .set("amqp.reconnect_initial_ms", "100")
+        .set("amqp.reconnect_max_ms", "1000")
+        .set("amqp.drain_timeout_ms", "5000")
+        .set("retry.delays_ms", "[200, 400]")
+        .set("echo.queue", q)
+        .set("echo.output_exchange", &format!("{q}-out"))
+        .set("echo.http_listen", "127.0.0.1:0");
+    for (k, v) in extra {
+        o = o.set(k, *v);
+    }
+    framework::config::load::<IgnoredAny>("echo", &o).expect("test config is valid")
+}
+
+/// A processor defined by a closure.
+pub struct FnProcessor<F>(pub F);
+
+#[async_trait]
+impl<F> MessageProcessor for FnProcessor<F>
+where
+    F: Fn(serde_json::Value, &MessageContext) -> Outcome + Send + Sync + 'static,
+{
+    type Input = serde_json::Value;
+    async fn handle(&self, input: serde_json::Value, ctx: &MessageContext) -> Outcome {
+        (self.0)(input, ctx)
+    }
+}
+
+/// Calls seen by a processor: (body, context).
+pub type Calls = Arc<Mutex<Vec<(serde_json::Value, MessageContext)>>>;
+
+/// A running runtime plus broker handles for asserting.
+pub struct Harness {
+    pub q: String,
+    pub input_exchange: String,
+    pub output_exchange: String,
+    pub conn: Connection,
+    pub ch: Channel,
+    pub shutdown: CancellationToken,
+    pub task: Option<tokio::task::JoinHandle<Result<(), framework::runtime::RuntimeError>>>,
+    pub status: Arc<framework::Status>,
+    pub delays: Vec<u64>,
+}
+
+/// Opens a test connection with a confirm channel.
+pub async fn test_channel() -> (Connection, Channel) {
+    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .expect("broker reachable (is RabbitMQ running on 127.0.0.1:5672?)");
+    let ch = framework::runtime::confirm_channel(&conn).await.expect("channel");
+    (conn, ch)
+}
+
+impl Harness {
+    /// Starts `processor` on a fresh queue and waits until it consumes.
+    pub async fn start<P: MessageProcessor>(
+        prefix: &str,
+        extra: &[(&str, &str)],
+        processor: P,
+    ) -> Harness {
+        let q = unique(prefix);
+        let cfg = config(&q, extra);
+        Self::start_with(cfg, processor).await
+    }
+
+    /// Starts `processor` with an explicit config.
+    pub async fn start_with<P: MessageProcessor, S>(cfg: Config<S>, processor: P) -> Harness {
+        let q = cfg.service.queue.clone();
+        let input_exchange = format!("{q}-in");
+        let pc = ProcessorConfiguration {
+            exchange: input_exchange.clone(),
+            routing_keys: vec!["test.#".into(), "other.*".into()],
+            output_routing_key: "test.out".into(),
+            processor,
+        };
+        let runtime = Runtime::new("test-service", &cfg, pc);
+        let status = runtime.status();
+        let mut sessions = status.sessions();
+        let shutdown = CancellationToken::new();
+        let t = shutdown.clone();
+        let task = tokio::spawn(async move { runtime.run(t).await });
+        tokio::time::timeout(WAIT, sessions.wait_for(|n| *n >= 1))
+            .await
+            .expect("runtime started consuming")
+            .expect("status alive");
+        let (conn, ch) = test_channel().await;
+        Harness {
+            output_exchange: cfg.service.output_exchange.clone(),
+            q,
+            input_exchange,
+            conn,
+            ch,
+            shutdown,
+            task: Some(task),
+            status,
+            delays: cfg.retry.delays_ms.clone(),
+        }
+    }
+
+    /// Publishes to the input exchange with confirms.
+    pub async fn publish(&self, key: &str, body: &[u8], props: BasicProperties) {
+        publish(&self.ch, &self.input_exchange, key, body, props).await;
+    }
+
+    /// A consumer on a fresh queue bound to the output exchange with `#`.
+    pub async fn watch_output(&self) -> Consumer {
+        watch(&self.ch, &self.output_exchange, "#").await
+    }
+
+    /// A consumer on `Q-dlq`.
+    pub async fn watch_dlq(&self) -> Consumer {
+        consume(&self.ch, &format!("{}-dlq", self.q)).await
+    }
+
+    /// Stops the runtime and waits for it to return.
+    pub async fn stop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(t) = self.task.take() {
+            tokio::time::timeout(WAIT, t)
+                .await
+                .expect("runtime stopped in time")
+                .expect("runtime task")
+                .expect("runtime ended without error");
+        }
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        let mut queues = vec![self.q.clone(), format!("{}-dlq", self.q)];
+        for d in &self.delays {
+            queues.push(format!("{}-retry-{d}", self.q));
+        }
+        let exchanges = vec![
+            self.input_exchange.clone(),
+            self.output_exchange.clone(),
+            format!("{}-retry", self.q),
+            format!("{}-fail", self.q),
+        ];
+        cleanup(queues, exchanges);
+    }
+}
+
+/// Deletes queues and exchanges from a separate thread (usable in Drop).
+pub fn cleanup(queues: Vec<String>, exchanges: Vec<String>) {
+    let _ = std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+            return;
+        };
+        rt.block_on(async move {
+            let Ok(conn) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await
+            else {
+                return;
+            };
+            for q in queues {
+                if let Ok(ch) = conn.create_channel().await {
+                    let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
+                }
+            }
+            for e in exchanges {
+                if let Ok(ch) = conn.create_channel().await {
+                    let _ = ch
+                        .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
+                        .await;
+                }
+            }
+            let _ = conn.close(200, "cleanup".into()).await;
+        });
+    })
+    .join();
+}
+
+/// Publishes with confirms and asserts the broker acked.
+pub async fn publish(ch: &Channel, exchange: &str, key: &str, body: &[u8], props: BasicProperties) {
+    let c = ch
+        .basic_publish(exchange.into(), key.into(), BasicPublishOptions::default(), body, props)
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    assert!(c.is_ack(), "broker acked the test publish");
+}
+
+/// A consumer (auto-ack off; helper acks) on a new exclusive queue bound to `exchange`.
+pub async fn watch(ch: &Channel, exchange: &str, key: &str) -> Consumer {
+    let q = ch
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("temp queue");
+    ch.queue_bind(
+        q.name().clone(),
+        exchange.into(),
+        key.into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("bind temp queue");
+    consume(ch, q.name().as_str()).await
+}
+
+/// A consumer on an existing queue.
+pub async fn consume(ch: &Channel, queue: &str) -> Consumer {
+    ch.basic_consume(
+        queue.into(),
+        format!("test-{}", uuid::Uuid::new_v4()).as_str().into(),
+        BasicConsumeOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("consume")
+}
+
+/// The next delivery within `WAIT`, acked; panics if none comes.
+pub async fn next(c: &mut Consumer) -> Delivery {
+    next_within(c, WAIT).await.expect("a message arrived in time")
+}
+
+/// The next delivery within `d`, acked, or None.
+pub async fn next_within(c: &mut Consumer, d: Duration) -> Option<Delivery> {
+    match tokio::time::timeout(d, c.next()).await {
+        Ok(Some(Ok(del))) => {
+            del.acker.ack(BasicAckOptions::default()).await.expect("ack");
+            Some(del)
+        }
+        _ => None,
+    }
+}
+
+/// Ready messages in `queue` (passive declare).
+pub async fn ready_count(ch: &Channel, queue: &str) -> u32 {
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("queue exists")
+    .message_count()
+}
+
+/// A string header of a delivery.
+pub fn header(d: &Delivery, key: &str) -> Option<String> {
+    framework::headers::get_str(d.properties.headers().as_ref()?, key)
+}
+
+/// An integer header of a delivery.
+pub fn int_header(d: &Delivery, key: &str) -> Option<i64> {
+    framework::headers::get_int(d.properties.headers().as_ref()?, key)
+}
+
+/// Waits until `cond` holds, polling every 20 ms, at most `WAIT`.
+pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
