@@ -89,7 +89,6 @@ pub async fn connect(amqp: &AmqpConfig, service: &str) -> Result<Connection, lap
     };
     let props = ConnectionProperties::default()
         .with_connection_name(name.into())
-        .with_client_property("product".into(), "storagetier".into())
         .with_client_property("service".into(), service.into());
     Connection::connect(amqp.url.expose(), props).await
 }
