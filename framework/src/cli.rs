@@ -44,6 +44,7 @@ pub trait Service: Send + Sync + 'static {
     type Processor: MessageProcessor;
 
     /// Exchange, binding keys and output key (no I/O, so `declare` needs nothing else).
+    /// `[<section>] input_exchange` in the config overrides the exchange.
     fn binding(cfg: &Config<Self::Settings>) -> Binding;
 
     /// Checks settings beyond their types; errors exit 2.
@@ -59,7 +60,12 @@ pub trait Service: Send + Sync + 'static {
 #[command(about, version)]
 struct Cli {
     /// Directory holding default.toml and <env>.toml.
-    #[arg(long, global = true, env = "STORAGETIER_CONFIG_DIR", default_value = "config")]
+    #[arg(
+        long,
+        global = true,
+        env = "STORAGETIER_CONFIG_DIR",
+        default_value = "config"
+    )]
     config_dir: PathBuf,
     /// Environment name: reads <config-dir>/<env>.toml (default dev).
     #[arg(long, global = true, env = "APP_ENV")]
@@ -103,7 +109,11 @@ enum DlqCommand {
     /// Republish dead letters to their original exchange and routing key.
     Replay {
         /// Every dead letter.
-        #[arg(long, conflicts_with = "message_id", required_unless_present = "message_id")]
+        #[arg(
+            long,
+            conflicts_with = "message_id",
+            required_unless_present = "message_id"
+        )]
         all: bool,
         /// Only the dead letter(s) with this message id.
         #[arg(long)]
@@ -144,7 +154,10 @@ pub fn main<S: Service>() -> ExitCode {
         }
     };
     telemetry::init_logging(&cfg.log);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("{}: cannot start the async runtime: {e}", S::NAME);
@@ -181,8 +194,17 @@ pub enum Failure {
     Other(String),
 }
 
+/// The service's binding with the config's `input_exchange` override applied.
+pub fn binding_of<S: Service>(cfg: &Config<S::Settings>) -> Binding {
+    let mut b = S::binding(cfg);
+    if let Some(ex) = &cfg.service.input_exchange {
+        b.exchange = ex.clone();
+    }
+    b
+}
+
 fn topology_of<S: Service>(cfg: &Config<S::Settings>) -> Topology {
-    let b = S::binding(cfg);
+    let b = binding_of::<S>(cfg);
     let subs = b
         .routing_keys
         .iter()
@@ -203,7 +225,9 @@ fn topology_of<S: Service>(cfg: &Config<S::Settings>) -> Topology {
 async fn execute<S: Service>(cmd: Command, cfg: Config<S::Settings>) -> Result<(), Failure> {
     let other = |e: &dyn std::fmt::Display| Failure::Other(e.to_string());
     match cmd {
-        Command::Run => run_service::<S>(cfg, shutdown_on_signal()).await.map(|_| ()),
+        Command::Run => run_service::<S>(cfg, shutdown_on_signal())
+            .await
+            .map(|_| ()),
         Command::CheckConfig => {
             let text = serde_json::to_string_pretty(&cfg).map_err(|e| other(&e))?;
             println!("{text}");
@@ -211,13 +235,15 @@ async fn execute<S: Service>(cmd: Command, cfg: Config<S::Settings>) -> Result<(
         }
         Command::Declare => {
             let topo = topology_of::<S>(&cfg);
-            let conn = connect(&cfg.amqp, S::NAME).await.map_err(|e| {
-                Failure::Other(format!("cannot connect to {}: {e}", cfg.amqp.url))
-            })?;
+            let conn = connect(&cfg.amqp, S::NAME)
+                .await
+                .map_err(|e| Failure::Other(format!("cannot connect to {}: {e}", cfg.amqp.url)))?;
             let ch = conn.create_channel().await.map_err(|e| other(&e))?;
             topo.declare(&ch).await.map_err(|e| {
                 if is_precondition_failed(&e) {
-                    other(&crate::runtime::RuntimeError::TopologyConflict(e.to_string()))
+                    other(&crate::runtime::RuntimeError::TopologyConflict(
+                        e.to_string(),
+                    ))
                 } else {
                     other(&e)
                 }
@@ -236,16 +262,16 @@ async fn execute<S: Service>(cmd: Command, cfg: Config<S::Settings>) -> Result<(
         }
         Command::Definitions { vhost } => {
             let topo = topology_of::<S>(&cfg);
-            let text = serde_json::to_string_pretty(&topo.definitions(&vhost))
-                .map_err(|e| other(&e))?;
+            let text =
+                serde_json::to_string_pretty(&topo.definitions(&vhost)).map_err(|e| other(&e))?;
             println!("{text}");
             Ok(())
         }
         Command::Dlq { command } => {
             let topo = topology_of::<S>(&cfg);
-            let conn = connect(&cfg.amqp, S::NAME).await.map_err(|e| {
-                Failure::Other(format!("cannot connect to {}: {e}", cfg.amqp.url))
-            })?;
+            let conn = connect(&cfg.amqp, S::NAME)
+                .await
+                .map_err(|e| Failure::Other(format!("cannot connect to {}: {e}", cfg.amqp.url)))?;
             let r = dlq_command(&conn, &topo, command).await;
             let _ = conn.close(200, "done".into()).await;
             r
@@ -375,7 +401,7 @@ pub async fn run_service<S: Service>(
     let processor = S::processor(&cfg)
         .await
         .map_err(|e| Failure::Other(format!("cannot start {}: {e}", S::NAME)))?;
-    let b = S::binding(&cfg);
+    let b = binding_of::<S>(&cfg);
     let pc = ProcessorConfiguration {
         exchange: b.exchange,
         routing_keys: b.routing_keys,

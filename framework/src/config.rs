@@ -278,9 +278,13 @@ pub struct ServiceSection {
     pub output_exchange: String,
     /// Address of /metrics, /healthz, /readyz.
     pub http_listen: String,
+    /// Overrides the producer exchange the input queue binds to (default: the service's).
+    #[serde(default)]
+    pub input_exchange: Option<String>,
 }
 
-const SERVICE_SECTION_KEYS: &[&str] = &["queue", "output_exchange", "http_listen"];
+const SERVICE_SECTION_KEYS: &[&str] =
+    &["queue", "output_exchange", "http_listen", "input_exchange"];
 
 /// Everything a service runs with: shared sections plus its own section.
 #[derive(Debug, Clone, Serialize)]
@@ -335,7 +339,8 @@ fn cfg_err(key: &str, e: impl fmt::Display) -> ConfigError {
 
 /// Loads all layers into one merged tree, checking top-level sections.
 fn load_tree(opts: &LoadOptions) -> Result<Map<String, Value>, ConfigError> {
-    let mut b = config::Config::builder().add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml));
+    let mut b =
+        config::Config::builder().add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml));
     let env_name = opts.env_name.clone().unwrap_or_else(|| "dev".to_string());
     if env_name.is_empty()
         || !env_name
@@ -359,7 +364,10 @@ fn load_tree(opts: &LoadOptions) -> Result<Map<String, Value>, ConfigError> {
             } else if opts.env_name.is_some() {
                 return Err(ConfigError::new(
                     "--env",
-                    format!("no config file {} for environment `{env_name}`", envf.display()),
+                    format!(
+                        "no config file {} for environment `{env_name}`",
+                        envf.display()
+                    ),
                 ));
             }
         } else if opts.config_dir_explicit {
@@ -386,12 +394,12 @@ fn load_tree(opts: &LoadOptions) -> Result<Map<String, Value>, ConfigError> {
             Some(parsed) => parsed,
             None => Value::from(v.clone()),
         };
-        b = b.set_override(k.as_str(), value).map_err(|e| cfg_err(k, e))?;
+        b = b
+            .set_override(k.as_str(), value)
+            .map_err(|e| cfg_err(k, e))?;
     }
     let built = b.build().map_err(|e| cfg_err("config", e))?;
-    let tree: Map<String, Value> = built
-        .try_deserialize()
-        .map_err(|e| cfg_err("config", e))?;
+    let tree: Map<String, Value> = built.try_deserialize().map_err(|e| cfg_err("config", e))?;
     for key in tree.keys() {
         if !KNOWN_SECTIONS.contains(&key.as_str()) {
             return Err(ConfigError::new(
@@ -425,10 +433,7 @@ fn toml_scalar(v: &str) -> Option<Value> {
 }
 
 /// Deserializes one section, naming the exact key on error.
-fn section<T: DeserializeOwned>(
-    tree: &Map<String, Value>,
-    name: &str,
-) -> Result<T, ConfigError> {
+fn section<T: DeserializeOwned>(tree: &Map<String, Value>, name: &str) -> Result<T, ConfigError> {
     let v = tree
         .get(name)
         .cloned()
@@ -470,12 +475,16 @@ pub fn load<S: DeserializeOwned>(
     let mut split = Map::new();
     split.insert("fw".to_string(), Value::from(framework_part));
     split.insert("svc".to_string(), Value::from(service_part));
-    let service: ServiceSection = section(&split, "fw").map_err(|e| rename(e, "fw", section_name))?;
+    let service: ServiceSection =
+        section(&split, "fw").map_err(|e| rename(e, "fw", section_name))?;
     let settings: S = section(&split, "svc").map_err(|e| rename(e, "svc", section_name))?;
 
     if let Some(pf) = &amqp.password_file {
         let pw = std::fs::read_to_string(pf).map_err(|e| {
-            ConfigError::new("amqp.password_file", format!("cannot read {}: {e}", pf.display()))
+            ConfigError::new(
+                "amqp.password_file",
+                format!("cannot read {}: {e}", pf.display()),
+            )
         })?;
         amqp.url = amqp
             .url
@@ -508,7 +517,10 @@ fn validate<S>(cfg: &Config<S>, section_name: &str) -> Result<(), ConfigError> {
         return Err(ConfigError::new("amqp.prefetch", "must be at least 1"));
     }
     if a.queue_type == QueueType::Quorum && a.delivery_limit == 0 {
-        return Err(ConfigError::new("amqp.delivery_limit", "must be at least 1"));
+        return Err(ConfigError::new(
+            "amqp.delivery_limit",
+            "must be at least 1",
+        ));
     }
     if a.reconnect_initial_ms == 0 || a.reconnect_max_ms < a.reconnect_initial_ms {
         return Err(ConfigError::new(
@@ -518,7 +530,10 @@ fn validate<S>(cfg: &Config<S>, section_name: &str) -> Result<(), ConfigError> {
     }
     let r = &cfg.retry;
     if r.delays_ms.is_empty() {
-        return Err(ConfigError::new("retry.delays_ms", "needs at least one delay"));
+        return Err(ConfigError::new(
+            "retry.delays_ms",
+            "needs at least one delay",
+        ));
     }
     if r.delays_ms.contains(&0) {
         return Err(ConfigError::new("retry.delays_ms", "delays must be > 0 ms"));
@@ -527,7 +542,10 @@ fn validate<S>(cfg: &Config<S>, section_name: &str) -> Result<(), ConfigError> {
     sorted.sort_unstable();
     sorted.dedup();
     if sorted.len() != r.delays_ms.len() {
-        return Err(ConfigError::new("retry.delays_ms", "delays must be distinct"));
+        return Err(ConfigError::new(
+            "retry.delays_ms",
+            "delays must be distinct",
+        ));
     }
     if r.max_attempts == 0 {
         return Err(ConfigError::new("retry.max_attempts", "must be at least 1"));

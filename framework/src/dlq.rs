@@ -82,12 +82,19 @@ pub async fn list(
     let mut out = Vec::new();
     while out.len() < limit.min(total) {
         let Some(m) = ch
-            .basic_get(topo.dlq().as_str().into(), BasicGetOptions { no_ack: false })
+            .basic_get(
+                topo.dlq().as_str().into(),
+                BasicGetOptions { no_ack: false },
+            )
             .await?
         else {
             break;
         };
-        out.push(describe(&m.delivery.properties, m.delivery.routing_key.as_str(), m.delivery.data.len()));
+        out.push(describe(
+            &m.delivery.properties,
+            m.delivery.routing_key.as_str(),
+            m.delivery.data.len(),
+        ));
     }
     let _ = ch.close(200, "list done".into()).await;
     Ok(out)
@@ -116,7 +123,10 @@ pub async fn replay(
     let mut moved = Vec::new();
     for _ in 0..total {
         let Some(m) = ch
-            .basic_get(topo.dlq().as_str().into(), BasicGetOptions { no_ack: false })
+            .basic_get(
+                topo.dlq().as_str().into(),
+                BasicGetOptions { no_ack: false },
+            )
             .await?
         else {
             break;

@@ -39,10 +39,7 @@ pub async fn serve(
                 let h = handle.clone();
                 async move {
                     h.run_upkeep();
-                    (
-                        [("content-type", "text/plain; version=0.0.4")],
-                        h.render(),
-                    )
+                    ([("content-type", "text/plain; version=0.0.4")], h.render())
                 }
             }),
         )

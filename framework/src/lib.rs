@@ -15,12 +15,15 @@ pub mod http;
 pub mod processor;
 pub mod runtime;
 pub mod telemetry;
+pub mod testing;
 pub mod topology;
 
 pub use async_trait::async_trait;
 pub use cli::{Binding, BoxError, Service};
 pub use config::{Config, ConfigError, LoadOptions, Secret};
-pub use processor::{MessageContext, MessageProcessor, Outcome, ProcessorConfiguration, Publication};
-pub use runtime::{Runtime, Status};
 pub use lapin;
+pub use processor::{
+    MessageContext, MessageProcessor, Outcome, ProcessorConfiguration, Publication,
+};
+pub use runtime::{Runtime, Status};
 pub use tokio_util::sync::CancellationToken;

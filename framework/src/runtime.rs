@@ -271,7 +271,10 @@ impl<P: MessageProcessor> Runtime<P> {
         let inner = &self.inner;
         inner.tasks.close();
         let budget = Duration::from_millis(inner.amqp.drain_timeout_ms);
-        if tokio::time::timeout(budget, inner.tasks.wait()).await.is_err() {
+        if tokio::time::timeout(budget, inner.tasks.wait())
+            .await
+            .is_err()
+        {
             warn!(
                 still_running = inner.tasks.len(),
                 "drain timeout reached; unfinished messages return to the queue"
@@ -324,7 +327,11 @@ impl<P: MessageProcessor> Runtime<P> {
                     });
                 }
                 Some(Err(e)) => break SessionEnd::Lost(e.to_string()),
-                None => break SessionEnd::Lost("consumer cancelled by the broker (queue deleted?)".into()),
+                None => {
+                    break SessionEnd::Lost(
+                        "consumer cancelled by the broker (queue deleted?)".into(),
+                    );
+                }
             }
         };
         inner.status.set_ready(false);
@@ -547,7 +554,14 @@ fn plan<P>(
                 warn!(error = %why, "retries exhausted; dead-lettering");
                 return (
                     "dead_letter",
-                    vec![dead_letter(inner, d, inc, attempts, h::KIND_RETRIES_EXHAUSTED, &why)],
+                    vec![dead_letter(
+                        inner,
+                        d,
+                        inc,
+                        attempts,
+                        h::KIND_RETRIES_EXHAUSTED,
+                        &why,
+                    )],
                 );
             }
             let delay = inner.retry.delay_for_attempt(inc.attempt);
@@ -556,7 +570,11 @@ fn plan<P>(
             h::set_int(&mut hdr, h::RETRY_COUNT, i64::from(attempts));
             h::set_str(&mut hdr, h::ORIGINAL_EXCHANGE, &inc.exchange);
             h::set_str(&mut hdr, h::ORIGINAL_ROUTING_KEY, &inc.routing_key);
-            h::set_str(&mut hdr, h::LAST_ERROR, h::truncate(&reason, h::MAX_ERROR_BYTES));
+            h::set_str(
+                &mut hdr,
+                h::LAST_ERROR,
+                h::truncate(&reason, h::MAX_ERROR_BYTES),
+            );
             let props = d.properties.clone().with_delivery_mode(2).with_headers(hdr);
             (
                 "retry",
@@ -574,7 +592,14 @@ fn plan<P>(
             let attempts = inc.attempt.saturating_add(1);
             (
                 "dead_letter",
-                vec![dead_letter(inner, d, inc, attempts, h::KIND_PERMANENT, &reason)],
+                vec![dead_letter(
+                    inner,
+                    d,
+                    inc,
+                    attempts,
+                    h::KIND_PERMANENT,
+                    &reason,
+                )],
             )
         }
     }

@@ -252,20 +252,26 @@ impl Topology {
         let exchanges: Vec<_> = self
             .exchanges()
             .into_iter()
-            .map(|e| json!({"name": e.name, "vhost": vhost, "type": e.kind, "durable": true,
-                "auto_delete": false, "internal": false, "arguments": {}}))
+            .map(|e| {
+                json!({"name": e.name, "vhost": vhost, "type": e.kind, "durable": true,
+                "auto_delete": false, "internal": false, "arguments": {}})
+            })
             .collect();
         let queues: Vec<_> = self
             .queues()
             .into_iter()
-            .map(|q| json!({"name": q.name, "vhost": vhost, "durable": true,
-                "auto_delete": false, "arguments": table_to_json(&q.arguments)}))
+            .map(|q| {
+                json!({"name": q.name, "vhost": vhost, "durable": true,
+                "auto_delete": false, "arguments": table_to_json(&q.arguments)})
+            })
             .collect();
         let bindings: Vec<_> = self
             .bindings()
             .into_iter()
-            .map(|b| json!({"source": b.exchange, "vhost": vhost, "destination": b.queue,
-                "destination_type": "queue", "routing_key": b.routing_key, "arguments": {}}))
+            .map(|b| {
+                json!({"source": b.exchange, "vhost": vhost, "destination": b.queue,
+                "destination_type": "queue", "routing_key": b.routing_key, "arguments": {}})
+            })
             .collect();
         json!({"exchanges": exchanges, "queues": queues, "bindings": bindings})
     }

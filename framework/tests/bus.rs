@@ -1,15 +1,13 @@
 //! The bus contract of design §2–§3 against the real RabbitMQ.
 
-mod common;
-
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
 use framework::headers as h;
 use framework::lapin::BasicProperties;
 use framework::lapin::options::QueueDeclareOptions;
 use framework::lapin::types::{AMQPValue, FieldTable};
+use framework::testing::*;
 use framework::{MessageContext, MessageProcessor, Outcome, async_trait};
 use serde_json::json;
 
@@ -70,11 +68,17 @@ async fn topology_is_declared_with_the_designed_arguments() {
         ("x-overflow", s("reject-publish")),
     ]);
     // An equivalent re-declaration succeeds; any differing argument is refused by the broker.
-    assert!(redeclare(&ch, &q, q_args.clone()).await, "Q has exactly the designed arguments");
+    assert!(
+        redeclare(&ch, &q, q_args.clone()).await,
+        "Q has exactly the designed arguments"
+    );
     let (_c2, ch2) = test_channel().await;
     let mut wrong = q_args.clone();
     wrong.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(8));
-    assert!(!redeclare(&ch2, &q, wrong).await, "a different delivery limit is refused");
+    assert!(
+        !redeclare(&ch2, &q, wrong).await,
+        "a different delivery limit is refused"
+    );
     for (d, rest) in [(200, 400), (400, 200)] {
         let (_c, ch) = test_channel().await;
         let mut a = args(&[
@@ -85,12 +89,25 @@ async fn topology_is_declared_with_the_designed_arguments() {
             ("x-dead-letter-strategy", s("at-least-once")),
             ("x-overflow", s("reject-publish")),
         ]);
-        assert!(redeclare(&ch, &format!("{q}-retry-{d}"), a.clone()).await, "tier {d} args");
+        assert!(
+            redeclare(&ch, &format!("{q}-retry-{d}"), a.clone()).await,
+            "tier {d} args"
+        );
         let (_c, ch) = test_channel().await;
         a.insert("x-message-ttl".into(), AMQPValue::LongLongInt(rest));
-        assert!(!redeclare(&ch, &format!("{q}-retry-{d}"), a).await, "tier {d} TTL is {d}");
+        assert!(
+            !redeclare(&ch, &format!("{q}-retry-{d}"), a).await,
+            "tier {d} TTL is {d}"
+        );
     }
-    assert!(redeclare(&ch, &format!("{q}-dlq"), args(&[("x-queue-type", s("quorum"))])).await);
+    assert!(
+        redeclare(
+            &ch,
+            &format!("{q}-dlq"),
+            args(&[("x-queue-type", s("quorum"))])
+        )
+        .await
+    );
     // Declaring again (a restart) is idempotent.
     let cfg = config(&q, &[("amqp.delivery_limit", "7")]);
     let topo = framework::topology::Topology::new(
@@ -103,12 +120,35 @@ async fn topology_is_declared_with_the_designed_arguments() {
         &cfg.amqp,
         &cfg.retry,
     );
-    topo.declare(&ch).await.expect("re-declaration is idempotent");
+    topo.declare(&ch)
+        .await
+        .expect("re-declaration is idempotent");
     // Bindings: a message on the input exchange reaches Q; one on the retry exchange reaches its tier.
     hs.stop().await;
-    publish(&ch, &format!("{q}-in"), "other.x", b"{}", BasicProperties::default()).await;
-    publish(&ch, &format!("{q}-retry"), "400", b"{}", BasicProperties::default()).await;
-    publish(&ch, &format!("{q}-fail"), "any.key", b"{}", BasicProperties::default()).await;
+    publish(
+        &ch,
+        &format!("{q}-in"),
+        "other.x",
+        b"{}",
+        BasicProperties::default(),
+    )
+    .await;
+    publish(
+        &ch,
+        &format!("{q}-retry"),
+        "400",
+        b"{}",
+        BasicProperties::default(),
+    )
+    .await;
+    publish(
+        &ch,
+        &format!("{q}-fail"),
+        "any.key",
+        b"{}",
+        BasicProperties::default(),
+    )
+    .await;
     assert_eq!(ready_count(&ch, &q).await, 1);
     assert_eq!(ready_count(&ch, &format!("{q}-retry-400")).await, 1);
     assert_eq!(ready_count(&ch, &format!("{q}-dlq")).await, 1);
@@ -123,9 +163,13 @@ async fn classic_queue_type_is_selectable() {
         ("x-queue-type", s("classic")),
         ("x-dead-letter-exchange", s(&format!("{q}-fail"))),
     ]);
-    assert!(redeclare(&ch, &q, a).await, "classic Q without delivery limit");
+    assert!(
+        redeclare(&ch, &q, a).await,
+        "classic Q without delivery limit"
+    );
     let mut out = hs.watch_output().await;
-    hs.publish("test.a", br#"{"a":1}"#, BasicProperties::default()).await;
+    hs.publish("test.a", br#"{"a":1}"#, BasicProperties::default())
+        .await;
     let d = next(&mut out).await;
     assert_eq!(d.data, br#"{"a":1}"#);
     hs.stop().await;
@@ -142,15 +186,26 @@ async fn success_is_published_with_response_headers() {
     let d = next(&mut out).await;
     assert_eq!(d.routing_key.as_str(), "test.out.success");
     assert_eq!(d.exchange.as_str(), hs.output_exchange);
-    assert_eq!(serde_json::from_slice::<serde_json::Value>(&d.data).unwrap(), json!({"x":1}));
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&d.data).unwrap(),
+        json!({"x":1})
+    );
     assert_eq!(header(&d, h::IN_RESPONSE_TO).as_deref(), Some("msg-1"));
-    assert_eq!(d.properties.correlation_id().as_ref().map(|s| s.as_str()), Some("corr-9"));
+    assert_eq!(
+        d.properties.correlation_id().as_ref().map(|s| s.as_str()),
+        Some("corr-9")
+    );
     assert_eq!(*d.properties.delivery_mode(), Some(2));
-    let mid = d.properties.message_id().clone().expect("output has a message id");
+    let mid = d
+        .properties
+        .message_id()
+        .clone()
+        .expect("output has a message id");
     assert!(!mid.as_str().is_empty() && mid.as_str() != "msg-1");
 
     // Without a message id, x-in-response-to is the routing key.
-    hs.publish("other.two", br#"{"y":2}"#, BasicProperties::default()).await;
+    hs.publish("other.two", br#"{"y":2}"#, BasicProperties::default())
+        .await;
     let d = next(&mut out).await;
     assert_eq!(header(&d, h::IN_RESPONSE_TO).as_deref(), Some("other.two"));
     assert!(d.properties.message_id().is_some());
@@ -175,7 +230,8 @@ async fn extra_destinations_are_published_with_the_success() {
         .await
         .unwrap();
     let mut side = watch(&hs.ch, &extra_ex, "#").await;
-    hs.publish("test.x", b"{}", BasicProperties::default()).await;
+    hs.publish("test.x", b"{}", BasicProperties::default())
+        .await;
     let d = next(&mut side).await;
     assert_eq!(d.data, b"hello");
     assert_eq!(d.routing_key.as_str(), "side.key");
@@ -224,7 +280,10 @@ async fn bad_bodies_are_dead_lettered_byte_for_byte() {
     hs.publish("test.bad", not_json, props).await;
     let d = next(&mut dlq).await;
     assert_eq!(d.data, not_json, "body kept byte-for-byte");
-    assert_eq!(d.properties.message_id().as_ref().map(|s| s.as_str()), Some("bad-1"));
+    assert_eq!(
+        d.properties.message_id().as_ref().map(|s| s.as_str()),
+        Some("bad-1")
+    );
     assert_eq!(
         d.properties.content_type().as_ref().map(|s| s.as_str()),
         Some("application/octet-stream")
@@ -233,24 +292,39 @@ async fn bad_bodies_are_dead_lettered_byte_for_byte() {
     assert!(header(&d, h::ERROR).unwrap().contains("not valid JSON"));
 
     let wrong_shape = br#"{"name": "a", "size": "big"}"#;
-    hs.publish("test.shape", wrong_shape, BasicProperties::default()).await;
+    hs.publish("test.shape", wrong_shape, BasicProperties::default())
+        .await;
     let d = next(&mut dlq).await;
     assert_eq!(d.data, wrong_shape);
     assert_dead_letter(&d, "permanent", "test.shape");
     let err = header(&d, h::ERROR).unwrap();
-    assert!(err.contains("does not match") && err.contains("invalid type"), "{err}");
+    assert!(
+        err.contains("does not match") && err.contains("invalid type"),
+        "{err}"
+    );
 
-    hs.publish("test.shape", br#"{"size": 3}"#, BasicProperties::default()).await;
+    hs.publish("test.shape", br#"{"size": 3}"#, BasicProperties::default())
+        .await;
     let d = next(&mut dlq).await;
-    assert!(header(&d, h::ERROR).unwrap().contains("missing field `name`"));
+    assert!(
+        header(&d, h::ERROR)
+            .unwrap()
+            .contains("missing field `name`")
+    );
 
-    hs.publish("test.empty", b"", BasicProperties::default()).await;
+    hs.publish("test.empty", b"", BasicProperties::default())
+        .await;
     let d = next(&mut dlq).await;
     assert!(d.data.is_empty());
     assert_dead_letter(&d, "permanent", "test.empty");
 
     // A good message still works afterwards.
-    hs.publish("test.good", br#"{"name":"n","size":1}"#, BasicProperties::default()).await;
+    hs.publish(
+        "test.good",
+        br#"{"name":"n","size":1}"#,
+        BasicProperties::default(),
+    )
+    .await;
     assert_eq!(next(&mut out).await.data, br#"{"name":"n"}"#);
     hs.stop().await;
 }
@@ -260,7 +334,8 @@ async fn long_errors_are_cut_to_one_kib() {
     let p = FnProcessor(|_v, _: &MessageContext| Outcome::permanent("é".repeat(5000)));
     let mut hs = Harness::start("longerr", &[], p).await;
     let mut dlq = hs.watch_dlq().await;
-    hs.publish("test.x", b"{}", BasicProperties::default()).await;
+    hs.publish("test.x", b"{}", BasicProperties::default())
+        .await;
     let d = next(&mut dlq).await;
     let e = header(&d, h::ERROR).unwrap();
     assert!(e.len() <= 1024 && e.len() > 1000, "len {}", e.len());
@@ -283,13 +358,19 @@ async fn retries_carry_headers_and_count_up() {
     hs.publish("test.retry.me", br#"{"k":1}"#, props).await;
     let d = next(&mut out).await;
     assert_eq!(d.data, br#"{"done":2}"#);
-    assert_eq!(d.properties.correlation_id().as_ref().map(|s| s.as_str()), Some("c-r"));
+    assert_eq!(
+        d.properties.correlation_id().as_ref().map(|s| s.as_str()),
+        Some("c-r")
+    );
     let calls = calls.lock().unwrap().clone();
     let attempts: Vec<u32> = calls.iter().map(|(_, c)| c.attempt).collect();
     assert_eq!(attempts, vec![0, 1, 2]);
     for (i, (body, ctx)) in calls.iter().enumerate() {
         assert_eq!(body, &json!({"k":1}));
-        assert_eq!(ctx.routing_key, "test.retry.me", "original key survives retries");
+        assert_eq!(
+            ctx.routing_key, "test.retry.me",
+            "original key survives retries"
+        );
         assert_eq!(ctx.exchange, hs.input_exchange);
         let count = framework::headers::get_int(&ctx.headers, h::RETRY_COUNT);
         assert_eq!(count, if i == 0 { None } else { Some(i as i64) });
@@ -311,7 +392,8 @@ async fn retries_exhausted_after_exactly_max_attempts() {
     let p = recording(&calls, |_v, _ctx| Outcome::retry("always failing"));
     let mut hs = Harness::start("exhaust", &[("retry.max_attempts", "3")], p).await;
     let mut dlq = hs.watch_dlq().await;
-    hs.publish("test.x", br#"{"n":1}"#, BasicProperties::default()).await;
+    hs.publish("test.x", br#"{"n":1}"#, BasicProperties::default())
+        .await;
     let d = next(&mut dlq).await;
     assert_dead_letter(&d, "retries-exhausted", "test.x");
     assert_eq!(int_header(&d, h::RETRY_COUNT), Some(3));
@@ -320,7 +402,11 @@ async fn retries_exhausted_after_exactly_max_attempts() {
     let n = calls.lock().unwrap().len();
     assert_eq!(n, 3, "exactly max_attempts handler calls");
     // Nothing is left to call the handler again.
-    for t in [format!("{}-retry-200", hs.q), format!("{}-retry-400", hs.q), hs.q.clone()] {
+    for t in [
+        format!("{}-retry-200", hs.q),
+        format!("{}-retry-400", hs.q),
+        hs.q.clone(),
+    ] {
         assert_eq!(ready_count(&hs.ch, &t).await, 0, "{t} is empty");
     }
     hs.stop().await;
@@ -345,12 +431,24 @@ async fn a_short_retry_overtakes_a_long_one() {
     // "slow" already has one attempt behind it, so its retry waits in the 4 s tier.
     let mut hdr = FieldTable::default();
     framework::headers::set_int(&mut hdr, h::RETRY_COUNT, 1);
-    hs.publish("test.slow", br#"{"name":"slow"}"#, BasicProperties::default().with_headers(hdr))
-        .await;
-    hs.publish("test.fast", br#"{"name":"fast"}"#, BasicProperties::default()).await;
+    hs.publish(
+        "test.slow",
+        br#"{"name":"slow"}"#,
+        BasicProperties::default().with_headers(hdr),
+    )
+    .await;
+    hs.publish(
+        "test.fast",
+        br#"{"name":"fast"}"#,
+        BasicProperties::default(),
+    )
+    .await;
     let first = next(&mut out).await;
     let second = next(&mut out).await;
-    assert_eq!(first.data, br#"{"name":"fast"}"#, "300 ms retry did not wait behind the 4 s one");
+    assert_eq!(
+        first.data, br#"{"name":"fast"}"#,
+        "300 ms retry did not wait behind the 4 s one"
+    );
     assert_eq!(second.data, br#"{"name":"slow"}"#);
     assert_eq!(*order.lock().unwrap(), vec!["fast", "slow"]);
     hs.stop().await;
@@ -370,12 +468,21 @@ async fn drop_acks_and_publishes_nothing() {
     let mut hs = Harness::start("drop", &[("amqp.prefetch", "1")], p).await;
     let mut out = hs.watch_output().await;
     let mut dlq = hs.watch_dlq().await;
-    hs.publish("test.d", br#"{"drop":true}"#, BasicProperties::default()).await;
-    hs.publish("test.d", br#"{"sentinel":1}"#, BasicProperties::default()).await;
+    hs.publish("test.d", br#"{"drop":true}"#, BasicProperties::default())
+        .await;
+    hs.publish("test.d", br#"{"sentinel":1}"#, BasicProperties::default())
+        .await;
     let d = next(&mut out).await;
-    assert_eq!(d.data, br#"{"sentinel":1}"#, "the dropped message published nothing");
+    assert_eq!(
+        d.data, br#"{"sentinel":1}"#,
+        "the dropped message published nothing"
+    );
     assert_eq!(calls.lock().unwrap().len(), 2);
-    assert!(next_within(&mut dlq, Duration::from_millis(300)).await.is_none());
+    assert!(
+        next_within(&mut dlq, Duration::from_millis(300))
+            .await
+            .is_none()
+    );
     assert_eq!(ready_count(&hs.ch, &hs.q).await, 0);
     for d in [200, 400] {
         assert_eq!(ready_count(&hs.ch, &format!("{}-retry-{d}", hs.q)).await, 0);
@@ -394,11 +501,13 @@ async fn a_panicking_processor_dead_letters_and_keeps_running() {
     let mut hs = Harness::start("panic", &[], p).await;
     let mut out = hs.watch_output().await;
     let mut dlq = hs.watch_dlq().await;
-    hs.publish("test.p", br#"{"boom":true}"#, BasicProperties::default()).await;
+    hs.publish("test.p", br#"{"boom":true}"#, BasicProperties::default())
+        .await;
     let d = next(&mut dlq).await;
     assert_dead_letter(&d, "permanent", "test.p");
     assert!(header(&d, h::ERROR).unwrap().contains("kaboom in handler"));
-    hs.publish("test.p", br#"{"ok":1}"#, BasicProperties::default()).await;
+    hs.publish("test.p", br#"{"ok":1}"#, BasicProperties::default())
+        .await;
     assert_eq!(next(&mut out).await.data, br#"{"ok":1}"#);
     assert!(hs.status.is_ready());
     hs.stop().await;
@@ -429,13 +538,22 @@ async fn a_nacked_publish_leaves_the_input_unacked() {
         .await
         .unwrap();
     let mut dlq = hs.watch_dlq().await;
-    hs.publish("test.n", br#"{"n":1}"#, BasicProperties::default()).await;
+    hs.publish("test.n", br#"{"n":1}"#, BasicProperties::default())
+        .await;
     // Never acked: the broker redelivers it until its delivery limit dead-letters it.
     let d = next(&mut dlq).await;
     assert_eq!(d.data, br#"{"n":1}"#);
-    assert_eq!(header(&d, h::ERROR_KIND), None, "dead-lettered by the broker, not by us");
+    assert_eq!(
+        header(&d, h::ERROR_KIND),
+        None,
+        "dead-lettered by the broker, not by us"
+    );
     let calls = calls.lock().unwrap().clone();
-    assert!(calls.len() >= 2, "redelivered after the nack ({} calls)", calls.len());
+    assert!(
+        calls.len() >= 2,
+        "redelivered after the nack ({} calls)",
+        calls.len()
+    );
     assert!(!calls[0].1.redelivered);
     assert!(calls[1].1.redelivered, "second delivery is a redelivery");
     hs.stop().await;
@@ -447,7 +565,8 @@ async fn metrics_and_health_are_served() {
     let q = unique("http");
     let cfg = config(&q, &[]);
     let shutdown = framework::CancellationToken::new();
-    let pc = framework::ProcessorConfiguration::new(&format!("{q}-in"), "test.#", "test.out", echo());
+    let pc =
+        framework::ProcessorConfiguration::new(&format!("{q}-in"), "test.#", "test.out", echo());
     let t = shutdown.clone();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -456,7 +575,9 @@ async fn metrics_and_health_are_served() {
     cfg.service.http_listen = addr.to_string();
     let cfg2 = cfg.clone();
     let task = tokio::spawn(async move {
-        framework::cli::run_processor("test-service", &cfg2, pc, t).await.is_ok()
+        framework::cli::run_processor("test-service", &cfg2, pc, t)
+            .await
+            .is_ok()
     });
     let base = format!("http://{addr}");
     let client = reqwest::Client::new();
@@ -470,17 +591,44 @@ async fn metrics_and_health_are_served() {
         assert!(tokio::time::Instant::now() < deadline, "became ready");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(client.get(format!("{base}/healthz")).send().await.unwrap().status(), 200);
+    assert_eq!(
+        client
+            .get(format!("{base}/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     let (_c, ch) = test_channel().await;
     let mut out = watch(&ch, &format!("{q}-out"), "#").await;
-    publish(&ch, &format!("{q}-in"), "test.m", b"{}", BasicProperties::default()).await;
+    publish(
+        &ch,
+        &format!("{q}-in"),
+        "test.m",
+        b"{}",
+        BasicProperties::default(),
+    )
+    .await;
     next(&mut out).await;
-    let text = client.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+    let text = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(
-        text.contains(&format!("storagetier_messages_total{{queue=\"{q}\",outcome=\"success\"}} 1")),
+        text.contains(&format!(
+            "storagetier_messages_total{{queue=\"{q}\",outcome=\"success\"}} 1"
+        )),
         "{text}"
     );
-    assert!(text.contains("storagetier_handler_seconds_bucket"), "histogram exported");
+    assert!(
+        text.contains("storagetier_handler_seconds_bucket"),
+        "histogram exported"
+    );
     assert!(text.contains(&format!("storagetier_in_flight{{queue=\"{q}\"}}")));
     assert!(text.contains("storagetier_connected"));
     shutdown.cancel();
@@ -489,6 +637,11 @@ async fn metrics_and_health_are_served() {
     queues.extend([200, 400].map(|d| format!("{q}-retry-{d}")));
     cleanup(
         queues,
-        vec![format!("{q}-in"), format!("{q}-out"), format!("{q}-retry"), format!("{q}-fail")],
+        vec![
+            format!("{q}-in"),
+            format!("{q}-out"),
+            format!("{q}-retry"),
+            format!("{q}-fail"),
+        ],
     );
 }

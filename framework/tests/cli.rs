@@ -1,14 +1,12 @@
 //! The command line of design §4, run as a real process: exit codes, config errors,
 //! redaction, SIGTERM drain, declare and the dead-letter tools.
 
-mod common;
-
 use std::collections::HashSet;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use common::*;
 use framework::lapin::BasicProperties;
+use framework::testing::*;
 use framework::{MessageContext, Outcome};
 
 const BIN: &str = env!("CARGO_BIN_EXE_echo");
@@ -47,20 +45,36 @@ fn bad_config_exits_2_naming_the_key() {
         ("STORAGETIER__AMQP__URL", "http://x", "amqp.url"),
         ("STORAGETIER__RETRY__DELAYS_MS", "", "retry.delays_ms"),
         ("STORAGETIER__LOG__FORMAT", "xml", "log.format"),
-        ("STORAGETIER__ECHO__HTTP_LISTEN", "nowhere", "echo.http_listen"),
+        (
+            "STORAGETIER__ECHO__HTTP_LISTEN",
+            "nowhere",
+            "echo.http_listen",
+        ),
         ("STORAGETIER__ECHO__ROUTING_KEYZ", "a", "echo.routing_keyz"),
         ("STORAGETIER__BOGUS__X", "1", "bogus"),
     ];
     for (k, v, key) in cases {
         let o = run(echo_cmd("unused", dir.path()).env(k, v).arg("check-config"));
         assert_eq!(o.status.code(), Some(2), "{k}={v}: {}", stderr(&o));
-        assert!(stderr(&o).contains(key), "{k}={v} names {key}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains(key),
+            "{k}={v} names {key}: {}",
+            stderr(&o)
+        );
     }
     // A bad value in a config file is named the same way.
-    std::fs::write(dir.path().join("dev.toml"), "[amqp]\ndrain_timeout_ms = -5\n").unwrap();
+    std::fs::write(
+        dir.path().join("dev.toml"),
+        "[amqp]\ndrain_timeout_ms = -5\n",
+    )
+    .unwrap();
     let o = run(echo_cmd("unused", dir.path()).arg("check-config"));
     assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("amqp.drain_timeout_ms"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("amqp.drain_timeout_ms"),
+        "{}",
+        stderr(&o)
+    );
     // A missing environment file, config dir or bad flag.
     let o = run(echo_cmd("unused", dir.path()).args(["--env", "prod-typo", "check-config"]));
     assert_eq!(o.status.code(), Some(2));
@@ -75,13 +89,20 @@ fn bad_config_exits_2_naming_the_key() {
 #[test]
 fn layers_apply_in_order_and_check_config_redacts_secrets() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("default.toml"), "[amqp]\nprefetch = 3\n[log]\nlevel = \"debug\"\n").unwrap();
+    std::fs::write(
+        dir.path().join("default.toml"),
+        "[amqp]\nprefetch = 3\n[log]\nlevel = \"debug\"\n",
+    )
+    .unwrap();
     std::fs::write(dir.path().join("staging.toml"), "[amqp]\nprefetch = 5\n").unwrap();
     let pwfile = dir.path().join("pw");
     std::fs::write(&pwfile, "from-a-file-s3cret\n").unwrap();
     let o = run(echo_cmd("unused", dir.path())
         .env("APP_ENV", "staging")
-        .env("STORAGETIER__AMQP__URL", "amqps://user:hunter2-s3cret@broker.example:5671/prod")
+        .env(
+            "STORAGETIER__AMQP__URL",
+            "amqps://user:hunter2-s3cret@broker.example:5671/prod",
+        )
         .env("STORAGETIER__STORAGE__DATA_DIR", "/tmp/elsewhere")
         .arg("check-config"));
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
@@ -89,8 +110,14 @@ fn layers_apply_in_order_and_check_config_redacts_secrets() {
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(v["amqp"]["prefetch"], 5, "env file beats default.toml");
     assert_eq!(v["log"]["level"], "debug", "default.toml beats built-in");
-    assert_eq!(v["storage"]["data_dir"], "/tmp/elsewhere", "env var beats files");
-    assert_eq!(v["amqp"]["url"], "amqps://user:***@broker.example:5671/prod");
+    assert_eq!(
+        v["storage"]["data_dir"], "/tmp/elsewhere",
+        "env var beats files"
+    );
+    assert_eq!(
+        v["amqp"]["url"],
+        "amqps://user:***@broker.example:5671/prod"
+    );
     assert!(!text.contains("hunter2"));
     let o = run(echo_cmd("unused", dir.path())
         .env("STORAGETIER__AMQP__PASSWORD_FILE", &pwfile)
@@ -118,28 +145,60 @@ async fn sigterm_drains_in_flight_messages_and_exits_0() {
     let mut out = watch(&ch, &format!("{q}-out"), "#").await;
     let total = 12;
     for i in 0..total {
-        publish(&ch, &format!("{q}-in"), "k", format!("{{\"i\":{i}}}").as_bytes(), BasicProperties::default()).await;
+        publish(
+            &ch,
+            &format!("{q}-in"),
+            "k",
+            format!("{{\"i\":{i}}}").as_bytes(),
+            BasicProperties::default(),
+        )
+        .await;
     }
     // Wait until the service holds 4 messages (its prefetch), each taking 1.5 s: in flight.
     let deadline = tokio::time::Instant::now() + WAIT;
     while ready_count(&ch, &q).await > (total - 4) as u32 {
-        assert!(tokio::time::Instant::now() < deadline, "service took its prefetch");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "service took its prefetch"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let mut seen = HashSet::new();
-    let st = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let st = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(st.success());
-    let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(status.code(), Some(0), "clean exit after SIGTERM");
     while let Some(d) = next_within(&mut out, Duration::from_millis(500)).await {
         assert!(seen.insert(d.data.clone()), "no duplicate outputs");
     }
     let left = ready_count(&ch, &q).await as usize;
-    assert!(seen.len() >= 4, "the 4 in-flight messages were finished, not abandoned ({})", seen.len());
-    assert_eq!(seen.len() + left, total, "every message either done or back in the queue");
+    assert!(
+        seen.len() >= 4,
+        "the 4 in-flight messages were finished, not abandoned ({})",
+        seen.len()
+    );
+    assert_eq!(
+        seen.len() + left,
+        total,
+        "every message either done or back in the queue"
+    );
     let mut queues = vec![q.clone(), format!("{q}-dlq")];
     queues.extend([200, 400].map(|d| format!("{q}-retry-{d}")));
-    cleanup(queues, vec![format!("{q}-in"), format!("{q}-out"), format!("{q}-retry"), format!("{q}-fail")]);
+    cleanup(
+        queues,
+        vec![
+            format!("{q}-in"),
+            format!("{q}-out"),
+            format!("{q}-retry"),
+            format!("{q}-fail"),
+        ],
+    );
 }
 
 #[tokio::test]
@@ -149,62 +208,125 @@ async fn declare_creates_the_topology_and_definitions_describe_it() {
     let o = run(echo_cmd(&q, dir.path()).arg("declare"));
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let (_c, ch) = test_channel().await;
-    for name in [q.clone(), format!("{q}-dlq"), format!("{q}-retry-200"), format!("{q}-retry-400")] {
+    for name in [
+        q.clone(),
+        format!("{q}-dlq"),
+        format!("{q}-retry-200"),
+        format!("{q}-retry-400"),
+    ] {
         assert_eq!(ready_count(&ch, &name).await, 0, "{name} declared");
     }
     // Re-running is idempotent.
-    assert_eq!(run(echo_cmd(&q, dir.path()).arg("declare")).status.code(), Some(0));
+    assert_eq!(
+        run(echo_cmd(&q, dir.path()).arg("declare")).status.code(),
+        Some(0)
+    );
     // A conflicting queue type is a clear failure, exit 1.
-    let o = run(echo_cmd(&q, dir.path()).env("STORAGETIER__AMQP__QUEUE_TYPE", "classic").arg("declare"));
+    let o = run(echo_cmd(&q, dir.path())
+        .env("STORAGETIER__AMQP__QUEUE_TYPE", "classic")
+        .arg("declare"));
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("topology conflict"), "{}", stderr(&o));
 
     let o = run(echo_cmd(&q, dir.path()).arg("definitions"));
     assert_eq!(o.status.code(), Some(0));
     let defs: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    let queues: Vec<&str> = defs["queues"].as_array().unwrap().iter().map(|x| x["name"].as_str().unwrap()).collect();
+    let queues: Vec<&str> = defs["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["name"].as_str().unwrap())
+        .collect();
     assert!(queues.contains(&q.as_str()) && queues.contains(&format!("{q}-dlq").as_str()));
-    let main = defs["queues"].as_array().unwrap().iter().find(|x| x["name"] == q.as_str()).unwrap();
+    let main = defs["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["name"] == q.as_str())
+        .unwrap();
     assert_eq!(main["arguments"]["x-queue-type"], "quorum");
-    assert_eq!(main["arguments"]["x-dead-letter-exchange"], format!("{q}-fail"));
-    assert!(defs["bindings"].as_array().unwrap().iter().any(|b| b["source"] == format!("{q}-fail") && b["routing_key"] == "#"));
+    assert_eq!(
+        main["arguments"]["x-dead-letter-exchange"],
+        format!("{q}-fail")
+    );
+    assert!(
+        defs["bindings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["source"] == format!("{q}-fail") && b["routing_key"] == "#")
+    );
 
     let mut queues = vec![q.clone(), format!("{q}-dlq")];
     queues.extend([200, 400].map(|d| format!("{q}-retry-{d}")));
-    cleanup(queues, vec![format!("{q}-in"), format!("{q}-out"), format!("{q}-retry"), format!("{q}-fail")]);
+    cleanup(
+        queues,
+        vec![
+            format!("{q}-in"),
+            format!("{q}-out"),
+            format!("{q}-retry"),
+            format!("{q}-fail"),
+        ],
+    );
 }
 
 #[tokio::test]
 async fn dead_letters_are_listed_replayed_after_confirm_and_purged() {
     let p = FnProcessor(|v: serde_json::Value, _: &MessageContext| {
-        if v["poison"] == serde_json::json!(true) { Outcome::permanent("poisoned input") } else { Outcome::success(v) }
+        if v["poison"] == serde_json::json!(true) {
+            Outcome::permanent("poisoned input")
+        } else {
+            Outcome::success(v)
+        }
     });
     let mut hs = Harness::start("dlqcli", &[], p).await;
     let q = hs.q.clone();
-    hs.publish("test.p", br#"{"poison":true}"#, BasicProperties::default().with_message_id("poison-1".into())).await;
-    hs.publish("test.p", br#"{"poison":true,"n":2}"#, BasicProperties::default().with_message_id("poison-2".into())).await;
+    hs.publish(
+        "test.p",
+        br#"{"poison":true}"#,
+        BasicProperties::default().with_message_id("poison-1".into()),
+    )
+    .await;
+    hs.publish(
+        "test.p",
+        br#"{"poison":true,"n":2}"#,
+        BasicProperties::default().with_message_id("poison-2".into()),
+    )
+    .await;
     wait_for_count(&hs.ch, &format!("{q}-dlq"), 2).await;
     hs.stop().await;
     let dir = tempfile::tempdir().unwrap();
     let cmd = |args: &[&str]| {
         let mut c = echo_cmd(&q, dir.path());
-        c.env("STORAGETIER__ECHO__INPUT_EXCHANGE", format!("{q}-in")).args(args);
+        c.env("STORAGETIER__ECHO__INPUT_EXCHANGE", format!("{q}-in"))
+            .args(args);
         run(&mut c)
     };
     let o = cmd(&["dlq", "list", "--json"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 2);
     assert_eq!(lines[0]["kind"], "permanent");
     assert_eq!(lines[0]["error"], "poisoned input");
     assert_eq!(lines[0]["original_routing_key"], "test.p");
     assert!(lines[0]["failed_at"].is_string() && lines[0]["size"].as_u64().unwrap() > 0);
-    assert_eq!(ready_count(&hs.ch, &format!("{q}-dlq")).await, 2, "list removes nothing");
+    assert_eq!(
+        ready_count(&hs.ch, &format!("{q}-dlq")).await,
+        2,
+        "list removes nothing"
+    );
 
     let o = cmd(&["dlq", "replay", "--message-id", "poison-2", "--dry-run"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("would replay 1"));
-    assert_eq!(ready_count(&hs.ch, &format!("{q}-dlq")).await, 2, "dry run moves nothing");
+    assert_eq!(
+        ready_count(&hs.ch, &format!("{q}-dlq")).await,
+        2,
+        "dry run moves nothing"
+    );
 
     let o = cmd(&["dlq", "replay", "--message-id", "poison-2"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
@@ -214,9 +336,15 @@ async fn dead_letters_are_listed_replayed_after_confirm_and_purged() {
     let d = next(&mut back).await;
     assert_eq!(d.data, br#"{"poison":true,"n":2}"#);
     assert_eq!(d.routing_key.as_str(), "test.p");
-    assert_eq!(d.properties.message_id().as_ref().map(|s| s.as_str()), Some("poison-2"));
+    assert_eq!(
+        d.properties.message_id().as_ref().map(|s| s.as_str()),
+        Some("poison-2")
+    );
     for k in ["x-error", "x-error-kind", "x-retry-count", "x-failed-at"] {
-        assert!(header(&d, k).is_none() && int_header(&d, k).is_none(), "{k} stripped");
+        assert!(
+            header(&d, k).is_none() && int_header(&d, k).is_none(),
+            "{k} stripped"
+        );
     }
 
     let o = cmd(&["dlq", "purge"]);
@@ -226,13 +354,20 @@ async fn dead_letters_are_listed_replayed_after_confirm_and_purged() {
     assert_eq!(o.status.code(), Some(0));
     assert_eq!(ready_count(&hs.ch, &format!("{q}-dlq")).await, 0);
     let o = cmd(&["dlq", "replay"]);
-    assert_eq!(o.status.code(), Some(2), "replay needs --all or --message-id");
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "replay needs --all or --message-id"
+    );
 }
 
 async fn wait_for_count(ch: &framework::lapin::Channel, queue: &str, n: u32) {
     let deadline = tokio::time::Instant::now() + WAIT;
     while ready_count(ch, queue).await < n {
-        assert!(tokio::time::Instant::now() < deadline, "{queue} reached {n} messages");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{queue} reached {n} messages"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

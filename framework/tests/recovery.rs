@@ -1,12 +1,10 @@
 //! Recovery without a process restart: broker-closed connections and deleted queues.
 
-mod common;
-
 use std::process::Command;
 
-use common::*;
 use framework::lapin::BasicProperties;
 use framework::lapin::options::QueueDeleteOptions;
+use framework::testing::*;
 use framework::{MessageContext, Outcome};
 
 /// Closes the broker connection(s) whose client-provided name is `name`.
@@ -18,7 +16,9 @@ fn close_connection_named(name: &str) {
     let text = String::from_utf8_lossy(&out.stdout);
     let mut closed = 0;
     for line in text.lines() {
-        let Some((pid, props)) = line.split_once('\t') else { continue };
+        let Some((pid, props)) = line.split_once('\t') else {
+            continue;
+        };
         if props.contains(&format!("{{\"connection_name\",<<\"{name}\">>}}"))
             || props.contains(&format!("\"{name}\""))
         {
@@ -42,12 +42,16 @@ async fn survives_the_broker_closing_its_connection() {
     let name = unique("conn");
     let mut hs = Harness::start(
         "closed",
-        &[("amqp.connection_name", &name), ("amqp.reconnect_initial_ms", "1000")],
+        &[
+            ("amqp.connection_name", &name),
+            ("amqp.reconnect_initial_ms", "1000"),
+        ],
         echo(),
     )
     .await;
     let mut out = hs.watch_output().await;
-    hs.publish("test.before", br#"{"n":0}"#, BasicProperties::default()).await;
+    hs.publish("test.before", br#"{"n":0}"#, BasicProperties::default())
+        .await;
     assert_eq!(next(&mut out).await.data, br#"{"n":0}"#);
 
     let mut sessions = hs.status.sessions();
@@ -56,14 +60,16 @@ async fn survives_the_broker_closing_its_connection() {
     let status = hs.status.clone();
     wait_until("readiness to drop", || !status.is_ready()).await;
     // Published while the service is down: must not be lost.
-    hs.publish("test.during", br#"{"n":1}"#, BasicProperties::default()).await;
+    hs.publish("test.during", br#"{"n":1}"#, BasicProperties::default())
+        .await;
     tokio::time::timeout(WAIT, sessions.wait_for(|n| *n >= 2))
         .await
         .expect("reconnected without a restart")
         .unwrap();
     assert!(hs.status.is_ready());
     assert_eq!(next(&mut out).await.data, br#"{"n":1}"#);
-    hs.publish("test.after", br#"{"n":2}"#, BasicProperties::default()).await;
+    hs.publish("test.after", br#"{"n":2}"#, BasicProperties::default())
+        .await;
     assert_eq!(next(&mut out).await.data, br#"{"n":2}"#);
     hs.stop().await;
 }
@@ -82,7 +88,12 @@ async fn survives_its_queue_being_deleted() {
         .expect("the consumer cancel was noticed and the queue re-declared")
         .unwrap();
     assert!(ready_count(&hs.ch, &hs.q).await == 0, "queue exists again");
-    hs.publish("test.again", br#"{"back":true}"#, BasicProperties::default()).await;
+    hs.publish(
+        "test.again",
+        br#"{"back":true}"#,
+        BasicProperties::default(),
+    )
+    .await;
     assert_eq!(next(&mut out).await.data, br#"{"back":true}"#);
     hs.stop().await;
 }

@@ -11,7 +11,6 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct EchoSettings {
-    input_exchange: String,
     routing_keys: Vec<String>,
     output_routing_key: String,
     /// Artificial handling time per message (tests and benchmarks of draining).
@@ -45,7 +44,7 @@ impl Service for EchoService {
 
     fn binding(cfg: &Config<EchoSettings>) -> framework::Binding {
         framework::Binding {
-            exchange: cfg.settings.input_exchange.clone(),
+            exchange: "storagetier-echo-in".to_string(),
             routing_keys: cfg.settings.routing_keys.clone(),
             output_routing_key: cfg.settings.output_routing_key.clone(),
         }
@@ -53,7 +52,10 @@ impl Service for EchoService {
 
     fn validate(cfg: &Config<EchoSettings>) -> Result<(), ConfigError> {
         if cfg.settings.routing_keys.is_empty() {
-            return Err(ConfigError::new("echo.routing_keys", "needs at least one key"));
+            return Err(ConfigError::new(
+                "echo.routing_keys",
+                "needs at least one key",
+            ));
         }
         Ok(())
     }

@@ -1,22 +1,24 @@
-//! Test harness: a real broker, unique names per test, cleanup on drop.
-#![allow(dead_code)]
+//! Test support for services and the framework: a real broker, unique names per test,
+//! a runtime started in-process, helpers to publish and observe, cleanup on drop.
+//! Not used by production code paths.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use framework::config::{Config, LoadOptions};
-use framework::lapin::message::Delivery;
-use framework::lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ExchangeDeleteOptions,
-    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
-};
-use framework::lapin::types::FieldTable;
-use framework::lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
-use framework::{
+use crate::cli::{Service, binding_of, load_config};
+use crate::config::{Config, LoadOptions};
+use crate::{
     CancellationToken, MessageContext, MessageProcessor, Outcome, ProcessorConfiguration, Runtime,
     async_trait,
 };
 use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ExchangeDeleteOptions,
+    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
 use serde::de::IgnoredAny;
 
 /// Broker URL for tests (`AMQP_URL` overrides).
@@ -26,7 +28,10 @@ pub fn amqp_url() -> String {
 
 /// A name no other test uses.
 pub fn unique(prefix: &str) -> String {
-    format!("t-{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..10])
+    format!(
+        "t-{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..10]
+    )
 }
 
 /// Bounds every wait in the tests.
@@ -46,7 +51,7 @@ pub fn config(q: &str, extra: &[(&str, &str)]) -> Config<IgnoredAny> {
     for (k, v) in extra {
         o = o.set(k, *v);
     }
-    framework::config::load::<IgnoredAny>("echo", &o).expect("test config is valid")
+    crate::config::load::<IgnoredAny>("echo", &o).expect("test config is valid")
 }
 
 /// A processor defined by a closure.
@@ -74,9 +79,35 @@ pub struct Harness {
     pub conn: Connection,
     pub ch: Channel,
     pub shutdown: CancellationToken,
-    pub task: Option<tokio::task::JoinHandle<Result<(), framework::runtime::RuntimeError>>>,
-    pub status: Arc<framework::Status>,
+    pub task: Option<tokio::task::JoinHandle<Result<(), crate::runtime::RuntimeError>>>,
+    pub status: Arc<crate::Status>,
     pub delays: Vec<u64>,
+}
+
+/// Config of service `S` for a test: built-in defaults, a unique queue, output exchange
+/// and input exchange (`<Q>-in`), fast retries, an ephemeral HTTP port, the data dir
+/// `data_dir`, then `extra` overrides (`("online_archive.vault_url", "…")`).
+pub fn service_config<S: Service>(
+    data_dir: &std::path::Path,
+    extra: &[(&str, &str)],
+) -> Config<S::Settings> {
+    let q = unique(S::NAME);
+    let sec = S::SECTION;
+    let mut o = LoadOptions::isolated()
+        .set("amqp.url", amqp_url())
+        .set("amqp.reconnect_initial_ms", "100")
+        .set("amqp.reconnect_max_ms", "1000")
+        .set("amqp.drain_timeout_ms", "5000")
+        .set("retry.delays_ms", "[200, 400]")
+        .set("storage.data_dir", &data_dir.display().to_string())
+        .set(&format!("{sec}.queue"), &q)
+        .set(&format!("{sec}.output_exchange"), &format!("{q}-out"))
+        .set(&format!("{sec}.input_exchange"), &format!("{q}-in"))
+        .set(&format!("{sec}.http_listen"), "127.0.0.1:0");
+    for (k, v) in extra {
+        o = o.set(k, *v);
+    }
+    load_config::<S>(&o).expect("test config is valid")
 }
 
 /// Opens a test connection with a confirm channel.
@@ -84,7 +115,9 @@ pub async fn test_channel() -> (Connection, Channel) {
     let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
         .await
         .expect("broker reachable (is RabbitMQ running on 127.0.0.1:5672?)");
-    let ch = framework::runtime::confirm_channel(&conn).await.expect("channel");
+    let ch = crate::runtime::confirm_channel(&conn)
+        .await
+        .expect("channel");
     (conn, ch)
 }
 
@@ -100,17 +133,40 @@ impl Harness {
         Self::start_with(cfg, processor).await
     }
 
-    /// Starts `processor` with an explicit config.
+    /// Starts `processor` with an explicit config, bound to `<Q>-in` with `test.#`, `other.*`.
     pub async fn start_with<P: MessageProcessor, S>(cfg: Config<S>, processor: P) -> Harness {
         let q = cfg.service.queue.clone();
-        let input_exchange = format!("{q}-in");
         let pc = ProcessorConfiguration {
-            exchange: input_exchange.clone(),
+            exchange: format!("{q}-in"),
             routing_keys: vec!["test.#".into(), "other.*".into()],
             output_routing_key: "test.out".into(),
             processor,
         };
-        let runtime = Runtime::new("test-service", &cfg, pc);
+        Self::start_pc("test-service", cfg, pc).await
+    }
+
+    /// Starts service `S` in-process with `cfg` (see [`service_config`]).
+    pub async fn start_service<S: Service>(cfg: Config<S::Settings>) -> Harness {
+        let processor = S::processor(&cfg).await.expect("service processor builds");
+        let b = binding_of::<S>(&cfg);
+        let pc = ProcessorConfiguration {
+            exchange: b.exchange,
+            routing_keys: b.routing_keys,
+            output_routing_key: b.output_routing_key,
+            processor,
+        };
+        Self::start_pc(S::NAME, cfg, pc).await
+    }
+
+    /// Starts a processor configuration in-process and waits until it consumes.
+    pub async fn start_pc<P: MessageProcessor, S>(
+        name: &str,
+        cfg: Config<S>,
+        pc: ProcessorConfiguration<P>,
+    ) -> Harness {
+        let q = cfg.service.queue.clone();
+        let input_exchange = pc.exchange.clone();
+        let runtime = Runtime::new(name, &cfg, pc);
         let status = runtime.status();
         let mut sessions = status.sessions();
         let shutdown = CancellationToken::new();
@@ -182,7 +238,10 @@ impl Drop for Harness {
 /// Deletes queues and exchanges from a separate thread (usable in Drop).
 pub fn cleanup(queues: Vec<String>, exchanges: Vec<String>) {
     let _ = std::thread::spawn(move || {
-        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
             return;
         };
         rt.block_on(async move {
@@ -192,7 +251,9 @@ pub fn cleanup(queues: Vec<String>, exchanges: Vec<String>) {
             };
             for q in queues {
                 if let Ok(ch) = conn.create_channel().await {
-                    let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
+                    let _ = ch
+                        .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                        .await;
                 }
             }
             for e in exchanges {
@@ -211,7 +272,13 @@ pub fn cleanup(queues: Vec<String>, exchanges: Vec<String>) {
 /// Publishes with confirms and asserts the broker acked.
 pub async fn publish(ch: &Channel, exchange: &str, key: &str, body: &[u8], props: BasicProperties) {
     let c = ch
-        .basic_publish(exchange.into(), key.into(), BasicPublishOptions::default(), body, props)
+        .basic_publish(
+            exchange.into(),
+            key.into(),
+            BasicPublishOptions::default(),
+            body,
+            props,
+        )
         .await
         .expect("publish")
         .await
@@ -259,14 +326,19 @@ pub async fn consume(ch: &Channel, queue: &str) -> Consumer {
 
 /// The next delivery within `WAIT`, acked; panics if none comes.
 pub async fn next(c: &mut Consumer) -> Delivery {
-    next_within(c, WAIT).await.expect("a message arrived in time")
+    next_within(c, WAIT)
+        .await
+        .expect("a message arrived in time")
 }
 
 /// The next delivery within `d`, acked, or None.
 pub async fn next_within(c: &mut Consumer, d: Duration) -> Option<Delivery> {
     match tokio::time::timeout(d, c.next()).await {
         Ok(Some(Ok(del))) => {
-            del.acker.ack(BasicAckOptions::default()).await.expect("ack");
+            del.acker
+                .ack(BasicAckOptions::default())
+                .await
+                .expect("ack");
             Some(del)
         }
         _ => None,
@@ -290,19 +362,22 @@ pub async fn ready_count(ch: &Channel, queue: &str) -> u32 {
 
 /// A string header of a delivery.
 pub fn header(d: &Delivery, key: &str) -> Option<String> {
-    framework::headers::get_str(d.properties.headers().as_ref()?, key)
+    crate::headers::get_str(d.properties.headers().as_ref()?, key)
 }
 
 /// An integer header of a delivery.
 pub fn int_header(d: &Delivery, key: &str) -> Option<i64> {
-    framework::headers::get_int(d.properties.headers().as_ref()?, key)
+    crate::headers::get_int(d.properties.headers().as_ref()?, key)
 }
 
 /// Waits until `cond` holds, polling every 20 ms, at most `WAIT`.
 pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + WAIT;
     while !cond() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -1,0 +1,183 @@
+//! Database access shared by the services with state: one pool type for SQLite (the
+//! embedded default, a file under `[storage] data_dir`) and PostgreSQL (production),
+//! with migrations embedded in each service binary.
+//!
+//! Queries go through `sqlx::Any` and are checked at run time, so building never needs
+//! a live database. SQL must therefore be portable between SQLite and PostgreSQL:
+//! `TEXT`/`BIGINT` columns, `ON CONFLICT … DO UPDATE/NOTHING`, `RETURNING`, `$1` binds.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+pub use sqlx::migrate::Migrator;
+pub use sqlx::{self, AnyPool, Row};
+
+/// Database failures; all of them are transient from a message's point of view except
+/// a bad URL.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// The URL is not `sqlite:` or `postgres:`.
+    #[error("unsupported database URL `{0}` (use sqlite://PATH or postgres://…)")]
+    BadUrl(String),
+    /// The SQLite file's directory could not be created.
+    #[error("cannot create {0}: {1}")]
+    Dir(String, std::io::Error),
+    /// Connecting or querying failed.
+    #[error("database error: {0}")]
+    Sqlx(#[from] sqlx::Error),
+    /// A migration failed.
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+/// The default database URL of a service: `sqlite://<data_dir>/<service>.db`.
+pub fn default_url(data_dir: &Path, service: &str) -> String {
+    format!(
+        "sqlite://{}",
+        data_dir.join(format!("{service}.db")).display()
+    )
+}
+
+/// Hides the password of a database URL for logs and `check-config`.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// True for a PostgreSQL URL.
+pub fn is_postgres(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
+/// Opens a pool (creating the SQLite file and its directory) and runs `migrator`.
+pub async fn connect(url: &str, migrator: &Migrator) -> Result<AnyPool, DbError> {
+    sqlx::any::install_default_drivers();
+    let full = if let Some(path) = url.strip_prefix("sqlite://") {
+        let path = path.split('?').next().unwrap_or(path);
+        if path != ":memory:" {
+            if let Some(dir) = Path::new(path)
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+            {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| DbError::Dir(dir.display().to_string(), e))?;
+            }
+        }
+        if url.contains('?') {
+            url.to_string()
+        } else {
+            format!("{url}?mode=rwc")
+        }
+    } else if is_postgres(url) {
+        url.to_string()
+    } else {
+        return Err(DbError::BadUrl(redact_url(url)));
+    };
+    let opts = AnyConnectOptions::from_str(&full)?;
+    let sqlite = full.starts_with("sqlite:");
+    let pool = AnyPoolOptions::new()
+        // SQLite allows one writer; a single connection avoids SQLITE_BUSY under load.
+        .max_connections(if sqlite { 1 } else { 10 })
+        .acquire_timeout(Duration::from_secs(10))
+        .after_connect(move |conn, _| {
+            Box::pin(async move {
+                if sqlite {
+                    sqlx::query("PRAGMA journal_mode = WAL")
+                        .execute(&mut *conn)
+                        .await?;
+                    sqlx::query("PRAGMA busy_timeout = 5000")
+                        .execute(&mut *conn)
+                        .await?;
+                    sqlx::query("PRAGMA foreign_keys = ON")
+                        .execute(&mut *conn)
+                        .await?;
+                }
+                Ok(())
+            })
+        })
+        .connect_with(opts)
+        .await?;
+    migrator.run(&pool).await?;
+    Ok(pool)
+}
+
+/// Test support: a fresh PostgreSQL database per test, dropped with [`TempPostgres::drop_db`].
+pub mod testing {
+    use super::*;
+
+    /// Server URL for tests (`DATABASE_URL` overrides), without a database name.
+    pub fn postgres_server() -> String {
+        std::env::var("TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_string())
+    }
+
+    /// A uniquely named database on the test server.
+    pub struct TempPostgres {
+        /// URL of the new database.
+        pub url: String,
+        name: String,
+    }
+
+    impl TempPostgres {
+        /// Creates `t_<uuid>` on the server.
+        pub async fn create() -> Result<Self, DbError> {
+            sqlx::any::install_default_drivers();
+            let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+            let admin = AnyPool::connect(&format!("{}/postgres", postgres_server())).await?;
+            sqlx::query(&format!("CREATE DATABASE {name}"))
+                .execute(&admin)
+                .await?;
+            admin.close().await;
+            Ok(Self {
+                url: format!("{}/{name}", postgres_server()),
+                name,
+            })
+        }
+
+        /// Drops the database (after the service's pool is closed).
+        pub async fn drop_db(self) -> Result<(), DbError> {
+            let admin = AnyPool::connect(&format!("{}/postgres", postgres_server())).await?;
+            sqlx::query(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .execute(&admin)
+            .await?;
+            admin.close().await;
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            redact_url("postgres://u:pw@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact_url("sqlite://./data/x.db"), "sqlite://./data/x.db");
+    }
+
+    #[test]
+    fn default_url_lives_in_the_data_dir() {
+        assert_eq!(
+            default_url(Path::new("/tmp/x"), "svc"),
+            "sqlite:///tmp/x/svc.db"
+        );
+    }
+}
