@@ -64,14 +64,12 @@ pub async fn connect(url: &str, migrator: &Migrator) -> Result<AnyPool, DbError>
     sqlx::any::install_default_drivers();
     let full = if let Some(path) = url.strip_prefix("sqlite://") {
         let path = path.split('?').next().unwrap_or(path);
-        if path != ":memory:" {
-            if let Some(dir) = Path::new(path)
+        if path != ":memory:"
+            && let Some(dir) = Path::new(path)
                 .parent()
                 .filter(|d| !d.as_os_str().is_empty())
-            {
-                std::fs::create_dir_all(dir)
-                    .map_err(|e| DbError::Dir(dir.display().to_string(), e))?;
-            }
+        {
+            std::fs::create_dir_all(dir).map_err(|e| DbError::Dir(dir.display().to_string(), e))?;
         }
         if url.contains('?') {
             url.to_string()

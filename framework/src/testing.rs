@@ -46,7 +46,7 @@ pub fn config(q: &str, extra: &[(&str, &str)]) -> Config<IgnoredAny> {
         .set("amqp.drain_timeout_ms", "5000")
         .set("retry.delays_ms", "[200, 400]")
         .set("echo.queue", q)
-        .set("echo.output_exchange", &format!("{q}-out"))
+        .set("echo.output_exchange", format!("{q}-out"))
         .set("echo.http_listen", "127.0.0.1:0");
     for (k, v) in extra {
         o = o.set(k, *v);
@@ -99,10 +99,10 @@ pub fn service_config<S: Service>(
         .set("amqp.reconnect_max_ms", "1000")
         .set("amqp.drain_timeout_ms", "5000")
         .set("retry.delays_ms", "[200, 400]")
-        .set("storage.data_dir", &data_dir.display().to_string())
+        .set("storage.data_dir", data_dir.display().to_string())
         .set(&format!("{sec}.queue"), &q)
-        .set(&format!("{sec}.output_exchange"), &format!("{q}-out"))
-        .set(&format!("{sec}.input_exchange"), &format!("{q}-in"))
+        .set(&format!("{sec}.output_exchange"), format!("{q}-out"))
+        .set(&format!("{sec}.input_exchange"), format!("{q}-in"))
         .set(&format!("{sec}.http_listen"), "127.0.0.1:0");
     for (k, v) in extra {
         o = o.set(k, *v);

@@ -583,10 +583,10 @@ async fn metrics_and_health_are_served() {
     let client = reqwest::Client::new();
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        if let Ok(r) = client.get(format!("{base}/readyz")).send().await {
-            if r.status() == 200 {
-                break;
-            }
+        if let Ok(r) = client.get(format!("{base}/readyz")).send().await
+            && r.status() == 200
+        {
+            break;
         }
         assert!(tokio::time::Instant::now() < deadline, "became ready");
         tokio::time::sleep(Duration::from_millis(50)).await;
