@@ -1,5 +1,7 @@
 //! What a service writes: a typed message processor and its outcomes (design §3).
 
+use std::sync::{Arc, Mutex};
+
 use async_trait::async_trait;
 use lapin::types::FieldTable;
 use serde::Serialize;
@@ -98,7 +100,8 @@ impl Outcome {
     }
 }
 
-/// What a processor may know about the delivery it handles.
+/// What a processor may know about the delivery it handles, and what it may do beyond
+/// returning an outcome (publish with confirms, dead-letter a part, tag a retry).
 #[derive(Debug, Clone)]
 pub struct MessageContext {
     /// Exchange the message was first published to (survives retries).
@@ -115,6 +118,65 @@ pub struct MessageContext {
     pub correlation_id: Option<String>,
     /// All headers of the delivery.
     pub headers: FieldTable,
+    /// Headers to add to the message if this attempt ends in Retry.
+    pub(crate) retry_headers: Arc<Mutex<Vec<(String, String)>>>,
+    /// Publishing on the delivery's channel; None outside a runtime (unit tests).
+    pub(crate) publisher: Option<crate::runtime::Publisher>,
+}
+
+impl MessageContext {
+    /// A context for calling a processor directly in unit tests (publishing unavailable).
+    pub fn for_test(exchange: &str, routing_key: &str, attempt: u32) -> Self {
+        Self {
+            exchange: exchange.to_string(),
+            routing_key: routing_key.to_string(),
+            attempt,
+            redelivered: false,
+            message_id: None,
+            correlation_id: None,
+            headers: FieldTable::default(),
+            retry_headers: Arc::default(),
+            publisher: None,
+        }
+    }
+
+    /// Sets a string header carried by the retried message if this attempt returns Retry
+    /// (e.g. which destinations already got their copy, so a retry skips them).
+    pub fn set_retry_header(&self, key: &str, value: &str) {
+        if let Ok(mut v) = self.retry_headers.lock() {
+            v.retain(|(k, _)| k != key);
+            v.push((key.to_string(), value.to_string()));
+        }
+    }
+
+    /// Headers set with [`MessageContext::set_retry_header`].
+    pub fn retry_headers(&self) -> Vec<(String, String)> {
+        self.retry_headers
+            .lock()
+            .map(|v| v.clone())
+            .unwrap_or_default()
+    }
+
+    /// Publishes one message now, persistently, and waits for the broker's confirm.
+    pub async fn publish(&self, p: Publication) -> Result<(), crate::runtime::PublishError> {
+        match &self.publisher {
+            Some(pb) => pb.publish(self, p).await,
+            None => Err(crate::runtime::PublishError::NoChannel),
+        }
+    }
+
+    /// Dead-letters `body` (a part of this message, e.g. one bad record of a batch) with
+    /// the full dead-letter envelope, waiting for the confirm; the rest goes on.
+    pub async fn dead_letter(
+        &self,
+        body: Vec<u8>,
+        error: &str,
+    ) -> Result<(), crate::runtime::PublishError> {
+        match &self.publisher {
+            Some(pb) => pb.dead_letter(self, body, error).await,
+            None => Err(crate::runtime::PublishError::NoChannel),
+        }
+    }
 }
 
 /// A service's message handler; the framework does decoding, publishing and acking.

@@ -118,6 +118,70 @@ pub enum PublishError {
     /// A mandatory message reached no queue (e.g. a retry or dead-letter queue was deleted).
     #[error("message to exchange `{0}` routing key `{1}` reached no queue")]
     Unroutable(String, String),
+    /// The context is not attached to a broker channel (processor called outside a runtime).
+    #[error("no broker channel available to publish on")]
+    NoChannel,
+}
+
+/// A processor's handle for publishing during handling (see [`MessageContext::publish`]).
+#[derive(Clone)]
+pub struct Publisher {
+    ch: Channel,
+    service: String,
+    fail_exchange: String,
+    properties: BasicProperties,
+}
+
+impl std::fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Publisher")
+            .field("service", &self.service)
+            .finish()
+    }
+}
+
+impl Publisher {
+    pub(crate) async fn publish(
+        &self,
+        ctx: &MessageContext,
+        p: crate::processor::Publication,
+    ) -> Result<(), PublishError> {
+        let props = output_properties(&self.service, ctx, &p.content_type);
+        publish_confirmed(
+            &self.ch,
+            vec![Outgoing {
+                exchange: p.exchange,
+                routing_key: p.routing_key,
+                body: p.body,
+                properties: props,
+                mandatory: false,
+            }],
+        )
+        .await
+    }
+
+    pub(crate) async fn dead_letter(
+        &self,
+        ctx: &MessageContext,
+        body: Vec<u8>,
+        error: &str,
+    ) -> Result<(), PublishError> {
+        let env = Envelope {
+            service: &self.service,
+            fail_exchange: &self.fail_exchange,
+            properties: &self.properties,
+            headers: &ctx.headers,
+            exchange: &ctx.exchange,
+            routing_key: &ctx.routing_key,
+        };
+        let msg = env.dead_letter(
+            body,
+            ctx.attempt.saturating_add(1),
+            h::KIND_PERMANENT,
+            error,
+        );
+        publish_confirmed(&self.ch, vec![msg]).await
+    }
 }
 
 /// One message to send as part of an outcome.
@@ -434,6 +498,13 @@ async fn handle_delivery<P: MessageProcessor>(
                 .as_ref()
                 .map(|s| s.to_string()),
             headers: inc.headers.clone(),
+            retry_headers: Default::default(),
+            publisher: Some(Publisher {
+                ch: ch.clone(),
+                service: inner.service.clone(),
+                fail_exchange: inner.topology.fail_exchange(),
+                properties: delivery.properties.clone(),
+            }),
         };
         let outcome = match serde_json::from_slice::<P::Input>(&delivery.data) {
             Err(e) => Outcome::Permanent(describe_decode_error(&e)),
@@ -484,6 +555,27 @@ async fn handle_delivery<P: MessageProcessor>(
     .await
 }
 
+/// Properties of a message a service originates: persistent, new id, response headers.
+fn output_properties(service: &str, ctx: &MessageContext, content_type: &str) -> BasicProperties {
+    let in_response_to = ctx
+        .message_id
+        .clone()
+        .unwrap_or_else(|| ctx.routing_key.clone());
+    let mut hdr = FieldTable::default();
+    h::set_str(&mut hdr, h::IN_RESPONSE_TO, &in_response_to);
+    let mut p = BasicProperties::default()
+        .with_content_type(content_type.into())
+        .with_delivery_mode(2)
+        .with_message_id(new_message_id())
+        .with_timestamp(now_ts())
+        .with_app_id(service.into())
+        .with_headers(hdr);
+    if let Some(c) = &ctx.correlation_id {
+        p = p.with_correlation_id(c.as_str().into());
+    }
+    p
+}
+
 fn new_message_id() -> ShortString {
     uuid::Uuid::new_v4().to_string().into()
 }
@@ -505,25 +597,7 @@ fn plan<P>(
 ) -> (&'static str, Vec<Outgoing>) {
     match outcome {
         Outcome::Success { body, extra } => {
-            let in_response_to = ctx
-                .message_id
-                .clone()
-                .unwrap_or_else(|| ctx.routing_key.clone());
-            let props = |content_type: &str| {
-                let mut hdr = FieldTable::default();
-                h::set_str(&mut hdr, h::IN_RESPONSE_TO, &in_response_to);
-                let mut p = BasicProperties::default()
-                    .with_content_type(content_type.into())
-                    .with_delivery_mode(2)
-                    .with_message_id(new_message_id())
-                    .with_timestamp(now_ts())
-                    .with_app_id(inner.service.as_str().into())
-                    .with_headers(hdr);
-                if let Some(c) = &ctx.correlation_id {
-                    p = p.with_correlation_id(c.as_str().into());
-                }
-                p
-            };
+            let props = |content_type: &str| output_properties(&inner.service, ctx, content_type);
             let mut msgs = vec![Outgoing {
                 exchange: inner.topology.output_exchange.clone(),
                 routing_key: format!("{}.success", inner.output_routing_key),
@@ -575,6 +649,9 @@ fn plan<P>(
                 h::LAST_ERROR,
                 h::truncate(&reason, h::MAX_ERROR_BYTES),
             );
+            for (k, v) in ctx.retry_headers() {
+                h::set_str(&mut hdr, &k, &v);
+            }
             let props = d.properties.clone().with_delivery_mode(2).with_headers(hdr);
             (
                 "retry",
@@ -605,6 +682,45 @@ fn plan<P>(
     }
 }
 
+/// What a dead letter is built from.
+struct Envelope<'a> {
+    service: &'a str,
+    fail_exchange: &'a str,
+    properties: &'a BasicProperties,
+    headers: &'a FieldTable,
+    exchange: &'a str,
+    routing_key: &'a str,
+}
+
+impl Envelope<'_> {
+    /// The original properties and headers plus the dead-letter headers of design §3.
+    fn dead_letter(&self, body: Vec<u8>, attempts: u32, kind: &str, error: &str) -> Outgoing {
+        let mut hdr = self.headers.clone();
+        h::set_str(&mut hdr, h::ERROR, h::truncate(error, h::MAX_ERROR_BYTES));
+        h::set_str(&mut hdr, h::ERROR_KIND, kind);
+        h::set_str(&mut hdr, h::ORIGINAL_EXCHANGE, self.exchange);
+        h::set_str(&mut hdr, h::ORIGINAL_ROUTING_KEY, self.routing_key);
+        h::set_int(&mut hdr, h::RETRY_COUNT, i64::from(attempts));
+        h::set_str(
+            &mut hdr,
+            h::FAILED_AT,
+            &chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        );
+        h::set_str(&mut hdr, h::SERVICE, self.service);
+        Outgoing {
+            exchange: self.fail_exchange.to_string(),
+            routing_key: self.routing_key.to_string(),
+            body,
+            properties: self
+                .properties
+                .clone()
+                .with_delivery_mode(2)
+                .with_headers(hdr),
+            mandatory: true,
+        }
+    }
+}
+
 fn dead_letter<P>(
     inner: &Inner<P>,
     d: &Delivery,
@@ -613,23 +729,13 @@ fn dead_letter<P>(
     kind: &str,
     error: &str,
 ) -> Outgoing {
-    let mut hdr = inc.headers.clone();
-    h::set_str(&mut hdr, h::ERROR, h::truncate(error, h::MAX_ERROR_BYTES));
-    h::set_str(&mut hdr, h::ERROR_KIND, kind);
-    h::set_str(&mut hdr, h::ORIGINAL_EXCHANGE, &inc.exchange);
-    h::set_str(&mut hdr, h::ORIGINAL_ROUTING_KEY, &inc.routing_key);
-    h::set_int(&mut hdr, h::RETRY_COUNT, i64::from(attempts));
-    h::set_str(
-        &mut hdr,
-        h::FAILED_AT,
-        &chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-    );
-    h::set_str(&mut hdr, h::SERVICE, &inner.service);
-    Outgoing {
-        exchange: inner.topology.fail_exchange(),
-        routing_key: inc.routing_key.clone(),
-        body: d.data.clone(),
-        properties: d.properties.clone().with_delivery_mode(2).with_headers(hdr),
-        mandatory: true,
+    Envelope {
+        service: &inner.service,
+        fail_exchange: &inner.topology.fail_exchange(),
+        properties: &d.properties,
+        headers: &inc.headers,
+        exchange: &inc.exchange,
+        routing_key: &inc.routing_key,
     }
+    .dead_letter(d.data.clone(), attempts, kind, error)
 }

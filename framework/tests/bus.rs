@@ -645,3 +645,83 @@ async fn metrics_and_health_are_served() {
         ],
     );
 }
+
+struct PartialProcessor;
+
+#[async_trait]
+impl MessageProcessor for PartialProcessor {
+    type Input = serde_json::Value;
+    async fn handle(&self, input: serde_json::Value, ctx: &MessageContext) -> Outcome {
+        // Dead-letter each bad item on its own, publish the good ones, tag retries.
+        for item in input["items"].as_array().cloned().unwrap_or_default() {
+            if item["bad"] == json!(true) {
+                if let Err(e) = ctx
+                    .dead_letter(item.to_string().into_bytes(), "bad item")
+                    .await
+                {
+                    return Outcome::retry(e);
+                }
+            } else if let Err(e) = ctx
+                .publish(framework::Publication::json(
+                    &format!("{}-side", input["q"].as_str().unwrap_or("")),
+                    "item",
+                    &item,
+                ))
+                .await
+            {
+                return Outcome::retry(e);
+            }
+        }
+        if ctx.attempt == 0 {
+            ctx.set_retry_header("x-test-progress", "items-done");
+            return Outcome::retry("once more");
+        }
+        assert_eq!(
+            framework::headers::get_str(&ctx.headers, "x-test-progress").as_deref(),
+            Some("items-done")
+        );
+        Outcome::success(json!({"done": true}))
+    }
+}
+
+#[tokio::test]
+async fn processors_can_publish_dead_letter_parts_and_tag_retries() {
+    let mut hs = Harness::start("partial", &[], PartialProcessor).await;
+    let side = format!("{}-side", hs.q);
+    hs.ch
+        .exchange_declare(
+            side.as_str().into(),
+            framework::lapin::ExchangeKind::Topic,
+            Default::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut side_c = watch(&hs.ch, &side, "#").await;
+    let mut dlq = hs.watch_dlq().await;
+    let mut out = hs.watch_output().await;
+    let body = json!({"q": hs.q, "items": [{"n": 1}, {"bad": true, "n": 2}]});
+    hs.publish(
+        "test.batch",
+        body.to_string().as_bytes(),
+        BasicProperties::default().with_message_id("batch-1".into()),
+    )
+    .await;
+    let d = next(&mut side_c).await;
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&d.data).unwrap(),
+        json!({"n": 1})
+    );
+    assert_eq!(header(&d, h::IN_RESPONSE_TO).as_deref(), Some("batch-1"));
+    let d = next(&mut dlq).await;
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&d.data).unwrap(),
+        json!({"bad": true, "n": 2})
+    );
+    assert_dead_letter(&d, "permanent", "test.batch");
+    assert_eq!(header(&d, h::ERROR).as_deref(), Some("bad item"));
+    // The retry carried x-test-progress; the second attempt succeeds.
+    assert_eq!(next(&mut out).await.data, br#"{"done":true}"#);
+    hs.stop().await;
+    cleanup(vec![], vec![side]);
+}

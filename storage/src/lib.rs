@@ -1,0 +1,1 @@
+//! Shared storage-tier code (work in progress).
