@@ -1,6 +1,5 @@
-//! online-archive (not implemented yet).
+//! `online-archive` binary: see the library.
 
 fn main() -> std::process::ExitCode {
-    eprintln!("online-archive: not implemented yet");
-    std::process::ExitCode::from(1)
+    framework::cli::main::<online_archive::OnlineArchive>()
 }

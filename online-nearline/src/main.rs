@@ -1,6 +1,5 @@
-//! online-nearline (not implemented yet).
+//! `online-nearline` binary: see the library.
 
 fn main() -> std::process::ExitCode {
-    eprintln!("online-nearline: not implemented yet");
-    std::process::ExitCode::from(1)
+    framework::cli::main::<online_nearline::OnlineNearline>()
 }

@@ -1,1 +1,18 @@
-//! Shared storage-tier code (work in progress).
+//! Shared storage-tier code: resolving online paths, opening object stores, streaming
+//! copies with checksums, read-back verification and the tier's database records.
+//! `online-archive` and `online-nearline` are thin services over [`tier::TierCopier`].
+
+pub mod checksum;
+pub mod copy;
+pub mod message;
+pub mod paths;
+pub mod records;
+pub mod store;
+pub mod service;
+pub mod tier;
+
+pub use checksum::Algorithm;
+pub use message::AssetSweeperFile;
+pub use records::Records;
+pub use store::{StoreOptions, Tier};
+pub use tier::{CopyReport, TierCopier, TierError, TierOutcome, TierPolicy};

@@ -1,0 +1,86 @@
+//! online-archive: online storage → archive object store (design §7).
+//! SHA-256 is the archive's checksum: computed while streaming, verified by reading the
+//! stored object back before the success message goes out.
+
+use std::path::PathBuf;
+
+use db::DatabaseUrl;
+use framework::config::Config;
+use framework::{Binding, BoxError, Service, async_trait};
+use serde::{Deserialize, Serialize};
+use storage::service::{TierProcessor, TierSetup};
+use storage::{Algorithm, AssetSweeperFile, CopyReport, StoreOptions, TierPolicy};
+
+/// `[online_archive]` keys.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArchiveSettings {
+    /// Directories files may be read from (empty = `<data_dir>/online`).
+    #[serde(default)]
+    pub online_roots: Vec<PathBuf>,
+    /// `s3://bucket/prefix` or a directory (unset = `<data_dir>/archive`).
+    #[serde(default)]
+    pub archive_url: Option<String>,
+    /// S3 options for `archive_url`.
+    #[serde(default)]
+    pub archive_options: StoreOptions,
+    /// `postgres://…` or `sqlite://…` (unset = `<data_dir>/online-archive.db`).
+    #[serde(default)]
+    pub database_url: Option<DatabaseUrl>,
+}
+
+/// The online-archive service.
+pub struct OnlineArchive;
+
+fn success(r: &CopyReport, m: &AssetSweeperFile) -> serde_json::Value {
+    serde_json::json!({
+        "original_file_path": r.original_path,
+        "archive_store": r.store,
+        "archive_key": r.key,
+        "size": r.size,
+        "checksum": r.checksum,
+        "checksum_algorithm": r.algorithm,
+        "imported_id": m.imported_id,
+        "archived_at": storage::records::now(),
+        "mtime": r.mtime,
+        "uploaded": r.uploaded,
+    })
+}
+
+#[async_trait]
+impl Service for OnlineArchive {
+    const NAME: &'static str = "online-archive";
+    const SECTION: &'static str = "online_archive";
+    type Settings = ArchiveSettings;
+    type Processor = TierProcessor;
+
+    fn binding(_cfg: &Config<ArchiveSettings>) -> Binding {
+        Binding {
+            exchange: "assetsweeper".into(),
+            routing_keys: vec!["assetsweeper.asset_folder_importer.file.#".into()],
+            output_routing_key: "storagetier.onlinearchive.newfile".into(),
+        }
+    }
+
+    async fn processor(cfg: &Config<ArchiveSettings>) -> Result<TierProcessor, BoxError> {
+        let s = &cfg.settings;
+        TierProcessor::open(
+            Self::NAME,
+            &cfg.storage.data_dir,
+            "archive",
+            &TierSetup {
+                online_roots: s.online_roots.clone(),
+                store_url: s.archive_url.clone(),
+                store_options: s.archive_options.clone(),
+                database_url: s.database_url.as_ref().map(|u| u.0.clone()),
+            },
+            TierPolicy {
+                algorithm: Algorithm::Sha256,
+                keep_metadata: false,
+                reuse_identical: false,
+            },
+            success,
+        )
+        .await
+    }
+}

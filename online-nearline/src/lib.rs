@@ -1,0 +1,89 @@
+//! online-nearline: online storage → nearline vault (design §7).
+//! MD5 is the vault's checksum: computed while streaming and verified by reading the
+//! stored object back; original path, size and mtime are kept as object metadata where
+//! the store supports it (S3) and always in the database; an identical object already in
+//! the vault is reused instead of copying twice.
+
+use std::path::PathBuf;
+
+use db::DatabaseUrl;
+use framework::config::Config;
+use framework::{Binding, BoxError, Service, async_trait};
+use serde::{Deserialize, Serialize};
+use storage::service::{TierProcessor, TierSetup};
+use storage::{Algorithm, AssetSweeperFile, CopyReport, StoreOptions, TierPolicy};
+
+/// `[online_nearline]` keys.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NearlineSettings {
+    /// Directories files may be read from (empty = `<data_dir>/online`).
+    #[serde(default)]
+    pub online_roots: Vec<PathBuf>,
+    /// `s3://bucket/prefix` or a directory (unset = `<data_dir>/nearline`).
+    #[serde(default)]
+    pub vault_url: Option<String>,
+    /// S3 options for `vault_url`.
+    #[serde(default)]
+    pub vault_options: StoreOptions,
+    /// `postgres://…` or `sqlite://…` (unset = `<data_dir>/online-nearline.db`).
+    #[serde(default)]
+    pub database_url: Option<DatabaseUrl>,
+}
+
+/// The online-nearline service.
+pub struct OnlineNearline;
+
+fn success(r: &CopyReport, m: &AssetSweeperFile) -> serde_json::Value {
+    serde_json::json!({
+        "original_file_path": r.original_path,
+        "vault_store": r.store,
+        "vault_key": r.key,
+        "size": r.size,
+        "checksum": r.checksum,
+        "checksum_algorithm": r.algorithm,
+        "md5": r.checksum,
+        "mtime": r.mtime,
+        "imported_id": m.imported_id,
+        "copied_at": storage::records::now(),
+        "uploaded": r.uploaded,
+    })
+}
+
+#[async_trait]
+impl Service for OnlineNearline {
+    const NAME: &'static str = "online-nearline";
+    const SECTION: &'static str = "online_nearline";
+    type Settings = NearlineSettings;
+    type Processor = TierProcessor;
+
+    fn binding(_cfg: &Config<NearlineSettings>) -> Binding {
+        Binding {
+            exchange: "assetsweeper".into(),
+            routing_keys: vec!["assetsweeper.asset_folder_importer.file.#".into()],
+            output_routing_key: "storagetier.onlinenearline.newfile".into(),
+        }
+    }
+
+    async fn processor(cfg: &Config<NearlineSettings>) -> Result<TierProcessor, BoxError> {
+        let s = &cfg.settings;
+        TierProcessor::open(
+            Self::NAME,
+            &cfg.storage.data_dir,
+            "nearline",
+            &TierSetup {
+                online_roots: s.online_roots.clone(),
+                store_url: s.vault_url.clone(),
+                store_options: s.vault_options.clone(),
+                database_url: s.database_url.as_ref().map(|u| u.0.clone()),
+            },
+            TierPolicy {
+                algorithm: Algorithm::Md5,
+                keep_metadata: true,
+                reuse_identical: true,
+            },
+            success,
+        )
+        .await
+    }
+}

@@ -1,0 +1,56 @@
+//! Streaming checksums: SHA-256 for the archive, MD5 for the nearline vault.
+
+use md5::Digest as _;
+use serde::{Deserialize, Serialize};
+
+/// Which digest a tier records and verifies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Algorithm {
+    /// SHA-256 (archive).
+    Sha256,
+    /// MD5 (nearline; what the vault expects).
+    Md5,
+}
+
+impl Algorithm {
+    /// Lower-case name used in messages and records.
+    pub fn name(self) -> &'static str {
+        match self {
+            Algorithm::Sha256 => "sha256",
+            Algorithm::Md5 => "md5",
+        }
+    }
+    /// A fresh hasher.
+    pub fn hasher(self) -> Hasher {
+        match self {
+            Algorithm::Sha256 => Hasher::Sha256(sha2::Sha256::new()),
+            Algorithm::Md5 => Hasher::Md5(md5::Md5::new()),
+        }
+    }
+}
+
+/// An incremental digest.
+pub enum Hasher {
+    /// SHA-256 state.
+    Sha256(sha2::Sha256),
+    /// MD5 state.
+    Md5(md5::Md5),
+}
+
+impl Hasher {
+    /// Feeds bytes.
+    pub fn update(&mut self, b: &[u8]) {
+        match self {
+            Hasher::Sha256(h) => h.update(b),
+            Hasher::Md5(h) => h.update(b),
+        }
+    }
+    /// The lower-case hex digest.
+    pub fn finish(self) -> String {
+        match self {
+            Hasher::Sha256(h) => hex::encode(h.finalize()),
+            Hasher::Md5(h) => hex::encode(h.finalize()),
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! Streaming copy into an object store with the checksum computed on the way, and
+//! read-back verification. Memory stays bounded by the chunk and part sizes whatever the
+//! file size.
+
+use std::path::Path;
+
+use futures_util::StreamExt;
+use object_store::buffered::BufWriter;
+use object_store::path::Path as ObjectPath;
+use object_store::{Attributes, ObjectStore};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::checksum::Algorithm;
+use crate::store::Tier;
+
+/// Read size for the source file.
+const CHUNK: usize = 1024 * 1024;
+/// Multipart part size (S3's minimum is 5 MiB); smaller objects go up in one request.
+const PART: usize = 8 * 1024 * 1024;
+/// Parts uploading at once.
+const PARTS_IN_FLIGHT: usize = 2;
+
+/// Size and digest of some bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Digest {
+    /// Bytes.
+    pub size: u64,
+    /// Lower-case hex digest.
+    pub checksum: String,
+}
+
+/// Copy and verification failures; all are worth retrying.
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    /// Reading the source file failed.
+    #[error("reading {0}: {1}")]
+    Read(String, std::io::Error),
+    /// The object store failed.
+    #[error("object store: {0}")]
+    Store(#[from] object_store::Error),
+    /// Writing to the object store failed.
+    #[error("writing {0}: {1}")]
+    Write(String, std::io::Error),
+    /// What was stored is not what was read.
+    #[error("verification of {key} failed: stored {stored_size} bytes {alg} {stored}, expected {expected_size} bytes {expected}")]
+    Mismatch {
+        /// Object key.
+        key: String,
+        /// Digest name.
+        alg: &'static str,
+        /// Digest read back.
+        stored: String,
+        /// Size read back.
+        stored_size: u64,
+        /// Digest of the source.
+        expected: String,
+        /// Size of the source.
+        expected_size: u64,
+    },
+    /// The source changed while being copied.
+    #[error("{0} changed while it was being copied")]
+    SourceChanged(String),
+}
+
+/// Digest of a local file, streaming.
+pub async fn hash_file(path: &Path, alg: Algorithm) -> Result<Digest, CopyError> {
+    let shown = path.display().to_string();
+    let mut f = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| CopyError::Read(shown.clone(), e))?;
+    let mut h = alg.hasher();
+    let mut buf = vec![0u8; CHUNK];
+    let mut size = 0u64;
+    loop {
+        let n = f
+            .read(&mut buf)
+            .await
+            .map_err(|e| CopyError::Read(shown.clone(), e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        size += n as u64;
+    }
+    Ok(Digest {
+        size,
+        checksum: h.finish(),
+    })
+}
+
+/// Digest of a stored object by reading it back; `None` if there is no such object.
+pub async fn hash_object(
+    tier: &Tier,
+    key: &ObjectPath,
+    alg: Algorithm,
+) -> Result<Option<Digest>, CopyError> {
+    let got = match tier.store.get(key).await {
+        Ok(g) => g,
+        Err(object_store::Error::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let mut stream = got.into_stream();
+    let mut h = alg.hasher();
+    let mut size = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        h.update(&chunk);
+        size += chunk.len() as u64;
+    }
+    Ok(Some(Digest {
+        size,
+        checksum: h.finish(),
+    }))
+}
+
+/// Size of a stored object, or `None` if absent.
+pub async fn object_size(tier: &Tier, key: &ObjectPath) -> Result<Option<u64>, CopyError> {
+    match tier.store.head(key).await {
+        Ok(m) => Ok(Some(m.size)),
+        Err(object_store::Error::NotFound { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Streams `path` to `key`, hashing as it goes; aborts the upload on any error.
+pub async fn upload(
+    tier: &Tier,
+    key: &ObjectPath,
+    path: &Path,
+    alg: Algorithm,
+    attributes: Attributes,
+) -> Result<Digest, CopyError> {
+    let shown = path.display().to_string();
+    let mut f = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| CopyError::Read(shown.clone(), e))?;
+    let mut w = BufWriter::with_capacity(tier.store.clone(), key.clone(), PART)
+        .with_max_concurrency(PARTS_IN_FLIGHT);
+    if tier.supports_metadata && !attributes.is_empty() {
+        w = w.with_attributes(attributes);
+    }
+    let mut h = alg.hasher();
+    let mut buf = vec![0u8; CHUNK];
+    let mut size = 0u64;
+    let result: Result<(), CopyError> = async {
+        loop {
+            let n = f
+                .read(&mut buf)
+                .await
+                .map_err(|e| CopyError::Read(shown.clone(), e))?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+            size += n as u64;
+            w.write_all(&buf[..n])
+                .await
+                .map_err(|e| CopyError::Write(key.to_string(), e))?;
+        }
+        w.shutdown()
+            .await
+            .map_err(|e| CopyError::Write(key.to_string(), e))
+    }
+    .await;
+    if let Err(e) = result {
+        let _ = w.abort().await;
+        return Err(e);
+    }
+    Ok(Digest {
+        size,
+        checksum: h.finish(),
+    })
+}
+
+/// Reads `key` back and checks it matches `expected`.
+pub async fn verify(
+    tier: &Tier,
+    key: &ObjectPath,
+    alg: Algorithm,
+    expected: &Digest,
+) -> Result<(), CopyError> {
+    let stored = hash_object(tier, key, alg).await?.unwrap_or(Digest {
+        size: 0,
+        checksum: "missing".into(),
+    });
+    if &stored != expected {
+        return Err(CopyError::Mismatch {
+            key: key.to_string(),
+            alg: alg.name(),
+            stored: stored.checksum,
+            stored_size: stored.size,
+            expected: expected.checksum.clone(),
+            expected_size: expected.size,
+        });
+    }
+    Ok(())
+}
+
+/// Deletes an object (used only for objects this copy wrote and failed to verify).
+pub async fn remove(store: &dyn ObjectStore, key: &ObjectPath) {
+    let _ = store.delete(key).await;
+}

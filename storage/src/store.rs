@@ -1,0 +1,177 @@
+//! Opening a configured object store: the local filesystem (default) or S3-compatible.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use framework::Secret;
+use object_store::ObjectStore;
+use object_store::aws::AmazonS3Builder;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path as ObjectPath;
+use serde::{Deserialize, Serialize};
+
+/// S3 settings (`[<service>.<store>_options]`); ignored for local stores.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreOptions {
+    /// Endpoint of an S3-compatible store (e.g. `http://minio:9000`); unset = AWS.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// Region (default `us-east-1`).
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Access key id (or `AWS_ACCESS_KEY_ID`).
+    #[serde(default)]
+    pub access_key_id: Option<String>,
+    /// Secret key (or `AWS_SECRET_ACCESS_KEY`); never printed.
+    #[serde(default)]
+    pub secret_access_key: Option<Secret>,
+    /// File holding the secret key (a mounted secret).
+    #[serde(default)]
+    pub secret_access_key_file: Option<PathBuf>,
+    /// Allow `http://` endpoints (on-prem stores, tests).
+    #[serde(default)]
+    pub allow_http: bool,
+    /// Virtual-hosted-style addressing; false = path-style, as on-prem stores expect.
+    #[serde(default)]
+    pub virtual_hosted_style: bool,
+    /// Retries of one request inside the client before the message is retried via the bus.
+    #[serde(default = "default_max_retries")]
+    pub max_retries: usize,
+    /// Budget for those retries.
+    #[serde(default = "default_retry_timeout_ms")]
+    pub retry_timeout_ms: u64,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            endpoint: None,
+            region: None,
+            access_key_id: None,
+            secret_access_key: None,
+            secret_access_key_file: None,
+            allow_http: false,
+            virtual_hosted_style: false,
+            max_retries: default_max_retries(),
+            retry_timeout_ms: default_retry_timeout_ms(),
+        }
+    }
+}
+
+fn default_max_retries() -> usize {
+    3
+}
+fn default_retry_timeout_ms() -> u64 {
+    30_000
+}
+
+/// An opened store: where objects go and how to describe it.
+#[derive(Clone)]
+pub struct Tier {
+    /// The store.
+    pub store: Arc<dyn ObjectStore>,
+    /// Key prefix inside the store (from `s3://bucket/prefix`).
+    pub prefix: String,
+    /// Description for messages and logs (no secrets).
+    pub display: String,
+    /// Whether the store keeps user metadata on objects.
+    pub supports_metadata: bool,
+}
+
+impl std::fmt::Debug for Tier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.display)
+    }
+}
+
+/// A store URL or option that cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreConfigError {
+    /// Unusable URL.
+    #[error("{0}")]
+    Url(String),
+    /// The local directory cannot be created.
+    #[error("cannot create {0}: {1}")]
+    Dir(String, std::io::Error),
+    /// The secret file cannot be read.
+    #[error("cannot read secret_access_key_file {0}: {1}")]
+    SecretFile(String, std::io::Error),
+    /// object_store refused the settings.
+    #[error("{0}")]
+    Store(#[from] object_store::Error),
+}
+
+impl Tier {
+    /// The object key for a path relative to the store's prefix.
+    pub fn key(&self, relative: &str) -> ObjectPath {
+        if self.prefix.is_empty() {
+            ObjectPath::from(relative)
+        } else {
+            ObjectPath::from(format!("{}/{relative}", self.prefix))
+        }
+    }
+}
+
+/// Opens `url`: `s3://bucket[/prefix]`, `file:///dir` or a plain directory path.
+pub fn open(url: &str, opts: &StoreOptions) -> Result<Tier, StoreConfigError> {
+    if let Some(rest) = url.strip_prefix("s3://") {
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(StoreConfigError::Url(format!("`{url}` has no bucket name")));
+        }
+        let mut b = AmazonS3Builder::from_env()
+            .with_bucket_name(bucket)
+            .with_region(opts.region.clone().unwrap_or_else(|| "us-east-1".into()))
+            .with_allow_http(opts.allow_http)
+            .with_virtual_hosted_style_request(opts.virtual_hosted_style)
+            .with_retry(object_store::RetryConfig {
+                max_retries: opts.max_retries,
+                retry_timeout: Duration::from_millis(opts.retry_timeout_ms),
+                ..Default::default()
+            });
+        if let Some(e) = &opts.endpoint {
+            b = b.with_endpoint(e);
+        }
+        if let Some(k) = &opts.access_key_id {
+            b = b.with_access_key_id(k);
+        }
+        if let Some(s) = &opts.secret_access_key {
+            b = b.with_secret_access_key(s.expose());
+        }
+        if let Some(f) = &opts.secret_access_key_file {
+            let s = std::fs::read_to_string(f)
+                .map_err(|e| StoreConfigError::SecretFile(f.display().to_string(), e))?;
+            b = b.with_secret_access_key(s.trim());
+        }
+        let store = b.build()?;
+        let endpoint = opts.endpoint.as_deref().unwrap_or("aws");
+        Ok(Tier {
+            store: Arc::new(store),
+            prefix: prefix.trim_matches('/').to_string(),
+            display: format!("{url} ({endpoint})"),
+            supports_metadata: true,
+        })
+    } else {
+        let dir = url.strip_prefix("file://").unwrap_or(url);
+        if dir.is_empty() || url.contains("://") && !url.starts_with("file://") {
+            return Err(StoreConfigError::Url(format!(
+                "unsupported store URL `{url}` (use s3://bucket/prefix or a directory)"
+            )));
+        }
+        local(Path::new(dir))
+    }
+}
+
+/// A store in a local directory (created if missing).
+pub fn local(dir: &Path) -> Result<Tier, StoreConfigError> {
+    std::fs::create_dir_all(dir).map_err(|e| StoreConfigError::Dir(dir.display().to_string(), e))?;
+    let store = LocalFileSystem::new_with_prefix(dir)?;
+    Ok(Tier {
+        store: Arc::new(store),
+        prefix: String::new(),
+        display: format!("file://{}", dir.display()),
+        supports_metadata: false,
+    })
+}
