@@ -42,7 +42,9 @@ pub enum CopyError {
     #[error("writing {0}: {1}")]
     Write(String, std::io::Error),
     /// What was stored is not what was read.
-    #[error("verification of {key} failed: stored {stored_size} bytes {alg} {stored}, expected {expected_size} bytes {expected}")]
+    #[error(
+        "verification of {key} failed: stored {stored_size} bytes {alg} {stored}, expected {expected_size} bytes {expected}"
+    )]
     Mismatch {
         /// Object key.
         key: String,

@@ -7,8 +7,9 @@ pub mod copy;
 pub mod message;
 pub mod paths;
 pub mod records;
-pub mod store;
 pub mod service;
+pub mod store;
+pub mod testing;
 pub mod tier;
 
 pub use checksum::Algorithm;

@@ -147,19 +147,40 @@ mod tests {
         assert_eq!(r.relative, "proj/a.mov");
 
         let up = format!("{}/proj/../../secret", root.display());
-        assert!(matches!(resolve(&roots, &up, "s.txt"), Err(PathError::OutsideRoots(_))));
-        assert!(matches!(resolve(&roots, "../secret", "s.txt"), Err(PathError::OutsideRoots(_))));
+        assert!(matches!(
+            resolve(&roots, &up, "s.txt"),
+            Err(PathError::OutsideRoots(_))
+        ));
+        assert!(matches!(
+            resolve(&roots, "../secret", "s.txt"),
+            Err(PathError::OutsideRoots(_))
+        ));
         assert!(matches!(
             resolve(&roots, outside.to_str().unwrap(), "s.txt"),
             Err(PathError::OutsideRoots(_))
         ));
-        assert!(matches!(resolve(&roots, "proj/link", "s.txt"), Err(PathError::OutsideRoots(_))));
-        assert!(matches!(resolve(&roots, "proj", "missing"), Err(PathError::NotFound(_))));
-        assert!(matches!(resolve(&roots, "", "proj"), Err(PathError::NotAFile(_))));
+        assert!(matches!(
+            resolve(&roots, "proj/link", "s.txt"),
+            Err(PathError::OutsideRoots(_))
+        ));
+        assert!(matches!(
+            resolve(&roots, "proj", "missing"),
+            Err(PathError::NotFound(_))
+        ));
+        assert!(matches!(
+            resolve(&roots, "", "proj"),
+            Err(PathError::NotAFile(_))
+        ));
         for bad in ["", "..", "a/b", "x\0y"] {
-            assert!(matches!(resolve(&roots, "proj", bad), Err(PathError::InvalidName(_))));
+            assert!(matches!(
+                resolve(&roots, "proj", bad),
+                Err(PathError::InvalidName(_))
+            ));
         }
         // Nonexistent paths outside are refused as outside, revealing nothing.
-        assert!(matches!(resolve(&roots, "/etc", "nope"), Err(PathError::OutsideRoots(_))));
+        assert!(matches!(
+            resolve(&roots, "/etc", "nope"),
+            Err(PathError::OutsideRoots(_))
+        ));
     }
 }

@@ -78,7 +78,9 @@ impl MessageProcessor for TierProcessor {
     async fn handle(&self, msg: AssetSweeperFile, ctx: &MessageContext) -> Outcome {
         match self.copier.handle(&msg, ctx.attempt).await {
             Ok(TierOutcome::Copied(r)) => Outcome::success((self.success)(&r, &msg)),
-            Ok(TierOutcome::Ignored) => Outcome::drop(format!("{} is marked ignore", msg.joined_path())),
+            Ok(TierOutcome::Ignored) => {
+                Outcome::drop(format!("{} is marked ignore", msg.joined_path()))
+            }
             Err(TierError::Permanent(e)) => Outcome::permanent(e),
             Err(TierError::Transient(e)) => Outcome::retry(e),
         }

@@ -166,7 +166,8 @@ pub fn open(url: &str, opts: &StoreOptions) -> Result<Tier, StoreConfigError> {
 
 /// A store in a local directory (created if missing).
 pub fn local(dir: &Path) -> Result<Tier, StoreConfigError> {
-    std::fs::create_dir_all(dir).map_err(|e| StoreConfigError::Dir(dir.display().to_string(), e))?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| StoreConfigError::Dir(dir.display().to_string(), e))?;
     let store = LocalFileSystem::new_with_prefix(dir)?;
     Ok(Tier {
         store: Arc::new(store),

@@ -159,12 +159,18 @@ impl TierCopier {
             uploaded,
         };
 
-        // 1. This very file (same size and mtime) was copied before and is still there.
+        // 1. This very file (same size and mtime) was copied before and the stored object
+        //    still reads back with the recorded checksum (a damaged copy is not trusted).
         for obj in self.records.copies_of(&original, size, &mtime).await? {
             let key = object_store::path::Path::from(obj.object_key.as_str());
-            if copy::object_size(&self.tier, &key).await? == Some(obj.size) {
+            let expected = Digest {
+                size: obj.size,
+                checksum: obj.checksum.clone(),
+            };
+            if copy::hash_object(&self.tier, &key, alg).await?.as_ref() == Some(&expected) {
                 return Ok(TierOutcome::Copied(report(&obj, false)));
             }
+            tracing::warn!(key = %key, "recorded copy is missing or damaged; copying again");
         }
 
         let natural = self.tier.key(&resolved.relative);

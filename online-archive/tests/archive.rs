@@ -1,0 +1,277 @@
+//! online-archive against the real broker, SQLite, PostgreSQL, the local filesystem and a
+//! real S3-protocol server (moto).
+
+use std::path::Path;
+
+use framework::headers as h;
+use framework::lapin::BasicProperties;
+use framework::testing::*;
+use online_archive::OnlineArchive;
+use sha2::Digest;
+use storage::testing::{MotoServer, sweeper_message};
+
+const KEY: &str = "assetsweeper.asset_folder_importer.file.new";
+
+fn sha256(b: &[u8]) -> String {
+    hex::encode(sha2::Sha256::digest(b))
+}
+
+fn put_file(data: &Path, rel: &str, content: &[u8]) -> String {
+    let p = data.join("online").join(rel);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    std::fs::write(&p, content).unwrap();
+    p.parent().unwrap().display().to_string()
+}
+
+async fn send(hs: &Harness, msg: &serde_json::Value) {
+    hs.publish(
+        KEY,
+        msg.to_string().as_bytes(),
+        BasicProperties::default().with_message_id("m-1".into()),
+    )
+    .await;
+}
+
+async fn records(data: &Path) -> storage::Records {
+    storage::Records::open(&db::default_url(data, "online-archive"))
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn archives_verifies_and_reports_then_is_idempotent() {
+    let data = tempfile::tempdir().unwrap();
+    let content = b"frame data ".repeat(1000);
+    let dir = put_file(data.path(), "proj/clip.mov", &content);
+    let mut hs =
+        Harness::start_service::<OnlineArchive>(service_config::<OnlineArchive>(data.path(), &[]))
+            .await;
+    let mut out = hs.watch_output().await;
+    let msg = sweeper_message(&dir, "clip.mov", false);
+    send(&hs, &msg).await;
+    let d = next(&mut out).await;
+    assert_eq!(
+        d.routing_key.as_str(),
+        "storagetier.onlinearchive.newfile.success"
+    );
+    assert_eq!(header(&d, h::IN_RESPONSE_TO).as_deref(), Some("m-1"));
+    let v: serde_json::Value = serde_json::from_slice(&d.data).unwrap();
+    let real = data
+        .path()
+        .join("online/proj/clip.mov")
+        .canonicalize()
+        .unwrap();
+    assert_eq!(v["original_file_path"], real.display().to_string());
+    assert_eq!(v["archive_key"], "proj/clip.mov");
+    assert_eq!(v["size"], content.len());
+    assert_eq!(v["checksum"], sha256(&content));
+    assert_eq!(v["checksum_algorithm"], "sha256");
+    assert_eq!(v["imported_id"], "VX-1234");
+    assert!(v["archive_store"].as_str().unwrap().contains("archive"));
+    chrono::DateTime::parse_from_rfc3339(v["archived_at"].as_str().unwrap()).unwrap();
+    assert_eq!(v["uploaded"], true);
+    let stored = std::fs::read(data.path().join("archive/proj/clip.mov")).unwrap();
+    assert_eq!(stored, content);
+
+    // The same message again: no second upload, still a success, no duplicate records.
+    send(&hs, &msg).await;
+    let v2: serde_json::Value = serde_json::from_slice(&next(&mut out).await.data).unwrap();
+    assert_eq!(v2["archive_key"], "proj/clip.mov");
+    assert_eq!(v2["uploaded"], false);
+    let r = records(data.path()).await;
+    assert_eq!(r.count("stored_objects").await.unwrap(), 1);
+    assert_eq!(r.count("copied_files").await.unwrap(), 1);
+    let files: Vec<_> = std::fs::read_dir(data.path().join("archive/proj"))
+        .unwrap()
+        .collect();
+    assert_eq!(files.len(), 1, "one object");
+    hs.stop().await;
+}
+
+#[tokio::test]
+async fn different_content_under_an_existing_key_is_never_overwritten() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = put_file(data.path(), "p/a.wav", b"new content");
+    let existing = data.path().join("archive/p/a.wav");
+    std::fs::create_dir_all(existing.parent().unwrap()).unwrap();
+    std::fs::write(&existing, b"old content").unwrap();
+    let mut hs =
+        Harness::start_service::<OnlineArchive>(service_config::<OnlineArchive>(data.path(), &[]))
+            .await;
+    let mut out = hs.watch_output().await;
+    send(&hs, &sweeper_message(&dir, "a.wav", false)).await;
+    let v: serde_json::Value = serde_json::from_slice(&next(&mut out).await.data).unwrap();
+    let sum = sha256(b"new content");
+    assert_eq!(v["archive_key"], format!("p/a.wav.{}", &sum[..16]));
+    assert_eq!(
+        std::fs::read(&existing).unwrap(),
+        b"old content",
+        "not overwritten"
+    );
+    assert_eq!(
+        std::fs::read(data.path().join(format!("archive/p/a.wav.{}", &sum[..16]))).unwrap(),
+        b"new content"
+    );
+    // Identical content under the natural key is recognised without a copy.
+    std::fs::write(data.path().join("online/p/b.wav"), b"same").unwrap();
+    std::fs::write(data.path().join("archive/p/b.wav"), b"same").unwrap();
+    send(&hs, &sweeper_message(&dir, "b.wav", false)).await;
+    let v: serde_json::Value = serde_json::from_slice(&next(&mut out).await.data).unwrap();
+    assert_eq!(v["archive_key"], "p/b.wav");
+    assert_eq!(v["uploaded"], false);
+    hs.stop().await;
+}
+
+#[tokio::test]
+async fn escapes_and_missing_files_are_dead_lettered() {
+    let data = tempfile::tempdir().unwrap();
+    let secret = data.path().join("secret");
+    std::fs::create_dir_all(&secret).unwrap();
+    std::fs::write(secret.join("passwd"), b"root:x").unwrap();
+    let dir = put_file(data.path(), "proj/ok.txt", b"ok");
+    std::os::unix::fs::symlink(&secret, data.path().join("online/proj/link")).unwrap();
+    let mut hs =
+        Harness::start_service::<OnlineArchive>(service_config::<OnlineArchive>(data.path(), &[]))
+            .await;
+    let mut dlq = hs.watch_dlq().await;
+    let cases = [
+        (
+            format!("{dir}/../../secret"),
+            "passwd",
+            "outside the online roots",
+        ),
+        (
+            "../secret".to_string(),
+            "passwd",
+            "outside the online roots",
+        ),
+        (
+            secret.display().to_string(),
+            "passwd",
+            "outside the online roots",
+        ),
+        (format!("{dir}/link"), "passwd", "outside the online roots"),
+        (dir.clone(), "missing.mov", "does not exist"),
+        (dir.clone(), "../ok.txt", "invalid file name"),
+    ];
+    for (fp, fname, why) in &cases {
+        let msg = sweeper_message(fp, fname, false);
+        send(&hs, &msg).await;
+        let d = next(&mut dlq).await;
+        assert_eq!(d.data, msg.to_string().as_bytes());
+        assert_eq!(header(&d, h::ERROR_KIND).as_deref(), Some("permanent"));
+        let e = header(&d, h::ERROR).unwrap();
+        assert!(e.contains(why), "{fp}/{fname}: {e}");
+    }
+    // A message of the wrong shape names the field.
+    send(
+        &hs,
+        &serde_json::json!({"filepath": dir, "filename": "ok.txt"}),
+    )
+    .await;
+    let d = next(&mut dlq).await;
+    assert!(header(&d, h::ERROR).unwrap().contains("missing field"));
+    assert!(!data.path().join("archive").join("passwd").exists());
+    let r = records(data.path()).await;
+    assert!(r.count("failures").await.unwrap() >= 6, "failures recorded");
+    assert_eq!(r.count("stored_objects").await.unwrap(), 0);
+    hs.stop().await;
+}
+
+#[tokio::test]
+async fn ignored_files_are_recorded_and_dropped() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = put_file(data.path(), "proj/skip.mov", b"skip me");
+    let cfg = service_config::<OnlineArchive>(data.path(), &[("amqp.prefetch", "1")]);
+    let mut hs = Harness::start_service::<OnlineArchive>(cfg).await;
+    let mut out = hs.watch_output().await;
+    let mut dlq = hs.watch_dlq().await;
+    send(&hs, &sweeper_message(&dir, "skip.mov", true)).await;
+    // prefetch 1: the second message is handled only after the first was acked.
+    put_file(data.path(), "proj/next.mov", b"next");
+    send(&hs, &sweeper_message(&dir, "next.mov", false)).await;
+    let v: serde_json::Value = serde_json::from_slice(&next(&mut out).await.data).unwrap();
+    assert_eq!(
+        v["archive_key"], "proj/next.mov",
+        "the ignored file published nothing"
+    );
+    assert!(
+        next_within(&mut dlq, std::time::Duration::from_millis(200))
+            .await
+            .is_none()
+    );
+    assert!(!data.path().join("archive/proj/skip.mov").exists());
+    let r = records(data.path()).await;
+    assert_eq!(r.count("ignored_files").await.unwrap(), 1);
+    hs.stop().await;
+}
+
+#[tokio::test]
+async fn s3_and_postgres_backends_with_store_outage_retried() {
+    let bucket = "archive";
+    let mut moto = MotoServer::start(bucket).await;
+    let pg = db::testing::TempPostgres::create().await.unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let content = vec![7u8; 6 * 1024 * 1024 + 123]; // over one multipart part
+    let dir = put_file(data.path(), "big/file.bin", &content);
+    let cfg = service_config::<OnlineArchive>(
+        data.path(),
+        &[
+            (
+                "online_archive.archive_url",
+                &format!("s3://{bucket}/prefix"),
+            ),
+            ("online_archive.archive_options.endpoint", &moto.endpoint),
+            ("online_archive.archive_options.allow_http", "true"),
+            ("online_archive.archive_options.access_key_id", "test"),
+            ("online_archive.archive_options.secret_access_key", "test"),
+            ("online_archive.archive_options.max_retries", "0"),
+            ("online_archive.archive_options.retry_timeout_ms", "2000"),
+            ("online_archive.database_url", &pg.url),
+        ],
+    );
+    let mut hs = Harness::start_service::<OnlineArchive>(cfg).await;
+    let mut out = hs.watch_output().await;
+    send(&hs, &sweeper_message(&dir, "file.bin", false)).await;
+    let v: serde_json::Value = serde_json::from_slice(&next(&mut out).await.data).unwrap();
+    assert_eq!(v["archive_key"], "prefix/big/file.bin");
+    assert_eq!(v["checksum"], sha256(&content));
+    let opts = storage::StoreOptions {
+        endpoint: Some(moto.endpoint.clone()),
+        access_key_id: Some("test".into()),
+        secret_access_key: Some(framework::Secret::new("test")),
+        allow_http: true,
+        ..Default::default()
+    };
+    let tier = storage::store::open(&format!("s3://{bucket}/prefix"), &opts).unwrap();
+    let got =
+        storage::copy::hash_object(&tier, &tier.key("big/file.bin"), storage::Algorithm::Sha256)
+            .await
+            .unwrap()
+            .expect("object stored in S3");
+    assert_eq!(got.size, content.len() as u64);
+    assert_eq!(got.checksum, sha256(&content));
+
+    // The store goes down: the message waits in the retry tiers, then succeeds.
+    moto.stop();
+    std::fs::write(data.path().join("online/big/second.bin"), b"second").unwrap();
+    // Q-retry is a direct exchange: the first tier (200 ms) has routing key "200".
+    let mut retry_tier = watch(&hs.ch, &format!("{}-retry", hs.q), "200").await;
+    send(&hs, &sweeper_message(&dir, "second.bin", false)).await;
+    let r = next(&mut retry_tier).await;
+    assert!(
+        header(&r, h::LAST_ERROR).unwrap().contains("object store"),
+        "{:?}",
+        header(&r, h::LAST_ERROR)
+    );
+    moto.restart(bucket).await;
+    let v: serde_json::Value = serde_json::from_slice(&next(&mut out).await.data).unwrap();
+    assert_eq!(v["archive_key"], "prefix/big/second.bin");
+    hs.stop().await;
+    drop(hs);
+    let rec = storage::Records::open(&pg.url).await.unwrap();
+    assert_eq!(rec.count("stored_objects").await.unwrap(), 2);
+    assert!(rec.count("failures").await.unwrap() >= 1);
+    rec.pool().close().await;
+    pg.drop_db().await.unwrap();
+}

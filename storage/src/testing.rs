@@ -1,0 +1,101 @@
+//! Test support for the storage services: a local S3-protocol server (moto, from PyPI)
+//! and helpers to build asset-sweeper messages.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A moto S3 server on a free loopback port, killed on drop.
+pub struct MotoServer {
+    /// `http://127.0.0.1:PORT`.
+    pub endpoint: String,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl MotoServer {
+    /// Starts `moto_server` and creates `bucket`.
+    pub async fn start(bucket: &str) -> MotoServer {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        let mut s = MotoServer {
+            endpoint: format!("http://127.0.0.1:{port}"),
+            port,
+            child: None,
+        };
+        s.restart(bucket).await;
+        s
+    }
+
+    /// Stops the server (the store is then "down").
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port (moto keeps nothing: the bucket is re-created).
+    pub async fn restart(&mut self, bucket: &str) {
+        self.stop();
+        let child = Command::new(moto_binary())
+            .args(["-H", "127.0.0.1", "-p", &self.port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("moto_server runs (pip install 'moto[server]')");
+        self.child = Some(child);
+        let client = reqwest_client();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = client
+                .put(format!("{}/{bucket}", self.endpoint))
+                .send()
+                .await
+            {
+                if r.status().is_success() {
+                    break;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "moto_server came up"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for MotoServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn moto_binary() -> String {
+    std::env::var("MOTO_SERVER").unwrap_or_else(|_| "moto_server".into())
+}
+
+fn reqwest_client() -> reqwest::Client {
+    reqwest::Client::new()
+}
+
+/// An asset-sweeper message for `filepath/filename`.
+pub fn sweeper_message(filepath: &str, filename: &str, ignore: bool) -> serde_json::Value {
+    serde_json::json!({
+        "imported_id": "VX-1234",
+        "size": 0,
+        "ignore": ignore,
+        "mime_type": "video/quicktime",
+        "mtime": "2024-01-01T00:00:00Z",
+        "ctime": "2024-01-01T00:00:00Z",
+        "atime": "2024-01-01T00:00:00Z",
+        "owner": 1000,
+        "group": 1000,
+        "filepath": filepath,
+        "filename": filename,
+    })
+}
