@@ -107,11 +107,17 @@ impl Tier {
     /// The object key for a path relative to the store's prefix.
     pub fn key(&self, relative: &str) -> ObjectPath {
         if self.prefix.is_empty() {
-            ObjectPath::from(relative)
+            object_path(relative)
         } else {
-            ObjectPath::from(format!("{}/{relative}", self.prefix))
+            object_path(&format!("{}/{relative}", self.prefix))
         }
     }
+}
+
+/// An object key kept as written (non-ASCII included); only keys with control
+/// characters are percent-encoded.
+pub fn object_path(key: &str) -> ObjectPath {
+    ObjectPath::parse(key).unwrap_or_else(|_| ObjectPath::from(key))
 }
 
 /// Opens `url`: `s3://bucket[/prefix]`, `file:///dir` or a plain directory path.

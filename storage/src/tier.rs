@@ -162,7 +162,7 @@ impl TierCopier {
         // 1. This very file (same size and mtime) was copied before and the stored object
         //    still reads back with the recorded checksum (a damaged copy is not trusted).
         for obj in self.records.copies_of(&original, size, &mtime).await? {
-            let key = object_store::path::Path::from(obj.object_key.as_str());
+            let key = crate::store::object_path(&obj.object_key);
             let expected = Digest {
                 size: obj.size,
                 checksum: obj.checksum.clone(),
@@ -182,7 +182,7 @@ impl TierCopier {
             let d = copy::hash_file(&resolved.path, alg).await?;
             if self.policy.reuse_identical {
                 for obj in self.records.objects_with(&d.checksum, d.size).await? {
-                    let key = object_store::path::Path::from(obj.object_key.as_str());
+                    let key = crate::store::object_path(&obj.object_key);
                     // Read back: a damaged copy must not be trusted.
                     if copy::hash_object(&self.tier, &key, alg).await?.as_ref() == Some(&d) {
                         self.record(&obj, &original, &mtime, msg).await?;
@@ -208,7 +208,7 @@ impl TierCopier {
                 return Ok(TierOutcome::Copied(report(&obj, false)));
             }
             // Never overwrite: store beside it under a content-derived key.
-            key = object_store::path::Path::from(format!(
+            key = crate::store::object_path(&format!(
                 "{}.{}",
                 natural,
                 &d.checksum[..16.min(d.checksum.len())]

@@ -1,0 +1,145 @@
+//! online-nearline: MD5 verification, metadata, reuse of identical copies, damaged copies.
+
+use std::path::Path;
+
+use framework::lapin::BasicProperties;
+use framework::testing::*;
+use md5::Digest;
+use online_nearline::OnlineNearline;
+use storage::testing::{MotoServer, sweeper_message};
+
+const KEY: &str = "assetsweeper.asset_folder_importer.file.changed";
+
+fn md5hex(b: &[u8]) -> String {
+    hex::encode(md5::Md5::digest(b))
+}
+
+fn put_file(data: &Path, rel: &str, content: &[u8]) -> String {
+    let p = data.join("online").join(rel);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    std::fs::write(&p, content).unwrap();
+    p.parent().unwrap().display().to_string()
+}
+
+async fn send(hs: &Harness, msg: &serde_json::Value) {
+    hs.publish(KEY, msg.to_string().as_bytes(), BasicProperties::default())
+        .await;
+}
+
+#[tokio::test]
+async fn copies_with_md5_reuses_identical_and_detects_damage() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = put_file(data.path(), "show/ep1.mxf", b"episode one");
+    let mut hs = Harness::start_service::<OnlineNearline>(service_config::<OnlineNearline>(
+        data.path(),
+        &[],
+    ))
+    .await;
+    let mut out = hs.watch_output().await;
+    send(&hs, &sweeper_message(&dir, "ep1.mxf", false)).await;
+    let d = next(&mut out).await;
+    assert_eq!(
+        d.routing_key.as_str(),
+        "storagetier.onlinenearline.newfile.success"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&d.data).unwrap();
+    assert_eq!(v["vault_key"], "show/ep1.mxf");
+    assert_eq!(v["md5"], md5hex(b"episode one"));
+    assert_eq!(v["size"], 11);
+    assert!(v["mtime"].as_str().is_some_and(|m| !m.is_empty()));
+    assert_eq!(v["uploaded"], true);
+    assert_eq!(
+        std::fs::read(data.path().join("nearline/show/ep1.mxf")).unwrap(),
+        b"episode one"
+    );
+
+    // The same content at another path: the existing vault copy is reused, not copied.
+    put_file(data.path(), "show/copy-of-ep1.mxf", b"episode one");
+    send(&hs, &sweeper_message(&dir, "copy-of-ep1.mxf", false)).await;
+    let v: serde_json::Value = serde_json::from_slice(&next(&mut out).await.data).unwrap();
+    assert_eq!(v["vault_key"], "show/ep1.mxf");
+    assert_eq!(v["uploaded"], false);
+    assert!(!data.path().join("nearline/show/copy-of-ep1.mxf").exists());
+
+    // The vault copy gets damaged (same size, other bytes): MD5 read-back catches it, the
+    // damaged object is left alone and a good copy is stored beside it.
+    std::fs::write(data.path().join("nearline/show/ep1.mxf"), b"episode 0ne").unwrap();
+    send(&hs, &sweeper_message(&dir, "ep1.mxf", false)).await;
+    let v: serde_json::Value = serde_json::from_slice(&next(&mut out).await.data).unwrap();
+    let sum = md5hex(b"episode one");
+    assert_eq!(v["vault_key"], format!("show/ep1.mxf.{}", &sum[..16]));
+    assert_eq!(v["uploaded"], true);
+    assert_eq!(
+        std::fs::read(
+            data.path()
+                .join(format!("nearline/show/ep1.mxf.{}", &sum[..16]))
+        )
+        .unwrap(),
+        b"episode one"
+    );
+    let r = storage::Records::open(&db::default_url(data.path(), "online-nearline"))
+        .await
+        .unwrap();
+    assert_eq!(r.count("stored_objects").await.unwrap(), 2);
+    assert_eq!(r.count("copied_files").await.unwrap(), 3);
+    let row = db::sqlx::query(
+        "SELECT mtime, size FROM copied_files WHERE original_path LIKE '%copy-of-ep1.mxf'",
+    )
+    .fetch_one(r.pool())
+    .await
+    .unwrap();
+    use db::Row;
+    assert!(
+        !row.get::<String, _>("mtime").is_empty(),
+        "mtime kept in the database"
+    );
+    hs.stop().await;
+}
+
+#[tokio::test]
+async fn s3_vault_keeps_path_size_and_mtime_as_metadata() {
+    let bucket = "vault";
+    let moto = MotoServer::start(bucket).await;
+    let data = tempfile::tempdir().unwrap();
+    let dir = put_file(data.path(), "a b/clip é.mov", b"clip bytes");
+    let cfg = service_config::<OnlineNearline>(
+        data.path(),
+        &[
+            ("online_nearline.vault_url", &format!("s3://{bucket}")),
+            ("online_nearline.vault_options.endpoint", &moto.endpoint),
+            ("online_nearline.vault_options.allow_http", "true"),
+            ("online_nearline.vault_options.access_key_id", "test"),
+            ("online_nearline.vault_options.secret_access_key", "test"),
+        ],
+    );
+    let mut hs = Harness::start_service::<OnlineNearline>(cfg).await;
+    let mut out = hs.watch_output().await;
+    send(&hs, &sweeper_message(&dir, "clip é.mov", false)).await;
+    let v: serde_json::Value = serde_json::from_slice(&next(&mut out).await.data).unwrap();
+    assert_eq!(v["vault_key"], "a b/clip é.mov");
+    assert_eq!(v["md5"], md5hex(b"clip bytes"));
+    let opts = storage::StoreOptions {
+        endpoint: Some(moto.endpoint.clone()),
+        access_key_id: Some("test".into()),
+        secret_access_key: Some(framework::Secret::new("test")),
+        allow_http: true,
+        ..Default::default()
+    };
+    let tier = storage::store::open(&format!("s3://{bucket}"), &opts).unwrap();
+    let got = tier.store.get(&tier.key("a b/clip é.mov")).await.unwrap();
+    let attrs = got.attributes.clone();
+    let meta = |k: &str| {
+        attrs
+            .get(&object_store::Attribute::Metadata(k.to_string().into()))
+            .map(|v| v.to_string())
+    };
+    let original = meta("original-path").expect("original-path metadata");
+    assert!(
+        original.contains("clip") && original.contains("%"),
+        "{original}"
+    );
+    assert_eq!(meta("size").as_deref(), Some("10"));
+    assert!(meta("mtime").is_some_and(|m| m.starts_with("20")));
+    assert_eq!(got.bytes().await.unwrap().as_ref(), b"clip bytes");
+    hs.stop().await;
+}
