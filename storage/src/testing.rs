@@ -55,10 +55,9 @@ impl MotoServer {
                 .put(format!("{}/{bucket}", self.endpoint))
                 .send()
                 .await
+                && r.status().is_success()
             {
-                if r.status().is_success() {
-                    break;
-                }
+                break;
             }
             assert!(
                 tokio::time::Instant::now() < deadline,

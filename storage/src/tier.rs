@@ -242,10 +242,10 @@ impl TierCopier {
             attrs.insert(Attribute::Metadata("mtime".into()), mtime.clone().into());
         }
         let written = copy::upload(&self.tier, &key, &resolved.path, alg, attrs).await?;
-        if let Some(d) = &source {
-            if d != &written {
-                return Err(CopyError::SourceChanged(original.clone()).into());
-            }
+        if let Some(d) = &source
+            && d != &written
+        {
+            return Err(CopyError::SourceChanged(original.clone()).into());
         }
         copy::verify(&self.tier, &key, alg, &written).await?;
         let obj = StoredObject {
