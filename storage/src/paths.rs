@@ -139,7 +139,7 @@ mod tests {
         std::fs::write(root.join("proj/a.mov"), b"x").unwrap();
         std::fs::write(outside.join("s.txt"), b"s").unwrap();
         std::os::unix::fs::symlink(&outside, root.join("proj/link")).unwrap();
-        let roots = canonical_roots(&[root.clone()]).unwrap();
+        let roots = canonical_roots(std::slice::from_ref(&root)).unwrap();
 
         let r = resolve(&roots, root.join("proj").to_str().unwrap(), "a.mov").unwrap();
         assert_eq!(r.relative, "proj/a.mov");
