@@ -1,6 +1,5 @@
-//! crash-router (not implemented yet).
+//! `crash-router` binary: S3 raw-crash notifications → Socorro crash queues.
 
 fn main() -> std::process::ExitCode {
-    eprintln!("crash-router: not implemented yet");
-    std::process::ExitCode::from(1)
+    framework::cli::main::<crash_router::CrashRouterService>()
 }

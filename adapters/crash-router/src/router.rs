@@ -1,0 +1,419 @@
+//! The crash-router processor and its `Service` wiring.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use framework::config::{Config, ConfigError};
+use framework::{BoxError, MessageContext, MessageProcessor, Outcome, Publication, Service};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::rules::{Record, classify};
+use crate::spec::{QueueSpec, parse_queues, selected};
+
+/// Exchange the S3 notifications arrive on.
+pub const INPUT_EXCHANGE: &str = "s3-events";
+/// Success messages go out as `<this>.success`.
+pub const OUTPUT_ROUTING_KEY: &str = "storagetier.crashrouter.crash";
+/// Retry header: crash id → queues it was already published to (JSON object).
+pub const PUBLISHED_HEADER: &str = "x-crash-router-published";
+/// Retry header: crash id → queues the throttles selected for it (JSON object).
+pub const SELECTED_HEADER: &str = "x-crash-router-selected";
+/// Counter of S3 records (and throttled deliveries) by result.
+pub const RECORDS_METRIC: &str = "storagetier_crash_router_records_total";
+
+/// `[crash_router]` keys besides the framework's queue/output_exchange/http_listen.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CrashRouterSettings {
+    /// Destination queues, `"socorro.normal,15:socorro.submitter"`.
+    #[serde(default = "default_queues")]
+    pub queues: String,
+    /// The throttle-result digit that means accept ("0" or "1"; the other one defers).
+    #[serde(default = "default_accept_digit")]
+    pub accept_digit: String,
+    /// Seed for the throttle draws; unset = seeded from the OS.
+    #[serde(default)]
+    pub seed: Option<u64>,
+}
+
+fn default_queues() -> String {
+    "socorro.normal".to_string()
+}
+
+fn default_accept_digit() -> String {
+    "0".to_string()
+}
+
+/// The accept and defer digits for an `accept_digit` setting.
+pub fn digits(accept_digit: &str) -> Result<(char, char), ConfigError> {
+    match accept_digit.trim() {
+        "0" => Ok(('0', '1')),
+        "1" => Ok(('1', '0')),
+        other => Err(ConfigError::new(
+            "crash_router.accept_digit",
+            format!("must be \"0\" or \"1\" (the other digit means defer), got `{other}`"),
+        )),
+    }
+}
+
+/// Parses `[crash_router] queues` into a config error naming the key.
+pub fn queues_of(spec: &str) -> Result<Vec<QueueSpec>, ConfigError> {
+    parse_queues(spec).map_err(|e| ConfigError::new("crash_router.queues", e.to_string()))
+}
+
+/// Routes accepted crash ids to the configured queues.
+pub struct CrashRouter {
+    queues: Vec<QueueSpec>,
+    accept: char,
+    defer: char,
+    rng: Mutex<StdRng>,
+}
+
+/// Per-crash-id queue lists carried in a retry header.
+type PerId = BTreeMap<String, Vec<String>>;
+
+fn read_header(ctx: &MessageContext, key: &str) -> PerId {
+    framework::headers::get_str(&ctx.headers, key)
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or_default()
+}
+
+fn write_header(ctx: &MessageContext, key: &str, v: &PerId) {
+    if let Ok(s) = serde_json::to_string(v) {
+        ctx.set_retry_header(key, &s);
+    }
+}
+
+/// Record counts of one message.
+#[derive(Debug, Default, Serialize)]
+struct Counts {
+    accepted: u64,
+    deferred: u64,
+    junk: u64,
+    ignored: u64,
+    throttled: u64,
+}
+
+impl CrashRouter {
+    /// A router for `queues`; `seed` fixes the throttle draws (tests, reproducibility).
+    pub fn new(queues: Vec<QueueSpec>, accept: char, defer: char, seed: Option<u64>) -> Self {
+        let rng = match seed {
+            Some(s) => StdRng::seed_from_u64(s),
+            None => StdRng::from_os_rng(),
+        };
+        Self {
+            queues,
+            accept,
+            defer,
+            rng: Mutex::new(rng),
+        }
+    }
+
+    /// Draws, for each configured queue in order, whether it gets a crash id.
+    pub fn select_queues(&self) -> Vec<String> {
+        let mut rng = self.rng.lock().unwrap_or_else(|p| p.into_inner());
+        self.queues
+            .iter()
+            .filter(|q| selected(q.throttle, &mut *rng))
+            .map(|q| q.name.clone())
+            .collect()
+    }
+}
+
+#[framework::async_trait]
+impl MessageProcessor for CrashRouter {
+    type Input = Value;
+
+    async fn handle(&self, input: Value, ctx: &MessageContext) -> Outcome {
+        let Some(records) = input.get("Records").and_then(Value::as_array) else {
+            let what = match &input {
+                Value::Object(_) => "an object without a `Records` array",
+                Value::Array(_) => "an array",
+                Value::String(_) => "a string",
+                Value::Number(_) => "a number",
+                Value::Bool(_) => "a boolean",
+                Value::Null => "null",
+            };
+            return Outcome::permanent(format!(
+                "expected an S3 event notification (an object with a `Records` array), got {what}"
+            ));
+        };
+
+        let mut counts = Counts::default();
+        let mut accepted: Vec<String> = Vec::new();
+        for (i, r) in records.iter().enumerate() {
+            let rec = classify(r, self.accept, self.defer);
+            match &rec {
+                Record::Accepted(id) => {
+                    counts.accepted += 1;
+                    if !accepted.contains(id) {
+                        accepted.push(id.clone());
+                    }
+                }
+                Record::Deferred(id) => {
+                    counts.deferred += 1;
+                    tracing::debug!(record = i, crash_id = %id, "deferred crash, skipped");
+                }
+                Record::Junk(why) => {
+                    counts.junk += 1;
+                    tracing::info!(record = i, reason = %why, "junk record, skipped");
+                }
+                Record::Ignored(why) => {
+                    counts.ignored += 1;
+                    tracing::debug!(record = i, reason = %why, "record ignored");
+                }
+            }
+        }
+
+        // Throttle decisions: reuse those of an earlier attempt so a retry never changes them.
+        let mut chosen = read_header(ctx, SELECTED_HEADER);
+        let mut published = read_header(ctx, PUBLISHED_HEADER);
+        for id in &accepted {
+            if !chosen.contains_key(id) {
+                chosen.insert(id.clone(), self.select_queues());
+            }
+        }
+        write_header(ctx, SELECTED_HEADER, &chosen);
+
+        let mut deliveries: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut already = 0u64;
+        for id in &accepted {
+            let picks = chosen.get(id).cloned().unwrap_or_default();
+            for q in self.queues.iter().filter(|q| picks.contains(&q.name)) {
+                let done = published.get(id).is_some_and(|v| v.contains(&q.name));
+                if done {
+                    already += 1;
+                } else if let Err(e) = ctx
+                    .publish(Publication::text("", &q.name, id.as_str()))
+                    .await
+                {
+                    write_header(ctx, PUBLISHED_HEADER, &published);
+                    return Outcome::retry(format!(
+                        "publishing crash id {id} to queue `{}` failed: {e}",
+                        q.name
+                    ));
+                } else {
+                    published
+                        .entry(id.clone())
+                        .or_default()
+                        .push(q.name.clone());
+                    write_header(ctx, PUBLISHED_HEADER, &published);
+                    tracing::info!(crash_id = %id, queue = %q.name, "crash id published");
+                }
+                deliveries
+                    .entry(q.name.clone())
+                    .or_default()
+                    .push(id.clone());
+            }
+            let not_picked = self.queues.len().saturating_sub(
+                self.queues
+                    .iter()
+                    .filter(|q| picks.contains(&q.name))
+                    .count(),
+            );
+            counts.throttled += not_picked as u64;
+        }
+
+        for (label, n) in [
+            ("accepted", counts.accepted),
+            ("deferred", counts.deferred),
+            ("junk", counts.junk),
+            ("ignored", counts.ignored),
+            ("throttled", counts.throttled),
+        ] {
+            if n > 0 {
+                metrics::counter!(RECORDS_METRIC, "result" => label).increment(n);
+            }
+        }
+
+        Outcome::success(json!({
+            "records": records.len(),
+            "accepted": accepted,
+            "deliveries": deliveries,
+            "already_published": already,
+            "counts": counts,
+        }))
+    }
+}
+
+/// The crash-router service: `s3-events` / `#` → crash queues.
+pub struct CrashRouterService;
+
+#[framework::async_trait]
+impl Service for CrashRouterService {
+    const NAME: &'static str = "crash-router";
+    const SECTION: &'static str = "crash_router";
+    type Settings = CrashRouterSettings;
+    type Processor = CrashRouter;
+
+    fn binding(_cfg: &Config<CrashRouterSettings>) -> framework::Binding {
+        framework::Binding {
+            exchange: INPUT_EXCHANGE.to_string(),
+            routing_keys: vec!["#".to_string()],
+            output_routing_key: OUTPUT_ROUTING_KEY.to_string(),
+        }
+    }
+
+    fn validate(cfg: &Config<CrashRouterSettings>) -> Result<(), ConfigError> {
+        queues_of(&cfg.settings.queues)?;
+        digits(&cfg.settings.accept_digit)?;
+        Ok(())
+    }
+
+    async fn processor(cfg: &Config<CrashRouterSettings>) -> Result<CrashRouter, BoxError> {
+        let queues = queues_of(&cfg.settings.queues)?;
+        let (accept, defer) = digits(&cfg.settings.accept_digit)?;
+        tracing::info!(
+            queues = %queues.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+            accept_digit = %accept,
+            seeded = cfg.settings.seed.is_some(),
+            "crash router configured"
+        );
+        Ok(CrashRouter::new(queues, accept, defer, cfg.settings.seed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use framework::lapin::types::{AMQPValue, FieldTable};
+
+    fn event(keys: &[&str]) -> Value {
+        json!({"Records": keys.iter().map(|k| json!({
+            "eventName": "ObjectCreated:Put",
+            "s3": {"object": {"key": k}}
+        })).collect::<Vec<_>>()})
+    }
+
+    const ID: &str = "00007bd0-2d1c-4865-af09-80bc00180313";
+
+    fn router(spec: &str, seed: u64) -> CrashRouter {
+        CrashRouter::new(parse_queues(spec).unwrap(), '0', '1', Some(seed))
+    }
+
+    #[tokio::test]
+    async fn not_an_event_is_permanent() {
+        let r = router("a", 1);
+        let ctx = MessageContext::for_test("s3-events", "k", 0);
+        for body in [
+            json!([]),
+            json!({"records": []}),
+            json!({"Records": {}}),
+            json!(3),
+        ] {
+            match r.handle(body.clone(), &ctx).await {
+                Outcome::Permanent(m) => assert!(m.contains("Records"), "{m}"),
+                o => panic!("{body}: {o:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn nothing_accepted_needs_no_broker() {
+        let r = router("a", 1);
+        let ctx = MessageContext::for_test("s3-events", "k", 0);
+        let body = json!({"Records": [
+            {"eventName": "ObjectRemoved:Delete", "s3": {"object": {"key": format!("v2/raw_crash/000/20180313/{ID}")}}},
+            {"eventName": "ObjectCreated:Put", "s3": {"object": {"key": "v2/raw_crash/000/20180313/00007bd0-2d1c-4865-af09-80bc01180313"}}},
+            {"nonsense": true}
+        ]});
+        let Outcome::Success { body, .. } = r.handle(body, &ctx).await else {
+            panic!("success expected")
+        };
+        assert_eq!(body["counts"]["ignored"], 1);
+        assert_eq!(body["counts"]["deferred"], 1);
+        assert_eq!(body["counts"]["junk"], 1);
+        assert_eq!(body["accepted"], json!([]));
+    }
+
+    #[tokio::test]
+    async fn publish_failure_is_retry_and_records_decisions() {
+        // for_test contexts have no channel: every publish fails.
+        let r = router("a,b", 1);
+        let ctx = MessageContext::for_test("s3-events", "k", 0);
+        let key = format!("v2/raw_crash/000/20180313/{ID}");
+        let out = r.handle(event(&[&key]), &ctx).await;
+        assert!(
+            matches!(out, Outcome::Retry(ref m) if m.contains("queue `a`")),
+            "{out:?}"
+        );
+        let hdrs = ctx.retry_headers();
+        let sel = hdrs.iter().find(|(k, _)| k == SELECTED_HEADER).unwrap();
+        assert_eq!(sel.1, format!(r#"{{"{ID}":["a","b"]}}"#));
+    }
+
+    #[tokio::test]
+    async fn already_published_queues_are_skipped() {
+        let r = router("a,b", 1);
+        let mut ctx = MessageContext::for_test("s3-events", "k", 1);
+        let mut h = FieldTable::default();
+        let both = format!(r#"{{"{ID}":["a","b"]}}"#);
+        h.insert(
+            PUBLISHED_HEADER.into(),
+            AMQPValue::LongString(both.as_str().into()),
+        );
+        h.insert(
+            SELECTED_HEADER.into(),
+            AMQPValue::LongString(both.as_str().into()),
+        );
+        ctx.headers = h;
+        let key = format!("v2/raw_crash/000/20180313/{ID}");
+        let Outcome::Success { body, .. } = r.handle(event(&[&key]), &ctx).await else {
+            panic!("no publish should have been attempted")
+        };
+        assert_eq!(body["already_published"], 2);
+        assert_eq!(body["deliveries"], json!({"a": [ID], "b": [ID]}));
+    }
+
+    #[tokio::test]
+    async fn recorded_throttle_decisions_win_over_new_draws() {
+        // Throttle 0 would never pick `b`, but an earlier attempt's decision says it did.
+        let r = router("a,0:b", 1);
+        let mut ctx = MessageContext::for_test("s3-events", "k", 1);
+        let mut h = FieldTable::default();
+        h.insert(
+            PUBLISHED_HEADER.into(),
+            AMQPValue::LongString(format!(r#"{{"{ID}":["b"]}}"#).as_str().into()),
+        );
+        h.insert(
+            SELECTED_HEADER.into(),
+            AMQPValue::LongString(format!(r#"{{"{ID}":["b"]}}"#).as_str().into()),
+        );
+        ctx.headers = h;
+        let key = format!("v2/raw_crash/000/20180313/{ID}");
+        let Outcome::Success { body, .. } = r.handle(event(&[&key]), &ctx).await else {
+            panic!("success expected")
+        };
+        assert_eq!(body["deliveries"], json!({"b": [ID]}));
+        assert_eq!(body["counts"]["throttled"], 1);
+    }
+
+    #[test]
+    fn seeded_selection_is_reproducible() {
+        let picks = |seed| {
+            let r = router("a,15:b,0:c,100:d", seed);
+            (0..2000).map(|_| r.select_queues()).collect::<Vec<_>>()
+        };
+        let p = picks(99);
+        assert_eq!(p, picks(99));
+        assert!(
+            p.iter()
+                .all(|v| v.contains(&"a".to_string()) && v.contains(&"d".to_string()))
+        );
+        assert!(p.iter().all(|v| !v.contains(&"c".to_string())));
+        let b = p.iter().filter(|v| v.contains(&"b".to_string())).count();
+        assert!((200..=400).contains(&b), "about 15% of 2000, got {b}");
+    }
+
+    #[test]
+    fn accept_digit_validation() {
+        assert_eq!(digits("0").unwrap(), ('0', '1'));
+        assert_eq!(digits("1").unwrap(), ('1', '0'));
+        for bad in ["2", "", "01", "a"] {
+            assert_eq!(digits(bad).unwrap_err().key, "crash_router.accept_digit");
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! Which S3 event records carry a crash to route (design §7, crash-router).
+
+use std::sync::LazyLock;
+
+use regex::Regex;
+use serde_json::Value;
+
+/// Prefix of raw-crash object keys.
+pub const RAW_CRASH_PREFIX: &str = "v2/raw_crash/";
+
+/// A Socorro crash id: a UUID whose last six digits are the submission date (yymmdd).
+pub const CRASH_ID_PATTERN: &str =
+    r"^[a-f0-9]{8}-[a-f0-9]{4}-[a-f0-9]{4}-[a-f0-9]{4}-[a-f0-9]{6}[0-9]{6}$";
+
+static CRASH_ID: LazyLock<Option<Regex>> = LazyLock::new(|| Regex::new(CRASH_ID_PATTERN).ok());
+
+/// What one S3 event record means for routing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    /// A raw crash whose throttle result is the accept digit: route it.
+    Accepted(String),
+    /// A raw crash the collector deferred: count and skip.
+    Deferred(String),
+    /// Looks like a raw crash but is malformed (bad id, unknown digit, missing fields).
+    Junk(String),
+    /// Not a raw-crash creation (other event or other key): count and skip.
+    Ignored(String),
+}
+
+impl Record {
+    /// The metric label of this result.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Record::Accepted(_) => "accepted",
+            Record::Deferred(_) => "deferred",
+            Record::Junk(_) => "junk",
+            Record::Ignored(_) => "ignored",
+        }
+    }
+}
+
+/// Whether `s` is a crash id.
+pub fn is_crash_id(s: &str) -> bool {
+    CRASH_ID.as_ref().is_some_and(|re| re.is_match(s))
+}
+
+/// Whether an S3 `eventName` is a plain object upload (`ObjectCreated:Put`; the
+/// `s3:`-prefixed notification-configuration spelling is accepted too).
+pub fn is_put_event(name: &str) -> bool {
+    name == "ObjectCreated:Put" || name == "s3:ObjectCreated:Put"
+}
+
+/// Classifies one record of an S3 event notification. `accept` is the throttle digit
+/// that means accept; `defer` the one that means defer.
+pub fn classify(record: &Value, accept: char, defer: char) -> Record {
+    let Some(name) = record.get("eventName").and_then(Value::as_str) else {
+        return Record::Junk("record has no string `eventName`".into());
+    };
+    if !is_put_event(name) {
+        return Record::Ignored(format!("event `{name}` is not ObjectCreated:Put"));
+    }
+    let Some(key) = record
+        .get("s3")
+        .and_then(|s| s.get("object"))
+        .and_then(|o| o.get("key"))
+        .and_then(Value::as_str)
+    else {
+        return Record::Junk("record has no string `s3.object.key`".into());
+    };
+    if !key.starts_with(RAW_CRASH_PREFIX) {
+        return Record::Ignored(format!("key `{key}` is not under {RAW_CRASH_PREFIX}"));
+    }
+    let id = key.rsplit('/').next().unwrap_or_default();
+    if !is_crash_id(id) {
+        return Record::Junk(format!("key `{key}` does not end in a crash id"));
+    }
+    // A crash id is ASCII of fixed length 36, so the 7th-from-last char always exists.
+    match id.chars().rev().nth(6) {
+        Some(c) if c == accept => Record::Accepted(id.to_string()),
+        Some(c) if c == defer => Record::Deferred(id.to_string()),
+        Some(c) => Record::Junk(format!("crash id `{id}` has unknown throttle result `{c}`")),
+        None => Record::Junk(format!("crash id `{id}` is too short")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn rec(event: &str, key: &str) -> Value {
+        json!({"eventName": event, "s3": {"bucket": {"name": "b"}, "object": {"key": key}}})
+    }
+
+    const ACCEPT_KEY: &str = "v2/raw_crash/000/20180313/00007bd0-2d1c-4865-af09-80bc00180313";
+    const DEFER_KEY: &str = "v2/raw_crash/000/20180313/00007bd0-2d1c-4865-af09-80bc01180313";
+    const JUNK_KEY: &str = "v2/raw_crash/000/20180313/00007bd0-2d1c-4865-af09-80bc05180313";
+
+    #[test]
+    fn design_example_key_is_accepted_with_digit_0() {
+        assert_eq!(
+            classify(&rec("ObjectCreated:Put", ACCEPT_KEY), '0', '1'),
+            Record::Accepted("00007bd0-2d1c-4865-af09-80bc00180313".into())
+        );
+        assert!(matches!(
+            classify(&rec("s3:ObjectCreated:Put", ACCEPT_KEY), '0', '1'),
+            Record::Accepted(_)
+        ));
+    }
+
+    #[test]
+    fn defer_and_junk_digits() {
+        assert_eq!(
+            classify(&rec("ObjectCreated:Put", DEFER_KEY), '0', '1'),
+            Record::Deferred("00007bd0-2d1c-4865-af09-80bc01180313".into())
+        );
+        assert!(matches!(
+            classify(&rec("ObjectCreated:Put", JUNK_KEY), '0', '1'),
+            Record::Junk(_)
+        ));
+    }
+
+    #[test]
+    fn accept_digit_1_swaps_the_meaning() {
+        assert!(matches!(
+            classify(&rec("ObjectCreated:Put", DEFER_KEY), '1', '0'),
+            Record::Accepted(_)
+        ));
+        assert!(matches!(
+            classify(&rec("ObjectCreated:Put", ACCEPT_KEY), '1', '0'),
+            Record::Deferred(_)
+        ));
+    }
+
+    #[test]
+    fn other_events_and_prefixes_are_ignored() {
+        for ev in [
+            "ObjectCreated:Copy",
+            "ObjectRemoved:Delete",
+            "objectcreated:put",
+            "",
+        ] {
+            assert!(
+                matches!(classify(&rec(ev, ACCEPT_KEY), '0', '1'), Record::Ignored(_)),
+                "{ev}"
+            );
+        }
+        for key in [
+            "v1/raw_crash/000/20180313/00007bd0-2d1c-4865-af09-80bc00180313",
+            "v2/dump/00007bd0-2d1c-4865-af09-80bc00180313",
+            "/v2/raw_crash/000/20180313/00007bd0-2d1c-4865-af09-80bc00180313",
+            "00007bd0-2d1c-4865-af09-80bc00180313",
+        ] {
+            assert!(
+                matches!(
+                    classify(&rec("ObjectCreated:Put", key), '0', '1'),
+                    Record::Ignored(_)
+                ),
+                "{key}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_crash_ids_are_junk() {
+        for id in [
+            "00007BD0-2d1c-4865-af09-80bc00180313",
+            "00007bd0-2d1c-4865-af09-80bc0018031",
+            "00007bd0-2d1c-4865-af09-80bc001803133",
+            "00007bd0-2d1c-4865-af09-80bc0018031a",
+            "00007bd0_2d1c-4865-af09-80bc00180313",
+            "not-a-crash",
+            "",
+        ] {
+            let key = format!("v2/raw_crash/000/20180313/{id}");
+            assert!(
+                matches!(
+                    classify(&rec("ObjectCreated:Put", &key), '0', '1'),
+                    Record::Junk(_)
+                ),
+                "{id}"
+            );
+        }
+    }
+
+    #[test]
+    fn records_missing_fields_are_junk() {
+        for r in [
+            json!({}),
+            json!("text"),
+            json!({"eventName": 5}),
+            json!({"eventName": "ObjectCreated:Put"}),
+            json!({"eventName": "ObjectCreated:Put", "s3": {"object": {}}}),
+            json!({"eventName": "ObjectCreated:Put", "s3": {"object": {"key": 7}}}),
+        ] {
+            assert!(matches!(classify(&r, '0', '1'), Record::Junk(_)), "{r}");
+        }
+    }
+}

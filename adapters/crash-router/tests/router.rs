@@ -1,0 +1,349 @@
+//! crash-router against the real RabbitMQ: routing rules, throttles, retries, config.
+
+use std::time::Duration;
+
+use crash_router::CrashRouterService;
+use crash_router::router::CrashRouter;
+use crash_router::spec::parse_queues;
+use framework::lapin::options::{BasicPublishOptions, QueueDeclareOptions};
+use framework::lapin::types::{AMQPValue, FieldTable};
+use framework::lapin::{BasicProperties, Channel};
+use framework::testing::*;
+use serde_json::{Value, json};
+
+/// Destination queues of one test, deleted on drop.
+struct Dests(Vec<String>);
+
+impl Drop for Dests {
+    fn drop(&mut self) {
+        cleanup(self.0.clone(), Vec::new());
+    }
+}
+
+async fn declare(ch: &Channel, q: &str, args: FieldTable) {
+    ch.queue_declare(q.into(), QueueDeclareOptions::default(), args)
+        .await
+        .expect("declare destination queue");
+}
+
+/// `n` unique destination queue names, declared (classic, non-durable).
+async fn dests(ch: &Channel, n: usize) -> Dests {
+    let mut v = Vec::new();
+    for _ in 0..n {
+        let q = unique("crash-dest");
+        declare(ch, &q, FieldTable::default()).await;
+        v.push(q);
+    }
+    Dests(v)
+}
+
+fn put(key: &str) -> Value {
+    json!({
+        "eventVersion": "2.0",
+        "eventSource": "aws:s3",
+        "eventName": "ObjectCreated:Put",
+        "s3": {"bucket": {"name": "crashes"}, "object": {"key": key, "size": 100}}
+    })
+}
+
+fn raw(id: &str) -> String {
+    format!("v2/raw_crash/000/20180313/{id}")
+}
+
+/// A crash id whose throttle digit is `digit`, unique by `n`.
+fn crash_id(n: u32, digit: char) -> String {
+    format!("{n:08x}-2d1c-4865-af09-80bc0{digit}180313")
+}
+
+fn text(d: &framework::lapin::message::Delivery) -> String {
+    String::from_utf8(d.data.clone()).unwrap()
+}
+
+async fn start(data: &std::path::Path, extra: &[(&str, &str)]) -> Harness {
+    Harness::start_service::<CrashRouterService>(service_config::<CrashRouterService>(data, extra))
+        .await
+}
+
+#[tokio::test]
+async fn routes_accepted_crashes_and_skips_the_rest() {
+    let data = tempfile::tempdir().unwrap();
+    let (_c, ch) = test_channel().await;
+    let d = dests(&ch, 2).await;
+    let spec = format!(" {} ,  {} ", d.0[0], d.0[1]);
+    let hs = start(data.path(), &[("crash_router.queues", &spec)]).await;
+    let mut out = hs.watch_output().await;
+    let mut qa = consume(&hs.ch, &d.0[0]).await;
+    let mut qb = consume(&hs.ch, &d.0[1]).await;
+
+    let a1 = "00007bd0-2d1c-4865-af09-80bc00180313"; // the design's example: accept
+    let a2 = crash_id(2, '0');
+    let mut delete = put(&raw(&crash_id(3, '0')));
+    delete["eventName"] = json!("ObjectRemoved:Delete");
+    let mut s3form = put(&raw(&a2));
+    s3form["eventName"] = json!("s3:ObjectCreated:Put");
+    let body = json!({"Records": [
+        put(&raw(a1)),
+        put(&raw(&crash_id(4, '1'))),                       // deferred
+        put(&raw(&crash_id(5, '7'))),                       // junk digit
+        put(&format!("v2/raw_crash/000/20180313/{}", "00007bd0-2d1c-4865-af09-80bc0018031")), // bad id
+        put(&format!("v1/raw_crash/000/20180313/{}", crash_id(6, '0'))), // wrong prefix
+        delete,                                             // wrong event
+        {"eventName": "ObjectCreated:Put"},                 // missing key: junk
+        s3form,
+        put(&raw(a1)),                                      // same crash again: published once
+    ]});
+    hs.publish(
+        "crashes.put",
+        body.to_string().as_bytes(),
+        BasicProperties::default().with_message_id("evt-1".into()),
+    )
+    .await;
+
+    let o = next(&mut out).await;
+    assert_eq!(
+        o.routing_key.as_str(),
+        "storagetier.crashrouter.crash.success"
+    );
+    assert_eq!(header(&o, "x-in-response-to").as_deref(), Some("evt-1"));
+    let summary: Value = serde_json::from_slice(&o.data).unwrap();
+    assert_eq!(summary["records"], 9);
+    assert_eq!(summary["accepted"], json!([a1, a2]));
+    assert_eq!(
+        summary["counts"],
+        json!({"accepted": 3, "deferred": 1, "junk": 3, "ignored": 2, "throttled": 0})
+    );
+    assert_eq!(summary["deliveries"][&d.0[0]], json!([a1, a2]));
+    assert_eq!(summary["deliveries"][&d.0[1]], json!([a1, a2]));
+
+    for q in [&mut qa, &mut qb] {
+        let m1 = next(q).await;
+        assert_eq!(text(&m1), a1);
+        assert_eq!(m1.properties.delivery_mode(), &Some(2), "persistent");
+        assert_eq!(
+            m1.properties.content_type().as_ref().map(|c| c.as_str()),
+            Some("text/plain")
+        );
+        assert_eq!(text(&next(q).await), a2);
+        assert!(next_within(q, Duration::from_millis(300)).await.is_none());
+    }
+}
+
+#[tokio::test]
+async fn accept_digit_1_routes_what_the_original_pigeon_accepted() {
+    let data = tempfile::tempdir().unwrap();
+    let (_c, ch) = test_channel().await;
+    let d = dests(&ch, 1).await;
+    let hs = start(
+        data.path(),
+        &[
+            ("crash_router.queues", &d.0[0]),
+            ("crash_router.accept_digit", "1"),
+        ],
+    )
+    .await;
+    let mut out = hs.watch_output().await;
+    let acc = crash_id(1, '1');
+    let body = json!({"Records": [put(&raw(&crash_id(9, '0'))), put(&raw(&acc))]});
+    hs.publish("k", body.to_string().as_bytes(), BasicProperties::default())
+        .await;
+    let summary: Value = serde_json::from_slice(&next(&mut out).await.data).unwrap();
+    assert_eq!(summary["accepted"], json!([acc]));
+    assert_eq!(summary["counts"]["deferred"], 1);
+    assert_eq!(ready_count(&hs.ch, &d.0[0]).await, 1);
+}
+
+#[tokio::test]
+async fn throttles_0_15_100_with_a_fixed_seed() {
+    let data = tempfile::tempdir().unwrap();
+    let (_c, ch) = test_channel().await;
+    let d = dests(&ch, 3).await;
+    let spec = format!("100:{}, 15:{} ,0:{}", d.0[0], d.0[1], d.0[2]);
+    let hs = start(
+        data.path(),
+        &[
+            ("crash_router.queues", &spec),
+            ("crash_router.seed", "20180313"),
+        ],
+    )
+    .await;
+    let mut out = hs.watch_output().await;
+    let ids: Vec<String> = (0..60).map(|n| crash_id(n, '0')).collect();
+    let body = json!({"Records": ids.iter().map(|i| put(&raw(i))).collect::<Vec<_>>()});
+    hs.publish("k", body.to_string().as_bytes(), BasicProperties::default())
+        .await;
+    let summary: Value = serde_json::from_slice(&next(&mut out).await.data).unwrap();
+
+    // The same seed and queue list make the same draws in the same order.
+    let expect = CrashRouter::new(parse_queues(&spec).unwrap(), '0', '1', Some(20180313));
+    let expected_b: Vec<String> = ids
+        .iter()
+        .filter(|_| expect.select_queues().contains(&d.0[1]))
+        .cloned()
+        .collect();
+    assert!(
+        !expected_b.is_empty() && expected_b.len() < 30,
+        "15% of 60 ids, got {}",
+        expected_b.len()
+    );
+    assert_eq!(summary["deliveries"][&d.0[0]], json!(ids));
+    assert_eq!(summary["deliveries"][&d.0[1]], json!(expected_b));
+    assert!(summary["deliveries"].get(&d.0[2]).is_none());
+    assert_eq!(
+        summary["counts"]["throttled"],
+        json!(60 + 60 - expected_b.len())
+    );
+    assert_eq!(ready_count(&hs.ch, &d.0[0]).await, 60);
+    assert_eq!(ready_count(&hs.ch, &d.0[1]).await, expected_b.len() as u32);
+    assert_eq!(ready_count(&hs.ch, &d.0[2]).await, 0);
+}
+
+#[tokio::test]
+async fn a_retry_does_not_republish_to_a_queue_that_already_got_the_id() {
+    let data = tempfile::tempdir().unwrap();
+    let (_c, ch) = test_channel().await;
+    let first = unique("crash-dest");
+    let full = unique("crash-dest");
+    let _d = Dests(vec![first.clone(), full.clone()]);
+    declare(&ch, &first, FieldTable::default()).await;
+    // `full` holds one message and refuses more (basic.nack) until that one is consumed.
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongLongInt(1));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    declare(&ch, &full, args).await;
+    ch.basic_publish(
+        "".into(),
+        full.as_str().into(),
+        BasicPublishOptions::default(),
+        b"filler",
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+
+    let hs = start(
+        data.path(),
+        &[("crash_router.queues", &format!("{first},{full}"))],
+    )
+    .await;
+    let mut out = hs.watch_output().await;
+    let mut qa = consume(&hs.ch, &first).await;
+    let id = crash_id(77, '0');
+    let body = json!({"Records": [put(&raw(&id))]});
+    hs.publish("k", body.to_string().as_bytes(), BasicProperties::default())
+        .await;
+    assert_eq!(text(&next(&mut qa).await), id);
+
+    // Wait until the failed attempt sits in a retry tier, then make room in `full`.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let r1 = ready_count(&hs.ch, &format!("{}-retry-200", hs.q)).await;
+        let r2 = ready_count(&hs.ch, &format!("{}-retry-400", hs.q)).await;
+        if r1 + r2 > 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no retry happened");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut qf = consume(&hs.ch, &full).await;
+    assert_eq!(text(&next(&mut qf).await), "filler");
+    assert_eq!(text(&next(&mut qf).await), id);
+
+    let o = next(&mut out).await;
+    let summary: Value = serde_json::from_slice(&o.data).unwrap();
+    assert_eq!(summary["already_published"], 1);
+    assert_eq!(summary["deliveries"][&first], json!([id]));
+    assert_eq!(summary["deliveries"][&full], json!([id]));
+    assert!(
+        next_within(&mut qa, Duration::from_millis(300))
+            .await
+            .is_none(),
+        "the first queue got the id only once"
+    );
+}
+
+#[tokio::test]
+async fn a_body_that_is_not_an_s3_event_is_dead_lettered() {
+    let data = tempfile::tempdir().unwrap();
+    let (_c, ch) = test_channel().await;
+    let d = dests(&ch, 1).await;
+    let hs = start(data.path(), &[("crash_router.queues", &d.0[0])]).await;
+    let mut dlq = hs.watch_dlq().await;
+    hs.publish("k", br#"{"records": []}"#, BasicProperties::default())
+        .await;
+    let dl = next(&mut dlq).await;
+    assert_eq!(header(&dl, "x-error-kind").as_deref(), Some("permanent"));
+    assert!(header(&dl, "x-error").unwrap().contains("Records"));
+    assert_eq!(dl.data, br#"{"records": []}"#);
+}
+
+fn run_bin(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_crash-router"));
+    cmd.args(args)
+        .current_dir(dir.path())
+        .env_remove("APP_ENV")
+        .env_remove("STORAGETIER_CONFIG_DIR");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+#[test]
+fn a_bad_queue_spec_exits_2_naming_the_key() {
+    for bad in ["a,101:b", "a,,b", "", "15:", "x:q"] {
+        let out = run_bin(
+            &["check-config"],
+            &[("STORAGETIER__CRASH_ROUTER__QUEUES", bad)],
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {err}");
+        assert!(err.contains("crash_router.queues"), "{bad}: {err}");
+    }
+    let out = run_bin(
+        &["check-config"],
+        &[("STORAGETIER__CRASH_ROUTER__ACCEPT_DIGIT", "7")],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("crash_router.accept_digit"));
+}
+
+#[test]
+fn check_config_shows_the_defaults_and_env_overrides() {
+    let out = run_bin(&["check-config"], &[]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cfg: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(cfg["settings"]["queues"], "socorro.normal");
+    assert_eq!(cfg["settings"]["accept_digit"], "0");
+    assert_eq!(cfg["settings"]["seed"], Value::Null);
+    assert_eq!(cfg["service"]["queue"], "storagetier-crash-router");
+
+    let out = run_bin(
+        &["check-config"],
+        &[
+            (
+                "STORAGETIER__CRASH_ROUTER__QUEUES",
+                "socorro.normal, 15:socorro.submitter",
+            ),
+            ("STORAGETIER__CRASH_ROUTER__SEED", "42"),
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cfg: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(cfg["settings"]["seed"], 42);
+}
