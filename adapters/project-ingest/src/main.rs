@@ -1,6 +1,7 @@
-//! project-ingest (not implemented yet).
+//! `project-ingest` binary: Pluto project events → project/commission records.
 
-fn main() -> std::process::ExitCode {
-    eprintln!("project-ingest: not implemented yet");
-    std::process::ExitCode::from(1)
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    framework::cli::main::<project_ingest::ProjectIngest>()
 }

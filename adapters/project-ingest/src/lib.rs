@@ -1,0 +1,187 @@
+//! project-ingest: Pluto project events (plain JSON or Kinesis envelopes) → project and
+//! commission records in the database (design §7).
+
+pub mod event;
+pub mod store;
+
+use std::collections::BTreeSet;
+
+use db::DatabaseUrl;
+use framework::config::{Config, ConfigError};
+use framework::{
+    Binding, BoxError, MessageContext, MessageProcessor, Outcome, Publication, Service, async_trait,
+};
+use serde::{Deserialize, Serialize};
+
+use event::{Parsed, items};
+use store::{Applied, Store};
+
+/// Header listing the 1-based records of a batch already dead-lettered (kept across retries).
+pub const DEAD_LETTERED_HEADER: &str = "x-dead-lettered-records";
+
+/// The exact log line (and Drop reason) for an update of an unknown project.
+pub const MISSING_PROJECT: &str = "attempted to update a project that does not exist";
+
+/// `[project_ingest]` keys besides the framework's.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectIngestSettings {
+    /// `postgres://…` or `sqlite://…` (unset = `<data_dir>/project-ingest.db`).
+    #[serde(default)]
+    pub database_url: Option<DatabaseUrl>,
+}
+
+/// The project-ingest service.
+pub struct ProjectIngest;
+
+/// The message processor: validates events and applies them to the store.
+pub struct ProjectProcessor {
+    store: Store,
+    output_exchange: String,
+    success_key: String,
+}
+
+impl ProjectProcessor {
+    /// A processor over `store`; extra projects of a batch go to `output_exchange`.
+    pub fn new(store: Store, output_exchange: &str, output_routing_key: &str) -> Self {
+        Self {
+            store,
+            output_exchange: output_exchange.to_string(),
+            success_key: format!("{output_routing_key}.success"),
+        }
+    }
+
+    /// The store (for tests and tools).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+}
+
+fn already_dead_lettered(ctx: &MessageContext) -> BTreeSet<usize> {
+    framework::headers::get_str(&ctx.headers, DEAD_LETTERED_HEADER)
+        .map(|s| s.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+#[async_trait]
+impl MessageProcessor for ProjectProcessor {
+    type Input = serde_json::Value;
+
+    async fn handle(&self, input: serde_json::Value, ctx: &MessageContext) -> Outcome {
+        let items = items(&input);
+        let batch = items.len() > 1;
+        let mut dead = already_dead_lettered(ctx);
+        let mut stored = Vec::new();
+        let mut dropped = Vec::new();
+        for (i, item) in items.into_iter().enumerate() {
+            let n = i + 1;
+            let ev = match item.parsed {
+                Err(e) if !batch => return Outcome::permanent(e),
+                Err(e) => {
+                    if dead.contains(&n) {
+                        continue;
+                    }
+                    let reason = format!("record {n}: {e}");
+                    tracing::warn!(record = n, "dead-lettering record: {e}");
+                    let body = serde_json::to_vec(&item.raw).unwrap_or_default();
+                    if let Err(pe) = ctx.dead_letter(body, &reason).await {
+                        return Outcome::retry(format!("cannot dead-letter record {n}: {pe}"));
+                    }
+                    dead.insert(n);
+                    let list: Vec<String> = dead.iter().map(|d| d.to_string()).collect();
+                    ctx.set_retry_header(DEAD_LETTERED_HEADER, &list.join(","));
+                    continue;
+                }
+                Ok(Parsed::UnknownType(t)) => {
+                    tracing::info!(record = n, "unknown message type `{t}`, ignored");
+                    dropped.push(format!("unknown message type `{t}`"));
+                    continue;
+                }
+                Ok(Parsed::Project(ev)) => ev,
+            };
+            match self.store.apply(&ev).await {
+                Ok(Applied::Stored(p)) => {
+                    tracing::info!(project = %p.id, event = ev.kind.as_str(), "project stored");
+                    stored.push(*p);
+                }
+                Ok(Applied::Missing) => {
+                    tracing::warn!(project = %ev.id, "{MISSING_PROJECT}");
+                    dropped.push(MISSING_PROJECT.to_string());
+                }
+                Ok(Applied::Stale) => {
+                    tracing::info!(project = %ev.id, version = ?ev.version,
+                        "stale {} ignored: a newer state is stored", ev.kind.as_str());
+                    dropped.push(format!(
+                        "stale {} for project {}: a newer state is stored",
+                        ev.kind.as_str(),
+                        ev.id
+                    ));
+                }
+                Err(e) => return Outcome::retry(e),
+            }
+        }
+        let mut stored = stored.into_iter();
+        let Some(first) = stored.next() else {
+            if dropped.is_empty() {
+                dropped.push("every record was dead-lettered".into());
+            }
+            return Outcome::drop(dropped.join("; "));
+        };
+        let extra: Vec<Publication> = stored
+            .map(|p| Publication::json(&self.output_exchange, &self.success_key, &p))
+            .collect();
+        Outcome::success(first).with_extra(extra)
+    }
+}
+
+/// The database URL in effect: the configured one, else SQLite under the data dir.
+pub fn database_url(cfg: &Config<ProjectIngestSettings>) -> String {
+    match &cfg.settings.database_url {
+        Some(u) => u.0.clone(),
+        None => db::default_url(&cfg.storage.data_dir, ProjectIngest::NAME),
+    }
+}
+
+#[async_trait]
+impl Service for ProjectIngest {
+    const NAME: &'static str = "project-ingest";
+    const SECTION: &'static str = "project_ingest";
+    type Settings = ProjectIngestSettings;
+    type Processor = ProjectProcessor;
+
+    fn binding(_cfg: &Config<ProjectIngestSettings>) -> Binding {
+        Binding {
+            exchange: "pluto-core".into(),
+            routing_keys: vec!["core.project.#".into()],
+            output_routing_key: "storagetier.projectingest.project".into(),
+        }
+    }
+
+    fn validate(cfg: &Config<ProjectIngestSettings>) -> Result<(), ConfigError> {
+        if let Some(u) = &cfg.settings.database_url
+            && !(u.0.starts_with("sqlite://") || db::is_postgres(&u.0))
+        {
+            return Err(ConfigError::new(
+                "project_ingest.database_url",
+                format!(
+                    "`{}` is not a sqlite:// or postgres:// URL",
+                    db::redact_url(&u.0)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn processor(cfg: &Config<ProjectIngestSettings>) -> Result<ProjectProcessor, BoxError> {
+        let url = database_url(cfg);
+        let store = Store::open(&url)
+            .await
+            .map_err(|e| format!("cannot open database {}: {e}", db::redact_url(&url)))?;
+        let b = framework::cli::binding_of::<Self>(cfg);
+        Ok(ProjectProcessor::new(
+            store,
+            &cfg.service.output_exchange,
+            &b.output_routing_key,
+        ))
+    }
+}

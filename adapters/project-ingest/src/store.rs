@@ -1,0 +1,207 @@
+//! The project/commission tables: single-statement upserts guarded by the event order.
+
+use db::{AnyPool, Row};
+use serde::Serialize;
+
+use crate::event::{EventKind, ProjectEvent};
+
+/// Migrations embedded in the binary.
+pub static MIGRATOR: db::Migrator = db::sqlx::migrate!("./migrations");
+
+/// Database failures (all transient for a message).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Opening or migrating the database failed.
+    #[error(transparent)]
+    Open(#[from] db::DbError),
+    /// A query failed.
+    #[error("database error: {0}")]
+    Query(#[from] db::sqlx::Error),
+}
+
+/// A project row as stored (the success message body).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoredProject {
+    /// Pluto project id.
+    pub id: String,
+    /// Title.
+    pub title: String,
+    /// Status.
+    pub status: String,
+    /// Commission id.
+    pub commission_id: String,
+    /// Commission title.
+    pub commission_title: String,
+    /// Production office.
+    pub production_office: String,
+    /// Creation time as Pluto sent it.
+    pub created: String,
+    /// Ordering key of the event that wrote this state.
+    pub version: Option<String>,
+    /// `project-created` or `project-updated`: the event that wrote this state.
+    pub last_event: String,
+    /// When this service stored it (RFC 3339).
+    pub updated_at: String,
+}
+
+/// What applying an event did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    /// The project now holds the event's data.
+    Stored(Box<StoredProject>),
+    /// A newer state was already stored; nothing changed.
+    Stale,
+    /// project-updated for a project never seen.
+    Missing,
+}
+
+/// The project database.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: AnyPool,
+}
+
+const COLS: &str = "id, title, status, commission_id, commission_title, production_office, \
+                    created, version, last_event, updated_at";
+
+fn row_to_project(r: &db::sqlx::any::AnyRow) -> Result<StoredProject, db::sqlx::Error> {
+    Ok(StoredProject {
+        id: r.try_get("id")?,
+        title: r.try_get("title")?,
+        status: r.try_get("status")?,
+        commission_id: r.try_get("commission_id")?,
+        commission_title: r.try_get("commission_title")?,
+        production_office: r.try_get("production_office")?,
+        created: r.try_get("created")?,
+        version: r.try_get("version")?,
+        last_event: r.try_get("last_event")?,
+        updated_at: r.try_get("updated_at")?,
+    })
+}
+
+impl Store {
+    /// Opens (and migrates) the database at `url`.
+    pub async fn open(url: &str) -> Result<Self, StoreError> {
+        Ok(Self {
+            pool: db::connect(url, &MIGRATOR).await?,
+        })
+    }
+
+    /// Closes the pool.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// One project by id.
+    pub async fn project(&self, id: &str) -> Result<Option<StoredProject>, StoreError> {
+        let sql = format!("SELECT {COLS} FROM projects WHERE id = $1");
+        let row = db::sqlx::query(&sql)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().map(row_to_project).transpose()?)
+    }
+
+    /// A commission's (title, production office).
+    pub async fn commission(&self, id: &str) -> Result<Option<(String, String)>, StoreError> {
+        let row = db::sqlx::query("SELECT title, production_office FROM commissions WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match row {
+            Some(r) => Some((r.try_get("title")?, r.try_get("production_office")?)),
+            None => None,
+        })
+    }
+
+    /// Applies an event atomically: the project write and the commission upsert commit together.
+    pub async fn apply(&self, ev: &ProjectEvent) -> Result<Applied, StoreError> {
+        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        let mut tx = self.pool.begin().await?;
+        let row = match (&ev.kind, &ev.version) {
+            (EventKind::Created, _) => {
+                // A created event never overwrites state written by an update, and never
+                // a newer created event (redelivery of the same one re-applies it).
+                let sql = format!(
+                    "INSERT INTO projects ({COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+                     ON CONFLICT (id) DO UPDATE SET title = excluded.title, status = excluded.status, \
+                     commission_id = excluded.commission_id, commission_title = excluded.commission_title, \
+                     production_office = excluded.production_office, created = excluded.created, \
+                     version = excluded.version, last_event = excluded.last_event, updated_at = excluded.updated_at \
+                     WHERE projects.last_event = 'project-created' AND (projects.version IS NULL \
+                     OR excluded.version IS NULL OR projects.version <= excluded.version) \
+                     RETURNING {COLS}"
+                );
+                db::sqlx::query(&sql)
+                    .bind(&ev.id)
+                    .bind(&ev.title)
+                    .bind(&ev.status)
+                    .bind(&ev.commission_id)
+                    .bind(&ev.commission_title)
+                    .bind(&ev.production_office)
+                    .bind(&ev.created)
+                    .bind(ev.version.clone())
+                    .bind(ev.kind.as_str())
+                    .bind(&now)
+                    .fetch_optional(&mut *tx)
+                    .await?
+            }
+            (EventKind::Updated, version) => {
+                let (set_version, now_param, guard) = match version {
+                    Some(_) => ("$8", "$9", " AND (version IS NULL OR version <= $8)"),
+                    None => ("version", "$8", ""),
+                };
+                let sql = format!(
+                    "UPDATE projects SET title = $2, status = $3, commission_id = $4, \
+                     commission_title = $5, production_office = $6, created = $7, \
+                     version = {set_version}, last_event = 'project-updated', updated_at = {now_param} \
+                     WHERE id = $1{guard} RETURNING {COLS}"
+                );
+                let mut q = db::sqlx::query(&sql)
+                    .bind(&ev.id)
+                    .bind(&ev.title)
+                    .bind(&ev.status)
+                    .bind(&ev.commission_id)
+                    .bind(&ev.commission_title)
+                    .bind(&ev.production_office)
+                    .bind(&ev.created);
+                if let Some(v) = version {
+                    q = q.bind(v.clone());
+                }
+                q.bind(&now).fetch_optional(&mut *tx).await?
+            }
+        };
+        let Some(row) = row else {
+            let exists = db::sqlx::query("SELECT id FROM projects WHERE id = $1")
+                .bind(&ev.id)
+                .fetch_optional(&mut *tx)
+                .await?
+                .is_some();
+            tx.rollback().await?;
+            return Ok(if exists {
+                Applied::Stale
+            } else {
+                Applied::Missing
+            });
+        };
+        let project = row_to_project(&row)?;
+        db::sqlx::query(
+            "INSERT INTO commissions (id, title, production_office, version, updated_at) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO UPDATE SET title = excluded.title, \
+             production_office = excluded.production_office, \
+             version = COALESCE(excluded.version, commissions.version), updated_at = excluded.updated_at \
+             WHERE commissions.version IS NULL OR excluded.version IS NULL \
+             OR commissions.version <= excluded.version",
+        )
+        .bind(&ev.commission_id)
+        .bind(&ev.commission_title)
+        .bind(&ev.production_office)
+        .bind(ev.version.clone())
+        .bind(&now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Applied::Stored(Box::new(project)))
+    }
+}

@@ -1,0 +1,448 @@
+//! project-ingest against the real RabbitMQ and real databases (SQLite and PostgreSQL).
+
+use std::time::Duration;
+
+use base64::Engine;
+use db::testing::TempPostgres;
+use framework::lapin::BasicProperties;
+use framework::testing::*;
+use project_ingest::ProjectIngest;
+use project_ingest::store::Store;
+use serde_json::{Value, json};
+
+#[derive(Clone, Copy)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+struct Env {
+    hs: Harness,
+    store: Store,
+    pg: Option<TempPostgres>,
+    _dir: tempfile::TempDir,
+}
+
+async fn start(backend: Backend, extra: &[(&str, &str)]) -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let pg = match backend {
+        Backend::Sqlite => None,
+        Backend::Postgres => Some(TempPostgres::create().await.unwrap()),
+    };
+    let url = match &pg {
+        Some(p) => p.url.clone(),
+        None => db::default_url(dir.path(), "project-ingest"),
+    };
+    let mut o: Vec<(&str, &str)> = vec![
+        ("project_ingest.database_url", url.as_str()),
+        // One message at a time, so "processed before" is observable.
+        ("amqp.prefetch", "1"),
+    ];
+    o.extend_from_slice(extra);
+    let cfg = service_config::<ProjectIngest>(dir.path(), &o);
+    let hs = Harness::start_service::<ProjectIngest>(cfg).await;
+    let store = Store::open(&url).await.unwrap();
+    Env {
+        hs,
+        store,
+        pg,
+        _dir: dir,
+    }
+}
+
+impl Env {
+    async fn send(&self, body: &Value) {
+        self.send_raw(&serde_json::to_vec(body).unwrap()).await;
+    }
+    async fn send_raw(&self, body: &[u8]) {
+        self.hs
+            .publish("core.project.event", body, BasicProperties::default())
+            .await;
+    }
+    async fn finish(mut self) {
+        self.hs.stop().await;
+        self.store.close().await;
+        if let Some(pg) = self.pg.take() {
+            pg.drop_db().await.unwrap();
+        }
+    }
+    async fn dlq_count(&self) -> u32 {
+        ready_count(&self.hs.ch, &format!("{}-dlq", self.hs.q)).await
+    }
+}
+
+fn project(kind: &str, id: &str, title: &str) -> Value {
+    json!({"type": kind, "id": id, "title": title, "status": "New",
+           "commissionId": "c-1", "commissionTitle": "Commission one",
+           "productionOffice": "UK", "created": "2017-04-24T17:20:11.503Z"})
+}
+
+fn body(d: &framework::lapin::message::Delivery) -> Value {
+    serde_json::from_slice(&d.data).unwrap()
+}
+
+fn b64(v: &Value) -> String {
+    base64::engine::general_purpose::STANDARD.encode(serde_json::to_vec(v).unwrap())
+}
+
+fn kinesis(records: &[Value]) -> Value {
+    let recs: Vec<Value> = records
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            json!({"kinesis": {"kinesisSchemaVersion": "1.0", "partitionKey": "1",
+                   "sequenceNumber": format!("4959{i}"), "data": b64(r),
+                   "approximateArrivalTimestamp": 1_545_084_650.987 + i as f64},
+                   "eventSource": "aws:kinesis", "eventID": format!("shardId-000:{i}")})
+        })
+        .collect();
+    json!({ "Records": recs })
+}
+
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name(super::Backend::Sqlite).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                super::$name(super::Backend::Postgres).await
+            }
+        }
+    )*};
+}
+
+on_both!(
+    created_stores_project_and_commission,
+    updated_changes_a_known_project,
+    update_of_unknown_project_is_dropped,
+    unknown_type_is_dropped,
+    kinesis_envelopes_single_and_multiple,
+    older_updates_never_overwrite_newer_ones,
+);
+
+async fn created_stores_project_and_commission(b: Backend) {
+    let env = start(b, &[]).await;
+    let mut out = env.hs.watch_output().await;
+    env.send(&project("project-created", "foo", "bar")).await;
+    let d = next(&mut out).await;
+    assert_eq!(
+        d.routing_key.as_str(),
+        "storagetier.projectingest.project.success"
+    );
+    let v = body(&d);
+    assert_eq!(v["id"], "foo");
+    assert_eq!(v["title"], "bar");
+    assert_eq!(v["commissionId"], "c-1");
+    assert_eq!(v["productionOffice"], "UK");
+    assert_eq!(v["created"], "2017-04-24T17:20:11.503Z");
+    assert_eq!(v["lastEvent"], "project-created");
+    let p = env.store.project("foo").await.unwrap().unwrap();
+    assert_eq!(p.status, "New");
+    assert_eq!(
+        env.store.commission("c-1").await.unwrap().unwrap(),
+        ("Commission one".to_string(), "UK".to_string())
+    );
+    // Integer ids (Pluto's real ids) are accepted and kept as text; a redelivered
+    // created event is idempotent.
+    let mut int = project("project-created", "x", "int ids");
+    int["id"] = json!(1234);
+    int["commissionId"] = json!(56);
+    env.send(&int).await;
+    assert_eq!(body(&next(&mut out).await)["id"], "1234");
+    env.send(&int).await;
+    assert_eq!(body(&next(&mut out).await)["commissionId"], "56");
+    assert_eq!(env.dlq_count().await, 0);
+    env.finish().await;
+}
+
+async fn updated_changes_a_known_project(b: Backend) {
+    let env = start(b, &[]).await;
+    let mut out = env.hs.watch_output().await;
+    env.send(&project("project-created", "foo", "bar")).await;
+    next(&mut out).await;
+    let mut upd = project("project-updated", "foo", "new title");
+    upd["status"] = json!("In Production");
+    upd["commissionTitle"] = json!("Renamed commission");
+    env.send(&upd).await;
+    let v = body(&next(&mut out).await);
+    assert_eq!(v["title"], "new title");
+    assert_eq!(v["status"], "In Production");
+    assert_eq!(v["lastEvent"], "project-updated");
+    assert_eq!(
+        env.store.commission("c-1").await.unwrap().unwrap().0,
+        "Renamed commission"
+    );
+    env.finish().await;
+}
+
+/// Publishes `v`, then a sentinel; with prefetch 1 the sentinel's success proves `v` was
+/// handled, and nothing else may have been published or dead-lettered.
+async fn assert_dropped(env: &Env, out: &mut framework::lapin::Consumer, v: &Value) {
+    env.send(v).await;
+    env.send(&project("project-created", "sentinel", "s")).await;
+    let d = next(out).await;
+    assert_eq!(body(&d)["id"], "sentinel", "nothing published for {v}");
+    assert_eq!(env.dlq_count().await, 0, "nothing dead-lettered for {v}");
+}
+
+async fn update_of_unknown_project_is_dropped(b: Backend) {
+    let env = start(b, &[]).await;
+    let mut out = env.hs.watch_output().await;
+    assert_dropped(
+        &env,
+        &mut out,
+        &project("project-updated", "never-seen", "t"),
+    )
+    .await;
+    assert!(env.store.project("never-seen").await.unwrap().is_none());
+    env.finish().await;
+}
+
+async fn unknown_type_is_dropped(b: Backend) {
+    let env = start(b, &[]).await;
+    let mut out = env.hs.watch_output().await;
+    assert_dropped(
+        &env,
+        &mut out,
+        &json!({"type": "project-deleted", "id": "foo"}),
+    )
+    .await;
+    // Other fields are not validated for a type this service ignores.
+    assert_dropped(&env, &mut out, &json!({"type": "commission-created"})).await;
+    env.finish().await;
+}
+
+async fn kinesis_envelopes_single_and_multiple(b: Backend) {
+    let env = start(b, &[]).await;
+    let mut out = env.hs.watch_output().await;
+    let mut dlq = env.hs.watch_dlq().await;
+    // One record.
+    env.send(&kinesis(&[project("project-created", "k1", "one")]))
+        .await;
+    assert_eq!(body(&next(&mut out).await)["id"], "k1");
+    // A bare Kinesis record ({"kinesis": {...}}).
+    env.send(&json!({"kinesis": {"data": b64(&project("project-created", "k0", "bare"))}}))
+        .await;
+    assert_eq!(body(&next(&mut out).await)["id"], "k0");
+    // Several records: each is applied in order, each stored project is published.
+    env.send(&kinesis(&[
+        project("project-created", "k2", "two"),
+        json!({"type": "something-else"}),
+        project("project-created", "k3", "three"),
+        project("project-updated", "k2", "two, updated"),
+    ]))
+    .await;
+    let mut titles = Vec::new();
+    for _ in 0..3 {
+        titles.push(
+            body(&next(&mut out).await)["title"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    assert_eq!(titles, ["two", "three", "two, updated"]);
+    assert_eq!(
+        env.store.project("k2").await.unwrap().unwrap().title,
+        "two, updated"
+    );
+    // A bad record in a batch goes to the DLQ alone; the others are stored.
+    let mut batch = kinesis(&[
+        project("project-created", "k4", "four"),
+        project("project-created", "k5", "five"),
+    ]);
+    batch["Records"][1]["kinesis"]["data"] = json!("%%% not base64 %%%");
+    env.send(&batch).await;
+    assert_eq!(body(&next(&mut out).await)["id"], "k4");
+    let dl = next(&mut dlq).await;
+    let err = header(&dl, "x-error").unwrap();
+    assert!(
+        err.starts_with("record 2: field `Records[1].kinesis.data`: invalid base64"),
+        "{err}"
+    );
+    assert_eq!(body(&dl)["kinesis"]["data"], "%%% not base64 %%%");
+    // A single invalid record is Permanent for the whole message.
+    env.send(&json!({"Records": [{"kinesis": {"data": "!!"}}]}))
+        .await;
+    let dl = next(&mut dlq).await;
+    assert_eq!(header(&dl, "x-error-kind").as_deref(), Some("permanent"));
+    assert!(header(&dl, "x-error").unwrap().contains("invalid base64"));
+    // Valid base64 that is not JSON.
+    let not_json = base64::engine::general_purpose::STANDARD.encode(b"hello");
+    env.send(&json!({"kinesis": {"data": not_json}})).await;
+    let dl = next(&mut dlq).await;
+    assert!(
+        header(&dl, "x-error")
+            .unwrap()
+            .contains("decoded data is not a JSON object")
+    );
+    env.finish().await;
+}
+
+async fn older_updates_never_overwrite_newer_ones(b: Backend) {
+    let env = start(b, &[]).await;
+    let mut out = env.hs.watch_output().await;
+    env.send(&project("project-created", "p", "v0")).await;
+    next(&mut out).await;
+    let upd = |title: &str, at: &str| {
+        let mut v = project("project-updated", "p", title);
+        v["updated"] = json!(at);
+        v
+    };
+    env.send(&upd("v2", "2020-01-01T12:00:00Z")).await;
+    assert_eq!(body(&next(&mut out).await)["title"], "v2");
+    // Older (also in another offset) → stale, dropped.
+    assert_dropped(&env, &mut out, &upd("v1", "2020-01-01T12:30:00+01:00")).await;
+    assert_eq!(env.store.project("p").await.unwrap().unwrap().title, "v2");
+    // The created event redelivered late never overwrites an update.
+    assert_dropped(&env, &mut out, &project("project-created", "p", "v0")).await;
+    assert_eq!(env.store.project("p").await.unwrap().unwrap().title, "v2");
+    // Newer applies; the same event again (redelivery) is applied idempotently.
+    let v3 = upd("v3", "2020-01-01T12:00:00.5Z");
+    env.send(&v3).await;
+    assert_eq!(body(&next(&mut out).await)["title"], "v3");
+    env.send(&v3).await;
+    assert_eq!(body(&next(&mut out).await)["title"], "v3");
+    // Kinesis arrival time orders events without an `updated` field.
+    let mut late = kinesis(&[project("project-updated", "p", "arrived 2018")]);
+    late["Records"][0]["kinesis"]["approximateArrivalTimestamp"] = json!(1_514_764_800.0);
+    assert_dropped(&env, &mut out, &late).await;
+    let mut newer = kinesis(&[project("project-updated", "p", "arrived 2021")]);
+    newer["Records"][0]["kinesis"]["approximateArrivalTimestamp"] = json!(1_609_459_200.0);
+    env.send(&newer).await;
+    assert_eq!(body(&next(&mut out).await)["title"], "arrived 2021");
+    assert_eq!(
+        env.store
+            .project("p")
+            .await
+            .unwrap()
+            .unwrap()
+            .version
+            .as_deref(),
+        Some("2021-01-01T00:00:00.000000Z")
+    );
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_or_missing_fields_are_permanent_naming_the_field() {
+    let env = start(Backend::Sqlite, &[]).await;
+    let mut dlq = env.hs.watch_dlq().await;
+    let base = project("project-created", "foo", "bar");
+    let mut cases: Vec<(Value, String)> = Vec::new();
+    for f in [
+        "type",
+        "id",
+        "title",
+        "status",
+        "commissionId",
+        "commissionTitle",
+        "productionOffice",
+        "created",
+    ] {
+        let mut v = base.clone();
+        v.as_object_mut().unwrap().remove(f);
+        cases.push((v, format!("field `{f}` is missing")));
+        let mut v = base.clone();
+        v[f] = Value::Null;
+        cases.push((v, format!("field `{f}` is null")));
+    }
+    let typed = [
+        (
+            "commissionId",
+            json!(true),
+            "field `commissionId`: expected integer or non-empty string, found boolean",
+        ),
+        (
+            "id",
+            json!(1.5),
+            "field `id`: expected integer or non-empty string, found number 1.5",
+        ),
+        (
+            "id",
+            json!(""),
+            "field `id`: expected integer or non-empty string, found empty string",
+        ),
+        (
+            "title",
+            json!(7),
+            "field `title`: expected string, found number",
+        ),
+        (
+            "status",
+            json!(["a"]),
+            "field `status`: expected string, found array",
+        ),
+        (
+            "type",
+            json!({}),
+            "field `type`: expected string, found object",
+        ),
+        (
+            "created",
+            json!("yesterday"),
+            "field `created`: expected an RFC 3339 timestamp, found \"yesterday\"",
+        ),
+        (
+            "updated",
+            json!("soon"),
+            "field `updated`: expected an RFC 3339 timestamp, found \"soon\"",
+        ),
+    ];
+    for (f, val, msg) in typed {
+        let mut v = base.clone();
+        v[f] = val;
+        cases.push((v, msg.to_string()));
+    }
+    cases.push((json!([1, 2]), "expected a JSON object, found array".into()));
+    for (v, expected) in &cases {
+        env.send(v).await;
+        let d = next(&mut dlq).await;
+        assert_eq!(header(&d, "x-error-kind").as_deref(), Some("permanent"));
+        assert_eq!(
+            header(&d, "x-error").as_deref(),
+            Some(expected.as_str()),
+            "for {v}"
+        );
+        assert_eq!(&body(&d), v, "dead letter keeps the body");
+    }
+    // Not JSON at all: the framework's decoding error.
+    env.send_raw(b"{not json").await;
+    let d = next(&mut dlq).await;
+    assert_eq!(header(&d, "x-error-kind").as_deref(), Some("permanent"));
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_down_is_retried_not_lost() {
+    let mut env = start(Backend::Postgres, &[("retry.max_attempts", "2")]).await;
+    let mut out = env.hs.watch_output().await;
+    let mut dlq = env.hs.watch_dlq().await;
+    env.send(&project("project-created", "a", "before")).await;
+    next(&mut out).await;
+    // The database disappears under the running service.
+    env.store.close().await;
+    env.pg.take().unwrap().drop_db().await.unwrap();
+    env.send(&project("project-created", "b", "after")).await;
+    let d = next(&mut dlq).await;
+    assert_eq!(
+        header(&d, "x-error-kind").as_deref(),
+        Some("retries-exhausted"),
+        "database faults are retried until the limit"
+    );
+    assert!(
+        header(&d, "x-error").unwrap().contains("database"),
+        "{:?}",
+        header(&d, "x-error")
+    );
+    assert_eq!(int_header(&d, "x-retry-count"), Some(2));
+    assert!(
+        next_within(&mut out, Duration::from_millis(200))
+            .await
+            .is_none()
+    );
+    env.finish().await;
+}
