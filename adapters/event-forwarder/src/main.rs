@@ -1,6 +1,5 @@
-//! event-forwarder (not implemented yet).
+//! `event-forwarder` binary: bus events → HTTP POST.
 
 fn main() -> std::process::ExitCode {
-    eprintln!("event-forwarder: not implemented yet");
-    std::process::ExitCode::from(1)
+    framework::cli::main::<event_forwarder::EventForwarderService>()
 }

@@ -1,0 +1,128 @@
+//! Telling a Kinesis envelope from a plain event, keeping every byte as received.
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+/// One record of a Kinesis envelope.
+#[derive(Debug, Clone, Copy)]
+pub struct KinesisRecord<'a> {
+    /// The whole record, as received (dead-lettered alone when the endpoint refuses it).
+    pub record: &'a RawValue,
+    /// Its `kinesis` object, as received: what is POSTed.
+    pub kinesis: &'a RawValue,
+}
+
+/// What one bus message holds.
+#[derive(Debug)]
+pub enum Events<'a> {
+    /// A single event: the whole body is POSTed unchanged.
+    Single(&'a RawValue),
+    /// `{"Records":[{"kinesis":{…}}, …]}`: each record's `kinesis` object is POSTed on its own.
+    Kinesis(Vec<KinesisRecord<'a>>),
+}
+
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(rename = "Records", borrow)]
+    records: Vec<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct Record<'a> {
+    #[serde(borrow)]
+    kinesis: &'a RawValue,
+}
+
+fn is_object(v: &RawValue) -> bool {
+    v.get().trim_start().starts_with('{')
+}
+
+/// Splits a body: a Kinesis envelope when `Records` is a non-empty array whose every
+/// element has a `kinesis` object; anything else is a single event.
+pub fn split(body: &RawValue) -> Events<'_> {
+    let Ok(env) = serde_json::from_str::<Envelope<'_>>(body.get()) else {
+        return Events::Single(body);
+    };
+    if env.records.is_empty() {
+        return Events::Single(body);
+    }
+    let mut out = Vec::with_capacity(env.records.len());
+    for record in env.records {
+        match serde_json::from_str::<Record<'_>>(record.get()) {
+            Ok(r) if is_object(r.kinesis) => out.push(KinesisRecord {
+                record,
+                kinesis: r.kinesis,
+            }),
+            _ => return Events::Single(body),
+        }
+    }
+    Events::Kinesis(out)
+}
+
+/// A one-record envelope around `record`, so a dead-lettered record replays as an event.
+pub fn single_record_envelope(record: &RawValue) -> Vec<u8> {
+    format!("{{\"Records\":[{}]}}", record.get()).into_bytes()
+}
+
+/// A stable 64-bit FNV-1a fingerprint of a record's bytes (hex), to remember which
+/// records a retried message already delivered.
+pub fn fingerprint(raw: &RawValue) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in raw.get().as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(s: &str) -> Box<RawValue> {
+        serde_json::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn plain_events_stay_whole() {
+        for s in [
+            r#"{"type":"member-registered","data":{"b":1,"a":2}}"#,
+            r#"{"Records":[]}"#,
+            r#"{"Records":[{"kinesis":{"data":"x"}},{"body":"y"}]}"#,
+            r#"{"Records":[{"kinesis":"not an object"}]}"#,
+            r#"{"Records":"x"}"#,
+            r#"[1,2]"#,
+            r#""text""#,
+        ] {
+            let r = raw(s);
+            match split(&r) {
+                Events::Single(b) => assert_eq!(b.get(), s),
+                e => panic!("{s}: {e:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn kinesis_records_are_split_byte_for_byte() {
+        let s = r#"{"Records":[{"eventSource":"aws:kinesis","kinesis":{"sequenceNumber":"1", "data":"eyJ9"}},{"kinesis":{"z":1,"a":0}}]}"#;
+        let r = raw(s);
+        let Events::Kinesis(recs) = split(&r) else {
+            panic!("envelope expected")
+        };
+        assert_eq!(recs.len(), 2);
+        assert_eq!(
+            recs[0].kinesis.get(),
+            r#"{"sequenceNumber":"1", "data":"eyJ9"}"#
+        );
+        assert_eq!(recs[1].kinesis.get(), r#"{"z":1,"a":0}"#);
+        assert_eq!(
+            single_record_envelope(recs[1].record),
+            br#"{"Records":[{"kinesis":{"z":1,"a":0}}]}"#.to_vec()
+        );
+        assert_ne!(fingerprint(recs[0].kinesis), fingerprint(recs[1].kinesis));
+        assert_eq!(
+            fingerprint(recs[1].kinesis),
+            fingerprint(&raw(r#"{"z":1,"a":0}"#))
+        );
+    }
+}

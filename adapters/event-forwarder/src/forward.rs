@@ -1,0 +1,224 @@
+//! One HTTP POST of one event, and what its result means for the message.
+
+use std::time::Duration;
+
+use framework::Secret;
+use reqwest::StatusCode;
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+
+/// How much of a response body an error message quotes.
+pub const MAX_QUOTED_BODY: usize = 256;
+
+/// The result of posting one event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PostResult {
+    /// 2xx: delivered (the status code).
+    Delivered(u16),
+    /// Connection error, timeout, 408, 429 or 5xx: try again later.
+    Retryable(String),
+    /// Any other status: the endpoint will never take this event.
+    Rejected(String),
+}
+
+/// Why a forwarder could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    /// The token has characters an HTTP header cannot carry (the token itself is not shown).
+    #[error("the token is not a valid HTTP header value (visible ASCII only)")]
+    BadToken,
+    /// The HTTP client could not be set up.
+    #[error("cannot build the HTTP client: {0}")]
+    Client(#[source] reqwest::Error),
+}
+
+/// What a status code means: delivered, retry later, or rejected for good.
+pub fn classify_status(status: StatusCode) -> StatusClass {
+    if status.is_success() {
+        StatusClass::Delivered
+    } else if status.is_server_error()
+        || status == StatusCode::REQUEST_TIMEOUT
+        || status == StatusCode::TOO_MANY_REQUESTS
+    {
+        StatusClass::Retryable
+    } else {
+        StatusClass::Rejected
+    }
+}
+
+/// The meaning of an HTTP status for a forwarded event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusClass {
+    /// 2xx.
+    Delivered,
+    /// 408, 429, 5xx.
+    Retryable,
+    /// Every other status (4xx, and 1xx/3xx: redirects are not followed).
+    Rejected,
+}
+
+/// POSTs events to one endpoint with the configured token and timeout.
+#[derive(Debug, Clone)]
+pub struct Forwarder {
+    client: reqwest::Client,
+    endpoint: url::Url,
+    auth: Option<HeaderValue>,
+    timeout: Duration,
+}
+
+impl Forwarder {
+    /// A forwarder for `endpoint`; `token` (if any) is sent as the `Authorization` value.
+    pub fn new(
+        endpoint: url::Url,
+        token: Option<&Secret>,
+        timeout: Duration,
+    ) -> Result<Self, ForwardError> {
+        let auth = match token {
+            Some(t) => {
+                let mut v =
+                    HeaderValue::from_str(t.expose()).map_err(|_| ForwardError::BadToken)?;
+                v.set_sensitive(true);
+                Some(v)
+            }
+            None => None,
+        };
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!(
+                "storagetier-event-forwarder/",
+                env!("CARGO_PKG_VERSION")
+            ))
+            .build()
+            .map_err(ForwardError::Client)?;
+        Ok(Self {
+            client,
+            endpoint,
+            auth,
+            timeout,
+        })
+    }
+
+    /// The endpoint events go to.
+    pub fn endpoint(&self) -> &url::Url {
+        &self.endpoint
+    }
+
+    /// POSTs `body` (JSON text, sent as is) once.
+    pub async fn post(&self, body: &str) -> PostResult {
+        let mut req = self
+            .client
+            .post(self.endpoint.clone())
+            .header(CONTENT_TYPE, "application/json")
+            .body(body.to_string());
+        if let Some(a) = &self.auth {
+            req = req.header(AUTHORIZATION, a.clone());
+        }
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) => return PostResult::Retryable(self.describe(&e)),
+        };
+        let status = resp.status();
+        match classify_status(status) {
+            StatusClass::Delivered => PostResult::Delivered(status.as_u16()),
+            class => {
+                let msg = format!("endpoint answered {status}{}", quoted_body(resp).await);
+                if class == StatusClass::Retryable {
+                    PostResult::Retryable(msg)
+                } else {
+                    PostResult::Rejected(msg)
+                }
+            }
+        }
+    }
+
+    /// A transport error in words: never the request's headers, and without the URL's
+    /// query (which may carry credentials).
+    fn describe(&self, e: &reqwest::Error) -> String {
+        let what = if e.is_timeout() {
+            format!("request timed out after {} ms", self.timeout.as_millis())
+        } else if e.is_connect() {
+            "cannot connect to the endpoint".to_string()
+        } else {
+            "request failed".to_string()
+        };
+        let mut chain = Vec::new();
+        let mut src = std::error::Error::source(e);
+        while let Some(s) = src {
+            chain.push(s.to_string());
+            src = s.source();
+        }
+        let host = self.endpoint.host_str().unwrap_or("?");
+        let port = self
+            .endpoint
+            .port_or_known_default()
+            .map(|p| format!(":{p}"))
+            .unwrap_or_default();
+        if chain.is_empty() {
+            format!("{what} ({host}{port})")
+        } else {
+            format!("{what} ({host}{port}): {}", chain.join(": "))
+        }
+    }
+}
+
+/// `": <first bytes of the body>"`, or nothing for an empty body.
+async fn quoted_body(mut resp: reqwest::Response) -> String {
+    let mut buf: Vec<u8> = Vec::new();
+    while buf.len() <= MAX_QUOTED_BODY {
+        match resp.chunk().await {
+            Ok(Some(c)) => buf.extend_from_slice(&c),
+            _ => break,
+        }
+    }
+    let text = String::from_utf8_lossy(&buf);
+    let text = text.trim();
+    if text.is_empty() {
+        return String::new();
+    }
+    let cut = framework::headers::truncate(text, MAX_QUOTED_BODY);
+    if cut.len() < text.len() {
+        format!(": {cut}…")
+    } else {
+        format!(": {cut}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_classes() {
+        for s in [200, 201, 202, 204, 299] {
+            assert_eq!(
+                classify_status(StatusCode::from_u16(s).unwrap()),
+                StatusClass::Delivered
+            );
+        }
+        for s in [408, 429, 500, 502, 503, 504, 599] {
+            assert_eq!(
+                classify_status(StatusCode::from_u16(s).unwrap()),
+                StatusClass::Retryable
+            );
+        }
+        for s in [
+            100, 301, 302, 307, 400, 401, 403, 404, 409, 410, 413, 422, 451, 499,
+        ] {
+            assert_eq!(
+                classify_status(StatusCode::from_u16(s).unwrap()),
+                StatusClass::Rejected
+            );
+        }
+    }
+
+    #[test]
+    fn a_bad_token_is_refused_without_showing_it() {
+        let e = Forwarder::new(
+            "http://127.0.0.1:1/".parse().unwrap(),
+            Some(&Secret::new("line\nbreak-secret")),
+            Duration::from_secs(1),
+        )
+        .unwrap_err();
+        assert!(!e.to_string().contains("secret"));
+    }
+}

@@ -1,0 +1,328 @@
+//! The event-forwarder processor, its settings and its `Service` wiring.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use framework::config::{Config, ConfigError, RetryConfig};
+use framework::{BoxError, MessageContext, MessageProcessor, Outcome, Secret, Service};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use serde_json::value::RawValue;
+
+use crate::envelope::{Events, fingerprint, single_record_envelope, split};
+use crate::forward::{Forwarder, PostResult};
+
+/// Exchange the events arrive on.
+pub const INPUT_EXCHANGE: &str = "events";
+/// Success messages go out as `<this>.success`.
+pub const OUTPUT_ROUTING_KEY: &str = "storagetier.eventforwarder.event";
+/// Retry header: fingerprints of Kinesis records already delivered or dead-lettered.
+pub const DONE_HEADER: &str = "x-event-forwarder-done";
+/// Counter of POSTs by result (delivered | retry | rejected).
+pub const POSTS_METRIC: &str = "storagetier_event_forwarder_posts_total";
+
+/// `[event_forwarder]` keys besides the framework's queue/output_exchange/http_listen.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwarderSettings {
+    /// http(s) URL events are POSTed to (required).
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// `Authorization` header value.
+    #[serde(default)]
+    pub token: Option<Secret>,
+    /// File holding the token (trimmed), read at startup; exclusive with `token`.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// Per-request timeout in milliseconds.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Keep queue order: retry in place instead of through the retry queues.
+    #[serde(default)]
+    pub ordered: bool,
+}
+
+fn default_timeout_ms() -> u64 {
+    10_000
+}
+
+/// The endpoint URL, checked: present, http or https, no credentials in it.
+pub fn endpoint_of(s: &ForwarderSettings) -> Result<url::Url, ConfigError> {
+    let key = "event_forwarder.endpoint";
+    let raw = s.endpoint.as_deref().map(str::trim).unwrap_or_default();
+    if raw.is_empty() {
+        return Err(ConfigError::new(
+            key,
+            "required: the http(s) URL events are POSTed to (set [event_forwarder] endpoint \
+             or STORAGETIER__EVENT_FORWARDER__ENDPOINT)",
+        ));
+    }
+    let url = url::Url::parse(raw).map_err(|e| ConfigError::new(key, format!("not a URL: {e}")))?;
+    if url.scheme() != "http" && url.scheme() != "https" {
+        return Err(ConfigError::new(
+            key,
+            format!(
+                "must be an http:// or https:// URL, not {}://",
+                url.scheme()
+            ),
+        ));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(ConfigError::new(key, "has no host"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(ConfigError::new(
+            key,
+            "must not carry credentials; use token or token_file",
+        ));
+    }
+    Ok(url)
+}
+
+/// The token from `token` or `token_file` (read now, trimmed), or None.
+pub fn token_of(s: &ForwarderSettings) -> Result<Option<Secret>, ConfigError> {
+    let token = match (&s.token, &s.token_file) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::new(
+                "event_forwarder.token_file",
+                "set either token or token_file, not both",
+            ));
+        }
+        (Some(t), None) => {
+            let t = t.expose().trim();
+            if t.is_empty() {
+                return Err(ConfigError::new("event_forwarder.token", "is empty"));
+            }
+            Some((Secret::new(t), "event_forwarder.token"))
+        }
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError::new(
+                    "event_forwarder.token_file",
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?;
+            let t = text.trim();
+            if t.is_empty() {
+                return Err(ConfigError::new(
+                    "event_forwarder.token_file",
+                    format!("{} is empty", path.display()),
+                ));
+            }
+            Some((Secret::new(t), "event_forwarder.token_file"))
+        }
+        (None, None) => None,
+    };
+    match token {
+        Some((t, key)) => {
+            if reqwest::header::HeaderValue::from_str(t.expose()).is_err() {
+                return Err(ConfigError::new(
+                    key,
+                    "the token is not a valid HTTP header value (visible ASCII only)",
+                ));
+            }
+            Ok(Some(t))
+        }
+        None => Ok(None),
+    }
+}
+
+/// Forwards each event (or each Kinesis record) to the endpoint.
+pub struct EventForwarder {
+    forwarder: Forwarder,
+    ordered: bool,
+    retry: RetryConfig,
+}
+
+impl EventForwarder {
+    /// A processor posting through `forwarder`; `ordered` retries in place using `retry`.
+    pub fn new(forwarder: Forwarder, ordered: bool, retry: RetryConfig) -> Self {
+        Self {
+            forwarder,
+            ordered,
+            retry,
+        }
+    }
+
+    /// Posts once, or in ordered mode until it is not retryable or the attempts run out
+    /// (then the event is reported Rejected, i.e. dead-lettered).
+    async fn post(&self, body: &str) -> PostResult {
+        let mut attempt: u32 = 0;
+        loop {
+            let r = self.forwarder.post(body).await;
+            let label = match &r {
+                PostResult::Delivered(_) => "delivered",
+                PostResult::Retryable(_) => "retry",
+                PostResult::Rejected(_) => "rejected",
+            };
+            metrics::counter!(POSTS_METRIC, "result" => label).increment(1);
+            match r {
+                PostResult::Retryable(e) if self.ordered => {
+                    attempt = attempt.saturating_add(1);
+                    if attempt >= self.retry.max_attempts {
+                        return PostResult::Rejected(format!(
+                            "gave up after {attempt} attempts in place (ordered mode): {e}"
+                        ));
+                    }
+                    let delay = self.retry.delay_for_attempt(attempt - 1);
+                    tracing::warn!(error = %e, attempt, retry_in_ms = delay, "retrying in place");
+                    tokio::time::sleep(Duration::from_millis(delay)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn handle_single(&self, body: &RawValue) -> Outcome {
+        match self.post(body.get()).await {
+            PostResult::Delivered(status) => Outcome::success(json!({
+                "kind": "event",
+                "records": 1,
+                "status": status,
+                "delivered": [0],
+                "dead_lettered": [],
+                "skipped": [],
+            })),
+            PostResult::Retryable(e) => Outcome::retry(e),
+            PostResult::Rejected(e) => Outcome::permanent(e),
+        }
+    }
+
+    async fn handle_records(
+        &self,
+        records: &[crate::envelope::KinesisRecord<'_>],
+        ctx: &MessageContext,
+    ) -> Outcome {
+        let before: BTreeSet<String> = framework::headers::get_str(&ctx.headers, DONE_HEADER)
+            .map(|s| {
+                s.split(',')
+                    .filter(|p| !p.is_empty())
+                    .map(String::from)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut done = before.clone();
+        let (mut delivered, mut dead, mut skipped) = (Vec::new(), Vec::new(), Vec::new());
+        let mut retry: Option<String> = None;
+        let mut pending = 0usize;
+        for (i, r) in records.iter().enumerate() {
+            let fp = fingerprint(r.kinesis);
+            if before.contains(&fp) {
+                skipped.push(i);
+                continue;
+            }
+            match self.post(r.kinesis.get()).await {
+                PostResult::Delivered(_) => {
+                    done.insert(fp);
+                    delivered.push(i);
+                }
+                PostResult::Rejected(e) => {
+                    let why = format!("record {i} of {}: {e}", records.len());
+                    match ctx
+                        .dead_letter(single_record_envelope(r.record), &why)
+                        .await
+                    {
+                        Ok(()) => {
+                            tracing::warn!(record = i, error = %e, "record dead-lettered");
+                            done.insert(fp);
+                            dead.push(i);
+                        }
+                        Err(pe) => {
+                            pending += 1;
+                            retry.get_or_insert(format!("dead-lettering record {i} failed: {pe}"));
+                        }
+                    }
+                }
+                PostResult::Retryable(e) => {
+                    pending += 1;
+                    retry.get_or_insert(format!("record {i} of {}: {e}", records.len()));
+                }
+            }
+        }
+        let list: Vec<&str> = done.iter().map(String::as_str).collect();
+        ctx.set_retry_header(DONE_HEADER, &list.join(","));
+        if let Some(first) = retry {
+            return Outcome::retry(format!(
+                "{pending} of {} records not delivered yet; first: {first}",
+                records.len()
+            ));
+        }
+        Outcome::success(json!({
+            "kind": "kinesis",
+            "records": records.len(),
+            "delivered": delivered,
+            "dead_lettered": dead,
+            "skipped": skipped,
+        }))
+    }
+}
+
+#[framework::async_trait]
+impl MessageProcessor for EventForwarder {
+    type Input = Box<RawValue>;
+
+    async fn handle(&self, input: Box<RawValue>, ctx: &MessageContext) -> Outcome {
+        match split(&input) {
+            Events::Single(body) => self.handle_single(body).await,
+            Events::Kinesis(records) => self.handle_records(&records, ctx).await,
+        }
+    }
+}
+
+/// The event-forwarder service: `events` / `#` → HTTP POST.
+pub struct EventForwarderService;
+
+#[framework::async_trait]
+impl Service for EventForwarderService {
+    const NAME: &'static str = "event-forwarder";
+    const SECTION: &'static str = "event_forwarder";
+    type Settings = ForwarderSettings;
+    type Processor = EventForwarder;
+
+    fn binding(_cfg: &Config<ForwarderSettings>) -> framework::Binding {
+        framework::Binding {
+            exchange: INPUT_EXCHANGE.to_string(),
+            routing_keys: vec!["#".to_string()],
+            output_routing_key: OUTPUT_ROUTING_KEY.to_string(),
+        }
+    }
+
+    fn validate(cfg: &Config<ForwarderSettings>) -> Result<(), ConfigError> {
+        let s = &cfg.settings;
+        endpoint_of(s)?;
+        token_of(s)?;
+        if s.timeout_ms == 0 {
+            return Err(ConfigError::new(
+                "event_forwarder.timeout_ms",
+                "must be at least 1",
+            ));
+        }
+        if s.ordered && cfg.amqp.prefetch != 1 {
+            return Err(ConfigError::new(
+                "event_forwarder.ordered",
+                format!(
+                    "ordered = true needs [amqp] prefetch = 1 (one message in flight), got {}",
+                    cfg.amqp.prefetch
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn processor(cfg: &Config<ForwarderSettings>) -> Result<EventForwarder, BoxError> {
+        let s = &cfg.settings;
+        let endpoint = endpoint_of(s)?;
+        let token = token_of(s)?;
+        if token.is_none() {
+            tracing::warn!("no token or token_file: events are POSTed without Authorization");
+        }
+        let fwd = Forwarder::new(
+            endpoint.clone(),
+            token.as_ref(),
+            Duration::from_millis(s.timeout_ms),
+        )?;
+        tracing::info!(endpoint = %endpoint, ordered = s.ordered, timeout_ms = s.timeout_ms, "forwarding events");
+        Ok(EventForwarder::new(fwd, s.ordered, cfg.retry.clone()))
+    }
+}

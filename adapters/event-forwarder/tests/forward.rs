@@ -1,0 +1,153 @@
+//! One POST against a real local HTTP server: status mapping, headers, body, timeouts.
+
+use std::time::Duration;
+
+use event_forwarder::forward::{Forwarder, PostResult};
+use framework::Secret;
+use wiremock::matchers::{body_string, header, method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+const TOKEN: &str = "s3cr3t-token-value";
+
+async fn server_answering(status: u16, body: &str) -> MockServer {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/events"))
+        .respond_with(ResponseTemplate::new(status).set_body_string(body))
+        .mount(&server)
+        .await;
+    server
+}
+
+fn forwarder(base: &str, timeout_ms: u64) -> Forwarder {
+    Forwarder::new(
+        format!("{base}/events").parse().unwrap(),
+        Some(&Secret::new(TOKEN)),
+        Duration::from_millis(timeout_ms),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn posts_the_body_unchanged_with_authorization_and_content_type() {
+    let server = MockServer::start().await;
+    let body = r#"{"z":1, "a":{"b":[3,2,1]},"type":"member-registered"}"#;
+    Mock::given(method("POST"))
+        .and(path("/events"))
+        .and(header("Authorization", TOKEN))
+        .and(header("Content-Type", "application/json"))
+        .and(body_string(body))
+        .respond_with(ResponseTemplate::new(201))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let r = forwarder(&server.uri(), 5000).post(body).await;
+    assert_eq!(r, PostResult::Delivered(201));
+}
+
+#[tokio::test]
+async fn two_hundreds_are_delivered() {
+    for s in [200, 202, 204] {
+        let server = server_answering(s, "").await;
+        assert_eq!(
+            forwarder(&server.uri(), 5000).post("{}").await,
+            PostResult::Delivered(s)
+        );
+    }
+}
+
+#[tokio::test]
+async fn four_hundreds_are_rejected_with_status_and_body_but_no_token() {
+    for s in [400, 401, 403, 404, 422] {
+        let server = server_answering(s, "no such member").await;
+        match forwarder(&server.uri(), 5000).post("{}").await {
+            PostResult::Rejected(e) => {
+                assert!(e.contains(&s.to_string()), "{e}");
+                assert!(e.contains("no such member"), "{e}");
+                assert!(!e.contains(TOKEN), "{e}");
+            }
+            r => panic!("{s}: {r:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn redirects_are_not_followed_and_rejected() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(302).insert_header("Location", "/elsewhere"))
+        .mount(&server)
+        .await;
+    assert!(matches!(
+        forwarder(&server.uri(), 5000).post("{}").await,
+        PostResult::Rejected(_)
+    ));
+    assert_eq!(server.received_requests().await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn five_hundreds_408_and_429_are_retryable() {
+    for s in [408, 429, 500, 502, 503] {
+        let server = server_answering(s, "busy").await;
+        match forwarder(&server.uri(), 5000).post("{}").await {
+            PostResult::Retryable(e) => assert!(e.contains(&s.to_string()), "{e}"),
+            r => panic!("{s}: {r:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn long_error_bodies_are_truncated() {
+    let server = server_answering(500, &"x".repeat(10_000)).await;
+    let PostResult::Retryable(e) = forwarder(&server.uri(), 5000).post("{}").await else {
+        panic!("retryable expected")
+    };
+    assert!(e.len() < 400, "{} bytes", e.len());
+}
+
+#[tokio::test]
+async fn a_timeout_is_retryable() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_delay(Duration::from_secs(5)))
+        .mount(&server)
+        .await;
+    let started = std::time::Instant::now();
+    match forwarder(&server.uri(), 200).post("{}").await {
+        PostResult::Retryable(e) => assert!(e.contains("timed out"), "{e}"),
+        r => panic!("{r:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
+
+#[tokio::test]
+async fn connection_refused_is_retryable() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    match forwarder(&format!("http://127.0.0.1:{port}"), 2000)
+        .post("{}")
+        .await
+    {
+        PostResult::Retryable(e) => {
+            assert!(e.contains("connect"), "{e}");
+            assert!(!e.contains(TOKEN));
+        }
+        r => panic!("{r:?}"),
+    }
+}
+
+#[tokio::test]
+async fn without_a_token_no_authorization_is_sent() {
+    let server = server_answering(200, "").await;
+    let f = Forwarder::new(
+        format!("{}/events", server.uri()).parse().unwrap(),
+        None,
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    assert_eq!(f.post("{}").await, PostResult::Delivered(200));
+    let reqs = server.received_requests().await.unwrap();
+    assert!(reqs[0].headers.get("authorization").is_none());
+}

@@ -1,0 +1,406 @@
+//! event-forwarder against the real RabbitMQ and a real local HTTP server.
+
+use event_forwarder::EventForwarderService;
+use framework::lapin::BasicProperties;
+use framework::lapin::message::Delivery;
+use framework::testing::*;
+use serde_json::{Value, json};
+use wiremock::matchers::{body_string, body_string_contains, header as http_header, method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+const TOKEN: &str = "tok-9f8e7d6c5b4a";
+
+async fn start(server: &MockServer, data: &std::path::Path, extra: &[(&str, &str)]) -> Harness {
+    let endpoint = format!("{}/events", server.uri());
+    let mut all: Vec<(&str, &str)> = vec![("event_forwarder.endpoint", endpoint.as_str())];
+    if !extra
+        .iter()
+        .any(|(k, _)| k.starts_with("event_forwarder.token"))
+    {
+        all.push(("event_forwarder.token", TOKEN));
+    }
+    all.extend_from_slice(extra);
+    Harness::start_service::<EventForwarderService>(service_config::<EventForwarderService>(
+        data, &all,
+    ))
+    .await
+}
+
+fn json_of(d: &Delivery) -> Value {
+    serde_json::from_slice(&d.data).unwrap()
+}
+
+fn with_id(id: &str) -> BasicProperties {
+    BasicProperties::default().with_message_id(id.into())
+}
+
+/// No header of `d` contains the token.
+fn assert_no_token(d: &Delivery) {
+    if let Some(h) = d.properties.headers() {
+        for (k, v) in h.inner() {
+            assert!(
+                !format!("{v:?}").contains(TOKEN),
+                "token leaked in header {k}"
+            );
+        }
+    }
+    assert!(!String::from_utf8_lossy(&d.data).contains(TOKEN));
+}
+
+async fn bodies(server: &MockServer) -> Vec<String> {
+    server
+        .received_requests()
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| String::from_utf8(r.body.clone()).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn an_event_is_posted_unchanged_with_the_token() {
+    let server = MockServer::start().await;
+    let body = r#"{"type":"member-registered", "data":{"z":1,"a":[2,1]},"Records":"not kinesis"}"#;
+    Mock::given(method("POST"))
+        .and(path("/events"))
+        .and(http_header("Authorization", TOKEN))
+        .and(http_header("Content-Type", "application/json"))
+        .and(body_string(body))
+        .respond_with(ResponseTemplate::new(204))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let data = tempfile::tempdir().unwrap();
+    let hs = start(&server, data.path(), &[]).await;
+    let mut out = hs.watch_output().await;
+    hs.publish("member.registered", body.as_bytes(), with_id("ev-1"))
+        .await;
+    let o = next(&mut out).await;
+    assert_eq!(
+        o.routing_key.as_str(),
+        "storagetier.eventforwarder.event.success"
+    );
+    assert_eq!(header(&o, "x-in-response-to").as_deref(), Some("ev-1"));
+    let s = json_of(&o);
+    assert_eq!(s["kind"], "event");
+    assert_eq!(s["status"], 204);
+    assert_no_token(&o);
+}
+
+#[tokio::test]
+async fn a_4xx_dead_letters_the_event_without_the_token() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(422).set_body_string("invalid member"))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let data = tempfile::tempdir().unwrap();
+    let hs = start(&server, data.path(), &[]).await;
+    let mut dlq = hs.watch_dlq().await;
+    let body = br#"{"type":"bad"}"#;
+    hs.publish("member.bad", body, with_id("ev-2")).await;
+    let d = next(&mut dlq).await;
+    assert_eq!(
+        d.data,
+        body.to_vec(),
+        "dead letter keeps the body byte-for-byte"
+    );
+    assert_eq!(header(&d, "x-error-kind").as_deref(), Some("permanent"));
+    let err = header(&d, "x-error").unwrap();
+    assert!(
+        err.contains("422") && err.contains("invalid member"),
+        "{err}"
+    );
+    assert_no_token(&d);
+}
+
+#[tokio::test]
+async fn a_5xx_is_retried_until_delivered() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(503))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&server)
+        .await;
+    let data = tempfile::tempdir().unwrap();
+    let hs = start(&server, data.path(), &[]).await;
+    let mut out = hs.watch_output().await;
+    hs.publish("k", br#"{"n":1}"#, with_id("ev-3")).await;
+    let o = next(&mut out).await;
+    assert_eq!(int_header(&o, "x-retry-count"), None);
+    assert_eq!(json_of(&o)["status"], 200);
+    assert_eq!(bodies(&server).await, vec![r#"{"n":1}"#; 2]);
+}
+
+fn record(seq: &str) -> Value {
+    json!({
+        "eventID": format!("shardId-000000000000:{seq}"),
+        "eventSource": "aws:kinesis",
+        "kinesis": {
+            "kinesisSchemaVersion": "1.0",
+            "partitionKey": "member",
+            "sequenceNumber": seq,
+            "data": "eyJ0eXBlIjoibWVtYmVyLXJlZ2lzdGVyZWQifQ==",
+        }
+    })
+}
+
+#[tokio::test]
+async fn kinesis_records_succeed_or_fail_on_their_own() {
+    let server = MockServer::start().await;
+    Mock::given(body_string_contains("seq-bad"))
+        .respond_with(ResponseTemplate::new(400).set_body_string("malformed"))
+        .mount(&server)
+        .await;
+    Mock::given(body_string_contains("seq-flaky"))
+        .respond_with(ResponseTemplate::new(500))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(http_header("Authorization", TOKEN))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&server)
+        .await;
+    let data = tempfile::tempdir().unwrap();
+    let hs = start(&server, data.path(), &[]).await;
+    let mut out = hs.watch_output().await;
+    let mut dlq = hs.watch_dlq().await;
+    let (ok, bad, flaky) = (record("seq-ok"), record("seq-bad"), record("seq-flaky"));
+    let body = json!({"Records": [ok, bad, flaky]});
+    hs.publish("kinesis", body.to_string().as_bytes(), with_id("batch-1"))
+        .await;
+
+    let d = next(&mut dlq).await;
+    let dead = json_of(&d);
+    assert_eq!(dead, json!({"Records": [bad]}), "only the refused record");
+    let err = header(&d, "x-error").unwrap();
+    assert!(
+        err.contains("record 1 of 3") && err.contains("400"),
+        "{err}"
+    );
+    assert_no_token(&d);
+
+    let o = next(&mut out).await;
+    let s = json_of(&o);
+    assert_eq!(s["kind"], "kinesis");
+    assert_eq!(
+        s["delivered"],
+        json!([2]),
+        "the retry delivered the flaky record"
+    );
+    assert_eq!(
+        s["skipped"],
+        json!([0, 1]),
+        "done records are not posted again"
+    );
+
+    let posted = bodies(&server).await;
+    let count = |seq: &str| posted.iter().filter(|b| b.contains(seq)).count();
+    assert_eq!(count("seq-ok"), 1);
+    assert_eq!(count("seq-bad"), 1);
+    assert_eq!(count("seq-flaky"), 2);
+    // Each post is the record's `kinesis` object alone.
+    let first: Value = serde_json::from_str(&posted[0]).unwrap();
+    assert_eq!(first, ok["kinesis"]);
+    assert!(
+        next_within(&mut dlq, std::time::Duration::from_millis(300))
+            .await
+            .is_none()
+    );
+}
+
+#[tokio::test]
+async fn the_token_can_come_from_a_file() {
+    let server = MockServer::start().await;
+    Mock::given(http_header("Authorization", "file-token-123"))
+        .respond_with(ResponseTemplate::new(200))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let data = tempfile::tempdir().unwrap();
+    let tf = data.path().join("token");
+    std::fs::write(&tf, "  file-token-123\n").unwrap();
+    let tf = tf.display().to_string();
+    let hs = start(&server, data.path(), &[("event_forwarder.token_file", &tf)]).await;
+    let mut out = hs.watch_output().await;
+    hs.publish("k", b"{}", with_id("ev-5")).await;
+    assert_eq!(json_of(&next(&mut out).await)["status"], 200);
+}
+
+#[tokio::test]
+async fn ordered_mode_retries_in_place_and_keeps_order() {
+    let server = MockServer::start().await;
+    Mock::given(body_string_contains("first"))
+        .respond_with(ResponseTemplate::new(503))
+        .up_to_n_times(2)
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&server)
+        .await;
+    let data = tempfile::tempdir().unwrap();
+    let hs = start(
+        &server,
+        data.path(),
+        &[("event_forwarder.ordered", "true"), ("amqp.prefetch", "1")],
+    )
+    .await;
+    let mut out = hs.watch_output().await;
+    hs.publish("k", br#"{"e":"first"}"#, with_id("m1")).await;
+    hs.publish("k", br#"{"e":"second"}"#, with_id("m2")).await;
+    let o1 = next(&mut out).await;
+    let o2 = next(&mut out).await;
+    assert_eq!(header(&o1, "x-in-response-to").as_deref(), Some("m1"));
+    assert_eq!(header(&o2, "x-in-response-to").as_deref(), Some("m2"));
+    assert_eq!(
+        bodies(&server).await,
+        vec![
+            r#"{"e":"first"}"#,
+            r#"{"e":"first"}"#,
+            r#"{"e":"first"}"#,
+            r#"{"e":"second"}"#
+        ],
+        "the second event waits until the first is delivered"
+    );
+    for d in &hs.delays {
+        assert_eq!(ready_count(&hs.ch, &format!("{}-retry-{d}", hs.q)).await, 0);
+    }
+}
+
+#[tokio::test]
+async fn ordered_mode_gives_up_after_max_attempts() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(500))
+        .mount(&server)
+        .await;
+    let data = tempfile::tempdir().unwrap();
+    let hs = start(
+        &server,
+        data.path(),
+        &[
+            ("event_forwarder.ordered", "true"),
+            ("amqp.prefetch", "1"),
+            ("retry.max_attempts", "3"),
+        ],
+    )
+    .await;
+    let mut dlq = hs.watch_dlq().await;
+    hs.publish("k", br#"{"e":"doomed"}"#, with_id("m3")).await;
+    let d = next(&mut dlq).await;
+    let err = header(&d, "x-error").unwrap();
+    assert!(err.contains("gave up after 3 attempts"), "{err}");
+    assert_eq!(bodies(&server).await.len(), 3);
+}
+
+fn run_bin(env: &[(&str, &str)]) -> (Option<i32>, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_event-forwarder"));
+    cmd.arg("check-config")
+        .current_dir(dir.path())
+        .env_remove("APP_ENV")
+        .env_remove("STORAGETIER_CONFIG_DIR");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+const EP: &str = "STORAGETIER__EVENT_FORWARDER__ENDPOINT";
+
+#[test]
+fn config_errors_exit_2_naming_the_key() {
+    let cases: &[(&[(&str, &str)], &str)] = &[
+        (&[], "event_forwarder.endpoint"),
+        (&[(EP, "ftp://example.org/x")], "event_forwarder.endpoint"),
+        (&[(EP, "not a url")], "event_forwarder.endpoint"),
+        (
+            &[(EP, "http://u:pw@example.org/")],
+            "event_forwarder.endpoint",
+        ),
+        (
+            &[
+                (EP, "http://h/"),
+                ("STORAGETIER__EVENT_FORWARDER__ORDERED", "true"),
+            ],
+            "event_forwarder.ordered",
+        ),
+        (
+            &[
+                (EP, "http://h/"),
+                (
+                    "STORAGETIER__EVENT_FORWARDER__TOKEN_FILE",
+                    "/nonexistent/tok",
+                ),
+            ],
+            "event_forwarder.token_file",
+        ),
+        (
+            &[
+                (EP, "http://h/"),
+                ("STORAGETIER__EVENT_FORWARDER__TOKEN", TOKEN),
+                ("STORAGETIER__EVENT_FORWARDER__TOKEN_FILE", "/etc/hostname"),
+            ],
+            "event_forwarder.token_file",
+        ),
+        (
+            &[
+                (EP, "http://h/"),
+                ("STORAGETIER__EVENT_FORWARDER__TIMEOUT_MS", "0"),
+            ],
+            "event_forwarder.timeout_ms",
+        ),
+        (
+            &[
+                (EP, "http://h/"),
+                ("STORAGETIER__EVENT_FORWARDER__BOGUS", "1"),
+            ],
+            "event_forwarder",
+        ),
+    ];
+    for (env, key) in cases {
+        let (code, _, err) = run_bin(env);
+        assert_eq!(code, Some(2), "{env:?}: {err}");
+        assert!(err.contains(key), "{env:?}: {err}");
+        assert!(!err.contains(TOKEN), "{err}");
+    }
+}
+
+#[test]
+fn check_config_shows_defaults_and_hides_the_token() {
+    let (code, out, err) = run_bin(&[
+        (EP, "https://core.example.org/events"),
+        ("STORAGETIER__EVENT_FORWARDER__TOKEN", TOKEN),
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(!out.contains(TOKEN) && !err.contains(TOKEN));
+    let cfg: Value = serde_json::from_str(&out).unwrap();
+    let s = &cfg["settings"];
+    assert_eq!(s["token"], "***");
+    assert_eq!(s["endpoint"], "https://core.example.org/events");
+    assert_eq!(s["timeout_ms"], 10000);
+    assert_eq!(s["ordered"], false);
+    assert_eq!(cfg["service"]["queue"], "storagetier-event-forwarder");
+
+    let (code, _, err) = run_bin(&[
+        (EP, "http://h/"),
+        ("STORAGETIER__EVENT_FORWARDER__ORDERED", "true"),
+        ("STORAGETIER__AMQP__PREFETCH", "1"),
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+}
