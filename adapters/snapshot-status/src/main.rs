@@ -1,6 +1,11 @@
-//! snapshot-status (not implemented yet).
+//! `snapshot-status` binary: the framework CLI plus a `status <correlation-id>` command.
 
-fn main() -> std::process::ExitCode {
-    eprintln!("snapshot-status: not implemented yet");
-    std::process::ExitCode::from(1)
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if snapshot_status::cli::is_status_command(&args) {
+        return snapshot_status::cli::status_main(&args);
+    }
+    framework::cli::main::<snapshot_status::SnapshotStatus>()
 }

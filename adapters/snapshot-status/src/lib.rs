@@ -1,0 +1,375 @@
+//! snapshot-status: DataWorks snapshot-sender status messages → per-collection state,
+//! export-state and monitoring messages, product status (design §7).
+
+pub mod cli;
+pub mod message;
+pub mod store;
+
+use std::collections::BTreeSet;
+
+use db::DatabaseUrl;
+use framework::config::{Config, ConfigError};
+use framework::lapin::ExchangeKind;
+use framework::lapin::options::ExchangeDeclareOptions;
+use framework::lapin::types::FieldTable;
+use framework::{
+    Binding, BoxError, MessageContext, MessageProcessor, Outcome, Publication, Service, async_trait,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use message::{FILENAME_NOT_SET, Input, Kind, StatusMessage, decode, title_case};
+use store::{Store, StoreError};
+
+/// Routing key of export-state messages.
+pub const EXPORT_STATE_KEY: &str = "snapshot.export-state";
+/// Routing key of monitoring messages.
+pub const MONITORING_KEY: &str = "monitoring.snapshot-sender";
+/// Header listing the 1-based records of a batch already dead-lettered (kept across retries).
+pub const DEAD_LETTERED_HEADER: &str = "x-dead-lettered-records";
+
+/// `[snapshot_status]` keys besides the framework's.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotStatusSettings {
+    /// `postgres://…` or `sqlite://…` (unset = `<data_dir>/snapshot-status.db`).
+    #[serde(default)]
+    pub database_url: Option<DatabaseUrl>,
+    /// Exchange export-state messages go to.
+    #[serde(default = "default_export_state_exchange")]
+    pub export_state_exchange: String,
+    /// Exchange monitoring messages go to.
+    #[serde(default = "default_monitoring_exchange")]
+    pub monitoring_exchange: String,
+}
+
+fn default_export_state_exchange() -> String {
+    "snapshot-export-state".into()
+}
+
+fn default_monitoring_exchange() -> String {
+    "monitoring".into()
+}
+
+/// The snapshot-status service.
+pub struct SnapshotStatus;
+
+/// The message processor.
+pub struct StatusProcessor {
+    store: Store,
+    export_state_exchange: String,
+    monitoring_exchange: String,
+}
+
+/// The result of one status message: what to report, publish, or why nothing happened.
+#[derive(Debug)]
+struct Handled {
+    report: Value,
+    extra: Vec<Publication>,
+    dropped: Option<String>,
+}
+
+fn export_state(m: &StatusMessage) -> Value {
+    json!({
+        "shutdown_flag": m.shutdown_flag,
+        "correlation_id": m.correlation_id,
+        "topic_name": m.collection_name,
+        "snapshot_type": m.snapshot_type,
+        "reprocess_files": m.reprocess_files,
+        "export_date": m.export_date,
+        "send_success_indicator": "true",
+    })
+}
+
+/// The monitoring message sent when every collection of a run is successful.
+pub fn monitoring(m: &StatusMessage) -> Value {
+    json!({
+        "severity": "Critical",
+        "notification_type": "Information",
+        "slack_username": "Snapshot Sender",
+        "title_text": format!("{} - All collections successful", title_case(&m.snapshot_type)),
+        "custom_elements": [
+            {"key": "Export date", "value": m.export_date},
+            {"key": "Correlation Id", "value": m.correlation_id},
+        ],
+    })
+}
+
+impl StatusProcessor {
+    /// A processor over `store` publishing to the given exchanges.
+    pub fn new(store: Store, export_state_exchange: &str, monitoring_exchange: &str) -> Self {
+        Self {
+            store,
+            export_state_exchange: export_state_exchange.to_string(),
+            monitoring_exchange: monitoring_exchange.to_string(),
+        }
+    }
+
+    /// The store (for tests and tools).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Handles one valid status message; `dedupe` keys a file without a name.
+    async fn handle_one(
+        &self,
+        m: &StatusMessage,
+        dedupe: &str,
+        retried: bool,
+    ) -> Result<Handled, StoreError> {
+        let mut extra = Vec::new();
+        let mut dropped = None;
+        let (collection, kind, counted) = match m.kind() {
+            Kind::Counts => {
+                let (c, moved) = self.store.record_counts(m).await?;
+                // A retried counts message re-emits, so a lost publish is not lost for good.
+                if moved || (retried && c.status == "Received") {
+                    extra.push(Publication::json(
+                        &self.export_state_exchange,
+                        EXPORT_STATE_KEY,
+                        &export_state(m),
+                    ));
+                    self.store.mark_product_received(&m.correlation_id).await?;
+                }
+                (c, "counts", true)
+            }
+            Kind::File => {
+                let key = if m.filename == FILENAME_NOT_SET {
+                    dedupe.to_string()
+                } else {
+                    format!("file:{}", m.filename)
+                };
+                let f = self.store.record_file(m, &key).await?;
+                if !f.counted {
+                    tracing::info!(file = %m.filename, "file already counted (redelivery)");
+                }
+                // The file that completed the collection re-emits on every redelivery.
+                if f.triggered_received {
+                    extra.push(Publication::json(
+                        &self.export_state_exchange,
+                        EXPORT_STATE_KEY,
+                        &export_state(m),
+                    ));
+                    self.store.mark_product_received(&m.correlation_id).await?;
+                }
+                (f.collection, "file", f.counted)
+            }
+            Kind::SuccessFile => {
+                let (c, moved) = self.store.record_success(m).await?;
+                let Some(c) = c else {
+                    let reason = format!(
+                        "success file for unknown collection `{}` of `{}`",
+                        m.collection_name, m.correlation_id
+                    );
+                    tracing::warn!("{reason}");
+                    return Ok(Handled {
+                        report: json!({"correlation_id": m.correlation_id,
+                            "collection_name": m.collection_name, "ignored": reason}),
+                        extra,
+                        dropped: Some(reason),
+                    });
+                };
+                if c.status != "Success" {
+                    let reason = format!(
+                        "success file for collection `{}` in status {}, not Received",
+                        m.collection_name, c.status
+                    );
+                    tracing::warn!("{reason}");
+                    dropped = Some(reason);
+                } else {
+                    let completed = self.store.mark_product_completed(&m.correlation_id).await?;
+                    let product = self.store.product_status(&m.correlation_id).await?;
+                    // Who completed the product publishes; a retried success file of a
+                    // completed product re-emits, so a lost publish is not lost for good.
+                    let is_completed = product.as_deref() == Some("COMPLETED");
+                    if is_completed && (completed || retried) {
+                        extra.push(Publication::json(
+                            &self.monitoring_exchange,
+                            MONITORING_KEY,
+                            &monitoring(m),
+                        ));
+                    }
+                }
+                (c, "success-file", moved)
+            }
+        };
+        let product = self.store.product_status(&m.correlation_id).await?;
+        Ok(Handled {
+            report: json!({
+                "correlation_id": collection.correlation_id,
+                "collection_name": collection.collection_name,
+                "kind": kind,
+                "filename": m.filename,
+                "counted": counted,
+                "status": collection.status,
+                "files_exported": collection.files_exported,
+                "files_sent": collection.files_sent,
+                "files_received": collection.files_received,
+                "files_expected": collection.files_expected(),
+                "product_status": product,
+                "published": extra.iter().map(|p| json!({"exchange": p.exchange, "routing_key": p.routing_key})).collect::<Vec<_>>(),
+            }),
+            extra,
+            dropped,
+        })
+    }
+}
+
+fn already_dead_lettered(ctx: &MessageContext) -> BTreeSet<usize> {
+    framework::headers::get_str(&ctx.headers, DEAD_LETTERED_HEADER)
+        .map(|s| s.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+fn dedupe_key(ctx: &MessageContext, record: usize) -> String {
+    match &ctx.message_id {
+        Some(id) => format!("message:{id}#{record}"),
+        None => format!("unnamed:{}", uuid::Uuid::new_v4()),
+    }
+}
+
+#[async_trait]
+impl MessageProcessor for StatusProcessor {
+    type Input = Value;
+
+    async fn handle(&self, input: Value, ctx: &MessageContext) -> Outcome {
+        let retried = ctx.redelivered || ctx.attempt > 0;
+        match decode(&input) {
+            Input::Single(Err(e)) => Outcome::permanent(e),
+            Input::Single(Ok(m)) => match self.handle_one(&m, &dedupe_key(ctx, 1), retried).await {
+                Err(e) => Outcome::retry(e),
+                Ok(h) => match h.dropped {
+                    Some(reason) if h.extra.is_empty() => Outcome::drop(reason),
+                    _ => Outcome::success(h.report).with_extra(h.extra),
+                },
+            },
+            Input::Records(records) => {
+                let mut dead = already_dead_lettered(ctx);
+                let mut reports = Vec::new();
+                let mut extra = Vec::new();
+                for (i, r) in records.into_iter().enumerate() {
+                    let n = i + 1;
+                    match r.parsed {
+                        Err(e) => {
+                            if !dead.contains(&n) {
+                                let reason = format!("record {n}: {e}");
+                                tracing::warn!("dead-lettering {reason}");
+                                if let Err(pe) = ctx.dead_letter(r.raw, &reason).await {
+                                    return Outcome::retry(format!(
+                                        "cannot dead-letter record {n}: {pe}"
+                                    ));
+                                }
+                                dead.insert(n);
+                                let list: Vec<String> =
+                                    dead.iter().map(|d| d.to_string()).collect();
+                                ctx.set_retry_header(DEAD_LETTERED_HEADER, &list.join(","));
+                            }
+                            reports.push(json!({"record": n, "dead_lettered": e.to_string()}));
+                        }
+                        Ok(m) => match self.handle_one(&m, &dedupe_key(ctx, n), retried).await {
+                            Err(e) => return Outcome::retry(format!("record {n}: {e}")),
+                            Ok(mut h) => {
+                                if let Value::Object(o) = &mut h.report {
+                                    o.insert("record".into(), json!(n));
+                                }
+                                reports.push(h.report);
+                                extra.extend(h.extra);
+                            }
+                        },
+                    }
+                }
+                Outcome::success(json!({"records": reports})).with_extra(extra)
+            }
+        }
+    }
+}
+
+/// The database URL in effect: the configured one, else SQLite under the data dir.
+pub fn database_url(cfg: &Config<SnapshotStatusSettings>) -> String {
+    match &cfg.settings.database_url {
+        Some(u) => u.0.clone(),
+        None => db::default_url(&cfg.storage.data_dir, SnapshotStatus::NAME),
+    }
+}
+
+async fn declare_exchanges(cfg: &Config<SnapshotStatusSettings>) -> Result<(), BoxError> {
+    let conn = framework::runtime::connect(&cfg.amqp, SnapshotStatus::NAME).await?;
+    let ch = conn.create_channel().await?;
+    for ex in [
+        &cfg.settings.export_state_exchange,
+        &cfg.settings.monitoring_exchange,
+    ] {
+        ch.exchange_declare(
+            ex.as_str().into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| format!("cannot declare exchange `{ex}`: {e}"))?;
+    }
+    let _ = conn.close(200, "exchanges declared".into()).await;
+    Ok(())
+}
+
+#[async_trait]
+impl Service for SnapshotStatus {
+    const NAME: &'static str = "snapshot-status";
+    const SECTION: &'static str = "snapshot_status";
+    type Settings = SnapshotStatusSettings;
+    type Processor = StatusProcessor;
+
+    fn binding(_cfg: &Config<SnapshotStatusSettings>) -> Binding {
+        Binding {
+            exchange: "snapshot-sender".into(),
+            routing_keys: vec!["snapshot.status.#".into()],
+            output_routing_key: "storagetier.snapshotstatus.status".into(),
+        }
+    }
+
+    fn validate(cfg: &Config<SnapshotStatusSettings>) -> Result<(), ConfigError> {
+        let s = &cfg.settings;
+        if let Some(u) = &s.database_url
+            && !(u.0.starts_with("sqlite://") || db::is_postgres(&u.0))
+        {
+            return Err(ConfigError::new(
+                "snapshot_status.database_url",
+                format!(
+                    "`{}` is not a sqlite:// or postgres:// URL",
+                    db::redact_url(&u.0)
+                ),
+            ));
+        }
+        for (key, v) in [
+            (
+                "snapshot_status.export_state_exchange",
+                &s.export_state_exchange,
+            ),
+            (
+                "snapshot_status.monitoring_exchange",
+                &s.monitoring_exchange,
+            ),
+        ] {
+            if v.trim().is_empty() {
+                return Err(ConfigError::new(key, "must not be empty"));
+            }
+        }
+        Ok(())
+    }
+
+    async fn processor(cfg: &Config<SnapshotStatusSettings>) -> Result<StatusProcessor, BoxError> {
+        let url = database_url(cfg);
+        let store = Store::open(&url)
+            .await
+            .map_err(|e| format!("cannot open database {}: {e}", db::redact_url(&url)))?;
+        declare_exchanges(cfg).await?;
+        Ok(StatusProcessor::new(
+            store,
+            &cfg.settings.export_state_exchange,
+            &cfg.settings.monitoring_exchange,
+        ))
+    }
+}

@@ -1,0 +1,298 @@
+//! Status messages: validation, defaults and the `Records[].body` envelope.
+
+use serde_json::{Map, Value};
+
+/// Default of `filename` when absent.
+pub const FILENAME_NOT_SET: &str = "NOT_SET";
+
+/// Why a status message (or one record) is invalid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidMessage {
+    /// A required field is absent.
+    #[error("field `{0}` is missing")]
+    Missing(&'static str),
+    /// A required field is JSON null.
+    #[error("field `{0}` is null")]
+    Null(&'static str),
+    /// A required field is an empty string.
+    #[error("field `{0}` is empty")]
+    Empty(&'static str),
+    /// A field has the wrong type or value.
+    #[error("field `{field}`: expected {expected}, found {found}")]
+    Type {
+        /// Field name.
+        field: &'static str,
+        /// What was expected.
+        expected: &'static str,
+        /// What was there.
+        found: String,
+    },
+    /// A `body` string is not JSON.
+    #[error("field `body`: not valid JSON: {0}")]
+    BodyJson(String),
+    /// The message is not an object / `Records` is not usable.
+    #[error("{0}")]
+    Shape(String),
+}
+
+/// A validated status message with defaults applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusMessage {
+    /// Snapshot run id.
+    pub correlation_id: String,
+    /// Collection (topic) name.
+    pub collection_name: String,
+    /// `full` / `incremental` …
+    pub snapshot_type: String,
+    /// Export date.
+    pub export_date: String,
+    /// Passed through to the export-state message (default "true").
+    pub shutdown_flag: String,
+    /// Passed through to the export-state message (default "true").
+    pub reprocess_files: String,
+    /// `is_success_file`, compared case-insensitively with "true" (default false).
+    pub is_success_file: bool,
+    /// File name (default `NOT_SET`).
+    pub filename: String,
+    /// Files the exporter wrote for the collection, when this message reports it.
+    pub files_exported: Option<i64>,
+    /// Files the sender sent for the collection, when this message reports it.
+    pub files_sent: Option<i64>,
+}
+
+/// What a status message asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Carries `files_exported` and/or `files_sent`.
+    Counts,
+    /// A success file arrived.
+    SuccessFile,
+    /// A data file arrived.
+    File,
+}
+
+impl StatusMessage {
+    /// The message's kind (counts take precedence over files).
+    pub fn kind(&self) -> Kind {
+        if self.files_exported.is_some() || self.files_sent.is_some() {
+            Kind::Counts
+        } else if self.is_success_file {
+            Kind::SuccessFile
+        } else {
+            Kind::File
+        }
+    }
+}
+
+/// One record of a message: its body bytes (dead-lettered as is) and its validation.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// The record body as received (a JSON string body: its text).
+    pub raw: Vec<u8>,
+    /// Validated message or why not.
+    pub parsed: Result<StatusMessage, InvalidMessage>,
+}
+
+/// A decoded input message.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// A plain status message.
+    Single(Result<StatusMessage, InvalidMessage>),
+    /// `{"Records": [{"body": …}, …]}`.
+    Records(Vec<Record>),
+}
+
+fn kind_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+fn required(o: &Map<String, Value>, f: &'static str) -> Result<String, InvalidMessage> {
+    match o.get(f) {
+        None => Err(InvalidMessage::Missing(f)),
+        Some(Value::Null) => Err(InvalidMessage::Null(f)),
+        Some(Value::String(s)) if s.trim().is_empty() => Err(InvalidMessage::Empty(f)),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(other) => Err(InvalidMessage::Type {
+            field: f,
+            expected: "string",
+            found: kind_name(other).into(),
+        }),
+    }
+}
+
+fn optional(
+    o: &Map<String, Value>,
+    f: &'static str,
+    default: &str,
+) -> Result<String, InvalidMessage> {
+    match o.get(f) {
+        None | Some(Value::Null) => Ok(default.to_string()),
+        Some(Value::String(s)) if s.is_empty() => Ok(default.to_string()),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Bool(b)) => Ok(b.to_string()),
+        Some(other) => Err(InvalidMessage::Type {
+            field: f,
+            expected: "string",
+            found: kind_name(other).into(),
+        }),
+    }
+}
+
+fn count(o: &Map<String, Value>, f: &'static str) -> Result<Option<i64>, InvalidMessage> {
+    match o.get(f) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) if n.as_i64().is_some_and(|i| i >= 0) => Ok(n.as_i64()),
+        Some(other) => Err(InvalidMessage::Type {
+            field: f,
+            expected: "an integer ≥ 0",
+            found: match other {
+                Value::Number(n) => n.to_string(),
+                v => kind_name(v).into(),
+            },
+        }),
+    }
+}
+
+/// Validates one status message object.
+pub fn parse_status(v: &Value) -> Result<StatusMessage, InvalidMessage> {
+    let Value::Object(o) = v else {
+        return Err(InvalidMessage::Shape(format!(
+            "expected a JSON object, found {}",
+            kind_name(v)
+        )));
+    };
+    Ok(StatusMessage {
+        correlation_id: required(o, "correlation_id")?,
+        collection_name: required(o, "collection_name")?,
+        snapshot_type: required(o, "snapshot_type")?,
+        export_date: required(o, "export_date")?,
+        shutdown_flag: optional(o, "shutdown_flag", "true")?,
+        reprocess_files: optional(o, "reprocess_files", "true")?,
+        is_success_file: optional(o, "is_success_file", "false")?.eq_ignore_ascii_case("true"),
+        filename: optional(o, "filename", FILENAME_NOT_SET)?,
+        files_exported: count(o, "files_exported")?,
+        files_sent: count(o, "files_sent")?,
+    })
+}
+
+fn parse_record(r: &Value) -> Record {
+    let body = match r {
+        Value::Object(o) => o.get("body"),
+        _ => None,
+    };
+    match body {
+        Some(Value::String(s)) => Record {
+            raw: s.as_bytes().to_vec(),
+            parsed: serde_json::from_str::<Value>(s)
+                .map_err(|e| InvalidMessage::BodyJson(e.to_string()))
+                .and_then(|v| parse_status(&v)),
+        },
+        Some(Value::Null) => Record {
+            raw: serde_json::to_vec(r).unwrap_or_default(),
+            parsed: Err(InvalidMessage::Null("body")),
+        },
+        Some(v) => Record {
+            raw: serde_json::to_vec(v).unwrap_or_default(),
+            parsed: parse_status(v),
+        },
+        None => Record {
+            raw: serde_json::to_vec(r).unwrap_or_default(),
+            parsed: Err(InvalidMessage::Missing("body")),
+        },
+    }
+}
+
+/// Decodes a message: `Records` envelope or a plain status message.
+pub fn decode(v: &Value) -> Input {
+    match v.get("Records") {
+        Some(Value::Array(recs)) if !recs.is_empty() => {
+            Input::Records(recs.iter().map(parse_record).collect())
+        }
+        Some(Value::Array(_)) => {
+            Input::Single(Err(InvalidMessage::Shape("`Records` is empty".into())))
+        }
+        Some(other) => Input::Single(Err(InvalidMessage::Type {
+            field: "Records",
+            expected: "array",
+            found: kind_name(other).into(),
+        })),
+        None => Input::Single(parse_status(v)),
+    }
+}
+
+/// Python-style title case: first letter of each alphabetic run upper, the rest lower.
+pub fn title_case(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut prev_alpha = false;
+    for c in s.chars() {
+        if c.is_alphabetic() {
+            if prev_alpha {
+                out.extend(c.to_lowercase());
+            } else {
+                out.extend(c.to_uppercase());
+            }
+            prev_alpha = true;
+        } else {
+            out.push(c);
+            prev_alpha = false;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn base() -> Value {
+        json!({"correlation_id":"c","collection_name":"db.a","snapshot_type":"full","export_date":"2020-01-01"})
+    }
+
+    #[test]
+    fn defaults() {
+        let m = parse_status(&base()).unwrap();
+        assert_eq!(m.shutdown_flag, "true");
+        assert_eq!(m.reprocess_files, "true");
+        assert!(!m.is_success_file);
+        assert_eq!(m.filename, FILENAME_NOT_SET);
+        assert_eq!(m.kind(), Kind::File);
+    }
+
+    #[test]
+    fn success_flag_is_case_insensitive() {
+        for v in ["true", "TRUE", "True", "tRuE"] {
+            let mut b = base();
+            b["is_success_file"] = json!(v);
+            assert!(parse_status(&b).unwrap().is_success_file, "{v}");
+        }
+        let mut b = base();
+        b["is_success_file"] = json!("yes");
+        assert!(!parse_status(&b).unwrap().is_success_file);
+    }
+
+    #[test]
+    fn counts_must_be_non_negative_integers() {
+        let mut b = base();
+        b["files_sent"] = json!(-1);
+        assert_eq!(
+            parse_status(&b).unwrap_err().to_string(),
+            "field `files_sent`: expected an integer ≥ 0, found -1"
+        );
+        b["files_sent"] = json!("3");
+        assert!(parse_status(&b).is_err());
+    }
+
+    #[test]
+    fn titles() {
+        assert_eq!(title_case("incremental"), "Incremental");
+        assert_eq!(title_case("FULL snapshot"), "Full Snapshot");
+    }
+}

@@ -1,0 +1,350 @@
+//! Collection and product state: every change is one atomic statement (or one
+//! transaction), so several instances never lose or double-count an update.
+
+use db::{AnyPool, Row};
+use serde::Serialize;
+
+use crate::message::StatusMessage;
+
+/// Migrations embedded in the binary.
+pub static MIGRATOR: db::Migrator = db::sqlx::migrate!("./migrations");
+
+/// Database failures (all transient for a message).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Opening or migrating the database failed.
+    #[error(transparent)]
+    Open(#[from] db::DbError),
+    /// A query failed.
+    #[error("database error: {0}")]
+    Query(#[from] db::sqlx::Error),
+}
+
+/// A collection row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Collection {
+    /// Snapshot run id.
+    pub correlation_id: String,
+    /// Collection name.
+    pub collection_name: String,
+    /// `Pending|Exported|Sent|Received|Success`.
+    pub status: String,
+    /// Reported by the exporter.
+    pub files_exported: Option<i64>,
+    /// Reported by the sender.
+    pub files_sent: Option<i64>,
+    /// Distinct files received so far.
+    pub files_received: i64,
+    /// Last change (RFC 3339).
+    pub updated_at: String,
+}
+
+impl Collection {
+    /// The count the collection waits for: `files_sent` once known, else `files_exported`.
+    pub fn files_expected(&self) -> Option<i64> {
+        self.files_sent.or(self.files_exported)
+    }
+}
+
+/// What recording a received file did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileOutcome {
+    /// The collection after the change.
+    pub collection: Collection,
+    /// False when the file had been counted before (redelivery).
+    pub counted: bool,
+    /// This file moved the collection to Received (now, or on its first delivery).
+    pub triggered_received: bool,
+}
+
+/// The state store.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: AnyPool,
+}
+
+fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+const COLS: &str = "correlation_id, collection_name, status, files_exported, files_sent, \
+                    files_received, updated_at";
+
+fn row_to_collection(r: &db::sqlx::any::AnyRow) -> Result<Collection, db::sqlx::Error> {
+    Ok(Collection {
+        correlation_id: r.try_get("correlation_id")?,
+        collection_name: r.try_get("collection_name")?,
+        status: r.try_get("status")?,
+        files_exported: r.try_get("files_exported")?,
+        files_sent: r.try_get("files_sent")?,
+        files_received: r.try_get("files_received")?,
+        updated_at: r.try_get("updated_at")?,
+    })
+}
+
+type Tx<'a> = db::sqlx::Transaction<'a, db::sqlx::Any>;
+
+impl Store {
+    /// Opens (and migrates) the database at `url`.
+    pub async fn open(url: &str) -> Result<Self, StoreError> {
+        Ok(Self {
+            pool: db::connect(url, &MIGRATOR).await?,
+        })
+    }
+
+    /// Closes the pool.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// All collections of a correlation id, by name.
+    pub async fn collections(&self, correlation_id: &str) -> Result<Vec<Collection>, StoreError> {
+        let sql = format!(
+            "SELECT {COLS} FROM snapshot_collections WHERE correlation_id = $1 ORDER BY collection_name"
+        );
+        let rows = db::sqlx::query(&sql)
+            .bind(correlation_id)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(row_to_collection)
+            .collect::<Result<_, _>>()?)
+    }
+
+    /// One collection.
+    pub async fn collection(
+        &self,
+        correlation_id: &str,
+        name: &str,
+    ) -> Result<Option<Collection>, StoreError> {
+        let sql = format!(
+            "SELECT {COLS} FROM snapshot_collections WHERE correlation_id = $1 AND collection_name = $2"
+        );
+        let row = db::sqlx::query(&sql)
+            .bind(correlation_id)
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().map(row_to_collection).transpose()?)
+    }
+
+    /// The product status of a correlation id (`RECEIVED`, `COMPLETED`), if any.
+    pub async fn product_status(&self, correlation_id: &str) -> Result<Option<String>, StoreError> {
+        let row = db::sqlx::query("SELECT status FROM snapshot_products WHERE correlation_id = $1")
+            .bind(correlation_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match row {
+            Some(r) => Some(r.try_get("status")?),
+            None => None,
+        })
+    }
+
+    async fn fetch(tx: &mut Tx<'_>, m: &StatusMessage) -> Result<Collection, StoreError> {
+        let sql = format!(
+            "SELECT {COLS} FROM snapshot_collections WHERE correlation_id = $1 AND collection_name = $2"
+        );
+        let row = db::sqlx::query(&sql)
+            .bind(&m.correlation_id)
+            .bind(&m.collection_name)
+            .fetch_one(&mut **tx)
+            .await?;
+        Ok(row_to_collection(&row)?)
+    }
+
+    /// Exported/Sent → Received when enough files arrived; true if this call moved it.
+    async fn try_receive(tx: &mut Tx<'_>, m: &StatusMessage) -> Result<bool, StoreError> {
+        let row = db::sqlx::query(
+            "UPDATE snapshot_collections SET status = 'Received', updated_at = $3 \
+             WHERE correlation_id = $1 AND collection_name = $2 AND status IN ('Exported', 'Sent') \
+             AND COALESCE(files_sent, files_exported) IS NOT NULL \
+             AND files_received >= COALESCE(files_sent, files_exported) RETURNING status",
+        )
+        .bind(&m.correlation_id)
+        .bind(&m.collection_name)
+        .bind(now())
+        .fetch_optional(&mut **tx)
+        .await?;
+        Ok(row.is_some())
+    }
+
+    /// Records `files_exported` / `files_sent`; returns the collection and whether it
+    /// became Received now.
+    pub async fn record_counts(&self, m: &StatusMessage) -> Result<(Collection, bool), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let initial = if m.files_sent.is_some() {
+            "Sent"
+        } else {
+            "Exported"
+        };
+        db::sqlx::query(
+            "INSERT INTO snapshot_collections (correlation_id, collection_name, status, \
+             files_exported, files_sent, files_received, snapshot_type, export_date, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, 0, $6, $7, $8) \
+             ON CONFLICT (correlation_id, collection_name) DO UPDATE SET \
+             files_exported = COALESCE(excluded.files_exported, snapshot_collections.files_exported), \
+             files_sent = COALESCE(excluded.files_sent, snapshot_collections.files_sent), \
+             status = CASE \
+               WHEN snapshot_collections.status IN ('Pending', 'Exported') \
+                    AND excluded.files_sent IS NOT NULL THEN 'Sent' \
+               WHEN snapshot_collections.status = 'Pending' THEN 'Exported' \
+               ELSE snapshot_collections.status END, \
+             updated_at = excluded.updated_at",
+        )
+        .bind(&m.correlation_id)
+        .bind(&m.collection_name)
+        .bind(initial)
+        .bind(m.files_exported)
+        .bind(m.files_sent)
+        .bind(&m.snapshot_type)
+        .bind(&m.export_date)
+        .bind(now())
+        .execute(&mut *tx)
+        .await?;
+        let moved = Self::try_receive(&mut tx, m).await?;
+        let c = Self::fetch(&mut tx, m).await?;
+        tx.commit().await?;
+        Ok((c, moved))
+    }
+
+    /// Counts a received file once per `file_key`, moving the collection to Received
+    /// when it reaches its expected count.
+    pub async fn record_file(
+        &self,
+        m: &StatusMessage,
+        file_key: &str,
+    ) -> Result<FileOutcome, StoreError> {
+        let t = now();
+        let mut tx = self.pool.begin().await?;
+        // A file may arrive before its collection's counts: the collection starts Pending.
+        db::sqlx::query(
+            "INSERT INTO snapshot_collections (correlation_id, collection_name, status, \
+             files_exported, files_sent, files_received, snapshot_type, export_date, updated_at) \
+             VALUES ($1, $2, 'Pending', NULL, NULL, 0, $3, $4, $5) \
+             ON CONFLICT (correlation_id, collection_name) DO NOTHING",
+        )
+        .bind(&m.correlation_id)
+        .bind(&m.collection_name)
+        .bind(&m.snapshot_type)
+        .bind(&m.export_date)
+        .bind(&t)
+        .execute(&mut *tx)
+        .await?;
+        let counted = db::sqlx::query(
+            "INSERT INTO snapshot_received_files (correlation_id, collection_name, file_key, received_at) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT (correlation_id, collection_name, file_key) DO NOTHING \
+             RETURNING file_key",
+        )
+        .bind(&m.correlation_id)
+        .bind(&m.collection_name)
+        .bind(file_key)
+        .bind(&t)
+        .fetch_optional(&mut *tx)
+        .await?
+        .is_some();
+        let triggered_received = if counted {
+            db::sqlx::query(
+                "UPDATE snapshot_collections SET files_received = files_received + 1, updated_at = $3 \
+                 WHERE correlation_id = $1 AND collection_name = $2",
+            )
+            .bind(&m.correlation_id)
+            .bind(&m.collection_name)
+            .bind(&t)
+            .execute(&mut *tx)
+            .await?;
+            let moved = Self::try_receive(&mut tx, m).await?;
+            if moved {
+                db::sqlx::query(
+                    "UPDATE snapshot_received_files SET triggered = 'received' \
+                     WHERE correlation_id = $1 AND collection_name = $2 AND file_key = $3",
+                )
+                .bind(&m.correlation_id)
+                .bind(&m.collection_name)
+                .bind(file_key)
+                .execute(&mut *tx)
+                .await?;
+            }
+            moved
+        } else {
+            let row = db::sqlx::query(
+                "SELECT triggered FROM snapshot_received_files \
+                 WHERE correlation_id = $1 AND collection_name = $2 AND file_key = $3",
+            )
+            .bind(&m.correlation_id)
+            .bind(&m.collection_name)
+            .bind(file_key)
+            .fetch_one(&mut *tx)
+            .await?;
+            row.try_get::<Option<String>, _>("triggered")?.as_deref() == Some("received")
+        };
+        let collection = Self::fetch(&mut tx, m).await?;
+        tx.commit().await?;
+        Ok(FileOutcome {
+            collection,
+            counted,
+            triggered_received,
+        })
+    }
+
+    /// Received/Sent → Success; returns the collection (None if unknown) and whether
+    /// this call moved it.
+    pub async fn record_success(
+        &self,
+        m: &StatusMessage,
+    ) -> Result<(Option<Collection>, bool), StoreError> {
+        let sql = format!(
+            "UPDATE snapshot_collections SET status = 'Success', updated_at = $3 \
+             WHERE correlation_id = $1 AND collection_name = $2 AND status IN ('Received', 'Sent') \
+             RETURNING {COLS}"
+        );
+        let row = db::sqlx::query(&sql)
+            .bind(&m.correlation_id)
+            .bind(&m.collection_name)
+            .bind(now())
+            .fetch_optional(&self.pool)
+            .await?;
+        match row {
+            Some(r) => Ok((Some(row_to_collection(&r)?), true)),
+            None => Ok((
+                self.collection(&m.correlation_id, &m.collection_name)
+                    .await?,
+                false,
+            )),
+        }
+    }
+
+    /// Sets the product status to RECEIVED if every collection is Received or Success
+    /// (never downgrades COMPLETED); true if this call changed it.
+    pub async fn mark_product_received(&self, correlation_id: &str) -> Result<bool, StoreError> {
+        let row = db::sqlx::query(
+            "INSERT INTO snapshot_products (correlation_id, status, updated_at) \
+             SELECT $1, 'RECEIVED', $2 WHERE NOT EXISTS (SELECT 1 FROM snapshot_collections \
+               WHERE correlation_id = $1 AND status NOT IN ('Received', 'Success')) \
+             ON CONFLICT (correlation_id) DO UPDATE SET status = 'RECEIVED', updated_at = excluded.updated_at \
+             WHERE snapshot_products.status NOT IN ('RECEIVED', 'COMPLETED') RETURNING status",
+        )
+        .bind(correlation_id)
+        .bind(now())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.is_some())
+    }
+
+    /// Sets the product status to COMPLETED if every collection is Success; true if this
+    /// call changed it.
+    pub async fn mark_product_completed(&self, correlation_id: &str) -> Result<bool, StoreError> {
+        let row = db::sqlx::query(
+            "INSERT INTO snapshot_products (correlation_id, status, updated_at) \
+             SELECT $1, 'COMPLETED', $2 WHERE NOT EXISTS (SELECT 1 FROM snapshot_collections \
+               WHERE correlation_id = $1 AND status <> 'Success') \
+             ON CONFLICT (correlation_id) DO UPDATE SET status = 'COMPLETED', updated_at = excluded.updated_at \
+             WHERE snapshot_products.status <> 'COMPLETED' RETURNING status",
+        )
+        .bind(correlation_id)
+        .bind(now())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.is_some())
+    }
+}

@@ -1,0 +1,468 @@
+//! snapshot-status against the real RabbitMQ and real databases (SQLite and PostgreSQL).
+
+use std::time::Duration;
+
+use db::testing::TempPostgres;
+use framework::lapin::message::Delivery;
+use framework::lapin::{BasicProperties, Consumer};
+use framework::testing::*;
+use serde_json::{Value, json};
+use snapshot_status::SnapshotStatus;
+use snapshot_status::store::Store;
+
+#[derive(Clone, Copy)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+struct Env {
+    hs: Harness,
+    store: Store,
+    pg: Option<TempPostgres>,
+    export_ex: String,
+    monitoring_ex: String,
+    out: Consumer,
+    export: Consumer,
+    monitoring: Consumer,
+    dir: tempfile::TempDir,
+}
+
+async fn start(backend: Backend, extra: &[(&str, &str)]) -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let pg = match backend {
+        Backend::Sqlite => None,
+        Backend::Postgres => Some(TempPostgres::create().await.unwrap()),
+    };
+    let url = match &pg {
+        Some(p) => p.url.clone(),
+        None => db::default_url(dir.path(), "snapshot-status"),
+    };
+    let export_ex = unique("export-state");
+    let monitoring_ex = unique("monitoring");
+    let mut o: Vec<(&str, &str)> = vec![
+        ("snapshot_status.database_url", url.as_str()),
+        ("snapshot_status.export_state_exchange", export_ex.as_str()),
+        (
+            "snapshot_status.monitoring_exchange",
+            monitoring_ex.as_str(),
+        ),
+        // One message at a time, so "processed before" is observable.
+        ("amqp.prefetch", "1"),
+    ];
+    o.extend_from_slice(extra);
+    let cfg = service_config::<SnapshotStatus>(dir.path(), &o);
+    let hs = Harness::start_service::<SnapshotStatus>(cfg).await;
+    let store = Store::open(&url).await.unwrap();
+    let out = hs.watch_output().await;
+    let export = watch(&hs.ch, &export_ex, "#").await;
+    let monitoring = watch(&hs.ch, &monitoring_ex, "#").await;
+    Env {
+        hs,
+        store,
+        pg,
+        export_ex,
+        monitoring_ex,
+        out,
+        export,
+        monitoring,
+        dir,
+    }
+}
+
+impl Env {
+    async fn send(&self, body: &Value) {
+        self.send_with(body, BasicProperties::default()).await;
+    }
+    async fn send_with(&self, body: &Value, props: BasicProperties) {
+        self.hs
+            .publish(
+                "snapshot.status.update",
+                &serde_json::to_vec(body).unwrap(),
+                props,
+            )
+            .await;
+    }
+    /// Sends and waits for the success message.
+    async fn process(&mut self, body: &Value) -> Value {
+        self.send(body).await;
+        json_of(&next(&mut self.out).await)
+    }
+    async fn dlq_count(&self) -> u32 {
+        ready_count(&self.hs.ch, &format!("{}-dlq", self.hs.q)).await
+    }
+    async fn no_more(&mut self) {
+        assert!(
+            next_within(&mut self.export, Duration::from_millis(300))
+                .await
+                .is_none(),
+            "no further export-state message"
+        );
+        assert!(
+            next_within(&mut self.monitoring, Duration::from_millis(300))
+                .await
+                .is_none(),
+            "no further monitoring message"
+        );
+    }
+    async fn collection(&self, cid: &str, name: &str) -> snapshot_status::store::Collection {
+        self.store.collection(cid, name).await.unwrap().unwrap()
+    }
+    async fn finish(mut self) {
+        self.hs.stop().await;
+        self.store.close().await;
+        if let Some(pg) = self.pg.take() {
+            pg.drop_db().await.unwrap();
+        }
+        cleanup(
+            vec![],
+            vec![self.export_ex.clone(), self.monitoring_ex.clone()],
+        );
+    }
+}
+
+fn json_of(d: &Delivery) -> Value {
+    serde_json::from_slice(&d.data).unwrap()
+}
+
+fn msg(cid: &str, coll: &str, extra: Value) -> Value {
+    let mut v = json!({"correlation_id": cid, "collection_name": coll,
+                       "snapshot_type": "incremental", "export_date": "2020-01-01"});
+    if let (Value::Object(o), Value::Object(e)) = (&mut v, extra) {
+        o.extend(e);
+    }
+    v
+}
+
+fn file(cid: &str, coll: &str, name: &str) -> Value {
+    msg(cid, coll, json!({"filename": name}))
+}
+
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name(super::Backend::Sqlite).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                super::$name(super::Backend::Postgres).await
+            }
+        }
+    )*};
+}
+
+on_both!(
+    full_flow_received_then_completed,
+    files_arriving_before_counts_are_counted,
+    redelivered_files_are_counted_once,
+    records_with_mixed_valid_and_invalid_bodies,
+);
+
+async fn full_flow_received_then_completed(b: Backend) {
+    let mut env = start(b, &[]).await;
+    let c = "corr-1";
+    // The exporter reports A; the exporter then the sender report B.
+    let r = env
+        .process(&msg(c, "db.a", json!({"files_exported": 2})))
+        .await;
+    assert_eq!(r["status"], "Exported");
+    assert_eq!(r["files_expected"], 2);
+    env.process(&msg(c, "db.b", json!({"files_exported": 3})))
+        .await;
+    let r = env.process(&msg(c, "db.b", json!({"files_sent": 1}))).await;
+    assert_eq!(r["status"], "Sent");
+    assert_eq!(r["files_expected"], 1, "files_sent wins once known");
+
+    let r = env.process(&file(c, "db.a", "a1.gz.enc")).await;
+    assert_eq!(r["files_received"], 1);
+    assert_eq!(r["status"], "Exported");
+    let r = env
+        .process(&msg(
+            c,
+            "db.a",
+            json!({"filename": "a2.gz.enc", "shutdown_flag": "false"}),
+        ))
+        .await;
+    assert_eq!(r["status"], "Received");
+    let e = json_of(&next(&mut env.export).await);
+    assert_eq!(
+        e,
+        json!({"shutdown_flag": "false", "correlation_id": c, "topic_name": "db.a",
+               "snapshot_type": "incremental", "reprocess_files": "true",
+               "export_date": "2020-01-01", "send_success_indicator": "true"})
+    );
+    assert_eq!(
+        env.store.product_status(c).await.unwrap(),
+        None,
+        "B not received yet"
+    );
+
+    env.process(&file(c, "db.b", "b1.gz.enc")).await;
+    let d = next(&mut env.export).await;
+    assert_eq!(d.routing_key.as_str(), "snapshot.export-state");
+    assert_eq!(json_of(&d)["topic_name"], "db.b");
+    assert_eq!(json_of(&d)["shutdown_flag"], "true");
+    assert_eq!(
+        env.store.product_status(c).await.unwrap().as_deref(),
+        Some("RECEIVED")
+    );
+
+    // Success files (the flag is case-insensitive).
+    let r = env
+        .process(&msg(
+            c,
+            "db.a",
+            json!({"is_success_file": "TRUE", "filename": "_SUCCESS"}),
+        ))
+        .await;
+    assert_eq!(r["status"], "Success");
+    assert_eq!(r["product_status"], "RECEIVED");
+    let r = env
+        .process(&msg(c, "db.b", json!({"is_success_file": "True"})))
+        .await;
+    assert_eq!(r["status"], "Success");
+    assert_eq!(r["product_status"], "COMPLETED");
+    let d = next(&mut env.monitoring).await;
+    assert_eq!(d.routing_key.as_str(), "monitoring.snapshot-sender");
+    assert_eq!(
+        json_of(&d),
+        json!({"severity": "Critical", "notification_type": "Information",
+               "slack_username": "Snapshot Sender",
+               "title_text": "Incremental - All collections successful",
+               "custom_elements": [{"key": "Export date", "value": "2020-01-01"},
+                                   {"key": "Correlation Id", "value": c}]})
+    );
+    assert_eq!(env.collection(c, "db.a").await.status, "Success");
+    env.no_more().await;
+    assert_eq!(env.dlq_count().await, 0);
+    env.finish().await;
+}
+
+async fn files_arriving_before_counts_are_counted(b: Backend) {
+    let mut env = start(b, &[]).await;
+    let c = "corr-early";
+    let r = env.process(&file(c, "db.x", "x1")).await;
+    assert_eq!(r["status"], "Pending");
+    assert_eq!(r["files_expected"], Value::Null);
+    env.process(&file(c, "db.x", "x2")).await;
+    assert_eq!(env.collection(c, "db.x").await.files_received, 2);
+    // A success file before Received changes nothing (dropped, not dead-lettered).
+    env.send(&msg(c, "db.x", json!({"is_success_file": "true"})))
+        .await;
+    // The counts arrive last and complete the collection at once.
+    let r = env.process(&msg(c, "db.x", json!({"files_sent": 2}))).await;
+    assert_eq!(r["status"], "Received");
+    assert_eq!(r["files_received"], 2);
+    let e = json_of(&next(&mut env.export).await);
+    assert_eq!(e["topic_name"], "db.x");
+    assert_eq!(
+        env.store.product_status(c).await.unwrap().as_deref(),
+        Some("RECEIVED")
+    );
+    assert_eq!(env.dlq_count().await, 0);
+    env.no_more().await;
+    // Operators: `snapshot-status status <correlation-id>`.
+    if let Backend::Sqlite = b {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_snapshot-status"))
+            .args([
+                "status",
+                c,
+                "--config-dir",
+                "/nonexistent-config-dir-for-test",
+            ])
+            .env("STORAGETIER__STORAGE__DATA_DIR", env.dir.path())
+            .env("STORAGETIER__AMQP__URL", amqp_url())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&o.stdout);
+        // The config dir does not exist and was given explicitly: a usage error.
+        assert_eq!(o.status.code(), Some(2), "{text}");
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_snapshot-status"))
+            .args(["status", c])
+            .current_dir(env.dir.path())
+            .env("STORAGETIER__STORAGE__DATA_DIR", env.dir.path())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success(),
+            "{text} {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(text.contains("product status: RECEIVED"), "{text}");
+        assert!(text.contains("db.x"), "{text}");
+        assert!(text.contains("Received"), "{text}");
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_snapshot-status"))
+            .args(["status", "unknown-id"])
+            .current_dir(env.dir.path())
+            .env("STORAGETIER__STORAGE__DATA_DIR", env.dir.path())
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(1));
+    }
+    env.finish().await;
+}
+
+async fn redelivered_files_are_counted_once(b: Backend) {
+    let mut env = start(b, &[]).await;
+    let c = "corr-dup";
+    env.process(&msg(c, "db.d", json!({"files_exported": 3})))
+        .await;
+    let r = env.process(&file(c, "db.d", "d1")).await;
+    assert_eq!(r["counted"], true);
+    let r = env.process(&file(c, "db.d", "d1")).await;
+    assert_eq!(r["counted"], false);
+    assert_eq!(r["files_received"], 1);
+    // Files without a name are told apart by message id.
+    let with_id = |id: &str| BasicProperties::default().with_message_id(id.into());
+    let unnamed = msg(c, "db.d", json!({}));
+    env.send_with(&unnamed, with_id("m-1")).await;
+    assert_eq!(json_of(&next(&mut env.out).await)["files_received"], 2);
+    env.send_with(&unnamed, with_id("m-1")).await;
+    let r = json_of(&next(&mut env.out).await);
+    assert_eq!(r["counted"], false);
+    assert_eq!(r["files_received"], 2);
+    assert_eq!(r["status"], "Exported");
+    env.send_with(&unnamed, with_id("m-2")).await;
+    let r = json_of(&next(&mut env.out).await);
+    assert_eq!(r["status"], "Received");
+    assert_eq!(json_of(&next(&mut env.export).await)["topic_name"], "db.d");
+    // The file that completed the collection, redelivered, is not counted again but
+    // re-emits its export-state message (at-least-once: a lost publish is repaired).
+    env.send_with(&unnamed, with_id("m-2")).await;
+    let r = json_of(&next(&mut env.out).await);
+    assert_eq!(r["files_received"], 3);
+    assert_eq!(json_of(&next(&mut env.export).await)["topic_name"], "db.d");
+    // Other late duplicates publish nothing.
+    env.process(&file(c, "db.d", "d1")).await;
+    env.no_more().await;
+    assert_eq!(env.collection(c, "db.d").await.files_received, 3);
+    env.finish().await;
+}
+
+async fn records_with_mixed_valid_and_invalid_bodies(b: Backend) {
+    let mut env = start(b, &[]).await;
+    let mut dlq = env.hs.watch_dlq().await;
+    let c = "corr-rec";
+    env.process(&msg(c, "db.r", json!({"files_sent": 2}))).await;
+    let as_string = serde_json::to_string(&file(c, "db.r", "r2")).unwrap();
+    let bad = msg(c, "db.r", json!({"export_date": ""}));
+    let r = env
+        .process(&json!({"Records": [
+            {"body": file(c, "db.r", "r1")},
+            {"body": bad},
+            {"body": as_string},
+            {"body": "{not json"},
+        ]}))
+        .await;
+    let recs = r["records"].as_array().unwrap();
+    assert_eq!(recs.len(), 4);
+    assert_eq!(recs[0]["files_received"], 1);
+    assert_eq!(recs[2]["files_received"], 2);
+    assert_eq!(recs[2]["status"], "Received");
+    assert_eq!(recs[1]["dead_lettered"], "field `export_date` is empty");
+    let d = next(&mut dlq).await;
+    assert_eq!(
+        header(&d, "x-error").as_deref(),
+        Some("record 2: field `export_date` is empty")
+    );
+    assert_eq!(header(&d, "x-error-kind").as_deref(), Some("permanent"));
+    assert_eq!(json_of(&d), bad, "the record's own body is dead-lettered");
+    let d = next(&mut dlq).await;
+    assert!(
+        header(&d, "x-error")
+            .unwrap()
+            .starts_with("record 4: field `body`: not valid JSON"),
+    );
+    assert_eq!(&d.data[..], b"{not json");
+    assert_eq!(json_of(&next(&mut env.export).await)["topic_name"], "db.r");
+    env.no_more().await;
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_null_empty_and_mistyped_fields_are_permanent() {
+    let mut env = start(Backend::Sqlite, &[]).await;
+    let mut dlq = env.hs.watch_dlq().await;
+    let base = msg("c", "db.v", json!({}));
+    let mut cases: Vec<(Value, String)> = Vec::new();
+    for f in [
+        "correlation_id",
+        "collection_name",
+        "snapshot_type",
+        "export_date",
+    ] {
+        let mut v = base.clone();
+        v.as_object_mut().unwrap().remove(f);
+        cases.push((v, format!("field `{f}` is missing")));
+        let mut v = base.clone();
+        v[f] = Value::Null;
+        cases.push((v, format!("field `{f}` is null")));
+        let mut v = base.clone();
+        v[f] = json!("");
+        cases.push((v, format!("field `{f}` is empty")));
+    }
+    let mut v = base.clone();
+    v["files_sent"] = json!(-1);
+    cases.push((
+        v,
+        "field `files_sent`: expected an integer ≥ 0, found -1".into(),
+    ));
+    let mut v = base.clone();
+    v["files_exported"] = json!("7");
+    cases.push((
+        v,
+        "field `files_exported`: expected an integer ≥ 0, found string".into(),
+    ));
+    let mut v = base.clone();
+    v["collection_name"] = json!(5);
+    cases.push((
+        v,
+        "field `collection_name`: expected string, found number".into(),
+    ));
+    cases.push((json!("text"), "expected a JSON object, found string".into()));
+    cases.push((json!({"Records": []}), "`Records` is empty".into()));
+    for (v, expected) in &cases {
+        env.send(v).await;
+        let d = next(&mut dlq).await;
+        assert_eq!(
+            header(&d, "x-error").as_deref(),
+            Some(expected.as_str()),
+            "for {v}"
+        );
+        assert_eq!(header(&d, "x-error-kind").as_deref(), Some("permanent"));
+    }
+    // Defaults: a file with no optional fields is a received file named NOT_SET.
+    let r = env.process(&base).await;
+    assert_eq!(r["kind"], "file");
+    assert_eq!(r["filename"], "NOT_SET");
+    // "false" in any case is not a success file.
+    let r = env
+        .process(&msg(
+            "c",
+            "db.v",
+            json!({"is_success_file": "FALSE", "filename": "f"}),
+        ))
+        .await;
+    assert_eq!(r["kind"], "file");
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_down_is_retried_not_lost() {
+    let mut env = start(Backend::Postgres, &[("retry.max_attempts", "2")]).await;
+    let mut dlq = env.hs.watch_dlq().await;
+    env.process(&file("c", "db.z", "z1")).await;
+    env.store.close().await;
+    env.pg.take().unwrap().drop_db().await.unwrap();
+    env.send(&file("c", "db.z", "z2")).await;
+    let d = next(&mut dlq).await;
+    assert_eq!(
+        header(&d, "x-error-kind").as_deref(),
+        Some("retries-exhausted")
+    );
+    assert!(header(&d, "x-error").unwrap().contains("database"));
+    env.finish().await;
+}
