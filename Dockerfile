@@ -1,0 +1,29 @@
+# One image with every storagetier binary.
+#   docker build -t storagetier .
+#   docker run --rm storagetier online-archive check-config
+FROM rust:1-bookworm AS build
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked --bins \
+ && mkdir /out \
+ && cp target/release/online-archive target/release/online-nearline \
+       target/release/project-ingest target/release/crash-router \
+       target/release/snapshot-status target/release/event-forwarder \
+       target/release/echo /out/
+
+FROM debian:bookworm-slim
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates curl \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10001 --home-dir /var/lib/storagetier storagetier \
+ && mkdir -p /var/lib/storagetier \
+ && chown storagetier /var/lib/storagetier
+COPY --from=build /out/ /usr/local/bin/
+COPY config/ /etc/storagetier/
+ENV STORAGETIER_CONFIG_DIR=/etc/storagetier \
+    APP_ENV=prod \
+    STORAGETIER__STORAGE__DATA_DIR=/var/lib/storagetier
+USER storagetier
+WORKDIR /var/lib/storagetier
+# Each container runs one service: `docker run storagetier online-archive run`.
+CMD ["echo", "--help"]

@@ -1,0 +1,165 @@
+//! docker-compose.yml stays valid and in step with the services' config keys: no Docker
+//! engine runs here, so the file is parsed and every service's environment is loaded
+//! through that service's own strict config loader.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use framework::Service;
+use framework::config::LoadOptions;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Resolves `${VAR:-default}` / `${VAR:?msg}` / `${VAR}` the way compose would with an
+/// empty environment (defaults taken, required ones get a placeholder).
+fn interpolate(s: &str) -> String {
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some(i) = rest.find("${") {
+        out.push_str(&rest[..i]);
+        let Some(j) = rest[i..].find('}') else { break };
+        let inner = &rest[i + 2..i + j];
+        let value = if let Some((_, d)) = inner.split_once(":-") {
+            d.to_string()
+        } else {
+            "placeholder".to_string()
+        };
+        out.push_str(&value);
+        rest = &rest[i + j + 1..];
+    }
+    out.push_str(rest);
+    out.replace("$$", "$")
+}
+
+fn env_of(svc: &serde_norway::Value) -> HashMap<String, String> {
+    let mut m = HashMap::new();
+    if let Some(env) = svc.get("environment").and_then(|e| e.as_mapping()) {
+        for (k, v) in env {
+            let k = k.as_str().expect("env key").to_string();
+            let v = match v {
+                serde_norway::Value::String(s) => s.clone(),
+                other => serde_norway::to_string(other).unwrap().trim().to_string(),
+            };
+            m.insert(k, interpolate(&v));
+        }
+    }
+    m
+}
+
+fn check<S: Service>(env: &HashMap<String, String>) -> Result<(), String> {
+    let opts = LoadOptions {
+        config_dir: Some(repo().join("config")),
+        config_dir_explicit: true,
+        env_name: env.get("APP_ENV").cloned(),
+        env_vars: Some(env.clone()),
+        overrides: vec![],
+    };
+    framework::cli::load_config::<S>(&opts)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+#[test]
+fn compose_file_is_valid_and_matches_the_config_keys() {
+    let text = std::fs::read_to_string(repo().join("docker-compose.yml")).unwrap();
+    let doc: serde_norway::Value =
+        serde_norway::from_str(&text).expect("docker-compose.yml is YAML");
+    let doc = {
+        // Apply YAML merge keys (<<) as compose does.
+        let mut d = doc;
+        d.apply_merge().unwrap();
+        d
+    };
+    let services = doc["services"].as_mapping().expect("services");
+    for infra in ["rabbitmq", "postgres", "s3"] {
+        assert!(services.contains_key(infra), "{infra} service");
+    }
+    assert!(
+        doc["services"]["rabbitmq"]["image"]
+            .as_str()
+            .unwrap()
+            .contains("management")
+    );
+    assert!(
+        doc["services"]["rabbitmq"]["ports"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|p| p.as_str() == Some("15672:15672"))
+    );
+    let ours: [(
+        &str,
+        u16,
+        fn(&HashMap<String, String>) -> Result<(), String>,
+    ); 6] = [
+        (
+            "online-archive",
+            9101,
+            check::<online_archive::OnlineArchive>,
+        ),
+        (
+            "online-nearline",
+            9102,
+            check::<online_nearline::OnlineNearline>,
+        ),
+        (
+            "project-ingest",
+            9103,
+            check::<project_ingest::ProjectIngest>,
+        ),
+        (
+            "crash-router",
+            9104,
+            check::<crash_router::CrashRouterService>,
+        ),
+        (
+            "snapshot-status",
+            9105,
+            check::<snapshot_status::SnapshotStatus>,
+        ),
+        (
+            "event-forwarder",
+            9106,
+            check::<event_forwarder::EventForwarderService>,
+        ),
+    ];
+    for (name, port, load) in ours {
+        let svc = &doc["services"][name];
+        assert!(!svc.is_null(), "{name} is in the compose file");
+        assert_eq!(
+            svc["command"][0].as_str(),
+            Some(name),
+            "{name} runs its own binary"
+        );
+        let hc = serde_norway::to_string(&svc["healthcheck"]["test"]).unwrap();
+        assert!(
+            hc.contains(&format!("{port}/readyz")),
+            "{name} healthcheck on /readyz: {hc}"
+        );
+        let vols = serde_norway::to_string(&svc["volumes"]).unwrap();
+        assert!(
+            vols.contains("./config:/etc/storagetier"),
+            "{name} mounts config/"
+        );
+        let env = env_of(svc);
+        assert!(env.contains_key("APP_ENV"), "{name} sets APP_ENV");
+        for k in env.keys().filter(|k| k.starts_with("STORAGETIER__")) {
+            assert!(!k.contains("PASSWORD") || env[k].is_empty(), "{k}");
+        }
+        load(&env)
+            .unwrap_or_else(|e| panic!("{name}: compose environment is not a valid config: {e}"));
+    }
+    let dockerfile = std::fs::read_to_string(repo().join("Dockerfile")).unwrap();
+    assert!(
+        dockerfile.contains("USER storagetier"),
+        "runtime image runs as non-root"
+    );
+    for (name, ..) in ours {
+        assert!(
+            dockerfile.contains(&format!("target/release/{name}")),
+            "Dockerfile ships {name}"
+        );
+    }
+}
