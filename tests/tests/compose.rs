@@ -48,6 +48,9 @@ fn env_of(svc: &serde_norway::Value) -> HashMap<String, String> {
     m
 }
 
+/// Loads one service's config from a compose environment.
+type Loader = fn(&HashMap<String, String>) -> Result<(), String>;
+
 fn check<S: Service>(env: &HashMap<String, String>) -> Result<(), String> {
     let opts = LoadOptions {
         config_dir: Some(repo().join("config")),
@@ -89,11 +92,7 @@ fn compose_file_is_valid_and_matches_the_config_keys() {
             .iter()
             .any(|p| p.as_str() == Some("15672:15672"))
     );
-    let ours: [(
-        &str,
-        u16,
-        fn(&HashMap<String, String>) -> Result<(), String>,
-    ); 6] = [
+    let ours: [(&str, u16, Loader); 6] = [
         (
             "online-archive",
             9101,
