@@ -466,3 +466,160 @@ async fn database_down_is_retried_not_lost() {
     assert!(header(&d, "x-error").unwrap().contains("database"));
     env.finish().await;
 }
+
+/// Binds a queue that rejects every publish to `exchange`: publishes there are nacked.
+async fn block(env: &Env, exchange: &str) -> String {
+    use framework::lapin::options::{QueueBindOptions, QueueDeclareOptions};
+    use framework::lapin::types::{AMQPValue, FieldTable};
+    let full = unique("full");
+    let mut a = FieldTable::default();
+    a.insert("x-max-length".into(), AMQPValue::LongLongInt(0));
+    a.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    env.hs
+        .ch
+        .queue_declare(full.as_str().into(), QueueDeclareOptions::default(), a)
+        .await
+        .unwrap();
+    env.hs
+        .ch
+        .queue_bind(
+            full.as_str().into(),
+            exchange.into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    full
+}
+
+async fn unblock(env: &Env, full: &str) {
+    use framework::lapin::options::QueueDeleteOptions;
+    env.hs
+        .ch
+        .queue_delete(full.into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_publish_is_repeated_on_redelivery() {
+    let mut env = start(Backend::Sqlite, &[("amqp.delivery_limit", "1000")]).await;
+    let c = "corr-nack";
+    env.process(&msg(c, "db.n", json!({"files_exported": 1})))
+        .await;
+    // The export-state publish is refused: the file's message is not acked.
+    let full = block(&env, &env.export_ex.clone()).await;
+    env.send(&file(c, "db.n", "n1")).await;
+    let first = json_of(&next(&mut env.out).await);
+    assert_eq!(first["counted"], true);
+    // The success message of a redelivery proves the first attempt was not acked.
+    let again = json_of(&next(&mut env.out).await);
+    assert_eq!(again["counted"], false, "not counted twice");
+    unblock(&env, &full).await;
+    assert_eq!(json_of(&next(&mut env.export).await)["topic_name"], "db.n");
+    assert_eq!(env.collection(c, "db.n").await.files_received, 1);
+    // Same for the monitoring message of the last success file.
+    while next_within(&mut env.out, Duration::from_millis(300))
+        .await
+        .is_some()
+    {}
+    let full = block(&env, &env.monitoring_ex.clone()).await;
+    env.send(&msg(c, "db.n", json!({"is_success_file": "true"})))
+        .await;
+    next(&mut env.out).await;
+    next(&mut env.out).await;
+    unblock(&env, &full).await;
+    let m = json_of(&next(&mut env.monitoring).await);
+    assert_eq!(m["title_text"], "Incremental - All collections successful");
+    assert_eq!(
+        env.store.product_status(c).await.unwrap().as_deref(),
+        Some("COMPLETED")
+    );
+    env.finish().await;
+}
+
+on_both!(instances_share_state_without_races);
+
+/// Two service instances on one database count concurrently delivered files exactly once
+/// and make each transition exactly once.
+async fn instances_share_state_without_races(b: Backend) {
+    let mut env = start(b, &[("amqp.prefetch", "16")]).await;
+    let url = match &env.pg {
+        Some(p) => p.url.clone(),
+        None => db::default_url(env.dir.path(), "snapshot-status"),
+    };
+    let second_dir = tempfile::tempdir().unwrap();
+    let cfg = service_config::<SnapshotStatus>(
+        second_dir.path(),
+        &[
+            ("snapshot_status.database_url", url.as_str()),
+            (
+                "snapshot_status.export_state_exchange",
+                env.export_ex.as_str(),
+            ),
+            (
+                "snapshot_status.monitoring_exchange",
+                env.monitoring_ex.as_str(),
+            ),
+            ("amqp.prefetch", "16"),
+        ],
+    );
+    let mut other = Harness::start_service::<SnapshotStatus>(cfg).await;
+    let mut other_out = other.watch_output().await;
+    let c = "corr-race";
+    let n = 30;
+    // Every file goes to both instances (a duplicate delivered concurrently): each is
+    // counted once all the same.
+    for i in 0..n {
+        let f = file(c, "db.p", &format!("p{i}"));
+        env.send(&f).await;
+        other
+            .publish(
+                "snapshot.status.update",
+                &serde_json::to_vec(&f).unwrap(),
+                BasicProperties::default(),
+            )
+            .await;
+    }
+    for _ in 0..n {
+        next(&mut env.out).await;
+        next(&mut other_out).await;
+    }
+    assert_eq!(env.collection(c, "db.p").await.files_received, i64::from(n));
+    // The counts, then the last files split between the instances: one transition.
+    let total = n + 20;
+    env.process(&msg(c, "db.p", json!({"files_sent": total})))
+        .await;
+    for i in n..total {
+        let f = file(c, "db.p", &format!("p{i}"));
+        if i % 2 == 0 {
+            env.send(&f).await;
+        } else {
+            other
+                .publish(
+                    "snapshot.status.update",
+                    &serde_json::to_vec(&f).unwrap(),
+                    BasicProperties::default(),
+                )
+                .await;
+        }
+    }
+    for _ in 0..(total - n) / 2 {
+        next(&mut env.out).await;
+        next(&mut other_out).await;
+    }
+    let n = total;
+    let col = env.collection(c, "db.p").await;
+    assert_eq!(col.files_received, i64::from(n));
+    assert_eq!(col.status, "Received");
+    let e = json_of(&next(&mut env.export).await);
+    assert_eq!(e["topic_name"], "db.p");
+    env.no_more().await;
+    other.stop().await;
+    env.finish().await;
+}
