@@ -18,6 +18,9 @@ pub struct Publication {
     pub body: Vec<u8>,
     /// MIME type of `body`.
     pub content_type: String,
+    /// Must reach a queue: an unroutable message is an error (the input is retried)
+    /// instead of being dropped by the broker.
+    pub mandatory: bool,
 }
 
 impl Publication {
@@ -28,6 +31,7 @@ impl Publication {
             routing_key: routing_key.to_string(),
             body: serde_json::to_vec(body).unwrap_or_default(),
             content_type: "application/json".to_string(),
+            mandatory: false,
         }
     }
     /// A plain-text publication.
@@ -37,7 +41,14 @@ impl Publication {
             routing_key: routing_key.to_string(),
             body: body.into().into_bytes(),
             content_type: "text/plain".to_string(),
+            mandatory: false,
         }
+    }
+
+    /// Requires the message to reach at least one queue (e.g. a named destination queue).
+    pub fn mandatory(mut self) -> Self {
+        self.mandatory = true;
+        self
     }
 }
 

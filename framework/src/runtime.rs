@@ -154,7 +154,7 @@ impl Publisher {
                 routing_key: p.routing_key,
                 body: p.body,
                 properties: props,
-                mandatory: false,
+                mandatory: p.mandatory,
             }],
         )
         .await
@@ -536,8 +536,12 @@ async fn handle_delivery<P: MessageProcessor>(
             Err(e) => {
                 metrics::counter!(m::PUBLISH_FAILURES_TOTAL, "queue" => queue.clone()).increment(1);
                 error!(error = %e, outcome = label, "could not publish the outcome; the input goes back to the queue");
-                if matches!(e, PublishError::Unroutable(..)) {
-                    broken.cancel();
+                // A retry or dead letter that reached no queue means our own topology is
+                // incomplete: re-declare it by starting a new session.
+                if let PublishError::Unroutable(ex, _) = &e {
+                    if *ex == inner.topology.retry_exchange() || *ex == inner.topology.fail_exchange() {
+                        broken.cancel();
+                    }
                 }
                 tokio::time::sleep(PUBLISH_FAILURE_BACKOFF).await;
                 let _ = delivery
@@ -611,7 +615,7 @@ fn plan<P>(
                     exchange: x.exchange,
                     routing_key: x.routing_key,
                     body: x.body,
-                    mandatory: false,
+                    mandatory: x.mandatory,
                 });
             }
             info!("success");

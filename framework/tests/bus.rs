@@ -725,3 +725,29 @@ async fn processors_can_publish_dead_letter_parts_and_tag_retries() {
     hs.stop().await;
     cleanup(vec![], vec![side]);
 }
+
+struct MandatoryPublisher;
+
+#[async_trait]
+impl MessageProcessor for MandatoryPublisher {
+    type Input = serde_json::Value;
+    async fn handle(&self, _v: serde_json::Value, ctx: &MessageContext) -> Outcome {
+        let p = framework::Publication::text("", &unique("no-such-queue"), "id").mandatory();
+        match ctx.publish(p).await {
+            Err(e) => Outcome::retry(e),
+            Ok(()) => Outcome::success(json!({"published": true})),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_mandatory_publication_that_reaches_no_queue_is_an_error() {
+    let mut hs = Harness::start("mandatory", &[("retry.max_attempts", "1")], MandatoryPublisher).await;
+    let mut dlq = hs.watch_dlq().await;
+    hs.publish("test.m", b"{}", BasicProperties::default()).await;
+    let d = next(&mut dlq).await;
+    assert_eq!(header(&d, h::ERROR_KIND).as_deref(), Some("retries-exhausted"));
+    assert!(header(&d, h::ERROR).unwrap().contains("reached no queue"), "{:?}", header(&d, h::ERROR));
+    assert!(hs.status.is_ready(), "an unroutable extra does not restart the session");
+    hs.stop().await;
+}

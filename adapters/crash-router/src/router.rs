@@ -187,7 +187,7 @@ impl MessageProcessor for CrashRouter {
                 if done {
                     already += 1;
                 } else if let Err(e) = ctx
-                    .publish(Publication::text("", &q.name, id.as_str()))
+                    .publish(Publication::text("", &q.name, id.as_str()).mandatory())
                     .await
                 {
                     write_header(ctx, PUBLISHED_HEADER, &published);
