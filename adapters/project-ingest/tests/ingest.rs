@@ -446,3 +446,46 @@ async fn database_down_is_retried_not_lost() {
     );
     env.finish().await;
 }
+
+on_both!(concurrent_shuffled_updates_end_at_the_newest);
+
+/// Many updates handled concurrently in shuffled order: the newest one always wins.
+async fn concurrent_shuffled_updates_end_at_the_newest(b: Backend) {
+    let env = start(b, &[("amqp.prefetch", "16")]).await;
+    let mut out = env.hs.watch_output().await;
+    env.send(&project("project-created", "race", "v0")).await;
+    next(&mut out).await;
+    let n = 40;
+    // A fixed permutation of 0..n (7 is coprime with 40).
+    for k in 0..n {
+        let i = (k * 7) % n;
+        let mut v = project("project-updated", "race", &format!("u{i:02}"));
+        v["updated"] = json!(format!("2021-01-01T00:00:{i:02}Z"));
+        env.send(&v).await;
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let p = env.store.project("race").await.unwrap().unwrap();
+        if p.title == format!("u{:02}", n - 1) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "newest update stored"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Wait for every message to be handled, then check nothing older replaced it.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while ready_count(&env.hs.ch, &env.hs.q).await > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "queue drained");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    env.send(&project("project-created", "sentinel", "s")).await;
+    while body(&next(&mut out).await)["id"] != "sentinel" {}
+    let p = env.store.project("race").await.unwrap().unwrap();
+    assert_eq!(p.title, format!("u{:02}", n - 1));
+    assert_eq!(p.version.as_deref(), Some("2021-01-01T00:00:39.000000Z"));
+    assert_eq!(env.dlq_count().await, 0);
+    env.finish().await;
+}
