@@ -124,6 +124,14 @@ pub fn status_main(args: &[String]) -> ExitCode {
         }
     };
     let url = crate::database_url(&cfg);
+    // A read-only command: never create an empty SQLite database by looking.
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        let path = path.split('?').next().unwrap_or(path);
+        if !std::path::Path::new(path).exists() {
+            eprintln!("snapshot-status: no database at {path} (nothing recorded yet?)");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    }
     let result = rt.block_on(async {
         let store = Store::open(&url).await?;
         let cs = store.collections(&parsed.correlation_id).await?;

@@ -301,6 +301,16 @@ async fn files_arriving_before_counts_are_counted(b: Backend) {
             .output()
             .unwrap();
         assert_eq!(o.status.code(), Some(1));
+        // No database yet: reported, and none is created by looking.
+        let empty = tempfile::tempdir().unwrap();
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_snapshot-status"))
+            .args(["status", c])
+            .current_dir(empty.path())
+            .env("STORAGETIER__STORAGE__DATA_DIR", empty.path())
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(1));
+        assert!(!empty.path().join("snapshot-status.db").exists());
     }
     env.finish().await;
 }
