@@ -19,6 +19,13 @@ use store::{Applied, Store};
 /// Header listing the 1-based records of a batch already dead-lettered (kept across retries).
 pub const DEAD_LETTERED_HEADER: &str = "x-dead-lettered-records";
 
+/// Counter of handled events by `result` (stored, stale, missing, unknown_type, invalid).
+pub const EVENTS_METRIC: &str = "storagetier_projectingest_events_total";
+
+fn count(result: &'static str) {
+    metrics::counter!(EVENTS_METRIC, "result" => result).increment(1);
+}
+
 /// The exact log line (and Drop reason) for an update of an unknown project.
 pub const MISSING_PROJECT: &str = "attempted to update a project that does not exist";
 
@@ -76,8 +83,12 @@ impl MessageProcessor for ProjectProcessor {
         for (i, item) in items.into_iter().enumerate() {
             let n = i + 1;
             let ev = match item.parsed {
-                Err(e) if !batch => return Outcome::permanent(e),
+                Err(e) if !batch => {
+                    count("invalid");
+                    return Outcome::permanent(e);
+                }
                 Err(e) => {
+                    count("invalid");
                     if dead.contains(&n) {
                         continue;
                     }
@@ -94,6 +105,7 @@ impl MessageProcessor for ProjectProcessor {
                 }
                 Ok(Parsed::UnknownType(t)) => {
                     tracing::info!(record = n, "unknown message type `{t}`, ignored");
+                    count("unknown_type");
                     dropped.push(format!("unknown message type `{t}`"));
                     continue;
                 }
@@ -102,13 +114,16 @@ impl MessageProcessor for ProjectProcessor {
             match self.store.apply(&ev).await {
                 Ok(Applied::Stored(p)) => {
                     tracing::info!(project = %p.id, event = ev.kind.as_str(), "project stored");
+                    count("stored");
                     stored.push(*p);
                 }
                 Ok(Applied::Missing) => {
                     tracing::warn!(project = %ev.id, "{MISSING_PROJECT}");
+                    count("missing");
                     dropped.push(MISSING_PROJECT.to_string());
                 }
                 Ok(Applied::Stale) => {
+                    count("stale");
                     tracing::info!(project = %ev.id, version = ?ev.version,
                         "stale {} ignored: a newer state is stored", ev.kind.as_str());
                     dropped.push(format!(

@@ -28,6 +28,15 @@ pub const MONITORING_KEY: &str = "monitoring.snapshot-sender";
 /// Header listing the 1-based records of a batch already dead-lettered (kept across retries).
 pub const DEAD_LETTERED_HEADER: &str = "x-dead-lettered-records";
 
+/// Counter of file messages by `counted` ("true", or "false" for a duplicate).
+pub const FILES_METRIC: &str = "storagetier_snapshotstatus_files_total";
+/// Counter of state changes by `to` (Received, Success, RECEIVED, COMPLETED).
+pub const TRANSITIONS_METRIC: &str = "storagetier_snapshotstatus_transitions_total";
+
+fn transition(to: &'static str) {
+    metrics::counter!(TRANSITIONS_METRIC, "to" => to).increment(1);
+}
+
 /// `[snapshot_status]` keys besides the framework's.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -122,6 +131,9 @@ impl StatusProcessor {
         let (collection, kind, counted) = match m.kind() {
             Kind::Counts => {
                 let (c, moved) = self.store.record_counts(m).await?;
+                if moved {
+                    transition("Received");
+                }
                 // A retried counts message re-emits, so a lost publish is not lost for good.
                 if moved || (retried && c.status == "Received") {
                     extra.push(Publication::json(
@@ -129,7 +141,9 @@ impl StatusProcessor {
                         EXPORT_STATE_KEY,
                         &export_state(m),
                     ));
-                    self.store.mark_product_received(&m.correlation_id).await?;
+                    if self.store.mark_product_received(&m.correlation_id).await? {
+                        transition("RECEIVED");
+                    }
                 }
                 (c, "counts", true)
             }
@@ -140,6 +154,11 @@ impl StatusProcessor {
                     format!("file:{}", m.filename)
                 };
                 let f = self.store.record_file(m, &key).await?;
+                metrics::counter!(FILES_METRIC, "counted" => if f.counted { "true" } else { "false" })
+                    .increment(1);
+                if f.counted && f.triggered_received {
+                    transition("Received");
+                }
                 if !f.counted {
                     tracing::info!(file = %m.filename, "file already counted (redelivery)");
                 }
@@ -150,12 +169,17 @@ impl StatusProcessor {
                         EXPORT_STATE_KEY,
                         &export_state(m),
                     ));
-                    self.store.mark_product_received(&m.correlation_id).await?;
+                    if self.store.mark_product_received(&m.correlation_id).await? {
+                        transition("RECEIVED");
+                    }
                 }
                 (f.collection, "file", f.counted)
             }
             Kind::SuccessFile => {
                 let (c, moved) = self.store.record_success(m).await?;
+                if moved {
+                    transition("Success");
+                }
                 let Some(c) = c else {
                     let reason = format!(
                         "success file for unknown collection `{}` of `{}`",
@@ -178,6 +202,9 @@ impl StatusProcessor {
                     dropped = Some(reason);
                 } else {
                     let completed = self.store.mark_product_completed(&m.correlation_id).await?;
+                    if completed {
+                        transition("COMPLETED");
+                    }
                     let product = self.store.product_status(&m.correlation_id).await?;
                     // Who completed the product publishes; a retried success file of a
                     // completed product re-emits, so a lost publish is not lost for good.
