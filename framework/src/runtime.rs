@@ -538,11 +538,10 @@ async fn handle_delivery<P: MessageProcessor>(
                 error!(error = %e, outcome = label, "could not publish the outcome; the input goes back to the queue");
                 // A retry or dead letter that reached no queue means our own topology is
                 // incomplete: re-declare it by starting a new session.
-                if let PublishError::Unroutable(ex, _) = &e {
-                    if *ex == inner.topology.retry_exchange() || *ex == inner.topology.fail_exchange() {
+                if let PublishError::Unroutable(ex, _) = &e
+                    && (*ex == inner.topology.retry_exchange() || *ex == inner.topology.fail_exchange()) {
                         broken.cancel();
                     }
-                }
                 tokio::time::sleep(PUBLISH_FAILURE_BACKOFF).await;
                 let _ = delivery
                     .acker

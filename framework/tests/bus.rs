@@ -742,12 +742,28 @@ impl MessageProcessor for MandatoryPublisher {
 
 #[tokio::test]
 async fn a_mandatory_publication_that_reaches_no_queue_is_an_error() {
-    let mut hs = Harness::start("mandatory", &[("retry.max_attempts", "1")], MandatoryPublisher).await;
+    let mut hs = Harness::start(
+        "mandatory",
+        &[("retry.max_attempts", "1")],
+        MandatoryPublisher,
+    )
+    .await;
     let mut dlq = hs.watch_dlq().await;
-    hs.publish("test.m", b"{}", BasicProperties::default()).await;
+    hs.publish("test.m", b"{}", BasicProperties::default())
+        .await;
     let d = next(&mut dlq).await;
-    assert_eq!(header(&d, h::ERROR_KIND).as_deref(), Some("retries-exhausted"));
-    assert!(header(&d, h::ERROR).unwrap().contains("reached no queue"), "{:?}", header(&d, h::ERROR));
-    assert!(hs.status.is_ready(), "an unroutable extra does not restart the session");
+    assert_eq!(
+        header(&d, h::ERROR_KIND).as_deref(),
+        Some("retries-exhausted")
+    );
+    assert!(
+        header(&d, h::ERROR).unwrap().contains("reached no queue"),
+        "{:?}",
+        header(&d, h::ERROR)
+    );
+    assert!(
+        hs.status.is_ready(),
+        "an unroutable extra does not restart the session"
+    );
     hs.stop().await;
 }
