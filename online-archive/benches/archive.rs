@@ -14,7 +14,10 @@ use framework::testing::{cleanup, next, publish, test_channel, unique, watch};
 use storage::testing::{MotoServer, sweeper_message};
 
 fn env_usize(k: &str, d: usize) -> usize {
-    std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d)
+    std::env::var(k)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(d)
 }
 
 fn write_big(path: &Path, mib: usize) {
@@ -49,7 +52,11 @@ fn vm_hwm_kib(pid: u32) -> u64 {
 }
 
 /// Runs the service, sends one message per file, returns (seconds, peak RSS KiB).
-async fn archive(data: &Path, files: &[(String, String)], extra_env: &[(&str, String)]) -> (f64, u64) {
+async fn archive(
+    data: &Path,
+    files: &[(String, String)],
+    extra_env: &[(&str, String)],
+) -> (f64, u64) {
     let q = unique("bench-archive");
     let bin = env!("CARGO_BIN_EXE_online-archive");
     let mut cmd = Command::new(bin);
@@ -57,8 +64,14 @@ async fn archive(data: &Path, files: &[(String, String)], extra_env: &[(&str, St
         .arg(data.join("no-config"))
         .env("STORAGETIER__STORAGE__DATA_DIR", data)
         .env("STORAGETIER__ONLINE_ARCHIVE__QUEUE", &q)
-        .env("STORAGETIER__ONLINE_ARCHIVE__OUTPUT_EXCHANGE", format!("{q}-out"))
-        .env("STORAGETIER__ONLINE_ARCHIVE__INPUT_EXCHANGE", format!("{q}-in"))
+        .env(
+            "STORAGETIER__ONLINE_ARCHIVE__OUTPUT_EXCHANGE",
+            format!("{q}-out"),
+        )
+        .env(
+            "STORAGETIER__ONLINE_ARCHIVE__INPUT_EXCHANGE",
+            format!("{q}-in"),
+        )
         .env("STORAGETIER__ONLINE_ARCHIVE__HTTP_LISTEN", "127.0.0.1:0")
         .env("STORAGETIER__LOG__LEVEL", "warn")
         .stdin(Stdio::null());
@@ -69,7 +82,10 @@ async fn archive(data: &Path, files: &[(String, String)], extra_env: &[(&str, St
         .args(["--config-dir"])
         .arg(data.join("no-config"))
         .arg("declare")
-        .envs(cmd.get_envs().filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned()))))
+        .envs(
+            cmd.get_envs()
+                .filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned()))),
+        )
         .stdout(Stdio::null())
         .status()
         .unwrap();
@@ -80,18 +96,35 @@ async fn archive(data: &Path, files: &[(String, String)], extra_env: &[(&str, St
     let t = Instant::now();
     for (dir, name) in files {
         let m = sweeper_message(dir, name, false);
-        publish(&ch, &format!("{q}-in"), "assetsweeper.asset_folder_importer.file.new", m.to_string().as_bytes(), BasicProperties::default()).await;
+        publish(
+            &ch,
+            &format!("{q}-in"),
+            "assetsweeper.asset_folder_importer.file.new",
+            m.to_string().as_bytes(),
+            BasicProperties::default(),
+        )
+        .await;
     }
     for _ in files {
         next(&mut out).await;
     }
     let secs = t.elapsed().as_secs_f64();
     let rss = vm_hwm_kib(child.id());
-    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
     let _ = child.wait();
     let mut queues = vec![q.clone(), format!("{q}-dlq")];
     queues.extend([1000, 5000, 30000, 120000].map(|d| format!("{q}-retry-{d}")));
-    cleanup(queues, vec![format!("{q}-in"), format!("{q}-out"), format!("{q}-retry"), format!("{q}-fail")]);
+    cleanup(
+        queues,
+        vec![
+            format!("{q}-in"),
+            format!("{q}-out"),
+            format!("{q}-retry"),
+            format!("{q}-fail"),
+        ],
+    );
     (secs, rss)
 }
 
@@ -101,7 +134,9 @@ async fn main() {
     let n_small = env_usize("BENCH_SMALL_FILES", 10_000);
     let small_kib = env_usize("BENCH_SMALL_KIB", 4);
     let s3 = env_usize("BENCH_S3", 1) == 1;
-    let base = tempfile::tempdir_in(std::env::var("BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into())).unwrap();
+    let base =
+        tempfile::tempdir_in(std::env::var("BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into()))
+            .unwrap();
     let data = base.path();
     let online = data.join("online");
     std::fs::create_dir_all(online.join("big")).unwrap();
@@ -110,38 +145,86 @@ async fn main() {
     let small: Vec<(String, String)> = (0..n_small)
         .map(|i| {
             let name = format!("f{i:05}.dat");
-            std::fs::write(online.join("small").join(&name), vec![(i % 251) as u8; small_kib * 1024]).unwrap();
+            std::fs::write(
+                online.join("small").join(&name),
+                vec![(i % 251) as u8; small_kib * 1024],
+            )
+            .unwrap();
             (online.join("small").display().to_string(), name)
         })
         .collect();
-    let big = vec![(online.join("big").display().to_string(), "file.bin".to_string())];
+    let big = vec![(
+        online.join("big").display().to_string(),
+        "file.bin".to_string(),
+    )];
 
-    println!("| workload | backend | cp s | online-archive s | throughput vs cp | service peak RSS |");
+    println!(
+        "| workload | backend | cp s | online-archive s | throughput vs cp | service peak RSS |"
+    );
     println!("|---|---|---:|---:|---:|---:|");
-    let mut run = |label: &str, backend: &str, cp: f64, (secs, rss): (f64, u64)| {
-        println!("| {label} | {backend} | {cp:.2} | {secs:.2} | {:.2}× | {:.1} MiB |", cp / secs, rss as f64 / 1024.0);
+    let run = |label: &str, backend: &str, cp: f64, (secs, rss): (f64, u64)| {
+        println!(
+            "| {label} | {backend} | {cp:.2} | {secs:.2} | {:.2}× | {:.1} MiB |",
+            cp / secs,
+            rss as f64 / 1024.0
+        );
     };
-    let cp_big = cp_secs(&[online.join("big/file.bin").to_str().unwrap(), data.join("cp-big.bin").to_str().unwrap()]);
+    let cp_big = cp_secs(&[
+        online.join("big/file.bin").to_str().unwrap(),
+        data.join("cp-big.bin").to_str().unwrap(),
+    ]);
     let r = archive(data, &big, &[]).await;
     run(&format!("1 file × {big_mib} MiB"), "local fs", cp_big, r);
-    let cp_small = cp_secs(&["-r", online.join("small").to_str().unwrap(), data.join("cp-small").to_str().unwrap()]);
+    let cp_small = cp_secs(&[
+        "-r",
+        online.join("small").to_str().unwrap(),
+        data.join("cp-small").to_str().unwrap(),
+    ]);
     let r = archive(data, &small, &[]).await;
-    run(&format!("{n_small} files × {small_kib} KiB"), "local fs", cp_small, r);
+    run(
+        &format!("{n_small} files × {small_kib} KiB"),
+        "local fs",
+        cp_small,
+        r,
+    );
     if s3 {
         let moto = MotoServer::start("bench").await;
         let env = |prefix: &str| {
             vec![
-                ("STORAGETIER__ONLINE_ARCHIVE__ARCHIVE_URL", format!("s3://bench/{prefix}")),
-                ("STORAGETIER__ONLINE_ARCHIVE__ARCHIVE_OPTIONS__ENDPOINT", moto.endpoint.clone()),
-                ("STORAGETIER__ONLINE_ARCHIVE__ARCHIVE_OPTIONS__ALLOW_HTTP", "true".into()),
-                ("STORAGETIER__ONLINE_ARCHIVE__ARCHIVE_OPTIONS__ACCESS_KEY_ID", "bench".into()),
-                ("STORAGETIER__ONLINE_ARCHIVE__ARCHIVE_OPTIONS__SECRET_ACCESS_KEY", "bench".into()),
-                ("STORAGETIER__ONLINE_ARCHIVE__DATABASE_URL", format!("sqlite://{}/s3-{prefix}.db", data.display())),
+                (
+                    "STORAGETIER__ONLINE_ARCHIVE__ARCHIVE_URL",
+                    format!("s3://bench/{prefix}"),
+                ),
+                (
+                    "STORAGETIER__ONLINE_ARCHIVE__ARCHIVE_OPTIONS__ENDPOINT",
+                    moto.endpoint.clone(),
+                ),
+                (
+                    "STORAGETIER__ONLINE_ARCHIVE__ARCHIVE_OPTIONS__ALLOW_HTTP",
+                    "true".into(),
+                ),
+                (
+                    "STORAGETIER__ONLINE_ARCHIVE__ARCHIVE_OPTIONS__ACCESS_KEY_ID",
+                    "bench".into(),
+                ),
+                (
+                    "STORAGETIER__ONLINE_ARCHIVE__ARCHIVE_OPTIONS__SECRET_ACCESS_KEY",
+                    "bench".into(),
+                ),
+                (
+                    "STORAGETIER__ONLINE_ARCHIVE__DATABASE_URL",
+                    format!("sqlite://{}/s3-{prefix}.db", data.display()),
+                ),
             ]
         };
         let r = archive(data, &big, &env("big")).await;
         run(&format!("1 file × {big_mib} MiB"), "S3 (moto)", cp_big, r);
         let r = archive(data, &small, &env("small")).await;
-        run(&format!("{n_small} files × {small_kib} KiB"), "S3 (moto)", cp_small, r);
+        run(
+            &format!("{n_small} files × {small_kib} KiB"),
+            "S3 (moto)",
+            cp_small,
+            r,
+        );
     }
 }
