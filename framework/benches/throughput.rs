@@ -13,7 +13,7 @@ use framework::lapin::options::{
 };
 use framework::lapin::types::FieldTable;
 use framework::lapin::{BasicProperties, Channel};
-use framework::testing::{cleanup, config, ready_count, test_channel, unique};
+use framework::testing::{cleanup, cleanup_service, config, ready_count, test_channel, unique};
 use framework::{CancellationToken, MessageContext, MessageProcessor, Outcome, async_trait};
 use futures_util::StreamExt;
 
@@ -205,17 +205,8 @@ async fn framework(n: usize, prefetch: u16, queue_type: &str) -> f64 {
     let secs = start.elapsed().as_secs_f64();
     stop.cancel();
     let _ = task.await;
-    let mut queues = vec![q.clone(), format!("{q}-dlq"), s];
-    queues.extend(cfg.retry.delays_ms.iter().map(|d| format!("{q}-retry-{d}")));
-    cleanup(
-        queues,
-        vec![
-            format!("{q}-in"),
-            format!("{q}-out"),
-            format!("{q}-retry"),
-            format!("{q}-fail"),
-        ],
-    );
+    cleanup_service(&q, &cfg.retry.delays_ms);
+    cleanup(vec![s], vec![]);
     n as f64 / secs
 }
 

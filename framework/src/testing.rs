@@ -269,6 +269,22 @@ pub fn cleanup(queues: Vec<String>, exchanges: Vec<String>) {
     .join();
 }
 
+/// Deletes everything a service with queue `q` declared (retry tiers `delays`) plus its
+/// `<q>-in` / `<q>-out` exchanges as the tests name them.
+pub fn cleanup_service(q: &str, delays: &[u64]) {
+    let mut queues = vec![q.to_string(), format!("{q}-dlq")];
+    queues.extend(delays.iter().map(|d| format!("{q}-retry-{d}")));
+    cleanup(
+        queues,
+        vec![
+            format!("{q}-in"),
+            format!("{q}-out"),
+            format!("{q}-retry"),
+            format!("{q}-fail"),
+        ],
+    );
+}
+
 /// Publishes with confirms and asserts the broker acked.
 pub async fn publish(ch: &Channel, exchange: &str, key: &str, body: &[u8], props: BasicProperties) {
     let c = ch

@@ -633,17 +633,7 @@ async fn metrics_and_health_are_served() {
     assert!(text.contains("storagetier_connected"));
     shutdown.cancel();
     assert!(tokio::time::timeout(WAIT, task).await.unwrap().unwrap());
-    let mut queues = vec![q.clone(), format!("{q}-dlq")];
-    queues.extend([200, 400].map(|d| format!("{q}-retry-{d}")));
-    cleanup(
-        queues,
-        vec![
-            format!("{q}-in"),
-            format!("{q}-out"),
-            format!("{q}-retry"),
-            format!("{q}-fail"),
-        ],
-    );
+    cleanup_service(&q, &[200, 400]);
 }
 
 struct PartialProcessor;

@@ -188,17 +188,7 @@ async fn sigterm_drains_in_flight_messages_and_exits_0() {
         total,
         "every message either done or back in the queue"
     );
-    let mut queues = vec![q.clone(), format!("{q}-dlq")];
-    queues.extend([200, 400].map(|d| format!("{q}-retry-{d}")));
-    cleanup(
-        queues,
-        vec![
-            format!("{q}-in"),
-            format!("{q}-out"),
-            format!("{q}-retry"),
-            format!("{q}-fail"),
-        ],
-    );
+    cleanup_service(&q, &[200, 400]);
 }
 
 #[tokio::test]
@@ -257,17 +247,7 @@ async fn declare_creates_the_topology_and_definitions_describe_it() {
             .any(|b| b["source"] == format!("{q}-fail") && b["routing_key"] == "#")
     );
 
-    let mut queues = vec![q.clone(), format!("{q}-dlq")];
-    queues.extend([200, 400].map(|d| format!("{q}-retry-{d}")));
-    cleanup(
-        queues,
-        vec![
-            format!("{q}-in"),
-            format!("{q}-out"),
-            format!("{q}-retry"),
-            format!("{q}-fail"),
-        ],
-    );
+    cleanup_service(&q, &[200, 400]);
 }
 
 #[tokio::test]

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use framework::lapin::BasicProperties;
-use framework::testing::{cleanup, next, publish, test_channel, unique, watch};
+use framework::testing::{cleanup_service, next, publish, test_channel, unique, watch};
 use storage::testing::{MotoServer, sweeper_message};
 
 fn env_usize(k: &str, d: usize) -> usize {
@@ -114,17 +114,7 @@ async fn archive(
         .args(["-TERM", &child.id().to_string()])
         .status();
     let _ = child.wait();
-    let mut queues = vec![q.clone(), format!("{q}-dlq")];
-    queues.extend([1000, 5000, 30000, 120000].map(|d| format!("{q}-retry-{d}")));
-    cleanup(
-        queues,
-        vec![
-            format!("{q}-in"),
-            format!("{q}-out"),
-            format!("{q}-retry"),
-            format!("{q}-fail"),
-        ],
-    );
+    cleanup_service(&q, &[1000, 5000, 30000, 120000]);
     (secs, rss)
 }
 

@@ -8,16 +8,8 @@ use crate::event::{EventKind, ProjectEvent};
 /// Migrations embedded in the binary.
 pub static MIGRATOR: db::Migrator = db::sqlx::migrate!("./migrations");
 
-/// Database failures (all transient for a message).
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// Opening or migrating the database failed.
-    #[error(transparent)]
-    Open(#[from] db::DbError),
-    /// A query failed.
-    #[error("database error: {0}")]
-    Query(#[from] db::sqlx::Error),
-}
+/// Database failures (all transient for a message): the shared database error.
+pub type StoreError = db::DbError;
 
 /// A project row as stored (the success message body).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
