@@ -128,6 +128,7 @@ async fn main() {
         tempfile::tempdir_in(std::env::var("BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into()))
             .unwrap();
     let data = base.path();
+    std::fs::create_dir_all(data.join("no-config")).unwrap();
     let online = data.join("online");
     std::fs::create_dir_all(online.join("big")).unwrap();
     std::fs::create_dir_all(online.join("small")).unwrap();
