@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
@@ -38,6 +38,10 @@ pub trait Service: Send + Sync + 'static {
     const NAME: &'static str;
     /// Own config section, e.g. `online_archive`.
     const SECTION: &'static str;
+    /// One line for `--help`: what this service does.
+    const ABOUT: &'static str = "a storagetier service";
+    /// Extra commands the binary handles itself (shown at the end of `--help`).
+    const EXTRA_HELP: &'static str = "";
     /// The service's own keys (deny unknown fields); framework keys are taken out first.
     type Settings: DeserializeOwned + Serialize + std::fmt::Debug + Send + Sync + 'static;
     /// Its processor.
@@ -137,7 +141,16 @@ pub const EXIT_FAILURE: u8 = 1;
 
 /// Parses the command line, loads config and runs the command; the whole `main` of a binary.
 pub fn main<S: Service>() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cmd = Cli::command()
+        .name(S::NAME)
+        .about(format!("{}: {}", S::NAME, S::ABOUT));
+    if !S::EXTRA_HELP.is_empty() {
+        cmd = cmd.after_help(S::EXTRA_HELP);
+    }
+    let cli = match Cli::from_arg_matches(&cmd.get_matches()) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
     let opts = LoadOptions {
         config_dir: Some(cli.config_dir.clone()),
         config_dir_explicit: std::env::args_os().any(|a| a == "--config-dir")

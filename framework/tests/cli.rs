@@ -354,7 +354,12 @@ async fn wait_for_count(ch: &framework::lapin::Channel, queue: &str, n: u32) {
 
 /// Runs rabbitmqctl with `args`, asserting success.
 fn rabbitmqctl(args: &[&str]) {
-    let st = Command::new("rabbitmqctl").args(args).arg("-q").stdout(Stdio::null()).status().unwrap();
+    let st = Command::new("rabbitmqctl")
+        .args(args)
+        .arg("-q")
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
     assert!(st.success(), "rabbitmqctl {args:?}");
 }
 
@@ -367,12 +372,19 @@ async fn the_amqp_password_never_shows_in_logs_metrics_or_dead_letters() {
     let q = unique("secret");
     let dir = tempfile::tempdir().unwrap();
     let url = format!("amqp://{user}:{password}@127.0.0.1:5672/%2f");
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let cmd = |args: &[&str]| {
         let mut c = echo_cmd(&q, dir.path());
         c.env("STORAGETIER__AMQP__URL", &url)
             .env("STORAGETIER__LOG__LEVEL", "trace")
-            .env("STORAGETIER__ECHO__HTTP_LISTEN", format!("127.0.0.1:{port}"))
+            .env(
+                "STORAGETIER__ECHO__HTTP_LISTEN",
+                format!("127.0.0.1:{port}"),
+            )
             .args(args);
         c
     };
@@ -387,15 +399,33 @@ async fn the_amqp_password_never_shows_in_logs_metrics_or_dead_letters() {
         .unwrap();
     let (_c, ch) = test_channel().await;
     let mut dlq = consume(&ch, &format!("{q}-dlq")).await;
-    publish(&ch, &format!("{q}-in"), "k", b"not json", BasicProperties::default()).await;
+    publish(
+        &ch,
+        &format!("{q}-in"),
+        "k",
+        b"not json",
+        BasicProperties::default(),
+    )
+    .await;
     let d = next(&mut dlq).await;
     let headers = format!("{:?}", d.properties.headers());
-    let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.unwrap().text().await.unwrap();
+    let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let check = run(&mut cmd(&["check-config"]));
-    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert_eq!(child.wait().unwrap().code(), Some(0));
     let logs = std::fs::read_to_string(&log).unwrap();
-    assert!(logs.contains(&user), "the logs did run at trace level with this user");
+    assert!(
+        logs.contains(&user),
+        "the logs did run at trace level with this user"
+    );
     for (what, text) in [
         ("logs", logs.as_str()),
         ("dead-letter headers", headers.as_str()),

@@ -50,6 +50,8 @@ fn success(r: &CopyReport, m: &AssetSweeperFile) -> serde_json::Value {
 #[async_trait]
 impl Service for OnlineArchive {
     const NAME: &'static str = "online-archive";
+    const ABOUT: &'static str =
+        "copies online media into the archive object store (SHA-256 verified)";
     const SECTION: &'static str = "online_archive";
     type Settings = ArchiveSettings;
     type Processor = TierProcessor;

@@ -53,6 +53,8 @@ fn success(r: &CopyReport, m: &AssetSweeperFile) -> serde_json::Value {
 #[async_trait]
 impl Service for OnlineNearline {
     const NAME: &'static str = "online-nearline";
+    const ABOUT: &'static str =
+        "copies online media into the nearline vault (MD5 verified, metadata kept)";
     const SECTION: &'static str = "online_nearline";
     type Settings = NearlineSettings;
     type Processor = TierProcessor;

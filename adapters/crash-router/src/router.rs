@@ -245,6 +245,8 @@ pub struct CrashRouterService;
 #[framework::async_trait]
 impl Service for CrashRouterService {
     const NAME: &'static str = "crash-router";
+    const ABOUT: &'static str =
+        "routes Socorro raw-crash S3 notifications to throttled crash queues";
     const SECTION: &'static str = "crash_router";
     type Settings = CrashRouterSettings;
     type Processor = CrashRouter;

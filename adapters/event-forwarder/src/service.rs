@@ -276,6 +276,7 @@ pub struct EventForwarderService;
 #[framework::async_trait]
 impl Service for EventForwarderService {
     const NAME: &'static str = "event-forwarder";
+    const ABOUT: &'static str = "POSTs each bus event to an HTTP endpoint";
     const SECTION: &'static str = "event_forwarder";
     type Settings = ForwarderSettings;
     type Processor = EventForwarder;

@@ -160,6 +160,7 @@ pub fn database_url(cfg: &Config<ProjectIngestSettings>) -> String {
 #[async_trait]
 impl Service for ProjectIngest {
     const NAME: &'static str = "project-ingest";
+    const ABOUT: &'static str = "records Pluto project and commission events";
     const SECTION: &'static str = "project_ingest";
     type Settings = ProjectIngestSettings;
     type Processor = ProjectProcessor;

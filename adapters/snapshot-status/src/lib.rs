@@ -345,7 +345,9 @@ async fn declare_exchanges(cfg: &Config<SnapshotStatusSettings>) -> Result<(), B
 #[async_trait]
 impl Service for SnapshotStatus {
     const NAME: &'static str = "snapshot-status";
+    const ABOUT: &'static str = "tracks snapshot-sender collection status";
     const SECTION: &'static str = "snapshot_status";
+    const EXTRA_HELP: &'static str = "Also:\n  status <CORRELATION_ID> [--json]  print the collections and product status of a snapshot run";
     type Settings = SnapshotStatusSettings;
     type Processor = StatusProcessor;
 

@@ -38,6 +38,7 @@ struct EchoService;
 #[async_trait]
 impl Service for EchoService {
     const NAME: &'static str = "echo";
+    const ABOUT: &'static str = "example service: republishes every JSON message it receives";
     const SECTION: &'static str = "echo";
     type Settings = EchoSettings;
     type Processor = Echo;
