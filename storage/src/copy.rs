@@ -64,30 +64,32 @@ pub enum CopyError {
     SourceChanged(String),
 }
 
-/// Digest of a local file, streaming.
+/// Digest of a local file, read in large blocks on a blocking thread.
 pub async fn hash_file(path: &Path, alg: Algorithm) -> Result<Digest, CopyError> {
+    let p = path.to_path_buf();
     let shown = path.display().to_string();
-    let mut f = tokio::fs::File::open(path)
-        .await
-        .map_err(|e| CopyError::Read(shown.clone(), e))?;
-    let mut h = alg.hasher();
-    let mut buf = vec![0u8; CHUNK];
-    let mut size = 0u64;
-    loop {
-        let n = f
-            .read(&mut buf)
-            .await
-            .map_err(|e| CopyError::Read(shown.clone(), e))?;
-        if n == 0 {
-            break;
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut f = std::fs::File::open(&p)?;
+        let mut h = alg.hasher();
+        let mut buf = vec![0u8; 4 * CHUNK];
+        let mut size = 0u64;
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+            size += n as u64;
         }
-        h.update(&buf[..n]);
-        size += n as u64;
-    }
-    Ok(Digest {
-        size,
-        checksum: h.finish(),
+        Ok(Digest {
+            size,
+            checksum: h.finish(),
+        })
     })
+    .await
+    .map_err(|e| CopyError::Read(shown.clone(), std::io::Error::other(e)))?
+    .map_err(|e: std::io::Error| CopyError::Read(shown, e))
 }
 
 /// Digest of a stored object by reading it back; `None` if there is no such object.
@@ -96,6 +98,14 @@ pub async fn hash_object(
     key: &ObjectPath,
     alg: Algorithm,
 ) -> Result<Option<Digest>, CopyError> {
+    if let Some(dir) = &tier.local_dir {
+        let file = dir.join(key.as_ref());
+        return match hash_file(&file, alg).await {
+            Ok(d) => Ok(Some(d)),
+            Err(CopyError::Read(_, e)) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        };
+    }
     let got = match tier.store.get(key).await {
         Ok(g) => g,
         Err(object_store::Error::NotFound { .. }) => return Ok(None),

@@ -78,6 +78,9 @@ pub struct Tier {
     pub display: String,
     /// Whether the store keeps user metadata on objects.
     pub supports_metadata: bool,
+    /// For a local store, its directory: verification then reads the stored file
+    /// directly in large blocks instead of through the object-store stream.
+    pub local_dir: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Tier {
@@ -158,6 +161,7 @@ pub fn open(url: &str, opts: &StoreOptions) -> Result<Tier, StoreConfigError> {
             prefix: prefix.trim_matches('/').to_string(),
             display: format!("{url} ({endpoint})"),
             supports_metadata: true,
+            local_dir: None,
         })
     } else {
         let dir = url.strip_prefix("file://").unwrap_or(url);
@@ -180,5 +184,9 @@ pub fn local(dir: &Path) -> Result<Tier, StoreConfigError> {
         prefix: String::new(),
         display: format!("file://{}", dir.display()),
         supports_metadata: false,
+        local_dir: Some(
+            dir.canonicalize()
+                .map_err(|e| StoreConfigError::Dir(dir.display().to_string(), e))?,
+        ),
     })
 }
