@@ -72,7 +72,13 @@ pub async fn hash_file(path: &Path, alg: Algorithm) -> Result<Digest, CopyError>
         use std::io::Read;
         let mut f = std::fs::File::open(&p)?;
         let mut h = alg.hasher();
-        let mut buf = vec![0u8; 4 * CHUNK];
+        // Large blocks for large files; small files get a buffer their size (memory
+        // stays bounded with many handlers at once).
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let cap = usize::try_from(len.saturating_add(1))
+            .unwrap_or(usize::MAX)
+            .min(4 * CHUNK);
+        let mut buf = vec![0u8; cap.max(4096)];
         let mut size = 0u64;
         loop {
             let n = f.read(&mut buf)?;

@@ -40,13 +40,20 @@ impl MotoServer {
     /// Starts it again on the same port (moto keeps nothing: the bucket is re-created).
     pub async fn restart(&mut self, bucket: &str) {
         self.stop();
-        let child = Command::new(moto_binary())
-            .args(["-H", "127.0.0.1", "-p", &self.port.to_string()])
+        let child = Command::new(python())
+            .args([
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("moto_server runs (pip install 'moto[server]')");
+            .expect("python3 -m moto.server runs (pip install 'moto[server]')");
         self.child = Some(child);
         let client = reqwest_client();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -74,8 +81,9 @@ impl Drop for MotoServer {
     }
 }
 
-fn moto_binary() -> String {
-    std::env::var("MOTO_SERVER").unwrap_or_else(|_| "moto_server".into())
+/// The Python that has moto installed (`MOTO_PYTHON`, default `python3`).
+fn python() -> String {
+    std::env::var("MOTO_PYTHON").unwrap_or_else(|_| "python3".into())
 }
 
 fn reqwest_client() -> reqwest::Client {
