@@ -757,3 +757,65 @@ async fn a_mandatory_publication_that_reaches_no_queue_is_an_error() {
     );
     hs.stop().await;
 }
+
+#[tokio::test]
+async fn hostile_inputs_are_dead_lettered_and_consuming_goes_on() {
+    let mut hs = Harness::start("hostile", &[], Typed).await;
+    let mut dlq = hs.watch_dlq().await;
+    let mut out = hs.watch_output().await;
+    let big = vec![b'x'; 10 * 1024 * 1024];
+    let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let deep_objects = format!("{}1{}", "{\"a\":".repeat(100_000), "}".repeat(100_000));
+    let mut huge = FieldTable::default();
+    framework::headers::set_str(&mut huge, "x-junk", &"h".repeat(60 * 1024));
+    let cases: Vec<(&[u8], BasicProperties, &str)> = vec![
+        (&big, BasicProperties::default(), "not valid JSON"),
+        (
+            deep.as_bytes(),
+            BasicProperties::default(),
+            "does not match the expected input",
+        ),
+        (
+            deep_objects.as_bytes(),
+            BasicProperties::default(),
+            "missing field `name`",
+        ),
+        (
+            b"\xc3\x28\xa0\xa1",
+            BasicProperties::default(),
+            "not valid JSON",
+        ),
+        (b"", BasicProperties::default(), "not valid JSON"),
+        (
+            br#"{"name": 5, "size": -1}"#,
+            BasicProperties::default(),
+            "invalid type",
+        ),
+        (
+            br#"{"name":"n","size":1}"#,
+            BasicProperties::default().with_headers(huge),
+            "",
+        ),
+    ];
+    for (body, props, why) in cases {
+        hs.publish("test.hostile", body, props).await;
+        if why.is_empty() {
+            // Valid body, huge header: processed normally.
+            assert_eq!(next(&mut out).await.data, br#"{"name":"n"}"#);
+            continue;
+        }
+        let d = next(&mut dlq).await;
+        assert_eq!(d.data.len(), body.len(), "body kept whole");
+        let e = header(&d, h::ERROR).unwrap();
+        assert!(e.contains(why), "{why}: {e}");
+    }
+    hs.publish(
+        "test.after",
+        br#"{"name":"ok","size":2}"#,
+        BasicProperties::default(),
+    )
+    .await;
+    assert_eq!(next(&mut out).await.data, br#"{"name":"ok"}"#);
+    assert!(hs.status.is_ready());
+    hs.stop().await;
+}
