@@ -397,3 +397,29 @@ pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Closes, from the broker side (`rabbitmqctl close_connection`), every connection whose
+/// client-provided name is `name`; returns how many were closed.
+pub fn close_connection_named(name: &str) -> usize {
+    let Ok(out) = std::process::Command::new("rabbitmqctl")
+        .args(["list_connections", "pid", "client_properties", "-q"])
+        .output()
+    else {
+        return 0;
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut closed = 0;
+    for line in text.lines() {
+        let Some((pid, props)) = line.split_once('\t') else {
+            continue;
+        };
+        if props.contains(&format!("\"{name}\"")) {
+            let ok = std::process::Command::new("rabbitmqctl")
+                .args(["close_connection", pid, "closed by a test", "-q"])
+                .status()
+                .is_ok_and(|s| s.success());
+            closed += usize::from(ok);
+        }
+    }
+    closed
+}

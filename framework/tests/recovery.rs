@@ -1,37 +1,9 @@
 //! Recovery without a process restart: broker-closed connections and deleted queues.
 
-use std::process::Command;
-
 use framework::lapin::BasicProperties;
 use framework::lapin::options::QueueDeleteOptions;
 use framework::testing::*;
 use framework::{MessageContext, Outcome};
-
-/// Closes the broker connection(s) whose client-provided name is `name`.
-fn close_connection_named(name: &str) {
-    let out = Command::new("rabbitmqctl")
-        .args(["list_connections", "pid", "client_properties", "-q"])
-        .output()
-        .expect("rabbitmqctl available");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut closed = 0;
-    for line in text.lines() {
-        let Some((pid, props)) = line.split_once('\t') else {
-            continue;
-        };
-        if props.contains(&format!("{{\"connection_name\",<<\"{name}\">>}}"))
-            || props.contains(&format!("\"{name}\""))
-        {
-            let st = Command::new("rabbitmqctl")
-                .args(["close_connection", pid, "test: forced close", "-q"])
-                .status()
-                .expect("close_connection");
-            assert!(st.success(), "closed {pid}");
-            closed += 1;
-        }
-    }
-    assert_eq!(closed, 1, "found the service's connection {name}");
-}
 
 fn echo() -> FnProcessor<impl Fn(serde_json::Value, &MessageContext) -> Outcome + Send + Sync> {
     FnProcessor(|v, _ctx: &MessageContext| Outcome::success(v))
@@ -55,7 +27,11 @@ async fn survives_the_broker_closing_its_connection() {
     assert_eq!(next(&mut out).await.data, br#"{"n":0}"#);
 
     let mut sessions = hs.status.sessions();
-    close_connection_named(&name);
+    assert_eq!(
+        close_connection_named(&name),
+        1,
+        "found the service's connection"
+    );
     // Not ready while disconnected (the first reconnect waits 1 s).
     let status = hs.status.clone();
     wait_until("readiness to drop", || !status.is_ready()).await;
