@@ -255,14 +255,35 @@ async fn s3_and_postgres_backends_with_store_outage_retried() {
     // The store goes down: the message waits in the retry tiers, then succeeds.
     moto.stop();
     std::fs::write(data.path().join("online/big/second.bin"), b"second").unwrap();
-    // Q-retry is a direct exchange: the first tier (200 ms) has routing key "200".
+    // The outage outlasts several retry tiers (200 ms, then 400 ms each): the message
+    // waits in the tiers and nothing is dead-lettered before max_attempts (50).
+    // Q-retry is a direct exchange; bind both tiers' keys.
     let mut retry_tier = watch(&hs.ch, &format!("{}-retry", hs.q), "200").await;
+    hs.ch
+        .queue_bind(
+            retry_tier.queue(),
+            format!("{}-retry", hs.q).as_str().into(),
+            "400".into(),
+            Default::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
     send(&hs, &sweeper_message(&dir, "second.bin", false)).await;
-    let r = next(&mut retry_tier).await;
-    assert!(
-        header(&r, h::LAST_ERROR).unwrap().contains("object store"),
-        "{:?}",
-        header(&r, h::LAST_ERROR)
+    let mut count = 0;
+    while count < 3 {
+        let r = next(&mut retry_tier).await;
+        assert!(
+            header(&r, h::LAST_ERROR).unwrap().contains("object store"),
+            "{:?}",
+            header(&r, h::LAST_ERROR)
+        );
+        count = int_header(&r, h::RETRY_COUNT).unwrap();
+    }
+    assert_eq!(
+        ready_count(&hs.ch, &format!("{}-dlq", hs.q)).await,
+        0,
+        "nothing dead-lettered during the outage"
     );
     moto.restart(bucket).await;
     let v: serde_json::Value = serde_json::from_slice(&next(&mut out).await.data).unwrap();
