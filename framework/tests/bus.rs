@@ -611,20 +611,24 @@ async fn metrics_and_health_are_served() {
     )
     .await;
     next(&mut out).await;
-    let text = client
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        text.contains(&format!(
-            "storagetier_messages_total{{queue=\"{q}\",outcome=\"success\"}} 1"
-        )),
-        "{text}"
-    );
+    // The output is confirmed before the input is acked and counted: poll briefly.
+    let want = format!("storagetier_messages_total{{queue=\"{q}\",outcome=\"success\"}} 1");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let text = loop {
+        let text = client
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if text.contains(&want) {
+            break text;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{want} in {text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert!(
         text.contains("storagetier_handler_seconds_bucket"),
         "histogram exported"
