@@ -59,6 +59,11 @@ pub fn is_postgres(url: &str) -> bool {
     url.starts_with("postgres://") || url.starts_with("postgresql://")
 }
 
+/// True for a URL [`connect`] accepts: `sqlite://…` or `postgres://…`.
+pub fn is_supported(url: &str) -> bool {
+    url.starts_with("sqlite://") || is_postgres(url)
+}
+
 /// Opens a pool (creating the SQLite file and its directory) and runs `migrator`.
 pub async fn connect(url: &str, migrator: &Migrator) -> Result<AnyPool, DbError> {
     sqlx::any::install_default_drivers();
@@ -76,7 +81,7 @@ pub async fn connect(url: &str, migrator: &Migrator) -> Result<AnyPool, DbError>
         } else {
             format!("{url}?mode=rwc")
         }
-    } else if is_postgres(url) {
+    } else if is_supported(url) {
         url.to_string()
     } else {
         return Err(DbError::BadUrl(redact_url(url)));
@@ -184,6 +189,25 @@ mod tests {
 #[derive(Clone, PartialEq, Eq, serde::Deserialize)]
 #[serde(transparent)]
 pub struct DatabaseUrl(pub String);
+
+impl DatabaseUrl {
+    /// Checks the scheme before start-up; the message is safe to print (password hidden).
+    pub fn check(&self) -> Result<(), String> {
+        if is_supported(&self.0) {
+            Ok(())
+        } else {
+            Err(format!(
+                "`{}` is not a sqlite:// or postgres:// URL",
+                redact_url(&self.0)
+            ))
+        }
+    }
+
+    /// The URL in effect: `url` if configured, else SQLite `<data_dir>/<service>.db`.
+    pub fn resolve(url: Option<&DatabaseUrl>, data_dir: &Path, service: &str) -> String {
+        url.map_or_else(|| default_url(data_dir, service), |u| u.0.clone())
+    }
+}
 
 impl serde::Serialize for DatabaseUrl {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use db::DatabaseUrl;
-use framework::config::Config;
+use framework::config::{Config, ConfigError};
 use framework::{Binding, BoxError, Service, async_trait};
 use serde::{Deserialize, Serialize};
 use storage::service::{TierProcessor, TierSetup};
@@ -64,6 +64,14 @@ impl Service for OnlineArchive {
         }
     }
 
+    fn validate(cfg: &Config<ArchiveSettings>) -> Result<(), ConfigError> {
+        if let Some(u) = &cfg.settings.database_url {
+            u.check()
+                .map_err(|e| ConfigError::new("online_archive.database_url", e))?;
+        }
+        Ok(())
+    }
+
     async fn processor(cfg: &Config<ArchiveSettings>) -> Result<TierProcessor, BoxError> {
         let s = &cfg.settings;
         TierProcessor::open(
@@ -74,7 +82,7 @@ impl Service for OnlineArchive {
                 online_roots: s.online_roots.clone(),
                 store_url: s.archive_url.clone(),
                 store_options: s.archive_options.clone(),
-                database_url: s.database_url.as_ref().map(|u| u.0.clone()),
+                database_url: s.database_url.clone(),
             },
             TierPolicy {
                 algorithm: Algorithm::Sha256,

@@ -296,3 +296,22 @@ async fn s3_and_postgres_backends_with_store_outage_retried() {
     rec.pool().close().await;
     pg.drop_db().await.unwrap();
 }
+
+#[test]
+fn a_bad_database_url_is_a_config_error_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_online-archive"))
+        .arg("--config-dir")
+        .arg(dir.path())
+        .env(
+            "STORAGETIER__ONLINE_ARCHIVE__DATABASE_URL",
+            "mysql://u:hunter2@db/x",
+        )
+        .arg("check-config")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("online_archive.database_url"), "{err}");
+    assert!(!err.contains("hunter2"), "password hidden: {err}");
+}

@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 
 use db::DatabaseUrl;
-use framework::config::Config;
+use framework::config::{Config, ConfigError};
 use framework::{Binding, BoxError, Service, async_trait};
 use serde::{Deserialize, Serialize};
 use storage::service::{TierProcessor, TierSetup};
@@ -67,6 +67,14 @@ impl Service for OnlineNearline {
         }
     }
 
+    fn validate(cfg: &Config<NearlineSettings>) -> Result<(), ConfigError> {
+        if let Some(u) = &cfg.settings.database_url {
+            u.check()
+                .map_err(|e| ConfigError::new("online_nearline.database_url", e))?;
+        }
+        Ok(())
+    }
+
     async fn processor(cfg: &Config<NearlineSettings>) -> Result<TierProcessor, BoxError> {
         let s = &cfg.settings;
         TierProcessor::open(
@@ -77,7 +85,7 @@ impl Service for OnlineNearline {
                 online_roots: s.online_roots.clone(),
                 store_url: s.vault_url.clone(),
                 store_options: s.vault_options.clone(),
-                database_url: s.database_url.as_ref().map(|u| u.0.clone()),
+                database_url: s.database_url.clone(),
             },
             TierPolicy {
                 algorithm: Algorithm::Md5,

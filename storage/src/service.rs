@@ -20,7 +20,7 @@ pub struct TierSetup {
     /// S3 options.
     pub store_options: StoreOptions,
     /// Database URL (None = SQLite under the data dir).
-    pub database_url: Option<String>,
+    pub database_url: Option<db::DatabaseUrl>,
 }
 
 /// Builds the success message body from a report and the input.
@@ -53,10 +53,7 @@ impl TierProcessor {
             Some(u) => store::open(u, &setup.store_options)?,
             None => store::local(&data_dir.join(default_store_dir))?,
         };
-        let url = setup
-            .database_url
-            .clone()
-            .unwrap_or_else(|| db::default_url(data_dir, service));
+        let url = db::DatabaseUrl::resolve(setup.database_url.as_ref(), data_dir, service);
         let records = Records::open(&url).await?;
         tracing::info!(store = %tier.display, database = %db::redact_url(&url), roots = ?roots, "storage tier ready");
         Ok(Self {

@@ -151,10 +151,11 @@ impl MessageProcessor for ProjectProcessor {
 
 /// The database URL in effect: the configured one, else SQLite under the data dir.
 pub fn database_url(cfg: &Config<ProjectIngestSettings>) -> String {
-    match &cfg.settings.database_url {
-        Some(u) => u.0.clone(),
-        None => db::default_url(&cfg.storage.data_dir, ProjectIngest::NAME),
-    }
+    db::DatabaseUrl::resolve(
+        cfg.settings.database_url.as_ref(),
+        &cfg.storage.data_dir,
+        ProjectIngest::NAME,
+    )
 }
 
 #[async_trait]
@@ -174,16 +175,9 @@ impl Service for ProjectIngest {
     }
 
     fn validate(cfg: &Config<ProjectIngestSettings>) -> Result<(), ConfigError> {
-        if let Some(u) = &cfg.settings.database_url
-            && !(u.0.starts_with("sqlite://") || db::is_postgres(&u.0))
-        {
-            return Err(ConfigError::new(
-                "project_ingest.database_url",
-                format!(
-                    "`{}` is not a sqlite:// or postgres:// URL",
-                    db::redact_url(&u.0)
-                ),
-            ));
+        if let Some(u) = &cfg.settings.database_url {
+            u.check()
+                .map_err(|e| ConfigError::new("project_ingest.database_url", e))?;
         }
         Ok(())
     }

@@ -313,10 +313,11 @@ impl MessageProcessor for StatusProcessor {
 
 /// The database URL in effect: the configured one, else SQLite under the data dir.
 pub fn database_url(cfg: &Config<SnapshotStatusSettings>) -> String {
-    match &cfg.settings.database_url {
-        Some(u) => u.0.clone(),
-        None => db::default_url(&cfg.storage.data_dir, SnapshotStatus::NAME),
-    }
+    db::DatabaseUrl::resolve(
+        cfg.settings.database_url.as_ref(),
+        &cfg.storage.data_dir,
+        SnapshotStatus::NAME,
+    )
 }
 
 async fn declare_exchanges(cfg: &Config<SnapshotStatusSettings>) -> Result<(), BoxError> {
@@ -361,16 +362,9 @@ impl Service for SnapshotStatus {
 
     fn validate(cfg: &Config<SnapshotStatusSettings>) -> Result<(), ConfigError> {
         let s = &cfg.settings;
-        if let Some(u) = &s.database_url
-            && !(u.0.starts_with("sqlite://") || db::is_postgres(&u.0))
-        {
-            return Err(ConfigError::new(
-                "snapshot_status.database_url",
-                format!(
-                    "`{}` is not a sqlite:// or postgres:// URL",
-                    db::redact_url(&u.0)
-                ),
-            ));
+        if let Some(u) = &s.database_url {
+            u.check()
+                .map_err(|e| ConfigError::new("snapshot_status.database_url", e))?;
         }
         for (key, v) in [
             (
