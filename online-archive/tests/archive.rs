@@ -8,19 +8,12 @@ use framework::lapin::BasicProperties;
 use framework::testing::*;
 use online_archive::OnlineArchive;
 use sha2::Digest;
-use storage::testing::{MotoServer, sweeper_message};
+use storage::testing::{MotoServer, put_online_file as put_file, sweeper_message};
 
 const KEY: &str = "assetsweeper.asset_folder_importer.file.new";
 
 fn sha256(b: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(b))
-}
-
-fn put_file(data: &Path, rel: &str, content: &[u8]) -> String {
-    let p = data.join("online").join(rel);
-    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-    std::fs::write(&p, content).unwrap();
-    p.parent().unwrap().display().to_string()
 }
 
 async fn send(hs: &Harness, msg: &serde_json::Value) {

@@ -1,24 +1,15 @@
 //! online-nearline: MD5 verification, metadata, reuse of identical copies, damaged copies.
 
-use std::path::Path;
-
 use framework::lapin::BasicProperties;
 use framework::testing::*;
 use md5::Digest;
 use online_nearline::OnlineNearline;
-use storage::testing::{MotoServer, sweeper_message};
+use storage::testing::{MotoServer, put_online_file as put_file, sweeper_message};
 
 const KEY: &str = "assetsweeper.asset_folder_importer.file.changed";
 
 fn md5hex(b: &[u8]) -> String {
     hex::encode(md5::Md5::digest(b))
-}
-
-fn put_file(data: &Path, rel: &str, content: &[u8]) -> String {
-    let p = data.join("online").join(rel);
-    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-    std::fs::write(&p, content).unwrap();
-    p.parent().unwrap().display().to_string()
 }
 
 async fn send(hs: &Harness, msg: &serde_json::Value) {

@@ -106,3 +106,13 @@ pub fn sweeper_message(filepath: &str, filename: &str, ignore: bool) -> serde_js
         "filename": filename,
     })
 }
+
+/// Writes `content` to `<data>/online/<rel>` (the default online root) and returns the
+/// file's directory, as an asset-sweeper message's `filepath`.
+pub fn put_online_file(data: &std::path::Path, rel: &str, content: &[u8]) -> String {
+    let p = data.join("online").join(rel);
+    let dir = p.parent().unwrap_or(data).to_path_buf();
+    std::fs::create_dir_all(&dir).expect("create the online directory");
+    std::fs::write(&p, content).expect("write the online file");
+    dir.display().to_string()
+}
