@@ -2,6 +2,8 @@
 //! a runtime started in-process, helpers to publish and observe, cleanup on drop.
 //! Not used by production code paths.
 
+pub mod broker;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 

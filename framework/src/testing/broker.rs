@@ -1,0 +1,344 @@
+//! A private RabbitMQ node per test, so a test can stop and start "the broker"
+//! (`rabbitmqctl stop_app` / `start_app`) without touching the shared broker every other
+//! test runs against: broker-restart scenarios stay parallel-safe.
+//!
+//! The node is started from the machine's RabbitMQ install (`rabbitmq-server`, run as root
+//! or as the `rabbitmq` user, like `scripts/ensure-services`) on free loopback ports with
+//! its own data directory, and is halted and deleted on drop.
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+
+/// A RabbitMQ node of this test's own.
+pub struct PrivateBroker {
+    node: String,
+    port: u16,
+    dir: PathBuf,
+    server: Option<Child>,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+impl PrivateBroker {
+    /// Starts a fresh node and waits until it accepts AMQP connections.
+    pub async fn start() -> PrivateBroker {
+        let id = &uuid::Uuid::new_v4().simple().to_string()[..10];
+        let node = format!("st{id}@localhost");
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("storagetier-broker-{id}"));
+        std::fs::create_dir_all(&dir).expect("broker dir");
+        // The server runs as the `rabbitmq` user (the install's wrapper switches to it).
+        set_mode(&dir, 0o777);
+        std::fs::write(dir.join("enabled_plugins"), "[].\n").expect("plugins file");
+        std::fs::write(
+            dir.join("rabbitmq.conf"),
+            format!("listeners.tcp.local = 127.0.0.1:{port}\n"),
+        )
+        .expect("broker config");
+        for f in ["enabled_plugins", "rabbitmq.conf"] {
+            set_mode(&dir.join(f), 0o666);
+        }
+        let log = std::fs::File::create(dir.join("server.out")).expect("server log");
+        set_mode(&dir.join("server.out"), 0o666);
+        let d = |name: &str| dir.join(name).display().to_string();
+        let server = Command::new("rabbitmq-server")
+            .env("RABBITMQ_NODENAME", &node)
+            .env("RABBITMQ_DIST_PORT", free_port().to_string())
+            .env("RABBITMQ_CONFIG_FILE", d("rabbitmq.conf"))
+            .env("RABBITMQ_MNESIA_BASE", d("mnesia"))
+            .env("RABBITMQ_LOG_BASE", d("log"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", d("enabled_plugins"))
+            .env("RABBITMQ_FEATURE_FLAGS_FILE", d("feature_flags"))
+            .env("RABBITMQ_PID_FILE", d("pid"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log)
+            .spawn()
+            .expect("rabbitmq-server on PATH (the machine's RabbitMQ install)");
+        let broker = PrivateBroker {
+            node,
+            port,
+            dir,
+            server: Some(server),
+        };
+        let pid = broker.dir.join("pid").display().to_string();
+        broker.ctl(&["wait", &pid, "--timeout", "90"]);
+        broker.await_amqp().await;
+        broker
+    }
+
+    /// The AMQP URL of this node.
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// Stops the RabbitMQ application (connections drop, the port closes; the node and
+    /// its data stay).
+    pub fn stop_app(&self) {
+        self.ctl(&["stop_app"]);
+    }
+
+    /// Starts the application again and waits until it accepts connections.
+    pub async fn start_app(&self) {
+        self.ctl(&["start_app"]);
+        self.ctl(&["await_startup", "--timeout", "90"]);
+        self.await_amqp().await;
+    }
+
+    fn ctl(&self, args: &[&str]) {
+        let out = Command::new("rabbitmqctl")
+            .arg("-n")
+            .arg(&self.node)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("rabbitmqctl on PATH");
+        assert!(
+            out.status.success(),
+            "rabbitmqctl -n {} {args:?} failed: {}\n{}\nserver output: {}",
+            self.node,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(self.dir.join("server.out")).unwrap_or_default()
+        );
+    }
+
+    async fn await_amqp(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match Connection::connect(&self.url(), ConnectionProperties::default()).await {
+                Ok(c) => {
+                    let _ = c.close(200, "ready".into()).await;
+                    return;
+                }
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "private broker up: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    /// A connection and confirm channel to this node.
+    pub async fn channel(&self) -> Option<(Connection, Channel)> {
+        let conn = Connection::connect(&self.url(), ConnectionProperties::default())
+            .await
+            .ok()?;
+        let ch = crate::runtime::confirm_channel(&conn).await.ok()?;
+        Some((conn, ch))
+    }
+
+    /// Messages ready in `queue`, or None while the node is unreachable.
+    pub async fn count(&self, queue: &str) -> Option<u32> {
+        let (conn, ch) = self.channel().await?;
+        let n = ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .ok()
+            .map(|q| q.message_count());
+        let _ = conn.close(200, "".into()).await;
+        n
+    }
+
+    /// Declares a durable quorum queue bound to `exchange` with `#` to collect outputs.
+    pub async fn sink(&self, queue: &str, exchange: &str) {
+        let (conn, ch) = self.channel().await.expect("private broker reachable");
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        ch.queue_declare(queue.into(), durable, args)
+            .await
+            .expect("sink queue");
+        ch.queue_bind(
+            queue.into(),
+            exchange.into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind sink");
+        let _ = conn.close(200, "".into()).await;
+    }
+
+    /// Publishes every body persistently to `exchange` with `key`, waiting for confirms.
+    pub async fn preload(&self, exchange: &str, key: &str, bodies: impl Iterator<Item = Vec<u8>>) {
+        let (conn, ch) = self.channel().await.expect("private broker reachable");
+        let mut pending = Vec::new();
+        for body in bodies {
+            let confirm = ch
+                .basic_publish(
+                    exchange.into(),
+                    key.into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await
+                .expect("publish");
+            pending.push(confirm);
+        }
+        for confirm in pending {
+            assert!(confirm.await.expect("confirm").is_ack(), "preload acked");
+        }
+        let _ = conn.close(200, "".into()).await;
+    }
+
+    /// Waits until `sink` holds a fifth of `n` outputs, stops the broker for `outage`,
+    /// starts it again, then waits until `sink` holds `n` outputs and the service's queue
+    /// `queue` is empty. Returns when consuming resumed after the broker was back.
+    pub async fn restart_mid_stream(
+        &self,
+        queue: &str,
+        sink: &str,
+        n: usize,
+        outage: Duration,
+    ) -> Restart {
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs(600);
+        let progress = |what: &str| {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        };
+        while (self.count(sink).await.unwrap_or(0) as usize) < n / 5 {
+            progress("the first fifth of the outputs");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.stop_app();
+        let down_at = Instant::now();
+        // The outage itself: the service must ride it out; there is no condition to await.
+        tokio::time::sleep(outage).await;
+        self.start_app().await;
+        let up_at = Instant::now();
+        let before = self.count(sink).await.unwrap_or(0);
+        let mut resumed = None;
+        loop {
+            if let Some(c) = self.count(sink).await {
+                if resumed.is_none() && c > before {
+                    resumed = Some(up_at.elapsed());
+                }
+                if c as usize >= n && self.count(queue).await == Some(0) {
+                    break;
+                }
+            }
+            progress("every output after the restart");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Restart {
+            down: up_at - down_at,
+            resumed: resumed.unwrap_or_default(),
+            total: started.elapsed(),
+        }
+    }
+
+    /// Takes every message out of `queue` and counts them by `id` (None: not counted).
+    pub async fn drain_ids(
+        &self,
+        queue: &str,
+        id: impl Fn(&[u8]) -> Option<String>,
+    ) -> HashMap<String, usize> {
+        let (conn, ch) = self.channel().await.expect("private broker reachable");
+        let mut seen = HashMap::new();
+        while let Ok(Some(m)) = ch
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+        {
+            if let Some(k) = id(&m.delivery.data) {
+                *seen.entry(k).or_default() += 1;
+            }
+        }
+        let _ = conn.close(200, "".into()).await;
+        seen
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["-n", &self.node, "stop"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        if let Some(mut s) = self.server.take() {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn set_mode(path: &std::path::Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode));
+}
+
+/// Timings of a [`PrivateBroker::restart_mid_stream`] run.
+#[derive(Debug, Clone, Copy)]
+pub struct Restart {
+    /// How long the broker was stopped.
+    pub down: Duration,
+    /// From the broker being back to the first new output.
+    pub resumed: Duration,
+    /// The whole run, from the service starting to the last output.
+    pub total: Duration,
+}
+
+/// What a fault run measured: one row of docs/reliability.md.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tally {
+    /// Distinct inputs sent.
+    pub sent: usize,
+    /// Inputs with no outcome.
+    pub lost: usize,
+    /// Outcomes beyond the first per input.
+    pub duplicated: usize,
+}
+
+impl Tally {
+    /// The docs/reliability.md row for a broker restart run of `what`.
+    pub fn restart_row(&self, what: &str, r: &Restart) -> String {
+        format!(
+            "| broker stop_app/start_app mid-stream, {what} | {} | {} | {} | resumed {:.1} s after start_app (down {:.1} s), {:.1} s in all |",
+            self.sent,
+            self.lost,
+            self.duplicated,
+            r.resumed.as_secs_f64(),
+            r.down.as_secs_f64(),
+            r.total.as_secs_f64()
+        )
+    }
+
+    /// Counts `seen` (outcomes per input id) against `sent` inputs.
+    pub fn of(sent: usize, seen: &HashMap<String, usize>) -> Tally {
+        Tally {
+            sent,
+            lost: sent.saturating_sub(seen.len()),
+            duplicated: seen.values().map(|c| c.saturating_sub(1)).sum(),
+        }
+    }
+}
