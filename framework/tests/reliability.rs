@@ -1,6 +1,11 @@
-//! Zero-loss under faults that touch only this test's service: `kill -9` mid-stream and
-//! the broker closing the service's connection repeatedly under load. Each prints its
-//! figures (sent, lost, duplicated, time) for docs/reliability.md.
+//! Zero-loss under faults, with the echo service as a separate process: `kill -9`
+//! mid-stream, and — on a private RabbitMQ node so the shared broker and every other test
+//! are untouched — the broker restarted (`rabbitmqctl stop_app` / `start_app`) and every
+//! connection closed (`rabbitmqctl close_all_connections`) repeatedly under load. Each
+//! prints its figures (sent, lost, duplicated, time) for docs/reliability.md.
+//!
+//! `cargo test -p framework --test reliability -- --nocapture` (RESTART_MESSAGES
+//! overrides the broker restart's 10,000 messages).
 
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
@@ -8,15 +13,24 @@ use std::time::{Duration, Instant};
 
 use framework::lapin::BasicProperties;
 use framework::lapin::options::BasicPublishOptions;
+use framework::testing::broker::{PrivateBroker, Tally};
 use framework::testing::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_echo");
 
+/// In-flight limit of the echo process: duplicates after a fault are bounded by it.
+const PREFETCH: usize = 16;
+
 fn echo(q: &str, name: &str, dir: &std::path::Path) -> Command {
+    echo_on(&amqp_url(), q, name, dir)
+}
+
+fn echo_on(url: &str, q: &str, name: &str, dir: &std::path::Path) -> Command {
     let mut c = Command::new(BIN);
     c.arg("--config-dir")
         .arg(dir)
-        .env("STORAGETIER__AMQP__URL", amqp_url())
+        .env("STORAGETIER__AMQP__URL", url)
+        .env("STORAGETIER__AMQP__PREFETCH", PREFETCH.to_string())
         .env("STORAGETIER__AMQP__CONNECTION_NAME", name)
         .env("STORAGETIER__AMQP__RECONNECT_INITIAL_MS", "100")
         .env("STORAGETIER__ECHO__QUEUE", q)
@@ -108,56 +122,96 @@ async fn kill_9_mid_stream_loses_nothing() {
         .status();
     assert_eq!(again.wait().unwrap().code(), Some(0));
     println!(
-        "kill -9: sent {n}, lost {lost}, duplicated {dup} (prefetch 16), {:.1} s",
+        "| kill -9 mid-stream, then restart, echo | {n} | {lost} | {dup} | {:.1} s in all |",
         started.elapsed().as_secs_f64()
     );
     assert_eq!(lost, 0, "nothing lost");
-    assert!(dup <= 16, "duplicates bounded by what was in flight");
+    assert!(dup <= PREFETCH, "duplicates bounded by what was in flight");
     cleanup_service(&q, &[200, 400]);
 }
 
-#[tokio::test]
-async fn repeated_forced_connection_closes_lose_nothing() {
-    let q = unique("closes");
-    let name = unique("conn");
-    let dir = tempfile::tempdir().unwrap();
-    assert!(
-        echo(&q, &name, dir.path())
-            .arg("declare")
-            .status()
-            .unwrap()
-            .success()
-    );
-    let (_c, ch) = test_channel().await;
-    let mut out = watch(&ch, &format!("{q}-out"), "#").await;
-    let n = 2000;
-    send(&ch, &q, n).await;
-    let started = Instant::now();
-    let mut child = spawn(echo(&q, &name, dir.path()).arg("run"));
-    let mut closes = 0;
-    let mut seen: HashMap<u64, usize> = HashMap::new();
-    while seen.len() < n && started.elapsed() < WAIT * 3 {
-        if let Some(d) = next_within(&mut out, Duration::from_millis(500)).await {
-            record(&mut seen, &d);
-            if seen.len().is_multiple_of(400) && closes < 4 && close_connection_named(&name) > 0 {
-                closes += 1;
-            }
-        }
-    }
-    let (lost, dup) = collect(&mut out, seen, n, Duration::ZERO).await;
+/// Echo on a private broker: declared, a sink bound to its output, `n` inputs preloaded,
+/// then started. Returns the running process.
+async fn echo_with_backlog(
+    broker: &PrivateBroker,
+    q: &str,
+    sink: &str,
+    n: usize,
+    dir: &std::path::Path,
+) -> Child {
+    let cmd = || echo_on(&broker.url(), q, &unique("c"), dir);
+    assert!(cmd().arg("declare").status().expect("echo runs").success());
+    broker.sink(sink, &format!("{q}-out")).await;
+    broker
+        .preload(
+            &format!("{q}-in"),
+            "k",
+            (0..n).map(|i| format!("{{\"i\":{i}}}").into_bytes()),
+        )
+        .await;
+    spawn(cmd().arg("run"))
+}
+
+/// SIGTERMs `child`, asserts a clean exit, and tallies `sink` by input id.
+async fn finish(broker: &PrivateBroker, mut child: Child, sink: &str, n: usize) -> Tally {
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
-    assert_eq!(child.wait().unwrap().code(), Some(0));
-    println!(
-        "connection closed {closes}×: sent {n}, lost {lost}, duplicated {dup}, {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
-    assert!(closes >= 2, "the connection was actually closed under load");
-    assert_eq!(lost, 0);
+    let code = child.wait().expect("echo exits").code();
+    assert_eq!(code, Some(0), "the service drained and exited cleanly");
+    let seen = broker
+        .drain_ids(sink, |b| {
+            let v: serde_json::Value = serde_json::from_slice(b).ok()?;
+            v["i"].as_u64().map(|i| i.to_string())
+        })
+        .await;
+    Tally::of(n, &seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_restart_mid_stream_loses_nothing() {
+    let n = std::env::var("RESTART_MESSAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    let broker = PrivateBroker::start().await;
+    let q = unique("restart");
+    let sink = format!("{q}-sink");
+    let dir = tempfile::tempdir().expect("config dir");
+    let child = echo_with_backlog(&broker, &q, &sink, n, dir.path()).await;
+    let r = broker
+        .restart_mid_stream(&q, &sink, n, Duration::from_secs(3))
+        .await;
+    let t = finish(&broker, child, &sink, n).await;
+    println!("{}", t.restart_row("echo", &r));
+    assert_eq!(t.lost, 0, "nothing lost");
     assert!(
-        dup <= closes * 16,
-        "duplicates bounded by prefetch per close"
+        t.duplicated <= PREFETCH,
+        "duplicates bounded by what was in flight: {t:?}"
     );
-    cleanup_service(&q, &[200, 400]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_close_all_connections_lose_nothing() {
+    let n = 2000;
+    let closes = 4;
+    let broker = PrivateBroker::start().await;
+    let q = unique("closes");
+    let sink = format!("{q}-sink");
+    let dir = tempfile::tempdir().expect("config dir");
+    let child = echo_with_backlog(&broker, &q, &sink, n, dir.path()).await;
+    let took = broker.close_all_mid_stream(&q, &sink, n, closes).await;
+    let t = finish(&broker, child, &sink, n).await;
+    println!(
+        "| rabbitmqctl close_all_connections {closes}x under load, echo | {} | {} | {} | {:.1} s in all |",
+        t.sent,
+        t.lost,
+        t.duplicated,
+        took.as_secs_f64()
+    );
+    assert_eq!(t.lost, 0, "nothing lost");
+    assert!(
+        t.duplicated <= closes * PREFETCH,
+        "duplicates bounded by prefetch per close: {t:?}"
+    );
 }

@@ -16,6 +16,9 @@ use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueBindOptions, Que
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
+/// Bounds every wait of a fault run.
+const FAULT_RUN_LIMIT: Duration = Duration::from_secs(600);
+
 /// A RabbitMQ node of this test's own.
 pub struct PrivateBroker {
     node: String,
@@ -220,38 +223,66 @@ impl PrivateBroker {
         outage: Duration,
     ) -> Restart {
         let started = Instant::now();
-        let deadline = started + Duration::from_secs(600);
-        let progress = |what: &str| {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        };
-        while (self.count(sink).await.unwrap_or(0) as usize) < n / 5 {
-            progress("the first fifth of the outputs");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        self.await_outputs(sink, n / 5, started).await;
         self.stop_app();
         let down_at = Instant::now();
         // The outage itself: the service must ride it out; there is no condition to await.
         tokio::time::sleep(outage).await;
         self.start_app().await;
         let up_at = Instant::now();
-        let before = self.count(sink).await.unwrap_or(0);
-        let mut resumed = None;
-        loop {
-            if let Some(c) = self.count(sink).await {
-                if resumed.is_none() && c > before {
-                    resumed = Some(up_at.elapsed());
-                }
-                if c as usize >= n && self.count(queue).await == Some(0) {
-                    break;
-                }
-            }
-            progress("every output after the restart");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let before = self.count(sink).await.unwrap_or(0) as usize;
+        self.await_outputs(sink, before + 1, started).await;
+        let resumed = up_at.elapsed();
+        self.await_done(queue, sink, n, started).await;
         Restart {
             down: up_at - down_at,
-            resumed: resumed.unwrap_or_default(),
+            resumed,
             total: started.elapsed(),
+        }
+    }
+
+    /// Closes every client connection (`rabbitmqctl close_all_connections`) `times` times,
+    /// evenly spread over the `n` outputs, then waits as [`Self::restart_mid_stream`] does.
+    /// Returns how long the whole run took.
+    pub async fn close_all_mid_stream(
+        &self,
+        queue: &str,
+        sink: &str,
+        n: usize,
+        times: usize,
+    ) -> Duration {
+        let started = Instant::now();
+        for k in 1..=times {
+            self.await_outputs(sink, k * n / (times + 1), started).await;
+            self.ctl(&["close_all_connections", "closed by a fault test"]);
+        }
+        self.await_done(queue, sink, n, started).await;
+        started.elapsed()
+    }
+
+    /// Polls until `sink` holds at least `at_least` messages (at most 10 min from `since`).
+    async fn await_outputs(&self, sink: &str, at_least: usize, since: Instant) {
+        while (self.count(sink).await.unwrap_or(0) as usize) < at_least {
+            assert!(
+                since.elapsed() < FAULT_RUN_LIMIT,
+                "timed out waiting for {at_least} outputs in {sink}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Polls until `sink` holds `n` outputs and `queue` is empty.
+    async fn await_done(&self, queue: &str, sink: &str, n: usize, since: Instant) {
+        loop {
+            self.await_outputs(sink, n, since).await;
+            if self.count(queue).await == Some(0) {
+                return;
+            }
+            assert!(
+                since.elapsed() < FAULT_RUN_LIMIT,
+                "timed out waiting for {queue} to empty"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
