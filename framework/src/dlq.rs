@@ -57,7 +57,8 @@ fn describe(props: &lapin::BasicProperties, routing_key: &str, size: usize) -> D
     }
 }
 
-async fn count(ch: &Channel, queue: &str) -> Result<u32, lapin::Error> {
+/// Messages ready in `queue` (a passive declare: fails if the queue does not exist).
+pub async fn count(ch: &Channel, queue: &str) -> Result<u32, lapin::Error> {
     let q = ch
         .queue_declare(
             queue.into(),

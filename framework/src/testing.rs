@@ -112,6 +112,37 @@ pub fn service_config<S: Service>(
     load_config::<S>(&o).expect("test config is valid")
 }
 
+/// A command running service binary `bin` as its own process in a test: broker `url`,
+/// queue `q` under `[section]` with the `<q>-in` / `<q>-out` exchanges, an ephemeral
+/// HTTP port, warn-level logs, config files from `config_dir` (empty: built-in defaults).
+pub fn service_command(
+    bin: &str,
+    section: &str,
+    q: &str,
+    url: &str,
+    config_dir: &std::path::Path,
+) -> std::process::Command {
+    let sec = section.to_uppercase();
+    let mut c = std::process::Command::new(bin);
+    c.arg("--config-dir")
+        .arg(config_dir)
+        .env("STORAGETIER__AMQP__URL", url)
+        .env(format!("STORAGETIER__{sec}__QUEUE"), q)
+        .env(
+            format!("STORAGETIER__{sec}__OUTPUT_EXCHANGE"),
+            format!("{q}-out"),
+        )
+        .env(
+            format!("STORAGETIER__{sec}__INPUT_EXCHANGE"),
+            format!("{q}-in"),
+        )
+        .env(format!("STORAGETIER__{sec}__HTTP_LISTEN"), "127.0.0.1:0")
+        .env("STORAGETIER__LOG__LEVEL", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null());
+    c
+}
+
 /// Opens a test connection with a confirm channel.
 pub async fn test_channel() -> (Connection, Channel) {
     let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
@@ -365,17 +396,7 @@ pub async fn next_within(c: &mut Consumer, d: Duration) -> Option<Delivery> {
 
 /// Ready messages in `queue` (passive declare).
 pub async fn ready_count(ch: &Channel, queue: &str) -> u32 {
-    ch.queue_declare(
-        queue.into(),
-        QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .expect("queue exists")
-    .message_count()
+    crate::dlq::count(ch, queue).await.expect("queue exists")
 }
 
 /// A string header of a delivery.

@@ -26,22 +26,12 @@ fn echo(q: &str, name: &str, dir: &std::path::Path) -> Command {
 }
 
 fn echo_on(url: &str, q: &str, name: &str, dir: &std::path::Path) -> Command {
-    let mut c = Command::new(BIN);
-    c.arg("--config-dir")
-        .arg(dir)
-        .env("STORAGETIER__AMQP__URL", url)
+    let mut c = service_command(BIN, "echo", q, url, dir);
+    c.env("STORAGETIER__AMQP__CONNECTION_NAME", name)
         .env("STORAGETIER__AMQP__PREFETCH", PREFETCH.to_string())
-        .env("STORAGETIER__AMQP__CONNECTION_NAME", name)
         .env("STORAGETIER__AMQP__RECONNECT_INITIAL_MS", "100")
-        .env("STORAGETIER__ECHO__QUEUE", q)
-        .env("STORAGETIER__ECHO__OUTPUT_EXCHANGE", format!("{q}-out"))
-        .env("STORAGETIER__ECHO__INPUT_EXCHANGE", format!("{q}-in"))
-        .env("STORAGETIER__ECHO__HTTP_LISTEN", "127.0.0.1:0")
         .env("STORAGETIER__ECHO__DELAY_MS", "2")
         .env("STORAGETIER__RETRY__DELAYS_MS", "200,400")
-        .env("STORAGETIER__LOG__LEVEL", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
         .stderr(Stdio::null());
     c
 }

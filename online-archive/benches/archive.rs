@@ -6,11 +6,13 @@
 //! env: BENCH_BIG_MIB (1024), BENCH_SMALL_FILES (10000), BENCH_SMALL_KIB (4), BENCH_S3 (1).
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Instant;
 
 use framework::lapin::BasicProperties;
-use framework::testing::{cleanup_service, next, publish, test_channel, unique, watch};
+use framework::testing::{
+    amqp_url, cleanup_service, next, publish, service_command, test_channel, unique, watch,
+};
 use storage::testing::{MotoServer, sweeper_message};
 
 fn env_usize(k: &str, d: usize) -> usize {
@@ -59,40 +61,25 @@ async fn archive(
 ) -> (f64, u64) {
     let q = unique("bench-archive");
     let bin = env!("CARGO_BIN_EXE_online-archive");
-    let mut cmd = Command::new(bin);
-    cmd.arg("--config-dir")
-        .arg(data.join("no-config"))
-        .env("STORAGETIER__STORAGE__DATA_DIR", data)
-        .env("STORAGETIER__ONLINE_ARCHIVE__QUEUE", &q)
-        .env(
-            "STORAGETIER__ONLINE_ARCHIVE__OUTPUT_EXCHANGE",
-            format!("{q}-out"),
-        )
-        .env(
-            "STORAGETIER__ONLINE_ARCHIVE__INPUT_EXCHANGE",
-            format!("{q}-in"),
-        )
-        .env("STORAGETIER__ONLINE_ARCHIVE__HTTP_LISTEN", "127.0.0.1:0")
-        .env("STORAGETIER__LOG__LEVEL", "warn")
-        .stdin(Stdio::null());
-    for (k, v) in extra_env {
-        cmd.env(k, v);
-    }
-    let st = Command::new(bin)
-        .args(["--config-dir"])
-        .arg(data.join("no-config"))
-        .arg("declare")
-        .envs(
-            cmd.get_envs()
-                .filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned()))),
-        )
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
+    let cmd = || {
+        let mut c = service_command(
+            bin,
+            "online_archive",
+            &q,
+            &amqp_url(),
+            &data.join("no-config"),
+        );
+        c.env("STORAGETIER__STORAGE__DATA_DIR", data);
+        for (k, v) in extra_env {
+            c.env(k, v);
+        }
+        c
+    };
+    let st = cmd().arg("declare").status().unwrap();
     assert!(st.success(), "declare");
     let (_c, ch) = test_channel().await;
     let mut out = watch(&ch, &format!("{q}-out"), "#").await;
-    let mut child = cmd.spawn().unwrap();
+    let mut child = cmd().arg("run").spawn().unwrap();
     let t = Instant::now();
     for (dir, name) in files {
         let m = sweeper_message(dir, name, false);

@@ -229,13 +229,7 @@ async fn s3_and_postgres_backends_with_store_outage_retried() {
     let v: serde_json::Value = serde_json::from_slice(&next(&mut out).await.data).unwrap();
     assert_eq!(v["archive_key"], "prefix/big/file.bin");
     assert_eq!(v["checksum"], sha256(&content));
-    let opts = storage::StoreOptions {
-        endpoint: Some(moto.endpoint.clone()),
-        access_key_id: Some("test".into()),
-        secret_access_key: Some(framework::Secret::new("test")),
-        allow_http: true,
-        ..Default::default()
-    };
+    let opts = moto.store_options();
     let tier = storage::store::open(&format!("s3://{bucket}/prefix"), &opts).unwrap();
     let got =
         storage::copy::hash_object(&tier, &tier.key("big/file.bin"), storage::Algorithm::Sha256)

@@ -9,10 +9,11 @@
 //! overrides the 10,000).
 
 use std::process::{Command, Stdio};
+
 use std::time::Duration;
 
 use framework::testing::broker::{PrivateBroker, Tally};
-use framework::testing::unique;
+use framework::testing::{service_command, unique};
 use storage::testing::{put_online_file, sweeper_message};
 
 const PREFETCH: usize = 16;
@@ -61,27 +62,12 @@ async fn broker_restart_mid_stream_archives_every_file_once() {
         })
         .collect();
     let archive = |args: &[&str]| {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_online-archive"));
-        c.arg("--config-dir")
-            .arg(data.path())
-            .env("STORAGETIER__AMQP__URL", broker.url())
-            .env("STORAGETIER__AMQP__PREFETCH", PREFETCH.to_string())
+        let bin = env!("CARGO_BIN_EXE_online-archive");
+        let mut c = service_command(bin, "online_archive", &q, &broker.url(), data.path());
+        c.env("STORAGETIER__AMQP__PREFETCH", PREFETCH.to_string())
             .env("STORAGETIER__AMQP__RECONNECT_INITIAL_MS", "200")
             .env("STORAGETIER__AMQP__RECONNECT_MAX_MS", "1000")
             .env("STORAGETIER__STORAGE__DATA_DIR", data.path())
-            .env("STORAGETIER__ONLINE_ARCHIVE__QUEUE", &q)
-            .env(
-                "STORAGETIER__ONLINE_ARCHIVE__OUTPUT_EXCHANGE",
-                format!("{q}-out"),
-            )
-            .env(
-                "STORAGETIER__ONLINE_ARCHIVE__INPUT_EXCHANGE",
-                format!("{q}-in"),
-            )
-            .env("STORAGETIER__ONLINE_ARCHIVE__HTTP_LISTEN", "127.0.0.1:0")
-            .env("STORAGETIER__LOG__LEVEL", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
             .args(args);
         c
     };

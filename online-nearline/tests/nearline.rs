@@ -109,13 +109,7 @@ async fn s3_vault_keeps_path_size_and_mtime_as_metadata() {
     let v: serde_json::Value = serde_json::from_slice(&next(&mut out).await.data).unwrap();
     assert_eq!(v["vault_key"], "a b/clip é.mov");
     assert_eq!(v["md5"], md5hex(b"clip bytes"));
-    let opts = storage::StoreOptions {
-        endpoint: Some(moto.endpoint.clone()),
-        access_key_id: Some("test".into()),
-        secret_access_key: Some(framework::Secret::new("test")),
-        allow_http: true,
-        ..Default::default()
-    };
+    let opts = moto.store_options();
     let tier = storage::store::open(&format!("s3://{bucket}"), &opts).unwrap();
     let got = tier.store.get(&tier.key("a b/clip é.mov")).await.unwrap();
     let attrs = got.attributes.clone();

@@ -75,6 +75,19 @@ impl MotoServer {
     }
 }
 
+impl MotoServer {
+    /// Store options reaching this server (moto accepts any credentials).
+    pub fn store_options(&self) -> crate::StoreOptions {
+        crate::StoreOptions {
+            endpoint: Some(self.endpoint.clone()),
+            access_key_id: Some("test".into()),
+            secret_access_key: Some(framework::Secret::new("test")),
+            allow_http: true,
+            ..Default::default()
+        }
+    }
+}
+
 impl Drop for MotoServer {
     fn drop(&mut self) {
         self.stop();

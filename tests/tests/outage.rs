@@ -290,13 +290,7 @@ async fn object_store_outage_across_retry_tiers_loses_nothing() {
     moto.restart(bucket).await;
     let f = w.recovery(&mut hs, &ids, Instant::now()).await;
 
-    let opts = storage::StoreOptions {
-        endpoint: Some(moto.endpoint.clone()),
-        access_key_id: Some("test".into()),
-        secret_access_key: Some(framework::Secret::new("test")),
-        allow_http: true,
-        ..Default::default()
-    };
+    let opts = moto.store_options();
     let tier = storage::store::open("s3://archive/outage", &opts).expect("open the S3 tier");
     let out = w.out.all();
     for id in &ids {

@@ -146,18 +146,7 @@ impl PrivateBroker {
     /// Messages ready in `queue`, or None while the node is unreachable.
     pub async fn count(&self, queue: &str) -> Option<u32> {
         let (conn, ch) = self.channel().await?;
-        let n = ch
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .ok()
-            .map(|q| q.message_count());
+        let n = crate::dlq::count(&ch, queue).await.ok();
         let _ = conn.close(200, "".into()).await;
         n
     }
