@@ -311,14 +311,18 @@ async fn dlq_command(
                     "MESSAGE-ID", "KIND", "FAILED-AT", "SIZE", "ORIGINAL-KEY"
                 );
                 for i in &items {
+                    let field = |s: Option<&str>| crate::dlq::printable(s.unwrap_or("-"));
                     println!(
                         "{:<38} {:<18} {:<26} {:>8}  {:<40} {}",
-                        i.message_id.as_deref().unwrap_or("-"),
-                        i.kind.as_deref().unwrap_or("-"),
-                        i.failed_at.as_deref().unwrap_or("-"),
+                        field(i.message_id.as_deref()),
+                        field(i.kind.as_deref()),
+                        field(i.failed_at.as_deref()),
                         i.size,
-                        format!("{}/{}", i.original_exchange, i.original_routing_key),
-                        i.error.as_deref().unwrap_or("-").replace('\n', " ")
+                        crate::dlq::printable(&format!(
+                            "{}/{}",
+                            i.original_exchange, i.original_routing_key
+                        )),
+                        field(i.error.as_deref())
                     );
                 }
                 println!("{} dead letter(s) shown from {}", items.len(), topo.dlq());

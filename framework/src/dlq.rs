@@ -57,6 +57,21 @@ fn describe(props: &lapin::BasicProperties, routing_key: &str, size: usize) -> D
     }
 }
 
+/// `s` with control characters escaped (`\n`, `\u{1b}`): a dead letter's headers come
+/// from publishers and file names, and must not move the operator's cursor or hide text
+/// when `dlq list` prints them.
+pub fn printable(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Messages ready in `queue` (a passive declare: fails if the queue does not exist).
 pub async fn count(ch: &Channel, queue: &str) -> Result<u32, lapin::Error> {
     let q = ch
@@ -173,4 +188,15 @@ pub async fn purge(conn: &Connection, topo: &Topology) -> Result<u32, DlqError> 
         .await?;
     let _ = ch.close(200, "purge done".into()).await;
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn control_characters_are_escaped_for_the_terminal() {
+        assert_eq!(
+            super::printable("a\nb\u{1b}[2J\0é\r"),
+            "a\\nb\\u{1b}[2J\\u{0}é\\r"
+        );
+    }
 }

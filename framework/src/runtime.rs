@@ -449,6 +449,10 @@ fn incoming(d: &Delivery) -> Incoming {
 pub fn describe_decode_error(e: &serde_json::Error) -> String {
     use serde_json::error::Category;
     match e.classify() {
+        // Well-formed JSON, but deeper than serde_json parses (128 levels).
+        Category::Syntax if e.to_string().contains("recursion limit exceeded") => {
+            format!("body is nested too deeply (at most 128 levels): {e}")
+        }
         Category::Data => format!("body does not match the expected input: {e}"),
         Category::Syntax | Category::Eof | Category::Io => format!("body is not valid JSON: {e}"),
     }
