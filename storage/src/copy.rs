@@ -3,6 +3,7 @@
 //! file size.
 
 use std::path::Path;
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use object_store::buffered::BufWriter;
@@ -140,6 +141,39 @@ pub async fn object_size(tier: &Tier, key: &ObjectPath) -> Result<Option<u64>, C
     }
 }
 
+/// A local tier's staging file (`<object>#<n>`: the local store writes an upload there,
+/// then renames it into place) untouched for this long belongs to a process that died
+/// mid-upload (kill -9, out of memory); a live upload writes a part every few seconds.
+pub const STALE_STAGING: Duration = Duration::from_secs(15 * 60);
+
+/// Deletes stale staging files an interrupted upload left beside `key` in a local tier,
+/// so a crash mid-copy costs no disk; returns how many. (S3 keeps such parts as incomplete
+/// multipart uploads: a bucket lifecycle rule aborts them, see docs/storage.md.)
+pub async fn sweep_stale_staging(tier: &Tier, key: &ObjectPath) -> usize {
+    let Some(dir) = &tier.local_dir else {
+        return 0;
+    };
+    let dest = dir.join(key.as_ref());
+    let mut removed = 0;
+    // The store numbers staging files from 0 (copies) and 1 (uploads) upwards.
+    for n in 0..1000u32 {
+        let mut staged = dest.clone().into_os_string();
+        staged.push(format!("#{n}"));
+        let staged = std::path::PathBuf::from(staged);
+        let age = match tokio::fs::metadata(&staged).await {
+            Ok(m) => m.modified().ok().and_then(|t| t.elapsed().ok()),
+            Err(_) if n == 0 => continue,
+            Err(_) => break,
+        };
+        if age.is_some_and(|a| a >= STALE_STAGING) && tokio::fs::remove_file(&staged).await.is_ok()
+        {
+            tracing::warn!(file = %staged.display(), "removed a partial upload left by an interrupted copy");
+            removed += 1;
+        }
+    }
+    removed
+}
+
 /// Streams `path` to `key`, hashing as it goes; aborts the upload on any error.
 pub async fn upload(
     tier: &Tier,
@@ -148,6 +182,7 @@ pub async fn upload(
     alg: Algorithm,
     attributes: Attributes,
 ) -> Result<Digest, CopyError> {
+    sweep_stale_staging(tier, key).await;
     let shown = path.display().to_string();
     let mut f = tokio::fs::File::open(path)
         .await
@@ -217,4 +252,39 @@ pub async fn verify(
 /// Deletes an object (used only for objects this copy wrote and failed to verify).
 pub async fn remove(store: &dyn ObjectStore, key: &ObjectPath) {
     let _ = store.delete(key).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn only_stale_staging_files_of_the_key_are_swept() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let tier = crate::store::local(dir.path()).expect("local tier");
+        let key = tier.key("a/clip.mov");
+        let base = dir.path().join("a");
+        std::fs::create_dir_all(&base).expect("dir");
+        let old = std::time::SystemTime::now() - STALE_STAGING * 2;
+        for (name, stale) in [
+            ("clip.mov#1", true),
+            ("clip.mov#2", false),
+            ("clip.mov#3", true),
+            ("clip.mov#x", true),
+            ("other.mov#1", true),
+        ] {
+            let f = std::fs::File::create(base.join(name)).expect("create");
+            if stale {
+                f.set_modified(old).expect("age");
+            }
+        }
+        assert_eq!(sweep_stale_staging(&tier, &key).await, 2);
+        let mut left: Vec<String> = std::fs::read_dir(&base)
+            .expect("read")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["clip.mov#2", "clip.mov#x", "other.mov#1"]);
+    }
 }

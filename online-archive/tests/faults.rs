@@ -1,0 +1,197 @@
+//! online-archive as its own process under faults, printing figures for
+//! docs/reliability.md:
+//! - a broker restart mid-stream (`rabbitmqctl stop_app` / `start_app`) with 10,000 files,
+//!   on a private RabbitMQ node so the shared broker and every other test are untouched.
+//!   The service is not restarted: every file must be archived and reported at least once,
+//!   duplicates bounded by `prefetch`, and a redelivered file never becomes a second object;
+//! - `kill -9` in the middle of copying a large file: no partial object under the key, the
+//!   restarted service archives it whole and removes the dead upload's staging file.
+//!
+//! `cargo test -p online-archive --test faults -- --nocapture` (RESTART_MESSAGES overrides
+//! the 10,000).
+
+use std::process::{Command, Stdio};
+
+use std::time::Duration;
+
+use framework::testing::broker::{PrivateBroker, Tally};
+use framework::testing::{
+    amqp_url, cleanup_service, next, service_command, test_channel, unique, watch,
+};
+use storage::testing::{put_online_file, sweeper_message};
+
+const PREFETCH: usize = 16;
+const KEY: &str = "assetsweeper.asset_folder_importer.file.new";
+
+fn messages() -> usize {
+    std::env::var("RESTART_MESSAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000)
+}
+
+/// Every regular file under `dir`, relative to it.
+fn objects(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("read archive dir").flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(rel) = p.strip_prefix(dir) {
+                out.push(rel.display().to_string());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_restart_mid_stream_archives_every_file_once() {
+    let n = messages();
+    let broker = PrivateBroker::start().await;
+    let q = unique("archive-restart");
+    let sink = format!("{q}-sink");
+    let data = tempfile::tempdir().expect("data dir");
+    let messages: Vec<Vec<u8>> = (0..n)
+        .map(|i| {
+            let name = format!("f{i}.bin");
+            let dir = put_online_file(
+                data.path(),
+                &format!("d{}/{name}", i % 100),
+                format!("file {i} ").repeat(64).as_bytes(),
+            );
+            sweeper_message(&dir, &name, false).to_string().into_bytes()
+        })
+        .collect();
+    let archive = |args: &[&str]| {
+        let bin = env!("CARGO_BIN_EXE_online-archive");
+        let mut c = service_command(bin, "online_archive", &q, &broker.url(), data.path());
+        c.env("STORAGETIER__AMQP__PREFETCH", PREFETCH.to_string())
+            .env("STORAGETIER__AMQP__RECONNECT_INITIAL_MS", "200")
+            .env("STORAGETIER__AMQP__RECONNECT_MAX_MS", "1000")
+            .env("STORAGETIER__STORAGE__DATA_DIR", data.path())
+            .args(args);
+        c
+    };
+    assert!(
+        archive(&["declare"])
+            .status()
+            .expect("online-archive runs")
+            .success()
+    );
+    broker.sink(&sink, &format!("{q}-out")).await;
+    broker
+        .preload(&format!("{q}-in"), KEY, messages.into_iter())
+        .await;
+
+    let mut child = archive(&["run"])
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("online-archive starts");
+    let r = broker
+        .restart_mid_stream(&q, &sink, n, Duration::from_secs(3))
+        .await;
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let code = child.wait().expect("online-archive exits").code();
+
+    let seen = broker
+        .drain_ids(&sink, |b| {
+            let v: serde_json::Value = serde_json::from_slice(b).ok()?;
+            v["archive_key"].as_str().map(str::to_string)
+        })
+        .await;
+    let t = Tally::of(n, &seen);
+    println!("{}", t.restart_row("online-archive", &r));
+    assert_eq!(t.lost, 0, "every file reported");
+    assert!(
+        t.duplicated <= PREFETCH,
+        "duplicates bounded by what was in flight: {t:?}"
+    );
+    let dead = broker.count(&format!("{q}-dlq")).await;
+    assert_eq!(dead, Some(0), "nothing dead-lettered");
+    let stored = objects(&data.path().join("archive"));
+    assert_eq!(stored.len(), n, "one object per file, no second copies");
+    assert_eq!(code, Some(0), "the service drained and exited cleanly");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_copy_leaves_no_partial_object() {
+    let q = unique("archive-kill9");
+    let data = tempfile::tempdir().expect("data dir");
+    let content: Vec<u8> = (0..256 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let dir = put_online_file(data.path(), "big/file.bin", &content);
+    let archive = || {
+        let bin = env!("CARGO_BIN_EXE_online-archive");
+        let mut c = service_command(bin, "online_archive", &q, &amqp_url(), data.path());
+        c.env("STORAGETIER__STORAGE__DATA_DIR", data.path());
+        c
+    };
+    assert!(
+        archive()
+            .arg("declare")
+            .status()
+            .expect("declare runs")
+            .success()
+    );
+    let (_c, ch) = test_channel().await;
+    let mut out = watch(&ch, &format!("{q}-out"), "#").await;
+    framework::testing::publish(
+        &ch,
+        &format!("{q}-in"),
+        KEY,
+        sweeper_message(&dir, "file.bin", false)
+            .to_string()
+            .as_bytes(),
+        Default::default(),
+    )
+    .await;
+    let mut child = archive().arg("run").spawn().expect("online-archive starts");
+    let object = data.path().join("archive/big/file.bin");
+    let staged = data.path().join("archive/big/file.bin#1");
+    // Kill once the upload has written part of the object.
+    framework::testing::wait_until("the upload to be under way", || {
+        std::fs::metadata(&staged).is_ok_and(|m| m.len() > 0)
+    })
+    .await;
+    child.kill().expect("kill -9");
+    child.wait().expect("reaped");
+    assert!(!object.exists(), "no partial object under the key");
+    // Age the dead upload's staging file past the staleness limit, then restart.
+    let old = std::time::SystemTime::now() - storage::copy::STALE_STAGING * 2;
+    std::fs::File::options()
+        .write(true)
+        .open(&staged)
+        .and_then(|f| f.set_modified(old))
+        .expect("age the staging file");
+    let mut again = archive()
+        .arg("run")
+        .spawn()
+        .expect("online-archive restarts");
+    let d = next(&mut out).await;
+    let v: serde_json::Value = serde_json::from_slice(&d.data).expect("json output");
+    assert_eq!(v["archive_key"], "big/file.bin");
+    assert_eq!(v["size"], content.len());
+    let _ = Command::new("kill")
+        .args(["-TERM", &again.id().to_string()])
+        .status();
+    assert_eq!(again.wait().expect("exits").code(), Some(0));
+    assert!(
+        std::fs::read(&object).expect("archived object") == content,
+        "the archived object is whole"
+    );
+    assert_eq!(
+        objects(&data.path().join("archive")),
+        vec!["big/file.bin".to_string()],
+        "the dead upload's staging file is gone"
+    );
+    println!(
+        "| kill -9 mid-copy of a {} MiB file, then restart, online-archive | 1 | 0 | 0 | no partial object; staging file removed |",
+        content.len() >> 20
+    );
+    cleanup_service(&q, &[1000, 5000, 30000, 120000]);
+}
