@@ -186,23 +186,29 @@ mod tests {
 }
 
 /// A database URL from config: usable by code, printed with its password as `***`.
+/// Deserializing checks the scheme, so a bad URL is a config error naming its key
+/// (exit 2) before start-up, in every service alike.
 #[derive(Clone, PartialEq, Eq, serde::Deserialize)]
-#[serde(transparent)]
+#[serde(try_from = "String")]
 pub struct DatabaseUrl(pub String);
 
-impl DatabaseUrl {
-    /// Checks the scheme before start-up; the message is safe to print (password hidden).
-    pub fn check(&self) -> Result<(), String> {
-        if is_supported(&self.0) {
-            Ok(())
+impl TryFrom<String> for DatabaseUrl {
+    type Error = String;
+
+    /// Accepts sqlite:// and postgres:// URLs; the message is safe to print (password hidden).
+    fn try_from(url: String) -> Result<Self, String> {
+        if is_supported(&url) {
+            Ok(Self(url))
         } else {
             Err(format!(
                 "`{}` is not a sqlite:// or postgres:// URL",
-                redact_url(&self.0)
+                redact_url(&url)
             ))
         }
     }
+}
 
+impl DatabaseUrl {
     /// The URL in effect: `url` if configured, else SQLite `<data_dir>/<service>.db`.
     pub fn resolve(url: Option<&DatabaseUrl>, data_dir: &Path, service: &str) -> String {
         url.map_or_else(|| default_url(data_dir, service), |u| u.0.clone())

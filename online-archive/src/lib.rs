@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use db::DatabaseUrl;
-use framework::config::{Config, ConfigError};
+use framework::config::Config;
 use framework::{Binding, BoxError, Service, async_trait};
 use serde::{Deserialize, Serialize};
 use storage::service::{TierProcessor, TierSetup};
@@ -62,14 +62,6 @@ impl Service for OnlineArchive {
             routing_keys: vec!["assetsweeper.asset_folder_importer.file.#".into()],
             output_routing_key: "storagetier.onlinearchive.newfile".into(),
         }
-    }
-
-    fn validate(cfg: &Config<ArchiveSettings>) -> Result<(), ConfigError> {
-        if let Some(u) = &cfg.settings.database_url {
-            u.check()
-                .map_err(|e| ConfigError::new("online_archive.database_url", e))?;
-        }
-        Ok(())
     }
 
     async fn processor(cfg: &Config<ArchiveSettings>) -> Result<TierProcessor, BoxError> {

@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 
 use db::DatabaseUrl;
-use framework::config::{Config, ConfigError};
+use framework::config::Config;
 use framework::{Binding, BoxError, Service, async_trait};
 use serde::{Deserialize, Serialize};
 use storage::service::{TierProcessor, TierSetup};
@@ -65,14 +65,6 @@ impl Service for OnlineNearline {
             routing_keys: vec!["assetsweeper.asset_folder_importer.file.#".into()],
             output_routing_key: "storagetier.onlinenearline.newfile".into(),
         }
-    }
-
-    fn validate(cfg: &Config<NearlineSettings>) -> Result<(), ConfigError> {
-        if let Some(u) = &cfg.settings.database_url {
-            u.check()
-                .map_err(|e| ConfigError::new("online_nearline.database_url", e))?;
-        }
-        Ok(())
     }
 
     async fn processor(cfg: &Config<NearlineSettings>) -> Result<TierProcessor, BoxError> {

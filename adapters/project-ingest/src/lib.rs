@@ -7,7 +7,7 @@ pub mod store;
 use std::collections::BTreeSet;
 
 use db::DatabaseUrl;
-use framework::config::{Config, ConfigError};
+use framework::config::Config;
 use framework::{
     Binding, BoxError, MessageContext, MessageProcessor, Outcome, Publication, Service, async_trait,
 };
@@ -172,14 +172,6 @@ impl Service for ProjectIngest {
             routing_keys: vec!["core.project.#".into()],
             output_routing_key: "storagetier.projectingest.project".into(),
         }
-    }
-
-    fn validate(cfg: &Config<ProjectIngestSettings>) -> Result<(), ConfigError> {
-        if let Some(u) = &cfg.settings.database_url {
-            u.check()
-                .map_err(|e| ConfigError::new("project_ingest.database_url", e))?;
-        }
-        Ok(())
     }
 
     async fn processor(cfg: &Config<ProjectIngestSettings>) -> Result<ProjectProcessor, BoxError> {

@@ -362,10 +362,6 @@ impl Service for SnapshotStatus {
 
     fn validate(cfg: &Config<SnapshotStatusSettings>) -> Result<(), ConfigError> {
         let s = &cfg.settings;
-        if let Some(u) = &s.database_url {
-            u.check()
-                .map_err(|e| ConfigError::new("snapshot_status.database_url", e))?;
-        }
         for (key, v) in [
             (
                 "snapshot_status.export_state_exchange",
