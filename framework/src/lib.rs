@@ -10,6 +10,7 @@
 pub mod cli;
 pub mod config;
 pub mod dlq;
+pub mod fields;
 pub mod headers;
 pub mod http;
 pub mod processor;

@@ -1,27 +1,15 @@
 //! Decoding Pluto project events: plain JSON or Kinesis envelopes with base64 `data`.
 
 use base64::Engine;
+use framework::fields::{FieldError, kind_name, present, string};
 use serde_json::{Map, Value};
 
 /// Why a message (or one record of it) can never be processed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EventError {
-    /// A required field is absent.
-    #[error("field `{0}` is missing")]
-    Missing(String),
-    /// A required field is JSON null.
-    #[error("field `{0}` is null")]
-    Null(String),
-    /// A field has the wrong JSON type or an unusable value.
-    #[error("field `{field}`: expected {expected}, found {found}")]
-    Type {
-        /// Field name.
-        field: String,
-        /// What was expected.
-        expected: &'static str,
-        /// What was there.
-        found: String,
-    },
+    /// A field is missing, null or of the wrong type or value.
+    #[error(transparent)]
+    Field(#[from] FieldError),
     /// `data` of a Kinesis record is not valid base64.
     #[error("field `{field}`: invalid base64: {reason}")]
     Base64 {
@@ -103,49 +91,18 @@ pub struct Item {
     pub parsed: Result<Parsed, EventError>,
 }
 
-fn kind_name(v: &Value) -> String {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "boolean",
-        Value::Number(_) => "number",
-        Value::String(_) => "string",
-        Value::Array(_) => "array",
-        Value::Object(_) => "object",
-    }
-    .to_string()
-}
-
-fn get<'a>(o: &'a Map<String, Value>, f: &str) -> Result<&'a Value, EventError> {
-    match o.get(f) {
-        None => Err(EventError::Missing(f.into())),
-        Some(Value::Null) => Err(EventError::Null(f.into())),
-        Some(v) => Ok(v),
-    }
-}
-
-fn string(o: &Map<String, Value>, f: &str) -> Result<String, EventError> {
-    match get(o, f)? {
-        Value::String(s) => Ok(s.clone()),
-        other => Err(EventError::Type {
-            field: f.into(),
-            expected: "string",
-            found: kind_name(other),
-        }),
-    }
-}
-
-fn identifier(o: &Map<String, Value>, f: &str) -> Result<String, EventError> {
-    let bad = |found: String| EventError::Type {
+fn identifier(o: &Map<String, Value>, f: &str) -> Result<String, FieldError> {
+    let bad = |found: String| FieldError::Type {
         field: f.into(),
         expected: "integer or non-empty string",
         found,
     };
-    match get(o, f)? {
+    match present(o, f)? {
         Value::Number(n) if n.is_i64() || n.is_u64() => Ok(n.to_string()),
         Value::Number(n) => Err(bad(format!("number {n}"))),
         Value::String(s) if !s.trim().is_empty() => Ok(s.clone()),
         Value::String(_) => Err(bad("empty string".into())),
-        other => Err(bad(kind_name(other))),
+        other => Err(bad(kind_name(other).into())),
     }
 }
 
@@ -158,11 +115,11 @@ pub fn normalize_time(s: &str) -> Option<String> {
     })
 }
 
-fn time_field(o: &Map<String, Value>, f: &str) -> Result<(String, String), EventError> {
+fn time_field(o: &Map<String, Value>, f: &str) -> Result<(String, String), FieldError> {
     let s = string(o, f)?;
     match normalize_time(&s) {
         Some(n) => Ok((s, n)),
-        None => Err(EventError::Type {
+        None => Err(FieldError::Type {
             field: f.into(),
             expected: "an RFC 3339 timestamp",
             found: format!("{s:?}"),
@@ -224,24 +181,14 @@ fn arrival_time(rec: &Map<String, Value>) -> Option<String> {
 /// Decodes one Kinesis record (`{"data": base64, ...}`); `path` names it in errors.
 fn parse_kinesis_record(rec: &Value, path: &str) -> Result<Parsed, EventError> {
     let Value::Object(o) = rec else {
-        return Err(EventError::Type {
-            field: path.into(),
-            expected: "object",
-            found: kind_name(rec),
-        });
+        return Err(FieldError::wrong_type(path, "object", rec).into());
     };
     let field = format!("{path}.data");
     let data = match o.get("data") {
-        None => return Err(EventError::Missing(field)),
-        Some(Value::Null) => return Err(EventError::Null(field)),
+        None => return Err(FieldError::Missing(field).into()),
+        Some(Value::Null) => return Err(FieldError::Null(field).into()),
         Some(Value::String(s)) => s,
-        Some(other) => {
-            return Err(EventError::Type {
-                field,
-                expected: "base64 string",
-                found: kind_name(other),
-            });
-        }
+        Some(other) => return Err(FieldError::wrong_type(field, "base64 string", other).into()),
     };
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(data.trim())
@@ -279,11 +226,9 @@ pub fn items(msg: &Value) -> Vec<Item> {
     };
     if let Some(records) = o.get("Records") {
         let Value::Array(records) = records else {
-            return one(Err(EventError::Type {
-                field: "Records".into(),
-                expected: "array",
-                found: kind_name(records),
-            }));
+            return one(Err(
+                FieldError::wrong_type("Records", "array", records).into()
+            ));
         };
         if records.is_empty() {
             return one(Err(EventError::Shape("`Records` is empty".into())));
@@ -295,7 +240,7 @@ pub fn items(msg: &Value) -> Vec<Item> {
                 let path = format!("Records[{i}].kinesis");
                 let parsed = match r.get("kinesis") {
                     Some(k) => parse_kinesis_record(k, &path),
-                    None => Err(EventError::Missing(path)),
+                    None => Err(FieldError::Missing(path).into()),
                 };
                 Item {
                     raw: r.clone(),

@@ -1,5 +1,6 @@
 //! Status messages: validation, defaults and the `Records[].body` envelope.
 
+use framework::fields::{FieldError, kind_name, non_empty_string};
 use serde_json::{Map, Value};
 
 /// Default of `filename` when absent.
@@ -8,25 +9,9 @@ pub const FILENAME_NOT_SET: &str = "NOT_SET";
 /// Why a status message (or one record) is invalid.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InvalidMessage {
-    /// A required field is absent.
-    #[error("field `{0}` is missing")]
-    Missing(&'static str),
-    /// A required field is JSON null.
-    #[error("field `{0}` is null")]
-    Null(&'static str),
-    /// A required field is an empty string.
-    #[error("field `{0}` is empty")]
-    Empty(&'static str),
-    /// A field has the wrong type or value.
-    #[error("field `{field}`: expected {expected}, found {found}")]
-    Type {
-        /// Field name.
-        field: &'static str,
-        /// What was expected.
-        expected: &'static str,
-        /// What was there.
-        found: String,
-    },
+    /// A field is missing, null, empty or of the wrong type or value.
+    #[error(transparent)]
+    Field(#[from] FieldError),
     /// A `body` string is not JSON.
     #[error("field `body`: not valid JSON: {0}")]
     BodyJson(String),
@@ -102,55 +87,22 @@ pub enum Input {
     Records(Vec<Record>),
 }
 
-fn kind_name(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "boolean",
-        Value::Number(_) => "number",
-        Value::String(_) => "string",
-        Value::Array(_) => "array",
-        Value::Object(_) => "object",
-    }
-}
-
-fn required(o: &Map<String, Value>, f: &'static str) -> Result<String, InvalidMessage> {
-    match o.get(f) {
-        None => Err(InvalidMessage::Missing(f)),
-        Some(Value::Null) => Err(InvalidMessage::Null(f)),
-        Some(Value::String(s)) if s.trim().is_empty() => Err(InvalidMessage::Empty(f)),
-        Some(Value::String(s)) => Ok(s.clone()),
-        Some(other) => Err(InvalidMessage::Type {
-            field: f,
-            expected: "string",
-            found: kind_name(other).into(),
-        }),
-    }
-}
-
-fn optional(
-    o: &Map<String, Value>,
-    f: &'static str,
-    default: &str,
-) -> Result<String, InvalidMessage> {
+fn optional(o: &Map<String, Value>, f: &str, default: &str) -> Result<String, FieldError> {
     match o.get(f) {
         None | Some(Value::Null) => Ok(default.to_string()),
         Some(Value::String(s)) if s.is_empty() => Ok(default.to_string()),
         Some(Value::String(s)) => Ok(s.clone()),
         Some(Value::Bool(b)) => Ok(b.to_string()),
-        Some(other) => Err(InvalidMessage::Type {
-            field: f,
-            expected: "string",
-            found: kind_name(other).into(),
-        }),
+        Some(other) => Err(FieldError::wrong_type(f, "string", other)),
     }
 }
 
-fn count(o: &Map<String, Value>, f: &'static str) -> Result<Option<i64>, InvalidMessage> {
+fn count(o: &Map<String, Value>, f: &str) -> Result<Option<i64>, FieldError> {
     match o.get(f) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) if n.as_i64().is_some_and(|i| i >= 0) => Ok(n.as_i64()),
-        Some(other) => Err(InvalidMessage::Type {
-            field: f,
+        Some(other) => Err(FieldError::Type {
+            field: f.into(),
             expected: "an integer ≥ 0",
             found: match other {
                 Value::Number(n) => n.to_string(),
@@ -169,10 +121,10 @@ pub fn parse_status(v: &Value) -> Result<StatusMessage, InvalidMessage> {
         )));
     };
     Ok(StatusMessage {
-        correlation_id: required(o, "correlation_id")?,
-        collection_name: required(o, "collection_name")?,
-        snapshot_type: required(o, "snapshot_type")?,
-        export_date: required(o, "export_date")?,
+        correlation_id: non_empty_string(o, "correlation_id")?,
+        collection_name: non_empty_string(o, "collection_name")?,
+        snapshot_type: non_empty_string(o, "snapshot_type")?,
+        export_date: non_empty_string(o, "export_date")?,
         shutdown_flag: optional(o, "shutdown_flag", "true")?,
         reprocess_files: optional(o, "reprocess_files", "true")?,
         is_success_file: optional(o, "is_success_file", "false")?.eq_ignore_ascii_case("true"),
@@ -196,7 +148,7 @@ fn parse_record(r: &Value) -> Record {
         },
         Some(Value::Null) => Record {
             raw: serde_json::to_vec(r).unwrap_or_default(),
-            parsed: Err(InvalidMessage::Null("body")),
+            parsed: Err(FieldError::Null("body".into()).into()),
         },
         Some(v) => Record {
             raw: serde_json::to_vec(v).unwrap_or_default(),
@@ -204,7 +156,7 @@ fn parse_record(r: &Value) -> Record {
         },
         None => Record {
             raw: serde_json::to_vec(r).unwrap_or_default(),
-            parsed: Err(InvalidMessage::Missing("body")),
+            parsed: Err(FieldError::Missing("body".into()).into()),
         },
     }
 }
@@ -218,11 +170,7 @@ pub fn decode(v: &Value) -> Input {
         Some(Value::Array(_)) => {
             Input::Single(Err(InvalidMessage::Shape("`Records` is empty".into())))
         }
-        Some(other) => Input::Single(Err(InvalidMessage::Type {
-            field: "Records",
-            expected: "array",
-            found: kind_name(other).into(),
-        })),
+        Some(other) => Input::Single(Err(FieldError::wrong_type("Records", "array", other).into())),
         None => Input::Single(parse_status(v)),
     }
 }
