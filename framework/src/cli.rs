@@ -216,6 +216,21 @@ pub fn binding_of<S: Service>(cfg: &Config<S::Settings>) -> Binding {
     b
 }
 
+/// Builds service `S`'s processor and binds it as `cfg` says: what the binary runs and
+/// what the test harness starts in-process.
+pub async fn processor_configuration<S: Service>(
+    cfg: &Config<S::Settings>,
+) -> Result<ProcessorConfiguration<S::Processor>, BoxError> {
+    let processor = S::processor(cfg).await?;
+    let b = binding_of::<S>(cfg);
+    Ok(ProcessorConfiguration {
+        exchange: b.exchange,
+        routing_keys: b.routing_keys,
+        output_routing_key: b.output_routing_key,
+        processor,
+    })
+}
+
 fn topology_of<S: Service>(cfg: &Config<S::Settings>) -> Topology {
     let b = binding_of::<S>(cfg);
     let subs = b
@@ -415,16 +430,9 @@ pub async fn run_service<S: Service>(
     cfg: Config<S::Settings>,
     shutdown: CancellationToken,
 ) -> Result<Running, Failure> {
-    let processor = S::processor(&cfg)
+    let pc = processor_configuration::<S>(&cfg)
         .await
         .map_err(|e| Failure::Other(format!("cannot start {}: {e}", S::NAME)))?;
-    let b = binding_of::<S>(&cfg);
-    let pc = ProcessorConfiguration {
-        exchange: b.exchange,
-        routing_keys: b.routing_keys,
-        output_routing_key: b.output_routing_key,
-        processor,
-    };
     run_processor(S::NAME, &cfg, pc, shutdown).await
 }
 

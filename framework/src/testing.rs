@@ -7,7 +7,7 @@ pub mod broker;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::cli::{Service, binding_of, load_config};
+use crate::cli::{Service, load_config, processor_configuration};
 use crate::config::{Config, LoadOptions};
 use crate::{
     CancellationToken, MessageContext, MessageProcessor, Outcome, ProcessorConfiguration, Runtime,
@@ -180,14 +180,9 @@ impl Harness {
 
     /// Starts service `S` in-process with `cfg` (see [`service_config`]).
     pub async fn start_service<S: Service>(cfg: Config<S::Settings>) -> Harness {
-        let processor = S::processor(&cfg).await.expect("service processor builds");
-        let b = binding_of::<S>(&cfg);
-        let pc = ProcessorConfiguration {
-            exchange: b.exchange,
-            routing_keys: b.routing_keys,
-            output_routing_key: b.output_routing_key,
-            processor,
-        };
+        let pc = processor_configuration::<S>(&cfg)
+            .await
+            .expect("service processor builds");
         Self::start_pc(S::NAME, cfg, pc).await
     }
 
@@ -397,6 +392,24 @@ pub async fn next_within(c: &mut Consumer, d: Duration) -> Option<Delivery> {
 /// Ready messages in `queue` (passive declare).
 pub async fn ready_count(ch: &Channel, queue: &str) -> u32 {
     crate::dlq::count(ch, queue).await.expect("queue exists")
+}
+
+/// Waits (at most `WAIT`) until `queue` holds exactly `n` ready messages. Messages a
+/// closing channel held unacked (`dlq list`, `dlq replay`) return to a quorum queue
+/// asynchronously, so a count taken at once can miss them.
+pub async fn await_ready_count(ch: &Channel, queue: &str, n: u32) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let got = ready_count(ch, queue).await;
+        if got == n {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{queue} holds {got} ready messages, expected {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// A string header of a delivery.

@@ -273,7 +273,7 @@ async fn dead_letters_are_listed_replayed_after_confirm_and_purged() {
         BasicProperties::default().with_message_id("poison-2".into()),
     )
     .await;
-    wait_for_count(&hs.ch, &format!("{q}-dlq"), 2).await;
+    await_ready_count(&hs.ch, &format!("{q}-dlq"), 2).await;
     hs.stop().await;
     let dir = tempfile::tempdir().unwrap();
     let cmd = |args: &[&str]| {
@@ -293,24 +293,18 @@ async fn dead_letters_are_listed_replayed_after_confirm_and_purged() {
     assert_eq!(lines[0]["error"], "poisoned input");
     assert_eq!(lines[0]["original_routing_key"], "test.p");
     assert!(lines[0]["failed_at"].is_string() && lines[0]["size"].as_u64().unwrap() > 0);
-    assert_eq!(
-        ready_count(&hs.ch, &format!("{q}-dlq")).await,
-        2,
-        "list removes nothing"
-    );
+    // list removes nothing
+    await_ready_count(&hs.ch, &format!("{q}-dlq"), 2).await;
 
     let o = cmd(&["dlq", "replay", "--message-id", "poison-2", "--dry-run"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("would replay 1"));
-    assert_eq!(
-        ready_count(&hs.ch, &format!("{q}-dlq")).await,
-        2,
-        "dry run moves nothing"
-    );
+    // a dry run moves nothing
+    await_ready_count(&hs.ch, &format!("{q}-dlq"), 2).await;
 
     let o = cmd(&["dlq", "replay", "--message-id", "poison-2"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    assert_eq!(ready_count(&hs.ch, &format!("{q}-dlq")).await, 1);
+    await_ready_count(&hs.ch, &format!("{q}-dlq"), 1).await;
     // Back on its original route, headers stripped.
     let mut back = consume(&hs.ch, &q).await;
     let d = next(&mut back).await;
@@ -329,7 +323,7 @@ async fn dead_letters_are_listed_replayed_after_confirm_and_purged() {
 
     let o = cmd(&["dlq", "purge"]);
     assert_eq!(o.status.code(), Some(2), "purge without --yes is refused");
-    assert_eq!(ready_count(&hs.ch, &format!("{q}-dlq")).await, 1);
+    await_ready_count(&hs.ch, &format!("{q}-dlq"), 1).await;
     let o = cmd(&["dlq", "purge", "--yes"]);
     assert_eq!(o.status.code(), Some(0));
     assert_eq!(ready_count(&hs.ch, &format!("{q}-dlq")).await, 0);
@@ -339,17 +333,6 @@ async fn dead_letters_are_listed_replayed_after_confirm_and_purged() {
         Some(2),
         "replay needs --all or --message-id"
     );
-}
-
-async fn wait_for_count(ch: &framework::lapin::Channel, queue: &str, n: u32) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while ready_count(ch, queue).await < n {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{queue} reached {n} messages"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Runs rabbitmqctl with `args`, asserting success.
