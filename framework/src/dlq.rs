@@ -18,9 +18,9 @@ pub struct DeadLetter {
     pub error: Option<String>,
     /// `x-error-kind` (broker-side dead letters have none; then the x-death reason).
     pub kind: Option<String>,
-    /// Exchange it will be replayed to.
+    /// Exchange it first came from (kept as `x-original-exchange` on replay).
     pub original_exchange: String,
-    /// Routing key it will be replayed with.
+    /// Routing key it first came with (kept as `x-original-routing-key` on replay).
     pub original_routing_key: String,
     /// `x-failed-at`.
     pub failed_at: Option<String>,
@@ -37,6 +37,13 @@ pub enum DlqError {
     /// A replay could not be confirmed; the dead letter was kept.
     #[error("replay not confirmed, dead letter kept: {0}")]
     Publish(#[from] PublishError),
+    /// The replay was confirmed but the dead letter could not be removed (the channel
+    /// closed): it is still in the DLQ, and replaying it again delivers it twice.
+    #[error(
+        "replayed message id {0:?} but could not remove its dead letter (channel closed); \
+         it is still in the DLQ"
+    )]
+    NotRemoved(Option<String>),
 }
 
 fn describe(props: &lapin::BasicProperties, routing_key: &str, size: usize) -> DeadLetter {
@@ -125,9 +132,11 @@ pub enum Selection {
     MessageId(String),
 }
 
-/// Republishes selected dead letters to their original exchange and key, each removed
-/// from the DLQ only after the broker confirmed its replay. Returns what was (or, with
-/// `dry_run`, would be) replayed.
+/// Republishes selected dead letters to the service's own queue `Q` (through the default
+/// exchange, never to the original exchange, whose other subscribers must not see the
+/// message again), keeping where each first came from in `x-original-exchange` /
+/// `x-original-routing-key`. Each is removed from the DLQ only after the broker confirmed
+/// its replay. Returns what was (or, with `dry_run`, would be) replayed.
 pub async fn replay(
     conn: &Connection,
     topo: &Topology,
@@ -157,22 +166,30 @@ pub async fn replay(
             continue;
         }
         if !dry_run {
-            let hdr = h::without(
+            let mut hdr = h::without(
                 &d.properties.headers().clone().unwrap_or_default(),
                 h::REPLAY_STRIPPED,
+            );
+            h::set_str(&mut hdr, h::ORIGINAL_EXCHANGE, &info.original_exchange);
+            h::set_str(
+                &mut hdr,
+                h::ORIGINAL_ROUTING_KEY,
+                &info.original_routing_key,
             );
             publish_confirmed(
                 &ch,
                 vec![Outgoing {
-                    exchange: info.original_exchange.clone(),
-                    routing_key: info.original_routing_key.clone(),
+                    exchange: String::new(),
+                    routing_key: topo.queue.clone(),
                     body: d.data.clone(),
                     properties: d.properties.clone().with_headers(hdr),
                     mandatory: true,
                 }],
             )
             .await?;
-            d.acker.ack(BasicAckOptions::default()).await?;
+            if !d.acker.ack(BasicAckOptions::default()).await? {
+                return Err(DlqError::NotRemoved(info.message_id));
+            }
         }
         moved.push(info);
     }

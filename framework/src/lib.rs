@@ -7,6 +7,7 @@
 //! retries through TTL tiers, dead-letters with a replayable envelope, recovers from
 //! broker failures, drains on SIGTERM and serves metrics and health.
 
+pub mod channel_pool;
 pub mod cli;
 pub mod config;
 pub mod dlq;
@@ -16,6 +17,7 @@ pub mod http;
 pub mod processor;
 pub mod runtime;
 pub mod telemetry;
+#[cfg(feature = "testing")]
 pub mod testing;
 pub mod topology;
 

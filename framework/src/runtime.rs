@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
+use crate::channel_pool::ChannelPool;
 use crate::config::{AmqpConfig, Config, RetryConfig};
 use crate::headers::{self as h};
 use crate::processor::{MessageContext, MessageProcessor, Outcome, ProcessorConfiguration};
@@ -126,7 +127,7 @@ pub enum PublishError {
 /// A processor's handle for publishing during handling (see [`MessageContext::publish`]).
 #[derive(Clone)]
 pub struct Publisher {
-    ch: Channel,
+    pool: Arc<ChannelPool>,
     service: String,
     fail_exchange: String,
     properties: BasicProperties,
@@ -147,8 +148,8 @@ impl Publisher {
         p: crate::processor::Publication,
     ) -> Result<(), PublishError> {
         let props = output_properties(&self.service, ctx, &p.content_type);
-        publish_confirmed(
-            &self.ch,
+        publish_pooled(
+            &self.pool,
             vec![Outgoing {
                 exchange: p.exchange,
                 routing_key: p.routing_key,
@@ -180,8 +181,14 @@ impl Publisher {
             h::KIND_PERMANENT,
             error,
         );
-        publish_confirmed(&self.ch, vec![msg]).await
+        publish_pooled(&self.pool, vec![msg]).await
     }
+}
+
+/// Publishes on a channel of the pool that no other outcome uses meanwhile.
+async fn publish_pooled(pool: &Arc<ChannelPool>, msgs: Vec<Outgoing>) -> Result<(), PublishError> {
+    let ch = pool.get().await?;
+    publish_confirmed(&ch, msgs).await
 }
 
 /// One message to send as part of an outcome.
@@ -348,8 +355,10 @@ impl<P: MessageProcessor> Runtime<P> {
 
     async fn session(&self, shutdown: &CancellationToken) -> Result<SessionEnd, lapin::Error> {
         let inner = &self.inner;
-        let conn = connect(&inner.amqp, &inner.service).await?;
-        let ch = confirm_channel(&conn).await?;
+        let conn = Arc::new(connect(&inner.amqp, &inner.service).await?);
+        // Consuming and settling only: every publish goes through the pool.
+        let ch = conn.create_channel().await?;
+        let pool = ChannelPool::new(conn.clone());
         inner.topology.declare(&ch).await?;
         ch.basic_qos(inner.amqp.prefetch, BasicQosOptions::default())
             .await?;
@@ -383,10 +392,10 @@ impl<P: MessageProcessor> Runtime<P> {
             match next {
                 Some(Ok(delivery)) => {
                     let inner2 = inner.clone();
-                    let ch2 = ch.clone();
+                    let pool2 = pool.clone();
                     let broken2 = broken.clone();
                     inner.tasks.spawn(async move {
-                        handle_delivery(&inner2, &ch2, delivery, &broken2).await;
+                        handle_delivery(&inner2, &pool2, delivery, &broken2).await;
                         drop(permit);
                     });
                 }
@@ -470,7 +479,7 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
 
 async fn handle_delivery<P: MessageProcessor>(
     inner: &Inner<P>,
-    ch: &Channel,
+    pool: &Arc<ChannelPool>,
     delivery: Delivery,
     broken: &CancellationToken,
 ) {
@@ -504,48 +513,66 @@ async fn handle_delivery<P: MessageProcessor>(
             headers: inc.headers.clone(),
             retry_headers: Default::default(),
             publisher: Some(Publisher {
-                ch: ch.clone(),
+                pool: pool.clone(),
                 service: inner.service.clone(),
                 fail_exchange: inner.topology.fail_exchange(),
                 properties: delivery.properties.clone(),
             }),
         };
-        let outcome = match serde_json::from_slice::<P::Input>(&delivery.data) {
-            Err(e) => Outcome::Permanent(describe_decode_error(&e)),
-            Ok(input) => match AssertUnwindSafe(inner.processor.handle(input, &ctx))
-                .catch_unwind()
-                .await
-            {
-                Ok(o) => o,
-                Err(p) => Outcome::Permanent(format!("processor panicked: {}", panic_message(&*p))),
-            },
-        };
+        // Decoding runs inside catch_unwind too: a panicking Deserialize is the input's fault.
+        let handled = AssertUnwindSafe(async {
+            match serde_json::from_slice::<P::Input>(&delivery.data) {
+                Err(e) => Outcome::Permanent(describe_decode_error(&e)),
+                Ok(input) => inner.processor.handle(input, &ctx).await,
+            }
+        })
+        .catch_unwind()
+        .await;
+        let outcome = handled.unwrap_or_else(|p| {
+            Outcome::Permanent(format!("processor panicked: {}", panic_message(&*p)))
+        });
         metrics::histogram!(m::HANDLER_SECONDS, "queue" => queue.clone())
             .record(started.elapsed().as_secs_f64());
-        let (label, msgs) = plan(inner, &delivery, &inc, &ctx, outcome);
-        let published = if msgs.is_empty() {
-            Ok(())
-        } else {
-            publish_confirmed(ch, msgs).await
-        };
+        let was_retry = matches!(outcome, Outcome::Retry(_));
+        let (mut label, msgs) = plan(inner, &delivery, &inc, &ctx, outcome);
+        let mut published = publish_outcome(pool, msgs).await;
+        if let Err(e) = &published {
+            metrics::counter!(m::PUBLISH_FAILURES_TOTAL, "queue" => queue.clone()).increment(1);
+            error!(error = %e, outcome = label, "could not publish the outcome");
+            // A retry or dead letter that reached no queue means our own topology is
+            // incomplete: re-declare it by starting a new session.
+            if let PublishError::Unroutable(ex, _) = &e
+                && (*ex == inner.topology.retry_exchange() || *ex == inner.topology.fail_exchange())
+            {
+                broken.cancel();
+            }
+            // An outcome that cannot be published (an unroutable or missing destination)
+            // becomes a retry: it counts toward max_attempts and ends in the DLQ, instead
+            // of looping through requeues that RabbitMQ 4.3 no longer counts.
+            if !was_retry {
+                let why = format!("could not publish the {label} outcome: {e}");
+                let (l, msgs) = plan(inner, &delivery, &inc, &ctx, Outcome::Retry(why));
+                label = l;
+                published = publish_outcome(pool, msgs).await;
+            }
+        }
         match published {
-            Ok(()) => {
-                if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
-                    warn!(error = %e, "ack failed; the message will be redelivered");
-                } else {
+            Ok(()) => match delivery.acker.ack(BasicAckOptions::default()).await {
+                // Ok(false): the channel is gone and the ack was never sent.
+                Ok(true) => {
                     metrics::counter!(m::MESSAGES_TOTAL, "queue" => queue.clone(), "outcome" => label)
                         .increment(1);
                 }
-            }
+                Ok(false) => {
+                    warn!(outcome = label, "ack not sent (channel closed); the message will be redelivered");
+                }
+                Err(e) => warn!(error = %e, "ack failed; the message will be redelivered"),
+            },
             Err(e) => {
-                metrics::counter!(m::PUBLISH_FAILURES_TOTAL, "queue" => queue.clone()).increment(1);
-                error!(error = %e, outcome = label, "could not publish the outcome; the input goes back to the queue");
-                // A retry or dead letter that reached no queue means our own topology is
-                // incomplete: re-declare it by starting a new session.
-                if let PublishError::Unroutable(ex, _) = &e
-                    && (*ex == inner.topology.retry_exchange() || *ex == inner.topology.fail_exchange()) {
-                        broken.cancel();
-                    }
+                // Not even our own retry tier took it: the broker is failing or our
+                // topology is gone. Re-declare it and let the message come back.
+                error!(error = %e, "could not publish a retry either; re-declaring the topology, the input goes back to the queue");
+                broken.cancel();
                 tokio::time::sleep(PUBLISH_FAILURE_BACKOFF).await;
                 let _ = delivery
                     .acker
@@ -560,6 +587,14 @@ async fn handle_delivery<P: MessageProcessor>(
     }
     .instrument(span)
     .await
+}
+
+/// Publishes an outcome's messages (none for Drop) on a pooled channel.
+async fn publish_outcome(pool: &Arc<ChannelPool>, msgs: Vec<Outgoing>) -> Result<(), PublishError> {
+    if msgs.is_empty() {
+        return Ok(());
+    }
+    publish_pooled(pool, msgs).await
 }
 
 /// Properties of a message a service originates: persistent, new id, response headers.

@@ -2,7 +2,9 @@
 //! a runtime started in-process, helpers to publish and observe, cleanup on drop.
 //! Not used by production code paths.
 
+pub mod admin;
 pub mod broker;
+pub mod process;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -23,9 +25,20 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
 use serde::de::IgnoredAny;
 
-/// Broker URL for tests (`AMQP_URL` overrides).
+/// The broker the suite runs against: `STORAGETIER_TEST_AMQP_URL` (or `AMQP_URL`), default
+/// the local RabbitMQ. With [`admin::mgmt_url`] it is the one setting that picks the broker.
 pub fn amqp_url() -> String {
-    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+    std::env::var("STORAGETIER_TEST_AMQP_URL")
+        .or_else(|_| std::env::var("AMQP_URL"))
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// `url` with its user and password replaced.
+pub fn with_credentials(url: &str, user: &str, password: &str) -> String {
+    let mut u = url::Url::parse(url).expect("a valid AMQP URL");
+    let _ = u.set_username(user);
+    let _ = u.set_password(Some(password));
+    u.to_string()
 }
 
 /// A name no other test uses.
@@ -36,8 +49,9 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
-/// Bounds every wait in the tests.
-pub const WAIT: Duration = Duration::from_secs(20);
+/// Bounds every wait in the tests: sized for a loaded 2-core machine running a debug build
+/// (a passing test never waits this long; it only bounds a failing one).
+pub const WAIT: Duration = Duration::from_secs(60);
 
 /// Config for queue `q` with fast retries, from the built-in defaults plus `extra`.
 pub fn config(q: &str, extra: &[(&str, &str)]) -> Config<IgnoredAny> {
@@ -300,17 +314,47 @@ pub fn cleanup(queues: Vec<String>, exchanges: Vec<String>) {
 /// Deletes everything a service with queue `q` declared (retry tiers `delays`) plus its
 /// `<q>-in` / `<q>-out` exchanges as the tests name them.
 pub fn cleanup_service(q: &str, delays: &[u64]) {
-    let mut queues = vec![q.to_string(), format!("{q}-dlq")];
-    queues.extend(delays.iter().map(|d| format!("{q}-retry-{d}")));
-    cleanup(
-        queues,
-        vec![
-            format!("{q}-in"),
-            format!("{q}-out"),
-            format!("{q}-retry"),
-            format!("{q}-fail"),
-        ],
-    );
+    drop(Cleanup::service(q, delays));
+}
+
+/// Deletes its queues and exchanges when dropped, so a failing test cleans up too: take
+/// one as soon as a test names its broker objects.
+#[derive(Debug, Default)]
+pub struct Cleanup {
+    queues: Vec<String>,
+    exchanges: Vec<String>,
+}
+
+impl Cleanup {
+    /// These queues and exchanges.
+    pub fn new(queues: Vec<String>, exchanges: Vec<String>) -> Cleanup {
+        Cleanup { queues, exchanges }
+    }
+
+    /// Everything a service with queue `q` declares (retry tiers `delays`) plus its
+    /// `<q>-in` / `<q>-out` exchanges as the tests name them.
+    pub fn service(q: &str, delays: &[u64]) -> Cleanup {
+        let mut queues = vec![q.to_string(), format!("{q}-dlq")];
+        queues.extend(delays.iter().map(|d| format!("{q}-retry-{d}")));
+        Cleanup::new(
+            queues,
+            vec![
+                format!("{q}-in"),
+                format!("{q}-out"),
+                format!("{q}-retry"),
+                format!("{q}-fail"),
+            ],
+        )
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        cleanup(
+            std::mem::take(&mut self.queues),
+            std::mem::take(&mut self.exchanges),
+        );
+    }
 }
 
 /// Publishes with confirms and asserts the broker acked.
@@ -434,28 +478,8 @@ pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-/// Closes, from the broker side (`rabbitmqctl close_connection`), every connection whose
-/// client-provided name is `name`; returns how many were closed.
-pub fn close_connection_named(name: &str) -> usize {
-    let Ok(out) = std::process::Command::new("rabbitmqctl")
-        .args(["list_connections", "pid", "client_properties", "-q"])
-        .output()
-    else {
-        return 0;
-    };
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut closed = 0;
-    for line in text.lines() {
-        let Some((pid, props)) = line.split_once('\t') else {
-            continue;
-        };
-        if props.contains(&format!("\"{name}\"")) {
-            let ok = std::process::Command::new("rabbitmqctl")
-                .args(["close_connection", pid, "closed by a test", "-q"])
-                .status()
-                .is_ok_and(|s| s.success());
-            closed += usize::from(ok);
-        }
-    }
-    closed
+/// Closes, from the broker side (management API), every connection whose client-provided
+/// name is `name`; returns how many were closed.
+pub async fn close_connection_named(name: &str) -> usize {
+    admin::Admin::suite().close_connections_named(name).await
 }

@@ -6,6 +6,9 @@ use lapin::{Channel, ExchangeKind};
 
 use crate::config::{AmqpConfig, QueueType, RetryConfig};
 
+/// `x-delivery-limit` of the retry tiers and `Q-dlq`: more deliveries than any message sees.
+pub const UNLIMITED_DELIVERIES: i64 = i32::MAX as i64;
+
 /// One binding of the input queue to a producer's exchange.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Subscription {
@@ -107,6 +110,20 @@ impl Topology {
         a
     }
 
+    /// Lifts the broker's default delivery limit (RabbitMQ 4.x quorum queues: 20) on queues
+    /// that must never drop a message for being delivered often: browsing and replaying dead
+    /// letters hands each back by closing the channel, which counts as a delivery. A limit no
+    /// message reaches is used rather than 4.x's `-1`, which RabbitMQ 3.x reads as "drop at
+    /// the first return".
+    fn unlimited_deliveries(&self, a: &mut FieldTable) {
+        if self.queue_type == QueueType::Quorum {
+            a.insert(
+                ShortString::from("x-delivery-limit"),
+                AMQPValue::LongLongInt(UNLIMITED_DELIVERIES),
+            );
+        }
+    }
+
     /// Arguments making broker-side dead-lettering from a quorum queue at-least-once.
     fn at_least_once(&self, a: &mut FieldTable) {
         if self.queue_type == QueueType::Quorum {
@@ -145,9 +162,11 @@ impl Topology {
     /// Every queue with its arguments, in declaration order.
     pub fn queues(&self) -> Vec<QueueSpec> {
         let mut v = Vec::new();
+        let mut dlq = self.base_args();
+        self.unlimited_deliveries(&mut dlq);
         v.push(QueueSpec {
             name: self.dlq(),
-            arguments: self.base_args(),
+            arguments: dlq,
         });
         let mut q = self.base_args();
         put_str(&mut q, "x-dead-letter-exchange", &self.fail_exchange());
@@ -171,6 +190,7 @@ impl Topology {
             put_str(&mut a, "x-dead-letter-exchange", "");
             put_str(&mut a, "x-dead-letter-routing-key", &self.queue);
             self.at_least_once(&mut a);
+            self.unlimited_deliveries(&mut a);
             v.push(QueueSpec {
                 name: self.retry_queue(d),
                 arguments: a,

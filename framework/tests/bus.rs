@@ -563,6 +563,7 @@ async fn a_nacked_publish_leaves_the_input_unacked() {
 #[tokio::test]
 async fn metrics_and_health_are_served() {
     let q = unique("http");
+    let _gone = Cleanup::service(&q, &[200, 400]);
     let cfg = config(&q, &[]);
     let shutdown = framework::CancellationToken::new();
     let pc =
@@ -637,7 +638,6 @@ async fn metrics_and_health_are_served() {
     assert!(text.contains("storagetier_connected"));
     shutdown.cancel();
     assert!(tokio::time::timeout(WAIT, task).await.unwrap().unwrap());
-    cleanup_service(&q, &[200, 400]);
 }
 
 struct PartialProcessor;

@@ -129,19 +129,21 @@ fn layers_apply_in_order_and_check_config_redacts_secrets() {
 #[tokio::test]
 async fn sigterm_drains_in_flight_messages_and_exits_0() {
     let q = unique("sigterm");
+    let _gone = Cleanup::service(&q, &[200, 400]);
     let dir = tempfile::tempdir().unwrap();
     // Declare first so bindings exist before anything is published.
     let o = run(echo_cmd(&q, dir.path()).arg("declare"));
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let (_c, ch) = test_channel().await;
-    let mut child = echo_cmd(&q, dir.path())
-        .env("STORAGETIER__ECHO__DELAY_MS", "1500")
-        .env("STORAGETIER__AMQP__PREFETCH", "4")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = process::spawn(
+        echo_cmd(&q, dir.path())
+            .env("STORAGETIER__ECHO__DELAY_MS", "1500")
+            .env("STORAGETIER__AMQP__PREFETCH", "4")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )
+    .unwrap();
     let mut out = watch(&ch, &format!("{q}-out"), "#").await;
     let total = 12;
     for i in 0..total {
@@ -164,15 +166,10 @@ async fn sigterm_drains_in_flight_messages_and_exits_0() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let mut seen = HashSet::new();
-    let st = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let status = tokio::task::spawn_blocking(move || child.wait())
+    let status = tokio::task::spawn_blocking(move || child.terminate(WAIT))
         .await
         .unwrap()
-        .unwrap();
+        .expect("exited after SIGTERM");
     assert_eq!(status.code(), Some(0), "clean exit after SIGTERM");
     while let Some(d) = next_within(&mut out, Duration::from_millis(500)).await {
         assert!(seen.insert(d.data.clone()), "no duplicate outputs");
@@ -188,12 +185,12 @@ async fn sigterm_drains_in_flight_messages_and_exits_0() {
         total,
         "every message either done or back in the queue"
     );
-    cleanup_service(&q, &[200, 400]);
 }
 
 #[tokio::test]
 async fn declare_creates_the_topology_and_definitions_describe_it() {
     let q = unique("declare");
+    let _gone = Cleanup::service(&q, &[200, 400]);
     let dir = tempfile::tempdir().unwrap();
     let o = run(echo_cmd(&q, dir.path()).arg("declare"));
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
@@ -246,8 +243,6 @@ async fn declare_creates_the_topology_and_definitions_describe_it() {
             .iter()
             .any(|b| b["source"] == format!("{q}-fail") && b["routing_key"] == "#")
     );
-
-    cleanup_service(&q, &[200, 400]);
 }
 
 #[tokio::test]
@@ -305,11 +300,18 @@ async fn dead_letters_are_listed_replayed_after_confirm_and_purged() {
     let o = cmd(&["dlq", "replay", "--message-id", "poison-2"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     await_ready_count(&hs.ch, &format!("{q}-dlq"), 1).await;
-    // Back on its original route, headers stripped.
+    // Back in the service's own queue through the default exchange (no other subscriber of
+    // the original exchange sees it again), where it first came from kept, errors stripped.
     let mut back = consume(&hs.ch, &q).await;
     let d = next(&mut back).await;
     assert_eq!(d.data, br#"{"poison":true,"n":2}"#);
-    assert_eq!(d.routing_key.as_str(), "test.p");
+    assert_eq!(d.exchange.as_str(), "");
+    assert_eq!(d.routing_key.as_str(), q);
+    assert_eq!(
+        header(&d, "x-original-routing-key").as_deref(),
+        Some("test.p")
+    );
+    assert_eq!(header(&d, "x-original-exchange"), Some(format!("{q}-in")));
     assert_eq!(
         d.properties.message_id().as_ref().map(|s| s.as_str()),
         Some("poison-2")
@@ -335,26 +337,15 @@ async fn dead_letters_are_listed_replayed_after_confirm_and_purged() {
     );
 }
 
-/// Runs rabbitmqctl with `args`, asserting success.
-fn rabbitmqctl(args: &[&str]) {
-    let st = Command::new("rabbitmqctl")
-        .args(args)
-        .arg("-q")
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(st.success(), "rabbitmqctl {args:?}");
-}
-
 #[tokio::test]
 async fn the_amqp_password_never_shows_in_logs_metrics_or_dead_letters() {
     let user = unique("user");
     let password = format!("pw-{}", uuid::Uuid::new_v4().simple());
-    rabbitmqctl(&["add_user", &user, &password]);
-    rabbitmqctl(&["set_permissions", "-p", "/", &user, ".*", ".*", ".*"]);
+    let _user = admin::Admin::suite().add_user(&user, &password).await;
     let q = unique("secret");
+    let _gone = Cleanup::service(&q, &[200, 400]);
     let dir = tempfile::tempdir().unwrap();
-    let url = format!("amqp://{user}:{password}@127.0.0.1:5672/%2f");
+    let url = with_credentials(&amqp_url(), &user, &password);
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -374,12 +365,13 @@ async fn the_amqp_password_never_shows_in_logs_metrics_or_dead_letters() {
     let o = run(&mut cmd(&["declare"]));
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let log = dir.path().join("service.log");
-    let mut child = cmd(&["run"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let mut child = process::spawn(
+        cmd(&["run"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap()),
+    )
+    .unwrap();
     let (_c, ch) = test_channel().await;
     let mut dlq = consume(&ch, &format!("{q}-dlq")).await;
     publish(
@@ -399,11 +391,7 @@ async fn the_amqp_password_never_shows_in_logs_metrics_or_dead_letters() {
         .await
         .unwrap();
     let check = run(&mut cmd(&["check-config"]));
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert_eq!(child.wait().unwrap().code(), Some(0));
+    assert_eq!(child.terminate(WAIT).and_then(|s| s.code()), Some(0));
     let logs = std::fs::read_to_string(&log).unwrap();
     assert!(
         logs.contains(&user),
@@ -417,6 +405,4 @@ async fn the_amqp_password_never_shows_in_logs_metrics_or_dead_letters() {
     ] {
         assert!(!text.contains(&password), "the password leaked into {what}");
     }
-    rabbitmqctl(&["delete_user", &user]);
-    cleanup_service(&q, &[200, 400]);
 }

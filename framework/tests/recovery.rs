@@ -28,7 +28,7 @@ async fn survives_the_broker_closing_its_connection() {
 
     let mut sessions = hs.status.sessions();
     assert_eq!(
-        close_connection_named(&name),
+        close_connection_named(&name).await,
         1,
         "found the service's connection"
     );

@@ -8,7 +8,7 @@
 //! overrides the broker restart's 10,000 messages).
 
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use framework::lapin::BasicProperties;
@@ -36,8 +36,8 @@ fn echo_on(url: &str, q: &str, name: &str, dir: &std::path::Path) -> Command {
     c
 }
 
-fn spawn(c: &mut Command) -> Child {
-    c.spawn().expect("echo starts")
+fn spawn(c: &mut Command) -> process::Guarded {
+    process::spawn(c).expect("echo starts")
 }
 
 async fn send(ch: &framework::lapin::Channel, q: &str, n: usize) {
@@ -86,6 +86,7 @@ async fn collect(
 #[tokio::test]
 async fn kill_9_mid_stream_loses_nothing() {
     let q = unique("kill9");
+    let _gone = Cleanup::service(&q, &[200, 400]);
     let dir = tempfile::tempdir().unwrap();
     let o = echo(&q, &unique("c"), dir.path())
         .arg("declare")
@@ -103,21 +104,16 @@ async fn kill_9_mid_stream_loses_nothing() {
     for _ in 0..200 {
         record(&mut seen, &next(&mut out).await);
     }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    child.kill();
     let mut again = spawn(echo(&q, &unique("c"), dir.path()).arg("run"));
     let (lost, dup) = collect(&mut out, seen, n, WAIT * 3).await;
-    let _ = Command::new("kill")
-        .args(["-TERM", &again.id().to_string()])
-        .status();
-    assert_eq!(again.wait().unwrap().code(), Some(0));
+    assert_eq!(again.terminate(WAIT).and_then(|s| s.code()), Some(0));
     println!(
         "| kill -9 mid-stream, then restart, echo | {n} | {lost} | {dup} | {:.1} s in all |",
         started.elapsed().as_secs_f64()
     );
     assert_eq!(lost, 0, "nothing lost");
     assert!(dup <= PREFETCH, "duplicates bounded by what was in flight");
-    cleanup_service(&q, &[200, 400]);
 }
 
 /// Echo on a private broker: declared, a sink bound to its output, `n` inputs preloaded,
@@ -128,7 +124,7 @@ async fn echo_with_backlog(
     sink: &str,
     n: usize,
     dir: &std::path::Path,
-) -> Child {
+) -> process::Guarded {
     let cmd = || echo_on(&broker.url(), q, &unique("c"), dir);
     assert!(cmd().arg("declare").status().expect("echo runs").success());
     broker.sink(sink, &format!("{q}-out")).await;
@@ -143,11 +139,13 @@ async fn echo_with_backlog(
 }
 
 /// SIGTERMs `child`, asserts a clean exit, and tallies `sink` by input id.
-async fn finish(broker: &PrivateBroker, mut child: Child, sink: &str, n: usize) -> Tally {
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let code = child.wait().expect("echo exits").code();
+async fn finish(
+    broker: &PrivateBroker,
+    mut child: process::Guarded,
+    sink: &str,
+    n: usize,
+) -> Tally {
+    let code = child.terminate(WAIT).and_then(|s| s.code());
     assert_eq!(code, Some(0), "the service drained and exited cleanly");
     let seen = broker
         .drain_ids(sink, |b| {

@@ -10,13 +10,13 @@
 //! `cargo test -p online-archive --test faults -- --nocapture` (RESTART_MESSAGES overrides
 //! the 10,000).
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use std::time::Duration;
 
 use framework::testing::broker::{PrivateBroker, Tally};
 use framework::testing::{
-    amqp_url, cleanup_service, next, service_command, test_channel, unique, watch,
+    Cleanup, WAIT, amqp_url, next, process, service_command, test_channel, unique, watch,
 };
 use storage::testing::{put_online_file, sweeper_message};
 
@@ -87,17 +87,12 @@ async fn broker_restart_mid_stream_archives_every_file_once() {
         .preload(&format!("{q}-in"), KEY, messages.into_iter())
         .await;
 
-    let mut child = archive(&["run"])
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("online-archive starts");
+    let mut child =
+        process::spawn(archive(&["run"]).stderr(Stdio::null())).expect("online-archive starts");
     let r = broker
         .restart_mid_stream(&q, &sink, n, Duration::from_secs(3))
         .await;
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let code = child.wait().expect("online-archive exits").code();
+    let code = child.terminate(WAIT).and_then(|s| s.code());
 
     let seen = broker
         .drain_ids(&sink, |b| {
@@ -122,8 +117,10 @@ async fn broker_restart_mid_stream_archives_every_file_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_copy_leaves_no_partial_object() {
     let q = unique("archive-kill9");
+    let _gone = Cleanup::service(&q, &[1000, 5000, 30000, 120000]);
     let data = tempfile::tempdir().expect("data dir");
-    let content: Vec<u8> = (0..256 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    // Large enough to be killed mid-copy, small enough for a debug build on a loaded machine.
+    let content: Vec<u8> = (0..64 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
     let dir = put_online_file(data.path(), "big/file.bin", &content);
     let archive = || {
         let bin = env!("CARGO_BIN_EXE_online-archive");
@@ -150,7 +147,7 @@ async fn kill_9_mid_copy_leaves_no_partial_object() {
         Default::default(),
     )
     .await;
-    let mut child = archive().arg("run").spawn().expect("online-archive starts");
+    let mut child = process::spawn(archive().arg("run")).expect("online-archive starts");
     let object = data.path().join("archive/big/file.bin");
     let staged = data.path().join("archive/big/file.bin#1");
     // Kill once the upload has written part of the object.
@@ -158,8 +155,7 @@ async fn kill_9_mid_copy_leaves_no_partial_object() {
         std::fs::metadata(&staged).is_ok_and(|m| m.len() > 0)
     })
     .await;
-    child.kill().expect("kill -9");
-    child.wait().expect("reaped");
+    child.kill();
     assert!(!object.exists(), "no partial object under the key");
     // Age the dead upload's staging file past the staleness limit, then restart.
     let old = std::time::SystemTime::now() - storage::copy::STALE_STAGING * 2;
@@ -168,18 +164,12 @@ async fn kill_9_mid_copy_leaves_no_partial_object() {
         .open(&staged)
         .and_then(|f| f.set_modified(old))
         .expect("age the staging file");
-    let mut again = archive()
-        .arg("run")
-        .spawn()
-        .expect("online-archive restarts");
+    let mut again = process::spawn(archive().arg("run")).expect("online-archive restarts");
     let d = next(&mut out).await;
     let v: serde_json::Value = serde_json::from_slice(&d.data).expect("json output");
     assert_eq!(v["archive_key"], "big/file.bin");
     assert_eq!(v["size"], content.len());
-    let _ = Command::new("kill")
-        .args(["-TERM", &again.id().to_string()])
-        .status();
-    assert_eq!(again.wait().expect("exits").code(), Some(0));
+    assert_eq!(again.terminate(WAIT).and_then(|s| s.code()), Some(0));
     assert!(
         std::fs::read(&object).expect("archived object") == content,
         "the archived object is whole"
@@ -193,5 +183,4 @@ async fn kill_9_mid_copy_leaves_no_partial_object() {
         "| kill -9 mid-copy of a {} MiB file, then restart, online-archive | 1 | 0 | 0 | no partial object; staging file removed |",
         content.len() >> 20
     );
-    cleanup_service(&q, &[1000, 5000, 30000, 120000]);
 }

@@ -9,6 +9,7 @@ pub mod paths;
 pub mod records;
 pub mod service;
 pub mod store;
+#[cfg(feature = "testing")]
 pub mod testing;
 pub mod tier;
 

@@ -2,7 +2,9 @@
 //! and helpers to build asset-sweeper messages.
 
 use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
+
+use framework::testing::process::{self, Guarded};
 use std::time::Duration;
 
 /// A moto S3 server on a free loopback port, killed on drop.
@@ -10,7 +12,7 @@ pub struct MotoServer {
     /// `http://127.0.0.1:PORT`.
     pub endpoint: String,
     port: u16,
-    child: Option<Child>,
+    child: Option<Guarded>,
 }
 
 impl MotoServer {
@@ -32,28 +34,28 @@ impl MotoServer {
     /// Stops the server (the store is then "down").
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+            c.kill();
         }
     }
 
     /// Starts it again on the same port (moto keeps nothing: the bucket is re-created).
     pub async fn restart(&mut self, bucket: &str) {
         self.stop();
-        let child = Command::new(python())
-            .args([
-                "-m",
-                "moto.server",
-                "-H",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("python3 -m moto.server runs (pip install 'moto[server]')");
+        let child = process::spawn(
+            Command::new(python())
+                .args([
+                    "-m",
+                    "moto.server",
+                    "-H",
+                    "127.0.0.1",
+                    "-p",
+                    &self.port.to_string(),
+                ])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )
+        .expect("python3 -m moto.server runs (pip install 'moto[server]')");
         self.child = Some(child);
         let client = reqwest_client();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);

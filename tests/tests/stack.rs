@@ -116,13 +116,23 @@ async fn one_file_reaches_both_tiers_and_a_replayed_dead_letter_succeeds() {
     let a = success_for(&mut a_out, "late.mov").await;
     assert_eq!(a["archive_key"], "show/late.mov");
     assert_eq!(ready_count(&archive.ch, &a_topo.dlq()).await, 0);
-    // Replays go to the original exchange, so every subscriber sees the message again.
-    let n = success_for(&mut n_out, "late.mov").await;
-    assert_eq!(n["vault_key"], "show/late.mov");
-    dlq::replay(&nearline.conn, &n_topo, &Selection::All, false)
+    // A replay goes to the replaying service's own queue only: online-nearline, which
+    // subscribes to the same exchange, neither copies the file again nor dead-letters it
+    // a second time; its own dead letter waits for its own replay.
+    assert_eq!(ready_count(&nearline.ch, &n_topo.dlq()).await, 1);
+    let moved = dlq::replay(&nearline.conn, &n_topo, &Selection::All, false)
         .await
         .unwrap();
+    assert_eq!(moved.len(), 1);
+    let n = success_for(&mut n_out, "late.mov").await;
+    assert_eq!(n["vault_key"], "show/late.mov");
     assert_eq!(ready_count(&nearline.ch, &n_topo.dlq()).await, 0);
+    assert!(
+        next_within(&mut a_out, std::time::Duration::from_secs(1))
+            .await
+            .is_none(),
+        "the nearline replay did not reach online-archive"
+    );
 
     archive.stop().await;
     nearline.stop().await;

@@ -3,18 +3,22 @@
 //! test runs against: broker-restart scenarios stay parallel-safe.
 //!
 //! The node is started from the machine's RabbitMQ install (`rabbitmq-server`, run as root
-//! or as the `rabbitmq` user, like `scripts/ensure-services`) on free loopback ports with
-//! its own data directory, and is halted and deleted on drop.
+//! or as the `rabbitmq` user, like `scripts/ensure-services`), or from the chroot named by
+//! `STORAGETIER_TEST_RABBITMQ_ROOT` (RabbitMQ 4.x from `scripts/rabbitmq4`), on free loopback
+//! ports with its own data directory, and is killed and deleted on drop; a node whose test
+//! process died before it could be dropped is swept by the next start.
 
 use std::collections::HashMap;
 use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+
+use super::process::{self, Guarded};
 
 /// Bounds every wait of a fault run.
 const FAULT_RUN_LIMIT: Duration = Duration::from_secs(600);
@@ -23,8 +27,10 @@ const FAULT_RUN_LIMIT: Duration = Duration::from_secs(600);
 pub struct PrivateBroker {
     node: String,
     port: u16,
+    /// The node's directory as this process sees it.
     dir: PathBuf,
-    server: Option<Child>,
+    root: Option<PathBuf>,
+    server: Option<Guarded>,
 }
 
 fn free_port() -> u16 {
@@ -34,14 +40,83 @@ fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
+/// The RabbitMQ install private nodes come from: the chroot named by
+/// `STORAGETIER_TEST_RABBITMQ_ROOT` (`scripts/rabbitmq4`'s 4.x) or, unset, the machine's own.
+pub fn install_root() -> Option<PathBuf> {
+    std::env::var_os("STORAGETIER_TEST_RABBITMQ_ROOT")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
+/// A command of the RabbitMQ install at `root` (None: the machine's own).
+fn rabbit_command(root: Option<&Path>, program: &str) -> Command {
+    match root {
+        Some(r) => {
+            let mut c = Command::new("chroot");
+            c.arg(r).arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
+/// Where private nodes keep their directories, seen from inside the install.
+const NODE_DIRS: &str = "/tmp";
+const DIR_PREFIX: &str = "storagetier-broker-";
+
+/// Kills and deletes private nodes whose test process is gone (killed before its guards
+/// could run), so no run leaves a node behind for the next.
+fn sweep_orphans(root: Option<&Path>) {
+    let base = host_path(root, Path::new(NODE_DIRS));
+    let Ok(entries) = std::fs::read_dir(&base) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let dir = e.path();
+        if !e.file_name().to_string_lossy().starts_with(DIR_PREFIX) {
+            continue;
+        }
+        let pid_of = |f: &str| -> Option<i32> {
+            std::fs::read_to_string(dir.join(f))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+        };
+        let owner_alive =
+            pid_of("owner").is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
+        if owner_alive {
+            continue;
+        }
+        if let Some(p) = pid_of("pid") {
+            // SAFETY: plain syscall; a pid that is gone yields ESRCH, ignored.
+            unsafe {
+                libc::kill(p, libc::SIGKILL);
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+fn host_path(root: Option<&Path>, inner: &Path) -> PathBuf {
+    match root {
+        Some(r) => r.join(inner.strip_prefix("/").unwrap_or(inner)),
+        None => inner.to_path_buf(),
+    }
+}
+
 impl PrivateBroker {
     /// Starts a fresh node and waits until it accepts AMQP connections.
     pub async fn start() -> PrivateBroker {
+        let root = install_root();
+        sweep_orphans(root.as_deref());
         let id = &uuid::Uuid::new_v4().simple().to_string()[..10];
         let node = format!("st{id}@localhost");
         let port = free_port();
-        let dir = std::env::temp_dir().join(format!("storagetier-broker-{id}"));
+        let inner = PathBuf::from(NODE_DIRS).join(format!("{DIR_PREFIX}{id}"));
+        let dir = host_path(root.as_deref(), &inner);
         std::fs::create_dir_all(&dir).expect("broker dir");
+        std::fs::write(dir.join("owner"), std::process::id().to_string()).expect("owner file");
         // The server runs as the `rabbitmq` user (the install's wrapper switches to it).
         set_mode(&dir, 0o777);
         std::fs::write(dir.join("enabled_plugins"), "[].\n").expect("plugins file");
@@ -55,9 +130,9 @@ impl PrivateBroker {
         }
         let log = std::fs::File::create(dir.join("server.out")).expect("server log");
         set_mode(&dir.join("server.out"), 0o666);
-        let d = |name: &str| dir.join(name).display().to_string();
-        let server = Command::new("rabbitmq-server")
-            .env("RABBITMQ_NODENAME", &node)
+        let d = |name: &str| inner.join(name).display().to_string();
+        let mut cmd = rabbit_command(root.as_deref(), "rabbitmq-server");
+        cmd.env("RABBITMQ_NODENAME", &node)
             .env("RABBITMQ_DIST_PORT", free_port().to_string())
             .env("RABBITMQ_CONFIG_FILE", d("rabbitmq.conf"))
             .env("RABBITMQ_MNESIA_BASE", d("mnesia"))
@@ -67,17 +142,17 @@ impl PrivateBroker {
             .env("RABBITMQ_PID_FILE", d("pid"))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log handle"))
-            .stderr(log)
-            .spawn()
+            .stderr(log);
+        let server = process::spawn(&mut cmd)
             .expect("rabbitmq-server on PATH (the machine's RabbitMQ install)");
         let broker = PrivateBroker {
             node,
             port,
             dir,
+            root,
             server: Some(server),
         };
-        let pid = broker.dir.join("pid").display().to_string();
-        broker.ctl(&["wait", &pid, "--timeout", "90"]);
+        broker.ctl(&["wait", &d("pid"), "--timeout", "90"]);
         broker.await_amqp().await;
         broker
     }
@@ -101,7 +176,7 @@ impl PrivateBroker {
     }
 
     fn ctl(&self, args: &[&str]) {
-        let out = Command::new("rabbitmqctl")
+        let out = rabbit_command(self.root.as_deref(), "rabbitmqctl")
             .arg("-n")
             .arg(&self.node)
             .args(args)
@@ -298,15 +373,18 @@ impl PrivateBroker {
 
 impl Drop for PrivateBroker {
     fn drop(&mut self) {
-        let _ = Command::new("rabbitmqctl")
-            .args(["-n", &self.node, "stop"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        // The node's own pid: the wrapper may have left the process group behind.
+        let pid: Option<i32> = std::fs::read_to_string(self.dir.join("pid"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
         if let Some(mut s) = self.server.take() {
-            let _ = s.kill();
-            let _ = s.wait();
+            s.kill();
+        }
+        if let Some(p) = pid {
+            // SAFETY: plain syscall; a pid that is gone yields ESRCH, ignored.
+            unsafe {
+                libc::kill(p, libc::SIGKILL);
+            }
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }

@@ -1,0 +1,192 @@
+//! The broker's management HTTP API, as the tests use it: closing connections and managing
+//! users on whichever broker the suite runs against (`STORAGETIER_TEST_MGMT_URL`), so no
+//! test depends on a `rabbitmqctl` of the broker's own version being on `PATH`.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// Management API base URL with credentials (`STORAGETIER_TEST_MGMT_URL`, default the local
+/// broker's `http://guest:guest@127.0.0.1:15672`).
+pub fn mgmt_url() -> String {
+    std::env::var("STORAGETIER_TEST_MGMT_URL")
+        .unwrap_or_else(|_| "http://guest:guest@127.0.0.1:15672".into())
+}
+
+/// A client for the management API at `base` (`http://user:pass@host:port`).
+#[derive(Debug, Clone)]
+pub struct Admin {
+    base: String,
+    user: String,
+    password: String,
+    http: reqwest::Client,
+}
+
+fn encode(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes())
+        .collect::<String>()
+        .replace('+', "%20")
+}
+
+impl Admin {
+    /// The suite's broker (see [`mgmt_url`]).
+    pub fn suite() -> Admin {
+        Admin::at(&mgmt_url())
+    }
+
+    /// The management API at `url`.
+    pub fn at(url: &str) -> Admin {
+        let u = url::Url::parse(url).expect("a valid management URL");
+        let base = format!(
+            "{}://{}:{}",
+            u.scheme(),
+            u.host_str().unwrap_or("127.0.0.1"),
+            u.port_or_known_default().unwrap_or(15672)
+        );
+        Admin {
+            base,
+            user: if u.username().is_empty() {
+                "guest".into()
+            } else {
+                u.username().into()
+            },
+            password: u.password().unwrap_or("guest").into(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .expect("http client"),
+        }
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        let mut req = self
+            .http
+            .request(method.clone(), format!("{}/api{path}", self.base))
+            .basic_auth(&self.user, Some(&self.password))
+            .header("x-reason", "closed by a test");
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("management API reachable at {}: {e}", self.base));
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        assert!(
+            status.is_success() || status == reqwest::StatusCode::NOT_FOUND,
+            "{method} {path}: {status} {text}"
+        );
+        serde_json::from_str(&text).unwrap_or(Value::Null)
+    }
+
+    /// The broker's version, e.g. `4.0.5`.
+    pub async fn version(&self) -> String {
+        let v = self.call(reqwest::Method::GET, "/overview", None).await;
+        v["rabbitmq_version"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// Closes every connection whose client-provided name is `name`; returns how many.
+    /// A new connection reaches the API's list within the broker's stats interval, so this
+    /// waits (at most 30 s) until at least one shows.
+    pub async fn close_connections_named(&self, name: &str) -> usize {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let names = loop {
+            let list = self
+                .call(
+                    reqwest::Method::GET,
+                    "/connections?columns=name,client_properties.connection_name",
+                    None,
+                )
+                .await;
+            let names: Vec<String> = list
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|c| c["client_properties"]["connection_name"] == name)
+                .filter_map(|c| c["name"].as_str().map(str::to_string))
+                .collect();
+            if !names.is_empty() || tokio::time::Instant::now() >= deadline {
+                break names;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        for n in &names {
+            self.call(
+                reqwest::Method::DELETE,
+                &format!("/connections/{}", encode(n)),
+                None,
+            )
+            .await;
+        }
+        names.len()
+    }
+
+    /// Adds a user with full permissions on vhost `/`; deleted when the guard drops.
+    pub async fn add_user(&self, user: &str, password: &str) -> TestUser {
+        self.call(
+            reqwest::Method::PUT,
+            &format!("/users/{}", encode(user)),
+            Some(serde_json::json!({"password": password, "tags": ""})),
+        )
+        .await;
+        self.call(
+            reqwest::Method::PUT,
+            &format!("/permissions/%2F/{}", encode(user)),
+            Some(serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"})),
+        )
+        .await;
+        TestUser {
+            admin: self.clone(),
+            user: user.to_string(),
+        }
+    }
+
+    /// Names of queues on vhost `/` starting with `prefix`.
+    pub async fn queues_starting_with(&self, prefix: &str) -> Vec<String> {
+        let list = self
+            .call(reqwest::Method::GET, "/queues/%2F?columns=name", None)
+            .await;
+        list.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|q| q["name"].as_str())
+            .filter(|n| n.starts_with(prefix))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+/// A broker user that exists until dropped.
+#[derive(Debug)]
+pub struct TestUser {
+    admin: Admin,
+    user: String,
+}
+
+impl Drop for TestUser {
+    fn drop(&mut self) {
+        let admin = self.admin.clone();
+        let user = self.user.clone();
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                let _ = admin
+                    .http
+                    .delete(format!("{}/api/users/{}", admin.base, encode(&user)))
+                    .basic_auth(&admin.user, Some(&admin.password))
+                    .send()
+                    .await;
+            });
+        })
+        .join();
+    }
+}

@@ -1,0 +1,164 @@
+//! Processes a test starts die with the test, pass or fail: each runs in a process group of
+//! its own that is killed when its [`Guarded`] handle drops (a panicking test included),
+//! and with a parent-death signal, so even a test binary killed outright takes its children.
+
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, ExitStatus};
+use std::time::{Duration, Instant};
+
+/// A child process (and every process it starts) killed when dropped.
+#[derive(Debug)]
+pub struct Guarded {
+    child: Child,
+}
+
+/// Spawns `cmd` in a new process group guarded by the returned handle.
+pub fn spawn(cmd: &mut Command) -> std::io::Result<Guarded> {
+    cmd.process_group(0);
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    cmd.spawn().map(|child| Guarded { child })
+}
+
+impl Guarded {
+    /// The process id (also its process group id).
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal` to the whole process group.
+    pub fn signal_group(&self, signal: i32) {
+        let pgid = self.child.id() as libc::pid_t;
+        // SAFETY: plain syscall; a group that is already gone yields ESRCH, ignored.
+        unsafe {
+            libc::kill(-pgid, signal);
+        }
+    }
+
+    /// Sends `signal` to the process itself (e.g. SIGTERM for a graceful stop).
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: plain syscall on our own child's pid, which is not reaped yet.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, signal);
+        }
+    }
+
+    /// SIGTERM, then waits at most `budget` for the exit status (None: it did not exit).
+    pub fn terminate(&mut self, budget: Duration) -> Option<ExitStatus> {
+        self.signal(libc::SIGTERM);
+        self.wait_for(budget)
+    }
+
+    /// Kills the process group at once and reaps the child (`kill -9`).
+    pub fn kill(&mut self) {
+        self.signal_group(libc::SIGKILL);
+        let _ = self.child.wait();
+    }
+
+    /// Waits at most `budget` for the process to exit.
+    pub fn wait_for(&mut self, budget: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + budget;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(s)) => return Some(s),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    /// True while the process has not exited.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        // The group outlives its leader when the leader exited first: kill it either way.
+        self.signal_group(libc::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alive(pid: u32) -> bool {
+        // SAFETY: signal 0 only checks that the process exists.
+        unsafe { libc::kill(pid as libc::pid_t, 0) == 0 }
+    }
+
+    fn zombie_or_gone(pid: u32) -> bool {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => true,
+            Ok(s) => s
+                .rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z')),
+        }
+    }
+
+    #[test]
+    fn dropping_the_guard_kills_the_child_and_its_children() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let pidfile = dir.path().join("grandchild.pid");
+        let g = spawn(
+            Command::new("sh")
+                .arg("-c")
+                .arg(format!("sleep 300 & echo $! > {}; wait", pidfile.display())),
+        )
+        .expect("sh runs");
+        let child = g.id();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let grandchild: u32 = loop {
+            if let Some(p) = std::fs::read_to_string(&pidfile)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+            {
+                break p;
+            }
+            assert!(Instant::now() < deadline, "the shell started its child");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(alive(child) && alive(grandchild));
+        drop(g);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !zombie_or_gone(grandchild) {
+            assert!(
+                Instant::now() < deadline,
+                "the grandchild died with the guard"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(zombie_or_gone(child), "the child died with the guard");
+    }
+
+    #[test]
+    fn a_panicking_test_still_kills_its_child() {
+        let mut pid = 0;
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let g = spawn(Command::new("sleep").arg("300")).expect("sleep runs");
+            pid = g.id();
+            panic!("the test failed");
+        }));
+        assert!(r.is_err());
+        assert!(pid != 0 && zombie_or_gone(pid), "sleep died in the unwind");
+    }
+
+    #[test]
+    fn terminate_returns_the_exit_status() {
+        let mut g = spawn(Command::new("sleep").arg("300")).expect("sleep runs");
+        let s = g.terminate(Duration::from_secs(20)).expect("exited");
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(s.signal(), Some(libc::SIGTERM));
+    }
+}

@@ -1,0 +1,128 @@
+//! Rules that RabbitMQ 4.x made easy to break, run against whichever broker the suite
+//! targets (`scripts/test` runs them on 3.x and 4.x):
+//! - 4.x quorum queues get a default delivery limit of 20, and browsing or dry-run
+//!   replaying a DLQ hands every message back by closing the channel, which counts as a
+//!   delivery: dead letters must survive any number of looks (design §2);
+//! - RabbitMQ 4.3 no longer counts `basic.nack(requeue)` toward the limit: a message whose
+//!   outcome can never be published must still end in the DLQ, not loop (design §3).
+
+use framework::dlq::{self, Selection};
+use framework::lapin::BasicProperties;
+use framework::testing::*;
+use framework::topology::{Subscription, Topology};
+use framework::{MessageContext, Outcome, Publication};
+
+/// The topology a harness declared, for the dlq functions.
+fn topology_of(hs: &Harness) -> Topology {
+    let cfg = config(&hs.q, &[]);
+    Topology::new(
+        &hs.q,
+        &hs.output_exchange,
+        vec![Subscription {
+            exchange: hs.input_exchange.clone(),
+            routing_key: "test.#".into(),
+        }],
+        &cfg.amqp,
+        &cfg.retry,
+    )
+}
+
+#[tokio::test]
+async fn dead_letters_survive_30_listings_and_10_dry_run_replays() {
+    let p = FnProcessor(|_: serde_json::Value, _: &MessageContext| Outcome::permanent("bad"));
+    let mut hs = Harness::start("dlqlooks", &[], p).await;
+    let dlq_name = format!("{}-dlq", hs.q);
+    for i in 0..3 {
+        hs.publish(
+            "test.x",
+            format!("{{\"i\":{i}}}").as_bytes(),
+            BasicProperties::default().with_message_id(format!("m-{i}").into()),
+        )
+        .await;
+    }
+    await_ready_count(&hs.ch, &dlq_name, 3).await;
+    hs.stop().await;
+    let topo = topology_of(&hs);
+    for round in 0..30 {
+        let seen = dlq::list(&hs.conn, &topo, 10).await.expect("list");
+        assert_eq!(seen.len(), 3, "listing {round} saw every dead letter");
+        await_ready_count(&hs.ch, &dlq_name, 3).await;
+    }
+    for round in 0..10 {
+        let would = dlq::replay(&hs.conn, &topo, &Selection::All, true)
+            .await
+            .expect("dry run");
+        assert_eq!(would.len(), 3, "dry run {round} saw every dead letter");
+        await_ready_count(&hs.ch, &dlq_name, 3).await;
+    }
+    // And they still replay, once each.
+    let moved = dlq::replay(&hs.conn, &topo, &Selection::All, false)
+        .await
+        .expect("replay");
+    assert_eq!(moved.len(), 3);
+    await_ready_count(&hs.ch, &dlq_name, 0).await;
+    await_ready_count(&hs.ch, &hs.q, 3).await;
+}
+
+/// A processor whose success also publishes, mandatory, to `exchange` (`key`).
+fn success_with_extra(
+    exchange: String,
+) -> FnProcessor<impl Fn(serde_json::Value, &MessageContext) -> Outcome + Send + Sync> {
+    FnProcessor(move |v: serde_json::Value, _: &MessageContext| {
+        Outcome::success(v.clone())
+            .with_extra([Publication::json(&exchange, "nowhere", &v).mandatory()])
+    })
+}
+
+async fn assert_ends_in_dlq_as_exhausted(hs: &Harness) {
+    let mut dlq = hs.watch_dlq().await;
+    hs.publish("test.x", br#"{"n":1}"#, BasicProperties::default())
+        .await;
+    let d = next(&mut dlq).await;
+    assert_eq!(d.data, br#"{"n":1}"#);
+    assert_eq!(
+        header(&d, "x-error-kind").as_deref(),
+        Some("retries-exhausted")
+    );
+    assert_eq!(int_header(&d, "x-retry-count"), Some(3));
+    let err = header(&d, "x-error").unwrap_or_default();
+    assert!(
+        err.contains("could not publish the success outcome"),
+        "x-error names the publish failure: {err}"
+    );
+    // The session survived the failures and still works.
+    assert!(hs.status.is_ready());
+}
+
+#[tokio::test]
+async fn an_outcome_that_is_never_routable_ends_in_the_dlq_not_a_loop() {
+    let side = unique("side");
+    let (_c, ch) = test_channel().await;
+    ch.exchange_declare(
+        side.as_str().into(),
+        framework::lapin::ExchangeKind::Topic,
+        Default::default(),
+        Default::default(),
+    )
+    .await
+    .expect("side exchange, bound to nothing");
+    let _gone = Cleanup::new(vec![], vec![side.clone()]);
+    let hs = Harness::start(
+        "unroutable",
+        &[("retry.max_attempts", "3")],
+        success_with_extra(side),
+    )
+    .await;
+    assert_ends_in_dlq_as_exhausted(&hs).await;
+}
+
+#[tokio::test]
+async fn an_outcome_to_a_missing_exchange_ends_in_the_dlq_not_a_loop() {
+    let hs = Harness::start(
+        "missingex",
+        &[("retry.max_attempts", "3")],
+        success_with_extra(unique("no-such-exchange")),
+    )
+    .await;
+    assert_ends_in_dlq_as_exhausted(&hs).await;
+}
