@@ -177,7 +177,7 @@ async fn raw(n: usize, prefetch: u16, queue_type: &str) -> f64 {
 
 /// The framework runtime with a pass-through processor.
 async fn framework(n: usize, prefetch: u16, queue_type: &str) -> f64 {
-    let (_c, ch) = test_channel().await;
+    let (c, ch) = test_channel().await;
     let q = unique("bench-fw");
     let cfg = config(
         &q,
@@ -190,7 +190,7 @@ async fn framework(n: usize, prefetch: u16, queue_type: &str) -> f64 {
     let pc =
         framework::ProcessorConfiguration::new(&format!("{q}-in"), "bench.#", "bench", PassThrough);
     let rt = framework::Runtime::new("bench", &cfg, pc);
-    rt.topology().declare(&ch).await.expect("declare");
+    rt.topology().declare(&c).await.expect("declare");
     let s = sink(&ch, &format!("{q}-out")).await;
     fill(&ch, &format!("{q}-in"), "bench.x", n).await;
     let status = rt.status();

@@ -13,15 +13,16 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{self, Config, ConfigError, LoadOptions};
 use crate::dlq;
 use crate::processor::{MessageProcessor, ProcessorConfiguration};
-use crate::runtime::{Runtime, Status, connect, is_precondition_failed};
+use crate::runtime::{Runtime, Status, connect};
 use crate::telemetry;
-use crate::topology::{Subscription, Topology};
+use crate::topology::Topology;
 
 /// Boxed error from a service's own setup code.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Where a service listens: the static half of a `ProcessorConfiguration`.
-#[derive(Debug, Clone)]
+/// Where a service listens and what it publishes to, beside its output exchange: the
+/// static half of a [`ProcessorConfiguration`], declared with the service's topology.
+#[derive(Debug, Clone, Default)]
 pub struct Binding {
     /// Producer exchange.
     pub exchange: String,
@@ -29,6 +30,9 @@ pub struct Binding {
     pub routing_keys: Vec<String>,
     /// Success key prefix.
     pub output_routing_key: String,
+    /// Other exchanges the service owns and publishes to (topic, durable), declared with
+    /// its topology on `declare` and every (re)connect.
+    pub publishes_to: Vec<String>,
 }
 
 /// A service binary: its names, its settings and how to build its processor.
@@ -222,32 +226,15 @@ pub async fn processor_configuration<S: Service>(
     cfg: &Config<S::Settings>,
 ) -> Result<ProcessorConfiguration<S::Processor>, BoxError> {
     let processor = S::processor(cfg).await?;
-    let b = binding_of::<S>(cfg);
     Ok(ProcessorConfiguration {
-        exchange: b.exchange,
-        routing_keys: b.routing_keys,
-        output_routing_key: b.output_routing_key,
+        binding: binding_of::<S>(cfg),
         processor,
     })
 }
 
-fn topology_of<S: Service>(cfg: &Config<S::Settings>) -> Topology {
-    let b = binding_of::<S>(cfg);
-    let subs = b
-        .routing_keys
-        .iter()
-        .map(|k| Subscription {
-            exchange: b.exchange.clone(),
-            routing_key: k.clone(),
-        })
-        .collect();
-    Topology::new(
-        &cfg.service.queue,
-        &cfg.service.output_exchange,
-        subs,
-        &cfg.amqp,
-        &cfg.retry,
-    )
+/// The topology service `S` declares with `cfg`.
+pub fn topology_of<S: Service>(cfg: &Config<S::Settings>) -> Topology {
+    Topology::of(&binding_of::<S>(cfg), cfg)
 }
 
 async fn execute<S: Service>(cmd: Command, cfg: Config<S::Settings>) -> Result<(), Failure> {
@@ -266,9 +253,8 @@ async fn execute<S: Service>(cmd: Command, cfg: Config<S::Settings>) -> Result<(
             let conn = connect(&cfg.amqp, S::NAME)
                 .await
                 .map_err(|e| Failure::Other(format!("cannot connect to {}: {e}", cfg.amqp.url)))?;
-            let ch = conn.create_channel().await.map_err(|e| other(&e))?;
-            topo.declare(&ch).await.map_err(|e| {
-                if is_precondition_failed(&e) {
+            topo.declare(&conn).await.map_err(|e| {
+                if e.is_conflict() {
                     other(&crate::runtime::RuntimeError::TopologyConflict(
                         e.to_string(),
                     ))

@@ -209,6 +209,9 @@ pub struct AmqpConfig {
     pub reconnect_max_ms: u64,
     /// Connection name for the management UI ("" = derived).
     pub connection_name: String,
+    /// Create a subscribed producer exchange that is missing (design §2); when false the
+    /// service waits, checking passively, until the producer has declared it.
+    pub declare_sources: bool,
 }
 
 impl AmqpConfig {

@@ -203,12 +203,8 @@ pub trait MessageProcessor: Send + Sync + 'static {
 /// Where a processor listens and where its successes go (the original `ProcessorConfiguration`).
 #[derive(Debug, Clone)]
 pub struct ProcessorConfiguration<P> {
-    /// Producer's exchange the input queue is bound to.
-    pub exchange: String,
-    /// Binding keys (topic patterns) on `exchange`.
-    pub routing_keys: Vec<String>,
-    /// Success messages go out with `<output_routing_key>.success`.
-    pub output_routing_key: String,
+    /// Subscription, output key and other exchanges published to.
+    pub binding: crate::cli::Binding,
     /// The handler.
     pub processor: P,
 }
@@ -217,9 +213,12 @@ impl<P> ProcessorConfiguration<P> {
     /// A configuration with one binding key.
     pub fn new(exchange: &str, routing_key: &str, output_routing_key: &str, processor: P) -> Self {
         Self {
-            exchange: exchange.to_string(),
-            routing_keys: vec![routing_key.to_string()],
-            output_routing_key: output_routing_key.to_string(),
+            binding: crate::cli::Binding {
+                exchange: exchange.to_string(),
+                routing_keys: vec![routing_key.to_string()],
+                output_routing_key: output_routing_key.to_string(),
+                publishes_to: Vec::new(),
+            },
             processor,
         }
     }

@@ -12,7 +12,6 @@ use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
     BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
 };
-use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use tokio::sync::{Semaphore, watch};
@@ -25,7 +24,7 @@ use crate::config::{AmqpConfig, Config, RetryConfig};
 use crate::headers::{self as h};
 use crate::processor::{MessageContext, MessageProcessor, Outcome, ProcessorConfiguration};
 use crate::telemetry as m;
-use crate::topology::{Subscription, Topology};
+use crate::topology::{DeclareError, Topology};
 
 /// How long a message whose outcome could not be published waits before going back.
 const PUBLISH_FAILURE_BACKOFF: Duration = Duration::from_secs(1);
@@ -99,12 +98,6 @@ pub async fn confirm_channel(conn: &Connection) -> Result<Channel, lapin::Error>
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     Ok(ch)
-}
-
-/// True when the broker refused a declaration because the object exists with other arguments.
-pub fn is_precondition_failed(e: &lapin::Error) -> bool {
-    matches!(e.kind(), lapin::ErrorKind::ProtocolError(p)
-        if *p.kind() == AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED))
 }
 
 /// Why an outcome could not be published.
@@ -258,26 +251,12 @@ enum SessionEnd {
 impl<P: MessageProcessor> Runtime<P> {
     /// Builds a runtime for `service` from its config and processor configuration.
     pub fn new<S>(service: &str, cfg: &Config<S>, pc: ProcessorConfiguration<P>) -> Self {
-        let subs = pc
-            .routing_keys
-            .iter()
-            .map(|k| Subscription {
-                exchange: pc.exchange.clone(),
-                routing_key: k.clone(),
-            })
-            .collect();
-        let topology = Topology::new(
-            &cfg.service.queue,
-            &cfg.service.output_exchange,
-            subs,
-            &cfg.amqp,
-            &cfg.retry,
-        );
+        let topology = Topology::of(&pc.binding, cfg);
         Self {
             inner: Arc::new(Inner {
                 service: service.to_string(),
                 topology,
-                output_routing_key: pc.output_routing_key,
+                output_routing_key: pc.binding.output_routing_key,
                 amqp: cfg.amqp.clone(),
                 retry: cfg.retry.clone(),
                 processor: pc.processor,
@@ -320,7 +299,7 @@ impl<P: MessageProcessor> Runtime<P> {
                     warn!(queue = %inner.topology.queue, reason = %why, "lost the broker; reconnecting");
                     backoff = initial;
                 }
-                Err(e) if is_precondition_failed(&e) => {
+                Err(e) if e.is_conflict() => {
                     return Err(RuntimeError::TopologyConflict(e.to_string()));
                 }
                 Err(e) => {
@@ -353,13 +332,13 @@ impl<P: MessageProcessor> Runtime<P> {
         }
     }
 
-    async fn session(&self, shutdown: &CancellationToken) -> Result<SessionEnd, lapin::Error> {
+    async fn session(&self, shutdown: &CancellationToken) -> Result<SessionEnd, DeclareError> {
         let inner = &self.inner;
         let conn = Arc::new(connect(&inner.amqp, &inner.service).await?);
         // Consuming and settling only: every publish goes through the pool.
         let ch = conn.create_channel().await?;
         let pool = ChannelPool::new(conn.clone());
-        inner.topology.declare(&ch).await?;
+        inner.topology.declare(&conn).await?;
         ch.basic_qos(inner.amqp.prefetch, BasicQosOptions::default())
             .await?;
         let tag = format!("{}-{}", inner.service, uuid::Uuid::new_v4());

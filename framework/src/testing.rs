@@ -184,9 +184,12 @@ impl Harness {
     pub async fn start_with<P: MessageProcessor, S>(cfg: Config<S>, processor: P) -> Harness {
         let q = cfg.service.queue.clone();
         let pc = ProcessorConfiguration {
-            exchange: format!("{q}-in"),
-            routing_keys: vec!["test.#".into(), "other.*".into()],
-            output_routing_key: "test.out".into(),
+            binding: crate::Binding {
+                exchange: format!("{q}-in"),
+                routing_keys: vec!["test.#".into(), "other.*".into()],
+                output_routing_key: "test.out".into(),
+                publishes_to: Vec::new(),
+            },
             processor,
         };
         Self::start_pc("test-service", cfg, pc).await
@@ -207,7 +210,7 @@ impl Harness {
         pc: ProcessorConfiguration<P>,
     ) -> Harness {
         let q = cfg.service.queue.clone();
-        let input_exchange = pc.exchange.clone();
+        let input_exchange = pc.binding.exchange.clone();
         let runtime = Runtime::new(name, &cfg, pc);
         let status = runtime.status();
         let mut sessions = status.sessions();

@@ -1,10 +1,37 @@
 //! The queues and exchanges a service owns (design §2), declared idempotently.
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{Channel, ExchangeKind};
+use lapin::{Connection, ExchangeKind};
 
-use crate::config::{AmqpConfig, QueueType, RetryConfig};
+use crate::cli::Binding;
+use crate::config::{AmqpConfig, Config, QueueType, RetryConfig};
+
+/// Why a topology could not be declared.
+#[derive(Debug, thiserror::Error)]
+pub enum DeclareError {
+    /// Broker or connection failure (a refused declaration included).
+    #[error(transparent)]
+    Amqp(#[from] lapin::Error),
+    /// A subscribed producer exchange does not exist and `[amqp] declare_sources` is false.
+    #[error(
+        "producer exchange `{0}` does not exist ([amqp] declare_sources = false): \
+         waiting for its producer to declare it"
+    )]
+    MissingSource(String),
+}
+
+impl DeclareError {
+    /// True when an object the service owns exists with other arguments (fatal: exit 1).
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, DeclareError::Amqp(e) if is_soft(e, AMQPSoftError::PRECONDITIONFAILED))
+    }
+}
+
+fn is_soft(e: &lapin::Error, kind: AMQPSoftError) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(p) if *p.kind() == AMQPErrorKind::Soft(kind))
+}
 
 /// `x-delivery-limit` of the retry tiers and `Q-dlq`: more deliveries than any message sees.
 pub const UNLIMITED_DELIVERIES: i64 = i32::MAX as i64;
@@ -33,6 +60,10 @@ pub struct Topology {
     pub queue_type: QueueType,
     /// Quorum delivery limit on `Q`.
     pub delivery_limit: u32,
+    /// Exchanges the service owns and publishes to beside its output exchange.
+    pub publishes_to: Vec<String>,
+    /// Create a missing producer exchange (`[amqp] declare_sources`).
+    pub declare_sources: bool,
 }
 
 /// A queue with its arguments, as declared.
@@ -80,7 +111,45 @@ impl Topology {
             delays_ms: retry.delays_ms.clone(),
             queue_type: amqp.queue_type,
             delivery_limit: amqp.delivery_limit,
+            publishes_to: Vec::new(),
+            declare_sources: amqp.declare_sources,
         }
+    }
+
+    /// The topology of a service's binding under its config.
+    pub fn of<S>(b: &Binding, cfg: &Config<S>) -> Self {
+        let subs = b
+            .routing_keys
+            .iter()
+            .map(|k| Subscription {
+                exchange: b.exchange.clone(),
+                routing_key: k.clone(),
+            })
+            .collect();
+        let mut t = Self::new(
+            &cfg.service.queue,
+            &cfg.service.output_exchange,
+            subs,
+            &cfg.amqp,
+            &cfg.retry,
+        );
+        t.publishes_to = b.publishes_to.clone();
+        t
+    }
+
+    /// The producers' exchanges this service subscribes to (checked, not owned).
+    pub fn sources(&self) -> Vec<String> {
+        let mut v: Vec<String> = Vec::new();
+        for s in &self.subscriptions {
+            if !v.contains(&s.exchange) && !self.owns_exchange(&s.exchange) {
+                v.push(s.exchange.clone());
+            }
+        }
+        v
+    }
+
+    fn owns_exchange(&self, name: &str) -> bool {
+        self.exchanges().iter().any(|e| e.name == name)
     }
 
     /// `Q-retry`: the direct exchange retries are published to.
@@ -132,7 +201,7 @@ impl Topology {
         }
     }
 
-    /// Every exchange, in declaration order.
+    /// Every exchange the service owns, in declaration order.
     pub fn exchanges(&self) -> Vec<ExchangeSpec> {
         let mut v = vec![
             ExchangeSpec {
@@ -148,10 +217,10 @@ impl Topology {
                 kind: "topic",
             },
         ];
-        for s in &self.subscriptions {
-            if !v.iter().any(|e| e.name == s.exchange) {
+        for name in &self.publishes_to {
+            if !v.iter().any(|e| e.name == *name) {
                 v.push(ExchangeSpec {
-                    name: s.exchange.clone(),
+                    name: name.clone(),
                     kind: "topic",
                 });
             }
@@ -223,8 +292,11 @@ impl Topology {
         v
     }
 
-    /// Declares everything; safe to repeat. A conflicting existing object is an error.
-    pub async fn declare(&self, ch: &Channel) -> Result<(), lapin::Error> {
+    /// Declares everything the service owns and checks the producers' exchanges (creating
+    /// a missing one only with `declare_sources`); safe to repeat. An owned object that
+    /// exists with other arguments is an error; a producer's exchange never is.
+    pub async fn declare(&self, conn: &Connection) -> Result<(), DeclareError> {
+        let ch = conn.create_channel().await?;
         for e in self.exchanges() {
             let kind = if e.kind == "direct" {
                 ExchangeKind::Direct
@@ -234,13 +306,13 @@ impl Topology {
             ch.exchange_declare(
                 e.name.as_str().into(),
                 kind,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
+                durable_exchange(),
                 FieldTable::default(),
             )
             .await?;
+        }
+        for source in self.sources() {
+            self.check_source(conn, &source).await?;
         }
         for q in self.queues() {
             ch.queue_declare(
@@ -263,15 +335,69 @@ impl Topology {
             )
             .await?;
         }
+        let _ = ch.close(200, "declared".into()).await;
         Ok(())
+    }
+
+    /// Passively checks a producer's exchange (a failed check closes its channel, so each
+    /// runs on a channel of its own); creates it only when missing and allowed to.
+    async fn check_source(&self, conn: &Connection, name: &str) -> Result<(), DeclareError> {
+        let probe = conn.create_channel().await?;
+        let passive = ExchangeDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        match probe
+            .exchange_declare(
+                name.into(),
+                ExchangeKind::Topic,
+                passive,
+                FieldTable::default(),
+            )
+            .await
+        {
+            Ok(()) => {
+                let _ = probe.close(200, "checked".into()).await;
+                return Ok(());
+            }
+            Err(e) if is_soft(&e, AMQPSoftError::NOTFOUND) => {}
+            Err(e) => return Err(e.into()),
+        }
+        if !self.declare_sources {
+            return Err(DeclareError::MissingSource(name.to_string()));
+        }
+        let create = conn.create_channel().await?;
+        match create
+            .exchange_declare(
+                name.into(),
+                ExchangeKind::Topic,
+                durable_exchange(),
+                FieldTable::default(),
+            )
+            .await
+        {
+            Ok(()) => {
+                let _ = create.close(200, "created".into()).await;
+                Ok(())
+            }
+            // Its producer declared it meanwhile, with flags of its own: that is its call.
+            Err(e) if is_soft(&e, AMQPSoftError::PRECONDITIONFAILED) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// The topology as a RabbitMQ definitions document (management UI import).
     pub fn definitions(&self, vhost: &str) -> serde_json::Value {
         use serde_json::json;
+        // The producers' exchanges are listed too, so an import creates what the bindings need.
+        let sources = self.sources().into_iter().map(|name| ExchangeSpec {
+            name,
+            kind: "topic",
+        });
         let exchanges: Vec<_> = self
             .exchanges()
             .into_iter()
+            .chain(sources)
             .map(|e| {
                 json!({"name": e.name, "vhost": vhost, "type": e.kind, "durable": true,
                 "auto_delete": false, "internal": false, "arguments": {}})
@@ -294,6 +420,13 @@ impl Topology {
             })
             .collect();
         json!({"exchanges": exchanges, "queues": queues, "bindings": bindings})
+    }
+}
+
+fn durable_exchange() -> ExchangeDeclareOptions {
+    ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
     }
 }
 

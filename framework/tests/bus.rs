@@ -8,6 +8,7 @@ use framework::lapin::BasicProperties;
 use framework::lapin::options::QueueDeclareOptions;
 use framework::lapin::types::{AMQPValue, FieldTable};
 use framework::testing::*;
+use framework::topology::UNLIMITED_DELIVERIES;
 use framework::{MessageContext, MessageProcessor, Outcome, async_trait};
 use serde_json::json;
 
@@ -59,7 +60,7 @@ fn s(v: &str) -> AMQPValue {
 async fn topology_is_declared_with_the_designed_arguments() {
     let mut hs = Harness::start("topo", &[("amqp.delivery_limit", "7")], echo()).await;
     let q = hs.q.clone();
-    let (_c, ch) = test_channel().await;
+    let (conn, ch) = test_channel().await;
     let q_args = args(&[
         ("x-queue-type", s("quorum")),
         ("x-dead-letter-exchange", s(&format!("{q}-fail"))),
@@ -88,6 +89,10 @@ async fn topology_is_declared_with_the_designed_arguments() {
             ("x-dead-letter-routing-key", s(&q)),
             ("x-dead-letter-strategy", s("at-least-once")),
             ("x-overflow", s("reject-publish")),
+            (
+                "x-delivery-limit",
+                AMQPValue::LongLongInt(UNLIMITED_DELIVERIES),
+            ),
         ]);
         assert!(
             redeclare(&ch, &format!("{q}-retry-{d}"), a.clone()).await,
@@ -104,7 +109,13 @@ async fn topology_is_declared_with_the_designed_arguments() {
         redeclare(
             &ch,
             &format!("{q}-dlq"),
-            args(&[("x-queue-type", s("quorum"))])
+            args(&[
+                ("x-queue-type", s("quorum")),
+                (
+                    "x-delivery-limit",
+                    AMQPValue::LongLongInt(UNLIMITED_DELIVERIES)
+                )
+            ])
         )
         .await
     );
@@ -120,7 +131,7 @@ async fn topology_is_declared_with_the_designed_arguments() {
         &cfg.amqp,
         &cfg.retry,
     );
-    topo.declare(&ch)
+    topo.declare(&conn)
         .await
         .expect("re-declaration is idempotent");
     // Bindings: a message on the input exchange reaches Q; one on the retry exchange reaches its tier.
@@ -215,6 +226,7 @@ async fn success_is_published_with_response_headers() {
 #[tokio::test]
 async fn extra_destinations_are_published_with_the_success() {
     let extra_ex = unique("extra");
+    let _gone = Cleanup::new(vec![], vec![extra_ex.clone()]);
     let ex2 = extra_ex.clone();
     let p = FnProcessor(move |v: serde_json::Value, _: &MessageContext| {
         Outcome::success(&v).with_extra([framework::Publication::text(&ex2, "side.key", "hello")])
@@ -236,7 +248,6 @@ async fn extra_destinations_are_published_with_the_success() {
     assert_eq!(d.data, b"hello");
     assert_eq!(d.routing_key.as_str(), "side.key");
     hs.stop().await;
-    cleanup(vec![], vec![extra_ex]);
 }
 
 #[derive(serde::Deserialize)]
@@ -514,12 +525,13 @@ async fn a_panicking_processor_dead_letters_and_keeps_running() {
 }
 
 #[tokio::test]
-async fn a_nacked_publish_leaves_the_input_unacked() {
+async fn a_nacked_publish_is_retried_and_never_acked_as_success() {
     let calls: Calls = Arc::default();
     let p = recording(&calls, |v, _| Outcome::success(v));
-    let mut hs = Harness::start("nack", &[("amqp.delivery_limit", "2")], p).await;
+    let mut hs = Harness::start("nack", &[("retry.max_attempts", "2")], p).await;
     // A full queue that rejects publishes: every success publish is nacked by the broker.
     let full = unique("full");
+    let _gone = Cleanup::new(vec![full.clone()], vec![]);
     let mut a = FieldTable::default();
     a.insert("x-max-length".into(), AMQPValue::LongLongInt(0));
     a.insert("x-overflow".into(), s("reject-publish"));
@@ -540,24 +552,20 @@ async fn a_nacked_publish_leaves_the_input_unacked() {
     let mut dlq = hs.watch_dlq().await;
     hs.publish("test.n", br#"{"n":1}"#, BasicProperties::default())
         .await;
-    // Never acked: the broker redelivers it until its delivery limit dead-letters it.
+    // Never acked as a success: each nacked outcome becomes a retry (confirmed before the
+    // ack), so the attempts are counted and bounded on every broker version.
     let d = next(&mut dlq).await;
     assert_eq!(d.data, br#"{"n":1}"#);
     assert_eq!(
-        header(&d, h::ERROR_KIND),
-        None,
-        "dead-lettered by the broker, not by us"
+        header(&d, h::ERROR_KIND).as_deref(),
+        Some("retries-exhausted")
     );
+    let err = header(&d, h::ERROR).unwrap_or_default();
+    assert!(err.contains("nacked"), "the error names the nack: {err}");
     let calls = calls.lock().unwrap().clone();
-    assert!(
-        calls.len() >= 2,
-        "redelivered after the nack ({} calls)",
-        calls.len()
-    );
-    assert!(!calls[0].1.redelivered);
-    assert!(calls[1].1.redelivered, "second delivery is a redelivery");
+    assert_eq!(calls.len(), 2, "one call per attempt");
+    assert_eq!(calls[1].1.attempt, 1, "the second call is the retry");
     hs.stop().await;
-    cleanup(vec![full], vec![]);
 }
 
 #[tokio::test]
@@ -682,6 +690,7 @@ impl MessageProcessor for PartialProcessor {
 async fn processors_can_publish_dead_letter_parts_and_tag_retries() {
     let mut hs = Harness::start("partial", &[], PartialProcessor).await;
     let side = format!("{}-side", hs.q);
+    let _gone = Cleanup::new(vec![], vec![side.clone()]);
     hs.ch
         .exchange_declare(
             side.as_str().into(),
@@ -717,7 +726,6 @@ async fn processors_can_publish_dead_letter_parts_and_tag_retries() {
     // The retry carried x-test-progress; the second attempt succeeds.
     assert_eq!(next(&mut out).await.data, br#"{"done":true}"#);
     hs.stop().await;
-    cleanup(vec![], vec![side]);
 }
 
 struct MandatoryPublisher;

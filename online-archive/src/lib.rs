@@ -61,6 +61,7 @@ impl Service for OnlineArchive {
             exchange: "assetsweeper".into(),
             routing_keys: vec!["assetsweeper.asset_folder_importer.file.#".into()],
             output_routing_key: "storagetier.onlinearchive.newfile".into(),
+            ..Default::default()
         }
     }
 

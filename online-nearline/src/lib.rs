@@ -64,6 +64,7 @@ impl Service for OnlineNearline {
             exchange: "assetsweeper".into(),
             routing_keys: vec!["assetsweeper.asset_folder_importer.file.#".into()],
             output_routing_key: "storagetier.onlinenearline.newfile".into(),
+            ..Default::default()
         }
     }
 

@@ -256,6 +256,7 @@ impl Service for CrashRouterService {
             exchange: INPUT_EXCHANGE.to_string(),
             routing_keys: vec!["#".to_string()],
             output_routing_key: OUTPUT_ROUTING_KEY.to_string(),
+            ..Default::default()
         }
     }
 

@@ -286,6 +286,7 @@ impl Service for EventForwarderService {
             exchange: INPUT_EXCHANGE.to_string(),
             routing_keys: vec!["#".to_string()],
             output_routing_key: OUTPUT_ROUTING_KEY.to_string(),
+            ..Default::default()
         }
     }
 

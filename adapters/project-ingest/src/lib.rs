@@ -171,6 +171,7 @@ impl Service for ProjectIngest {
             exchange: "pluto-core".into(),
             routing_keys: vec!["core.project.#".into()],
             output_routing_key: "storagetier.projectingest.project".into(),
+            ..Default::default()
         }
     }
 

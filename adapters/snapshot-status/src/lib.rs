@@ -9,9 +9,6 @@ use std::collections::BTreeSet;
 
 use db::DatabaseUrl;
 use framework::config::{Config, ConfigError};
-use framework::lapin::ExchangeKind;
-use framework::lapin::options::ExchangeDeclareOptions;
-use framework::lapin::types::FieldTable;
 use framework::{
     Binding, BoxError, MessageContext, MessageProcessor, Outcome, Publication, Service, async_trait,
 };
@@ -320,29 +317,6 @@ pub fn database_url(cfg: &Config<SnapshotStatusSettings>) -> String {
     )
 }
 
-async fn declare_exchanges(cfg: &Config<SnapshotStatusSettings>) -> Result<(), BoxError> {
-    let conn = framework::runtime::connect(&cfg.amqp, SnapshotStatus::NAME).await?;
-    let ch = conn.create_channel().await?;
-    for ex in [
-        &cfg.settings.export_state_exchange,
-        &cfg.settings.monitoring_exchange,
-    ] {
-        ch.exchange_declare(
-            ex.as_str().into(),
-            ExchangeKind::Topic,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| format!("cannot declare exchange `{ex}`: {e}"))?;
-    }
-    let _ = conn.close(200, "exchanges declared".into()).await;
-    Ok(())
-}
-
 #[async_trait]
 impl Service for SnapshotStatus {
     const NAME: &'static str = "snapshot-status";
@@ -352,11 +326,17 @@ impl Service for SnapshotStatus {
     type Settings = SnapshotStatusSettings;
     type Processor = StatusProcessor;
 
-    fn binding(_cfg: &Config<SnapshotStatusSettings>) -> Binding {
+    fn binding(cfg: &Config<SnapshotStatusSettings>) -> Binding {
         Binding {
             exchange: "snapshot-sender".into(),
             routing_keys: vec!["snapshot.status.#".into()],
             output_routing_key: "storagetier.snapshotstatus.status".into(),
+            // Owned by this service: declared with its topology on `declare` and every
+            // (re)connect, so its messages have somewhere to go from the start.
+            publishes_to: vec![
+                cfg.settings.export_state_exchange.clone(),
+                cfg.settings.monitoring_exchange.clone(),
+            ],
         }
     }
 
@@ -384,7 +364,6 @@ impl Service for SnapshotStatus {
         let store = Store::open(&url)
             .await
             .map_err(|e| format!("cannot open database {}: {e}", db::redact_url(&url)))?;
-        declare_exchanges(cfg).await?;
         Ok(StatusProcessor::new(
             store,
             &cfg.settings.export_state_exchange,

@@ -48,6 +48,7 @@ impl Service for EchoService {
             exchange: "storagetier-echo-in".to_string(),
             routing_keys: cfg.settings.routing_keys.clone(),
             output_routing_key: cfg.settings.output_routing_key.clone(),
+            ..Default::default()
         }
     }
 

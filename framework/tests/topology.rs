@@ -1,0 +1,140 @@
+//! A service declares what it owns, and only that (design §2): its extra exchanges on every
+//! (re)connect; the producers' exchanges only checked, created only with `declare_sources`,
+//! and never a conflict because of their flags.
+
+use framework::lapin::options::ExchangeDeclareOptions;
+use framework::lapin::types::FieldTable;
+use framework::lapin::{Connection, ExchangeKind};
+use framework::testing::*;
+use framework::{Binding, MessageContext, Outcome, ProcessorConfiguration};
+
+fn echo() -> FnProcessor<impl Fn(serde_json::Value, &MessageContext) -> Outcome + Send + Sync> {
+    FnProcessor(|v, _ctx: &MessageContext| Outcome::success(v))
+}
+
+/// True if `exchange` exists (a passive declare on a channel of its own).
+async fn exists(conn: &Connection, exchange: &str) -> bool {
+    let ch = conn.create_channel().await.expect("channel");
+    ch.exchange_declare(
+        exchange.into(),
+        ExchangeKind::Topic,
+        ExchangeDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .is_ok()
+}
+
+#[tokio::test]
+async fn exchanges_a_service_publishes_to_are_declared_on_every_connect() {
+    let q = unique("owns");
+    let side = format!("{q}-side");
+    let name = unique("conn");
+    let cfg = config(&q, &[("amqp.connection_name", &name)]);
+    let _gone = Cleanup::new(vec![], vec![side.clone()]);
+    let pc = ProcessorConfiguration {
+        binding: Binding {
+            exchange: format!("{q}-in"),
+            routing_keys: vec!["test.#".into()],
+            output_routing_key: "test.out".into(),
+            publishes_to: vec![side.clone()],
+        },
+        processor: echo(),
+    };
+    let mut hs = Harness::start_pc("owner", cfg, pc).await;
+    assert!(exists(&hs.conn, &side).await, "declared at start");
+    hs.ch
+        .exchange_delete(side.as_str().into(), Default::default())
+        .await
+        .expect("delete");
+    assert!(!exists(&hs.conn, &side).await);
+    let mut sessions = hs.status.sessions();
+    assert_eq!(close_connection_named(&name).await, 1);
+    tokio::time::timeout(WAIT, sessions.wait_for(|n| *n >= 2))
+        .await
+        .expect("reconnected")
+        .expect("status alive");
+    assert!(exists(&hs.conn, &side).await, "declared again on reconnect");
+    hs.stop().await;
+}
+
+#[tokio::test]
+async fn a_producer_exchange_with_other_flags_is_not_a_conflict() {
+    let q = unique("flags");
+    let (conn, ch) = test_channel().await;
+    // The producer declared its exchange its own way (not durable, auto-delete).
+    ch.exchange_declare(
+        format!("{q}-in").as_str().into(),
+        ExchangeKind::Topic,
+        ExchangeDeclareOptions {
+            durable: false,
+            auto_delete: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("producer's exchange");
+    let mut hs = Harness::start_with(config(&q, &[]), echo()).await;
+    assert!(hs.status.is_ready(), "consuming despite the other flags");
+    let mut out = hs.watch_output().await;
+    hs.publish("test.x", br#"{"n":1}"#, Default::default())
+        .await;
+    assert_eq!(next(&mut out).await.data, br#"{"n":1}"#);
+    hs.stop().await;
+    drop(conn);
+}
+
+#[tokio::test]
+async fn without_declare_sources_a_missing_producer_exchange_is_waited_for() {
+    let q = unique("nosrc");
+    let input = format!("{q}-in");
+    let cfg = config(&q, &[("amqp.declare_sources", "false")]);
+    let _gone = Cleanup::service(&q, &cfg.retry.delays_ms.clone());
+    let pc = ProcessorConfiguration {
+        binding: Binding {
+            exchange: input.clone(),
+            routing_keys: vec!["test.#".into()],
+            output_routing_key: "test.out".into(),
+            publishes_to: Vec::new(),
+        },
+        processor: echo(),
+    };
+    let runtime = framework::Runtime::new("nosrc", &cfg, pc);
+    let status = runtime.status();
+    let stop = framework::CancellationToken::new();
+    let t = stop.clone();
+    let task = tokio::spawn(async move { runtime.run(t).await });
+    let (conn, ch) = test_channel().await;
+    // It keeps trying (reconnect backoff 100 ms .. 1 s) but never creates the exchange.
+    for _ in 0..20 {
+        assert!(!status.is_ready(), "not consuming without its producer");
+        assert!(
+            !exists(&conn, &input).await,
+            "the producer's exchange was not created"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // The producer comes up: the service binds to it and consumes.
+    ch.exchange_declare(
+        input.as_str().into(),
+        ExchangeKind::Topic,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("producer declares");
+    wait_until("the service to consume", || status.is_ready()).await;
+    stop.cancel();
+    tokio::time::timeout(WAIT, task)
+        .await
+        .expect("stopped")
+        .expect("task")
+        .expect("clean stop");
+}
