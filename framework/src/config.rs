@@ -380,10 +380,12 @@ fn load_tree(opts: &LoadOptions) -> Result<Map<String, Value>, ConfigError> {
             ));
         }
     }
+    // Values stay strings here: each key's own type converts them when the section is read,
+    // so a token `0123` or a name `1e3` keeps its text, and a one-element list stays a list.
     let mut env = Environment::with_prefix(ENV_PREFIX)
         .prefix_separator("__")
         .separator("__")
-        .try_parsing(true)
+        .try_parsing(false)
         .list_separator(",");
     for k in LIST_KEYS {
         env = env.with_list_parse_key(k);
@@ -402,7 +404,8 @@ fn load_tree(opts: &LoadOptions) -> Result<Map<String, Value>, ConfigError> {
             .map_err(|e| cfg_err(k, e))?;
     }
     let built = b.build().map_err(|e| cfg_err("config", e))?;
-    let tree: Map<String, Value> = built.try_deserialize().map_err(|e| cfg_err("config", e))?;
+    let mut tree: Map<String, Value> = built.try_deserialize().map_err(|e| cfg_err("config", e))?;
+    lists_from_strings(&mut tree);
     for key in tree.keys() {
         if !KNOWN_SECTIONS.contains(&key.as_str()) {
             return Err(ConfigError::new(
@@ -415,6 +418,32 @@ fn load_tree(opts: &LoadOptions) -> Result<Map<String, Value>, ConfigError> {
         }
     }
     Ok(tree)
+}
+
+/// A list key given as one string (an environment variable without a comma, which the
+/// `config` crate leaves unsplit) becomes a list of its comma-separated parts.
+fn lists_from_strings(tree: &mut Map<String, Value>) {
+    for key in LIST_KEYS {
+        let Some((sec, name)) = key.split_once('.') else {
+            continue;
+        };
+        let Some(Value {
+            kind: config::ValueKind::Table(t),
+            ..
+        }) = tree.get_mut(sec)
+        else {
+            continue;
+        };
+        if let Some(v) = t.get_mut(name)
+            && let config::ValueKind::String(text) = &v.kind
+        {
+            let parts: Vec<Value> = text
+                .split(',')
+                .map(|p| Value::from(p.trim().to_string()))
+                .collect();
+            *v = Value::from(parts);
+        }
+    }
 }
 
 /// Interprets an override as a TOML scalar or array when it parses as one.
@@ -574,5 +603,52 @@ impl<S> Config<S> {
     /// A path under `[storage] data_dir`.
     pub fn data_path(&self, rel: impl AsRef<Path>) -> PathBuf {
         self.storage.data_dir.join(rel)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::de::IgnoredAny;
+
+    fn with_env(vars: &[(&str, &str)]) -> Result<Config<IgnoredAny>, ConfigError> {
+        let opts = LoadOptions {
+            env_vars: Some(
+                vars.iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+            ..LoadOptions::default()
+        };
+        load::<IgnoredAny>("echo", &opts)
+    }
+
+    #[test]
+    fn environment_overrides_keep_strings_as_strings() {
+        let c = with_env(&[("STORAGETIER__AMQP__CONNECTION_NAME", "0123")]).expect("loads");
+        assert_eq!(c.amqp.connection_name, "0123");
+        let c = with_env(&[("STORAGETIER__AMQP__CONNECTION_NAME", "1e3")]).expect("loads");
+        assert_eq!(c.amqp.connection_name, "1e3");
+    }
+
+    #[test]
+    fn environment_overrides_still_convert_to_numbers_and_lists() {
+        let c = with_env(&[
+            ("STORAGETIER__AMQP__PREFETCH", "32"),
+            ("STORAGETIER__AMQP__DECLARE_SOURCES", "false"),
+            ("STORAGETIER__RETRY__DELAYS_MS", "5000"),
+        ])
+        .expect("loads");
+        assert_eq!(c.amqp.prefetch, 32);
+        assert!(!c.amqp.declare_sources);
+        assert_eq!(
+            c.retry.delays_ms,
+            vec![5000],
+            "one value is a one-element list"
+        );
+        let c = with_env(&[("STORAGETIER__RETRY__DELAYS_MS", "100,2000")]).expect("loads");
+        assert_eq!(c.retry.delays_ms, vec![100, 2000]);
+        let e = with_env(&[("STORAGETIER__AMQP__PREFETCH", "many")]).expect_err("not a number");
+        assert_eq!(e.key, "amqp.prefetch");
     }
 }

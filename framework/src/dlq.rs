@@ -1,5 +1,7 @@
 //! Dead-letter tooling: list, replay (confirm before removing) and purge `Q-dlq`.
 
+use std::time::Duration;
+
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions, QueuePurgeOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
@@ -120,7 +122,24 @@ pub async fn list(
         ));
     }
     let _ = ch.close(200, "list done".into()).await;
+    await_returned(conn, &topo.dlq(), total as u32).await?;
     Ok(out)
+}
+
+/// How long a look at the DLQ waits for the dead letters it held to be back.
+const RETURN_WAIT: Duration = Duration::from_secs(10);
+
+/// Waits (bounded) until `queue` holds `n` ready messages again: messages a closed channel
+/// held return to a quorum queue asynchronously (on RabbitMQ 4.x visibly so), and the
+/// operator's next command — a replay right after a list — must find them there.
+async fn await_returned(conn: &Connection, queue: &str, n: u32) -> Result<(), DlqError> {
+    let ch = conn.create_channel().await?;
+    let deadline = tokio::time::Instant::now() + RETURN_WAIT;
+    while count(&ch, queue).await? < n && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = ch.close(200, "counted".into()).await;
+    Ok(())
 }
 
 /// Which dead letters a replay moves.
@@ -194,6 +213,8 @@ pub async fn replay(
         moved.push(info);
     }
     let _ = ch.close(200, "replay done".into()).await;
+    let kept = total.saturating_sub(if dry_run { 0 } else { moved.len() as u32 });
+    await_returned(conn, &topo.dlq(), kept).await?;
     Ok(moved)
 }
 
