@@ -8,6 +8,7 @@
 //! never the in-flight deliveries.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use lapin::{Channel, Connection};
 
@@ -17,6 +18,7 @@ use crate::runtime::confirm_channel;
 pub struct ChannelPool {
     conn: Arc<Connection>,
     idle: Mutex<Vec<Channel>>,
+    limit: Duration,
 }
 
 impl std::fmt::Debug for ChannelPool {
@@ -26,12 +28,18 @@ impl std::fmt::Debug for ChannelPool {
 }
 
 impl ChannelPool {
-    /// A pool on `conn`.
-    pub fn new(conn: Arc<Connection>) -> Arc<ChannelPool> {
+    /// A pool on `conn` whose publishes wait at most `limit` for their confirms.
+    pub fn new(conn: Arc<Connection>, limit: Duration) -> Arc<ChannelPool> {
         Arc::new(ChannelPool {
             conn,
             idle: Mutex::new(Vec::new()),
+            limit,
         })
+    }
+
+    /// How long a publish on this pool waits for its confirm.
+    pub fn limit(&self) -> Duration {
+        self.limit
     }
 
     /// A channel only the caller uses until the guard drops.
@@ -42,7 +50,14 @@ impl ChannelPool {
         };
         let ch = match reused {
             Some(c) => c,
-            None => confirm_channel(&self.conn).await?,
+            None => {
+                crate::connection::bounded(
+                    self.limit,
+                    "opening a channel",
+                    confirm_channel(&self.conn),
+                )
+                .await?
+            }
         };
         Ok(PooledChannel {
             ch: Some(ch),

@@ -31,6 +31,7 @@ pub const KNOWN_SECTIONS: &[&str] = &[
 
 /// Keys whose environment-variable value is a comma-separated list.
 const LIST_KEYS: &[&str] = &[
+    "amqp.urls",
     "retry.delays_ms",
     "echo.routing_keys",
     "online_archive.online_roots",
@@ -190,6 +191,23 @@ impl QueueType {
 pub struct AmqpConfig {
     /// Broker URL, vhost included.
     pub url: AmqpUrl,
+    /// A cluster's nodes, tried in turn on every (re)connect; empty = `url` alone.
+    #[serde(default)]
+    pub urls: Vec<AmqpUrl>,
+    /// PEM file of the CA that signed the broker's certificate (`amqps://`).
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
+    /// PEM client certificate for mutual TLS (with `tls_key_file`).
+    #[serde(default)]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `tls_cert_file`.
+    #[serde(default)]
+    pub tls_key_file: Option<PathBuf>,
+    /// Bound on one connection attempt (TCP, TLS and AMQP handshake).
+    pub connect_timeout_ms: u64,
+    /// Bound on every other broker call: declarations and publisher confirms. A call that
+    /// takes longer (e.g. a quorum queue without a leader) fails and the session restarts.
+    pub operation_timeout_ms: u64,
     /// File holding the password (overrides the URL's).
     #[serde(default)]
     pub password_file: Option<PathBuf>,
@@ -215,6 +233,20 @@ pub struct AmqpConfig {
 }
 
 impl AmqpConfig {
+    /// The broker nodes to try, in order: `urls`, or `url` alone.
+    pub fn endpoints(&self) -> Vec<&AmqpUrl> {
+        if self.urls.is_empty() {
+            vec![&self.url]
+        } else {
+            self.urls.iter().collect()
+        }
+    }
+
+    /// The bound on declarations and publisher confirms.
+    pub fn operation_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.operation_timeout_ms)
+    }
+
     /// Handlers allowed to run at once.
     pub fn effective_concurrency(&self) -> usize {
         if self.concurrency == 0 {
@@ -522,6 +554,11 @@ pub fn load<S: DeserializeOwned>(
             .url
             .with_password(pw.trim())
             .map_err(|e| ConfigError::new("amqp.password_file", e))?;
+        for u in &mut amqp.urls {
+            *u = u
+                .with_password(pw.trim())
+                .map_err(|e| ConfigError::new("amqp.password_file", e))?;
+        }
     }
 
     let cfg = Config {
@@ -552,6 +589,32 @@ fn validate<S>(cfg: &Config<S>, section_name: &str) -> Result<(), ConfigError> {
         return Err(ConfigError::new(
             "amqp.delivery_limit",
             "must be at least 1",
+        ));
+    }
+    for (key, file) in [
+        ("amqp.tls_ca_file", &a.tls_ca_file),
+        ("amqp.tls_cert_file", &a.tls_cert_file),
+        ("amqp.tls_key_file", &a.tls_key_file),
+    ] {
+        if let Some(f) = file
+            && let Err(e) = std::fs::metadata(f)
+        {
+            return Err(ConfigError::new(
+                key,
+                format!("cannot read {}: {e}", f.display()),
+            ));
+        }
+    }
+    if a.tls_cert_file.is_some() != a.tls_key_file.is_some() {
+        return Err(ConfigError::new(
+            "amqp.tls_key_file",
+            "tls_cert_file and tls_key_file go together (mutual TLS)",
+        ));
+    }
+    if a.connect_timeout_ms == 0 || a.operation_timeout_ms == 0 {
+        return Err(ConfigError::new(
+            "amqp.operation_timeout_ms",
+            "connect_timeout_ms and operation_timeout_ms must be > 0",
         ));
     }
     if a.reconnect_initial_ms == 0 || a.reconnect_max_ms < a.reconnect_initial_ms {

@@ -204,6 +204,7 @@ pub async fn replay(
                     properties: d.properties.clone().with_headers(hdr),
                     mandatory: true,
                 }],
+                topo.operation_timeout,
             )
             .await?;
             if !d.acker.ack(BasicAckOptions::default()).await? {

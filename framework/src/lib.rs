@@ -10,6 +10,7 @@
 pub mod channel_pool;
 pub mod cli;
 pub mod config;
+pub mod connection;
 pub mod dlq;
 pub mod fields;
 pub mod headers;

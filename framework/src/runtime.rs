@@ -10,10 +10,10 @@ use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
-    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    BasicPublishOptions, BasicQosOptions,
 };
 use lapin::types::{FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -74,31 +74,7 @@ pub enum RuntimeError {
     TopologyConflict(String),
 }
 
-/// Opens a connection named for the management UI.
-pub async fn connect(amqp: &AmqpConfig, service: &str) -> Result<Connection, lapin::Error> {
-    let name = if amqp.connection_name.is_empty() {
-        let host = std::env::var("HOSTNAME")
-            .ok()
-            .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| "localhost".into());
-        format!("{service}@{host}")
-    } else {
-        amqp.connection_name.clone()
-    };
-    let props = ConnectionProperties::default()
-        .with_connection_name(name.into())
-        .with_client_property("service".into(), service.into());
-    Connection::connect(amqp.url.expose(), props).await
-}
-
-/// Opens a channel with publisher confirms enabled.
-pub async fn confirm_channel(conn: &Connection) -> Result<Channel, lapin::Error> {
-    let ch = conn.create_channel().await?;
-    ch.confirm_select(ConfirmSelectOptions::default()).await?;
-    Ok(ch)
-}
+pub use crate::connection::{confirm_channel, connect};
 
 /// Why an outcome could not be published.
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +91,9 @@ pub enum PublishError {
     /// The context is not attached to a broker channel (processor called outside a runtime).
     #[error("no broker channel available to publish on")]
     NoChannel,
+    /// The broker did not confirm within `[amqp] operation_timeout_ms`.
+    #[error("the broker did not confirm the publish to exchange `{0}` in time")]
+    Timeout(String),
 }
 
 /// A processor's handle for publishing during handling (see [`MessageContext::publish`]).
@@ -181,7 +160,7 @@ impl Publisher {
 /// Publishes on a channel of the pool that no other outcome uses meanwhile.
 async fn publish_pooled(pool: &Arc<ChannelPool>, msgs: Vec<Outgoing>) -> Result<(), PublishError> {
     let ch = pool.get().await?;
-    publish_confirmed(&ch, msgs).await
+    publish_confirmed(&ch, msgs, pool.limit()).await
 }
 
 /// One message to send as part of an outcome.
@@ -198,8 +177,20 @@ pub struct Outgoing {
     pub mandatory: bool,
 }
 
-/// Publishes all messages, then waits for every confirm; any nack or return is an error.
-pub async fn publish_confirmed(ch: &Channel, msgs: Vec<Outgoing>) -> Result<(), PublishError> {
+/// Publishes all messages, then waits (at most `limit`) for every confirm; any nack, return
+/// or timeout is an error.
+pub async fn publish_confirmed(
+    ch: &Channel,
+    msgs: Vec<Outgoing>,
+    limit: Duration,
+) -> Result<(), PublishError> {
+    let first = msgs.first().map(|o| o.exchange.clone()).unwrap_or_default();
+    tokio::time::timeout(limit, publish_and_confirm(ch, msgs))
+        .await
+        .unwrap_or(Err(PublishError::Timeout(first)))
+}
+
+async fn publish_and_confirm(ch: &Channel, msgs: Vec<Outgoing>) -> Result<(), PublishError> {
     let mut pending = Vec::with_capacity(msgs.len());
     for o in msgs {
         let confirm = ch
@@ -337,8 +328,8 @@ impl<P: MessageProcessor> Runtime<P> {
         let conn = Arc::new(connect(&inner.amqp, &inner.service).await?);
         // Consuming and settling only: every publish goes through the pool.
         let ch = conn.create_channel().await?;
-        let pool = ChannelPool::new(conn.clone());
-        inner.topology.declare(&conn).await?;
+        let pool = ChannelPool::new(conn.clone(), inner.amqp.operation_timeout());
+        bounded_declare(&inner.topology, &conn, inner.amqp.operation_timeout()).await?;
         ch.basic_qos(inner.amqp.prefetch, BasicQosOptions::default())
             .await?;
         let tag = format!("{}-{}", inner.service, uuid::Uuid::new_v4());
@@ -406,6 +397,25 @@ impl<P: MessageProcessor> Runtime<P> {
         }
         Ok(end)
     }
+}
+
+/// Declares the topology, failing (and so restarting the session) if the broker hangs.
+async fn bounded_declare(
+    topology: &Topology,
+    conn: &Connection,
+    limit: Duration,
+) -> Result<(), DeclareError> {
+    tokio::time::timeout(limit, topology.declare(conn))
+        .await
+        .unwrap_or_else(|_| {
+            Err(DeclareError::Amqp(
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("declaring the topology timed out after {limit:?}"),
+                )
+                .into(),
+            ))
+        })
 }
 
 /// Metadata read off a delivery before processing.

@@ -64,6 +64,8 @@ pub struct Topology {
     pub publishes_to: Vec<String>,
     /// Create a missing producer exchange (`[amqp] declare_sources`).
     pub declare_sources: bool,
+    /// Bound on declarations and confirms (`[amqp] operation_timeout_ms`).
+    pub operation_timeout: std::time::Duration,
 }
 
 /// A queue with its arguments, as declared.
@@ -113,6 +115,7 @@ impl Topology {
             delivery_limit: amqp.delivery_limit,
             publishes_to: Vec::new(),
             declare_sources: amqp.declare_sources,
+            operation_timeout: amqp.operation_timeout(),
         }
     }
 

@@ -33,7 +33,8 @@ pub struct PrivateBroker {
     server: Option<Guarded>,
 }
 
-fn free_port() -> u16 {
+/// A loopback port nothing listens on right now.
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -108,6 +109,13 @@ fn host_path(root: Option<&Path>, inner: &Path) -> PathBuf {
 impl PrivateBroker {
     /// Starts a fresh node and waits until it accepts AMQP connections.
     pub async fn start() -> PrivateBroker {
+        Self::start_with(|_, _| String::new()).await
+    }
+
+    /// Starts a fresh node whose `rabbitmq.conf` also holds what `setup` returns; `setup`
+    /// gets the node's directory as this process sees it and as the node sees it (they
+    /// differ for a chrooted install), to put files such as certificates there.
+    pub async fn start_with(setup: impl FnOnce(&Path, &Path) -> String) -> PrivateBroker {
         let root = install_root();
         sweep_orphans(root.as_deref());
         let id = &uuid::Uuid::new_v4().simple().to_string()[..10];
@@ -120,9 +128,10 @@ impl PrivateBroker {
         // The server runs as the `rabbitmq` user (the install's wrapper switches to it).
         set_mode(&dir, 0o777);
         std::fs::write(dir.join("enabled_plugins"), "[].\n").expect("plugins file");
+        let extra = setup(&dir, &inner);
         std::fs::write(
             dir.join("rabbitmq.conf"),
-            format!("listeners.tcp.local = 127.0.0.1:{port}\n"),
+            format!("listeners.tcp.local = 127.0.0.1:{port}\n{extra}"),
         )
         .expect("broker config");
         for f in ["enabled_plugins", "rabbitmq.conf"] {

@@ -1,0 +1,126 @@
+//! Connecting to the broker: a cluster's nodes tried in turn, TLS with a private CA and a
+//! client certificate, every attempt bounded in time.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
+use lapin::{Channel, Connection, ConnectionProperties, DefaultConnectionBuilder};
+use tracing::warn;
+
+use crate::config::{AmqpConfig, AmqpUrl};
+
+/// The node the next connect tries first: each (re)connect starts after the last one tried,
+/// so a cluster's nodes take turns and a dead node is not always tried first.
+static NEXT_NODE: AtomicUsize = AtomicUsize::new(0);
+
+fn timed_out(what: String) -> lapin::Error {
+    std::io::Error::new(std::io::ErrorKind::TimedOut, what).into()
+}
+
+/// Runs a broker call, failing it after `limit`: no broker call may hang a service.
+pub async fn bounded<T>(
+    limit: Duration,
+    what: &str,
+    call: impl Future<Output = Result<T, lapin::Error>>,
+) -> Result<T, lapin::Error> {
+    tokio::time::timeout(limit, call)
+        .await
+        .unwrap_or_else(|_| Err(timed_out(format!("{what} timed out after {limit:?}"))))
+}
+
+/// The connection name shown in the management UI.
+fn connection_name(amqp: &AmqpConfig, service: &str) -> String {
+    if !amqp.connection_name.is_empty() {
+        return amqp.connection_name.clone();
+    }
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into());
+    format!("{service}@{host}")
+}
+
+/// TLS settings from `[amqp] tls_*` (read at each connect, so renewed files are picked up).
+fn tls_config(amqp: &AmqpConfig) -> Result<OwnedTLSConfig, lapin::Error> {
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| {
+            lapin::Error::from(std::io::Error::new(
+                e.kind(),
+                format!("cannot read {}: {e}", p.display()),
+            ))
+        })
+    };
+    let cert_chain = match &amqp.tls_ca_file {
+        Some(p) => Some(String::from_utf8_lossy(&read(p)?).into_owned()),
+        None => None,
+    };
+    let identity = match (&amqp.tls_cert_file, &amqp.tls_key_file) {
+        (Some(c), Some(k)) => Some(OwnedIdentity::PKCS8 {
+            pem: read(c)?,
+            key: read(k)?,
+        }),
+        _ => None,
+    };
+    Ok(OwnedTLSConfig {
+        identity,
+        cert_chain,
+    })
+}
+
+async fn connect_to(
+    url: &AmqpUrl,
+    amqp: &AmqpConfig,
+    name: &str,
+    service: &str,
+) -> Result<Connection, lapin::Error> {
+    let props = ConnectionProperties::default()
+        .with_connection_name(name.into())
+        .with_client_property("service".into(), service.into());
+    let builder = DefaultConnectionBuilder::new()?
+        .with_uri_str(url.expose().to_string())
+        .with_properties(props)
+        .with_tls_config(tls_config(amqp)?);
+    bounded(
+        Duration::from_millis(amqp.connect_timeout_ms),
+        &format!("connecting to {url}"),
+        builder.connect(),
+    )
+    .await
+}
+
+/// Opens a connection named for the management UI to the first node of `[amqp] urls`
+/// (or `url`) that answers, starting after the node tried last.
+pub async fn connect(amqp: &AmqpConfig, service: &str) -> Result<Connection, lapin::Error> {
+    let nodes = amqp.endpoints();
+    let name = connection_name(amqp, service);
+    let start = NEXT_NODE.fetch_add(1, Ordering::Relaxed);
+    let mut last = None;
+    for i in 0..nodes.len() {
+        let url = nodes[(start + i) % nodes.len()];
+        match connect_to(url, amqp, &name, service).await {
+            Ok(c) => {
+                // The next reconnect starts with this node again unless it fails.
+                NEXT_NODE.store((start + i) % nodes.len(), Ordering::Relaxed);
+                return Ok(c);
+            }
+            Err(e) => {
+                if nodes.len() > 1 {
+                    warn!(node = %url, error = %e, "broker node unreachable; trying the next");
+                }
+                last = Some(e);
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| timed_out("no broker URL configured".into())))
+}
+
+/// Opens a channel with publisher confirms enabled.
+pub async fn confirm_channel(conn: &Connection) -> Result<Channel, lapin::Error> {
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await?;
+    Ok(ch)
+}

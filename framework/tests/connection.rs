@@ -1,0 +1,224 @@
+//! Connecting (design §5): a cluster's `[amqp] urls` tried in turn, every attempt bounded in
+//! time, and `amqps://` with a private CA and a client certificate against a real TLS
+//! listener (a private node, certificates made with openssl in the test).
+
+use std::path::Path;
+use std::process::Command;
+
+use framework::lapin::BasicProperties;
+use framework::testing::broker::{PrivateBroker, free_port};
+use framework::testing::*;
+use framework::{MessageContext, Outcome};
+
+fn echo() -> FnProcessor<impl Fn(serde_json::Value, &MessageContext) -> Outcome + Send + Sync> {
+    FnProcessor(|v, _ctx: &MessageContext| Outcome::success(v))
+}
+
+/// A URL like the suite's broker's, on another port.
+fn on_port(port: u16) -> String {
+    let mut u = url::Url::parse(&amqp_url()).expect("suite URL");
+    let _ = u.set_port(Some(port));
+    u.to_string()
+}
+
+async fn round_trip(hs: &Harness) {
+    let mut out = hs.watch_output().await;
+    hs.publish("test.x", br#"{"n":1}"#, BasicProperties::default())
+        .await;
+    assert_eq!(next(&mut out).await.data, br#"{"n":1}"#);
+}
+
+#[tokio::test]
+async fn the_nodes_of_a_cluster_are_tried_in_turn() {
+    // Nothing listens on the first node; the second is the suite's broker.
+    let urls = format!("[\"{}\", \"{}\"]", on_port(free_port()), amqp_url());
+    let mut hs = Harness::start("urls", &[("amqp.urls", &urls)], echo()).await;
+    round_trip(&hs).await;
+    hs.stop().await;
+}
+
+#[tokio::test]
+async fn a_node_that_never_answers_is_given_up_on_in_time() {
+    // A listener that accepts and then says nothing: without a bound the connect would
+    // wait forever and never try the next node.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
+    let port = silent.local_addr().expect("addr").port();
+    let urls = format!("[\"{}\", \"{}\"]", on_port(port), amqp_url());
+    let mut hs = Harness::start(
+        "silent",
+        &[("amqp.urls", &urls), ("amqp.connect_timeout_ms", "1000")],
+        echo(),
+    )
+    .await;
+    round_trip(&hs).await;
+    hs.stop().await;
+    drop(silent);
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let st = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl runs");
+    assert!(
+        st.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+}
+
+/// A CA, a server certificate for localhost/127.0.0.1 and a client certificate, in `dir`.
+fn make_certificates(dir: &Path) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=storagetier test CA",
+        ],
+    );
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("ext file");
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").expect("ext file");
+    for who in ["server", "client"] {
+        openssl(
+            dir,
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                &format!("{who}.key"),
+                "-out",
+                &format!("{who}.csr"),
+                "-subj",
+                &format!("/CN={who}"),
+            ],
+        );
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{who}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &format!("{who}.pem"),
+                "-days",
+                "2",
+                "-extfile",
+                &format!("{who}.ext"),
+            ],
+        );
+    }
+    for f in ["ca.pem", "server.pem", "server.key"] {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(dir.join(f), std::fs::Permissions::from_mode(0o644));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqps_with_a_private_ca_and_a_client_certificate() {
+    let tls_port = free_port();
+    let client = tempfile::tempdir().expect("client dir");
+    let broker = PrivateBroker::start_with(|host, inner| {
+        make_certificates(host);
+        for f in ["ca.pem", "client.pem", "client.key"] {
+            std::fs::copy(host.join(f), client.path().join(f)).expect("client copy");
+        }
+        let p = |f: &str| inner.join(f).display().to_string();
+        format!(
+            "listeners.ssl.default = {tls_port}\n\
+             ssl_options.cacertfile = {}\n\
+             ssl_options.certfile = {}\n\
+             ssl_options.keyfile = {}\n\
+             ssl_options.verify = verify_peer\n\
+             ssl_options.fail_if_no_peer_cert = true\n",
+            p("ca.pem"),
+            p("server.pem"),
+            p("server.key")
+        )
+    })
+    .await;
+    let c = |f: &str| client.path().join(f).display().to_string();
+    let url = format!("amqps://guest:guest@localhost:{tls_port}/%2f");
+    // The harness's own test channel talks plain AMQP to the same node.
+    let q = unique("tls");
+    let cfg = framework::testing::config(
+        &q,
+        &[
+            ("amqp.url", &url),
+            ("amqp.tls_ca_file", &c("ca.pem")),
+            ("amqp.tls_cert_file", &c("client.pem")),
+            ("amqp.tls_key_file", &c("client.key")),
+        ],
+    );
+    let runtime = framework::Runtime::new(
+        "tls",
+        &cfg,
+        framework::ProcessorConfiguration::new(&format!("{q}-in"), "test.#", "test.out", echo()),
+    );
+    let status = runtime.status();
+    let stop = framework::CancellationToken::new();
+    let t = stop.clone();
+    let task = tokio::spawn(async move { runtime.run(t).await });
+    wait_until("consuming over TLS", || status.is_ready()).await;
+    // Published over plain AMQP to the same node, processed by the TLS-connected service.
+    let (conn, ch) = broker.channel().await.expect("plain channel");
+    let mut out = watch(&ch, &format!("{q}-out"), "#").await;
+    publish(
+        &ch,
+        &format!("{q}-in"),
+        "test.x",
+        br#"{"tls":1}"#,
+        Default::default(),
+    )
+    .await;
+    assert_eq!(next(&mut out).await.data, br#"{"tls":1}"#);
+    stop.cancel();
+    tokio::time::timeout(WAIT, task)
+        .await
+        .expect("stopped")
+        .expect("task")
+        .expect("clean stop");
+    drop(conn);
+
+    // Without the client certificate the broker refuses the connection.
+    let no_cert = framework::testing::config(
+        &q,
+        &[("amqp.url", &url), ("amqp.tls_ca_file", &c("ca.pem"))],
+    );
+    assert!(
+        framework::runtime::connect(&no_cert.amqp, "tls")
+            .await
+            .is_err(),
+        "mutual TLS is enforced"
+    );
+    // Without the private CA the client refuses the broker's certificate.
+    let no_ca = framework::testing::config(&q, &[("amqp.url", &url)]);
+    assert!(
+        framework::runtime::connect(&no_ca.amqp, "tls")
+            .await
+            .is_err()
+    );
+}
