@@ -133,6 +133,9 @@ pub struct MessageContext {
     pub(crate) retry_headers: Arc<Mutex<Vec<(String, String)>>>,
     /// Publishing on the delivery's channel; None outside a runtime (unit tests).
     pub(crate) publisher: Option<crate::runtime::Publisher>,
+    /// Cancelled when the session that delivered this message ends (shutdown or a lost
+    /// connection): long waits should stop; the message will be redelivered if not acked.
+    pub(crate) cancel: tokio_util::sync::CancellationToken,
 }
 
 impl MessageContext {
@@ -148,6 +151,7 @@ impl MessageContext {
             headers: FieldTable::default(),
             retry_headers: Arc::default(),
             publisher: None,
+            cancel: Default::default(),
         }
     }
 
@@ -158,6 +162,17 @@ impl MessageContext {
             v.retain(|(k, _)| k != key);
             v.push((key.to_string(), value.to_string()));
         }
+    }
+
+    /// True once the session that delivered this message is ending.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+
+    /// Completes when the session that delivered this message ends (SIGTERM or a lost
+    /// connection): a processor waiting or backing off selects on it to stop early.
+    pub async fn cancelled(&self) {
+        self.cancel.cancelled().await
     }
 
     /// Headers set with [`MessageContext::set_retry_header`].

@@ -30,10 +30,19 @@ use crate::topology::{DeclareError, Topology};
 const PUBLISH_FAILURE_BACKOFF: Duration = Duration::from_secs(1);
 
 /// Live state of a runtime, read by `/readyz` and by tests.
-#[derive(Debug)]
 pub struct Status {
     ready: AtomicBool,
     sessions: watch::Sender<u64>,
+    /// The session's connection: readiness is its real state, not only our last word.
+    conn: std::sync::Mutex<Option<Arc<Connection>>>,
+}
+
+impl std::fmt::Debug for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Status")
+            .field("ready", &self.is_ready())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for Status {
@@ -41,14 +50,25 @@ impl Default for Status {
         Self {
             ready: AtomicBool::new(false),
             sessions: watch::channel(0).0,
+            conn: std::sync::Mutex::new(None),
         }
     }
 }
 
 impl Status {
-    /// True while connected and consuming.
+    /// True while connected and consuming (the connection is asked, so a broker that went
+    /// away shows at once, even while every handler is busy).
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::SeqCst)
+            && self
+                .conn
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .is_some_and(|c| c.status().connected())
+    }
+    fn attach(&self, conn: Option<Arc<Connection>>) {
+        *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = conn;
     }
     /// Counts consuming sessions started so far (1 after the first connect, +1 per recovery).
     pub fn sessions(&self) -> watch::Receiver<u64> {
@@ -74,7 +94,7 @@ pub enum RuntimeError {
     TopologyConflict(String),
 }
 
-pub use crate::connection::{confirm_channel, connect};
+pub use crate::connection::{bounded, confirm_channel, connect};
 
 /// Why an outcome could not be published.
 #[derive(Debug, thiserror::Error)]
@@ -231,7 +251,43 @@ struct Inner<P> {
     processor: P,
     status: Arc<Status>,
     permits: Arc<Semaphore>,
+}
+
+/// The handlers of one consuming session: told when the session ends (`cancel`, seen by
+/// processors through [`MessageContext::cancelled`]) and stopped at their next await point
+/// if still running after the drain budget (`kill`), so no handler outlives its session
+/// while the broker redelivers its message to the next one.
+struct SessionTasks {
     tasks: TaskTracker,
+    cancel: CancellationToken,
+    kill: CancellationToken,
+}
+
+impl SessionTasks {
+    fn new() -> Self {
+        Self {
+            tasks: TaskTracker::new(),
+            cancel: CancellationToken::new(),
+            kill: CancellationToken::new(),
+        }
+    }
+
+    /// Signals the handlers, waits up to `budget` for them, then stops the rest.
+    async fn end(&self, budget: Duration) {
+        self.cancel.cancel();
+        self.tasks.close();
+        if tokio::time::timeout(budget, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                still_running = self.tasks.len(),
+                "drain timeout reached; stopping unfinished handlers, their messages return to the queue"
+            );
+            self.kill.cancel();
+            self.tasks.wait().await;
+        }
+    }
 }
 
 enum SessionEnd {
@@ -253,7 +309,6 @@ impl<P: MessageProcessor> Runtime<P> {
                 processor: pc.processor,
                 status: Arc::new(Status::default()),
                 permits: Arc::new(Semaphore::new(cfg.amqp.effective_concurrency())),
-                tasks: TaskTracker::new(),
             }),
         }
     }
@@ -304,51 +359,53 @@ impl<P: MessageProcessor> Runtime<P> {
             }
             backoff = (backoff * 2).min(max);
         }
-        self.drain().await;
         Ok(())
-    }
-
-    async fn drain(&self) {
-        let inner = &self.inner;
-        inner.tasks.close();
-        let budget = Duration::from_millis(inner.amqp.drain_timeout_ms);
-        if tokio::time::timeout(budget, inner.tasks.wait())
-            .await
-            .is_err()
-        {
-            warn!(
-                still_running = inner.tasks.len(),
-                "drain timeout reached; unfinished messages return to the queue"
-            );
-        }
     }
 
     async fn session(&self, shutdown: &CancellationToken) -> Result<SessionEnd, DeclareError> {
         let inner = &self.inner;
+        let limit = inner.amqp.operation_timeout();
         let conn = Arc::new(connect(&inner.amqp, &inner.service).await?);
         // Consuming and settling only: every publish goes through the pool.
-        let ch = conn.create_channel().await?;
-        let pool = ChannelPool::new(conn.clone(), inner.amqp.operation_timeout());
-        bounded_declare(&inner.topology, &conn, inner.amqp.operation_timeout()).await?;
-        ch.basic_qos(inner.amqp.prefetch, BasicQosOptions::default())
-            .await?;
+        let ch = bounded(limit, "opening a channel", conn.create_channel()).await?;
+        let pool = ChannelPool::new(conn.clone(), limit);
+        bounded_declare(&inner.topology, &conn, limit).await?;
+        bounded(
+            limit,
+            "basic.qos",
+            ch.basic_qos(inner.amqp.prefetch, BasicQosOptions::default()),
+        )
+        .await?;
         let tag = format!("{}-{}", inner.service, uuid::Uuid::new_v4());
-        let mut consumer = ch
-            .basic_consume(
+        let mut consumer = bounded(
+            limit,
+            "basic.consume",
+            ch.basic_consume(
                 inner.topology.queue.as_str().into(),
                 tag.as_str().into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
-            )
-            .await?;
-        info!(queue = %inner.topology.queue, url = %inner.amqp.url, "consuming");
+            ),
+        )
+        .await?;
+        info!(queue = %inner.topology.queue, url = %conn_url(&inner.amqp), "consuming");
+        inner.status.attach(Some(conn.clone()));
         inner.status.set_ready(true);
         let broken = CancellationToken::new();
+        let handlers = SessionTasks::new();
+        let topology_lost =
+            || SessionEnd::Lost("topology incomplete (unroutable retry or dead letter)".into());
+        let alive = || conn.status().connected() && ch.status().connected();
+        // Notices a dead connection while every handler is busy and nothing is consumed.
+        let mut health = tokio::time::interval(HEALTH_CHECK);
 
         let end = loop {
             let permit = tokio::select! {
                 _ = shutdown.cancelled() => break SessionEnd::Shutdown,
-                _ = broken.cancelled() => break SessionEnd::Lost("topology incomplete (unroutable retry or dead letter)".into()),
+                _ = broken.cancelled() => break topology_lost(),
+                _ = health.tick() => {
+                    if alive() { continue } else { break SessionEnd::Lost("the connection dropped".into()) }
+                }
                 p = inner.permits.clone().acquire_owned() => match p {
                     Ok(p) => p,
                     Err(_) => break SessionEnd::Shutdown,
@@ -356,7 +413,7 @@ impl<P: MessageProcessor> Runtime<P> {
             };
             let next = tokio::select! {
                 _ = shutdown.cancelled() => break SessionEnd::Shutdown,
-                _ = broken.cancelled() => break SessionEnd::Lost("topology incomplete (unroutable retry or dead letter)".into()),
+                _ = broken.cancelled() => break topology_lost(),
                 n = consumer.next() => n,
             };
             match next {
@@ -364,8 +421,13 @@ impl<P: MessageProcessor> Runtime<P> {
                     let inner2 = inner.clone();
                     let pool2 = pool.clone();
                     let broken2 = broken.clone();
-                    inner.tasks.spawn(async move {
-                        handle_delivery(&inner2, &pool2, delivery, &broken2).await;
+                    let cancel = handlers.cancel.clone();
+                    let kill = handlers.kill.clone();
+                    handlers.tasks.spawn(async move {
+                        tokio::select! {
+                            _ = handle_delivery(&inner2, &pool2, delivery, &broken2, cancel) => {}
+                            _ = kill.cancelled() => {}
+                        }
                         drop(permit);
                     });
                 }
@@ -378,25 +440,60 @@ impl<P: MessageProcessor> Runtime<P> {
             }
         };
         inner.status.set_ready(false);
+        inner.status.attach(None);
+        let budget = Duration::from_millis(inner.amqp.drain_timeout_ms);
         match &end {
             SessionEnd::Shutdown => {
-                info!(queue = %inner.topology.queue, in_flight = inner.tasks.len(), "shutting down: cancelling consumer and draining");
-                if let Err(e) = ch
-                    .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-                    .await
+                info!(queue = %inner.topology.queue, in_flight = handlers.tasks.len(), "shutting down: cancelling consumer and draining");
+                if let Err(e) = bounded(
+                    limit,
+                    "basic.cancel",
+                    ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()),
+                )
+                .await
                 {
                     debug!(error = %e, "basic.cancel failed");
                 }
-                self.drain().await;
-                let _ = ch.close(200, "shutdown".into()).await;
-                let _ = conn.close(200, "shutdown".into()).await;
+                handlers.end(budget).await;
+                let _ = bounded(
+                    limit,
+                    "closing the channel",
+                    ch.close(200, "shutdown".into()),
+                )
+                .await;
+                let _ = bounded(
+                    limit,
+                    "closing the connection",
+                    conn.close(200, "shutdown".into()),
+                )
+                .await;
             }
             SessionEnd::Lost(_) => {
-                let _ = conn.close(320, "recovering".into()).await;
+                // The broker redelivers what these handlers hold to the next session: they
+                // finish or stop before it starts, never running beside their redelivery.
+                handlers.end(budget).await;
+                let _ = bounded(
+                    limit,
+                    "closing the connection",
+                    conn.close(320, "recovering".into()),
+                )
+                .await;
             }
         }
         Ok(end)
     }
+}
+
+/// How often a session checks that its connection is still there.
+const HEALTH_CHECK: Duration = Duration::from_millis(250);
+
+/// The node a session is connected to, for logs (password redacted).
+fn conn_url(amqp: &AmqpConfig) -> String {
+    amqp.endpoints()
+        .iter()
+        .map(|u| u.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Declares the topology, failing (and so restarting the session) if the broker hangs.
@@ -471,6 +568,7 @@ async fn handle_delivery<P: MessageProcessor>(
     pool: &Arc<ChannelPool>,
     delivery: Delivery,
     broken: &CancellationToken,
+    cancel: CancellationToken,
 ) {
     let inc = incoming(&delivery);
     let message_id = delivery
@@ -485,8 +583,7 @@ async fn handle_delivery<P: MessageProcessor>(
         attempt = inc.attempt);
     async move {
         let queue = inner.topology.queue.clone();
-        let in_flight = metrics::gauge!(m::IN_FLIGHT, "queue" => queue.clone());
-        in_flight.increment(1.0);
+        let _in_flight = InFlight::enter(&queue);
         let started = Instant::now();
         let ctx = MessageContext {
             exchange: inc.exchange.clone(),
@@ -501,6 +598,7 @@ async fn handle_delivery<P: MessageProcessor>(
                 .map(|s| s.to_string()),
             headers: inc.headers.clone(),
             retry_headers: Default::default(),
+            cancel,
             publisher: Some(Publisher {
                 pool: pool.clone(),
                 service: inner.service.clone(),
@@ -572,7 +670,6 @@ async fn handle_delivery<P: MessageProcessor>(
                     .await;
             }
         }
-        in_flight.decrement(1.0);
     }
     .instrument(span)
     .await
@@ -584,6 +681,23 @@ async fn publish_outcome(pool: &Arc<ChannelPool>, msgs: Vec<Outgoing>) -> Result
         return Ok(());
     }
     publish_pooled(pool, msgs).await
+}
+
+/// Counts a handler in `storagetier_in_flight` until dropped, however the handler ends.
+struct InFlight(metrics::Gauge);
+
+impl InFlight {
+    fn enter(queue: &str) -> Self {
+        let g = metrics::gauge!(m::IN_FLIGHT, "queue" => queue.to_string());
+        g.increment(1.0);
+        Self(g)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
 }
 
 /// Properties of a message a service originates: persistent, new id, response headers.

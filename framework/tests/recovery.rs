@@ -73,3 +73,130 @@ async fn survives_its_queue_being_deleted() {
     assert_eq!(next(&mut out).await.data, br#"{"back":true}"#);
     hs.stop().await;
 }
+
+/// Handlers running now, and the most that ever ran at once, per message body.
+#[derive(Default)]
+struct Concurrency {
+    now: std::sync::atomic::AtomicUsize,
+    max: std::sync::atomic::AtomicUsize,
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+struct Busy(std::sync::Arc<Concurrency>);
+
+impl Busy {
+    fn enter(c: &std::sync::Arc<Concurrency>) -> Busy {
+        use std::sync::atomic::Ordering::SeqCst;
+        let n = c.now.fetch_add(1, SeqCst) + 1;
+        c.max.fetch_max(n, SeqCst);
+        c.calls.fetch_add(1, SeqCst);
+        Busy(c.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.now.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// The first delivery blocks until its session ends; the redelivery succeeds.
+struct BlockFirst(std::sync::Arc<Concurrency>);
+
+#[framework::async_trait]
+impl framework::MessageProcessor for BlockFirst {
+    type Input = serde_json::Value;
+    async fn handle(&self, v: serde_json::Value, ctx: &MessageContext) -> Outcome {
+        let _busy = Busy::enter(&self.0);
+        if !ctx.redelivered {
+            // Long work that only notices the end of its session (a copy, a backoff).
+            ctx.cancelled().await;
+            return Outcome::retry("interrupted");
+        }
+        Outcome::success(v)
+    }
+}
+
+#[tokio::test]
+async fn a_lost_connection_shows_at_once_and_its_handlers_never_run_beside_the_redelivery() {
+    let name = unique("conn");
+    let seen = std::sync::Arc::new(Concurrency::default());
+    let mut hs = Harness::start(
+        "busy",
+        &[
+            ("amqp.connection_name", &name),
+            ("amqp.prefetch", "1"),
+            ("amqp.reconnect_initial_ms", "100"),
+        ],
+        BlockFirst(seen.clone()),
+    )
+    .await;
+    let mut out = hs.watch_output().await;
+    hs.publish("test.x", br#"{"n":1}"#, BasicProperties::default())
+        .await;
+    let s = seen.clone();
+    wait_until("the handler to be busy", || {
+        s.now.load(std::sync::atomic::Ordering::SeqCst) == 1
+    })
+    .await;
+    let mut sessions = hs.status.sessions();
+    assert_eq!(close_connection_named(&name).await, 1);
+    // The only permit is busy, yet readiness follows the connection.
+    let status = hs.status.clone();
+    wait_until("readiness to drop", || !status.is_ready()).await;
+    tokio::time::timeout(WAIT, sessions.wait_for(|n| *n >= 2))
+        .await
+        .expect("reconnected")
+        .expect("status alive");
+    assert_eq!(next(&mut out).await.data, br#"{"n":1}"#);
+    assert_eq!(
+        seen.max.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the old session's handler ended before the message was redelivered"
+    );
+    hs.stop().await;
+}
+
+/// Never finishes on its own and ignores cancellation; records when it is dropped.
+struct Stuck(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+struct SetOnDrop(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[framework::async_trait]
+impl framework::MessageProcessor for Stuck {
+    type Input = serde_json::Value;
+    async fn handle(&self, _v: serde_json::Value, _ctx: &MessageContext) -> Outcome {
+        let _mark = SetOnDrop(self.0.clone());
+        std::future::pending::<()>().await;
+        Outcome::drop("unreachable")
+    }
+}
+
+#[tokio::test]
+async fn shutdown_stops_a_handler_that_outlives_the_drain_budget() {
+    let dropped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut hs = Harness::start(
+        "stuck",
+        &[("amqp.drain_timeout_ms", "500")],
+        Stuck(dropped.clone()),
+    )
+    .await;
+    hs.publish("test.x", br#"{"n":1}"#, BasicProperties::default())
+        .await;
+    let q = hs.q.clone();
+    // Taken by the handler: nothing ready, one unacked.
+    await_ready_count(&hs.ch, &q, 0).await;
+    hs.stop().await;
+    assert!(
+        dropped.load(std::sync::atomic::Ordering::SeqCst),
+        "the handler was stopped when the runtime returned"
+    );
+    // Its message was not acked: it is back in the queue.
+    await_ready_count(&hs.ch, &q, 1).await;
+}
