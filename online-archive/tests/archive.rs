@@ -8,7 +8,9 @@ use framework::lapin::BasicProperties;
 use framework::testing::*;
 use online_archive::OnlineArchive;
 use sha2::Digest;
-use storage::testing::{MotoServer, put_online_file as put_file, sweeper_message};
+use storage::testing::{
+    MotoServer, put_online_file as put_file, sweeper_message, sweeper_message_v1,
+};
 
 const KEY: &str = "assetsweeper.asset_folder_importer.file.new";
 
@@ -78,6 +80,32 @@ async fn archives_verifies_and_reports_then_is_idempotent() {
         .unwrap()
         .collect();
     assert_eq!(files.len(), 1, "one object");
+    hs.stop().await;
+}
+
+#[tokio::test]
+async fn the_sweepers_real_shape_and_the_older_one_are_both_archived() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = put_file(data.path(), "wire/real.mov", b"real shape");
+    put_file(data.path(), "wire/old.mov", b"old shape");
+    let mut hs =
+        Harness::start_service::<OnlineArchive>(service_config::<OnlineArchive>(data.path(), &[]))
+            .await;
+    let mut out = hs.watch_output().await;
+    // Exactly what the asset sweeper sends: parent_dir, epoch seconds (some fractional).
+    let real = serde_json::json!({
+        "imported_id": null, "size": 10, "ignore": false, "mime_type": "video/quicktime",
+        "mtime": 1718000000, "ctime": 1718000000.123456, "atime": 1718000001.5,
+        "owner": 1000, "group": 1000, "parent_dir": dir, "filename": "real.mov",
+    });
+    send(&hs, &real).await;
+    let v: serde_json::Value = serde_json::from_slice(&next(&mut out).await.data).unwrap();
+    assert_eq!(v["archive_key"], "wire/real.mov");
+    assert_eq!(v["checksum"], sha256(b"real shape"));
+    send(&hs, &sweeper_message_v1(&dir, "old.mov", false)).await;
+    let v: serde_json::Value = serde_json::from_slice(&next(&mut out).await.data).unwrap();
+    assert_eq!(v["archive_key"], "wire/old.mov");
+    assert_eq!(v["imported_id"], "VX-1234");
     hs.stop().await;
 }
 

@@ -4,7 +4,9 @@ use framework::lapin::BasicProperties;
 use framework::testing::*;
 use md5::Digest;
 use online_nearline::OnlineNearline;
-use storage::testing::{MotoServer, put_online_file as put_file, sweeper_message};
+use storage::testing::{
+    MotoServer, put_online_file as put_file, sweeper_message, sweeper_message_v1,
+};
 
 const KEY: &str = "assetsweeper.asset_folder_importer.file.changed";
 
@@ -84,6 +86,33 @@ async fn copies_with_md5_reuses_identical_and_detects_damage() {
         !row.get::<String, _>("mtime").is_empty(),
         "mtime kept in the database"
     );
+    hs.stop().await;
+}
+
+#[tokio::test]
+async fn the_sweepers_real_shape_and_the_older_one_are_both_copied() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = put_file(data.path(), "wire/real.mxf", b"real shape");
+    put_file(data.path(), "wire/old.mxf", b"old shape");
+    let mut hs = Harness::start_service::<OnlineNearline>(service_config::<OnlineNearline>(
+        data.path(),
+        &[],
+    ))
+    .await;
+    let mut out = hs.watch_output().await;
+    // Exactly what the asset sweeper sends: parent_dir, epoch seconds (some fractional).
+    let real = serde_json::json!({
+        "imported_id": null, "size": 10, "ignore": false, "mime_type": "application/mxf",
+        "mtime": 1718000000, "ctime": 1718000000.123456, "atime": 1718000001.5,
+        "owner": 1000, "group": 1000, "parent_dir": dir, "filename": "real.mxf",
+    });
+    send(&hs, &real).await;
+    let v: serde_json::Value = serde_json::from_slice(&next(&mut out).await.data).unwrap();
+    assert_eq!(v["vault_key"], "wire/real.mxf");
+    assert_eq!(v["md5"], md5hex(b"real shape"));
+    send(&hs, &sweeper_message_v1(&dir, "old.mxf", false)).await;
+    let v: serde_json::Value = serde_json::from_slice(&next(&mut out).await.data).unwrap();
+    assert_eq!(v["vault_key"], "wire/old.mxf");
     hs.stop().await;
 }
 

@@ -105,8 +105,26 @@ fn reqwest_client() -> reqwest::Client {
     reqwest::Client::new()
 }
 
-/// An asset-sweeper message for `filepath/filename`.
-pub fn sweeper_message(filepath: &str, filename: &str, ignore: bool) -> serde_json::Value {
+/// An asset-sweeper message for `parent_dir/filename`, in the shape the sweeper sends
+/// (`parent_dir`, times as epoch seconds, some fractional).
+pub fn sweeper_message(parent_dir: &str, filename: &str, ignore: bool) -> serde_json::Value {
+    serde_json::json!({
+        "imported_id": "VX-1234",
+        "size": 0,
+        "ignore": ignore,
+        "mime_type": "video/quicktime",
+        "mtime": 1704067200,
+        "ctime": 1704067200.25,
+        "atime": 1704067201.5,
+        "owner": 1000,
+        "group": 1000,
+        "parent_dir": parent_dir,
+        "filename": filename,
+    })
+}
+
+/// The same message in the older shape (`filepath`, RFC 3339 times), still accepted.
+pub fn sweeper_message_v1(filepath: &str, filename: &str, ignore: bool) -> serde_json::Value {
     serde_json::json!({
         "imported_id": "VX-1234",
         "size": 0,
@@ -123,7 +141,7 @@ pub fn sweeper_message(filepath: &str, filename: &str, ignore: bool) -> serde_js
 }
 
 /// Writes `content` to `<data>/online/<rel>` (the default online root) and returns the
-/// file's directory, as an asset-sweeper message's `filepath`.
+/// file's directory, as an asset-sweeper message's `parent_dir`.
 pub fn put_online_file(data: &std::path::Path, rel: &str, content: &[u8]) -> String {
     let p = data.join("online").join(rel);
     let dir = p.parent().unwrap_or(data).to_path_buf();

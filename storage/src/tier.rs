@@ -137,7 +137,7 @@ impl TierCopier {
                 .await?;
             return Ok(TierOutcome::Ignored);
         }
-        let resolved = paths::resolve(&self.roots, &msg.filepath, &msg.filename)?;
+        let resolved = paths::resolve(&self.roots, &msg.parent_dir, &msg.filename)?;
         let original = resolved.path.display().to_string();
         let meta = tokio::fs::metadata(&resolved.path)
             .await
