@@ -330,3 +330,21 @@ fn a_bad_database_url_is_a_config_error_naming_the_key() {
     assert!(err.contains("online_archive.database_url"), "{err}");
     assert!(!err.contains("hunter2"), "password hidden: {err}");
 }
+
+#[test]
+fn a_configured_online_root_that_does_not_exist_exits_2_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("unmounted/share");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_online-archive"))
+        .arg("--config-dir")
+        .arg(dir.path())
+        .env("STORAGETIER__STORAGE__DATA_DIR", dir.path())
+        .env("STORAGETIER__ONLINE_ARCHIVE__ONLINE_ROOTS", &missing)
+        .arg("check-config")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("online_archive.online_roots"), "{err}");
+    assert!(!missing.exists(), "not created");
+}

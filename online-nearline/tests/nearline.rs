@@ -157,3 +157,21 @@ async fn s3_vault_keeps_path_size_and_mtime_as_metadata() {
     assert_eq!(got.bytes().await.unwrap().as_ref(), b"clip bytes");
     hs.stop().await;
 }
+
+#[test]
+fn a_configured_online_root_that_does_not_exist_exits_2_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("unmounted/share");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_online-nearline"))
+        .arg("--config-dir")
+        .arg(dir.path())
+        .env("STORAGETIER__STORAGE__DATA_DIR", dir.path())
+        .env("STORAGETIER__ONLINE_NEARLINE__ONLINE_ROOTS", &missing)
+        .arg("check-config")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("online_nearline.online_roots"), "{err}");
+    assert!(!missing.exists(), "not created");
+}
