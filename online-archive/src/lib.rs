@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use db::DatabaseUrl;
-use framework::config::Config;
+use framework::config::{Config, ConfigError};
 use framework::{Binding, BoxError, Service, async_trait};
 use serde::{Deserialize, Serialize};
 use storage::service::{TierProcessor, TierSetup};
@@ -63,6 +63,13 @@ impl Service for OnlineArchive {
             output_routing_key: "storagetier.onlinearchive.newfile".into(),
             ..Default::default()
         }
+    }
+
+    fn validate(cfg: &Config<ArchiveSettings>) -> Result<(), ConfigError> {
+        storage::paths::check_configured_roots(
+            "online_archive.online_roots",
+            &cfg.settings.online_roots,
+        )
     }
 
     async fn processor(cfg: &Config<ArchiveSettings>) -> Result<TierProcessor, BoxError> {

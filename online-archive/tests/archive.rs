@@ -8,7 +8,9 @@ use framework::lapin::BasicProperties;
 use framework::testing::*;
 use online_archive::OnlineArchive;
 use sha2::Digest;
-use storage::testing::{MotoServer, put_online_file as put_file, sweeper_message};
+use storage::testing::{
+    MotoServer, put_online_file as put_file, sweeper_message, sweeper_message_v1,
+};
 
 const KEY: &str = "assetsweeper.asset_folder_importer.file.new";
 
@@ -78,6 +80,32 @@ async fn archives_verifies_and_reports_then_is_idempotent() {
         .unwrap()
         .collect();
     assert_eq!(files.len(), 1, "one object");
+    hs.stop().await;
+}
+
+#[tokio::test]
+async fn the_sweepers_real_shape_and_the_older_one_are_both_archived() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = put_file(data.path(), "wire/real.mov", b"real shape");
+    put_file(data.path(), "wire/old.mov", b"old shape");
+    let mut hs =
+        Harness::start_service::<OnlineArchive>(service_config::<OnlineArchive>(data.path(), &[]))
+            .await;
+    let mut out = hs.watch_output().await;
+    // Exactly what the asset sweeper sends: parent_dir, epoch seconds (some fractional).
+    let real = serde_json::json!({
+        "imported_id": null, "size": 10, "ignore": false, "mime_type": "video/quicktime",
+        "mtime": 1718000000, "ctime": 1718000000.123456, "atime": 1718000001.5,
+        "owner": 1000, "group": 1000, "parent_dir": dir, "filename": "real.mov",
+    });
+    send(&hs, &real).await;
+    let v: serde_json::Value = serde_json::from_slice(&next(&mut out).await.data).unwrap();
+    assert_eq!(v["archive_key"], "wire/real.mov");
+    assert_eq!(v["checksum"], sha256(b"real shape"));
+    send(&hs, &sweeper_message_v1(&dir, "old.mov", false)).await;
+    let v: serde_json::Value = serde_json::from_slice(&next(&mut out).await.data).unwrap();
+    assert_eq!(v["archive_key"], "wire/old.mov");
+    assert_eq!(v["imported_id"], "VX-1234");
     hs.stop().await;
 }
 
@@ -301,4 +329,22 @@ fn a_bad_database_url_is_a_config_error_naming_the_key() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("online_archive.database_url"), "{err}");
     assert!(!err.contains("hunter2"), "password hidden: {err}");
+}
+
+#[test]
+fn a_configured_online_root_that_does_not_exist_exits_2_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("unmounted/share");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_online-archive"))
+        .arg("--config-dir")
+        .arg(dir.path())
+        .env("STORAGETIER__STORAGE__DATA_DIR", dir.path())
+        .env("STORAGETIER__ONLINE_ARCHIVE__ONLINE_ROOTS", &missing)
+        .arg("check-config")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("online_archive.online_roots"), "{err}");
+    assert!(!missing.exists(), "not created");
 }

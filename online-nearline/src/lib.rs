@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 
 use db::DatabaseUrl;
-use framework::config::Config;
+use framework::config::{Config, ConfigError};
 use framework::{Binding, BoxError, Service, async_trait};
 use serde::{Deserialize, Serialize};
 use storage::service::{TierProcessor, TierSetup};
@@ -66,6 +66,13 @@ impl Service for OnlineNearline {
             output_routing_key: "storagetier.onlinenearline.newfile".into(),
             ..Default::default()
         }
+    }
+
+    fn validate(cfg: &Config<NearlineSettings>) -> Result<(), ConfigError> {
+        storage::paths::check_configured_roots(
+            "online_nearline.online_roots",
+            &cfg.settings.online_roots,
+        )
     }
 
     async fn processor(cfg: &Config<NearlineSettings>) -> Result<TierProcessor, BoxError> {

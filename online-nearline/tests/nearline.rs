@@ -4,7 +4,9 @@ use framework::lapin::BasicProperties;
 use framework::testing::*;
 use md5::Digest;
 use online_nearline::OnlineNearline;
-use storage::testing::{MotoServer, put_online_file as put_file, sweeper_message};
+use storage::testing::{
+    MotoServer, put_online_file as put_file, sweeper_message, sweeper_message_v1,
+};
 
 const KEY: &str = "assetsweeper.asset_folder_importer.file.changed";
 
@@ -88,6 +90,33 @@ async fn copies_with_md5_reuses_identical_and_detects_damage() {
 }
 
 #[tokio::test]
+async fn the_sweepers_real_shape_and_the_older_one_are_both_copied() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = put_file(data.path(), "wire/real.mxf", b"real shape");
+    put_file(data.path(), "wire/old.mxf", b"old shape");
+    let mut hs = Harness::start_service::<OnlineNearline>(service_config::<OnlineNearline>(
+        data.path(),
+        &[],
+    ))
+    .await;
+    let mut out = hs.watch_output().await;
+    // Exactly what the asset sweeper sends: parent_dir, epoch seconds (some fractional).
+    let real = serde_json::json!({
+        "imported_id": null, "size": 10, "ignore": false, "mime_type": "application/mxf",
+        "mtime": 1718000000, "ctime": 1718000000.123456, "atime": 1718000001.5,
+        "owner": 1000, "group": 1000, "parent_dir": dir, "filename": "real.mxf",
+    });
+    send(&hs, &real).await;
+    let v: serde_json::Value = serde_json::from_slice(&next(&mut out).await.data).unwrap();
+    assert_eq!(v["vault_key"], "wire/real.mxf");
+    assert_eq!(v["md5"], md5hex(b"real shape"));
+    send(&hs, &sweeper_message_v1(&dir, "old.mxf", false)).await;
+    let v: serde_json::Value = serde_json::from_slice(&next(&mut out).await.data).unwrap();
+    assert_eq!(v["vault_key"], "wire/old.mxf");
+    hs.stop().await;
+}
+
+#[tokio::test]
 async fn s3_vault_keeps_path_size_and_mtime_as_metadata() {
     let bucket = "vault";
     let moto = MotoServer::start(bucket).await;
@@ -127,4 +156,22 @@ async fn s3_vault_keeps_path_size_and_mtime_as_metadata() {
     assert!(meta("mtime").is_some_and(|m| m.starts_with("20")));
     assert_eq!(got.bytes().await.unwrap().as_ref(), b"clip bytes");
     hs.stop().await;
+}
+
+#[test]
+fn a_configured_online_root_that_does_not_exist_exits_2_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("unmounted/share");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_online-nearline"))
+        .arg("--config-dir")
+        .arg(dir.path())
+        .env("STORAGETIER__STORAGE__DATA_DIR", dir.path())
+        .env("STORAGETIER__ONLINE_NEARLINE__ONLINE_ROOTS", &missing)
+        .arg("check-config")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("online_nearline.online_roots"), "{err}");
+    assert!(!missing.exists(), "not created");
 }

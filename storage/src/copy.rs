@@ -6,20 +6,33 @@ use std::path::Path;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use object_store::buffered::BufWriter;
 use object_store::path::Path as ObjectPath;
-use object_store::{Attributes, ObjectStore};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use object_store::{Attributes, ObjectStore, PutMultipartOptions, PutOptions};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use crate::checksum::Algorithm;
 use crate::store::Tier;
 
 /// Read size for the source file.
 const CHUNK: usize = 1024 * 1024;
-/// Multipart part size (S3's minimum is 5 MiB); smaller objects go up in one request.
-const PART: usize = 8 * 1024 * 1024;
-/// Parts uploading at once.
+/// Parts uploading at once (memory: this many parts plus the one being read).
 const PARTS_IN_FLIGHT: usize = 2;
+/// S3's most parts in one multipart upload.
+pub const MAX_PARTS: u64 = 10_000;
+/// S3's largest object (5 TiB).
+pub const MAX_OBJECT: u64 = 5 * 1024 * 1024 * 1024 * 1024;
+const MIB: u64 = 1024 * 1024;
+
+/// Part size for a file of `len` bytes: at least `min_part`, and large enough (rounded up
+/// to whole MiB) that the file fits in [`MAX_PARTS`] parts. For S3 stores (`s3`), a file
+/// larger than [`MAX_OBJECT`] cannot be stored at all.
+pub fn part_size(len: u64, min_part: u64, s3: bool) -> Result<u64, CopyError> {
+    if s3 && len > MAX_OBJECT {
+        return Err(CopyError::TooLarge(len));
+    }
+    let needed = len.div_ceil(MAX_PARTS).div_ceil(MIB) * MIB;
+    Ok(needed.max(min_part).max(1))
+}
 
 /// Size and digest of some bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,15 +76,38 @@ pub enum CopyError {
     /// The source changed while being copied.
     #[error("{0} changed while it was being copied")]
     SourceChanged(String),
+    /// Larger than any object the store can hold (S3: 5 TiB); never retried.
+    #[error("{0} bytes is larger than the store's largest object (5 TiB)")]
+    TooLarge(u64),
+}
+
+impl CopyError {
+    /// Whether retrying can ever help (only an impossible size cannot).
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, CopyError::TooLarge(_))
+    }
 }
 
 /// Digest of a local file, read in large blocks on a blocking thread.
 pub async fn hash_file(path: &Path, alg: Algorithm) -> Result<Digest, CopyError> {
-    let p = path.to_path_buf();
     let shown = path.display().to_string();
+    let f = std::fs::File::open(path).map_err(|e| CopyError::Read(shown.clone(), e))?;
+    hash_open(&f, &shown, alg).await
+}
+
+/// Digest of an open file from its start (its own offset is left untouched: the
+/// handle is read positionally).
+pub async fn hash_open(
+    file: &std::fs::File,
+    shown: &str,
+    alg: Algorithm,
+) -> Result<Digest, CopyError> {
+    let f = file
+        .try_clone()
+        .map_err(|e| CopyError::Read(shown.to_string(), e))?;
+    let owned = shown.to_string();
     tokio::task::spawn_blocking(move || {
-        use std::io::Read;
-        let mut f = std::fs::File::open(&p)?;
+        use std::os::unix::fs::FileExt;
         let mut h = alg.hasher();
         // Large blocks for large files; small files get a buffer their size (memory
         // stays bounded with many handlers at once).
@@ -82,7 +118,7 @@ pub async fn hash_file(path: &Path, alg: Algorithm) -> Result<Digest, CopyError>
         let mut buf = vec![0u8; cap.max(4096)];
         let mut size = 0u64;
         loop {
-            let n = f.read(&mut buf)?;
+            let n = f.read_at(&mut buf, size)?;
             if n == 0 {
                 break;
             }
@@ -95,8 +131,8 @@ pub async fn hash_file(path: &Path, alg: Algorithm) -> Result<Digest, CopyError>
         })
     })
     .await
-    .map_err(|e| CopyError::Read(shown.clone(), std::io::Error::other(e)))?
-    .map_err(|e: std::io::Error| CopyError::Read(shown, e))
+    .map_err(|e| CopyError::Read(owned.clone(), std::io::Error::other(e)))?
+    .map_err(|e: std::io::Error| CopyError::Read(owned, e))
 }
 
 /// Digest of a stored object by reading it back; `None` if there is no such object.
@@ -174,55 +210,116 @@ pub async fn sweep_stale_staging(tier: &Tier, key: &ObjectPath) -> usize {
     removed
 }
 
-/// Streams `path` to `key`, hashing as it goes; aborts the upload on any error.
+/// Streams the open `file` (from its start) to `key`, hashing as it goes. A file smaller
+/// than one part goes up in one request; a larger one as a multipart upload with parts
+/// sized by [`part_size`], aborted on any error (a failed completion included).
 pub async fn upload(
     tier: &Tier,
     key: &ObjectPath,
-    path: &Path,
+    file: &std::fs::File,
+    shown: &str,
     alg: Algorithm,
     attributes: Attributes,
 ) -> Result<Digest, CopyError> {
     sweep_stale_staging(tier, key).await;
-    let shown = path.display().to_string();
-    let mut f = tokio::fs::File::open(path)
+    let read_err = |e| CopyError::Read(shown.to_string(), e);
+    let len = file.metadata().map_err(read_err)?.len();
+    let part = part_size(len, tier.min_part, tier.local_dir.is_none())?;
+    let mut f = tokio::fs::File::from_std(file.try_clone().map_err(read_err)?);
+    f.seek(std::io::SeekFrom::Start(0))
         .await
-        .map_err(|e| CopyError::Read(shown.clone(), e))?;
-    let mut w = BufWriter::with_capacity(tier.store.clone(), key.clone(), PART)
-        .with_max_concurrency(PARTS_IN_FLIGHT);
-    if tier.supports_metadata && !attributes.is_empty() {
-        w = w.with_attributes(attributes);
-    }
+        .map_err(read_err)?;
     let mut h = alg.hasher();
-    let mut buf = vec![0u8; CHUNK];
     let mut size = 0u64;
-    let result: Result<(), CopyError> = async {
-        loop {
-            let n = f
-                .read(&mut buf)
-                .await
-                .map_err(|e| CopyError::Read(shown.clone(), e))?;
-            if n == 0 {
-                break;
+    let attributes = if tier.supports_metadata {
+        attributes
+    } else {
+        Attributes::new()
+    };
+
+    let first = read_part(&mut f, part, &mut h, shown).await?;
+    size += first.len() as u64;
+    if (first.len() as u64) < part {
+        // One request: atomic, so a failure leaves nothing to clean up.
+        let opts = PutOptions {
+            attributes,
+            ..Default::default()
+        };
+        tier.store.put_opts(key, first.into(), opts).await?;
+    } else {
+        let opts = PutMultipartOptions {
+            attributes,
+            ..Default::default()
+        };
+        let mut up = tier.store.put_multipart_opts(key, opts).await?;
+        let result: Result<(), CopyError> = async {
+            // Spawned, so parts upload while the next one is read.
+            let mut in_flight = tokio::task::JoinSet::new();
+            let mut parts = 0u64;
+            let mut next = first;
+            while !next.is_empty() {
+                parts += 1;
+                if parts > MAX_PARTS {
+                    // Only a file that grew past its size at open can get here.
+                    return Err(CopyError::SourceChanged(shown.to_string()));
+                }
+                while in_flight.len() >= PARTS_IN_FLIGHT {
+                    join_part(in_flight.join_next().await)?;
+                }
+                in_flight.spawn(up.put_part(next.into()));
+                next = read_part(&mut f, part, &mut h, shown).await?;
+                size += next.len() as u64;
             }
-            h.update(&buf[..n]);
-            size += n as u64;
-            w.write_all(&buf[..n])
-                .await
-                .map_err(|e| CopyError::Write(key.to_string(), e))?;
+            while let Some(r) = in_flight.join_next().await {
+                join_part(Some(r))?;
+            }
+            up.complete().await?;
+            Ok(())
         }
-        w.shutdown()
-            .await
-            .map_err(|e| CopyError::Write(key.to_string(), e))
+        .await;
+        if let Err(e) = result {
+            // Parts already stored are billed until aborted; a failed abort is left to
+            // the bucket's lifecycle rule (docs/storage.md).
+            if let Err(a) = up.abort().await {
+                tracing::warn!(key = %key, error = %a, "could not abort the failed multipart upload");
+            }
+            return Err(e);
+        }
     }
-    .await;
-    if let Err(e) = result {
-        let _ = w.abort().await;
-        return Err(e);
+    if size != len {
+        return Err(CopyError::SourceChanged(shown.to_string()));
     }
     Ok(Digest {
         size,
         checksum: h.finish(),
     })
+}
+
+/// Reads up to `part` bytes, hashing them.
+async fn read_part(
+    f: &mut tokio::fs::File,
+    part: u64,
+    h: &mut crate::checksum::Hasher,
+    shown: &str,
+) -> Result<Vec<u8>, CopyError> {
+    let mut buf = Vec::with_capacity(usize::try_from(part).unwrap_or(usize::MAX).min(64 * CHUNK));
+    (&mut *f)
+        .take(part)
+        .read_to_end(&mut buf)
+        .await
+        .map_err(|e| CopyError::Read(shown.to_string(), e))?;
+    h.update(&buf);
+    Ok(buf)
+}
+
+fn join_part(
+    r: Option<Result<object_store::Result<()>, tokio::task::JoinError>>,
+) -> Result<(), CopyError> {
+    match r {
+        None => Ok(()),
+        Some(Ok(r)) => Ok(r?),
+        Some(Err(e)) => Err(CopyError::Write("part".into(), std::io::Error::other(e))),
+    }
 }
 
 /// Reads `key` back and checks it matches `expected`.
@@ -249,14 +346,42 @@ pub async fn verify(
     Ok(())
 }
 
-/// Deletes an object (used only for objects this copy wrote and failed to verify).
-pub async fn remove(store: &dyn ObjectStore, key: &ObjectPath) {
-    let _ = store.delete(key).await;
+/// Deletes an object this attempt wrote and that failed verification.
+pub async fn remove(store: &dyn ObjectStore, key: &ObjectPath) -> Result<(), CopyError> {
+    match store.delete(key).await {
+        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parts_grow_with_the_file_so_anything_s3_holds_fits() {
+        let min = 8 * MIB;
+        assert_eq!(part_size(0, min, true).unwrap(), min);
+        assert_eq!(part_size(78 * 1024 * MIB, min, true).unwrap(), min);
+        // Past 10,000 minimum parts the part grows, in whole MiB.
+        let big = 100 * 1024 * MIB;
+        let p = part_size(big, min, true).unwrap();
+        assert!(
+            p > min && p.is_multiple_of(MIB) && big.div_ceil(p) <= MAX_PARTS,
+            "{p}"
+        );
+        for len in [MAX_OBJECT, MAX_OBJECT - 1, 3 * 1024 * 1024 * MIB + 12345] {
+            let p = part_size(len, min, true).unwrap();
+            assert!(len.div_ceil(p) <= MAX_PARTS, "{len}: {p}");
+            assert!(p <= 5 * 1024 * MIB, "S3's largest part is 5 GiB");
+        }
+        assert_eq!(part_size(20 * MIB, 5 * MIB, true).unwrap(), 5 * MIB);
+        // Too large for S3 at all: permanent, not retried.
+        let e = part_size(MAX_OBJECT + 1, min, true).unwrap_err();
+        assert!(e.is_permanent(), "{e}");
+        // A local store has no such limit.
+        assert!(part_size(MAX_OBJECT + 1, min, false).is_ok());
+    }
 
     #[tokio::test]
     async fn only_stale_staging_files_of_the_key_are_swept() {

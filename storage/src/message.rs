@@ -1,8 +1,11 @@
 //! The asset-sweeper file message both storage tiers consume (design §7).
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-/// One file seen by the asset sweeper; the file is `filepath/filename`.
+/// One file seen by the asset sweeper; the file is `parent_dir/filename`.
+///
+/// The sweeper sends `parent_dir` and epoch-second times (numbers, possibly fractional);
+/// the older shape (`filepath`, RFC 3339 strings) is accepted too.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 pub struct AssetSweeperFile {
     /// Pluto's id for the item, if imported.
@@ -14,28 +17,141 @@ pub struct AssetSweeperFile {
     /// MIME type.
     pub mime_type: String,
     /// Modification time as the sweeper saw it.
-    pub mtime: String,
+    pub mtime: SweeperTime,
     /// Change time.
-    pub ctime: String,
+    pub ctime: SweeperTime,
     /// Access time.
-    pub atime: String,
+    pub atime: SweeperTime,
     /// Owner uid.
     pub owner: i64,
     /// Group gid.
     pub group: i64,
-    /// Directory of the file.
-    pub filepath: String,
-    /// File name within `filepath`.
+    /// Directory of the file (`filepath` in the older shape).
+    #[serde(alias = "filepath")]
+    pub parent_dir: String,
+    /// File name within `parent_dir`.
     pub filename: String,
 }
 
 impl AssetSweeperFile {
-    /// `filepath/filename` as given (not yet resolved or checked).
+    /// `parent_dir/filename` as given (not yet resolved or checked).
     pub fn joined_path(&self) -> String {
-        if self.filepath.is_empty() {
+        if self.parent_dir.is_empty() {
             self.filename.clone()
         } else {
-            format!("{}/{}", self.filepath.trim_end_matches('/'), self.filename)
+            format!(
+                "{}/{}",
+                self.parent_dir.trim_end_matches('/'),
+                self.filename
+            )
         }
+    }
+}
+
+/// A time from the sweeper, as epoch seconds: given as a number (integer or fractional)
+/// or, in the older shape, as an RFC 3339 string.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SweeperTime(pub f64);
+
+impl SweeperTime {
+    /// The time as RFC 3339 UTC, if it is representable.
+    pub fn to_rfc3339(self) -> Option<String> {
+        let secs = self.0.floor();
+        let nanos = ((self.0 - secs) * 1e9).round().clamp(0.0, 999_999_999.0) as u32;
+        // f64 → i64 saturates; out-of-range times give None below.
+        chrono::DateTime::from_timestamp(secs as i64, nanos).map(|t| t.to_rfc3339())
+    }
+}
+
+impl Serialize for SweeperTime {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for SweeperTime {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = SweeperTime;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("epoch seconds (a number) or an RFC 3339 time")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<SweeperTime, E> {
+                Ok(SweeperTime(v as f64))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<SweeperTime, E> {
+                Ok(SweeperTime(v as f64))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<SweeperTime, E> {
+                if v.is_finite() {
+                    Ok(SweeperTime(v))
+                } else {
+                    Err(E::invalid_value(serde::de::Unexpected::Float(v), &self))
+                }
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<SweeperTime, E> {
+                let t = chrono::DateTime::parse_from_rfc3339(v)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Str(v), &self))?;
+                Ok(SweeperTime(
+                    t.timestamp() as f64 + f64::from(t.timestamp_subsec_nanos()) / 1e9,
+                ))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> serde_json::Value {
+        serde_json::json!({
+            "imported_id": null, "size": 3, "ignore": false, "mime_type": "video/mp4",
+            "owner": 1000, "group": 1000, "filename": "a.mp4",
+        })
+    }
+
+    #[test]
+    fn the_sweepers_shape_and_the_older_one_are_both_accepted() {
+        let mut real = base();
+        real["parent_dir"] = "/srv/online/p".into();
+        real["mtime"] = 1_700_000_000.into();
+        real["ctime"] = 1_700_000_000.25.into();
+        real["atime"] = 1_700_000_001.5.into();
+        let m: AssetSweeperFile = serde_json::from_value(real).expect("real shape");
+        assert_eq!(m.joined_path(), "/srv/online/p/a.mp4");
+        assert_eq!(m.ctime, SweeperTime(1_700_000_000.25));
+        assert_eq!(
+            m.mtime.to_rfc3339().as_deref(),
+            Some("2023-11-14T22:13:20+00:00")
+        );
+
+        let mut old = base();
+        old["filepath"] = "p".into();
+        for k in ["mtime", "ctime", "atime"] {
+            old[k] = "2023-11-14T22:13:20.5Z".into();
+        }
+        let m: AssetSweeperFile = serde_json::from_value(old).expect("older shape");
+        assert_eq!(m.joined_path(), "p/a.mp4");
+        assert_eq!(m.atime, SweeperTime(1_700_000_000.5));
+    }
+
+    #[test]
+    fn bad_times_and_a_missing_directory_are_refused() {
+        let mut m = base();
+        m["parent_dir"] = "p".into();
+        m["mtime"] = "yesterday".into();
+        m["ctime"] = 1.into();
+        m["atime"] = 1.into();
+        assert!(serde_json::from_value::<AssetSweeperFile>(m.clone()).is_err());
+        m["mtime"] = true.into();
+        assert!(serde_json::from_value::<AssetSweeperFile>(m.clone()).is_err());
+        m["mtime"] = 1.into();
+        assert!(serde_json::from_value::<AssetSweeperFile>(m.clone()).is_ok());
+        m.as_object_mut().expect("object").remove("parent_dir");
+        let e = serde_json::from_value::<AssetSweeperFile>(m).expect_err("no directory");
+        assert!(e.to_string().contains("parent_dir"), "{e}");
     }
 }

@@ -1,8 +1,12 @@
-//! Resolving a message's path inside the configured online roots, refusing escapes.
+//! Resolving a message's path inside the configured online roots, refusing escapes, and
+//! opening the file once, beneath its root, so what is hashed and uploaded is what was
+//! checked.
 
+use std::fs::File;
+use std::os::fd::AsFd;
 use std::path::{Component, Path, PathBuf};
 
-/// Why a path cannot be used; all of these are permanent for the message.
+/// Why a path cannot be used; all but `Io` are permanent for the message.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum PathError {
     /// Empty file name, a NUL byte, or a file name with a directory in it.
@@ -29,30 +33,87 @@ impl PathError {
     }
 }
 
-/// A file inside a root: its canonical path and its path relative to that root.
+/// One online root: as configured (absolute, `.`/`..` removed) and as it really is
+/// (symlinks resolved; `/srv/online` → `/mnt/nas`). Message paths may name either form.
 #[derive(Debug, Clone, PartialEq)]
+pub struct Root {
+    /// The configured path, made absolute and lexically normalised.
+    pub configured: PathBuf,
+    /// Its canonical form.
+    pub canonical: PathBuf,
+}
+
+/// A file inside a root, opened once beneath it.
+#[derive(Debug)]
 pub struct Resolved {
     /// Canonical absolute path (symlinks resolved).
     pub path: PathBuf,
     /// Path relative to the root it is in, with `/` separators (the object key).
     pub relative: String,
+    /// The file, opened beneath its root without following links out of it: hashing and
+    /// uploading read this handle, never the name again.
+    pub file: File,
 }
 
-/// Canonical forms of the configured roots (created if missing, so defaults just work).
-pub fn canonical_roots(roots: &[PathBuf]) -> std::io::Result<Vec<PathBuf>> {
+/// Why the roots cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum RootError {
+    /// A configured root is missing (an unmounted share must not be papered over).
+    #[error("online root {0} does not exist")]
+    Missing(String),
+    /// A root exists but is not a directory.
+    #[error("online root {0} is not a directory")]
+    NotADirectory(String),
+    /// A root cannot be created or inspected.
+    #[error("online root {0}: {1}")]
+    Io(String, std::io::Error),
+}
+
+/// The roots in both their forms. Only the default root may be created (`create`): a
+/// configured one that is missing is an error, never silently made.
+pub fn open_roots(roots: &[PathBuf], create: bool) -> Result<Vec<Root>, RootError> {
     roots
         .iter()
         .map(|r| {
-            std::fs::create_dir_all(r)?;
-            r.canonicalize()
+            let shown = r.display().to_string();
+            if create {
+                std::fs::create_dir_all(r).map_err(|e| RootError::Io(shown.clone(), e))?;
+            }
+            let canonical = r.canonicalize().map_err(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    RootError::Missing(shown.clone())
+                } else {
+                    RootError::Io(shown.clone(), e)
+                }
+            })?;
+            if !canonical.is_dir() {
+                return Err(RootError::NotADirectory(shown));
+            }
+            let abs = std::path::absolute(r).map_err(|e| RootError::Io(shown, e))?;
+            Ok(Root {
+                configured: normalize(&abs),
+                canonical,
+            })
         })
         .collect()
 }
 
-/// Resolves `filepath/filename` under `roots` (canonical). Absolute paths must lie in a
-/// root; relative ones are taken relative to each root in turn. Nothing outside a root is
-/// opened: the check is made on the fully resolved path before any read.
-pub fn resolve(roots: &[PathBuf], filepath: &str, filename: &str) -> Result<Resolved, PathError> {
+/// Checks configured roots exist (for a service's config validation: exit 2 naming
+/// `key`, e.g. `online_archive.online_roots`).
+pub fn check_configured_roots(
+    key: &str,
+    roots: &[PathBuf],
+) -> Result<(), framework::config::ConfigError> {
+    open_roots(roots, false)
+        .map(|_| ())
+        .map_err(|e| framework::config::ConfigError::new(key, e.to_string()))
+}
+
+/// Resolves `parent_dir/filename` under `roots` and opens it. Absolute paths must lie in
+/// a root (either form); relative ones are taken relative to each root in turn. Nothing
+/// outside a root is opened: the lexical check comes first, then the resolved path is
+/// checked, then the file is opened beneath its root with links out of it refused.
+pub fn resolve(roots: &[Root], filepath: &str, filename: &str) -> Result<Resolved, PathError> {
     let shown = format!("{}/{}", filepath.trim_end_matches('/'), filename);
     if filename.is_empty()
         || filename.contains('/')
@@ -64,35 +125,48 @@ pub fn resolve(roots: &[PathBuf], filepath: &str, filename: &str) -> Result<Reso
         return Err(PathError::InvalidName(shown));
     }
     let joined = Path::new(filepath).join(filename);
+    // Each candidate is expressed under a root's canonical form; a path naming the
+    // configured form (through a symlinked root) is rewritten onto the real one.
     let candidates: Vec<PathBuf> = if joined.is_absolute() {
-        vec![joined.clone()]
+        let n = normalize(&joined);
+        roots
+            .iter()
+            .filter_map(|r| {
+                n.strip_prefix(&r.canonical)
+                    .or_else(|_| n.strip_prefix(&r.configured))
+                    .ok()
+                    .map(|rest| r.canonical.join(rest))
+            })
+            .collect()
     } else {
-        roots.iter().map(|r| r.join(&joined)).collect()
+        roots
+            .iter()
+            .map(|r| normalize(&r.canonical.join(&joined)))
+            .filter(|c| roots.iter().any(|r| c.starts_with(&r.canonical)))
+            .collect()
     };
     // Lexical check first: a path that climbs out with `..` is refused even if the
     // target does not exist, so existence outside the roots is never revealed.
-    let lexically_inside = candidates.iter().any(|c| {
-        let n = normalize(c);
-        roots.iter().any(|r| n.starts_with(r))
-    });
-    if !lexically_inside {
+    if candidates.is_empty() {
         return Err(PathError::OutsideRoots(shown));
     }
     let mut last_err = PathError::NotFound(shown.clone());
     for c in candidates {
         match c.canonicalize() {
             Ok(real) => {
-                let Some(root) = roots.iter().find(|r| real.starts_with(r)) else {
+                let Some(root) = roots.iter().find(|r| real.starts_with(&r.canonical)) else {
                     return Err(PathError::OutsideRoots(shown));
                 };
-                let meta = std::fs::metadata(&real)
+                let rel = real
+                    .strip_prefix(&root.canonical)
+                    .map_err(|_| PathError::OutsideRoots(shown.clone()))?;
+                let file = open_beneath(&root.canonical, rel, &shown)?;
+                let meta = file
+                    .metadata()
                     .map_err(|e| PathError::Io(shown.clone(), e.to_string()))?;
                 if !meta.is_file() {
                     return Err(PathError::NotAFile(shown));
                 }
-                let rel = real
-                    .strip_prefix(root)
-                    .map_err(|_| PathError::OutsideRoots(shown.clone()))?;
                 let relative = rel
                     .components()
                     .map(|c| c.as_os_str().to_string_lossy().into_owned())
@@ -101,6 +175,7 @@ pub fn resolve(roots: &[PathBuf], filepath: &str, filename: &str) -> Result<Reso
                 return Ok(Resolved {
                     path: real,
                     relative,
+                    file,
                 });
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -108,6 +183,65 @@ pub fn resolve(roots: &[PathBuf], filepath: &str, filename: &str) -> Result<Reso
         }
     }
     Err(last_err)
+}
+
+/// Opens `rel` beneath `root`: every component is resolved inside the root and a link
+/// leading out of it (a directory swapped for a symlink since the check) is refused.
+pub(crate) fn open_beneath(root: &Path, rel: &Path, shown: &str) -> Result<File, PathError> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    let io = |e: std::io::Error| PathError::Io(shown.to_string(), e.to_string());
+    let dir = rustix::fs::open(
+        root,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| io(e.into()))?;
+    // The root itself: nothing to resolve beneath it (only a directory, refused below).
+    let rel = if rel.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        rel
+    };
+    // NONBLOCK: a FIFO put in the file's place must not hang the handler (it is then
+    // refused as not a regular file); it changes nothing for regular files.
+    let flags = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW | OFlags::NONBLOCK;
+    match rustix::fs::openat2(
+        dir.as_fd(),
+        rel,
+        flags,
+        Mode::empty(),
+        ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS,
+    ) {
+        Ok(fd) => Ok(File::from(fd)),
+        // EXDEV: a link out of the root; ELOOP: the file itself became a symlink.
+        Err(rustix::io::Errno::XDEV | rustix::io::Errno::LOOP) => {
+            Err(PathError::OutsideRoots(shown.to_string()))
+        }
+        Err(rustix::io::Errno::NOENT) => Err(PathError::NotFound(shown.to_string())),
+        // Kernels before 5.6 (or a seccomp filter) lack openat2: open without following
+        // the last link, then check where the handle really is.
+        Err(rustix::io::Errno::NOSYS | rustix::io::Errno::PERM) => {
+            let fd = rustix::fs::openat(dir.as_fd(), rel, flags, Mode::empty()).map_err(
+                |e| match e {
+                    rustix::io::Errno::LOOP => PathError::OutsideRoots(shown.to_string()),
+                    rustix::io::Errno::NOENT => PathError::NotFound(shown.to_string()),
+                    e => io(e.into()),
+                },
+            )?;
+            let file = File::from(fd);
+            let at = std::fs::read_link(format!(
+                "/proc/self/fd/{}",
+                std::os::fd::AsRawFd::as_raw_fd(&file)
+            ))
+            .map_err(io)?;
+            if at.starts_with(root) {
+                Ok(file)
+            } else {
+                Err(PathError::OutsideRoots(shown.to_string()))
+            }
+        }
+        Err(e) => Err(io(e.into())),
+    }
 }
 
 /// Removes `.` and resolves `..` lexically (no filesystem access).
@@ -139,7 +273,7 @@ mod tests {
         std::fs::write(root.join("proj/a.mov"), b"x").unwrap();
         std::fs::write(outside.join("s.txt"), b"s").unwrap();
         std::os::unix::fs::symlink(&outside, root.join("proj/link")).unwrap();
-        let roots = canonical_roots(std::slice::from_ref(&root)).unwrap();
+        let roots = open_roots(std::slice::from_ref(&root), false).unwrap();
 
         let r = resolve(&roots, root.join("proj").to_str().unwrap(), "a.mov").unwrap();
         assert_eq!(r.relative, "proj/a.mov");
@@ -182,5 +316,83 @@ mod tests {
             resolve(&roots, "/etc", "nope"),
             Err(PathError::OutsideRoots(_))
         ));
+    }
+
+    #[test]
+    fn a_root_that_is_a_symlink_takes_paths_in_either_form() {
+        let base = tempfile::tempdir().unwrap();
+        let nas = base.path().join("mnt/nas");
+        std::fs::create_dir_all(nas.join("show")).unwrap();
+        std::fs::write(nas.join("show/ep1.mov"), b"ep1").unwrap();
+        let link = base.path().join("online");
+        std::os::unix::fs::symlink(&nas, &link).unwrap();
+        let roots = open_roots(std::slice::from_ref(&link), false).unwrap();
+        for dir in [link.join("show"), nas.join("show")] {
+            let r = resolve(&roots, dir.to_str().unwrap(), "ep1.mov").unwrap();
+            assert_eq!(r.relative, "show/ep1.mov");
+            assert_eq!(r.path, nas.canonicalize().unwrap().join("show/ep1.mov"));
+        }
+        assert_eq!(
+            resolve(&roots, "show", "ep1.mov").unwrap().relative,
+            "show/ep1.mov"
+        );
+        let up = format!("{}/show/../..", link.display());
+        assert!(matches!(
+            resolve(&roots, &up, "etc"),
+            Err(PathError::OutsideRoots(_))
+        ));
+    }
+
+    #[test]
+    fn the_file_is_opened_once_beneath_its_root() {
+        let base = tempfile::tempdir().unwrap();
+        let root = base.path().join("online");
+        let outside = base.path().join("secret");
+        std::fs::create_dir_all(root.join("proj")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(root.join("proj/a.mov"), b"inside").unwrap();
+        std::fs::write(outside.join("a.mov"), b"secret").unwrap();
+        let roots = open_roots(std::slice::from_ref(&root), false).unwrap();
+        let r = resolve(&roots, "proj", "a.mov").unwrap();
+        // The directory is swapped for a link out of the root after the check: the
+        // handle still reads what was checked, and opening by name now refuses.
+        std::fs::rename(root.join("proj"), root.join("old")).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("proj")).unwrap();
+        let mut got = String::new();
+        std::io::Read::read_to_string(&mut &r.file, &mut got).unwrap();
+        assert_eq!(got, "inside");
+        let real = &roots[0].canonical;
+        assert!(matches!(
+            open_beneath(real, Path::new("proj/a.mov"), "proj/a.mov"),
+            Err(PathError::OutsideRoots(_))
+        ));
+        // The file itself replaced by a link (even one inside the root) is refused too.
+        std::fs::remove_file(root.join("proj")).unwrap();
+        std::fs::rename(root.join("old"), root.join("proj")).unwrap();
+        std::fs::rename(root.join("proj/a.mov"), root.join("proj/b.mov")).unwrap();
+        std::os::unix::fs::symlink(root.join("proj/b.mov"), root.join("proj/a.mov")).unwrap();
+        assert!(matches!(
+            open_beneath(real, Path::new("proj/a.mov"), "proj/a.mov"),
+            Err(PathError::OutsideRoots(_))
+        ));
+    }
+
+    #[test]
+    fn only_the_default_root_is_created() {
+        let base = tempfile::tempdir().unwrap();
+        let missing = base.path().join("unmounted/share");
+        assert!(matches!(
+            open_roots(std::slice::from_ref(&missing), false),
+            Err(RootError::Missing(_))
+        ));
+        assert!(!missing.exists(), "a configured root is never created");
+        let e = check_configured_roots(
+            "online_archive.online_roots",
+            std::slice::from_ref(&missing),
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "online_archive.online_roots");
+        open_roots(std::slice::from_ref(&missing), true).unwrap();
+        assert!(missing.is_dir(), "the default root is");
     }
 }

@@ -160,6 +160,41 @@ impl Records {
         .map(|_| ())
     }
 
+    /// Takes (or renews) the upload claim on `key` for `owner` until `lease` from now;
+    /// false when another owner holds an unexpired claim.
+    pub async fn claim(
+        &self,
+        key: &str,
+        owner: &str,
+        lease: std::time::Duration,
+    ) -> Result<bool, db::sqlx::Error> {
+        let now = chrono::Utc::now().timestamp_millis();
+        let until = now.saturating_add(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX));
+        let r = db::sqlx::query(
+            "INSERT INTO upload_claims (object_key, owner, expires_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (object_key) DO UPDATE SET owner = excluded.owner, \
+             expires_at = excluded.expires_at \
+             WHERE upload_claims.owner = excluded.owner OR upload_claims.expires_at < $4",
+        )
+        .bind(key)
+        .bind(owner)
+        .bind(until)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Gives up `owner`'s claim on `key` (nothing if it expired and was taken since).
+    pub async fn release(&self, key: &str, owner: &str) -> Result<(), db::sqlx::Error> {
+        db::sqlx::query("DELETE FROM upload_claims WHERE object_key = $1 AND owner = $2")
+            .bind(key)
+            .bind(owner)
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+    }
+
     /// Counts rows of a table (tests and diagnostics); `table` must be one of ours.
     pub async fn count(&self, table: &str) -> Result<i64, db::sqlx::Error> {
         let t = match table {

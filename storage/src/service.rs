@@ -42,13 +42,15 @@ impl TierProcessor {
         policy: TierPolicy,
         success: SuccessBody,
     ) -> Result<Self, BoxError> {
-        let roots = if setup.online_roots.is_empty() {
+        // Only the default root is created: a configured one that is missing (an
+        // unmounted share) must stop the service, not be replaced by an empty directory.
+        let default = setup.online_roots.is_empty();
+        let roots = if default {
             vec![data_dir.join("online")]
         } else {
             setup.online_roots.clone()
         };
-        let roots = crate::paths::canonical_roots(&roots)
-            .map_err(|e| format!("online roots {roots:?}: {e}"))?;
+        let roots = crate::paths::open_roots(&roots, default)?;
         let tier = match &setup.store_url {
             Some(u) => store::open(u, &setup.store_options)?,
             None => store::local(&data_dir.join(default_store_dir))?,

@@ -42,6 +42,10 @@ pub struct StoreOptions {
     /// Budget for those retries.
     #[serde(default = "default_retry_timeout_ms")]
     pub retry_timeout_ms: u64,
+    /// Smallest multipart part in MiB (S3's minimum is 5); larger files get larger parts
+    /// so that any object S3 holds (5 TiB) fits in its 10,000 parts.
+    #[serde(default = "default_part_size_mib")]
+    pub part_size_mib: u64,
 }
 
 impl Default for StoreOptions {
@@ -56,6 +60,7 @@ impl Default for StoreOptions {
             virtual_hosted_style: false,
             max_retries: default_max_retries(),
             retry_timeout_ms: default_retry_timeout_ms(),
+            part_size_mib: default_part_size_mib(),
         }
     }
 }
@@ -65,6 +70,9 @@ fn default_max_retries() -> usize {
 }
 fn default_retry_timeout_ms() -> u64 {
     30_000
+}
+fn default_part_size_mib() -> u64 {
+    8
 }
 
 /// An opened store: where objects go and how to describe it.
@@ -81,6 +89,8 @@ pub struct Tier {
     /// For a local store, its directory: verification then reads the stored file
     /// directly in large blocks instead of through the object-store stream.
     pub local_dir: Option<PathBuf>,
+    /// Smallest multipart part in bytes ([`crate::copy::part_size`] grows it with the file).
+    pub min_part: u64,
 }
 
 impl std::fmt::Debug for Tier {
@@ -154,6 +164,12 @@ pub fn open(url: &str, opts: &StoreOptions) -> Result<Tier, StoreConfigError> {
                 .map_err(|e| StoreConfigError::SecretFile(f.display().to_string(), e))?;
             b = b.with_secret_access_key(s.trim());
         }
+        if opts.part_size_mib < 5 || opts.part_size_mib > 5 * 1024 {
+            return Err(StoreConfigError::Url(format!(
+                "part_size_mib {} is outside what S3 allows (5 to 5120)",
+                opts.part_size_mib
+            )));
+        }
         let store = b.build()?;
         let endpoint = opts.endpoint.as_deref().unwrap_or("aws");
         Ok(Tier {
@@ -162,6 +178,7 @@ pub fn open(url: &str, opts: &StoreOptions) -> Result<Tier, StoreConfigError> {
             display: format!("{url} ({endpoint})"),
             supports_metadata: true,
             local_dir: None,
+            min_part: opts.part_size_mib * 1024 * 1024,
         })
     } else {
         let dir = url.strip_prefix("file://").unwrap_or(url);
@@ -188,5 +205,6 @@ pub fn local(dir: &Path) -> Result<Tier, StoreConfigError> {
             dir.canonicalize()
                 .map_err(|e| StoreConfigError::Dir(dir.display().to_string(), e))?,
         ),
+        min_part: default_part_size_mib() * 1024 * 1024,
     })
 }

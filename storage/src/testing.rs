@@ -1,8 +1,18 @@
 //! Test support for the storage services: a local S3-protocol server (moto, from PyPI)
-//! and helpers to build asset-sweeper messages.
+//! a fault-injecting object store wrapper, and helpers to build asset-sweeper messages.
 
 use std::net::TcpListener;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use futures_util::stream::BoxStream;
+use object_store::path::Path as ObjectPath;
+use object_store::{
+    GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
+    PutMultipartOptions, PutOptions, PutPayload, PutResult, UploadPart,
+};
+use tokio::sync::Notify;
 
 use framework::testing::process::{self, Guarded};
 use std::time::Duration;
@@ -105,8 +115,26 @@ fn reqwest_client() -> reqwest::Client {
     reqwest::Client::new()
 }
 
-/// An asset-sweeper message for `filepath/filename`.
-pub fn sweeper_message(filepath: &str, filename: &str, ignore: bool) -> serde_json::Value {
+/// An asset-sweeper message for `parent_dir/filename`, in the shape the sweeper sends
+/// (`parent_dir`, times as epoch seconds, some fractional).
+pub fn sweeper_message(parent_dir: &str, filename: &str, ignore: bool) -> serde_json::Value {
+    serde_json::json!({
+        "imported_id": "VX-1234",
+        "size": 0,
+        "ignore": ignore,
+        "mime_type": "video/quicktime",
+        "mtime": 1704067200,
+        "ctime": 1704067200.25,
+        "atime": 1704067201.5,
+        "owner": 1000,
+        "group": 1000,
+        "parent_dir": parent_dir,
+        "filename": filename,
+    })
+}
+
+/// The same message in the older shape (`filepath`, RFC 3339 times), still accepted.
+pub fn sweeper_message_v1(filepath: &str, filename: &str, ignore: bool) -> serde_json::Value {
     serde_json::json!({
         "imported_id": "VX-1234",
         "size": 0,
@@ -123,11 +151,225 @@ pub fn sweeper_message(filepath: &str, filename: &str, ignore: bool) -> serde_js
 }
 
 /// Writes `content` to `<data>/online/<rel>` (the default online root) and returns the
-/// file's directory, as an asset-sweeper message's `filepath`.
+/// file's directory, as an asset-sweeper message's `parent_dir`.
 pub fn put_online_file(data: &std::path::Path, rel: &str, content: &[u8]) -> String {
     let p = data.join("online").join(rel);
     let dir = p.parent().unwrap_or(data).to_path_buf();
     std::fs::create_dir_all(&dir).expect("create the online directory");
     std::fs::write(&p, content).expect("write the online file");
     dir.display().to_string()
+}
+
+/// Faults a [`FaultyStore`] injects; switch them on and off while a test runs.
+#[derive(Default)]
+pub struct Faults {
+    /// Single-request uploads fail (where a file under one part is uploaded).
+    pub fail_put: AtomicBool,
+    /// Multipart completions fail.
+    pub fail_complete: AtomicBool,
+    /// This many uploads are stored with their first byte changed.
+    pub corrupt: AtomicUsize,
+    /// Multipart aborts seen.
+    pub aborts: AtomicUsize,
+    /// Runs once, after the first multipart part is stored (e.g. stop the S3 server).
+    pub after_first_part: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    /// Runs once, before the next single-request upload (e.g. stop the S3 server).
+    pub before_put: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    gate: Mutex<Option<(Arc<Notify>, Arc<Notify>)>>,
+}
+
+impl Faults {
+    /// Holds the next upload (single or multipart) until the returned release is
+    /// notified; the first returned notify fires when it is being held.
+    pub fn hold_next_upload(&self) -> (Arc<Notify>, Arc<Notify>) {
+        let pair = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+        *lock(&self.gate) = Some(pair.clone());
+        pair
+    }
+
+    async fn gate(&self) {
+        let held = lock(&self.gate).take();
+        if let Some((entered, release)) = held {
+            entered.notify_one();
+            release.notified().await;
+        }
+    }
+
+    fn corrupting(&self) -> bool {
+        self.corrupt
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn injected(what: &str) -> object_store::Error {
+    object_store::Error::Generic {
+        store: "faulty",
+        source: format!("injected fault: {what}").into(),
+    }
+}
+
+fn corrupted(p: PutPayload) -> PutPayload {
+    let mut v: Vec<u8> = p.iter().flat_map(|b| b.iter().copied()).collect();
+    if let Some(b) = v.first_mut() {
+        *b ^= 0xff;
+    }
+    v.into()
+}
+
+/// An object store that passes everything to another one except the [`Faults`] it is
+/// told to inject.
+#[derive(Debug)]
+pub struct FaultyStore {
+    inner: Arc<dyn ObjectStore>,
+    faults: Arc<Faults>,
+}
+
+impl std::fmt::Debug for Faults {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Faults")
+    }
+}
+
+impl std::fmt::Display for FaultyStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "faulty({})", self.inner)
+    }
+}
+
+impl FaultyStore {
+    /// `tier` with its store wrapped; the faults to switch.
+    pub fn wrap(tier: &crate::Tier) -> (crate::Tier, Arc<Faults>) {
+        let faults = Arc::new(Faults::default());
+        let store = FaultyStore {
+            inner: tier.store.clone(),
+            faults: faults.clone(),
+        };
+        let mut t = tier.clone();
+        t.store = Arc::new(store);
+        (t, faults)
+    }
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for FaultyStore {
+    async fn put_opts(
+        &self,
+        location: &ObjectPath,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> object_store::Result<PutResult> {
+        self.faults.gate().await;
+        if let Some(f) = lock(&self.faults.before_put).take() {
+            f();
+        }
+        if self.faults.fail_put.load(Ordering::SeqCst) {
+            return Err(injected("put"));
+        }
+        let payload = if self.faults.corrupting() {
+            corrupted(payload)
+        } else {
+            payload
+        };
+        self.inner.put_opts(location, payload, opts).await
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &ObjectPath,
+        opts: PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn MultipartUpload>> {
+        self.faults.gate().await;
+        let inner = self.inner.put_multipart_opts(location, opts).await?;
+        Ok(Box::new(FaultyUpload {
+            inner,
+            faults: self.faults.clone(),
+            parts: 0,
+            corrupt: self.faults.corrupting(),
+        }))
+    }
+
+    async fn get_opts(
+        &self,
+        location: &ObjectPath,
+        options: GetOptions,
+    ) -> object_store::Result<GetResult> {
+        self.inner.get_opts(location, options).await
+    }
+
+    async fn delete(&self, location: &ObjectPath) -> object_store::Result<()> {
+        self.inner.delete(location).await
+    }
+
+    fn list(
+        &self,
+        prefix: Option<&ObjectPath>,
+    ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+
+    async fn list_with_delimiter(
+        &self,
+        prefix: Option<&ObjectPath>,
+    ) -> object_store::Result<ListResult> {
+        self.inner.list_with_delimiter(prefix).await
+    }
+
+    async fn copy(&self, from: &ObjectPath, to: &ObjectPath) -> object_store::Result<()> {
+        self.inner.copy(from, to).await
+    }
+
+    async fn copy_if_not_exists(
+        &self,
+        from: &ObjectPath,
+        to: &ObjectPath,
+    ) -> object_store::Result<()> {
+        self.inner.copy_if_not_exists(from, to).await
+    }
+}
+
+#[derive(Debug)]
+struct FaultyUpload {
+    inner: Box<dyn MultipartUpload>,
+    faults: Arc<Faults>,
+    parts: usize,
+    corrupt: bool,
+}
+
+#[async_trait::async_trait]
+impl MultipartUpload for FaultyUpload {
+    fn put_part(&mut self, data: PutPayload) -> UploadPart {
+        self.parts += 1;
+        let first = self.parts == 1;
+        let data = if first && self.corrupt {
+            corrupted(data)
+        } else {
+            data
+        };
+        let part = self.inner.put_part(data);
+        let faults = self.faults.clone();
+        Box::pin(async move {
+            part.await?;
+            if first && let Some(f) = lock(&faults.after_first_part).take() {
+                f();
+            }
+            Ok(())
+        })
+    }
+
+    async fn complete(&mut self) -> object_store::Result<PutResult> {
+        if self.faults.fail_complete.load(Ordering::SeqCst) {
+            return Err(injected("complete"));
+        }
+        self.inner.complete().await
+    }
+
+    async fn abort(&mut self) -> object_store::Result<()> {
+        self.faults.aborts.fetch_add(1, Ordering::SeqCst);
+        self.inner.abort().await
+    }
 }

@@ -1,14 +1,15 @@
 //! The copy-to-tier procedure both storage services run: resolve, deduplicate, stream,
 //! verify, record. Services add only their names and success message shape.
 
-use std::path::PathBuf;
+use std::time::Duration;
 
+use object_store::path::Path as ObjectPath;
 use object_store::{Attribute, Attributes};
 
 use crate::checksum::Algorithm;
 use crate::copy::{self, CopyError, Digest};
 use crate::message::AssetSweeperFile;
-use crate::paths::{self, PathError};
+use crate::paths::{self, PathError, Root};
 use crate::records::{Records, StoredObject};
 use crate::store::Tier;
 
@@ -76,7 +77,11 @@ impl From<PathError> for TierError {
 
 impl From<CopyError> for TierError {
     fn from(e: CopyError) -> Self {
-        TierError::Transient(e.to_string())
+        if e.is_permanent() {
+            TierError::Permanent(e.to_string())
+        } else {
+            TierError::Transient(e.to_string())
+        }
     }
 }
 
@@ -88,15 +93,15 @@ impl From<db::sqlx::Error> for TierError {
 
 /// Copies asset-sweeper files from the online roots into one tier.
 pub struct TierCopier {
-    roots: Vec<PathBuf>,
+    roots: Vec<Root>,
     tier: Tier,
     records: Records,
     policy: TierPolicy,
 }
 
 impl TierCopier {
-    /// A copier over canonical `roots`.
-    pub fn new(roots: Vec<PathBuf>, tier: Tier, records: Records, policy: TierPolicy) -> Self {
+    /// A copier over `roots` (see [`paths::open_roots`]).
+    pub fn new(roots: Vec<Root>, tier: Tier, records: Records, policy: TierPolicy) -> Self {
         Self {
             roots,
             tier,
@@ -137,10 +142,11 @@ impl TierCopier {
                 .await?;
             return Ok(TierOutcome::Ignored);
         }
-        let resolved = paths::resolve(&self.roots, &msg.filepath, &msg.filename)?;
+        let resolved = paths::resolve(&self.roots, &msg.parent_dir, &msg.filename)?;
+        let file = &resolved.file;
         let original = resolved.path.display().to_string();
-        let meta = tokio::fs::metadata(&resolved.path)
-            .await
+        let meta = file
+            .metadata()
             .map_err(|e| PathError::Io(original.clone(), e.to_string()))?;
         let size = meta.len();
         let mtime = meta
@@ -174,62 +180,101 @@ impl TierCopier {
         }
 
         let natural = self.tier.key(&resolved.relative);
-        let natural_size = copy::object_size(&self.tier, &natural).await?;
         let mut source: Option<Digest> = None;
 
         // 2. Nearline: any identical object already in the vault is reused.
-        if self.policy.reuse_identical || natural_size.is_some() {
-            let d = copy::hash_file(&resolved.path, alg).await?;
-            if self.policy.reuse_identical {
-                for obj in self.records.objects_with(&d.checksum, d.size).await? {
-                    let key = crate::store::object_path(&obj.object_key);
-                    // Read back: a damaged copy must not be trusted.
-                    if copy::hash_object(&self.tier, &key, alg).await?.as_ref() == Some(&d) {
-                        self.record(&obj, &original, &mtime, msg).await?;
-                        return Ok(TierOutcome::Copied(report(&obj, false)));
-                    }
+        if self.policy.reuse_identical {
+            let d = copy::hash_open(file, &original, alg).await?;
+            for obj in self.records.objects_with(&d.checksum, d.size).await? {
+                let key = crate::store::object_path(&obj.object_key);
+                // Read back: a damaged copy must not be trusted.
+                if copy::hash_object(&self.tier, &key, alg).await?.as_ref() == Some(&d) {
+                    self.record(&obj, &original, &mtime, msg).await?;
+                    return Ok(TierOutcome::Copied(report(&obj, false)));
                 }
             }
             source = Some(d);
         }
 
-        // 3. Choose the key: the natural one, unless it holds other content.
+        // 3. The natural key, unless it holds other content: then beside it under a
+        //    content-derived key. Each key is claimed before it is looked at, so no other
+        //    handler or instance can find it free at the same time: never overwritten.
         let mut key = natural.clone();
-        if let (Some(existing), Some(d)) = (natural_size, &source) {
-            let same = existing == d.size
-                && copy::hash_object(&self.tier, &natural, alg).await?.as_ref() == Some(d);
-            let obj = StoredObject {
-                object_key: natural.to_string(),
-                size: d.size,
-                checksum: d.checksum.clone(),
+        loop {
+            let claim = Claim::take(&self.records, &key).await?;
+            let src = Source {
+                file,
+                original: &original,
+                mtime: &mtime,
+                size,
             };
-            if same {
-                self.record(&obj, &original, &mtime, msg).await?;
-                return Ok(TierOutcome::Copied(report(&obj, false)));
-            }
-            // Never overwrite: store beside it under a content-derived key.
-            key = crate::store::object_path(&format!(
-                "{}.{}",
-                natural,
-                &d.checksum[..16.min(d.checksum.len())]
-            ));
-            if let Some(got) = copy::hash_object(&self.tier, &key, alg).await? {
-                if &got == d {
-                    let obj = StoredObject {
-                        object_key: key.to_string(),
-                        ..obj
-                    };
-                    self.record(&obj, &original, &mtime, msg).await?;
-                    return Ok(TierOutcome::Copied(report(&obj, false)));
+            let outcome = self
+                .copy_claimed(&claim, &key, &src, &mut source, msg)
+                .await;
+            claim.release().await;
+            match outcome? {
+                Claimed::Done(obj, uploaded) => {
+                    return Ok(TierOutcome::Copied(report(&obj, uploaded)));
                 }
-                return Err(TierError::Transient(format!(
-                    "both {natural} and {key} hold other content; refusing to overwrite"
-                )));
+                Claimed::Occupied(d) if key == natural => {
+                    key = crate::store::object_path(&format!(
+                        "{}.{}",
+                        natural,
+                        &d.checksum[..16.min(d.checksum.len())]
+                    ));
+                    tracing::warn!(key = %natural, sibling = %key, "different content already stored under this key; storing beside it");
+                }
+                Claimed::Occupied(_) => {
+                    // The sibling key is derived from this very content: other bytes there
+                    // are damage no retry will repair.
+                    return Err(TierError::Permanent(format!(
+                        "both {natural} and {key} hold other content; refusing to overwrite"
+                    )));
+                }
             }
-            tracing::warn!(key = %natural, sibling = %key, "different content already stored under this key; storing beside it");
+        }
+    }
+
+    /// Under the claim on `key`: an identical object there is recorded, other content
+    /// reported, and an empty key gets the upload, verified and recorded.
+    async fn copy_claimed(
+        &self,
+        claim: &Claim<'_>,
+        key: &ObjectPath,
+        src: &Source<'_>,
+        source: &mut Option<Digest>,
+        msg: &AssetSweeperFile,
+    ) -> Result<Claimed, TierError> {
+        let alg = self.policy.algorithm;
+        let Source {
+            file,
+            original,
+            mtime,
+            size,
+        } = *src;
+        if let Some(existing) = copy::object_size(&self.tier, key).await? {
+            let d = match source {
+                Some(d) => d.clone(),
+                None => source
+                    .insert(copy::hash_open(file, original, alg).await?)
+                    .clone(),
+            };
+            if existing == d.size
+                && copy::hash_object(&self.tier, key, alg).await?.as_ref() == Some(&d)
+            {
+                let obj = StoredObject {
+                    object_key: key.to_string(),
+                    size: d.size,
+                    checksum: d.checksum.clone(),
+                };
+                self.record(&obj, original, mtime, msg).await?;
+                return Ok(Claimed::Done(obj, false));
+            }
+            return Ok(Claimed::Occupied(d));
         }
 
-        // 4. Stream, hashing as we go; then read back and compare.
+        // 4. Stream, hashing as we go; then read back and compare. The claim is renewed
+        //    meanwhile; losing it stops the copy before anything is recorded.
         let mut attrs = Attributes::new();
         if self.policy.keep_metadata {
             attrs.insert(
@@ -239,22 +284,39 @@ impl TierCopier {
                     .into(),
             );
             attrs.insert(Attribute::Metadata("size".into()), size.to_string().into());
-            attrs.insert(Attribute::Metadata("mtime".into()), mtime.clone().into());
+            attrs.insert(
+                Attribute::Metadata("mtime".into()),
+                mtime.to_string().into(),
+            );
         }
-        let written = copy::upload(&self.tier, &key, &resolved.path, alg, attrs).await?;
-        if let Some(d) = &source
-            && d != &written
-        {
-            return Err(CopyError::SourceChanged(original.clone()).into());
-        }
-        copy::verify(&self.tier, &key, alg, &written).await?;
-        let obj = StoredObject {
-            object_key: key.to_string(),
-            size: written.size,
-            checksum: written.checksum,
+        let work = async {
+            let written = copy::upload(&self.tier, key, file, original, alg, attrs).await?;
+            let changed = source.as_ref().is_some_and(|d| d != &written);
+            let checked = if changed {
+                Err(CopyError::SourceChanged(original.to_string()))
+            } else {
+                copy::verify(&self.tier, key, alg, &written).await
+            };
+            if let Err(e @ (CopyError::Mismatch { .. } | CopyError::SourceChanged(_))) = checked {
+                // Only this attempt wrote here (the key is claimed): take it away so the
+                // retry finds the key free, instead of a bad object it must not overwrite.
+                copy::remove(self.tier.store.as_ref(), key).await?;
+                tracing::warn!(key = %key, error = %e, "removed what this attempt stored");
+                return Err(TierError::from(e));
+            }
+            checked?;
+            let obj = StoredObject {
+                object_key: key.to_string(),
+                size: written.size,
+                checksum: written.checksum,
+            };
+            self.record(&obj, original, mtime, msg).await?;
+            Ok(Claimed::Done(obj, true))
         };
-        self.record(&obj, &original, &mtime, msg).await?;
-        Ok(TierOutcome::Copied(report(&obj, true)))
+        tokio::select! {
+            r = work => r,
+            e = claim.keep() => Err(e),
+        }
     }
 
     async fn record(
@@ -274,5 +336,79 @@ impl TierCopier {
             )
             .await?;
         Ok(())
+    }
+}
+
+/// The opened source file and what is known of it.
+#[derive(Clone, Copy)]
+struct Source<'a> {
+    file: &'a std::fs::File,
+    original: &'a str,
+    mtime: &'a str,
+    size: u64,
+}
+
+/// What a claimed key held.
+enum Claimed {
+    /// Recorded (uploaded or already there).
+    Done(StoredObject, bool),
+    /// Other content, with the source's digest.
+    Occupied(Digest),
+}
+
+/// How long a claim lasts unrenewed (it is renewed every quarter of it): a killed process
+/// blocks its key this long at most, and the redelivery is retried meanwhile.
+const CLAIM_LEASE: Duration = Duration::from_secs(20);
+
+/// This attempt's claim on one key.
+struct Claim<'a> {
+    records: &'a Records,
+    key: String,
+    owner: String,
+}
+
+impl<'a> Claim<'a> {
+    /// Claims `key`, or a retryable error if another copy to it is in progress.
+    async fn take(records: &'a Records, key: &ObjectPath) -> Result<Self, TierError> {
+        let owner = uuid::Uuid::new_v4().to_string();
+        if !records.claim(key.as_ref(), &owner, CLAIM_LEASE).await? {
+            return Err(TierError::Transient(format!(
+                "another copy to {key} is in progress"
+            )));
+        }
+        Ok(Self {
+            records,
+            key: key.to_string(),
+            owner,
+        })
+    }
+
+    /// Renews the claim until it is lost (never returns while it is held).
+    async fn keep(&self) -> TierError {
+        let mut held_until = tokio::time::Instant::now() + CLAIM_LEASE;
+        loop {
+            tokio::time::sleep(CLAIM_LEASE / 4).await;
+            match self
+                .records
+                .claim(&self.key, &self.owner, CLAIM_LEASE)
+                .await
+            {
+                Ok(true) => held_until = tokio::time::Instant::now() + CLAIM_LEASE,
+                Ok(false) => break,
+                // A database blip: keep going while the lease still covers us.
+                Err(e) if tokio::time::Instant::now() + CLAIM_LEASE / 4 < held_until => {
+                    tracing::warn!(key = %self.key, error = %e, "could not renew the upload claim");
+                }
+                Err(_) => break,
+            }
+        }
+        TierError::Transient(format!("lost the upload claim on {}", self.key))
+    }
+
+    /// Gives the claim up (a failure only delays others until the lease ends).
+    async fn release(self) {
+        if let Err(e) = self.records.release(&self.key, &self.owner).await {
+            tracing::warn!(key = %self.key, error = %e, "could not release the upload claim");
+        }
     }
 }

@@ -121,11 +121,11 @@ proptest! {
         std::fs::write(root.join("inside/f.txt"), b"in").unwrap();
         std::fs::write(base.path().join("secret/s.txt"), b"out").unwrap();
         std::os::unix::fs::symlink(base.path().join("secret"), root.join("inside/link")).unwrap();
-        let roots = storage::paths::canonical_roots(std::slice::from_ref(&root)).unwrap();
+        let roots = storage::paths::open_roots(std::slice::from_ref(&root), false).unwrap();
         let rel = parts.join("/");
         let filepath = if absolute { format!("{}/{rel}", root.display()) } else { rel };
         if let Ok(r) = storage::paths::resolve(&roots, &filepath, &name) {
-            prop_assert!(r.path.starts_with(&roots[0]), "{} escaped", r.path.display());
+            prop_assert!(r.path.starts_with(&roots[0].canonical), "{} escaped", r.path.display());
             prop_assert!(!r.relative.contains(".."));
         }
     }

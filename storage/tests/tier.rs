@@ -1,0 +1,246 @@
+//! The shared copy procedure under store faults and concurrency, against the local
+//! filesystem and a real S3-protocol server (moto), through fault-injecting stores.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use storage::paths::open_roots;
+use storage::testing::{FaultyStore, MotoServer, sweeper_message};
+use storage::tier::{TierCopier, TierError, TierOutcome, TierPolicy};
+use storage::{Algorithm, AssetSweeperFile, Records, Tier};
+
+const MIB: usize = 1024 * 1024;
+
+fn policy() -> TierPolicy {
+    TierPolicy {
+        algorithm: Algorithm::Sha256,
+        keep_metadata: false,
+        reuse_identical: false,
+    }
+}
+
+async fn records(dir: &Path) -> Records {
+    Records::open(&format!("sqlite://{}", dir.join("tier.db").display()))
+        .await
+        .expect("records")
+}
+
+/// A copier over `<base>/<root>` into `tier`.
+fn copier(base: &Path, root: &str, tier: Tier, records: Records) -> TierCopier {
+    let roots = open_roots(&[base.join(root)], true).expect("roots");
+    TierCopier::new(roots, tier, records, policy())
+}
+
+/// Writes `<base>/<root>/<rel>`; the message names it relative to the root.
+fn put(base: &Path, root: &str, rel: &str, content: &[u8]) -> AssetSweeperFile {
+    let p = base.join(root).join(rel);
+    std::fs::create_dir_all(p.parent().expect("parent")).expect("dir");
+    std::fs::write(&p, content).expect("write");
+    let (dir, name) = rel.rsplit_once('/').unwrap_or(("", rel));
+    serde_json::from_value(sweeper_message(dir, name, false)).expect("message")
+}
+
+fn sha256(b: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(b))
+}
+
+fn content(n: usize, seed: u8) -> Vec<u8> {
+    (0..n).map(|i| (i % 251) as u8 ^ seed).collect()
+}
+
+/// Every file under `dir`, relative to it.
+fn files(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(rel) = p.strip_prefix(dir) {
+                out.push(rel.display().to_string());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn copied(r: Result<TierOutcome, TierError>) -> storage::CopyReport {
+    match r {
+        Ok(TierOutcome::Copied(c)) => c,
+        other => panic!("expected a copy, got {other:?}"),
+    }
+}
+
+fn transient(r: Result<TierOutcome, TierError>) -> String {
+    match r {
+        Err(TierError::Transient(e)) => e,
+        other => panic!("expected a retry, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_store_failing_as_the_upload_completes_is_a_retry_and_cleaned_up() {
+    let base = tempfile::tempdir().expect("temp");
+    let store_dir = base.path().join("store");
+    let mut tier = storage::store::local(&store_dir).expect("tier");
+    tier.min_part = MIB as u64; // small parts keep the multipart file small
+    let (faulty, faults) = FaultyStore::wrap(&tier);
+    let c = copier(base.path(), "online", faulty, records(base.path()).await);
+
+    // Under one part: the whole upload happens as the writer completes.
+    let small = put(base.path(), "online", "p/small.bin", b"small");
+    faults.fail_put.store(true, Ordering::SeqCst);
+    let e = transient(c.handle(&small, 1).await);
+    assert!(e.contains("injected fault"), "{e}");
+
+    // Multipart: every part stored, then the completion fails; the upload is aborted.
+    let big_content = content(3 * MIB + 17, 1);
+    let big = put(base.path(), "online", "p/big.bin", &big_content);
+    faults.fail_complete.store(true, Ordering::SeqCst);
+    let e = transient(c.handle(&big, 1).await);
+    assert!(e.contains("injected fault"), "{e}");
+    assert_eq!(
+        faults.aborts.load(Ordering::SeqCst),
+        1,
+        "the upload was aborted"
+    );
+    assert_eq!(
+        files(&store_dir),
+        Vec::<String>::new(),
+        "nothing left behind"
+    );
+
+    // The store recovers: both retries succeed.
+    faults.fail_put.store(false, Ordering::SeqCst);
+    faults.fail_complete.store(false, Ordering::SeqCst);
+    assert_eq!(copied(c.handle(&small, 2).await).key, "p/small.bin");
+    let r = copied(c.handle(&big, 2).await);
+    assert_eq!(r.checksum, sha256(&big_content));
+    assert_eq!(
+        std::fs::read(store_dir.join("p/big.bin")).expect("stored"),
+        big_content
+    );
+}
+
+#[tokio::test]
+async fn concurrent_uploads_of_different_content_to_one_key_never_overwrite() {
+    let base = tempfile::tempdir().expect("temp");
+    let store_dir = base.path().join("store");
+    let tier = storage::store::local(&store_dir).expect("tier");
+    let (faulty, faults) = FaultyStore::wrap(&tier);
+    let recs = records(base.path()).await;
+    // Two instances sharing store and database, each seeing its own file at one path.
+    let a = copier(base.path(), "a", faulty.clone(), recs.clone());
+    let b = copier(base.path(), "b", faulty, recs);
+    let msg_a = put(base.path(), "a", "show/ep.mov", b"content of A");
+    let msg_b = put(base.path(), "b", "show/ep.mov", b"content of B, other");
+
+    // A finds the key free and is held in the middle of its upload.
+    let (entered, release) = faults.hold_next_upload();
+    let first = tokio::spawn(async move { a.handle(&msg_a, 1).await });
+    entered.notified().await;
+    // Meanwhile B handles the same key: it must not find it free.
+    let during = b.handle(&msg_b, 1).await;
+    release.notify_one();
+    let ra = copied(first.await.expect("A ran"));
+    assert_eq!(ra.key, "show/ep.mov");
+    let e = transient(during);
+    assert!(e.contains("in progress"), "{e}");
+    // B's retry finds A's object there and stores beside it, never over it.
+    let rb = copied(b.handle(&msg_b, 2).await);
+    assert_eq!(
+        rb.key,
+        format!("show/ep.mov.{}", &sha256(b"content of B, other")[..16])
+    );
+    for (r, body) in [
+        (&ra, &b"content of A"[..]),
+        (&rb, &b"content of B, other"[..]),
+    ] {
+        assert_eq!(r.checksum, sha256(body), "{r:?}");
+        assert_eq!(
+            std::fs::read(store_dir.join(&r.key)).expect("stored"),
+            body,
+            "what {} reports is what is stored",
+            r.key
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_failed_verification_removes_what_the_attempt_stored() {
+    let base = tempfile::tempdir().expect("temp");
+    let store_dir = base.path().join("store");
+    let mut tier = storage::store::local(&store_dir).expect("tier");
+    tier.min_part = MIB as u64;
+    let (faulty, faults) = FaultyStore::wrap(&tier);
+    let c = copier(base.path(), "online", faulty, records(base.path()).await);
+    for (name, body) in [
+        ("one.bin", content(1000, 2)),
+        ("multi.bin", content(2 * MIB + 5, 3)),
+    ] {
+        let msg = put(base.path(), "online", &format!("v/{name}"), &body);
+        faults.corrupt.store(1, Ordering::SeqCst);
+        let e = transient(c.handle(&msg, 1).await);
+        assert!(e.contains("verification"), "{e}");
+        assert!(
+            !store_dir.join("v").join(name).exists(),
+            "the damaged object is gone"
+        );
+        // The retry stores a good copy under the file's own key, not beside a bad one.
+        let r = copied(c.handle(&msg, 2).await);
+        assert_eq!(r.key, format!("v/{name}"));
+        assert!(r.uploaded);
+        assert_eq!(std::fs::read(store_dir.join(&r.key)).expect("stored"), body);
+    }
+    assert_eq!(files(&store_dir), ["v/multi.bin", "v/one.bin"]);
+}
+
+#[tokio::test]
+async fn multipart_through_s3_survives_an_outage_mid_upload() {
+    let bucket = "tier-multipart";
+    let moto = Arc::new(tokio::sync::Mutex::new(MotoServer::start(bucket).await));
+    let mut opts = moto.lock().await.store_options();
+    opts.max_retries = 0;
+    opts.retry_timeout_ms = 2000;
+    opts.part_size_mib = 5; // S3's smallest part
+    let tier = storage::store::open(&format!("s3://{bucket}/pre"), &opts).expect("tier");
+    let (faulty, faults) = FaultyStore::wrap(&tier);
+    let base = tempfile::tempdir().expect("temp");
+    let c = copier(base.path(), "online", faulty, records(base.path()).await);
+    // Stops the server from inside a store call (uncontended: the test holds no lock).
+    let stopper = || {
+        let m = moto.clone();
+        Box::new(move || m.try_lock().expect("moto free").stop()) as Box<dyn FnOnce() + Send>
+    };
+
+    // A single-request upload: the server goes away as it is sent.
+    let small = put(base.path(), "online", "big/small.mov", b"small");
+    *faults.before_put.lock().expect("hook") = Some(stopper());
+    let e = transient(c.handle(&small, 1).await);
+    assert!(e.contains("object store"), "{e}");
+    moto.lock().await.restart(bucket).await;
+
+    // Three parts (5 MiB, 5 MiB, the rest): the server goes away once the first is stored.
+    let body = content(11 * MIB + 3, 4);
+    let msg = put(base.path(), "online", "big/take.mov", &body);
+    *faults.after_first_part.lock().expect("hook") = Some(stopper());
+    let e = transient(c.handle(&msg, 1).await);
+    assert!(e.contains("object store"), "{e}");
+    assert_eq!(faults.aborts.load(Ordering::SeqCst), 1, "abort attempted");
+
+    // Back up (moto keeps nothing; the bucket is re-created): the retries store both whole.
+    moto.lock().await.restart(bucket).await;
+    assert_eq!(copied(c.handle(&small, 2).await).key, "pre/big/small.mov");
+    let r = copied(c.handle(&msg, 2).await);
+    assert_eq!(r.key, "pre/big/take.mov");
+    let got = storage::copy::hash_object(&tier, &tier.key("big/take.mov"), Algorithm::Sha256)
+        .await
+        .expect("read back")
+        .expect("stored");
+    assert_eq!(got.size, body.len() as u64);
+    assert_eq!(got.checksum, sha256(&body));
+}
