@@ -52,11 +52,21 @@ fn env_of(svc: &serde_norway::Value) -> HashMap<String, String> {
 type Loader = fn(&HashMap<String, String>) -> Result<(), String>;
 
 fn check<S: Service>(env: &HashMap<String, String>) -> Result<(), String> {
+    // Online roots are mounts inside the container: a configured root must exist, so on
+    // this host each is checked as a directory that does.
+    let host_root = std::env::temp_dir();
+    let mut env = env.clone();
+    for (k, v) in env.iter_mut() {
+        if k.ends_with("__ONLINE_ROOTS") {
+            assert!(v.starts_with('/'), "{k} is an absolute path: {v}");
+            *v = host_root.display().to_string();
+        }
+    }
     let opts = LoadOptions {
         config_dir: Some(repo().join("config")),
         config_dir_explicit: true,
         env_name: env.get("APP_ENV").cloned(),
-        env_vars: Some(env.clone()),
+        env_vars: Some(env),
         overrides: vec![],
     };
     framework::cli::load_config::<S>(&opts)
