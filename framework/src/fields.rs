@@ -16,6 +16,10 @@ pub enum FieldError {
     /// A required string is empty or blank.
     #[error("field `{0}` is empty")]
     Empty(String),
+    /// A string holds U+0000: valid JSON, but PostgreSQL text cannot store it, so it
+    /// would fail every retry; it is refused where it is read instead.
+    #[error("field `{0}` contains a NUL character (\\u0000)")]
+    Nul(String),
     /// A field has the wrong JSON type or an unusable value.
     #[error("field `{field}`: expected {expected}, found {found}")]
     Type {
@@ -51,6 +55,14 @@ pub fn kind_name(v: &Value) -> &'static str {
     }
 }
 
+/// Refuses `s`, the text of field `f`, if it contains a NUL character.
+pub fn no_nul(f: &str, s: &str) -> Result<(), FieldError> {
+    if s.contains('\0') {
+        return Err(FieldError::Nul(f.into()));
+    }
+    Ok(())
+}
+
 /// Field `f` of `o`, neither absent nor null.
 pub fn present<'a>(o: &'a Map<String, Value>, f: &str) -> Result<&'a Value, FieldError> {
     match o.get(f) {
@@ -60,20 +72,29 @@ pub fn present<'a>(o: &'a Map<String, Value>, f: &str) -> Result<&'a Value, Fiel
     }
 }
 
-/// Field `f` of `o` as a string (possibly empty).
+/// Field `f` of `o` as a string (possibly empty, never with a NUL).
 pub fn string(o: &Map<String, Value>, f: &str) -> Result<String, FieldError> {
     match present(o, f)? {
-        Value::String(s) => Ok(s.clone()),
+        Value::String(s) => no_nul(f, s).map(|()| s.clone()),
         other => Err(FieldError::wrong_type(f, "string", other)),
     }
 }
 
-/// Field `f` of `o` as a string that is not blank.
+/// Field `f` of `o` as a string that is not blank (and has no NUL).
 pub fn non_empty_string(o: &Map<String, Value>, f: &str) -> Result<String, FieldError> {
     match present(o, f)? {
         Value::String(s) if s.trim().is_empty() => Err(FieldError::Empty(f.into())),
-        Value::String(s) => Ok(s.clone()),
+        Value::String(s) => no_nul(f, s).map(|()| s.clone()),
         other => Err(FieldError::wrong_type(f, "string", other)),
+    }
+}
+
+/// Field `f` of `o` as non-blank text: a string, or a boolean or number taken as its JSON
+/// text (`true`, `42`, `1.5`), for inputs whose producers did not quote every value.
+pub fn non_empty_text(o: &Map<String, Value>, f: &str) -> Result<String, FieldError> {
+    match present(o, f)? {
+        v @ (Value::Bool(_) | Value::Number(_)) => Ok(v.to_string()),
+        _ => non_empty_string(o, f),
     }
 }
 
@@ -96,5 +117,34 @@ mod tests {
         assert_eq!(err(non_empty_string(o, "e")), "field `e` is empty");
         assert_eq!(string(o, "e").as_deref(), Ok(" "));
         assert_eq!(non_empty_string(o, "s").as_deref(), Ok("x"));
+    }
+
+    #[test]
+    fn nul_characters_are_refused_naming_the_field() {
+        let v = json!({"t": "a\u{0}b", "e": "\u{0}"});
+        let o = v.as_object().expect("object");
+        let nul = "field `t` contains a NUL character (\\u0000)";
+        assert_eq!(string(o, "t").expect_err("nul").to_string(), nul);
+        assert_eq!(non_empty_string(o, "t").expect_err("nul").to_string(), nul);
+        assert_eq!(non_empty_text(o, "t").expect_err("nul").to_string(), nul);
+        assert_eq!(string(o, "e"), Err(FieldError::Nul("e".into())));
+        assert_eq!(no_nul("x", "fine"), Ok(()));
+    }
+
+    #[test]
+    fn text_takes_booleans_and_numbers_as_their_json_text() {
+        let v =
+            json!({"b": true, "n": 42, "f": 1.5, "s": "x", "a": [], "o": {}, "e": "", "z": null});
+        let o = v.as_object().expect("object");
+        assert_eq!(non_empty_text(o, "b").as_deref(), Ok("true"));
+        assert_eq!(non_empty_text(o, "n").as_deref(), Ok("42"));
+        assert_eq!(non_empty_text(o, "f").as_deref(), Ok("1.5"));
+        assert_eq!(non_empty_text(o, "s").as_deref(), Ok("x"));
+        let err = |f| non_empty_text(o, f).expect_err("an error").to_string();
+        assert_eq!(err("a"), "field `a`: expected string, found array");
+        assert_eq!(err("o"), "field `o`: expected string, found object");
+        assert_eq!(err("e"), "field `e` is empty");
+        assert_eq!(err("z"), "field `z` is null");
+        assert_eq!(err("m"), "field `m` is missing");
     }
 }

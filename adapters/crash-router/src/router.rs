@@ -1,17 +1,14 @@
 //! The crash-router processor and its `Service` wiring.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 
 use framework::config::{Config, ConfigError};
 use framework::{BoxError, MessageContext, MessageProcessor, Outcome, Publication, Service};
-use rand::SeedableRng;
-use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::rules::{Record, classify};
-use crate::spec::{QueueSpec, parse_queues, selected};
+use crate::spec::{DEFAULT_SEED, QueueSpec, parse_queues, selected};
 
 /// Exchange the S3 notifications arrive on.
 pub const INPUT_EXCHANGE: &str = "s3-events";
@@ -34,7 +31,7 @@ pub struct CrashRouterSettings {
     /// The throttle-result digit that means accept ("0" or "1"; the other one defers).
     #[serde(default = "default_accept_digit")]
     pub accept_digit: String,
-    /// Seed for the throttle draws; unset = seeded from the OS.
+    /// Seed for the throttle draws; unset = [`DEFAULT_SEED`] (draws stay deterministic).
     #[serde(default)]
     pub seed: Option<u64>,
 }
@@ -69,7 +66,7 @@ pub struct CrashRouter {
     queues: Vec<QueueSpec>,
     accept: char,
     defer: char,
-    rng: Mutex<StdRng>,
+    seed: u64,
 }
 
 /// Per-crash-id queue lists carried in a retry header.
@@ -98,26 +95,22 @@ struct Counts {
 }
 
 impl CrashRouter {
-    /// A router for `queues`; `seed` fixes the throttle draws (tests, reproducibility).
+    /// A router for `queues`; `seed` (default [`DEFAULT_SEED`]) keys the throttle draws.
     pub fn new(queues: Vec<QueueSpec>, accept: char, defer: char, seed: Option<u64>) -> Self {
-        let rng = match seed {
-            Some(s) => StdRng::seed_from_u64(s),
-            None => StdRng::from_os_rng(),
-        };
         Self {
             queues,
             accept,
             defer,
-            rng: Mutex::new(rng),
+            seed: seed.unwrap_or(DEFAULT_SEED),
         }
     }
 
-    /// Draws, for each configured queue in order, whether it gets a crash id.
-    pub fn select_queues(&self) -> Vec<String> {
-        let mut rng = self.rng.lock().unwrap_or_else(|p| p.into_inner());
+    /// The configured queues, in order, that get `crash_id`: a function of the seed and
+    /// the id only, so any instance handling any delivery of it chooses the same.
+    pub fn select_queues(&self, crash_id: &str) -> Vec<String> {
         self.queues
             .iter()
-            .filter(|q| selected(q.throttle, &mut *rng))
+            .filter(|q| selected(q.throttle, self.seed, &q.name, crash_id))
             .map(|q| q.name.clone())
             .collect()
     }
@@ -173,7 +166,7 @@ impl MessageProcessor for CrashRouter {
         let mut published = read_header(ctx, PUBLISHED_HEADER);
         for id in &accepted {
             if !chosen.contains_key(id) {
-                chosen.insert(id.clone(), self.select_queues());
+                chosen.insert(id.clone(), self.select_queues(id));
             }
         }
         write_header(ctx, SELECTED_HEADER, &chosen);
@@ -394,11 +387,20 @@ mod tests {
         assert_eq!(body["counts"]["throttled"], 1);
     }
 
+    fn ids(n: u32) -> Vec<String> {
+        (0..n)
+            .map(|i| format!("{i:08x}-2d1c-4865-af09-80bc00180313"))
+            .collect()
+    }
+
     #[test]
     fn seeded_selection_is_reproducible() {
         let picks = |seed| {
             let r = router("a,15:b,0:c,100:d", seed);
-            (0..2000).map(|_| r.select_queues()).collect::<Vec<_>>()
+            ids(2000)
+                .iter()
+                .map(|id| r.select_queues(id))
+                .collect::<Vec<_>>()
         };
         let p = picks(99);
         assert_eq!(p, picks(99));
@@ -409,6 +411,33 @@ mod tests {
         assert!(p.iter().all(|v| !v.contains(&"c".to_string())));
         let b = p.iter().filter(|v| v.contains(&"b".to_string())).count();
         assert!((200..=400).contains(&b), "about 15% of 2000, got {b}");
+    }
+
+    #[test]
+    fn two_instances_choose_the_same_queues_for_an_id() {
+        // Instance A has already drawn for other ids (its history differs from B's); a
+        // redelivery of the same id on either must still choose the same queues.
+        for seed in [None, Some(7)] {
+            let spec = parse_queues("a,15:b,50:c").unwrap();
+            let a = CrashRouter::new(spec.clone(), '0', '1', seed);
+            let b = CrashRouter::new(spec, '0', '1', seed);
+            let all = ids(500);
+            for id in &all[..100] {
+                a.select_queues(id);
+            }
+            let pa: Vec<_> = all.iter().rev().map(|id| a.select_queues(id)).collect();
+            let pb: Vec<_> = all.iter().rev().map(|id| b.select_queues(id)).collect();
+            assert_eq!(pa, pb, "seed {seed:?}");
+            // And the draws really vary between ids (not one fixed choice).
+            assert!(
+                pa.iter().any(|v| v.contains(&"b".to_string())),
+                "seed {seed:?}"
+            );
+            assert!(
+                pa.iter().any(|v| !v.contains(&"b".to_string())),
+                "seed {seed:?}"
+            );
+        }
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use rand::Rng;
+use sha2::{Digest, Sha256};
 
 /// One destination queue and the percentage of accepted crashes it receives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,23 +114,46 @@ pub fn parse_queues(spec: &str) -> Result<Vec<QueueSpec>, SpecError> {
     Ok(out)
 }
 
-/// Whether a queue with `throttle` gets one crash id: always at 100, never at 0,
-/// otherwise when a uniform draw in 0..100 is below the throttle.
-pub fn selected(throttle: u8, rng: &mut impl Rng) -> bool {
+/// Seed of the throttle draws when `[crash_router] seed` is unset: draws stay a function of
+/// the crash id alone, so every instance and every redelivery agree.
+pub const DEFAULT_SEED: u64 = 0;
+
+/// The draw in `0..100` for one (crash id, queue) pair: SHA-256 of the seed, the queue name
+/// and the crash id, so it is the same on every instance, process and redelivery, and
+/// independent between queues (a 15% queue is not a subset of a 30% one).
+pub fn draw(seed: u64, queue: &str, crash_id: &str) -> u8 {
+    let mut h = Sha256::new();
+    h.update(seed.to_be_bytes());
+    // Length prefixes keep ("ab", "c") and ("a", "bc") apart.
+    for part in [queue, crash_id] {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part.as_bytes());
+    }
+    let digest = h.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    // The modulo bias of 2^64 mod 100 is ~5e-18: irrelevant for a percentage.
+    (u64::from_be_bytes(first) % 100) as u8
+}
+
+/// Whether a queue with `throttle` gets `crash_id`: always at 100, never at 0, otherwise
+/// when the pair's [`draw`] is below the throttle.
+pub fn selected(throttle: u8, seed: u64, queue: &str, crash_id: &str) -> bool {
     if throttle >= 100 {
         return true;
     }
     if throttle == 0 {
         return false;
     }
-    rng.random_range(0..100u8) < throttle
+    draw(seed, queue, crash_id) < throttle
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::SeedableRng;
-    use rand::rngs::StdRng;
+
+    // Computed independently (Python hashlib) from the documented encoding.
+    const PINNED: [u8; 2] = [35, 82];
 
     fn q(name: &str, throttle: u8) -> QueueSpec {
         QueueSpec {
@@ -223,25 +246,46 @@ mod tests {
 
     #[test]
     fn throttle_0_and_100_ignore_the_draw() {
-        let mut rng = StdRng::seed_from_u64(1);
-        assert!((0..1000).all(|_| selected(100, &mut rng)));
-        assert!((0..1000).all(|_| !selected(0, &mut rng)));
+        let id = |n: u32| format!("{n:08x}-2d1c-4865-af09-80bc00180313");
+        assert!((0..1000).all(|n| selected(100, 1, "q", &id(n))));
+        assert!((0..1000).all(|n| !selected(0, 1, "q", &id(n))));
     }
 
     #[test]
     fn throttle_15_selects_about_15_percent_deterministically() {
+        let id = |n: u32| format!("{n:08x}-2d1c-4865-af09-80bc00180313");
         let count = |seed| {
-            let mut rng = StdRng::seed_from_u64(seed);
-            (0..10_000).filter(|_| selected(15, &mut rng)).count()
+            (0..10_000)
+                .filter(|n| selected(15, seed, "q", &id(*n)))
+                .count()
         };
         let n = count(42);
         assert!((1300..=1700).contains(&n), "15% of 10000, got {n}");
         assert_eq!(count(42), n, "the same seed gives the same choices");
-        let seq = |seed| {
-            let mut rng = StdRng::seed_from_u64(seed);
-            (0..64).map(|_| selected(15, &mut rng)).collect::<Vec<_>>()
+        let seq = |seed, q| {
+            (0..64)
+                .map(|n| selected(15, seed, q, &id(n)))
+                .collect::<Vec<_>>()
         };
-        assert_eq!(seq(7), seq(7));
-        assert_ne!(seq(7), seq(8), "different seeds differ");
+        assert_eq!(seq(7, "q"), seq(7, "q"));
+        assert_ne!(seq(7, "q"), seq(8, "q"), "different seeds differ");
+        assert_ne!(
+            seq(7, "q"),
+            seq(7, "r"),
+            "different queues draw independently"
+        );
+    }
+
+    #[test]
+    fn draws_are_a_fixed_function_of_the_inputs() {
+        // Pinned values: a change of hash, encoding or reduction would move every
+        // deployment's choices, which a redelivery across a version change must not see.
+        let id = "00007bd0-2d1c-4865-af09-80bc00180313";
+        let pinned = [
+            draw(0, "socorro.submitter", id),
+            draw(42, "socorro.submitter", id),
+        ];
+        assert_eq!(pinned, PINNED);
+        assert!(pinned.iter().all(|d| *d < 100));
     }
 }

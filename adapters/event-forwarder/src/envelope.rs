@@ -8,7 +8,7 @@ use serde_json::value::RawValue;
 pub struct KinesisRecord<'a> {
     /// The whole record, as received (dead-lettered alone when the endpoint refuses it).
     pub record: &'a RawValue,
-    /// Its `kinesis` object, as received: what is POSTed.
+    /// Its `kinesis` value (any JSON type), as received: what is POSTed.
     pub kinesis: &'a RawValue,
 }
 
@@ -17,7 +17,7 @@ pub struct KinesisRecord<'a> {
 pub enum Events<'a> {
     /// A single event: the whole body is POSTed unchanged.
     Single(&'a RawValue),
-    /// `{"Records":[{"kinesis":{…}}, …]}`: each record's `kinesis` object is POSTed on its own.
+    /// `{"Records":[{"kinesis":…}, …]}`: each record's `kinesis` value is POSTed on its own.
     Kinesis(Vec<KinesisRecord<'a>>),
 }
 
@@ -33,12 +33,9 @@ struct Record<'a> {
     kinesis: &'a RawValue,
 }
 
-fn is_object(v: &RawValue) -> bool {
-    v.get().trim_start().starts_with('{')
-}
-
 /// Splits a body: a Kinesis envelope when `Records` is a non-empty array whose every
-/// element has a `kinesis` object; anything else is a single event.
+/// element is an object with a `kinesis` key, whatever the JSON type of its value (an
+/// object, a string, a number…, design §7); anything else is a single event.
 pub fn split(body: &RawValue) -> Events<'_> {
     let Ok(env) = serde_json::from_str::<Envelope<'_>>(body.get()) else {
         return Events::Single(body);
@@ -49,11 +46,11 @@ pub fn split(body: &RawValue) -> Events<'_> {
     let mut out = Vec::with_capacity(env.records.len());
     for record in env.records {
         match serde_json::from_str::<Record<'_>>(record.get()) {
-            Ok(r) if is_object(r.kinesis) => out.push(KinesisRecord {
+            Ok(r) => out.push(KinesisRecord {
                 record,
                 kinesis: r.kinesis,
             }),
-            _ => return Events::Single(body),
+            Err(_) => return Events::Single(body),
         }
     }
     Events::Kinesis(out)
@@ -89,7 +86,6 @@ mod tests {
             r#"{"type":"member-registered","data":{"b":1,"a":2}}"#,
             r#"{"Records":[]}"#,
             r#"{"Records":[{"kinesis":{"data":"x"}},{"body":"y"}]}"#,
-            r#"{"Records":[{"kinesis":"not an object"}]}"#,
             r#"{"Records":"x"}"#,
             r#"[1,2]"#,
             r#""text""#,
@@ -100,6 +96,20 @@ mod tests {
                 e => panic!("{s}: {e:?}"),
             }
         }
+    }
+
+    #[test]
+    fn a_kinesis_value_of_any_json_type_is_its_own_event() {
+        let s = r#"{"Records":[{"kinesis":"text"},{"kinesis":42},{"kinesis":{"a":1}},{"kinesis":[1, 2]},{"kinesis":null},{"kinesis":true}]}"#;
+        let r = raw(s);
+        let Events::Kinesis(recs) = split(&r) else {
+            panic!("envelope expected")
+        };
+        let posted: Vec<&str> = recs.iter().map(|k| k.kinesis.get()).collect();
+        assert_eq!(
+            posted,
+            [r#""text""#, "42", r#"{"a":1}"#, "[1, 2]", "null", "true"]
+        );
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Decoding Pluto project events: plain JSON or Kinesis envelopes with base64 `data`.
 
 use base64::Engine;
-use framework::fields::{FieldError, kind_name, present, string};
+use framework::fields::{FieldError, kind_name, no_nul, present, string};
 use serde_json::{Map, Value};
 
 /// Why a message (or one record of it) can never be processed.
@@ -100,7 +100,7 @@ fn identifier(o: &Map<String, Value>, f: &str) -> Result<String, FieldError> {
     match present(o, f)? {
         Value::Number(n) if n.is_i64() || n.is_u64() => Ok(n.to_string()),
         Value::Number(n) => Err(bad(format!("number {n}"))),
-        Value::String(s) if !s.trim().is_empty() => Ok(s.clone()),
+        Value::String(s) if !s.trim().is_empty() => no_nul(f, s).map(|()| s.clone()),
         Value::String(_) => Err(bad("empty string".into())),
         other => Err(bad(kind_name(other).into())),
     }
@@ -129,6 +129,16 @@ fn time_field(o: &Map<String, Value>, f: &str) -> Result<(String, String), Field
 
 /// Parses a Pluto project JSON object; `arrival` is the Kinesis arrival time, if any.
 pub fn parse_project(v: &Value, arrival: Option<String>) -> Result<Parsed, EventError> {
+    parse_with_receipt(v, arrival, None)
+}
+
+/// [`parse_project`] of a plain message, with `received`: when it first reached this
+/// service (normalized), the last resort ordering a project-updated event.
+fn parse_with_receipt(
+    v: &Value,
+    arrival: Option<String>,
+    received: Option<&str>,
+) -> Result<Parsed, EventError> {
     let Value::Object(o) = v else {
         return Err(EventError::Shape(format!(
             "expected a JSON object, found {}",
@@ -147,15 +157,17 @@ pub fn parse_project(v: &Value, arrival: Option<String>) -> Result<Parsed, Event
     let commission_title = string(o, "commissionTitle")?;
     let production_office = string(o, "productionOffice")?;
     let (created, created_norm) = time_field(o, "created")?;
-    // Ordering key: an explicit `updated` time wins, then the Kinesis arrival time;
-    // a project-created event falls back to its `created` time.
+    // Ordering key: an explicit `updated` time wins, then the Kinesis arrival time; then a
+    // project-created event falls back to its `created` time, and a project-updated one
+    // to the first receipt of a plain message (kept across retries), so an older update
+    // returning from a retry tier never overwrites a newer one applied meanwhile.
     let updated = match o.get("updated") {
         None | Some(Value::Null) => None,
         Some(_) => Some(time_field(o, "updated")?.1),
     };
     let fallback = match kind {
         EventKind::Created => Some(created_norm),
-        EventKind::Updated => None,
+        EventKind::Updated => received.map(str::to_string),
     };
     let version = updated.or(arrival).or(fallback);
     Ok(Parsed::Project(ProjectEvent {
@@ -210,8 +222,9 @@ fn parse_kinesis_record(rec: &Value, path: &str) -> Result<Parsed, EventError> {
 }
 
 /// Splits a message into its events: a plain project JSON (one item), a Kinesis record
-/// (`{"kinesis":{"data":…}}` or `{"data":…}`) or a Kinesis event (`{"Records":[…]}`).
-pub fn items(msg: &Value) -> Vec<Item> {
+/// (`{"kinesis":{"data":…}}` or `{"data":…}`) or a Kinesis event (`{"Records":[…]}`);
+/// `received` (normalized) orders a plain project-updated JSON, which has no arrival time.
+pub fn items(msg: &Value, received: &str) -> Vec<Item> {
     let one = |parsed| {
         vec![Item {
             raw: msg.clone(),
@@ -255,7 +268,7 @@ pub fn items(msg: &Value) -> Vec<Item> {
     if o.contains_key("data") && !o.contains_key("type") {
         return one(parse_kinesis_record(msg, "record"));
     }
-    one(parse_project(msg, None))
+    one(parse_with_receipt(msg, None, Some(received)))
 }
 
 #[cfg(test)]

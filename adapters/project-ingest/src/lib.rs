@@ -13,11 +13,16 @@ use framework::{
 };
 use serde::{Deserialize, Serialize};
 
-use event::{Parsed, items};
+use event::{Parsed, items, normalize_time};
 use store::{Applied, Store};
 
 /// Header listing the 1-based records of a batch already dead-lettered (kept across retries).
 pub const DEAD_LETTERED_HEADER: &str = "x-dead-lettered-records";
+
+/// Header carrying when a plain message first reached this service (RFC 3339, UTC),
+/// kept across retries: the ordering key of a plain update without an `updated` time, so
+/// an older update returning from a retry tier loses to a newer one applied meanwhile.
+pub const RECEIVED_HEADER: &str = "x-project-ingest-received";
 
 /// Counter of handled events by `result` (stored, stale, missing, unknown_type, invalid).
 pub const EVENTS_METRIC: &str = "storagetier_projectingest_events_total";
@@ -75,7 +80,16 @@ impl MessageProcessor for ProjectProcessor {
     type Input = serde_json::Value;
 
     async fn handle(&self, input: serde_json::Value, ctx: &MessageContext) -> Outcome {
-        let items = items(&input);
+        // First receipt: from an earlier attempt's header, else now (and kept for retries).
+        let received = framework::headers::get_str(&ctx.headers, RECEIVED_HEADER)
+            .and_then(|s| normalize_time(&s))
+            .unwrap_or_else(|| {
+                chrono::Utc::now()
+                    .format("%Y-%m-%dT%H:%M:%S%.6fZ")
+                    .to_string()
+            });
+        ctx.set_retry_header(RECEIVED_HEADER, &received);
+        let items = items(&input, &received);
         let batch = items.len() > 1;
         let mut dead = already_dead_lettered(ctx);
         let mut stored = Vec::new();

@@ -121,7 +121,104 @@ on_both!(
     unknown_type_is_dropped,
     kinesis_envelopes_single_and_multiple,
     older_updates_never_overwrite_newer_ones,
+    a_plain_update_back_from_a_retry_tier_never_overwrites_a_newer_one,
+    a_nul_character_is_permanent_naming_the_field,
 );
+
+/// A plain update (no `updated` time) held in a retry tier comes back after a newer one
+/// was applied: it carries its first receipt time (the retry header), older than the
+/// newer update's, so it is stale and the newer state stays.
+async fn a_plain_update_back_from_a_retry_tier_never_overwrites_a_newer_one(b: Backend) {
+    use framework::lapin::types::{AMQPValue, FieldTable};
+    let env = start(b, &[]).await;
+    let mut out = env.hs.watch_output().await;
+    env.send(&project("project-created", "r", "v0")).await;
+    next(&mut out).await;
+    // The older update was first received before the newer one…
+    let first_received = chrono::Utc::now() - chrono::Duration::seconds(5);
+    env.send(&project("project-updated", "r", "newer")).await;
+    assert_eq!(body(&next(&mut out).await)["title"], "newer");
+    // …and re-enters the queue from a retry tier as the framework sends it there: its
+    // retry count, origin, and the headers the first attempt set.
+    let mut h = FieldTable::default();
+    h.insert("x-retry-count".into(), AMQPValue::LongLongInt(1));
+    h.insert(
+        "x-original-exchange".into(),
+        AMQPValue::LongString(env.hs.input_exchange.as_str().into()),
+    );
+    h.insert(
+        "x-original-routing-key".into(),
+        AMQPValue::LongString("core.project.event".into()),
+    );
+    h.insert(
+        project_ingest::RECEIVED_HEADER.into(),
+        AMQPValue::LongString(first_received.to_rfc3339().as_str().into()),
+    );
+    let older = serde_json::to_vec(&project("project-updated", "r", "older")).unwrap();
+    publish(
+        &env.hs.ch,
+        "",
+        &env.hs.q,
+        &older,
+        BasicProperties::default().with_headers(h),
+    )
+    .await;
+    // FIFO with prefetch 1: the sentinel's success proves `older` was handled.
+    let sentinel = serde_json::to_vec(&project("project-created", "sentinel", "s")).unwrap();
+    publish(
+        &env.hs.ch,
+        "",
+        &env.hs.q,
+        &sentinel,
+        BasicProperties::default(),
+    )
+    .await;
+    assert_eq!(
+        body(&next(&mut out).await)["id"],
+        "sentinel",
+        "older was dropped"
+    );
+    assert_eq!(
+        env.store.project("r").await.unwrap().unwrap().title,
+        "newer"
+    );
+    assert_eq!(env.dlq_count().await, 0);
+    env.finish().await;
+}
+
+/// PostgreSQL cannot store U+0000 in text: refused when read, naming the field, not
+/// retried until `retries-exhausted`.
+async fn a_nul_character_is_permanent_naming_the_field(b: Backend) {
+    let env = start(b, &[]).await;
+    let mut dlq = env.hs.watch_dlq().await;
+    for (field, v) in [
+        ("title", project("project-created", "n1", "bad\u{0}title")),
+        ("id", project("project-created", "n\u{0}2", "t")),
+        (
+            "data.productionOffice",
+            kinesis(&[{
+                let mut p = project("project-created", "n3", "t");
+                p["productionOffice"] = json!("U\u{0}K");
+                p
+            }]),
+        ),
+    ] {
+        env.send(&v).await;
+        let d = next(&mut dlq).await;
+        let err = header(&d, "x-error").unwrap();
+        let name = field.rsplit('.').next().unwrap();
+        assert!(
+            err.contains(&format!(
+                "field `{name}` contains a NUL character (\\u0000)"
+            )),
+            "{field}: {err}"
+        );
+        assert_eq!(header(&d, "x-error-kind").as_deref(), Some("permanent"));
+        assert_eq!(int_header(&d, "x-retry-count"), Some(1), "no retries");
+    }
+    assert!(env.store.project("n1").await.unwrap().is_none());
+    env.finish().await;
+}
 
 async fn created_stores_project_and_commission(b: Backend) {
     let env = start(b, &[]).await;

@@ -14,9 +14,10 @@ use framework::{
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 
 use message::{FILENAME_NOT_SET, Input, Kind, StatusMessage, decode, title_case};
-use store::{Store, StoreError};
+use store::{Collection, Store, StoreError};
 
 /// Routing key of export-state messages.
 pub const EXPORT_STATE_KEY: &str = "snapshot.export-state";
@@ -75,13 +76,15 @@ struct Handled {
     dropped: Option<String>,
 }
 
-fn export_state(m: &StatusMessage) -> Value {
+/// The export-state message for `m`'s collection `c`: the flags are those the collection's
+/// files came with (stored), else `m`'s own.
+fn export_state(m: &StatusMessage, c: &Collection) -> Value {
     json!({
-        "shutdown_flag": m.shutdown_flag,
+        "shutdown_flag": c.shutdown_flag.as_deref().unwrap_or(&m.shutdown_flag),
         "correlation_id": m.correlation_id,
         "topic_name": m.collection_name,
         "snapshot_type": m.snapshot_type,
-        "reprocess_files": m.reprocess_files,
+        "reprocess_files": c.reprocess_files.as_deref().unwrap_or(&m.reprocess_files),
         "export_date": m.export_date,
         "send_success_indicator": "true",
     })
@@ -116,6 +119,18 @@ impl StatusProcessor {
         &self.store
     }
 
+    /// The export-state message for `m`, mandatory: an unroutable one fails the publish,
+    /// so the input is retried (a retried message re-emits it) instead of the broker
+    /// dropping it while the collection is already `Received`.
+    fn export_state_publication(&self, m: &StatusMessage, c: &Collection) -> Publication {
+        Publication::json(
+            &self.export_state_exchange,
+            EXPORT_STATE_KEY,
+            &export_state(m, c),
+        )
+        .mandatory()
+    }
+
     /// Handles one valid status message; `dedupe` keys a file without a name.
     async fn handle_one(
         &self,
@@ -133,11 +148,7 @@ impl StatusProcessor {
                 }
                 // A retried counts message re-emits, so a lost publish is not lost for good.
                 if moved || (retried && c.status == "Received") {
-                    extra.push(Publication::json(
-                        &self.export_state_exchange,
-                        EXPORT_STATE_KEY,
-                        &export_state(m),
-                    ));
+                    extra.push(self.export_state_publication(m, &c));
                     if self.store.mark_product_received(&m.correlation_id).await? {
                         transition("RECEIVED");
                     }
@@ -161,11 +172,7 @@ impl StatusProcessor {
                 }
                 // The file that completed the collection re-emits on every redelivery.
                 if f.triggered_received {
-                    extra.push(Publication::json(
-                        &self.export_state_exchange,
-                        EXPORT_STATE_KEY,
-                        &export_state(m),
-                    ));
+                    extra.push(self.export_state_publication(m, &f.collection));
                     if self.store.mark_product_received(&m.correlation_id).await? {
                         transition("RECEIVED");
                     }
@@ -201,17 +208,26 @@ impl StatusProcessor {
                     let completed = self.store.mark_product_completed(&m.correlation_id).await?;
                     if completed {
                         transition("COMPLETED");
+                    } else if self.store.mark_product_received(&m.correlation_id).await? {
+                        // The last outstanding collection went Sent → Success while others
+                        // are Received: every collection is Received or Success.
+                        transition("RECEIVED");
                     }
                     let product = self.store.product_status(&m.correlation_id).await?;
                     // Who completed the product publishes; a retried success file of a
                     // completed product re-emits, so a lost publish is not lost for good.
                     let is_completed = product.as_deref() == Some("COMPLETED");
                     if is_completed && (completed || retried) {
-                        extra.push(Publication::json(
-                            &self.monitoring_exchange,
-                            MONITORING_KEY,
-                            &monitoring(m),
-                        ));
+                        // Mandatory: an unroutable message fails the publish, so the input
+                        // is retried and this branch (retried) sends it again.
+                        extra.push(
+                            Publication::json(
+                                &self.monitoring_exchange,
+                                MONITORING_KEY,
+                                &monitoring(m),
+                            )
+                            .mandatory(),
+                        );
                     }
                 }
                 (c, "success-file", moved)
@@ -245,10 +261,16 @@ fn already_dead_lettered(ctx: &MessageContext) -> BTreeSet<usize> {
         .unwrap_or_default()
 }
 
-fn dedupe_key(ctx: &MessageContext, record: usize) -> String {
+/// The de-duplication key of a file without a filename: the message id and record number
+/// when the producer set an id; otherwise a hash of the record's content, so a redelivery
+/// (same bytes) counts once. Two unnamed, id-less files with identical content cannot be
+/// told apart and count once too: undercounting stalls a collection visibly, while
+/// counting a redelivery twice would send the export-state message before every file
+/// arrived.
+fn dedupe_key(ctx: &MessageContext, record: usize, content: &[u8]) -> String {
     match &ctx.message_id {
         Some(id) => format!("message:{id}#{record}"),
-        None => format!("unnamed:{}", uuid::Uuid::new_v4()),
+        None => format!("content:{}", hex::encode(Sha256::digest(content))),
     }
 }
 
@@ -260,13 +282,19 @@ impl MessageProcessor for StatusProcessor {
         let retried = ctx.redelivered || ctx.attempt > 0;
         match decode(&input) {
             Input::Single(Err(e)) => Outcome::permanent(e),
-            Input::Single(Ok(m)) => match self.handle_one(&m, &dedupe_key(ctx, 1), retried).await {
-                Err(e) => Outcome::retry(e),
-                Ok(h) => match h.dropped {
-                    Some(reason) if h.extra.is_empty() => Outcome::drop(reason),
-                    _ => Outcome::success(h.report).with_extra(h.extra),
-                },
-            },
+            Input::Single(Ok(m)) => {
+                let content = serde_json::to_vec(&input).unwrap_or_default();
+                match self
+                    .handle_one(&m, &dedupe_key(ctx, 1, &content), retried)
+                    .await
+                {
+                    Err(e) => Outcome::retry(e),
+                    Ok(h) => match h.dropped {
+                        Some(reason) if h.extra.is_empty() => Outcome::drop(reason),
+                        _ => Outcome::success(h.report).with_extra(h.extra),
+                    },
+                }
+            }
             Input::Records(records) => {
                 let mut dead = already_dead_lettered(ctx);
                 let mut reports = Vec::new();
@@ -290,7 +318,10 @@ impl MessageProcessor for StatusProcessor {
                             }
                             reports.push(json!({"record": n, "dead_lettered": e.to_string()}));
                         }
-                        Ok(m) => match self.handle_one(&m, &dedupe_key(ctx, n), retried).await {
+                        Ok(m) => match self
+                            .handle_one(&m, &dedupe_key(ctx, n, &r.raw), retried)
+                            .await
+                        {
                             Err(e) => return Outcome::retry(format!("record {n}: {e}")),
                             Ok(mut h) => {
                                 if let Value::Object(o) = &mut h.report {

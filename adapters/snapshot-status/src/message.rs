@@ -1,6 +1,6 @@
 //! Status messages: validation, defaults and the `Records[].body` envelope.
 
-use framework::fields::{FieldError, kind_name, non_empty_string};
+use framework::fields::{FieldError, kind_name, no_nul, non_empty_text};
 use serde_json::{Map, Value};
 
 /// Default of `filename` when absent.
@@ -91,7 +91,7 @@ fn optional(o: &Map<String, Value>, f: &str, default: &str) -> Result<String, Fi
     match o.get(f) {
         None | Some(Value::Null) => Ok(default.to_string()),
         Some(Value::String(s)) if s.is_empty() => Ok(default.to_string()),
-        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::String(s)) => no_nul(f, s).map(|()| s.clone()),
         Some(Value::Bool(b)) => Ok(b.to_string()),
         Some(other) => Err(FieldError::wrong_type(f, "string", other)),
     }
@@ -120,11 +120,13 @@ pub fn parse_status(v: &Value) -> Result<StatusMessage, InvalidMessage> {
             kind_name(v)
         )));
     };
+    // Required fields given as a boolean or a number are taken as their text, as the
+    // original (which formatted whatever it got) did (design §7).
     Ok(StatusMessage {
-        correlation_id: non_empty_string(o, "correlation_id")?,
-        collection_name: non_empty_string(o, "collection_name")?,
-        snapshot_type: non_empty_string(o, "snapshot_type")?,
-        export_date: non_empty_string(o, "export_date")?,
+        correlation_id: non_empty_text(o, "correlation_id")?,
+        collection_name: non_empty_text(o, "collection_name")?,
+        snapshot_type: non_empty_text(o, "snapshot_type")?,
+        export_date: non_empty_text(o, "export_date")?,
         shutdown_flag: optional(o, "shutdown_flag", "true")?,
         reprocess_files: optional(o, "reprocess_files", "true")?,
         is_success_file: optional(o, "is_success_file", "false")?.eq_ignore_ascii_case("true"),
@@ -236,6 +238,43 @@ mod tests {
         );
         b["files_sent"] = json!("3");
         assert!(parse_status(&b).is_err());
+    }
+
+    #[test]
+    fn required_booleans_and_numbers_are_taken_as_text() {
+        let mut b = base();
+        b["correlation_id"] = json!(12);
+        b["export_date"] = json!(20200101);
+        b["snapshot_type"] = json!(true);
+        b["collection_name"] = json!(1.5);
+        let m = parse_status(&b).unwrap();
+        assert_eq!(m.correlation_id, "12");
+        assert_eq!(m.export_date, "20200101");
+        assert_eq!(m.snapshot_type, "true");
+        assert_eq!(m.collection_name, "1.5");
+        b["collection_name"] = json!(["x"]);
+        assert_eq!(
+            parse_status(&b).unwrap_err().to_string(),
+            "field `collection_name`: expected string, found array"
+        );
+    }
+
+    #[test]
+    fn nul_in_any_string_is_refused_naming_the_field() {
+        for f in [
+            "correlation_id",
+            "filename",
+            "shutdown_flag",
+            "reprocess_files",
+        ] {
+            let mut b = base();
+            b[f] = json!("a\u{0}");
+            assert_eq!(
+                parse_status(&b).unwrap_err(),
+                InvalidMessage::Field(FieldError::Nul(f.into())),
+                "{f}"
+            );
+        }
     }
 
     #[test]

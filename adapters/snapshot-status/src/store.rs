@@ -29,6 +29,10 @@ pub struct Collection {
     pub files_received: i64,
     /// Last change (RFC 3339).
     pub updated_at: String,
+    /// `shutdown_flag` of the last file counted, if any file was.
+    pub shutdown_flag: Option<String>,
+    /// `reprocess_files` of the last file counted, if any file was.
+    pub reprocess_files: Option<String>,
 }
 
 impl Collection {
@@ -60,7 +64,7 @@ fn now() -> String {
 }
 
 const COLS: &str = "correlation_id, collection_name, status, files_exported, files_sent, \
-                    files_received, updated_at";
+                    files_received, updated_at, shutdown_flag, reprocess_files";
 
 fn row_to_collection(r: &db::sqlx::any::AnyRow) -> Result<Collection, db::sqlx::Error> {
     Ok(Collection {
@@ -71,6 +75,8 @@ fn row_to_collection(r: &db::sqlx::any::AnyRow) -> Result<Collection, db::sqlx::
         files_sent: r.try_get("files_sent")?,
         files_received: r.try_get("files_received")?,
         updated_at: r.try_get("updated_at")?,
+        shutdown_flag: r.try_get("shutdown_flag")?,
+        reprocess_files: r.try_get("reprocess_files")?,
     })
 }
 
@@ -236,13 +242,18 @@ impl Store {
         .await?
         .is_some();
         let triggered_received = if counted {
+            // The flags travel with the files: keep them for the export-state message, which
+            // the counts message may trigger later with its own (default) values.
             db::sqlx::query(
-                "UPDATE snapshot_collections SET files_received = files_received + 1, updated_at = $3 \
+                "UPDATE snapshot_collections SET files_received = files_received + 1, updated_at = $3, \
+                 shutdown_flag = $4, reprocess_files = $5 \
                  WHERE correlation_id = $1 AND collection_name = $2",
             )
             .bind(&m.correlation_id)
             .bind(&m.collection_name)
             .bind(&t)
+            .bind(&m.shutdown_flag)
+            .bind(&m.reprocess_files)
             .execute(&mut *tx)
             .await?;
             let moved = Self::try_receive(&mut tx, m).await?;

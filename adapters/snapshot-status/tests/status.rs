@@ -427,10 +427,10 @@ async fn missing_null_empty_and_mistyped_fields_are_permanent() {
         "field `files_exported`: expected an integer ≥ 0, found string".into(),
     ));
     let mut v = base.clone();
-    v["collection_name"] = json!(5);
+    v["collection_name"] = json!(["db.v"]);
     cases.push((
         v,
-        "field `collection_name`: expected string, found number".into(),
+        "field `collection_name`: expected string, found array".into(),
     ));
     cases.push((json!("text"), "expected a JSON object, found string".into()));
     cases.push((json!({"Records": []}), "`Records` is empty".into()));
@@ -550,6 +550,204 @@ async fn a_failed_publish_is_repeated_on_redelivery() {
         env.store.product_status(c).await.unwrap().as_deref(),
         Some("COMPLETED")
     );
+    env.finish().await;
+}
+
+on_both!(
+    counts_after_files_carry_the_files_flags,
+    success_of_the_last_outstanding_collection_marks_received,
+    a_nul_character_is_permanent_naming_the_field,
+);
+
+/// The counts complete a collection whose files came first: the export-state message
+/// carries the flags the files came with, not the counts message's defaults.
+async fn counts_after_files_carry_the_files_flags(b: Backend) {
+    let mut env = start(b, &[]).await;
+    let c = "corr-flags";
+    let flags = json!({"shutdown_flag": "false", "reprocess_files": "false"});
+    for name in ["f1", "f2"] {
+        let mut f = file(c, "db.f", name);
+        f.as_object_mut()
+            .unwrap()
+            .extend(flags.as_object().unwrap().clone());
+        env.process(&f).await;
+    }
+    let r = env.process(&msg(c, "db.f", json!({"files_sent": 2}))).await;
+    assert_eq!(r["status"], "Received");
+    let e = json_of(&next(&mut env.export).await);
+    assert_eq!(e["shutdown_flag"], "false");
+    assert_eq!(e["reprocess_files"], "false");
+    assert_eq!(e["topic_name"], "db.f");
+    env.no_more().await;
+    env.finish().await;
+}
+
+/// The last outstanding collection goes Sent → Success while another is Received: every
+/// collection is Received or Success, so the product is RECEIVED (then COMPLETED).
+async fn success_of_the_last_outstanding_collection_marks_received(b: Backend) {
+    let mut env = start(b, &[]).await;
+    let c = "corr-sent-success";
+    env.process(&msg(c, "db.a", json!({"files_exported": 1})))
+        .await;
+    env.process(&msg(c, "db.b", json!({"files_sent": 5}))).await;
+    let r = env.process(&file(c, "db.a", "a1")).await;
+    assert_eq!(r["status"], "Received");
+    next(&mut env.export).await;
+    assert_eq!(
+        env.store.product_status(c).await.unwrap(),
+        None,
+        "db.b is Sent"
+    );
+    let r = env
+        .process(&msg(c, "db.b", json!({"is_success_file": "true"})))
+        .await;
+    assert_eq!(r["status"], "Success");
+    assert_eq!(r["product_status"], "RECEIVED");
+    assert_eq!(
+        env.store.product_status(c).await.unwrap().as_deref(),
+        Some("RECEIVED")
+    );
+    let r = env
+        .process(&msg(c, "db.a", json!({"is_success_file": "true"})))
+        .await;
+    assert_eq!(r["product_status"], "COMPLETED");
+    next(&mut env.monitoring).await;
+    env.no_more().await;
+    env.finish().await;
+}
+
+/// PostgreSQL cannot store U+0000 in text: refused when read, not retried 50 times.
+async fn a_nul_character_is_permanent_naming_the_field(b: Backend) {
+    let mut env = start(b, &[]).await;
+    let mut dlq = env.hs.watch_dlq().await;
+    for (field, v) in [
+        ("filename", file("corr-nul", "db.n", "bad\u{0}name")),
+        ("correlation_id", file("corr\u{0}nul", "db.n", "f")),
+        (
+            "shutdown_flag",
+            msg("corr-nul", "db.n", json!({"shutdown_flag": "\u{0}"})),
+        ),
+    ] {
+        env.send(&v).await;
+        let d = next(&mut dlq).await;
+        assert_eq!(
+            header(&d, "x-error").as_deref(),
+            Some(format!("field `{field}` contains a NUL character (\\u0000)").as_str())
+        );
+        assert_eq!(header(&d, "x-error-kind").as_deref(), Some("permanent"));
+        assert_eq!(int_header(&d, "x-retry-count"), Some(1), "no retries");
+    }
+    // In a batch, the record alone is dead-lettered; the others are stored.
+    let r = env
+        .process(&json!({"Records": [
+            {"body": file("corr-nul", "db.n", "ok")},
+            {"body": file("corr-nul", "db.n", "x\u{0}")},
+        ]}))
+        .await;
+    assert_eq!(r["records"][0]["counted"], true);
+    assert_eq!(
+        r["records"][1]["dead_lettered"],
+        "field `filename` contains a NUL character (\\u0000)"
+    );
+    next(&mut dlq).await;
+    assert_eq!(env.collection("corr-nul", "db.n").await.files_received, 1);
+    env.finish().await;
+}
+
+/// Waits until nothing is bound to `exchange` (a probe published mandatory comes back).
+async fn await_unbound(exchange: &str) {
+    let (_c, ch) = test_channel().await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let confirm = ch
+            .basic_publish(
+                exchange.into(),
+                "probe".into(),
+                framework::lapin::options::BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                b"probe",
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        if matches!(confirm, framework::lapin::Confirmation::Ack(Some(_))) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{exchange} still bound"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unroutable_export_state_message_is_retried_until_bound() {
+    use framework::lapin::options::BasicCancelOptions;
+    let mut env = start(Backend::Sqlite, &[]).await;
+    // Unbind the export-state exchange: cancelling the watcher deletes its auto-delete queue.
+    env.hs
+        .ch
+        .basic_cancel(env.export.tag(), BasicCancelOptions::default())
+        .await
+        .unwrap();
+    await_unbound(&env.export_ex).await;
+    let c = "corr-unroutable";
+    env.process(&msg(c, "db.u", json!({"files_exported": 1})))
+        .await;
+    // Nothing is bound to the export-state exchange: the message is unroutable.
+    env.send(&file(c, "db.u", "u1")).await;
+    let first = json_of(&next(&mut env.out).await);
+    assert_eq!(first["status"], "Received");
+    // A second attempt proves the first was not acked as done (Received and forgotten).
+    let again = json_of(&next(&mut env.out).await);
+    assert_eq!(again["counted"], false, "not counted twice");
+    assert_eq!(env.dlq_count().await, 0);
+    // Once something is bound, a retry delivers the export-state message.
+    let mut export = watch(&env.hs.ch, &env.export_ex, "#").await;
+    let e = json_of(&next(&mut export).await);
+    assert_eq!(e["topic_name"], "db.u");
+    assert_eq!(e["correlation_id"], c);
+    assert_eq!(env.collection(c, "db.u").await.files_received, 1);
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unnamed_file_without_message_id_counts_once_when_redelivered() {
+    let mut env = start(Backend::Sqlite, &[]).await;
+    let c = "corr-unnamed";
+    env.process(&msg(c, "db.w", json!({"files_exported": 2})))
+        .await;
+    // No filename, no message id: the same content delivered twice is one file.
+    let unnamed = msg(c, "db.w", json!({}));
+    let r = env.process(&unnamed).await;
+    assert_eq!(r["counted"], true);
+    let r = env.process(&unnamed).await;
+    assert_eq!(r["counted"], false);
+    assert_eq!(r["files_received"], 1);
+    assert_eq!(r["status"], "Exported");
+    // The same body inside a Records envelope is the same content too.
+    let r = env.process(&json!({"Records": [{"body": unnamed}]})).await;
+    assert_eq!(r["records"][0]["counted"], false);
+    env.no_more().await;
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn required_booleans_and_numbers_are_taken_as_their_text() {
+    let mut env = start(Backend::Sqlite, &[]).await;
+    let r = env
+        .process(&json!({"correlation_id": 42, "collection_name": "db.t",
+                         "snapshot_type": true, "export_date": 20200101, "files_sent": 1}))
+        .await;
+    assert_eq!(r["correlation_id"], "42");
+    assert_eq!(r["status"], "Sent");
+    assert_eq!(env.collection("42", "db.t").await.files_sent, Some(1));
+    assert_eq!(env.dlq_count().await, 0);
     env.finish().await;
 }
 
