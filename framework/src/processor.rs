@@ -66,8 +66,14 @@ pub enum Outcome {
     Retry(String),
     /// Will never succeed: dead-letter now.
     Permanent(String),
+    /// Retried in place (e.g. an ordered processor's own backoff) until the attempts ran
+    /// out: dead-letter now as `retries-exhausted`, as the retry tiers would have.
+    Exhausted(String),
     /// Nothing to do: ack, log and count, publish nothing.
     Drop(String),
+    /// The session ended while handling (see [`MessageContext::cancelled`]): give the
+    /// message back unacked, so it is redelivered in its place; nothing is published.
+    Interrupted(String),
 }
 
 impl Outcome {
@@ -96,6 +102,10 @@ impl Outcome {
     pub fn permanent(reason: impl std::fmt::Display) -> Self {
         Outcome::Permanent(reason.to_string())
     }
+    /// Retries done in place ran out: dead-lettered as `retries-exhausted`.
+    pub fn exhausted(reason: impl std::fmt::Display) -> Self {
+        Outcome::Exhausted(reason.to_string())
+    }
     /// A Drop with a reason.
     pub fn drop(reason: impl std::fmt::Display) -> Self {
         Outcome::Drop(reason.to_string())
@@ -105,8 +115,9 @@ impl Outcome {
         match self {
             Outcome::Success { .. } => "success",
             Outcome::Retry(_) => "retry",
-            Outcome::Permanent(_) => "dead_letter",
+            Outcome::Permanent(_) | Outcome::Exhausted(_) => "dead_letter",
             Outcome::Drop(_) => "drop",
+            Outcome::Interrupted(_) => "interrupted",
         }
     }
 }
@@ -127,6 +138,9 @@ pub struct MessageContext {
     pub message_id: Option<String>,
     /// AMQP correlation id, if set.
     pub correlation_id: Option<String>,
+    /// AMQP `timestamp` property (seconds since the epoch), if the producer set one: when
+    /// the message was first published (retries and replays keep it).
+    pub timestamp: Option<u64>,
     /// All headers of the delivery.
     pub headers: FieldTable,
     /// Headers to add to the message if this attempt ends in Retry.
@@ -148,6 +162,7 @@ impl MessageContext {
             redelivered: false,
             message_id: None,
             correlation_id: None,
+            timestamp: None,
             headers: FieldTable::default(),
             retry_headers: Arc::default(),
             publisher: None,
@@ -192,14 +207,36 @@ impl MessageContext {
     }
 
     /// Dead-letters `body` (a part of this message, e.g. one bad record of a batch) with
-    /// the full dead-letter envelope, waiting for the confirm; the rest goes on.
+    /// the full dead-letter envelope (`x-error-kind: permanent`), waiting for the confirm;
+    /// the rest goes on.
     pub async fn dead_letter(
         &self,
         body: Vec<u8>,
         error: &str,
     ) -> Result<(), crate::runtime::PublishError> {
+        self.dead_letter_kind(body, error, crate::headers::KIND_PERMANENT)
+            .await
+    }
+
+    /// As [`Self::dead_letter`], for a part whose retries ran out in place
+    /// (`x-error-kind: retries-exhausted`).
+    pub async fn dead_letter_exhausted(
+        &self,
+        body: Vec<u8>,
+        error: &str,
+    ) -> Result<(), crate::runtime::PublishError> {
+        self.dead_letter_kind(body, error, crate::headers::KIND_RETRIES_EXHAUSTED)
+            .await
+    }
+
+    async fn dead_letter_kind(
+        &self,
+        body: Vec<u8>,
+        error: &str,
+        kind: &str,
+    ) -> Result<(), crate::runtime::PublishError> {
         match &self.publisher {
-            Some(pb) => pb.dead_letter(self, body, error).await,
+            Some(pb) => pb.dead_letter(self, body, error, kind).await,
             None => Err(crate::runtime::PublishError::NoChannel),
         }
     }

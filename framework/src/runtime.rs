@@ -158,6 +158,7 @@ impl Publisher {
         ctx: &MessageContext,
         body: Vec<u8>,
         error: &str,
+        kind: &str,
     ) -> Result<(), PublishError> {
         let env = Envelope {
             service: &self.service,
@@ -167,12 +168,7 @@ impl Publisher {
             exchange: &ctx.exchange,
             routing_key: &ctx.routing_key,
         };
-        let msg = env.dead_letter(
-            body,
-            ctx.attempt.saturating_add(1),
-            h::KIND_PERMANENT,
-            error,
-        );
+        let msg = env.dead_letter(body, ctx.attempt.saturating_add(1), kind, error);
         publish_pooled(&self.pool, vec![msg]).await
     }
 }
@@ -596,6 +592,7 @@ async fn handle_delivery<P: MessageProcessor>(
                 .correlation_id()
                 .as_ref()
                 .map(|s| s.to_string()),
+            timestamp: *delivery.properties.timestamp(),
             headers: inc.headers.clone(),
             retry_headers: Default::default(),
             cancel,
@@ -620,6 +617,17 @@ async fn handle_delivery<P: MessageProcessor>(
         });
         metrics::histogram!(m::HANDLER_SECONDS, "queue" => queue.clone())
             .record(started.elapsed().as_secs_f64());
+        if let Outcome::Interrupted(reason) = &outcome {
+            info!(reason = %reason, "interrupted; the message goes back to the queue");
+            let _ = delivery
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await;
+            return;
+        }
         let was_retry = matches!(outcome, Outcome::Retry(_));
         let (mut label, msgs) = plan(inner, &delivery, &inc, &ctx, outcome);
         let mut published = publish_outcome(pool, msgs).await;
@@ -766,6 +774,8 @@ fn plan<P>(
             info!(reason = %reason, "dropped");
             ("drop", Vec::new())
         }
+        // Settled before planning (nack, requeue); never published.
+        Outcome::Interrupted(_) => ("interrupted", Vec::new()),
         Outcome::Retry(reason) => {
             let attempts = inc.attempt.saturating_add(1);
             if attempts >= inner.retry.max_attempts {
@@ -820,6 +830,21 @@ fn plan<P>(
                     inc,
                     attempts,
                     h::KIND_PERMANENT,
+                    &reason,
+                )],
+            )
+        }
+        Outcome::Exhausted(reason) => {
+            warn!(error = %reason, "retries exhausted in place; dead-lettering");
+            let attempts = inc.attempt.saturating_add(1);
+            (
+                "dead_letter",
+                vec![dead_letter(
+                    inner,
+                    d,
+                    inc,
+                    attempts,
+                    h::KIND_RETRIES_EXHAUSTED,
                     &reason,
                 )],
             )

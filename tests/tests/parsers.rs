@@ -59,7 +59,7 @@ proptest! {
 
     #[test]
     fn pluto_events_and_kinesis_envelopes_never_panic(v in any_json()) {
-        for item in project_ingest::event::items(&v) {
+        for item in project_ingest::event::items(&v, "2024-01-01T00:00:00Z") {
             let _ = item.parsed;
         }
         let _ = project_ingest::event::parse_project(&v, None);

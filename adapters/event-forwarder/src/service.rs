@@ -13,6 +13,16 @@ use serde_json::value::RawValue;
 use crate::envelope::{Events, fingerprint, single_record_envelope, split};
 use crate::forward::{Forwarder, PostResult};
 
+/// What posting one event came to, in ordered mode's in-place retries included.
+enum Posted {
+    /// The endpoint's answer (or the first one, outside ordered mode).
+    Result(PostResult),
+    /// Ordered mode retried in place until `max_attempts`.
+    Exhausted(String),
+    /// The session ended during an in-place retry.
+    Interrupted(String),
+}
+
 /// Exchange the events arrive on.
 pub const INPUT_EXCHANGE: &str = "events";
 /// Success messages go out as `<this>.success`.
@@ -145,9 +155,10 @@ impl EventForwarder {
         }
     }
 
-    /// Posts once, or in ordered mode until it is not retryable or the attempts run out
-    /// (then the event is reported Rejected, i.e. dead-lettered).
-    async fn post(&self, body: &str) -> PostResult {
+    /// Posts once, or in ordered mode until it is not retryable, the attempts run out
+    /// (Exhausted: dead-lettered as `retries-exhausted`) or the session ends (Interrupted:
+    /// handed back unacked, so the event keeps its place).
+    async fn post(&self, body: &str, ctx: &MessageContext) -> Posted {
         let mut attempt: u32 = 0;
         loop {
             let r = self.forwarder.post(body).await;
@@ -161,21 +172,33 @@ impl EventForwarder {
                 PostResult::Retryable(e) if self.ordered => {
                     attempt = attempt.saturating_add(1);
                     if attempt >= self.retry.max_attempts {
-                        return PostResult::Rejected(format!(
+                        return Posted::Exhausted(format!(
                             "gave up after {attempt} attempts in place (ordered mode): {e}"
                         ));
                     }
                     let delay = self.retry.delay_for_attempt(attempt - 1);
                     tracing::warn!(error = %e, attempt, retry_in_ms = delay, "retrying in place");
-                    tokio::time::sleep(Duration::from_millis(delay)).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(delay)) => {}
+                        _ = ctx.cancelled() => {
+                            return Posted::Interrupted(format!(
+                                "shutting down during an in-place retry: {e}"
+                            ));
+                        }
+                    }
                 }
-                other => return other,
+                other => return Posted::Result(other),
             }
         }
     }
 
-    async fn handle_single(&self, body: &RawValue) -> Outcome {
-        match self.post(body.get()).await {
+    async fn handle_single(&self, body: &RawValue, ctx: &MessageContext) -> Outcome {
+        let r = match self.post(body.get(), ctx).await {
+            Posted::Result(r) => r,
+            Posted::Exhausted(e) => return Outcome::exhausted(e),
+            Posted::Interrupted(e) => return Outcome::Interrupted(e),
+        };
+        match r {
             PostResult::Delivered(status) => Outcome::success(json!({
                 "kind": "event",
                 "records": 1,
@@ -212,7 +235,28 @@ impl EventForwarder {
                 skipped.push(i);
                 continue;
             }
-            match self.post(r.kinesis.get()).await {
+            let result = match self.post(r.kinesis.get(), ctx).await {
+                Posted::Result(res) => res,
+                Posted::Exhausted(e) => {
+                    let why = format!("record {i} of {}: {e}", records.len());
+                    match ctx
+                        .dead_letter_exhausted(single_record_envelope(r.record), &why)
+                        .await
+                    {
+                        Ok(()) => {
+                            done.insert(fp);
+                            dead.push(i);
+                        }
+                        Err(pe) => {
+                            pending += 1;
+                            retry.get_or_insert(format!("dead-lettering record {i} failed: {pe}"));
+                        }
+                    }
+                    continue;
+                }
+                Posted::Interrupted(e) => return Outcome::Interrupted(e),
+            };
+            match result {
                 PostResult::Delivered(_) => {
                     done.insert(fp);
                     delivered.push(i);
@@ -264,7 +308,7 @@ impl MessageProcessor for EventForwarder {
 
     async fn handle(&self, input: Box<RawValue>, ctx: &MessageContext) -> Outcome {
         match split(&input) {
-            Events::Single(body) => self.handle_single(body).await,
+            Events::Single(body) => self.handle_single(body, ctx).await,
             Events::Kinesis(records) => self.handle_records(&records, ctx).await,
         }
     }

@@ -329,11 +329,8 @@ async fn ordered_mode_gives_up_after_max_attempts() {
 }
 
 /// Design §2: a message whose retries ran out is dead-lettered `retries-exhausted`, in
-/// ordered mode too. Ignored until the framework can dead-letter with that kind from a
-/// processor (`MessageContext::dead_letter` always writes `permanent`; runtime.rs and
-/// processor.rs are being rewritten elsewhere): issue 14 item 9.
+/// ordered mode too (issue 14 item 9).
 #[tokio::test]
-#[ignore = "needs a framework hook to dead-letter as retries-exhausted (issue 14 item 9)"]
 async fn ordered_mode_exhaustion_is_dead_lettered_as_retries_exhausted() {
     let server = MockServer::start().await;
     Mock::given(method("POST"))
@@ -461,4 +458,45 @@ fn check_config_shows_defaults_and_hides_the_token() {
         ("STORAGETIER__AMQP__PREFETCH", "1"),
     ]);
     assert_eq!(code, Some(0), "{err}");
+}
+
+/// SIGTERM during an ordered in-place backoff ends the backoff at once and hands the event
+/// back unacked (it keeps its place in the queue): nothing goes to the retry tiers or the
+/// DLQ, and shutdown does not wait out the backoff nor the drain budget.
+#[tokio::test]
+async fn ordered_mode_stops_backing_off_at_shutdown_and_keeps_the_event_in_place() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(503))
+        .mount(&server)
+        .await;
+    let data = tempfile::tempdir().unwrap();
+    // Backoffs and a drain budget far beyond the harness's stop bound (WAIT).
+    let mut hs = start(
+        &server,
+        data.path(),
+        &[
+            ("event_forwarder.ordered", "true"),
+            ("amqp.prefetch", "1"),
+            ("amqp.drain_timeout_ms", "600000"),
+            ("retry.delays_ms", "[600000]"),
+        ],
+    )
+    .await;
+    hs.publish("k", br#"{"e":"waiting"}"#, with_id("m10")).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while bodies(&server).await.is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the first POST came"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    hs.stop().await;
+    await_ready_count(&hs.ch, &hs.q, 1).await;
+    assert_eq!(ready_count(&hs.ch, &format!("{}-dlq", hs.q)).await, 0);
+    assert_eq!(
+        ready_count(&hs.ch, &format!("{}-retry-600000", hs.q)).await,
+        0
+    );
 }

@@ -80,9 +80,16 @@ impl MessageProcessor for ProjectProcessor {
     type Input = serde_json::Value;
 
     async fn handle(&self, input: serde_json::Value, ctx: &MessageContext) -> Outcome {
-        // First receipt: from an earlier attempt's header, else now (and kept for retries).
-        let received = framework::headers::get_str(&ctx.headers, RECEIVED_HEADER)
-            .and_then(|s| normalize_time(&s))
+        // When the message was published (AMQP timestamp, kept through retries and
+        // redeliveries), else its first receipt here (an earlier attempt's header), else now.
+        let received = ctx
+            .timestamp
+            .and_then(|t| chrono::DateTime::from_timestamp(i64::try_from(t).ok()?, 0))
+            .map(|t| t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string())
+            .or_else(|| {
+                framework::headers::get_str(&ctx.headers, RECEIVED_HEADER)
+                    .and_then(|s| normalize_time(&s))
+            })
             .unwrap_or_else(|| {
                 chrono::Utc::now()
                     .format("%Y-%m-%dT%H:%M:%S%.6fZ")

@@ -122,8 +122,43 @@ on_both!(
     kinesis_envelopes_single_and_multiple,
     older_updates_never_overwrite_newer_ones,
     a_plain_update_back_from_a_retry_tier_never_overwrites_a_newer_one,
+    a_plain_update_published_earlier_never_overwrites_a_newer_one,
     a_nul_character_is_permanent_naming_the_field,
 );
+
+/// Plain updates carry no time of their own, but their producer's AMQP `timestamp` says
+/// when each was published: one published earlier and delivered later (held in a retry
+/// tier, redelivered, replayed) never overwrites a newer one.
+async fn a_plain_update_published_earlier_never_overwrites_a_newer_one(b: Backend) {
+    let env = start(b, &[]).await;
+    let mut out = env.hs.watch_output().await;
+    env.send(&project("project-created", "t", "v0")).await;
+    next(&mut out).await;
+    let now = chrono::Utc::now().timestamp() as u64;
+    let send_at = |title: &str, ts: u64| {
+        let body = serde_json::to_vec(&project("project-updated", "t", title)).unwrap();
+        (body, BasicProperties::default().with_timestamp(ts))
+    };
+    let (newer, p) = send_at("newer", now);
+    env.hs.publish("core.project.event", &newer, p).await;
+    assert_eq!(body(&next(&mut out).await)["title"], "newer");
+    let (older, p) = send_at("older", now - 60);
+    env.hs.publish("core.project.event", &older, p).await;
+    // FIFO with prefetch 1: the sentinel's success proves `older` was handled.
+    env.send(&project("project-created", "sentinel2", "s"))
+        .await;
+    assert_eq!(
+        body(&next(&mut out).await)["id"],
+        "sentinel2",
+        "older was dropped"
+    );
+    assert_eq!(
+        env.store.project("t").await.unwrap().unwrap().title,
+        "newer"
+    );
+    assert_eq!(env.dlq_count().await, 0);
+    env.finish().await;
+}
 
 /// A plain update (no `updated` time) held in a retry tier comes back after a newer one
 /// was applied: it carries its first receipt time (the retry header), older than the
