@@ -126,6 +126,21 @@ enum DlqCommand {
         /// Only the dead letter(s) with this message id.
         #[arg(long)]
         message_id: Option<String>,
+        /// Only this x-error-kind (permanent, retries-exhausted) or broker x-death reason.
+        #[arg(long)]
+        kind: Option<String>,
+        /// Only original routing keys matching this topic pattern (`*` a word, `#` any).
+        #[arg(long, value_name = "PATTERN")]
+        key: Option<String>,
+        /// Only dead letters that failed at least this long ago (90s, 30m, 2h, 7d).
+        #[arg(long, value_name = "AGE", value_parser = crate::dlq::parse_age)]
+        older_than: Option<std::time::Duration>,
+        /// At most this many.
+        #[arg(long, value_name = "N")]
+        limit: Option<usize>,
+        /// At most this many per second.
+        #[arg(long, value_name = "PER_SECOND")]
+        rate: Option<f64>,
         /// Show what would move, move nothing.
         #[arg(long)]
         dry_run: bool,
@@ -333,18 +348,30 @@ async fn dlq_command(
         DlqCommand::Replay {
             all,
             message_id,
+            kind,
+            key,
+            older_than,
+            limit,
+            rate,
             dry_run,
         } => {
-            let sel = match (all, message_id) {
-                (_, Some(id)) => dlq::Selection::MessageId(id),
-                (true, None) => dlq::Selection::All,
-                (false, None) => {
-                    return Err(Failure::Usage(
-                        "dlq replay needs --all or --message-id ID".into(),
-                    ));
-                }
+            if !all && message_id.is_none() {
+                return Err(Failure::Usage(
+                    "dlq replay needs --all or --message-id ID".into(),
+                ));
+            }
+            if rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
+                return Err(Failure::Usage("--rate must be a positive number".into()));
+            }
+            let filter = dlq::Filter {
+                message_id,
+                kind,
+                key,
+                older_than,
+                limit,
+                per_second: rate,
             };
-            let moved = dlq::replay(conn, topo, &sel, dry_run)
+            let moved = dlq::replay_filtered(conn, topo, &filter, dry_run)
                 .await
                 .map_err(|e| other(&e))?;
             let verb = if dry_run { "would replay" } else { "replayed" };

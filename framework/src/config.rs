@@ -208,6 +208,9 @@ pub struct AmqpConfig {
     /// Bound on every other broker call: declarations and publisher confirms. A call that
     /// takes longer (e.g. a quorum queue without a leader) fails and the session restarts.
     pub operation_timeout_ms: u64,
+    /// How often the depth of the service's own queues is read for
+    /// `storagetier_queue_messages` (passive declares); 0 turns it off.
+    pub queue_metrics_interval_ms: u64,
     /// File holding the password (overrides the URL's).
     #[serde(default)]
     pub password_file: Option<PathBuf>,

@@ -151,6 +151,104 @@ pub enum Selection {
     MessageId(String),
 }
 
+/// What an operator narrows a replay to after an incident; every set field must match.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// Only this message id.
+    pub message_id: Option<String>,
+    /// Only this `x-error-kind` (`permanent`, `retries-exhausted`) or, for a dead letter
+    /// the broker made, its `x-death` reason (`rejected`, `delivery_limit`, …).
+    pub kind: Option<String>,
+    /// Only original routing keys matching this topic pattern (`*` one word, `#` any).
+    pub key: Option<String>,
+    /// Only dead letters that failed at least this long ago.
+    pub older_than: Option<Duration>,
+    /// At most this many.
+    pub limit: Option<usize>,
+    /// At most this many per second (a downstream just back is not flooded).
+    pub per_second: Option<f64>,
+}
+
+impl From<&Selection> for Filter {
+    fn from(s: &Selection) -> Self {
+        match s {
+            Selection::All => Filter::default(),
+            Selection::MessageId(id) => Filter {
+                message_id: Some(id.clone()),
+                ..Filter::default()
+            },
+        }
+    }
+}
+
+impl Filter {
+    fn matches(&self, d: &DeadLetter, now: chrono::DateTime<chrono::Utc>) -> bool {
+        if self.message_id.as_ref().is_some_and(|id| d.message_id.as_ref() != Some(id)) {
+            return false;
+        }
+        if self.kind.as_ref().is_some_and(|k| d.kind.as_ref() != Some(k)) {
+            return false;
+        }
+        if self
+            .key
+            .as_ref()
+            .is_some_and(|p| !topic_matches(p, &d.original_routing_key))
+        {
+            return false;
+        }
+        if let Some(age) = self.older_than {
+            // A dead letter with no failure time is as old as can be.
+            let failed = d
+                .failed_at
+                .as_deref()
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
+            if let Some(t) = failed {
+                let elapsed = now.signed_duration_since(t.with_timezone(&chrono::Utc));
+                if elapsed.to_std().map_or(true, |e| e < age) {
+                    return false;
+                }
+            }
+        }
+        true
+    }
+}
+
+/// Whether routing key `key` matches topic pattern `pattern` as a RabbitMQ topic binding
+/// would (`*` exactly one word, `#` zero or more words).
+pub fn topic_matches(pattern: &str, key: &str) -> bool {
+    fn go(p: &[&str], k: &[&str]) -> bool {
+        match (p.first(), k.first()) {
+            (None, None) => true,
+            (Some(&"#"), _) => go(&p[1..], k) || (!k.is_empty() && go(p, &k[1..])),
+            (Some(&"*"), Some(_)) => go(&p[1..], &k[1..]),
+            (Some(w), Some(x)) if w == x => go(&p[1..], &k[1..]),
+            _ => false,
+        }
+    }
+    let p: Vec<&str> = pattern.split('.').collect();
+    let k: Vec<&str> = if key.is_empty() { Vec::new() } else { key.split('.').collect() };
+    go(&p, &k)
+}
+
+/// Parses an age such as `90s`, `30m`, `2h`, `7d` (a bare number is seconds).
+pub fn parse_age(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, ""), |i| s.split_at(i));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not an age like 90s, 30m, 2h or 7d"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n.saturating_mul(60),
+        "h" => n.saturating_mul(3600),
+        "d" => n.saturating_mul(86_400),
+        _ => return Err(format!("`{s}`: unit must be s, m, h or d")),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
 /// Republishes selected dead letters to the service's own queue `Q` (through the default
 /// exchange, never to the original exchange, whose other subscribers must not see the
 /// message again), keeping where each first came from in `x-original-exchange` /
@@ -162,7 +260,24 @@ pub async fn replay(
     selection: &Selection,
     dry_run: bool,
 ) -> Result<Vec<DeadLetter>, DlqError> {
+    replay_filtered(conn, topo, &Filter::from(selection), dry_run).await
+}
+
+/// [`replay`] narrowed by `filter` (kind, key pattern, age, count, rate). Killed at any
+/// point it loses nothing: each dead letter is removed only after its replay was confirmed.
+pub async fn replay_filtered(
+    conn: &Connection,
+    topo: &Topology,
+    filter: &Filter,
+    dry_run: bool,
+) -> Result<Vec<DeadLetter>, DlqError> {
     let ch = confirm_channel(conn).await?;
+    let now = chrono::Utc::now();
+    let pace = filter
+        .per_second
+        .filter(|r| *r > 0.0)
+        .map(|r| Duration::from_secs_f64(1.0 / r));
+    let mut next_at = tokio::time::Instant::now();
     let total = count(&ch, &topo.dlq()).await?;
     let mut moved = Vec::new();
     for _ in 0..total {
@@ -177,14 +292,17 @@ pub async fn replay(
         };
         let d = m.delivery;
         let info = describe(&d.properties, d.routing_key.as_str(), d.data.len());
-        let selected = match selection {
-            Selection::All => true,
-            Selection::MessageId(id) => info.message_id.as_deref() == Some(id.as_str()),
-        };
-        if !selected {
+        if filter.limit.is_some_and(|n| moved.len() >= n) {
+            break;
+        }
+        if !filter.matches(&info, now) {
             continue;
         }
         if !dry_run {
+            if let Some(p) = pace {
+                tokio::time::sleep_until(next_at).await;
+                next_at = tokio::time::Instant::now() + p;
+            }
             let mut hdr = h::without(
                 &d.properties.headers().clone().unwrap_or_default(),
                 h::REPLAY_STRIPPED,
@@ -215,6 +333,7 @@ pub async fn replay(
     }
     let _ = ch.close(200, "replay done".into()).await;
     let kept = total.saturating_sub(if dry_run { 0 } else { moved.len() as u32 });
+    debug_assert!(kept <= total);
     await_returned(conn, &topo.dlq(), kept).await?;
     Ok(moved)
 }
@@ -231,6 +350,30 @@ pub async fn purge(conn: &Connection, topo: &Topology) -> Result<u32, DlqError> 
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn topic_patterns_match_like_bindings() {
+        use super::topic_matches as m;
+        assert!(m("a.*.c", "a.b.c"));
+        assert!(!m("a.*.c", "a.b.x.c"));
+        assert!(m("a.#", "a"));
+        assert!(m("a.#", "a.b.c"));
+        assert!(m("#.c", "a.b.c"));
+        assert!(m("#", ""));
+        assert!(!m("a.b", "a.b.c"));
+        assert!(m("assetsweeper.#.new", "assetsweeper.asset_folder_importer.file.new"));
+    }
+
+    #[test]
+    fn ages_parse_with_units() {
+        use std::time::Duration;
+        assert_eq!(super::parse_age("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(super::parse_age("30m").unwrap(), Duration::from_secs(1800));
+        assert_eq!(super::parse_age("2h").unwrap(), Duration::from_secs(7200));
+        assert_eq!(super::parse_age("7d").unwrap(), Duration::from_secs(604_800));
+        assert!(super::parse_age("soon").is_err());
+        assert!(super::parse_age("5y").is_err());
+    }
+
     #[test]
     fn control_characters_are_escaped_for_the_terminal() {
         assert_eq!(

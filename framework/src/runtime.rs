@@ -389,6 +389,15 @@ impl<P: MessageProcessor> Runtime<P> {
         inner.status.set_ready(true);
         let broken = CancellationToken::new();
         let handlers = SessionTasks::new();
+        if inner.amqp.queue_metrics_interval_ms > 0 {
+            tokio::spawn(watch_queue_depths(
+                conn.clone(),
+                inner.topology.queue_names(),
+                Duration::from_millis(inner.amqp.queue_metrics_interval_ms),
+                limit,
+                handlers.cancel.clone(),
+            ));
+        }
         let topology_lost =
             || SessionEnd::Lost("topology incomplete (unroutable retry or dead letter)".into());
         let alive = || conn.status().connected() && ch.status().connected();
@@ -477,6 +486,36 @@ impl<P: MessageProcessor> Runtime<P> {
             }
         }
         Ok(end)
+    }
+}
+
+/// Sets `storagetier_queue_messages` for each of `queues` every `every` until `stop`, with
+/// passive declares on a channel of its own (a failed one closes only that channel).
+async fn watch_queue_depths(
+    conn: Arc<Connection>,
+    queues: Vec<String>,
+    every: Duration,
+    limit: Duration,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    let mut ch: Option<Channel> = None;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        for q in &queues {
+            if ch.as_ref().is_none_or(|c| !c.status().connected()) {
+                ch = bounded(limit, "opening a channel", conn.create_channel())
+                    .await
+                    .ok();
+            }
+            let Some(c) = &ch else { break };
+            if let Ok(Ok(n)) = tokio::time::timeout(limit, crate::dlq::count(c, q)).await {
+                metrics::gauge!(m::QUEUE_MESSAGES, "queue" => q.clone()).set(f64::from(n));
+            }
+        }
     }
 }
 

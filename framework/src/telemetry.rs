@@ -19,6 +19,9 @@ pub const CONNECTED: &str = "storagetier_connected";
 pub const PUBLISH_FAILURES_TOTAL: &str = "storagetier_publish_failures_total";
 /// Reconnections after a lost connection, channel or consumer.
 pub const RECONNECTS_TOTAL: &str = "storagetier_reconnects_total";
+/// Messages ready in each of the service's own queues (`Q`, every retry tier, `Q-dlq`),
+/// labelled `queue`, read passively every `[amqp] queue_metrics_interval_ms`.
+pub const QUEUE_MESSAGES: &str = "storagetier_queue_messages";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 

@@ -231,6 +231,14 @@ impl Topology {
         v
     }
 
+    /// Names of every queue the service owns: `Q`, the retry tiers, `Q-dlq`.
+    pub fn queue_names(&self) -> Vec<String> {
+        let mut v = vec![self.queue.clone()];
+        v.extend(self.delays_ms.iter().map(|&d| self.retry_queue(d)));
+        v.push(self.dlq());
+        v
+    }
+
     /// Every queue with its arguments, in declaration order.
     pub fn queues(&self) -> Vec<QueueSpec> {
         let mut v = Vec::new();
