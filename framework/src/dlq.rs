@@ -183,10 +183,18 @@ impl From<&Selection> for Filter {
 
 impl Filter {
     fn matches(&self, d: &DeadLetter, now: chrono::DateTime<chrono::Utc>) -> bool {
-        if self.message_id.as_ref().is_some_and(|id| d.message_id.as_ref() != Some(id)) {
+        if self
+            .message_id
+            .as_ref()
+            .is_some_and(|id| d.message_id.as_ref() != Some(id))
+        {
             return false;
         }
-        if self.kind.as_ref().is_some_and(|k| d.kind.as_ref() != Some(k)) {
+        if self
+            .kind
+            .as_ref()
+            .is_some_and(|k| d.kind.as_ref() != Some(k))
+        {
             return false;
         }
         if self
@@ -226,7 +234,11 @@ pub fn topic_matches(pattern: &str, key: &str) -> bool {
         }
     }
     let p: Vec<&str> = pattern.split('.').collect();
-    let k: Vec<&str> = if key.is_empty() { Vec::new() } else { key.split('.').collect() };
+    let k: Vec<&str> = if key.is_empty() {
+        Vec::new()
+    } else {
+        key.split('.').collect()
+    };
     go(&p, &k)
 }
 
@@ -360,7 +372,10 @@ mod tests {
         assert!(m("#.c", "a.b.c"));
         assert!(m("#", ""));
         assert!(!m("a.b", "a.b.c"));
-        assert!(m("assetsweeper.#.new", "assetsweeper.asset_folder_importer.file.new"));
+        assert!(m(
+            "assetsweeper.#.new",
+            "assetsweeper.asset_folder_importer.file.new"
+        ));
     }
 
     #[test]
@@ -369,7 +384,10 @@ mod tests {
         assert_eq!(super::parse_age("90").unwrap(), Duration::from_secs(90));
         assert_eq!(super::parse_age("30m").unwrap(), Duration::from_secs(1800));
         assert_eq!(super::parse_age("2h").unwrap(), Duration::from_secs(7200));
-        assert_eq!(super::parse_age("7d").unwrap(), Duration::from_secs(604_800));
+        assert_eq!(
+            super::parse_age("7d").unwrap(),
+            Duration::from_secs(604_800)
+        );
         assert!(super::parse_age("soon").is_err());
         assert!(super::parse_age("5y").is_err());
     }

@@ -24,12 +24,25 @@ pub struct Publication {
 }
 
 impl Publication {
-    /// A JSON publication.
-    pub fn json(exchange: &str, routing_key: &str, body: &impl Serialize) -> Self {
+    /// A JSON publication of any serialisable value; an error if it cannot be serialised
+    /// (never an empty body).
+    pub fn json(
+        exchange: &str,
+        routing_key: &str,
+        body: &impl Serialize,
+    ) -> Result<Self, serde_json::Error> {
+        Ok(Self::value(
+            exchange,
+            routing_key,
+            &serde_json::to_value(body)?,
+        ))
+    }
+    /// A JSON publication of a JSON value (always serialisable).
+    pub fn value(exchange: &str, routing_key: &str, body: &serde_json::Value) -> Self {
         Self {
             exchange: exchange.to_string(),
             routing_key: routing_key.to_string(),
-            body: serde_json::to_vec(body).unwrap_or_default(),
+            body: body.to_string().into_bytes(),
             content_type: "application/json".to_string(),
             mandatory: false,
         }
@@ -273,5 +286,19 @@ impl<P> ProcessorConfiguration<P> {
             },
             processor,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_body_that_cannot_be_serialised_is_an_error_not_an_empty_message() {
+        let mut m = std::collections::BTreeMap::new();
+        m.insert((1, 2), "tuple keys are not JSON object keys");
+        assert!(Publication::json("x", "k", &m).is_err());
+        let ok = Publication::json("x", "k", &serde_json::json!({"a": 1})).expect("serialises");
+        assert_eq!(ok.body, br#"{"a":1}"#);
     }
 }

@@ -793,7 +793,7 @@ fn plan<P>(
             let mut msgs = vec![Outgoing {
                 exchange: inner.topology.output_exchange.clone(),
                 routing_key: format!("{}.success", inner.output_routing_key),
-                body: serde_json::to_vec(&body).unwrap_or_default(),
+                body: body.to_string().into_bytes(),
                 properties: props("application/json"),
                 mandatory: false,
             }];

@@ -98,6 +98,8 @@ pub struct Harness {
     pub task: Option<tokio::task::JoinHandle<Result<(), crate::runtime::RuntimeError>>>,
     pub status: Arc<crate::Status>,
     pub delays: Vec<u64>,
+    /// Other exchanges the service declared (`Binding::publishes_to`), deleted on drop too.
+    pub publishes_to: Vec<String>,
 }
 
 /// Config of service `S` for a test: built-in defaults, a unique queue, output exchange
@@ -211,6 +213,7 @@ impl Harness {
     ) -> Harness {
         let q = cfg.service.queue.clone();
         let input_exchange = pc.binding.exchange.clone();
+        let publishes_to = pc.binding.publishes_to.clone();
         let runtime = Runtime::new(name, &cfg, pc);
         let status = runtime.status();
         let mut sessions = status.sessions();
@@ -232,6 +235,7 @@ impl Harness {
             task: Some(task),
             status,
             delays: cfg.retry.delays_ms.clone(),
+            publishes_to,
         }
     }
 
@@ -270,12 +274,13 @@ impl Drop for Harness {
         for d in &self.delays {
             queues.push(format!("{}-retry-{d}", self.q));
         }
-        let exchanges = vec![
+        let mut exchanges = vec![
             self.input_exchange.clone(),
             self.output_exchange.clone(),
             format!("{}-retry", self.q),
             format!("{}-fail", self.q),
         ];
+        exchanges.append(&mut self.publishes_to);
         cleanup(queues, exchanges);
     }
 }

@@ -664,7 +664,7 @@ impl MessageProcessor for PartialProcessor {
                     return Outcome::retry(e);
                 }
             } else if let Err(e) = ctx
-                .publish(framework::Publication::json(
+                .publish(framework::Publication::value(
                     &format!("{}-side", input["q"].as_str().unwrap_or("")),
                     "item",
                     &item,

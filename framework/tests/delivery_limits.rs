@@ -70,7 +70,7 @@ fn success_with_extra(
 ) -> FnProcessor<impl Fn(serde_json::Value, &MessageContext) -> Outcome + Send + Sync> {
     FnProcessor(move |v: serde_json::Value, _: &MessageContext| {
         Outcome::success(v.clone())
-            .with_extra([Publication::json(&exchange, "nowhere", &v).mandatory()])
+            .with_extra([Publication::value(&exchange, "nowhere", &v).mandatory()])
     })
 }
 

@@ -14,8 +14,7 @@ use framework::{MessageContext, Outcome};
 const BIN: &str = env!("CARGO_BIN_EXE_echo");
 
 /// Permanent for `{"p":true}`, otherwise a retry that exhausts at once (max_attempts 1).
-fn failing() -> FnProcessor<impl Fn(serde_json::Value, &MessageContext) -> Outcome + Send + Sync>
-{
+fn failing() -> FnProcessor<impl Fn(serde_json::Value, &MessageContext) -> Outcome + Send + Sync> {
     FnProcessor(|v: serde_json::Value, _: &MessageContext| {
         if v["p"] == serde_json::json!(true) {
             Outcome::permanent("bad input")
@@ -63,7 +62,12 @@ async fn replay_filters_by_kind_key_age_and_count() {
     let topo = topology_of(&hs);
     let dry = |f: Filter| {
         let (conn, topo) = (&hs.conn, &topo);
-        async move { dlq::replay_filtered(conn, topo, &f, true).await.expect("dry run").len() }
+        async move {
+            dlq::replay_filtered(conn, topo, &f, true)
+                .await
+                .expect("dry run")
+                .len()
+        }
     };
     let kind = |k: &str| Filter {
         kind: Some(k.into()),
@@ -150,7 +154,10 @@ async fn a_replay_killed_midway_loses_nothing() {
     let q = hs.q.clone();
     let deadline = tokio::time::Instant::now() + WAIT;
     while ready_count(&hs.ch, &q).await < 5 {
-        assert!(tokio::time::Instant::now() < deadline, "the replay got going");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the replay got going"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     replay.kill();
@@ -161,13 +168,24 @@ async fn a_replay_killed_midway_loses_nothing() {
         if total >= n {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "{total} of {n} accounted for");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{total} of {n} accounted for"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+    assert!(
+        ready_count(&hs.ch, &dlq_name).await > 0,
+        "killed midway: some dead letters were not replayed yet"
+    );
     let mut seen = HashMap::new();
     drain(&hs, &q, &mut seen).await;
     drain(&hs, &dlq_name, &mut seen).await;
-    assert_eq!(seen.len(), n as usize, "every dead letter is in the DLQ or replayed");
+    assert_eq!(
+        seen.len(),
+        n as usize,
+        "every dead letter is in the DLQ or replayed"
+    );
     let dup: usize = seen.values().map(|c| c - 1).sum();
     assert!(dup <= 1, "at most the one in flight twice, got {dup}");
 }

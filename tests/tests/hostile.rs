@@ -679,8 +679,8 @@ async fn hostile_input_to_every_service_is_dead_lettered_without_heap_growth() {
     let root = tempfile::tempdir().expect("a temp dir");
     let endpoint = stub_endpoint().await;
     let (export, monitoring) = (unique("export-state"), unique("monitoring"));
+    let _gone = Cleanup::new(vec![], vec![export.clone(), monitoring.clone()]);
     for svc in services(root.path(), &endpoint, &export, &monitoring) {
         soak(svc).await;
     }
-    cleanup(vec![], vec![export, monitoring]);
 }

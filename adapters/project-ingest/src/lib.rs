@@ -163,10 +163,13 @@ impl MessageProcessor for ProjectProcessor {
             }
             return Outcome::drop(dropped.join("; "));
         };
-        let extra: Vec<Publication> = stored
+        let extra: Result<Vec<Publication>, _> = stored
             .map(|p| Publication::json(&self.output_exchange, &self.success_key, &p))
             .collect();
-        Outcome::success(first).with_extra(extra)
+        match extra {
+            Ok(extra) => Outcome::success(first).with_extra(extra),
+            Err(e) => Outcome::permanent(format!("cannot serialise a stored project: {e}")),
+        }
     }
 }
 

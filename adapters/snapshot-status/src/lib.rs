@@ -123,7 +123,7 @@ impl StatusProcessor {
     /// so the input is retried (a retried message re-emits it) instead of the broker
     /// dropping it while the collection is already `Received`.
     fn export_state_publication(&self, m: &StatusMessage, c: &Collection) -> Publication {
-        Publication::json(
+        Publication::value(
             &self.export_state_exchange,
             EXPORT_STATE_KEY,
             &export_state(m, c),
@@ -221,7 +221,7 @@ impl StatusProcessor {
                         // Mandatory: an unroutable message fails the publish, so the input
                         // is retried and this branch (retried) sends it again.
                         extra.push(
-                            Publication::json(
+                            Publication::value(
                                 &self.monitoring_exchange,
                                 MONITORING_KEY,
                                 &monitoring(m),
