@@ -37,6 +37,12 @@ struct Record<'a> {
 /// element is an object with a `kinesis` key, whatever the JSON type of its value (an
 /// object, a string, a number…, design §7); anything else is a single event.
 pub fn split(body: &RawValue) -> Events<'_> {
+    // Only JSON objects are envelopes and records: serde would also read a struct from an
+    // array (`[[…]]` as `{"Records":[…]}`), turning any nested array into "records".
+    let is_object = |r: &RawValue| r.get().trim_start().starts_with('{');
+    if !is_object(body) {
+        return Events::Single(body);
+    }
     let Ok(env) = serde_json::from_str::<Envelope<'_>>(body.get()) else {
         return Events::Single(body);
     };
@@ -45,6 +51,9 @@ pub fn split(body: &RawValue) -> Events<'_> {
     }
     let mut out = Vec::with_capacity(env.records.len());
     for record in env.records {
+        if !is_object(record) {
+            return Events::Single(body);
+        }
         match serde_json::from_str::<Record<'_>>(record.get()) {
             Ok(r) => out.push(KinesisRecord {
                 record,
@@ -75,6 +84,13 @@ pub fn fingerprint(raw: &RawValue) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn arrays_are_single_events_never_envelopes() {
+        for body in ["[[1]]", "[[[{\"kinesis\":1}]]]", "{\"Records\":[[1]]}"] {
+            assert!(matches!(split(&raw(body)), Events::Single(_)), "{body}");
+        }
+    }
 
     fn raw(s: &str) -> Box<RawValue> {
         serde_json::from_str(s).unwrap()
