@@ -507,7 +507,8 @@ async fn every_metric_the_dashboard_and_rules_query_is_served() {
             "dead" => Outcome::permanent("observability test"),
             // A mandatory extra that reaches no queue: a publish failure, then retried.
             "unroutable" => {
-                Outcome::success(&v).with_extra([Publication::json("", &nowhere, &v).mandatory()])
+                Outcome::success(&v)
+                    .with_extra([Publication::text("", &nowhere, v.to_string()).mandatory()])
             }
             _ => Outcome::success(v),
         }
