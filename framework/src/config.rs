@@ -230,6 +230,9 @@ pub struct AmqpConfig {
     pub reconnect_max_ms: u64,
     /// Connection name for the management UI ("" = derived).
     pub connection_name: String,
+    /// How long one delivery may stay unacked before the broker closes the channel
+    /// (`x-consumer-timeout`, RabbitMQ 3.12+); 0 = the broker's own (30 min by default).
+    pub consumer_timeout_ms: u64,
     /// Create a subscribed producer exchange that is missing (design §2); when false the
     /// service waits, checking passively, until the producer has declared it.
     pub declare_sources: bool,

@@ -21,6 +21,7 @@ pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod topology;
+pub mod trace;
 
 pub use async_trait::async_trait;
 pub use cli::{Binding, BoxError, Service};

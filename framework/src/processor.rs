@@ -160,6 +160,8 @@ pub struct MessageContext {
     pub(crate) retry_headers: Arc<Mutex<Vec<(String, String)>>>,
     /// Publishing on the delivery's channel; None outside a runtime (unit tests).
     pub(crate) publisher: Option<crate::runtime::Publisher>,
+    /// The trace this message is handled in (continued from its `traceparent`).
+    pub(crate) trace: crate::trace::TraceContext,
     /// Cancelled when the session that delivered this message ends (shutdown or a lost
     /// connection): long waits should stop; the message will be redelivered if not acked.
     pub(crate) cancel: tokio_util::sync::CancellationToken,
@@ -180,6 +182,7 @@ impl MessageContext {
             retry_headers: Arc::default(),
             publisher: None,
             cancel: Default::default(),
+            trace: crate::trace::TraceContext::continue_from(&FieldTable::default()),
         }
     }
 
@@ -190,6 +193,12 @@ impl MessageContext {
             v.retain(|(k, _)| k != key);
             v.push((key.to_string(), value.to_string()));
         }
+    }
+
+    /// The W3C `traceparent` of this message's handling, for calls the processor makes
+    /// (e.g. an HTTP request), so they join the message's trace.
+    pub fn traceparent(&self) -> String {
+        self.trace.traceparent()
     }
 
     /// True once the session that delivered this message is ending.

@@ -167,6 +167,7 @@ impl Publisher {
             headers: &ctx.headers,
             exchange: &ctx.exchange,
             routing_key: &ctx.routing_key,
+            trace: &ctx.trace,
         };
         let msg = env.dead_letter(body, ctx.attempt.saturating_add(1), kind, error);
         publish_pooled(&self.pool, vec![msg]).await
@@ -380,7 +381,7 @@ impl<P: MessageProcessor> Runtime<P> {
                 inner.topology.queue.as_str().into(),
                 tag.as_str().into(),
                 BasicConsumeOptions::default(),
-                FieldTable::default(),
+                consumer_arguments(&inner.amqp),
             ),
         )
         .await?;
@@ -436,7 +437,15 @@ impl<P: MessageProcessor> Runtime<P> {
                         drop(permit);
                     });
                 }
-                Some(Err(e)) => break SessionEnd::Lost(e.to_string()),
+                Some(Err(e)) => {
+                    let why = e.to_string();
+                    if why.contains("delivery acknowledgement") {
+                        error!(error = %why, "the broker's consumer timeout closed the channel while a handler ran: \
+                            raise [amqp] consumer_timeout_ms (RabbitMQ 3.12+) or the broker's consumer_timeout \
+                            (RabbitMQ 3.10/3.11: rabbitmq.conf) above the longest handler");
+                    }
+                    break SessionEnd::Lost(why);
+                }
                 None => {
                     break SessionEnd::Lost(
                         "consumer cancelled by the broker (queue deleted?)".into(),
@@ -517,6 +526,23 @@ async fn watch_queue_depths(
             }
         }
     }
+}
+
+/// `basic.consume` arguments: the per-consumer acknowledgement timeout, so a handler longer
+/// than the broker's default (30 min) is not cut off and redelivered while it still runs.
+/// RabbitMQ 3.12 and later honour it; 3.10 and 3.11 ignore it (their `consumer_timeout`
+/// in rabbitmq.conf must be raised instead).
+fn consumer_arguments(amqp: &AmqpConfig) -> FieldTable {
+    let mut args = FieldTable::default();
+    if amqp.consumer_timeout_ms > 0 {
+        args.insert(
+            "x-consumer-timeout".into(),
+            lapin::types::AMQPValue::LongLongInt(
+                i64::try_from(amqp.consumer_timeout_ms).unwrap_or(i64::MAX),
+            ),
+        );
+    }
+    args
 }
 
 /// How often a session checks that its connection is still there.
@@ -611,7 +637,10 @@ async fn handle_delivery<P: MessageProcessor>(
         .message_id()
         .as_ref()
         .map(|s| s.to_string());
+    let trace = crate::trace::TraceContext::continue_from(&inc.headers);
     let span = info_span!("message",
+        trace_id = %trace.trace_id,
+        span_id = %trace.span_id,
         queue = %inner.topology.queue,
         routing_key = %inc.routing_key,
         message_id = message_id.as_deref().unwrap_or(""),
@@ -635,6 +664,7 @@ async fn handle_delivery<P: MessageProcessor>(
             headers: inc.headers.clone(),
             retry_headers: Default::default(),
             cancel,
+            trace,
             publisher: Some(Publisher {
                 pool: pool.clone(),
                 service: inner.service.clone(),
@@ -755,6 +785,7 @@ fn output_properties(service: &str, ctx: &MessageContext, content_type: &str) ->
         .unwrap_or_else(|| ctx.routing_key.clone());
     let mut hdr = FieldTable::default();
     h::set_str(&mut hdr, h::IN_RESPONSE_TO, &in_response_to);
+    ctx.trace.write(&mut hdr);
     let mut p = BasicProperties::default()
         .with_content_type(content_type.into())
         .with_delivery_mode(2)
@@ -826,6 +857,7 @@ fn plan<P>(
                         inner,
                         d,
                         inc,
+                        &ctx.trace,
                         attempts,
                         h::KIND_RETRIES_EXHAUSTED,
                         &why,
@@ -846,6 +878,7 @@ fn plan<P>(
             for (k, v) in ctx.retry_headers() {
                 h::set_str(&mut hdr, &k, &v);
             }
+            ctx.trace.write(&mut hdr);
             let props = d.properties.clone().with_delivery_mode(2).with_headers(hdr);
             (
                 "retry",
@@ -867,6 +900,7 @@ fn plan<P>(
                     inner,
                     d,
                     inc,
+                    &ctx.trace,
                     attempts,
                     h::KIND_PERMANENT,
                     &reason,
@@ -882,6 +916,7 @@ fn plan<P>(
                     inner,
                     d,
                     inc,
+                    &ctx.trace,
                     attempts,
                     h::KIND_RETRIES_EXHAUSTED,
                     &reason,
@@ -899,12 +934,14 @@ struct Envelope<'a> {
     headers: &'a FieldTable,
     exchange: &'a str,
     routing_key: &'a str,
+    trace: &'a crate::trace::TraceContext,
 }
 
 impl Envelope<'_> {
     /// The original properties and headers plus the dead-letter headers of design §3.
     fn dead_letter(&self, body: Vec<u8>, attempts: u32, kind: &str, error: &str) -> Outgoing {
         let mut hdr = self.headers.clone();
+        self.trace.write(&mut hdr);
         h::set_str(&mut hdr, h::ERROR, h::truncate(error, h::MAX_ERROR_BYTES));
         h::set_str(&mut hdr, h::ERROR_KIND, kind);
         h::set_str(&mut hdr, h::ORIGINAL_EXCHANGE, self.exchange);
@@ -934,6 +971,7 @@ fn dead_letter<P>(
     inner: &Inner<P>,
     d: &Delivery,
     inc: &Incoming,
+    trace: &crate::trace::TraceContext,
     attempts: u32,
     kind: &str,
     error: &str,
@@ -945,6 +983,7 @@ fn dead_letter<P>(
         headers: &inc.headers,
         exchange: &inc.exchange,
         routing_key: &inc.routing_key,
+        trace,
     }
     .dead_letter(d.data.clone(), attempts, kind, error)
 }

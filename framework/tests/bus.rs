@@ -831,3 +831,53 @@ async fn hostile_inputs_are_dead_lettered_and_consuming_goes_on() {
     assert!(hs.status.is_ready());
     hs.stop().await;
 }
+
+#[tokio::test]
+async fn trace_context_is_continued_on_outputs_retries_and_dead_letters() {
+    let p = FnProcessor(|v: serde_json::Value, ctx: &MessageContext| {
+        if v["fail"] == json!(true) {
+            if ctx.attempt == 0 {
+                Outcome::retry("once more")
+            } else {
+                Outcome::permanent("still failing")
+            }
+        } else {
+            Outcome::success(v)
+        }
+    });
+    let hs = Harness::start("trace", &[], p).await;
+    let mut out = hs.watch_output().await;
+    let mut dlq = hs.watch_dlq().await;
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let incoming = format!("00-{trace}-00f067aa0ba902b7-01");
+    let with_trace = || {
+        let mut t = FieldTable::default();
+        h::set_str(&mut t, "traceparent", &incoming);
+        h::set_str(&mut t, "tracestate", "congo=t61rcWkgMzE");
+        BasicProperties::default().with_headers(t)
+    };
+    let is_child = |tp: &str| {
+        let parts: Vec<&str> = tp.split('-').collect();
+        parts.len() == 4
+            && parts[0] == "00"
+            && parts[1] == trace
+            && parts[2].len() == 16
+            && parts[2] != "00f067aa0ba902b7"
+            && parts[3] == "01"
+    };
+    hs.publish("test.t", br#"{"ok":1}"#, with_trace()).await;
+    let d = next(&mut out).await;
+    let tp = header(&d, "traceparent").expect("output carries traceparent");
+    assert!(is_child(&tp), "output continues the trace: {tp}");
+    assert_eq!(header(&d, "tracestate").as_deref(), Some("congo=t61rcWkgMzE"));
+    hs.publish("test.t", br#"{"fail":true}"#, with_trace()).await;
+    let d = next(&mut dlq).await;
+    let tp = header(&d, "traceparent").expect("dead letter carries traceparent");
+    assert!(is_child(&tp), "the retry and dead letter continue the trace: {tp}");
+    // No trace on the input: the service starts one.
+    hs.publish("test.t", br#"{"ok":2}"#, BasicProperties::default())
+        .await;
+    let d = next(&mut out).await;
+    let tp = header(&d, "traceparent").expect("a new trace");
+    assert!(tp.starts_with("00-") && tp.len() == 55 && !tp.contains(trace), "{tp}");
+}

@@ -147,6 +147,7 @@ impl PrivateBroker {
             .env("RABBITMQ_MNESIA_BASE", d("mnesia"))
             .env("RABBITMQ_LOG_BASE", d("log"))
             .env("RABBITMQ_ENABLED_PLUGINS_FILE", d("enabled_plugins"))
+            .env("RABBITMQ_ADVANCED_CONFIG_FILE", d("advanced.config"))
             .env("RABBITMQ_FEATURE_FLAGS_FILE", d("feature_flags"))
             .env("RABBITMQ_PID_FILE", d("pid"))
             .stdin(Stdio::null())
@@ -164,6 +165,18 @@ impl PrivateBroker {
         broker.ctl(&["wait", &d("pid"), "--timeout", "90"]);
         broker.await_amqp().await;
         broker
+    }
+
+    /// The RabbitMQ version of this node's install, e.g. `(4, 0)`.
+    pub fn version(&self) -> (u32, u32) {
+        let out = rabbit_command(self.root.as_deref(), "rabbitmqctl")
+            .args(["version"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("rabbitmqctl on PATH");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut parts = text.trim().split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+        (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
     }
 
     /// The AMQP URL of this node.

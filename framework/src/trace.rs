@@ -1,0 +1,137 @@
+//! W3C trace context (`traceparent`, `tracestate`) carried with every message (design §6):
+//! an input's trace is continued by the message's span and written on every output, retry
+//! and dead letter it causes, so one trace follows a file or an event across services.
+
+use lapin::types::FieldTable;
+
+use crate::headers as h;
+
+/// `traceparent` header name.
+pub const TRACEPARENT: &str = "traceparent";
+/// `tracestate` header name.
+pub const TRACESTATE: &str = "tracestate";
+
+/// The trace a message is handled in: the input's trace id (or a new one) and this
+/// handling's own span id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceContext {
+    /// 32 lowercase hex digits, shared by the whole trace.
+    pub trace_id: String,
+    /// 16 lowercase hex digits, this message's handling.
+    pub span_id: String,
+    /// The input's span id, if it came with a trace.
+    pub parent_span_id: Option<String>,
+    /// 2 hex digits (`01` = sampled).
+    pub flags: String,
+    /// The input's `tracestate`, passed on unchanged.
+    pub tracestate: Option<String>,
+}
+
+fn is_hex(s: &str, len: usize) -> bool {
+    s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+fn random_hex(len: usize) -> String {
+    let mut s = String::with_capacity(len);
+    while s.len() < len {
+        s.push_str(&uuid::Uuid::new_v4().simple().to_string());
+    }
+    s.truncate(len);
+    s
+}
+
+impl TraceContext {
+    /// Continues the trace of `headers` (a valid version-00 `traceparent`), or starts one.
+    pub fn continue_from(headers: &FieldTable) -> Self {
+        let parsed = h::get_str(headers, TRACEPARENT).and_then(|tp| {
+            let parts: Vec<&str> = tp.trim().split('-').collect();
+            match parts.as_slice() {
+                [v, t, p, f]
+                    if is_hex(v, 2)
+                        && *v != "ff"
+                        && is_hex(t, 32)
+                        && *t != "0".repeat(32)
+                        && is_hex(p, 16)
+                        && *p != "0".repeat(16)
+                        && is_hex(f, 2) =>
+                {
+                    Some((t.to_string(), p.to_string(), f.to_string()))
+                }
+                _ => None,
+            }
+        });
+        match parsed {
+            Some((trace_id, parent, flags)) => Self {
+                trace_id,
+                span_id: random_hex(16),
+                parent_span_id: Some(parent),
+                flags,
+                tracestate: h::get_str(headers, TRACESTATE),
+            },
+            None => Self {
+                trace_id: random_hex(32),
+                span_id: random_hex(16),
+                parent_span_id: None,
+                flags: "01".into(),
+                tracestate: None,
+            },
+        }
+    }
+
+    /// The `traceparent` naming this handling as the parent of what it publishes.
+    pub fn traceparent(&self) -> String {
+        format!("00-{}-{}-{}", self.trace_id, self.span_id, self.flags)
+    }
+
+    /// Writes `traceparent` (and `tracestate`) into `headers`.
+    pub fn write(&self, headers: &mut FieldTable) {
+        h::set_str(headers, TRACEPARENT, &self.traceparent());
+        if let Some(ts) = &self.tracestate {
+            h::set_str(headers, TRACESTATE, ts);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(tp: &str) -> FieldTable {
+        let mut t = FieldTable::default();
+        h::set_str(&mut t, TRACEPARENT, tp);
+        h::set_str(&mut t, TRACESTATE, "vendor=x");
+        t
+    }
+
+    #[test]
+    fn a_valid_traceparent_is_continued_with_a_new_span() {
+        let c = TraceContext::continue_from(&with(
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        ));
+        assert_eq!(c.trace_id, "0af7651916cd43dd8448eb211c80319c");
+        assert_eq!(c.parent_span_id.as_deref(), Some("b7ad6b7169203331"));
+        assert_ne!(c.span_id, "b7ad6b7169203331");
+        assert!(is_hex(&c.span_id, 16));
+        assert_eq!(c.tracestate.as_deref(), Some("vendor=x"));
+        assert!(c.traceparent().starts_with("00-0af7651916cd43dd8448eb211c80319c-"));
+    }
+
+    #[test]
+    fn a_missing_or_malformed_traceparent_starts_a_trace() {
+        for bad in [
+            "",
+            "garbage",
+            "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+            "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",
+            "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        ] {
+            let c = TraceContext::continue_from(&with(bad));
+            assert!(is_hex(&c.trace_id, 32) && is_hex(&c.span_id, 16), "{bad}");
+            assert_eq!(c.parent_span_id, None, "{bad}");
+            assert_eq!(c.tracestate, None, "{bad}: a broken trace's state is not passed on");
+        }
+        let c = TraceContext::continue_from(&FieldTable::default());
+        assert_eq!(c.flags, "01");
+    }
+}

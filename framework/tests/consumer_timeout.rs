@@ -1,0 +1,88 @@
+//! A handler that runs longer than the broker's consumer (acknowledgement) timeout — a
+//! 200 GiB archive copy outlasts the default 30 min — must complete once, not be cut off
+//! and redelivered in a loop. The framework sets the consumer's `x-consumer-timeout`
+//! (`[amqp] consumer_timeout_ms`), which RabbitMQ honours from 3.12 on; RabbitMQ 3.10 and
+//! 3.11 ignore it (their `consumer_timeout` must be raised in rabbitmq.conf, see README),
+//! so this test can only hold on 3.12 and later, as its name says.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use framework::testing::broker::PrivateBroker;
+use framework::testing::*;
+use framework::{MessageContext, MessageProcessor, Outcome, async_trait};
+
+/// Takes longer than the node's consumer timeout, then succeeds; counts its calls.
+struct Slow(Arc<AtomicUsize>);
+
+#[async_trait]
+impl MessageProcessor for Slow {
+    type Input = serde_json::Value;
+    async fn handle(&self, v: serde_json::Value, _ctx: &MessageContext) -> Outcome {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        Outcome::success(v)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_longer_than_the_consumer_timeout_completes_once_on_rabbitmq_3_12_and_later() {
+    // A node that gives up on an unacked delivery after 1 s, checked every second.
+    let broker = PrivateBroker::start_with(|host, _| {
+        std::fs::write(
+            host.join("advanced.config"),
+            "[{rabbit, [{channel_tick_interval, 1000}]}].\n",
+        )
+        .expect("advanced.config");
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(
+            host.join("advanced.config"),
+            std::fs::Permissions::from_mode(0o644),
+        );
+        "consumer_timeout = 1000\n".to_string()
+    })
+    .await;
+    let version = broker.version();
+    if version < (3, 12) {
+        println!("RabbitMQ {version:?} ignores x-consumer-timeout: not applicable");
+        return;
+    }
+    let q = unique("slow");
+    let cfg = config(
+        &q,
+        &[
+            ("amqp.url", &broker.url()),
+            ("amqp.consumer_timeout_ms", "120000"),
+            ("amqp.drain_timeout_ms", "1000"),
+        ],
+    );
+    let calls = Arc::new(AtomicUsize::new(0));
+    let runtime = framework::Runtime::new(
+        "slow",
+        &cfg,
+        framework::ProcessorConfiguration::new(
+            &format!("{q}-in"),
+            "test.#",
+            "test.out",
+            Slow(calls.clone()),
+        ),
+    );
+    let status = runtime.status();
+    let stop = framework::CancellationToken::new();
+    let t = stop.clone();
+    let task = tokio::spawn(async move { runtime.run(t).await });
+    wait_until("consuming", || status.is_ready()).await;
+    let (_conn, ch) = broker.channel().await.expect("channel");
+    let mut out = watch(&ch, &format!("{q}-out"), "#").await;
+    publish(&ch, &format!("{q}-in"), "test.x", br#"{"big":1}"#, Default::default()).await;
+    assert_eq!(next(&mut out).await.data, br#"{"big":1}"#);
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "handled once, never cut off");
+    assert_eq!(broker.count(&q).await, Some(0));
+    stop.cancel();
+    tokio::time::timeout(WAIT, task)
+        .await
+        .expect("stopped")
+        .expect("task")
+        .expect("clean stop");
+}
