@@ -28,7 +28,9 @@ pub struct TraceContext {
 }
 
 fn is_hex(s: &str, len: usize) -> bool {
-    s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == len
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 fn random_hex(len: usize) -> String {
@@ -113,7 +115,10 @@ mod tests {
         assert_ne!(c.span_id, "b7ad6b7169203331");
         assert!(is_hex(&c.span_id, 16));
         assert_eq!(c.tracestate.as_deref(), Some("vendor=x"));
-        assert!(c.traceparent().starts_with("00-0af7651916cd43dd8448eb211c80319c-"));
+        assert!(
+            c.traceparent()
+                .starts_with("00-0af7651916cd43dd8448eb211c80319c-")
+        );
     }
 
     #[test]
@@ -129,7 +134,10 @@ mod tests {
             let c = TraceContext::continue_from(&with(bad));
             assert!(is_hex(&c.trace_id, 32) && is_hex(&c.span_id, 16), "{bad}");
             assert_eq!(c.parent_span_id, None, "{bad}");
-            assert_eq!(c.tracestate, None, "{bad}: a broken trace's state is not passed on");
+            assert_eq!(
+                c.tracestate, None,
+                "{bad}: a broken trace's state is not passed on"
+            );
         }
         let c = TraceContext::continue_from(&FieldTable::default());
         assert_eq!(c.flags, "01");

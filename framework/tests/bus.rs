@@ -869,15 +869,25 @@ async fn trace_context_is_continued_on_outputs_retries_and_dead_letters() {
     let d = next(&mut out).await;
     let tp = header(&d, "traceparent").expect("output carries traceparent");
     assert!(is_child(&tp), "output continues the trace: {tp}");
-    assert_eq!(header(&d, "tracestate").as_deref(), Some("congo=t61rcWkgMzE"));
-    hs.publish("test.t", br#"{"fail":true}"#, with_trace()).await;
+    assert_eq!(
+        header(&d, "tracestate").as_deref(),
+        Some("congo=t61rcWkgMzE")
+    );
+    hs.publish("test.t", br#"{"fail":true}"#, with_trace())
+        .await;
     let d = next(&mut dlq).await;
     let tp = header(&d, "traceparent").expect("dead letter carries traceparent");
-    assert!(is_child(&tp), "the retry and dead letter continue the trace: {tp}");
+    assert!(
+        is_child(&tp),
+        "the retry and dead letter continue the trace: {tp}"
+    );
     // No trace on the input: the service starts one.
     hs.publish("test.t", br#"{"ok":2}"#, BasicProperties::default())
         .await;
     let d = next(&mut out).await;
     let tp = header(&d, "traceparent").expect("a new trace");
-    assert!(tp.starts_with("00-") && tp.len() == 55 && !tp.contains(trace), "{tp}");
+    assert!(
+        tp.starts_with("00-") && tp.len() == 55 && !tp.contains(trace),
+        "{tp}"
+    );
 }

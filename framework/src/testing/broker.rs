@@ -175,7 +175,10 @@ impl PrivateBroker {
             .output()
             .expect("rabbitmqctl on PATH");
         let text = String::from_utf8_lossy(&out.stdout);
-        let mut parts = text.trim().split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+        let mut parts = text
+            .trim()
+            .split('.')
+            .map(|p| p.parse::<u32>().unwrap_or(0));
         (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
     }
 
