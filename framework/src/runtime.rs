@@ -818,6 +818,7 @@ fn plan<P>(
     ctx: &MessageContext,
     outcome: Outcome,
 ) -> (&'static str, Vec<Outgoing>) {
+    let is_exhausted = matches!(outcome, Outcome::Exhausted(_));
     match outcome {
         Outcome::Success { body, extra } => {
             let props = |content_type: &str| output_properties(&inner.service, ctx, content_type);
@@ -891,35 +892,18 @@ fn plan<P>(
                 }],
             )
         }
-        Outcome::Permanent(reason) => {
-            warn!(error = %reason, "permanent failure; dead-lettering");
+        Outcome::Permanent(reason) | Outcome::Exhausted(reason) => {
+            let kind = if is_exhausted {
+                h::KIND_RETRIES_EXHAUSTED
+            } else {
+                h::KIND_PERMANENT
+            };
+            warn!(error = %reason, kind, "dead-lettering");
             let attempts = inc.attempt.saturating_add(1);
             (
                 "dead_letter",
                 vec![dead_letter(
-                    inner,
-                    d,
-                    inc,
-                    &ctx.trace,
-                    attempts,
-                    h::KIND_PERMANENT,
-                    &reason,
-                )],
-            )
-        }
-        Outcome::Exhausted(reason) => {
-            warn!(error = %reason, "retries exhausted in place; dead-lettering");
-            let attempts = inc.attempt.saturating_add(1);
-            (
-                "dead_letter",
-                vec![dead_letter(
-                    inner,
-                    d,
-                    inc,
-                    &ctx.trace,
-                    attempts,
-                    h::KIND_RETRIES_EXHAUSTED,
-                    &reason,
+                    inner, d, inc, &ctx.trace, attempts, kind, &reason,
                 )],
             )
         }

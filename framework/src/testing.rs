@@ -102,6 +102,53 @@ pub struct Harness {
     pub publishes_to: Vec<String>,
 }
 
+/// A runtime running in the background of a test, for what [`Harness`] does not cover
+/// (another broker, a binding the harness does not make, a runtime that is not ready yet).
+pub struct Background {
+    /// Its status (readiness, sessions).
+    pub status: Arc<crate::Status>,
+    stop: CancellationToken,
+    task: Option<tokio::task::JoinHandle<Result<(), crate::runtime::RuntimeError>>>,
+}
+
+impl Background {
+    /// Starts `pc` under `cfg` (does not wait until it consumes).
+    pub fn start<P: MessageProcessor, S>(
+        name: &str,
+        cfg: &Config<S>,
+        pc: ProcessorConfiguration<P>,
+    ) -> Background {
+        let runtime = Runtime::new(name, cfg, pc);
+        let status = runtime.status();
+        let stop = CancellationToken::new();
+        let t = stop.clone();
+        let task = tokio::spawn(async move { runtime.run(t).await });
+        Background {
+            status,
+            stop,
+            task: Some(task),
+        }
+    }
+
+    /// Stops it and asserts it ended cleanly within `WAIT`.
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        if let Some(t) = self.task.take() {
+            tokio::time::timeout(WAIT, t)
+                .await
+                .expect("runtime stopped in time")
+                .expect("runtime task")
+                .expect("runtime ended without error");
+        }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
 /// Config of service `S` for a test: built-in defaults, a unique queue, output exchange
 /// and input exchange (`<Q>-in`), fast retries, an ephemeral HTTP port, the data dir
 /// `data_dir`, then `extra` overrides (`("online_archive.vault_url", "…")`).
@@ -239,6 +286,22 @@ impl Harness {
         }
     }
 
+    /// The topology this harness's service declared (for the `dlq` functions), as
+    /// [`Harness::start`] binds it (`<Q>-in` with `test.#`).
+    pub fn topology(&self) -> crate::topology::Topology {
+        let cfg = config(&self.q, &[]);
+        crate::topology::Topology::new(
+            &self.q,
+            &self.output_exchange,
+            vec![crate::topology::Subscription {
+                exchange: self.input_exchange.clone(),
+                routing_key: "test.#".into(),
+            }],
+            &cfg.amqp,
+            &cfg.retry,
+        )
+    }
+
     /// Publishes to the input exchange with confirms.
     pub async fn publish(&self, key: &str, body: &[u8], props: BasicProperties) {
         publish(&self.ch, &self.input_exchange, key, body, props).await;
@@ -285,38 +348,43 @@ impl Drop for Harness {
     }
 }
 
-/// Deletes queues and exchanges from a separate thread (usable in Drop).
-pub fn cleanup(queues: Vec<String>, exchanges: Vec<String>) {
+/// Runs `f` to completion on a thread and runtime of its own: usable from `Drop`, inside
+/// or outside a runtime.
+pub(crate) fn run_on_own_thread(f: impl std::future::Future<Output = ()> + Send + 'static) {
     let _ = std::thread::spawn(move || {
-        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
+        {
+            rt.block_on(f);
+        }
+    })
+    .join();
+}
+
+/// Deletes queues and exchanges from a separate thread (usable in Drop).
+pub fn cleanup(queues: Vec<String>, exchanges: Vec<String>) {
+    run_on_own_thread(async move {
+        let Ok(conn) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await
         else {
             return;
         };
-        rt.block_on(async move {
-            let Ok(conn) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await
-            else {
-                return;
-            };
-            for q in queues {
-                if let Ok(ch) = conn.create_channel().await {
-                    let _ = ch
-                        .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                        .await;
-                }
+        for q in queues {
+            if let Ok(ch) = conn.create_channel().await {
+                let _ = ch
+                    .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                    .await;
             }
-            for e in exchanges {
-                if let Ok(ch) = conn.create_channel().await {
-                    let _ = ch
-                        .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
-                        .await;
-                }
+        }
+        for e in exchanges {
+            if let Ok(ch) = conn.create_channel().await {
+                let _ = ch
+                    .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
+                    .await;
             }
-            let _ = conn.close(200, "cleanup".into()).await;
-        });
-    })
-    .join();
+        }
+        let _ = conn.close(200, "cleanup".into()).await;
+    });
 }
 
 /// Deletes everything a service with queue `q` declared (retry tiers `delays`) plus its

@@ -173,15 +173,12 @@ async fn amqps_with_a_private_ca_and_a_client_certificate() {
             ("amqp.tls_key_file", &c("client.key")),
         ],
     );
-    let runtime = framework::Runtime::new(
+    let service = Background::start(
         "tls",
         &cfg,
         framework::ProcessorConfiguration::new(&format!("{q}-in"), "test.#", "test.out", echo()),
     );
-    let status = runtime.status();
-    let stop = framework::CancellationToken::new();
-    let t = stop.clone();
-    let task = tokio::spawn(async move { runtime.run(t).await });
+    let status = service.status.clone();
     wait_until("consuming over TLS", || status.is_ready()).await;
     // Published over plain AMQP to the same node, processed by the TLS-connected service.
     let (conn, ch) = broker.channel().await.expect("plain channel");
@@ -195,12 +192,7 @@ async fn amqps_with_a_private_ca_and_a_client_certificate() {
     )
     .await;
     assert_eq!(next(&mut out).await.data, br#"{"tls":1}"#);
-    stop.cancel();
-    tokio::time::timeout(WAIT, task)
-        .await
-        .expect("stopped")
-        .expect("task")
-        .expect("clean stop");
+    service.stop().await;
     drop(conn);
 
     // Without the client certificate the broker refuses the connection.

@@ -61,7 +61,7 @@ async fn a_handler_longer_than_the_consumer_timeout_completes_once_on_rabbitmq_3
         ],
     );
     let calls = Arc::new(AtomicUsize::new(0));
-    let runtime = framework::Runtime::new(
+    let service = Background::start(
         "slow",
         &cfg,
         framework::ProcessorConfiguration::new(
@@ -71,10 +71,7 @@ async fn a_handler_longer_than_the_consumer_timeout_completes_once_on_rabbitmq_3
             Slow(calls.clone()),
         ),
     );
-    let status = runtime.status();
-    let stop = framework::CancellationToken::new();
-    let t = stop.clone();
-    let task = tokio::spawn(async move { runtime.run(t).await });
+    let status = service.status.clone();
     wait_until("consuming", || status.is_ready()).await;
     let (_conn, ch) = broker.channel().await.expect("channel");
     let mut out = watch(&ch, &format!("{q}-out"), "#").await;
@@ -93,10 +90,5 @@ async fn a_handler_longer_than_the_consumer_timeout_completes_once_on_rabbitmq_3
         "handled once, never cut off"
     );
     assert_eq!(broker.count(&q).await, Some(0));
-    stop.cancel();
-    tokio::time::timeout(WAIT, task)
-        .await
-        .expect("stopped")
-        .expect("task")
-        .expect("clean stop");
+    service.stop().await;
 }

@@ -9,23 +9,7 @@
 use framework::dlq::{self, Selection};
 use framework::lapin::BasicProperties;
 use framework::testing::*;
-use framework::topology::{Subscription, Topology};
 use framework::{MessageContext, Outcome, Publication};
-
-/// The topology a harness declared, for the dlq functions.
-fn topology_of(hs: &Harness) -> Topology {
-    let cfg = config(&hs.q, &[]);
-    Topology::new(
-        &hs.q,
-        &hs.output_exchange,
-        vec![Subscription {
-            exchange: hs.input_exchange.clone(),
-            routing_key: "test.#".into(),
-        }],
-        &cfg.amqp,
-        &cfg.retry,
-    )
-}
 
 #[tokio::test]
 async fn dead_letters_survive_30_listings_and_10_dry_run_replays() {
@@ -42,7 +26,7 @@ async fn dead_letters_survive_30_listings_and_10_dry_run_replays() {
     }
     await_ready_count(&hs.ch, &dlq_name, 3).await;
     hs.stop().await;
-    let topo = topology_of(&hs);
+    let topo = hs.topology();
     for round in 0..30 {
         let seen = dlq::list(&hs.conn, &topo, 10).await.expect("list");
         assert_eq!(seen.len(), 3, "listing {round} saw every dead letter");

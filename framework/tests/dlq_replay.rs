@@ -8,7 +8,6 @@ use framework::dlq::{self, Filter};
 use framework::lapin::BasicProperties;
 use framework::lapin::options::BasicGetOptions;
 use framework::testing::*;
-use framework::topology::{Subscription, Topology};
 use framework::{MessageContext, Outcome};
 
 const BIN: &str = env!("CARGO_BIN_EXE_echo");
@@ -22,20 +21,6 @@ fn failing() -> FnProcessor<impl Fn(serde_json::Value, &MessageContext) -> Outco
             Outcome::retry("downstream down")
         }
     })
-}
-
-fn topology_of(hs: &Harness) -> Topology {
-    let cfg = config(&hs.q, &[]);
-    Topology::new(
-        &hs.q,
-        &hs.output_exchange,
-        vec![Subscription {
-            exchange: hs.input_exchange.clone(),
-            routing_key: "test.#".into(),
-        }],
-        &cfg.amqp,
-        &cfg.retry,
-    )
 }
 
 /// Dead letters of both kinds on two keys: 2 permanent on test.a.x, 3 exhausted on test.b.y.
@@ -59,7 +44,7 @@ async fn incident(prefix: &str) -> Harness {
 #[tokio::test]
 async fn replay_filters_by_kind_key_age_and_count() {
     let hs = incident("filters").await;
-    let topo = topology_of(&hs);
+    let topo = hs.topology();
     let dry = |f: Filter| {
         let (conn, topo) = (&hs.conn, &topo);
         async move {

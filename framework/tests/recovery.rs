@@ -157,8 +157,12 @@ async fn a_lost_connection_shows_at_once_and_its_handlers_never_run_beside_the_r
     hs.stop().await;
 }
 
-/// Never finishes on its own and ignores cancellation; records when it is dropped.
-struct Stuck(std::sync::Arc<std::sync::atomic::AtomicBool>);
+/// Never finishes on its own and ignores cancellation; records when it started and when
+/// it is dropped.
+struct Stuck(
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+);
 
 struct SetOnDrop(std::sync::Arc<std::sync::atomic::AtomicBool>);
 
@@ -173,6 +177,7 @@ impl framework::MessageProcessor for Stuck {
     type Input = serde_json::Value;
     async fn handle(&self, _v: serde_json::Value, _ctx: &MessageContext) -> Outcome {
         let _mark = SetOnDrop(self.0.clone());
+        self.1.store(true, std::sync::atomic::Ordering::SeqCst);
         std::future::pending::<()>().await;
         Outcome::drop("unreachable")
     }
@@ -181,17 +186,21 @@ impl framework::MessageProcessor for Stuck {
 #[tokio::test]
 async fn shutdown_stops_a_handler_that_outlives_the_drain_budget() {
     let dropped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let started = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut hs = Harness::start(
         "stuck",
         &[("amqp.drain_timeout_ms", "500")],
-        Stuck(dropped.clone()),
+        Stuck(dropped.clone(), started.clone()),
     )
     .await;
     hs.publish("test.x", br#"{"n":1}"#, BasicProperties::default())
         .await;
     let q = hs.q.clone();
-    // Taken by the handler: nothing ready, one unacked.
-    await_ready_count(&hs.ch, &q, 0).await;
+    let s = started.clone();
+    wait_until("the handler to start", || {
+        s.load(std::sync::atomic::Ordering::SeqCst)
+    })
+    .await;
     hs.stop().await;
     assert!(
         dropped.load(std::sync::atomic::Ordering::SeqCst),

@@ -103,11 +103,8 @@ async fn without_declare_sources_a_missing_producer_exchange_is_waited_for() {
         },
         processor: echo(),
     };
-    let runtime = framework::Runtime::new("nosrc", &cfg, pc);
-    let status = runtime.status();
-    let stop = framework::CancellationToken::new();
-    let t = stop.clone();
-    let task = tokio::spawn(async move { runtime.run(t).await });
+    let service = Background::start("nosrc", &cfg, pc);
+    let status = service.status.clone();
     let (conn, ch) = test_channel().await;
     // It keeps trying (reconnect backoff 100 ms .. 1 s) but never creates the exchange.
     for _ in 0..20 {
@@ -131,10 +128,5 @@ async fn without_declare_sources_a_missing_producer_exchange_is_waited_for() {
     .await
     .expect("producer declares");
     wait_until("the service to consume", || status.is_ready()).await;
-    stop.cancel();
-    tokio::time::timeout(WAIT, task)
-        .await
-        .expect("stopped")
-        .expect("task")
-        .expect("clean stop");
+    service.stop().await;
 }

@@ -171,22 +171,13 @@ impl Drop for TestUser {
     fn drop(&mut self) {
         let admin = self.admin.clone();
         let user = self.user.clone();
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async move {
-                let _ = admin
-                    .http
-                    .delete(format!("{}/api/users/{}", admin.base, encode(&user)))
-                    .basic_auth(&admin.user, Some(&admin.password))
-                    .send()
-                    .await;
-            });
-        })
-        .join();
+        super::run_on_own_thread(async move {
+            let _ = admin
+                .http
+                .delete(format!("{}/api/users/{}", admin.base, encode(&user)))
+                .basic_auth(&admin.user, Some(&admin.password))
+                .send()
+                .await;
+        });
     }
 }
