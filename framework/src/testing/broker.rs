@@ -162,6 +162,22 @@ impl PrivateBroker {
             root,
             server: Some(server),
         };
+        // `rabbitmqctl wait` reads the pid file as soon as it exists and fails on one that is
+        // still being written ("garbage_in_pid_file"): wait for a whole pid first.
+        let pid_file = broker.dir.join("pid");
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|t| t.trim().parse::<u32>().ok())
+            .is_none()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "private broker wrote its pid file: {}",
+                std::fs::read_to_string(broker.dir.join("server.out")).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         broker.ctl(&["wait", &d("pid"), "--timeout", "90"]);
         broker.await_amqp().await;
         broker
