@@ -94,8 +94,8 @@ pub struct Harness {
     pub output_exchange: String,
     pub conn: Connection,
     pub ch: Channel,
-    pub shutdown: CancellationToken,
-    pub task: Option<tokio::task::JoinHandle<Result<(), crate::runtime::RuntimeError>>>,
+    /// The service's runtime (None once stopped).
+    runtime: Option<Background>,
     pub status: Arc<crate::Status>,
     pub delays: Vec<u64>,
     /// Other exchanges the service declared (`Binding::publishes_to`), deleted on drop too.
@@ -261,12 +261,9 @@ impl Harness {
         let q = cfg.service.queue.clone();
         let input_exchange = pc.binding.exchange.clone();
         let publishes_to = pc.binding.publishes_to.clone();
-        let runtime = Runtime::new(name, &cfg, pc);
-        let status = runtime.status();
+        let runtime = Background::start(name, &cfg, pc);
+        let status = runtime.status.clone();
         let mut sessions = status.sessions();
-        let shutdown = CancellationToken::new();
-        let t = shutdown.clone();
-        let task = tokio::spawn(async move { runtime.run(t).await });
         tokio::time::timeout(WAIT, sessions.wait_for(|n| *n >= 1))
             .await
             .expect("runtime started consuming")
@@ -278,8 +275,7 @@ impl Harness {
             input_exchange,
             conn,
             ch,
-            shutdown,
-            task: Some(task),
+            runtime: Some(runtime),
             status,
             delays: cfg.retry.delays_ms.clone(),
             publishes_to,
@@ -319,20 +315,15 @@ impl Harness {
 
     /// Stops the runtime and waits for it to return.
     pub async fn stop(&mut self) {
-        self.shutdown.cancel();
-        if let Some(t) = self.task.take() {
-            tokio::time::timeout(WAIT, t)
-                .await
-                .expect("runtime stopped in time")
-                .expect("runtime task")
-                .expect("runtime ended without error");
+        if let Some(r) = self.runtime.take() {
+            r.stop().await;
         }
     }
 }
 
 impl Drop for Harness {
     fn drop(&mut self) {
-        self.shutdown.cancel();
+        drop(self.runtime.take());
         let mut queues = vec![self.q.clone(), format!("{}-dlq", self.q)];
         for d in &self.delays {
             queues.push(format!("{}-retry-{d}", self.q));
