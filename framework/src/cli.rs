@@ -44,8 +44,6 @@ pub trait Service: Send + Sync + 'static {
     const SECTION: &'static str;
     /// One line for `--help`: what this service does.
     const ABOUT: &'static str = "a storagetier service";
-    /// Extra commands the binary handles itself (shown at the end of `--help`).
-    const EXTRA_HELP: &'static str = "";
     /// The service's own keys (deny unknown fields); framework keys are taken out first.
     type Settings: DeserializeOwned + Serialize + std::fmt::Debug + Send + Sync + 'static;
     /// Its processor.
@@ -62,6 +60,22 @@ pub trait Service: Send + Sync + 'static {
 
     /// Builds the processor (opens databases, stores, HTTP clients).
     async fn processor(cfg: &Config<Self::Settings>) -> Result<Self::Processor, BoxError>;
+
+    /// Subcommands of the service's own (e.g. snapshot-status `status`), listed in `--help`
+    /// beside the framework's; `--config-dir` and `--env` apply to them too.
+    fn extra_commands() -> Vec<clap::Command> {
+        Vec::new()
+    }
+
+    /// Runs one of [`Service::extra_commands`] (`name`, its parsed arguments) with the
+    /// loaded config; a [`Failure`] exits like the framework's own commands (2 or 1).
+    async fn run_extra(
+        name: &str,
+        _args: &clap::ArgMatches,
+        _cfg: Config<Self::Settings>,
+    ) -> Result<(), Failure> {
+        Err(Failure::Usage(format!("unknown command `{name}`")))
+    }
 }
 
 #[derive(Parser, Debug)]
@@ -160,15 +174,32 @@ pub const EXIT_FAILURE: u8 = 1;
 
 /// Parses the command line, loads config and runs the command; the whole `main` of a binary.
 pub fn main<S: Service>() -> ExitCode {
-    let mut cmd = Cli::command()
+    let extra = S::extra_commands();
+    let extra_names: Vec<String> = extra.iter().map(|c| c.get_name().to_string()).collect();
+    let cmd = Cli::command()
         .name(S::NAME)
-        .about(format!("{}: {}", S::NAME, S::ABOUT));
-    if !S::EXTRA_HELP.is_empty() {
-        cmd = cmd.after_help(S::EXTRA_HELP);
-    }
-    let cli = match Cli::from_arg_matches(&cmd.get_matches()) {
-        Ok(c) => c,
-        Err(e) => e.exit(),
+        .about(format!("{}: {}", S::NAME, S::ABOUT))
+        .subcommands(extra);
+    let matches = cmd.get_matches();
+    let own = matches
+        .subcommand()
+        .filter(|(name, _)| extra_names.iter().any(|n| n == name))
+        .map(|(name, m)| (name.to_string(), m.clone()));
+    let cli = if own.is_some() {
+        // The service's own command: only the global options are the framework's.
+        Cli {
+            config_dir: matches
+                .get_one::<PathBuf>("config_dir")
+                .cloned()
+                .unwrap_or_else(|| PathBuf::from("config")),
+            env: matches.get_one::<String>("env").cloned(),
+            command: None,
+        }
+    } else {
+        match Cli::from_arg_matches(&matches) {
+            Ok(c) => c,
+            Err(e) => e.exit(),
+        }
     };
     let opts = LoadOptions {
         config_dir: Some(cli.config_dir.clone()),
@@ -196,7 +227,12 @@ pub fn main<S: Service>() -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    let result = rt.block_on(execute::<S>(cli.command.unwrap_or(Command::Run), cfg));
+    let result = rt.block_on(async {
+        match own {
+            Some((name, args)) => S::run_extra(&name, &args, cfg).await,
+            None => execute::<S>(cli.command.unwrap_or(Command::Run), cfg).await,
+        }
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Usage(m)) => {

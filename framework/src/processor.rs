@@ -251,7 +251,7 @@ impl MessageContext {
             .await
     }
 
-    async fn dead_letter_kind(
+    pub(crate) async fn dead_letter_kind(
         &self,
         body: Vec<u8>,
         error: &str,

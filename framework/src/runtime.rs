@@ -441,8 +441,8 @@ impl<P: MessageProcessor> Runtime<P> {
                     let why = e.to_string();
                     if why.contains("delivery acknowledgement") {
                         error!(error = %why, "the broker's consumer timeout closed the channel while a handler ran: \
-                            raise [amqp] consumer_timeout_ms (RabbitMQ 3.12+) or the broker's consumer_timeout \
-                            (RabbitMQ 3.10/3.11: rabbitmq.conf) above the longest handler");
+                            raise [amqp] consumer_timeout_ms (RabbitMQ 3.12+; a queue declared before keeps its old value) \
+                            or the broker's consumer_timeout / a consumer-timeout policy above the longest handler");
                     }
                     break SessionEnd::Lost(why);
                 }
@@ -530,8 +530,8 @@ async fn watch_queue_depths(
 
 /// `basic.consume` arguments: the per-consumer acknowledgement timeout, so a handler longer
 /// than the broker's default (30 min) is not cut off and redelivered while it still runs.
-/// RabbitMQ 3.12 and later honour it; 3.10 and 3.11 ignore it (their `consumer_timeout`
-/// in rabbitmq.conf must be raised instead).
+/// RabbitMQ 3.12 and 3.13 read it; 4.0 reads the queue's (see `Topology::queues`); 3.10
+/// and 3.11 ignore both (their `consumer_timeout` in rabbitmq.conf must be raised instead).
 fn consumer_arguments(amqp: &AmqpConfig) -> FieldTable {
     let mut args = FieldTable::default();
     if amqp.consumer_timeout_ms > 0 {

@@ -66,6 +66,8 @@ pub struct Topology {
     pub declare_sources: bool,
     /// Bound on declarations and confirms (`[amqp] operation_timeout_ms`).
     pub operation_timeout: std::time::Duration,
+    /// `x-consumer-timeout` of `Q` (`[amqp] consumer_timeout_ms`; 0 = the broker's own).
+    pub consumer_timeout_ms: u64,
 }
 
 /// A queue with its arguments, as declared.
@@ -116,6 +118,7 @@ impl Topology {
             publishes_to: Vec::new(),
             declare_sources: amqp.declare_sources,
             operation_timeout: amqp.operation_timeout(),
+            consumer_timeout_ms: amqp.consumer_timeout_ms,
         }
     }
 
@@ -257,6 +260,15 @@ impl Topology {
             );
         }
         self.at_least_once(&mut q);
+        // RabbitMQ 4.0 and 4.1 read a delivery's acknowledgement timeout from the queue
+        // (argument or `consumer-timeout` policy, the smaller wins), not from the consumer;
+        // 3.10 and 3.11 ignore it.
+        if self.consumer_timeout_ms > 0 {
+            q.insert(
+                ShortString::from("x-consumer-timeout"),
+                AMQPValue::LongLongInt(i64::try_from(self.consumer_timeout_ms).unwrap_or(i64::MAX)),
+            );
+        }
         v.push(QueueSpec {
             name: self.queue.clone(),
             arguments: q,

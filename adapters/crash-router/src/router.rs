@@ -14,10 +14,8 @@ use crate::spec::{DEFAULT_SEED, QueueSpec, parse_queues, selected};
 pub const INPUT_EXCHANGE: &str = "s3-events";
 /// Success messages go out as `<this>.success`.
 pub const OUTPUT_ROUTING_KEY: &str = "storagetier.crashrouter.crash";
-/// Retry header: crash id → queues it was already published to (JSON object).
+/// Retry header: the `<crash id> <queue>` pairs already published (JSON array).
 pub const PUBLISHED_HEADER: &str = "x-crash-router-published";
-/// Retry header: crash id → queues the throttles selected for it (JSON object).
-pub const SELECTED_HEADER: &str = "x-crash-router-selected";
 /// Counter of S3 records (and throttled deliveries) by result.
 pub const RECORDS_METRIC: &str = "storagetier_crash_router_records_total";
 
@@ -67,21 +65,6 @@ pub struct CrashRouter {
     accept: char,
     defer: char,
     seed: u64,
-}
-
-/// Per-crash-id queue lists carried in a retry header.
-type PerId = BTreeMap<String, Vec<String>>;
-
-fn read_header(ctx: &MessageContext, key: &str) -> PerId {
-    framework::headers::get_str(&ctx.headers, key)
-        .and_then(|s| serde_json::from_str(&s).ok())
-        .unwrap_or_default()
-}
-
-fn write_header(ctx: &MessageContext, key: &str, v: &PerId) {
-    if let Ok(s) = serde_json::to_string(v) {
-        ctx.set_retry_header(key, &s);
-    }
 }
 
 /// Record counts of one message.
@@ -161,39 +144,29 @@ impl MessageProcessor for CrashRouter {
             }
         }
 
-        // Throttle decisions: reuse those of an earlier attempt so a retry never changes them.
-        let mut chosen = read_header(ctx, SELECTED_HEADER);
-        let mut published = read_header(ctx, PUBLISHED_HEADER);
-        for id in &accepted {
-            if !chosen.contains_key(id) {
-                chosen.insert(id.clone(), self.select_queues(id));
-            }
-        }
-        write_header(ctx, SELECTED_HEADER, &chosen);
-
+        // The throttle draw is a function of seed, queue and crash id, so a retry, a
+        // redelivery and another instance all choose the same queues; a retry skips the
+        // pairs an earlier attempt already published.
+        let mut published = framework::batch::Progress::resume(ctx, PUBLISHED_HEADER);
         let mut deliveries: BTreeMap<String, Vec<String>> = BTreeMap::new();
         let mut already = 0u64;
         for id in &accepted {
-            let picks = chosen.get(id).cloned().unwrap_or_default();
+            let picks = self.select_queues(id);
             for q in self.queues.iter().filter(|q| picks.contains(&q.name)) {
-                let done = published.get(id).is_some_and(|v| v.contains(&q.name));
-                if done {
+                // A crash id is fixed-length ASCII without spaces: the mark is unambiguous.
+                let mark = format!("{id} {}", q.name);
+                if published.is_done(&mark) {
                     already += 1;
                 } else if let Err(e) = ctx
                     .publish(Publication::text("", &q.name, id.as_str()).mandatory())
                     .await
                 {
-                    write_header(ctx, PUBLISHED_HEADER, &published);
                     return Outcome::retry(format!(
                         "publishing crash id {id} to queue `{}` failed: {e}",
                         q.name
                     ));
                 } else {
-                    published
-                        .entry(id.clone())
-                        .or_default()
-                        .push(q.name.clone());
-                    write_header(ctx, PUBLISHED_HEADER, &published);
+                    published.mark_done(mark);
                     tracing::info!(crash_id = %id, queue = %q.name, "crash id published");
                 }
                 deliveries
@@ -326,7 +299,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn publish_failure_is_retry_and_records_decisions() {
+    async fn publish_failure_is_retry_and_nothing_is_marked_published() {
         // for_test contexts have no channel: every publish fails.
         let r = router("a,b", 1);
         let ctx = MessageContext::for_test("s3-events", "k", 0);
@@ -336,9 +309,12 @@ mod tests {
             matches!(out, Outcome::Retry(ref m) if m.contains("queue `a`")),
             "{out:?}"
         );
-        let hdrs = ctx.retry_headers();
-        let sel = hdrs.iter().find(|(k, _)| k == SELECTED_HEADER).unwrap();
-        assert_eq!(sel.1, format!(r#"{{"{ID}":["a","b"]}}"#));
+        assert!(
+            ctx.retry_headers()
+                .iter()
+                .all(|(k, _)| k != PUBLISHED_HEADER),
+            "nothing was published"
+        );
     }
 
     #[tokio::test]
@@ -346,13 +322,9 @@ mod tests {
         let r = router("a,b", 1);
         let mut ctx = MessageContext::for_test("s3-events", "k", 1);
         let mut h = FieldTable::default();
-        let both = format!(r#"{{"{ID}":["a","b"]}}"#);
+        let both = format!(r#"["{ID} a","{ID} b"]"#);
         h.insert(
             PUBLISHED_HEADER.into(),
-            AMQPValue::LongString(both.as_str().into()),
-        );
-        h.insert(
-            SELECTED_HEADER.into(),
             AMQPValue::LongString(both.as_str().into()),
         );
         ctx.headers = h;
@@ -362,29 +334,6 @@ mod tests {
         };
         assert_eq!(body["already_published"], 2);
         assert_eq!(body["deliveries"], json!({"a": [ID], "b": [ID]}));
-    }
-
-    #[tokio::test]
-    async fn recorded_throttle_decisions_win_over_new_draws() {
-        // Throttle 0 would never pick `b`, but an earlier attempt's decision says it did.
-        let r = router("a,0:b", 1);
-        let mut ctx = MessageContext::for_test("s3-events", "k", 1);
-        let mut h = FieldTable::default();
-        h.insert(
-            PUBLISHED_HEADER.into(),
-            AMQPValue::LongString(format!(r#"{{"{ID}":["b"]}}"#).as_str().into()),
-        );
-        h.insert(
-            SELECTED_HEADER.into(),
-            AMQPValue::LongString(format!(r#"{{"{ID}":["b"]}}"#).as_str().into()),
-        );
-        ctx.headers = h;
-        let key = format!("v2/raw_crash/000/20180313/{ID}");
-        let Outcome::Success { body, .. } = r.handle(event(&[&key]), &ctx).await else {
-            panic!("success expected")
-        };
-        assert_eq!(body["deliveries"], json!({"b": [ID]}));
-        assert_eq!(body["counts"]["throttled"], 1);
     }
 
     fn ids(n: u32) -> Vec<String> {

@@ -1,6 +1,5 @@
 //! The event-forwarder processor, its settings and its `Service` wiring.
 
-use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -10,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use serde_json::value::RawValue;
 
-use crate::envelope::{Events, fingerprint, single_record_envelope, split};
+use crate::envelope::{Events, single_record_envelope, split};
 use crate::forward::{Forwarder, PostResult};
 
 /// What posting one event came to, in ordered mode's in-place retries included.
@@ -27,7 +26,7 @@ enum Posted {
 pub const INPUT_EXCHANGE: &str = "events";
 /// Success messages go out as `<this>.success`.
 pub const OUTPUT_ROUTING_KEY: &str = "storagetier.eventforwarder.event";
-/// Retry header: fingerprints of Kinesis records already delivered or dead-lettered.
+/// Retry header: the Kinesis records (0-based) already delivered or dead-lettered.
 pub const DONE_HEADER: &str = "x-event-forwarder-done";
 /// Counter of POSTs by result (delivered | retry | rejected).
 pub const POSTS_METRIC: &str = "storagetier_event_forwarder_posts_total";
@@ -217,21 +216,13 @@ impl EventForwarder {
         records: &[crate::envelope::KinesisRecord<'_>],
         ctx: &MessageContext,
     ) -> Outcome {
-        let before: BTreeSet<String> = framework::headers::get_str(&ctx.headers, DONE_HEADER)
-            .map(|s| {
-                s.split(',')
-                    .filter(|p| !p.is_empty())
-                    .map(String::from)
-                    .collect()
-            })
-            .unwrap_or_default();
-        let mut done = before.clone();
+        let mut progress = framework::batch::Progress::resume(ctx, DONE_HEADER);
         let (mut delivered, mut dead, mut skipped) = (Vec::new(), Vec::new(), Vec::new());
         let mut retry: Option<String> = None;
         let mut pending = 0usize;
         for (i, r) in records.iter().enumerate() {
-            let fp = fingerprint(r.kinesis);
-            if before.contains(&fp) {
+            let mark = i.to_string();
+            if progress.is_done(&mark) {
                 skipped.push(i);
                 continue;
             }
@@ -239,14 +230,9 @@ impl EventForwarder {
                 Posted::Result(res) => res,
                 Posted::Exhausted(e) => {
                     let why = format!("record {i} of {}: {e}", records.len());
-                    match ctx
-                        .dead_letter_exhausted(single_record_envelope(r.record), &why)
-                        .await
-                    {
-                        Ok(()) => {
-                            done.insert(fp);
-                            dead.push(i);
-                        }
+                    let body = single_record_envelope(r.record);
+                    match progress.dead_letter_exhausted(mark, body, &why).await {
+                        Ok(_) => dead.push(i),
                         Err(pe) => {
                             pending += 1;
                             retry.get_or_insert(format!("dead-lettering record {i} failed: {pe}"));
@@ -258,18 +244,15 @@ impl EventForwarder {
             };
             match result {
                 PostResult::Delivered(_) => {
-                    done.insert(fp);
+                    progress.mark_done(mark);
                     delivered.push(i);
                 }
                 PostResult::Rejected(e) => {
                     let why = format!("record {i} of {}: {e}", records.len());
-                    match ctx
-                        .dead_letter(single_record_envelope(r.record), &why)
-                        .await
-                    {
-                        Ok(()) => {
+                    let body = single_record_envelope(r.record);
+                    match progress.dead_letter(mark, body, &why).await {
+                        Ok(_) => {
                             tracing::warn!(record = i, error = %e, "record dead-lettered");
-                            done.insert(fp);
                             dead.push(i);
                         }
                         Err(pe) => {
@@ -284,8 +267,6 @@ impl EventForwarder {
                 }
             }
         }
-        let list: Vec<&str> = done.iter().map(String::as_str).collect();
-        ctx.set_retry_header(DONE_HEADER, &list.join(","));
         if let Some(first) = retry {
             return Outcome::retry(format!(
                 "{pending} of {} records not delivered yet; first: {first}",

@@ -217,6 +217,50 @@ async fn kinesis_records_succeed_or_fail_on_their_own() {
     );
 }
 
+/// Two identical records in one envelope are two events: when the second one's POST fails,
+/// the retry posts it again even though its twin was delivered (progress is kept per
+/// record, not per content).
+#[tokio::test]
+async fn identical_records_are_each_delivered_across_a_retry() {
+    let server = MockServer::start().await;
+    Mock::given(body_string_contains("seq-twin"))
+        .respond_with(ResponseTemplate::new(200))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    Mock::given(body_string_contains("seq-twin"))
+        .respond_with(ResponseTemplate::new(503))
+        .up_to_n_times(1)
+        .with_priority(2)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&server)
+        .await;
+    let data = tempfile::tempdir().unwrap();
+    let hs = start(&server, data.path(), &[]).await;
+    let mut out = hs.watch_output().await;
+    let twin = record("seq-twin");
+    let body = json!({"Records": [twin, twin]});
+    hs.publish(
+        "kinesis",
+        body.to_string().as_bytes(),
+        with_id("batch-twins"),
+    )
+    .await;
+    let s = json_of(&next(&mut out).await);
+    assert_eq!(s["delivered"], json!([1]), "{s}");
+    assert_eq!(s["skipped"], json!([0]), "{s}");
+    let posted = bodies(&server).await;
+    assert_eq!(
+        posted.iter().filter(|b| b.contains("seq-twin")).count(),
+        3,
+        "delivered, refused once, delivered"
+    );
+}
+
 /// A `kinesis` value that is not an object (a string, a number, an array) is still one
 /// record of the envelope: each is POSTed on its own, not the envelope as one event.
 #[tokio::test]

@@ -4,8 +4,6 @@
 pub mod event;
 pub mod store;
 
-use std::collections::BTreeSet;
-
 use db::DatabaseUrl;
 use framework::config::Config;
 use framework::{
@@ -17,7 +15,7 @@ use event::{Parsed, items, normalize_time};
 use store::{Applied, Store};
 
 /// Header listing the 1-based records of a batch already dead-lettered (kept across retries).
-pub const DEAD_LETTERED_HEADER: &str = "x-dead-lettered-records";
+pub const DEAD_LETTERED_HEADER: &str = framework::batch::DEAD_LETTERED_RECORDS;
 
 /// Header carrying when a plain message first reached this service (RFC 3339, UTC),
 /// kept across retries: the ordering key of a plain update without an `updated` time, so
@@ -69,12 +67,6 @@ impl ProjectProcessor {
     }
 }
 
-fn already_dead_lettered(ctx: &MessageContext) -> BTreeSet<usize> {
-    framework::headers::get_str(&ctx.headers, DEAD_LETTERED_HEADER)
-        .map(|s| s.split(',').filter_map(|n| n.trim().parse().ok()).collect())
-        .unwrap_or_default()
-}
-
 #[async_trait]
 impl MessageProcessor for ProjectProcessor {
     type Input = serde_json::Value;
@@ -98,7 +90,7 @@ impl MessageProcessor for ProjectProcessor {
         ctx.set_retry_header(RECEIVED_HEADER, &received);
         let items = items(&input, &received);
         let batch = items.len() > 1;
-        let mut dead = already_dead_lettered(ctx);
+        let mut dead = framework::batch::Progress::resume(ctx, DEAD_LETTERED_HEADER);
         let mut stored = Vec::new();
         let mut dropped = Vec::new();
         for (i, item) in items.into_iter().enumerate() {
@@ -110,18 +102,15 @@ impl MessageProcessor for ProjectProcessor {
                 }
                 Err(e) => {
                     count("invalid");
-                    if dead.contains(&n) {
-                        continue;
-                    }
                     let reason = format!("record {n}: {e}");
-                    tracing::warn!(record = n, "dead-lettering record: {e}");
                     let body = serde_json::to_vec(&item.raw).unwrap_or_default();
-                    if let Err(pe) = ctx.dead_letter(body, &reason).await {
-                        return Outcome::retry(format!("cannot dead-letter record {n}: {pe}"));
+                    match dead.dead_letter(n.to_string(), body, &reason).await {
+                        Ok(true) => tracing::warn!(record = n, "dead-lettered record: {e}"),
+                        Ok(false) => {}
+                        Err(pe) => {
+                            return Outcome::retry(format!("cannot dead-letter record {n}: {pe}"));
+                        }
                     }
-                    dead.insert(n);
-                    let list: Vec<String> = dead.iter().map(|d| d.to_string()).collect();
-                    ctx.set_retry_header(DEAD_LETTERED_HEADER, &list.join(","));
                     continue;
                 }
                 Ok(Parsed::UnknownType(t)) => {

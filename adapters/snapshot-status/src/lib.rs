@@ -5,8 +5,6 @@ pub mod cli;
 pub mod message;
 pub mod store;
 
-use std::collections::BTreeSet;
-
 use db::DatabaseUrl;
 use framework::config::{Config, ConfigError};
 use framework::{
@@ -24,7 +22,7 @@ pub const EXPORT_STATE_KEY: &str = "snapshot.export-state";
 /// Routing key of monitoring messages.
 pub const MONITORING_KEY: &str = "monitoring.snapshot-sender";
 /// Header listing the 1-based records of a batch already dead-lettered (kept across retries).
-pub const DEAD_LETTERED_HEADER: &str = "x-dead-lettered-records";
+pub const DEAD_LETTERED_HEADER: &str = framework::batch::DEAD_LETTERED_RECORDS;
 
 /// Counter of file messages by `counted` ("true", or "false" for a duplicate).
 pub const FILES_METRIC: &str = "storagetier_snapshotstatus_files_total";
@@ -255,12 +253,6 @@ impl StatusProcessor {
     }
 }
 
-fn already_dead_lettered(ctx: &MessageContext) -> BTreeSet<usize> {
-    framework::headers::get_str(&ctx.headers, DEAD_LETTERED_HEADER)
-        .map(|s| s.split(',').filter_map(|n| n.trim().parse().ok()).collect())
-        .unwrap_or_default()
-}
-
 /// The de-duplication key of a file without a filename: the message id and record number
 /// when the producer set an id; otherwise a hash of the record's content, so a redelivery
 /// (same bytes) counts once. Two unnamed, id-less files with identical content cannot be
@@ -296,25 +288,22 @@ impl MessageProcessor for StatusProcessor {
                 }
             }
             Input::Records(records) => {
-                let mut dead = already_dead_lettered(ctx);
+                let mut dead = framework::batch::Progress::resume(ctx, DEAD_LETTERED_HEADER);
                 let mut reports = Vec::new();
                 let mut extra = Vec::new();
                 for (i, r) in records.into_iter().enumerate() {
                     let n = i + 1;
                     match r.parsed {
                         Err(e) => {
-                            if !dead.contains(&n) {
-                                let reason = format!("record {n}: {e}");
-                                tracing::warn!("dead-lettering {reason}");
-                                if let Err(pe) = ctx.dead_letter(r.raw, &reason).await {
+                            let reason = format!("record {n}: {e}");
+                            match dead.dead_letter(n.to_string(), r.raw, &reason).await {
+                                Ok(true) => tracing::warn!("dead-lettered {reason}"),
+                                Ok(false) => {}
+                                Err(pe) => {
                                     return Outcome::retry(format!(
                                         "cannot dead-letter record {n}: {pe}"
                                     ));
                                 }
-                                dead.insert(n);
-                                let list: Vec<String> =
-                                    dead.iter().map(|d| d.to_string()).collect();
-                                ctx.set_retry_header(DEAD_LETTERED_HEADER, &list.join(","));
                             }
                             reports.push(json!({"record": n, "dead_lettered": e.to_string()}));
                         }
@@ -353,7 +342,6 @@ impl Service for SnapshotStatus {
     const NAME: &'static str = "snapshot-status";
     const ABOUT: &'static str = "tracks snapshot-sender collection status";
     const SECTION: &'static str = "snapshot_status";
-    const EXTRA_HELP: &'static str = "Also:\n  status <CORRELATION_ID> [--json]  print the collections and product status of a snapshot run";
     type Settings = SnapshotStatusSettings;
     type Processor = StatusProcessor;
 
@@ -400,5 +388,22 @@ impl Service for SnapshotStatus {
             &cfg.settings.export_state_exchange,
             &cfg.settings.monitoring_exchange,
         ))
+    }
+
+    fn extra_commands() -> Vec<clap::Command> {
+        vec![cli::status_command()]
+    }
+
+    async fn run_extra(
+        name: &str,
+        args: &clap::ArgMatches,
+        cfg: Config<SnapshotStatusSettings>,
+    ) -> Result<(), framework::cli::Failure> {
+        match name {
+            "status" => cli::status(args, cfg).await,
+            other => Err(framework::cli::Failure::Usage(format!(
+                "unknown command `{other}`"
+            ))),
+        }
     }
 }

@@ -311,6 +311,19 @@ async fn files_arriving_before_counts_are_counted(b: Backend) {
             .unwrap();
         assert_eq!(o.status.code(), Some(1));
         assert!(!empty.path().join("snapshot-status.db").exists());
+        // The command is the framework CLI's own subcommand: listed in --help.
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_snapshot-status"))
+            .arg("--help")
+            .output()
+            .unwrap();
+        let help = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "{help}");
+        assert!(
+            help.lines().any(|l| l.trim_start().starts_with("status ")
+                && l.contains("collections and product status")),
+            "{help}"
+        );
+        assert!(help.contains("dlq"), "{help}");
     }
     env.finish().await;
 }
@@ -713,6 +726,40 @@ async fn an_unroutable_export_state_message_is_retried_until_bound() {
     assert_eq!(e["topic_name"], "db.u");
     assert_eq!(e["correlation_id"], c);
     assert_eq!(env.collection(c, "db.u").await.files_received, 1);
+    env.finish().await;
+}
+
+/// A batch retried several times (its export-state message is unroutable) dead-letters its
+/// bad record once: the retries carry which records are already dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_batch_dead_letters_its_bad_record_once() {
+    use framework::lapin::options::BasicCancelOptions;
+    let mut env = start(Backend::Sqlite, &[]).await;
+    env.hs
+        .ch
+        .basic_cancel(env.export.tag(), BasicCancelOptions::default())
+        .await
+        .unwrap();
+    await_unbound(&env.export_ex).await;
+    let c = "corr-batch-retry";
+    env.process(&msg(c, "db.b", json!({"files_exported": 1})))
+        .await;
+    env.send(&json!({"Records": [
+        {"body": msg(c, "db.b", json!({"export_date": ""}))},
+        {"body": file(c, "db.b", "b1")},
+    ]}))
+    .await;
+    // Two attempts at least: the first one's export-state message went nowhere.
+    for _ in 0..2 {
+        let r = json_of(&next(&mut env.out).await);
+        assert_eq!(
+            r["records"][0]["dead_lettered"],
+            "field `export_date` is empty"
+        );
+    }
+    let mut export = watch(&env.hs.ch, &env.export_ex, "#").await;
+    assert_eq!(json_of(&next(&mut export).await)["topic_name"], "db.b");
+    assert_eq!(env.dlq_count().await, 1, "the bad record, once");
     env.finish().await;
 }
 
