@@ -10,7 +10,7 @@
 use std::collections::BTreeSet;
 
 use crate::processor::MessageContext;
-use crate::runtime::PublishError;
+use crate::publisher::PublishError;
 
 /// Retry header of the batch adapters: the records (1-based) already dead-lettered.
 pub const DEAD_LETTERED_RECORDS: &str = "x-dead-lettered-records";

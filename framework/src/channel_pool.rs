@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use lapin::{Channel, Connection};
 
-use crate::runtime::confirm_channel;
+use crate::connection::confirm_channel;
 
 /// A pool of confirm channels on one connection, grown on demand up to the concurrency.
 pub struct ChannelPool {

@@ -16,8 +16,11 @@ pub mod dlq;
 pub mod fields;
 pub mod headers;
 pub mod http;
+mod outcome;
 pub mod processor;
+pub mod publisher;
 pub mod runtime;
+mod session;
 pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -7,63 +7,8 @@ use lapin::types::FieldTable;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-/// A message to publish besides the primary success message (another exchange or queue).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Publication {
-    /// Target exchange (`""` = the default exchange, routing key = queue name).
-    pub exchange: String,
-    /// Routing key.
-    pub routing_key: String,
-    /// Body bytes, sent as given.
-    pub body: Vec<u8>,
-    /// MIME type of `body`.
-    pub content_type: String,
-    /// Must reach a queue: an unroutable message is an error (the input is retried)
-    /// instead of being dropped by the broker.
-    pub mandatory: bool,
-}
-
-impl Publication {
-    /// A JSON publication of any serialisable value; an error if it cannot be serialised
-    /// (never an empty body).
-    pub fn json(
-        exchange: &str,
-        routing_key: &str,
-        body: &impl Serialize,
-    ) -> Result<Self, serde_json::Error> {
-        Ok(Self::value(
-            exchange,
-            routing_key,
-            &serde_json::to_value(body)?,
-        ))
-    }
-    /// A JSON publication of a JSON value (always serialisable).
-    pub fn value(exchange: &str, routing_key: &str, body: &serde_json::Value) -> Self {
-        Self {
-            exchange: exchange.to_string(),
-            routing_key: routing_key.to_string(),
-            body: body.to_string().into_bytes(),
-            content_type: "application/json".to_string(),
-            mandatory: false,
-        }
-    }
-    /// A plain-text publication.
-    pub fn text(exchange: &str, routing_key: &str, body: impl Into<String>) -> Self {
-        Self {
-            exchange: exchange.to_string(),
-            routing_key: routing_key.to_string(),
-            body: body.into().into_bytes(),
-            content_type: "text/plain".to_string(),
-            mandatory: false,
-        }
-    }
-
-    /// Requires the message to reach at least one queue (e.g. a named destination queue).
-    pub fn mandatory(mut self) -> Self {
-        self.mandatory = true;
-        self
-    }
-}
+pub use crate::publisher::Publication;
+use crate::publisher::{Origin, PublishError, Publisher};
 
 /// The result of processing one message.
 #[derive(Debug, Clone, PartialEq)]
@@ -158,8 +103,10 @@ pub struct MessageContext {
     pub headers: FieldTable,
     /// Headers to add to the message if this attempt ends in Retry.
     pub(crate) retry_headers: Arc<Mutex<Vec<(String, String)>>>,
-    /// Publishing on the delivery's channel; None outside a runtime (unit tests).
-    pub(crate) publisher: Option<crate::runtime::Publisher>,
+    /// The session's publisher; None outside a runtime (unit tests).
+    pub(crate) publisher: Option<Publisher>,
+    /// The delivery's properties (kept on dead letters).
+    pub(crate) properties: lapin::BasicProperties,
     /// The trace this message is handled in (continued from its `traceparent`).
     pub(crate) trace: crate::trace::TraceContext,
     /// Cancelled when the session that delivered this message ends (shutdown or a lost
@@ -181,6 +128,7 @@ impl MessageContext {
             headers: FieldTable::default(),
             retry_headers: Arc::default(),
             publisher: None,
+            properties: Default::default(),
             cancel: Default::default(),
             trace: crate::trace::TraceContext::continue_from(&FieldTable::default()),
         }
@@ -220,22 +168,32 @@ impl MessageContext {
             .unwrap_or_default()
     }
 
+    /// The delivery this context is about, as the publisher derives messages from it.
+    pub(crate) fn origin(&self) -> Origin<'_> {
+        Origin {
+            message_id: self.message_id.as_deref(),
+            correlation_id: self.correlation_id.as_deref(),
+            exchange: &self.exchange,
+            routing_key: &self.routing_key,
+            attempt: self.attempt,
+            headers: &self.headers,
+            properties: &self.properties,
+            trace: &self.trace,
+        }
+    }
+
     /// Publishes one message now, persistently, and waits for the broker's confirm.
-    pub async fn publish(&self, p: Publication) -> Result<(), crate::runtime::PublishError> {
+    pub async fn publish(&self, p: Publication) -> Result<(), PublishError> {
         match &self.publisher {
-            Some(pb) => pb.publish(self, p).await,
-            None => Err(crate::runtime::PublishError::NoChannel),
+            Some(pb) => pb.publish(&self.origin(), p).await,
+            None => Err(PublishError::NoChannel),
         }
     }
 
     /// Dead-letters `body` (a part of this message, e.g. one bad record of a batch) with
     /// the full dead-letter envelope (`x-error-kind: permanent`), waiting for the confirm;
     /// the rest goes on.
-    pub async fn dead_letter(
-        &self,
-        body: Vec<u8>,
-        error: &str,
-    ) -> Result<(), crate::runtime::PublishError> {
+    pub async fn dead_letter(&self, body: Vec<u8>, error: &str) -> Result<(), PublishError> {
         self.dead_letter_kind(body, error, crate::headers::KIND_PERMANENT)
             .await
     }
@@ -246,7 +204,7 @@ impl MessageContext {
         &self,
         body: Vec<u8>,
         error: &str,
-    ) -> Result<(), crate::runtime::PublishError> {
+    ) -> Result<(), PublishError> {
         self.dead_letter_kind(body, error, crate::headers::KIND_RETRIES_EXHAUSTED)
             .await
     }
@@ -256,10 +214,10 @@ impl MessageContext {
         body: Vec<u8>,
         error: &str,
         kind: &str,
-    ) -> Result<(), crate::runtime::PublishError> {
+    ) -> Result<(), PublishError> {
         match &self.publisher {
-            Some(pb) => pb.dead_letter(self, body, error, kind).await,
-            None => Err(crate::runtime::PublishError::NoChannel),
+            Some(pb) => pb.dead_letter(&self.origin(), body, error, kind).await,
+            None => Err(PublishError::NoChannel),
         }
     }
 }

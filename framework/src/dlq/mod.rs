@@ -1,4 +1,7 @@
-//! Dead-letter tooling: list, replay (confirm before removing) and purge `Q-dlq`.
+//! Dead letters: the envelope a failed message is sent to `Q-dlq` in, and the operator's
+//! tooling: list, replay (confirm before removing) and purge.
+
+pub(crate) mod envelope;
 
 use std::time::Duration;
 
@@ -7,8 +10,9 @@ use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use serde::Serialize;
 
+use crate::connection::confirm_channel;
 use crate::headers as h;
-use crate::runtime::{Outgoing, PublishError, confirm_channel, publish_confirmed};
+use crate::publisher::{Outgoing, PublishError, publish_confirmed};
 use crate::topology::Topology;
 
 /// One dead letter as shown by `dlq list`.

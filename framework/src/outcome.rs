@@ -1,0 +1,125 @@
+//! Retry planning: what an outcome publishes before its input is acked — the success
+//! message and its extras, the input again through a retry tier (attempt counted, delay
+//! chosen, the processor's retry headers kept), or a dead letter once attempts run out.
+
+use tracing::{info, warn};
+
+use crate::config::RetryConfig;
+use crate::headers as h;
+use crate::processor::{MessageContext, Outcome};
+use crate::publisher::{Outgoing, Publisher, output_properties};
+use crate::topology::Topology;
+
+/// A service's destinations, computed once: where each kind of outcome goes.
+pub(crate) struct Planner {
+    output_exchange: String,
+    success_key: String,
+    retry_exchange: String,
+    retry: RetryConfig,
+}
+
+impl Planner {
+    /// The plan of a service with `topology`, success key `<output_routing_key>.success`.
+    pub fn new(topology: &Topology, output_routing_key: &str, retry: &RetryConfig) -> Self {
+        Self {
+            output_exchange: topology.output_exchange.clone(),
+            success_key: format!("{output_routing_key}.success"),
+            retry_exchange: topology.retry_exchange(),
+            retry: retry.clone(),
+        }
+    }
+
+    /// Turns an outcome of the delivery `body`/`ctx` into the messages to publish (before
+    /// the ack) and its metric label.
+    pub fn plan(
+        &self,
+        publisher: &Publisher,
+        body: &[u8],
+        ctx: &MessageContext,
+        outcome: Outcome,
+    ) -> (&'static str, Vec<Outgoing>) {
+        let origin = ctx.origin();
+        let attempts = ctx.attempt.saturating_add(1);
+        let dead_letter = |kind: &str, why: &str| {
+            vec![publisher.dead_letter_message(&origin, body.to_vec(), attempts, kind, why)]
+        };
+        match outcome {
+            Outcome::Success { body, extra } => {
+                let props = |ct: &str| output_properties(publisher.service(), &origin, ct);
+                let mut msgs = Vec::with_capacity(1 + extra.len());
+                msgs.push(Outgoing {
+                    exchange: self.output_exchange.clone(),
+                    routing_key: self.success_key.clone(),
+                    body: body.to_string().into_bytes(),
+                    properties: props("application/json"),
+                    mandatory: false,
+                });
+                for x in extra {
+                    msgs.push(Outgoing {
+                        properties: props(&x.content_type),
+                        exchange: x.exchange,
+                        routing_key: x.routing_key,
+                        body: x.body,
+                        mandatory: x.mandatory,
+                    });
+                }
+                info!("success");
+                ("success", msgs)
+            }
+            Outcome::Drop(reason) => {
+                info!(reason = %reason, "dropped");
+                ("drop", Vec::new())
+            }
+            // Settled before planning (nack, requeue); never published.
+            Outcome::Interrupted(_) => ("interrupted", Vec::new()),
+            Outcome::Retry(reason) => {
+                if attempts >= self.retry.max_attempts {
+                    let why = format!("gave up after {attempts} attempts; last error: {reason}");
+                    warn!(error = %why, "retries exhausted; dead-lettering");
+                    return ("dead_letter", dead_letter(h::KIND_RETRIES_EXHAUSTED, &why));
+                }
+                let delay = self.retry.delay_for_attempt(ctx.attempt);
+                warn!(error = %reason, retry_in_ms = delay, "retrying later");
+                let mut hdr = ctx.headers.clone();
+                h::set_int(&mut hdr, h::RETRY_COUNT, i64::from(attempts));
+                h::set_str(&mut hdr, h::ORIGINAL_EXCHANGE, &ctx.exchange);
+                h::set_str(&mut hdr, h::ORIGINAL_ROUTING_KEY, &ctx.routing_key);
+                h::set_str(
+                    &mut hdr,
+                    h::LAST_ERROR,
+                    h::truncate(&reason, h::MAX_ERROR_BYTES),
+                );
+                for (k, v) in ctx.retry_headers() {
+                    h::set_str(&mut hdr, &k, &v);
+                }
+                ctx.trace.write(&mut hdr);
+                let props = ctx
+                    .properties
+                    .clone()
+                    .with_delivery_mode(2)
+                    .with_headers(hdr);
+                (
+                    "retry",
+                    vec![Outgoing {
+                        exchange: self.retry_exchange.clone(),
+                        routing_key: Topology::retry_routing_key(delay),
+                        body: body.to_vec(),
+                        properties: props,
+                        mandatory: true,
+                    }],
+                )
+            }
+            Outcome::Permanent(reason) => {
+                warn!(error = %reason, kind = h::KIND_PERMANENT, "dead-lettering");
+                ("dead_letter", dead_letter(h::KIND_PERMANENT, &reason))
+            }
+            Outcome::Exhausted(reason) => {
+                warn!(error = %reason, kind = h::KIND_RETRIES_EXHAUSTED, "dead-lettering");
+                (
+                    "dead_letter",
+                    dead_letter(h::KIND_RETRIES_EXHAUSTED, &reason),
+                )
+            }
+        }
+    }
+}

@@ -1,0 +1,302 @@
+//! Publishing with confirms: the messages a processor sends, the pool of confirm channels
+//! they go out on (each used by one outcome at a time, so every confirm and return belongs
+//! to its own publish), and what can go wrong.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::options::BasicPublishOptions;
+use lapin::types::{FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation};
+use serde::Serialize;
+
+use crate::channel_pool::ChannelPool;
+use crate::dlq::envelope::Envelope;
+use crate::headers as h;
+use crate::trace::TraceContext;
+
+/// A message to publish besides the primary success message (another exchange or queue).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Publication {
+    /// Target exchange (`""` = the default exchange, routing key = queue name).
+    pub exchange: String,
+    /// Routing key.
+    pub routing_key: String,
+    /// Body bytes, sent as given.
+    pub body: Vec<u8>,
+    /// MIME type of `body`.
+    pub content_type: String,
+    /// Must reach a queue: an unroutable message is an error (the input is retried)
+    /// instead of being dropped by the broker.
+    pub mandatory: bool,
+}
+
+impl Publication {
+    /// A JSON publication of any serialisable value; an error if it cannot be serialised
+    /// (never an empty body).
+    pub fn json(
+        exchange: &str,
+        routing_key: &str,
+        body: &impl Serialize,
+    ) -> Result<Self, serde_json::Error> {
+        Ok(Self::value(
+            exchange,
+            routing_key,
+            &serde_json::to_value(body)?,
+        ))
+    }
+    /// A JSON publication of a JSON value (always serialisable).
+    pub fn value(exchange: &str, routing_key: &str, body: &serde_json::Value) -> Self {
+        Self {
+            exchange: exchange.to_string(),
+            routing_key: routing_key.to_string(),
+            body: body.to_string().into_bytes(),
+            content_type: "application/json".to_string(),
+            mandatory: false,
+        }
+    }
+    /// A plain-text publication.
+    pub fn text(exchange: &str, routing_key: &str, body: impl Into<String>) -> Self {
+        Self {
+            exchange: exchange.to_string(),
+            routing_key: routing_key.to_string(),
+            body: body.into().into_bytes(),
+            content_type: "text/plain".to_string(),
+            mandatory: false,
+        }
+    }
+
+    /// Requires the message to reach at least one queue (e.g. a named destination queue).
+    pub fn mandatory(mut self) -> Self {
+        self.mandatory = true;
+        self
+    }
+}
+
+/// Why an outcome could not be published.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// Channel or connection failure.
+    #[error("publish failed: {0}")]
+    Amqp(#[from] lapin::Error),
+    /// The broker refused the message (basic.nack).
+    #[error("broker nacked the publish to exchange `{0}`")]
+    Nacked(String),
+    /// A mandatory message reached no queue (e.g. a retry or dead-letter queue was deleted).
+    #[error("message to exchange `{0}` routing key `{1}` reached no queue")]
+    Unroutable(String, String),
+    /// The context is not attached to a broker channel (processor called outside a runtime).
+    #[error("no broker channel available to publish on")]
+    NoChannel,
+    /// The broker did not confirm within `[amqp] operation_timeout_ms`.
+    #[error("the broker did not confirm the publish to exchange `{0}` in time")]
+    Timeout(String),
+}
+
+/// One message to send as part of an outcome.
+pub struct Outgoing {
+    /// Exchange.
+    pub exchange: String,
+    /// Routing key.
+    pub routing_key: String,
+    /// Body.
+    pub body: Vec<u8>,
+    /// Properties.
+    pub properties: BasicProperties,
+    /// Must reach a queue (retry and dead letters).
+    pub mandatory: bool,
+}
+
+/// The delivery a service's own messages answer: what their properties and dead letters
+/// are derived from.
+pub(crate) struct Origin<'a> {
+    /// The delivery's message id, if any.
+    pub message_id: Option<&'a str>,
+    /// Its correlation id, if any.
+    pub correlation_id: Option<&'a str>,
+    /// The exchange it was first published to.
+    pub exchange: &'a str,
+    /// The routing key it was first published with.
+    pub routing_key: &'a str,
+    /// Its 0-based attempt.
+    pub attempt: u32,
+    /// Its headers.
+    pub headers: &'a FieldTable,
+    /// Its properties.
+    pub properties: &'a BasicProperties,
+    /// The trace it is handled in.
+    pub trace: &'a TraceContext,
+}
+
+/// A session's publishing handle: confirm channels from its pool, the service's names.
+#[derive(Clone)]
+pub struct Publisher {
+    pool: Arc<ChannelPool>,
+    service: Arc<str>,
+    fail_exchange: Arc<str>,
+}
+
+impl std::fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Publisher")
+            .field("service", &self.service)
+            .finish()
+    }
+}
+
+impl Publisher {
+    /// A publisher for `service` on `pool`, dead-lettering to `fail_exchange` (`Q-fail`).
+    pub(crate) fn new(pool: Arc<ChannelPool>, service: &str, fail_exchange: &str) -> Self {
+        Self {
+            pool,
+            service: service.into(),
+            fail_exchange: fail_exchange.into(),
+        }
+    }
+
+    /// The service's name (`x-service`, `app_id`).
+    pub(crate) fn service(&self) -> &str {
+        &self.service
+    }
+
+    /// Publishes `p` as a message of this service answering `origin`, and waits for the
+    /// confirm.
+    pub(crate) async fn publish(
+        &self,
+        origin: &Origin<'_>,
+        p: Publication,
+    ) -> Result<(), PublishError> {
+        let properties = output_properties(&self.service, origin, &p.content_type);
+        self.send(vec![Outgoing {
+            exchange: p.exchange,
+            routing_key: p.routing_key,
+            body: p.body,
+            properties,
+            mandatory: p.mandatory,
+        }])
+        .await
+    }
+
+    /// The dead letter of `body` (the whole input or a part of it) failed as `kind`.
+    pub(crate) fn dead_letter_message(
+        &self,
+        origin: &Origin<'_>,
+        body: Vec<u8>,
+        attempts: u32,
+        kind: &str,
+        error: &str,
+    ) -> Outgoing {
+        let env = Envelope {
+            service: &self.service,
+            properties: origin.properties,
+            headers: origin.headers,
+            exchange: origin.exchange,
+            routing_key: origin.routing_key,
+            trace: origin.trace,
+        };
+        Outgoing {
+            exchange: self.fail_exchange.to_string(),
+            routing_key: origin.routing_key.to_string(),
+            body,
+            properties: env.properties(attempts, kind, error),
+            mandatory: true,
+        }
+    }
+
+    /// Dead-letters `body` (a part of the input) now, waiting for the confirm.
+    pub(crate) async fn dead_letter(
+        &self,
+        origin: &Origin<'_>,
+        body: Vec<u8>,
+        error: &str,
+        kind: &str,
+    ) -> Result<(), PublishError> {
+        let msg =
+            self.dead_letter_message(origin, body, origin.attempt.saturating_add(1), kind, error);
+        self.send(vec![msg]).await
+    }
+
+    /// Publishes `msgs` on a channel of the pool that no other outcome uses meanwhile and
+    /// waits for every confirm (nothing to do for none).
+    pub(crate) async fn send(&self, msgs: Vec<Outgoing>) -> Result<(), PublishError> {
+        if msgs.is_empty() {
+            return Ok(());
+        }
+        let ch = self.pool.get().await?;
+        publish_confirmed(&ch, msgs, self.pool.limit()).await
+    }
+}
+
+/// Publishes all messages, then waits (at most `limit`) for every confirm; any nack, return
+/// or timeout is an error.
+pub async fn publish_confirmed(
+    ch: &Channel,
+    msgs: Vec<Outgoing>,
+    limit: Duration,
+) -> Result<(), PublishError> {
+    let first = msgs.first().map(|o| o.exchange.clone()).unwrap_or_default();
+    tokio::time::timeout(limit, publish_and_confirm(ch, msgs))
+        .await
+        .unwrap_or(Err(PublishError::Timeout(first)))
+}
+
+async fn publish_and_confirm(ch: &Channel, msgs: Vec<Outgoing>) -> Result<(), PublishError> {
+    let mut pending = Vec::with_capacity(msgs.len());
+    for o in msgs {
+        let confirm = ch
+            .basic_publish(
+                o.exchange.as_str().into(),
+                o.routing_key.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: o.mandatory,
+                    ..Default::default()
+                },
+                &o.body,
+                o.properties,
+            )
+            .await?;
+        pending.push((o.exchange, o.routing_key, confirm));
+    }
+    for (ex, rk, confirm) in pending {
+        match confirm.await? {
+            Confirmation::Ack(None) | Confirmation::NotRequested => {}
+            Confirmation::Ack(Some(_)) => return Err(PublishError::Unroutable(ex, rk)),
+            Confirmation::Nack(_) => return Err(PublishError::Nacked(ex)),
+        }
+    }
+    Ok(())
+}
+
+/// Properties of a message a service originates: persistent, new id, response headers.
+pub(crate) fn output_properties(
+    service: &str,
+    origin: &Origin<'_>,
+    content_type: &str,
+) -> BasicProperties {
+    let in_response_to = origin.message_id.unwrap_or(origin.routing_key);
+    let mut hdr = FieldTable::default();
+    h::set_str(&mut hdr, h::IN_RESPONSE_TO, in_response_to);
+    origin.trace.write(&mut hdr);
+    let mut p = BasicProperties::default()
+        .with_content_type(content_type.into())
+        .with_delivery_mode(2)
+        .with_message_id(new_message_id())
+        .with_timestamp(now_ts())
+        .with_app_id(service.into())
+        .with_headers(hdr);
+    if let Some(c) = origin.correlation_id {
+        p = p.with_correlation_id(c.into());
+    }
+    p
+}
+
+fn new_message_id() -> ShortString {
+    uuid::Uuid::new_v4().to_string().into()
+}
+
+fn now_ts() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

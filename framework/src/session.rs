@@ -1,0 +1,484 @@
+//! One consuming session: consume with bounded concurrency, hand each delivery to the
+//! processor (cancellable when the session ends), publish its outcome with confirms, then
+//! settle it; readiness follows the session's connection.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{FutureExt, StreamExt};
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use crate::channel_pool::ChannelPool;
+use crate::config::AmqpConfig;
+use crate::connection::{bounded, connect};
+use crate::headers as h;
+use crate::processor::{MessageContext, MessageProcessor, Outcome};
+use crate::publisher::{PublishError, Publisher};
+use crate::runtime::Inner;
+use crate::telemetry as m;
+use crate::topology::{DeclareError, Topology};
+
+/// How long a message whose outcome could not be published waits before going back.
+const PUBLISH_FAILURE_BACKOFF: Duration = Duration::from_secs(1);
+
+/// The handlers of one consuming session: told when the session ends (`cancel`, seen by
+/// processors through [`MessageContext::cancelled`]) and stopped at their next await point
+/// if still running after the drain budget (`kill`), so no handler outlives its session
+/// while the broker redelivers its message to the next one.
+struct SessionTasks {
+    tasks: TaskTracker,
+    cancel: CancellationToken,
+    kill: CancellationToken,
+}
+
+impl SessionTasks {
+    fn new() -> Self {
+        Self {
+            tasks: TaskTracker::new(),
+            cancel: CancellationToken::new(),
+            kill: CancellationToken::new(),
+        }
+    }
+
+    /// Signals the handlers, waits up to `budget` for them, then stops the rest.
+    async fn end(&self, budget: Duration) {
+        self.cancel.cancel();
+        self.tasks.close();
+        if tokio::time::timeout(budget, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                still_running = self.tasks.len(),
+                "drain timeout reached; stopping unfinished handlers, their messages return to the queue"
+            );
+            self.kill.cancel();
+            self.tasks.wait().await;
+        }
+    }
+}
+
+/// Why a session ended.
+pub(crate) enum SessionEnd {
+    /// Shutdown was asked for.
+    Shutdown,
+    /// The connection or channel was lost (why).
+    Lost(String),
+}
+
+/// One consuming session: connect, declare, consume until shutdown or a loss, then end
+/// the session's handlers before returning.
+pub(crate) async fn session<P: MessageProcessor>(
+    inner: &Arc<Inner<P>>,
+    shutdown: &CancellationToken,
+) -> Result<SessionEnd, DeclareError> {
+    let limit = inner.amqp.operation_timeout();
+    let conn = Arc::new(connect(&inner.amqp, &inner.service).await?);
+    // Consuming and settling only: every publish goes through the pool.
+    let ch = bounded(limit, "opening a channel", conn.create_channel()).await?;
+    let pool = ChannelPool::new(conn.clone(), limit);
+    let publisher = Publisher::new(pool, &inner.service, &inner.topology.fail_exchange());
+    bounded_declare(&inner.topology, &conn, limit).await?;
+    bounded(
+        limit,
+        "basic.qos",
+        ch.basic_qos(inner.amqp.prefetch, BasicQosOptions::default()),
+    )
+    .await?;
+    let tag = format!("{}-{}", inner.service, uuid::Uuid::new_v4());
+    let mut consumer = bounded(
+        limit,
+        "basic.consume",
+        ch.basic_consume(
+            inner.topology.queue.as_str().into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            consumer_arguments(&inner.amqp),
+        ),
+    )
+    .await?;
+    info!(queue = %inner.topology.queue, url = %conn_url(&inner.amqp), "consuming");
+    inner.status.attach(Some(conn.clone()));
+    inner.status.set_ready(true);
+    let broken = CancellationToken::new();
+    let handlers = SessionTasks::new();
+    if inner.amqp.queue_metrics_interval_ms > 0 {
+        tokio::spawn(watch_queue_depths(
+            conn.clone(),
+            inner.topology.queue_names(),
+            Duration::from_millis(inner.amqp.queue_metrics_interval_ms),
+            limit,
+            handlers.cancel.clone(),
+        ));
+    }
+    let topology_lost =
+        || SessionEnd::Lost("topology incomplete (unroutable retry or dead letter)".into());
+    let alive = || conn.status().connected() && ch.status().connected();
+    // Notices a dead connection while every handler is busy and nothing is consumed.
+    let mut health = tokio::time::interval(HEALTH_CHECK);
+
+    let end = loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break SessionEnd::Shutdown,
+            _ = broken.cancelled() => break topology_lost(),
+            _ = health.tick() => {
+                if alive() { continue } else { break SessionEnd::Lost("the connection dropped".into()) }
+            }
+            p = inner.permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break SessionEnd::Shutdown,
+            },
+        };
+        let next = tokio::select! {
+            _ = shutdown.cancelled() => break SessionEnd::Shutdown,
+            _ = broken.cancelled() => break topology_lost(),
+            n = consumer.next() => n,
+        };
+        match next {
+            Some(Ok(delivery)) => {
+                let inner2 = inner.clone();
+                let publisher2 = publisher.clone();
+                let broken2 = broken.clone();
+                let cancel = handlers.cancel.clone();
+                let kill = handlers.kill.clone();
+                handlers.tasks.spawn(async move {
+                    tokio::select! {
+                        _ = handle_delivery(&inner2, &publisher2, delivery, &broken2, cancel) => {}
+                        _ = kill.cancelled() => {}
+                    }
+                    drop(permit);
+                });
+            }
+            Some(Err(e)) => {
+                let why = e.to_string();
+                if why.contains("delivery acknowledgement") {
+                    error!(error = %why, "the broker's consumer timeout closed the channel while a handler ran: \
+                        raise [amqp] consumer_timeout_ms (RabbitMQ 3.12+; a queue declared before keeps its old value) \
+                        or the broker's consumer_timeout / a consumer-timeout policy above the longest handler");
+                }
+                break SessionEnd::Lost(why);
+            }
+            None => {
+                break SessionEnd::Lost("consumer cancelled by the broker (queue deleted?)".into());
+            }
+        }
+    };
+    inner.status.set_ready(false);
+    inner.status.attach(None);
+    let budget = Duration::from_millis(inner.amqp.drain_timeout_ms);
+    match &end {
+        SessionEnd::Shutdown => {
+            info!(queue = %inner.topology.queue, in_flight = handlers.tasks.len(), "shutting down: cancelling consumer and draining");
+            if let Err(e) = bounded(
+                limit,
+                "basic.cancel",
+                ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()),
+            )
+            .await
+            {
+                debug!(error = %e, "basic.cancel failed");
+            }
+            handlers.end(budget).await;
+            let _ = bounded(
+                limit,
+                "closing the channel",
+                ch.close(200, "shutdown".into()),
+            )
+            .await;
+            let _ = bounded(
+                limit,
+                "closing the connection",
+                conn.close(200, "shutdown".into()),
+            )
+            .await;
+        }
+        SessionEnd::Lost(_) => {
+            // The broker redelivers what these handlers hold to the next session: they
+            // finish or stop before it starts, never running beside their redelivery.
+            handlers.end(budget).await;
+            let _ = bounded(
+                limit,
+                "closing the connection",
+                conn.close(320, "recovering".into()),
+            )
+            .await;
+        }
+    }
+    Ok(end)
+}
+
+/// Sets `storagetier_queue_messages` for each of `queues` every `every` until `stop`, with
+/// passive declares on a channel of its own (a failed one closes only that channel).
+async fn watch_queue_depths(
+    conn: Arc<Connection>,
+    queues: Vec<String>,
+    every: Duration,
+    limit: Duration,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    let mut ch: Option<Channel> = None;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        for q in &queues {
+            if ch.as_ref().is_none_or(|c| !c.status().connected()) {
+                ch = bounded(limit, "opening a channel", conn.create_channel())
+                    .await
+                    .ok();
+            }
+            let Some(c) = &ch else { break };
+            if let Ok(Ok(n)) = tokio::time::timeout(limit, crate::dlq::count(c, q)).await {
+                metrics::gauge!(m::QUEUE_MESSAGES, "queue" => q.clone()).set(f64::from(n));
+            }
+        }
+    }
+}
+
+/// `basic.consume` arguments: the per-consumer acknowledgement timeout, so a handler longer
+/// than the broker's default (30 min) is not cut off and redelivered while it still runs.
+/// RabbitMQ 3.12 and 3.13 read it; 4.0 reads the queue's (see `Topology::queues`); 3.10
+/// and 3.11 ignore both (their `consumer_timeout` in rabbitmq.conf must be raised instead).
+fn consumer_arguments(amqp: &AmqpConfig) -> FieldTable {
+    let mut args = FieldTable::default();
+    if amqp.consumer_timeout_ms > 0 {
+        args.insert(
+            "x-consumer-timeout".into(),
+            lapin::types::AMQPValue::LongLongInt(
+                i64::try_from(amqp.consumer_timeout_ms).unwrap_or(i64::MAX),
+            ),
+        );
+    }
+    args
+}
+
+/// How often a session checks that its connection is still there.
+const HEALTH_CHECK: Duration = Duration::from_millis(250);
+
+/// The node a session is connected to, for logs (password redacted).
+fn conn_url(amqp: &AmqpConfig) -> String {
+    amqp.endpoints()
+        .iter()
+        .map(|u| u.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Declares the topology, failing (and so restarting the session) if the broker hangs.
+async fn bounded_declare(
+    topology: &Topology,
+    conn: &Connection,
+    limit: Duration,
+) -> Result<(), DeclareError> {
+    tokio::time::timeout(limit, topology.declare(conn))
+        .await
+        .unwrap_or_else(|_| {
+            Err(DeclareError::Amqp(
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("declaring the topology timed out after {limit:?}"),
+                )
+                .into(),
+            ))
+        })
+}
+
+/// Metadata read off a delivery before processing.
+struct Incoming {
+    attempt: u32,
+    exchange: String,
+    routing_key: String,
+    headers: FieldTable,
+}
+
+fn incoming(d: &Delivery) -> Incoming {
+    let headers = d.properties.headers().clone().unwrap_or_default();
+    let attempt = h::get_int(&headers, h::RETRY_COUNT)
+        .unwrap_or(0)
+        .clamp(0, i64::from(u32::MAX)) as u32;
+    let exchange =
+        h::get_str(&headers, h::ORIGINAL_EXCHANGE).unwrap_or_else(|| d.exchange.to_string());
+    let routing_key =
+        h::get_str(&headers, h::ORIGINAL_ROUTING_KEY).unwrap_or_else(|| d.routing_key.to_string());
+    Incoming {
+        attempt,
+        exchange,
+        routing_key,
+        headers,
+    }
+}
+
+/// Describes a body that failed to decode, naming what was wrong.
+pub fn describe_decode_error(e: &serde_json::Error) -> String {
+    use serde_json::error::Category;
+    match e.classify() {
+        // Well-formed JSON, but deeper than serde_json parses (128 levels).
+        Category::Syntax if e.to_string().contains("recursion limit exceeded") => {
+            format!("body is nested too deeply (at most 128 levels): {e}")
+        }
+        Category::Data => format!("body does not match the expected input: {e}"),
+        Category::Syntax | Category::Eof | Category::Io => format!("body is not valid JSON: {e}"),
+    }
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_string()
+    }
+}
+
+async fn handle_delivery<P: MessageProcessor>(
+    inner: &Inner<P>,
+    publisher: &Publisher,
+    delivery: Delivery,
+    broken: &CancellationToken,
+    cancel: CancellationToken,
+) {
+    let inc = incoming(&delivery);
+    let message_id = delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|s| s.to_string());
+    let trace = crate::trace::TraceContext::continue_from(&inc.headers);
+    let span = info_span!("message",
+        trace_id = %trace.trace_id,
+        span_id = %trace.span_id,
+        queue = %inner.topology.queue,
+        routing_key = %inc.routing_key,
+        message_id = message_id.as_deref().unwrap_or(""),
+        attempt = inc.attempt);
+    async move {
+        let queue = inner.topology.queue.clone();
+        let _in_flight = InFlight::enter(&queue);
+        let started = Instant::now();
+        let ctx = MessageContext {
+            exchange: inc.exchange.clone(),
+            routing_key: inc.routing_key.clone(),
+            attempt: inc.attempt,
+            redelivered: delivery.redelivered,
+            message_id: message_id.clone(),
+            correlation_id: delivery
+                .properties
+                .correlation_id()
+                .as_ref()
+                .map(|s| s.to_string()),
+            timestamp: *delivery.properties.timestamp(),
+            headers: inc.headers.clone(),
+            retry_headers: Default::default(),
+            cancel,
+            trace,
+            publisher: Some(publisher.clone()),
+            properties: delivery.properties.clone(),
+        };
+        // Decoding runs inside catch_unwind too: a panicking Deserialize is the input's fault.
+        let handled = AssertUnwindSafe(async {
+            match serde_json::from_slice::<P::Input>(&delivery.data) {
+                Err(e) => Outcome::Permanent(describe_decode_error(&e)),
+                Ok(input) => inner.processor.handle(input, &ctx).await,
+            }
+        })
+        .catch_unwind()
+        .await;
+        let outcome = handled.unwrap_or_else(|p| {
+            Outcome::Permanent(format!("processor panicked: {}", panic_message(&*p)))
+        });
+        metrics::histogram!(m::HANDLER_SECONDS, "queue" => queue.clone())
+            .record(started.elapsed().as_secs_f64());
+        if let Outcome::Interrupted(reason) = &outcome {
+            info!(reason = %reason, "interrupted; the message goes back to the queue");
+            let _ = delivery
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await;
+            return;
+        }
+        let was_retry = matches!(outcome, Outcome::Retry(_));
+        let (mut label, msgs) = inner.planner.plan(publisher, &delivery.data, &ctx, outcome);
+        let mut published = publisher.send(msgs).await;
+        if let Err(e) = &published {
+            metrics::counter!(m::PUBLISH_FAILURES_TOTAL, "queue" => queue.clone()).increment(1);
+            error!(error = %e, outcome = label, "could not publish the outcome");
+            // A retry or dead letter that reached no queue means our own topology is
+            // incomplete: re-declare it by starting a new session.
+            if let PublishError::Unroutable(ex, _) = &e
+                && (*ex == inner.topology.retry_exchange() || *ex == inner.topology.fail_exchange())
+            {
+                broken.cancel();
+            }
+            // An outcome that cannot be published (an unroutable or missing destination)
+            // becomes a retry: it counts toward max_attempts and ends in the DLQ, instead
+            // of looping through requeues that RabbitMQ 4.3 no longer counts.
+            if !was_retry {
+                let why = format!("could not publish the {label} outcome: {e}");
+                let (l, msgs) = inner.planner.plan(publisher, &delivery.data, &ctx, Outcome::Retry(why));
+                label = l;
+                published = publisher.send(msgs).await;
+            }
+        }
+        match published {
+            Ok(()) => match delivery.acker.ack(BasicAckOptions::default()).await {
+                // Ok(false): the channel is gone and the ack was never sent.
+                Ok(true) => {
+                    metrics::counter!(m::MESSAGES_TOTAL, "queue" => queue.clone(), "outcome" => label)
+                        .increment(1);
+                }
+                Ok(false) => {
+                    warn!(outcome = label, "ack not sent (channel closed); the message will be redelivered");
+                }
+                Err(e) => warn!(error = %e, "ack failed; the message will be redelivered"),
+            },
+            Err(e) => {
+                // Not even our own retry tier took it: the broker is failing or our
+                // topology is gone. Re-declare it and let the message come back.
+                error!(error = %e, "could not publish a retry either; re-declaring the topology, the input goes back to the queue");
+                broken.cancel();
+                tokio::time::sleep(PUBLISH_FAILURE_BACKOFF).await;
+                let _ = delivery
+                    .acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await;
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Counts a handler in `storagetier_in_flight` until dropped, however the handler ends.
+struct InFlight(metrics::Gauge);
+
+impl InFlight {
+    fn enter(queue: &str) -> Self {
+        let g = metrics::gauge!(m::IN_FLIGHT, "queue" => queue.to_string());
+        g.increment(1.0);
+        Self(g)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
