@@ -27,6 +27,10 @@ pub struct ArchiveSettings {
     /// `postgres://…` or `sqlite://…` (unset = `<data_dir>/online-archive.db`).
     #[serde(default)]
     pub database_url: Option<DatabaseUrl>,
+    /// An S3 multipart upload left by an interrupted copy and not resumed (no part
+    /// stored) for this long is aborted, so its parts stop being billed.
+    #[serde(default = "storage::service::default_abort_abandoned_uploads_after_ms")]
+    pub abort_abandoned_uploads_after_ms: u64,
 }
 
 /// The online-archive service.
@@ -83,6 +87,9 @@ impl Service for OnlineArchive {
                 store_url: s.archive_url.clone(),
                 store_options: s.archive_options.clone(),
                 database_url: s.database_url.clone(),
+                abort_abandoned_uploads_after: std::time::Duration::from_millis(
+                    s.abort_abandoned_uploads_after_ms,
+                ),
             },
             TierPolicy {
                 algorithm: Algorithm::Sha256,

@@ -7,6 +7,7 @@ pub mod copy;
 pub mod message;
 pub mod paths;
 pub mod records;
+pub mod s3;
 pub mod service;
 pub mod store;
 #[cfg(feature = "testing")]
