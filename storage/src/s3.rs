@@ -328,7 +328,10 @@ mod tests {
             <ChecksumSHA256>x+y=</ChecksumSHA256></Part></ListPartsResult>";
         let parts: Vec<_> = elements(xml, "Part").collect();
         assert_eq!(parts.len(), 2);
-        assert_eq!(element(parts[0], "ETag").map(unescape), Some("\"abc\"".into()));
+        assert_eq!(
+            element(parts[0], "ETag").map(unescape),
+            Some("\"abc\"".into())
+        );
         assert_eq!(element(parts[1], "ChecksumSHA256"), Some("x+y="));
         let id = part_id("\"abc\"", "x+y=");
         assert_eq!(part_etag(&id.content_id), "\"abc\"");

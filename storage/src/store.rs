@@ -7,8 +7,8 @@ use std::time::Duration;
 use framework::Secret;
 use object_store::ObjectStore;
 use object_store::aws::{AmazonS3Builder, Checksum};
-use object_store::multipart::MultipartStore;
 use object_store::local::LocalFileSystem;
+use object_store::multipart::MultipartStore;
 use object_store::path::Path as ObjectPath;
 use serde::{Deserialize, Serialize};
 
@@ -185,8 +185,8 @@ pub fn open(url: &str, opts: &StoreOptions) -> Result<Tier, StoreConfigError> {
         b = b.with_checksum_algorithm(Checksum::SHA256);
         let cfg = |k| b.get_config_value(&k);
         let native_endpoint = cfg(object_store::aws::AmazonS3ConfigKey::Endpoint);
-        let region = cfg(object_store::aws::AmazonS3ConfigKey::Region)
-            .unwrap_or_else(|| "us-east-1".into());
+        let region =
+            cfg(object_store::aws::AmazonS3ConfigKey::Region).unwrap_or_else(|| "us-east-1".into());
         let store = Arc::new(b.build()?);
         let s3 = crate::s3::S3Native::new(
             native_endpoint.as_deref(),

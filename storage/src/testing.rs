@@ -391,7 +391,11 @@ impl MultipartStore for FaultyStore {
         self.mp()?.complete_multipart(path, id, parts).await
     }
 
-    async fn abort_multipart(&self, path: &ObjectPath, id: &MultipartId) -> object_store::Result<()> {
+    async fn abort_multipart(
+        &self,
+        path: &ObjectPath,
+        id: &MultipartId,
+    ) -> object_store::Result<()> {
         self.faults.aborts.fetch_add(1, Ordering::SeqCst);
         self.mp()?.abort_multipart(path, id).await
     }
@@ -399,7 +403,9 @@ impl MultipartStore for FaultyStore {
 
 impl FaultyStore {
     fn mp(&self) -> object_store::Result<&Arc<dyn MultipartStore>> {
-        self.inner_mp.as_ref().ok_or_else(|| injected("no multipart store"))
+        self.inner_mp
+            .as_ref()
+            .ok_or_else(|| injected("no multipart store"))
     }
 }
 
@@ -465,10 +471,7 @@ impl CountingProxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind the proxy");
-        let endpoint = format!(
-            "http://{}",
-            listener.local_addr().expect("proxy address")
-        );
+        let endpoint = format!("http://{}", listener.local_addr().expect("proxy address"));
         let log = Arc::new(Mutex::new(Vec::new()));
         let l = log.clone();
         let task = tokio::spawn(async move {
