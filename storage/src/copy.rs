@@ -527,7 +527,8 @@ impl Multipart<'_> {
                     })
                     .collect();
                 let id = self.s3.create_multipart(key, &metadata).await?;
-                self.records
+                let started = self
+                    .records
                     .start_upload(&UploadRecord {
                         object_key: key.to_string(),
                         upload_id: id.clone(),
@@ -535,7 +536,14 @@ impl Multipart<'_> {
                         source_mtime: mtime.to_string(),
                         part_size: self.part,
                     })
-                    .await?;
+                    .await;
+                if let Err(e) = started {
+                    // Unrecorded, it could never be resumed nor swept: abort it now.
+                    if let Err(a) = self.mp.abort_multipart(key, &id).await {
+                        tracing::warn!(key = %key, error = %a, "could not abort an unrecorded multipart upload");
+                    }
+                    return Err(e.into());
+                }
                 (id, HashMap::new())
             }
         };
