@@ -1,6 +1,7 @@
 //! online-archive: online storage → archive object store (design §7).
-//! SHA-256 is the archive's checksum: computed while streaming, verified by reading the
-//! stored object back before the success message goes out.
+//! SHA-256 is the archive's checksum: computed while streaming, verified before the success
+//! message goes out (on S3 against the store's own ChecksumSHA256, elsewhere by reading
+//! the stored object back).
 
 use std::path::PathBuf;
 
@@ -27,6 +28,10 @@ pub struct ArchiveSettings {
     /// `postgres://…` or `sqlite://…` (unset = `<data_dir>/online-archive.db`).
     #[serde(default)]
     pub database_url: Option<DatabaseUrl>,
+    /// An S3 multipart upload left by an interrupted copy and not resumed (no part
+    /// stored) for this long is aborted, so its parts stop being billed.
+    #[serde(default = "storage::service::default_abort_abandoned_uploads_after_ms")]
+    pub abort_abandoned_uploads_after_ms: u64,
 }
 
 /// The online-archive service.
@@ -83,6 +88,9 @@ impl Service for OnlineArchive {
                 store_url: s.archive_url.clone(),
                 store_options: s.archive_options.clone(),
                 database_url: s.database_url.clone(),
+                abort_abandoned_uploads_after: std::time::Duration::from_millis(
+                    s.abort_abandoned_uploads_after_ms,
+                ),
             },
             TierPolicy {
                 algorithm: Algorithm::Sha256,

@@ -248,6 +248,8 @@ async fn s3_and_postgres_backends_with_store_outage_retried() {
             ("online_archive.archive_options.secret_access_key", "test"),
             ("online_archive.archive_options.max_retries", "0"),
             ("online_archive.archive_options.retry_timeout_ms", "2000"),
+            // Two parts: the multipart records go through PostgreSQL too.
+            ("online_archive.archive_options.part_size_mib", "5"),
             ("online_archive.database_url", &pg.url),
         ],
     );

@@ -29,6 +29,10 @@ pub struct NearlineSettings {
     /// `postgres://…` or `sqlite://…` (unset = `<data_dir>/online-nearline.db`).
     #[serde(default)]
     pub database_url: Option<DatabaseUrl>,
+    /// An S3 multipart upload left by an interrupted copy and not resumed (no part
+    /// stored) for this long is aborted, so its parts stop being billed.
+    #[serde(default = "storage::service::default_abort_abandoned_uploads_after_ms")]
+    pub abort_abandoned_uploads_after_ms: u64,
 }
 
 /// The online-nearline service.
@@ -86,6 +90,9 @@ impl Service for OnlineNearline {
                 store_url: s.vault_url.clone(),
                 store_options: s.vault_options.clone(),
                 database_url: s.database_url.clone(),
+                abort_abandoned_uploads_after: std::time::Duration::from_millis(
+                    s.abort_abandoned_uploads_after_ms,
+                ),
             },
             TierPolicy {
                 algorithm: Algorithm::Md5,

@@ -5,12 +5,17 @@
 use std::path::Path;
 use std::time::Duration;
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use futures_util::StreamExt;
+use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path as ObjectPath;
-use object_store::{Attributes, ObjectStore, PutMultipartOptions, PutOptions};
+use object_store::{Attribute, Attributes, ObjectStore, PutMultipartOptions, PutOptions};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use crate::checksum::Algorithm;
+use crate::records::{PartRecord, Records, StoreFacts, UploadRecord};
 use crate::store::Tier;
 
 /// Read size for the source file.
@@ -52,6 +57,12 @@ pub enum CopyError {
     /// The object store failed.
     #[error("object store: {0}")]
     Store(#[from] object_store::Error),
+    /// A native S3 request failed.
+    #[error("object store: {0}")]
+    S3(#[from] crate::s3::S3Error),
+    /// The records database failed.
+    #[error("database: {0}")]
+    Db(#[from] db::sqlx::Error),
     /// Writing to the object store failed.
     #[error("writing {0}: {1}")]
     Write(String, std::io::Error),
@@ -210,9 +221,38 @@ pub async fn sweep_stale_staging(tier: &Tier, key: &ObjectPath) -> usize {
     removed
 }
 
+/// What an upload stored: the source's digest and, for an S3 store, the
+/// `ChecksumSHA256` the store must report for those bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Uploaded {
+    /// Size and digest of what was read and sent.
+    pub digest: Digest,
+    /// `<base64>` (one request) or `<base64>-<parts>` (multipart); None for local stores.
+    pub store_checksum: Option<String>,
+    /// For a one-request upload to S3: the MD5 (hex) of what was sent, which a plain S3
+    /// object's ETag is (used where the store keeps no checksum).
+    pub md5: Option<String>,
+    /// Multipart parts this attempt sent (resumed ones not counted) and reused.
+    pub parts_sent: u64,
+    /// Parts a resumed upload already had in the store.
+    pub parts_reused: u64,
+}
+
+/// Where the multipart state of a resumable upload is kept, and the source's mtime
+/// (an upload started for another version of the file is not resumed).
+#[derive(Clone, Copy)]
+pub struct Resume<'a> {
+    /// The tier's records.
+    pub records: &'a Records,
+    /// The source's mtime as recorded.
+    pub mtime: &'a str,
+}
+
 /// Streams the open `file` (from its start) to `key`, hashing as it goes. A file smaller
 /// than one part goes up in one request; a larger one as a multipart upload with parts
-/// sized by [`part_size`], aborted on any error (a failed completion included).
+/// sized by [`part_size`]. On S3 the upload id and every stored part are recorded
+/// (`resume`), so an attempt cut short (a crash, a store outage) is resumed by the next
+/// one from the parts the store still lists; elsewhere a failed upload is aborted.
 pub async fn upload(
     tier: &Tier,
     key: &ObjectPath,
@@ -220,7 +260,8 @@ pub async fn upload(
     shown: &str,
     alg: Algorithm,
     attributes: Attributes,
-) -> Result<Digest, CopyError> {
+    resume: Resume<'_>,
+) -> Result<Uploaded, CopyError> {
     sweep_stale_staging(tier, key).await;
     let read_err = |e| CopyError::Read(shown.to_string(), e);
     let len = file.metadata().map_err(read_err)?.len();
@@ -230,70 +271,422 @@ pub async fn upload(
         .await
         .map_err(read_err)?;
     let mut h = alg.hasher();
-    let mut size = 0u64;
     let attributes = if tier.supports_metadata {
         attributes
     } else {
         Attributes::new()
     };
+    // An upload recorded for another version of the file (or another part size) can
+    // never be resumed: give it up before anything else is sent.
+    let recorded = match (&tier.s3, &tier.multipart) {
+        (Some(_), Some(mp)) => {
+            let r = resume.records.upload_for(key.as_ref()).await?;
+            match r {
+                Some(u)
+                    if u.source_size == len
+                        && u.source_mtime == resume.mtime
+                        && u.part_size == part =>
+                {
+                    Some(u)
+                }
+                Some(u) => {
+                    abort_recorded(mp.as_ref(), resume.records, key, &u.upload_id).await;
+                    None
+                }
+                None => None,
+            }
+        }
+        _ => None,
+    };
 
     let first = read_part(&mut f, part, &mut h, shown).await?;
-    size += first.len() as u64;
-    if (first.len() as u64) < part {
+    let mut up = if (first.len() as u64) < part {
         // One request: atomic, so a failure leaves nothing to clean up.
+        let sums = tier.s3.as_ref().map(|_| {
+            (
+                base64_sha256(&first),
+                hex::encode(<md5::Md5 as md5::Digest>::digest(&first)),
+            )
+        });
+        let size = first.len() as u64;
         let opts = PutOptions {
             attributes,
             ..Default::default()
         };
         tier.store.put_opts(key, first.into(), opts).await?;
-    } else {
-        let opts = PutMultipartOptions {
-            attributes,
-            ..Default::default()
+        Uploaded {
+            digest: Digest {
+                size,
+                checksum: String::new(),
+            },
+            store_checksum: sums.as_ref().map(|s| s.0.clone()),
+            md5: sums.map(|s| s.1),
+            parts_sent: 0,
+            parts_reused: 0,
+        }
+    } else if let (Some(s3), Some(mp)) = (&tier.s3, &tier.multipart) {
+        let ctx = Multipart {
+            s3,
+            mp: mp.clone(),
+            records: resume.records,
+            key,
+            shown,
+            part,
         };
-        let mut up = tier.store.put_multipart_opts(key, opts).await?;
-        let result: Result<(), CopyError> = async {
-            // Spawned, so parts upload while the next one is read.
-            let mut in_flight = tokio::task::JoinSet::new();
-            let mut parts = 0u64;
-            let mut next = first;
-            while !next.is_empty() {
-                parts += 1;
-                if parts > MAX_PARTS {
-                    // Only a file that grew past its size at open can get here.
-                    return Err(CopyError::SourceChanged(shown.to_string()));
-                }
-                while in_flight.len() >= PARTS_IN_FLIGHT {
-                    join_part(in_flight.join_next().await)?;
-                }
-                in_flight.spawn(up.put_part(next.into()));
-                next = read_part(&mut f, part, &mut h, shown).await?;
-                size += next.len() as u64;
-            }
-            while let Some(r) = in_flight.join_next().await {
-                join_part(Some(r))?;
-            }
-            up.complete().await?;
-            Ok(())
-        }
-        .await;
-        if let Err(e) = result {
-            // Parts already stored are billed until aborted; a failed abort is left to
-            // the bucket's lifecycle rule (docs/storage.md).
-            if let Err(a) = up.abort().await {
-                tracing::warn!(key = %key, error = %a, "could not abort the failed multipart upload");
-            }
-            return Err(e);
-        }
-    }
-    if size != len {
+        ctx.run(
+            &mut f,
+            first,
+            &mut h,
+            recorded,
+            resume.mtime,
+            len,
+            &attributes,
+        )
+        .await?
+    } else {
+        upload_multipart(tier, key, &mut f, first, part, &mut h, shown, attributes).await?
+    };
+    if up.digest.size != len {
         return Err(CopyError::SourceChanged(shown.to_string()));
     }
-    Ok(Digest {
-        size,
-        checksum: h.finish(),
+    up.digest.checksum = h.finish();
+    Ok(up)
+}
+
+/// A multipart upload through object_store's own (non-resumable) writer: local stores.
+#[allow(clippy::too_many_arguments)]
+async fn upload_multipart(
+    tier: &Tier,
+    key: &ObjectPath,
+    f: &mut tokio::fs::File,
+    first: Vec<u8>,
+    part: u64,
+    h: &mut crate::checksum::Hasher,
+    shown: &str,
+    attributes: Attributes,
+) -> Result<Uploaded, CopyError> {
+    let mut size = first.len() as u64;
+    let opts = PutMultipartOptions {
+        attributes,
+        ..Default::default()
+    };
+    let mut up = tier.store.put_multipart_opts(key, opts).await?;
+    let mut parts = 0u64;
+    let result: Result<(), CopyError> = async {
+        // Spawned, so parts upload while the next one is read.
+        let mut in_flight = tokio::task::JoinSet::new();
+        let mut next = first;
+        while !next.is_empty() {
+            parts += 1;
+            if parts > MAX_PARTS {
+                // Only a file that grew past its size at open can get here.
+                return Err(CopyError::SourceChanged(shown.to_string()));
+            }
+            while in_flight.len() >= PARTS_IN_FLIGHT {
+                join_part(in_flight.join_next().await)?;
+            }
+            in_flight.spawn(up.put_part(next.into()));
+            next = read_part(f, part, h, shown).await?;
+            size += next.len() as u64;
+        }
+        while let Some(r) = in_flight.join_next().await {
+            join_part(Some(r))?;
+        }
+        up.complete().await?;
+        Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        // Parts already stored are billed until aborted; a failed abort is left to
+        // the bucket's lifecycle rule (docs/storage.md).
+        if let Err(a) = up.abort().await {
+            tracing::warn!(key = %key, error = %a, "could not abort the failed multipart upload");
+        }
+        return Err(e);
+    }
+    Ok(Uploaded {
+        digest: Digest {
+            size,
+            checksum: String::new(),
+        },
+        store_checksum: None,
+        md5: None,
+        parts_sent: parts,
+        parts_reused: 0,
     })
 }
+
+/// SHA-256 of `b`, base64, as S3 writes a ChecksumSHA256.
+fn base64_sha256(b: &[u8]) -> String {
+    use base64::Engine;
+    use sha2::Digest as _;
+    base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(b))
+}
+
+/// Aborts a recorded upload and forgets it (a failure is left to the abandoned-upload
+/// sweep and the bucket's lifecycle rule).
+pub async fn abort_recorded(
+    mp: &dyn MultipartStore,
+    records: &Records,
+    key: &ObjectPath,
+    upload_id: &str,
+) -> bool {
+    match mp.abort_multipart(key, &upload_id.to_string()).await {
+        Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+        Err(e) => {
+            tracing::warn!(key = %key, error = %e, "could not abort a multipart upload");
+            return false;
+        }
+    }
+    if let Err(e) = records.forget_upload(key.as_ref(), upload_id).await {
+        tracing::warn!(key = %key, error = %e, "could not forget an aborted multipart upload");
+        return false;
+    }
+    true
+}
+
+/// A resumable S3 multipart upload of one file.
+struct Multipart<'a> {
+    s3: &'a crate::s3::S3Native,
+    mp: Arc<dyn MultipartStore>,
+    records: &'a Records,
+    key: &'a ObjectPath,
+    shown: &'a str,
+    part: u64,
+}
+
+impl Multipart<'_> {
+    /// Parts of a recorded upload the store still holds, by number: the SHA-256 (base64)
+    /// and ETag of each. None: the store no longer has the upload.
+    async fn stored_parts(
+        &self,
+        upload_id: &str,
+    ) -> Result<Option<HashMap<u64, (String, String)>>, CopyError> {
+        let Some(listed) = self.s3.list_parts(self.key, upload_id).await? else {
+            return Ok(None);
+        };
+        let recorded: HashMap<u64, PartRecord> = self
+            .records
+            .parts_of(upload_id)
+            .await?
+            .into_iter()
+            .map(|p| (p.number, p))
+            .collect();
+        let mut known = HashMap::new();
+        for l in listed {
+            // The store's own checksum of the part where it lists one; else ours, if the
+            // part it holds is the one we recorded (same ETag and size).
+            let sha = match (&l.checksum_sha256, recorded.get(&l.number)) {
+                (Some(c), _) => Some(c.clone()),
+                (None, Some(r)) if r.etag == l.etag && r.size == l.size => Some(r.sha256.clone()),
+                _ => None,
+            };
+            if let Some(sha) = sha {
+                known.insert(l.number, (sha, l.etag));
+            }
+        }
+        Ok(Some(known))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn run(
+        &self,
+        f: &mut tokio::fs::File,
+        first: Vec<u8>,
+        h: &mut crate::checksum::Hasher,
+        recorded: Option<UploadRecord>,
+        mtime: &str,
+        len: u64,
+        attributes: &Attributes,
+    ) -> Result<Uploaded, CopyError> {
+        let key = self.key;
+        let mut resumed = None;
+        if let Some(u) = recorded {
+            match self.stored_parts(&u.upload_id).await? {
+                Some(known) => resumed = Some((u.upload_id, known)),
+                None => {
+                    // Completed, aborted or lost by the store: start over.
+                    tracing::info!(key = %key, "the recorded multipart upload is gone from the store; starting over");
+                    self.records
+                        .forget_upload(key.as_ref(), &u.upload_id)
+                        .await?;
+                }
+            }
+        }
+        let (upload_id, known) = match resumed {
+            Some((id, known)) => {
+                tracing::info!(key = %key, parts = known.len(), "resuming a multipart upload");
+                (id, known)
+            }
+            None => {
+                let metadata: Vec<(String, String)> = attributes
+                    .iter()
+                    .filter_map(|(k, v)| match k {
+                        Attribute::Metadata(m) => Some((m.to_string(), v.to_string())),
+                        _ => None,
+                    })
+                    .collect();
+                let id = self.s3.create_multipart(key, &metadata).await?;
+                let started = self
+                    .records
+                    .start_upload(&UploadRecord {
+                        object_key: key.to_string(),
+                        upload_id: id.clone(),
+                        source_size: len,
+                        source_mtime: mtime.to_string(),
+                        part_size: self.part,
+                    })
+                    .await;
+                if let Err(e) = started {
+                    // Unrecorded, it could never be resumed nor swept: abort it now.
+                    if let Err(a) = self.mp.abort_multipart(key, &id).await {
+                        tracing::warn!(key = %key, error = %a, "could not abort an unrecorded multipart upload");
+                    }
+                    return Err(e.into());
+                }
+                (id, HashMap::new())
+            }
+        };
+        let result = self.parts(f, first, h, &upload_id, &known).await;
+        if let Err(e @ CopyError::SourceChanged(_)) = &result {
+            // These parts can never be completed into the file: give the upload up.
+            tracing::warn!(key = %key, error = %e, "giving up the multipart upload");
+            abort_recorded(self.mp.as_ref(), self.records, key, &upload_id).await;
+        }
+        // Any other failure keeps the upload (and its parts) for the retry to resume.
+        result
+    }
+
+    async fn parts(
+        &self,
+        f: &mut tokio::fs::File,
+        first: Vec<u8>,
+        h: &mut crate::checksum::Hasher,
+        upload_id: &str,
+        known: &HashMap<u64, (String, String)>,
+    ) -> Result<Uploaded, CopyError> {
+        let mut size = first.len() as u64;
+        let mut ids: Vec<Option<PartId>> = Vec::new();
+        let mut part_sums: Vec<u8> = Vec::new();
+        let mut sent = 0u64;
+        let mut reused = 0u64;
+        // Spawned, so parts upload while the next one is read.
+        let mut in_flight = tokio::task::JoinSet::new();
+        let mut next = first;
+        while !next.is_empty() {
+            let idx = ids.len();
+            let number = idx as u64 + 1;
+            if number > MAX_PARTS {
+                // Only a file that grew past its size at open can get here.
+                return Err(CopyError::SourceChanged(self.shown.to_string()));
+            }
+            let raw = {
+                use sha2::Digest as _;
+                sha2::Sha256::digest(&next)
+            };
+            part_sums.extend_from_slice(&raw);
+            let sha = {
+                use base64::Engine;
+                base64::engine::general_purpose::STANDARD.encode(raw)
+            };
+            match known.get(&number) {
+                // The store holds exactly these bytes as this part: not sent again.
+                Some((stored, etag)) if stored == &sha => {
+                    ids.push(Some(crate::s3::part_id(etag, &sha)));
+                    reused += 1;
+                }
+                _ => {
+                    ids.push(None);
+                    while in_flight.len() >= PARTS_IN_FLIGHT {
+                        self.store_part(&mut ids, in_flight.join_next().await, upload_id)
+                            .await?;
+                    }
+                    let mp = self.mp.clone();
+                    let key = self.key.clone();
+                    let id = upload_id.to_string();
+                    let part_size = next.len() as u64;
+                    in_flight.spawn(async move {
+                        let r = mp.put_part(&key, &id, idx, next.into()).await;
+                        (idx, part_size, sha, r)
+                    });
+                    sent += 1;
+                }
+            }
+            next = read_part(f, self.part, h, self.shown).await?;
+            size += next.len() as u64;
+        }
+        while let Some(r) = in_flight.join_next().await {
+            self.store_part(&mut ids, Some(r), upload_id).await?;
+        }
+        let n = ids.len();
+        let ids: Vec<PartId> = ids.into_iter().flatten().collect();
+        if ids.len() != n {
+            return Err(CopyError::Write(
+                self.shown.to_string(),
+                std::io::Error::other("a part is missing"),
+            ));
+        }
+        self.mp
+            .complete_multipart(self.key, &upload_id.to_string(), ids)
+            .await?;
+        if let Err(e) = self
+            .records
+            .forget_upload(self.key.as_ref(), upload_id)
+            .await
+        {
+            // Harmless: the sweep finds the store has no such upload any more.
+            tracing::warn!(key = %self.key, error = %e, "could not forget a completed upload");
+        }
+        let composite = {
+            use base64::Engine;
+            use sha2::Digest as _;
+            base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(&part_sums))
+        };
+        Ok(Uploaded {
+            digest: Digest {
+                size,
+                checksum: String::new(),
+            },
+            store_checksum: Some(format!("{composite}-{n}")),
+            md5: None,
+            parts_sent: sent,
+            parts_reused: reused,
+        })
+    }
+
+    /// Takes one finished part: records it (so a crash after this point does not send
+    /// it again) and keeps its id for the completion.
+    async fn store_part(
+        &self,
+        ids: &mut [Option<PartId>],
+        joined: Option<Result<PartResult, tokio::task::JoinError>>,
+        upload_id: &str,
+    ) -> Result<(), CopyError> {
+        let Some(joined) = joined else {
+            return Ok(());
+        };
+        let (idx, size, sha, r) =
+            joined.map_err(|e| CopyError::Write("part".into(), std::io::Error::other(e)))?;
+        let id = r?;
+        self.records
+            .record_part(
+                upload_id,
+                &PartRecord {
+                    number: idx as u64 + 1,
+                    etag: crate::s3::part_etag(&id.content_id),
+                    sha256: sha,
+                    size,
+                },
+            )
+            .await?;
+        if let Some(slot) = ids.get_mut(idx) {
+            *slot = Some(id);
+        }
+        Ok(())
+    }
+}
+
+type PartResult = (usize, u64, String, object_store::Result<PartId>);
 
 /// Reads up to `part` bytes, hashing them.
 async fn read_part(
@@ -322,28 +715,115 @@ fn join_part(
     }
 }
 
-/// Reads `key` back and checks it matches `expected`.
-pub async fn verify(
+/// Checks that what `key` holds is what was uploaded. On S3, the store's own
+/// ChecksumSHA256 (computed by S3 from the bytes it received) is compared with the one
+/// computed here from the bytes read, or, for a one-request upload to a store that keeps
+/// no checksum, its ETag with their MD5; only when neither settles it is the object
+/// read back. Local stores are read back (from the file directly). Returns what the
+/// store said about the object, to be recorded with it.
+pub async fn verify_upload(
     tier: &Tier,
     key: &ObjectPath,
     alg: Algorithm,
+    up: &Uploaded,
+) -> Result<StoreFacts, CopyError> {
+    let expected = &up.digest;
+    let mut facts = StoreFacts::default();
+    if let Some(s3) = &tier.s3 {
+        let Some(head) = s3.head(key).await? else {
+            return Err(mismatch(key, alg, None, expected));
+        };
+        facts = StoreFacts {
+            etag: head.etag.clone(),
+            version: head.version.clone(),
+            checksum: head.checksum_sha256.clone(),
+        };
+        let etag_md5 = head.etag.as_deref().map(|e| e.trim_matches('"'));
+        let settled = match (&head.checksum_sha256, &up.store_checksum) {
+            (Some(stored), Some(sent)) => Some(same_checksum(stored, sent)),
+            (None, _) => match (etag_md5, &up.md5) {
+                (Some(e), Some(m)) if e.len() == 32 => Some(e.eq_ignore_ascii_case(m)),
+                _ => None,
+            },
+            _ => None,
+        };
+        if settled == Some(true) && head.size == expected.size {
+            return Ok(facts);
+        }
+        // Disagreement or no evidence: the bytes themselves decide (a store computing
+        // its checksum some other way must not fail a good copy).
+    }
+    let stored = hash_object(tier, key, alg).await?;
+    if stored.as_ref() != Some(expected) {
+        return Err(mismatch(key, alg, stored, expected));
+    }
+    Ok(facts)
+}
+
+/// Whether the recorded object `obj` is still what `key` holds. On S3 one HEAD settles
+/// it when the store reports the same size and the ChecksumSHA256 recorded at
+/// verification (or, where it keeps no checksum, the same ETag and version): the object
+/// is then not downloaded. Anything else is read back and hashed, so a damaged or
+/// replaced object is never trusted.
+pub async fn confirm_recorded(
+    tier: &Tier,
+    obj: &crate::records::StoredObject,
+    alg: Algorithm,
+) -> Result<bool, CopyError> {
+    let key = crate::store::object_path(&obj.object_key);
+    if let Some(s3) = &tier.s3 {
+        let Some(head) = s3.head(&key).await? else {
+            return Ok(false);
+        };
+        let r = &obj.store;
+        let same = head.size == obj.size
+            && r.version
+                .as_ref()
+                .is_none_or(|v| head.version.as_ref() == Some(v))
+            && match (&r.checksum, &head.checksum_sha256) {
+                (Some(a), Some(b)) => same_checksum(a, b),
+                (None, None) => r.etag.is_some() && r.etag == head.etag,
+                _ => false,
+            };
+        if same {
+            return Ok(true);
+        }
+    }
+    let expected = Digest {
+        size: obj.size,
+        checksum: obj.checksum.clone(),
+    };
+    Ok(hash_object(tier, &key, alg).await?.as_ref() == Some(&expected))
+}
+
+/// Whether two ChecksumSHA256 values name the same digest: the part count S3 appends to
+/// a multipart object's (`<base64>-<parts>`) is not sent by every store (moto omits it).
+fn same_checksum(a: &str, b: &str) -> bool {
+    let digest = |s: &str| match s.rsplit_once('-') {
+        Some((d, n)) if !n.is_empty() && n.bytes().all(|c| c.is_ascii_digit()) => d.to_string(),
+        _ => s.to_string(),
+    };
+    digest(a) == digest(b)
+}
+
+fn mismatch(
+    key: &ObjectPath,
+    alg: Algorithm,
+    stored: Option<Digest>,
     expected: &Digest,
-) -> Result<(), CopyError> {
-    let stored = hash_object(tier, key, alg).await?.unwrap_or(Digest {
+) -> CopyError {
+    let stored = stored.unwrap_or(Digest {
         size: 0,
         checksum: "missing".into(),
     });
-    if &stored != expected {
-        return Err(CopyError::Mismatch {
-            key: key.to_string(),
-            alg: alg.name(),
-            stored: stored.checksum,
-            stored_size: stored.size,
-            expected: expected.checksum.clone(),
-            expected_size: expected.size,
-        });
+    CopyError::Mismatch {
+        key: key.to_string(),
+        alg: alg.name(),
+        stored: stored.checksum,
+        stored_size: stored.size,
+        expected: expected.checksum.clone(),
+        expected_size: expected.size,
     }
-    Ok(())
 }
 
 /// Deletes an object this attempt wrote and that failed verification.

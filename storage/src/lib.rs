@@ -1,5 +1,6 @@
 //! Shared storage-tier code: resolving online paths, opening object stores, streaming
-//! copies with checksums, read-back verification and the tier's database records.
+//! copies with checksums (resumable S3 multipart uploads), verification (the store's own
+//! checksum on S3, read-back elsewhere) and the tier's database records.
 //! `online-archive` and `online-nearline` are thin services over [`tier::TierCopier`].
 
 pub mod checksum;
@@ -7,6 +8,7 @@ pub mod copy;
 pub mod message;
 pub mod paths;
 pub mod records;
+pub mod s3;
 pub mod service;
 pub mod store;
 #[cfg(feature = "testing")]

@@ -22,6 +22,47 @@ pub struct StoredObject {
     pub size: u64,
     /// Verified digest.
     pub checksum: String,
+    /// What the store said about it when it was verified.
+    pub store: StoreFacts,
+}
+
+/// What an S3 store reported for a verified object (all None for a local store).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreFacts {
+    /// ETag.
+    pub etag: Option<String>,
+    /// Version id (versioned buckets).
+    pub version: Option<String>,
+    /// The store's `ChecksumSHA256` (`<base64>` or `<base64>-<parts>`).
+    pub checksum: Option<String>,
+}
+
+/// A multipart upload under way, as recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadRecord {
+    /// Object key.
+    pub object_key: String,
+    /// The store's upload id.
+    pub upload_id: String,
+    /// Source size when the upload started.
+    pub source_size: u64,
+    /// Source mtime when the upload started.
+    pub source_mtime: String,
+    /// Part size used.
+    pub part_size: u64,
+}
+
+/// One stored part of a recorded upload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartRecord {
+    /// 1-based part number.
+    pub number: u64,
+    /// ETag the store returned for it.
+    pub etag: String,
+    /// SHA-256 of its bytes, base64 (as S3 writes ChecksumSHA256).
+    pub sha256: String,
+    /// Bytes.
+    pub size: u64,
 }
 
 /// Now, RFC 3339 UTC with milliseconds (the format of every recorded time).
@@ -50,7 +91,8 @@ impl Records {
         mtime: &str,
     ) -> Result<Vec<StoredObject>, db::sqlx::Error> {
         let rows = db::sqlx::query(
-            "SELECT o.object_key, o.size, o.checksum FROM copied_files f \
+            "SELECT o.object_key, o.size, o.checksum, o.store_etag, o.store_version, \
+             o.store_checksum FROM copied_files f \
              JOIN stored_objects o ON o.object_key = f.object_key \
              WHERE f.original_path = $1 AND f.size = $2 AND f.mtime = $3",
         )
@@ -69,7 +111,8 @@ impl Records {
         size: u64,
     ) -> Result<Vec<StoredObject>, db::sqlx::Error> {
         let rows = db::sqlx::query(
-            "SELECT object_key, size, checksum FROM stored_objects WHERE checksum = $1 AND size = $2",
+            "SELECT object_key, size, checksum, store_etag, store_version, store_checksum \
+             FROM stored_objects WHERE checksum = $1 AND size = $2",
         )
         .bind(checksum)
         .bind(size as i64)
@@ -89,16 +132,22 @@ impl Records {
     ) -> Result<(), db::sqlx::Error> {
         let mut tx = self.pool.begin().await?;
         db::sqlx::query(
-            "INSERT INTO stored_objects (object_key, size, algorithm, checksum, stored_at) \
-             VALUES ($1, $2, $3, $4, $5) \
+            "INSERT INTO stored_objects (object_key, size, algorithm, checksum, stored_at, \
+             store_etag, store_version, store_checksum) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
              ON CONFLICT (object_key) DO UPDATE SET size = excluded.size, \
-             algorithm = excluded.algorithm, checksum = excluded.checksum",
+             algorithm = excluded.algorithm, checksum = excluded.checksum, \
+             store_etag = excluded.store_etag, store_version = excluded.store_version, \
+             store_checksum = excluded.store_checksum",
         )
         .bind(&object.object_key)
         .bind(object.size as i64)
         .bind(algorithm)
         .bind(&object.checksum)
         .bind(now())
+        .bind(object.store.etag.as_deref())
+        .bind(object.store.version.as_deref())
+        .bind(object.store.checksum.as_deref())
         .execute(&mut *tx)
         .await?;
         db::sqlx::query(
@@ -195,10 +244,126 @@ impl Records {
             .map(|_| ())
     }
 
+    /// The multipart upload recorded for `key`, if any.
+    pub async fn upload_for(&self, key: &str) -> Result<Option<UploadRecord>, db::sqlx::Error> {
+        let row = db::sqlx::query(
+            "SELECT object_key, upload_id, source_size, source_mtime, part_size \
+             FROM multipart_uploads WHERE object_key = $1",
+        )
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(upload_record).transpose()
+    }
+
+    /// Records a multipart upload just created for `record.object_key` (replacing any
+    /// earlier record of that key, whose upload the caller has dealt with).
+    pub async fn start_upload(&self, record: &UploadRecord) -> Result<(), db::sqlx::Error> {
+        let now = chrono::Utc::now().timestamp_millis();
+        db::sqlx::query(
+            "INSERT INTO multipart_uploads (object_key, upload_id, source_size, source_mtime, \
+             part_size, started_at, touched_at) VALUES ($1, $2, $3, $4, $5, $6, $6) \
+             ON CONFLICT (object_key) DO UPDATE SET upload_id = excluded.upload_id, \
+             source_size = excluded.source_size, source_mtime = excluded.source_mtime, \
+             part_size = excluded.part_size, started_at = excluded.started_at, \
+             touched_at = excluded.touched_at",
+        )
+        .bind(&record.object_key)
+        .bind(&record.upload_id)
+        .bind(record.source_size as i64)
+        .bind(&record.source_mtime)
+        .bind(record.part_size as i64)
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map(|_| ())
+    }
+
+    /// Records a stored part and marks its upload as alive.
+    pub async fn record_part(
+        &self,
+        upload_id: &str,
+        part: &PartRecord,
+    ) -> Result<(), db::sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        db::sqlx::query(
+            "INSERT INTO multipart_parts (upload_id, part_number, etag, sha256, size) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (upload_id, part_number) DO UPDATE \
+             SET etag = excluded.etag, sha256 = excluded.sha256, size = excluded.size",
+        )
+        .bind(upload_id)
+        .bind(part.number as i64)
+        .bind(&part.etag)
+        .bind(&part.sha256)
+        .bind(part.size as i64)
+        .execute(&mut *tx)
+        .await?;
+        db::sqlx::query("UPDATE multipart_uploads SET touched_at = $1 WHERE upload_id = $2")
+            .bind(chrono::Utc::now().timestamp_millis())
+            .bind(upload_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await
+    }
+
+    /// The parts recorded for an upload.
+    pub async fn parts_of(&self, upload_id: &str) -> Result<Vec<PartRecord>, db::sqlx::Error> {
+        let rows = db::sqlx::query(
+            "SELECT part_number, etag, sha256, size FROM multipart_parts WHERE upload_id = $1 \
+             ORDER BY part_number",
+        )
+        .bind(upload_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(PartRecord {
+                    number: r.try_get::<i64, _>("part_number")?.max(0) as u64,
+                    etag: r.try_get("etag")?,
+                    sha256: r.try_get("sha256")?,
+                    size: r.try_get::<i64, _>("size")?.max(0) as u64,
+                })
+            })
+            .collect()
+    }
+
+    /// Forgets a completed or aborted upload and its parts.
+    pub async fn forget_upload(&self, key: &str, upload_id: &str) -> Result<(), db::sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        db::sqlx::query("DELETE FROM multipart_parts WHERE upload_id = $1")
+            .bind(upload_id)
+            .execute(&mut *tx)
+            .await?;
+        db::sqlx::query("DELETE FROM multipart_uploads WHERE object_key = $1 AND upload_id = $2")
+            .bind(key)
+            .bind(upload_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await
+    }
+
+    /// Uploads no part was stored for since `older_than` ago.
+    pub async fn uploads_untouched_for(
+        &self,
+        older_than: std::time::Duration,
+    ) -> Result<Vec<UploadRecord>, db::sqlx::Error> {
+        let age = i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX);
+        let before = chrono::Utc::now().timestamp_millis().saturating_sub(age);
+        let rows = db::sqlx::query(
+            "SELECT object_key, upload_id, source_size, source_mtime, part_size \
+             FROM multipart_uploads WHERE touched_at <= $1",
+        )
+        .bind(before)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(upload_record).collect()
+    }
+
     /// Counts rows of a table (tests and diagnostics); `table` must be one of ours.
     pub async fn count(&self, table: &str) -> Result<i64, db::sqlx::Error> {
         let t = match table {
-            "stored_objects" | "copied_files" | "ignored_files" | "failures" => table,
+            "stored_objects" | "copied_files" | "ignored_files" | "failures"
+            | "multipart_uploads" | "multipart_parts" => table,
             _ => return Err(db::sqlx::Error::Protocol(format!("unknown table {table}"))),
         };
         let row = db::sqlx::query(&format!("SELECT COUNT(*) AS n FROM {t}"))
@@ -213,6 +378,21 @@ fn stored_object(r: &db::sqlx::any::AnyRow) -> Result<StoredObject, db::sqlx::Er
         object_key: r.try_get("object_key")?,
         size: r.try_get::<i64, _>("size")?.max(0) as u64,
         checksum: r.try_get("checksum")?,
+        store: StoreFacts {
+            etag: r.try_get("store_etag")?,
+            version: r.try_get("store_version")?,
+            checksum: r.try_get("store_checksum")?,
+        },
+    })
+}
+
+fn upload_record(r: &db::sqlx::any::AnyRow) -> Result<UploadRecord, db::sqlx::Error> {
+    Ok(UploadRecord {
+        object_key: r.try_get("object_key")?,
+        upload_id: r.try_get("upload_id")?,
+        source_size: r.try_get::<i64, _>("source_size")?.max(0) as u64,
+        source_mtime: r.try_get("source_mtime")?,
+        part_size: r.try_get::<i64, _>("part_size")?.max(0) as u64,
     })
 }
 

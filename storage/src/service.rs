@@ -2,6 +2,7 @@
 //! of the success message.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use framework::{BoxError, MessageContext, MessageProcessor, Outcome, async_trait};
 
@@ -21,6 +22,14 @@ pub struct TierSetup {
     pub store_options: StoreOptions,
     /// Database URL (None = SQLite under the data dir).
     pub database_url: Option<db::DatabaseUrl>,
+    /// A recorded multipart upload with no part stored for this long is aborted.
+    pub abort_abandoned_uploads_after: std::time::Duration,
+}
+
+/// Default of `[<service>] abort_abandoned_uploads_after_ms`: a day (a live upload stores
+/// a part every few seconds; one untouched for a day belongs to a copy given up).
+pub fn default_abort_abandoned_uploads_after_ms() -> u64 {
+    24 * 60 * 60 * 1000
 }
 
 /// Builds the success message body from a report and the input.
@@ -28,7 +37,8 @@ pub type SuccessBody = fn(&CopyReport, &AssetSweeperFile) -> serde_json::Value;
 
 /// Processor copying asset-sweeper files into one tier.
 pub struct TierProcessor {
-    copier: TierCopier,
+    copier: std::sync::Arc<TierCopier>,
+    sweeper: Option<tokio::task::JoinHandle<()>>,
     success: SuccessBody,
 }
 
@@ -58,8 +68,26 @@ impl TierProcessor {
         let url = db::DatabaseUrl::resolve(setup.database_url.as_ref(), data_dir, service);
         let records = Records::open(&url).await?;
         tracing::info!(store = %tier.display, database = %db::redact_url(&url), roots = ?roots, "storage tier ready");
+        let copier = std::sync::Arc::new(TierCopier::new(roots, tier, records, policy));
+        let sweeper = copier.tier().multipart.is_some().then(|| {
+            let c = copier.clone();
+            let age = setup.abort_abandoned_uploads_after;
+            tokio::spawn(async move {
+                // A few sweeps per period: an upload is aborted at most a quarter late.
+                let every = (age / 4).clamp(Duration::from_secs(1), Duration::from_secs(3600));
+                loop {
+                    match c.abort_abandoned_uploads(age).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(aborted = n, "abandoned multipart uploads aborted"),
+                        Err(e) => tracing::warn!(error = %e, "could not sweep abandoned multipart uploads"),
+                    }
+                    tokio::time::sleep(every).await;
+                }
+            })
+        });
         Ok(Self {
-            copier: TierCopier::new(roots, tier, records, policy),
+            copier,
+            sweeper,
             success,
         })
     }
@@ -67,6 +95,14 @@ impl TierProcessor {
     /// The copier (tests).
     pub fn copier(&self) -> &TierCopier {
         &self.copier
+    }
+}
+
+impl Drop for TierProcessor {
+    fn drop(&mut self) {
+        if let Some(s) = self.sweeper.take() {
+            s.abort();
+        }
     }
 }
 

@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use framework::Secret;
 use object_store::ObjectStore;
-use object_store::aws::AmazonS3Builder;
+use object_store::aws::{AmazonS3Builder, Checksum};
 use object_store::local::LocalFileSystem;
+use object_store::multipart::MultipartStore;
 use object_store::path::Path as ObjectPath;
 use serde::{Deserialize, Serialize};
 
@@ -91,6 +92,11 @@ pub struct Tier {
     pub local_dir: Option<PathBuf>,
     /// Smallest multipart part in bytes ([`crate::copy::part_size`] grows it with the file).
     pub min_part: u64,
+    /// For an S3 store: its multipart uploads by upload id (kept in the database and
+    /// resumed after a crash instead of starting over).
+    pub multipart: Option<Arc<dyn MultipartStore>>,
+    /// For an S3 store: HEAD with the object's checksum, upload ids, ListParts.
+    pub s3: Option<crate::s3::SharedS3>,
 }
 
 impl std::fmt::Debug for Tier {
@@ -114,6 +120,9 @@ pub enum StoreConfigError {
     /// object_store refused the settings.
     #[error("{0}")]
     Store(#[from] object_store::Error),
+    /// The native S3 client could not be built.
+    #[error("{0}")]
+    S3(#[from] crate::s3::S3Error),
 }
 
 impl Tier {
@@ -170,15 +179,33 @@ pub fn open(url: &str, opts: &StoreOptions) -> Result<Tier, StoreConfigError> {
                 opts.part_size_mib
             )));
         }
-        let store = b.build()?;
+        // Every upload carries its SHA-256 (x-amz-checksum-sha256), which S3 checks on
+        // receipt and keeps as the object's ChecksumSHA256: verification and redeliveries
+        // then compare checksums instead of downloading the object again.
+        b = b.with_checksum_algorithm(Checksum::SHA256);
+        let cfg = |k| b.get_config_value(&k);
+        let native_endpoint = cfg(object_store::aws::AmazonS3ConfigKey::Endpoint);
+        let region =
+            cfg(object_store::aws::AmazonS3ConfigKey::Region).unwrap_or_else(|| "us-east-1".into());
+        let store = Arc::new(b.build()?);
+        let s3 = crate::s3::S3Native::new(
+            native_endpoint.as_deref(),
+            bucket,
+            &region,
+            opts.virtual_hosted_style,
+            store.credentials().clone(),
+            Duration::from_millis(opts.retry_timeout_ms.max(1000)),
+        )?;
         let endpoint = opts.endpoint.as_deref().unwrap_or("aws");
         Ok(Tier {
-            store: Arc::new(store),
+            store: store.clone(),
             prefix: prefix.trim_matches('/').to_string(),
             display: format!("{url} ({endpoint})"),
             supports_metadata: true,
             local_dir: None,
             min_part: opts.part_size_mib * 1024 * 1024,
+            multipart: Some(store),
+            s3: Some(Arc::new(s3)),
         })
     } else {
         let dir = url.strip_prefix("file://").unwrap_or(url);
@@ -206,5 +233,7 @@ pub fn local(dir: &Path) -> Result<Tier, StoreConfigError> {
                 .map_err(|e| StoreConfigError::Dir(dir.display().to_string(), e))?,
         ),
         min_part: default_part_size_mib() * 1024 * 1024,
+        multipart: None,
+        s3: None,
     })
 }

@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures_util::stream::BoxStream;
+use object_store::MultipartId;
+use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path as ObjectPath;
 use object_store::{
     GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
@@ -175,6 +177,10 @@ pub struct Faults {
     pub after_first_part: Mutex<Option<Box<dyn FnOnce() + Send>>>,
     /// Runs once, before the next single-request upload (e.g. stop the S3 server).
     pub before_put: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    /// Parts (0-based index) from this one on fail to upload (resumable S3 uploads).
+    pub fail_parts_from: Mutex<Option<usize>>,
+    /// Parts sent through the resumable S3 path.
+    pub parts_sent: AtomicUsize,
     gate: Mutex<Option<(Arc<Notify>, Arc<Notify>)>>,
 }
 
@@ -223,15 +229,21 @@ fn corrupted(p: PutPayload) -> PutPayload {
 
 /// An object store that passes everything to another one except the [`Faults`] it is
 /// told to inject.
-#[derive(Debug)]
 pub struct FaultyStore {
     inner: Arc<dyn ObjectStore>,
+    inner_mp: Option<Arc<dyn MultipartStore>>,
     faults: Arc<Faults>,
 }
 
 impl std::fmt::Debug for Faults {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Faults")
+    }
+}
+
+impl std::fmt::Debug for FaultyStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FaultyStore({})", self.inner)
     }
 }
 
@@ -245,12 +257,16 @@ impl FaultyStore {
     /// `tier` with its store wrapped; the faults to switch.
     pub fn wrap(tier: &crate::Tier) -> (crate::Tier, Arc<Faults>) {
         let faults = Arc::new(Faults::default());
-        let store = FaultyStore {
+        let store = Arc::new(FaultyStore {
             inner: tier.store.clone(),
+            inner_mp: tier.multipart.clone(),
             faults: faults.clone(),
-        };
+        });
         let mut t = tier.clone();
-        t.store = Arc::new(store);
+        t.store = store.clone();
+        if t.multipart.is_some() {
+            t.multipart = Some(store);
+        }
         (t, faults)
     }
 }
@@ -332,6 +348,67 @@ impl ObjectStore for FaultyStore {
     }
 }
 
+#[async_trait::async_trait]
+impl MultipartStore for FaultyStore {
+    async fn create_multipart(&self, path: &ObjectPath) -> object_store::Result<MultipartId> {
+        self.mp()?.create_multipart(path).await
+    }
+
+    async fn put_part(
+        &self,
+        path: &ObjectPath,
+        id: &MultipartId,
+        part_idx: usize,
+        data: PutPayload,
+    ) -> object_store::Result<PartId> {
+        if lock(&self.faults.fail_parts_from).is_some_and(|from| part_idx >= from) {
+            return Err(injected("part"));
+        }
+        let data = if part_idx == 0 && self.faults.corrupting() {
+            corrupted(data)
+        } else {
+            data
+        };
+        let r = self.mp()?.put_part(path, id, part_idx, data).await?;
+        self.faults.parts_sent.fetch_add(1, Ordering::SeqCst);
+        if part_idx == 0
+            && let Some(f) = lock(&self.faults.after_first_part).take()
+        {
+            f();
+        }
+        Ok(r)
+    }
+
+    async fn complete_multipart(
+        &self,
+        path: &ObjectPath,
+        id: &MultipartId,
+        parts: Vec<PartId>,
+    ) -> object_store::Result<PutResult> {
+        if self.faults.fail_complete.load(Ordering::SeqCst) {
+            return Err(injected("complete"));
+        }
+        self.mp()?.complete_multipart(path, id, parts).await
+    }
+
+    async fn abort_multipart(
+        &self,
+        path: &ObjectPath,
+        id: &MultipartId,
+    ) -> object_store::Result<()> {
+        self.faults.aborts.fetch_add(1, Ordering::SeqCst);
+        self.mp()?.abort_multipart(path, id).await
+    }
+}
+
+impl FaultyStore {
+    fn mp(&self) -> object_store::Result<&Arc<dyn MultipartStore>> {
+        self.inner_mp
+            .as_ref()
+            .ok_or_else(|| injected("no multipart store"))
+    }
+}
+
 #[derive(Debug)]
 struct FaultyUpload {
     inner: Box<dyn MultipartUpload>,
@@ -372,4 +449,149 @@ impl MultipartUpload for FaultyUpload {
         self.faults.aborts.fetch_add(1, Ordering::SeqCst);
         self.inner.abort().await
     }
+}
+
+/// A TCP proxy in front of an HTTP server (the S3 test server) that logs every request
+/// line (`METHOD target`), so a test can count what a service asked the store: GETs of
+/// an object, UploadPart requests. Stops with the test (dropped).
+pub struct CountingProxy {
+    /// `http://127.0.0.1:PORT`, to use in place of the server's endpoint.
+    pub endpoint: String,
+    log: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CountingProxy {
+    /// Proxies to `upstream` (`http://host:port`).
+    pub async fn start(upstream: &str) -> CountingProxy {
+        let target = upstream
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_string();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the proxy");
+        let endpoint = format!("http://{}", listener.local_addr().expect("proxy address"));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let l = log.clone();
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((client, _)) = listener.accept().await {
+                conns.spawn(proxy_connection(client, target.clone(), l.clone()));
+            }
+        });
+        CountingProxy {
+            endpoint,
+            log,
+            task,
+        }
+    }
+
+    /// Every request so far, as `METHOD target`.
+    pub fn requests(&self) -> Vec<String> {
+        lock(&self.log).clone()
+    }
+
+    /// Forgets the requests so far.
+    pub fn reset(&self) {
+        lock(&self.log).clear();
+    }
+
+    /// Requests with this method whose target (path and query) satisfies `pred`.
+    pub fn count(&self, method: &str, pred: impl Fn(&str) -> bool) -> usize {
+        lock(&self.log)
+            .iter()
+            .filter_map(|r| r.split_once(' '))
+            .filter(|(m, t)| *m == method && pred(t))
+            .count()
+    }
+}
+
+impl Drop for CountingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Forwards one client connection, logging each request it sends (requests are framed
+/// by Content-Length; the responses are passed through untouched).
+async fn proxy_connection(
+    mut client: tokio::net::TcpStream,
+    upstream: String,
+    log: Arc<Mutex<Vec<String>>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+        return;
+    };
+    let (mut sr, mut sw) = server.into_split();
+    let (mut cr, mut cw) = client.split();
+    let back = async {
+        let _ = tokio::io::copy(&mut sr, &mut cw).await;
+        let _ = cw.shutdown().await;
+    };
+    let forth = async {
+        let mut buf: Vec<u8> = Vec::new();
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            // Read one request head.
+            let end = loop {
+                if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break i + 4;
+                }
+                match cr.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            };
+            let head = String::from_utf8_lossy(&buf[..end]).to_string();
+            let mut lines = head.split("\r\n");
+            let first = lines.next().unwrap_or_default();
+            let mut parts = first.split(' ');
+            let method = parts.next().unwrap_or_default();
+            let target = parts.next().unwrap_or_default();
+            lock(&log).push(format!("{method} {target}"));
+            let mut body: u64 = 0;
+            let mut chunked = false;
+            for l in lines {
+                if let Some((k, v)) = l.split_once(':') {
+                    if k.eq_ignore_ascii_case("content-length") {
+                        body = v.trim().parse().unwrap_or(0);
+                    } else if k.eq_ignore_ascii_case("transfer-encoding") {
+                        chunked = true;
+                    }
+                }
+            }
+            if sw.write_all(&buf[..end]).await.is_err() {
+                return;
+            }
+            buf.drain(..end);
+            if chunked {
+                // Not framed here: pass the rest through unlogged.
+                let _ = sw.write_all(&buf).await;
+                let _ = tokio::io::copy(&mut cr, &mut sw).await;
+                return;
+            }
+            // Forward the body.
+            let from_buf = usize::try_from(body).unwrap_or(usize::MAX).min(buf.len());
+            if sw.write_all(&buf[..from_buf]).await.is_err() {
+                return;
+            }
+            buf.drain(..from_buf);
+            let mut left = body - from_buf as u64;
+            while left > 0 {
+                let want = usize::try_from(left).unwrap_or(usize::MAX).min(chunk.len());
+                match cr.read(&mut chunk[..want]).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        if sw.write_all(&chunk[..n]).await.is_err() {
+                            return;
+                        }
+                        left -= n as u64;
+                    }
+                }
+            }
+        }
+    };
+    tokio::join!(back, forth);
 }

@@ -8,6 +8,7 @@ use object_store::{Attribute, Attributes};
 
 use crate::checksum::Algorithm;
 use crate::copy::{self, CopyError, Digest};
+
 use crate::message::AssetSweeperFile;
 use crate::paths::{self, PathError, Root};
 use crate::records::{Records, StoredObject};
@@ -115,6 +116,36 @@ impl TierCopier {
         &self.records
     }
 
+    /// The store (tests and diagnostics).
+    pub fn tier(&self) -> &Tier {
+        &self.tier
+    }
+
+    /// Aborts the recorded multipart uploads no part was stored for in `older_than`
+    /// (their copy was given up: the file was deleted, or its message dead-lettered) and
+    /// forgets them; returns how many. An upload whose key is claimed is left alone: its
+    /// copy is running.
+    pub async fn abort_abandoned_uploads(&self, older_than: Duration) -> Result<usize, TierError> {
+        let Some(mp) = &self.tier.multipart else {
+            return Ok(0);
+        };
+        let mut aborted = 0;
+        for u in self.records.uploads_untouched_for(older_than).await? {
+            let key = crate::store::object_path(&u.object_key);
+            // Claimed like a copy, so a redelivery cannot resume it while it is aborted.
+            let Ok(claim) = Claim::take(&self.records, &key).await else {
+                continue;
+            };
+            let done = copy::abort_recorded(mp.as_ref(), &self.records, &key, &u.upload_id).await;
+            claim.release().await;
+            if done {
+                tracing::warn!(key = %key, upload_id = %u.upload_id, "aborted an abandoned multipart upload");
+                aborted += 1;
+            }
+        }
+        Ok(aborted)
+    }
+
     /// Handles one message; failures are recorded with their attempt number.
     pub async fn handle(
         &self,
@@ -167,16 +198,12 @@ impl TierCopier {
 
         // 1. This very file (same size and mtime) was copied before and the stored object
         //    still reads back with the recorded checksum (a damaged copy is not trusted).
+        //    On S3 the store's checksum settles that without downloading the object.
         for obj in self.records.copies_of(&original, size, &mtime).await? {
-            let key = crate::store::object_path(&obj.object_key);
-            let expected = Digest {
-                size: obj.size,
-                checksum: obj.checksum.clone(),
-            };
-            if copy::hash_object(&self.tier, &key, alg).await?.as_ref() == Some(&expected) {
+            if copy::confirm_recorded(&self.tier, &obj, alg).await? {
                 return Ok(TierOutcome::Copied(report(&obj, false)));
             }
-            tracing::warn!(key = %key, "recorded copy is missing or damaged; copying again");
+            tracing::warn!(key = %obj.object_key, "recorded copy is missing or damaged; copying again");
         }
 
         let natural = self.tier.key(&resolved.relative);
@@ -186,9 +213,9 @@ impl TierCopier {
         if self.policy.reuse_identical {
             let d = copy::hash_open(file, &original, alg).await?;
             for obj in self.records.objects_with(&d.checksum, d.size).await? {
-                let key = crate::store::object_path(&obj.object_key);
-                // Read back: a damaged copy must not be trusted.
-                if copy::hash_object(&self.tier, &key, alg).await?.as_ref() == Some(&d) {
+                // Confirmed by the store's checksum or read back: a damaged copy must not
+                // be trusted.
+                if copy::confirm_recorded(&self.tier, &obj, alg).await? {
                     self.record(&obj, &original, &mtime, msg).await?;
                     return Ok(TierOutcome::Copied(report(&obj, false)));
                 }
@@ -262,10 +289,21 @@ impl TierCopier {
             if existing == d.size
                 && copy::hash_object(&self.tier, key, alg).await?.as_ref() == Some(&d)
             {
+                let facts = match &self.tier.s3 {
+                    Some(s3) => s3.head(key).await.map_err(CopyError::from)?.map(|h| {
+                        crate::records::StoreFacts {
+                            etag: h.etag,
+                            version: h.version,
+                            checksum: h.checksum_sha256,
+                        }
+                    }),
+                    None => None,
+                };
                 let obj = StoredObject {
                     object_key: key.to_string(),
                     size: d.size,
                     checksum: d.checksum.clone(),
+                    store: facts.unwrap_or_default(),
                 };
                 self.record(&obj, original, mtime, msg).await?;
                 return Ok(Claimed::Done(obj, false));
@@ -290,12 +328,20 @@ impl TierCopier {
             );
         }
         let work = async {
-            let written = copy::upload(&self.tier, key, file, original, alg, attrs).await?;
+            let resume = copy::Resume {
+                records: &self.records,
+                mtime,
+            };
+            let up = copy::upload(&self.tier, key, file, original, alg, attrs, resume).await?;
+            if up.parts_reused > 0 {
+                tracing::info!(key = %key, reused = up.parts_reused, sent = up.parts_sent, "resumed an interrupted multipart upload");
+            }
+            let written = up.digest.clone();
             let changed = source.as_ref().is_some_and(|d| d != &written);
             let checked = if changed {
                 Err(CopyError::SourceChanged(original.to_string()))
             } else {
-                copy::verify(&self.tier, key, alg, &written).await
+                copy::verify_upload(&self.tier, key, alg, &up).await
             };
             if let Err(e @ (CopyError::Mismatch { .. } | CopyError::SourceChanged(_))) = checked {
                 // Only this attempt wrote here (the key is claimed): take it away so the
@@ -304,11 +350,12 @@ impl TierCopier {
                 tracing::warn!(key = %key, error = %e, "removed what this attempt stored");
                 return Err(TierError::from(e));
             }
-            checked?;
+            let facts = checked?;
             let obj = StoredObject {
                 object_key: key.to_string(),
                 size: written.size,
                 checksum: written.checksum,
+                store: facts,
             };
             self.record(&obj, original, mtime, msg).await?;
             Ok(Claimed::Done(obj, true))

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use storage::paths::open_roots;
-use storage::testing::{FaultyStore, MotoServer, sweeper_message};
+use storage::testing::{CountingProxy, FaultyStore, MotoServer, sweeper_message};
 use storage::tier::{TierCopier, TierError, TierOutcome, TierPolicy};
 use storage::{Algorithm, AssetSweeperFile, Records, Tier};
 
@@ -230,9 +230,12 @@ async fn multipart_through_s3_survives_an_outage_mid_upload() {
     *faults.after_first_part.lock().expect("hook") = Some(stopper());
     let e = transient(c.handle(&msg, 1).await);
     assert!(e.contains("object store"), "{e}");
-    assert_eq!(faults.aborts.load(Ordering::SeqCst), 1, "abort attempted");
+    // Kept (not aborted) for the retry to resume.
+    assert_eq!(faults.aborts.load(Ordering::SeqCst), 0);
+    assert_eq!(c.records().count("multipart_uploads").await.unwrap(), 1);
 
-    // Back up (moto keeps nothing; the bucket is re-created): the retries store both whole.
+    // Back up (moto keeps nothing; the bucket is re-created): the retries store both whole,
+    // the multipart one started over since the store no longer lists its upload.
     moto.lock().await.restart(bucket).await;
     assert_eq!(copied(c.handle(&small, 2).await).key, "pre/big/small.mov");
     let r = copied(c.handle(&msg, 2).await);
@@ -243,4 +246,221 @@ async fn multipart_through_s3_survives_an_outage_mid_upload() {
         .expect("stored");
     assert_eq!(got.size, body.len() as u64);
     assert_eq!(got.checksum, sha256(&body));
+    assert_eq!(c.records().count("multipart_uploads").await.unwrap(), 0);
+}
+
+/// An S3 tier through a request-counting proxy in front of moto (parts of 5 MiB).
+async fn s3_tier(bucket: &str) -> (MotoServer, CountingProxy, Tier) {
+    let moto = MotoServer::start(bucket).await;
+    let proxy = CountingProxy::start(&moto.endpoint).await;
+    let mut opts = moto.store_options();
+    opts.endpoint = Some(proxy.endpoint.clone());
+    opts.part_size_mib = 5;
+    let tier = storage::store::open(&format!("s3://{bucket}/pre"), &opts).expect("tier");
+    (moto, proxy, tier)
+}
+
+/// GetObject requests (a download, not ListParts) of `key` in `bucket`.
+fn downloads(proxy: &CountingProxy, bucket: &str, key: &str) -> usize {
+    let path = format!("/{bucket}/{key}");
+    proxy.count("GET", |t| {
+        t.split('?').next() == Some(path.as_str()) && !t.contains("uploadId")
+    })
+}
+
+#[tokio::test]
+async fn s3_objects_are_verified_and_redeliveries_confirmed_by_the_stores_checksum() {
+    let bucket = "tier-checksums";
+    let (moto, proxy, tier) = s3_tier(bucket).await;
+    let base = tempfile::tempdir().expect("temp");
+    let c = copier(
+        base.path(),
+        "online",
+        tier.clone(),
+        records(base.path()).await,
+    );
+    let mut rows = Vec::new();
+    for (name, body) in [
+        ("small.bin", content(100 * 1024, 5)),
+        ("multi.bin", content(11 * MIB + 3, 6)),
+    ] {
+        let key = format!("pre/c/{name}");
+        let msg = put(base.path(), "online", &format!("c/{name}"), &body);
+        proxy.reset();
+        let r = copied(c.handle(&msg, 1).await);
+        assert!(r.uploaded);
+        assert_eq!(r.checksum, sha256(&body));
+        let verify_gets = downloads(&proxy, bucket, &key);
+        assert_eq!(
+            verify_gets,
+            0,
+            "verified without downloading {key}: {:?}",
+            proxy.requests()
+        );
+
+        // A redelivery: one HEAD, no download.
+        proxy.reset();
+        let again = copied(c.handle(&msg, 2).await);
+        assert!(!again.uploaded);
+        assert_eq!(again.key, key);
+        let redelivery_gets = downloads(&proxy, bucket, &key);
+        assert_eq!(redelivery_gets, 0, "{:?}", proxy.requests());
+
+        // Other bytes of the same size written under the key behind the service's back
+        // (no checksum, as a plain client writes): detected, and never overwritten.
+        let mut other = body.clone();
+        other[body.len() / 2] ^= 0x55;
+        let plain = object_store::aws::AmazonS3Builder::new()
+            .with_endpoint(&moto.endpoint)
+            .with_bucket_name(bucket)
+            .with_region("us-east-1")
+            .with_allow_http(true)
+            .with_access_key_id("test")
+            .with_secret_access_key("test")
+            .build()
+            .expect("a plain client");
+        object_store::ObjectStore::put(
+            &plain,
+            &storage::store::object_path(&key),
+            other.clone().into(),
+        )
+        .await
+        .expect("replace the object");
+        proxy.reset();
+        let beside = copied(c.handle(&msg, 3).await);
+        assert_eq!(beside.key, format!("{key}.{}", &sha256(&body)[..16]));
+        assert!(beside.uploaded);
+        let replaced_gets = downloads(&proxy, bucket, &key);
+        assert!(replaced_gets >= 1, "the replaced object was read back");
+        let stored = storage::copy::hash_object(
+            &tier,
+            &storage::store::object_path(&beside.key),
+            Algorithm::Sha256,
+        )
+        .await
+        .expect("read")
+        .expect("stored");
+        assert_eq!(stored.checksum, sha256(&body));
+        let kept = storage::copy::hash_object(
+            &tier,
+            &storage::store::object_path(&key),
+            Algorithm::Sha256,
+        )
+        .await
+        .expect("read")
+        .expect("stored");
+        assert_eq!(
+            kept.checksum,
+            sha256(&other),
+            "the other object is untouched"
+        );
+        rows.push(format!(
+            "| {name} ({} bytes) | {verify_gets} | {redelivery_gets} | {replaced_gets} |",
+            body.len()
+        ));
+    }
+    // The store's checksum of the multipart object as recorded (S3 writes `<b64>-3`,
+    // moto the `<b64>` alone).
+    let row = db::sqlx::query(
+        "SELECT store_checksum FROM stored_objects WHERE object_key = 'pre/c/multi.bin'",
+    )
+    .fetch_one(c.records().pool())
+    .await
+    .expect("record");
+    let sum: Option<String> = db::Row::try_get(&row, "store_checksum").expect("column");
+    assert!(sum.is_some(), "the store's checksum is recorded");
+    println!("multi.bin ChecksumSHA256 as moto reports it: {sum:?}");
+    println!(
+        "| object | GETs verifying the upload | GETs on redelivery | GETs after a replacement |"
+    );
+    for r in rows {
+        println!("{r}");
+    }
+}
+
+#[tokio::test]
+async fn an_interrupted_s3_multipart_upload_resumes_from_its_stored_parts() {
+    let bucket = "tier-resume";
+    let (_moto, proxy, tier) = s3_tier(bucket).await;
+    let (faulty, faults) = FaultyStore::wrap(&tier);
+    let base = tempfile::tempdir().expect("temp");
+    let c = copier(base.path(), "online", faulty, records(base.path()).await);
+    let body = content(5 * 5 * MIB - 1000, 7); // 5 parts
+    let msg = put(base.path(), "online", "r/take.mov", &body);
+
+    // The store fails from the third part on: the upload stays recorded with its parts.
+    *faults.fail_parts_from.lock().expect("faults") = Some(2);
+    let e = transient(c.handle(&msg, 1).await);
+    assert!(e.contains("injected fault"), "{e}");
+    assert_eq!(faults.aborts.load(Ordering::SeqCst), 0, "kept for resuming");
+    let recorded = c.records().count("multipart_parts").await.unwrap() as usize;
+    assert!((1..=2).contains(&recorded), "{recorded}");
+
+    // The retry sends only what the store does not hold.
+    *faults.fail_parts_from.lock().expect("faults") = None;
+    faults.parts_sent.store(0, Ordering::SeqCst);
+    proxy.reset();
+    let r = copied(c.handle(&msg, 2).await);
+    assert_eq!(r.checksum, sha256(&body));
+    let sent = faults.parts_sent.load(Ordering::SeqCst);
+    assert_eq!(sent, 5 - recorded, "only the missing parts were sent");
+    assert_eq!(proxy.count("PUT", |t| t.contains("partNumber=")), sent);
+    assert_eq!(c.records().count("multipart_uploads").await.unwrap(), 0);
+    assert_eq!(c.records().count("multipart_parts").await.unwrap(), 0);
+    let got = storage::copy::hash_object(&tier, &tier.key("r/take.mov"), Algorithm::Sha256)
+        .await
+        .expect("read back")
+        .expect("stored");
+    assert_eq!(got.checksum, sha256(&body));
+    println!(
+        "| resumed 5-part upload | parts stored before the failure: {recorded} | parts sent on resume: {sent} |"
+    );
+}
+
+#[tokio::test]
+async fn abandoned_s3_multipart_uploads_are_aborted_after_their_age() {
+    let bucket = "tier-abandoned";
+    let (_moto, _proxy, tier) = s3_tier(bucket).await;
+    let (faulty, faults) = FaultyStore::wrap(&tier);
+    let base = tempfile::tempdir().expect("temp");
+    let c = copier(base.path(), "online", faulty, records(base.path()).await);
+    let msg = put(base.path(), "online", "a/gone.mov", &content(11 * MIB, 8));
+    *faults.fail_parts_from.lock().expect("faults") = Some(1);
+    transient(c.handle(&msg, 1).await);
+    let u = c
+        .records()
+        .upload_for("pre/a/gone.mov")
+        .await
+        .expect("query")
+        .expect("recorded");
+    let s3 = tier.s3.as_ref().expect("s3");
+    let key = tier.key("a/gone.mov");
+    assert!(
+        s3.list_parts(&key, &u.upload_id)
+            .await
+            .expect("list")
+            .is_some()
+    );
+
+    // Younger than the age: kept.
+    let hour = std::time::Duration::from_secs(3600);
+    assert_eq!(c.abort_abandoned_uploads(hour).await.expect("sweep"), 0);
+    assert_eq!(c.records().count("multipart_uploads").await.unwrap(), 1);
+    // Older: aborted in the store and forgotten.
+    assert_eq!(
+        c.abort_abandoned_uploads(std::time::Duration::ZERO)
+            .await
+            .expect("sweep"),
+        1
+    );
+    assert_eq!(faults.aborts.load(Ordering::SeqCst), 1);
+    assert_eq!(c.records().count("multipart_uploads").await.unwrap(), 0);
+    assert_eq!(c.records().count("multipart_parts").await.unwrap(), 0);
+    assert!(
+        s3.list_parts(&key, &u.upload_id)
+            .await
+            .expect("list")
+            .is_none(),
+        "gone from the store"
+    );
 }

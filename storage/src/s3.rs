@@ -1,0 +1,340 @@
+//! The few S3 requests object_store does not make for us, signed with its own SigV4
+//! signer and credentials: HEAD with `x-amz-checksum-mode: ENABLED` (the object's
+//! `ChecksumSHA256`, so a stored object can be confirmed without downloading it),
+//! CreateMultipartUpload returning its upload id (so it can be kept and resumed) and
+//! ListParts (what an interrupted upload really stored).
+
+use std::sync::Arc;
+
+use object_store::aws::{AwsAuthorizer, AwsCredentialProvider};
+use object_store::client::HttpRequestBody;
+use object_store::path::Path as ObjectPath;
+
+/// Characters kept as they are in a key on the wire (as object_store encodes keys).
+const KEY_ENCODE: percent_encoding::AsciiSet = percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~')
+    .remove(b'/');
+
+/// A failed native request.
+#[derive(Debug, thiserror::Error)]
+pub enum S3Error {
+    /// Credentials could not be obtained.
+    #[error("S3 credentials: {0}")]
+    Credentials(#[from] object_store::Error),
+    /// The request could not be built.
+    #[error("S3 request: {0}")]
+    Request(String),
+    /// Connecting or reading the response failed.
+    #[error("S3 {0}: {1}")]
+    Http(&'static str, reqwest::Error),
+    /// The store answered with an error status.
+    #[error("S3 {0} answered {1}: {2}")]
+    Status(&'static str, u16, String),
+    /// The response was not what S3 sends.
+    #[error("S3 {0}: unexpected response: {1}")]
+    Response(&'static str, String),
+}
+
+/// What a HEAD says about a stored object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreHead {
+    /// Bytes.
+    pub size: u64,
+    /// ETag as sent (quotes included).
+    pub etag: Option<String>,
+    /// Version id on a versioned bucket.
+    pub version: Option<String>,
+    /// `ChecksumSHA256`: `<base64>` (single request) or `<base64>-<parts>` (multipart),
+    /// computed by the store from the bytes it received; None where it keeps none.
+    pub checksum_sha256: Option<String>,
+}
+
+/// One part of a multipart upload as the store lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedPart {
+    /// 1-based part number.
+    pub number: u64,
+    /// ETag as sent.
+    pub etag: String,
+    /// Bytes.
+    pub size: u64,
+    /// The part's `ChecksumSHA256` where the store lists it.
+    pub checksum_sha256: Option<String>,
+}
+
+/// Signs and sends the requests above to one bucket.
+#[derive(Debug)]
+pub struct S3Native {
+    client: reqwest::Client,
+    bucket_endpoint: String,
+    region: String,
+    credentials: AwsCredentialProvider,
+}
+
+impl S3Native {
+    /// A client for `bucket` as object_store's builder addresses it.
+    pub fn new(
+        endpoint: Option<&str>,
+        bucket: &str,
+        region: &str,
+        virtual_hosted: bool,
+        credentials: AwsCredentialProvider,
+        timeout: std::time::Duration,
+    ) -> Result<Self, S3Error> {
+        // The same addressing object_store's builder derives (path-style or virtual-hosted).
+        let bucket_endpoint = match (endpoint, virtual_hosted) {
+            (Some(e), true) => e.to_string(),
+            (Some(e), false) => format!("{}/{bucket}", e.trim_end_matches('/')),
+            (None, true) => format!("https://{bucket}.s3.{region}.amazonaws.com"),
+            (None, false) => format!("https://s3.{region}.amazonaws.com/{bucket}"),
+        };
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .build()
+            .map_err(|e| S3Error::Request(e.to_string()))?;
+        Ok(Self {
+            client,
+            bucket_endpoint,
+            region: region.to_string(),
+            credentials,
+        })
+    }
+
+    fn url(&self, key: &ObjectPath, query: &str) -> String {
+        let k = percent_encoding::utf8_percent_encode(key.as_ref(), &KEY_ENCODE);
+        if query.is_empty() {
+            format!("{}/{k}", self.bucket_endpoint)
+        } else {
+            format!("{}/{k}?{query}", self.bucket_endpoint)
+        }
+    }
+
+    async fn send(
+        &self,
+        what: &'static str,
+        method: http::Method,
+        url: &str,
+        headers: &[(String, String)],
+    ) -> Result<reqwest::Response, S3Error> {
+        let mut b = http::Request::builder().method(method).uri(url);
+        for (k, v) in headers {
+            b = b.header(k.as_str(), v.as_str());
+        }
+        let mut req = b
+            .body(HttpRequestBody::empty())
+            .map_err(|e| S3Error::Request(e.to_string()))?;
+        let cred = self.credentials.get_credential().await?;
+        AwsAuthorizer::new(&cred, "s3", &self.region).authorize(&mut req, None);
+        let req = reqwest::Request::try_from(req.map(|_| reqwest::Body::from(Vec::<u8>::new())))
+            .map_err(|e| S3Error::Request(e.to_string()))?;
+        self.client
+            .execute(req)
+            .await
+            .map_err(|e| S3Error::Http(what, e))
+    }
+
+    /// HEAD of `key` with its checksum; None if there is no such object.
+    pub async fn head(&self, key: &ObjectPath) -> Result<Option<StoreHead>, S3Error> {
+        const WHAT: &str = "HeadObject";
+        let r = self
+            .send(
+                WHAT,
+                http::Method::HEAD,
+                &self.url(key, ""),
+                &[("x-amz-checksum-mode".into(), "ENABLED".into())],
+            )
+            .await?;
+        if r.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if !r.status().is_success() {
+            return Err(S3Error::Status(WHAT, r.status().as_u16(), String::new()));
+        }
+        let h = r.headers();
+        let text = |name: &str| {
+            h.get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let size = text("content-length")
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| S3Error::Response(WHAT, "no Content-Length".into()))?;
+        Ok(Some(StoreHead {
+            size,
+            etag: text("etag"),
+            version: text("x-amz-version-id"),
+            checksum_sha256: text("x-amz-checksum-sha256"),
+        }))
+    }
+
+    /// Starts a multipart upload with SHA-256 checksums and the given user metadata;
+    /// returns its upload id.
+    pub async fn create_multipart(
+        &self,
+        key: &ObjectPath,
+        metadata: &[(String, String)],
+    ) -> Result<String, S3Error> {
+        const WHAT: &str = "CreateMultipartUpload";
+        let mut headers = vec![("x-amz-checksum-algorithm".to_string(), "SHA256".to_string())];
+        for (k, v) in metadata {
+            headers.push((format!("x-amz-meta-{k}"), v.clone()));
+        }
+        let r = self
+            .send(
+                WHAT,
+                http::Method::POST,
+                &self.url(key, "uploads="),
+                &headers,
+            )
+            .await?;
+        let status = r.status();
+        let body = r.text().await.map_err(|e| S3Error::Http(WHAT, e))?;
+        if !status.is_success() {
+            return Err(S3Error::Status(WHAT, status.as_u16(), snippet(&body)));
+        }
+        element(&body, "UploadId")
+            .map(unescape)
+            .ok_or_else(|| S3Error::Response(WHAT, snippet(&body)))
+    }
+
+    /// The parts stored for an upload, in order; None if the store no longer has the
+    /// upload (completed, aborted, expired by a lifecycle rule, or a store that lost it).
+    pub async fn list_parts(
+        &self,
+        key: &ObjectPath,
+        upload_id: &str,
+    ) -> Result<Option<Vec<ListedPart>>, S3Error> {
+        const WHAT: &str = "ListParts";
+        let mut parts = Vec::new();
+        let mut marker = 0u64;
+        loop {
+            let id: String = url::form_urlencoded::byte_serialize(upload_id.as_bytes()).collect();
+            let query = if marker == 0 {
+                format!("uploadId={id}")
+            } else {
+                format!("part-number-marker={marker}&uploadId={id}")
+            };
+            let r = self
+                .send(WHAT, http::Method::GET, &self.url(key, &query), &[])
+                .await?;
+            let status = r.status();
+            let body = r.text().await.map_err(|e| S3Error::Http(WHAT, e))?;
+            if status == reqwest::StatusCode::NOT_FOUND {
+                return Ok(None);
+            }
+            if !status.is_success() {
+                return Err(S3Error::Status(WHAT, status.as_u16(), snippet(&body)));
+            }
+            for p in elements(&body, "Part") {
+                let field = |n| element(p, n).map(unescape);
+                let number = field("PartNumber").and_then(|v| v.parse().ok());
+                let size = field("Size").and_then(|v| v.parse().ok());
+                let (Some(number), Some(size), Some(etag)) = (number, size, field("ETag")) else {
+                    return Err(S3Error::Response(WHAT, snippet(p)));
+                };
+                parts.push(ListedPart {
+                    number,
+                    etag,
+                    size,
+                    checksum_sha256: field("ChecksumSHA256"),
+                });
+            }
+            let truncated = element(&body, "IsTruncated").is_some_and(|v| v.trim() == "true");
+            let next = element(&body, "NextPartNumberMarker").and_then(|v| v.trim().parse().ok());
+            match next {
+                Some(n) if truncated && n > marker => marker = n,
+                _ => break,
+            }
+        }
+        parts.sort_by_key(|p| p.number);
+        Ok(Some(parts))
+    }
+}
+
+/// Shared handle.
+pub type SharedS3 = Arc<S3Native>;
+
+/// The text of the first `<name>…</name>` in `xml` (S3's responses are flat enough).
+fn element<'a>(xml: &'a str, name: &str) -> Option<&'a str> {
+    elements(xml, name).next()
+}
+
+/// The texts of every `<name>…</name>` in `xml`.
+fn elements<'a>(xml: &'a str, name: &str) -> impl Iterator<Item = &'a str> {
+    let open = format!("<{name}>");
+    let close = format!("</{name}>");
+    let mut rest = xml;
+    std::iter::from_fn(move || {
+        let start = rest.find(&open)? + open.len();
+        let len = rest[start..].find(&close)?;
+        let found = &rest[start..start + len];
+        rest = &rest[start + len + close.len()..];
+        Some(found)
+    })
+}
+
+/// XML text with its five predefined entities resolved.
+fn unescape(s: &str) -> String {
+    s.replace("&quot;", "\"")
+        .replace("&apos;", "'")
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&amp;", "&")
+}
+
+/// XML text with `&`, `<`, `>` and `"` escaped.
+pub fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// The ETag inside a part id object_store returned (its own XML when checksums are on).
+pub fn part_etag(content_id: &str) -> String {
+    match element(content_id, "e_tag") {
+        Some(e) => unescape(e),
+        None => content_id.to_string(),
+    }
+}
+
+/// A part id object_store completes an upload with, for a part stored earlier.
+pub fn part_id(etag: &str, checksum_sha256: &str) -> object_store::multipart::PartId {
+    object_store::multipart::PartId {
+        content_id: format!(
+            "<PartMetadata><e_tag>{}</e_tag><checksum_sha256>{}</checksum_sha256></PartMetadata>",
+            escape(etag),
+            escape(checksum_sha256)
+        ),
+    }
+}
+
+fn snippet(s: &str) -> String {
+    s.chars().take(300).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn list_parts_xml_and_part_ids_round_trip() {
+        let xml = "<ListPartsResult><IsTruncated>false</IsTruncated>\
+            <Part><PartNumber>1</PartNumber><ETag>&quot;abc&quot;</ETag><Size>5</Size></Part>\
+            <Part><PartNumber>2</PartNumber><ETag>\"def\"</ETag><Size>3</Size>\
+            <ChecksumSHA256>x+y=</ChecksumSHA256></Part></ListPartsResult>";
+        let parts: Vec<_> = elements(xml, "Part").collect();
+        assert_eq!(parts.len(), 2);
+        assert_eq!(
+            element(parts[0], "ETag").map(unescape),
+            Some("\"abc\"".into())
+        );
+        assert_eq!(element(parts[1], "ChecksumSHA256"), Some("x+y="));
+        let id = part_id("\"abc\"", "x+y=");
+        assert_eq!(part_etag(&id.content_id), "\"abc\"");
+        assert_eq!(part_etag("\"plain\""), "\"plain\"");
+    }
+}
