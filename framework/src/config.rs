@@ -20,6 +20,7 @@ pub const KNOWN_SECTIONS: &[&str] = &[
     "retry",
     "log",
     "storage",
+    "telemetry",
     "echo",
     "online_archive",
     "online_nearline",
@@ -301,6 +302,16 @@ pub struct LogConfig {
     pub format: LogFormat,
 }
 
+/// `[telemetry]`: optional span export (design §6).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// OTLP/HTTP collector base URL (spans go to `<url>/v1/traces`); empty = no export.
+    pub otlp_endpoint: String,
+    /// Bound on one export request.
+    pub otlp_timeout_ms: u64,
+}
+
 /// `[storage]`: where embedded defaults live.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -338,6 +349,8 @@ pub struct Config<S> {
     pub log: LogConfig,
     /// `[storage]`
     pub storage: StorageConfig,
+    /// `[telemetry]`
+    pub telemetry: TelemetryConfig,
     /// Framework keys of the service's section.
     pub service: ServiceSection,
     /// The service's own keys.
@@ -529,6 +542,7 @@ pub fn load<S: DeserializeOwned>(
     let retry: RetryConfig = section(&tree, "retry")?;
     let log: LogConfig = section(&tree, "log")?;
     let storage: StorageConfig = section(&tree, "storage")?;
+    let telemetry: TelemetryConfig = section(&tree, "telemetry")?;
 
     let own = tree
         .get(section_name)
@@ -572,6 +586,7 @@ pub fn load<S: DeserializeOwned>(
         retry,
         log,
         storage,
+        telemetry,
         service,
         settings,
     };
@@ -587,6 +602,26 @@ fn rename(mut e: ConfigError, from: &str, to: &str) -> ConfigError {
 }
 
 fn validate<S>(cfg: &Config<S>, section_name: &str) -> Result<(), ConfigError> {
+    let endpoint = cfg.telemetry.otlp_endpoint.trim();
+    if !endpoint.is_empty() {
+        match url::Url::parse(endpoint) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+            _ => {
+                return Err(ConfigError::new(
+                    "telemetry.otlp_endpoint",
+                    format!(
+                        "must be an http(s) URL (e.g. http://otel-collector:4318), got `{endpoint}`"
+                    ),
+                ));
+            }
+        }
+        if cfg.telemetry.otlp_timeout_ms == 0 {
+            return Err(ConfigError::new(
+                "telemetry.otlp_timeout_ms",
+                "must be at least 1",
+            ));
+        }
+    }
     let a = &cfg.amqp;
     if a.prefetch == 0 {
         return Err(ConfigError::new("amqp.prefetch", "must be at least 1"));

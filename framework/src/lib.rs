@@ -16,6 +16,7 @@ pub mod dlq;
 pub mod fields;
 pub mod headers;
 pub mod http;
+pub mod otlp;
 mod outcome;
 pub mod processor;
 pub mod publisher;

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::config::{AmqpConfig, Config};
+use crate::otlp::SpanExporter;
 use crate::outcome::Planner;
 use crate::processor::{MessageProcessor, ProcessorConfiguration};
 use crate::session::{SessionEnd, session};
@@ -100,6 +101,8 @@ pub(crate) struct Inner<P> {
     pub(crate) processor: P,
     pub(crate) status: Arc<Status>,
     pub(crate) permits: Arc<Semaphore>,
+    /// Span export (`[telemetry] otlp_endpoint`), if on.
+    pub(crate) spans: Option<SpanExporter>,
 }
 
 impl<P: MessageProcessor> Runtime<P> {
@@ -113,6 +116,7 @@ impl<P: MessageProcessor> Runtime<P> {
                 topology,
                 planner,
                 amqp: cfg.amqp.clone(),
+                spans: SpanExporter::new(&cfg.telemetry, service),
                 processor: pc.processor,
                 status: Arc::new(Status::default()),
                 permits: Arc::new(Semaphore::new(cfg.amqp.effective_concurrency())),
@@ -132,6 +136,26 @@ impl<P: MessageProcessor> Runtime<P> {
 
     /// Consumes until `shutdown`, reconnecting with capped exponential backoff on any loss.
     pub async fn run(&self, shutdown: CancellationToken) -> Result<(), RuntimeError> {
+        // Spans are exported until every handler has ended, then flushed.
+        let export_stop = CancellationToken::new();
+        let inner2 = self.inner.clone();
+        let stop2 = export_stop.clone();
+        let export = tokio::spawn(async move {
+            if let Some(e) = &inner2.spans {
+                e.run(stop2).await;
+            }
+        });
+        let r = self.consume(&shutdown).await;
+        export_stop.cancel();
+        let flush = Duration::from_millis(self.inner.amqp.drain_timeout_ms);
+        if tokio::time::timeout(flush, export).await.is_err() {
+            warn!("span export did not finish within the drain timeout; the rest is dropped");
+        }
+        r
+    }
+
+    /// Sessions until `shutdown` or a topology conflict.
+    async fn consume(&self, shutdown: &CancellationToken) -> Result<(), RuntimeError> {
         let inner = &self.inner;
         let initial = Duration::from_millis(inner.amqp.reconnect_initial_ms);
         let max = Duration::from_millis(inner.amqp.reconnect_max_ms);
@@ -146,7 +170,7 @@ impl<P: MessageProcessor> Runtime<P> {
                     .increment(1);
             }
             first = false;
-            match session(inner, &shutdown).await {
+            match session(inner, shutdown).await {
                 Ok(SessionEnd::Shutdown) => break,
                 Ok(SessionEnd::Lost(why)) => {
                     warn!(queue = %inner.topology.queue, reason = %why, "lost the broker; reconnecting");

@@ -367,6 +367,7 @@ async fn handle_delivery<P: MessageProcessor>(
         let queue = inner.topology.queue.clone();
         let _in_flight = InFlight::enter(&queue);
         let started = Instant::now();
+        let started_at = std::time::SystemTime::now();
         let ctx = MessageContext {
             exchange: inc.exchange.clone(),
             routing_key: inc.routing_key.clone(),
@@ -400,8 +401,101 @@ async fn handle_delivery<P: MessageProcessor>(
         });
         metrics::histogram!(m::HANDLER_SECONDS, "queue" => queue.clone())
             .record(started.elapsed().as_secs_f64());
-        if let Outcome::Interrupted(reason) = &outcome {
-            info!(reason = %reason, "interrupted; the message goes back to the queue");
+        let error = match &outcome {
+            Outcome::Retry(r) | Outcome::Permanent(r) | Outcome::Exhausted(r)
+                if inner.spans.is_some() =>
+            {
+                Some(r.clone())
+            }
+            _ => None,
+        };
+        let label = settle(inner, publisher, &delivery, &ctx, outcome, broken).await;
+        if let Some(spans) = &inner.spans {
+            spans.record(crate::otlp::Span {
+                trace: ctx.trace.clone(),
+                start: started_at,
+                end: std::time::SystemTime::now(),
+                queue,
+                routing_key: ctx.routing_key.clone(),
+                message_id: ctx.message_id.clone(),
+                attempt: ctx.attempt,
+                outcome: label,
+                error,
+            });
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Publishes the outcome's messages with confirms, then acks (or gives the delivery back);
+/// returns the outcome's label as counted.
+async fn settle<P: MessageProcessor>(
+    inner: &Inner<P>,
+    publisher: &Publisher,
+    delivery: &Delivery,
+    ctx: &MessageContext,
+    outcome: Outcome,
+    broken: &CancellationToken,
+) -> &'static str {
+    let queue = &inner.topology.queue;
+    if let Outcome::Interrupted(reason) = &outcome {
+        info!(reason = %reason, "interrupted; the message goes back to the queue");
+        let _ = delivery
+            .acker
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            })
+            .await;
+        return "interrupted";
+    }
+    let was_retry = matches!(outcome, Outcome::Retry(_));
+    let (mut label, msgs) = inner.planner.plan(publisher, &delivery.data, ctx, outcome);
+    let mut published = publisher.send(msgs).await;
+    if let Err(e) = &published {
+        metrics::counter!(m::PUBLISH_FAILURES_TOTAL, "queue" => queue.clone()).increment(1);
+        error!(error = %e, outcome = label, "could not publish the outcome");
+        // A retry or dead letter that reached no queue means our own topology is
+        // incomplete: re-declare it by starting a new session.
+        if let PublishError::Unroutable(ex, _) = &e
+            && (*ex == inner.topology.retry_exchange() || *ex == inner.topology.fail_exchange())
+        {
+            broken.cancel();
+        }
+        // An outcome that cannot be published (an unroutable or missing destination)
+        // becomes a retry: it counts toward max_attempts and ends in the DLQ, instead
+        // of looping through requeues that RabbitMQ 4.3 no longer counts.
+        if !was_retry {
+            let why = format!("could not publish the {label} outcome: {e}");
+            let (l, msgs) = inner
+                .planner
+                .plan(publisher, &delivery.data, ctx, Outcome::Retry(why));
+            label = l;
+            published = publisher.send(msgs).await;
+        }
+    }
+    match published {
+        Ok(()) => match delivery.acker.ack(BasicAckOptions::default()).await {
+            // Ok(false): the channel is gone and the ack was never sent.
+            Ok(true) => {
+                metrics::counter!(m::MESSAGES_TOTAL, "queue" => queue.clone(), "outcome" => label)
+                    .increment(1);
+            }
+            Ok(false) => {
+                warn!(
+                    outcome = label,
+                    "ack not sent (channel closed); the message will be redelivered"
+                );
+            }
+            Err(e) => warn!(error = %e, "ack failed; the message will be redelivered"),
+        },
+        Err(e) => {
+            // Not even our own retry tier took it: the broker is failing or our
+            // topology is gone. Re-declare it and let the message come back.
+            error!(error = %e, "could not publish a retry either; re-declaring the topology, the input goes back to the queue");
+            broken.cancel();
+            tokio::time::sleep(PUBLISH_FAILURE_BACKOFF).await;
             let _ = delivery
                 .acker
                 .nack(BasicNackOptions {
@@ -409,61 +503,9 @@ async fn handle_delivery<P: MessageProcessor>(
                     ..Default::default()
                 })
                 .await;
-            return;
-        }
-        let was_retry = matches!(outcome, Outcome::Retry(_));
-        let (mut label, msgs) = inner.planner.plan(publisher, &delivery.data, &ctx, outcome);
-        let mut published = publisher.send(msgs).await;
-        if let Err(e) = &published {
-            metrics::counter!(m::PUBLISH_FAILURES_TOTAL, "queue" => queue.clone()).increment(1);
-            error!(error = %e, outcome = label, "could not publish the outcome");
-            // A retry or dead letter that reached no queue means our own topology is
-            // incomplete: re-declare it by starting a new session.
-            if let PublishError::Unroutable(ex, _) = &e
-                && (*ex == inner.topology.retry_exchange() || *ex == inner.topology.fail_exchange())
-            {
-                broken.cancel();
-            }
-            // An outcome that cannot be published (an unroutable or missing destination)
-            // becomes a retry: it counts toward max_attempts and ends in the DLQ, instead
-            // of looping through requeues that RabbitMQ 4.3 no longer counts.
-            if !was_retry {
-                let why = format!("could not publish the {label} outcome: {e}");
-                let (l, msgs) = inner.planner.plan(publisher, &delivery.data, &ctx, Outcome::Retry(why));
-                label = l;
-                published = publisher.send(msgs).await;
-            }
-        }
-        match published {
-            Ok(()) => match delivery.acker.ack(BasicAckOptions::default()).await {
-                // Ok(false): the channel is gone and the ack was never sent.
-                Ok(true) => {
-                    metrics::counter!(m::MESSAGES_TOTAL, "queue" => queue.clone(), "outcome" => label)
-                        .increment(1);
-                }
-                Ok(false) => {
-                    warn!(outcome = label, "ack not sent (channel closed); the message will be redelivered");
-                }
-                Err(e) => warn!(error = %e, "ack failed; the message will be redelivered"),
-            },
-            Err(e) => {
-                // Not even our own retry tier took it: the broker is failing or our
-                // topology is gone. Re-declare it and let the message come back.
-                error!(error = %e, "could not publish a retry either; re-declaring the topology, the input goes back to the queue");
-                broken.cancel();
-                tokio::time::sleep(PUBLISH_FAILURE_BACKOFF).await;
-                let _ = delivery
-                    .acker
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..Default::default()
-                    })
-                    .await;
-            }
         }
     }
-    .instrument(span)
-    .await
+    label
 }
 
 /// Counts a handler in `storagetier_in_flight` until dropped, however the handler ends.
