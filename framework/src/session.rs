@@ -175,7 +175,7 @@ pub(crate) async fn session<P: MessageProcessor>(
     inner.status.set_ready(false);
     inner.status.attach(None);
     let budget = Duration::from_millis(inner.amqp.drain_timeout_ms);
-    match &end {
+    let (code, reason) = match &end {
         SessionEnd::Shutdown => {
             info!(queue = %inner.topology.queue, in_flight = handlers.tasks.len(), "shutting down: cancelling consumer and draining");
             if let Err(e) = bounded(
@@ -187,32 +187,22 @@ pub(crate) async fn session<P: MessageProcessor>(
             {
                 debug!(error = %e, "basic.cancel failed");
             }
-            handlers.end(budget).await;
-            let _ = bounded(
-                limit,
-                "closing the channel",
-                ch.close(200, "shutdown".into()),
-            )
-            .await;
-            let _ = bounded(
-                limit,
-                "closing the connection",
-                conn.close(200, "shutdown".into()),
-            )
-            .await;
+            (200, "shutdown")
         }
-        SessionEnd::Lost(_) => {
-            // The broker redelivers what these handlers hold to the next session: they
-            // finish or stop before it starts, never running beside their redelivery.
-            handlers.end(budget).await;
-            let _ = bounded(
-                limit,
-                "closing the connection",
-                conn.close(320, "recovering".into()),
-            )
-            .await;
-        }
+        SessionEnd::Lost(_) => (320, "recovering"),
+    };
+    // The broker redelivers what these handlers hold to the next session (or the next
+    // instance): they finish or stop before that, never running beside their redelivery.
+    handlers.end(budget).await;
+    if let SessionEnd::Shutdown = end {
+        let _ = bounded(limit, "closing the channel", ch.close(code, reason.into())).await;
     }
+    let _ = bounded(
+        limit,
+        "closing the connection",
+        conn.close(code, reason.into()),
+    )
+    .await;
     Ok(end)
 }
 

@@ -698,17 +698,23 @@ async fn await_unbound(exchange: &str) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unroutable_export_state_message_is_retried_until_bound() {
+/// A service (SQLite) whose export-state exchange has nothing bound: cancelling the
+/// watcher deletes its auto-delete queue.
+async fn start_unbound() -> Env {
     use framework::lapin::options::BasicCancelOptions;
-    let mut env = start(Backend::Sqlite, &[]).await;
-    // Unbind the export-state exchange: cancelling the watcher deletes its auto-delete queue.
+    let env = start(Backend::Sqlite, &[]).await;
     env.hs
         .ch
         .basic_cancel(env.export.tag(), BasicCancelOptions::default())
         .await
         .unwrap();
     await_unbound(&env.export_ex).await;
+    env
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unroutable_export_state_message_is_retried_until_bound() {
+    let mut env = start_unbound().await;
     let c = "corr-unroutable";
     env.process(&msg(c, "db.u", json!({"files_exported": 1})))
         .await;
@@ -733,14 +739,7 @@ async fn an_unroutable_export_state_message_is_retried_until_bound() {
 /// bad record once: the retries carry which records are already dead-lettered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retried_batch_dead_letters_its_bad_record_once() {
-    use framework::lapin::options::BasicCancelOptions;
-    let mut env = start(Backend::Sqlite, &[]).await;
-    env.hs
-        .ch
-        .basic_cancel(env.export.tag(), BasicCancelOptions::default())
-        .await
-        .unwrap();
-    await_unbound(&env.export_ex).await;
+    let mut env = start_unbound().await;
     let c = "corr-batch-retry";
     env.process(&msg(c, "db.b", json!({"files_exported": 1})))
         .await;
