@@ -116,6 +116,14 @@ impl PrivateBroker {
     /// gets the node's directory as this process sees it and as the node sees it (they
     /// differ for a chrooted install), to put files such as certificates there.
     pub async fn start_with(setup: impl FnOnce(&Path, &Path) -> String) -> PrivateBroker {
+        let broker = Self::spawn_with(setup);
+        broker.await_started().await;
+        broker
+    }
+
+    /// Starts the node's server process and returns at once (see [`Self::await_started`]),
+    /// so several nodes can boot side by side.
+    pub(crate) fn spawn_with(setup: impl FnOnce(&Path, &Path) -> String) -> PrivateBroker {
         let root = install_root();
         sweep_orphans(root.as_deref());
         let id = &uuid::Uuid::new_v4().simple().to_string()[..10];
@@ -155,13 +163,25 @@ impl PrivateBroker {
             .stderr(log);
         let server = process::spawn(&mut cmd)
             .expect("rabbitmq-server on PATH (the machine's RabbitMQ install)");
-        let broker = PrivateBroker {
+        PrivateBroker {
             node,
             port,
             dir,
             root,
             server: Some(server),
-        };
+        }
+    }
+
+    /// Waits until a node started by [`Self::spawn_with`] accepts AMQP connections.
+    pub(crate) async fn await_started(&self) {
+        let broker = self;
+        let inner = PathBuf::from(NODE_DIRS).join(
+            broker
+                .dir
+                .file_name()
+                .expect("the node directory has a name"),
+        );
+        let d = |name: &str| inner.join(name).display().to_string();
         // `rabbitmqctl wait` reads the pid file as soon as it exists and fails on one that is
         // still being written ("garbage_in_pid_file"): wait for a whole pid first.
         let pid_file = broker.dir.join("pid");
@@ -180,7 +200,11 @@ impl PrivateBroker {
         }
         broker.ctl(&["wait", &d("pid"), "--timeout", "90"]);
         broker.await_amqp().await;
-        broker
+    }
+
+    /// The node's Erlang name (`st…@localhost`), as `rabbitmqctl -n` and `join_cluster` take it.
+    pub fn node(&self) -> &str {
+        &self.node
     }
 
     /// The RabbitMQ version of this node's install, e.g. `(4, 0)`.
@@ -216,14 +240,9 @@ impl PrivateBroker {
         self.await_amqp().await;
     }
 
-    fn ctl(&self, args: &[&str]) {
-        let out = rabbit_command(self.root.as_deref(), "rabbitmqctl")
-            .arg("-n")
-            .arg(&self.node)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("rabbitmqctl on PATH");
+    /// Runs `rabbitmqctl -n <node> args…` and asserts it succeeded.
+    pub fn ctl(&self, args: &[&str]) {
+        let out = self.ctl_output(args);
         assert!(
             out.status.success(),
             "rabbitmqctl -n {} {args:?} failed: {}\n{}\nserver output: {}",
@@ -232,6 +251,23 @@ impl PrivateBroker {
             String::from_utf8_lossy(&out.stderr),
             std::fs::read_to_string(self.dir.join("server.out")).unwrap_or_default()
         );
+    }
+
+    /// Runs `rabbitmqctl -n <node> args…` (or another CLI tool of the install, e.g.
+    /// `rabbitmq-queues`, with [`Self::tool_output`]) and returns what it did.
+    pub fn ctl_output(&self, args: &[&str]) -> std::process::Output {
+        self.tool_output("rabbitmqctl", args)
+    }
+
+    /// Runs `tool -n <node> args…` of this node's install.
+    pub fn tool_output(&self, tool: &str, args: &[&str]) -> std::process::Output {
+        rabbit_command(self.root.as_deref(), tool)
+            .arg("-n")
+            .arg(&self.node)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("the RabbitMQ CLI tools on PATH")
     }
 
     async fn await_amqp(&self) {
@@ -261,10 +297,7 @@ impl PrivateBroker {
 
     /// Messages ready in `queue`, or None while the node is unreachable.
     pub async fn count(&self, queue: &str) -> Option<u32> {
-        let (conn, ch) = self.channel().await?;
-        let n = crate::dlq::count(&ch, queue).await.ok();
-        let _ = conn.close(200, "".into()).await;
-        n
+        count_at(&self.url(), queue).await
     }
 
     /// Declares a durable quorum queue bound to `exchange` with `#` to collect outputs.
@@ -328,7 +361,7 @@ impl PrivateBroker {
         outage: Duration,
     ) -> Restart {
         let started = Instant::now();
-        self.await_outputs(sink, n / 5, started).await;
+        await_outputs(self, sink, n / 5, started).await;
         self.stop_app();
         let down_at = Instant::now();
         // The outage itself: the service must ride it out; there is no condition to await.
@@ -336,9 +369,9 @@ impl PrivateBroker {
         self.start_app().await;
         let up_at = Instant::now();
         let before = self.count(sink).await.unwrap_or(0) as usize;
-        self.await_outputs(sink, before + 1, started).await;
+        await_outputs(self, sink, before + 1, started).await;
         let resumed = up_at.elapsed();
-        self.await_done(queue, sink, n, started).await;
+        await_done(self, queue, sink, n, started).await;
         Restart {
             down: up_at - down_at,
             resumed,
@@ -358,37 +391,11 @@ impl PrivateBroker {
     ) -> Duration {
         let started = Instant::now();
         for k in 1..=times {
-            self.await_outputs(sink, k * n / (times + 1), started).await;
+            await_outputs(self, sink, k * n / (times + 1), started).await;
             self.ctl(&["close_all_connections", "closed by a fault test"]);
         }
-        self.await_done(queue, sink, n, started).await;
+        await_done(self, queue, sink, n, started).await;
         started.elapsed()
-    }
-
-    /// Polls until `sink` holds at least `at_least` messages (at most 10 min from `since`).
-    async fn await_outputs(&self, sink: &str, at_least: usize, since: Instant) {
-        while (self.count(sink).await.unwrap_or(0) as usize) < at_least {
-            assert!(
-                since.elapsed() < FAULT_RUN_LIMIT,
-                "timed out waiting for {at_least} outputs in {sink}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Polls until `sink` holds `n` outputs and `queue` is empty.
-    async fn await_done(&self, queue: &str, sink: &str, n: usize, since: Instant) {
-        loop {
-            self.await_outputs(sink, n, since).await;
-            if self.count(queue).await == Some(0) {
-                return;
-            }
-            assert!(
-                since.elapsed() < FAULT_RUN_LIMIT,
-                "timed out waiting for {queue} to empty"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
     }
 
     /// Takes every message out of `queue` and counts them by `id` (None: not counted).
@@ -409,6 +416,58 @@ impl PrivateBroker {
         }
         let _ = conn.close(200, "".into()).await;
         seen
+    }
+}
+
+/// Messages ready in `queue` on the broker at `url`, or None while it is unreachable.
+pub async fn count_at(url: &str, queue: &str) -> Option<u32> {
+    let conn = Connection::connect(url, ConnectionProperties::default())
+        .await
+        .ok()?;
+    let n = match conn.create_channel().await {
+        Ok(ch) => crate::dlq::count(&ch, queue).await.ok(),
+        Err(_) => None,
+    };
+    let _ = conn.close(200, "".into()).await;
+    n
+}
+
+/// Something that can count a queue's ready messages: one node, or a cluster (any node that
+/// answers). The fault runs' waits poll it.
+pub trait QueueCounts {
+    /// Messages ready in `queue`, or None while unreachable.
+    fn ready(&self, queue: &str) -> impl std::future::Future<Output = Option<u32>> + Send;
+}
+
+impl QueueCounts for PrivateBroker {
+    async fn ready(&self, queue: &str) -> Option<u32> {
+        self.count(queue).await
+    }
+}
+
+/// Polls until `sink` holds at least `at_least` messages (at most 10 min from `since`).
+pub async fn await_outputs(b: &impl QueueCounts, sink: &str, at_least: usize, since: Instant) {
+    while (b.ready(sink).await.unwrap_or(0) as usize) < at_least {
+        assert!(
+            since.elapsed() < FAULT_RUN_LIMIT,
+            "timed out waiting for {at_least} outputs in {sink}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Polls until `sink` holds `n` outputs and `queue` is empty (at most 10 min from `since`).
+pub async fn await_done(b: &impl QueueCounts, queue: &str, sink: &str, n: usize, since: Instant) {
+    loop {
+        await_outputs(b, sink, n, since).await;
+        if b.ready(queue).await == Some(0) {
+            return;
+        }
+        assert!(
+            since.elapsed() < FAULT_RUN_LIMIT,
+            "timed out waiting for {queue} to empty"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -469,6 +528,14 @@ impl Tally {
             r.resumed.as_secs_f64(),
             r.down.as_secs_f64(),
             r.total.as_secs_f64()
+        )
+    }
+
+    /// A docs/reliability.md row: `| what | sent | lost | duplicated | recovery |`.
+    pub fn row(&self, what: &str, recovery: &str) -> String {
+        format!(
+            "| {what} | {} | {} | {} | {recovery} |",
+            self.sent, self.lost, self.duplicated
         )
     }
 
