@@ -14,7 +14,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueBindOptions, QueueDeclareOptions};
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
@@ -273,9 +277,9 @@ impl PrivateBroker {
     async fn await_amqp(&self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            match Connection::connect(&self.url(), ConnectionProperties::default()).await {
+            match connect(&self.url()).await {
                 Ok(c) => {
-                    let _ = c.close(200, "ready".into()).await;
+                    close(c).await;
                     return;
                 }
                 Err(e) => {
@@ -288,9 +292,7 @@ impl PrivateBroker {
 
     /// A connection and confirm channel to this node.
     pub async fn channel(&self) -> Option<(Connection, Channel)> {
-        let conn = Connection::connect(&self.url(), ConnectionProperties::default())
-            .await
-            .ok()?;
+        let conn = connect(&self.url()).await.ok()?;
         let ch = crate::runtime::confirm_channel(&conn).await.ok()?;
         Some((conn, ch))
     }
@@ -324,7 +326,7 @@ impl PrivateBroker {
         )
         .await
         .expect("bind sink");
-        let _ = conn.close(200, "".into()).await;
+        close(conn).await;
     }
 
     /// Publishes every body persistently to `exchange` with `key`, waiting for confirms.
@@ -347,7 +349,7 @@ impl PrivateBroker {
         for confirm in pending {
             assert!(confirm.await.expect("confirm").is_ack(), "preload acked");
         }
-        let _ = conn.close(200, "".into()).await;
+        close(conn).await;
     }
 
     /// Waits until `sink` holds a fifth of `n` outputs, stops the broker for `outage`,
@@ -406,29 +408,83 @@ impl PrivateBroker {
     ) -> HashMap<String, usize> {
         let (conn, ch) = self.channel().await.expect("private broker reachable");
         let mut seen = HashMap::new();
-        while let Ok(Some(m)) = ch
-            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+        // A consumer with a deep prefetch: one basic.get per message crawls on a quorum
+        // queue (tens of thousands of outputs took minutes).
+        ch.basic_qos(1000, BasicQosOptions::default())
             .await
-        {
-            if let Some(k) = id(&m.delivery.data) {
-                *seen.entry(k).or_default() += 1;
+            .expect("qos");
+        let mut consumer = ch
+            .basic_consume(
+                queue.into(),
+                "drain".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume the queue to drain");
+        let deadline = Instant::now() + FAULT_RUN_LIMIT;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(1), consumer.next()).await {
+                Ok(Some(Ok(d))) => {
+                    if let Some(k) = id(&d.data) {
+                        *seen.entry(k).or_default() += 1;
+                    }
+                }
+                Ok(_) => break,
+                // Quiet for a second: done once the queue reads empty.
+                Err(_) => {
+                    if crate::dlq::count(&ch, queue).await.unwrap_or(0) == 0 {
+                        break;
+                    }
+                }
             }
+            assert!(Instant::now() < deadline, "drained {queue} in time");
         }
-        let _ = conn.close(200, "".into()).await;
+        close(conn).await;
         seen
     }
 }
 
+/// Bounds a test connection's handshake: a node stopping or booting can accept the TCP
+/// connection and never answer, and an unbounded connect would hang the test for good.
+const CONNECT_LIMIT: Duration = Duration::from_secs(10);
+
+/// Connects to `url` within [`CONNECT_LIMIT`].
+pub async fn connect(url: &str) -> Result<Connection, String> {
+    match tokio::time::timeout(
+        CONNECT_LIMIT,
+        Connection::connect(url, ConnectionProperties::default()),
+    )
+    .await
+    {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no AMQP handshake within {CONNECT_LIMIT:?}")),
+    }
+}
+
+/// Closes `conn`, giving up after a few seconds (its node may have gone away meanwhile).
+pub async fn close(conn: Connection) {
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn.close(200, "".into())).await;
+}
+
 /// Messages ready in `queue` on the broker at `url`, or None while it is unreachable.
 pub async fn count_at(url: &str, queue: &str) -> Option<u32> {
-    let conn = Connection::connect(url, ConnectionProperties::default())
-        .await
-        .ok()?;
-    let n = match conn.create_channel().await {
-        Ok(ch) => crate::dlq::count(&ch, queue).await.ok(),
-        Err(_) => None,
-    };
-    let _ = conn.close(200, "".into()).await;
+    let conn = connect(url).await.ok()?;
+    // A node stopping under the call must not hang it.
+    let n = tokio::time::timeout(CONNECT_LIMIT, async {
+        match conn.create_channel().await {
+            Ok(ch) => crate::dlq::count(&ch, queue).await.ok(),
+            Err(_) => None,
+        }
+    })
+    .await
+    .ok()
+    .flatten();
+    close(conn).await;
     n
 }
 

@@ -16,12 +16,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::WAIT;
-use super::broker::{PrivateBroker, QueueCounts, await_done, await_outputs, count_at};
+use super::broker::{PrivateBroker, QueueCounts, await_done, await_outputs, close, count_at};
 
 /// A RabbitMQ cluster of this test's own.
 pub struct PrivateCluster {
     nodes: Vec<PrivateBroker>,
+    _one_at_a_time: tokio::sync::MutexGuard<'static, ()>,
 }
+
+/// One cluster per test process at a time: three nodes each are heavy on a 2-core machine,
+/// and the tests of one file run in parallel.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Where a quorum queue lives: its leader and members (node names).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,6 +102,8 @@ impl PrivateCluster {
     /// Starts `n` nodes and clusters them; every quorum queue gets a member on each.
     pub async fn start_n(n: usize) -> PrivateCluster {
         assert!(n >= 1, "a cluster has nodes");
+        let guard = ONE_AT_A_TIME.lock().await;
+        let began = Instant::now();
         // Boot side by side (the slow part), then join one after another.
         let nodes: Vec<PrivateBroker> = (0..n)
             .map(|_| PrivateBroker::spawn_with(|dir, _| advanced_config(dir, n)))
@@ -104,16 +111,25 @@ impl PrivateCluster {
         for b in &nodes {
             b.await_started().await;
         }
+        let booted = began.elapsed();
         let first = nodes[0].node().to_string();
         for b in &nodes[1..] {
             b.ctl(&["stop_app"]);
             b.ctl(&["join_cluster", &first]);
             b.start_app().await;
         }
-        let cluster = PrivateCluster { nodes };
+        let cluster = PrivateCluster {
+            nodes,
+            _one_at_a_time: guard,
+        };
         for i in 0..n {
             cluster.await_running_seen_by(i, n).await;
         }
+        eprintln!(
+            "private cluster of {n} nodes up in {:.1} s (booted in {:.1} s)",
+            began.elapsed().as_secs_f64(),
+            booted.as_secs_f64()
+        );
         cluster
     }
 
@@ -244,7 +260,8 @@ impl PrivateCluster {
         id: impl Fn(&[u8]) -> Option<String>,
     ) -> HashMap<String, usize> {
         for b in &self.nodes {
-            if b.channel().await.is_some() {
+            if let Some((conn, _)) = b.channel().await {
+                close(conn).await;
                 return b.drain_ids(queue, id).await;
             }
         }
@@ -334,6 +351,11 @@ impl PrivateCluster {
             b.start_app().await;
             self.await_replicas_online(&[queue, sink]).await;
             node_cycle.push(down_at.elapsed());
+            eprintln!(
+                "rolling restart: {} back, every replica online, after {:.1} s",
+                b.node(),
+                down_at.elapsed().as_secs_f64()
+            );
         }
         let last_up = Instant::now();
         await_done(self, queue, sink, n, started).await;
