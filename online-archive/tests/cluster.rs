@@ -13,7 +13,7 @@
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use framework::testing::broker::{Tally, await_done, await_outputs};
+use framework::testing::broker::{Tally, await_outputs};
 use framework::testing::cluster::PrivateCluster;
 use framework::testing::{WAIT, process, service_command, unique};
 use storage::testing::{put_online_file, sweeper_message};
@@ -159,7 +159,10 @@ impl Run {
             .expect("the records");
         let objects = rec.count("stored_objects").await.expect("count");
         let copies = rec.count("copied_files").await.expect("count");
-        let claims = rec.count("upload_claims").await.expect("count");
+        let claims: i64 = db::sqlx::query_scalar("SELECT COUNT(*) FROM upload_claims")
+            .fetch_one(rec.pool())
+            .await
+            .expect("count the upload claims");
         rec.pool().close().await;
         self.pg.drop_db().await.expect("drop the test database");
         assert_eq!(
@@ -216,7 +219,7 @@ async fn kill_9_of_one_replica_mid_stream_the_other_finishes() {
     let before = run.cluster.count(&sink).await.unwrap_or(0) as usize;
     killed.kill();
     let killed_at = Instant::now();
-    await_done(&run.cluster, &q, &sink, n, started).await;
+    run.cluster.await_settled(&q, &sink, n, started).await;
     let finished = killed_at.elapsed();
     let resumed = timeline
         .first_output_after(killed_at)

@@ -702,8 +702,9 @@ async fn two_replicas_on_one_queue_reach_the_exact_final_state() {
         assert!(tokio::time::Instant::now() < deadline, "queue drained");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Stopped, not dropped: a harness deletes the queue and exchanges on drop, and they are
+    // shared with the first replica.
     other.stop().await;
-    drop(other);
     let mut out = env.hs.watch_output().await;
     env.send(&project("project-created", "sentinel", "s")).await;
     while body(&next(&mut out).await)["id"] != "sentinel" {}
@@ -727,4 +728,5 @@ async fn two_replicas_on_one_queue_reach_the_exact_final_state() {
         versions.len()
     );
     env.finish().await;
+    drop(other);
 }

@@ -936,19 +936,22 @@ async fn two_replicas_on_one_queue_reach_the_exact_final_state() {
         store.product_status(c).await.unwrap().as_deref() == Some("COMPLETED")
     })
     .await;
-    // Every message handled (redeliveries give an output of their own).
-    let mut outputs = 0;
-    while outputs < sent {
-        next(&mut env.out).await;
-        outputs += 1;
+    // Every message handled: the queue drained, then both replicas stopped (each finishes
+    // what it holds).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while ready_count(&env.hs.ch, &env.hs.q).await > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "queue drained");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    other.stop().await;
+    env.hs.stop().await;
+    let mut outputs = 0;
     while next_within(&mut env.out, Duration::from_millis(300))
         .await
         .is_some()
     {
         outputs += 1;
     }
-    other.stop().await;
     let cols = env.store.collections(c).await.unwrap();
     assert_eq!(cols.len(), collections.len());
     for k in &cols {
@@ -981,10 +984,10 @@ async fn two_replicas_on_one_queue_reach_the_exact_final_state() {
     assert!(monitoring >= 1, "the all-successful message was sent");
     assert_eq!(env.dlq_count().await, 0, "nothing dead-lettered");
     println!(
-        "| 2 replicas of snapshot-status on one queue and one PostgreSQL, {} files of 3 collections interleaved, each sent twice, one replica's connection closed mid-stream | {sent} | 0 | {} outputs beyond one per message | exact final state: every file counted once, 3 × Received → Success, COMPLETED; export-state messages per collection {exports:?}, monitoring {monitoring} |",
-        per * 3,
-        outputs - sent
+        "| 2 replicas of snapshot-status on one queue and one PostgreSQL, {} files of 3 collections interleaved, each sent twice, one replica's connection closed mid-stream | {sent} | 0 | every message sent twice; {outputs} success outputs | exact final state: every file counted once, 3 × Received → Success, COMPLETED; export-state messages per collection {exports:?}, monitoring {monitoring} |",
+        per * 3
     );
-    drop(other);
     env.finish().await;
+    // Dropped last: a harness deletes the queue and exchanges it shares with the first.
+    drop(other);
 }

@@ -232,6 +232,54 @@ impl PrivateCluster {
         }
     }
 
+    /// Every queue's messages, ready and unacknowledged, from the first node that answers.
+    pub fn messages(&self) -> Option<HashMap<String, u64>> {
+        for b in &self.nodes {
+            let out = b.ctl_output(&["list_queues", "name", "messages", "--formatter", "json"]);
+            if !out.status.success() {
+                continue;
+            }
+            let Ok(serde_json::Value::Array(rows)) = serde_json::from_slice(&out.stdout) else {
+                continue;
+            };
+            return Some(
+                rows.iter()
+                    .filter_map(|r| {
+                        Some((r["name"].as_str()?.to_string(), r["messages"].as_u64()?))
+                    })
+                    .collect(),
+            );
+        }
+        None
+    }
+
+    /// Waits until `sink` holds at least `n` outputs and nothing is left in `queue` or its
+    /// retry tiers, in flight included: with duplicates among the outputs, `n` outputs
+    /// alone can come before the last input is done (e.g. one waiting in a retry tier).
+    pub async fn await_settled(&self, queue: &str, sink: &str, n: usize, since: Instant) {
+        await_done(self, queue, sink, n, since).await;
+        let tier = format!("{queue}-retry-");
+        loop {
+            let left: u64 = self
+                .messages()
+                .map(|m| {
+                    m.iter()
+                        .filter(|(name, _)| *name == queue || name.starts_with(&tier))
+                        .map(|(_, c)| c)
+                        .sum()
+                })
+                .unwrap_or(1);
+            if left == 0 {
+                return;
+            }
+            assert!(
+                since.elapsed() < Duration::from_secs(600),
+                "{queue} and its retry tiers emptied: {left} left"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Declares a durable quorum queue bound to `exchange` with `#` to collect outputs.
     pub async fn sink(&self, queue: &str, exchange: &str) {
         self.nodes[0].sink(queue, exchange).await;
@@ -316,7 +364,7 @@ impl PrivateCluster {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
-        await_done(self, queue, sink, n, started).await;
+        self.await_settled(queue, sink, n, started).await;
         let total = started.elapsed();
         let resumed = timeline
             .first_output_after(down_at)
@@ -358,7 +406,7 @@ impl PrivateCluster {
             );
         }
         let last_up = Instant::now();
-        await_done(self, queue, sink, n, started).await;
+        self.await_settled(queue, sink, n, started).await;
         Rolling {
             outputs_at_stop,
             node_cycle,
