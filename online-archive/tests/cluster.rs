@@ -173,9 +173,9 @@ impl Run {
             "one stored object record per file"
         );
         assert_eq!(copies as usize, self.n, "one copied file record per file");
-        assert_eq!(
-            claims, 0,
-            "every upload claim released or expired and taken over"
+        assert!(
+            claims <= left_claims,
+            "{claims} upload claims left behind, at most {left_claims} expected"
         );
         t
     }
