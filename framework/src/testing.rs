@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod broker;
+pub mod cluster;
 pub mod process;
 
 use std::sync::{Arc, Mutex};

@@ -621,3 +621,112 @@ async fn concurrent_shuffled_updates_end_at_the_newest(b: Backend) {
     assert_eq!(env.dlq_count().await, 0);
     env.finish().await;
 }
+
+/// Two replicas consuming ONE queue on one PostgreSQL database (how a scaled-out
+/// deployment runs): 20 projects created, then 5 versioned updates of each published
+/// interleaved across projects and out of version order, every message twice, while the
+/// broker closes one replica's connection mid-stream (its unacked messages are redelivered,
+/// to either replica). The final state is exact: every project holds its newest update.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_on_one_queue_reach_the_exact_final_state() {
+    let name_a = unique("replica-a");
+    let env = start(
+        Backend::Postgres,
+        &[
+            ("amqp.prefetch", "16"),
+            ("amqp.connection_name", name_a.as_str()),
+        ],
+    )
+    .await;
+    let url = env.pg.as_ref().map(|p| p.url.clone()).expect("postgres");
+    let q = env.hs.q.clone();
+    let name_b = unique("replica-b");
+    let second_dir = tempfile::tempdir().unwrap();
+    let cfg = service_config::<ProjectIngest>(
+        second_dir.path(),
+        &[
+            ("project_ingest.queue", q.as_str()),
+            ("project_ingest.input_exchange", &format!("{q}-in")),
+            ("project_ingest.output_exchange", &format!("{q}-out")),
+            ("project_ingest.database_url", url.as_str()),
+            ("amqp.prefetch", "16"),
+            ("amqp.connection_name", name_b.as_str()),
+        ],
+    );
+    let mut other = Harness::start_service::<ProjectIngest>(cfg).await;
+    let projects = 20;
+    let versions = [2, 4, 0, 3, 1];
+    let id = |p: usize| format!("rp{p:02}");
+    let mut sent = 0;
+    for p in 0..projects {
+        let c = project("project-created", &id(p), "created");
+        env.send(&c).await;
+        env.send(&c).await;
+        sent += 2;
+    }
+    // An update of an unknown project is dropped: the creates land first.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    for p in 0..projects {
+        while env.store.project(&id(p)).await.unwrap().is_none() {
+            assert!(tokio::time::Instant::now() < deadline, "{} created", id(p));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    for (k, v) in versions.iter().enumerate() {
+        for p in 0..projects {
+            let mut u = project("project-updated", &id(p), &format!("{} v{v}", id(p)));
+            u["status"] = json!(if v % 2 == 0 { "In Production" } else { "Held" });
+            u["updated"] = json!(format!("2024-01-01T00:00:0{v}Z"));
+            env.send(&u).await;
+            env.send(&u).await;
+            sent += 2;
+        }
+        if k == 1 {
+            let closed = close_connection_named(&name_b).await;
+            assert_eq!(closed, 1, "replica B's connection closed by the broker");
+        }
+    }
+    let newest = versions.iter().max().copied().unwrap_or_default();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    for p in 0..projects {
+        while env.store.project(&id(p)).await.unwrap().unwrap().title
+            != format!("{} v{newest}", id(p))
+        {
+            assert!(tokio::time::Instant::now() < deadline, "{} updated", id(p));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // Every message handled, then nothing older replaced the newest state.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while ready_count(&env.hs.ch, &env.hs.q).await > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "queue drained");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Stopped, not dropped: a harness deletes the queue and exchanges on drop, and they are
+    // shared with the first replica.
+    other.stop().await;
+    let mut out = env.hs.watch_output().await;
+    env.send(&project("project-created", "sentinel", "s")).await;
+    while body(&next(&mut out).await)["id"] != "sentinel" {}
+    for p in 0..projects {
+        let got = env.store.project(&id(p)).await.unwrap().unwrap();
+        assert_eq!(got.title, format!("{} v{newest}", id(p)));
+        assert_eq!(got.status, "In Production");
+        assert_eq!(got.last_event, "project-updated");
+        assert_eq!(
+            got.version.as_deref(),
+            Some(format!("2024-01-01T00:00:0{newest}.000000Z").as_str())
+        );
+    }
+    assert_eq!(
+        env.store.commission("c-1").await.unwrap().map(|c| c.0),
+        Some("Commission one".to_string())
+    );
+    assert_eq!(env.dlq_count().await, 0, "nothing dead-lettered");
+    println!(
+        "| 2 replicas of project-ingest on one queue and one PostgreSQL, {projects} projects × {} versioned updates interleaved out of order, each sent twice, one replica's connection closed mid-stream | {sent} | 0 | every message sent twice | exact final state: every project at its newest update, nothing dead-lettered |",
+        versions.len()
+    );
+    env.finish().await;
+    drop(other);
+}

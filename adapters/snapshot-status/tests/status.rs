@@ -877,3 +877,163 @@ async fn instances_share_state_without_races(b: Backend) {
     other.stop().await;
     env.finish().await;
 }
+
+/// Waits (at most `WAIT`) until `cond` holds on the database.
+async fn await_state<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !cond().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Two replicas consuming ONE queue on one PostgreSQL database (how a scaled-out
+/// deployment runs), with the files of three collections interleaved, every message
+/// published twice, and one replica's connection closed by the broker mid-stream (its
+/// unacked messages are redelivered, to either replica): the final state is exact — every
+/// file counted once, every collection Received then Success, the product COMPLETED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_on_one_queue_reach_the_exact_final_state() {
+    let name_a = unique("replica-a");
+    let mut env = start(
+        Backend::Postgres,
+        &[
+            ("amqp.prefetch", "16"),
+            ("amqp.connection_name", name_a.as_str()),
+        ],
+    )
+    .await;
+    let url = env.pg.as_ref().map(|p| p.url.clone()).expect("postgres");
+    let q = env.hs.q.clone();
+    let name_b = unique("replica-b");
+    let second_dir = tempfile::tempdir().unwrap();
+    let cfg = service_config::<SnapshotStatus>(
+        second_dir.path(),
+        &[
+            ("snapshot_status.queue", q.as_str()),
+            ("snapshot_status.input_exchange", &format!("{q}-in")),
+            ("snapshot_status.output_exchange", &format!("{q}-out")),
+            ("snapshot_status.database_url", url.as_str()),
+            (
+                "snapshot_status.export_state_exchange",
+                env.export_ex.as_str(),
+            ),
+            (
+                "snapshot_status.monitoring_exchange",
+                env.monitoring_ex.as_str(),
+            ),
+            ("amqp.prefetch", "16"),
+            ("amqp.connection_name", name_b.as_str()),
+        ],
+    );
+    let mut other = Harness::start_service::<SnapshotStatus>(cfg).await;
+    let c = "corr-replicas";
+    let collections = ["db.x", "db.y", "db.z"];
+    let per = 40;
+    let mut sent = 0;
+    for coll in collections {
+        env.process(&msg(c, coll, json!({"files_sent": per}))).await;
+        sent += 1;
+    }
+    // Files of the three collections interleaved, each published twice.
+    for i in 0..per {
+        for coll in collections {
+            let f = file(c, coll, &format!("{coll}-{i}.gz.enc"));
+            env.send(&f).await;
+            env.send(&f).await;
+            sent += 2;
+        }
+        if i == per / 2 {
+            // Replica B loses its connection with messages in flight: redelivered.
+            let closed = close_connection_named(&name_b).await;
+            assert_eq!(closed, 1, "replica B's connection closed by the broker");
+        }
+    }
+    let store = &env.store;
+    await_state("every collection Received", || async {
+        store
+            .collections(c)
+            .await
+            .unwrap()
+            .iter()
+            .filter(|k| k.status == "Received")
+            .count()
+            == collections.len()
+    })
+    .await;
+    for coll in collections {
+        let s = msg(
+            c,
+            coll,
+            json!({"is_success_file": "true", "filename": "_SUCCESS"}),
+        );
+        env.send(&s).await;
+        env.send(&s).await;
+        sent += 2;
+    }
+    await_state("the product COMPLETED", || async {
+        store.product_status(c).await.unwrap().as_deref() == Some("COMPLETED")
+    })
+    .await;
+    // Every message handled: the queue drained, then both replicas stopped (each finishes
+    // what it holds).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while ready_count(&env.hs.ch, &env.hs.q).await > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "queue drained");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    other.stop().await;
+    env.hs.stop().await;
+    let mut outputs = 0;
+    while next_within(&mut env.out, Duration::from_millis(300))
+        .await
+        .is_some()
+    {
+        outputs += 1;
+    }
+    let cols = env.store.collections(c).await.unwrap();
+    assert_eq!(cols.len(), collections.len());
+    for k in &cols {
+        assert_eq!(k.status, "Success", "{k:?}");
+        assert_eq!(
+            k.files_received,
+            i64::from(per),
+            "each file counted once: {k:?}"
+        );
+        assert_eq!(k.files_sent, Some(i64::from(per)));
+    }
+    // Outputs are at least once: the file that completed a collection re-emits its
+    // export-state message when redelivered; each collection's comes at least once.
+    let mut exports = std::collections::HashMap::<String, usize>::new();
+    while let Some(d) = next_within(&mut env.export, Duration::from_millis(300)).await {
+        *exports
+            .entry(json_of(&d)["topic_name"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    for coll in collections {
+        assert!(exports.get(coll).is_some_and(|n| *n >= 1), "{exports:?}");
+    }
+    let mut monitoring = 0;
+    while next_within(&mut env.monitoring, Duration::from_millis(300))
+        .await
+        .is_some()
+    {
+        monitoring += 1;
+    }
+    assert!(monitoring >= 1, "the all-successful message was sent");
+    assert_eq!(env.dlq_count().await, 0, "nothing dead-lettered");
+    println!(
+        "| 2 replicas of snapshot-status on one queue and one PostgreSQL, {} files of 3 collections interleaved, each sent twice, one replica's connection closed mid-stream | {sent} | 0 | every message sent twice; {outputs} success outputs | exact final state: every file counted once, 3 × Received → Success, COMPLETED; export-state messages per collection {exports:?}, monitoring {monitoring} |",
+        per * 3
+    );
+    env.finish().await;
+    // Dropped last: a harness deletes the queue and exchanges it shares with the first.
+    drop(other);
+}

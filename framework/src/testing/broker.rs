@@ -14,7 +14,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueBindOptions, QueueDeclareOptions};
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
@@ -116,6 +120,14 @@ impl PrivateBroker {
     /// gets the node's directory as this process sees it and as the node sees it (they
     /// differ for a chrooted install), to put files such as certificates there.
     pub async fn start_with(setup: impl FnOnce(&Path, &Path) -> String) -> PrivateBroker {
+        let broker = Self::spawn_with(setup);
+        broker.await_started().await;
+        broker
+    }
+
+    /// Starts the node's server process and returns at once (see [`Self::await_started`]),
+    /// so several nodes can boot side by side.
+    pub(crate) fn spawn_with(setup: impl FnOnce(&Path, &Path) -> String) -> PrivateBroker {
         let root = install_root();
         sweep_orphans(root.as_deref());
         let id = &uuid::Uuid::new_v4().simple().to_string()[..10];
@@ -155,13 +167,25 @@ impl PrivateBroker {
             .stderr(log);
         let server = process::spawn(&mut cmd)
             .expect("rabbitmq-server on PATH (the machine's RabbitMQ install)");
-        let broker = PrivateBroker {
+        PrivateBroker {
             node,
             port,
             dir,
             root,
             server: Some(server),
-        };
+        }
+    }
+
+    /// Waits until a node started by [`Self::spawn_with`] accepts AMQP connections.
+    pub(crate) async fn await_started(&self) {
+        let broker = self;
+        let inner = PathBuf::from(NODE_DIRS).join(
+            broker
+                .dir
+                .file_name()
+                .expect("the node directory has a name"),
+        );
+        let d = |name: &str| inner.join(name).display().to_string();
         // `rabbitmqctl wait` reads the pid file as soon as it exists and fails on one that is
         // still being written ("garbage_in_pid_file"): wait for a whole pid first.
         let pid_file = broker.dir.join("pid");
@@ -180,7 +204,11 @@ impl PrivateBroker {
         }
         broker.ctl(&["wait", &d("pid"), "--timeout", "90"]);
         broker.await_amqp().await;
-        broker
+    }
+
+    /// The node's Erlang name (`st…@localhost`), as `rabbitmqctl -n` and `join_cluster` take it.
+    pub fn node(&self) -> &str {
+        &self.node
     }
 
     /// The RabbitMQ version of this node's install, e.g. `(4, 0)`.
@@ -216,14 +244,9 @@ impl PrivateBroker {
         self.await_amqp().await;
     }
 
-    fn ctl(&self, args: &[&str]) {
-        let out = rabbit_command(self.root.as_deref(), "rabbitmqctl")
-            .arg("-n")
-            .arg(&self.node)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("rabbitmqctl on PATH");
+    /// Runs `rabbitmqctl -n <node> args…` and asserts it succeeded.
+    pub fn ctl(&self, args: &[&str]) {
+        let out = self.ctl_output(args);
         assert!(
             out.status.success(),
             "rabbitmqctl -n {} {args:?} failed: {}\n{}\nserver output: {}",
@@ -234,12 +257,29 @@ impl PrivateBroker {
         );
     }
 
+    /// Runs `rabbitmqctl -n <node> args…` (or another CLI tool of the install, e.g.
+    /// `rabbitmq-queues`, with [`Self::tool_output`]) and returns what it did.
+    pub fn ctl_output(&self, args: &[&str]) -> std::process::Output {
+        self.tool_output("rabbitmqctl", args)
+    }
+
+    /// Runs `tool -n <node> args…` of this node's install.
+    pub fn tool_output(&self, tool: &str, args: &[&str]) -> std::process::Output {
+        rabbit_command(self.root.as_deref(), tool)
+            .arg("-n")
+            .arg(&self.node)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("the RabbitMQ CLI tools on PATH")
+    }
+
     async fn await_amqp(&self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            match Connection::connect(&self.url(), ConnectionProperties::default()).await {
+            match connect(&self.url()).await {
                 Ok(c) => {
-                    let _ = c.close(200, "ready".into()).await;
+                    close(c).await;
                     return;
                 }
                 Err(e) => {
@@ -252,19 +292,14 @@ impl PrivateBroker {
 
     /// A connection and confirm channel to this node.
     pub async fn channel(&self) -> Option<(Connection, Channel)> {
-        let conn = Connection::connect(&self.url(), ConnectionProperties::default())
-            .await
-            .ok()?;
+        let conn = connect(&self.url()).await.ok()?;
         let ch = crate::runtime::confirm_channel(&conn).await.ok()?;
         Some((conn, ch))
     }
 
     /// Messages ready in `queue`, or None while the node is unreachable.
     pub async fn count(&self, queue: &str) -> Option<u32> {
-        let (conn, ch) = self.channel().await?;
-        let n = crate::dlq::count(&ch, queue).await.ok();
-        let _ = conn.close(200, "".into()).await;
-        n
+        count_at(&self.url(), queue).await
     }
 
     /// Declares a durable quorum queue bound to `exchange` with `#` to collect outputs.
@@ -291,7 +326,7 @@ impl PrivateBroker {
         )
         .await
         .expect("bind sink");
-        let _ = conn.close(200, "".into()).await;
+        close(conn).await;
     }
 
     /// Publishes every body persistently to `exchange` with `key`, waiting for confirms.
@@ -314,7 +349,7 @@ impl PrivateBroker {
         for confirm in pending {
             assert!(confirm.await.expect("confirm").is_ack(), "preload acked");
         }
-        let _ = conn.close(200, "".into()).await;
+        close(conn).await;
     }
 
     /// Waits until `sink` holds a fifth of `n` outputs, stops the broker for `outage`,
@@ -328,7 +363,7 @@ impl PrivateBroker {
         outage: Duration,
     ) -> Restart {
         let started = Instant::now();
-        self.await_outputs(sink, n / 5, started).await;
+        await_outputs(self, sink, n / 5, started).await;
         self.stop_app();
         let down_at = Instant::now();
         // The outage itself: the service must ride it out; there is no condition to await.
@@ -336,9 +371,9 @@ impl PrivateBroker {
         self.start_app().await;
         let up_at = Instant::now();
         let before = self.count(sink).await.unwrap_or(0) as usize;
-        self.await_outputs(sink, before + 1, started).await;
+        await_outputs(self, sink, before + 1, started).await;
         let resumed = up_at.elapsed();
-        self.await_done(queue, sink, n, started).await;
+        await_done(self, queue, sink, n, started).await;
         Restart {
             down: up_at - down_at,
             resumed,
@@ -358,37 +393,11 @@ impl PrivateBroker {
     ) -> Duration {
         let started = Instant::now();
         for k in 1..=times {
-            self.await_outputs(sink, k * n / (times + 1), started).await;
+            await_outputs(self, sink, k * n / (times + 1), started).await;
             self.ctl(&["close_all_connections", "closed by a fault test"]);
         }
-        self.await_done(queue, sink, n, started).await;
+        await_done(self, queue, sink, n, started).await;
         started.elapsed()
-    }
-
-    /// Polls until `sink` holds at least `at_least` messages (at most 10 min from `since`).
-    async fn await_outputs(&self, sink: &str, at_least: usize, since: Instant) {
-        while (self.count(sink).await.unwrap_or(0) as usize) < at_least {
-            assert!(
-                since.elapsed() < FAULT_RUN_LIMIT,
-                "timed out waiting for {at_least} outputs in {sink}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Polls until `sink` holds `n` outputs and `queue` is empty.
-    async fn await_done(&self, queue: &str, sink: &str, n: usize, since: Instant) {
-        loop {
-            self.await_outputs(sink, n, since).await;
-            if self.count(queue).await == Some(0) {
-                return;
-            }
-            assert!(
-                since.elapsed() < FAULT_RUN_LIMIT,
-                "timed out waiting for {queue} to empty"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
     }
 
     /// Takes every message out of `queue` and counts them by `id` (None: not counted).
@@ -399,16 +408,122 @@ impl PrivateBroker {
     ) -> HashMap<String, usize> {
         let (conn, ch) = self.channel().await.expect("private broker reachable");
         let mut seen = HashMap::new();
-        while let Ok(Some(m)) = ch
-            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+        // A consumer with a deep prefetch: one basic.get per message crawls on a quorum
+        // queue (tens of thousands of outputs took minutes).
+        ch.basic_qos(1000, BasicQosOptions::default())
             .await
-        {
-            if let Some(k) = id(&m.delivery.data) {
-                *seen.entry(k).or_default() += 1;
+            .expect("qos");
+        let mut consumer = ch
+            .basic_consume(
+                queue.into(),
+                "drain".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume the queue to drain");
+        let deadline = Instant::now() + FAULT_RUN_LIMIT;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(1), consumer.next()).await {
+                Ok(Some(Ok(d))) => {
+                    if let Some(k) = id(&d.data) {
+                        *seen.entry(k).or_default() += 1;
+                    }
+                }
+                Ok(_) => break,
+                // Quiet for a second: done once the queue reads empty.
+                Err(_) => {
+                    if crate::dlq::count(&ch, queue).await.unwrap_or(0) == 0 {
+                        break;
+                    }
+                }
             }
+            assert!(Instant::now() < deadline, "drained {queue} in time");
         }
-        let _ = conn.close(200, "".into()).await;
+        close(conn).await;
         seen
+    }
+}
+
+/// Bounds a test connection's handshake: a node stopping or booting can accept the TCP
+/// connection and never answer, and an unbounded connect would hang the test for good.
+const CONNECT_LIMIT: Duration = Duration::from_secs(10);
+
+/// Connects to `url` within [`CONNECT_LIMIT`].
+pub async fn connect(url: &str) -> Result<Connection, String> {
+    match tokio::time::timeout(
+        CONNECT_LIMIT,
+        Connection::connect(url, ConnectionProperties::default()),
+    )
+    .await
+    {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no AMQP handshake within {CONNECT_LIMIT:?}")),
+    }
+}
+
+/// Closes `conn`, giving up after a few seconds (its node may have gone away meanwhile).
+pub async fn close(conn: Connection) {
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn.close(200, "".into())).await;
+}
+
+/// Messages ready in `queue` on the broker at `url`, or None while it is unreachable.
+pub async fn count_at(url: &str, queue: &str) -> Option<u32> {
+    let conn = connect(url).await.ok()?;
+    // A node stopping under the call must not hang it.
+    let n = tokio::time::timeout(CONNECT_LIMIT, async {
+        match conn.create_channel().await {
+            Ok(ch) => crate::dlq::count(&ch, queue).await.ok(),
+            Err(_) => None,
+        }
+    })
+    .await
+    .ok()
+    .flatten();
+    close(conn).await;
+    n
+}
+
+/// Something that can count a queue's ready messages: one node, or a cluster (any node that
+/// answers). The fault runs' waits poll it.
+pub trait QueueCounts {
+    /// Messages ready in `queue`, or None while unreachable.
+    fn ready(&self, queue: &str) -> impl std::future::Future<Output = Option<u32>> + Send;
+}
+
+impl QueueCounts for PrivateBroker {
+    async fn ready(&self, queue: &str) -> Option<u32> {
+        self.count(queue).await
+    }
+}
+
+/// Polls until `sink` holds at least `at_least` messages (at most 10 min from `since`).
+pub async fn await_outputs(b: &impl QueueCounts, sink: &str, at_least: usize, since: Instant) {
+    while (b.ready(sink).await.unwrap_or(0) as usize) < at_least {
+        assert!(
+            since.elapsed() < FAULT_RUN_LIMIT,
+            "timed out waiting for {at_least} outputs in {sink}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Polls until `sink` holds `n` outputs and `queue` is empty (at most 10 min from `since`).
+pub async fn await_done(b: &impl QueueCounts, queue: &str, sink: &str, n: usize, since: Instant) {
+    loop {
+        await_outputs(b, sink, n, since).await;
+        if b.ready(queue).await == Some(0) {
+            return;
+        }
+        assert!(
+            since.elapsed() < FAULT_RUN_LIMIT,
+            "timed out waiting for {queue} to empty"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -469,6 +584,14 @@ impl Tally {
             r.resumed.as_secs_f64(),
             r.down.as_secs_f64(),
             r.total.as_secs_f64()
+        )
+    }
+
+    /// A docs/reliability.md row: `| what | sent | lost | duplicated | recovery |`.
+    pub fn row(&self, what: &str, recovery: &str) -> String {
+        format!(
+            "| {what} | {} | {} | {} | {recovery} |",
+            self.sent, self.lost, self.duplicated
         )
     }
 

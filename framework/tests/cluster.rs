@@ -1,0 +1,182 @@
+//! Two replicas of echo (separate processes, every node in `[amqp] urls`, each starting at
+//! a different node) on a private three-node RabbitMQ cluster, quorum queues replicated on
+//! all three: the node leading the service's queue stopped mid-stream, and a rolling restart
+//! of every node under load. Nothing is lost, the replicas are never restarted, and each run
+//! prints its docs/reliability.md row (sent, lost, duplicated, time to recover).
+//!
+//! `cargo test -p framework --test cluster -- --nocapture` (CLUSTER_MESSAGES overrides the
+//! 10,000 messages).
+
+use std::process::{Command, Stdio};
+
+use framework::testing::broker::Tally;
+use framework::testing::cluster::PrivateCluster;
+use framework::testing::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_echo");
+
+/// In-flight limit of each replica: duplicates after a fault are bounded by it.
+const PREFETCH: usize = 16;
+const REPLICAS: usize = 2;
+
+fn messages() -> usize {
+    std::env::var("CLUSTER_MESSAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000)
+}
+
+/// Echo replica `r` on queue `q`: every node of the cluster, starting at node `r`.
+fn echo(
+    cluster: &PrivateCluster,
+    r: usize,
+    q: &str,
+    dir: &std::path::Path,
+    delay_ms: u64,
+) -> Command {
+    let urls = cluster.urls_from(r);
+    let first = urls.split(',').next().unwrap_or_default().to_string();
+    let mut c = service_command(BIN, "echo", q, &first, dir);
+    c.env("STORAGETIER__AMQP__URLS", &urls)
+        .env("STORAGETIER__AMQP__CONNECTION_NAME", unique("replica"))
+        .env("STORAGETIER__AMQP__PREFETCH", PREFETCH.to_string())
+        .env("STORAGETIER__AMQP__RECONNECT_INITIAL_MS", "100")
+        .env("STORAGETIER__AMQP__RECONNECT_MAX_MS", "1000")
+        .env("STORAGETIER__ECHO__DELAY_MS", delay_ms.to_string())
+        .env("STORAGETIER__RETRY__DELAYS_MS", "200,400")
+        .stderr(Stdio::null());
+    c
+}
+
+/// Echo declared on the cluster, its queue replicated on every node, a sink bound to its
+/// output, `n` inputs preloaded, then `REPLICAS` replicas started.
+async fn replicas_with_backlog(
+    cluster: &PrivateCluster,
+    q: &str,
+    sink: &str,
+    n: usize,
+    dir: &std::path::Path,
+    delay_ms: u64,
+) -> Vec<process::Guarded> {
+    let declared = echo(cluster, 0, q, dir, delay_ms)
+        .arg("declare")
+        .status()
+        .expect("echo runs");
+    assert!(declared.success());
+    cluster.sink(sink, &format!("{q}-out")).await;
+    let r = cluster.replicas(q).expect("the service's queue exists");
+    assert_eq!(
+        r.members.len(),
+        cluster.nodes().len(),
+        "the quorum queue has a replica on every node: {r:?}"
+    );
+    cluster.await_replicas_online(&[q, sink]).await;
+    cluster
+        .preload(
+            &format!("{q}-in"),
+            "k",
+            (0..n).map(|i| format!("{{\"i\":{i}}}").into_bytes()),
+        )
+        .await;
+    (0..REPLICAS)
+        .map(|r| {
+            process::spawn(echo(cluster, r, q, dir, delay_ms).arg("run")).expect("echo starts")
+        })
+        .collect()
+}
+
+/// Asserts every replica is still the process it was (never restarted), SIGTERMs each,
+/// asserts a clean exit, and tallies `sink` by input id.
+async fn finish(
+    cluster: &PrivateCluster,
+    replicas: Vec<process::Guarded>,
+    sink: &str,
+    n: usize,
+) -> Tally {
+    for mut r in replicas {
+        assert!(r.is_running(), "the replica kept running through the fault");
+        let code = r.terminate(WAIT).and_then(|s| s.code());
+        assert_eq!(code, Some(0), "the replica drained and exited cleanly");
+    }
+    let seen = cluster
+        .drain_ids(sink, |b| {
+            let v: serde_json::Value = serde_json::from_slice(b).ok()?;
+            v["i"].as_u64().map(|i| i.to_string())
+        })
+        .await;
+    Tally::of(n, &seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_leader_stopped_mid_stream_loses_nothing() {
+    let n = messages();
+    let cluster = PrivateCluster::start().await;
+    let q = unique("leader");
+    let sink = format!("{q}-sink");
+    let dir = tempfile::tempdir().expect("config dir");
+    let replicas = replicas_with_backlog(&cluster, &q, &sink, n, dir.path(), 2).await;
+    let f = cluster.stop_leader_mid_stream(&q, &sink, n).await;
+    let t = finish(&cluster, replicas, &sink, n).await;
+    println!(
+        "{}",
+        t.row(
+            &format!(
+                "queue leader node stopped mid-stream (3-node cluster), {REPLICAS} replicas of echo"
+            ),
+            &format!(
+                "new leader within {:.1} s, outputs resumed {:.1} s after stop_app, {:.1} s in all",
+                f.new_leader.as_secs_f64(),
+                f.resumed.as_secs_f64(),
+                f.total.as_secs_f64()
+            )
+        )
+    );
+    assert!(f.outputs_before < n, "the leader was stopped mid-stream");
+    assert_eq!(t.lost, 0, "nothing lost");
+    assert!(
+        t.duplicated <= REPLICAS * PREFETCH,
+        "duplicates bounded by what was in flight: {t:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_restart_of_every_node_loses_nothing() {
+    let n = messages();
+    let cluster = PrivateCluster::start().await;
+    let q = unique("rolling");
+    let sink = format!("{q}-sink");
+    let dir = tempfile::tempdir().expect("config dir");
+    // Slow enough handlers that the stream outlasts three node restarts: at most
+    // REPLICAS × PREFETCH / 200 ms = 160 messages a second (10,000 take a minute).
+    let replicas = replicas_with_backlog(&cluster, &q, &sink, n, dir.path(), 200).await;
+    let r = cluster.rolling_restart_mid_stream(&q, &sink, n).await;
+    let t = finish(&cluster, replicas, &sink, n).await;
+    let cycles: Vec<String> = r
+        .node_cycle
+        .iter()
+        .map(|d| format!("{:.1}", d.as_secs_f64()))
+        .collect();
+    println!(
+        "{}",
+        t.row(
+            &format!("rolling restart of all 3 nodes under load, {REPLICAS} replicas of echo (never restarted)"),
+            &format!(
+                "nodes back with every replica online after {} s; longest gap in outputs {:.1} s; outputs at each stop {:?} of {n}; {:.1} s in all",
+                cycles.join(" / "),
+                r.longest_stall.as_secs_f64(),
+                r.outputs_at_stop,
+                r.total.as_secs_f64()
+            )
+        )
+    );
+    assert!(
+        r.outputs_at_stop.iter().all(|&o| o < n),
+        "every node was restarted mid-stream: {:?}",
+        r.outputs_at_stop
+    );
+    assert_eq!(t.lost, 0, "nothing lost");
+    assert!(
+        t.duplicated <= r.node_cycle.len() * REPLICAS * PREFETCH,
+        "duplicates bounded by what was in flight at each restart: {t:?}"
+    );
+}

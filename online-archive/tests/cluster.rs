@@ -1,0 +1,252 @@
+//! Two replicas of online-archive (separate processes, one PostgreSQL database, one archive
+//! store, every node in `[amqp] urls`, each starting at a different node) on a private
+//! three-node RabbitMQ cluster, quorum queues replicated on all three:
+//! - the node leading the service's queue stopped mid-stream;
+//! - `kill -9` of one replica mid-stream: the other finishes the work.
+//!
+//! Every file is archived and reported, exactly one object and one record per file, nothing
+//! dead-lettered; each run prints its docs/reliability.md row. 2,000 small files per run
+//! (CLUSTER_FILES overrides) keep both under two minutes on a loaded 2-core machine.
+//!
+//! `cargo test -p online-archive --test cluster -- --nocapture`
+
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use framework::testing::broker::{Tally, await_outputs};
+use framework::testing::cluster::PrivateCluster;
+use framework::testing::{WAIT, process, service_command, unique};
+use storage::testing::{put_online_file, sweeper_message};
+
+const PREFETCH: usize = 16;
+const REPLICAS: usize = 2;
+const KEY: &str = "assetsweeper.asset_folder_importer.file.new";
+
+fn files() -> usize {
+    std::env::var("CLUSTER_FILES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2_000)
+}
+
+/// Every regular file under `dir`, relative to it.
+fn objects(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("read archive dir").flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(rel) = p.strip_prefix(dir) {
+                out.push(rel.display().to_string());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A run: the cluster, a PostgreSQL database, `n` online files preloaded as sweeper
+/// messages, the service declared and a sink bound to its output.
+struct Run {
+    cluster: PrivateCluster,
+    pg: db::testing::TempPostgres,
+    data: tempfile::TempDir,
+    q: String,
+    sink: String,
+    n: usize,
+}
+
+impl Run {
+    async fn start(prefix: &str) -> Run {
+        let n = files();
+        let cluster = PrivateCluster::start().await;
+        let pg = db::testing::TempPostgres::create()
+            .await
+            .expect("a test database on the local PostgreSQL");
+        let data = tempfile::tempdir().expect("data dir");
+        let q = unique(prefix);
+        let sink = format!("{q}-sink");
+        let run = Run {
+            cluster,
+            pg,
+            data,
+            q,
+            sink,
+            n,
+        };
+        let messages: Vec<Vec<u8>> = (0..n)
+            .map(|i| {
+                let name = format!("f{i}.bin");
+                let dir = put_online_file(
+                    run.data.path(),
+                    &format!("d{}/{name}", i % 100),
+                    format!("file {i} ").repeat(64).as_bytes(),
+                );
+                sweeper_message(&dir, &name, false).to_string().into_bytes()
+            })
+            .collect();
+        assert!(
+            run.archive(0)
+                .arg("declare")
+                .status()
+                .expect("online-archive runs")
+                .success()
+        );
+        run.cluster.sink(&run.sink, &format!("{}-out", run.q)).await;
+        let r = run.cluster.replicas(&run.q).expect("the service's queue");
+        assert_eq!(
+            r.members.len(),
+            run.cluster.nodes().len(),
+            "a replica of the queue on every node: {r:?}"
+        );
+        run.cluster
+            .await_replicas_online(&[&run.q, &run.sink])
+            .await;
+        run.cluster
+            .preload(&format!("{}-in", run.q), KEY, messages.into_iter())
+            .await;
+        run
+    }
+
+    /// Replica `r`: every node, starting at node `r`; the shared database and store.
+    fn archive(&self, r: usize) -> Command {
+        let bin = env!("CARGO_BIN_EXE_online-archive");
+        let urls = self.cluster.urls_from(r);
+        let first = urls.split(',').next().unwrap_or_default().to_string();
+        let mut c = service_command(bin, "online_archive", &self.q, &first, self.data.path());
+        c.env("STORAGETIER__AMQP__URLS", &urls)
+            .env("STORAGETIER__AMQP__PREFETCH", PREFETCH.to_string())
+            .env("STORAGETIER__AMQP__RECONNECT_INITIAL_MS", "200")
+            .env("STORAGETIER__AMQP__RECONNECT_MAX_MS", "1000")
+            // A killed replica's upload claims block their keys for their 20 s lease: the
+            // retries must outlast it (50 attempts, 2 s apart).
+            .env("STORAGETIER__RETRY__DELAYS_MS", "500,2000")
+            .env("STORAGETIER__STORAGE__DATA_DIR", self.data.path())
+            .env("STORAGETIER__ONLINE_ARCHIVE__DATABASE_URL", &self.pg.url)
+            .stderr(Stdio::null());
+        c
+    }
+
+    fn replicas(&self) -> Vec<process::Guarded> {
+        (0..REPLICAS)
+            .map(|r| process::spawn(self.archive(r).arg("run")).expect("online-archive starts"))
+            .collect()
+    }
+
+    /// Stops the surviving replicas (clean exit asserted), tallies the outputs by archive
+    /// key and checks the store, the records and the DLQ.
+    /// `left_claims`: upload claims a killed replica may leave behind (it recorded a copy
+    /// and died before releasing the claim; the redelivery finds the record and needs no
+    /// claim); they are leases and expire on their own.
+    async fn finish(self, replicas: Vec<process::Guarded>, left_claims: i64) -> Tally {
+        for mut r in replicas {
+            let code = r.terminate(WAIT).and_then(|s| s.code());
+            assert_eq!(code, Some(0), "the replica drained and exited cleanly");
+        }
+        let seen = self
+            .cluster
+            .drain_ids(&self.sink, |b| {
+                let v: serde_json::Value = serde_json::from_slice(b).ok()?;
+                v["archive_key"].as_str().map(str::to_string)
+            })
+            .await;
+        let t = Tally::of(self.n, &seen);
+        let dead = self.cluster.count(&format!("{}-dlq", self.q)).await;
+        assert_eq!(dead, Some(0), "nothing dead-lettered");
+        let stored = objects(&self.data.path().join("archive"));
+        assert_eq!(stored.len(), self.n, "exactly one object per file");
+        let rec = storage::Records::open(&self.pg.url)
+            .await
+            .expect("the records");
+        let objects = rec.count("stored_objects").await.expect("count");
+        let copies = rec.count("copied_files").await.expect("count");
+        let claims: i64 = db::sqlx::query_scalar("SELECT COUNT(*) FROM upload_claims")
+            .fetch_one(rec.pool())
+            .await
+            .expect("count the upload claims");
+        rec.pool().close().await;
+        self.pg.drop_db().await.expect("drop the test database");
+        assert_eq!(
+            objects as usize, self.n,
+            "one stored object record per file"
+        );
+        assert_eq!(copies as usize, self.n, "one copied file record per file");
+        assert!(
+            claims <= left_claims,
+            "{claims} upload claims left behind, at most {left_claims} expected"
+        );
+        t
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_leader_stopped_mid_stream_archives_every_file_once() {
+    let run = Run::start("archive-leader").await;
+    let replicas = run.replicas();
+    let (q, sink, n) = (run.q.clone(), run.sink.clone(), run.n);
+    let f = run.cluster.stop_leader_mid_stream(&q, &sink, n).await;
+    let t = run.finish(replicas, 0).await;
+    println!(
+        "{}",
+        t.row(
+            &format!(
+                "queue leader node stopped mid-stream (3-node cluster), {REPLICAS} replicas of online-archive, PostgreSQL records"
+            ),
+            &format!(
+                "new leader within {:.1} s, outputs resumed {:.1} s after stop_app, {:.1} s in all",
+                f.new_leader.as_secs_f64(),
+                f.resumed.as_secs_f64(),
+                f.total.as_secs_f64()
+            )
+        )
+    );
+    assert!(f.outputs_before < n, "the leader was stopped mid-stream");
+    assert_eq!(t.lost, 0, "every file reported");
+    assert!(
+        t.duplicated <= REPLICAS * PREFETCH,
+        "duplicates bounded by what was in flight: {t:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_one_replica_mid_stream_the_other_finishes() {
+    let run = Run::start("archive-replica-kill").await;
+    let mut replicas = run.replicas();
+    let (q, sink, n) = (run.q.clone(), run.sink.clone(), run.n);
+    let started = Instant::now();
+    let timeline = run.cluster.timeline(&sink);
+    await_outputs(&run.cluster, &sink, n / 5, started).await;
+    let mut killed = replicas.remove(0);
+    let before = run.cluster.count(&sink).await.unwrap_or(0) as usize;
+    killed.kill();
+    let killed_at = Instant::now();
+    run.cluster.await_settled(&q, &sink, n, started).await;
+    let finished = killed_at.elapsed();
+    let resumed = timeline
+        .first_output_after(killed_at)
+        .map(|t| t - killed_at)
+        .expect("outputs after the kill");
+    let total = started.elapsed();
+    let t = run.finish(replicas, PREFETCH as i64).await;
+    println!(
+        "{}",
+        t.row(
+            "kill -9 of one of 2 replicas of online-archive mid-stream (3-node cluster), PostgreSQL records",
+            &format!(
+                "the other replica went on ({:.1} s to the next output) and finished the last {} files {:.1} s after the kill (the dead replica's upload claims expire after 20 s); {:.1} s in all",
+                resumed.as_secs_f64(),
+                n - before,
+                finished.as_secs_f64(),
+                total.as_secs_f64()
+            )
+        )
+    );
+    assert!(before < n, "the replica was killed mid-stream");
+    assert_eq!(t.lost, 0, "every file reported");
+    assert!(
+        t.duplicated <= PREFETCH,
+        "duplicates bounded by what the killed replica had in flight: {t:?}"
+    );
+}
