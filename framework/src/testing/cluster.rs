@@ -344,9 +344,12 @@ impl PrivateCluster {
     pub async fn stop_leader_mid_stream(&self, queue: &str, sink: &str, n: usize) -> Failover {
         let started = Instant::now();
         let timeline = self.timeline(sink);
-        await_outputs(self, sink, n / 5, started).await;
+        // The leader is looked up before the stream is under way: `rabbitmqctl` takes
+        // seconds on a loaded machine, long enough for a short stream to finish before
+        // the stop it was meant to interrupt.
         let leader = self.replicas(queue).expect("the queue exists").leader;
         let i = self.index_of(&leader);
+        await_outputs(self, sink, n / 5, started).await;
         let outputs_before = self.count(sink).await.unwrap_or(0) as usize;
         self.nodes[i].stop_app();
         let down_at = Instant::now();
@@ -369,7 +372,12 @@ impl PrivateCluster {
         let resumed = timeline
             .first_output_after(down_at)
             .map(|t| t - down_at)
-            .expect("outputs after the stop");
+            .unwrap_or_else(|| {
+                panic!(
+                    "no output after the stop of {leader} (stopped at {outputs_before} of {n} \
+                     outputs: did the stream end before the stop?)"
+                )
+            });
         self.nodes[i].start_app().await;
         Failover {
             stopped: leader,
