@@ -22,8 +22,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use framework::lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueDeclareOptions,
 };
 use framework::lapin::types::{AMQPValue, FieldTable};
 use framework::lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -196,6 +195,7 @@ async fn run(who: Contender, n: usize, prefetch: u16, queue_type: &str) -> Run {
             let mut declare = service_command(ECHO, "echo", &q, &amqp_url(), config_dir.path());
             declare
                 .env("STORAGETIER__AMQP__QUEUE_TYPE", queue_type)
+                .stderr(Stdio::null())
                 .arg("declare");
             assert!(declare.status().expect("echo runs").success());
             sink(&ch, &sink_q, &format!("{q}-out")).await;
@@ -207,7 +207,10 @@ async fn run(who: Contender, n: usize, prefetch: u16, queue_type: &str) -> Run {
             let out = format!("{q}-out");
             let cleanup = Cleanup::new(vec![q.clone()], vec![out.clone()]);
             let mut args = FieldTable::default();
-            args.insert("x-queue-type".into(), AMQPValue::LongString(queue_type.into()));
+            args.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString(queue_type.into()),
+            );
             ch.queue_declare(
                 q.as_str().into(),
                 QueueDeclareOptions {
@@ -252,7 +255,10 @@ async fn run(who: Contender, n: usize, prefetch: u16, queue_type: &str) -> Run {
     let _sink_cleanup = Cleanup::new(vec![sink_q.clone()], vec![]);
     let child = process::spawn(&mut cmd).expect("contender starts");
     let pid = child.id();
-    poll_until("the contender's consumer", || consumers(&ch, &q).map(|c| c >= 1)).await;
+    poll_until("the contender's consumer", || {
+        consumers(&ch, &q).map(|c| c >= 1)
+    })
+    .await;
     let (start, cpu0) = (Instant::now(), cpu_seconds(pid));
     poll_until("the sink to fill", || {
         ready_count(&ch, &sink_q).map(|c| c as usize >= n)
@@ -274,24 +280,16 @@ async fn idle_rss() -> f64 {
     let q = unique("bench-idle");
     let _cleanup = Cleanup::service(&q, &[1000, 5000, 30000, 120000]);
     let config_dir = tempfile::tempdir().expect("tmp");
-    let mut cmd = service_command(ECHO, "echo", &q, &amqp_url(), config_dir.path());
-    cmd.env_remove("STORAGETIER__LOG__LEVEL")
-        .stderr(Stdio::null())
-        .arg("run");
-    let child = process::spawn(&mut cmd).expect("echo starts");
-    poll_until("echo's consumer", || async {
-        ch.queue_declare(
-            q.as_str().into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .is_ok_and(|d| d.consumer_count() >= 1)
-    })
-    .await;
+    let echo = || {
+        let mut c = service_command(ECHO, "echo", &q, &amqp_url(), config_dir.path());
+        // The production default (info), not the tests' warn.
+        c.env_remove("STORAGETIER__LOG__LEVEL")
+            .stderr(Stdio::null());
+        c
+    };
+    assert!(echo().arg("declare").status().expect("echo runs").success());
+    let child = process::spawn(echo().arg("run")).expect("echo starts");
+    poll_until("echo's consumer", || consumers(&ch, &q).map(|c| c >= 1)).await;
     // Idle is a duration, not an event: let start-up allocations settle.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss = rss_mib(child.id());
@@ -326,7 +324,9 @@ fn main() {
 }
 
 async fn parent() {
-    let n: usize = env_or("BENCH_MESSAGES", "20000").parse().expect("BENCH_MESSAGES");
+    let n: usize = env_or("BENCH_MESSAGES", "20000")
+        .parse()
+        .expect("BENCH_MESSAGES");
     let rounds: usize = env_or("BENCH_ROUNDS", "3").parse().expect("BENCH_ROUNDS");
     let prefetches: Vec<u16> = env_list("BENCH_PREFETCH", "16,128")
         .iter()

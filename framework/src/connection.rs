@@ -80,7 +80,7 @@ async fn connect_to(
         .with_connection_name(name.into())
         .with_client_property("service".into(), service.into());
     let builder = DefaultConnectionBuilder::new()?
-        .with_uri_str(url.expose().to_string())
+        .with_uri_str(with_frame_max(url.expose()))
         .with_properties(props)
         .with_tls_config(tls_config(amqp)?);
     bounded(
@@ -89,6 +89,24 @@ async fn connect_to(
         builder.connect(),
     )
     .await
+}
+
+/// The largest frame a connection asks for unless its URL names one (`?frame_max=`): lapin
+/// keeps send and receive buffers of 32 frames each, 8 MiB resident at the broker's default
+/// 128 KiB and 2 MiB at this. Bodies larger than a frame are split, and at 32 KiB the frame
+/// header is still 0.03 % of what is sent.
+const FRAME_MAX: u32 = 32 * 1024;
+
+/// `url` with `frame_max=FRAME_MAX` added to its query, unless it sets one.
+fn with_frame_max(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if !u.query_pairs().any(|(k, _)| k == "frame_max") => {
+            u.query_pairs_mut()
+                .append_pair("frame_max", &FRAME_MAX.to_string());
+            u.to_string()
+        }
+        _ => url.to_string(),
+    }
 }
 
 /// Opens a connection named for the management UI to the first node of `[amqp] urls`
@@ -123,4 +141,25 @@ pub async fn confirm_channel(conn: &Connection) -> Result<Channel, lapin::Error>
     ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
         .await?;
     Ok(ch)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_max_is_added_unless_the_url_sets_one() {
+        assert_eq!(
+            with_frame_max("amqp://u:p@h:5672/%2f"),
+            "amqp://u:p@h:5672/%2f?frame_max=32768"
+        );
+        assert_eq!(
+            with_frame_max("amqps://h/v?heartbeat=10"),
+            "amqps://h/v?heartbeat=10&frame_max=32768"
+        );
+        assert_eq!(
+            with_frame_max("amqp://h/%2f?frame_max=131072"),
+            "amqp://h/%2f?frame_max=131072"
+        );
+    }
 }
