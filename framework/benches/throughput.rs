@@ -177,6 +177,9 @@ struct Run {
     cpu: f64,
 }
 
+/// A measuring point (prefetch, queue type); its runs are kept per contender.
+type Point = (u16, String);
+
 /// One timed run of `who` over `n` pre-loaded messages.
 async fn run(who: Contender, n: usize, prefetch: u16, queue_type: &str) -> Run {
     let (conn, ch) = connect().await;
@@ -334,8 +337,7 @@ async fn parent() {
         .collect();
     let types = env_list("BENCH_QUEUE_TYPES", "quorum,classic");
     let all = [Contender::Raw, Contender::RustStream, Contender::Framework];
-    // results[(prefetch, type)][contender] = runs
-    let mut results: Vec<((u16, String), Vec<Vec<Run>>)> = Vec::new();
+    let mut results: Vec<(Point, Vec<Vec<Run>>)> = Vec::new();
     for p in &prefetches {
         for t in &types {
             results.push(((*p, t.clone()), vec![Vec::new(); all.len()]));
