@@ -291,7 +291,10 @@ pub(crate) fn output_properties(
 }
 
 fn new_message_id() -> ShortString {
-    uuid::Uuid::new_v4().to_string().into()
+    uuid::Builder::from_random_bytes(crate::trace::random_u128().to_le_bytes())
+        .into_uuid()
+        .to_string()
+        .into()
 }
 
 fn now_ts() -> u64 {

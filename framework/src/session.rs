@@ -87,6 +87,7 @@ pub(crate) async fn session<P: MessageProcessor>(
     let ch = bounded(limit, "opening a channel", conn.create_channel()).await?;
     let pool = ChannelPool::new(conn.clone(), limit);
     let publisher = Publisher::new(pool, &inner.service, &inner.topology.fail_exchange());
+    let metrics = Arc::new(m::QueueMetrics::new(&inner.topology.queue));
     bounded_declare(&inner.topology, &conn, limit).await?;
     bounded(
         limit,
@@ -147,12 +148,13 @@ pub(crate) async fn session<P: MessageProcessor>(
             Some(Ok(delivery)) => {
                 let inner2 = inner.clone();
                 let publisher2 = publisher.clone();
+                let metrics2 = metrics.clone();
                 let broken2 = broken.clone();
                 let cancel = handlers.cancel.clone();
                 let kill = handlers.kill.clone();
                 handlers.tasks.spawn(async move {
                     tokio::select! {
-                        _ = handle_delivery(&inner2, &publisher2, delivery, &broken2, cancel) => {}
+                        _ = handle_delivery(&inner2, &publisher2, &metrics2, delivery, &broken2, cancel) => {}
                         _ = kill.cancelled() => {}
                     }
                     drop(permit);
@@ -335,16 +337,15 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
 async fn handle_delivery<P: MessageProcessor>(
     inner: &Inner<P>,
     publisher: &Publisher,
-    delivery: Delivery,
+    metrics: &m::QueueMetrics,
+    mut delivery: Delivery,
     broken: &CancellationToken,
     cancel: CancellationToken,
 ) {
     let inc = incoming(&delivery);
-    let message_id = delivery
-        .properties
-        .message_id()
-        .as_ref()
-        .map(|s| s.to_string());
+    // Moved, not copied: the context is the only holder of the delivery's properties.
+    let properties = std::mem::take(&mut delivery.properties);
+    let message_id = properties.message_id().as_ref().map(|s| s.to_string());
     let trace = crate::trace::TraceContext::continue_from(&inc.headers);
     let span = info_span!("message",
         trace_id = %trace.trace_id,
@@ -354,28 +355,23 @@ async fn handle_delivery<P: MessageProcessor>(
         message_id = message_id.as_deref().unwrap_or(""),
         attempt = inc.attempt);
     async move {
-        let queue = inner.topology.queue.clone();
-        let _in_flight = InFlight::enter(&queue);
+        let _in_flight = InFlight::enter(metrics.in_flight());
         let started = Instant::now();
         let started_at = std::time::SystemTime::now();
         let ctx = MessageContext {
-            exchange: inc.exchange.clone(),
-            routing_key: inc.routing_key.clone(),
+            exchange: inc.exchange,
+            routing_key: inc.routing_key,
             attempt: inc.attempt,
             redelivered: delivery.redelivered,
-            message_id: message_id.clone(),
-            correlation_id: delivery
-                .properties
-                .correlation_id()
-                .as_ref()
-                .map(|s| s.to_string()),
-            timestamp: *delivery.properties.timestamp(),
-            headers: inc.headers.clone(),
+            message_id,
+            correlation_id: properties.correlation_id().as_ref().map(|s| s.to_string()),
+            timestamp: *properties.timestamp(),
+            headers: inc.headers,
             retry_headers: Default::default(),
             cancel,
             trace,
             publisher: Some(publisher.clone()),
-            properties: delivery.properties.clone(),
+            properties,
         };
         // Decoding runs inside catch_unwind too: a panicking Deserialize is the input's fault.
         let handled = AssertUnwindSafe(async {
@@ -389,7 +385,8 @@ async fn handle_delivery<P: MessageProcessor>(
         let outcome = handled.unwrap_or_else(|p| {
             Outcome::Permanent(format!("processor panicked: {}", panic_message(&*p)))
         });
-        metrics::histogram!(m::HANDLER_SECONDS, "queue" => queue.clone())
+        metrics
+            .handler_seconds()
             .record(started.elapsed().as_secs_f64());
         let error = match &outcome {
             Outcome::Retry(r) | Outcome::Permanent(r) | Outcome::Exhausted(r)
@@ -399,13 +396,13 @@ async fn handle_delivery<P: MessageProcessor>(
             }
             _ => None,
         };
-        let label = settle(inner, publisher, &delivery, &ctx, outcome, broken).await;
+        let label = settle(inner, publisher, metrics, &delivery, &ctx, outcome, broken).await;
         if let Some(spans) = &inner.spans {
             spans.record(crate::otlp::Span {
                 trace: ctx.trace.clone(),
                 start: started_at,
                 end: std::time::SystemTime::now(),
-                queue,
+                queue: inner.topology.queue.clone(),
                 routing_key: ctx.routing_key.clone(),
                 message_id: ctx.message_id.clone(),
                 attempt: ctx.attempt,
@@ -423,12 +420,12 @@ async fn handle_delivery<P: MessageProcessor>(
 async fn settle<P: MessageProcessor>(
     inner: &Inner<P>,
     publisher: &Publisher,
+    metrics: &m::QueueMetrics,
     delivery: &Delivery,
     ctx: &MessageContext,
     outcome: Outcome,
     broken: &CancellationToken,
 ) -> &'static str {
-    let queue = &inner.topology.queue;
     if let Outcome::Interrupted(reason) = &outcome {
         info!(reason = %reason, "interrupted; the message goes back to the queue");
         let _ = delivery
@@ -444,7 +441,7 @@ async fn settle<P: MessageProcessor>(
     let (mut label, msgs) = inner.planner.plan(publisher, &delivery.data, ctx, outcome);
     let mut published = publisher.send(msgs).await;
     if let Err(e) = &published {
-        metrics::counter!(m::PUBLISH_FAILURES_TOTAL, "queue" => queue.clone()).increment(1);
+        metrics.publish_failures().increment(1);
         error!(error = %e, outcome = label, "could not publish the outcome");
         // A retry or dead letter that reached no queue means our own topology is
         // incomplete: re-declare it by starting a new session.
@@ -469,8 +466,7 @@ async fn settle<P: MessageProcessor>(
         Ok(()) => match delivery.acker.ack(BasicAckOptions::default()).await {
             // Ok(false): the channel is gone and the ack was never sent.
             Ok(true) => {
-                metrics::counter!(m::MESSAGES_TOTAL, "queue" => queue.clone(), "outcome" => label)
-                    .increment(1);
+                metrics.count(label);
             }
             Ok(false) => {
                 warn!(
@@ -499,17 +495,16 @@ async fn settle<P: MessageProcessor>(
 }
 
 /// Counts a handler in `storagetier_in_flight` until dropped, however the handler ends.
-struct InFlight(metrics::Gauge);
+struct InFlight<'a>(&'a metrics::Gauge);
 
-impl InFlight {
-    fn enter(queue: &str) -> Self {
-        let g = metrics::gauge!(m::IN_FLIGHT, "queue" => queue.to_string());
+impl<'a> InFlight<'a> {
+    fn enter(g: &'a metrics::Gauge) -> Self {
         g.increment(1.0);
         Self(g)
     }
 }
 
-impl Drop for InFlight {
+impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.decrement(1.0);
     }

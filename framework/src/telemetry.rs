@@ -65,3 +65,60 @@ pub fn init_logging(cfg: &LogConfig) {
     };
     let _ = result;
 }
+
+/// One queue's message metrics, each registered on first use (as a lookup would) and then
+/// kept: looking a metric up by name and owned labels on every message allocates and
+/// searches the registry.
+pub(crate) struct QueueMetrics {
+    queue: String,
+    in_flight: OnceLock<metrics::Gauge>,
+    handler_seconds: OnceLock<metrics::Histogram>,
+    publish_failures: OnceLock<metrics::Counter>,
+    /// `MESSAGES_TOTAL` by outcome, in the order of `OUTCOMES`.
+    messages: [OnceLock<metrics::Counter>; OUTCOMES.len()],
+}
+
+/// The `outcome` labels of `MESSAGES_TOTAL`.
+const OUTCOMES: [&str; 5] = ["success", "retry", "dead_letter", "drop", "interrupted"];
+
+impl QueueMetrics {
+    /// The metrics of `queue` (nothing registered yet).
+    pub(crate) fn new(queue: &str) -> Self {
+        Self {
+            queue: queue.to_string(),
+            in_flight: OnceLock::new(),
+            handler_seconds: OnceLock::new(),
+            publish_failures: OnceLock::new(),
+            messages: Default::default(),
+        }
+    }
+
+    /// `IN_FLIGHT` of this queue.
+    pub(crate) fn in_flight(&self) -> &metrics::Gauge {
+        self.in_flight
+            .get_or_init(|| metrics::gauge!(IN_FLIGHT, "queue" => self.queue.clone()))
+    }
+
+    /// `HANDLER_SECONDS` of this queue.
+    pub(crate) fn handler_seconds(&self) -> &metrics::Histogram {
+        self.handler_seconds
+            .get_or_init(|| metrics::histogram!(HANDLER_SECONDS, "queue" => self.queue.clone()))
+    }
+
+    /// `PUBLISH_FAILURES_TOTAL` of this queue.
+    pub(crate) fn publish_failures(&self) -> &metrics::Counter {
+        self.publish_failures.get_or_init(
+            || metrics::counter!(PUBLISH_FAILURES_TOTAL, "queue" => self.queue.clone()),
+        )
+    }
+
+    /// Counts one message finished as `outcome` in `MESSAGES_TOTAL`.
+    pub(crate) fn count(&self, outcome: &'static str) {
+        let register = || metrics::counter!(MESSAGES_TOTAL, "queue" => self.queue.clone(), "outcome" => outcome);
+        match OUTCOMES.iter().position(|o| *o == outcome) {
+            Some(i) => self.messages[i].get_or_init(register).increment(1),
+            // A label outside the list is still counted, only not kept.
+            None => register().increment(1),
+        }
+    }
+}

@@ -34,12 +34,29 @@ fn is_hex(s: &str, len: usize) -> bool {
 }
 
 fn random_hex(len: usize) -> String {
-    let mut s = String::with_capacity(len);
-    while s.len() < len {
-        s.push_str(&uuid::Uuid::new_v4().simple().to_string());
-    }
+    let mut s = format!("{:032x}", random_u128());
     s.truncate(len);
     s
+}
+
+/// 128 random bits for ids (trace and span ids, message ids), from a per-thread generator
+/// seeded once from the OS: asking the OS for every id cost a system call per id, several per
+/// message. Ids need to be unique and unpredictable enough to not collide, not secret.
+pub(crate) fn random_u128() -> u128 {
+    use std::cell::Cell;
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new(uuid::Uuid::new_v4().as_u64_pair().0);
+    }
+    // SplitMix64: a full-period sequence over the seed with well-mixed output.
+    let next = |state: &Cell<u64>| {
+        let s = state.get().wrapping_add(0x9E37_79B9_7F4A_7C15);
+        state.set(s);
+        let mut z = s;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    STATE.with(|st| (u128::from(next(st)) << 64) | u128::from(next(st)))
 }
 
 impl TraceContext {
@@ -141,5 +158,8 @@ mod tests {
         }
         let c = TraceContext::continue_from(&FieldTable::default());
         assert_eq!(c.flags, "01");
+        let d = TraceContext::continue_from(&FieldTable::default());
+        assert_ne!(c.trace_id, d.trace_id, "every new trace has its own id");
+        assert_ne!(c.span_id, d.span_id);
     }
 }
