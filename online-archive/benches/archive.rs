@@ -138,9 +138,7 @@ async fn echo(files: &[(String, String)], prefetch: usize) -> f64 {
             &format!("{q}-in"),
             "assetsweeper.#",
             "bench.echo",
-            FnProcessor(|v: serde_json::Value, _: &framework::MessageContext| {
-                Outcome::success(v)
-            }),
+            FnProcessor(|v: serde_json::Value, _: &framework::MessageContext| Outcome::success(v)),
         )
     };
     let (c, ch) = test_channel().await;
