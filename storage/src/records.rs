@@ -66,9 +66,9 @@ struct CopyRow {
 }
 
 impl GroupCommit {
-    fn start(pool: AnyPool) -> Self {
+    fn start(pool: AnyPool, is_sqlite: bool) -> Self {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(committer(pool, rx));
+        tokio::spawn(committer(pool, is_sqlite, rx));
         Self { tx }
     }
 
@@ -81,10 +81,14 @@ impl GroupCommit {
 }
 
 /// The group-commit task: runs until every [`Records`] clone is dropped.
-async fn committer(pool: AnyPool, mut rx: tokio::sync::mpsc::UnboundedReceiver<(Write, Reply)>) {
+async fn committer(
+    pool: AnyPool,
+    is_sqlite: bool,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<(Write, Reply)>,
+) {
     let mut batch = Vec::new();
     while rx.recv_many(&mut batch, MAX_GROUP).await > 0 {
-        match apply(&pool, batch.iter().map(|(w, _)| w)).await {
+        match apply(&pool, is_sqlite, batch.iter().map(|(w, _)| w)).await {
             Ok(results) => {
                 for ((_, reply), r) in batch.drain(..).zip(results) {
                     let _ = reply.send(Ok(r));
@@ -99,7 +103,7 @@ async fn committer(pool: AnyPool, mut rx: tokio::sync::mpsc::UnboundedReceiver<(
                 // One write failed the whole batch: each is applied alone, so only the
                 // failing one reports an error.
                 for (w, reply) in batch.drain(..) {
-                    let r = apply(&pool, std::iter::once(&w))
+                    let r = apply(&pool, is_sqlite, std::iter::once(&w))
                         .await
                         .map(|r| r.first().copied().unwrap_or(false));
                     let _ = reply.send(r);
@@ -112,9 +116,23 @@ async fn committer(pool: AnyPool, mut rx: tokio::sync::mpsc::UnboundedReceiver<(
 /// Applies `writes` in one transaction; their results once it committed.
 async fn apply<'a>(
     pool: &AnyPool,
+    is_sqlite: bool,
     writes: impl Iterator<Item = &'a Write>,
 ) -> Result<Vec<bool>, db::sqlx::Error> {
-    let mut tx = pool.begin().await?;
+    let writes: Vec<&Write> = writes.collect();
+    let mut conn = pool.acquire().await?;
+    let relaxed = is_sqlite && !writes.iter().any(|w| matches!(w, Write::Copy(_)));
+    if is_sqlite {
+        // Only a recorded copy must survive a power loss; claims are leases that a
+        // restart outlives anyway. A batch of claims alone skips the WAL fsync (it is
+        // still atomic and survives a crash); the next batch with a copy syncs the WAL,
+        // earlier frames included.
+        let mode = if relaxed { "NORMAL" } else { "FULL" };
+        db::sqlx::query(&format!("PRAGMA synchronous = {mode}"))
+            .execute(&mut *conn)
+            .await?;
+    }
+    let mut tx = db::sqlx::Connection::begin(&mut *conn).await?;
     let mut results = Vec::new();
     for w in writes {
         results.push(match w {
@@ -150,6 +168,16 @@ async fn apply<'a>(
         });
     }
     tx.commit().await?;
+    if relaxed {
+        // Every other write on this connection stays FULL (the claims are committed
+        // already: a failure here is only logged).
+        if let Err(e) = db::sqlx::query("PRAGMA synchronous = FULL")
+            .execute(&mut *conn)
+            .await
+        {
+            tracing::warn!(error = %e, "could not restore synchronous = FULL");
+        }
+    }
     Ok(results)
 }
 
@@ -288,7 +316,7 @@ impl Records {
         let pools = db::connect_split(url, &MIGRATOR, 4).await?;
         Ok(Self {
             pool: pools.read,
-            group: GroupCommit::start(pools.write.clone()),
+            group: GroupCommit::start(pools.write.clone(), url.starts_with("sqlite:")),
             write: pools.write,
         })
     }
