@@ -1,6 +1,6 @@
 //! Streaming copy into an object store with the checksum computed on the way, and
-//! read-back verification. Memory stays bounded by the chunk and part sizes whatever the
-//! file size.
+//! verification (the store's checksum, or reading back; local tiers: see [`crate::local`]).
+//! Memory per copy is bounded by the block and part sizes, not by the file size.
 
 use std::path::Path;
 use std::time::Duration;
@@ -747,7 +747,7 @@ fn join_part(
 /// ChecksumSHA256 (computed by S3 from the bytes it received) is compared with the one
 /// computed here from the bytes read, or, for a one-request upload to a store that keeps
 /// no checksum, its ETag with their MD5; only when neither settles it is the object
-/// read back. Local stores are read back (from the file directly). Returns what the
+/// read back. A local tier's durable copy ([`crate::local`]) is verified as written. Returns what the
 /// store said about the object, to be recorded with it.
 pub async fn verify_upload(
     tier: &Tier,

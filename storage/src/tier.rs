@@ -311,7 +311,8 @@ impl TierCopier {
             return Ok(Claimed::Occupied(d));
         }
 
-        // 4. Stream, hashing as we go; then read back and compare. The claim is renewed
+        // 4. Stream, hashing as we go; then verify (store checksum, read-back, or, on a
+        //    local store, the durable write itself). The claim is renewed
         //    meanwhile; losing it stops the copy before anything is recorded.
         let mut attrs = Attributes::new();
         if self.policy.keep_metadata {
