@@ -209,7 +209,7 @@ impl Archive<'_> {
         if preloaded {
             preload(&ch, &input, files).await;
         }
-        let mut child = process::spawn(&mut cmd().arg("run")).unwrap();
+        let mut child = process::spawn(cmd().arg("run")).unwrap();
         let start = if preloaded {
             Instant::now()
         } else {
