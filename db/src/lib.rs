@@ -65,9 +65,49 @@ pub fn is_supported(url: &str) -> bool {
 }
 
 /// Opens a pool (creating the SQLite file and its directory) and runs `migrator`.
+/// SQLite gets one connection (one writer at a time, so no SQLITE_BUSY under load);
+/// see [`connect_split`] for concurrent readers beside it.
 pub async fn connect(url: &str, migrator: &Migrator) -> Result<AnyPool, DbError> {
+    let full = full_url(url)?;
+    let sqlite = full.starts_with("sqlite:");
+    let pool = open_pool(&full, if sqlite { 1 } else { 10 }, false).await?;
+    migrator.run(&pool).await?;
+    Ok(pool)
+}
+
+/// A database opened as separate read and write pools.
+#[derive(Clone, Debug)]
+pub struct Pools {
+    /// For queries that only read.
+    pub read: AnyPool,
+    /// For every write. SQLite: its single writer connection (WAL lets the readers run
+    /// beside it); PostgreSQL: the same pool as `read`.
+    pub write: AnyPool,
+}
+
+/// Opens `url` as [`Pools`] and runs `migrator`. SQLite (WAL) gets one writer connection
+/// and `readers` read-only connections, so lookups never queue behind a write and
+/// writes never meet SQLITE_BUSY from each other; a `:memory:` database (one per
+/// connection) gets a single shared connection.
+pub async fn connect_split(url: &str, migrator: &Migrator, readers: u32) -> Result<Pools, DbError> {
+    let full = full_url(url)?;
+    if !full.starts_with("sqlite:") || full.contains(":memory:") {
+        let pool = connect(url, migrator).await?;
+        return Ok(Pools {
+            read: pool.clone(),
+            write: pool,
+        });
+    }
+    let write = open_pool(&full, 1, false).await?;
+    migrator.run(&write).await?;
+    let read = open_pool(&full, readers.max(1), true).await?;
+    Ok(Pools { read, write })
+}
+
+/// `url` as sqlx takes it (SQLite: its directory created, `mode=rwc` by default).
+fn full_url(url: &str) -> Result<String, DbError> {
     sqlx::any::install_default_drivers();
-    let full = if let Some(path) = url.strip_prefix("sqlite://") {
+    if let Some(path) = url.strip_prefix("sqlite://") {
         let path = path.split('?').next().unwrap_or(path);
         if path != ":memory:"
             && let Some(dir) = Path::new(path)
@@ -76,41 +116,50 @@ pub async fn connect(url: &str, migrator: &Migrator) -> Result<AnyPool, DbError>
         {
             std::fs::create_dir_all(dir).map_err(|e| DbError::Dir(dir.display().to_string(), e))?;
         }
-        if url.contains('?') {
+        Ok(if url.contains('?') {
             url.to_string()
         } else {
             format!("{url}?mode=rwc")
-        }
+        })
     } else if is_supported(url) {
-        url.to_string()
+        Ok(url.to_string())
     } else {
-        return Err(DbError::BadUrl(redact_url(url)));
-    };
-    let opts = AnyConnectOptions::from_str(&full)?;
+        Err(DbError::BadUrl(redact_url(url)))
+    }
+}
+
+async fn open_pool(full: &str, max: u32, read_only: bool) -> Result<AnyPool, DbError> {
+    let opts = AnyConnectOptions::from_str(full)?;
     let sqlite = full.starts_with("sqlite:");
     let pool = AnyPoolOptions::new()
-        // SQLite allows one writer; a single connection avoids SQLITE_BUSY under load.
-        .max_connections(if sqlite { 1 } else { 10 })
+        .max_connections(max)
         .acquire_timeout(Duration::from_secs(10))
         .after_connect(move |conn, _| {
             Box::pin(async move {
                 if sqlite {
-                    sqlx::query("PRAGMA journal_mode = WAL")
-                        .execute(&mut *conn)
-                        .await?;
-                    sqlx::query("PRAGMA busy_timeout = 5000")
-                        .execute(&mut *conn)
-                        .await?;
-                    sqlx::query("PRAGMA foreign_keys = ON")
-                        .execute(&mut *conn)
-                        .await?;
+                    // WAL: readers never block the writer nor it them. synchronous stays
+                    // FULL (SQLite's default): every commit is on disk before it returns,
+                    // so a recorded copy survives power loss, not only a process crash.
+                    // Writers batch their commits instead (group commit) to pay for it.
+                    for pragma in [
+                        "PRAGMA journal_mode = WAL",
+                        "PRAGMA synchronous = FULL",
+                        "PRAGMA busy_timeout = 5000",
+                        "PRAGMA foreign_keys = ON",
+                    ] {
+                        sqlx::query(pragma).execute(&mut *conn).await?;
+                    }
+                    if read_only {
+                        sqlx::query("PRAGMA query_only = ON")
+                            .execute(&mut *conn)
+                            .await?;
+                    }
                 }
                 Ok(())
             })
         })
         .connect_with(opts)
         .await?;
-    migrator.run(&pool).await?;
     Ok(pool)
 }
 

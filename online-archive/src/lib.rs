@@ -1,7 +1,7 @@
 //! online-archive: online storage → archive object store (design §7).
 //! SHA-256 is the archive's checksum: computed while streaming, verified before the success
 //! message goes out (on S3 against the store's own ChecksumSHA256, elsewhere by reading
-//! the stored object back).
+//! the stored object back; a local store hashes exactly what it writes and fsyncs).
 
 use std::path::PathBuf;
 

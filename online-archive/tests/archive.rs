@@ -310,7 +310,7 @@ async fn s3_and_postgres_backends_with_store_outage_retried() {
     let rec = storage::Records::open(&pg.url).await.unwrap();
     assert_eq!(rec.count("stored_objects").await.unwrap(), 2);
     assert!(rec.count("failures").await.unwrap() >= 1);
-    rec.pool().close().await;
+    rec.close().await;
     pg.drop_db().await.unwrap();
 }
 

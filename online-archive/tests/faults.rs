@@ -295,7 +295,7 @@ async fn kill_9_mid_s3_multipart_upload_resumes_from_the_stored_parts() {
         .expect("stored");
     assert_eq!(got.size, content.len() as u64);
     assert_eq!(v["checksum"], got.checksum, "the object is whole");
-    records.pool().close().await;
+    records.close().await;
     println!(
         "| kill -9 mid-multipart upload to S3 (moto) of a {} MiB file ({PARTS} parts), then restart, online-archive | parts begun before the kill: {before}, recorded: {recorded} | parts sent after the restart: {resumed} of {PARTS} |",
         content.len() >> 20

@@ -1,6 +1,6 @@
 //! Streaming copy into an object store with the checksum computed on the way, and
-//! read-back verification. Memory stays bounded by the chunk and part sizes whatever the
-//! file size.
+//! verification (the store's checksum, or reading back; local tiers: see [`crate::local`]).
+//! Memory per copy is bounded by the block and part sizes, not by the file size.
 
 use std::path::Path;
 use std::time::Duration;
@@ -236,6 +236,9 @@ pub struct Uploaded {
     pub parts_sent: u64,
     /// Parts a resumed upload already had in the store.
     pub parts_reused: u64,
+    /// Written to a local tier by [`crate::local::copy`]: the digest is of the bytes
+    /// written and fsynced, which verifies the copy without reading it back.
+    pub written_durably: bool,
 }
 
 /// Where the multipart state of a resumable upload is kept, and the source's mtime
@@ -265,6 +268,28 @@ pub async fn upload(
     sweep_stale_staging(tier, key).await;
     let read_err = |e| CopyError::Read(shown.to_string(), e);
     let len = file.metadata().map_err(read_err)?.len();
+    if let Some(dir) = &tier.local_dir {
+        // A local tier is written directly and durably (see crate::local): no object
+        // store layer, no read-back.
+        let dest = dir.join(key.as_ref());
+        let f = file.try_clone().map_err(read_err)?;
+        let owned = shown.to_string();
+        let digest =
+            tokio::task::spawn_blocking(move || crate::local::copy(&f, &dest, &owned, alg))
+                .await
+                .map_err(|e| CopyError::Write(shown.to_string(), std::io::Error::other(e)))??;
+        if digest.size != len {
+            return Err(CopyError::SourceChanged(shown.to_string()));
+        }
+        return Ok(Uploaded {
+            digest,
+            store_checksum: None,
+            md5: None,
+            parts_sent: 0,
+            parts_reused: 0,
+            written_durably: true,
+        });
+    }
     let part = part_size(len, tier.min_part, tier.local_dir.is_none())?;
     let mut f = tokio::fs::File::from_std(file.try_clone().map_err(read_err)?);
     f.seek(std::io::SeekFrom::Start(0))
@@ -323,6 +348,7 @@ pub async fn upload(
             md5: sums.map(|s| s.1),
             parts_sent: 0,
             parts_reused: 0,
+            written_durably: false,
         }
     } else if let (Some(s3), Some(mp)) = (&tier.s3, &tier.multipart) {
         let ctx = Multipart {
@@ -413,6 +439,7 @@ async fn upload_multipart(
         md5: None,
         parts_sent: parts,
         parts_reused: 0,
+        written_durably: false,
     })
 }
 
@@ -651,6 +678,7 @@ impl Multipart<'_> {
             md5: None,
             parts_sent: sent,
             parts_reused: reused,
+            written_durably: false,
         })
     }
 
@@ -719,7 +747,7 @@ fn join_part(
 /// ChecksumSHA256 (computed by S3 from the bytes it received) is compared with the one
 /// computed here from the bytes read, or, for a one-request upload to a store that keeps
 /// no checksum, its ETag with their MD5; only when neither settles it is the object
-/// read back. Local stores are read back (from the file directly). Returns what the
+/// read back. A local tier's durable copy ([`crate::local`]) is verified as written. Returns what the
 /// store said about the object, to be recorded with it.
 pub async fn verify_upload(
     tier: &Tier,
@@ -729,6 +757,9 @@ pub async fn verify_upload(
 ) -> Result<StoreFacts, CopyError> {
     let expected = &up.digest;
     let mut facts = StoreFacts::default();
+    if up.written_durably {
+        return Ok(facts);
+    }
     if let Some(s3) = &tier.s3 {
         let Some(head) = s3.head(key).await? else {
             return Err(mismatch(key, alg, None, expected));

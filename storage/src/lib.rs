@@ -1,10 +1,12 @@
 //! Shared storage-tier code: resolving online paths, opening object stores, streaming
 //! copies with checksums (resumable S3 multipart uploads), verification (the store's own
-//! checksum on S3, read-back elsewhere) and the tier's database records.
+//! checksum on S3; a local tier is written durably and hashed as written, see [`local`])
+//! and the tier's database records.
 //! `online-archive` and `online-nearline` are thin services over [`tier::TierCopier`].
 
 pub mod checksum;
 pub mod copy;
+pub mod local;
 pub mod message;
 pub mod paths;
 pub mod records;

@@ -10,7 +10,246 @@ pub static MIGRATOR: db::Migrator = db::sqlx::migrate!("./migrations");
 /// Database access for one tier.
 #[derive(Clone, Debug)]
 pub struct Records {
+    /// Reads.
     pool: AnyPool,
+    /// Writes off the per-file path (failures, multipart bookkeeping).
+    write: AnyPool,
+    /// The per-file writes (claims, copies, releases), committed in groups.
+    group: GroupCommit,
+}
+
+/// Most writes in one group commit (bounds a transaction's size, not the wait).
+const MAX_GROUP: usize = 256;
+
+/// The per-file writes, applied in batches: one task takes every write queued while
+/// the previous commit ran and applies them in one transaction, so one fsync (SQLite's
+/// synchronous = FULL) covers many files. Each caller is answered only after the
+/// commit that holds its write returned, so nothing reports a copy before its record
+/// is durable.
+#[derive(Clone, Debug)]
+struct GroupCommit {
+    tx: tokio::sync::mpsc::UnboundedSender<(Write, Reply)>,
+}
+
+type Reply = tokio::sync::oneshot::Sender<Result<bool, db::sqlx::Error>>;
+
+/// One write of the per-file path; its result is `true` for a claim taken.
+#[derive(Debug)]
+enum Write {
+    Claim {
+        key: String,
+        owner: String,
+        until: i64,
+        now: i64,
+    },
+    Renew {
+        key: String,
+        owner: String,
+        until: i64,
+    },
+    Release {
+        key: String,
+        owner: String,
+    },
+    Copy(Box<CopyRow>),
+}
+
+/// A verified copy to record, and the claim its recording gives up.
+#[derive(Debug)]
+struct CopyRow {
+    object: StoredObject,
+    algorithm: String,
+    original_path: String,
+    mtime: String,
+    imported_id: Option<String>,
+    release: Option<(String, String)>,
+}
+
+impl GroupCommit {
+    fn start(pool: AnyPool, is_sqlite: bool) -> Self {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(committer(pool, is_sqlite, rx));
+        Self { tx }
+    }
+
+    async fn run(&self, w: Write) -> Result<bool, db::sqlx::Error> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let gone = || db::sqlx::Error::PoolClosed;
+        self.tx.send((w, reply)).map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
+}
+
+/// The group-commit task: runs until every [`Records`] clone is dropped.
+async fn committer(
+    pool: AnyPool,
+    is_sqlite: bool,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<(Write, Reply)>,
+) {
+    let mut batch = Vec::new();
+    while rx.recv_many(&mut batch, MAX_GROUP).await > 0 {
+        match apply(&pool, is_sqlite, batch.iter().map(|(w, _)| w)).await {
+            Ok(results) => {
+                for ((_, reply), r) in batch.drain(..).zip(results) {
+                    let _ = reply.send(Ok(r));
+                }
+            }
+            Err(e) if batch.len() == 1 => {
+                if let Some((_, reply)) = batch.pop() {
+                    let _ = reply.send(Err(e));
+                }
+            }
+            Err(_) => {
+                // One write failed the whole batch: each is applied alone, so only the
+                // failing one reports an error.
+                for (w, reply) in batch.drain(..) {
+                    let r = apply(&pool, is_sqlite, std::iter::once(&w))
+                        .await
+                        .map(|r| r.first().copied().unwrap_or(false));
+                    let _ = reply.send(r);
+                }
+            }
+        }
+    }
+}
+
+/// Applies `writes` in one transaction; their results once it committed.
+async fn apply<'a>(
+    pool: &AnyPool,
+    is_sqlite: bool,
+    writes: impl Iterator<Item = &'a Write>,
+) -> Result<Vec<bool>, db::sqlx::Error> {
+    let writes: Vec<&Write> = writes.collect();
+    let mut conn = pool.acquire().await?;
+    let relaxed = is_sqlite && !writes.iter().any(|w| matches!(w, Write::Copy(_)));
+    if is_sqlite {
+        // Only a recorded copy must survive a power loss; claims are leases that a
+        // restart outlives anyway. A batch of claims alone skips the WAL fsync (it is
+        // still atomic and survives a crash); the next batch with a copy syncs the WAL,
+        // earlier frames included.
+        let mode = if relaxed { "NORMAL" } else { "FULL" };
+        db::sqlx::query(&format!("PRAGMA synchronous = {mode}"))
+            .execute(&mut *conn)
+            .await?;
+    }
+    let mut tx = db::sqlx::Connection::begin(&mut *conn).await?;
+    let mut results = Vec::new();
+    for w in writes {
+        results.push(match w {
+            Write::Claim {
+                key,
+                owner,
+                until,
+                now,
+            } => claim_in(&mut tx, key, owner, *until, *now).await?,
+            Write::Renew { key, owner, until } => {
+                db::sqlx::query(
+                    "UPDATE upload_claims SET expires_at = $3 WHERE object_key = $1 AND owner = $2",
+                )
+                .bind(key)
+                .bind(owner)
+                .bind(*until)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected()
+                    == 1
+            }
+            Write::Release { key, owner } => {
+                release_in(&mut tx, key, owner).await?;
+                true
+            }
+            Write::Copy(c) => {
+                copy_in(&mut tx, c).await?;
+                if let Some((key, owner)) = &c.release {
+                    release_in(&mut tx, key, owner).await?;
+                }
+                true
+            }
+        });
+    }
+    tx.commit().await?;
+    if relaxed {
+        // Every other write on this connection stays FULL (the claims are committed
+        // already: a failure here is only logged).
+        if let Err(e) = db::sqlx::query("PRAGMA synchronous = FULL")
+            .execute(&mut *conn)
+            .await
+        {
+            tracing::warn!(error = %e, "could not restore synchronous = FULL");
+        }
+    }
+    Ok(results)
+}
+
+type Tx<'c> = db::sqlx::Transaction<'c, db::sqlx::Any>;
+
+async fn claim_in(
+    tx: &mut Tx<'_>,
+    key: &str,
+    owner: &str,
+    until: i64,
+    now: i64,
+) -> Result<bool, db::sqlx::Error> {
+    let r = db::sqlx::query(
+        "INSERT INTO upload_claims (object_key, owner, expires_at) VALUES ($1, $2, $3) \
+         ON CONFLICT (object_key) DO UPDATE SET owner = excluded.owner, \
+         expires_at = excluded.expires_at \
+         WHERE upload_claims.owner = excluded.owner OR upload_claims.expires_at < $4",
+    )
+    .bind(key)
+    .bind(owner)
+    .bind(until)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+async fn release_in(tx: &mut Tx<'_>, key: &str, owner: &str) -> Result<(), db::sqlx::Error> {
+    db::sqlx::query("DELETE FROM upload_claims WHERE object_key = $1 AND owner = $2")
+        .bind(key)
+        .bind(owner)
+        .execute(&mut **tx)
+        .await
+        .map(|_| ())
+}
+
+async fn copy_in(tx: &mut Tx<'_>, c: &CopyRow) -> Result<(), db::sqlx::Error> {
+    let object = &c.object;
+    db::sqlx::query(
+        "INSERT INTO stored_objects (object_key, size, algorithm, checksum, stored_at, \
+         store_etag, store_version, store_checksum) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+         ON CONFLICT (object_key) DO UPDATE SET size = excluded.size, \
+         algorithm = excluded.algorithm, checksum = excluded.checksum, \
+         store_etag = excluded.store_etag, store_version = excluded.store_version, \
+         store_checksum = excluded.store_checksum",
+    )
+    .bind(&object.object_key)
+    .bind(object.size as i64)
+    .bind(&c.algorithm)
+    .bind(&object.checksum)
+    .bind(now())
+    .bind(object.store.etag.as_deref())
+    .bind(object.store.version.as_deref())
+    .bind(object.store.checksum.as_deref())
+    .execute(&mut **tx)
+    .await?;
+    db::sqlx::query(
+        "INSERT INTO copied_files (original_path, object_key, size, mtime, imported_id, recorded_at) \
+         VALUES ($1, $2, $3, $4, $5, $6) \
+         ON CONFLICT (original_path, object_key) DO UPDATE SET size = excluded.size, \
+         mtime = excluded.mtime, imported_id = excluded.imported_id, recorded_at = excluded.recorded_at",
+    )
+    .bind(&c.original_path)
+    .bind(&object.object_key)
+    .bind(object.size as i64)
+    .bind(&c.mtime)
+    .bind(c.imported_id.as_deref())
+    .bind(now())
+    .execute(&mut **tx)
+    .await
+    .map(|_| ())
 }
 
 /// A stored object as recorded.
@@ -73,12 +312,22 @@ pub fn now() -> String {
 impl Records {
     /// Connects and migrates.
     pub async fn open(url: &str) -> Result<Self, db::DbError> {
+        // Readers beside the writer: lookups of concurrent handlers need not queue.
+        let pools = db::connect_split(url, &MIGRATOR, 4).await?;
         Ok(Self {
-            pool: db::connect(url, &MIGRATOR).await?,
+            pool: pools.read,
+            group: GroupCommit::start(pools.write.clone(), url.starts_with("sqlite:")),
+            write: pools.write,
         })
     }
 
-    /// The pool (tests and operators' queries).
+    /// Closes the database (tests: before dropping a PostgreSQL database).
+    pub async fn close(&self) {
+        self.pool.close().await;
+        self.write.close().await;
+    }
+
+    /// The pool for reads (tests and operators' queries; read-only on SQLite).
     pub fn pool(&self) -> &AnyPool {
         &self.pool
     }
@@ -121,7 +370,8 @@ impl Records {
         rows.iter().map(stored_object).collect()
     }
 
-    /// Records a verified object and the file it holds.
+    /// Records a verified object and the file it holds (in a group commit: durable
+    /// when this returns).
     pub async fn record_copy(
         &self,
         object: &StoredObject,
@@ -130,41 +380,32 @@ impl Records {
         mtime: &str,
         imported_id: Option<&str>,
     ) -> Result<(), db::sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
-        db::sqlx::query(
-            "INSERT INTO stored_objects (object_key, size, algorithm, checksum, stored_at, \
-             store_etag, store_version, store_checksum) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-             ON CONFLICT (object_key) DO UPDATE SET size = excluded.size, \
-             algorithm = excluded.algorithm, checksum = excluded.checksum, \
-             store_etag = excluded.store_etag, store_version = excluded.store_version, \
-             store_checksum = excluded.store_checksum",
-        )
-        .bind(&object.object_key)
-        .bind(object.size as i64)
-        .bind(algorithm)
-        .bind(&object.checksum)
-        .bind(now())
-        .bind(object.store.etag.as_deref())
-        .bind(object.store.version.as_deref())
-        .bind(object.store.checksum.as_deref())
-        .execute(&mut *tx)
-        .await?;
-        db::sqlx::query(
-            "INSERT INTO copied_files (original_path, object_key, size, mtime, imported_id, recorded_at) \
-             VALUES ($1, $2, $3, $4, $5, $6) \
-             ON CONFLICT (original_path, object_key) DO UPDATE SET size = excluded.size, \
-             mtime = excluded.mtime, imported_id = excluded.imported_id, recorded_at = excluded.recorded_at",
-        )
-        .bind(original_path)
-        .bind(&object.object_key)
-        .bind(object.size as i64)
-        .bind(mtime)
-        .bind(imported_id)
-        .bind(now())
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await
+        self.record_copy_releasing(object, algorithm, original_path, mtime, imported_id, None)
+            .await
+    }
+
+    /// [`Records::record_copy`], giving up the claim `(key, owner)` in the same
+    /// transaction (one commit per file instead of two).
+    pub async fn record_copy_releasing(
+        &self,
+        object: &StoredObject,
+        algorithm: &str,
+        original_path: &str,
+        mtime: &str,
+        imported_id: Option<&str>,
+        release: Option<(&str, &str)>,
+    ) -> Result<(), db::sqlx::Error> {
+        self.group
+            .run(Write::Copy(Box::new(CopyRow {
+                object: object.clone(),
+                algorithm: algorithm.to_string(),
+                original_path: original_path.to_string(),
+                mtime: mtime.to_string(),
+                imported_id: imported_id.map(str::to_string),
+                release: release.map(|(k, o)| (k.to_string(), o.to_string())),
+            })))
+            .await
+            .map(|_| ())
     }
 
     /// Records an ignored file (idempotent).
@@ -181,7 +422,7 @@ impl Records {
         .bind(original_path)
         .bind(imported_id)
         .bind(now())
-        .execute(&self.pool)
+        .execute(&self.write)
         .await
         .map(|_| ())
     }
@@ -204,7 +445,7 @@ impl Records {
         .bind(i64::from(permanent))
         .bind(i64::from(attempt))
         .bind(now())
-        .execute(&self.pool)
+        .execute(&self.write)
         .await
         .map(|_| ())
     }
@@ -219,27 +460,42 @@ impl Records {
     ) -> Result<bool, db::sqlx::Error> {
         let now = chrono::Utc::now().timestamp_millis();
         let until = now.saturating_add(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX));
-        let r = db::sqlx::query(
-            "INSERT INTO upload_claims (object_key, owner, expires_at) VALUES ($1, $2, $3) \
-             ON CONFLICT (object_key) DO UPDATE SET owner = excluded.owner, \
-             expires_at = excluded.expires_at \
-             WHERE upload_claims.owner = excluded.owner OR upload_claims.expires_at < $4",
-        )
-        .bind(key)
-        .bind(owner)
-        .bind(until)
-        .bind(now)
-        .execute(&self.pool)
-        .await?;
-        Ok(r.rows_affected() == 1)
+        self.group
+            .run(Write::Claim {
+                key: key.to_string(),
+                owner: owner.to_string(),
+                until,
+                now,
+            })
+            .await
+    }
+
+    /// Extends `owner`'s claim on `key` to `lease` from now; false when it is no longer
+    /// theirs (expired and taken, or released: a renewal never brings a claim back).
+    pub async fn renew(
+        &self,
+        key: &str,
+        owner: &str,
+        lease: std::time::Duration,
+    ) -> Result<bool, db::sqlx::Error> {
+        let now = chrono::Utc::now().timestamp_millis();
+        let until = now.saturating_add(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX));
+        self.group
+            .run(Write::Renew {
+                key: key.to_string(),
+                owner: owner.to_string(),
+                until,
+            })
+            .await
     }
 
     /// Gives up `owner`'s claim on `key` (nothing if it expired and was taken since).
     pub async fn release(&self, key: &str, owner: &str) -> Result<(), db::sqlx::Error> {
-        db::sqlx::query("DELETE FROM upload_claims WHERE object_key = $1 AND owner = $2")
-            .bind(key)
-            .bind(owner)
-            .execute(&self.pool)
+        self.group
+            .run(Write::Release {
+                key: key.to_string(),
+                owner: owner.to_string(),
+            })
             .await
             .map(|_| ())
     }
@@ -274,7 +530,7 @@ impl Records {
         .bind(&record.source_mtime)
         .bind(record.part_size as i64)
         .bind(now)
-        .execute(&self.pool)
+        .execute(&self.write)
         .await
         .map(|_| ())
     }
@@ -285,7 +541,7 @@ impl Records {
         upload_id: &str,
         part: &PartRecord,
     ) -> Result<(), db::sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write.begin().await?;
         db::sqlx::query(
             "INSERT INTO multipart_parts (upload_id, part_number, etag, sha256, size) \
              VALUES ($1, $2, $3, $4, $5) ON CONFLICT (upload_id, part_number) DO UPDATE \
@@ -329,7 +585,7 @@ impl Records {
 
     /// Forgets a completed or aborted upload and its parts.
     pub async fn forget_upload(&self, key: &str, upload_id: &str) -> Result<(), db::sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write.begin().await?;
         db::sqlx::query("DELETE FROM multipart_parts WHERE upload_id = $1")
             .bind(upload_id)
             .execute(&mut *tx)

@@ -264,6 +264,9 @@ impl FaultyStore {
         });
         let mut t = tier.clone();
         t.store = store.clone();
+        // Through the store, where the faults are: a local tier's direct writes
+        // (crate::local) and reads would bypass them.
+        t.local_dir = None;
         if t.multipart.is_some() {
             t.multipart = Some(store);
         }

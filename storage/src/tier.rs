@@ -216,7 +216,7 @@ impl TierCopier {
                 // Confirmed by the store's checksum or read back: a damaged copy must not
                 // be trusted.
                 if copy::confirm_recorded(&self.tier, &obj, alg).await? {
-                    self.record(&obj, &original, &mtime, msg).await?;
+                    self.record(&obj, &original, &mtime, msg, None).await?;
                     return Ok(TierOutcome::Copied(report(&obj, false)));
                 }
             }
@@ -305,13 +305,14 @@ impl TierCopier {
                     checksum: d.checksum.clone(),
                     store: facts.unwrap_or_default(),
                 };
-                self.record(&obj, original, mtime, msg).await?;
+                self.record(&obj, original, mtime, msg, Some(claim)).await?;
                 return Ok(Claimed::Done(obj, false));
             }
             return Ok(Claimed::Occupied(d));
         }
 
-        // 4. Stream, hashing as we go; then read back and compare. The claim is renewed
+        // 4. Stream, hashing as we go; then verify (store checksum, read-back, or, on a
+        //    local store, the durable write itself). The claim is renewed
         //    meanwhile; losing it stops the copy before anything is recorded.
         let mut attrs = Attributes::new();
         if self.policy.keep_metadata {
@@ -357,7 +358,7 @@ impl TierCopier {
                 checksum: written.checksum,
                 store: facts,
             };
-            self.record(&obj, original, mtime, msg).await?;
+            self.record(&obj, original, mtime, msg, Some(claim)).await?;
             Ok(Claimed::Done(obj, true))
         };
         tokio::select! {
@@ -366,22 +367,28 @@ impl TierCopier {
         }
     }
 
+    /// Records a copy; under a claim, gives the claim up in the same commit.
     async fn record(
         &self,
         obj: &StoredObject,
         original: &str,
         mtime: &str,
         msg: &AssetSweeperFile,
+        claim: Option<&Claim<'_>>,
     ) -> Result<(), TierError> {
         self.records
-            .record_copy(
+            .record_copy_releasing(
                 obj,
                 self.policy.algorithm.name(),
                 original,
                 mtime,
                 msg.imported_id.as_deref(),
+                claim.map(|c| (c.key.as_str(), c.owner.as_str())),
             )
             .await?;
+        if let Some(c) = claim {
+            c.released.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         Ok(())
     }
 }
@@ -412,6 +419,8 @@ struct Claim<'a> {
     records: &'a Records,
     key: String,
     owner: String,
+    /// Given up already (with the record of the copy).
+    released: std::sync::atomic::AtomicBool,
 }
 
 impl<'a> Claim<'a> {
@@ -427,6 +436,7 @@ impl<'a> Claim<'a> {
             records,
             key: key.to_string(),
             owner,
+            released: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -437,7 +447,7 @@ impl<'a> Claim<'a> {
             tokio::time::sleep(CLAIM_LEASE / 4).await;
             match self
                 .records
-                .claim(&self.key, &self.owner, CLAIM_LEASE)
+                .renew(&self.key, &self.owner, CLAIM_LEASE)
                 .await
             {
                 Ok(true) => held_until = tokio::time::Instant::now() + CLAIM_LEASE,
@@ -454,6 +464,9 @@ impl<'a> Claim<'a> {
 
     /// Gives the claim up (a failure only delays others until the lease ends).
     async fn release(self) {
+        if self.released.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
         if let Err(e) = self.records.release(&self.key, &self.owner).await {
             tracing::warn!(key = %self.key, error = %e, "could not release the upload claim");
         }

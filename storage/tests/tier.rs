@@ -464,3 +464,63 @@ async fn abandoned_s3_multipart_uploads_are_aborted_after_their_age() {
         "gone from the store"
     );
 }
+
+#[tokio::test]
+async fn concurrent_claims_and_records_are_group_committed_each_answered_truthfully() {
+    use std::time::Duration;
+    let base = tempfile::tempdir().expect("temp");
+    let recs = records(base.path()).await;
+    let lease = Duration::from_secs(20);
+    // Many handlers at once: each claims its key, records its copy (giving the claim up
+    // in the same commit); a rival's claim on a held key is refused meanwhile.
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..64 {
+        let r = recs.clone();
+        tasks.spawn(async move {
+            let key = format!("k/{i}");
+            let owner = format!("owner-{i}");
+            assert!(
+                r.claim(&key, &owner, lease).await.expect("claim"),
+                "{key} free"
+            );
+            assert!(
+                !r.claim(&key, "rival", lease).await.expect("rival claim"),
+                "{key} is held"
+            );
+            let obj = storage::records::StoredObject {
+                object_key: key.clone(),
+                size: i,
+                checksum: format!("sum-{i}"),
+                store: Default::default(),
+            };
+            r.record_copy_releasing(
+                &obj,
+                "sha256",
+                &format!("/on/{i}"),
+                "m",
+                None,
+                Some((&key, &owner)),
+            )
+            .await
+            .expect("record");
+            // Recorded before the answer: visible to any reader now.
+            assert_eq!(
+                r.copies_of(&format!("/on/{i}"), i, "m")
+                    .await
+                    .expect("read"),
+                [obj]
+            );
+            // The claim went with the record; a late renewal does not bring it back.
+            assert!(!r.renew(&key, &owner, lease).await.expect("renew"));
+            assert!(
+                r.claim(&key, "next", lease).await.expect("claim again"),
+                "{key} released"
+            );
+        });
+    }
+    while let Some(t) = tasks.join_next().await {
+        t.expect("handler");
+    }
+    assert_eq!(recs.count("stored_objects").await.expect("count"), 64);
+    assert_eq!(recs.count("copied_files").await.expect("count"), 64);
+}
