@@ -428,13 +428,7 @@ async fn settle<P: MessageProcessor>(
 ) -> &'static str {
     if let Outcome::Interrupted(reason) = &outcome {
         info!(reason = %reason, "interrupted; the message goes back to the queue");
-        let _ = delivery
-            .acker
-            .nack(BasicNackOptions {
-                requeue: true,
-                ..Default::default()
-            })
-            .await;
+        give_back(delivery).await;
         return "interrupted";
     }
     let was_retry = matches!(outcome, Outcome::Retry(_));
@@ -482,16 +476,22 @@ async fn settle<P: MessageProcessor>(
             error!(error = %e, "could not publish a retry either; re-declaring the topology, the input goes back to the queue");
             broken.cancel();
             tokio::time::sleep(PUBLISH_FAILURE_BACKOFF).await;
-            let _ = delivery
-                .acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                })
-                .await;
+            give_back(delivery).await;
         }
     }
     label
+}
+
+/// Returns an unsettled delivery to its queue (nack, requeue) to be delivered again; a
+/// failure means the channel is gone, and the broker requeues it anyway.
+async fn give_back(delivery: &Delivery) {
+    let _ = delivery
+        .acker
+        .nack(BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        })
+        .await;
 }
 
 /// Counts a handler in `storagetier_in_flight` until dropped, however the handler ends.

@@ -39,24 +39,10 @@ fn random_hex(len: usize) -> String {
     s
 }
 
-/// 128 random bits for ids (trace and span ids, message ids), from a per-thread generator
-/// seeded once from the OS: asking the OS for every id cost a system call per id, several per
-/// message. Ids need to be unique and unpredictable enough to not collide, not secret.
+/// 128 random bits for ids (trace and span ids, message ids), from `rand`'s per-thread
+/// generator (seeded from the OS once, then no system call per id, several per message).
 pub(crate) fn random_u128() -> u128 {
-    use std::cell::Cell;
-    thread_local! {
-        static STATE: Cell<u64> = Cell::new(uuid::Uuid::new_v4().as_u64_pair().0);
-    }
-    // SplitMix64: a full-period sequence over the seed with well-mixed output.
-    let next = |state: &Cell<u64>| {
-        let s = state.get().wrapping_add(0x9E37_79B9_7F4A_7C15);
-        state.set(s);
-        let mut z = s;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    };
-    STATE.with(|st| (u128::from(next(st)) << 64) | u128::from(next(st)))
+    rand::random()
 }
 
 impl TraceContext {
