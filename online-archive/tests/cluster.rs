@@ -47,6 +47,12 @@ fn objects(dir: &std::path::Path) -> Vec<String> {
     out
 }
 
+/// A staging file of the local store: `<key>#<digits>`.
+fn is_staging(path: &str) -> bool {
+    path.rsplit_once('#')
+        .is_some_and(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// A run: the cluster, a PostgreSQL database, `n` online files preloaded as sweeper
 /// messages, the service declared and a sink bound to its output.
 struct Run {
@@ -155,7 +161,16 @@ impl Run {
         let t = Tally::of(self.n, &seen);
         let dead = self.cluster.count(&format!("{}-dlq", self.q)).await;
         assert_eq!(dead, Some(0), "nothing dead-lettered");
-        let stored = objects(&self.data.path().join("archive"));
+        let all = objects(&self.data.path().join("archive"));
+        // A replica killed mid-copy leaves its staging files (`<key>#<n>`, never an object
+        // under a key); they are swept later (`storage::copy::sweep_stale_staging`), at
+        // most one per copy in flight.
+        let (staging, stored): (Vec<String>, Vec<String>) =
+            all.into_iter().partition(|p| is_staging(p));
+        assert!(
+            staging.len() <= usize::try_from(left_claims).unwrap_or(0),
+            "staging files left: {staging:?}"
+        );
         assert_eq!(stored.len(), self.n, "exactly one object per file");
         let rec = storage::Records::open(&self.pg.url)
             .await
