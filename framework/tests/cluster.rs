@@ -10,7 +10,7 @@
 use std::process::{Command, Stdio};
 
 use framework::testing::broker::Tally;
-use framework::testing::cluster::PrivateCluster;
+use framework::testing::cluster::{Feed, PrivateCluster};
 use framework::testing::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_echo");
@@ -48,8 +48,13 @@ fn echo(
     c
 }
 
+/// Input `i` of a run.
+fn input(i: usize) -> Vec<u8> {
+    format!("{{\"i\":{i}}}").into_bytes()
+}
+
 /// Echo declared on the cluster, its queue replicated on every node, a sink bound to its
-/// output, `n` inputs preloaded, then `REPLICAS` replicas started.
+/// output, inputs `0..n` preloaded, then `REPLICAS` replicas started.
 async fn replicas_with_backlog(
     cluster: &PrivateCluster,
     q: &str,
@@ -72,11 +77,7 @@ async fn replicas_with_backlog(
     );
     cluster.await_replicas_online(&[q, sink]).await;
     cluster
-        .preload(
-            &format!("{q}-in"),
-            "k",
-            (0..n).map(|i| format!("{{\"i\":{i}}}").into_bytes()),
-        )
+        .preload(&format!("{q}-in"), "k", (0..n).map(input))
         .await;
     (0..REPLICAS)
         .map(|r| {
@@ -114,8 +115,17 @@ async fn queue_leader_stopped_mid_stream_loses_nothing() {
     let q = unique("leader");
     let sink = format!("{q}-sink");
     let dir = tempfile::tempdir().expect("config dir");
-    let replicas = replicas_with_backlog(&cluster, &q, &sink, n, dir.path(), 2).await;
-    let f = cluster.stop_leader_mid_stream(&q, &sink, n).await;
+    // Half preloaded, half published after the stop: the stream outlasts the stop
+    // however fast the replicas run.
+    let replicas = replicas_with_backlog(&cluster, &q, &sink, n / 2, dir.path(), 2).await;
+    let held_back = Feed {
+        exchange: format!("{q}-in"),
+        key: "k".into(),
+        bodies: (n / 2..n).map(input).collect(),
+    };
+    let f = cluster
+        .stop_leader_mid_stream(&q, &sink, n, held_back)
+        .await;
     let t = finish(&cluster, replicas, &sink, n).await;
     println!(
         "{}",

@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use framework::testing::broker::{Tally, await_outputs};
-use framework::testing::cluster::PrivateCluster;
+use framework::testing::cluster::{Feed, PrivateCluster};
 use framework::testing::{WAIT, process, service_command, unique};
 use storage::testing::{put_online_file, sweeper_message};
 
@@ -53,8 +53,9 @@ fn is_staging(path: &str) -> bool {
         .is_some_and(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
-/// A run: the cluster, a PostgreSQL database, `n` online files preloaded as sweeper
-/// messages, the service declared and a sink bound to its output.
+/// A run: the cluster, a PostgreSQL database, `n` online files as sweeper messages (the
+/// first `preloaded` published, the rest held back), the service declared and a sink
+/// bound to its output.
 struct Run {
     cluster: PrivateCluster,
     pg: db::testing::TempPostgres,
@@ -62,10 +63,12 @@ struct Run {
     q: String,
     sink: String,
     n: usize,
+    /// Inputs not preloaded, for a scenario to publish after its fault.
+    held_back: Vec<Vec<u8>>,
 }
 
 impl Run {
-    async fn start(prefix: &str) -> Run {
+    async fn start(prefix: &str, preloaded: usize) -> Run {
         let n = files();
         let cluster = PrivateCluster::start().await;
         let pg = db::testing::TempPostgres::create()
@@ -81,8 +84,9 @@ impl Run {
             q,
             sink,
             n,
+            held_back: Vec::new(),
         };
-        let messages: Vec<Vec<u8>> = (0..n)
+        let mut messages: Vec<Vec<u8>> = (0..n)
             .map(|i| {
                 let name = format!("f{i}.bin");
                 let dir = put_online_file(
@@ -93,6 +97,7 @@ impl Run {
                 sweeper_message(&dir, &name, false).to_string().into_bytes()
             })
             .collect();
+        let held_back = messages.split_off(preloaded.min(n));
         assert!(
             run.archive(0)
                 .arg("declare")
@@ -113,7 +118,7 @@ impl Run {
         run.cluster
             .preload(&format!("{}-in", run.q), KEY, messages.into_iter())
             .await;
-        run
+        Run { held_back, ..run }
     }
 
     /// Replica `r`: every node, starting at node `r`; the shared database and store.
@@ -198,10 +203,20 @@ impl Run {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_leader_stopped_mid_stream_archives_every_file_once() {
-    let run = Run::start("archive-leader").await;
+    // Half preloaded, half published after the stop: the stream outlasts the stop however
+    // fast the replicas archive.
+    let mut run = Run::start("archive-leader", files() / 2).await;
     let replicas = run.replicas();
     let (q, sink, n) = (run.q.clone(), run.sink.clone(), run.n);
-    let f = run.cluster.stop_leader_mid_stream(&q, &sink, n).await;
+    let held_back = Feed {
+        exchange: format!("{q}-in"),
+        key: KEY.into(),
+        bodies: std::mem::take(&mut run.held_back),
+    };
+    let f = run
+        .cluster
+        .stop_leader_mid_stream(&q, &sink, n, held_back)
+        .await;
     let t = run.finish(replicas, 0).await;
     println!(
         "{}",
@@ -227,7 +242,8 @@ async fn queue_leader_stopped_mid_stream_archives_every_file_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_one_replica_mid_stream_the_other_finishes() {
-    let run = Run::start("archive-replica-kill").await;
+    // Half preloaded, half published after the kill: the survivor has work after it.
+    let mut run = Run::start("archive-replica-kill", files() / 2).await;
     let mut replicas = run.replicas();
     let (q, sink, n) = (run.q.clone(), run.sink.clone(), run.n);
     let started = Instant::now();
@@ -237,6 +253,10 @@ async fn kill_9_of_one_replica_mid_stream_the_other_finishes() {
     let before = run.cluster.count(&sink).await.unwrap_or(0) as usize;
     killed.kill();
     let killed_at = Instant::now();
+    let held_back = std::mem::take(&mut run.held_back);
+    run.cluster
+        .preload(&format!("{q}-in"), KEY, held_back.into_iter())
+        .await;
     run.cluster.await_settled(&q, &sink, n, started).await;
     let finished = killed_at.elapsed();
     let resumed = timeline

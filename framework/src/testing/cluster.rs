@@ -39,6 +39,17 @@ pub struct QueueReplicas {
     pub online: Vec<String>,
 }
 
+/// Messages a fault scenario publishes only after the fault, to `exchange` with `key`.
+#[derive(Debug, Clone, Default)]
+pub struct Feed {
+    /// The exchange published to.
+    pub exchange: String,
+    /// The routing key of every message.
+    pub key: String,
+    /// The message bodies, published persistently, confirms awaited.
+    pub bodies: Vec<Vec<u8>>,
+}
+
 /// Timings of a [`PrivateCluster::stop_leader_mid_stream`] run.
 #[derive(Debug, Clone)]
 pub struct Failover {
@@ -339,9 +350,17 @@ impl PrivateCluster {
 
     /// Waits until `sink` holds a fifth of `n` outputs, stops the node leading `queue`
     /// (`rabbitmqctl stop_app`: its connections drop, its replicas go away) and leaves it
-    /// down; waits until `sink` holds `n` outputs and `queue` is empty, then starts the node
-    /// again. Needs a multi-thread runtime.
-    pub async fn stop_leader_mid_stream(&self, queue: &str, sink: &str, n: usize) -> Failover {
+    /// down; once another node leads `queue`, publishes `held_back` through a surviving
+    /// node, so the stream is still under way after the stop however fast the services
+    /// run; waits until `sink` holds `n` outputs (preloaded and held back) and `queue` is
+    /// empty, then starts the node again. Needs a multi-thread runtime.
+    pub async fn stop_leader_mid_stream(
+        &self,
+        queue: &str,
+        sink: &str,
+        n: usize,
+        held_back: Feed,
+    ) -> Failover {
         let started = Instant::now();
         let timeline = self.timeline(sink);
         // The leader is looked up before the stream is under way: `rabbitmqctl` takes
@@ -367,6 +386,14 @@ impl PrivateCluster {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
+        let survivor = &self.nodes[(i + 1) % self.nodes.len()];
+        survivor
+            .preload(
+                &held_back.exchange,
+                &held_back.key,
+                held_back.bodies.into_iter(),
+            )
+            .await;
         self.await_settled(queue, sink, n, started).await;
         let total = started.elapsed();
         let resumed = timeline
@@ -375,7 +402,7 @@ impl PrivateCluster {
             .unwrap_or_else(|| {
                 panic!(
                     "no output after the stop of {leader} (stopped at {outputs_before} of {n} \
-                     outputs: did the stream end before the stop?)"
+                     outputs)"
                 )
             });
         self.nodes[i].start_app().await;
