@@ -16,7 +16,7 @@ use std::time::Instant;
 use framework::testing::broker::{Tally, await_outputs};
 use framework::testing::cluster::{Feed, PrivateCluster};
 use framework::testing::{WAIT, process, service_command, unique};
-use storage::testing::{put_online_file, sweeper_message};
+use storage::testing::{files_under, put_online_file, sweeper_message};
 
 const PREFETCH: usize = 16;
 const REPLICAS: usize = 2;
@@ -29,28 +29,9 @@ fn files() -> usize {
         .unwrap_or(2_000)
 }
 
-/// Every regular file under `dir`, relative to it.
-fn objects(dir: &std::path::Path) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).expect("read archive dir").flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if let Ok(rel) = p.strip_prefix(dir) {
-                out.push(rel.display().to_string());
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
-/// A staging file of the local store: `<key>#<digits>`.
+/// A staging file of the local store (in its reserved directory).
 fn is_staging(path: &str) -> bool {
-    path.rsplit_once('#')
-        .is_some_and(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    path.split('/').next() == Some(storage::local::STAGING_DIR)
 }
 
 /// A run: the cluster, a PostgreSQL database, `n` online files as sweeper messages (the
@@ -166,10 +147,10 @@ impl Run {
         let t = Tally::of(self.n, &seen);
         let dead = self.cluster.count(&format!("{}-dlq", self.q)).await;
         assert_eq!(dead, Some(0), "nothing dead-lettered");
-        let all = objects(&self.data.path().join("archive"));
-        // A replica killed mid-copy leaves its staging files (`<key>#<n>`, never an object
-        // under a key); they are swept later (`storage::copy::sweep_stale_staging`), at
-        // most one per copy in flight.
+        let all = files_under(&self.data.path().join("archive"));
+        // A replica killed mid-copy leaves its staging files (in the store's staging
+        // directory, never an object under a key); they are swept once stale
+        // (`storage::local::sweep_stale_staging`), at most one per copy in flight.
         let (staging, stored): (Vec<String>, Vec<String>) =
             all.into_iter().partition(|p| is_staging(p));
         assert!(

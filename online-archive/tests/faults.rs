@@ -18,7 +18,7 @@ use framework::testing::broker::{PrivateBroker, Tally};
 use framework::testing::{
     Cleanup, WAIT, amqp_url, next, process, service_command, test_channel, unique, watch,
 };
-use storage::testing::{put_online_file, sweeper_message};
+use storage::testing::{files_under, put_online_file, sweeper_message};
 
 const PREFETCH: usize = 16;
 const KEY: &str = "assetsweeper.asset_folder_importer.file.new";
@@ -28,24 +28,6 @@ fn messages() -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10_000)
-}
-
-/// Every regular file under `dir`, relative to it.
-fn objects(dir: &std::path::Path) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).expect("read archive dir").flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if let Ok(rel) = p.strip_prefix(dir) {
-                out.push(rel.display().to_string());
-            }
-        }
-    }
-    out.sort();
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -109,7 +91,7 @@ async fn broker_restart_mid_stream_archives_every_file_once() {
     );
     let dead = broker.count(&format!("{q}-dlq")).await;
     assert_eq!(dead, Some(0), "nothing dead-lettered");
-    let stored = objects(&data.path().join("archive"));
+    let stored = files_under(&data.path().join("archive"));
     assert_eq!(stored.len(), n, "one object per file, no second copies");
     assert_eq!(code, Some(0), "the service drained and exited cleanly");
 }
@@ -149,16 +131,24 @@ async fn kill_9_mid_copy_leaves_no_partial_object() {
     .await;
     let mut child = process::spawn(archive().arg("run")).expect("online-archive starts");
     let object = data.path().join("archive/big/file.bin");
-    let staged = data.path().join("archive/big/file.bin#1");
+    let staging = data
+        .path()
+        .join("archive")
+        .join(storage::local::STAGING_DIR);
+    let staged = || {
+        std::fs::read_dir(&staging)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| std::fs::metadata(p).is_ok_and(|m| m.len() > 0))
+    };
     // Kill once the upload has written part of the object.
-    framework::testing::wait_until("the upload to be under way", || {
-        std::fs::metadata(&staged).is_ok_and(|m| m.len() > 0)
-    })
-    .await;
+    framework::testing::wait_until("the upload to be under way", || staged().is_some()).await;
     child.kill();
+    let staged = staged().expect("the dead upload's staging file");
     assert!(!object.exists(), "no partial object under the key");
     // Age the dead upload's staging file past the staleness limit, then restart.
-    let old = std::time::SystemTime::now() - storage::copy::STALE_STAGING * 2;
+    let old = std::time::SystemTime::now() - storage::local::STALE_STAGING * 2;
     std::fs::File::options()
         .write(true)
         .open(&staged)
@@ -175,9 +165,9 @@ async fn kill_9_mid_copy_leaves_no_partial_object() {
         "the archived object is whole"
     );
     assert_eq!(
-        objects(&data.path().join("archive")),
+        files_under(&data.path().join("archive")),
         vec!["big/file.bin".to_string()],
-        "the dead upload's staging file is gone"
+        "the dead upload's staging file is gone (swept at start-up)"
     );
     println!(
         "| kill -9 mid-copy of a {} MiB file, then restart, online-archive | 1 | 0 | 0 | no partial object; staging file removed |",

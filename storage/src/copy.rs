@@ -3,7 +3,6 @@
 //! Memory per copy is bounded by the block and part sizes, not by the file size.
 
 use std::path::Path;
-use std::time::Duration;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -90,12 +89,15 @@ pub enum CopyError {
     /// Larger than any object the store can hold (S3: 5 TiB); never retried.
     #[error("{0} bytes is larger than the store's largest object (5 TiB)")]
     TooLarge(u64),
+    /// A key inside the local store's reserved staging directory; never retried.
+    #[error("{0} is inside the store's reserved staging directory ({dir}); rename the source", dir = crate::local::STAGING_DIR)]
+    Reserved(String),
 }
 
 impl CopyError {
-    /// Whether retrying can ever help (only an impossible size cannot).
+    /// Whether retrying can ever help (not for an impossible size or a reserved key).
     pub fn is_permanent(&self) -> bool {
-        matches!(self, CopyError::TooLarge(_))
+        matches!(self, CopyError::TooLarge(_) | CopyError::Reserved(_))
     }
 }
 
@@ -188,39 +190,6 @@ pub async fn object_size(tier: &Tier, key: &ObjectPath) -> Result<Option<u64>, C
     }
 }
 
-/// A local tier's staging file (`<object>#<n>`: the local store writes an upload there,
-/// then renames it into place) untouched for this long belongs to a process that died
-/// mid-upload (kill -9, out of memory); a live upload writes a part every few seconds.
-pub const STALE_STAGING: Duration = Duration::from_secs(15 * 60);
-
-/// Deletes stale staging files an interrupted upload left beside `key` in a local tier,
-/// so a crash mid-copy costs no disk; returns how many. (S3 keeps such parts as incomplete
-/// multipart uploads: a bucket lifecycle rule aborts them, see docs/storage.md.)
-pub async fn sweep_stale_staging(tier: &Tier, key: &ObjectPath) -> usize {
-    let Some(dir) = &tier.local_dir else {
-        return 0;
-    };
-    let dest = dir.join(key.as_ref());
-    let mut removed = 0;
-    // The store numbers staging files from 0 (copies) and 1 (uploads) upwards.
-    for n in 0..1000u32 {
-        let mut staged = dest.clone().into_os_string();
-        staged.push(format!("#{n}"));
-        let staged = std::path::PathBuf::from(staged);
-        let age = match tokio::fs::metadata(&staged).await {
-            Ok(m) => m.modified().ok().and_then(|t| t.elapsed().ok()),
-            Err(_) if n == 0 => continue,
-            Err(_) => break,
-        };
-        if age.is_some_and(|a| a >= STALE_STAGING) && tokio::fs::remove_file(&staged).await.is_ok()
-        {
-            tracing::warn!(file = %staged.display(), "removed a partial upload left by an interrupted copy");
-            removed += 1;
-        }
-    }
-    removed
-}
-
 /// What an upload stored: the source's digest and, for an S3 store, the
 /// `ChecksumSHA256` the store must report for those bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -265,17 +234,16 @@ pub async fn upload(
     attributes: Attributes,
     resume: Resume<'_>,
 ) -> Result<Uploaded, CopyError> {
-    sweep_stale_staging(tier, key).await;
     let read_err = |e| CopyError::Read(shown.to_string(), e);
     let len = file.metadata().map_err(read_err)?.len();
     if let Some(dir) = &tier.local_dir {
         // A local tier is written directly and durably (see crate::local): no object
         // store layer, no read-back.
-        let dest = dir.join(key.as_ref());
+        let (root, key) = (dir.clone(), key.to_string());
         let f = file.try_clone().map_err(read_err)?;
         let owned = shown.to_string();
         let digest =
-            tokio::task::spawn_blocking(move || crate::local::copy(&f, &dest, &owned, alg))
+            tokio::task::spawn_blocking(move || crate::local::copy(&f, &root, &key, &owned, alg))
                 .await
                 .map_err(|e| CopyError::Write(shown.to_string(), std::io::Error::other(e)))??;
         if digest.size != len {
@@ -892,35 +860,5 @@ mod tests {
         assert!(e.is_permanent(), "{e}");
         // A local store has no such limit.
         assert!(part_size(MAX_OBJECT + 1, min, false).is_ok());
-    }
-
-    #[tokio::test]
-    async fn only_stale_staging_files_of_the_key_are_swept() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let tier = crate::store::local(dir.path()).expect("local tier");
-        let key = tier.key("a/clip.mov");
-        let base = dir.path().join("a");
-        std::fs::create_dir_all(&base).expect("dir");
-        let old = std::time::SystemTime::now() - STALE_STAGING * 2;
-        for (name, stale) in [
-            ("clip.mov#1", true),
-            ("clip.mov#2", false),
-            ("clip.mov#3", true),
-            ("clip.mov#x", true),
-            ("other.mov#1", true),
-        ] {
-            let f = std::fs::File::create(base.join(name)).expect("create");
-            if stale {
-                f.set_modified(old).expect("age");
-            }
-        }
-        assert_eq!(sweep_stale_staging(&tier, &key).await, 2);
-        let mut left: Vec<String> = std::fs::read_dir(&base)
-            .expect("read")
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
-        left.sort();
-        assert_eq!(left, ["clip.mov#2", "clip.mov#x", "other.mov#1"]);
     }
 }

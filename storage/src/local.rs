@@ -1,6 +1,12 @@
 //! Durable copies into a local-filesystem tier: the file is written to a staging file
-//! beside its key while it is hashed, fsynced, renamed into place and its directory
-//! fsynced, so a success reported afterwards survives a power loss, not only a crash.
+//! in the store's staging directory while it is hashed, fsynced, renamed into place and
+//! its directory fsynced, so a success reported afterwards survives a power loss, not
+//! only a crash.
+//!
+//! Staging files live in one reserved directory under the store's root ([`STAGING_DIR`]),
+//! never beside the object: any name beside it could be another object's (a source file
+//! named `take#1` is archived as `take#1`), so a sweep of leftovers there could delete an
+//! archived copy. The reserved directory is one flat listing to sweep after a crash.
 //!
 //! The digest is computed from the very buffers that were written, and every write and
 //! the fsync succeeded: that is the verification of a local copy. Reading the file back
@@ -19,6 +25,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc;
+use std::time::Duration;
 
 use crate::checksum::Algorithm;
 use crate::copy::{CopyError, Digest};
@@ -30,27 +37,46 @@ pub const BLOCKS_IN_FLIGHT: usize = 6;
 /// Written bytes after which the writer starts their writeback.
 const WRITEBACK_WINDOW: u64 = 8 * 1024 * 1024;
 
-/// Copies `file` (from its start) to `dest` durably; returns the size and digest of what
-/// was read and written. Blocking: run it on a blocking thread.
-pub fn copy(file: &File, dest: &Path, shown: &str, alg: Algorithm) -> Result<Digest, CopyError> {
+/// The directory under a local store's root that holds copies being written; a reserved
+/// name no object key may start with.
+pub const STAGING_DIR: &str = ".storagetier-staging";
+
+/// A staging file untouched for this long belongs to a process that died mid-copy
+/// (kill -9, out of memory): a live copy writes to it continuously.
+pub const STALE_STAGING: Duration = Duration::from_secs(15 * 60);
+
+/// Copies `file` (from its start) to `key` under the store directory `root` durably;
+/// returns the size and digest of what was read and written. Blocking: run it on a
+/// blocking thread.
+pub fn copy(
+    file: &File,
+    root: &Path,
+    key: &str,
+    shown: &str,
+    alg: Algorithm,
+) -> Result<Digest, CopyError> {
+    if key.split('/').next() == Some(STAGING_DIR) {
+        return Err(CopyError::Reserved(key.to_string()));
+    }
+    let dest = root.join(key);
     let write_err = |e| CopyError::Write(dest.display().to_string(), e);
     let parent = dest
         .parent()
         .ok_or_else(|| write_err(std::io::Error::other("no parent directory")))?;
     create_dirs_durably(parent).map_err(write_err)?;
-    let (staging, staged) = staging_file(dest).map_err(write_err)?;
+    let (staging, staged) = staging_file(root).map_err(write_err)?;
     let result = (|| {
         let len = file
             .metadata()
             .map_err(|e| CopyError::Read(shown.to_string(), e))?
             .len();
         let digest = if len < BLOCK as u64 {
-            copy_small(file, &staging, shown, dest, alg, len)?
+            copy_small(file, &staging, shown, &dest, alg, len)?
         } else {
-            copy_pipelined(file, &staging, shown, dest, alg)?
+            copy_pipelined(file, &staging, shown, &dest, alg)?
         };
         staging.sync_all().map_err(write_err)?;
-        std::fs::rename(&staged, dest).map_err(write_err)?;
+        std::fs::rename(&staged, &dest).map_err(write_err)?;
         sync_dir(parent).map_err(write_err)?;
         Ok(digest)
     })();
@@ -58,6 +84,36 @@ pub fn copy(file: &File, dest: &Path, shown: &str, alg: Algorithm) -> Result<Dig
         let _ = std::fs::remove_file(&staged);
     }
     result
+}
+
+/// Deletes the staging files under `root` untouched for [`STALE_STAGING`] (copies cut
+/// short by a crash; fresh ones may be another live instance's), so a crash mid-copy
+/// costs no disk; returns how many. Blocking.
+pub fn sweep_stale_staging(root: &Path) -> std::io::Result<usize> {
+    let dir = root.join(STAGING_DIR);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let mut removed = 0;
+    for entry in entries {
+        let entry = entry?;
+        let Ok(meta) = entry.metadata() else {
+            continue;
+        };
+        let stale = meta.is_file()
+            && meta
+                .modified()
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age >= STALE_STAGING);
+        if stale && std::fs::remove_file(entry.path()).is_ok() {
+            tracing::warn!(file = %entry.path().display(), "removed a partial copy left by an interrupted upload");
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 /// A file under one block: one read, one write.
@@ -188,13 +244,13 @@ fn start_writeback(f: &File, offset: u64, len: u64) {
     }
 }
 
-/// A new staging file `<dest>#<n>` (the local object store's naming, which
-/// [`crate::copy::sweep_stale_staging`] cleans up after a crash).
-fn staging_file(dest: &Path) -> std::io::Result<(File, PathBuf)> {
-    for n in 1..1000u32 {
-        let mut p = dest.as_os_str().to_owned();
-        p.push(format!("#{n}"));
-        let p = PathBuf::from(p);
+/// A new staging file in `root`'s [`STAGING_DIR`], named uniquely among every process
+/// that shares the store (two replicas may write to one directory).
+fn staging_file(root: &Path) -> std::io::Result<(File, PathBuf)> {
+    let dir = root.join(STAGING_DIR);
+    create_dirs_durably(&dir)?;
+    loop {
+        let p = dir.join(uuid::Uuid::new_v4().simple().to_string());
         match OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -206,10 +262,6 @@ fn staging_file(dest: &Path) -> std::io::Result<(File, PathBuf)> {
             Err(e) => return Err(e),
         }
     }
-    Err(std::io::Error::other(format!(
-        "too many staging files beside {}",
-        dest.display()
-    )))
 }
 
 /// Creates `dir` and any missing parents, each new entry fsynced into its parent so
@@ -256,9 +308,10 @@ mod tests {
             let body: Vec<u8> = (0..len).map(|i| (i % 251) as u8 ^ (len as u8)).collect();
             let src = dir.path().join(format!("src-{len}"));
             std::fs::write(&src, &body).expect("write");
-            let dest = dir.path().join(format!("new/dir/{len}/out.bin"));
+            let key = format!("new/dir/{len}/out.bin");
+            let dest = dir.path().join(&key);
             let f = File::open(&src).expect("open");
-            let d = copy(&f, &dest, "src", Algorithm::Sha256).expect("copy");
+            let d = copy(&f, dir.path(), &key, "src", Algorithm::Sha256).expect("copy");
             assert_eq!(d.size, len as u64);
             assert_eq!(d.checksum, sha256(&body), "{len}");
             assert_eq!(std::fs::read(&dest).expect("stored"), body, "{len}");
@@ -267,7 +320,14 @@ mod tests {
                 .flatten()
                 .map(|e| e.file_name())
                 .collect();
-            assert_eq!(left, ["out.bin"], "no staging file left");
+            assert_eq!(left, ["out.bin"], "nothing beside the object");
+            assert_eq!(
+                std::fs::read_dir(dir.path().join(STAGING_DIR))
+                    .expect("staging dir")
+                    .count(),
+                0,
+                "no staging file left"
+            );
         }
     }
 
@@ -277,16 +337,79 @@ mod tests {
         let src = dir.path().join("src");
         std::fs::write(&src, vec![7u8; 3 * BLOCK]).expect("write");
         // The destination is a directory: the rename into place fails after the write.
-        let dest = dir.path().join("store/taken");
-        std::fs::create_dir_all(dest.join("inside")).expect("dir");
+        let root = dir.path().join("store");
+        std::fs::create_dir_all(root.join("taken/inside")).expect("dir");
         let f = File::open(&src).expect("open");
-        let e = copy(&f, &dest, "src", Algorithm::Sha256).expect_err("cannot replace a dir");
+        let e =
+            copy(&f, &root, "taken", "src", Algorithm::Sha256).expect_err("cannot replace a dir");
         assert!(matches!(e, CopyError::Write(..)), "{e}");
-        let left: Vec<_> = std::fs::read_dir(dir.path().join("store"))
-            .expect("list")
-            .flatten()
-            .map(|e| e.file_name())
-            .collect();
-        assert_eq!(left, ["taken"], "the staging file was removed");
+        assert_eq!(
+            std::fs::read_dir(root.join(STAGING_DIR))
+                .expect("staging dir")
+                .count(),
+            0,
+            "the staging file was removed"
+        );
+    }
+
+    #[test]
+    fn the_staging_directory_is_no_key() {
+        let dir = tempfile::tempdir().expect("temp");
+        let src = dir.path().join("src");
+        std::fs::write(&src, b"x").expect("write");
+        let f = File::open(&src).expect("open");
+        let e = copy(
+            &f,
+            dir.path(),
+            &format!("{STAGING_DIR}/a"),
+            "src",
+            Algorithm::Sha256,
+        )
+        .expect_err("reserved");
+        assert!(e.is_permanent(), "{e}");
+    }
+
+    #[test]
+    fn only_stale_staging_files_are_swept_and_objects_never() {
+        let dir = tempfile::tempdir().expect("temp");
+        let old = std::time::SystemTime::now() - STALE_STAGING * 2;
+        let staging = dir.path().join(STAGING_DIR);
+        let objects = dir.path().join("a");
+        std::fs::create_dir_all(&staging).expect("dir");
+        std::fs::create_dir_all(&objects).expect("dir");
+        for (path, stale) in [
+            (staging.join("dead1"), true),
+            (staging.join("live"), false),
+            (staging.join("dead2"), true),
+            // Objects whose names look like the staging names of earlier versions.
+            (objects.join("take#1"), true),
+            (objects.join("take#2"), false),
+        ] {
+            let f = File::create(&path).expect("create");
+            if stale {
+                f.set_modified(old).expect("age");
+            }
+        }
+        assert_eq!(sweep_stale_staging(dir.path()).expect("sweep"), 2);
+        let names = |d: &Path| {
+            let mut v: Vec<String> = std::fs::read_dir(d)
+                .expect("read")
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(names(&staging), ["live"]);
+        assert_eq!(
+            names(&objects),
+            ["take#1", "take#2"],
+            "objects are never swept"
+        );
+        let empty = tempfile::tempdir().expect("temp");
+        assert_eq!(
+            sweep_stale_staging(empty.path()).expect("no staging dir"),
+            0
+        );
     }
 }

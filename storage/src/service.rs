@@ -69,22 +69,40 @@ impl TierProcessor {
         let records = Records::open(&url).await?;
         tracing::info!(store = %tier.display, database = %db::redact_url(&url), roots = ?roots, "storage tier ready");
         let copier = std::sync::Arc::new(TierCopier::new(roots, tier, records, policy));
-        let sweeper = copier.tier().multipart.is_some().then(|| {
-            let c = copier.clone();
-            let age = setup.abort_abandoned_uploads_after;
-            tokio::spawn(async move {
-                // A few sweeps per period: an upload is aborted at most a quarter late.
-                let every = (age / 4).clamp(Duration::from_secs(1), Duration::from_secs(3600));
-                loop {
-                    match c.abort_abandoned_uploads(age).await {
-                        Ok(0) => {}
-                        Ok(n) => tracing::info!(aborted = n, "abandoned multipart uploads aborted"),
-                        Err(e) => tracing::warn!(error = %e, "could not sweep abandoned multipart uploads"),
+        let sweeper = match copier.tier().local_dir.clone() {
+            // Copies a crash cut short, swept before the first message and then a few
+            // times per staleness period (another instance's may become stale any time).
+            Some(root) => {
+                sweep_staging(root.clone()).await;
+                Some(tokio::spawn(async move {
+                    loop {
+                        tokio::time::sleep(crate::local::STALE_STAGING / 3).await;
+                        sweep_staging(root.clone()).await;
                     }
-                    tokio::time::sleep(every).await;
-                }
-            })
-        });
+                }))
+            }
+            None if copier.tier().multipart.is_some() => {
+                let c = copier.clone();
+                let age = setup.abort_abandoned_uploads_after;
+                Some(tokio::spawn(async move {
+                    // A few sweeps per period: an upload is aborted at most a quarter late.
+                    let every = (age / 4).clamp(Duration::from_secs(1), Duration::from_secs(3600));
+                    loop {
+                        match c.abort_abandoned_uploads(age).await {
+                            Ok(0) => {}
+                            Ok(n) => {
+                                tracing::info!(aborted = n, "abandoned multipart uploads aborted")
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "could not sweep abandoned multipart uploads")
+                            }
+                        }
+                        tokio::time::sleep(every).await;
+                    }
+                }))
+            }
+            None => None,
+        };
         Ok(Self {
             copier,
             sweeper,
@@ -95,6 +113,22 @@ impl TierProcessor {
     /// The copier (tests).
     pub fn copier(&self) -> &TierCopier {
         &self.copier
+    }
+}
+
+/// Removes the stale staging files of the local store at `root` (logged, never fatal:
+/// they only cost disk).
+async fn sweep_staging(root: PathBuf) {
+    let shown = root.display().to_string();
+    match tokio::task::spawn_blocking(move || crate::local::sweep_stale_staging(&root)).await {
+        Ok(Ok(0)) => {}
+        Ok(Ok(n)) => {
+            tracing::info!(removed = n, store = %shown, "partial copies of interrupted uploads removed")
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, store = %shown, "could not sweep the staging directory")
+        }
+        Err(e) => tracing::warn!(error = %e, "the staging sweep failed"),
     }
 }
 

@@ -152,6 +152,25 @@ pub fn sweeper_message_v1(filepath: &str, filename: &str, ignore: bool) -> serde
     })
 }
 
+/// Every regular file under `dir`, relative to it, sorted (a store's objects, and in a
+/// local store its staging files under [`crate::local::STAGING_DIR`]).
+pub fn files_under(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(rel) = p.strip_prefix(dir) {
+                out.push(rel.display().to_string());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
 /// Writes `content` to `<data>/online/<rel>` (the default online root) and returns the
 /// file's directory, as an asset-sweeper message's `parent_dir`.
 pub fn put_online_file(data: &std::path::Path, rel: &str, content: &[u8]) -> String {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use storage::paths::open_roots;
-use storage::testing::{CountingProxy, FaultyStore, MotoServer, sweeper_message};
+use storage::testing::{CountingProxy, FaultyStore, MotoServer, files_under, sweeper_message};
 use storage::tier::{TierCopier, TierError, TierOutcome, TierPolicy};
 use storage::{Algorithm, AssetSweeperFile, Records, Tier};
 
@@ -50,24 +50,6 @@ fn content(n: usize, seed: u8) -> Vec<u8> {
     (0..n).map(|i| (i % 251) as u8 ^ seed).collect()
 }
 
-/// Every file under `dir`, relative to it.
-fn files(dir: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if let Ok(rel) = p.strip_prefix(dir) {
-                out.push(rel.display().to_string());
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
 fn copied(r: Result<TierOutcome, TierError>) -> storage::CopyReport {
     match r {
         Ok(TierOutcome::Copied(c)) => c,
@@ -109,7 +91,7 @@ async fn a_store_failing_as_the_upload_completes_is_a_retry_and_cleaned_up() {
         "the upload was aborted"
     );
     assert_eq!(
-        files(&store_dir),
+        files_under(&store_dir),
         Vec::<String>::new(),
         "nothing left behind"
     );
@@ -196,7 +178,7 @@ async fn a_failed_verification_removes_what_the_attempt_stored() {
         assert!(r.uploaded);
         assert_eq!(std::fs::read(store_dir.join(&r.key)).expect("stored"), body);
     }
-    assert_eq!(files(&store_dir), ["v/multi.bin", "v/one.bin"]);
+    assert_eq!(files_under(&store_dir), ["v/multi.bin", "v/one.bin"]);
 }
 
 #[tokio::test]
