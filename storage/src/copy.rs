@@ -89,6 +89,10 @@ pub enum CopyError {
     /// Larger than any object the store can hold (S3: 5 TiB); never retried.
     #[error("{0} bytes is larger than the store's largest object (5 TiB)")]
     TooLarge(u64),
+    /// Another copy published an object under the key first (a local store never
+    /// replaces one): the caller looks at what is there now.
+    #[error("{0} was stored by another copy meanwhile")]
+    Exists(String),
     /// A key inside the local store's reserved staging directory; never retried.
     #[error("{0} is inside the store's reserved staging directory ({dir}); rename the source", dir = crate::local::STAGING_DIR)]
     Reserved(String),
@@ -210,14 +214,17 @@ pub struct Uploaded {
     pub written_durably: bool,
 }
 
-/// Where the multipart state of a resumable upload is kept, and the source's mtime
-/// (an upload started for another version of the file is not resumed).
+/// Where the multipart state of a resumable upload is kept, and what is known of the
+/// source (an upload started for another version of the file is not resumed; a local
+/// copy of other bytes is not published).
 #[derive(Clone, Copy)]
 pub struct Resume<'a> {
     /// The tier's records.
     pub records: &'a Records,
     /// The source's mtime as recorded.
     pub mtime: &'a str,
+    /// The source's digest, where it was hashed before the upload.
+    pub digest: Option<&'a Digest>,
 }
 
 /// Streams the open `file` (from its start) to `key`, hashing as it goes. A file smaller
@@ -238,17 +245,20 @@ pub async fn upload(
     let len = file.metadata().map_err(read_err)?.len();
     if let Some(dir) = &tier.local_dir {
         // A local tier is written directly and durably (see crate::local): no object
-        // store layer, no read-back.
+        // store layer, no read-back; published only if it matches the source as opened.
         let (root, key) = (dir.clone(), key.to_string());
         let f = file.try_clone().map_err(read_err)?;
         let owned = shown.to_string();
-        let digest =
-            tokio::task::spawn_blocking(move || crate::local::copy(&f, &root, &key, &owned, alg))
-                .await
-                .map_err(|e| CopyError::Write(shown.to_string(), std::io::Error::other(e)))??;
-        if digest.size != len {
-            return Err(CopyError::SourceChanged(shown.to_string()));
-        }
+        let expected_digest = resume.digest.cloned();
+        let digest = tokio::task::spawn_blocking(move || {
+            let expected = crate::local::Expected {
+                size: len,
+                digest: expected_digest.as_ref(),
+            };
+            crate::local::copy(&f, &root, &key, &owned, alg, expected)
+        })
+        .await
+        .map_err(|e| CopyError::Write(shown.to_string(), std::io::Error::other(e)))??;
         return Ok(Uploaded {
             digest,
             store_checksum: None,

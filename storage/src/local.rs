@@ -45,15 +45,28 @@ pub const STAGING_DIR: &str = ".storagetier-staging";
 /// (kill -9, out of memory): a live copy writes to it continuously.
 pub const STALE_STAGING: Duration = Duration::from_secs(15 * 60);
 
+/// What the copy must match before it is published under its key.
+#[derive(Debug, Clone, Copy)]
+pub struct Expected<'a> {
+    /// The source's size when it was opened.
+    pub size: u64,
+    /// The source's digest, where it was hashed before (a copy of other bytes is not
+    /// published).
+    pub digest: Option<&'a Digest>,
+}
+
 /// Copies `file` (from its start) to `key` under the store directory `root` durably;
-/// returns the size and digest of what was read and written. Blocking: run it on a
-/// blocking thread.
+/// returns the size and digest of what was read and written. The copy is published
+/// under its key only if it matches `expected`, and never over an object already there
+/// ([`CopyError::Exists`]: another copy won the key): a conditional create, so
+/// concurrent copies to one key need no claim. Blocking: run it on a blocking thread.
 pub fn copy(
     file: &File,
     root: &Path,
     key: &str,
     shown: &str,
     alg: Algorithm,
+    expected: Expected<'_>,
 ) -> Result<Digest, CopyError> {
     if key.split('/').next() == Some(STAGING_DIR) {
         return Err(CopyError::Reserved(key.to_string()));
@@ -66,17 +79,19 @@ pub fn copy(
     create_dirs_durably(parent).map_err(write_err)?;
     let (staging, staged) = staging_file(root).map_err(write_err)?;
     let result = (|| {
-        let len = file
-            .metadata()
-            .map_err(|e| CopyError::Read(shown.to_string(), e))?
-            .len();
-        let digest = if len < BLOCK as u64 {
-            copy_small(file, &staging, shown, &dest, alg, len)?
+        let digest = if expected.size < BLOCK as u64 {
+            copy_small(file, &staging, shown, &dest, alg, expected.size)?
         } else {
             copy_pipelined(file, &staging, shown, &dest, alg)?
         };
+        if digest.size != expected.size || expected.digest.is_some_and(|d| d != &digest) {
+            return Err(CopyError::SourceChanged(shown.to_string()));
+        }
         staging.sync_all().map_err(write_err)?;
-        std::fs::rename(&staged, &dest).map_err(write_err)?;
+        publish(&staged, &dest).map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => CopyError::Exists(key.to_string()),
+            _ => write_err(e),
+        })?;
         sync_dir(parent).map_err(write_err)?;
         Ok(digest)
     })();
@@ -84,6 +99,31 @@ pub fn copy(
         let _ = std::fs::remove_file(&staged);
     }
     result
+}
+
+/// Moves `staged` to `dest` unless `dest` exists (`AlreadyExists` then): `renameat2`
+/// with `RENAME_NOREPLACE`, or where the filesystem lacks it (NFS, some FUSE), a hard
+/// link (which never replaces either) and the staging name removed.
+fn publish(staged: &Path, dest: &Path) -> std::io::Result<()> {
+    use rustix::fs::{CWD, RenameFlags, renameat_with};
+    match renameat_with(CWD, staged, CWD, dest, RenameFlags::NOREPLACE) {
+        Ok(()) => Ok(()),
+        Err(e)
+            if [
+                rustix::io::Errno::INVAL,
+                rustix::io::Errno::NOSYS,
+                rustix::io::Errno::OPNOTSUPP,
+            ]
+            .contains(&e) =>
+        {
+            std::fs::hard_link(staged, dest)?;
+            // A leftover name in the staging directory is swept later; the object is
+            // in place either way.
+            let _ = std::fs::remove_file(staged);
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Deletes the staging files under `root` untouched for [`STALE_STAGING`] (copies cut
@@ -311,7 +351,11 @@ mod tests {
             let key = format!("new/dir/{len}/out.bin");
             let dest = dir.path().join(&key);
             let f = File::open(&src).expect("open");
-            let d = copy(&f, dir.path(), &key, "src", Algorithm::Sha256).expect("copy");
+            let expected = Expected {
+                size: len as u64,
+                digest: None,
+            };
+            let d = copy(&f, dir.path(), &key, "src", Algorithm::Sha256, expected).expect("copy");
             assert_eq!(d.size, len as u64);
             assert_eq!(d.checksum, sha256(&body), "{len}");
             assert_eq!(std::fs::read(&dest).expect("stored"), body, "{len}");
@@ -332,17 +376,41 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_write_leaves_no_staging_file() {
+    fn a_copy_not_published_leaves_no_staging_file() {
         let dir = tempfile::tempdir().expect("temp");
         let src = dir.path().join("src");
         std::fs::write(&src, vec![7u8; 3 * BLOCK]).expect("write");
-        // The destination is a directory: the rename into place fails after the write.
+        // The destination exists: the copy is not published over it.
         let root = dir.path().join("store");
-        std::fs::create_dir_all(root.join("taken/inside")).expect("dir");
+        std::fs::create_dir_all(&root).expect("dir");
+        std::fs::write(root.join("taken"), b"another copy's").expect("write");
         let f = File::open(&src).expect("open");
-        let e =
-            copy(&f, &root, "taken", "src", Algorithm::Sha256).expect_err("cannot replace a dir");
-        assert!(matches!(e, CopyError::Write(..)), "{e}");
+        let expected = Expected {
+            size: 3 * BLOCK as u64,
+            digest: None,
+        };
+        let e = copy(&f, &root, "taken", "src", Algorithm::Sha256, expected)
+            .expect_err("never replaces an object");
+        assert!(matches!(e, CopyError::Exists(..)), "{e}");
+        assert_eq!(
+            std::fs::read(root.join("taken")).expect("kept"),
+            b"another copy's"
+        );
+        // A source that changed since it was opened (or hashed) is not published.
+        let e = copy(
+            &f,
+            &root,
+            "fresh",
+            "src",
+            Algorithm::Sha256,
+            Expected {
+                size: 5,
+                digest: None,
+            },
+        )
+        .expect_err("changed");
+        assert!(matches!(e, CopyError::SourceChanged(..)), "{e}");
+        assert!(!root.join("fresh").exists());
         assert_eq!(
             std::fs::read_dir(root.join(STAGING_DIR))
                 .expect("staging dir")
@@ -364,6 +432,10 @@ mod tests {
             &format!("{STAGING_DIR}/a"),
             "src",
             Algorithm::Sha256,
+            Expected {
+                size: 1,
+                digest: None,
+            },
         )
         .expect_err("reserved");
         assert!(e.is_permanent(), "{e}");

@@ -224,11 +224,18 @@ impl TierCopier {
         }
 
         // 3. The natural key, unless it holds other content: then beside it under a
-        //    content-derived key. Each key is claimed before it is looked at, so no other
-        //    handler or instance can find it free at the same time: never overwritten.
+        //    content-derived key. Never overwritten: on an object store each key is
+        //    claimed before it is looked at, so no other handler or instance can find it
+        //    free at the same time; a local store needs no claim, its copy is published
+        //    only where nothing is (see crate::local), and one that lost the race looks
+        //    at what won.
         let mut key = natural.clone();
+        let mut races = 0;
         loop {
-            let claim = Claim::take(&self.records, &key).await?;
+            let claim = match self.tier.local_dir {
+                Some(_) => None,
+                None => Some(Claim::take(&self.records, &key).await?),
+            };
             let src = Source {
                 file,
                 original: &original,
@@ -236,10 +243,18 @@ impl TierCopier {
                 size,
             };
             let outcome = self
-                .copy_claimed(&claim, &key, &src, &mut source, msg)
+                .copy_claimed(claim.as_ref(), &key, &src, &mut source, msg)
                 .await;
-            claim.release().await;
+            if let Some(c) = claim {
+                c.release().await;
+            }
             match outcome? {
+                Claimed::Raced if races < 3 => races += 1,
+                Claimed::Raced => {
+                    return Err(TierError::Transient(format!(
+                        "{key} keeps changing under other copies"
+                    )));
+                }
                 Claimed::Done(obj, uploaded) => {
                     return Ok(TierOutcome::Copied(report(&obj, uploaded)));
                 }
@@ -262,11 +277,12 @@ impl TierCopier {
         }
     }
 
-    /// Under the claim on `key`: an identical object there is recorded, other content
-    /// reported, and an empty key gets the upload, verified and recorded.
+    /// Under the claim on `key` (none on a local store): an identical object there is
+    /// recorded, other content reported, and an empty key gets the upload, verified and
+    /// recorded.
     async fn copy_claimed(
         &self,
-        claim: &Claim<'_>,
+        claim: Option<&Claim<'_>>,
         key: &ObjectPath,
         src: &Source<'_>,
         source: &mut Option<Digest>,
@@ -305,7 +321,7 @@ impl TierCopier {
                     checksum: d.checksum.clone(),
                     store: facts.unwrap_or_default(),
                 };
-                self.record(&obj, original, mtime, msg, Some(claim)).await?;
+                self.record(&obj, original, mtime, msg, claim).await?;
                 return Ok(Claimed::Done(obj, false));
             }
             return Ok(Claimed::Occupied(d));
@@ -332,8 +348,12 @@ impl TierCopier {
             let resume = copy::Resume {
                 records: &self.records,
                 mtime,
+                digest: source.as_ref(),
             };
-            let up = copy::upload(&self.tier, key, file, original, alg, attrs, resume).await?;
+            let up = match copy::upload(&self.tier, key, file, original, alg, attrs, resume).await {
+                Err(CopyError::Exists(_)) => return Ok(Claimed::Raced),
+                r => r?,
+            };
             if up.parts_reused > 0 {
                 tracing::info!(key = %key, reused = up.parts_reused, sent = up.parts_sent, "resumed an interrupted multipart upload");
             }
@@ -345,8 +365,9 @@ impl TierCopier {
                 copy::verify_upload(&self.tier, key, alg, &up).await
             };
             if let Err(e @ (CopyError::Mismatch { .. } | CopyError::SourceChanged(_))) = checked {
-                // Only this attempt wrote here (the key is claimed): take it away so the
-                // retry finds the key free, instead of a bad object it must not overwrite.
+                // Only this attempt wrote here (the key is claimed; a local store checks
+                // before it publishes and never gets here): take it away so the retry
+                // finds the key free, instead of a bad object it must not overwrite.
                 copy::remove(self.tier.store.as_ref(), key).await?;
                 tracing::warn!(key = %key, error = %e, "removed what this attempt stored");
                 return Err(TierError::from(e));
@@ -358,12 +379,15 @@ impl TierCopier {
                 checksum: written.checksum,
                 store: facts,
             };
-            self.record(&obj, original, mtime, msg, Some(claim)).await?;
+            self.record(&obj, original, mtime, msg, claim).await?;
             Ok(Claimed::Done(obj, true))
         };
-        tokio::select! {
-            r = work => r,
-            e = claim.keep() => Err(e),
+        match claim {
+            Some(claim) => tokio::select! {
+                r = work => r,
+                e = claim.keep() => Err(e),
+            },
+            None => work.await,
         }
     }
 
@@ -408,6 +432,8 @@ enum Claimed {
     Done(StoredObject, bool),
     /// Other content, with the source's digest.
     Occupied(Digest),
+    /// Another copy published an object under the key first (local store): look again.
+    Raced,
 }
 
 /// How long a claim lasts unrenewed (it is renewed every quarter of it): a killed process

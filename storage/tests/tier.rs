@@ -152,6 +152,48 @@ async fn concurrent_uploads_of_different_content_to_one_key_never_overwrite() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_copies_to_one_key_of_a_local_store_never_overwrite_without_claims() {
+    // A local store takes no claim: its copy is published only where no object is, and
+    // one that lost the race looks at what won. Two instances sharing store and database,
+    // each with other content at the same paths, all copies at once.
+    const KEYS: usize = 40;
+    let base = tempfile::tempdir().expect("temp");
+    let store_dir = base.path().join("store");
+    let tier = storage::store::local(&store_dir).expect("tier");
+    let recs = records(base.path()).await;
+    let a = Arc::new(copier(base.path(), "a", tier.clone(), recs.clone()));
+    let b = Arc::new(copier(base.path(), "b", tier, recs.clone()));
+    let mut runs = tokio::task::JoinSet::new();
+    for i in 0..KEYS {
+        let rel = format!("show/ep{i}.mov");
+        for (c, root) in [(&a, "a"), (&b, "b")] {
+            let body = format!("{root}'s take of episode {i}").repeat(50).into_bytes();
+            let msg = put(base.path(), root, &rel, &body);
+            let c = c.clone();
+            runs.spawn(async move { (copied(c.handle(&msg, 1).await), body) });
+        }
+    }
+    let mut naturals = 0;
+    while let Some(r) = runs.join_next().await {
+        let (report, body) = r.expect("a copy ran");
+        assert_eq!(report.checksum, sha256(&body), "{report:?}");
+        assert_eq!(
+            std::fs::read(store_dir.join(&report.key)).expect("stored"),
+            body,
+            "what {} reports is what is stored",
+            report.key
+        );
+        if !report.key.contains(".mov.") {
+            naturals += 1;
+        }
+    }
+    assert_eq!(naturals, KEYS, "one copy per path under the natural key");
+    let stored = files_under(&store_dir);
+    assert_eq!(stored.len(), 2 * KEYS, "every copy stored once: {stored:?}");
+    assert_eq!(recs.count("stored_objects").await.expect("count"), 2 * KEYS as i64);
+}
+
 #[tokio::test]
 async fn a_failed_verification_removes_what_the_attempt_stored() {
     let base = tempfile::tempdir().expect("temp");
