@@ -87,8 +87,10 @@ async fn committer(
     mut rx: tokio::sync::mpsc::UnboundedReceiver<(Write, Reply)>,
 ) {
     let mut batch = Vec::new();
+    // The writer connection's `synchronous` as last set (FULL when it opened).
+    let mut full = true;
     while rx.recv_many(&mut batch, MAX_GROUP).await > 0 {
-        match apply(&pool, is_sqlite, batch.iter().map(|(w, _)| w)).await {
+        match apply(&pool, is_sqlite, &mut full, batch.iter().map(|(w, _)| w)).await {
             Ok(results) => {
                 for ((_, reply), r) in batch.drain(..).zip(results) {
                     let _ = reply.send(Ok(r));
@@ -103,7 +105,7 @@ async fn committer(
                 // One write failed the whole batch: each is applied alone, so only the
                 // failing one reports an error.
                 for (w, reply) in batch.drain(..) {
-                    let r = apply(&pool, is_sqlite, std::iter::once(&w))
+                    let r = apply(&pool, is_sqlite, &mut full, std::iter::once(&w))
                         .await
                         .map(|r| r.first().copied().unwrap_or(false));
                     let _ = reply.send(r);
@@ -113,16 +115,18 @@ async fn committer(
     }
 }
 
-/// Applies `writes` in one transaction; their results once it committed.
+/// Applies `writes` in one transaction; their results once it committed. `full` is the
+/// writer's `synchronous` mode as last set, so a batch pays no `PRAGMA` unless it changes.
 async fn apply<'a>(
     pool: &AnyPool,
     is_sqlite: bool,
+    full: &mut bool,
     writes: impl Iterator<Item = &'a Write>,
 ) -> Result<Vec<bool>, db::sqlx::Error> {
     let writes: Vec<&Write> = writes.collect();
     let mut conn = pool.acquire().await?;
     let relaxed = is_sqlite && !writes.iter().any(|w| matches!(w, Write::Copy(_)));
-    if is_sqlite {
+    if is_sqlite && relaxed == *full {
         // Only a recorded copy must survive a power loss; claims are leases that a
         // restart outlives anyway. A batch of claims alone skips the WAL fsync (it is
         // still atomic and survives a crash); the next batch with a copy syncs the WAL,
@@ -131,6 +135,7 @@ async fn apply<'a>(
         db::sqlx::query(&format!("PRAGMA synchronous = {mode}"))
             .execute(&mut *conn)
             .await?;
+        *full = !relaxed;
     }
     let mut tx = db::sqlx::Connection::begin(&mut *conn).await?;
     let mut results = Vec::new();
@@ -168,16 +173,6 @@ async fn apply<'a>(
         });
     }
     tx.commit().await?;
-    if relaxed {
-        // Every other write on this connection stays FULL (the claims are committed
-        // already: a failure here is only logged).
-        if let Err(e) = db::sqlx::query("PRAGMA synchronous = FULL")
-            .execute(&mut *conn)
-            .await
-        {
-            tracing::warn!(error = %e, "could not restore synchronous = FULL");
-        }
-    }
     Ok(results)
 }
 
