@@ -7,7 +7,9 @@
 //! ```
 //!
 //! Env: `BENCH_MESSAGES` (default 20000), `BENCH_ROUNDS` (3), `BENCH_PREFETCH` (`16,128`),
-//! `BENCH_QUEUE_TYPES` (`quorum,classic`), `STORAGETIER_TEST_AMQP_URL` (the broker).
+//! `BENCH_QUEUE_TYPES` (`quorum,classic`), `BENCH_CONTENDERS` (`raw,ruststream,framework`;
+//! raw lapin is always measured, the ratios are against it), `STORAGETIER_TEST_AMQP_URL`
+//! (the broker).
 //!
 //! Every contender runs as a process of its own (the echo binary; this bench re-executed for
 //! raw lapin and ruststream), so its CPU time is read from `/proc/<pid>/stat` alone. A run is
@@ -161,6 +163,15 @@ enum Contender {
 }
 
 impl Contender {
+    /// Its name in `BENCH_CONTENDERS`.
+    fn key(self) -> &'static str {
+        match self {
+            Contender::Raw => "raw",
+            Contender::RustStream => "ruststream",
+            Contender::Framework => "framework",
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Contender::Raw => "raw lapin",
@@ -336,7 +347,12 @@ async fn parent() {
         .map(|p| p.parse().expect("BENCH_PREFETCH"))
         .collect();
     let types = env_list("BENCH_QUEUE_TYPES", "quorum,classic");
-    let all = [Contender::Raw, Contender::RustStream, Contender::Framework];
+    // Raw lapin is always measured: the ratios are against it.
+    let wanted = env_list("BENCH_CONTENDERS", "raw,ruststream,framework");
+    let all: Vec<Contender> = [Contender::Raw, Contender::RustStream, Contender::Framework]
+        .into_iter()
+        .filter(|c| *c == Contender::Raw || wanted.iter().any(|w| w == c.key()))
+        .collect();
     let mut results: Vec<(Point, Vec<Vec<Run>>)> = Vec::new();
     for p in &prefetches {
         for t in &types {

@@ -49,7 +49,11 @@ pub fn metrics_handle() -> PrometheusHandle {
 
 /// Starts `tracing` output per `[log]`; later calls are no-ops (tests run many services).
 pub fn init_logging(cfg: &LogConfig) {
+    use std::io::IsTerminal;
     let filter = EnvFilter::try_new(&cfg.level).unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colours only for a person at a terminal: in a log file or a collector they are noise,
+    // and styling every span's fields (one span per message) costs CPU.
+    let ansi = std::io::stderr().is_terminal();
     let result = match cfg.format {
         LogFormat::Json => tracing_subscriber::fmt()
             .json()
@@ -59,6 +63,7 @@ pub fn init_logging(cfg: &LogConfig) {
             .with_writer(std::io::stderr)
             .try_init(),
         LogFormat::Text => tracing_subscriber::fmt()
+            .with_ansi(ansi)
             .with_env_filter(filter)
             .with_writer(std::io::stderr)
             .try_init(),

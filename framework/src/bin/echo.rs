@@ -29,7 +29,12 @@ impl MessageProcessor for Echo {
         if !self.delay.is_zero() {
             tokio::time::sleep(self.delay).await;
         }
-        Outcome::success(input)
+        // The decoded value moves into the outcome: `Outcome::success` would serialise it
+        // into a copy first.
+        Outcome::Success {
+            body: input,
+            extra: Vec::new(),
+        }
     }
 }
 
