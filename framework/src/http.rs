@@ -12,6 +12,9 @@ use tokio_util::sync::CancellationToken;
 use crate::runtime::Status;
 use crate::telemetry;
 
+/// How often histogram samples are folded into buckets between scrapes.
+const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Binds `addr` (failing fast, e.g. port in use) and serves until `shutdown`.
 pub async fn serve(
     addr: &str,
@@ -44,6 +47,18 @@ pub async fn serve(
             }),
         )
         .with_state(status);
+    // Histogram samples are kept until upkeep folds them into their buckets: without it
+    // an instance nobody scrapes would grow with every message.
+    let upkeep = telemetry::metrics_handle();
+    let upkeep_stop = shutdown.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = upkeep_stop.cancelled() => break,
+                _ = tokio::time::sleep(UPKEEP_EVERY) => upkeep.run_upkeep(),
+            }
+        }
+    });
     let task = tokio::spawn(async move {
         let r = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
