@@ -168,7 +168,9 @@ async fn concurrent_copies_to_one_key_of_a_local_store_never_overwrite_without_c
     for i in 0..KEYS {
         let rel = format!("show/ep{i}.mov");
         for (c, root) in [(&a, "a"), (&b, "b")] {
-            let body = format!("{root}'s take of episode {i}").repeat(50).into_bytes();
+            let body = format!("{root}'s take of episode {i}")
+                .repeat(50)
+                .into_bytes();
             let msg = put(base.path(), root, &rel, &body);
             let c = c.clone();
             runs.spawn(async move { (copied(c.handle(&msg, 1).await), body) });
@@ -191,7 +193,10 @@ async fn concurrent_copies_to_one_key_of_a_local_store_never_overwrite_without_c
     assert_eq!(naturals, KEYS, "one copy per path under the natural key");
     let stored = files_under(&store_dir);
     assert_eq!(stored.len(), 2 * KEYS, "every copy stored once: {stored:?}");
-    assert_eq!(recs.count("stored_objects").await.expect("count"), 2 * KEYS as i64);
+    assert_eq!(
+        recs.count("stored_objects").await.expect("count"),
+        2 * KEYS as i64
+    );
 }
 
 #[tokio::test]
