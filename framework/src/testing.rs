@@ -176,6 +176,33 @@ pub fn service_config<S: Service>(
     load_config::<S>(&o).expect("test config is valid")
 }
 
+/// Config of another replica of service `S` on `first`'s queue and exchanges (how a
+/// scaled-out deployment runs): [`service_config`] with `first`'s names, then `extra`.
+pub fn replica_config<S: Service>(
+    data_dir: &std::path::Path,
+    first: &Harness,
+    extra: &[(&str, &str)],
+) -> Config<S::Settings> {
+    let sec = S::SECTION;
+    let names = [
+        (format!("{sec}.queue"), first.q.clone()),
+        (
+            format!("{sec}.input_exchange"),
+            first.input_exchange.clone(),
+        ),
+        (
+            format!("{sec}.output_exchange"),
+            first.output_exchange.clone(),
+        ),
+    ];
+    let mut all: Vec<(&str, &str)> = names
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    all.extend_from_slice(extra);
+    service_config::<S>(data_dir, &all)
+}
+
 /// A command running service binary `bin` as its own process in a test: broker `url`,
 /// queue `q` under `[section]` with the `<q>-in` / `<q>-out` exchanges, an ephemeral
 /// HTTP port, warn-level logs, config files from `config_dir` (empty: built-in defaults).

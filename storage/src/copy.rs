@@ -210,7 +210,8 @@ pub struct Uploaded {
     /// Parts a resumed upload already had in the store.
     pub parts_reused: u64,
     /// Written to a local tier by [`crate::local::copy`]: the digest is of the bytes
-    /// written and fsynced, which verifies the copy without reading it back.
+    /// written and fsynced, which verifies the copy without reading it back. Its
+    /// directory entry is made durable by [`make_durable`], beside the record.
     pub written_durably: bool,
 }
 
@@ -802,7 +803,29 @@ pub async fn confirm_recorded(
         size: obj.size,
         checksum: obj.checksum.clone(),
     };
-    Ok(hash_object(tier, &key, alg).await?.as_ref() == Some(&expected))
+    if hash_object(tier, &key, alg).await?.as_ref() != Some(&expected) {
+        return Ok(false);
+    }
+    // Recorded while its publisher's directory fsync may still run: reported only once
+    // durable.
+    make_durable(tier, &key).await?;
+    Ok(true)
+}
+
+/// Makes the object at `key` of a local store durable: its directory entry is fsynced
+/// (the copy that published it does so beside its record's commit, so another handler
+/// that finds the object meanwhile must not report it before). A completed upload to an
+/// object store is durable already: nothing to do.
+pub async fn make_durable(tier: &Tier, key: &ObjectPath) -> Result<(), CopyError> {
+    let Some(root) = &tier.local_dir else {
+        return Ok(());
+    };
+    let dest = root.join(key.as_ref());
+    let shown = dest.display().to_string();
+    tokio::task::spawn_blocking(move || crate::local::sync_parent(&dest))
+        .await
+        .map_err(|e| CopyError::Write(shown.clone(), std::io::Error::other(e)))?
+        .map_err(|e| CopyError::Write(shown, e))
 }
 
 /// Whether two ChecksumSHA256 values name the same digest: the part count S3 appends to

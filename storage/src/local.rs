@@ -55,11 +55,14 @@ pub struct Expected<'a> {
     pub digest: Option<&'a Digest>,
 }
 
-/// Copies `file` (from its start) to `key` under the store directory `root` durably;
-/// returns the size and digest of what was read and written. The copy is published
-/// under its key only if it matches `expected`, and never over an object already there
-/// ([`CopyError::Exists`]: another copy won the key): a conditional create, so
-/// concurrent copies to one key need no claim. Blocking: run it on a blocking thread.
+/// Copies `file` (from its start) to `key` under the store directory `root`; returns the
+/// size and digest of what was read and written. The copy's data is fsynced before it is
+/// published under its key, so whatever a power loss leaves under the key is whole; the
+/// new directory entry is made durable by [`sync_parent`] afterwards (the caller runs it
+/// beside its record's commit). The copy is published only if it matches `expected`, and
+/// never over an object already there ([`CopyError::Exists`]: another copy won the key):
+/// a conditional create, so concurrent copies to one key need no claim. Blocking: run it
+/// on a blocking thread.
 pub fn copy(
     file: &File,
     root: &Path,
@@ -92,7 +95,6 @@ pub fn copy(
             std::io::ErrorKind::AlreadyExists => CopyError::Exists(key.to_string()),
             _ => write_err(e),
         })?;
-        sync_dir(parent).map_err(write_err)?;
         Ok(digest)
     })();
     if result.is_err() {
@@ -326,6 +328,14 @@ fn create_dirs_durably(dir: &Path) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Fsyncs the directory holding `path`, so its entry survives a power loss. Blocking.
+pub fn sync_parent(path: &Path) -> std::io::Result<()> {
+    match path.parent() {
+        Some(dir) => sync_dir(dir),
+        None => Ok(()),
+    }
 }
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {

@@ -321,6 +321,8 @@ impl TierCopier {
                     checksum: d.checksum.clone(),
                     store: facts.unwrap_or_default(),
                 };
+                // Another copy's object, whose directory fsync may still run.
+                copy::make_durable(&self.tier, key).await?;
                 self.record(&obj, original, mtime, msg, claim).await?;
                 return Ok(Claimed::Done(obj, false));
             }
@@ -379,7 +381,16 @@ impl TierCopier {
                 checksum: written.checksum,
                 store: facts,
             };
-            self.record(&obj, original, mtime, msg, claim).await?;
+            // The object's directory entry and its record are made durable together: the
+            // success is reported once both are. A power loss between them leaves a record
+            // without its object (the redelivery finds the recorded copy missing and copies
+            // again) or an object without a record (the redelivery finds it identical).
+            let (durable, recorded) = tokio::join!(
+                copy::make_durable(&self.tier, key),
+                self.record(&obj, original, mtime, msg, claim)
+            );
+            durable?;
+            recorded?;
             Ok(Claimed::Done(obj, true))
         };
         match claim {

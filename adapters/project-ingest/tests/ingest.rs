@@ -639,15 +639,12 @@ async fn two_replicas_on_one_queue_reach_the_exact_final_state() {
     )
     .await;
     let url = env.pg.as_ref().map(|p| p.url.clone()).expect("postgres");
-    let q = env.hs.q.clone();
     let name_b = unique("replica-b");
     let second_dir = tempfile::tempdir().unwrap();
-    let cfg = service_config::<ProjectIngest>(
+    let cfg = replica_config::<ProjectIngest>(
         second_dir.path(),
+        &env.hs,
         &[
-            ("project_ingest.queue", q.as_str()),
-            ("project_ingest.input_exchange", &format!("{q}-in")),
-            ("project_ingest.output_exchange", &format!("{q}-out")),
             ("project_ingest.database_url", url.as_str()),
             ("amqp.prefetch", "16"),
             ("amqp.connection_name", name_b.as_str()),

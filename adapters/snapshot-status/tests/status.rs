@@ -911,15 +911,12 @@ async fn two_replicas_on_one_queue_reach_the_exact_final_state() {
     )
     .await;
     let url = env.pg.as_ref().map(|p| p.url.clone()).expect("postgres");
-    let q = env.hs.q.clone();
     let name_b = unique("replica-b");
     let second_dir = tempfile::tempdir().unwrap();
-    let cfg = service_config::<SnapshotStatus>(
+    let cfg = replica_config::<SnapshotStatus>(
         second_dir.path(),
+        &env.hs,
         &[
-            ("snapshot_status.queue", q.as_str()),
-            ("snapshot_status.input_exchange", &format!("{q}-in")),
-            ("snapshot_status.output_exchange", &format!("{q}-out")),
             ("snapshot_status.database_url", url.as_str()),
             (
                 "snapshot_status.export_state_exchange",
