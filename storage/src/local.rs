@@ -1,7 +1,8 @@
 //! Durable copies into a local-filesystem tier: the file is written to a staging file
-//! in the store's staging directory while it is hashed, fsynced, renamed into place and
-//! its directory fsynced, so a success reported afterwards survives a power loss, not
-//! only a crash.
+//! in the store's staging directory while it is hashed, fsynced, published under its key
+//! with a rename that never replaces an object, and its directory fsynced (by the caller,
+//! beside its record's commit), so a success reported afterwards survives a power loss,
+//! not only a crash.
 //!
 //! Staging files live in one reserved directory under the store's root ([`STAGING_DIR`]),
 //! never beside the object: any name beside it could be another object's (a source file
