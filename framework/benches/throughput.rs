@@ -8,8 +8,9 @@
 //!
 //! Env: `BENCH_MESSAGES` (default 20000), `BENCH_ROUNDS` (3), `BENCH_PREFETCH` (`16,128`),
 //! `BENCH_QUEUE_TYPES` (`quorum,classic`), `BENCH_CONTENDERS` (`raw,ruststream,framework`;
-//! raw lapin is always measured, the ratios are against it), `STORAGETIER_TEST_AMQP_URL`
-//! (the broker).
+//! raw lapin is always measured, the ratios are against it), `BENCH_ECHO_BEFORE` (the path
+//! of another build of `echo`, measured as one more contender: a change before and after in
+//! one run), `STORAGETIER_TEST_AMQP_URL` (the broker).
 //!
 //! Every contender runs as a process of its own (the echo binary; this bench re-executed for
 //! raw lapin and ruststream), so its CPU time is read from `/proc/<pid>/stat` alone. A run is
@@ -160,6 +161,8 @@ enum Contender {
     Raw,
     RustStream,
     Framework,
+    /// Another build of `echo` (`BENCH_ECHO_BEFORE`), to compare a change in the same run.
+    Before,
 }
 
 impl Contender {
@@ -169,6 +172,15 @@ impl Contender {
             Contender::Raw => "raw",
             Contender::RustStream => "ruststream",
             Contender::Framework => "framework",
+            Contender::Before => "before",
+        }
+    }
+
+    /// The `echo` binary of a framework contender.
+    fn echo_bin(self) -> String {
+        match self {
+            Contender::Before => std::env::var("BENCH_ECHO_BEFORE").expect("BENCH_ECHO_BEFORE"),
+            _ => ECHO.to_string(),
         }
     }
 
@@ -177,6 +189,7 @@ impl Contender {
             Contender::Raw => "raw lapin",
             Contender::RustStream => "ruststream-lapin 0.7.2",
             Contender::Framework => "framework echo",
+            Contender::Before => "framework echo (BENCH_ECHO_BEFORE)",
         }
     }
 }
@@ -198,15 +211,16 @@ async fn run(who: Contender, n: usize, prefetch: u16, queue_type: &str) -> Run {
     let sink_q = format!("{q}-sink");
     let config_dir = tempfile::tempdir().expect("tmp");
     let (_cleanup, mut cmd) = match who {
-        Contender::Framework => {
-            let mut cmd = service_command(ECHO, "echo", &q, &amqp_url(), config_dir.path());
+        Contender::Framework | Contender::Before => {
+            let echo = who.echo_bin();
+            let mut cmd = service_command(&echo, "echo", &q, &amqp_url(), config_dir.path());
             cmd.env("STORAGETIER__AMQP__PREFETCH", prefetch.to_string())
                 .env("STORAGETIER__AMQP__QUEUE_TYPE", queue_type)
                 // The production default (info), not the tests' warn: logging is a cost.
                 .env_remove("STORAGETIER__LOG__LEVEL")
                 .stderr(Stdio::null());
             let cleanup = Cleanup::service(&q, &[1000, 5000, 30000, 120000]);
-            let mut declare = service_command(ECHO, "echo", &q, &amqp_url(), config_dir.path());
+            let mut declare = service_command(&echo, "echo", &q, &amqp_url(), config_dir.path());
             declare
                 .env("STORAGETIER__AMQP__QUEUE_TYPE", queue_type)
                 .stderr(Stdio::null())
@@ -348,11 +362,19 @@ async fn parent() {
         .collect();
     let types = env_list("BENCH_QUEUE_TYPES", "quorum,classic");
     // Raw lapin is always measured: the ratios are against it.
-    let wanted = env_list("BENCH_CONTENDERS", "raw,ruststream,framework");
-    let all: Vec<Contender> = [Contender::Raw, Contender::RustStream, Contender::Framework]
-        .into_iter()
-        .filter(|c| *c == Contender::Raw || wanted.iter().any(|w| w == c.key()))
-        .collect();
+    let mut wanted = env_list("BENCH_CONTENDERS", "raw,ruststream,framework");
+    if std::env::var_os("BENCH_ECHO_BEFORE").is_some() {
+        wanted.push("before".to_string());
+    }
+    let all: Vec<Contender> = [
+        Contender::Raw,
+        Contender::RustStream,
+        Contender::Framework,
+        Contender::Before,
+    ]
+    .into_iter()
+    .filter(|c| *c == Contender::Raw || wanted.iter().any(|w| w == c.key()))
+    .collect();
     let mut results: Vec<(Point, Vec<Vec<Run>>)> = Vec::new();
     for p in &prefetches {
         for t in &types {

@@ -6,6 +6,14 @@
 //! So every outcome borrows a channel of its own from this pool, and the consuming channel
 //! (deliveries, acks) never carries a publish: a failed publish costs one pooled channel,
 //! never the in-flight deliveries.
+//!
+//! One exception keeps the common case cheap: publishes that can be neither returned nor
+//! refused by routing — not mandatory, to the service's own output exchange — share one
+//! confirm channel. The broker returns only mandatory messages, so on that channel no return
+//! can be credited to the wrong publish, and lapin resolves each confirm by its own delivery
+//! tag (a multiple-ack resolves exactly the tags it covers). A pool channel per success
+//! message would cost the broker a channel process and an ack frame per message, and lapin
+//! asks every channel of the connection for its flow state before each frame it sends.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,6 +26,10 @@ use crate::connection::confirm_channel;
 pub struct ChannelPool {
     conn: Arc<Connection>,
     idle: Mutex<Vec<Channel>>,
+    /// The shared channel of unreturnable publishes (see the module doc), once opened.
+    shared: Mutex<Option<Channel>>,
+    /// Held while the shared channel is (re)opened, so only one is.
+    opening: tokio::sync::Mutex<()>,
     limit: Duration,
 }
 
@@ -33,6 +45,8 @@ impl ChannelPool {
         Arc::new(ChannelPool {
             conn,
             idle: Mutex::new(Vec::new()),
+            shared: Mutex::new(None),
+            opening: tokio::sync::Mutex::new(()),
             limit,
         })
     }
@@ -40,6 +54,35 @@ impl ChannelPool {
     /// How long a publish on this pool waits for its confirm.
     pub fn limit(&self) -> Duration {
         self.limit
+    }
+
+    /// The confirm channel shared by publishes the broker cannot return (not mandatory, to
+    /// an exchange the service declared itself); reopened if it closed.
+    pub async fn shared(&self) -> Result<Channel, lapin::Error> {
+        if let Some(c) = self.open_shared() {
+            return Ok(c);
+        }
+        let _opening = self.opening.lock().await;
+        if let Some(c) = self.open_shared() {
+            return Ok(c);
+        }
+        let ch = crate::connection::bounded(
+            self.limit,
+            "opening a channel",
+            confirm_channel(&self.conn),
+        )
+        .await?;
+        *self.shared.lock().unwrap_or_else(|p| p.into_inner()) = Some(ch.clone());
+        Ok(ch)
+    }
+
+    fn open_shared(&self) -> Option<Channel> {
+        self.shared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .filter(|c| c.status().connected())
+            .cloned()
     }
 
     /// A channel only the caller uses until the guard drops.

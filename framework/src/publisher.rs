@@ -134,6 +134,8 @@ pub struct Publisher {
     pool: Arc<ChannelPool>,
     service: Arc<str>,
     fail_exchange: Arc<str>,
+    /// The service's own output exchange: its non-mandatory publishes share a channel.
+    output_exchange: Arc<str>,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -145,12 +147,19 @@ impl std::fmt::Debug for Publisher {
 }
 
 impl Publisher {
-    /// A publisher for `service` on `pool`, dead-lettering to `fail_exchange` (`Q-fail`).
-    pub(crate) fn new(pool: Arc<ChannelPool>, service: &str, fail_exchange: &str) -> Self {
+    /// A publisher for `service` on `pool`, dead-lettering to `fail_exchange` (`Q-fail`),
+    /// its success messages going to `output_exchange` (declared by the service).
+    pub(crate) fn new(
+        pool: Arc<ChannelPool>,
+        service: &str,
+        fail_exchange: &str,
+        output_exchange: &str,
+    ) -> Self {
         Self {
             pool,
             service: service.into(),
             fail_exchange: fail_exchange.into(),
+            output_exchange: output_exchange.into(),
         }
     }
 
@@ -216,11 +225,19 @@ impl Publisher {
         self.send(vec![msg]).await
     }
 
-    /// Publishes `msgs` on a channel of the pool that no other outcome uses meanwhile and
-    /// waits for every confirm (nothing to do for none).
+    /// Publishes `msgs` and waits for every confirm (nothing to do for none): on the shared
+    /// channel if the broker can return none of them (not mandatory, to the service's own
+    /// output exchange), else on a channel of the pool that no other outcome uses meanwhile.
     pub(crate) async fn send(&self, msgs: Vec<Outgoing>) -> Result<(), PublishError> {
         if msgs.is_empty() {
             return Ok(());
+        }
+        let unreturnable = msgs
+            .iter()
+            .all(|o| !o.mandatory && *o.exchange == *self.output_exchange);
+        if unreturnable {
+            let ch = self.pool.shared().await?;
+            return publish_confirmed(&ch, msgs, self.pool.limit()).await;
         }
         let ch = self.pool.get().await?;
         publish_confirmed(&ch, msgs, self.pool.limit()).await

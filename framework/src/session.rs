@@ -86,7 +86,12 @@ pub(crate) async fn session<P: MessageProcessor>(
     // Consuming and settling only: every publish goes through the pool.
     let ch = bounded(limit, "opening a channel", conn.create_channel()).await?;
     let pool = ChannelPool::new(conn.clone(), limit);
-    let publisher = Publisher::new(pool, &inner.service, &inner.topology.fail_exchange());
+    let publisher = Publisher::new(
+        pool,
+        &inner.service,
+        &inner.topology.fail_exchange(),
+        &inner.topology.output_exchange,
+    );
     let metrics = Arc::new(m::QueueMetrics::new(&inner.topology.queue));
     bounded_declare(&inner.topology, &conn, limit).await?;
     bounded(

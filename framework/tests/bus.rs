@@ -770,6 +770,105 @@ async fn a_mandatory_publication_that_reaches_no_queue_is_an_error() {
     hs.stop().await;
 }
 
+/// Every handler of a round publishes at the same moment: even inputs to a queue that
+/// exists, odd ones to one that does not (mandatory, so the broker returns them).
+struct Crossed {
+    round: Arc<tokio::sync::Barrier>,
+    routable: String,
+}
+
+#[async_trait]
+impl MessageProcessor for Crossed {
+    type Input = serde_json::Value;
+    async fn handle(&self, v: serde_json::Value, ctx: &MessageContext) -> Outcome {
+        let n = v["n"].as_u64().unwrap_or(u64::MAX);
+        self.round.wait().await;
+        let to = if n % 2 == 0 {
+            self.routable.clone()
+        } else {
+            unique("no-such-queue")
+        };
+        match ctx
+            .publish(framework::Publication::text("", &to, n.to_string()).mandatory())
+            .await
+        {
+            Err(e) => Outcome::permanent(e),
+            Ok(()) => Outcome::success(json!({ "n": n })),
+        }
+    }
+}
+
+#[tokio::test]
+async fn concurrent_outcomes_each_get_their_own_confirm_and_return() {
+    // One confirm channel carrying all of a round's publishes at once would credit a return
+    // to whichever publish a multiple-ack settles first: an even input dead-lettered as
+    // unroutable, an odd one acked as a success while its message went nowhere.
+    const PREFETCH: usize = 16;
+    const ROUNDS: usize = 10;
+    let routable = unique("routable");
+    let _gone = Cleanup::new(vec![routable.clone()], vec![]);
+    let mut hs = Harness::start(
+        "crossed",
+        &[("amqp.prefetch", "16"), ("retry.max_attempts", "1")],
+        Crossed {
+            round: Arc::new(tokio::sync::Barrier::new(PREFETCH)),
+            routable: routable.clone(),
+        },
+    )
+    .await;
+    hs.ch
+        .queue_declare(
+            routable.as_str().into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut routed = consume(&hs.ch, &routable).await;
+    let mut out = hs.watch_output().await;
+    let mut dlq = hs.watch_dlq().await;
+    for n in 0..PREFETCH * ROUNDS {
+        hs.publish(
+            "test.c",
+            json!({ "n": n }).to_string().as_bytes(),
+            BasicProperties::default(),
+        )
+        .await;
+    }
+    let half = PREFETCH * ROUNDS / 2;
+    let all = 0..(PREFETCH * ROUNDS) as u64;
+    let evens: Vec<u64> = all.clone().filter(|n| n % 2 == 0).collect();
+    let odds: Vec<u64> = all.filter(|n| n % 2 == 1).collect();
+    let mut got_routed = Vec::new();
+    let mut got_out = Vec::new();
+    let mut got_dead = Vec::new();
+    for _ in 0..half {
+        let d = next(&mut routed).await;
+        got_routed.push(String::from_utf8_lossy(&d.data).parse::<u64>().unwrap());
+        let d = next(&mut out).await;
+        let v: serde_json::Value = serde_json::from_slice(&d.data).unwrap();
+        got_out.push(v["n"].as_u64().unwrap());
+        let d = next(&mut dlq).await;
+        let err = header(&d, h::ERROR).unwrap_or_default();
+        assert!(err.contains("reached no queue"), "{err}");
+        let v: serde_json::Value = serde_json::from_slice(&d.data).unwrap();
+        got_dead.push(v["n"].as_u64().unwrap());
+    }
+    for got in [&mut got_routed, &mut got_out, &mut got_dead] {
+        got.sort_unstable();
+    }
+    assert_eq!(
+        got_routed, evens,
+        "every even publish reached its queue once"
+    );
+    assert_eq!(got_out, evens, "every even input succeeded once");
+    assert_eq!(
+        got_dead, odds,
+        "every odd input, and only those, was unroutable"
+    );
+    hs.stop().await;
+}
+
 #[tokio::test]
 async fn hostile_inputs_are_dead_lettered_and_consuming_goes_on() {
     let mut hs = Harness::start("hostile", &[], Typed).await;
