@@ -783,7 +783,7 @@ impl MessageProcessor for Crossed {
     async fn handle(&self, v: serde_json::Value, ctx: &MessageContext) -> Outcome {
         let n = v["n"].as_u64().unwrap_or(u64::MAX);
         self.round.wait().await;
-        let to = if n % 2 == 0 {
+        let to = if n.is_multiple_of(2) {
             self.routable.clone()
         } else {
             unique("no-such-queue")
