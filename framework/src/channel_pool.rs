@@ -27,7 +27,7 @@ pub struct ChannelPool {
     conn: Arc<Connection>,
     idle: Mutex<Vec<Channel>>,
     /// The shared channel of unreturnable publishes (see the module doc), once opened.
-    shared: Mutex<Option<Channel>>,
+    shared: Mutex<Option<Arc<Channel>>>,
     /// Held while the shared channel is (re)opened, so only one is.
     opening: tokio::sync::Mutex<()>,
     limit: Duration,
@@ -58,7 +58,7 @@ impl ChannelPool {
 
     /// The confirm channel shared by publishes the broker cannot return (not mandatory, to
     /// an exchange the service declared itself); reopened if it closed.
-    pub async fn shared(&self) -> Result<Channel, lapin::Error> {
+    pub async fn shared(&self) -> Result<Arc<Channel>, lapin::Error> {
         if let Some(c) = self.open_shared() {
             return Ok(c);
         }
@@ -72,11 +72,12 @@ impl ChannelPool {
             confirm_channel(&self.conn),
         )
         .await?;
+        let ch = Arc::new(ch);
         *self.shared.lock().unwrap_or_else(|p| p.into_inner()) = Some(ch.clone());
         Ok(ch)
     }
 
-    fn open_shared(&self) -> Option<Channel> {
+    fn open_shared(&self) -> Option<Arc<Channel>> {
         self.shared
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -1,4 +1,5 @@
-//! The shared command line of design §4: each binary's `main` is `framework::cli::main::<S>()`.
+//! The shared command line of design §4: each binary's `main` is `framework::cli::main::<S>()`,
+//! written `framework::service_main!(S);` (which also sets the services' allocator).
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -1,8 +1,8 @@
 //! storagetier's bus framework: everything about RabbitMQ, written once.
 //!
 //! A service implements [`MessageProcessor`] (typed input, an [`Outcome`]) and
-//! [`cli::Service`] (names, settings, how to build the processor); its `main` is
-//! `framework::cli::main::<MyService>()`. The framework declares the topology, consumes
+//! [`cli::Service`] (names, settings, how to build the processor); its `main.rs` is
+//! `framework::service_main!(MyService);`. The framework declares the topology, consumes
 //! with bounded concurrency, publishes outcomes with publisher confirms before acking,
 //! retries through TTL tiers, dead-letters with a replayable envelope, recovers from
 //! broker failures, drains on SIGTERM and serves metrics and health.
@@ -37,3 +37,21 @@ pub use processor::{
 };
 pub use runtime::{Runtime, Status};
 pub use tokio_util::sync::CancellationToken;
+
+/// The service binaries' global allocator (see [`service_main!`]).
+pub use tikv_jemallocator::Jemalloc as ServiceAllocator;
+
+/// A service binary's `main`: the shared command line ([`cli::main`]) on the framework's
+/// allocator, jemalloc — glibc's malloc cost a service about a tenth of its CPU per message
+/// (docs/benchmarks.md). `framework::service_main!(MyService);` is a whole `main.rs`.
+#[macro_export]
+macro_rules! service_main {
+    ($service:ty) => {
+        #[global_allocator]
+        static GLOBAL: $crate::ServiceAllocator = $crate::ServiceAllocator;
+
+        fn main() -> ::std::process::ExitCode {
+            $crate::cli::main::<$service>()
+        }
+    };
+}

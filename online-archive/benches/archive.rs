@@ -36,6 +36,10 @@ use storage::testing::{MotoServer, sweeper_message};
 
 const KEY: &str = "assetsweeper.asset_folder_importer.file.new";
 
+// The echo hop runs in this process: on the allocator a service binary runs on.
+#[global_allocator]
+static GLOBAL: framework::ServiceAllocator = framework::ServiceAllocator;
+
 fn env_usize(k: &str, d: usize) -> usize {
     std::env::var(k)
         .ok()

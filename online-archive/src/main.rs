@@ -1,5 +1,3 @@
 //! `online-archive` binary: see the library.
 
-fn main() -> std::process::ExitCode {
-    framework::cli::main::<online_archive::OnlineArchive>()
-}
+framework::service_main!(online_archive::OnlineArchive);

@@ -1,5 +1,3 @@
 //! `online-nearline` binary: see the library.
 
-fn main() -> std::process::ExitCode {
-    framework::cli::main::<online_nearline::OnlineNearline>()
-}
+framework::service_main!(online_nearline::OnlineNearline);

@@ -1,5 +1,3 @@
 //! `event-forwarder` binary: bus events → HTTP POST.
 
-fn main() -> std::process::ExitCode {
-    framework::cli::main::<event_forwarder::EventForwarderService>()
-}
+framework::service_main!(event_forwarder::EventForwarderService);

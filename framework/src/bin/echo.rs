@@ -1,8 +1,6 @@
 //! `echo`: the example service. Republishes every JSON message it receives as its success
 //! message; used by the framework's tests and the benchmark.
 
-use std::process::ExitCode;
-
 use framework::config::{Config, ConfigError};
 use framework::{BoxError, MessageContext, MessageProcessor, Outcome, Service, async_trait};
 use serde::{Deserialize, Serialize};
@@ -74,6 +72,4 @@ impl Service for EchoService {
     }
 }
 
-fn main() -> ExitCode {
-    framework::cli::main::<EchoService>()
-}
+framework::service_main!(EchoService);
