@@ -210,8 +210,8 @@ pub struct Uploaded {
     /// Parts a resumed upload already had in the store.
     pub parts_reused: u64,
     /// Written to a local tier by [`crate::local::copy`]: the digest is of the bytes
-    /// written and fsynced, which verifies the copy without reading it back. Its
-    /// directory entry is made durable by [`make_durable`], beside the record.
+    /// written and fsynced, which verifies the copy without reading it back, and its
+    /// directory entry is fsynced too.
     pub written_durably: bool,
 }
 
@@ -813,9 +813,9 @@ pub async fn confirm_recorded(
 }
 
 /// Makes the object at `key` of a local store durable: its directory entry is fsynced
-/// (the copy that published it does so beside its record's commit, so another handler
-/// that finds the object meanwhile must not report it before). A completed upload to an
-/// object store is durable already: nothing to do.
+/// (the copy that published it may not have done so yet, so another handler that finds
+/// the object meanwhile must not report it before). A completed upload to an object
+/// store is durable already: nothing to do.
 pub async fn make_durable(tier: &Tier, key: &ObjectPath) -> Result<(), CopyError> {
     let Some(root) = &tier.local_dir else {
         return Ok(());

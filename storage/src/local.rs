@@ -1,8 +1,7 @@
 //! Durable copies into a local-filesystem tier: the file is written to a staging file
 //! in the store's staging directory while it is hashed, fsynced, published under its key
-//! with a rename that never replaces an object, and its directory fsynced (by the caller,
-//! beside its record's commit), so a success reported afterwards survives a power loss,
-//! not only a crash.
+//! with a rename that never replaces an object, and its directory fsynced, so a success
+//! reported afterwards survives a power loss, not only a crash.
 //!
 //! Staging files live in one reserved directory under the store's root ([`STAGING_DIR`]),
 //! never beside the object: any name beside it could be another object's (a source file
@@ -58,9 +57,8 @@ pub struct Expected<'a> {
 
 /// Copies `file` (from its start) to `key` under the store directory `root`; returns the
 /// size and digest of what was read and written. The copy's data is fsynced before it is
-/// published under its key, so whatever a power loss leaves under the key is whole; the
-/// new directory entry is made durable by [`sync_parent`] afterwards (the caller runs it
-/// beside its record's commit). The copy is published only if it matches `expected`, and
+/// published under its key, so whatever a power loss leaves under the key is whole; then
+/// the new directory entry is fsynced, so the object is durable when this returns. The copy is published only if it matches `expected`, and
 /// never over an object already there ([`CopyError::Exists`]: another copy won the key):
 /// a conditional create, so concurrent copies to one key need no claim. Blocking: run it
 /// on a blocking thread.
@@ -96,6 +94,9 @@ pub fn copy(
             std::io::ErrorKind::AlreadyExists => CopyError::Exists(key.to_string()),
             _ => write_err(e),
         })?;
+        // On this thread, not another blocking trip: a small file's copy is a handful of
+        // syscalls, and each trip costs about as much CPU as they do.
+        sync_dir(parent).map_err(write_err)?;
         Ok(digest)
     })();
     if result.is_err() {

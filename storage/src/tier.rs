@@ -242,8 +242,14 @@ impl TierCopier {
                 mtime: &mtime,
                 size,
             };
+            // A small file bound for a local store is copied without looking at the key
+            // first: its copy is never published over an object, and one that finds the
+            // key taken looks then (`Raced`). Looking costs a blocking trip per file; not
+            // looking costs a wasted small copy where the key is taken.
+            let look_first =
+                self.tier.local_dir.is_none() || races > 0 || size >= crate::local::BLOCK as u64;
             let outcome = self
-                .copy_claimed(claim.as_ref(), &key, &src, &mut source, msg)
+                .copy_claimed(claim.as_ref(), &key, &src, &mut source, msg, look_first)
                 .await;
             if let Some(c) = claim {
                 c.release().await;
@@ -279,7 +285,8 @@ impl TierCopier {
 
     /// Under the claim on `key` (none on a local store): an identical object there is
     /// recorded, other content reported, and an empty key gets the upload, verified and
-    /// recorded.
+    /// recorded. Without `look_first` the upload is tried at once (a local store's
+    /// publish reports a taken key as `Raced`).
     async fn copy_claimed(
         &self,
         claim: Option<&Claim<'_>>,
@@ -287,6 +294,7 @@ impl TierCopier {
         src: &Source<'_>,
         source: &mut Option<Digest>,
         msg: &AssetSweeperFile,
+        look_first: bool,
     ) -> Result<Claimed, TierError> {
         let alg = self.policy.algorithm;
         let Source {
@@ -295,7 +303,12 @@ impl TierCopier {
             mtime,
             size,
         } = *src;
-        if let Some(existing) = copy::object_size(&self.tier, key).await? {
+        let existing = if look_first {
+            copy::object_size(&self.tier, key).await?
+        } else {
+            None
+        };
+        if let Some(existing) = existing {
             let d = match source {
                 Some(d) => d.clone(),
                 None => source
@@ -381,16 +394,11 @@ impl TierCopier {
                 checksum: written.checksum,
                 store: facts,
             };
-            // The object's directory entry and its record are made durable together: the
-            // success is reported once both are. A power loss between them leaves a record
-            // without its object (the redelivery finds the recorded copy missing and copies
-            // again) or an object without a record (the redelivery finds it identical).
-            let (durable, recorded) = tokio::join!(
-                copy::make_durable(&self.tier, key),
-                self.record(&obj, original, mtime, msg, claim)
-            );
-            durable?;
-            recorded?;
+            // The object is durable (a local copy fsyncs its directory entry too, an
+            // object store's completed upload is), then recorded: a power loss between
+            // them leaves an object without a record, which the redelivery finds
+            // identical.
+            self.record(&obj, original, mtime, msg, claim).await?;
             Ok(Claimed::Done(obj, true))
         };
         match claim {
