@@ -44,13 +44,13 @@ impl Planner {
             vec![publisher.dead_letter_message(&origin, body.to_vec(), attempts, kind, why)]
         };
         match outcome {
-            Outcome::Success { body, extra } => {
+            Outcome::Success { body: value, extra } => {
                 let props = |ct: &str| output_properties(publisher.service(), &origin, ct);
                 let mut msgs = Vec::with_capacity(1 + extra.len());
                 msgs.push(Outgoing {
                     exchange: self.output_exchange.clone(),
                     routing_key: self.success_key.clone(),
-                    body: body.to_string().into_bytes(),
+                    body: to_json(&value, body.len()),
                     properties: props("application/json"),
                     mandatory: false,
                 });
@@ -124,4 +124,16 @@ impl Planner {
             }
         }
     }
+}
+
+/// `value` as JSON bytes, the buffer sized like the input it answers (most outputs are
+/// about that size) instead of growing from 128 bytes by doubling.
+fn to_json(value: &serde_json::Value, like: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(like.clamp(128, 64 * 1024));
+    // Writing a Value into a Vec cannot fail: its map keys are strings and Vec writes
+    // are infallible.
+    if serde_json::to_writer(&mut out, value).is_err() {
+        out = value.to_string().into_bytes();
+    }
+    out
 }

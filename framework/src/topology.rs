@@ -362,9 +362,16 @@ impl Topology {
         Ok(())
     }
 
-    /// Passively checks a producer's exchange (a failed check closes its channel, so each
-    /// runs on a channel of its own); creates it only when missing and allowed to.
+    /// A producer's exchange: declared if `declare_sources` (created when missing), else
+    /// passively checked (a failed check closes its channel, so each runs on a channel of
+    /// its own).
     async fn check_source(&self, conn: &Connection, name: &str) -> Result<(), DeclareError> {
+        if self.declare_sources {
+            // Declared straight away: the same outcome as a probe first (an exchange there
+            // with other flags is its producer's call either way), without a refused probe
+            // on every start whose channel close lapin logs as an error.
+            return self.create_source(conn, name).await;
+        }
         let probe = conn.create_channel().await?;
         let passive = ExchangeDeclareOptions {
             passive: true,
@@ -381,14 +388,18 @@ impl Topology {
         {
             Ok(()) => {
                 let _ = probe.close(200, "checked".into()).await;
-                return Ok(());
+                Ok(())
             }
-            Err(e) if is_soft(&e, AMQPSoftError::NOTFOUND) => {}
-            Err(e) => return Err(e.into()),
+            Err(e) if is_soft(&e, AMQPSoftError::NOTFOUND) => {
+                Err(DeclareError::MissingSource(name.to_string()))
+            }
+            Err(e) => Err(e.into()),
         }
-        if !self.declare_sources {
-            return Err(DeclareError::MissingSource(name.to_string()));
-        }
+    }
+
+    /// Declares a producer's exchange as a durable topic exchange; one that exists with
+    /// other flags is left as it is.
+    async fn create_source(&self, conn: &Connection, name: &str) -> Result<(), DeclareError> {
         let create = conn.create_channel().await?;
         match create
             .exchange_declare(

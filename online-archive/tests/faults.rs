@@ -5,7 +5,7 @@
 //!   The service is not restarted: every file must be archived and reported at least once,
 //!   duplicates bounded by `prefetch`, and a redelivered file never becomes a second object;
 //! - `kill -9` in the middle of copying a large file: no partial object under the key, the
-//!   restarted service archives it whole and removes the dead upload's staging file.
+//!   restarted service archives it whole and nothing of the dead upload is left.
 //!
 //! `cargo test -p online-archive --test faults -- --nocapture` (RESTART_MESSAGES overrides
 //! the 10,000).
@@ -131,11 +131,23 @@ async fn kill_9_mid_copy_leaves_no_partial_object() {
     .await;
     let mut child = process::spawn(archive().arg("run")).expect("online-archive starts");
     let object = data.path().join("archive/big/file.bin");
-    let staging = data
-        .path()
-        .join("archive")
-        .join(storage::local::STAGING_DIR);
-    let staged = || {
+    let store = data.path().join("archive");
+    let staging = store.join(storage::local::STAGING_DIR);
+    // The copy under way, once it has written something: an unnamed file (O_TMPFILE) the
+    // service holds open in the store, or, where the filesystem has none, a named one in
+    // the staging directory.
+    let pid = child.id();
+    let open_unnamed = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|fd| {
+                std::fs::read_link(fd).is_ok_and(|t| t.starts_with(&store))
+                    && std::fs::metadata(fd).is_ok_and(|m| m.is_file() && m.len() > 0)
+            })
+    };
+    let named = || {
         std::fs::read_dir(&staging)
             .ok()?
             .flatten()
@@ -143,17 +155,21 @@ async fn kill_9_mid_copy_leaves_no_partial_object() {
             .find(|p| std::fs::metadata(p).is_ok_and(|m| m.len() > 0))
     };
     // Kill once the upload has written part of the object.
-    framework::testing::wait_until("the upload to be under way", || staged().is_some()).await;
+    framework::testing::wait_until("the upload to be under way", || {
+        open_unnamed().is_some() || named().is_some()
+    })
+    .await;
     child.kill();
-    let staged = staged().expect("the dead upload's staging file");
     assert!(!object.exists(), "no partial object under the key");
-    // Age the dead upload's staging file past the staleness limit, then restart.
-    let old = std::time::SystemTime::now() - storage::local::STALE_STAGING * 2;
-    std::fs::File::options()
-        .write(true)
-        .open(&staged)
-        .and_then(|f| f.set_modified(old))
-        .expect("age the staging file");
+    if let Some(staged) = named() {
+        // Age the dead upload's staging file past the staleness limit before the restart.
+        let old = std::time::SystemTime::now() - storage::local::STALE_STAGING * 2;
+        std::fs::File::options()
+            .write(true)
+            .open(&staged)
+            .and_then(|f| f.set_modified(old))
+            .expect("age the staging file");
+    }
     let mut again = process::spawn(archive().arg("run")).expect("online-archive restarts");
     let d = next(&mut out).await;
     let v: serde_json::Value = serde_json::from_slice(&d.data).expect("json output");
@@ -167,10 +183,10 @@ async fn kill_9_mid_copy_leaves_no_partial_object() {
     assert_eq!(
         files_under(&data.path().join("archive")),
         vec!["big/file.bin".to_string()],
-        "the dead upload's staging file is gone (swept at start-up)"
+        "nothing of the dead upload is left (an unnamed file dies with its process, a named one is swept at start-up)"
     );
     println!(
-        "| kill -9 mid-copy of a {} MiB file, then restart, online-archive | 1 | 0 | 0 | no partial object; staging file removed |",
+        "| kill -9 mid-copy of a {} MiB file, then restart, online-archive | 1 | 0 | 0 | no partial object; nothing of the dead copy left |",
         content.len() >> 20
     );
 }

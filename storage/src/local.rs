@@ -1,12 +1,15 @@
-//! Durable copies into a local-filesystem tier: the file is written to a staging file
-//! in the store's staging directory while it is hashed, fsynced, published under its key
-//! with a rename that never replaces an object, and its directory fsynced, so a success
-//! reported afterwards survives a power loss, not only a crash.
+//! Durable copies into a local-filesystem tier: the file is written, while it is hashed,
+//! to an unnamed file (`O_TMPFILE`) in the key's directory, fsynced, linked under its key
+//! (a link never replaces an object), and the directory fsynced, so a success reported
+//! afterwards survives a power loss, not only a crash. A copy that dies leaves nothing: the
+//! kernel frees an unnamed file with its last descriptor.
 //!
-//! Staging files live in one reserved directory under the store's root ([`STAGING_DIR`]),
-//! never beside the object: any name beside it could be another object's (a source file
-//! named `take#1` is archived as `take#1`), so a sweep of leftovers there could delete an
-//! archived copy. The reserved directory is one flat listing to sweep after a crash.
+//! Where the filesystem has no unnamed files (NFS, most FUSE) the copy is staged in a
+//! named file in one reserved directory under the store's root ([`STAGING_DIR`]) and
+//! published with a rename that never replaces. Staging files are never kept beside the
+//! object: any name beside it could be another object's (a source file named `take#1` is
+//! archived as `take#1`), so a sweep of leftovers there could delete an archived copy.
+//! The reserved directory is one flat listing to sweep after a crash.
 //!
 //! The digest is computed from the very buffers that were written, and every write and
 //! the fsync succeeded: that is the verification of a local copy. Reading the file back
@@ -70,6 +73,19 @@ pub fn copy(
     alg: Algorithm,
     expected: Expected<'_>,
 ) -> Result<Digest, CopyError> {
+    copy_via(file, root, key, shown, alg, expected, unnamed_files())
+}
+
+/// [`copy`], staging in an unnamed file where `unnamed` (else in the staging directory).
+fn copy_via(
+    file: &File,
+    root: &Path,
+    key: &str,
+    shown: &str,
+    alg: Algorithm,
+    expected: Expected<'_>,
+    unnamed: bool,
+) -> Result<Digest, CopyError> {
     if key.split('/').next() == Some(STAGING_DIR) {
         return Err(CopyError::Reserved(key.to_string()));
     }
@@ -79,18 +95,19 @@ pub fn copy(
         .parent()
         .ok_or_else(|| write_err(std::io::Error::other("no parent directory")))?;
     create_dirs_durably(parent).map_err(write_err)?;
-    let (staging, staged) = staging_file(root).map_err(write_err)?;
+    let staged = Staged::create(root, parent, unnamed).map_err(write_err)?;
+    let staging = staged.file();
     let result = (|| {
         let digest = if expected.size < BLOCK as u64 {
-            copy_small(file, &staging, shown, &dest, alg, expected.size)?
+            copy_small(file, staging, shown, &dest, alg, expected.size)?
         } else {
-            copy_pipelined(file, &staging, shown, &dest, alg)?
+            copy_pipelined(file, staging, shown, &dest, alg)?
         };
         if digest.size != expected.size || expected.digest.is_some_and(|d| d != &digest) {
             return Err(CopyError::SourceChanged(shown.to_string()));
         }
         staging.sync_all().map_err(write_err)?;
-        publish(&staged, &dest).map_err(|e| match e.kind() {
+        staged.publish(&dest).map_err(|e| match e.kind() {
             std::io::ErrorKind::AlreadyExists => CopyError::Exists(key.to_string()),
             _ => write_err(e),
         })?;
@@ -100,9 +117,87 @@ pub fn copy(
         Ok(digest)
     })();
     if result.is_err() {
-        let _ = std::fs::remove_file(&staged);
+        staged.discard();
     }
     result
+}
+
+/// Where a copy is written before it is published under its key.
+enum Staged {
+    /// An unnamed file (`O_TMPFILE`) in the key's own directory: creating it takes no
+    /// directory lock (16 handlers creating in one staging directory queued on its lock),
+    /// it is published by a link (no rename across directories, which the kernel
+    /// serialises per filesystem), and a process that dies leaves nothing behind — the
+    /// kernel frees the file with its last descriptor.
+    Unnamed(File),
+    /// A named file in the staging directory, where the filesystem has no `O_TMPFILE`
+    /// (NFS, most FUSE) or `/proc` is not mounted; swept if its copy dies.
+    Named(File, PathBuf),
+}
+
+impl Staged {
+    /// An unnamed file in `dir` where `unnamed` and the filesystem supports it, else a
+    /// named one in `root`'s staging directory.
+    fn create(root: &Path, dir: &Path, unnamed: bool) -> std::io::Result<Staged> {
+        use rustix::fs::{Mode, OFlags};
+        if unnamed {
+            let flags = OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC;
+            match rustix::fs::open(dir, flags, Mode::from_raw_mode(0o644)) {
+                Ok(fd) => return Ok(Staged::Unnamed(File::from(fd))),
+                Err(e)
+                    if [
+                        rustix::io::Errno::OPNOTSUPP,
+                        rustix::io::Errno::ISDIR,
+                        rustix::io::Errno::INVAL,
+                        rustix::io::Errno::NOSYS,
+                    ]
+                    .contains(&e) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let (f, p) = staging_file(root)?;
+        Ok(Staged::Named(f, p))
+    }
+
+    fn file(&self) -> &File {
+        match self {
+            Staged::Unnamed(f) | Staged::Named(f, _) => f,
+        }
+    }
+
+    /// Gives the copy the name `dest` unless `dest` exists (`AlreadyExists` then).
+    fn publish(&self, dest: &Path) -> std::io::Result<()> {
+        match self {
+            // Through /proc: linking a descriptor itself (`AT_EMPTY_PATH`) needs
+            // CAP_DAC_READ_SEARCH, which containers do not grant. A link never replaces.
+            Staged::Unnamed(f) => {
+                use std::os::fd::AsRawFd;
+                let by_fd = format!("/proc/self/fd/{}", f.as_raw_fd());
+                rustix::fs::linkat(
+                    rustix::fs::CWD,
+                    by_fd.as_str(),
+                    rustix::fs::CWD,
+                    dest,
+                    rustix::fs::AtFlags::SYMLINK_FOLLOW,
+                )
+                .map_err(std::io::Error::from)
+            }
+            Staged::Named(_, staged) => publish(staged, dest),
+        }
+    }
+
+    /// Removes what an unpublished copy left (an unnamed file needs nothing).
+    fn discard(self) {
+        if let Staged::Named(_, staged) = self {
+            let _ = std::fs::remove_file(&staged);
+        }
+    }
+}
+
+/// Whether copies may stage in unnamed files: they are published through `/proc/self/fd`.
+fn unnamed_files() -> bool {
+    static PROC_FD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PROC_FD.get_or_init(|| Path::new("/proc/self/fd").is_dir())
 }
 
 /// Moves `staged` to `dest` unless `dest` exists (`AlreadyExists` then): `renameat2`
@@ -353,8 +448,29 @@ mod tests {
         hex::encode(sha2::Sha256::digest(b))
     }
 
+    /// Files in the staging directory (none if it was never made).
+    fn staged_files(root: &Path) -> usize {
+        std::fs::read_dir(root.join(STAGING_DIR)).map_or(0, |d| d.count())
+    }
+
+    #[test]
+    fn this_filesystem_stages_in_unnamed_files() {
+        // The tests below cover both ways; this one says which the services use here.
+        assert!(unnamed_files(), "/proc/self/fd is there");
+        let dir = tempfile::tempdir().expect("temp");
+        let staged = Staged::create(dir.path(), dir.path(), true).expect("create");
+        assert!(matches!(staged, Staged::Unnamed(_)), "O_TMPFILE works here");
+        assert_eq!(staged_files(dir.path()), 0);
+    }
+
     #[test]
     fn small_and_pipelined_copies_store_and_hash_exactly_what_was_read() {
+        for unnamed in [true, false] {
+            copies_store_and_hash_exactly_what_was_read(unnamed);
+        }
+    }
+
+    fn copies_store_and_hash_exactly_what_was_read(unnamed: bool) {
         let dir = tempfile::tempdir().expect("temp");
         for len in [0, 1, BLOCK - 1, BLOCK, BLOCK + 1, 13 * BLOCK + 12345] {
             let body: Vec<u8> = (0..len).map(|i| (i % 251) as u8 ^ (len as u8)).collect();
@@ -367,7 +483,16 @@ mod tests {
                 size: len as u64,
                 digest: None,
             };
-            let d = copy(&f, dir.path(), &key, "src", Algorithm::Sha256, expected).expect("copy");
+            let d = copy_via(
+                &f,
+                dir.path(),
+                &key,
+                "src",
+                Algorithm::Sha256,
+                expected,
+                unnamed,
+            )
+            .expect("copy");
             assert_eq!(d.size, len as u64);
             assert_eq!(d.checksum, sha256(&body), "{len}");
             assert_eq!(std::fs::read(&dest).expect("stored"), body, "{len}");
@@ -377,18 +502,18 @@ mod tests {
                 .map(|e| e.file_name())
                 .collect();
             assert_eq!(left, ["out.bin"], "nothing beside the object");
-            assert_eq!(
-                std::fs::read_dir(dir.path().join(STAGING_DIR))
-                    .expect("staging dir")
-                    .count(),
-                0,
-                "no staging file left"
-            );
+            assert_eq!(staged_files(dir.path()), 0, "no staging file left");
         }
     }
 
     #[test]
     fn a_copy_not_published_leaves_no_staging_file() {
+        for unnamed in [true, false] {
+            not_published_leaves_nothing(unnamed);
+        }
+    }
+
+    fn not_published_leaves_nothing(unnamed: bool) {
         let dir = tempfile::tempdir().expect("temp");
         let src = dir.path().join("src");
         std::fs::write(&src, vec![7u8; 3 * BLOCK]).expect("write");
@@ -401,15 +526,23 @@ mod tests {
             size: 3 * BLOCK as u64,
             digest: None,
         };
-        let e = copy(&f, &root, "taken", "src", Algorithm::Sha256, expected)
-            .expect_err("never replaces an object");
+        let e = copy_via(
+            &f,
+            &root,
+            "taken",
+            "src",
+            Algorithm::Sha256,
+            expected,
+            unnamed,
+        )
+        .expect_err("never replaces an object");
         assert!(matches!(e, CopyError::Exists(..)), "{e}");
         assert_eq!(
             std::fs::read(root.join("taken")).expect("kept"),
             b"another copy's"
         );
         // A source that changed since it was opened (or hashed) is not published.
-        let e = copy(
+        let e = copy_via(
             &f,
             &root,
             "fresh",
@@ -419,17 +552,19 @@ mod tests {
                 size: 5,
                 digest: None,
             },
+            unnamed,
         )
         .expect_err("changed");
         assert!(matches!(e, CopyError::SourceChanged(..)), "{e}");
         assert!(!root.join("fresh").exists());
-        assert_eq!(
-            std::fs::read_dir(root.join(STAGING_DIR))
-                .expect("staging dir")
-                .count(),
-            0,
-            "the staging file was removed"
-        );
+        assert_eq!(staged_files(&root), 0, "the staging file was removed");
+        let left: Vec<_> = std::fs::read_dir(&root)
+            .expect("list")
+            .flatten()
+            .map(|e| e.file_name())
+            .filter(|n| n != STAGING_DIR)
+            .collect();
+        assert_eq!(left, ["taken"], "nothing else in the store");
     }
 
     #[test]
