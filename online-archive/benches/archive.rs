@@ -17,7 +17,9 @@
 //!   (prefetch 16): the service's peak RSS.
 //! - `s3`: the big and small workloads through moto (one round; measures moto mostly).
 //!
-//! `BENCH_ROUNDS` (3) rounds per comparison; `BENCH_DIR` (/var/tmp) holds the data.
+//! `BENCH_ROUNDS` (3) rounds per comparison; `BENCH_DIR` (/var/tmp) holds the data;
+//! `BENCH_ARCHIVE_BEFORE` (the path of another `online-archive` build) runs it too in every
+//! small-files round, so a change is measured before and after in the same run.
 //! Peak RSS is the service process's VmHWM.
 
 use std::path::{Path, PathBuf};
@@ -172,6 +174,8 @@ struct Archive<'a> {
     /// the ones deleted in the last minute, scanning them one by one, so deleting a run's
     /// 5,000 objects made the next run's copies pay for that scan.
     keep_data: bool,
+    /// The `online-archive` binary.
+    bin: String,
 }
 
 /// What one service run measured.
@@ -192,7 +196,7 @@ impl Archive<'_> {
         let q = unique("bench-archive");
         let data = self.base.join(&q);
         std::fs::create_dir_all(data.join("no-config")).unwrap();
-        let bin = env!("CARGO_BIN_EXE_online-archive");
+        let bin = self.bin.as_str();
         let cmd = || {
             let mut c = service_command(
                 bin,
@@ -308,6 +312,7 @@ async fn main() {
         online: &online,
         extra_env: Vec::new(),
         keep_data: false,
+        bin: env!("CARGO_BIN_EXE_online-archive").to_string(),
     };
 
     if want("small") {
@@ -319,6 +324,14 @@ async fn main() {
             keep_data: true,
             ..archive.clone()
         };
+        // Another build of the service (`BENCH_ARCHIVE_BEFORE`), measured in the same rounds.
+        let before = std::env::var("BENCH_ARCHIVE_BEFORE")
+            .ok()
+            .map(|bin| Archive {
+                bin,
+                ..small.clone()
+            });
+        let (mut b, mut b_ratios) = (vec![], vec![]);
         for _ in 0..rounds {
             let er = echo(&files, prefetch).await;
             let m = small.run(&files, true).await;
@@ -331,6 +344,16 @@ async fn main() {
             a.push(m.rate);
             ratios.push(m.rate / er);
             rss.push(m.rss as f64 / 1024.0);
+            if let Some(before) = &before {
+                let m = before.run(&files, true).await;
+                eprintln!(
+                    "small round: archive before {:.0} files/s ({:.2}×)",
+                    m.rate,
+                    m.rate / er
+                );
+                b.push(m.rate);
+                b_ratios.push(m.rate / er);
+            }
         }
         println!(
             "\n{n} files × {kib} KiB, preloaded, prefetch {prefetch}, {rounds} rounds interleaved (median, [min–max])\n"
@@ -349,6 +372,15 @@ async fn main() {
             spread(&ratios),
             median(&rss)
         );
+        if !b.is_empty() {
+            println!(
+                "\nBENCH_ARCHIVE_BEFORE: {:.0} [{}] files/s, {:.2}× the echo hop (per round {})",
+                median(&b),
+                spread(&b),
+                median(&b) / median(&e),
+                spread(&b_ratios)
+            );
+        }
     }
 
     if want("big") {
@@ -477,6 +509,7 @@ async fn main() {
             online: &online,
             extra_env: s3("big"),
             keep_data: false,
+            bin: archive.bin.clone(),
         };
         let m = a.run(&big, false).await;
         println!(
@@ -492,6 +525,7 @@ async fn main() {
             online: &online,
             extra_env: s3("small"),
             keep_data: false,
+            bin: archive.bin.clone(),
         };
         let m = a.run(&files, true).await;
         println!(
