@@ -199,7 +199,17 @@ impl TierCopier {
         // 1. This very file (same size and mtime) was copied before and the stored object
         //    still reads back with the recorded checksum (a damaged copy is not trusted).
         //    On S3 the store's checksum settles that without downloading the object.
-        for obj in self.records.copies_of(&original, size, &mtime).await? {
+        //    Not looked up for a small file bound for a local store: its copy finds an
+        //    earlier one when it is published (the key is taken; the object there is read
+        //    back, compared and recorded again), so only a redelivery pays, with a small
+        //    copy, while every first copy saves a database round trip.
+        let small_local = self.tier.local_dir.is_some() && size < crate::local::BLOCK as u64;
+        let earlier = if small_local {
+            Vec::new()
+        } else {
+            self.records.copies_of(&original, size, &mtime).await?
+        };
+        for obj in earlier {
             if copy::confirm_recorded(&self.tier, &obj, alg).await? {
                 return Ok(TierOutcome::Copied(report(&obj, false)));
             }
@@ -246,8 +256,7 @@ impl TierCopier {
             // first: its copy is never published over an object, and one that finds the
             // key taken looks then (`Raced`). Looking costs a blocking trip per file; not
             // looking costs a wasted small copy where the key is taken.
-            let look_first =
-                self.tier.local_dir.is_none() || races > 0 || size >= crate::local::BLOCK as u64;
+            let look_first = !small_local || races > 0;
             let outcome = self
                 .copy_claimed(claim.as_ref(), &key, &src, &mut source, msg, look_first)
                 .await;
