@@ -61,10 +61,10 @@ pub struct Expected<'a> {
 /// Copies `file` (from its start) to `key` under the store directory `root`; returns the
 /// size and digest of what was read and written. The copy's data is fsynced before it is
 /// published under its key, so whatever a power loss leaves under the key is whole; then
-/// the new directory entry is fsynced, so the object is durable when this returns. The copy is published only if it matches `expected`, and
-/// never over an object already there ([`CopyError::Exists`]: another copy won the key):
-/// a conditional create, so concurrent copies to one key need no claim. Blocking: run it
-/// on a blocking thread.
+/// the new directory entry is fsynced, so the object is durable when this returns. The
+/// copy is published only if it matches `expected`, and never over an object already there
+/// ([`CopyError::Exists`]: another copy won the key): a conditional create, so concurrent
+/// copies to one key need no claim. Blocking: run it on a blocking thread.
 pub fn copy(
     file: &File,
     root: &Path,
