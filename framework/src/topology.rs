@@ -362,16 +362,12 @@ impl Topology {
         Ok(())
     }
 
-    /// A producer's exchange: declared if `declare_sources` (created when missing), else
-    /// passively checked (a failed check closes its channel, so each runs on a channel of
-    /// its own).
+    /// Passively checks a producer's exchange (a failed check closes its channel, so each
+    /// runs on a channel of its own); creates it only when missing and allowed to. Checked
+    /// first even with `declare_sources`: a passive declare needs no `configure`
+    /// permission, so a locked-down user starts where the exchange exists (lapin logs the
+    /// refused check of a missing one as an error, once: then it exists).
     async fn check_source(&self, conn: &Connection, name: &str) -> Result<(), DeclareError> {
-        if self.declare_sources {
-            // Declared straight away: the same outcome as a probe first (an exchange there
-            // with other flags is its producer's call either way), without a refused probe
-            // on every start whose channel close lapin logs as an error.
-            return self.create_source(conn, name).await;
-        }
         let probe = conn.create_channel().await?;
         let passive = ExchangeDeclareOptions {
             passive: true,
@@ -388,18 +384,14 @@ impl Topology {
         {
             Ok(()) => {
                 let _ = probe.close(200, "checked".into()).await;
-                Ok(())
+                return Ok(());
             }
-            Err(e) if is_soft(&e, AMQPSoftError::NOTFOUND) => {
-                Err(DeclareError::MissingSource(name.to_string()))
-            }
-            Err(e) => Err(e.into()),
+            Err(e) if is_soft(&e, AMQPSoftError::NOTFOUND) => {}
+            Err(e) => return Err(e.into()),
         }
-    }
-
-    /// Declares a producer's exchange as a durable topic exchange; one that exists with
-    /// other flags is left as it is.
-    async fn create_source(&self, conn: &Connection, name: &str) -> Result<(), DeclareError> {
+        if !self.declare_sources {
+            return Err(DeclareError::MissingSource(name.to_string()));
+        }
         let create = conn.create_channel().await?;
         match create
             .exchange_declare(
