@@ -22,6 +22,7 @@ pub mod processor;
 pub mod publisher;
 pub mod runtime;
 mod session;
+mod settler;
 pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -8,9 +8,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use tokio_util::sync::CancellationToken;
@@ -24,6 +22,7 @@ use crate::headers as h;
 use crate::processor::{MessageContext, MessageProcessor, Outcome};
 use crate::publisher::{PublishError, Publisher};
 use crate::runtime::Inner;
+use crate::settler::{Settler, Settling};
 use crate::telemetry as m;
 use crate::topology::{DeclareError, Topology};
 
@@ -112,6 +111,7 @@ pub(crate) async fn session<P: MessageProcessor>(
         ),
     )
     .await?;
+    let settling = Settling::start(ch.clone(), metrics.clone());
     info!(queue = %inner.topology.queue, url = %conn_url(&inner.amqp), "consuming");
     inner.status.attach(Some(conn.clone()));
     inner.status.set_ready(true);
@@ -151,6 +151,8 @@ pub(crate) async fn session<P: MessageProcessor>(
         };
         match next {
             Some(Ok(delivery)) => {
+                settling.delivered(delivery.delivery_tag);
+                let settler = settling.settler();
                 let inner2 = inner.clone();
                 let publisher2 = publisher.clone();
                 let metrics2 = metrics.clone();
@@ -159,7 +161,7 @@ pub(crate) async fn session<P: MessageProcessor>(
                 let kill = handlers.kill.clone();
                 handlers.tasks.spawn(async move {
                     tokio::select! {
-                        _ = handle_delivery(&inner2, &publisher2, &metrics2, delivery, &broken2, cancel) => {}
+                        _ = handle_delivery(&inner2, &publisher2, &metrics2, &settler, delivery, &broken2, cancel) => {}
                         _ = kill.cancelled() => {}
                     }
                     drop(permit);
@@ -201,6 +203,7 @@ pub(crate) async fn session<P: MessageProcessor>(
     // The broker redelivers what these handlers hold to the next session (or the next
     // instance): they finish or stop before that, never running beside their redelivery.
     handlers.end(budget).await;
+    settling.finish(limit).await;
     if let SessionEnd::Shutdown = end {
         let _ = bounded(limit, "closing the channel", ch.close(code, reason.into())).await;
     }
@@ -343,6 +346,7 @@ async fn handle_delivery<P: MessageProcessor>(
     inner: &Inner<P>,
     publisher: &Publisher,
     metrics: &m::QueueMetrics,
+    settler: &Settler,
     mut delivery: Delivery,
     broken: &CancellationToken,
     cancel: CancellationToken,
@@ -401,7 +405,10 @@ async fn handle_delivery<P: MessageProcessor>(
             }
             _ => None,
         };
-        let label = settle(inner, publisher, metrics, &delivery, &ctx, outcome, broken).await;
+        let label = settle(
+            inner, publisher, metrics, settler, &delivery, &ctx, outcome, broken,
+        )
+        .await;
         if let Some(spans) = &inner.spans {
             spans.record(crate::otlp::Span {
                 trace: ctx.trace.clone(),
@@ -422,10 +429,12 @@ async fn handle_delivery<P: MessageProcessor>(
 
 /// Publishes the outcome's messages with confirms, then acks (or gives the delivery back);
 /// returns the outcome's label as counted.
+#[allow(clippy::too_many_arguments)]
 async fn settle<P: MessageProcessor>(
     inner: &Inner<P>,
     publisher: &Publisher,
     metrics: &m::QueueMetrics,
+    settler: &Settler,
     delivery: &Delivery,
     ctx: &MessageContext,
     outcome: Outcome,
@@ -433,7 +442,7 @@ async fn settle<P: MessageProcessor>(
 ) -> &'static str {
     if let Outcome::Interrupted(reason) = &outcome {
         info!(reason = %reason, "interrupted; the message goes back to the queue");
-        give_back(delivery).await;
+        settler.give_back(delivery.delivery_tag);
         return "interrupted";
     }
     let was_retry = matches!(outcome, Outcome::Retry(_));
@@ -462,41 +471,18 @@ async fn settle<P: MessageProcessor>(
         }
     }
     match published {
-        Ok(()) => match delivery.acker.ack(BasicAckOptions::default()).await {
-            // Ok(false): the channel is gone and the ack was never sent.
-            Ok(true) => {
-                metrics.count(label);
-            }
-            Ok(false) => {
-                warn!(
-                    outcome = label,
-                    "ack not sent (channel closed); the message will be redelivered"
-                );
-            }
-            Err(e) => warn!(error = %e, "ack failed; the message will be redelivered"),
-        },
+        // Counted once the ack has left (the settler sends it).
+        Ok(()) => settler.ack(delivery.delivery_tag, label),
         Err(e) => {
             // Not even our own retry tier took it: the broker is failing or our
             // topology is gone. Re-declare it and let the message come back.
             error!(error = %e, "could not publish a retry either; re-declaring the topology, the input goes back to the queue");
             broken.cancel();
             tokio::time::sleep(PUBLISH_FAILURE_BACKOFF).await;
-            give_back(delivery).await;
+            settler.give_back(delivery.delivery_tag);
         }
     }
     label
-}
-
-/// Returns an unsettled delivery to its queue (nack, requeue) to be delivered again; a
-/// failure means the channel is gone, and the broker requeues it anyway.
-async fn give_back(delivery: &Delivery) {
-    let _ = delivery
-        .acker
-        .nack(BasicNackOptions {
-            requeue: true,
-            ..Default::default()
-        })
-        .await;
 }
 
 /// Counts a handler in `storagetier_in_flight` until dropped, however the handler ends.

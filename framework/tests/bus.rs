@@ -990,3 +990,96 @@ async fn trace_context_is_continued_on_outputs_retries_and_dead_letters() {
         "{tp}"
     );
 }
+
+/// Holds the first delivery of `{"n":0}` until the other messages' acks have left, then
+/// gives it back; everything else succeeds.
+struct HoldsTheFirst {
+    queue: String,
+    others: u64,
+    firsts: Arc<std::sync::atomic::AtomicU32>,
+    /// The others finish together, so their acks leave together.
+    together: tokio::sync::Barrier,
+}
+
+/// `storagetier_messages_total{queue, outcome="success"}` as rendered now.
+fn successes(queue: &str) -> u64 {
+    let label = format!("queue=\"{queue}\"");
+    framework::telemetry::metrics_handle()
+        .render()
+        .lines()
+        .filter(|l| l.starts_with("storagetier_messages_total{"))
+        .filter(|l| l.contains(&label) && l.contains("outcome=\"success\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[async_trait]
+impl MessageProcessor for HoldsTheFirst {
+    type Input = serde_json::Value;
+    async fn handle(&self, v: serde_json::Value, ctx: &MessageContext) -> Outcome {
+        if v["n"] == json!(0) && !ctx.redelivered {
+            self.firsts
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            wait_until("the other messages' acks", || {
+                successes(&self.queue) >= self.others
+            })
+            .await;
+            return Outcome::Interrupted("given back after the others were acked".into());
+        }
+        if v["n"] != json!(0) {
+            self.together.wait().await;
+        }
+        Outcome::success(v)
+    }
+}
+
+#[tokio::test]
+async fn acks_sent_together_never_cover_an_unsettled_delivery() {
+    // Acks that finish together leave as one multiple ack; one reaching the held first
+    // delivery would ack it, its give-back would then close the channel (unknown delivery
+    // tag) and it would never come back.
+    const OTHERS: u64 = 12;
+    let _recorder = framework::telemetry::metrics_handle();
+    let q = unique("coalesce");
+    let firsts = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let p = HoldsTheFirst {
+        queue: q.clone(),
+        others: OTHERS,
+        firsts: firsts.clone(),
+        together: tokio::sync::Barrier::new(OTHERS as usize),
+    };
+    let mut hs = Harness::start_with(config(&q, &[("amqp.prefetch", "16")]), p).await;
+    let mut out = hs.watch_output().await;
+    for n in 0..=OTHERS {
+        hs.publish(
+            "test.k",
+            json!({ "n": n }).to_string().as_bytes(),
+            BasicProperties::default(),
+        )
+        .await;
+    }
+    let mut got = Vec::new();
+    for _ in 0..=OTHERS {
+        let d = next(&mut out).await;
+        let v: serde_json::Value = serde_json::from_slice(&d.data).unwrap();
+        got.push(v["n"].as_u64().unwrap());
+    }
+    assert_eq!(
+        got.last(),
+        Some(&0),
+        "the held message came back and succeeded last"
+    );
+    got.sort_unstable();
+    assert_eq!(
+        got,
+        (0..=OTHERS).collect::<Vec<_>>(),
+        "each message succeeded once"
+    );
+    assert_eq!(firsts.load(std::sync::atomic::Ordering::SeqCst), 1);
+    wait_until("every success counted once acked", || {
+        successes(&q) == OTHERS + 1
+    })
+    .await;
+    assert_eq!(ready_count(&hs.ch, &hs.q).await, 0);
+    hs.stop().await;
+}

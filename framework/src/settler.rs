@@ -1,0 +1,223 @@
+//! Settles a session's deliveries on its consuming channel, one task per session: acks
+//! that finish together leave as one `basic.ack(multiple)` when every delivery below them
+//! is settled, which spares the broker a frame (and the client a round through lapin's
+//! internal RPC task) per message.
+//!
+//! Nothing waits to be coalesced: each round sends whatever has finished since the last
+//! one, so a slow handler never holds another message's ack (an unacked message counts
+//! against the prefetch window). Acks finished while the previous round's frames were being
+//! written simply gather for the next round.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use futures_util::future::join_all;
+use lapin::Channel;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tracing::warn;
+
+use crate::telemetry::QueueMetrics;
+
+/// How a handler left its delivery.
+enum Settlement {
+    /// Acked; counted under this outcome label once the ack is sent.
+    Ack(&'static str),
+    /// Given back to the queue (`basic.nack`, requeue) to be delivered again.
+    GiveBack,
+}
+
+enum Event {
+    /// A delivery handed to a handler: unsettled until its `Settled`.
+    Delivered(u64),
+    Settled(u64, Settlement),
+}
+
+/// The sending side, cloned into each handler of the session.
+#[derive(Clone)]
+pub(crate) struct Settler {
+    tx: mpsc::UnboundedSender<Event>,
+}
+
+/// The settling task of a session; [`Settling::finish`] sends what is left.
+pub(crate) struct Settling {
+    settler: Settler,
+    task: JoinHandle<()>,
+}
+
+impl Settling {
+    /// Starts settling deliveries of `ch`, counting acked outcomes in `metrics`.
+    pub(crate) fn start(ch: Channel, metrics: Arc<QueueMetrics>) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        Self {
+            settler: Settler { tx },
+            task: tokio::spawn(run(ch, metrics, rx)),
+        }
+    }
+
+    /// A handle for a handler of this session.
+    pub(crate) fn settler(&self) -> Settler {
+        self.settler.clone()
+    }
+
+    /// Records a delivery as handed out; must come before its handler can settle it, so
+    /// no multiple ack covers it meanwhile.
+    pub(crate) fn delivered(&self, tag: u64) {
+        let _ = self.settler.tx.send(Event::Delivered(tag));
+    }
+
+    /// Sends the settlements still queued (every handler has ended), waiting up to `limit`.
+    pub(crate) async fn finish(self, limit: std::time::Duration) {
+        drop(self.settler);
+        let _ = tokio::time::timeout(limit, self.task).await;
+    }
+}
+
+impl Settler {
+    /// Acks `tag` (its outcome is confirmed by the broker), counted as `label`.
+    pub(crate) fn ack(&self, tag: u64, label: &'static str) {
+        let _ = self.tx.send(Event::Settled(tag, Settlement::Ack(label)));
+    }
+
+    /// Returns `tag` to its queue to be delivered again.
+    pub(crate) fn give_back(&self, tag: u64) {
+        let _ = self.tx.send(Event::Settled(tag, Settlement::GiveBack));
+    }
+}
+
+/// What one round sends: one multiple ack up to a tag, then single acks.
+#[derive(Debug, PartialEq, Eq)]
+struct Plan {
+    /// Acks every delivery up to this tag (all settled).
+    up_to: Option<u64>,
+    /// Acks one delivery each (an unsettled one lies below them).
+    single: Vec<u64>,
+}
+
+/// Plans the acks of `acked` given the lowest still-unsettled tag: those below it may go
+/// in one multiple ack (every delivery below it is settled), the rest one by one.
+fn plan(acked: &[u64], lowest_unsettled: Option<u64>) -> Plan {
+    let below = |t: u64| lowest_unsettled.is_none_or(|low| t < low);
+    let mut below_count = 0;
+    let mut up_to = None::<u64>;
+    let mut single = Vec::new();
+    for &t in acked {
+        if below(t) {
+            below_count += 1;
+            up_to = Some(up_to.map_or(t, |u| u.max(t)));
+        } else {
+            single.push(t);
+        }
+    }
+    if below_count == 1 {
+        // One ack alone: `multiple` would also be exact, but plain is clearer on the wire.
+        single.extend(up_to.take());
+    }
+    Plan { up_to, single }
+}
+
+async fn run(ch: Channel, metrics: Arc<QueueMetrics>, mut rx: mpsc::UnboundedReceiver<Event>) {
+    let mut unsettled = BTreeSet::new();
+    let mut events = Vec::with_capacity(64);
+    let mut acked = Vec::with_capacity(64);
+    let mut labels = Vec::with_capacity(64);
+    while rx.recv_many(&mut events, 1024).await > 0 {
+        // Let the handlers woken with this one (a confirm frame settles several publishes
+        // at once) queue their settlements too, so they leave in this round.
+        tokio::task::yield_now().await;
+        while let Ok(e) = rx.try_recv() {
+            events.push(e);
+        }
+        let mut give_back = Vec::new();
+        for e in events.drain(..) {
+            match e {
+                Event::Delivered(t) => {
+                    unsettled.insert(t);
+                }
+                Event::Settled(t, s) => {
+                    unsettled.remove(&t);
+                    match s {
+                        Settlement::Ack(label) => {
+                            acked.push(t);
+                            labels.push(label);
+                        }
+                        Settlement::GiveBack => give_back.push(t),
+                    }
+                }
+            }
+        }
+        // Given-back deliveries first: a multiple ack sent later must not reach them.
+        for t in give_back {
+            let requeue = BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            };
+            // A failure means the channel is gone, and the broker requeues it anyway.
+            let _ = ch.basic_nack(t, requeue).await;
+        }
+        if acked.is_empty() {
+            continue;
+        }
+        let p = plan(&acked, unsettled.first().copied());
+        let multiple = p
+            .up_to
+            .map(|t| ch.basic_ack(t, BasicAckOptions { multiple: true }));
+        let singles = p
+            .single
+            .iter()
+            .map(|&t| ch.basic_ack(t, BasicAckOptions::default()));
+        let sent = join_all(multiple.into_iter().chain(singles)).await;
+        if let Some(e) = sent.iter().find_map(|r| r.as_ref().err()) {
+            warn!(error = %e, "acks not sent (channel closed); their messages will be redelivered");
+            // Which frames left before the channel went is unknown: count none.
+        } else {
+            for label in &labels {
+                metrics.count(label);
+            }
+        }
+        acked.clear();
+        labels.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acks_below_every_unsettled_delivery_go_as_one() {
+        assert_eq!(
+            plan(&[3, 1, 2], None),
+            Plan {
+                up_to: Some(3),
+                single: vec![]
+            }
+        );
+        assert_eq!(
+            plan(&[2, 5, 1, 7], Some(4)),
+            Plan {
+                up_to: Some(2),
+                single: vec![5, 7]
+            }
+        );
+    }
+
+    #[test]
+    fn acks_above_an_unsettled_delivery_go_one_by_one() {
+        assert_eq!(
+            plan(&[6, 5], Some(1)),
+            Plan {
+                up_to: None,
+                single: vec![6, 5]
+            }
+        );
+        assert_eq!(
+            plan(&[4], None),
+            Plan {
+                up_to: None,
+                single: vec![4]
+            }
+        );
+    }
+}
