@@ -11,7 +11,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use futures_util::future::join_all;
+use futures_util::FutureExt;
 use lapin::Channel;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use tokio::sync::mpsc;
@@ -160,17 +160,17 @@ async fn run(ch: Channel, metrics: Arc<QueueMetrics>, mut rx: mpsc::UnboundedRec
             continue;
         }
         let p = plan(&acked, unsettled.first().copied());
-        let multiple = p
-            .up_to
-            .map(|t| ch.basic_ack(t, BasicAckOptions { multiple: true }));
-        let singles = p
-            .single
-            .iter()
-            .map(|&t| ch.basic_ack(t, BasicAckOptions::default()));
-        let sent = join_all(multiple.into_iter().chain(singles)).await;
-        if let Some(e) = sent.iter().find_map(|r| r.as_ref().err()) {
+        let multiple = p.up_to.map(|t| (t, BasicAckOptions { multiple: true }));
+        let singles = p.single.iter().map(|&t| (t, BasicAckOptions::default()));
+        // Each ack is queued for the connection's writer, not waited for: a closed channel
+        // refuses it at once (then nothing is counted, the broker redelivers), and waiting
+        // for the write would cost this task a wake-up per round.
+        let refused = multiple
+            .into_iter()
+            .chain(singles)
+            .find_map(|(t, o)| ch.basic_ack(t, o).now_or_never()?.err());
+        if let Some(e) = refused {
             warn!(error = %e, "acks not sent (channel closed); their messages will be redelivered");
-            // Which frames left before the channel went is unknown: count none.
         } else {
             for label in &labels {
                 metrics.count(label);
