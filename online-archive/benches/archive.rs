@@ -332,8 +332,14 @@ async fn main() {
                 ..small.clone()
             });
         let (mut b, mut b_ratios) = (vec![], vec![]);
-        for _ in 0..rounds {
+        for round in 0..rounds {
             let er = echo(&files, prefetch).await;
+            // The two builds swap places every round: the second run of a round meets the
+            // filesystem the first left behind.
+            let mut bm = None;
+            if let Some(before) = before.as_ref().filter(|_| round % 2 == 1) {
+                bm = Some(before.run(&files, true).await);
+            }
             let m = small.run(&files, true).await;
             eprintln!(
                 "small round: echo {er:.0} msgs/s, archive {:.0} files/s ({:.2}×)",
@@ -344,8 +350,10 @@ async fn main() {
             a.push(m.rate);
             ratios.push(m.rate / er);
             rss.push(m.rss as f64 / 1024.0);
-            if let Some(before) = &before {
-                let m = before.run(&files, true).await;
+            if let Some(before) = before.as_ref().filter(|_| round % 2 == 0) {
+                bm = Some(before.run(&files, true).await);
+            }
+            if let Some(m) = bm {
                 eprintln!(
                     "small round: archive before {:.0} files/s ({:.2}×)",
                     m.rate,
