@@ -138,8 +138,24 @@ async fn apply<'a>(
         *full = !relaxed;
     }
     let mut tx = db::sqlx::Connection::begin(&mut *conn).await?;
-    let mut results = Vec::new();
-    for w in writes {
+    let mut results = Vec::with_capacity(writes.len());
+    let mut rest = &writes[..];
+    while let Some(w) = rest.first() {
+        // A run of copies goes in a few multi-row statements: each statement is a round
+        // trip to SQLite's worker thread, and these are most of a busy batch.
+        let run: Vec<&CopyRow> = rest
+            .iter()
+            .map_while(|w| match w {
+                Write::Copy(c) => Some(&**c),
+                _ => None,
+            })
+            .collect();
+        if !run.is_empty() {
+            copies_in(&mut tx, &run).await?;
+            results.extend(run.iter().map(|_| true));
+            rest = &rest[run.len()..];
+            continue;
+        }
         results.push(match w {
             Write::Claim {
                 key,
@@ -163,14 +179,9 @@ async fn apply<'a>(
                 release_in(&mut tx, key, owner).await?;
                 true
             }
-            Write::Copy(c) => {
-                copy_in(&mut tx, c).await?;
-                if let Some((key, owner)) = &c.release {
-                    release_in(&mut tx, key, owner).await?;
-                }
-                true
-            }
+            Write::Copy(_) => unreachable!("runs of copies are applied above"),
         });
+        rest = &rest[1..];
     }
     tx.commit().await?;
     Ok(results)
@@ -209,42 +220,119 @@ async fn release_in(tx: &mut Tx<'_>, key: &str, owner: &str) -> Result<(), db::s
         .map(|_| ())
 }
 
-async fn copy_in(tx: &mut Tx<'_>, c: &CopyRow) -> Result<(), db::sqlx::Error> {
-    let object = &c.object;
-    db::sqlx::query(
-        "INSERT INTO stored_objects (object_key, size, algorithm, checksum, stored_at, \
-         store_etag, store_version, store_checksum) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-         ON CONFLICT (object_key) DO UPDATE SET size = excluded.size, \
-         algorithm = excluded.algorithm, checksum = excluded.checksum, \
-         store_etag = excluded.store_etag, store_version = excluded.store_version, \
-         store_checksum = excluded.store_checksum",
-    )
-    .bind(&object.object_key)
-    .bind(object.size as i64)
-    .bind(&c.algorithm)
-    .bind(&object.checksum)
-    .bind(now())
-    .bind(object.store.etag.as_deref())
-    .bind(object.store.version.as_deref())
-    .bind(object.store.checksum.as_deref())
-    .execute(&mut **tx)
-    .await?;
-    db::sqlx::query(
-        "INSERT INTO copied_files (original_path, object_key, size, mtime, imported_id, recorded_at) \
-         VALUES ($1, $2, $3, $4, $5, $6) \
-         ON CONFLICT (original_path, object_key) DO UPDATE SET size = excluded.size, \
-         mtime = excluded.mtime, imported_id = excluded.imported_id, recorded_at = excluded.recorded_at",
-    )
-    .bind(&c.original_path)
-    .bind(&object.object_key)
-    .bind(object.size as i64)
-    .bind(&c.mtime)
-    .bind(c.imported_id.as_deref())
-    .bind(now())
-    .execute(&mut **tx)
-    .await
-    .map(|_| ())
+/// Records `copies` in order: each table's rows in multi-row upserts (the last row of a
+/// key wins, as one upsert after another would leave it; PostgreSQL refuses a statement
+/// that upserts one row twice), then the claims they give up.
+async fn copies_in(tx: &mut Tx<'_>, copies: &[&CopyRow]) -> Result<(), db::sqlx::Error> {
+    let at = now();
+    let objects = last_per_key(copies, |c| c.object.object_key.as_str());
+    for chunk in power_of_two_chunks(&objects) {
+        let sql = multi_row_upsert(
+            "INSERT INTO stored_objects (object_key, size, algorithm, checksum, stored_at, \
+             store_etag, store_version, store_checksum) VALUES ",
+            8,
+            chunk.len(),
+            " ON CONFLICT (object_key) DO UPDATE SET size = excluded.size, \
+             algorithm = excluded.algorithm, checksum = excluded.checksum, \
+             store_etag = excluded.store_etag, store_version = excluded.store_version, \
+             store_checksum = excluded.store_checksum",
+        );
+        let mut q = db::sqlx::query(&sql);
+        for c in chunk {
+            let object = &c.object;
+            q = q
+                .bind(&object.object_key)
+                .bind(object.size as i64)
+                .bind(&c.algorithm)
+                .bind(&object.checksum)
+                .bind(&at)
+                .bind(object.store.etag.as_deref())
+                .bind(object.store.version.as_deref())
+                .bind(object.store.checksum.as_deref());
+        }
+        q.execute(&mut **tx).await?;
+    }
+    let files = last_per_key(copies, |c| {
+        (c.original_path.as_str(), c.object.object_key.as_str())
+    });
+    for chunk in power_of_two_chunks(&files) {
+        let sql = multi_row_upsert(
+            "INSERT INTO copied_files (original_path, object_key, size, mtime, imported_id, \
+             recorded_at) VALUES ",
+            6,
+            chunk.len(),
+            " ON CONFLICT (original_path, object_key) DO UPDATE SET size = excluded.size, \
+             mtime = excluded.mtime, imported_id = excluded.imported_id, \
+             recorded_at = excluded.recorded_at",
+        );
+        let mut q = db::sqlx::query(&sql);
+        for c in chunk {
+            q = q
+                .bind(&c.original_path)
+                .bind(&c.object.object_key)
+                .bind(c.object.size as i64)
+                .bind(&c.mtime)
+                .bind(c.imported_id.as_deref())
+                .bind(&at);
+        }
+        q.execute(&mut **tx).await?;
+    }
+    for c in copies {
+        if let Some((key, owner)) = &c.release {
+            release_in(tx, key, owner).await?;
+        }
+    }
+    Ok(())
+}
+
+/// `items` without those whose key comes again later, in order.
+fn last_per_key<'a, T, K: Eq + std::hash::Hash>(
+    items: &[&'a T],
+    key: impl Fn(&'a T) -> K,
+) -> Vec<&'a T> {
+    let mut seen = std::collections::HashSet::new();
+    let mut kept: Vec<&T> = items
+        .iter()
+        .rev()
+        .filter(|i| seen.insert(key(i)))
+        .copied()
+        .collect();
+    kept.reverse();
+    kept
+}
+
+/// `items` in chunks of 32, 16, 8, 4, 2 and 1: a few statement shapes for the
+/// connection's statement cache, however many rows a batch holds.
+fn power_of_two_chunks<T>(mut items: &[T]) -> Vec<&[T]> {
+    let mut chunks = Vec::new();
+    let mut size = 32;
+    while !items.is_empty() {
+        while size > items.len() {
+            size /= 2;
+        }
+        let (chunk, rest) = items.split_at(size);
+        chunks.push(chunk);
+        items = rest;
+    }
+    chunks
+}
+
+/// `head` + `rows` tuples of `columns` numbered placeholders + `tail`.
+fn multi_row_upsert(head: &str, columns: usize, rows: usize, tail: &str) -> String {
+    let mut sql = String::with_capacity(head.len() + tail.len() + rows * columns * 5);
+    sql.push_str(head);
+    for r in 0..rows {
+        sql.push_str(if r == 0 { "(" } else { ", (" });
+        for c in 0..columns {
+            if c > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!("${}", r * columns + c + 1));
+        }
+        sql.push(')');
+    }
+    sql.push_str(tail);
+    sql
 }
 
 /// A stored object as recorded.
@@ -649,4 +737,133 @@ fn upload_record(r: &db::sqlx::any::AnyRow) -> Result<UploadRecord, db::sqlx::Er
 
 fn uuid_v4() -> String {
     uuid::Uuid::new_v4().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_row_of_a_key_is_kept_in_order() {
+        let rows = ["a1", "b1", "a2", "c1", "b2"];
+        let refs: Vec<&&str> = rows.iter().collect();
+        let kept = last_per_key(&refs, |r| &r[..1]);
+        assert_eq!(
+            kept.into_iter().copied().collect::<Vec<_>>(),
+            ["a2", "c1", "b2"]
+        );
+    }
+
+    #[test]
+    fn chunks_are_powers_of_two_up_to_32_covering_everything() {
+        for n in 0..100usize {
+            let items: Vec<usize> = (0..n).collect();
+            let chunks = power_of_two_chunks(&items);
+            assert_eq!(chunks.concat(), items, "{n} items in order");
+            assert!(
+                chunks
+                    .iter()
+                    .all(|c| c.len().is_power_of_two() && c.len() <= 32)
+            );
+        }
+        assert_eq!(
+            power_of_two_chunks(&[0; 37])
+                .iter()
+                .map(|c| c.len())
+                .collect::<Vec<_>>(),
+            [32, 4, 1]
+        );
+    }
+
+    #[test]
+    fn placeholders_are_numbered_row_after_row() {
+        assert_eq!(
+            multi_row_upsert(
+                "INSERT INTO t (a, b) VALUES ",
+                2,
+                3,
+                " ON CONFLICT DO NOTHING"
+            ),
+            "INSERT INTO t (a, b) VALUES ($1, $2), ($3, $4), ($5, $6) ON CONFLICT DO NOTHING"
+        );
+    }
+
+    fn copy(key: &str, path: &str, checksum: &str) -> Write {
+        Write::Copy(Box::new(CopyRow {
+            object: StoredObject {
+                object_key: key.into(),
+                size: 4,
+                checksum: checksum.into(),
+                store: StoreFacts::default(),
+            },
+            algorithm: "sha256".into(),
+            original_path: path.into(),
+            mtime: "2026-01-01T00:00:00Z".into(),
+            imported_id: None,
+            release: None,
+        }))
+    }
+
+    /// One batch holding two runs of copies around a claim (three statement shapes in the
+    /// first run), with one key and one file thrice in one statement's rows.
+    async fn a_batch_of_copies_lands_in_one_transaction(url: &str) {
+        let r = Records::open(url).await.unwrap();
+        let mut writes: Vec<Write> = (0..30)
+            .map(|i| copy(&format!("k{i}"), &format!("/p/{i}"), "old"))
+            .collect();
+        writes.push(Write::Claim {
+            key: "k-claimed".into(),
+            owner: "me".into(),
+            until: i64::MAX,
+            now: 0,
+        });
+        writes.push(copy("k3", "/p/3", "new"));
+        writes.push(copy("k3", "/p/3", "newer"));
+        writes.push(copy("k3", "/p/3-again", "newer"));
+        writes.extend((30..34).map(|i| copy(&format!("k{i}"), &format!("/p/{i}"), "old")));
+        let mut full = true;
+        let results = apply(
+            &r.write,
+            url.starts_with("sqlite:"),
+            &mut full,
+            writes.iter(),
+        )
+        .await
+        .expect("one transaction, no fallback to single writes");
+        assert_eq!(results, vec![true; writes.len()]);
+        let objects: i64 = db::sqlx::query_scalar("SELECT COUNT(*) FROM stored_objects")
+            .fetch_one(r.pool())
+            .await
+            .unwrap();
+        assert_eq!(objects, 34);
+        let files: i64 = db::sqlx::query_scalar("SELECT COUNT(*) FROM copied_files")
+            .fetch_one(r.pool())
+            .await
+            .unwrap();
+        assert_eq!(files, 35);
+        let k3 = r.objects_with("newer", 4).await.unwrap();
+        assert_eq!(k3.len(), 1, "the later row of a key wins");
+        assert_eq!(k3[0].object_key, "k3");
+        let k20 = r
+            .copies_of("/p/20", 4, "2026-01-01T00:00:00Z")
+            .await
+            .unwrap();
+        assert_eq!(k20[0].object_key, "k20");
+        assert_eq!(k20[0].checksum, "old");
+        r.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_batch_of_copies_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("r.db").display());
+        a_batch_of_copies_lands_in_one_transaction(&url).await;
+    }
+
+    #[tokio::test]
+    async fn a_batch_of_copies_on_postgres() {
+        let pg = db::testing::TempPostgres::create().await.unwrap();
+        a_batch_of_copies_lands_in_one_transaction(&pg.url).await;
+        pg.drop_db().await.unwrap();
+    }
 }
