@@ -159,13 +159,28 @@ pub(crate) async fn session<P: MessageProcessor>(
                 let broken2 = broken.clone();
                 let cancel = handlers.cancel.clone();
                 let kill = handlers.kill.clone();
-                handlers.tasks.spawn(async move {
+                // The handler's state machine (several KiB) lives on the heap from the start,
+                // not in the spawned future, which tokio moves more than once while spawning.
+                let fut = async move {
+                    let handling = Box::pin(async move {
+                        handle_delivery(
+                            &inner2,
+                            &publisher2,
+                            &metrics2,
+                            &settler,
+                            delivery,
+                            &broken2,
+                            cancel,
+                        )
+                        .await
+                    });
                     tokio::select! {
-                        _ = handle_delivery(&inner2, &publisher2, &metrics2, &settler, delivery, &broken2, cancel) => {}
+                        _ = handling => {}
                         _ = kill.cancelled() => {}
                     }
                     drop(permit);
-                });
+                };
+                handlers.tasks.spawn(fut);
             }
             Some(Err(e)) => {
                 let why = e.to_string();
