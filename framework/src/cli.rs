@@ -228,11 +228,19 @@ pub fn main<S: Service>() -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    let result = rt.block_on(async {
-        match own {
-            Some((name, args)) => S::run_extra(&name, &args, cfg).await,
-            None => execute::<S>(cli.command.unwrap_or(Command::Run), cfg).await,
-        }
+    // On a worker thread, not the thread blocked in `block_on`: the consuming loop then
+    // spawns each handler onto its own worker's queue, where it runs next, instead of
+    // waking another thread for every message.
+    let command = cli.command;
+    let result = rt.block_on(async move {
+        let work = tokio::spawn(async move {
+            match own {
+                Some((name, args)) => S::run_extra(&name, &args, cfg).await,
+                None => execute::<S>(command.unwrap_or(Command::Run), cfg).await,
+            }
+        });
+        work.await
+            .unwrap_or_else(|e| Err(Failure::Other(format!("the service stopped: {e}"))))
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
