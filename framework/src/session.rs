@@ -442,8 +442,9 @@ async fn handle_delivery<P: MessageProcessor>(
     .await
 }
 
-/// Publishes the outcome's messages with confirms, then acks (or gives the delivery back);
-/// returns the outcome's label as counted.
+/// Publishes the outcome's messages with confirms, then hands the delivery to the settler
+/// to be acked (or given back); returns the outcome's label, which the settler counts once
+/// the ack is sent.
 #[allow(clippy::too_many_arguments)]
 async fn settle<P: MessageProcessor>(
     inner: &Inner<P>,
