@@ -335,10 +335,15 @@ impl PrivateCluster {
         let samples = Arc::new(Mutex::new(Vec::new()));
         let s = samples.clone();
         let task = tokio::spawn(async move {
+            // The node that answered last is asked first: a stopping node can hold a call
+            // for seconds, and asking it first every time left whole recoveries unsampled.
+            let mut first = 0;
             loop {
-                for u in &urls {
-                    if let Some(n) = count_at(u, &sink).await {
+                for k in 0..urls.len() {
+                    let at = (first + k) % urls.len();
+                    if let Some(n) = count_at(&urls[at], &sink).await {
                         lock(&s).push((Instant::now(), n as usize));
+                        first = at;
                         break;
                     }
                 }
@@ -396,6 +401,12 @@ impl PrivateCluster {
             .await;
         self.await_settled(queue, sink, n, started).await;
         let total = started.elapsed();
+        // Every output is in (checked above); the sampler may still be on its way to a
+        // sample that shows them.
+        let deadline = Instant::now() + WAIT;
+        while timeline.first_output_after(down_at).is_none() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let resumed = timeline
             .first_output_after(down_at)
             .map(|t| t - down_at)
