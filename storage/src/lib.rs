@@ -6,6 +6,7 @@
 
 pub mod checksum;
 pub mod copy;
+pub mod dir_sync;
 pub mod local;
 pub mod message;
 pub mod paths;

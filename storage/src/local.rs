@@ -32,6 +32,8 @@ use std::time::Duration;
 
 use crate::checksum::Algorithm;
 use crate::copy::{CopyError, Digest};
+// Shared with concurrent copies into the same directory.
+use crate::dir_sync::sync_dir;
 
 /// Read and write size.
 pub const BLOCK: usize = 1024 * 1024;
@@ -433,10 +435,6 @@ pub fn sync_parent(path: &Path) -> std::io::Result<()> {
         Some(dir) => sync_dir(dir),
         None => Ok(()),
     }
-}
-
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]

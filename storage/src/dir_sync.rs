@@ -1,0 +1,185 @@
+//! Directory fsyncs shared by concurrent copies into one directory (group commit): a
+//! copy's new entry is durable once an fsync of its directory *started after the entry
+//! was made* has succeeded, so one fsync serves every copy linked before it began.
+//!
+//! Sixteen handlers archiving files of one folder all link into one directory; each
+//! flushing it on its own queued them on the directory's lock and cost one device cache
+//! flush each. Here the first caller flushes, the callers arriving meanwhile wait, and one
+//! of them flushes once for all of them when it is done.
+//!
+//! Errors are never shared: a caller returns `Ok` only after an fsync that covers its entry
+//! succeeded; a failed fsync fails its own caller, and the callers it would have covered
+//! flush again themselves.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, LazyLock, Mutex, MutexGuard, PoisonError};
+
+/// The directories being flushed or waited on, each while it has callers.
+static DIRS: LazyLock<Mutex<HashMap<PathBuf, Arc<Dir>>>> = LazyLock::new(Default::default);
+
+/// One directory's flushes.
+#[derive(Default)]
+struct Dir {
+    state: Mutex<State>,
+    flushed: Condvar,
+}
+
+#[derive(Default)]
+struct State {
+    /// Tickets handed out: a caller's entry was made before it took its ticket.
+    issued: u64,
+    /// Every ticket up to this one is covered by a successful fsync.
+    covered: u64,
+    /// Whether an fsync is running.
+    flushing: bool,
+}
+
+/// Fsyncs `dir` so that every entry made in it before this call survives a power loss,
+/// sharing the fsync with concurrent callers. Blocking.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    sync_with(dir, |d| File::open(d)?.sync_all())
+}
+
+/// [`sync_dir`] with the flush given (the tests hold one in flight).
+fn sync_with(dir: &Path, flush: impl Fn(&Path) -> std::io::Result<()>) -> std::io::Result<()> {
+    let user = User::enter(dir);
+    let d = &user.dir;
+    let mut s = lock(&d.state);
+    s.issued += 1;
+    let ticket = s.issued;
+    loop {
+        if s.covered >= ticket {
+            return Ok(());
+        }
+        if !s.flushing {
+            s.flushing = true;
+            // Every ticket issued so far belongs to an entry made before this flush starts.
+            let upto = s.issued;
+            drop(s);
+            let result = flush(dir);
+            s = lock(&d.state);
+            s.flushing = false;
+            if result.is_ok() {
+                s.covered = s.covered.max(upto);
+            }
+            d.flushed.notify_all();
+            return result;
+        }
+        s = d.flushed.wait(s).unwrap_or_else(PoisonError::into_inner);
+    }
+}
+
+/// A caller of one directory's flushes; the directory is forgotten when its last caller
+/// leaves.
+struct User {
+    path: PathBuf,
+    dir: Arc<Dir>,
+}
+
+impl User {
+    fn enter(path: &Path) -> User {
+        let mut dirs = lock(&DIRS);
+        let dir = dirs.entry(path.to_path_buf()).or_default().clone();
+        User {
+            path: path.to_path_buf(),
+            dir,
+        }
+    }
+}
+
+impl Drop for User {
+    fn drop(&mut self) {
+        let mut dirs = lock(&DIRS);
+        // The map's reference and this one: nobody else uses the directory (callers enter
+        // and leave under the map's lock).
+        if Arc::strong_count(&self.dir) == 2 {
+            dirs.remove(&self.path);
+        }
+    }
+}
+
+/// The counters stay consistent whatever panicked while they were held.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::mpsc;
+
+    /// Waits until `n` callers hold tickets for `dir`.
+    fn until_issued(dir: &Path, n: u64) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let issued = lock(&DIRS).get(dir).map(|d| lock(&d.state).issued);
+            if issued == Some(n) {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "callers arrived");
+            std::thread::yield_now();
+        }
+    }
+
+    /// One flush in flight (held until released), four callers arriving meanwhile:
+    /// `first` decides whether the held flush fails.
+    fn callers_during_a_flush(dir: &Path, first: std::io::Result<()>) -> (usize, Vec<bool>) {
+        let flushes = AtomicUsize::new(0);
+        let (release, held) = mpsc::channel::<()>();
+        let held = Mutex::new(held);
+        let first = Mutex::new(Some(first));
+        let flush = |_: &Path| {
+            let n = flushes.fetch_add(1, Ordering::SeqCst);
+            if n == 0 {
+                let _ = lock(&held).recv();
+                return lock(&first).take().expect("the first flush");
+            }
+            Ok(())
+        };
+        let results = std::thread::scope(|s| {
+            let a = s.spawn(|| sync_with(dir, flush));
+            until_issued(dir, 1);
+            let later: Vec<_> = (0..4).map(|_| s.spawn(|| sync_with(dir, flush))).collect();
+            until_issued(dir, 5);
+            release.send(()).expect("release");
+            let mut r = vec![a.join().expect("a").is_ok()];
+            r.extend(later.into_iter().map(|t| t.join().expect("b").is_ok()));
+            r
+        });
+        assert!(
+            lock(&DIRS).get(dir).is_none(),
+            "forgotten after its last caller"
+        );
+        (flushes.load(Ordering::SeqCst), results)
+    }
+
+    #[test]
+    fn callers_arriving_during_a_flush_share_one_flush_started_after_them() {
+        let dir = Path::new("/dir-sync-test/shared");
+        let (flushes, ok) = callers_during_a_flush(dir, Ok(()));
+        // The flush in flight began before their entries: it cannot cover them. One more
+        // covers all four.
+        assert_eq!(flushes, 2);
+        assert_eq!(ok, [true; 5]);
+    }
+
+    #[test]
+    fn a_failed_flush_fails_its_caller_only_and_the_others_flush_again() {
+        let dir = Path::new("/dir-sync-test/failed");
+        let (flushes, ok) = callers_during_a_flush(dir, Err(std::io::Error::other("EIO")));
+        assert_eq!(flushes, 2);
+        assert_eq!(ok, [false, true, true, true, true]);
+    }
+
+    #[test]
+    fn a_lone_caller_flushes_a_real_directory() {
+        let tmp = tempfile::tempdir().expect("temp");
+        sync_dir(tmp.path()).expect("flushed");
+        let e = sync_dir(&tmp.path().join("missing")).expect_err("no such directory");
+        assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
+        assert!(lock(&DIRS).get(tmp.path()).is_none());
+    }
+}
