@@ -50,7 +50,16 @@ pub fn metrics_handle() -> PrometheusHandle {
 /// Starts `tracing` output per `[log]`; later calls are no-ops (tests run many services).
 pub fn init_logging(cfg: &LogConfig) {
     use std::io::IsTerminal;
-    let filter = EnvFilter::try_new(&cfg.level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let mut filter = EnvFilter::try_new(&cfg.level).unwrap_or_else(|_| EnvFilter::new("info"));
+    // lapin logs every channel the broker closes as an ERROR, the expected ones too (the
+    // passive check of a producer exchange that does not exist yet closes its channel
+    // with 404); whatever such a close means to a service, the framework logs itself.
+    // A filter that names lapin gets lapin's own lines.
+    if !cfg.level.contains("lapin") {
+        if let Ok(quiet) = "lapin::channel=off".parse() {
+            filter = filter.add_directive(quiet);
+        }
+    }
     // Colours only for a person at a terminal: in a log file or a collector they are noise,
     // and styling every span's fields (one span per message) costs CPU.
     let ansi = std::io::stderr().is_terminal();
