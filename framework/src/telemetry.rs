@@ -54,8 +54,8 @@ pub fn init_logging(cfg: &LogConfig) {
     // lapin logs every channel the broker closes as an ERROR, the expected ones too (the
     // passive check of a producer exchange that does not exist yet closes its channel
     // with 404); whatever such a close means to a service, the framework logs itself.
-    // A filter that names lapin gets lapin's own lines.
-    if !cfg.level.contains("lapin") {
+    // A filter that names `lapin::channel` gets them.
+    if !cfg.level.contains("lapin::channel") {
         if let Ok(quiet) = "lapin::channel=off".parse() {
             filter = filter.add_directive(quiet);
         }

@@ -208,7 +208,10 @@ async fn declare_creates_the_topology_and_definitions_describe_it() {
     let q = unique("declare");
     let _gone = Cleanup::service(&q, &[200, 400]);
     let dir = tempfile::tempdir().unwrap();
-    let o = run(echo_cmd(&q, dir.path()).arg("declare"));
+    // The log filter of the shipped configs.
+    let o = run(echo_cmd(&q, dir.path())
+        .env("STORAGETIER__LOG__LEVEL", "info,lapin=warn")
+        .arg("declare"));
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     // The producer's exchange did not exist: its passive check's 404 is expected, and
     // a first start on a fresh broker prints no error for it.
