@@ -112,10 +112,17 @@ pub(crate) async fn session<P: MessageProcessor>(
     )
     .await?;
     let settling = Settling::start(ch.clone(), metrics.clone());
+    let broken = CancellationToken::new();
+    let shared = Arc::new(Shared {
+        inner: inner.clone(),
+        publisher,
+        metrics,
+        settler: settling.settler(),
+        broken: broken.clone(),
+    });
     info!(queue = %inner.topology.queue, url = %conn_url(&inner.amqp), "consuming");
     inner.status.attach(Some(conn.clone()));
     inner.status.set_ready(true);
-    let broken = CancellationToken::new();
     let handlers = SessionTasks::new();
     if inner.amqp.queue_metrics_interval_ms > 0 {
         tokio::spawn(watch_queue_depths(
@@ -152,28 +159,14 @@ pub(crate) async fn session<P: MessageProcessor>(
         match next {
             Some(Ok(delivery)) => {
                 settling.delivered(delivery.delivery_tag);
-                let settler = settling.settler();
-                let inner2 = inner.clone();
-                let publisher2 = publisher.clone();
-                let metrics2 = metrics.clone();
-                let broken2 = broken.clone();
+                let shared = shared.clone();
                 let cancel = handlers.cancel.clone();
                 let kill = handlers.kill.clone();
                 // The handler's state machine (several KiB) lives on the heap from the start,
                 // not in the spawned future, which tokio moves more than once while spawning.
                 let fut = async move {
-                    let handling = Box::pin(async move {
-                        handle_delivery(
-                            &inner2,
-                            &publisher2,
-                            &metrics2,
-                            &settler,
-                            delivery,
-                            &broken2,
-                            cancel,
-                        )
-                        .await
-                    });
+                    let handling =
+                        Box::pin(async move { shared.handle_delivery(delivery, cancel).await });
                     tokio::select! {
                         _ = handling => {}
                         _ = kill.cancelled() => {}
@@ -218,6 +211,9 @@ pub(crate) async fn session<P: MessageProcessor>(
     // The broker redelivers what these handlers hold to the next session (or the next
     // instance): they finish or stop before that, never running beside their redelivery.
     handlers.end(budget).await;
+    // The handlers' settler is dropped with the last of them; this one goes now, or the
+    // settling task would wait for it.
+    drop(shared);
     settling.finish(limit).await;
     if let SessionEnd::Shutdown = end {
         let _ = bounded(limit, "closing the channel", ch.close(code, reason.into())).await;
@@ -357,148 +353,154 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
-async fn handle_delivery<P: MessageProcessor>(
-    inner: &Inner<P>,
-    publisher: &Publisher,
-    metrics: &m::QueueMetrics,
-    settler: &Settler,
-    mut delivery: Delivery,
-    broken: &CancellationToken,
-    cancel: CancellationToken,
-) {
-    let inc = incoming(&delivery);
-    // Moved, not copied: the context is the only holder of the delivery's properties.
-    let properties = std::mem::take(&mut delivery.properties);
-    let message_id = properties.message_id().as_ref().map(|s| s.to_string());
-    let trace = crate::trace::TraceContext::continue_from(&inc.headers);
-    let span = info_span!("message",
+/// What every handler of one session shares (one clone per message, not one per piece).
+struct Shared<P: MessageProcessor> {
+    inner: Arc<Inner<P>>,
+    publisher: Publisher,
+    metrics: Arc<m::QueueMetrics>,
+    settler: Settler,
+    /// Cancelled when an outcome found the service's own topology incomplete: the session
+    /// ends and the next one declares it again.
+    broken: CancellationToken,
+}
+
+impl<P: MessageProcessor> Shared<P> {
+    async fn handle_delivery(&self, mut delivery: Delivery, cancel: CancellationToken) {
+        let (inner, publisher, metrics) = (&*self.inner, &self.publisher, &*self.metrics);
+        let inc = incoming(&delivery);
+        // Moved, not copied: the context is the only holder of the delivery's properties.
+        let properties = std::mem::take(&mut delivery.properties);
+        let message_id = properties.message_id().as_ref().map(|s| s.to_string());
+        let trace = crate::trace::TraceContext::continue_from(&inc.headers);
+        let span = info_span!("message",
         trace_id = %trace.trace_id,
         span_id = %trace.span_id,
         queue = %inner.topology.queue,
         routing_key = %inc.routing_key,
         message_id = message_id.as_deref().unwrap_or(""),
         attempt = inc.attempt);
-    async move {
-        let _in_flight = InFlight::enter(metrics.in_flight());
-        let started = Instant::now();
-        let started_at = std::time::SystemTime::now();
-        let ctx = MessageContext {
-            exchange: inc.exchange,
-            routing_key: inc.routing_key,
-            attempt: inc.attempt,
-            redelivered: delivery.redelivered,
-            message_id,
-            correlation_id: properties.correlation_id().as_ref().map(|s| s.to_string()),
-            timestamp: *properties.timestamp(),
-            headers: inc.headers,
-            retry_headers: Default::default(),
-            cancel,
-            trace,
-            publisher: Some(publisher.clone()),
-            properties,
-        };
-        // Decoding runs inside catch_unwind too: a panicking Deserialize is the input's fault.
-        let handled = AssertUnwindSafe(async {
-            match serde_json::from_slice::<P::Input>(&delivery.data) {
-                Err(e) => Outcome::Permanent(describe_decode_error(&e)),
-                Ok(input) => inner.processor.handle(input, &ctx).await,
-            }
-        })
-        .catch_unwind()
-        .await;
-        let outcome = handled.unwrap_or_else(|p| {
-            Outcome::Permanent(format!("processor panicked: {}", panic_message(&*p)))
-        });
-        metrics
-            .handler_seconds()
-            .record(started.elapsed().as_secs_f64());
-        let error = match &outcome {
-            Outcome::Retry(r) | Outcome::Permanent(r) | Outcome::Exhausted(r)
-                if inner.spans.is_some() =>
-            {
-                Some(r.clone())
-            }
-            _ => None,
-        };
-        let label = settle(
-            inner, publisher, metrics, settler, &delivery, &ctx, outcome, broken,
-        )
-        .await;
-        if let Some(spans) = &inner.spans {
-            spans.record(crate::otlp::Span {
-                trace: ctx.trace.clone(),
-                start: started_at,
-                end: std::time::SystemTime::now(),
-                queue: inner.topology.queue.clone(),
-                routing_key: ctx.routing_key.clone(),
-                message_id: ctx.message_id.clone(),
-                attempt: ctx.attempt,
-                outcome: label,
-                error,
+        async move {
+            let _in_flight = InFlight::enter(metrics.in_flight());
+            let started = Instant::now();
+            let started_at = std::time::SystemTime::now();
+            let ctx = MessageContext {
+                exchange: inc.exchange,
+                routing_key: inc.routing_key,
+                attempt: inc.attempt,
+                redelivered: delivery.redelivered,
+                message_id,
+                correlation_id: properties.correlation_id().as_ref().map(|s| s.to_string()),
+                timestamp: *properties.timestamp(),
+                headers: inc.headers,
+                retry_headers: Default::default(),
+                cancel,
+                trace,
+                publisher: Some(publisher.clone()),
+                properties,
+            };
+            // Decoding runs inside catch_unwind too: a panicking Deserialize is the input's fault.
+            let handled = AssertUnwindSafe(async {
+                match serde_json::from_slice::<P::Input>(&delivery.data) {
+                    Err(e) => Outcome::Permanent(describe_decode_error(&e)),
+                    Ok(input) => inner.processor.handle(input, &ctx).await,
+                }
+            })
+            .catch_unwind()
+            .await;
+            let outcome = handled.unwrap_or_else(|p| {
+                Outcome::Permanent(format!("processor panicked: {}", panic_message(&*p)))
             });
+            metrics
+                .handler_seconds()
+                .record(started.elapsed().as_secs_f64());
+            let error = match &outcome {
+                Outcome::Retry(r) | Outcome::Permanent(r) | Outcome::Exhausted(r)
+                    if inner.spans.is_some() =>
+                {
+                    Some(r.clone())
+                }
+                _ => None,
+            };
+            let label = self.settle(&delivery, &ctx, outcome).await;
+            if let Some(spans) = &inner.spans {
+                spans.record(crate::otlp::Span {
+                    trace: ctx.trace.clone(),
+                    start: started_at,
+                    end: std::time::SystemTime::now(),
+                    queue: inner.topology.queue.clone(),
+                    routing_key: ctx.routing_key.clone(),
+                    message_id: ctx.message_id.clone(),
+                    attempt: ctx.attempt,
+                    outcome: label,
+                    error,
+                });
+            }
         }
+        .instrument(span)
+        .await
     }
-    .instrument(span)
-    .await
-}
 
-/// Publishes the outcome's messages with confirms, then hands the delivery to the settler
-/// to be acked (or given back); returns the outcome's label, which the settler counts once
-/// the ack is sent.
-#[allow(clippy::too_many_arguments)]
-async fn settle<P: MessageProcessor>(
-    inner: &Inner<P>,
-    publisher: &Publisher,
-    metrics: &m::QueueMetrics,
-    settler: &Settler,
-    delivery: &Delivery,
-    ctx: &MessageContext,
-    outcome: Outcome,
-    broken: &CancellationToken,
-) -> &'static str {
-    if let Outcome::Interrupted(reason) = &outcome {
-        info!(reason = %reason, "interrupted; the message goes back to the queue");
-        settler.give_back(delivery.delivery_tag);
-        return "interrupted";
-    }
-    let was_retry = matches!(outcome, Outcome::Retry(_));
-    let (mut label, msgs) = inner.planner.plan(publisher, &delivery.data, ctx, outcome);
-    let mut published = publisher.send(msgs).await;
-    if let Err(e) = &published {
-        metrics.publish_failures().increment(1);
-        error!(error = %e, outcome = label, "could not publish the outcome");
-        // A retry or dead letter that reached no queue means our own topology is
-        // incomplete: re-declare it by starting a new session.
-        if let PublishError::Unroutable(ex, _) = &e
-            && (*ex == inner.topology.retry_exchange() || *ex == inner.topology.fail_exchange())
-        {
-            broken.cancel();
-        }
-        // An outcome that cannot be published (an unroutable or missing destination)
-        // becomes a retry: it counts toward max_attempts and ends in the DLQ, instead
-        // of looping through requeues that RabbitMQ 4.3 no longer counts.
-        if !was_retry {
-            let why = format!("could not publish the {label} outcome: {e}");
-            let (l, msgs) = inner
-                .planner
-                .plan(publisher, &delivery.data, ctx, Outcome::Retry(why));
-            label = l;
-            published = publisher.send(msgs).await;
-        }
-    }
-    match published {
-        // Counted once the ack has left (the settler sends it).
-        Ok(()) => settler.ack(delivery.delivery_tag, label),
-        Err(e) => {
-            // Not even our own retry tier took it: the broker is failing or our
-            // topology is gone. Re-declare it and let the message come back.
-            error!(error = %e, "could not publish a retry either; re-declaring the topology, the input goes back to the queue");
-            broken.cancel();
-            tokio::time::sleep(PUBLISH_FAILURE_BACKOFF).await;
+    /// Publishes the outcome's messages with confirms, then hands the delivery to the settler
+    /// to be acked (or given back); returns the outcome's label, which the settler counts once
+    /// the ack is sent.
+    async fn settle(
+        &self,
+        delivery: &Delivery,
+        ctx: &MessageContext,
+        outcome: Outcome,
+    ) -> &'static str {
+        let (inner, publisher, metrics, settler, broken) = (
+            &*self.inner,
+            &self.publisher,
+            &*self.metrics,
+            &self.settler,
+            &self.broken,
+        );
+        if let Outcome::Interrupted(reason) = &outcome {
+            info!(reason = %reason, "interrupted; the message goes back to the queue");
             settler.give_back(delivery.delivery_tag);
+            return "interrupted";
         }
+        let was_retry = matches!(outcome, Outcome::Retry(_));
+        let (mut label, msgs) = inner.planner.plan(publisher, &delivery.data, ctx, outcome);
+        let mut published = publisher.send(msgs).await;
+        if let Err(e) = &published {
+            metrics.publish_failures().increment(1);
+            error!(error = %e, outcome = label, "could not publish the outcome");
+            // A retry or dead letter that reached no queue means our own topology is
+            // incomplete: re-declare it by starting a new session.
+            if let PublishError::Unroutable(ex, _) = &e
+                && (*ex == inner.topology.retry_exchange() || *ex == inner.topology.fail_exchange())
+            {
+                broken.cancel();
+            }
+            // An outcome that cannot be published (an unroutable or missing destination)
+            // becomes a retry: it counts toward max_attempts and ends in the DLQ, instead
+            // of looping through requeues that RabbitMQ 4.3 no longer counts.
+            if !was_retry {
+                let why = format!("could not publish the {label} outcome: {e}");
+                let (l, msgs) =
+                    inner
+                        .planner
+                        .plan(publisher, &delivery.data, ctx, Outcome::Retry(why));
+                label = l;
+                published = publisher.send(msgs).await;
+            }
+        }
+        match published {
+            // Counted once the ack has left (the settler sends it).
+            Ok(()) => settler.ack(delivery.delivery_tag, label),
+            Err(e) => {
+                // Not even our own retry tier took it: the broker is failing or our
+                // topology is gone. Re-declare it and let the message come back.
+                error!(error = %e, "could not publish a retry either; re-declaring the topology, the input goes back to the queue");
+                broken.cancel();
+                tokio::time::sleep(PUBLISH_FAILURE_BACKOFF).await;
+                settler.give_back(delivery.delivery_tag);
+            }
+        }
+        label
     }
-    label
 }
 
 /// Counts a handler in `storagetier_in_flight` until dropped, however the handler ends.
