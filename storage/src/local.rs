@@ -96,8 +96,22 @@ fn copy_via(
     let parent = dest
         .parent()
         .ok_or_else(|| write_err(std::io::Error::other("no parent directory")))?;
-    create_dirs_durably(parent).map_err(write_err)?;
-    let staged = Staged::create(root, parent, unnamed).map_err(write_err)?;
+    // The key's directory is usually there: made only when the copy cannot start in it
+    // (one stat per file fewer).
+    let staged = match Staged::create(root, parent, unnamed) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            create_dirs_durably(parent).and_then(|()| Staged::create(root, parent, unnamed))
+        }
+        r => r,
+    }
+    .map_err(write_err)?;
+    // Staged elsewhere: its rename needs the key's directory.
+    if let Staged::Named(..) = staged
+        && let Err(e) = create_dirs_durably(parent)
+    {
+        staged.discard();
+        return Err(write_err(e));
+    }
     let staging = staged.file();
     let result = (|| {
         let digest = if expected.size < BLOCK as u64 {

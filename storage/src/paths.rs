@@ -152,6 +152,18 @@ pub fn resolve(roots: &[Root], filepath: &str, filename: &str) -> Result<Resolve
     }
     let mut last_err = PathError::NotFound(shown.clone());
     for c in candidates {
+        // A path with no symlink in it is its own canonical form: opened in one walk that
+        // refuses any link, it needs no canonicalize (a readlink per component). A link on
+        // the way takes the general path below.
+        if let Some(root) = roots.iter().find(|r| c.starts_with(&r.canonical))
+            && let Ok(rel) = c.strip_prefix(&root.canonical)
+        {
+            match open_without_links(&root.canonical, rel) {
+                Ok(file) => return opened(c.clone(), root, file, &shown),
+                Err(rustix::io::Errno::NOENT) => continue,
+                Err(_) => {}
+            }
+        }
         match c.canonicalize() {
             Ok(real) => {
                 let Some(root) = roots.iter().find(|r| real.starts_with(&r.canonical)) else {
@@ -161,22 +173,7 @@ pub fn resolve(roots: &[Root], filepath: &str, filename: &str) -> Result<Resolve
                     .strip_prefix(&root.canonical)
                     .map_err(|_| PathError::OutsideRoots(shown.clone()))?;
                 let file = open_beneath(&root.canonical, rel, &shown)?;
-                let meta = file
-                    .metadata()
-                    .map_err(|e| PathError::Io(shown.clone(), e.to_string()))?;
-                if !meta.is_file() {
-                    return Err(PathError::NotAFile(shown));
-                }
-                let relative = rel
-                    .components()
-                    .map(|c| c.as_os_str().to_string_lossy().into_owned())
-                    .collect::<Vec<_>>()
-                    .join("/");
-                return Ok(Resolved {
-                    path: real,
-                    relative,
-                    file,
-                });
+                return opened(real, root, file, &shown);
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => last_err = PathError::Io(shown.clone(), e.to_string()),
@@ -185,26 +182,73 @@ pub fn resolve(roots: &[Root], filepath: &str, filename: &str) -> Result<Resolve
     Err(last_err)
 }
 
+/// The resolved file at `real` (beneath `root`), if it is a regular file.
+fn opened(real: PathBuf, root: &Root, file: File, shown: &str) -> Result<Resolved, PathError> {
+    let meta = file
+        .metadata()
+        .map_err(|e| PathError::Io(shown.to_string(), e.to_string()))?;
+    if !meta.is_file() {
+        return Err(PathError::NotAFile(shown.to_string()));
+    }
+    let relative = real
+        .strip_prefix(&root.canonical)
+        .map_err(|_| PathError::OutsideRoots(shown.to_string()))?
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join("/");
+    Ok(Resolved {
+        path: real,
+        relative,
+        file,
+    })
+}
+
+/// Opens `rel` beneath `root` if no component of it is a symlink (`ELOOP` if one is;
+/// `ENOSYS` before Linux 5.6).
+fn open_without_links(root: &Path, rel: &Path) -> rustix::io::Result<File> {
+    use rustix::fs::{Mode, ResolveFlags};
+    if rel.as_os_str().is_empty() {
+        return Err(rustix::io::Errno::ISDIR);
+    }
+    let dir = rustix::fs::open(root, root_flags(), Mode::empty())?;
+    rustix::fs::openat2(
+        dir.as_fd(),
+        rel,
+        file_flags(),
+        Mode::empty(),
+        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS,
+    )
+    .map(File::from)
+}
+
+/// How a root is opened to resolve beneath it.
+fn root_flags() -> rustix::fs::OFlags {
+    use rustix::fs::OFlags;
+    OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC
+}
+
+/// How a source file is opened. NONBLOCK: a FIFO put in the file's place must not hang
+/// the handler (it is then refused as not a regular file); it changes nothing for
+/// regular files.
+fn file_flags() -> rustix::fs::OFlags {
+    use rustix::fs::OFlags;
+    OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW | OFlags::NONBLOCK
+}
+
 /// Opens `rel` beneath `root`: every component is resolved inside the root and a link
 /// leading out of it (a directory swapped for a symlink since the check) is refused.
 pub(crate) fn open_beneath(root: &Path, rel: &Path, shown: &str) -> Result<File, PathError> {
-    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    use rustix::fs::{Mode, ResolveFlags};
     let io = |e: std::io::Error| PathError::Io(shown.to_string(), e.to_string());
-    let dir = rustix::fs::open(
-        root,
-        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| io(e.into()))?;
+    let dir = rustix::fs::open(root, root_flags(), Mode::empty()).map_err(|e| io(e.into()))?;
     // The root itself: nothing to resolve beneath it (only a directory, refused below).
     let rel = if rel.as_os_str().is_empty() {
         Path::new(".")
     } else {
         rel
     };
-    // NONBLOCK: a FIFO put in the file's place must not hang the handler (it is then
-    // refused as not a regular file); it changes nothing for regular files.
-    let flags = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW | OFlags::NONBLOCK;
+    let flags = file_flags();
     match rustix::fs::openat2(
         dir.as_fd(),
         rel,
@@ -315,6 +359,28 @@ mod tests {
         assert!(matches!(
             resolve(&roots, "/etc", "nope"),
             Err(PathError::OutsideRoots(_))
+        ));
+    }
+
+    #[test]
+    fn a_link_inside_the_root_resolves_to_the_real_path() {
+        let base = tempfile::tempdir().unwrap();
+        let root = base.path().join("online");
+        std::fs::create_dir_all(root.join("proj/cuts")).unwrap();
+        std::fs::write(root.join("proj/cuts/a.mov"), b"x").unwrap();
+        // Relative: a link an open beneath the root would follow without leaving it.
+        std::os::unix::fs::symlink("proj", root.join("alias")).unwrap();
+        let roots = open_roots(std::slice::from_ref(&root), false).unwrap();
+        // The key is the file's real place, whichever way the message names it.
+        for dir in ["alias/cuts", "proj/cuts"] {
+            let r = resolve(&roots, dir, "a.mov").unwrap();
+            assert_eq!(r.relative, "proj/cuts/a.mov", "{dir}");
+            assert_eq!(r.path, roots[0].canonical.join("proj/cuts/a.mov"));
+        }
+        // A missing file under the link is missing, not outside.
+        assert!(matches!(
+            resolve(&roots, "alias/cuts", "b.mov"),
+            Err(PathError::NotFound(_))
         ));
     }
 
