@@ -17,7 +17,8 @@
 //!   (prefetch 16): the service's peak RSS.
 //! - `s3`: the big and small workloads through moto (one round; measures moto mostly).
 //!
-//! `BENCH_ROUNDS` (3) rounds per comparison; `BENCH_DIR` (/var/tmp) holds the data;
+//! `BENCH_ROUNDS` (3) rounds per comparison; `BENCH_DIR` (/var/tmp) holds the data
+//! (`BENCH_KEEP_DIR` keeps it afterwards, so that a following run pays for no deletions);
 //! `BENCH_ARCHIVE_BEFORE` (the path of another `online-archive` build) runs it too in every
 //! small-files round, so a change is measured before and after in the same run.
 //! Peak RSS is the service process's VmHWM.
@@ -301,10 +302,20 @@ async fn main() {
     let want = |s: &str| only.split(',').any(|x| x.trim() == s);
     let rounds = env_usize("BENCH_ROUNDS", 3).max(1);
     let prefetch = env_usize("BENCH_PREFETCH", 16);
-    let base =
+    let base_dir =
         tempfile::tempdir_in(std::env::var("BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into()))
             .unwrap();
-    let base = base.path();
+    // BENCH_KEEP_DIR: the data stays (deleted later, by hand): on a filesystem without a
+    // journal, the next run's creates would pay for this run's deletions (see
+    // docs/benchmarks.md), so runs one after another compare fairly.
+    let (base, _removed_at_end) = if std::env::var_os("BENCH_KEEP_DIR").is_some() {
+        let kept = base_dir.keep();
+        eprintln!("BENCH_KEEP_DIR: the data stays in {}", kept.display());
+        (kept, None)
+    } else {
+        (base_dir.path().to_path_buf(), Some(base_dir))
+    };
+    let base = base.as_path();
     let online = base.join("online");
     std::fs::create_dir_all(&online).unwrap();
     let archive = Archive {
