@@ -55,10 +55,10 @@ pub fn init_logging(cfg: &LogConfig) {
     // passive check of a producer exchange that does not exist yet closes its channel
     // with 404); whatever such a close means to a service, the framework logs itself.
     // A filter that names `lapin::channel` gets them.
-    if !cfg.level.contains("lapin::channel") {
-        if let Ok(quiet) = "lapin::channel=off".parse() {
-            filter = filter.add_directive(quiet);
-        }
+    if !cfg.level.contains("lapin::channel")
+        && let Ok(quiet) = "lapin::channel=off".parse()
+    {
+        filter = filter.add_directive(quiet);
     }
     // Colours only for a person at a terminal: in a log file or a collector they are noise,
     // and styling every span's fields (one span per message) costs CPU.
