@@ -21,6 +21,9 @@ pub enum PathError {
     /// There, but not a regular file.
     #[error("`{0}` is not a regular file")]
     NotAFile(String),
+    /// Its symlinks lead round in a loop (or through more links than the system follows).
+    #[error("`{0}` leads through a loop of symlinks")]
+    LinkLoop(String),
     /// Could not be inspected (permissions, I/O).
     #[error("cannot access `{0}`: {1}")]
     Io(String, String),
@@ -175,7 +178,19 @@ pub fn resolve(roots: &[Root], filepath: &str, filename: &str) -> Result<Resolve
                 let file = open_beneath(&root.canonical, rel, &shown)?;
                 return opened(real, root, file, &shown);
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            // A directory on the way that is a file: nothing is there.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                ) => {}
+            // Retrying cannot change these; the message is wrong or the tree is.
+            Err(e) if e.raw_os_error() == Some(libc::ENAMETOOLONG) => {
+                return Err(PathError::InvalidName(shown));
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                return Err(PathError::LinkLoop(shown));
+            }
             Err(e) => last_err = PathError::Io(shown.clone(), e.to_string()),
         }
     }
@@ -382,6 +397,36 @@ mod tests {
             resolve(&roots, "alias/cuts", "b.mov"),
             Err(PathError::NotFound(_))
         ));
+    }
+
+    #[test]
+    fn paths_no_retry_can_mend_are_permanent() {
+        let base = tempfile::tempdir().unwrap();
+        let root = base.path().join("online");
+        std::fs::create_dir_all(root.join("proj")).unwrap();
+        std::fs::write(root.join("proj/a.mov"), b"x").unwrap();
+        std::os::unix::fs::symlink("loop2", root.join("loop1")).unwrap();
+        std::os::unix::fs::symlink("loop1", root.join("loop2")).unwrap();
+        let roots = open_roots(std::slice::from_ref(&root), false).unwrap();
+        let long = "n".repeat(300);
+        for (dir, name, want) in [
+            // A file where the message says a directory is.
+            (
+                "proj/a.mov",
+                "x",
+                PathError::NotFound("proj/a.mov/x".into()),
+            ),
+            (
+                "proj",
+                &*long,
+                PathError::InvalidName(format!("proj/{long}")),
+            ),
+            ("loop1", "x", PathError::LinkLoop("loop1/x".into())),
+        ] {
+            let e = resolve(&roots, dir, name).unwrap_err();
+            assert_eq!(e, want);
+            assert!(!e.is_transient(), "{e}");
+        }
     }
 
     #[test]
