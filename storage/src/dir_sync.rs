@@ -10,6 +10,12 @@
 //! Errors are never shared: a caller returns `Ok` only after an fsync that covers its entry
 //! succeeded; a failed fsync fails its own caller, and the callers it would have covered
 //! flush again themselves.
+//!
+//! New directories: a copy that finds its directory already there cannot tell whether the
+//! copy that made it a moment ago has flushed its entry in its parent yet. Directories
+//! being made are marked ([`creating`]) until their entries are flushed, and a copy flushes
+//! the parents of any marked directory on its path itself ([`flush_created_ancestors`])
+//! before it reports success.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -18,6 +24,60 @@ use std::sync::{Arc, Condvar, LazyLock, Mutex, MutexGuard, PoisonError};
 
 /// The directories being flushed or waited on, each while it has callers.
 static DIRS: LazyLock<Mutex<HashMap<PathBuf, Arc<Dir>>>> = LazyLock::new(Default::default);
+
+/// Directories being made whose entries may not be durable yet, with their makers' count.
+static UNFLUSHED: LazyLock<Mutex<HashMap<PathBuf, usize>>> = LazyLock::new(Default::default);
+
+/// Marks directories as being made until dropped (after their entries are flushed).
+pub struct Creating(Vec<PathBuf>);
+
+/// Marks `dirs` as being made: call it before making them, drop the guard once each new
+/// entry is flushed into its parent.
+pub fn creating(dirs: &[&Path]) -> Creating {
+    let mut m = lock(&UNFLUSHED);
+    for d in dirs {
+        *m.entry(d.to_path_buf()).or_default() += 1;
+    }
+    Creating(dirs.iter().map(|d| d.to_path_buf()).collect())
+}
+
+impl Drop for Creating {
+    fn drop(&mut self) {
+        let mut m = lock(&UNFLUSHED);
+        for d in &self.0 {
+            if let Some(n) = m.get_mut(d) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(d);
+                }
+            }
+        }
+    }
+}
+
+/// Flushes the entry of `dir`, and of each directory above it, that another copy of this
+/// process is still making (found there, not made here): once this returns, a power loss
+/// keeps the path to `dir`. Blocking.
+pub fn flush_created_ancestors(dir: &Path) -> std::io::Result<()> {
+    for made in being_made(dir) {
+        if let Some(parent) = made.parent() {
+            sync_dir(parent)?;
+        }
+    }
+    Ok(())
+}
+
+/// `dir` and the directories above it that are marked as being made.
+fn being_made(dir: &Path) -> Vec<PathBuf> {
+    let m = lock(&UNFLUSHED);
+    if m.is_empty() {
+        return Vec::new();
+    }
+    dir.ancestors()
+        .filter(|a| m.contains_key(*a))
+        .map(Path::to_path_buf)
+        .collect()
+}
 
 /// One directory's flushes.
 #[derive(Default)]
@@ -172,6 +232,22 @@ mod tests {
         let (flushes, ok) = callers_during_a_flush(dir, Err(std::io::Error::other("EIO")));
         assert_eq!(flushes, 2);
         assert_eq!(ok, [false, true, true, true, true]);
+    }
+
+    #[test]
+    fn directories_being_made_are_found_on_the_path_until_flushed() {
+        let base = Path::new("/dir-sync-test/made");
+        let (a, b) = (base.join("a"), base.join("a/b"));
+        let guard = creating(&[&b, &a]);
+        assert_eq!(being_made(&b.join("c")), [b.clone(), a.clone()]);
+        assert_eq!(being_made(&a), [a.clone()]);
+        assert!(being_made(&base.join("other")).is_empty());
+        // Two makers of one directory: marked until both are done.
+        let second = creating(&[&b]);
+        drop(guard);
+        assert_eq!(being_made(&b), [b.clone()]);
+        drop(second);
+        assert!(being_made(&b).is_empty());
     }
 
     #[test]

@@ -129,7 +129,7 @@ fn copy_via(
         })?;
         // On this thread, not another blocking trip: a small file's copy is a handful of
         // syscalls, and each trip costs about as much CPU as they do.
-        sync_dir(parent).map_err(write_err)?;
+        sync_parent(&dest).map_err(write_err)?;
         Ok(digest)
     })();
     if result.is_err() {
@@ -434,6 +434,8 @@ fn create_dirs_durably(dir: &Path) -> std::io::Result<()> {
             None => break,
         }
     }
+    // Marked before they exist: a copy that finds one must not count on its entry.
+    let _creating = crate::dir_sync::creating(&missing);
     std::fs::create_dir_all(dir)?;
     for m in missing.iter().rev() {
         if let Some(p) = m.parent() {
@@ -443,10 +445,14 @@ fn create_dirs_durably(dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Fsyncs the directory holding `path`, so its entry survives a power loss. Blocking.
+/// Fsyncs the directory holding `path`, so its entry survives a power loss, and the
+/// entries of the directories on its way that another copy is still making. Blocking.
 pub fn sync_parent(path: &Path) -> std::io::Result<()> {
     match path.parent() {
-        Some(dir) => sync_dir(dir),
+        Some(dir) => {
+            sync_dir(dir)?;
+            crate::dir_sync::flush_created_ancestors(dir)
+        }
         None => Ok(()),
     }
 }
