@@ -210,7 +210,18 @@ pub fn main<S: Service>() -> ExitCode {
         env_vars: None,
         overrides: Vec::new(),
     };
-    let cfg = match load_config::<S>(&opts) {
+    // The bus-only commands need the topology, not a service able to run: an operator reads
+    // event-forwarder's DLQ without naming its endpoint. Every key is still type-checked.
+    let bus_only = matches!(
+        cli.command,
+        Some(Command::Declare | Command::Definitions { .. } | Command::Dlq { .. })
+    );
+    let loaded = if bus_only {
+        config::load::<S::Settings>(S::SECTION, &opts)
+    } else {
+        load_config::<S>(&opts)
+    };
+    let cfg = match loaded {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{}: {e}", S::NAME);

@@ -544,3 +544,44 @@ async fn ordered_mode_stops_backing_off_at_shutdown_and_keeps_the_event_in_place
         0
     );
 }
+
+#[test]
+fn the_bus_commands_need_no_endpoint_but_running_does() {
+    // An operator declares the topology or reads the DLQ of a forwarder whose endpoint is
+    // not configured here; only running (and check-config) needs it.
+    let q = unique("fwd-bus-only");
+    let _gone = Cleanup::service(&q, &[200]);
+    let dir = tempfile::tempdir().unwrap();
+    let cmd = |args: &[&str]| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_event-forwarder"));
+        c.arg("--config-dir")
+            .arg(dir.path())
+            .args(args)
+            .env_remove("APP_ENV")
+            .env_remove("STORAGETIER_CONFIG_DIR")
+            .env_remove(EP)
+            .env("STORAGETIER__AMQP__URL", amqp_url())
+            .env("STORAGETIER__EVENT_FORWARDER__QUEUE", &q)
+            .env(
+                "STORAGETIER__EVENT_FORWARDER__OUTPUT_EXCHANGE",
+                format!("{q}-out"),
+            )
+            .env(
+                "STORAGETIER__EVENT_FORWARDER__INPUT_EXCHANGE",
+                format!("{q}-in"),
+            )
+            .env("STORAGETIER__RETRY__DELAYS_MS", "200");
+        c.output().unwrap()
+    };
+    for args in [&["declare"][..], &["definitions"], &["dlq", "list"]] {
+        let o = cmd(args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {err}");
+    }
+    for args in [&["check-config"][..], &["run"]] {
+        let o = cmd(args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("event_forwarder.endpoint"), "{args:?}: {err}");
+    }
+}
