@@ -54,7 +54,15 @@ pub trait Service: Send + Sync + 'static {
     /// `[<section>] input_exchange` in the config overrides the exchange.
     fn binding(cfg: &Config<Self::Settings>) -> Binding;
 
-    /// Checks settings beyond their types; errors exit 2.
+    /// Checks the settings the topology is made of (exchange names) beyond their types,
+    /// for every command; errors exit 2.
+    fn validate_topology(_cfg: &Config<Self::Settings>) -> Result<(), ConfigError> {
+        Ok(())
+    }
+
+    /// Checks the rest of the settings beyond their types, for `run`, `check-config` and
+    /// the service's own commands (not `declare`, `definitions`, `dlq`: they need only the
+    /// bus); errors exit 2.
     fn validate(_cfg: &Config<Self::Settings>) -> Result<(), ConfigError> {
         Ok(())
     }
@@ -218,6 +226,7 @@ pub fn main<S: Service>() -> ExitCode {
     );
     let loaded = if bus_only {
         config::load::<S::Settings>(S::SECTION, &opts)
+            .and_then(|cfg| S::validate_topology(&cfg).map(|()| cfg))
     } else {
         load_config::<S>(&opts)
     };
@@ -270,6 +279,7 @@ pub fn main<S: Service>() -> ExitCode {
 /// Loads and validates a service's configuration.
 pub fn load_config<S: Service>(opts: &LoadOptions) -> Result<Config<S::Settings>, ConfigError> {
     let cfg = config::load::<S::Settings>(S::SECTION, opts)?;
+    S::validate_topology(&cfg)?;
     S::validate(&cfg)?;
     Ok(cfg)
 }

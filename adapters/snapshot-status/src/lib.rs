@@ -359,7 +359,7 @@ impl Service for SnapshotStatus {
         }
     }
 
-    fn validate(cfg: &Config<SnapshotStatusSettings>) -> Result<(), ConfigError> {
+    fn validate_topology(cfg: &Config<SnapshotStatusSettings>) -> Result<(), ConfigError> {
         let s = &cfg.settings;
         for (key, v) in [
             (

@@ -1034,3 +1034,28 @@ async fn two_replicas_on_one_queue_reach_the_exact_final_state() {
     // Dropped last: a harness deletes the queue and exchanges it shares with the first.
     drop(other);
 }
+
+#[test]
+fn an_empty_exchange_name_is_refused_by_the_bus_commands_too() {
+    // The export-state and monitoring exchanges are part of this service's topology:
+    // `declare` and `definitions` check them although they skip the run-only checks.
+    let dir = tempfile::tempdir().unwrap();
+    for cmd in ["declare", "definitions", "check-config"] {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_snapshot-status"))
+            .arg("--config-dir")
+            .arg(dir.path())
+            .arg(cmd)
+            .env_remove("APP_ENV")
+            .env_remove("STORAGETIER_CONFIG_DIR")
+            .env("STORAGETIER__AMQP__URL", amqp_url())
+            .env("STORAGETIER__SNAPSHOT_STATUS__EXPORT_STATE_EXCHANGE", " ")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{cmd}: {err}");
+        assert!(
+            err.contains("snapshot_status.export_state_exchange"),
+            "{cmd}: {err}"
+        );
+    }
+}

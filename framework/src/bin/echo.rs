@@ -55,7 +55,7 @@ impl Service for EchoService {
         }
     }
 
-    fn validate(cfg: &Config<EchoSettings>) -> Result<(), ConfigError> {
+    fn validate_topology(cfg: &Config<EchoSettings>) -> Result<(), ConfigError> {
         if cfg.settings.routing_keys.is_empty() {
             return Err(ConfigError::new(
                 "echo.routing_keys",
