@@ -54,8 +54,8 @@ pub trait Service: Send + Sync + 'static {
     /// `[<section>] input_exchange` in the config overrides the exchange.
     fn binding(cfg: &Config<Self::Settings>) -> Binding;
 
-    /// Checks the settings the topology is made of (exchange names) beyond their types,
-    /// for every command; errors exit 2.
+    /// Checks the settings the topology is made of (exchange names, binding keys) beyond
+    /// their types, for every command; errors exit 2.
     fn validate_topology(_cfg: &Config<Self::Settings>) -> Result<(), ConfigError> {
         Ok(())
     }
