@@ -4,8 +4,10 @@
 //!
 //! A part is named by a mark of the processor's choosing (a record's index, a
 //! `crash id → queue` pair). The header holds the marks as a JSON array of strings, so any
-//! text is a valid mark. The header travels with the message only through the retry tiers:
-//! a redelivery after a lost connection starts from the progress the broker last held.
+//! text is a valid mark. The header travels with the message through the retry tiers and
+//! onto its dead letter (so a replay skips what was done), never onto a part dead-lettered
+//! as a message of its own; a redelivery after a lost connection starts from the progress
+//! the broker last held.
 
 use std::collections::BTreeSet;
 
@@ -27,6 +29,7 @@ impl<'c> Progress<'c> {
     /// The progress an earlier attempt of this message recorded in `header` (none if the
     /// header is missing or unreadable: then every part is done again, at least once).
     pub fn resume(ctx: &'c MessageContext, header: &'static str) -> Self {
+        ctx.note_progress_header(header);
         let done = crate::headers::get_str(&ctx.headers, header)
             .and_then(|s| serde_json::from_str::<Vec<String>>(&s).ok())
             .map(|v| v.into_iter().collect())

@@ -12,6 +12,7 @@ use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, Config, ConfigError, LoadOptions};
+use crate::connection::bounded;
 use crate::dlq;
 use crate::processor::{MessageProcessor, ProcessorConfiguration};
 use crate::runtime::{Runtime, Status, connect};
@@ -137,7 +138,8 @@ enum DlqCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Republish dead letters to their original exchange and routing key.
+    /// Republish dead letters to this service's own queue (they keep their original
+    /// exchange and routing key as headers).
     Replay {
         /// Every dead letter.
         #[arg(
@@ -334,16 +336,24 @@ async fn execute<S: Service>(cmd: Command, cfg: Config<S::Settings>) -> Result<(
             let conn = connect(&cfg.amqp, S::NAME)
                 .await
                 .map_err(|e| Failure::Other(format!("cannot connect to {}: {e}", cfg.amqp.url)))?;
-            topo.declare(&conn).await.map_err(|e| {
-                if e.is_conflict() {
-                    other(&crate::runtime::RuntimeError::TopologyConflict(
-                        e.to_string(),
-                    ))
-                } else {
-                    other(&e)
-                }
-            })?;
-            let _ = conn.close(200, "declared".into()).await;
+            let limit = cfg.amqp.operation_timeout();
+            crate::session::bounded_declare(&topo, &conn, limit)
+                .await
+                .map_err(|e| {
+                    if e.is_conflict() {
+                        other(&crate::runtime::RuntimeError::TopologyConflict(
+                            e.to_string(),
+                        ))
+                    } else {
+                        other(&e)
+                    }
+                })?;
+            let _ = bounded(
+                limit,
+                "connection.close",
+                conn.close(200, "declared".into()),
+            )
+            .await;
             println!(
                 "declared queue {} (+{} retry tiers, {}), exchanges {}, {}, {}",
                 topo.queue,
@@ -368,7 +378,8 @@ async fn execute<S: Service>(cmd: Command, cfg: Config<S::Settings>) -> Result<(
                 .await
                 .map_err(|e| Failure::Other(format!("cannot connect to {}: {e}", cfg.amqp.url)))?;
             let r = dlq_command(&conn, &topo, command).await;
-            let _ = conn.close(200, "done".into()).await;
+            let limit = cfg.amqp.operation_timeout();
+            let _ = bounded(limit, "connection.close", conn.close(200, "done".into())).await;
             r
         }
     }
@@ -426,8 +437,10 @@ async fn dlq_command(
                     "dlq replay needs --all or --message-id ID".into(),
                 ));
             }
-            if rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
-                return Err(Failure::Usage("--rate must be a positive number".into()));
+            if rate.is_some_and(|r| !(r >= 0.001 && r.is_finite())) {
+                return Err(Failure::Usage(
+                    "--rate must be a number of messages per second, at least 0.001".into(),
+                ));
             }
             let filter = dlq::Filter {
                 message_id,
@@ -442,11 +455,13 @@ async fn dlq_command(
                 .map_err(|e| other(&e))?;
             let verb = if dry_run { "would replay" } else { "replayed" };
             for i in &moved {
+                // Escaped as `dlq list` does: the names come from whoever published.
                 println!(
-                    "{verb} {} -> {}/{}",
-                    i.message_id.as_deref().unwrap_or("-"),
-                    i.original_exchange,
-                    i.original_routing_key
+                    "{verb} {} -> {} (first published to {}/{})",
+                    crate::dlq::printable(i.message_id.as_deref().unwrap_or("-")),
+                    topo.queue,
+                    crate::dlq::printable(&i.original_exchange),
+                    crate::dlq::printable(&i.original_routing_key)
                 );
             }
             println!("{verb} {} dead letter(s)", moved.len());

@@ -674,6 +674,15 @@ fn validate<S>(cfg: &Config<S>, section_name: &str) -> Result<(), ConfigError> {
     if r.delays_ms.contains(&0) {
         return Err(ConfigError::new("retry.delays_ms", "delays must be > 0 ms"));
     }
+    // A tier's delay is its queue's x-message-ttl, which RabbitMQ caps at 2^32 - 1 ms.
+    if let Some(d) = r.delays_ms.iter().find(|d| **d > u64::from(u32::MAX)) {
+        return Err(ConfigError::new(
+            "retry.delays_ms",
+            format!(
+                "{d} ms is longer than RabbitMQ's longest message TTL (4294967295 ms, about 49.7 days)"
+            ),
+        ));
+    }
     let mut sorted = r.delays_ms.clone();
     sorted.sort_unstable();
     sorted.dedup();
@@ -754,5 +763,16 @@ mod tests {
         assert_eq!(c.retry.delays_ms, vec![100, 2000]);
         let e = with_env(&[("STORAGETIER__AMQP__PREFETCH", "many")]).expect_err("not a number");
         assert_eq!(e.key, "amqp.prefetch");
+    }
+
+    /// RabbitMQ refuses a queue TTL above 2^32 - 1 ms; declared, it would fail as a
+    /// topology conflict at start-up instead of a config error naming the key.
+    #[test]
+    fn a_retry_delay_longer_than_a_queue_ttl_can_be_is_a_config_error() {
+        let c = with_env(&[("STORAGETIER__RETRY__DELAYS_MS", "4294967295")]).expect("the longest");
+        assert_eq!(c.retry.delays_ms, vec![4_294_967_295]);
+        let e = with_env(&[("STORAGETIER__RETRY__DELAYS_MS", "1000,4294967296")])
+            .expect_err("too long");
+        assert_eq!(e.key, "retry.delays_ms");
     }
 }

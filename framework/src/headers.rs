@@ -20,6 +20,12 @@ pub const FAILED_AT: &str = "x-failed-at";
 pub const SERVICE: &str = "x-service";
 /// Success: the input's message id, or its routing key.
 pub const IN_RESPONSE_TO: &str = "x-in-response-to";
+/// The `expiration` property of a message republished without it (retry, dead letter).
+pub const ORIGINAL_EXPIRATION: &str = "x-original-expiration";
+/// The `user_id` property of a message republished without it (retry, dead letter).
+pub const ORIGINAL_USER_ID: &str = "x-original-user-id";
+/// Longest exchange name or routing key AMQP carries (a short string).
+pub const MAX_NAME_BYTES: usize = 255;
 
 /// Headers a replay removes so the message starts afresh.
 pub const REPLAY_STRIPPED: &[&str] = &[

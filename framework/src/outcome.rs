@@ -40,7 +40,19 @@ impl Planner {
     ) -> (&'static str, Vec<Outgoing>) {
         let origin = ctx.origin();
         let attempts = ctx.attempt.saturating_add(1);
+        let progress = ctx.retry_headers();
         let dead_letter = |kind: &str, why: &str| {
+            // The attempt's progress marks (records forwarded, ids published) go with the
+            // dead letter, so its replay skips what this attempt already did.
+            let mut merged;
+            let mut origin = ctx.origin();
+            if !progress.is_empty() {
+                merged = ctx.headers.clone();
+                for (k, v) in &progress {
+                    h::set_str(&mut merged, k, v);
+                }
+                origin.headers = &merged;
+            }
             vec![publisher.dead_letter_message(&origin, body.to_vec(), attempts, kind, why)]
         };
         match outcome {
@@ -91,15 +103,11 @@ impl Planner {
                     h::LAST_ERROR,
                     h::truncate(&reason, h::MAX_ERROR_BYTES),
                 );
-                for (k, v) in ctx.retry_headers() {
-                    h::set_str(&mut hdr, &k, &v);
+                for (k, v) in &progress {
+                    h::set_str(&mut hdr, k, v);
                 }
                 ctx.trace.write(&mut hdr);
-                let props = ctx
-                    .properties
-                    .clone()
-                    .with_delivery_mode(2)
-                    .with_headers(hdr);
+                let props = crate::publisher::republished(&ctx.properties, hdr);
                 (
                     "retry",
                     vec![Outgoing {

@@ -103,6 +103,9 @@ pub struct MessageContext {
     pub headers: FieldTable,
     /// Headers to add to the message if this attempt ends in Retry.
     pub(crate) retry_headers: Arc<Mutex<Vec<(String, String)>>>,
+    /// Progress headers ([`crate::batch::Progress`]): about this message's parts, so a
+    /// part dead-lettered as a message of its own does not carry them.
+    pub(crate) progress_headers: Arc<Mutex<Vec<&'static str>>>,
     /// The session's publisher; None outside a runtime (unit tests).
     pub(crate) publisher: Option<Publisher>,
     /// The delivery's properties (kept on dead letters).
@@ -127,6 +130,7 @@ impl MessageContext {
             timestamp: None,
             headers: FieldTable::default(),
             retry_headers: Arc::default(),
+            progress_headers: Arc::default(),
             publisher: None,
             properties: Default::default(),
             cancel: Default::default(),
@@ -134,8 +138,9 @@ impl MessageContext {
         }
     }
 
-    /// Sets a string header carried by the retried message if this attempt returns Retry
-    /// (e.g. which destinations already got their copy, so a retry skips them).
+    /// Sets a string header carried by the retried message if this attempt returns Retry,
+    /// and by its dead letter if it ends in one (e.g. which destinations already got their
+    /// copy, so a retry or a replay skips them).
     pub fn set_retry_header(&self, key: &str, value: &str) {
         if let Ok(mut v) = self.retry_headers.lock() {
             v.retain(|(k, _)| k != key);
@@ -215,9 +220,31 @@ impl MessageContext {
         error: &str,
         kind: &str,
     ) -> Result<(), PublishError> {
-        match &self.publisher {
-            Some(pb) => pb.dead_letter(&self.origin(), body, error, kind).await,
-            None => Err(PublishError::NoChannel),
+        let Some(pb) = &self.publisher else {
+            return Err(PublishError::NoChannel);
+        };
+        // The part is a message of its own: the whole message's progress marks (record
+        // indexes, say) would name its parts wrongly, and a replay would skip it.
+        let progress = self
+            .progress_headers
+            .lock()
+            .map(|v| v.clone())
+            .unwrap_or_default();
+        let stripped;
+        let mut origin = self.origin();
+        if !progress.is_empty() {
+            stripped = crate::headers::without(&self.headers, &progress);
+            origin.headers = &stripped;
+        }
+        pb.dead_letter(&origin, body, error, kind).await
+    }
+
+    /// Notes `header` as a progress header of this message (see `progress_headers`).
+    pub(crate) fn note_progress_header(&self, header: &'static str) {
+        if let Ok(mut v) = self.progress_headers.lock()
+            && !v.contains(&header)
+        {
+            v.push(header);
         }
     }
 }

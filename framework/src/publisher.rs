@@ -88,6 +88,12 @@ pub enum PublishError {
     /// The context is not attached to a broker channel (processor called outside a runtime).
     #[error("no broker channel available to publish on")]
     NoChannel,
+    /// An exchange name or routing key longer than AMQP allows (255 bytes); nothing was
+    /// published.
+    #[error(
+        "exchange `{0}…` or routing key `{1}…` is longer than AMQP's 255 bytes; nothing published"
+    )]
+    NameTooLong(String, String),
     /// The broker did not confirm within `[amqp] operation_timeout_ms`.
     #[error("the broker did not confirm the publish to exchange `{0}` in time")]
     Timeout(String),
@@ -258,6 +264,16 @@ pub async fn publish_confirmed(
 }
 
 async fn publish_and_confirm(ch: &Channel, msgs: Vec<Outgoing>) -> Result<(), PublishError> {
+    // lapin panics on a longer name; a processor's destination can be anything.
+    if let Some(o) = msgs
+        .iter()
+        .find(|o| o.exchange.len() > h::MAX_NAME_BYTES || o.routing_key.len() > h::MAX_NAME_BYTES)
+    {
+        return Err(PublishError::NameTooLong(
+            h::truncate(&o.exchange, 64).to_string(),
+            h::truncate(&o.routing_key, 64).to_string(),
+        ));
+    }
     let mut pending = Vec::with_capacity(msgs.len());
     for o in msgs {
         let confirm = ch
@@ -282,6 +298,58 @@ async fn publish_and_confirm(ch: &Channel, msgs: Vec<Outgoing>) -> Result<(), Pu
         }
     }
     Ok(())
+}
+
+/// The properties a copy of a delivery is republished with (retry, dead letter, replay):
+/// the original's, persistent, with `headers` — except `expiration` (a dead letter must not
+/// expire out of the DLQ, nor a retry leave its tier early) and `user_id` (the broker
+/// refuses a publish whose user id is not the publishing connection's user), which are
+/// kept as the headers `x-original-expiration` and `x-original-user-id`, as RabbitMQ
+/// keeps an expiration when it dead-letters.
+pub(crate) fn republished(p: &BasicProperties, mut headers: FieldTable) -> BasicProperties {
+    if p.expiration().is_none() && p.user_id().is_none() {
+        return p.clone().with_delivery_mode(2).with_headers(headers);
+    }
+    if let Some(e) = p.expiration() {
+        h::set_str(&mut headers, h::ORIGINAL_EXPIRATION, e.as_str());
+    }
+    if let Some(u) = p.user_id() {
+        h::set_str(&mut headers, h::ORIGINAL_USER_ID, u.as_str());
+    }
+    let mut out = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_headers(headers);
+    if let Some(v) = p.content_type() {
+        out = out.with_content_type(v.clone());
+    }
+    if let Some(v) = p.content_encoding() {
+        out = out.with_content_encoding(v.clone());
+    }
+    if let Some(v) = p.priority() {
+        out = out.with_priority(*v);
+    }
+    if let Some(v) = p.correlation_id() {
+        out = out.with_correlation_id(v.clone());
+    }
+    if let Some(v) = p.reply_to() {
+        out = out.with_reply_to(v.clone());
+    }
+    if let Some(v) = p.message_id() {
+        out = out.with_message_id(v.clone());
+    }
+    if let Some(v) = p.timestamp() {
+        out = out.with_timestamp(*v);
+    }
+    if let Some(v) = p.kind() {
+        out = out.with_type(v.clone());
+    }
+    if let Some(v) = p.app_id() {
+        out = out.with_app_id(v.clone());
+    }
+    if let Some(v) = p.cluster_id() {
+        out = out.with_cluster_id(v.clone());
+    }
+    out
 }
 
 /// Properties of a message a service originates: persistent, new id, response headers.

@@ -287,7 +287,7 @@ fn conn_url(amqp: &AmqpConfig) -> String {
 }
 
 /// Declares the topology, failing (and so restarting the session) if the broker hangs.
-async fn bounded_declare(
+pub(crate) async fn bounded_declare(
     topology: &Topology,
     conn: &Connection,
     limit: Duration,
@@ -318,10 +318,11 @@ fn incoming(d: &Delivery) -> Incoming {
     let attempt = h::get_int(&headers, h::RETRY_COUNT)
         .unwrap_or(0)
         .clamp(0, i64::from(u32::MAX)) as u32;
-    let exchange =
-        h::get_str(&headers, h::ORIGINAL_EXCHANGE).unwrap_or_else(|| d.exchange.to_string());
-    let routing_key =
-        h::get_str(&headers, h::ORIGINAL_ROUTING_KEY).unwrap_or_else(|| d.routing_key.to_string());
+    // A name from a header is anyone's text: one AMQP cannot carry (a dead letter is
+    // published with this routing key) falls back to the delivery's own.
+    let name = |key: &str| h::get_str(&headers, key).filter(|s| s.len() <= h::MAX_NAME_BYTES);
+    let exchange = name(h::ORIGINAL_EXCHANGE).unwrap_or_else(|| d.exchange.to_string());
+    let routing_key = name(h::ORIGINAL_ROUTING_KEY).unwrap_or_else(|| d.routing_key.to_string());
     Incoming {
         attempt,
         exchange,
@@ -393,6 +394,7 @@ impl<P: MessageProcessor> Shared<P> {
                 timestamp: *properties.timestamp(),
                 headers: inc.headers,
                 retry_headers: Default::default(),
+                progress_headers: Default::default(),
                 cancel,
                 trace,
                 publisher: Some(publisher.clone()),

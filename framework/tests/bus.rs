@@ -400,7 +400,11 @@ async fn retries_carry_headers_and_count_up() {
 #[tokio::test]
 async fn retries_exhausted_after_exactly_max_attempts() {
     let calls: Calls = Arc::default();
-    let p = recording(&calls, |_v, _ctx| Outcome::retry("always failing"));
+    let p = recording(&calls, |_v, ctx| {
+        // Progress of the last attempt must reach the dead letter, so a replay skips it.
+        ctx.set_retry_header("x-test-progress", &format!("attempt-{}", ctx.attempt));
+        Outcome::retry("always failing")
+    });
     let mut hs = Harness::start("exhaust", &[("retry.max_attempts", "3")], p).await;
     let mut dlq = hs.watch_dlq().await;
     hs.publish("test.x", br#"{"n":1}"#, BasicProperties::default())
@@ -409,6 +413,7 @@ async fn retries_exhausted_after_exactly_max_attempts() {
     assert_dead_letter(&d, "retries-exhausted", "test.x");
     assert_eq!(int_header(&d, h::RETRY_COUNT), Some(3));
     assert!(header(&d, h::ERROR).unwrap().contains("always failing"));
+    assert_eq!(header(&d, "x-test-progress").as_deref(), Some("attempt-2"));
     assert_eq!(d.data, br#"{"n":1}"#);
     let n = calls.lock().unwrap().len();
     assert_eq!(n, 3, "exactly max_attempts handler calls");
@@ -420,6 +425,34 @@ async fn retries_exhausted_after_exactly_max_attempts() {
     ] {
         assert_eq!(ready_count(&hs.ch, &t).await, 0, "{t} is empty");
     }
+    hs.stop().await;
+}
+
+#[tokio::test]
+async fn a_permanent_failure_keeps_the_progress_made_before_it() {
+    let p = FnProcessor(|_v: serde_json::Value, ctx: &MessageContext| {
+        if ctx.attempt == 0 {
+            ctx.set_retry_header("x-test-progress", "first");
+            return Outcome::retry("part failed");
+        }
+        // The mark the retry carried, then this attempt's own: the dead letter keeps the last.
+        assert_eq!(
+            framework::headers::get_str(&ctx.headers, "x-test-progress").as_deref(),
+            Some("first")
+        );
+        ctx.set_retry_header("x-test-progress", "first,second");
+        Outcome::permanent("the rest is bad")
+    });
+    let mut hs = Harness::start("progress", &[], p).await;
+    let mut dlq = hs.watch_dlq().await;
+    hs.publish("test.x", br#"{"n":1}"#, BasicProperties::default())
+        .await;
+    let d = next(&mut dlq).await;
+    assert_dead_letter(&d, "permanent", "test.x");
+    assert_eq!(
+        header(&d, "x-test-progress").as_deref(),
+        Some("first,second")
+    );
     hs.stop().await;
 }
 
@@ -866,6 +899,108 @@ async fn concurrent_outcomes_each_get_their_own_confirm_and_return() {
         got_dead, odds,
         "every odd input, and only those, was unroutable"
     );
+    hs.stop().await;
+}
+
+/// What a republished copy cannot carry is set aside, not fatal: a routing key from a
+/// header longer than AMQP carries (lapin panicked publishing the dead letter, leaving the
+/// input unacked for good), an `expiration` (the dead letter expired out of the DLQ), a
+/// `user_id` (the broker refuses it from another user's connection).
+#[tokio::test]
+async fn what_no_copy_can_carry_is_set_aside_and_the_message_dead_lettered() {
+    let mut hs = Harness::start("setaside", &[("amqp.prefetch", "1")], Typed).await;
+    let mut dlq = hs.watch_dlq().await;
+    let mut out = hs.watch_output().await;
+    let mut hdr = FieldTable::default();
+    h::set_str(&mut hdr, h::ORIGINAL_ROUTING_KEY, &"k".repeat(300));
+    let props = BasicProperties::default()
+        .with_headers(hdr)
+        .with_expiration("600000".into())
+        .with_user_id("guest".into());
+    hs.publish("test.long", b"not json", props).await;
+    let d = next(&mut dlq).await;
+    assert_dead_letter(&d, "permanent", "test.long");
+    assert_eq!(d.routing_key.as_str(), "test.long");
+    assert_eq!(
+        *d.properties.expiration(),
+        None,
+        "a dead letter never expires"
+    );
+    assert_eq!(
+        header(&d, h::ORIGINAL_EXPIRATION).as_deref(),
+        Some("600000")
+    );
+    assert_eq!(*d.properties.user_id(), None);
+    assert_eq!(header(&d, h::ORIGINAL_USER_ID).as_deref(), Some("guest"));
+    // Consuming goes on (prefetch 1: a stuck delivery would block it).
+    hs.publish(
+        "test.ok",
+        br#"{"name":"n","size":1}"#,
+        BasicProperties::default(),
+    )
+    .await;
+    assert_eq!(next(&mut out).await.data, br#"{"name":"n"}"#);
+    hs.stop().await;
+}
+
+/// A processor's destination with a routing key longer than AMQP carries is an error of
+/// that outcome (retried, then dead-lettered), not a panic that leaves the input unacked.
+#[tokio::test]
+async fn an_extra_destination_with_an_overlong_key_fails_the_outcome_only() {
+    let p = FnProcessor(|v: serde_json::Value, _: &MessageContext| {
+        Outcome::success(v).with_extra(vec![framework::Publication::text(
+            "",
+            &"q".repeat(300),
+            "x",
+        )])
+    });
+    let mut hs = Harness::start("longkey", &[("retry.max_attempts", "1")], p).await;
+    let mut dlq = hs.watch_dlq().await;
+    hs.publish("test.x", br#"{"n":1}"#, BasicProperties::default())
+        .await;
+    let d = next(&mut dlq).await;
+    assert_dead_letter(&d, "retries-exhausted", "test.x");
+    let e = header(&d, h::ERROR).unwrap();
+    assert!(e.contains("255 bytes"), "{e}");
+    hs.stop().await;
+}
+
+/// Processes a two-part message: the first attempt does part 0 and fails; the second
+/// dead-letters part 1 as a message of its own.
+struct TwoParts;
+
+#[async_trait]
+impl MessageProcessor for TwoParts {
+    type Input = serde_json::Value;
+    async fn handle(&self, _v: serde_json::Value, ctx: &MessageContext) -> Outcome {
+        let mut p = framework::batch::Progress::resume(ctx, "x-test-done");
+        if ctx.attempt == 0 {
+            p.mark_done("0");
+            return Outcome::retry("part 1 failed");
+        }
+        match p
+            .dead_letter("1", br#"{"part":1}"#.to_vec(), "part 1 is bad")
+            .await
+        {
+            Ok(_) => Outcome::success(json!({"done": true})),
+            Err(e) => Outcome::retry(e),
+        }
+    }
+}
+
+/// A part dead-lettered on its own does not carry the whole message's progress marks: its
+/// replay, a message of one part, would read mark "0" as itself done and skip it.
+#[tokio::test]
+async fn a_part_dead_letter_carries_no_progress_of_the_whole() {
+    let mut hs = Harness::start("parts", &[], TwoParts).await;
+    let mut dlq = hs.watch_dlq().await;
+    let mut out = hs.watch_output().await;
+    hs.publish("test.parts", br#"{"parts":2}"#, BasicProperties::default())
+        .await;
+    let d = next(&mut dlq).await;
+    assert_eq!(d.data, br#"{"part":1}"#);
+    assert_eq!(header(&d, "x-test-done"), None);
+    assert_eq!(next(&mut out).await.data, br#"{"done":true}"#);
     hs.stop().await;
 }
 

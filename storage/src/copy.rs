@@ -17,6 +17,10 @@ use crate::checksum::Algorithm;
 use crate::records::{PartRecord, Records, StoreFacts, UploadRecord};
 use crate::store::Tier;
 
+/// The source file as an upload reads it: from its start, no further than its size
+/// when the upload began.
+type Source = tokio::io::Take<tokio::fs::File>;
+
 /// Read size for the source file.
 const CHUNK: usize = 1024 * 1024;
 /// Parts uploading at once (memory: this many parts plus the one being read).
@@ -26,6 +30,40 @@ pub const MAX_PARTS: u64 = 10_000;
 /// S3's largest object (5 TiB).
 pub const MAX_OBJECT: u64 = 5 * 1024 * 1024 * 1024 * 1024;
 const MIB: u64 = 1024 * 1024;
+
+/// The state of a source file that says it still holds the bytes a copy read: size,
+/// modification and change times. A rewrite in place keeps the size but not the times
+/// (and one that puts the mtime back still moves the ctime).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SourceState {
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl SourceState {
+    /// The state `meta` describes.
+    pub fn of(meta: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        Self {
+            size: meta.len(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+
+    /// [`CopyError::SourceChanged`] unless `file` is still in this state.
+    pub fn check(&self, file: &std::fs::File, shown: &str) -> Result<(), CopyError> {
+        let now = file
+            .metadata()
+            .map_err(|e| CopyError::Read(shown.to_string(), e))?;
+        if Self::of(&now) == *self {
+            Ok(())
+        } else {
+            Err(CopyError::SourceChanged(shown.to_string()))
+        }
+    }
+}
 
 /// Part size for a file of `len` bytes: at least `min_part`, and large enough (rounded up
 /// to whole MiB) that the file fits in [`MAX_PARTS`] parts. For S3 stores (`s3`), a file
@@ -96,12 +134,19 @@ pub enum CopyError {
     /// A key inside the local store's reserved staging directory; never retried.
     #[error("{0} is inside the store's reserved staging directory ({dir}); rename the source", dir = crate::local::STAGING_DIR)]
     Reserved(String),
+    /// A key the local store can never hold (a stored file where the key needs a
+    /// directory, a name longer than its filesystem allows); never retried.
+    #[error("cannot store {0}: {1}")]
+    Unstorable(String, &'static str),
 }
 
 impl CopyError {
     /// Whether retrying can ever help (not for an impossible size or a reserved key).
     pub fn is_permanent(&self) -> bool {
-        matches!(self, CopyError::TooLarge(_) | CopyError::Reserved(_))
+        matches!(
+            self,
+            CopyError::TooLarge(_) | CopyError::Reserved(_) | CopyError::Unstorable(..)
+        )
     }
 }
 
@@ -185,8 +230,24 @@ pub async fn hash_object(
     }))
 }
 
-/// Size of a stored object, or `None` if absent.
+/// Size of a stored object, or `None` if absent. On a local store a directory at the key
+/// counts as an object no file matches (`u64::MAX` bytes), so a copy goes beside it.
 pub async fn object_size(tier: &Tier, key: &ObjectPath) -> Result<Option<u64>, CopyError> {
+    if let Some(dir) = &tier.local_dir {
+        // Not through object_store: its local store refuses names such as `take#1`,
+        // which a local tier stores (see crate::local).
+        let path = dir.join(key.as_ref());
+        return match tokio::fs::metadata(&path).await {
+            Ok(m) if m.is_dir() => Ok(Some(u64::MAX)),
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => Err(CopyError::Unstorable(
+                key.to_string(),
+                crate::local::FILE_IN_THE_WAY,
+            )),
+            Err(e) => Err(CopyError::Read(path.display().to_string(), e)),
+        };
+    }
     match tier.store.head(key).await {
         Ok(m) => Ok(Some(m.size)),
         Err(object_store::Error::NotFound { .. }) => Ok(None),
@@ -243,7 +304,11 @@ pub async fn upload(
     resume: Resume<'_>,
 ) -> Result<Uploaded, CopyError> {
     let read_err = |e| CopyError::Read(shown.to_string(), e);
-    let len = file.metadata().map_err(read_err)?.len();
+    let meta = file.metadata().map_err(read_err)?;
+    let len = meta.len();
+    // Compared once every byte was read: a file written to meanwhile is not published
+    // (local) or is taken away again (object stores, see the tier).
+    let before = SourceState::of(&meta);
     if let Some(dir) = &tier.local_dir {
         // A local tier is written directly and durably (see crate::local): no object
         // store layer, no read-back; published only if it matches the source as opened.
@@ -255,6 +320,7 @@ pub async fn upload(
             let expected = crate::local::Expected {
                 size: len,
                 digest: expected_digest.as_ref(),
+                unchanged: Some(before),
             };
             crate::local::copy(&f, &root, &key, &owned, alg, expected)
         })
@@ -274,6 +340,10 @@ pub async fn upload(
     f.seek(std::io::SeekFrom::Start(0))
         .await
         .map_err(read_err)?;
+    // No further than the size at the start: a file still growing is refused once read
+    // (`before`), and its parts keep S3's sizes (a short part then more would be refused
+    // as too small at completion, hiding why).
+    let mut f = f.take(len);
     let mut h = alg.hasher();
     let attributes = if tier.supports_metadata {
         attributes
@@ -354,6 +424,7 @@ pub async fn upload(
     if up.digest.size != len {
         return Err(CopyError::SourceChanged(shown.to_string()));
     }
+    before.check(file, shown)?;
     up.digest.checksum = h.finish();
     Ok(up)
 }
@@ -363,7 +434,7 @@ pub async fn upload(
 async fn upload_multipart(
     tier: &Tier,
     key: &ObjectPath,
-    f: &mut tokio::fs::File,
+    f: &mut Source,
     first: Vec<u8>,
     part: u64,
     h: &mut crate::checksum::Hasher,
@@ -497,7 +568,7 @@ impl Multipart<'_> {
     #[allow(clippy::too_many_arguments)]
     async fn run(
         &self,
-        f: &mut tokio::fs::File,
+        f: &mut Source,
         first: Vec<u8>,
         h: &mut crate::checksum::Hasher,
         recorded: Option<UploadRecord>,
@@ -565,7 +636,7 @@ impl Multipart<'_> {
 
     async fn parts(
         &self,
-        f: &mut tokio::fs::File,
+        f: &mut Source,
         first: Vec<u8>,
         h: &mut crate::checksum::Hasher,
         upload_id: &str,
@@ -697,7 +768,7 @@ type PartResult = (usize, u64, String, object_store::Result<PartId>);
 
 /// Reads up to `part` bytes, hashing them.
 async fn read_part(
-    f: &mut tokio::fs::File,
+    f: &mut Source,
     part: u64,
     h: &mut crate::checksum::Hasher,
     shown: &str,

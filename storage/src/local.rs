@@ -50,6 +50,10 @@ pub const STAGING_DIR: &str = ".storagetier-staging";
 /// (kill -9, out of memory): a live copy writes to it continuously.
 pub const STALE_STAGING: Duration = Duration::from_secs(15 * 60);
 
+/// Why a key whose path goes through a stored file can never be stored.
+pub const FILE_IN_THE_WAY: &str =
+    "a stored object is a file where the key needs a directory (rename the source)";
+
 /// What the copy must match before it is published under its key.
 #[derive(Debug, Clone, Copy)]
 pub struct Expected<'a> {
@@ -58,6 +62,9 @@ pub struct Expected<'a> {
     /// The source's digest, where it was hashed before (a copy of other bytes is not
     /// published).
     pub digest: Option<&'a Digest>,
+    /// The source's state when the copy began: a file written to while it was read (in
+    /// place, same size) is not published.
+    pub unchanged: Option<crate::copy::SourceState>,
 }
 
 /// Copies `file` (from its start) to `key` under the store directory `root`; returns the
@@ -92,7 +99,15 @@ fn copy_via(
         return Err(CopyError::Reserved(key.to_string()));
     }
     let dest = root.join(key);
-    let write_err = |e| CopyError::Write(dest.display().to_string(), e);
+    let write_err = |e: std::io::Error| match e.raw_os_error() {
+        // No retry can mend these: say so instead of retrying to the DLQ.
+        Some(libc::ENOTDIR) => CopyError::Unstorable(key.to_string(), FILE_IN_THE_WAY),
+        Some(libc::ENAMETOOLONG) => CopyError::Unstorable(
+            key.to_string(),
+            "a name on its path is longer than the store's filesystem allows",
+        ),
+        _ => CopyError::Write(dest.display().to_string(), e),
+    };
     let parent = dest
         .parent()
         .ok_or_else(|| write_err(std::io::Error::other("no parent directory")))?;
@@ -121,6 +136,9 @@ fn copy_via(
         };
         if digest.size != expected.size || expected.digest.is_some_and(|d| d != &digest) {
             return Err(CopyError::SourceChanged(shown.to_string()));
+        }
+        if let Some(state) = expected.unchanged {
+            state.check(file, shown)?;
         }
         staging.sync_all().map_err(write_err)?;
         staged.publish(&dest).map_err(|e| match e.kind() {
@@ -500,6 +518,7 @@ mod tests {
             let expected = Expected {
                 size: len as u64,
                 digest: None,
+                unchanged: None,
             };
             let d = copy_via(
                 &f,
@@ -543,6 +562,7 @@ mod tests {
         let expected = Expected {
             size: 3 * BLOCK as u64,
             digest: None,
+            unchanged: None,
         };
         let e = copy_via(
             &f,
@@ -569,12 +589,35 @@ mod tests {
             Expected {
                 size: 5,
                 digest: None,
+                unchanged: None,
             },
             unnamed,
         )
         .expect_err("changed");
         assert!(matches!(e, CopyError::SourceChanged(..)), "{e}");
         assert!(!root.join("fresh").exists());
+        // Rewritten in place, same size, since the copy began: not published either.
+        let began = crate::copy::SourceState::of(&f.metadata().expect("stat"));
+        let w = OpenOptions::new().write(true).open(&src).expect("open");
+        w.write_all_at(b"edited", BLOCK as u64).expect("rewrite");
+        w.set_modified(std::time::SystemTime::now() + Duration::from_secs(5))
+            .expect("touch");
+        let e = copy_via(
+            &f,
+            &root,
+            "rewritten",
+            "src",
+            Algorithm::Sha256,
+            Expected {
+                size: 3 * BLOCK as u64,
+                digest: None,
+                unchanged: Some(began),
+            },
+            unnamed,
+        )
+        .expect_err("changed in place");
+        assert!(matches!(e, CopyError::SourceChanged(..)), "{e}");
+        assert!(!root.join("rewritten").exists());
         assert_eq!(staged_files(&root), 0, "the staging file was removed");
         let left: Vec<_> = std::fs::read_dir(&root)
             .expect("list")
@@ -600,6 +643,7 @@ mod tests {
             Expected {
                 size: 1,
                 digest: None,
+                unchanged: None,
             },
         )
         .expect_err("reserved");

@@ -34,6 +34,19 @@ pub struct AssetSweeperFile {
 }
 
 impl AssetSweeperFile {
+    /// Refuses a text field holding U+0000: valid JSON, but PostgreSQL text cannot store
+    /// it (the file's records name it), so it would fail every retry instead of once.
+    pub fn check_text(&self) -> Result<(), framework::fields::FieldError> {
+        use framework::fields::no_nul;
+        no_nul("parent_dir", &self.parent_dir)?;
+        no_nul("filename", &self.filename)?;
+        no_nul("mime_type", &self.mime_type)?;
+        if let Some(id) = &self.imported_id {
+            no_nul("imported_id", id)?;
+        }
+        Ok(())
+    }
+
     /// `parent_dir/filename` as given (not yet resolved or checked).
     pub fn joined_path(&self) -> String {
         if self.parent_dir.is_empty() {

@@ -415,7 +415,9 @@ impl Records {
         &self.pool
     }
 
-    /// Objects already holding `original_path` at this size and mtime.
+    /// Objects already holding `original_path` at this size and mtime. An object of
+    /// another size under the key is another file's (the key was emptied and reused), not
+    /// this file's copy.
     pub async fn copies_of(
         &self,
         original_path: &str,
@@ -426,7 +428,7 @@ impl Records {
             "SELECT o.object_key, o.size, o.checksum, o.store_etag, o.store_version, \
              o.store_checksum FROM copied_files f \
              JOIN stored_objects o ON o.object_key = f.object_key \
-             WHERE f.original_path = $1 AND f.size = $2 AND f.mtime = $3",
+             WHERE f.original_path = $1 AND f.size = $2 AND f.mtime = $3 AND o.size = f.size",
         )
         .bind(original_path)
         .bind(size as i64)
@@ -858,6 +860,29 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("r.db").display());
         a_batch_of_copies_lands_in_one_transaction(&url).await;
+    }
+
+    /// A file's copy whose key now holds another file's object (the object was lost and
+    /// the key taken again) is no copy of it: a redelivery copies it again instead of
+    /// reporting the other file's size and checksum as its own.
+    #[tokio::test]
+    async fn a_key_reused_by_another_file_is_no_copy_of_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("r.db").display());
+        let r = Records::open(&url).await.unwrap();
+        let mut other = copy("k", "/p1", "x");
+        if let Write::Copy(c) = &mut other {
+            c.object.size = 9;
+        }
+        let writes = [copy("k", "/p2", "c"), other];
+        let mut full = true;
+        apply(&r.write, true, &mut full, writes.iter())
+            .await
+            .expect("recorded");
+        let mtime = "2026-01-01T00:00:00Z";
+        assert!(r.copies_of("/p2", 4, mtime).await.unwrap().is_empty());
+        assert_eq!(r.copies_of("/p1", 9, mtime).await.unwrap().len(), 1);
+        r.close().await;
     }
 
     #[tokio::test]

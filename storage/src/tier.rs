@@ -66,6 +66,14 @@ pub enum TierError {
     Transient(String),
 }
 
+/// A file's modification time as its records keep it (RFC 3339, as chrono writes a
+/// `SystemTime`); `None` past chrono's range (year ±262,143), which some filesystems
+/// allow and chrono's conversion from `SystemTime` panics on.
+fn mtime_text(secs: i64, nanos: i64) -> Option<String> {
+    let t = chrono::DateTime::<chrono::Utc>::from_timestamp(secs, u32::try_from(nanos).ok()?)?;
+    Some(t.to_rfc3339())
+}
+
 impl From<PathError> for TierError {
     fn from(e: PathError) -> Self {
         if e.is_transient() {
@@ -167,6 +175,8 @@ impl TierCopier {
     }
 
     async fn copy(&self, msg: &AssetSweeperFile) -> Result<TierOutcome, TierError> {
+        msg.check_text()
+            .map_err(|e| TierError::Permanent(e.to_string()))?;
         if msg.ignore {
             self.records
                 .record_ignored(&msg.joined_path(), msg.imported_id.as_deref())
@@ -180,10 +190,15 @@ impl TierCopier {
             .metadata()
             .map_err(|e| PathError::Io(original.clone(), e.to_string()))?;
         let size = meta.len();
-        let mtime = meta
-            .modified()
-            .map(|t| chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339())
-            .unwrap_or_default();
+        let mtime = {
+            use std::os::unix::fs::MetadataExt;
+            mtime_text(meta.mtime(), meta.mtime_nsec()).ok_or_else(|| {
+                TierError::Permanent(format!(
+                    "{original}: its modification time ({} s since 1970) is out of range",
+                    meta.mtime()
+                ))
+            })?
+        };
         let alg = self.policy.algorithm;
         let report = |obj: &StoredObject, uploaded: bool| CopyReport {
             original_path: original.clone(),
@@ -376,6 +391,14 @@ impl TierCopier {
             };
             let up = match copy::upload(&self.tier, key, file, original, alg, attrs, resume).await {
                 Err(CopyError::Exists(_)) => return Ok(Claimed::Raced),
+                // An object store completed the upload before the source was found changed
+                // (grown, or rewritten in place): under the claim, what is at the key is
+                // this attempt's torn copy. (A local store never publishes it.)
+                Err(e @ CopyError::SourceChanged(_)) if claim.is_some() => {
+                    copy::remove(self.tier.store.as_ref(), key).await?;
+                    tracing::warn!(key = %key, error = %e, "removed what this attempt stored");
+                    return Err(TierError::from(e));
+                }
                 r => r?,
             };
             if up.parts_reused > 0 {
@@ -524,5 +547,26 @@ impl<'a> Claim<'a> {
         if let Err(e) = self.records.release(&self.key, &self.owner).await {
             tracing::warn!(key = %self.key, error = %e, "could not release the upload claim");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mtime_text;
+
+    #[test]
+    fn modification_times_read_as_before_and_out_of_range_ones_are_refused() {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::new(1_764_400_000, 250_000_000);
+        assert_eq!(
+            mtime_text(1_764_400_000, 250_000_000),
+            Some(chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339()),
+            "the records' existing text, so earlier copies are still found"
+        );
+        assert_eq!(
+            mtime_text(-1, 0).as_deref(),
+            Some("1969-12-31T23:59:59+00:00")
+        );
+        assert_eq!(mtime_text(10_000_000_000_000, 0), None);
+        assert_eq!(mtime_text(i64::MIN, 0), None);
     }
 }

@@ -199,6 +199,68 @@ async fn concurrent_copies_to_one_key_of_a_local_store_never_overwrite_without_c
     );
 }
 
+/// U+0000 is valid JSON but PostgreSQL text cannot hold it: a field with one is refused
+/// at once, naming the field (on PostgreSQL every attempt failed to record, 50 retries).
+#[tokio::test]
+async fn a_nul_character_in_a_text_field_is_permanent_naming_it() {
+    let base = tempfile::tempdir().expect("temp");
+    let tier = storage::store::local(&base.path().join("store")).expect("tier");
+    let c = copier(base.path(), "online", tier, records(base.path()).await);
+    let mut msg = put(base.path(), "online", "n/clip.mov", b"x");
+    msg.imported_id = Some("id\0".into());
+    let mut ignored = put(base.path(), "online", "n/other.mov", b"y");
+    ignored.ignore = true;
+    ignored.mime_type = "video/\0mp4".into();
+    for (m, field) in [(&msg, "imported_id"), (&ignored, "mime_type")] {
+        match c.handle(m, 1).await {
+            Err(TierError::Permanent(e)) => assert!(e.contains(field) && e.contains("NUL"), "{e}"),
+            other => panic!("{field}: expected permanent, got {other:?}"),
+        }
+    }
+}
+
+/// Keys a local store handles unlike object_store's local backend: a name like `take#1`
+/// (which that backend refuses: every look at it failed as a retry) is stored and found
+/// again; a directory already at the key sends the copy beside it; a stored file where the
+/// key needs a directory is refused once, not retried to the DLQ.
+#[tokio::test]
+async fn awkward_keys_of_a_local_store_are_stored_or_refused_at_once() {
+    let base = tempfile::tempdir().expect("temp");
+    let store_dir = base.path().join("store");
+    let tier = storage::store::local(&store_dir).expect("tier");
+    let c = copier(base.path(), "online", tier, records(base.path()).await);
+
+    let big = content(2 * MIB, 9);
+    let hash = put(base.path(), "online", "v/take#1", &big);
+    let r = copied(c.handle(&hash, 1).await);
+    assert_eq!(r.key, "v/take#1");
+    assert!(r.uploaded);
+    let again = copied(c.handle(&hash, 1).await);
+    assert_eq!(again.key, "v/take#1");
+    assert!(!again.uploaded, "the redelivery finds its copy");
+    let small = put(base.path(), "online", "v/clip#2", b"small");
+    assert_eq!(copied(c.handle(&small, 1).await).key, "v/clip#2");
+    assert!(!copied(c.handle(&small, 1).await).uploaded);
+
+    // `d/x.mov` archived makes `d` a directory of the store; then a file named `d`.
+    let inner = put(base.path(), "online", "d/x.mov", b"inner");
+    copied(c.handle(&inner, 1).await);
+    std::fs::remove_dir_all(base.path().join("online/d")).expect("rm");
+    let file_d = put(base.path(), "online", "d", b"a file named d");
+    let r = copied(c.handle(&file_d, 1).await);
+    assert_eq!(r.key, format!("d.{}", &sha256(b"a file named d")[..16]));
+
+    // And the other way round: `f` archived as a file, then `f/y.mov`.
+    let f = put(base.path(), "online", "f", b"a file named f");
+    copied(c.handle(&f, 1).await);
+    std::fs::remove_file(base.path().join("online/f")).expect("rm");
+    let under = put(base.path(), "online", "f/y.mov", b"under f");
+    match c.handle(&under, 1).await {
+        Err(TierError::Permanent(e)) => assert!(e.contains("needs a directory"), "{e}"),
+        other => panic!("expected permanent, got {other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn a_failed_verification_removes_what_the_attempt_stored() {
     let base = tempfile::tempdir().expect("temp");
@@ -444,6 +506,69 @@ async fn an_interrupted_s3_multipart_upload_resumes_from_its_stored_parts() {
     println!(
         "| resumed 5-part upload | parts stored before the failure: {recorded} | parts sent on resume: {sent} |"
     );
+}
+
+/// A file written to while it is uploaded (the sweeper reports files still being
+/// written; an editor rewrites one in place): S3 completes the upload before the copy can
+/// tell, so the torn object is taken away again — nothing at the key, nothing recorded —
+/// and a retry of the settled file stores it whole under its own key, not beside a torn one.
+#[tokio::test]
+async fn a_source_written_to_during_an_s3_upload_leaves_nothing_at_its_key() {
+    use std::io::Write;
+    use std::os::unix::fs::FileExt;
+    let bucket = "tier-changed";
+    let (_moto, _proxy, tier) = s3_tier(bucket).await;
+    let (faulty, faults) = FaultyStore::wrap(&tier);
+    let base = tempfile::tempdir().expect("temp");
+    let c = copier(base.path(), "online", faulty, records(base.path()).await);
+    let msg = put(
+        base.path(),
+        "online",
+        "w/take.mov",
+        &content(11 * MIB + 3, 5),
+    );
+    let path = base.path().join("online/w/take.mov");
+    let key = tier.key("w/take.mov");
+    let grow = {
+        let p = path.clone();
+        Box::new(move || {
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&p)
+                .expect("open");
+            f.write_all(&[1u8; 1024]).expect("append");
+        }) as Box<dyn FnOnce() + Send>
+    };
+    let rewrite = {
+        let p = path.clone();
+        Box::new(move || {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&p)
+                .expect("open");
+            f.write_all_at(b"edited", 10 * MIB as u64).expect("rewrite");
+            f.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(5))
+                .expect("touch");
+        }) as Box<dyn FnOnce() + Send>
+    };
+    for (attempt, (how, hook)) in [("grown", grow), ("rewritten in place", rewrite)]
+        .into_iter()
+        .enumerate()
+    {
+        *faults.after_first_part.lock().expect("hook") = Some(hook);
+        let e = transient(c.handle(&msg, attempt as u32 + 1).await);
+        assert!(e.contains("changed while"), "{how}: {e}");
+        assert_eq!(
+            storage::copy::object_size(&tier, &key).await.expect("head"),
+            None,
+            "{how}: nothing left at the key"
+        );
+    }
+    let settled = std::fs::read(&path).expect("read");
+    let r = copied(c.handle(&msg, 3).await);
+    assert_eq!(r.key, "pre/w/take.mov");
+    assert_eq!(r.checksum, sha256(&settled));
+    assert_eq!(r.size, settled.len() as u64);
 }
 
 #[tokio::test]

@@ -104,6 +104,11 @@ impl MessageProcessor for CrashRouter {
     type Input = Value;
 
     async fn handle(&self, input: Value, ctx: &MessageContext) -> Outcome {
+        // S3 sends this to a notification's destination whenever the bucket's notification
+        // configuration is saved: not an event, nothing wrong with it.
+        if input.get("Event").and_then(Value::as_str) == Some("s3:TestEvent") {
+            return Outcome::drop("S3 test event (sent when notifications are configured)");
+        }
         let Some(records) = input.get("Records").and_then(Value::as_array) else {
             let what = match &input {
                 Value::Object(_) => "an object without a `Records` array",
@@ -277,6 +282,19 @@ mod tests {
                 Outcome::Permanent(m) => assert!(m.contains("Records"), "{m}"),
                 o => panic!("{body}: {o:?}"),
             }
+        }
+    }
+
+    #[tokio::test]
+    async fn the_s3_test_event_is_dropped_not_dead_lettered() {
+        let r = router("a", 1);
+        let ctx = MessageContext::for_test("s3-events", "k", 0);
+        let body = json!({"Service": "Amazon S3", "Event": "s3:TestEvent",
+            "Time": "2026-11-29T18:00:00.000Z", "Bucket": "crashes",
+            "RequestId": "5582815E1AEA5ADF", "HostId": "8cLeGAmw098X5cv4Zkwcmo8vvZa3eH3eKxsPzbB9wrR+YstdA6Knx4Ip8EXAMPLE"});
+        match r.handle(body, &ctx).await {
+            Outcome::Drop(m) => assert!(m.contains("test event"), "{m}"),
+            o => panic!("{o:?}"),
         }
     }
 

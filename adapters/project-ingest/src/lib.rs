@@ -33,12 +33,30 @@ fn count(result: &'static str) {
 pub const MISSING_PROJECT: &str = "attempted to update a project that does not exist";
 
 /// `[project_ingest]` keys besides the framework's.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProjectIngestSettings {
     /// `postgres://…` or `sqlite://…` (unset = `<data_dir>/project-ingest.db`).
     #[serde(default)]
     pub database_url: Option<DatabaseUrl>,
+    /// Retries an update of a project not stored yet waits before it is dropped: with
+    /// several handlers or instances an update can overtake its own `project-created`
+    /// (or the create can be waiting in a retry tier).
+    #[serde(default = "default_missing_project_retries")]
+    pub missing_project_retries: u32,
+}
+
+fn default_missing_project_retries() -> u32 {
+    2
+}
+
+impl Default for ProjectIngestSettings {
+    fn default() -> Self {
+        Self {
+            database_url: None,
+            missing_project_retries: default_missing_project_retries(),
+        }
+    }
 }
 
 /// The project-ingest service.
@@ -49,6 +67,7 @@ pub struct ProjectProcessor {
     store: Store,
     output_exchange: String,
     success_key: String,
+    missing_retries: u32,
 }
 
 impl ProjectProcessor {
@@ -58,7 +77,14 @@ impl ProjectProcessor {
             store,
             output_exchange: output_exchange.to_string(),
             success_key: format!("{output_routing_key}.success"),
+            missing_retries: default_missing_project_retries(),
         }
+    }
+
+    /// Sets how many retries an update of a project not stored yet waits for it.
+    pub fn with_missing_retries(mut self, retries: u32) -> Self {
+        self.missing_retries = retries;
+        self
     }
 
     /// The store (for tests and tools).
@@ -76,8 +102,7 @@ impl MessageProcessor for ProjectProcessor {
         // redeliveries), else its first receipt here (an earlier attempt's header), else now.
         let received = ctx
             .timestamp
-            .and_then(|t| chrono::DateTime::from_timestamp(i64::try_from(t).ok()?, 0))
-            .map(|t| t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string())
+            .and_then(published_at)
             .or_else(|| {
                 framework::headers::get_str(&ctx.headers, RECEIVED_HEADER)
                     .and_then(|s| normalize_time(&s))
@@ -93,6 +118,7 @@ impl MessageProcessor for ProjectProcessor {
         let mut dead = framework::batch::Progress::resume(ctx, DEAD_LETTERED_HEADER);
         let mut stored = Vec::new();
         let mut dropped = Vec::new();
+        let mut not_yet = Vec::new();
         for (i, item) in items.into_iter().enumerate() {
             let n = i + 1;
             let ev = match item.parsed {
@@ -127,6 +153,9 @@ impl MessageProcessor for ProjectProcessor {
                     count("stored");
                     stored.push(*p);
                 }
+                Ok(Applied::Missing) if ctx.attempt < self.missing_retries => {
+                    not_yet.push(ev.id.clone());
+                }
                 Ok(Applied::Missing) => {
                     tracing::warn!(project = %ev.id, "{MISSING_PROJECT}");
                     count("missing");
@@ -145,6 +174,15 @@ impl MessageProcessor for ProjectProcessor {
                 Err(e) => return Outcome::retry(e),
             }
         }
+        if !not_yet.is_empty() {
+            // What this attempt stored is stored again by the next one: idempotent (an
+            // equal ordering key re-applies), and the retry keeps this attempt's key.
+            return Outcome::retry(format!(
+                "project {} not stored yet (its project-created may be behind this update); \
+                 waiting for it",
+                not_yet.join(", ")
+            ));
+        }
         let mut stored = stored.into_iter();
         let Some(first) = stored.next() else {
             if dropped.is_empty() {
@@ -160,6 +198,22 @@ impl MessageProcessor for ProjectProcessor {
             Err(e) => Outcome::permanent(format!("cannot serialise a stored project: {e}")),
         }
     }
+}
+
+/// The AMQP `timestamp` of a message as an ordering key. The property counts whole seconds,
+/// so the key is the end of that second: an update published in the same second as its
+/// project's `created` (which has milliseconds) is not older than it. A value only
+/// milliseconds can be (after the year 5000 read as seconds) is read as milliseconds, as
+/// some producers write it.
+fn published_at(t: u64) -> Option<String> {
+    let t = i64::try_from(t).ok()?;
+    let (secs, micros) = if t >= 100_000_000_000 {
+        (t / 1000, (t % 1000) * 1000 + 999)
+    } else {
+        (t, 999_999)
+    };
+    let at = chrono::DateTime::from_timestamp(secs, u32::try_from(micros * 1000).ok()?)?;
+    Some(at.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string())
 }
 
 /// The database URL in effect: the configured one, else SQLite under the data dir.
@@ -194,10 +248,9 @@ impl Service for ProjectIngest {
             .await
             .map_err(|e| format!("cannot open database {}: {e}", db::redact_url(&url)))?;
         let b = framework::cli::binding_of::<Self>(cfg);
-        Ok(ProjectProcessor::new(
-            store,
-            &cfg.service.output_exchange,
-            &b.output_routing_key,
-        ))
+        Ok(
+            ProjectProcessor::new(store, &cfg.service.output_exchange, &b.output_routing_key)
+                .with_missing_retries(cfg.settings.missing_project_retries),
+        )
     }
 }

@@ -140,12 +140,14 @@ impl StatusProcessor {
         let mut dropped = None;
         let (collection, kind, counted) = match m.kind() {
             Kind::Counts => {
-                let (c, moved) = self.store.record_counts(m).await?;
+                let key = format!("counts:{dedupe}");
+                let (c, moved, triggered) = self.store.record_counts(m, &key).await?;
                 if moved {
                     transition("Received");
                 }
-                // A retried counts message re-emits, so a lost publish is not lost for good.
-                if moved || (retried && c.status == "Received") {
+                // The counts message that completed the collection re-emits when it comes
+                // again (its publish may have been lost); no other message does.
+                if moved || (retried && triggered && c.status == "Received") {
                     extra.push(self.export_state_publication(m, &c));
                     if self.store.mark_product_received(&m.correlation_id).await? {
                         transition("RECEIVED");
@@ -203,7 +205,10 @@ impl StatusProcessor {
                     tracing::warn!("{reason}");
                     dropped = Some(reason);
                 } else {
-                    let completed = self.store.mark_product_completed(&m.correlation_id).await?;
+                    let completed = self
+                        .store
+                        .mark_product_completed(&m.correlation_id, &m.collection_name)
+                        .await?;
                     if completed {
                         transition("COMPLETED");
                     } else if self.store.mark_product_received(&m.correlation_id).await? {
@@ -215,7 +220,11 @@ impl StatusProcessor {
                     // Who completed the product publishes; a retried success file of a
                     // completed product re-emits, so a lost publish is not lost for good.
                     let is_completed = product.as_deref() == Some("COMPLETED");
-                    if is_completed && (completed || retried) {
+                    let resend = retried
+                        && is_completed
+                        && self.store.completed_by(&m.correlation_id).await?.as_deref()
+                            == Some(m.collection_name.as_str());
+                    if is_completed && (completed || resend) {
                         // Mandatory: an unroutable message fails the publish, so the input
                         // is retried and this branch (retried) sends it again.
                         extra.push(

@@ -167,9 +167,15 @@ impl Store {
         Ok(row.is_some())
     }
 
-    /// Records `files_exported` / `files_sent`; returns the collection and whether it
-    /// became Received now.
-    pub async fn record_counts(&self, m: &StatusMessage) -> Result<(Collection, bool), StoreError> {
+    /// Records `files_exported` / `files_sent` of the counts message `key`; returns the
+    /// collection, whether it became Received now, and whether this message made it
+    /// Received (now, or on an earlier delivery whose export-state message may have been
+    /// lost).
+    pub async fn record_counts(
+        &self,
+        m: &StatusMessage,
+        key: &str,
+    ) -> Result<(Collection, bool, bool), StoreError> {
         let mut tx = self.pool.begin().await?;
         let initial = if m.files_sent.is_some() {
             "Sent"
@@ -201,9 +207,31 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         let moved = Self::try_receive(&mut tx, m).await?;
+        let triggered = if moved {
+            db::sqlx::query(
+                "UPDATE snapshot_collections SET received_by = $3 \
+                 WHERE correlation_id = $1 AND collection_name = $2",
+            )
+            .bind(&m.correlation_id)
+            .bind(&m.collection_name)
+            .bind(key)
+            .execute(&mut *tx)
+            .await?;
+            true
+        } else {
+            let row = db::sqlx::query(
+                "SELECT received_by FROM snapshot_collections \
+                 WHERE correlation_id = $1 AND collection_name = $2",
+            )
+            .bind(&m.correlation_id)
+            .bind(&m.collection_name)
+            .fetch_one(&mut *tx)
+            .await?;
+            row.try_get::<Option<String>, _>("received_by")?.as_deref() == Some(key)
+        };
         let c = Self::fetch(&mut tx, m).await?;
         tx.commit().await?;
-        Ok((c, moved))
+        Ok((c, moved, triggered))
     }
 
     /// Counts a received file once per `file_key`, moving the collection to Received
@@ -334,20 +362,41 @@ impl Store {
         Ok(row.is_some())
     }
 
-    /// Sets the product status to COMPLETED if every collection is Success; true if this
-    /// call changed it.
-    pub async fn mark_product_completed(&self, correlation_id: &str) -> Result<bool, StoreError> {
+    /// Sets the product status to COMPLETED if every collection is Success, naming
+    /// `collection` (whose success file did it); true if this call changed it.
+    pub async fn mark_product_completed(
+        &self,
+        correlation_id: &str,
+        collection: &str,
+    ) -> Result<bool, StoreError> {
         let row = db::sqlx::query(
-            "INSERT INTO snapshot_products (correlation_id, status, updated_at) \
-             SELECT $1, 'COMPLETED', $2 WHERE NOT EXISTS (SELECT 1 FROM snapshot_collections \
+            "INSERT INTO snapshot_products (correlation_id, status, updated_at, completed_by) \
+             SELECT $1, 'COMPLETED', $2, $3 WHERE NOT EXISTS (SELECT 1 FROM snapshot_collections \
                WHERE correlation_id = $1 AND status <> 'Success') \
-             ON CONFLICT (correlation_id) DO UPDATE SET status = 'COMPLETED', updated_at = excluded.updated_at \
+             ON CONFLICT (correlation_id) DO UPDATE SET status = 'COMPLETED', \
+             updated_at = excluded.updated_at, completed_by = excluded.completed_by \
              WHERE snapshot_products.status <> 'COMPLETED' RETURNING status",
         )
         .bind(correlation_id)
         .bind(now())
+        .bind(collection)
         .fetch_optional(&self.pool)
         .await?;
         Ok(row.is_some())
+    }
+
+    /// The collection whose success file completed the product, if it is completed.
+    pub async fn completed_by(&self, correlation_id: &str) -> Result<Option<String>, StoreError> {
+        let row = db::sqlx::query(
+            "SELECT completed_by FROM snapshot_products \
+             WHERE correlation_id = $1 AND status = 'COMPLETED'",
+        )
+        .bind(correlation_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match row {
+            Some(r) => r.try_get("completed_by")?,
+            None => None,
+        })
     }
 }

@@ -570,7 +570,64 @@ on_both!(
     counts_after_files_carry_the_files_flags,
     success_of_the_last_outstanding_collection_marks_received,
     a_nul_character_is_permanent_naming_the_field,
+    a_retried_message_that_changed_nothing_sends_nothing_again,
 );
+
+/// As the retry tiers send a message back: `x-retry-count` 1.
+fn as_retried() -> BasicProperties {
+    let mut h = framework::lapin::types::FieldTable::default();
+    framework::headers::set_int(&mut h, "x-retry-count", 1);
+    BasicProperties::default().with_headers(h)
+}
+
+/// Only the message that made a change re-sends its message when it comes back (its
+/// publish may have been lost): a retried counts message after a file completed the
+/// collection, or a retried success file of a collection that did not complete the
+/// product, sends no second export-state (the sender would send `_success` to Crown
+/// twice) or monitoring message (a second Slack alert).
+async fn a_retried_message_that_changed_nothing_sends_nothing_again(b: Backend) {
+    let mut env = start(b, &[]).await;
+    let c = "corr-resend";
+    env.process(&msg(c, "db.a", json!({"files_exported": 1})))
+        .await;
+    env.process(&msg(c, "db.b", json!({"files_exported": 1})))
+        .await;
+    for coll in ["db.a", "db.b"] {
+        let r = env.process(&file(c, coll, "f1")).await;
+        assert_eq!(r["status"], "Received");
+        assert_eq!(json_of(&next(&mut env.export).await)["topic_name"], coll);
+    }
+    // The sender's count for db.a, retried once (a database blip): changes nothing.
+    env.send_with(&msg(c, "db.a", json!({"files_sent": 1})), as_retried())
+        .await;
+    next(&mut env.out).await;
+    env.no_more().await;
+    // db.a's success file, then db.b's completes the product: one monitoring message.
+    env.process(&msg(c, "db.a", json!({"is_success_file": "true"})))
+        .await;
+    let r = env
+        .process(&msg(c, "db.b", json!({"is_success_file": "true"})))
+        .await;
+    assert_eq!(r["product_status"], "COMPLETED");
+    next(&mut env.monitoring).await;
+    // db.a's success file comes back: db.b's completed the product, not it.
+    env.send_with(
+        &msg(c, "db.a", json!({"is_success_file": "true"})),
+        as_retried(),
+    )
+    .await;
+    next(&mut env.out).await;
+    env.no_more().await;
+    // db.b's does: its monitoring message may have been lost, so it is sent again.
+    env.send_with(
+        &msg(c, "db.b", json!({"is_success_file": "true"})),
+        as_retried(),
+    )
+    .await;
+    next(&mut env.out).await;
+    next(&mut env.monitoring).await;
+    env.finish().await;
+}
 
 /// The counts complete a collection whose files came first: the export-state message
 /// carries the flags the files came with, not the counts message's defaults.

@@ -41,9 +41,6 @@ impl Envelope<'_> {
             &chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         );
         h::set_str(&mut hdr, h::SERVICE, self.service);
-        self.properties
-            .clone()
-            .with_delivery_mode(2)
-            .with_headers(hdr)
+        crate::publisher::republished(self.properties, hdr)
     }
 }

@@ -10,7 +10,7 @@ use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use serde::Serialize;
 
-use crate::connection::confirm_channel;
+use crate::connection::{bounded, confirm_channel};
 use crate::headers as h;
 use crate::publisher::{Outgoing, PublishError, publish_confirmed};
 use crate::topology::Topology;
@@ -54,7 +54,11 @@ pub enum DlqError {
 
 fn describe(props: &lapin::BasicProperties, routing_key: &str, size: usize) -> DeadLetter {
     let hdr = props.headers().clone().unwrap_or_default();
-    let death_reason = h::get_str(&hdr, "x-first-death-reason");
+    // The broker's reason for the latest dead-lettering: `x-death` lists the newest event
+    // first, while `x-first-death-reason` keeps the first (a retry tier's `expired`).
+    let death_reason = latest_death_reason(&hdr)
+        .or_else(|| h::get_str(&hdr, "x-last-death-reason"))
+        .or_else(|| h::get_str(&hdr, "x-first-death-reason"));
     let death_exchange = h::get_str(&hdr, "x-first-death-exchange");
     DeadLetter {
         message_id: props.message_id().as_ref().map(|s| s.to_string()),
@@ -68,6 +72,18 @@ fn describe(props: &lapin::BasicProperties, routing_key: &str, size: usize) -> D
         failed_at: h::get_str(&hdr, h::FAILED_AT),
         size,
     }
+}
+
+/// `reason` of the newest `x-death` entry, if the broker dead-lettered the message.
+fn latest_death_reason(hdr: &lapin::types::FieldTable) -> Option<String> {
+    use lapin::types::AMQPValue;
+    let Some(AMQPValue::FieldArray(deaths)) = hdr.inner().get("x-death") else {
+        return None;
+    };
+    let Some(AMQPValue::FieldTable(newest)) = deaths.as_slice().first() else {
+        return None;
+    };
+    h::get_str(newest, "reason")
 }
 
 /// `s` with control characters escaped (`\n`, `\u{1b}`): a dead letter's headers come
@@ -106,17 +122,17 @@ pub async fn list(
     topo: &Topology,
     limit: usize,
 ) -> Result<Vec<DeadLetter>, DlqError> {
-    let ch = conn.create_channel().await?;
-    let total = count(&ch, &topo.dlq()).await? as usize;
+    // Every broker call bounded: an operator's command never hangs on a stuck broker.
+    let t = topo.operation_timeout;
+    let ch = bounded(t, "channel.open", conn.create_channel()).await?;
+    let total = bounded(t, "queue.declare", count(&ch, &topo.dlq())).await? as usize;
     let mut out = Vec::new();
     while out.len() < limit.min(total) {
-        let Some(m) = ch
-            .basic_get(
-                topo.dlq().as_str().into(),
-                BasicGetOptions { no_ack: false },
-            )
-            .await?
-        else {
+        let get = ch.basic_get(
+            topo.dlq().as_str().into(),
+            BasicGetOptions { no_ack: false },
+        );
+        let Some(m) = bounded(t, "basic.get", get).await? else {
             break;
         };
         out.push(describe(
@@ -125,8 +141,8 @@ pub async fn list(
             m.delivery.data.len(),
         ));
     }
-    let _ = ch.close(200, "list done".into()).await;
-    await_returned(conn, &topo.dlq(), total as u32).await?;
+    let _ = bounded(t, "channel.close", ch.close(200, "list done".into())).await;
+    await_returned(conn, &topo.dlq(), total as u32, t).await?;
     Ok(out)
 }
 
@@ -136,13 +152,20 @@ const RETURN_WAIT: Duration = Duration::from_secs(10);
 /// Waits (bounded) until `queue` holds `n` ready messages again: messages a closed channel
 /// held return to a quorum queue asynchronously (on RabbitMQ 4.x visibly so), and the
 /// operator's next command — a replay right after a list — must find them there.
-async fn await_returned(conn: &Connection, queue: &str, n: u32) -> Result<(), DlqError> {
-    let ch = conn.create_channel().await?;
+async fn await_returned(
+    conn: &Connection,
+    queue: &str,
+    n: u32,
+    t: Duration,
+) -> Result<(), DlqError> {
+    let ch = bounded(t, "channel.open", conn.create_channel()).await?;
     let deadline = tokio::time::Instant::now() + RETURN_WAIT;
-    while count(&ch, queue).await? < n && tokio::time::Instant::now() < deadline {
+    while bounded(t, "queue.declare", count(&ch, queue)).await? < n
+        && tokio::time::Instant::now() < deadline
+    {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let _ = ch.close(200, "counted".into()).await;
+    let _ = bounded(t, "channel.close", ch.close(200, "counted".into())).await;
     Ok(())
 }
 
@@ -287,23 +310,27 @@ pub async fn replay_filtered(
     filter: &Filter,
     dry_run: bool,
 ) -> Result<Vec<DeadLetter>, DlqError> {
-    let ch = confirm_channel(conn).await?;
+    let ch = bounded(
+        topo.operation_timeout,
+        "channel.open",
+        confirm_channel(conn),
+    )
+    .await?;
     let now = chrono::Utc::now();
     let pace = filter
         .per_second
         .filter(|r| *r > 0.0)
         .map(|r| Duration::from_secs_f64(1.0 / r));
     let mut next_at = tokio::time::Instant::now();
-    let total = count(&ch, &topo.dlq()).await?;
+    let t = topo.operation_timeout;
+    let total = bounded(t, "queue.declare", count(&ch, &topo.dlq())).await?;
     let mut moved = Vec::new();
     for _ in 0..total {
-        let Some(m) = ch
-            .basic_get(
-                topo.dlq().as_str().into(),
-                BasicGetOptions { no_ack: false },
-            )
-            .await?
-        else {
+        let get = ch.basic_get(
+            topo.dlq().as_str().into(),
+            BasicGetOptions { no_ack: false },
+        );
+        let Some(m) = bounded(t, "basic.get", get).await? else {
             break;
         };
         let d = m.delivery;
@@ -335,37 +362,65 @@ pub async fn replay_filtered(
                     exchange: String::new(),
                     routing_key: topo.queue.clone(),
                     body: d.data.clone(),
-                    properties: d.properties.clone().with_headers(hdr),
+                    properties: crate::publisher::republished(&d.properties, hdr),
                     mandatory: true,
                 }],
                 topo.operation_timeout,
             )
             .await?;
-            if !d.acker.ack(BasicAckOptions::default()).await? {
+            if !bounded(t, "basic.ack", d.acker.ack(BasicAckOptions::default())).await? {
                 return Err(DlqError::NotRemoved(info.message_id));
             }
         }
         moved.push(info);
     }
-    let _ = ch.close(200, "replay done".into()).await;
+    let _ = bounded(t, "channel.close", ch.close(200, "replay done".into())).await;
     let kept = total.saturating_sub(if dry_run { 0 } else { moved.len() as u32 });
     debug_assert!(kept <= total);
-    await_returned(conn, &topo.dlq(), kept).await?;
+    await_returned(conn, &topo.dlq(), kept, t).await?;
     Ok(moved)
 }
 
 /// Deletes every dead letter; returns how many.
 pub async fn purge(conn: &Connection, topo: &Topology) -> Result<u32, DlqError> {
-    let ch = conn.create_channel().await?;
-    let n = ch
-        .queue_purge(topo.dlq().as_str().into(), QueuePurgeOptions::default())
-        .await?;
-    let _ = ch.close(200, "purge done".into()).await;
+    let t = topo.operation_timeout;
+    let ch = bounded(t, "channel.open", conn.create_channel()).await?;
+    let purge = ch.queue_purge(topo.dlq().as_str().into(), QueuePurgeOptions::default());
+    let n = bounded(t, "queue.purge", purge).await?;
+    let _ = bounded(t, "channel.close", ch.close(200, "purge done".into())).await;
     Ok(n)
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_kind_of_a_broker_dead_letter_is_its_latest_death() {
+        use lapin::types::{AMQPValue, FieldArray, FieldTable};
+        let death = |reason: &str, queue: &str| {
+            let mut t = FieldTable::default();
+            t.insert("reason".into(), AMQPValue::LongString(reason.into()));
+            t.insert("queue".into(), AMQPValue::LongString(queue.into()));
+            AMQPValue::FieldTable(t)
+        };
+        // Retried once through a tier (expired there), then dead-lettered by Q's delivery
+        // limit: RabbitMQ 3.x keeps x-first-death-reason at the first event.
+        let mut hdr = FieldTable::default();
+        hdr.insert(
+            "x-death".into(),
+            AMQPValue::FieldArray(FieldArray::from(vec![
+                death("delivery_limit", "q"),
+                death("expired", "q-retry-1000"),
+            ])),
+        );
+        hdr.insert(
+            "x-first-death-reason".into(),
+            AMQPValue::LongString("expired".into()),
+        );
+        let props = lapin::BasicProperties::default().with_headers(hdr);
+        let d = super::describe(&props, "k", 1);
+        assert_eq!(d.kind.as_deref(), Some("delivery_limit"));
+    }
+
     #[test]
     fn topic_patterns_match_like_bindings() {
         use super::topic_matches as m;
