@@ -42,16 +42,38 @@ pub fn default_url(data_dir: &Path, service: &str) -> String {
 
 /// Hides the password of a database URL for logs and `check-config`.
 pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
+    // A password can also be a query parameter (`?password=…`, which sqlx reads); the
+    // query starts after the credentials (a `?` inside a password is not one).
+    let from = url
+        .rfind('@')
+        .or_else(|| url.find("://").map(|s| s + 3))
+        .unwrap_or(0);
+    let (base, query) = match url[from..].find('?') {
+        Some(i) => (&url[..from + i], Some(&url[from + i + 1..])),
+        None => (url, None),
+    };
+    let mut out = match (base.find("://"), base.rfind('@')) {
         (Some(s), Some(at)) if at > s => {
-            let creds = &url[s + 3..at];
+            let creds = &base[s + 3..at];
             match creds.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
-                None => url.to_string(),
+                Some((user, _)) => format!("{}{user}:***{}", &base[..s + 3], &base[at..]),
+                None => base.to_string(),
             }
         }
-        _ => url.to_string(),
+        _ => base.to_string(),
+    };
+    if let Some(q) = query {
+        let params: Vec<String> = q
+            .split('&')
+            .map(|p| match p.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                _ => p.to_string(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&params.join("&"));
     }
+    out
 }
 
 /// True for a PostgreSQL URL.
@@ -222,6 +244,15 @@ mod tests {
             "postgres://u:***@h:5432/db"
         );
         assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(
+            redact_url("postgres://u@h/db?sslmode=require&password=s3cret&x=1"),
+            "postgres://u@h/db?sslmode=require&password=***&x=1"
+        );
+        assert_eq!(
+            redact_url("postgres://u:pw@h/db?password=again"),
+            "postgres://u:***@h/db?password=***"
+        );
+        assert_eq!(redact_url("postgres://u:p?w@h/db"), "postgres://u:***@h/db");
         assert_eq!(redact_url("sqlite://./data/x.db"), "sqlite://./data/x.db");
     }
 

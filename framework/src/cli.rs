@@ -214,8 +214,11 @@ pub fn main<S: Service>() -> ExitCode {
     };
     let opts = LoadOptions {
         config_dir: Some(cli.config_dir.clone()),
-        config_dir_explicit: std::env::args_os().any(|a| a == "--config-dir")
-            || std::env::var_os("STORAGETIER_CONFIG_DIR").is_some(),
+        // Named on the command line (`--config-dir D` or `--config-dir=D`) or by
+        // STORAGETIER_CONFIG_DIR, not the default `./config`.
+        config_dir_explicit: matches
+            .value_source("config_dir")
+            .is_some_and(|s| s != clap::parser::ValueSource::DefaultValue),
         env_name: cli.env.clone(),
         env_vars: None,
         overrides: Vec::new(),
@@ -394,18 +397,24 @@ async fn dlq_command(
     match cmd {
         DlqCommand::List { limit, json } => {
             let items = dlq::list(conn, topo, limit).await.map_err(|e| other(&e))?;
+            use std::fmt::Write as _;
+            // Written at once, and a reader that stops early (`| head`) is no error.
+            let mut text = String::new();
             if json {
                 for i in &items {
-                    println!("{}", serde_json::to_string(i).map_err(|e| other(&e))?);
+                    let line = serde_json::to_string(i).map_err(|e| other(&e))?;
+                    let _ = writeln!(text, "{line}");
                 }
             } else {
-                println!(
+                let _ = writeln!(
+                    text,
                     "{:<38} {:<18} {:<26} {:>8}  {:<40} ERROR",
                     "MESSAGE-ID", "KIND", "FAILED-AT", "SIZE", "ORIGINAL-KEY"
                 );
                 for i in &items {
                     let field = |s: Option<&str>| crate::dlq::printable(s.unwrap_or("-"));
-                    println!(
+                    let _ = writeln!(
+                        text,
                         "{:<38} {:<18} {:<26} {:>8}  {:<40} {}",
                         field(i.message_id.as_deref()),
                         field(i.kind.as_deref()),
@@ -418,9 +427,14 @@ async fn dlq_command(
                         field(i.error.as_deref())
                     );
                 }
-                println!("{} dead letter(s) shown from {}", items.len(), topo.dlq());
+                let _ = writeln!(
+                    text,
+                    "{} dead letter(s) shown from {}",
+                    items.len(),
+                    topo.dlq()
+                );
             }
-            Ok(())
+            print_out(&text)
         }
         DlqCommand::Replay {
             all,
@@ -454,9 +468,12 @@ async fn dlq_command(
                 .await
                 .map_err(|e| other(&e))?;
             let verb = if dry_run { "would replay" } else { "replayed" };
+            use std::fmt::Write as _;
+            let mut text = String::new();
             for i in &moved {
                 // Escaped as `dlq list` does: the names come from whoever published.
-                println!(
+                let _ = writeln!(
+                    text,
                     "{verb} {} -> {} (first published to {}/{})",
                     crate::dlq::printable(i.message_id.as_deref().unwrap_or("-")),
                     topo.queue,
@@ -464,8 +481,8 @@ async fn dlq_command(
                     crate::dlq::printable(&i.original_routing_key)
                 );
             }
-            println!("{verb} {} dead letter(s)", moved.len());
-            Ok(())
+            let _ = writeln!(text, "{verb} {} dead letter(s)", moved.len());
+            print_out(&text)
         }
         DlqCommand::Purge { yes } => {
             if !yes {
@@ -477,6 +494,19 @@ async fn dlq_command(
             println!("purged {n} dead letter(s) from {}", topo.dlq());
             Ok(())
         }
+    }
+}
+
+/// Writes a command's output to stdout; a reader that stopped early (`dlq list | head`)
+/// is no failure of the command, any other write error is.
+fn print_out(text: &str) -> Result<(), Failure> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(Failure::Other(format!("cannot write the output: {e}")))
+        }
+        _ => Ok(()),
     }
 }
 

@@ -429,6 +429,17 @@ fn load_tree(opts: &LoadOptions) -> Result<Map<String, Value>, ConfigError> {
                 "--config-dir",
                 format!("{} is not a directory", dir.display()),
             ));
+        } else if opts.env_name.is_some() {
+            // A named environment (`--env`, APP_ENV) must find its file: running on the
+            // built-in defaults instead (guest@localhost, ./data) would be silent and wrong.
+            return Err(ConfigError::new(
+                "--env",
+                format!(
+                    "no config file for environment `{env_name}`: {} is not a directory \
+                     (--config-dir or STORAGETIER_CONFIG_DIR names it)",
+                    dir.display()
+                ),
+            ));
         }
     }
     // Values stay strings here: each key's own type converts them when the section is read,
@@ -699,16 +710,38 @@ fn validate<S>(cfg: &Config<S>, section_name: &str) -> Result<(), ConfigError> {
         .map_err(|e| ConfigError::new("log.level", e.to_string()))?;
     let s = &cfg.service;
     for (k, v) in [("queue", &s.queue), ("output_exchange", &s.output_exchange)] {
-        if v.is_empty() || v.len() > 200 {
-            return Err(ConfigError::new(
-                format!("{section_name}.{k}"),
-                "must be 1 to 200 characters",
-            ));
-        }
+        check_owned_name(&format!("{section_name}.{k}"), v)?;
+    }
+    // A producer's exchange: `amq.topic` is one RabbitMQ ships, but the default exchange
+    // ("") cannot be bound to.
+    if let Some(x) = &s.input_exchange
+        && (x.is_empty() || x.len() > 255)
+    {
+        return Err(ConfigError::new(
+            format!("{section_name}.input_exchange"),
+            "must be 1 to 255 characters",
+        ));
     }
     s.http_listen
         .parse::<std::net::SocketAddr>()
         .map_err(|e| ConfigError::new(format!("{section_name}.http_listen"), e.to_string()))?;
+    Ok(())
+}
+
+/// Checks the name of a queue or exchange a service declares and owns (`key` names it in
+/// the error): 1 to 200 characters (room for the `-retry-<ms>`, `-dlq` names derived from
+/// it within AMQP's 255), and not under `amq.`, which RabbitMQ reserves (it refuses the
+/// declaration, and the service would retry it forever).
+pub fn check_owned_name(key: &str, name: &str) -> Result<(), ConfigError> {
+    if name.is_empty() || name.len() > 200 {
+        return Err(ConfigError::new(key, "must be 1 to 200 characters"));
+    }
+    if name.starts_with("amq.") {
+        return Err(ConfigError::new(
+            key,
+            format!("`{name}`: names starting with `amq.` are reserved by RabbitMQ"),
+        ));
+    }
     Ok(())
 }
 

@@ -51,6 +51,19 @@ fn bad_config_exits_2_naming_the_key() {
             "echo.http_listen",
         ),
         ("STORAGETIER__ECHO__ROUTING_KEYZ", "a", "echo.routing_keyz"),
+        // Names RabbitMQ refuses (reserved, the unbindable default exchange, too long):
+        // config errors, not a declaration retried forever.
+        ("STORAGETIER__ECHO__QUEUE", "amq.echo", "echo.queue"),
+        (
+            "STORAGETIER__ECHO__INPUT_EXCHANGE",
+            "",
+            "echo.input_exchange",
+        ),
+        (
+            "STORAGETIER__ECHO__OUTPUT_EXCHANGE",
+            "amq.topic",
+            "echo.output_exchange",
+        ),
         ("STORAGETIER__BOGUS__X", "1", "bogus"),
     ];
     for (k, v, key) in cases {
@@ -84,6 +97,30 @@ fn bad_config_exits_2_naming_the_key() {
     assert!(stderr(&o).contains("--config-dir"));
     let o = run(echo_cmd("unused", dir.path()).arg("--no-such-flag"));
     assert_eq!(o.status.code(), Some(2));
+    // `--config-dir=D` names a directory as surely as `--config-dir D`.
+    let nope = format!("--config-dir={}", dir.path().join("nope").display());
+    let o = run(Command::new(BIN).args([nope.as_str(), "check-config"]));
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--config-dir"), "{}", stderr(&o));
+    // Run where there is no ./config (an installed binary, from $HOME): without an
+    // environment it runs on the built-in defaults; a named one must find its file, not
+    // silently run on those defaults (guest@localhost, ./data).
+    let home = tempfile::tempdir().unwrap();
+    let bare = |env: Option<&str>| {
+        let mut c = Command::new(BIN);
+        c.current_dir(home.path())
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .arg("check-config");
+        if let Some(e) = env {
+            c.env("APP_ENV", e);
+        }
+        run(&mut c)
+    };
+    assert_eq!(bare(None).status.code(), Some(0), "{}", stderr(&bare(None)));
+    let o = bare(Some("prod"));
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("prod"), "{}", stderr(&o));
 }
 
 #[test]
@@ -311,6 +348,18 @@ async fn dead_letters_are_listed_replayed_after_confirm_and_purged() {
     assert_eq!(lines[0]["original_routing_key"], "test.p");
     assert!(lines[0]["failed_at"].is_string() && lines[0]["size"].as_u64().unwrap() > 0);
     // list removes nothing
+    await_ready_count(&hs.ch, &format!("{q}-dlq"), 2).await;
+    // A reader that stops early (`dlq list | head`, here one that never reads): no panic,
+    // exit 0, and the dead letters are all still there.
+    let mut c = echo_cmd(&q, dir.path());
+    c.args(["dlq", "list"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().expect("echo runs");
+    drop(child.stdout.take());
+    let o = child.wait_with_output().expect("exits");
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     await_ready_count(&hs.ch, &format!("{q}-dlq"), 2).await;
 
     let o = cmd(&["dlq", "replay", "--message-id", "poison-2", "--dry-run"]);

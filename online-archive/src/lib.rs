@@ -71,10 +71,14 @@ impl Service for OnlineArchive {
     }
 
     fn validate(cfg: &Config<ArchiveSettings>) -> Result<(), ConfigError> {
-        storage::paths::check_configured_roots(
-            "online_archive.online_roots",
-            &cfg.settings.online_roots,
-        )
+        let s = &cfg.settings;
+        storage::store::check_settings(
+            "online_archive.archive_url",
+            s.archive_url.as_deref(),
+            "online_archive.archive_options",
+            &s.archive_options,
+        )?;
+        storage::paths::check_configured_roots("online_archive.online_roots", &s.online_roots)
     }
 
     async fn processor(cfg: &Config<ArchiveSettings>) -> Result<TierProcessor, BoxError> {

@@ -350,3 +350,41 @@ fn a_configured_online_root_that_does_not_exist_exits_2_naming_the_key() {
     assert!(err.contains("online_archive.online_roots"), "{err}");
     assert!(!missing.exists(), "not created");
 }
+
+/// Store settings that can never work are config errors in `check-config` (exit 2 naming
+/// the key), not a start-up failure of `run` after `check-config` passed; a mistyped URL
+/// (`s3:/archive`) is not taken for a directory to fill.
+#[test]
+fn bad_store_settings_exit_2_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("ARCHIVE_URL", "ftp://h/x", "online_archive.archive_url"),
+        ("ARCHIVE_URL", "s3://", "online_archive.archive_url"),
+        ("ARCHIVE_URL", "s3:/archive", "online_archive.archive_url"),
+        ("ARCHIVE_URL", "", "online_archive.archive_url"),
+        (
+            "ARCHIVE_OPTIONS__PART_SIZE_MIB",
+            "1",
+            "online_archive.archive_options.part_size_mib",
+        ),
+        (
+            "ARCHIVE_OPTIONS__SECRET_ACCESS_KEY_FILE",
+            "/nonexistent/secret",
+            "online_archive.archive_options.secret_access_key_file",
+        ),
+    ];
+    for (k, v, key) in cases {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_online-archive"))
+            .arg("--config-dir")
+            .arg(dir.path())
+            .env("STORAGETIER__STORAGE__DATA_DIR", dir.path())
+            .env(format!("STORAGETIER__ONLINE_ARCHIVE__{k}"), v)
+            .arg("check-config")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{k}={v}: {err}");
+        assert!(err.contains(key), "{k}={v} names {key}: {err}");
+    }
+    assert!(!dir.path().join("s3:").exists(), "no directory made");
+}

@@ -73,10 +73,14 @@ impl Service for OnlineNearline {
     }
 
     fn validate(cfg: &Config<NearlineSettings>) -> Result<(), ConfigError> {
-        storage::paths::check_configured_roots(
-            "online_nearline.online_roots",
-            &cfg.settings.online_roots,
-        )
+        let s = &cfg.settings;
+        storage::store::check_settings(
+            "online_nearline.vault_url",
+            s.vault_url.as_deref(),
+            "online_nearline.vault_options",
+            &s.vault_options,
+        )?;
+        storage::paths::check_configured_roots("online_nearline.online_roots", &s.online_roots)
     }
 
     async fn processor(cfg: &Config<NearlineSettings>) -> Result<TierProcessor, BoxError> {

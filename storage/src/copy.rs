@@ -65,6 +65,20 @@ impl SourceState {
     }
 }
 
+/// [`CopyError::SourceChanged`] unless all of the source was read (`read` bytes) and it is
+/// still as it was when the copy began: checked before anything is published.
+fn unchanged(
+    file: &std::fs::File,
+    shown: &str,
+    before: &SourceState,
+    read: u64,
+) -> Result<(), CopyError> {
+    if read != before.size {
+        return Err(CopyError::SourceChanged(shown.to_string()));
+    }
+    before.check(file, shown)
+}
+
 /// Part size for a file of `len` bytes: at least `min_part`, and large enough (rounded up
 /// to whole MiB) that the file fits in [`MAX_PARTS`] parts. For S3 stores (`s3`), a file
 /// larger than [`MAX_OBJECT`] cannot be stored at all.
@@ -207,7 +221,16 @@ pub async fn hash_object(
         let file = dir.join(key.as_ref());
         return match hash_file(&file, alg).await {
             Ok(d) => Ok(Some(d)),
-            Err(CopyError::Read(_, e)) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            // A directory at the key holds no object.
+            Err(CopyError::Read(_, e))
+                if e.kind() == std::io::ErrorKind::NotFound
+                    || e.raw_os_error() == Some(libc::EISDIR) =>
+            {
+                Ok(None)
+            }
+            Err(CopyError::Read(shown, e)) => {
+                Err(crate::local::unstorable(key.as_ref(), &e).unwrap_or(CopyError::Read(shown, e)))
+            }
             Err(e) => Err(e),
         };
     }
@@ -241,11 +264,8 @@ pub async fn object_size(tier: &Tier, key: &ObjectPath) -> Result<Option<u64>, C
             Ok(m) if m.is_dir() => Ok(Some(u64::MAX)),
             Ok(m) => Ok(Some(m.len())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => Err(CopyError::Unstorable(
-                key.to_string(),
-                crate::local::FILE_IN_THE_WAY,
-            )),
-            Err(e) => Err(CopyError::Read(path.display().to_string(), e)),
+            Err(e) => Err(crate::local::unstorable(key.as_ref(), &e)
+                .unwrap_or_else(|| CopyError::Read(path.display().to_string(), e))),
         };
     }
     match tier.store.head(key).await {
@@ -287,6 +307,9 @@ pub struct Resume<'a> {
     pub mtime: &'a str,
     /// The source's digest, where it was hashed before the upload.
     pub digest: Option<&'a Digest>,
+    /// The source's state when it was first looked at (its size and mtime are what the
+    /// copy is recorded with): the copy must find it so throughout.
+    pub state: Option<SourceState>,
 }
 
 /// Streams the open `file` (from its start) to `key`, hashing as it goes. A file smaller
@@ -304,11 +327,18 @@ pub async fn upload(
     resume: Resume<'_>,
 ) -> Result<Uploaded, CopyError> {
     let read_err = |e| CopyError::Read(shown.to_string(), e);
-    let meta = file.metadata().map_err(read_err)?;
-    let len = meta.len();
-    // Compared once every byte was read: a file written to meanwhile is not published
-    // (local) or is taken away again (object stores, see the tier).
-    let before = SourceState::of(&meta);
+    // Compared again once every byte was read, before anything is published under the
+    // key: a file written to meanwhile is not published (on an object store, one that
+    // changed in the moment between that check and the completion is taken away again,
+    // see the tier).
+    let before = match resume.state {
+        Some(s) => {
+            s.check(file, shown)?;
+            s
+        }
+        None => SourceState::of(&file.metadata().map_err(read_err)?),
+    };
+    let len = before.size;
     if let Some(dir) = &tier.local_dir {
         // A local tier is written directly and durably (see crate::local): no object
         // store layer, no read-back; published only if it matches the source as opened.
@@ -383,6 +413,7 @@ pub async fn upload(
             )
         });
         let size = first.len() as u64;
+        unchanged(file, shown, &before, size)?;
         let opts = PutOptions {
             attributes,
             ..Default::default()
@@ -407,6 +438,7 @@ pub async fn upload(
             key,
             shown,
             part,
+            source: (file, before),
         };
         ctx.run(
             &mut f,
@@ -419,7 +451,11 @@ pub async fn upload(
         )
         .await?
     } else {
-        upload_multipart(tier, key, &mut f, first, part, &mut h, shown, attributes).await?
+        let source = (file, before);
+        upload_multipart(
+            tier, key, &mut f, source, first, part, &mut h, shown, attributes,
+        )
+        .await?
     };
     if up.digest.size != len {
         return Err(CopyError::SourceChanged(shown.to_string()));
@@ -435,6 +471,7 @@ async fn upload_multipart(
     tier: &Tier,
     key: &ObjectPath,
     f: &mut Source,
+    source: (&std::fs::File, SourceState),
     first: Vec<u8>,
     part: u64,
     h: &mut crate::checksum::Hasher,
@@ -468,6 +505,7 @@ async fn upload_multipart(
         while let Some(r) = in_flight.join_next().await {
             join_part(Some(r))?;
         }
+        unchanged(source.0, shown, &source.1, size)?;
         up.complete().await?;
         Ok(())
     }
@@ -530,6 +568,8 @@ struct Multipart<'a> {
     key: &'a ObjectPath,
     shown: &'a str,
     part: u64,
+    /// The open source and its state when the copy began.
+    source: (&'a std::fs::File, SourceState),
 }
 
 impl Multipart<'_> {
@@ -703,6 +743,7 @@ impl Multipart<'_> {
                 std::io::Error::other("a part is missing"),
             ));
         }
+        unchanged(self.source.0, self.shown, &self.source.1, size)?;
         self.mp
             .complete_multipart(self.key, &upload_id.to_string(), ids)
             .await?;

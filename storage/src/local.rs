@@ -54,6 +54,19 @@ pub const STALE_STAGING: Duration = Duration::from_secs(15 * 60);
 pub const FILE_IN_THE_WAY: &str =
     "a stored object is a file where the key needs a directory (rename the source)";
 
+/// `e`, met on the way to `key` in a local store, as the permanent error it is where no
+/// retry can mend it (a file where a directory is needed, a name too long).
+pub(crate) fn unstorable(key: &str, e: &std::io::Error) -> Option<CopyError> {
+    match e.raw_os_error() {
+        Some(libc::ENOTDIR) => Some(CopyError::Unstorable(key.to_string(), FILE_IN_THE_WAY)),
+        Some(libc::ENAMETOOLONG) => Some(CopyError::Unstorable(
+            key.to_string(),
+            "a name on its path is longer than the store's filesystem allows",
+        )),
+        _ => None,
+    }
+}
+
 /// What the copy must match before it is published under its key.
 #[derive(Debug, Clone, Copy)]
 pub struct Expected<'a> {
@@ -99,14 +112,9 @@ fn copy_via(
         return Err(CopyError::Reserved(key.to_string()));
     }
     let dest = root.join(key);
-    let write_err = |e: std::io::Error| match e.raw_os_error() {
-        // No retry can mend these: say so instead of retrying to the DLQ.
-        Some(libc::ENOTDIR) => CopyError::Unstorable(key.to_string(), FILE_IN_THE_WAY),
-        Some(libc::ENAMETOOLONG) => CopyError::Unstorable(
-            key.to_string(),
-            "a name on its path is longer than the store's filesystem allows",
-        ),
-        _ => CopyError::Write(dest.display().to_string(), e),
+    // No retry can mend some: say so instead of retrying to the DLQ.
+    let write_err = |e: std::io::Error| {
+        unstorable(key, &e).unwrap_or_else(|| CopyError::Write(dest.display().to_string(), e))
     };
     let parent = dest
         .parent()

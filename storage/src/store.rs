@@ -142,6 +142,54 @@ pub fn object_path(key: &str) -> ObjectPath {
     ObjectPath::parse(key).unwrap_or_else(|_| ObjectPath::from(key))
 }
 
+/// Checks a store's settings without opening it, for a service's config validation (exit
+/// 2 naming the key, in `check-config` too): `url_key` is the URL's key, `options_key`
+/// the options' (e.g. `online_archive.archive_url`, `online_archive.archive_options`).
+pub fn check_settings(
+    url_key: &str,
+    url: Option<&str>,
+    options_key: &str,
+    opts: &StoreOptions,
+) -> Result<(), framework::config::ConfigError> {
+    use framework::config::ConfigError;
+    if opts.part_size_mib < 5 || opts.part_size_mib > 5 * 1024 {
+        return Err(ConfigError::new(
+            format!("{options_key}.part_size_mib"),
+            format!(
+                "{} is outside what S3 allows (5 to 5120)",
+                opts.part_size_mib
+            ),
+        ));
+    }
+    if let Some(f) = &opts.secret_access_key_file
+        && let Err(e) = std::fs::read_to_string(f)
+    {
+        return Err(ConfigError::new(
+            format!("{options_key}.secret_access_key_file"),
+            format!("cannot read {}: {e}", f.display()),
+        ));
+    }
+    let Some(url) = url else {
+        return Ok(());
+    };
+    let bad = |why: &str| Err(ConfigError::new(url_key, format!("`{url}`: {why}")));
+    if let Some(rest) = url.strip_prefix("s3://") {
+        if rest.split('/').next().is_none_or(str::is_empty) {
+            return bad("no bucket name (s3://bucket/prefix)");
+        }
+        return Ok(());
+    }
+    let dir = url.strip_prefix("file://").unwrap_or(url);
+    // `s3:/x` or `S3://x` is a mistyped URL, not a directory to create and fill.
+    let scheme_like = dir
+        .split_once(':')
+        .is_some_and(|(s, _)| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric()));
+    if dir.is_empty() || url.contains("://") && !url.starts_with("file://") || scheme_like {
+        return bad("not a store URL (use s3://bucket/prefix, file:///dir or a directory path)");
+    }
+    Ok(())
+}
+
 /// Opens `url`: `s3://bucket[/prefix]`, `file:///dir` or a plain directory path.
 pub fn open(url: &str, opts: &StoreOptions) -> Result<Tier, StoreConfigError> {
     if let Some(rest) = url.strip_prefix("s3://") {

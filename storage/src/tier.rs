@@ -266,6 +266,7 @@ impl TierCopier {
                 original: &original,
                 mtime: &mtime,
                 size,
+                state: copy::SourceState::of(&meta),
             };
             // A small file bound for a local store is copied without looking at the key
             // first: its copy is never published over an object, and one that finds the
@@ -326,6 +327,7 @@ impl TierCopier {
             original,
             mtime,
             size,
+            state,
         } = *src;
         let existing = if look_first {
             copy::object_size(&self.tier, key).await?
@@ -388,6 +390,7 @@ impl TierCopier {
                 records: &self.records,
                 mtime,
                 digest: source.as_ref(),
+                state: Some(state),
             };
             let up = match copy::upload(&self.tier, key, file, original, alg, attrs, resume).await {
                 Err(CopyError::Exists(_)) => return Ok(Claimed::Raced),
@@ -475,6 +478,8 @@ struct Source<'a> {
     original: &'a str,
     mtime: &'a str,
     size: u64,
+    /// Its state when first looked at (size and mtime as recorded).
+    state: copy::SourceState,
 }
 
 /// What a claimed key held.

@@ -259,6 +259,28 @@ async fn awkward_keys_of_a_local_store_are_stored_or_refused_at_once() {
         Err(TierError::Permanent(e)) => assert!(e.contains("needs a directory"), "{e}"),
         other => panic!("expected permanent, got {other:?}"),
     }
+
+    // A name near the filesystem's limit whose key holds other content: the sibling name
+    // (17 bytes longer) cannot exist.
+    let name = format!("l/{}", "n".repeat(245));
+    let first = put(base.path(), "online", &name, b"first version");
+    copied(c.handle(&first, 1).await);
+    let second = put(base.path(), "online", &name, b"second version");
+    match c.handle(&second, 1).await {
+        Err(TierError::Permanent(e)) => assert!(e.contains("longer than"), "{e}"),
+        other => panic!("expected permanent, got {other:?}"),
+    }
+
+    // A recorded copy whose key became a directory (the object was lost, then `e/x.mov`
+    // archived): the redelivery copies again beside it instead of failing to read it.
+    let big_e = content(2 * MIB, 11);
+    let e = put(base.path(), "online", "e", &big_e);
+    copied(c.handle(&e, 1).await);
+    std::fs::remove_file(store_dir.join("e")).expect("lose the object");
+    std::fs::create_dir_all(store_dir.join("e")).expect("dir");
+    std::fs::write(store_dir.join("e/x.mov"), b"other").expect("write");
+    let r = copied(c.handle(&e, 2).await);
+    assert_eq!(r.key, format!("e.{}", &sha256(&big_e)[..16]));
 }
 
 #[tokio::test]

@@ -280,7 +280,7 @@ fn storage_tier(name: &'static str, start: Start, root: &Path) -> Svc {
             dead(
                 "NUL byte in the file name",
                 msg(&dir, "probe.mov\0.txt"),
-                invalid_name,
+                &["field `filename` contains a NUL character"],
             ),
             // Design §7: `ignore: true` is recorded as ignored and dropped; nothing is read.
             dropped(

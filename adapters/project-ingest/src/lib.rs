@@ -250,7 +250,13 @@ impl Service for ProjectIngest {
         let b = framework::cli::binding_of::<Self>(cfg);
         Ok(
             ProjectProcessor::new(store, &cfg.service.output_exchange, &b.output_routing_key)
-                .with_missing_retries(cfg.settings.missing_project_retries),
+                // Within the retries there are: the last attempt drops the update, never
+                // dead-letters it as retries-exhausted.
+                .with_missing_retries(
+                    cfg.settings
+                        .missing_project_retries
+                        .min(cfg.retry.max_attempts.saturating_sub(1)),
+                ),
         )
     }
 }

@@ -170,8 +170,9 @@ impl StatusProcessor {
                 if !f.counted {
                     tracing::info!(file = %m.filename, "file already counted (redelivery)");
                 }
-                // The file that completed the collection re-emits on every redelivery.
-                if f.triggered_received {
+                // The file that completed the collection re-emits when it comes back (its
+                // publish may have been lost), not when the sender sends it again.
+                if f.triggered_received && (f.counted || retried) {
                     extra.push(self.export_state_publication(m, &f.collection));
                     if self.store.mark_product_received(&m.correlation_id).await? {
                         transition("RECEIVED");
@@ -383,6 +384,7 @@ impl Service for SnapshotStatus {
             if v.trim().is_empty() {
                 return Err(ConfigError::new(key, "must not be empty"));
             }
+            framework::config::check_owned_name(key, v)?;
         }
         Ok(())
     }

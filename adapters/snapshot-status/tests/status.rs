@@ -352,9 +352,11 @@ async fn redelivered_files_are_counted_once(b: Backend) {
     let r = json_of(&next(&mut env.out).await);
     assert_eq!(r["status"], "Received");
     assert_eq!(json_of(&next(&mut env.export).await)["topic_name"], "db.d");
-    // The file that completed the collection, redelivered, is not counted again but
-    // re-emits its export-state message (at-least-once: a lost publish is repaired).
-    env.send_with(&unnamed, with_id("m-2")).await;
+    // The file that completed the collection, back from a retry tier (its publish may
+    // have failed), is not counted again but re-emits its export-state message
+    // (at-least-once: a lost publish is repaired).
+    env.send_with(&unnamed, as_retried().with_message_id("m-2".into()))
+        .await;
     let r = json_of(&next(&mut env.out).await);
     assert_eq!(r["files_received"], 3);
     assert_eq!(json_of(&next(&mut env.export).await)["topic_name"], "db.d");
@@ -597,6 +599,10 @@ async fn a_retried_message_that_changed_nothing_sends_nothing_again(b: Backend) 
         assert_eq!(r["status"], "Received");
         assert_eq!(json_of(&next(&mut env.export).await)["topic_name"], coll);
     }
+    // The sender sends the file that completed db.a again (a new message, not a retry).
+    let again = env.process(&file(c, "db.a", "f1")).await;
+    assert_eq!(again["counted"], false);
+    env.no_more().await;
     // The sender's count for db.a, retried once (a database blip): changes nothing.
     env.send_with(&msg(c, "db.a", json!({"files_sent": 1})), as_retried())
         .await;
@@ -1096,23 +1102,27 @@ async fn two_replicas_on_one_queue_reach_the_exact_final_state() {
 fn an_empty_exchange_name_is_refused_by_the_bus_commands_too() {
     // The export-state and monitoring exchanges are part of this service's topology:
     // `declare` and `definitions` check them although they skip the run-only checks.
+    // A name longer than AMQP carries panicked in lapin's declaration instead.
     let dir = tempfile::tempdir().unwrap();
-    for cmd in ["declare", "definitions", "check-config"] {
-        let o = std::process::Command::new(env!("CARGO_BIN_EXE_snapshot-status"))
-            .arg("--config-dir")
-            .arg(dir.path())
-            .arg(cmd)
-            .env_remove("APP_ENV")
-            .env_remove("STORAGETIER_CONFIG_DIR")
-            .env("STORAGETIER__AMQP__URL", amqp_url())
-            .env("STORAGETIER__SNAPSHOT_STATUS__EXPORT_STATE_EXCHANGE", " ")
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(2), "{cmd}: {err}");
-        assert!(
-            err.contains("snapshot_status.export_state_exchange"),
-            "{cmd}: {err}"
-        );
+    let long = "x".repeat(300);
+    for bad in [" ", long.as_str(), "amq.export"] {
+        for cmd in ["declare", "definitions", "check-config"] {
+            let o = std::process::Command::new(env!("CARGO_BIN_EXE_snapshot-status"))
+                .arg("--config-dir")
+                .arg(dir.path())
+                .arg(cmd)
+                .env_remove("APP_ENV")
+                .env_remove("STORAGETIER_CONFIG_DIR")
+                .env("STORAGETIER__AMQP__URL", amqp_url())
+                .env("STORAGETIER__SNAPSHOT_STATUS__EXPORT_STATE_EXCHANGE", bad)
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert_eq!(o.status.code(), Some(2), "{cmd} {bad}: {err}");
+            assert!(
+                err.contains("snapshot_status.export_state_exchange"),
+                "{cmd}: {err}"
+            );
+        }
     }
 }
