@@ -537,6 +537,21 @@ pub fn shutdown_on_signal() -> CancellationToken {
         let _ = ctrl_c.await;
         tracing::info!("shutdown requested");
         t.cancel();
+        // A second signal during the drain means now: exit without waiting for it (the
+        // broker gives back whatever was not acked).
+        #[cfg(unix)]
+        {
+            let again = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+            let int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt());
+            if let (Ok(mut again), Ok(mut int)) = (again, int) {
+                tokio::select! {
+                    _ = again.recv() => {}
+                    _ = int.recv() => {}
+                }
+                tracing::warn!("second signal: exiting without finishing the drain");
+                std::process::exit(1);
+            }
+        }
     });
     token
 }

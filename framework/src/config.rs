@@ -302,11 +302,73 @@ pub struct LogConfig {
     pub format: LogFormat,
 }
 
+/// `url` safe to print: a password in it, and the value of any query parameter whose
+/// name says secret (`password`, `token`, `key`, `secret`, `sig`…), as `***`. Text that
+/// is no URL is shown whole only if it has no `@` or `?`.
+pub fn redacted_url(url: &str) -> String {
+    let Ok(mut u) = url::Url::parse(url) else {
+        return if url.contains(['@', '?']) {
+            "***".to_string()
+        } else {
+            url.to_string()
+        };
+    };
+    if u.password().is_some() {
+        let _ = u.set_password(Some("***"));
+    }
+    if u.query().is_some() {
+        let secret = |k: &str| {
+            let k = k.to_ascii_lowercase();
+            [
+                "pass",
+                "token",
+                "key",
+                "secret",
+                "sig",
+                "auth",
+                "credential",
+            ]
+            .iter()
+            .any(|w| k.contains(w))
+        };
+        let pairs: Vec<(String, String)> = u
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if secret(&k) {
+                    "***".into()
+                } else {
+                    v.into_owned()
+                };
+                (k.into_owned(), v)
+            })
+            .collect();
+        u.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    u.to_string()
+}
+
+fn serialize_redacted<S: Serializer>(url: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&redacted_url(url))
+}
+
+/// Serializes an optional URL setting as [`redacted_url`] shows it (`check-config`).
+pub fn serialize_redacted_url<S: Serializer>(
+    url: &Option<String>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match url {
+        Some(u) => s.serialize_some(&redacted_url(u)),
+        None => s.serialize_none(),
+    }
+}
+
 /// `[telemetry]`: optional span export (design §6).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TelemetryConfig {
     /// OTLP/HTTP collector base URL (spans go to `<url>/v1/traces`); empty = no export.
+    /// Shown (`check-config`, logs) without a password or secret query values.
+    #[serde(serialize_with = "serialize_redacted")]
     pub otlp_endpoint: String,
     /// Bound on one export request.
     pub otlp_timeout_ms: u64,
@@ -767,6 +829,23 @@ mod tests {
             ..LoadOptions::default()
         };
         load::<IgnoredAny>("echo", &opts)
+    }
+
+    #[test]
+    fn urls_are_shown_without_their_secrets() {
+        assert_eq!(
+            redacted_url("https://u:s3cret@collector:4318/x?api-key=k1&region=eu"),
+            "https://u:***@collector:4318/x?api-key=***&region=eu"
+        );
+        assert_eq!(
+            redacted_url("http://sink/events?token=t&sig=s&page=2"),
+            "http://sink/events?token=***&sig=***&page=2"
+        );
+        assert_eq!(
+            redacted_url("http://collector:4318"),
+            "http://collector:4318/"
+        );
+        assert_eq!(redacted_url("not a url?token=x"), "***");
     }
 
     #[test]

@@ -111,6 +111,13 @@ fn with_frame_max(url: &str) -> String {
     }
 }
 
+/// Makes the next connect start after the node connected to last: it accepted the
+/// connection but could not run a session (no quorum there, a partition, permissions),
+/// and the other nodes must get their turn.
+pub(crate) fn skip_last_node() {
+    NEXT_NODE.fetch_add(1, Ordering::Relaxed);
+}
+
 /// Opens a connection named for the management UI to the first node of `[amqp] urls`
 /// (or `url`) that answers, starting after the node tried last.
 pub async fn connect(amqp: &AmqpConfig, service: &str) -> Result<Connection, lapin::Error> {

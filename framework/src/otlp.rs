@@ -130,11 +130,11 @@ impl SpanExporter {
         let failure = match sent {
             Ok(r) if r.status().is_success() => None,
             Ok(r) => Some(format!("HTTP {}", r.status())),
-            Err(e) => Some(e.to_string()),
+            Err(e) => Some(e.without_url().to_string()),
         };
         if let Some(why) = failure {
             metrics::counter!(SPANS_DROPPED_TOTAL).increment(n);
-            tracing::warn!(url = %self.url, error = %why, spans = n, "OTLP export failed; spans dropped");
+            tracing::warn!(url = %crate::config::redacted_url(&self.url), error = %why, spans = n, "OTLP export failed; spans dropped");
         }
     }
 }

@@ -160,21 +160,29 @@ impl<P: MessageProcessor> Runtime<P> {
         let initial = Duration::from_millis(inner.amqp.reconnect_initial_ms);
         let max = Duration::from_millis(inner.amqp.reconnect_max_ms);
         let mut backoff = initial;
-        let mut first = true;
+        // Both exist from the start: a service that never connects shows `connected 0`
+        // (its alert can fire), and the first recovery is an increase of the counter.
+        metrics::gauge!(m::CONNECTED).set(0.0);
+        let recoveries =
+            metrics::counter!(m::RECONNECTS_TOTAL, "queue" => inner.topology.queue.clone());
+        recoveries.increment(0);
         loop {
             if shutdown.is_cancelled() {
                 break;
             }
-            if !first {
-                metrics::counter!(m::RECONNECTS_TOTAL, "queue" => inner.topology.queue.clone())
-                    .increment(1);
-            }
-            first = false;
+            let started = tokio::time::Instant::now();
             match session(inner, shutdown).await {
                 Ok(SessionEnd::Shutdown) => break,
                 Ok(SessionEnd::Lost(why)) => {
+                    // One per lost session, not per failed attempt to get a new one: a
+                    // broker restart is one recovery however many connects it takes.
+                    recoveries.increment(1);
                     warn!(queue = %inner.topology.queue, reason = %why, "lost the broker; reconnecting");
-                    backoff = initial;
+                    // Back to a quick reconnect after a session that ran a while; sessions
+                    // lost one after another back off as failed connects do.
+                    if started.elapsed() >= max {
+                        backoff = initial;
+                    }
                 }
                 Err(e) if e.is_conflict() => {
                     return Err(RuntimeError::TopologyConflict(e.to_string()));
@@ -182,6 +190,7 @@ impl<P: MessageProcessor> Runtime<P> {
                 Err(e) => {
                     warn!(queue = %inner.topology.queue, error = %e, retry_in_ms = backoff.as_millis() as u64,
                         "cannot reach the broker");
+                    crate::connection::skip_last_node();
                 }
             }
             tokio::select! {

@@ -191,7 +191,13 @@ pub(crate) async fn session<P: MessageProcessor>(
     };
     inner.status.set_ready(false);
     inner.status.attach(None);
-    let budget = Duration::from_millis(inner.amqp.drain_timeout_ms);
+    // With the connection gone the broker has already requeued what the handlers hold, and
+    // another session or instance may be running it: stop them now instead of letting them
+    // run beside it for the drain budget (their acks could never land anyway).
+    let budget = match &end {
+        SessionEnd::Lost(_) if !alive() => Duration::ZERO,
+        _ => Duration::from_millis(inner.amqp.drain_timeout_ms),
+    };
     let (code, reason) = match &end {
         SessionEnd::Shutdown => {
             info!(queue = %inner.topology.queue, in_flight = handlers.tasks.len(), "shutting down: cancelling consumer and draining");
@@ -493,10 +499,14 @@ impl<P: MessageProcessor> Shared<P> {
             // Counted once the ack has left (the settler sends it).
             Ok(()) => settler.ack(delivery.delivery_tag, label),
             Err(e) => {
-                // Not even our own retry tier took it: the broker is failing or our
-                // topology is gone. Re-declare it and let the message come back.
-                error!(error = %e, "could not publish a retry either; re-declaring the topology, the input goes back to the queue");
-                broken.cancel();
+                // Not even our own retry tier took it. Our topology gone (unroutable) or the
+                // channel closed: re-declare it in a new session. A nack or a confirm that
+                // never came (a full queue, a resource alarm) is the broker's state, which
+                // a new session would not change: the message goes back after a pause.
+                error!(error = %e, "could not publish a retry either; the input goes back to the queue");
+                if matches!(e, PublishError::Unroutable(..) | PublishError::Amqp(_)) {
+                    broken.cancel();
+                }
                 tokio::time::sleep(PUBLISH_FAILURE_BACKOFF).await;
                 settler.give_back(delivery.delivery_tag);
             }

@@ -45,13 +45,33 @@ pub(crate) fn random_u128() -> u128 {
     rand::random()
 }
 
+/// Longest `tracestate` passed on: W3C asks at least 512 characters to be propagated and
+/// allows a longer one to be dropped; a producer's 100 KB value would otherwise ride on
+/// every output, retry, dead letter and exported span.
+const MAX_TRACESTATE: usize = 512;
+
+/// Whether a `tracestate` is passed on: at most [`MAX_TRACESTATE`] bytes of printable
+/// ASCII in at most 32 list members (what W3C allows).
+fn usable_tracestate(s: &str) -> bool {
+    s.len() <= MAX_TRACESTATE
+        && s.bytes().all(|b| (0x20..0x7f).contains(&b))
+        && s.split(',').count() <= 32
+}
+
 impl TraceContext {
     /// Continues the trace of `headers` (a valid version-00 `traceparent`), or starts one.
     pub fn continue_from(headers: &FieldTable) -> Self {
         let parsed = h::get_str(headers, TRACEPARENT).and_then(|tp| {
             let parts: Vec<&str> = tp.trim().split('-').collect();
-            match parts.as_slice() {
-                [v, t, p, f]
+            // A later version may append fields: its first four are read as version 00's
+            // (W3C trace context, "versioning of traceparent"); version 00 has exactly four.
+            let four = match parts.as_slice() {
+                [v, t, p, f] => Some([*v, *t, *p, *f]),
+                [v, t, p, f, ..] if *v != "00" => Some([*v, *t, *p, *f]),
+                _ => None,
+            };
+            match four.as_ref() {
+                Some([v, t, p, f])
                     if is_hex(v, 2)
                         && *v != "ff"
                         && is_hex(t, 32)
@@ -71,7 +91,7 @@ impl TraceContext {
                 span_id: random_hex(16),
                 parent_span_id: Some(parent),
                 flags,
-                tracestate: h::get_str(headers, TRACESTATE),
+                tracestate: h::get_str(headers, TRACESTATE).filter(|s| usable_tracestate(s)),
             },
             None => Self {
                 trace_id: random_hex(32),
@@ -142,10 +162,49 @@ mod tests {
                 "{bad}: a broken trace's state is not passed on"
             );
         }
+        // Version 00 has exactly four fields.
+        let c = TraceContext::continue_from(&with(
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra",
+        ));
+        assert_eq!(c.parent_span_id, None);
         let c = TraceContext::continue_from(&FieldTable::default());
         assert_eq!(c.flags, "01");
         let d = TraceContext::continue_from(&FieldTable::default());
         assert_ne!(c.trace_id, d.trace_id, "every new trace has its own id");
         assert_ne!(c.span_id, d.span_id);
+    }
+
+    #[test]
+    fn a_later_version_is_read_by_its_first_four_fields() {
+        let c = TraceContext::continue_from(&with(
+            "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-what-comes-later",
+        ));
+        assert_eq!(c.trace_id, "0af7651916cd43dd8448eb211c80319c");
+        assert_eq!(c.parent_span_id.as_deref(), Some("b7ad6b7169203331"));
+    }
+
+    #[test]
+    fn a_tracestate_too_long_or_not_text_is_not_passed_on() {
+        let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let with_state = |ts: &str| {
+            let mut t = FieldTable::default();
+            h::set_str(&mut t, TRACEPARENT, tp);
+            h::set_str(&mut t, TRACESTATE, ts);
+            TraceContext::continue_from(&t)
+        };
+        let big = format!("v={}", "x".repeat(100 * 1024));
+        assert_eq!(with_state(&big).tracestate, None);
+        assert_eq!(with_state("v=a\nb").tracestate, None);
+        let many = (0..33)
+            .map(|i| format!("k{i}=v"))
+            .collect::<Vec<_>>()
+            .join(",");
+        assert_eq!(with_state(&many).tracestate, None);
+        assert_eq!(with_state("a=1,b=2").tracestate.as_deref(), Some("a=1,b=2"));
+        // The trace itself is still continued.
+        assert_eq!(
+            with_state(&big).parent_span_id.as_deref(),
+            Some("b7ad6b7169203331")
+        );
     }
 }

@@ -141,9 +141,15 @@ fn layers_apply_in_order_and_check_config_redacts_secrets() {
             "amqps://user:hunter2-s3cret@broker.example:5671/prod",
         )
         .env("STORAGETIER__STORAGE__DATA_DIR", "/tmp/elsewhere")
+        // A collector reached with credentials in its URL (no other OTLP auth exists).
+        .env(
+            "STORAGETIER__TELEMETRY__OTLP_ENDPOINT",
+            "https://otel:collector-s3cret@collector:4318/?api-key=apikey-s3cret",
+        )
         .arg("check-config"));
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let text = String::from_utf8_lossy(&o.stdout);
+    assert!(!text.contains("s3cret"), "{text}");
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(v["amqp"]["prefetch"], 5, "env file beats default.toml");
     assert_eq!(v["log"]["level"], "debug", "default.toml beats built-in");
@@ -476,4 +482,69 @@ async fn the_amqp_password_never_shows_in_logs_metrics_or_dead_letters() {
     ] {
         assert!(!text.contains(&password), "the password leaked into {what}");
     }
+}
+
+/// A service that never reaches its broker still says so in its metrics: the
+/// `storagetier_connected` gauge is 0 (not absent, which no `== 0` alert matches) and the
+/// recoveries counter exists at 0; failed connection attempts are not counted as
+/// recoveries (one broker restart would otherwise look like flapping).
+#[tokio::test]
+async fn a_service_that_cannot_connect_reports_it_in_its_metrics() {
+    use framework::testing::broker::free_port;
+    let dir = tempfile::tempdir().unwrap();
+    let q = unique("never");
+    let http = free_port();
+    let mut c = echo_cmd(&q, dir.path());
+    c.env(
+        "STORAGETIER__AMQP__URL",
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", free_port()),
+    )
+    .env("STORAGETIER__AMQP__RECONNECT_INITIAL_MS", "50")
+    .env("STORAGETIER__AMQP__RECONNECT_MAX_MS", "100")
+    .env(
+        "STORAGETIER__ECHO__HTTP_LISTEN",
+        format!("127.0.0.1:{http}"),
+    )
+    .env("STORAGETIER__LOG__LEVEL", "warn")
+    .arg("run")
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    let mut svc = process::spawn(&mut c).expect("echo runs");
+    // Three failed attempts logged first: none of them may count as a recovery.
+    let stderr = svc.take_stderr().expect("stderr");
+    let attempts = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .filter(|l| l.contains("cannot reach the broker"))
+            .take(3)
+            .count()
+    });
+    let attempts = tokio::time::timeout(WAIT, attempts)
+        .await
+        .expect("three failed attempts in time")
+        .unwrap();
+    assert_eq!(attempts, 3);
+    let client = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{http}");
+    let recoveries = format!("storagetier_reconnects_total{{queue=\"{q}\"}} 0");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let text = match client.get(format!("{base}/metrics")).send().await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        if text.contains("storagetier_connected 0") && text.contains(&recoveries) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "connected 0 and {recoveries} in:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ready = client.get(format!("{base}/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
 }

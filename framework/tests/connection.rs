@@ -37,6 +37,31 @@ async fn the_nodes_of_a_cluster_are_tried_in_turn() {
     hs.stop().await;
 }
 
+/// A node that accepts the connection but cannot run a session (here its user may not
+/// declare anything; in production a minority partition or a node without quorum) is
+/// passed over: the next connect starts at the next node instead of the same one forever.
+#[tokio::test]
+async fn a_node_that_connects_but_cannot_run_a_session_is_passed_over() {
+    let user = unique("noconf");
+    let _user = admin::Admin::suite()
+        .add_user_configuring(&user, "pw", "^$")
+        .await;
+    let limited = with_credentials(&amqp_url(), &user, "pw");
+    let urls = format!("[\"{limited}\", \"{}\"]", amqp_url());
+    let mut hs = Harness::start(
+        "passover",
+        &[
+            ("amqp.urls", &urls),
+            ("amqp.reconnect_initial_ms", "100"),
+            ("amqp.operation_timeout_ms", "3000"),
+        ],
+        echo(),
+    )
+    .await;
+    round_trip(&hs).await;
+    hs.stop().await;
+}
+
 #[tokio::test]
 async fn a_node_that_never_answers_is_given_up_on_in_time() {
     // A listener that accepts and then says nothing: without a bound the connect would

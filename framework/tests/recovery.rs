@@ -209,3 +209,55 @@ async fn shutdown_stops_a_handler_that_outlives_the_drain_budget() {
     // Its message was not acked: it is back in the queue.
     await_ready_count(&hs.ch, &q, 1).await;
 }
+
+/// The first delivery never ends and never notices its session ending (work that cannot:
+/// a blocking copy); the redelivery succeeds.
+struct DeafFirst(std::sync::Arc<Concurrency>);
+
+#[framework::async_trait]
+impl framework::MessageProcessor for DeafFirst {
+    type Input = serde_json::Value;
+    async fn handle(&self, v: serde_json::Value, ctx: &MessageContext) -> Outcome {
+        let _busy = Busy::enter(&self.0);
+        if !ctx.redelivered {
+            std::future::pending::<()>().await;
+        }
+        Outcome::success(v)
+    }
+}
+
+/// With the connection gone, the broker has already requeued what the session's handlers
+/// held: they are stopped at once, not after the drain budget (here 5 minutes), during
+/// which the redelivery would wait — or run beside them on another instance.
+#[tokio::test]
+async fn a_lost_connection_stops_its_handlers_at_once_even_deaf_ones() {
+    let name = unique("conn");
+    let seen = std::sync::Arc::new(Concurrency::default());
+    let mut hs = Harness::start(
+        "deaf",
+        &[
+            ("amqp.connection_name", &name),
+            ("amqp.prefetch", "1"),
+            ("amqp.reconnect_initial_ms", "100"),
+            ("amqp.drain_timeout_ms", "300000"),
+        ],
+        DeafFirst(seen.clone()),
+    )
+    .await;
+    let mut out = hs.watch_output().await;
+    hs.publish("test.x", br#"{"n":1}"#, BasicProperties::default())
+        .await;
+    let s = seen.clone();
+    wait_until("the handler to be busy", || {
+        s.now.load(std::sync::atomic::Ordering::SeqCst) == 1
+    })
+    .await;
+    assert_eq!(close_connection_named(&name).await, 1);
+    assert_eq!(next(&mut out).await.data, br#"{"n":1}"#);
+    assert_eq!(
+        seen.max.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the lost session's handler was stopped before the redelivery ran"
+    );
+    hs.stop().await;
+}

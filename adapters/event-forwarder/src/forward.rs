@@ -121,7 +121,14 @@ impl Forwarder {
         match classify_status(status) {
             StatusClass::Delivered => PostResult::Delivered(status.as_u16()),
             class => {
-                let msg = format!("endpoint answered {status}{}", quoted_body(resp).await);
+                let mut msg = format!("endpoint answered {status}{}", quoted_body(resp).await);
+                // An endpoint may echo the token back (`invalid token tok-…`): the answer
+                // goes to logs and dead letters, the token must not.
+                if let Some(t) = self.auth.as_ref().and_then(|a| a.to_str().ok())
+                    && !t.is_empty()
+                {
+                    msg = msg.replace(t, "***");
+                }
                 if class == StatusClass::Retryable {
                     PostResult::Retryable(msg)
                 } else {

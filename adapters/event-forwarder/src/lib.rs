@@ -5,4 +5,4 @@ pub mod envelope;
 pub mod forward;
 pub mod service;
 
-pub use service::{EventForwarder, EventForwarderService, ForwarderSettings};
+pub use service::{DONE_HEADER, EventForwarder, EventForwarderService, ForwarderSettings};

@@ -35,8 +35,8 @@ pub const POSTS_METRIC: &str = "storagetier_event_forwarder_posts_total";
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ForwarderSettings {
-    /// http(s) URL events are POSTed to (required).
-    #[serde(default)]
+    /// http(s) URL events are POSTed to (required); shown without secret query values.
+    #[serde(default, serialize_with = "framework::config::serialize_redacted_url")]
     pub endpoint: Option<String>,
     /// `Authorization` header value.
     #[serde(default)]
@@ -192,20 +192,35 @@ impl EventForwarder {
     }
 
     async fn handle_single(&self, body: &RawValue, ctx: &MessageContext) -> Outcome {
+        // Marked once delivered, like a batch's records: if the success message cannot be
+        // published, the retry does not POST the event again.
+        let mut progress = framework::batch::Progress::resume(ctx, DONE_HEADER);
+        if progress.is_done("0") {
+            return Outcome::success(json!({
+                "kind": "event",
+                "records": 1,
+                "delivered": [],
+                "dead_lettered": [],
+                "skipped": [0],
+            }));
+        }
         let r = match self.post(body.get(), ctx).await {
             Posted::Result(r) => r,
             Posted::Exhausted(e) => return Outcome::exhausted(e),
             Posted::Interrupted(e) => return Outcome::Interrupted(e),
         };
         match r {
-            PostResult::Delivered(status) => Outcome::success(json!({
-                "kind": "event",
-                "records": 1,
-                "status": status,
-                "delivered": [0],
-                "dead_lettered": [],
-                "skipped": [],
-            })),
+            PostResult::Delivered(status) => {
+                progress.mark_done("0");
+                Outcome::success(json!({
+                    "kind": "event",
+                    "records": 1,
+                    "status": status,
+                    "delivered": [0],
+                    "dead_lettered": [],
+                    "skipped": [],
+                }))
+            }
             PostResult::Retryable(e) => Outcome::retry(e),
             PostResult::Rejected(e) => Outcome::permanent(e),
         }
@@ -225,6 +240,19 @@ impl EventForwarder {
             if progress.is_done(&mark) {
                 skipped.push(i);
                 continue;
+            }
+            // The session is ending (SIGTERM, a lost connection): stop posting. Unordered,
+            // the retry carries what is done, so nothing is posted twice when the
+            // connection still takes it; ordered, the batch keeps its place.
+            if ctx.is_cancelled() {
+                if self.ordered {
+                    return Outcome::Interrupted("the session ended during a batch".into());
+                }
+                return Outcome::retry(format!(
+                    "the session ended after {} of {} records",
+                    delivered.len() + dead.len() + skipped.len(),
+                    records.len()
+                ));
             }
             let result = match self.post(r.kinesis.get(), ctx).await {
                 Posted::Result(res) => res,
@@ -349,7 +377,7 @@ impl Service for EventForwarderService {
             token.as_ref(),
             Duration::from_millis(s.timeout_ms),
         )?;
-        tracing::info!(endpoint = %endpoint, ordered = s.ordered, timeout_ms = s.timeout_ms, "forwarding events");
+        tracing::info!(endpoint = %framework::config::redacted_url(endpoint.as_str()), ordered = s.ordered, timeout_ms = s.timeout_ms, "forwarding events");
         Ok(EventForwarder::new(fwd, s.ordered, cfg.retry.clone()))
     }
 }

@@ -91,7 +91,11 @@ async fn an_event_is_posted_unchanged_with_the_token() {
 async fn a_4xx_dead_letters_the_event_without_the_token() {
     let server = MockServer::start().await;
     Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(422).set_body_string("invalid member"))
+        // An endpoint that echoes the token it was sent: the token must not reach the
+        // dead letter's x-error (nor the logs) through the quoted answer.
+        .respond_with(
+            ResponseTemplate::new(422).set_body_string(format!("invalid member (auth {TOKEN})")),
+        )
         .expect(1)
         .mount(&server)
         .await;
@@ -136,6 +140,36 @@ async fn a_5xx_is_retried_until_delivered() {
     assert_eq!(int_header(&o, "x-retry-count"), None);
     assert_eq!(json_of(&o)["status"], 200);
     assert_eq!(bodies(&server).await, vec![r#"{"n":1}"#; 2]);
+}
+
+/// A single event back from a retry tier after its POST succeeded but its success
+/// message could not be published (the retry carries the done mark): not POSTed again.
+#[tokio::test]
+async fn a_delivered_event_is_not_posted_again_by_its_retry() {
+    use framework::lapin::types::{AMQPValue, FieldTable};
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&server)
+        .await;
+    let data = tempfile::tempdir().unwrap();
+    let hs = start(&server, data.path(), &[]).await;
+    let mut out = hs.watch_output().await;
+    let mut h = FieldTable::default();
+    h.insert("x-retry-count".into(), AMQPValue::LongLongInt(1));
+    h.insert(
+        event_forwarder::DONE_HEADER.into(),
+        AMQPValue::LongString(r#"["0"]"#.into()),
+    );
+    hs.publish("k", br#"{"n":7}"#, with_id("ev-7").with_headers(h))
+        .await;
+    let o = json_of(&next(&mut out).await);
+    assert_eq!(o["skipped"], json!([0]));
+    assert!(bodies(&server).await.is_empty(), "not posted again");
+    // A first attempt is posted, and its mark is what a retry would carry.
+    hs.publish("k", br#"{"n":8}"#, with_id("ev-8")).await;
+    assert_eq!(json_of(&next(&mut out).await)["delivered"], json!([0]));
+    assert_eq!(bodies(&server).await, vec![r#"{"n":8}"#]);
 }
 
 fn record(seq: &str) -> Value {

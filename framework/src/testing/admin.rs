@@ -127,6 +127,17 @@ impl Admin {
 
     /// Adds a user with full permissions on vhost `/`; deleted when the guard drops.
     pub async fn add_user(&self, user: &str, password: &str) -> TestUser {
+        self.add_user_configuring(user, password, ".*").await
+    }
+
+    /// Adds a user on vhost `/` who may read and write anything but configure (declare)
+    /// only what matches `configure` (`^$`: nothing); deleted when the guard drops.
+    pub async fn add_user_configuring(
+        &self,
+        user: &str,
+        password: &str,
+        configure: &str,
+    ) -> TestUser {
         self.call(
             reqwest::Method::PUT,
             &format!("/users/{}", encode(user)),
@@ -136,7 +147,7 @@ impl Admin {
         self.call(
             reqwest::Method::PUT,
             &format!("/permissions/%2F/{}", encode(user)),
-            Some(serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"})),
+            Some(serde_json::json!({"configure": configure, "write": ".*", "read": ".*"})),
         )
         .await;
         TestUser {
@@ -172,8 +183,9 @@ impl Drop for TestUser {
         let admin = self.admin.clone();
         let user = self.user.clone();
         super::run_on_own_thread(async move {
-            let _ = admin
-                .http
+            // A client of this thread's runtime: the admin's own pooled connections belong
+            // to the test's runtime and hang here until their timeout.
+            let _ = reqwest::Client::new()
                 .delete(format!("{}/api/users/{}", admin.base, encode(&user)))
                 .basic_auth(&admin.user, Some(&admin.password))
                 .send()

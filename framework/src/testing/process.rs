@@ -26,6 +26,11 @@ pub fn spawn(cmd: &mut Command) -> std::io::Result<Guarded> {
 }
 
 impl Guarded {
+    /// The process's stderr, if it was piped and not taken yet (to read its log).
+    pub fn take_stderr(&mut self) -> Option<std::process::ChildStderr> {
+        self.child.stderr.take()
+    }
+
     /// The process id (also its process group id).
     pub fn id(&self) -> u32 {
         self.child.id()
