@@ -42,38 +42,42 @@ pub fn default_url(data_dir: &Path, service: &str) -> String {
 
 /// Hides the password of a database URL for logs and `check-config`.
 pub fn redact_url(url: &str) -> String {
-    // A password can also be a query parameter (`?password=…`, which sqlx reads); the
-    // query starts after the credentials (a `?` inside a password is not one).
-    let from = url
-        .rfind('@')
-        .or_else(|| url.find("://").map(|s| s + 3))
-        .unwrap_or(0);
-    let (base, query) = match url[from..].find('?') {
-        Some(i) => (&url[..from + i], Some(&url[from + i + 1..])),
-        None => (url, None),
-    };
-    let mut out = match (base.find("://"), base.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let creds = &base[s + 3..at];
-            match creds.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &base[..s + 3], &base[at..]),
-                None => base.to_string(),
+    // Parsed as sqlx parses it, so what is masked is what it would use as the password
+    // (in the user info, or a `password` query parameter).
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
             }
+            if u.query().is_some() {
+                let pairs: Vec<(String, String)> = u
+                    .query_pairs()
+                    .map(|(k, v)| {
+                        let v = if k.eq_ignore_ascii_case("password") {
+                            "***".to_string()
+                        } else {
+                            v.into_owned()
+                        };
+                        (k.into_owned(), v)
+                    })
+                    .collect();
+                u.query_pairs_mut().clear().extend_pairs(pairs);
+            }
+            u.to_string()
         }
-        _ => base.to_string(),
-    };
-    if let Some(q) = query {
-        let params: Vec<String> = q
-            .split('&')
-            .map(|p| match p.split_once('=') {
-                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
-                _ => p.to_string(),
-            })
-            .collect();
-        out.push('?');
-        out.push_str(&params.join("&"));
+        // Not a URL sqlx could use either: nothing after the scheme is shown.
+        Err(_) => match url.find("://") {
+            Some(i) => format!("{}://***", &url[..i]),
+            None => "***".to_string(),
+        },
     }
-    out
+}
+
+/// True for an in-memory SQLite URL (`sqlite://:memory:`, `?mode=memory`).
+pub fn in_memory(url: &str) -> bool {
+    url.strip_prefix("sqlite:")
+        .map(|p| p.trim_start_matches('/'))
+        .is_some_and(|p| p.starts_with(":memory:") || p.contains("mode=memory"))
 }
 
 /// True for a PostgreSQL URL.
@@ -95,6 +99,14 @@ pub async fn connect(url: &str, migrator: &Migrator) -> Result<AnyPool, DbError>
     let pool = open_pool(&full, if sqlite { 1 } else { 10 }, false).await?;
     migrator.run(&pool).await?;
     Ok(pool)
+}
+
+/// Opens `url` for reading only, as it is: no migration runs (an operator's look must not
+/// change the schema under a running service of another version, and needs no rights to).
+pub async fn connect_read_only(url: &str) -> Result<AnyPool, DbError> {
+    let full = full_url(url)?;
+    let sqlite = full.starts_with("sqlite:");
+    open_pool(&full, if sqlite { 1 } else { 2 }, true).await
 }
 
 /// A database opened as separate read and write pools.
@@ -238,6 +250,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_in_memory_database_is_refused_as_config() {
+        for url in [
+            "sqlite://:memory:",
+            "sqlite::memory:",
+            "sqlite://x.db?mode=memory",
+        ] {
+            let e = DatabaseUrl::try_from(url.to_string()).expect_err(url);
+            assert!(e.contains("in-memory"), "{e}");
+        }
+        assert!(DatabaseUrl::try_from("sqlite://./data/x.db".to_string()).is_ok());
+    }
+
+    #[test]
     fn redacts_passwords() {
         assert_eq!(
             redact_url("postgres://u:pw@h:5432/db"),
@@ -252,7 +277,11 @@ mod tests {
             redact_url("postgres://u:pw@h/db?password=again"),
             "postgres://u:***@h/db?password=***"
         );
-        assert_eq!(redact_url("postgres://u:p?w@h/db"), "postgres://u:***@h/db");
+        assert_eq!(redact_url("postgres://u:p?w@h/db"), "postgres://***");
+        assert_eq!(
+            redact_url("postgres://u@h/db?password=s3cret&application_name=me@host"),
+            "postgres://u@h/db?password=***&application_name=me%40host"
+        );
         assert_eq!(redact_url("sqlite://./data/x.db"), "sqlite://./data/x.db");
     }
 
@@ -277,7 +306,12 @@ impl TryFrom<String> for DatabaseUrl {
 
     /// Accepts sqlite:// and postgres:// URLs; the message is safe to print (password hidden).
     fn try_from(url: String) -> Result<Self, String> {
-        if is_supported(&url) {
+        if in_memory(&url) {
+            Err(format!(
+                "`{url}` is an in-memory SQLite database: each connection gets its own and \
+                 it is gone when the connection is recycled, with every record; use a file"
+            ))
+        } else if is_supported(&url) {
             Ok(Self(url))
         } else {
             Err(format!(

@@ -357,34 +357,61 @@ fn a_configured_online_root_that_does_not_exist_exits_2_naming_the_key() {
 #[test]
 fn bad_store_settings_exit_2_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
-    let cases = [
-        ("ARCHIVE_URL", "ftp://h/x", "online_archive.archive_url"),
-        ("ARCHIVE_URL", "s3://", "online_archive.archive_url"),
-        ("ARCHIVE_URL", "s3:/archive", "online_archive.archive_url"),
-        ("ARCHIVE_URL", "", "online_archive.archive_url"),
+    let s3 = ("ARCHIVE_URL", "s3://archive");
+    let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
         (
-            "ARCHIVE_OPTIONS__PART_SIZE_MIB",
-            "1",
+            vec![("ARCHIVE_URL", "ftp://h/x")],
+            "online_archive.archive_url",
+        ),
+        (vec![("ARCHIVE_URL", "s3://")], "online_archive.archive_url"),
+        (
+            vec![("ARCHIVE_URL", "s3:/archive")],
+            "online_archive.archive_url",
+        ),
+        (vec![("ARCHIVE_URL", "")], "online_archive.archive_url"),
+        (
+            vec![s3, ("ARCHIVE_OPTIONS__PART_SIZE_MIB", "1")],
             "online_archive.archive_options.part_size_mib",
         ),
         (
-            "ARCHIVE_OPTIONS__SECRET_ACCESS_KEY_FILE",
-            "/nonexistent/secret",
+            vec![
+                s3,
+                (
+                    "ARCHIVE_OPTIONS__SECRET_ACCESS_KEY_FILE",
+                    "/nonexistent/secret",
+                ),
+            ],
             "online_archive.archive_options.secret_access_key_file",
         ),
     ];
-    for (k, v, key) in cases {
-        let o = std::process::Command::new(env!("CARGO_BIN_EXE_online-archive"))
-            .arg("--config-dir")
+    let check_config = |env: &[(&str, &str)]| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_online-archive"));
+        c.arg("--config-dir")
             .arg(dir.path())
-            .env("STORAGETIER__STORAGE__DATA_DIR", dir.path())
-            .env(format!("STORAGETIER__ONLINE_ARCHIVE__{k}"), v)
-            .arg("check-config")
-            .output()
-            .unwrap();
+            .env("STORAGETIER__STORAGE__DATA_DIR", dir.path());
+        for (k, v) in env {
+            c.env(format!("STORAGETIER__ONLINE_ARCHIVE__{k}"), v);
+        }
+        c.arg("check-config").output().unwrap()
+    };
+    for (env, key) in &cases {
+        let o = check_config(env);
         let err = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(2), "{k}={v}: {err}");
-        assert!(err.contains(key), "{k}={v} names {key}: {err}");
+        assert_eq!(o.status.code(), Some(2), "{env:?}: {err}");
+        assert!(err.contains(key), "{env:?} names {key}: {err}");
     }
     assert!(!dir.path().join("s3:").exists(), "no directory made");
+    // S3 options are ignored for a directory store, and a directory may have a colon.
+    let local = dir.path().join("vol1:archive");
+    let local = local.to_str().unwrap();
+    let o = check_config(&[
+        ("ARCHIVE_URL", local),
+        ("ARCHIVE_OPTIONS__PART_SIZE_MIB", "1"),
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }

@@ -184,6 +184,15 @@ async fn apply<'a>(
         rest = &rest[1..];
     }
     tx.commit().await?;
+    if relaxed {
+        // Back to FULL before the connection goes back to the pool: the writes made on it
+        // outside the group commit (an ignored file, a multipart upload's id and parts)
+        // must survive a power loss too.
+        db::sqlx::query("PRAGMA synchronous = FULL")
+            .execute(&mut *conn)
+            .await?;
+        *full = true;
+    }
     Ok(results)
 }
 
@@ -860,6 +869,27 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("r.db").display());
         a_batch_of_copies_lands_in_one_transaction(&url).await;
+    }
+
+    /// A batch of claims alone commits without the WAL fsync, but leaves the writer at
+    /// `synchronous = FULL` for every other write made on it (they were committed without
+    /// fsync after such a batch).
+    #[tokio::test]
+    async fn claims_leave_the_writer_fully_synchronous() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("r.db").display());
+        let r = Records::open(&url).await.unwrap();
+        assert!(
+            r.claim("k", "me", std::time::Duration::from_secs(20))
+                .await
+                .unwrap()
+        );
+        let mode: i64 = db::sqlx::query_scalar("PRAGMA synchronous")
+            .fetch_one(&r.write)
+            .await
+            .unwrap();
+        assert_eq!(mode, 2, "FULL");
+        r.close().await;
     }
 
     /// A file's copy whose key now holds another file's object (the object was lost and

@@ -152,7 +152,10 @@ pub fn check_settings(
     opts: &StoreOptions,
 ) -> Result<(), framework::config::ConfigError> {
     use framework::config::ConfigError;
-    if opts.part_size_mib < 5 || opts.part_size_mib > 5 * 1024 {
+    // The S3 options mean nothing to a directory store (default.toml: "ignored for
+    // directories"), so they are checked only for an S3 one.
+    let s3 = url.is_some_and(|u| u.starts_with("s3://"));
+    if s3 && (opts.part_size_mib < 5 || opts.part_size_mib > 5 * 1024) {
         return Err(ConfigError::new(
             format!("{options_key}.part_size_mib"),
             format!(
@@ -162,6 +165,7 @@ pub fn check_settings(
         ));
     }
     if let Some(f) = &opts.secret_access_key_file
+        && s3
         && let Err(e) = std::fs::read_to_string(f)
     {
         return Err(ConfigError::new(
@@ -180,10 +184,9 @@ pub fn check_settings(
         return Ok(());
     }
     let dir = url.strip_prefix("file://").unwrap_or(url);
-    // `s3:/x` or `S3://x` is a mistyped URL, not a directory to create and fill.
-    let scheme_like = dir
-        .split_once(':')
-        .is_some_and(|(s, _)| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric()));
+    // `s3:/x` or `S3://x` is a mistyped URL, not a directory to create and fill (a
+    // directory such as `vol1:archive` is fine).
+    let scheme_like = dir.contains(":/");
     if dir.is_empty() || url.contains("://") && !url.starts_with("file://") || scheme_like {
         return bad("not a store URL (use s3://bucket/prefix, file:///dir or a directory path)");
     }

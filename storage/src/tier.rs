@@ -235,8 +235,11 @@ impl TierCopier {
         let mut source: Option<Digest> = None;
 
         // 2. Nearline: any identical object already in the vault is reused.
+        let state = copy::SourceState::of(&meta);
         if self.policy.reuse_identical {
             let d = copy::hash_open(file, &original, alg).await?;
+            // What was hashed is what the copy is recorded with (size and mtime above).
+            state.check(file, &original)?;
             for obj in self.records.objects_with(&d.checksum, d.size).await? {
                 // Confirmed by the store's checksum or read back: a damaged copy must not
                 // be trusted.
@@ -266,7 +269,7 @@ impl TierCopier {
                 original: &original,
                 mtime: &mtime,
                 size,
-                state: copy::SourceState::of(&meta),
+                state,
             };
             // A small file bound for a local store is copied without looking at the key
             // first: its copy is never published over an object, and one that finds the
@@ -360,6 +363,9 @@ impl TierCopier {
                     checksum: d.checksum.clone(),
                     store: facts.unwrap_or_default(),
                 };
+                // The file hashed is still the one first looked at (its size and mtime
+                // are recorded with this object).
+                state.check(file, original)?;
                 // Another copy's object, whose directory fsync may still run.
                 copy::make_durable(&self.tier, key).await?;
                 self.record(&obj, original, mtime, msg, claim).await?;

@@ -121,14 +121,10 @@ impl Forwarder {
         match classify_status(status) {
             StatusClass::Delivered => PostResult::Delivered(status.as_u16()),
             class => {
-                let mut msg = format!("endpoint answered {status}{}", quoted_body(resp).await);
-                // An endpoint may echo the token back (`invalid token tok-…`): the answer
-                // goes to logs and dead letters, the token must not.
-                if let Some(t) = self.auth.as_ref().and_then(|a| a.to_str().ok())
-                    && !t.is_empty()
-                {
-                    msg = msg.replace(t, "***");
-                }
+                let msg = format!(
+                    "endpoint answered {status}{}",
+                    quoted_body(resp, &self.secrets()).await
+                );
                 if class == StatusClass::Retryable {
                     PostResult::Retryable(msg)
                 } else {
@@ -168,16 +164,40 @@ impl Forwarder {
     }
 }
 
-/// `": <first bytes of the body>"`, or nothing for an empty body.
-async fn quoted_body(mut resp: reqwest::Response) -> String {
+/// What an answer quoted in an error must not show: the token and, for a `Bearer x`
+/// style token, its credential part alone (an endpoint may echo either back).
+impl Forwarder {
+    fn secrets(&self) -> Vec<String> {
+        let Some(t) = self.auth.as_ref().and_then(|a| a.to_str().ok()) else {
+            return Vec::new();
+        };
+        let mut v = vec![t.to_string()];
+        if let Some((_, cred)) = t.split_once(' ')
+            && !cred.trim().is_empty()
+        {
+            v.push(cred.trim().to_string());
+        }
+        v.retain(|s| !s.is_empty());
+        v
+    }
+}
+
+/// `": <first bytes of the body>"` with `secrets` masked, or nothing for an empty body.
+async fn quoted_body(mut resp: reqwest::Response, secrets: &[String]) -> String {
     let mut buf: Vec<u8> = Vec::new();
-    while buf.len() <= MAX_QUOTED_BODY {
+    // Enough that a secret starting within the quoted part is read whole, to be masked.
+    let want = MAX_QUOTED_BODY + secrets.iter().map(String::len).max().unwrap_or(0);
+    while buf.len() <= want {
         match resp.chunk().await {
             Ok(Some(c)) => buf.extend_from_slice(&c),
             _ => break,
         }
     }
-    let text = String::from_utf8_lossy(&buf);
+    let mut text = String::from_utf8_lossy(&buf).into_owned();
+    // Masked before the answer is cut, so no part of a secret survives at the cut.
+    for s in secrets {
+        text = text.replace(s.as_str(), "***");
+    }
     let text = text.trim();
     if text.is_empty() {
         return String::new();

@@ -241,19 +241,6 @@ impl EventForwarder {
                 skipped.push(i);
                 continue;
             }
-            // The session is ending (SIGTERM, a lost connection): stop posting. Unordered,
-            // the retry carries what is done, so nothing is posted twice when the
-            // connection still takes it; ordered, the batch keeps its place.
-            if ctx.is_cancelled() {
-                if self.ordered {
-                    return Outcome::Interrupted("the session ended during a batch".into());
-                }
-                return Outcome::retry(format!(
-                    "the session ended after {} of {} records",
-                    delivered.len() + dead.len() + skipped.len(),
-                    records.len()
-                ));
-            }
             let result = match self.post(r.kinesis.get(), ctx).await {
                 Posted::Result(res) => res,
                 Posted::Exhausted(e) => {

@@ -72,7 +72,7 @@ pub async fn status(
         }
     }
     let found = async {
-        let store = Store::open(&url).await?;
+        let store = Store::open_read_only(&url).await?;
         let cs = store.collections(&parsed.correlation_id).await?;
         let product = store.product_status(&parsed.correlation_id).await?;
         store.close().await;

@@ -281,7 +281,12 @@ impl MessageProcessor for StatusProcessor {
     type Input = Value;
 
     async fn handle(&self, input: Value, ctx: &MessageContext) -> Outcome {
-        let retried = ctx.redelivered || ctx.attempt > 0;
+        // Seen before: retried, redelivered, or replayed from the DLQ (a replay keeps
+        // `x-original-exchange`, which only the framework's retries and replays carry).
+        let retried = ctx.redelivered
+            || ctx.attempt > 0
+            || framework::headers::get_str(&ctx.headers, framework::headers::ORIGINAL_EXCHANGE)
+                .is_some();
         match decode(&input) {
             Input::Single(Err(e)) => Outcome::permanent(e),
             Input::Single(Ok(m)) => {

@@ -90,6 +90,14 @@ impl Store {
         })
     }
 
+    /// Opens the database at `url` to read it as it is (no migrations): the `status`
+    /// command.
+    pub async fn open_read_only(url: &str) -> Result<Self, StoreError> {
+        Ok(Self {
+            pool: db::connect_read_only(url).await?,
+        })
+    }
+
     /// Closes the pool.
     pub async fn close(&self) {
         self.pool.close().await;

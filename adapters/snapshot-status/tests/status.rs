@@ -279,6 +279,23 @@ async fn files_arriving_before_counts_are_counted(b: Backend) {
         let text = String::from_utf8_lossy(&o.stdout);
         // The config dir does not exist and was given explicitly: a usage error.
         assert_eq!(o.status.code(), Some(2), "{text}");
+        // As if the database were one migration behind (a service of the previous version
+        // still runs on it): a look must not migrate it (here, re-applying the last
+        // migration would fail outright).
+        db::sqlx::any::install_default_drivers();
+        let url = db::default_url(env.dir.path(), "snapshot-status");
+        let raw = db::sqlx::AnyPool::connect(&url).await.unwrap();
+        let migrations = || async {
+            db::sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM _sqlx_migrations")
+                .fetch_one(&raw)
+                .await
+                .unwrap()
+        };
+        let before = migrations().await;
+        db::sqlx::query("DELETE FROM _sqlx_migrations WHERE version = (SELECT MAX(version) FROM _sqlx_migrations)")
+            .execute(&raw)
+            .await
+            .unwrap();
         let o = std::process::Command::new(env!("CARGO_BIN_EXE_snapshot-status"))
             .args(["status", c])
             .current_dir(env.dir.path())
@@ -294,6 +311,8 @@ async fn files_arriving_before_counts_are_counted(b: Backend) {
         assert!(text.contains("product status: RECEIVED"), "{text}");
         assert!(text.contains("db.x"), "{text}");
         assert!(text.contains("Received"), "{text}");
+        assert_eq!(migrations().await, before - 1, "not migrated by looking");
+        raw.close().await;
         let o = std::process::Command::new(env!("CARGO_BIN_EXE_snapshot-status"))
             .args(["status", "unknown-id"])
             .current_dir(env.dir.path())
