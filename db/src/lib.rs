@@ -42,35 +42,7 @@ pub fn default_url(data_dir: &Path, service: &str) -> String {
 
 /// Hides the password of a database URL for logs and `check-config`.
 pub fn redact_url(url: &str) -> String {
-    // Parsed as sqlx parses it, so what is masked is what it would use as the password
-    // (in the user info, or a `password` query parameter).
-    match url::Url::parse(url) {
-        Ok(mut u) => {
-            if u.password().is_some() {
-                let _ = u.set_password(Some("***"));
-            }
-            if u.query().is_some() {
-                let pairs: Vec<(String, String)> = u
-                    .query_pairs()
-                    .map(|(k, v)| {
-                        let v = if k.eq_ignore_ascii_case("password") {
-                            "***".to_string()
-                        } else {
-                            v.into_owned()
-                        };
-                        (k.into_owned(), v)
-                    })
-                    .collect();
-                u.query_pairs_mut().clear().extend_pairs(pairs);
-            }
-            u.to_string()
-        }
-        // Not a URL sqlx could use either: nothing after the scheme is shown.
-        Err(_) => match url.find("://") {
-            Some(i) => format!("{}://***", &url[..i]),
-            None => "***".to_string(),
-        },
-    }
+    framework::config::redacted_url(url)
 }
 
 /// True for an in-memory SQLite URL (`sqlite://:memory:`, `?mode=memory`).

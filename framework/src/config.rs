@@ -303,14 +303,15 @@ pub struct LogConfig {
 }
 
 /// `url` safe to print: a password in it, and the value of any query parameter whose
-/// name says secret (`password`, `token`, `key`, `secret`, `sig`…), as `***`. Text that
-/// is no URL is shown whole only if it has no `@` or `?`.
+/// name says secret (`password`, `token`, `key`, `secret`, `sig`…), as `***`. Parsed as
+/// the clients using it parse it (sqlx, reqwest), so what is masked is what they would
+/// send. Text that is no URL shows only its scheme, or nothing if it may hold a secret.
 pub fn redacted_url(url: &str) -> String {
     let Ok(mut u) = url::Url::parse(url) else {
-        return if url.contains(['@', '?']) {
-            "***".to_string()
-        } else {
-            url.to_string()
+        return match url.find("://") {
+            Some(i) => format!("{}://***", &url[..i]),
+            None if url.contains(['@', '?']) => "***".to_string(),
+            None => url.to_string(),
         };
     };
     if u.password().is_some() {

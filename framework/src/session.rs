@@ -93,10 +93,15 @@ pub(crate) async fn session<P: MessageProcessor>(
     );
     let metrics = Arc::new(m::QueueMetrics::new(&inner.topology.queue));
     bounded_declare(&inner.topology, &conn, limit).await?;
+    // No more unacked deliveries than handlers that can take them (design §5: prefetch =
+    // in-flight handlers): with `concurrency` below `prefetch`, deliveries held without a
+    // handler would wait out the broker's consumer timeout behind long handlers, and be
+    // kept from other instances meanwhile.
+    let qos = u16::try_from(inner.amqp.effective_concurrency()).unwrap_or(inner.amqp.prefetch);
     bounded(
         limit,
         "basic.qos",
-        ch.basic_qos(inner.amqp.prefetch, BasicQosOptions::default()),
+        ch.basic_qos(qos, BasicQosOptions::default()),
     )
     .await?;
     let tag = format!("{}-{}", inner.service, uuid::Uuid::new_v4());
@@ -139,6 +144,8 @@ pub(crate) async fn session<P: MessageProcessor>(
     // Notices a dead connection while every handler is busy and nothing is consumed.
     let mut health = tokio::time::interval(HEALTH_CHECK);
 
+    // A delivery read before a handler was free (see below).
+    let mut early: Option<Delivery> = None;
     let end = loop {
         let permit = tokio::select! {
             _ = shutdown.cancelled() => break SessionEnd::Shutdown,
@@ -146,15 +153,29 @@ pub(crate) async fn session<P: MessageProcessor>(
             _ = health.tick() => {
                 if alive() { continue } else { break SessionEnd::Lost("the connection dropped".into()) }
             }
+            // While every handler is busy the broker sends nothing more (qos), but it can
+            // cancel the consumer (its queue deleted; RabbitMQ 4.3's consumer timeout):
+            // noticed now, not when a handler finishes. A delivery that comes meanwhile
+            // (an ack just left) waits for the next free handler.
+            n = consumer.next(), if early.is_none() => match n {
+                Some(Ok(d)) => {
+                    early = Some(d);
+                    continue;
+                }
+                other => break consumer_ended(other),
+            },
             p = inner.permits.clone().acquire_owned() => match p {
                 Ok(p) => p,
                 Err(_) => break SessionEnd::Shutdown,
             },
         };
-        let next = tokio::select! {
-            _ = shutdown.cancelled() => break SessionEnd::Shutdown,
-            _ = broken.cancelled() => break topology_lost(),
-            n = consumer.next() => n,
+        let next = match early.take() {
+            Some(d) => Some(Ok(d)),
+            None => tokio::select! {
+                _ = shutdown.cancelled() => break SessionEnd::Shutdown,
+                _ = broken.cancelled() => break topology_lost(),
+                n = consumer.next() => n,
+            },
         };
         match next {
             Some(Ok(delivery)) => {
@@ -175,18 +196,7 @@ pub(crate) async fn session<P: MessageProcessor>(
                 };
                 handlers.tasks.spawn(fut);
             }
-            Some(Err(e)) => {
-                let why = e.to_string();
-                if why.contains("delivery acknowledgement") {
-                    error!(error = %why, "the broker's consumer timeout closed the channel while a handler ran: \
-                        raise [amqp] consumer_timeout_ms (RabbitMQ 3.12+; a queue declared before keeps its old value) \
-                        or the broker's consumer_timeout / a consumer-timeout policy above the longest handler");
-                }
-                break SessionEnd::Lost(why);
-            }
-            None => {
-                break SessionEnd::Lost("consumer cancelled by the broker (queue deleted?)".into());
-            }
+            other => break consumer_ended(other),
         }
     };
     inner.status.set_ready(false);
@@ -309,6 +319,24 @@ pub(crate) async fn bounded_declare(
                 .into(),
             ))
         })
+}
+
+/// How a session ends when its consumer stream yields `next`, not a delivery: an error
+/// (the channel closed: the broker's consumer timeout is named) or its end (the broker
+/// cancelled the consumer).
+fn consumer_ended(next: Option<Result<Delivery, lapin::Error>>) -> SessionEnd {
+    match next {
+        Some(Err(e)) => {
+            let why = e.to_string();
+            if why.contains("delivery acknowledgement") {
+                error!(error = %why, "the broker's consumer timeout closed the channel while a handler ran: \
+                    raise [amqp] consumer_timeout_ms (RabbitMQ 3.12+; a queue declared before keeps its old value) \
+                    or the broker's consumer_timeout / a consumer-timeout policy above the longest handler");
+            }
+            SessionEnd::Lost(why)
+        }
+        _ => SessionEnd::Lost("consumer cancelled by the broker (queue deleted?)".into()),
+    }
 }
 
 /// Metadata read off a delivery before processing.

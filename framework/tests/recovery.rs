@@ -261,3 +261,91 @@ async fn a_lost_connection_stops_its_handlers_at_once_even_deaf_ones() {
     );
     hs.stop().await;
 }
+
+/// Waits for its gate to open, counting handlers that started.
+struct Gated(
+    tokio::sync::watch::Receiver<bool>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+);
+
+#[framework::async_trait]
+impl framework::MessageProcessor for Gated {
+    type Input = serde_json::Value;
+    async fn handle(&self, v: serde_json::Value, _ctx: &MessageContext) -> Outcome {
+        self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let mut open = self.0.clone();
+        let _ = open.wait_for(|o| *o).await;
+        Outcome::success(v)
+    }
+}
+
+/// With `concurrency` below `prefetch`, the broker is asked for no more deliveries than
+/// there are handlers: none waits in the client behind a long handler (against the
+/// consumer timeout, while another instance could have taken it).
+#[tokio::test]
+async fn no_delivery_waits_without_a_handler() {
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let started = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut hs = Harness::start(
+        "conc",
+        &[("amqp.prefetch", "8"), ("amqp.concurrency", "1")],
+        Gated(gate, started.clone()),
+    )
+    .await;
+    let mut out = hs.watch_output().await;
+    for n in 0..3 {
+        let body = format!("{{\"n\":{n}}}");
+        hs.publish("test.x", body.as_bytes(), BasicProperties::default())
+            .await;
+    }
+    let s = started.clone();
+    wait_until("the first handler to start", || {
+        s.load(std::sync::atomic::Ordering::SeqCst) == 1
+    })
+    .await;
+    // The other two are still in the queue, for whoever can take them.
+    await_ready_count(&hs.ch, &hs.q, 2).await;
+    open.send(true).expect("gate open");
+    for _ in 0..3 {
+        next(&mut out).await;
+    }
+    hs.stop().await;
+}
+
+/// The broker cancelling the consumer (its queue deleted; on RabbitMQ 4.3 also a consumer
+/// timeout) is noticed while every handler is busy, not when one finishes: readiness
+/// drops and the queue is declared again by the next session meanwhile.
+#[tokio::test]
+async fn a_cancelled_consumer_is_noticed_while_every_handler_is_busy() {
+    let (_open, gate) = tokio::sync::watch::channel(false);
+    let started = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut hs = Harness::start(
+        "cancelbusy",
+        &[
+            ("amqp.prefetch", "1"),
+            ("amqp.drain_timeout_ms", "500"),
+            ("amqp.reconnect_initial_ms", "100"),
+        ],
+        Gated(gate, started.clone()),
+    )
+    .await;
+    hs.publish("test.x", br#"{"n":1}"#, BasicProperties::default())
+        .await;
+    let s = started.clone();
+    wait_until("the only handler to be busy", || {
+        s.load(std::sync::atomic::Ordering::SeqCst) == 1
+    })
+    .await;
+    let mut sessions = hs.status.sessions();
+    hs.ch
+        .queue_delete(hs.q.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .expect("delete the service's queue");
+    // The gate never opens: only noticing the cancel can end this session.
+    tokio::time::timeout(WAIT, sessions.wait_for(|n| *n >= 2))
+        .await
+        .expect("the cancel was noticed with the handler still busy")
+        .expect("status alive");
+    assert_eq!(ready_count(&hs.ch, &hs.q).await, 0, "queue declared again");
+    hs.stop().await;
+}
