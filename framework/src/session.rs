@@ -156,8 +156,9 @@ pub(crate) async fn session<P: MessageProcessor>(
             // While every handler is busy the broker sends nothing more (qos), but it can
             // cancel the consumer (its queue deleted; RabbitMQ 4.3's consumer timeout):
             // noticed now, not when a handler finishes. A delivery that comes meanwhile
-            // (an ack just left) waits for the next free handler.
-            n = consumer.next(), if early.is_none() => match n {
+            // (an ack just left) waits for the next free handler. With a handler free,
+            // the permit comes first, as it always did (no extra turn per message).
+            n = consumer.next(), if early.is_none() && inner.permits.available_permits() == 0 => match n {
                 Some(Ok(d)) => {
                     early = Some(d);
                     continue;
