@@ -510,47 +510,49 @@ fn print_out(text: &str) -> Result<(), Failure> {
     }
 }
 
-/// A token cancelled on SIGTERM or SIGINT.
+/// A token cancelled on SIGTERM or SIGINT; a second signal during the drain exits at once
+/// (code 1).
 pub fn shutdown_on_signal() -> CancellationToken {
     let token = CancellationToken::new();
     let t = token.clone();
     tokio::spawn(async move {
-        let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
         {
-            let mut term =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot listen for SIGTERM");
-                        let _ = ctrl_c.await;
-                        t.cancel();
-                        return;
-                    }
-                };
+            use tokio::signal::unix::{SignalKind, signal};
+            // Both listeners exist before the first signal and serve the second too: a
+            // second signal sent right after the first is never missed.
+            let (mut term, mut int) = match (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) {
+                (Ok(term), Ok(int)) => (term, int),
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::error!(error = %e, "cannot listen for SIGTERM/SIGINT");
+                    let _ = tokio::signal::ctrl_c().await;
+                    t.cancel();
+                    return;
+                }
+            };
             tokio::select! {
-                _ = ctrl_c => {}
                 _ = term.recv() => {}
+                _ = int.recv() => {}
             }
+            tracing::info!("shutdown requested");
+            t.cancel();
+            // A second signal during the drain means now: exit without waiting for it (the
+            // broker gives back whatever was not acked).
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            tracing::warn!("second signal: exiting without finishing the drain");
+            std::process::exit(1);
         }
         #[cfg(not(unix))]
-        let _ = ctrl_c.await;
-        tracing::info!("shutdown requested");
-        t.cancel();
-        // A second signal during the drain means now: exit without waiting for it (the
-        // broker gives back whatever was not acked).
-        #[cfg(unix)]
         {
-            let again = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
-            let int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt());
-            if let (Ok(mut again), Ok(mut int)) = (again, int) {
-                tokio::select! {
-                    _ = again.recv() => {}
-                    _ = int.recv() => {}
-                }
-                tracing::warn!("second signal: exiting without finishing the drain");
-                std::process::exit(1);
-            }
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("shutdown requested");
+            t.cancel();
         }
     });
     token

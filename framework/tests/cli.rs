@@ -246,6 +246,89 @@ async fn sigterm_drains_in_flight_messages_and_exits_0() {
     );
 }
 
+/// A second SIGTERM during the drain exits at once (code 1) instead of waiting for a
+/// handler that would take minutes; its message goes back to the queue.
+#[tokio::test]
+async fn a_second_sigterm_during_the_drain_exits_at_once() {
+    let q = unique("sigterm2");
+    let _gone = Cleanup::service(&q, &[200, 400]);
+    let dir = tempfile::tempdir().unwrap();
+    let o = run(echo_cmd(&q, dir.path()).arg("declare"));
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let (_c, ch) = test_channel().await;
+    let http = framework::testing::broker::free_port();
+    let mut svc = process::spawn(
+        echo_cmd(&q, dir.path())
+            // Far longer than the test may wait: only the second signal can end it in time.
+            .env("STORAGETIER__ECHO__DELAY_MS", "600000")
+            .env("STORAGETIER__AMQP__DRAIN_TIMEOUT_MS", "600000")
+            .env(
+                "STORAGETIER__ECHO__HTTP_LISTEN",
+                format!("127.0.0.1:{http}"),
+            )
+            .env("STORAGETIER__LOG__LEVEL", "info")
+            .arg("run")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    )
+    .unwrap();
+    let stderr = svc.take_stderr().expect("stderr");
+    let (seen_tx, seen_rx) = std::sync::mpsc::channel();
+    // Reads to the end, so the service never blocks on a full pipe.
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("shutdown requested") {
+                let _ = seen_tx.send(());
+            }
+        }
+    });
+    publish(
+        &ch,
+        &format!("{q}-in"),
+        "k",
+        b"{}",
+        BasicProperties::default(),
+    )
+    .await;
+    let gauge = format!("storagetier_in_flight{{queue=\"{q}\"}} 1");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let text = match reqwest::get(format!("http://127.0.0.1:{http}/metrics")).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        if text.contains(&gauge) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the handler runs");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    svc.signal(process::SIGTERM);
+    tokio::task::spawn_blocking(move || seen_rx.recv_timeout(WAIT))
+        .await
+        .unwrap()
+        .expect("the first signal starts the drain");
+    svc.signal(process::SIGTERM);
+    let status = tokio::task::spawn_blocking(move || svc.wait_for(WAIT))
+        .await
+        .unwrap()
+        .expect("exited at the second signal, not after the drain");
+    assert_eq!(status.code(), Some(1));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while ready_count(&ch, &q).await != 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the message went back to the queue"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn declare_creates_the_topology_and_definitions_describe_it() {
     let q = unique("declare");

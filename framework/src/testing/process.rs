@@ -6,6 +6,9 @@ use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
+/// The signal numbers tests send with [`Guarded::signal`].
+pub use libc::{SIGINT, SIGKILL, SIGTERM};
+
 /// A child process (and every process it starts) killed when dropped.
 #[derive(Debug)]
 pub struct Guarded {
