@@ -280,6 +280,25 @@ impl RetryConfig {
         let i = (attempt as usize).min(self.delays_ms.len().saturating_sub(1));
         self.delays_ms[i]
     }
+
+    /// The delay (ms) of `attempt`, or if `at_least` is longer, of the first tier at least
+    /// that long (the longest tier if none is): a peer's `Retry-After` never picks a
+    /// shorter tier than the attempt's own, nor one that does not exist.
+    pub fn delay_at_least(&self, attempt: u32, at_least: std::time::Duration) -> u64 {
+        let at_least_ms = u64::try_from(at_least.as_millis()).unwrap_or(u64::MAX);
+        let own = self.delay_for_attempt(attempt);
+        if at_least_ms <= own {
+            return own;
+        }
+        let longest = self.delays_ms.iter().copied().max().unwrap_or(own);
+        let fits = self
+            .delays_ms
+            .iter()
+            .copied()
+            .filter(|&d| d >= at_least_ms)
+            .min();
+        fits.unwrap_or(longest).max(own)
+    }
 }
 
 /// Log output format.
@@ -830,6 +849,23 @@ mod tests {
             ..LoadOptions::default()
         };
         load::<IgnoredAny>("echo", &opts)
+    }
+
+    #[test]
+    fn a_longer_wait_asked_for_picks_the_first_tier_that_long() {
+        let r = RetryConfig {
+            delays_ms: vec![1000, 5000, 30000],
+            max_attempts: 5,
+        };
+        let ms = std::time::Duration::from_millis;
+        assert_eq!(r.delay_at_least(0, ms(0)), 1000);
+        assert_eq!(r.delay_at_least(0, ms(1000)), 1000);
+        assert_eq!(r.delay_at_least(0, ms(1001)), 5000);
+        assert_eq!(r.delay_at_least(0, ms(20_000)), 30000);
+        assert_eq!(r.delay_at_least(0, std::time::Duration::MAX), 30000);
+        // Never shorter than the attempt's own tier.
+        assert_eq!(r.delay_at_least(2, ms(2000)), 30000);
+        assert_eq!(r.delay_at_least(7, ms(0)), 30000);
     }
 
     #[test]

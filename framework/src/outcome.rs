@@ -92,7 +92,7 @@ impl Planner {
                     warn!(error = %why, "retries exhausted; dead-lettering");
                     return ("dead_letter", dead_letter(h::KIND_RETRIES_EXHAUSTED, &why));
                 }
-                let delay = self.retry.delay_for_attempt(ctx.attempt);
+                let delay = self.retry.delay_at_least(ctx.attempt, ctx.retry_wait());
                 warn!(error = %reason, retry_in_ms = delay, "retrying later");
                 let mut hdr = ctx.headers.clone();
                 h::set_int(&mut hdr, h::RETRY_COUNT, i64::from(attempts));

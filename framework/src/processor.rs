@@ -101,8 +101,8 @@ pub struct MessageContext {
     pub timestamp: Option<u64>,
     /// All headers of the delivery.
     pub headers: FieldTable,
-    /// Headers to add to the message if this attempt ends in Retry.
-    pub(crate) retry_headers: Arc<Mutex<Vec<(String, String)>>>,
+    /// What this attempt asked of its Retry: headers to add, the shortest wait.
+    pub(crate) retry_notes: Arc<Mutex<RetryNotes>>,
     /// Progress headers ([`crate::batch::Progress`]): about this message's parts, so a
     /// part dead-lettered as a message of its own does not carry them.
     pub(crate) progress_headers: Arc<Mutex<Vec<&'static str>>>,
@@ -117,6 +117,16 @@ pub struct MessageContext {
     pub(crate) cancel: tokio_util::sync::CancellationToken,
 }
 
+/// What an attempt asked of its Retry outcome (see [`MessageContext::set_retry_header`] and
+/// [`MessageContext::retry_no_sooner_than`]).
+#[derive(Debug, Default)]
+pub(crate) struct RetryNotes {
+    /// Headers the retried message (and a dead letter) carries.
+    headers: Vec<(String, String)>,
+    /// The shortest wait before the retry; zero: the attempt's own tier.
+    wait: std::time::Duration,
+}
+
 impl MessageContext {
     /// A context for calling a processor directly in unit tests (publishing unavailable).
     pub fn for_test(exchange: &str, routing_key: &str, attempt: u32) -> Self {
@@ -129,7 +139,7 @@ impl MessageContext {
             correlation_id: None,
             timestamp: None,
             headers: FieldTable::default(),
-            retry_headers: Arc::default(),
+            retry_notes: Arc::default(),
             progress_headers: Arc::default(),
             publisher: None,
             properties: Default::default(),
@@ -142,10 +152,26 @@ impl MessageContext {
     /// and by its dead letter if it ends in one (e.g. which destinations already got their
     /// copy, so a retry or a replay skips them).
     pub fn set_retry_header(&self, key: &str, value: &str) {
-        if let Ok(mut v) = self.retry_headers.lock() {
-            v.retain(|(k, _)| k != key);
-            v.push((key.to_string(), value.to_string()));
+        if let Ok(mut n) = self.retry_notes.lock() {
+            n.headers.retain(|(k, _)| k != key);
+            n.headers.push((key.to_string(), value.to_string()));
         }
+    }
+
+    /// Asks that a Retry outcome of this attempt wait at least `wait` (a peer's
+    /// `Retry-After`, say): the retry goes through the first tier of `[retry] delays_ms`
+    /// that is at least that long (the longest if none is), never a shorter one than the
+    /// attempt's own. The attempt counts as one as always; the longest of several calls
+    /// holds.
+    pub fn retry_no_sooner_than(&self, wait: std::time::Duration) {
+        if let Ok(mut n) = self.retry_notes.lock() {
+            n.wait = n.wait.max(wait);
+        }
+    }
+
+    /// The wait asked for with [`MessageContext::retry_no_sooner_than`] (zero: none).
+    pub(crate) fn retry_wait(&self) -> std::time::Duration {
+        self.retry_notes.lock().map(|n| n.wait).unwrap_or_default()
     }
 
     /// The W3C `traceparent` of this message's handling, for calls the processor makes
@@ -167,9 +193,9 @@ impl MessageContext {
 
     /// Headers set with [`MessageContext::set_retry_header`].
     pub fn retry_headers(&self) -> Vec<(String, String)> {
-        self.retry_headers
+        self.retry_notes
             .lock()
-            .map(|v| v.clone())
+            .map(|n| n.headers.clone())
             .unwrap_or_default()
     }
 

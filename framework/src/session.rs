@@ -428,7 +428,7 @@ impl<P: MessageProcessor> Shared<P> {
                 correlation_id: properties.correlation_id().as_ref().map(|s| s.to_string()),
                 timestamp: *properties.timestamp(),
                 headers: inc.headers,
-                retry_headers: Default::default(),
+                retry_notes: Default::default(),
                 progress_headers: Default::default(),
                 cancel,
                 trace,

@@ -134,7 +134,9 @@ async fn topology_is_declared_with_the_designed_arguments() {
     topo.declare(&conn)
         .await
         .expect("re-declaration is idempotent");
-    // Bindings: a message on the input exchange reaches Q; one on the retry exchange reaches its tier.
+    // Bindings: a message on the input exchange reaches Q; one on the fail exchange the
+    // DLQ; one on the retry exchange its tier, which hands it back to Q once its 400 ms are
+    // up (awaited, not timed: the tier may already have expired it when counted).
     hs.stop().await;
     publish(
         &ch,
@@ -144,14 +146,7 @@ async fn topology_is_declared_with_the_designed_arguments() {
         BasicProperties::default(),
     )
     .await;
-    publish(
-        &ch,
-        &format!("{q}-retry"),
-        "400",
-        b"{}",
-        BasicProperties::default(),
-    )
-    .await;
+    await_ready_count(&ch, &q, 1).await;
     publish(
         &ch,
         &format!("{q}-fail"),
@@ -160,8 +155,17 @@ async fn topology_is_declared_with_the_designed_arguments() {
         BasicProperties::default(),
     )
     .await;
-    assert_eq!(ready_count(&ch, &q).await, 1);
-    assert_eq!(ready_count(&ch, &format!("{q}-retry-400")).await, 1);
+    await_ready_count(&ch, &format!("{q}-dlq"), 1).await;
+    publish(
+        &ch,
+        &format!("{q}-retry"),
+        "400",
+        b"{}",
+        BasicProperties::default(),
+    )
+    .await;
+    await_ready_count(&ch, &q, 2).await;
+    assert_eq!(ready_count(&ch, &format!("{q}-retry-400")).await, 0);
     assert_eq!(ready_count(&ch, &format!("{q}-dlq")).await, 1);
 }
 
@@ -495,6 +499,57 @@ async fn a_short_retry_overtakes_a_long_one() {
     );
     assert_eq!(second.data, br#"{"name":"slow"}"#);
     assert_eq!(*order.lock().unwrap(), vec!["fast", "slow"]);
+    hs.stop().await;
+}
+
+/// A retry that asks for a longer wait (a peer's `Retry-After`) goes through the first
+/// tier at least that long; one that asks for nothing takes its attempt's own tier.
+#[tokio::test]
+async fn a_retry_asking_for_a_longer_wait_takes_a_tier_that_long() {
+    let p = FnProcessor(|v: serde_json::Value, ctx: &MessageContext| {
+        if let Some(ms) = v["wait_ms"].as_u64() {
+            ctx.retry_no_sooner_than(Duration::from_millis(ms));
+        }
+        Outcome::retry("later")
+    });
+    let mut hs = Harness::start(
+        "retryafter",
+        &[
+            ("retry.delays_ms", "[200, 600000, 900000]"),
+            ("retry.max_attempts", "2"),
+        ],
+        p,
+    )
+    .await;
+    // Far longer than the test: the message stays in the tier it was sent to.
+    hs.publish(
+        "test.x",
+        br#"{"wait_ms": 1000}"#,
+        BasicProperties::default(),
+    )
+    .await;
+    let long = format!("{}-retry-600000", hs.q);
+    await_ready_count(&hs.ch, &long, 1).await;
+    // Longer than every tier: the longest.
+    hs.publish(
+        "test.x",
+        br#"{"wait_ms": 3600000}"#,
+        BasicProperties::default(),
+    )
+    .await;
+    await_ready_count(&hs.ch, &format!("{}-retry-900000", hs.q), 1).await;
+    // Nothing asked: the first tier, whence it comes back for its last attempt and is
+    // dead-lettered (it never went into the long tiers, which still hold one each).
+    let mut dlq = hs.watch_dlq().await;
+    hs.publish("test.x", br#"{}"#, BasicProperties::default())
+        .await;
+    let d = next(&mut dlq).await;
+    assert_eq!(d.data, b"{}");
+    assert_eq!(ready_count(&hs.ch, &long).await, 1);
+    assert_eq!(
+        ready_count(&hs.ch, &format!("{}-retry-900000", hs.q)).await,
+        1
+    );
     hs.stop().await;
 }
 

@@ -479,8 +479,17 @@ impl MultipartUpload for FaultyUpload {
 pub struct CountingProxy {
     /// `http://127.0.0.1:PORT`, to use in place of the server's endpoint.
     pub endpoint: String,
-    log: Arc<Mutex<Vec<String>>>,
+    log: Arc<Mutex<RequestLog>>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// The requests logged since the last reset.
+#[derive(Default)]
+struct RequestLog {
+    /// Bumped by [`CountingProxy::reset_after_client_died`]: a connection accepted before
+    /// it logs nothing more.
+    generation: u64,
+    requests: Vec<String>,
 }
 
 impl CountingProxy {
@@ -494,12 +503,18 @@ impl CountingProxy {
             .await
             .expect("bind the proxy");
         let endpoint = format!("http://{}", listener.local_addr().expect("proxy address"));
-        let log = Arc::new(Mutex::new(Vec::new()));
+        let log = Arc::new(Mutex::new(RequestLog::default()));
         let l = log.clone();
         let task = tokio::spawn(async move {
             let mut conns = tokio::task::JoinSet::new();
             while let Ok((client, _)) = listener.accept().await {
-                conns.spawn(proxy_connection(client, target.clone(), l.clone()));
+                let generation = lock(&l).generation;
+                conns.spawn(proxy_connection(
+                    client,
+                    target.clone(),
+                    l.clone(),
+                    generation,
+                ));
             }
         });
         CountingProxy {
@@ -511,17 +526,27 @@ impl CountingProxy {
 
     /// Every request so far, as `METHOD target`.
     pub fn requests(&self) -> Vec<String> {
-        lock(&self.log).clone()
+        lock(&self.log).requests.clone()
     }
 
     /// Forgets the requests so far.
     pub fn reset(&self) {
-        lock(&self.log).clear();
+        lock(&self.log).requests.clear();
+    }
+
+    /// Forgets the requests so far and any that the connections open now send later: for
+    /// a client just killed, whose last request may be read after this (it is not a new
+    /// request of the client that replaces it).
+    pub fn reset_after_client_died(&self) {
+        let mut l = lock(&self.log);
+        l.generation += 1;
+        l.requests.clear();
     }
 
     /// Requests with this method whose target (path and query) satisfies `pred`.
     pub fn count(&self, method: &str, pred: impl Fn(&str) -> bool) -> usize {
         lock(&self.log)
+            .requests
             .iter()
             .filter_map(|r| r.split_once(' '))
             .filter(|(m, t)| *m == method && pred(t))
@@ -540,7 +565,8 @@ impl Drop for CountingProxy {
 async fn proxy_connection(
     mut client: tokio::net::TcpStream,
     upstream: String,
-    log: Arc<Mutex<Vec<String>>>,
+    log: Arc<Mutex<RequestLog>>,
+    generation: u64,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
@@ -572,7 +598,12 @@ async fn proxy_connection(
             let mut parts = first.split(' ');
             let method = parts.next().unwrap_or_default();
             let target = parts.next().unwrap_or_default();
-            lock(&log).push(format!("{method} {target}"));
+            {
+                let mut l = lock(&log);
+                if l.generation == generation {
+                    l.requests.push(format!("{method} {target}"));
+                }
+            }
             let mut body: u64 = 0;
             let mut chunked = false;
             for l in lines {

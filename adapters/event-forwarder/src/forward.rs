@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use framework::Secret;
 use reqwest::StatusCode;
-use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 
 /// How much of a response body an error message quotes.
 pub const MAX_QUOTED_BODY: usize = 256;
@@ -14,8 +14,9 @@ pub const MAX_QUOTED_BODY: usize = 256;
 pub enum PostResult {
     /// 2xx: delivered (the status code).
     Delivered(u16),
-    /// Connection error, timeout, 408, 429 or 5xx: try again later.
-    Retryable(String),
+    /// Connection error, timeout, 408, 429 or 5xx: try again later — no sooner than the
+    /// endpoint's `Retry-After`, if it sent one.
+    Retryable(String, Option<Duration>),
     /// Any other status: the endpoint will never take this event.
     Rejected(String),
 }
@@ -43,6 +44,22 @@ pub fn classify_status(status: StatusCode) -> StatusClass {
     } else {
         StatusClass::Rejected
     }
+}
+
+/// The wait a `Retry-After` value asks for (RFC 9110: delay-seconds or an HTTP-date),
+/// counted from `now`; None for a value that is neither, or a date already past.
+pub fn retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
+    let v = value.trim();
+    let wait = if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
+        // More digits than u64 holds is still "a very long time".
+        Duration::from_secs(v.parse().unwrap_or(u64::MAX))
+    } else {
+        httpdate::parse_http_date(v)
+            .ok()?
+            .duration_since(now)
+            .ok()?
+    };
+    (!wait.is_zero()).then_some(wait)
 }
 
 /// The meaning of an HTTP status for a forwarded event.
@@ -115,22 +132,30 @@ impl Forwarder {
         }
         let resp = match req.send().await {
             Ok(r) => r,
-            Err(e) => return PostResult::Retryable(self.describe(&e)),
+            Err(e) => return PostResult::Retryable(self.describe(&e), None),
         };
         let status = resp.status();
         match classify_status(status) {
             StatusClass::Delivered => PostResult::Delivered(status.as_u16()),
-            class => {
+            StatusClass::Retryable => {
+                let after = resp
+                    .headers()
+                    .get(RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| retry_after(v, std::time::SystemTime::now()));
+                let asked = after
+                    .map(|d| format!(" (Retry-After: {} s)", d.as_secs()))
+                    .unwrap_or_default();
                 let msg = format!(
-                    "endpoint answered {status}{}",
+                    "endpoint answered {status}{asked}{}",
                     quoted_body(resp, &self.secrets()).await
                 );
-                if class == StatusClass::Retryable {
-                    PostResult::Retryable(msg)
-                } else {
-                    PostResult::Rejected(msg)
-                }
+                PostResult::Retryable(msg, after)
             }
+            StatusClass::Rejected => PostResult::Rejected(format!(
+                "endpoint answered {status}{}",
+                quoted_body(resp, &self.secrets()).await
+            )),
         }
     }
 
@@ -235,6 +260,27 @@ mod tests {
                 classify_status(StatusCode::from_u16(s).unwrap()),
                 StatusClass::Rejected
             );
+        }
+    }
+
+    #[test]
+    fn retry_after_in_seconds_or_as_a_date() {
+        let now = httpdate::parse_http_date("Sun, 29 Nov 2026 21:00:00 GMT").unwrap();
+        let secs = |s| Some(Duration::from_secs(s));
+        assert_eq!(retry_after("120", now), secs(120));
+        assert_eq!(retry_after(" 5 ", now), secs(5));
+        assert_eq!(retry_after("99999999999999999999999", now), secs(u64::MAX));
+        assert_eq!(retry_after("Sun, 29 Nov 2026 21:01:30 GMT", now), secs(90));
+        // Nothing to wait for, or nothing understood.
+        for v in [
+            "0",
+            "",
+            "-5",
+            "1.5",
+            "soon",
+            "Sun, 29 Nov 2026 20:59:00 GMT",
+        ] {
+            assert_eq!(retry_after(v, now), None, "{v:?}");
         }
     }
 

@@ -137,6 +137,13 @@ pub fn token_of(s: &ForwarderSettings) -> Result<Option<Secret>, ConfigError> {
     }
 }
 
+/// Asks this message's retry to honour the endpoint's `Retry-After`, if it sent one.
+fn wait_for(ctx: &MessageContext, after: Option<Duration>) {
+    if let Some(d) = after {
+        ctx.retry_no_sooner_than(d);
+    }
+}
+
 /// Forwards each event (or each Kinesis record) to the endpoint.
 pub struct EventForwarder {
     forwarder: Forwarder,
@@ -163,19 +170,22 @@ impl EventForwarder {
             let r = self.forwarder.post(body).await;
             let label = match &r {
                 PostResult::Delivered(_) => "delivered",
-                PostResult::Retryable(_) => "retry",
+                PostResult::Retryable(..) => "retry",
                 PostResult::Rejected(_) => "rejected",
             };
             metrics::counter!(POSTS_METRIC, "result" => label).increment(1);
             match r {
-                PostResult::Retryable(e) if self.ordered => {
+                PostResult::Retryable(e, after) if self.ordered => {
                     attempt = attempt.saturating_add(1);
                     if attempt >= self.retry.max_attempts {
                         return Posted::Exhausted(format!(
                             "gave up after {attempt} attempts in place (ordered mode): {e}"
                         ));
                     }
-                    let delay = self.retry.delay_for_attempt(attempt - 1);
+                    // The endpoint's Retry-After, as the retry tiers would honour it.
+                    let delay = self
+                        .retry
+                        .delay_at_least(attempt - 1, after.unwrap_or_default());
                     tracing::warn!(error = %e, attempt, retry_in_ms = delay, "retrying in place");
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_millis(delay)) => {}
@@ -221,7 +231,10 @@ impl EventForwarder {
                     "skipped": [],
                 }))
             }
-            PostResult::Retryable(e) => Outcome::retry(e),
+            PostResult::Retryable(e, after) => {
+                wait_for(ctx, after);
+                Outcome::retry(e)
+            }
             PostResult::Rejected(e) => Outcome::permanent(e),
         }
     }
@@ -276,7 +289,8 @@ impl EventForwarder {
                         }
                     }
                 }
-                PostResult::Retryable(e) => {
+                PostResult::Retryable(e, after) => {
+                    wait_for(ctx, after);
                     pending += 1;
                     retry.get_or_insert(format!("record {i} of {}: {e}", records.len()));
                 }

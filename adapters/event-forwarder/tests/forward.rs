@@ -90,16 +90,32 @@ async fn five_hundreds_408_and_429_are_retryable() {
     for s in [408, 429, 500, 502, 503] {
         let server = server_answering(s, "busy").await;
         match forwarder(&server.uri(), 5000).post("{}").await {
-            PostResult::Retryable(e) => assert!(e.contains(&s.to_string()), "{e}"),
+            PostResult::Retryable(e, None) => assert!(e.contains(&s.to_string()), "{e}"),
             r => panic!("{s}: {r:?}"),
         }
     }
 }
 
 #[tokio::test]
+async fn a_retry_after_is_passed_on_and_quoted() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(429).insert_header("Retry-After", "7"))
+        .mount(&server)
+        .await;
+    match forwarder(&server.uri(), 5000).post("{}").await {
+        PostResult::Retryable(e, after) => {
+            assert_eq!(after, Some(Duration::from_secs(7)));
+            assert!(e.contains("429") && e.contains("Retry-After: 7 s"), "{e}");
+        }
+        r => panic!("{r:?}"),
+    }
+}
+
+#[tokio::test]
 async fn long_error_bodies_are_truncated() {
     let server = server_answering(500, &"x".repeat(10_000)).await;
-    let PostResult::Retryable(e) = forwarder(&server.uri(), 5000).post("{}").await else {
+    let PostResult::Retryable(e, _) = forwarder(&server.uri(), 5000).post("{}").await else {
         panic!("retryable expected")
     };
     assert!(e.len() < 400, "{} bytes", e.len());
@@ -109,15 +125,16 @@ async fn long_error_bodies_are_truncated() {
 async fn a_timeout_is_retryable() {
     let server = MockServer::start().await;
     Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200).set_delay(Duration::from_secs(5)))
+        .respond_with(ResponseTemplate::new(200).set_delay(Duration::from_secs(20)))
         .mount(&server)
         .await;
     let started = std::time::Instant::now();
     match forwarder(&server.uri(), 200).post("{}").await {
-        PostResult::Retryable(e) => assert!(e.contains("timed out"), "{e}"),
+        PostResult::Retryable(e, None) => assert!(e.contains("timed out"), "{e}"),
         r => panic!("{r:?}"),
     }
-    assert!(started.elapsed() < Duration::from_secs(3));
+    // Not the answer's 20 s: the timeout ended the wait.
+    assert!(started.elapsed() < Duration::from_secs(15));
 }
 
 #[tokio::test]
@@ -130,7 +147,7 @@ async fn connection_refused_is_retryable() {
         .post("{}")
         .await
     {
-        PostResult::Retryable(e) => {
+        PostResult::Retryable(e, None) => {
             assert!(e.contains("connect"), "{e}");
             assert!(!e.contains(TOKEN));
         }

@@ -142,6 +142,28 @@ async fn a_5xx_is_retried_until_delivered() {
     assert_eq!(bodies(&server).await, vec![r#"{"n":1}"#; 2]);
 }
 
+/// An endpoint's `Retry-After` is honoured: the retry waits in the first tier at least
+/// that long instead of coming back at once to be refused again.
+#[tokio::test]
+async fn a_retry_after_sends_the_retry_through_a_tier_that_long() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(429).insert_header("Retry-After", "30"))
+        .mount(&server)
+        .await;
+    let data = tempfile::tempdir().unwrap();
+    let hs = start(
+        &server,
+        data.path(),
+        &[("retry.delays_ms", "[200, 600000]")],
+    )
+    .await;
+    hs.publish("k", br#"{"n":1}"#, with_id("ev-ra")).await;
+    // Far longer than the test: it stays there, POSTed once.
+    await_ready_count(&hs.ch, &format!("{}-retry-600000", hs.q), 1).await;
+    assert_eq!(bodies(&server).await, vec![r#"{"n":1}"#]);
+}
+
 /// A single event back from a retry tier after its POST succeeded but its success
 /// message could not be published (the retry carries the done mark): not POSTed again.
 #[tokio::test]
