@@ -45,9 +45,13 @@ async fn incident(prefix: &str) -> Harness {
 async fn replay_filters_by_kind_key_age_and_count() {
     let hs = incident("filters").await;
     let topo = hs.topology();
+    let dlq = format!("{}-dlq", hs.q);
     let dry = |f: Filter| {
-        let (conn, topo) = (&hs.conn, &topo);
+        let (conn, topo, ch, dlq) = (&hs.conn, &topo, &hs.ch, &dlq);
         async move {
+            // The previous look gave its dead letters back by closing its channel: all
+            // five are there again before this one (its wait for them is bounded).
+            await_ready_count(ch, dlq, 5).await;
             dlq::replay_filtered(conn, topo, &f, true)
                 .await
                 .expect("dry run")

@@ -135,8 +135,12 @@ impl PrivateBroker {
         let port = free_port();
         let inner = PathBuf::from(NODE_DIRS).join(format!("{DIR_PREFIX}{id}"));
         let dir = host_path(root.as_deref(), &inner);
-        std::fs::create_dir_all(&dir).expect("broker dir");
-        std::fs::write(dir.join("owner"), std::process::id().to_string()).expect("owner file");
+        // Made under another name and renamed once it names its owner: a sweep by another
+        // test starting a node at the same moment never sees it without one.
+        let making = dir.with_file_name(format!(".making-{id}"));
+        std::fs::create_dir_all(&making).expect("broker dir");
+        std::fs::write(making.join("owner"), std::process::id().to_string()).expect("owner file");
+        std::fs::rename(&making, &dir).expect("broker dir in place");
         // The server runs as the `rabbitmq` user (the install's wrapper switches to it).
         set_mode(&dir, 0o777);
         std::fs::write(dir.join("enabled_plugins"), "[].\n").expect("plugins file");
