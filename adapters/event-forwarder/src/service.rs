@@ -248,10 +248,17 @@ impl EventForwarder {
         let (mut delivered, mut dead, mut skipped) = (Vec::new(), Vec::new(), Vec::new());
         let mut retry: Option<String> = None;
         let mut pending = 0usize;
+        // Set once the endpoint asked to wait (Retry-After): the records after it are not
+        // POSTed in this attempt (each would be refused the same way), only retried.
+        let mut told_to_wait = false;
         for (i, r) in records.iter().enumerate() {
             let mark = i.to_string();
             if progress.is_done(&mark) {
                 skipped.push(i);
+                continue;
+            }
+            if told_to_wait {
+                pending += 1;
                 continue;
             }
             let result = match self.post(r.kinesis.get(), ctx).await {
@@ -291,6 +298,7 @@ impl EventForwarder {
                 }
                 PostResult::Retryable(e, after) => {
                     wait_for(ctx, after);
+                    told_to_wait |= after.is_some();
                     pending += 1;
                     retry.get_or_insert(format!("record {i} of {}: {e}", records.len()));
                 }

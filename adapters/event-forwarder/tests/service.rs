@@ -164,6 +164,52 @@ async fn a_retry_after_sends_the_retry_through_a_tier_that_long() {
     assert_eq!(bodies(&server).await, vec![r#"{"n":1}"#]);
 }
 
+/// In a Kinesis batch, an endpoint that asks to wait is not sent the rest of the batch in
+/// that attempt: the records after it wait with the retry.
+#[tokio::test]
+async fn a_retry_after_in_a_batch_holds_back_the_records_after_it() {
+    let server = MockServer::start().await;
+    Mock::given(body_string_contains("seq-2"))
+        .respond_with(ResponseTemplate::new(503).insert_header("Retry-After", "30"))
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&server)
+        .await;
+    let data = tempfile::tempdir().unwrap();
+    let hs = start(
+        &server,
+        data.path(),
+        &[("retry.delays_ms", "[200, 600000]")],
+    )
+    .await;
+    let body = json!({"Records": [record("seq-1"), record("seq-2"), record("seq-3")]});
+    hs.publish(
+        "kinesis",
+        body.to_string().as_bytes(),
+        with_id("batch-wait"),
+    )
+    .await;
+    let tier = format!("{}-retry-600000", hs.q);
+    await_ready_count(&hs.ch, &tier, 1).await;
+    let posted = bodies(&server).await;
+    assert_eq!(posted.len(), 2, "{posted:?}");
+    assert!(posted[0].contains("seq-1") && posted[1].contains("seq-2"));
+    let (_c, ch) = test_channel().await;
+    let mut waiting = consume(&ch, &tier).await;
+    let d = next(&mut waiting).await;
+    assert_eq!(
+        header(&d, "x-event-forwarder-done").as_deref(),
+        Some(r#"["0"]"#)
+    );
+    assert!(
+        header(&d, "x-last-error").is_some_and(|e| e.contains("2 of 3 records")),
+        "{:?}",
+        header(&d, "x-last-error")
+    );
+}
+
 /// A single event back from a retry tier after its POST succeeded but its success
 /// message could not be published (the retry carries the done mark): not POSTed again.
 #[tokio::test]
