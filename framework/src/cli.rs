@@ -238,7 +238,7 @@ pub fn main<S: Service>() -> ExitCode {
     let cfg = match loaded {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("{}: {e}", S::NAME);
+            print_err(&format!("{}: {e}", S::NAME));
             return ExitCode::from(EXIT_CONFIG);
         }
     };
@@ -249,7 +249,7 @@ pub fn main<S: Service>() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("{}: cannot start the async runtime: {e}", S::NAME);
+            print_err(&format!("{}: cannot start the async runtime: {e}", S::NAME));
             return ExitCode::from(EXIT_FAILURE);
         }
     };
@@ -270,12 +270,12 @@ pub fn main<S: Service>() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Usage(m)) => {
-            eprintln!("{}: {m}", S::NAME);
+            print_err(&format!("{}: {m}", S::NAME));
             ExitCode::from(EXIT_CONFIG)
         }
         Err(Failure::Other(m)) => {
             tracing::error!("{m}");
-            eprintln!("{}: {m}", S::NAME);
+            print_err(&format!("{}: {m}", S::NAME));
             ExitCode::from(EXIT_FAILURE)
         }
     }
@@ -331,8 +331,7 @@ async fn execute<S: Service>(cmd: Command, cfg: Config<S::Settings>) -> Result<(
             .map(|_| ()),
         Command::CheckConfig => {
             let text = serde_json::to_string_pretty(&cfg).map_err(|e| other(&e))?;
-            println!("{text}");
-            Ok(())
+            print_out(&format!("{text}\n"))
         }
         Command::Declare => {
             let topo = topology_of::<S>(&cfg);
@@ -357,23 +356,21 @@ async fn execute<S: Service>(cmd: Command, cfg: Config<S::Settings>) -> Result<(
                 conn.close(200, "declared".into()),
             )
             .await;
-            println!(
-                "declared queue {} (+{} retry tiers, {}), exchanges {}, {}, {}",
+            print_out(&format!(
+                "declared queue {} (+{} retry tiers, {}), exchanges {}, {}, {}\n",
                 topo.queue,
                 topo.delays_ms.len(),
                 topo.dlq(),
                 topo.retry_exchange(),
                 topo.fail_exchange(),
                 topo.output_exchange
-            );
-            Ok(())
+            ))
         }
         Command::Definitions { vhost } => {
             let topo = topology_of::<S>(&cfg);
             let text =
                 serde_json::to_string_pretty(&topo.definitions(&vhost)).map_err(|e| other(&e))?;
-            println!("{text}");
-            Ok(())
+            print_out(&format!("{text}\n"))
         }
         Command::Dlq { command } => {
             let topo = topology_of::<S>(&cfg);
@@ -491,15 +488,14 @@ async fn dlq_command(
                 ));
             }
             let n = dlq::purge(conn, topo).await.map_err(|e| other(&e))?;
-            println!("purged {n} dead letter(s) from {}", topo.dlq());
-            Ok(())
+            print_out(&format!("purged {n} dead letter(s) from {}\n", topo.dlq()))
         }
     }
 }
 
 /// Writes a command's output to stdout; a reader that stopped early (`dlq list | head`)
 /// is no failure of the command, any other write error is.
-fn print_out(text: &str) -> Result<(), Failure> {
+pub fn print_out(text: &str) -> Result<(), Failure> {
     use std::io::Write as _;
     let mut out = std::io::stdout().lock();
     match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
@@ -508,6 +504,13 @@ fn print_out(text: &str) -> Result<(), Failure> {
         }
         _ => Ok(()),
     }
+}
+
+/// Writes `text` and a newline to stderr, ignoring a stderr nobody reads any more
+/// (`eprintln!` would panic, turning exit code 2 into 101).
+fn print_err(text: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr().lock(), "{text}");
 }
 
 /// A token cancelled on SIGTERM or SIGINT; a second signal during the drain exits at once

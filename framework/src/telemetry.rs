@@ -63,6 +63,9 @@ pub fn init_logging(cfg: &LogConfig) {
     // Colours only for a person at a terminal: in a log file or a collector they are noise,
     // and styling every span's fields (one span per message) costs CPU.
     let ansi = std::io::stderr().is_terminal();
+    // A log line that cannot be written (stderr closed: a log collector gone, `| head`) is
+    // lost, and the service goes on: tracing-subscriber would report it with `eprint!`,
+    // which panics on that same closed stderr and stopped the service (exit 101).
     let result = match cfg.format {
         LogFormat::Json => tracing_subscriber::fmt()
             .json()
@@ -70,11 +73,13 @@ pub fn init_logging(cfg: &LogConfig) {
             .with_span_list(false)
             .with_env_filter(filter)
             .with_writer(std::io::stderr)
+            .log_internal_errors(false)
             .try_init(),
         LogFormat::Text => tracing_subscriber::fmt()
             .with_ansi(ansi)
             .with_env_filter(filter)
             .with_writer(std::io::stderr)
+            .log_internal_errors(false)
             .try_init(),
     };
     let _ = result;

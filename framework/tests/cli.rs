@@ -243,6 +243,50 @@ async fn sigterm_drains_in_flight_messages_and_exits_0() {
     await_ready_count(&ch, &q, (total - seen.len()) as u32).await;
 }
 
+/// A closed stderr (a log collector gone, `2>&1 | head`) loses log lines but changes no
+/// exit code: printing to it used to panic (exit 101), from a config error's message and
+/// from tracing-subscriber's report of a log line it could not write.
+#[test]
+fn a_closed_stderr_changes_no_exit_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let closed_stderr = || {
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        writer
+    };
+    let code = |c: &mut Command| {
+        c.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(closed_stderr())
+            .status()
+            .expect("echo runs")
+            .code()
+    };
+    let q = unique("nostderr");
+    // A config error: exit 2.
+    assert_eq!(
+        code(
+            echo_cmd(&q, dir.path())
+                .env("STORAGETIER__AMQP__PREFETCH", "lots")
+                .arg("run")
+        ),
+        Some(2)
+    );
+    // A broker that cannot be reached: logged (tracing), then exit 1.
+    let nowhere = format!(
+        "amqp://guest:guest@127.0.0.1:{}/%2f",
+        framework::testing::broker::free_port()
+    );
+    assert_eq!(
+        code(
+            echo_cmd(&q, dir.path())
+                .env("STORAGETIER__AMQP__URL", nowhere)
+                .arg("declare")
+        ),
+        Some(1)
+    );
+}
+
 /// A second SIGTERM during the drain exits at once (code 1) instead of waiting for a
 /// handler that would take minutes; its message goes back to the queue.
 #[tokio::test]

@@ -93,12 +93,12 @@ pub async fn status(
             "product_status": product,
             "collections": cs,
         });
-        println!("{doc}");
+        framework::cli::print_out(&format!("{doc}\n"))
     } else {
-        print!(
-            "{}",
-            render_table(&parsed.correlation_id, product.as_deref(), &cs)
-        );
+        framework::cli::print_out(&render_table(
+            &parsed.correlation_id,
+            product.as_deref(),
+            &cs,
+        ))
     }
-    Ok(())
 }
