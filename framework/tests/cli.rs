@@ -34,6 +34,23 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// Polls the service's `/metrics` on `port` until it holds `line` (the service may still
+/// be starting: no answer counts as not yet).
+async fn await_metric(port: u16, line: &str) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let text = match reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        if text.contains(line) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{line} in:\n{text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[test]
 fn bad_config_exits_2_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
@@ -211,19 +228,7 @@ async fn sigterm_drains_in_flight_messages_and_exits_0() {
     // Wait until 4 handlers (its prefetch) run, each taking 1.5 s: in flight. A delivery
     // the broker sent but no handler took yet would go back instead (also fine, not this
     // test's point), so the handlers themselves are counted.
-    let gauge = format!("storagetier_in_flight{{queue=\"{q}\"}} 4");
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let text = match reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await {
-            Ok(r) => r.text().await.unwrap_or_default(),
-            Err(_) => String::new(),
-        };
-        if text.contains(&gauge) {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "4 handlers running");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    await_metric(port, &format!("storagetier_in_flight{{queue=\"{q}\"}} 4")).await;
     let mut seen = HashSet::new();
     let status = tokio::task::spawn_blocking(move || child.terminate(WAIT))
         .await
@@ -336,19 +341,7 @@ async fn a_second_sigterm_during_the_drain_exits_at_once() {
         BasicProperties::default(),
     )
     .await;
-    let gauge = format!("storagetier_in_flight{{queue=\"{q}\"}} 1");
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let text = match reqwest::get(format!("http://127.0.0.1:{http}/metrics")).await {
-            Ok(r) => r.text().await.unwrap_or_default(),
-            Err(_) => String::new(),
-        };
-        if text.contains(&gauge) {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "the handler runs");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    await_metric(http, &format!("storagetier_in_flight{{queue=\"{q}\"}} 1")).await;
     svc.signal(process::SIGTERM);
     tokio::task::spawn_blocking(move || seen_rx.recv_timeout(WAIT))
         .await
@@ -651,36 +644,17 @@ async fn a_service_that_cannot_connect_reports_it_in_its_metrics() {
         .expect("three failed attempts in time")
         .unwrap();
     assert_eq!(attempts, 3);
-    let client = reqwest::Client::new();
-    let base = format!("http://127.0.0.1:{http}");
-    let recoveries = format!("storagetier_reconnects_total{{queue=\"{q}\"}} 0");
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let text = match client.get(format!("{base}/metrics")).send().await {
-            Ok(r) => r.text().await.unwrap_or_default(),
-            Err(_) => String::new(),
-        };
-        if text.contains("storagetier_connected 0") && text.contains(&recoveries) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "connected 0 and {recoveries} in:\n{text}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    // Asked like the metrics above: a pooled connection the server has just let go of
-    // fails the request, which says nothing about readiness.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let ready = loop {
-        match client.get(format!("{base}/readyz")).send().await {
-            Ok(r) => break r,
-            Err(e) => {
-                assert!(svc.is_running(), "the service exited: {e}");
-                assert!(tokio::time::Instant::now() < deadline, "/readyz: {e}");
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    assert_eq!(ready.status(), 503);
+    // Its stderr is closed now (the reader above stopped): it goes on logging into it.
+    await_metric(http, "storagetier_connected 0").await;
+    await_metric(
+        http,
+        &format!("storagetier_reconnects_total{{queue=\"{q}\"}} 0"),
+    )
+    .await;
+    let ready = reqwest::get(format!("http://127.0.0.1:{http}/readyz")).await;
+    assert!(
+        svc.is_running(),
+        "the service went on with its stderr closed"
+    );
+    assert_eq!(ready.expect("/readyz answers").status(), 503);
 }
