@@ -523,7 +523,8 @@ pub fn shutdown_on_signal() -> CancellationToken {
         {
             use tokio::signal::unix::{SignalKind, signal};
             // Both listeners exist before the first signal and serve the second too: a
-            // second signal sent right after the first is never missed.
+            // second signal is not missed once the first has been handled (tokio merges
+            // two that arrive before either is read).
             let (mut term, mut int) = match (
                 signal(SignalKind::terminate()),
                 signal(SignalKind::interrupt()),
