@@ -665,11 +665,9 @@ async fn metrics_and_health_are_served() {
     let pc =
         framework::ProcessorConfiguration::new(&format!("{q}-in"), "test.#", "test.out", echo());
     let t = shutdown.clone();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    drop(listener);
+    let addr = format!("127.0.0.1:{}", framework::testing::broker::free_port());
     let mut cfg = cfg;
-    cfg.service.http_listen = addr.to_string();
+    cfg.service.http_listen = addr.clone();
     let cfg2 = cfg.clone();
     let task = tokio::spawn(async move {
         framework::cli::run_processor("test-service", &cfg2, pc, t)

@@ -195,11 +195,7 @@ async fn sigterm_drains_in_flight_messages_and_exits_0() {
     let o = run(echo_cmd(&q, dir.path()).arg("declare"));
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let (_c, ch) = test_channel().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = framework::testing::broker::free_port();
     let mut child = process::spawn(
         echo_cmd(&q, dir.path())
             .env("STORAGETIER__ECHO__DELAY_MS", "1500")
@@ -540,11 +536,7 @@ async fn the_amqp_password_never_shows_in_logs_metrics_or_dead_letters() {
     let _gone = Cleanup::service(&q, &[200, 400]);
     let dir = tempfile::tempdir().unwrap();
     let url = with_credentials(&amqp_url(), &user, &password);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = framework::testing::broker::free_port();
     let cmd = |args: &[&str]| {
         let mut c = echo_cmd(&q, dir.path());
         c.env("STORAGETIER__AMQP__URL", &url)

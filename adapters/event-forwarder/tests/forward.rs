@@ -139,10 +139,7 @@ async fn a_timeout_is_retryable() {
 
 #[tokio::test]
 async fn connection_refused_is_retryable() {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = framework::testing::broker::free_port();
     match forwarder(&format!("http://127.0.0.1:{port}"), 2000)
         .post("{}")
         .await
