@@ -10,7 +10,7 @@ use std::sync::Arc;
 use futures_util::StreamExt;
 use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path as ObjectPath;
-use object_store::{Attribute, Attributes, ObjectStore, PutMultipartOptions, PutOptions};
+use object_store::{Attribute, Attributes, ObjectStore, PutMode, PutMultipartOptions, PutOptions};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use crate::checksum::Algorithm;
@@ -416,9 +416,19 @@ pub async fn upload(
         unchanged(file, shown, &before, size)?;
         let opts = PutOptions {
             attributes,
+            mode: if tier.create_only {
+                PutMode::Create
+            } else {
+                PutMode::Overwrite
+            },
             ..Default::default()
         };
-        tier.store.put_opts(key, first.into(), opts).await?;
+        match tier.store.put_opts(key, first.into(), opts).await {
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                return Err(CopyError::Exists(key.to_string()));
+            }
+            r => r?,
+        };
         Uploaded {
             digest: Digest {
                 size,
@@ -439,6 +449,7 @@ pub async fn upload(
             shown,
             part,
             source: (file, before),
+            create_only: tier.create_only,
         };
         ctx.run(
             &mut f,
@@ -570,6 +581,8 @@ struct Multipart<'a> {
     part: u64,
     /// The open source and its state when the copy began.
     source: (&'a std::fs::File, SourceState),
+    /// Completed only if nothing is at the key (`Tier::create_only`).
+    create_only: bool,
 }
 
 impl Multipart<'_> {
@@ -744,9 +757,25 @@ impl Multipart<'_> {
             ));
         }
         unchanged(self.source.0, self.shown, &self.source.1, size)?;
-        self.mp
-            .complete_multipart(self.key, &upload_id.to_string(), ids)
-            .await?;
+        if self.create_only {
+            match self
+                .s3
+                .complete_multipart_create(self.key, upload_id, &ids)
+                .await
+            {
+                Err(crate::s3::S3Error::Taken(_)) => {
+                    // Another copy published first (one whose claim had lapsed, or a
+                    // writer outside the services): these parts are never completed.
+                    abort_recorded(self.mp.as_ref(), self.records, self.key, upload_id).await;
+                    return Err(CopyError::Exists(self.key.to_string()));
+                }
+                r => r?,
+            }
+        } else {
+            self.mp
+                .complete_multipart(self.key, &upload_id.to_string(), ids)
+                .await?;
+        }
         if let Err(e) = self
             .records
             .forget_upload(self.key.as_ref(), upload_id)

@@ -1,8 +1,10 @@
 //! The few S3 requests object_store does not make for us, signed with its own SigV4
 //! signer and credentials: HEAD with `x-amz-checksum-mode: ENABLED` (the object's
 //! `ChecksumSHA256`, so a stored object can be confirmed without downloading it),
-//! CreateMultipartUpload returning its upload id (so it can be kept and resumed) and
-//! ListParts (what an interrupted upload really stored).
+//! CreateMultipartUpload returning its upload id (so it can be kept and resumed),
+//! ListParts (what an interrupted upload really stored) and a create-only
+//! CompleteMultipartUpload (`If-None-Match: *`, which object_store sends only for its
+//! own copies).
 
 use std::sync::Arc;
 
@@ -36,6 +38,9 @@ pub enum S3Error {
     /// The response was not what S3 sends.
     #[error("S3 {0}: unexpected response: {1}")]
     Response(&'static str, String),
+    /// A create-only request found an object at the key (412).
+    #[error("S3 {0}: an object already exists at the key")]
+    Taken(&'static str),
 }
 
 /// What a HEAD says about a stored object.
@@ -118,17 +123,19 @@ impl S3Native {
         method: http::Method,
         url: &str,
         headers: &[(String, String)],
+        body: bytes::Bytes,
     ) -> Result<reqwest::Response, S3Error> {
         let mut b = http::Request::builder().method(method).uri(url);
         for (k, v) in headers {
             b = b.header(k.as_str(), v.as_str());
         }
         let mut req = b
-            .body(HttpRequestBody::empty())
+            .body(HttpRequestBody::from(body.clone()))
             .map_err(|e| S3Error::Request(e.to_string()))?;
+        // Signs the body's SHA-256 (computed by the signer from the bytes).
         let cred = self.credentials.get_credential().await?;
         AwsAuthorizer::new(&cred, "s3", &self.region).authorize(&mut req, None);
-        let req = reqwest::Request::try_from(req.map(|_| reqwest::Body::from(Vec::<u8>::new())))
+        let req = reqwest::Request::try_from(req.map(|_| reqwest::Body::from(body)))
             .map_err(|e| S3Error::Request(e.to_string()))?;
         self.client
             .execute(req)
@@ -145,6 +152,7 @@ impl S3Native {
                 http::Method::HEAD,
                 &self.url(key, ""),
                 &[("x-amz-checksum-mode".into(), "ENABLED".into())],
+                bytes::Bytes::new(),
             )
             .await?;
         if r.status() == reqwest::StatusCode::NOT_FOUND {
@@ -188,6 +196,7 @@ impl S3Native {
                 http::Method::POST,
                 &self.url(key, "uploads="),
                 &headers,
+                bytes::Bytes::new(),
             )
             .await?;
         let status = r.status();
@@ -198,6 +207,52 @@ impl S3Native {
         element(&body, "UploadId")
             .map(unescape)
             .ok_or_else(|| S3Error::Response(WHAT, snippet(&body)))
+    }
+
+    /// Completes an upload from its parts (object_store's part ids, in order) only if
+    /// no object is at the key: [`S3Error::Taken`] otherwise, the upload left as it was.
+    pub async fn complete_multipart_create(
+        &self,
+        key: &ObjectPath,
+        upload_id: &str,
+        parts: &[object_store::multipart::PartId],
+    ) -> Result<(), S3Error> {
+        const WHAT: &str = "CompleteMultipartUpload";
+        let mut xml = String::from("<CompleteMultipartUpload>");
+        for (i, p) in parts.iter().enumerate() {
+            let field = |n| element(&p.content_id, n);
+            let etag = field("e_tag").unwrap_or(&p.content_id);
+            xml.push_str(&format!(
+                "<Part><PartNumber>{}</PartNumber><ETag>{etag}</ETag>",
+                i + 1
+            ));
+            if let Some(sum) = field("checksum_sha256") {
+                xml.push_str(&format!("<ChecksumSHA256>{sum}</ChecksumSHA256>"));
+            }
+            xml.push_str("</Part>");
+        }
+        xml.push_str("</CompleteMultipartUpload>");
+        let id: String = url::form_urlencoded::byte_serialize(upload_id.as_bytes()).collect();
+        let headers = [("if-none-match".to_string(), "*".to_string())];
+        let r = self
+            .send(
+                WHAT,
+                http::Method::POST,
+                &self.url(key, &format!("uploadId={id}")),
+                &headers,
+                xml.into(),
+            )
+            .await?;
+        let status = r.status();
+        let body = r.text().await.map_err(|e| S3Error::Http(WHAT, e))?;
+        if status == reqwest::StatusCode::PRECONDITION_FAILED {
+            return Err(S3Error::Taken(WHAT));
+        }
+        // S3 can answer 200 with an error in the body once the completion has started.
+        if !status.is_success() || body.contains("<Error>") {
+            return Err(S3Error::Status(WHAT, status.as_u16(), snippet(&body)));
+        }
+        Ok(())
     }
 
     /// The parts stored for an upload, in order; None if the store no longer has the
@@ -218,7 +273,13 @@ impl S3Native {
                 format!("part-number-marker={marker}&uploadId={id}")
             };
             let r = self
-                .send(WHAT, http::Method::GET, &self.url(key, &query), &[])
+                .send(
+                    WHAT,
+                    http::Method::GET,
+                    &self.url(key, &query),
+                    &[],
+                    bytes::Bytes::new(),
+                )
                 .await?;
             let status = r.status();
             let body = r.text().await.map_err(|e| S3Error::Http(WHAT, e))?;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use framework::Secret;
 use object_store::ObjectStore;
-use object_store::aws::{AmazonS3Builder, Checksum};
+use object_store::aws::{AmazonS3Builder, Checksum, S3ConditionalPut};
 use object_store::local::LocalFileSystem;
 use object_store::multipart::MultipartStore;
 use object_store::path::Path as ObjectPath;
@@ -47,6 +47,11 @@ pub struct StoreOptions {
     /// so that any object S3 holds (5 TiB) fits in its 10,000 parts.
     #[serde(default = "default_part_size_mib")]
     pub part_size_mib: u64,
+    /// Uploads are create-only (`If-None-Match: *` on the PUT and on the multipart
+    /// completion): a copy never replaces an object, even one written by a copy whose
+    /// claim had lapsed. false only for a store that refuses the header.
+    #[serde(default = "default_true")]
+    pub conditional_writes: bool,
 }
 
 impl Default for StoreOptions {
@@ -62,6 +67,7 @@ impl Default for StoreOptions {
             max_retries: default_max_retries(),
             retry_timeout_ms: default_retry_timeout_ms(),
             part_size_mib: default_part_size_mib(),
+            conditional_writes: true,
         }
     }
 }
@@ -74,6 +80,9 @@ fn default_retry_timeout_ms() -> u64 {
 }
 fn default_part_size_mib() -> u64 {
     8
+}
+fn default_true() -> bool {
+    true
 }
 
 /// An opened store: where objects go and how to describe it.
@@ -95,8 +104,13 @@ pub struct Tier {
     /// For an S3 store: its multipart uploads by upload id (kept in the database and
     /// resumed after a crash instead of starting over).
     pub multipart: Option<Arc<dyn MultipartStore>>,
-    /// For an S3 store: HEAD with the object's checksum, upload ids, ListParts.
+    /// For an S3 store: HEAD with the object's checksum, upload ids, ListParts, the
+    /// create-only completion.
     pub s3: Option<crate::s3::SharedS3>,
+    /// Objects are published create-only (the store options' `conditional_writes`): a publish that
+    /// finds the key taken fails instead of replacing what is there. A local store's
+    /// direct copies are always create-only (crate::local).
+    pub create_only: bool,
 }
 
 impl std::fmt::Debug for Tier {
@@ -233,7 +247,13 @@ pub fn open(url: &str, opts: &StoreOptions) -> Result<Tier, StoreConfigError> {
         // Every upload carries its SHA-256 (x-amz-checksum-sha256), which S3 checks on
         // receipt and keeps as the object's ChecksumSHA256: verification and redeliveries
         // then compare checksums instead of downloading the object again.
-        b = b.with_checksum_algorithm(Checksum::SHA256);
+        b = b
+            .with_checksum_algorithm(Checksum::SHA256)
+            .with_conditional_put(if opts.conditional_writes {
+                S3ConditionalPut::ETagMatch
+            } else {
+                S3ConditionalPut::Disabled
+            });
         let cfg = |k| b.get_config_value(&k);
         let native_endpoint = cfg(object_store::aws::AmazonS3ConfigKey::Endpoint);
         let region =
@@ -257,6 +277,7 @@ pub fn open(url: &str, opts: &StoreOptions) -> Result<Tier, StoreConfigError> {
             min_part: opts.part_size_mib * 1024 * 1024,
             multipart: Some(store),
             s3: Some(Arc::new(s3)),
+            create_only: opts.conditional_writes,
         })
     } else {
         let dir = url.strip_prefix("file://").unwrap_or(url);
@@ -286,5 +307,21 @@ pub fn local(dir: &Path) -> Result<Tier, StoreConfigError> {
         min_part: default_part_size_mib() * 1024 * 1024,
         multipart: None,
         s3: None,
+        create_only: false,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn s3_uploads_are_create_only_unless_the_store_refuses_it() {
+        let opts: StoreOptions =
+            serde_json::from_str(r#"{"endpoint": "http://127.0.0.1:1"}"#).unwrap();
+        assert!(opts.conditional_writes, "on by default");
+        assert!(open("s3://b/p", &opts).unwrap().create_only);
+        let off: StoreOptions = serde_json::from_str(r#"{"conditional_writes": false}"#).unwrap();
+        assert!(!open("s3://b/p", &off).unwrap().create_only);
+    }
 }

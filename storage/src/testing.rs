@@ -204,8 +204,8 @@ pub struct Faults {
 }
 
 impl Faults {
-    /// Holds the next upload (single or multipart) until the returned release is
-    /// notified; the first returned notify fires when it is being held.
+    /// Holds the next upload (single request, multipart writer, or a resumable
+    /// upload's next part) until the returned release is notified; the first returned notify fires when it is being held.
     pub fn hold_next_upload(&self) -> (Arc<Notify>, Arc<Notify>) {
         let pair = (Arc::new(Notify::new()), Arc::new(Notify::new()));
         *lock(&self.gate) = Some(pair.clone());
@@ -383,6 +383,7 @@ impl MultipartStore for FaultyStore {
         part_idx: usize,
         data: PutPayload,
     ) -> object_store::Result<PartId> {
+        self.faults.gate().await;
         if lock(&self.faults.fail_parts_from).is_some_and(|from| part_idx >= from) {
             return Err(injected("part"));
         }

@@ -373,6 +373,85 @@ async fn s3_tier(bucket: &str) -> (MotoServer, CountingProxy, Tier) {
     (moto, proxy, tier)
 }
 
+/// A client writing to `bucket` as any other program would (no checksums, no claims).
+fn plain_client(moto: &MotoServer, bucket: &str) -> object_store::aws::AmazonS3 {
+    object_store::aws::AmazonS3Builder::new()
+        .with_endpoint(&moto.endpoint)
+        .with_bucket_name(bucket)
+        .with_region("us-east-1")
+        .with_allow_http(true)
+        .with_access_key_id("test")
+        .with_secret_access_key("test")
+        .build()
+        .expect("a plain client")
+}
+
+/// SHA-256 of what `tier` holds at `key`.
+async fn stored_sha256(tier: &Tier, key: &str) -> String {
+    storage::copy::hash_object(tier, &storage::store::object_path(key), Algorithm::Sha256)
+        .await
+        .expect("read")
+        .expect("stored")
+        .checksum
+}
+
+#[tokio::test]
+async fn an_s3_copy_never_replaces_an_object_published_while_it_uploads() {
+    // Another writer publishes at the key after the copy found it free: a copy whose
+    // claim lapsed while it stalled, or a program outside the services. The copy's
+    // single request and its multipart completion are create-only, so what the other
+    // wrote stays, and the copy goes beside it.
+    let bucket = "tier-create-only";
+    let (moto, _proxy, tier) = s3_tier(bucket).await;
+    let (faulty, faults) = FaultyStore::wrap(&tier);
+    let base = tempfile::tempdir().expect("temp");
+    let c = Arc::new(copier(
+        base.path(),
+        "online",
+        faulty,
+        records(base.path()).await,
+    ));
+    let plain = plain_client(&moto, bucket);
+    for (name, body) in [
+        ("one.bin", content(64 * 1024, 7)),
+        ("multi.bin", content(11 * MIB + 3, 8)),
+    ] {
+        let key = format!("pre/w/{name}");
+        let msg = put(base.path(), "online", &format!("w/{name}"), &body);
+        let theirs = format!("the other writer's {name}").into_bytes();
+        // Held as it sends its (first) upload request, having found the key free.
+        let (entered, release) = faults.hold_next_upload();
+        let copy = {
+            let c = c.clone();
+            tokio::spawn(async move { c.handle(&msg, 1).await })
+        };
+        entered.notified().await;
+        object_store::ObjectStore::put(
+            &plain,
+            &storage::store::object_path(&key),
+            theirs.clone().into(),
+        )
+        .await
+        .expect("the other writer publishes");
+        release.notify_one();
+        let r = copied(copy.await.expect("the copy ran"));
+        assert_eq!(r.key, format!("{key}.{}", &sha256(&body)[..16]), "{name}");
+        assert_eq!(r.checksum, sha256(&body));
+        assert_eq!(
+            stored_sha256(&tier, &key).await,
+            sha256(&theirs),
+            "{name}: the other writer's object is untouched"
+        );
+        assert_eq!(stored_sha256(&tier, &r.key).await, sha256(&body), "{name}");
+    }
+    assert_eq!(
+        faults.aborts.load(Ordering::SeqCst),
+        1,
+        "the multipart upload refused at its completion was aborted"
+    );
+    assert_eq!(c.records().count("multipart_uploads").await.unwrap(), 0);
+}
+
 /// GetObject requests (a download, not ListParts) of `key` in `bucket`.
 fn downloads(proxy: &CountingProxy, bucket: &str, key: &str) -> usize {
     let path = format!("/{bucket}/{key}");
@@ -423,15 +502,7 @@ async fn s3_objects_are_verified_and_redeliveries_confirmed_by_the_stores_checks
         // (no checksum, as a plain client writes): detected, and never overwritten.
         let mut other = body.clone();
         other[body.len() / 2] ^= 0x55;
-        let plain = object_store::aws::AmazonS3Builder::new()
-            .with_endpoint(&moto.endpoint)
-            .with_bucket_name(bucket)
-            .with_region("us-east-1")
-            .with_allow_http(true)
-            .with_access_key_id("test")
-            .with_secret_access_key("test")
-            .build()
-            .expect("a plain client");
+        let plain = plain_client(&moto, bucket);
         object_store::ObjectStore::put(
             &plain,
             &storage::store::object_path(&key),
