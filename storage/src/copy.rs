@@ -468,10 +468,19 @@ pub async fn upload(
         )
         .await?
     };
-    if up.digest.size != len {
-        return Err(CopyError::SourceChanged(shown.to_string()));
+    let changed = if up.digest.size != len {
+        Err(CopyError::SourceChanged(shown.to_string()))
+    } else {
+        before.check(file, shown)
+    };
+    if let Err(e) = changed {
+        // Published before the change was seen (grown, or rewritten in place): what is at
+        // the key is this attempt's torn copy (the publish was create-only, or the key
+        // claimed); only it is taken away, never an object the upload did not write.
+        remove(tier.store.as_ref(), key).await?;
+        tracing::warn!(key = %key, error = %e, "removed what this attempt stored");
+        return Err(e);
     }
-    before.check(file, shown)?;
     up.digest.checksum = h.finish();
     Ok(up)
 }

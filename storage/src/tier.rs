@@ -400,14 +400,6 @@ impl TierCopier {
             };
             let up = match copy::upload(&self.tier, key, file, original, alg, attrs, resume).await {
                 Err(CopyError::Exists(_)) => return Ok(Claimed::Raced),
-                // An object store completed the upload before the source was found changed
-                // (grown, or rewritten in place): under the claim, what is at the key is
-                // this attempt's torn copy. (A local store never publishes it.)
-                Err(e @ CopyError::SourceChanged(_)) if claim.is_some() => {
-                    copy::remove(self.tier.store.as_ref(), key).await?;
-                    tracing::warn!(key = %key, error = %e, "removed what this attempt stored");
-                    return Err(TierError::from(e));
-                }
                 r => r?,
             };
             if up.parts_reused > 0 {
