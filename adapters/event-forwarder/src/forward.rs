@@ -16,9 +16,20 @@ pub enum PostResult {
     Delivered(u16),
     /// Connection error, timeout, 408, 429 or 5xx: try again later — no sooner than the
     /// endpoint's `Retry-After`, if it sent one.
-    Retryable(String, Option<Duration>),
+    Retryable(String, Option<Duration>, Scope),
     /// Any other status: the endpoint will never take this event.
     Rejected(String),
+}
+
+/// What a retryable failure says about the events still to send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// An error answer to this event (408, 500, 502, 504): others may go through.
+    Event,
+    /// The endpoint as a whole cannot take more now: no answer (unreachable, timed out),
+    /// 429, 503, or an answer asking to wait (`Retry-After`). Events sent now would fare
+    /// the same, each costing the endpoint a request (or the handler a timeout).
+    Endpoint,
 }
 
 /// Why a forwarder could not be built.
@@ -132,7 +143,7 @@ impl Forwarder {
         }
         let resp = match req.send().await {
             Ok(r) => r,
-            Err(e) => return PostResult::Retryable(self.describe(&e), None),
+            Err(e) => return PostResult::Retryable(self.describe(&e), None, Scope::Endpoint),
         };
         let status = resp.status();
         match classify_status(status) {
@@ -150,7 +161,15 @@ impl Forwarder {
                     "endpoint answered {status}{asked}{}",
                     quoted_body(resp, &self.secrets()).await
                 );
-                PostResult::Retryable(msg, after)
+                let scope = if after.is_some()
+                    || status == StatusCode::TOO_MANY_REQUESTS
+                    || status == StatusCode::SERVICE_UNAVAILABLE
+                {
+                    Scope::Endpoint
+                } else {
+                    Scope::Event
+                };
+                PostResult::Retryable(msg, after, scope)
             }
             StatusClass::Rejected => PostResult::Rejected(format!(
                 "endpoint answered {status}{}",

@@ -10,7 +10,7 @@ use serde_json::json;
 use serde_json::value::RawValue;
 
 use crate::envelope::{Events, single_record_envelope, split};
-use crate::forward::{Forwarder, PostResult};
+use crate::forward::{Forwarder, PostResult, Scope};
 
 /// What posting one event came to, in ordered mode's in-place retries included.
 enum Posted {
@@ -175,7 +175,7 @@ impl EventForwarder {
             };
             metrics::counter!(POSTS_METRIC, "result" => label).increment(1);
             match r {
-                PostResult::Retryable(e, after) if self.ordered => {
+                PostResult::Retryable(e, after, _) if self.ordered => {
                     attempt = attempt.saturating_add(1);
                     if attempt >= self.retry.max_attempts {
                         return Posted::Exhausted(format!(
@@ -231,7 +231,7 @@ impl EventForwarder {
                     "skipped": [],
                 }))
             }
-            PostResult::Retryable(e, after) => {
+            PostResult::Retryable(e, after, _) => {
                 wait_for(ctx, after);
                 Outcome::retry(e)
             }
@@ -248,16 +248,17 @@ impl EventForwarder {
         let (mut delivered, mut dead, mut skipped) = (Vec::new(), Vec::new(), Vec::new());
         let mut retry: Option<String> = None;
         let mut pending = 0usize;
-        // Set once the endpoint asked to wait (Retry-After): the records after it are not
-        // POSTed in this attempt (each would be refused the same way), only retried.
-        let mut told_to_wait = false;
+        // Set once the endpoint as a whole cannot take more (unreachable, throttling, or
+        // asking to wait): the records after it are not POSTed in this attempt (each would
+        // be refused the same way, or time out in turn), only retried.
+        let mut endpoint_unavailable = false;
         for (i, r) in records.iter().enumerate() {
             let mark = i.to_string();
             if progress.is_done(&mark) {
                 skipped.push(i);
                 continue;
             }
-            if told_to_wait {
+            if endpoint_unavailable {
                 pending += 1;
                 continue;
             }
@@ -296,9 +297,9 @@ impl EventForwarder {
                         }
                     }
                 }
-                PostResult::Retryable(e, after) => {
+                PostResult::Retryable(e, after, scope) => {
                     wait_for(ctx, after);
-                    told_to_wait |= after.is_some();
+                    endpoint_unavailable |= scope == Scope::Endpoint;
                     pending += 1;
                     retry.get_or_insert(format!("record {i} of {}: {e}", records.len()));
                 }

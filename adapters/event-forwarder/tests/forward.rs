@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use event_forwarder::forward::{Forwarder, PostResult};
+use event_forwarder::forward::{Forwarder, PostResult, Scope};
 use framework::Secret;
 use wiremock::matchers::{body_string, header, method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
@@ -87,10 +87,21 @@ async fn redirects_are_not_followed_and_rejected() {
 
 #[tokio::test]
 async fn five_hundreds_408_and_429_are_retryable() {
-    for s in [408, 429, 500, 502, 503] {
+    // 429 and 503 speak for the whole endpoint (throttled, unavailable); the others for
+    // this request.
+    for (s, scope) in [
+        (408, Scope::Event),
+        (429, Scope::Endpoint),
+        (500, Scope::Event),
+        (502, Scope::Event),
+        (503, Scope::Endpoint),
+        (504, Scope::Event),
+    ] {
         let server = server_answering(s, "busy").await;
         match forwarder(&server.uri(), 5000).post("{}").await {
-            PostResult::Retryable(e, None) => assert!(e.contains(&s.to_string()), "{e}"),
+            PostResult::Retryable(e, None, sc) if sc == scope => {
+                assert!(e.contains(&s.to_string()), "{e}")
+            }
             r => panic!("{s}: {r:?}"),
         }
     }
@@ -104,8 +115,9 @@ async fn a_retry_after_is_passed_on_and_quoted() {
         .mount(&server)
         .await;
     match forwarder(&server.uri(), 5000).post("{}").await {
-        PostResult::Retryable(e, after) => {
+        PostResult::Retryable(e, after, scope) => {
             assert_eq!(after, Some(Duration::from_secs(7)));
+            assert_eq!(scope, Scope::Endpoint);
             assert!(e.contains("429") && e.contains("Retry-After: 7 s"), "{e}");
         }
         r => panic!("{r:?}"),
@@ -115,7 +127,7 @@ async fn a_retry_after_is_passed_on_and_quoted() {
 #[tokio::test]
 async fn long_error_bodies_are_truncated() {
     let server = server_answering(500, &"x".repeat(10_000)).await;
-    let PostResult::Retryable(e, _) = forwarder(&server.uri(), 5000).post("{}").await else {
+    let PostResult::Retryable(e, ..) = forwarder(&server.uri(), 5000).post("{}").await else {
         panic!("retryable expected")
     };
     assert!(e.len() < 400, "{} bytes", e.len());
@@ -130,7 +142,7 @@ async fn a_timeout_is_retryable() {
         .await;
     let started = std::time::Instant::now();
     match forwarder(&server.uri(), 200).post("{}").await {
-        PostResult::Retryable(e, None) => assert!(e.contains("timed out"), "{e}"),
+        PostResult::Retryable(e, None, Scope::Endpoint) => assert!(e.contains("timed out"), "{e}"),
         r => panic!("{r:?}"),
     }
     // Not the answer's 20 s: the timeout ended the wait.
@@ -144,7 +156,7 @@ async fn connection_refused_is_retryable() {
         .post("{}")
         .await
     {
-        PostResult::Retryable(e, None) => {
+        PostResult::Retryable(e, None, Scope::Endpoint) => {
             assert!(e.contains("connect"), "{e}");
             assert!(!e.contains(TOKEN));
         }

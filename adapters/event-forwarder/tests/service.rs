@@ -164,50 +164,68 @@ async fn a_retry_after_sends_the_retry_through_a_tier_that_long() {
     assert_eq!(bodies(&server).await, vec![r#"{"n":1}"#]);
 }
 
-/// In a Kinesis batch, an endpoint that asks to wait is not sent the rest of the batch in
-/// that attempt: the records after it wait with the retry.
+/// In a Kinesis batch, an endpoint that cannot take more now (asking to wait, throttling,
+/// unavailable) is not sent the rest of the batch in that attempt: the records after it
+/// wait with the retry. An error answer to one record (500) holds back no other.
 #[tokio::test]
-async fn a_retry_after_in_a_batch_holds_back_the_records_after_it() {
-    let server = MockServer::start().await;
-    Mock::given(body_string_contains("seq-2"))
-        .respond_with(ResponseTemplate::new(503).insert_header("Retry-After", "30"))
-        .mount(&server)
+async fn an_endpoint_that_cannot_take_more_is_not_sent_the_rest_of_the_batch() {
+    for (case, answer, posted_in_attempt) in [
+        (
+            "503 + Retry-After",
+            ResponseTemplate::new(503).insert_header("Retry-After", "30"),
+            2,
+        ),
+        ("429", ResponseTemplate::new(429), 2),
+        ("500", ResponseTemplate::new(500), 3),
+    ] {
+        let server = MockServer::start().await;
+        Mock::given(body_string_contains("seq-2"))
+            .respond_with(answer)
+            .mount(&server)
+            .await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(200))
+            .mount(&server)
+            .await;
+        let data = tempfile::tempdir().unwrap();
+        // A retry waits far longer than the test: the message stays in the long tier.
+        let delays = if case.contains("Retry-After") {
+            "[200, 600000]"
+        } else {
+            "[600000]"
+        };
+        let hs = start(&server, data.path(), &[("retry.delays_ms", delays)]).await;
+        let body = json!({"Records": [record("seq-1"), record("seq-2"), record("seq-3")]});
+        hs.publish(
+            "kinesis",
+            body.to_string().as_bytes(),
+            with_id("batch-wait"),
+        )
         .await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200))
-        .mount(&server)
-        .await;
-    let data = tempfile::tempdir().unwrap();
-    let hs = start(
-        &server,
-        data.path(),
-        &[("retry.delays_ms", "[200, 600000]")],
-    )
-    .await;
-    let body = json!({"Records": [record("seq-1"), record("seq-2"), record("seq-3")]});
-    hs.publish(
-        "kinesis",
-        body.to_string().as_bytes(),
-        with_id("batch-wait"),
-    )
-    .await;
-    let tier = format!("{}-retry-600000", hs.q);
-    await_ready_count(&hs.ch, &tier, 1).await;
-    let posted = bodies(&server).await;
-    assert_eq!(posted.len(), 2, "{posted:?}");
-    assert!(posted[0].contains("seq-1") && posted[1].contains("seq-2"));
-    let (_c, ch) = test_channel().await;
-    let mut waiting = consume(&ch, &tier).await;
-    let d = next(&mut waiting).await;
-    assert_eq!(
-        header(&d, "x-event-forwarder-done").as_deref(),
-        Some(r#"["0"]"#)
-    );
-    assert!(
-        header(&d, "x-last-error").is_some_and(|e| e.contains("2 of 3 records")),
-        "{:?}",
-        header(&d, "x-last-error")
-    );
+        let tier = format!("{}-retry-600000", hs.q);
+        await_ready_count(&hs.ch, &tier, 1).await;
+        let posted = bodies(&server).await;
+        assert_eq!(posted.len(), posted_in_attempt, "{case}: {posted:?}");
+        assert!(posted[0].contains("seq-1") && posted[1].contains("seq-2"));
+        let (_c, ch) = test_channel().await;
+        let mut waiting = consume(&ch, &tier).await;
+        let d = next(&mut waiting).await;
+        let (done, pending) = if posted_in_attempt == 2 {
+            (r#"["0"]"#, "2 of 3 records")
+        } else {
+            (r#"["0","2"]"#, "1 of 3 records")
+        };
+        assert_eq!(
+            header(&d, "x-event-forwarder-done").as_deref(),
+            Some(done),
+            "{case}"
+        );
+        assert!(
+            header(&d, "x-last-error").is_some_and(|e| e.contains(pending)),
+            "{case}: {:?}",
+            header(&d, "x-last-error")
+        );
+    }
 }
 
 /// A single event back from a retry tier after its POST succeeded but its success
