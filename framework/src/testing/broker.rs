@@ -78,7 +78,21 @@ fn sweep_orphans(root: Option<&Path>) {
     };
     for e in entries.flatten() {
         let dir = e.path();
-        if !e.file_name().to_string_lossy().starts_with(DIR_PREFIX) {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(".making-") {
+            // Renamed within microseconds of its creation: one this old lost its process
+            // in between (it never started a node).
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|a| a > Duration::from_secs(600)));
+            if old {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+            continue;
+        }
+        if !name.starts_with(DIR_PREFIX) {
             continue;
         }
         let pid_of = |f: &str| -> Option<i32> {
