@@ -4,7 +4,11 @@
 //!
 //! A part is named by a mark of the processor's choosing (a record's index, a
 //! `crash id → queue` pair). The header holds the marks as a JSON array of strings, so any
-//! text is a valid mark. The header travels with the message through the retry tiers and
+//! text is a valid mark; a run of three or more consecutive decimal marks (record indices)
+//! is written as `[first, last]`, so the header of a batch stays small however many of its
+//! records are done (it must fit, with the message's other headers, in one AMQP frame).
+//! The header is written once the processor is done with the progress, not per mark. The
+//! header travels with the message through the retry tiers and
 //! onto its dead letter (so a replay skips what was done), never onto a part dead-lettered
 //! as a message of its own; a redelivery after a lost connection starts from the progress
 //! the broker last held.
@@ -23,6 +27,8 @@ pub struct Progress<'c> {
     ctx: &'c MessageContext,
     header: &'static str,
     done: BTreeSet<String>,
+    /// Marked since the header was last written.
+    dirty: bool,
 }
 
 impl<'c> Progress<'c> {
@@ -31,10 +37,14 @@ impl<'c> Progress<'c> {
     pub fn resume(ctx: &'c MessageContext, header: &'static str) -> Self {
         ctx.note_progress_header(header);
         let done = crate::headers::get_str(&ctx.headers, header)
-            .and_then(|s| serde_json::from_str::<Vec<String>>(&s).ok())
-            .map(|v| v.into_iter().collect())
+            .and_then(|s| decode(&s))
             .unwrap_or_default();
-        Self { ctx, header, done }
+        Self {
+            ctx,
+            header,
+            done,
+            dirty: false,
+        }
     }
 
     /// Whether an earlier attempt (or this one) finished `part`.
@@ -54,9 +64,7 @@ impl<'c> Progress<'c> {
 
     /// Records `part` as done, so a retry of this message skips it.
     pub fn mark_done(&mut self, part: impl Into<String>) {
-        if self.done.insert(part.into()) {
-            self.write();
-        }
+        self.dirty |= self.done.insert(part.into());
     }
 
     /// Dead-letters `body` (the part, as a message of its own) with `x-error-kind:
@@ -104,13 +112,80 @@ impl<'c> Progress<'c> {
         self.mark_done(part);
         Ok(true)
     }
+}
 
-    fn write(&self) {
-        let marks: Vec<&str> = self.done.iter().map(String::as_str).collect();
-        if let Ok(s) = serde_json::to_string(&marks) {
-            self.ctx.set_retry_header(self.header, &s);
+/// Written when the processor lets go of its progress (before its outcome is published):
+/// once per attempt, not once per part (a batch of n records would write n headers of up
+/// to n marks).
+impl Drop for Progress<'_> {
+    fn drop(&mut self) {
+        if self.dirty {
+            self.ctx.set_retry_header(self.header, &encode(&self.done));
         }
     }
+}
+
+/// A mark that is a decimal index as written by `usize::to_string` (no sign, no leading
+/// zero), so `[first, last]` gives back exactly the marks it stands for.
+fn index(mark: &str) -> Option<u64> {
+    let canonical = !mark.is_empty()
+        && mark.bytes().all(|b| b.is_ascii_digit())
+        && (mark == "0" || !mark.starts_with('0'));
+    canonical.then(|| mark.parse().ok()).flatten()
+}
+
+/// The header's text: other marks as strings, runs of three or more indices as ranges.
+fn encode(done: &BTreeSet<String>) -> String {
+    let mut indices: Vec<u64> = Vec::new();
+    let mut items: Vec<serde_json::Value> = Vec::new();
+    for m in done {
+        match index(m) {
+            Some(i) => indices.push(i),
+            None => items.push(m.as_str().into()),
+        }
+    }
+    // BTreeSet orders text, not numbers ("10" < "9").
+    indices.sort_unstable();
+    let mut i = 0;
+    while i < indices.len() {
+        let mut j = i;
+        while j + 1 < indices.len() && indices[j + 1] == indices[j] + 1 {
+            j += 1;
+        }
+        if j - i >= 2 {
+            items.push(serde_json::json!([indices[i], indices[j]]));
+        } else {
+            items.extend(indices[i..=j].iter().map(|n| n.to_string().into()));
+        }
+        i = j + 1;
+    }
+    serde_json::Value::Array(items).to_string()
+}
+
+/// The marks a header holds; None if it is not one this module writes.
+fn decode(text: &str) -> Option<BTreeSet<String>> {
+    /// No range stands for more marks than a message could have parts.
+    const MAX_RANGE: u64 = 1_000_000;
+    let items: Vec<serde_json::Value> = serde_json::from_str(text).ok()?;
+    let mut done = BTreeSet::new();
+    for item in items {
+        match item {
+            serde_json::Value::String(m) => {
+                done.insert(m);
+            }
+            serde_json::Value::Array(r) => {
+                let (Some(a), Some(b)) = (r.first()?.as_u64(), r.get(1)?.as_u64()) else {
+                    return None;
+                };
+                if r.len() != 2 || b < a || b - a > MAX_RANGE {
+                    return None;
+                }
+                done.extend((a..=b).map(|n| n.to_string()));
+            }
+            _ => return None,
+        }
+    }
+    Some(done)
 }
 
 #[cfg(test)]
@@ -145,6 +220,7 @@ mod tests {
         for m in ["1", "a,b", "id \"q\"", "ünï"] {
             p.mark_done(m);
         }
+        drop(p);
         let header = written(&ctx).expect("header written");
         let next = ctx_with(Some(&header));
         let q = Progress::resume(&next, H);
@@ -153,6 +229,41 @@ mod tests {
             assert!(q.is_done(m), "{m} kept");
         }
         assert!(!q.is_done("a"), "a comma inside a mark does not split it");
+    }
+
+    #[test]
+    fn runs_of_indices_are_written_as_ranges_and_read_back_exactly() {
+        let ctx = ctx_with(None);
+        {
+            let mut p = Progress::resume(&ctx, H);
+            for i in (0..10_000).filter(|i| *i != 5_000) {
+                p.mark_done(i.to_string());
+            }
+            for m in ["7a", "010000", "12x", "10001", "10002"] {
+                p.mark_done(m);
+            }
+            assert!(written(&ctx).is_none(), "written once, when let go");
+        }
+        let header = written(&ctx).expect("header written");
+        assert!(header.len() < 100, "{header}");
+        assert!(header.contains("[0,4999]") && header.contains("[5001,9999]"));
+        let next = ctx_with(Some(&header));
+        let back = Progress::resume(&next, H);
+        assert_eq!(back.len(), 9_999 + 5);
+        assert!(!back.is_done("5000"));
+        for m in [
+            "0", "4999", "5001", "9999", "7a", "010000", "12x", "10001", "10002",
+        ] {
+            assert!(back.is_done(m), "{m}");
+        }
+        assert!(!back.is_done("10000"), "010000 is a mark of its own");
+        // Not a header this module writes: nothing is done.
+        for bad in [r#"[[3,1]]"#, r#"[[1]]"#, r#"[[0,99999999999]]"#, r#"[1]"#] {
+            assert!(
+                Progress::resume(&ctx_with(Some(bad)), H).is_empty(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

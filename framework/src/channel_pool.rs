@@ -56,6 +56,15 @@ impl ChannelPool {
         self.limit
     }
 
+    /// The largest frame the connection carries (negotiated; AMQP's 0, no limit, as the
+    /// largest size).
+    pub fn frame_max(&self) -> usize {
+        match self.conn.configuration().frame_max() {
+            0 => usize::MAX,
+            n => n as usize,
+        }
+    }
+
     /// The confirm channel shared by publishes the broker cannot return (not mandatory, to
     /// an exchange the service declared itself); reopened if it closed.
     pub async fn shared(&self) -> Result<Arc<Channel>, lapin::Error> {

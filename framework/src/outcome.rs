@@ -134,6 +134,31 @@ impl Planner {
     }
 }
 
+impl Planner {
+    /// A dead letter of the delivery without the input's headers (and without this
+    /// attempt's progress marks): for a message whose headers leave no room in one frame
+    /// for the framework's own. Its `x-original-*`, attempt count and trace are kept.
+    pub fn bare_dead_letter(
+        &self,
+        publisher: &Publisher,
+        body: &[u8],
+        ctx: &MessageContext,
+        why: &str,
+    ) -> Vec<Outgoing> {
+        let none = lapin::types::FieldTable::default();
+        let mut origin = ctx.origin();
+        origin.headers = &none;
+        warn!(error = %why, kind = h::KIND_PERMANENT, "dead-lettering without the input's headers");
+        vec![publisher.dead_letter_message(
+            &origin,
+            body.to_vec(),
+            ctx.attempt.saturating_add(1),
+            h::KIND_PERMANENT,
+            why,
+        )]
+    }
+}
+
 /// `value` as JSON bytes, the buffer sized like the input it answers (most outputs are
 /// about that size) instead of growing from 128 bytes by doubling.
 fn to_json(value: &serde_json::Value, like: usize) -> Vec<u8> {

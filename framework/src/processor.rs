@@ -115,6 +115,8 @@ pub struct MessageContext {
     /// Cancelled when the session that delivered this message ends (shutdown or a lost
     /// connection): long waits should stop; the message will be redelivered if not acked.
     pub(crate) cancel: tokio_util::sync::CancellationToken,
+    /// Set when the session starts ending: the moment unfinished handlers are stopped.
+    pub(crate) stops_at: Arc<std::sync::OnceLock<std::time::Instant>>,
 }
 
 /// What an attempt asked of its Retry outcome (see [`MessageContext::set_retry_header`] and
@@ -144,6 +146,7 @@ impl MessageContext {
             publisher: None,
             properties: Default::default(),
             cancel: Default::default(),
+            stops_at: Arc::default(),
             trace: crate::trace::TraceContext::continue_from(&FieldTable::default()),
         }
     }
@@ -189,6 +192,16 @@ impl MessageContext {
     /// connection): a processor waiting or backing off selects on it to stop early.
     pub async fn cancelled(&self) {
         self.cancel.cancelled().await
+    }
+
+    /// Once the session is ending, how long this handler has before it is stopped (its
+    /// message then goes back to the queue as it came, whatever it did meanwhile): a
+    /// processor of many parts stops in time to return a Retry carrying its progress.
+    /// None while the session runs; zero once the connection is lost.
+    pub fn time_left(&self) -> Option<std::time::Duration> {
+        self.stops_at
+            .get()
+            .map(|t| t.saturating_duration_since(std::time::Instant::now()))
     }
 
     /// Headers set with [`MessageContext::set_retry_header`].

@@ -97,7 +97,24 @@ pub enum PublishError {
     /// The broker did not confirm within `[amqp] operation_timeout_ms`.
     #[error("the broker did not confirm the publish to exchange `{0}` in time")]
     Timeout(String),
+    /// The message's properties (its headers, mostly) would not fit in one AMQP frame: the
+    /// broker would close the whole connection over it. Nothing was published.
+    #[error(
+        "the message to exchange `{exchange}` has {bytes} bytes of properties and headers, \
+         more than one frame of the connection carries ({frame_max} bytes); nothing published"
+    )]
+    TooLarge {
+        /// Destination exchange.
+        exchange: String,
+        /// Bytes of its content-header frame.
+        bytes: usize,
+        /// The connection's negotiated frame size.
+        frame_max: usize,
+    },
 }
+
+/// Largest body published on the shared confirm channel (see [`Publisher::send`]).
+const SHARED_CHANNEL_MAX_BODY: usize = 1024 * 1024;
 
 /// One message to send as part of an outcome.
 pub struct Outgoing {
@@ -231,6 +248,11 @@ impl Publisher {
         self.send(vec![msg]).await
     }
 
+    /// The largest frame the connection carries (a message's properties must fit in one).
+    pub(crate) fn frame_max(&self) -> usize {
+        self.pool.frame_max()
+    }
+
     /// Publishes `msgs` and waits for every confirm (nothing to do for none): on the shared
     /// channel if the broker can return none of them (not mandatory, to the service's own
     /// output exchange), else on a channel of the pool that no other outcome uses meanwhile.
@@ -238,32 +260,65 @@ impl Publisher {
         if msgs.is_empty() {
             return Ok(());
         }
-        let unreturnable = msgs
-            .iter()
-            .all(|o| !o.mandatory && *o.exchange == *self.output_exchange);
+        // A large body could pass the broker's `max_message_size` (16 MiB by default on
+        // 4.x, lower where set), which closes the channel and fails every confirm pending
+        // on it: on the shared channel, other handlers' successes would be retried (and
+        // published twice). Such a publish takes a channel of its own.
+        let unreturnable = msgs.iter().all(|o| {
+            !o.mandatory
+                && *o.exchange == *self.output_exchange
+                && o.body.len() < SHARED_CHANNEL_MAX_BODY
+        });
+        let frame_max = self.pool.frame_max();
         if unreturnable {
             let ch = self.pool.shared().await?;
-            return publish_confirmed(&ch, msgs, self.pool.limit()).await;
+            return publish_confirmed(&ch, msgs, self.pool.limit(), frame_max).await;
         }
         let ch = self.pool.get().await?;
-        publish_confirmed(&ch, msgs, self.pool.limit()).await
+        publish_confirmed(&ch, msgs, self.pool.limit(), frame_max).await
     }
 }
 
 /// Publishes all messages, then waits (at most `limit`) for every confirm; any nack, return
-/// or timeout is an error.
+/// or timeout is an error. A message whose properties exceed `frame_max` (the connection's
+/// frame size) is refused before anything is sent.
 pub async fn publish_confirmed(
     ch: &Channel,
     msgs: Vec<Outgoing>,
     limit: Duration,
+    frame_max: usize,
 ) -> Result<(), PublishError> {
     let first = msgs.first().map(|o| o.exchange.clone()).unwrap_or_default();
-    tokio::time::timeout(limit, publish_and_confirm(ch, msgs))
+    tokio::time::timeout(limit, publish_and_confirm(ch, msgs, frame_max))
         .await
         .unwrap_or(Err(PublishError::Timeout(first)))
 }
 
-async fn publish_and_confirm(ch: &Channel, msgs: Vec<Outgoing>) -> Result<(), PublishError> {
+/// Bytes of the content-header frame carrying `p`: the frame's own 8, class, weight, body
+/// size and property flags 14, then each property present.
+pub fn header_frame_len(p: &BasicProperties) -> usize {
+    let short = |s: &Option<ShortString>| s.as_ref().map_or(0, |s| 1 + s.as_str().len());
+    22 + short(p.content_type())
+        + short(p.content_encoding())
+        + p.headers().as_ref().map_or(0, h::encoded_len)
+        + p.delivery_mode().map_or(0, |_| 1)
+        + p.priority().map_or(0, |_| 1)
+        + short(p.correlation_id())
+        + short(p.reply_to())
+        + short(p.expiration())
+        + short(p.message_id())
+        + p.timestamp().map_or(0, |_| 8)
+        + short(p.kind())
+        + short(p.user_id())
+        + short(p.app_id())
+        + short(p.cluster_id())
+}
+
+async fn publish_and_confirm(
+    ch: &Channel,
+    msgs: Vec<Outgoing>,
+    frame_max: usize,
+) -> Result<(), PublishError> {
     // lapin panics on a longer name; a processor's destination can be anything.
     if let Some(o) = msgs
         .iter()
@@ -273,6 +328,18 @@ async fn publish_and_confirm(ch: &Channel, msgs: Vec<Outgoing>) -> Result<(), Pu
             h::truncate(&o.exchange, 64).to_string(),
             h::truncate(&o.routing_key, 64).to_string(),
         ));
+    }
+    // lapin sends a content header of any size as one frame, and RabbitMQ closes the
+    // connection on a frame over its frame_max (every handler of the session with it).
+    for o in &msgs {
+        let bytes = header_frame_len(&o.properties);
+        if bytes > frame_max {
+            return Err(PublishError::TooLarge {
+                exchange: o.exchange.clone(),
+                bytes,
+                frame_max,
+            });
+        }
     }
     let mut pending = Vec::with_capacity(msgs.len());
     for o in msgs {
@@ -307,6 +374,9 @@ async fn publish_and_confirm(ch: &Channel, msgs: Vec<Outgoing>) -> Result<(), Pu
 /// kept as the headers `x-original-expiration` and `x-original-user-id`, as RabbitMQ
 /// keeps an expiration when it dead-letters.
 pub(crate) fn republished(p: &BasicProperties, mut headers: FieldTable) -> BasicProperties {
+    if h::SENDER_SELECTED.iter().any(|k| headers.contains_key(k)) {
+        headers = h::without(&headers, h::SENDER_SELECTED);
+    }
     if p.expiration().is_none() && p.user_id().is_none() {
         return p.clone().with_delivery_mode(2).with_headers(headers);
     }

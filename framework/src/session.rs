@@ -29,6 +29,17 @@ use crate::topology::{DeclareError, Topology};
 /// How long a message whose outcome could not be published waits before going back.
 const PUBLISH_FAILURE_BACKOFF: Duration = Duration::from_secs(1);
 
+/// Room a retry or dead letter needs in its frame beyond the input's headers: the
+/// framework's own headers (errors of up to 1 KiB each, original names, trace), the
+/// properties, and the `x-death` entries the broker adds on the way through the tiers.
+const HEADER_HEADROOM: usize = 16 * 1024;
+
+/// The most header bytes an input may carry to be handled: with more, its retry or dead
+/// letter would not fit in one frame of `frame_max`.
+fn input_header_budget(frame_max: usize) -> usize {
+    frame_max.saturating_sub(HEADER_HEADROOM).max(frame_max / 2)
+}
+
 /// The handlers of one consuming session: told when the session ends (`cancel`, seen by
 /// processors through [`MessageContext::cancelled`]) and stopped at their next await point
 /// if still running after the drain budget (`kill`), so no handler outlives its session
@@ -37,6 +48,8 @@ struct SessionTasks {
     tasks: TaskTracker,
     cancel: CancellationToken,
     kill: CancellationToken,
+    /// When `kill` comes, once the session is ending ([`MessageContext::time_left`]).
+    stops_at: Arc<std::sync::OnceLock<Instant>>,
 }
 
 impl SessionTasks {
@@ -45,11 +58,13 @@ impl SessionTasks {
             tasks: TaskTracker::new(),
             cancel: CancellationToken::new(),
             kill: CancellationToken::new(),
+            stops_at: Arc::default(),
         }
     }
 
     /// Signals the handlers, waits up to `budget` for them, then stops the rest.
     async fn end(&self, budget: Duration) {
+        let _ = self.stops_at.set(Instant::now() + budget);
         self.cancel.cancel();
         self.tasks.close();
         if tokio::time::timeout(budget, self.tasks.wait())
@@ -119,6 +134,7 @@ pub(crate) async fn session<P: MessageProcessor>(
     let settling = Settling::start(ch.clone(), metrics.clone());
     let broken = CancellationToken::new();
     let shared = Arc::new(Shared {
+        conn: conn.clone(),
         inner: inner.clone(),
         publisher,
         metrics,
@@ -183,12 +199,14 @@ pub(crate) async fn session<P: MessageProcessor>(
                 settling.delivered(delivery.delivery_tag);
                 let shared = shared.clone();
                 let cancel = handlers.cancel.clone();
+                let stops_at = handlers.stops_at.clone();
                 let kill = handlers.kill.clone();
                 // The handler's state machine (several KiB) lives on the heap from the start,
                 // not in the spawned future, which tokio moves more than once while spawning.
                 let fut = async move {
-                    let handling =
-                        Box::pin(async move { shared.handle_delivery(delivery, cancel).await });
+                    let handling = Box::pin(async move {
+                        shared.handle_delivery(delivery, cancel, stops_at).await
+                    });
                     tokio::select! {
                         _ = handling => {}
                         _ = kill.cancelled() => {}
@@ -391,6 +409,8 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
 
 /// What every handler of one session shares (one clone per message, not one per piece).
 struct Shared<P: MessageProcessor> {
+    /// The session's connection (to check the topology when a publish finds it broken).
+    conn: Arc<Connection>,
     inner: Arc<Inner<P>>,
     publisher: Publisher,
     metrics: Arc<m::QueueMetrics>,
@@ -401,9 +421,28 @@ struct Shared<P: MessageProcessor> {
 }
 
 impl<P: MessageProcessor> Shared<P> {
-    async fn handle_delivery(&self, mut delivery: Delivery, cancel: CancellationToken) {
+    async fn handle_delivery(
+        &self,
+        mut delivery: Delivery,
+        cancel: CancellationToken,
+        stops_at: Arc<std::sync::OnceLock<Instant>>,
+    ) {
         let (inner, publisher, metrics) = (&*self.inner, &self.publisher, &*self.metrics);
-        let inc = incoming(&delivery);
+        let mut inc = incoming(&delivery);
+        // An input whose headers leave no room for a retry's or dead letter's in one frame
+        // is dead-lettered at once, without them (publishing it with them would make the
+        // broker close the connection, every handler's with it, on every redelivery).
+        let header_bytes = h::encoded_len(&inc.headers);
+        let budget = input_header_budget(publisher.frame_max());
+        let oversized = (header_bytes > budget).then(|| {
+            inc.headers = lapin::types::FieldTable::default();
+            format!(
+                "the message's headers take {header_bytes} bytes, more than the {budget} that \
+                 leave room in one frame ({} bytes) for a retry's or dead letter's own; \
+                 dead-lettered without them",
+                publisher.frame_max()
+            )
+        });
         // Moved, not copied: the context is the only holder of the delivery's properties.
         let properties = std::mem::take(&mut delivery.properties);
         let message_id = properties.message_id().as_ref().map(|s| s.to_string());
@@ -431,12 +470,16 @@ impl<P: MessageProcessor> Shared<P> {
                 retry_notes: Default::default(),
                 progress_headers: Default::default(),
                 cancel,
+                stops_at,
                 trace,
                 publisher: Some(publisher.clone()),
                 properties,
             };
             // Decoding runs inside catch_unwind too: a panicking Deserialize is the input's fault.
             let handled = AssertUnwindSafe(async {
+                if let Some(why) = oversized {
+                    return Outcome::Permanent(why);
+                }
                 match serde_json::from_slice::<P::Input>(&delivery.data) {
                     Err(e) => Outcome::Permanent(describe_decode_error(&e)),
                     Ok(input) => inner.processor.handle(input, &ctx).await,
@@ -511,6 +554,24 @@ impl<P: MessageProcessor> Shared<P> {
             {
                 broken.cancel();
             }
+            // A publish to a missing exchange closes its channel (404). One the service
+            // owns deleted while it ran (its output exchange, say) would fail every
+            // outcome until the next reconnect: re-declare it now, in a new session.
+            if let PublishError::Amqp(err) = &e
+                && crate::topology::is_soft(err, lapin::protocol::AMQPSoftError::NOTFOUND)
+                && bounded(
+                    inner.amqp.operation_timeout(),
+                    "checking the topology",
+                    async {
+                        Ok::<_, lapin::Error>(inner.topology.exchange_missing(&self.conn).await)
+                    },
+                )
+                .await
+                .unwrap_or(false)
+            {
+                warn!("an exchange of the service's own topology is gone; declaring it again");
+                broken.cancel();
+            }
             // An outcome that cannot be published (an unroutable or missing destination)
             // becomes a retry: it counts toward max_attempts and ends in the DLQ, instead
             // of looping through requeues that RabbitMQ 4.3 no longer counts.
@@ -523,6 +584,16 @@ impl<P: MessageProcessor> Shared<P> {
                 label = l;
                 published = publisher.send(msgs).await;
             }
+        }
+        if let Err(e @ PublishError::TooLarge { .. }) = &published {
+            // Headers the processor added (progress marks, say) left no room: no retry of
+            // this message can ever be published, so it is dead-lettered without them.
+            let why = format!("could not publish the {label} outcome: {e}");
+            label = "dead_letter";
+            let msgs = inner
+                .planner
+                .bare_dead_letter(publisher, &delivery.data, ctx, &why);
+            published = publisher.send(msgs).await;
         }
         match published {
             // Counted once the ack has left (the settler sends it).

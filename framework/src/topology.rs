@@ -29,7 +29,8 @@ impl DeclareError {
     }
 }
 
-fn is_soft(e: &lapin::Error, kind: AMQPSoftError) -> bool {
+/// Whether `e` is the broker's soft error `kind` (the channel it came on is closed).
+pub(crate) fn is_soft(e: &lapin::Error, kind: AMQPSoftError) -> bool {
     matches!(e.kind(), lapin::ErrorKind::ProtocolError(p) if *p.kind() == AMQPErrorKind::Soft(kind))
 }
 
@@ -410,6 +411,37 @@ impl Topology {
             Err(e) if is_soft(&e, AMQPSoftError::PRECONDITIONFAILED) => Ok(()),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Whether an exchange the service owns is gone (deleted while it ran): each is
+    /// checked passively on a channel of its own (a failed check closes it). A check
+    /// that cannot be made counts as nothing missing.
+    pub async fn exchange_missing(&self, conn: &Connection) -> bool {
+        for e in self.exchanges() {
+            let Ok(probe) = conn.create_channel().await else {
+                return false;
+            };
+            let passive = ExchangeDeclareOptions {
+                passive: true,
+                ..Default::default()
+            };
+            match probe
+                .exchange_declare(
+                    e.name.as_str().into(),
+                    ExchangeKind::Topic,
+                    passive,
+                    FieldTable::default(),
+                )
+                .await
+            {
+                Ok(()) => {
+                    let _ = probe.close(200, "checked".into()).await;
+                }
+                Err(err) if is_soft(&err, AMQPSoftError::NOTFOUND) => return true,
+                Err(_) => return false,
+            }
+        }
+        false
     }
 
     /// The topology as a RabbitMQ definitions document (management UI import).

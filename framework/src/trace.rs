@@ -108,11 +108,17 @@ impl TraceContext {
         format!("00-{}-{}-{}", self.trace_id, self.span_id, self.flags)
     }
 
-    /// Writes `traceparent` (and `tracestate`) into `headers`.
+    /// Writes `traceparent` and `tracestate` into `headers` (a copy of the input's, for a
+    /// retry or dead letter): a `tracestate` not passed on (too long, or of a broken trace)
+    /// is taken out, not left beside the new `traceparent`.
     pub fn write(&self, headers: &mut FieldTable) {
         h::set_str(headers, TRACEPARENT, &self.traceparent());
-        if let Some(ts) = &self.tracestate {
-            h::set_str(headers, TRACESTATE, ts);
+        match &self.tracestate {
+            Some(ts) => h::set_str(headers, TRACESTATE, ts),
+            None if headers.contains_key(TRACESTATE) => {
+                *headers = h::without(headers, &[TRACESTATE]);
+            }
+            None => {}
         }
     }
 }
@@ -206,5 +212,28 @@ mod tests {
             with_state(&big).parent_span_id.as_deref(),
             Some("b7ad6b7169203331")
         );
+    }
+
+    #[test]
+    fn a_tracestate_not_passed_on_leaves_the_copy_of_the_input_headers() {
+        // A retry or dead letter starts from a copy of the input's headers.
+        for input in [with("garbage"), {
+            let mut t = with("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+            h::set_str(&mut t, TRACESTATE, &"x".repeat(600));
+            t
+        }] {
+            let c = TraceContext::continue_from(&input);
+            let mut copy = input.clone();
+            c.write(&mut copy);
+            assert!(!copy.contains_key(TRACESTATE), "{copy:?}");
+            assert_eq!(
+                h::get_str(&copy, TRACEPARENT).as_deref(),
+                Some(c.traceparent().as_str())
+            );
+        }
+        let kept = with("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+        let mut copy = kept.clone();
+        TraceContext::continue_from(&kept).write(&mut copy);
+        assert_eq!(h::get_str(&copy, TRACESTATE).as_deref(), Some("vendor=x"));
     }
 }

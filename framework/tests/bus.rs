@@ -1271,3 +1271,106 @@ async fn acks_sent_together_never_cover_an_unsettled_delivery() {
     assert_eq!(ready_count(&hs.ch, &hs.q).await, 0);
     hs.stop().await;
 }
+
+/// A header near AMQP's frame limit (128 KiB): a retry or dead letter of the message with
+/// the framework's own headers added would not fit in one frame, and RabbitMQ closes the
+/// whole connection over a frame too large — every handler's, on every redelivery.
+#[tokio::test]
+async fn headers_that_leave_no_room_for_a_retry_never_cost_the_session() {
+    let calls: Calls = Arc::default();
+    let p = recording(&calls, |v, ctx| {
+        if v["grow"].as_bool() == Some(true) {
+            // A processor's retry header that overflows the frame by itself.
+            ctx.set_retry_header("x-progress-of-sorts", &"y".repeat(131 * 1024));
+        }
+        if v["retry"].as_bool() == Some(true) {
+            Outcome::retry("e".repeat(1000))
+        } else {
+            Outcome::success(v.clone())
+        }
+    });
+    let mut hs = Harness::start("frame", &[], p).await;
+    let mut dlq = hs.watch_dlq().await;
+    let mut out = hs.watch_output().await;
+    let sessions = hs.status.sessions();
+    let first_session = *sessions.borrow();
+
+    // Accepted by the broker (under 128 KiB), but a retry of it would not be.
+    let mut near = FieldTable::default();
+    h::set_str(&mut near, "x-pad", &"p".repeat(130_400));
+    hs.publish(
+        "test.near",
+        br#"{"retry": true}"#,
+        BasicProperties::default().with_headers(near),
+    )
+    .await;
+    let d = next(&mut dlq).await;
+    assert_eq!(d.data, br#"{"retry": true}"#, "body kept whole");
+    assert_eq!(
+        header(&d, h::ERROR_KIND).as_deref(),
+        Some(h::KIND_PERMANENT)
+    );
+    let e = header(&d, h::ERROR).unwrap();
+    assert!(e.contains("headers take"), "{e}");
+    assert_eq!(header(&d, "x-pad"), None, "dead-lettered without them");
+    assert_eq!(
+        header(&d, h::ORIGINAL_ROUTING_KEY).as_deref(),
+        Some("test.near")
+    );
+    assert!(calls.lock().unwrap().is_empty(), "never handled");
+
+    // Small headers, but the processor's own retry header overflows the frame.
+    hs.publish(
+        "test.grow",
+        br#"{"retry": true, "grow": true}"#,
+        BasicProperties::default(),
+    )
+    .await;
+    let d = next(&mut dlq).await;
+    assert_eq!(d.data, br#"{"retry": true, "grow": true}"#);
+    let e = header(&d, h::ERROR).unwrap();
+    assert!(e.contains("properties and headers"), "{e}");
+    assert_eq!(header(&d, "x-progress-of-sorts"), None);
+
+    // The session lived through both.
+    hs.publish("test.after", br#"{"n":1}"#, BasicProperties::default())
+        .await;
+    assert_eq!(next(&mut out).await.data, br#"{"n":1}"#);
+    assert_eq!(*sessions.borrow(), first_session, "no reconnect");
+    hs.stop().await;
+}
+
+/// `CC`/`BCC` headers make RabbitMQ route a publish by their keys too (sender-selected
+/// distribution): a retry carrying the input's would also reach the tier they name, and
+/// the message would be handled twice.
+#[tokio::test]
+async fn an_inputs_cc_header_never_routes_its_retry() {
+    let calls: Calls = Arc::default();
+    let p = recording(&calls, |_v, ctx| {
+        if ctx.attempt == 0 {
+            Outcome::retry("once more")
+        } else {
+            Outcome::success(json!({"attempt": ctx.attempt}))
+        }
+    });
+    let mut hs = Harness::start("cc", &[("retry.delays_ms", "[200, 600000]")], p).await;
+    let mut out = hs.watch_output().await;
+    let mut cc = FieldTable::default();
+    cc.insert("CC".into(), AMQPValue::FieldArray(vec![s("600000")].into()));
+    hs.publish(
+        "test.cc",
+        br#"{}"#,
+        BasicProperties::default().with_headers(cc),
+    )
+    .await;
+    assert_eq!(next(&mut out).await.data, br#"{"attempt":1}"#);
+    let long = format!("{}-retry-600000", hs.q);
+    assert_eq!(
+        ready_count(&hs.ch, &long).await,
+        0,
+        "no copy in the long tier"
+    );
+    let second = calls.lock().unwrap()[1].1.headers.clone();
+    assert!(!second.contains_key("CC"), "{second:?}");
+    hs.stop().await;
+}

@@ -61,6 +61,35 @@ async fn exchanges_a_service_publishes_to_are_declared_on_every_connect() {
     hs.stop().await;
 }
 
+/// Its output exchange deleted while it runs: the next success finds it gone (the
+/// broker closes the publishing channel, 404) and the service declares its topology again
+/// at once, instead of turning every success into a retry until it reconnects.
+#[tokio::test]
+async fn an_own_exchange_deleted_while_running_is_declared_again() {
+    let mut hs = Harness::start("regone", &[("retry.delays_ms", "[600000]")], echo()).await;
+    let mut sessions = hs.status.sessions();
+    let out = hs.output_exchange.clone();
+    hs.ch
+        .exchange_delete(out.as_str().into(), Default::default())
+        .await
+        .expect("delete");
+    assert!(!exists(&hs.conn, &out).await);
+    hs.publish(
+        "test.gone",
+        br#"{"n":1}"#,
+        framework::lapin::BasicProperties::default(),
+    )
+    .await;
+    tokio::time::timeout(WAIT, sessions.wait_for(|n| *n >= 2))
+        .await
+        .expect("a new session")
+        .expect("status alive");
+    assert!(exists(&hs.conn, &out).await, "declared again");
+    // Its message waits in a retry tier (far longer than the test), not lost.
+    await_ready_count(&hs.ch, &format!("{}-retry-600000", hs.q), 1).await;
+    hs.stop().await;
+}
+
 #[tokio::test]
 async fn a_producer_exchange_with_other_flags_is_not_a_conflict() {
     let q = unique("flags");
