@@ -131,6 +131,11 @@ impl Forwarder {
         &self.endpoint
     }
 
+    /// The longest one POST takes.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// POSTs `body` (JSON text, sent as is) once.
     pub async fn post(&self, body: &str) -> PostResult {
         let mut req = self
@@ -231,16 +236,41 @@ async fn quoted_body(mut resp: reqwest::Response, secrets: &[String]) -> String 
     let mut buf: Vec<u8> = Vec::new();
     // Enough that a secret starting within the quoted part is read whole, to be masked.
     let want = MAX_QUOTED_BODY + secrets.iter().map(String::len).max().unwrap_or(0);
+    let mut whole = false;
     while buf.len() <= want {
         match resp.chunk().await {
             Ok(Some(c)) => buf.extend_from_slice(&c),
-            _ => break,
+            Ok(None) => {
+                whole = true;
+                break;
+            }
+            Err(_) => break,
         }
     }
-    let mut text = String::from_utf8_lossy(&buf).into_owned();
+    quoted(&buf, secrets, whole)
+}
+
+/// The start of an answer as an error quotes it: every secret masked — one whole, and, if
+/// the answer was read only in part, one cut off at its end — then cut to
+/// [`MAX_QUOTED_BODY`] bytes.
+fn quoted(buf: &[u8], secrets: &[String], whole: bool) -> String {
+    let mut text = String::from_utf8_lossy(buf).into_owned();
     // Masked before the answer is cut, so no part of a secret survives at the cut.
     for s in secrets {
         text = text.replace(s.as_str(), "***");
+    }
+    if !whole {
+        // Leading whitespace trimmed below can bring the end of what was read, and so
+        // the start of a secret cut there, into the quoted part.
+        for s in secrets {
+            if let Some(k) = (1..s.len())
+                .rev()
+                .find(|&k| s.is_char_boundary(k) && text.ends_with(&s[..k]))
+            {
+                text.truncate(text.len() - k);
+                text.push_str("***");
+            }
+        }
     }
     let text = text.trim();
     if text.is_empty() {
@@ -257,6 +287,20 @@ async fn quoted_body(mut resp: reqwest::Response, secrets: &[String]) -> String 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_secret_cut_off_where_the_answer_was_read_is_masked_too() {
+        let token = "Bearer s3cr3t-t0ken-value".to_string();
+        let read = format!("{}{}", "\n".repeat(300), &token[..15]);
+        let q = quoted(read.as_bytes(), std::slice::from_ref(&token), false);
+        assert!(!q.contains(&token[..8]), "{q}");
+        assert!(q.ends_with("***"), "{q}");
+        // Read whole, text that only looks like a secret's start is the endpoint's own.
+        let q = quoted(b"error: Bea", std::slice::from_ref(&token), true);
+        assert_eq!(q, ": error: Bea");
+        let q = quoted(format!("x {token} y").as_bytes(), &[token], true);
+        assert_eq!(q, ": x *** y");
+    }
 
     #[test]
     fn status_classes() {

@@ -144,6 +144,9 @@ fn wait_for(ctx: &MessageContext, after: Option<Duration>) {
     }
 }
 
+/// Time a retry needs to be published (with its confirm) once a stopping batch gives up.
+const RETRY_PUBLISH_ROOM: Duration = Duration::from_secs(2);
+
 /// Forwards each event (or each Kinesis record) to the endpoint.
 pub struct EventForwarder {
     forwarder: Forwarder,
@@ -261,6 +264,21 @@ impl EventForwarder {
             if endpoint_unavailable {
                 pending += 1;
                 continue;
+            }
+            // The service is stopping and this POST might not end before the handler is:
+            // the rest go with a retry carrying what is done. (A handler stopped mid-batch
+            // gives its message back as it came, and every record posted meanwhile would
+            // be posted again.) Ordered, the batch keeps its place instead.
+            if !self.ordered
+                && ctx
+                    .time_left()
+                    .is_some_and(|left| left < self.forwarder.timeout() + RETRY_PUBLISH_ROOM)
+            {
+                return Outcome::retry(format!(
+                    "the service stopped after {} of {} records; the rest go with this retry",
+                    i,
+                    records.len()
+                ));
             }
             let result = match self.post(r.kinesis.get(), ctx).await {
                 Posted::Result(res) => res,

@@ -665,6 +665,77 @@ async fn ordered_mode_stops_backing_off_at_shutdown_and_keeps_the_event_in_place
     );
 }
 
+/// The marks of a progress header: strings, and `[first, last]` runs of indices.
+fn marks(header: &str) -> Vec<u64> {
+    let mut out = Vec::new();
+    for item in serde_json::from_str::<Vec<Value>>(header).expect("a JSON array") {
+        match item {
+            Value::String(m) => out.push(m.parse().expect("an index")),
+            Value::Array(r) => out.extend(r[0].as_u64().unwrap()..=r[1].as_u64().unwrap()),
+            other => panic!("{other}"),
+        }
+    }
+    out
+}
+
+/// Stopped (SIGTERM) in the middle of a long batch, the forwarder stops posting in time
+/// to retry the rest with what it posted marked done: nothing is posted twice (a handler
+/// stopped by the drain budget gives its message back as it came).
+#[tokio::test]
+async fn a_batch_stopped_with_the_service_keeps_what_it_posted() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_delay(std::time::Duration::from_millis(300)))
+        .mount(&server)
+        .await;
+    let data = tempfile::tempdir().unwrap();
+    let mut hs = start(
+        &server,
+        data.path(),
+        &[
+            ("amqp.drain_timeout_ms", "4000"),
+            ("event_forwarder.timeout_ms", "1000"),
+            ("retry.delays_ms", "[600000]"),
+        ],
+    )
+    .await;
+    let records: Vec<Value> = (0..60).map(|i| record(&format!("seq-{i}"))).collect();
+    hs.publish(
+        "kinesis",
+        json!({ "Records": records }).to_string().as_bytes(),
+        with_id("long-batch"),
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while bodies(&server).await.len() < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "posting began");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    hs.stop().await;
+    let tier = format!("{}-retry-600000", hs.q);
+    await_ready_count(&hs.ch, &tier, 1).await;
+    let posted = bodies(&server).await;
+    assert!(
+        posted.len() < 60,
+        "stopped before the end: {}",
+        posted.len()
+    );
+    let (_c, ch) = test_channel().await;
+    let mut waiting = consume(&ch, &tier).await;
+    let d = next(&mut waiting).await;
+    let done = marks(&header(&d, "x-event-forwarder-done").expect("progress kept"));
+    assert_eq!(
+        done,
+        (0..posted.len() as u64).collect::<Vec<_>>(),
+        "every record posted, and only those, is marked done"
+    );
+    assert_eq!(
+        ready_count(&hs.ch, &hs.q).await,
+        0,
+        "not given back as it came"
+    );
+}
+
 #[test]
 fn the_bus_commands_need_no_endpoint_but_running_does() {
     // An operator declares the topology or reads the DLQ of a forwarder whose endpoint is
