@@ -106,14 +106,25 @@ fn identifier(o: &Map<String, Value>, f: &str) -> Result<String, FieldError> {
     }
 }
 
+/// A time as fixed-width UTC text, so text order is time order; None for a year chrono
+/// would write with a sign or a fifth digit (which would sort before every real time).
+pub fn time_key(t: chrono::DateTime<chrono::Utc>) -> Option<String> {
+    use chrono::Datelike;
+    (0..=9999)
+        .contains(&t.year())
+        .then(|| t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string())
+}
+
 /// Normalizes an RFC 3339 time to fixed-width UTC text, so text order is time order.
 pub fn normalize_time(s: &str) -> Option<String> {
-    chrono::DateTime::parse_from_rfc3339(s).ok().map(|t| {
-        t.with_timezone(&chrono::Utc)
-            .format("%Y-%m-%dT%H:%M:%S%.6fZ")
-            .to_string()
-    })
+    chrono::DateTime::parse_from_rfc3339(s)
+        .ok()
+        .and_then(|t| time_key(t.with_timezone(&chrono::Utc)))
 }
+
+/// Seconds since the epoch at or above which an epoch number is read as milliseconds:
+/// as seconds it would be after the year 5000, which no producer means.
+const MILLIS_FROM: f64 = 1e11;
 
 fn time_field(o: &Map<String, Value>, f: &str) -> Result<(String, String), FieldError> {
     let s = string(o, f)?;
@@ -183,11 +194,15 @@ fn parse_with_receipt(
     }))
 }
 
+/// Kinesis' `approximateArrivalTimestamp`: epoch seconds with a fraction (milliseconds
+/// from a producer that writes those).
 fn arrival_time(rec: &Map<String, Value>) -> Option<String> {
-    let secs = rec.get("approximateArrivalTimestamp")?.as_f64()?;
+    let mut secs = rec.get("approximateArrivalTimestamp")?.as_f64()?;
+    if secs >= MILLIS_FROM {
+        secs /= 1000.0;
+    }
     let micros = (secs * 1_000_000.0).round() as i64;
-    chrono::DateTime::from_timestamp_micros(micros)
-        .map(|t| t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string())
+    chrono::DateTime::from_timestamp_micros(micros).and_then(time_key)
 }
 
 /// Decodes one Kinesis record (`{"data": base64, ...}`); `path` names it in errors.
@@ -275,6 +290,26 @@ pub fn items(msg: &Value, received: &str) -> Vec<Item> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn arrival_times_in_seconds_or_milliseconds_give_one_key_and_no_signed_year() {
+        let at = |v: Value| {
+            let mut m = Map::new();
+            m.insert("approximateArrivalTimestamp".into(), v);
+            arrival_time(&m)
+        };
+        let want = Some("2018-12-17T22:10:50.987000Z".to_string());
+        assert_eq!(at(json!(1_545_084_650.987)), want);
+        assert_eq!(at(json!(1_545_084_650_987_u64)), want);
+        // Beyond the year 9999 whichever unit: no key, rather than "+…" text that sorts
+        // before every real time.
+        assert_eq!(at(json!(1e17)), None);
+        assert_eq!(
+            time_key(chrono::DateTime::from_timestamp(253_402_300_800, 0).unwrap()),
+            None
+        );
+        assert_eq!(at(json!("soon")), None);
+    }
 
     fn project() -> Value {
         json!({"type":"project-created","id":"foo","title":"bar","status":"New",

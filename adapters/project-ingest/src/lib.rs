@@ -108,9 +108,8 @@ impl MessageProcessor for ProjectProcessor {
                     .and_then(|s| normalize_time(&s))
             })
             .unwrap_or_else(|| {
-                chrono::Utc::now()
-                    .format("%Y-%m-%dT%H:%M:%S%.6fZ")
-                    .to_string()
+                crate::event::time_key(chrono::Utc::now())
+                    .unwrap_or_else(|| unreachable!("the clock is past the year 9999"))
             });
         ctx.set_retry_header(RECEIVED_HEADER, &received);
         let items = items(&input, &received);
@@ -202,18 +201,24 @@ impl MessageProcessor for ProjectProcessor {
 
 /// The AMQP `timestamp` of a message as an ordering key. The property counts whole seconds,
 /// so the key is the end of that second: an update published in the same second as its
-/// project's `created` (which has milliseconds) is not older than it. A value only
-/// milliseconds can be (after the year 5000 read as seconds) is read as milliseconds, as
-/// some producers write it.
+/// project's `created` (which has milliseconds) is not older than it. A value only a finer
+/// unit can be (after the year 5000 read as seconds) is read as milliseconds, microseconds
+/// or nanoseconds, as some producers write it; a time beyond the year 9999 is no key.
 fn published_at(t: u64) -> Option<String> {
+    const E11: i64 = 100_000_000_000;
     let t = i64::try_from(t).ok()?;
-    let (secs, micros) = if t >= 100_000_000_000 {
-        (t / 1000, (t % 1000) * 1000 + 999)
-    } else {
+    // (whole seconds, microseconds into the second: the end of the unit's span)
+    let (secs, micros) = if t < E11 {
         (t, 999_999)
+    } else if t < E11 * 1000 {
+        (t / 1000, (t % 1000) * 1000 + 999)
+    } else if t < E11 * 1_000_000 {
+        (t / 1_000_000, t % 1_000_000)
+    } else {
+        (t / 1_000_000_000, (t % 1_000_000_000) / 1000)
     };
     let at = chrono::DateTime::from_timestamp(secs, u32::try_from(micros * 1000).ok()?)?;
-    Some(at.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string())
+    crate::event::time_key(at)
 }
 
 /// The database URL in effect: the configured one, else SQLite under the data dir.

@@ -149,13 +149,19 @@ async fn an_update_that_overtakes_its_create_waits_for_it(b: Backend) {
 
 /// The AMQP `timestamp` counts whole seconds while `created` has milliseconds: an update
 /// published in the second its project was created (11.9 s, stamped 11 s, against a
-/// `created` of 11.503 s) is newer, not stale; a producer stamping milliseconds is read as
-/// such, not as a date 47,000 years ahead (which sorted before every real date).
+/// `created` of 11.503 s) is newer, not stale; a producer stamping milliseconds (or micro-
+/// or nanoseconds) is read as such, not as a date 47,000 years ahead (which sorted before
+/// every real date).
 async fn an_update_published_in_the_second_of_its_create_is_applied(b: Backend) {
     let env = start(b, &[]).await;
     let mut out = env.hs.watch_output().await;
     // project()'s `created` is 2017-04-24T17:20:11.503Z = 1493054411.503.
-    for (id, stamp) in [("secs", 1_493_054_411_u64), ("millis", 1_493_054_411_900)] {
+    for (id, stamp) in [
+        ("secs", 1_493_054_411_u64),
+        ("millis", 1_493_054_411_900),
+        ("micros", 1_493_054_411_900_000),
+        ("nanos", 1_493_054_411_900_000_000),
+    ] {
         env.send(&project("project-created", id, "created")).await;
         assert_eq!(body(&next(&mut out).await)["title"], "created");
         let u = serde_json::to_vec(&project("project-updated", id, "updated")).unwrap();
