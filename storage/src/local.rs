@@ -108,7 +108,13 @@ fn copy_via(
     expected: Expected<'_>,
     unnamed: bool,
 ) -> Result<Digest, CopyError> {
-    if key.split('/').next() == Some(STAGING_DIR) {
+    // Any case: on a case-insensitive store (SMB, a casefolded directory) another spelling
+    // is the same directory, and its sweep would delete what was published there.
+    if key
+        .split('/')
+        .next()
+        .is_some_and(|d| d.eq_ignore_ascii_case(STAGING_DIR))
+    {
         return Err(CopyError::Reserved(key.to_string()));
     }
     let dest = root.join(key);
@@ -642,20 +648,25 @@ mod tests {
         let src = dir.path().join("src");
         std::fs::write(&src, b"x").expect("write");
         let f = File::open(&src).expect("open");
-        let e = copy(
-            &f,
-            dir.path(),
-            &format!("{STAGING_DIR}/a"),
-            "src",
-            Algorithm::Sha256,
-            Expected {
-                size: 1,
-                digest: None,
-                unchanged: None,
-            },
-        )
-        .expect_err("reserved");
-        assert!(e.is_permanent(), "{e}");
+        for key in [
+            format!("{STAGING_DIR}/a"),
+            format!("{}/a", STAGING_DIR.to_uppercase()),
+        ] {
+            let e = copy(
+                &f,
+                dir.path(),
+                &key,
+                "src",
+                Algorithm::Sha256,
+                Expected {
+                    size: 1,
+                    digest: None,
+                    unchanged: None,
+                },
+            )
+            .expect_err("reserved");
+            assert!(e.is_permanent(), "{key}: {e}");
+        }
     }
 
     #[test]

@@ -251,8 +251,10 @@ fn file_flags() -> rustix::fs::OFlags {
     OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW | OFlags::NONBLOCK
 }
 
-/// Opens `rel` beneath `root`: every component is resolved inside the root and a link
-/// leading out of it (a directory swapped for a symlink since the check) is refused.
+/// Opens `rel` (a canonical path: no symlink in it) beneath `root`, following no link: a
+/// component swapped for a symlink since the path was resolved — leading out of the root
+/// or to another file inside it — is not followed; the message is retried and its path
+/// resolved afresh.
 pub(crate) fn open_beneath(root: &Path, rel: &Path, shown: &str) -> Result<File, PathError> {
     use rustix::fs::{Mode, ResolveFlags};
     let io = |e: std::io::Error| PathError::Io(shown.to_string(), e.to_string());
@@ -269,20 +271,24 @@ pub(crate) fn open_beneath(root: &Path, rel: &Path, shown: &str) -> Result<File,
         rel,
         flags,
         Mode::empty(),
-        ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS,
+        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS,
     ) {
         Ok(fd) => Ok(File::from(fd)),
-        // EXDEV: a link out of the root; ELOOP: the file itself became a symlink.
-        Err(rustix::io::Errno::XDEV | rustix::io::Errno::LOOP) => {
-            Err(PathError::OutsideRoots(shown.to_string()))
-        }
+        Err(rustix::io::Errno::XDEV) => Err(PathError::OutsideRoots(shown.to_string())),
+        Err(rustix::io::Errno::LOOP) => Err(PathError::Io(
+            shown.to_string(),
+            "a symlink appeared on the path while it was opened".into(),
+        )),
         Err(rustix::io::Errno::NOENT) => Err(PathError::NotFound(shown.to_string())),
         // Kernels before 5.6 (or a seccomp filter) lack openat2: open without following
         // the last link, then check where the handle really is.
         Err(rustix::io::Errno::NOSYS | rustix::io::Errno::PERM) => {
             let fd = rustix::fs::openat(dir.as_fd(), rel, flags, Mode::empty()).map_err(
                 |e| match e {
-                    rustix::io::Errno::LOOP => PathError::OutsideRoots(shown.to_string()),
+                    rustix::io::Errno::LOOP => PathError::Io(
+                        shown.to_string(),
+                        "a symlink appeared on the path while it was opened".into(),
+                    ),
                     rustix::io::Errno::NOENT => PathError::NotFound(shown.to_string()),
                     e => io(e.into()),
                 },
@@ -293,8 +299,18 @@ pub(crate) fn open_beneath(root: &Path, rel: &Path, shown: &str) -> Result<File,
                 std::os::fd::AsRawFd::as_raw_fd(&file)
             ))
             .map_err(io)?;
-            if at.starts_with(root) {
+            let expected = if rel == Path::new(".") {
+                root.to_path_buf()
+            } else {
+                root.join(rel)
+            };
+            if at == expected {
                 Ok(file)
+            } else if at.starts_with(root) {
+                Err(PathError::Io(
+                    shown.to_string(),
+                    "a symlink appeared on the path while it was opened".into(),
+                ))
             } else {
                 Err(PathError::OutsideRoots(shown.to_string()))
             }
@@ -473,19 +489,26 @@ mod tests {
         std::io::Read::read_to_string(&mut &r.file, &mut got).unwrap();
         assert_eq!(got, "inside");
         let real = &roots[0].canonical;
-        assert!(matches!(
-            open_beneath(real, Path::new("proj/a.mov"), "proj/a.mov"),
-            Err(PathError::OutsideRoots(_))
-        ));
+        // Not followed; retried, the path resolves afresh (then outside the roots).
+        let refused = |rel: &str| match open_beneath(real, Path::new(rel), rel) {
+            Err(e @ PathError::Io(..)) => assert!(e.is_transient(), "{rel}"),
+            other => panic!("{rel}: {other:?}"),
+        };
+        refused("proj/a.mov");
+        // A directory swapped for a link to another directory inside the root: the other
+        // directory's file of the same name is not opened as this one.
+        std::fs::remove_file(root.join("proj")).unwrap();
+        std::fs::create_dir_all(root.join("other")).unwrap();
+        std::fs::write(root.join("other/a.mov"), b"another file").unwrap();
+        std::os::unix::fs::symlink(root.join("other"), root.join("proj")).unwrap();
+        refused("proj/a.mov");
         // The file itself replaced by a link (even one inside the root) is refused too.
         std::fs::remove_file(root.join("proj")).unwrap();
         std::fs::rename(root.join("old"), root.join("proj")).unwrap();
         std::fs::rename(root.join("proj/a.mov"), root.join("proj/b.mov")).unwrap();
         std::os::unix::fs::symlink(root.join("proj/b.mov"), root.join("proj/a.mov")).unwrap();
-        assert!(matches!(
-            open_beneath(real, Path::new("proj/a.mov"), "proj/a.mov"),
-            Err(PathError::OutsideRoots(_))
-        ));
+        refused("proj/a.mov");
+        assert!(open_beneath(real, Path::new("proj/b.mov"), "proj/b.mov").is_ok());
     }
 
     #[test]

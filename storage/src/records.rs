@@ -267,12 +267,12 @@ async fn copies_in(tx: &mut Tx<'_>, copies: &[&CopyRow]) -> Result<(), db::sqlx:
     for chunk in power_of_two_chunks(&files) {
         let sql = multi_row_upsert(
             "INSERT INTO copied_files (original_path, object_key, size, mtime, imported_id, \
-             recorded_at) VALUES ",
-            6,
+             recorded_at, checksum) VALUES ",
+            7,
             chunk.len(),
             " ON CONFLICT (original_path, object_key) DO UPDATE SET size = excluded.size, \
              mtime = excluded.mtime, imported_id = excluded.imported_id, \
-             recorded_at = excluded.recorded_at",
+             recorded_at = excluded.recorded_at, checksum = excluded.checksum",
         );
         let mut q = db::sqlx::query(&sql);
         for c in chunk {
@@ -282,7 +282,8 @@ async fn copies_in(tx: &mut Tx<'_>, copies: &[&CopyRow]) -> Result<(), db::sqlx:
                 .bind(c.object.size as i64)
                 .bind(&c.mtime)
                 .bind(c.imported_id.as_deref())
-                .bind(&at);
+                .bind(&at)
+                .bind(&c.object.checksum);
         }
         q.execute(&mut **tx).await?;
     }
@@ -425,8 +426,9 @@ impl Records {
     }
 
     /// Objects already holding `original_path` at this size and mtime. An object of
-    /// another size under the key is another file's (the key was emptied and reused), not
-    /// this file's copy.
+    /// other content under the key (its size or checksum not the one this file was
+    /// copied as) is another file's — the key was emptied and reused — not this file's
+    /// copy.
     pub async fn copies_of(
         &self,
         original_path: &str,
@@ -437,7 +439,8 @@ impl Records {
             "SELECT o.object_key, o.size, o.checksum, o.store_etag, o.store_version, \
              o.store_checksum FROM copied_files f \
              JOIN stored_objects o ON o.object_key = f.object_key \
-             WHERE f.original_path = $1 AND f.size = $2 AND f.mtime = $3 AND o.size = f.size",
+             WHERE f.original_path = $1 AND f.size = $2 AND f.mtime = $3 AND o.size = f.size \
+             AND (f.checksum IS NULL OR f.checksum = o.checksum)",
         )
         .bind(original_path)
         .bind(size as i64)

@@ -14,6 +14,13 @@ use crate::paths::{self, PathError, Root};
 use crate::records::{Records, StoredObject};
 use crate::store::Tier;
 
+/// Longest object key S3 takes (bytes).
+const MAX_S3_KEY: usize = 1024;
+
+/// Longest encoded original path kept in an object's metadata (S3 keeps 2 KB in all,
+/// names included).
+const MAX_PATH_METADATA: usize = 1800;
+
 /// How a tier behaves.
 #[derive(Debug, Clone, Copy)]
 pub struct TierPolicy {
@@ -260,6 +267,12 @@ impl TierCopier {
         let mut key = natural.clone();
         let mut races = 0;
         loop {
+            if self.tier.s3.is_some() && key.as_ref().len() > MAX_S3_KEY {
+                return Err(TierError::Permanent(format!(
+                    "object key {key} is {} bytes long, more than S3's {MAX_S3_KEY}",
+                    key.as_ref().len()
+                )));
+            }
             let claim = match self.tier.local_dir {
                 Some(_) => None,
                 None => Some(Claim::take(&self.records, &key).await?),
@@ -379,12 +392,15 @@ impl TierCopier {
         //    meanwhile; losing it stops the copy before anything is recorded.
         let mut attrs = Attributes::new();
         if self.policy.keep_metadata {
-            attrs.insert(
-                Attribute::Metadata("original-path".into()),
-                url::form_urlencoded::byte_serialize(original.as_bytes())
-                    .collect::<String>()
-                    .into(),
-            );
+            let path: String = url::form_urlencoded::byte_serialize(original.as_bytes()).collect();
+            // S3 keeps at most 2 KB of user metadata and refuses the upload beyond it (a
+            // long non-ASCII path triples when encoded): such a path is left out of the
+            // metadata (it is in the record) instead of failing the copy on every retry.
+            if path.len() <= MAX_PATH_METADATA {
+                attrs.insert(Attribute::Metadata("original-path".into()), path.into());
+            } else {
+                tracing::warn!(key = %key, bytes = path.len(), "original path too long for the object's metadata; left out");
+            }
             attrs.insert(Attribute::Metadata("size".into()), size.to_string().into());
             attrs.insert(
                 Attribute::Metadata("mtime".into()),

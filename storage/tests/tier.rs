@@ -771,3 +771,86 @@ async fn concurrent_claims_and_records_are_group_committed_each_answered_truthfu
     assert_eq!(recs.count("stored_objects").await.expect("count"), 64);
     assert_eq!(recs.count("copied_files").await.expect("count"), 64);
 }
+
+/// What S3 cannot take is said plainly instead of failing every retry: a key over its
+/// 1,024 bytes is permanent; an original path too long for its 2 KB of metadata (a
+/// non-ASCII path triples when encoded) is left out of the metadata, the copy made.
+#[tokio::test]
+async fn s3_limits_on_keys_and_metadata_never_loop_through_retries() {
+    let bucket = "tier-limits";
+    let (_moto, _proxy, tier) = s3_tier(bucket).await;
+    let base = tempfile::tempdir().expect("temp");
+    let c = TierCopier::new(
+        open_roots(&[base.path().join("online")], true).expect("roots"),
+        tier.clone(),
+        records(base.path()).await,
+        TierPolicy {
+            keep_metadata: true,
+            ..policy()
+        },
+    );
+    // 5 directories of 250 bytes: a key of over 1,250 bytes.
+    let long: Vec<String> = (0..5).map(|i| format!("{i}{}", "d".repeat(249))).collect();
+    let msg = put(
+        base.path(),
+        "online",
+        &format!("{}/f.mov", long.join("/")),
+        b"x",
+    );
+    match c.handle(&msg, 1).await {
+        Err(TierError::Permanent(e)) => assert!(e.contains("1024"), "{e}"),
+        other => panic!("expected a permanent failure, got {other:?}"),
+    }
+    // 3 directories of 80 CJK characters (240 bytes each, 720 encoded).
+    let cjk: Vec<String> = (0..3).map(|_| "映".repeat(80)).collect();
+    let rel = format!("{}/f.mov", cjk.join("/"));
+    let msg = put(base.path(), "online", &rel, b"kept");
+    let r = copied(c.handle(&msg, 1).await);
+    let got =
+        object_store::ObjectStore::get(tier.store.as_ref(), &storage::store::object_path(&r.key))
+            .await
+            .expect("stored");
+    let meta: Vec<String> = got
+        .attributes
+        .iter()
+        .filter_map(|(k, _)| match k {
+            object_store::Attribute::Metadata(m) => Some(m.to_string()),
+            _ => None,
+        })
+        .collect();
+    assert!(meta.contains(&"size".to_string()), "{meta:?}");
+    assert!(!meta.contains(&"original-path".to_string()), "{meta:?}");
+}
+
+/// A key whose object was lost and then stored again with other content (another root's
+/// file at the same path) is no longer a copy of the file first recorded there: that
+/// file's redelivery copies it again, beside the new object, instead of reporting the
+/// other content as its copy.
+#[tokio::test]
+async fn a_key_reused_for_other_content_is_no_copy_of_the_first_file() {
+    let base = tempfile::tempdir().expect("temp");
+    let store_dir = base.path().join("store");
+    let tier = storage::store::local(&store_dir).expect("tier");
+    let roots =
+        open_roots(&[base.path().join("nas1"), base.path().join("nas2")], true).expect("roots");
+    let c = TierCopier::new(roots, tier, records(base.path()).await, policy());
+    // Over 1 MiB, so the copy's records are looked up first (not the small-file path).
+    let (x, y) = (content(2 * MIB, 1), content(2 * MIB, 2));
+    let first = put(base.path(), "nas1", "p/a.bin", &x);
+    assert_eq!(copied(c.handle(&first, 1).await).key, "p/a.bin");
+    std::fs::remove_file(store_dir.join("p/a.bin")).expect("the object is lost");
+    put(base.path(), "nas2", "p/a.bin", &y);
+    // Named absolutely: a relative path is looked for in each root in turn.
+    let nas2 = base.path().join("nas2/p").display().to_string();
+    let second: AssetSweeperFile =
+        serde_json::from_value(sweeper_message(&nas2, "a.bin", false)).expect("message");
+    assert_eq!(copied(c.handle(&second, 1).await).key, "p/a.bin");
+    let again = copied(c.handle(&first, 2).await);
+    assert_eq!(again.checksum, sha256(&x), "{again:?}");
+    assert!(again.uploaded, "{again:?}");
+    assert_eq!(
+        std::fs::read(store_dir.join(&again.key)).expect("stored"),
+        x
+    );
+    assert_eq!(std::fs::read(store_dir.join("p/a.bin")).expect("kept"), y);
+}
