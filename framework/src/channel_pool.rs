@@ -56,13 +56,9 @@ impl ChannelPool {
         self.limit
     }
 
-    /// The largest frame the connection carries (negotiated; AMQP's 0, no limit, as the
-    /// largest size).
+    /// The largest frame the connection carries.
     pub fn frame_max(&self) -> usize {
-        match self.conn.configuration().frame_max() {
-            0 => usize::MAX,
-            n => n as usize,
-        }
+        crate::connection::frame_max(&self.conn)
     }
 
     /// The confirm channel shared by publishes the broker cannot return (not mandatory, to

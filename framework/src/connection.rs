@@ -29,6 +29,15 @@ pub async fn bounded<T>(
         .unwrap_or_else(|_| Err(timed_out(format!("{what} timed out after {limit:?}"))))
 }
 
+/// The largest frame `conn` carries, as negotiated (a message's properties must fit in
+/// one; AMQP's 0, no limit, as the largest size).
+pub fn frame_max(conn: &Connection) -> usize {
+    match conn.configuration().frame_max() {
+        0 => usize::MAX,
+        n => n as usize,
+    }
+}
+
 /// The connection name shown in the management UI.
 fn connection_name(amqp: &AmqpConfig, service: &str) -> String {
     if !amqp.connection_name.is_empty() {

@@ -429,6 +429,7 @@ impl<P: MessageProcessor> Shared<P> {
     ) {
         let (inner, publisher, metrics) = (&*self.inner, &self.publisher, &*self.metrics);
         let mut inc = incoming(&delivery);
+        let trace = crate::trace::TraceContext::continue_from(&inc.headers);
         // An input whose headers leave no room for a retry's or dead letter's in one frame
         // is dead-lettered at once, without them (publishing it with them would make the
         // broker close the connection, every handler's with it, on every redelivery).
@@ -446,7 +447,6 @@ impl<P: MessageProcessor> Shared<P> {
         // Moved, not copied: the context is the only holder of the delivery's properties.
         let properties = std::mem::take(&mut delivery.properties);
         let message_id = properties.message_id().as_ref().map(|s| s.to_string());
-        let trace = crate::trace::TraceContext::continue_from(&inc.headers);
         let span = info_span!("message",
         trace_id = %trace.trace_id,
         span_id = %trace.span_id,

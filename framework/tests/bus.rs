@@ -1297,6 +1297,8 @@ async fn headers_that_leave_no_room_for_a_retry_never_cost_the_session() {
 
     // Accepted by the broker (under 128 KiB), but a retry of it would not be.
     let mut near = FieldTable::default();
+    let parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    h::set_str(&mut near, "traceparent", parent);
     h::set_str(&mut near, "x-pad", &"p".repeat(130_400));
     hs.publish(
         "test.near",
@@ -1313,6 +1315,10 @@ async fn headers_that_leave_no_room_for_a_retry_never_cost_the_session() {
     let e = header(&d, h::ERROR).unwrap();
     assert!(e.contains("headers take"), "{e}");
     assert_eq!(header(&d, "x-pad"), None, "dead-lettered without them");
+    assert!(
+        header(&d, "traceparent").is_some_and(|t| t.contains("0af7651916cd43dd8448eb211c80319c")),
+        "its trace goes on"
+    );
     assert_eq!(
         header(&d, h::ORIGINAL_ROUTING_KEY).as_deref(),
         Some("test.near")

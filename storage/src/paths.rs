@@ -222,11 +222,16 @@ fn opened(real: PathBuf, root: &Root, file: File, shown: &str) -> Result<Resolve
 /// Opens `rel` beneath `root` if no component of it is a symlink (`ELOOP` if one is;
 /// `ENOSYS` before Linux 5.6).
 fn open_without_links(root: &Path, rel: &Path) -> rustix::io::Result<File> {
-    use rustix::fs::{Mode, ResolveFlags};
     if rel.as_os_str().is_empty() {
         return Err(rustix::io::Errno::ISDIR);
     }
-    let dir = rustix::fs::open(root, root_flags(), Mode::empty())?;
+    let dir = rustix::fs::open(root, root_flags(), rustix::fs::Mode::empty())?;
+    openat2_without_links(&dir, rel)
+}
+
+/// `rel` opened beneath `dir` following no link at all.
+fn openat2_without_links(dir: &impl AsFd, rel: &Path) -> rustix::io::Result<File> {
+    use rustix::fs::{Mode, ResolveFlags};
     rustix::fs::openat2(
         dir.as_fd(),
         rel,
@@ -256,8 +261,16 @@ fn file_flags() -> rustix::fs::OFlags {
 /// or to another file inside it — is not followed; the message is retried and its path
 /// resolved afresh.
 pub(crate) fn open_beneath(root: &Path, rel: &Path, shown: &str) -> Result<File, PathError> {
-    use rustix::fs::{Mode, ResolveFlags};
+    use rustix::fs::Mode;
     let io = |e: std::io::Error| PathError::Io(shown.to_string(), e.to_string());
+    // A retry resolves the path afresh: through the link if it stays inside the roots,
+    // refused as outside them if not.
+    let swapped = || {
+        PathError::Io(
+            shown.to_string(),
+            "a symlink appeared on the path while it was opened".into(),
+        )
+    };
     let dir = rustix::fs::open(root, root_flags(), Mode::empty()).map_err(|e| io(e.into()))?;
     // The root itself: nothing to resolve beneath it (only a directory, refused below).
     let rel = if rel.as_os_str().is_empty() {
@@ -265,34 +278,22 @@ pub(crate) fn open_beneath(root: &Path, rel: &Path, shown: &str) -> Result<File,
     } else {
         rel
     };
-    let flags = file_flags();
-    match rustix::fs::openat2(
-        dir.as_fd(),
-        rel,
-        flags,
-        Mode::empty(),
-        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS,
-    ) {
-        Ok(fd) => Ok(File::from(fd)),
+    match openat2_without_links(&dir, rel) {
+        Ok(file) => Ok(file),
         Err(rustix::io::Errno::XDEV) => Err(PathError::OutsideRoots(shown.to_string())),
-        Err(rustix::io::Errno::LOOP) => Err(PathError::Io(
-            shown.to_string(),
-            "a symlink appeared on the path while it was opened".into(),
-        )),
+        Err(rustix::io::Errno::LOOP) => Err(swapped()),
         Err(rustix::io::Errno::NOENT) => Err(PathError::NotFound(shown.to_string())),
         // Kernels before 5.6 (or a seccomp filter) lack openat2: open without following
-        // the last link, then check where the handle really is.
+        // the last link, then check the handle is where the path says.
         Err(rustix::io::Errno::NOSYS | rustix::io::Errno::PERM) => {
-            let fd = rustix::fs::openat(dir.as_fd(), rel, flags, Mode::empty()).map_err(
-                |e| match e {
-                    rustix::io::Errno::LOOP => PathError::Io(
-                        shown.to_string(),
-                        "a symlink appeared on the path while it was opened".into(),
-                    ),
-                    rustix::io::Errno::NOENT => PathError::NotFound(shown.to_string()),
-                    e => io(e.into()),
-                },
-            )?;
+            let fd =
+                rustix::fs::openat(dir.as_fd(), rel, file_flags(), Mode::empty()).map_err(|e| {
+                    match e {
+                        rustix::io::Errno::LOOP => swapped(),
+                        rustix::io::Errno::NOENT => PathError::NotFound(shown.to_string()),
+                        e => io(e.into()),
+                    }
+                })?;
             let file = File::from(fd);
             let at = std::fs::read_link(format!(
                 "/proc/self/fd/{}",
@@ -306,13 +307,8 @@ pub(crate) fn open_beneath(root: &Path, rel: &Path, shown: &str) -> Result<File,
             };
             if at == expected {
                 Ok(file)
-            } else if at.starts_with(root) {
-                Err(PathError::Io(
-                    shown.to_string(),
-                    "a symlink appeared on the path while it was opened".into(),
-                ))
             } else {
-                Err(PathError::OutsideRoots(shown.to_string()))
+                Err(swapped())
             }
         }
         Err(e) => Err(io(e.into())),

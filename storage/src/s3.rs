@@ -125,6 +125,20 @@ impl S3Native {
         headers: &[(String, String)],
         body: bytes::Bytes,
     ) -> Result<reqwest::Response, S3Error> {
+        self.send_within(what, method, url, headers, body, None)
+            .await
+    }
+
+    /// As [`Self::send`], answered within `timeout` instead of the client's own.
+    async fn send_within(
+        &self,
+        what: &'static str,
+        method: http::Method,
+        url: &str,
+        headers: &[(String, String)],
+        body: bytes::Bytes,
+        timeout: Option<std::time::Duration>,
+    ) -> Result<reqwest::Response, S3Error> {
         let mut b = http::Request::builder().method(method).uri(url);
         for (k, v) in headers {
             b = b.header(k.as_str(), v.as_str());
@@ -135,8 +149,11 @@ impl S3Native {
         // Signs the body's SHA-256 (computed by the signer from the bytes).
         let cred = self.credentials.get_credential().await?;
         AwsAuthorizer::new(&cred, "s3", &self.region).authorize(&mut req, None);
-        let req = reqwest::Request::try_from(req.map(|_| reqwest::Body::from(body)))
+        let mut req = reqwest::Request::try_from(req.map(|_| reqwest::Body::from(body)))
             .map_err(|e| S3Error::Request(e.to_string()))?;
+        if timeout.is_some() {
+            *req.timeout_mut() = timeout;
+        }
         self.client
             .execute(req)
             .await
@@ -233,26 +250,52 @@ impl S3Native {
         }
         xml.push_str("</CompleteMultipartUpload>");
         let id: String = url::form_urlencoded::byte_serialize(upload_id.as_bytes()).collect();
+        let url = self.url(key, &format!("uploadId={id}"));
         let headers = [("if-none-match".to_string(), "*".to_string())];
-        let r = self
-            .send(
-                WHAT,
-                http::Method::POST,
-                &self.url(key, &format!("uploadId={id}")),
-                &headers,
-                xml.into(),
-            )
-            .await?;
-        let status = r.status();
-        let body = r.text().await.map_err(|e| S3Error::Http(WHAT, e))?;
-        if status == reqwest::StatusCode::PRECONDITION_FAILED {
-            return Err(S3Error::Taken(WHAT));
+        let body = bytes::Bytes::from(xml);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let last = attempt >= COMPLETE_ATTEMPTS;
+            let r = match self
+                .send_within(
+                    WHAT,
+                    http::Method::POST,
+                    &url,
+                    &headers,
+                    body.clone(),
+                    Some(COMPLETE_TIMEOUT),
+                )
+                .await
+            {
+                Ok(r) => r,
+                Err(S3Error::Http(..)) if !last => continue,
+                Err(e) => return Err(e),
+            };
+            let status = r.status();
+            let text = match r.text().await {
+                Ok(t) => t,
+                Err(_) if !last => continue,
+                Err(e) => return Err(S3Error::Http(WHAT, e)),
+            };
+            if status == reqwest::StatusCode::PRECONDITION_FAILED {
+                return Err(S3Error::Taken(WHAT));
+            }
+            // An earlier attempt completed it and its answer was lost: the upload is gone
+            // and the key holds the object, which the caller looks at like a taken key.
+            if status == reqwest::StatusCode::NOT_FOUND && attempt > 1 {
+                return Err(S3Error::Taken(WHAT));
+            }
+            // S3 can answer 200 with an error in the body once the completion has started
+            // (then, like a 5xx, it may be tried again).
+            let failed = !status.is_success() || text.contains("<Error>");
+            if !failed {
+                return Ok(());
+            }
+            if last || !(status.is_server_error() || status.is_success()) {
+                return Err(S3Error::Status(WHAT, status.as_u16(), snippet(&text)));
+            }
         }
-        // S3 can answer 200 with an error in the body once the completion has started.
-        if !status.is_success() || body.contains("<Error>") {
-            return Err(S3Error::Status(WHAT, status.as_u16(), snippet(&body)));
-        }
-        Ok(())
     }
 
     /// The parts stored for an upload, in order; None if the store no longer has the
@@ -314,6 +357,13 @@ impl S3Native {
         Ok(Some(parts))
     }
 }
+
+/// Tries of a create-only completion (a 5xx, an error in a 200's body or a lost answer
+/// is tried again, as object_store tries its own completions).
+const COMPLETE_ATTEMPTS: u32 = 3;
+
+/// How long a completion may take to answer: S3 can take minutes over a large upload.
+const COMPLETE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Shared handle.
 pub type SharedS3 = Arc<S3Native>;

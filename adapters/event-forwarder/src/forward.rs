@@ -24,11 +24,13 @@ pub enum PostResult {
 /// What a retryable failure says about the events still to send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scope {
-    /// An error answer to this event (408, 500, 502, 504): others may go through.
+    /// An error answer to this event (408, 500, and 5xx other than below): others may go
+    /// through.
     Event,
     /// The endpoint as a whole cannot take more now: no answer (unreachable, timed out),
-    /// 429, 503, or an answer asking to wait (`Retry-After`). Events sent now would fare
-    /// the same, each costing the endpoint a request (or the handler a timeout).
+    /// 429, 502, 503, 504 (a gateway that cannot reach it, or waited for it in vain), or
+    /// an answer asking to wait (`Retry-After`). Events sent now would fare the same, each
+    /// costing the endpoint a request (or the handler a timeout).
     Endpoint,
 }
 
@@ -167,9 +169,13 @@ impl Forwarder {
                     quoted_body(resp, &self.secrets()).await
                 );
                 let scope = if after.is_some()
-                    || status == StatusCode::TOO_MANY_REQUESTS
-                    || status == StatusCode::SERVICE_UNAVAILABLE
-                {
+                    || matches!(
+                        status,
+                        StatusCode::TOO_MANY_REQUESTS
+                            | StatusCode::BAD_GATEWAY
+                            | StatusCode::SERVICE_UNAVAILABLE
+                            | StatusCode::GATEWAY_TIMEOUT
+                    ) {
                     Scope::Endpoint
                 } else {
                     Scope::Event

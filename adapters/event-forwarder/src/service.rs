@@ -268,8 +268,10 @@ impl EventForwarder {
             // The service is stopping and this POST might not end before the handler is:
             // the rest go with a retry carrying what is done. (A handler stopped mid-batch
             // gives its message back as it came, and every record posted meanwhile would
-            // be posted again.) Ordered, the batch keeps its place instead.
+            // be posted again.) Ordered, the batch keeps its place instead; on its last
+            // attempt it goes on too, since that retry would dead-letter it as exhausted.
             if !self.ordered
+                && ctx.attempt.saturating_add(1) < self.retry.max_attempts
                 && ctx
                     .time_left()
                     .is_some_and(|left| left < self.forwarder.timeout() + RETRY_PUBLISH_ROOM)

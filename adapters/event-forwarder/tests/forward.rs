@@ -87,15 +87,16 @@ async fn redirects_are_not_followed_and_rejected() {
 
 #[tokio::test]
 async fn five_hundreds_408_and_429_are_retryable() {
-    // 429 and 503 speak for the whole endpoint (throttled, unavailable); the others for
-    // this request.
+    // 429, 502, 503 and 504 speak for the whole endpoint (throttled, unreachable,
+    // unavailable); the others for this request.
     for (s, scope) in [
         (408, Scope::Event),
         (429, Scope::Endpoint),
         (500, Scope::Event),
-        (502, Scope::Event),
+        (502, Scope::Endpoint),
         (503, Scope::Endpoint),
-        (504, Scope::Event),
+        (504, Scope::Endpoint),
+        (507, Scope::Event),
     ] {
         let server = server_answering(s, "busy").await;
         match forwarder(&server.uri(), 5000).post("{}").await {

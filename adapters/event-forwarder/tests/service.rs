@@ -693,8 +693,10 @@ async fn a_batch_stopped_with_the_service_keeps_what_it_posted() {
         &server,
         data.path(),
         &[
-            ("amqp.drain_timeout_ms", "4000"),
-            ("event_forwarder.timeout_ms", "1000"),
+            // Posting goes on while more than one POST's timeout and the retry's 2 s
+            // are left: about the first second of the drain.
+            ("amqp.drain_timeout_ms", "8000"),
+            ("event_forwarder.timeout_ms", "5000"),
             ("retry.delays_ms", "[600000]"),
         ],
     )

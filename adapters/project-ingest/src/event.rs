@@ -122,9 +122,10 @@ pub fn normalize_time(s: &str) -> Option<String> {
         .and_then(|t| time_key(t.with_timezone(&chrono::Utc)))
 }
 
-/// Seconds since the epoch at or above which an epoch number is read as milliseconds:
-/// as seconds it would be after the year 5000, which no producer means.
-const MILLIS_FROM: f64 = 1e11;
+/// An epoch number at or above which it is read in a finer unit than the one before
+/// (seconds, then milliseconds, microseconds, nanoseconds): as that unit it would be after
+/// the year 5000, which no producer means.
+pub(crate) const FINER_UNIT_FROM: i64 = 100_000_000_000;
 
 fn time_field(o: &Map<String, Value>, f: &str) -> Result<(String, String), FieldError> {
     let s = string(o, f)?;
@@ -198,7 +199,7 @@ fn parse_with_receipt(
 /// from a producer that writes those).
 fn arrival_time(rec: &Map<String, Value>) -> Option<String> {
     let mut secs = rec.get("approximateArrivalTimestamp")?.as_f64()?;
-    if secs >= MILLIS_FROM {
+    if secs >= FINER_UNIT_FROM as f64 {
         secs /= 1000.0;
     }
     let micros = (secs * 1_000_000.0).round() as i64;

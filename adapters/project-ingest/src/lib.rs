@@ -205,7 +205,7 @@ impl MessageProcessor for ProjectProcessor {
 /// unit can be (after the year 5000 read as seconds) is read as milliseconds, microseconds
 /// or nanoseconds, as some producers write it; a time beyond the year 9999 is no key.
 fn published_at(t: u64) -> Option<String> {
-    const E11: i64 = 100_000_000_000;
+    const E11: i64 = crate::event::FINER_UNIT_FROM;
     let t = i64::try_from(t).ok()?;
     // (whole seconds, microseconds into the second: the end of the unit's span)
     let (secs, micros) = if t < E11 {

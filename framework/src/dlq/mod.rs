@@ -366,10 +366,7 @@ pub async fn replay_filtered(
                     mandatory: true,
                 }],
                 topo.operation_timeout,
-                match conn.configuration().frame_max() {
-                    0 => usize::MAX,
-                    n => n as usize,
-                },
+                crate::connection::frame_max(conn),
             )
             .await?;
             if !bounded(t, "basic.ack", d.acker.ack(BasicAckOptions::default())).await? {
