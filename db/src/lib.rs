@@ -57,6 +57,18 @@ pub fn is_postgres(url: &str) -> bool {
     url.starts_with("postgres://") || url.starts_with("postgresql://")
 }
 
+/// `migrator` as run here: a database a newer release migrated further (in a rolling
+/// upgrade its replicas start first) is accepted, not refused as `VersionMissing` — every
+/// migration only adds, so an older release works on the newer schema.
+fn forward_compatible(m: &Migrator) -> Migrator {
+    Migrator {
+        migrations: m.migrations.clone(),
+        ignore_missing: true,
+        locking: m.locking,
+        no_tx: m.no_tx,
+    }
+}
+
 /// True for a URL [`connect`] accepts: `sqlite://…` or `postgres://…`.
 pub fn is_supported(url: &str) -> bool {
     url.starts_with("sqlite://") || is_postgres(url)
@@ -69,7 +81,7 @@ pub async fn connect(url: &str, migrator: &Migrator) -> Result<AnyPool, DbError>
     let full = full_url(url)?;
     let sqlite = full.starts_with("sqlite:");
     let pool = open_pool(&full, if sqlite { 1 } else { 10 }, false).await?;
-    migrator.run(&pool).await?;
+    forward_compatible(migrator).run(&pool).await?;
     Ok(pool)
 }
 
@@ -105,7 +117,7 @@ pub async fn connect_split(url: &str, migrator: &Migrator, readers: u32) -> Resu
         });
     }
     let write = open_pool(&full, 1, false).await?;
-    migrator.run(&write).await?;
+    forward_compatible(migrator).run(&write).await?;
     let read = open_pool(&full, readers.max(1), true).await?;
     Ok(Pools { read, write })
 }

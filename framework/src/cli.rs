@@ -335,9 +335,12 @@ async fn execute<S: Service>(cmd: Command, cfg: Config<S::Settings>) -> Result<(
         }
         Command::Declare => {
             let topo = topology_of::<S>(&cfg);
-            let conn = connect(&cfg.amqp, S::NAME)
-                .await
-                .map_err(|e| Failure::Other(format!("cannot connect to {}: {e}", cfg.amqp.url)))?;
+            let conn = connect(&cfg.amqp, S::NAME).await.map_err(|e| {
+                Failure::Other(format!(
+                    "cannot connect to {}: {e}",
+                    cfg.amqp.endpoints_shown()
+                ))
+            })?;
             let limit = cfg.amqp.operation_timeout();
             crate::session::bounded_declare(&topo, &conn, limit)
                 .await
@@ -374,9 +377,12 @@ async fn execute<S: Service>(cmd: Command, cfg: Config<S::Settings>) -> Result<(
         }
         Command::Dlq { command } => {
             let topo = topology_of::<S>(&cfg);
-            let conn = connect(&cfg.amqp, S::NAME)
-                .await
-                .map_err(|e| Failure::Other(format!("cannot connect to {}: {e}", cfg.amqp.url)))?;
+            let conn = connect(&cfg.amqp, S::NAME).await.map_err(|e| {
+                Failure::Other(format!(
+                    "cannot connect to {}: {e}",
+                    cfg.amqp.endpoints_shown()
+                ))
+            })?;
             let r = dlq_command(&conn, &topo, command).await;
             let limit = cfg.amqp.operation_timeout();
             let _ = bounded(limit, "connection.close", conn.close(200, "done".into())).await;
@@ -453,6 +459,7 @@ async fn dlq_command(
                     "--rate must be a number of messages per second, at least 0.001".into(),
                 ));
             }
+            let wanted = message_id.clone();
             let filter = dlq::Filter {
                 message_id,
                 kind,
@@ -479,7 +486,16 @@ async fn dlq_command(
                 );
             }
             let _ = writeln!(text, "{verb} {} dead letter(s)", moved.len());
-            print_out(&text)
+            print_out(&text)?;
+            // A script replaying one message learns it was not there (a mistyped id).
+            match wanted {
+                Some(id) if moved.is_empty() => Err(Failure::Other(format!(
+                    "no dead letter in {} has message id `{}`",
+                    topo.dlq(),
+                    crate::dlq::printable(&id)
+                ))),
+                _ => Ok(()),
+            }
         }
         DlqCommand::Purge { yes } => {
             if !yes {

@@ -249,6 +249,16 @@ impl AmqpConfig {
         }
     }
 
+    /// The nodes connected to, for messages (passwords redacted): `url`, or every one of
+    /// `urls` when set.
+    pub fn endpoints_shown(&self) -> String {
+        self.endpoints()
+            .iter()
+            .map(|u| u.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     /// The bound on declarations and publisher confirms.
     pub fn operation_timeout(&self) -> std::time::Duration {
         std::time::Duration::from_millis(self.operation_timeout_ms)
@@ -470,7 +480,21 @@ impl LoadOptions {
 }
 
 fn cfg_err(key: &str, e: impl fmt::Display) -> ConfigError {
-    ConfigError::new(key, e.to_string())
+    ConfigError::new(key, without_source_lines(&e.to_string()))
+}
+
+/// A parser's message without the lines of the file it quotes (`2 | url = "…"`, and the
+/// caret under it): the line may hold a password or a token.
+fn without_source_lines(msg: &str) -> String {
+    msg.lines()
+        .filter(|l| {
+            let t = l.trim_start();
+            let after_number = t.trim_start_matches(|c: char| c.is_ascii_digit());
+            !(t.starts_with('|')
+                || (after_number.len() < t.len() && after_number.trim_start().starts_with('|')))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Loads all layers into one merged tree, checking top-level sections.
@@ -694,19 +718,45 @@ fn rename(mut e: ConfigError, from: &str, to: &str) -> ConfigError {
     e
 }
 
+/// `[log] level`: a level, or comma-separated `target=level` directives. A bare word that
+/// is no level (`warning`, `inf`) is valid EnvFilter syntax — every event of a target
+/// named so — which would silently turn off every other log line: refused.
+fn check_log_level(level: &str) -> Result<(), ConfigError> {
+    use std::str::FromStr;
+    tracing_subscriber::EnvFilter::try_new(level)
+        .map_err(|e| ConfigError::new("log.level", e.to_string()))?;
+    for d in level.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        if d.contains('=') || d.contains('[') {
+            continue;
+        }
+        if tracing_subscriber::filter::LevelFilter::from_str(d).is_err() {
+            return Err(ConfigError::new(
+                "log.level",
+                format!(
+                    "`{d}` is not a level: use trace, debug, info, warn, error or off, or \
+                     target=level directives (info,lapin=warn)"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn validate<S>(cfg: &Config<S>, section_name: &str) -> Result<(), ConfigError> {
     let endpoint = cfg.telemetry.otlp_endpoint.trim();
     if !endpoint.is_empty() {
-        match url::Url::parse(endpoint) {
-            Ok(u) if matches!(u.scheme(), "http" | "https") => {}
-            _ => {
-                return Err(ConfigError::new(
-                    "telemetry.otlp_endpoint",
-                    format!(
-                        "must be an http(s) URL (e.g. http://otel-collector:4318), got `{endpoint}`"
-                    ),
-                ));
-            }
+        // The value is not echoed: its credentials (user info, an API key in the query)
+        // are the only way to authenticate to many collectors.
+        let got = match url::Url::parse(endpoint) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") => None,
+            Ok(u) => Some(format!("a URL with scheme `{}`", u.scheme())),
+            Err(e) => Some(format!("no URL ({e})")),
+        };
+        if let Some(got) = got {
+            return Err(ConfigError::new(
+                "telemetry.otlp_endpoint",
+                format!("must be an http(s) URL (e.g. http://otel-collector:4318), got {got}"),
+            ));
         }
         if cfg.telemetry.otlp_timeout_ms == 0 {
             return Err(ConfigError::new(
@@ -788,8 +838,7 @@ fn validate<S>(cfg: &Config<S>, section_name: &str) -> Result<(), ConfigError> {
     if r.max_attempts == 0 {
         return Err(ConfigError::new("retry.max_attempts", "must be at least 1"));
     }
-    tracing_subscriber::EnvFilter::try_new(&cfg.log.level)
-        .map_err(|e| ConfigError::new("log.level", e.to_string()))?;
+    check_log_level(&cfg.log.level)?;
     let s = &cfg.service;
     for (k, v) in [("queue", &s.queue), ("output_exchange", &s.output_exchange)] {
         check_owned_name(&format!("{section_name}.{k}"), v)?;

@@ -141,7 +141,7 @@ pub(crate) async fn session<P: MessageProcessor>(
         settler: settling.settler(),
         broken: broken.clone(),
     });
-    info!(queue = %inner.topology.queue, url = %conn_url(&inner.amqp), "consuming");
+    info!(queue = %inner.topology.queue, url = %inner.amqp.endpoints_shown(), "consuming");
     inner.status.attach(Some(conn.clone()));
     inner.status.set_ready(true);
     let handlers = SessionTasks::new();
@@ -311,15 +311,6 @@ fn consumer_arguments(amqp: &AmqpConfig) -> FieldTable {
 
 /// How often a session checks that its connection is still there.
 const HEALTH_CHECK: Duration = Duration::from_millis(250);
-
-/// The node a session is connected to, for logs (password redacted).
-fn conn_url(amqp: &AmqpConfig) -> String {
-    amqp.endpoints()
-        .iter()
-        .map(|u| u.to_string())
-        .collect::<Vec<_>>()
-        .join(", ")
-}
 
 /// Declares the topology, failing (and so restarting the session) if the broker hangs.
 pub(crate) async fn bounded_declare(

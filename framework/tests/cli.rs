@@ -82,6 +82,9 @@ fn bad_config_exits_2_naming_the_key() {
             "echo.output_exchange",
         ),
         ("STORAGETIER__BOGUS__X", "1", "bogus"),
+        // Valid filter syntax (a target named so), but it would turn every log line off.
+        ("STORAGETIER__LOG__LEVEL", "warning", "log.level"),
+        ("STORAGETIER__LOG__LEVEL", "info,inf", "log.level"),
     ];
     for (k, v, key) in cases {
         let o = run(echo_cmd("unused", dir.path()).env(k, v).arg("check-config"));
@@ -102,6 +105,35 @@ fn bad_config_exits_2_naming_the_key() {
     assert_eq!(o.status.code(), Some(2));
     assert!(
         stderr(&o).contains("amqp.drain_timeout_ms"),
+        "{}",
+        stderr(&o)
+    );
+    // A file that does not parse is named, without quoting its lines (they may hold a
+    // password); an OTLP endpoint refused is not echoed either (its credentials).
+    std::fs::write(
+        dir.path().join("dev.toml"),
+        "[amqp]\nurl = \"amqp://u:s3cr3t@h/\" x\n",
+    )
+    .unwrap();
+    let o = run(echo_cmd("unused", dir.path()).arg("check-config"));
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("line 2"), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("s3cr3t"), "{}", stderr(&o));
+    std::fs::remove_file(dir.path().join("dev.toml")).unwrap();
+    let o = run(echo_cmd("unused", dir.path())
+        .env(
+            "STORAGETIER__TELEMETRY__OTLP_ENDPOINT",
+            "htps://otel:s3cr3t@c:4318/?api-key=k3y",
+        )
+        .arg("check-config"));
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("telemetry.otlp_endpoint"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        !stderr(&o).contains("s3cr3t") && !stderr(&o).contains("k3y"),
         "{}",
         stderr(&o)
     );
@@ -489,6 +521,11 @@ async fn dead_letters_are_listed_replayed_after_confirm_and_purged() {
 
     let o = cmd(&["dlq", "replay", "--message-id", "poison-2"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    await_ready_count(&hs.ch, &format!("{q}-dlq"), 1).await;
+    // An id no dead letter has (a typo): a failure a script sees, nothing moved.
+    let o = cmd(&["dlq", "replay", "--message-id", "poison-2-typo"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("poison-2-typo"), "{}", stderr(&o));
     await_ready_count(&hs.ch, &format!("{q}-dlq"), 1).await;
     // Back in the service's own queue through the default exchange (no other subscriber of
     // the original exchange sees it again), where it first came from kept, errors stripped.

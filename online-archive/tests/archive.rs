@@ -358,7 +358,23 @@ fn a_configured_online_root_that_does_not_exist_exits_2_naming_the_key() {
 fn bad_store_settings_exit_2_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let s3 = ("ARCHIVE_URL", "s3://archive");
+    let absent = dir.path().join("unmounted/archive").display().to_string();
     let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
+        // A configured directory is never created (an unmounted share).
+        (vec![("ARCHIVE_URL", &absent)], "online_archive.archive_url"),
+        // An endpoint every request to would fail.
+        (
+            vec![s3, ("ARCHIVE_OPTIONS__ENDPOINT", "http://127.0.0.1:9")],
+            "online_archive.archive_options.endpoint",
+        ),
+        (
+            vec![s3, ("ARCHIVE_OPTIONS__ENDPOINT", "not a url")],
+            "online_archive.archive_options.endpoint",
+        ),
+        (
+            vec![s3, ("ARCHIVE_OPTIONS__ENDPOINT", "https://u:s3cr3t@h:9000")],
+            "online_archive.archive_options.endpoint",
+        ),
         (
             vec![("ARCHIVE_URL", "ftp://h/x")],
             "online_archive.archive_url",
@@ -399,10 +415,13 @@ fn bad_store_settings_exit_2_naming_the_key() {
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(2), "{env:?}: {err}");
         assert!(err.contains(key), "{env:?} names {key}: {err}");
+        assert!(!err.contains("s3cr3t"), "{err}");
     }
     assert!(!dir.path().join("s3:").exists(), "no directory made");
+    assert!(!std::path::Path::new(&absent).exists(), "not created");
     // S3 options are ignored for a directory store, and a directory may have a colon.
     let local = dir.path().join("vol1:archive");
+    std::fs::create_dir_all(&local).unwrap();
     let local = local.to_str().unwrap();
     let o = check_config(&[
         ("ARCHIVE_URL", local),

@@ -755,6 +755,25 @@ fn uuid_v4() -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[tokio::test]
+    async fn an_older_release_starts_on_a_schema_a_newer_one_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("r.db").display());
+        Records::open(&url).await.expect("migrated by this release");
+        let older = db::Migrator {
+            migrations: std::borrow::Cow::Owned(
+                MIGRATOR.migrations[..MIGRATOR.migrations.len() - 1].to_vec(),
+            ),
+            ignore_missing: false,
+            locking: true,
+            no_tx: false,
+        };
+        db::connect(&url, &older)
+            .await
+            .expect("the release before starts on it");
+    }
+
     use super::*;
 
     #[test]

@@ -178,6 +178,27 @@ pub fn check_settings(
             ),
         ));
     }
+    if let (true, Some(e)) = (s3, &opts.endpoint) {
+        let key = format!("{options_key}.endpoint");
+        // Not echoed: an endpoint with credentials in it would print them.
+        let why = match url::Url::parse(e) {
+            Err(err) => Some(format!("not a URL ({err})")),
+            Ok(u) if !matches!(u.scheme(), "http" | "https") => {
+                Some(format!("scheme `{}`: use http:// or https://", u.scheme()))
+            }
+            Ok(u) if !u.username().is_empty() || u.password().is_some() => Some(
+                "credentials belong in access_key_id and secret_access_key, not the URL".into(),
+            ),
+            Ok(u) if u.scheme() == "http" && !opts.allow_http => Some(format!(
+                "an http:// endpoint needs {options_key}.allow_http = true (every request \
+                 would be refused)"
+            )),
+            Ok(_) => None,
+        };
+        if let Some(why) = why {
+            return Err(ConfigError::new(key, why));
+        }
+    }
     if let Some(f) = &opts.secret_access_key_file
         && s3
         && let Err(e) = std::fs::read_to_string(f)
@@ -203,6 +224,14 @@ pub fn check_settings(
     let scheme_like = dir.contains(":/");
     if dir.is_empty() || url.contains("://") && !url.starts_with("file://") || scheme_like {
         return bad("not a store URL (use s3://bucket/prefix, file:///dir or a directory path)");
+    }
+    // Only the default store directory is created: a configured one that is missing (an
+    // unmounted share) would be filled on the root disk, then hidden by the mount.
+    if !Path::new(dir).is_dir() {
+        return bad(
+            "no such directory (an unmounted share?): create it, or leave the key unset for \
+             the default under data_dir",
+        );
     }
     Ok(())
 }

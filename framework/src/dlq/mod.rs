@@ -56,7 +56,9 @@ fn describe(props: &lapin::BasicProperties, routing_key: &str, size: usize) -> D
     let hdr = props.headers().clone().unwrap_or_default();
     // The broker's reason for the latest dead-lettering: `x-death` lists the newest event
     // first, while `x-first-death-reason` keeps the first (a retry tier's `expired`).
-    let death_reason = latest_death_reason(&hdr)
+    let latest = latest_death(&hdr);
+    let death_reason = latest
+        .and_then(|d| h::get_str(d, "reason"))
         .or_else(|| h::get_str(&hdr, "x-last-death-reason"))
         .or_else(|| h::get_str(&hdr, "x-first-death-reason"));
     let death_exchange = h::get_str(&hdr, "x-first-death-exchange");
@@ -69,21 +71,34 @@ fn describe(props: &lapin::BasicProperties, routing_key: &str, size: usize) -> D
             .unwrap_or_default(),
         original_routing_key: h::get_str(&hdr, h::ORIGINAL_ROUTING_KEY)
             .unwrap_or_else(|| routing_key.to_string()),
-        failed_at: h::get_str(&hdr, h::FAILED_AT),
+        // Dead-lettered by the broker (its delivery limit), it has no `x-failed-at`: the
+        // time of its latest dead-lettering is when it failed.
+        failed_at: h::get_str(&hdr, h::FAILED_AT).or_else(|| latest.and_then(death_time)),
         size,
     }
 }
 
-/// `reason` of the newest `x-death` entry, if the broker dead-lettered the message.
-fn latest_death_reason(hdr: &lapin::types::FieldTable) -> Option<String> {
+/// The newest `x-death` entry, if the broker dead-lettered the message.
+fn latest_death(hdr: &lapin::types::FieldTable) -> Option<&lapin::types::FieldTable> {
     use lapin::types::AMQPValue;
     let Some(AMQPValue::FieldArray(deaths)) = hdr.inner().get("x-death") else {
         return None;
     };
-    let Some(AMQPValue::FieldTable(newest)) = deaths.as_slice().first() else {
-        return None;
+    match deaths.as_slice().first() {
+        Some(AMQPValue::FieldTable(newest)) => Some(newest),
+        _ => None,
+    }
+}
+
+/// An `x-death` entry's `time` (a timestamp in seconds) as RFC 3339, like `x-failed-at`.
+fn death_time(death: &lapin::types::FieldTable) -> Option<String> {
+    use lapin::types::AMQPValue;
+    let secs = match death.inner().get("time")? {
+        AMQPValue::Timestamp(t) => i64::try_from(*t).ok()?,
+        _ => h::get_int(death, "time")?,
     };
-    h::get_str(newest, "reason")
+    chrono::DateTime::from_timestamp(secs, 0)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
 }
 
 /// `s` with control characters escaped (`\n`, `\u{1b}`): a dead letter's headers come
@@ -420,6 +435,34 @@ mod tests {
         let props = lapin::BasicProperties::default().with_headers(hdr);
         let d = super::describe(&props, "k", 1);
         assert_eq!(d.kind.as_deref(), Some("delivery_limit"));
+    }
+
+    #[test]
+    fn a_broker_dead_letter_failed_when_it_was_last_dead_lettered() {
+        use lapin::types::{AMQPValue, FieldArray, FieldTable};
+        let now = chrono::Utc::now();
+        let mut death = FieldTable::default();
+        death.insert(
+            "reason".into(),
+            AMQPValue::LongString("delivery_limit".into()),
+        );
+        death.insert(
+            "time".into(),
+            AMQPValue::Timestamp(u64::try_from(now.timestamp()).unwrap()),
+        );
+        let mut hdr = FieldTable::default();
+        hdr.insert(
+            "x-death".into(),
+            AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(death)])),
+        );
+        let d = super::describe(&lapin::BasicProperties::default().with_headers(hdr), "k", 1);
+        assert!(d.failed_at.is_some(), "{d:?}");
+        // Failed a moment ago: not older than two hours (it was "as old as can be").
+        let f = super::Filter {
+            older_than: Some(std::time::Duration::from_secs(7200)),
+            ..Default::default()
+        };
+        assert!(!f.matches(&d, now));
     }
 
     #[test]
