@@ -10,11 +10,13 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 pub struct AssetSweeperFile {
     /// Pluto's id for the item, if imported.
     pub imported_id: Option<String>,
-    /// Size the sweeper saw, in bytes.
+    /// Size the sweeper saw, in bytes (a number, or one written as a string).
+    #[serde(deserialize_with = "lenient_int")]
     pub size: u64,
     /// Skip this file (record as ignored).
     pub ignore: bool,
-    /// MIME type.
+    /// MIME type (null, as a sweeper writes for a type it could not tell: empty).
+    #[serde(deserialize_with = "string_or_null")]
     pub mime_type: String,
     /// Modification time as the sweeper saw it.
     pub mtime: SweeperTime,
@@ -22,9 +24,11 @@ pub struct AssetSweeperFile {
     pub ctime: SweeperTime,
     /// Access time.
     pub atime: SweeperTime,
-    /// Owner uid.
+    /// Owner uid (a number, or one written as a string as the older shape has it).
+    #[serde(deserialize_with = "lenient_int")]
     pub owner: i64,
-    /// Group gid.
+    /// Group gid (likewise).
+    #[serde(deserialize_with = "lenient_int")]
     pub group: i64,
     /// Directory of the file (`filepath` in the older shape).
     #[serde(alias = "filepath")]
@@ -61,8 +65,38 @@ impl AssetSweeperFile {
     }
 }
 
-/// A time from the sweeper, as epoch seconds: given as a number (integer or fractional)
-/// or, in the older shape, as an RFC 3339 string.
+/// An integer field the services only carry along: a JSON integer or the same written as
+/// a string (`"100"`). A message is not refused over how a field it does not use is
+/// written; one that is neither is still refused, naming the field.
+fn lenient_int<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: std::str::FromStr + TryFrom<i64> + TryFrom<u64>,
+{
+    use serde::de::Error;
+    match serde_json::Value::deserialize(d)? {
+        serde_json::Value::Number(n) => n
+            .as_i64()
+            .and_then(|v| T::try_from(v).ok())
+            .or_else(|| n.as_u64().and_then(|v| T::try_from(v).ok()))
+            .ok_or_else(|| D::Error::custom(format!("{n} is not an integer in range"))),
+        serde_json::Value::String(s) => s
+            .trim()
+            .parse()
+            .map_err(|_| D::Error::custom(format!("`{s}` is not an integer"))),
+        other => Err(D::Error::custom(format!(
+            "expected an integer, got {other}"
+        ))),
+    }
+}
+
+/// A text field that may be null (taken as empty).
+fn string_or_null<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.unwrap_or_default())
+}
+
+/// A time from the sweeper, as epoch seconds: given as a number (integer or fractional,
+/// or such a number written as a string) or, in the older shape, as an RFC 3339 string.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SweeperTime(pub f64);
 
@@ -104,6 +138,9 @@ impl<'de> Deserialize<'de> for SweeperTime {
                 }
             }
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<SweeperTime, E> {
+                if let Ok(secs) = v.trim().parse::<f64>() {
+                    return self.visit_f64(secs);
+                }
                 let t = chrono::DateTime::parse_from_rfc3339(v)
                     .map_err(|_| E::invalid_value(serde::de::Unexpected::Str(v), &self))?;
                 Ok(SweeperTime(
@@ -124,6 +161,36 @@ mod tests {
             "imported_id": null, "size": 3, "ignore": false, "mime_type": "video/mp4",
             "owner": 1000, "group": 1000, "filename": "a.mp4",
         })
+    }
+
+    #[test]
+    fn fields_the_services_only_carry_may_be_written_as_strings_or_null() {
+        let mut m = base();
+        m["parent_dir"] = "/srv/online/p".into();
+        m["owner"] = "100".into();
+        m["group"] = " 100 ".into();
+        m["size"] = "12345".into();
+        m["mime_type"] = serde_json::Value::Null;
+        m["mtime"] = "1718000000.5".into();
+        m["ctime"] = 1_718_000_000.into();
+        m["atime"] = "2024-06-10T06:13:20Z".into();
+        let f: AssetSweeperFile = serde_json::from_value(m.clone()).expect("accepted");
+        assert_eq!((f.owner, f.group, f.size), (100, 100, 12345));
+        assert_eq!(f.mime_type, "");
+        assert_eq!(f.mtime, SweeperTime(1_718_000_000.5));
+        // What no reading can make an integer or a time is still refused, by name.
+        for (k, v) in [
+            ("owner", serde_json::json!("root")),
+            ("size", serde_json::json!(-1)),
+            ("size", serde_json::json!(1.5)),
+            ("mtime", serde_json::json!("soon")),
+            ("mtime", serde_json::json!("NaN")),
+        ] {
+            let mut bad = m.clone();
+            bad[k] = v.clone();
+            let e = serde_json::from_value::<AssetSweeperFile>(bad).expect_err("refused");
+            assert!(!e.to_string().is_empty(), "{k}={v}");
+        }
     }
 
     #[test]
