@@ -573,6 +573,12 @@ fn load_tree(opts: &LoadOptions) -> Result<Map<String, Value>, ConfigError> {
     }
     let built = b.build().map_err(|e| cfg_err("config", e))?;
     let mut tree: Map<String, Value> = built.try_deserialize().map_err(|e| cfg_err("config", e))?;
+    let defaults: Map<String, Value> = config::Config::builder()
+        .add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml))
+        .build()
+        .and_then(|c| c.try_deserialize())
+        .map_err(|e| cfg_err("config", e))?;
+    check_kinds(&tree, &defaults, "")?;
     lists_from_strings(&mut tree);
     for key in tree.keys() {
         if !KNOWN_SECTIONS.contains(&key.as_str()) {
@@ -612,6 +618,45 @@ fn lists_from_strings(tree: &mut Map<String, Value>) {
             *v = Value::from(parts);
         }
     }
+}
+
+/// Refuses a value whose TOML type cannot be its key's, as the defaults show it: a
+/// fraction where a whole number goes (`prefetch = 16.7`, which the config crate would
+/// round) or anything but `true`/`false` where a boolean goes (`declare_sources = 0`).
+/// Environment overrides are text, parsed strictly when the config is read.
+fn check_kinds(
+    tree: &Map<String, Value>,
+    defaults: &Map<String, Value>,
+    at: &str,
+) -> Result<(), ConfigError> {
+    use config::ValueKind as K;
+    let whole = |k: &K| matches!(k, K::I64(_) | K::I128(_) | K::U64(_) | K::U128(_));
+    for (name, v) in tree {
+        let Some(d) = defaults.get(name) else {
+            continue;
+        };
+        let key = if at.is_empty() {
+            name.clone()
+        } else {
+            format!("{at}.{name}")
+        };
+        let wrong = |what: &str| Err(ConfigError::new(&key, format!("{what}, got {v}")));
+        match (&d.kind, &v.kind) {
+            (K::Table(dt), K::Table(vt)) => check_kinds(vt, dt, &key)?,
+            (dk, K::Float(_)) if whole(dk) => return wrong("must be a whole number"),
+            (K::Boolean(_), vk) if !matches!(vk, K::Boolean(_) | K::String(_)) => {
+                return wrong("must be true or false");
+            }
+            (K::Array(da), K::Array(va))
+                if da.first().is_some_and(|e| whole(&e.kind))
+                    && va.iter().any(|e| matches!(e.kind, K::Float(_))) =>
+            {
+                return wrong("must be whole numbers");
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Interprets an override as a TOML scalar or array when it parses as one.
@@ -885,6 +930,31 @@ impl<S> Config<S> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_value_of_a_type_its_key_cannot_have_is_named() {
+        let tree = |t: &str| -> Map<String, Value> {
+            config::Config::builder()
+                .add_source(File::from_str(t, FileFormat::Toml))
+                .build()
+                .unwrap()
+                .try_deserialize()
+                .unwrap()
+        };
+        let defaults = tree(
+            "[retry]\ndelays_ms = [1000, 5000]\nmax_attempts = 5\n[amqp]\ndeclare_sources = true\n",
+        );
+        for (t, key) in [
+            ("[retry]\ndelays_ms = [999.5]\n", "retry.delays_ms"),
+            ("[retry]\nmax_attempts = 2.5\n", "retry.max_attempts"),
+            ("[amqp]\ndeclare_sources = 0\n", "amqp.declare_sources"),
+        ] {
+            let e = check_kinds(&tree(t), &defaults, "").expect_err(t);
+            assert_eq!(e.key, key, "{t}");
+        }
+        let fine = "[retry]\ndelays_ms = [7]\nmax_attempts = 3\n[amqp]\ndeclare_sources = false\n";
+        assert!(check_kinds(&tree(fine), &defaults, "").is_ok());
+    }
     use super::*;
     use serde::de::IgnoredAny;
 

@@ -108,6 +108,17 @@ fn bad_config_exits_2_naming_the_key() {
         "{}",
         stderr(&o)
     );
+    // A value of a type its key cannot have is refused, not rounded or converted.
+    for (toml, key) in [
+        ("[amqp]\nprefetch = 16.7\n", "amqp.prefetch"),
+        ("[retry]\nmax_attempts = 2.5\n", "retry.max_attempts"),
+        ("[amqp]\ndeclare_sources = 0\n", "amqp.declare_sources"),
+    ] {
+        std::fs::write(dir.path().join("dev.toml"), toml).unwrap();
+        let o = run(echo_cmd("unused", dir.path()).arg("check-config"));
+        assert_eq!(o.status.code(), Some(2), "{toml}: {}", stderr(&o));
+        assert!(stderr(&o).contains(key), "{toml}: {}", stderr(&o));
+    }
     // A file that does not parse is named, without quoting its lines (they may hold a
     // password); an OTLP endpoint refused is not echoed either (its credentials).
     std::fs::write(
