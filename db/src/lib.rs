@@ -61,11 +61,31 @@ pub fn is_postgres(url: &str) -> bool {
 /// upgrade its replicas start first) is accepted, not refused as `VersionMissing` — every
 /// migration only adds, so an older release works on the newer schema.
 fn forward_compatible(m: &Migrator) -> Migrator {
+    // (A database with versions this release lacks is reported by `note_newer_schema`.)
     Migrator {
         migrations: m.migrations.clone(),
         ignore_missing: true,
         locking: m.locking,
         no_tx: m.no_tx,
+    }
+}
+
+/// Logs a warning when the database holds migrations this release does not know (a newer
+/// release migrated it: expected during a rolling upgrade, not once it is over).
+async fn note_newer_schema(pool: &AnyPool, migrator: &Migrator) {
+    let known = migrator.iter().map(|m| m.version).max().unwrap_or(0);
+    let applied: Result<Option<i64>, _> =
+        sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations")
+            .fetch_one(pool)
+            .await;
+    if let Ok(Some(v)) = applied
+        && v > known
+    {
+        tracing::warn!(
+            database_version = v,
+            release_version = known,
+            "the database was migrated by a newer release; running on its schema"
+        );
     }
 }
 
@@ -82,6 +102,7 @@ pub async fn connect(url: &str, migrator: &Migrator) -> Result<AnyPool, DbError>
     let sqlite = full.starts_with("sqlite:");
     let pool = open_pool(&full, if sqlite { 1 } else { 10 }, false).await?;
     forward_compatible(migrator).run(&pool).await?;
+    note_newer_schema(&pool, migrator).await;
     Ok(pool)
 }
 
@@ -118,6 +139,7 @@ pub async fn connect_split(url: &str, migrator: &Migrator, readers: u32) -> Resu
     }
     let write = open_pool(&full, 1, false).await?;
     forward_compatible(migrator).run(&write).await?;
+    note_newer_schema(&write, migrator).await;
     let read = open_pool(&full, readers.max(1), true).await?;
     Ok(Pools { read, write })
 }

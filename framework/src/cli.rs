@@ -490,7 +490,7 @@ async fn dlq_command(
             // A script replaying one message learns it was not there (a mistyped id).
             match wanted {
                 Some(id) if moved.is_empty() => Err(Failure::Other(format!(
-                    "no dead letter in {} has message id `{}`",
+                    "no dead letter in {} matched --message-id `{}` (and the other filters)",
                     topo.dlq(),
                     crate::dlq::printable(&id)
                 ))),

@@ -620,10 +620,11 @@ fn lists_from_strings(tree: &mut Map<String, Value>) {
     }
 }
 
-/// Refuses a value whose TOML type cannot be its key's, as the defaults show it: a
-/// fraction where a whole number goes (`prefetch = 16.7`, which the config crate would
-/// round) or anything but `true`/`false` where a boolean goes (`declare_sources = 0`).
-/// Environment overrides are text, parsed strictly when the config is read.
+/// Refuses a file's value whose TOML type cannot be its key's, for the keys `default.toml`
+/// gives a value: a fraction or a boolean where a whole number goes (`prefetch = 16.7`,
+/// which the config crate would round) or a number where a boolean goes
+/// (`declare_sources = 0`). Environment overrides are text, read by the config crate's
+/// own rules.
 fn check_kinds(
     tree: &Map<String, Value>,
     defaults: &Map<String, Value>,
@@ -641,15 +642,20 @@ fn check_kinds(
             format!("{at}.{name}")
         };
         let wrong = |what: &str| Err(ConfigError::new(&key, format!("{what}, got {v}")));
+        let fraction = |k: &K| matches!(k, K::Float(f) if f.fract() != 0.0 || !f.is_finite());
         match (&d.kind, &v.kind) {
             (K::Table(dt), K::Table(vt)) => check_kinds(vt, dt, &key)?,
-            (dk, K::Float(_)) if whole(dk) => return wrong("must be a whole number"),
+            (dk, vk) if whole(dk) && (fraction(vk) || matches!(vk, K::Boolean(_))) => {
+                return wrong("must be a whole number");
+            }
             (K::Boolean(_), vk) if !matches!(vk, K::Boolean(_) | K::String(_)) => {
                 return wrong("must be true or false");
             }
             (K::Array(da), K::Array(va))
                 if da.first().is_some_and(|e| whole(&e.kind))
-                    && va.iter().any(|e| matches!(e.kind, K::Float(_))) =>
+                    && va
+                        .iter()
+                        .any(|e| fraction(&e.kind) || matches!(e.kind, K::Boolean(_))) =>
             {
                 return wrong("must be whole numbers");
             }
@@ -763,26 +769,28 @@ fn rename(mut e: ConfigError, from: &str, to: &str) -> ConfigError {
     e
 }
 
-/// `[log] level`: a level, or comma-separated `target=level` directives. A bare word that
-/// is no level (`warning`, `inf`) is valid EnvFilter syntax — every event of a target
-/// named so — which would silently turn off every other log line: refused.
+/// `[log] level`: a level, or comma-separated directives (`info,lapin=warn`). A filter with
+/// no level of its own for everything else, but a bare word that is no level (`warning`,
+/// or ` info` after a space, which the filter does not trim), is valid EnvFilter syntax —
+/// every event of a target named so — that silently turns every other log line off:
+/// refused.
 fn check_log_level(level: &str) -> Result<(), ConfigError> {
     use std::str::FromStr;
     tracing_subscriber::EnvFilter::try_new(level)
         .map_err(|e| ConfigError::new("log.level", e.to_string()))?;
-    for d in level.split(',').map(str::trim).filter(|d| !d.is_empty()) {
-        if d.contains('=') || d.contains('[') {
-            continue;
-        }
-        if tracing_subscriber::filter::LevelFilter::from_str(d).is_err() {
-            return Err(ConfigError::new(
-                "log.level",
-                format!(
-                    "`{d}` is not a level: use trace, debug, info, warn, error or off, or \
-                     target=level directives (info,lapin=warn)"
-                ),
-            ));
-        }
+    let is_level = |d: &str| tracing_subscriber::filter::LevelFilter::from_str(d).is_ok();
+    let pieces: Vec<&str> = level.split(',').filter(|d| !d.is_empty()).collect();
+    if pieces.iter().any(|d| is_level(d)) {
+        return Ok(());
+    }
+    if let Some(d) = pieces.iter().find(|d| !d.contains('=') && !d.contains('[')) {
+        return Err(ConfigError::new(
+            "log.level",
+            format!(
+                "`{d}` is not a level (trace, debug, info, warn, error or off; no spaces \
+                 around commas), and nothing else sets one: every other log line would be off"
+            ),
+        ));
     }
     Ok(())
 }
@@ -948,11 +956,13 @@ mod tests {
             ("[retry]\ndelays_ms = [999.5]\n", "retry.delays_ms"),
             ("[retry]\nmax_attempts = 2.5\n", "retry.max_attempts"),
             ("[amqp]\ndeclare_sources = 0\n", "amqp.declare_sources"),
+            ("[retry]\nmax_attempts = true\n", "retry.max_attempts"),
         ] {
             let e = check_kinds(&tree(t), &defaults, "").expect_err(t);
             assert_eq!(e.key, key, "{t}");
         }
-        let fine = "[retry]\ndelays_ms = [7]\nmax_attempts = 3\n[amqp]\ndeclare_sources = false\n";
+        let fine =
+            "[retry]\ndelays_ms = [7]\nmax_attempts = 3.0\n[amqp]\ndeclare_sources = false\n";
         assert!(check_kinds(&tree(fine), &defaults, "").is_ok());
     }
     use super::*;

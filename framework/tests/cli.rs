@@ -82,9 +82,10 @@ fn bad_config_exits_2_naming_the_key() {
             "echo.output_exchange",
         ),
         ("STORAGETIER__BOGUS__X", "1", "bogus"),
-        // Valid filter syntax (a target named so), but it would turn every log line off.
+        // Valid filter syntax (a target named so), but with no level set it would turn
+        // every other log line off (` info`: the filter does not trim).
         ("STORAGETIER__LOG__LEVEL", "warning", "log.level"),
-        ("STORAGETIER__LOG__LEVEL", "info,inf", "log.level"),
+        ("STORAGETIER__LOG__LEVEL", "lapin=warn, info", "log.level"),
     ];
     for (k, v, key) in cases {
         let o = run(echo_cmd("unused", dir.path()).env(k, v).arg("check-config"));

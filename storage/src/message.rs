@@ -11,7 +11,7 @@ pub struct AssetSweeperFile {
     /// Pluto's id for the item, if imported.
     pub imported_id: Option<String>,
     /// Size the sweeper saw, in bytes (a number, or one written as a string).
-    #[serde(deserialize_with = "lenient_int")]
+    #[serde(deserialize_with = "size_int")]
     pub size: u64,
     /// Skip this file (record as ignored).
     pub ignore: bool,
@@ -25,10 +25,10 @@ pub struct AssetSweeperFile {
     /// Access time.
     pub atime: SweeperTime,
     /// Owner uid (a number, or one written as a string as the older shape has it).
-    #[serde(deserialize_with = "lenient_int")]
+    #[serde(deserialize_with = "owner_int")]
     pub owner: i64,
     /// Group gid (likewise).
-    #[serde(deserialize_with = "lenient_int")]
+    #[serde(deserialize_with = "group_int")]
     pub group: i64,
     /// Directory of the file (`filepath` in the older shape).
     #[serde(alias = "filepath")]
@@ -68,7 +68,7 @@ impl AssetSweeperFile {
 /// An integer field the services only carry along: a JSON integer or the same written as
 /// a string (`"100"`). A message is not refused over how a field it does not use is
 /// written; one that is neither is still refused, naming the field.
-fn lenient_int<'de, D, T>(d: D) -> Result<T, D::Error>
+fn lenient_int<'de, D, T>(field: &str, d: D) -> Result<T, D::Error>
 where
     D: Deserializer<'de>,
     T: std::str::FromStr + TryFrom<i64> + TryFrom<u64>,
@@ -79,15 +79,27 @@ where
             .as_i64()
             .and_then(|v| T::try_from(v).ok())
             .or_else(|| n.as_u64().and_then(|v| T::try_from(v).ok()))
-            .ok_or_else(|| D::Error::custom(format!("{n} is not an integer in range"))),
+            .ok_or_else(|| D::Error::custom(format!("{field}: {n} is not an integer in range"))),
         serde_json::Value::String(s) => s
             .trim()
             .parse()
-            .map_err(|_| D::Error::custom(format!("`{s}` is not an integer"))),
+            .map_err(|_| D::Error::custom(format!("{field}: `{s}` is not an integer"))),
         other => Err(D::Error::custom(format!(
-            "expected an integer, got {other}"
+            "{field}: expected an integer, got {other}"
         ))),
     }
+}
+
+fn size_int<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    lenient_int("size", d)
+}
+
+fn owner_int<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+    lenient_int("owner", d)
+}
+
+fn group_int<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+    lenient_int("group", d)
 }
 
 /// A text field that may be null (taken as empty).
@@ -179,17 +191,18 @@ mod tests {
         assert_eq!(f.mime_type, "");
         assert_eq!(f.mtime, SweeperTime(1_718_000_000.5));
         // What no reading can make an integer or a time is still refused, by name.
-        for (k, v) in [
-            ("owner", serde_json::json!("root")),
-            ("size", serde_json::json!(-1)),
-            ("size", serde_json::json!(1.5)),
-            ("mtime", serde_json::json!("soon")),
-            ("mtime", serde_json::json!("NaN")),
+        for (k, v, says) in [
+            ("owner", serde_json::json!("root"), "owner"),
+            ("group", serde_json::json!(true), "group"),
+            ("size", serde_json::json!(-1), "size"),
+            ("size", serde_json::json!(1.5), "size"),
+            ("mtime", serde_json::json!("soon"), "epoch seconds"),
+            ("mtime", serde_json::json!("NaN"), "epoch seconds"),
         ] {
             let mut bad = m.clone();
             bad[k] = v.clone();
             let e = serde_json::from_value::<AssetSweeperFile>(bad).expect_err("refused");
-            assert!(!e.to_string().is_empty(), "{k}={v}");
+            assert!(e.to_string().contains(says), "{k}={v}: {e}");
         }
     }
 

@@ -197,6 +197,11 @@ pub fn resolve(roots: &[Root], filepath: &str, filename: &str) -> Result<Resolve
     Err(last_err)
 }
 
+/// Whether `dir` is an empty directory (a mount point whose share is not mounted).
+pub fn is_empty_dir(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none())
+}
+
 /// The resolved file at `real` (beneath `root`), if it is a regular file.
 fn opened(real: PathBuf, root: &Root, file: File, shown: &str) -> Result<Resolved, PathError> {
     let meta = file

@@ -190,7 +190,26 @@ impl TierCopier {
                 .await?;
             return Ok(TierOutcome::Ignored);
         }
-        let resolved = paths::resolve(&self.roots, &msg.parent_dir, &msg.filename)?;
+        let resolved = match paths::resolve(&self.roots, &msg.parent_dir, &msg.filename) {
+            Ok(r) => r,
+            // A root with nothing in it is a share that is not mounted (its mount point
+            // left empty), not a tree where this file is missing: retried, not
+            // dead-lettered with every other file of the share.
+            Err(e @ PathError::NotFound(_)) => match self
+                .roots
+                .iter()
+                .find(|r| paths::is_empty_dir(&r.canonical))
+            {
+                Some(r) => {
+                    return Err(TierError::Transient(format!(
+                        "{e}: the online root {} is empty (a share not mounted?)",
+                        r.configured.display()
+                    )));
+                }
+                None => return Err(e.into()),
+            },
+            Err(e) => return Err(e.into()),
+        };
         let file = &resolved.file;
         let original = resolved.path.display().to_string();
         let meta = file

@@ -854,3 +854,30 @@ async fn a_key_reused_for_other_content_is_no_copy_of_the_first_file() {
     );
     assert_eq!(std::fs::read(store_dir.join("p/a.bin")).expect("kept"), y);
 }
+
+/// A share not mounted leaves its mount point, an empty directory, as the root: a file
+/// missing there is a retry (the share comes back), not a dead letter like every other
+/// file of the share; a file missing from a root with files in it is permanent.
+#[tokio::test]
+async fn a_missing_file_under_an_empty_root_is_retried_not_dead_lettered() {
+    let base = tempfile::tempdir().expect("temp");
+    let tier = storage::store::local(&base.path().join("store")).expect("tier");
+    let roots =
+        open_roots(&[base.path().join("nas1"), base.path().join("nas2")], true).expect("roots");
+    let c = TierCopier::new(roots, tier, records(base.path()).await, policy());
+    put(base.path(), "nas1", "p/here.bin", b"here");
+    let at = |root: &str, name: &str| -> AssetSweeperFile {
+        let dir = base.path().join(root).join("p").display().to_string();
+        serde_json::from_value(sweeper_message(&dir, name, false)).expect("message")
+    };
+    let e = transient(c.handle(&at("nas2", "a.bin"), 1).await);
+    assert!(e.contains("is empty"), "{e}");
+    // Mounted: the same message copies.
+    put(base.path(), "nas2", "p/a.bin", b"mounted");
+    assert!(copied(c.handle(&at("nas2", "a.bin"), 2).await).uploaded);
+    // Every root has files: a missing one is missing.
+    match c.handle(&at("nas1", "gone.bin"), 1).await {
+        Err(TierError::Permanent(e)) => assert!(e.contains("does not exist"), "{e}"),
+        other => panic!("expected a permanent failure, got {other:?}"),
+    }
+}
