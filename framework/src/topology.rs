@@ -29,6 +29,32 @@ impl DeclareError {
     }
 }
 
+/// Whether exchange `name` exists: a passive declare on a channel of its own (a missing
+/// exchange closes the channel it was asked on).
+async fn exchange_exists(conn: &Connection, name: &str) -> Result<bool, lapin::Error> {
+    let probe = conn.create_channel().await?;
+    let passive = ExchangeDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    match probe
+        .exchange_declare(
+            name.into(),
+            ExchangeKind::Topic,
+            passive,
+            FieldTable::default(),
+        )
+        .await
+    {
+        Ok(()) => {
+            let _ = probe.close(200, "checked".into()).await;
+            Ok(true)
+        }
+        Err(e) if is_soft(&e, AMQPSoftError::NOTFOUND) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Whether `e` is the broker's soft error `kind` (the channel it came on is closed).
 pub(crate) fn is_soft(e: &lapin::Error, kind: AMQPSoftError) -> bool {
     matches!(e.kind(), lapin::ErrorKind::ProtocolError(p) if *p.kind() == AMQPErrorKind::Soft(kind))
@@ -369,26 +395,8 @@ impl Topology {
     /// permission, so a locked-down user starts where the exchange exists (lapin logs the
     /// refused check of a missing one as an error, once: then it exists).
     async fn check_source(&self, conn: &Connection, name: &str) -> Result<(), DeclareError> {
-        let probe = conn.create_channel().await?;
-        let passive = ExchangeDeclareOptions {
-            passive: true,
-            ..Default::default()
-        };
-        match probe
-            .exchange_declare(
-                name.into(),
-                ExchangeKind::Topic,
-                passive,
-                FieldTable::default(),
-            )
-            .await
-        {
-            Ok(()) => {
-                let _ = probe.close(200, "checked".into()).await;
-                return Ok(());
-            }
-            Err(e) if is_soft(&e, AMQPSoftError::NOTFOUND) => {}
-            Err(e) => return Err(e.into()),
+        if exchange_exists(conn, name).await? {
+            return Ok(());
         }
         if !self.declare_sources {
             return Err(DeclareError::MissingSource(name.to_string()));
@@ -418,26 +426,9 @@ impl Topology {
     /// that cannot be made counts as nothing missing.
     pub async fn exchange_missing(&self, conn: &Connection) -> bool {
         for e in self.exchanges() {
-            let Ok(probe) = conn.create_channel().await else {
-                return false;
-            };
-            let passive = ExchangeDeclareOptions {
-                passive: true,
-                ..Default::default()
-            };
-            match probe
-                .exchange_declare(
-                    e.name.as_str().into(),
-                    ExchangeKind::Topic,
-                    passive,
-                    FieldTable::default(),
-                )
-                .await
-            {
-                Ok(()) => {
-                    let _ = probe.close(200, "checked".into()).await;
-                }
-                Err(err) if is_soft(&err, AMQPSoftError::NOTFOUND) => return true,
+            match exchange_exists(conn, &e.name).await {
+                Ok(true) => {}
+                Ok(false) => return true,
                 Err(_) => return false,
             }
         }

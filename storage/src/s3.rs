@@ -117,20 +117,8 @@ impl S3Native {
         }
     }
 
+    /// Signs and sends one request; `timeout` replaces the client's own.
     async fn send(
-        &self,
-        what: &'static str,
-        method: http::Method,
-        url: &str,
-        headers: &[(String, String)],
-        body: bytes::Bytes,
-    ) -> Result<reqwest::Response, S3Error> {
-        self.send_within(what, method, url, headers, body, None)
-            .await
-    }
-
-    /// As [`Self::send`], answered within `timeout` instead of the client's own.
-    async fn send_within(
         &self,
         what: &'static str,
         method: http::Method,
@@ -170,6 +158,7 @@ impl S3Native {
                 &self.url(key, ""),
                 &[("x-amz-checksum-mode".into(), "ENABLED".into())],
                 bytes::Bytes::new(),
+                None,
             )
             .await?;
         if r.status() == reqwest::StatusCode::NOT_FOUND {
@@ -214,6 +203,7 @@ impl S3Native {
                 &self.url(key, "uploads="),
                 &headers,
                 bytes::Bytes::new(),
+                None,
             )
             .await?;
         let status = r.status();
@@ -258,7 +248,7 @@ impl S3Native {
             attempt += 1;
             let last = attempt >= COMPLETE_ATTEMPTS;
             let r = match self
-                .send_within(
+                .send(
                     WHAT,
                     http::Method::POST,
                     &url,
@@ -322,6 +312,7 @@ impl S3Native {
                     &self.url(key, &query),
                     &[],
                     bytes::Bytes::new(),
+                    None,
                 )
                 .await?;
             let status = r.status();

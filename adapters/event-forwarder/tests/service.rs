@@ -47,6 +47,18 @@ fn assert_no_token(d: &Delivery) {
     assert!(!String::from_utf8_lossy(&d.data).contains(TOKEN));
 }
 
+/// Waits (at most `WAIT`) until the endpoint has received `n` POSTs.
+async fn await_posts(server: &MockServer, n: usize) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while bodies(server).await.len() < n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{n} POSTs came in time"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 async fn bodies(server: &MockServer) -> Vec<String> {
     server
         .received_requests()
@@ -648,14 +660,7 @@ async fn ordered_mode_stops_backing_off_at_shutdown_and_keeps_the_event_in_place
     )
     .await;
     hs.publish("k", br#"{"e":"waiting"}"#, with_id("m10")).await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while bodies(&server).await.is_empty() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the first POST came"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    await_posts(&server, 1).await;
     hs.stop().await;
     await_ready_count(&hs.ch, &hs.q, 1).await;
     assert_eq!(ready_count(&hs.ch, &format!("{}-dlq", hs.q)).await, 0);
@@ -708,11 +713,7 @@ async fn a_batch_stopped_with_the_service_keeps_what_it_posted() {
         with_id("long-batch"),
     )
     .await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while bodies(&server).await.len() < 2 {
-        assert!(tokio::time::Instant::now() < deadline, "posting began");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    await_posts(&server, 2).await;
     hs.stop().await;
     let tier = format!("{}-retry-600000", hs.q);
     await_ready_count(&hs.ch, &tier, 1).await;
