@@ -31,6 +31,9 @@ pub struct ChannelPool {
     /// Held while the shared channel is (re)opened, so only one is.
     opening: tokio::sync::Mutex<()>,
     limit: Duration,
+    /// The connection's negotiated frame size, read once (lapin keeps it behind a lock
+    /// that every delivery and publish would otherwise take).
+    frame_max: usize,
 }
 
 impl std::fmt::Debug for ChannelPool {
@@ -40,9 +43,11 @@ impl std::fmt::Debug for ChannelPool {
 }
 
 impl ChannelPool {
-    /// A pool on `conn` whose publishes wait at most `limit` for their confirms.
+    /// A pool on `conn` (open: its frame size negotiated) whose publishes wait at most
+    /// `limit` for their confirms.
     pub fn new(conn: Arc<Connection>, limit: Duration) -> Arc<ChannelPool> {
         Arc::new(ChannelPool {
+            frame_max: crate::connection::frame_max(&conn),
             conn,
             idle: Mutex::new(Vec::new()),
             shared: Mutex::new(None),
@@ -58,7 +63,7 @@ impl ChannelPool {
 
     /// The largest frame the connection carries.
     pub fn frame_max(&self) -> usize {
-        crate::connection::frame_max(&self.conn)
+        self.frame_max
     }
 
     /// The confirm channel shared by publishes the broker cannot return (not mandatory, to

@@ -132,9 +132,7 @@ impl Planner {
             }
         }
     }
-}
 
-impl Planner {
     /// A dead letter of the delivery without the input's headers (and without this
     /// attempt's progress marks): for a message whose headers leave no room in one frame
     /// for the framework's own. Its `x-original-*`, attempt count and trace are kept.
