@@ -8,8 +8,8 @@ RUN cargo build --release --locked --bins \
  && mkdir /out \
  && cp target/release/online-archive target/release/online-nearline \
        target/release/project-ingest target/release/crash-router \
-       target/release/snapshot-status target/release/event-forwarder \
-       target/release/echo /out/
+       target/release/snapshot-status target/release/event-forwarder /out/ \
+ && cp target/release/echo /out/storagetier-echo
 
 FROM debian:bookworm-slim
 RUN apt-get update \
@@ -25,5 +25,6 @@ ENV STORAGETIER_CONFIG_DIR=/etc/storagetier \
     STORAGETIER__STORAGE__DATA_DIR=/var/lib/storagetier
 USER storagetier
 WORKDIR /var/lib/storagetier
-# Each container runs one service: `docker run storagetier online-archive run`.
-CMD ["echo", "--help"]
+# Each container runs one service: `docker run storagetier online-archive run`. The
+# framework's example service is `storagetier-echo`, so it never shadows the shell's `echo`.
+CMD ["storagetier-echo", "--help"]

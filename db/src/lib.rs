@@ -32,6 +32,27 @@ pub enum DbError {
     Migrate(#[from] sqlx::migrate::MigrateError),
 }
 
+impl DbError {
+    /// True when the database refused the data itself: see [`refuses_the_data`].
+    pub fn refuses_the_data(&self) -> bool {
+        matches!(self, DbError::Sqlx(e) if refuses_the_data(e))
+    }
+}
+
+/// True when PostgreSQL refused the data itself rather than failing to store it: a value
+/// too large for its index (SQLSTATE class 54, e.g. a key of more than 2,704 bytes that
+/// does not compress) or one it cannot hold (class 22, e.g. text it cannot encode). No
+/// retry can store it, so the message is Permanent instead of retried to exhaustion.
+/// (SQLite's result codes are decimal numbers, never five characters.)
+pub fn refuses_the_data(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(d) => d
+            .code()
+            .is_some_and(|c| c.len() == 5 && (c.starts_with("54") || c.starts_with("22"))),
+        _ => false,
+    }
+}
+
 /// The default database URL of a service: `sqlite://<data_dir>/<service>.db`.
 pub fn default_url(data_dir: &Path, service: &str) -> String {
     format!(

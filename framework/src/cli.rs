@@ -152,7 +152,7 @@ enum DlqCommand {
         #[arg(long)]
         message_id: Option<String>,
         /// Only this x-error-kind (permanent, retries-exhausted) or broker x-death reason.
-        #[arg(long)]
+        #[arg(long, value_parser = crate::dlq::KINDS)]
         kind: Option<String>,
         /// Only original routing keys matching this topic pattern (`*` a word, `#` any).
         #[arg(long, value_name = "PATTERN")]
@@ -376,6 +376,9 @@ async fn execute<S: Service>(cmd: Command, cfg: Config<S::Settings>) -> Result<(
             print_out(&format!("{text}\n"))
         }
         Command::Dlq { command } => {
+            // A command refused for its arguments costs no connection (nor its timeout
+            // when the broker is down) and exits 2, as every usage error does.
+            check_dlq_usage(&command)?;
             let topo = topology_of::<S>(&cfg);
             let conn = connect(&cfg.amqp, S::NAME).await.map_err(|e| {
                 Failure::Other(format!(
@@ -391,6 +394,21 @@ async fn execute<S: Service>(cmd: Command, cfg: Config<S::Settings>) -> Result<(
     }
 }
 
+/// The `dlq` arguments clap cannot check on its own.
+fn check_dlq_usage(cmd: &DlqCommand) -> Result<(), Failure> {
+    match cmd {
+        DlqCommand::Replay { rate, .. } if rate.is_some_and(|r| !(r >= 0.001 && r.is_finite())) => {
+            Err(Failure::Usage(
+                "--rate must be a number of messages per second, at least 0.001".into(),
+            ))
+        }
+        DlqCommand::Purge { yes: false } => Err(Failure::Usage(
+            "dlq purge deletes every dead letter: pass --yes to confirm".into(),
+        )),
+        _ => Ok(()),
+    }
+}
+
 async fn dlq_command(
     conn: &lapin::Connection,
     topo: &Topology,
@@ -399,7 +417,9 @@ async fn dlq_command(
     let other = |e: &dyn std::fmt::Display| Failure::Other(e.to_string());
     match cmd {
         DlqCommand::List { limit, json } => {
-            let items = dlq::list(conn, topo, limit).await.map_err(|e| other(&e))?;
+            let (items, total) = dlq::list_of_total(conn, topo, limit)
+                .await
+                .map_err(|e| other(&e))?;
             use std::fmt::Write as _;
             // Written at once, and a reader that stops early (`| head`) is no error.
             let mut text = String::new();
@@ -432,7 +452,7 @@ async fn dlq_command(
                 }
                 let _ = writeln!(
                     text,
-                    "{} dead letter(s) shown from {}",
+                    "{} of {total} dead letter(s) in {} shown",
                     items.len(),
                     topo.dlq()
                 );
@@ -452,11 +472,6 @@ async fn dlq_command(
             if !all && message_id.is_none() {
                 return Err(Failure::Usage(
                     "dlq replay needs --all or --message-id ID".into(),
-                ));
-            }
-            if rate.is_some_and(|r| !(r >= 0.001 && r.is_finite())) {
-                return Err(Failure::Usage(
-                    "--rate must be a number of messages per second, at least 0.001".into(),
                 ));
             }
             let wanted = message_id.clone();
@@ -497,12 +512,7 @@ async fn dlq_command(
                 _ => Ok(()),
             }
         }
-        DlqCommand::Purge { yes } => {
-            if !yes {
-                return Err(Failure::Usage(
-                    "dlq purge deletes every dead letter: pass --yes to confirm".into(),
-                ));
-            }
+        DlqCommand::Purge { .. } => {
             let n = dlq::purge(conn, topo).await.map_err(|e| other(&e))?;
             print_out(&format!("purged {n} dead letter(s) from {}\n", topo.dlq()))
         }

@@ -116,6 +116,10 @@ impl AmqpUrl {
         }
         Ok(Self(u))
     }
+    /// True for `amqps://` (TLS).
+    pub fn is_tls(&self) -> bool {
+        self.0.scheme() == "amqps"
+    }
     /// The full URL including the password, for connecting only.
     pub fn expose(&self) -> &str {
         self.0.as_str()
@@ -508,7 +512,7 @@ fn load_tree(opts: &LoadOptions) -> Result<Map<String, Value>, ConfigError> {
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
     {
         return Err(ConfigError::new(
-            "--env",
+            "--env (or APP_ENV)",
             format!("`{env_name}` is not a valid environment name"),
         ));
     }
@@ -523,7 +527,7 @@ fn load_tree(opts: &LoadOptions) -> Result<Map<String, Value>, ConfigError> {
                 b = b.add_source(File::from(envf.as_path()).format(FileFormat::Toml));
             } else if opts.env_name.is_some() {
                 return Err(ConfigError::new(
-                    "--env",
+                    "--env (or APP_ENV)",
                     format!(
                         "no config file {} for environment `{env_name}`",
                         envf.display()
@@ -532,14 +536,14 @@ fn load_tree(opts: &LoadOptions) -> Result<Map<String, Value>, ConfigError> {
             }
         } else if opts.config_dir_explicit {
             return Err(ConfigError::new(
-                "--config-dir",
+                "--config-dir (or STORAGETIER_CONFIG_DIR)",
                 format!("{} is not a directory", dir.display()),
             ));
         } else if opts.env_name.is_some() {
             // A named environment (`--env`, APP_ENV) must find its file: running on the
             // built-in defaults instead (guest@localhost, ./data) would be silent and wrong.
             return Err(ConfigError::new(
-                "--env",
+                "--env (or APP_ENV)",
                 format!(
                     "no config file for environment `{env_name}`: {} is not a directory \
                      (--config-dir or STORAGETIER_CONFIG_DIR names it)",
@@ -620,11 +624,12 @@ fn lists_from_strings(tree: &mut Map<String, Value>) {
     }
 }
 
-/// Refuses a file's value whose TOML type cannot be its key's, for the keys `default.toml`
-/// gives a value: a fraction or a boolean where a whole number goes (`prefetch = 16.7`,
-/// which the config crate would round) or a number where a boolean goes
-/// (`declare_sources = 0`). Environment overrides are text, read by the config crate's
-/// own rules.
+/// Refuses a value whose type cannot be its key's, for the keys `default.toml` gives a
+/// value: a fraction or a boolean where a whole number goes (`prefetch = 16.7`, which the
+/// config crate would round) or a number where a boolean goes (`declare_sources = 0`); and
+/// text (an environment override) that is no whole number, or not `true`/`false`, where
+/// those go — the config crate would read `yes` as 1 and `off` as 0
+/// (`STORAGETIER__AMQP__DRAIN_TIMEOUT_MS=off`: no drain at all).
 fn check_kinds(
     tree: &Map<String, Value>,
     defaults: &Map<String, Value>,
@@ -642,21 +647,34 @@ fn check_kinds(
             format!("{at}.{name}")
         };
         let wrong = |what: &str| Err(ConfigError::new(&key, format!("{what}, got {v}")));
-        let fraction = |k: &K| matches!(k, K::Float(f) if f.fract() != 0.0 || !f.is_finite());
+        let no_whole_text = |s: &str| s.trim().parse::<i128>().is_err();
+        let not_whole = |k: &K| match k {
+            K::Float(f) => f.fract() != 0.0 || !f.is_finite(),
+            K::Boolean(_) => true,
+            K::String(s) => no_whole_text(s),
+            _ => false,
+        };
+        let not_boolean = |k: &K| match k {
+            K::Boolean(_) => false,
+            K::String(s) => !["true", "false"].contains(&s.trim().to_ascii_lowercase().as_str()),
+            _ => true,
+        };
+        let of_whole = |a: &[Value]| a.first().is_some_and(|e| whole(&e.kind));
         match (&d.kind, &v.kind) {
             (K::Table(dt), K::Table(vt)) => check_kinds(vt, dt, &key)?,
-            (dk, vk) if whole(dk) && (fraction(vk) || matches!(vk, K::Boolean(_))) => {
+            (dk, vk) if whole(dk) && not_whole(vk) => {
                 return wrong("must be a whole number");
             }
-            (K::Boolean(_), vk) if !matches!(vk, K::Boolean(_) | K::String(_)) => {
+            (K::Boolean(_), vk) if not_boolean(vk) => {
                 return wrong("must be true or false");
             }
             (K::Array(da), K::Array(va))
-                if da.first().is_some_and(|e| whole(&e.kind))
-                    && va
-                        .iter()
-                        .any(|e| fraction(&e.kind) || matches!(e.kind, K::Boolean(_))) =>
+                if of_whole(da) && va.iter().any(|e| not_whole(&e.kind)) =>
             {
+                return wrong("must be whole numbers");
+            }
+            // One environment value for a list, split on commas later.
+            (K::Array(da), K::String(s)) if of_whole(da) && s.split(',').any(no_whole_text) => {
                 return wrong("must be whole numbers");
             }
             _ => {}
@@ -729,7 +747,18 @@ pub fn load<S: DeserializeOwned>(
     split.insert("svc".to_string(), Value::from(service_part));
     let service: ServiceSection =
         section(&split, "fw").map_err(|e| rename(e, "fw", section_name))?;
-    let settings: S = section(&split, "svc").map_err(|e| rename(e, "svc", section_name))?;
+    let settings: S = section(&split, "svc").map_err(|mut e| {
+        // serde lists the service's own keys only: a typo of a framework key of the
+        // section (`http_listn`) would point away from the one meant.
+        if e.message.starts_with("unknown field") {
+            e.message = format!(
+                "{}, or one of the section's framework keys: {}",
+                e.message,
+                SERVICE_SECTION_KEYS.join(", ")
+            );
+        }
+        rename(e, "svc", section_name)
+    })?;
 
     if let Some(pf) = &amqp.password_file {
         let pw = std::fs::read_to_string(pf).map_err(|e| {
@@ -848,16 +877,34 @@ fn validate<S>(cfg: &Config<S>, section_name: &str) -> Result<(), ConfigError> {
             "tls_cert_file and tls_key_file go together (mutual TLS)",
         ));
     }
-    if a.connect_timeout_ms == 0 || a.operation_timeout_ms == 0 {
+    // Over amqp:// they would go unused: a plaintext connection the user meant to secure.
+    let tls_set = [
+        ("amqp.tls_ca_file", a.tls_ca_file.is_some()),
+        ("amqp.tls_cert_file", a.tls_cert_file.is_some()),
+    ]
+    .into_iter()
+    .find_map(|(k, set)| set.then_some(k));
+    if let Some(key) = tls_set
+        && let Some(plain) = a.endpoints().into_iter().find(|u| !u.is_tls())
+    {
         return Err(ConfigError::new(
-            "amqp.operation_timeout_ms",
-            "connect_timeout_ms and operation_timeout_ms must be > 0",
+            key,
+            format!("is for amqps:// but {plain} is plaintext amqp://, which would not use it"),
         ));
     }
-    if a.reconnect_initial_ms == 0 || a.reconnect_max_ms < a.reconnect_initial_ms {
+    for (key, ms) in [
+        ("amqp.connect_timeout_ms", a.connect_timeout_ms),
+        ("amqp.operation_timeout_ms", a.operation_timeout_ms),
+        ("amqp.reconnect_initial_ms", a.reconnect_initial_ms),
+    ] {
+        if ms == 0 {
+            return Err(ConfigError::new(key, "must be > 0"));
+        }
+    }
+    if a.reconnect_max_ms < a.reconnect_initial_ms {
         return Err(ConfigError::new(
             "amqp.reconnect_max_ms",
-            "reconnect_initial_ms must be > 0 and reconnect_max_ms >= reconnect_initial_ms",
+            "must be >= reconnect_initial_ms",
         ));
     }
     let r = &cfg.retry;
@@ -1012,6 +1059,85 @@ mod tests {
             "http://collector:4318/"
         );
         assert_eq!(redacted_url("not a url?token=x"), "***");
+    }
+
+    #[test]
+    fn tls_files_with_a_plaintext_url_are_refused() {
+        let ca = tempfile::NamedTempFile::new().expect("temp file");
+        let ca = ca.path().display().to_string();
+        let e = with_env(&[("STORAGETIER__AMQP__TLS_CA_FILE", &ca)]).expect_err("amqp://");
+        assert_eq!(e.key, "amqp.tls_ca_file");
+        assert!(e.to_string().contains("plaintext"), "{e}");
+        let c = with_env(&[
+            ("STORAGETIER__AMQP__TLS_CA_FILE", &ca),
+            (
+                "STORAGETIER__AMQP__URL",
+                "amqps://guest:guest@rabbit:5671/%2f",
+            ),
+        ]);
+        assert!(c.is_ok(), "{:?}", c.err());
+    }
+
+    #[test]
+    fn a_typo_in_a_service_section_lists_its_framework_keys_too() {
+        #[derive(Debug, serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)]
+        struct Own {
+            #[serde(default)]
+            database_url: Option<String>,
+        }
+        let opts = LoadOptions::isolated().set("echo.http_listn", "127.0.0.1:1");
+        let e = load::<Own>("echo", &opts).expect_err("unknown key");
+        assert!(e.key.starts_with("echo"), "{e}");
+        assert!(e.message.contains("database_url"), "{e}");
+        assert!(e.message.contains("http_listen"), "{e}");
+    }
+
+    #[test]
+    fn environment_text_that_is_no_number_or_boolean_is_refused() {
+        for (var, value, key) in [
+            ("STORAGETIER__AMQP__PREFETCH", "yes", "amqp.prefetch"),
+            (
+                "STORAGETIER__AMQP__DRAIN_TIMEOUT_MS",
+                "off",
+                "amqp.drain_timeout_ms",
+            ),
+            (
+                "STORAGETIER__AMQP__DECLARE_SOURCES",
+                "1",
+                "amqp.declare_sources",
+            ),
+            (
+                "STORAGETIER__RETRY__DELAYS_MS",
+                "1000,soon",
+                "retry.delays_ms",
+            ),
+            ("STORAGETIER__RETRY__DELAYS_MS", "1s", "retry.delays_ms"),
+        ] {
+            let e = with_env(&[(var, value)]).expect_err(value);
+            assert_eq!(e.key, key, "{var}={value}");
+        }
+        let c = with_env(&[
+            ("STORAGETIER__AMQP__PREFETCH", "8"),
+            ("STORAGETIER__AMQP__DECLARE_SOURCES", "TRUE"),
+        ])
+        .expect("loads");
+        assert_eq!(c.amqp.prefetch, 8);
+        assert!(c.amqp.declare_sources);
+    }
+
+    #[test]
+    fn a_zero_timeout_names_its_own_key() {
+        for key in [
+            "connect_timeout_ms",
+            "operation_timeout_ms",
+            "reconnect_initial_ms",
+        ] {
+            let var = format!("STORAGETIER__AMQP__{}", key.to_uppercase());
+            let e = with_env(&[(&var, "0")]).expect_err(key);
+            assert_eq!(e.key, format!("amqp.{key}"));
+        }
     }
 
     #[test]

@@ -11,8 +11,12 @@ use tracing::warn;
 use crate::config::{AmqpConfig, AmqpUrl};
 
 /// The node the next connect tries first: each (re)connect starts after the last one tried,
-/// so a cluster's nodes take turns and a dead node is not always tried first.
-static NEXT_NODE: AtomicUsize = AtomicUsize::new(0);
+/// so a cluster's nodes take turns and a dead node is not always tried first. It starts
+/// at a random node, so replicas started with one configuration spread over the cluster
+/// instead of all connecting to the first node (and all moving to the next one at once
+/// when it goes down).
+static NEXT_NODE: std::sync::LazyLock<AtomicUsize> =
+    std::sync::LazyLock::new(|| AtomicUsize::new(usize::from(rand::random::<u16>())));
 
 fn timed_out(what: String) -> lapin::Error {
     std::io::Error::new(std::io::ErrorKind::TimedOut, what).into()

@@ -184,6 +184,45 @@ fn bad_config_exits_2_naming_the_key() {
     assert!(stderr(&o).contains("prod"), "{}", stderr(&o));
 }
 
+/// `dlq` arguments that can never work are usage errors (exit 2) found before any
+/// connection: with nothing listening on the broker's port they still exit 2, naming the
+/// argument, not 1 with "cannot connect".
+#[test]
+fn dlq_usage_errors_exit_2_before_connecting() {
+    let dir = tempfile::tempdir().unwrap();
+    // A port nothing listens on: connecting would fail (exit 1).
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!(
+        "amqp://guest:guest@127.0.0.1:{}/%2f",
+        closed.local_addr().unwrap().port()
+    );
+    drop(closed);
+    for (args, named) in [
+        (&["dlq", "purge"][..], "--yes"),
+        (&["dlq", "replay", "--all", "--rate", "0"][..], "--rate"),
+        (
+            &["dlq", "replay", "--all", "--kind", "retries_exhausted"][..],
+            "retries-exhausted",
+        ),
+        (
+            &["dlq", "replay", "--all", "--older-than", "1.5h"][..],
+            "whole number",
+        ),
+    ] {
+        let o = run(echo_cmd("unused", dir.path())
+            .env("STORAGETIER__AMQP__URL", &url)
+            .args(args));
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(named), "{args:?}: {}", stderr(&o));
+    }
+    // The same URL for a command that needs the broker: exit 1.
+    let o = run(echo_cmd("unused", dir.path())
+        .env("STORAGETIER__AMQP__URL", &url)
+        .env("STORAGETIER__AMQP__CONNECT_TIMEOUT_MS", "2000")
+        .args(["dlq", "list"]));
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+}
+
 #[test]
 fn layers_apply_in_order_and_check_config_redacts_secrets() {
     let dir = tempfile::tempdir().unwrap();

@@ -103,7 +103,11 @@ impl From<CopyError> for TierError {
 
 impl From<db::sqlx::Error> for TierError {
     fn from(e: db::sqlx::Error) -> Self {
-        TierError::Transient(format!("database: {e}"))
+        if db::refuses_the_data(&e) {
+            TierError::Permanent(format!("the database refuses this file's record: {e}"))
+        } else {
+            TierError::Transient(format!("database: {e}"))
+        }
     }
 }
 
@@ -534,6 +538,9 @@ struct Claim<'a> {
     records: &'a Records,
     key: String,
     owner: String,
+    /// Until when the lease surely holds: counted from the request that took or last
+    /// renewed it, not from its answer.
+    held_until: std::sync::Mutex<tokio::time::Instant>,
     /// Given up already (with the record of the copy).
     released: std::sync::atomic::AtomicBool,
 }
@@ -542,6 +549,7 @@ impl<'a> Claim<'a> {
     /// Claims `key`, or a retryable error if another copy to it is in progress.
     async fn take(records: &'a Records, key: &ObjectPath) -> Result<Self, TierError> {
         let owner = uuid::Uuid::new_v4().to_string();
+        let asked_at = tokio::time::Instant::now();
         if !records.claim(key.as_ref(), &owner, CLAIM_LEASE).await? {
             return Err(TierError::Transient(format!(
                 "another copy to {key} is in progress"
@@ -551,39 +559,64 @@ impl<'a> Claim<'a> {
             records,
             key: key.to_string(),
             owner,
+            held_until: std::sync::Mutex::new(asked_at + CLAIM_LEASE),
             released: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
-    /// Renews the claim until it is lost (never returns while it is held).
+    /// Renews the claim until it is lost (never returns while it is held). The lease is
+    /// counted from each renewal's request, and a renewal that does not answer before
+    /// the lease nears its end (a hung database connection) counts as lost: another
+    /// instance may take the key once it expires, so this copy must stop before then.
     async fn keep(&self) -> TierError {
-        let mut held_until = tokio::time::Instant::now() + CLAIM_LEASE;
+        use tokio::time::Instant;
+        let margin = CLAIM_LEASE / 4;
         loop {
             tokio::time::sleep(CLAIM_LEASE / 4).await;
-            match self
-                .records
-                .renew(&self.key, &self.owner, CLAIM_LEASE)
-                .await
-            {
-                Ok(true) => held_until = tokio::time::Instant::now() + CLAIM_LEASE,
-                Ok(false) => break,
+            let asked = Instant::now();
+            let held_until = self.held_until();
+            let budget = held_until
+                .saturating_duration_since(asked)
+                .saturating_sub(margin);
+            let renewal = self.records.renew(&self.key, &self.owner, CLAIM_LEASE);
+            match tokio::time::timeout(budget, renewal).await {
+                Ok(Ok(true)) => {
+                    *self.held_until.lock().unwrap_or_else(|p| p.into_inner()) =
+                        asked + CLAIM_LEASE;
+                }
+                Ok(Ok(false)) => break,
                 // A database blip: keep going while the lease still covers us.
-                Err(e) if tokio::time::Instant::now() + CLAIM_LEASE / 4 < held_until => {
+                Ok(Err(e)) if Instant::now() + margin < held_until => {
                     tracing::warn!(key = %self.key, error = %e, "could not renew the upload claim");
                 }
-                Err(_) => break,
+                Ok(Err(_)) | Err(_) => break,
             }
         }
         TierError::Transient(format!("lost the upload claim on {}", self.key))
     }
 
-    /// Gives the claim up (a failure only delays others until the lease ends).
+    fn held_until(&self) -> tokio::time::Instant {
+        *self.held_until.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Gives the claim up (a failure only delays others until the lease ends, so it is
+    /// not waited for beyond that: a hung database must not hold the handler).
     async fn release(self) {
         if self.released.load(std::sync::atomic::Ordering::Relaxed) {
             return;
         }
-        if let Err(e) = self.records.release(&self.key, &self.owner).await {
-            tracing::warn!(key = %self.key, error = %e, "could not release the upload claim");
+        let left = self
+            .held_until()
+            .saturating_duration_since(tokio::time::Instant::now());
+        let release = self.records.release(&self.key, &self.owner);
+        match tokio::time::timeout(left, release).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(key = %self.key, error = %e, "could not release the upload claim");
+            }
+            Err(_) => {
+                tracing::warn!(key = %self.key, "no answer releasing the upload claim; its lease ends it");
+            }
         }
     }
 }

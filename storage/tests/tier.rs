@@ -881,3 +881,45 @@ async fn a_missing_file_under_an_empty_root_is_retried_not_dead_lettered() {
         other => panic!("expected a permanent failure, got {other:?}"),
     }
 }
+
+/// A claim whose renewal never answers (its row locked by another session, as a hung
+/// database connection leaves it) is given up before its lease ends: the copy stops with
+/// "lost the upload claim" while the row is still locked, instead of running on while
+/// another instance may take the key once the lease expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_whose_renewal_never_answers_stops_the_copy() {
+    use db::sqlx::Connection as _;
+    let pg = db::testing::TempPostgres::create().await.expect("database");
+    let base = tempfile::tempdir().expect("temp");
+    let tier = storage::store::local(&base.path().join("store")).expect("tier");
+    let (faulty, faults) = FaultyStore::wrap(&tier);
+    let recs = Records::open(&pg.url).await.expect("records");
+    let c = copier(base.path(), "a", faulty, recs.clone());
+    let msg = put(base.path(), "a", "show/held.mov", b"held in the middle");
+    let (entered, release) = faults.hold_next_upload();
+    let run = tokio::spawn(async move { c.handle(&msg, 1).await });
+    entered.notified().await;
+    let mut locker = db::sqlx::AnyConnection::connect(&pg.url)
+        .await
+        .expect("another session");
+    let mut tx = locker.begin().await.expect("begin");
+    db::sqlx::query(
+        "SELECT owner FROM upload_claims WHERE object_key = 'show/held.mov' FOR UPDATE",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .expect("the copy's claim row, locked");
+    // Bounded only so a regression fails instead of hanging: the old code waited on the
+    // lock for as long as it was held.
+    let r = tokio::time::timeout(std::time::Duration::from_secs(120), run)
+        .await
+        .expect("the copy stopped while its claim's row was locked")
+        .expect("ran");
+    let e = transient(r);
+    assert!(e.contains("lost the upload claim"), "{e}");
+    tx.rollback().await.expect("rollback");
+    release.notify_one();
+    drop(locker);
+    recs.close().await;
+    pg.drop_db().await.expect("drop");
+}

@@ -46,8 +46,12 @@ pub struct ProjectIngestSettings {
     pub missing_project_retries: u32,
 }
 
+/// Six retries wait about 6.5 minutes on the default tiers (1 s, 5 s, 30 s, then 120 s):
+/// longer than a create held by another instance that died without closing its connection
+/// (the broker returns it after the heartbeat timeout, a minute or two) or climbing the
+/// tiers itself through a database fault on its instance.
 fn default_missing_project_retries() -> u32 {
-    2
+    6
 }
 
 impl Default for ProjectIngestSettings {
@@ -120,21 +124,30 @@ impl MessageProcessor for ProjectProcessor {
         let mut not_yet = Vec::new();
         for (i, item) in items.into_iter().enumerate() {
             let n = i + 1;
-            let ev = match item.parsed {
-                Err(e) if !batch => {
-                    count("invalid");
-                    return Outcome::permanent(e);
+            // A record no attempt can store: the whole message when it is the only one,
+            // else that record on its own, and the rest go on.
+            let refused = async |dead: &mut framework::batch::Progress<'_>, e: String| {
+                if !batch {
+                    return Err(Outcome::permanent(e));
                 }
+                let reason = format!("record {n}: {e}");
+                let body = serde_json::to_vec(&item.raw).unwrap_or_default();
+                match dead.dead_letter(n.to_string(), body, &reason).await {
+                    Ok(true) => tracing::warn!(record = n, "dead-lettered record: {e}"),
+                    Ok(false) => {}
+                    Err(pe) => {
+                        return Err(Outcome::retry(format!(
+                            "cannot dead-letter record {n}: {pe}"
+                        )));
+                    }
+                }
+                Ok(())
+            };
+            let ev = match &item.parsed {
                 Err(e) => {
                     count("invalid");
-                    let reason = format!("record {n}: {e}");
-                    let body = serde_json::to_vec(&item.raw).unwrap_or_default();
-                    match dead.dead_letter(n.to_string(), body, &reason).await {
-                        Ok(true) => tracing::warn!(record = n, "dead-lettered record: {e}"),
-                        Ok(false) => {}
-                        Err(pe) => {
-                            return Outcome::retry(format!("cannot dead-letter record {n}: {pe}"));
-                        }
+                    if let Err(o) = refused(&mut dead, e.to_string()).await {
+                        return o;
                     }
                     continue;
                 }
@@ -146,7 +159,7 @@ impl MessageProcessor for ProjectProcessor {
                 }
                 Ok(Parsed::Project(ev)) => ev,
             };
-            match self.store.apply(&ev).await {
+            match self.store.apply(ev).await {
                 Ok(Applied::Stored(p)) => {
                     tracing::info!(project = %p.id, event = ev.kind.as_str(), "project stored");
                     count("stored");
@@ -169,6 +182,13 @@ impl MessageProcessor for ProjectProcessor {
                         ev.kind.as_str(),
                         ev.id
                     ));
+                }
+                Err(e) if e.refuses_the_data() => {
+                    count("invalid");
+                    let e = format!("the database refuses project {}: {e}", ev.id);
+                    if let Err(o) = refused(&mut dead, e).await {
+                        return o;
+                    }
                 }
                 Err(e) => return Outcome::retry(e),
             }
@@ -263,5 +283,31 @@ impl Service for ProjectIngest {
                         .min(cfg.retry.max_attempts.saturating_sub(1)),
                 ),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The wait of an update for its project on the default tiers, in seconds.
+    fn default_wait_secs() -> u64 {
+        let cfg = framework::cli::load_config::<ProjectIngest>(
+            &framework::config::LoadOptions::isolated(),
+        )
+        .expect("defaults load");
+        (0..cfg.settings.missing_project_retries)
+            .map(|n| cfg.retry.delay_for_attempt(n))
+            .sum::<u64>()
+            / 1000
+    }
+
+    #[test]
+    fn an_update_waits_out_a_create_held_by_a_dead_instance() {
+        // A dead instance's unacked create comes back after the heartbeat timeout (60 s
+        // by default on both sides, up to twice that to notice), and a create retried on
+        // its own instance climbs 1 s, 5 s, 30 s, 120 s.
+        let wait = default_wait_secs();
+        assert!(wait >= 5 * 60, "an update waits {wait} s for its create");
     }
 }

@@ -783,3 +783,43 @@ async fn two_replicas_on_one_queue_reach_the_exact_final_state() {
     env.finish().await;
     drop(other);
 }
+
+/// Text PostgreSQL cannot index: 8,000 random hex digits (a key over 2,704 bytes after
+/// compression).
+fn unindexable() -> String {
+    (0..250)
+        .map(|_| uuid::Uuid::new_v4().simple().to_string())
+        .collect()
+}
+
+/// An id PostgreSQL refuses to index is the event's fault, not the database's: Permanent
+/// at once (alone in a batch, the other records stored), not retried until the attempts
+/// run out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_id_the_database_cannot_index_is_permanent() {
+    let env = start(Backend::Postgres, &[]).await;
+    let mut out = env.hs.watch_output().await;
+    let mut dlq = env.hs.watch_dlq().await;
+    let long = unindexable();
+    env.send(&project("project-created", &long, "too long"))
+        .await;
+    let dl = next(&mut dlq).await;
+    assert_eq!(header(&dl, "x-error-kind").as_deref(), Some("permanent"));
+    assert!(header(&dl, "x-error").unwrap().contains("refuses"));
+    env.send(&kinesis(&[
+        project("project-created", &long, "too long"),
+        project("project-created", "fits", "fits"),
+    ]))
+    .await;
+    assert_eq!(body(&next(&mut out).await)["id"], "fits");
+    let dl = next(&mut dlq).await;
+    assert_eq!(header(&dl, "x-error-kind").as_deref(), Some("permanent"));
+    assert!(header(&dl, "x-error").unwrap().starts_with("record 1: "));
+    assert!(
+        next_within(&mut dlq, Duration::from_millis(300))
+            .await
+            .is_none(),
+        "each once"
+    );
+    env.finish().await;
+}

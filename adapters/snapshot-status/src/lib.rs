@@ -23,6 +23,9 @@ pub const EXPORT_STATE_KEY: &str = "snapshot.export-state";
 pub const MONITORING_KEY: &str = "monitoring.snapshot-sender";
 /// Header listing the 1-based records of a batch already dead-lettered (kept across retries).
 pub const DEAD_LETTERED_HEADER: &str = framework::batch::DEAD_LETTERED_RECORDS;
+/// Retry header listing the export-state and monitoring messages of this message already
+/// confirmed, so a retry (one of them unroutable, say) never sends the others again.
+pub const PUBLISHED_HEADER: &str = "x-snapshot-status-published";
 
 /// Counter of file messages by `counted` ("true", or "false" for a duplicate).
 pub const FILES_METRIC: &str = "storagetier_snapshotstatus_files_total";
@@ -70,8 +73,36 @@ pub struct StatusProcessor {
 #[derive(Debug)]
 struct Handled {
     report: Value,
-    extra: Vec<Publication>,
+    extra: Vec<Extra>,
     dropped: Option<String>,
+}
+
+/// An export-state or monitoring message, and the mark its confirm leaves in
+/// [`PUBLISHED_HEADER`].
+#[derive(Debug)]
+struct Extra {
+    mark: String,
+    publication: Publication,
+}
+
+/// Publishes each of `extra` not confirmed by an earlier attempt, waiting for its confirm
+/// and marking it done; the first that fails stops the rest (the input is retried).
+async fn publish_extras(
+    ctx: &MessageContext,
+    published: &mut framework::batch::Progress<'_>,
+    extra: Vec<Extra>,
+) -> Result<(), String> {
+    for e in extra {
+        if published.is_done(&e.mark) {
+            continue;
+        }
+        let exchange = e.publication.exchange.clone();
+        ctx.publish(e.publication)
+            .await
+            .map_err(|err| format!("publishing to `{exchange}` failed: {err}"))?;
+        published.mark_done(e.mark);
+    }
+    Ok(())
 }
 
 /// The export-state message for `m`'s collection `c`: the flags are those the collection's
@@ -120,13 +151,19 @@ impl StatusProcessor {
     /// The export-state message for `m`, mandatory: an unroutable one fails the publish,
     /// so the input is retried (a retried message re-emits it) instead of the broker
     /// dropping it while the collection is already `Received`.
-    fn export_state_publication(&self, m: &StatusMessage, c: &Collection) -> Publication {
-        Publication::value(
-            &self.export_state_exchange,
-            EXPORT_STATE_KEY,
-            &export_state(m, c),
-        )
-        .mandatory()
+    fn export_state_publication(&self, m: &StatusMessage, c: &Collection) -> Extra {
+        Extra {
+            mark: format!(
+                "export-state {}",
+                json!([c.correlation_id, c.collection_name])
+            ),
+            publication: Publication::value(
+                &self.export_state_exchange,
+                EXPORT_STATE_KEY,
+                &export_state(m, c),
+            )
+            .mandatory(),
+        }
     }
 
     /// Handles one valid status message; `dedupe` keys a file without a name.
@@ -172,7 +209,10 @@ impl StatusProcessor {
                 }
                 // The file that completed the collection re-emits when it comes back (its
                 // publish may have been lost), not when the sender sends it again.
-                if f.triggered_received && (f.counted || retried) {
+                // Not once the collection moved on to Success: the sender then had it.
+                if f.triggered_received
+                    && (f.counted || (retried && f.collection.status == "Received"))
+                {
                     extra.push(self.export_state_publication(m, &f.collection));
                     if self.store.mark_product_received(&m.correlation_id).await? {
                         transition("RECEIVED");
@@ -228,14 +268,15 @@ impl StatusProcessor {
                     if is_completed && (completed || resend) {
                         // Mandatory: an unroutable message fails the publish, so the input
                         // is retried and this branch (retried) sends it again.
-                        extra.push(
-                            Publication::value(
+                        extra.push(Extra {
+                            mark: format!("monitoring {}", json!(m.correlation_id)),
+                            publication: Publication::value(
                                 &self.monitoring_exchange,
                                 MONITORING_KEY,
                                 &monitoring(m),
                             )
                             .mandatory(),
-                        );
+                        });
                     }
                 }
                 (c, "success-file", moved)
@@ -255,7 +296,7 @@ impl StatusProcessor {
                 "files_received": collection.files_received,
                 "files_expected": collection.files_expected(),
                 "product_status": product,
-                "published": extra.iter().map(|p| json!({"exchange": p.exchange, "routing_key": p.routing_key})).collect::<Vec<_>>(),
+                "published": extra.iter().map(|e| json!({"exchange": e.publication.exchange, "routing_key": e.publication.routing_key})).collect::<Vec<_>>(),
             }),
             extra,
             dropped,
@@ -287,6 +328,9 @@ impl MessageProcessor for StatusProcessor {
             || ctx.attempt > 0
             || framework::headers::get_str(&ctx.headers, framework::headers::ORIGINAL_EXCHANGE)
                 .is_some();
+        // Each export-state and monitoring message is published (and confirmed) as soon as
+        // its record is handled; a retry skips those an earlier attempt published.
+        let mut published = framework::batch::Progress::resume(ctx, PUBLISHED_HEADER);
         match decode(&input) {
             Input::Single(Err(e)) => Outcome::permanent(e),
             Input::Single(Ok(m)) => {
@@ -295,20 +339,42 @@ impl MessageProcessor for StatusProcessor {
                     .handle_one(&m, &dedupe_key(ctx, 1, &content), retried)
                     .await
                 {
+                    Err(e) if e.refuses_the_data() => {
+                        Outcome::permanent(format!("the database refuses this message: {e}"))
+                    }
                     Err(e) => Outcome::retry(e),
-                    Ok(h) => match h.dropped {
-                        Some(reason) if h.extra.is_empty() => Outcome::drop(reason),
-                        _ => Outcome::success(h.report).with_extra(h.extra),
-                    },
+                    Ok(h) => {
+                        let nothing_to_send = h.extra.is_empty();
+                        if let Err(e) = publish_extras(ctx, &mut published, h.extra).await {
+                            return Outcome::retry(e);
+                        }
+                        match h.dropped {
+                            Some(reason) if nothing_to_send => Outcome::drop(reason),
+                            _ => Outcome::success(h.report),
+                        }
+                    }
                 }
             }
             Input::Records(records) => {
                 let mut dead = framework::batch::Progress::resume(ctx, DEAD_LETTERED_HEADER);
                 let mut reports = Vec::new();
-                let mut extra = Vec::new();
                 for (i, r) in records.into_iter().enumerate() {
                     let n = i + 1;
-                    match r.parsed {
+                    let handled = match r.parsed {
+                        Err(e) => Err(e.to_string()),
+                        Ok(m) => match self
+                            .handle_one(&m, &dedupe_key(ctx, n, &r.raw), retried)
+                            .await
+                        {
+                            // No attempt can store it: dead-lettered on its own.
+                            Err(e) if e.refuses_the_data() => {
+                                Err(format!("the database refuses this record: {e}"))
+                            }
+                            Err(e) => return Outcome::retry(format!("record {n}: {e}")),
+                            Ok(h) => Ok(h),
+                        },
+                    };
+                    match handled {
                         Err(e) => {
                             let reason = format!("record {n}: {e}");
                             match dead.dead_letter(n.to_string(), r.raw, &reason).await {
@@ -320,24 +386,20 @@ impl MessageProcessor for StatusProcessor {
                                     ));
                                 }
                             }
-                            reports.push(json!({"record": n, "dead_lettered": e.to_string()}));
+                            reports.push(json!({"record": n, "dead_lettered": e}));
                         }
-                        Ok(m) => match self
-                            .handle_one(&m, &dedupe_key(ctx, n, &r.raw), retried)
-                            .await
-                        {
-                            Err(e) => return Outcome::retry(format!("record {n}: {e}")),
-                            Ok(mut h) => {
-                                if let Value::Object(o) = &mut h.report {
-                                    o.insert("record".into(), json!(n));
-                                }
-                                reports.push(h.report);
-                                extra.extend(h.extra);
+                        Ok(mut h) => {
+                            if let Err(e) = publish_extras(ctx, &mut published, h.extra).await {
+                                return Outcome::retry(format!("record {n}: {e}"));
                             }
-                        },
+                            if let Value::Object(o) = &mut h.report {
+                                o.insert("record".into(), json!(n));
+                            }
+                            reports.push(h.report);
+                        }
                     }
                 }
-                Outcome::success(json!({"records": reports})).with_extra(extra)
+                Outcome::success(json!({"records": reports}))
             }
         }
     }

@@ -91,6 +91,12 @@ impl Env {
     async fn dlq_count(&self) -> u32 {
         ready_count(&self.hs.ch, &format!("{}-dlq", self.hs.q)).await
     }
+    /// True when no success message is waiting.
+    async fn out_is_empty(&mut self) -> bool {
+        next_within(&mut self.out, Duration::from_millis(300))
+            .await
+            .is_none()
+    }
     async fn no_more(&mut self) {
         assert!(
             next_within(&mut self.export, Duration::from_millis(300))
@@ -559,27 +565,31 @@ async fn a_failed_publish_is_repeated_on_redelivery() {
     // The export-state publish is refused: the file's message is not acked.
     let full = block(&env, &env.export_ex.clone()).await;
     env.send(&file(c, "db.n", "n1")).await;
-    let first = json_of(&next(&mut env.out).await);
-    assert_eq!(first["counted"], true);
-    // The success message of a redelivery proves the first attempt was not acked.
-    let again = json_of(&next(&mut env.out).await);
-    assert_eq!(again["counted"], false, "not counted twice");
+    await_state("the file counted", || async {
+        env.collection(c, "db.n").await.status == "Received"
+    })
+    .await;
     unblock(&env, &full).await;
     assert_eq!(json_of(&next(&mut env.export).await)["topic_name"], "db.n");
+    // The success message comes from a later attempt (the first counted the file): the
+    // first was not acked as done.
+    let done = json_of(&next(&mut env.out).await);
+    assert_eq!(done["counted"], false, "not counted twice");
     assert_eq!(env.collection(c, "db.n").await.files_received, 1);
     // Same for the monitoring message of the last success file.
-    while next_within(&mut env.out, Duration::from_millis(300))
-        .await
-        .is_some()
-    {}
     let full = block(&env, &env.monitoring_ex.clone()).await;
     env.send(&msg(c, "db.n", json!({"is_success_file": "true"})))
         .await;
-    next(&mut env.out).await;
-    next(&mut env.out).await;
+    await_state("the product completed", || async {
+        env.store.product_status(c).await.unwrap().as_deref() == Some("COMPLETED")
+    })
+    .await;
     unblock(&env, &full).await;
     let m = json_of(&next(&mut env.monitoring).await);
     assert_eq!(m["title_text"], "Incremental - All collections successful");
+    // (A nacked publish may still have reached the watcher's queue: the watchers can see
+    // copies here, the point is that nothing is lost.)
+    next(&mut env.out).await;
     assert_eq!(
         env.store.product_status(c).await.unwrap().as_deref(),
         Some("COMPLETED")
@@ -651,6 +661,11 @@ async fn a_retried_message_that_changed_nothing_sends_nothing_again(b: Backend) 
     .await;
     next(&mut env.out).await;
     next(&mut env.monitoring).await;
+    // The file that completed db.a comes back once db.a is Success: the sender had its
+    // export-state message (it sent the success file), so none is sent again.
+    env.send_with(&file(c, "db.a", "f1"), as_retried()).await;
+    next(&mut env.out).await;
+    env.no_more().await;
     env.finish().await;
 }
 
@@ -780,48 +795,56 @@ async fn await_unbound(exchange: &str) {
     }
 }
 
-/// A service (SQLite) whose export-state exchange has nothing bound: cancelling the
-/// watcher deletes its auto-delete queue.
-async fn start_unbound() -> Env {
+/// A service (SQLite) whose export-state exchange has nothing bound.
+async fn start_unbound(extra: &[(&str, &str)]) -> Env {
+    let env = start(Backend::Sqlite, extra).await;
+    unbind_export(&env).await;
+    env
+}
+
+/// Cancels the export-state watcher (deleting its auto-delete queue): nothing is bound.
+async fn unbind_export(env: &Env) {
     use framework::lapin::options::BasicCancelOptions;
-    let env = start(Backend::Sqlite, &[]).await;
     env.hs
         .ch
         .basic_cancel(env.export.tag(), BasicCancelOptions::default())
         .await
         .unwrap();
     await_unbound(&env.export_ex).await;
-    env
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unroutable_export_state_message_is_retried_until_bound() {
-    let mut env = start_unbound().await;
+    let mut env = start_unbound(&[]).await;
     let c = "corr-unroutable";
     env.process(&msg(c, "db.u", json!({"files_exported": 1})))
         .await;
     // Nothing is bound to the export-state exchange: the message is unroutable.
     env.send(&file(c, "db.u", "u1")).await;
-    let first = json_of(&next(&mut env.out).await);
-    assert_eq!(first["status"], "Received");
-    // A second attempt proves the first was not acked as done (Received and forgotten).
-    let again = json_of(&next(&mut env.out).await);
-    assert_eq!(again["counted"], false, "not counted twice");
-    assert_eq!(env.dlq_count().await, 0);
+    await_state("the file counted", || async {
+        env.collection(c, "db.u").await.status == "Received"
+    })
+    .await;
     // Once something is bound, a retry delivers the export-state message.
     let mut export = watch(&env.hs.ch, &env.export_ex, "#").await;
     let e = json_of(&next(&mut export).await);
     assert_eq!(e["topic_name"], "db.u");
     assert_eq!(e["correlation_id"], c);
+    // ... and its success message comes from that later attempt: the first was not acked
+    // as done (Received and forgotten).
+    let done = json_of(&next(&mut env.out).await);
+    assert_eq!(done["counted"], false, "not counted twice");
+    assert_eq!(env.dlq_count().await, 0);
     assert_eq!(env.collection(c, "db.u").await.files_received, 1);
     env.finish().await;
 }
 
-/// A batch retried several times (its export-state message is unroutable) dead-letters its
-/// bad record once: the retries carry which records are already dead-lettered.
+/// A batch retried until its attempts run out (its export-state message is unroutable)
+/// dead-letters its bad record once: the retries carry which records are already
+/// dead-lettered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retried_batch_dead_letters_its_bad_record_once() {
-    let mut env = start_unbound().await;
+    let mut env = start_unbound(&[("retry.max_attempts", "3")]).await;
     let c = "corr-batch-retry";
     env.process(&msg(c, "db.b", json!({"files_exported": 1})))
         .await;
@@ -830,17 +853,62 @@ async fn a_retried_batch_dead_letters_its_bad_record_once() {
         {"body": file(c, "db.b", "b1")},
     ]}))
     .await;
-    // Two attempts at least: the first one's export-state message went nowhere.
-    for _ in 0..2 {
-        let r = json_of(&next(&mut env.out).await);
-        assert_eq!(
-            r["records"][0]["dead_lettered"],
-            "field `export_date` is empty"
-        );
-    }
-    let mut export = watch(&env.hs.ch, &env.export_ex, "#").await;
-    assert_eq!(json_of(&next(&mut export).await)["topic_name"], "db.b");
-    assert_eq!(env.dlq_count().await, 1, "the bad record, once");
+    // Three attempts: the bad record, once, then the batch itself.
+    let mut dlq = env.hs.watch_dlq().await;
+    let record = next(&mut dlq).await;
+    assert_eq!(
+        header(&record, "x-error-kind").as_deref(),
+        Some("permanent")
+    );
+    let batch = next(&mut dlq).await;
+    assert_eq!(
+        header(&batch, "x-error-kind").as_deref(),
+        Some("retries-exhausted")
+    );
+    assert!(
+        next_within(&mut dlq, Duration::from_millis(300))
+            .await
+            .is_none(),
+        "the bad record once, not once per attempt"
+    );
+    assert!(env.out_is_empty().await, "no attempt succeeded");
+    env.finish().await;
+}
+
+/// A batch whose export-state message is unroutable is retried; its monitoring message,
+/// confirmed on the first attempt, is not sent again by the retries (one Slack alert).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_batch_sends_what_it_published_once() {
+    let mut env = start(Backend::Sqlite, &[("retry.max_attempts", "3")]).await;
+    let (done, open) = ("corr-once-done", "corr-once-open");
+    // `done`'s only collection is Received: its success file completes the product.
+    env.process(&msg(done, "db.d", json!({"files_exported": 1})))
+        .await;
+    env.process(&file(done, "db.d", "d1")).await;
+    next(&mut env.export).await;
+    env.process(&msg(open, "db.o", json!({"files_exported": 1})))
+        .await;
+    unbind_export(&env).await;
+    env.send(&json!({"Records": [
+        {"body": msg(done, "db.d", json!({"is_success_file": "true"}))},
+        {"body": file(open, "db.o", "o1")},
+    ]}))
+    .await;
+    // Every attempt fails on `open`'s export-state message, until the attempts run out.
+    let mut dlq = env.hs.watch_dlq().await;
+    let batch = next(&mut dlq).await;
+    assert_eq!(
+        header(&batch, "x-error-kind").as_deref(),
+        Some("retries-exhausted")
+    );
+    let m = json_of(&next(&mut env.monitoring).await);
+    assert_eq!(m["custom_elements"][1]["value"], done);
+    assert!(
+        next_within(&mut env.monitoring, Duration::from_millis(300))
+            .await
+            .is_none(),
+        "one monitoring message, not one per attempt"
+    );
     env.finish().await;
 }
 
@@ -1144,4 +1212,41 @@ fn an_empty_exchange_name_is_refused_by_the_bus_commands_too() {
             );
         }
     }
+}
+
+/// A filename PostgreSQL refuses to index (8,000 random hex digits, over 2,704 bytes after
+/// compression) is the message's fault, not the database's: Permanent at once (alone in a
+/// batch, the other records handled), not retried until the attempts run out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_the_database_cannot_index_is_permanent() {
+    let mut env = start(Backend::Postgres, &[]).await;
+    let c = "corr-unindexable";
+    env.process(&msg(c, "db.l", json!({"files_exported": 2})))
+        .await;
+    let long: String = (0..250)
+        .map(|_| uuid::Uuid::new_v4().simple().to_string())
+        .collect();
+    let mut dlq = env.hs.watch_dlq().await;
+    env.send(&file(c, "db.l", &long)).await;
+    let dl = next(&mut dlq).await;
+    assert_eq!(header(&dl, "x-error-kind").as_deref(), Some("permanent"));
+    assert!(header(&dl, "x-error").unwrap().contains("refuses"));
+    env.send(&json!({"Records": [
+        {"body": file(c, "db.l", &long)},
+        {"body": file(c, "db.l", "fits")},
+    ]}))
+    .await;
+    let r = json_of(&next(&mut env.out).await);
+    assert_eq!(r["records"][1]["counted"], true);
+    let dl = next(&mut dlq).await;
+    assert_eq!(header(&dl, "x-error-kind").as_deref(), Some("permanent"));
+    assert!(header(&dl, "x-error").unwrap().starts_with("record 1: "));
+    assert!(
+        next_within(&mut dlq, Duration::from_millis(300))
+            .await
+            .is_none(),
+        "each once"
+    );
+    assert_eq!(env.collection(c, "db.l").await.files_received, 1);
+    env.finish().await;
 }

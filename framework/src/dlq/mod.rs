@@ -52,6 +52,18 @@ pub enum DlqError {
     NotRemoved(Option<String>),
 }
 
+/// Every kind a dead letter can have: the framework's `x-error-kind`, or the broker's
+/// reason when it dead-lettered the message itself (`dlq replay --kind` takes no other, so
+/// a typo is refused instead of replaying nothing).
+pub const KINDS: [&str; 6] = [
+    crate::headers::KIND_PERMANENT,
+    crate::headers::KIND_RETRIES_EXHAUSTED,
+    "rejected",
+    "expired",
+    "maxlen",
+    "delivery_limit",
+];
+
 fn describe(props: &lapin::BasicProperties, routing_key: &str, size: usize) -> DeadLetter {
     let hdr = props.headers().clone().unwrap_or_default();
     // The broker's reason for the latest dead-lettering: `x-death` lists the newest event
@@ -137,6 +149,16 @@ pub async fn list(
     topo: &Topology,
     limit: usize,
 ) -> Result<Vec<DeadLetter>, DlqError> {
+    Ok(list_of_total(conn, topo, limit).await?.0)
+}
+
+/// [`list`], and how many dead letters the DLQ held (an operator shown 20 must know
+/// whether that is all of them).
+pub async fn list_of_total(
+    conn: &Connection,
+    topo: &Topology,
+    limit: usize,
+) -> Result<(Vec<DeadLetter>, usize), DlqError> {
     // Every broker call bounded: an operator's command never hangs on a stuck broker.
     let t = topo.operation_timeout;
     let ch = bounded(t, "channel.open", conn.create_channel()).await?;
@@ -158,7 +180,7 @@ pub async fn list(
     }
     let _ = bounded(t, "channel.close", ch.close(200, "list done".into())).await;
     await_returned(conn, &topo.dlq(), total as u32, t).await?;
-    Ok(out)
+    Ok((out, total))
 }
 
 /// How long a look at the DLQ waits for the dead letters it held to be back.
@@ -298,7 +320,11 @@ pub fn parse_age(s: &str) -> Result<Duration, String> {
         "m" => n.saturating_mul(60),
         "h" => n.saturating_mul(3600),
         "d" => n.saturating_mul(86_400),
-        _ => return Err(format!("`{s}`: unit must be s, m, h or d")),
+        _ => {
+            return Err(format!(
+                "`{s}`: an age is a whole number followed by s, m, h or d"
+            ));
+        }
     };
     Ok(Duration::from_secs(secs))
 }
