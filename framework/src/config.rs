@@ -336,7 +336,9 @@ pub struct LogConfig {
 }
 
 /// `url` safe to print: a password in it, and the value of any query parameter whose
-/// name says secret (`password`, `token`, `key`, `secret`, `sig`…), as `***`. Parsed as
+/// name says secret (`password`, `token`, `key`, `secret`, `sig`…), as `***` — of an
+/// HTTP(S) URL every query value, since web endpoints name their secrets anything
+/// (`?code=` of an Azure function, `?jwt=`). Parsed as
 /// the clients using it parse it (sqlx, reqwest), so what is masked is what they would
 /// send. Text that is no URL shows only its scheme, or nothing if it may hold a secret.
 pub fn redacted_url(url: &str) -> String {
@@ -365,10 +367,11 @@ pub fn redacted_url(url: &str) -> String {
             .iter()
             .any(|w| k.contains(w))
         };
+        let web = matches!(u.scheme(), "http" | "https");
         let pairs: Vec<(String, String)> = u
             .query_pairs()
             .map(|(k, v)| {
-                let v = if secret(&k) {
+                let v = if web || secret(&k) {
                     "***".into()
                 } else {
                     v.into_owned()
@@ -1048,11 +1051,19 @@ mod tests {
     fn urls_are_shown_without_their_secrets() {
         assert_eq!(
             redacted_url("https://u:s3cret@collector:4318/x?api-key=k1&region=eu"),
-            "https://u:***@collector:4318/x?api-key=***&region=eu"
+            "https://u:***@collector:4318/x?api-key=***&region=***"
         );
         assert_eq!(
             redacted_url("http://sink/events?token=t&sig=s&page=2"),
-            "http://sink/events?token=***&sig=***&page=2"
+            "http://sink/events?token=***&sig=***&page=***"
+        );
+        assert_eq!(
+            redacted_url("https://f.azurewebsites.net/api/x?code=abc"),
+            "https://f.azurewebsites.net/api/x?code=***"
+        );
+        assert_eq!(
+            redacted_url("postgres://u:pw@db/x?sslmode=require&password=p"),
+            "postgres://u:***@db/x?sslmode=require&password=***"
         );
         assert_eq!(
             redacted_url("http://collector:4318"),

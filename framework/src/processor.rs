@@ -278,6 +278,16 @@ impl MessageContext {
         pb.dead_letter(&origin, body, error, kind).await
     }
 
+    /// Whether this attempt finished parts of the message (a [`crate::batch::Progress`]
+    /// wrote its header: it writes one only when it marked a part done), given the retry
+    /// headers it wrote.
+    pub(crate) fn made_progress(&self, written: &[(String, String)]) -> bool {
+        let Ok(progress) = self.progress_headers.lock() else {
+            return false;
+        };
+        written.iter().any(|(k, _)| progress.contains(&k.as_str()))
+    }
+
     /// Notes `header` as a progress header of this message (see `progress_headers`).
     pub(crate) fn note_progress_header(&self, header: &'static str) {
         if let Ok(mut v) = self.progress_headers.lock()

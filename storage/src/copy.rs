@@ -193,7 +193,10 @@ pub async fn hash_open(
             .min(4 * CHUNK);
         let mut buf = vec![0u8; cap.max(4096)];
         let mut size = 0u64;
-        loop {
+        // Past the size at the start, the file is growing (a recording still being
+        // written): its caller sees the change and retries, so reading on until the
+        // writer stops would only hold this handler.
+        while size <= len {
             let n = f.read_at(&mut buf, size)?;
             if n == 0 {
                 break;
@@ -1019,6 +1022,17 @@ pub async fn remove(store: &dyn ObjectStore, key: &ObjectPath) -> Result<(), Cop
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A source growing while it is hashed (here without end) is hashed a buffer past
+    /// its size at the start, not until its writer stops.
+    #[tokio::test]
+    async fn a_growing_source_is_hashed_a_buffer_past_its_size() {
+        let endless = std::fs::File::open("/dev/zero").expect("/dev/zero");
+        let d = hash_open(&endless, "zero", Algorithm::Sha256)
+            .await
+            .expect("hashed");
+        assert!(d.size > 0 && d.size <= 4 * CHUNK as u64, "{}", d.size);
+    }
 
     #[test]
     fn parts_grow_with_the_file_so_anything_s3_holds_fits() {

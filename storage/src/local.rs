@@ -146,7 +146,7 @@ fn copy_via(
         let digest = if expected.size < BLOCK as u64 {
             copy_small(file, staging, shown, &dest, alg, expected.size)?
         } else {
-            copy_pipelined(file, staging, shown, &dest, alg)?
+            copy_pipelined(file, staging, shown, &dest, alg, expected.size)?
         };
         if digest.size != expected.size || expected.digest.is_some_and(|d| d != &digest) {
             return Err(CopyError::SourceChanged(shown.to_string()));
@@ -335,13 +335,15 @@ fn copy_small(
     })
 }
 
-/// Reader (this thread) → hasher thread and writer thread, sharing each block.
+/// Reader (this thread) → hasher thread and writer thread, sharing each block; reading
+/// stops a block past `len`, the size the file had.
 fn copy_pipelined(
     file: &File,
     staging: &File,
     shown: &str,
     dest: &Path,
     alg: Algorithm,
+    len: u64,
 ) -> Result<Digest, CopyError> {
     let (to_hasher, hasher_rx) = mpsc::sync_channel::<Arc<Vec<u8>>>(BLOCKS_IN_FLIGHT);
     let (to_writer, writer_rx) = mpsc::sync_channel::<Arc<Vec<u8>>>(BLOCKS_IN_FLIGHT);
@@ -377,7 +379,9 @@ fn copy_pipelined(
         });
         let mut size = 0u64;
         let read = (|| -> Result<(), CopyError> {
-            loop {
+            // Past the expected size the source is growing: the caller reports it changed
+            // (and retries), so neither reading nor staging more of it is of use.
+            while size <= len {
                 let mut buf = recycled.try_recv().unwrap_or_else(|_| vec![0u8; BLOCK]);
                 buf.resize(BLOCK, 0);
                 let mut filled = 0usize;
@@ -401,6 +405,7 @@ fn copy_pipelined(
                     return Ok(());
                 }
             }
+            Ok(())
         })();
         drop((to_hasher, to_writer));
         let written = writer
@@ -555,6 +560,31 @@ mod tests {
             assert_eq!(left, ["out.bin"], "nothing beside the object");
             assert_eq!(staged_files(dir.path()), 0, "no staging file left");
         }
+    }
+
+    /// A source that grows while it is copied (here without end) is read a block past
+    /// its size, then reported changed: not read until its writer stops.
+    #[test]
+    fn a_source_growing_without_end_is_not_read_to_its_end() {
+        let dir = tempfile::tempdir().expect("temp");
+        let endless = File::open("/dev/zero").expect("/dev/zero");
+        let expected = Expected {
+            size: 3 * BLOCK as u64,
+            digest: None,
+            unchanged: None,
+        };
+        let e = copy_via(
+            &endless,
+            dir.path(),
+            "grown.bin",
+            "zero",
+            Algorithm::Sha256,
+            expected,
+            true,
+        )
+        .expect_err("changed");
+        assert!(matches!(e, CopyError::SourceChanged(_)), "{e}");
+        assert_eq!(staged_files(dir.path()), 0);
     }
 
     #[test]

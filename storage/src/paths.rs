@@ -164,6 +164,7 @@ pub fn resolve(roots: &[Root], filepath: &str, filename: &str) -> Result<Resolve
             match open_without_links(&root.canonical, rel) {
                 Ok(file) => return opened(c.clone(), root, file, &shown),
                 Err(rustix::io::Errno::NOENT) => continue,
+                Err(rustix::io::Errno::NXIO) => return Err(PathError::NotAFile(shown)),
                 Err(_) => {}
             }
         }
@@ -288,6 +289,9 @@ pub(crate) fn open_beneath(root: &Path, rel: &Path, shown: &str) -> Result<File,
         Err(rustix::io::Errno::XDEV) => Err(PathError::OutsideRoots(shown.to_string())),
         Err(rustix::io::Errno::LOOP) => Err(swapped()),
         Err(rustix::io::Errno::NOENT) => Err(PathError::NotFound(shown.to_string())),
+        // A UNIX socket (or a device node without its device): no file to copy, and no
+        // retry makes one.
+        Err(rustix::io::Errno::NXIO) => Err(PathError::NotAFile(shown.to_string())),
         // Kernels before 5.6 (or a seccomp filter) lack openat2: open without following
         // the last link, then check the handle is where the path says.
         Err(rustix::io::Errno::NOSYS | rustix::io::Errno::PERM) => {
@@ -296,6 +300,7 @@ pub(crate) fn open_beneath(root: &Path, rel: &Path, shown: &str) -> Result<File,
                     match e {
                         rustix::io::Errno::LOOP => swapped(),
                         rustix::io::Errno::NOENT => PathError::NotFound(shown.to_string()),
+                        rustix::io::Errno::NXIO => PathError::NotAFile(shown.to_string()),
                         e => io(e.into()),
                     }
                 })?;
@@ -392,6 +397,32 @@ mod tests {
             resolve(&roots, "/etc", "nope"),
             Err(PathError::OutsideRoots(_))
         ));
+    }
+
+    /// A FIFO must not hang the handler (opened without blocking) and a UNIX socket
+    /// cannot be opened at all (ENXIO): both are refused at once as not files, not
+    /// retried.
+    #[test]
+    fn fifos_and_sockets_are_refused_at_once() {
+        use rustix::fs::{FileType, Mode};
+        let base = tempfile::tempdir().unwrap();
+        let root = base.path().join("online");
+        std::fs::create_dir_all(&root).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            root.join("pipe"),
+            FileType::Fifo,
+            Mode::RUSR | Mode::WUSR,
+            0,
+        )
+        .unwrap();
+        let _sock = std::os::unix::net::UnixListener::bind(root.join("sock")).unwrap();
+        let roots = open_roots(std::slice::from_ref(&root), false).unwrap();
+        for name in ["pipe", "sock"] {
+            let e = resolve(&roots, "", name).expect_err(name);
+            assert!(matches!(e, PathError::NotAFile(_)), "{name}: {e:?}");
+            assert!(!e.is_transient(), "{name}");
+        }
     }
 
     #[test]

@@ -50,6 +50,21 @@ pub fn is_put_event(name: &str) -> bool {
     name == "ObjectCreated:Put" || name == "s3:ObjectCreated:Put"
 }
 
+/// An event's object key as stored: S3 notifications carry it form-encoded (a space as
+/// `+`, other characters as `%XX`), and MinIO's encode `/` too (`v2%2Fraw_crash%2F…`), so
+/// matching the text as received would skip every crash such a store reports. Text that
+/// does not decode to UTF-8 is kept as received.
+fn object_key(raw: &str) -> std::borrow::Cow<'_, str> {
+    if !raw.contains(['%', '+']) {
+        return raw.into();
+    }
+    let spaced = raw.replace('+', " ");
+    match percent_encoding::percent_decode_str(&spaced).decode_utf8() {
+        Ok(k) => k.into_owned().into(),
+        Err(_) => raw.into(),
+    }
+}
+
 /// Classifies one record of an S3 event notification. `accept` is the throttle digit
 /// that means accept; `defer` the one that means defer.
 pub fn classify(record: &Value, accept: char, defer: char) -> Record {
@@ -67,6 +82,7 @@ pub fn classify(record: &Value, accept: char, defer: char) -> Record {
     else {
         return Record::Junk("record has no string `s3.object.key`".into());
     };
+    let key = &object_key(key);
     if !key.starts_with(RAW_CRASH_PREFIX) {
         return Record::Ignored(format!("key `{key}` is not under {RAW_CRASH_PREFIX}"));
     }
@@ -95,6 +111,24 @@ mod tests {
     const ACCEPT_KEY: &str = "v2/raw_crash/000/20180313/00007bd0-2d1c-4865-af09-80bc00180313";
     const DEFER_KEY: &str = "v2/raw_crash/000/20180313/00007bd0-2d1c-4865-af09-80bc01180313";
     const JUNK_KEY: &str = "v2/raw_crash/000/20180313/00007bd0-2d1c-4865-af09-80bc05180313";
+
+    #[test]
+    fn encoded_keys_are_matched_as_stored() {
+        // MinIO encodes `/`; AWS sends a space as `+` (a key that is then not a crash id).
+        let minio = ACCEPT_KEY.replace('/', "%2F");
+        assert_eq!(
+            classify(&rec("s3:ObjectCreated:Put", &minio), '0', '1'),
+            Record::Accepted("00007bd0-2d1c-4865-af09-80bc00180313".into())
+        );
+        assert!(matches!(
+            classify(&rec("ObjectCreated:Put", "v2/raw_crash/a+b/%ZZ"), '0', '1'),
+            Record::Junk(why) if why.contains("v2/raw_crash/a b/%ZZ")
+        ));
+        assert!(matches!(
+            classify(&rec("ObjectCreated:Put", "v2%2Fraw_crash%2F%FF"), '0', '1'),
+            Record::Ignored(_)
+        ));
+    }
 
     #[test]
     fn design_example_key_is_accepted_with_digit_0() {

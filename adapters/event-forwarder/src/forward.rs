@@ -1,5 +1,7 @@
 //! One HTTP POST of one event, and what its result means for the message.
 
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use framework::Secret;
@@ -91,8 +93,18 @@ pub enum StatusClass {
 pub struct Forwarder {
     client: reqwest::Client,
     endpoint: url::Url,
-    auth: Option<HeaderValue>,
+    /// The `Authorization` value; replaced when the token file changes.
+    auth: Arc<RwLock<Option<HeaderValue>>>,
+    /// Where the token came from, read again when the endpoint refuses it.
+    token_file: Option<PathBuf>,
     timeout: Duration,
+}
+
+/// `token` as a header value that is never printed.
+fn auth_value(token: &str) -> Result<HeaderValue, ForwardError> {
+    let mut v = HeaderValue::from_str(token).map_err(|_| ForwardError::BadToken)?;
+    v.set_sensitive(true);
+    Ok(v)
 }
 
 impl Forwarder {
@@ -102,15 +114,7 @@ impl Forwarder {
         token: Option<&Secret>,
         timeout: Duration,
     ) -> Result<Self, ForwardError> {
-        let auth = match token {
-            Some(t) => {
-                let mut v =
-                    HeaderValue::from_str(t.expose()).map_err(|_| ForwardError::BadToken)?;
-                v.set_sensitive(true);
-                Some(v)
-            }
-            None => None,
-        };
+        let auth = token.map(|t| auth_value(t.expose())).transpose()?;
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .redirect(reqwest::redirect::Policy::none())
@@ -123,9 +127,52 @@ impl Forwarder {
         Ok(Self {
             client,
             endpoint,
-            auth,
+            auth: Arc::new(RwLock::new(auth)),
+            token_file: None,
             timeout,
         })
+    }
+
+    /// Reads the token from `file` again whenever the endpoint answers 401 or 403, and
+    /// sends the event once more if it changed: a rotated secret (a mounted Kubernetes
+    /// secret, say) is picked up without a restart instead of dead-lettering every event.
+    pub fn reloading_token_from(mut self, file: PathBuf) -> Self {
+        self.token_file = Some(file);
+        self
+    }
+
+    fn auth(&self) -> Option<HeaderValue> {
+        self.auth.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Whether the token file now holds another (valid) token than the one sent; if so,
+    /// it is the one sent from now on.
+    async fn token_changed(&self) -> bool {
+        let Some(file) = &self.token_file else {
+            return false;
+        };
+        let text = match tokio::fs::read_to_string(file).await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(file = %file.display(), error = %e, "cannot read the token file again");
+                return false;
+            }
+        };
+        let token = text.trim();
+        let Ok(fresh) = auth_value(token) else {
+            tracing::warn!(file = %file.display(), "the token file holds no valid token");
+            return false;
+        };
+        if token.is_empty()
+            || self
+                .auth()
+                .is_some_and(|a| a.as_bytes() == fresh.as_bytes())
+        {
+            return false;
+        }
+        *self.auth.write().unwrap_or_else(|p| p.into_inner()) = Some(fresh);
+        tracing::info!(file = %file.display(), "the endpoint refused the token; using the token file's new one");
+        true
     }
 
     /// The endpoint events go to.
@@ -138,20 +185,37 @@ impl Forwarder {
         self.timeout
     }
 
-    /// POSTs `body` (JSON text, sent as is) once.
-    pub async fn post(&self, body: &str) -> PostResult {
-        let mut req = self
+    fn request(&self, body: &str) -> reqwest::RequestBuilder {
+        let req = self
             .client
             .post(self.endpoint.clone())
             .header(CONTENT_TYPE, "application/json")
             .body(body.to_string());
-        if let Some(a) = &self.auth {
-            req = req.header(AUTHORIZATION, a.clone());
+        match self.auth() {
+            Some(a) => req.header(AUTHORIZATION, a),
+            None => req,
         }
-        let resp = match req.send().await {
+    }
+
+    /// POSTs `body` (JSON text, sent as is) once (twice if the endpoint refused a token
+    /// that its file has since replaced).
+    pub async fn post(&self, body: &str) -> PostResult {
+        let unreachable =
+            |e: reqwest::Error| PostResult::Retryable(self.describe(&e), None, Scope::Endpoint);
+        let mut resp = match self.request(body).send().await {
             Ok(r) => r,
-            Err(e) => return PostResult::Retryable(self.describe(&e), None, Scope::Endpoint),
+            Err(e) => return unreachable(e),
         };
+        if matches!(
+            resp.status(),
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
+        ) && self.token_changed().await
+        {
+            resp = match self.request(body).send().await {
+                Ok(r) => r,
+                Err(e) => return unreachable(e),
+            };
+        }
         let status = resp.status();
         match classify_status(status) {
             StatusClass::Delivered => PostResult::Delivered(status.as_u16()),
@@ -223,7 +287,8 @@ impl Forwarder {
 /// style token, its credential part alone (an endpoint may echo either back).
 impl Forwarder {
     fn secrets(&self) -> Vec<String> {
-        let Some(t) = self.auth.as_ref().and_then(|a| a.to_str().ok()) else {
+        let auth = self.auth();
+        let Some(t) = auth.as_ref().and_then(|a| a.to_str().ok()) else {
             return Vec::new();
         };
         let mut v = vec![t.to_string()];

@@ -41,7 +41,8 @@ pub struct ForwarderSettings {
     /// `Authorization` header value.
     #[serde(default)]
     pub token: Option<Secret>,
-    /// File holding the token (trimmed), read at startup; exclusive with `token`.
+    /// File holding the token (trimmed), read at startup and again when the endpoint
+    /// answers 401 or 403 (a rotated secret); exclusive with `token`.
     #[serde(default)]
     pub token_file: Option<PathBuf>,
     /// Per-request timeout in milliseconds.
@@ -402,11 +403,14 @@ impl Service for EventForwarderService {
         if token.is_none() {
             tracing::warn!("no token or token_file: events are POSTed without Authorization");
         }
-        let fwd = Forwarder::new(
+        let mut fwd = Forwarder::new(
             endpoint.clone(),
             token.as_ref(),
             Duration::from_millis(s.timeout_ms),
         )?;
+        if let Some(file) = &s.token_file {
+            fwd = fwd.reloading_token_from(file.clone());
+        }
         tracing::info!(endpoint = %framework::config::redacted_url(endpoint.as_str()), ordered = s.ordered, timeout_ms = s.timeout_ms, "forwarding events");
         Ok(EventForwarder::new(fwd, s.ordered, cfg.retry.clone()))
     }

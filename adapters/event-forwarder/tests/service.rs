@@ -779,3 +779,89 @@ fn the_bus_commands_need_no_endpoint_but_running_does() {
         assert!(err.contains("event_forwarder.endpoint"), "{args:?}: {err}");
     }
 }
+
+/// An endpoint that takes two events, then answers 429, again and again.
+struct TwoThenBusy(std::sync::atomic::AtomicUsize);
+
+impl wiremock::Respond for TwoThenBusy {
+    fn respond(&self, _: &wiremock::Request) -> ResponseTemplate {
+        let n = self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        ResponseTemplate::new(if n % 3 == 2 { 429 } else { 200 })
+    }
+}
+
+/// A batch that a rate-limited endpoint lets through two records per attempt needs more
+/// attempts than `max_attempts` (2 here): attempts that delivered records are not
+/// counted, so every record is delivered instead of the rest being dead-lettered.
+#[tokio::test]
+async fn a_batch_making_progress_is_not_given_up_on() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(TwoThenBusy(Default::default()))
+        .mount(&server)
+        .await;
+    let data = tempfile::tempdir().unwrap();
+    let hs = start(&server, data.path(), &[("retry.max_attempts", "2")]).await;
+    let mut out = hs.watch_output().await;
+    let seqs: Vec<String> = (1..=12).map(|i| format!("seq-{i}")).collect();
+    let body = json!({"Records": seqs.iter().map(|s| record(s)).collect::<Vec<_>>()});
+    hs.publish(
+        "kinesis",
+        body.to_string().as_bytes(),
+        with_id("slow-batch"),
+    )
+    .await;
+    let done = json_of(&next(&mut out).await);
+    assert_eq!(
+        done["delivered"].as_array().map(Vec::len),
+        Some(2),
+        "{done}"
+    );
+    assert_eq!(done["skipped"].as_array().map(Vec::len), Some(10), "{done}");
+    let dlq = format!("{}-dlq", hs.q);
+    assert_eq!(ready_count(&hs.ch, &dlq).await, 0, "nothing dead-lettered");
+    // Every record was taken by the endpoint once (each 429 was posted again).
+    let posted = bodies(&server).await;
+    assert_eq!(posted.len(), 12 + 5, "{posted:?}");
+}
+
+/// A token rotated in its file while the service runs (a mounted secret) is picked up
+/// when the endpoint refuses the old one: the event is delivered with the new token, not
+/// dead-lettered, and the next one goes with the new token at once.
+#[tokio::test]
+async fn a_rotated_token_file_is_read_again_when_the_endpoint_refuses_the_token() {
+    let server = MockServer::start().await;
+    Mock::given(http_header("Authorization", "token-new"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(401))
+        .mount(&server)
+        .await;
+    let data = tempfile::tempdir().unwrap();
+    let tf = data.path().join("token");
+    std::fs::write(&tf, "token-old\n").unwrap();
+    let hs = start(
+        &server,
+        data.path(),
+        &[("event_forwarder.token_file", &tf.display().to_string())],
+    )
+    .await;
+    let mut out = hs.watch_output().await;
+    std::fs::write(&tf, "token-new\n").unwrap();
+    hs.publish("k", br#"{"n":1}"#, with_id("rotated-1")).await;
+    assert_eq!(json_of(&next(&mut out).await)["status"], 200);
+    hs.publish("k", br#"{"n":2}"#, with_id("rotated-2")).await;
+    assert_eq!(json_of(&next(&mut out).await)["status"], 200);
+    let auths: Vec<String> = server
+        .received_requests()
+        .await
+        .unwrap()
+        .iter()
+        .filter_map(|r| r.headers.get("authorization"))
+        .map(|v| v.to_str().unwrap().to_string())
+        .collect();
+    assert_eq!(auths, ["token-old", "token-new", "token-new"]);
+    assert_eq!(ready_count(&hs.ch, &format!("{}-dlq", hs.q)).await, 0);
+}
