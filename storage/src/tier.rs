@@ -1,6 +1,7 @@
 //! The copy-to-tier procedure both storage services run: resolve, deduplicate, stream,
 //! verify, record. Services add only their names and success message shape.
 
+use std::path::Path;
 use std::time::Duration;
 
 use object_store::path::Path as ObjectPath;
@@ -199,9 +200,15 @@ impl TierCopier {
             // A root with nothing in it is a share that is not mounted (its mount point
             // left empty), not a tree where this file is missing: retried, not
             // dead-lettered with every other file of the share.
+            // Only a root the path can be under: an empty spare root says nothing about
+            // a file missing from another.
             Err(e @ PathError::NotFound(_)) => match self
                 .roots
                 .iter()
+                .filter(|r| {
+                    let p = Path::new(&msg.parent_dir);
+                    !p.is_absolute() || p.starts_with(&r.canonical) || p.starts_with(&r.configured)
+                })
                 .find(|r| paths::is_empty_dir(&r.canonical))
             {
                 Some(r) => {
@@ -254,22 +261,37 @@ impl TierCopier {
         } else {
             self.records.copies_of(&original, size, &mtime).await?
         };
-        for obj in earlier {
-            if copy::confirm_recorded(&self.tier, &obj, alg).await? {
-                return Ok(TierOutcome::Copied(report(&obj, false)));
+        let state = copy::SourceState::of(&meta);
+        let mut source: Option<Digest> = None;
+        if !earlier.is_empty() {
+            // Size and modification time do not prove the content: a file replaced by
+            // another of the same size with its time kept (`cp -p`, `rsync -t`) must be
+            // copied, not reported as the earlier copy.
+            let d = copy::hash_open(file, &original, alg).await?;
+            state.check(file, &original)?;
+            for obj in earlier.iter().filter(|o| o.checksum == d.checksum) {
+                if copy::confirm_recorded(&self.tier, obj, alg).await? {
+                    return Ok(TierOutcome::Copied(report(obj, false)));
+                }
+                tracing::warn!(key = %obj.object_key, "recorded copy is missing or damaged; copying again");
             }
-            tracing::warn!(key = %obj.object_key, "recorded copy is missing or damaged; copying again");
+            source = Some(d);
         }
 
         let natural = self.tier.key(&resolved.relative);
-        let mut source: Option<Digest> = None;
 
         // 2. Nearline: any identical object already in the vault is reused.
-        let state = copy::SourceState::of(&meta);
         if self.policy.reuse_identical {
-            let d = copy::hash_open(file, &original, alg).await?;
-            // What was hashed is what the copy is recorded with (size and mtime above).
-            state.check(file, &original)?;
+            let d = match source.take() {
+                Some(d) => d,
+                None => {
+                    let d = copy::hash_open(file, &original, alg).await?;
+                    // What was hashed is what the copy is recorded with (size and mtime
+                    // above).
+                    state.check(file, &original)?;
+                    d
+                }
+            };
             for obj in self.records.objects_with(&d.checksum, d.size).await? {
                 // Confirmed by the store's checksum or read back: a damaged copy must not
                 // be trusted.

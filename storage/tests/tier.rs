@@ -923,3 +923,65 @@ async fn a_claim_whose_renewal_never_answers_stops_the_copy() {
     recs.close().await;
     pg.drop_db().await.expect("drop");
 }
+
+/// A file replaced by other content of the same size with its modification time kept
+/// (`cp -p`, `rsync -t`) is not the file copied before: its redelivery copies it (beside
+/// the earlier object, which holds other content) instead of reporting the earlier copy.
+#[tokio::test]
+async fn a_file_replaced_with_its_size_and_time_kept_is_copied_again() {
+    let base = tempfile::tempdir().expect("temp");
+    let store_dir = base.path().join("store");
+    let tier = storage::store::local(&store_dir).expect("tier");
+    let c = copier(base.path(), "a", tier, records(base.path()).await);
+    // Above the size a local store copies without looking up earlier copies.
+    let first = content(3 << 20, 1);
+    let msg = put(base.path(), "a", "show/ep.mov", &first);
+    let r1 = copied(c.handle(&msg, 1).await);
+    assert_eq!(r1.checksum, sha256(&first));
+    let path = base.path().join("a/show/ep.mov");
+    let mtime = std::fs::metadata(&path)
+        .and_then(|m| m.modified())
+        .expect("mtime");
+    let second = content(3 << 20, 2);
+    std::fs::write(&path, &second).expect("replace");
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .and_then(|f| f.set_modified(mtime))
+        .expect("time kept");
+    let r2 = copied(c.handle(&msg, 1).await);
+    assert_eq!(r2.checksum, sha256(&second), "{r2:?}");
+    assert_ne!(r2.key, r1.key, "never over the earlier object");
+    assert_eq!(
+        std::fs::read(store_dir.join(&r2.key)).expect("stored"),
+        second
+    );
+    assert_eq!(std::fs::read(store_dir.join(&r1.key)).expect("kept"), first);
+}
+
+/// A file missing under its root is Permanent even when another configured root is
+/// empty: only an empty root the path could be under looks like a share not mounted.
+#[tokio::test]
+async fn a_missing_file_is_not_blamed_on_another_empty_root() {
+    let base = tempfile::tempdir().expect("temp");
+    let tier = storage::store::local(&base.path().join("store")).expect("tier");
+    let full = base.path().join("full");
+    let spare = base.path().join("spare");
+    std::fs::create_dir_all(full.join("p")).expect("dir");
+    std::fs::write(full.join("p/there.mov"), b"x").expect("file");
+    std::fs::create_dir_all(&spare).expect("dir");
+    let roots = open_roots(&[full.clone(), spare.clone()], true).expect("roots");
+    let c = TierCopier::new(roots, tier, records(base.path()).await, policy());
+    let missing = format!("{}/p", full.display());
+    let msg: AssetSweeperFile =
+        serde_json::from_value(sweeper_message(&missing, "gone.mov", false)).expect("message");
+    match c.handle(&msg, 1).await {
+        Err(TierError::Permanent(e)) => assert!(e.contains("gone.mov"), "{e}"),
+        other => panic!("expected Permanent, got {other:?}"),
+    }
+    // Under the empty root itself it is still a share that may not be mounted.
+    let unmounted = format!("{}/p", spare.display());
+    let msg: AssetSweeperFile =
+        serde_json::from_value(sweeper_message(&unmounted, "x.mov", false)).expect("message");
+    assert!(transient(c.handle(&msg, 1).await).contains("empty"));
+}
