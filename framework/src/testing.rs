@@ -556,6 +556,23 @@ pub fn header(d: &Delivery, key: &str) -> Option<String> {
     crate::headers::get_str(d.properties.headers().as_ref()?, key)
 }
 
+/// Takes the next dead letter from `dlq` and asserts it is record `n` of a batch,
+/// dead-lettered on its own (`x-error-kind: permanent`, `x-error` starting `record n: `),
+/// and that no other follows it within 300 ms.
+pub async fn expect_only_record_dead_lettered(dlq: &mut Consumer, n: usize) {
+    let dl = next(dlq).await;
+    assert_eq!(
+        header(&dl, crate::headers::ERROR_KIND).as_deref(),
+        Some(crate::headers::KIND_PERMANENT)
+    );
+    let error = header(&dl, "x-error").unwrap_or_default();
+    assert!(error.starts_with(&format!("record {n}: ")), "{error}");
+    assert!(
+        next_within(dlq, Duration::from_millis(300)).await.is_none(),
+        "record {n} dead-lettered once, and nothing else"
+    );
+}
+
 /// An integer header of a delivery.
 pub fn int_header(d: &Delivery, key: &str) -> Option<i64> {
     crate::headers::get_int(d.properties.headers().as_ref()?, key)
