@@ -4,6 +4,9 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 
 /// Attempts so far.
 pub const RETRY_COUNT: &str = "x-retry-count";
+/// Of those, the attempts that finished parts of the message (records posted, ids
+/// published): they do not count toward `max_attempts` nor raise the retry delay.
+pub const PROGRESS_ATTEMPTS: &str = "x-progress-attempts";
 /// Exchange the message was first published to.
 pub const ORIGINAL_EXCHANGE: &str = "x-original-exchange";
 /// Routing key the message was first published with.
@@ -30,6 +33,7 @@ pub const MAX_NAME_BYTES: usize = 255;
 /// Headers a replay removes so the message starts afresh.
 pub const REPLAY_STRIPPED: &[&str] = &[
     RETRY_COUNT,
+    PROGRESS_ATTEMPTS,
     LAST_ERROR,
     ERROR,
     ERROR_KIND,

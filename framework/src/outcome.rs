@@ -87,25 +87,31 @@ impl Planner {
             // Settled before planning (nack, requeue); never published.
             Outcome::Interrupted(_) => ("interrupted", Vec::new()),
             Outcome::Retry(reason) => {
-                // An attempt that finished parts of a batch (records posted, ids
-                // published) is not counted: a batch that a rate-limited peer lets through
-                // a slice per attempt gets as many attempts as it has parts, not
-                // `max_attempts` in all. Each such attempt settles at least one part more,
-                // so they end.
-                let counted = if ctx.made_progress(&progress) {
-                    ctx.attempt
-                } else {
-                    attempts
-                };
+                // Attempts that finished parts of a batch (records posted, ids published)
+                // are not counted toward `max_attempts`, nor do they raise the delay: a
+                // batch that a rate-limited peer lets through a slice per attempt gets as
+                // many attempts as it needs. Each such attempt settles at least one part
+                // more, so they end. `x-retry-count` still counts every attempt.
+                let progressed =
+                    ctx.attempt - ctx.counted_attempts() + u32::from(ctx.made_progress(&progress));
+                let counted = attempts - progressed;
                 if counted >= self.retry.max_attempts {
-                    let why = format!("gave up after {attempts} attempts; last error: {reason}");
+                    let why = format!(
+                        "gave up after {attempts} attempts ({counted} without progress); \
+                         last error: {reason}"
+                    );
                     warn!(error = %why, "retries exhausted; dead-lettering");
                     return ("dead_letter", dead_letter(h::KIND_RETRIES_EXHAUSTED, &why));
                 }
-                let delay = self.retry.delay_at_least(ctx.attempt, ctx.retry_wait());
+                let delay = self
+                    .retry
+                    .delay_at_least(counted.saturating_sub(1), ctx.retry_wait());
                 warn!(error = %reason, retry_in_ms = delay, "retrying later");
                 let mut hdr = ctx.headers.clone();
-                h::set_int(&mut hdr, h::RETRY_COUNT, i64::from(counted));
+                h::set_int(&mut hdr, h::RETRY_COUNT, i64::from(attempts));
+                if progressed > 0 {
+                    h::set_int(&mut hdr, h::PROGRESS_ATTEMPTS, i64::from(progressed));
+                }
                 h::set_str(&mut hdr, h::ORIGINAL_EXCHANGE, &ctx.exchange);
                 h::set_str(&mut hdr, h::ORIGINAL_ROUTING_KEY, &ctx.routing_key);
                 h::set_str(

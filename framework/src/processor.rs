@@ -278,6 +278,16 @@ impl MessageContext {
         pb.dead_letter(&origin, body, error, kind).await
     }
 
+    /// Earlier attempts that count toward `[retry] max_attempts`: those that finished no
+    /// part of the message (see [`crate::headers::PROGRESS_ATTEMPTS`]). With `max_attempts`,
+    /// whether a retry of this attempt without progress would be dead-lettered.
+    pub fn counted_attempts(&self) -> u32 {
+        let progressed = crate::headers::get_int(&self.headers, crate::headers::PROGRESS_ATTEMPTS)
+            .and_then(|n| u32::try_from(n).ok())
+            .unwrap_or(0);
+        self.attempt - progressed.min(self.attempt)
+    }
+
     /// Whether this attempt finished parts of the message (a [`crate::batch::Progress`]
     /// wrote its header: it writes one only when it marked a part done), given the retry
     /// headers it wrote.

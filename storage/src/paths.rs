@@ -326,7 +326,7 @@ pub(crate) fn open_beneath(root: &Path, rel: &Path, shown: &str) -> Result<File,
 }
 
 /// Removes `.` and resolves `..` lexically (no filesystem access).
-fn normalize(p: &Path) -> PathBuf {
+pub(crate) fn normalize(p: &Path) -> PathBuf {
     let mut out = PathBuf::new();
     for c in p.components() {
         match c {

@@ -206,7 +206,7 @@ impl TierCopier {
                 .roots
                 .iter()
                 .filter(|r| {
-                    let p = Path::new(&msg.parent_dir);
+                    let p = paths::normalize(Path::new(&msg.parent_dir));
                     !p.is_absolute() || p.starts_with(&r.canonical) || p.starts_with(&r.configured)
                 })
                 .find(|r| paths::is_empty_dir(&r.canonical))

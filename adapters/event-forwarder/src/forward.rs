@@ -145,34 +145,36 @@ impl Forwarder {
         self.auth.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Whether the token file now holds another (valid) token than the one sent; if so,
-    /// it is the one sent from now on.
-    async fn token_changed(&self) -> bool {
-        let Some(file) = &self.token_file else {
-            return false;
-        };
+    /// The token file's token when it is another (valid) one than `sent`, the one a
+    /// refused request carried; it is then the one sent from now on. Compared with what
+    /// this request sent, not with the shared value: handlers whose requests went out with
+    /// the old token while another one found the new token each send theirs again.
+    async fn token_replacing(&self, sent: Option<&HeaderValue>) -> Option<HeaderValue> {
+        let file = self.token_file.as_ref()?;
         let text = match tokio::fs::read_to_string(file).await {
             Ok(t) => t,
             Err(e) => {
                 tracing::warn!(file = %file.display(), error = %e, "cannot read the token file again");
-                return false;
+                return None;
             }
         };
         let token = text.trim();
         let Ok(fresh) = auth_value(token) else {
             tracing::warn!(file = %file.display(), "the token file holds no valid token");
-            return false;
+            return None;
         };
-        if token.is_empty()
-            || self
-                .auth()
-                .is_some_and(|a| a.as_bytes() == fresh.as_bytes())
-        {
-            return false;
+        if token.is_empty() || sent.is_some_and(|a| a.as_bytes() == fresh.as_bytes()) {
+            return None;
         }
-        *self.auth.write().unwrap_or_else(|p| p.into_inner()) = Some(fresh);
-        tracing::info!(file = %file.display(), "the endpoint refused the token; using the token file's new one");
-        true
+        let mut shared = self.auth.write().unwrap_or_else(|p| p.into_inner());
+        if shared
+            .as_ref()
+            .is_none_or(|a| a.as_bytes() != fresh.as_bytes())
+        {
+            *shared = Some(fresh.clone());
+            tracing::info!(file = %file.display(), "the endpoint refused the token; using the token file's new one");
+        }
+        Some(fresh)
     }
 
     /// The endpoint events go to.
@@ -185,14 +187,14 @@ impl Forwarder {
         self.timeout
     }
 
-    fn request(&self, body: &str) -> reqwest::RequestBuilder {
+    fn request(&self, body: &str, auth: Option<&HeaderValue>) -> reqwest::RequestBuilder {
         let req = self
             .client
             .post(self.endpoint.clone())
             .header(CONTENT_TYPE, "application/json")
             .body(body.to_string());
-        match self.auth() {
-            Some(a) => req.header(AUTHORIZATION, a),
+        match auth {
+            Some(a) => req.header(AUTHORIZATION, a.clone()),
             None => req,
         }
     }
@@ -202,21 +204,38 @@ impl Forwarder {
     pub async fn post(&self, body: &str) -> PostResult {
         let unreachable =
             |e: reqwest::Error| PostResult::Retryable(self.describe(&e), None, Scope::Endpoint);
-        let mut resp = match self.request(body).send().await {
+        let refused = |s: StatusCode| matches!(s, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN);
+        let sent = self.auth();
+        // What an answer quoted in an error must not show: every token sent.
+        let mut secrets = secrets_of(sent.as_ref());
+        let mut resp = match self.request(body, sent.as_ref()).send().await {
             Ok(r) => r,
             Err(e) => return unreachable(e),
         };
-        if matches!(
-            resp.status(),
-            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
-        ) && self.token_changed().await
+        let mut rotated = false;
+        if refused(resp.status())
+            && let Some(fresh) = self.token_replacing(sent.as_ref()).await
         {
-            resp = match self.request(body).send().await {
+            secrets.extend(secrets_of(Some(&fresh)));
+            rotated = true;
+            resp = match self.request(body, Some(&fresh)).send().await {
                 Ok(r) => r,
                 Err(e) => return unreachable(e),
             };
         }
         let status = resp.status();
+        // The new token refused too, just after it replaced the old one: the file may
+        // have been read half-written; the next attempt reads it again.
+        if rotated && refused(status) {
+            return PostResult::Retryable(
+                format!(
+                    "endpoint answered {status} to the token file's new token{}",
+                    quoted_body(resp, &secrets).await
+                ),
+                None,
+                Scope::Endpoint,
+            );
+        }
         match classify_status(status) {
             StatusClass::Delivered => PostResult::Delivered(status.as_u16()),
             StatusClass::Retryable => {
@@ -230,7 +249,7 @@ impl Forwarder {
                     .unwrap_or_default();
                 let msg = format!(
                     "endpoint answered {status}{asked}{}",
-                    quoted_body(resp, &self.secrets()).await
+                    quoted_body(resp, &secrets).await
                 );
                 let scope = if after.is_some()
                     || matches!(
@@ -248,7 +267,7 @@ impl Forwarder {
             }
             StatusClass::Rejected => PostResult::Rejected(format!(
                 "endpoint answered {status}{}",
-                quoted_body(resp, &self.secrets()).await
+                quoted_body(resp, &secrets).await
             )),
         }
     }
@@ -283,23 +302,20 @@ impl Forwarder {
     }
 }
 
-/// What an answer quoted in an error must not show: the token and, for a `Bearer x`
-/// style token, its credential part alone (an endpoint may echo either back).
-impl Forwarder {
-    fn secrets(&self) -> Vec<String> {
-        let auth = self.auth();
-        let Some(t) = auth.as_ref().and_then(|a| a.to_str().ok()) else {
-            return Vec::new();
-        };
-        let mut v = vec![t.to_string()];
-        if let Some((_, cred)) = t.split_once(' ')
-            && !cred.trim().is_empty()
-        {
-            v.push(cred.trim().to_string());
-        }
-        v.retain(|s| !s.is_empty());
-        v
+/// The token of `auth` and, for a `Bearer x` style token, its credential part alone (an
+/// endpoint may echo either back).
+fn secrets_of(auth: Option<&HeaderValue>) -> Vec<String> {
+    let Some(t) = auth.and_then(|a| a.to_str().ok()) else {
+        return Vec::new();
+    };
+    let mut v = vec![t.to_string()];
+    if let Some((_, cred)) = t.split_once(' ')
+        && !cred.trim().is_empty()
+    {
+        v.push(cred.trim().to_string());
     }
+    v.retain(|s| !s.is_empty());
+    v
 }
 
 /// `": <first bytes of the body>"` with `secrets` masked, or nothing for an empty body.

@@ -272,7 +272,7 @@ impl EventForwarder {
             // be posted again.) Ordered, the batch keeps its place instead; on its last
             // attempt it goes on too, since that retry would dead-letter it as exhausted.
             if !self.ordered
-                && ctx.attempt.saturating_add(1) < self.retry.max_attempts
+                && ctx.counted_attempts().saturating_add(1) < self.retry.max_attempts
                 && ctx
                     .time_left()
                     .is_some_and(|left| left < self.forwarder.timeout() + RETRY_PUBLISH_ROOM)
