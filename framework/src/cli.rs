@@ -397,6 +397,13 @@ async fn execute<S: Service>(cmd: Command, cfg: Config<S::Settings>) -> Result<(
 /// The `dlq` arguments clap cannot check on its own.
 fn check_dlq_usage(cmd: &DlqCommand) -> Result<(), Failure> {
     match cmd {
+        DlqCommand::Replay {
+            all: false,
+            message_id: None,
+            ..
+        } => Err(Failure::Usage(
+            "dlq replay needs --all or --message-id ID".into(),
+        )),
         DlqCommand::Replay { rate, .. } if rate.is_some_and(|r| !(r >= 0.001 && r.is_finite())) => {
             Err(Failure::Usage(
                 "--rate must be a number of messages per second, at least 0.001".into(),
@@ -460,7 +467,7 @@ async fn dlq_command(
             print_out(&text)
         }
         DlqCommand::Replay {
-            all,
+            all: _,
             message_id,
             kind,
             key,
@@ -469,11 +476,6 @@ async fn dlq_command(
             rate,
             dry_run,
         } => {
-            if !all && message_id.is_none() {
-                return Err(Failure::Usage(
-                    "dlq replay needs --all or --message-id ID".into(),
-                ));
-            }
             let wanted = message_id.clone();
             let filter = dlq::Filter {
                 message_id,
