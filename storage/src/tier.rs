@@ -202,23 +202,25 @@ impl TierCopier {
             // dead-lettered with every other file of the share.
             // Only a root the path can be under: an empty spare root says nothing about
             // a file missing from another.
-            Err(e @ PathError::NotFound(_)) => match self
-                .roots
-                .iter()
-                .filter(|r| {
-                    let p = paths::normalize(Path::new(&msg.parent_dir));
-                    !p.is_absolute() || p.starts_with(&r.canonical) || p.starts_with(&r.configured)
-                })
-                .find(|r| paths::is_empty_dir(&r.canonical))
-            {
-                Some(r) => {
-                    return Err(TierError::Transient(format!(
+            Err(e @ PathError::NotFound(_)) => {
+                let p = paths::normalize(Path::new(&msg.parent_dir));
+                let unmounted = self
+                    .roots
+                    .iter()
+                    .filter(|r| {
+                        !p.is_absolute()
+                            || p.starts_with(&r.canonical)
+                            || p.starts_with(&r.configured)
+                    })
+                    .find(|r| paths::is_empty_dir(&r.canonical));
+                return Err(match unmounted {
+                    Some(r) => TierError::Transient(format!(
                         "{e}: the online root {} is empty (a share not mounted?)",
                         r.configured.display()
-                    )));
-                }
-                None => return Err(e.into()),
-            },
+                    )),
+                    None => e.into(),
+                });
+            }
             Err(e) => return Err(e.into()),
         };
         let file = &resolved.file;
@@ -262,36 +264,31 @@ impl TierCopier {
             self.records.copies_of(&original, size, &mtime).await?
         };
         let state = copy::SourceState::of(&meta);
+        // The source's digest, where an earlier copy or (nearline) an identical object is
+        // looked for: size and modification time do not prove the content (a file
+        // replaced by another of its size with its time kept, `cp -p`, must be copied,
+        // not reported as the earlier copy). What was hashed is what the copy is
+        // recorded with (size and mtime above).
         let mut source: Option<Digest> = None;
-        if !earlier.is_empty() {
-            // Size and modification time do not prove the content: a file replaced by
-            // another of the same size with its time kept (`cp -p`, `rsync -t`) must be
-            // copied, not reported as the earlier copy.
-            let d = copy::hash_open(file, &original, alg).await?;
+        if !earlier.is_empty() || self.policy.reuse_identical {
+            source = Some(copy::hash_open(file, &original, alg).await?);
             state.check(file, &original)?;
+        }
+        if let Some(d) = &source {
             for obj in earlier.iter().filter(|o| o.checksum == d.checksum) {
                 if copy::confirm_recorded(&self.tier, obj, alg).await? {
                     return Ok(TierOutcome::Copied(report(obj, false)));
                 }
                 tracing::warn!(key = %obj.object_key, "recorded copy is missing or damaged; copying again");
             }
-            source = Some(d);
         }
 
         let natural = self.tier.key(&resolved.relative);
 
         // 2. Nearline: any identical object already in the vault is reused.
-        if self.policy.reuse_identical {
-            let d = match source.take() {
-                Some(d) => d,
-                None => {
-                    let d = copy::hash_open(file, &original, alg).await?;
-                    // What was hashed is what the copy is recorded with (size and mtime
-                    // above).
-                    state.check(file, &original)?;
-                    d
-                }
-            };
+        if self.policy.reuse_identical
+            && let Some(d) = source.take()
+        {
             for obj in self.records.objects_with(&d.checksum, d.size).await? {
                 // Confirmed by the store's checksum or read back: a damaged copy must not
                 // be trusted.
