@@ -97,8 +97,6 @@ pub(crate) async fn session<P: MessageProcessor>(
 ) -> Result<SessionEnd, DeclareError> {
     let limit = inner.amqp.operation_timeout();
     let conn = Arc::new(connect(&inner.amqp, &inner.service).await?);
-    // Consuming and settling only: every publish goes through the pool.
-    let ch = bounded(limit, "opening a channel", conn.create_channel()).await?;
     let pool = ChannelPool::new(conn.clone(), limit);
     let publisher = Publisher::new(
         pool,
@@ -113,24 +111,9 @@ pub(crate) async fn session<P: MessageProcessor>(
     // handler would wait out the broker's consumer timeout behind long handlers, and be
     // kept from other instances meanwhile.
     let qos = u16::try_from(inner.amqp.effective_concurrency()).unwrap_or(inner.amqp.prefetch);
-    bounded(
-        limit,
-        "basic.qos",
-        ch.basic_qos(qos, BasicQosOptions::default()),
-    )
-    .await?;
     let tag = format!("{}-{}", inner.service, uuid::Uuid::new_v4());
-    let mut consumer = bounded(
-        limit,
-        "basic.consume",
-        ch.basic_consume(
-            inner.topology.queue.as_str().into(),
-            tag.as_str().into(),
-            BasicConsumeOptions::default(),
-            consumer_arguments(&inner.amqp),
-        ),
-    )
-    .await?;
+    // Consuming and settling only: every publish goes through the pool.
+    let (ch, mut consumer) = start_consuming(&conn, inner, qos, &tag).await?;
     let settling = Settling::start(ch.clone(), metrics.clone());
     let broken = CancellationToken::new();
     let shared = Arc::new(Shared {
@@ -230,19 +213,24 @@ pub(crate) async fn session<P: MessageProcessor>(
     let (code, reason) = match &end {
         SessionEnd::Shutdown => {
             info!(queue = %inner.topology.queue, in_flight = handlers.tasks.len(), "shutting down: cancelling consumer and draining");
-            if let Err(e) = bounded(
-                limit,
-                "basic.cancel",
-                ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()),
-            )
-            .await
-            {
-                debug!(error = %e, "basic.cancel failed");
-            }
             (200, "shutdown")
         }
         SessionEnd::Lost(_) => (320, "recovering"),
     };
+    // Whatever ended the session, no new delivery is taken while the handlers drain: each
+    // ack frees a prefetch slot, and a delivery the broker pushed into it would sit unread
+    // until the channel closes, then be requeued with its delivery count raised (quorum
+    // queues dead-letter at their limit) and delayed by the longest handler.
+    if ch.status().connected()
+        && let Err(e) = bounded(
+            limit,
+            "basic.cancel",
+            ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()),
+        )
+        .await
+    {
+        debug!(error = %e, "basic.cancel failed");
+    }
     // The broker redelivers what these handlers hold to the next session (or the next
     // instance): they finish or stop before that, never running beside their redelivery.
     handlers.end(budget).await;
@@ -290,6 +278,57 @@ async fn watch_queue_depths(
             }
         }
     }
+}
+
+/// Opens the consuming channel with its `qos` and starts the consumer `tag` on the input
+/// queue. RabbitMQ 4.3 takes the per-consumer timeout argument on quorum queues only and
+/// refuses it elsewhere (406, closing the channel): the consumer is then started without it
+/// on a fresh channel (the queue's own `x-consumer-timeout` covers what the broker reads),
+/// instead of every start failing as a "topology conflict".
+async fn start_consuming<P: MessageProcessor>(
+    conn: &Connection,
+    inner: &Inner<P>,
+    qos: u16,
+    tag: &str,
+) -> Result<(Channel, lapin::Consumer), DeclareError> {
+    let limit = inner.amqp.operation_timeout();
+    let mut args = consumer_arguments(&inner.amqp);
+    loop {
+        let ch = bounded(limit, "opening a channel", conn.create_channel()).await?;
+        bounded(
+            limit,
+            "basic.qos",
+            ch.basic_qos(qos, BasicQosOptions::default()),
+        )
+        .await?;
+        let consumed = bounded(
+            limit,
+            "basic.consume",
+            ch.basic_consume(
+                inner.topology.queue.as_str().into(),
+                tag.into(),
+                BasicConsumeOptions::default(),
+                args.clone(),
+            ),
+        )
+        .await;
+        match consumed {
+            Ok(consumer) => return Ok((ch, consumer)),
+            Err(e) if refuses_consumer_timeout(&e) && !args.inner().is_empty() => {
+                warn!(queue = %inner.topology.queue, error = %e,
+                    "the broker refuses a per-consumer timeout on this queue type; consuming without it \
+                     (the queue's x-consumer-timeout or the broker's consumer_timeout applies)");
+                args = FieldTable::default();
+            }
+            Err(e) => return Err(DeclareError::Consume(e)),
+        }
+    }
+}
+
+/// Whether `e` is the broker refusing the consumer's `x-consumer-timeout` argument.
+fn refuses_consumer_timeout(e: &lapin::Error) -> bool {
+    crate::topology::is_soft(e, lapin::protocol::AMQPSoftError::PRECONDITIONFAILED)
+        && e.to_string().contains("x-consumer-timeout")
 }
 
 /// `basic.consume` arguments: the per-consumer acknowledgement timeout, so a handler longer

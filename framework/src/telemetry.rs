@@ -101,15 +101,29 @@ pub(crate) struct QueueMetrics {
 const OUTCOMES: [&str; 5] = ["success", "retry", "dead_letter", "drop", "interrupted"];
 
 impl QueueMetrics {
-    /// The metrics of `queue` (nothing registered yet).
+    /// The metrics of `queue`, its counters shown at 0 from the start: an alert on
+    /// `increase(...) > 0` cannot see a series whose first sample is already 1, so the
+    /// first burst of failures of a process would never fire it.
     pub(crate) fn new(queue: &str) -> Self {
-        Self {
+        let m = Self {
             queue: queue.to_string(),
             in_flight: OnceLock::new(),
             handler_seconds: OnceLock::new(),
             publish_failures: OnceLock::new(),
             messages: Default::default(),
+        };
+        m.publish_failures().increment(0);
+        for (i, outcome) in OUTCOMES.iter().enumerate() {
+            m.messages[i]
+                .get_or_init(|| m.counter(outcome))
+                .increment(0);
         }
+        m
+    }
+
+    /// `MESSAGES_TOTAL` of this queue for `outcome`.
+    fn counter(&self, outcome: &'static str) -> metrics::Counter {
+        metrics::counter!(MESSAGES_TOTAL, "queue" => self.queue.clone(), "outcome" => outcome)
     }
 
     /// `IN_FLIGHT` of this queue.
@@ -133,11 +147,12 @@ impl QueueMetrics {
 
     /// Counts one message finished as `outcome` in `MESSAGES_TOTAL`.
     pub(crate) fn count(&self, outcome: &'static str) {
-        let register = || metrics::counter!(MESSAGES_TOTAL, "queue" => self.queue.clone(), "outcome" => outcome);
         match OUTCOMES.iter().position(|o| *o == outcome) {
-            Some(i) => self.messages[i].get_or_init(register).increment(1),
+            Some(i) => self.messages[i]
+                .get_or_init(|| self.counter(outcome))
+                .increment(1),
             // A label outside the list is still counted, only not kept.
-            None => register().increment(1),
+            None => self.counter(outcome).increment(1),
         }
     }
 }

@@ -20,6 +20,10 @@ pub enum DeclareError {
          waiting for its producer to declare it"
     )]
     MissingSource(String),
+    /// The broker refused the consumer itself (not a declaration): the session is retried,
+    /// never taken for a conflict of the service's own objects.
+    #[error("basic.consume refused: {0}")]
+    Consume(lapin::Error),
 }
 
 impl DeclareError {

@@ -695,6 +695,23 @@ async fn metrics_and_health_are_served() {
             .status(),
         200
     );
+    // Counters are there at 0 before anything happened: an alert on their increase
+    // fires on the first failure, not only from the second on.
+    let text = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for zero in [
+        format!("storagetier_publish_failures_total{{queue=\"{q}\"}} 0"),
+        format!("storagetier_messages_total{{queue=\"{q}\",outcome=\"dead_letter\"}} 0"),
+        format!("storagetier_messages_total{{queue=\"{q}\",outcome=\"retry\"}} 0"),
+    ] {
+        assert!(text.contains(&zero), "{zero} in {text}");
+    }
     let (_c, ch) = test_channel().await;
     let mut out = watch(&ch, &format!("{q}-out"), "#").await;
     publish(

@@ -349,3 +349,72 @@ async fn a_cancelled_consumer_is_noticed_while_every_handler_is_busy() {
     assert_eq!(ready_count(&hs.ch, &hs.q).await, 0, "queue declared again");
     hs.stop().await;
 }
+
+/// Holds `{"hold":..}` until the gate opens; anything else asks for a retry.
+struct HoldOrRetry(
+    tokio::sync::watch::Receiver<bool>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+);
+
+#[framework::async_trait]
+impl framework::MessageProcessor for HoldOrRetry {
+    type Input = serde_json::Value;
+    async fn handle(&self, v: serde_json::Value, _ctx: &MessageContext) -> Outcome {
+        if v.get("hold").is_none() {
+            return Outcome::retry("again");
+        }
+        self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let mut open = self.0.clone();
+        let _ = open.wait_for(|o| *o).await;
+        Outcome::success(v)
+    }
+}
+
+/// A session that ends with its connection still up (here: a retry found its tier queue
+/// gone) cancels its consumer before it drains: while a long handler finishes, the broker
+/// pushes nothing more into the freed prefetch slots, where it would sit unread until the
+/// channel closes and come back with its delivery count raised.
+#[tokio::test]
+async fn a_session_ending_with_its_connection_up_takes_nothing_new_while_it_drains() {
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let held = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut hs = Harness::start(
+        "drainstop",
+        &[
+            ("amqp.prefetch", "4"),
+            ("amqp.drain_timeout_ms", "120000"),
+            ("amqp.reconnect_initial_ms", "100"),
+        ],
+        HoldOrRetry(gate, held.clone()),
+    )
+    .await;
+    hs.publish("test.hold", br#"{"hold":1}"#, BasicProperties::default())
+        .await;
+    let h = held.clone();
+    wait_until("the long handler to start", || {
+        h.load(std::sync::atomic::Ordering::SeqCst) == 1
+    })
+    .await;
+    // Its first retry tier gone, a retry is unroutable: the session ends to declare it again.
+    let tier = hs.topology().retry_queue(hs.delays[0]);
+    hs.ch
+        .queue_delete(tier.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .expect("delete a retry tier");
+    hs.publish("test.retry", br#"{"n":1}"#, BasicProperties::default())
+        .await;
+    let status = hs.status.clone();
+    wait_until("the session to end", || !status.is_ready()).await;
+    // The long handler still runs (the gate is shut). The retried message, given back,
+    // waits in the queue for the next session: a consumer still active would have it
+    // pushed into the slot its nack freed, to sit unread in the draining session.
+    await_ready_count(&hs.ch, &hs.q, 1).await;
+    assert_eq!(held.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let mut sessions = hs.status.sessions();
+    open.send(true).expect("gate open");
+    tokio::time::timeout(WAIT, sessions.wait_for(|n| *n >= 2))
+        .await
+        .expect("the next session started once the handler finished")
+        .expect("status alive");
+    hs.stop().await;
+}
