@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -13,7 +14,19 @@ use crate::runtime::Status;
 use crate::telemetry;
 
 /// How often histogram samples are folded into buckets between scrapes.
-const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// Connections served at once: a scraper and a few probes need a handful. More are closed
+/// at once, so idle or half-sent requests cannot use up the descriptors that copies, the
+/// database and the broker need.
+const MAX_CONNECTIONS: usize = 64;
+
+/// A request's headers must have arrived within this (a half-sent request held a
+/// connection, and the server's shutdown with it, for ever).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A connection is closed after this however it is used (a scraper reconnects).
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(120);
 
 /// Binds `addr` (failing fast, e.g. port in use) and serves until `shutdown`.
 pub async fn serve(
@@ -59,13 +72,49 @@ pub async fn serve(
             }
         }
     });
-    let task = tokio::spawn(async move {
-        let r = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await;
-        if let Err(e) = r {
-            tracing::error!(error = %e, "health/metrics server failed");
-        }
-    });
+    let task = tokio::spawn(accept(listener, app, shutdown));
     Ok((local, task))
+}
+
+/// Serves `app` on `listener` until `shutdown`: each connection bounded in the time its
+/// headers take and in its lifetime, at most [`MAX_CONNECTIONS`] at once, and closed when
+/// the server stops (a scrape in flight is cut: the process is going away).
+async fn accept(listener: tokio::net::TcpListener, app: Router, shutdown: CancellationToken) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            a = listener.accept() => match a {
+                Ok((stream, _)) => stream,
+                // Out of descriptors, say: the listener stays, and the next try waits a
+                // moment instead of spinning.
+                Err(e) => {
+                    tracing::warn!(error = %e, "health/metrics server cannot accept a connection");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
+                    }
+                }
+            },
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            // Dropped: closed at once.
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                _ = conn => {}
+                _ = tokio::time::sleep(CONNECTION_LIFETIME) => {}
+                _ = stop.cancelled() => {}
+            }
+            drop(slot);
+        });
+    }
 }

@@ -751,6 +751,59 @@ async fn metrics_and_health_are_served() {
     assert!(tokio::time::timeout(WAIT, task).await.unwrap().unwrap());
 }
 
+/// A request sent half (no end of headers) is cut off once its headers are overdue, and
+/// one still open when the service stops does not hold the shutdown: the server had no
+/// header timeout and its graceful shutdown waited for every connection.
+#[tokio::test]
+async fn a_half_sent_request_holds_neither_its_connection_nor_the_shutdown() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let q = unique("halfhttp");
+    let _gone = Cleanup::service(&q, &[200, 400]);
+    let mut cfg = config(&q, &[]);
+    let addr = format!("127.0.0.1:{}", framework::testing::broker::free_port());
+    cfg.service.http_listen = addr.clone();
+    let shutdown = framework::CancellationToken::new();
+    let pc =
+        framework::ProcessorConfiguration::new(&format!("{q}-in"), "test.#", "test.out", echo());
+    let t = shutdown.clone();
+    let task = tokio::spawn(async move {
+        framework::cli::run_processor("test-service", &cfg, pc, t)
+            .await
+            .is_ok()
+    });
+    let half = || async {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let mut s = loop {
+            match tokio::net::TcpStream::connect(&addr).await {
+                Ok(s) => break s,
+                Err(e) => assert!(tokio::time::Instant::now() < deadline, "serving: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        s
+    };
+    // Whatever the server answers (nothing, or a 408), the connection ends.
+    let drain = |mut s: tokio::net::TcpStream| async move {
+        let mut buf = Vec::new();
+        tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
+            .await
+            .expect("the server closed the half-sent request's connection")
+    };
+    let _ = drain(half().await).await;
+    let open = half().await;
+    shutdown.cancel();
+    assert!(
+        tokio::time::timeout(WAIT, task)
+            .await
+            .expect("stopped with a request still half-sent")
+            .unwrap()
+    );
+    let _ = drain(open).await;
+}
+
 struct PartialProcessor;
 
 #[async_trait]
