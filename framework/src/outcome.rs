@@ -8,6 +8,7 @@ use crate::config::RetryConfig;
 use crate::headers as h;
 use crate::processor::{MessageContext, Outcome};
 use crate::publisher::{Outgoing, Publisher, output_properties};
+use crate::telemetry::LogText;
 use crate::topology::Topology;
 
 /// A service's destinations, computed once: where each kind of outcome goes.
@@ -81,7 +82,7 @@ impl Planner {
                 ("success", msgs)
             }
             Outcome::Drop(reason) => {
-                info!(reason = %reason, "dropped");
+                info!(reason = %LogText(&reason), "dropped");
                 ("drop", Vec::new())
             }
             // Settled before planning (nack, requeue); never published.
@@ -100,13 +101,13 @@ impl Planner {
                         "gave up after {attempts} attempts ({counted} without progress); \
                          last error: {reason}"
                     );
-                    warn!(error = %why, "retries exhausted; dead-lettering");
+                    warn!(error = %LogText(&why), "retries exhausted; dead-lettering");
                     return ("dead_letter", dead_letter(h::KIND_RETRIES_EXHAUSTED, &why));
                 }
                 let delay = self
                     .retry
                     .delay_at_least(counted.saturating_sub(1), ctx.retry_wait());
-                warn!(error = %reason, retry_in_ms = delay, "retrying later");
+                warn!(error = %LogText(&reason), retry_in_ms = delay, "retrying later");
                 let mut hdr = ctx.headers.clone();
                 h::set_int(&mut hdr, h::RETRY_COUNT, i64::from(attempts));
                 if progressed > 0 {
@@ -136,11 +137,11 @@ impl Planner {
                 )
             }
             Outcome::Permanent(reason) => {
-                warn!(error = %reason, kind = h::KIND_PERMANENT, "dead-lettering");
+                warn!(error = %LogText(&reason), kind = h::KIND_PERMANENT, "dead-lettering");
                 ("dead_letter", dead_letter(h::KIND_PERMANENT, &reason))
             }
             Outcome::Exhausted(reason) => {
-                warn!(error = %reason, kind = h::KIND_RETRIES_EXHAUSTED, "dead-lettering");
+                warn!(error = %LogText(&reason), kind = h::KIND_RETRIES_EXHAUSTED, "dead-lettering");
                 (
                     "dead_letter",
                     dead_letter(h::KIND_RETRIES_EXHAUSTED, &reason),

@@ -177,12 +177,13 @@ impl<P: MessageProcessor> Runtime<P> {
                     // One per lost session, not per failed attempt to get a new one: a
                     // broker restart is one recovery however many connects it takes.
                     recoveries.increment(1);
-                    warn!(queue = %inner.topology.queue, reason = %why, "lost the broker; reconnecting");
                     // Back to a quick reconnect after a session that ran a while; sessions
                     // lost one after another back off as failed connects do.
                     if started.elapsed() >= max {
                         backoff = initial;
                     }
+                    warn!(queue = %inner.topology.queue, reason = %why, retry_in_ms = backoff.as_millis() as u64,
+                        "lost the broker; reconnecting");
                 }
                 Err(e) if e.is_conflict() => {
                     return Err(RuntimeError::TopologyConflict(e.to_string()));
@@ -194,11 +195,35 @@ impl<P: MessageProcessor> Runtime<P> {
                 }
             }
             tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(jittered(backoff)) => {}
                 _ = shutdown.cancelled() => break,
             }
             backoff = (backoff * 2).min(max);
         }
         Ok(())
+    }
+}
+
+/// `backoff` less up to half of it, at random: every replica of every service loses the
+/// broker at the same instant (a restart, a node going down), and reconnecting all at once,
+/// declaring and taking a full prefetch each, would meet the broker as one burst every
+/// time. The first wait is at most what is configured, never more.
+fn jittered(backoff: Duration) -> Duration {
+    let spread = u64::try_from(backoff.as_millis() / 2).unwrap_or(u64::MAX);
+    backoff.saturating_sub(Duration::from_millis(rand::random_range(0..=spread)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnect_waits_are_spread_between_half_and_all_of_the_backoff() {
+        let b = Duration::from_millis(1000);
+        let waits: Vec<Duration> = (0..200).map(|_| jittered(b)).collect();
+        assert!(waits.iter().all(|w| *w >= b / 2 && *w <= b));
+        let distinct: std::collections::HashSet<_> = waits.iter().collect();
+        assert!(distinct.len() > 20, "spread, not one instant: {distinct:?}");
+        assert_eq!(jittered(Duration::ZERO), Duration::ZERO);
     }
 }

@@ -481,7 +481,7 @@ impl<P: MessageProcessor> Shared<P> {
         trace_id = %trace.trace_id,
         span_id = %trace.span_id,
         queue = %inner.topology.queue,
-        routing_key = %inc.routing_key,
+        routing_key = %m::LogText(&inc.routing_key),
         message_id = message_id.as_deref().unwrap_or(""),
         attempt = inc.attempt);
         async move {
@@ -527,7 +527,7 @@ impl<P: MessageProcessor> Shared<P> {
                 Outcome::Retry(r) | Outcome::Permanent(r) | Outcome::Exhausted(r)
                     if inner.spans.is_some() =>
                 {
-                    Some(r.clone())
+                    Some(h::truncate(r, h::MAX_ERROR_BYTES).to_string())
                 }
                 _ => None,
             };
@@ -567,7 +567,7 @@ impl<P: MessageProcessor> Shared<P> {
             &self.broken,
         );
         if let Outcome::Interrupted(reason) = &outcome {
-            info!(reason = %reason, "interrupted; the message goes back to the queue");
+            info!(reason = %m::LogText(reason), "interrupted; the message goes back to the queue");
             settler.give_back(delivery.delivery_tag);
             return "interrupted";
         }
@@ -576,7 +576,7 @@ impl<P: MessageProcessor> Shared<P> {
         let mut published = publisher.send(msgs).await;
         if let Err(e) = &published {
             metrics.publish_failures().increment(1);
-            error!(error = %e, outcome = label, "could not publish the outcome");
+            error!(error = %m::LogText(&e.to_string()), outcome = label, "could not publish the outcome");
             // A retry or dead letter that reached no queue means our own topology is
             // incomplete: re-declare it by starting a new session.
             if let PublishError::Unroutable(ex, _) = &e
@@ -633,7 +633,7 @@ impl<P: MessageProcessor> Shared<P> {
                 // channel closed: re-declare it in a new session. A nack or a confirm that
                 // never came (a full queue, a resource alarm) is the broker's state, which
                 // a new session would not change: the message goes back after a pause.
-                error!(error = %e, "could not publish a retry either; the input goes back to the queue");
+                error!(error = %m::LogText(&e.to_string()), "could not publish a retry either; the input goes back to the queue");
                 if matches!(e, PublishError::Unroutable(..) | PublishError::Amqp(_)) {
                     broken.cancel();
                 }

@@ -25,6 +25,39 @@ pub const QUEUE_MESSAGES: &str = "storagetier_queue_messages";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
+/// Text from a message (a routing key, an error quoting its content) shown in a log field
+/// (`%LogText(&s)`): control characters escaped, so a newline cannot forge a log line nor
+/// an escape sequence reach the operator's terminal in the text format, and at most
+/// `headers::MAX_ERROR_BYTES` of it (like `x-error`): a decoding error quoting an 8 MiB
+/// field made one 8 MiB line, and the formatter kept a buffer that size for good.
+pub struct LogText<'a>(pub &'a str);
+
+impl std::fmt::Display for LogText<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kept = crate::headers::truncate(self.0, crate::headers::MAX_ERROR_BYTES);
+        write_escaped(f, kept)?;
+        if kept.len() < self.0.len() {
+            write!(f, "… ({} bytes in all)", self.0.len())?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes `s` with its control characters escaped (`\n`, `\u{1b}`), the rest as it is.
+pub(crate) fn write_escaped(out: &mut impl std::fmt::Write, s: &str) -> std::fmt::Result {
+    let mut plain = 0;
+    for (i, c) in s.char_indices() {
+        if c.is_control() {
+            out.write_str(&s[plain..i])?;
+            for e in c.escape_default() {
+                out.write_char(e)?;
+            }
+            plain = i + c.len_utf8();
+        }
+    }
+    out.write_str(&s[plain..])
+}
+
 /// Installs the process-wide Prometheus recorder once and returns its handle.
 pub fn metrics_handle() -> PrometheusHandle {
     HANDLE
@@ -154,5 +187,23 @@ impl QueueMetrics {
             // A label outside the list is still counted, only not kept.
             None => self.counter(outcome).increment(1),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LogText;
+
+    #[test]
+    fn log_text_escapes_controls_and_keeps_a_bounded_prefix() {
+        assert_eq!(
+            LogText("k\n2025 ERROR forged\u{1b}]0;x\u{7}").to_string(),
+            "k\\n2025 ERROR forged\\u{1b}]0;x\\u{7}"
+        );
+        assert_eq!(LogText("plain.key é").to_string(), "plain.key é");
+        let huge = "x".repeat(8 << 20);
+        let shown = LogText(&huge).to_string();
+        assert!(shown.len() < 1100, "{}", shown.len());
+        assert!(shown.ends_with(&format!("… ({} bytes in all)", 8 << 20)));
     }
 }

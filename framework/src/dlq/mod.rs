@@ -118,13 +118,8 @@ fn death_time(death: &lapin::types::FieldTable) -> Option<String> {
 /// when `dlq list` prints them.
 pub fn printable(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        if c.is_control() {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
+    // Writing to a String cannot fail.
+    let _ = crate::telemetry::write_escaped(&mut out, s);
     out
 }
 
