@@ -19,7 +19,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lapin::{Channel, Connection};
+use tokio_util::sync::CancellationToken;
 
+use crate::alarm::Alarm;
 use crate::connection::confirm_channel;
 
 /// A pool of confirm channels on one connection, grown on demand up to the concurrency.
@@ -34,6 +36,16 @@ pub struct ChannelPool {
     /// The connection's negotiated frame size, read once (lapin keeps it behind a lock
     /// that every delivery and publish would otherwise take).
     frame_max: usize,
+    /// Whether the broker blocks the connection: waits stop their clock meanwhile.
+    alarm: Alarm,
+    /// Ends the alarm's watch with the pool.
+    watching: CancellationToken,
+}
+
+impl Drop for ChannelPool {
+    fn drop(&mut self) {
+        self.watching.cancel();
+    }
 }
 
 impl std::fmt::Debug for ChannelPool {
@@ -46,8 +58,11 @@ impl ChannelPool {
     /// A pool on `conn` (open: its frame size negotiated) whose publishes wait at most
     /// `limit` for their confirms.
     pub fn new(conn: Arc<Connection>, limit: Duration) -> Arc<ChannelPool> {
+        let watching = CancellationToken::new();
         Arc::new(ChannelPool {
             frame_max: crate::connection::frame_max(&conn),
+            alarm: Alarm::watch(&conn, watching.clone()),
+            watching,
             conn,
             idle: Mutex::new(Vec::new()),
             shared: Mutex::new(None),
@@ -66,6 +81,25 @@ impl ChannelPool {
         self.frame_max
     }
 
+    /// The connection's blocked state (a resource alarm).
+    pub fn alarm(&self) -> &Alarm {
+        &self.alarm
+    }
+
+    /// Opens a confirm channel, within the limit unless the broker blocks the connection.
+    async fn open(&self) -> Result<Channel, lapin::Error> {
+        self.alarm
+            .within(self.limit, confirm_channel(&self.conn))
+            .await
+            .unwrap_or_else(|| {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("opening a channel timed out after {:?}", self.limit),
+                )
+                .into())
+            })
+    }
+
     /// The confirm channel shared by publishes the broker cannot return (not mandatory, to
     /// an exchange the service declared itself); reopened if it closed.
     pub async fn shared(&self) -> Result<Arc<Channel>, lapin::Error> {
@@ -76,13 +110,7 @@ impl ChannelPool {
         if let Some(c) = self.open_shared() {
             return Ok(c);
         }
-        let ch = crate::connection::bounded(
-            self.limit,
-            "opening a channel",
-            confirm_channel(&self.conn),
-        )
-        .await?;
-        let ch = Arc::new(ch);
+        let ch = Arc::new(self.open().await?);
         *self.shared.lock().unwrap_or_else(|p| p.into_inner()) = Some(ch.clone());
         Ok(ch)
     }
@@ -104,14 +132,7 @@ impl ChannelPool {
         };
         let ch = match reused {
             Some(c) => c,
-            None => {
-                crate::connection::bounded(
-                    self.limit,
-                    "opening a channel",
-                    confirm_channel(&self.conn),
-                )
-                .await?
-            }
+            None => self.open().await?,
         };
         Ok(PooledChannel {
             ch: Some(ch),

@@ -7,6 +7,7 @@
 //! retries through TTL tiers, dead-letters with a replayable envelope, recovers from
 //! broker failures, drains on SIGTERM and serves metrics and health.
 
+pub mod alarm;
 pub mod batch;
 pub mod channel_pool;
 pub mod cli;

@@ -270,12 +270,23 @@ impl Publisher {
                 && o.body.len() < SHARED_CHANNEL_MAX_BODY
         });
         let frame_max = self.pool.frame_max();
-        if unreturnable {
+        let first = msgs.first().map(|o| o.exchange.clone()).unwrap_or_default();
+        // The confirm's clock stops while the broker blocks the connection (see
+        // crate::alarm): a publish waiting out an alarm is not a failed one.
+        let confirmed = if unreturnable {
             let ch = self.pool.shared().await?;
-            return publish_confirmed(&ch, msgs, self.pool.limit(), frame_max).await;
-        }
-        let ch = self.pool.get().await?;
-        publish_confirmed(&ch, msgs, self.pool.limit(), frame_max).await
+            let alarm = self.pool.alarm();
+            alarm
+                .within(self.pool.limit(), publish_and_confirm(&ch, msgs, frame_max))
+                .await
+        } else {
+            let ch = self.pool.get().await?;
+            let alarm = self.pool.alarm();
+            alarm
+                .within(self.pool.limit(), publish_and_confirm(&ch, msgs, frame_max))
+                .await
+        };
+        confirmed.unwrap_or(Err(PublishError::Timeout(first)))
     }
 }
 

@@ -572,6 +572,13 @@ impl<P: MessageProcessor> Shared<P> {
             return "interrupted";
         }
         let was_retry = matches!(outcome, Outcome::Retry(_));
+        // Kept for the retry that replaces a dead letter the broker refused: its
+        // `x-last-error` says why the message was to be dead-lettered, not only that the
+        // dead letter could not be published.
+        let dead_letter_reason = match &outcome {
+            Outcome::Permanent(r) | Outcome::Exhausted(r) => Some(r.clone()),
+            _ => None,
+        };
         let (mut label, msgs) = inner.planner.plan(publisher, &delivery.data, ctx, outcome);
         let mut published = publisher.send(msgs).await;
         if let Err(e) = &published {
@@ -606,7 +613,10 @@ impl<P: MessageProcessor> Shared<P> {
             // becomes a retry: it counts toward max_attempts and ends in the DLQ, instead
             // of looping through requeues that RabbitMQ 4.3 no longer counts.
             if !was_retry {
-                let why = format!("could not publish the {label} outcome: {e}");
+                let why = match &dead_letter_reason {
+                    Some(r) => format!("{r} (its dead letter could not be published: {e})"),
+                    None => format!("could not publish the {label} outcome: {e}"),
+                };
                 let (l, msgs) =
                     inner
                         .planner

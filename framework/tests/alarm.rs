@@ -1,0 +1,123 @@
+//! A broker resource alarm (memory or disk): RabbitMQ blocks every publishing connection
+//! until it clears. An outcome published meanwhile lands when it clears; the framework
+//! must not take its unanswered confirm for a failure and publish a retry beside it (one
+//! input, several outputs, handled at once). On a private node, so the shared broker and
+//! every other test are untouched.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use framework::testing::broker::PrivateBroker;
+use framework::testing::*;
+use framework::{MessageContext, MessageProcessor, Outcome, async_trait};
+
+/// Succeeds once the gate opens; counts its calls.
+struct Gated(tokio::sync::watch::Receiver<bool>, Arc<AtomicUsize>);
+
+#[async_trait]
+impl MessageProcessor for Gated {
+    type Input = serde_json::Value;
+    async fn handle(&self, v: serde_json::Value, _ctx: &MessageContext) -> Outcome {
+        self.1.fetch_add(1, Ordering::SeqCst);
+        let mut open = self.0.clone();
+        let _ = open.wait_for(|o| *o).await;
+        Outcome::success(v)
+    }
+}
+
+/// Whether the node reports a resource alarm.
+fn alarmed(broker: &PrivateBroker) -> bool {
+    !broker
+        .tool_output("rabbitmq-diagnostics", &["check_local_alarms"])
+        .status
+        .success()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_published_during_a_resource_alarm_lands_once() {
+    let broker = PrivateBroker::start().await;
+    let q = unique("alarm");
+    let limit_ms = 1500;
+    let cfg = config(
+        &q,
+        &[
+            ("amqp.url", &broker.url()),
+            ("amqp.operation_timeout_ms", &limit_ms.to_string()),
+            ("amqp.drain_timeout_ms", "1000"),
+        ],
+    );
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let calls = Arc::new(AtomicUsize::new(0));
+    let service = Background::start(
+        "alarm",
+        &cfg,
+        framework::ProcessorConfiguration::new(
+            &format!("{q}-in"),
+            "test.#",
+            "test.out",
+            Gated(gate, calls.clone()),
+        ),
+    );
+    let status = service.status.clone();
+    wait_until("consuming", || status.is_ready()).await;
+    let sink = format!("{q}-sink");
+    broker.sink(&sink, &format!("{q}-out")).await;
+    let (_conn, ch) = broker.channel().await.expect("channel");
+    publish(
+        &ch,
+        &format!("{q}-in"),
+        "test.x",
+        br#"{"n":1}"#,
+        Default::default(),
+    )
+    .await;
+    let c = calls.clone();
+    wait_until("the handler to start", || c.load(Ordering::SeqCst) == 1).await;
+
+    // A disk alarm: the node blocks publishers until the limit comes down again.
+    broker.ctl(&["set_disk_free_limit", "1000000GB"]);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !alarmed(&broker) {
+        assert!(tokio::time::Instant::now() < deadline, "the alarm went off");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    open.send(true).expect("gate open");
+    // The outcome's confirm cannot come while the alarm lasts. What must not happen
+    // cannot be awaited: the alarm is held for three times the confirm limit, in which
+    // the framework used to time the confirm out, publish a retry (blocked too) and give
+    // the input back.
+    tokio::time::sleep(Duration::from_millis(3 * limit_ms)).await;
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "not handled again meanwhile"
+    );
+    broker.ctl(&["set_disk_free_limit", "1MB"]);
+
+    // Everything settles: the output once, nothing left in the input queue or the retry
+    // tiers, the handler called once.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let out = broker.count(&sink).await.unwrap_or(0);
+        let mut busy = broker.count(&q).await.unwrap_or(1);
+        for d in &cfg.retry.delays_ms {
+            busy += broker.count(&format!("{q}-retry-{d}")).await.unwrap_or(0);
+        }
+        if out >= 1 && busy == 0 && !alarmed(&broker) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "settled after the alarm ({out} outputs, {busy} waiting)"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    service.stop().await;
+    assert_eq!(
+        broker.count(&sink).await,
+        Some(1),
+        "one output for one input"
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "handled once");
+}
