@@ -25,15 +25,20 @@ pub fn status_command() -> clap::Command {
 }
 
 /// Renders collections as a table.
+/// Names come from bus messages: shown with control characters escaped, so none can move
+/// the operator's cursor or forge a row.
 pub fn render_table(correlation_id: &str, product: Option<&str>, cs: &[Collection]) -> String {
+    use framework::dlq::printable;
     let opt = |v: Option<i64>| v.map_or("-".to_string(), |n| n.to_string());
     let mut out = format!(
-        "correlation id: {correlation_id}\nproduct status: {}\n",
-        product.unwrap_or("-")
+        "correlation id: {}\nproduct status: {}\n",
+        printable(correlation_id),
+        printable(product.unwrap_or("-"))
     );
-    let w = cs
+    let names: Vec<String> = cs.iter().map(|c| printable(&c.collection_name)).collect();
+    let w = names
         .iter()
-        .map(|c| c.collection_name.len())
+        .map(|n| n.chars().count())
         .max()
         .unwrap_or(0)
         .max("COLLECTION".len());
@@ -41,11 +46,11 @@ pub fn render_table(correlation_id: &str, product: Option<&str>, cs: &[Collectio
         "{:<w$}  {:<8}  {:>8}  {:>6}  {:>8}  UPDATED\n",
         "COLLECTION", "STATUS", "EXPORTED", "SENT", "RECEIVED"
     ));
-    for c in cs {
+    for (c, name) in cs.iter().zip(&names) {
         out.push_str(&format!(
             "{:<w$}  {:<8}  {:>8}  {:>6}  {:>8}  {}\n",
-            c.collection_name,
-            c.status,
+            name,
+            printable(&c.status),
             opt(c.files_exported),
             opt(c.files_sent),
             c.files_received,
@@ -100,5 +105,29 @@ pub async fn status(
             product.as_deref(),
             &cs,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_from_messages_cannot_forge_rows_or_reach_the_terminal() {
+        let c = Collection {
+            correlation_id: "c".into(),
+            collection_name: "db.a\nforged  Success  9  9  9\u{1b}[2J".into(),
+            status: "Received".into(),
+            files_exported: Some(2),
+            files_sent: None,
+            files_received: 1,
+            updated_at: "2026-01-01T00:00:00Z".into(),
+            shutdown_flag: None,
+            reprocess_files: None,
+        };
+        let table = render_table("c\r", Some("Pending"), &[c]);
+        assert_eq!(table.lines().count(), 4, "{table}");
+        assert!(!table.contains('\u{1b}') && !table.contains('\r'), "{table}");
+        assert!(table.contains("db.a\\nforged"), "{table}");
     }
 }
