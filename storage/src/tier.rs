@@ -2,6 +2,7 @@
 //! verify, record. Services add only their names and success message shape.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use object_store::path::Path as ObjectPath;
@@ -112,9 +113,48 @@ impl From<db::sqlx::Error> for TierError {
     }
 }
 
+/// Opens the source `parent_dir/filename` beneath its root, with its metadata. Blocking.
+fn open_source(
+    roots: &[Root],
+    parent_dir: &str,
+    filename: &str,
+) -> Result<(paths::Resolved, std::fs::Metadata), TierError> {
+    let resolved = match paths::resolve(roots, parent_dir, filename) {
+        Ok(r) => r,
+        // A root with nothing in it is a share that is not mounted (its mount point
+        // left empty), not a tree where this file is missing: retried, not
+        // dead-lettered with every other file of the share.
+        // Only a root the path can be under: an empty spare root says nothing about
+        // a file missing from another.
+        Err(e @ PathError::NotFound(_)) => {
+            let p = paths::normalize(Path::new(parent_dir));
+            let unmounted = roots
+                .iter()
+                .filter(|r| {
+                    !p.is_absolute() || p.starts_with(&r.canonical) || p.starts_with(&r.configured)
+                })
+                .find(|r| paths::is_empty_dir(&r.canonical));
+            return Err(match unmounted {
+                Some(r) => TierError::Transient(format!(
+                    "{e}: the online root {} is empty (a share not mounted?)",
+                    r.configured.display()
+                )),
+                None => e.into(),
+            });
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let meta = resolved
+        .file
+        .metadata()
+        .map_err(|e| PathError::Io(resolved.path.display().to_string(), e.to_string()))?;
+    Ok((resolved, meta))
+}
+
 /// Copies asset-sweeper files from the online roots into one tier.
 pub struct TierCopier {
-    roots: Vec<Root>,
+    /// Shared with the blocking thread that opens each file.
+    roots: Arc<[Root]>,
     tier: Tier,
     records: Records,
     policy: TierPolicy,
@@ -124,7 +164,7 @@ impl TierCopier {
     /// A copier over `roots` (see [`paths::open_roots`]).
     pub fn new(roots: Vec<Root>, tier: Tier, records: Records, policy: TierPolicy) -> Self {
         Self {
-            roots,
+            roots: roots.into(),
             tier,
             records,
             policy,
@@ -195,39 +235,19 @@ impl TierCopier {
                 .await?;
             return Ok(TierOutcome::Ignored);
         }
-        let resolved = match paths::resolve(&self.roots, &msg.parent_dir, &msg.filename) {
-            Ok(r) => r,
-            // A root with nothing in it is a share that is not mounted (its mount point
-            // left empty), not a tree where this file is missing: retried, not
-            // dead-lettered with every other file of the share.
-            // Only a root the path can be under: an empty spare root says nothing about
-            // a file missing from another.
-            Err(e @ PathError::NotFound(_)) => {
-                let p = paths::normalize(Path::new(&msg.parent_dir));
-                let unmounted = self
-                    .roots
-                    .iter()
-                    .filter(|r| {
-                        !p.is_absolute()
-                            || p.starts_with(&r.canonical)
-                            || p.starts_with(&r.configured)
-                    })
-                    .find(|r| paths::is_empty_dir(&r.canonical));
-                return Err(match unmounted {
-                    Some(r) => TierError::Transient(format!(
-                        "{e}: the online root {} is empty (a share not mounted?)",
-                        r.configured.display()
-                    )),
-                    None => e.into(),
-                });
-            }
-            Err(e) => return Err(e.into()),
-        };
+        // On a blocking thread: on a hard-mounted share whose server stopped answering,
+        // opening or `stat`ing a file blocks until it answers, and a few such files on the
+        // runtime's own threads stalled everything else there — the broker's heartbeats
+        // (the connection dropped), health, metrics, claim renewals.
+        let roots = self.roots.clone();
+        let (parent_dir, filename) = (msg.parent_dir.clone(), msg.filename.clone());
+        let opened =
+            tokio::task::spawn_blocking(move || open_source(&roots, &parent_dir, &filename))
+                .await
+                .map_err(|e| TierError::Transient(format!("opening the source stopped: {e}")))?;
+        let (resolved, meta) = opened?;
         let file = &resolved.file;
         let original = resolved.path.display().to_string();
-        let meta = file
-            .metadata()
-            .map_err(|e| PathError::Io(original.clone(), e.to_string()))?;
         let size = meta.len();
         let mtime = {
             use std::os::unix::fs::MetadataExt;
