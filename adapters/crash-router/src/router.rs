@@ -7,7 +7,7 @@ use framework::{BoxError, MessageContext, MessageProcessor, Outcome, Publication
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::rules::{Record, classify};
+use crate::rules::{Record, classify, classify_eventbridge};
 use crate::spec::{DEFAULT_SEED, QueueSpec, parse_queues, selected};
 
 /// Exchange the S3 notifications arrive on.
@@ -104,12 +104,26 @@ impl MessageProcessor for CrashRouter {
     type Input = Value;
 
     async fn handle(&self, input: Value, ctx: &MessageContext) -> Outcome {
+        let input = match unwrap_sns(input) {
+            Ok(v) => v,
+            Err(o) => return o,
+        };
         // S3 sends this to a notification's destination whenever the bucket's notification
         // configuration is saved: not an event, nothing wrong with it.
         if input.get("Event").and_then(Value::as_str) == Some("s3:TestEvent") {
             return Outcome::drop("S3 test event (sent when notifications are configured)");
         }
-        let Some(records) = input.get("Records").and_then(Value::as_array) else {
+        let records: Vec<Record> = if input.get("source").and_then(Value::as_str) == Some("aws.s3")
+            && input.get("detail-type").is_some()
+        {
+            // EventBridge carries one object event per message.
+            vec![classify_eventbridge(&input, self.accept, self.defer)]
+        } else if let Some(records) = input.get("Records").and_then(Value::as_array) {
+            records
+                .iter()
+                .map(|r| classify(r, self.accept, self.defer))
+                .collect()
+        } else {
             let what = match &input {
                 Value::Object(_) => "an object without a `Records` array",
                 Value::Array(_) => "an array",
@@ -125,9 +139,8 @@ impl MessageProcessor for CrashRouter {
 
         let mut counts = Counts::default();
         let mut accepted: Vec<String> = Vec::new();
-        for (i, r) in records.iter().enumerate() {
-            let rec = classify(r, self.accept, self.defer);
-            match &rec {
+        for (i, rec) in records.iter().enumerate() {
+            match rec {
                 Record::Accepted(id) => {
                     counts.accepted += 1;
                     if !accepted.contains(id) {
@@ -207,6 +220,44 @@ impl MessageProcessor for CrashRouter {
             "already_published": already,
             "counts": counts,
         }))
+    }
+}
+
+/// The S3 event inside an SNS envelope (`{"Type":"Notification","Message":"<JSON text>",…}`:
+/// what a topic subscriber without raw message delivery gets), one level only; any other
+/// message as it is. SNS's subscription handshakes (`SubscriptionConfirmation`,
+/// `UnsubscribeConfirmation`) carry no event: Drop, whose reason (naming the topic) the
+/// framework logs.
+fn unwrap_sns(input: Value) -> Result<Value, Outcome> {
+    if input.get("Records").is_some() {
+        return Ok(input);
+    }
+    let topic = input
+        .get("TopicArn")
+        .and_then(Value::as_str)
+        .unwrap_or("an unnamed topic");
+    match input.get("Type").and_then(Value::as_str) {
+        Some("Notification") => {}
+        Some(t @ ("SubscriptionConfirmation" | "UnsubscribeConfirmation")) => {
+            return Err(Outcome::drop(format!(
+                "SNS {t} from {topic} (not an S3 event)"
+            )));
+        }
+        _ => return Ok(input),
+    }
+    match input.get("Message") {
+        Some(Value::String(m)) => serde_json::from_str(m).map_err(|e| {
+            Outcome::permanent(format!(
+                "SNS notification from {topic}: `Message` is not JSON: {e}"
+            ))
+        }),
+        Some(other) => Err(Outcome::permanent(format!(
+            "SNS notification from {topic}: `Message`: expected a string of JSON, found {}",
+            framework::fields::kind_name(other)
+        ))),
+        None => Err(Outcome::permanent(format!(
+            "SNS notification from {topic} has no `Message`"
+        ))),
     }
 }
 
@@ -296,6 +347,119 @@ mod tests {
             Outcome::Drop(m) => assert!(m.contains("test event"), "{m}"),
             o => panic!("{o:?}"),
         }
+    }
+
+    const DEFERRED: &str = "00007bd0-2d1c-4865-af09-80bc01180313";
+
+    /// `inner` as SNS delivers it to a subscriber without raw message delivery.
+    fn sns(inner: &Value) -> Value {
+        json!({"Type": "Notification", "MessageId": "22b80b92-fdea-4c2c-8f9d-bdfb0c7bf324",
+               "TopicArn": "arn:aws:sns:us-west-2:123456789012:crashes",
+               "Subject": "Amazon S3 Notification", "Message": inner.to_string(),
+               "Timestamp": "2026-11-29T18:00:00.000Z", "SignatureVersion": "1"})
+    }
+
+    /// An S3 event as EventBridge delivers it (the key as stored, not URL-encoded).
+    fn eventbridge(detail_type: &str, reason: &str, key: &str) -> Value {
+        json!({"version": "0", "id": "17793124-05d4-b198-2fde-7ededc63b103",
+               "detail-type": detail_type, "source": "aws.s3", "account": "111122223333",
+               "time": "2026-11-29T18:00:00Z", "region": "us-west-2",
+               "resources": ["arn:aws:s3:::crashes"],
+               "detail": {"version": "0", "bucket": {"name": "crashes"},
+                          "object": {"key": key, "size": 5, "etag": "b1946ac92492d2347c6235b4d2611184"},
+                          "request-id": "N4N7GDK58NMKJ12R", "requester": "123456789012",
+                          "reason": reason}})
+    }
+
+    async fn counts_of(r: &CrashRouter, body: Value) -> Value {
+        let ctx = MessageContext::for_test("s3-events", "k", 0);
+        match r.handle(body.clone(), &ctx).await {
+            Outcome::Success { body, .. } => body,
+            o => panic!("{body}: {o:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn sns_notifications_are_unwrapped_once() {
+        let r = router("a", 1);
+        let key = format!("v2/raw_crash/000/20180313/{DEFERRED}");
+        let body = counts_of(&r, sns(&event(&[&key]))).await;
+        assert_eq!(body["records"], 1);
+        assert_eq!(body["counts"]["deferred"], 1);
+        // An accepted crash is routed (here: its publish attempted, failing without a broker).
+        let ctx = MessageContext::for_test("s3-events", "k", 0);
+        let accepted = sns(&event(&[&format!("v2/raw_crash/000/20180313/{ID}")]));
+        assert!(matches!(r.handle(accepted, &ctx).await, Outcome::Retry(m) if m.contains(ID)));
+        // One level only: SNS in SNS is not an S3 event.
+        let ctx = MessageContext::for_test("s3-events", "k", 0);
+        match r.handle(sns(&sns(&event(&[&key]))), &ctx).await {
+            Outcome::Permanent(m) => assert!(m.contains("Records"), "{m}"),
+            o => panic!("{o:?}"),
+        }
+        // A `Message` that is not JSON text is named.
+        for bad in [json!("{not json"), json!({"Records": []})] {
+            let mut n = sns(&json!({}));
+            n["Message"] = bad;
+            let ctx = MessageContext::for_test("s3-events", "k", 0);
+            match r.handle(n, &ctx).await {
+                Outcome::Permanent(m) => assert!(m.contains("`Message`"), "{m}"),
+                o => panic!("{o:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn sns_confirmations_and_wrapped_test_events_are_dropped() {
+        let r = router("a", 1);
+        let test_event = json!({"Service": "Amazon S3", "Event": "s3:TestEvent",
+            "Time": "2026-11-29T18:00:00.000Z", "Bucket": "crashes"});
+        let mut cases = vec![(sns(&test_event), "test event")];
+        for t in ["SubscriptionConfirmation", "UnsubscribeConfirmation"] {
+            let mut c = sns(&json!({}));
+            c["Type"] = json!(t);
+            c["Message"] = json!("You have chosen to subscribe to the topic …");
+            c["SubscribeURL"] =
+                json!("https://sns.us-west-2.amazonaws.com/?Action=ConfirmSubscription");
+            cases.push((c, t));
+        }
+        for (body, why) in cases {
+            let ctx = MessageContext::for_test("s3-events", "k", 0);
+            match r.handle(body, &ctx).await {
+                Outcome::Drop(m) => assert!(m.contains(why), "{why}: {m}"),
+                o => panic!("{why}: {o:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn eventbridge_object_created_by_put_is_one_record() {
+        let r = router("a", 1);
+        let key = format!("v2/raw_crash/000/20180313/{DEFERRED}");
+        let body = counts_of(&r, eventbridge("Object Created", "PutObject", &key)).await;
+        assert_eq!(body["records"], 1);
+        assert_eq!(body["counts"]["deferred"], 1);
+        let ctx = MessageContext::for_test("s3-events", "k", 0);
+        let accepted = format!("v2/raw_crash/000/20180313/{ID}");
+        let put = eventbridge("Object Created", "PutObject", &accepted);
+        assert!(matches!(r.handle(put, &ctx).await, Outcome::Retry(m) if m.contains(ID)));
+        // Other creations and other events are not puts; EventBridge keys are not
+        // URL-encoded, so an encoded-looking key is taken as it is.
+        for (dt, reason, k) in [
+            ("Object Created", "CopyObject", accepted.as_str()),
+            (
+                "Object Created",
+                "CompleteMultipartUpload",
+                accepted.as_str(),
+            ),
+            ("Object Deleted", "DeleteObject", accepted.as_str()),
+            ("Object Created", "PutObject", &accepted.replace('/', "%2F")),
+        ] {
+            let body = counts_of(&r, eventbridge(dt, reason, k)).await;
+            assert_eq!(body["counts"]["ignored"], 1, "{dt} {reason} {k}");
+        }
+        let mut keyless = eventbridge("Object Created", "PutObject", &accepted);
+        keyless["detail"]["object"] = json!({});
+        assert_eq!(counts_of(&r, keyless).await["counts"]["junk"], 1);
     }
 
     #[tokio::test]

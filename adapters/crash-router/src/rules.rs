@@ -82,7 +82,46 @@ pub fn classify(record: &Value, accept: char, defer: char) -> Record {
     else {
         return Record::Junk("record has no string `s3.object.key`".into());
     };
-    let key = &object_key(key);
+    classify_key(&object_key(key), accept, defer)
+}
+
+/// The `reason` of an EventBridge "Object Created" event that S3 notifications call
+/// `ObjectCreated:Put` (the others: `POST Object`, `CopyObject`, `CompleteMultipartUpload`).
+pub const EVENTBRIDGE_PUT_REASON: &str = "PutObject";
+
+/// Classifies an S3 event delivered by EventBridge (`{"source":"aws.s3","detail-type":…,
+/// "detail":{"object":{"key":…},"reason":…}}`) as the one record it stands for: an
+/// "Object Created" event with reason `PutObject` is an `ObjectCreated:Put`. Its key is the
+/// object's key as stored (EventBridge does not URL-encode it), so it is not decoded: a
+/// `+` or `%` in it is part of the key.
+pub fn classify_eventbridge(event: &Value, accept: char, defer: char) -> Record {
+    let Some(detail_type) = event.get("detail-type").and_then(Value::as_str) else {
+        return Record::Junk("EventBridge event has no string `detail-type`".into());
+    };
+    if detail_type != "Object Created" {
+        return Record::Ignored(format!(
+            "EventBridge event `{detail_type}` is not Object Created"
+        ));
+    }
+    let detail = event.get("detail");
+    let Some(reason) = detail.and_then(|d| d.get("reason")).and_then(Value::as_str) else {
+        return Record::Junk("EventBridge event has no string `detail.reason`".into());
+    };
+    if reason != EVENTBRIDGE_PUT_REASON {
+        return Record::Ignored(format!("Object Created by `{reason}` is not a PutObject"));
+    }
+    let Some(key) = detail
+        .and_then(|d| d.get("object"))
+        .and_then(|o| o.get("key"))
+        .and_then(Value::as_str)
+    else {
+        return Record::Junk("EventBridge event has no string `detail.object.key`".into());
+    };
+    classify_key(key, accept, defer)
+}
+
+/// Classifies a created object by its key (decoded): a raw crash, and which.
+fn classify_key(key: &str, accept: char, defer: char) -> Record {
     if !key.starts_with(RAW_CRASH_PREFIX) {
         return Record::Ignored(format!("key `{key}` is not under {RAW_CRASH_PREFIX}"));
     }
@@ -213,6 +252,75 @@ mod tests {
                     Record::Junk(_)
                 ),
                 "{id}"
+            );
+        }
+    }
+
+    fn eventbridge(detail_type: &str, reason: &str, key: &str) -> Value {
+        json!({"source": "aws.s3", "detail-type": detail_type,
+               "detail": {"bucket": {"name": "b"}, "object": {"key": key}, "reason": reason}})
+    }
+
+    #[test]
+    fn eventbridge_puts_are_classified_by_their_raw_key() {
+        let id = "00007bd0-2d1c-4865-af09-80bc00180313";
+        assert_eq!(
+            classify_eventbridge(
+                &eventbridge("Object Created", "PutObject", ACCEPT_KEY),
+                '0',
+                '1'
+            ),
+            Record::Accepted(id.into())
+        );
+        assert!(matches!(
+            classify_eventbridge(
+                &eventbridge("Object Created", "PutObject", DEFER_KEY),
+                '0',
+                '1'
+            ),
+            Record::Deferred(_)
+        ));
+        // Not URL-encoded: `%2F` and `+` are the key's own characters, not `/` and space.
+        let encoded = ACCEPT_KEY.replace('/', "%2F");
+        assert!(matches!(
+            classify_eventbridge(
+                &eventbridge("Object Created", "PutObject", &encoded),
+                '0',
+                '1'
+            ),
+            Record::Ignored(_)
+        ));
+        assert!(matches!(
+            classify_eventbridge(
+                &eventbridge("Object Created", "PutObject", "v2/raw_crash/a+b/x"),
+                '0',
+                '1'
+            ),
+            Record::Junk(why) if why.contains("v2/raw_crash/a+b/x")
+        ));
+        for (dt, reason) in [
+            ("Object Created", "CopyObject"),
+            ("Object Created", "POST Object"),
+            ("Object Created", "CompleteMultipartUpload"),
+            ("Object Deleted", "DeleteObject"),
+        ] {
+            assert!(
+                matches!(
+                    classify_eventbridge(&eventbridge(dt, reason, ACCEPT_KEY), '0', '1'),
+                    Record::Ignored(_)
+                ),
+                "{dt} {reason}"
+            );
+        }
+        for bad in [
+            json!({"source": "aws.s3"}),
+            json!({"source": "aws.s3", "detail-type": "Object Created", "detail": {}}),
+            json!({"source": "aws.s3", "detail-type": "Object Created",
+                   "detail": {"reason": "PutObject", "object": {"key": 7}}}),
+        ] {
+            assert!(
+                matches!(classify_eventbridge(&bad, '0', '1'), Record::Junk(_)),
+                "{bad}"
             );
         }
     }

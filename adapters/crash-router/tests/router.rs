@@ -313,6 +313,76 @@ async fn a_body_that_is_not_an_s3_event_is_dead_lettered() {
     assert_eq!(dl.data, br#"{"records": []}"#);
 }
 
+/// S3 events reaching the bus through SNS (without raw message delivery) or EventBridge are
+/// routed like the notifications they carry; SNS's subscription messages and its wrapped
+/// S3 test event are dropped, not dead-lettered.
+#[tokio::test]
+async fn sns_and_eventbridge_deliveries_are_routed() {
+    let data = tempfile::tempdir().unwrap();
+    let (_c, ch) = test_channel().await;
+    let d = dests(&ch, 1).await;
+    // One at a time: the summaries come in publishing order, after every drop before them.
+    let hs = start(
+        data.path(),
+        &[("crash_router.queues", &d.0[0]), ("amqp.prefetch", "1")],
+    )
+    .await;
+    let mut out = hs.watch_output().await;
+    let mut q = consume(&hs.ch, &d.0[0]).await;
+    let (via_sns, via_eventbridge) = (crash_id(21, '0'), crash_id(22, '0'));
+    let sns = |kind: &str, message: String| {
+        json!({"Type": kind, "MessageId": "22b80b92-fdea-4c2c-8f9d-bdfb0c7bf324",
+               "TopicArn": "arn:aws:sns:us-west-2:123456789012:crashes",
+               "Message": message, "Timestamp": "2026-11-29T18:00:00.000Z"})
+    };
+    let test_event = json!({"Service": "Amazon S3", "Event": "s3:TestEvent", "Bucket": "crashes"});
+    let eventbridge = json!({"version": "0", "id": "17793124-05d4-b198-2fde-7ededc63b103",
+        "detail-type": "Object Created", "source": "aws.s3", "account": "111122223333",
+        "time": "2026-11-29T18:00:00Z", "region": "us-west-2",
+        "resources": ["arn:aws:s3:::crashes"],
+        "detail": {"version": "0", "bucket": {"name": "crashes"},
+                   "object": {"key": raw(&via_eventbridge), "size": 100},
+                   "request-id": "N4N7GDK58NMKJ12R", "requester": "123456789012",
+                   "reason": "PutObject"}});
+    for (id, body) in [
+        (
+            "subscribe",
+            sns("SubscriptionConfirmation", "confirm".into()),
+        ),
+        ("test", sns("Notification", test_event.to_string())),
+        (
+            "sns",
+            sns(
+                "Notification",
+                json!({"Records": [put(&raw(&via_sns))]}).to_string(),
+            ),
+        ),
+        ("unsubscribe", sns("UnsubscribeConfirmation", "bye".into())),
+        ("eventbridge", eventbridge),
+    ] {
+        hs.publish(
+            "crashes.put",
+            body.to_string().as_bytes(),
+            BasicProperties::default().with_message_id(id.into()),
+        )
+        .await;
+    }
+    for (id, crash) in [("sns", &via_sns), ("eventbridge", &via_eventbridge)] {
+        let o = next(&mut out).await;
+        assert_eq!(header(&o, "x-in-response-to").as_deref(), Some(id));
+        let summary: Value = serde_json::from_slice(&o.data).unwrap();
+        assert_eq!(summary["records"], 1, "{id}");
+        assert_eq!(summary["accepted"], json!([crash]), "{id}");
+        assert_eq!(&text(&next(&mut q).await), crash);
+    }
+    assert_eq!(ready_count(&hs.ch, &format!("{}-dlq", hs.q)).await, 0);
+    assert!(
+        next_within(&mut q, Duration::from_millis(300))
+            .await
+            .is_none()
+    );
+}
+
 fn run_bin(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     let dir = tempfile::tempdir().unwrap();
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_crash-router"));

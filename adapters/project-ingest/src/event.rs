@@ -1,4 +1,5 @@
-//! Decoding Pluto project events: plain JSON or Kinesis envelopes with base64 `data`.
+//! Decoding Pluto project events: plain JSON, pluto-core's arrays of project entries, or
+//! Kinesis envelopes with base64 `data`.
 
 use base64::Engine;
 use framework::fields::{FieldError, kind_name, no_nul, present, string};
@@ -48,6 +49,29 @@ impl EventKind {
             EventKind::Updated => "project-updated",
         }
     }
+
+    /// The kind a routing key names by its last segment, as pluto-core's
+    /// RabbitMqPropagator writes it (`core.project.create`, `core.project.update`): its
+    /// entries carry no `type`.
+    pub fn from_routing_key(key: &str) -> Option<Self> {
+        match key.rsplit('.').next() {
+            Some("create") => Some(EventKind::Created),
+            Some("update") => Some(EventKind::Updated),
+            _ => None,
+        }
+    }
+}
+
+/// What the delivery of a message tells about its events where they do not say it
+/// themselves.
+#[derive(Debug, Clone, Copy)]
+pub struct Delivery<'a> {
+    /// When the message was published, else first received (normalized): the last resort
+    /// ordering a project-updated event that has no time of its own.
+    pub received: &'a str,
+    /// The routing key it was first published with: names the kind of an event without
+    /// `type` (see [`EventKind::from_routing_key`]).
+    pub routing_key: &'a str,
 }
 
 /// A validated project event.
@@ -61,10 +85,12 @@ pub struct ProjectEvent {
     pub title: String,
     /// Project status.
     pub status: String,
-    /// Commission id (integers are kept as their decimal text).
-    pub commission_id: String,
-    /// Commission title.
-    pub commission_title: String,
+    /// Commission id (integers are kept as their decimal text); None: the project has no
+    /// commission (a pluto-core entry with `commissionId` null or absent).
+    pub commission_id: Option<String>,
+    /// Commission title; None when the event does not carry it (pluto-core entries never
+    /// do): the title already stored for the commission is kept.
+    pub commission_title: Option<String>,
     /// Production office.
     pub production_office: String,
     /// Creation time as sent (validated RFC 3339).
@@ -106,6 +132,22 @@ fn identifier(o: &Map<String, Value>, f: &str) -> Result<String, FieldError> {
     }
 }
 
+/// [`identifier`] where null or absent means none.
+fn optional_identifier(o: &Map<String, Value>, f: &str) -> Result<Option<String>, FieldError> {
+    match o.get(f) {
+        None | Some(Value::Null) => Ok(None),
+        Some(_) => identifier(o, f).map(Some),
+    }
+}
+
+/// [`string`] where null or absent means none.
+fn optional_string(o: &Map<String, Value>, f: &str) -> Result<Option<String>, FieldError> {
+    match o.get(f) {
+        None | Some(Value::Null) => Ok(None),
+        Some(_) => string(o, f).map(Some),
+    }
+}
+
 /// A time as fixed-width UTC text, so text order is time order; None for a year chrono
 /// would write with a sign or a fifth digit (which would sort before every real time).
 pub fn time_key(t: chrono::DateTime<chrono::Utc>) -> Option<String> {
@@ -141,15 +183,15 @@ fn time_field(o: &Map<String, Value>, f: &str) -> Result<(String, String), Field
 
 /// Parses a Pluto project JSON object; `arrival` is the Kinesis arrival time, if any.
 pub fn parse_project(v: &Value, arrival: Option<String>) -> Result<Parsed, EventError> {
-    parse_with_receipt(v, arrival, None)
+    parse_delivered(v, arrival, None)
 }
 
-/// [`parse_project`] of a plain message, with `received`: when it first reached this
-/// service (normalized), the last resort ordering a project-updated event.
-fn parse_with_receipt(
+/// [`parse_project`] of an event as delivered: `delivery` orders a project-updated event
+/// without a time of its own, and names the kind of one without `type`.
+fn parse_delivered(
     v: &Value,
     arrival: Option<String>,
-    received: Option<&str>,
+    delivery: Option<&Delivery<'_>>,
 ) -> Result<Parsed, EventError> {
     let Value::Object(o) = v else {
         return Err(EventError::Shape(format!(
@@ -157,29 +199,55 @@ fn parse_with_receipt(
             kind_name(v)
         )));
     };
-    let kind = match string(o, "type")?.as_str() {
-        "project-created" => EventKind::Created,
-        "project-updated" => EventKind::Updated,
-        other => return Ok(Parsed::UnknownType(other.to_string())),
+    // No `type` at all: a pluto-core project entry (Play JSON of its `ProjectEntry`), whose
+    // kind is the routing key's operation; on any other key still "missing".
+    let routed = match o.get("type") {
+        None => Some(
+            delivery
+                .and_then(|d| EventKind::from_routing_key(d.routing_key))
+                .ok_or_else(|| FieldError::Missing("type".into()))?,
+        ),
+        Some(_) => None,
+    };
+    let entry = routed.is_some();
+    let kind = match routed {
+        Some(kind) => kind,
+        None => match string(o, "type")?.as_str() {
+            "project-created" => EventKind::Created,
+            "project-updated" => EventKind::Updated,
+            other => return Ok(Parsed::UnknownType(other.to_string())),
+        },
     };
     let id = identifier(o, "id")?;
     let title = string(o, "title")?;
     let status = string(o, "status")?;
-    let commission_id = identifier(o, "commissionId")?;
-    let commission_title = string(o, "commissionTitle")?;
+    // A pluto-core entry writes no `commissionId` (or null) for a project without a
+    // commission, and never the commission's title; the Pluto event JSON has both.
+    let (commission_id, commission_title) = if entry {
+        match optional_identifier(o, "commissionId")? {
+            Some(c) => (Some(c), optional_string(o, "commissionTitle")?),
+            None => (None, None),
+        }
+    } else {
+        (
+            Some(identifier(o, "commissionId")?),
+            Some(string(o, "commissionTitle")?),
+        )
+    };
     let production_office = string(o, "productionOffice")?;
     let (created, created_norm) = time_field(o, "created")?;
     // Ordering key: an explicit `updated` time wins, then the Kinesis arrival time; then a
     // project-created event falls back to its `created` time, and a project-updated one
-    // to the first receipt of a plain message (kept across retries), so an older update
-    // returning from a retry tier never overwrites a newer one applied meanwhile.
+    // to when its message was published or first received (kept across retries), so an
+    // older update returning from a retry tier never overwrites a newer one applied
+    // meanwhile.
     let updated = match o.get("updated") {
         None | Some(Value::Null) => None,
         Some(_) => Some(time_field(o, "updated")?.1),
     };
     let fallback = match kind {
         EventKind::Created => Some(created_norm),
-        EventKind::Updated => received.map(str::to_string),
+        EventKind::Updated => delivery.map(|d| d.received.to_string()),
     };
     let version = updated.or(arrival).or(fallback);
     Ok(Parsed::Project(ProjectEvent {
@@ -206,8 +274,13 @@ fn arrival_time(rec: &Map<String, Value>) -> Option<String> {
     chrono::DateTime::from_timestamp_micros(micros).and_then(time_key)
 }
 
-/// Decodes one Kinesis record (`{"data": base64, ...}`); `path` names it in errors.
-fn parse_kinesis_record(rec: &Value, path: &str) -> Result<Parsed, EventError> {
+/// Decodes one Kinesis record (`{"data": base64, ...}`); `path` names it in errors. A record
+/// without an arrival time is ordered by its message's `delivery`, as a plain message.
+fn parse_kinesis_record(
+    rec: &Value,
+    path: &str,
+    delivery: &Delivery<'_>,
+) -> Result<Parsed, EventError> {
     let Value::Object(o) = rec else {
         return Err(FieldError::wrong_type(path, "object", rec).into());
     };
@@ -234,19 +307,48 @@ fn parse_kinesis_record(rec: &Value, path: &str) -> Result<Parsed, EventError> {
             reason: format!("found {}", kind_name(&json)),
         });
     }
-    parse_project(&json, arrival_time(o))
+    parse_delivered(&json, arrival_time(o), Some(delivery))
 }
 
-/// Splits a message into its events: a plain project JSON (one item), a Kinesis record
-/// (`{"kinesis":{"data":…}}` or `{"data":…}`) or a Kinesis event (`{"Records":[…]}`);
-/// `received` (normalized) orders a plain project-updated JSON, which has no arrival time.
+/// [`items_delivered`] of a message whose routing key is not known: `received`
+/// (normalized) orders a project-updated event without `updated` or arrival time, and an
+/// event without `type` is refused as missing it.
 pub fn items(msg: &Value, received: &str) -> Vec<Item> {
+    items_delivered(
+        msg,
+        &Delivery {
+            received,
+            routing_key: "",
+        },
+    )
+}
+
+/// Splits a message into its events: a plain project JSON (one item), pluto-core's array
+/// of project entries (an item each), a Kinesis record (`{"kinesis":{"data":…}}` or
+/// `{"data":…}`) or a Kinesis event (`{"Records":[…]}`); `delivery` orders a
+/// project-updated event without `updated` or arrival time, and names the kind of one
+/// without `type`.
+pub fn items_delivered(msg: &Value, delivery: &Delivery<'_>) -> Vec<Item> {
     let one = |parsed| {
         vec![Item {
             raw: msg.clone(),
             parsed,
         }]
     };
+    // pluto-core publishes its entries as a JSON array: a batch, each entry on its own. An
+    // array of anything else is no such batch and is refused whole, as before.
+    if let Value::Array(entries) = msg
+        && !entries.is_empty()
+        && entries.iter().all(Value::is_object)
+    {
+        return entries
+            .iter()
+            .map(|e| Item {
+                raw: e.clone(),
+                parsed: parse_delivered(e, None, Some(delivery)),
+            })
+            .collect();
+    }
     let Value::Object(o) = msg else {
         return one(Err(EventError::Shape(format!(
             "expected a JSON object, found {}",
@@ -268,7 +370,7 @@ pub fn items(msg: &Value, received: &str) -> Vec<Item> {
             .map(|(i, r)| {
                 let path = format!("Records[{i}].kinesis");
                 let parsed = match r.get("kinesis") {
-                    Some(k) => parse_kinesis_record(k, &path),
+                    Some(k) => parse_kinesis_record(k, &path, delivery),
                     None => Err(FieldError::Missing(path).into()),
                 };
                 Item {
@@ -279,12 +381,12 @@ pub fn items(msg: &Value, received: &str) -> Vec<Item> {
             .collect();
     }
     if let Some(k) = o.get("kinesis") {
-        return one(parse_kinesis_record(k, "kinesis"));
+        return one(parse_kinesis_record(k, "kinesis", delivery));
     }
     if o.contains_key("data") && !o.contains_key("type") {
-        return one(parse_kinesis_record(msg, "record"));
+        return one(parse_kinesis_record(msg, "record", delivery));
     }
-    one(parse_with_receipt(msg, None, Some(received)))
+    one(parse_delivered(msg, None, Some(delivery)))
 }
 
 #[cfg(test)]
@@ -334,11 +436,123 @@ mod tests {
         let Parsed::Project(p) = parse_project(&v, None).unwrap() else {
             panic!()
         };
-        assert_eq!(p.commission_id, "42");
+        assert_eq!(p.commission_id.as_deref(), Some("42"));
         v["commissionId"] = json!(true);
         assert_eq!(
             parse_project(&v, None).unwrap_err().to_string(),
             "field `commissionId`: expected integer or non-empty string, found boolean"
+        );
+    }
+
+    /// A pluto-core project entry, as its RabbitMqPropagator publishes it (in an array).
+    fn entry() -> Value {
+        json!({"id": 1234, "projectTypeId": 1, "title": "T",
+               "created": "2021-04-29T13:53:43.413+01:00",
+               "updated": "2021-04-29T13:53:43.413+01:00", "user": "u", "workingGroupId": 3,
+               "commissionId": 42, "deletable": true, "status": "New",
+               "productionOffice": "UK"})
+    }
+
+    const RECEIVED: &str = "2024-01-01T00:00:00.000000Z";
+
+    fn on(key: &str) -> Delivery<'_> {
+        Delivery {
+            received: RECEIVED,
+            routing_key: key,
+        }
+    }
+
+    fn project_of(item: &Item) -> &ProjectEvent {
+        match &item.parsed {
+            Ok(Parsed::Project(p)) => p,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn pluto_core_entries_take_their_kind_from_the_routing_key() {
+        let msg = json!([entry(), entry()]);
+        let created = items_delivered(&msg, &on("core.project.create"));
+        assert_eq!(created.len(), 2);
+        let p = project_of(&created[0]);
+        assert_eq!(p.kind, EventKind::Created);
+        assert_eq!(p.id, "1234");
+        assert_eq!(p.commission_id.as_deref(), Some("42"));
+        assert_eq!(p.commission_title, None);
+        assert_eq!(p.version.as_deref(), Some("2021-04-29T12:53:43.413000Z"));
+        let updated = items_delivered(&msg, &on("core.project.update"));
+        assert_eq!(project_of(&updated[1]).kind, EventKind::Updated);
+        // Any other operation: still the missing `type`.
+        for key in [
+            "core.project.delete",
+            "core.project.event",
+            "create.project",
+        ] {
+            let it = items_delivered(&json!([entry()]), &on(key));
+            assert_eq!(
+                it[0].parsed.as_ref().unwrap_err().to_string(),
+                "field `type` is missing",
+                "{key}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_pluto_core_entry_without_commission_has_none() {
+        let mut null = entry();
+        null["commissionId"] = Value::Null;
+        null["commissionTitle"] = json!("ignored without an id");
+        let mut absent = entry();
+        absent.as_object_mut().unwrap().remove("commissionId");
+        for v in [null, absent] {
+            let it = items_delivered(&v, &on("core.project.create"));
+            let p = project_of(&it[0]);
+            assert_eq!((&p.commission_id, &p.commission_title), (&None, &None));
+        }
+        // With a title, it is taken; the Pluto event JSON still requires both.
+        let mut titled = entry();
+        titled["commissionTitle"] = json!("C");
+        let it = items_delivered(&titled, &on("core.project.update"));
+        assert_eq!(project_of(&it[0]).commission_title.as_deref(), Some("C"));
+        let mut typed = project();
+        typed["commissionId"] = Value::Null;
+        assert_eq!(
+            items_delivered(&typed, &on("core.project.create"))[0]
+                .parsed
+                .as_ref()
+                .unwrap_err()
+                .to_string(),
+            "field `commissionId` is null"
+        );
+    }
+
+    #[test]
+    fn only_a_non_empty_array_of_objects_is_a_batch() {
+        for msg in [json!([]), json!([1, 2]), json!([entry(), 3])] {
+            let it = items_delivered(&msg, &on("core.project.create"));
+            assert_eq!(it.len(), 1, "{msg}");
+            assert_eq!(
+                it[0].parsed.as_ref().unwrap_err().to_string(),
+                "expected a JSON object, found array"
+            );
+        }
+    }
+
+    #[test]
+    fn a_kinesis_update_without_arrival_time_is_ordered_by_its_delivery() {
+        let mut upd = project();
+        upd["type"] = json!("project-updated");
+        let data = base64::engine::general_purpose::STANDARD.encode(upd.to_string());
+        let it = items_delivered(&json!({"kinesis": {"data": data}}), &on("k"));
+        assert_eq!(project_of(&it[0]).version.as_deref(), Some(RECEIVED));
+        // An arrival time still wins.
+        let rec =
+            json!({"kinesis": {"data": data, "approximateArrivalTimestamp": 1_545_084_650.987}});
+        assert_eq!(
+            project_of(&items_delivered(&rec, &on("k"))[0])
+                .version
+                .as_deref(),
+            Some("2018-12-17T22:10:50.987000Z")
         );
     }
 

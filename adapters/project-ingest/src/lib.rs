@@ -1,5 +1,6 @@
-//! project-ingest: Pluto project events (plain JSON or Kinesis envelopes) → project and
-//! commission records in the database (design §7).
+//! project-ingest: Pluto project events (plain JSON, pluto-core's arrays of project
+//! entries or Kinesis envelopes) → project and commission records in the database
+//! (design §7).
 
 pub mod event;
 pub mod store;
@@ -11,15 +12,16 @@ use framework::{
 };
 use serde::{Deserialize, Serialize};
 
-use event::{Parsed, items, normalize_time};
+use event::{Delivery, Parsed, items_delivered, normalize_time};
 use store::{Applied, Store};
 
 /// Header listing the 1-based records of a batch already dead-lettered (kept across retries).
 pub const DEAD_LETTERED_HEADER: &str = framework::batch::DEAD_LETTERED_RECORDS;
 
-/// Header carrying when a plain message first reached this service (RFC 3339, UTC),
-/// kept across retries: the ordering key of a plain update without an `updated` time, so
-/// an older update returning from a retry tier loses to a newer one applied meanwhile.
+/// Header carrying when a message first reached this service (RFC 3339, UTC), kept
+/// across retries: the ordering key of an update without an `updated` time (plain, or a
+/// Kinesis record without an arrival time) when the message has no AMQP `timestamp`, so an
+/// older update returning from a retry tier loses to a newer one applied meanwhile.
 pub const RECEIVED_HEADER: &str = "x-project-ingest-received";
 
 /// Counter of handled events by `result` (stored, stale, missing, unknown_type, invalid).
@@ -116,7 +118,11 @@ impl MessageProcessor for ProjectProcessor {
                     .unwrap_or_else(|| unreachable!("the clock is past the year 9999"))
             });
         ctx.set_retry_header(RECEIVED_HEADER, &received);
-        let items = items(&input, &received);
+        let delivery = Delivery {
+            received: &received,
+            routing_key: &ctx.routing_key,
+        };
+        let items = items_delivered(&input, &delivery);
         let batch = items.len() > 1;
         let mut dead = framework::batch::Progress::resume(ctx, DEAD_LETTERED_HEADER);
         let mut stored = Vec::new();

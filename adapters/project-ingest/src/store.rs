@@ -21,10 +21,10 @@ pub struct StoredProject {
     pub title: String,
     /// Status.
     pub status: String,
-    /// Commission id.
-    pub commission_id: String,
-    /// Commission title.
-    pub commission_title: String,
+    /// Commission id; None: the project has no commission.
+    pub commission_id: Option<String>,
+    /// Commission title; None while no event has given it (pluto-core entries do not).
+    pub commission_title: Option<String>,
     /// Production office.
     pub production_office: String,
     /// Creation time as Pluto sent it.
@@ -53,6 +53,11 @@ pub enum Applied {
 pub struct Store {
     pool: AnyPool,
 }
+
+/// The project's commission title (`$5`, the event's) in a write whose commission id is
+/// `$4`: an event without one (a pluto-core entry) keeps the title stored for that
+/// commission, none if it has none or the project has no commission.
+const COMMISSION_TITLE: &str = "COALESCE($5, (SELECT c.title FROM commissions c WHERE c.id = $4))";
 
 const COLS: &str = "id, title, status, commission_id, commission_title, production_office, \
                     created, version, last_event, updated_at";
@@ -116,7 +121,7 @@ impl Store {
                 // A created event never overwrites state written by an update, and never
                 // a newer created event (redelivery of the same one re-applies it).
                 let sql = format!(
-                    "INSERT INTO projects ({COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+                    "INSERT INTO projects ({COLS}) VALUES ($1, $2, $3, $4, {COMMISSION_TITLE}, $6, $7, $8, $9, $10) \
                      ON CONFLICT (id) DO UPDATE SET title = excluded.title, status = excluded.status, \
                      commission_id = excluded.commission_id, commission_title = excluded.commission_title, \
                      production_office = excluded.production_office, created = excluded.created, \
@@ -129,8 +134,8 @@ impl Store {
                     .bind(&ev.id)
                     .bind(&ev.title)
                     .bind(&ev.status)
-                    .bind(&ev.commission_id)
-                    .bind(&ev.commission_title)
+                    .bind(ev.commission_id.clone())
+                    .bind(ev.commission_title.clone())
                     .bind(&ev.production_office)
                     .bind(&ev.created)
                     .bind(ev.version.clone())
@@ -146,7 +151,7 @@ impl Store {
                 };
                 let sql = format!(
                     "UPDATE projects SET title = $2, status = $3, commission_id = $4, \
-                     commission_title = $5, production_office = $6, created = $7, \
+                     commission_title = {COMMISSION_TITLE}, production_office = $6, created = $7, \
                      version = {set_version}, last_event = 'project-updated', updated_at = {now_param} \
                      WHERE id = $1{guard} RETURNING {COLS}"
                 );
@@ -154,8 +159,8 @@ impl Store {
                     .bind(&ev.id)
                     .bind(&ev.title)
                     .bind(&ev.status)
-                    .bind(&ev.commission_id)
-                    .bind(&ev.commission_title)
+                    .bind(ev.commission_id.clone())
+                    .bind(ev.commission_title.clone())
                     .bind(&ev.production_office)
                     .bind(&ev.created);
                 if let Some(v) = version {
@@ -178,21 +183,25 @@ impl Store {
             });
         };
         let project = row_to_project(&row)?;
-        db::sqlx::query(
-            "INSERT INTO commissions (id, title, production_office, version, updated_at) \
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO UPDATE SET title = excluded.title, \
-             production_office = excluded.production_office, \
-             version = COALESCE(excluded.version, commissions.version), updated_at = excluded.updated_at \
-             WHERE commissions.version IS NULL OR excluded.version IS NULL \
-             OR commissions.version <= excluded.version",
-        )
-        .bind(&ev.commission_id)
-        .bind(&ev.commission_title)
-        .bind(&ev.production_office)
-        .bind(ev.version.clone())
-        .bind(&now)
-        .execute(&mut *tx)
-        .await?;
+        // Only an event that names the commission's title writes the commission: a row
+        // needs one, and an event without it says nothing about the commission itself.
+        if let (Some(id), Some(title)) = (&ev.commission_id, &ev.commission_title) {
+            db::sqlx::query(
+                "INSERT INTO commissions (id, title, production_office, version, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO UPDATE SET title = excluded.title, \
+                 production_office = excluded.production_office, \
+                 version = COALESCE(excluded.version, commissions.version), updated_at = excluded.updated_at \
+                 WHERE commissions.version IS NULL OR excluded.version IS NULL \
+                 OR commissions.version <= excluded.version",
+            )
+            .bind(id)
+            .bind(title)
+            .bind(&ev.production_office)
+            .bind(ev.version.clone())
+            .bind(&now)
+            .execute(&mut *tx)
+            .await?;
+        }
         tx.commit().await?;
         Ok(Applied::Stored(Box::new(project)))
     }

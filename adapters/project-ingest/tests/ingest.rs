@@ -123,6 +123,8 @@ on_both!(
     older_updates_never_overwrite_newer_ones,
     a_plain_update_back_from_a_retry_tier_never_overwrites_a_newer_one,
     a_plain_update_published_earlier_never_overwrites_a_newer_one,
+    a_kinesis_update_without_arrival_time_never_overwrites_a_newer_one,
+    pluto_core_entries_are_stored_then_updated,
     a_nul_character_is_permanent_naming_the_field,
     an_update_that_overtakes_its_create_waits_for_it,
     an_update_published_in_the_second_of_its_create_is_applied,
@@ -219,7 +221,6 @@ async fn a_plain_update_published_earlier_never_overwrites_a_newer_one(b: Backen
 /// was applied: it carries its first receipt time (the retry header), older than the
 /// newer update's, so it is stale and the newer state stays.
 async fn a_plain_update_back_from_a_retry_tier_never_overwrites_a_newer_one(b: Backend) {
-    use framework::lapin::types::{AMQPValue, FieldTable};
     let env = start(b, &[]).await;
     let mut out = env.hs.watch_output().await;
     env.send(&project("project-created", "r", "v0")).await;
@@ -228,8 +229,49 @@ async fn a_plain_update_back_from_a_retry_tier_never_overwrites_a_newer_one(b: B
     let first_received = chrono::Utc::now() - chrono::Duration::seconds(5);
     env.send(&project("project-updated", "r", "newer")).await;
     assert_eq!(body(&next(&mut out).await)["title"], "newer");
-    // …and re-enters the queue from a retry tier as the framework sends it there: its
-    // retry count, origin, and the headers the first attempt set.
+    let older = project("project-updated", "r", "older");
+    assert_dropped_as_retried(&env, &mut out, &older, first_received).await;
+    assert_eq!(
+        env.store.project("r").await.unwrap().unwrap().title,
+        "newer"
+    );
+    assert_eq!(env.dlq_count().await, 0);
+    env.finish().await;
+}
+
+/// A Kinesis record without `approximateArrivalTimestamp` (the docs' own
+/// `{"kinesis":{"data":…}}`) is ordered like a plain message, by when the message was
+/// published or first received: an older update back from a retry tier is stale.
+async fn a_kinesis_update_without_arrival_time_never_overwrites_a_newer_one(b: Backend) {
+    let env = start(b, &[]).await;
+    let mut out = env.hs.watch_output().await;
+    env.send(&project("project-created", "kr", "v0")).await;
+    next(&mut out).await;
+    let first_received = chrono::Utc::now() - chrono::Duration::seconds(5);
+    let record =
+        |title: &str| json!({"kinesis": {"data": b64(&project("project-updated", "kr", title))}});
+    env.send(&record("newer")).await;
+    assert_eq!(body(&next(&mut out).await)["title"], "newer");
+    assert_dropped_as_retried(&env, &mut out, &record("older"), first_received).await;
+    assert_eq!(
+        env.store.project("kr").await.unwrap().unwrap().title,
+        "newer"
+    );
+    assert_eq!(env.dlq_count().await, 0);
+    env.finish().await;
+}
+
+/// Puts `v` back into the queue as the framework's retry tier does (its retry count,
+/// origin, and the first-receipt header of its first attempt at `first_received`), then
+/// a sentinel: with prefetch 1 the sentinel's success proves `v` was handled, and that
+/// it published nothing.
+async fn assert_dropped_as_retried(
+    env: &Env,
+    out: &mut framework::lapin::Consumer,
+    v: &Value,
+    first_received: chrono::DateTime<chrono::Utc>,
+) {
+    use framework::lapin::types::{AMQPValue, FieldTable};
     let mut h = FieldTable::default();
     h.insert("x-retry-count".into(), AMQPValue::LongLongInt(1));
     h.insert(
@@ -244,16 +286,14 @@ async fn a_plain_update_back_from_a_retry_tier_never_overwrites_a_newer_one(b: B
         project_ingest::RECEIVED_HEADER.into(),
         AMQPValue::LongString(first_received.to_rfc3339().as_str().into()),
     );
-    let older = serde_json::to_vec(&project("project-updated", "r", "older")).unwrap();
     publish(
         &env.hs.ch,
         "",
         &env.hs.q,
-        &older,
+        &serde_json::to_vec(v).unwrap(),
         BasicProperties::default().with_headers(h),
     )
     .await;
-    // FIFO with prefetch 1: the sentinel's success proves `older` was handled.
     let sentinel = serde_json::to_vec(&project("project-created", "sentinel", "s")).unwrap();
     publish(
         &env.hs.ch,
@@ -264,13 +304,98 @@ async fn a_plain_update_back_from_a_retry_tier_never_overwrites_a_newer_one(b: B
     )
     .await;
     assert_eq!(
-        body(&next(&mut out).await)["id"],
+        body(&next(out).await)["id"],
         "sentinel",
-        "older was dropped"
+        "the retried message was dropped"
     );
+}
+
+/// pluto-core's RabbitMqPropagator publishes a JSON array of its project entries (Play
+/// JSON of `ProjectEntry`: no `type`, no `commissionTitle`, `commissionId` null or absent
+/// without a commission), the operation in the routing key `core.project.create|update`.
+async fn pluto_core_entries_are_stored_then_updated(b: Backend) {
+    let env = start(b, &[]).await;
+    let mut out = env.hs.watch_output().await;
+    let mut dlq = env.hs.watch_dlq().await;
+    // Commission 42's title, known from an event that carries it.
+    let mut known = project("project-created", "pc-known", "t");
+    known["commissionId"] = json!(42);
+    known["commissionTitle"] = json!("Commission 42");
+    env.send(&known).await;
+    next(&mut out).await;
+    let entry = |id: u64, title: &str, commission: Value, updated: &str| {
+        json!({"id": id, "projectTypeId": 1, "title": title,
+               "created": "2021-04-29T13:53:43.413+01:00", "updated": updated,
+               "user": "u", "workingGroupId": 3, "commissionId": commission,
+               "deletable": true, "status": "New", "productionOffice": "UK"})
+    };
+    let t0 = "2021-04-29T13:53:43.413+01:00";
+    let mut untitled = entry(1236, "", json!(42), t0);
+    untitled.as_object_mut().unwrap().remove("title");
+    let mut no_key = entry(1237, "No commission key", Value::Null, t0);
+    no_key.as_object_mut().unwrap().remove("commissionId");
+    let created = json!([
+        entry(1234, "T", json!(42), t0),
+        entry(1235, "No commission", Value::Null, t0),
+        untitled,
+        no_key,
+    ]);
+    let send = |key: &'static str, v: Value| {
+        let hs = &env.hs;
+        async move {
+            hs.publish(
+                key,
+                &serde_json::to_vec(&v).unwrap(),
+                BasicProperties::default(),
+            )
+            .await
+        }
+    };
+    send("core.project.create", created.clone()).await;
+    let mut stored: Vec<Value> = Vec::new();
+    for _ in 0..3 {
+        stored.push(body(&next(&mut out).await));
+    }
+    stored.sort_by_key(|v| v["id"].as_str().unwrap_or_default().to_string());
+    assert_eq!(stored[0]["id"], "1234");
+    assert_eq!(stored[0]["title"], "T");
+    assert_eq!(stored[0]["lastEvent"], "project-created");
+    assert_eq!(stored[0]["commissionId"], "42");
+    assert_eq!(stored[0]["commissionTitle"], "Commission 42");
+    assert_eq!(stored[0]["version"], "2021-04-29T12:53:43.413000Z");
+    for (p, title) in stored[1..]
+        .iter()
+        .zip(["No commission", "No commission key"])
+    {
+        assert_eq!(p["title"], title);
+        assert_eq!(p["commissionId"], Value::Null, "{p}");
+        assert_eq!(p["commissionTitle"], Value::Null, "{p}");
+    }
+    // The bad entry is dead-lettered alone, as a bad record of a Kinesis batch.
+    let dl = next(&mut dlq).await;
     assert_eq!(
-        env.store.project("r").await.unwrap().unwrap().title,
-        "newer"
+        header(&dl, "x-error").as_deref(),
+        Some("record 3: field `title` is missing")
+    );
+    assert_eq!(body(&dl), created[2]);
+    let p = serde_json::to_value(env.store.project("1235").await.unwrap().unwrap()).unwrap();
+    assert_eq!(p["commissionId"], Value::Null);
+    assert_eq!(p["commissionTitle"], Value::Null);
+    // The update: stored over the created state, the commission's title kept.
+    let mut upd = entry(1234, "T2", json!(42), "2021-04-30T09:00:00.000+01:00");
+    upd["status"] = json!("In Production");
+    send("core.project.update", json!([upd])).await;
+    let v = body(&next(&mut out).await);
+    assert_eq!(v["title"], "T2");
+    assert_eq!(v["status"], "In Production");
+    assert_eq!(v["lastEvent"], "project-updated");
+    assert_eq!(v["commissionTitle"], "Commission 42");
+    let p = serde_json::to_value(env.store.project("1234").await.unwrap().unwrap()).unwrap();
+    assert_eq!(p["title"], "T2");
+    assert_eq!(p["commissionTitle"], "Commission 42");
+    assert_eq!(
+        env.store.commission("42").await.unwrap().unwrap().0,
+        "Commission 42"
     );
     assert_eq!(env.dlq_count().await, 0);
     env.finish().await;

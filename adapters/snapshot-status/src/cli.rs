@@ -127,7 +127,10 @@ mod tests {
         };
         let table = render_table("c\r", Some("Pending"), &[c]);
         assert_eq!(table.lines().count(), 4, "{table}");
-        assert!(!table.contains('\u{1b}') && !table.contains('\r'), "{table}");
+        assert!(
+            !table.contains('\u{1b}') && !table.contains('\r'),
+            "{table}"
+        );
         assert!(table.contains("db.a\\nforged"), "{table}");
     }
 }

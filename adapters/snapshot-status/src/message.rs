@@ -37,7 +37,7 @@ pub struct StatusMessage {
     pub reprocess_files: String,
     /// `is_success_file`, compared case-insensitively with "true" (default false).
     pub is_success_file: bool,
-    /// File name (default `NOT_SET`).
+    /// File name: `filename`, else the original lambda's `file_name` (default `NOT_SET`).
     pub filename: String,
     /// Files the exporter wrote for the collection, when this message reports it.
     pub files_exported: Option<i64>,
@@ -112,6 +112,18 @@ fn count(o: &Map<String, Value>, f: &str) -> Result<Option<i64>, FieldError> {
     }
 }
 
+/// The file's name: `filename` (this contract's and the lambda README's), else `file_name`,
+/// the field the original lambda actually reads (its `FILE_NAME_FIELD_NAME`), so a sender
+/// written against the lambda has its files counted by name; both are validated alike.
+fn filename(o: &Map<String, Value>) -> Result<String, FieldError> {
+    let filename = optional(o, "filename", "")?;
+    let file_name = optional(o, "file_name", "")?;
+    Ok([filename, file_name]
+        .into_iter()
+        .find(|n| !n.is_empty())
+        .unwrap_or_else(|| FILENAME_NOT_SET.to_string()))
+}
+
 /// Validates one status message object.
 pub fn parse_status(v: &Value) -> Result<StatusMessage, InvalidMessage> {
     let Value::Object(o) = v else {
@@ -130,7 +142,7 @@ pub fn parse_status(v: &Value) -> Result<StatusMessage, InvalidMessage> {
         shutdown_flag: optional(o, "shutdown_flag", "true")?,
         reprocess_files: optional(o, "reprocess_files", "true")?,
         is_success_file: optional(o, "is_success_file", "false")?.eq_ignore_ascii_case("true"),
-        filename: optional(o, "filename", FILENAME_NOT_SET)?,
+        filename: filename(o)?,
         files_exported: count(o, "files_exported")?,
         files_sent: count(o, "files_sent")?,
     })
@@ -274,6 +286,38 @@ mod tests {
                 InvalidMessage::Field(FieldError::Nul(f.into())),
                 "{f}"
             );
+        }
+    }
+
+    #[test]
+    fn file_name_is_an_alias_of_filename() {
+        let mut b = base();
+        b["file_name"] = json!("a.gz.enc");
+        assert_eq!(parse_status(&b).unwrap().filename, "a.gz.enc");
+        // `filename` wins when both are given; an empty or null one defers to the other.
+        b["filename"] = json!("b.gz.enc");
+        assert_eq!(parse_status(&b).unwrap().filename, "b.gz.enc");
+        for none in [json!(""), Value::Null] {
+            b["filename"] = none;
+            assert_eq!(parse_status(&b).unwrap().filename, "a.gz.enc");
+        }
+        b["file_name"] = json!("");
+        assert_eq!(parse_status(&b).unwrap().filename, FILENAME_NOT_SET);
+        // Validated like `filename`, naming the field.
+        b["file_name"] = json!(true);
+        assert_eq!(parse_status(&b).unwrap().filename, "true");
+        for (v, e) in [
+            (
+                json!("a\u{0}"),
+                "field `file_name` contains a NUL character (\\u0000)",
+            ),
+            (
+                json!(["a"]),
+                "field `file_name`: expected string, found array",
+            ),
+        ] {
+            b["file_name"] = v;
+            assert_eq!(parse_status(&b).unwrap_err().to_string(), e);
         }
     }
 

@@ -933,6 +933,33 @@ async fn an_unnamed_file_without_message_id_counts_once_when_redelivered() {
     env.finish().await;
 }
 
+/// The original lambda reads the file's name from `file_name` (its FILE_NAME_FIELD_NAME):
+/// one file sent twice under different message ids counts once, as with `filename`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_named_by_file_name_counts_once() {
+    let mut env = start(Backend::Sqlite, &[]).await;
+    let c = "corr-file-name";
+    env.process(&msg(c, "db.n", json!({"files_exported": 2})))
+        .await;
+    let named = msg(c, "db.n", json!({"file_name": "n1.gz.enc"}));
+    let mut replies = Vec::new();
+    for id in ["fn-1", "fn-2"] {
+        env.send_with(
+            &named,
+            BasicProperties::default().with_message_id(id.into()),
+        )
+        .await;
+        replies.push(json_of(&next(&mut env.out).await));
+    }
+    assert_eq!(replies[0]["counted"], true);
+    assert_eq!(replies[0]["filename"], "n1.gz.enc");
+    assert_eq!(replies[1]["counted"], false);
+    assert_eq!(replies[1]["files_received"], 1);
+    assert_eq!(env.collection(c, "db.n").await.files_received, 1);
+    env.no_more().await;
+    env.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn required_booleans_and_numbers_are_taken_as_their_text() {
     let mut env = start(Backend::Sqlite, &[]).await;
