@@ -9,6 +9,7 @@ pub mod copy;
 pub mod dir_sync;
 pub mod local;
 pub mod message;
+pub mod mounts;
 pub mod paths;
 pub mod records;
 pub mod s3;

@@ -153,8 +153,10 @@ fn open_source(
 
 /// Copies asset-sweeper files from the online roots into one tier.
 pub struct TierCopier {
-    /// Shared with the blocking thread that opens each file.
+    /// Shared with the blocking thread that opens each file where it may block.
     roots: Arc<[Root]>,
+    /// Whether the roots' filesystems may block a thread on a server.
+    mounts: crate::mounts::MountWatch,
     tier: Tier,
     records: Records,
     policy: TierPolicy,
@@ -164,6 +166,9 @@ impl TierCopier {
     /// A copier over `roots` (see [`paths::open_roots`]).
     pub fn new(roots: Vec<Root>, tier: Tier, records: Records, policy: TierPolicy) -> Self {
         Self {
+            mounts: crate::mounts::MountWatch::new(
+                roots.iter().map(|r| r.canonical.clone()).collect(),
+            ),
             roots: roots.into(),
             tier,
             records,
@@ -235,17 +240,19 @@ impl TierCopier {
                 .await?;
             return Ok(TierOutcome::Ignored);
         }
-        // On a blocking thread: on a hard-mounted share whose server stopped answering,
-        // opening or `stat`ing a file blocks until it answers, and a few such files on the
-        // runtime's own threads stalled everything else there — the broker's heartbeats
-        // (the connection dropped), health, metrics, claim renewals.
-        let roots = self.roots.clone();
-        let (parent_dir, filename) = (msg.parent_dir.clone(), msg.filename.clone());
-        let opened =
+        // On a blocking thread where a root is on a share: when its server stops
+        // answering, opening or `stat`ing a file blocks until it answers, and a few such
+        // files on the runtime's own threads stalled everything else there — the broker's
+        // heartbeats (the connection dropped), health, metrics, claim renewals.
+        let (resolved, meta) = if self.mounts.may_block() {
+            let roots = self.roots.clone();
+            let (parent_dir, filename) = (msg.parent_dir.clone(), msg.filename.clone());
             tokio::task::spawn_blocking(move || open_source(&roots, &parent_dir, &filename))
                 .await
-                .map_err(|e| TierError::Transient(format!("opening the source stopped: {e}")))?;
-        let (resolved, meta) = opened?;
+                .map_err(|e| TierError::Transient(format!("opening the source stopped: {e}")))??
+        } else {
+            open_source(&self.roots, &msg.parent_dir, &msg.filename)?
+        };
         let file = &resolved.file;
         let original = resolved.path.display().to_string();
         let size = meta.len();

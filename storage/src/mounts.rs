@@ -1,0 +1,169 @@
+//! Whether opening a source file can block its thread for as long as a server does: on a
+//! network or FUSE filesystem (NFS, SMB, sshfs…) whose server stopped answering, `open`
+//! and `stat` wait until it answers (for ever on a hard mount). Such files are opened on a
+//! blocking thread, so they cannot stall the runtime's own (the broker's heartbeats,
+//! health, metrics, claim renewals); files on local disks are opened where they are, which
+//! saves a hand-off between threads per file (about 8 % of small-file throughput).
+//!
+//! Decided from `/proc/self/mountinfo`: the filesystem each root is on and every filesystem
+//! mounted below one. Read again at most every [`RECHECK`], so a share mounted on an empty
+//! mount point after start-up is seen.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// How long a reading of the mount table is trusted.
+pub const RECHECK: Duration = Duration::from_secs(30);
+
+/// Filesystem types served from local disks or memory: they cannot hang on a server.
+const LOCAL: &[&str] = &[
+    "ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "ramfs", "overlay", "zfs", "f2fs", "vfat",
+    "exfat", "bcachefs", "jfs", "reiserfs", "squashfs", "iso9660", "devtmpfs", "hfsplus", "ntfs3",
+    "nilfs2",
+];
+
+/// The mount table's verdict for a set of roots, read again after [`RECHECK`].
+#[derive(Debug)]
+pub struct MountWatch {
+    roots: Vec<PathBuf>,
+    /// When the table was last read, and whether a root could block then.
+    last: Mutex<Option<(Instant, bool)>>,
+}
+
+impl MountWatch {
+    /// Watches the filesystems of `roots` (canonical paths).
+    pub fn new(roots: Vec<PathBuf>) -> Self {
+        Self {
+            roots,
+            last: Mutex::new(None),
+        }
+    }
+
+    /// Whether a file under the roots may block its thread on a server (see the module
+    /// doc); true where the mount table cannot be read.
+    pub fn may_block(&self) -> bool {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, verdict)) = *last
+            && at.elapsed() < RECHECK
+        {
+            return verdict;
+        }
+        let verdict = std::fs::read_to_string("/proc/self/mountinfo")
+            .map(|t| roots_may_block(&parse(&t), &self.roots))
+            .unwrap_or(true);
+        *last = Some((Instant::now(), verdict));
+        verdict
+    }
+}
+
+/// Whether any of `roots` is on, or has below it, a filesystem not known to be local.
+fn roots_may_block(mounts: &[(PathBuf, String)], roots: &[PathBuf]) -> bool {
+    roots.iter().any(|root| {
+        // The mount a root is on: the deepest mount point at or above it.
+        let on = mounts
+            .iter()
+            .filter(|(at, _)| root.starts_with(at))
+            .max_by_key(|(at, _)| at.components().count());
+        let below = mounts
+            .iter()
+            .filter(|(at, _)| at != root && at.starts_with(root));
+        on.into_iter().chain(below).any(|(_, kind)| !is_local(kind))
+    })
+}
+
+fn is_local(kind: &str) -> bool {
+    LOCAL.contains(&kind)
+}
+
+/// Mount points and filesystem types of a `mountinfo` text: `id parent dev root point
+/// options [optional…] - type source super-options`, with spaces in paths as `\040`.
+fn parse(text: &str) -> Vec<(PathBuf, String)> {
+    text.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let point = fields.get(4)?;
+            let dash = fields.iter().position(|f| *f == "-")?;
+            let kind = fields.get(dash + 1)?;
+            Some((PathBuf::from(unescape(point)), (*kind).to_string()))
+        })
+        .collect()
+}
+
+/// A mountinfo path with its octal escapes (`\040` space, `\011` tab, `\012` newline,
+/// `\134` backslash) decoded.
+fn unescape(s: &str) -> String {
+    use std::os::unix::ffi::OsStringExt;
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match (b[i], octal) {
+            (b'\\', Some(d)) => {
+                let v = d.iter().fold(0u32, |v, c| v * 8 + u32::from(c - b'0'));
+                out.push(u8::try_from(v).unwrap_or(b'?'));
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    std::ffi::OsString::from_vec(out)
+        .to_string_lossy()
+        .into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TABLE: &str = "\
+22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
+30 22 0:40 / /srv/online rw,relatime shared:5 - ext4 /dev/sdb1 rw
+31 30 0:41 / /srv/online/nas\\040share rw,relatime shared:6 - nfs4 nas:/media rw,vers=4.2
+32 22 0:42 / /mnt/smb rw,relatime shared:7 - cifs //server/media rw
+33 22 0:43 / /tmp rw shared:8 master:2 - tmpfs tmpfs rw";
+
+    fn roots(v: &[&str]) -> Vec<PathBuf> {
+        v.iter().map(PathBuf::from).collect()
+    }
+
+    #[test]
+    fn a_root_on_or_above_a_network_filesystem_may_block() {
+        let m = parse(TABLE);
+        assert_eq!(
+            m[2].0,
+            PathBuf::from("/srv/online/nas share"),
+            "\\040 decoded"
+        );
+        assert!(!roots_may_block(&m, &roots(&["/tmp/x", "/var/data"])));
+        // A share mounted below a root, the root on a share, or inside one.
+        assert!(roots_may_block(&m, &roots(&["/srv/online"])));
+        assert!(roots_may_block(&m, &roots(&["/mnt/smb"])));
+        assert!(roots_may_block(&m, &roots(&["/tmp", "/mnt/smb/projects"])));
+        // A sibling of the share is not above it.
+        assert!(!roots_may_block(&m, &roots(&["/srv/online-other"])));
+        assert!(!roots_may_block(&m, &roots(&["/srv/online/local"])));
+    }
+
+    #[test]
+    fn a_local_temporary_directory_is_opened_in_place() {
+        // The test machines' temporary directories are on a local disk (ext4, tmpfs).
+        let dir = tempfile::tempdir().expect("temp");
+        let w = MountWatch::new(vec![dir.path().canonicalize().expect("canonical")]);
+        assert!(
+            !w.may_block(),
+            "{:?}",
+            std::fs::read_to_string("/proc/self/mountinfo")
+        );
+        assert!(
+            w.last.lock().expect("lock").is_some(),
+            "kept until the recheck"
+        );
+    }
+}
