@@ -137,7 +137,27 @@ async fn apply<'a>(
             .await?;
         *full = !relaxed;
     }
-    let mut tx = db::sqlx::Connection::begin(&mut *conn).await?;
+    let applied = apply_in(&mut conn, &writes).await;
+    if relaxed {
+        // Back to FULL before the connection goes back to the pool, whether or not the
+        // batch committed: the writes made on it outside the group commit (an ignored
+        // file, a multipart upload's id and parts) must survive a power loss too.
+        let restored = db::sqlx::query("PRAGMA synchronous = FULL")
+            .execute(&mut *conn)
+            .await;
+        // Not known to be FULL: the next batch sets it again before anything else.
+        *full = restored.is_ok();
+        restored?;
+    }
+    applied
+}
+
+/// Applies `writes` in one transaction on `conn`; their results once it committed.
+async fn apply_in(
+    conn: &mut db::sqlx::pool::PoolConnection<db::sqlx::Any>,
+    writes: &[&Write],
+) -> Result<Vec<bool>, db::sqlx::Error> {
+    let mut tx = db::sqlx::Connection::begin(&mut **conn).await?;
     let mut results = Vec::with_capacity(writes.len());
     let mut rest = &writes[..];
     while let Some(w) = rest.first() {
@@ -184,15 +204,6 @@ async fn apply<'a>(
         rest = &rest[1..];
     }
     tx.commit().await?;
-    if relaxed {
-        // Back to FULL before the connection goes back to the pool: the writes made on it
-        // outside the group commit (an ignored file, a multipart upload's id and parts)
-        // must survive a power loss too.
-        db::sqlx::query("PRAGMA synchronous = FULL")
-            .execute(&mut *conn)
-            .await?;
-        *full = true;
-    }
     Ok(results)
 }
 
