@@ -276,6 +276,23 @@ pub mod testing {
 mod tests {
     use super::*;
 
+    /// Managed PostgreSQL services refuse plaintext: `sslmode=require` must connect over
+    /// TLS (sqlx was built without TLS, and every such URL failed to start a service).
+    #[tokio::test]
+    async fn postgres_over_tls() {
+        let url = format!("{}/postgres?sslmode=require", testing::postgres_server());
+        let pool = connect_read_only(&url)
+            .await
+            .expect("connected with sslmode=require");
+        let ssl: bool =
+            sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+                .fetch_one(&pool)
+                .await
+                .expect("asked");
+        assert!(ssl, "the connection is encrypted");
+        pool.close().await;
+    }
+
     #[test]
     fn an_in_memory_database_is_refused_as_config() {
         for url in [

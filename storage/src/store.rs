@@ -243,10 +243,18 @@ pub fn open(url: &str, opts: &StoreOptions) -> Result<Tier, StoreConfigError> {
         if bucket.is_empty() {
             return Err(StoreConfigError::Url(format!("`{url}` has no bucket name")));
         }
-        let mut b = AmazonS3Builder::from_env()
-            .with_bucket_name(bucket)
-            .with_region(opts.region.clone().unwrap_or_else(|| "us-east-1".into()))
-            .with_allow_http(opts.allow_http)
+        // The environment's AWS_REGION / AWS_DEFAULT_REGION and AWS_ALLOW_HTTP (read by
+        // `from_env`) stand unless the configuration says otherwise: on EKS or ECS the
+        // region comes from there, and overriding it with us-east-1 failed every copy to
+        // a bucket elsewhere.
+        let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
+        if let Some(r) = &opts.region {
+            b = b.with_region(r.clone());
+        }
+        if opts.allow_http {
+            b = b.with_allow_http(true);
+        }
+        let mut b = b
             .with_virtual_hosted_style_request(opts.virtual_hosted_style)
             .with_retry(object_store::RetryConfig {
                 max_retries: opts.max_retries,
