@@ -78,7 +78,8 @@ pub enum RuntimeError {
     /// The broker has an object with the same name but other arguments.
     #[error(
         "topology conflict: {0}. An existing queue or exchange has different arguments \
-         (e.g. another queue_type); delete it or change the config"
+         (e.g. another queue_type): change the config back, or move its messages away \
+         (a shovel; `dlq list --json` first for Q-dlq) before deleting it"
     )]
     TopologyConflict(String),
 }

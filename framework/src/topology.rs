@@ -33,6 +33,32 @@ impl DeclareError {
     }
 }
 
+/// Queue arguments whose value may differ between releases or configs without changing
+/// what the queue is: a queue declared by an earlier release without `x-delivery-limit`
+/// (or with another `[amqp] delivery_limit`) is used as it is, instead of every replica of
+/// the next release exiting with a "conflict" whose remedy, deleting the queue, would
+/// throw away its messages (its dead letters). Its type, dead-letter target or TTL are
+/// never tolerated: those change what the queue does.
+const TOLERATED_ARGUMENTS: [&str; 4] = [
+    "x-delivery-limit",
+    "x-overflow",
+    "x-dead-letter-strategy",
+    "x-consumer-timeout",
+];
+
+/// The argument named by a declaration refused for an inequivalent argument, if it is one
+/// of [`TOLERATED_ARGUMENTS`].
+fn tolerated_difference(e: &lapin::Error) -> Option<String> {
+    if !is_soft(e, AMQPSoftError::PRECONDITIONFAILED) {
+        return None;
+    }
+    let text = e.to_string();
+    TOLERATED_ARGUMENTS
+        .iter()
+        .find(|a| text.contains(&format!("inequivalent arg '{a}'")))
+        .map(|a| (*a).to_string())
+}
+
 /// Whether exchange `name` exists: a passive declare on a channel of its own (a missing
 /// exchange closes the channel it was asked on).
 async fn exchange_exists(conn: &Connection, name: &str) -> Result<bool, lapin::Error> {
@@ -350,7 +376,7 @@ impl Topology {
     /// a missing one only with `declare_sources`); safe to repeat. An owned object that
     /// exists with other arguments is an error; a producer's exchange never is.
     pub async fn declare(&self, conn: &Connection) -> Result<(), DeclareError> {
-        let ch = conn.create_channel().await?;
+        let mut ch = conn.create_channel().await?;
         for e in self.exchanges() {
             let kind = if e.kind == "direct" {
                 ExchangeKind::Direct
@@ -369,15 +395,38 @@ impl Topology {
             self.check_source(conn, &source).await?;
         }
         for q in self.queues() {
-            ch.queue_declare(
-                q.name.as_str().into(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                q.arguments,
-            )
-            .await?;
+            let declared = ch
+                .queue_declare(
+                    q.name.as_str().into(),
+                    QueueDeclareOptions {
+                        durable: true,
+                        ..Default::default()
+                    },
+                    q.arguments,
+                )
+                .await;
+            match declared {
+                Ok(_) => {}
+                Err(e) if tolerated_difference(&e).is_some() => {
+                    // The refusal closed the channel: the queue is checked, and the rest
+                    // declared, on a new one.
+                    ch = conn.create_channel().await?;
+                    ch.queue_declare(
+                        q.name.as_str().into(),
+                        QueueDeclareOptions {
+                            passive: true,
+                            ..Default::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await?;
+                    tracing::warn!(queue = %q.name, difference = tolerated_difference(&e).unwrap_or_default(),
+                        "the queue exists with another value of an argument this release sets (declared by \
+                         another release or config); used as it is. To apply this one's, move its messages \
+                         away and delete it, or set the value by a policy");
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         for b in self.bindings() {
             ch.queue_bind(

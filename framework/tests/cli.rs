@@ -469,6 +469,18 @@ async fn declare_creates_the_topology_and_definitions_describe_it() {
         run(echo_cmd(&q, dir.path()).arg("declare")).status.code(),
         Some(0)
     );
+    // Another delivery limit (a queue declared by an earlier release or config) is used as
+    // it is, with a warning: the remedy of a conflict, deleting the queue, would throw
+    // away its messages.
+    let o = run(echo_cmd(&q, dir.path())
+        .env("STORAGETIER__AMQP__DELIVERY_LIMIT", "7")
+        .arg("declare"));
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("used as it is") && stderr(&o).contains("x-delivery-limit"),
+        "{}",
+        stderr(&o)
+    );
     // A conflicting queue type is a clear failure, exit 1.
     let o = run(echo_cmd(&q, dir.path())
         .env("STORAGETIER__AMQP__QUEUE_TYPE", "classic")
