@@ -113,6 +113,16 @@ pub enum PublishError {
     },
 }
 
+impl PublishError {
+    /// Whether the broker refused the message for its size (`max_message_size`, 16 MiB by
+    /// default on RabbitMQ 4.x): the same outcome will never fit, however often retried.
+    pub fn body_too_large(&self) -> bool {
+        matches!(self, PublishError::Amqp(e)
+            if crate::topology::is_soft(e, lapin::protocol::AMQPSoftError::PRECONDITIONFAILED)
+                && e.to_string().contains("larger than configured max size"))
+    }
+}
+
 /// Largest body published on the shared confirm channel (see [`Publisher::send`]).
 const SHARED_CHANNEL_MAX_BODY: usize = 1024 * 1024;
 

@@ -1,8 +1,11 @@
-//! A broker resource alarm (memory or disk): RabbitMQ blocks every publishing connection
-//! until it clears. An outcome published meanwhile lands when it clears; the framework
-//! must not take its unanswered confirm for a failure and publish a retry beside it (one
-//! input, several outputs, handled at once). On a private node, so the shared broker and
-//! every other test are untouched.
+//! The broker's limits, on private nodes so the shared broker and every other test are
+//! untouched:
+//! - a resource alarm (memory or disk): RabbitMQ blocks every publishing connection until
+//!   it clears. An outcome published meanwhile lands when it clears; the framework must
+//!   not take its unanswered confirm for a failure and publish a retry beside it (one
+//!   input, several outputs, handled at once);
+//! - `max_message_size`: an outcome larger than the broker accepts is dead-lettered at once
+//!   with the reason, not retried `max_attempts` times into the same refusal.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -120,4 +123,45 @@ async fn an_outcome_published_during_a_resource_alarm_lands_once() {
         "one output for one input"
     );
     assert_eq!(calls.load(Ordering::SeqCst), 1, "handled once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_larger_than_the_broker_accepts_is_dead_lettered_at_once() {
+    let broker = PrivateBroker::start_with(|_, _| "max_message_size = 1048576\n".to_string()).await;
+    let q = unique("toolarge");
+    let cfg = config(&q, &[("amqp.url", &broker.url())]);
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let service = Background::start(
+        "toolarge",
+        &cfg,
+        framework::ProcessorConfiguration::new(
+            &format!("{q}-in"),
+            "test.#",
+            "test.out",
+            FnProcessor(move |_: serde_json::Value, _: &MessageContext| {
+                c.fetch_add(1, Ordering::SeqCst);
+                Outcome::success(serde_json::json!({"report": "x".repeat(2 << 20)}))
+            }),
+        ),
+    );
+    let status = service.status.clone();
+    wait_until("consuming", || status.is_ready()).await;
+    let (_conn, ch) = broker.channel().await.expect("channel");
+    let mut dlq = consume(&ch, &format!("{q}-dlq")).await;
+    publish(
+        &ch,
+        &format!("{q}-in"),
+        "test.x",
+        br#"{"n":1}"#,
+        Default::default(),
+    )
+    .await;
+    let d = next(&mut dlq).await;
+    assert_eq!(header(&d, "x-error-kind").as_deref(), Some("permanent"));
+    let why = header(&d, "x-error").unwrap_or_default();
+    assert!(why.contains("larger than the broker accepts"), "{why}");
+    assert_eq!(d.data, br#"{"n":1}"#, "the input as it came");
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "not retried");
+    service.stop().await;
 }
