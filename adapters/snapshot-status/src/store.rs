@@ -82,6 +82,16 @@ fn row_to_collection(r: &db::sqlx::any::AnyRow) -> Result<Collection, db::sqlx::
 
 type Tx<'a> = db::sqlx::Transaction<'a, db::sqlx::Any>;
 
+/// A collection of run `$1` not yet Received: what stops the product being RECEIVED. Read
+/// through the partial index `snapshot_collections_not_received` (migration 0004).
+const NOT_RECEIVED: &str = "SELECT 1 FROM snapshot_collections \
+    WHERE correlation_id = $1 AND status NOT IN ('Received', 'Success')";
+
+/// A collection of run `$1` not yet Success: what stops the product being COMPLETED
+/// (partial index `snapshot_collections_not_success`).
+const NOT_SUCCESS: &str =
+    "SELECT 1 FROM snapshot_collections WHERE correlation_id = $1 AND status <> 'Success'";
+
 impl Store {
     /// Opens (and migrates) the database at `url`.
     pub async fn open(url: &str) -> Result<Self, StoreError> {
@@ -357,11 +367,10 @@ impl Store {
     /// (never downgrades COMPLETED); true if this call changed it.
     pub async fn mark_product_received(&self, correlation_id: &str) -> Result<bool, StoreError> {
         let row = db::sqlx::query(
-            "INSERT INTO snapshot_products (correlation_id, status, updated_at) \
-             SELECT $1, 'RECEIVED', $2 WHERE NOT EXISTS (SELECT 1 FROM snapshot_collections \
-               WHERE correlation_id = $1 AND status NOT IN ('Received', 'Success')) \
+            &format!("INSERT INTO snapshot_products (correlation_id, status, updated_at) \
+             SELECT $1, 'RECEIVED', $2 WHERE NOT EXISTS ({NOT_RECEIVED}) \
              ON CONFLICT (correlation_id) DO UPDATE SET status = 'RECEIVED', updated_at = excluded.updated_at \
-             WHERE snapshot_products.status NOT IN ('RECEIVED', 'COMPLETED') RETURNING status",
+             WHERE snapshot_products.status NOT IN ('RECEIVED', 'COMPLETED') RETURNING status"),
         )
         .bind(correlation_id)
         .bind(now())
@@ -377,14 +386,13 @@ impl Store {
         correlation_id: &str,
         collection: &str,
     ) -> Result<bool, StoreError> {
-        let row = db::sqlx::query(
+        let row = db::sqlx::query(&format!(
             "INSERT INTO snapshot_products (correlation_id, status, updated_at, completed_by) \
-             SELECT $1, 'COMPLETED', $2, $3 WHERE NOT EXISTS (SELECT 1 FROM snapshot_collections \
-               WHERE correlation_id = $1 AND status <> 'Success') \
+             SELECT $1, 'COMPLETED', $2, $3 WHERE NOT EXISTS ({NOT_SUCCESS}) \
              ON CONFLICT (correlation_id) DO UPDATE SET status = 'COMPLETED', \
              updated_at = excluded.updated_at, completed_by = excluded.completed_by \
-             WHERE snapshot_products.status <> 'COMPLETED' RETURNING status",
-        )
+             WHERE snapshot_products.status <> 'COMPLETED' RETURNING status"
+        ))
         .bind(correlation_id)
         .bind(now())
         .bind(collection)
@@ -406,5 +414,34 @@ impl Store {
             Some(r) => r.try_get("completed_by")?,
             None => None,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The product checks run every time a collection moves: they must read the run's open
+    /// collections through their own index, not every collection of the run.
+    #[tokio::test]
+    async fn product_checks_read_only_the_open_collections() {
+        let dir = tempfile::tempdir().expect("temp");
+        let url = format!("sqlite://{}", dir.path().join("s.db").display());
+        let store = Store::open(&url).await.expect("open");
+        for (query, index) in [
+            (NOT_RECEIVED, "snapshot_collections_not_received"),
+            (NOT_SUCCESS, "snapshot_collections_not_success"),
+        ] {
+            let plan: Vec<String> = db::sqlx::query(&format!("EXPLAIN QUERY PLAN {query}"))
+                .bind("run")
+                .fetch_all(&store.pool)
+                .await
+                .expect("plan")
+                .iter()
+                .map(|r| r.try_get::<String, _>(3).unwrap_or_default())
+                .collect();
+            assert!(plan.iter().any(|l| l.contains(index)), "{query}: {plan:?}");
+        }
+        store.close().await;
     }
 }
