@@ -1,5 +1,6 @@
 //! The crash-router processor and its `Service` wiring.
 
+use framework::telemetry::LogText;
 use std::collections::BTreeMap;
 
 use framework::config::{Config, ConfigError};
@@ -156,11 +157,11 @@ impl MessageProcessor for CrashRouter {
                 }
                 Record::Junk(why) => {
                     counts.junk += 1;
-                    tracing::info!(record = i, reason = %why, "junk record, skipped");
+                    tracing::info!(record = i, reason = %LogText(why), "junk record, skipped");
                 }
                 Record::Ignored(why) => {
                     counts.ignored += 1;
-                    tracing::debug!(record = i, reason = %why, "record ignored");
+                    tracing::debug!(record = i, reason = %LogText(why), "record ignored");
                 }
             }
         }

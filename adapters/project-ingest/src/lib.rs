@@ -7,6 +7,7 @@ pub mod store;
 
 use db::DatabaseUrl;
 use framework::config::Config;
+use framework::telemetry::LogText;
 use framework::{
     Binding, BoxError, MessageContext, MessageProcessor, Outcome, Publication, Service, async_trait,
 };
@@ -139,7 +140,9 @@ impl MessageProcessor for ProjectProcessor {
                 let reason = format!("record {n}: {e}");
                 let body = serde_json::to_vec(&item.raw).unwrap_or_default();
                 match dead.dead_letter(n.to_string(), body, &reason).await {
-                    Ok(true) => tracing::warn!(record = n, "dead-lettered record: {e}"),
+                    Ok(true) => {
+                        tracing::warn!(record = n, error = %LogText(&e.to_string()), "dead-lettered record")
+                    }
                     Ok(false) => {}
                     Err(pe) => {
                         return Err(Outcome::retry(format!(
@@ -158,7 +161,7 @@ impl MessageProcessor for ProjectProcessor {
                     continue;
                 }
                 Ok(Parsed::UnknownType(t)) => {
-                    tracing::info!(record = n, "unknown message type `{t}`, ignored");
+                    tracing::info!(record = n, kind = %LogText(&t.to_string()), "unknown message type, ignored");
                     count("unknown_type");
                     dropped.push(format!("unknown message type `{t}`"));
                     continue;
@@ -167,7 +170,7 @@ impl MessageProcessor for ProjectProcessor {
             };
             match self.store.apply(ev).await {
                 Ok(Applied::Stored(p)) => {
-                    tracing::info!(project = %p.id, event = ev.kind.as_str(), "project stored");
+                    tracing::info!(project = %LogText(&p.id), event = ev.kind.as_str(), "project stored");
                     count("stored");
                     stored.push(*p);
                 }
@@ -175,13 +178,13 @@ impl MessageProcessor for ProjectProcessor {
                     not_yet.push(ev.id.clone());
                 }
                 Ok(Applied::Missing) => {
-                    tracing::warn!(project = %ev.id, "{MISSING_PROJECT}");
+                    tracing::warn!(project = %LogText(&ev.id), "{MISSING_PROJECT}");
                     count("missing");
                     dropped.push(MISSING_PROJECT.to_string());
                 }
                 Ok(Applied::Stale) => {
                     count("stale");
-                    tracing::info!(project = %ev.id, version = ?ev.version,
+                    tracing::info!(project = %LogText(&ev.id), version = ?ev.version,
                         "stale {} ignored: a newer state is stored", ev.kind.as_str());
                     dropped.push(format!(
                         "stale {} for project {}: a newer state is stored",

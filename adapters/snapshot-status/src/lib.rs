@@ -7,6 +7,7 @@ pub mod store;
 
 use db::DatabaseUrl;
 use framework::config::{Config, ConfigError};
+use framework::telemetry::LogText;
 use framework::{
     Binding, BoxError, MessageContext, MessageProcessor, Outcome, Publication, Service, async_trait,
 };
@@ -205,7 +206,7 @@ impl StatusProcessor {
                     transition("Received");
                 }
                 if !f.counted {
-                    tracing::info!(file = %m.filename, "file already counted (redelivery)");
+                    tracing::info!(file = %LogText(&m.filename), "file already counted (redelivery)");
                 }
                 // The file that completed the collection re-emits when it comes back (its
                 // publish may have been lost), not when the sender sends it again.
@@ -230,7 +231,7 @@ impl StatusProcessor {
                         "success file for unknown collection `{}` of `{}`",
                         m.collection_name, m.correlation_id
                     );
-                    tracing::warn!("{reason}");
+                    tracing::warn!("{}", LogText(&reason));
                     return Ok(Handled {
                         report: json!({"correlation_id": m.correlation_id,
                             "collection_name": m.collection_name, "ignored": reason}),
@@ -243,7 +244,7 @@ impl StatusProcessor {
                         "success file for collection `{}` in status {}, not Received",
                         m.collection_name, c.status
                     );
-                    tracing::warn!("{reason}");
+                    tracing::warn!("{}", LogText(&reason));
                     dropped = Some(reason);
                 } else {
                     let completed = self
@@ -378,7 +379,7 @@ impl MessageProcessor for StatusProcessor {
                         Err(e) => {
                             let reason = format!("record {n}: {e}");
                             match dead.dead_letter(n.to_string(), r.raw, &reason).await {
-                                Ok(true) => tracing::warn!("dead-lettered {reason}"),
+                                Ok(true) => tracing::warn!("dead-lettered {}", LogText(&reason)),
                                 Ok(false) => {}
                                 Err(pe) => {
                                     return Outcome::retry(format!(
