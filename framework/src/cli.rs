@@ -267,6 +267,10 @@ pub fn main<S: Service>() -> ExitCode {
         work.await
             .unwrap_or_else(|e| Err(Failure::Other(format!("the service stopped: {e}"))))
     });
+    // A blocking thread still stuck in a syscall (an open on a share whose server stopped
+    // answering) would keep a dropped runtime, and the process, waiting for ever after
+    // the drain: it is left behind, and the process exits with it.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Usage(m)) => {
