@@ -280,37 +280,31 @@ impl Publisher {
                 && o.body.len() < SHARED_CHANNEL_MAX_BODY
         });
         let frame_max = self.pool.frame_max();
-        let first = msgs.first().map(|o| o.exchange.clone()).unwrap_or_default();
-        // The confirm's clock stops while the broker blocks the connection (see
-        // crate::alarm): a publish waiting out an alarm is not a failed one.
-        let confirmed = if unreturnable {
+        let (alarm, limit) = (self.pool.alarm(), self.pool.limit());
+        if unreturnable {
             let ch = self.pool.shared().await?;
-            let alarm = self.pool.alarm();
-            alarm
-                .within(self.pool.limit(), publish_and_confirm(&ch, msgs, frame_max))
-                .await
-        } else {
-            let ch = self.pool.get().await?;
-            let alarm = self.pool.alarm();
-            alarm
-                .within(self.pool.limit(), publish_and_confirm(&ch, msgs, frame_max))
-                .await
-        };
-        confirmed.unwrap_or(Err(PublishError::Timeout(first)))
+            return publish_confirmed(&ch, msgs, alarm, limit, frame_max).await;
+        }
+        let ch = self.pool.get().await?;
+        publish_confirmed(&ch, msgs, alarm, limit, frame_max).await
     }
 }
 
-/// Publishes all messages, then waits (at most `limit`) for every confirm; any nack, return
-/// or timeout is an error. A message whose properties exceed `frame_max` (the connection's
-/// frame size) is refused before anything is sent.
+/// Publishes all messages, then waits for every confirm, at most `limit` while the broker
+/// does not block the connection (`alarm`: a publish waiting out a resource alarm is not
+/// a failed one, see crate::alarm); any nack, return or timeout is an error. A message
+/// whose properties exceed `frame_max` (the connection's frame size) is refused before
+/// anything is sent.
 pub async fn publish_confirmed(
     ch: &Channel,
     msgs: Vec<Outgoing>,
+    alarm: &crate::alarm::Alarm,
     limit: Duration,
     frame_max: usize,
 ) -> Result<(), PublishError> {
     let first = msgs.first().map(|o| o.exchange.clone()).unwrap_or_default();
-    tokio::time::timeout(limit, publish_and_confirm(ch, msgs, frame_max))
+    alarm
+        .within(limit, publish_and_confirm(ch, msgs, frame_max))
         .await
         .unwrap_or(Err(PublishError::Timeout(first)))
 }

@@ -165,3 +165,89 @@ async fn an_outcome_larger_than_the_broker_accepts_is_dead_lettered_at_once() {
     assert_eq!(calls.load(Ordering::SeqCst), 1, "not retried");
     service.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_during_a_resource_alarm_moves_each_dead_letter_once() {
+    let broker = PrivateBroker::start().await;
+    let q = unique("alarmreplay");
+    let limit_ms = 1500;
+    let cfg = config(
+        &q,
+        &[
+            ("amqp.url", &broker.url()),
+            ("amqp.operation_timeout_ms", &limit_ms.to_string()),
+        ],
+    );
+    let service = Background::start(
+        "alarmreplay",
+        &cfg,
+        framework::ProcessorConfiguration::new(
+            &format!("{q}-in"),
+            "test.#",
+            "test.out",
+            FnProcessor(|_: serde_json::Value, _: &MessageContext| Outcome::permanent("bad")),
+        ),
+    );
+    let status = service.status.clone();
+    wait_until("consuming", || status.is_ready()).await;
+    let (_conn, ch) = broker.channel().await.expect("channel");
+    publish(
+        &ch,
+        &format!("{q}-in"),
+        "test.x",
+        br#"{"n":1}"#,
+        Default::default(),
+    )
+    .await;
+    let dlq = format!("{q}-dlq");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while broker.count(&dlq).await != Some(1) {
+        assert!(tokio::time::Instant::now() < deadline, "dead-lettered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Nothing consumes `Q` while the replay runs: what it moves stays there to be counted.
+    service.stop().await;
+    let topo = framework::topology::Topology::new(
+        &q,
+        &format!("{q}-out"),
+        vec![framework::topology::Subscription {
+            exchange: format!("{q}-in"),
+            routing_key: "test.#".into(),
+        }],
+        &cfg.amqp,
+        &cfg.retry,
+    );
+    let conn = framework::testing::broker::connect(&broker.url())
+        .await
+        .expect("connect");
+    broker.ctl(&["set_disk_free_limit", "1000000GB"]);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !alarmed(&broker) {
+        assert!(tokio::time::Instant::now() < deadline, "the alarm went off");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let replay = tokio::spawn(async move {
+        let r = framework::dlq::replay(&conn, &topo, &framework::dlq::Selection::All, false).await;
+        (r.map(|moved| moved.len()).map_err(|e| e.to_string()), conn)
+    });
+    // Held for three times the confirm limit, in which the replay used to time out,
+    // leaving the dead letter to be replayed again while its first copy was on its way.
+    tokio::time::sleep(Duration::from_millis(3 * limit_ms)).await;
+    assert!(
+        !replay.is_finished(),
+        "the replay waits for the alarm to clear"
+    );
+    broker.ctl(&["set_disk_free_limit", "1MB"]);
+    let (moved, conn) = tokio::time::timeout(WAIT, replay)
+        .await
+        .expect("the replay finished after the alarm")
+        .expect("replay task");
+    assert_eq!(moved, Ok(1));
+    framework::testing::broker::close(conn).await;
+    assert_eq!(
+        broker.count(&dlq).await,
+        Some(0),
+        "the dead letter was removed"
+    );
+    assert_eq!(broker.count(&q).await, Some(1), "and replayed once");
+}

@@ -352,6 +352,11 @@ pub async fn replay_filtered(
         confirm_channel(conn),
     )
     .await?;
+    // A replay published during a resource alarm lands when it clears: timed out, the
+    // dead letter would stay and a second replay publish it again.
+    let watching = tokio_util::sync::CancellationToken::new();
+    let alarm = crate::alarm::Alarm::watch(conn, watching.clone());
+    let _stop_watching = watching.drop_guard();
     let now = chrono::Utc::now();
     let pace = filter
         .per_second
@@ -401,6 +406,7 @@ pub async fn replay_filtered(
                     properties: crate::publisher::republished(&d.properties, hdr),
                     mandatory: true,
                 }],
+                &alarm,
                 topo.operation_timeout,
                 crate::connection::frame_max(conn),
             )
