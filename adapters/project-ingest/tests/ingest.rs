@@ -125,6 +125,7 @@ on_both!(
     a_plain_update_published_earlier_never_overwrites_a_newer_one,
     a_kinesis_update_without_arrival_time_never_overwrites_a_newer_one,
     pluto_core_entries_are_stored_then_updated,
+    projects_stored_before_0002_survive_it,
     a_nul_character_is_permanent_naming_the_field,
     an_update_that_overtakes_its_create_waits_for_it,
     an_update_published_in_the_second_of_its_create_is_applied,
@@ -939,4 +940,60 @@ async fn an_id_the_database_cannot_index_is_permanent() {
     assert_eq!(body(&next(&mut out).await)["id"], "fits");
     expect_only_record_dead_lettered(&mut dlq, 1).await;
     env.finish().await;
+}
+
+/// Migration 0002 rebuilds `projects` (its commission columns become optional): every
+/// project the first release stored is there afterwards, as it was.
+async fn projects_stored_before_0002_survive_it(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let pg = match backend {
+        Backend::Sqlite => None,
+        Backend::Postgres => Some(TempPostgres::create().await.unwrap()),
+    };
+    let url = match &pg {
+        Some(p) => p.url.clone(),
+        None => db::default_url(dir.path(), "project-ingest"),
+    };
+    let all = &project_ingest::store::MIGRATOR;
+    let first_release = db::Migrator {
+        migrations: std::borrow::Cow::Owned(all.migrations[..1].to_vec()),
+        ignore_missing: false,
+        locking: all.locking,
+        no_tx: all.no_tx,
+    };
+    let pool = db::connect(&url, &first_release).await.unwrap();
+    sqlx::query(
+        "INSERT INTO projects (id, title, status, commission_id, commission_title, \
+         production_office, created, version, last_event, updated_at) VALUES \
+         ('p-1', 'Old title', 'In Production', 'c-1', 'Commission one', 'UK', \
+          '2017-04-24T17:20:11.503Z', '2020-01-01T00:00:00.000000000Z', 'project-updated', \
+          '2020-01-01T00:00:01Z')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+
+    let store = Store::open(&url).await.unwrap();
+    let p = store
+        .project("p-1")
+        .await
+        .unwrap()
+        .expect("kept by the migration");
+    assert_eq!(
+        (
+            p.title.as_str(),
+            p.status.as_str(),
+            p.production_office.as_str()
+        ),
+        ("Old title", "In Production", "UK")
+    );
+    assert_eq!(p.commission_id.as_deref(), Some("c-1"));
+    assert_eq!(p.commission_title.as_deref(), Some("Commission one"));
+    assert_eq!(p.version.as_deref(), Some("2020-01-01T00:00:00.000000000Z"));
+    assert_eq!(p.last_event, "project-updated");
+    store.close().await;
+    if let Some(pg) = pg {
+        pg.drop_db().await.unwrap();
+    }
 }
