@@ -117,6 +117,17 @@ impl<'c> Progress<'c> {
         self.done.is_empty() && self.indices.0.is_empty()
     }
 
+    /// Forgets every part done (an earlier attempt's marks that no longer name the same
+    /// parts: a processor whose parts are positions in an order its configuration decides
+    /// clears them when that configuration changed between attempts).
+    pub fn clear(&mut self) {
+        if !self.is_empty() {
+            self.done.clear();
+            self.indices.0.clear();
+            self.dirty = true;
+        }
+    }
+
     /// Records `part` as done, so a retry of this message skips it.
     pub fn mark_done(&mut self, part: impl Into<String>) {
         let part = part.into();

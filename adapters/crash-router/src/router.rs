@@ -15,8 +15,15 @@ use crate::spec::{DEFAULT_SEED, QueueSpec, parse_queues, selected};
 pub const INPUT_EXCHANGE: &str = "s3-events";
 /// Success messages go out as `<this>.success`.
 pub const OUTPUT_ROUTING_KEY: &str = "storagetier.crashrouter.crash";
-/// Retry header: the `<crash id> <queue>` pairs already published (JSON array).
+/// Retry header of earlier releases: the `<crash id> <queue>` pairs already published
+/// (JSON array), still honoured on the retries and dead letters they wrote. At 54 bytes a
+/// pair, it outgrew an AMQP frame beyond about 2,400 pairs.
 pub const PUBLISHED_HEADER: &str = "x-crash-router-published";
+/// Retry header: the positions, in the notification's order of (crash id, chosen queue)
+/// pairs, already published — as ranges, a few bytes however many — and the routing
+/// configuration that order was drawn with (`"queues <spec>"`): under another one the
+/// positions name other pairs and are forgotten.
+pub const SENT_HEADER: &str = "x-crash-router-sent";
 /// Counter of S3 records (and throttled deliveries) by result.
 pub const RECORDS_METRIC: &str = "storagetier_crash_router_records_total";
 
@@ -87,6 +94,22 @@ impl CrashRouter {
             defer,
             seed: seed.unwrap_or(DEFAULT_SEED),
         }
+    }
+
+    /// Everything that decides the order of a notification's (crash id, queue) pairs:
+    /// the accept digit, the seed and the queues with their throttles.
+    fn routing_spec(&self) -> String {
+        let queues: Vec<String> = self
+            .queues
+            .iter()
+            .map(|q| format!("{}:{}", q.throttle, q.name))
+            .collect();
+        format!(
+            "accept={} seed={} {}",
+            self.accept,
+            self.seed,
+            queues.join(",")
+        )
     }
 
     /// The configured queues, in order, that get `crash_id`: a function of the seed and
@@ -169,15 +192,22 @@ impl MessageProcessor for CrashRouter {
         // The throttle draw is a function of seed, queue and crash id, so a retry, a
         // redelivery and another instance all choose the same queues; a retry skips the
         // pairs an earlier attempt already published.
-        let mut published = framework::batch::Progress::resume(ctx, PUBLISHED_HEADER);
+        let earlier_release = framework::batch::Progress::resume(ctx, PUBLISHED_HEADER);
+        let mut sent = framework::batch::Progress::resume(ctx, SENT_HEADER);
+        let routing = format!("queues {}", self.routing_spec());
+        if !sent.is_done(&routing) {
+            sent.clear();
+        }
         let mut deliveries: BTreeMap<String, Vec<String>> = BTreeMap::new();
         let mut already = 0u64;
+        let mut position = 0u64;
         for id in &accepted {
             let picks = self.select_queues(id);
             for q in self.queues.iter().filter(|q| picks.contains(&q.name)) {
+                let at = position.to_string();
+                position += 1;
                 // A crash id is fixed-length ASCII without spaces: the mark is unambiguous.
-                let mark = format!("{id} {}", q.name);
-                if published.is_done(&mark) {
+                if sent.is_done(&at) || earlier_release.is_done(&format!("{id} {}", q.name)) {
                     already += 1;
                 } else if let Err(e) = ctx
                     .publish(Publication::text("", &q.name, id.as_str()).mandatory())
@@ -188,7 +218,8 @@ impl MessageProcessor for CrashRouter {
                         q.name
                     ));
                 } else {
-                    published.mark_done(mark);
+                    sent.mark_done(routing.as_str());
+                    sent.mark_done(at);
                     tracing::info!(crash_id = %id, queue = %q.name, "crash id published");
                 }
                 deliveries
@@ -523,8 +554,51 @@ mod tests {
         assert!(
             ctx.retry_headers()
                 .iter()
-                .all(|(k, _)| k != PUBLISHED_HEADER),
+                .all(|(k, _)| k != PUBLISHED_HEADER && k != SENT_HEADER),
             "nothing was published"
+        );
+    }
+
+    /// A context whose retry header says which positions were sent, under `routing`.
+    fn sent_before(routing: &str, positions: &str) -> MessageContext {
+        let mut ctx = MessageContext::for_test("s3-events", "k", 1);
+        let mut h = FieldTable::default();
+        let sent = serde_json::to_string(&json!([format!("queues {routing}")]))
+            .unwrap()
+            .replacen(']', &format!(",{positions}]"), 1);
+        h.insert(
+            SENT_HEADER.into(),
+            AMQPValue::LongString(sent.as_str().into()),
+        );
+        ctx.headers = h;
+        ctx
+    }
+
+    #[tokio::test]
+    async fn sent_positions_are_skipped_under_the_same_routing_only() {
+        let r = router("a,b", 1);
+        let key = format!("v2/raw_crash/000/20180313/{ID}");
+        // Pairs 0 and 1 (ID to a, ID to b) sent under this routing: nothing to publish.
+        let ctx = sent_before(&r.routing_spec(), "[0,1]");
+        let Outcome::Success { body, .. } = r.handle(event(&[&key]), &ctx).await else {
+            panic!("no publish should have been attempted")
+        };
+        assert_eq!(body["already_published"], 2);
+        // The same positions under another seed name other pairs: published again (here
+        // attempted: a test context cannot publish), and the old positions forgotten.
+        let other = router("a,b", 2);
+        let ctx = sent_before(&r.routing_spec(), "[0,1]");
+        let out = other.handle(event(&[&key]), &ctx).await;
+        assert!(
+            matches!(&out, Outcome::Retry(m) if m.contains("queue `a`")),
+            "{out:?}"
+        );
+        assert!(
+            ctx.retry_headers()
+                .iter()
+                .any(|(k, v)| k == SENT_HEADER && v == "[]"),
+            "{:?}",
+            ctx.retry_headers()
         );
     }
 
