@@ -37,33 +37,54 @@ fn alarmed(broker: &PrivateBroker) -> bool {
         .success()
 }
 
+/// Starts `processor` on queue `q` of `broker` with `extra` config, once it consumes.
+async fn start_on<P: MessageProcessor>(
+    broker: &PrivateBroker,
+    q: &str,
+    extra: &[(&str, &str)],
+    processor: P,
+) -> (Background, framework::config::Config<serde::de::IgnoredAny>) {
+    let url = broker.url();
+    let mut all = vec![("amqp.url", url.as_str())];
+    all.extend_from_slice(extra);
+    let cfg = config(q, &all);
+    let service = Background::start(
+        q,
+        &cfg,
+        framework::ProcessorConfiguration::new(&format!("{q}-in"), "test.#", "test.out", processor),
+    );
+    let status = service.status.clone();
+    wait_until("consuming", || status.is_ready()).await;
+    (service, cfg)
+}
+
+/// Raises a disk alarm on `broker` (publishers blocked) and waits until it is on.
+async fn raise_alarm(broker: &PrivateBroker) {
+    broker.ctl(&["set_disk_free_limit", "1000000GB"]);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !alarmed(broker) {
+        assert!(tokio::time::Instant::now() < deadline, "the alarm went off");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outcome_published_during_a_resource_alarm_lands_once() {
     let broker = PrivateBroker::start().await;
     let q = unique("alarm");
     let limit_ms = 1500;
-    let cfg = config(
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (service, cfg) = start_on(
+        &broker,
         &q,
         &[
-            ("amqp.url", &broker.url()),
             ("amqp.operation_timeout_ms", &limit_ms.to_string()),
             ("amqp.drain_timeout_ms", "1000"),
         ],
-    );
-    let (open, gate) = tokio::sync::watch::channel(false);
-    let calls = Arc::new(AtomicUsize::new(0));
-    let service = Background::start(
-        "alarm",
-        &cfg,
-        framework::ProcessorConfiguration::new(
-            &format!("{q}-in"),
-            "test.#",
-            "test.out",
-            Gated(gate, calls.clone()),
-        ),
-    );
-    let status = service.status.clone();
-    wait_until("consuming", || status.is_ready()).await;
+        Gated(gate, calls.clone()),
+    )
+    .await;
     let sink = format!("{q}-sink");
     broker.sink(&sink, &format!("{q}-out")).await;
     let (_conn, ch) = broker.channel().await.expect("channel");
@@ -79,12 +100,7 @@ async fn an_outcome_published_during_a_resource_alarm_lands_once() {
     wait_until("the handler to start", || c.load(Ordering::SeqCst) == 1).await;
 
     // A disk alarm: the node blocks publishers until the limit comes down again.
-    broker.ctl(&["set_disk_free_limit", "1000000GB"]);
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !alarmed(&broker) {
-        assert!(tokio::time::Instant::now() < deadline, "the alarm went off");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    raise_alarm(&broker).await;
     open.send(true).expect("gate open");
     // The outcome's confirm cannot come while the alarm lasts. What must not happen
     // cannot be awaited: the alarm is held for three times the confirm limit, in which
@@ -129,24 +145,18 @@ async fn an_outcome_published_during_a_resource_alarm_lands_once() {
 async fn an_outcome_larger_than_the_broker_accepts_is_dead_lettered_at_once() {
     let broker = PrivateBroker::start_with(|_, _| "max_message_size = 1048576\n".to_string()).await;
     let q = unique("toolarge");
-    let cfg = config(&q, &[("amqp.url", &broker.url())]);
     let calls = Arc::new(AtomicUsize::new(0));
     let c = calls.clone();
-    let service = Background::start(
-        "toolarge",
-        &cfg,
-        framework::ProcessorConfiguration::new(
-            &format!("{q}-in"),
-            "test.#",
-            "test.out",
-            FnProcessor(move |_: serde_json::Value, _: &MessageContext| {
-                c.fetch_add(1, Ordering::SeqCst);
-                Outcome::success(serde_json::json!({"report": "x".repeat(2 << 20)}))
-            }),
-        ),
-    );
-    let status = service.status.clone();
-    wait_until("consuming", || status.is_ready()).await;
+    let (service, _) = start_on(
+        &broker,
+        &q,
+        &[],
+        FnProcessor(move |_: serde_json::Value, _: &MessageContext| {
+            c.fetch_add(1, Ordering::SeqCst);
+            Outcome::success(serde_json::json!({"report": "x".repeat(2 << 20)}))
+        }),
+    )
+    .await;
     let (_conn, ch) = broker.channel().await.expect("channel");
     let mut dlq = consume(&ch, &format!("{q}-dlq")).await;
     publish(
@@ -171,25 +181,13 @@ async fn a_replay_during_a_resource_alarm_moves_each_dead_letter_once() {
     let broker = PrivateBroker::start().await;
     let q = unique("alarmreplay");
     let limit_ms = 1500;
-    let cfg = config(
+    let (service, cfg) = start_on(
+        &broker,
         &q,
-        &[
-            ("amqp.url", &broker.url()),
-            ("amqp.operation_timeout_ms", &limit_ms.to_string()),
-        ],
-    );
-    let service = Background::start(
-        "alarmreplay",
-        &cfg,
-        framework::ProcessorConfiguration::new(
-            &format!("{q}-in"),
-            "test.#",
-            "test.out",
-            FnProcessor(|_: serde_json::Value, _: &MessageContext| Outcome::permanent("bad")),
-        ),
-    );
-    let status = service.status.clone();
-    wait_until("consuming", || status.is_ready()).await;
+        &[("amqp.operation_timeout_ms", &limit_ms.to_string())],
+        FnProcessor(|_: serde_json::Value, _: &MessageContext| Outcome::permanent("bad")),
+    )
+    .await;
     let (_conn, ch) = broker.channel().await.expect("channel");
     publish(
         &ch,
@@ -220,12 +218,7 @@ async fn a_replay_during_a_resource_alarm_moves_each_dead_letter_once() {
     let conn = framework::testing::broker::connect(&broker.url())
         .await
         .expect("connect");
-    broker.ctl(&["set_disk_free_limit", "1000000GB"]);
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !alarmed(&broker) {
-        assert!(tokio::time::Instant::now() < deadline, "the alarm went off");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    raise_alarm(&broker).await;
     let replay = tokio::spawn(async move {
         let r = framework::dlq::replay(&conn, &topo, &framework::dlq::Selection::All, false).await;
         (r.map(|moved| moved.len()).map_err(|e| e.to_string()), conn)
