@@ -34,11 +34,14 @@ const MIB: u64 = 1024 * 1024;
 /// The state of a source file that says it still holds the bytes a copy read: size,
 /// modification and change times. A rewrite in place keeps the size but not the times
 /// (and one that puts the mtime back still moves the ctime).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub struct SourceState {
     size: u64,
     mtime: (i64, i64),
     ctime: (i64, i64),
+    /// On a filesystem that can hang on a server (see crate::mounts): looked at again on a
+    /// blocking thread, never on the runtime's.
+    remote: bool,
 }
 
 impl SourceState {
@@ -49,25 +52,48 @@ impl SourceState {
             size: meta.len(),
             mtime: (meta.mtime(), meta.mtime_nsec()),
             ctime: (meta.ctime(), meta.ctime_nsec()),
+            remote: false,
         }
     }
 
-    /// [`CopyError::SourceChanged`] unless `file` is still in this state.
+    /// This state, of a file on a filesystem that can hang on a server when `remote`.
+    pub fn on_remote(self, remote: bool) -> Self {
+        Self { remote, ..self }
+    }
+
+    /// [`CopyError::SourceChanged`] unless `file` is still in this state. Blocking.
     pub fn check(&self, file: &std::fs::File, shown: &str) -> Result<(), CopyError> {
-        let now = file
-            .metadata()
-            .map_err(|e| CopyError::Read(shown.to_string(), e))?;
-        if Self::of(&now) == *self {
+        let now = Self::of(
+            &file
+                .metadata()
+                .map_err(|e| CopyError::Read(shown.to_string(), e))?,
+        );
+        if (now.size, now.mtime, now.ctime) == (self.size, self.mtime, self.ctime) {
             Ok(())
         } else {
             Err(CopyError::SourceChanged(shown.to_string()))
         }
     }
+
+    /// [`Self::check`] from async code: on a blocking thread where the file is remote (an
+    /// `fstat` on a hard-mounted share whose server stopped answering waits for it).
+    pub async fn confirm(&self, file: &std::fs::File, shown: &str) -> Result<(), CopyError> {
+        if !self.remote {
+            return self.check(file, shown);
+        }
+        let f = file
+            .try_clone()
+            .map_err(|e| CopyError::Read(shown.to_string(), e))?;
+        let (state, owned) = (*self, shown.to_string());
+        tokio::task::spawn_blocking(move || state.check(&f, &owned))
+            .await
+            .map_err(|e| CopyError::Read(shown.to_string(), std::io::Error::other(e)))?
+    }
 }
 
 /// [`CopyError::SourceChanged`] unless all of the source was read (`read` bytes) and it is
 /// still as it was when the copy began: checked before anything is published.
-fn unchanged(
+async fn unchanged(
     file: &std::fs::File,
     shown: &str,
     before: &SourceState,
@@ -76,7 +102,7 @@ fn unchanged(
     if read != before.size {
         return Err(CopyError::SourceChanged(shown.to_string()));
     }
-    before.check(file, shown)
+    before.confirm(file, shown).await
 }
 
 /// Part size for a file of `len` bytes: at least `min_part`, and large enough (rounded up
@@ -336,7 +362,7 @@ pub async fn upload(
     // see the tier).
     let before = match resume.state {
         Some(s) => {
-            s.check(file, shown)?;
+            s.confirm(file, shown).await?;
             s
         }
         None => SourceState::of(&file.metadata().map_err(read_err)?),
@@ -416,7 +442,7 @@ pub async fn upload(
             )
         });
         let size = first.len() as u64;
-        unchanged(file, shown, &before, size)?;
+        unchanged(file, shown, &before, size).await?;
         let opts = PutOptions {
             attributes,
             mode: if tier.create_only {
@@ -474,7 +500,7 @@ pub async fn upload(
     let changed = if up.digest.size != len {
         Err(CopyError::SourceChanged(shown.to_string()))
     } else {
-        before.check(file, shown)
+        before.confirm(file, shown).await
     };
     if let Err(e) = changed {
         // Published before the change was seen (grown, or rewritten in place): what is at
@@ -528,7 +554,7 @@ async fn upload_multipart(
         while let Some(r) = in_flight.join_next().await {
             join_part(Some(r))?;
         }
-        unchanged(source.0, shown, &source.1, size)?;
+        unchanged(source.0, shown, &source.1, size).await?;
         up.complete().await?;
         Ok(())
     }
@@ -768,7 +794,7 @@ impl Multipart<'_> {
                 std::io::Error::other("a part is missing"),
             ));
         }
-        unchanged(self.source.0, self.shown, &self.source.1, size)?;
+        unchanged(self.source.0, self.shown, &self.source.1, size).await?;
         if self.create_only {
             match self
                 .s3
@@ -1022,6 +1048,24 @@ pub async fn remove(store: &dyn ObjectStore, key: &ObjectPath) -> Result<(), Cop
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_remote_source_is_looked_at_again_off_the_runtime_and_changes_are_seen() {
+        let dir = tempfile::tempdir().expect("temp");
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"first").expect("write");
+        let f = std::fs::File::open(&path).expect("open");
+        for remote in [false, true] {
+            let state = SourceState::of(&f.metadata().expect("stat")).on_remote(remote);
+            state.confirm(&f, "f").await.expect("unchanged");
+        }
+        let state = SourceState::of(&f.metadata().expect("stat")).on_remote(true);
+        std::fs::write(&path, b"other content").expect("rewrite");
+        assert!(matches!(
+            state.confirm(&f, "f").await,
+            Err(CopyError::SourceChanged(_))
+        ));
+    }
 
     /// A source growing while it is hashed (here without end) is hashed a buffer past
     /// its size at the start, not until its writer stops.

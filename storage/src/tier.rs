@@ -244,7 +244,8 @@ impl TierCopier {
         // answering, opening or `stat`ing a file blocks until it answers, and a few such
         // files on the runtime's own threads stalled everything else there — the broker's
         // heartbeats (the connection dropped), health, metrics, claim renewals.
-        let (resolved, meta) = if self.mounts.may_block() {
+        let remote = self.mounts.may_block();
+        let (resolved, meta) = if remote {
             let roots = self.roots.clone();
             let (parent_dir, filename) = (msg.parent_dir.clone(), msg.filename.clone());
             tokio::task::spawn_blocking(move || open_source(&roots, &parent_dir, &filename))
@@ -290,7 +291,7 @@ impl TierCopier {
         } else {
             self.records.copies_of(&original, size, &mtime).await?
         };
-        let state = copy::SourceState::of(&meta);
+        let state = copy::SourceState::of(&meta).on_remote(remote);
         // The source's digest, where an earlier copy or (nearline) an identical object is
         // looked for: size and modification time do not prove the content (a file
         // replaced by another of its size with its time kept, `cp -p`, must be copied,
@@ -299,7 +300,7 @@ impl TierCopier {
         let mut source: Option<Digest> = None;
         if !earlier.is_empty() || self.policy.reuse_identical {
             source = Some(copy::hash_open(file, &original, alg).await?);
-            state.check(file, &original)?;
+            state.confirm(file, &original).await?;
         }
         if let Some(d) = &source {
             for obj in earlier.iter().filter(|o| o.checksum == d.checksum) {
@@ -447,7 +448,7 @@ impl TierCopier {
                 };
                 // The file hashed is still the one first looked at (its size and mtime
                 // are recorded with this object).
-                state.check(file, original)?;
+                state.confirm(file, original).await?;
                 // Another copy's object, whose directory fsync may still run.
                 copy::make_durable(&self.tier, key).await?;
                 self.record(&obj, original, mtime, msg, claim).await?;
