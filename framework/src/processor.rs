@@ -295,7 +295,10 @@ impl MessageContext {
         let Ok(progress) = self.progress_headers.lock() else {
             return false;
         };
-        written.iter().any(|(k, _)| progress.contains(&k.as_str()))
+        // An emptied progress (`Progress::clear`) finished nothing.
+        written
+            .iter()
+            .any(|(k, v)| progress.contains(&k.as_str()) && v != "[]")
     }
 
     /// Notes `header` as a progress header of this message (see `progress_headers`).

@@ -114,12 +114,27 @@ pub enum PublishError {
 }
 
 impl PublishError {
-    /// Whether the broker refused the message for its size (`max_message_size`, 16 MiB by
-    /// default on RabbitMQ 4.x): the same outcome will never fit, however often retried.
-    pub fn body_too_large(&self) -> bool {
-        matches!(self, PublishError::Amqp(e)
-            if crate::topology::is_soft(e, lapin::protocol::AMQPSoftError::PRECONDITIONFAILED)
-                && e.to_string().contains("larger than configured max size"))
+    /// Whether the broker refused one of these bodies (`sizes`, in bytes) for its size
+    /// (`max_message_size`, 16 MiB by default on RabbitMQ 4.x): the same outcome will never
+    /// fit, however often retried. The size the broker names must be one of them: the
+    /// refusal closes the channel, and every other publish pending on it fails with the
+    /// same text.
+    pub fn body_too_large(&self, sizes: &[usize]) -> bool {
+        let PublishError::Amqp(e) = self else {
+            return false;
+        };
+        if !crate::topology::is_soft(e, lapin::protocol::AMQPSoftError::PRECONDITIONFAILED) {
+            return false;
+        }
+        // "message size N is larger than configured max size M" (or "… than max size M").
+        let text = e.to_string();
+        let refused = text
+            .split("message size ")
+            .nth(1)
+            .and_then(|r| r.split_once(" is larger than "))
+            .filter(|(_, rest)| rest.contains("max size"))
+            .and_then(|(n, _)| n.trim().parse::<usize>().ok());
+        refused.is_some_and(|n| sizes.contains(&n))
     }
 }
 

@@ -580,6 +580,12 @@ impl<P: MessageProcessor> Shared<P> {
             _ => None,
         };
         let (mut label, msgs) = inner.planner.plan(publisher, &delivery.data, ctx, outcome);
+        // The sizes of the first bodies, kept without an allocation per message: a refusal
+        // for its size must name one of this outcome's (see `body_too_large`).
+        let mut sizes = [usize::MAX; 4];
+        for (s, m) in sizes.iter_mut().zip(&msgs) {
+            *s = m.body.len();
+        }
         let mut published = publisher.send(msgs).await;
         if let Err(e) = &published {
             metrics.publish_failures().increment(1);
@@ -609,7 +615,7 @@ impl<P: MessageProcessor> Shared<P> {
                 warn!("an exchange of the service's own topology is gone; declaring it again");
                 broken.cancel();
             }
-            if e.body_too_large() && label != "dead_letter" {
+            if e.body_too_large(&sizes) && label != "dead_letter" {
                 // A success message (or extra) over the broker's max_message_size: the
                 // next attempt would build the same one, so the input is dead-lettered
                 // now, saying why, instead of being retried max_attempts times.

@@ -33,12 +33,14 @@ impl DeclareError {
     }
 }
 
-/// Queue arguments whose value may differ between releases or configs without changing
-/// what the queue is: a queue declared by an earlier release without `x-delivery-limit`
-/// (or with another `[amqp] delivery_limit`) is used as it is, instead of every replica of
-/// the next release exiting with a "conflict" whose remedy, deleting the queue, would
-/// throw away its messages (its dead letters). Its type, dead-letter target or TTL are
-/// never tolerated: those change what the queue does.
+/// Arguments of the input queue `Q` whose value may differ between releases or configs
+/// without changing what the queue is: a `Q` declared by an earlier release without
+/// `x-delivery-limit` (or with another `[amqp] delivery_limit`) is used with its value,
+/// instead of every replica of the next release exiting with a "conflict" whose remedy,
+/// deleting the queue, would throw away its messages. Never on `Q-dlq` or the retry tiers
+/// (a delivery limit there could drop dead letters that are browsed), and never its type,
+/// dead-letter target or TTL: the declaration is repeated with the broker's own value of
+/// the tolerated argument, so the broker still checks every other one.
 const TOLERATED_ARGUMENTS: [&str; 4] = [
     "x-delivery-limit",
     "x-overflow",
@@ -46,17 +48,41 @@ const TOLERATED_ARGUMENTS: [&str; 4] = [
     "x-consumer-timeout",
 ];
 
-/// The argument named by a declaration refused for an inequivalent argument, if it is one
-/// of [`TOLERATED_ARGUMENTS`].
-fn tolerated_difference(e: &lapin::Error) -> Option<String> {
+/// For a declaration refused over one of [`TOLERATED_ARGUMENTS`]: the argument and the
+/// queue's current value of it (None: the queue has none), from the broker's text
+/// (`inequivalent arg 'K' for queue …: received … but current is the value 'V' of type
+/// 'T'` or `… but current is none`).
+fn tolerated_difference(e: &lapin::Error) -> Option<(&'static str, Option<AMQPValue>)> {
     if !is_soft(e, AMQPSoftError::PRECONDITIONFAILED) {
         return None;
     }
     let text = e.to_string();
-    TOLERATED_ARGUMENTS
-        .iter()
-        .find(|a| text.contains(&format!("inequivalent arg '{a}'")))
-        .map(|a| (*a).to_string())
+    let key = TOLERATED_ARGUMENTS
+        .into_iter()
+        .find(|a| text.contains(&format!("inequivalent arg '{a}'")))?;
+    let current = text.split("but current is ").nth(1)?;
+    if current.starts_with("none") {
+        return Some((key, None));
+    }
+    // RabbitMQ 4.x: "the value 'V' of type 'T'"; 3.x: "'V'".
+    let (value, kind) = match current.strip_prefix("the value '") {
+        Some(rest) => {
+            let (value, rest) = rest.split_once("' of type '")?;
+            (value, Some(rest.split_once('\'')?.0))
+        }
+        None => (current.strip_prefix('\'')?.split_once('\'')?.0, None),
+    };
+    let v = match kind {
+        Some("longstr" | "shortstr") => AMQPValue::LongString(value.into()),
+        Some("bool") => AMQPValue::Boolean(value.parse().ok()?),
+        Some(_) => AMQPValue::LongLongInt(value.parse().ok()?),
+        // Untyped: the tolerated arguments are whole numbers or words.
+        None => match value.parse::<i64>() {
+            Ok(n) => AMQPValue::LongLongInt(n),
+            Err(_) => AMQPValue::LongString(value.into()),
+        },
+    };
+    Some((key, Some(v)))
 }
 
 /// Whether exchange `name` exists: a passive declare on a channel of its own (a missing
@@ -395,37 +421,42 @@ impl Topology {
             self.check_source(conn, &source).await?;
         }
         for q in self.queues() {
-            let declared = ch
-                .queue_declare(
-                    q.name.as_str().into(),
-                    QueueDeclareOptions {
-                        durable: true,
-                        ..Default::default()
-                    },
-                    q.arguments,
-                )
-                .await;
-            match declared {
-                Ok(_) => {}
-                Err(e) if tolerated_difference(&e).is_some() => {
-                    // The refusal closed the channel: the queue is checked, and the rest
-                    // declared, on a new one.
-                    ch = conn.create_channel().await?;
-                    ch.queue_declare(
+            let mut args = q.arguments;
+            let mut kept: Vec<&str> = Vec::new();
+            loop {
+                let declared = ch
+                    .queue_declare(
                         q.name.as_str().into(),
                         QueueDeclareOptions {
-                            passive: true,
+                            durable: true,
                             ..Default::default()
                         },
-                        FieldTable::default(),
+                        args.clone(),
                     )
-                    .await?;
-                    tracing::warn!(queue = %q.name, difference = tolerated_difference(&e).unwrap_or_default(),
-                        "the queue exists with another value of an argument this release sets (declared by \
-                         another release or config); used as it is. To apply this one's, move its messages \
-                         away and delete it, or set the value by a policy");
+                    .await;
+                let e = match declared {
+                    Ok(_) => break,
+                    Err(e) => e,
+                };
+                match tolerated_difference(&e) {
+                    Some((key, current)) if q.name == self.queue && !kept.contains(&key) => {
+                        // The refusal closed the channel: asked again, with the queue's
+                        // own value, on a new one.
+                        ch = conn.create_channel().await?;
+                        args = crate::headers::without(&args, &[key]);
+                        if let Some(v) = current {
+                            args.insert(key.into(), v);
+                        }
+                        kept.push(key);
+                    }
+                    _ => return Err(e.into()),
                 }
-                Err(e) => return Err(e.into()),
+            }
+            if !kept.is_empty() {
+                tracing::warn!(queue = %q.name, arguments = ?kept,
+                    "the queue exists with other values of these arguments (declared by another release \
+                     or config); kept as they are. To apply this one's, move its messages away and \
+                     delete it, or set them by a policy");
             }
         }
         for b in self.bindings() {

@@ -477,7 +477,7 @@ async fn declare_creates_the_topology_and_definitions_describe_it() {
         .arg("declare"));
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert!(
-        stderr(&o).contains("used as it is") && stderr(&o).contains("x-delivery-limit"),
+        stderr(&o).contains("kept as they are") && stderr(&o).contains("x-delivery-limit"),
         "{}",
         stderr(&o)
     );
@@ -487,6 +487,23 @@ async fn declare_creates_the_topology_and_definitions_describe_it() {
         .arg("declare"));
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("topology conflict"), "{}", stderr(&o));
+    // Also where `Q-dlq` is out of the way: the broker names `Q`'s tolerated arguments
+    // (overflow, dead-letter strategy) before its type, and the type is still refused.
+    ch.queue_delete(
+        format!("{q}-dlq").as_str().into(),
+        framework::lapin::options::QueueDeleteOptions::default(),
+    )
+    .await
+    .expect("delete the DLQ");
+    let o = run(echo_cmd(&q, dir.path())
+        .env("STORAGETIER__AMQP__QUEUE_TYPE", "classic")
+        .arg("declare"));
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("topology conflict") && stderr(&o).contains("x-queue-type"),
+        "{}",
+        stderr(&o)
+    );
 
     let o = run(echo_cmd(&q, dir.path()).arg("definitions"));
     assert_eq!(o.status.code(), Some(0));
