@@ -234,11 +234,44 @@ pub mod testing {
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_string())
     }
 
-    /// A uniquely named database on the test server.
+    /// A uniquely named database on the test server; dropped with [`TempPostgres::drop_db`],
+    /// or when the value is dropped (a test that failed before it got there).
     pub struct TempPostgres {
         /// URL of the new database.
         pub url: String,
         name: String,
+        dropped: bool,
+    }
+
+    impl Drop for TempPostgres {
+        fn drop(&mut self) {
+            if self.dropped {
+                return;
+            }
+            let name = self.name.clone();
+            // A runtime of its own, on a thread of its own: this may run inside the test's
+            // runtime (unwinding from a failed assertion), where none may block.
+            let _ = std::thread::spawn(move || {
+                let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                else {
+                    return;
+                };
+                rt.block_on(async {
+                    if let Ok(admin) =
+                        AnyPool::connect(&format!("{}/postgres", postgres_server())).await
+                    {
+                        let _ =
+                            sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                                .execute(&admin)
+                                .await;
+                        admin.close().await;
+                    }
+                });
+            })
+            .join();
+        }
     }
 
     impl TempPostgres {
@@ -254,11 +287,13 @@ pub mod testing {
             Ok(Self {
                 url: format!("{}/{name}", postgres_server()),
                 name,
+                dropped: false,
             })
         }
 
         /// Drops the database (after the service's pool is closed).
-        pub async fn drop_db(self) -> Result<(), DbError> {
+        pub async fn drop_db(mut self) -> Result<(), DbError> {
+            self.dropped = true;
             let admin = AnyPool::connect(&format!("{}/postgres", postgres_server())).await?;
             sqlx::query(&format!(
                 "DROP DATABASE IF EXISTS {} WITH (FORCE)",
@@ -280,6 +315,19 @@ mod tests {
     /// TLS (sqlx was built without TLS, and every such URL failed to start a service).
     #[tokio::test]
     async fn postgres_over_tls() {
+        sqlx::any::install_default_drivers();
+        let plain = AnyPool::connect(&format!("{}/postgres", testing::postgres_server()))
+            .await
+            .expect("PostgreSQL reachable");
+        let ssl: String = sqlx::query_scalar("SHOW ssl")
+            .fetch_one(&plain)
+            .await
+            .expect("asked");
+        plain.close().await;
+        assert_eq!(
+            ssl, "on",
+            "the test server must have ssl = on (Debian's default, with its snakeoil certificate)"
+        );
         let url = format!("{}/postgres?sslmode=require", testing::postgres_server());
         let pool = connect_read_only(&url)
             .await

@@ -72,14 +72,19 @@ pub async fn serve(
             }
         }
     });
-    let task = tokio::spawn(accept(listener, app, shutdown));
+    let task = tokio::spawn(accept(listener, app, shutdown, HEADER_READ_TIMEOUT));
     Ok((local, task))
 }
 
 /// Serves `app` on `listener` until `shutdown`: each connection bounded in the time its
 /// headers take and in its lifetime, at most [`MAX_CONNECTIONS`] at once, and closed when
 /// the server stops (a scrape in flight is cut: the process is going away).
-async fn accept(listener: tokio::net::TcpListener, app: Router, shutdown: CancellationToken) {
+async fn accept(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: CancellationToken,
+    header_timeout: Duration,
+) {
     use hyper_util::rt::{TokioIo, TokioTimer};
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
@@ -107,7 +112,7 @@ async fn accept(listener: tokio::net::TcpListener, app: Router, shutdown: Cancel
         tokio::spawn(async move {
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .header_read_timeout(header_timeout)
                 .serve_connection(TokioIo::new(stream), service);
             tokio::select! {
                 _ = conn => {}
@@ -116,5 +121,52 @@ async fn accept(listener: tokio::net::TcpListener, app: Router, shutdown: Cancel
             }
             drop(slot);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    /// The server stops when told, whatever its connections are doing: one holding a
+    /// half-sent request (its headers not overdue yet) kept axum's graceful shutdown, and
+    /// SIGTERM with it, waiting for ever.
+    #[tokio::test]
+    async fn the_server_stops_with_a_request_still_half_sent() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let app = Router::new().route("/healthz", get(|| async { "ok\n" }));
+        let stop = CancellationToken::new();
+        let server = tokio::spawn(accept(
+            listener,
+            app,
+            stop.clone(),
+            Duration::from_secs(3600),
+        ));
+        let mut client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        client
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .expect("half a request");
+        // Accepted and being served before the stop.
+        let mut probe = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        probe
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("a whole request");
+        let mut answer = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut probe, &mut answer)
+            .await
+            .expect("answered");
+        assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(60), server)
+            .await
+            .expect("stopped with a connection still open")
+            .expect("server task");
+        drop(client);
     }
 }
