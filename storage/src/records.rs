@@ -159,7 +159,7 @@ async fn apply_in(
 ) -> Result<Vec<bool>, db::sqlx::Error> {
     let mut tx = db::sqlx::Connection::begin(&mut **conn).await?;
     let mut results = Vec::with_capacity(writes.len());
-    let mut rest = &writes[..];
+    let mut rest = writes;
     while let Some(w) = rest.first() {
         // A run of copies goes in a few multi-row statements: each statement is a round
         // trip to SQLite's worker thread, and these are most of a busy batch.
