@@ -615,33 +615,28 @@ impl<P: MessageProcessor> Shared<P> {
                 warn!("an exchange of the service's own topology is gone; declaring it again");
                 broken.cancel();
             }
-            if e.body_too_large(&sizes) && label != "dead_letter" {
+            let replacement = if e.body_too_large(&sizes) && label != "dead_letter" {
                 // A success message (or extra) over the broker's max_message_size: the
                 // next attempt would build the same one, so the input is dead-lettered
                 // now, saying why, instead of being retried max_attempts times.
-                let why = format!(
+                Some(Outcome::Permanent(format!(
                     "the {label} outcome is larger than the broker accepts ({e}); \
                      retrying would build it again"
-                );
-                let (l, msgs) =
-                    inner
-                        .planner
-                        .plan(publisher, &delivery.data, ctx, Outcome::Permanent(why));
-                label = l;
-                published = publisher.send(msgs).await;
+                )))
             } else if !was_retry {
                 // An outcome that cannot be published (an unroutable or missing
                 // destination) becomes a retry: it counts toward max_attempts and ends in
                 // the DLQ, instead of looping through requeues that RabbitMQ 4.3 no longer
                 // counts.
-                let why = match &dead_letter_reason {
+                Some(Outcome::Retry(match &dead_letter_reason {
                     Some(r) => format!("{r} (its dead letter could not be published: {e})"),
                     None => format!("could not publish the {label} outcome: {e}"),
-                };
-                let (l, msgs) =
-                    inner
-                        .planner
-                        .plan(publisher, &delivery.data, ctx, Outcome::Retry(why));
+                }))
+            } else {
+                None
+            };
+            if let Some(o) = replacement {
+                let (l, msgs) = inner.planner.plan(publisher, &delivery.data, ctx, o);
                 label = l;
                 published = publisher.send(msgs).await;
             }
