@@ -78,6 +78,20 @@ async fn start_on<P: MessageProcessor>(
     (service, cfg)
 }
 
+/// Publishes the input `{"n":1}` to service `q` on `broker`, confirmed.
+async fn send_input(broker: &PrivateBroker, q: &str) {
+    let (conn, ch) = broker.channel().await.expect("channel");
+    publish(
+        &ch,
+        &format!("{q}-in"),
+        "test.x",
+        br#"{"n":1}"#,
+        Default::default(),
+    )
+    .await;
+    framework::testing::broker::close(conn).await;
+}
+
 /// Raises a disk alarm on `broker` (publishers blocked) and waits until it is on.
 async fn raise_alarm(broker: &PrivateBroker) {
     disk_limit(broker, "1000000GB");
@@ -109,15 +123,7 @@ async fn an_outcome_published_during_a_resource_alarm_lands_once() {
     .await;
     let sink = format!("{q}-sink");
     broker.sink(&sink, &format!("{q}-out")).await;
-    let (_conn, ch) = broker.channel().await.expect("channel");
-    publish(
-        &ch,
-        &format!("{q}-in"),
-        "test.x",
-        br#"{"n":1}"#,
-        Default::default(),
-    )
-    .await;
+    send_input(&broker, &q).await;
     let c = calls.clone();
     wait_until("the handler to start", || c.load(Ordering::SeqCst) == 1).await;
 
@@ -176,14 +182,7 @@ async fn an_outcome_larger_than_the_broker_accepts_is_dead_lettered_at_once() {
     .await;
     let (_conn, ch) = broker.channel().await.expect("channel");
     let mut dlq = consume(&ch, &format!("{q}-dlq")).await;
-    publish(
-        &ch,
-        &format!("{q}-in"),
-        "test.x",
-        br#"{"n":1}"#,
-        Default::default(),
-    )
-    .await;
+    send_input(&broker, &q).await;
     let d = next(&mut dlq).await;
     assert_eq!(header(&d, "x-error-kind").as_deref(), Some("permanent"));
     let why = header(&d, "x-error").unwrap_or_default();
@@ -204,15 +203,7 @@ async fn a_replay_during_a_resource_alarm_moves_each_dead_letter_once() {
         FnProcessor(|_: serde_json::Value, _: &MessageContext| Outcome::permanent("bad")),
     )
     .await;
-    let (_conn, ch) = broker.channel().await.expect("channel");
-    publish(
-        &ch,
-        &format!("{q}-in"),
-        "test.x",
-        br#"{"n":1}"#,
-        Default::default(),
-    )
-    .await;
+    send_input(&broker, &q).await;
     let dlq = format!("{q}-dlq");
     let deadline = tokio::time::Instant::now() + WAIT;
     while broker.count(&dlq).await != Some(1) {

@@ -23,16 +23,22 @@ struct Env {
     _dir: tempfile::TempDir,
 }
 
-async fn start(backend: Backend, extra: &[(&str, &str)]) -> Env {
-    let dir = tempfile::tempdir().unwrap();
+/// A fresh database of `backend` (SQLite in `dir`) and its URL.
+async fn database(backend: Backend, dir: &std::path::Path) -> (Option<TempPostgres>, String) {
     let pg = match backend {
         Backend::Sqlite => None,
         Backend::Postgres => Some(TempPostgres::create().await.unwrap()),
     };
     let url = match &pg {
         Some(p) => p.url.clone(),
-        None => db::default_url(dir.path(), "project-ingest"),
+        None => db::default_url(dir, "project-ingest"),
     };
+    (pg, url)
+}
+
+async fn start(backend: Backend, extra: &[(&str, &str)]) -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let (pg, url) = database(backend, dir.path()).await;
     let mut o: Vec<(&str, &str)> = vec![
         ("project_ingest.database_url", url.as_str()),
         // One message at a time, so "processed before" is observable.
@@ -946,14 +952,7 @@ async fn an_id_the_database_cannot_index_is_permanent() {
 /// project the first release stored is there afterwards, as it was.
 async fn projects_stored_before_0002_survive_it(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let pg = match backend {
-        Backend::Sqlite => None,
-        Backend::Postgres => Some(TempPostgres::create().await.unwrap()),
-    };
-    let url = match &pg {
-        Some(p) => p.url.clone(),
-        None => db::default_url(dir.path(), "project-ingest"),
-    };
+    let (pg, url) = database(backend, dir.path()).await;
     let all = &project_ingest::store::MIGRATOR;
     let first_release = db::Migrator {
         migrations: std::borrow::Cow::Owned(all.migrations[..1].to_vec()),
