@@ -112,25 +112,13 @@ pub fn check_configured_roots(
         .map_err(|e| framework::config::ConfigError::new(key, e.to_string()))
 }
 
-/// Resolves `parent_dir/filename` under `roots` and opens it. Absolute paths must lie in
-/// a root (either form); relative ones are taken relative to each root in turn. Nothing
-/// outside a root is opened: the lexical check comes first, then the resolved path is
-/// checked, then the file is opened beneath its root with links out of it refused.
-pub fn resolve(roots: &[Root], filepath: &str, filename: &str) -> Result<Resolved, PathError> {
-    let shown = format!("{}/{}", filepath.trim_end_matches('/'), filename);
-    if filename.is_empty()
-        || filename.contains('/')
-        || filename == "."
-        || filename == ".."
-        || filename.contains('\0')
-        || filepath.contains('\0')
-    {
-        return Err(PathError::InvalidName(shown));
-    }
+/// The paths `filepath/filename` may name under the roots, each under a root's canonical
+/// form (a path naming the configured form, through a symlinked root, is rewritten onto
+/// the real one), without looking at the filesystem: where [`resolve`] looks, and where
+/// the records of a file no longer there are looked for.
+pub fn candidates(roots: &[Root], filepath: &str, filename: &str) -> Vec<PathBuf> {
     let joined = Path::new(filepath).join(filename);
-    // Each candidate is expressed under a root's canonical form; a path naming the
-    // configured form (through a symlinked root) is rewritten onto the real one.
-    let candidates: Vec<PathBuf> = if joined.is_absolute() {
+    if joined.is_absolute() {
         let n = normalize(&joined);
         roots
             .iter()
@@ -147,7 +135,25 @@ pub fn resolve(roots: &[Root], filepath: &str, filename: &str) -> Result<Resolve
             .map(|r| normalize(&r.canonical.join(&joined)))
             .filter(|c| roots.iter().any(|r| c.starts_with(&r.canonical)))
             .collect()
-    };
+    }
+}
+
+/// Resolves `parent_dir/filename` under `roots` and opens it. Absolute paths must lie in
+/// a root (either form); relative ones are taken relative to each root in turn. Nothing
+/// outside a root is opened: the lexical check comes first, then the resolved path is
+/// checked, then the file is opened beneath its root with links out of it refused.
+pub fn resolve(roots: &[Root], filepath: &str, filename: &str) -> Result<Resolved, PathError> {
+    let shown = format!("{}/{}", filepath.trim_end_matches('/'), filename);
+    if filename.is_empty()
+        || filename.contains('/')
+        || filename == "."
+        || filename == ".."
+        || filename.contains('\0')
+        || filepath.contains('\0')
+    {
+        return Err(PathError::InvalidName(shown));
+    }
+    let candidates = candidates(roots, filepath, filename);
     // Lexical check first: a path that climbs out with `..` is refused even if the
     // target does not exist, so existence outside the roots is never revealed.
     if candidates.is_empty() {

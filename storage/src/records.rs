@@ -39,13 +39,12 @@ enum Write {
     Claim {
         key: String,
         owner: String,
-        until: i64,
-        now: i64,
+        lease_ms: i64,
     },
     Renew {
         key: String,
         owner: String,
-        until: i64,
+        lease_ms: i64,
     },
     Release {
         key: String,
@@ -157,6 +156,7 @@ async fn apply_in(
     conn: &mut db::sqlx::pool::PoolConnection<db::sqlx::Any>,
     writes: &[&Write],
 ) -> Result<Vec<bool>, db::sqlx::Error> {
+    let clock = database_clock(conn.backend_name());
     let mut tx = db::sqlx::Connection::begin(&mut **conn).await?;
     let mut results = Vec::with_capacity(writes.len());
     let mut rest = writes;
@@ -180,16 +180,20 @@ async fn apply_in(
             Write::Claim {
                 key,
                 owner,
-                until,
-                now,
-            } => claim_in(&mut tx, key, owner, *until, *now).await?,
-            Write::Renew { key, owner, until } => {
-                db::sqlx::query(
-                    "UPDATE upload_claims SET expires_at = $3 WHERE object_key = $1 AND owner = $2",
-                )
+                lease_ms,
+            } => claim_in(&mut tx, clock, key, owner, *lease_ms).await?,
+            Write::Renew {
+                key,
+                owner,
+                lease_ms,
+            } => {
+                db::sqlx::query(&format!(
+                    "UPDATE upload_claims SET expires_at = {clock} + $3 \
+                     WHERE object_key = $1 AND owner = $2"
+                ))
                 .bind(key)
                 .bind(owner)
-                .bind(*until)
+                .bind(*lease_ms)
                 .execute(&mut *tx)
                 .await?
                 .rows_affected()
@@ -209,23 +213,38 @@ async fn apply_in(
 
 type Tx<'c> = db::sqlx::Transaction<'c, db::sqlx::Any>;
 
+/// A lease in milliseconds, capped so that adding it to the clock cannot overflow.
+fn lease_ms(lease: std::time::Duration) -> i64 {
+    i64::try_from(lease.as_millis()).map_or(i64::MAX / 2, |ms| ms.min(i64::MAX / 2))
+}
+
+/// The database's own clock, in milliseconds since 1970, as SQL. Claims are leased and
+/// expired by it, not by the replicas' clocks: a replica whose clock ran a lease ahead of
+/// another's took that one's live claim as expired, and both uploaded to one key at once.
+fn database_clock(backend: &str) -> &'static str {
+    if backend.eq_ignore_ascii_case("sqlite") {
+        "CAST((julianday('now') - 2440587.5) * 86400000.0 AS BIGINT)"
+    } else {
+        "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)"
+    }
+}
+
 async fn claim_in(
     tx: &mut Tx<'_>,
+    clock: &str,
     key: &str,
     owner: &str,
-    until: i64,
-    now: i64,
+    lease_ms: i64,
 ) -> Result<bool, db::sqlx::Error> {
-    let r = db::sqlx::query(
-        "INSERT INTO upload_claims (object_key, owner, expires_at) VALUES ($1, $2, $3) \
+    let r = db::sqlx::query(&format!(
+        "INSERT INTO upload_claims (object_key, owner, expires_at) VALUES ($1, $2, {clock} + $3) \
          ON CONFLICT (object_key) DO UPDATE SET owner = excluded.owner, \
          expires_at = excluded.expires_at \
-         WHERE upload_claims.owner = excluded.owner OR upload_claims.expires_at < $4",
-    )
+         WHERE upload_claims.owner = excluded.owner OR upload_claims.expires_at < {clock}"
+    ))
     .bind(key)
     .bind(owner)
-    .bind(until)
-    .bind(now)
+    .bind(lease_ms)
     .execute(&mut **tx)
     .await?;
     Ok(r.rows_affected() == 1)
@@ -306,20 +325,16 @@ async fn copies_in(tx: &mut Tx<'_>, copies: &[&CopyRow]) -> Result<(), db::sqlx:
     Ok(())
 }
 
-/// `items` without those whose key comes again later, in order.
-fn last_per_key<'a, T, K: Eq + std::hash::Hash>(
-    items: &[&'a T],
-    key: impl Fn(&'a T) -> K,
-) -> Vec<&'a T> {
-    let mut seen = std::collections::HashSet::new();
-    let mut kept: Vec<&T> = items
-        .iter()
-        .rev()
-        .filter(|i| seen.insert(key(i)))
-        .copied()
-        .collect();
-    kept.reverse();
-    kept
+/// The last of `items` for each key, in the order of their keys. Sorted, because the
+/// rows of one statement are locked in its order: two replicas' batches upserting the
+/// same keys in opposite orders deadlocked on PostgreSQL (one waited out its
+/// `deadlock_timeout`, then had every write of its batch redone one commit at a time).
+fn last_per_key<'a, T, K: Ord>(items: &[&'a T], key: impl Fn(&'a T) -> K) -> Vec<&'a T> {
+    let mut last = std::collections::BTreeMap::new();
+    for i in items {
+        last.insert(key(i), *i);
+    }
+    last.into_values().collect()
 }
 
 /// `items` in chunks of 32, 16, 8, 4, 2 and 1: a few statement shapes for the
@@ -461,6 +476,30 @@ impl Records {
         rows.iter().map(stored_object).collect()
     }
 
+    /// Objects recorded as copies of `original_path` at this size, each with the
+    /// modification time the file had when it was copied: what a file no longer there
+    /// was copied as.
+    pub async fn copies_at(
+        &self,
+        original_path: &str,
+        size: u64,
+    ) -> Result<Vec<(StoredObject, String)>, db::sqlx::Error> {
+        let rows = db::sqlx::query(
+            "SELECT o.object_key, o.size, o.checksum, o.store_etag, o.store_version, \
+             o.store_checksum, f.mtime FROM copied_files f \
+             JOIN stored_objects o ON o.object_key = f.object_key \
+             WHERE f.original_path = $1 AND f.size = $2 AND o.size = f.size \
+             AND (f.checksum IS NULL OR f.checksum = o.checksum)",
+        )
+        .bind(original_path)
+        .bind(size as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((stored_object(r)?, r.try_get::<String, _>("mtime")?)))
+            .collect()
+    }
+
     /// Objects with this content.
     pub async fn objects_with(
         &self,
@@ -558,22 +597,19 @@ impl Records {
         .map(|_| ())
     }
 
-    /// Takes (or renews) the upload claim on `key` for `owner` until `lease` from now;
-    /// false when another owner holds an unexpired claim.
+    /// Takes (or renews) the upload claim on `key` for `owner` until `lease` from now
+    /// by the database's clock; false when another owner holds an unexpired claim.
     pub async fn claim(
         &self,
         key: &str,
         owner: &str,
         lease: std::time::Duration,
     ) -> Result<bool, db::sqlx::Error> {
-        let now = chrono::Utc::now().timestamp_millis();
-        let until = now.saturating_add(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX));
         self.group
             .run(Write::Claim {
                 key: key.to_string(),
                 owner: owner.to_string(),
-                until,
-                now,
+                lease_ms: lease_ms(lease),
             })
             .await
     }
@@ -586,13 +622,11 @@ impl Records {
         owner: &str,
         lease: std::time::Duration,
     ) -> Result<bool, db::sqlx::Error> {
-        let now = chrono::Utc::now().timestamp_millis();
-        let until = now.saturating_add(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX));
         self.group
             .run(Write::Renew {
                 key: key.to_string(),
                 owner: owner.to_string(),
-                until,
+                lease_ms: lease_ms(lease),
             })
             .await
     }
@@ -788,13 +822,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_last_row_of_a_key_is_kept_in_order() {
-        let rows = ["a1", "b1", "a2", "c1", "b2"];
+    fn the_last_row_of_a_key_is_kept_in_key_order() {
+        let rows = ["c1", "b1", "a1", "c2", "b2"];
         let refs: Vec<&&str> = rows.iter().collect();
         let kept = last_per_key(&refs, |r| &r[..1]);
         assert_eq!(
             kept.into_iter().copied().collect::<Vec<_>>(),
-            ["a2", "c1", "b2"]
+            ["a1", "b2", "c2"]
         );
     }
 
@@ -858,8 +892,7 @@ mod tests {
         writes.push(Write::Claim {
             key: "k-claimed".into(),
             owner: "me".into(),
-            until: i64::MAX,
-            now: 0,
+            lease_ms: 60_000,
         });
         writes.push(copy("k3", "/p/3", "new"));
         writes.push(copy("k3", "/p/3", "newer"));
@@ -923,6 +956,47 @@ mod tests {
             .unwrap();
         assert_eq!(mode, 2, "FULL");
         r.close().await;
+    }
+
+    /// Leases are counted by the database's clock on both databases (a replica's clock
+    /// ahead of another's must not expire that one's live claim), and a claim expired by
+    /// it is taken over and can no longer be renewed by its old owner.
+    async fn leases_run_on_the_database_clock(url: &str, backend: &str) {
+        let r = Records::open(url).await.unwrap();
+        let lease = std::time::Duration::from_secs(20);
+        assert!(r.claim("k", "a", lease).await.unwrap());
+        let clock = database_clock(backend);
+        let left: i64 = db::sqlx::query_scalar(&format!(
+            "SELECT expires_at - {clock} FROM upload_claims WHERE object_key = 'k'"
+        ))
+        .fetch_one(&r.write)
+        .await
+        .unwrap();
+        assert!((10_000..=20_000).contains(&left), "{left} ms left");
+        assert!(!r.claim("k", "b", lease).await.unwrap(), "held");
+        db::sqlx::query(&format!(
+            "UPDATE upload_claims SET expires_at = {clock} - 1000"
+        ))
+        .execute(&r.write)
+        .await
+        .unwrap();
+        assert!(r.claim("k", "b", lease).await.unwrap(), "expired: taken");
+        assert!(!r.renew("k", "a", lease).await.unwrap(), "no longer a's");
+        assert!(r.renew("k", "b", lease).await.unwrap());
+        r.close().await;
+    }
+
+    #[tokio::test]
+    async fn leases_run_on_the_sqlite_clock() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("r.db").display());
+        leases_run_on_the_database_clock(&url, "SQLite").await;
+    }
+
+    #[tokio::test]
+    async fn leases_run_on_the_postgres_clock() {
+        let pg = db::testing::TempPostgres::create().await.unwrap();
+        leases_run_on_the_database_clock(&pg.url, "PostgreSQL").await;
     }
 
     /// A file's copy whose key now holds another file's object (the object was lost and

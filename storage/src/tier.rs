@@ -113,12 +113,16 @@ impl From<db::sqlx::Error> for TierError {
     }
 }
 
+/// What opening a message's source found.
+enum Opened {
+    /// The file, opened beneath its root, with its metadata.
+    File(paths::Resolved, std::fs::Metadata),
+    /// No such file under a root that is mounted.
+    Missing(PathError),
+}
+
 /// Opens the source `parent_dir/filename` beneath its root, with its metadata. Blocking.
-fn open_source(
-    roots: &[Root],
-    parent_dir: &str,
-    filename: &str,
-) -> Result<(paths::Resolved, std::fs::Metadata), TierError> {
+fn open_source(roots: &[Root], parent_dir: &str, filename: &str) -> Result<Opened, TierError> {
     let resolved = match paths::resolve(roots, parent_dir, filename) {
         Ok(r) => r,
         // A root with nothing in it is a share that is not mounted (its mount point
@@ -134,13 +138,13 @@ fn open_source(
                     !p.is_absolute() || p.starts_with(&r.canonical) || p.starts_with(&r.configured)
                 })
                 .find(|r| paths::is_empty_dir(&r.canonical));
-            return Err(match unmounted {
-                Some(r) => TierError::Transient(format!(
+            return match unmounted {
+                Some(r) => Err(TierError::Transient(format!(
                     "{e}: the online root {} is empty (a share not mounted?)",
                     r.configured.display()
-                )),
-                None => e.into(),
-            });
+                ))),
+                None => Ok(Opened::Missing(e)),
+            };
         }
         Err(e) => return Err(e.into()),
     };
@@ -148,7 +152,23 @@ fn open_source(
         .file
         .metadata()
         .map_err(|e| PathError::Io(resolved.path.display().to_string(), e.to_string()))?;
-    Ok((resolved, meta))
+    Ok(Opened::File(resolved, meta))
+}
+
+/// Whether a file's recorded modification time (RFC 3339) is the one the sweeper saw:
+/// to the second where the sweeper sent whole seconds (the older shape's strings), else
+/// to the millisecond (its epoch seconds are a float: microseconds survive, not
+/// nanoseconds).
+fn same_mtime(recorded: &str, seen: crate::message::SweeperTime) -> bool {
+    let Ok(t) = chrono::DateTime::parse_from_rfc3339(recorded) else {
+        return false;
+    };
+    let secs = t.timestamp();
+    if seen.0.fract() == 0.0 {
+        return secs as f64 == seen.0;
+    }
+    let recorded = secs as f64 + f64::from(t.timestamp_subsec_nanos()) / 1e9;
+    (recorded - seen.0).abs() < 1e-3
 }
 
 /// Copies asset-sweeper files from the online roots into one tier.
@@ -245,7 +265,7 @@ impl TierCopier {
         // files on the runtime's own threads stalled everything else there — the broker's
         // heartbeats (the connection dropped), health, metrics, claim renewals.
         let remote = self.mounts.may_block();
-        let (resolved, meta) = if remote {
+        let opened = if remote {
             let roots = self.roots.clone();
             let (parent_dir, filename) = (msg.parent_dir.clone(), msg.filename.clone());
             tokio::task::spawn_blocking(move || open_source(&roots, &parent_dir, &filename))
@@ -253,6 +273,15 @@ impl TierCopier {
                 .map_err(|e| TierError::Transient(format!("opening the source stopped: {e}")))??
         } else {
             open_source(&self.roots, &msg.parent_dir, &msg.filename)?
+        };
+        let (resolved, meta) = match opened {
+            Opened::File(resolved, meta) => (resolved, meta),
+            Opened::Missing(e) => {
+                return match self.copied_before(msg).await? {
+                    Some(report) => Ok(TierOutcome::Copied(report)),
+                    None => Err(e.into()),
+                };
+            }
         };
         let file = &resolved.file;
         let original = resolved.path.display().to_string();
@@ -392,6 +421,35 @@ impl TierCopier {
                 }
             }
         }
+    }
+
+    /// The copy recorded of the file `msg` names as the sweeper saw it (its size and
+    /// modification time), whose object still holds what was recorded. A file copied and
+    /// then moved or deleted — by whoever acted on the success message of a copy whose
+    /// ack was lost, so the message came again, or by an operator before a dead letter
+    /// was replayed — was copied: that is reported (not uploaded by this attempt) instead
+    /// of a dead letter for a file that is safe in the store.
+    async fn copied_before(&self, msg: &AssetSweeperFile) -> Result<Option<CopyReport>, TierError> {
+        let alg = self.policy.algorithm;
+        for path in paths::candidates(&self.roots, &msg.parent_dir, &msg.filename) {
+            let original = path.display().to_string();
+            for (obj, mtime) in self.records.copies_at(&original, msg.size).await? {
+                if same_mtime(&mtime, msg.mtime) && copy::confirm_recorded(&self.tier, &obj, alg).await? {
+                    tracing::info!(path = %framework::telemetry::LogText(&original), key = %obj.object_key, "the file is gone but was copied before; reporting that copy");
+                    return Ok(Some(CopyReport {
+                        original_path: original,
+                        store: self.tier.display.clone(),
+                        key: obj.object_key,
+                        size: obj.size,
+                        checksum: obj.checksum,
+                        algorithm: alg.name(),
+                        mtime,
+                        uploaded: false,
+                    }));
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// Under the claim on `key` (none on a local store): an identical object there is

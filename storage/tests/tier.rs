@@ -985,3 +985,55 @@ async fn a_missing_file_is_not_blamed_on_another_empty_root() {
         serde_json::from_value(sweeper_message(&unmounted, "x.mov", false)).expect("message");
     assert!(transient(c.handle(&msg, 1).await).contains("empty"));
 }
+
+/// A file copied, then moved away before its message came again (a lost ack: whoever
+/// acted on the success message moved it; or a dead letter replayed after an operator
+/// tidied up) is reported as its recorded copy, not dead-lettered — only the copy of the
+/// file as the sweeper saw it (size and mtime), and only while the object still holds it.
+#[tokio::test]
+async fn a_file_gone_after_its_copy_is_reported_as_that_copy() {
+    let base = tempfile::tempdir().expect("temp");
+    let store = base.path().join("store");
+    let tier = storage::store::local(&store).expect("tier");
+    let c = copier(base.path(), "online", tier, records(base.path()).await);
+    let body = content(3000, 7);
+    let path = base.path().join("online/p/take.mov");
+    let seen = 1_704_067_200.25;
+    let message = |size: usize, mtime: f64| -> AssetSweeperFile {
+        let mut m = sweeper_message("p", "take.mov", false);
+        m["size"] = size.into();
+        m["mtime"] = mtime.into();
+        serde_json::from_value(m).expect("message")
+    };
+    put(base.path(), "online", "p/take.mov", &body);
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .and_then(|f| {
+            f.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_704_067_200_250))
+        })
+        .expect("mtime");
+    let first = copied(c.handle(&message(body.len(), seen), 1).await);
+    assert!(first.uploaded);
+    std::fs::remove_file(&path).expect("moved away");
+
+    let again = copied(c.handle(&message(body.len(), seen), 2).await);
+    assert!(!again.uploaded, "{again:?}");
+    assert_eq!(
+        (&again.key, &again.checksum, again.size, &again.original_path),
+        (&first.key, &sha256(&body), body.len() as u64, &first.original_path)
+    );
+    // Another version of the file (other size, other mtime) was never copied.
+    for other in [message(body.len() + 1, seen), message(body.len(), seen + 1.0)] {
+        match c.handle(&other, 1).await {
+            Err(TierError::Permanent(e)) => assert!(e.contains("take.mov"), "{e}"),
+            r => panic!("expected Permanent for a version never copied, got {r:?}"),
+        }
+    }
+    // A copy no longer in the store is not reported.
+    std::fs::remove_file(store.join(&first.key)).expect("object lost");
+    match c.handle(&message(body.len(), seen), 3).await {
+        Err(TierError::Permanent(e)) => assert!(e.contains("take.mov"), "{e}"),
+        r => panic!("expected Permanent with the object lost, got {r:?}"),
+    }
+}
