@@ -178,7 +178,9 @@ impl<'c> Progress<'c> {
         if self.is_done(&part) {
             return Ok(false);
         }
-        self.ctx.dead_letter_kind(body, reason, kind).await?;
+        self.ctx
+            .dead_letter_kind(body, reason, kind, Some(&part))
+            .await?;
         self.mark_done(part);
         Ok(true)
     }

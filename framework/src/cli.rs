@@ -35,6 +35,12 @@ pub struct Binding {
     /// Other exchanges the service owns and publishes to (topic, durable), declared with
     /// its topology on `declare` and every (re)connect.
     pub publishes_to: Vec<String>,
+    /// One consumer of `Q` at a time, whatever the replicas (`x-single-active-consumer`):
+    /// for a service that must handle its messages in order, a second replica (a rolling
+    /// update's surge, a scale-out by mistake) or a reconnect that beat the broker's own
+    /// notice of the old connection would otherwise take the next message while the
+    /// first is still being handled.
+    pub single_active_consumer: bool,
 }
 
 /// A service binary: its names, its settings and how to build its processor.

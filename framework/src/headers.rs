@@ -2,6 +2,11 @@
 
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 
+/// On the dead letter of one part of a batch (a record of a Kinesis batch): which part
+/// of its message it was (the batch's own mark for it, a 1-based record number or an
+/// index). Kept through a replay, so a processor that de-duplicates parts by message id
+/// and part tells replayed parts of one message apart.
+pub const BATCH_PART: &str = "x-batch-part";
 /// Attempts so far.
 pub const RETRY_COUNT: &str = "x-retry-count";
 /// Of those, the attempts that finished parts of the message (records posted, ids

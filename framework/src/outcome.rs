@@ -7,7 +7,7 @@ use tracing::{debug, info, warn};
 use crate::config::RetryConfig;
 use crate::headers as h;
 use crate::processor::{MessageContext, Outcome};
-use crate::publisher::{Outgoing, Publisher, output_properties};
+use crate::publisher::{Outgoing, OutputOf, Publisher, output_properties};
 use crate::telemetry::LogText;
 use crate::topology::Topology;
 
@@ -58,18 +58,32 @@ impl Planner {
         };
         match outcome {
             Outcome::Success { body: value, extra } => {
-                let props = |ct: &str| output_properties(publisher.service(), &origin, ct);
                 let mut msgs = Vec::with_capacity(1 + extra.len());
                 msgs.push(Outgoing {
                     exchange: self.output_exchange.clone(),
                     routing_key: self.success_key.clone(),
                     body: to_json(&value, body.len()),
-                    properties: props("application/json"),
+                    properties: output_properties(
+                        publisher.service(),
+                        &origin,
+                        "application/json",
+                        OutputOf::Success,
+                    ),
                     mandatory: false,
                 });
                 for x in extra {
+                    let of = OutputOf::Publication {
+                        exchange: &x.exchange,
+                        routing_key: &x.routing_key,
+                        body: &x.body,
+                    };
                     msgs.push(Outgoing {
-                        properties: props(&x.content_type),
+                        properties: output_properties(
+                            publisher.service(),
+                            &origin,
+                            &x.content_type,
+                            of,
+                        ),
                         exchange: x.exchange,
                         routing_key: x.routing_key,
                         body: x.body,

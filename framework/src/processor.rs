@@ -238,7 +238,7 @@ impl MessageContext {
     /// the full dead-letter envelope (`x-error-kind: permanent`), waiting for the confirm;
     /// the rest goes on.
     pub async fn dead_letter(&self, body: Vec<u8>, error: &str) -> Result<(), PublishError> {
-        self.dead_letter_kind(body, error, crate::headers::KIND_PERMANENT)
+        self.dead_letter_kind(body, error, crate::headers::KIND_PERMANENT, None)
             .await
     }
 
@@ -249,15 +249,23 @@ impl MessageContext {
         body: Vec<u8>,
         error: &str,
     ) -> Result<(), PublishError> {
-        self.dead_letter_kind(body, error, crate::headers::KIND_RETRIES_EXHAUSTED)
+        self.dead_letter_kind(body, error, crate::headers::KIND_RETRIES_EXHAUSTED, None)
             .await
     }
 
+    /// Which part of its message this delivery was, where it is a replayed dead letter of
+    /// one part of a batch ([`crate::headers::BATCH_PART`]).
+    pub fn batch_part(&self) -> Option<String> {
+        crate::headers::get_str(&self.headers, crate::headers::BATCH_PART)
+    }
+
+    /// Dead-letters `body` as `kind`; `part` names which part of the message it is.
     pub(crate) async fn dead_letter_kind(
         &self,
         body: Vec<u8>,
         error: &str,
         kind: &str,
+        part: Option<&str>,
     ) -> Result<(), PublishError> {
         let Some(pb) = &self.publisher else {
             return Err(PublishError::NoChannel);
@@ -269,11 +277,14 @@ impl MessageContext {
             .lock()
             .map(|v| v.clone())
             .unwrap_or_default();
-        let stripped;
+        let mut headers;
         let mut origin = self.origin();
-        if !progress.is_empty() {
-            stripped = crate::headers::without(&self.headers, &progress);
-            origin.headers = &stripped;
+        if !progress.is_empty() || part.is_some() {
+            headers = crate::headers::without(&self.headers, &progress);
+            if let Some(part) = part {
+                crate::headers::set_str(&mut headers, crate::headers::BATCH_PART, part);
+            }
+            origin.headers = &headers;
         }
         pb.dead_letter(&origin, body, error, kind).await
     }
@@ -339,6 +350,7 @@ impl<P> ProcessorConfiguration<P> {
                 routing_keys: vec![routing_key.to_string()],
                 output_routing_key: output_routing_key.to_string(),
                 publishes_to: Vec::new(),
+                ..Default::default()
             },
             processor,
         }

@@ -223,7 +223,16 @@ impl Publisher {
         origin: &Origin<'_>,
         p: Publication,
     ) -> Result<(), PublishError> {
-        let properties = output_properties(&self.service, origin, &p.content_type);
+        let properties = output_properties(
+            &self.service,
+            origin,
+            &p.content_type,
+            OutputOf::Publication {
+                exchange: &p.exchange,
+                routing_key: &p.routing_key,
+                body: &p.body,
+            },
+        );
         self.send(vec![Outgoing {
             exchange: p.exchange,
             routing_key: p.routing_key,
@@ -452,11 +461,25 @@ pub(crate) fn republished(p: &BasicProperties, mut headers: FieldTable) -> Basic
     out
 }
 
-/// Properties of a message a service originates: persistent, new id, response headers.
+/// Which of the outputs answering one input a message is, for its id.
+#[derive(Clone, Copy)]
+pub(crate) enum OutputOf<'a> {
+    /// The success message (one per input).
+    Success,
+    /// Another publication: told apart by destination and body.
+    Publication {
+        exchange: &'a str,
+        routing_key: &'a str,
+        body: &'a [u8],
+    },
+}
+
+/// Properties of a message a service originates: persistent, its id, response headers.
 pub(crate) fn output_properties(
     service: &str,
     origin: &Origin<'_>,
     content_type: &str,
+    output: OutputOf<'_>,
 ) -> BasicProperties {
     let in_response_to = origin.message_id.unwrap_or(origin.routing_key);
     let mut hdr = FieldTable::default();
@@ -465,7 +488,7 @@ pub(crate) fn output_properties(
     let mut p = BasicProperties::default()
         .with_content_type(content_type.into())
         .with_delivery_mode(2)
-        .with_message_id(new_message_id())
+        .with_message_id(output_message_id(service, origin, output))
         .with_timestamp(now_ts())
         .with_app_id(service.into())
         .with_headers(hdr);
@@ -473,6 +496,44 @@ pub(crate) fn output_properties(
         p = p.with_correlation_id(c.into());
     }
     p
+}
+
+/// An output's message id: derived from the input's message id (with the service, where
+/// the input first came from, and which output it is), so the outputs of a redelivered,
+/// retried or replayed input carry the ids the first attempt's had, and a consumer can
+/// drop the duplicates that at-least-once delivery makes. Random where the input has no
+/// id (nothing stable to derive it from).
+fn output_message_id(service: &str, origin: &Origin<'_>, output: OutputOf<'_>) -> ShortString {
+    use sha2::Digest;
+    let Some(input) = origin.message_id else {
+        return new_message_id();
+    };
+    let mut h = sha2::Sha256::new();
+    for part in [service, origin.exchange, origin.routing_key, input] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    match output {
+        OutputOf::Success => h.update(b"success"),
+        OutputOf::Publication {
+            exchange,
+            routing_key,
+            body,
+        } => {
+            h.update(b"publication");
+            for part in [exchange.as_bytes(), routing_key.as_bytes(), body] {
+                h.update((part.len() as u64).to_le_bytes());
+                h.update(part);
+            }
+        }
+    }
+    let digest = h.finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_custom_bytes(bytes)
+        .into_uuid()
+        .to_string()
+        .into()
 }
 
 fn new_message_id() -> ShortString {

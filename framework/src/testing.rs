@@ -266,6 +266,7 @@ impl Harness {
                 routing_keys: vec!["test.#".into(), "other.*".into()],
                 output_routing_key: "test.out".into(),
                 publishes_to: Vec::new(),
+                ..Default::default()
             },
             processor,
         };

@@ -41,12 +41,20 @@ impl DeclareError {
 /// (a delivery limit there could drop dead letters that are browsed), and never its type,
 /// dead-letter target or TTL: the declaration is repeated with the broker's own value of
 /// the tolerated argument, so the broker still checks every other one.
-const TOLERATED_ARGUMENTS: [&str; 4] = [
+///
+/// `x-single-active-consumer` is kept only where the service does not need it: a queue
+/// that has it serves one replica at a time (slower, never wrong), while a service that
+/// needs it (ordered handling) must not run on a queue without it.
+const TOLERATED_ARGUMENTS: [&str; 5] = [
     "x-delivery-limit",
     "x-overflow",
     "x-dead-letter-strategy",
     "x-consumer-timeout",
+    SINGLE_ACTIVE_CONSUMER,
 ];
+
+/// The queue argument that lets one consumer at a time take its messages.
+const SINGLE_ACTIVE_CONSUMER: &str = "x-single-active-consumer";
 
 /// For a declaration refused over one of [`TOLERATED_ARGUMENTS`]: the argument and the
 /// queue's current value of it (None: the queue has none), from the broker's text
@@ -76,10 +84,11 @@ fn tolerated_difference(e: &lapin::Error) -> Option<(&'static str, Option<AMQPVa
         Some("longstr" | "shortstr") => AMQPValue::LongString(value.into()),
         Some("bool") => AMQPValue::Boolean(value.parse().ok()?),
         Some(_) => AMQPValue::LongLongInt(value.parse().ok()?),
-        // Untyped: the tolerated arguments are whole numbers or words.
-        None => match value.parse::<i64>() {
-            Ok(n) => AMQPValue::LongLongInt(n),
-            Err(_) => AMQPValue::LongString(value.into()),
+        // Untyped: the tolerated arguments are whole numbers, booleans or words.
+        None => match (value.parse::<i64>(), value.parse::<bool>()) {
+            (Ok(n), _) => AMQPValue::LongLongInt(n),
+            (_, Ok(b)) => AMQPValue::Boolean(b),
+            _ => AMQPValue::LongString(value.into()),
         },
     };
     Some((key, Some(v)))
@@ -151,6 +160,8 @@ pub struct Topology {
     pub operation_timeout: std::time::Duration,
     /// `x-consumer-timeout` of `Q` (`[amqp] consumer_timeout_ms`; 0 = the broker's own).
     pub consumer_timeout_ms: u64,
+    /// `x-single-active-consumer` on `Q` ([`crate::Binding::single_active_consumer`]).
+    pub single_active_consumer: bool,
 }
 
 /// A queue with its arguments, as declared.
@@ -202,6 +213,7 @@ impl Topology {
             declare_sources: amqp.declare_sources,
             operation_timeout: amqp.operation_timeout(),
             consumer_timeout_ms: amqp.consumer_timeout_ms,
+            single_active_consumer: false,
         }
     }
 
@@ -223,6 +235,7 @@ impl Topology {
             &cfg.retry,
         );
         t.publishes_to = b.publishes_to.clone();
+        t.single_active_consumer = b.single_active_consumer;
         t
     }
 
@@ -352,6 +365,12 @@ impl Topology {
                 AMQPValue::LongLongInt(i64::try_from(self.consumer_timeout_ms).unwrap_or(i64::MAX)),
             );
         }
+        if self.single_active_consumer {
+            q.insert(
+                ShortString::from(SINGLE_ACTIVE_CONSUMER),
+                AMQPValue::Boolean(true),
+            );
+        }
         v.push(QueueSpec {
             name: self.queue.clone(),
             arguments: q,
@@ -439,7 +458,11 @@ impl Topology {
                     Err(e) => e,
                 };
                 match tolerated_difference(&e) {
-                    Some((key, current)) if q.name == self.queue && !kept.contains(&key) => {
+                    Some((key, current))
+                        if q.name == self.queue
+                            && !kept.contains(&key)
+                            && !(key == SINGLE_ACTIVE_CONSUMER && self.single_active_consumer) =>
+                    {
                         // The refusal closed the channel: asked again, with the queue's
                         // own value, on a new one.
                         ch = conn.create_channel().await?;

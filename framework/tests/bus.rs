@@ -254,6 +254,105 @@ async fn extra_destinations_are_published_with_the_success() {
     hs.stop().await;
 }
 
+/// The message ids of one input's outputs: its success message, then its three side
+/// messages in the order published.
+async fn output_ids(
+    out: &mut framework::lapin::Consumer,
+    side: &mut framework::lapin::Consumer,
+) -> Vec<String> {
+    let id = |d: &framework::lapin::message::Delivery| {
+        d.properties
+            .message_id()
+            .as_ref()
+            .map(|m| m.to_string())
+            .expect("an output has a message id")
+    };
+    let mut ids = vec![id(&next(out).await)];
+    for _ in 0..3 {
+        ids.push(id(&next(side).await));
+    }
+    ids
+}
+
+/// The outputs of an input delivered again (a lost ack, a retry coming back from its tier)
+/// carry the message ids the first delivery's outputs had, so a consumer can drop the
+/// duplicates at-least-once delivery makes; other inputs' outputs, and outputs of one
+/// input to other places or with other bodies, have ids of their own. Before, every
+/// publish drew a random id.
+#[tokio::test]
+async fn outputs_of_an_input_delivered_again_keep_their_ids() {
+    let extra_ex = unique("ids");
+    let _gone = Cleanup::new(vec![], vec![extra_ex.clone()]);
+    let ex2 = extra_ex.clone();
+    let p = FnProcessor(move |v: serde_json::Value, _: &MessageContext| {
+        Outcome::success(&v).with_extra([
+            framework::Publication::text(&ex2, "side.a", "one"),
+            framework::Publication::text(&ex2, "side.a", "two"),
+            framework::Publication::text(&ex2, "side.b", "one"),
+        ])
+    });
+    let mut hs = Harness::start("ids", &[], p).await;
+    hs.ch
+        .exchange_declare(
+            extra_ex.as_str().into(),
+            framework::lapin::ExchangeKind::Topic,
+            Default::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut out = hs.watch_output().await;
+    let mut side = watch(&hs.ch, &extra_ex, "#").await;
+    let with_id = |m: &str| BasicProperties::default().with_message_id(m.into());
+    hs.publish("test.a", b"{}", with_id("m-1")).await;
+    let first = output_ids(&mut out, &mut side).await;
+    hs.publish("test.a", b"{}", with_id("m-1")).await;
+    assert_eq!(
+        first,
+        output_ids(&mut out, &mut side).await,
+        "a redelivery's outputs keep their ids"
+    );
+    let distinct: std::collections::HashSet<_> = first.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        4,
+        "each output of one input has its own id: {first:?}"
+    );
+    // Back from a retry tier: through the default exchange, its origin in headers.
+    let mut retried = FieldTable::default();
+    h::set_int(&mut retried, h::RETRY_COUNT, 1);
+    h::set_str(&mut retried, h::ORIGINAL_EXCHANGE, &hs.input_exchange);
+    h::set_str(&mut retried, h::ORIGINAL_ROUTING_KEY, "test.a");
+    publish(
+        &hs.ch,
+        "",
+        &hs.q,
+        b"{}",
+        with_id("m-1").with_headers(retried),
+    )
+    .await;
+    assert_eq!(
+        first,
+        output_ids(&mut out, &mut side).await,
+        "a retry's outputs keep their ids"
+    );
+    hs.publish("test.a", b"{}", with_id("m-2")).await;
+    let other = output_ids(&mut out, &mut side).await;
+    assert!(
+        other.iter().all(|i| !first.contains(i)),
+        "another input's ids differ"
+    );
+    // Without an input id there is nothing to derive one from: fresh ids each time.
+    hs.publish("test.a", b"{}", BasicProperties::default())
+        .await;
+    let bare = output_ids(&mut out, &mut side).await;
+    hs.publish("test.a", b"{}", BasicProperties::default())
+        .await;
+    let bare_again = output_ids(&mut out, &mut side).await;
+    assert!(bare.iter().all(|i| !bare_again.contains(i)));
+    hs.stop().await;
+}
+
 #[derive(serde::Deserialize)]
 #[allow(dead_code)]
 struct Shaped {

@@ -41,6 +41,7 @@ async fn exchanges_a_service_publishes_to_are_declared_on_every_connect() {
             routing_keys: vec!["test.#".into()],
             output_routing_key: "test.out".into(),
             publishes_to: vec![side.clone()],
+            ..Default::default()
         },
         processor: echo(),
     };
@@ -129,6 +130,7 @@ async fn without_declare_sources_a_missing_producer_exchange_is_waited_for() {
             routing_keys: vec!["test.#".into()],
             output_routing_key: "test.out".into(),
             publishes_to: Vec::new(),
+            ..Default::default()
         },
         processor: echo(),
     };

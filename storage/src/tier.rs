@@ -434,7 +434,9 @@ impl TierCopier {
         for path in paths::candidates(&self.roots, &msg.parent_dir, &msg.filename) {
             let original = path.display().to_string();
             for (obj, mtime) in self.records.copies_at(&original, msg.size).await? {
-                if same_mtime(&mtime, msg.mtime) && copy::confirm_recorded(&self.tier, &obj, alg).await? {
+                if same_mtime(&mtime, msg.mtime)
+                    && copy::confirm_recorded(&self.tier, &obj, alg).await?
+                {
                     tracing::info!(path = %framework::telemetry::LogText(&original), key = %obj.object_key, "the file is gone but was copied before; reporting that copy");
                     return Ok(Some(CopyReport {
                         original_path: original,

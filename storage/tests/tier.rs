@@ -1010,7 +1010,9 @@ async fn a_file_gone_after_its_copy_is_reported_as_that_copy() {
         .write(true)
         .open(&path)
         .and_then(|f| {
-            f.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_704_067_200_250))
+            f.set_modified(
+                std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_704_067_200_250),
+            )
         })
         .expect("mtime");
     let first = copied(c.handle(&message(body.len(), seen), 1).await);
@@ -1020,11 +1022,24 @@ async fn a_file_gone_after_its_copy_is_reported_as_that_copy() {
     let again = copied(c.handle(&message(body.len(), seen), 2).await);
     assert!(!again.uploaded, "{again:?}");
     assert_eq!(
-        (&again.key, &again.checksum, again.size, &again.original_path),
-        (&first.key, &sha256(&body), body.len() as u64, &first.original_path)
+        (
+            &again.key,
+            &again.checksum,
+            again.size,
+            &again.original_path
+        ),
+        (
+            &first.key,
+            &sha256(&body),
+            body.len() as u64,
+            &first.original_path
+        )
     );
     // Another version of the file (other size, other mtime) was never copied.
-    for other in [message(body.len() + 1, seen), message(body.len(), seen + 1.0)] {
+    for other in [
+        message(body.len() + 1, seen),
+        message(body.len(), seen + 1.0),
+    ] {
         match c.handle(&other, 1).await {
             Err(TierError::Permanent(e)) => assert!(e.contains("take.mov"), "{e}"),
             r => panic!("expected Permanent for a version never copied, got {r:?}"),

@@ -365,11 +365,13 @@ impl Service for EventForwarderService {
     type Settings = ForwarderSettings;
     type Processor = EventForwarder;
 
-    fn binding(_cfg: &Config<ForwarderSettings>) -> framework::Binding {
+    fn binding(cfg: &Config<ForwarderSettings>) -> framework::Binding {
         framework::Binding {
             exchange: INPUT_EXCHANGE.to_string(),
             routing_keys: vec!["#".to_string()],
             output_routing_key: OUTPUT_ROUTING_KEY.to_string(),
+            // Order holds across replicas only if one of them consumes at a time.
+            single_active_consumer: cfg.settings.ordered,
             ..Default::default()
         }
     }

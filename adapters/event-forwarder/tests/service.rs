@@ -872,3 +872,115 @@ async fn a_rotated_token_file_is_read_again_when_the_endpoint_refuses_the_token(
     assert_eq!(last.and_then(|v| v.to_str().ok()), Some("token-new"));
     assert!(requests.len() <= 9, "each event refused once at most");
 }
+
+/// Two ordered replicas on one queue (a rolling update's surge, a scale-out by mistake)
+/// keep the order: the queue has one active consumer at a time, so the second replica
+/// does not take the second event while the first replica is still retrying the first
+/// in place. Without `x-single-active-consumer` the second event was POSTed first.
+#[tokio::test]
+async fn ordered_replicas_on_one_queue_keep_the_order() {
+    let server = MockServer::start().await;
+    Mock::given(body_string_contains("first"))
+        .respond_with(ResponseTemplate::new(503))
+        .up_to_n_times(3)
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&server)
+        .await;
+    let ordered = [("event_forwarder.ordered", "true"), ("amqp.prefetch", "1")];
+    let data = tempfile::tempdir().unwrap();
+    let mut first = start(&server, data.path(), &ordered).await;
+    let endpoint = format!("{}/events", server.uri());
+    let mut replica = ordered.to_vec();
+    replica.extend([
+        ("event_forwarder.endpoint", endpoint.as_str()),
+        ("event_forwarder.token", TOKEN),
+    ]);
+    let other_data = tempfile::tempdir().unwrap();
+    let mut second =
+        Harness::start_service::<EventForwarderService>(replica_config::<EventForwarderService>(
+            other_data.path(),
+            &first,
+            &replica,
+        ))
+        .await;
+    let mut out = first.watch_output().await;
+    first.publish("k", br#"{"e":"first"}"#, with_id("m1")).await;
+    first
+        .publish("k", br#"{"e":"second"}"#, with_id("m2"))
+        .await;
+    let o1 = next(&mut out).await;
+    let o2 = next(&mut out).await;
+    assert_eq!(header(&o1, "x-in-response-to").as_deref(), Some("m1"));
+    assert_eq!(header(&o2, "x-in-response-to").as_deref(), Some("m2"));
+    assert_eq!(
+        bodies(&server).await,
+        [r#"{"e":"first"}"#; 4]
+            .into_iter()
+            .chain([r#"{"e":"second"}"#])
+            .collect::<Vec<_>>(),
+        "the second event waits for the first, whichever replica holds it"
+    );
+    second.stop().await;
+    first.stop().await;
+}
+
+/// Ordered mode refuses to run on a queue without one active consumer at a time (a
+/// topology conflict naming the argument), while an unordered service runs on a queue
+/// that has it (one replica at a time: slower, never wrong).
+#[tokio::test]
+async fn ordered_mode_needs_its_queue_to_have_one_active_consumer() {
+    use framework::topology::Topology;
+    let data = tempfile::tempdir().unwrap();
+    let cfg = |ordered: &str| {
+        service_config::<EventForwarderService>(
+            data.path(),
+            &[
+                ("event_forwarder.endpoint", "http://127.0.0.1:9/events"),
+                ("event_forwarder.ordered", ordered),
+                ("amqp.prefetch", "1"),
+                ("amqp.declare_sources", "true"),
+            ],
+        )
+    };
+    let topology = |c: &framework::Config<_>| {
+        Topology::of(
+            &<EventForwarderService as framework::Service>::binding(c),
+            c,
+        )
+    };
+    let (conn, _ch) = test_channel().await;
+    let unordered = cfg("false");
+    let q = unordered.service.queue.clone();
+    let _gone = Cleanup::service(&q, &unordered.retry.delays_ms);
+    topology(&unordered).declare(&conn).await.expect("declared");
+    let mut ordered = cfg("true");
+    ordered.service.queue = q.clone();
+    ordered.service.output_exchange = unordered.service.output_exchange.clone();
+    let mut ordered_topology = topology(&ordered);
+    ordered_topology.subscriptions = topology(&unordered).subscriptions;
+    let e = ordered_topology
+        .declare(&conn)
+        .await
+        .expect_err("no single active consumer on the queue");
+    assert!(
+        e.is_conflict() && e.to_string().contains("x-single-active-consumer"),
+        "{e}"
+    );
+    // The other way round: a queue made for ordered mode serves an unordered service.
+    let fresh = cfg("true");
+    let _gone_too = Cleanup::service(&fresh.service.queue, &fresh.retry.delays_ms);
+    topology(&fresh).declare(&conn).await.expect("declared");
+    let mut relaxed = cfg("false");
+    relaxed.service.queue = fresh.service.queue.clone();
+    relaxed.service.output_exchange = fresh.service.output_exchange.clone();
+    let mut relaxed_topology = topology(&relaxed);
+    relaxed_topology.subscriptions = topology(&fresh).subscriptions;
+    relaxed_topology
+        .declare(&conn)
+        .await
+        .expect("an unordered service runs on it");
+}

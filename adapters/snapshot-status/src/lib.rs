@@ -310,8 +310,9 @@ impl StatusProcessor {
 /// (same bytes) counts once. Two unnamed, id-less files with identical content cannot be
 /// told apart and count once too: undercounting stalls a collection visibly, while
 /// counting a redelivery twice would send the export-state message before every file
-/// arrived.
-fn dedupe_key(ctx: &MessageContext, record: usize, content: &[u8]) -> String {
+/// arrived. A record dead-lettered from a batch and replayed keeps its batch's message id
+/// and its own record number: the number it had in the batch, not 1.
+fn dedupe_key(ctx: &MessageContext, record: &str, content: &[u8]) -> String {
     match &ctx.message_id {
         Some(id) => format!("message:{id}#{record}"),
         None => format!("content:{}", hex::encode(Sha256::digest(content))),
@@ -337,7 +338,15 @@ impl MessageProcessor for StatusProcessor {
             Input::Single(Ok(m)) => {
                 let content = serde_json::to_vec(&input).unwrap_or_default();
                 match self
-                    .handle_one(&m, &dedupe_key(ctx, 1, &content), retried)
+                    .handle_one(
+                        &m,
+                        &dedupe_key(
+                            ctx,
+                            &ctx.batch_part().unwrap_or_else(|| "1".into()),
+                            &content,
+                        ),
+                        retried,
+                    )
                     .await
                 {
                     Err(e) if e.refuses_the_data() => {
@@ -364,7 +373,7 @@ impl MessageProcessor for StatusProcessor {
                     let handled = match r.parsed {
                         Err(e) => Err(e.to_string()),
                         Ok(m) => match self
-                            .handle_one(&m, &dedupe_key(ctx, n, &r.raw), retried)
+                            .handle_one(&m, &dedupe_key(ctx, &n.to_string(), &r.raw), retried)
                             .await
                         {
                             // No attempt can store it: dead-lettered on its own.
@@ -434,6 +443,7 @@ impl Service for SnapshotStatus {
                 cfg.settings.export_state_exchange.clone(),
                 cfg.settings.monitoring_exchange.clone(),
             ],
+            ..Default::default()
         }
     }
 

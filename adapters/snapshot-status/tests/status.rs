@@ -1269,3 +1269,51 @@ async fn a_name_the_database_cannot_index_is_permanent() {
     assert_eq!(env.collection(c, "db.l").await.files_received, 1);
     env.finish().await;
 }
+
+/// Records dead-lettered one by one from a batch with a message id, mended and replayed,
+/// each count as the record they were: the dead letter names its part
+/// (`x-batch-part`), kept through the replay. Before, each replay arrived as a single
+/// message of the batch's id, keyed as its record 1: the first was "already counted"
+/// and the collection never completed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_records_of_one_batch_count_as_their_own_records() {
+    let mut env = start(Backend::Sqlite, &[]).await;
+    let mut dlq = env.hs.watch_dlq().await;
+    let c = "corr-parts";
+    env.process(&msg(c, "db.p", json!({"files_exported": 3})))
+        .await;
+    let bad = msg(c, "db.p", json!({"export_date": ""}));
+    env.send_with(
+        &json!({"Records": [{"body": msg(c, "db.p", json!({}))}, {"body": bad}, {"body": bad}]}),
+        BasicProperties::default().with_message_id("batch-1".into()),
+    )
+    .await;
+    let r = json_of(&next(&mut env.out).await);
+    assert_eq!(r["records"][0]["files_received"], 1);
+    let mut parts = Vec::new();
+    for _ in 0..2 {
+        let d = next(&mut dlq).await;
+        assert_eq!(
+            d.properties.message_id().as_ref().map(|m| m.as_str()),
+            Some("batch-1")
+        );
+        parts.push(header(&d, "x-batch-part").expect("the part is named"));
+    }
+    assert_eq!(parts, ["2", "3"]);
+    // The records mended (the producer's fix) and replayed as `dlq replay` sends them:
+    // the batch's message id and the part header kept.
+    for part in &parts {
+        let mut h = framework::lapin::types::FieldTable::default();
+        framework::headers::set_str(&mut h, "x-batch-part", part);
+        framework::headers::set_str(&mut h, "x-original-exchange", "snapshot-sender");
+        let props = BasicProperties::default()
+            .with_message_id("batch-1".into())
+            .with_headers(h);
+        env.send_with(&msg(c, "db.p", json!({})), props).await;
+        let r = json_of(&next(&mut env.out).await);
+        assert_eq!(r["counted"], true, "part {part}: {r}");
+    }
+    assert_eq!(env.collection(c, "db.p").await.files_received, 3);
+    assert_eq!(json_of(&next(&mut env.export).await)["topic_name"], "db.p");
+    env.finish().await;
+}
