@@ -82,6 +82,49 @@ fn row_to_collection(r: &db::sqlx::any::AnyRow) -> Result<Collection, db::sqlx::
 
 type Tx<'a> = db::sqlx::Transaction<'a, db::sqlx::Any>;
 
+/// Serialises the product changes of run `correlation_id` on PostgreSQL until the
+/// transaction ends: a product marked complete by one replica while another adds a
+/// collection to the run must end either with the product reopened or never marked (each
+/// statement reads what committed before it, so without the lock both could miss the
+/// other). SQLite runs one writing transaction at a time already.
+async fn lock_run(tx: &mut Tx<'_>, correlation_id: &str) -> Result<(), db::sqlx::Error> {
+    if tx.backend_name().eq_ignore_ascii_case("postgresql") {
+        db::sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+            .bind(correlation_id)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Reopens the product of `c`'s run if it was marked RECEIVED or COMPLETED while `c` is
+/// not Received yet: a collection first heard of after every other collection of the run
+/// had arrived (the sender sends collections one after another). The product then moves
+/// again, and the monitoring message goes out again, when this collection gets there too,
+/// as the original lambda did; before, the product stayed COMPLETED with a collection
+/// still in flight and its real end was never announced.
+async fn reopen_product(tx: &mut Tx<'_>, c: &Collection) -> Result<(), db::sqlx::Error> {
+    if matches!(c.status.as_str(), "Received" | "Success") {
+        return Ok(());
+    }
+    lock_run(tx, &c.correlation_id).await?;
+    let reopened =
+        db::sqlx::query("DELETE FROM snapshot_products WHERE correlation_id = $1 RETURNING status")
+            .bind(&c.correlation_id)
+            .fetch_optional(&mut **tx)
+            .await?;
+    if let Some(r) = reopened {
+        let was: String = r.try_get("status")?;
+        tracing::warn!(
+            correlation_id = %framework::telemetry::LogText(&c.correlation_id),
+            collection = %framework::telemetry::LogText(&c.collection_name),
+            was = %was,
+            "a collection arrived after its run was marked {was}: the run is open again"
+        );
+    }
+    Ok(())
+}
+
 /// A collection of run `$1` not yet Received: what stops the product being RECEIVED. Read
 /// through the partial index `snapshot_collections_not_received` (migration 0004).
 const NOT_RECEIVED: &str = "SELECT 1 FROM snapshot_collections \
@@ -248,6 +291,7 @@ impl Store {
             row.try_get::<Option<String>, _>("received_by")?.as_deref() == Some(key)
         };
         let c = Self::fetch(&mut tx, m).await?;
+        reopen_product(&mut tx, &c).await?;
         tx.commit().await?;
         Ok((c, moved, triggered))
     }
@@ -328,6 +372,7 @@ impl Store {
             row.try_get::<Option<String>, _>("triggered")?.as_deref() == Some("received")
         };
         let collection = Self::fetch(&mut tx, m).await?;
+        reopen_product(&mut tx, &collection).await?;
         tx.commit().await?;
         Ok(FileOutcome {
             collection,
@@ -366,6 +411,8 @@ impl Store {
     /// Sets the product status to RECEIVED if every collection is Received or Success
     /// (never downgrades COMPLETED); true if this call changed it.
     pub async fn mark_product_received(&self, correlation_id: &str) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        lock_run(&mut tx, correlation_id).await?;
         let row = db::sqlx::query(
             &format!("INSERT INTO snapshot_products (correlation_id, status, updated_at) \
              SELECT $1, 'RECEIVED', $2 WHERE NOT EXISTS ({NOT_RECEIVED}) \
@@ -374,8 +421,9 @@ impl Store {
         )
         .bind(correlation_id)
         .bind(now())
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(row.is_some())
     }
 
@@ -386,6 +434,8 @@ impl Store {
         correlation_id: &str,
         collection: &str,
     ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        lock_run(&mut tx, correlation_id).await?;
         let row = db::sqlx::query(&format!(
             "INSERT INTO snapshot_products (correlation_id, status, updated_at, completed_by) \
              SELECT $1, 'COMPLETED', $2, $3 WHERE NOT EXISTS ({NOT_SUCCESS}) \
@@ -396,8 +446,9 @@ impl Store {
         .bind(correlation_id)
         .bind(now())
         .bind(collection)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(row.is_some())
     }
 

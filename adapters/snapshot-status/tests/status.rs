@@ -160,6 +160,7 @@ macro_rules! on_both {
 }
 
 on_both!(
+    a_collection_arriving_after_the_run_completed_reopens_it,
     full_flow_received_then_completed,
     files_arriving_before_counts_are_counted,
     redelivered_files_are_counted_once,
@@ -1315,5 +1316,49 @@ async fn replayed_records_of_one_batch_count_as_their_own_records() {
     }
     assert_eq!(env.collection(c, "db.p").await.files_received, 3);
     assert_eq!(json_of(&next(&mut env.export).await)["topic_name"], "db.p");
+    env.finish().await;
+}
+
+/// The sender sends collections one after another: a run whose every known collection is
+/// Success is COMPLETED (and announced), but a collection heard of afterwards reopens it,
+/// and the run is RECEIVED, COMPLETED and announced again when that one gets there too —
+/// as the original lambda checked "all collections" anew on each success. Before, the run
+/// stayed COMPLETED with the late collection in flight and its real end was never sent.
+async fn a_collection_arriving_after_the_run_completed_reopens_it(b: Backend) {
+    let mut env = start(b, &[]).await;
+    let c = "corr-late";
+    env.process(&msg(c, "db.a", json!({"files_exported": 1})))
+        .await;
+    env.process(&file(c, "db.a", "a1")).await;
+    assert_eq!(json_of(&next(&mut env.export).await)["topic_name"], "db.a");
+    let r = env
+        .process(&msg(c, "db.a", json!({"is_success_file": "true"})))
+        .await;
+    assert_eq!(r["product_status"], "COMPLETED");
+    next(&mut env.monitoring).await;
+
+    // db.b: its counts reopen the run, its file makes it RECEIVED again, its success
+    // file COMPLETED again, announced again.
+    let r = env
+        .process(&msg(c, "db.b", json!({"files_exported": 1})))
+        .await;
+    assert_eq!(r["status"], "Exported");
+    assert_eq!(r["product_status"], Value::Null, "the run is open again");
+    let r = env.process(&file(c, "db.b", "b1")).await;
+    assert_eq!(r["product_status"], "RECEIVED");
+    assert_eq!(json_of(&next(&mut env.export).await)["topic_name"], "db.b");
+    let r = env
+        .process(&msg(c, "db.b", json!({"is_success_file": "true"})))
+        .await;
+    assert_eq!(r["product_status"], "COMPLETED");
+    assert_eq!(
+        json_of(&next(&mut env.monitoring).await)["title_text"],
+        "Incremental - All collections successful"
+    );
+    // A file of a collection not heard of before (no counts yet) reopens it as well.
+    let r = env.process(&file(c, "db.c", "c1")).await;
+    assert_eq!(r["status"], "Pending");
+    assert_eq!(r["product_status"], Value::Null);
+    env.no_more().await;
     env.finish().await;
 }
