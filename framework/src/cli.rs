@@ -147,12 +147,8 @@ enum DlqCommand {
     /// Republish dead letters to this service's own queue (they keep their original
     /// exchange and routing key as headers).
     Replay {
-        /// Every dead letter.
-        #[arg(
-            long,
-            conflicts_with = "message_id",
-            required_unless_present = "message_id"
-        )]
+        /// Every dead letter (this or --message-id is needed).
+        #[arg(long, conflicts_with = "message_id")]
         all: bool,
         /// Only the dead letter(s) with this message id.
         #[arg(long)]

@@ -171,7 +171,7 @@ impl Serialize for AmqpUrl {
 }
 
 /// Queue type for Q, its retry queues and its DLQ.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum QueueType {
     /// Replicated Raft queue; supports `x-delivery-limit`.
@@ -316,13 +316,57 @@ impl RetryConfig {
 }
 
 /// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable lines.
     Text,
     /// One JSON object per line.
     Json,
+}
+
+/// A word-valued setting read as one of `choices` (any case), with an error that lists
+/// them: the config crate's own said "enum LogFormat does not have variant constructor
+/// xml", naming a Rust type and not what the key takes.
+fn one_of<'de, D, T: Copy>(d: D, what: &str, choices: &[(&str, T)]) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    let given = String::deserialize(d)?;
+    choices
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case(given.trim()))
+        .map(|&(_, v)| v)
+        .ok_or_else(|| {
+            let names: Vec<String> = choices.iter().map(|(n, _)| format!("`{n}`")).collect();
+            serde::de::Error::custom(format!(
+                "`{given}` is not a {what}: expected {}",
+                names.join(" or ")
+            ))
+        })
+}
+
+impl<'de> Deserialize<'de> for QueueType {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        one_of(
+            d,
+            "queue type",
+            &[
+                ("quorum", QueueType::Quorum),
+                ("classic", QueueType::Classic),
+            ],
+        )
+    }
+}
+
+impl<'de> Deserialize<'de> for LogFormat {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        one_of(
+            d,
+            "log format",
+            &[("text", LogFormat::Text), ("json", LogFormat::Json)],
+        )
+    }
 }
 
 /// `[log]`: level filter and format.
@@ -1149,6 +1193,23 @@ mod tests {
             let e = with_env(&[(&var, "0")]).expect_err(key);
             assert_eq!(e.key, format!("amqp.{key}"));
         }
+    }
+
+    #[test]
+    fn a_word_setting_out_of_its_choices_lists_them() {
+        let e = with_env(&[("STORAGETIER__LOG__FORMAT", "xml")]).expect_err("xml");
+        assert_eq!(e.key, "log.format");
+        assert!(e.message.contains("expected `text` or `json`"), "{e}");
+        let e = with_env(&[("STORAGETIER__AMQP__QUEUE_TYPE", "stream")]).expect_err("stream");
+        assert_eq!(e.key, "amqp.queue_type");
+        assert!(e.message.contains("expected `quorum` or `classic`"), "{e}");
+        let c = with_env(&[
+            ("STORAGETIER__AMQP__QUEUE_TYPE", "Classic"),
+            ("STORAGETIER__LOG__FORMAT", "JSON"),
+        ])
+        .expect("any case");
+        assert_eq!(c.amqp.queue_type, QueueType::Classic);
+        assert_eq!(c.log.format, LogFormat::Json);
     }
 
     #[test]

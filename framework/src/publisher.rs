@@ -184,6 +184,8 @@ pub struct Publisher {
     fail_exchange: Arc<str>,
     /// The service's own output exchange: its non-mandatory publishes share a channel.
     output_exchange: Arc<str>,
+    /// `storagetier_parts_dead_lettered_total` of the service's queue.
+    parts_dead_lettered: metrics::Counter,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -195,19 +197,28 @@ impl std::fmt::Debug for Publisher {
 }
 
 impl Publisher {
-    /// A publisher for `service` on `pool`, dead-lettering to `fail_exchange` (`Q-fail`),
-    /// its success messages going to `output_exchange` (declared by the service).
+    /// A publisher for `service` consuming `queue` on `pool`, dead-lettering to
+    /// `fail_exchange` (`Q-fail`), its success messages going to `output_exchange`
+    /// (declared by the service).
     pub(crate) fn new(
         pool: Arc<ChannelPool>,
         service: &str,
+        queue: &str,
         fail_exchange: &str,
         output_exchange: &str,
     ) -> Self {
+        let parts_dead_lettered = metrics::counter!(
+            crate::telemetry::PARTS_DEAD_LETTERED_TOTAL,
+            "queue" => queue.to_string()
+        );
+        // Shown at 0 from the start, as the other counters (an alert on its increase).
+        parts_dead_lettered.increment(0);
         Self {
             pool,
             service: service.into(),
             fail_exchange: fail_exchange.into(),
             output_exchange: output_exchange.into(),
+            parts_dead_lettered,
         }
     }
 
@@ -279,7 +290,9 @@ impl Publisher {
     ) -> Result<(), PublishError> {
         let msg =
             self.dead_letter_message(origin, body, origin.attempt.saturating_add(1), kind, error);
-        self.send(vec![msg]).await
+        self.send(vec![msg]).await?;
+        self.parts_dead_lettered.increment(1);
+        Ok(())
     }
 
     /// The largest frame the connection carries (a message's properties must fit in one).

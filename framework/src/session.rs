@@ -101,6 +101,7 @@ pub(crate) async fn session<P: MessageProcessor>(
     let publisher = Publisher::new(
         pool,
         &inner.service,
+        &inner.topology.queue,
         &inner.topology.fail_exchange(),
         &inner.topology.output_exchange,
     );

@@ -7,8 +7,12 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogConfig, LogFormat};
 
-/// Messages finished, labelled `queue` and `outcome` (success|retry|dead_letter|drop).
+/// Messages finished, labelled `queue` and `outcome` (success|retry|dead_letter|drop, and
+/// interrupted: handed back unfinished at shutdown or on a lost connection).
 pub const MESSAGES_TOTAL: &str = "storagetier_messages_total";
+/// Parts of a message (records of a batch) dead-lettered on their own while the rest of
+/// it went on, labelled `queue`: `Q-dlq` grows by these as well as by `dead_letter`.
+pub const PARTS_DEAD_LETTERED_TOTAL: &str = "storagetier_parts_dead_lettered_total";
 /// Handler duration histogram, labelled `queue`.
 pub const HANDLER_SECONDS: &str = "storagetier_handler_seconds";
 /// Handlers running now, labelled `queue`.

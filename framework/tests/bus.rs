@@ -943,6 +943,8 @@ impl MessageProcessor for PartialProcessor {
 
 #[tokio::test]
 async fn processors_can_publish_dead_letter_parts_and_tag_retries() {
+    // The recorder in place before the service registers its metrics.
+    let metrics = framework::telemetry::metrics_handle();
     let mut hs = Harness::start("partial", &[], PartialProcessor).await;
     let side = format!("{}-side", hs.q);
     let _gone = Cleanup::new(vec![], vec![side.clone()]);
@@ -980,6 +982,14 @@ async fn processors_can_publish_dead_letter_parts_and_tag_retries() {
     assert_eq!(header(&d, h::ERROR).as_deref(), Some("bad item"));
     // The retry carried x-test-progress; the second attempt succeeds.
     assert_eq!(next(&mut out).await.data, br#"{"done":true}"#);
+    // Each attempt dead-lettered the bad item (this processor keeps no progress): both
+    // counted, as `Q-dlq` grew by both, though no message ended as a dead letter.
+    let line = format!(
+        "storagetier_parts_dead_lettered_total{{queue=\"{}\"}} 2",
+        hs.q
+    );
+    let text = metrics.render();
+    assert!(text.contains(&line), "{line} in {text}");
     hs.stop().await;
 }
 

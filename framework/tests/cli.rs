@@ -642,6 +642,12 @@ async fn dead_letters_are_listed_replayed_after_confirm_and_purged() {
         Some(2),
         "replay needs --all or --message-id"
     );
+    // Saying so, both ways (clap's own check named only --all).
+    assert!(
+        stderr(&o).contains("--all or --message-id"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[tokio::test]

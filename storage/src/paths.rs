@@ -143,7 +143,13 @@ pub fn candidates(roots: &[Root], filepath: &str, filename: &str) -> Vec<PathBuf
 /// outside a root is opened: the lexical check comes first, then the resolved path is
 /// checked, then the file is opened beneath its root with links out of it refused.
 pub fn resolve(roots: &[Root], filepath: &str, filename: &str) -> Result<Resolved, PathError> {
-    let shown = format!("{}/{}", filepath.trim_end_matches('/'), filename);
+    // As the message names it: no leading `/` where `filepath` is empty (a relative
+    // path, not one under `/`).
+    let shown = if filepath.is_empty() {
+        filename.to_string()
+    } else {
+        format!("{}/{}", filepath.trim_end_matches('/'), filename)
+    };
     if filename.is_empty()
         || filename.contains('/')
         || filename == "."
@@ -388,10 +394,11 @@ mod tests {
             resolve(&roots, "proj", "missing"),
             Err(PathError::NotFound(_))
         ));
-        assert!(matches!(
-            resolve(&roots, "", "proj"),
-            Err(PathError::NotAFile(_))
-        ));
+        // Named as the message names it: relative, not `/proj`.
+        match resolve(&roots, "", "proj") {
+            Err(PathError::NotAFile(shown)) => assert_eq!(shown, "proj"),
+            other => panic!("{other:?}"),
+        }
         for bad in ["", "..", "a/b", "x\0y"] {
             assert!(matches!(
                 resolve(&roots, "proj", bad),

@@ -149,6 +149,9 @@ impl MessageProcessor for CrashRouter {
                 .collect()
         } else {
             let what = match &input {
+                Value::Object(o) if o.contains_key("Records") => {
+                    "an object whose `Records` is not an array"
+                }
                 Value::Object(_) => "an object without a `Records` array",
                 Value::Array(_) => "an array",
                 Value::String(_) => "a string",

@@ -311,6 +311,12 @@ async fn a_body_that_is_not_an_s3_event_is_dead_lettered() {
     assert_eq!(header(&dl, "x-error-kind").as_deref(), Some("permanent"));
     assert!(header(&dl, "x-error").unwrap().contains("Records"));
     assert_eq!(dl.data, br#"{"records": []}"#);
+    // A `Records` that is not an array is named as such, not as missing.
+    hs.publish("k", br#"{"Records": {}}"#, BasicProperties::default())
+        .await;
+    let dl = next(&mut dlq).await;
+    let e = header(&dl, "x-error").unwrap();
+    assert!(e.contains("whose `Records` is not an array"), "{e}");
 }
 
 /// S3 events reaching the bus through SNS (without raw message delivery) or EventBridge are
