@@ -271,16 +271,27 @@ impl MessageContext {
             return Err(PublishError::NoChannel);
         };
         // The part is a message of its own: the whole message's progress marks (record
-        // indexes, say) would name its parts wrongly, and a replay would skip it.
+        // indexes, say) would name its parts wrongly, and a replay would skip it. What
+        // the attempt noted about the whole message otherwise (project-ingest's first
+        // receipt, which orders an update without a time of its own) goes with the part
+        // too: a replayed part stamped anew could overwrite a newer update.
         let progress = self
             .progress_headers
             .lock()
             .map(|v| v.clone())
             .unwrap_or_default();
+        let notes: Vec<(String, String)> = self
+            .retry_headers()
+            .into_iter()
+            .filter(|(k, _)| !progress.contains(&k.as_str()))
+            .collect();
         let mut headers;
         let mut origin = self.origin();
-        if !progress.is_empty() || part.is_some() {
+        if !progress.is_empty() || part.is_some() || !notes.is_empty() {
             headers = crate::headers::without(&self.headers, &progress);
+            for (k, v) in &notes {
+                crate::headers::set_str(&mut headers, k, v);
+            }
             if let Some(part) = part {
                 crate::headers::set_str(&mut headers, crate::headers::BATCH_PART, part);
             }

@@ -584,6 +584,13 @@ async fn kinesis_envelopes_single_and_multiple(b: Backend) {
         "{err}"
     );
     assert_eq!(body(&dl)["kinesis"]["data"], "%%% not base64 %%%");
+    // It names its record, and carries its batch's first receipt: replayed, it is ordered
+    // as received then, not when replayed (it could overwrite a newer update).
+    assert_eq!(header(&dl, "x-batch-part").as_deref(), Some("2"));
+    assert!(
+        header(&dl, project_ingest::RECEIVED_HEADER).is_some(),
+        "the first receipt goes with the record"
+    );
     // A single invalid record is Permanent for the whole message.
     env.send(&json!({"Records": [{"kinesis": {"data": "!!"}}]}))
         .await;
