@@ -227,6 +227,18 @@ async fn success_is_published_with_response_headers() {
     hs.stop().await;
 }
 
+/// Declares the topic exchange `name` (a destination a test's processor publishes to).
+async fn declare_topic(ch: &framework::lapin::Channel, name: &str) {
+    ch.exchange_declare(
+        name.into(),
+        framework::lapin::ExchangeKind::Topic,
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+}
+
 #[tokio::test]
 async fn extra_destinations_are_published_with_the_success() {
     let extra_ex = unique("extra");
@@ -236,15 +248,7 @@ async fn extra_destinations_are_published_with_the_success() {
         Outcome::success(&v).with_extra([framework::Publication::text(&ex2, "side.key", "hello")])
     });
     let mut hs = Harness::start("extra", &[], p).await;
-    hs.ch
-        .exchange_declare(
-            extra_ex.as_str().into(),
-            framework::lapin::ExchangeKind::Topic,
-            Default::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    declare_topic(&hs.ch, &extra_ex).await;
     let mut side = watch(&hs.ch, &extra_ex, "#").await;
     hs.publish("test.x", b"{}", BasicProperties::default())
         .await;
@@ -292,15 +296,7 @@ async fn outputs_of_an_input_delivered_again_keep_their_ids() {
         ])
     });
     let mut hs = Harness::start("ids", &[], p).await;
-    hs.ch
-        .exchange_declare(
-            extra_ex.as_str().into(),
-            framework::lapin::ExchangeKind::Topic,
-            Default::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    declare_topic(&hs.ch, &extra_ex).await;
     let mut out = hs.watch_output().await;
     let mut side = watch(&hs.ch, &extra_ex, "#").await;
     let with_id = |m: &str| BasicProperties::default().with_message_id(m.into());
@@ -948,15 +944,7 @@ async fn processors_can_publish_dead_letter_parts_and_tag_retries() {
     let mut hs = Harness::start("partial", &[], PartialProcessor).await;
     let side = format!("{}-side", hs.q);
     let _gone = Cleanup::new(vec![], vec![side.clone()]);
-    hs.ch
-        .exchange_declare(
-            side.as_str().into(),
-            framework::lapin::ExchangeKind::Topic,
-            Default::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    declare_topic(&hs.ch, &side).await;
     let mut side_c = watch(&hs.ch, &side, "#").await;
     let mut dlq = hs.watch_dlq().await;
     let mut out = hs.watch_output().await;

@@ -436,12 +436,13 @@ async fn the_token_can_come_from_a_file() {
     assert_eq!(json_of(&next(&mut out).await)["status"], 200);
 }
 
-#[tokio::test]
-async fn ordered_mode_retries_in_place_and_keeps_order() {
+/// An endpoint answering 503 to the first `n` POSTs of the event named "first", 200 to
+/// every other.
+async fn first_refused(n: u64) -> MockServer {
     let server = MockServer::start().await;
     Mock::given(body_string_contains("first"))
         .respond_with(ResponseTemplate::new(503))
-        .up_to_n_times(2)
+        .up_to_n_times(n)
         .with_priority(1)
         .mount(&server)
         .await;
@@ -449,6 +450,12 @@ async fn ordered_mode_retries_in_place_and_keeps_order() {
         .respond_with(ResponseTemplate::new(200))
         .mount(&server)
         .await;
+    server
+}
+
+#[tokio::test]
+async fn ordered_mode_retries_in_place_and_keeps_order() {
+    let server = first_refused(2).await;
     let data = tempfile::tempdir().unwrap();
     let hs = start(
         &server,
@@ -879,17 +886,7 @@ async fn a_rotated_token_file_is_read_again_when_the_endpoint_refuses_the_token(
 /// in place. Without `x-single-active-consumer` the second event was POSTed first.
 #[tokio::test]
 async fn ordered_replicas_on_one_queue_keep_the_order() {
-    let server = MockServer::start().await;
-    Mock::given(body_string_contains("first"))
-        .respond_with(ResponseTemplate::new(503))
-        .up_to_n_times(3)
-        .with_priority(1)
-        .mount(&server)
-        .await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200))
-        .mount(&server)
-        .await;
+    let server = first_refused(3).await;
     let ordered = [("event_forwarder.ordered", "true"), ("amqp.prefetch", "1")];
     let data = tempfile::tempdir().unwrap();
     let mut first = start(&server, data.path(), &ordered).await;
