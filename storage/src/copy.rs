@@ -132,7 +132,7 @@ pub enum CopyError {
     #[error("reading {0}: {1}")]
     Read(String, std::io::Error),
     /// The object store failed.
-    #[error("object store: {0}")]
+    #[error("object store: {}", crate::s3::quiet(&.0.to_string()))]
     Store(#[from] object_store::Error),
     /// A native S3 request failed.
     #[error("object store: {0}")]

@@ -24,7 +24,7 @@ const KEY_ENCODE: percent_encoding::AsciiSet = percent_encoding::NON_ALPHANUMERI
 #[derive(Debug, thiserror::Error)]
 pub enum S3Error {
     /// Credentials could not be obtained.
-    #[error("S3 credentials: {0}")]
+    #[error("S3 credentials: {}", quiet(&.0.to_string()))]
     Credentials(#[from] object_store::Error),
     /// The request could not be built.
     #[error("S3 request: {0}")]
@@ -96,8 +96,12 @@ impl S3Native {
             (None, true) => format!("https://{bucket}.s3.{region}.amazonaws.com"),
             (None, false) => format!("https://s3.{region}.amazonaws.com/{bucket}"),
         };
+        // As object_store's own client: a redirect is an error (one to another host would
+        // carry the session token along), and plain HTTP only where allowed.
         let client = reqwest::Client::builder()
             .timeout(timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .https_only(!bucket_endpoint.starts_with("http://"))
             .build()
             .map_err(|e| S3Error::Request(e.to_string()))?;
         Ok(Self {
@@ -415,12 +419,63 @@ pub fn part_id(etag: &str, checksum_sha256: &str) -> object_store::multipart::Pa
 }
 
 fn snippet(s: &str) -> String {
-    s.chars().take(300).collect()
+    quiet(s).chars().take(300).collect()
+}
+
+/// An error text from or about S3 without the request S3 may echo back: its error
+/// document for a refused signature (`SignatureDoesNotMatch`) holds the canonical request
+/// and the string signed, which carry the access key id and, with temporary credentials,
+/// the session token — text that went on into logs, the failures table and dead-letter
+/// headers. The document is cut down to its `Code` and `Message`.
+pub fn quiet(text: &str) -> std::borrow::Cow<'_, str> {
+    let Some(start) = ["<?xml", "<Error>"]
+        .iter()
+        .filter_map(|m| text.find(m))
+        .min()
+    else {
+        return std::borrow::Cow::Borrowed(text);
+    };
+    let doc = &text[start..];
+    let mut out = text[..start].to_string();
+    match (element(doc, "Code"), element(doc, "Message")) {
+        (Some(code), Some(msg)) => out.push_str(&format!("{}: {}", unescape(code), unescape(msg))),
+        (Some(code), None) => out.push_str(&unescape(code)),
+        _ => out.push_str("(an XML error document, not shown)"),
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// S3's answer to a refused signature echoes the request it signed (with a session
+    /// token where the credentials are temporary): never passed on, only its code.
+    #[test]
+    fn an_echoed_request_is_cut_from_error_texts() {
+        let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error>\
+            <Code>SignatureDoesNotMatch</Code><Message>The request signature we calculated \
+            does not match</Message><AWSAccessKeyId>ASIAEXAMPLE</AWSAccessKeyId>\
+            <CanonicalRequest>PUT /b/k x-amz-security-token:SESSIONTOKEN</CanonicalRequest>\
+            </Error>";
+        let text = format!("Client error with status 403 Forbidden: {body}");
+        let q = quiet(&text);
+        assert_eq!(
+            q,
+            "Client error with status 403 Forbidden: SignatureDoesNotMatch: \
+             The request signature we calculated does not match"
+        );
+        assert!(!snippet(body).contains("SESSIONTOKEN"));
+        let e = crate::copy::CopyError::Store(object_store::Error::Generic {
+            store: "S3",
+            source: text.into(),
+        });
+        assert!(
+            !e.to_string().contains("SESSIONTOKEN") && !e.to_string().contains("ASIA"),
+            "{e}"
+        );
+        assert_eq!(quiet("connection reset"), "connection reset");
+    }
 
     #[test]
     fn list_parts_xml_and_part_ids_round_trip() {

@@ -132,7 +132,7 @@ pub enum StoreConfigError {
     #[error("cannot read secret_access_key_file {0}: {1}")]
     SecretFile(String, std::io::Error),
     /// object_store refused the settings.
-    #[error("{0}")]
+    #[error("{}", crate::s3::quiet(&.0.to_string()))]
     Store(#[from] object_store::Error),
     /// The native S3 client could not be built.
     #[error("{0}")]
