@@ -114,6 +114,14 @@ impl AmqpUrl {
         if u.host_str().is_none_or(str::is_empty) {
             return Err("missing host".into());
         }
+        // lapin takes the host from the URL's domain, which an IP v6 literal is not: it
+        // connected to `localhost` instead, handing it the password.
+        if matches!(u.host(), Some(url::Host::Ipv6(_))) {
+            return Err(format!(
+                "an IPv6 address as host (`{}`) is not supported by the AMQP client: use a DNS name for it",
+                u.host_str().unwrap_or_default()
+            ));
+        }
         Ok(Self(u))
     }
     /// True for `amqps://` (TLS).
@@ -1180,6 +1188,23 @@ mod tests {
         .expect("loads");
         assert_eq!(c.amqp.prefetch, 8);
         assert!(c.amqp.declare_sources);
+    }
+
+    /// lapin reads the host as a domain name, and an IPv6 literal has none: it connected to
+    /// `localhost` with the URL's credentials. Refused, naming the key.
+    #[test]
+    fn an_ipv6_broker_host_is_refused_not_swapped_for_localhost() {
+        let e = with_env(&[(
+            "STORAGETIER__AMQP__URL",
+            "amqp://u:p@[2001:db8::5]:5672/%2f",
+        )])
+        .expect_err("IPv6 literal");
+        assert_eq!(e.key, "amqp.url");
+        assert!(
+            e.message.contains("IPv6") && !e.message.contains("u:p"),
+            "{e}"
+        );
+        assert!(AmqpUrl::parse("amqp://u:p@10.0.0.5:5672/%2f").is_ok());
     }
 
     #[test]

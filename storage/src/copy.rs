@@ -39,6 +39,8 @@ pub struct SourceState {
     size: u64,
     mtime: (i64, i64),
     ctime: (i64, i64),
+    /// Its permission bits.
+    mode: u32,
     /// On a filesystem that can hang on a server (see crate::mounts): looked at again on a
     /// blocking thread, never on the runtime's.
     remote: bool,
@@ -52,8 +54,17 @@ impl SourceState {
             size: meta.len(),
             mtime: (meta.mtime(), meta.mtime_nsec()),
             ctime: (meta.ctime(), meta.ctime_nsec()),
+            mode: meta.mode(),
             remote: false,
         }
+    }
+
+    /// The read and write bits of the file's permissions, and the owner's always (the
+    /// service reads its copies back): what a local copy of it is created with (less the
+    /// umask, as `cp` does), so a file only its owner or group may read is not archived
+    /// readable by all.
+    pub fn copy_mode(&self) -> u32 {
+        (self.mode & 0o666) | 0o600
     }
 
     /// This state, of a file on a filesystem that can hang on a server when `remote`.
@@ -507,7 +518,7 @@ pub async fn upload(
         // the key is this attempt's torn copy (the publish was create-only, or the key
         // claimed); only it is taken away, never an object the upload did not write.
         remove(tier.store.as_ref(), key).await?;
-        tracing::warn!(key = %key, error = %e, "removed what this attempt stored");
+        tracing::warn!(key = %key, error = %framework::telemetry::LogText(&e.to_string()), "removed what this attempt stored");
         return Err(e);
     }
     up.digest.checksum = h.finish();
@@ -598,12 +609,12 @@ pub async fn abort_recorded(
     match mp.abort_multipart(key, &upload_id.to_string()).await {
         Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
         Err(e) => {
-            tracing::warn!(key = %key, error = %e, "could not abort a multipart upload");
+            tracing::warn!(key = %key, error = %framework::telemetry::LogText(&e.to_string()), "could not abort a multipart upload");
             return false;
         }
     }
     if let Err(e) = records.forget_upload(key.as_ref(), upload_id).await {
-        tracing::warn!(key = %key, error = %e, "could not forget an aborted multipart upload");
+        tracing::warn!(key = %key, error = %framework::telemetry::LogText(&e.to_string()), "could not forget an aborted multipart upload");
         return false;
     }
     true
@@ -718,7 +729,7 @@ impl Multipart<'_> {
         let result = self.parts(f, first, h, &upload_id, &known).await;
         if let Err(e @ CopyError::SourceChanged(_)) = &result {
             // These parts can never be completed into the file: give the upload up.
-            tracing::warn!(key = %key, error = %e, "giving up the multipart upload");
+            tracing::warn!(key = %key, error = %framework::telemetry::LogText(&e.to_string()), "giving up the multipart upload");
             abort_recorded(self.mp.as_ref(), self.records, key, &upload_id).await;
         }
         // Any other failure keeps the upload (and its parts) for the retry to resume.
@@ -820,7 +831,7 @@ impl Multipart<'_> {
             .await
         {
             // Harmless: the sweep finds the store has no such upload any more.
-            tracing::warn!(key = %self.key, error = %e, "could not forget a completed upload");
+            tracing::warn!(key = %self.key, error = %framework::telemetry::LogText(&e.to_string()), "could not forget a completed upload");
         }
         let composite = {
             use base64::Engine;

@@ -127,9 +127,10 @@ fn copy_via(
         .ok_or_else(|| write_err(std::io::Error::other("no parent directory")))?;
     // The key's directory is usually there: made only when the copy cannot start in it
     // (one stat per file fewer).
-    let staged = match Staged::create(root, parent, unnamed) {
+    let mode = expected.unchanged.map_or(0o644, |s| s.copy_mode());
+    let staged = match Staged::create(root, parent, unnamed, mode) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            create_dirs_durably(parent).and_then(|()| Staged::create(root, parent, unnamed))
+            create_dirs_durably(parent).and_then(|()| Staged::create(root, parent, unnamed, mode))
         }
         r => r,
     }
@@ -185,12 +186,12 @@ enum Staged {
 
 impl Staged {
     /// An unnamed file in `dir` where `unnamed` and the filesystem supports it, else a
-    /// named one in `root`'s staging directory.
-    fn create(root: &Path, dir: &Path, unnamed: bool) -> std::io::Result<Staged> {
+    /// named one in `root`'s staging directory; with permissions `mode` (less the umask).
+    fn create(root: &Path, dir: &Path, unnamed: bool, mode: u32) -> std::io::Result<Staged> {
         use rustix::fs::{Mode, OFlags};
         if unnamed {
             let flags = OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC;
-            match rustix::fs::open(dir, flags, Mode::from_raw_mode(0o644)) {
+            match rustix::fs::open(dir, flags, Mode::from_raw_mode(mode)) {
                 Ok(fd) => return Ok(Staged::Unnamed(File::from(fd))),
                 Err(e)
                     if [
@@ -203,7 +204,7 @@ impl Staged {
                 Err(e) => return Err(e.into()),
             }
         }
-        let (f, p) = staging_file(root)?;
+        let (f, p) = staging_file(root, mode)?;
         Ok(Staged::Named(f, p))
     }
 
@@ -438,7 +439,7 @@ fn start_writeback(f: &File, offset: u64, len: u64) {
 
 /// A new staging file in `root`'s [`STAGING_DIR`], named uniquely among every process
 /// that shares the store (two replicas may write to one directory).
-fn staging_file(root: &Path) -> std::io::Result<(File, PathBuf)> {
+fn staging_file(root: &Path, mode: u32) -> std::io::Result<(File, PathBuf)> {
     let dir = root.join(STAGING_DIR);
     create_dirs_durably(&dir)?;
     loop {
@@ -446,7 +447,7 @@ fn staging_file(root: &Path) -> std::io::Result<(File, PathBuf)> {
         match OpenOptions::new()
             .write(true)
             .create_new(true)
-            .mode(0o644)
+            .mode(mode)
             .open(&p)
         {
             Ok(f) => return Ok((f, p)),
@@ -513,7 +514,7 @@ mod tests {
         // The tests below cover both ways; this one says which the services use here.
         assert!(unnamed_files(), "/proc/self/fd is there");
         let dir = tempfile::tempdir().expect("temp");
-        let staged = Staged::create(dir.path(), dir.path(), true).expect("create");
+        let staged = Staged::create(dir.path(), dir.path(), true, 0o644).expect("create");
         assert!(matches!(staged, Staged::Unnamed(_)), "O_TMPFILE works here");
         assert_eq!(staged_files(dir.path()), 0);
     }

@@ -563,7 +563,7 @@ impl TierCopier {
                 // before it publishes and never gets here): take it away so the retry
                 // finds the key free, instead of a bad object it must not overwrite.
                 copy::remove(self.tier.store.as_ref(), key).await?;
-                tracing::warn!(key = %key, error = %e, "removed what this attempt stored");
+                tracing::warn!(key = %key, error = %framework::telemetry::LogText(&e.to_string()), "removed what this attempt stored");
                 return Err(TierError::from(e));
             }
             let facts = checked?;
@@ -694,7 +694,7 @@ impl<'a> Claim<'a> {
                 Ok(Ok(false)) => break,
                 // A database blip: keep going while the lease still covers us.
                 Ok(Err(e)) if Instant::now() + margin < held_until => {
-                    tracing::warn!(key = %self.key, error = %e, "could not renew the upload claim");
+                    tracing::warn!(key = %self.key, error = %framework::telemetry::LogText(&e.to_string()), "could not renew the upload claim");
                 }
                 Ok(Err(_)) | Err(_) => break,
             }
@@ -719,7 +719,7 @@ impl<'a> Claim<'a> {
         match tokio::time::timeout(left, release).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
-                tracing::warn!(key = %self.key, error = %e, "could not release the upload claim");
+                tracing::warn!(key = %self.key, error = %framework::telemetry::LogText(&e.to_string()), "could not release the upload claim");
             }
             Err(_) => {
                 tracing::warn!(key = %self.key, "no answer releasing the upload claim; its lease ends it");

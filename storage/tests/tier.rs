@@ -1052,3 +1052,37 @@ async fn a_file_gone_after_its_copy_is_reported_as_that_copy() {
         r => panic!("expected Permanent with the object lost, got {r:?}"),
     }
 }
+
+/// A local copy keeps its source's read and write permissions (less the umask, as `cp`
+/// does): a file only its group may read is not archived readable by every user of the
+/// archive's machine or share. Before, every copy was created 0644.
+#[tokio::test]
+async fn a_local_copy_keeps_who_may_read_its_source() {
+    use std::os::unix::fs::PermissionsExt;
+    let base = tempfile::tempdir().expect("temp");
+    let store = base.path().join("store");
+    let tier = storage::store::local(&store).expect("tier");
+    let c = copier(base.path(), "online", tier, records(base.path()).await);
+    for (name, mode) in [("private.mov", 0o640), ("shared.mov", 0o644)] {
+        let msg = put(base.path(), "online", &format!("p/{name}"), b"frames");
+        let src = base.path().join("online/p").join(name);
+        std::fs::set_permissions(&src, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        let r = copied(c.handle(&msg, 1).await);
+        let got = std::fs::metadata(store.join(&r.key))
+            .expect("stored")
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(got, mode & !umask(), "{name}");
+    }
+}
+
+/// This process's umask (from /proc: reading it with umask(2) would change it meanwhile).
+fn umask() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .expect("status")
+        .lines()
+        .find_map(|l| l.strip_prefix("Umask:"))
+        .and_then(|m| u32::from_str_radix(m.trim(), 8).ok())
+        .expect("Umask line")
+}

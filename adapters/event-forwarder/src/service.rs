@@ -190,7 +190,7 @@ impl EventForwarder {
                     let delay = self
                         .retry
                         .delay_at_least(attempt - 1, after.unwrap_or_default());
-                    tracing::warn!(error = %e, attempt, retry_in_ms = delay, "retrying in place");
+                    tracing::warn!(error = %framework::telemetry::LogText(&e.to_string()), attempt, retry_in_ms = delay, "retrying in place");
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_millis(delay)) => {}
                         _ = ctx.cancelled() => {
@@ -309,7 +309,7 @@ impl EventForwarder {
                     let body = single_record_envelope(r.record);
                     match progress.dead_letter(mark, body, &why).await {
                         Ok(_) => {
-                            tracing::warn!(record = i, error = %e, "record dead-lettered");
+                            tracing::warn!(record = i, error = %framework::telemetry::LogText(&e.to_string()), "record dead-lettered");
                             dead.push(i);
                         }
                         Err(pe) => {
