@@ -249,6 +249,9 @@ pub struct AmqpConfig {
     /// Create a subscribed producer exchange that is missing (design §2); when false the
     /// service waits, checking passively, until the producer has declared it.
     pub declare_sources: bool,
+    /// Largest body decoded: a larger one is dead-lettered unread (decoded JSON takes
+    /// several times its text, per record more); 0 = no limit.
+    pub max_body_bytes: u64,
 }
 
 impl AmqpConfig {

@@ -511,6 +511,14 @@ impl<P: MessageProcessor> Shared<P> {
                 if let Some(why) = oversized {
                     return Outcome::Permanent(why);
                 }
+                let max = inner.amqp.max_body_bytes;
+                if max > 0 && delivery.data.len() as u64 > max {
+                    return Outcome::Permanent(format!(
+                        "the body is {} bytes, more than [amqp] max_body_bytes ({max}): \
+                         dead-lettered unread",
+                        delivery.data.len()
+                    ));
+                }
                 match serde_json::from_slice::<P::Input>(&delivery.data) {
                     Err(e) => Outcome::Permanent(describe_decode_error(&e)),
                     Ok(input) => inner.processor.handle(input, &ctx).await,

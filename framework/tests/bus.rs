@@ -439,6 +439,44 @@ async fn bad_bodies_are_dead_lettered_byte_for_byte() {
     hs.stop().await;
 }
 
+/// A body over `[amqp] max_body_bytes` is dead-lettered unread, byte for byte, naming the
+/// key: decoding it could take many times its size (every record of a batch a value of
+/// its own), and a few such bodies at once took a service down. The processor never sees
+/// it; a body within the limit goes through as before.
+#[tokio::test]
+async fn a_body_over_the_limit_is_dead_lettered_unread() {
+    let calls: Calls = Arc::default();
+    let p = recording(&calls, |v, _| Outcome::success(v.clone()));
+    let mut hs = Harness::start("bodylimit", &[("amqp.max_body_bytes", "1024")], p).await;
+    let mut dlq = hs.watch_dlq().await;
+    let mut out = hs.watch_output().await;
+    let big = serde_json::to_vec(&json!({"records": vec![0; 600]})).unwrap();
+    assert!(big.len() > 1024);
+    hs.publish("test.big", &big, BasicProperties::default())
+        .await;
+    let d = next(&mut dlq).await;
+    assert_dead_letter(&d, "permanent", "test.big");
+    let e = header(&d, h::ERROR).unwrap();
+    assert!(
+        e.contains("max_body_bytes") && e.contains(&big.len().to_string()),
+        "{e}"
+    );
+    assert_eq!(d.data, big, "the body as it came");
+    hs.publish(
+        "test.small",
+        br#"{"records":[0]}"#,
+        BasicProperties::default(),
+    )
+    .await;
+    next(&mut out).await;
+    assert_eq!(
+        calls.lock().unwrap().len(),
+        1,
+        "only the small one was handled"
+    );
+    hs.stop().await;
+}
+
 #[tokio::test]
 async fn long_errors_are_cut_to_one_kib() {
     let p = FnProcessor(|_v, _: &MessageContext| Outcome::permanent("é".repeat(5000)));
@@ -1235,7 +1273,7 @@ async fn hostile_inputs_are_dead_lettered_and_consuming_goes_on() {
     let mut huge = FieldTable::default();
     framework::headers::set_str(&mut huge, "x-junk", &"h".repeat(60 * 1024));
     let cases: Vec<(&[u8], BasicProperties, &str)> = vec![
-        (&big, BasicProperties::default(), "not valid JSON"),
+        (&big, BasicProperties::default(), "max_body_bytes"),
         (
             deep.as_bytes(),
             BasicProperties::default(),
