@@ -1362,3 +1362,22 @@ async fn a_collection_arriving_after_the_run_completed_reopens_it(b: Backend) {
     env.no_more().await;
     env.finish().await;
 }
+
+/// A batch's success body reports its first 1,000 records one by one and counts the rest:
+/// reported whole, a batch of small records made a success body larger than the broker
+/// takes (each report is about twice its record), refused after all the work was done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_batch_reports_its_first_records_and_counts_the_rest() {
+    let mut env = start(Backend::Sqlite, &[]).await;
+    let c = "corr-many";
+    let records: Vec<Value> = (0..1005)
+        .map(|i| json!({"body": file(c, "db.m", &format!("f{i}"))}))
+        .collect();
+    let r = env.process(&json!({ "Records": records })).await;
+    assert_eq!(r["records"].as_array().map(Vec::len), Some(1000));
+    assert_eq!(r["records"][999]["record"], 1000);
+    assert_eq!(r["records_total"], 1005);
+    assert_eq!(r["records_not_shown"], 5);
+    assert_eq!(env.collection(c, "db.m").await.files_received, 1005);
+    env.finish().await;
+}
