@@ -221,8 +221,13 @@ pub(crate) async fn session<P: MessageProcessor>(
     // Whatever ended the session, no new delivery is taken while the handlers drain: each
     // ack frees a prefetch slot, and a delivery the broker pushed into it would sit unread
     // until the channel closes, then be requeued with its delivery count raised (quorum
-    // queues dead-letter at their limit) and delayed by the longest handler.
+    // queues dead-letter at their limit) and delayed by the longest handler. Except on a
+    // queue with a single active consumer (ordered handling): cancelling makes the broker
+    // hand the queue to a standby at once, which would take the next message while this
+    // session still holds the one before it. There the consumer stays until the channel
+    // closes, and what it holds then goes back ahead of the rest.
     if ch.status().connected()
+        && !inner.topology.single_active_consumer
         && let Err(e) = bounded(
             limit,
             "basic.cancel",

@@ -981,3 +981,67 @@ async fn ordered_mode_needs_its_queue_to_have_one_active_consumer() {
         .await
         .expect("an unordered service runs on it");
 }
+
+/// The active ordered replica stopped while it retries an event in place hands the queue
+/// over in order: its standby gets that event first, then the next. Before, the stopping
+/// replica cancelled its consumer first, the broker made the standby active at once, and
+/// the standby delivered the next event while the first was still held.
+#[tokio::test]
+async fn an_ordered_replica_stopped_mid_retry_hands_over_in_order() {
+    let server = MockServer::start().await;
+    Mock::given(body_string_contains("first"))
+        .respond_with(ResponseTemplate::new(503))
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&server)
+        .await;
+    let ordered = [
+        ("event_forwarder.ordered", "true"),
+        ("amqp.prefetch", "1"),
+        ("retry.delays_ms", "[200]"),
+    ];
+    let data = tempfile::tempdir().unwrap();
+    let mut first = start(&server, data.path(), &ordered).await;
+    let endpoint = format!("{}/events", server.uri());
+    let mut replica = ordered.to_vec();
+    replica.extend([
+        ("event_forwarder.endpoint", endpoint.as_str()),
+        ("event_forwarder.token", TOKEN),
+    ]);
+    let other_data = tempfile::tempdir().unwrap();
+    let mut second =
+        Harness::start_service::<EventForwarderService>(replica_config::<EventForwarderService>(
+            other_data.path(),
+            &first,
+            &replica,
+        ))
+        .await;
+    let (_c, ch) = test_channel().await;
+    let mut out = watch(&ch, &first.output_exchange, "#").await;
+    first.publish("k", br#"{"e":"first"}"#, with_id("m1")).await;
+    first
+        .publish("k", br#"{"e":"second"}"#, with_id("m2"))
+        .await;
+    await_posts(&server, 1).await;
+    first.stop().await;
+    // The endpoint takes everything now.
+    server.reset().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&server)
+        .await;
+    let o1 = next(&mut out).await;
+    let o2 = next(&mut out).await;
+    assert_eq!(
+        (
+            header(&o1, "x-in-response-to").as_deref(),
+            header(&o2, "x-in-response-to").as_deref()
+        ),
+        (Some("m1"), Some("m2")),
+        "the standby took over in order"
+    );
+    second.stop().await;
+}
