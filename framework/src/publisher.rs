@@ -512,7 +512,7 @@ pub(crate) fn output_properties(
 }
 
 /// An output's message id: derived from the input's message id (with the service, where
-/// the input first came from, and which output it is), so the outputs of a redelivered,
+/// the input first came from, which part of a batch it is, and which output it is), so the outputs of a redelivered,
 /// retried or replayed input carry the ids the first attempt's had, and a consumer can
 /// drop the duplicates that at-least-once delivery makes. Random where the input has no
 /// id (nothing stable to derive it from).
@@ -521,10 +521,20 @@ fn output_message_id(service: &str, origin: &Origin<'_>, output: OutputOf<'_>) -
     let Some(input) = origin.message_id else {
         return new_message_id();
     };
+    // A replayed part of a batch keeps its batch's message id: which part it is tells its
+    // outputs from its batch's and its sibling parts' (one id would make a consumer that
+    // drops duplicates drop theirs).
+    let part = crate::headers::get_str(origin.headers, crate::headers::BATCH_PART);
     let mut h = sha2::Sha256::new();
-    for part in [service, origin.exchange, origin.routing_key, input] {
-        h.update((part.len() as u64).to_le_bytes());
-        h.update(part.as_bytes());
+    for field in [
+        service,
+        origin.exchange,
+        origin.routing_key,
+        input,
+        part.as_deref().unwrap_or(""),
+    ] {
+        h.update((field.len() as u64).to_le_bytes());
+        h.update(field.as_bytes());
     }
     match output {
         OutputOf::Success => h.update(b"success"),
