@@ -97,14 +97,21 @@ async fn lock_run(tx: &mut Tx<'_>, correlation_id: &str) -> Result<(), db::sqlx:
     Ok(())
 }
 
-/// Reopens the product of `c`'s run if it was marked RECEIVED or COMPLETED while `c` is
-/// not Received yet: a collection first heard of after every other collection of the run
-/// had arrived (the sender sends collections one after another). The product then moves
+/// Reopens the product of `c`'s run if it was marked RECEIVED or COMPLETED while `c`, which
+/// this transaction `inserted`, is not Received yet: a collection first heard of after
+/// every other collection of the run had arrived (the sender sends collections one after
+/// another). Only the transaction that added the collection can find the product marked
+/// without it, so only that one takes the run's lock: a run's files keep committing side
+/// by side. The product then moves
 /// again, and the monitoring message goes out again, when this collection gets there too,
 /// as the original lambda did; before, the product stayed COMPLETED with a collection
 /// still in flight and its real end was never announced.
-async fn reopen_product(tx: &mut Tx<'_>, c: &Collection) -> Result<(), db::sqlx::Error> {
-    if matches!(c.status.as_str(), "Received" | "Success") {
+async fn reopen_product(
+    tx: &mut Tx<'_>,
+    c: &Collection,
+    inserted: bool,
+) -> Result<(), db::sqlx::Error> {
+    if !inserted || matches!(c.status.as_str(), "Received" | "Success") {
         return Ok(());
     }
     lock_run(tx, &c.correlation_id).await?;
@@ -238,6 +245,14 @@ impl Store {
         key: &str,
     ) -> Result<(Collection, bool, bool), StoreError> {
         let mut tx = self.pool.begin().await?;
+        let existed = db::sqlx::query(
+            "SELECT 1 FROM snapshot_collections WHERE correlation_id = $1 AND collection_name = $2",
+        )
+        .bind(&m.correlation_id)
+        .bind(&m.collection_name)
+        .fetch_optional(&mut *tx)
+        .await?
+        .is_some();
         let initial = if m.files_sent.is_some() {
             "Sent"
         } else {
@@ -291,7 +306,7 @@ impl Store {
             row.try_get::<Option<String>, _>("received_by")?.as_deref() == Some(key)
         };
         let c = Self::fetch(&mut tx, m).await?;
-        reopen_product(&mut tx, &c).await?;
+        reopen_product(&mut tx, &c, !existed).await?;
         tx.commit().await?;
         Ok((c, moved, triggered))
     }
@@ -306,7 +321,7 @@ impl Store {
         let t = now();
         let mut tx = self.pool.begin().await?;
         // A file may arrive before its collection's counts: the collection starts Pending.
-        db::sqlx::query(
+        let inserted = db::sqlx::query(
             "INSERT INTO snapshot_collections (correlation_id, collection_name, status, \
              files_exported, files_sent, files_received, snapshot_type, export_date, updated_at) \
              VALUES ($1, $2, 'Pending', NULL, NULL, 0, $3, $4, $5) \
@@ -318,7 +333,9 @@ impl Store {
         .bind(&m.export_date)
         .bind(&t)
         .execute(&mut *tx)
-        .await?;
+        .await?
+        .rows_affected()
+            == 1;
         let counted = db::sqlx::query(
             "INSERT INTO snapshot_received_files (correlation_id, collection_name, file_key, received_at) \
              VALUES ($1, $2, $3, $4) ON CONFLICT (correlation_id, collection_name, file_key) DO NOTHING \
@@ -372,7 +389,7 @@ impl Store {
             row.try_get::<Option<String>, _>("triggered")?.as_deref() == Some("received")
         };
         let collection = Self::fetch(&mut tx, m).await?;
-        reopen_product(&mut tx, &collection).await?;
+        reopen_product(&mut tx, &collection, inserted).await?;
         tx.commit().await?;
         Ok(FileOutcome {
             collection,
