@@ -433,10 +433,24 @@ impl TierCopier {
         let alg = self.policy.algorithm;
         for path in paths::candidates(&self.roots, &msg.parent_dir, &msg.filename) {
             let original = path.display().to_string();
-            for (obj, mtime) in self.records.copies_at(&original, msg.size).await? {
-                if same_mtime(&mtime, msg.mtime)
-                    && copy::confirm_recorded(&self.tier, &obj, alg).await?
-                {
+            let matching: Vec<_> = self
+                .records
+                .copies_at(&original, msg.size)
+                .await?
+                .into_iter()
+                .filter(|(_, mtime)| same_mtime(mtime, msg.mtime))
+                .collect();
+            // Copies of other content at this size and time (a file replaced with its time
+            // kept, stored beside the first): which one the message meant cannot be told
+            // without the file, so none is reported.
+            if matching
+                .iter()
+                .any(|(o, _)| o.checksum != matching[0].0.checksum)
+            {
+                return Ok(None);
+            }
+            for (obj, mtime) in matching {
+                if copy::confirm_recorded(&self.tier, &obj, alg).await? {
                     tracing::info!(path = %framework::telemetry::LogText(&original), key = %obj.object_key, "the file is gone but was copied before; reporting that copy");
                     return Ok(Some(CopyReport {
                         original_path: original,

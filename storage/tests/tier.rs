@@ -1086,3 +1086,32 @@ fn umask() -> u32 {
         .and_then(|m| u32::from_str_radix(m.trim(), 8).ok())
         .expect("Umask line")
 }
+
+/// Two contents were copied for one path at one size and time (a file replaced with its
+/// time kept, `cp -p`, stored beside the first): once the file is gone the message cannot
+/// say which it meant, so neither is reported — it stays permanent, as before.
+#[tokio::test]
+async fn a_gone_file_copied_as_two_contents_is_not_guessed() {
+    let base = tempfile::tempdir().expect("temp");
+    let tier = storage::store::local(&base.path().join("store")).expect("tier");
+    let c = copier(base.path(), "online", tier, records(base.path()).await);
+    let path = base.path().join("online/p/take.mov");
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_704_067_200);
+    let mut m = sweeper_message("p", "take.mov", false);
+    m["size"] = 3000.into();
+    let msg: AssetSweeperFile = serde_json::from_value(m).expect("message");
+    for seed in [1, 2] {
+        put(base.path(), "online", "p/take.mov", &content(3000, seed));
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.set_modified(at))
+            .expect("mtime");
+        assert!(copied(c.handle(&msg, 1).await).uploaded);
+    }
+    std::fs::remove_file(&path).expect("moved away");
+    match c.handle(&msg, 2).await {
+        Err(TierError::Permanent(e)) => assert!(e.contains("take.mov"), "{e}"),
+        r => panic!("expected Permanent, got {r:?}"),
+    }
+}
