@@ -157,9 +157,16 @@ async fn apply_in(
     writes: &[&Write],
 ) -> Result<Vec<bool>, db::sqlx::Error> {
     let clock = database_clock(conn.backend_name());
+    // In the order of their keys (a stable sort: one key's writes keep theirs), so every
+    // batch takes its row locks in one order: two replicas' batches touching the same keys
+    // in opposite orders deadlocked on PostgreSQL (one waited out `deadlock_timeout`, then
+    // had every write of its batch redone one commit at a time).
+    let mut order: Vec<usize> = (0..writes.len()).collect();
+    order.sort_by_key(|&i| writes[i].key());
+    let sorted: Vec<&Write> = order.iter().map(|&i| writes[i]).collect();
     let mut tx = db::sqlx::Connection::begin(&mut **conn).await?;
     let mut results = Vec::with_capacity(writes.len());
-    let mut rest = writes;
+    let mut rest = &sorted[..];
     while let Some(w) = rest.first() {
         // A run of copies goes in a few multi-row statements: each statement is a round
         // trip to SQLite's worker thread, and these are most of a busy batch.
@@ -208,7 +215,21 @@ async fn apply_in(
         rest = &rest[1..];
     }
     tx.commit().await?;
-    Ok(results)
+    let mut answers = vec![false; writes.len()];
+    for (r, &i) in results.into_iter().zip(&order) {
+        answers[i] = r;
+    }
+    Ok(answers)
+}
+
+impl Write {
+    /// The key whose rows this write locks.
+    fn key(&self) -> &str {
+        match self {
+            Write::Claim { key, .. } | Write::Renew { key, .. } | Write::Release { key, .. } => key,
+            Write::Copy(c) => &c.object.object_key,
+        }
+    }
 }
 
 type Tx<'c> = db::sqlx::Transaction<'c, db::sqlx::Any>;
@@ -983,6 +1004,33 @@ mod tests {
         assert!(r.claim("k", "b", lease).await.unwrap(), "expired: taken");
         assert!(!r.renew("k", "a", lease).await.unwrap(), "no longer a's");
         assert!(r.renew("k", "b", lease).await.unwrap());
+        r.close().await;
+    }
+
+    /// A batch is applied in key order (every replica takes its locks in one order) and
+    /// answered in its own: each write gets its own result, and one key's writes keep
+    /// their order (the first claim of a key wins).
+    #[tokio::test]
+    async fn a_batch_is_applied_in_key_order_and_answered_in_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("r.db").display());
+        let r = Records::open(&url).await.unwrap();
+        let claim = |key: &str, owner: &str| Write::Claim {
+            key: key.into(),
+            owner: owner.into(),
+            lease_ms: 60_000,
+        };
+        let writes = [
+            claim("k2", "a"),
+            copy("k3", "/p/3", "c"),
+            claim("k1", "b"),
+            claim("k2", "c"),
+        ];
+        let mut full = true;
+        let results = apply(&r.write, true, &mut full, writes.iter())
+            .await
+            .expect("applied");
+        assert_eq!(results, [true, true, true, false]);
         r.close().await;
     }
 
