@@ -242,7 +242,8 @@ fn bitmap(indices: &Ranges) -> Option<serde_json::Value> {
     use base64::Engine;
     let first = *indices.0.keys().next()?;
     let last = *indices.0.values().next_back()?;
-    let span = last - first + 1;
+    // Checked: a forged header's ranges can reach u64::MAX.
+    let span = (last - first).checked_add(1)?;
     if indices.0.len() < 2 || span > MAX_BITMAP_SPAN {
         return None;
     }
@@ -461,6 +462,16 @@ mod tests {
             }
         }
         assert_eq!(written(&ctx).as_deref(), Some(r#"["1",[5,8]]"#));
+        // Ranges a forged header stretched to the end of u64 are written back as ranges.
+        let forged = ctx_with(Some("[[0,5],[7,18446744073709551615]]"));
+        {
+            let mut p = Progress::resume(&forged, H);
+            p.mark_done("6");
+        }
+        assert_eq!(
+            written(&forged).as_deref(),
+            Some("[[0,18446744073709551615]]")
+        );
         // A malformed bitmap is no header of this module's (nothing done), not a panic.
         for bad in [
             r#"[{"from":1}]"#,

@@ -1283,7 +1283,7 @@ async fn hostile_inputs_are_dead_lettered_and_consuming_goes_on() {
     let mut huge = FieldTable::default();
     framework::headers::set_str(&mut huge, "x-junk", &"h".repeat(60 * 1024));
     let cases: Vec<(&[u8], BasicProperties, &str)> = vec![
-        (&big, BasicProperties::default(), "max_body_bytes"),
+        (&big, BasicProperties::default(), "not valid JSON"),
         (
             deep.as_bytes(),
             BasicProperties::default(),

@@ -574,7 +574,7 @@ async fn upload_multipart(
         // Parts already stored are billed until aborted; a failed abort is left to
         // the bucket's lifecycle rule (docs/storage.md).
         if let Err(a) = up.abort().await {
-            tracing::warn!(key = %key, error = %a, "could not abort the failed multipart upload");
+            tracing::warn!(key = %key, error = %framework::telemetry::LogText(&crate::s3::quiet(&a.to_string())), "could not abort the failed multipart upload");
         }
         return Err(e);
     }
@@ -719,7 +719,7 @@ impl Multipart<'_> {
                 if let Err(e) = started {
                     // Unrecorded, it could never be resumed nor swept: abort it now.
                     if let Err(a) = self.mp.abort_multipart(key, &id).await {
-                        tracing::warn!(key = %key, error = %a, "could not abort an unrecorded multipart upload");
+                        tracing::warn!(key = %key, error = %framework::telemetry::LogText(&crate::s3::quiet(&a.to_string())), "could not abort an unrecorded multipart upload");
                     }
                     return Err(e.into());
                 }
