@@ -135,6 +135,16 @@ fn copy_via(
         r => r,
     }
     .map_err(write_err)?;
+    // The key's directory is found by name: a link planted in the store (by anyone who may
+    // write there) would take the copy, and the files after it, out of the store. An
+    // unnamed file says where it really is (one readlink); the named staging is checked
+    // where it is published.
+    if let Staged::Unnamed(f) = &staged
+        && !created_beneath(root, f)
+    {
+        staged.discard();
+        return Err(CopyError::Unstorable(key.to_string(), LEADS_OUT));
+    }
     // Staged elsewhere: its rename needs the key's directory.
     if let Staged::Named(..) = staged
         && let Err(e) = create_dirs_durably(parent)
@@ -240,6 +250,20 @@ impl Staged {
         if let Staged::Named(_, staged) = self {
             let _ = std::fs::remove_file(&staged);
         }
+    }
+}
+
+/// Why a key whose directory in the store leads out of it is never stored there.
+pub const LEADS_OUT: &str =
+    "a directory on its way in the store is a symbolic link out of the store (remove it)";
+
+/// Whether the unnamed file `f` was created in a directory beneath `root` (canonical), by
+/// where the kernel says it is (`/proc/self/fd`); true where that cannot be read.
+fn created_beneath(root: &Path, f: &File) -> bool {
+    use std::os::fd::AsRawFd;
+    match std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd())) {
+        Ok(real) => real.parent().is_some_and(|dir| dir.starts_with(root)),
+        Err(_) => true,
     }
 }
 

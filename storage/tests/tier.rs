@@ -1115,3 +1115,27 @@ async fn a_gone_file_copied_as_two_contents_is_not_guessed() {
         r => panic!("expected Permanent, got {r:?}"),
     }
 }
+
+/// A link planted in the store (by anyone who may write there) does not take copies out of
+/// it: the key's directory leading elsewhere is permanent, naming the link, and nothing is
+/// written where it points. Before, the file was created there and reported as archived.
+#[tokio::test]
+async fn a_link_in_the_store_does_not_take_copies_out_of_it() {
+    let base = tempfile::tempdir().expect("temp");
+    let store = base.path().join("store");
+    let outside = base.path().join("outside");
+    std::fs::create_dir_all(&outside).expect("dir");
+    let tier = storage::store::local(&store).expect("tier");
+    std::os::unix::fs::symlink(&outside, store.join("p")).expect("link");
+    let c = copier(base.path(), "online", tier, records(base.path()).await);
+    let msg = put(base.path(), "online", "p/a.mov", b"frames");
+    match c.handle(&msg, 1).await {
+        Err(TierError::Permanent(e)) => assert!(e.contains("symbolic link"), "{e}"),
+        r => panic!("expected Permanent, got {r:?}"),
+    }
+    assert!(
+        files_under(&outside).is_empty(),
+        "{:?}",
+        files_under(&outside)
+    );
+}
