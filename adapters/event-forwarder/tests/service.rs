@@ -880,6 +880,38 @@ async fn a_rotated_token_file_is_read_again_when_the_endpoint_refuses_the_token(
     assert!(requests.len() <= 9, "each event refused once at most");
 }
 
+/// Two ordered replicas (prefetch 1) on one queue, with `extra` settings, against
+/// `server`; the second started while the first consumes. Their data directories go with
+/// the last value.
+async fn ordered_pair(
+    server: &MockServer,
+    extra: &[(&str, &str)],
+) -> (Harness, Harness, [tempfile::TempDir; 2]) {
+    let mut ordered = vec![("event_forwarder.ordered", "true"), ("amqp.prefetch", "1")];
+    ordered.extend_from_slice(extra);
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let first = start(server, dirs[0].path(), &ordered).await;
+    let endpoint = format!("{}/events", server.uri());
+    ordered.extend([
+        ("event_forwarder.endpoint", endpoint.as_str()),
+        ("event_forwarder.token", TOKEN),
+    ]);
+    let second =
+        Harness::start_service::<EventForwarderService>(replica_config::<EventForwarderService>(
+            dirs[1].path(),
+            &first,
+            &ordered,
+        ))
+        .await;
+    (first, second, dirs)
+}
+
+/// The events "first" (message id m1) then "second" (m2), to `hs`'s input.
+async fn publish_first_and_second(hs: &Harness) {
+    hs.publish("k", br#"{"e":"first"}"#, with_id("m1")).await;
+    hs.publish("k", br#"{"e":"second"}"#, with_id("m2")).await;
+}
+
 /// Two ordered replicas on one queue (a rolling update's surge, a scale-out by mistake)
 /// keep the order: the queue has one active consumer at a time, so the second replica
 /// does not take the second event while the first replica is still retrying the first
@@ -887,28 +919,9 @@ async fn a_rotated_token_file_is_read_again_when_the_endpoint_refuses_the_token(
 #[tokio::test]
 async fn ordered_replicas_on_one_queue_keep_the_order() {
     let server = first_refused(3).await;
-    let ordered = [("event_forwarder.ordered", "true"), ("amqp.prefetch", "1")];
-    let data = tempfile::tempdir().unwrap();
-    let mut first = start(&server, data.path(), &ordered).await;
-    let endpoint = format!("{}/events", server.uri());
-    let mut replica = ordered.to_vec();
-    replica.extend([
-        ("event_forwarder.endpoint", endpoint.as_str()),
-        ("event_forwarder.token", TOKEN),
-    ]);
-    let other_data = tempfile::tempdir().unwrap();
-    let mut second =
-        Harness::start_service::<EventForwarderService>(replica_config::<EventForwarderService>(
-            other_data.path(),
-            &first,
-            &replica,
-        ))
-        .await;
+    let (mut first, mut second, _dirs) = ordered_pair(&server, &[]).await;
     let mut out = first.watch_output().await;
-    first.publish("k", br#"{"e":"first"}"#, with_id("m1")).await;
-    first
-        .publish("k", br#"{"e":"second"}"#, with_id("m2"))
-        .await;
+    publish_first_and_second(&first).await;
     let o1 = next(&mut out).await;
     let o2 = next(&mut out).await;
     assert_eq!(header(&o1, "x-in-response-to").as_deref(), Some("m1"));
@@ -998,33 +1011,11 @@ async fn an_ordered_replica_stopped_mid_retry_hands_over_in_order() {
         .respond_with(ResponseTemplate::new(200))
         .mount(&server)
         .await;
-    let ordered = [
-        ("event_forwarder.ordered", "true"),
-        ("amqp.prefetch", "1"),
-        ("retry.delays_ms", "[200]"),
-    ];
-    let data = tempfile::tempdir().unwrap();
-    let mut first = start(&server, data.path(), &ordered).await;
-    let endpoint = format!("{}/events", server.uri());
-    let mut replica = ordered.to_vec();
-    replica.extend([
-        ("event_forwarder.endpoint", endpoint.as_str()),
-        ("event_forwarder.token", TOKEN),
-    ]);
-    let other_data = tempfile::tempdir().unwrap();
-    let mut second =
-        Harness::start_service::<EventForwarderService>(replica_config::<EventForwarderService>(
-            other_data.path(),
-            &first,
-            &replica,
-        ))
-        .await;
+    let (mut first, mut second, _dirs) =
+        ordered_pair(&server, &[("retry.delays_ms", "[200]")]).await;
     let (_c, ch) = test_channel().await;
     let mut out = watch(&ch, &first.output_exchange, "#").await;
-    first.publish("k", br#"{"e":"first"}"#, with_id("m1")).await;
-    first
-        .publish("k", br#"{"e":"second"}"#, with_id("m2"))
-        .await;
+    publish_first_and_second(&first).await;
     await_posts(&server, 1).await;
     first.stop().await;
     // The endpoint takes everything now.
