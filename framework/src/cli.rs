@@ -280,7 +280,9 @@ pub fn main<S: Service>() -> ExitCode {
             ExitCode::from(EXIT_CONFIG)
         }
         Err(Failure::Other(m)) => {
-            tracing::error!("{m}");
+            if telemetry::logs_json() {
+                tracing::error!("{m}");
+            }
             print_err(&format!("{}: {m}", S::NAME));
             ExitCode::from(EXIT_FAILURE)
         }

@@ -119,7 +119,19 @@ pub fn init_logging(cfg: &LogConfig) {
             .log_internal_errors(false)
             .try_init(),
     };
-    let _ = result;
+    if result.is_ok() {
+        let _ = LOG_FORMAT.set(cfg.format);
+    }
+}
+
+/// The format of this process's logs, once [`init_logging`] set them up.
+static LOG_FORMAT: OnceLock<LogFormat> = OnceLock::new();
+
+/// Whether this process logs JSON lines (for a collector): a failure it ends with is then
+/// logged as such too, beside the plain line for the person at the terminal (in the text
+/// format that line would say the same thing twice).
+pub(crate) fn logs_json() -> bool {
+    LOG_FORMAT.get() == Some(&LogFormat::Json)
 }
 
 /// One queue's message metrics, each registered on first use (as a lookup would) and then

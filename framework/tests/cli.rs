@@ -221,6 +221,13 @@ fn dlq_usage_errors_exit_2_before_connecting() {
         .env("STORAGETIER__AMQP__CONNECT_TIMEOUT_MS", "2000")
         .args(["dlq", "list"]));
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    // Said once: text logs do not repeat the line the person at the terminal gets.
+    assert_eq!(
+        stderr(&o).matches("cannot connect").count(),
+        1,
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
