@@ -1001,16 +1001,8 @@ async fn ordered_mode_needs_its_queue_to_have_one_active_consumer() {
 /// the standby delivered the next event while the first was still held.
 #[tokio::test]
 async fn an_ordered_replica_stopped_mid_retry_hands_over_in_order() {
-    let server = MockServer::start().await;
-    Mock::given(body_string_contains("first"))
-        .respond_with(ResponseTemplate::new(503))
-        .with_priority(1)
-        .mount(&server)
-        .await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200))
-        .mount(&server)
-        .await;
+    // "first" refused until the endpoint is reset below.
+    let server = first_refused(u64::MAX).await;
     let (mut first, mut second, _dirs) =
         ordered_pair(&server, &[("retry.delays_ms", "[200]")]).await;
     let (_c, ch) = test_channel().await;
