@@ -224,8 +224,9 @@ fn encode(done: &BTreeSet<String>, indices: &Ranges) -> String {
         }
     }
     match bitmap(indices) {
+        // The slice serialises as the array would, without copying its items.
         Some(b)
-            if b.to_string().len() < serde_json::Value::Array(listed.clone()).to_string().len() =>
+            if b.to_string().len() < serde_json::to_string(&listed).unwrap_or_default().len() =>
         {
             items.push(b)
         }

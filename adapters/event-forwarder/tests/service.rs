@@ -464,8 +464,7 @@ async fn ordered_mode_retries_in_place_and_keeps_order() {
     )
     .await;
     let mut out = hs.watch_output().await;
-    hs.publish("k", br#"{"e":"first"}"#, with_id("m1")).await;
-    hs.publish("k", br#"{"e":"second"}"#, with_id("m2")).await;
+    publish_first_and_second(&hs).await;
     let o1 = next(&mut out).await;
     let o2 = next(&mut out).await;
     assert_eq!(header(&o1, "x-in-response-to").as_deref(), Some("m1"));
