@@ -61,6 +61,12 @@ pub trait Service: Send + Sync + 'static {
     /// `[<section>] input_exchange` in the config overrides the exchange.
     fn binding(cfg: &Config<Self::Settings>) -> Binding;
 
+    /// Settles what the service's own settings imply for the framework's (event-forwarder's
+    /// ordered mode takes one message at a time, whatever `[amqp] prefetch` the shared
+    /// files give every service), before any check and for every command, so `check-config`
+    /// shows what runs.
+    fn settle(_cfg: &mut Config<Self::Settings>) {}
+
     /// Checks the settings the topology is made of (exchange names, binding keys) beyond
     /// their types, for every command; errors exit 2.
     fn validate_topology(_cfg: &Config<Self::Settings>) -> Result<(), ConfigError> {
@@ -232,8 +238,7 @@ pub fn main<S: Service>() -> ExitCode {
         Some(Command::Declare | Command::Definitions { .. } | Command::Dlq { .. })
     );
     let loaded = if bus_only {
-        config::load::<S::Settings>(S::SECTION, &opts)
-            .and_then(|cfg| S::validate_topology(&cfg).map(|()| cfg))
+        loaded_settled::<S>(&opts).and_then(|cfg| S::validate_topology(&cfg).map(|()| cfg))
     } else {
         load_config::<S>(&opts)
     };
@@ -291,9 +296,16 @@ pub fn main<S: Service>() -> ExitCode {
 
 /// Loads and validates a service's configuration.
 pub fn load_config<S: Service>(opts: &LoadOptions) -> Result<Config<S::Settings>, ConfigError> {
-    let cfg = config::load::<S::Settings>(S::SECTION, opts)?;
+    let cfg = loaded_settled::<S>(opts)?;
     S::validate_topology(&cfg)?;
     S::validate(&cfg)?;
+    Ok(cfg)
+}
+
+/// Loads service `S`'s configuration and settles it ([`Service::settle`]), unchecked.
+fn loaded_settled<S: Service>(opts: &LoadOptions) -> Result<Config<S::Settings>, ConfigError> {
+    let mut cfg = config::load::<S::Settings>(S::SECTION, opts)?;
+    S::settle(&mut cfg);
     Ok(cfg)
 }
 

@@ -224,6 +224,10 @@ pub struct AmqpConfig {
     /// How often the depth of the service's own queues is read for
     /// `storagetier_queue_messages` (passive declares); 0 turns it off.
     pub queue_metrics_interval_ms: u64,
+    /// How often the input queue is bound again to its producers' exchanges while the
+    /// service runs (an exchange deleted and declared anew has lost its bindings); 0 turns
+    /// it off.
+    pub rebind_interval_ms: u64,
     /// File holding the password (overrides the URL's).
     #[serde(default)]
     pub password_file: Option<PathBuf>,

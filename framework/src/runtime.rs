@@ -174,7 +174,7 @@ impl<P: MessageProcessor> Runtime<P> {
             let started = tokio::time::Instant::now();
             match session(inner, shutdown).await {
                 Ok(SessionEnd::Shutdown) => break,
-                Ok(SessionEnd::Lost(why)) => {
+                Ok(SessionEnd::Lost(why) | SessionEnd::Released(why)) => {
                     // One per lost session, not per failed attempt to get a new one: a
                     // broker restart is one recovery however many connects it takes.
                     recoveries.increment(1);

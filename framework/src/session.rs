@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use tokio_util::sync::CancellationToken;
@@ -87,6 +87,10 @@ pub(crate) enum SessionEnd {
     Shutdown,
     /// The connection or channel was lost (why).
     Lost(String),
+    /// The broker cancelled the consumer (why): what the session held is no longer its
+    /// own (its queue deleted; on RabbitMQ 4.3 a consumer timeout returns the deliveries
+    /// to the queue for another consumer and leaves the channel open).
+    Released(String),
 }
 
 /// One consuming session: connect, declare, consume until shutdown or a loss, then end
@@ -134,6 +138,15 @@ pub(crate) async fn session<P: MessageProcessor>(
             conn.clone(),
             inner.topology.queue_names(),
             Duration::from_millis(inner.amqp.queue_metrics_interval_ms),
+            limit,
+            handlers.cancel.clone(),
+        ));
+    }
+    if inner.amqp.rebind_interval_ms > 0 {
+        tokio::spawn(keep_bound(
+            conn.clone(),
+            inner.topology.source_bindings(),
+            Duration::from_millis(inner.amqp.rebind_interval_ms),
             limit,
             handlers.cancel.clone(),
         ));
@@ -209,6 +222,9 @@ pub(crate) async fn session<P: MessageProcessor>(
     // run beside it for the drain budget (their acks could never land anyway).
     let budget = match &end {
         SessionEnd::Lost(_) if !alive() => Duration::ZERO,
+        // Acks on a cancelled consumer's deliveries are ignored, and another consumer may
+        // already run them.
+        SessionEnd::Released(_) => Duration::ZERO,
         _ => Duration::from_millis(inner.amqp.drain_timeout_ms),
     };
     let (code, reason) = match &end {
@@ -216,7 +232,7 @@ pub(crate) async fn session<P: MessageProcessor>(
             info!(queue = %inner.topology.queue, in_flight = handlers.tasks.len(), "shutting down: cancelling consumer and draining");
             (200, "shutdown")
         }
-        SessionEnd::Lost(_) => (320, "recovering"),
+        SessionEnd::Lost(_) | SessionEnd::Released(_) => (320, "recovering"),
     };
     // Whatever ended the session, no new delivery is taken while the handlers drain: each
     // ack frees a prefetch slot, and a delivery the broker pushed into it would sit unread
@@ -281,6 +297,66 @@ async fn watch_queue_depths(
             let Some(c) = &ch else { break };
             if let Ok(Ok(n)) = tokio::time::timeout(limit, crate::dlq::count(c, q)).await {
                 metrics::gauge!(m::QUEUE_MESSAGES, "queue" => q.clone()).set(f64::from(n));
+            }
+        }
+    }
+}
+
+/// Binds the input queue to its producers' exchanges again every `every` until `stop`: a
+/// producer's exchange deleted and declared anew while the session runs has lost the
+/// queue's bindings, and every message published to it would reach nothing until the next
+/// reconnect (days, maybe). A missing exchange is logged once, until it is back.
+async fn keep_bound(
+    conn: Arc<Connection>,
+    bindings: Vec<crate::topology::BindingSpec>,
+    every: Duration,
+    limit: Duration,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    // The session has just bound them.
+    tick.tick().await;
+    let mut ch: Option<Channel> = None;
+    let mut gone: Vec<String> = Vec::new();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        for b in &bindings {
+            if ch.as_ref().is_none_or(|c| !c.status().connected()) {
+                ch = bounded(limit, "opening a channel", conn.create_channel())
+                    .await
+                    .ok();
+            }
+            let Some(c) = &ch else { break };
+            let bound = bounded(
+                limit,
+                "queue.bind",
+                c.queue_bind(
+                    b.queue.as_str().into(),
+                    b.exchange.as_str().into(),
+                    b.routing_key.as_str().into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                ),
+            )
+            .await;
+            let was_gone = gone.iter().position(|e| *e == b.exchange);
+            match (bound, was_gone) {
+                (Ok(()), Some(i)) => {
+                    gone.swap_remove(i);
+                    info!(exchange = %m::LogText(&b.exchange), "a producer's exchange is back; the queue is bound to it again");
+                }
+                (Err(e), None)
+                    if crate::topology::is_soft(&e, lapin::protocol::AMQPSoftError::NOTFOUND) =>
+                {
+                    warn!(exchange = %m::LogText(&b.exchange), queue = %m::LogText(&b.queue),
+                        "a producer's exchange is gone: what it is sent reaches no queue of this service until it is declared again");
+                    gone.push(b.exchange.clone());
+                }
+                (Err(e), _) => debug!(error = %e, "binding the queue again failed"),
+                (Ok(()), None) => {}
             }
         }
     }
@@ -390,7 +466,9 @@ fn consumer_ended(next: Option<Result<Delivery, lapin::Error>>) -> SessionEnd {
             }
             SessionEnd::Lost(why)
         }
-        _ => SessionEnd::Lost("consumer cancelled by the broker (queue deleted?)".into()),
+        _ => SessionEnd::Released(
+            "consumer cancelled by the broker (queue deleted, or its consumer timeout)".into(),
+        ),
     }
 }
 
@@ -672,13 +750,17 @@ impl<P: MessageProcessor> Shared<P> {
                 // Not even our own retry tier took it. Our topology gone (unroutable) or the
                 // channel closed: re-declare it in a new session. A nack or a confirm that
                 // never came (a full queue, a resource alarm) is the broker's state, which
-                // a new session would not change: the message goes back after a pause.
+                // a new session would not change: the message goes back after a pause, as
+                // a failed delivery (`basic.reject`, which RabbitMQ 4.3 still counts toward
+                // a quorum queue's delivery limit where it no longer counts a `nack`): a
+                // message none of whose outcomes can ever be published ends dead-lettered
+                // by the broker at the limit instead of looping.
                 error!(error = %m::LogText(&e.to_string()), "could not publish a retry either; the input goes back to the queue");
                 if matches!(e, PublishError::Unroutable(..) | PublishError::Amqp(_)) {
                     broken.cancel();
                 }
                 tokio::time::sleep(PUBLISH_FAILURE_BACKOFF).await;
-                settler.give_back(delivery.delivery_tag);
+                settler.give_back_failed(delivery.delivery_tag);
             }
         }
         label

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use futures_util::FutureExt;
 use lapin::Channel;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::warn;
@@ -24,8 +24,12 @@ use crate::telemetry::QueueMetrics;
 enum Settlement {
     /// Acked; counted under this outcome label once the ack is sent.
     Ack(&'static str),
-    /// Given back to the queue (`basic.nack`, requeue) to be delivered again.
-    GiveBack,
+    /// Given back to the queue to be delivered again: `basic.nack` (not handled: shutdown,
+    /// an interrupted handler) or, when its outcome could not be published, `basic.reject`
+    /// (a failed delivery: RabbitMQ 4.3 counts only rejects toward a quorum queue's
+    /// delivery limit, so a message whose outcome can never be published still ends in
+    /// the dead-letter queue instead of looping).
+    GiveBack { failed: bool },
 }
 
 enum Event {
@@ -80,9 +84,18 @@ impl Settler {
         let _ = self.tx.send(Event::Settled(tag, Settlement::Ack(label)));
     }
 
-    /// Returns `tag` to its queue to be delivered again.
+    /// Returns `tag` to its queue to be delivered again, unhandled.
     pub(crate) fn give_back(&self, tag: u64) {
-        let _ = self.tx.send(Event::Settled(tag, Settlement::GiveBack));
+        let _ = self
+            .tx
+            .send(Event::Settled(tag, Settlement::GiveBack { failed: false }));
+    }
+
+    /// Returns `tag` to its queue as a failed delivery (counted toward its delivery limit).
+    pub(crate) fn give_back_failed(&self, tag: u64) {
+        let _ = self
+            .tx
+            .send(Event::Settled(tag, Settlement::GiveBack { failed: true }));
     }
 }
 
@@ -142,19 +155,25 @@ async fn run(ch: Channel, metrics: Arc<QueueMetrics>, mut rx: mpsc::UnboundedRec
                             acked.push(t);
                             labels.push(label);
                         }
-                        Settlement::GiveBack => give_back.push(t),
+                        Settlement::GiveBack { failed } => give_back.push((t, failed)),
                     }
                 }
             }
         }
         // Given-back deliveries first: a multiple ack sent later must not reach them.
-        for t in give_back {
-            let requeue = BasicNackOptions {
-                requeue: true,
-                ..Default::default()
-            };
-            // A failure means the channel is gone, and the broker requeues it anyway.
-            let _ = ch.basic_nack(t, requeue).await;
+        // A failure means the channel is gone, and the broker requeues it anyway.
+        for (t, failed) in give_back {
+            if failed {
+                let _ = ch
+                    .basic_reject(t, BasicRejectOptions { requeue: true })
+                    .await;
+            } else {
+                let requeue = BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                };
+                let _ = ch.basic_nack(t, requeue).await;
+            }
         }
         if acked.is_empty() {
             continue;

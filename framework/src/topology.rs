@@ -407,14 +407,20 @@ impl Topology {
                 routing_key: Self::retry_routing_key(d),
             });
         }
-        for s in &self.subscriptions {
-            v.push(BindingSpec {
+        v.extend(self.source_bindings());
+        v
+    }
+
+    /// The input queue's bindings to its producers' exchanges.
+    pub fn source_bindings(&self) -> Vec<BindingSpec> {
+        self.subscriptions
+            .iter()
+            .map(|s| BindingSpec {
                 exchange: s.exchange.clone(),
                 queue: self.queue.clone(),
                 routing_key: s.routing_key.clone(),
-            });
-        }
-        v
+            })
+            .collect()
     }
 
     /// Declares everything the service owns and checks the producers' exchanges (creating

@@ -91,6 +91,63 @@ async fn an_own_exchange_deleted_while_running_is_declared_again() {
     hs.stop().await;
 }
 
+/// A producer's exchange deleted and declared again while the service runs (a redeploy,
+/// an operator's cleanup) has lost the queue's binding: the service binds it again
+/// (`[amqp] rebind_interval_ms`) instead of letting every message to it reach nothing
+/// until its next reconnect.
+#[tokio::test]
+async fn a_producer_exchange_declared_again_is_bound_again() {
+    let mut hs = Harness::start("rebind", &[("amqp.rebind_interval_ms", "200")], echo()).await;
+    let mut out = hs.watch_output().await;
+    let input = hs.input_exchange.clone();
+    hs.ch
+        .exchange_delete(input.as_str().into(), Default::default())
+        .await
+        .expect("delete");
+    hs.ch
+        .exchange_declare(
+            input.as_str().into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("declared again");
+    // Published mandatory until routed: the broker returns it while no queue is bound.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let confirm = hs
+            .ch
+            .basic_publish(
+                input.as_str().into(),
+                "test.again".into(),
+                framework::lapin::options::BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                br#"{"n":2}"#,
+                Default::default(),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        if confirm.take_message().is_none() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the queue was never bound again to its producer's exchange"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(next(&mut out).await.data, br#"{"n":2}"#);
+    hs.stop().await;
+}
+
 #[tokio::test]
 async fn a_producer_exchange_with_other_flags_is_not_a_conflict() {
     let q = unique("flags");

@@ -376,6 +376,16 @@ impl Service for EventForwarderService {
         }
     }
 
+    /// Ordered mode holds one event at a time: a second one in flight could be posted
+    /// while the first is retried in place. The shared `[amqp] prefetch` is for the
+    /// other services.
+    fn settle(cfg: &mut Config<ForwarderSettings>) {
+        if cfg.settings.ordered {
+            cfg.amqp.prefetch = 1;
+            cfg.amqp.concurrency = 1;
+        }
+    }
+
     fn validate(cfg: &Config<ForwarderSettings>) -> Result<(), ConfigError> {
         let s = &cfg.settings;
         endpoint_of(s)?;
@@ -384,15 +394,6 @@ impl Service for EventForwarderService {
             return Err(ConfigError::new(
                 "event_forwarder.timeout_ms",
                 "must be at least 1",
-            ));
-        }
-        if s.ordered && cfg.amqp.prefetch != 1 {
-            return Err(ConfigError::new(
-                "event_forwarder.ordered",
-                format!(
-                    "ordered = true needs [amqp] prefetch = 1 (one message in flight), got {}",
-                    cfg.amqp.prefetch
-                ),
             ));
         }
         Ok(())

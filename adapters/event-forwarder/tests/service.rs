@@ -460,7 +460,8 @@ async fn ordered_mode_retries_in_place_and_keeps_order() {
     let hs = start(
         &server,
         data.path(),
-        &[("event_forwarder.ordered", "true"), ("amqp.prefetch", "1")],
+        // No prefetch given: ordered mode brings its own (one at a time).
+        &[("event_forwarder.ordered", "true")],
     )
     .await;
     let mut out = hs.watch_output().await;
@@ -573,13 +574,6 @@ fn config_errors_exit_2_naming_the_key() {
         (
             &[
                 (EP, "http://h/"),
-                ("STORAGETIER__EVENT_FORWARDER__ORDERED", "true"),
-            ],
-            "event_forwarder.ordered",
-        ),
-        (
-            &[
-                (EP, "http://h/"),
                 (
                     "STORAGETIER__EVENT_FORWARDER__TOKEN_FILE",
                     "/nonexistent/tok",
@@ -634,12 +628,16 @@ fn check_config_shows_defaults_and_hides_the_token() {
     assert_eq!(s["ordered"], false);
     assert_eq!(cfg["service"]["queue"], "storagetier-event-forwarder");
 
-    let (code, _, err) = run_bin(&[
+    // Ordered mode takes one event at a time whatever prefetch the shared files give.
+    let (code, out, err) = run_bin(&[
         (EP, "http://h/"),
         ("STORAGETIER__EVENT_FORWARDER__ORDERED", "true"),
-        ("STORAGETIER__AMQP__PREFETCH", "1"),
+        ("STORAGETIER__AMQP__PREFETCH", "32"),
     ]);
     assert_eq!(code, Some(0), "{err}");
+    let cfg: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(cfg["amqp"]["prefetch"], 1, "{out}");
+    assert_eq!(cfg["amqp"]["concurrency"], 1, "{out}");
 }
 
 /// SIGTERM during an ordered in-place backoff ends the backoff at once and hands the event
