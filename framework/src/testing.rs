@@ -7,6 +7,8 @@ pub mod broker;
 pub mod cluster;
 pub mod process;
 
+pub use process::RunWithin;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 

@@ -617,9 +617,9 @@ async fn a_short_retry_overtakes_a_long_one() {
             Outcome::success(json!({"name": name}))
         }
     });
-    let mut hs = Harness::start("tiers", &[("retry.delays_ms", "[300, 4000]")], p).await;
+    let mut hs = Harness::start("tiers", &[("retry.delays_ms", "[300, 600000]")], p).await;
     let mut out = hs.watch_output().await;
-    // "slow" already has one attempt behind it, so its retry waits in the 4 s tier.
+    // "slow" already has one attempt behind it, so its retry waits in the 10 min tier.
     let mut hdr = FieldTable::default();
     framework::headers::set_int(&mut hdr, h::RETRY_COUNT, 1);
     hs.publish(
@@ -634,14 +634,19 @@ async fn a_short_retry_overtakes_a_long_one() {
         BasicProperties::default(),
     )
     .await;
+    // Its tier is its own: the 300 ms retry does not wait behind it.
+    await_ready_count(&hs.ch, &format!("{}-retry-600000", hs.q), 1).await;
     let first = next(&mut out).await;
-    let second = next(&mut out).await;
     assert_eq!(
         first.data, br#"{"name":"fast"}"#,
-        "300 ms retry did not wait behind the 4 s one"
+        "300 ms retry did not wait behind the 10 min one"
     );
-    assert_eq!(second.data, br#"{"name":"slow"}"#);
-    assert_eq!(*order.lock().unwrap(), vec!["fast", "slow"]);
+    assert_eq!(*order.lock().unwrap(), vec!["fast"]);
+    assert_eq!(
+        ready_count(&hs.ch, &format!("{}-retry-600000", hs.q)).await,
+        1,
+        "the slow one still waits in its own tier"
+    );
     hs.stop().await;
 }
 

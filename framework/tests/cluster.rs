@@ -65,7 +65,7 @@ async fn replicas_with_backlog(
 ) -> Vec<process::Guarded> {
     let declared = echo(cluster, 0, q, dir, delay_ms)
         .arg("declare")
-        .status()
+        .status_within(WAIT)
         .expect("echo runs");
     assert!(declared.success());
     cluster.sink(sink, &format!("{q}-out")).await;

@@ -96,7 +96,7 @@ async fn replay_filters_by_kind_key_age_and_count() {
             "2",
         ])
         .stdout(Stdio::piped())
-        .output()
+        .output_within(WAIT)
         .expect("echo runs");
     assert_eq!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stdout).contains("replayed 2 dead letter(s)"));
@@ -105,7 +105,7 @@ async fn replay_filters_by_kind_key_age_and_count() {
     let bad = service_command(BIN, "echo", &hs.q, &amqp_url(), dir.path())
         .args(["dlq", "replay", "--all", "--older-than", "soon"])
         .stderr(Stdio::piped())
-        .output()
+        .output_within(WAIT)
         .expect("echo runs");
     assert_eq!(bad.status.code(), Some(2), "a bad age is a usage error");
 }
@@ -136,7 +136,7 @@ async fn a_replay_killed_midway_loses_nothing() {
     let dir = tempfile::tempdir().expect("dir");
     let mut replay = process::spawn(
         service_command(BIN, "echo", &hs.q, &amqp_url(), dir.path())
-            .args(["dlq", "replay", "--all", "--rate", "20"])
+            .args(["dlq", "replay", "--all", "--rate", "5"])
             .stderr(Stdio::null()),
     )
     .expect("replay runs");

@@ -90,7 +90,7 @@ async fn kill_9_mid_stream_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let o = echo(&q, &unique("c"), dir.path())
         .arg("declare")
-        .status()
+        .status_within(WAIT)
         .unwrap();
     assert!(o.success());
     let (_c, ch) = test_channel().await;
@@ -98,13 +98,23 @@ async fn kill_9_mid_stream_loses_nothing() {
     let n = 2000;
     send(&ch, &q, n).await;
     let started = Instant::now();
-    let mut child = spawn(echo(&q, &unique("c"), dir.path()).arg("run"));
+    // 20 ms a message, 16 at a time: the 2,000 take at least 2.5 s, so the kill lands
+    // with most of them still to do (asserted: a kill after the last would prove nothing).
+    let mut child = spawn(
+        echo(&q, &unique("c"), dir.path())
+            .env("STORAGETIER__ECHO__DELAY_MS", "20")
+            .arg("run"),
+    );
     // Let it get going, then kill it without warning.
     let mut seen = HashMap::new();
     for _ in 0..200 {
         record(&mut seen, &next(&mut out).await);
     }
     child.kill();
+    assert!(
+        ready_count(&ch, &q).await > 0,
+        "killed with messages still to handle"
+    );
     let mut again = spawn(echo(&q, &unique("c"), dir.path()).arg("run"));
     let (lost, dup) = collect(&mut out, seen, n, WAIT * 3).await;
     assert_eq!(again.terminate(WAIT).and_then(|s| s.code()), Some(0));
@@ -126,7 +136,13 @@ async fn echo_with_backlog(
     dir: &std::path::Path,
 ) -> process::Guarded {
     let cmd = || echo_on(&broker.url(), q, &unique("c"), dir);
-    assert!(cmd().arg("declare").status().expect("echo runs").success());
+    assert!(
+        cmd()
+            .arg("declare")
+            .status_within(WAIT)
+            .expect("echo runs")
+            .success()
+    );
     broker.sink(sink, &format!("{q}-out")).await;
     broker
         .preload(

@@ -194,6 +194,16 @@ async fn without_declare_sources_a_missing_producer_exchange_is_waited_for() {
     let service = Background::start("nosrc", &cfg, pc);
     let status = service.status.clone();
     let (conn, ch) = test_channel().await;
+    // It has tried: its own exchanges are declared before the producers' are checked.
+    let fail = format!("{q}-fail");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !exists(&conn, &fail).await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the service never declared its topology"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     // It keeps trying (reconnect backoff 100 ms .. 1 s) but never creates the exchange.
     for _ in 0..20 {
         assert!(!status.is_ready(), "not consuming without its producer");

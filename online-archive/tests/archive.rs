@@ -325,7 +325,7 @@ fn a_bad_database_url_is_a_config_error_naming_the_key() {
             "mysql://u:hunter2@db/x",
         )
         .arg("check-config")
-        .output()
+        .output_within(WAIT)
         .unwrap();
     assert_eq!(o.status.code(), Some(2));
     let err = String::from_utf8_lossy(&o.stderr);
@@ -343,7 +343,7 @@ fn a_configured_online_root_that_does_not_exist_exits_2_naming_the_key() {
         .env("STORAGETIER__STORAGE__DATA_DIR", dir.path())
         .env("STORAGETIER__ONLINE_ARCHIVE__ONLINE_ROOTS", &missing)
         .arg("check-config")
-        .output()
+        .output_within(WAIT)
         .unwrap();
     assert_eq!(o.status.code(), Some(2));
     let err = String::from_utf8_lossy(&o.stderr);
@@ -408,7 +408,7 @@ fn bad_store_settings_exit_2_naming_the_key() {
         for (k, v) in env {
             c.env(format!("STORAGETIER__ONLINE_ARCHIVE__{k}"), v);
         }
-        c.arg("check-config").output().unwrap()
+        c.arg("check-config").output_within(WAIT).unwrap()
     };
     for (env, key) in &cases {
         let o = check_config(env);

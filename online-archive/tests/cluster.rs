@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use framework::testing::broker::{Tally, await_outputs};
 use framework::testing::cluster::{Feed, PrivateCluster};
-use framework::testing::{WAIT, process, service_command, unique};
+use framework::testing::{RunWithin, WAIT, process, service_command, unique};
 use storage::testing::{files_under, put_online_file, sweeper_message};
 
 const PREFETCH: usize = 16;
@@ -82,7 +82,7 @@ impl Run {
         assert!(
             run.archive(0)
                 .arg("declare")
-                .status()
+                .status_within(WAIT)
                 .expect("online-archive runs")
                 .success()
         );

@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use framework::testing::broker::{PrivateBroker, Tally};
 use framework::testing::{
-    Cleanup, WAIT, amqp_url, next, next_within, process, service_command, test_channel, unique,
-    watch,
+    Cleanup, RunWithin, WAIT, amqp_url, next, next_within, process, service_command, test_channel,
+    unique, watch,
 };
 use storage::testing::{files_under, put_online_file, sweeper_message};
 
@@ -61,7 +61,7 @@ async fn broker_restart_mid_stream_archives_every_file_once() {
     };
     assert!(
         archive(&["declare"])
-            .status()
+            .status_within(WAIT)
             .expect("online-archive runs")
             .success()
     );
@@ -114,7 +114,7 @@ async fn kill_9_mid_copy_leaves_no_partial_object() {
     assert!(
         archive()
             .arg("declare")
-            .status()
+            .status_within(WAIT)
             .expect("declare runs")
             .success()
     );
@@ -155,13 +155,24 @@ async fn kill_9_mid_copy_leaves_no_partial_object() {
             .map(|e| e.path())
             .find(|p| std::fs::metadata(p).is_ok_and(|m| m.len() > 0))
     };
-    // Kill once the upload has written part of the object (on a loaded machine this poll
-    // can miss the whole copy: then the kill comes after it, which must be as safe).
+    // Kill once the upload has written part of the object. The process is stopped first,
+    // so what it was doing when killed is known: a kill after the copy would prove
+    // nothing (the copy and its fsync of 64 MiB take far longer than the 20 ms poll).
     framework::testing::wait_until("the upload to be under way", || {
         open_unnamed().is_some() || named().is_some() || object.exists()
     })
     .await;
+    let stopped = std::process::Command::new("kill")
+        .args(["-STOP", &pid.to_string()])
+        .status_within(WAIT)
+        .expect("kill runs");
+    assert!(stopped.success(), "SIGSTOP");
+    let mid_copy = open_unnamed().is_some() || named().is_some();
     child.kill();
+    assert!(
+        mid_copy,
+        "the copy had ended before the kill (the poll missed it): nothing was tested"
+    );
     assert!(
         !object.exists() || std::fs::read(&object).is_ok_and(|b| b == content),
         "no partial object under the key"
@@ -230,7 +241,7 @@ async fn kill_9_mid_s3_multipart_upload_resumes_from_the_stored_parts() {
     assert!(
         archive()
             .arg("declare")
-            .status()
+            .status_within(WAIT)
             .expect("declare runs")
             .success()
     );

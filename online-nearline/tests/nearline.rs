@@ -184,7 +184,7 @@ fn a_configured_online_root_that_does_not_exist_exits_2_naming_the_key() {
         .env("STORAGETIER__STORAGE__DATA_DIR", dir.path())
         .env("STORAGETIER__ONLINE_NEARLINE__ONLINE_ROOTS", &missing)
         .arg("check-config")
-        .output()
+        .output_within(WAIT)
         .unwrap();
     assert_eq!(o.status.code(), Some(2));
     let err = String::from_utf8_lossy(&o.stderr);

@@ -79,7 +79,7 @@ fn promtool(args: &[&str]) {
     let out = Command::new("promtool")
         .args(args)
         .current_dir(repo())
-        .output()
+        .output_within(WAIT)
         .unwrap_or_else(|e| {
             panic!(
                 "promtool could not be run ({e}): install Debian's `prometheus` package \

@@ -127,6 +127,36 @@ proptest! {
         if let Ok(r) = storage::paths::resolve(&roots, &filepath, &name) {
             prop_assert!(r.path.starts_with(&roots[0].canonical), "{} escaped", r.path.display());
             prop_assert!(!r.relative.contains(".."));
+            // What was opened, not only its name: the only file inside holds "in".
+            let mut body = String::new();
+            std::io::Read::read_to_string(&mut &r.file, &mut body).unwrap();
+            prop_assert_eq!(body, "in", "{} opened a file outside the root", r.path.display());
         }
+    }
+}
+
+/// The property above holds for paths it never resolves too: the file inside resolves,
+/// the one behind the symlink leading out never does.
+#[test]
+fn the_file_inside_resolves_and_the_one_through_a_link_out_does_not() {
+    let base = tempfile::tempdir().unwrap();
+    let root = base.path().join("online");
+    std::fs::create_dir_all(root.join("inside")).unwrap();
+    std::fs::create_dir_all(base.path().join("secret")).unwrap();
+    std::fs::write(root.join("inside/f.txt"), b"in").unwrap();
+    std::fs::write(base.path().join("secret/s.txt"), b"out").unwrap();
+    std::os::unix::fs::symlink(base.path().join("secret"), root.join("inside/link")).unwrap();
+    let roots = storage::paths::open_roots(std::slice::from_ref(&root), false).unwrap();
+    let r = storage::paths::resolve(&roots, "inside", "f.txt").expect("inside resolves");
+    assert_eq!(r.relative, "inside/f.txt");
+    for (dir, name) in [
+        ("inside/link", "s.txt"),
+        ("inside/../inside/link", "s.txt"),
+        ("inside", "link/s.txt"),
+    ] {
+        assert!(
+            storage::paths::resolve(&roots, dir, name).is_err(),
+            "{dir}/{name} leads out through the symlink"
+        );
     }
 }

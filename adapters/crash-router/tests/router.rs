@@ -399,7 +399,7 @@ fn run_bin(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     for (k, v) in env {
         cmd.env(k, v);
     }
-    cmd.output().unwrap()
+    cmd.output_within(WAIT).unwrap()
 }
 
 #[test]

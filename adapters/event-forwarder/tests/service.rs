@@ -551,7 +551,7 @@ fn run_bin(env: &[(&str, &str)]) -> (Option<i32>, String, String) {
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let out = cmd.output().unwrap();
+    let out = cmd.output_within(WAIT).unwrap();
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -769,7 +769,7 @@ fn the_bus_commands_need_no_endpoint_but_running_does() {
                 format!("{q}-in"),
             )
             .env("STORAGETIER__RETRY__DELAYS_MS", "200");
-        c.output().unwrap()
+        c.output_within(WAIT).unwrap()
     };
     for args in [&["declare"][..], &["definitions"], &["dlq", "list"]] {
         let o = cmd(args);

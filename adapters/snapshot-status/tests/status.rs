@@ -281,7 +281,7 @@ async fn files_arriving_before_counts_are_counted(b: Backend) {
             ])
             .env("STORAGETIER__STORAGE__DATA_DIR", env.dir.path())
             .env("STORAGETIER__AMQP__URL", amqp_url())
-            .output()
+            .output_within(WAIT)
             .unwrap();
         let text = String::from_utf8_lossy(&o.stdout);
         // The config dir does not exist and was given explicitly: a usage error.
@@ -307,7 +307,7 @@ async fn files_arriving_before_counts_are_counted(b: Backend) {
             .args(["status", c])
             .current_dir(env.dir.path())
             .env("STORAGETIER__STORAGE__DATA_DIR", env.dir.path())
-            .output()
+            .output_within(WAIT)
             .unwrap();
         let text = String::from_utf8_lossy(&o.stdout);
         assert!(
@@ -324,7 +324,7 @@ async fn files_arriving_before_counts_are_counted(b: Backend) {
             .args(["status", "unknown-id"])
             .current_dir(env.dir.path())
             .env("STORAGETIER__STORAGE__DATA_DIR", env.dir.path())
-            .output()
+            .output_within(WAIT)
             .unwrap();
         assert_eq!(o.status.code(), Some(1));
         // No database yet: reported, and none is created by looking.
@@ -333,14 +333,14 @@ async fn files_arriving_before_counts_are_counted(b: Backend) {
             .args(["status", c])
             .current_dir(empty.path())
             .env("STORAGETIER__STORAGE__DATA_DIR", empty.path())
-            .output()
+            .output_within(WAIT)
             .unwrap();
         assert_eq!(o.status.code(), Some(1));
         assert!(!empty.path().join("snapshot-status.db").exists());
         // The command is the framework CLI's own subcommand: listed in --help.
         let o = std::process::Command::new(env!("CARGO_BIN_EXE_snapshot-status"))
             .arg("--help")
-            .output()
+            .output_within(WAIT)
             .unwrap();
         let help = String::from_utf8_lossy(&o.stdout);
         assert!(o.status.success(), "{help}");
@@ -1230,7 +1230,7 @@ fn an_empty_exchange_name_is_refused_by_the_bus_commands_too() {
                 .env_remove("STORAGETIER_CONFIG_DIR")
                 .env("STORAGETIER__AMQP__URL", amqp_url())
                 .env("STORAGETIER__SNAPSHOT_STATUS__EXPORT_STATE_EXCHANGE", bad)
-                .output()
+                .output_within(WAIT)
                 .unwrap();
             let err = String::from_utf8_lossy(&o.stderr);
             assert_eq!(o.status.code(), Some(2), "{cmd} {bad}: {err}");

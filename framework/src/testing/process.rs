@@ -2,8 +2,9 @@
 //! its own that is killed when its [`Guarded`] handle drops (a panicking test included),
 //! and with a parent-death signal, so even a test binary killed outright takes its children.
 
+use std::io::Read;
 use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, ExitStatus};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// The signal numbers tests send with [`Guarded::signal`].
@@ -32,6 +33,11 @@ impl Guarded {
     /// The process's stderr, if it was piped and not taken yet (to read its log).
     pub fn take_stderr(&mut self) -> Option<std::process::ChildStderr> {
         self.child.stderr.take()
+    }
+
+    /// The process's stdout, if it was piped and not taken yet.
+    pub fn take_stdout(&mut self) -> Option<std::process::ChildStdout> {
+        self.child.stdout.take()
     }
 
     /// The process id (also its process group id).
@@ -85,6 +91,69 @@ impl Guarded {
     /// True while the process has not exited.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+/// `Command::output` and `Command::status` for tests: the command runs guarded (it dies
+/// with the test) and within a budget, so one that hangs (a `run` that should have
+/// refused its config, say) fails its test instead of hanging the suite.
+pub trait RunWithin {
+    /// Runs to its end with stdout and stderr captured (stdin empty), as `output()` does;
+    /// an error of kind `TimedOut` if it is still running after `budget` (it is killed).
+    fn output_within(&mut self, budget: Duration) -> std::io::Result<Output>;
+    /// Runs to its end with the stdio it was given, as `status()` does, within `budget`.
+    fn status_within(&mut self, budget: Duration) -> std::io::Result<ExitStatus>;
+}
+
+impl RunWithin for Command {
+    fn output_within(&mut self, budget: Duration) -> std::io::Result<Output> {
+        self.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut g = spawn(self)?;
+        let drain = |pipe: Option<Box<dyn Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                if let Some(mut p) = pipe {
+                    let _ = p.read_to_end(&mut buf);
+                }
+                buf
+            })
+        };
+        let out = drain(g.child.stdout.take().map(|p| Box::new(p) as _));
+        let err = drain(g.child.stderr.take().map(|p| Box::new(p) as _));
+        let status = g.wait_for(budget);
+        // The whole group goes (a grandchild holding a pipe open included): the readers end.
+        drop(g);
+        let status = status.ok_or_else(|| self.timed_out(budget))?;
+        Ok(Output {
+            status,
+            stdout: out.join().unwrap_or_default(),
+            stderr: err.join().unwrap_or_default(),
+        })
+    }
+
+    fn status_within(&mut self, budget: Duration) -> std::io::Result<ExitStatus> {
+        let mut g = spawn(self)?;
+        g.wait_for(budget).ok_or_else(|| self.timed_out(budget))
+    }
+}
+
+/// The error of a command still running after its budget.
+trait TimedOut {
+    fn timed_out(&self, budget: Duration) -> std::io::Error;
+}
+
+impl TimedOut for Command {
+    fn timed_out(&self, budget: Duration) -> std::io::Error {
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "{} {:?} still running after {budget:?} (killed)",
+                self.get_program().to_string_lossy(),
+                self.get_args().collect::<Vec<_>>()
+            ),
+        )
     }
 }
 
@@ -160,6 +229,23 @@ mod tests {
         }));
         assert!(r.is_err());
         assert!(pid != 0 && zombie_or_gone(pid), "sleep died in the unwind");
+    }
+
+    #[test]
+    fn a_command_past_its_budget_is_killed_and_reported() {
+        let e = Command::new("sleep")
+            .arg("300")
+            .output_within(Duration::from_millis(200))
+            .expect_err("still running");
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        let o = Command::new("sh")
+            .args(["-c", "echo out; echo err >&2; exit 3"])
+            .output_within(Duration::from_secs(20))
+            .expect("ran");
+        assert_eq!(
+            (o.status.code(), &o.stdout[..], &o.stderr[..]),
+            (Some(3), &b"out\n"[..], &b"err\n"[..])
+        );
     }
 
     #[test]
