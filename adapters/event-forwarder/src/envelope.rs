@@ -4,12 +4,15 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 /// One record of a Kinesis envelope.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct KinesisRecord<'a> {
     /// The whole record, as received (dead-lettered alone when the endpoint refuses it).
     pub record: &'a RawValue,
     /// Its `kinesis` value (any JSON type), as received: what is POSTed.
     pub kinesis: &'a RawValue,
+    /// Its `eventID` where it is a string (`shardId-…:<sequence number>`, unique in the
+    /// stream): the record's own identity, whatever message carried it.
+    pub event_id: Option<String>,
 }
 
 /// What one bus message holds.
@@ -31,6 +34,9 @@ struct Envelope<'a> {
 struct Record<'a> {
     #[serde(borrow)]
     kinesis: &'a RawValue,
+    // Any JSON type: a record is a record whatever its eventID holds.
+    #[serde(rename = "eventID", borrow, default)]
+    event_id: Option<&'a RawValue>,
 }
 
 /// Splits a body: a Kinesis envelope when `Records` is a non-empty array whose every
@@ -58,6 +64,9 @@ pub fn split(body: &RawValue) -> Events<'_> {
             Ok(r) => out.push(KinesisRecord {
                 record,
                 kinesis: r.kinesis,
+                event_id: r
+                    .event_id
+                    .and_then(|v| serde_json::from_str::<String>(v.get()).ok()),
             }),
             Err(_) => return Events::Single(body),
         }

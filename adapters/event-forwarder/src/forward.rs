@@ -11,6 +11,29 @@ use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 /// How much of a response body an error message quotes.
 pub const MAX_QUOTED_BODY: usize = 256;
 
+/// The header naming what a POST delivers, the same on every try of it (a retry after a
+/// timeout, a redelivery, a replay), so an endpoint can drop a repeat
+/// (draft-ietf-httpapi-idempotency-key-header).
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// The `Idempotency-Key` value for what `id` names: `id` itself where it is short visible
+/// ASCII (readable in the endpoint's logs), else its SHA-256 in hex.
+pub fn idempotency_key(id: &str) -> HeaderValue {
+    let plain = id.len() <= 200
+        && !id.is_empty()
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\');
+    let text = if plain {
+        id.to_string()
+    } else {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(id.as_bytes()))
+    };
+    // Visible ASCII either way: always a valid header value.
+    HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
 /// The result of posting one event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PostResult {
@@ -118,6 +141,10 @@ impl Forwarder {
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .redirect(reqwest::redirect::Policy::none())
+            // Below the 5 s after which Node's HTTP server (Rabble Rouser's) closes an idle
+            // connection: a request sent on one it is closing fails as "unreachable" and
+            // holds back the rest of a batch until its retry.
+            .pool_idle_timeout(Duration::from_secs(4))
             .user_agent(concat!(
                 "storagetier-event-forwarder/",
                 env!("CARGO_PKG_VERSION")
@@ -187,12 +214,20 @@ impl Forwarder {
         self.timeout
     }
 
-    fn request(&self, body: &str, auth: Option<&HeaderValue>) -> reqwest::RequestBuilder {
-        let req = self
+    fn request(
+        &self,
+        body: &str,
+        auth: Option<&HeaderValue>,
+        key: Option<&HeaderValue>,
+    ) -> reqwest::RequestBuilder {
+        let mut req = self
             .client
             .post(self.endpoint.clone())
             .header(CONTENT_TYPE, "application/json")
             .body(body.to_string());
+        if let Some(k) = key {
+            req = req.header(IDEMPOTENCY_KEY, k.clone());
+        }
         match auth {
             Some(a) => req.header(AUTHORIZATION, a.clone()),
             None => req,
@@ -200,15 +235,16 @@ impl Forwarder {
     }
 
     /// POSTs `body` (JSON text, sent as is) once (twice if the endpoint refused a token
-    /// that its file has since replaced).
-    pub async fn post(&self, body: &str) -> PostResult {
+    /// that its file has since replaced), with `key` (see [`idempotency_key`]) as its
+    /// `Idempotency-Key`.
+    pub async fn post(&self, body: &str, key: Option<&HeaderValue>) -> PostResult {
         let unreachable =
             |e: reqwest::Error| PostResult::Retryable(self.describe(&e), None, Scope::Endpoint);
         let refused = |s: StatusCode| matches!(s, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN);
         let sent = self.auth();
         // What an answer quoted in an error must not show: every token sent.
         let mut secrets = secrets_of(sent.as_ref());
-        let mut resp = match self.request(body, sent.as_ref()).send().await {
+        let mut resp = match self.request(body, sent.as_ref(), key).send().await {
             Ok(r) => r,
             Err(e) => return unreachable(e),
         };
@@ -218,7 +254,7 @@ impl Forwarder {
         {
             secrets.extend(secrets_of(Some(&fresh)));
             rotated = true;
-            resp = match self.request(body, Some(&fresh)).send().await {
+            resp = match self.request(body, Some(&fresh), key).send().await {
                 Ok(r) => r,
                 Err(e) => return unreachable(e),
             };

@@ -9,8 +9,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use serde_json::value::RawValue;
 
-use crate::envelope::{Events, single_record_envelope, split};
-use crate::forward::{Forwarder, PostResult, Scope};
+use crate::envelope::{Events, KinesisRecord, single_record_envelope, split};
+use crate::forward::{Forwarder, PostResult, Scope, idempotency_key};
+use reqwest::header::HeaderValue;
 
 /// What posting one event came to, in ordered mode's in-place retries included.
 enum Posted {
@@ -168,10 +169,10 @@ impl EventForwarder {
     /// Posts once, or in ordered mode until it is not retryable, the attempts run out
     /// (Exhausted: dead-lettered as `retries-exhausted`) or the session ends (Interrupted:
     /// handed back unacked, so the event keeps its place).
-    async fn post(&self, body: &str, ctx: &MessageContext) -> Posted {
+    async fn post(&self, body: &str, key: Option<&HeaderValue>, ctx: &MessageContext) -> Posted {
         let mut attempt: u32 = 0;
         loop {
-            let r = self.forwarder.post(body).await;
+            let r = self.forwarder.post(body, key).await;
             let label = match &r {
                 PostResult::Delivered(_) => "delivered",
                 PostResult::Retryable(..) => "retry",
@@ -218,7 +219,12 @@ impl EventForwarder {
                 "skipped": [0],
             }));
         }
-        let r = match self.post(body.get(), ctx).await {
+        // The message's own id (and the part of a batch it was, once replayed alone).
+        let key = ctx.message_id.as_deref().map(|id| match ctx.batch_part() {
+            Some(part) => idempotency_key(&format!("{id}:{part}")),
+            None => idempotency_key(id),
+        });
+        let r = match self.post(body.get(), key.as_ref(), ctx).await {
             Posted::Result(r) => r,
             Posted::Exhausted(e) => return Outcome::exhausted(e),
             Posted::Interrupted(e) => return Outcome::Interrupted(e),
@@ -283,7 +289,8 @@ impl EventForwarder {
                     records.len()
                 ));
             }
-            let result = match self.post(r.kinesis.get(), ctx).await {
+            let key = record_key(r, i, ctx);
+            let result = match self.post(r.kinesis.get(), key.as_ref(), ctx).await {
                 Posted::Result(res) => res,
                 Posted::Exhausted(e) => {
                     let why = format!("record {i} of {}: {e}", records.len());
@@ -352,6 +359,18 @@ impl MessageProcessor for EventForwarder {
             Events::Kinesis(records) => self.handle_records(&records, ctx).await,
         }
     }
+}
+
+/// The `Idempotency-Key` of record `i` of a message: the record's `eventID`, else the
+/// message's id and the record's place in the batch it came in (a record replayed alone
+/// keeps its place: `x-batch-part`); none when neither names it.
+fn record_key(r: &KinesisRecord<'_>, i: usize, ctx: &MessageContext) -> Option<HeaderValue> {
+    if let Some(e) = &r.event_id {
+        return Some(idempotency_key(e));
+    }
+    let id = ctx.message_id.as_deref()?;
+    let part = ctx.batch_part().unwrap_or_else(|| i.to_string());
+    Some(idempotency_key(&format!("{id}:{part}")))
 }
 
 /// The event-forwarder service: `events` / `#` → HTTP POST.

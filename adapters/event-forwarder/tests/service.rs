@@ -453,6 +453,58 @@ async fn first_refused(n: u64) -> MockServer {
     server
 }
 
+/// The `Idempotency-Key` of every POST of the event (or record) named in `server`'s log.
+async fn idempotency_keys(server: &MockServer) -> Vec<Option<String>> {
+    server
+        .received_requests()
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| {
+            r.headers
+                .get("idempotency-key")
+                .map(|v| v.to_str().unwrap().to_string())
+        })
+        .collect()
+}
+
+/// Every try of one event carries the same `Idempotency-Key` — the message's id; a Kinesis
+/// record's `eventID`, else the message's id and the record's place — so an endpoint can
+/// drop a repeat (a POST whose answer was lost, a redelivery, a replay). A message
+/// without an id and a record without either get none.
+#[tokio::test]
+async fn every_try_of_an_event_carries_the_same_idempotency_key() {
+    let server = first_refused(1).await;
+    let data = tempfile::tempdir().unwrap();
+    let mut hs = start(&server, data.path(), &[]).await;
+    let mut out = hs.watch_output().await;
+    hs.publish("k", br#"{"e":"first"}"#, with_id("m1")).await;
+    next(&mut out).await;
+    hs.publish(
+        "k",
+        br#"{"Records":[{"eventID":"shardId-000:4955","kinesis":{"a":1}},{"kinesis":{"b":2}}]}"#,
+        with_id("m2"),
+    )
+    .await;
+    next(&mut out).await;
+    hs.publish("k", br#"{"e":"anonymous"}"#, BasicProperties::default())
+        .await;
+    next(&mut out).await;
+    let keys = idempotency_keys(&server).await;
+    let want: Vec<Option<String>> = [
+        Some("m1"),
+        Some("m1"),
+        Some("shardId-000:4955"),
+        Some("m2:1"),
+        None,
+    ]
+    .iter()
+    .map(|k| k.map(String::from))
+    .collect();
+    assert_eq!(keys, want, "{:?}", bodies(&server).await);
+    hs.stop().await;
+}
+
 #[tokio::test]
 async fn ordered_mode_retries_in_place_and_keeps_order() {
     let server = first_refused(2).await;
