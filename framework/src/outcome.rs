@@ -75,7 +75,7 @@ impl Planner {
                     let of = OutputOf::Publication {
                         exchange: &x.exchange,
                         routing_key: &x.routing_key,
-                        body: &x.body,
+                        body: x.id_source(),
                     };
                     msgs.push(Outgoing {
                         properties: output_properties(

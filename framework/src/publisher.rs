@@ -29,6 +29,10 @@ pub struct Publication {
     /// Must reach a queue: an unroutable message is an error (the input is retried)
     /// instead of being dropped by the broker.
     pub mandatory: bool,
+    /// What it announces, where its body differs from one attempt to the next (a time of
+    /// writing, say): its message id is derived from this instead of the body, so every
+    /// attempt's copy has one id a consumer can drop repeats by.
+    pub identity: Option<String>,
 }
 
 impl Publication {
@@ -53,6 +57,7 @@ impl Publication {
             body: body.to_string().into_bytes(),
             content_type: "application/json".to_string(),
             mandatory: false,
+            identity: None,
         }
     }
     /// A plain-text publication.
@@ -63,6 +68,7 @@ impl Publication {
             body: body.into().into_bytes(),
             content_type: "text/plain".to_string(),
             mandatory: false,
+            identity: None,
         }
     }
 
@@ -70,6 +76,19 @@ impl Publication {
     pub fn mandatory(mut self) -> Self {
         self.mandatory = true;
         self
+    }
+
+    /// Names what it announces, stable across attempts (see [`Publication::identity`]).
+    pub fn with_identity(mut self, identity: impl Into<String>) -> Self {
+        self.identity = Some(identity.into());
+        self
+    }
+
+    /// What its message id is derived from: its identity, else its body.
+    pub(crate) fn id_source(&self) -> &[u8] {
+        self.identity
+            .as_deref()
+            .map_or(self.body.as_slice(), str::as_bytes)
     }
 }
 
@@ -241,7 +260,7 @@ impl Publisher {
             OutputOf::Publication {
                 exchange: &p.exchange,
                 routing_key: &p.routing_key,
-                body: &p.body,
+                body: p.id_source(),
             },
         );
         self.send(vec![Outgoing {
@@ -479,7 +498,7 @@ pub(crate) fn republished(p: &BasicProperties, mut headers: FieldTable) -> Basic
 pub(crate) enum OutputOf<'a> {
     /// The success message (one per input).
     Success,
-    /// Another publication: told apart by destination and body.
+    /// Another publication: told apart by destination and body (or identity).
     Publication {
         exchange: &'a str,
         routing_key: &'a str,

@@ -172,7 +172,7 @@ impl MessageProcessor for ProjectProcessor {
                 Ok(Applied::Stored(p)) => {
                     tracing::info!(project = %LogText(&p.id), event = ev.kind.as_str(), "project stored");
                     count("stored");
-                    stored.push(*p);
+                    stored.push((n, *p));
                 }
                 Ok(Applied::Missing) if ctx.attempt < self.missing_retries => {
                     not_yet.push(ev.id.clone());
@@ -212,14 +212,19 @@ impl MessageProcessor for ProjectProcessor {
             ));
         }
         let mut stored = stored.into_iter();
-        let Some(first) = stored.next() else {
+        let Some((_, first)) = stored.next() else {
             if dropped.is_empty() {
                 dropped.push("every record was dead-lettered".into());
             }
             return Outcome::drop(dropped.join("; "));
         };
+        // Each announcement named by its record, not its body (which holds the time of
+        // this attempt's write): every attempt's copy has one message id.
         let extra: Result<Vec<Publication>, _> = stored
-            .map(|p| Publication::json(&self.output_exchange, &self.success_key, &p))
+            .map(|(n, p)| {
+                Publication::json(&self.output_exchange, &self.success_key, &p)
+                    .map(|x| x.with_identity(format!("record {n}: project {}", p.id)))
+            })
             .collect();
         match extra {
             Ok(extra) => Outcome::success(first).with_extra(extra),

@@ -135,7 +135,49 @@ on_both!(
     a_nul_character_is_permanent_naming_the_field,
     an_update_that_overtakes_its_create_waits_for_it,
     an_update_published_in_the_second_of_its_create_is_applied,
+    a_batch_delivered_again_announces_with_the_same_ids,
 );
+
+/// A batch delivered again (a lost ack, a replay) stores its projects again and announces
+/// them again, each under the id its first announcement had: a consumer can drop the
+/// repeats, though the bodies differ (each says when it was written).
+async fn a_batch_delivered_again_announces_with_the_same_ids(b: Backend) {
+    let env = start(b, &[]).await;
+    let mut out = env.hs.watch_output().await;
+    let entry = |id: u64| {
+        json!({"id": id, "projectTypeId": 1, "title": format!("T{id}"),
+               "created": "2021-04-29T13:53:43.413+01:00", "updated": "2021-04-29T13:53:43.413+01:00",
+               "user": "u", "workingGroupId": 3, "commissionId": null,
+               "deletable": true, "status": "New", "productionOffice": "UK"})
+    };
+    let batch = serde_json::to_vec(&json!([entry(2001), entry(2002)])).unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        env.hs
+            .publish(
+                "core.project.create",
+                &batch,
+                BasicProperties::default().with_message_id("batch-1".into()),
+            )
+            .await;
+        let mut announced = Vec::new();
+        for _ in 0..2 {
+            let d = next(&mut out).await;
+            let id = d
+                .properties
+                .message_id()
+                .as_ref()
+                .expect("an id")
+                .to_string();
+            announced.push((body(&d)["id"].to_string(), id));
+        }
+        announced.sort();
+        ids.push(announced);
+    }
+    assert_eq!(ids[0], ids[1], "the same ids for the same announcements");
+    assert_ne!(ids[0][0].1, ids[0][1].1, "one id per project");
+    env.finish().await;
+}
 
 /// With several handlers or instances (or a create waiting in a retry tier) an update can
 /// be handled before its own `project-created`: it waits a retry or two for the project
