@@ -199,7 +199,7 @@ impl StatusProcessor {
                 } else {
                     format!("file:{}", m.filename)
                 };
-                let f = self.store.record_file(m, &key).await?;
+                let f = self.store.record_file(m, &key, dedupe).await?;
                 metrics::counter!(FILES_METRIC, "counted" => if f.counted { "true" } else { "false" })
                     .increment(1);
                 if f.counted && f.triggered_received {
@@ -249,7 +249,7 @@ impl StatusProcessor {
                 } else {
                     let completed = self
                         .store
-                        .mark_product_completed(&m.correlation_id, &m.collection_name)
+                        .mark_product_completed(&m.correlation_id, &m.collection_name, dedupe)
                         .await?;
                     if completed {
                         transition("COMPLETED");
@@ -264,8 +264,10 @@ impl StatusProcessor {
                     let is_completed = product.as_deref() == Some("COMPLETED");
                     let resend = retried
                         && is_completed
-                        && self.store.completed_by(&m.correlation_id).await?.as_deref()
-                            == Some(m.collection_name.as_str());
+                        && self
+                            .store
+                            .completed_by(&m.correlation_id, &m.collection_name, dedupe)
+                            .await?;
                     if is_completed && (completed || resend) {
                         // Mandatory: an unroutable message fails the publish, so the input
                         // is retried and this branch (retried) sends it again.

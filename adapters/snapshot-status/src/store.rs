@@ -59,6 +59,12 @@ pub struct Store {
     pool: AnyPool,
 }
 
+/// How a completed product names what completed it: the collection and the message
+/// whose success file did (the sender may send that file again, in another message).
+fn completer(collection: &str, message_key: &str) -> String {
+    format!("{collection}\n{message_key}")
+}
+
 fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
@@ -313,11 +319,15 @@ impl Store {
 
     /// Counts a received file once per `file_key`, moving the collection to Received
     /// when it reaches its expected count.
+    /// `message_key` names the message itself (a file sent again comes in another one):
+    /// only the message that moved the collection is told it did, when it comes again.
     pub async fn record_file(
         &self,
         m: &StatusMessage,
         file_key: &str,
+        message_key: &str,
     ) -> Result<FileOutcome, StoreError> {
+        let trigger = format!("received by {message_key}");
         let t = now();
         let mut tx = self.pool.begin().await?;
         // A file may arrive before its collection's counts: the collection starts Pending.
@@ -366,12 +376,13 @@ impl Store {
             let moved = Self::try_receive(&mut tx, m).await?;
             if moved {
                 db::sqlx::query(
-                    "UPDATE snapshot_received_files SET triggered = 'received' \
+                    "UPDATE snapshot_received_files SET triggered = $4 \
                      WHERE correlation_id = $1 AND collection_name = $2 AND file_key = $3",
                 )
                 .bind(&m.correlation_id)
                 .bind(&m.collection_name)
                 .bind(file_key)
+                .bind(&trigger)
                 .execute(&mut *tx)
                 .await?;
             }
@@ -386,7 +397,9 @@ impl Store {
             .bind(file_key)
             .fetch_one(&mut *tx)
             .await?;
-            row.try_get::<Option<String>, _>("triggered")?.as_deref() == Some("received")
+            // `received`: written before the message was named (any copy counts as it).
+            let by = row.try_get::<Option<String>, _>("triggered")?;
+            matches!(by.as_deref(), Some(t) if t == "received" || t == trigger)
         };
         let collection = Self::fetch(&mut tx, m).await?;
         reopen_product(&mut tx, &collection, inserted).await?;
@@ -445,11 +458,13 @@ impl Store {
     }
 
     /// Sets the product status to COMPLETED if every collection is Success, naming
-    /// `collection` (whose success file did it); true if this call changed it.
+    /// `collection` and the message (`message_key`) whose success file did it; true if this
+    /// call changed it.
     pub async fn mark_product_completed(
         &self,
         correlation_id: &str,
         collection: &str,
+        message_key: &str,
     ) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
         lock_run(&mut tx, correlation_id).await?;
@@ -462,15 +477,22 @@ impl Store {
         ))
         .bind(correlation_id)
         .bind(now())
-        .bind(collection)
+        .bind(completer(collection, message_key))
         .fetch_optional(&mut *tx)
         .await?;
         tx.commit().await?;
         Ok(row.is_some())
     }
 
-    /// The collection whose success file completed the product, if it is completed.
-    pub async fn completed_by(&self, correlation_id: &str) -> Result<Option<String>, StoreError> {
+    /// Whether the product is completed and the success file of `collection` in the
+    /// message `message_key` completed it (a product completed before messages were named
+    /// in it: any success file of that collection).
+    pub async fn completed_by(
+        &self,
+        correlation_id: &str,
+        collection: &str,
+        message_key: &str,
+    ) -> Result<bool, StoreError> {
         let row = db::sqlx::query(
             "SELECT completed_by FROM snapshot_products \
              WHERE correlation_id = $1 AND status = 'COMPLETED'",
@@ -478,10 +500,11 @@ impl Store {
         .bind(correlation_id)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(match row {
+        let by: Option<String> = match row {
             Some(r) => r.try_get("completed_by")?,
             None => None,
-        })
+        };
+        Ok(matches!(by, Some(b) if b == collection || b == completer(collection, message_key)))
     }
 }
 

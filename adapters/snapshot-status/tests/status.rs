@@ -603,7 +603,54 @@ on_both!(
     success_of_the_last_outstanding_collection_marks_received,
     a_nul_character_is_permanent_naming_the_field,
     a_retried_message_that_changed_nothing_sends_nothing_again,
+    a_file_sent_again_in_another_message_sends_nothing_again,
 );
+
+/// The sender sends again the file that completed a collection (or the success file that
+/// completed the run) in a message of its own, and that copy is retried (a database blip)
+/// or redelivered: it changed nothing, so nothing is sent again. The message that made the
+/// change still re-sends when it comes back (its publish may have been lost).
+async fn a_file_sent_again_in_another_message_sends_nothing_again(b: Backend) {
+    let mut env = start(b, &[]).await;
+    let c = "corr-copy";
+    let retried_as = |id: &str| as_retried().with_message_id(id.into());
+    env.process(&msg(c, "db.a", json!({"files_exported": 1})))
+        .await;
+    env.send_with(
+        &file(c, "db.a", "f1"),
+        BasicProperties::default().with_message_id("m1".into()),
+    )
+    .await;
+    next(&mut env.out).await;
+    assert_eq!(json_of(&next(&mut env.export).await)["topic_name"], "db.a");
+    // The sender's second copy of f1, retried: no second export-state message.
+    env.send_with(&file(c, "db.a", "f1"), retried_as("m2"))
+        .await;
+    next(&mut env.out).await;
+    env.no_more().await;
+    // The first copy comes back: it did complete db.a, so it sends again.
+    env.send_with(&file(c, "db.a", "f1"), retried_as("m1"))
+        .await;
+    next(&mut env.out).await;
+    assert_eq!(json_of(&next(&mut env.export).await)["topic_name"], "db.a");
+    // The success file completes the run: one monitoring message.
+    let success = msg(c, "db.a", json!({"is_success_file": "true"}));
+    env.send_with(
+        &success,
+        BasicProperties::default().with_message_id("s1".into()),
+    )
+    .await;
+    next(&mut env.out).await;
+    next(&mut env.monitoring).await;
+    // Its second copy, retried: no second Slack alert; the first, retried: sent again.
+    env.send_with(&success, retried_as("s2")).await;
+    next(&mut env.out).await;
+    env.no_more().await;
+    env.send_with(&success, retried_as("s1")).await;
+    next(&mut env.out).await;
+    next(&mut env.monitoring).await;
+    env.finish().await;
+}
 
 /// As the retry tiers send a message back: `x-retry-count` 1.
 fn as_retried() -> BasicProperties {
