@@ -216,6 +216,11 @@ impl std::fmt::Debug for Publisher {
 }
 
 impl Publisher {
+    /// The broker's flow control of the connection it publishes on.
+    pub(crate) fn alarm(&self) -> &crate::alarm::Alarm {
+        self.pool.alarm()
+    }
+
     /// A publisher for `service` consuming `queue` on `pool`, dead-lettering to
     /// `fail_exchange` (`Q-fail`), its success messages going to `output_exchange`
     /// (declared by the service).

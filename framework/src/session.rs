@@ -93,6 +93,10 @@ pub(crate) enum SessionEnd {
     Released(String),
 }
 
+/// How long a session's last frames (acks, closes) are waited for while the broker blocks
+/// its connection: none can be written then.
+const WAIT_WHILE_BLOCKED: Duration = Duration::from_secs(1);
+
 /// One consuming session: connect, declare, consume until shutdown or a loss, then end
 /// the session's handlers before returning.
 pub(crate) async fn session<P: MessageProcessor>(
@@ -242,8 +246,21 @@ pub(crate) async fn session<P: MessageProcessor>(
     // hand the queue to a standby at once, which would take the next message while this
     // session still holds the one before it. There the consumer stays until the channel
     // closes, and what it holds then goes back ahead of the rest.
+    // While the broker blocks the connection (a resource alarm) lapin writes no frame: the
+    // cancel, the last acks and the closes would each wait out their whole limit, and a
+    // SIGTERM's drain would outlast any orchestrator's grace period. They are given a
+    // moment instead; what stays unacked the broker requeues as the connection goes.
+    let alarm = shared.publisher.alarm().clone();
+    let wait = || {
+        if alarm.blocked() {
+            WAIT_WHILE_BLOCKED
+        } else {
+            limit
+        }
+    };
     if ch.status().connected()
         && !inner.topology.single_active_consumer
+        && !alarm.blocked()
         && let Err(e) = bounded(
             limit,
             "basic.cancel",
@@ -259,12 +276,12 @@ pub(crate) async fn session<P: MessageProcessor>(
     // The handlers' settler is dropped with the last of them; this one goes now, or the
     // settling task would wait for it.
     drop(shared);
-    settling.finish(limit).await;
+    settling.finish(wait()).await;
     if let SessionEnd::Shutdown = end {
-        let _ = bounded(limit, "closing the channel", ch.close(code, reason.into())).await;
+        let _ = bounded(wait(), "closing the channel", ch.close(code, reason.into())).await;
     }
     let _ = bounded(
-        limit,
+        wait(),
         "closing the connection",
         conn.close(code, reason.into()),
     )
@@ -588,6 +605,7 @@ impl<P: MessageProcessor> Shared<P> {
                 trace,
                 publisher: Some(publisher.clone()),
                 properties,
+                max_records: inner.amqp.max_records,
             };
             // Decoding runs inside catch_unwind too: a panicking Deserialize is the input's fault.
             let handled = AssertUnwindSafe(async {

@@ -164,6 +164,53 @@ async fn an_outcome_published_during_a_resource_alarm_lands_once() {
     assert_eq!(calls.load(Ordering::SeqCst), 1, "handled once");
 }
 
+/// A stop while the broker blocks the connection (a resource alarm), an outcome waiting
+/// for its confirm: the stop keeps to its drain budget. The cancel, the last acks and the
+/// closes cannot be written then, and each used to wait out the whole confirm limit (30 s
+/// here, as by default): a SIGTERM took over 90 s, past any orchestrator's grace period.
+/// Nothing is lost: the input goes back to its queue (or its output lands once the alarm
+/// clears).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_during_a_resource_alarm_keeps_to_its_drain_budget() {
+    let broker = PrivateBroker::start().await;
+    let q = unique("alarmstop");
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (service, _cfg) = start_on(
+        &broker,
+        &q,
+        &[
+            ("amqp.operation_timeout_ms", "30000"),
+            ("amqp.drain_timeout_ms", "1000"),
+        ],
+        Gated(gate, calls.clone()),
+    )
+    .await;
+    let sink = format!("{q}-sink");
+    broker.sink(&sink, &format!("{q}-out")).await;
+    send_input(&broker, &q).await;
+    let c = calls.clone();
+    wait_until("the handler to start", || c.load(Ordering::SeqCst) == 1).await;
+    raise_alarm(&broker).await;
+    open.send(true).expect("gate open");
+    // Within WAIT (60 s), or `stop` fails the test.
+    service.stop().await;
+    disk_limit(&broker, "1MB");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let out = broker.count(&sink).await.unwrap_or(0);
+        let back = broker.count(&q).await.unwrap_or(0);
+        if out + back >= 1 && !alarmed(&broker) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the input is neither back in its queue nor handled"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outcome_larger_than_the_broker_accepts_is_dead_lettered_at_once() {
     let broker = PrivateBroker::start_with(|_, _| "max_message_size = 1048576\n".to_string()).await;
