@@ -80,6 +80,13 @@ pub trait Service: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Where the settings left unset lead (directories and databases under the data
+    /// directory), shown by `check-config` as `resolved` beside the settings themselves
+    /// (secrets redacted); None when nothing is derived.
+    fn resolved(_cfg: &Config<Self::Settings>) -> Option<serde_json::Value> {
+        None
+    }
+
     /// Builds the processor (opens databases, stores, HTTP clients).
     async fn processor(cfg: &Config<Self::Settings>) -> Result<Self::Processor, BoxError>;
 
@@ -350,7 +357,11 @@ async fn execute<S: Service>(cmd: Command, cfg: Config<S::Settings>) -> Result<(
             .await
             .map(|_| ()),
         Command::CheckConfig => {
-            let text = serde_json::to_string_pretty(&cfg).map_err(|e| other(&e))?;
+            let mut shown = serde_json::to_value(&cfg).map_err(|e| other(&e))?;
+            if let (Some(r), Some(o)) = (S::resolved(&cfg), shown.as_object_mut()) {
+                o.insert("resolved".into(), r);
+            }
+            let text = serde_json::to_string_pretty(&shown).map_err(|e| other(&e))?;
             print_out(&format!("{text}\n"))
         }
         Command::Declare => {

@@ -256,6 +256,9 @@ pub struct AmqpConfig {
     /// Largest body decoded: a larger one is dead-lettered unread (decoded JSON takes
     /// several times its text, per record more); 0 = no limit.
     pub max_body_bytes: u64,
+    /// Most records one message may hold in the batch adapters (Kinesis, S3 event and
+    /// pluto-core batches): a message with more is dead-lettered whole; 0 = no limit.
+    pub max_records: usize,
 }
 
 impl AmqpConfig {

@@ -117,6 +117,8 @@ pub struct MessageContext {
     pub(crate) cancel: tokio_util::sync::CancellationToken,
     /// Set when the session starts ending: the moment unfinished handlers are stopped.
     pub(crate) stops_at: Arc<std::sync::OnceLock<std::time::Instant>>,
+    /// `[amqp] max_records` (0: no limit), see [`MessageContext::too_many_records`].
+    pub(crate) max_records: usize,
 }
 
 /// What an attempt asked of its Retry outcome (see [`MessageContext::set_retry_header`] and
@@ -148,7 +150,22 @@ impl MessageContext {
             cancel: Default::default(),
             stops_at: Arc::default(),
             trace: crate::trace::TraceContext::continue_from(&FieldTable::default()),
+            max_records: 0,
         }
+    }
+
+    /// The outcome of a message holding `n` records, more than `[amqp] max_records`: it
+    /// is dead-lettered whole, before any record is handled. Each bad record of a batch is
+    /// dead-lettered on its own, so a body of tiny records (a 16 MiB array of `{}` is 5.6
+    /// million) would otherwise flood the dead-letter queue for hours.
+    pub fn too_many_records(&self, n: usize) -> Option<Outcome> {
+        (self.max_records > 0 && n > self.max_records).then(|| {
+            Outcome::permanent(format!(
+                "{n} records in one message, more than [amqp] max_records = {} \
+                 (raise it for a producer that sends larger batches, then replay)",
+                self.max_records
+            ))
+        })
     }
 
     /// Sets a string header carried by the retried message if this attempt returns Retry,

@@ -52,6 +52,19 @@ fn success(r: &CopyReport, m: &AssetSweeperFile) -> serde_json::Value {
     })
 }
 
+/// Where the tier reads from and writes to, as configured.
+fn setup(s: &ArchiveSettings) -> TierSetup {
+    TierSetup {
+        online_roots: s.online_roots.clone(),
+        store_url: s.archive_url.clone(),
+        store_options: s.archive_options.clone(),
+        database_url: s.database_url.clone(),
+        abort_abandoned_uploads_after: std::time::Duration::from_millis(
+            s.abort_abandoned_uploads_after_ms,
+        ),
+    }
+}
+
 #[async_trait]
 impl Service for OnlineArchive {
     const NAME: &'static str = "online-archive";
@@ -81,21 +94,16 @@ impl Service for OnlineArchive {
         storage::paths::check_configured_roots("online_archive.online_roots", &s.online_roots)
     }
 
+    fn resolved(cfg: &Config<ArchiveSettings>) -> Option<serde_json::Value> {
+        Some(setup(&cfg.settings).resolved(Self::NAME, &cfg.storage.data_dir, "archive"))
+    }
+
     async fn processor(cfg: &Config<ArchiveSettings>) -> Result<TierProcessor, BoxError> {
-        let s = &cfg.settings;
         TierProcessor::open(
             Self::NAME,
             &cfg.storage.data_dir,
             "archive",
-            &TierSetup {
-                online_roots: s.online_roots.clone(),
-                store_url: s.archive_url.clone(),
-                store_options: s.archive_options.clone(),
-                database_url: s.database_url.clone(),
-                abort_abandoned_uploads_after: std::time::Duration::from_millis(
-                    s.abort_abandoned_uploads_after_ms,
-                ),
-            },
+            &setup(&cfg.settings),
             TierPolicy {
                 algorithm: Algorithm::Sha256,
                 keep_metadata: false,

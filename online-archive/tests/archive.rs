@@ -433,4 +433,26 @@ fn bad_store_settings_exit_2_naming_the_key() {
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
+    let shown: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(shown["resolved"]["store"], local);
+    // Unset keys are shown where they lead: the defaults under the data directory, the
+    // database's password hidden.
+    let o = check_config(&[]);
+    let shown: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let under = |p: &str| dir.path().join(p).display().to_string();
+    assert_eq!(
+        shown["resolved"],
+        serde_json::json!({
+            "online_roots": [under("online")],
+            "store": under("archive"),
+            "database_url": db::default_url(dir.path(), "online-archive"),
+        }),
+        "{shown}"
+    );
+    let o = check_config(&[("DATABASE_URL", "postgres://u:pw-s3cr3t@db.example.org/a")]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("postgres://u:***@db.example.org/a") && !out.contains("pw-s3cr3t"),
+        "{out}"
+    );
 }

@@ -54,6 +54,19 @@ fn success(r: &CopyReport, m: &AssetSweeperFile) -> serde_json::Value {
     })
 }
 
+/// Where the tier reads from and writes to, as configured.
+fn setup(s: &NearlineSettings) -> TierSetup {
+    TierSetup {
+        online_roots: s.online_roots.clone(),
+        store_url: s.vault_url.clone(),
+        store_options: s.vault_options.clone(),
+        database_url: s.database_url.clone(),
+        abort_abandoned_uploads_after: std::time::Duration::from_millis(
+            s.abort_abandoned_uploads_after_ms,
+        ),
+    }
+}
+
 #[async_trait]
 impl Service for OnlineNearline {
     const NAME: &'static str = "online-nearline";
@@ -83,21 +96,16 @@ impl Service for OnlineNearline {
         storage::paths::check_configured_roots("online_nearline.online_roots", &s.online_roots)
     }
 
+    fn resolved(cfg: &Config<NearlineSettings>) -> Option<serde_json::Value> {
+        Some(setup(&cfg.settings).resolved(Self::NAME, &cfg.storage.data_dir, "nearline"))
+    }
+
     async fn processor(cfg: &Config<NearlineSettings>) -> Result<TierProcessor, BoxError> {
-        let s = &cfg.settings;
         TierProcessor::open(
             Self::NAME,
             &cfg.storage.data_dir,
             "nearline",
-            &TierSetup {
-                online_roots: s.online_roots.clone(),
-                store_url: s.vault_url.clone(),
-                store_options: s.vault_options.clone(),
-                database_url: s.database_url.clone(),
-                abort_abandoned_uploads_after: std::time::Duration::from_millis(
-                    s.abort_abandoned_uploads_after_ms,
-                ),
-            },
+            &setup(&cfg.settings),
             TierPolicy {
                 algorithm: Algorithm::Md5,
                 keep_metadata: true,

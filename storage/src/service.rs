@@ -26,6 +26,38 @@ pub struct TierSetup {
     pub abort_abandoned_uploads_after: std::time::Duration,
 }
 
+impl TierSetup {
+    /// The online roots in effect, and whether they are the default (the only one that
+    /// may be created: a configured root that is missing is an unmounted share).
+    fn roots(&self, data_dir: &std::path::Path) -> (Vec<PathBuf>, bool) {
+        if self.online_roots.is_empty() {
+            (vec![data_dir.join("online")], true)
+        } else {
+            (self.online_roots.clone(), false)
+        }
+    }
+
+    /// Where this setup leads under `data_dir` for `service` (`check-config`'s
+    /// `resolved`): roots, store and database (password redacted).
+    pub fn resolved(
+        &self,
+        service: &str,
+        data_dir: &std::path::Path,
+        default_store_dir: &str,
+    ) -> serde_json::Value {
+        let store = match &self.store_url {
+            Some(u) => u.clone(),
+            None => data_dir.join(default_store_dir).display().to_string(),
+        };
+        let url = db::DatabaseUrl::resolve(self.database_url.as_ref(), data_dir, service);
+        serde_json::json!({
+            "online_roots": self.roots(data_dir).0,
+            "store": store,
+            "database_url": db::redact_url(&url),
+        })
+    }
+}
+
 /// Default of `[<service>] abort_abandoned_uploads_after_ms`: a day (a live upload stores
 /// a part every few seconds; one untouched for a day belongs to a copy given up).
 pub fn default_abort_abandoned_uploads_after_ms() -> u64 {
@@ -54,12 +86,7 @@ impl TierProcessor {
     ) -> Result<Self, BoxError> {
         // Only the default root is created: a configured one that is missing (an
         // unmounted share) must stop the service, not be replaced by an empty directory.
-        let default = setup.online_roots.is_empty();
-        let roots = if default {
-            vec![data_dir.join("online")]
-        } else {
-            setup.online_roots.clone()
-        };
+        let (roots, default) = setup.roots(data_dir);
         let roots = crate::paths::open_roots(&roots, default)?;
         let tier = match &setup.store_url {
             Some(u) => store::open(u, &setup.store_options)?,

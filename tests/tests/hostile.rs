@@ -160,6 +160,21 @@ fn with(mut base: Value, over: Value) -> String {
 
 const NOT_JSON: &[&str] = &["body is not valid JSON"];
 
+/// `[amqp] max_records`'s default: a batch of one more record is dead-lettered whole.
+const MAX_RECORDS: usize = 10_000;
+const TOO_MANY: &[&str] = &["max_records = 10000"];
+
+/// A batch of `MAX_RECORDS + 1` copies of `record`, wrapped as `{"Records": [...]}`, or a
+/// bare array when `wrap` is false.
+fn too_many(record: &str, wrap: bool) -> String {
+    let items = vec![record; MAX_RECORDS + 1].join(",");
+    if wrap {
+        format!("{{\"Records\":[{items}]}}")
+    } else {
+        format!("[{items}]")
+    }
+}
+
 /// What every service gets, after its own cases. `shape`: how the service names
 /// well-formed JSON of the wrong shape. Every case here is dead-lettered by every service
 /// (see `round` for why that matters).
@@ -329,6 +344,7 @@ fn services(root: &Path, endpoint: &str, export: &str, monitoring: &str) -> Vec<
             extra: vec![],
             shape: VALUE_SHAPE,
             cases: vec![
+                dead("a batch of 10,001 entries", too_many("{}", false), TOO_MANY),
                 dead(
                     "Kinesis envelope with broken base64",
                     json!({"Records": [{"kinesis": {"data": "%%% not base64 %%%"}}]}).to_string(),
@@ -388,6 +404,7 @@ fn services(root: &Path, endpoint: &str, export: &str, monitoring: &str) -> Vec<
                     json!({"Records": "v2/raw_crash/000"}).to_string(),
                     &[NO_RECORDS],
                 ),
+                dead("10,001 records", too_many("{}", true), TOO_MANY),
                 dead(
                     "valid-looking, Records an object, 60 KiB header",
                     json!({"Records": deferred}).to_string(),
@@ -408,6 +425,11 @@ fn services(root: &Path, endpoint: &str, export: &str, monitoring: &str) -> Vec<
             ],
             shape: VALUE_SHAPE,
             cases: vec![
+                dead(
+                    "10,001 records",
+                    too_many(r#"{"body":"x"}"#, true),
+                    TOO_MANY,
+                ),
                 dead(
                     "empty collection_name",
                     status(json!({"collection_name": ""})),
@@ -476,6 +498,11 @@ fn services(root: &Path, endpoint: &str, export: &str, monitoring: &str) -> Vec<
                         "\"dead_lettered\":[0]",
                     )
                 },
+                dead(
+                    "10,001 Kinesis records",
+                    too_many(r#"{"kinesis":{}}"#, true),
+                    TOO_MANY,
+                ),
                 dead(
                     "valid-looking event, 60 KiB header",
                     json!({"type": "member-registered", "data": {"name": "Jo"}}).to_string(),

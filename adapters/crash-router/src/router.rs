@@ -143,6 +143,9 @@ impl MessageProcessor for CrashRouter {
             // EventBridge carries one object event per message.
             vec![classify_eventbridge(&input, self.accept, self.defer)]
         } else if let Some(records) = input.get("Records").and_then(Value::as_array) {
+            if let Some(o) = ctx.too_many_records(records.len()) {
+                return o;
+            }
             records
                 .iter()
                 .map(|r| classify(r, self.accept, self.defer))

@@ -356,7 +356,10 @@ impl MessageProcessor for EventForwarder {
     async fn handle(&self, input: Box<RawValue>, ctx: &MessageContext) -> Outcome {
         match split(&input) {
             Events::Single(body) => self.handle_single(body, ctx).await,
-            Events::Kinesis(records) => self.handle_records(&records, ctx).await,
+            Events::Kinesis(records) => match ctx.too_many_records(records.len()) {
+                Some(o) => o,
+                None => self.handle_records(&records, ctx).await,
+            },
         }
     }
 }

@@ -124,6 +124,9 @@ impl MessageProcessor for ProjectProcessor {
             routing_key: &ctx.routing_key,
         };
         let items = items_delivered(&input, &delivery);
+        if let Some(o) = ctx.too_many_records(items.len()) {
+            return o;
+        }
         let batch = items.len() > 1;
         let mut dead = framework::batch::Progress::resume(ctx, DEAD_LETTERED_HEADER);
         let mut stored = Vec::new();
@@ -279,6 +282,10 @@ impl Service for ProjectIngest {
             output_routing_key: "storagetier.projectingest.project".into(),
             ..Default::default()
         }
+    }
+
+    fn resolved(cfg: &Config<ProjectIngestSettings>) -> Option<serde_json::Value> {
+        Some(serde_json::json!({"database_url": db::redact_url(&database_url(cfg))}))
     }
 
     async fn processor(cfg: &Config<ProjectIngestSettings>) -> Result<ProjectProcessor, BoxError> {

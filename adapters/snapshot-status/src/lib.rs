@@ -368,6 +368,9 @@ impl MessageProcessor for StatusProcessor {
                 }
             }
             Input::Records(records) => {
+                if let Some(o) = ctx.too_many_records(records.len()) {
+                    return o;
+                }
                 let mut dead = framework::batch::Progress::resume(ctx, DEAD_LETTERED_HEADER);
                 let mut reports = Vec::new();
                 let records_total = records.len();
@@ -488,6 +491,10 @@ impl Service for SnapshotStatus {
             framework::config::check_owned_name(key, v)?;
         }
         Ok(())
+    }
+
+    fn resolved(cfg: &Config<SnapshotStatusSettings>) -> Option<serde_json::Value> {
+        Some(serde_json::json!({"database_url": db::redact_url(&database_url(cfg))}))
     }
 
     async fn processor(cfg: &Config<SnapshotStatusSettings>) -> Result<StatusProcessor, BoxError> {
