@@ -764,6 +764,17 @@ impl<P: MessageProcessor> Shared<P> {
         match published {
             // Counted once the ack has left (the settler sends it).
             Ok(()) => settler.ack(delivery.delivery_tag, label),
+            Err(e) if e.body_too_large(&[delivery.data.len()]) => {
+                // The input itself is larger than the broker now takes (its
+                // max_message_size lowered since the message was queued): no retry or dead
+                // letter of it can ever be published. The broker dead-letters it instead,
+                // as it came, through `Q`'s own dead-letter exchange (`Q-fail`): it reaches
+                // `Q-dlq` with `x-death`, not this framework's headers.
+                error!(error = %m::LogText(&e.to_string()), "the message is larger than the broker now accepts; \
+                    the broker dead-letters it as it came");
+                settler.reject(delivery.delivery_tag);
+                label = "dead_letter";
+            }
             Err(e) => {
                 // Not even our own retry tier took it. Our topology gone (unroutable) or the
                 // channel closed: re-declare it in a new session. A nack or a confirm that

@@ -30,6 +30,9 @@ enum Settlement {
     /// delivery limit, so a message whose outcome can never be published still ends in
     /// the dead-letter queue instead of looping).
     GiveBack { failed: bool },
+    /// Rejected without requeue: the broker dead-letters it as it came, through the
+    /// queue's own dead-letter exchange (counted as a dead letter once sent).
+    Reject,
 }
 
 enum Event {
@@ -91,6 +94,12 @@ impl Settler {
             .send(Event::Settled(tag, Settlement::GiveBack { failed: false }));
     }
 
+    /// Has the broker dead-letter `tag` (`basic.reject`, no requeue): for a message none
+    /// of whose outcomes the broker will take (it is larger than the broker now accepts).
+    pub(crate) fn reject(&self, tag: u64) {
+        let _ = self.tx.send(Event::Settled(tag, Settlement::Reject));
+    }
+
     /// Returns `tag` to its queue as a failed delivery (counted toward its delivery limit).
     pub(crate) fn give_back_failed(&self, tag: u64) {
         let _ = self
@@ -143,6 +152,7 @@ async fn run(ch: Channel, metrics: Arc<QueueMetrics>, mut rx: mpsc::UnboundedRec
             events.push(e);
         }
         let mut give_back = Vec::new();
+        let mut rejected = Vec::new();
         for e in events.drain(..) {
             match e {
                 Event::Delivered(t) => {
@@ -156,12 +166,21 @@ async fn run(ch: Channel, metrics: Arc<QueueMetrics>, mut rx: mpsc::UnboundedRec
                             labels.push(label);
                         }
                         Settlement::GiveBack { failed } => give_back.push((t, failed)),
+                        Settlement::Reject => rejected.push(t),
                     }
                 }
             }
         }
         // Given-back deliveries first: a multiple ack sent later must not reach them.
         // A failure means the channel is gone, and the broker requeues it anyway.
+        for t in rejected {
+            let dead = ch
+                .basic_reject(t, BasicRejectOptions { requeue: false })
+                .await;
+            if dead.is_ok() {
+                metrics.count("dead_letter");
+            }
+        }
         for (t, failed) in give_back {
             if failed {
                 let _ = ch

@@ -5,7 +5,8 @@
 //!   not take its unanswered confirm for a failure and publish a retry beside it (one
 //!   input, several outputs, handled at once);
 //! - `max_message_size`: an outcome larger than the broker accepts is dead-lettered at once
-//!   with the reason, not retried `max_attempts` times into the same refusal.
+//!   with the reason, not retried `max_attempts` times into the same refusal; an input
+//!   itself larger than the broker now accepts is dead-lettered by the broker, once.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -209,6 +210,64 @@ async fn a_stop_during_a_resource_alarm_keeps_to_its_drain_budget() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Refuses everything; counts its calls.
+struct Refusing(Arc<AtomicUsize>);
+
+#[async_trait]
+impl MessageProcessor for Refusing {
+    type Input = serde_json::Value;
+    async fn handle(&self, _v: serde_json::Value, _ctx: &MessageContext) -> Outcome {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Outcome::permanent("refused")
+    }
+}
+
+/// A message queued before the broker's `max_message_size` came down below its size (an
+/// operator's change; an upgrade to 4.x, whose default is 16 MiB, with a backlog): no
+/// outcome of it can be published, since a retry or a dead letter carries it whole. It is
+/// handled once and the broker dead-letters it as it came (`Q-dlq`, with `x-death`),
+/// instead of going back to the queue to be handled again and again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_larger_than_the_broker_now_accepts_is_dead_lettered_by_the_broker() {
+    let broker = PrivateBroker::start().await;
+    let q = unique("shrunk");
+    let calls = Arc::new(AtomicUsize::new(0));
+    // Declared by a first start; the message goes in while nothing consumes.
+    let (service, _cfg) = start_on(&broker, &q, &[], Refusing(calls.clone())).await;
+    service.stop().await;
+    let (conn, ch) = broker.channel().await.expect("channel");
+    let body = format!("{{\"pad\":\"{}\"}}", "x".repeat(2 * 1024 * 1024));
+    publish(
+        &ch,
+        &format!("{q}-in"),
+        "test.x",
+        body.as_bytes(),
+        Default::default(),
+    )
+    .await;
+    framework::testing::broker::close(conn).await;
+    // 1 MiB from now on, for every channel opened after.
+    tokio::task::block_in_place(|| {
+        broker.ctl(&[
+            "eval",
+            "application:set_env(rabbit, max_message_size, 1048576).",
+        ])
+    });
+    let (service, _cfg) = start_on(&broker, &q, &[], Refusing(calls.clone())).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while broker.count(&format!("{q}-dlq")).await.unwrap_or(0) < 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "dead-lettered by the broker ({} calls)",
+            calls.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    service.stop().await;
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "handled once");
+    assert_eq!(broker.count(&q).await, Some(0), "nothing back in the queue");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
