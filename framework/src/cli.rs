@@ -516,28 +516,31 @@ async fn dlq_command(
                 limit,
                 per_second: rate,
             };
-            let moved = dlq::replay_filtered(conn, topo, &filter, dry_run)
-                .await
-                .map_err(|e| other(&e))?;
             let verb = if dry_run { "would replay" } else { "replayed" };
-            use std::fmt::Write as _;
-            let mut text = String::new();
-            for i in &moved {
+            // Each line as its dead letter is moved: a replay cut short has said which.
+            let mut unwritten = None;
+            let moved = dlq::replay_each(conn, topo, &filter, dry_run, |i| {
                 // Escaped as `dlq list` does: the names come from whoever published.
-                let _ = writeln!(
-                    text,
-                    "{verb} {} -> {} (first published to {}/{})",
+                let line = format!(
+                    "{verb} {} -> {} (first published to {}/{})\n",
                     crate::dlq::printable(i.message_id.as_deref().unwrap_or("-")),
                     topo.queue,
                     crate::dlq::printable(&i.original_exchange),
                     crate::dlq::printable(&i.original_routing_key)
                 );
+                if unwritten.is_none() {
+                    unwritten = print_out(&line).err();
+                }
+            })
+            .await
+            .map_err(|e| other(&e))?;
+            if let Some(e) = unwritten {
+                return Err(e);
             }
-            let _ = writeln!(text, "{verb} {} dead letter(s)", moved.len());
-            print_out(&text)?;
+            print_out(&format!("{verb} {moved} dead letter(s)\n"))?;
             // A script replaying one message learns it was not there (a mistyped id).
             match wanted {
-                Some(id) if moved.is_empty() => Err(Failure::Other(format!(
+                Some(id) if moved == 0 => Err(Failure::Other(format!(
                     "no dead letter in {} matched --message-id `{}` (and the other filters)",
                     topo.dlq(),
                     crate::dlq::printable(&id)

@@ -137,9 +137,17 @@ async fn a_replay_killed_midway_loses_nothing() {
     let mut replay = process::spawn(
         service_command(BIN, "echo", &hs.q, &amqp_url(), dir.path())
             .args(["dlq", "replay", "--all", "--rate", "5"])
+            .stdout(Stdio::piped())
             .stderr(Stdio::null()),
     )
     .expect("replay runs");
+    let mut printed_out = replay.take_stdout().expect("stdout");
+    // Read as it comes (a pipe left unread could hold the replay up).
+    let printed = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut printed_out, &mut text);
+        text
+    });
     let q = hs.q.clone();
     let deadline = tokio::time::Instant::now() + WAIT;
     while ready_count(&hs.ch, &q).await < 5 {
@@ -150,6 +158,14 @@ async fn a_replay_killed_midway_loses_nothing() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     replay.kill();
+    // It said which it moved as it went, not only at its end (which a kill never reaches):
+    // every line names one now in the queue.
+    let lines = printed.join().expect("reader").lines().count();
+    let in_queue = ready_count(&hs.ch, &q).await as usize;
+    assert!(
+        lines >= 1 && lines <= in_queue,
+        "{lines} lines printed, {in_queue} replayed"
+    );
     // Whatever the killed replay held comes back to the DLQ; count both queues once settled.
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {

@@ -346,6 +346,21 @@ pub async fn replay_filtered(
     filter: &Filter,
     dry_run: bool,
 ) -> Result<Vec<DeadLetter>, DlqError> {
+    let mut moved = Vec::new();
+    replay_each(conn, topo, filter, dry_run, |d| moved.push(d.clone())).await?;
+    Ok(moved)
+}
+
+/// [`replay_filtered`], telling `each` of every dead letter as it is replayed (or would
+/// be) instead of keeping them: a replay of millions holds none of them in memory, and one
+/// cut short has said which it moved. Returns how many.
+pub async fn replay_each(
+    conn: &Connection,
+    topo: &Topology,
+    filter: &Filter,
+    dry_run: bool,
+    mut each: impl FnMut(&DeadLetter),
+) -> Result<usize, DlqError> {
     let ch = bounded(
         topo.operation_timeout,
         "channel.open",
@@ -365,7 +380,7 @@ pub async fn replay_filtered(
     let mut next_at = tokio::time::Instant::now();
     let t = topo.operation_timeout;
     let total = bounded(t, "queue.declare", count(&ch, &topo.dlq())).await?;
-    let mut moved = Vec::new();
+    let mut moved = 0usize;
     for _ in 0..total {
         let get = ch.basic_get(
             topo.dlq().as_str().into(),
@@ -376,7 +391,7 @@ pub async fn replay_filtered(
         };
         let d = m.delivery;
         let info = describe(&d.properties, d.routing_key.as_str(), d.data.len());
-        if filter.limit.is_some_and(|n| moved.len() >= n) {
+        if filter.limit.is_some_and(|n| moved >= n) {
             break;
         }
         if !filter.matches(&info, now) {
@@ -415,10 +430,12 @@ pub async fn replay_filtered(
                 return Err(DlqError::NotRemoved(info.message_id));
             }
         }
-        moved.push(info);
+        each(&info);
+        moved += 1;
     }
     let _ = bounded(t, "channel.close", ch.close(200, "replay done".into())).await;
-    let kept = total.saturating_sub(if dry_run { 0 } else { moved.len() as u32 });
+    let done = u32::try_from(moved).unwrap_or(u32::MAX);
+    let kept = total.saturating_sub(if dry_run { 0 } else { done });
     debug_assert!(kept <= total);
     await_returned(conn, &topo.dlq(), kept, t).await?;
     Ok(moved)
