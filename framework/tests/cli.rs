@@ -803,3 +803,50 @@ async fn a_service_that_cannot_connect_reports_it_in_its_metrics() {
     );
     assert_eq!(ready.expect("/readyz answers").status(), 503);
 }
+
+/// `[log] format = "json"`: one JSON object per line, and what a message causes is logged
+/// in its span, which names the queue, routing key, message id and attempt (design §6).
+#[tokio::test]
+async fn json_logs_carry_each_message_span() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = unique("jsonlog");
+    let _gone = Cleanup::service(&q, &[200, 400]);
+    let declared = run(echo_cmd(&q, dir.path()).arg("declare"));
+    assert_eq!(declared.status.code(), Some(0), "{}", stderr(&declared));
+    let (_c, ch) = test_channel().await;
+    publish(
+        &ch,
+        &format!("{q}-in"),
+        "k.log",
+        b"not json",
+        BasicProperties::default().with_message_id("log-1".into()),
+    )
+    .await;
+    let mut child = process::spawn(
+        echo_cmd(&q, dir.path())
+            .env("STORAGETIER__LOG__FORMAT", "json")
+            .arg("run")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    )
+    .expect("echo runs");
+    await_ready_count(&ch, &format!("{q}-dlq"), 1).await;
+    assert_eq!(child.terminate(WAIT).and_then(|s| s.code()), Some(0));
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut child.take_stderr().expect("stderr"), &mut log)
+        .expect("read the log");
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let in_span = lines
+        .iter()
+        .find(|l| l["span"]["message_id"] == "log-1")
+        .unwrap_or_else(|| panic!("no line in the message's span:\n{log}"));
+    let span = &in_span["span"];
+    assert_eq!(span["queue"], q.as_str(), "{span}");
+    assert_eq!(span["routing_key"], "k.log", "{span}");
+    assert_eq!(span["attempt"], 0, "{span}");
+    assert!(in_span["level"].is_string() && in_span["fields"].is_object());
+}

@@ -1,0 +1,137 @@
+//! Design §5's table of defaults, as each service reads them with no file, no variable
+//! and no flag, and `STORAGETIER__STORAGE__DATA_DIR` alone moving every embedded default.
+
+use std::collections::HashMap;
+
+use framework::Service;
+use framework::config::LoadOptions;
+use serde_json::{Value, json};
+
+/// What `check-config` shows of service `S`: its config and, under `resolved`, where the
+/// unset keys lead. `env` stands for the process environment.
+fn shown<S: Service>(env: &[(&str, &str)]) -> Value {
+    let mut opts = LoadOptions::isolated();
+    opts.env_vars = Some(
+        env.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<HashMap<_, _>>(),
+    );
+    // event-forwarder has no default endpoint (§5: none): one is named to load at all.
+    opts.overrides = vec![(
+        "event_forwarder.endpoint".into(),
+        "http://127.0.0.1:1/events".into(),
+    )];
+    let cfg = framework::cli::load_config::<S>(&opts).expect("the defaults load");
+    let mut v = serde_json::to_value(&cfg).expect("config as JSON");
+    v["resolved"] = S::resolved(&cfg).unwrap_or(Value::Null);
+    v
+}
+
+/// Every service: the bus, retry, log and storage defaults, its queue, output exchange and
+/// port.
+fn assert_common(v: &Value, name: &str, port: u16) {
+    let a = &v["amqp"];
+    assert_eq!(a["url"], "amqp://guest:***@127.0.0.1:5672/%2f", "{name}");
+    assert_eq!(a["urls"], json!([]), "{name}");
+    assert_eq!(a["declare_sources"], true, "{name}");
+    assert_eq!(a["queue_type"], "quorum", "{name}");
+    assert_eq!(a["prefetch"], 16, "{name}");
+    assert_eq!(a["delivery_limit"], 20, "{name}");
+    assert_eq!(a["drain_timeout_ms"], 30000, "{name}");
+    assert_eq!(v["retry"]["delays_ms"], json!([1000, 5000, 30000, 120000]));
+    assert_eq!(v["retry"]["max_attempts"], 50, "{name}");
+    assert_eq!(v["log"]["level"], "info", "{name}");
+    assert_eq!(v["log"]["format"], "text", "{name}");
+    assert_eq!(v["storage"]["data_dir"], "./data", "{name}");
+    let s = &v["service"];
+    assert_eq!(s["queue"], format!("storagetier-{name}"));
+    assert_eq!(s["output_exchange"], format!("storagetier-{name}"));
+    assert_eq!(s["http_listen"], format!("127.0.0.1:{port}"));
+}
+
+#[test]
+fn every_service_reads_the_documented_defaults() {
+    let cases: [(&str, u16, Value); 6] = [
+        (
+            "online-archive",
+            9101,
+            shown::<online_archive::OnlineArchive>(&[]),
+        ),
+        (
+            "online-nearline",
+            9102,
+            shown::<online_nearline::OnlineNearline>(&[]),
+        ),
+        (
+            "project-ingest",
+            9103,
+            shown::<project_ingest::ProjectIngest>(&[]),
+        ),
+        (
+            "crash-router",
+            9104,
+            shown::<crash_router::CrashRouterService>(&[]),
+        ),
+        (
+            "snapshot-status",
+            9105,
+            shown::<snapshot_status::SnapshotStatus>(&[]),
+        ),
+        (
+            "event-forwarder",
+            9106,
+            shown::<event_forwarder::EventForwarderService>(&[]),
+        ),
+    ];
+    for (name, port, v) in &cases {
+        assert_common(v, name, *port);
+    }
+    let [archive, nearline, _, crash, snapshot, forwarder] = &cases;
+    assert_eq!(
+        archive.2["resolved"],
+        json!({"online_roots": ["./data/online"], "store": "./data/archive",
+               "database_url": db::default_url(std::path::Path::new("./data"), "online-archive")})
+    );
+    assert_eq!(nearline.2["resolved"]["store"], "./data/nearline");
+    let c = &crash.2["settings"];
+    assert_eq!(
+        (&c["queues"], &c["accept_digit"], &c["seed"]),
+        (&json!("socorro.normal"), &json!("0"), &Value::Null)
+    );
+    let s = &snapshot.2["settings"];
+    assert_eq!(s["export_state_exchange"], "snapshot-export-state");
+    assert_eq!(s["monitoring_exchange"], "monitoring");
+    let f = &forwarder.2["settings"];
+    assert_eq!(
+        (
+            &f["token"],
+            &f["token_file"],
+            &f["timeout_ms"],
+            &f["ordered"]
+        ),
+        (&Value::Null, &Value::Null, &json!(10000), &json!(false))
+    );
+}
+
+#[test]
+fn the_data_directory_alone_moves_every_embedded_default() {
+    let env = [("STORAGETIER__STORAGE__DATA_DIR", "/tmp/x")];
+    let under = |v: &Value| {
+        let text = v.to_string();
+        assert!(!text.contains("./data"), "{text}");
+    };
+    for v in [
+        shown::<online_archive::OnlineArchive>(&env),
+        shown::<online_nearline::OnlineNearline>(&env),
+        shown::<project_ingest::ProjectIngest>(&env),
+        shown::<snapshot_status::SnapshotStatus>(&env),
+    ] {
+        let resolved = &v["resolved"];
+        assert!(resolved.is_object(), "{v}");
+        under(resolved);
+        for (_, path) in resolved.as_object().expect("object") {
+            let text = path.to_string();
+            assert!(text.contains("/tmp/x"), "{text}");
+        }
+    }
+}
