@@ -37,8 +37,9 @@ impl DeclareError {
 /// without changing what the queue is: a `Q` declared by an earlier release without
 /// `x-delivery-limit` (or with another `[amqp] delivery_limit`) is used with its value,
 /// instead of every replica of the next release exiting with a "conflict" whose remedy,
-/// deleting the queue, would throw away its messages. Never on `Q-dlq` or the retry tiers
-/// (a delivery limit there could drop dead letters that are browsed), and never its type,
+/// deleting the queue, would throw away its messages. Never on the retry tiers, nor on
+/// `Q-dlq` but for `x-overflow` (a delivery limit there could drop dead letters that are
+/// browsed; a `Q-dlq` of an earlier release has no overflow argument), and never its type,
 /// dead-letter target or TTL: the declaration is repeated with the broker's own value of
 /// the tolerated argument, so the broker still checks every other one.
 ///
@@ -47,11 +48,15 @@ impl DeclareError {
 /// needs it (ordered handling) must not run on a queue without it.
 const TOLERATED_ARGUMENTS: [&str; 5] = [
     "x-delivery-limit",
-    "x-overflow",
+    OVERFLOW,
     "x-dead-letter-strategy",
     "x-consumer-timeout",
     SINGLE_ACTIVE_CONSUMER,
 ];
+
+/// The queue argument saying what a full queue does; tolerated on `Q-dlq` too, which
+/// earlier releases declared without it.
+const OVERFLOW: &str = "x-overflow";
 
 /// The queue argument that lets one consumer at a time take its messages.
 const SINGLE_ACTIVE_CONSUMER: &str = "x-single-active-consumer";
@@ -343,6 +348,10 @@ impl Topology {
         let mut v = Vec::new();
         let mut dlq = self.base_args();
         self.unlimited_deliveries(&mut dlq);
+        // A length limit (a blanket max-length policy) refuses new dead letters instead of
+        // dropping the oldest, which the default overflow does silently: refused, the
+        // message is retried and stays in `Q` or a tier until there is room.
+        put_str(&mut dlq, "x-overflow", "reject-publish");
         v.push(QueueSpec {
             name: self.dlq(),
             arguments: dlq,
@@ -465,7 +474,7 @@ impl Topology {
                 };
                 match tolerated_difference(&e) {
                     Some((key, current))
-                        if q.name == self.queue
+                        if (q.name == self.queue || (q.name == self.dlq() && key == OVERFLOW))
                             && !kept.contains(&key)
                             && !(key == SINGLE_ACTIVE_CONSUMER && self.single_active_consumer) =>
                     {

@@ -507,6 +507,36 @@ async fn declare_creates_the_topology_and_definitions_describe_it() {
         "{}",
         stderr(&o)
     );
+    // A `Q-dlq` of an earlier release, declared without an overflow argument, is used as
+    // it is too.
+    ch.queue_delete(
+        format!("{q}-dlq").as_str().into(),
+        framework::lapin::options::QueueDeleteOptions::default(),
+    )
+    .await
+    .expect("delete the DLQ");
+    let mut old = framework::lapin::types::FieldTable::default();
+    old.insert(
+        "x-queue-type".into(),
+        framework::lapin::types::AMQPValue::LongString("quorum".into()),
+    );
+    old.insert(
+        "x-delivery-limit".into(),
+        framework::lapin::types::AMQPValue::LongLongInt(i64::from(i32::MAX)),
+    );
+    ch.queue_declare(
+        format!("{q}-dlq").as_str().into(),
+        framework::lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        old,
+    )
+    .await
+    .expect("an earlier release's DLQ");
+    let o = run(echo_cmd(&q, dir.path()).arg("declare"));
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stderr(&o).contains("x-overflow"), "{}", stderr(&o));
     // A conflicting queue type is a clear failure, exit 1.
     let o = run(echo_cmd(&q, dir.path())
         .env("STORAGETIER__AMQP__QUEUE_TYPE", "classic")

@@ -4,7 +4,9 @@
 //!   replaying a DLQ hands every message back by closing the channel, which counts as a
 //!   delivery: dead letters must survive any number of looks (design §2);
 //! - RabbitMQ 4.3 no longer counts `basic.nack(requeue)` toward the limit: a message whose
-//!   outcome can never be published must still end in the DLQ, not loop (design §3).
+//!   outcome can never be published must still end in the DLQ, not loop (design §3);
+//! - a length limit on the DLQ (a blanket max-length policy) must refuse dead letters,
+//!   not drop the oldest as the broker's default overflow does, silently.
 
 use framework::dlq::{self, Selection};
 use framework::lapin::BasicProperties;
@@ -109,4 +111,67 @@ async fn an_outcome_to_a_missing_exchange_ends_in_the_dlq_not_a_loop() {
     )
     .await;
     assert_ends_in_dlq_as_exhausted(&hs).await;
+}
+
+/// A length limit on `Q-dlq` (here a policy of one message) refuses new dead letters
+/// instead of dropping the oldest, which the broker's default overflow does silently: the
+/// refused ones are retried, and reach the DLQ once there is room.
+#[tokio::test]
+async fn a_full_dlq_refuses_dead_letters_instead_of_dropping_the_oldest() {
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let c = calls.clone();
+    let p = FnProcessor(move |_v: serde_json::Value, _ctx: &MessageContext| {
+        c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Outcome::permanent("poison")
+    });
+    // One at a time: a quorum queue checks its limit against what it holds, so dead
+    // letters published together could all fit.
+    let mut hs = Harness::start("dlqfull", &[("amqp.prefetch", "1")], p).await;
+    let dlq_name = format!("{}-dlq", hs.q);
+    let admin = admin::Admin::suite();
+    let policy = admin
+        .set_policy(
+            &unique("dlq-length"),
+            &format!("^{dlq_name}$"),
+            serde_json::json!({"max-length": 1}),
+        )
+        .await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while admin.queue_policy(&dlq_name).await.is_none() {
+        assert!(tokio::time::Instant::now() < deadline, "the policy applies");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    for i in 0..4 {
+        hs.publish(
+            "test.k",
+            format!("{{\"i\":{i}}}").as_bytes(),
+            BasicProperties::default(),
+        )
+        .await;
+    }
+    // The DLQ full (a quorum queue refuses once it holds more than its limit), a later
+    // dead letter is refused, so retried (called again).
+    let c = calls.clone();
+    wait_until("a refused dead letter to be retried", || {
+        c.load(std::sync::atomic::Ordering::SeqCst) >= 5
+    })
+    .await;
+    let before = ready_count(&hs.ch, &dlq_name).await;
+    assert!(before < 4, "{before} in the DLQ: none refused");
+    // Room made (a quorum queue applies a policy's removal only after a while): the
+    // refused dead letters come in, none was dropped.
+    hs.ch
+        .queue_purge(dlq_name.as_str().into(), Default::default())
+        .await
+        .expect("purge the DLQ");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while ready_count(&hs.ch, &dlq_name).await == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the refused dead letters were dropped"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    drop(policy);
+    hs.stop().await;
 }

@@ -156,6 +156,36 @@ impl Admin {
         }
     }
 
+    /// Sets policy `name` on vhost `/` for the queues matching `pattern`, with the
+    /// highest priority; removed when the guard drops.
+    pub async fn set_policy(&self, name: &str, pattern: &str, definition: Value) -> TestPolicy {
+        self.call(
+            reqwest::Method::PUT,
+            &format!("/policies/%2F/{}", encode(name)),
+            Some(
+                serde_json::json!({"pattern": pattern, "definition": definition,
+                                    "priority": 999, "apply-to": "queues"}),
+            ),
+        )
+        .await;
+        TestPolicy {
+            admin: self.clone(),
+            name: Some(name.to_string()),
+        }
+    }
+
+    /// The policy in effect on queue `name` of vhost `/`, if any.
+    pub async fn queue_policy(&self, name: &str) -> Option<String> {
+        let q = self
+            .call(
+                reqwest::Method::GET,
+                &format!("/queues/%2F/{}?columns=policy", encode(name)),
+                None,
+            )
+            .await;
+        q["policy"].as_str().map(str::to_string)
+    }
+
     /// Names of queues on vhost `/` starting with `prefix`.
     pub async fn queues_starting_with(&self, prefix: &str) -> Vec<String> {
         let list = self
@@ -168,6 +198,44 @@ impl Admin {
             .filter(|n| n.starts_with(prefix))
             .map(str::to_string)
             .collect()
+    }
+}
+
+/// A policy that exists until dropped (or [`TestPolicy::remove`]d).
+#[derive(Debug)]
+pub struct TestPolicy {
+    admin: Admin,
+    name: Option<String>,
+}
+
+impl TestPolicy {
+    /// Removes the policy now.
+    pub async fn remove(mut self) {
+        if let Some(name) = self.name.take() {
+            self.admin
+                .call(
+                    reqwest::Method::DELETE,
+                    &format!("/policies/%2F/{}", encode(&name)),
+                    None,
+                )
+                .await;
+        }
+    }
+}
+
+impl Drop for TestPolicy {
+    fn drop(&mut self) {
+        let Some(name) = self.name.take() else {
+            return;
+        };
+        let admin = self.admin.clone();
+        super::run_on_own_thread(async move {
+            let _ = reqwest::Client::new()
+                .delete(format!("{}/api/policies/%2F/{}", admin.base, encode(&name)))
+                .basic_auth(&admin.user, Some(&admin.password))
+                .send()
+                .await;
+        });
     }
 }
 
