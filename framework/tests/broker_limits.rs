@@ -167,8 +167,9 @@ async fn an_outcome_published_during_a_resource_alarm_lands_once() {
 
 /// A stop while the broker blocks the connection (a resource alarm), an outcome waiting
 /// for its confirm: the stop keeps to its drain budget. The cancel, the last acks and the
-/// closes cannot be written then, and each used to wait out the whole confirm limit (30 s
-/// here, as by default): a SIGTERM took over 90 s, past any orchestrator's grace period.
+/// closes cannot be written then, and each used to wait out the whole operation limit (30 s
+/// by default: a SIGTERM took over 90 s, past any orchestrator's grace period). Here the
+/// limit is longer than the test's own bound, so any one of those waits fails it.
 /// Nothing is lost: the input goes back to its queue (or its output lands once the alarm
 /// clears).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -181,7 +182,7 @@ async fn a_stop_during_a_resource_alarm_keeps_to_its_drain_budget() {
         &broker,
         &q,
         &[
-            ("amqp.operation_timeout_ms", "30000"),
+            ("amqp.operation_timeout_ms", "120000"),
             ("amqp.drain_timeout_ms", "1000"),
         ],
         Gated(gate, calls.clone()),

@@ -162,12 +162,28 @@ async fn kill_9_mid_copy_leaves_no_partial_object() {
         open_unnamed().is_some() || named().is_some() || object.exists()
     })
     .await;
-    let stopped = std::process::Command::new("kill")
-        .args(["-STOP", &pid.to_string()])
-        .status_within(WAIT)
-        .expect("kill runs");
-    assert!(stopped.success(), "SIGSTOP");
-    let mid_copy = open_unnamed().is_some() || named().is_some();
+    child.signal(process::SIGSTOP);
+    // Stopped for sure (every thread) before its state is read.
+    let stopped = |stat: &str| {
+        std::fs::read_to_string(stat).is_ok_and(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('T'))
+        })
+    };
+    framework::testing::wait_until("every thread of the service to stop", || {
+        std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|tasks| {
+            tasks
+                .flatten()
+                .all(|t| stopped(&t.path().join("stat").display().to_string()))
+        })
+    })
+    .await;
+    // Still unnamed (linked under its key, the descriptor names the key): mid-copy.
+    let unlinked = open_unnamed().is_some_and(|fd| {
+        std::fs::read_link(fd).is_ok_and(|t| t.to_string_lossy().ends_with(" (deleted)"))
+    });
+    let mid_copy = unlinked || named().is_some();
     child.kill();
     assert!(
         mid_copy,

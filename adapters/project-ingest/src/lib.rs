@@ -105,6 +105,17 @@ impl MessageProcessor for ProjectProcessor {
     type Input = serde_json::Value;
 
     async fn handle(&self, input: serde_json::Value, ctx: &MessageContext) -> Outcome {
+        // Counted before each record is copied and parsed into one of its own.
+        let records = match &input {
+            serde_json::Value::Array(a) => a.len(),
+            v => v
+                .get("Records")
+                .and_then(serde_json::Value::as_array)
+                .map_or(1, Vec::len),
+        };
+        if let Some(o) = ctx.too_many_records(records) {
+            return o;
+        }
         // When the message was published (AMQP timestamp, kept through retries and
         // redeliveries), else its first receipt here (an earlier attempt's header), else now.
         let received = ctx
@@ -124,9 +135,6 @@ impl MessageProcessor for ProjectProcessor {
             routing_key: &ctx.routing_key,
         };
         let items = items_delivered(&input, &delivery);
-        if let Some(o) = ctx.too_many_records(items.len()) {
-            return o;
-        }
         let batch = items.len() > 1;
         let mut dead = framework::batch::Progress::resume(ctx, DEAD_LETTERED_HEADER);
         let mut stored = Vec::new();

@@ -335,6 +335,14 @@ impl MessageProcessor for StatusProcessor {
         // Each export-state and monitoring message is published (and confirmed) as soon as
         // its record is handled; a retry skips those an earlier attempt published.
         let mut published = framework::batch::Progress::resume(ctx, PUBLISHED_HEADER);
+        // Counted before each record is parsed into one of its own.
+        let records = input
+            .get("Records")
+            .and_then(Value::as_array)
+            .map_or(1, Vec::len);
+        if let Some(o) = ctx.too_many_records(records) {
+            return o;
+        }
         match decode(&input) {
             Input::Single(Err(e)) => Outcome::permanent(e),
             Input::Single(Ok(m)) => {
@@ -368,9 +376,6 @@ impl MessageProcessor for StatusProcessor {
                 }
             }
             Input::Records(records) => {
-                if let Some(o) = ctx.too_many_records(records.len()) {
-                    return o;
-                }
                 let mut dead = framework::batch::Progress::resume(ctx, DEAD_LETTERED_HEADER);
                 let mut reports = Vec::new();
                 let records_total = records.len();

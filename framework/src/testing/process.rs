@@ -8,7 +8,7 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// The signal numbers tests send with [`Guarded::signal`].
-pub use libc::{SIGINT, SIGKILL, SIGTERM};
+pub use libc::{SIGINT, SIGKILL, SIGSTOP, SIGTERM};
 
 /// A child process (and every process it starts) killed when dropped.
 #[derive(Debug)]
