@@ -106,17 +106,26 @@ async fn raise_alarm(broker: &PrivateBroker) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_outcome_published_during_a_resource_alarm_lands_once() {
-    let broker = PrivateBroker::start().await;
-    let q = unique("alarm");
-    let (open, gate) = tokio::sync::watch::channel(false);
-    let calls = Arc::new(AtomicUsize::new(0));
+/// Service `q` on `broker` (confirm limit `limit_ms`, drain 1 s) with a sink on its output,
+/// its one input's outcome published once a disk alarm blocks publishers: the alarm is on
+/// and the outcome waits for it. Returns the service, its config and the sink's name.
+async fn outcome_waiting_out_an_alarm(
+    broker: &PrivateBroker,
+    q: &str,
+    limit_ms: &str,
+    open: tokio::sync::watch::Sender<bool>,
+    gate: tokio::sync::watch::Receiver<bool>,
+    calls: &Arc<AtomicUsize>,
+) -> (
+    Background,
+    framework::config::Config<serde::de::IgnoredAny>,
+    String,
+) {
     let (service, cfg) = start_on(
-        &broker,
-        &q,
+        broker,
+        q,
         &[
-            ("amqp.operation_timeout_ms", &LIMIT_MS.to_string()),
+            ("amqp.operation_timeout_ms", limit_ms),
             ("amqp.drain_timeout_ms", "1000"),
         ],
         Gated(gate, calls.clone()),
@@ -124,13 +133,23 @@ async fn an_outcome_published_during_a_resource_alarm_lands_once() {
     .await;
     let sink = format!("{q}-sink");
     broker.sink(&sink, &format!("{q}-out")).await;
-    send_input(&broker, &q).await;
+    send_input(broker, q).await;
     let c = calls.clone();
     wait_until("the handler to start", || c.load(Ordering::SeqCst) == 1).await;
-
     // A disk alarm: the node blocks publishers until the limit comes down again.
-    raise_alarm(&broker).await;
+    raise_alarm(broker).await;
     open.send(true).expect("gate open");
+    (service, cfg, sink)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_published_during_a_resource_alarm_lands_once() {
+    let broker = PrivateBroker::start().await;
+    let q = unique("alarm");
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (service, cfg, sink) =
+        outcome_waiting_out_an_alarm(&broker, &q, &LIMIT_MS.to_string(), open, gate, &calls).await;
     // The outcome's confirm cannot come while the alarm lasts. What must not happen
     // cannot be awaited: the alarm is held for two and a half times the confirm limit,
     // in which the framework used to time the confirm out, publish a retry (blocked too,
@@ -178,23 +197,8 @@ async fn a_stop_during_a_resource_alarm_keeps_to_its_drain_budget() {
     let q = unique("alarmstop");
     let (open, gate) = tokio::sync::watch::channel(false);
     let calls = Arc::new(AtomicUsize::new(0));
-    let (service, _cfg) = start_on(
-        &broker,
-        &q,
-        &[
-            ("amqp.operation_timeout_ms", "120000"),
-            ("amqp.drain_timeout_ms", "1000"),
-        ],
-        Gated(gate, calls.clone()),
-    )
-    .await;
-    let sink = format!("{q}-sink");
-    broker.sink(&sink, &format!("{q}-out")).await;
-    send_input(&broker, &q).await;
-    let c = calls.clone();
-    wait_until("the handler to start", || c.load(Ordering::SeqCst) == 1).await;
-    raise_alarm(&broker).await;
-    open.send(true).expect("gate open");
+    let (service, _cfg, sink) =
+        outcome_waiting_out_an_alarm(&broker, &q, "120000", open, gate, &calls).await;
     // Within WAIT (60 s), or `stop` fails the test.
     service.stop().await;
     disk_limit(&broker, "1MB");

@@ -114,7 +114,9 @@ async fn topology_is_declared_with_the_designed_arguments() {
                 (
                     "x-delivery-limit",
                     AMQPValue::LongLongInt(UNLIMITED_DELIVERIES)
-                )
+                ),
+                // Full, it refuses dead letters (retried) instead of dropping the oldest.
+                ("x-overflow", s("reject-publish")),
             ])
         )
         .await

@@ -12,6 +12,21 @@ fn echo() -> FnProcessor<impl Fn(serde_json::Value, &MessageContext) -> Outcome 
     FnProcessor(|v, _ctx: &MessageContext| Outcome::success(v))
 }
 
+/// Declares `exchange` as its producer would: a durable topic exchange.
+async fn declare_durable_topic(ch: &framework::lapin::Channel, exchange: &str) {
+    ch.exchange_declare(
+        exchange.into(),
+        ExchangeKind::Topic,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("the producer declares its exchange");
+}
+
 /// True if `exchange` exists (a passive declare on a channel of its own).
 async fn exists(conn: &Connection, exchange: &str) -> bool {
     let ch = conn.create_channel().await.expect("channel");
@@ -104,18 +119,7 @@ async fn a_producer_exchange_declared_again_is_bound_again() {
         .exchange_delete(input.as_str().into(), Default::default())
         .await
         .expect("delete");
-    hs.ch
-        .exchange_declare(
-            input.as_str().into(),
-            ExchangeKind::Topic,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("declared again");
+    declare_durable_topic(&hs.ch, &input).await;
     // Published mandatory until routed: the broker returns it while no queue is bound.
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
@@ -214,17 +218,7 @@ async fn without_declare_sources_a_missing_producer_exchange_is_waited_for() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     // The producer comes up: the service binds to it and consumes.
-    ch.exchange_declare(
-        input.as_str().into(),
-        ExchangeKind::Topic,
-        ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .expect("producer declares");
+    declare_durable_topic(&ch, &input).await;
     wait_until("the service to consume", || status.is_ready()).await;
     service.stop().await;
 }

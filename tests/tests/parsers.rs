@@ -49,6 +49,20 @@ fn any_json() -> impl Strategy<Value = Value> {
     })
 }
 
+/// An online root `online` holding `inside/f.txt` ("in") and `inside/link`, a symlink to
+/// `secret` beside the root, which holds `s.txt` ("out").
+fn root_with_a_link_out() -> (tempfile::TempDir, Vec<storage::paths::Root>) {
+    let base = tempfile::tempdir().unwrap();
+    let root = base.path().join("online");
+    std::fs::create_dir_all(root.join("inside")).unwrap();
+    std::fs::create_dir_all(base.path().join("secret")).unwrap();
+    std::fs::write(root.join("inside/f.txt"), b"in").unwrap();
+    std::fs::write(base.path().join("secret/s.txt"), b"out").unwrap();
+    std::os::unix::fs::symlink(base.path().join("secret"), root.join("inside/link")).unwrap();
+    let roots = storage::paths::open_roots(std::slice::from_ref(&root), false).unwrap();
+    (base, roots)
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
 
@@ -114,14 +128,8 @@ proptest! {
         absolute in any::<bool>(),
         name in prop_oneof![Just("f.txt".to_string()), Just("s.txt".to_string()), Just("..".to_string()), "[a-z./]{0,6}"],
     ) {
-        let base = tempfile::tempdir().unwrap();
-        let root = base.path().join("online");
-        std::fs::create_dir_all(root.join("inside")).unwrap();
-        std::fs::create_dir_all(base.path().join("secret")).unwrap();
-        std::fs::write(root.join("inside/f.txt"), b"in").unwrap();
-        std::fs::write(base.path().join("secret/s.txt"), b"out").unwrap();
-        std::os::unix::fs::symlink(base.path().join("secret"), root.join("inside/link")).unwrap();
-        let roots = storage::paths::open_roots(std::slice::from_ref(&root), false).unwrap();
+        let (_base, roots) = root_with_a_link_out();
+        let root = &roots[0].configured;
         let rel = parts.join("/");
         let filepath = if absolute { format!("{}/{rel}", root.display()) } else { rel };
         if let Ok(r) = storage::paths::resolve(&roots, &filepath, &name) {
@@ -139,14 +147,7 @@ proptest! {
 /// the one behind the symlink leading out never does.
 #[test]
 fn the_file_inside_resolves_and_the_one_through_a_link_out_does_not() {
-    let base = tempfile::tempdir().unwrap();
-    let root = base.path().join("online");
-    std::fs::create_dir_all(root.join("inside")).unwrap();
-    std::fs::create_dir_all(base.path().join("secret")).unwrap();
-    std::fs::write(root.join("inside/f.txt"), b"in").unwrap();
-    std::fs::write(base.path().join("secret/s.txt"), b"out").unwrap();
-    std::os::unix::fs::symlink(base.path().join("secret"), root.join("inside/link")).unwrap();
-    let roots = storage::paths::open_roots(std::slice::from_ref(&root), false).unwrap();
+    let (_base, roots) = root_with_a_link_out();
     let r = storage::paths::resolve(&roots, "inside", "f.txt").expect("inside resolves");
     assert_eq!(r.relative, "inside/f.txt");
     for (dir, name) in [
