@@ -245,11 +245,11 @@ pub(crate) async fn session<P: MessageProcessor>(
     // queue with a single active consumer (ordered handling): cancelling makes the broker
     // hand the queue to a standby at once, which would take the next message while this
     // session still holds the one before it. There the consumer stays until the channel
-    // closes, and what it holds then goes back ahead of the rest.
-    // While the broker blocks the connection (a resource alarm) lapin writes no frame: the
-    // cancel, the last acks and the closes would each wait out their whole limit, and a
-    // SIGTERM's drain would outlast any orchestrator's grace period. They are given a
-    // moment instead; what stays unacked the broker requeues as the connection goes.
+    // closes, and what it holds then goes back ahead of the rest. While the broker blocks
+    // the connection (a resource alarm) lapin writes no frame: the cancel, the last acks and
+    // the closes would each wait out their whole limit, and a SIGTERM's drain would outlast
+    // any orchestrator's grace period. They are given a moment instead; what stays unacked
+    // the broker requeues as the connection goes.
     let alarm = shared.publisher.alarm().clone();
     let wait = || {
         if alarm.blocked() {
@@ -306,17 +306,29 @@ async fn watch_queue_depths(
             _ = tick.tick() => {}
         }
         for q in &queues {
-            if ch.as_ref().is_none_or(|c| !c.status().connected()) {
-                ch = bounded(limit, "opening a channel", conn.create_channel())
-                    .await
-                    .ok();
-            }
-            let Some(c) = &ch else { break };
+            let Some(c) = open_channel(&mut ch, &conn, limit).await else {
+                break;
+            };
             if let Ok(Ok(n)) = tokio::time::timeout(limit, crate::dlq::count(c, q)).await {
                 metrics::gauge!(m::QUEUE_MESSAGES, "queue" => q.clone()).set(f64::from(n));
             }
         }
     }
+}
+
+/// `ch` while it is open, else a new channel of `conn` in its place (None if none opens): a
+/// watcher's own channel, which a failed passive check or bind closes.
+async fn open_channel<'a>(
+    ch: &'a mut Option<Channel>,
+    conn: &Connection,
+    limit: Duration,
+) -> Option<&'a Channel> {
+    if ch.as_ref().is_none_or(|c| !c.status().connected()) {
+        *ch = bounded(limit, "opening a channel", conn.create_channel())
+            .await
+            .ok();
+    }
+    ch.as_ref()
 }
 
 /// Binds the input queue to its producers' exchanges again every `every` until `stop`: a
@@ -341,12 +353,9 @@ async fn keep_bound(
             _ = tick.tick() => {}
         }
         for b in &bindings {
-            if ch.as_ref().is_none_or(|c| !c.status().connected()) {
-                ch = bounded(limit, "opening a channel", conn.create_channel())
-                    .await
-                    .ok();
-            }
-            let Some(c) = &ch else { break };
+            let Some(c) = open_channel(&mut ch, &conn, limit).await else {
+                break;
+            };
             let bound = bounded(
                 limit,
                 "queue.bind",
