@@ -8,7 +8,7 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// The signal numbers tests send with [`Guarded::signal`].
-pub use libc::{SIGINT, SIGKILL, SIGSTOP, SIGTERM};
+pub use libc::{SIGINT, SIGKILL, SIGTERM, SIGXFSZ};
 
 /// A child process (and every process it starts) killed when dropped.
 #[derive(Debug)]
@@ -27,6 +27,32 @@ pub fn spawn(cmd: &mut Command) -> std::io::Result<Guarded> {
         });
     }
     cmd.spawn().map(|child| Guarded { child })
+}
+
+/// Makes `cmd`'s process die abruptly (SIGXFSZ, no core file) at the first write that takes
+/// any file past `bytes`: a death at an exact point of a long write, where a signal sent
+/// from outside may arrive before it starts or after it ends.
+pub fn die_writing_past(cmd: &mut Command, bytes: u64) -> &mut Command {
+    let size = libc::rlimit {
+        rlim_cur: bytes,
+        rlim_max: bytes,
+    };
+    let core = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: setrlimit is async-signal-safe and reads only the two copied structs.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &size) != 0
+                || libc::setrlimit(libc::RLIMIT_CORE, &core) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
 }
 
 impl Guarded {
