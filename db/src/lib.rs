@@ -130,7 +130,7 @@ pub async fn connect(url: &str, migrator: &Migrator) -> Result<AnyPool, DbError>
 /// Opens `url` for reading only, as it is: no migration runs (an operator's look must not
 /// change the schema under a running service of another version, and needs no rights to).
 pub async fn connect_read_only(url: &str) -> Result<AnyPool, DbError> {
-    let full = full_url(url)?;
+    let full = full_url_as(url, Access::ReadOnly)?;
     let sqlite = full.starts_with("sqlite:");
     open_pool(&full, if sqlite { 1 } else { 2 }, true).await
 }
@@ -165,10 +165,30 @@ pub async fn connect_split(url: &str, migrator: &Migrator, readers: u32) -> Resu
     Ok(Pools { read, write })
 }
 
+/// How a database is opened: a service's own (created if missing) or an operator's look.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Access {
+    Own,
+    ReadOnly,
+}
+
 /// `url` as sqlx takes it (SQLite: its directory created, `mode=rwc` by default).
 fn full_url(url: &str) -> Result<String, DbError> {
+    full_url_as(url, Access::Own)
+}
+
+/// `url` as sqlx takes it for `access`: a read-only look at SQLite creates nothing (a
+/// mistyped path is an error, not a new empty database).
+fn full_url_as(url: &str, access: Access) -> Result<String, DbError> {
     sqlx::any::install_default_drivers();
     if let Some(path) = url.strip_prefix("sqlite://") {
+        if access == Access::ReadOnly {
+            return Ok(if url.contains('?') {
+                url.to_string()
+            } else {
+                format!("{url}?mode=ro")
+            });
+        }
         let path = path.split('?').next().unwrap_or(path);
         if path != ":memory:"
             && let Some(dir) = Path::new(path)
@@ -197,13 +217,36 @@ async fn open_pool(full: &str, max: u32, read_only: bool) -> Result<AnyPool, DbE
         .acquire_timeout(Duration::from_secs(10))
         .after_connect(move |conn, _| {
             Box::pin(async move {
+                if !sqlite {
+                    // A lock another session holds (a replica paused or cut off inside a
+                    // transaction) fails the one write waiting on it, a retry, instead
+                    // of hanging it and every write queued behind it until PostgreSQL's
+                    // keepalive notices the other side, hours later; the other side's
+                    // transaction ends once idle too long, and a dead client is noticed
+                    // in about half a minute.
+                    for set in [
+                        "SET lock_timeout = '10s'",
+                        "SET idle_in_transaction_session_timeout = '60s'",
+                        "SET tcp_keepalives_idle = 15",
+                        "SET tcp_keepalives_interval = 5",
+                        "SET tcp_keepalives_count = 3",
+                    ] {
+                        sqlx::query(set).execute(&mut *conn).await?;
+                    }
+                }
                 if sqlite {
                     // WAL: readers never block the writer nor it them. synchronous stays
                     // FULL (SQLite's default): every commit is on disk before it returns,
                     // so a recorded copy survives power loss, not only a process crash.
                     // Writers batch their commits instead (group commit) to pay for it.
+                    // A reader finds the writer's WAL mode in the file; setting it would
+                    // write to a database it only looks at.
+                    if !read_only {
+                        sqlx::query("PRAGMA journal_mode = WAL")
+                            .execute(&mut *conn)
+                            .await?;
+                    }
                     for pragma in [
-                        "PRAGMA journal_mode = WAL",
                         "PRAGMA synchronous = FULL",
                         "PRAGMA busy_timeout = 5000",
                         "PRAGMA foreign_keys = ON",
@@ -339,6 +382,15 @@ mod tests {
                 .expect("asked");
         assert!(ssl, "the connection is encrypted");
         pool.close().await;
+    }
+
+    /// `snapshot-status status` with a mistyped SQLite path: an error, and nothing made.
+    #[tokio::test]
+    async fn a_read_only_look_creates_nothing() {
+        let dir = std::env::temp_dir().join(format!("db-ro-{}", uuid::Uuid::new_v4().simple()));
+        let url = format!("sqlite://{}/x.db", dir.display());
+        assert!(connect_read_only(&url).await.is_err());
+        assert!(!dir.exists(), "{} was created", dir.display());
     }
 
     #[test]

@@ -122,6 +122,34 @@ impl AmqpUrl {
                 u.host_str().unwrap_or_default()
             ));
         }
+        // lapin reads the rest only when it connects: a `run` would retry a URL it can
+        // never use, forever, with an error that names no key.
+        if u.path() == "/" {
+            return Err(
+                "the vhost is empty (a trailing `/`): write the default vhost `/` as `%2f` \
+                 (amqp://host:5672/%2f), or leave the path out"
+                    .into(),
+            );
+        }
+        for (k, v) in u.query_pairs() {
+            let usable = match k.as_ref() {
+                "frame_max" => v.parse::<u32>().is_ok(),
+                "channel_max" | "heartbeat" => v.parse::<u16>().is_ok(),
+                "connection_timeout" => v.parse::<u64>().is_ok(),
+                "auth_mechanism" => v.parse::<lapin::uri::SASLMechanism>().is_ok(),
+                _ => true,
+            };
+            if !usable {
+                return Err(format!(
+                    "query parameter `{k}` = `{v}` is not usable by the AMQP client \
+                     (frame_max, channel_max, heartbeat and connection_timeout take whole \
+                     numbers; heartbeat and channel_max at most 65535)"
+                ));
+            }
+        }
+        u.as_str()
+            .parse::<lapin::uri::AMQPUri>()
+            .map_err(|e| format!("not usable by the AMQP client: {e}"))?;
         Ok(Self(u))
     }
     /// True for `amqps://` (TLS).
@@ -135,7 +163,9 @@ impl AmqpUrl {
     /// Replaces the password (from a secret file).
     pub fn with_password(&self, password: &str) -> Result<Self, String> {
         let mut u = self.0.clone();
-        u.set_password(Some(password))
+        // The file holds the password itself: a `%` in it is a character, not an escape
+        // (`set_password` encodes everything else but leaves `%` for the client to decode).
+        u.set_password(Some(&password.replace('%', "%25")))
             .map_err(|_| "cannot set a password on this URL".to_string())?;
         Ok(Self(u))
     }
@@ -843,6 +873,8 @@ pub fn load<S: DeserializeOwned>(
         }
     }
 
+    // At most `prefetch` run at once whatever is asked: shown as it runs.
+    amqp.concurrency = amqp.concurrency.min(usize::from(amqp.prefetch));
     let cfg = Config {
         amqp,
         retry,
@@ -870,6 +902,12 @@ fn rename(mut e: ConfigError, from: &str, to: &str) -> ConfigError {
 /// refused.
 fn check_log_level(level: &str) -> Result<(), ConfigError> {
     use std::str::FromStr;
+    if level.trim().is_empty() {
+        return Err(ConfigError::new(
+            "log.level",
+            "empty: it would turn every log line below ERROR off (info is the default)",
+        ));
+    }
     tracing_subscriber::EnvFilter::try_new(level)
         .map_err(|e| ConfigError::new("log.level", e.to_string()))?;
     let is_level = |d: &str| tracing_subscriber::filter::LevelFilter::from_str(d).is_ok();
@@ -1132,6 +1170,60 @@ mod tests {
             "http://collector:4318/"
         );
         assert_eq!(redacted_url("not a url?token=x"), "***");
+    }
+
+    #[test]
+    fn a_broker_url_the_client_cannot_use_is_refused_before_run() {
+        for url in [
+            "amqp://guest:guest@127.0.0.1:5672/%2f?heartbeat=30s",
+            "amqp://guest:guest@127.0.0.1:5672/%2f?heartbeat=70000",
+            "amqp://guest:guest@127.0.0.1:5672/%2f?frame_max=big",
+            "amqp://guest:guest@127.0.0.1:5672/%2f?auth_mechanism=foo",
+            // lapin takes the empty path after a trailing `/` as vhost "".
+            "amqp://guest:guest@127.0.0.1:5672/",
+        ] {
+            let e = with_env(&[("STORAGETIER__AMQP__URL", url)]).expect_err(url);
+            assert_eq!(e.key, "amqp.url", "{url}");
+        }
+        for url in [
+            "amqp://guest:guest@127.0.0.1:5672",
+            "amqp://guest:guest@127.0.0.1:5672/%2f?heartbeat=30&frame_max=131072",
+            "amqps://u:p@rabbit/prod?auth_mechanism=external",
+        ] {
+            assert!(
+                with_env(&[("STORAGETIER__AMQP__URL", url)]).is_ok(),
+                "{url}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_password_file_is_taken_as_written_percent_signs_included() {
+        let u = AmqpUrl::parse("amqp://u:x@h/%2f").expect("url");
+        for pw in ["p%41ss", "a b:c@d/%", "plain"] {
+            let with = u.with_password(pw).expect("password set");
+            let seen: lapin::uri::AMQPUri = with.expose().parse().expect("usable by lapin");
+            assert_eq!(seen.authority.userinfo.password, pw);
+        }
+    }
+
+    #[test]
+    fn an_empty_log_level_is_refused() {
+        for level in ["", "  "] {
+            let e = with_env(&[("STORAGETIER__LOG__LEVEL", level)]).expect_err("empty");
+            assert_eq!(e.key, "log.level");
+        }
+    }
+
+    #[test]
+    fn concurrency_above_prefetch_shows_as_it_runs() {
+        let c = with_env(&[
+            ("STORAGETIER__AMQP__CONCURRENCY", "1000"),
+            ("STORAGETIER__AMQP__PREFETCH", "16"),
+        ])
+        .expect("valid");
+        assert_eq!(c.amqp.concurrency, 16);
+        assert_eq!(c.amqp.effective_concurrency(), 16);
     }
 
     #[test]

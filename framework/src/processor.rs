@@ -200,6 +200,11 @@ impl MessageContext {
         self.trace.traceparent()
     }
 
+    /// The input's W3C `tracestate`, when it is passed on, to go with [`Self::traceparent`].
+    pub fn tracestate(&self) -> Option<&str> {
+        self.trace.tracestate.as_deref()
+    }
+
     /// True once the session that delivered this message is ending.
     pub fn is_cancelled(&self) -> bool {
         self.cancel.is_cancelled()

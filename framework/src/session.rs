@@ -202,6 +202,7 @@ pub(crate) async fn session<P: MessageProcessor>(
                 let cancel = handlers.cancel.clone();
                 let stops_at = handlers.stops_at.clone();
                 let kill = handlers.kill.clone();
+                let metrics = shared.metrics.clone();
                 // The handler's state machine (several KiB) lives on the heap from the start,
                 // not in the spawned future, which tokio moves more than once while spawning.
                 let fut = async move {
@@ -210,7 +211,8 @@ pub(crate) async fn session<P: MessageProcessor>(
                     });
                     tokio::select! {
                         _ = handling => {}
-                        _ = kill.cancelled() => {}
+                        // Stopped unsettled: the broker requeues it with the channel.
+                        _ = kill.cancelled() => metrics.count("interrupted"),
                     }
                     drop(permit);
                 };
@@ -537,16 +539,6 @@ pub fn describe_decode_error(e: &serde_json::Error) -> String {
     }
 }
 
-fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = p.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = p.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "non-string panic payload".to_string()
-    }
-}
-
 /// What every handler of one session shares (one clone per message, not one per piece).
 struct Shared<P: MessageProcessor> {
     /// The session's connection (to check the topology when a publish finds it broken).
@@ -637,7 +629,7 @@ impl<P: MessageProcessor> Shared<P> {
             .catch_unwind()
             .await;
             let outcome = handled.unwrap_or_else(|p| {
-                Outcome::Permanent(format!("processor panicked: {}", panic_message(&*p)))
+                Outcome::Permanent(format!("processor panicked: {}", m::panic_message(&*p)))
             });
             metrics
                 .handler_seconds()

@@ -191,7 +191,9 @@ async fn run(ch: Channel, metrics: Arc<QueueMetrics>, mut rx: mpsc::UnboundedRec
                     requeue: true,
                     ..Default::default()
                 };
-                let _ = ch.basic_nack(t, requeue).await;
+                if ch.basic_nack(t, requeue).await.is_ok() {
+                    metrics.count("interrupted");
+                }
             }
         }
         if acked.is_empty() {

@@ -92,10 +92,14 @@ pub fn init_logging(cfg: &LogConfig) {
     // passive check of a producer exchange that does not exist yet closes its channel
     // with 404); whatever such a close means to a service, the framework logs itself.
     // A filter that names `lapin::channel` gets them.
-    if !cfg.level.contains("lapin::channel")
-        && let Ok(quiet) = "lapin::channel=off".parse()
-    {
-        filter = filter.add_directive(quiet);
+    // lapin also logs every returned (unroutable) message whole, headers and body, at WARN:
+    // the framework reports an unroutable publish itself, without the payload.
+    for target in ["lapin::channel", "lapin::returned_messages"] {
+        if !cfg.level.contains(target)
+            && let Ok(quiet) = format!("{target}=off").parse()
+        {
+            filter = filter.add_directive(quiet);
+        }
     }
     // Colours only for a person at a terminal: in a log file or a collector they are noise,
     // and styling every span's fields (one span per message) costs CPU.
@@ -121,6 +125,31 @@ pub fn init_logging(cfg: &LogConfig) {
     };
     if result.is_ok() {
         let _ = LOG_FORMAT.set(cfg.format);
+        // A panic (a processor's, caught and dead-lettered, or one that ends the process)
+        // is a log event like any other: in the message's span, its text escaped; the
+        // default hook's raw lines broke JSON logs and let a quoted input forge a line.
+        std::panic::set_hook(Box::new(|info| {
+            let location = info
+                .location()
+                .map(|l| format!("{}:{}", l.file(), l.line()))
+                .unwrap_or_default();
+            tracing::error!(
+                panic = %LogText(&panic_message(info.payload())),
+                location,
+                "panicked"
+            );
+        }));
+    }
+}
+
+/// The text of a panic's payload (`panic!`'s message).
+pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_string()
     }
 }
 
@@ -162,6 +191,10 @@ impl QueueMetrics {
             messages: Default::default(),
         };
         m.publish_failures().increment(0);
+        m.in_flight().set(0.0);
+        // A histogram shows once it has a sample; registered here, it is exported from the
+        // first scrape with none recorded.
+        let _ = m.handler_seconds();
         for (i, outcome) in OUTCOMES.iter().enumerate() {
             m.messages[i]
                 .get_or_init(|| m.counter(outcome))

@@ -80,7 +80,10 @@ impl TraceContext {
                         && *p != "0".repeat(16)
                         && is_hex(f, 2) =>
                 {
-                    Some((t.to_string(), p.to_string(), f.to_string()))
+                    // Only the flags W3C defines (sampled, random trace id) are passed on:
+                    // the rest "MUST be set to zero" by whoever writes the header next.
+                    let f = u8::from_str_radix(f, 16).unwrap_or(1) & 0x03;
+                    Some((t.to_string(), p.to_string(), format!("{f:02x}")))
                 }
                 _ => None,
             }
@@ -148,6 +151,16 @@ mod tests {
             c.traceparent()
                 .starts_with("00-0af7651916cd43dd8448eb211c80319c-")
         );
+    }
+
+    #[test]
+    fn only_the_defined_flags_are_passed_on() {
+        for (flags, kept) in [("ff", "03"), ("01", "01"), ("00", "00"), ("fe", "02")] {
+            let c = TraceContext::continue_from(&with(&format!(
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-{flags}"
+            )));
+            assert!(c.traceparent().ends_with(&format!("-{kept}")), "{flags}");
+        }
     }
 
     #[test]

@@ -859,6 +859,9 @@ async fn metrics_and_health_are_served() {
         format!("storagetier_publish_failures_total{{queue=\"{q}\"}} 0"),
         format!("storagetier_messages_total{{queue=\"{q}\",outcome=\"dead_letter\"}} 0"),
         format!("storagetier_messages_total{{queue=\"{q}\",outcome=\"retry\"}} 0"),
+        // Gauges and the histogram too: a dashboard shows 0, not "no data", when idle.
+        format!("storagetier_in_flight{{queue=\"{q}\"}} 0"),
+        format!("storagetier_handler_seconds_count{{queue=\"{q}\"}} 0"),
     ] {
         assert!(text.contains(&zero), "{zero} in {text}");
     }
@@ -1474,6 +1477,15 @@ async fn acks_sent_together_never_cover_an_unsettled_delivery() {
         let v: serde_json::Value = serde_json::from_slice(&d.data).unwrap();
         got.push(v["n"].as_u64().unwrap());
     }
+    let interrupted =
+        format!("storagetier_messages_total{{queue=\"{q}\",outcome=\"interrupted\"}} 1");
+    wait_until("the give-back counted", || {
+        framework::telemetry::metrics_handle()
+            .render()
+            .lines()
+            .any(|l| l == interrupted)
+    })
+    .await;
     assert_eq!(
         got.last(),
         Some(&0),

@@ -852,16 +852,26 @@ async fn json_logs_carry_each_message_span() {
         BasicProperties::default().with_message_id("log-1".into()),
     )
     .await;
+    // A processor's panic quoting its input, which tries to forge a log line.
+    publish(
+        &ch,
+        &format!("{q}-in"),
+        "k.panic",
+        br#""x\n{\"level\":\"ERROR\",\"forged\":1}""#,
+        BasicProperties::default().with_message_id("log-2".into()),
+    )
+    .await;
     let mut child = process::spawn(
         echo_cmd(&q, dir.path())
             .env("STORAGETIER__LOG__FORMAT", "json")
+            .env("STORAGETIER__ECHO__PANIC_KEY", "k.panic")
             .arg("run")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped()),
     )
     .expect("echo runs");
-    await_ready_count(&ch, &format!("{q}-dlq"), 1).await;
+    await_ready_count(&ch, &format!("{q}-dlq"), 2).await;
     assert_eq!(child.terminate(WAIT).and_then(|s| s.code()), Some(0));
     let mut log = String::new();
     std::io::Read::read_to_string(&mut child.take_stderr().expect("stderr"), &mut log)
@@ -879,4 +889,19 @@ async fn json_logs_carry_each_message_span() {
     assert_eq!(span["routing_key"], "k.log", "{span}");
     assert_eq!(span["attempt"], 0, "{span}");
     assert!(in_span["level"].is_string() && in_span["fields"].is_object());
+    // The panic is a log event in its message's span, its text kept inside a field.
+    assert!(
+        lines.iter().all(|l| l.get("forged").is_none()),
+        "a forged line:\n{log}"
+    );
+    let panicked = lines
+        .iter()
+        .find(|l| l["span"]["message_id"] == "log-2" && l["fields"]["panic"].is_string())
+        .unwrap_or_else(|| panic!("no panic event in the message's span:\n{log}"));
+    assert!(
+        panicked["fields"]["panic"]
+            .as_str()
+            .is_some_and(|p| p.contains("forged")),
+        "{panicked}"
+    );
 }

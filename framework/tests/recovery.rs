@@ -185,6 +185,7 @@ impl framework::MessageProcessor for Stuck {
 
 #[tokio::test]
 async fn shutdown_stops_a_handler_that_outlives_the_drain_budget() {
+    let recorder = framework::telemetry::metrics_handle();
     let dropped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let started = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut hs = Harness::start(
@@ -208,6 +209,14 @@ async fn shutdown_stops_a_handler_that_outlives_the_drain_budget() {
     );
     // Its message was not acked: it is back in the queue.
     await_ready_count(&hs.ch, &q, 1).await;
+    // And counted as handed back unfinished.
+    let interrupted =
+        format!("storagetier_messages_total{{queue=\"{q}\",outcome=\"interrupted\"}} 1");
+    let text = recorder.render();
+    assert!(
+        text.lines().any(|l| l == interrupted),
+        "{interrupted} in {text}"
+    );
 }
 
 /// The first delivery never ends and never notices its session ending (work that cannot:

@@ -142,7 +142,10 @@ async fn death_mid_copy_leaves_no_partial_object() {
         "the service died writing past half the object ({died}): the copy was cut in the middle"
     );
     let object = data.path().join("archive/big/file.bin");
-    let staging = data.path().join("archive").join(storage::local::STAGING_DIR);
+    let staging = data
+        .path()
+        .join("archive")
+        .join(storage::local::STAGING_DIR);
     let named = || {
         std::fs::read_dir(&staging)
             .ok()?

@@ -924,6 +924,47 @@ async fn a_claim_whose_renewal_never_answers_stops_the_copy() {
     pg.drop_db().await.expect("drop");
 }
 
+/// A row another session holds locked (a replica paused or cut off inside a transaction)
+/// fails the write waiting on it after PostgreSQL's lock timeout — an error, so a retry —
+/// and the writes of other keys go on, instead of all of them hanging behind it for as
+/// long as the other transaction lives (hours, until a keepalive notices).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_locked_by_a_paused_replica_fails_one_write_not_all() {
+    use db::sqlx::Connection as _;
+    let pg = db::testing::TempPostgres::create().await.expect("database");
+    let recs = Records::open(&pg.url).await.expect("records");
+    let lease = std::time::Duration::from_secs(600);
+    assert!(recs.claim("k", "a", lease).await.expect("claim"));
+    let mut locker = db::sqlx::AnyConnection::connect(&pg.url)
+        .await
+        .expect("another session");
+    let mut tx = locker.begin().await.expect("begin");
+    db::sqlx::query("SELECT owner FROM upload_claims WHERE object_key = 'k' FOR UPDATE")
+        .fetch_one(&mut *tx)
+        .await
+        .expect("the claim row, locked");
+    let waiting = tokio::spawn({
+        let recs = recs.clone();
+        async move { recs.claim("k", "b", lease).await }
+    });
+    // Bounded only so a regression fails instead of hanging.
+    let budget = std::time::Duration::from_secs(120);
+    let other = tokio::time::timeout(budget, recs.claim("j", "c", lease))
+        .await
+        .expect("another key's write is not held behind the lock")
+        .expect("another key's write succeeds");
+    assert!(other);
+    let r = tokio::time::timeout(budget, waiting)
+        .await
+        .expect("the write waiting on the lock ends")
+        .expect("ran");
+    assert!(r.is_err(), "the lock wait ended as an error: {r:?}");
+    tx.rollback().await.expect("rollback");
+    drop(locker);
+    recs.close().await;
+    pg.drop_db().await.expect("drop");
+}
+
 /// A file replaced by other content of the same size with its modification time kept
 /// (`cp -p`, `rsync -t`) is not the file copied before: its redelivery copies it (beside
 /// the earlier object, which holds other content) instead of reporting the earlier copy.

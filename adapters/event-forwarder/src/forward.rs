@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use framework::Secret;
 use reqwest::StatusCode;
-use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
 
 /// How much of a response body an error message quotes.
 pub const MAX_QUOTED_BODY: usize = 256;
@@ -218,16 +218,14 @@ impl Forwarder {
         &self,
         body: &str,
         auth: Option<&HeaderValue>,
-        key: Option<&HeaderValue>,
+        event: &HeaderMap,
     ) -> reqwest::RequestBuilder {
-        let mut req = self
+        let req = self
             .client
             .post(self.endpoint.clone())
             .header(CONTENT_TYPE, "application/json")
+            .headers(event.clone())
             .body(body.to_string());
-        if let Some(k) = key {
-            req = req.header(IDEMPOTENCY_KEY, k.clone());
-        }
         match auth {
             Some(a) => req.header(AUTHORIZATION, a.clone()),
             None => req,
@@ -235,16 +233,16 @@ impl Forwarder {
     }
 
     /// POSTs `body` (JSON text, sent as is) once (twice if the endpoint refused a token
-    /// that its file has since replaced), with `key` (see [`idempotency_key`]) as its
-    /// `Idempotency-Key`.
-    pub async fn post(&self, body: &str, key: Option<&HeaderValue>) -> PostResult {
+    /// that its file has since replaced), with the event's own headers (see
+    /// [`event_headers`]).
+    pub async fn post(&self, body: &str, event: &HeaderMap) -> PostResult {
         let unreachable =
             |e: reqwest::Error| PostResult::Retryable(self.describe(&e), None, Scope::Endpoint);
         let refused = |s: StatusCode| matches!(s, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN);
         let sent = self.auth();
         // What an answer quoted in an error must not show: every token sent.
         let mut secrets = secrets_of(sent.as_ref());
-        let mut resp = match self.request(body, sent.as_ref(), key).send().await {
+        let mut resp = match self.request(body, sent.as_ref(), event).send().await {
             Ok(r) => r,
             Err(e) => return unreachable(e),
         };
@@ -254,7 +252,7 @@ impl Forwarder {
         {
             secrets.extend(secrets_of(Some(&fresh)));
             rotated = true;
-            resp = match self.request(body, Some(&fresh), key).send().await {
+            resp = match self.request(body, Some(&fresh), event).send().await {
                 Ok(r) => r,
                 Err(e) => return unreachable(e),
             };

@@ -10,8 +10,8 @@ use serde_json::json;
 use serde_json::value::RawValue;
 
 use crate::envelope::{Events, KinesisRecord, single_record_envelope, split};
-use crate::forward::{Forwarder, PostResult, Scope, idempotency_key};
-use reqwest::header::HeaderValue;
+use crate::forward::{Forwarder, IDEMPOTENCY_KEY, PostResult, Scope, idempotency_key};
+use reqwest::header::{HeaderMap, HeaderValue};
 
 /// What posting one event came to, in ordered mode's in-place retries included.
 enum Posted {
@@ -169,10 +169,11 @@ impl EventForwarder {
     /// Posts once, or in ordered mode until it is not retryable, the attempts run out
     /// (Exhausted: dead-lettered as `retries-exhausted`) or the session ends (Interrupted:
     /// handed back unacked, so the event keeps its place).
-    async fn post(&self, body: &str, key: Option<&HeaderValue>, ctx: &MessageContext) -> Posted {
+    async fn post(&self, body: &str, key: Option<HeaderValue>, ctx: &MessageContext) -> Posted {
+        let event = event_headers(key, ctx);
         let mut attempt: u32 = 0;
         loop {
-            let r = self.forwarder.post(body, key).await;
+            let r = self.forwarder.post(body, &event).await;
             let label = match &r {
                 PostResult::Delivered(_) => "delivered",
                 PostResult::Retryable(..) => "retry",
@@ -220,11 +221,7 @@ impl EventForwarder {
             }));
         }
         // The message's own id (and the part of a batch it was, once replayed alone).
-        let key = ctx.message_id.as_deref().map(|id| match ctx.batch_part() {
-            Some(part) => idempotency_key(&format!("{id}:{part}")),
-            None => idempotency_key(id),
-        });
-        let r = match self.post(body.get(), key.as_ref(), ctx).await {
+        let r = match self.post(body.get(), message_key(ctx, None), ctx).await {
             Posted::Result(r) => r,
             Posted::Exhausted(e) => return Outcome::exhausted(e),
             Posted::Interrupted(e) => return Outcome::Interrupted(e),
@@ -290,7 +287,7 @@ impl EventForwarder {
                 ));
             }
             let key = record_key(r, i, ctx);
-            let result = match self.post(r.kinesis.get(), key.as_ref(), ctx).await {
+            let result = match self.post(r.kinesis.get(), key, ctx).await {
                 Posted::Result(res) => res,
                 Posted::Exhausted(e) => {
                     let why = format!("record {i} of {}: {e}", records.len());
@@ -368,12 +365,36 @@ impl MessageProcessor for EventForwarder {
 /// message's id and the record's place in the batch it came in (a record replayed alone
 /// keeps its place: `x-batch-part`); none when neither names it.
 fn record_key(r: &KinesisRecord<'_>, i: usize, ctx: &MessageContext) -> Option<HeaderValue> {
-    if let Some(e) = &r.event_id {
-        return Some(idempotency_key(e));
+    match &r.event_id {
+        Some(e) => Some(idempotency_key(e)),
+        None => message_key(ctx, Some(i.to_string())),
     }
+}
+
+/// The `Idempotency-Key` from the message's own id: of the whole message, or of its part
+/// (the place a record replayed alone had in its batch, `x-batch-part`, else `place`).
+fn message_key(ctx: &MessageContext, place: Option<String>) -> Option<HeaderValue> {
     let id = ctx.message_id.as_deref()?;
-    let part = ctx.batch_part().unwrap_or_else(|| i.to_string());
-    Some(idempotency_key(&format!("{id}:{part}")))
+    Some(match ctx.batch_part().or(place) {
+        Some(part) => idempotency_key(&format!("{id}:{part}")),
+        None => idempotency_key(id),
+    })
+}
+
+/// The headers of one event's POST: its `Idempotency-Key` (when something names it) and
+/// the message's W3C trace context, so the endpoint's work joins the event's trace.
+fn event_headers(key: Option<HeaderValue>, ctx: &MessageContext) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    if let Some(k) = key {
+        h.insert(IDEMPOTENCY_KEY, k);
+    }
+    if let Ok(tp) = HeaderValue::from_str(&ctx.traceparent()) {
+        h.insert(framework::trace::TRACEPARENT, tp);
+    }
+    if let Some(ts) = ctx.tracestate().and_then(|t| HeaderValue::from_str(t).ok()) {
+        h.insert(framework::trace::TRACESTATE, ts);
+    }
+    h
 }
 
 /// The event-forwarder service: `events` / `#` → HTTP POST.

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use event_forwarder::forward::{Forwarder, PostResult, Scope};
 use framework::Secret;
+use reqwest::header::HeaderMap;
 use wiremock::matchers::{body_string, header, method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
@@ -41,7 +42,9 @@ async fn posts_the_body_unchanged_with_authorization_and_content_type() {
         .expect(1)
         .mount(&server)
         .await;
-    let r = forwarder(&server.uri(), 5000).post(body, None).await;
+    let r = forwarder(&server.uri(), 5000)
+        .post(body, &HeaderMap::new())
+        .await;
     assert_eq!(r, PostResult::Delivered(201));
 }
 
@@ -50,7 +53,9 @@ async fn two_hundreds_are_delivered() {
     for s in [200, 202, 204] {
         let server = server_answering(s, "").await;
         assert_eq!(
-            forwarder(&server.uri(), 5000).post("{}", None).await,
+            forwarder(&server.uri(), 5000)
+                .post("{}", &HeaderMap::new())
+                .await,
             PostResult::Delivered(s)
         );
     }
@@ -60,7 +65,10 @@ async fn two_hundreds_are_delivered() {
 async fn four_hundreds_are_rejected_with_status_and_body_but_no_token() {
     for s in [400, 401, 403, 404, 422] {
         let server = server_answering(s, "no such member").await;
-        match forwarder(&server.uri(), 5000).post("{}", None).await {
+        match forwarder(&server.uri(), 5000)
+            .post("{}", &HeaderMap::new())
+            .await
+        {
             PostResult::Rejected(e) => {
                 assert!(e.contains(&s.to_string()), "{e}");
                 assert!(e.contains("no such member"), "{e}");
@@ -79,7 +87,9 @@ async fn redirects_are_not_followed_and_rejected() {
         .mount(&server)
         .await;
     assert!(matches!(
-        forwarder(&server.uri(), 5000).post("{}", None).await,
+        forwarder(&server.uri(), 5000)
+            .post("{}", &HeaderMap::new())
+            .await,
         PostResult::Rejected(_)
     ));
     assert_eq!(server.received_requests().await.unwrap().len(), 1);
@@ -99,7 +109,10 @@ async fn five_hundreds_408_and_429_are_retryable() {
         (507, Scope::Event),
     ] {
         let server = server_answering(s, "busy").await;
-        match forwarder(&server.uri(), 5000).post("{}", None).await {
+        match forwarder(&server.uri(), 5000)
+            .post("{}", &HeaderMap::new())
+            .await
+        {
             PostResult::Retryable(e, None, sc) if sc == scope => {
                 assert!(e.contains(&s.to_string()), "{e}")
             }
@@ -115,7 +128,10 @@ async fn a_retry_after_is_passed_on_and_quoted() {
         .respond_with(ResponseTemplate::new(429).insert_header("Retry-After", "7"))
         .mount(&server)
         .await;
-    match forwarder(&server.uri(), 5000).post("{}", None).await {
+    match forwarder(&server.uri(), 5000)
+        .post("{}", &HeaderMap::new())
+        .await
+    {
         PostResult::Retryable(e, after, scope) => {
             assert_eq!(after, Some(Duration::from_secs(7)));
             assert_eq!(scope, Scope::Endpoint);
@@ -128,7 +144,10 @@ async fn a_retry_after_is_passed_on_and_quoted() {
 #[tokio::test]
 async fn long_error_bodies_are_truncated() {
     let server = server_answering(500, &"x".repeat(10_000)).await;
-    let PostResult::Retryable(e, ..) = forwarder(&server.uri(), 5000).post("{}", None).await else {
+    let PostResult::Retryable(e, ..) = forwarder(&server.uri(), 5000)
+        .post("{}", &HeaderMap::new())
+        .await
+    else {
         panic!("retryable expected")
     };
     assert!(e.len() < 400, "{} bytes", e.len());
@@ -144,7 +163,7 @@ async fn a_timeout_is_retryable() {
     // The answer would take 10 min: only the timeout ends the wait within WAIT.
     let posted = tokio::time::timeout(
         framework::testing::WAIT,
-        forwarder(&server.uri(), 200).post("{}", None),
+        forwarder(&server.uri(), 200).post("{}", &HeaderMap::new()),
     )
     .await
     .expect("the timeout ended the wait");
@@ -158,7 +177,7 @@ async fn a_timeout_is_retryable() {
 async fn connection_refused_is_retryable() {
     let port = framework::testing::broker::free_port();
     match forwarder(&format!("http://127.0.0.1:{port}"), 2000)
-        .post("{}", None)
+        .post("{}", &HeaderMap::new())
         .await
     {
         PostResult::Retryable(e, None, Scope::Endpoint) => {
@@ -178,7 +197,10 @@ async fn without_a_token_no_authorization_is_sent() {
         Duration::from_secs(5),
     )
     .unwrap();
-    assert_eq!(f.post("{}", None).await, PostResult::Delivered(200));
+    assert_eq!(
+        f.post("{}", &HeaderMap::new()).await,
+        PostResult::Delivered(200)
+    );
     let reqs = server.received_requests().await.unwrap();
     assert!(reqs[0].headers.get("authorization").is_none());
 }

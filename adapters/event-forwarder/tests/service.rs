@@ -505,6 +505,56 @@ async fn every_try_of_an_event_carries_the_same_idempotency_key() {
     hs.stop().await;
 }
 
+/// The POST joins the event's trace (design §6): the input's trace id, this handling as
+/// the parent, the input's `tracestate` passed on.
+#[tokio::test]
+async fn the_post_carries_the_events_trace() {
+    use framework::lapin::types::{AMQPValue, FieldTable};
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&server)
+        .await;
+    let data = tempfile::tempdir().unwrap();
+    let mut hs = start(&server, data.path(), &[]).await;
+    let mut out = hs.watch_output().await;
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let mut headers = FieldTable::default();
+    for (k, v) in [
+        ("traceparent", format!("00-{trace}-00f067aa0ba902b7-01")),
+        ("tracestate", "congo=t61rcWkgMzE".to_string()),
+    ] {
+        headers.insert(k.into(), AMQPValue::LongString(v.into()));
+    }
+    hs.publish(
+        "k",
+        br#"{"e":"traced"}"#,
+        with_id("m1").with_headers(headers),
+    )
+    .await;
+    next(&mut out).await;
+    let posts = server.received_requests().await.unwrap();
+    let [post] = posts.as_slice() else {
+        panic!("one POST, got {}", posts.len());
+    };
+    let got = |name: &str| {
+        post.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(String::from)
+    };
+    let tp = got("traceparent").expect("a traceparent on the POST");
+    let parts: Vec<&str> = tp.split('-').collect();
+    assert_eq!(parts.len(), 4, "{tp}");
+    assert_eq!(parts[1], trace, "the input's trace continued: {tp}");
+    assert_ne!(
+        parts[2], "00f067aa0ba902b7",
+        "this handling is the parent: {tp}"
+    );
+    assert_eq!(got("tracestate").as_deref(), Some("congo=t61rcWkgMzE"));
+    hs.stop().await;
+}
+
 #[tokio::test]
 async fn ordered_mode_retries_in_place_and_keeps_order() {
     let server = first_refused(2).await;

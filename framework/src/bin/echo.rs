@@ -14,16 +14,24 @@ struct EchoSettings {
     /// Artificial handling time per message (tests and benchmarks of draining).
     #[serde(default)]
     delay_ms: u64,
+    /// A routing key whose messages make the handler panic with the input's text (a JSON
+    /// string): tests of a real process's panic path.
+    #[serde(default)]
+    panic_key: String,
 }
 
 struct Echo {
     delay: std::time::Duration,
+    panic_key: String,
 }
 
 #[async_trait]
 impl MessageProcessor for Echo {
     type Input = serde_json::Value;
-    async fn handle(&self, input: serde_json::Value, _ctx: &MessageContext) -> Outcome {
+    async fn handle(&self, input: serde_json::Value, ctx: &MessageContext) -> Outcome {
+        if !self.panic_key.is_empty() && ctx.routing_key == self.panic_key {
+            panic!("{}", input.as_str().unwrap_or("asked to"));
+        }
         if !self.delay.is_zero() {
             tokio::time::sleep(self.delay).await;
         }
@@ -68,6 +76,7 @@ impl Service for EchoService {
     async fn processor(cfg: &Config<EchoSettings>) -> Result<Echo, BoxError> {
         Ok(Echo {
             delay: std::time::Duration::from_millis(cfg.settings.delay_ms),
+            panic_key: cfg.settings.panic_key.clone(),
         })
     }
 }
