@@ -16,9 +16,10 @@ use crate::telemetry;
 /// How often histogram samples are folded into buckets between scrapes.
 const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 
-/// Connections served at once: a scraper and a few probes need a handful. More are closed
-/// at once, so idle or half-sent requests cannot use up the descriptors that copies, the
-/// database and the broker need.
+/// Connections served at once: a scraper and a few probes need a handful. Beyond it the
+/// oldest is closed for the newest, so idle or half-sent requests can neither use up the
+/// descriptors that copies, the database and the broker need, nor keep a probe out (a
+/// liveness probe refused restarts a healthy service).
 const MAX_CONNECTIONS: usize = 64;
 
 /// A request's headers must have arrived within this (a half-sent request held a
@@ -76,9 +77,38 @@ pub async fn serve(
     Ok((local, task))
 }
 
-/// Serves `app` on `listener` until `shutdown`: each connection bounded in the time its
-/// headers take and in its lifetime, at most [`MAX_CONNECTIONS`] at once, and closed when
-/// the server stops (a scrape in flight is cut: the process is going away).
+/// The connections being served, oldest first, each with what closes it.
+#[derive(Default)]
+struct Open {
+    next: u64,
+    live: std::collections::VecDeque<(u64, CancellationToken)>,
+}
+
+impl Open {
+    /// Admits a new connection, closing the oldest when [`MAX_CONNECTIONS`] are open.
+    fn admit(&mut self, max: usize) -> (u64, CancellationToken) {
+        while self.live.len() >= max {
+            match self.live.pop_front() {
+                Some((_, oldest)) => oldest.cancel(),
+                None => break,
+            }
+        }
+        let id = self.next;
+        self.next += 1;
+        let close = CancellationToken::new();
+        self.live.push_back((id, close.clone()));
+        (id, close)
+    }
+
+    fn remove(&mut self, id: u64) {
+        self.live.retain(|(i, _)| *i != id);
+    }
+}
+
+/// Serves `app` on `listener` until `shutdown`: one request per connection (a client
+/// cannot queue pipelined requests it never reads), each bounded in the time its headers
+/// take and in its lifetime, at most [`MAX_CONNECTIONS`] at once (the oldest making room),
+/// and closed when the server stops (a scrape in flight is cut: the process is going away).
 async fn accept(
     listener: tokio::net::TcpListener,
     app: Router,
@@ -86,7 +116,7 @@ async fn accept(
     header_timeout: Duration,
 ) {
     use hyper_util::rt::{TokioIo, TokioTimer};
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let open = Arc::new(std::sync::Mutex::new(Open::default()));
     loop {
         let stream = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -103,23 +133,26 @@ async fn accept(
                 }
             },
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            // Dropped: closed at once.
-            continue;
-        };
+        let (id, close) = open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .admit(MAX_CONNECTIONS);
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
         let stop = shutdown.clone();
+        let open = open.clone();
         tokio::spawn(async move {
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_timeout)
+                .keep_alive(false)
                 .serve_connection(TokioIo::new(stream), service);
             tokio::select! {
                 _ = conn => {}
                 _ = tokio::time::sleep(CONNECTION_LIFETIME) => {}
                 _ = stop.cancelled() => {}
+                _ = close.cancelled() => {}
             }
-            drop(slot);
+            open.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
         });
     }
 }
@@ -168,5 +201,47 @@ mod tests {
             .expect("stopped with a connection still open")
             .expect("server task");
         drop(client);
+    }
+
+    /// Connections that hold their place (headers sent slowly, pipelined requests never
+    /// read) cannot keep a probe out: the oldest makes room for it. Refused, a liveness
+    /// probe restarts a healthy service.
+    #[tokio::test]
+    async fn held_connections_do_not_keep_a_probe_out() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let app = Router::new().route("/healthz", get(|| async { "ok\n" }));
+        let stop = CancellationToken::new();
+        let server = tokio::spawn(accept(
+            listener,
+            app,
+            stop.clone(),
+            Duration::from_secs(3600),
+        ));
+        let mut held = Vec::new();
+        for i in 0..MAX_CONNECTIONS * 2 {
+            let mut c = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let half: &[u8] = if i % 2 == 0 {
+                b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
+            } else {
+                b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+            };
+            c.write_all(half).await.expect("held");
+            held.push(c);
+        }
+        let mut probe = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        probe
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("a whole request");
+        let mut answer = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut probe, &mut answer)
+            .await
+            .expect("answered");
+        assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+        stop.cancel();
+        server.await.expect("server task");
     }
 }
