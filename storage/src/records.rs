@@ -100,6 +100,16 @@ async fn committer(
                     let _ = reply.send(Err(e));
                 }
             }
+            Err(e) if !about_one_write(&e) => {
+                // The database is out of reach: each write alone would wait out the pool's
+                // acquire timeout again, one after another (a batch of 16 took minutes,
+                // claim renewals queued behind it expiring). Every write gets the error.
+                let why = e.to_string();
+                for (_, reply) in batch.drain(..) {
+                    let _ =
+                        reply.send(Err(db::sqlx::Error::Io(std::io::Error::other(why.clone()))));
+                }
+            }
             Err(_) => {
                 // One write failed the whole batch: each is applied alone, so only the
                 // failing one reports an error.
@@ -111,6 +121,20 @@ async fn committer(
                 }
             }
         }
+    }
+}
+
+/// Whether a failed batch may have failed for one of its writes (a constraint, a lock
+/// wait, a deadlock, a value out of range), so applying each alone isolates it; not when
+/// the database itself is out of reach (no connection, connection lost, shutting down,
+/// out of resources), which every write would meet again.
+fn about_one_write(e: &db::sqlx::Error) -> bool {
+    match e {
+        db::sqlx::Error::Database(d) => {
+            let code = d.code().unwrap_or_default();
+            !(code.starts_with("08") || code.starts_with("57P") || code.starts_with("53"))
+        }
+        _ => false,
     }
 }
 
@@ -821,6 +845,66 @@ fn uuid_v4() -> String {
 
 #[cfg(test)]
 mod tests {
+
+    /// A database error with a given SQLSTATE, as a driver reports it.
+    #[derive(Debug)]
+    struct Coded(&'static str);
+
+    impl std::fmt::Display for Coded {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "error {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Coded {}
+
+    impl db::sqlx::error::DatabaseError for Coded {
+        fn message(&self) -> &str {
+            self.0
+        }
+        fn code(&self) -> Option<std::borrow::Cow<'_, str>> {
+            Some(self.0.into())
+        }
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+        fn kind(&self) -> db::sqlx::error::ErrorKind {
+            db::sqlx::error::ErrorKind::Other
+        }
+    }
+
+    /// A failed batch is taken apart write by write only where one write may be the
+    /// cause; a database out of reach fails every write of it at once.
+    #[test]
+    fn only_a_write_level_failure_splits_a_batch() {
+        use db::sqlx::Error;
+        for (code, one) in [
+            ("23505", true),
+            ("55P03", true),
+            ("40P01", true),
+            ("22003", true),
+            ("5", true),
+            ("08006", false),
+            ("57P01", false),
+            ("53300", false),
+        ] {
+            assert_eq!(
+                about_one_write(&Error::Database(Box::new(Coded(code)))),
+                one,
+                "{code}"
+            );
+        }
+        assert!(!about_one_write(&Error::PoolTimedOut));
+        assert!(!about_one_write(&Error::Io(std::io::Error::from(
+            std::io::ErrorKind::ConnectionRefused
+        ))));
+    }
 
     #[tokio::test]
     async fn an_older_release_starts_on_a_schema_a_newer_one_migrated() {
