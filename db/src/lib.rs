@@ -262,9 +262,18 @@ async fn open_pool(full: &str, max: u32, read_only: bool) -> Result<AnyPool, DbE
                 Ok(())
             })
         })
-        .connect_with(opts)
-        .await?;
-    Ok(pool)
+        .connect_with(opts.clone())
+        .await;
+    match pool {
+        Ok(pool) => Ok(pool),
+        // The pool says only that it waited (a refused connection is retried until the
+        // acquire timeout): one connection made by hand says why.
+        Err(sqlx::Error::PoolTimedOut) => match sqlx::ConnectOptions::connect(&opts).await {
+            Err(why) => Err(why.into()),
+            Ok(_) => Err(sqlx::Error::PoolTimedOut.into()),
+        },
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Test support: a fresh PostgreSQL database per test, dropped with [`TempPostgres::drop_db`].
@@ -391,6 +400,19 @@ mod tests {
         let url = format!("sqlite://{}/x.db", dir.display());
         assert!(connect_read_only(&url).await.is_err());
         assert!(!dir.exists(), "{} was created", dir.display());
+    }
+
+    /// A database that cannot be reached at start is reported with its cause, not as the
+    /// pool's wait ("pool timed out").
+    #[tokio::test]
+    async fn an_unreachable_database_is_reported_with_its_cause() {
+        let free = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        let port = free.local_addr().expect("addr").port();
+        drop(free);
+        let e = connect_read_only(&format!("postgres://postgres@127.0.0.1:{port}/test"))
+            .await
+            .expect_err("nothing listens there");
+        assert!(e.to_string().to_lowercase().contains("refused"), "{e}");
     }
 
     #[test]
