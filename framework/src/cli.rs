@@ -452,7 +452,18 @@ async fn dlq_command(
     topo: &Topology,
     cmd: DlqCommand,
 ) -> Result<(), Failure> {
-    let other = |e: &dyn std::fmt::Display| Failure::Other(e.to_string());
+    let other = |e: &dyn std::fmt::Display| {
+        let m = e.to_string();
+        // The queues exist once the service has declared them (`declare`, or its start).
+        if m.contains("NOT_FOUND") && m.contains("no queue") {
+            Failure::Other(format!(
+                "{m} — is the topology declared? The service's `declare` command (or its \
+                 first start) creates it"
+            ))
+        } else {
+            Failure::Other(m)
+        }
+    };
     match cmd {
         DlqCommand::List { limit, json } => {
             let (items, total) = dlq::list_of_total(conn, topo, limit)

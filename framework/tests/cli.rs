@@ -230,6 +230,10 @@ fn dlq_usage_errors_exit_2_before_connecting() {
         "{}",
         stderr(&o)
     );
+    // A reachable broker where the service was never declared: the way out is named.
+    let o = run(echo_cmd(&unique("undeclared"), dir.path()).args(["dlq", "list"]));
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("`declare`"), "{}", stderr(&o));
 }
 
 #[test]
