@@ -838,6 +838,51 @@ async fn a_service_that_cannot_connect_reports_it_in_its_metrics() {
     assert_eq!(ready.expect("/readyz answers").status(), 503);
 }
 
+/// A producer's message whose header nests arrays 25,000 deep (what fits in one 128 KiB
+/// frame) aborted the service (the AMQP client's frame parser overflowed its thread's
+/// stack), and every instance it was redelivered to after: it is dead-lettered without
+/// its headers, and the service goes on.
+#[tokio::test]
+async fn a_header_nested_deeper_than_any_stack_does_not_kill_the_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = unique("deephdr");
+    let _gone = Cleanup::service(&q, &[200, 400]);
+    let declared = run(echo_cmd(&q, dir.path()).arg("declare"));
+    assert_eq!(declared.status.code(), Some(0), "{}", stderr(&declared));
+    let (_c, ch) = test_channel().await;
+    let mut out = watch(&ch, &format!("{q}-out"), "#").await;
+    let mut child = process::spawn(
+        echo_cmd(&q, dir.path())
+            .arg("run")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )
+    .expect("echo runs");
+    let depth = 25_000;
+    let headers = format!("{{\"deep\":{}{}}}", "[".repeat(depth), "]".repeat(depth));
+    assert!(
+        framework::testing::admin::Admin::suite()
+            .publish_raw_headers(&format!("{q}-in"), "k.deep", &headers, "{}")
+            .await,
+        "routed to the service's queue"
+    );
+    await_ready_count(&ch, &format!("{q}-dlq"), 1).await;
+    assert!(child.is_running(), "the service is still running");
+    publish(
+        &ch,
+        &format!("{q}-in"),
+        "k.after",
+        br#"{"n":1}"#,
+        BasicProperties::default(),
+    )
+    .await;
+    let d = next(&mut out).await;
+    let v: serde_json::Value = serde_json::from_slice(&d.data).expect("json output");
+    assert_eq!(v["n"], 1, "the next message handled");
+    assert_eq!(child.terminate(WAIT).and_then(|s| s.code()), Some(0));
+}
+
 /// `[log] format = "json"`: one JSON object per line, and what a message causes is logged
 /// in its span, which names the queue, routing key, message id and attempt (design §6).
 #[tokio::test]

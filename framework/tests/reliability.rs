@@ -98,11 +98,12 @@ async fn kill_9_mid_stream_loses_nothing() {
     let n = 2000;
     send(&ch, &q, n).await;
     let started = Instant::now();
-    // 20 ms a message, 16 at a time: the 2,000 take at least 2.5 s, so the kill lands
-    // with most of them still to do (asserted: a kill after the last would prove nothing).
+    // 200 ms a message, 16 at a time: the 2,000 take at least 25 s and the first 200
+    // about 2.5 s, so the kill lands with most of them still to do however loaded the
+    // machine (asserted: a kill after the last would prove nothing).
     let mut child = spawn(
         echo(&q, &unique("c"), dir.path())
-            .env("STORAGETIER__ECHO__DELAY_MS", "20")
+            .env("STORAGETIER__ECHO__DELAY_MS", "200")
             .arg("run"),
     );
     // Let it get going, then kill it without warning.
@@ -182,9 +183,18 @@ async fn broker_restart_mid_stream_loses_nothing() {
     let q = unique("restart");
     let sink = format!("{q}-sink");
     let dir = tempfile::tempdir().expect("config dir");
-    let child = echo_with_backlog(&broker, &q, &sink, n, dir.path()).await;
+    // The last tenth goes in only after the restart.
+    let held = (n / 10).max(1);
+    let child = echo_with_backlog(&broker, &q, &sink, n - held, dir.path()).await;
+    let held_back = framework::testing::cluster::Feed {
+        exchange: format!("{q}-in"),
+        key: "k".into(),
+        bodies: (n - held..n)
+            .map(|i| format!("{{\"i\":{i}}}").into_bytes())
+            .collect(),
+    };
     let r = broker
-        .restart_mid_stream(&q, &sink, n, Duration::from_secs(3))
+        .restart_mid_stream(&q, &sink, n, Duration::from_secs(3), held_back)
         .await;
     let t = finish(&broker, child, &sink, n).await;
     println!("{}", t.restart_row("echo", &r));

@@ -39,7 +39,7 @@ async fn broker_restart_mid_stream_archives_every_file_once() {
     let q = unique("archive-restart");
     let sink = format!("{q}-sink");
     let data = tempfile::tempdir().expect("data dir");
-    let messages: Vec<Vec<u8>> = (0..n)
+    let mut messages: Vec<Vec<u8>> = (0..n)
         .map(|i| {
             let name = format!("f{i}.bin");
             let dir = put_online_file(
@@ -67,6 +67,12 @@ async fn broker_restart_mid_stream_archives_every_file_once() {
             .success()
     );
     broker.sink(&sink, &format!("{q}-out")).await;
+    // The last tenth goes in only after the restart.
+    let held_back = framework::testing::cluster::Feed {
+        exchange: format!("{q}-in"),
+        key: KEY.into(),
+        bodies: messages.split_off(n - (n / 10).max(1)),
+    };
     broker
         .preload(&format!("{q}-in"), KEY, messages.into_iter())
         .await;
@@ -74,7 +80,7 @@ async fn broker_restart_mid_stream_archives_every_file_once() {
     let mut child =
         process::spawn(archive(&["run"]).stderr(Stdio::null())).expect("online-archive starts");
     let r = broker
-        .restart_mid_stream(&q, &sink, n, Duration::from_secs(3))
+        .restart_mid_stream(&q, &sink, n, Duration::from_secs(3), held_back)
         .await;
     let code = child.terminate(WAIT).and_then(|s| s.code());
 
@@ -239,15 +245,19 @@ async fn kill_9_mid_s3_multipart_upload_resumes_from_the_stored_parts() {
             t.contains("partNumber=") && t.contains("uploadId=")
         })
     };
+    // Killed past half way, at an exact point: the 7th part is held back at the proxy, so
+    // 6 went on and at least 5 are stored (2 upload at once), however fast the upload.
+    let held = proxy.hold_from(
+        "PUT",
+        |t| t.contains("partNumber=") && t.contains("uploadId="),
+        PARTS / 2 + 1,
+    );
     let mut child = process::spawn(archive().arg("run")).expect("online-archive starts");
-    // Kill past half way: 7 parts begun, so at least 5 stored (2 upload at once).
-    framework::testing::wait_until("half the parts to be under way", || {
-        parts_sent(&proxy) > PARTS / 2
-    })
-    .await;
+    framework::testing::wait_until("the 7th part to be held back", || held.reached()).await;
     child.kill();
     let before = parts_sent(&proxy);
     proxy.reset_after_client_died();
+    held.release();
     let records = storage::Records::open(&format!(
         "sqlite://{}",
         data.path().join("online-archive.db").display()

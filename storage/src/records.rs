@@ -632,8 +632,16 @@ impl Records {
              VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(uuid_v4())
-        .bind(original_path)
-        .bind(error)
+        // Cut as `x-error` is: a message's path is anyone's text (a 10 MiB one was stored
+        // twice per attempt, path and error), and PostgreSQL's index refuses long values.
+        .bind(framework::headers::truncate(
+            original_path,
+            framework::headers::MAX_ERROR_BYTES,
+        ))
+        .bind(framework::headers::truncate(
+            error,
+            framework::headers::MAX_ERROR_BYTES,
+        ))
         .bind(i64::from(permanent))
         .bind(i64::from(attempt))
         .bind(now())
@@ -877,6 +885,30 @@ mod tests {
         fn kind(&self) -> db::sqlx::error::ErrorKind {
             db::sqlx::error::ErrorKind::Other
         }
+    }
+
+    /// A failure's path and error are stored cut, as `x-error` is: the path is a
+    /// producer's text of any length.
+    #[tokio::test]
+    async fn a_failure_is_recorded_cut_to_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("r.db").display());
+        let r = Records::open(&url).await.expect("records");
+        let long = "é".repeat(1 << 20);
+        r.record_failure(&long, &format!("cannot read {long}"), true, 1)
+            .await
+            .expect("recorded");
+        let (path, error): (String, String) =
+            db::sqlx::query_as("SELECT original_path, error FROM failures")
+                .fetch_one(r.pool())
+                .await
+                .expect("row");
+        assert!(
+            path.len() <= 1024 && path.starts_with("éé"),
+            "{}",
+            path.len()
+        );
+        assert!(error.len() <= 1024 && error.starts_with("cannot read é"));
     }
 
     /// A failed batch is taken apart write by write only where one write may be the

@@ -1,7 +1,6 @@
 //! Test support for the storage services: a local S3-protocol server (moto, from PyPI)
 //! a fault-injecting object store wrapper, and helpers to build asset-sweeper messages.
 
-use std::net::TcpListener;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -30,10 +29,7 @@ pub struct MotoServer {
 impl MotoServer {
     /// Starts `moto_server` and creates `bucket`.
     pub async fn start(bucket: &str) -> MotoServer {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free port");
+        let port = framework::testing::broker::free_port();
         let mut s = MotoServer {
             endpoint: format!("http://127.0.0.1:{port}"),
             port,
@@ -70,7 +66,7 @@ impl MotoServer {
         .expect("python3 -m moto.server runs (pip install 'moto[server]')");
         self.child = Some(child);
         let client = reqwest_client();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let deadline = tokio::time::Instant::now() + framework::testing::WAIT;
         loop {
             if let Ok(r) = client
                 .put(format!("{}/{bucket}", self.endpoint))
@@ -79,6 +75,14 @@ impl MotoServer {
                 && r.status().is_success()
             {
                 break;
+            }
+            // A server that could not start (its port taken meanwhile) is said at once.
+            if let Some(c) = self.child.as_mut() {
+                assert!(
+                    c.is_running(),
+                    "moto_server exited at start (port {})",
+                    self.port
+                );
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
@@ -491,6 +495,36 @@ struct RequestLog {
     /// it logs nothing more.
     generation: u64,
     requests: Vec<String>,
+    hold: Option<Hold>,
+}
+
+/// Requests held back (not forwarded) from the `from`-th one matching on.
+struct Hold {
+    method: String,
+    pred: Box<dyn Fn(&str) -> bool + Send + Sync>,
+    from: usize,
+    seen: usize,
+    reached: Arc<AtomicBool>,
+    open: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Requests a [`CountingProxy`] holds back: a fault can then cut a client at an exact
+/// request, where watching it from outside would race the client's speed.
+pub struct HeldRequests {
+    reached: Arc<AtomicBool>,
+    open: tokio::sync::watch::Sender<bool>,
+}
+
+impl HeldRequests {
+    /// True once the first request held back has arrived (the ones before it went on).
+    pub fn reached(&self) -> bool {
+        self.reached.load(Ordering::SeqCst)
+    }
+
+    /// Lets the held requests (and later ones) through.
+    pub fn release(&self) {
+        let _ = self.open.send(true);
+    }
 }
 
 impl CountingProxy {
@@ -542,6 +576,27 @@ impl CountingProxy {
         let mut l = lock(&self.log);
         l.generation += 1;
         l.requests.clear();
+    }
+
+    /// Holds back, unforwarded, the `from`-th request with this method whose target
+    /// satisfies `pred` and every one after it, until [`HeldRequests::release`].
+    pub fn hold_from(
+        &self,
+        method: &str,
+        pred: impl Fn(&str) -> bool + Send + Sync + 'static,
+        from: usize,
+    ) -> HeldRequests {
+        let (open, rx) = tokio::sync::watch::channel(false);
+        let reached = Arc::new(AtomicBool::new(false));
+        lock(&self.log).hold = Some(Hold {
+            method: method.to_string(),
+            pred: Box::new(pred),
+            from,
+            seen: 0,
+            reached: reached.clone(),
+            open: rx,
+        });
+        HeldRequests { reached, open }
     }
 
     /// Requests with this method whose target (path and query) satisfies `pred`.
@@ -599,11 +654,24 @@ async fn proxy_connection(
             let mut parts = first.split(' ');
             let method = parts.next().unwrap_or_default();
             let target = parts.next().unwrap_or_default();
-            {
+            let held = {
                 let mut l = lock(&log);
                 if l.generation == generation {
                     l.requests.push(format!("{method} {target}"));
                 }
+                match l.hold.as_mut() {
+                    Some(h) if h.method == method && (h.pred)(target) => {
+                        h.seen += 1;
+                        (h.seen >= h.from).then(|| {
+                            h.reached.store(true, Ordering::SeqCst);
+                            h.open.clone()
+                        })
+                    }
+                    _ => None,
+                }
+            };
+            if let Some(mut open) = held {
+                let _ = open.wait_for(|o| *o).await;
             }
             let mut body: u64 = 0;
             let mut chunked = false;

@@ -283,22 +283,31 @@ impl Filter {
 /// Whether routing key `key` matches topic pattern `pattern` as a RabbitMQ topic binding
 /// would (`*` exactly one word, `#` zero or more words).
 pub fn topic_matches(pattern: &str, key: &str) -> bool {
-    fn go(p: &[&str], k: &[&str]) -> bool {
-        match (p.first(), k.first()) {
-            (None, None) => true,
-            (Some(&"#"), _) => go(&p[1..], k) || (!k.is_empty() && go(p, &k[1..])),
-            (Some(&"*"), Some(_)) => go(&p[1..], &k[1..]),
-            (Some(w), Some(x)) if w == x => go(&p[1..], &k[1..]),
-            _ => false,
-        }
-    }
     let p: Vec<&str> = pattern.split('.').collect();
     let k: Vec<&str> = if key.is_empty() {
         Vec::new()
     } else {
         key.split('.').collect()
     };
-    go(&p, &k)
+    // `m[j]`: the pattern's words so far match the key's first `j` words. One pass per
+    // pattern word, so a pattern of several `#` against a long key (a producer's) takes
+    // words × words steps, where trying each split of the key in turn took exponentially
+    // many.
+    let mut m = vec![false; k.len() + 1];
+    m[0] = true;
+    for w in &p {
+        if *w == "#" {
+            for j in 1..=k.len() {
+                m[j] = m[j] || m[j - 1];
+            }
+        } else {
+            for j in (1..=k.len()).rev() {
+                m[j] = m[j - 1] && (*w == "*" || *w == k[j - 1]);
+            }
+            m[0] = false;
+        }
+    }
+    m[k.len()]
 }
 
 /// Parses an age such as `90s`, `30m`, `2h`, `7d` (a bare number is seconds).
@@ -523,6 +532,28 @@ mod tests {
             "assetsweeper.#.new",
             "assetsweeper.asset_folder_importer.file.new"
         ));
+        assert!(m("#.#", "a"));
+        assert!(m("a.#.#.b", "a.b"));
+        assert!(m("*.#.*", "a.b"));
+        assert!(!m("*.#.*", "a"));
+        assert!(m("#.x.#", "a.x.b.c"));
+        assert!(!m("#.x.#", "a.b.c"));
+    }
+
+    /// A pattern of several `#` against a producer's long routing key: trying every split
+    /// of the key took exponentially long (a replay that never ended).
+    #[test]
+    fn many_hashes_against_a_long_key_take_no_time() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let pattern = format!("{}x", "#.".repeat(10));
+            let key = vec!["a"; 128].join(".");
+            let _ = tx.send(super::topic_matches(&pattern, &key));
+        });
+        let matched = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("answered");
+        assert!(!matched);
     }
 
     #[test]

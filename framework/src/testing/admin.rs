@@ -80,6 +80,40 @@ impl Admin {
         serde_json::from_str(&text).unwrap_or(Value::Null)
     }
 
+    /// Publishes through the management API with `headers_json` (JSON text, written by
+    /// hand: headers nested deeper than a client library can encode on a normal stack)
+    /// as the message's headers; true when it was routed.
+    pub async fn publish_raw_headers(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        headers_json: &str,
+        payload: &str,
+    ) -> bool {
+        let body = format!(
+            "{{\"properties\":{{\"headers\":{headers_json}}},\"routing_key\":{},\"payload\":{},\"payload_encoding\":\"string\"}}",
+            Value::from(routing_key),
+            Value::from(payload)
+        );
+        let resp = self
+            .http
+            .post(format!(
+                "{}/api/exchanges/%2F/{}/publish",
+                self.base,
+                encode(exchange)
+            ))
+            .basic_auth(&self.user, Some(&self.password))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("management API reachable at {}: {e}", self.base));
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        assert!(status.is_success(), "publish: {status} {text}");
+        text.contains("\"routed\":true")
+    }
+
     /// The broker's version, e.g. `4.0.5`.
     pub async fn version(&self) -> String {
         let v = self.call(reqwest::Method::GET, "/overview", None).await;

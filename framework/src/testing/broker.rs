@@ -37,12 +37,22 @@ pub struct PrivateBroker {
     server: Option<Guarded>,
 }
 
-/// A loopback port nothing listens on right now.
+/// A loopback port nothing listens on right now, and not handed out before by this
+/// process: the kernel may offer a port again once it is released, and a node booting
+/// for seconds before it binds the port it was given would then lose it to another.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free loopback port");
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// The RabbitMQ install private nodes come from: the chroot named by
@@ -371,15 +381,22 @@ impl PrivateBroker {
     }
 
     /// Waits until `sink` holds a fifth of `n` outputs, stops the broker for `outage`,
-    /// starts it again, then waits until `sink` holds `n` outputs and the service's queue
-    /// `queue` is empty. Returns when consuming resumed after the broker was back.
+    /// starts it again and publishes `held_back`, so the stream is still under way after
+    /// the restart however fast the service ran before it; then waits until `sink` holds
+    /// `n` outputs (preloaded and held back) and the service's queue `queue` is empty.
+    /// Returns when consuming resumed after the broker was back.
     pub async fn restart_mid_stream(
         &self,
         queue: &str,
         sink: &str,
         n: usize,
         outage: Duration,
+        held_back: super::cluster::Feed,
     ) -> Restart {
+        assert!(
+            !held_back.bodies.is_empty(),
+            "something to handle after the restart"
+        );
         let started = Instant::now();
         await_outputs(self, sink, n / 5, started).await;
         self.stop_app();
@@ -389,6 +406,12 @@ impl PrivateBroker {
         self.start_app().await;
         let up_at = Instant::now();
         let before = self.count(sink).await.unwrap_or(0) as usize;
+        self.preload(
+            &held_back.exchange,
+            &held_back.key,
+            held_back.bodies.into_iter(),
+        )
+        .await;
         await_outputs(self, sink, before + 1, started).await;
         let resumed = up_at.elapsed();
         await_done(self, queue, sink, n, started).await;
