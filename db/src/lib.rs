@@ -122,10 +122,29 @@ pub async fn connect(url: &str, migrator: &Migrator) -> Result<AnyPool, DbError>
     let full = full_url(url)?;
     let sqlite = full.starts_with("sqlite:");
     let pool = open_pool(&full, if sqlite { 1 } else { 10 }, false).await?;
-    forward_compatible(migrator).run(&pool).await?;
+    migrate(&pool, migrator, !sqlite).await?;
     note_newer_schema(&pool, migrator).await;
     Ok(pool)
 }
+
+/// Runs `migrator` on a connection of its own. On PostgreSQL it waits as long as it takes
+/// for the migration lock (another replica migrating: a table rebuilt can take longer than
+/// [`LOCK_TIMEOUT`]), and the connection is closed after, not handed back with no limit.
+async fn migrate(pool: &AnyPool, migrator: &Migrator, postgres: bool) -> Result<(), DbError> {
+    let mut conn = pool.acquire().await?;
+    if postgres {
+        conn.close_on_drop();
+        sqlx::query("SET lock_timeout = 0")
+            .execute(&mut *conn)
+            .await?;
+    }
+    forward_compatible(migrator).run_direct(&mut *conn).await?;
+    Ok(())
+}
+
+/// How long a PostgreSQL statement waits for a lock another session holds before it fails
+/// (a retry): see [`open_pool`].
+const LOCK_TIMEOUT: &str = "10s";
 
 /// Opens `url` for reading only, as it is: no migration runs (an operator's look must not
 /// change the schema under a running service of another version, and needs no rights to).
@@ -159,7 +178,7 @@ pub async fn connect_split(url: &str, migrator: &Migrator, readers: u32) -> Resu
         });
     }
     let write = open_pool(&full, 1, false).await?;
-    forward_compatible(migrator).run(&write).await?;
+    migrate(&write, migrator, false).await?;
     note_newer_schema(&write, migrator).await;
     let read = open_pool(&full, readers.max(1), true).await?;
     Ok(Pools { read, write })
@@ -209,12 +228,15 @@ fn full_url_as(url: &str, access: Access) -> Result<String, DbError> {
     }
 }
 
+/// How long a query waits for a connection (and start-up for the first).
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+
 async fn open_pool(full: &str, max: u32, read_only: bool) -> Result<AnyPool, DbError> {
     let opts = AnyConnectOptions::from_str(full)?;
     let sqlite = full.starts_with("sqlite:");
     let pool = AnyPoolOptions::new()
         .max_connections(max)
-        .acquire_timeout(Duration::from_secs(10))
+        .acquire_timeout(ACQUIRE_TIMEOUT)
         .after_connect(move |conn, _| {
             Box::pin(async move {
                 if !sqlite {
@@ -224,14 +246,18 @@ async fn open_pool(full: &str, max: u32, read_only: bool) -> Result<AnyPool, DbE
                     // keepalive notices the other side, hours later; the other side's
                     // transaction ends once idle too long, and a dead client is noticed
                     // in about half a minute.
+                    // A server or proxy that refuses one (another PostgreSQL-compatible
+                    // database) still serves: warned, not fatal.
                     for set in [
-                        "SET lock_timeout = '10s'",
-                        "SET idle_in_transaction_session_timeout = '60s'",
-                        "SET tcp_keepalives_idle = 15",
-                        "SET tcp_keepalives_interval = 5",
-                        "SET tcp_keepalives_count = 3",
+                        format!("SET lock_timeout = '{LOCK_TIMEOUT}'"),
+                        "SET idle_in_transaction_session_timeout = '60s'".into(),
+                        "SET tcp_keepalives_idle = 15".into(),
+                        "SET tcp_keepalives_interval = 5".into(),
+                        "SET tcp_keepalives_count = 3".into(),
                     ] {
-                        sqlx::query(set).execute(&mut *conn).await?;
+                        if let Err(e) = sqlx::query(&set).execute(&mut *conn).await {
+                            tracing::warn!(error = %e, setting = %set, "PostgreSQL refused a session setting");
+                        }
                     }
                 }
                 if sqlite {
@@ -268,10 +294,13 @@ async fn open_pool(full: &str, max: u32, read_only: bool) -> Result<AnyPool, DbE
         Ok(pool) => Ok(pool),
         // The pool says only that it waited (a refused connection is retried until the
         // acquire timeout): one connection made by hand says why.
-        Err(sqlx::Error::PoolTimedOut) => match sqlx::ConnectOptions::connect(&opts).await {
-            Err(why) => Err(why.into()),
-            Ok(_) => Err(sqlx::Error::PoolTimedOut.into()),
-        },
+        Err(sqlx::Error::PoolTimedOut) => {
+            let once = sqlx::ConnectOptions::connect(&opts);
+            match tokio::time::timeout(ACQUIRE_TIMEOUT, once).await {
+                Ok(Err(why)) => Err(why.into()),
+                Ok(Ok(_)) | Err(_) => Err(sqlx::Error::PoolTimedOut.into()),
+            }
+        }
         Err(e) => Err(e.into()),
     }
 }

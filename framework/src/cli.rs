@@ -200,7 +200,6 @@ pub const EXIT_FAILURE: u8 = 1;
 
 /// Parses the command line, loads config and runs the command; the whole `main` of a binary.
 pub fn main<S: Service>() -> ExitCode {
-    reserve_stacks();
     let extra = S::extra_commands();
     let extra_names: Vec<String> = extra.iter().map(|c| c.get_name().to_string()).collect();
     let cmd = Cli::command()
@@ -260,7 +259,7 @@ pub fn main<S: Service>() -> ExitCode {
     telemetry::init_logging(&cfg.log);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .thread_stack_size(RUNTIME_STACK)
+        .thread_stack_size(runtime_stack())
         .build()
     {
         Ok(rt) => rt,
@@ -331,13 +330,25 @@ const THREAD_STACK: usize = 1 << 30;
 const RUNTIME_STACK: usize = 64 << 20;
 
 /// Sets [`THREAD_STACK`] as the default of threads started from now on (an operator's
-/// `RUST_MIN_STACK` wins).
-fn reserve_stacks() {
+/// `RUST_MIN_STACK` wins). [`crate::service_main!`] calls it first thing in `main`.
+///
+/// # Safety
+/// No other thread may exist yet (it sets an environment variable).
+#[doc(hidden)]
+pub unsafe fn reserve_stacks() {
     if std::env::var_os("RUST_MIN_STACK").is_none() {
-        // SAFETY: called first thing in `main`, before any thread exists that could read
-        // the environment meanwhile.
+        // SAFETY: the caller guarantees this process has no other thread yet.
         unsafe { std::env::set_var("RUST_MIN_STACK", THREAD_STACK.to_string()) };
     }
+}
+
+/// The async runtime's thread stack: [`RUNTIME_STACK`], or less where the operator set
+/// `RUST_MIN_STACK` lower (a host that limits address space).
+fn runtime_stack() -> usize {
+    std::env::var("RUST_MIN_STACK")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .map_or(RUNTIME_STACK, |v| v.min(RUNTIME_STACK))
 }
 
 /// Why a command failed: usage (exit 2) or anything else (exit 1).

@@ -53,6 +53,8 @@ macro_rules! service_main {
         static GLOBAL: $crate::ServiceAllocator = $crate::ServiceAllocator;
 
         fn main() -> ::std::process::ExitCode {
+            // SAFETY: first thing in `main`: no other thread exists yet.
+            unsafe { $crate::cli::reserve_stacks() };
             $crate::cli::main::<$service>()
         }
     };

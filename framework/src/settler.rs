@@ -191,9 +191,9 @@ async fn run(ch: Channel, metrics: Arc<QueueMetrics>, mut rx: mpsc::UnboundedRec
                     requeue: true,
                     ..Default::default()
                 };
-                if ch.basic_nack(t, requeue).await.is_ok() {
-                    metrics.count("interrupted");
-                }
+                // Handed back either way: by this nack, or by the broker with the channel.
+                let _ = ch.basic_nack(t, requeue).await;
+                metrics.count("interrupted");
             }
         }
         if acked.is_empty() {

@@ -133,11 +133,29 @@ pub fn init_logging(cfg: &LogConfig) {
                 .location()
                 .map(|l| format!("{}:{}", l.file(), l.line()))
                 .unwrap_or_default();
-            tracing::error!(
-                panic = %LogText(&panic_message(info.payload())),
-                location,
-                "panicked"
-            );
+            let message = panic_message(info.payload());
+            let thread = std::thread::current()
+                .name()
+                .unwrap_or("unnamed")
+                .to_string();
+            // `RUST_BACKTRACE` decides, as it does for the default hook.
+            let backtrace = std::backtrace::Backtrace::capture();
+            if tracing::enabled!(target: "panic", tracing::Level::ERROR) {
+                tracing::error!(
+                    target: "panic",
+                    panic = %LogText(&message),
+                    location,
+                    thread = %LogText(&thread),
+                    backtrace = %backtrace,
+                    "panicked"
+                );
+            } else {
+                // A filter that turns it off must not hide a panic.
+                eprintln!(
+                    "panicked at {location} (thread {thread}): {}\n{backtrace}",
+                    LogText(&message)
+                );
+            }
         }));
     }
 }

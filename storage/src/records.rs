@@ -112,9 +112,12 @@ async fn committer(
             }
             Err(_) => {
                 // One write failed the whole batch: each is applied alone, so only the
-                // failing one reports an error.
+                // failing one reports an error. A row lock that held the batch up for
+                // the whole lock timeout is not waited for as long again: every write
+                // of this process queues behind this pass.
                 for (w, reply) in batch.drain(..) {
-                    let r = apply(&pool, is_sqlite, &mut full, std::iter::once(&w))
+                    let once = std::iter::once(&w);
+                    let r = apply_waiting(&pool, is_sqlite, &mut full, once, Some("1s"))
                         .await
                         .map(|r| r.first().copied().unwrap_or(false));
                     let _ = reply.send(r);
@@ -131,8 +134,11 @@ async fn committer(
 fn about_one_write(e: &db::sqlx::Error) -> bool {
     match e {
         db::sqlx::Error::Database(d) => {
+            // SQLSTATEs (PostgreSQL) are five characters; SQLite's codes are numbers,
+            // every one of them about the statement.
             let code = d.code().unwrap_or_default();
-            !(code.starts_with("08") || code.starts_with("57P") || code.starts_with("53"))
+            code.len() != 5
+                || !(code.starts_with("08") || code.starts_with("57P") || code.starts_with("53"))
         }
         _ => false,
     }
@@ -145,6 +151,18 @@ async fn apply<'a>(
     is_sqlite: bool,
     full: &mut bool,
     writes: impl Iterator<Item = &'a Write>,
+) -> Result<Vec<bool>, db::sqlx::Error> {
+    apply_waiting(pool, is_sqlite, full, writes, None).await
+}
+
+/// [`apply`], waiting at most `lock_wait` (PostgreSQL) for a row another session holds
+/// instead of the connection's lock timeout.
+async fn apply_waiting<'a>(
+    pool: &AnyPool,
+    is_sqlite: bool,
+    full: &mut bool,
+    writes: impl Iterator<Item = &'a Write>,
+    lock_wait: Option<&str>,
 ) -> Result<Vec<bool>, db::sqlx::Error> {
     let writes: Vec<&Write> = writes.collect();
     let mut conn = pool.acquire().await?;
@@ -160,7 +178,7 @@ async fn apply<'a>(
             .await?;
         *full = !relaxed;
     }
-    let applied = apply_in(&mut conn, &writes).await;
+    let applied = apply_in(&mut conn, &writes, lock_wait).await;
     if relaxed {
         // Back to FULL before the connection goes back to the pool, whether or not the
         // batch committed: the writes made on it outside the group commit (an ignored
@@ -179,8 +197,10 @@ async fn apply<'a>(
 async fn apply_in(
     conn: &mut db::sqlx::pool::PoolConnection<db::sqlx::Any>,
     writes: &[&Write],
+    lock_wait: Option<&str>,
 ) -> Result<Vec<bool>, db::sqlx::Error> {
     let clock = database_clock(conn.backend_name());
+    let sqlite = conn.backend_name().eq_ignore_ascii_case("sqlite");
     // In the order of their keys (a stable sort: one key's writes keep theirs), so every
     // batch takes its row locks in one order: two replicas' batches touching the same keys
     // in opposite orders deadlocked on PostgreSQL (one waited out `deadlock_timeout`, then
@@ -189,6 +209,11 @@ async fn apply_in(
     order.sort_by_key(|&i| writes[i].key());
     let sorted: Vec<&Write> = order.iter().map(|&i| writes[i]).collect();
     let mut tx = db::sqlx::Connection::begin(&mut **conn).await?;
+    if let Some(wait) = lock_wait.filter(|_| !sqlite) {
+        db::sqlx::query(&format!("SET LOCAL lock_timeout = '{wait}'"))
+            .execute(&mut *tx)
+            .await?;
+    }
     let mut results = Vec::with_capacity(writes.len());
     let mut rest = &sorted[..];
     while let Some(w) = rest.first() {
@@ -611,8 +636,13 @@ impl Records {
              ON CONFLICT (original_path) DO UPDATE SET imported_id = excluded.imported_id, \
              recorded_at = excluded.recorded_at",
         )
-        .bind(original_path)
-        .bind(imported_id)
+        // Cut as a failure's are: the path is a producer's text of any length, and
+        // PostgreSQL's index refused a long one (the ignored file then dead-lettered).
+        .bind(framework::headers::truncate(
+            original_path,
+            framework::headers::MAX_ERROR_BYTES,
+        ))
+        .bind(imported_id.map(|i| framework::headers::truncate(i, framework::headers::MAX_ERROR_BYTES)))
         .bind(now())
         .execute(&self.write)
         .await
@@ -887,10 +917,10 @@ mod tests {
         }
     }
 
-    /// A failure's path and error are stored cut, as `x-error` is: the path is a
-    /// producer's text of any length.
+    /// A failure's path and error, and an ignored file's path, are stored cut, as
+    /// `x-error` is: the path is a producer's text of any length.
     #[tokio::test]
-    async fn a_failure_is_recorded_cut_to_size() {
+    async fn failures_and_ignored_files_are_recorded_cut_to_size() {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("r.db").display());
         let r = Records::open(&url).await.expect("records");
@@ -909,6 +939,15 @@ mod tests {
             path.len()
         );
         assert!(error.len() <= 1024 && error.starts_with("cannot read é"));
+        r.record_ignored(&long, Some(&long))
+            .await
+            .expect("recorded");
+        let (path, id): (String, String) =
+            db::sqlx::query_as("SELECT original_path, imported_id FROM ignored_files")
+                .fetch_one(r.pool())
+                .await
+                .expect("row");
+        assert!(path.len() <= 1024 && id.len() <= 1024);
     }
 
     /// A failed batch is taken apart write by write only where one write may be the
@@ -922,6 +961,8 @@ mod tests {
             ("40P01", true),
             ("22003", true),
             ("5", true),
+            ("531", true),
+            ("5386", true),
             ("08006", false),
             ("57P01", false),
             ("53300", false),

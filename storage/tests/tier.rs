@@ -924,6 +924,80 @@ async fn a_claim_whose_renewal_never_answers_stops_the_copy() {
     pg.drop_db().await.expect("drop");
 }
 
+/// Replicas starting together: one migrating (here: another session holding sqlx's
+/// migration lock) for longer than the lock timeout ordinary statements get. The others
+/// wait for it, instead of failing at start-up over and over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_starting_waits_out_another_ones_long_migration() {
+    use db::sqlx::Connection as _;
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut c = !0u32;
+        for &b in bytes {
+            c ^= u32::from(b);
+            for _ in 0..8 {
+                c = if c & 1 != 0 {
+                    (c >> 1) ^ 0xEDB8_8320
+                } else {
+                    c >> 1
+                };
+            }
+        }
+        !c
+    }
+    let pg = db::testing::TempPostgres::create().await.expect("database");
+    let name = pg
+        .url
+        .rsplit('/')
+        .next()
+        .expect("a database name")
+        .to_string();
+    // sqlx's migration lock of this database (sqlx-postgres `generate_lock_id`).
+    let lock = 0x3d32_ad9e_i64 * i64::from(crc32(name.as_bytes()));
+    let mut locker = db::sqlx::AnyConnection::connect(&pg.url)
+        .await
+        .expect("another session");
+    db::sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(lock)
+        .execute(&mut locker)
+        .await
+        .expect("the migration lock, held");
+    let url = pg.url.clone();
+    let opening = tokio::spawn(async move { Records::open(&url).await });
+    let waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted";
+    let deadline = tokio::time::Instant::now() + framework::testing::WAIT;
+    while db::sqlx::query_scalar::<_, i64>(waiting)
+        .fetch_one(&mut locker)
+        .await
+        .expect("pg_locks")
+        == 0
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the opener waits for the lock"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // The fault itself: a migration longer than the 10 s lock timeout.
+    tokio::time::sleep(std::time::Duration::from_secs(12)).await;
+    assert!(
+        !opening.is_finished(),
+        "still waiting for the migration, not failed"
+    );
+    db::sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(lock)
+        .execute(&mut locker)
+        .await
+        .expect("unlocked");
+    let recs = tokio::time::timeout(framework::testing::WAIT, opening)
+        .await
+        .expect("opened once the lock was free")
+        .expect("ran")
+        .expect("migrated");
+    recs.close().await;
+    drop(locker);
+    pg.drop_db().await.expect("drop");
+}
+
 /// A row another session holds locked (a replica paused or cut off inside a transaction)
 /// fails the write waiting on it after PostgreSQL's lock timeout — an error, so a retry —
 /// and the writes of other keys go on, instead of all of them hanging behind it for as
