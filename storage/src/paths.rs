@@ -250,14 +250,51 @@ fn open_without_links(root: &Path, rel: &Path) -> rustix::io::Result<File> {
 /// `rel` opened beneath `dir` following no link at all.
 fn openat2_without_links(dir: &impl AsFd, rel: &Path) -> rustix::io::Result<File> {
     use rustix::fs::{Mode, ResolveFlags};
-    rustix::fs::openat2(
+    let at = rustix::fs::openat2(
         dir.as_fd(),
         rel,
-        file_flags(),
+        path_flags(),
         Mode::empty(),
         ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS,
-    )
-    .map(File::from)
+    )?;
+    for_reading(at)
+}
+
+/// How a source is found before it is opened: by its place only (`O_PATH`), which opens
+/// nothing. Opening a FIFO or a device for reading has effects of its own — a writer
+/// blocked on the FIFO (a capture) goes on and then meets a closed pipe; a device runs
+/// its driver's open — so only a regular file is opened for reading.
+fn path_flags() -> rustix::fs::OFlags {
+    use rustix::fs::OFlags;
+    OFlags::PATH | OFlags::CLOEXEC | OFlags::NOFOLLOW
+}
+
+/// The regular file `at` (found with [`path_flags`]) opened for reading: that inode, by
+/// its `/proc/self/fd` link, not its path again. Anything else: `NXIO` (not a file).
+/// Without `/proc`, it is opened by its handle's path as before ([`file_flags`]).
+fn for_reading(at: rustix::fd::OwnedFd) -> rustix::io::Result<File> {
+    use rustix::fs::{FileType, Mode};
+    let st = rustix::fs::fstat(&at)?;
+    match FileType::from_raw_mode(st.st_mode) {
+        FileType::RegularFile => {}
+        // `O_PATH | O_NOFOLLOW` hands back a last component that is a link instead of
+        // refusing it: refused here as an open without `O_PATH` would have.
+        FileType::Symlink => return Err(rustix::io::Errno::LOOP),
+        _ => return Err(rustix::io::Errno::NXIO),
+    }
+    let link = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&at));
+    let reading = rustix::fs::OFlags::RDONLY
+        | rustix::fs::OFlags::CLOEXEC
+        | rustix::fs::OFlags::NOCTTY
+        | rustix::fs::OFlags::NONBLOCK;
+    match rustix::fs::open(link.as_str(), reading, Mode::empty()) {
+        Ok(fd) => Ok(File::from(fd)),
+        Err(rustix::io::Errno::NOENT) => {
+            let path = std::fs::read_link(&link).map_err(|_| rustix::io::Errno::NOENT)?;
+            rustix::fs::open(&path, file_flags(), Mode::empty()).map(File::from)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// How a root is opened to resolve beneath it.
@@ -271,7 +308,7 @@ fn root_flags() -> rustix::fs::OFlags {
 /// regular files.
 fn file_flags() -> rustix::fs::OFlags {
     use rustix::fs::OFlags;
-    OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW | OFlags::NONBLOCK
+    OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY
 }
 
 /// Opens `rel` (a canonical path: no symlink in it) beneath `root`, following no link: a
@@ -308,18 +345,16 @@ pub(crate) fn open_beneath(root: &Path, rel: &Path, shown: &str) -> Result<File,
         // the last link, then check the handle is where the path says.
         Err(rustix::io::Errno::NOSYS | rustix::io::Errno::PERM) => {
             let fd =
-                rustix::fs::openat(dir.as_fd(), rel, file_flags(), Mode::empty()).map_err(|e| {
+                rustix::fs::openat(dir.as_fd(), rel, path_flags(), Mode::empty()).map_err(|e| {
                     match e {
                         rustix::io::Errno::LOOP => swapped(),
                         rustix::io::Errno::NOENT => PathError::NotFound(shown.to_string()),
-                        rustix::io::Errno::NXIO => PathError::NotAFile(shown.to_string()),
                         e => io(e.into()),
                     }
                 })?;
-            let file = File::from(fd);
             let at = std::fs::read_link(format!(
                 "/proc/self/fd/{}",
-                std::os::fd::AsRawFd::as_raw_fd(&file)
+                std::os::fd::AsRawFd::as_raw_fd(&fd)
             ))
             .map_err(io)?;
             let expected = if rel == Path::new(".") {
@@ -327,11 +362,14 @@ pub(crate) fn open_beneath(root: &Path, rel: &Path, shown: &str) -> Result<File,
             } else {
                 root.join(rel)
             };
-            if at == expected {
-                Ok(file)
-            } else {
-                Err(swapped())
+            if at != expected {
+                return Err(swapped());
             }
+            for_reading(fd).map_err(|e| match e {
+                rustix::io::Errno::LOOP => swapped(),
+                rustix::io::Errno::NXIO => PathError::NotAFile(shown.to_string()),
+                e => io(e.into()),
+            })
         }
         Err(e) => Err(io(e.into())),
     }
@@ -431,11 +469,45 @@ mod tests {
         .unwrap();
         let _sock = std::os::unix::net::UnixListener::bind(root.join("sock")).unwrap();
         let roots = open_roots(std::slice::from_ref(&root), false).unwrap();
+        // A writer waiting for a reader (a capture writing into the FIFO): it must go on
+        // waiting, not be let through to a pipe that is then closed under it.
+        let (opened_tx, opened_rx) = std::sync::mpsc::channel();
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let fifo = root.join("pipe");
+        let writer = std::thread::spawn(move || {
+            // SAFETY: a plain system call.
+            let _ = tid_tx.send(unsafe { libc::gettid() });
+            let w = std::fs::OpenOptions::new().write(true).open(&fifo);
+            let _ = opened_tx.send(());
+            w
+        });
+        // Waiting in its open for a reader, for sure, before the look.
+        let tid = tid_rx.recv().unwrap();
+        let in_open = format!("{} ", libc::SYS_openat);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !std::fs::read_to_string(format!("/proc/self/task/{tid}/syscall"))
+            .is_ok_and(|s| s.starts_with(&in_open))
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the writer waits in open"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         for name in ["pipe", "sock"] {
             let e = resolve(&roots, "", name).expect_err(name);
             assert!(matches!(e, PathError::NotAFile(_)), "{name}: {e:?}");
             assert!(!e.is_transient(), "{name}");
         }
+        assert!(
+            opened_rx
+                .recv_timeout(std::time::Duration::from_millis(500))
+                .is_err(),
+            "the FIFO's writer was let through by the look at it"
+        );
+        // Ours now: the writer goes on and ends.
+        let _reader = std::fs::File::open(root.join("pipe")).unwrap();
+        writer.join().unwrap().unwrap();
     }
 
     #[test]
