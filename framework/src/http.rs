@@ -162,11 +162,9 @@ mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
 
-    /// The server stops when told, whatever its connections are doing: one holding a
-    /// half-sent request (its headers not overdue yet) kept axum's graceful shutdown, and
-    /// SIGTERM with it, waiting for ever.
-    #[tokio::test]
-    async fn the_server_stops_with_a_request_still_half_sent() {
+    /// A server of `/healthz` alone, its headers never overdue: its address, what stops it
+    /// and its task.
+    async fn healthz_server() -> (SocketAddr, CancellationToken, tokio::task::JoinHandle<()>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -179,12 +177,11 @@ mod tests {
             stop.clone(),
             Duration::from_secs(3600),
         ));
-        let mut client = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        client
-            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
-            .await
-            .expect("half a request");
-        // Accepted and being served before the stop.
+        (addr, stop, server)
+    }
+
+    /// A probe's whole answer to `GET /healthz` on a connection of its own.
+    async fn probe(addr: SocketAddr) -> Vec<u8> {
         let mut probe = tokio::net::TcpStream::connect(addr).await.expect("connect");
         probe
             .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -194,6 +191,22 @@ mod tests {
         tokio::io::AsyncReadExt::read_to_end(&mut probe, &mut answer)
             .await
             .expect("answered");
+        answer
+    }
+
+    /// The server stops when told, whatever its connections are doing: one holding a
+    /// half-sent request (its headers not overdue yet) kept axum's graceful shutdown, and
+    /// SIGTERM with it, waiting for ever.
+    #[tokio::test]
+    async fn the_server_stops_with_a_request_still_half_sent() {
+        let (addr, stop, server) = healthz_server().await;
+        let mut client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        client
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .expect("half a request");
+        // Accepted and being served before the stop.
+        let answer = probe(addr).await;
         assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
         stop.cancel();
         tokio::time::timeout(Duration::from_secs(60), server)
@@ -208,18 +221,7 @@ mod tests {
     /// probe restarts a healthy service.
     #[tokio::test]
     async fn held_connections_do_not_keep_a_probe_out() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let app = Router::new().route("/healthz", get(|| async { "ok\n" }));
-        let stop = CancellationToken::new();
-        let server = tokio::spawn(accept(
-            listener,
-            app,
-            stop.clone(),
-            Duration::from_secs(3600),
-        ));
+        let (addr, stop, server) = healthz_server().await;
         let mut held = Vec::new();
         for i in 0..MAX_CONNECTIONS * 2 {
             let mut c = tokio::net::TcpStream::connect(addr).await.expect("connect");
@@ -231,15 +233,7 @@ mod tests {
             c.write_all(half).await.expect("held");
             held.push(c);
         }
-        let mut probe = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        probe
-            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .expect("a whole request");
-        let mut answer = Vec::new();
-        tokio::io::AsyncReadExt::read_to_end(&mut probe, &mut answer)
-            .await
-            .expect("answered");
+        let answer = probe(addr).await;
         assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
         stop.cancel();
         server.await.expect("server task");

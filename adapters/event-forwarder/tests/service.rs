@@ -30,6 +30,16 @@ fn json_of(d: &Delivery) -> Value {
     serde_json::from_slice(&d.data).unwrap()
 }
 
+/// An endpoint answering every POST with `status`.
+async fn answering(status: u16) -> MockServer {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(status))
+        .mount(&server)
+        .await;
+    server
+}
+
 fn with_id(id: &str) -> BasicProperties {
     BasicProperties::default().with_message_id(id.into())
 }
@@ -245,11 +255,7 @@ async fn an_endpoint_that_cannot_take_more_is_not_sent_the_rest_of_the_batch() {
 #[tokio::test]
 async fn a_delivered_event_is_not_posted_again_by_its_retry() {
     use framework::lapin::types::{AMQPValue, FieldTable};
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200))
-        .mount(&server)
-        .await;
+    let server = answering(200).await;
     let data = tempfile::tempdir().unwrap();
     let hs = start(&server, data.path(), &[]).await;
     let mut out = hs.watch_output().await;
@@ -397,11 +403,7 @@ async fn identical_records_are_each_delivered_across_a_retry() {
 /// record of the envelope: each is POSTed on its own, not the envelope as one event.
 #[tokio::test]
 async fn kinesis_values_of_any_json_type_are_posted_on_their_own() {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200))
-        .mount(&server)
-        .await;
+    let server = answering(200).await;
     let data = tempfile::tempdir().unwrap();
     let hs = start(&server, data.path(), &[]).await;
     let mut out = hs.watch_output().await;
@@ -510,11 +512,7 @@ async fn every_try_of_an_event_carries_the_same_idempotency_key() {
 #[tokio::test]
 async fn the_post_carries_the_events_trace() {
     use framework::lapin::types::{AMQPValue, FieldTable};
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200))
-        .mount(&server)
-        .await;
+    let server = answering(200).await;
     let data = tempfile::tempdir().unwrap();
     let mut hs = start(&server, data.path(), &[]).await;
     let mut out = hs.watch_output().await;
