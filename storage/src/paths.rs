@@ -250,14 +250,21 @@ fn open_without_links(root: &Path, rel: &Path) -> rustix::io::Result<File> {
 /// `rel` opened beneath `dir` following no link at all.
 fn openat2_without_links(dir: &impl AsFd, rel: &Path) -> rustix::io::Result<File> {
     use rustix::fs::{Mode, ResolveFlags};
-    let at = rustix::fs::openat2(
-        dir.as_fd(),
-        rel,
-        path_flags(),
-        Mode::empty(),
-        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS,
-    )?;
-    for_reading(at)
+    let open = |flags| {
+        rustix::fs::openat2(
+            dir.as_fd(),
+            rel,
+            flags,
+            Mode::empty(),
+            ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS,
+        )
+    };
+    match for_reading(open(path_flags())?) {
+        // No `/proc` to reopen the handle by: opened for reading directly, as before (the
+        // caller refuses what is not a regular file).
+        Err(rustix::io::Errno::NOENT) => open(file_flags()).map(File::from),
+        r => r,
+    }
 }
 
 /// How a source is found before it is opened: by its place only (`O_PATH`), which opens
@@ -270,8 +277,8 @@ fn path_flags() -> rustix::fs::OFlags {
 }
 
 /// The regular file `at` (found with [`path_flags`]) opened for reading: that inode, by
-/// its `/proc/self/fd` link, not its path again. Anything else: `NXIO` (not a file).
-/// Without `/proc`, it is opened by its handle's path as before ([`file_flags`]).
+/// its `/proc/self/fd` link, not its path again. Anything else: `NXIO` (not a file);
+/// `NOENT` where there is no `/proc` to reopen it by.
 fn for_reading(at: rustix::fd::OwnedFd) -> rustix::io::Result<File> {
     use rustix::fs::{FileType, Mode};
     let st = rustix::fs::fstat(&at)?;
@@ -287,14 +294,7 @@ fn for_reading(at: rustix::fd::OwnedFd) -> rustix::io::Result<File> {
         | rustix::fs::OFlags::CLOEXEC
         | rustix::fs::OFlags::NOCTTY
         | rustix::fs::OFlags::NONBLOCK;
-    match rustix::fs::open(link.as_str(), reading, Mode::empty()) {
-        Ok(fd) => Ok(File::from(fd)),
-        Err(rustix::io::Errno::NOENT) => {
-            let path = std::fs::read_link(&link).map_err(|_| rustix::io::Errno::NOENT)?;
-            rustix::fs::open(&path, file_flags(), Mode::empty()).map(File::from)
-        }
-        Err(e) => Err(e),
-    }
+    rustix::fs::open(link.as_str(), reading, Mode::empty()).map(File::from)
 }
 
 /// How a root is opened to resolve beneath it.
