@@ -127,6 +127,12 @@ async fn committer(
     }
 }
 
+/// A producer's text (a path, an error quoting it) as a record keeps it: cut as `x-error`
+/// is, since it can be of any length and PostgreSQL's index refuses long values.
+fn stored_text(s: &str) -> &str {
+    framework::headers::truncate(s, framework::headers::MAX_ERROR_BYTES)
+}
+
 /// Whether a failed batch may have failed for one of its writes (a constraint, a lock
 /// wait, a deadlock, a value out of range), so applying each alone isolates it; not when
 /// the database itself is out of reach (no connection, connection lost, shutting down,
@@ -636,13 +642,9 @@ impl Records {
              ON CONFLICT (original_path) DO UPDATE SET imported_id = excluded.imported_id, \
              recorded_at = excluded.recorded_at",
         )
-        // Cut as a failure's are: the path is a producer's text of any length, and
-        // PostgreSQL's index refused a long one (the ignored file then dead-lettered).
-        .bind(framework::headers::truncate(
-            original_path,
-            framework::headers::MAX_ERROR_BYTES,
-        ))
-        .bind(imported_id.map(|i| framework::headers::truncate(i, framework::headers::MAX_ERROR_BYTES)))
+        // Uncut, a long path made PostgreSQL refuse the record: the file dead-lettered.
+        .bind(stored_text(original_path))
+        .bind(imported_id.map(stored_text))
         .bind(now())
         .execute(&self.write)
         .await
@@ -662,16 +664,9 @@ impl Records {
              VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(uuid_v4())
-        // Cut as `x-error` is: a message's path is anyone's text (a 10 MiB one was stored
-        // twice per attempt, path and error), and PostgreSQL's index refuses long values.
-        .bind(framework::headers::truncate(
-            original_path,
-            framework::headers::MAX_ERROR_BYTES,
-        ))
-        .bind(framework::headers::truncate(
-            error,
-            framework::headers::MAX_ERROR_BYTES,
-        ))
+        // Uncut, a 10 MiB path was stored twice per attempt (path and error).
+        .bind(stored_text(original_path))
+        .bind(stored_text(error))
         .bind(i64::from(permanent))
         .bind(i64::from(attempt))
         .bind(now())
