@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use lapin::Connection;
+use metrics::Gauge;
 use tokio_util::sync::CancellationToken;
 
 /// One connection's blocked state, kept from its events until `stop`.
@@ -31,12 +32,19 @@ struct State {
 
 impl Alarm {
     /// Follows `conn`'s `connection.blocked` / `unblocked` until `stop` (or the connection's
-    /// end), logging each.
-    pub fn watch(conn: &Connection, stop: CancellationToken) -> Alarm {
+    /// end), logging each; `shown` (the service's `storagetier_connection_blocked`) counts
+    /// the connection while it is blocked.
+    pub fn watch(conn: &Connection, stop: CancellationToken, shown: Option<Gauge>) -> Alarm {
         let alarm = Alarm::default();
         let state = alarm.0.clone();
         let mut events = conn.events_listener();
         tokio::spawn(async move {
+            // Counted up and down rather than set: the next connection's watch may start
+            // before this one has seen its stop, and must not be overwritten by it.
+            let mut shown = Shown {
+                gauge: shown,
+                on: false,
+            };
             loop {
                 let event = tokio::select! {
                     _ = stop.cancelled() => return,
@@ -47,12 +55,14 @@ impl Alarm {
                     Some(lapin::Event::ConnectionBlocked(reason)) => {
                         state.blocked.store(true, Ordering::SeqCst);
                         state.changes.fetch_add(1, Ordering::SeqCst);
+                        shown.set(true);
                         tracing::warn!(reason = %reason,
                             "the broker blocks publishing (a resource alarm): outcomes wait until it clears");
                     }
                     Some(lapin::Event::ConnectionUnblocked) => {
                         state.blocked.store(false, Ordering::SeqCst);
                         state.changes.fetch_add(1, Ordering::SeqCst);
+                        shown.set(false);
                         tracing::info!("the broker takes publishes again");
                     }
                     Some(_) => {}
@@ -84,6 +94,30 @@ impl Alarm {
                 }
             }
         }
+    }
+}
+
+/// This connection's share of the blocked gauge, given back when the watch ends (a
+/// connection that is gone blocks nothing).
+struct Shown {
+    gauge: Option<Gauge>,
+    on: bool,
+}
+
+impl Shown {
+    fn set(&mut self, on: bool) {
+        if let Some(g) = &self.gauge
+            && on != self.on
+        {
+            g.increment(if on { 1.0 } else { -1.0 });
+        }
+        self.on = on;
+    }
+}
+
+impl Drop for Shown {
+    fn drop(&mut self) {
+        self.set(false);
     }
 }
 

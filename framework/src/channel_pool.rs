@@ -56,12 +56,16 @@ impl std::fmt::Debug for ChannelPool {
 
 impl ChannelPool {
     /// A pool on `conn` (open: its frame size negotiated) whose publishes wait at most
-    /// `limit` for their confirms.
-    pub fn new(conn: Arc<Connection>, limit: Duration) -> Arc<ChannelPool> {
+    /// `limit` for their confirms; `blocked` shows whether the broker blocks `conn`.
+    pub fn new(
+        conn: Arc<Connection>,
+        limit: Duration,
+        blocked: Option<metrics::Gauge>,
+    ) -> Arc<ChannelPool> {
         let watching = CancellationToken::new();
         Arc::new(ChannelPool {
             frame_max: crate::connection::frame_max(&conn),
-            alarm: Alarm::watch(&conn, watching.clone()),
+            alarm: Alarm::watch(&conn, watching.clone(), blocked),
             watching,
             conn,
             idle: Mutex::new(Vec::new()),

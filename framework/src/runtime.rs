@@ -164,6 +164,7 @@ impl<P: MessageProcessor> Runtime<P> {
         // Both exist from the start: a service that never connects shows `connected 0`
         // (its alert can fire), and the first recovery is an increase of the counter.
         metrics::gauge!(m::CONNECTED).set(0.0);
+        m::connection_blocked(&inner.topology.queue).increment(0.0);
         let recoveries =
             metrics::counter!(m::RECONNECTS_TOTAL, "queue" => inner.topology.queue.clone());
         recoveries.increment(0);

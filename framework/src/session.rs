@@ -105,7 +105,11 @@ pub(crate) async fn session<P: MessageProcessor>(
 ) -> Result<SessionEnd, DeclareError> {
     let limit = inner.amqp.operation_timeout();
     let conn = Arc::new(connect(&inner.amqp, &inner.service).await?);
-    let pool = ChannelPool::new(conn.clone(), limit);
+    let pool = ChannelPool::new(
+        conn.clone(),
+        limit,
+        Some(m::connection_blocked(&inner.topology.queue)),
+    );
     let publisher = Publisher::new(
         pool,
         &inner.service,

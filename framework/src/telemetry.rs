@@ -19,6 +19,9 @@ pub const HANDLER_SECONDS: &str = "storagetier_handler_seconds";
 pub const IN_FLIGHT: &str = "storagetier_in_flight";
 /// 1 while connected to the broker and consuming.
 pub const CONNECTED: &str = "storagetier_connected";
+/// 1 while the broker blocks the service's connection (a memory or disk alarm): outcomes
+/// wait for it to clear, so the service stalls while `connected` stays 1. Labelled `queue`.
+pub const CONNECTION_BLOCKED: &str = "storagetier_connection_blocked";
 /// Publishes (outcome or extra) the broker refused or that failed; the input went back.
 pub const PUBLISH_FAILURES_TOTAL: &str = "storagetier_publish_failures_total";
 /// Reconnections after a lost connection, channel or consumer.
@@ -26,6 +29,11 @@ pub const RECONNECTS_TOTAL: &str = "storagetier_reconnects_total";
 /// Messages ready in each of the service's own queues (`Q`, every retry tier, `Q-dlq`),
 /// labelled `queue`, read passively every `[amqp] queue_metrics_interval_ms`.
 pub const QUEUE_MESSAGES: &str = "storagetier_queue_messages";
+
+/// The `CONNECTION_BLOCKED` gauge of the service consuming `queue`.
+pub fn connection_blocked(queue: &str) -> metrics::Gauge {
+    metrics::gauge!(CONNECTION_BLOCKED, "queue" => queue.to_string())
+}
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 

@@ -144,18 +144,28 @@ async fn outcome_waiting_out_an_alarm(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outcome_published_during_a_resource_alarm_lands_once() {
+    // Installed before the service registers its metrics, as a service binary does.
+    let metrics = framework::telemetry::metrics_handle();
     let broker = PrivateBroker::start().await;
     let q = unique("alarm");
     let (open, gate) = tokio::sync::watch::channel(false);
     let calls = Arc::new(AtomicUsize::new(0));
     let (service, cfg, sink) =
         outcome_waiting_out_an_alarm(&broker, &q, &LIMIT_MS.to_string(), open, gate, &calls).await;
+    // The stall shows: the broker blocks the service's connection, which stays connected.
+    let blocked = |v: &str| {
+        let line = format!("storagetier_connection_blocked{{queue=\"{q}\"}} {v}");
+        let metrics = metrics.clone();
+        move || metrics.render().contains(&line)
+    };
+    wait_until("storagetier_connection_blocked 1", blocked("1")).await;
     // The outcome's confirm cannot come while the alarm lasts. What must not happen
     // cannot be awaited: the alarm is held for two and a half times the confirm limit,
     // in which the framework used to time the confirm out, publish a retry (blocked too,
     // landing with the output once the alarm clears) and give the input back.
     tokio::time::sleep(Duration::from_millis(LIMIT_MS * 5 / 2)).await;
     disk_limit(&broker, "1MB");
+    wait_until("storagetier_connection_blocked 0", blocked("0")).await;
 
     // Everything settles: the output once, nothing left in the input queue or the retry
     // tiers, the handler called once.

@@ -379,7 +379,7 @@ pub async fn replay_each(
     // A replay published during a resource alarm lands when it clears: timed out, the
     // dead letter would stay and a second replay publish it again.
     let watching = tokio_util::sync::CancellationToken::new();
-    let alarm = crate::alarm::Alarm::watch(conn, watching.clone());
+    let alarm = crate::alarm::Alarm::watch(conn, watching.clone(), None);
     let _stop_watching = watching.drop_guard();
     let now = chrono::Utc::now();
     let pace = filter
