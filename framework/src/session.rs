@@ -93,6 +93,18 @@ pub(crate) enum SessionEnd {
     Released(String),
 }
 
+/// The outcome of a handler that panicked: a bug, which the same input meets again, is
+/// permanent; a process out of threads (tokio's and std's spawn panics, under a container's
+/// pid limit or `ulimit -u`) is not the input's fault, and a later attempt finds threads.
+fn panicked(message: &str) -> Outcome {
+    const OUT_OF_THREADS: [&str; 2] = ["OS can't spawn worker thread", "failed to spawn thread"];
+    if OUT_OF_THREADS.iter().any(|p| message.starts_with(p)) {
+        Outcome::Retry(format!("the process is out of threads: {message}"))
+    } else {
+        Outcome::Permanent(format!("processor panicked: {message}"))
+    }
+}
+
 /// How long a session's last frames (acks, closes) are waited for while the broker blocks
 /// its connection: none can be written then.
 const WAIT_WHILE_BLOCKED: Duration = Duration::from_secs(1);
@@ -632,9 +644,7 @@ impl<P: MessageProcessor> Shared<P> {
             })
             .catch_unwind()
             .await;
-            let outcome = handled.unwrap_or_else(|p| {
-                Outcome::Permanent(format!("processor panicked: {}", m::panic_message(&*p)))
-            });
+            let outcome = handled.unwrap_or_else(|p| panicked(&m::panic_message(&*p)));
             metrics
                 .handler_seconds()
                 .record(started.elapsed().as_secs_f64());

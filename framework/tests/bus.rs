@@ -762,6 +762,27 @@ async fn a_panicking_processor_dead_letters_and_keeps_running() {
     hs.stop().await;
 }
 
+/// A handler that panicked because the process could not start a thread (tokio's blocking
+/// pool under a container's pid limit: every file copy runs on one) is retried, not
+/// dead-lettered as a bug: the next attempt finds threads again.
+#[tokio::test]
+async fn a_panic_for_want_of_threads_is_retried() {
+    let p = FnProcessor(|v: serde_json::Value, ctx: &MessageContext| {
+        if ctx.attempt == 1 {
+            panic!("OS can't spawn worker thread: Resource temporarily unavailable (os error 11)");
+        }
+        Outcome::success(v)
+    });
+    let mut hs = Harness::start("nothreads", &[], p).await;
+    let mut out = hs.watch_output().await;
+    hs.publish("test.t", br#"{"t":1}"#, BasicProperties::default())
+        .await;
+    let d = next(&mut out).await;
+    assert_eq!(d.data, br#"{"t":1}"#);
+    assert_eq!(ready_count(&hs.ch, &format!("{}-dlq", hs.q)).await, 0);
+    hs.stop().await;
+}
+
 #[tokio::test]
 async fn a_nacked_publish_is_retried_and_never_acked_as_success() {
     let calls: Calls = Arc::default();
