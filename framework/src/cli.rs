@@ -135,9 +135,9 @@ enum Command {
     Declare,
     /// Print the topology as RabbitMQ definitions JSON (management UI import).
     Definitions {
-        /// Virtual host to put in the document.
-        #[arg(long, default_value = "/")]
-        vhost: String,
+        /// Virtual host to put in the document (default: the one `[amqp] url` names).
+        #[arg(long)]
+        vhost: Option<String>,
     },
     /// Inspect and repair dead letters.
     Dlq {
@@ -437,6 +437,12 @@ async fn execute<S: Service>(cmd: Command, cfg: Config<S::Settings>) -> Result<(
         }
         Command::Definitions { vhost } => {
             let topo = topology_of::<S>(&cfg);
+            // The vhost the service would declare in: importing the document elsewhere
+            // builds a topology nothing consumes from.
+            let vhost = vhost.unwrap_or_else(|| {
+                let first = cfg.amqp.endpoints().first().map(|u| u.vhost());
+                first.unwrap_or_else(|| "/".to_string())
+            });
             let text =
                 serde_json::to_string_pretty(&topo.definitions(&vhost)).map_err(|e| other(&e))?;
             print_out(&format!("{text}\n"))

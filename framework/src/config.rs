@@ -152,6 +152,14 @@ impl AmqpUrl {
             .map_err(|e| format!("not usable by the AMQP client: {e}"))?;
         Ok(Self(u))
     }
+    /// The virtual host the URL names (`/` when it names none), as the client reads it.
+    pub fn vhost(&self) -> String {
+        self.0
+            .as_str()
+            .parse::<lapin::uri::AMQPUri>()
+            .map(|u| u.vhost)
+            .unwrap_or_else(|_| "/".to_string())
+    }
     /// True for `amqps://` (TLS).
     pub fn is_tls(&self) -> bool {
         self.0.scheme() == "amqps"

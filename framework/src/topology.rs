@@ -37,9 +37,10 @@ impl DeclareError {
 /// without changing what the queue is: a `Q` declared by an earlier release without
 /// `x-delivery-limit` (or with another `[amqp] delivery_limit`) is used with its value,
 /// instead of every replica of the next release exiting with a "conflict" whose remedy,
-/// deleting the queue, would throw away its messages. Never on the retry tiers, nor on
-/// `Q-dlq` but for `x-overflow` (a delivery limit there could drop dead letters that are
-/// browsed; a `Q-dlq` of an earlier release has no overflow argument), and never its type,
+/// deleting the queue, would throw away its messages. On the retry tiers and `Q-dlq` only
+/// `x-delivery-limit` (earlier releases declared them without one: kept with a louder
+/// warning, as a limit there could drop dead letters that are browsed) and on `Q-dlq`
+/// `x-overflow` (which earlier releases did not set), and never a queue's type,
 /// dead-letter target or TTL: the declaration is repeated with the broker's own value of
 /// the tolerated argument, so the broker still checks every other one.
 ///
@@ -47,12 +48,16 @@ impl DeclareError {
 /// that has it serves one replica at a time (slower, never wrong), while a service that
 /// needs it (ordered handling) must not run on a queue without it.
 const TOLERATED_ARGUMENTS: [&str; 5] = [
-    "x-delivery-limit",
+    DELIVERY_LIMIT,
     OVERFLOW,
     "x-dead-letter-strategy",
     "x-consumer-timeout",
     SINGLE_ACTIVE_CONSUMER,
 ];
+
+/// The queue argument that bounds redeliveries; tolerated on every queue of the service:
+/// the retry tiers and `Q-dlq` of earlier releases have none.
+const DELIVERY_LIMIT: &str = "x-delivery-limit";
 
 /// The queue argument saying what a full queue does; tolerated on `Q-dlq` too, which
 /// earlier releases declared without it.
@@ -474,7 +479,9 @@ impl Topology {
                 };
                 match tolerated_difference(&e) {
                     Some((key, current))
-                        if (q.name == self.queue || (q.name == self.dlq() && key == OVERFLOW))
+                        if (q.name == self.queue
+                            || (q.name == self.dlq() && key == OVERFLOW)
+                            || key == DELIVERY_LIMIT)
                             && !kept.contains(&key)
                             && !(key == SINGLE_ACTIVE_CONSUMER && self.single_active_consumer) =>
                     {
@@ -489,6 +496,14 @@ impl Topology {
                     }
                     _ => return Err(e.into()),
                 }
+            }
+            if q.name != self.queue && kept.contains(&DELIVERY_LIMIT) {
+                tracing::warn!(queue = %q.name,
+                    "the queue exists with another delivery limit (declared by an earlier release): \
+                     kept. On RabbitMQ 4.x a quorum queue without one drops a message delivered 20 \
+                     times, and browsing dead letters (`dlq list`) counts: lift it with a policy \
+                     (`delivery-limit` = -1, RabbitMQ 4.0 or later) or move the messages away and \
+                     delete the queue");
             }
             if !kept.is_empty() {
                 tracing::warn!(queue = %q.name, arguments = ?kept,

@@ -511,36 +511,49 @@ async fn declare_creates_the_topology_and_definitions_describe_it() {
         "{}",
         stderr(&o)
     );
-    // A `Q-dlq` of an earlier release, declared without an overflow argument, is used as
-    // it is too.
-    ch.queue_delete(
-        format!("{q}-dlq").as_str().into(),
-        framework::lapin::options::QueueDeleteOptions::default(),
-    )
-    .await
-    .expect("delete the DLQ");
-    let mut old = framework::lapin::types::FieldTable::default();
-    old.insert(
-        "x-queue-type".into(),
-        framework::lapin::types::AMQPValue::LongString("quorum".into()),
-    );
-    old.insert(
-        "x-delivery-limit".into(),
-        framework::lapin::types::AMQPValue::LongLongInt(i64::from(i32::MAX)),
-    );
-    ch.queue_declare(
-        format!("{q}-dlq").as_str().into(),
-        framework::lapin::options::QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        old,
-    )
-    .await
-    .expect("an earlier release's DLQ");
+    // A `Q-dlq` and a retry tier of earlier releases, declared without an overflow
+    // argument or without a delivery limit, are used as they are too, with a warning
+    // naming the way to lift the limit: every replica of the next release used to exit.
+    use framework::lapin::types::{AMQPValue, FieldTable};
+    let text = |v: &str| AMQPValue::LongString(v.into());
+    let mut old_dlq = FieldTable::default();
+    old_dlq.insert("x-queue-type".into(), text("quorum"));
+    let mut old_tier = old_dlq.clone();
+    old_tier.insert("x-message-ttl".into(), AMQPValue::LongLongInt(200));
+    old_tier.insert("x-dead-letter-exchange".into(), text(""));
+    old_tier.insert("x-dead-letter-routing-key".into(), text(&q));
+    old_tier.insert("x-dead-letter-strategy".into(), text("at-least-once"));
+    old_tier.insert("x-overflow".into(), text("reject-publish"));
+    for (name, args) in [
+        (format!("{q}-dlq"), old_dlq),
+        (format!("{q}-retry-200"), old_tier),
+    ] {
+        ch.queue_delete(
+            name.as_str().into(),
+            framework::lapin::options::QueueDeleteOptions::default(),
+        )
+        .await
+        .expect("delete the queue");
+        ch.queue_declare(
+            name.as_str().into(),
+            framework::lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .expect("an earlier release's queue");
+    }
     let o = run(echo_cmd(&q, dir.path()).arg("declare"));
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert!(stderr(&o).contains("x-overflow"), "{}", stderr(&o));
+    for name in [format!("{q}-dlq"), format!("{q}-retry-200")] {
+        let warned = stderr(&o).lines().any(|l| {
+            l.contains(&name) && l.contains("another delivery limit") && l.contains("policy")
+        });
+        assert!(warned, "{name}: {}", stderr(&o));
+    }
     // A conflicting queue type is a clear failure, exit 1.
     let o = run(echo_cmd(&q, dir.path())
         .env("STORAGETIER__AMQP__QUEUE_TYPE", "classic")
@@ -593,6 +606,23 @@ async fn declare_creates_the_topology_and_definitions_describe_it() {
             .iter()
             .any(|b| b["source"] == format!("{q}-fail") && b["routing_key"] == "#")
     );
+    assert_eq!(defs["queues"][0]["vhost"], "/", "the vhost of `[amqp] url`");
+
+    // Written for the vhost the service declares in: imported into another, it would
+    // build a topology nothing consumes from. `--vhost` still names another.
+    let o = run(echo_cmd(&q, dir.path())
+        .env(
+            "STORAGETIER__AMQP__URL",
+            "amqp://guest:guest@127.0.0.1:5672/media%2Fprod",
+        )
+        .arg("definitions"));
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let defs: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(defs["queues"][0]["vhost"], "media/prod");
+    assert_eq!(defs["exchanges"][0]["vhost"], "media/prod");
+    let o = run(echo_cmd(&q, dir.path()).args(["definitions", "--vhost", "other"]));
+    let defs: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(defs["bindings"][0]["vhost"], "other");
 }
 
 #[tokio::test]
