@@ -458,7 +458,10 @@ async fn execute<S: Service>(cmd: Command, cfg: Config<S::Settings>) -> Result<(
                     cfg.amqp.endpoints_shown()
                 ))
             })?;
-            let r = dlq_command(&conn, &topo, command).await;
+            let r = match dlq::exclusive(&conn, &topo).await {
+                Ok(()) => dlq_command(&conn, &topo, command).await,
+                Err(e) => Err(Failure::Other(e.to_string())),
+            };
             let limit = cfg.amqp.operation_timeout();
             let _ = bounded(limit, "connection.close", conn.close(200, "done".into())).await;
             r

@@ -724,6 +724,35 @@ async fn dead_letters_are_listed_replayed_after_confirm_and_purged() {
         );
     }
 
+    // One `dlq` command at a time: one that runs (here a connection holding its lock, as a
+    // paced replay holds the dead letters it passed) makes another fail, not purge or list
+    // a fraction and report success. The lock goes with its connection.
+    {
+        let (holder, ch) = test_channel().await;
+        ch.queue_declare(
+            format!("{q}-dlq.lock").as_str().into(),
+            framework::lapin::options::QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .expect("the lock");
+        for args in [&["dlq", "purge", "--yes"][..], &["dlq", "list"]] {
+            let o = cmd(args);
+            assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+            assert!(
+                stderr(&o).contains("another `dlq` command"),
+                "{}",
+                stderr(&o)
+            );
+        }
+        await_ready_count(&hs.ch, &format!("{q}-dlq"), 1).await;
+        let _ = holder.close(200, "done".into()).await;
+    }
+
     let o = cmd(&["dlq", "purge"]);
     assert_eq!(o.status.code(), Some(2), "purge without --yes is refused");
     await_ready_count(&hs.ch, &format!("{q}-dlq"), 1).await;

@@ -50,6 +50,49 @@ pub enum DlqError {
          it is still in the DLQ"
     )]
     NotRemoved(Option<String>),
+    /// Another `dlq` command holds the service's dead letters.
+    #[error(
+        "another `dlq` command is working on {0} (the dead letters it passed are held until it \
+         ends, so this one would see, replay or purge only part of them); try again once it \
+         has finished"
+    )]
+    Busy(String),
+}
+
+/// Makes this connection the only `dlq` command on `topo`'s dead letters until it closes:
+/// a command holds the dead letters it has passed (a filtered or paced replay, for
+/// minutes), so a second one beside it found a message "not there", listed a fraction, or
+/// purged a fraction and reported success. The lock is an exclusive queue, `Q-dlq.lock`,
+/// which the broker deletes with the connection, however it ends.
+pub async fn exclusive(conn: &Connection, topo: &Topology) -> Result<(), DlqError> {
+    let t = topo.operation_timeout;
+    let name = format!("{}.lock", topo.dlq());
+    let ch = bounded(t, "channel.open", conn.create_channel()).await?;
+    let mut args = FieldTable::default();
+    // A policy's queue type cannot make it a quorum queue, which cannot be exclusive.
+    args.insert(
+        "x-queue-type".into(),
+        lapin::types::AMQPValue::LongString("classic".into()),
+    );
+    let declare = ch.queue_declare(
+        name.as_str().into(),
+        QueueDeclareOptions {
+            exclusive: true,
+            auto_delete: true,
+            ..Default::default()
+        },
+        args,
+    );
+    match bounded(t, "queue.declare", declare).await {
+        Ok(_) => {
+            let _ = bounded(t, "channel.close", ch.close(200, "locked".into())).await;
+            Ok(())
+        }
+        Err(e) if crate::topology::is_soft(&e, lapin::protocol::AMQPSoftError::RESOURCELOCKED) => {
+            Err(DlqError::Busy(topo.dlq()))
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Every kind a dead letter can have: the framework's `x-error-kind`, or the broker's
