@@ -192,12 +192,15 @@ pub enum CopyError {
 }
 
 impl CopyError {
-    /// Whether retrying can ever help (not for an impossible size or a reserved key).
+    /// Whether retrying can ever help (not for an impossible size or a reserved key, nor
+    /// for a file larger than the store's filesystem takes: FAT's 4 GiB, or a process
+    /// file-size limit).
     pub fn is_permanent(&self) -> bool {
-        matches!(
-            self,
-            CopyError::TooLarge(_) | CopyError::Reserved(_) | CopyError::Unstorable(..)
-        )
+        match self {
+            CopyError::TooLarge(_) | CopyError::Reserved(_) | CopyError::Unstorable(..) => true,
+            CopyError::Write(_, e) => e.raw_os_error() == Some(libc::EFBIG),
+            _ => false,
+        }
     }
 }
 
@@ -1067,6 +1070,18 @@ pub async fn remove(store: &dyn ObjectStore, key: &ObjectPath) -> Result<(), Cop
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_larger_than_the_store_takes_is_permanent_other_write_errors_are_not() {
+        let write = |errno| CopyError::Write("k".into(), std::io::Error::from_raw_os_error(errno));
+        assert!(
+            write(libc::EFBIG).is_permanent(),
+            "retried 50 times into the same limit"
+        );
+        for errno in [libc::ENOSPC, libc::EIO, libc::EDQUOT, libc::EMFILE] {
+            assert!(!write(errno).is_permanent(), "errno {errno}");
+        }
+    }
 
     #[tokio::test]
     async fn a_remote_source_is_looked_at_again_off_the_runtime_and_changes_are_seen() {

@@ -210,9 +210,14 @@ pub fn resolve(roots: &[Root], filepath: &str, filename: &str) -> Result<Resolve
     Err(last_err)
 }
 
-/// Whether `dir` is an empty directory (a mount point whose share is not mounted).
-pub fn is_empty_dir(dir: &Path) -> bool {
-    std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none())
+/// Whether `dir` may be a mount point whose share is not mounted: an empty directory, or
+/// one that cannot be read now (out of descriptors, a share gone stale), which says
+/// nothing about what is in it.
+pub fn may_be_unmounted(dir: &Path) -> bool {
+    match std::fs::read_dir(dir) {
+        Ok(mut entries) => entries.next().is_none(),
+        Err(_) => true,
+    }
 }
 
 /// The resolved file at `real` (beneath `root`), if it is a regular file.

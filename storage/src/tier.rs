@@ -137,10 +137,10 @@ fn open_source(roots: &[Root], parent_dir: &str, filename: &str) -> Result<Opene
                 .filter(|r| {
                     !p.is_absolute() || p.starts_with(&r.canonical) || p.starts_with(&r.configured)
                 })
-                .find(|r| paths::is_empty_dir(&r.canonical));
+                .find(|r| paths::may_be_unmounted(&r.canonical));
             return match unmounted {
                 Some(r) => Err(TierError::Transient(format!(
-                    "{e}: the online root {} is empty (a share not mounted?)",
+                    "{e}: the online root {} is empty or unreadable (a share not mounted?)",
                     r.configured.display()
                 ))),
                 None => Ok(Opened::Missing(e)),
