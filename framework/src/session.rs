@@ -26,8 +26,29 @@ use crate::settler::{Settler, Settling};
 use crate::telemetry as m;
 use crate::topology::{DeclareError, Topology};
 
-/// How long a message whose outcome could not be published waits before going back.
+/// How long a message whose outcome could not be published waits before going back, at
+/// its first delivery; doubled at each redelivery the broker counts, up to
+/// [`PUBLISH_FAILURE_BACKOFF_MAX`].
 const PUBLISH_FAILURE_BACKOFF: Duration = Duration::from_secs(1);
+
+/// The longest such wait.
+const PUBLISH_FAILURE_BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+/// How long a message none of whose outcomes could be published (its retry tier full, a
+/// quorum queue electing a leader) is held before it goes back. Each give-back counts
+/// toward `Q`'s delivery limit (20 by default), and at one a second the broker
+/// dead-lettered the message after 20 s of a fault that lasts minutes; doubling from 1 s
+/// with the broker's count of earlier deliveries (`x-delivery-count`, quorum queues), the
+/// limit is reached after about a quarter of an hour instead. A classic queue, which counts
+/// nothing, keeps the first wait.
+fn publish_failure_backoff(headers: &FieldTable) -> Duration {
+    let earlier = h::get_int(headers, "x-delivery-count")
+        .unwrap_or(0)
+        .clamp(0, 16);
+    PUBLISH_FAILURE_BACKOFF
+        .saturating_mul(1 << earlier)
+        .min(PUBLISH_FAILURE_BACKOFF_MAX)
+}
 
 /// Room a retry or dead letter needs in its frame beyond the input's headers: the
 /// framework's own headers (errors of up to 1 KiB each, original names, trace), the
@@ -803,7 +824,12 @@ impl<P: MessageProcessor> Shared<P> {
                 if matches!(e, PublishError::Unroutable(..) | PublishError::Amqp(_)) {
                     broken.cancel();
                 }
-                tokio::time::sleep(PUBLISH_FAILURE_BACKOFF).await;
+                // A stop or a lost connection does not wait for it: the message goes back
+                // either way.
+                tokio::select! {
+                    _ = tokio::time::sleep(publish_failure_backoff(&ctx.headers)) => {}
+                    _ = ctx.cancel.cancelled() => {}
+                }
                 settler.give_back_failed(delivery.delivery_tag);
             }
         }
@@ -824,5 +850,34 @@ impl<'a> InFlight<'a> {
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.decrement(1.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_whose_outcomes_cannot_be_published_waits_longer_each_time() {
+        let after = |n: Option<i64>| {
+            let mut t = FieldTable::default();
+            if let Some(n) = n {
+                h::set_int(&mut t, "x-delivery-count", n);
+            }
+            publish_failure_backoff(&t)
+        };
+        assert_eq!(after(None), Duration::from_secs(1), "a first delivery");
+        assert_eq!(after(Some(1)), Duration::from_secs(2));
+        assert_eq!(after(Some(5)), Duration::from_secs(32));
+        assert_eq!(after(Some(6)), Duration::from_secs(60), "at most a minute");
+        assert_eq!(after(Some(i64::MAX)), Duration::from_secs(60));
+        assert_eq!(
+            after(Some(-3)),
+            Duration::from_secs(1),
+            "a producer's own header"
+        );
+        // 20 deliveries (RabbitMQ's default limit) last about a quarter of an hour.
+        let total: Duration = (0..20).map(|n| after(Some(n))).sum();
+        assert!(total >= Duration::from_secs(14 * 60), "{total:?}");
     }
 }
