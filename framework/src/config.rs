@@ -619,15 +619,19 @@ fn load_tree(opts: &LoadOptions) -> Result<Map<String, Value>, ConfigError> {
             format!("`{env_name}` is not a valid environment name"),
         ));
     }
+    // The files read, in order (for `endpoints_by_layer`).
+    let mut files = Vec::new();
     if let Some(dir) = &opts.config_dir {
         if dir.is_dir() {
             let default = dir.join("default.toml");
             if default.is_file() {
                 b = b.add_source(File::from(default.as_path()).format(FileFormat::Toml));
+                files.push(default);
             }
             let envf = dir.join(format!("{env_name}.toml"));
             if envf.is_file() {
                 b = b.add_source(File::from(envf.as_path()).format(FileFormat::Toml));
+                files.push(envf);
             } else if opts.env_name.is_some() {
                 return Err(ConfigError::new(
                     "--env (or APP_ENV)",
@@ -687,6 +691,7 @@ fn load_tree(opts: &LoadOptions) -> Result<Map<String, Value>, ConfigError> {
         .map_err(|e| cfg_err("config", e))?;
     check_kinds(&tree, &defaults, "")?;
     lists_from_strings(&mut tree);
+    endpoints_by_layer(&mut tree, opts, &files);
     for key in tree.keys() {
         if !KNOWN_SECTIONS.contains(&key.as_str()) {
             return Err(ConfigError::new(
@@ -699,6 +704,62 @@ fn load_tree(opts: &LoadOptions) -> Result<Map<String, Value>, ConfigError> {
         }
     }
     Ok(tree)
+}
+
+/// The layer that last set `key` (`section.name`): 0 the built-in defaults, then each of
+/// `files` in order, then the environment, then the overrides.
+fn layer_of(key: &str, opts: &LoadOptions, files: &[std::path::PathBuf]) -> usize {
+    if opts.overrides.iter().any(|(k, _)| k == key) {
+        return files.len() + 2;
+    }
+    let var = format!("{ENV_PREFIX}__{}", key.replace('.', "__"));
+    let in_env = match &opts.env_vars {
+        Some(vars) => vars.keys().any(|k| k.eq_ignore_ascii_case(&var)),
+        None => std::env::vars_os().any(|(k, _)| k.to_string_lossy().eq_ignore_ascii_case(&var)),
+    };
+    if in_env {
+        return files.len() + 1;
+    }
+    files
+        .iter()
+        .rposition(|f| {
+            config::Config::builder()
+                .add_source(File::from(f.as_path()).format(FileFormat::Toml))
+                .build()
+                .is_ok_and(|c| c.get::<config::Value>(key).is_ok())
+        })
+        .map_or(0, |i| i + 1)
+}
+
+/// `[amqp] url` and `urls` are one setting, the broker's address: the one set by the later
+/// layer wins, as any key would (a deployment's `STORAGETIER__AMQP__URL` over an
+/// environment file's `urls`, which used to win silently and kept the service on the
+/// file's nodes); set in one layer, `urls` wins. An empty `urls` (`STORAGETIER__AMQP__URLS=`)
+/// clears it.
+fn endpoints_by_layer(
+    tree: &mut Map<String, Value>,
+    opts: &LoadOptions,
+    files: &[std::path::PathBuf],
+) {
+    let Some(Value {
+        kind: config::ValueKind::Table(amqp),
+        ..
+    }) = tree.get_mut("amqp")
+    else {
+        return;
+    };
+    if let Some(Value {
+        kind: config::ValueKind::Array(urls),
+        ..
+    }) = amqp.get_mut("urls")
+    {
+        urls.retain(|u| !matches!(&u.kind, config::ValueKind::String(s) if s.trim().is_empty()));
+        if !urls.is_empty()
+            && layer_of("amqp.url", opts, files) > layer_of("amqp.urls", opts, files)
+        {
+            urls.clear();
+        }
+    }
 }
 
 /// A list key given as one string (an environment variable without a comma, which the
@@ -1136,6 +1197,49 @@ mod tests {
             ..LoadOptions::default()
         };
         load::<IgnoredAny>("echo", &opts)
+    }
+
+    #[test]
+    fn the_later_layer_of_url_and_urls_wins_and_an_empty_urls_clears_it() {
+        let dir = tempfile::tempdir().expect("dir");
+        std::fs::write(
+            dir.path().join("prod.toml"),
+            "[amqp]\nurls = [\"amqp://a:5672/%2f\", \"amqp://b:5672/%2f\"]\n",
+        )
+        .expect("file");
+        let load_with = |vars: &[(&str, &str)]| {
+            let opts = LoadOptions {
+                config_dir: Some(dir.path().to_path_buf()),
+                config_dir_explicit: true,
+                env_name: Some("prod".into()),
+                env_vars: Some(
+                    vars.iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                ),
+                overrides: Vec::new(),
+            };
+            let cfg = load::<IgnoredAny>("echo", &opts).expect("loads");
+            let shown: Vec<String> = cfg.amqp.endpoints().iter().map(|u| u.to_string()).collect();
+            shown
+        };
+        // The file's nodes alone.
+        assert_eq!(load_with(&[]).len(), 2);
+        // The deployment's own URL, a later layer, wins over the file's list (it kept the
+        // service on the file's nodes).
+        let url = "amqp://env:5672/%2f";
+        assert_eq!(load_with(&[("STORAGETIER__AMQP__URL", url)]), vec![url]);
+        // So does an empty list, which names no node (it was "urls[0]: not a URL").
+        assert_eq!(
+            load_with(&[("STORAGETIER__AMQP__URLS", "")]),
+            vec!["amqp://guest:***@127.0.0.1:5672/%2f"]
+        );
+        // A list in the environment wins over a URL in the environment.
+        let both = load_with(&[
+            ("STORAGETIER__AMQP__URL", url),
+            ("STORAGETIER__AMQP__URLS", "amqp://c:5672/%2f"),
+        ]);
+        assert_eq!(both, vec!["amqp://c:5672/%2f"]);
     }
 
     #[test]
