@@ -33,6 +33,10 @@ pub struct NearlineSettings {
     /// stored) for this long is aborted, so its parts stop being billed.
     #[serde(default = "storage::service::default_abort_abandoned_uploads_after_ms")]
     pub abort_abandoned_uploads_after_ms: u64,
+    /// Failure records (one per failed attempt) older than this many days are deleted
+    /// every hour; 0 keeps them all.
+    #[serde(default = "storage::service::default_keep_failures_days")]
+    pub keep_failures_days: u64,
 }
 
 /// The online-nearline service.
@@ -64,6 +68,7 @@ fn setup(s: &NearlineSettings) -> TierSetup {
         abort_abandoned_uploads_after: std::time::Duration::from_millis(
             s.abort_abandoned_uploads_after_ms,
         ),
+        keep_failures: storage::service::keep_failures(s.keep_failures_days),
     }
 }
 

@@ -675,6 +675,34 @@ impl Records {
         .map(|_| ())
     }
 
+    /// Deletes the failure records older than `age`; returns how many. A few thousand at
+    /// a time, each its own statement, so a year of them never holds the write lock (on
+    /// SQLite, every other write of the service) for long.
+    pub async fn prune_failures(&self, age: std::time::Duration) -> Result<u64, db::sqlx::Error> {
+        // An age before any date there is keeps everything.
+        let Some(before) = chrono::Duration::from_std(age)
+            .ok()
+            .and_then(|d| chrono::Utc::now().checked_sub_signed(d))
+        else {
+            return Ok(0);
+        };
+        let before = before.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let mut removed = 0;
+        loop {
+            let r = db::sqlx::query(
+                "DELETE FROM failures WHERE id IN \
+                 (SELECT id FROM failures WHERE failed_at < $1 LIMIT 5000)",
+            )
+            .bind(&before)
+            .execute(&self.write)
+            .await?;
+            removed += r.rows_affected();
+            if r.rows_affected() < 5000 {
+                return Ok(removed);
+            }
+        }
+    }
+
     /// Takes (or renews) the upload claim on `key` for `owner` until `lease` from now
     /// by the database's clock; false when another owner holds an unexpired claim.
     pub async fn claim(
@@ -1220,6 +1248,51 @@ mod tests {
         assert!(r.copies_of("/p2", 4, mtime).await.unwrap().is_empty());
         assert_eq!(r.copies_of("/p1", 9, mtime).await.unwrap().len(), 1);
         r.close().await;
+    }
+
+    /// Failure records older than the age kept are deleted, however many (in rounds of
+    /// 5,000); younger ones stay.
+    async fn old_failures_are_pruned(url: &str) {
+        let r = Records::open(url).await.expect("records");
+        let old = "2020-01-01T00:00:00.000Z";
+        for chunk in 0..51 {
+            let mut sql = String::from(
+                "INSERT INTO failures (id, original_path, error, permanent, attempt, failed_at) VALUES ",
+            );
+            for i in 0..100 {
+                let n = chunk * 100 + i;
+                if i > 0 {
+                    sql.push(',');
+                }
+                sql.push_str(&format!("('old-{n}', '/p/{n}', 'e', 0, 1, '{old}')"));
+            }
+            db::sqlx::query(&sql)
+                .execute(&r.write)
+                .await
+                .expect("old rows");
+        }
+        r.record_failure("/p/new", "just now", false, 1)
+            .await
+            .expect("recorded");
+        let day = std::time::Duration::from_secs(86_400);
+        assert_eq!(r.prune_failures(30 * day).await.expect("pruned"), 5100);
+        assert_eq!(r.count("failures").await.unwrap(), 1, "the young one stays");
+        assert_eq!(r.prune_failures(std::time::Duration::MAX).await.unwrap(), 0);
+        assert_eq!(r.count("failures").await.unwrap(), 1);
+        r.close().await;
+    }
+
+    #[tokio::test]
+    async fn old_failures_are_pruned_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        old_failures_are_pruned(&format!("sqlite://{}", dir.path().join("r.db").display())).await;
+    }
+
+    #[tokio::test]
+    async fn old_failures_are_pruned_on_postgres() {
+        let pg = db::testing::TempPostgres::create().await.unwrap();
+        old_failures_are_pruned(&pg.url).await;
+        pg.drop_db().await.unwrap();
     }
 
     #[tokio::test]

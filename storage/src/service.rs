@@ -24,6 +24,8 @@ pub struct TierSetup {
     pub database_url: Option<db::DatabaseUrl>,
     /// A recorded multipart upload with no part stored for this long is aborted.
     pub abort_abandoned_uploads_after: std::time::Duration,
+    /// Failure records older than this are deleted (None: kept).
+    pub keep_failures: Option<Duration>,
 }
 
 impl TierSetup {
@@ -64,13 +66,30 @@ pub fn default_abort_abandoned_uploads_after_ms() -> u64 {
     24 * 60 * 60 * 1000
 }
 
+/// Default of `[<service>] keep_failures_days`: a month of failed attempts to look back on.
+pub fn default_keep_failures_days() -> u64 {
+    30
+}
+
+/// `keep_failures_days` as an age (0: keep every record).
+pub fn keep_failures(days: u64) -> Option<Duration> {
+    (days > 0).then(|| {
+        Duration::from_secs(86_400).saturating_mul(u32::try_from(days).unwrap_or(u32::MAX))
+    })
+}
+
+/// How often old failure records are looked for.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
 /// Builds the success message body from a report and the input.
 pub type SuccessBody = fn(&CopyReport, &AssetSweeperFile) -> serde_json::Value;
 
 /// Processor copying asset-sweeper files into one tier.
 pub struct TierProcessor {
     copier: std::sync::Arc<TierCopier>,
-    sweeper: Option<tokio::task::JoinHandle<()>>,
+    /// Background upkeep (staging or upload sweeps, pruning old failure records), ended
+    /// with the processor.
+    upkeep: Vec<tokio::task::JoinHandle<()>>,
     success: SuccessBody,
 }
 
@@ -130,9 +149,26 @@ impl TierProcessor {
             }
             None => None,
         };
+        // Every failed attempt is a row: without an end, months of retries during outages
+        // fill the disk the database (and, by default, the archive) shares.
+        let pruner = setup.keep_failures.map(|age| {
+            let records = copier.records().clone();
+            tokio::spawn(async move {
+                loop {
+                    match records.prune_failures(age).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(removed = n, "old failure records deleted"),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not delete old failure records")
+                        }
+                    }
+                    tokio::time::sleep(PRUNE_EVERY).await;
+                }
+            })
+        });
         Ok(Self {
             copier,
-            sweeper,
+            upkeep: sweeper.into_iter().chain(pruner).collect(),
             success,
         })
     }
@@ -161,8 +197,8 @@ async fn sweep_staging(root: PathBuf) {
 
 impl Drop for TierProcessor {
     fn drop(&mut self) {
-        if let Some(s) = self.sweeper.take() {
-            s.abort();
+        for task in &self.upkeep {
+            task.abort();
         }
     }
 }
