@@ -117,6 +117,10 @@ async fn accept(
 ) {
     use hyper_util::rt::{TokioIo, TokioTimer};
     let open = Arc::new(std::sync::Mutex::new(Open::default()));
+    // Failed accepts since the last warning, and when it was: one line a minute, not five
+    // a second, while the process is out of descriptors.
+    let mut failed = 0u64;
+    let mut warned: Option<tokio::time::Instant> = None;
     loop {
         let stream = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -125,7 +129,13 @@ async fn accept(
                 // Out of descriptors, say: the listener stays, and the next try waits a
                 // moment instead of spinning.
                 Err(e) => {
-                    tracing::warn!(error = %e, "health/metrics server cannot accept a connection");
+                    failed += 1;
+                    if warned.is_none_or(|w| w.elapsed() >= Duration::from_secs(60)) {
+                        tracing::warn!(error = %e, failed,
+                            "health/metrics server cannot accept connections");
+                        warned = Some(tokio::time::Instant::now());
+                        failed = 0;
+                    }
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
                         _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
