@@ -183,7 +183,16 @@ impl TierProcessor {
 /// they only cost disk).
 async fn sweep_staging(root: PathBuf) {
     let shown = root.display().to_string();
-    match tokio::task::spawn_blocking(move || crate::local::sweep_stale_staging(&root)).await {
+    // tokio panics where it cannot start a thread (a pid limit): the next sweep tries
+    // again instead of the sweeper task ending for good.
+    let spawned = std::panic::catch_unwind(move || {
+        tokio::task::spawn_blocking(move || crate::local::sweep_stale_staging(&root))
+    });
+    let Ok(sweep) = spawned else {
+        tracing::warn!(store = %shown, "could not start the staging sweep (out of threads?)");
+        return;
+    };
+    match sweep.await {
         Ok(Ok(0)) => {}
         Ok(Ok(n)) => {
             tracing::info!(removed = n, store = %shown, "partial copies of interrupted uploads removed")
