@@ -424,6 +424,12 @@ async fn keep_bound(
                 (Ok(()), None) => {}
             }
         }
+        // A channel per round: lapin keeps every bind a channel made (for its recovery)
+        // until the channel closes, and a session's channel bound every 30 s for months
+        // grew without end.
+        if let Some(c) = ch.take() {
+            let _ = bounded(limit, "channel.close", c.close(200, "bound again".into())).await;
+        }
     }
 }
 

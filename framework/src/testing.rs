@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod broker;
 pub mod cluster;
+pub mod heap;
 pub mod process;
 
 pub use process::RunWithin;

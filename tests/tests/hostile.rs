@@ -8,11 +8,9 @@
 //! else may run in this binary meanwhile. Run with
 //! `cargo test -p e2e --test hostile -- --nocapture` for the figures.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::Instant;
 
 use crash_router::CrashRouterService;
@@ -30,44 +28,8 @@ use snapshot_status::SnapshotStatus;
 use storage::testing::{put_online_file, sweeper_message};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Live heap bytes of this process.
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-
-/// `System`, counting live bytes.
-struct Counting;
-
-// SAFETY: every call is forwarded to `System` unchanged; only a counter is added.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(l) };
-        if !p.is_null() {
-            LIVE.fetch_add(l.size(), Relaxed);
-        }
-        p
-    }
-    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc_zeroed(l) };
-        if !p.is_null() {
-            LIVE.fetch_add(l.size(), Relaxed);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        unsafe { System.dealloc(p, l) };
-        LIVE.fetch_sub(l.size(), Relaxed);
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, new_size: usize) -> *mut u8 {
-        let q = unsafe { System.realloc(p, l, new_size) };
-        if !q.is_null() {
-            LIVE.fetch_add(new_size, Relaxed);
-            LIVE.fetch_sub(l.size(), Relaxed);
-        }
-        q
-    }
-}
-
 #[global_allocator]
-static ALLOCATOR: Counting = Counting;
+static ALLOCATOR: framework::testing::heap::Counting = framework::testing::heap::Counting;
 
 const MIB: usize = 1 << 20;
 /// Rounds of the corpus after the warm-up round.
@@ -677,11 +639,11 @@ async fn soak(mut svc: Svc) {
     let mut out = hs.watch_output().await;
     let mut dlq = hs.watch_dlq().await;
     let mut dead = round(&svc, &cases, &hs, &mut out, &mut dlq, 0).await;
-    let (warm, (rss_warm, _)) = (LIVE.load(Relaxed), rss_mib());
+    let (warm, (rss_warm, _)) = (framework::testing::heap::live(), rss_mib());
     for r in 1..=ROUNDS {
         dead += round(&svc, &cases, &hs, &mut out, &mut dlq, r).await;
     }
-    let after = LIVE.load(Relaxed);
+    let after = framework::testing::heap::live();
     assert!(hs.status.is_ready(), "{} still consuming", svc.name);
     let (rss, hwm) = rss_mib();
     let growth = after as f64 - warm as f64;
