@@ -151,6 +151,18 @@ pub struct PooledChannel {
     pool: Arc<ChannelPool>,
 }
 
+impl PooledChannel {
+    /// Closes the channel instead of giving it back (confirms given up on are kept by lapin
+    /// until their channel closes).
+    pub fn discard(mut self) {
+        if let Some(ch) = self.ch.take() {
+            tokio::spawn(async move {
+                let _ = ch.close(200, "confirms given up on".into()).await;
+            });
+        }
+    }
+}
+
 impl std::ops::Deref for PooledChannel {
     type Target = Channel;
     fn deref(&self) -> &Channel {

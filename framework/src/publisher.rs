@@ -347,7 +347,12 @@ impl Publisher {
             return publish_confirmed(&ch, msgs, alarm, limit, frame_max).await;
         }
         let ch = self.pool.get().await?;
-        publish_confirmed(&ch, msgs, alarm, limit, frame_max).await
+        let r = publish_confirmed(&ch, msgs, alarm, limit, frame_max).await;
+        if let Err(PublishError::Timeout(_)) = &r {
+            // Its confirms were given up on: lapin would keep them for the channel's life.
+            ch.discard();
+        }
+        r
     }
 }
 
@@ -433,14 +438,21 @@ async fn publish_and_confirm(
             .await?;
         pending.push((o.exchange, o.routing_key, confirm));
     }
+    // Every confirm is awaited, the first failure reported: lapin keeps a confirm dropped
+    // unanswered (with a returned message's body) for as long as its channel lives.
+    let mut first: Result<(), PublishError> = Ok(());
     for (ex, rk, confirm) in pending {
-        match confirm.await? {
-            Confirmation::Ack(None) | Confirmation::NotRequested => {}
-            Confirmation::Ack(Some(_)) => return Err(PublishError::Unroutable(ex, rk)),
-            Confirmation::Nack(_) => return Err(PublishError::Nacked(ex)),
+        let this = match confirm.await {
+            Ok(Confirmation::Ack(None) | Confirmation::NotRequested) => Ok(()),
+            Ok(Confirmation::Ack(Some(_))) => Err(PublishError::Unroutable(ex, rk)),
+            Ok(Confirmation::Nack(_)) => Err(PublishError::Nacked(ex)),
+            Err(e) => Err(e.into()),
+        };
+        if first.is_ok() {
+            first = this;
         }
     }
-    Ok(())
+    first
 }
 
 /// The properties a copy of a delivery is republished with (retry, dead letter, replay):
