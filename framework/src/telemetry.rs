@@ -92,10 +92,9 @@ pub fn metrics_handle() -> PrometheusHandle {
         .clone()
 }
 
-/// Starts `tracing` output per `[log]`; later calls are no-ops (tests run many services).
-pub fn init_logging(cfg: &LogConfig) {
-    use std::io::IsTerminal;
-    let mut filter = EnvFilter::try_new(&cfg.level).unwrap_or_else(|_| EnvFilter::new("info"));
+/// The filter of `[log] level`, with the framework's own limits on lapin's logging.
+fn log_filter(level: &str) -> EnvFilter {
+    let mut filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
     // lapin logs every channel the broker closes as an ERROR, the expected ones too (the
     // passive check of a producer exchange that does not exist yet closes its channel
     // with 404); whatever such a close means to a service, the framework logs itself.
@@ -103,12 +102,24 @@ pub fn init_logging(cfg: &LogConfig) {
     // lapin also logs every returned (unroutable) message whole, headers and body, at WARN:
     // the framework reports an unroutable publish itself, without the payload.
     for target in ["lapin::channel", "lapin::returned_messages"] {
-        if !cfg.level.contains(target)
+        if !level.contains(target)
             && let Ok(quiet) = format!("{target}=off").parse()
         {
             filter = filter.add_directive(quiet);
         }
     }
+    // At TRACE lapin's I/O loop logs every frame it writes, the connection's `start-ok`
+    // with the broker password in it: never, whatever the level asks.
+    if let Ok(capped) = "lapin::io_loop=debug".parse() {
+        filter = filter.add_directive(capped);
+    }
+    filter
+}
+
+/// Starts `tracing` output per `[log]`; later calls are no-ops (tests run many services).
+pub fn init_logging(cfg: &LogConfig) {
+    use std::io::IsTerminal;
+    let filter = log_filter(&cfg.level);
     // Colours only for a person at a terminal: in a log file or a collector they are noise,
     // and styling every span's fields (one span per message) costs CPU.
     let ansi = std::io::stderr().is_terminal();
@@ -268,6 +279,47 @@ impl QueueMetrics {
 #[cfg(test)]
 mod tests {
     use super::LogText;
+
+    /// What `level` lets through of lapin's I/O loop and another lapin module at TRACE.
+    fn traced(level: &str) -> (bool, bool) {
+        use std::sync::{Arc, Mutex};
+        let out = Arc::new(Mutex::new(Vec::<u8>::new()));
+        let sink = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(super::log_filter(level))
+            .with_writer(move || Writer(sink.clone()))
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::trace!(target: "lapin::io_loop", "start-ok with the password");
+            tracing::trace!(target: "lapin::consumer", "a delivery");
+        });
+        let text = String::from_utf8_lossy(&out.lock().unwrap()).to_string();
+        (text.contains("password"), text.contains("a delivery"))
+    }
+
+    struct Writer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Writer {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_frames_lapin_writes_never_reach_the_log_whatever_the_level() {
+        for (level, rest) in [
+            ("trace", true),
+            ("lapin=trace", true),
+            ("info,lapin::io_loop=trace", false),
+        ] {
+            let (frames, other) = traced(level);
+            assert!(!frames, "{level}: the start-ok frame carries the password");
+            assert_eq!(other, rest, "{level}: the rest of lapin's trace as asked");
+        }
+    }
 
     #[test]
     fn log_text_escapes_controls_and_keeps_a_bounded_prefix() {
