@@ -169,6 +169,22 @@ pub fn check_settings(
     // The S3 options mean nothing to a directory store (default.toml: "ignored for
     // directories"), so they are checked only for an S3 one.
     let s3 = url.is_some_and(|u| u.starts_with("s3://"));
+    // The S3 client also reads AWS_ALLOW_INVALID_CERTIFICATES: a variable left in a shared
+    // environment would let anyone on the path read and alter the store, unseen.
+    if let (true, Some(v)) = (s3, std::env::var_os("AWS_ALLOW_INVALID_CERTIFICATES"))
+        && !matches!(
+            v.to_string_lossy().trim().to_ascii_lowercase().as_str(),
+            "" | "0" | "false"
+        )
+    {
+        return Err(ConfigError::new(
+            "AWS_ALLOW_INVALID_CERTIFICATES",
+            format!(
+                "is set for {url_key}: the store's certificate would not be checked. Unset \
+                 it; for a private CA, add the CA to the system's trust store"
+            ),
+        ));
+    }
     if s3 && (opts.part_size_mib < 5 || opts.part_size_mib > 5 * 1024) {
         return Err(ConfigError::new(
             format!("{options_key}.part_size_mib"),
