@@ -445,7 +445,10 @@ pub fn redacted_url(url: &str) -> String {
     let Ok(mut u) = url::Url::parse(url) else {
         return match url.find("://") {
             Some(i) => format!("{}://***", &url[..i]),
-            None if url.contains(['@', '?']) => "***".to_string(),
+            // A connection string of another form (libpq's `host=db password=…`).
+            None if url.contains(['@', '?', '=']) || url.to_ascii_lowercase().contains("pass") => {
+                "***".to_string()
+            }
             None => url.to_string(),
         };
     };
@@ -1282,6 +1285,11 @@ mod tests {
             "http://collector:4318/"
         );
         assert_eq!(redacted_url("not a url?token=x"), "***");
+        assert_eq!(redacted_url("host=db user=u password=PGKV"), "***");
+        assert_eq!(
+            redacted_url("data/online-archive.db"),
+            "data/online-archive.db"
+        );
     }
 
     #[test]

@@ -381,6 +381,10 @@ fn bad_store_settings_exit_2_naming_the_key() {
         ),
         (vec![("ARCHIVE_URL", "s3://")], "online_archive.archive_url"),
         (
+            vec![("ARCHIVE_URL", "s3://AKID:s3cr3t@archive/p")],
+            "online_archive.archive_url",
+        ),
+        (
             vec![("ARCHIVE_URL", "s3:/archive")],
             "online_archive.archive_url",
         ),

@@ -185,6 +185,18 @@ pub fn check_settings(
             ),
         ));
     }
+    // Not echoed: `check-config` and every error would print the secret.
+    if let Some(u) = url.and_then(|u| u.strip_prefix("s3://"))
+        && u.split('/')
+            .next()
+            .is_some_and(|bucket| bucket.contains('@'))
+    {
+        return Err(ConfigError::new(
+            url_key,
+            "credentials belong in access_key_id and secret_access_key (or \
+             secret_access_key_file), not the URL",
+        ));
+    }
     if s3 && (opts.part_size_mib < 5 || opts.part_size_mib > 5 * 1024) {
         return Err(ConfigError::new(
             format!("{options_key}.part_size_mib"),
