@@ -1067,6 +1067,15 @@ fn validate<S>(cfg: &Config<S>, section_name: &str) -> Result<(), ConfigError> {
             format!("is for amqps:// but {plain} is plaintext amqp://, which would not use it"),
         ));
     }
+    // A cluster's nodes are one broker: with one node down, the same password would go in
+    // the clear to another.
+    if a.urls.iter().any(AmqpUrl::is_tls) && a.urls.iter().any(|u| !u.is_tls()) {
+        return Err(ConfigError::new(
+            "amqp.urls",
+            "mixes amqps:// and plaintext amqp:// nodes: with a TLS node down the credentials \
+             would go in the clear to another; use one scheme for every node",
+        ));
+    }
     for (key, ms) in [
         ("amqp.connect_timeout_ms", a.connect_timeout_ms),
         ("amqp.operation_timeout_ms", a.operation_timeout_ms),
@@ -1361,6 +1370,12 @@ mod tests {
             ),
         ]);
         assert!(c.is_ok(), "{:?}", c.err());
+        let mixed = with_env(&[(
+            "STORAGETIER__AMQP__URLS",
+            "amqps://u:p@h1:5671/%2f,amqp://u:p@h2:5672/%2f",
+        )])
+        .expect_err("TLS and plaintext nodes");
+        assert_eq!(mixed.key, "amqp.urls");
     }
 
     #[test]
