@@ -383,12 +383,45 @@ fn elements<'a>(xml: &'a str, name: &str) -> impl Iterator<Item = &'a str> {
 }
 
 /// XML text with its five predefined entities resolved.
+/// XML text with its entities decoded: the five named ones and numeric references, which
+/// MinIO's writer (Go's `encoding/xml`) uses for the quotes of every ETag (`&#34;abc&#34;`,
+/// taken as written, a resumed upload's completion named parts the store did not know).
 fn unescape(s: &str) -> String {
-    s.replace("&quot;", "\"")
-        .replace("&apos;", "'")
-        .replace("&lt;", "<")
-        .replace("&gt;", ">")
-        .replace("&amp;", "&")
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(at) = rest.find('&') {
+        out.push_str(&rest[..at]);
+        let tail = &rest[at..];
+        let decoded = tail.find(';').and_then(|end| {
+            let c = match &tail[1..end] {
+                "quot" => Some('"'),
+                "apos" => Some('\''),
+                "lt" => Some('<'),
+                "gt" => Some('>'),
+                "amp" => Some('&'),
+                n => n
+                    .strip_prefix("#x")
+                    .or_else(|| n.strip_prefix("#X"))
+                    .map(|h| u32::from_str_radix(h, 16))
+                    .or_else(|| n.strip_prefix('#').map(str::parse::<u32>))
+                    .and_then(Result::ok)
+                    .and_then(char::from_u32),
+            }?;
+            Some((c, end + 1))
+        });
+        match decoded {
+            Some((c, len)) => {
+                out.push(c);
+                rest = &tail[len..];
+            }
+            None => {
+                out.push('&');
+                rest = &tail[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// XML text with `&`, `<`, `>` and `"` escaped.
@@ -493,5 +526,9 @@ mod tests {
         let id = part_id("\"abc\"", "x+y=");
         assert_eq!(part_etag(&id.content_id), "\"abc\"");
         assert_eq!(part_etag("\"plain\""), "\"plain\"");
+        // MinIO writes the quotes as numeric references.
+        assert_eq!(unescape("&#34;abc&#34;"), "\"abc\"");
+        assert_eq!(unescape("&#x22;a&amp;b&#X27;"), "\"a&b'");
+        assert_eq!(unescape("&amp;quot; & &bogus; &#;"), "&quot; & &bogus; &#;");
     }
 }
