@@ -424,18 +424,25 @@ fn bad_store_settings_exit_2_naming_the_key() {
     assert!(!dir.path().join("s3:").exists(), "no directory made");
     // The S3 client's own environment may not switch off the store's certificate check
     // (an AWS_* variable left in a shared environment did, unseen).
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_online-archive"))
-        .arg("--config-dir")
-        .arg(dir.path())
-        .env("STORAGETIER__STORAGE__DATA_DIR", dir.path())
-        .env("STORAGETIER__ONLINE_ARCHIVE__ARCHIVE_URL", "s3://archive")
-        .env("AWS_ALLOW_INVALID_CERTIFICATES", "true")
-        .arg("check-config")
-        .output_within(WAIT)
-        .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{err}");
-    assert!(err.contains("AWS_ALLOW_INVALID_CERTIFICATES"), "{err}");
+    // Nor may it apply encryption to only the requests object_store makes (the uploads of
+    // large files and their checks go through a client of our own).
+    for (var, value) in [
+        ("AWS_ALLOW_INVALID_CERTIFICATES", "true"),
+        ("AWS_SSE_KMS_KEY_ID", "arn:aws:kms:eu-west-1:1:key/k"),
+    ] {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_online-archive"))
+            .arg("--config-dir")
+            .arg(dir.path())
+            .env("STORAGETIER__STORAGE__DATA_DIR", dir.path())
+            .env("STORAGETIER__ONLINE_ARCHIVE__ARCHIVE_URL", "s3://archive")
+            .env(var, value)
+            .arg("check-config")
+            .output_within(WAIT)
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(err.contains(var), "{err}");
+    }
     assert!(!std::path::Path::new(&absent).exists(), "not created");
     // S3 options are ignored for a directory store, and a directory may have a colon.
     let local = dir.path().join("vol1:archive");

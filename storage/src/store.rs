@@ -169,21 +169,45 @@ pub fn check_settings(
     // The S3 options mean nothing to a directory store (default.toml: "ignored for
     // directories"), so they are checked only for an S3 one.
     let s3 = url.is_some_and(|u| u.starts_with("s3://"));
-    // The S3 client also reads AWS_ALLOW_INVALID_CERTIFICATES: a variable left in a shared
-    // environment would let anyone on the path read and alter the store, unseen.
-    if let (true, Some(v)) = (s3, std::env::var_os("AWS_ALLOW_INVALID_CERTIFICATES"))
-        && !matches!(
-            v.to_string_lossy().trim().to_ascii_lowercase().as_str(),
-            "" | "0" | "false"
-        )
-    {
-        return Err(ConfigError::new(
+    // The S3 client also reads these from the environment: a variable left in a shared
+    // environment would switch off the store's certificate check, unseen; encryption
+    // settings would reach only some requests (the uploads of large files and their checks
+    // go through a client of our own), storing them with another key or failing them.
+    const REFUSED: [(&str, &str); 4] = [
+        (
             "AWS_ALLOW_INVALID_CERTIFICATES",
-            format!(
-                "is set for {url_key}: the store's certificate would not be checked. Unset \
-                 it; for a private CA, add the CA to the system's trust store"
-            ),
-        ));
+            "the store's certificate would not be checked; for a private CA, add the CA to \
+             the system's trust store",
+        ),
+        (
+            "AWS_SERVER_SIDE_ENCRYPTION",
+            "set the encryption as the bucket's default instead",
+        ),
+        (
+            "AWS_SSE_KMS_KEY_ID",
+            "set the KMS key as the bucket's default encryption instead",
+        ),
+        (
+            "AWS_SSE_CUSTOMER_KEY_BASE64",
+            "customer-provided keys (SSE-C) are not supported; use the bucket's default \
+             encryption",
+        ),
+    ];
+    if s3 {
+        for (var, why) in REFUSED {
+            let set = std::env::var_os(var).is_some_and(|v| {
+                !matches!(
+                    v.to_string_lossy().trim().to_ascii_lowercase().as_str(),
+                    "" | "0" | "false"
+                )
+            });
+            if set {
+                return Err(ConfigError::new(
+                    var,
+                    format!("is set in the environment of {url_key}: {why}"),
+                ));
+            }
+        }
     }
     // Not echoed: `check-config` and every error would print the secret.
     if let Some(u) = url.and_then(|u| u.strip_prefix("s3://"))
