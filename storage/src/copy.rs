@@ -774,7 +774,7 @@ impl Multipart<'_> {
             match known.get(&number) {
                 // The store holds exactly these bytes as this part: not sent again.
                 Some((stored, etag)) if stored == &sha => {
-                    ids.push(Some(crate::s3::part_id(etag, &sha)));
+                    ids.push(Some(self.s3.part_id(etag, &sha)));
                     reused += 1;
                 }
                 _ => {

@@ -77,6 +77,8 @@ pub struct S3Native {
     bucket_endpoint: String,
     region: String,
     credentials: AwsCredentialProvider,
+    /// Whether requests ask for and send SHA-256 checksums (the store options' `checksums`).
+    checksums: bool,
 }
 
 impl S3Native {
@@ -88,6 +90,7 @@ impl S3Native {
         virtual_hosted: bool,
         credentials: AwsCredentialProvider,
         timeout: std::time::Duration,
+        checksums: bool,
     ) -> Result<Self, S3Error> {
         // The same addressing object_store's builder derives (path-style or virtual-hosted).
         let bucket_endpoint = match (endpoint, virtual_hosted) {
@@ -109,7 +112,14 @@ impl S3Native {
             bucket_endpoint,
             region: region.to_string(),
             credentials,
+            checksums,
         })
+    }
+
+    /// A part id object_store completes an upload with, for a part stored earlier (with
+    /// its SHA-256 where uploads carry checksums).
+    pub fn part_id(&self, etag: &str, checksum_sha256: &str) -> object_store::multipart::PartId {
+        part_id(etag, self.checksums.then_some(checksum_sha256))
     }
 
     fn url(&self, key: &ObjectPath, query: &str) -> String {
@@ -155,12 +165,13 @@ impl S3Native {
     /// HEAD of `key` with its checksum; None if there is no such object.
     pub async fn head(&self, key: &ObjectPath) -> Result<Option<StoreHead>, S3Error> {
         const WHAT: &str = "HeadObject";
+        let checksum = [("x-amz-checksum-mode".into(), "ENABLED".into())];
         let r = self
             .send(
                 WHAT,
                 http::Method::HEAD,
                 &self.url(key, ""),
-                &[("x-amz-checksum-mode".into(), "ENABLED".into())],
+                if self.checksums { &checksum } else { &[] },
                 bytes::Bytes::new(),
                 None,
             )
@@ -196,7 +207,10 @@ impl S3Native {
         metadata: &[(String, String)],
     ) -> Result<String, S3Error> {
         const WHAT: &str = "CreateMultipartUpload";
-        let mut headers = vec![("x-amz-checksum-algorithm".to_string(), "SHA256".to_string())];
+        let mut headers = Vec::new();
+        if self.checksums {
+            headers.push(("x-amz-checksum-algorithm".to_string(), "SHA256".to_string()));
+        }
         for (k, v) in metadata {
             headers.push((format!("x-amz-meta-{k}"), v.clone()));
         }
@@ -441,13 +455,17 @@ pub fn part_etag(content_id: &str) -> String {
 }
 
 /// A part id object_store completes an upload with, for a part stored earlier.
-pub fn part_id(etag: &str, checksum_sha256: &str) -> object_store::multipart::PartId {
+pub fn part_id(etag: &str, checksum_sha256: Option<&str>) -> object_store::multipart::PartId {
     object_store::multipart::PartId {
-        content_id: format!(
-            "<PartMetadata><e_tag>{}</e_tag><checksum_sha256>{}</checksum_sha256></PartMetadata>",
-            escape(etag),
-            escape(checksum_sha256)
-        ),
+        content_id: match checksum_sha256 {
+            Some(sum) => format!(
+                "<PartMetadata><e_tag>{}</e_tag><checksum_sha256>{}</checksum_sha256></PartMetadata>",
+                escape(etag),
+                escape(sum)
+            ),
+            // As object_store's own id of a part uploaded without a checksum.
+            None => etag.to_string(),
+        },
     }
 }
 
@@ -523,7 +541,7 @@ mod tests {
             Some("\"abc\"".into())
         );
         assert_eq!(element(parts[1], "ChecksumSHA256"), Some("x+y="));
-        let id = part_id("\"abc\"", "x+y=");
+        let id = part_id("\"abc\"", Some("x+y="));
         assert_eq!(part_etag(&id.content_id), "\"abc\"");
         assert_eq!(part_etag("\"plain\""), "\"plain\"");
         // MinIO writes the quotes as numeric references.

@@ -52,6 +52,11 @@ pub struct StoreOptions {
     /// claim had lapsed. false only for a store that refuses the header.
     #[serde(default = "default_true")]
     pub conditional_writes: bool,
+    /// Uploads carry their SHA-256 (`x-amz-checksum-sha256`) and checks read the store's
+    /// (`ChecksumSHA256`). false for a store that refuses the headers (Backblaze B2): a
+    /// copy is then verified by reading it back.
+    #[serde(default = "default_true")]
+    pub checksums: bool,
 }
 
 impl Default for StoreOptions {
@@ -68,6 +73,7 @@ impl Default for StoreOptions {
             retry_timeout_ms: default_retry_timeout_ms(),
             part_size_mib: default_part_size_mib(),
             conditional_writes: true,
+            checksums: true,
         }
     }
 }
@@ -336,13 +342,14 @@ pub fn open(url: &str, opts: &StoreOptions) -> Result<Tier, StoreConfigError> {
         // Every upload carries its SHA-256 (x-amz-checksum-sha256), which S3 checks on
         // receipt and keeps as the object's ChecksumSHA256: verification and redeliveries
         // then compare checksums instead of downloading the object again.
-        b = b
-            .with_checksum_algorithm(Checksum::SHA256)
-            .with_conditional_put(if opts.conditional_writes {
-                S3ConditionalPut::ETagMatch
-            } else {
-                S3ConditionalPut::Disabled
-            });
+        if opts.checksums {
+            b = b.with_checksum_algorithm(Checksum::SHA256);
+        }
+        b = b.with_conditional_put(if opts.conditional_writes {
+            S3ConditionalPut::ETagMatch
+        } else {
+            S3ConditionalPut::Disabled
+        });
         let cfg = |k| b.get_config_value(&k);
         let native_endpoint = cfg(object_store::aws::AmazonS3ConfigKey::Endpoint);
         let region =
@@ -355,6 +362,7 @@ pub fn open(url: &str, opts: &StoreOptions) -> Result<Tier, StoreConfigError> {
             opts.virtual_hosted_style,
             store.credentials().clone(),
             Duration::from_millis(opts.retry_timeout_ms.max(1000)),
+            opts.checksums,
         )?;
         let endpoint = opts.endpoint.as_deref().unwrap_or("aws");
         Ok(Tier {

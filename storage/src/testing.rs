@@ -496,6 +496,11 @@ struct RequestLog {
     generation: u64,
     requests: Vec<String>,
     hold: Option<Hold>,
+    /// A header (lower case) whose requests are answered 400 by the proxy itself, as a
+    /// store that does not support it answers (Backblaze B2 and `x-amz-checksum-`).
+    refused_header: Option<String>,
+    /// Requests answered so.
+    refused: usize,
 }
 
 /// Requests held back (not forwarded) from the `from`-th one matching on.
@@ -599,6 +604,18 @@ impl CountingProxy {
         HeldRequests { reached, open }
     }
 
+    /// Answers every request carrying a header that starts with `prefix` with 400
+    /// `InvalidArgument` (as Backblaze B2 answers `x-amz-checksum-sha256`), not forwarding
+    /// it; returns nothing, [`CountingProxy::refused`] counts them.
+    pub fn refuse_header(&self, prefix: &str) {
+        lock(&self.log).refused_header = Some(prefix.to_ascii_lowercase());
+    }
+
+    /// Requests answered 400 for a refused header.
+    pub fn refused(&self) -> usize {
+        lock(&self.log).refused
+    }
+
     /// Requests with this method whose target (path and query) satisfies `pred`.
     pub fn count(&self, method: &str, pred: impl Fn(&str) -> bool) -> usize {
         lock(&self.log)
@@ -619,7 +636,7 @@ impl Drop for CountingProxy {
 /// Forwards one client connection, logging each request it sends (requests are framed
 /// by Content-Length; the responses are passed through untouched).
 async fn proxy_connection(
-    mut client: tokio::net::TcpStream,
+    client: tokio::net::TcpStream,
     upstream: String,
     log: Arc<Mutex<RequestLog>>,
     generation: u64,
@@ -629,10 +646,23 @@ async fn proxy_connection(
         return;
     };
     let (mut sr, mut sw) = server.into_split();
-    let (mut cr, mut cw) = client.split();
+    let (mut cr, cw) = client.into_split();
+    // Shared with the requests the proxy answers itself (a client waits for each
+    // response before its next request, so the two never interleave).
+    let cw = tokio::sync::Mutex::new(cw);
     let back = async {
-        let _ = tokio::io::copy(&mut sr, &mut cw).await;
-        let _ = cw.shutdown().await;
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            match sr.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if cw.lock().await.write_all(&chunk[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = cw.lock().await.shutdown().await;
     };
     let forth = async {
         let mut buf: Vec<u8> = Vec::new();
@@ -654,6 +684,33 @@ async fn proxy_connection(
             let mut parts = first.split(' ');
             let method = parts.next().unwrap_or_default();
             let target = parts.next().unwrap_or_default();
+            let refuse = {
+                let mut l = lock(&log);
+                let refuse = l.refused_header.as_ref().is_some_and(|prefix| {
+                    head.split("\r\n")
+                        .skip(1)
+                        .any(|h| h.to_ascii_lowercase().starts_with(prefix.as_str()))
+                });
+                if refuse {
+                    l.refused += 1;
+                }
+                refuse
+            };
+            if refuse {
+                let why = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>InvalidArgument</Code>\
+                    <Message>Unsupported header received for this API call.</Message></Error>";
+                let response = format!(
+                    "HTTP/1.1 400 Bad Request\r\nContent-Type: application/xml\r\n\
+                     Content-Length: {}\r\nConnection: close\r\n\r\n{why}",
+                    why.len()
+                );
+                let mut w = cw.lock().await;
+                let _ = w.write_all(response.as_bytes()).await;
+                let _ = w.shutdown().await;
+                // The server's side ends too, and with it the copy of its responses.
+                let _ = sw.shutdown().await;
+                return;
+            }
             let held = {
                 let mut l = lock(&log);
                 if l.generation == generation {

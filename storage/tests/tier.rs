@@ -452,6 +452,64 @@ async fn an_s3_copy_never_replaces_an_object_published_while_it_uploads() {
     assert_eq!(c.records().count("multipart_uploads").await.unwrap(), 0);
 }
 
+/// A store that refuses the checksum headers (Backblaze B2 answers 400 InvalidArgument to
+/// `x-amz-checksum-sha256` and `x-amz-checksum-mode`): every copy failed on them, and no
+/// setting helped. With `checksums = false` no request carries them, and copies of one
+/// request and of several parts are verified without the store's checksum (the ETag of a
+/// single upload, the bytes read back of a multipart one).
+#[tokio::test]
+async fn a_store_that_refuses_checksums_takes_copies_with_checksums_off() {
+    let bucket = "tier-no-checksums";
+    let moto = MotoServer::start(bucket).await;
+    let proxy = CountingProxy::start(&moto.endpoint).await;
+    proxy.refuse_header("x-amz-checksum-");
+    let mut opts = moto.store_options();
+    opts.endpoint = Some(proxy.endpoint.clone());
+    opts.part_size_mib = 5;
+    let base = tempfile::tempdir().expect("temp");
+    let url = format!("s3://{bucket}/pre");
+    let on = storage::store::open(&url, &opts).expect("tier");
+    let c = copier(base.path(), "online", on, records(base.path()).await);
+    let one = content(64 * 1024, 1);
+    let msg = put(base.path(), "online", "b2/one.bin", &one);
+    transient(c.handle(&msg, 1).await);
+    let refused = proxy.refused();
+    assert!(
+        refused > 0,
+        "the default sends checksums, which this store refuses"
+    );
+
+    opts.checksums = false;
+    let off = storage::store::open(&url, &opts).expect("tier");
+    let c = copier(
+        base.path(),
+        "online",
+        off.clone(),
+        records(base.path()).await,
+    );
+    let multi = content(11 * MIB + 3, 2);
+    let msg_multi = put(base.path(), "online", "b2/multi.bin", &multi);
+    let mut keys = Vec::new();
+    for (msg, body) in [(&msg, &one), (&msg_multi, &multi)] {
+        let r = copied(c.handle(msg, 1).await);
+        assert_eq!(r.checksum, sha256(body));
+        keys.push((r.key, body));
+    }
+    assert_eq!(
+        proxy.refused(),
+        refused,
+        "no request carried a checksum header"
+    );
+    assert_eq!(
+        downloads(&proxy, bucket, "pre/b2/multi.bin"),
+        1,
+        "the multipart copy was read back"
+    );
+    for (key, body) in keys {
+        assert_eq!(stored_sha256(&off, &key).await, sha256(body));
+    }
+}
+
 /// GetObject requests (a download, not ListParts) of `key` in `bucket`.
 fn downloads(proxy: &CountingProxy, bucket: &str, key: &str) -> usize {
     let path = format!("/{bucket}/{key}");
