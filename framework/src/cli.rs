@@ -286,6 +286,12 @@ pub fn main<S: Service>() -> ExitCode {
     // answering) would keep a dropped runtime, and the process, waiting for ever after
     // the drain: it is left behind, and the process exits with it.
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    if let Err(Failure::Other(m)) = &result
+        && telemetry::logs_json()
+    {
+        tracing::error!("{m}");
+    }
+    telemetry::flush_logs();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Usage(m)) => {
@@ -293,9 +299,6 @@ pub fn main<S: Service>() -> ExitCode {
             ExitCode::from(EXIT_CONFIG)
         }
         Err(Failure::Other(m)) => {
-            if telemetry::logs_json() {
-                tracing::error!("{m}");
-            }
             print_err(&format!("{}: {m}", S::NAME));
             ExitCode::from(EXIT_FAILURE)
         }
@@ -658,8 +661,9 @@ pub fn shutdown_on_signal() -> CancellationToken {
                 _ = term.recv() => {}
                 _ = int.recv() => {}
             }
-            tracing::info!("shutdown requested");
+            // Cancelled before it is logged: nothing the log does may hold up a stop.
             t.cancel();
+            tracing::info!("shutdown requested");
             // A second signal during the drain means now: exit without waiting for it (the
             // broker gives back whatever was not acked).
             tokio::select! {
@@ -667,6 +671,7 @@ pub fn shutdown_on_signal() -> CancellationToken {
                 _ = int.recv() => {}
             }
             tracing::warn!("second signal: exiting without finishing the drain");
+            crate::telemetry::flush_logs();
             std::process::exit(1);
         }
         #[cfg(not(unix))]

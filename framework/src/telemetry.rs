@@ -92,6 +92,21 @@ pub fn metrics_handle() -> PrometheusHandle {
         .clone()
 }
 
+/// Log lines waiting for stderr at most; more are dropped while it does not take them.
+const LOG_BUFFER_LINES: usize = 16_384;
+
+/// The thread writing log lines, until [`flush_logs`].
+static LOG_WRITER: std::sync::Mutex<Option<tracing_appender::non_blocking::WorkerGuard>> =
+    std::sync::Mutex::new(None);
+
+/// Writes out the log lines still buffered (waiting at most about a second for stderr),
+/// before the process exits: called at the end of `main` and before an exit on a second
+/// signal. Lines logged later go nowhere.
+pub fn flush_logs() {
+    let guard = LOG_WRITER.lock().unwrap_or_else(|p| p.into_inner()).take();
+    drop(guard);
+}
+
 /// The filter of `[log] level`, with the framework's own limits on lapin's logging.
 fn log_filter(level: &str) -> EnvFilter {
     let mut filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
@@ -123,6 +138,15 @@ pub fn init_logging(cfg: &LogConfig) {
     // Colours only for a person at a terminal: in a log file or a collector they are noise,
     // and styling every span's fields (one span per message) costs CPU.
     let ansi = std::io::stderr().is_terminal();
+    // Lines go to stderr from a thread of their own, through a bounded buffer that drops
+    // what does not fit: a log collector that stops reading (a full pipe: Docker's
+    // default, blocking delivery falling behind) blocked the runtime's threads in `write`,
+    // and with them every message, the health endpoints and the shutdown on SIGTERM.
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_BUFFER_LINES)
+        .thread_name("log-writer")
+        .finish(std::io::stderr());
     // A log line that cannot be written (stderr closed: a log collector gone, `| head`) is
     // lost, and the service goes on: tracing-subscriber would report it with `eprint!`,
     // which panics on that same closed stderr and stopped the service (exit 101).
@@ -132,17 +156,18 @@ pub fn init_logging(cfg: &LogConfig) {
             .with_current_span(true)
             .with_span_list(false)
             .with_env_filter(filter)
-            .with_writer(std::io::stderr)
+            .with_writer(writer)
             .log_internal_errors(false)
             .try_init(),
         LogFormat::Text => tracing_subscriber::fmt()
             .with_ansi(ansi)
             .with_env_filter(filter)
-            .with_writer(std::io::stderr)
+            .with_writer(writer)
             .log_internal_errors(false)
             .try_init(),
     };
     if result.is_ok() {
+        *LOG_WRITER.lock().unwrap_or_else(|p| p.into_inner()) = Some(guard);
         let _ = LOG_FORMAT.set(cfg.format);
         // A panic (a processor's, caught and dead-lettered, or one that ends the process)
         // is a log event like any other: in the message's span, its text escaped; the

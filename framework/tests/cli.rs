@@ -942,6 +942,48 @@ async fn a_header_nested_deeper_than_any_stack_does_not_kill_the_service() {
     assert_eq!(child.terminate(WAIT).and_then(|s| s.code()), Some(0));
 }
 
+/// A log reader that stops reading (a collector behind, Docker's blocking log delivery)
+/// leaves stderr a full pipe: the runtime's threads blocked writing to it, and with them
+/// every message, the health endpoints and the stop on SIGTERM. Lines that do not fit are
+/// dropped now, and the service goes on.
+#[tokio::test]
+async fn a_full_log_pipe_does_not_stop_the_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = unique("fullpipe");
+    let _gone = Cleanup::service(&q, &[200, 400]);
+    let declared = run(echo_cmd(&q, dir.path()).arg("declare"));
+    assert_eq!(declared.status.code(), Some(0), "{}", stderr(&declared));
+    let (_c, ch) = test_channel().await;
+    let mut out = watch(&ch, &format!("{q}-out"), "#").await;
+    let mut child = process::spawn(
+        echo_cmd(&q, dir.path())
+            .env("STORAGETIER__LOG__LEVEL", "debug")
+            .arg("run")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    )
+    .expect("echo runs");
+    // Held open and never read: the pipe (64 KiB) fills within the first few hundred
+    // messages' debug lines.
+    let _unread = child.take_stderr();
+    let n = 1500;
+    for i in 0..n {
+        publish(
+            &ch,
+            &format!("{q}-in"),
+            "k.log",
+            format!("{{\"n\":{i},\"pad\":\"{}\"}}", "x".repeat(200)).as_bytes(),
+            BasicProperties::default(),
+        )
+        .await;
+    }
+    for _ in 0..n {
+        next(&mut out).await;
+    }
+    assert_eq!(child.terminate(WAIT).and_then(|s| s.code()), Some(0));
+}
+
 /// `[log] format = "json"`: one JSON object per line, and what a message causes is logged
 /// in its span, which names the queue, routing key, message id and attempt (design §6).
 #[tokio::test]
