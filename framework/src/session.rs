@@ -130,6 +130,28 @@ fn panicked(message: &str) -> Outcome {
 /// its connection: none can be written then.
 const WAIT_WHILE_BLOCKED: Duration = Duration::from_secs(1);
 
+/// Time for a session's last frames (the cancel, the last acks, the closes) beyond the
+/// drain budget: however the network behaves, a stop takes at most about
+/// `drain_timeout_ms` and this.
+const LAST_FRAMES: Duration = Duration::from_secs(2);
+
+/// The least any of those frames is given, even past the deadline.
+const LAST_FRAME_MIN: Duration = Duration::from_millis(200);
+
+/// `step`'s result, or None if a stop comes first: connecting to a node that accepts and
+/// never answers, or a declaration a stalled network holds, would otherwise hold a SIGTERM
+/// for the whole connect or operation timeout (for every node of `urls` in turn).
+async fn unless_stopped<T>(
+    shutdown: &CancellationToken,
+    step: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => None,
+        r = step => Some(r),
+    }
+}
+
 /// One consuming session: connect, declare, consume until shutdown or a loss, then end
 /// the session's handlers before returning.
 pub(crate) async fn session<P: MessageProcessor>(
@@ -137,7 +159,10 @@ pub(crate) async fn session<P: MessageProcessor>(
     shutdown: &CancellationToken,
 ) -> Result<SessionEnd, DeclareError> {
     let limit = inner.amqp.operation_timeout();
-    let conn = Arc::new(connect(&inner.amqp, &inner.service).await?);
+    let Some(conn) = unless_stopped(shutdown, connect(&inner.amqp, &inner.service)).await else {
+        return Ok(SessionEnd::Shutdown);
+    };
+    let conn = Arc::new(conn?);
     let pool = ChannelPool::new(
         conn.clone(),
         limit,
@@ -151,7 +176,12 @@ pub(crate) async fn session<P: MessageProcessor>(
         &inner.topology.output_exchange,
     );
     let metrics = Arc::new(m::QueueMetrics::new(&inner.topology.queue));
-    bounded_declare(&inner.topology, &conn, limit).await?;
+    let Some(declared) =
+        unless_stopped(shutdown, bounded_declare(&inner.topology, &conn, limit)).await
+    else {
+        return Ok(SessionEnd::Shutdown);
+    };
+    declared?;
     // No more unacked deliveries than handlers that can take them (design §5: prefetch =
     // in-flight handlers): with `concurrency` below `prefetch`, deliveries held without a
     // handler would wait out the broker's consumer timeout behind long handlers, and be
@@ -159,7 +189,11 @@ pub(crate) async fn session<P: MessageProcessor>(
     let qos = u16::try_from(inner.amqp.effective_concurrency()).unwrap_or(inner.amqp.prefetch);
     let tag = format!("{}-{}", inner.service, uuid::Uuid::new_v4());
     // Consuming and settling only: every publish goes through the pool.
-    let (ch, mut consumer) = start_consuming(&conn, inner, qos, &tag).await?;
+    let Some(consuming) = unless_stopped(shutdown, start_consuming(&conn, inner, qos, &tag)).await
+    else {
+        return Ok(SessionEnd::Shutdown);
+    };
+    let (ch, mut consumer) = consuming?;
     let settling = Settling::start(ch.clone(), metrics.clone());
     let broken = CancellationToken::new();
     let shared = Arc::new(Shared {
@@ -289,29 +323,39 @@ pub(crate) async fn session<P: MessageProcessor>(
     // the closes would each wait out their whole limit, and a SIGTERM's drain would outlast
     // any orchestrator's grace period. They are given a moment instead; what stays unacked
     // the broker requeues as the connection goes.
+    // One deadline for all of it: the drain budget and a moment for the last frames. On a
+    // network that stopped answering, the cancel, the last acks and each close used to wait
+    // out the whole operation limit in turn: a SIGTERM with a 5 s drain took 95 s.
+    let ends_by = tokio::time::Instant::now() + budget + LAST_FRAMES;
     let alarm = shared.publisher.alarm().clone();
     let wait = || {
-        if alarm.blocked() {
+        let left = ends_by
+            .saturating_duration_since(tokio::time::Instant::now())
+            .max(LAST_FRAME_MIN);
+        left.min(if alarm.blocked() {
             WAIT_WHILE_BLOCKED
         } else {
             limit
+        })
+    };
+    let cancel = async {
+        if ch.status().connected()
+            && !inner.topology.single_active_consumer
+            && !alarm.blocked()
+            && let Err(e) = bounded(
+                wait(),
+                "basic.cancel",
+                ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()),
+            )
+            .await
+        {
+            debug!(error = %e, "basic.cancel failed");
         }
     };
-    if ch.status().connected()
-        && !inner.topology.single_active_consumer
-        && !alarm.blocked()
-        && let Err(e) = bounded(
-            limit,
-            "basic.cancel",
-            ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()),
-        )
-        .await
-    {
-        debug!(error = %e, "basic.cancel failed");
-    }
     // The broker redelivers what these handlers hold to the next session (or the next
     // instance): they finish or stop before that, never running beside their redelivery.
-    handlers.end(budget).await;
+    // The cancel goes out at once beside the drain, not before its budget starts.
+    tokio::join!(cancel, handlers.end(budget));
     // The handlers' settler is dropped with the last of them; this one goes now, or the
     // settling task would wait for it.
     drop(shared);

@@ -87,6 +87,38 @@ async fn a_node_that_never_answers_is_given_up_on_in_time() {
     drop(silent);
 }
 
+/// A stop while connecting to a node that accepts and never answers ends at once: it
+/// waited out the whole connect timeout (and that of every node of `urls` in turn) before
+/// a SIGTERM took effect.
+#[tokio::test]
+async fn a_stop_while_connecting_to_a_silent_node_ends_at_once() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("listener");
+    let port = silent.local_addr().expect("addr").port();
+    let q = unique("stopconnect");
+    let cfg = config(
+        &q,
+        &[
+            ("amqp.url", &on_port(port)),
+            ("amqp.connect_timeout_ms", "600000"),
+        ],
+    );
+    let service = Background::start(
+        "stop-connect",
+        &cfg,
+        framework::ProcessorConfiguration::new(&format!("{q}-in"), "test.#", "test.out", echo()),
+    );
+    // Connecting: the listener has its connection, and says nothing back.
+    let (_held, _) = tokio::time::timeout(WAIT, silent.accept())
+        .await
+        .expect("the service connects")
+        .expect("accepted");
+    tokio::time::timeout(std::time::Duration::from_secs(60), service.stop())
+        .await
+        .expect("stopped without waiting out the 10-minute connect timeout");
+}
+
 fn openssl(dir: &Path, args: &[&str]) {
     let st = Command::new("openssl")
         .args(args)
