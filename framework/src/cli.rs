@@ -391,9 +391,7 @@ pub fn topology_of<S: Service>(cfg: &Config<S::Settings>) -> Topology {
 async fn execute<S: Service>(cmd: Command, cfg: Config<S::Settings>) -> Result<(), Failure> {
     let other = |e: &dyn std::fmt::Display| Failure::Other(e.to_string());
     match cmd {
-        Command::Run => run_service::<S>(cfg, shutdown_on_signal())
-            .await
-            .map(|_| ()),
+        Command::Run => run_service::<S>(cfg, shutdown_on_signal()).await.map(drop),
         Command::CheckConfig => {
             let mut shown = serde_json::to_value(&cfg).map_err(|e| other(&e))?;
             if let (Some(r), Some(o)) = (S::resolved(&cfg), shown.as_object_mut()) {
@@ -638,17 +636,23 @@ fn print_err(text: &str) {
 pub fn shutdown_on_signal() -> CancellationToken {
     let token = CancellationToken::new();
     let t = token.clone();
+    // Installed before this returns, not in the task: a SIGTERM that came before the task
+    // first ran (while the service opened its database, say) killed the process unhandled.
+    #[cfg(unix)]
+    let listeners = {
+        use tokio::signal::unix::{SignalKind, signal};
+        (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        )
+    };
     tokio::spawn(async move {
         #[cfg(unix)]
         {
-            use tokio::signal::unix::{SignalKind, signal};
             // Both listeners exist before the first signal and serve the second too: a
             // second signal is not missed once the first has been handled (tokio merges
             // two that arrive before either is read).
-            let (mut term, mut int) = match (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-            ) {
+            let (mut term, mut int) = match listeners {
                 (Ok(term), Ok(int)) => (term, int),
                 (Err(e), _) | (_, Err(e)) => {
                     tracing::error!(error = %e, "cannot listen for SIGTERM/SIGINT");
@@ -692,15 +696,25 @@ pub struct Running {
     pub http_addr: std::net::SocketAddr,
 }
 
-/// Builds the processor, serves HTTP and consumes until `shutdown`; returns after draining.
+/// Builds the processor, serves HTTP and consumes until `shutdown`; returns after draining
+/// (None: stopped while the processor was being built).
 pub async fn run_service<S: Service>(
     cfg: Config<S::Settings>,
     shutdown: CancellationToken,
-) -> Result<Running, Failure> {
-    let pc = processor_configuration::<S>(&cfg)
-        .await
-        .map_err(|e| Failure::Other(format!("cannot start {}: {e}", S::NAME)))?;
-    run_processor(S::NAME, &cfg, pc, shutdown).await
+) -> Result<Option<Running>, Failure> {
+    // A stop while the processor is built (its database still refusing connections, or
+    // another replica's migration holding the lock) is a stop, exit 0 at once: it waited
+    // for the build, then exited 1.
+    let built = tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => {
+            tracing::info!(service = S::NAME, "stopped before it started");
+            return Ok(None);
+        }
+        b = processor_configuration::<S>(&cfg) => b,
+    };
+    let pc = built.map_err(|e| Failure::Other(format!("cannot start {}: {e}", S::NAME)))?;
+    run_processor(S::NAME, &cfg, pc, shutdown).await.map(Some)
 }
 
 /// Serves HTTP and runs a processor until `shutdown` (used by services and tests alike).

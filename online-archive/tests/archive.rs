@@ -333,6 +333,35 @@ fn a_bad_database_url_is_a_config_error_naming_the_key() {
     assert!(!err.contains("hunter2"), "password hidden: {err}");
 }
 
+/// SIGTERM while the service is still opening its database (a server that accepts and
+/// does not answer yet, or another replica's migration holding the lock) is a stop: exit 0
+/// at once. It waited for the database, then exited 1.
+#[test]
+fn a_stop_while_the_database_is_opened_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let mut child = process::spawn(
+        std::process::Command::new(env!("CARGO_BIN_EXE_online-archive"))
+            .arg("--config-dir")
+            .arg(dir.path())
+            .env("STORAGETIER__STORAGE__DATA_DIR", dir.path())
+            .env(
+                "STORAGETIER__ONLINE_ARCHIVE__DATABASE_URL",
+                format!("postgres://u@127.0.0.1:{port}/x"),
+            )
+            .env("STORAGETIER__ONLINE_ARCHIVE__HTTP_LISTEN", "127.0.0.1:0")
+            .arg("run")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null()),
+    )
+    .unwrap();
+    // Opening the database: its connection is here, and nothing answers it.
+    let (_held, _) = silent.accept().unwrap();
+    assert_eq!(child.terminate(WAIT).and_then(|s| s.code()), Some(0));
+}
+
 #[test]
 fn a_configured_online_root_that_does_not_exist_exits_2_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
