@@ -897,19 +897,50 @@ async fn a_service_that_cannot_connect_reports_it_in_its_metrics() {
     assert_eq!(ready.expect("/readyz answers").status(), 503);
 }
 
+/// An echo service's topology declared by its own `declare` on a queue of its own, with
+/// the config dir it runs with and a consumer of its output; removed when dropped.
+struct Declared {
+    dir: tempfile::TempDir,
+    q: String,
+    ch: framework::lapin::Channel,
+    out: framework::lapin::Consumer,
+    _conn: framework::lapin::Connection,
+    _gone: Cleanup,
+}
+
+async fn declared(prefix: &str) -> Declared {
+    let dir = tempfile::tempdir().unwrap();
+    let q = unique(prefix);
+    let _gone = Cleanup::service(&q, &[200, 400]);
+    let done = run(echo_cmd(&q, dir.path()).arg("declare"));
+    assert_eq!(done.status.code(), Some(0), "{}", stderr(&done));
+    let (_conn, ch) = test_channel().await;
+    let out = watch(&ch, &format!("{q}-out"), "#").await;
+    Declared {
+        dir,
+        q,
+        ch,
+        out,
+        _conn,
+        _gone,
+    }
+}
+
 /// A producer's message whose header nests arrays 25,000 deep (what fits in one 128 KiB
 /// frame) aborted the service (the AMQP client's frame parser overflowed its thread's
 /// stack), and every instance it was redelivered to after: it is dead-lettered without
 /// its headers, and the service goes on.
 #[tokio::test]
 async fn a_header_nested_deeper_than_any_stack_does_not_kill_the_service() {
-    let dir = tempfile::tempdir().unwrap();
-    let q = unique("deephdr");
-    let _gone = Cleanup::service(&q, &[200, 400]);
-    let declared = run(echo_cmd(&q, dir.path()).arg("declare"));
-    assert_eq!(declared.status.code(), Some(0), "{}", stderr(&declared));
-    let (_c, ch) = test_channel().await;
-    let mut out = watch(&ch, &format!("{q}-out"), "#").await;
+    // Bound, not `..`: the connection and the clean-up live to the end of the test.
+    let Declared {
+        dir,
+        q,
+        ch,
+        mut out,
+        _conn,
+        _gone,
+    } = declared("deephdr").await;
     let mut child = process::spawn(
         echo_cmd(&q, dir.path())
             .arg("run")
@@ -948,13 +979,14 @@ async fn a_header_nested_deeper_than_any_stack_does_not_kill_the_service() {
 /// dropped now, and the service goes on.
 #[tokio::test]
 async fn a_full_log_pipe_does_not_stop_the_service() {
-    let dir = tempfile::tempdir().unwrap();
-    let q = unique("fullpipe");
-    let _gone = Cleanup::service(&q, &[200, 400]);
-    let declared = run(echo_cmd(&q, dir.path()).arg("declare"));
-    assert_eq!(declared.status.code(), Some(0), "{}", stderr(&declared));
-    let (_c, ch) = test_channel().await;
-    let mut out = watch(&ch, &format!("{q}-out"), "#").await;
+    let Declared {
+        dir,
+        q,
+        ch,
+        mut out,
+        _conn,
+        _gone,
+    } = declared("fullpipe").await;
     let mut child = process::spawn(
         echo_cmd(&q, dir.path())
             .env("STORAGETIER__LOG__LEVEL", "debug")
