@@ -231,9 +231,39 @@ fn full_url_as(url: &str, access: Access) -> Result<String, DbError> {
 /// How long a query waits for a connection (and start-up for the first).
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Why the connections to the PostgreSQL server at `url` do not check who it is (None when
+/// they do, or it is this machine): anyone on the path could read and change every record,
+/// and a password would be handed to them.
+fn unverified_server(url: &str) -> Option<String> {
+    use sqlx::postgres::{PgConnectOptions, PgSslMode};
+    let o = PgConnectOptions::from_str(url).ok()?;
+    let local = o.get_socket().is_some()
+        || matches!(o.get_host(), "localhost" | "127.0.0.1" | "::1" | "[::1]")
+        || o.get_host().starts_with('/');
+    let mode = o.get_ssl_mode();
+    if local || matches!(mode, PgSslMode::VerifyCa | PgSslMode::VerifyFull) {
+        return None;
+    }
+    Some(format!(
+        "sslmode={}",
+        match mode {
+            PgSslMode::Disable => "disable",
+            PgSslMode::Allow => "allow",
+            PgSslMode::Prefer => "prefer (the default)",
+            PgSslMode::Require => "require",
+            _ => "?",
+        }
+    ))
+}
+
 async fn open_pool(full: &str, max: u32, read_only: bool) -> Result<AnyPool, DbError> {
     let opts = AnyConnectOptions::from_str(full)?;
     let sqlite = full.starts_with("sqlite:");
+    if let Some(mode) = (!sqlite).then(|| unverified_server(full)).flatten() {
+        tracing::warn!(database = %redact_url(full), %mode,
+            "the database server's certificate is not checked: add sslmode=verify-full \
+             (and sslrootcert=/path/ca.pem for a private CA) to database_url");
+    }
     let pool = AnyPoolOptions::new()
         .max_connections(max)
         .acquire_timeout(ACQUIRE_TIMEOUT)
@@ -391,6 +421,22 @@ pub mod testing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_remote_server_unchecked_is_named_a_checked_or_local_one_is_not() {
+        for (url, warned) in [
+            ("postgres://u@db.example/x", true),
+            ("postgres://u@db.example/x?sslmode=require", true),
+            ("postgres://u@10.0.0.5/x?sslmode=disable", true),
+            ("postgres://u@db.example/x?sslmode=verify-full", false),
+            ("postgres://u@db.example/x?sslmode=verify-ca", false),
+            ("postgres://u@127.0.0.1:5432/x", false),
+            ("postgres://u@localhost/x?sslmode=disable", false),
+            ("postgres://u@/x?host=/var/run/postgresql", false),
+        ] {
+            assert_eq!(unverified_server(url).is_some(), warned, "{url}");
+        }
+    }
 
     /// Managed PostgreSQL services refuse plaintext: `sslmode=require` must connect over
     /// TLS (sqlx was built without TLS, and every such URL failed to start a service).
