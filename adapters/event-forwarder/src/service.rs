@@ -448,6 +448,16 @@ impl Service for EventForwarderService {
         let token = token_of(s)?;
         if token.is_none() {
             tracing::warn!("no token or token_file: events are POSTed without Authorization");
+        } else if endpoint.scheme() == "http"
+            && !matches!(
+                endpoint.host_str(),
+                Some("localhost" | "127.0.0.1" | "[::1]")
+            )
+        {
+            tracing::warn!(
+                "the token goes in the clear over http:// to another machine: anyone on the \
+                 path can read it and post as this service; use https://"
+            );
         }
         let mut fwd = Forwarder::new(
             endpoint.clone(),
