@@ -100,7 +100,7 @@ fn compose_file_is_valid_and_matches_the_config_keys() {
             .as_sequence()
             .unwrap()
             .iter()
-            .any(|p| p.as_str() == Some("15672:15672"))
+            .any(|p| p.as_str() == Some("127.0.0.1:15672:15672"))
     );
     let ours: [(&str, u16, Loader); 6] = [
         (
