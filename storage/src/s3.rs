@@ -131,6 +131,56 @@ impl S3Native {
         }
     }
 
+    /// [`S3Native::send`], tried again after a pause while the store answers 5xx or 429
+    /// (SlowDown, asking for a pause: its `Retry-After` is kept to, up to a limit) and, for
+    /// a request that changes nothing (`safe`), while the connection fails: a throttling
+    /// store failed the message at once, and its retry read the whole object back from it.
+    async fn send_retrying(
+        &self,
+        what: &'static str,
+        method: http::Method,
+        url: &str,
+        headers: &[(String, String)],
+        safe: bool,
+    ) -> Result<reqwest::Response, S3Error> {
+        let mut attempt = 0;
+        loop {
+            let r = self
+                .send(
+                    what,
+                    method.clone(),
+                    url,
+                    headers,
+                    bytes::Bytes::new(),
+                    None,
+                )
+                .await;
+            let again = match &r {
+                Ok(resp)
+                    if resp.status().is_server_error()
+                        || resp.status() == reqwest::StatusCode::TOO_MANY_REQUESTS =>
+                {
+                    Some(
+                        resp.headers()
+                            .get(reqwest::header::RETRY_AFTER)
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.trim().parse::<u64>().ok())
+                            .map(std::time::Duration::from_secs),
+                    )
+                }
+                Err(S3Error::Http(..)) if safe => Some(None),
+                _ => None,
+            };
+            match again {
+                Some(asked) if attempt < RETRIES => {
+                    attempt += 1;
+                    tokio::time::sleep(pause(attempt, asked)).await;
+                }
+                _ => return r,
+            }
+        }
+    }
+
     /// Signs and sends one request; `timeout` replaces the client's own.
     async fn send(
         &self,
@@ -167,13 +217,12 @@ impl S3Native {
         const WHAT: &str = "HeadObject";
         let checksum = [("x-amz-checksum-mode".into(), "ENABLED".into())];
         let r = self
-            .send(
+            .send_retrying(
                 WHAT,
                 http::Method::HEAD,
                 &self.url(key, ""),
                 if self.checksums { &checksum } else { &[] },
-                bytes::Bytes::new(),
-                None,
+                true,
             )
             .await?;
         if r.status() == reqwest::StatusCode::NOT_FOUND {
@@ -214,14 +263,14 @@ impl S3Native {
         for (k, v) in metadata {
             headers.push((format!("x-amz-meta-{k}"), v.clone()));
         }
+        // Not tried again on a failed connection: the first may have created an upload.
         let r = self
-            .send(
+            .send_retrying(
                 WHAT,
                 http::Method::POST,
                 &self.url(key, "uploads="),
                 &headers,
-                bytes::Bytes::new(),
-                None,
+                false,
             )
             .await?;
         let status = r.status();
@@ -263,6 +312,9 @@ impl S3Native {
         let body = bytes::Bytes::from(xml);
         let mut attempt = 0;
         loop {
+            if attempt > 0 {
+                tokio::time::sleep(pause(attempt, None)).await;
+            }
             attempt += 1;
             let last = attempt >= COMPLETE_ATTEMPTS;
             let r = match self
@@ -324,14 +376,7 @@ impl S3Native {
                 format!("part-number-marker={marker}&uploadId={id}")
             };
             let r = self
-                .send(
-                    WHAT,
-                    http::Method::GET,
-                    &self.url(key, &query),
-                    &[],
-                    bytes::Bytes::new(),
-                    None,
-                )
+                .send_retrying(WHAT, http::Method::GET, &self.url(key, &query), &[], true)
                 .await?;
             let status = r.status();
             let body = r.text().await.map_err(|e| S3Error::Http(WHAT, e))?;
@@ -365,6 +410,18 @@ impl S3Native {
         parts.sort_by_key(|p| p.number);
         Ok(Some(parts))
     }
+}
+
+/// Further tries of a request the store answered 5xx or 429 (see `send_retrying`).
+const RETRIES: u32 = 3;
+
+/// The pause before try `attempt + 1`: what the store asked for (`Retry-After`), or 200 ms
+/// doubling; at most 20 s.
+fn pause(attempt: u32, asked: Option<std::time::Duration>) -> std::time::Duration {
+    let doubling = std::time::Duration::from_millis(200).saturating_mul(1 << attempt.min(10));
+    asked
+        .unwrap_or(doubling)
+        .min(std::time::Duration::from_secs(20))
 }
 
 /// Tries of a create-only completion (a 5xx, an error in a 200's body or a lost answer

@@ -501,6 +501,9 @@ struct RequestLog {
     refused_header: Option<String>,
     /// Requests answered so.
     refused: usize,
+    /// Requests with this method answered 503 SlowDown by the proxy itself, and how many
+    /// more.
+    throttled: Option<(String, usize)>,
 }
 
 /// Requests held back (not forwarded) from the `from`-th one matching on.
@@ -611,6 +614,12 @@ impl CountingProxy {
         lock(&self.log).refused_header = Some(prefix.to_ascii_lowercase());
     }
 
+    /// Answers the next `n` requests with `method` 503 SlowDown (`Retry-After: 0`), as a
+    /// store throttling its clients does, not forwarding them.
+    pub fn throttle_next(&self, method: &str, n: usize) {
+        lock(&self.log).throttled = Some((method.to_string(), n));
+    }
+
     /// Requests answered 400 for a refused header.
     pub fn refused(&self) -> usize {
         lock(&self.log).refused
@@ -684,23 +693,49 @@ async fn proxy_connection(
             let mut parts = first.split(' ');
             let method = parts.next().unwrap_or_default();
             let target = parts.next().unwrap_or_default();
-            let refuse = {
+            let answer = {
                 let mut l = lock(&log);
                 let refuse = l.refused_header.as_ref().is_some_and(|prefix| {
                     head.split("\r\n")
                         .skip(1)
                         .any(|h| h.to_ascii_lowercase().starts_with(prefix.as_str()))
                 });
+                let throttle = match &mut l.throttled {
+                    Some((m, left)) if m == method && *left > 0 => {
+                        *left -= 1;
+                        true
+                    }
+                    _ => false,
+                };
                 if refuse {
                     l.refused += 1;
+                    Some((
+                        "400 Bad Request",
+                        "InvalidArgument",
+                        "Unsupported header received for this API call.",
+                    ))
+                } else if throttle {
+                    Some((
+                        "503 Slow Down",
+                        "SlowDown",
+                        "Please reduce your request rate.",
+                    ))
+                } else {
+                    None
                 }
-                refuse
             };
-            if refuse {
-                let why = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>InvalidArgument</Code>\
-                    <Message>Unsupported header received for this API call.</Message></Error>";
+            if let Some((status, code, message)) = answer {
+                // A HEAD's answer has no body.
+                let why = if method == "HEAD" {
+                    String::new()
+                } else {
+                    format!(
+                        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code>\
+                         <Message>{message}</Message></Error>"
+                    )
+                };
                 let response = format!(
-                    "HTTP/1.1 400 Bad Request\r\nContent-Type: application/xml\r\n\
+                    "HTTP/1.1 {status}\r\nContent-Type: application/xml\r\nRetry-After: 0\r\n\
                      Content-Length: {}\r\nConnection: close\r\n\r\n{why}",
                     why.len()
                 );

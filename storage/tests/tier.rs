@@ -510,6 +510,35 @@ async fn a_store_that_refuses_checksums_takes_copies_with_checksums_off() {
     }
 }
 
+/// A store throttling its clients (503 SlowDown) is waited out by the requests the
+/// services make outside object_store (the HEAD that verifies a copy, ListParts): a
+/// throttled HEAD failed the copy at once, and its retry then read the whole object back
+/// from the store that was asking for less.
+#[tokio::test]
+async fn a_throttling_store_is_waited_out() {
+    let bucket = "tier-throttled";
+    let (_moto, proxy, tier) = s3_tier(bucket).await;
+    let s3 = tier.s3.as_ref().expect("an S3 tier");
+    let key = storage::store::object_path("pre/none/here.bin");
+    proxy.throttle_next("HEAD", 2);
+    assert_eq!(
+        s3.head(&key).await.expect("answered after two pauses"),
+        None
+    );
+    proxy.throttle_next("GET", 2);
+    assert_eq!(
+        s3.list_parts(&key, "no-such-upload")
+            .await
+            .expect("answered after two pauses"),
+        None
+    );
+    assert_eq!(
+        proxy.count("HEAD", |_| true),
+        1,
+        "the throttled ones were answered by the proxy"
+    );
+}
+
 /// GetObject requests (a download, not ListParts) of `key` in `bucket`.
 fn downloads(proxy: &CountingProxy, bucket: &str, key: &str) -> usize {
     let path = format!("/{bucket}/{key}");
