@@ -79,6 +79,8 @@ pub struct S3Native {
     credentials: AwsCredentialProvider,
     /// Whether requests ask for and send SHA-256 checksums (the store options' `checksums`).
     checksums: bool,
+    /// Further tries of a request the store answered 5xx or 429 (`max_retries`).
+    retries: u32,
 }
 
 impl S3Native {
@@ -91,6 +93,7 @@ impl S3Native {
         credentials: AwsCredentialProvider,
         timeout: std::time::Duration,
         checksums: bool,
+        retries: usize,
     ) -> Result<Self, S3Error> {
         // The same addressing object_store's builder derives (path-style or virtual-hosted).
         let bucket_endpoint = match (endpoint, virtual_hosted) {
@@ -113,6 +116,7 @@ impl S3Native {
             region: region.to_string(),
             credentials,
             checksums,
+            retries: u32::try_from(retries).unwrap_or(u32::MAX),
         })
     }
 
@@ -172,7 +176,7 @@ impl S3Native {
                 _ => None,
             };
             match again {
-                Some(asked) if attempt < RETRIES => {
+                Some(asked) if attempt < self.retries => {
                     attempt += 1;
                     tokio::time::sleep(pause(attempt, asked)).await;
                 }
@@ -411,9 +415,6 @@ impl S3Native {
         Ok(Some(parts))
     }
 }
-
-/// Further tries of a request the store answered 5xx or 429 (see `send_retrying`).
-const RETRIES: u32 = 3;
 
 /// The pause before try `attempt + 1`: what the store asked for (`Retry-After`), or 200 ms
 /// doubling; at most 20 s.

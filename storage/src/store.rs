@@ -363,6 +363,7 @@ pub fn open(url: &str, opts: &StoreOptions) -> Result<Tier, StoreConfigError> {
             store.credentials().clone(),
             Duration::from_millis(opts.retry_timeout_ms.max(1000)),
             opts.checksums,
+            opts.max_retries,
         )?;
         let endpoint = opts.endpoint.as_deref().unwrap_or("aws");
         Ok(Tier {
