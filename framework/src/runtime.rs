@@ -18,6 +18,9 @@ use crate::session::{SessionEnd, session};
 use crate::telemetry as m;
 use crate::topology::Topology;
 
+/// How long the spans left at a stop may take to reach the collector.
+const SPAN_FLUSH: Duration = Duration::from_secs(2);
+
 /// Live state of a runtime, read by `/readyz` and by tests.
 pub struct Status {
     ready: AtomicBool,
@@ -148,9 +151,10 @@ impl<P: MessageProcessor> Runtime<P> {
         });
         let r = self.consume(&shutdown).await;
         export_stop.cancel();
-        let flush = Duration::from_millis(self.inner.amqp.drain_timeout_ms);
-        if tokio::time::timeout(flush, export).await.is_err() {
-            warn!("span export did not finish within the drain timeout; the rest is dropped");
+        // A moment, not another drain budget: a collector on a network that stopped
+        // answering would otherwise double the time a stop takes.
+        if tokio::time::timeout(SPAN_FLUSH, export).await.is_err() {
+            warn!("span export did not finish in time; the rest is dropped");
         }
         r
     }

@@ -99,13 +99,28 @@ const LOG_BUFFER_LINES: usize = 16_384;
 static LOG_WRITER: std::sync::Mutex<Option<tracing_appender::non_blocking::WorkerGuard>> =
     std::sync::Mutex::new(None);
 
-/// Writes out the log lines still buffered (waiting at most about a second for stderr),
-/// before the process exits: called at the end of `main` and before an exit on a second
-/// signal. Lines logged later go nowhere.
+/// Writes out the log lines still buffered, before the process exits: called at the end of
+/// `main` and before an exit on a second signal. Waits at most [`LOG_FLUSH`]: the writer's
+/// own end waits for a stderr nobody reads (and may then block on stdout), and the exit
+/// must not. Lines logged later go nowhere.
 pub fn flush_logs() {
-    let guard = LOG_WRITER.lock().unwrap_or_else(|p| p.into_inner()).take();
-    drop(guard);
+    let Some(guard) = LOG_WRITER.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+        return;
+    };
+    let (done, flushed) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name("log-flush".into())
+        .spawn(move || {
+            drop(guard);
+            let _ = done.send(());
+        });
+    if spawned.is_ok() {
+        let _ = flushed.recv_timeout(LOG_FLUSH);
+    }
 }
+
+/// The longest [`flush_logs`] waits.
+const LOG_FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The filter of `[log] level`, with the framework's own limits on lapin's logging.
 fn log_filter(level: &str) -> EnvFilter {
@@ -125,8 +140,11 @@ fn log_filter(level: &str) -> EnvFilter {
     }
     // At TRACE lapin's I/O loop logs every frame it writes, the connection's `start-ok`
     // with the broker password in it: never, whatever the level asks.
-    if let Ok(capped) = "lapin::io_loop=debug".parse() {
-        filter = filter.add_directive(capped);
+    // `lapin::frames` prints whole frames too, discarding them on a broken channel.
+    for capped in ["lapin::io_loop=debug", "lapin::frames=debug"] {
+        if let Ok(capped) = capped.parse() {
+            filter = filter.add_directive(capped);
+        }
     }
     filter
 }
@@ -316,6 +334,7 @@ mod tests {
             .finish();
         tracing::subscriber::with_default(subscriber, || {
             tracing::trace!(target: "lapin::io_loop", "start-ok with the password");
+            tracing::trace!(target: "lapin::frames", "discarded start-ok with the password");
             tracing::trace!(target: "lapin::consumer", "a delivery");
         });
         let text = String::from_utf8_lossy(&out.lock().unwrap()).to_string();

@@ -193,8 +193,7 @@ pub enum CopyError {
 
 impl CopyError {
     /// Whether retrying can ever help (not for an impossible size or a reserved key, nor
-    /// for a file larger than the store's filesystem takes: FAT's 4 GiB, or a process
-    /// file-size limit).
+    /// for a file larger than the store's filesystem takes: FAT's 4 GiB).
     pub fn is_permanent(&self) -> bool {
         match self {
             CopyError::TooLarge(_) | CopyError::Reserved(_) | CopyError::Unstorable(..) => true,

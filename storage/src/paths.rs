@@ -216,7 +216,12 @@ pub fn resolve(roots: &[Root], filepath: &str, filename: &str) -> Result<Resolve
 pub fn may_be_unmounted(dir: &Path) -> bool {
     match std::fs::read_dir(dir) {
         Ok(mut entries) => entries.next().is_none(),
-        Err(_) => true,
+        // Faults that pass (a share gone stale, out of descriptors); a root that may not
+        // be listed (EACCES) says the file is missing as well as any other.
+        Err(e) => matches!(
+            e.raw_os_error(),
+            Some(libc::EMFILE | libc::ENFILE | libc::ESTALE | libc::EIO | libc::ENOTCONN)
+        ),
     }
 }
 

@@ -201,12 +201,16 @@ pub fn check_settings(
     ];
     if s3 {
         for (var, why) in REFUSED {
-            let set = std::env::var_os(var).is_some_and(|v| {
-                !matches!(
-                    v.to_string_lossy().trim().to_ascii_lowercase().as_str(),
-                    "" | "0" | "false"
-                )
-            });
+            let value =
+                std::env::var_os(var).map(|v| v.to_string_lossy().trim().to_ascii_lowercase());
+            let set = match value.as_deref() {
+                None | Some("") => false,
+                // As object_store reads a flag.
+                Some(v) if var == "AWS_ALLOW_INVALID_CERTIFICATES" => {
+                    matches!(v, "1" | "true" | "yes" | "on")
+                }
+                Some(_) => true,
+            };
             if set {
                 return Err(ConfigError::new(
                     var,
@@ -225,6 +229,16 @@ pub fn check_settings(
             url_key,
             "credentials belong in access_key_id and secret_access_key (or \
              secret_access_key_file), not the URL",
+        ));
+    }
+    if s3
+        && !opts.checksums
+        && std::env::var_os("AWS_CHECKSUM_ALGORITHM").is_some_and(|v| !v.is_empty())
+    {
+        return Err(ConfigError::new(
+            format!("{options_key}.checksums"),
+            "is false, but AWS_CHECKSUM_ALGORITHM in the environment would send checksums \
+             anyway: unset it",
         ));
     }
     if s3 && (opts.part_size_mib < 5 || opts.part_size_mib > 5 * 1024) {

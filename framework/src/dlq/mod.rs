@@ -91,6 +91,14 @@ pub async fn exclusive(conn: &Connection, topo: &Topology) -> Result<(), DlqErro
         Err(e) if crate::topology::is_soft(&e, lapin::protocol::AMQPSoftError::RESOURCELOCKED) => {
             Err(DlqError::Busy(topo.dlq()))
         }
+        // A user without `configure` on the lock's name (an operator's read-only account)
+        // still runs the command, unguarded, as before the lock.
+        Err(e) if crate::topology::is_soft(&e, lapin::protocol::AMQPSoftError::ACCESSREFUSED) => {
+            tracing::warn!(queue = %name,
+                "no permission to declare the dlq lock: running without it (another dlq command \
+                 beside this one would see only part of the dead letters)");
+            Ok(())
+        }
         Err(e) => Err(e.into()),
     }
 }
