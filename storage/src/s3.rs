@@ -84,17 +84,17 @@ pub struct S3Native {
 }
 
 impl S3Native {
-    /// A client for `bucket` as object_store's builder addresses it.
+    /// A client for `bucket` as object_store's builder addresses it, with the store
+    /// options' addressing, request timeout (at least a second), tries and checksums.
     pub fn new(
         endpoint: Option<&str>,
         bucket: &str,
         region: &str,
-        virtual_hosted: bool,
         credentials: AwsCredentialProvider,
-        timeout: std::time::Duration,
-        checksums: bool,
-        retries: usize,
+        opts: &crate::store::StoreOptions,
     ) -> Result<Self, S3Error> {
+        let virtual_hosted = opts.virtual_hosted_style;
+        let timeout = std::time::Duration::from_millis(opts.retry_timeout_ms.max(1000));
         // The same addressing object_store's builder derives (path-style or virtual-hosted).
         let bucket_endpoint = match (endpoint, virtual_hosted) {
             (Some(e), true) => e.to_string(),
@@ -115,8 +115,8 @@ impl S3Native {
             bucket_endpoint,
             region: region.to_string(),
             credentials,
-            checksums,
-            retries: u32::try_from(retries).unwrap_or(u32::MAX),
+            checksums: opts.checksums,
+            retries: u32::try_from(opts.max_retries).unwrap_or(u32::MAX),
         })
     }
 

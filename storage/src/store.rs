@@ -373,11 +373,8 @@ pub fn open(url: &str, opts: &StoreOptions) -> Result<Tier, StoreConfigError> {
             native_endpoint.as_deref(),
             bucket,
             &region,
-            opts.virtual_hosted_style,
             store.credentials().clone(),
-            Duration::from_millis(opts.retry_timeout_ms.max(1000)),
-            opts.checksums,
-            opts.max_retries,
+            opts,
         )?;
         let endpoint = opts.endpoint.as_deref().unwrap_or("aws");
         Ok(Tier {
