@@ -238,7 +238,7 @@ fn unverified_server(url: &str) -> Option<String> {
     use sqlx::postgres::{PgConnectOptions, PgSslMode};
     let o = PgConnectOptions::from_str(url).ok()?;
     let local = o.get_socket().is_some()
-        || matches!(o.get_host(), "localhost" | "127.0.0.1" | "::1" | "[::1]")
+        || framework::config::is_this_machine(o.get_host())
         || o.get_host().starts_with('/');
     let mode = o.get_ssl_mode();
     if local || matches!(mode, PgSslMode::VerifyCa | PgSslMode::VerifyFull) {

@@ -435,6 +435,12 @@ pub struct LogConfig {
     pub format: LogFormat,
 }
 
+/// Whether `host` (as a URL names it) is this machine: what is sent there crosses no
+/// network, so plaintext and unchecked certificates are not warned about.
+pub fn is_this_machine(host: &str) -> bool {
+    matches!(host, "localhost" | "127.0.0.1" | "::1" | "[::1]")
+}
+
 /// `url` safe to print: a password in it, and the value of any query parameter whose
 /// name says secret (`password`, `token`, `key`, `secret`, `sig`…), as `***` — of an
 /// HTTP(S) URL every query value, since web endpoints name their secrets anything

@@ -449,10 +449,9 @@ impl Service for EventForwarderService {
         if token.is_none() {
             tracing::warn!("no token or token_file: events are POSTed without Authorization");
         } else if endpoint.scheme() == "http"
-            && !matches!(
-                endpoint.host_str(),
-                Some("localhost" | "127.0.0.1" | "[::1]")
-            )
+            && !endpoint
+                .host_str()
+                .is_some_and(framework::config::is_this_machine)
         {
             tracing::warn!(
                 "the token goes in the clear over http:// to another machine: anyone on the \
