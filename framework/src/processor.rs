@@ -363,6 +363,13 @@ pub trait MessageProcessor: Send + Sync + 'static {
 
     /// Handles one decoded message. Must be idempotent: delivery is at-least-once.
     async fn handle(&self, input: Self::Input, ctx: &MessageContext) -> Outcome;
+
+    /// Why this processor takes no message of this kind (its routing key, say), or None:
+    /// such a message is dropped before its body is decoded, so a producer's other
+    /// messages on a broad binding are not dead-lettered for a shape they never had.
+    fn ignores(&self, _ctx: &MessageContext) -> Option<String> {
+        None
+    }
 }
 
 /// Where a processor listens and where its successes go (the original `ProcessorConfiguration`).

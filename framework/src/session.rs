@@ -697,6 +697,9 @@ impl<P: MessageProcessor> Shared<P> {
             };
             // Decoding runs inside catch_unwind too: a panicking Deserialize is the input's fault.
             let handled = AssertUnwindSafe(async {
+                if let Some(why) = inner.processor.ignores(&ctx) {
+                    return Outcome::Drop(why);
+                }
                 if let Some(why) = oversized {
                     return Outcome::Permanent(why);
                 }

@@ -228,6 +228,55 @@ async fn ignored_files_are_recorded_and_dropped() {
 }
 
 #[tokio::test]
+async fn the_sweepers_other_file_events_are_dropped_not_dead_lettered() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = put_file(data.path(), "proj/a.mov", b"a");
+    let cfg = service_config::<OnlineArchive>(data.path(), &[("amqp.prefetch", "1")]);
+    let mut hs = Harness::start_service::<OnlineArchive>(cfg).await;
+    let mut out = hs.watch_output().await;
+    let mut dlq = hs.watch_dlq().await;
+    // What pluto-core sends on the same prefix: not a file to copy, not the file shape.
+    let problem = serde_json::json!({
+        "is_dir": false, "is_file": true, "filename": "a.mov", "parent_dir": dir,
+    });
+    hs.publish(
+        "assetsweeper.asset_folder_importer.file.permissions_problem",
+        problem.to_string().as_bytes(),
+        BasicProperties::default(),
+    )
+    .await;
+    // Even a file's own body under such a key is not copied.
+    hs.publish(
+        "assetsweeper.asset_folder_importer.file.deleted",
+        sweeper_message(&dir, "a.mov", false).to_string().as_bytes(),
+        BasicProperties::default(),
+    )
+    .await;
+    // prefetch 1: this one is handled only after both were settled.
+    hs.publish(
+        "assetsweeper.asset_folder_importer.file.update",
+        sweeper_message(&dir, "a.mov", false).to_string().as_bytes(),
+        BasicProperties::default(),
+    )
+    .await;
+    let v: serde_json::Value = serde_json::from_slice(&next(&mut out).await.data).unwrap();
+    assert_eq!(v["archive_key"], "proj/a.mov");
+    assert!(
+        next_within(&mut out, std::time::Duration::from_millis(200))
+            .await
+            .is_none(),
+        "only the update was copied"
+    );
+    assert!(
+        next_within(&mut dlq, std::time::Duration::from_millis(200))
+            .await
+            .is_none(),
+        "nothing dead-lettered"
+    );
+    hs.stop().await;
+}
+
+#[tokio::test]
 async fn s3_and_postgres_backends_with_store_outage_retried() {
     let bucket = "archive";
     let mut moto = MotoServer::start(bucket).await;

@@ -8,7 +8,7 @@ use storage::testing::{
     MotoServer, put_online_file as put_file, sweeper_message, sweeper_message_v1,
 };
 
-const KEY: &str = "assetsweeper.asset_folder_importer.file.changed";
+const KEY: &str = "assetsweeper.asset_folder_importer.file.update";
 
 fn md5hex(b: &[u8]) -> String {
     hex::encode(md5::Md5::digest(b))

@@ -78,7 +78,12 @@ pub fn keep_failures(days: u64) -> Option<Duration> {
     })
 }
 
+/// The last segment of the routing keys whose files are copied (the asset sweeper's
+/// `…file.new` and `…file.update`); its other file events are dropped.
+pub const COPIED_EVENTS: [&str; 2] = ["new", "update"];
+
 /// How often old failure records are looked for.
+
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 /// Builds the success message body from a report and the input.
@@ -215,6 +220,20 @@ impl Drop for TierProcessor {
 #[async_trait]
 impl MessageProcessor for TierProcessor {
     type Input = AssetSweeperFile;
+
+    // The asset sweeper publishes other file events under the same prefix (a permissions
+    // problem, say) with bodies of another shape; as the original, only a new or an
+    // updated file is copied.
+    fn ignores(&self, ctx: &MessageContext) -> Option<String> {
+        let event = ctx.routing_key.rsplit('.').next().unwrap_or_default();
+        (!COPIED_EVENTS.contains(&event)).then(|| {
+            format!(
+                "routing key `{}` is not a new or updated file (`.{}`): nothing to copy",
+                ctx.routing_key,
+                COPIED_EVENTS.join("`, `.")
+            )
+        })
+    }
 
     async fn handle(&self, msg: AssetSweeperFile, ctx: &MessageContext) -> Outcome {
         match self.copier.handle(&msg, ctx.attempt).await {
