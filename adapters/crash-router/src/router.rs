@@ -128,44 +128,13 @@ impl MessageProcessor for CrashRouter {
     type Input = Value;
 
     async fn handle(&self, input: Value, ctx: &MessageContext) -> Outcome {
-        let input = match unwrap_sns(input) {
-            Ok(v) => v,
+        let records = match self.records_of(input, false) {
+            Ok(records) => records,
             Err(o) => return o,
         };
-        // S3 sends this to a notification's destination whenever the bucket's notification
-        // configuration is saved: not an event, nothing wrong with it.
-        if input.get("Event").and_then(Value::as_str) == Some("s3:TestEvent") {
-            return Outcome::drop("S3 test event (sent when notifications are configured)");
+        if let Some(o) = ctx.too_many_records(records.len()) {
+            return o;
         }
-        let records: Vec<Record> = if input.get("source").and_then(Value::as_str) == Some("aws.s3")
-            && input.get("detail-type").is_some()
-        {
-            // EventBridge carries one object event per message.
-            vec![classify_eventbridge(&input, self.accept, self.defer)]
-        } else if let Some(records) = input.get("Records").and_then(Value::as_array) {
-            if let Some(o) = ctx.too_many_records(records.len()) {
-                return o;
-            }
-            records
-                .iter()
-                .map(|r| classify(r, self.accept, self.defer))
-                .collect()
-        } else {
-            let what = match &input {
-                Value::Object(o) if o.contains_key("Records") => {
-                    "an object whose `Records` is not an array"
-                }
-                Value::Object(_) => "an object without a `Records` array",
-                Value::Array(_) => "an array",
-                Value::String(_) => "a string",
-                Value::Number(_) => "a number",
-                Value::Bool(_) => "a boolean",
-                Value::Null => "null",
-            };
-            return Outcome::permanent(format!(
-                "expected an S3 event notification (an object with a `Records` array), got {what}"
-            ));
-        };
 
         let mut counts = Counts::default();
         let accepted = distinct_accepted(&records);
@@ -268,6 +237,102 @@ fn distinct_accepted(records: &[Record]) -> Vec<String> {
             _ => None,
         })
         .collect()
+}
+
+impl CrashRouter {
+    /// The S3 records `input` carries, classified: an S3 notification's `Records`, an
+    /// EventBridge event, either inside an SNS envelope, or (`inner` false) an SQS batch
+    /// (`{"Records":[{"eventSource":"aws:sqs","body":…}]}`, what a queue between S3 and the
+    /// bus delivers) whose bodies are any of those. An SQS body that carries none is a
+    /// junk record, counted and logged, never a silent success; at the top the message is
+    /// Dropped (S3's test event, SNS's handshakes) or Permanent (no event at all).
+    fn records_of(&self, input: Value, inner: bool) -> Result<Vec<Record>, Outcome> {
+        let input = unwrap_sns(input)?;
+        // S3 sends this to a notification's destination whenever the bucket's notification
+        // configuration is saved: not an event, nothing wrong with it.
+        if input.get("Event").and_then(Value::as_str) == Some("s3:TestEvent") {
+            let why = "S3 test event (sent when notifications are configured)";
+            return match inner {
+                true => Ok(vec![Record::Ignored(why.into())]),
+                false => Err(Outcome::drop(why)),
+            };
+        }
+        if input.get("source").and_then(Value::as_str) == Some("aws.s3")
+            && input.get("detail-type").is_some()
+        {
+            // EventBridge carries one object event per message.
+            return Ok(vec![classify_eventbridge(&input, self.accept, self.defer)]);
+        }
+        if let Some(records) = input.get("Records").and_then(Value::as_array) {
+            let mut out = Vec::with_capacity(records.len());
+            for r in records {
+                match r.get("eventSource").and_then(Value::as_str) {
+                    Some("aws:sqs") if !inner => out.extend(self.sqs_body(r)),
+                    _ => out.push(classify(r, self.accept, self.defer)),
+                }
+            }
+            return Ok(out);
+        }
+        let what = match &input {
+            Value::Object(o) if o.contains_key("Records") => {
+                "an object whose `Records` is not an array"
+            }
+            Value::Object(_) => "an object without a `Records` array",
+            Value::Array(_) => "an array",
+            Value::String(_) => "a string",
+            Value::Number(_) => "a number",
+            Value::Bool(_) => "a boolean",
+            Value::Null => "null",
+        };
+        Err(Outcome::permanent(format!(
+            "expected an S3 event notification (an object with a `Records` array), got {what}"
+        )))
+    }
+
+    /// The records of one SQS record's `body` (JSON text, or an object where a bridge
+    /// decoded it); what cannot be read is one junk record naming the SQS message.
+    fn sqs_body(&self, record: &Value) -> Vec<Record> {
+        let id = record
+            .get("messageId")
+            .and_then(Value::as_str)
+            .unwrap_or("-");
+        let body = match record.get("body") {
+            Some(Value::String(text)) => match serde_json::from_str(text) {
+                Ok(v) => v,
+                Err(e) => {
+                    return vec![Record::Junk(format!(
+                        "SQS message {id}: `body` is not JSON: {e}"
+                    ))];
+                }
+            },
+            Some(v @ Value::Object(_)) => v.clone(),
+            _ => {
+                return vec![Record::Junk(format!(
+                    "SQS message {id} has no `body` of JSON text"
+                ))];
+            }
+        };
+        match self.records_of(body, true) {
+            Ok(records) => records,
+            Err(Outcome::Drop(why)) => vec![Record::Ignored(format!("SQS message {id}: {why}"))],
+            Err(o) => vec![Record::Junk(format!(
+                "SQS message {id}: {}",
+                outcome_reason(&o)
+            ))],
+        }
+    }
+}
+
+/// The reason an outcome other than Success carries.
+fn outcome_reason(o: &Outcome) -> &str {
+    match o {
+        Outcome::Retry(r)
+        | Outcome::Permanent(r)
+        | Outcome::Exhausted(r)
+        | Outcome::Drop(r)
+        | Outcome::Interrupted(r) => r,
+        Outcome::Success { .. } => "",
+    }
 }
 
 /// The S3 event inside an SNS envelope (`{"Type":"Notification","Message":"<JSON text>",…}`:

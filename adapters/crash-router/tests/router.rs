@@ -389,6 +389,50 @@ async fn sns_and_eventbridge_deliveries_are_routed() {
     );
 }
 
+/// An SQS batch (what a queue between S3 and the bus delivers) is opened: each body's
+/// notification is routed, whether S3 wrote it to the queue or through SNS; a body that
+/// carries no event is a counted junk record, never a silent success.
+#[tokio::test]
+async fn sqs_batches_are_opened_and_their_crashes_routed() {
+    let data = tempfile::tempdir().unwrap();
+    let (_c, ch) = test_channel().await;
+    let d = dests(&ch, 1).await;
+    let hs = start(data.path(), &[("crash_router.queues", &d.0[0])]).await;
+    let mut out = hs.watch_output().await;
+    let mut q = consume(&hs.ch, &d.0[0]).await;
+    let (direct, via_sns) = (crash_id(31, '0'), crash_id(32, '0'));
+    let sqs = |id: &str, body: Value| json!({"messageId": id, "receiptHandle": "AQEB",
+        "body": body, "attributes": {"ApproximateReceiveCount": "1"},
+        "messageAttributes": {}, "md5OfBody": "x", "eventSource": "aws:sqs",
+        "eventSourceARN": "arn:aws:sqs:us-west-2:123456789012:crashes",
+        "awsRegion": "us-west-2"});
+    let sns = json!({"Type": "Notification", "MessageId": "n-1",
+        "TopicArn": "arn:aws:sns:us-west-2:123456789012:crashes",
+        "Message": json!({"Records": [put(&raw(&via_sns))]}).to_string()});
+    let batch = json!({"Records": [
+        sqs("m-1", Value::String(json!({"Records": [put(&raw(&direct))]}).to_string())),
+        sqs("m-2", Value::String(sns.to_string())),
+        sqs("m-3", Value::String(json!({"Event": "s3:TestEvent"}).to_string())),
+        sqs("m-4", Value::String("not json".into())),
+    ]});
+    hs.publish(
+        "crashes.put",
+        batch.to_string().as_bytes(),
+        BasicProperties::default(),
+    )
+    .await;
+    let summary: Value = serde_json::from_slice(&next(&mut out).await.data).unwrap();
+    assert_eq!(summary["accepted"], json!([direct, via_sns]), "{summary}");
+    assert_eq!(summary["records"], 4, "{summary}");
+    assert_eq!(summary["counts"]["junk"], 1, "{summary}");
+    assert_eq!(summary["counts"]["ignored"], 1, "{summary}");
+    let mut got = vec![text(&next(&mut q).await), text(&next(&mut q).await)];
+    got.sort();
+    let mut want = vec![direct, via_sns];
+    want.sort();
+    assert_eq!(got, want);
+}
+
 fn run_bin(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     let dir = tempfile::tempdir().unwrap();
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_crash-router"));
