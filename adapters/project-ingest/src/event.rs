@@ -157,6 +157,31 @@ pub fn time_key(t: chrono::DateTime<chrono::Utc>) -> Option<String> {
         .then(|| t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string())
 }
 
+/// How far ahead of this machine's clock an ordering key may be: more is a producer's
+/// clock (or a unit) gone wrong, and kept as it is it would make every later event stale
+/// until that date.
+pub const MAX_AHEAD: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
+
+/// The latest ordering key believed now ([`MAX_AHEAD`] from this machine's clock); a stored
+/// key beyond it (written before keys were bounded) loses to any event.
+pub fn latest_believable() -> String {
+    time_key(chrono::Utc::now() + MAX_AHEAD).unwrap_or_else(|| "9999".into())
+}
+
+/// `key`, or this machine's time where `key` is more than [`MAX_AHEAD`] in the future (the
+/// event is then ordered as received now, and a warning names the key).
+pub fn believable(key: String) -> String {
+    if key <= latest_believable() {
+        return key;
+    }
+    tracing::warn!(
+        ordering_key = %key,
+        "an ordering time more than {} minutes ahead of this clock: ordered as received now",
+        MAX_AHEAD.num_minutes()
+    );
+    time_key(chrono::Utc::now()).unwrap_or(key)
+}
+
 /// Normalizes an RFC 3339 time to fixed-width UTC text, so text order is time order.
 pub fn normalize_time(s: &str) -> Option<String> {
     chrono::DateTime::parse_from_rfc3339(s)
@@ -249,7 +274,7 @@ fn parse_delivered(
         EventKind::Created => Some(created_norm),
         EventKind::Updated => delivery.map(|d| d.received.to_string()),
     };
-    let version = updated.or(arrival).or(fallback);
+    let version = updated.or(arrival).or(fallback).map(believable);
     Ok(Parsed::Project(ProjectEvent {
         kind,
         id,

@@ -115,6 +115,9 @@ impl Store {
     /// Applies an event atomically: the project write and the commission upsert commit together.
     pub async fn apply(&self, ev: &ProjectEvent) -> Result<Applied, StoreError> {
         let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        // A stored key further ahead than any event's may be (an earlier release kept a
+        // producer's future clock) is no newer state: any event replaces it.
+        let bound = crate::event::latest_believable();
         let mut tx = self.pool.begin().await?;
         let row = match (&ev.kind, &ev.version) {
             (EventKind::Created, _) => {
@@ -127,7 +130,8 @@ impl Store {
                      production_office = excluded.production_office, created = excluded.created, \
                      version = excluded.version, last_event = excluded.last_event, updated_at = excluded.updated_at \
                      WHERE projects.last_event = 'project-created' AND (projects.version IS NULL \
-                     OR excluded.version IS NULL OR projects.version <= excluded.version) \
+                     OR excluded.version IS NULL OR projects.version <= excluded.version \
+                     OR projects.version > $11) \
                      RETURNING {COLS}"
                 );
                 db::sqlx::query(&sql)
@@ -141,12 +145,17 @@ impl Store {
                     .bind(ev.version.clone())
                     .bind(ev.kind.as_str())
                     .bind(&now)
+                    .bind(&bound)
                     .fetch_optional(&mut *tx)
                     .await?
             }
             (EventKind::Updated, version) => {
                 let (set_version, now_param, guard) = match version {
-                    Some(_) => ("$8", "$9", " AND (version IS NULL OR version <= $8)"),
+                    Some(_) => (
+                        "$8",
+                        "$9",
+                        " AND (version IS NULL OR version <= $8 OR version > $10)",
+                    ),
                     None => ("version", "$8", ""),
                 };
                 let sql = format!(
@@ -166,7 +175,11 @@ impl Store {
                 if let Some(v) = version {
                     q = q.bind(v.clone());
                 }
-                q.bind(&now).fetch_optional(&mut *tx).await?
+                q = q.bind(&now);
+                if version.is_some() {
+                    q = q.bind(&bound);
+                }
+                q.fetch_optional(&mut *tx).await?
             }
         };
         let Some(row) = row else {
@@ -192,13 +205,14 @@ impl Store {
                  production_office = excluded.production_office, \
                  version = COALESCE(excluded.version, commissions.version), updated_at = excluded.updated_at \
                  WHERE commissions.version IS NULL OR excluded.version IS NULL \
-                 OR commissions.version <= excluded.version",
+                 OR commissions.version <= excluded.version OR commissions.version > $6",
             )
             .bind(id)
             .bind(title)
             .bind(&ev.production_office)
             .bind(ev.version.clone())
             .bind(&now)
+            .bind(&bound)
             .execute(&mut *tx)
             .await?;
         }

@@ -136,6 +136,7 @@ on_both!(
     an_update_that_overtakes_its_create_waits_for_it,
     an_update_published_in_the_second_of_its_create_is_applied,
     a_batch_delivered_again_announces_with_the_same_ids,
+    a_future_dated_event_does_not_freeze_its_project,
 );
 
 /// A batch delivered again (a lost ack, a replay) stores its projects again and announces
@@ -263,6 +264,59 @@ async fn a_plain_update_published_earlier_never_overwrites_a_newer_one(b: Backen
         "newer"
     );
     assert_eq!(env.dlq_count().await, 0);
+    env.finish().await;
+}
+
+/// An event stamped far in the future (a producer's clock or unit gone wrong) is ordered
+/// as received: it does not make every later update of its project and of its commission
+/// stale until that date; a key stored so by an earlier release loses to the next event.
+async fn a_future_dated_event_does_not_freeze_its_project(b: Backend) {
+    let env = start(b, &[]).await;
+    let mut out = env.hs.watch_output().await;
+    env.send(&project("project-created", "f", "v0")).await;
+    next(&mut out).await;
+    let update = |title: &str, commission: &str, ts: u64| {
+        let mut v = project("project-updated", "f", title);
+        v["commissionTitle"] = json!(commission);
+        let body = serde_json::to_vec(&v).unwrap();
+        (body, BasicProperties::default().with_timestamp(ts))
+    };
+    let year_ahead = chrono::Utc::now().timestamp() as u64 + 365 * 86_400;
+    let (bad, p) = update("bad", "bad commission", year_ahead);
+    env.hs.publish("core.project.event", &bad, p).await;
+    assert_eq!(body(&next(&mut out).await)["title"], "bad");
+    // Published after `bad` was applied, by a producer whose clock is right.
+    let (good, p) = update("good", "good commission", chrono::Utc::now().timestamp() as u64);
+    env.hs.publish("core.project.event", &good, p).await;
+    assert_eq!(body(&next(&mut out).await)["title"], "good");
+    assert_eq!(env.store.project("f").await.unwrap().unwrap().title, "good");
+    assert_eq!(
+        env.store.commission("c-1").await.unwrap().unwrap().0,
+        "good commission"
+    );
+
+    // A key an earlier release kept from such a clock.
+    let mut frozen = project_ingest::event::ProjectEvent {
+        kind: project_ingest::event::EventKind::Updated,
+        id: "f".into(),
+        title: "frozen".into(),
+        status: "New".into(),
+        commission_id: Some("c-1".into()),
+        commission_title: Some("frozen commission".into()),
+        production_office: "UK".into(),
+        created: "2017-04-24T17:20:11.503Z".into(),
+        version: Some("2100-01-01T00:00:00.000000Z".into()),
+    };
+    env.store.apply(&frozen).await.unwrap();
+    frozen.version = Some("2000-01-01T00:00:00.000000Z".into());
+    frozen.title = "healed".into();
+    frozen.commission_title = Some("healed commission".into());
+    env.store.apply(&frozen).await.unwrap();
+    assert_eq!(env.store.project("f").await.unwrap().unwrap().title, "healed");
+    assert_eq!(
+        env.store.commission("c-1").await.unwrap().unwrap().0,
+        "healed commission"
+    );
     env.finish().await;
 }
 
