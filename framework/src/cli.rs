@@ -696,12 +696,18 @@ pub struct Running {
     pub http_addr: std::net::SocketAddr,
 }
 
-/// Builds the processor, serves HTTP and consumes until `shutdown`; returns after draining
-/// (None: stopped while the processor was being built).
+/// Serves HTTP, builds the processor and consumes until `shutdown`; returns after
+/// draining (None: stopped while the processor was being built).
 pub async fn run_service<S: Service>(
     cfg: Config<S::Settings>,
     shutdown: CancellationToken,
 ) -> Result<Option<Running>, Failure> {
+    // Served before the processor is built: while its database is opened (or another
+    // replica's migration holds the lock) the process answers `/healthz` and shows
+    // `/readyz` 503 and its metrics, instead of refusing connections until a liveness
+    // probe restarts it.
+    let status = Arc::new(Status::default());
+    let http = Http::serve(&cfg, status.clone()).await?;
     // A stop while the processor is built (its database still refusing connections, or
     // another replica's migration holding the lock) is a stop, exit 0 at once: it waited
     // for the build, then exited 1.
@@ -709,12 +715,21 @@ pub async fn run_service<S: Service>(
         biased;
         _ = shutdown.cancelled() => {
             tracing::info!(service = S::NAME, "stopped before it started");
+            http.stop().await;
             return Ok(None);
         }
         b = processor_configuration::<S>(&cfg) => b,
     };
-    let pc = built.map_err(|e| Failure::Other(format!("cannot start {}: {e}", S::NAME)))?;
-    run_processor(S::NAME, &cfg, pc, shutdown).await.map(Some)
+    let pc = match built {
+        Ok(pc) => pc,
+        Err(e) => {
+            http.stop().await;
+            return Err(Failure::Other(format!("cannot start {}: {e}", S::NAME)));
+        }
+    };
+    run_with(S::NAME, &cfg, pc, status, http, shutdown)
+        .await
+        .map(Some)
 }
 
 /// Serves HTTP and runs a processor until `shutdown` (used by services and tests alike).
@@ -724,11 +739,23 @@ pub async fn run_processor<P: MessageProcessor, T>(
     pc: ProcessorConfiguration<P>,
     shutdown: CancellationToken,
 ) -> Result<Running, Failure> {
-    let runtime = Runtime::new(name, cfg, pc);
-    let status = runtime.status();
-    let http_stop = CancellationToken::new();
-    let (http_addr, http_task) =
-        crate::http::serve(&cfg.service.http_listen, status.clone(), http_stop.clone())
+    let status = Arc::new(Status::default());
+    let http = Http::serve(cfg, status.clone()).await?;
+    run_with(name, cfg, pc, status, http, shutdown).await
+}
+
+/// The health and metrics server of a running service.
+struct Http {
+    addr: std::net::SocketAddr,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Http {
+    /// Listens on `[service] http_listen`, answering with `status`.
+    async fn serve<T>(cfg: &Config<T>, status: Arc<Status>) -> Result<Self, Failure> {
+        let stop = CancellationToken::new();
+        let (addr, task) = crate::http::serve(&cfg.service.http_listen, status, stop.clone())
             .await
             .map_err(|e| {
                 Failure::Other(format!(
@@ -736,10 +763,30 @@ pub async fn run_processor<P: MessageProcessor, T>(
                     cfg.service.http_listen
                 ))
             })?;
+        Ok(Self { addr, stop, task })
+    }
+
+    /// Stops serving and waits for the server to end.
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// Runs a built processor with its status served by `http` until `shutdown`.
+async fn run_with<P: MessageProcessor, T>(
+    name: &str,
+    cfg: &Config<T>,
+    pc: ProcessorConfiguration<P>,
+    status: Arc<Status>,
+    http: Http,
+    shutdown: CancellationToken,
+) -> Result<Running, Failure> {
+    let runtime = Runtime::with_status(name, cfg, pc, status.clone());
+    let http_addr = http.addr;
     tracing::info!(service = name, http = %http_addr, "started");
     let r = runtime.run(shutdown).await;
-    http_stop.cancel();
-    let _ = http_task.await;
+    http.stop().await;
     r.map_err(|e| Failure::Other(e.to_string()))?;
     tracing::info!(service = name, "stopped cleanly");
     Ok(Running { status, http_addr })

@@ -89,6 +89,8 @@ impl SpanExporter {
     pub async fn run(&self, stop: CancellationToken) {
         let rx = self.rx.lock().ok().and_then(|mut r| r.take());
         let Some(mut rx) = rx else { return };
+        // Shown at 0 from the start: `increase(...) > 0` cannot see a first sample of 1.
+        metrics::counter!(SPANS_DROPPED_TOTAL).increment(0);
         let client = match reqwest::Client::builder().timeout(self.timeout).build() {
             Ok(c) => c,
             Err(e) => {

@@ -112,6 +112,17 @@ pub(crate) struct Inner<P> {
 impl<P: MessageProcessor> Runtime<P> {
     /// Builds a runtime for `service` from its config and processor configuration.
     pub fn new<S>(service: &str, cfg: &Config<S>, pc: ProcessorConfiguration<P>) -> Self {
+        Self::with_status(service, cfg, pc, Arc::new(Status::default()))
+    }
+
+    /// A runtime reporting to `status`, which may be served before the runtime exists
+    /// (while the processor was being built).
+    pub fn with_status<S>(
+        service: &str,
+        cfg: &Config<S>,
+        pc: ProcessorConfiguration<P>,
+        status: Arc<Status>,
+    ) -> Self {
         let topology = Topology::of(&pc.binding, cfg);
         let planner = Planner::new(&topology, &pc.binding.output_routing_key, &cfg.retry);
         Self {
@@ -122,7 +133,7 @@ impl<P: MessageProcessor> Runtime<P> {
                 amqp: cfg.amqp.clone(),
                 spans: SpanExporter::new(&cfg.telemetry, service),
                 processor: pc.processor,
-                status: Arc::new(Status::default()),
+                status,
                 permits: Arc::new(Semaphore::new(cfg.amqp.effective_concurrency())),
             }),
         }

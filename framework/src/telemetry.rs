@@ -79,7 +79,7 @@ pub fn metrics_handle() -> PrometheusHandle {
                     Matcher::Full(HANDLER_SECONDS.to_string()),
                     &[
                         0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-                        60.0, 300.0,
+                        60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 21600.0,
                     ],
                 )
                 .unwrap_or_else(|_| PrometheusBuilder::new());

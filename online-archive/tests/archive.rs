@@ -382,14 +382,31 @@ fn a_bad_database_url_is_a_config_error_naming_the_key() {
     assert!(!err.contains("hunter2"), "password hidden: {err}");
 }
 
+/// The status line of `GET path` on `127.0.0.1:port`.
+fn status_line(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    answer.lines().next().unwrap_or_default().to_string()
+}
+
 /// SIGTERM while the service is still opening its database (a server that accepts and
 /// does not answer yet, or another replica's migration holding the lock) is a stop: exit 0
-/// at once. It waited for the database, then exited 1.
+/// at once. It waited for the database, then exited 1. Meanwhile the process is alive and
+/// not ready: a liveness probe restarted it while it waited (nothing listened).
 #[test]
 fn a_stop_while_the_database_is_opened_exits_0() {
     let dir = tempfile::tempdir().unwrap();
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = silent.local_addr().unwrap().port();
+    let http = framework::testing::broker::free_port();
     let mut child = process::spawn(
         std::process::Command::new(env!("CARGO_BIN_EXE_online-archive"))
             .arg("--config-dir")
@@ -399,7 +416,10 @@ fn a_stop_while_the_database_is_opened_exits_0() {
                 "STORAGETIER__ONLINE_ARCHIVE__DATABASE_URL",
                 format!("postgres://u@127.0.0.1:{port}/x"),
             )
-            .env("STORAGETIER__ONLINE_ARCHIVE__HTTP_LISTEN", "127.0.0.1:0")
+            .env(
+                "STORAGETIER__ONLINE_ARCHIVE__HTTP_LISTEN",
+                format!("127.0.0.1:{http}"),
+            )
             .arg("run")
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
@@ -408,6 +428,9 @@ fn a_stop_while_the_database_is_opened_exits_0() {
     .unwrap();
     // Opening the database: its connection is here, and nothing answers it.
     let (_held, _) = silent.accept().unwrap();
+    assert!(status_line(http, "/healthz").contains(" 200 "));
+    assert!(status_line(http, "/readyz").contains(" 503 "));
+    assert!(status_line(http, "/metrics").contains(" 200 "));
     assert_eq!(child.terminate(WAIT).and_then(|s| s.code()), Some(0));
 }
 

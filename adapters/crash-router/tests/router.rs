@@ -401,11 +401,13 @@ async fn sqs_batches_are_opened_and_their_crashes_routed() {
     let mut out = hs.watch_output().await;
     let mut q = consume(&hs.ch, &d.0[0]).await;
     let (direct, via_sns) = (crash_id(31, '0'), crash_id(32, '0'));
-    let sqs = |id: &str, body: Value| json!({"messageId": id, "receiptHandle": "AQEB",
+    let sqs = |id: &str, body: Value| {
+        json!({"messageId": id, "receiptHandle": "AQEB",
         "body": body, "attributes": {"ApproximateReceiveCount": "1"},
         "messageAttributes": {}, "md5OfBody": "x", "eventSource": "aws:sqs",
         "eventSourceARN": "arn:aws:sqs:us-west-2:123456789012:crashes",
-        "awsRegion": "us-west-2"});
+        "awsRegion": "us-west-2"})
+    };
     let sns = json!({"Type": "Notification", "MessageId": "n-1",
         "TopicArn": "arn:aws:sns:us-west-2:123456789012:crashes",
         "Message": json!({"Records": [put(&raw(&via_sns))]}).to_string()});

@@ -286,7 +286,11 @@ async fn a_future_dated_event_does_not_freeze_its_project(b: Backend) {
     env.hs.publish("core.project.event", &bad, p).await;
     assert_eq!(body(&next(&mut out).await)["title"], "bad");
     // Published after `bad` was applied, by a producer whose clock is right.
-    let (good, p) = update("good", "good commission", chrono::Utc::now().timestamp() as u64);
+    let (good, p) = update(
+        "good",
+        "good commission",
+        chrono::Utc::now().timestamp() as u64,
+    );
     env.hs.publish("core.project.event", &good, p).await;
     assert_eq!(body(&next(&mut out).await)["title"], "good");
     assert_eq!(env.store.project("f").await.unwrap().unwrap().title, "good");
@@ -312,7 +316,10 @@ async fn a_future_dated_event_does_not_freeze_its_project(b: Backend) {
     frozen.title = "healed".into();
     frozen.commission_title = Some("healed commission".into());
     env.store.apply(&frozen).await.unwrap();
-    assert_eq!(env.store.project("f").await.unwrap().unwrap().title, "healed");
+    assert_eq!(
+        env.store.project("f").await.unwrap().unwrap().title,
+        "healed"
+    );
     assert_eq!(
         env.store.commission("c-1").await.unwrap().unwrap().0,
         "healed commission"
