@@ -83,22 +83,29 @@ impl SessionTasks {
         }
     }
 
-    /// Signals the handlers, waits up to `budget` for them, then stops the rest.
-    async fn end(&self, budget: Duration) {
+    /// Signals the handlers, waits up to `budget` for them, then stops the rest; stops
+    /// them at once when `lost` completes (the connection went during the drain: the broker
+    /// has requeued what they hold, and another instance may be running it already).
+    async fn end(&self, budget: Duration, lost: impl std::future::Future<Output = ()>) {
         let _ = self.stops_at.set(Instant::now() + budget);
         self.cancel.cancel();
         self.tasks.close();
-        if tokio::time::timeout(budget, self.tasks.wait())
-            .await
-            .is_err()
-        {
-            warn!(
-                still_running = self.tasks.len(),
-                "drain timeout reached; stopping unfinished handlers, their messages return to the queue"
-            );
-            self.kill.cancel();
-            self.tasks.wait().await;
+        let why = tokio::select! {
+            r = tokio::time::timeout(budget, self.tasks.wait()) => match r {
+                Ok(()) => return,
+                Err(_) => "drain timeout reached",
+            },
+            () = lost => "the connection dropped while draining",
+        };
+        if self.tasks.is_empty() {
+            return;
         }
+        warn!(
+            still_running = self.tasks.len(),
+            "{why}; stopping unfinished handlers, their messages return to the queue"
+        );
+        self.kill.cancel();
+        self.tasks.wait().await;
     }
 }
 
@@ -355,7 +362,13 @@ pub(crate) async fn session<P: MessageProcessor>(
     // The broker redelivers what these handlers hold to the next session (or the next
     // instance): they finish or stop before that, never running beside their redelivery.
     // The cancel goes out at once beside the drain, not before its budget starts.
-    tokio::join!(cancel, handlers.end(budget));
+    let lost = async {
+        let mut check = tokio::time::interval(HEALTH_CHECK);
+        while alive() {
+            check.tick().await;
+        }
+    };
+    tokio::join!(cancel, handlers.end(budget, lost));
     // The handlers' settler is dropped with the last of them; this one goes now, or the
     // settling task would wait for it.
     drop(shared);

@@ -345,6 +345,14 @@ impl Harness {
         consume(&self.ch, &format!("{}-dlq", self.q)).await
     }
 
+    /// Asks the runtime to stop (as a SIGTERM does) without waiting for it; [`Harness::stop`]
+    /// then waits for the end.
+    pub fn request_stop(&self) {
+        if let Some(r) = &self.runtime {
+            r.stop.cancel();
+        }
+    }
+
     /// Stops the runtime and waits for it to return.
     pub async fn stop(&mut self) {
         if let Some(r) = self.runtime.take() {

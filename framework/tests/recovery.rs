@@ -391,6 +391,39 @@ async fn a_lost_connection_stops_its_handlers_at_once_even_deaf_ones() {
     hs.stop().await;
 }
 
+/// A connection lost while a stop drains its handlers ends the drain too: the broker has
+/// requeued what they hold, so a handler that ran on for the rest of a 5-minute budget
+/// would run beside its redelivery on another instance.
+#[tokio::test]
+async fn a_connection_lost_during_the_drain_stops_the_handlers_at_once() {
+    let name = unique("conn");
+    let seen = std::sync::Arc::new(Concurrency::default());
+    let mut hs = Harness::start(
+        "deaf-drain",
+        &[
+            ("amqp.connection_name", &name),
+            ("amqp.prefetch", "1"),
+            ("amqp.drain_timeout_ms", "300000"),
+        ],
+        DeafFirst(seen.clone()),
+    )
+    .await;
+    hs.publish("test.x", br#"{"n":1}"#, BasicProperties::default())
+        .await;
+    let s = seen.clone();
+    wait_until("the handler to be busy", || {
+        s.now.load(std::sync::atomic::Ordering::SeqCst) == 1
+    })
+    .await;
+    hs.request_stop();
+    let status = hs.status.clone();
+    wait_until("the drain to start", move || !status.is_ready()).await;
+    assert_eq!(close_connection_named(&name).await, 1);
+    // Within WAIT, not the 5-minute drain budget.
+    hs.stop().await;
+    assert_eq!(seen.now.load(std::sync::atomic::Ordering::SeqCst), 0);
+}
+
 /// Waits for its gate to open, counting handlers that started.
 struct Gated(
     tokio::sync::watch::Receiver<bool>,
