@@ -43,11 +43,12 @@ pub enum DlqError {
     /// A replay could not be confirmed; the dead letter was kept.
     #[error("replay not confirmed, dead letter kept: {0}")]
     Publish(#[from] PublishError),
-    /// The replay was confirmed but the dead letter could not be removed (the channel
-    /// closed): it is still in the DLQ, and replaying it again delivers it twice.
+    /// The replay was confirmed but the dead letter could not be removed (the channel or
+    /// connection closed or blocked): it is still in the DLQ, and replaying it again
+    /// delivers it twice.
     #[error(
-        "replayed message id {0:?} but could not remove its dead letter (channel closed); \
-         it is still in the DLQ"
+        "replayed message id {0:?} but could not remove its dead letter (channel or \
+         connection lost); it is still in the DLQ: replaying it again delivers it twice"
     )]
     NotRemoved(Option<String>),
     /// Another `dlq` command holds the service's dead letters.
@@ -486,7 +487,13 @@ pub async fn replay_each(
                 crate::connection::frame_max(conn),
             )
             .await?;
-            if !bounded(t, "basic.ack", d.acker.ack(BasicAckOptions::default())).await? {
+            // Confirmed in `Q`: whatever keeps the ack from landing (a closed channel, a
+            // connection lost or blocked) leaves the dead letter too, and the operator must
+            // hear that a second replay would deliver it twice, not "broker error".
+            if !matches!(
+                bounded(t, "basic.ack", d.acker.ack(BasicAckOptions::default())).await,
+                Ok(true)
+            ) {
                 return Err(DlqError::NotRemoved(info.message_id));
             }
         }
