@@ -307,17 +307,26 @@ impl StatusProcessor {
     }
 }
 
-/// The de-duplication key of a file without a filename: the message id and record number
-/// when the producer set an id; otherwise a hash of the record's content, so a redelivery
-/// (same bytes) counts once. Two unnamed, id-less files with identical content cannot be
-/// told apart and count once too: undercounting stalls a collection visibly, while
-/// counting a redelivery twice would send the export-state message before every file
-/// arrived. A record dead-lettered from a batch and replayed keeps its batch's message id
-/// and its own record number: the number it had in the batch, not 1.
-fn dedupe_key(ctx: &MessageContext, record: &str, content: &[u8]) -> String {
-    match &ctx.message_id {
-        Some(id) => format!("message:{id}#{record}"),
-        None => format!("content:{}", hex::encode(Sha256::digest(content))),
+/// The de-duplication key of a file without a filename: the SQS `messageId` of its record
+/// where it came in an SQS batch (the same SQS message delivered again, even re-sent by a
+/// bridge in a new message, counts once; two files of identical content count twice); else
+/// the message id and record number when the producer set an id; otherwise a hash of the
+/// record's content, so a redelivery (same bytes) counts once. Two unnamed, id-less files
+/// with identical content cannot be told apart and count once too: undercounting stalls a
+/// collection visibly, while counting a redelivery twice would send the export-state
+/// message before every file arrived. A record dead-lettered from a batch and replayed
+/// keeps its batch's message id and its own record number: the number it had in the
+/// batch, not 1.
+fn dedupe_key(
+    ctx: &MessageContext,
+    record: &str,
+    sqs_message_id: Option<&str>,
+    content: &[u8],
+) -> String {
+    match (sqs_message_id, &ctx.message_id) {
+        (Some(sqs), _) => format!("sqs:{sqs}"),
+        (None, Some(id)) => format!("message:{id}#{record}"),
+        (None, None) => format!("content:{}", hex::encode(Sha256::digest(content))),
     }
 }
 
@@ -353,6 +362,7 @@ impl MessageProcessor for StatusProcessor {
                         &dedupe_key(
                             ctx,
                             &ctx.batch_part().unwrap_or_else(|| "1".into()),
+                            None,
                             &content,
                         ),
                         retried,
@@ -384,7 +394,16 @@ impl MessageProcessor for StatusProcessor {
                     let handled = match r.parsed {
                         Err(e) => Err(e.to_string()),
                         Ok(m) => match self
-                            .handle_one(&m, &dedupe_key(ctx, &n.to_string(), &r.raw), retried)
+                            .handle_one(
+                                &m,
+                                &dedupe_key(
+                                    ctx,
+                                    &n.to_string(),
+                                    r.sqs_message_id.as_deref(),
+                                    &r.raw,
+                                ),
+                                retried,
+                            )
                             .await
                         {
                             // No attempt can store it: dead-lettered on its own.

@@ -74,6 +74,9 @@ impl StatusMessage {
 pub struct Record {
     /// The record body as received (a JSON string body: its text).
     pub raw: Vec<u8>,
+    /// The SQS `messageId` of the record, where it came from SQS: what tells two unnamed
+    /// files of identical content apart, and a redelivery of one from a second file.
+    pub sqs_message_id: Option<String>,
     /// Validated message or why not.
     pub parsed: Result<StatusMessage, InvalidMessage>,
 }
@@ -153,25 +156,32 @@ fn parse_record(r: &Value) -> Record {
         Value::Object(o) => o.get("body"),
         _ => None,
     };
-    match body {
-        Some(Value::String(s)) => Record {
-            raw: s.as_bytes().to_vec(),
-            parsed: serde_json::from_str::<Value>(s)
+    let sqs_message_id = r
+        .get("messageId")
+        .and_then(Value::as_str)
+        .filter(|id| !id.is_empty())
+        .map(str::to_string);
+    let (raw, parsed) = match body {
+        Some(Value::String(s)) => (
+            s.as_bytes().to_vec(),
+            serde_json::from_str::<Value>(s)
                 .map_err(|e| InvalidMessage::BodyJson(e.to_string()))
                 .and_then(|v| parse_status(&v)),
-        },
-        Some(Value::Null) => Record {
-            raw: serde_json::to_vec(r).unwrap_or_default(),
-            parsed: Err(FieldError::Null("body".into()).into()),
-        },
-        Some(v) => Record {
-            raw: serde_json::to_vec(v).unwrap_or_default(),
-            parsed: parse_status(v),
-        },
-        None => Record {
-            raw: serde_json::to_vec(r).unwrap_or_default(),
-            parsed: Err(FieldError::Missing("body".into()).into()),
-        },
+        ),
+        Some(Value::Null) => (
+            serde_json::to_vec(r).unwrap_or_default(),
+            Err(FieldError::Null("body".into()).into()),
+        ),
+        Some(v) => (serde_json::to_vec(v).unwrap_or_default(), parse_status(v)),
+        None => (
+            serde_json::to_vec(r).unwrap_or_default(),
+            Err(FieldError::Missing("body".into()).into()),
+        ),
+    };
+    Record {
+        raw,
+        sqs_message_id,
+        parsed,
     }
 }
 

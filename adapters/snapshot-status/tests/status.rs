@@ -981,6 +981,34 @@ async fn an_unnamed_file_without_message_id_counts_once_when_redelivered() {
     env.finish().await;
 }
 
+/// Unnamed files that came through SQS are told apart by their SQS `messageId`: two files
+/// of identical content count twice (the collection completes), and the same SQS messages
+/// delivered again, in a new message without an id, count no more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unnamed_files_from_sqs_count_once_each_by_their_sqs_message_id() {
+    let mut env = start(Backend::Sqlite, &[]).await;
+    let c = "corr-sqs";
+    env.process(&msg(c, "db.s", json!({"files_exported": 2})))
+        .await;
+    let unnamed = msg(c, "db.s", json!({}));
+    let batch = |ids: [&str; 2]| {
+        json!({"Records": ids.map(|id| json!({"messageId": id, "eventSource": "aws:sqs",
+            "body": unnamed.to_string()}))})
+    };
+    let r = env.process(&batch(["sqs-a", "sqs-b"])).await;
+    assert_eq!(r["records"][0]["counted"], true, "{r}");
+    assert_eq!(r["records"][1]["counted"], true, "{r}");
+    assert_eq!(r["records"][1]["status"], "Received", "{r}");
+    let state = json_of(&next(&mut env.export).await);
+    assert_eq!(state["topic_name"], "db.s");
+    let r = env.process(&batch(["sqs-b", "sqs-a"])).await;
+    assert_eq!(r["records"][0]["counted"], false, "{r}");
+    assert_eq!(r["records"][1]["counted"], false, "{r}");
+    assert_eq!(r["records"][1]["files_received"], 2, "{r}");
+    env.no_more().await;
+    env.finish().await;
+}
+
 /// The original lambda reads the file's name from `file_name` (its FILE_NAME_FIELD_NAME):
 /// one file sent twice under different message ids counts once, as with `filename`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
