@@ -120,13 +120,20 @@ fn export_state(m: &StatusMessage, c: &Collection) -> Value {
     })
 }
 
-/// The monitoring message sent when every collection of a run is successful.
-pub fn monitoring(m: &StatusMessage) -> Value {
+/// What the monitoring message of a run that has every collection Received says (as the
+/// original: then NiFi has every file).
+pub const ALL_RECEIVED: &str = "All collections received by NiFi";
+/// What the monitoring message of a run whose every collection is Success says.
+pub const ALL_SUCCESSFUL: &str = "All collections successful";
+
+/// The monitoring message of a run that reached `what` ([`ALL_RECEIVED`],
+/// [`ALL_SUCCESSFUL`]).
+pub fn monitoring(m: &StatusMessage, what: &str) -> Value {
     json!({
         "severity": "Critical",
         "notification_type": "Information",
         "slack_username": "Snapshot Sender",
-        "title_text": format!("{} - All collections successful", title_case(&m.snapshot_type)),
+        "title_text": format!("{} - {what}", title_case(&m.snapshot_type)),
         "custom_elements": [
             {"key": "Export date", "value": m.export_date},
             {"key": "Correlation Id", "value": m.correlation_id},
@@ -167,6 +174,52 @@ impl StatusProcessor {
         }
     }
 
+    /// The monitoring message of `m`'s run, mandatory (an unroutable one fails the
+    /// publish, so the input is retried and sends it again).
+    fn monitoring_publication(&self, m: &StatusMessage, what: &str) -> Extra {
+        // The success message keeps the mark it always had: a retry in flight across an
+        // upgrade still knows it was sent.
+        let mark = match what {
+            ALL_RECEIVED => format!("monitoring-received {}", json!(m.correlation_id)),
+            _ => format!("monitoring {}", json!(m.correlation_id)),
+        };
+        Extra {
+            mark,
+            publication: Publication::value(
+                &self.monitoring_exchange,
+                MONITORING_KEY,
+                &monitoring(m, what),
+            )
+            .mandatory(),
+        }
+    }
+
+    /// After a collection of `m`'s run became Received (`again`: or would have, for a
+    /// retried message whose publishes may have been lost): marks the run RECEIVED when
+    /// every collection is, and tells monitoring.
+    async fn run_received(
+        &self,
+        m: &StatusMessage,
+        again: bool,
+        extra: &mut Vec<Extra>,
+    ) -> Result<(), StoreError> {
+        let moved = self.store.mark_product_received(&m.correlation_id).await?;
+        if moved {
+            transition("RECEIVED");
+        }
+        let resend = again
+            && self
+                .store
+                .product_status(&m.correlation_id)
+                .await?
+                .as_deref()
+                == Some("RECEIVED");
+        if moved || resend {
+            extra.push(self.monitoring_publication(m, ALL_RECEIVED));
+        }
+        Ok(())
+    }
+
     /// Handles one valid status message; `dedupe` keys a file without a name.
     async fn handle_one(
         &self,
@@ -187,9 +240,7 @@ impl StatusProcessor {
                 // again (its publish may have been lost); no other message does.
                 if moved || (retried && triggered && c.status == "Received") {
                     extra.push(self.export_state_publication(m, &c));
-                    if self.store.mark_product_received(&m.correlation_id).await? {
-                        transition("RECEIVED");
-                    }
+                    self.run_received(m, !moved, &mut extra).await?;
                 }
                 (c, "counts", true)
             }
@@ -215,9 +266,7 @@ impl StatusProcessor {
                     && (f.counted || (retried && f.collection.status == "Received"))
                 {
                     extra.push(self.export_state_publication(m, &f.collection));
-                    if self.store.mark_product_received(&m.correlation_id).await? {
-                        transition("RECEIVED");
-                    }
+                    self.run_received(m, !f.counted, &mut extra).await?;
                 }
                 (f.collection, "file", f.counted)
             }
@@ -253,10 +302,10 @@ impl StatusProcessor {
                         .await?;
                     if completed {
                         transition("COMPLETED");
-                    } else if self.store.mark_product_received(&m.correlation_id).await? {
+                    } else {
                         // The last outstanding collection went Sent → Success while others
                         // are Received: every collection is Received or Success.
-                        transition("RECEIVED");
+                        self.run_received(m, false, &mut extra).await?;
                     }
                     let product = self.store.product_status(&m.correlation_id).await?;
                     // Who completed the product publishes; a retried success file of a
@@ -271,15 +320,7 @@ impl StatusProcessor {
                     if is_completed && (completed || resend) {
                         // Mandatory: an unroutable message fails the publish, so the input
                         // is retried and this branch (retried) sends it again.
-                        extra.push(Extra {
-                            mark: format!("monitoring {}", json!(m.correlation_id)),
-                            publication: Publication::value(
-                                &self.monitoring_exchange,
-                                MONITORING_KEY,
-                                &monitoring(m),
-                            )
-                            .mandatory(),
-                        });
+                        extra.push(self.monitoring_publication(m, ALL_SUCCESSFUL));
                     }
                 }
                 (c, "success-file", moved)

@@ -24,7 +24,10 @@ struct Env {
     monitoring_ex: String,
     out: Consumer,
     export: Consumer,
-    monitoring: Consumer,
+    /// Monitoring messages saying every collection is successful.
+    monitoring: Titled,
+    /// Monitoring messages saying every collection was received by NiFi.
+    received: Titled,
     dir: tempfile::TempDir,
 }
 
@@ -56,7 +59,10 @@ async fn start(backend: Backend, extra: &[(&str, &str)]) -> Env {
     let store = Store::open(&url).await.unwrap();
     let out = hs.watch_output().await;
     let export = watch(&hs.ch, &export_ex, "#").await;
-    let monitoring = watch(&hs.ch, &monitoring_ex, "#").await;
+    let (monitoring, received) = Titled::split(
+        watch(&hs.ch, &monitoring_ex, "#").await,
+        "All collections received",
+    );
     Env {
         hs,
         store,
@@ -66,6 +72,7 @@ async fn start(backend: Backend, extra: &[(&str, &str)]) -> Env {
         out,
         export,
         monitoring,
+        received,
         dir,
     }
 }
@@ -105,11 +112,14 @@ impl Env {
             "no further export-state message"
         );
         assert!(
-            next_within(&mut self.monitoring, Duration::from_millis(300))
+            self.monitoring
+                .next_within(Duration::from_millis(300))
                 .await
                 .is_none(),
-            "no further monitoring message"
+            "no further all-successful message"
         );
+        // (All-received messages go with the export-state message of the collection that
+        // completed the run, resends included: the tests that read them check them.)
     }
     async fn collection(&self, cid: &str, name: &str) -> snapshot_status::store::Collection {
         self.store.collection(cid, name).await.unwrap().unwrap()
@@ -124,6 +134,38 @@ impl Env {
             vec![],
             vec![self.export_ex.clone(), self.monitoring_ex.clone()],
         );
+    }
+}
+
+/// One monitoring exchange's messages, split by title: those whose `title_text` contains
+/// a text, and the rest.
+struct Titled(tokio::sync::mpsc::UnboundedReceiver<Delivery>);
+
+impl Titled {
+    /// (the rest, those titled with `text`)
+    fn split(mut c: Consumer, text: &'static str) -> (Titled, Titled) {
+        let (rest, rest_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (titled, titled_rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            // Ends with the test (its runtime) or the consumer.
+            while let Some(d) = next_within(&mut c, Duration::from_secs(3600)).await {
+                let title = json_of(&d)["title_text"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                let to = if title.contains(text) { &titled } else { &rest };
+                if to.send(d).is_err() {
+                    return;
+                }
+            }
+        });
+        (Titled(rest_rx), Titled(titled_rx))
+    }
+    async fn next(&mut self) -> Delivery {
+        self.next_within(WAIT).await.expect("a monitoring message")
+    }
+    async fn next_within(&mut self, d: Duration) -> Option<Delivery> {
+        tokio::time::timeout(d, self.0.recv()).await.ok().flatten()
     }
 }
 
@@ -215,6 +257,24 @@ async fn full_flow_received_then_completed(b: Backend) {
         env.store.product_status(c).await.unwrap().as_deref(),
         Some("RECEIVED")
     );
+    // As the original: monitoring hears that NiFi has every collection, once.
+    let d = env.received.next().await;
+    assert_eq!(d.routing_key.as_str(), "monitoring.snapshot-sender");
+    assert_eq!(
+        json_of(&d),
+        json!({"severity": "Critical", "notification_type": "Information",
+               "slack_username": "Snapshot Sender",
+               "title_text": "Incremental - All collections received by NiFi",
+               "custom_elements": [{"key": "Export date", "value": "2020-01-01"},
+                                   {"key": "Correlation Id", "value": c}]})
+    );
+    env.no_more().await;
+    assert!(
+        env.received
+            .next_within(Duration::from_millis(300))
+            .await
+            .is_none()
+    );
 
     // Success files (the flag is case-insensitive).
     let r = env
@@ -231,7 +291,7 @@ async fn full_flow_received_then_completed(b: Backend) {
         .await;
     assert_eq!(r["status"], "Success");
     assert_eq!(r["product_status"], "COMPLETED");
-    let d = next(&mut env.monitoring).await;
+    let d = env.monitoring.next().await;
     assert_eq!(d.routing_key.as_str(), "monitoring.snapshot-sender");
     assert_eq!(
         json_of(&d),
@@ -378,17 +438,25 @@ async fn redelivered_files_are_counted_once(b: Backend) {
     let r = json_of(&next(&mut env.out).await);
     assert_eq!(r["status"], "Received");
     assert_eq!(json_of(&next(&mut env.export).await)["topic_name"], "db.d");
+    env.received.next().await;
     // The file that completed the collection, back from a retry tier (its publish may
-    // have failed), is not counted again but re-emits its export-state message
-    // (at-least-once: a lost publish is repaired).
+    // have failed), is not counted again but re-emits its export-state message and the
+    // run's all-received message (at-least-once: a lost publish is repaired).
     env.send_with(&unnamed, as_retried().with_message_id("m-2".into()))
         .await;
     let r = json_of(&next(&mut env.out).await);
     assert_eq!(r["files_received"], 3);
     assert_eq!(json_of(&next(&mut env.export).await)["topic_name"], "db.d");
+    env.received.next().await;
     // Other late duplicates publish nothing.
     env.process(&file(c, "db.d", "d1")).await;
     env.no_more().await;
+    assert!(
+        env.received
+            .next_within(Duration::from_millis(300))
+            .await
+            .is_none()
+    );
     assert_eq!(env.collection(c, "db.d").await.files_received, 3);
     env.finish().await;
 }
@@ -586,7 +654,7 @@ async fn a_failed_publish_is_repeated_on_redelivery() {
     })
     .await;
     unblock(&env, &full).await;
-    let m = json_of(&next(&mut env.monitoring).await);
+    let m = json_of(&env.monitoring.next().await);
     assert_eq!(m["title_text"], "Incremental - All collections successful");
     // (A nacked publish may still have reached the watcher's queue: the watchers can see
     // copies here, the point is that nothing is lost.)
@@ -641,14 +709,14 @@ async fn a_file_sent_again_in_another_message_sends_nothing_again(b: Backend) {
     )
     .await;
     next(&mut env.out).await;
-    next(&mut env.monitoring).await;
+    env.monitoring.next().await;
     // Its second copy, retried: no second Slack alert; the first, retried: sent again.
     env.send_with(&success, retried_as("s2")).await;
     next(&mut env.out).await;
     env.no_more().await;
     env.send_with(&success, retried_as("s1")).await;
     next(&mut env.out).await;
-    next(&mut env.monitoring).await;
+    env.monitoring.next().await;
     env.finish().await;
 }
 
@@ -692,7 +760,7 @@ async fn a_retried_message_that_changed_nothing_sends_nothing_again(b: Backend) 
         .process(&msg(c, "db.b", json!({"is_success_file": "true"})))
         .await;
     assert_eq!(r["product_status"], "COMPLETED");
-    next(&mut env.monitoring).await;
+    env.monitoring.next().await;
     // db.a's success file comes back: db.b's completed the product, not it.
     env.send_with(
         &msg(c, "db.a", json!({"is_success_file": "true"})),
@@ -708,7 +776,7 @@ async fn a_retried_message_that_changed_nothing_sends_nothing_again(b: Backend) 
     )
     .await;
     next(&mut env.out).await;
-    next(&mut env.monitoring).await;
+    env.monitoring.next().await;
     // The file that completed db.a comes back once db.a is Success: the sender had its
     // export-state message (it sent the success file), so none is sent again.
     env.send_with(&file(c, "db.a", "f1"), as_retried()).await;
@@ -769,7 +837,7 @@ async fn success_of_the_last_outstanding_collection_marks_received(b: Backend) {
         .process(&msg(c, "db.a", json!({"is_success_file": "true"})))
         .await;
     assert_eq!(r["product_status"], "COMPLETED");
-    next(&mut env.monitoring).await;
+    env.monitoring.next().await;
     env.no_more().await;
     env.finish().await;
 }
@@ -949,10 +1017,11 @@ async fn a_retried_batch_sends_what_it_published_once() {
         header(&batch, "x-error-kind").as_deref(),
         Some("retries-exhausted")
     );
-    let m = json_of(&next(&mut env.monitoring).await);
+    let m = json_of(&env.monitoring.next().await);
     assert_eq!(m["custom_elements"][1]["value"], done);
     assert!(
-        next_within(&mut env.monitoring, Duration::from_millis(300))
+        env.monitoring
+            .next_within(Duration::from_millis(300))
             .await
             .is_none(),
         "one monitoring message, not one per attempt"
@@ -1271,7 +1340,9 @@ async fn two_replicas_on_one_queue_reach_the_exact_final_state() {
         assert!(exports.get(coll).is_some_and(|n| *n >= 1), "{exports:?}");
     }
     let mut monitoring = 0;
-    while next_within(&mut env.monitoring, Duration::from_millis(300))
+    while env
+        .monitoring
+        .next_within(Duration::from_millis(300))
         .await
         .is_some()
     {
@@ -1410,7 +1481,7 @@ async fn a_collection_arriving_after_the_run_completed_reopens_it(b: Backend) {
         .process(&msg(c, "db.a", json!({"is_success_file": "true"})))
         .await;
     assert_eq!(r["product_status"], "COMPLETED");
-    next(&mut env.monitoring).await;
+    env.monitoring.next().await;
 
     // db.b: its counts reopen the run, its file makes it RECEIVED again, its success
     // file COMPLETED again, announced again.
@@ -1427,7 +1498,7 @@ async fn a_collection_arriving_after_the_run_completed_reopens_it(b: Backend) {
         .await;
     assert_eq!(r["product_status"], "COMPLETED");
     assert_eq!(
-        json_of(&next(&mut env.monitoring).await)["title_text"],
+        json_of(&env.monitoring.next().await)["title_text"],
         "Incremental - All collections successful"
     );
     // A file of a collection not heard of before (no counts yet) reopens it as well.
