@@ -303,7 +303,33 @@ fn publish(staged: &Path, dest: &Path) -> std::io::Result<()> {
 /// costs no disk; returns how many. Blocking.
 pub fn sweep_stale_staging(root: &Path) -> std::io::Result<usize> {
     let dir = root.join(STAGING_DIR);
-    let entries = match std::fs::read_dir(&dir) {
+    if !dir.is_dir() {
+        return Ok(0);
+    }
+    // Ages are measured on the clock that stamped the files: on a share (where named
+    // staging files are used) that is the file server's, and a replica whose own clock ran
+    // 15 minutes ahead of it swept every other replica's live copies.
+    let now = store_clock(&dir).unwrap_or_else(std::time::SystemTime::now);
+    sweep_staged_before(&dir, now)
+}
+
+/// The name, in the staging directory, of the file written to read the store's clock.
+pub const CLOCK_FILE: &str = ".clock";
+
+/// The time by the clock of the filesystem holding `dir` (the file server's, on a
+/// share): the modification time of a file written there now.
+fn store_clock(dir: &Path) -> Option<std::time::SystemTime> {
+    use std::io::Write as _;
+    let path = dir.join(CLOCK_FILE);
+    let mut f = File::create(&path).ok()?;
+    f.write_all(b"0").ok()?;
+    f.metadata().and_then(|m| m.modified()).ok()
+}
+
+/// Deletes the files in the staging directory `dir` last written [`STALE_STAGING`] or more
+/// before `now` (a time of the clock that stamped them).
+fn sweep_staged_before(dir: &Path, now: std::time::SystemTime) -> std::io::Result<usize> {
+    let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
         Err(e) => return Err(e),
@@ -311,6 +337,9 @@ pub fn sweep_stale_staging(root: &Path) -> std::io::Result<usize> {
     let mut removed = 0;
     for entry in entries {
         let entry = entry?;
+        if entry.file_name() == CLOCK_FILE {
+            continue;
+        }
         let Ok(meta) = entry.metadata() else {
             continue;
         };
@@ -318,7 +347,7 @@ pub fn sweep_stale_staging(root: &Path) -> std::io::Result<usize> {
             && meta
                 .modified()
                 .ok()
-                .and_then(|t| t.elapsed().ok())
+                .and_then(|t| now.duration_since(t).ok())
                 .is_some_and(|age| age >= STALE_STAGING);
         if stale && std::fs::remove_file(entry.path()).is_ok() {
             tracing::warn!(file = %entry.path().display(), "removed a partial copy left by an interrupted upload");
@@ -755,7 +784,7 @@ mod tests {
             v.sort();
             v
         };
-        assert_eq!(names(&staging), ["live"]);
+        assert_eq!(names(&staging), [CLOCK_FILE, "live"]);
         assert_eq!(
             names(&objects),
             ["take#1", "take#2"],
@@ -766,5 +795,45 @@ mod tests {
             sweep_stale_staging(empty.path()).expect("no staging dir"),
             0
         );
+    }
+
+    /// Ages are read on the clock that stamped the staging files (the file server's): a
+    /// sweeping replica's clock ahead of it sweeps no live copy, and one behind it still
+    /// sweeps what a crash left.
+    #[test]
+    fn staging_files_are_aged_by_the_clock_that_stamped_them() {
+        let dir = tempfile::tempdir().expect("temp");
+        let staging = dir.path().join(STAGING_DIR);
+        std::fs::create_dir_all(&staging).expect("dir");
+        // The server's clock, an hour ahead of this machine's.
+        let server_now = std::time::SystemTime::now() + Duration::from_secs(3600);
+        for (name, age) in [("live", 60), ("left", 3600)] {
+            let f = File::create(staging.join(name)).expect("create");
+            f.set_modified(server_now - Duration::from_secs(age))
+                .expect("age");
+        }
+        // This machine's clock says the crash's leftover is from the future: kept.
+        assert_eq!(
+            sweep_staged_before(&staging, std::time::SystemTime::now()).expect("sweep"),
+            0
+        );
+        // The server's says it is an hour old, and the live one a minute.
+        assert_eq!(sweep_staged_before(&staging, server_now).expect("sweep"), 1);
+        assert!(staging.join("live").exists());
+        assert!(!staging.join("left").exists());
+        // The store's clock is read from a file written there, which is never swept.
+        let clock = store_clock(&staging).expect("a clock");
+        let skew = clock
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_else(|e| e.duration());
+        assert!(
+            skew < Duration::from_secs(60),
+            "a local store's clock is this machine's"
+        );
+        assert_eq!(
+            sweep_staged_before(&staging, clock + Duration::from_secs(3 * 3600)).expect("sweep"),
+            1
+        );
+        assert!(staging.join(CLOCK_FILE).exists());
     }
 }
