@@ -763,22 +763,25 @@ impl Records {
     /// Records a multipart upload just created for `record.object_key` (replacing any
     /// earlier record of that key, whose upload the caller has dealt with).
     pub async fn start_upload(&self, record: &UploadRecord) -> Result<(), db::sqlx::Error> {
-        let now = chrono::Utc::now().timestamp_millis();
-        db::sqlx::query(
+        // Stamped, like every age the sweep of abandoned uploads compares, by the
+        // database's clock: a sweeping replica whose clock ran ahead of the uploading
+        // one's aborted uploads waiting in a retry tier.
+        let mut conn = self.write.acquire().await?;
+        let clock = database_clock(conn.backend_name());
+        db::sqlx::query(&format!(
             "INSERT INTO multipart_uploads (object_key, upload_id, source_size, source_mtime, \
-             part_size, started_at, touched_at) VALUES ($1, $2, $3, $4, $5, $6, $6) \
+             part_size, started_at, touched_at) VALUES ($1, $2, $3, $4, $5, {clock}, {clock}) \
              ON CONFLICT (object_key) DO UPDATE SET upload_id = excluded.upload_id, \
              source_size = excluded.source_size, source_mtime = excluded.source_mtime, \
              part_size = excluded.part_size, started_at = excluded.started_at, \
-             touched_at = excluded.touched_at",
-        )
+             touched_at = excluded.touched_at"
+        ))
         .bind(&record.object_key)
         .bind(&record.upload_id)
         .bind(record.source_size as i64)
         .bind(&record.source_mtime)
         .bind(record.part_size as i64)
-        .bind(now)
-        .execute(&self.write)
+        .execute(&mut *conn)
         .await
         .map(|_| ())
     }
@@ -802,11 +805,13 @@ impl Records {
         .bind(part.size as i64)
         .execute(&mut *tx)
         .await?;
-        db::sqlx::query("UPDATE multipart_uploads SET touched_at = $1 WHERE upload_id = $2")
-            .bind(chrono::Utc::now().timestamp_millis())
-            .bind(upload_id)
-            .execute(&mut *tx)
-            .await?;
+        let clock = database_clock(tx.backend_name());
+        db::sqlx::query(&format!(
+            "UPDATE multipart_uploads SET touched_at = {clock} WHERE upload_id = $1"
+        ))
+        .bind(upload_id)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await
     }
 
@@ -851,14 +856,17 @@ impl Records {
         &self,
         older_than: std::time::Duration,
     ) -> Result<Vec<UploadRecord>, db::sqlx::Error> {
-        let age = i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX);
-        let before = chrono::Utc::now().timestamp_millis().saturating_sub(age);
-        let rows = db::sqlx::query(
+        // Capped so that the clock minus it cannot overflow (a century, in effect never).
+        let age =
+            i64::try_from(older_than.as_millis()).map_or(i64::MAX / 2, |ms| ms.min(i64::MAX / 2));
+        let mut conn = self.pool.acquire().await?;
+        let clock = database_clock(conn.backend_name());
+        let rows = db::sqlx::query(&format!(
             "SELECT object_key, upload_id, source_size, source_mtime, part_size \
-             FROM multipart_uploads WHERE touched_at <= $1",
-        )
-        .bind(before)
-        .fetch_all(&self.pool)
+             FROM multipart_uploads WHERE touched_at <= {clock} - $1"
+        ))
+        .bind(age)
+        .fetch_all(&mut *conn)
         .await?;
         rows.iter().map(upload_record).collect()
     }
@@ -1292,6 +1300,69 @@ mod tests {
     async fn old_failures_are_pruned_on_postgres() {
         let pg = db::testing::TempPostgres::create().await.unwrap();
         old_failures_are_pruned(&pg.url).await;
+        pg.drop_db().await.unwrap();
+    }
+
+    /// Multipart uploads are stamped and aged by the database's clock, on both backends.
+    async fn uploads_are_aged_by_the_database_clock(url: &str) {
+        let r = Records::open(url).await.expect("open");
+        let upload = UploadRecord {
+            object_key: "k".into(),
+            upload_id: "u-1".into(),
+            source_size: 10,
+            source_mtime: "2026-01-01T00:00:00Z".into(),
+            part_size: 5,
+        };
+        r.start_upload(&upload).await.expect("start");
+        let part = PartRecord {
+            number: 1,
+            etag: "e".into(),
+            sha256: "s".into(),
+            size: 5,
+        };
+        r.record_part("u-1", &part).await.expect("part");
+        let hour = std::time::Duration::from_secs(3600);
+        assert!(
+            r.uploads_untouched_for(hour)
+                .await
+                .expect("aged")
+                .is_empty()
+        );
+        assert_eq!(
+            r.uploads_untouched_for(std::time::Duration::ZERO)
+                .await
+                .expect("aged")
+                .len(),
+            1
+        );
+        db::sqlx::query("UPDATE multipart_uploads SET touched_at = touched_at - 7200000")
+            .execute(&r.write)
+            .await
+            .expect("two hours back");
+        assert_eq!(r.uploads_untouched_for(hour).await.expect("aged").len(), 1);
+        assert!(
+            r.uploads_untouched_for(std::time::Duration::MAX)
+                .await
+                .expect("aged")
+                .is_empty()
+        );
+        r.close().await;
+    }
+
+    #[tokio::test]
+    async fn uploads_are_aged_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        uploads_are_aged_by_the_database_clock(&format!(
+            "sqlite://{}",
+            dir.path().join("r.db").display()
+        ))
+        .await;
+    }
+
+    #[tokio::test]
+    async fn uploads_are_aged_on_postgres() {
+        let pg = db::testing::TempPostgres::create().await.unwrap();
+        uploads_are_aged_by_the_database_clock(&pg.url).await;
         pg.drop_db().await.unwrap();
     }
 
