@@ -95,7 +95,10 @@ async fn fill(ch: &Channel, exchange: &str, key: &str, n: usize) {
 async fn sink(ch: &Channel, name: &str, exchange: &str) {
     ch.queue_declare(
         name.into(),
-        QueueDeclareOptions::default(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
         FieldTable::default(),
     )
     .await

@@ -184,6 +184,26 @@ async fn classic_queue_type_is_selectable() {
         redeclare(&ch, &q, a).await,
         "classic Q without delivery limit"
     );
+    // Its retry tiers and DLQ too (a classic Q beside quorum tiers would still need a
+    // quorum-capable cluster, and would mix two kinds of guarantees).
+    for d in hs.delays.clone() {
+        let a = args(&[
+            ("x-queue-type", s("classic")),
+            ("x-message-ttl", AMQPValue::LongLongInt(d as i64)),
+            ("x-dead-letter-exchange", s("")),
+            ("x-dead-letter-routing-key", s(&q)),
+        ]);
+        let (_c, ch) = test_channel().await;
+        assert!(
+            redeclare(&ch, &format!("{q}-retry-{d}"), a).await,
+            "classic tier {d}"
+        );
+    }
+    let a = args(&[
+        ("x-queue-type", s("classic")),
+        ("x-overflow", s("reject-publish")),
+    ]);
+    assert!(redeclare(&ch, &format!("{q}-dlq"), a).await, "classic DLQ");
     let mut out = hs.watch_output().await;
     hs.publish("test.a", br#"{"a":1}"#, BasicProperties::default())
         .await;
@@ -384,9 +404,41 @@ fn assert_dead_letter(d: &framework::lapin::message::Delivery, kind: &str, key: 
     assert!(header(d, h::ORIGINAL_EXCHANGE).is_some_and(|e| e.ends_with("-in")));
     assert_eq!(header(d, h::ORIGINAL_ROUTING_KEY).as_deref(), Some(key));
     assert!(int_header(d, h::RETRY_COUNT).is_some());
-    let at = header(d, h::FAILED_AT).expect("x-failed-at");
+    // Design §3's names, spelled out (not through the constants), and the count an integer
+    // on the wire, as the original's consumers read it.
+    let raw = |name: &str| {
+        d.properties
+            .headers()
+            .as_ref()
+            .and_then(|t| t.inner().get(name).cloned())
+    };
+    assert!(
+        matches!(
+            raw("x-retry-count"),
+            Some(
+                AMQPValue::ShortShortInt(_)
+                    | AMQPValue::ShortInt(_)
+                    | AMQPValue::LongInt(_)
+                    | AMQPValue::LongLongInt(_)
+                    | AMQPValue::ShortShortUInt(_)
+                    | AMQPValue::ShortUInt(_)
+                    | AMQPValue::LongUInt(_)
+            )
+        ),
+        "x-retry-count is an integer: {:?}",
+        raw("x-retry-count")
+    );
+    let at = header(d, "x-failed-at").expect("x-failed-at");
     chrono::DateTime::parse_from_rfc3339(&at).expect("x-failed-at is RFC 3339");
-    assert_eq!(header(d, h::SERVICE).as_deref(), Some("test-service"));
+    assert_eq!(header(d, "x-service").as_deref(), Some("test-service"));
+    for name in [
+        "x-error",
+        "x-error-kind",
+        "x-original-exchange",
+        "x-original-routing-key",
+    ] {
+        assert!(raw(name).is_some(), "{name}");
+    }
     assert_eq!(*d.properties.delivery_mode(), Some(2));
 }
 
@@ -396,12 +448,33 @@ async fn bad_bodies_are_dead_lettered_byte_for_byte() {
     let mut dlq = hs.watch_dlq().await;
     let mut out = hs.watch_output().await;
     let not_json: &[u8] = b"\xff\xfenot json at all {";
+    let mut own = FieldTable::default();
+    own.insert("x-producer-trace".into(), s("t-77"));
     let props = BasicProperties::default()
         .with_message_id("bad-1".into())
-        .with_content_type("application/octet-stream".into());
+        .with_content_type("application/octet-stream".into())
+        .with_content_encoding("identity".into())
+        .with_correlation_id("corr-bad".into())
+        .with_timestamp(1_700_000_000)
+        .with_type("sweeper.file".into())
+        .with_app_id("asset-sweeper".into())
+        .with_priority(3)
+        .with_headers(own);
     hs.publish("test.bad", not_json, props).await;
     let d = next(&mut dlq).await;
     assert_eq!(d.data, not_json, "body kept byte-for-byte");
+    // Every property of the original, and its own headers, kept (design §3).
+    let p = &d.properties;
+    let text = |v: &Option<framework::lapin::types::ShortString>| {
+        v.as_ref().map(|s| s.as_str().to_string())
+    };
+    assert_eq!(text(p.content_encoding()).as_deref(), Some("identity"));
+    assert_eq!(text(p.correlation_id()).as_deref(), Some("corr-bad"));
+    assert_eq!(*p.timestamp(), Some(1_700_000_000));
+    assert_eq!(text(p.kind()).as_deref(), Some("sweeper.file"));
+    assert_eq!(text(p.app_id()).as_deref(), Some("asset-sweeper"));
+    assert_eq!(*p.priority(), Some(3));
+    assert_eq!(header(&d, "x-producer-trace").as_deref(), Some("t-77"));
     assert_eq!(
         d.properties.message_id().as_ref().map(|s| s.as_str()),
         Some("bad-1")
@@ -649,6 +722,33 @@ async fn a_short_retry_overtakes_a_long_one() {
         1,
         "the slow one still waits in its own tier"
     );
+    // As it waits there (design §3): persistent, so a broker restart keeps it, with the
+    // four retry headers.
+    let waiting = hs
+        .ch
+        .basic_get(
+            format!("{}-retry-600000", hs.q).as_str().into(),
+            framework::lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+        .expect("the retry waits in its tier")
+        .delivery;
+    assert_eq!(waiting.data, br#"{"name":"slow"}"#);
+    assert_eq!(*waiting.properties.delivery_mode(), Some(2));
+    assert_eq!(int_header(&waiting, "x-retry-count"), Some(2));
+    assert_eq!(
+        header(&waiting, "x-original-exchange"),
+        Some(format!("{}-in", hs.q))
+    );
+    assert_eq!(
+        header(&waiting, "x-original-routing-key").as_deref(),
+        Some("test.slow")
+    );
+    assert_eq!(
+        header(&waiting, "x-last-error").as_deref(),
+        Some("first sight")
+    );
     hs.stop().await;
 }
 
@@ -795,7 +895,14 @@ async fn a_nacked_publish_is_retried_and_never_acked_as_success() {
     a.insert("x-max-length".into(), AMQPValue::LongLongInt(0));
     a.insert("x-overflow".into(), s("reject-publish"));
     hs.ch
-        .queue_declare(full.as_str().into(), QueueDeclareOptions::default(), a)
+        .queue_declare(
+            full.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            a,
+        )
         .await
         .unwrap();
     hs.ch
@@ -833,8 +940,18 @@ async fn metrics_and_health_are_served() {
     let _gone = Cleanup::service(&q, &[200, 400]);
     let cfg = config(&q, &[]);
     let shutdown = framework::CancellationToken::new();
+    // Each outcome on demand: `{"do": …}`.
+    let scripted =
+        FnProcessor(
+            |v: serde_json::Value, ctx: &MessageContext| match v["do"].as_str() {
+                Some("retry") if ctx.attempt == 0 => Outcome::retry("once"),
+                Some("permanent") => Outcome::permanent("never"),
+                Some("drop") => Outcome::drop("nothing to do"),
+                _ => Outcome::success(v),
+            },
+        );
     let pc =
-        framework::ProcessorConfiguration::new(&format!("{q}-in"), "test.#", "test.out", echo());
+        framework::ProcessorConfiguration::new(&format!("{q}-in"), "test.#", "test.out", scripted);
     let t = shutdown.clone();
     let addr = format!("127.0.0.1:{}", framework::testing::broker::free_port());
     let mut cfg = cfg;
@@ -921,6 +1038,42 @@ async fn metrics_and_health_are_served() {
     assert!(text.contains(&longest), "{longest} in {text}");
     assert!(text.contains(&format!("storagetier_in_flight{{queue=\"{q}\"}}")));
     assert!(text.contains("storagetier_connected"));
+
+    // Every outcome is counted once, under its own label (the alerts on dead letters and
+    // retries read them).
+    for what in ["retry", "permanent", "drop"] {
+        publish(
+            &ch,
+            &format!("{q}-in"),
+            "test.m",
+            json!({"do": what}).to_string().as_bytes(),
+            BasicProperties::default(),
+        )
+        .await;
+    }
+    let want = [
+        ("success", 2),
+        ("retry", 1),
+        ("dead_letter", 1),
+        ("drop", 1),
+    ]
+    .map(|(o, n)| format!("storagetier_messages_total{{queue=\"{q}\",outcome=\"{o}\"}} {n}\n"));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let text = client
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if want.iter().all(|w| text.contains(w.as_str())) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{want:?} in {text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     shutdown.cancel();
     assert!(tokio::time::timeout(WAIT, task).await.unwrap().unwrap());
 }
@@ -1151,7 +1304,10 @@ async fn concurrent_outcomes_each_get_their_own_confirm_and_return() {
     hs.ch
         .queue_declare(
             routable.as_str().into(),
-            QueueDeclareOptions::default(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
             FieldTable::default(),
         )
         .await

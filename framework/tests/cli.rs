@@ -280,10 +280,42 @@ fn layers_apply_in_order_and_check_config_redacts_secrets() {
         .arg("check-config"));
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert!(!String::from_utf8_lossy(&o.stdout).contains("from-a-file"));
+
+    // `--env NAME` picks `NAME.toml`, and beats `APP_ENV`.
+    std::fs::write(dir.path().join("canary.toml"), "[amqp]\nprefetch = 7\n").unwrap();
+    let prefetch = |cmd: &mut Command| {
+        let o = run(cmd.arg("check-config"));
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["amqp"]["prefetch"].clone()
+    };
+    assert_eq!(
+        prefetch(echo_cmd("unused", dir.path()).args(["--env", "canary"])),
+        7
+    );
+    assert_eq!(
+        prefetch(
+            echo_cmd("unused", dir.path())
+                .env("APP_ENV", "staging")
+                .args(["--env", "canary"])
+        ),
+        7,
+        "--env beats APP_ENV"
+    );
 }
 
 #[tokio::test]
 async fn sigterm_drains_in_flight_messages_and_exits_0() {
+    a_signal_drains_in_flight_messages_and_exits_0(process::SIGTERM).await;
+}
+
+/// Ctrl-C in a terminal (design §4: SIGTERM/SIGINT) stops as SIGTERM does.
+#[tokio::test]
+async fn sigint_drains_in_flight_messages_and_exits_0() {
+    a_signal_drains_in_flight_messages_and_exits_0(process::SIGINT).await;
+}
+
+async fn a_signal_drains_in_flight_messages_and_exits_0(signal: i32) {
     let q = unique("sigterm");
     let _gone = Cleanup::service(&q, &[200, 400]);
     let dir = tempfile::tempdir().unwrap();
@@ -322,11 +354,14 @@ async fn sigterm_drains_in_flight_messages_and_exits_0() {
     // test's point), so the handlers themselves are counted.
     await_metric(port, &format!("storagetier_in_flight{{queue=\"{q}\"}} 4")).await;
     let mut seen = HashSet::new();
-    let status = tokio::task::spawn_blocking(move || child.terminate(WAIT))
-        .await
-        .unwrap()
-        .expect("exited after SIGTERM");
-    assert_eq!(status.code(), Some(0), "clean exit after SIGTERM");
+    let status = tokio::task::spawn_blocking(move || {
+        child.signal(signal);
+        child.wait_for(WAIT)
+    })
+    .await
+    .unwrap()
+    .expect("exited after the signal");
+    assert_eq!(status.code(), Some(0), "clean exit after signal {signal}");
     // Every message either done or back in the queue (a delivery the service had not
     // started goes back as its channel closes, which the broker may finish a moment later).
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -668,6 +703,26 @@ async fn dead_letters_are_listed_replayed_after_confirm_and_purged() {
     assert_eq!(lines[0]["error"], "poisoned input");
     assert_eq!(lines[0]["original_routing_key"], "test.p");
     assert!(lines[0]["failed_at"].is_string() && lines[0]["size"].as_u64().unwrap() > 0);
+    // The text listing, cut by `--limit`: the error, kind, original key and failed-at of
+    // the first dead letter only, and how many there are.
+    let o = cmd(&["dlq", "list", "--limit", "1"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    let rows: Vec<&str> = text.lines().collect();
+    assert_eq!(rows.len(), 3, "header, one dead letter, summary: {text}");
+    for field in [
+        "poison-1",
+        "permanent",
+        "poisoned input",
+        "/test.p",
+        lines[0]["failed_at"].as_str().unwrap(),
+    ] {
+        assert!(rows[1].contains(field), "{field} in {text}");
+    }
+    assert!(!text.contains("poison-2"), "{text}");
+    assert!(rows[2].starts_with("1 of 2 dead letter(s)"), "{text}");
+    let o = cmd(&["dlq", "list", "--json", "--limit", "1"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout).lines().count(), 1);
     // list removes nothing
     await_ready_count(&hs.ch, &format!("{q}-dlq"), 2).await;
     // A reader that stops early (`dlq list | head`, here one that never reads): no panic,

@@ -229,3 +229,46 @@ async fn repeated_close_all_connections_lose_nothing() {
         "duplicates bounded by prefetch per close: {t:?}"
     );
 }
+
+/// `storagetier_connected` follows the connection, which the NotConnected alert reads: 1
+/// while consuming, 0 while the broker is away, 1 again once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connected_gauge_follows_the_broker() {
+    let broker = PrivateBroker::start().await;
+    let q = unique("gauge");
+    let dir = tempfile::tempdir().expect("config dir");
+    let port = framework::testing::broker::free_port();
+    let mut child = spawn(
+        echo_on(&broker.url(), &q, &unique("c"), dir.path())
+            .env(
+                "STORAGETIER__ECHO__HTTP_LISTEN",
+                format!("127.0.0.1:{port}"),
+            )
+            .env("STORAGETIER__AMQP__RECONNECT_MAX_MS", "500")
+            .arg("run"),
+    );
+    let gauge = |v: u8| async move {
+        let line = format!("\nstoragetier_connected {v}\n");
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let text = match reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await {
+                Ok(r) => r.text().await.unwrap_or_default(),
+                Err(_) => String::new(),
+            };
+            if text.contains(&line) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{line:?} in:\n{text}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    gauge(1).await;
+    broker.stop_app();
+    gauge(0).await;
+    broker.start_app().await;
+    gauge(1).await;
+    assert_eq!(child.terminate(WAIT).and_then(|s| s.code()), Some(0));
+}

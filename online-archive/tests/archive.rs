@@ -545,6 +545,28 @@ fn bad_store_settings_exit_2_naming_the_key() {
         assert!(err.contains(var), "{err}");
     }
     assert!(!std::path::Path::new(&absent).exists(), "not created");
+    // A secret key given in the environment or in a file is never shown (design §5).
+    let key_file = dir.path().join("s3-secret");
+    std::fs::write(&key_file, "file-s3cr3t\n").unwrap();
+    for secret in [
+        ("ARCHIVE_OPTIONS__SECRET_ACCESS_KEY", "env-s3cr3t"),
+        (
+            "ARCHIVE_OPTIONS__SECRET_ACCESS_KEY_FILE",
+            key_file.to_str().unwrap(),
+        ),
+    ] {
+        let o = check_config(&[s3, ("ARCHIVE_OPTIONS__ACCESS_KEY_ID", "AKID"), secret]);
+        let (out, err) = (
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr),
+        );
+        assert_eq!(o.status.code(), Some(0), "{secret:?}: {err}");
+        assert!(out.contains("AKID"), "the options are shown: {out}");
+        assert!(
+            !out.contains("s3cr3t") && !err.contains("s3cr3t"),
+            "{out}{err}"
+        );
+    }
     // S3 options are ignored for a directory store, and a directory may have a colon.
     let local = dir.path().join("vol1:archive");
     std::fs::create_dir_all(&local).unwrap();

@@ -23,6 +23,8 @@ async fn send(hs: &Harness, msg: &serde_json::Value) {
 async fn copies_with_md5_reuses_identical_and_detects_damage() {
     let data = tempfile::tempdir().unwrap();
     let dir = put_file(data.path(), "show/ep1.mxf", b"episode one");
+    // The file's own time, not the message's (2024) nor the copy's (now).
+    set_mtime(&data.path().join("online/show/ep1.mxf"), MTIME);
     let mut hs = Harness::start_service::<OnlineNearline>(service_config::<OnlineNearline>(
         data.path(),
         &[],
@@ -39,7 +41,7 @@ async fn copies_with_md5_reuses_identical_and_detects_damage() {
     assert_eq!(v["vault_key"], "show/ep1.mxf");
     assert_eq!(v["md5"], md5hex(b"episode one"));
     assert_eq!(v["size"], 11);
-    assert!(v["mtime"].as_str().is_some_and(|m| !m.is_empty()));
+    assert_eq!(v["mtime"], MTIME_TEXT);
     assert_eq!(v["uploaded"], true);
     assert_eq!(
         std::fs::read(data.path().join("nearline/show/ep1.mxf")).unwrap(),
@@ -48,6 +50,7 @@ async fn copies_with_md5_reuses_identical_and_detects_damage() {
 
     // The same content at another path: the existing vault copy is reused, not copied.
     put_file(data.path(), "show/copy-of-ep1.mxf", b"episode one");
+    set_mtime(&data.path().join("online/show/copy-of-ep1.mxf"), MTIME);
     send(&hs, &sweeper_message(&dir, "copy-of-ep1.mxf", false)).await;
     let v: serde_json::Value = serde_json::from_slice(&next(&mut out).await.data).unwrap();
     assert_eq!(v["vault_key"], "show/ep1.mxf");
@@ -82,9 +85,10 @@ async fn copies_with_md5_reuses_identical_and_detects_damage() {
     .await
     .unwrap();
     use db::Row;
-    assert!(
-        !row.get::<String, _>("mtime").is_empty(),
-        "mtime kept in the database"
+    assert_eq!(
+        row.get::<String, _>("mtime"),
+        MTIME_TEXT,
+        "the file's mtime kept in the database"
     );
     hs.stop().await;
 }
@@ -116,6 +120,18 @@ async fn the_sweepers_real_shape_and_the_older_one_are_both_copied() {
     hs.stop().await;
 }
 
+/// A file time unlike any other in the tests (2021-03-04T05:06:07Z), and as recorded.
+const MTIME: u64 = 1_614_834_367;
+const MTIME_TEXT: &str = "2021-03-04T05:06:07+00:00";
+
+fn set_mtime(path: &std::path::Path, secs: u64) {
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs)))
+        .expect("set the file's mtime");
+}
+
 #[tokio::test]
 async fn s3_vault_keeps_path_size_and_mtime_as_metadata() {
     let bucket = "vault";
@@ -129,6 +145,7 @@ async fn s3_vault_keeps_path_size_and_mtime_as_metadata() {
     let mut dir = String::new();
     for (name, body) in files {
         dir = put_file(data.path(), &format!("a b/{name}"), body);
+        set_mtime(&data.path().join(format!("online/a b/{name}")), MTIME);
     }
     let cfg = service_config::<OnlineNearline>(
         data.path(),
@@ -168,7 +185,11 @@ async fn s3_vault_keeps_path_size_and_mtime_as_metadata() {
         );
         assert!(original.contains("%"), "{original}");
         assert_eq!(meta("size"), Some(body.len().to_string()));
-        assert!(meta("mtime").is_some_and(|m| m.starts_with("20")));
+        assert_eq!(
+            meta("mtime").as_deref(),
+            Some(MTIME_TEXT),
+            "the file's mtime"
+        );
         assert_eq!(got.bytes().await.unwrap().as_ref(), body);
     }
     hs.stop().await;

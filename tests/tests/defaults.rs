@@ -135,3 +135,68 @@ fn the_data_directory_alone_moves_every_embedded_default() {
         }
     }
 }
+
+/// Design §7's subscriptions, as each service binds with no config: the producer's
+/// exchange, the binding keys (a typo consumes nothing in production; a key widened to
+/// `#` takes other producers' messages) and the output key of its success messages.
+#[test]
+fn every_service_binds_to_its_producers_exchange_and_keys() {
+    fn bound<S: Service>() -> (String, Vec<String>, String) {
+        let mut opts = LoadOptions::isolated();
+        opts.env_vars = Some(HashMap::new());
+        opts.overrides = vec![(
+            "event_forwarder.endpoint".into(),
+            "http://127.0.0.1:1/events".into(),
+        )];
+        let cfg = framework::cli::load_config::<S>(&opts).expect("the defaults load");
+        let b = framework::cli::binding_of::<S>(&cfg);
+        (b.exchange, b.routing_keys, b.output_routing_key)
+    }
+    let sweeper = |out: &str| {
+        (
+            "assetsweeper".to_string(),
+            vec!["assetsweeper.asset_folder_importer.file.#".to_string()],
+            out.to_string(),
+        )
+    };
+    assert_eq!(
+        bound::<online_archive::OnlineArchive>(),
+        sweeper("storagetier.onlinearchive.newfile")
+    );
+    assert_eq!(
+        bound::<online_nearline::OnlineNearline>(),
+        sweeper("storagetier.onlinenearline.newfile")
+    );
+    let pairs: [((String, Vec<String>, String), [&str; 3]); 4] = [
+        (
+            bound::<project_ingest::ProjectIngest>(),
+            [
+                "pluto-core",
+                "core.project.#",
+                "storagetier.projectingest.project",
+            ],
+        ),
+        (
+            bound::<crash_router::CrashRouterService>(),
+            ["s3-events", "#", "storagetier.crashrouter.crash"],
+        ),
+        (
+            bound::<snapshot_status::SnapshotStatus>(),
+            [
+                "snapshot-sender",
+                "snapshot.status.#",
+                "storagetier.snapshotstatus.status",
+            ],
+        ),
+        (
+            bound::<event_forwarder::EventForwarderService>(),
+            ["events", "#", "storagetier.eventforwarder.event"],
+        ),
+    ];
+    for (got, [exchange, key, out]) in pairs {
+        assert_eq!(
+            got,
+            (exchange.to_string(), vec![key.to_string()], out.to_string())
+        );
+    }
+}

@@ -21,12 +21,20 @@ impl Drop for Dests {
 }
 
 async fn declare(ch: &Channel, q: &str, args: FieldTable) {
-    ch.queue_declare(q.into(), QueueDeclareOptions::default(), args)
-        .await
-        .expect("declare destination queue");
+    ch.queue_declare(
+        q.into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await
+    .expect("declare destination queue");
 }
 
-/// `n` unique destination queue names, declared (classic, non-durable).
+/// `n` unique destination queue names, declared (classic, durable: RabbitMQ 4.3 refuses
+/// transient non-exclusive queues by default).
 async fn dests(ch: &Channel, n: usize) -> Dests {
     let mut v = Vec::new();
     for _ in 0..n {

@@ -599,7 +599,14 @@ async fn block(env: &Env, exchange: &str) -> String {
     );
     env.hs
         .ch
-        .queue_declare(full.as_str().into(), QueueDeclareOptions::default(), a)
+        .queue_declare(
+            full.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            a,
+        )
         .await
         .unwrap();
     env.hs
