@@ -2,9 +2,6 @@
 //! time, and `amqps://` with a private CA and a client certificate against a real TLS
 //! listener (a private node, certificates made with openssl in the test).
 
-use std::path::Path;
-use std::process::Command;
-
 use framework::lapin::BasicProperties;
 use framework::testing::broker::{PrivateBroker, free_port};
 use framework::testing::*;
@@ -119,94 +116,12 @@ async fn a_stop_while_connecting_to_a_silent_node_ends_at_once() {
         .expect("stopped without waiting out the 10-minute connect timeout");
 }
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let st = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output_within(WAIT)
-        .expect("openssl runs");
-    assert!(
-        st.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&st.stderr)
-    );
-}
-
-/// A CA, a server certificate for localhost/127.0.0.1 and a client certificate, in `dir`.
-fn make_certificates(dir: &Path) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=storagetier test CA",
-        ],
-    );
-    std::fs::write(
-        dir.join("server.ext"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
-    )
-    .expect("ext file");
-    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").expect("ext file");
-    for who in ["server", "client"] {
-        openssl(
-            dir,
-            &[
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                &format!("{who}.key"),
-                "-out",
-                &format!("{who}.csr"),
-                "-subj",
-                &format!("/CN={who}"),
-            ],
-        );
-        openssl(
-            dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &format!("{who}.csr"),
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                &format!("{who}.pem"),
-                "-days",
-                "2",
-                "-extfile",
-                &format!("{who}.ext"),
-            ],
-        );
-    }
-    for f in ["ca.pem", "server.pem", "server.key"] {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(dir.join(f), std::fs::Permissions::from_mode(0o644));
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn amqps_with_a_private_ca_and_a_client_certificate() {
     let tls_port = free_port();
     let client = tempfile::tempdir().expect("client dir");
     let broker = PrivateBroker::start_with(|host, inner| {
-        make_certificates(host);
+        framework::testing::tls::make_certificates(host);
         for f in ["ca.pem", "client.pem", "client.key"] {
             std::fs::copy(host.join(f), client.path().join(f)).expect("client copy");
         }

@@ -131,14 +131,18 @@ fn auth_value(token: &str) -> Result<HeaderValue, ForwardError> {
 }
 
 impl Forwarder {
-    /// A forwarder for `endpoint`; `token` (if any) is sent as the `Authorization` value.
+    /// A forwarder for `endpoint`; `token` (if any) is sent as the `Authorization` value;
+    /// `roots` are trusted for https besides the bundled public CAs.
     pub fn new(
         endpoint: url::Url,
         token: Option<&Secret>,
         timeout: Duration,
+        roots: Vec<reqwest::Certificate>,
     ) -> Result<Self, ForwardError> {
         let auth = token.map(|t| auth_value(t.expose())).transpose()?;
-        let client = reqwest::Client::builder()
+        let client = roots
+            .into_iter()
+            .fold(reqwest::Client::builder(), |b, c| b.add_root_certificate(c))
             .timeout(timeout)
             .redirect(reqwest::redirect::Policy::none())
             // Below the 5 s after which Node's HTTP server (Rabble Rouser's) closes an idle
@@ -474,6 +478,7 @@ mod tests {
             "http://127.0.0.1:1/".parse().unwrap(),
             Some(&Secret::new("line\nbreak-secret")),
             Duration::from_secs(1),
+            Vec::new(),
         )
         .unwrap_err();
         assert!(!e.to_string().contains("secret"));

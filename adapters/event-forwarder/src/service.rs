@@ -52,6 +52,35 @@ pub struct ForwarderSettings {
     /// Keep queue order: retry in place instead of through the retry queues.
     #[serde(default)]
     pub ordered: bool,
+    /// PEM file of CA certificates trusted for an https endpoint besides the public ones
+    /// bundled in (a private CA: the system's trust store is not read).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+/// The CA certificates of `[event_forwarder] ca_file`, checked: readable, at least one,
+/// each one a client can trust.
+pub fn ca_certificates(s: &ForwarderSettings) -> Result<Vec<reqwest::Certificate>, ConfigError> {
+    let key = "event_forwarder.ca_file";
+    let Some(path) = &s.ca_file else {
+        return Ok(Vec::new());
+    };
+    let pem = std::fs::read(path)
+        .map_err(|e| ConfigError::new(key, format!("cannot read {}: {e}", path.display())))?;
+    let bad = |why: String| ConfigError::new(key, format!("{}: {why}", path.display()));
+    let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| bad(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(bad("no PEM certificate in it".into()));
+    }
+    // A certificate the TLS library cannot take fails only when a client is built.
+    certs
+        .iter()
+        .fold(reqwest::Client::builder(), |b, c| {
+            b.add_root_certificate(c.clone())
+        })
+        .build()
+        .map_err(|e| bad(format!("not a usable CA certificate: {e}")))?;
+    Ok(certs)
 }
 
 fn default_timeout_ms() -> u64 {
@@ -433,6 +462,7 @@ impl Service for EventForwarderService {
         let s = &cfg.settings;
         endpoint_of(s)?;
         token_of(s)?;
+        ca_certificates(s)?;
         if s.timeout_ms == 0 {
             return Err(ConfigError::new(
                 "event_forwarder.timeout_ms",
@@ -462,6 +492,7 @@ impl Service for EventForwarderService {
             endpoint.clone(),
             token.as_ref(),
             Duration::from_millis(s.timeout_ms),
+            ca_certificates(s)?,
         )?;
         if let Some(file) = &s.token_file {
             fwd = fwd.reloading_token_from(file.clone());

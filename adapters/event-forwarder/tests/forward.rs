@@ -25,6 +25,7 @@ fn forwarder(base: &str, timeout_ms: u64) -> Forwarder {
         format!("{base}/events").parse().unwrap(),
         Some(&Secret::new(TOKEN)),
         Duration::from_millis(timeout_ms),
+        Vec::new(),
     )
     .unwrap()
 }
@@ -195,6 +196,7 @@ async fn without_a_token_no_authorization_is_sent() {
         format!("{}/events", server.uri()).parse().unwrap(),
         None,
         Duration::from_secs(5),
+        Vec::new(),
     )
     .unwrap();
     assert_eq!(
@@ -214,4 +216,27 @@ fn an_idempotency_key_is_the_id_where_it_is_plain_text_else_its_digest() {
         assert_eq!(k.len(), 64, "{odd:?}: a SHA-256 in hex");
         assert!(k.to_str().unwrap().bytes().all(|b| b.is_ascii_hexdigit()));
     }
+}
+
+/// An https endpoint behind a private CA (an internal service): refused as unverifiable,
+/// and so retried, until `ca_file`'s certificates are trusted; then delivered.
+#[tokio::test]
+async fn an_https_endpoint_under_a_private_ca_is_reached_with_its_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    framework::testing::tls::make_certificates(dir.path());
+    let peer = framework::testing::tls::HttpsPeer::start(dir.path());
+    let url: url::Url = format!("https://localhost:{}/events", peer.port)
+        .parse()
+        .unwrap();
+    let untrusting =
+        Forwarder::new(url.clone(), None, Duration::from_secs(10), Vec::new()).unwrap();
+    let r = untrusting.post("{}", &HeaderMap::new()).await;
+    assert!(matches!(r, PostResult::Retryable(..)), "{r:?}");
+    let pem = std::fs::read(dir.path().join("ca.pem")).unwrap();
+    let roots = reqwest::Certificate::from_pem_bundle(&pem).unwrap();
+    let trusting = Forwarder::new(url, None, Duration::from_secs(10), roots).unwrap();
+    assert_eq!(
+        trusting.post("{}", &HeaderMap::new()).await,
+        PostResult::Delivered(200)
+    );
 }

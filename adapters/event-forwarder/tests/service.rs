@@ -710,6 +710,22 @@ fn config_errors_exit_2_naming_the_key() {
         assert!(err.contains(key), "{env:?}: {err}");
         assert!(!err.contains(TOKEN), "{err}");
     }
+    // A private CA's file: missing, or holding no certificate, is refused at start; a
+    // real one is taken.
+    let dir = tempfile::tempdir().unwrap();
+    let not_pem = dir.path().join("not.pem");
+    std::fs::write(&not_pem, "just text\n").unwrap();
+    let ca = "STORAGETIER__EVENT_FORWARDER__CA_FILE";
+    for file in ["/nonexistent/ca.pem", not_pem.to_str().unwrap()] {
+        let (code, _, err) = run_bin(&[(EP, "https://h/"), (ca, file)]);
+        assert_eq!(code, Some(2), "{file}: {err}");
+        assert!(err.contains("event_forwarder.ca_file"), "{file}: {err}");
+    }
+    framework::testing::tls::make_certificates(dir.path());
+    let real = dir.path().join("ca.pem");
+    let (code, out, err) = run_bin(&[(EP, "https://h/"), (ca, real.to_str().unwrap())]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("ca.pem"), "{out}");
 }
 
 #[test]
