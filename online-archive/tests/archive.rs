@@ -604,3 +604,70 @@ fn bad_store_settings_exit_2_naming_the_key() {
         "{out}"
     );
 }
+
+/// An S3 store under a private CA (an on-premises MinIO, say) is reached through the
+/// system's trust store — here `SSL_CERT_FILE` naming the CA, as an image would add it to
+/// /etc/ssl/certs — by both S3 clients: a small file (object_store) and one in parts (the
+/// resumable upload's own requests).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_s3_store_under_a_private_ca_is_trusted_through_the_system_store() {
+    let certs = tempfile::tempdir().unwrap();
+    framework::testing::tls::make_certificates(certs.path());
+    let bucket = "private-ca";
+    let moto = MotoServer::start_tls(bucket, certs.path()).await;
+    let data = tempfile::tempdir().unwrap();
+    let big: Vec<u8> = (0..6 * 1024 * 1024 + 3u32)
+        .map(|i| (i % 251) as u8)
+        .collect();
+    let dir = put_file(data.path(), "tls/small.mov", b"over tls");
+    put_file(data.path(), "tls/big.mov", &big);
+    let q = unique("archive-tls");
+    let _gone = Cleanup::service(&q, &[1000]);
+    let archive = || {
+        let bin = env!("CARGO_BIN_EXE_online-archive");
+        let mut c = service_command(bin, "online_archive", &q, &amqp_url(), data.path());
+        let o = "STORAGETIER__ONLINE_ARCHIVE__ARCHIVE_OPTIONS__";
+        c.env("STORAGETIER__STORAGE__DATA_DIR", data.path())
+            .env("STORAGETIER__RETRY__DELAYS_MS", "1000")
+            .env(
+                "STORAGETIER__ONLINE_ARCHIVE__ARCHIVE_URL",
+                format!("s3://{bucket}"),
+            )
+            .env(format!("{o}ENDPOINT"), &moto.endpoint)
+            .env(format!("{o}ACCESS_KEY_ID"), "test")
+            .env(format!("{o}SECRET_ACCESS_KEY"), "test")
+            .env(format!("{o}PART_SIZE_MIB"), "5")
+            .env("SSL_CERT_FILE", certs.path().join("ca.pem"));
+        c
+    };
+    assert!(
+        archive()
+            .arg("declare")
+            .status_within(WAIT)
+            .expect("declare runs")
+            .success()
+    );
+    let (_c, ch) = test_channel().await;
+    let mut out = watch(&ch, &format!("{q}-out"), "#").await;
+    let mut dlq = consume(&ch, &format!("{q}-dlq")).await;
+    let mut svc = process::spawn(archive().arg("run").stderr(std::process::Stdio::null()))
+        .expect("online-archive runs");
+    for name in ["small.mov", "big.mov"] {
+        publish(
+            &ch,
+            &format!("{q}-in"),
+            KEY,
+            sweeper_message(&dir, name, false).to_string().as_bytes(),
+            BasicProperties::default(),
+        )
+        .await;
+        let v: serde_json::Value = serde_json::from_slice(&next(&mut out).await.data).unwrap();
+        assert_eq!(v["archive_key"], format!("tls/{name}"));
+    }
+    assert!(
+        next_within(&mut dlq, std::time::Duration::from_millis(200))
+            .await
+            .is_none()
+    );
+    assert_eq!(svc.terminate(WAIT).and_then(|s| s.code()), Some(0));
+}

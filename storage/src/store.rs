@@ -183,7 +183,7 @@ pub fn check_settings(
         (
             "AWS_ALLOW_INVALID_CERTIFICATES",
             "the store's certificate would not be checked; for a private CA, add the CA to \
-             the system's trust store",
+             the system's trust store or point SSL_CERT_FILE at a PEM bundle holding it",
         ),
         (
             "AWS_SERVER_SIDE_ENCRYPTION",

@@ -20,20 +20,35 @@ use std::time::Duration;
 
 /// A moto S3 server on a free loopback port, killed on drop.
 pub struct MotoServer {
-    /// `http://127.0.0.1:PORT`.
+    /// `http://127.0.0.1:PORT` (`https://` when started with TLS).
     pub endpoint: String,
     port: u16,
     child: Option<Guarded>,
+    /// The directory of its certificate (`server.pem`, `server.key`, signed by `ca.pem`:
+    /// [`framework::testing::tls::make_certificates`]), when it speaks TLS.
+    tls: Option<std::path::PathBuf>,
 }
 
 impl MotoServer {
     /// Starts `moto_server` and creates `bucket`.
     pub async fn start(bucket: &str) -> MotoServer {
+        Self::start_on(bucket, None).await
+    }
+
+    /// Starts `moto_server` speaking TLS with the certificate in `dir` (a private CA's:
+    /// [`framework::testing::tls::make_certificates`]) and creates `bucket`.
+    pub async fn start_tls(bucket: &str, dir: &std::path::Path) -> MotoServer {
+        Self::start_on(bucket, Some(dir.to_path_buf())).await
+    }
+
+    async fn start_on(bucket: &str, tls: Option<std::path::PathBuf>) -> MotoServer {
         let port = framework::testing::broker::free_port();
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let mut s = MotoServer {
-            endpoint: format!("http://127.0.0.1:{port}"),
+            endpoint: format!("{scheme}://127.0.0.1:{port}"),
             port,
             child: None,
+            tls,
         };
         s.restart(bucket).await;
         s
@@ -49,23 +64,29 @@ impl MotoServer {
     /// Starts it again on the same port (moto keeps nothing: the bucket is re-created).
     pub async fn restart(&mut self, bucket: &str) {
         self.stop();
+        let mut cmd = Command::new(python());
+        cmd.args([
+            "-m",
+            "moto.server",
+            "-H",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+        ]);
+        if let Some(dir) = &self.tls {
+            cmd.arg("-c")
+                .arg(dir.join("server.pem"))
+                .arg("-k")
+                .arg(dir.join("server.key"));
+        }
         let child = process::spawn(
-            Command::new(python())
-                .args([
-                    "-m",
-                    "moto.server",
-                    "-H",
-                    "127.0.0.1",
-                    "-p",
-                    &self.port.to_string(),
-                ])
-                .stdin(Stdio::null())
+            cmd.stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null()),
         )
         .expect("python3 -m moto.server runs (pip install 'moto[server]')");
         self.child = Some(child);
-        let client = reqwest_client();
+        let client = reqwest_client(self.tls.as_deref());
         let deadline = tokio::time::Instant::now() + framework::testing::WAIT;
         loop {
             if let Ok(r) = client
@@ -117,8 +138,14 @@ fn python() -> String {
     std::env::var("MOTO_PYTHON").unwrap_or_else(|_| "python3".into())
 }
 
-fn reqwest_client() -> reqwest::Client {
-    reqwest::Client::new()
+/// A client trusting the CA of `tls` (a certificate directory), if any.
+fn reqwest_client(tls: Option<&std::path::Path>) -> reqwest::Client {
+    let mut b = reqwest::Client::builder();
+    if let Some(dir) = tls {
+        let pem = std::fs::read(dir.join("ca.pem")).expect("the test CA");
+        b = b.add_root_certificate(reqwest::Certificate::from_pem(&pem).expect("a PEM CA"));
+    }
+    b.build().expect("a client")
 }
 
 /// An asset-sweeper message for `parent_dir/filename`, in the shape the sweeper sends

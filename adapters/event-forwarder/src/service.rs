@@ -52,8 +52,8 @@ pub struct ForwarderSettings {
     /// Keep queue order: retry in place instead of through the retry queues.
     #[serde(default)]
     pub ordered: bool,
-    /// PEM file of CA certificates trusted for an https endpoint besides the public ones
-    /// bundled in (a private CA: the system's trust store is not read).
+    /// PEM file of CA certificates trusted for an https endpoint besides the system's trust
+    /// store and the public CAs built in (a private CA the image does not carry).
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
 }
