@@ -151,10 +151,15 @@ impl Store {
             }
             (EventKind::Updated, version) => {
                 let (set_version, now_param, guard) = match version {
+                    // Any update is newer than the project's creation: over a row its
+                    // created event wrote, it applies whatever the keys say (a created
+                    // key is Pluto's clock, a plain update's this replica's: a clock
+                    // behind Pluto's dropped the first updates as stale).
                     Some(_) => (
                         "$8",
                         "$9",
-                        " AND (version IS NULL OR version <= $8 OR version > $10)",
+                        " AND (last_event = 'project-created' OR version IS NULL \
+                         OR version <= $8 OR version > $10)",
                     ),
                     None => ("version", "$8", ""),
                 };

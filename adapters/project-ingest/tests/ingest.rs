@@ -137,6 +137,7 @@ on_both!(
     an_update_published_in_the_second_of_its_create_is_applied,
     a_batch_delivered_again_announces_with_the_same_ids,
     a_future_dated_event_does_not_freeze_its_project,
+    an_update_applies_over_a_create_stamped_by_a_clock_ahead,
 );
 
 /// A batch delivered again (a lost ack, a replay) stores its projects again and announces
@@ -323,6 +324,28 @@ async fn a_future_dated_event_does_not_freeze_its_project(b: Backend) {
     assert_eq!(
         env.store.commission("c-1").await.unwrap().unwrap().0,
         "healed commission"
+    );
+    env.finish().await;
+}
+
+/// A project's `created` time is Pluto's clock, a plain update's key this replica's: with
+/// Pluto's clock two minutes ahead, an update right after the create is still applied (any
+/// update is newer than the creation), and a second update then orders by its own key.
+async fn an_update_applies_over_a_create_stamped_by_a_clock_ahead(b: Backend) {
+    let env = start(b, &[]).await;
+    let mut out = env.hs.watch_output().await;
+    let ahead = (chrono::Utc::now() + chrono::TimeDelta::minutes(2))
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let mut created = project("project-created", "skew", "v0");
+    created["created"] = json!(ahead);
+    env.send(&created).await;
+    next(&mut out).await;
+    env.send(&project("project-updated", "skew", "first update"))
+        .await;
+    assert_eq!(body(&next(&mut out).await)["title"], "first update");
+    assert_eq!(
+        env.store.project("skew").await.unwrap().unwrap().title,
+        "first update"
     );
     env.finish().await;
 }
