@@ -168,18 +168,23 @@ pub fn latest_believable() -> String {
     time_key(chrono::Utc::now() + MAX_AHEAD).unwrap_or_else(|| "9999".into())
 }
 
-/// `key`, or this machine's time where `key` is more than [`MAX_AHEAD`] in the future (the
-/// event is then ordered as received now, and a warning names the key).
-pub fn believable(key: String) -> String {
+/// `key`, or where it is more than [`MAX_AHEAD`] in the future, `received` (when its
+/// message first reached the service, kept across retries: a retried event keeps its
+/// place instead of overtaking updates applied meanwhile) or else this machine's time; a
+/// warning names the key.
+pub fn believable(key: String, received: Option<&str>) -> String {
     if key <= latest_believable() {
         return key;
     }
     tracing::warn!(
         ordering_key = %key,
-        "an ordering time more than {} minutes ahead of this clock: ordered as received now",
+        "an ordering time more than {} minutes ahead of this clock: ordered as first received",
         MAX_AHEAD.num_minutes()
     );
-    time_key(chrono::Utc::now()).unwrap_or(key)
+    match received {
+        Some(r) if r <= latest_believable().as_str() => r.to_string(),
+        _ => time_key(chrono::Utc::now()).unwrap_or(key),
+    }
 }
 
 /// Normalizes an RFC 3339 time to fixed-width UTC text, so text order is time order.
@@ -274,7 +279,10 @@ fn parse_delivered(
         EventKind::Created => Some(created_norm),
         EventKind::Updated => delivery.map(|d| d.received.to_string()),
     };
-    let version = updated.or(arrival).or(fallback).map(believable);
+    let version = updated
+        .or(arrival)
+        .or(fallback)
+        .map(|v| believable(v, delivery.map(|d| d.received)));
     Ok(Parsed::Project(ProjectEvent {
         kind,
         id,

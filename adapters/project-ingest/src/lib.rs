@@ -118,9 +118,12 @@ impl MessageProcessor for ProjectProcessor {
         }
         // When the message was published (AMQP timestamp, kept through retries and
         // redeliveries), else its first receipt here (an earlier attempt's header), else now.
+        // A publishing time further ahead than any believed (a producer's clock gone
+        // wrong) is not one: the first receipt stands, and is kept for the retries.
         let received = ctx
             .timestamp
             .and_then(published_at)
+            .filter(|t| *t <= crate::event::latest_believable())
             .or_else(|| {
                 framework::headers::get_str(&ctx.headers, RECEIVED_HEADER)
                     .and_then(|s| normalize_time(&s))

@@ -118,6 +118,7 @@ impl Store {
         // A stored key further ahead than any event's may be (an earlier release kept a
         // producer's future clock) is no newer state: any event replaces it.
         let bound = crate::event::latest_believable();
+        let mut created_key: Option<String> = None;
         let mut tx = self.pool.begin().await?;
         let row = match (&ev.kind, &ev.version) {
             (EventKind::Created, _) => {
@@ -150,6 +151,17 @@ impl Store {
                     .await?
             }
             (EventKind::Updated, version) => {
+                // The key the project's creation left, while no update has replaced it:
+                // the commission that creation wrote yields to this update the same way.
+                created_key = db::sqlx::query(
+                    "SELECT version FROM projects WHERE id = $1 AND last_event = 'project-created'",
+                )
+                .bind(&ev.id)
+                .fetch_optional(&mut *tx)
+                .await?
+                .map(|r| r.try_get::<Option<String>, _>("version"))
+                .transpose()?
+                .flatten();
                 let (set_version, now_param, guard) = match version {
                     // Any update is newer than the project's creation: over a row its
                     // created event wrote, it applies whatever the keys say (a created
@@ -210,7 +222,8 @@ impl Store {
                  production_office = excluded.production_office, \
                  version = COALESCE(excluded.version, commissions.version), updated_at = excluded.updated_at \
                  WHERE commissions.version IS NULL OR excluded.version IS NULL \
-                 OR commissions.version <= excluded.version OR commissions.version > $6",
+                 OR commissions.version <= excluded.version OR commissions.version > $6 \
+                 OR commissions.version = $7",
             )
             .bind(id)
             .bind(title)
@@ -218,6 +231,7 @@ impl Store {
             .bind(ev.version.clone())
             .bind(&now)
             .bind(&bound)
+            .bind(created_key)
             .execute(&mut *tx)
             .await?;
         }

@@ -347,6 +347,15 @@ async fn an_update_applies_over_a_create_stamped_by_a_clock_ahead(b: Backend) {
         env.store.project("skew").await.unwrap().unwrap().title,
         "first update"
     );
+    // Its commission, which the creation wrote with Pluto's key, takes the update too.
+    let mut renamed = project("project-updated", "skew", "second update");
+    renamed["commissionTitle"] = json!("renamed commission");
+    env.send(&renamed).await;
+    next(&mut out).await;
+    assert_eq!(
+        env.store.commission("c-1").await.unwrap().unwrap().0,
+        "renamed commission"
+    );
     env.finish().await;
 }
 
