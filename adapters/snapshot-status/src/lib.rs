@@ -194,26 +194,25 @@ impl StatusProcessor {
         }
     }
 
-    /// After a collection of `m`'s run became Received (`again`: or would have, for a
-    /// retried message whose publishes may have been lost): marks the run RECEIVED when
-    /// every collection is, and tells monitoring.
+    /// After a collection of `m`'s run became Received: marks the run RECEIVED when every
+    /// collection is, and tells monitoring; a `retried` message that made the run RECEIVED
+    /// earlier tells it again (its publish may have been lost), no other message does.
     async fn run_received(
         &self,
         m: &StatusMessage,
-        again: bool,
+        dedupe: &str,
+        retried: bool,
         extra: &mut Vec<Extra>,
     ) -> Result<(), StoreError> {
-        let moved = self.store.mark_product_received(&m.correlation_id).await?;
+        let (cid, collection) = (&m.correlation_id, &m.collection_name);
+        let moved = self
+            .store
+            .mark_product_received(cid, collection, dedupe)
+            .await?;
         if moved {
             transition("RECEIVED");
         }
-        let resend = again
-            && self
-                .store
-                .product_status(&m.correlation_id)
-                .await?
-                .as_deref()
-                == Some("RECEIVED");
+        let resend = !moved && retried && self.store.received_by(cid, collection, dedupe).await?;
         if moved || resend {
             extra.push(self.monitoring_publication(m, ALL_RECEIVED));
         }
@@ -240,7 +239,7 @@ impl StatusProcessor {
                 // again (its publish may have been lost); no other message does.
                 if moved || (retried && triggered && c.status == "Received") {
                     extra.push(self.export_state_publication(m, &c));
-                    self.run_received(m, !moved, &mut extra).await?;
+                    self.run_received(m, dedupe, retried, &mut extra).await?;
                 }
                 (c, "counts", true)
             }
@@ -266,7 +265,7 @@ impl StatusProcessor {
                     && (f.counted || (retried && f.collection.status == "Received"))
                 {
                     extra.push(self.export_state_publication(m, &f.collection));
-                    self.run_received(m, !f.counted, &mut extra).await?;
+                    self.run_received(m, dedupe, retried, &mut extra).await?;
                 }
                 (f.collection, "file", f.counted)
             }
@@ -305,7 +304,7 @@ impl StatusProcessor {
                     } else {
                         // The last outstanding collection went Sent → Success while others
                         // are Received: every collection is Received or Success.
-                        self.run_received(m, false, &mut extra).await?;
+                        self.run_received(m, dedupe, retried, &mut extra).await?;
                     }
                     let product = self.store.product_status(&m.correlation_id).await?;
                     // Who completed the product publishes; a retried success file of a

@@ -439,22 +439,52 @@ impl Store {
     }
 
     /// Sets the product status to RECEIVED if every collection is Received or Success
-    /// (never downgrades COMPLETED); true if this call changed it.
-    pub async fn mark_product_received(&self, correlation_id: &str) -> Result<bool, StoreError> {
+    /// (never downgrades COMPLETED), naming `collection` and the message (`message_key`)
+    /// that did it; true if this call changed it.
+    pub async fn mark_product_received(
+        &self,
+        correlation_id: &str,
+        collection: &str,
+        message_key: &str,
+    ) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
         lock_run(&mut tx, correlation_id).await?;
         let row = db::sqlx::query(
-            &format!("INSERT INTO snapshot_products (correlation_id, status, updated_at) \
-             SELECT $1, 'RECEIVED', $2 WHERE NOT EXISTS ({NOT_RECEIVED}) \
-             ON CONFLICT (correlation_id) DO UPDATE SET status = 'RECEIVED', updated_at = excluded.updated_at \
+            &format!("INSERT INTO snapshot_products (correlation_id, status, updated_at, received_by) \
+             SELECT $1, 'RECEIVED', $2, $3 WHERE NOT EXISTS ({NOT_RECEIVED}) \
+             ON CONFLICT (correlation_id) DO UPDATE SET status = 'RECEIVED', updated_at = excluded.updated_at, \
+             received_by = excluded.received_by \
              WHERE snapshot_products.status NOT IN ('RECEIVED', 'COMPLETED') RETURNING status"),
         )
         .bind(correlation_id)
         .bind(now())
+        .bind(completer(collection, message_key))
         .fetch_optional(&mut *tx)
         .await?;
         tx.commit().await?;
         Ok(row.is_some())
+    }
+
+    /// Whether the product is RECEIVED and the message `message_key` of `collection` made
+    /// it so.
+    pub async fn received_by(
+        &self,
+        correlation_id: &str,
+        collection: &str,
+        message_key: &str,
+    ) -> Result<bool, StoreError> {
+        let row = db::sqlx::query(
+            "SELECT received_by FROM snapshot_products \
+             WHERE correlation_id = $1 AND status = 'RECEIVED'",
+        )
+        .bind(correlation_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        let by: Option<String> = match row {
+            Some(r) => r.try_get("received_by")?,
+            None => None,
+        };
+        Ok(by.is_some_and(|b| b == completer(collection, message_key)))
     }
 
     /// Sets the product status to COMPLETED if every collection is Success, naming

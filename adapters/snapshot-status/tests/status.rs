@@ -118,8 +118,18 @@ impl Env {
                 .is_none(),
             "no further all-successful message"
         );
-        // (All-received messages go with the export-state message of the collection that
-        // completed the run, resends included: the tests that read them check them.)
+        assert!(
+            self.received
+                .next_within(Duration::from_millis(300))
+                .await
+                .is_none(),
+            "no further all-received message"
+        );
+    }
+    /// The next all-received monitoring message, for run `cid`.
+    async fn received_once(&mut self, cid: &str) {
+        let v = json_of(&self.received.next().await);
+        assert_eq!(v["custom_elements"][1]["value"], cid, "{v}");
     }
     async fn collection(&self, cid: &str, name: &str) -> snapshot_status::store::Collection {
         self.store.collection(cid, name).await.unwrap().unwrap()
@@ -329,6 +339,7 @@ async fn files_arriving_before_counts_are_counted(b: Backend) {
         Some("RECEIVED")
     );
     assert_eq!(env.dlq_count().await, 0);
+    env.received_once(c).await;
     env.no_more().await;
     // Operators: `snapshot-status status <correlation-id>`.
     if let Backend::Sqlite = b {
@@ -497,6 +508,7 @@ async fn records_with_mixed_valid_and_invalid_bodies(b: Backend) {
     );
     assert_eq!(&d.data[..], b"{not json");
     assert_eq!(json_of(&next(&mut env.export).await)["topic_name"], "db.r");
+    env.received_once(c).await;
     env.no_more().await;
     env.finish().await;
 }
@@ -698,6 +710,7 @@ async fn a_file_sent_again_in_another_message_sends_nothing_again(b: Backend) {
     .await;
     next(&mut env.out).await;
     assert_eq!(json_of(&next(&mut env.export).await)["topic_name"], "db.a");
+    env.received_once(c).await;
     // The sender's second copy of f1, retried: no second export-state message.
     env.send_with(&file(c, "db.a", "f1"), retried_as("m2"))
         .await;
@@ -708,6 +721,7 @@ async fn a_file_sent_again_in_another_message_sends_nothing_again(b: Backend) {
         .await;
     next(&mut env.out).await;
     assert_eq!(json_of(&next(&mut env.export).await)["topic_name"], "db.a");
+    env.received_once(c).await;
     // The success file completes the run: one monitoring message.
     let success = msg(c, "db.a", json!({"is_success_file": "true"}));
     env.send_with(
@@ -751,6 +765,7 @@ async fn a_retried_message_that_changed_nothing_sends_nothing_again(b: Backend) 
         assert_eq!(r["status"], "Received");
         assert_eq!(json_of(&next(&mut env.export).await)["topic_name"], coll);
     }
+    env.received_once(c).await;
     // The sender sends the file that completed db.a again (a new message, not a retry).
     let again = env.process(&file(c, "db.a", "f1")).await;
     assert_eq!(again["counted"], false);
@@ -811,6 +826,7 @@ async fn counts_after_files_carry_the_files_flags(b: Backend) {
     assert_eq!(e["shutdown_flag"], "false");
     assert_eq!(e["reprocess_files"], "false");
     assert_eq!(e["topic_name"], "db.f");
+    env.received_once(c).await;
     env.no_more().await;
     env.finish().await;
 }
@@ -836,6 +852,7 @@ async fn success_of_the_last_outstanding_collection_marks_received(b: Backend) {
         .await;
     assert_eq!(r["status"], "Success");
     assert_eq!(r["product_status"], "RECEIVED");
+    env.received_once(c).await;
     assert_eq!(
         env.store.product_status(c).await.unwrap().as_deref(),
         Some("RECEIVED")
@@ -1076,6 +1093,7 @@ async fn unnamed_files_from_sqs_count_once_each_by_their_sqs_message_id() {
     assert_eq!(r["records"][1]["counted"], true, "{r}");
     assert_eq!(r["records"][1]["status"], "Received", "{r}");
     let state = json_of(&next(&mut env.export).await);
+    env.received_once(c).await;
     assert_eq!(state["topic_name"], "db.s");
     let r = env.process(&batch(["sqs-b", "sqs-a"])).await;
     assert_eq!(r["records"][0]["counted"], false, "{r}");
@@ -1202,6 +1220,14 @@ async fn instances_share_state_without_races(b: Backend) {
     assert_eq!(col.status, "Received");
     let e = json_of(&next(&mut env.export).await);
     assert_eq!(e["topic_name"], "db.p");
+    // Once, or again by the redelivered message that completed the run.
+    env.received_once(c).await;
+    while env
+        .received
+        .next_within(Duration::from_millis(300))
+        .await
+        .is_some()
+    {}
     env.no_more().await;
     other.stop().await;
     env.finish().await;
@@ -1484,6 +1510,7 @@ async fn a_collection_arriving_after_the_run_completed_reopens_it(b: Backend) {
         .await;
     env.process(&file(c, "db.a", "a1")).await;
     assert_eq!(json_of(&next(&mut env.export).await)["topic_name"], "db.a");
+    env.received_once(c).await;
     let r = env
         .process(&msg(c, "db.a", json!({"is_success_file": "true"})))
         .await;
@@ -1500,6 +1527,7 @@ async fn a_collection_arriving_after_the_run_completed_reopens_it(b: Backend) {
     let r = env.process(&file(c, "db.b", "b1")).await;
     assert_eq!(r["product_status"], "RECEIVED");
     assert_eq!(json_of(&next(&mut env.export).await)["topic_name"], "db.b");
+    env.received_once(c).await;
     let r = env
         .process(&msg(c, "db.b", json!({"is_success_file": "true"})))
         .await;
