@@ -767,9 +767,17 @@ impl Http {
     }
 
     /// Stops serving and waits for the server to end.
-    async fn stop(self) {
+    async fn stop(mut self) {
         self.stop.cancel();
-        let _ = self.task.await;
+        let _ = (&mut self.task).await;
+    }
+}
+
+impl Drop for Http {
+    /// A caller that drops the service's future (a timeout around it, an aborted task)
+    /// leaves no server behind holding the port.
+    fn drop(&mut self) {
+        self.stop.cancel();
     }
 }
 

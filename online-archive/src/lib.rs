@@ -82,7 +82,7 @@ impl Service for OnlineArchive {
     fn binding(_cfg: &Config<ArchiveSettings>) -> Binding {
         Binding {
             exchange: "assetsweeper".into(),
-            routing_keys: vec!["assetsweeper.asset_folder_importer.file.#".into()],
+            routing_keys: vec![storage::service::SWEEPER_FILE_EVENTS.into()],
             output_routing_key: "storagetier.onlinearchive.newfile".into(),
             ..Default::default()
         }

@@ -267,6 +267,19 @@ async fn the_sweepers_other_file_events_are_dropped_not_dead_lettered() {
             .is_none(),
         "only the update was copied"
     );
+    // Published straight to the queue (its name as the key, no sweeper event in it): a
+    // file message as ever.
+    let b = put_file(data.path(), "proj/b.mov", b"b");
+    publish(
+        &hs.ch,
+        "",
+        &hs.q,
+        sweeper_message(&b, "b.mov", false).to_string().as_bytes(),
+        BasicProperties::default(),
+    )
+    .await;
+    let v: serde_json::Value = serde_json::from_slice(&next(&mut out).await.data).unwrap();
+    assert_eq!(v["archive_key"], "proj/b.mov");
     assert!(
         next_within(&mut dlq, std::time::Duration::from_millis(200))
             .await
@@ -427,7 +440,25 @@ fn a_stop_while_the_database_is_opened_exits_0() {
     )
     .unwrap();
     // Opening the database: its connection is here, and nothing answers it.
-    let (_held, _) = silent.accept().unwrap();
+    silent.set_nonblocking(true).unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    let _held = loop {
+        match silent.accept() {
+            Ok((c, _)) => break c,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(
+                    child.is_running(),
+                    "the service exited before it opened its database (its HTTP port taken?)"
+                );
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the service opens its database"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    };
     assert!(status_line(http, "/healthz").contains(" 200 "));
     assert!(status_line(http, "/readyz").contains(" 503 "));
     assert!(status_line(http, "/metrics").contains(" 200 "));

@@ -84,7 +84,7 @@ impl Service for OnlineNearline {
     fn binding(_cfg: &Config<NearlineSettings>) -> Binding {
         Binding {
             exchange: "assetsweeper".into(),
-            routing_keys: vec!["assetsweeper.asset_folder_importer.file.#".into()],
+            routing_keys: vec![storage::service::SWEEPER_FILE_EVENTS.into()],
             output_routing_key: "storagetier.onlinenearline.newfile".into(),
             ..Default::default()
         }

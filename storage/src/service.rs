@@ -78,6 +78,9 @@ pub fn keep_failures(days: u64) -> Option<Duration> {
     })
 }
 
+/// The binding of both storage tiers: every file event of the asset sweeper's importer.
+pub const SWEEPER_FILE_EVENTS: &str = "assetsweeper.asset_folder_importer.file.#";
+
 /// The last segment of the routing keys whose files are copied (the asset sweeper's
 /// `…file.new` and `…file.update`); its other file events are dropped.
 pub const COPIED_EVENTS: [&str; 2] = ["new", "update"];
@@ -224,8 +227,12 @@ impl MessageProcessor for TierProcessor {
     // The asset sweeper publishes other file events under the same prefix (a permissions
     // problem, say) with bodies of another shape; as the original, only a new or an
     // updated file is copied.
+    // A message that reached the queue another way (published to it directly, with the
+    // queue's name as its key) is a file message as before.
     fn ignores(&self, ctx: &MessageContext) -> Option<String> {
-        let event = ctx.routing_key.rsplit('.').next().unwrap_or_default();
+        let event = ctx
+            .routing_key
+            .strip_prefix(SWEEPER_FILE_EVENTS.trim_end_matches('#'))?;
         (!COPIED_EVENTS.contains(&event)).then(|| {
             format!(
                 "routing key `{}` is not a new or updated file (`.{}`): nothing to copy",

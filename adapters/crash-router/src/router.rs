@@ -128,6 +128,15 @@ impl MessageProcessor for CrashRouter {
     type Input = Value;
 
     async fn handle(&self, input: Value, ctx: &MessageContext) -> Outcome {
+        // Counted before anything is classified, then again with an SQS batch's bodies
+        // opened (each may hold many).
+        let listed = input
+            .get("Records")
+            .and_then(Value::as_array)
+            .map_or(0, Vec::len);
+        if let Some(o) = ctx.too_many_records(listed) {
+            return o;
+        }
         let records = match self.records_of(input, false) {
             Ok(records) => records,
             Err(o) => return o,
