@@ -50,7 +50,19 @@ pub struct SnapshotStatusSettings {
     /// Exchange monitoring messages go to.
     #[serde(default = "default_monitoring_exchange")]
     pub monitoring_exchange: String,
+    /// Days a COMPLETED run's state (its collections and every received file's row) is
+    /// kept, then deleted; 0 keeps it forever. A file row per file of every run otherwise
+    /// grows the database for as long as the service runs.
+    #[serde(default = "default_keep_completed_runs_days")]
+    pub keep_completed_runs_days: u64,
 }
+
+fn default_keep_completed_runs_days() -> u64 {
+    30
+}
+
+/// How often completed runs past their keeping are looked for.
+const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
 
 fn default_export_state_exchange() -> String {
     "snapshot-export-state".into()
@@ -68,6 +80,16 @@ pub struct StatusProcessor {
     store: Store,
     export_state_exchange: String,
     monitoring_exchange: String,
+    /// Deletes completed runs past their keeping, while the processor lives.
+    pruner: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for StatusProcessor {
+    fn drop(&mut self) {
+        if let Some(p) = &self.pruner {
+            p.abort();
+        }
+    }
 }
 
 /// The result of one status message: what to report, publish, or why nothing happened.
@@ -148,7 +170,25 @@ impl StatusProcessor {
             store,
             export_state_exchange: export_state_exchange.to_string(),
             monitoring_exchange: monitoring_exchange.to_string(),
+            pruner: None,
         }
+    }
+
+    /// Deletes the runs completed more than `keep` ago, now and every hour, while this
+    /// processor lives.
+    pub fn pruning_completed_runs(mut self, keep: std::time::Duration) -> Self {
+        let store = self.store.clone();
+        self.pruner = Some(tokio::spawn(async move {
+            loop {
+                match store.prune_completed_runs(keep).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(runs = n, "completed runs past their keeping deleted"),
+                    Err(e) => tracing::warn!(error = %e, "could not delete old completed runs"),
+                }
+                tokio::time::sleep(PRUNE_EVERY).await;
+            }
+        }));
+        self
     }
 
     /// The store (for tests and tools).
@@ -566,11 +606,17 @@ impl Service for SnapshotStatus {
         let store = Store::open(&url)
             .await
             .map_err(|e| format!("cannot open database {}: {e}", db::redact_url(&url)))?;
-        Ok(StatusProcessor::new(
+        let p = StatusProcessor::new(
             store,
             &cfg.settings.export_state_exchange,
             &cfg.settings.monitoring_exchange,
-        ))
+        );
+        Ok(match cfg.settings.keep_completed_runs_days {
+            0 => p,
+            days => p.pruning_completed_runs(std::time::Duration::from_secs(
+                days.saturating_mul(86_400),
+            )),
+        })
     }
 
     fn extra_commands() -> Vec<clap::Command> {

@@ -465,6 +465,63 @@ impl Store {
         Ok(row.is_some())
     }
 
+    /// Deletes every run COMPLETED more than `older_than` ago — its product status, its
+    /// collections and its received files — one run per transaction (a run of thousands
+    /// of files does not hold the database's writer for long); how many runs.
+    pub async fn prune_completed_runs(
+        &self,
+        older_than: std::time::Duration,
+    ) -> Result<u64, StoreError> {
+        // An age past what the clock can subtract (years beyond chrono's range): nothing.
+        let Some(cutoff) = chrono::TimeDelta::from_std(older_than)
+            .ok()
+            .and_then(|d| chrono::Utc::now().checked_sub_signed(d))
+        else {
+            return Ok(0);
+        };
+        let cutoff = cutoff.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        let mut pruned = 0;
+        loop {
+            let runs: Vec<String> = db::sqlx::query(
+                "SELECT correlation_id FROM snapshot_products \
+                 WHERE status = 'COMPLETED' AND updated_at < $1 LIMIT 100",
+            )
+            .bind(&cutoff)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| r.try_get("correlation_id"))
+            .collect::<Result<_, _>>()?;
+            if runs.is_empty() {
+                return Ok(pruned);
+            }
+            for run in runs {
+                let mut tx = self.pool.begin().await?;
+                lock_run(&mut tx, &run).await?;
+                // Still completed and old: a collection heard of meanwhile reopened it.
+                let gone = db::sqlx::query(
+                    "DELETE FROM snapshot_products \
+                     WHERE correlation_id = $1 AND status = 'COMPLETED' AND updated_at < $2",
+                )
+                .bind(&run)
+                .bind(&cutoff)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if gone == 1 {
+                    for table in ["snapshot_received_files", "snapshot_collections"] {
+                        db::sqlx::query(&format!("DELETE FROM {table} WHERE correlation_id = $1"))
+                            .bind(&run)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                    pruned += 1;
+                }
+                tx.commit().await?;
+            }
+        }
+    }
+
     /// Whether the product is RECEIVED and the message `message_key` of `collection` made
     /// it so.
     pub async fn received_by(

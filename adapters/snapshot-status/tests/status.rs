@@ -214,10 +214,59 @@ macro_rules! on_both {
 on_both!(
     a_collection_arriving_after_the_run_completed_reopens_it,
     full_flow_received_then_completed,
+    completed_runs_past_their_keeping_are_deleted,
     files_arriving_before_counts_are_counted,
     redelivered_files_are_counted_once,
     records_with_mixed_valid_and_invalid_bodies,
 );
+
+/// A completed run's state (product, collections, every file's row) is deleted once past
+/// its keeping, an open run's never; without it the database grows by a row per file for
+/// as long as the service runs.
+async fn completed_runs_past_their_keeping_are_deleted(b: Backend) {
+    let mut env = start(b, &[]).await;
+    let (done, open) = ("corr-prune-done", "corr-prune-open");
+    env.process(&msg(done, "db.a", json!({"files_exported": 1})))
+        .await;
+    env.process(&file(done, "db.a", "a1")).await;
+    let r = env
+        .process(&msg(done, "db.a", json!({"is_success_file": "true"})))
+        .await;
+    assert_eq!(r["product_status"], "COMPLETED");
+    env.process(&msg(open, "db.b", json!({"files_exported": 2})))
+        .await;
+    env.process(&file(open, "db.b", "b1")).await;
+    let day = Duration::from_secs(86_400);
+    assert_eq!(
+        env.store.prune_completed_runs(day).await.unwrap(),
+        0,
+        "kept a day"
+    );
+    assert_eq!(env.store.collections(done).await.unwrap().len(), 1);
+    assert_eq!(
+        env.store
+            .prune_completed_runs(Duration::ZERO)
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(env.store.collections(done).await.unwrap().is_empty());
+    assert_eq!(env.store.product_status(done).await.unwrap(), None);
+    assert_eq!(
+        env.collection(open, "db.b").await.files_received,
+        1,
+        "open: kept"
+    );
+    // Its file is forgotten with it: the run is gone as a whole.
+    let r = env.process(&file(done, "db.a", "a1")).await;
+    assert_eq!(r["counted"], true);
+    assert_eq!(
+        env.store.prune_completed_runs(Duration::MAX).await.unwrap(),
+        0,
+        "no age past the clock's range"
+    );
+    env.finish().await;
+}
 
 async fn full_flow_received_then_completed(b: Backend) {
     let mut env = start(b, &[]).await;
