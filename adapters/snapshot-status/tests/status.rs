@@ -699,13 +699,20 @@ async fn a_failed_publish_is_repeated_on_redelivery() {
     let c = "corr-nack";
     env.process(&msg(c, "db.n", json!({"files_exported": 1})))
         .await;
-    // The export-state publish is refused: the file's message is not acked.
+    // Copies of what goes to the first retry tier: proof that an attempt's publish was
+    // refused before the way is cleared (the file counted in the database says only that
+    // the attempt got that far, and its publish could come after the unblocking).
+    let mut retried = watch(
+        &env.hs.ch,
+        &format!("{}-retry", env.hs.q),
+        &env.hs.delays[0].to_string(),
+    )
+    .await;
+    // The export-state publish is refused: the file's message is not acked as done.
     let full = block(&env, &env.export_ex.clone()).await;
     env.send(&file(c, "db.n", "n1")).await;
-    await_state("the file counted", || async {
-        env.collection(c, "db.n").await.status == "Received"
-    })
-    .await;
+    next(&mut retried).await;
+    assert_eq!(env.collection(c, "db.n").await.status, "Received");
     unblock(&env, &full).await;
     assert_eq!(json_of(&next(&mut env.export).await)["topic_name"], "db.n");
     // The success message comes from a later attempt (the first counted the file): the
@@ -713,14 +720,20 @@ async fn a_failed_publish_is_repeated_on_redelivery() {
     let done = json_of(&next(&mut env.out).await);
     assert_eq!(done["counted"], false, "not counted twice");
     assert_eq!(env.collection(c, "db.n").await.files_received, 1);
+    // (The file's message may have been retried more than once before the way cleared.)
+    while next_within(&mut retried, Duration::from_millis(300))
+        .await
+        .is_some()
+    {}
     // Same for the monitoring message of the last success file.
     let full = block(&env, &env.monitoring_ex.clone()).await;
     env.send(&msg(c, "db.n", json!({"is_success_file": "true"})))
         .await;
-    await_state("the product completed", || async {
-        env.store.product_status(c).await.unwrap().as_deref() == Some("COMPLETED")
-    })
-    .await;
+    next(&mut retried).await;
+    assert_eq!(
+        env.store.product_status(c).await.unwrap().as_deref(),
+        Some("COMPLETED")
+    );
     unblock(&env, &full).await;
     let m = json_of(&env.monitoring.next().await);
     assert_eq!(m["title_text"], "Incremental - All collections successful");
@@ -1008,12 +1021,17 @@ async fn an_unroutable_export_state_message_is_retried_until_bound() {
     let c = "corr-unroutable";
     env.process(&msg(c, "db.u", json!({"files_exported": 1})))
         .await;
-    // Nothing is bound to the export-state exchange: the message is unroutable.
-    env.send(&file(c, "db.u", "u1")).await;
-    await_state("the file counted", || async {
-        env.collection(c, "db.u").await.status == "Received"
-    })
+    // Nothing is bound to the export-state exchange: the message is unroutable, and its
+    // attempt goes to the retry tier (a copy here proves it, before anything is bound).
+    let mut retried = watch(
+        &env.hs.ch,
+        &format!("{}-retry", env.hs.q),
+        &env.hs.delays[0].to_string(),
+    )
     .await;
+    env.send(&file(c, "db.u", "u1")).await;
+    next(&mut retried).await;
+    assert_eq!(env.collection(c, "db.u").await.status, "Received");
     // Once something is bound, a retry delivers the export-state message.
     let mut export = watch(&env.hs.ch, &env.export_ex, "#").await;
     let e = json_of(&next(&mut export).await);
