@@ -1138,3 +1138,28 @@ async fn projects_stored_before_0002_survive_it(backend: Backend) {
         pg.drop_db().await.unwrap();
     }
 }
+
+/// Design §7's words for an update of a project never seen, which operators search the
+/// logs for: the drop (logged with its reason) says exactly them.
+#[tokio::test]
+async fn an_unknown_projects_update_is_dropped_in_the_designs_words() {
+    use framework::{MessageContext, MessageProcessor, Outcome};
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&db::default_url(dir.path(), "project-ingest"))
+        .await
+        .unwrap();
+    let p =
+        project_ingest::ProjectProcessor::new(store, "out", "storagetier.projectingest.project")
+            .with_missing_retries(0);
+    let ctx = MessageContext::for_test("pluto-core", "core.project.event", 0);
+    match p
+        .handle(project("project-updated", "never-seen", "t"), &ctx)
+        .await
+    {
+        Outcome::Drop(reason) => assert!(
+            reason.contains("attempted to update a project that does not exist"),
+            "{reason}"
+        ),
+        other => panic!("dropped, not {other:?}"),
+    }
+}
