@@ -86,7 +86,6 @@ pub const SWEEPER_FILE_EVENTS: &str = "assetsweeper.asset_folder_importer.file.#
 pub const COPIED_EVENTS: [&str; 2] = ["new", "update"];
 
 /// How often old failure records are looked for.
-
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 /// Builds the success message body from a report and the input.

@@ -141,7 +141,9 @@ fn the_data_directory_alone_moves_every_embedded_default() {
 /// `#` takes other producers' messages) and the output key of its success messages.
 #[test]
 fn every_service_binds_to_its_producers_exchange_and_keys() {
-    fn bound<S: Service>() -> (String, Vec<String>, String) {
+    /// (exchange, binding keys, output key)
+    type Bound = (String, Vec<String>, String);
+    fn bound<S: Service>() -> Bound {
         let mut opts = LoadOptions::isolated();
         opts.env_vars = Some(HashMap::new());
         opts.overrides = vec![(
@@ -167,7 +169,7 @@ fn every_service_binds_to_its_producers_exchange_and_keys() {
         bound::<online_nearline::OnlineNearline>(),
         sweeper("storagetier.onlinenearline.newfile")
     );
-    let pairs: [((String, Vec<String>, String), [&str; 3]); 4] = [
+    let pairs: [(Bound, [&str; 3]); 4] = [
         (
             bound::<project_ingest::ProjectIngest>(),
             [
