@@ -530,18 +530,30 @@ impl Store {
         collection: &str,
         message_key: &str,
     ) -> Result<bool, StoreError> {
-        let row = db::sqlx::query(
-            "SELECT received_by FROM snapshot_products \
-             WHERE correlation_id = $1 AND status = 'RECEIVED'",
-        )
+        let by = self
+            .product_named_by(correlation_id, "RECEIVED", "received_by")
+            .await?;
+        Ok(by.is_some_and(|b| b == completer(collection, message_key)))
+    }
+
+    /// Who the product's `column` names, while its status is `status`.
+    async fn product_named_by(
+        &self,
+        correlation_id: &str,
+        status: &str,
+        column: &str,
+    ) -> Result<Option<String>, StoreError> {
+        let row = db::sqlx::query(&format!(
+            "SELECT {column} FROM snapshot_products WHERE correlation_id = $1 AND status = $2"
+        ))
         .bind(correlation_id)
+        .bind(status)
         .fetch_optional(&self.pool)
         .await?;
-        let by: Option<String> = match row {
-            Some(r) => r.try_get("received_by")?,
+        Ok(match row {
+            Some(r) => r.try_get(column)?,
             None => None,
-        };
-        Ok(by.is_some_and(|b| b == completer(collection, message_key)))
+        })
     }
 
     /// Sets the product status to COMPLETED if every collection is Success, naming
@@ -580,17 +592,9 @@ impl Store {
         collection: &str,
         message_key: &str,
     ) -> Result<bool, StoreError> {
-        let row = db::sqlx::query(
-            "SELECT completed_by FROM snapshot_products \
-             WHERE correlation_id = $1 AND status = 'COMPLETED'",
-        )
-        .bind(correlation_id)
-        .fetch_optional(&self.pool)
-        .await?;
-        let by: Option<String> = match row {
-            Some(r) => r.try_get("completed_by")?,
-            None => None,
-        };
+        let by = self
+            .product_named_by(correlation_id, "COMPLETED", "completed_by")
+            .await?;
         Ok(matches!(by, Some(b) if b == collection || b == completer(collection, message_key)))
     }
 }
