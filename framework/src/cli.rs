@@ -708,6 +708,9 @@ pub async fn run_service<S: Service>(
     // probe restarts it.
     let status = Arc::new(Status::default());
     let http = Http::serve(&cfg, status.clone()).await?;
+    // Not connected yet, and said so (the NotConnected alert reads it): a series first set
+    // once the processor is built was missing while the database was awaited.
+    metrics::gauge!(crate::telemetry::CONNECTED).set(0.0);
     // A stop while the processor is built (its database still refusing connections, or
     // another replica's migration holding the lock) is a stop, exit 0 at once: it waited
     // for the build, then exited 1.

@@ -245,13 +245,18 @@ async fn the_sweepers_other_file_events_are_dropped_not_dead_lettered() {
         BasicProperties::default(),
     )
     .await;
-    // Even a file's own body under such a key is not copied.
-    hs.publish(
+    // Even a file's own body under such a key is not copied, nor under one naming no event.
+    for key in [
         "assetsweeper.asset_folder_importer.file.deleted",
-        sweeper_message(&dir, "a.mov", false).to_string().as_bytes(),
-        BasicProperties::default(),
-    )
-    .await;
+        "assetsweeper.asset_folder_importer.file",
+    ] {
+        hs.publish(
+            key,
+            sweeper_message(&dir, "a.mov", false).to_string().as_bytes(),
+            BasicProperties::default(),
+        )
+        .await;
+    }
     // prefetch 1: this one is handled only after both were settled.
     hs.publish(
         "assetsweeper.asset_folder_importer.file.update",
@@ -397,6 +402,15 @@ fn a_bad_database_url_is_a_config_error_naming_the_key() {
 
 /// The status line of `GET path` on `127.0.0.1:port`.
 fn status_line(port: u16, path: &str) -> String {
+    body_of(port, path)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The whole answer to `GET path` on `127.0.0.1:port`.
+fn body_of(port: u16, path: &str) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(WAIT)).unwrap();
@@ -407,7 +421,7 @@ fn status_line(port: u16, path: &str) -> String {
     .unwrap();
     let mut answer = String::new();
     s.read_to_string(&mut answer).unwrap();
-    answer.lines().next().unwrap_or_default().to_string()
+    answer
 }
 
 /// SIGTERM while the service is still opening its database (a server that accepts and
@@ -462,6 +476,10 @@ fn a_stop_while_the_database_is_opened_exits_0() {
     assert!(status_line(http, "/healthz").contains(" 200 "));
     assert!(status_line(http, "/readyz").contains(" 503 "));
     assert!(status_line(http, "/metrics").contains(" 200 "));
+    assert!(
+        body_of(http, "/metrics").contains("\nstoragetier_connected 0\n"),
+        "not connected, and said so"
+    );
     assert_eq!(child.terminate(WAIT).and_then(|s| s.code()), Some(0));
 }
 

@@ -309,21 +309,35 @@ pub fn sweep_stale_staging(root: &Path) -> std::io::Result<usize> {
     // Ages are measured on the clock that stamped the files: on a share (where named
     // staging files are used) that is the file server's, and a replica whose own clock ran
     // 15 minutes ahead of it swept every other replica's live copies.
-    let now = store_clock(&dir).unwrap_or_else(std::time::SystemTime::now);
+    // Without that clock nothing is swept: this machine's could be the one 15 minutes off.
+    let now = store_clock(&dir)?;
     sweep_staged_before(&dir, now)
 }
 
-/// The name, in the staging directory, of the file written to read the store's clock.
-pub const CLOCK_FILE: &str = ".clock";
+/// The start of the names, in the staging directory, of the files written to read the
+/// store's clock (each new, then removed).
+pub const CLOCK_FILE: &str = ".clock-";
 
 /// The time by the clock of the filesystem holding `dir` (the file server's, on a
-/// share): the modification time of a file written there now.
-fn store_clock(dir: &Path) -> Option<std::time::SystemTime> {
+/// share): the modification time of a file created there now. A new file of its own
+/// (`O_EXCL`), removed at once: a name planted there (a link to the database, say) is
+/// never written through.
+fn store_clock(dir: &Path) -> std::io::Result<std::time::SystemTime> {
     use std::io::Write as _;
-    let path = dir.join(CLOCK_FILE);
-    let mut f = File::create(&path).ok()?;
-    f.write_all(b"0").ok()?;
-    f.metadata().and_then(|m| m.modified()).ok()
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let path = dir.join(format!("{CLOCK_FILE}{}-{nanos}", std::process::id()));
+    let read = File::options()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .and_then(|mut f| {
+            f.write_all(b"0")?;
+            f.metadata()?.modified()
+        });
+    let _ = std::fs::remove_file(&path);
+    read
 }
 
 /// Deletes the files in the staging directory `dir` last written [`STALE_STAGING`] or more
@@ -337,7 +351,7 @@ fn sweep_staged_before(dir: &Path, now: std::time::SystemTime) -> std::io::Resul
     let mut removed = 0;
     for entry in entries {
         let entry = entry?;
-        if entry.file_name() == CLOCK_FILE {
+        if entry.file_name().to_string_lossy().starts_with(CLOCK_FILE) {
             continue;
         }
         let Ok(meta) = entry.metadata() else {
@@ -784,7 +798,7 @@ mod tests {
             v.sort();
             v
         };
-        assert_eq!(names(&staging), [CLOCK_FILE, "live"]);
+        assert_eq!(names(&staging), ["live"]);
         assert_eq!(
             names(&objects),
             ["take#1", "take#2"],
@@ -821,8 +835,16 @@ mod tests {
         assert_eq!(sweep_staged_before(&staging, server_now).expect("sweep"), 1);
         assert!(staging.join("live").exists());
         assert!(!staging.join("left").exists());
-        // The store's clock is read from a file written there, which is never swept.
+        // The store's clock is read from a file created there and removed; a name planted
+        // where such a file goes is never written through, nor swept.
+        let planted = staging.join(format!("{CLOCK_FILE}planted"));
+        std::fs::write(dir.path().join("precious"), "keep").expect("write");
+        std::os::unix::fs::symlink(dir.path().join("precious"), &planted).expect("link");
         let clock = store_clock(&staging).expect("a clock");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("precious")).expect("read"),
+            "keep"
+        );
         let skew = clock
             .duration_since(std::time::SystemTime::now())
             .unwrap_or_else(|e| e.duration());
@@ -834,6 +856,6 @@ mod tests {
             sweep_staged_before(&staging, clock + Duration::from_secs(3 * 3600)).expect("sweep"),
             1
         );
-        assert!(staging.join(CLOCK_FILE).exists());
+        assert!(std::fs::symlink_metadata(&planted).is_ok(), "not swept");
     }
 }

@@ -229,9 +229,13 @@ impl MessageProcessor for TierProcessor {
     // A message that reached the queue another way (published to it directly, with the
     // queue's name as its key) is a file message as before.
     fn ignores(&self, ctx: &MessageContext) -> Option<String> {
-        let event = ctx
-            .routing_key
-            .strip_prefix(SWEEPER_FILE_EVENTS.trim_end_matches('#'))?;
+        let events = SWEEPER_FILE_EVENTS.trim_end_matches('#');
+        // `…file` itself matches `file.#` too: an event without a name.
+        let event = match ctx.routing_key.strip_prefix(events) {
+            Some(e) => e,
+            None if ctx.routing_key == events.trim_end_matches('.') => "",
+            None => return None,
+        };
         (!COPIED_EVENTS.contains(&event)).then(|| {
             format!(
                 "routing key `{}` is not a new or updated file (`.{}`): nothing to copy",

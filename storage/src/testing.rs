@@ -184,8 +184,7 @@ pub fn sweeper_message_v1(filepath: &str, filename: &str, ignore: bool) -> serde
 }
 
 /// Every regular file under `dir`, relative to it, sorted (a store's objects, and in a
-/// local store its staging files under [`crate::local::STAGING_DIR`], but not the sweep's
-/// clock file).
+/// local store its staging files under [`crate::local::STAGING_DIR`]).
 pub fn files_under(dir: &std::path::Path) -> Vec<String> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
@@ -195,13 +194,7 @@ pub fn files_under(dir: &std::path::Path) -> Vec<String> {
             if p.is_dir() {
                 stack.push(p);
             } else if let Ok(rel) = p.strip_prefix(dir) {
-                // The staging sweep's clock reading: no copy's.
-                if rel
-                    != std::path::Path::new(crate::local::STAGING_DIR)
-                        .join(crate::local::CLOCK_FILE)
-                {
-                    out.push(rel.display().to_string());
-                }
+                out.push(rel.display().to_string());
             }
         }
     }

@@ -404,7 +404,9 @@ fn dedupe_key(
     content: &[u8],
 ) -> String {
     match (sqs_message_id, &ctx.message_id) {
-        (Some(sqs), _) => format!("sqs:{sqs}"),
+        // With the record's content: one SQS message delivered again is the same key, two
+        // records a bridge gave one id are not.
+        (Some(sqs), _) => format!("sqs:{sqs}:{}", hex::encode(Sha256::digest(content))),
         (None, Some(id)) => format!("message:{id}#{record}"),
         (None, None) => format!("content:{}", hex::encode(Sha256::digest(content))),
     }

@@ -156,10 +156,13 @@ fn parse_record(r: &Value) -> Record {
         Value::Object(o) => o.get("body"),
         _ => None,
     };
+    // An id that could not be one (blank, control characters, longer than SQS's 100
+    // characters by far) is not used: the record is keyed as one without it.
     let sqs_message_id = r
         .get("messageId")
         .and_then(Value::as_str)
-        .filter(|id| !id.is_empty())
+        .map(str::trim)
+        .filter(|id| !id.is_empty() && id.len() <= 256 && !id.chars().any(char::is_control))
         .map(str::to_string);
     let (raw, parsed) = match body {
         Some(Value::String(s)) => (

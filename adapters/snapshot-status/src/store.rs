@@ -466,8 +466,8 @@ impl Store {
     }
 
     /// Deletes every run COMPLETED more than `older_than` ago — its product status, its
-    /// collections and its received files — one run per transaction (a run of thousands
-    /// of files does not hold the database's writer for long); how many runs.
+    /// collections and its received files — a run at a time, its files in batches; how
+    /// many runs.
     pub async fn prune_completed_runs(
         &self,
         older_than: std::time::Duration,
@@ -496,6 +496,26 @@ impl Store {
                 return Ok(pruned);
             }
             for run in runs {
+                // Its files first, a batch per transaction while the run is still completed
+                // and old: a run of millions of files never holds the writer for long (on
+                // SQLite, every handler waits for it).
+                loop {
+                    let n = db::sqlx::query(
+                        "DELETE FROM snapshot_received_files WHERE correlation_id = $1 \
+                         AND file_key IN (SELECT file_key FROM snapshot_received_files \
+                         WHERE correlation_id = $1 LIMIT 5000) \
+                         AND EXISTS (SELECT 1 FROM snapshot_products WHERE correlation_id = $1 \
+                         AND status = 'COMPLETED' AND updated_at < $2)",
+                    )
+                    .bind(&run)
+                    .bind(&cutoff)
+                    .execute(&self.pool)
+                    .await?
+                    .rows_affected();
+                    if n == 0 {
+                        break;
+                    }
+                }
                 let mut tx = self.pool.begin().await?;
                 lock_run(&mut tx, &run).await?;
                 // Still completed and old: a collection heard of meanwhile reopened it.

@@ -1166,6 +1166,22 @@ async fn unnamed_files_from_sqs_count_once_each_by_their_sqs_message_id() {
     assert_eq!(r["records"][0]["counted"], false, "{r}");
     assert_eq!(r["records"][1]["counted"], false, "{r}");
     assert_eq!(r["records"][1]["files_received"], 2, "{r}");
+    // Two different files a bridge gave one id are two files.
+    env.process(&msg(c, "db.t", json!({"files_exported": 2})))
+        .await;
+    let records: Vec<Value> = ["t1", "t2"]
+        .iter()
+        .map(|f| {
+            json!({"messageId": "same", "eventSource": "aws:sqs",
+                   "body": msg(c, "db.t", json!({"reference": f})).to_string()})
+        })
+        .collect();
+    let one_id = json!({ "Records": records });
+    let r = env.process(&one_id).await;
+    assert_eq!(r["records"][1]["counted"], true, "{r}");
+    assert_eq!(r["records"][1]["status"], "Received", "{r}");
+    env.received_once(c).await;
+    assert_eq!(json_of(&next(&mut env.export).await)["topic_name"], "db.t");
     env.no_more().await;
     env.finish().await;
 }
