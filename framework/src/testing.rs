@@ -591,6 +591,26 @@ pub fn int_header(d: &Delivery, key: &str) -> Option<i64> {
     crate::headers::get_int(d.properties.headers().as_ref()?, key)
 }
 
+/// Waits until the `/metrics` of a service on `127.0.0.1:port` holds `line`, or fails the
+/// test after [`WAIT`].
+pub async fn await_metric(port: u16, line: &str) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let text = match reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        if text.contains(line) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{line:?} in:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Waits until `cond` holds, polling every 20 ms, at most `WAIT`.
 pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + WAIT;

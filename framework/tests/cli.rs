@@ -36,23 +36,6 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// Polls the service's `/metrics` on `port` until it holds `line` (the service may still
-/// be starting: no answer counts as not yet).
-async fn await_metric(port: u16, line: &str) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let text = match reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await {
-            Ok(r) => r.text().await.unwrap_or_default(),
-            Err(_) => String::new(),
-        };
-        if text.contains(line) {
-            return;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{line} in:\n{text}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[test]
 fn bad_config_exits_2_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();

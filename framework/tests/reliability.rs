@@ -248,22 +248,7 @@ async fn the_connected_gauge_follows_the_broker() {
             .arg("run"),
     );
     let gauge = |v: u8| async move {
-        let line = format!("\nstoragetier_connected {v}\n");
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let text = match reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await {
-                Ok(r) => r.text().await.unwrap_or_default(),
-                Err(_) => String::new(),
-            };
-            if text.contains(&line) {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{line:?} in:\n{text}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        await_metric(port, &format!("\nstoragetier_connected {v}\n")).await;
     };
     gauge(1).await;
     broker.stop_app();
