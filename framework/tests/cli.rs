@@ -660,10 +660,18 @@ async fn dead_letters_are_listed_replayed_after_confirm_and_purged() {
         BasicProperties::default().with_message_id("poison-1".into()),
     )
     .await;
+    let mut own = framework::lapin::types::FieldTable::default();
+    framework::headers::set_str(&mut own, "x-producer-trace", "t-2");
     hs.publish(
         "test.p",
         br#"{"poison":true,"n":2}"#,
-        BasicProperties::default().with_message_id("poison-2".into()),
+        BasicProperties::default()
+            .with_message_id("poison-2".into())
+            .with_correlation_id("corr-2".into())
+            .with_timestamp(1_700_000_002)
+            .with_app_id("producer".into())
+            .with_type("kind-2".into())
+            .with_headers(own),
     )
     .await;
     await_ready_count(&hs.ch, &format!("{q}-dlq"), 2).await;
@@ -761,6 +769,16 @@ async fn dead_letters_are_listed_replayed_after_confirm_and_purged() {
             "{k} stripped"
         );
     }
+    // The original's properties and its own headers, as first published (design §3).
+    let p = &d.properties;
+    let text = |v: &Option<framework::lapin::types::ShortString>| {
+        v.as_ref().map(|s| s.as_str().to_string())
+    };
+    assert_eq!(text(p.correlation_id()).as_deref(), Some("corr-2"));
+    assert_eq!(*p.timestamp(), Some(1_700_000_002));
+    assert_eq!(text(p.app_id()).as_deref(), Some("producer"));
+    assert_eq!(text(p.kind()).as_deref(), Some("kind-2"));
+    assert_eq!(header(&d, "x-producer-trace").as_deref(), Some("t-2"));
 
     // One `dlq` command at a time: one that runs (here a connection holding its lock, as a
     // paced replay holds the dead letters it passed) makes another fail, not purge or list
@@ -1124,4 +1142,37 @@ async fn json_logs_carry_each_message_span() {
             .is_some_and(|p| p.contains("forged")),
         "{panicked}"
     );
+}
+
+/// With span export on, `storagetier_spans_dropped_total` is there at 0 from the start: an
+/// alert on its increase sees the first spans lost, not only those after.
+#[tokio::test]
+async fn the_spans_dropped_counter_starts_at_0() {
+    let Declared {
+        dir,
+        q,
+        _conn,
+        _gone,
+        ..
+    } = declared("spans0").await;
+    let port = framework::testing::broker::free_port();
+    let collector = format!(
+        "http://127.0.0.1:{}",
+        framework::testing::broker::free_port()
+    );
+    let mut child = process::spawn(
+        echo_cmd(&q, dir.path())
+            .env("STORAGETIER__TELEMETRY__OTLP_ENDPOINT", collector)
+            .env(
+                "STORAGETIER__ECHO__HTTP_LISTEN",
+                format!("127.0.0.1:{port}"),
+            )
+            .arg("run")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )
+    .unwrap();
+    await_metric(port, "\nstoragetier_spans_dropped_total 0\n").await;
+    assert_eq!(child.terminate(WAIT).and_then(|s| s.code()), Some(0));
 }
