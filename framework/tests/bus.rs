@@ -953,7 +953,8 @@ async fn metrics_and_health_are_served() {
     let pc =
         framework::ProcessorConfiguration::new(&format!("{q}-in"), "test.#", "test.out", scripted);
     let t = shutdown.clone();
-    let addr = format!("127.0.0.1:{}", framework::testing::broker::free_port());
+    let port = framework::testing::broker::free_port();
+    let addr = format!("127.0.0.1:{port}");
     let mut cfg = cfg;
     cfg.service.http_listen = addr.clone();
     let cfg2 = cfg.clone();
@@ -1051,28 +1052,17 @@ async fn metrics_and_health_are_served() {
         )
         .await;
     }
-    let want = [
+    for (outcome, n) in [
         ("success", 2),
         ("retry", 1),
         ("dead_letter", 1),
         ("drop", 1),
-    ]
-    .map(|(o, n)| format!("storagetier_messages_total{{queue=\"{q}\",outcome=\"{o}\"}} {n}\n"));
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let text = client
-            .get(format!("{base}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        if want.iter().all(|w| text.contains(w.as_str())) {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{want:?} in {text}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    ] {
+        await_metric(
+            port,
+            &format!("storagetier_messages_total{{queue=\"{q}\",outcome=\"{outcome}\"}} {n}\n"),
+        )
+        .await;
     }
     shutdown.cancel();
     assert!(tokio::time::timeout(WAIT, task).await.unwrap().unwrap());

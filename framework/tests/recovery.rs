@@ -117,21 +117,21 @@ impl framework::MessageProcessor for BlockFirst {
     }
 }
 
-#[tokio::test]
-async fn a_lost_connection_shows_at_once_and_its_handlers_never_run_beside_the_redelivery() {
+/// A harness with one message in a handler that `processor` keeps busy: its connection
+/// named (returned, for closing it), prefetch 1, then `extra`.
+async fn one_busy_handler<P: framework::MessageProcessor>(
+    service: &str,
+    extra: &[(&str, &str)],
+    processor: impl FnOnce(std::sync::Arc<Concurrency>) -> P,
+) -> (Harness, String, std::sync::Arc<Concurrency>) {
     let name = unique("conn");
     let seen = std::sync::Arc::new(Concurrency::default());
-    let mut hs = Harness::start(
-        "busy",
-        &[
-            ("amqp.connection_name", &name),
-            ("amqp.prefetch", "1"),
-            ("amqp.reconnect_initial_ms", "100"),
-        ],
-        BlockFirst(seen.clone()),
-    )
-    .await;
-    let mut out = hs.watch_output().await;
+    let mut opts = vec![
+        ("amqp.connection_name", name.as_str()),
+        ("amqp.prefetch", "1"),
+    ];
+    opts.extend_from_slice(extra);
+    let hs = Harness::start(service, &opts, processor(seen.clone())).await;
     hs.publish("test.x", br#"{"n":1}"#, BasicProperties::default())
         .await;
     let s = seen.clone();
@@ -139,6 +139,14 @@ async fn a_lost_connection_shows_at_once_and_its_handlers_never_run_beside_the_r
         s.now.load(std::sync::atomic::Ordering::SeqCst) == 1
     })
     .await;
+    (hs, name, seen)
+}
+
+#[tokio::test]
+async fn a_lost_connection_shows_at_once_and_its_handlers_never_run_beside_the_redelivery() {
+    let (mut hs, name, seen) =
+        one_busy_handler("busy", &[("amqp.reconnect_initial_ms", "100")], BlockFirst).await;
+    let mut out = hs.watch_output().await;
     let mut sessions = hs.status.sessions();
     assert_eq!(close_connection_named(&name).await, 1);
     // The only permit is busy, yet readiness follows the connection.
@@ -360,27 +368,16 @@ impl framework::MessageProcessor for DeafFirst {
 /// which the redelivery would wait — or run beside them on another instance.
 #[tokio::test]
 async fn a_lost_connection_stops_its_handlers_at_once_even_deaf_ones() {
-    let name = unique("conn");
-    let seen = std::sync::Arc::new(Concurrency::default());
-    let mut hs = Harness::start(
+    let (mut hs, name, seen) = one_busy_handler(
         "deaf",
         &[
-            ("amqp.connection_name", &name),
-            ("amqp.prefetch", "1"),
             ("amqp.reconnect_initial_ms", "100"),
             ("amqp.drain_timeout_ms", "300000"),
         ],
-        DeafFirst(seen.clone()),
+        DeafFirst,
     )
     .await;
     let mut out = hs.watch_output().await;
-    hs.publish("test.x", br#"{"n":1}"#, BasicProperties::default())
-        .await;
-    let s = seen.clone();
-    wait_until("the handler to be busy", || {
-        s.now.load(std::sync::atomic::Ordering::SeqCst) == 1
-    })
-    .await;
     assert_eq!(close_connection_named(&name).await, 1);
     assert_eq!(next(&mut out).await.data, br#"{"n":1}"#);
     assert_eq!(
@@ -396,24 +393,11 @@ async fn a_lost_connection_stops_its_handlers_at_once_even_deaf_ones() {
 /// would run beside its redelivery on another instance.
 #[tokio::test]
 async fn a_connection_lost_during_the_drain_stops_the_handlers_at_once() {
-    let name = unique("conn");
-    let seen = std::sync::Arc::new(Concurrency::default());
-    let mut hs = Harness::start(
+    let (mut hs, name, seen) = one_busy_handler(
         "deaf-drain",
-        &[
-            ("amqp.connection_name", &name),
-            ("amqp.prefetch", "1"),
-            ("amqp.drain_timeout_ms", "300000"),
-        ],
-        DeafFirst(seen.clone()),
+        &[("amqp.drain_timeout_ms", "300000")],
+        DeafFirst,
     )
-    .await;
-    hs.publish("test.x", br#"{"n":1}"#, BasicProperties::default())
-        .await;
-    let s = seen.clone();
-    wait_until("the handler to be busy", || {
-        s.now.load(std::sync::atomic::Ordering::SeqCst) == 1
-    })
     .await;
     hs.request_stop();
     let status = hs.status.clone();
