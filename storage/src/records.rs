@@ -377,7 +377,8 @@ async fn copies_in(tx: &mut Tx<'_>, copies: &[&CopyRow]) -> Result<(), db::sqlx:
             7,
             chunk.len(),
             " ON CONFLICT (original_path, object_key) DO UPDATE SET size = excluded.size, \
-             mtime = excluded.mtime, imported_id = excluded.imported_id, \
+             mtime = excluded.mtime, \
+             imported_id = COALESCE(excluded.imported_id, copied_files.imported_id), \
              recorded_at = excluded.recorded_at, checksum = excluded.checksum",
         );
         let mut q = db::sqlx::query(&sql);
@@ -639,7 +640,8 @@ impl Records {
     ) -> Result<(), db::sqlx::Error> {
         db::sqlx::query(
             "INSERT INTO ignored_files (original_path, imported_id, recorded_at) VALUES ($1, $2, $3) \
-             ON CONFLICT (original_path) DO UPDATE SET imported_id = excluded.imported_id, \
+             ON CONFLICT (original_path) DO UPDATE SET \
+             imported_id = COALESCE(excluded.imported_id, ignored_files.imported_id), \
              recorded_at = excluded.recorded_at",
         )
         // Uncut, a long path made PostgreSQL refuse the record: the file dead-lettered.
@@ -979,6 +981,46 @@ mod tests {
                 .await
                 .expect("row");
         assert!(path.len() <= 1024 && id.len() <= 1024);
+    }
+
+    /// A file recorded again by a message without its asset's id (a replayed or retried
+    /// `file.new` from before the asset was imported, handled after a `file.update` that
+    /// named it) keeps the id recorded; a message naming one records it.
+    #[tokio::test]
+    async fn a_message_without_an_imported_id_keeps_the_recorded_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("r.db").display());
+        let r = Records::open(&url).await.expect("records");
+        let obj = StoredObject {
+            object_key: "k".into(),
+            size: 4,
+            checksum: "c".into(),
+            store: StoreFacts::default(),
+        };
+        let id = async || -> (Option<String>, Option<String>) {
+            let copied = db::sqlx::query_scalar("SELECT imported_id FROM copied_files")
+                .fetch_one(r.pool())
+                .await
+                .expect("copied row");
+            let ignored = db::sqlx::query_scalar("SELECT imported_id FROM ignored_files")
+                .fetch_one(r.pool())
+                .await
+                .expect("ignored row");
+            (copied, ignored)
+        };
+        let t = "2026-01-01T00:00:00Z";
+        r.record_copy(&obj, "sha256", "/p", t, Some("VX-1"))
+            .await
+            .unwrap();
+        r.record_ignored("/q", Some("VX-2")).await.unwrap();
+        r.record_copy(&obj, "sha256", "/p", t, None).await.unwrap();
+        r.record_ignored("/q", None).await.unwrap();
+        assert_eq!(id().await, (Some("VX-1".into()), Some("VX-2".into())));
+        r.record_copy(&obj, "sha256", "/p", t, Some("VX-3"))
+            .await
+            .unwrap();
+        r.record_ignored("/q", Some("VX-4")).await.unwrap();
+        assert_eq!(id().await, (Some("VX-3".into()), Some("VX-4".into())));
     }
 
     /// A failed batch is taken apart write by write only where one write may be the

@@ -75,6 +75,8 @@ pub struct ProjectProcessor {
     output_exchange: String,
     success_key: String,
     missing_retries: u32,
+    /// When receipts were last pruned (seconds since the epoch).
+    pruned_at: std::sync::atomic::AtomicI64,
 }
 
 impl ProjectProcessor {
@@ -85,6 +87,7 @@ impl ProjectProcessor {
             output_exchange: output_exchange.to_string(),
             success_key: format!("{output_routing_key}.success"),
             missing_retries: default_missing_project_retries(),
+            pruned_at: std::sync::atomic::AtomicI64::new(0),
         }
     }
 
@@ -120,18 +123,21 @@ impl MessageProcessor for ProjectProcessor {
         // redeliveries), else its first receipt here (an earlier attempt's header), else now.
         // A publishing time further ahead than any believed (a producer's clock gone
         // wrong) is not one: the first receipt stands, and is kept for the retries.
-        let received = ctx
+        let known = ctx
             .timestamp
             .and_then(published_at)
             .filter(|t| *t <= crate::event::latest_believable())
             .or_else(|| {
                 framework::headers::get_str(&ctx.headers, RECEIVED_HEADER)
                     .and_then(|s| normalize_time(&s))
-            })
-            .unwrap_or_else(|| {
-                crate::event::time_key(chrono::Utc::now())
-                    .unwrap_or_else(|| unreachable!("the clock is past the year 9999"))
             });
+        let received = match known {
+            Some(k) => k,
+            None => match self.first_receipt(&input, ctx).await {
+                Ok(k) => k,
+                Err(e) => return Outcome::retry(format!("cannot note the message's receipt: {e}")),
+            },
+        };
         ctx.set_retry_header(RECEIVED_HEADER, &received);
         let delivery = Delivery {
             received: &received,
@@ -243,6 +249,72 @@ impl MessageProcessor for ProjectProcessor {
         match extra {
             Ok(extra) => Outcome::success(first).with_extra(extra),
             Err(e) => Outcome::permanent(format!("cannot serialise a stored project: {e}")),
+        }
+    }
+}
+
+/// How long a message's first receipt is kept for a redelivery or replay of it.
+pub const KEEP_RECEIPTS: chrono::TimeDelta = chrono::TimeDelta::days(30);
+
+impl ProjectProcessor {
+    /// When a message with no time of its own and no first-receipt header first reached
+    /// the service. A broker redelivery (an instance died between its write and its ack, or
+    /// lost its connection) or a replay of a message the broker dead-lettered carries no
+    /// header: ordered as received again, an older update would overwrite the newer ones
+    /// applied since its first delivery. So each receipt is noted by the message's digest
+    /// (id, routing key and body), and a redelivered or replayed message takes its first.
+    async fn first_receipt(
+        &self,
+        input: &serde_json::Value,
+        ctx: &MessageContext,
+    ) -> Result<String, store::StoreError> {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for part in [ctx.message_id.as_deref().unwrap_or(""), &ctx.routing_key] {
+            h.update(part.len().to_be_bytes());
+            h.update(part.as_bytes());
+        }
+        h.update(serde_json::to_vec(input).unwrap_or_default());
+        let digest = hex::encode(h.finalize());
+        let again = ctx.redelivered
+            || framework::headers::get_str(&ctx.headers, framework::headers::ORIGINAL_EXCHANGE)
+                .is_some();
+        if again && let Some(first) = self.store.first_receipt(&digest).await? {
+            return Ok(first);
+        }
+        let now = crate::event::time_key(chrono::Utc::now())
+            .unwrap_or_else(|| unreachable!("the clock is past the year 9999"));
+        self.store.note_receipt(&digest, &now).await?;
+        self.prune_receipts().await;
+        Ok(now)
+    }
+
+    /// Forgets receipts older than [`KEEP_RECEIPTS`], at most once an hour.
+    async fn prune_receipts(&self) {
+        use std::sync::atomic::Ordering;
+        let now = chrono::Utc::now();
+        let last = self.pruned_at.load(Ordering::Relaxed);
+        if now.timestamp() - last < 3600
+            || self
+                .pruned_at
+                .compare_exchange(last, now.timestamp(), Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let Some(before) = crate::event::time_key(now - KEEP_RECEIPTS) else {
+            return;
+        };
+        match self.store.prune_receipts(&before).await {
+            Ok(n) if n > 0 => tracing::info!(
+                receipts = n,
+                "forgot receipts older than {} days",
+                KEEP_RECEIPTS.num_days()
+            ),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot prune old receipts (tried again in an hour)")
+            }
         }
     }
 }

@@ -100,6 +100,38 @@ impl Store {
         Ok(row.as_ref().map(row_to_project).transpose()?)
     }
 
+    /// When the message with digest `message` first reached the service, if noted.
+    pub async fn first_receipt(&self, message: &str) -> Result<Option<String>, StoreError> {
+        let row = db::sqlx::query("SELECT received FROM receipts WHERE message = $1")
+            .bind(message)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| r.try_get("received")).transpose()?)
+    }
+
+    /// Notes that the message with digest `message` was received at `received` (an
+    /// ordering key), replacing an earlier note of an identical message.
+    pub async fn note_receipt(&self, message: &str, received: &str) -> Result<(), StoreError> {
+        db::sqlx::query(
+            "INSERT INTO receipts (message, received) VALUES ($1, $2) \
+             ON CONFLICT (message) DO UPDATE SET received = excluded.received",
+        )
+        .bind(message)
+        .bind(received)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Forgets receipts noted before `before` (an ordering key); returns how many.
+    pub async fn prune_receipts(&self, before: &str) -> Result<u64, StoreError> {
+        let done = db::sqlx::query("DELETE FROM receipts WHERE received < $1")
+            .bind(before)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
     /// A commission's (title, production office).
     pub async fn commission(&self, id: &str) -> Result<Option<(String, String)>, StoreError> {
         let row = db::sqlx::query("SELECT title, production_office FROM commissions WHERE id = $1")

@@ -138,6 +138,8 @@ on_both!(
     a_batch_delivered_again_announces_with_the_same_ids,
     a_future_dated_event_does_not_freeze_its_project,
     an_update_applies_over_a_create_stamped_by_a_clock_ahead,
+    a_plain_update_replayed_after_the_broker_dead_lettered_it_never_overwrites_a_newer_one,
+    a_plain_update_redelivered_after_a_newer_one_keeps_its_first_place,
 );
 
 /// A batch delivered again (a lost ack, a replay) stores its projects again and announces
@@ -401,6 +403,85 @@ async fn a_kinesis_update_without_arrival_time_never_overwrites_a_newer_one(b: B
     );
     assert_eq!(env.dlq_count().await, 0);
     env.finish().await;
+}
+
+/// A plain update the broker dead-lettered (its delivery limit: no header of this service)
+/// and an operator replayed after a newer update was applied: it is ordered by when it
+/// first reached the service, not by its replay, so the newer state stays.
+async fn a_plain_update_replayed_after_the_broker_dead_lettered_it_never_overwrites_a_newer_one(
+    b: Backend,
+) {
+    use framework::lapin::types::{AMQPValue, FieldTable};
+    let env = start(b, &[]).await;
+    let mut out = env.hs.watch_output().await;
+    env.send(&project("project-created", "rp", "v0")).await;
+    next(&mut out).await;
+    let older = project("project-updated", "rp", "older");
+    env.send(&older).await;
+    assert_eq!(body(&next(&mut out).await)["title"], "older");
+    env.send(&project("project-updated", "rp", "newer")).await;
+    assert_eq!(body(&next(&mut out).await)["title"], "newer");
+    // As `dlq replay` publishes it: to the queue, its origin in headers, nothing else.
+    let mut h = FieldTable::default();
+    h.insert(
+        "x-original-exchange".into(),
+        AMQPValue::LongString(env.hs.input_exchange.as_str().into()),
+    );
+    h.insert(
+        "x-original-routing-key".into(),
+        AMQPValue::LongString("core.project.event".into()),
+    );
+    publish(
+        &env.hs.ch,
+        "",
+        &env.hs.q,
+        &serde_json::to_vec(&older).unwrap(),
+        BasicProperties::default().with_headers(h),
+    )
+    .await;
+    env.send(&project("project-created", "sentinel", "s")).await;
+    assert_eq!(
+        body(&next(&mut out).await)["id"],
+        "sentinel",
+        "the replayed update was dropped as stale"
+    );
+    assert_eq!(
+        env.store.project("rp").await.unwrap().unwrap().title,
+        "newer"
+    );
+    assert_eq!(env.dlq_count().await, 0);
+    env.finish().await;
+}
+
+/// A plain update redelivered by the broker (the instance that applied it died before its
+/// ack) after another instance applied a newer one: it keeps the place of its first
+/// delivery, so the newer state stays; a redelivery with no newer update re-applies.
+async fn a_plain_update_redelivered_after_a_newer_one_keeps_its_first_place(b: Backend) {
+    use framework::{MessageContext, MessageProcessor};
+    let dir = tempfile::tempdir().unwrap();
+    let (pg, url) = database(b, dir.path()).await;
+    let store = Store::open(&url).await.unwrap();
+    let p = project_ingest::ProjectProcessor::new(store.clone(), "out", "done");
+    let ctx = || MessageContext::for_test("pluto-core", "core.project.event", 0);
+    p.handle(project("project-created", "rd", "v0"), &ctx())
+        .await;
+    let older = project("project-updated", "rd", "older");
+    p.handle(older.clone(), &ctx()).await;
+    assert_eq!(store.project("rd").await.unwrap().unwrap().title, "older");
+    p.handle(project("project-updated", "rd", "newer"), &ctx())
+        .await;
+    let mut again = ctx();
+    again.redelivered = true;
+    p.handle(older.clone(), &again).await;
+    assert_eq!(store.project("rd").await.unwrap().unwrap().title, "newer");
+    // The newer one redelivered too re-applies (its own first place): nothing changes.
+    p.handle(project("project-updated", "rd", "newer"), &again)
+        .await;
+    assert_eq!(store.project("rd").await.unwrap().unwrap().title, "newer");
+    store.close().await;
+    if let Some(pg) = pg {
+        pg.drop_db().await.unwrap();
+    }
 }
 
 /// Puts `v` back into the queue as the framework's retry tier does (its retry count,
