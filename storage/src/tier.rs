@@ -19,6 +19,11 @@ use crate::store::Tier;
 /// Longest object key S3 takes (bytes).
 const MAX_S3_KEY: usize = 1024;
 
+/// Most bytes a file's path and its object key may take together: the records index the
+/// pair (PostgreSQL's btree holds at most 2,704 bytes per entry), and a copy whose record
+/// the database refuses would be stored, then dead-lettered, and again on every replay.
+pub const MAX_RECORDED_BYTES: usize = 2560;
+
 /// Longest encoded original path kept in an object's metadata (S3 keeps 2 KB in all,
 /// names included).
 const MAX_PATH_METADATA: usize = 1800;
@@ -341,6 +346,14 @@ impl TierCopier {
         }
 
         let natural = self.tier.key(&resolved.relative);
+        // The sibling key a copy may need (`.` and 16 hex digits) counted in.
+        let recorded = original.len() + natural.as_ref().len() + 17;
+        if recorded > MAX_RECORDED_BYTES {
+            return Err(TierError::Permanent(format!(
+                "{original}: its path and object key take {recorded} bytes together, more than \
+                 the {MAX_RECORDED_BYTES} the records can index (shorten the path)"
+            )));
+        }
 
         // 2. Nearline: any identical object already in the vault is reused.
         if self.policy.reuse_identical

@@ -1341,3 +1341,65 @@ async fn a_link_in_the_store_does_not_take_copies_out_of_it() {
         files_under(&outside)
     );
 }
+
+/// A file path of `len` bytes relative to a root, of random hex (which PostgreSQL cannot
+/// compress below its index's limit) in directories of at most 64 bytes.
+fn incompressible_path(len: usize) -> String {
+    use sha2::Digest;
+    let mut text = String::new();
+    let mut i = 0u32;
+    while text.len() < len {
+        text.push_str(&hex::encode(sha2::Sha256::digest(i.to_be_bytes())));
+        i += 1;
+    }
+    let mut rel: String = text
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).expect("hex"))
+        .collect::<Vec<_>>()
+        .join("/");
+    rel.truncate(len);
+    rel.trim_end_matches('/').to_string() + "x"
+}
+
+/// A path whose record PostgreSQL could not index (its path and key together past the
+/// btree's limit) is refused before anything is stored: before, the object was stored
+/// and its record refused, so the message was dead-lettered, and again on every replay.
+/// A path just within the limit is stored and recorded.
+#[tokio::test]
+async fn a_path_too_long_to_record_is_refused_before_anything_is_stored() {
+    let pg = db::testing::TempPostgres::create().await.expect("postgres");
+    let base = tempfile::tempdir().expect("temp");
+    let store_dir = base.path().join("store");
+    let tier = storage::store::local(&store_dir).expect("tier");
+    let recs = Records::open(&pg.url).await.expect("records");
+    let c = copier(base.path(), "online", tier, recs.clone());
+    // original = <base>/online/<rel>, key = <rel>, and 17 bytes of a sibling key.
+    let fixed = base.path().join("online").display().to_string().len() + 1 + 17;
+    let limit = storage::tier::MAX_RECORDED_BYTES;
+    let within = incompressible_path((limit - fixed) / 2 - 1);
+    let r = copied(
+        c.handle(&put(base.path(), "online", &within, b"fits"), 1)
+            .await,
+    );
+    assert_eq!(r.key, within);
+    assert_eq!(recs.count("copied_files").await.expect("count"), 1);
+    // Just past the limit, and long enough for PostgreSQL to refuse the record.
+    for len in [1400, (limit - fixed) / 2 + 1] {
+        let beyond = incompressible_path(len);
+        match c
+            .handle(&put(base.path(), "online", &beyond, b"too long"), 1)
+            .await
+        {
+            Err(TierError::Permanent(e)) => assert!(e.contains("bytes together"), "{e}"),
+            other => panic!("{len}: expected permanent, got {other:?}"),
+        }
+        assert!(
+            !store_dir.join(&beyond).exists(),
+            "nothing stored for a path refused"
+        );
+    }
+    assert_eq!(recs.count("copied_files").await.expect("count"), 1);
+    recs.close().await;
+    pg.drop_db().await.expect("drop");
+}
