@@ -138,8 +138,42 @@ async fn migrate(pool: &AnyPool, migrator: &Migrator, postgres: bool) -> Result<
             .execute(&mut *conn)
             .await?;
     }
-    forward_compatible(migrator).run_direct(&mut *conn).await?;
-    Ok(())
+    // SQLite has no migration lock: two instances starting at once on one file both see
+    // a migration missing, and the one that applies it second fails ("table … already
+    // exists"). Each migration commits with its row in `_sqlx_migrations`, so looking
+    // again finds it applied: a few looks outlast another instance's migrations.
+    let mut tries = 0;
+    loop {
+        match forward_compatible(migrator).run_direct(&mut *conn).await {
+            Err(e) if !postgres && tries < 20 => {
+                tries += 1;
+                tracing::debug!(error = %e, "migration failed, another instance may be migrating: looking again");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            r => return r.map_err(DbError::from),
+        }
+    }
+}
+
+/// The statement that begins a write transaction on the backend named `backend`: on
+/// SQLite `BEGIN IMMEDIATE`, which takes the write lock at once, waiting out the busy
+/// timeout. A deferred `BEGIN` whose first statement reads fails at once ("database is
+/// locked", the busy timeout not consulted) when it comes to write while another process
+/// on the file holds the lock or has written since that read.
+pub fn begin_statement(backend: &str) -> &'static str {
+    if backend.eq_ignore_ascii_case("sqlite") {
+        "BEGIN IMMEDIATE"
+    } else {
+        "BEGIN"
+    }
+}
+
+/// Begins a write transaction on a connection of `pool` (see [`begin_statement`]).
+pub async fn begin_write(
+    pool: &AnyPool,
+) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+    let backend = pool.connect_options().database_url.scheme().to_string();
+    pool.begin_with(begin_statement(&backend)).await
 }
 
 /// How long a PostgreSQL statement waits for a lock another session holds before it fails

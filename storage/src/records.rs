@@ -214,7 +214,8 @@ async fn apply_in(
     let mut order: Vec<usize> = (0..writes.len()).collect();
     order.sort_by_key(|&i| writes[i].key());
     let sorted: Vec<&Write> = order.iter().map(|&i| writes[i]).collect();
-    let mut tx = db::sqlx::Connection::begin(&mut **conn).await?;
+    let begin = db::begin_statement(conn.backend_name());
+    let mut tx = db::sqlx::Connection::begin_with(&mut **conn, begin).await?;
     if let Some(wait) = lock_wait.filter(|_| !sqlite) {
         db::sqlx::query(&format!("SET LOCAL lock_timeout = '{wait}'"))
             .execute(&mut *tx)
@@ -794,7 +795,7 @@ impl Records {
         upload_id: &str,
         part: &PartRecord,
     ) -> Result<(), db::sqlx::Error> {
-        let mut tx = self.write.begin().await?;
+        let mut tx = db::begin_write(&self.write).await?;
         db::sqlx::query(
             "INSERT INTO multipart_parts (upload_id, part_number, etag, sha256, size) \
              VALUES ($1, $2, $3, $4, $5) ON CONFLICT (upload_id, part_number) DO UPDATE \
@@ -840,7 +841,7 @@ impl Records {
 
     /// Forgets a completed or aborted upload and its parts.
     pub async fn forget_upload(&self, key: &str, upload_id: &str) -> Result<(), db::sqlx::Error> {
-        let mut tx = self.write.begin().await?;
+        let mut tx = db::begin_write(&self.write).await?;
         db::sqlx::query("DELETE FROM multipart_parts WHERE upload_id = $1")
             .bind(upload_id)
             .execute(&mut *tx)

@@ -151,7 +151,7 @@ impl Store {
         // producer's future clock) is no newer state: any event replaces it.
         let bound = crate::event::latest_believable();
         let mut created_key: Option<String> = None;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = db::begin_write(&self.pool).await?;
         let row = match (&ev.kind, &ev.version) {
             (EventKind::Created, _) => {
                 // A created event never overwrites state written by an update, and never

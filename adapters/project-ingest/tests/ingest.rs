@@ -1244,3 +1244,86 @@ async fn an_unknown_projects_update_is_dropped_in_the_designs_words() {
         other => panic!("dropped, not {other:?}"),
     }
 }
+
+/// A SQLite file another process holds the write lock of, through a handle on it of its
+/// own (as a second instance on one file is), held until `release` is sent.
+async fn hold_sqlite_write_lock(url: &str) -> tokio::sync::oneshot::Sender<()> {
+    use db::sqlx::Connection;
+    db::sqlx::any::install_default_drivers();
+    let mut conn = db::sqlx::AnyConnection::connect(url)
+        .await
+        .expect("connect");
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    let (held, is_held) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        db::sqlx::query("PRAGMA journal_mode = WAL")
+            .execute(&mut conn)
+            .await
+            .expect("wal");
+        db::sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut conn)
+            .await
+            .expect("lock");
+        let _ = held.send(());
+        let _ = released.await;
+        db::sqlx::query("COMMIT")
+            .execute(&mut conn)
+            .await
+            .expect("commit");
+    });
+    is_held.await.expect("lock held");
+    release
+}
+
+/// Two instances on one SQLite file: an update (which reads its project's creation before
+/// it writes) while the other holds the write lock waits for it, as every write does,
+/// instead of failing at once with "database is locked" (a retry, an attempt used up).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_waits_for_another_instances_write_on_one_sqlite_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = db::default_url(dir.path(), "project-ingest");
+    let store = Store::open(&url).await.unwrap();
+    let p = project_ingest::ProjectProcessor::new(store.clone(), "out", "done");
+    let ctx = || framework::MessageContext::for_test("pluto-core", "core.project.event", 0);
+    framework::MessageProcessor::handle(&p, project("project-created", "w", "v0"), &ctx()).await;
+    let release = hold_sqlite_write_lock(&url).await;
+    let ev = project_ingest::event::parse_project(
+        &project("project-updated", "w", "v1"),
+        Some("2030-01-01T00:00:00.000000Z".into()),
+    )
+    .unwrap();
+    let project_ingest::event::Parsed::Project(ev) = ev else {
+        panic!("a project event")
+    };
+    let update = tokio::spawn({
+        let store = store.clone();
+        async move { store.apply(&ev).await }
+    });
+    // Long enough for the update to meet the lock (a slower machine only makes the test
+    // weaker, never wrong); well within SQLite's 5 s busy timeout.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = release.send(());
+    let applied = update.await.unwrap();
+    assert!(
+        matches!(applied, Ok(project_ingest::store::Applied::Stored(_))),
+        "{applied:?}"
+    );
+    store.close().await;
+}
+
+/// Two instances starting at once on a new SQLite file both find its migrations missing:
+/// both start, neither fails on a table the other just created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_starting_at_once_on_a_new_sqlite_file_both_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = db::default_url(dir.path(), "project-ingest");
+    let release = hold_sqlite_write_lock(&format!("{url}?mode=rwc")).await;
+    let open = |u: String| tokio::spawn(async move { Store::open(&u).await });
+    let (a, b) = (open(url.clone()), open(url.clone()));
+    // Both past their look at what is applied, waiting for the lock.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = release.send(());
+    for s in [a.await.unwrap(), b.await.unwrap()] {
+        s.expect("started").close().await;
+    }
+}

@@ -250,7 +250,7 @@ impl Store {
         m: &StatusMessage,
         key: &str,
     ) -> Result<(Collection, bool, bool), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = db::begin_write(&self.pool).await?;
         let existed = db::sqlx::query(
             "SELECT 1 FROM snapshot_collections WHERE correlation_id = $1 AND collection_name = $2",
         )
@@ -329,7 +329,7 @@ impl Store {
     ) -> Result<FileOutcome, StoreError> {
         let trigger = format!("received by {message_key}");
         let t = now();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = db::begin_write(&self.pool).await?;
         // A file may arrive before its collection's counts: the collection starts Pending.
         let inserted = db::sqlx::query(
             "INSERT INTO snapshot_collections (correlation_id, collection_name, status, \
@@ -447,7 +447,7 @@ impl Store {
         collection: &str,
         message_key: &str,
     ) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = db::begin_write(&self.pool).await?;
         lock_run(&mut tx, correlation_id).await?;
         let row = db::sqlx::query(
             &format!("INSERT INTO snapshot_products (correlation_id, status, updated_at, received_by) \
@@ -516,7 +516,7 @@ impl Store {
                         break;
                     }
                 }
-                let mut tx = self.pool.begin().await?;
+                let mut tx = db::begin_write(&self.pool).await?;
                 lock_run(&mut tx, &run).await?;
                 // Still completed and old: a collection heard of meanwhile reopened it.
                 let gone = db::sqlx::query(
@@ -585,7 +585,7 @@ impl Store {
         collection: &str,
         message_key: &str,
     ) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = db::begin_write(&self.pool).await?;
         lock_run(&mut tx, correlation_id).await?;
         let row = db::sqlx::query(&format!(
             "INSERT INTO snapshot_products (correlation_id, status, updated_at, completed_by) \
