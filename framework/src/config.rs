@@ -613,6 +613,49 @@ fn without_source_lines(msg: &str) -> String {
         .join("\n")
 }
 
+/// Whether the config file `path` is there to be read: false where nothing is; an error
+/// naming it where something is but cannot be read as one (a directory, which a bind
+/// mount of a missing file creates; a link to nothing; no permission), which skipped
+/// would leave its settings silently unapplied.
+fn config_file(path: &Path) -> Result<bool, ConfigError> {
+    let shown = path.display();
+    let key = "--config-dir (or STORAGETIER_CONFIG_DIR)";
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => std::fs::File::open(path)
+            .map(|_| true)
+            .map_err(|e| ConfigError::new(key, format!("cannot read {shown}: {e}"))),
+        Ok(_) => Err(ConfigError::new(key, format!("{shown} is not a file"))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => match path.symlink_metadata() {
+            Ok(_) => Err(ConfigError::new(
+                key,
+                format!("{shown} is a symbolic link to nothing"),
+            )),
+            Err(_) => Ok(false),
+        },
+        Err(e) => Err(ConfigError::new(key, format!("cannot read {shown}: {e}"))),
+    }
+}
+
+/// The environment's `STORAGETIER__…` variables whose value is not UTF-8, by name: the
+/// config parser's error would quote the value, a password perhaps.
+fn check_env_text(opts: &LoadOptions) -> Result<(), ConfigError> {
+    if opts.env_vars.is_some() {
+        return Ok(());
+    }
+    let prefix = format!("{ENV_PREFIX}__");
+    for (k, v) in std::env::vars_os() {
+        if let Some(k) = k.to_str().filter(|k| k.starts_with(&prefix))
+            && v.to_str().is_none()
+        {
+            return Err(ConfigError::new(
+                k,
+                "its value is not UTF-8 text (not shown: it may be a secret)",
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Loads all layers into one merged tree, checking top-level sections.
 fn load_tree(opts: &LoadOptions) -> Result<Map<String, Value>, ConfigError> {
     let mut b =
@@ -633,12 +676,12 @@ fn load_tree(opts: &LoadOptions) -> Result<Map<String, Value>, ConfigError> {
     if let Some(dir) = &opts.config_dir {
         if dir.is_dir() {
             let default = dir.join("default.toml");
-            if default.is_file() {
+            if config_file(&default)? {
                 b = b.add_source(File::from(default.as_path()).format(FileFormat::Toml));
                 files.push(default);
             }
             let envf = dir.join(format!("{env_name}.toml"));
-            if envf.is_file() {
+            if config_file(&envf)? {
                 b = b.add_source(File::from(envf.as_path()).format(FileFormat::Toml));
                 files.push(envf);
             } else if opts.env_name.is_some() {
@@ -668,6 +711,7 @@ fn load_tree(opts: &LoadOptions) -> Result<Map<String, Value>, ConfigError> {
             ));
         }
     }
+    check_env_text(opts)?;
     // Values stay strings here: each key's own type converts them when the section is read,
     // so a token `0123` or a name `1e3` keeps its text, and a one-element list stays a list.
     let mut env = Environment::with_prefix(ENV_PREFIX)
@@ -940,6 +984,14 @@ pub fn load<S: DeserializeOwned>(
                 format!("cannot read {}: {e}", pf.display()),
             )
         })?;
+        // An empty one (a secret not mounted yet) would remove the password from the URL,
+        // and the client would log in as guest: refused, and retried for ever.
+        if pw.trim().is_empty() {
+            return Err(ConfigError::new(
+                "amqp.password_file",
+                format!("{} is empty", pf.display()),
+            ));
+        }
         amqp.url = amqp
             .url
             .with_password(pw.trim())

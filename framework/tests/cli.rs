@@ -36,6 +36,68 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// A config file that is there but cannot be read as one — a directory (what a bind
+/// mount of a missing file leaves), a link to nothing, a file without read permission —
+/// exits 2 naming it, instead of being skipped (its settings silently unapplied) or
+/// failing without its name.
+#[test]
+fn a_config_file_that_cannot_be_read_exits_2_naming_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let check = |what: &str| {
+        let o = run(echo_cmd("unused", dir.path()).arg("check-config"));
+        assert_eq!(o.status.code(), Some(2), "{what}: {}", stderr(&o));
+        assert!(stderr(&o).contains("dev.toml"), "{what}: {}", stderr(&o));
+    };
+    let dev = dir.path().join("dev.toml");
+    std::fs::create_dir(&dev).unwrap();
+    check("a directory");
+    std::fs::remove_dir(&dev).unwrap();
+    std::os::unix::fs::symlink(dir.path().join("gone.toml"), &dev).unwrap();
+    check("a link to nothing");
+    std::fs::remove_file(&dev).unwrap();
+    std::fs::write(&dev, "[amqp]\nprefetch = 4\n").unwrap();
+    std::fs::set_permissions(&dev, std::fs::Permissions::from_mode(0o000)).unwrap();
+    // root reads whatever the permissions say.
+    if std::fs::read(&dev).is_err() {
+        check("unreadable");
+    }
+}
+
+/// A password in a `STORAGETIER__…` variable that is not UTF-8 is refused naming the
+/// variable, never quoted (the config parser's own error quoted the value).
+#[test]
+fn a_variable_that_is_not_utf8_is_named_not_quoted() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    let value = std::ffi::OsStr::from_bytes(b"amqp://u:s3cr\xe9t@h/");
+    let o = run(echo_cmd("unused", dir.path())
+        .env("STORAGETIER__AMQP__URL", value)
+        .arg("check-config"));
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("STORAGETIER__AMQP__URL"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!stderr(&o).contains("s3cr"), "{}", stderr(&o));
+}
+
+/// An empty password file (a secret not mounted yet) exits 2 naming the key: its empty
+/// password removed the one in the URL, and the client logged in as guest, refused for
+/// ever.
+#[test]
+fn an_empty_password_file_exits_2_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, "\n").unwrap();
+    let o = run(echo_cmd("unused", dir.path())
+        .env("STORAGETIER__AMQP__PASSWORD_FILE", &pw)
+        .arg("check-config"));
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("amqp.password_file"), "{}", stderr(&o));
+}
+
 #[test]
 fn bad_config_exits_2_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
