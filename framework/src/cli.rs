@@ -404,8 +404,9 @@ async fn execute<S: Service>(cmd: Command, cfg: Config<S::Settings>) -> Result<(
             let topo = topology_of::<S>(&cfg);
             let conn = connect(&cfg.amqp, S::NAME).await.map_err(|e| {
                 Failure::Other(format!(
-                    "cannot connect to {}: {e}",
-                    cfg.amqp.endpoints_shown()
+                    "cannot connect to {}: {e}{}",
+                    cfg.amqp.endpoints_shown(),
+                    crate::connection::refusal_hint(&e)
                 ))
             })?;
             let limit = cfg.amqp.operation_timeout();
@@ -455,8 +456,9 @@ async fn execute<S: Service>(cmd: Command, cfg: Config<S::Settings>) -> Result<(
             let topo = topology_of::<S>(&cfg);
             let conn = connect(&cfg.amqp, S::NAME).await.map_err(|e| {
                 Failure::Other(format!(
-                    "cannot connect to {}: {e}",
-                    cfg.amqp.endpoints_shown()
+                    "cannot connect to {}: {e}{}",
+                    cfg.amqp.endpoints_shown(),
+                    crate::connection::refusal_hint(&e)
                 ))
             })?;
             let r = match dlq::exclusive(&conn, &topo).await {

@@ -131,6 +131,19 @@ pub(crate) fn skip_last_node() {
     NEXT_NODE.fetch_add(1, Ordering::Relaxed);
 }
 
+/// What a refused connection says about the configuration, to follow its error: the
+/// broker's own words (`ACCESS_REFUSED`, `NOT_ALLOWED`) do not name the setting to fix.
+pub fn refusal_hint(e: &impl std::fmt::Display) -> &'static str {
+    let text = e.to_string();
+    if text.contains("ACCESS_REFUSED") {
+        " (the broker refuses the user or password of [amqp] url / urls / password_file)"
+    } else if text.contains("NOT_ALLOWED") {
+        " (the vhost of [amqp] url / urls does not exist, or the user may not use it)"
+    } else {
+        ""
+    }
+}
+
 /// Opens a connection named for the management UI to the first node of `[amqp] urls`
 /// (or `url`) that answers, starting after the node tried last.
 pub async fn connect(amqp: &AmqpConfig, service: &str) -> Result<Connection, lapin::Error> {

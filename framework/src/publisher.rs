@@ -92,6 +92,15 @@ impl Publication {
     }
 }
 
+/// An exchange as an error names it: the default exchange (`""`) in words.
+fn exchange_shown(name: &str) -> String {
+    if name.is_empty() {
+        "the default exchange".into()
+    } else {
+        format!("exchange `{name}`")
+    }
+}
+
 /// Why an outcome could not be published.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -99,10 +108,10 @@ pub enum PublishError {
     #[error("publish failed: {0}")]
     Amqp(#[from] lapin::Error),
     /// The broker refused the message (basic.nack).
-    #[error("broker nacked the publish to exchange `{0}`")]
+    #[error("broker nacked the publish to {}", exchange_shown(.0))]
     Nacked(String),
     /// A mandatory message reached no queue (e.g. a retry or dead-letter queue was deleted).
-    #[error("message to exchange `{0}` routing key `{1}` reached no queue")]
+    #[error("message to {shown} routing key `{1}` reached no queue", shown = exchange_shown(.0))]
     Unroutable(String, String),
     /// The context is not attached to a broker channel (processor called outside a runtime).
     #[error("no broker channel available to publish on")]
@@ -114,7 +123,7 @@ pub enum PublishError {
     )]
     NameTooLong(String, String),
     /// The broker did not confirm within `[amqp] operation_timeout_ms`.
-    #[error("the broker did not confirm the publish to exchange `{0}` in time")]
+    #[error("the broker did not confirm the publish to {} in time", exchange_shown(.0))]
     Timeout(String),
     /// The message's properties (its headers, mostly) would not fit in one AMQP frame: the
     /// broker would close the whole connection over it. Nothing was published.

@@ -98,6 +98,29 @@ fn an_empty_password_file_exits_2_naming_the_key() {
     assert!(stderr(&o).contains("amqp.password_file"), "{}", stderr(&o));
 }
 
+/// The broker refusing the password, or a vhost that does not exist: exit 1 naming the
+/// setting to fix, not only the broker's own words.
+#[test]
+fn a_refused_login_or_vhost_names_the_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut vhost = url::Url::parse(&amqp_url()).unwrap();
+    vhost.set_path("/no-such-vhost");
+    for (url, says) in [
+        (with_credentials(&amqp_url(), "guest", "wrong"), "password"),
+        (vhost.to_string(), "vhost"),
+    ] {
+        let o = run(echo_cmd("unused", dir.path())
+            .env("STORAGETIER__AMQP__URL", &url)
+            .args(["dlq", "list"]));
+        assert_eq!(o.status.code(), Some(1), "{url}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("[amqp] url") && stderr(&o).contains(says),
+            "{url}: {}",
+            stderr(&o)
+        );
+    }
+}
+
 #[test]
 fn bad_config_exits_2_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();

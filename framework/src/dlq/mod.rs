@@ -34,14 +34,27 @@ pub struct DeadLetter {
     pub size: usize,
 }
 
+/// What an unconfirmed replay may have done: a publish that failed on the way (a lost
+/// channel, no confirm in time) may have reached the queue before it did.
+fn maybe_delivered(e: &PublishError) -> &'static str {
+    match e {
+        PublishError::Amqp(_) | PublishError::Timeout(_) => {
+            " — it may have reached the service's queue all the same: replaying it again \
+             may deliver it twice"
+        }
+        _ => "",
+    }
+}
+
 /// Failures of the dead-letter tools.
 #[derive(Debug, thiserror::Error)]
 pub enum DlqError {
     /// Broker failure.
     #[error("broker error: {0}")]
     Amqp(#[from] lapin::Error),
-    /// A replay could not be confirmed; the dead letter was kept.
-    #[error("replay not confirmed, dead letter kept: {0}")]
+    /// A replay could not be confirmed; the dead letter was kept. Unless the broker
+    /// refused it, the copy may have reached the queue all the same.
+    #[error("replay not confirmed, dead letter kept: {0}{hint}", hint = maybe_delivered(.0))]
     Publish(#[from] PublishError),
     /// The replay was confirmed but the dead letter could not be removed (the channel or
     /// connection closed or blocked): it is still in the DLQ, and replaying it again
@@ -520,6 +533,21 @@ pub async fn purge(conn: &Connection, topo: &Topology) -> Result<u32, DlqError> 
 
 #[cfg(test)]
 mod tests {
+    /// An unconfirmed replay says it may have been delivered where it may (the confirm
+    /// lost on the way), not where the broker refused it; the default exchange is named
+    /// in words, not as empty quotes.
+    #[test]
+    fn an_unconfirmed_replay_says_whether_it_may_have_been_delivered() {
+        use crate::publisher::PublishError;
+        let lost = super::DlqError::Publish(PublishError::Timeout(String::new())).to_string();
+        assert!(lost.contains("may have reached"), "{lost}");
+        assert!(lost.contains("the default exchange"), "{lost}");
+        assert!(!lost.contains("``"), "{lost}");
+        let refused = super::DlqError::Publish(PublishError::Unroutable(String::new(), "q".into()))
+            .to_string();
+        assert!(!refused.contains("may have reached"), "{refused}");
+    }
+
     #[test]
     fn the_kind_of_a_broker_dead_letter_is_its_latest_death() {
         use lapin::types::{AMQPValue, FieldArray, FieldTable};
