@@ -866,12 +866,38 @@ impl Records {
         let clock = database_clock(conn.backend_name());
         let rows = db::sqlx::query(&format!(
             "SELECT object_key, upload_id, source_size, source_mtime, part_size \
-             FROM multipart_uploads WHERE touched_at <= {clock} - $1"
+             FROM multipart_uploads WHERE touched_at <= {clock} - $1 \
+             ORDER BY touched_at, object_key"
         ))
         .bind(age)
         .fetch_all(&mut *conn)
         .await?;
         rows.iter().map(upload_record).collect()
+    }
+
+    /// Whether the upload `upload_id` at `key` is still recorded with no part stored for
+    /// `older_than` (a sweep's list is minutes old by its last entries: a copy may have
+    /// resumed the upload since).
+    pub async fn still_untouched(
+        &self,
+        key: &str,
+        upload_id: &str,
+        older_than: std::time::Duration,
+    ) -> Result<bool, db::sqlx::Error> {
+        let age =
+            i64::try_from(older_than.as_millis()).map_or(i64::MAX / 2, |ms| ms.min(i64::MAX / 2));
+        let mut conn = self.pool.acquire().await?;
+        let clock = database_clock(conn.backend_name());
+        let row = db::sqlx::query(&format!(
+            "SELECT upload_id FROM multipart_uploads WHERE object_key = $1 AND upload_id = $2 \
+             AND touched_at <= {clock} - $3"
+        ))
+        .bind(key)
+        .bind(upload_id)
+        .bind(age)
+        .fetch_optional(&mut *conn)
+        .await?;
+        Ok(row.is_some())
     }
 
     /// Counts rows of a table (tests and diagnostics); `table` must be one of ours.

@@ -232,6 +232,7 @@ pub struct Faults {
     /// Parts sent through the resumable S3 path.
     pub parts_sent: AtomicUsize,
     gate: Mutex<Option<(Arc<Notify>, Arc<Notify>)>>,
+    abort_gate: Mutex<Option<(Arc<Notify>, Arc<Notify>)>>,
 }
 
 impl Faults {
@@ -243,8 +244,19 @@ impl Faults {
         pair
     }
 
+    /// Holds the next multipart abort as [`Faults::hold_next_upload`] holds an upload.
+    pub fn hold_next_abort(&self) -> (Arc<Notify>, Arc<Notify>) {
+        let pair = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+        *lock(&self.abort_gate) = Some(pair.clone());
+        pair
+    }
+
     async fn gate(&self) {
-        let held = lock(&self.gate).take();
+        Self::pass(&self.gate).await
+    }
+
+    async fn pass(gate: &Mutex<Option<(Arc<Notify>, Arc<Notify>)>>) {
+        let held = lock(gate).take();
         if let Some((entered, release)) = held {
             entered.notify_one();
             release.notified().await;
@@ -451,6 +463,7 @@ impl MultipartStore for FaultyStore {
         id: &MultipartId,
     ) -> object_store::Result<()> {
         self.faults.aborts.fetch_add(1, Ordering::SeqCst);
+        Faults::pass(&self.faults.abort_gate).await;
         self.mp()?.abort_multipart(path, id).await
     }
 }

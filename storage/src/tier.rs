@@ -226,6 +226,23 @@ impl TierCopier {
             let Ok(claim) = Claim::take(&self.records, &key).await else {
                 continue;
             };
+            // Looked at again under the claim: a copy may have resumed it since the list
+            // was read (each abort before it is a store call), and stopped again.
+            match self
+                .records
+                .still_untouched(key.as_ref(), &u.upload_id, older_than)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => {
+                    claim.release().await;
+                    continue;
+                }
+                Err(e) => {
+                    claim.release().await;
+                    return Err(e.into());
+                }
+            }
             let done = copy::abort_recorded(mp.as_ref(), &self.records, &key, &u.upload_id).await;
             claim.release().await;
             if done {

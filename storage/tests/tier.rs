@@ -799,6 +799,79 @@ async fn abandoned_s3_multipart_uploads_are_aborted_after_their_age() {
     );
 }
 
+/// The abandoned-upload sweep reads its list once, then aborts one upload after another
+/// (a store call each): an upload a copy resumed meanwhile (a part stored, then the copy
+/// stopped and let its claim go) is no longer abandoned and is kept, not aborted from
+/// under the next attempt, which would start the whole file over.
+#[tokio::test]
+async fn an_upload_resumed_while_the_sweep_runs_is_not_aborted() {
+    let bucket = "tier-sweep-race";
+    let (_moto, _proxy, tier) = s3_tier(bucket).await;
+    let (faulty, faults) = FaultyStore::wrap(&tier);
+    let base = tempfile::tempdir().expect("temp");
+    let c = Arc::new(copier(
+        base.path(),
+        "online",
+        faulty,
+        records(base.path()).await,
+    ));
+    for name in ["a/first.mov", "a/second.mov"] {
+        let msg = put(base.path(), "online", name, &content(11 * MIB, 8));
+        *faults.fail_parts_from.lock().expect("faults") = Some(1);
+        transient(c.handle(&msg, 1).await);
+    }
+    // Both untouched for two hours, the first longer (the sweep's list is oldest first).
+    // A writer of its own (the records' pool only reads).
+    db::sqlx::any::install_default_drivers();
+    let url = format!("sqlite://{}", base.path().join("tier.db").display());
+    let pool = db::sqlx::AnyPool::connect(&url).await.expect("writer");
+    for (key, hours) in [("pre/a/first.mov", 3), ("pre/a/second.mov", 2)] {
+        db::sqlx::query(
+            "UPDATE multipart_uploads SET touched_at = touched_at - $1 WHERE object_key = $2",
+        )
+        .bind(hours * 3_600_000i64)
+        .bind(key)
+        .execute(&pool)
+        .await
+        .expect("aged");
+    }
+    let (entered, release) = faults.hold_next_abort();
+    let sweep = tokio::spawn({
+        let c = c.clone();
+        async move {
+            c.abort_abandoned_uploads(std::time::Duration::from_secs(3600))
+                .await
+        }
+    });
+    entered.notified().await;
+    // While the first is being aborted, a copy stores a part of the second.
+    db::sqlx::query(
+        "UPDATE multipart_uploads SET touched_at = touched_at + $1 WHERE object_key = $2",
+    )
+    .bind(2 * 3_600_000i64)
+    .bind("pre/a/second.mov")
+    .execute(&pool)
+    .await
+    .expect("touched");
+    release.notify_one();
+    assert_eq!(sweep.await.expect("sweep").expect("swept"), 1);
+    assert!(
+        c.records()
+            .upload_for("pre/a/second.mov")
+            .await
+            .expect("query")
+            .is_some(),
+        "the resumed upload is kept"
+    );
+    assert!(
+        c.records()
+            .upload_for("pre/a/first.mov")
+            .await
+            .expect("query")
+            .is_none()
+    );
+}
+
 #[tokio::test]
 async fn concurrent_claims_and_records_are_group_committed_each_answered_truthfully() {
     use std::time::Duration;
