@@ -573,6 +573,7 @@ async fn dlq_command(
                 older_than,
                 limit,
                 per_second: rate,
+                hold_at_most: None,
             };
             let verb = if dry_run { "would replay" } else { "replayed" };
             // Each line as its dead letter is moved: a replay cut short has said which.

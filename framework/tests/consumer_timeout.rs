@@ -90,3 +90,96 @@ async fn a_handler_longer_than_the_consumer_timeout_completes_once_on_rabbitmq_3
     assert_eq!(broker.count(&q).await, Some(0));
     service.stop().await;
 }
+
+/// A paced, filtered replay holds the dead letters it passes over (so that each look
+/// fetches the next one): held longer than the node's consumer timeout, the broker took
+/// the channel and the replay ended halfway with a broker error. It stops before that,
+/// hands them back, and says to run it again; run again until done, it replays every
+/// match once and keeps the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_filtered_replay_stops_before_the_consumer_timeout_and_goes_on_when_run_again() {
+    use framework::dlq::{self, DlqError, Filter};
+    use framework::lapin::BasicProperties;
+    use framework::lapin::options::QueueDeclareOptions;
+    use framework::lapin::types::{AMQPValue, FieldTable};
+    let broker = PrivateBroker::start_with(|host, _| {
+        std::fs::write(
+            host.join("advanced.config"),
+            "[{rabbit, [{channel_tick_interval, 1000}]}].\n",
+        )
+        .expect("advanced.config");
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(
+            host.join("advanced.config"),
+            std::fs::Permissions::from_mode(0o644),
+        );
+        "consumer_timeout = 1000\n".to_string()
+    })
+    .await;
+    let q = unique("replay-held");
+    let cfg = config(&q, &[("amqp.url", &broker.url())]);
+    let topo = framework::topology::Topology::new(
+        &q,
+        &format!("{q}-out"),
+        Vec::new(),
+        &cfg.amqp,
+        &cfg.retry,
+    );
+    let (conn, ch) = broker.channel().await.expect("channel");
+    for name in [q.clone(), topo.dlq()] {
+        ch.queue_declare(
+            name.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare");
+    }
+    // One the filter passes over, at the head, then three it replays.
+    for (i, kind) in [
+        "permanent",
+        "retries-exhausted",
+        "retries-exhausted",
+        "retries-exhausted",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut h = FieldTable::default();
+        h.insert("x-error-kind".into(), AMQPValue::LongString(kind.into()));
+        publish(
+            &ch,
+            "",
+            &topo.dlq(),
+            format!("{{\"i\":{i}}}").as_bytes(),
+            BasicProperties::default().with_headers(h),
+        )
+        .await;
+    }
+    let filter = Filter {
+        kind: Some("retries-exhausted".into()),
+        per_second: Some(0.5),
+        hold_at_most: Some(Duration::from_millis(500)),
+        ..Filter::default()
+    };
+    let mut replayed = 0;
+    let mut runs = 0;
+    loop {
+        runs += 1;
+        assert!(runs <= 10, "the replay goes on when run again");
+        match dlq::replay_filtered(&conn, &topo, &filter, false).await {
+            Ok(moved) => {
+                replayed += moved.len();
+                break;
+            }
+            Err(DlqError::Stopped { moved, .. }) => replayed += moved,
+            Err(e) => panic!("replay run {runs}: {e}"),
+        }
+    }
+    assert_eq!(replayed, 3);
+    assert_eq!(broker.count(&q).await, Some(3));
+    assert_eq!(broker.count(&topo.dlq()).await, Some(1));
+}

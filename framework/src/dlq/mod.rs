@@ -64,6 +64,19 @@ pub enum DlqError {
          connection lost); it is still in the DLQ: replaying it again delivers it twice"
     )]
     NotRemoved(Option<String>),
+    /// A replay stopped before the dead letters it passed over had been held longer than
+    /// the broker allows (its consumer timeout); what it replayed is replayed.
+    #[error(
+        "stopped after replaying {moved}: the dead letters passed over had been held for \
+         {held_secs} s, and the broker's consumer timeout would take the channel; they are \
+         back in the DLQ. Run the same command again to go on"
+    )]
+    Stopped {
+        /// Dead letters replayed before it stopped.
+        moved: usize,
+        /// How long the passed-over ones were held, in seconds.
+        held_secs: u64,
+    },
     /// Another `dlq` command holds the service's dead letters.
     #[error(
         "another `dlq` command is working on {0} (the dead letters it passed are held until it \
@@ -291,7 +304,16 @@ pub struct Filter {
     pub limit: Option<usize>,
     /// At most this many per second (a downstream just back is not flooded).
     pub per_second: Option<f64>,
+    /// How long the dead letters passed over may be held before the replay stops (None:
+    /// [`HOLD_AT_MOST`]).
+    pub hold_at_most: Option<Duration>,
 }
+
+/// How long a replay holds the dead letters it passed over (unacknowledged on its channel,
+/// so that each look fetches the next one) before it stops and hands them back: the
+/// broker's consumer timeout (30 minutes by default) closes a channel holding a delivery
+/// longer, which cut a long paced or filtered replay off halfway with a broker error.
+pub const HOLD_AT_MOST: Duration = Duration::from_secs(5 * 60);
 
 impl From<&Selection> for Filter {
     fn from(s: &Selection) -> Self {
@@ -455,7 +477,20 @@ pub async fn replay_each(
     let t = topo.operation_timeout;
     let total = bounded(t, "queue.declare", count(&ch, &topo.dlq())).await?;
     let mut moved = 0usize;
+    let hold_at_most = filter.hold_at_most.unwrap_or(HOLD_AT_MOST);
+    // Since when a dead letter passed over is held (none: nothing held).
+    let mut held_since: Option<tokio::time::Instant> = None;
+    let mut stopped = None;
     for _ in 0..total {
+        // Stopped before the next look or replay (its paced wait included) would hold
+        // the first one passed over longer than allowed.
+        let next = next_at.max(tokio::time::Instant::now());
+        if let Some(since) = held_since
+            && next.duration_since(since) >= hold_at_most
+        {
+            stopped = Some(since.elapsed());
+            break;
+        }
         let get = ch.basic_get(
             topo.dlq().as_str().into(),
             BasicGetOptions { no_ack: false },
@@ -469,6 +504,7 @@ pub async fn replay_each(
             break;
         }
         if !filter.matches(&info, now) {
+            held_since.get_or_insert_with(tokio::time::Instant::now);
             continue;
         }
         if !dry_run {
@@ -518,7 +554,13 @@ pub async fn replay_each(
     let kept = total.saturating_sub(if dry_run { 0 } else { done });
     debug_assert!(kept <= total);
     await_returned(conn, &topo.dlq(), kept, t).await?;
-    Ok(moved)
+    match stopped {
+        Some(held) => Err(DlqError::Stopped {
+            moved,
+            held_secs: held.as_secs(),
+        }),
+        None => Ok(moved),
+    }
 }
 
 /// Deletes every dead letter; returns how many.
