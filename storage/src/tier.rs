@@ -363,14 +363,6 @@ impl TierCopier {
         }
 
         let natural = self.tier.key(&resolved.relative);
-        // The sibling key a copy may need (`.` and 16 hex digits) counted in.
-        let recorded = original.len() + natural.as_ref().len() + 17;
-        if recorded > MAX_RECORDED_BYTES {
-            return Err(TierError::Permanent(format!(
-                "{original}: its path and object key take {recorded} bytes together, more than \
-                 the {MAX_RECORDED_BYTES} the records can index (shorten the path)"
-            )));
-        }
 
         // 2. Nearline: any identical object already in the vault is reused.
         if self.policy.reuse_identical
@@ -400,6 +392,13 @@ impl TierCopier {
                 return Err(TierError::Permanent(format!(
                     "object key {key} is {} bytes long, more than S3's {MAX_S3_KEY}",
                     key.as_ref().len()
+                )));
+            }
+            let recorded = original.len() + key.as_ref().len();
+            if recorded > MAX_RECORDED_BYTES {
+                return Err(TierError::Permanent(format!(
+                    "{original}: its path and object key {key} take {recorded} bytes together, \
+                     more than the {MAX_RECORDED_BYTES} the records can index (shorten the path)"
                 )));
             }
             let claim = match self.tier.local_dir {

@@ -1431,8 +1431,12 @@ fn incompressible_path(len: usize) -> String {
         .map(|c| std::str::from_utf8(c).expect("hex"))
         .collect::<Vec<_>>()
         .join("/");
-    rel.truncate(len);
-    rel.trim_end_matches('/').to_string() + "x"
+    rel.truncate(len - 1);
+    let mut rel = rel.trim_end_matches('/').to_string();
+    while rel.len() < len {
+        rel.push('x');
+    }
+    rel
 }
 
 /// A path whose record PostgreSQL could not index (its path and key together past the
@@ -1447,10 +1451,10 @@ async fn a_path_too_long_to_record_is_refused_before_anything_is_stored() {
     let tier = storage::store::local(&store_dir).expect("tier");
     let recs = Records::open(&pg.url).await.expect("records");
     let c = copier(base.path(), "online", tier, recs.clone());
-    // original = <base>/online/<rel>, key = <rel>, and 17 bytes of a sibling key.
-    let fixed = base.path().join("online").display().to_string().len() + 1 + 17;
+    // original = <base>/online/<rel>, key = <rel>.
+    let fixed = base.path().join("online").display().to_string().len() + 1;
     let limit = storage::tier::MAX_RECORDED_BYTES;
-    let within = incompressible_path((limit - fixed) / 2 - 1);
+    let within = incompressible_path((limit - fixed) / 2);
     let r = copied(
         c.handle(&put(base.path(), "online", &within, b"fits"), 1)
             .await,
