@@ -193,6 +193,28 @@ enum DlqCommand {
     },
 }
 
+/// A global option given more than once in `args`: clap takes the last one where one is
+/// before the command and one after it (`--env prod dlq purge --yes --env dev` purged dev),
+/// which an operator who typed both did not mean.
+fn given_twice(args: impl Iterator<Item = std::ffi::OsString>) -> Option<&'static str> {
+    let mut seen: Vec<&'static str> = Vec::new();
+    for a in args {
+        let Some(a) = a.to_str() else { continue };
+        if a == "--" {
+            break;
+        }
+        for flag in ["--env", "--config-dir"] {
+            if a == flag || a.strip_prefix(flag).is_some_and(|r| r.starts_with('=')) {
+                if seen.contains(&flag) {
+                    return Some(flag);
+                }
+                seen.push(flag);
+            }
+        }
+    }
+    None
+}
+
 /// Exit code for configuration and usage errors.
 pub const EXIT_CONFIG: u8 = 2;
 /// Exit code for any other failure.
@@ -207,6 +229,13 @@ pub fn main<S: Service>() -> ExitCode {
         .about(format!("{}: {}", S::NAME, S::ABOUT))
         .subcommands(extra);
     let matches = cmd.get_matches();
+    if let Some(flag) = given_twice(std::env::args_os().skip(1)) {
+        print_err(&format!(
+            "{}: {flag} was given more than once (before and after the command?): give it once",
+            S::NAME
+        ));
+        return ExitCode::from(EXIT_CONFIG);
+    }
     let own = matches
         .subcommand()
         .filter(|(name, _)| extra_names.iter().any(|n| n == name))

@@ -121,6 +121,25 @@ fn a_refused_login_or_vhost_names_the_setting() {
     }
 }
 
+/// `--env` (or `--config-dir`) given before the command and again after it: clap took the
+/// last (`--env prod dlq purge --yes --env dev` purged dev); refused, exit 2, nothing done.
+#[test]
+fn a_global_option_given_twice_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("prod.toml"), "").unwrap();
+    std::fs::write(dir.path().join("dev.toml"), "").unwrap();
+    for args in [
+        &["--env", "prod", "check-config", "--env", "dev"][..],
+        &["--env=prod", "check-config", "--env=dev"][..],
+    ] {
+        let o = run(echo_cmd("unused", dir.path()).args(args));
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains("--env"), "{args:?}: {}", stderr(&o));
+    }
+    let o = run(echo_cmd("unused", dir.path()).args(["--env", "prod", "check-config"]));
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+}
+
 #[test]
 fn bad_config_exits_2_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
