@@ -603,6 +603,8 @@ async fn dlq_command(
                 limit,
                 per_second: rate,
                 hold_at_most: None,
+                // Ctrl-C stops it between two dead letters, saying how far it got.
+                stop: Some(shutdown_on_signal()),
             };
             let verb = if dry_run { "would replay" } else { "replayed" };
             // Each line as its dead letter is moved: a replay cut short has said which.

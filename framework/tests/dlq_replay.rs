@@ -194,3 +194,63 @@ async fn a_replay_killed_midway_loses_nothing() {
     let dup: usize = seen.values().map(|c| c - 1).sum();
     assert!(dup <= 1, "at most the one in flight twice, got {dup}");
 }
+
+/// Ctrl-C during a paced replay stops it between two dead letters: it exits 1 saying how
+/// many it replayed and to run it again, having printed each one it moved; every dead
+/// letter is in the queue or the DLQ, none twice.
+#[tokio::test]
+async fn a_replay_interrupted_stops_between_two_dead_letters_and_says_how_far_it_got() {
+    let n = 30;
+    let mut hs = Harness::start("intreplay", &[], failing()).await;
+    for i in 0..n {
+        let body = format!("{{\"p\":true,\"i\":{i}}}");
+        hs.publish("test.k", body.as_bytes(), BasicProperties::default())
+            .await;
+    }
+    let dlq_name = format!("{}-dlq", hs.q);
+    await_ready_count(&hs.ch, &dlq_name, n).await;
+    hs.stop().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let mut replay = process::spawn(
+        service_command(BIN, "echo", &hs.q, &amqp_url(), dir.path())
+            .args(["dlq", "replay", "--all", "--rate", "5"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    )
+    .expect("replay runs");
+    let mut out = replay.take_stdout().expect("stdout");
+    let mut err = replay.take_stderr().expect("stderr");
+    let printed = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut out, &mut text);
+        text
+    });
+    let said = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut err, &mut text);
+        text
+    });
+    let q = hs.q.clone();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while ready_count(&hs.ch, &q).await < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the replay got going"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    replay.signal(process::SIGINT);
+    let status = replay.wait_for(WAIT).expect("the replay ends on SIGINT");
+    assert_eq!(status.code(), Some(1), "an exit code, not a signal");
+    let said = said.join().expect("stderr");
+    assert!(said.contains("interrupted after replaying"), "{said}");
+    let lines = printed.join().expect("stdout").lines().count();
+    let mut seen = HashMap::new();
+    await_ready_count(&hs.ch, &dlq_name, n - lines as u32).await;
+    drain(&hs, &q, &mut seen).await;
+    assert_eq!(seen.len(), lines, "each line names one replayed");
+    assert!(lines < n as usize, "stopped midway");
+    drain(&hs, &dlq_name, &mut seen).await;
+    assert_eq!(seen.len(), n as usize, "every dead letter accounted for");
+    assert!(seen.values().all(|c| *c == 1), "none twice: {seen:?}");
+}

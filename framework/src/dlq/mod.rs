@@ -77,6 +77,12 @@ pub enum DlqError {
         /// How long the passed-over ones were held, in seconds.
         held_secs: u64,
     },
+    /// The replay was stopped (SIGINT, SIGTERM) between two dead letters.
+    #[error(
+        "interrupted after replaying {0}: those are replayed and removed, the rest are still \
+         in the DLQ. Run the same command again to go on"
+    )]
+    Interrupted(usize),
     /// Another `dlq` command holds the service's dead letters.
     #[error(
         "another `dlq` command is working on {0} (the dead letters it passed are held until it \
@@ -307,6 +313,8 @@ pub struct Filter {
     /// How long the dead letters passed over may be held before the replay stops (None:
     /// [`HOLD_AT_MOST`]).
     pub hold_at_most: Option<Duration>,
+    /// Cancelled to stop the replay before its next dead letter (an operator's Ctrl-C).
+    pub stop: Option<tokio_util::sync::CancellationToken>,
 }
 
 /// How long a replay holds the dead letters it passed over (unacknowledged on its channel,
@@ -481,7 +489,13 @@ pub async fn replay_each(
     // Since when a dead letter passed over is held (none: nothing held).
     let mut held_since: Option<tokio::time::Instant> = None;
     let mut stopped = None;
+    let mut interrupted = false;
+    let stop = filter.stop.clone().unwrap_or_default();
     for _ in 0..total {
+        if stop.is_cancelled() {
+            interrupted = true;
+            break;
+        }
         // Stopped before the next look or replay (its paced wait included) would hold
         // the first one passed over longer than allowed.
         let next = next_at.max(tokio::time::Instant::now());
@@ -509,7 +523,13 @@ pub async fn replay_each(
         }
         if !dry_run {
             if let Some(p) = pace {
-                tokio::time::sleep_until(next_at).await;
+                tokio::select! {
+                    _ = tokio::time::sleep_until(next_at) => {}
+                    _ = stop.cancelled() => {
+                        interrupted = true;
+                        break;
+                    }
+                }
                 next_at = tokio::time::Instant::now() + p;
             }
             let mut hdr = h::without(
@@ -554,6 +574,9 @@ pub async fn replay_each(
     let kept = total.saturating_sub(if dry_run { 0 } else { done });
     debug_assert!(kept <= total);
     await_returned(conn, &topo.dlq(), kept, t).await?;
+    if interrupted {
+        return Err(DlqError::Interrupted(moved));
+    }
     match stopped {
         Some(held) => Err(DlqError::Stopped {
             moved,
