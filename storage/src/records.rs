@@ -140,11 +140,19 @@ fn stored_text(s: &str) -> &str {
 fn about_one_write(e: &db::sqlx::Error) -> bool {
     match e {
         db::sqlx::Error::Database(d) => {
-            // SQLSTATEs (PostgreSQL) are five characters; SQLite's codes are numbers,
-            // every one of them about the statement.
+            // SQLSTATEs (PostgreSQL) are five characters; SQLite's codes are numbers of at
+            // most four digits, whose low byte is the primary code.
             let code = d.code().unwrap_or_default();
-            code.len() != 5
-                || !(code.starts_with("08") || code.starts_with("57P") || code.starts_with("53"))
+            if code.len() == 5 {
+                return !(code.starts_with("08")
+                    || code.starts_with("57P")
+                    || code.starts_with("53"));
+            }
+            // The file busy or locked by another process (after the busy timeout: each
+            // write alone would wait it out again), out of memory, read-only, I/O, damaged,
+            // full, cannot be opened: about the database, not one write.
+            let primary = code.parse::<u32>().map_or(0, |c| c & 0xff);
+            ![5, 6, 7, 8, 10, 11, 13, 14].contains(&primary)
         }
         _ => false,
     }
@@ -1060,9 +1068,14 @@ mod tests {
             ("55P03", true),
             ("40P01", true),
             ("22003", true),
-            ("5", true),
+            ("19", true),
             ("531", true),
-            ("5386", true),
+            ("2067", true),
+            ("5", false),
+            ("517", false),
+            ("6", false),
+            ("5386", false),
+            ("13", false),
             ("08006", false),
             ("57P01", false),
             ("53300", false),
