@@ -306,6 +306,60 @@ async fn a_retry_does_not_republish_to_a_queue_that_already_got_the_id() {
     );
 }
 
+/// An event whose publish to one queue kept failing ran out of retries and was
+/// dead-lettered, carrying which queues already got each id: replayed once the queue takes
+/// messages again, it publishes only what was missing, never a second copy of a crash to
+/// the queue that got it.
+#[tokio::test]
+async fn a_replayed_dead_letter_publishes_only_to_the_queues_that_missed_the_id() {
+    let data = tempfile::tempdir().unwrap();
+    let (_c, ch) = test_channel().await;
+    let first = unique("crash-dest");
+    let full = unique("crash-dest");
+    let _d = Dests(vec![first.clone(), full.clone()]);
+    declare(&ch, &first, FieldTable::default()).await;
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongLongInt(1));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    declare(&ch, &full, args).await;
+    publish(&ch, "", &full, b"filler", BasicProperties::default()).await;
+    let hs = start(
+        data.path(),
+        &[
+            ("crash_router.queues", &format!("{first},{full}")),
+            ("retry.max_attempts", "1"),
+        ],
+    )
+    .await;
+    let id = crash_id(78, '0');
+    let body = json!({"Records": [put(&raw(&id))]});
+    hs.publish("k", body.to_string().as_bytes(), BasicProperties::default())
+        .await;
+    await_ready_count(&hs.ch, &format!("{}-dlq", hs.q), 1).await;
+    assert_eq!(ready_count(&hs.ch, &first).await, 1);
+    // Room in `full` again, then the operator replays.
+    let mut qf = consume(&hs.ch, &full).await;
+    assert_eq!(text(&next(&mut qf).await), "filler");
+    let mut out = hs.watch_output().await;
+    let replayed =
+        framework::dlq::replay_filtered(&hs.conn, &hs.topology(), &Default::default(), false)
+            .await
+            .expect("replayed");
+    assert_eq!(replayed.len(), 1);
+    assert_eq!(text(&next(&mut qf).await), id);
+    let summary: Value = serde_json::from_slice(&next(&mut out).await.data).unwrap();
+    assert_eq!(summary["deliveries"][&full], json!([id]));
+    // Its outputs are confirmed before its success: nothing more is coming to `first`.
+    assert_eq!(
+        ready_count(&hs.ch, &first).await,
+        1,
+        "the first queue got the id only once"
+    );
+}
+
 #[tokio::test]
 async fn a_body_that_is_not_an_s3_event_is_dead_lettered() {
     let data = tempfile::tempdir().unwrap();
