@@ -272,7 +272,9 @@ async fn a_delivered_event_is_not_posted_again_by_its_retry() {
     assert!(bodies(&server).await.is_empty(), "not posted again");
     // A first attempt is posted, and its mark is what a retry would carry.
     hs.publish("k", br#"{"n":8}"#, with_id("ev-8")).await;
-    assert_eq!(json_of(&next(&mut out).await)["delivered"], json!([0]));
+    let summary = json_of(&next(&mut out).await);
+    assert_eq!(summary["delivered"], json!([1]));
+    assert_eq!(summary["skipped"], json!([0]));
     assert_eq!(bodies(&server).await, vec![r#"{"n":8}"#]);
 }
 
@@ -353,6 +355,69 @@ async fn kinesis_records_succeed_or_fail_on_their_own() {
             .await
             .is_none()
     );
+}
+
+/// A batch that ran out of retries on one record is dead-lettered whole, noting which
+/// records were delivered: replayed once the endpoint is back, it posts only the record
+/// still undelivered, under the idempotency key its first POSTs had (the endpoint can
+/// tell it is the same event); the delivered one is never posted again.
+#[tokio::test]
+async fn a_replayed_batch_posts_only_its_undelivered_record_under_its_key() {
+    let server = MockServer::start().await;
+    // The endpoint refuses the late record until it is dead-lettered.
+    let refusing = Mock::given(body_string_contains("seq-late"))
+        .respond_with(ResponseTemplate::new(503))
+        .with_priority(1)
+        .mount_as_scoped(&server)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&server)
+        .await;
+    let data = tempfile::tempdir().unwrap();
+    let hs = start(&server, data.path(), &[("retry.max_attempts", "1")]).await;
+    let (ok, late) = (record("seq-ok"), record("seq-late"));
+    let body = json!({"Records": [ok, late]});
+    hs.publish("kinesis", body.to_string().as_bytes(), with_id("batch-r"))
+        .await;
+    await_ready_count(&hs.ch, &format!("{}-dlq", hs.q), 1).await;
+    drop(refusing);
+    let mut out = hs.watch_output().await;
+    let replayed =
+        framework::dlq::replay_filtered(&hs.conn, &hs.topology(), &Default::default(), false)
+            .await
+            .expect("replayed");
+    assert_eq!(replayed.len(), 1);
+    assert_eq!(replayed[0].kind.as_deref(), Some("retries-exhausted"));
+    let summary = json_of(&next(&mut out).await);
+    assert_eq!(summary["delivered"], json!([1]));
+    assert_eq!(summary["skipped"], json!([0]));
+    let requests = server.received_requests().await.unwrap();
+    let keys = |seq: &str| -> Vec<String> {
+        requests
+            .iter()
+            .filter(|r| String::from_utf8_lossy(&r.body).contains(seq))
+            .map(|r| {
+                r.headers
+                    .get("Idempotency-Key")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("none")
+                    .to_string()
+            })
+            .collect()
+    };
+    assert_eq!(
+        keys("seq-ok").len(),
+        1,
+        "the delivered record is not posted again"
+    );
+    let late_keys = keys("seq-late");
+    assert!(late_keys.len() >= 2, "{late_keys:?}");
+    assert!(
+        late_keys.iter().all(|k| *k == late_keys[0]),
+        "one key for one event: {late_keys:?}"
+    );
+    assert_ne!(late_keys[0], keys("seq-ok")[0]);
 }
 
 /// Two identical records in one envelope are two events: when the second one's POST fails,
