@@ -215,13 +215,23 @@ async fn apply_in(
 ) -> Result<Vec<bool>, db::sqlx::Error> {
     let clock = database_clock(conn.backend_name());
     let sqlite = conn.backend_name().eq_ignore_ascii_case("sqlite");
-    // In the order of their keys (a stable sort: one key's writes keep theirs), so every
-    // batch takes its row locks in one order: two replicas' batches touching the same keys
-    // in opposite orders deadlocked on PostgreSQL (one waited out `deadlock_timeout`, then
-    // had every write of its batch redone one commit at a time).
+    // Rows are locked in one order by every batch, table by table and key by key: the
+    // copies' objects, then their files (each multi-row statement in key order), then
+    // every claim row — a copy's release among the claims, renewals and releases of the
+    // batch, in key order. Two replicas' batches locking one table's rows in opposite
+    // orders, or a claim row before an object row in one and after it in the other,
+    // deadlocked on PostgreSQL (one waited out `deadlock_timeout`, then had every write of
+    // its batch redone one commit at a time). A sort stable in the batch's order: one
+    // key's claim writes keep theirs, after the release of a copy of that key.
     let mut order: Vec<usize> = (0..writes.len()).collect();
-    order.sort_by_key(|&i| writes[i].key());
-    let sorted: Vec<&Write> = order.iter().map(|&i| writes[i]).collect();
+    order.sort_by_key(|&i| (!matches!(writes[i], Write::Copy(_)), writes[i].key()));
+    let copies: Vec<&CopyRow> = order
+        .iter()
+        .map_while(|&i| match writes[i] {
+            Write::Copy(c) => Some(&**c),
+            _ => None,
+        })
+        .collect();
     let begin = db::begin_statement(conn.backend_name());
     let mut tx = db::sqlx::Connection::begin_with(&mut **conn, begin).await?;
     if let Some(wait) = lock_wait.filter(|_| !sqlite) {
@@ -229,23 +239,22 @@ async fn apply_in(
             .execute(&mut *tx)
             .await?;
     }
-    let mut results = Vec::with_capacity(writes.len());
-    let mut rest = &sorted[..];
-    while let Some(w) = rest.first() {
-        // A run of copies goes in a few multi-row statements: each statement is a round
-        // trip to SQLite's worker thread, and these are most of a busy batch.
-        let run: Vec<&CopyRow> = rest
-            .iter()
-            .map_while(|w| match w {
-                Write::Copy(c) => Some(&**c),
-                _ => None,
-            })
-            .collect();
-        if !run.is_empty() {
-            copies_in(&mut tx, &run).await?;
-            results.extend(run.iter().map(|_| true));
-            rest = &rest[run.len()..];
-            continue;
+    if !copies.is_empty() {
+        // In a few multi-row statements: each statement is a round trip to SQLite's
+        // worker thread, and these are most of a busy batch.
+        copies_in(&mut tx, &copies).await?;
+    }
+    let mut results = vec![true; copies.len()];
+    let mut releases: Vec<(&str, &str)> = copies
+        .iter()
+        .filter_map(|c| c.release.as_ref().map(|(k, o)| (k.as_str(), o.as_str())))
+        .collect();
+    releases.sort_by_key(|(k, _)| *k);
+    let mut releases = releases.into_iter().peekable();
+    for &i in &order[copies.len()..] {
+        let w = writes[i];
+        while let Some((key, owner)) = releases.next_if(|(k, _)| *k <= w.key()) {
+            release_in(&mut tx, key, owner).await?;
         }
         results.push(match w {
             Write::Claim {
@@ -274,9 +283,11 @@ async fn apply_in(
                 release_in(&mut tx, key, owner).await?;
                 true
             }
-            Write::Copy(_) => unreachable!("runs of copies are applied above"),
+            Write::Copy(_) => unreachable!("copies are sorted first"),
         });
-        rest = &rest[1..];
+    }
+    for (key, owner) in releases {
+        release_in(&mut tx, key, owner).await?;
     }
     tx.commit().await?;
     let mut answers = vec![false; writes.len()];
@@ -346,7 +357,7 @@ async fn release_in(tx: &mut Tx<'_>, key: &str, owner: &str) -> Result<(), db::s
 
 /// Records `copies` in order: each table's rows in multi-row upserts (the last row of a
 /// key wins, as one upsert after another would leave it; PostgreSQL refuses a statement
-/// that upserts one row twice), then the claims they give up.
+/// that upserts one row twice). The claims they give up are released by the caller.
 async fn copies_in(tx: &mut Tx<'_>, copies: &[&CopyRow]) -> Result<(), db::sqlx::Error> {
     let at = now();
     let objects = last_per_key(copies, |c| c.object.object_key.as_str());
@@ -402,11 +413,6 @@ async fn copies_in(tx: &mut Tx<'_>, copies: &[&CopyRow]) -> Result<(), db::sqlx:
                 .bind(&c.object.checksum);
         }
         q.execute(&mut **tx).await?;
-    }
-    for c in copies {
-        if let Some((key, owner)) = &c.release {
-            release_in(tx, key, owner).await?;
-        }
     }
     Ok(())
 }
@@ -1445,6 +1451,89 @@ mod tests {
     async fn uploads_are_aged_on_postgres() {
         let pg = db::testing::TempPostgres::create().await.unwrap();
         uploads_are_aged_by_the_database_clock(&pg.url).await;
+        pg.drop_db().await.unwrap();
+    }
+
+    /// Two replicas' batches on PostgreSQL touching the same rows: A records copies of
+    /// k1 (giving up its claim) and k2; B claims k1 and records a copy of k2 (nearline
+    /// reusing an object, no claim). With a third session holding k2's object row, A
+    /// waits for it first, then B; once it is let go, both commit — before, B held k1's
+    /// claim row while waiting for k2 and A held k2 while waiting for k1's claim: a
+    /// deadlock, one batch failed and was redone write by write.
+    #[tokio::test]
+    async fn two_batches_over_the_same_rows_never_deadlock_on_postgres() {
+        use db::sqlx::Connection;
+        use std::time::Duration;
+        let obj = |key: &str| StoredObject {
+            object_key: key.into(),
+            size: 4,
+            checksum: "c2".into(),
+            store: StoreFacts::default(),
+        };
+        let pg = db::testing::TempPostgres::create().await.unwrap();
+        let r = Records::open(&pg.url).await.unwrap();
+        assert!(r.claim("k1", "A", Duration::from_secs(60)).await.unwrap());
+        // Both rows exist, so the holder below can lock k2's.
+        r.record_copy(&obj("k2"), "sha256", "/p/2", "m", None)
+            .await
+            .unwrap();
+        let mut holder = db::sqlx::AnyConnection::connect(&pg.url).await.unwrap();
+        db::sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+        db::sqlx::query("SELECT 1 FROM stored_objects WHERE object_key = 'k2' FOR UPDATE")
+            .execute(&mut holder)
+            .await
+            .unwrap();
+        let waiting = async |n: i64| {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                let blocked: i64 = db::sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                )
+                .fetch_one(r.pool())
+                .await
+                .unwrap();
+                if blocked >= n {
+                    return;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{n} batches waiting"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        let mut a_copy = copy("k1", "/p/1", "c1");
+        if let Write::Copy(c) = &mut a_copy {
+            c.release = Some(("k1".into(), "A".into()));
+        }
+        let a_writes = vec![a_copy, copy("k2", "/p/2", "c2")];
+        let b_writes = vec![
+            Write::Claim {
+                key: "k1".into(),
+                owner: "B".into(),
+                lease_ms: 60_000,
+            },
+            copy("k2", "/p/2b", "c2"),
+        ];
+        let pool = r.write.clone();
+        let a = tokio::spawn({
+            let pool = pool.clone();
+            async move { apply(&pool, false, &mut true, a_writes.iter()).await }
+        });
+        waiting(1).await;
+        let b = tokio::spawn({
+            let pool = pool.clone();
+            async move { apply(&pool, false, &mut true, b_writes.iter()).await }
+        });
+        waiting(2).await;
+        db::sqlx::query("COMMIT")
+            .execute(&mut holder)
+            .await
+            .unwrap();
+        a.await.unwrap().expect("A's batch commits");
+        b.await.unwrap().expect("B's batch commits");
+        r.close().await;
         pg.drop_db().await.unwrap();
     }
 
