@@ -113,6 +113,7 @@ impl Service for OnlineArchive {
                 algorithm: Algorithm::Sha256,
                 keep_metadata: false,
                 reuse_identical: false,
+                skip_ignored: true,
             },
             success,
         )

@@ -115,6 +115,7 @@ impl Service for OnlineNearline {
                 algorithm: Algorithm::Md5,
                 keep_metadata: true,
                 reuse_identical: true,
+                skip_ignored: false,
             },
             success,
         )

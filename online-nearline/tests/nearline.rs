@@ -120,6 +120,28 @@ async fn the_sweepers_real_shape_and_the_older_one_are_both_copied() {
     hs.stop().await;
 }
 
+/// A file the asset sweeper marks `ignore` (no media asset expected for it) is still
+/// backed up to nearline, as the original's nearline did: only online-archive skips them.
+#[tokio::test]
+async fn an_ignored_file_is_still_backed_up() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = put_file(data.path(), "misc/notes.txt", b"keep me");
+    let mut hs = Harness::start_service::<OnlineNearline>(service_config::<OnlineNearline>(
+        data.path(),
+        &[],
+    ))
+    .await;
+    let mut out = hs.watch_output().await;
+    send(&hs, &sweeper_message(&dir, "notes.txt", true)).await;
+    let v: serde_json::Value = serde_json::from_slice(&next(&mut out).await.data).unwrap();
+    assert_eq!(v["vault_key"], "misc/notes.txt");
+    assert_eq!(
+        std::fs::read(data.path().join("nearline/misc/notes.txt")).unwrap(),
+        b"keep me"
+    );
+    hs.stop().await;
+}
+
 /// A file time unlike any other in the tests (2021-03-04T05:06:07Z), and as recorded.
 const MTIME: u64 = 1_614_834_367;
 const MTIME_TEXT: &str = "2021-03-04T05:06:07+00:00";

@@ -37,6 +37,10 @@ pub struct TierPolicy {
     pub keep_metadata: bool,
     /// Reuse any stored object with identical content, wherever its key.
     pub reuse_identical: bool,
+    /// A message marked `ignore` is recorded as ignored and dropped (online-archive);
+    /// false: the file is copied all the same (online-nearline, a backup of every file, as
+    /// the original's nearline copied them).
+    pub skip_ignored: bool,
 }
 
 /// The result of a successful copy (or of finding one already made).
@@ -276,7 +280,7 @@ impl TierCopier {
     async fn copy(&self, msg: &AssetSweeperFile) -> Result<TierOutcome, TierError> {
         msg.check_text()
             .map_err(|e| TierError::Permanent(e.to_string()))?;
-        if msg.ignore {
+        if msg.ignore && self.policy.skip_ignored {
             self.records
                 .record_ignored(&msg.joined_path(), msg.imported_id.as_deref())
                 .await?;

@@ -17,6 +17,7 @@ fn policy() -> TierPolicy {
         algorithm: Algorithm::Sha256,
         keep_metadata: false,
         reuse_identical: false,
+        skip_ignored: true,
     }
 }
 
