@@ -104,7 +104,8 @@ async fn lock_run(tx: &mut Tx<'_>, correlation_id: &str) -> Result<(), db::sqlx:
 }
 
 /// Reopens the product of `c`'s run if it was marked RECEIVED or COMPLETED while `c`, which
-/// this transaction `inserted`, is not Received yet: a collection first heard of after
+/// this transaction `inserted`, is not Received yet (or COMPLETED while `c` is not Success:
+/// an empty collection is Received at once): a collection first heard of after
 /// every other collection of the run had arrived (the sender sends collections one after
 /// another). Only the transaction that added the collection can find the product marked
 /// without it, so only that one takes the run's lock: a run's files keep committing side
@@ -117,15 +118,23 @@ async fn reopen_product(
     c: &Collection,
     inserted: bool,
 ) -> Result<(), db::sqlx::Error> {
-    if !inserted || matches!(c.status.as_str(), "Received" | "Success") {
+    if !inserted || c.status == "Success" {
         return Ok(());
     }
     lock_run(tx, &c.correlation_id).await?;
-    let reopened =
-        db::sqlx::query("DELETE FROM snapshot_products WHERE correlation_id = $1 RETURNING status")
-            .bind(&c.correlation_id)
-            .fetch_optional(&mut **tx)
-            .await?;
+    // A new collection Received at once (its count was 0) leaves a RECEIVED run as it is,
+    // but not a COMPLETED one: that one is not Success yet.
+    let only_completed = if c.status == "Received" {
+        " AND status = 'COMPLETED'"
+    } else {
+        ""
+    };
+    let reopened = db::sqlx::query(&format!(
+        "DELETE FROM snapshot_products WHERE correlation_id = $1{only_completed} RETURNING status"
+    ))
+    .bind(&c.correlation_id)
+    .fetch_optional(&mut **tx)
+    .await?;
     if let Some(r) = reopened {
         let was: String = r.try_get("status")?;
         tracing::warn!(

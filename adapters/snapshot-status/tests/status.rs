@@ -1619,6 +1619,26 @@ async fn a_collection_arriving_after_the_run_completed_reopens_it(b: Backend) {
         json_of(&env.monitoring.next().await)["title_text"],
         "Incremental - All collections successful"
     );
+    // An empty collection (0 files exported) is Received at once: the run, COMPLETED,
+    // is only RECEIVED again until that collection's success file completes it.
+    let r = env
+        .process(&msg(c, "db.empty", json!({"files_exported": 0})))
+        .await;
+    assert_eq!(r["status"], "Received");
+    assert_eq!(r["product_status"], "RECEIVED", "not COMPLETED any more");
+    assert_eq!(
+        json_of(&next(&mut env.export).await)["topic_name"],
+        "db.empty"
+    );
+    env.received_once(c).await;
+    let r = env
+        .process(&msg(c, "db.empty", json!({"is_success_file": "true"})))
+        .await;
+    assert_eq!(r["product_status"], "COMPLETED");
+    assert_eq!(
+        json_of(&env.monitoring.next().await)["title_text"],
+        "Incremental - All collections successful"
+    );
     // A file of a collection not heard of before (no counts yet) reopens it as well.
     let r = env.process(&file(c, "db.c", "c1")).await;
     assert_eq!(r["status"], "Pending");
