@@ -82,7 +82,15 @@ pub struct StatusProcessor {
     monitoring_exchange: String,
     /// Deletes completed runs past their keeping, while the processor lives.
     pruner: Option<tokio::task::JoinHandle<()>>,
+    /// Retries a success file of a collection not heard of yet waits for it.
+    missing_retries: u32,
 }
+
+/// Six retries wait about 6.5 minutes on the default tiers: a success file can overtake
+/// its collection's counts (several handlers or instances, a counts message held in a
+/// retry tier); dropped at once, the collection never reached Success and its run never
+/// completed. The original's SQS redelivered it until the collection was there.
+pub const MISSING_COLLECTION_RETRIES: u32 = 6;
 
 impl Drop for StatusProcessor {
     fn drop(&mut self) {
@@ -98,6 +106,8 @@ struct Handled {
     report: Value,
     extra: Vec<Extra>,
     dropped: Option<String>,
+    /// A success file of a collection not heard of yet: worth waiting for.
+    too_early: bool,
 }
 
 /// An export-state or monitoring message, and the mark its confirm leaves in
@@ -171,7 +181,14 @@ impl StatusProcessor {
             export_state_exchange: export_state_exchange.to_string(),
             monitoring_exchange: monitoring_exchange.to_string(),
             pruner: None,
+            missing_retries: MISSING_COLLECTION_RETRIES,
         }
+    }
+
+    /// Sets how many retries a success file of a collection not heard of yet waits for it.
+    pub fn with_missing_retries(mut self, retries: u32) -> Self {
+        self.missing_retries = retries;
+        self
     }
 
     /// Deletes the runs completed more than `keep` ago, now and every hour, while this
@@ -325,6 +342,7 @@ impl StatusProcessor {
                             "collection_name": m.collection_name, "ignored": reason}),
                         extra,
                         dropped: Some(reason),
+                        too_early: true,
                     });
                 };
                 if c.status != "Success" {
@@ -383,6 +401,7 @@ impl StatusProcessor {
             }),
             extra,
             dropped,
+            too_early: false,
         })
     }
 }
@@ -461,6 +480,9 @@ impl MessageProcessor for StatusProcessor {
                             return Outcome::retry(e);
                         }
                         match h.dropped {
+                            Some(reason) if h.too_early && ctx.attempt < self.missing_retries => {
+                                Outcome::retry(format!("{reason}: waiting for its counts"))
+                            }
                             Some(reason) if nothing_to_send => Outcome::drop(reason),
                             _ => Outcome::success(h.report),
                         }
@@ -470,6 +492,7 @@ impl MessageProcessor for StatusProcessor {
             Input::Records(records) => {
                 let mut dead = framework::batch::Progress::resume(ctx, DEAD_LETTERED_HEADER);
                 let mut reports = Vec::new();
+                let mut too_early = Vec::new();
                 let records_total = records.len();
                 for (i, r) in records.into_iter().enumerate() {
                     let n = i + 1;
@@ -514,12 +537,24 @@ impl MessageProcessor for StatusProcessor {
                             if let Err(e) = publish_extras(ctx, &mut published, h.extra).await {
                                 return Outcome::retry(format!("record {n}: {e}"));
                             }
+                            if h.too_early {
+                                too_early.push(n.to_string());
+                            }
                             if let Value::Object(o) = &mut h.report {
                                 o.insert("record".into(), json!(n));
                             }
                             report(&mut reports, n, h.report);
                         }
                     }
+                }
+                // Every other record is counted once and published once whatever comes
+                // again: the batch waits for the collections its success files name.
+                if !too_early.is_empty() && ctx.attempt < self.missing_retries {
+                    return Outcome::retry(format!(
+                        "record {}: success file of a collection not heard of yet; waiting \
+                         for its counts",
+                        too_early.join(", ")
+                    ));
                 }
                 if records_total > MAX_REPORTED {
                     return Outcome::success(json!({
@@ -612,6 +647,11 @@ impl Service for SnapshotStatus {
             store,
             &cfg.settings.export_state_exchange,
             &cfg.settings.monitoring_exchange,
+        )
+        // Within the retries there are: the last attempt drops it, never dead-letters it
+        // as retries-exhausted.
+        .with_missing_retries(
+            MISSING_COLLECTION_RETRIES.min(cfg.retry.max_attempts.saturating_sub(1)),
         );
         Ok(match cfg.settings.keep_completed_runs_days {
             0 => p,

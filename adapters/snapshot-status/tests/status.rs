@@ -1228,6 +1228,7 @@ async fn required_booleans_and_numbers_are_taken_as_their_text() {
 }
 
 on_both!(instances_share_state_without_races);
+on_both!(a_success_file_before_its_collection_waits_for_it);
 
 /// Two service instances on one database count concurrently delivered files exactly once
 /// and make each transition exactly once.
@@ -1644,6 +1645,39 @@ async fn a_collection_arriving_after_the_run_completed_reopens_it(b: Backend) {
     assert_eq!(r["status"], "Pending");
     assert_eq!(r["product_status"], Value::Null);
     env.no_more().await;
+    env.finish().await;
+}
+
+/// A success file can overtake its collection's counts (another handler or instance, a
+/// counts message held in a retry tier): it waits in the retry tiers for the collection
+/// instead of being dropped — dropped, the collection never reached Success and its run
+/// never completed — and completes the run once the collection is Received.
+async fn a_success_file_before_its_collection_waits_for_it(b: Backend) {
+    let mut env = start(b, &[]).await;
+    let c = "corr-early";
+    let mut retried = watch(
+        &env.hs.ch,
+        &format!("{}-retry", env.hs.q),
+        &env.hs.delays[0].to_string(),
+    )
+    .await;
+    env.send(&msg(c, "db.e", json!({"is_success_file": "true"})))
+        .await;
+    next(&mut retried).await;
+    env.send(&msg(c, "db.e", json!({"files_exported": 1})))
+        .await;
+    env.send(&file(c, "db.e", "e1")).await;
+    assert_eq!(json_of(&next(&mut env.export).await)["topic_name"], "db.e");
+    env.received_once(c).await;
+    assert_eq!(
+        json_of(&env.monitoring.next().await)["title_text"],
+        "Incremental - All collections successful"
+    );
+    assert_eq!(
+        env.store.product_status(c).await.unwrap().as_deref(),
+        Some("COMPLETED")
+    );
+    assert_eq!(env.dlq_count().await, 0);
     env.finish().await;
 }
 
