@@ -189,6 +189,14 @@ pub enum CopyError {
     /// directory, a name longer than its filesystem allows); never retried.
     #[error("cannot store {0}: {1}")]
     Unstorable(String, &'static str),
+    /// The object at a key is in an archive storage class (Glacier, Deep Archive) and
+    /// cannot be read back to compare; no retry changes that until it is restored.
+    #[error(
+        "{0} holds an object in an archive storage class (Glacier, Deep Archive), which \
+         cannot be read back to compare with the file: restore it (or move it away), then \
+         replay the message"
+    )]
+    Archived(String),
 }
 
 impl CopyError {
@@ -196,7 +204,10 @@ impl CopyError {
     /// for a file larger than the store's filesystem takes: FAT's 4 GiB).
     pub fn is_permanent(&self) -> bool {
         match self {
-            CopyError::TooLarge(_) | CopyError::Reserved(_) | CopyError::Unstorable(..) => true,
+            CopyError::TooLarge(_)
+            | CopyError::Reserved(_)
+            | CopyError::Unstorable(..)
+            | CopyError::Archived(_) => true,
             CopyError::Write(_, e) => e.raw_os_error() == Some(libc::EFBIG),
             _ => false,
         }
@@ -279,6 +290,10 @@ pub async fn hash_object(
     let got = match tier.store.get(key).await {
         Ok(g) => g,
         Err(object_store::Error::NotFound { .. }) => return Ok(None),
+        // S3's answer for an object of an archive storage class not restored.
+        Err(e) if e.to_string().contains("InvalidObjectState") => {
+            return Err(CopyError::Archived(key.to_string()));
+        }
         Err(e) => return Err(e.into()),
     };
     let mut stream = got.into_stream();

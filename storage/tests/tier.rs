@@ -1481,3 +1481,33 @@ async fn a_path_too_long_to_record_is_refused_before_anything_is_stored() {
     recs.close().await;
     pg.drop_db().await.expect("drop");
 }
+
+/// An object already at the key whose storage class cannot be read back (Glacier, Deep
+/// Archive: a lifecycle rule moved it, or the bucket is the previous system's): the copy
+/// cannot compare its content, and no retry changes that until someone restores it. It is
+/// refused at once saying so, not retried 50 times to a dead letter as a store fault.
+#[tokio::test]
+async fn an_object_in_an_archive_storage_class_at_the_key_is_refused_at_once() {
+    let bucket = "tier-glacier";
+    let (moto, _proxy, tier) = s3_tier(bucket).await;
+    let base = tempfile::tempdir().expect("temp");
+    let c = copier(base.path(), "online", tier, records(base.path()).await);
+    let msg = put(base.path(), "online", "cold/clip.mov", b"same size!");
+    let mut attrs = object_store::Attributes::new();
+    attrs.insert(object_store::Attribute::StorageClass, "GLACIER".into());
+    object_store::ObjectStore::put_opts(
+        &plain_client(&moto, bucket),
+        &object_store::path::Path::from("pre/cold/clip.mov"),
+        b"other byte".to_vec().into(),
+        object_store::PutOptions {
+            attributes: attrs,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("put in glacier");
+    match c.handle(&msg, 1).await {
+        Err(TierError::Permanent(e)) => assert!(e.contains("storage class"), "{e}"),
+        other => panic!("expected permanent, got {other:?}"),
+    }
+}
