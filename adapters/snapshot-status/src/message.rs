@@ -95,7 +95,10 @@ fn optional(o: &Map<String, Value>, f: &str, default: &str) -> Result<String, Fi
         None | Some(Value::Null) => Ok(default.to_string()),
         Some(Value::String(s)) if s.is_empty() => Ok(default.to_string()),
         Some(Value::String(s)) => no_nul(f, s).map(|()| s.clone()),
+        // As the required fields: a boolean or a number is taken as its text (`1` is
+        // passed on as "1", as the original passed whatever it was given).
         Some(Value::Bool(b)) => Ok(b.to_string()),
+        Some(Value::Number(n)) => Ok(n.to_string()),
         Some(other) => Err(FieldError::wrong_type(f, "string", other)),
     }
 }
@@ -239,6 +242,22 @@ mod tests {
         assert!(!m.is_success_file);
         assert_eq!(m.filename, FILENAME_NOT_SET);
         assert_eq!(m.kind(), Kind::File);
+    }
+
+    /// The flags, like the required fields, take a boolean or a number as its text (a
+    /// number was dead-lettered: the file uncounted, its collection stalled).
+    #[test]
+    fn flags_given_as_booleans_or_numbers_are_their_text() {
+        let mut b = base();
+        b["shutdown_flag"] = json!(false);
+        b["reprocess_files"] = json!(1);
+        b["is_success_file"] = json!(true);
+        let m = parse_status(&b).unwrap();
+        assert_eq!(m.shutdown_flag, "false");
+        assert_eq!(m.reprocess_files, "1");
+        assert!(m.is_success_file);
+        b["reprocess_files"] = json!([1]);
+        assert!(parse_status(&b).is_err(), "an array is no flag");
     }
 
     #[test]
