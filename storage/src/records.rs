@@ -1507,8 +1507,8 @@ mod tests {
         if let Write::Copy(c) = &mut a_copy {
             c.release = Some(("k1".into(), "A".into()));
         }
-        let a_writes = vec![a_copy, copy("k2", "/p/2", "c2")];
-        let b_writes = vec![
+        let a_writes = [a_copy, copy("k2", "/p/2", "c2")];
+        let b_writes = [
             Write::Claim {
                 key: "k1".into(),
                 owner: "B".into(),
