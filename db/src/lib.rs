@@ -145,9 +145,9 @@ async fn migrate(pool: &AnyPool, migrator: &Migrator, postgres: bool) -> Result<
     let mut tries = 0;
     loop {
         match forward_compatible(migrator).run_direct(&mut *conn).await {
-            Err(e) if !postgres && tries < 20 => {
+            Err(e) if !postgres && tries < 20 && raced(&e) => {
                 tries += 1;
-                tracing::debug!(error = %e, "migration failed, another instance may be migrating: looking again");
+                tracing::info!(error = %e, "a migration failed as if another instance applied it first: looking again");
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
             r => return r.map_err(DbError::from),
@@ -174,6 +174,20 @@ pub async fn begin_write(
 ) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
     let backend = pool.connect_options().database_url.scheme().to_string();
     pool.begin_with(begin_statement(&backend)).await
+}
+
+/// Whether a failed SQLite migration looks like another instance's applied first (its
+/// table there already, its row in `_sqlx_migrations`, the file locked meanwhile), not
+/// like a migration that fails on its own (which looking again would only delay).
+fn raced(e: &sqlx::migrate::MigrateError) -> bool {
+    let text = e.to_string();
+    [
+        "already exists",
+        "UNIQUE constraint failed",
+        "database is locked",
+    ]
+    .iter()
+    .any(|s| text.contains(s))
 }
 
 /// How long a PostgreSQL statement waits for a lock another session holds before it fails

@@ -644,7 +644,10 @@ fn check_env_text(opts: &LoadOptions) -> Result<(), ConfigError> {
     }
     let prefix = format!("{ENV_PREFIX}__");
     for (k, v) in std::env::vars_os() {
-        if let Some(k) = k.to_str().filter(|k| k.starts_with(&prefix))
+        // Any case: the config crate reads `storagetier__…` as well.
+        if let Some(k) = k
+            .to_str()
+            .filter(|k| k.to_ascii_uppercase().starts_with(&prefix))
             && v.to_str().is_none()
         {
             return Err(ConfigError::new(

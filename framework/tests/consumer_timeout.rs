@@ -113,7 +113,7 @@ async fn a_long_filtered_replay_stops_before_the_consumer_timeout_and_goes_on_wh
             host.join("advanced.config"),
             std::fs::Permissions::from_mode(0o644),
         );
-        "consumer_timeout = 1000\n".to_string()
+        "consumer_timeout = 3000\n".to_string()
     })
     .await;
     let q = unique("replay-held");
@@ -161,7 +161,8 @@ async fn a_long_filtered_replay_stops_before_the_consumer_timeout_and_goes_on_wh
     }
     let filter = Filter {
         kind: Some("retries-exhausted".into()),
-        per_second: Some(0.5),
+        // 5 s between two replays: far past the node's 3 s with one held.
+        per_second: Some(0.2),
         hold_at_most: Some(Duration::from_millis(500)),
         ..Filter::default()
     };

@@ -291,7 +291,7 @@ pub async fn hash_object(
         Ok(g) => g,
         Err(object_store::Error::NotFound { .. }) => return Ok(None),
         // S3's answer for an object of an archive storage class not restored.
-        Err(e) if e.to_string().contains("InvalidObjectState") => {
+        Err(e) if e.to_string().contains("403 Forbidden: InvalidObjectState") => {
             return Err(CopyError::Archived(key.to_string()));
         }
         Err(e) => return Err(e.into()),

@@ -532,6 +532,16 @@ impl Records {
         })
     }
 
+    /// Whether the records' indexes hold keys of any length: SQLite's do; PostgreSQL's
+    /// btree refuses an entry over 2,704 bytes (see `tier::MAX_RECORDED_BYTES`).
+    pub fn indexes_any_length(&self) -> bool {
+        self.write
+            .connect_options()
+            .database_url
+            .scheme()
+            .eq_ignore_ascii_case("sqlite")
+    }
+
     /// Closes the database (tests: before dropping a PostgreSQL database).
     pub async fn close(&self) {
         self.pool.close().await;

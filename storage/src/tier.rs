@@ -19,9 +19,10 @@ use crate::store::Tier;
 /// Longest object key S3 takes (bytes).
 const MAX_S3_KEY: usize = 1024;
 
-/// Most bytes a file's path and its object key may take together: the records index the
-/// pair (PostgreSQL's btree holds at most 2,704 bytes per entry), and a copy whose record
-/// the database refuses would be stored, then dead-lettered, and again on every replay.
+/// Most bytes a file's path and its object key may take together on PostgreSQL: the
+/// records index the pair (its btree holds at most 2,704 bytes per entry), and a copy whose
+/// record the database refuses would be stored, then dead-lettered, and again on every
+/// replay. SQLite's indexes take any length.
 pub const MAX_RECORDED_BYTES: usize = 2560;
 
 /// Longest encoded original path kept in an object's metadata (S3 keeps 2 KB in all,
@@ -399,7 +400,7 @@ impl TierCopier {
                 )));
             }
             let recorded = original.len() + key.as_ref().len();
-            if recorded > MAX_RECORDED_BYTES {
+            if recorded > MAX_RECORDED_BYTES && !self.records.indexes_any_length() {
                 return Err(TierError::Permanent(format!(
                     "{original}: its path and object key {key} take {recorded} bytes together, \
                      more than the {MAX_RECORDED_BYTES} the records can index (shorten the path)"

@@ -1480,6 +1480,15 @@ async fn a_path_too_long_to_record_is_refused_before_anything_is_stored() {
     assert_eq!(recs.count("copied_files").await.expect("count"), 1);
     recs.close().await;
     pg.drop_db().await.expect("drop");
+    // SQLite's indexes take any length: the longest path is stored and recorded there.
+    let tier = storage::store::local(&store_dir).expect("tier");
+    let c = copier(base.path(), "online", tier, records(base.path()).await);
+    let long = incompressible_path(1400);
+    let r = copied(
+        c.handle(&put(base.path(), "online", &long, b"long"), 1)
+            .await,
+    );
+    assert_eq!(r.key, long);
 }
 
 /// An object already at the key whose storage class cannot be read back (Glacier, Deep

@@ -135,7 +135,14 @@ impl MessageProcessor for ProjectProcessor {
             Some(k) => k,
             None => match self.first_receipt(&input, ctx).await {
                 Ok(k) => k,
-                Err(e) => return Outcome::retry(format!("cannot note the message's receipt: {e}")),
+                Err(e) => {
+                    // The retry still carries this first attempt's time (the database may
+                    // stay down for all of them, and no receipt is noted meanwhile).
+                    if let Some(now) = crate::event::time_key(chrono::Utc::now()) {
+                        ctx.set_retry_header(RECEIVED_HEADER, &now);
+                    }
+                    return Outcome::retry(format!("cannot note the message's receipt: {e}"));
+                }
             },
         };
         ctx.set_retry_header(RECEIVED_HEADER, &received);

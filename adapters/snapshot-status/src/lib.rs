@@ -285,6 +285,7 @@ impl StatusProcessor {
     ) -> Result<Handled, StoreError> {
         let mut extra = Vec::new();
         let mut dropped = None;
+        let mut too_early = false;
         let (collection, kind, counted) = match m.kind() {
             Kind::Counts => {
                 let key = format!("counts:{dedupe}");
@@ -351,6 +352,8 @@ impl StatusProcessor {
                         m.collection_name, c.status
                     );
                     tracing::warn!("{}", LogText(&reason));
+                    // Its last files or its counts may still be on their way.
+                    too_early = matches!(c.status.as_str(), "Pending" | "Exported");
                     dropped = Some(reason);
                 } else {
                     let completed = self
@@ -401,7 +404,7 @@ impl StatusProcessor {
             }),
             extra,
             dropped,
-            too_early: false,
+            too_early,
         })
     }
 }

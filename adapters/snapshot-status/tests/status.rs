@@ -374,9 +374,8 @@ async fn files_arriving_before_counts_are_counted(b: Backend) {
     assert_eq!(r["files_expected"], Value::Null);
     env.process(&file(c, "db.x", "x2")).await;
     assert_eq!(env.collection(c, "db.x").await.files_received, 2);
-    // A success file before Received changes nothing (dropped, not dead-lettered).
-    env.send(&msg(c, "db.x", json!({"is_success_file": "true"})))
-        .await;
+    // (A success file before Received waits for it: see
+    // `a_success_file_before_its_collection_waits_for_it`.)
     // The counts arrive last and complete the collection at once.
     let r = env.process(&msg(c, "db.x", json!({"files_sent": 2}))).await;
     assert_eq!(r["status"], "Received");
@@ -1676,6 +1675,21 @@ async fn a_success_file_before_its_collection_waits_for_it(b: Backend) {
     assert_eq!(
         env.store.product_status(c).await.unwrap().as_deref(),
         Some("COMPLETED")
+    );
+    // The usual overtake: the collection's file first (Pending), its success file, then
+    // its counts — the success file waits for them too.
+    let c2 = "corr-early-2";
+    env.send(&file(c2, "db.f", "f1")).await;
+    env.send(&msg(c2, "db.f", json!({"is_success_file": "true"})))
+        .await;
+    next(&mut retried).await;
+    env.send(&msg(c2, "db.f", json!({"files_exported": 1})))
+        .await;
+    assert_eq!(json_of(&next(&mut env.export).await)["topic_name"], "db.f");
+    env.received_once(c2).await;
+    assert_eq!(
+        json_of(&env.monitoring.next().await)["title_text"],
+        "Incremental - All collections successful"
     );
     assert_eq!(env.dlq_count().await, 0);
     env.finish().await;

@@ -67,7 +67,7 @@ pub enum DlqError {
     /// A replay stopped before the dead letters it passed over had been held longer than
     /// the broker allows (its consumer timeout); what it replayed is replayed.
     #[error(
-        "stopped after replaying {moved}: the dead letters passed over had been held for \
+        "stopped after {moved} dead letter(s): those passed over had been held for \
          {held_secs} s, and the broker's consumer timeout would take the channel; they are \
          back in the DLQ. Run the same command again to go on"
     )]
@@ -498,8 +498,12 @@ pub async fn replay_each(
         }
         // Stopped before the next look or replay (its paced wait included) would hold
         // the first one passed over longer than allowed.
+        // Only once it has moved some: one that stopped before its first would stop
+        // there again on every run (a match deep in a long DLQ), so it looks on as it
+        // did before, for as long as the broker lets it.
         let next = next_at.max(tokio::time::Instant::now());
         if let Some(since) = held_since
+            && moved > 0
             && next.duration_since(since) >= hold_at_most
         {
             stopped = Some(since.elapsed());
