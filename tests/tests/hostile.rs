@@ -208,7 +208,9 @@ const DEEP_VALUE: &str = "body is nested too deeply";
 /// project-ingest and snapshot-status on JSON of the wrong shape.
 const VALUE_SHAPE: &[&str] = &[DEEP_VALUE, "expected a JSON object, found", "field `"];
 
-fn storage_tier(name: &'static str, start: Start, root: &Path) -> Svc {
+/// `skips_ignored`: online-archive drops a message marked `ignore` unread; online-nearline
+/// copies it all the same, so the path is checked as any other's.
+fn storage_tier(name: &'static str, start: Start, root: &Path, skips_ignored: bool) -> Svc {
     let data = root.join(name);
     let dir = put_online_file(&data, "show/probe.mov", b"a valid online file");
     let secret = data.join("secret");
@@ -259,11 +261,20 @@ fn storage_tier(name: &'static str, start: Start, root: &Path) -> Svc {
                 msg(&dir, "probe.mov\0.txt"),
                 &["field `filename` contains a NUL character"],
             ),
-            // Design §7: `ignore: true` is recorded as ignored and dropped; nothing is read.
-            dropped(
-                "/etc/passwd marked ignore",
-                sweeper_message("/etc", "passwd", true).to_string(),
-            ),
+            // Design §7: `ignore: true` is recorded as ignored and dropped; nothing is read
+            // (online-archive). Nearline backs it up, so the path is refused as any other.
+            if skips_ignored {
+                dropped(
+                    "/etc/passwd marked ignore",
+                    sweeper_message("/etc", "passwd", true).to_string(),
+                )
+            } else {
+                dead(
+                    "/etc/passwd marked ignore",
+                    sweeper_message("/etc", "passwd", true).to_string(),
+                    OUTSIDE,
+                )
+            },
             dead(
                 "valid-looking, missing file, 60 KiB header",
                 msg(&dir, "missing.mov"),
@@ -296,8 +307,8 @@ fn services(root: &Path, endpoint: &str, export: &str, monitoring: &str) -> Vec<
     // Throttle digit 1: deferred by default, so a valid event needs no destination queue.
     let deferred = put("v2/raw_crash/000/20180313/00007bd0-2d1c-4865-af09-80bc01180313");
     vec![
-        storage_tier("online-archive", start::<OnlineArchive>, root),
-        storage_tier("online-nearline", start::<OnlineNearline>, root),
+        storage_tier("online-archive", start::<OnlineArchive>, root, true),
+        storage_tier("online-nearline", start::<OnlineNearline>, root, false),
         Svc {
             name: "project-ingest",
             start: start::<ProjectIngest>,
