@@ -283,6 +283,23 @@ impl StatusProcessor {
         dedupe: &str,
         retried: bool,
     ) -> Result<Handled, StoreError> {
+        // A run completed and deleted past its keeping: a message of it now (a dead letter
+        // replayed weeks later) would start it over as a collection that never completes.
+        if self.store.was_pruned(&m.correlation_id).await? {
+            let reason = format!(
+                "run `{}` completed and was deleted past its keeping; this message of it \
+                 changes nothing",
+                m.correlation_id
+            );
+            tracing::info!("{}", LogText(&reason));
+            return Ok(Handled {
+                report: json!({"correlation_id": m.correlation_id,
+                    "collection_name": m.collection_name, "ignored": reason}),
+                extra: Vec::new(),
+                dropped: Some(reason),
+                too_early: false,
+            });
+        }
         let mut extra = Vec::new();
         let mut dropped = None;
         let mut too_early = false;

@@ -544,11 +544,30 @@ impl Store {
                             .execute(&mut *tx)
                             .await?;
                     }
+                    db::sqlx::query(
+                        "INSERT INTO pruned_runs (correlation_id, pruned_at) VALUES ($1, $2) \
+                         ON CONFLICT (correlation_id) DO NOTHING",
+                    )
+                    .bind(&run)
+                    .bind(now())
+                    .execute(&mut *tx)
+                    .await?;
                     pruned += 1;
                 }
                 tx.commit().await?;
             }
         }
+    }
+
+    /// Whether run `correlation_id` was completed and then deleted past its keeping.
+    pub async fn was_pruned(&self, correlation_id: &str) -> Result<bool, StoreError> {
+        Ok(
+            db::sqlx::query("SELECT 1 FROM pruned_runs WHERE correlation_id = $1")
+                .bind(correlation_id)
+                .fetch_optional(&self.pool)
+                .await?
+                .is_some(),
+        )
     }
 
     /// Whether the product is RECEIVED and the message `message_key` of `collection` made

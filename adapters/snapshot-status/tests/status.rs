@@ -257,9 +257,17 @@ async fn completed_runs_past_their_keeping_are_deleted(b: Backend) {
         1,
         "open: kept"
     );
-    // Its file is forgotten with it: the run is gone as a whole.
-    let r = env.process(&file(done, "db.a", "a1")).await;
-    assert_eq!(r["counted"], true);
+    // A message of it afterwards (a dead letter replayed weeks later) changes nothing: it
+    // does not start the run over as a collection that never completes.
+    env.send(&file(done, "db.a", "a1")).await;
+    env.send(&msg(open, "db.b", json!({"filename": "b2"})))
+        .await;
+    let r = json_of(&next(&mut env.out).await);
+    assert_eq!(
+        r["correlation_id"], open,
+        "the pruned run's file was dropped"
+    );
+    assert!(env.store.collections(done).await.unwrap().is_empty());
     assert_eq!(
         env.store.prune_completed_runs(Duration::MAX).await.unwrap(),
         0,
