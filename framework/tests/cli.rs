@@ -242,6 +242,12 @@ fn bad_config_exits_2_naming_the_key() {
     let o = run(echo_cmd("unused", dir.path()).args(["--env", "prod-typo", "check-config"]));
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("prod-typo"));
+    // An environment name that would lead out of the config dir is no name.
+    for env in ["../../etc/x", "a/b", ""] {
+        let o = run(echo_cmd("unused", dir.path()).args(["--env", env, "check-config"]));
+        assert_eq!(o.status.code(), Some(2), "{env:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains("--env"), "{env:?}: {}", stderr(&o));
+    }
     let o = run(echo_cmd("unused", &dir.path().join("nope")).arg("check-config"));
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("--config-dir"));
