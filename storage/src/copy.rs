@@ -189,6 +189,9 @@ pub enum CopyError {
     /// directory, a name longer than its filesystem allows); never retried.
     #[error("cannot store {0}: {1}")]
     Unstorable(String, &'static str),
+    /// The copy's handler was stopped while it ran: nothing was published.
+    #[error("the copy of {0} was stopped with its handler; nothing was published")]
+    Stopped(String),
     /// The object at a key is in an archive storage class (Glacier, Deep Archive) and
     /// cannot be read back to compare; no retry changes that until it is restored.
     #[error(
@@ -214,6 +217,16 @@ impl CopyError {
     }
 }
 
+/// A flag set when it is dropped: tells a blocking copy its caller is gone.
+#[derive(Default)]
+struct StopOnDrop(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Digest of a local file, read in large blocks on a blocking thread.
 pub async fn hash_file(path: &Path, alg: Algorithm) -> Result<Digest, CopyError> {
     let shown = path.display().to_string();
@@ -232,6 +245,10 @@ pub async fn hash_open(
         .try_clone()
         .map_err(|e| CopyError::Read(shown.to_string(), e))?;
     let owned = shown.to_string();
+    // Stops reading when this future is dropped (its handler stopped): the redelivered
+    // message's handler reads the file again meanwhile.
+    let stop = StopOnDrop::default();
+    let stopped = stop.0.clone();
     tokio::task::spawn_blocking(move || {
         use std::os::unix::fs::FileExt;
         let mut h = alg.hasher();
@@ -247,6 +264,9 @@ pub async fn hash_open(
         // written): its caller sees the change and retries, so reading on until the
         // writer stops would only hold this handler.
         while size <= len {
+            if stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(std::io::Error::other("stopped with its handler"));
+            }
             let n = f.read_at(&mut buf, size)?;
             if n == 0 {
                 break;
@@ -290,8 +310,11 @@ pub async fn hash_object(
     let got = match tier.store.get(key).await {
         Ok(g) => g,
         Err(object_store::Error::NotFound { .. }) => return Ok(None),
-        // S3's answer for an object of an archive storage class not restored.
-        Err(e) if e.to_string().contains("403 Forbidden: InvalidObjectState") => {
+        // S3's answer for an object of an archive storage class not restored: a 403
+        // whose body names that code.
+        Err(e @ object_store::Error::PermissionDenied { .. })
+            if e.to_string().contains("<Code>InvalidObjectState</Code>") =>
+        {
             return Err(CopyError::Archived(key.to_string()));
         }
         Err(e) => return Err(e.into()),
@@ -403,11 +426,15 @@ pub async fn upload(
         let f = file.try_clone().map_err(read_err)?;
         let owned = shown.to_string();
         let expected_digest = resume.digest.cloned();
+        // Set when this future is dropped (its handler stopped) before the copy ended.
+        let stop = StopOnDrop::default();
+        let stopped = stop.0.clone();
         let digest = tokio::task::spawn_blocking(move || {
             let expected = crate::local::Expected {
                 size: len,
                 digest: expected_digest.as_ref(),
                 unchanged: Some(before),
+                stopped: Some(&stopped),
             };
             crate::local::copy(&f, &root, &key, &owned, alg, expected)
         })

@@ -78,6 +78,11 @@ pub struct Expected<'a> {
     /// The source's state when the copy began: a file written to while it was read (in
     /// place, same size) is not published.
     pub unchanged: Option<crate::copy::SourceState>,
+    /// Set when whoever waits for the copy is gone (its handler stopped: a lost
+    /// connection, a shutdown): the copy stops at its next block and publishes nothing.
+    /// A blocking thread cannot be stopped otherwise, and the message, redelivered at
+    /// once, would be copied by a second one beside it.
+    pub stopped: Option<&'a std::sync::atomic::AtomicBool>,
 }
 
 /// Copies `file` (from its start) to `key` under the store directory `root`; returns the
@@ -153,12 +158,20 @@ fn copy_via(
         return Err(write_err(e));
     }
     let staging = staged.file();
+    let stopped = || {
+        expected
+            .stopped
+            .is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed))
+    };
     let result = (|| {
         let digest = if expected.size < BLOCK as u64 {
             copy_small(file, staging, shown, &dest, alg, expected.size)?
         } else {
-            copy_pipelined(file, staging, shown, &dest, alg, expected.size)?
+            copy_pipelined(file, staging, shown, &dest, alg, expected.size, &stopped)?
         };
+        if stopped() {
+            return Err(CopyError::Stopped(shown.to_string()));
+        }
         if digest.size != expected.size || expected.digest.is_some_and(|d| d != &digest) {
             return Err(CopyError::SourceChanged(shown.to_string()));
         }
@@ -412,6 +425,7 @@ fn copy_pipelined(
     dest: &Path,
     alg: Algorithm,
     len: u64,
+    stopped: &dyn Fn() -> bool,
 ) -> Result<Digest, CopyError> {
     let (to_hasher, hasher_rx) = mpsc::sync_channel::<Arc<Vec<u8>>>(BLOCKS_IN_FLIGHT);
     let (to_writer, writer_rx) = mpsc::sync_channel::<Arc<Vec<u8>>>(BLOCKS_IN_FLIGHT);
@@ -450,6 +464,9 @@ fn copy_pipelined(
             // Past the expected size the source is growing: the caller reports it changed
             // (and retries), so neither reading nor staging more of it is of use.
             while size <= len {
+                if stopped() {
+                    return Err(CopyError::Stopped(shown.to_string()));
+                }
                 let mut buf = recycled.try_recv().unwrap_or_else(|_| vec![0u8; BLOCK]);
                 buf.resize(BLOCK, 0);
                 let mut filled = 0usize;
@@ -606,6 +623,7 @@ mod tests {
                 size: len as u64,
                 digest: None,
                 unchanged: None,
+                stopped: None,
             };
             let d = copy_via(
                 &f,
@@ -640,6 +658,7 @@ mod tests {
             size: 3 * BLOCK as u64,
             digest: None,
             unchanged: None,
+            stopped: None,
         };
         let e = copy_via(
             &endless,
@@ -653,6 +672,32 @@ mod tests {
         .expect_err("changed");
         assert!(matches!(e, CopyError::SourceChanged(_)), "{e}");
         assert_eq!(staged_files(dir.path()), 0);
+    }
+
+    /// A copy whose caller is gone (its handler stopped) stops and publishes nothing,
+    /// small or large: the message, redelivered at once, is copied by the next handler.
+    #[test]
+    fn a_stopped_copy_publishes_nothing() {
+        for size in [100usize, 3 * BLOCK] {
+            let dir = tempfile::tempdir().expect("temp");
+            let src = dir.path().join("src");
+            std::fs::write(&src, vec![7u8; size]).expect("write");
+            let root = dir.path().join("store");
+            std::fs::create_dir_all(&root).expect("dir");
+            let stop = std::sync::atomic::AtomicBool::new(true);
+            let expected = Expected {
+                size: size as u64,
+                digest: None,
+                unchanged: None,
+                stopped: Some(&stop),
+            };
+            let f = File::open(&src).expect("open");
+            let e = copy_via(&f, &root, "k", "src", Algorithm::Sha256, expected, true)
+                .expect_err("stopped");
+            assert!(matches!(e, CopyError::Stopped(_)), "{size}: {e}");
+            assert!(!root.join("k").exists(), "{size}: nothing published");
+            assert_eq!(staged_files(&root), 0);
+        }
     }
 
     #[test]
@@ -675,6 +720,7 @@ mod tests {
             size: 3 * BLOCK as u64,
             digest: None,
             unchanged: None,
+            stopped: None,
         };
         let e = copy_via(
             &f,
@@ -702,6 +748,7 @@ mod tests {
                 size: 5,
                 digest: None,
                 unchanged: None,
+                stopped: None,
             },
             unnamed,
         )
@@ -724,6 +771,7 @@ mod tests {
                 size: 3 * BLOCK as u64,
                 digest: None,
                 unchanged: Some(began),
+                stopped: None,
             },
             unnamed,
         )
@@ -760,6 +808,7 @@ mod tests {
                     size: 1,
                     digest: None,
                     unchanged: None,
+                    stopped: None,
                 },
             )
             .expect_err("reserved");

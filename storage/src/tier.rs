@@ -757,7 +757,10 @@ impl<'a> Claim<'a> {
     /// Gives the claim up (a failure only delays others until the lease ends, so it is
     /// not waited for beyond that: a hung database must not hold the handler).
     async fn release(self) {
-        if self.released.load(std::sync::atomic::Ordering::Relaxed) {
+        if self
+            .released
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
             return;
         }
         let left = self
@@ -776,9 +779,55 @@ impl<'a> Claim<'a> {
     }
 }
 
+/// A claim dropped unreleased — its handler stopped mid-copy (a lost connection, a
+/// shutdown) — is given up in the background: its redelivery, at once, would otherwise
+/// find the key held until the lease ran out and use up retries meanwhile.
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        if self.released.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (records, key, owner) = (
+            self.records.clone(),
+            std::mem::take(&mut self.key),
+            std::mem::take(&mut self.owner),
+        );
+        rt.spawn(async move {
+            let _ = tokio::time::timeout(CLAIM_LEASE, records.release(&key, &owner)).await;
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::mtime_text;
+
+    /// A claim dropped without being released (its handler stopped mid-copy) is given up
+    /// at once, not held until its lease ends: the redelivery can take the key.
+    #[tokio::test]
+    async fn a_claim_dropped_unreleased_is_given_up() {
+        let dir = tempfile::tempdir().expect("temp");
+        let url = format!("sqlite://{}", dir.path().join("r.db").display());
+        let records = crate::records::Records::open(&url).await.expect("records");
+        let key = crate::store::object_path("k");
+        let claim = super::Claim::take(&records, &key).await.expect("claimed");
+        drop(claim);
+        let deadline = tokio::time::Instant::now() + super::CLAIM_LEASE / 4;
+        while !records
+            .claim("k", "next", super::CLAIM_LEASE)
+            .await
+            .expect("claim")
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "given up well before its lease ends"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
 
     #[test]
     fn modification_times_read_as_before_and_out_of_range_ones_are_refused() {
