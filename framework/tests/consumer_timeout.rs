@@ -27,10 +27,9 @@ impl MessageProcessor for Slow {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_handler_longer_than_the_consumer_timeout_completes_once_on_rabbitmq_3_12_and_later() {
-    // A node that gives up on an unacked delivery after 1 s, checked every second.
-    let broker = PrivateBroker::start_with(|host, _| {
+/// A private node that gives up on an unacked delivery after `ms`, checked every second.
+async fn node_with_consumer_timeout(ms: u64) -> PrivateBroker {
+    PrivateBroker::start_with(move |host, _| {
         std::fs::write(
             host.join("advanced.config"),
             "[{rabbit, [{channel_tick_interval, 1000}]}].\n",
@@ -41,9 +40,14 @@ async fn a_handler_longer_than_the_consumer_timeout_completes_once_on_rabbitmq_3
             host.join("advanced.config"),
             std::fs::Permissions::from_mode(0o644),
         );
-        "consumer_timeout = 1000\n".to_string()
+        format!("consumer_timeout = {ms}\n")
     })
-    .await;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_longer_than_the_consumer_timeout_completes_once_on_rabbitmq_3_12_and_later() {
+    let broker = node_with_consumer_timeout(1000).await;
     let version = broker.version();
     if version < (3, 12) {
         println!("RabbitMQ {version:?} ignores x-consumer-timeout: not applicable");
@@ -102,20 +106,7 @@ async fn a_long_filtered_replay_stops_before_the_consumer_timeout_and_goes_on_wh
     use framework::lapin::BasicProperties;
     use framework::lapin::options::QueueDeclareOptions;
     use framework::lapin::types::{AMQPValue, FieldTable};
-    let broker = PrivateBroker::start_with(|host, _| {
-        std::fs::write(
-            host.join("advanced.config"),
-            "[{rabbit, [{channel_tick_interval, 1000}]}].\n",
-        )
-        .expect("advanced.config");
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(
-            host.join("advanced.config"),
-            std::fs::Permissions::from_mode(0o644),
-        );
-        "consumer_timeout = 3000\n".to_string()
-    })
-    .await;
+    let broker = node_with_consumer_timeout(3000).await;
     let q = unique("replay-held");
     let cfg = config(&q, &[("amqp.url", &broker.url())]);
     let topo = framework::topology::Topology::new(

@@ -121,42 +121,65 @@ async fn drain(hs: &Harness, queue: &str, seen: &mut HashMap<Vec<u8>, usize>) {
     }
 }
 
-#[tokio::test]
-async fn a_replay_killed_midway_loses_nothing() {
-    let n = 60;
-    let mut hs = Harness::start("killreplay", &[], failing()).await;
+/// A stopped service with `n` permanent dead letters (its harness, for the queues).
+async fn dead_letters(prefix: &str, n: u32) -> Harness {
+    let mut hs = Harness::start(prefix, &[], failing()).await;
     for i in 0..n {
         let body = format!("{{\"p\":true,\"i\":{i}}}");
         hs.publish("test.k", body.as_bytes(), BasicProperties::default())
             .await;
     }
-    let dlq_name = format!("{}-dlq", hs.q);
-    await_ready_count(&hs.ch, &dlq_name, n).await;
+    await_ready_count(&hs.ch, &format!("{}-dlq", hs.q), n).await;
     hs.stop().await;
-    let dir = tempfile::tempdir().expect("dir");
+    hs
+}
+
+/// `dlq replay --all --rate 5` of `hs`'s service as a process of its own, started once
+/// its first `k` are replayed; its stdout and stderr read as they come (a pipe left
+/// unread could hold it up).
+async fn paced_replay_under_way(
+    hs: &Harness,
+    dir: &std::path::Path,
+    k: u32,
+) -> (
+    process::Guarded,
+    std::thread::JoinHandle<String>,
+    std::thread::JoinHandle<String>,
+) {
     let mut replay = process::spawn(
-        service_command(BIN, "echo", &hs.q, &amqp_url(), dir.path())
+        service_command(BIN, "echo", &hs.q, &amqp_url(), dir)
             .args(["dlq", "replay", "--all", "--rate", "5"])
             .stdout(Stdio::piped())
-            .stderr(Stdio::null()),
+            .stderr(Stdio::piped()),
     )
     .expect("replay runs");
-    let mut printed_out = replay.take_stdout().expect("stdout");
-    // Read as it comes (a pipe left unread could hold the replay up).
-    let printed = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = std::io::Read::read_to_string(&mut printed_out, &mut text);
-        text
-    });
-    let q = hs.q.clone();
+    let read = |mut r: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = r.read_to_string(&mut text);
+            text
+        })
+    };
+    let printed = read(Box::new(replay.take_stdout().expect("stdout")));
+    let said = read(Box::new(replay.take_stderr().expect("stderr")));
     let deadline = tokio::time::Instant::now() + WAIT;
-    while ready_count(&hs.ch, &q).await < 5 {
+    while ready_count(&hs.ch, &hs.q).await < k {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the replay got going"
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+    (replay, printed, said)
+}
+
+#[tokio::test]
+async fn a_replay_killed_midway_loses_nothing() {
+    let n = 60;
+    let hs = dead_letters("killreplay", n).await;
+    let (q, dlq_name) = (hs.q.clone(), format!("{}-dlq", hs.q));
+    let dir = tempfile::tempdir().expect("dir");
+    let (mut replay, printed, _) = paced_replay_under_way(&hs, dir.path(), 5).await;
     replay.kill();
     // It said which it moved as it went, not only at its end (which a kill never reaches):
     // every line names one now in the queue.
@@ -201,44 +224,10 @@ async fn a_replay_killed_midway_loses_nothing() {
 #[tokio::test]
 async fn a_replay_interrupted_stops_between_two_dead_letters_and_says_how_far_it_got() {
     let n = 30;
-    let mut hs = Harness::start("intreplay", &[], failing()).await;
-    for i in 0..n {
-        let body = format!("{{\"p\":true,\"i\":{i}}}");
-        hs.publish("test.k", body.as_bytes(), BasicProperties::default())
-            .await;
-    }
-    let dlq_name = format!("{}-dlq", hs.q);
-    await_ready_count(&hs.ch, &dlq_name, n).await;
-    hs.stop().await;
+    let hs = dead_letters("intreplay", n).await;
+    let (q, dlq_name) = (hs.q.clone(), format!("{}-dlq", hs.q));
     let dir = tempfile::tempdir().expect("dir");
-    let mut replay = process::spawn(
-        service_command(BIN, "echo", &hs.q, &amqp_url(), dir.path())
-            .args(["dlq", "replay", "--all", "--rate", "5"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped()),
-    )
-    .expect("replay runs");
-    let mut out = replay.take_stdout().expect("stdout");
-    let mut err = replay.take_stderr().expect("stderr");
-    let printed = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = std::io::Read::read_to_string(&mut out, &mut text);
-        text
-    });
-    let said = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = std::io::Read::read_to_string(&mut err, &mut text);
-        text
-    });
-    let q = hs.q.clone();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while ready_count(&hs.ch, &q).await < 2 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the replay got going"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    let (mut replay, printed, said) = paced_replay_under_way(&hs, dir.path(), 2).await;
     replay.signal(process::SIGINT);
     let status = replay.wait_for(WAIT).expect("the replay ends on SIGINT");
     assert_eq!(status.code(), Some(1), "an exit code, not a signal");

@@ -5,7 +5,7 @@ use std::time::Duration;
 use crash_router::CrashRouterService;
 use crash_router::router::CrashRouter;
 use crash_router::spec::parse_queues;
-use framework::lapin::options::{BasicPublishOptions, QueueDeclareOptions};
+use framework::lapin::options::QueueDeclareOptions;
 use framework::lapin::types::{AMQPValue, FieldTable};
 use framework::lapin::{BasicProperties, Channel};
 use framework::testing::*;
@@ -237,33 +237,29 @@ async fn throttles_0_15_100_with_a_fixed_seed() {
     assert_eq!(ready_count(&hs.ch, &d.0[2]).await, 0);
 }
 
-#[tokio::test]
-async fn a_retry_does_not_republish_to_a_queue_that_already_got_the_id() {
-    let data = tempfile::tempdir().unwrap();
-    let (_c, ch) = test_channel().await;
+/// Two destination queues: `first` takes messages, `full` holds one message ("filler")
+/// and refuses more (basic.nack) until that one is consumed.
+async fn first_and_full(ch: &Channel) -> (String, String, Dests) {
     let first = unique("crash-dest");
     let full = unique("crash-dest");
-    let _d = Dests(vec![first.clone(), full.clone()]);
-    declare(&ch, &first, FieldTable::default()).await;
-    // `full` holds one message and refuses more (basic.nack) until that one is consumed.
+    let d = Dests(vec![first.clone(), full.clone()]);
+    declare(ch, &first, FieldTable::default()).await;
     let mut args = FieldTable::default();
     args.insert("x-max-length".into(), AMQPValue::LongLongInt(1));
     args.insert(
         "x-overflow".into(),
         AMQPValue::LongString("reject-publish".into()),
     );
-    declare(&ch, &full, args).await;
-    ch.basic_publish(
-        "".into(),
-        full.as_str().into(),
-        BasicPublishOptions::default(),
-        b"filler",
-        BasicProperties::default(),
-    )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
+    declare(ch, &full, args).await;
+    publish(ch, "", &full, b"filler", BasicProperties::default()).await;
+    (first, full, d)
+}
+
+#[tokio::test]
+async fn a_retry_does_not_republish_to_a_queue_that_already_got_the_id() {
+    let data = tempfile::tempdir().unwrap();
+    let (_c, ch) = test_channel().await;
+    let (first, full, _d) = first_and_full(&ch).await;
 
     let hs = start(
         data.path(),
@@ -314,18 +310,7 @@ async fn a_retry_does_not_republish_to_a_queue_that_already_got_the_id() {
 async fn a_replayed_dead_letter_publishes_only_to_the_queues_that_missed_the_id() {
     let data = tempfile::tempdir().unwrap();
     let (_c, ch) = test_channel().await;
-    let first = unique("crash-dest");
-    let full = unique("crash-dest");
-    let _d = Dests(vec![first.clone(), full.clone()]);
-    declare(&ch, &first, FieldTable::default()).await;
-    let mut args = FieldTable::default();
-    args.insert("x-max-length".into(), AMQPValue::LongLongInt(1));
-    args.insert(
-        "x-overflow".into(),
-        AMQPValue::LongString("reject-publish".into()),
-    );
-    declare(&ch, &full, args).await;
-    publish(&ch, "", &full, b"filler", BasicProperties::default()).await;
+    let (first, full, _d) = first_and_full(&ch).await;
     let hs = start(
         data.path(),
         &[
