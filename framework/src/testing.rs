@@ -331,6 +331,13 @@ impl Harness {
         )
     }
 
+    /// Replays every dead letter of this harness's service, as `dlq replay --all` does.
+    pub async fn replay_all(&self) -> Vec<crate::dlq::DeadLetter> {
+        crate::dlq::replay_filtered(&self.conn, &self.topology(), &Default::default(), false)
+            .await
+            .expect("replayed")
+    }
+
     /// Publishes to the input exchange with confirms.
     pub async fn publish(&self, key: &str, body: &[u8], props: BasicProperties) {
         publish(&self.ch, &self.input_exchange, key, body, props).await;

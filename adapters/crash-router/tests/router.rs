@@ -329,10 +329,7 @@ async fn a_replayed_dead_letter_publishes_only_to_the_queues_that_missed_the_id(
     let mut qf = consume(&hs.ch, &full).await;
     assert_eq!(text(&next(&mut qf).await), "filler");
     let mut out = hs.watch_output().await;
-    let replayed =
-        framework::dlq::replay_filtered(&hs.conn, &hs.topology(), &Default::default(), false)
-            .await
-            .expect("replayed");
+    let replayed = hs.replay_all().await;
     assert_eq!(replayed.len(), 1);
     assert_eq!(text(&next(&mut qf).await), id);
     let summary: Value = serde_json::from_slice(&next(&mut out).await.data).unwrap();

@@ -381,10 +381,7 @@ async fn a_replayed_batch_posts_only_its_undelivered_record_under_its_key() {
     await_ready_count(&hs.ch, &format!("{}-dlq", hs.q), 1).await;
     drop(refusing);
     let mut out = hs.watch_output().await;
-    let replayed =
-        framework::dlq::replay_filtered(&hs.conn, &hs.topology(), &Default::default(), false)
-            .await
-            .expect("replayed");
+    let replayed = hs.replay_all().await;
     assert_eq!(replayed.len(), 1);
     assert_eq!(replayed[0].kind.as_deref(), Some("retries-exhausted"));
     let summary = json_of(&next(&mut out).await);

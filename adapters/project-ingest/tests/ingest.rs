@@ -411,7 +411,6 @@ async fn a_kinesis_update_without_arrival_time_never_overwrites_a_newer_one(b: B
 async fn a_plain_update_replayed_after_the_broker_dead_lettered_it_never_overwrites_a_newer_one(
     b: Backend,
 ) {
-    use framework::lapin::types::{AMQPValue, FieldTable};
     let env = start(b, &[]).await;
     let mut out = env.hs.watch_output().await;
     env.send(&project("project-created", "rp", "v0")).await;
@@ -422,15 +421,7 @@ async fn a_plain_update_replayed_after_the_broker_dead_lettered_it_never_overwri
     env.send(&project("project-updated", "rp", "newer")).await;
     assert_eq!(body(&next(&mut out).await)["title"], "newer");
     // As `dlq replay` publishes it: to the queue, its origin in headers, nothing else.
-    let mut h = FieldTable::default();
-    h.insert(
-        "x-original-exchange".into(),
-        AMQPValue::LongString(env.hs.input_exchange.as_str().into()),
-    );
-    h.insert(
-        "x-original-routing-key".into(),
-        AMQPValue::LongString("core.project.event".into()),
-    );
+    let h = origin_headers(&env);
     publish(
         &env.hs.ch,
         "",
@@ -484,6 +475,22 @@ async fn a_plain_update_redelivered_after_a_newer_one_keeps_its_first_place(b: B
     }
 }
 
+/// The headers naming where a message put back into the queue first came from, as the
+/// framework's retries and `dlq replay` set them.
+fn origin_headers(env: &Env) -> framework::lapin::types::FieldTable {
+    use framework::lapin::types::{AMQPValue, FieldTable};
+    let mut h = FieldTable::default();
+    h.insert(
+        "x-original-exchange".into(),
+        AMQPValue::LongString(env.hs.input_exchange.as_str().into()),
+    );
+    h.insert(
+        "x-original-routing-key".into(),
+        AMQPValue::LongString("core.project.event".into()),
+    );
+    h
+}
+
 /// Puts `v` back into the queue as the framework's retry tier does (its retry count,
 /// origin, and the first-receipt header of its first attempt at `first_received`), then
 /// a sentinel: with prefetch 1 the sentinel's success proves `v` was handled, and that
@@ -494,17 +501,9 @@ async fn assert_dropped_as_retried(
     v: &Value,
     first_received: chrono::DateTime<chrono::Utc>,
 ) {
-    use framework::lapin::types::{AMQPValue, FieldTable};
-    let mut h = FieldTable::default();
+    use framework::lapin::types::AMQPValue;
+    let mut h = origin_headers(env);
     h.insert("x-retry-count".into(), AMQPValue::LongLongInt(1));
-    h.insert(
-        "x-original-exchange".into(),
-        AMQPValue::LongString(env.hs.input_exchange.as_str().into()),
-    );
-    h.insert(
-        "x-original-routing-key".into(),
-        AMQPValue::LongString("core.project.event".into()),
-    );
     h.insert(
         project_ingest::RECEIVED_HEADER.into(),
         AMQPValue::LongString(first_received.to_rfc3339().as_str().into()),
