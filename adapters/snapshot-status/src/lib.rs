@@ -82,7 +82,7 @@ pub struct StatusProcessor {
     monitoring_exchange: String,
     /// Deletes completed runs past their keeping, while the processor lives.
     pruner: Option<tokio::task::JoinHandle<()>>,
-    /// Retries a success file of a collection not heard of yet waits for it.
+    /// Retries a success file that overtook its collection waits for it.
     missing_retries: u32,
 }
 
@@ -106,7 +106,8 @@ struct Handled {
     report: Value,
     extra: Vec<Extra>,
     dropped: Option<String>,
-    /// A success file of a collection not heard of yet: worth waiting for.
+    /// A success file that overtook its collection (not heard of yet, or Pending or
+    /// Exported): worth waiting for.
     too_early: bool,
 }
 
@@ -185,7 +186,7 @@ impl StatusProcessor {
         }
     }
 
-    /// Sets how many retries a success file of a collection not heard of yet waits for it.
+    /// Sets how many retries a success file that overtook its collection waits for it.
     pub fn with_missing_retries(mut self, retries: u32) -> Self {
         self.missing_retries = retries;
         self
@@ -571,8 +572,8 @@ impl MessageProcessor for StatusProcessor {
                 // again: the batch waits for the collections its success files name.
                 if !too_early.is_empty() && ctx.attempt < self.missing_retries {
                     return Outcome::retry(format!(
-                        "record {}: success file of a collection not heard of yet; waiting \
-                         for its counts",
+                        "record {}: success file ahead of its collection (its counts or last \
+                         files); waiting for them",
                         too_early.join(", ")
                     ));
                 }
