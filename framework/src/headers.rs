@@ -56,6 +56,22 @@ pub const REPLAY_STRIPPED: &[&str] = &[
     "x-delivery-count",
 ];
 
+/// Whether `name` is a header the framework writes itself on retries, dead letters or
+/// outputs: a processor's retry header of that name would forge the attempt count or the
+/// origin (`x-retry-count: 0` on every retry never reaches `max_attempts`), so it is refused.
+pub fn is_reserved(name: &str) -> bool {
+    REPLAY_STRIPPED.contains(&name)
+        || [
+            IN_RESPONSE_TO,
+            ORIGINAL_EXPIRATION,
+            ORIGINAL_USER_ID,
+            BATCH_PART,
+            "traceparent",
+            "tracestate",
+        ]
+        .contains(&name)
+}
+
 /// `x-error-kind` values.
 pub const KIND_PERMANENT: &str = "permanent";
 /// `x-error-kind` when `max_attempts` ran out.

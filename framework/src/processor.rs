@@ -31,6 +31,7 @@ pub enum Outcome {
     Drop(String),
     /// The session ended while handling (see [`MessageContext::cancelled`]): give the
     /// message back unacked, so it is redelivered in its place; nothing is published.
+    /// Returned while the session still runs, it is a [`Outcome::Retry`].
     Interrupted(String),
 }
 
@@ -171,7 +172,16 @@ impl MessageContext {
     /// Sets a string header carried by the retried message if this attempt returns Retry,
     /// and by its dead letter if it ends in one (e.g. which destinations already got their
     /// copy, so a retry or a replay skips them).
+    /// A header the framework writes itself (`x-retry-count`, `x-original-*`,
+    /// `traceparent`…, see [`crate::headers::is_reserved`]) is refused with a warning.
     pub fn set_retry_header(&self, key: &str, value: &str) {
+        if crate::headers::is_reserved(key) {
+            tracing::warn!(
+                header = %crate::telemetry::LogText(key),
+                "a processor's retry header may not be one the framework writes: ignored"
+            );
+            return;
+        }
         if let Ok(mut n) = self.retry_notes.lock() {
             n.headers.retain(|(k, _)| k != key);
             n.headers.push((key.to_string(), value.to_string()));
@@ -408,5 +418,24 @@ mod tests {
         assert!(Publication::json("x", "k", &m).is_err());
         let ok = Publication::json("x", "k", &serde_json::json!({"a": 1})).expect("serialises");
         assert_eq!(ok.body, br#"{"a":1}"#);
+    }
+
+    #[test]
+    fn a_retry_header_may_not_forge_one_the_framework_writes() {
+        // `x-retry-count: 0` on every retry would never reach `max_attempts`.
+        let ctx = MessageContext::for_test("x", "k", 3);
+        for forged in [
+            "x-retry-count",
+            "x-progress-attempts",
+            "x-original-routing-key",
+            "traceparent",
+        ] {
+            ctx.set_retry_header(forged, "0");
+        }
+        ctx.set_retry_header("x-my-progress", "[1]");
+        assert_eq!(
+            ctx.retry_headers(),
+            vec![("x-my-progress".to_string(), "[1]".to_string())]
+        );
     }
 }

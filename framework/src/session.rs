@@ -778,6 +778,19 @@ impl<P: MessageProcessor> Shared<P> {
             &self.settler,
             &self.broken,
         );
+        // A give-back is for a session that ends: while it runs, one would come straight
+        // back (an endless loop on RabbitMQ 4.3, which no longer counts requeues toward
+        // the delivery limit), so it is a retry, counted and bounded like any other.
+        let outcome = match outcome {
+            Outcome::Interrupted(reason) if !ctx.is_cancelled() => {
+                warn!(
+                    reason = %m::LogText(&reason),
+                    "interrupted while its session runs: retried instead of given back"
+                );
+                Outcome::Retry(reason)
+            }
+            o => o,
+        };
         if let Outcome::Interrupted(reason) = &outcome {
             info!(reason = %m::LogText(reason), "interrupted; the message goes back to the queue");
             settler.give_back(delivery.delivery_tag);

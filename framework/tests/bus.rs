@@ -1572,7 +1572,7 @@ async fn trace_context_is_continued_on_outputs_retries_and_dead_letters() {
 }
 
 /// Holds the first delivery of `{"n":0}` until the other messages' acks have left, then
-/// gives it back; everything else succeeds.
+/// gives it back (which, its session running on, is a retry); everything else succeeds.
 struct HoldsTheFirst {
     queue: String,
     others: u64,
@@ -1597,7 +1597,7 @@ fn successes(queue: &str) -> u64 {
 impl MessageProcessor for HoldsTheFirst {
     type Input = serde_json::Value;
     async fn handle(&self, v: serde_json::Value, ctx: &MessageContext) -> Outcome {
-        if v["n"] == json!(0) && !ctx.redelivered {
+        if v["n"] == json!(0) && ctx.attempt == 0 {
             self.firsts
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             wait_until("the other messages' acks", || {
@@ -1616,8 +1616,9 @@ impl MessageProcessor for HoldsTheFirst {
 #[tokio::test]
 async fn acks_sent_together_never_cover_an_unsettled_delivery() {
     // Acks that finish together leave as one multiple ack; one reaching the held first
-    // delivery would ack it, its give-back would then close the channel (unknown delivery
-    // tag) and it would never come back.
+    // delivery would ack it, its own settling would then close the channel (unknown
+    // delivery tag). Its give-back, returned while the session runs, is a retry: a
+    // requeue would bring it straight back, for ever on RabbitMQ 4.3.
     const OTHERS: u64 = 12;
     let _recorder = framework::telemetry::metrics_handle();
     let q = unique("coalesce");
@@ -1630,6 +1631,8 @@ async fn acks_sent_together_never_cover_an_unsettled_delivery() {
     };
     let mut hs = Harness::start_with(config(&q, &[("amqp.prefetch", "16")]), p).await;
     let mut out = hs.watch_output().await;
+    let sessions = hs.status.sessions();
+    let first_session = *sessions.borrow();
     for n in 0..=OTHERS {
         hs.publish(
             "test.k",
@@ -1644,15 +1647,22 @@ async fn acks_sent_together_never_cover_an_unsettled_delivery() {
         let v: serde_json::Value = serde_json::from_slice(&d.data).unwrap();
         got.push(v["n"].as_u64().unwrap());
     }
-    let interrupted =
-        format!("storagetier_messages_total{{queue=\"{q}\",outcome=\"interrupted\"}} 1");
-    wait_until("the give-back counted", || {
+    let retried = format!("storagetier_messages_total{{queue=\"{q}\",outcome=\"retry\"}} 1");
+    wait_until("the give-back counted as a retry", || {
         framework::telemetry::metrics_handle()
             .render()
             .lines()
-            .any(|l| l == interrupted)
+            .any(|l| l == retried)
     })
     .await;
+    let rendered = framework::telemetry::metrics_handle().render();
+    assert!(
+        !rendered
+            .lines()
+            .filter(|l| l.contains(&format!("queue=\"{q}\"")))
+            .any(|l| l.contains("outcome=\"interrupted\"") && !l.ends_with(" 0")),
+        "nothing was given back to the queue"
+    );
     assert_eq!(
         got.last(),
         Some(&0),
@@ -1670,6 +1680,7 @@ async fn acks_sent_together_never_cover_an_unsettled_delivery() {
     })
     .await;
     assert_eq!(ready_count(&hs.ch, &hs.q).await, 0);
+    assert_eq!(*sessions.borrow(), first_session, "no channel closed");
     hs.stop().await;
 }
 
