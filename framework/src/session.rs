@@ -218,7 +218,7 @@ pub(crate) async fn session<P: MessageProcessor>(
     if inner.amqp.queue_metrics_interval_ms > 0 {
         tokio::spawn(watch_queue_depths(
             conn.clone(),
-            inner.topology.queue_names(),
+            inner.topology.clone(),
             Duration::from_millis(inner.amqp.queue_metrics_interval_ms),
             limit,
             handlers.cancel.clone(),
@@ -385,15 +385,20 @@ pub(crate) async fn session<P: MessageProcessor>(
     Ok(end)
 }
 
-/// Sets `storagetier_queue_messages` for each of `queues` every `every` until `stop`, with
-/// passive declares on a channel of its own (a failed one closes only that channel).
+/// Sets `storagetier_queue_messages` for each of the service's queues every `every` until
+/// `stop`, with passive declares on a channel of its own (a failed one closes only that
+/// channel). A queue found gone is declared again at once: the retry tiers and `Q-dlq`
+/// have no consumer, so a policy's `expires` (or an operator's delete) takes them, with
+/// the retries and dead letters in them, without the session noticing; the next retry or
+/// dead letter would find no queue.
 async fn watch_queue_depths(
     conn: Arc<Connection>,
-    queues: Vec<String>,
+    topology: Topology,
     every: Duration,
     limit: Duration,
     stop: CancellationToken,
 ) {
+    let queues = topology.queue_names();
     let mut tick = tokio::time::interval(every);
     let mut ch: Option<Channel> = None;
     loop {
@@ -401,13 +406,35 @@ async fn watch_queue_depths(
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
+        let mut gone = Vec::new();
         for q in &queues {
             let Some(c) = open_channel(&mut ch, &conn, limit).await else {
                 break;
             };
-            if let Ok(Ok(n)) = tokio::time::timeout(limit, crate::dlq::count(c, q)).await {
-                metrics::gauge!(m::QUEUE_MESSAGES, "queue" => q.clone()).set(f64::from(n));
+            match tokio::time::timeout(limit, crate::dlq::count(c, q)).await {
+                Ok(Ok(n)) => {
+                    metrics::gauge!(m::QUEUE_MESSAGES, "queue" => q.clone()).set(f64::from(n));
+                }
+                Ok(Err(e))
+                    if crate::topology::is_soft(&e, lapin::protocol::AMQPSoftError::NOTFOUND) =>
+                {
+                    metrics::gauge!(m::QUEUE_MESSAGES, "queue" => q.clone()).set(0.0);
+                    gone.push(q.as_str());
+                }
+                _ => {}
             }
+        }
+        if !gone.is_empty() {
+            error!(queues = ?gone,
+                "the service's queues are gone, and the messages that were in them (deleted by \
+                 hand, or by a policy's `expires`: keep such policies off the service's queues); \
+                 declaring them again");
+            let why = match tokio::time::timeout(limit, topology.declare(&conn)).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("timed out after {limit:?}"),
+            };
+            warn!(error = %m::LogText(&why), "could not declare the gone queues again; the next look tries again");
         }
     }
 }

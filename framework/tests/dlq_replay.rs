@@ -243,3 +243,25 @@ async fn a_replay_interrupted_stops_between_two_dead_letters_and_says_how_far_it
     assert_eq!(seen.len(), n as usize, "every dead letter accounted for");
     assert!(seen.values().all(|c| *c == 1), "none twice: {seen:?}");
 }
+
+/// Design §3: a replay is confirmed in `Q` before its dead letter is removed. With `Q`
+/// gone (deleted by hand, a typo'd `queue`), the broker returns every replay: each dead
+/// letter stays, and the replay says so instead of "replayed".
+#[tokio::test]
+async fn a_replay_the_broker_cannot_deliver_keeps_its_dead_letter() {
+    let hs = dead_letters("undeliverable", 2).await;
+    let dlq_name = format!("{}-dlq", hs.q);
+    hs.ch
+        .queue_delete(hs.q.as_str().into(), Default::default())
+        .await
+        .expect("Q deleted");
+    let e = dlq::replay_filtered(&hs.conn, &hs.topology(), &Filter::default(), false)
+        .await
+        .expect_err("nothing can be replayed into a queue that is not there");
+    assert!(
+        matches!(e, dlq::DlqError::Publish(_)),
+        "refused by the broker, not removed: {e}"
+    );
+    assert!(e.to_string().contains("dead letter kept"), "{e}");
+    await_ready_count(&hs.ch, &dlq_name, 2).await;
+}

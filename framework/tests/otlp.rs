@@ -116,6 +116,7 @@ async fn a_collector_that_is_down_costs_spans_not_messages() {
         "http://127.0.0.1:{}",
         framework::testing::broker::free_port()
     );
+    let recorder = framework::telemetry::metrics_handle();
     let mut hs = Harness::start("otlp-down", &[("telemetry.otlp_endpoint", &dead)], echo()).await;
     let mut out = hs.watch_output().await;
     for i in 0..20 {
@@ -129,6 +130,16 @@ async fn a_collector_that_is_down_costs_spans_not_messages() {
     for _ in 0..20 {
         next(&mut out).await;
     }
+    // Each lost span is counted (this is the only test whose exports fail).
+    let dropped = || {
+        recorder
+            .render()
+            .lines()
+            .filter_map(|l| l.strip_prefix("storagetier_spans_dropped_total "))
+            .filter_map(|n| n.trim().parse::<u64>().ok())
+            .sum::<u64>()
+    };
+    wait_until("the 20 spans counted as dropped", || dropped() >= 20).await;
     hs.stop().await;
 }
 

@@ -222,3 +222,60 @@ async fn without_declare_sources_a_missing_producer_exchange_is_waited_for() {
     wait_until("the service to consume", || status.is_ready()).await;
     service.stop().await;
 }
+
+/// True if `queue` exists (a passive declare on a channel of its own).
+async fn queue_exists(conn: &Connection, queue: &str) -> bool {
+    let ch = conn.create_channel().await.expect("channel");
+    ch.queue_declare(
+        queue.into(),
+        framework::lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .is_ok()
+}
+
+/// The retry tiers and `Q-dlq` have no consumer: a policy's `expires` (or an operator's
+/// delete) takes them while the session runs, and nothing else would notice until a retry
+/// or dead letter found no queue. The queue watcher declares them again.
+#[tokio::test]
+async fn own_queues_deleted_while_running_are_declared_again() {
+    let p = FnProcessor(|_v: serde_json::Value, _ctx: &MessageContext| Outcome::permanent("bad"));
+    let mut hs = Harness::start(
+        "qgone",
+        &[
+            ("amqp.queue_metrics_interval_ms", "200"),
+            ("retry.delays_ms", "[600000]"),
+        ],
+        p,
+    )
+    .await;
+    let sessions = hs.status.sessions();
+    let first_session = *sessions.borrow();
+    let gone = [format!("{}-dlq", hs.q), format!("{}-retry-600000", hs.q)];
+    for q in &gone {
+        hs.ch
+            .queue_delete(q.as_str().into(), Default::default())
+            .await
+            .expect("delete");
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    for q in &gone {
+        while !queue_exists(&hs.conn, q).await {
+            assert!(tokio::time::Instant::now() < deadline, "{q} declared again");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+    assert_eq!(*sessions.borrow(), first_session, "without a new session");
+    hs.publish(
+        "test.gone",
+        br#"{"n":1}"#,
+        framework::lapin::BasicProperties::default(),
+    )
+    .await;
+    await_ready_count(&hs.ch, &gone[0], 1).await;
+    hs.stop().await;
+}
