@@ -135,13 +135,26 @@ pub(crate) fn skip_last_node() {
 /// broker's own words (`ACCESS_REFUSED`, `NOT_ALLOWED`) do not name the setting to fix.
 pub fn refusal_hint(e: &impl std::fmt::Display) -> &'static str {
     let text = e.to_string();
-    if text.contains("ACCESS_REFUSED") {
+    if is_limit(&text) {
+        " (a limit the broker sets on the vhost or user is reached, e.g. max-queues or \
+         max-connections: raise it, or free what holds it)"
+    } else if text.contains("ACCESS_REFUSED") && text.contains(" refused for user") {
+        " (the user of [amqp] url / urls lacks a permission on that object: see \
+         `rabbitmqctl list_user_permissions`)"
+    } else if text.contains("ACCESS_REFUSED") {
         " (the broker refuses the user or password of [amqp] url / urls / password_file)"
     } else if text.contains("NOT_ALLOWED") {
         " (the vhost of [amqp] url / urls does not exist, or the user may not use it)"
     } else {
         ""
     }
+}
+
+/// Whether a refusal's text is a broker limit being reached (a vhost's `max-queues` or
+/// `max-connections`, a user's `max-channels`…): "… limit (N) is reached".
+pub(crate) fn is_limit(e: &impl std::fmt::Display) -> bool {
+    let text = e.to_string();
+    text.contains("limit") && text.contains("is reached")
 }
 
 /// Opens a connection named for the management UI to the first node of `[amqp] urls`
@@ -181,6 +194,26 @@ pub async fn confirm_channel(conn: &Connection) -> Result<Channel, lapin::Error>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refusal_names_what_to_fix() {
+        let limit = "PRECONDITION_FAILED - cannot declare queue 'q': queue limit in vhost 'v' (11) is reached";
+        assert!(
+            refusal_hint(&limit).contains("limit"),
+            "not a conflict to delete: a limit"
+        );
+        let conns = "NOT_ALLOWED - access to vhost 'v' refused for user 'u': connection limit (1) is reached";
+        assert!(refusal_hint(&conns).contains("max-connections"));
+        let perm = "ACCESS_REFUSED - access to exchange 'x' in vhost 'v' refused for user 'u'";
+        assert!(
+            refusal_hint(&perm).contains("permission"),
+            "not the password"
+        );
+        let login = "ACCESS_REFUSED - Login was refused using authentication mechanism PLAIN";
+        assert!(refusal_hint(&login).contains("password"));
+        let vhost = "NOT_ALLOWED - vhost v not found";
+        assert!(refusal_hint(&vhost).contains("vhost"));
+    }
 
     #[test]
     fn frame_max_is_added_unless_the_url_sets_one() {

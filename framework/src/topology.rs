@@ -24,12 +24,29 @@ pub enum DeclareError {
     /// never taken for a conflict of the service's own objects.
     #[error("basic.consume refused: {0}")]
     Consume(lapin::Error),
+    /// The user may not declare (no `configure` permission on the service's names) and an
+    /// object the service needs does not exist yet: waited for, as an administrator
+    /// declares the topology.
+    #[error(
+        "{object} does not exist, and this user may not declare it ({refusal}): have an \
+         administrator declare the topology (`declare` run as a user with `configure` \
+         permission, or the `definitions` document imported)"
+    )]
+    NotDeclared {
+        /// The missing exchange or queue, named.
+        object: String,
+        /// The broker's refusal of the declaration.
+        refusal: String,
+    },
 }
 
 impl DeclareError {
     /// True when an object the service owns exists with other arguments (fatal: exit 1).
     pub fn is_conflict(&self) -> bool {
-        matches!(self, DeclareError::Amqp(e) if is_soft(e, AMQPSoftError::PRECONDITIONFAILED))
+        // A vhost's queue limit is refused with the same code: no conflict, nothing to
+        // delete; waited out like any refusal (see `connection::refusal_hint`).
+        matches!(self, DeclareError::Amqp(e) if is_soft(e, AMQPSoftError::PRECONDITIONFAILED)
+            && !crate::connection::is_limit(e))
     }
 }
 
@@ -122,6 +139,26 @@ async fn exchange_exists(conn: &Connection, name: &str) -> Result<bool, lapin::E
         .await
     {
         Ok(()) => {
+            let _ = probe.close(200, "checked".into()).await;
+            Ok(true)
+        }
+        Err(e) if is_soft(&e, AMQPSoftError::NOTFOUND) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether queue `name` exists: a passive declare on a channel of its own.
+async fn queue_exists(conn: &Connection, name: &str) -> Result<bool, lapin::Error> {
+    let probe = conn.create_channel().await?;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    match probe
+        .queue_declare(name.into(), passive, FieldTable::default())
+        .await
+    {
+        Ok(_) => {
             let _ = probe.close(200, "checked".into()).await;
             Ok(true)
         }
@@ -439,8 +476,70 @@ impl Topology {
 
     /// Declares everything the service owns and checks the producers' exchanges (creating
     /// a missing one only with `declare_sources`); safe to repeat. An owned object that
-    /// exists with other arguments is an error; a producer's exchange never is.
+    /// exists with other arguments is an error; a producer's exchange never is. A user
+    /// without `configure` permission (a locked-down production account) runs on the
+    /// topology an administrator declared: each object is then only checked.
     pub async fn declare(&self, conn: &Connection) -> Result<(), DeclareError> {
+        match self.declare_owned(conn).await {
+            Err(DeclareError::Amqp(e)) if is_soft(&e, AMQPSoftError::ACCESSREFUSED) => {
+                self.check_declared(conn, &e).await
+            }
+            other => other,
+        }
+    }
+
+    /// What [`Self::declare`] does for a user who may not declare: every exchange and
+    /// queue checked passively (which needs no `configure`), the bindings made (which
+    /// need only `read` and `write`).
+    async fn check_declared(
+        &self,
+        conn: &Connection,
+        refused: &lapin::Error,
+    ) -> Result<(), DeclareError> {
+        let missing = |object: String| DeclareError::NotDeclared {
+            object,
+            refusal: refused.to_string(),
+        };
+        for e in self.exchanges() {
+            if !exchange_exists(conn, &e.name).await? {
+                return Err(missing(format!("exchange `{}`", e.name)));
+            }
+        }
+        for source in self.sources() {
+            if !exchange_exists(conn, &source).await? {
+                return Err(if self.declare_sources {
+                    missing(format!("producer exchange `{source}`"))
+                } else {
+                    DeclareError::MissingSource(source)
+                });
+            }
+        }
+        for q in self.queues() {
+            if !queue_exists(conn, &q.name).await? {
+                return Err(missing(format!("queue `{}`", q.name)));
+            }
+        }
+        let ch = conn.create_channel().await?;
+        for b in self.bindings() {
+            ch.queue_bind(
+                b.queue.as_str().into(),
+                b.exchange.as_str().into(),
+                b.routing_key.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        }
+        let _ = ch.close(200, "checked".into()).await;
+        tracing::warn!(refusal = %refused,
+            "this user may not declare the service's topology (no `configure` permission): \
+             running on the exchanges and queues as they are on the broker, without checking \
+             their arguments");
+        Ok(())
+    }
+
+    /// Declares what the service owns (see [`Self::declare`]).
+    async fn declare_owned(&self, conn: &Connection) -> Result<(), DeclareError> {
         let mut ch = conn.create_channel().await?;
         for e in self.exchanges() {
             let kind = if e.kind == "direct" {

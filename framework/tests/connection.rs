@@ -62,6 +62,56 @@ async fn a_node_that_connects_but_cannot_run_a_session_is_passed_over() {
     hs.stop().await;
 }
 
+/// A locked-down production user (no `configure` permission) runs on the topology an
+/// administrator declared: it could not re-declare any of it, and failed every session
+/// with "the broker refuses the user or password". Where nothing is declared yet, it says
+/// what is missing and who must declare it.
+#[tokio::test]
+async fn a_user_who_may_not_declare_runs_on_the_topology_an_administrator_declared() {
+    let user = unique("locked");
+    let _user = admin::Admin::suite()
+        .add_user_configuring(&user, "pw", "^$")
+        .await;
+    let limited = with_credentials(&amqp_url(), &user, "pw");
+    let q = unique("locked");
+    // The administrator's declaration (a run as a user who may), then the service's own.
+    let mut declared = Harness::start_with(config(&q, &[]), echo()).await;
+    declared.stop().await;
+    let mut hs = Harness::start_with(config(&q, &[("amqp.url", &limited)]), echo()).await;
+    round_trip(&hs).await;
+    hs.stop().await;
+
+    let fresh = unique("locked-new");
+    let cfg = config(&fresh, &[]);
+    let topo = framework::topology::Topology::new(
+        &fresh,
+        &cfg.service.output_exchange,
+        vec![framework::topology::Subscription {
+            exchange: format!("{fresh}-in"),
+            routing_key: "test.#".into(),
+        }],
+        &cfg.amqp,
+        &cfg.retry,
+    );
+    let conn = framework::lapin::Connection::connect(&limited, Default::default())
+        .await
+        .expect("the user may connect");
+    let e = topo
+        .declare(&conn)
+        .await
+        .expect_err("nothing to run on, nothing it may declare");
+    let text = e.to_string();
+    assert!(
+        matches!(e, framework::topology::DeclareError::NotDeclared { .. })
+            && text.contains(&format!("`{fresh}-"))
+            && text.contains("does not exist")
+            && text.contains("administrator"),
+        "{text}"
+    );
+    assert!(!e.is_conflict());
+    let _ = conn.close(200, "done".into()).await;
+}
+
 #[tokio::test]
 async fn a_node_that_never_answers_is_given_up_on_in_time() {
     // A listener that accepts and then says nothing: without a bound the connect would
