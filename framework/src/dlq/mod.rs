@@ -276,10 +276,19 @@ async fn await_returned(
 ) -> Result<(), DlqError> {
     let ch = bounded(t, "channel.open", conn.create_channel()).await?;
     let deadline = tokio::time::Instant::now() + RETURN_WAIT;
-    while bounded(t, "queue.declare", count(&ch, queue)).await? < n
-        && tokio::time::Instant::now() < deadline
-    {
+    let mut back = bounded(t, "queue.declare", count(&ch, queue)).await?;
+    while back < n && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
+        back = bounded(t, "queue.declare", count(&ch, queue)).await?;
+    }
+    if back < n {
+        // Another consumer of the DLQ, or the broker dropping what was looked at: a
+        // policy's `delivery-limit` (each look counts a delivery), `message-ttl`,
+        // `overflow: drop-head`. Said, so a browse that cost dead letters is not silent.
+        tracing::warn!(queue = %queue, expected = n, back,
+            "fewer dead letters are back in the queue than were looked at: another consumer \
+             took them, or the broker dropped them (a `delivery-limit`, `message-ttl` or \
+             `overflow` policy on this queue?)");
     }
     let _ = bounded(t, "channel.close", ch.close(200, "counted".into())).await;
     Ok(())
