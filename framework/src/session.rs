@@ -653,6 +653,16 @@ fn incoming(d: &Delivery) -> Incoming {
     }
 }
 
+/// Whether a `content_encoding` names a compression (producers also put a charset there,
+/// which says nothing about why a body is not JSON).
+fn is_compression(encoding: &str) -> bool {
+    [
+        "gzip", "x-gzip", "deflate", "br", "zstd", "compress", "snappy", "lz4", "zlib",
+    ]
+    .iter()
+    .any(|c| encoding.trim().eq_ignore_ascii_case(c))
+}
+
 /// Describes a body that failed to decode, naming what was wrong.
 pub fn describe_decode_error(e: &serde_json::Error) -> String {
     use serde_json::error::Category;
@@ -752,7 +762,16 @@ impl<P: MessageProcessor> Shared<P> {
                     ));
                 }
                 match serde_json::from_slice::<P::Input>(&delivery.data) {
-                    Err(e) => Outcome::Permanent(describe_decode_error(&e)),
+                    Err(e) => Outcome::Permanent(match ctx.properties.content_encoding() {
+                        // A compressed body (gzip) is not "invalid JSON": say what it is.
+                        Some(enc) if is_compression(enc.as_str()) => format!(
+                            "the body is `{}`-encoded (content_encoding), which is not read: \
+                             send plain JSON ({})",
+                            m::LogText(enc.as_str()),
+                            describe_decode_error(&e)
+                        ),
+                        _ => describe_decode_error(&e),
+                    }),
                     Ok(input) => inner.processor.handle(input, &ctx).await,
                 }
             })

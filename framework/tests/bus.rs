@@ -513,6 +513,21 @@ async fn bad_bodies_are_dead_lettered_byte_for_byte() {
     assert!(d.data.is_empty());
     assert_dead_letter(&d, "permanent", "test.empty");
 
+    // A compressed body is named as such, not as "invalid JSON", and kept byte for byte.
+    let gzipped = [
+        0x1f_u8, 0x8b, 0x08, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x03,
+    ];
+    hs.publish(
+        "test.gzip",
+        &gzipped,
+        BasicProperties::default().with_content_encoding("gzip".into()),
+    )
+    .await;
+    let d = next(&mut dlq).await;
+    assert_eq!(d.data, gzipped);
+    let err = header(&d, h::ERROR).unwrap_or_default();
+    assert!(err.contains("`gzip`-encoded"), "{err}");
+
     // A good message still works afterwards.
     hs.publish(
         "test.good",
