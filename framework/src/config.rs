@@ -660,7 +660,7 @@ fn check_env_text(opts: &LoadOptions) -> Result<(), ConfigError> {
 }
 
 /// Loads all layers into one merged tree, checking top-level sections.
-fn load_tree(opts: &LoadOptions) -> Result<Map<String, Value>, ConfigError> {
+fn load_tree(opts: &LoadOptions, own_section: &str) -> Result<Map<String, Value>, ConfigError> {
     let mut b =
         config::Config::builder().add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml));
     let env_name = opts.env_name.clone().unwrap_or_else(|| "dev".to_string());
@@ -749,7 +749,9 @@ fn load_tree(opts: &LoadOptions) -> Result<Map<String, Value>, ConfigError> {
     lists_from_strings(&mut tree);
     endpoints_by_layer(&mut tree, opts, &files);
     for key in tree.keys() {
-        if !KNOWN_SECTIONS.contains(&key.as_str()) {
+        // The running service's own section is known whatever it is: a service written
+        // beside these (a fifth adapter) runs without an edit of the framework.
+        if !KNOWN_SECTIONS.contains(&key.as_str()) && key != own_section {
             return Err(ConfigError::new(
                 key,
                 format!(
@@ -943,7 +945,7 @@ pub fn load<S: DeserializeOwned>(
     section_name: &str,
     opts: &LoadOptions,
 ) -> Result<Config<S>, ConfigError> {
-    let tree = load_tree(opts)?;
+    let tree = load_tree(opts, section_name)?;
     let mut amqp: AmqpConfig = section(&tree, "amqp")?;
     let retry: RetryConfig = section(&tree, "retry")?;
     let log: LogConfig = section(&tree, "log")?;
@@ -959,9 +961,17 @@ pub fn load<S: DeserializeOwned>(
         })
         .transpose()?
         .unwrap_or_default();
-    let (framework_part, service_part): (Map<String, Value>, Map<String, Value>) = own
+    let (mut framework_part, service_part): (Map<String, Value>, Map<String, Value>) = own
         .into_iter()
         .partition(|(k, _)| SERVICE_SECTION_KEYS.contains(&k.as_str()));
+    // Design §5: `queue` (and the output exchange) default to `storagetier-<service>`, for
+    // a service whose section the built-in defaults do not hold.
+    let own_name = format!("storagetier-{}", section_name.replace('_', "-"));
+    for key in ["queue", "output_exchange"] {
+        framework_part
+            .entry(key.to_string())
+            .or_insert_with(|| Value::from(own_name.clone()));
+    }
     let mut split = Map::new();
     split.insert("fw".to_string(), Value::from(framework_part));
     split.insert("svc".to_string(), Value::from(service_part));
@@ -1453,6 +1463,30 @@ mod tests {
         assert!(e.key.starts_with("echo"), "{e}");
         assert!(e.message.contains("database_url"), "{e}");
         assert!(e.message.contains("http_listen"), "{e}");
+    }
+
+    #[test]
+    fn a_service_the_defaults_do_not_know_runs_with_its_own_section() {
+        #[derive(Debug, serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Own {
+            endpoint: String,
+        }
+        let opts = LoadOptions::isolated()
+            .set("my_adapter.http_listen", "127.0.0.1:9199")
+            .set("my_adapter.endpoint", "https://example.invalid/");
+        let cfg = load::<Own>("my_adapter", &opts).expect("its own section is known");
+        assert_eq!(cfg.service.queue, "storagetier-my-adapter");
+        assert_eq!(cfg.service.output_exchange, "storagetier-my-adapter");
+        assert_eq!(cfg.settings.endpoint, "https://example.invalid/");
+        // Where to serve metrics has no default to take: named.
+        let opts = LoadOptions::isolated().set("my_adapter.endpoint", "x");
+        let e = load::<Own>("my_adapter", &opts).expect_err("no http_listen");
+        assert!(e.to_string().contains("http_listen"), "{e}");
+        // Another service still takes it for a typo of a section.
+        let opts = LoadOptions::isolated().set("my_adaptr.endpoint", "x");
+        let e = load::<serde::de::IgnoredAny>("echo", &opts).expect_err("unknown section");
+        assert_eq!(e.key, "my_adaptr");
     }
 
     #[test]
