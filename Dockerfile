@@ -19,12 +19,16 @@ RUN apt-get update \
  && mkdir -p /var/lib/storagetier \
  && chown storagetier /var/lib/storagetier
 COPY --from=build /out/ /usr/local/bin/
-COPY config/ /etc/storagetier/
+# Only the config files: a key or certificate left beside them stays out of the image.
+COPY config/*.toml /etc/storagetier/
+# The data directory comes from the config (`[storage] data_dir`, /var/lib/storagetier in
+# prod.toml), not from an environment variable here, which would override every file.
+# Embedded SQLite databases and local stores live there: mount a volume on it.
 ENV STORAGETIER_CONFIG_DIR=/etc/storagetier \
-    APP_ENV=prod \
-    STORAGETIER__STORAGE__DATA_DIR=/var/lib/storagetier
+    APP_ENV=prod
 USER storagetier
 WORKDIR /var/lib/storagetier
+VOLUME /var/lib/storagetier
 # Each container runs one service: `docker run storagetier online-archive run`. The
 # framework's example service is `storagetier-echo`, so it never shadows the shell's `echo`.
 CMD ["storagetier-echo", "--help"]
