@@ -88,7 +88,23 @@ fn compose_file_is_valid_and_matches_the_config_keys() {
     let services = doc["services"].as_mapping().expect("services");
     for infra in ["rabbitmq", "postgres", "s3"] {
         assert!(services.contains_key(infra), "{infra} service");
+        // Back after a host or daemon restart, or the services never become ready.
+        assert_eq!(
+            doc["services"][infra]["restart"].as_str(),
+            Some("unless-stopped"),
+            "{infra} restarts"
+        );
     }
+    // The queues, retries and dead letters outlive a re-created broker container: a
+    // volume, under a fixed host name (RabbitMQ's data directory is named for it).
+    let rabbit = &doc["services"]["rabbitmq"];
+    assert!(rabbit["hostname"].as_str().is_some(), "a fixed host name");
+    assert!(
+        serde_norway::to_string(&rabbit["volumes"])
+            .unwrap()
+            .contains(":/var/lib/rabbitmq"),
+        "the broker's data in a volume"
+    );
     assert!(
         doc["services"]["rabbitmq"]["image"]
             .as_str()
@@ -164,6 +180,12 @@ fn compose_file_is_valid_and_matches_the_config_keys() {
     assert!(
         dockerfile.contains("USER storagetier"),
         "runtime image runs as non-root"
+    );
+    // An environment variable would override every config file's `data_dir`: an operator's
+    // mounted disk set in prod.toml would be silently ignored.
+    assert!(
+        !dockerfile.contains("STORAGETIER__STORAGE__DATA_DIR"),
+        "the image leaves data_dir to the config"
     );
     for (name, ..) in ours {
         assert!(
