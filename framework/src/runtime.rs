@@ -82,7 +82,9 @@ pub enum RuntimeError {
     #[error(
         "topology conflict: {0}. An existing queue or exchange has different arguments \
          (e.g. another queue_type): change the config back, or move its messages away \
-         (a shovel; `dlq list --json` first for Q-dlq) before deleting it"
+         (a shovel; `dlq list --json` first for Q-dlq) before deleting it. An exchange of \
+         that name that another system owns (a shared name such as `monitoring`) is not \
+         to be deleted: give the service another name for it in its config"
     )]
     TopologyConflict(String),
 }

@@ -147,6 +147,39 @@ async fn exchange_exists(conn: &Connection, name: &str) -> Result<bool, lapin::E
     }
 }
 
+/// Warns when a producer's exchange exists as another type than topic: a passive check
+/// cannot see the type, and the queue's pattern bindings (`…file.#`) then match nothing
+/// (direct) or everything (fanout) without a word. Asked as a declaration of a topic
+/// exchange on a channel of its own (which a refusal closes); only its type is looked at,
+/// the producer's other flags are its own business.
+async fn warn_unless_topic(conn: &Connection, name: &str) {
+    let Ok(probe) = conn.create_channel().await else {
+        return;
+    };
+    let asked = probe
+        .exchange_declare(
+            name.into(),
+            ExchangeKind::Topic,
+            durable_exchange(),
+            FieldTable::default(),
+        )
+        .await;
+    match asked {
+        Ok(()) => {
+            let _ = probe.close(200, "checked".into()).await;
+        }
+        Err(e)
+            if is_soft(&e, AMQPSoftError::PRECONDITIONFAILED)
+                && e.to_string().contains("'type'") =>
+        {
+            tracing::warn!(exchange = %name, refusal = %e,
+                "the producer's exchange is not a topic exchange: the queue's pattern \
+                 bindings match nothing (direct) or everything (fanout) on it");
+        }
+        Err(_) => {}
+    }
+}
+
 /// Whether queue `name` exists: a passive declare on a channel of its own.
 async fn queue_exists(conn: &Connection, name: &str) -> Result<bool, lapin::Error> {
     let probe = conn.create_channel().await?;
@@ -632,6 +665,9 @@ impl Topology {
     /// refused check of a missing one as an error, once: then it exists).
     async fn check_source(&self, conn: &Connection, name: &str) -> Result<(), DeclareError> {
         if exchange_exists(conn, name).await? {
+            if self.declare_sources {
+                warn_unless_topic(conn, name).await;
+            }
             return Ok(());
         }
         if !self.declare_sources {

@@ -56,7 +56,7 @@ fn disk_limit(broker: &PrivateBroker, limit: &str) {
 
 /// The confirm limit of these tests: long enough for a loaded machine's confirm once the
 /// alarm clears; the alarm is held for well beyond it.
-const LIMIT_MS: u64 = 5000;
+const LIMIT_MS: u64 = 8000;
 
 /// Starts `processor` on queue `q` of `broker` with `extra` config, once it consumes.
 async fn start_on<P: MessageProcessor>(

@@ -1299,3 +1299,33 @@ async fn the_spans_dropped_counter_starts_at_0() {
     await_metric(port, "\nstoragetier_spans_dropped_total 0\n").await;
     assert_eq!(child.terminate(WAIT).and_then(|s| s.code()), Some(0));
 }
+
+/// A producer's exchange that exists as another type than topic is not a conflict (it is
+/// the producer's), but the queue's pattern bindings would match nothing on a direct
+/// exchange: `declare` says so instead of binding without a word.
+#[tokio::test]
+async fn a_producer_exchange_of_another_type_is_warned_about() {
+    let q = unique("direct");
+    let _gone = Cleanup::new(vec![], vec![format!("{q}-in")]);
+    let _topology = Cleanup::service(&q, &[200, 400]);
+    let (_c, ch) = test_channel().await;
+    ch.exchange_declare(
+        format!("{q}-in").as_str().into(),
+        framework::lapin::ExchangeKind::Direct,
+        framework::lapin::options::ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        framework::lapin::types::FieldTable::default(),
+    )
+    .await
+    .expect("the producer's direct exchange");
+    let dir = tempfile::tempdir().unwrap();
+    let o = run(echo_cmd(&q, dir.path()).arg("declare"));
+    assert_eq!(o.status.code(), Some(0), "not a conflict: {}", stderr(&o));
+    assert!(
+        stderr(&o).contains("not a topic exchange"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -319,7 +319,9 @@ async fn multipart_through_s3_survives_an_outage_mid_upload() {
     let moto = Arc::new(tokio::sync::Mutex::new(MotoServer::start(bucket).await));
     let mut opts = moto.lock().await.store_options();
     opts.max_retries = 0;
-    opts.retry_timeout_ms = 2000;
+    // Also each request's own limit: a 5 MiB part to moto on a loaded machine can take
+    // seconds, and nothing here retries it.
+    opts.retry_timeout_ms = 30_000;
     opts.part_size_mib = 5; // S3's smallest part
     let tier = storage::store::open(&format!("s3://{bucket}/pre"), &opts).expect("tier");
     let (faulty, faults) = FaultyStore::wrap(&tier);

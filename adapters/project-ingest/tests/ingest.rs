@@ -187,7 +187,9 @@ async fn a_batch_delivered_again_announces_with_the_same_ids(b: Backend) {
 /// be handled before its own `project-created`: it waits a retry or two for the project
 /// instead of being dropped, so the newer state is not lost.
 async fn an_update_that_overtakes_its_create_waits_for_it(b: Backend) {
-    let env = start(b, &[]).await;
+    // Retries enough to outlast a loaded machine between the two sends (6 retries of the
+    // test tiers are about 2 s).
+    let env = start(b, &[("project_ingest.missing_project_retries", "50")]).await;
     let mut out = env.hs.watch_output().await;
     env.send(&project("project-updated", "late", "updated"))
         .await;

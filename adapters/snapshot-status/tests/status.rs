@@ -1311,7 +1311,8 @@ async fn instances_share_state_without_races(b: Backend) {
     assert_eq!(col.status, "Received");
     let e = json_of(&next(&mut env.export).await);
     assert_eq!(e["topic_name"], "db.p");
-    // Once, or again by the redelivered message that completed the run.
+    // Once, or again by the redelivered message that completed the run — which re-emits
+    // its export-state message too.
     env.received_once(c).await;
     while env
         .received
@@ -1319,6 +1320,9 @@ async fn instances_share_state_without_races(b: Backend) {
         .await
         .is_some()
     {}
+    while let Some(d) = next_within(&mut env.export, Duration::from_millis(300)).await {
+        assert_eq!(json_of(&d)["topic_name"], "db.p");
+    }
     env.no_more().await;
     other.stop().await;
     env.finish().await;
@@ -1660,7 +1664,9 @@ async fn a_collection_arriving_after_the_run_completed_reopens_it(b: Backend) {
 /// instead of being dropped — dropped, the collection never reached Success and its run
 /// never completed — and completes the run once the collection is Received.
 async fn a_success_file_before_its_collection_waits_for_it(b: Backend) {
-    let mut env = start(b, &[]).await;
+    // Its 6 retries span about 10 s here (2.2 s with the test's usual tiers): enough for
+    // the collection's messages to follow on a loaded machine.
+    let mut env = start(b, &[("retry.delays_ms", "[200, 2000]")]).await;
     let c = "corr-early";
     let mut retried = watch(
         &env.hs.ch,
