@@ -168,12 +168,93 @@ pub fn begin_statement(backend: &str) -> &'static str {
     }
 }
 
+/// How long one database call (a query, a whole group-committed batch) may take before it
+/// is given up as a transient failure: longer than any lock wait ([`LOCK_TIMEOUT`], SQLite's
+/// busy timeout), so only a server that stopped answering (a host gone mid-failover, a
+/// network that drops packets without a reset) reaches it. Without it such a call waited
+/// for ever — and the storage tiers' one committer with it, so every handler.
+pub const CALL_LIMIT: Duration = Duration::from_secs(60);
+
+/// Runs one database call, failing it after [`CALL_LIMIT`] (a retry, never a hang).
+pub async fn bounded<T, E: From<sqlx::Error>>(
+    call: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    bounded_by(CALL_LIMIT, call).await
+}
+
+async fn bounded_by<T, E: From<sqlx::Error>>(
+    limit: Duration,
+    call: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    match tokio::time::timeout(limit, call).await {
+        Ok(r) => r,
+        Err(_) => Err(sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("the database did not answer within {limit:?}"),
+        ))
+        .into()),
+    }
+}
+
+/// A write transaction on a connection of its own (see [`begin_write`]). Its connection
+/// goes back to the pool only after a commit or rollback that worked; a transaction that
+/// failed or was dropped closes it instead. A connection a failure left in a bad state
+/// would otherwise serve on: after SQLite's "database or disk is full" (SQLite rolls back
+/// by itself, the client's rollback fails and it believes a transaction still open, so
+/// every later begin failed until the connection aged out, 30 minutes), a SQLite file
+/// opened read-only, a PostgreSQL session left on a primary demoted to read-only.
+pub struct WriteTx {
+    conn: sqlx::pool::PoolConnection<sqlx::Any>,
+    ended: bool,
+}
+
+impl std::ops::Deref for WriteTx {
+    type Target = sqlx::AnyConnection;
+    fn deref(&self) -> &sqlx::AnyConnection {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for WriteTx {
+    fn deref_mut(&mut self) -> &mut sqlx::AnyConnection {
+        &mut self.conn
+    }
+}
+
+impl WriteTx {
+    /// Commits; the connection is closed if that fails.
+    pub async fn commit(mut self) -> Result<(), sqlx::Error> {
+        sqlx::query("COMMIT").execute(&mut *self.conn).await?;
+        self.ended = true;
+        Ok(())
+    }
+
+    /// Rolls back; the connection is closed if that fails.
+    pub async fn rollback(mut self) -> Result<(), sqlx::Error> {
+        sqlx::query("ROLLBACK").execute(&mut *self.conn).await?;
+        self.ended = true;
+        Ok(())
+    }
+}
+
+impl Drop for WriteTx {
+    fn drop(&mut self) {
+        if !self.ended {
+            // Closing ends the transaction too (the server rolls it back).
+            self.conn.close_on_drop();
+        }
+    }
+}
+
 /// Begins a write transaction on a connection of `pool` (see [`begin_statement`]).
-pub async fn begin_write(
-    pool: &AnyPool,
-) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
-    let backend = pool.connect_options().database_url.scheme().to_string();
-    pool.begin_with(begin_statement(&backend)).await
+pub async fn begin_write(pool: &AnyPool) -> Result<WriteTx, sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    let begin = begin_statement(conn.backend_name());
+    if let Err(e) = sqlx::query(begin).execute(&mut *conn).await {
+        conn.close_on_drop();
+        return Err(e);
+    }
+    Ok(WriteTx { conn, ended: false })
 }
 
 /// Whether a failed SQLite migration looks like another instance's applied first (its
@@ -514,6 +595,60 @@ mod tests {
                 .expect("asked");
         assert!(ssl, "the connection is encrypted");
         pool.close().await;
+    }
+
+    /// A connection whose write failed is not handed out again: here a PostgreSQL session
+    /// left read-only (as on a primary demoted in a failover while the pool held it) — the
+    /// same connection failed every write until it aged out, 30 minutes later.
+    #[tokio::test]
+    async fn a_failed_write_does_not_leave_its_connection_to_serve_on() {
+        sqlx::any::install_default_drivers();
+        let t = testing::TempPostgres::create()
+            .await
+            .expect("a test database");
+        let pool = AnyPoolOptions::new()
+            .max_connections(1)
+            .connect(&t.url)
+            .await
+            .expect("connected");
+        sqlx::query("CREATE TABLE t (id BIGINT)")
+            .execute(&pool)
+            .await
+            .expect("table");
+        sqlx::query("SET default_transaction_read_only = on")
+            .execute(&pool)
+            .await
+            .expect("the pool's one session made read-only");
+        let write = || async {
+            let mut tx = begin_write(&pool).await?;
+            sqlx::query("INSERT INTO t VALUES (1)")
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await
+        };
+        let e = write().await.expect_err("read-only");
+        assert!(e.to_string().contains("read-only"), "{e}");
+        write()
+            .await
+            .expect("the next write is on a new connection");
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM t")
+            .fetch_one(&pool)
+            .await
+            .expect("counted");
+        assert_eq!(n, 1);
+        pool.close().await;
+        t.drop_db().await.expect("dropped");
+    }
+
+    /// A call the database never answers is given up (a retry), never waited on for ever.
+    #[tokio::test]
+    async fn a_call_never_answered_is_given_up() {
+        let never = std::future::pending::<Result<(), DbError>>();
+        let e = bounded_by(Duration::from_millis(20), never)
+            .await
+            .expect_err("given up");
+        assert!(e.to_string().contains("did not answer"), "{e}");
+        assert!(!e.refuses_the_data(), "transient: retried");
     }
 
     /// `snapshot-status status` with a mistyped SQLite path: an error, and nothing made.

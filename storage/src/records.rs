@@ -89,7 +89,16 @@ async fn committer(
     // The writer connection's `synchronous` as last set (FULL when it opened).
     let mut full = true;
     while rx.recv_many(&mut batch, MAX_GROUP).await > 0 {
-        match apply(&pool, is_sqlite, &mut full, batch.iter().map(|(w, _)| w)).await {
+        // Bounded: a server that stopped answering would hold this one committer, and
+        // with it every handler's claim and record, for ever.
+        let applied = db::bounded(apply(
+            &pool,
+            is_sqlite,
+            &mut full,
+            batch.iter().map(|(w, _)| w),
+        ))
+        .await;
+        match applied {
             Ok(results) => {
                 for ((_, reply), r) in batch.drain(..).zip(results) {
                     let _ = reply.send(Ok(r));
@@ -117,9 +126,10 @@ async fn committer(
                 // of this process queues behind this pass.
                 for (w, reply) in batch.drain(..) {
                     let once = std::iter::once(&w);
-                    let r = apply_waiting(&pool, is_sqlite, &mut full, once, Some("1s"))
-                        .await
-                        .map(|r| r.first().copied().unwrap_or(false));
+                    let r =
+                        db::bounded(apply_waiting(&pool, is_sqlite, &mut full, once, Some("1s")))
+                            .await
+                            .map(|r| r.first().copied().unwrap_or(false));
                     let _ = reply.send(r);
                 }
             }
@@ -193,6 +203,16 @@ async fn apply_waiting<'a>(
         *full = !relaxed;
     }
     let applied = apply_in(&mut conn, &writes, lock_wait).await;
+    if applied.is_err() {
+        // A failure can leave the connection unfit to serve on (after SQLite's "disk
+        // full" the client believes a transaction still open, and every later batch
+        // failed to begin for the 30 minutes the connection lived; a PostgreSQL session
+        // on a primary demoted to read-only): a new one serves the next batch.
+        conn.close_on_drop();
+        // The next connection starts with `synchronous = FULL`.
+        *full = true;
+        return applied;
+    }
     if relaxed {
         // Back to FULL before the connection goes back to the pool, whether or not the
         // batch committed: the writes made on it outside the group commit (an ignored

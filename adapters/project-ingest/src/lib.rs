@@ -195,7 +195,7 @@ impl MessageProcessor for ProjectProcessor {
                 }
                 Ok(Parsed::Project(ev)) => ev,
             };
-            match self.store.apply(ev).await {
+            match db::bounded(self.store.apply(ev)).await {
                 Ok(Applied::Stored(p)) => {
                     tracing::info!(project = %LogText(&p.id), event = ev.kind.as_str(), "project stored");
                     count("stored");
@@ -286,12 +286,12 @@ impl ProjectProcessor {
         let again = ctx.redelivered
             || framework::headers::get_str(&ctx.headers, framework::headers::ORIGINAL_EXCHANGE)
                 .is_some();
-        if again && let Some(first) = self.store.first_receipt(&digest).await? {
+        if again && let Some(first) = db::bounded(self.store.first_receipt(&digest)).await? {
             return Ok(first);
         }
         let now = crate::event::time_key(chrono::Utc::now())
             .unwrap_or_else(|| unreachable!("the clock is past the year 9999"));
-        self.store.note_receipt(&digest, &now).await?;
+        db::bounded(self.store.note_receipt(&digest, &now)).await?;
         self.prune_receipts().await;
         Ok(now)
     }
@@ -312,7 +312,7 @@ impl ProjectProcessor {
         let Some(before) = crate::event::time_key(now - KEEP_RECEIPTS) else {
             return;
         };
-        match self.store.prune_receipts(&before).await {
+        match db::bounded(self.store.prune_receipts(&before)).await {
             Ok(n) if n > 0 => tracing::info!(
                 receipts = n,
                 "forgot receipts older than {} days",

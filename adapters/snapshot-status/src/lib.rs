@@ -198,7 +198,7 @@ impl StatusProcessor {
         let store = self.store.clone();
         self.pruner = Some(tokio::spawn(async move {
             loop {
-                match store.prune_completed_runs(keep).await {
+                match db::bounded(store.prune_completed_runs(keep)).await {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(runs = n, "completed runs past their keeping deleted"),
                     Err(e) => tracing::warn!(error = %e, "could not delete old completed runs"),
@@ -270,7 +270,9 @@ impl StatusProcessor {
         if moved {
             transition("RECEIVED");
         }
-        let resend = !moved && retried && self.store.received_by(cid, collection, dedupe).await?;
+        let resend = !moved
+            && retried
+            && db::bounded(self.store.received_by(cid, collection, dedupe)).await?;
         if moved || resend {
             extra.push(self.monitoring_publication(m, ALL_RECEIVED));
         }
@@ -286,7 +288,7 @@ impl StatusProcessor {
     ) -> Result<Handled, StoreError> {
         // A run completed and deleted past its keeping: a message of it now (a dead letter
         // replayed weeks later) would start it over as a collection that never completes.
-        if self.store.was_pruned(&m.correlation_id).await? {
+        if db::bounded(self.store.was_pruned(&m.correlation_id)).await? {
             let reason = format!(
                 "run `{}` completed and was deleted past its keeping; this message of it \
                  changes nothing",
@@ -307,7 +309,7 @@ impl StatusProcessor {
         let (collection, kind, counted) = match m.kind() {
             Kind::Counts => {
                 let key = format!("counts:{dedupe}");
-                let (c, moved, triggered) = self.store.record_counts(m, &key).await?;
+                let (c, moved, triggered) = db::bounded(self.store.record_counts(m, &key)).await?;
                 if moved {
                     transition("Received");
                 }
@@ -325,7 +327,7 @@ impl StatusProcessor {
                 } else {
                     format!("file:{}", m.filename)
                 };
-                let f = self.store.record_file(m, &key, dedupe).await?;
+                let f = db::bounded(self.store.record_file(m, &key, dedupe)).await?;
                 metrics::counter!(FILES_METRIC, "counted" => if f.counted { "true" } else { "false" })
                     .increment(1);
                 if f.counted && f.triggered_received {
@@ -346,7 +348,7 @@ impl StatusProcessor {
                 (f.collection, "file", f.counted)
             }
             Kind::SuccessFile => {
-                let (c, moved) = self.store.record_success(m).await?;
+                let (c, moved) = db::bounded(self.store.record_success(m)).await?;
                 if moved {
                     transition("Success");
                 }
@@ -385,7 +387,7 @@ impl StatusProcessor {
                         // are Received: every collection is Received or Success.
                         self.run_received(m, dedupe, retried, &mut extra).await?;
                     }
-                    let product = self.store.product_status(&m.correlation_id).await?;
+                    let product = db::bounded(self.store.product_status(&m.correlation_id)).await?;
                     // Who completed the product publishes; a retried success file of a
                     // completed product re-emits, so a lost publish is not lost for good.
                     let is_completed = product.as_deref() == Some("COMPLETED");
@@ -404,7 +406,7 @@ impl StatusProcessor {
                 (c, "success-file", moved)
             }
         };
-        let product = self.store.product_status(&m.correlation_id).await?;
+        let product = db::bounded(self.store.product_status(&m.correlation_id)).await?;
         Ok(Handled {
             report: json!({
                 "correlation_id": collection.correlation_id,

@@ -86,7 +86,7 @@ fn row_to_collection(r: &db::sqlx::any::AnyRow) -> Result<Collection, db::sqlx::
     })
 }
 
-type Tx<'a> = db::sqlx::Transaction<'a, db::sqlx::Any>;
+type Tx<'a> = db::WriteTx;
 
 /// Serialises the product changes of run `correlation_id` on PostgreSQL until the
 /// transaction ends: a product marked complete by one replica while another adds a
