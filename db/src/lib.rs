@@ -454,10 +454,20 @@ async fn open_pool(full: &str, max: u32, read_only: bool) -> Result<AnyPool, DbE
         // The pool says only that it waited (a refused connection is retried until the
         // acquire timeout): one connection made by hand says why.
         Err(sqlx::Error::PoolTimedOut) => {
-            let once = sqlx::ConnectOptions::connect(&opts);
+            // SQLite opens a damaged file without a word: the first read says what it is
+            // ("file is not a database").
+            let once = async {
+                let mut c = sqlx::ConnectOptions::connect(&opts).await?;
+                if sqlite {
+                    sqlx::query("SELECT count(*) FROM sqlite_master")
+                        .execute(&mut c)
+                        .await?;
+                }
+                Ok::<(), sqlx::Error>(())
+            };
             match tokio::time::timeout(ACQUIRE_TIMEOUT, once).await {
                 Ok(Err(why)) => Err(why.into()),
-                Ok(Ok(_)) | Err(_) => Err(sqlx::Error::PoolTimedOut.into()),
+                Ok(Ok(())) | Err(_) => Err(sqlx::Error::PoolTimedOut.into()),
             }
         }
         Err(e) => Err(e.into()),
@@ -640,6 +650,41 @@ mod tests {
         t.drop_db().await.expect("dropped");
     }
 
+    /// A URL the client cannot use is a config error at start (exit 2 naming the key), not a
+    /// failed connect (exit 1); the password never in the message.
+    #[test]
+    fn a_url_the_client_cannot_parse_is_refused_as_config() {
+        for url in [
+            "postgres://u:secret@db.example:99999/x",
+            "postgres://u:secret@db.example/x?sslmode=bogus",
+        ] {
+            let e = DatabaseUrl::try_from(url.to_string()).expect_err(url);
+            assert!(
+                e.contains("not a usable URL") && !e.contains("secret"),
+                "{e}"
+            );
+        }
+        assert!(
+            DatabaseUrl::try_from(
+                "postgres://u:p@db.example:5432/x?sslmode=verify-full".to_string()
+            )
+            .is_ok()
+        );
+        assert!(DatabaseUrl::try_from("sqlite:///var/lib/x.db".to_string()).is_ok());
+    }
+
+    /// A damaged SQLite file at start is reported as what it is, not as the pool's wait.
+    #[tokio::test]
+    async fn a_damaged_sqlite_file_is_reported_as_such() {
+        let path =
+            std::env::temp_dir().join(format!("db-bad-{}.db", uuid::Uuid::new_v4().simple()));
+        std::fs::write(&path, vec![0x5a_u8; 8192]).expect("garbage");
+        let e = connect(&format!("sqlite://{}", path.display()), &Migrator::DEFAULT).await;
+        let _ = std::fs::remove_file(&path);
+        let e = e.expect_err("not a database");
+        assert!(e.to_string().contains("not a database"), "{e}");
+    }
+
     /// A call the database never answers is given up (a retry), never waited on for ever.
     #[tokio::test]
     async fn a_call_never_answered_is_given_up() {
@@ -736,7 +781,17 @@ impl TryFrom<String> for DatabaseUrl {
                  it is gone when the connection is recycled, with every record; use a file"
             ))
         } else if is_supported(&url) {
-            Ok(Self(url))
+            // Parsed as the client will (a port out of range, an unknown `sslmode`): at
+            // start-up, exit 2 naming the key, not exit 1 from the first connect.
+            let parsed = if url.starts_with("sqlite:") {
+                sqlx::sqlite::SqliteConnectOptions::from_str(&url).map(|_| ())
+            } else {
+                sqlx::postgres::PgConnectOptions::from_str(&url).map(|_| ())
+            };
+            match parsed {
+                Ok(()) => Ok(Self(url)),
+                Err(e) => Err(format!("`{}` is not a usable URL: {e}", redact_url(&url))),
+            }
         } else {
             Err(format!(
                 "`{}` is not a sqlite:// or postgres:// URL",
