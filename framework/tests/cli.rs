@@ -1329,3 +1329,34 @@ async fn a_producer_exchange_of_another_type_is_warned_about() {
         stderr(&o)
     );
 }
+
+/// A vhost sized to the service's own queues (`max-queues`): the `dlq` commands still run
+/// (their lock queue has no room: warned, unguarded), and a queue more than the limit is a
+/// limit reached, named as such — not a "topology conflict" to delete queues over.
+#[tokio::test]
+async fn a_vhost_at_its_queue_limit_is_named_and_still_runs_dlq_commands() {
+    let vhost = unique("limited");
+    // Q, its two retry tiers and Q-dlq.
+    let _vhost = admin::Admin::suite().add_vhost_limited(&vhost, 4).await;
+    let mut url = url::Url::parse(&amqp_url()).expect("suite URL");
+    url.set_path(&format!("/{vhost}"));
+    let q = unique("limited");
+    let dir = tempfile::tempdir().unwrap();
+    let cmd = |args: &[&str]| {
+        let mut c = echo_cmd(&q, dir.path());
+        c.env("STORAGETIER__AMQP__URL", url.as_str()).args(args);
+        c
+    };
+    let o = run(&mut cmd(&["declare"]));
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let o = run(&mut cmd(&["dlq", "list"]));
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stderr(&o).contains("queue limit"), "{}", stderr(&o));
+    let o = run(cmd(&["declare"]).env("STORAGETIER__RETRY__DELAYS_MS", "200,400,800"));
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let said = stderr(&o);
+    assert!(
+        said.contains("limit") && !said.contains("topology conflict"),
+        "{said}"
+    );
+}

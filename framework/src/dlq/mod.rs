@@ -132,6 +132,14 @@ pub async fn exclusive(conn: &Connection, topo: &Topology) -> Result<(), DlqErro
                  beside this one would see only part of the dead letters)");
             Ok(())
         }
+        // A vhost sized to the service's own queues (`max-queues`) has no room for it:
+        // the same, rather than no dlq command at all.
+        Err(e) if crate::connection::is_limit(&e) => {
+            tracing::warn!(queue = %name, error = %e,
+                "the vhost's queue limit leaves no room for the dlq lock: running without it \
+                 (another dlq command beside this one would see only part of the dead letters)");
+            Ok(())
+        }
         Err(e) => Err(e.into()),
     }
 }

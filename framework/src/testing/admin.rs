@@ -295,3 +295,53 @@ impl Drop for TestUser {
         });
     }
 }
+
+impl Admin {
+    /// Adds vhost `name` (guest may use it) holding at most `max_queues` queues; deleted,
+    /// with everything in it, when the guard drops.
+    pub async fn add_vhost_limited(&self, name: &str, max_queues: u32) -> TestVhost {
+        self.call(
+            reqwest::Method::PUT,
+            &format!("/vhosts/{}", encode(name)),
+            Some(serde_json::json!({})),
+        )
+        .await;
+        self.call(
+            reqwest::Method::PUT,
+            &format!("/permissions/{}/{}", encode(name), encode(&self.user)),
+            Some(serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"})),
+        )
+        .await;
+        self.call(
+            reqwest::Method::PUT,
+            &format!("/vhost-limits/{}/max-queues", encode(name)),
+            Some(serde_json::json!({"value": max_queues})),
+        )
+        .await;
+        TestVhost {
+            admin: self.clone(),
+            name: name.to_string(),
+        }
+    }
+}
+
+/// A vhost that exists until dropped.
+#[derive(Debug)]
+pub struct TestVhost {
+    admin: Admin,
+    name: String,
+}
+
+impl Drop for TestVhost {
+    fn drop(&mut self) {
+        let admin = self.admin.clone();
+        let name = self.name.clone();
+        super::run_on_own_thread(async move {
+            let _ = reqwest::Client::new()
+                .delete(format!("{}/api/vhosts/{}", admin.base, encode(&name)))
+                .basic_auth(&admin.user, Some(&admin.password))
+                .send()
+                .await;
+        });
+    }
+}
