@@ -248,13 +248,16 @@ impl Drop for WriteTx {
 
 /// Begins a write transaction on a connection of `pool` (see [`begin_statement`]).
 pub async fn begin_write(pool: &AnyPool) -> Result<WriteTx, sqlx::Error> {
-    let mut conn = pool.acquire().await?;
-    let begin = begin_statement(conn.backend_name());
-    if let Err(e) = sqlx::query(begin).execute(&mut *conn).await {
-        conn.close_on_drop();
-        return Err(e);
-    }
-    Ok(WriteTx { conn, ended: false })
+    // The guard first: dropped between its BEGIN and its return (a handler stopped, a
+    // bounded call given up), the connection is closed, never handed back inside an open
+    // transaction for the next writes to run in unseen.
+    let mut tx = WriteTx {
+        conn: pool.acquire().await?,
+        ended: false,
+    };
+    let begin = begin_statement(tx.conn.backend_name());
+    sqlx::query(begin).execute(&mut *tx.conn).await?;
+    Ok(tx)
 }
 
 /// Whether a failed SQLite migration looks like another instance's applied first (its

@@ -439,7 +439,7 @@ async fn execute<S: Service>(cmd: Command, cfg: Config<S::Settings>) -> Result<(
                 ))
             })?;
             let limit = cfg.amqp.operation_timeout();
-            crate::session::bounded_declare(&topo, &conn, limit)
+            crate::session::bounded_declare(&topo, &conn, limit, true)
                 .await
                 .map_err(|e| {
                     if e.is_conflict() {

@@ -183,8 +183,11 @@ pub(crate) async fn session<P: MessageProcessor>(
         &inner.topology.output_exchange,
     );
     let metrics = Arc::new(m::QueueMetrics::new(&inner.topology.queue));
-    let Some(declared) =
-        unless_stopped(shutdown, bounded_declare(&inner.topology, &conn, limit)).await
+    let Some(declared) = unless_stopped(
+        shutdown,
+        bounded_declare(&inner.topology, &conn, limit, false),
+    )
+    .await
     else {
         return Ok(SessionEnd::Shutdown);
     };
@@ -588,13 +591,23 @@ fn consumer_arguments(amqp: &AmqpConfig) -> FieldTable {
 /// How often a session checks that its connection is still there.
 const HEALTH_CHECK: Duration = Duration::from_millis(250);
 
-/// Declares the topology, failing (and so restarting the session) if the broker hangs.
+/// Declares the topology, failing (and so restarting the session) if the broker hangs;
+/// `every_object` for the `declare` command, where an object this user may not declare is
+/// an error rather than checked to exist (see [`Topology::declare_all`]).
 pub(crate) async fn bounded_declare(
     topology: &Topology,
     conn: &Connection,
     limit: Duration,
+    every_object: bool,
 ) -> Result<(), DeclareError> {
-    tokio::time::timeout(limit, topology.declare(conn))
+    let declared = async {
+        if every_object {
+            topology.declare_all(conn).await
+        } else {
+            topology.declare(conn).await
+        }
+    };
+    tokio::time::timeout(limit, declared)
         .await
         .unwrap_or_else(|_| {
             Err(DeclareError::Amqp(

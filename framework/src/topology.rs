@@ -153,6 +153,14 @@ async fn exchange_exists(conn: &Connection, name: &str) -> Result<bool, lapin::E
 /// exchange on a channel of its own (which a refusal closes); only its type is looked at,
 /// the producer's other flags are its own business.
 async fn warn_unless_topic(conn: &Connection, name: &str) {
+    // Once per exchange and process: a refused probe (no `configure` on the name, other
+    // flags) is logged by the client as a channel error, which every reconnect would
+    // repeat.
+    static PROBED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    match PROBED.lock() {
+        Ok(mut seen) if !seen.iter().any(|n| n == name) => seen.push(name.to_string()),
+        _ => return,
+    }
     let Ok(probe) = conn.create_channel().await else {
         return;
     };
@@ -509,84 +517,61 @@ impl Topology {
 
     /// Declares everything the service owns and checks the producers' exchanges (creating
     /// a missing one only with `declare_sources`); safe to repeat. An owned object that
-    /// exists with other arguments is an error; a producer's exchange never is. A user
-    /// without `configure` permission (a locked-down production account) runs on the
-    /// topology an administrator declared: each object is then only checked.
+    /// exists with other arguments is an error; a producer's exchange never is. An object
+    /// the user may not declare (no `configure` permission on its name: a locked-down
+    /// production account, or one limited to the service's own names beside a shared
+    /// exchange) is only checked to exist, as an administrator declared it.
     pub async fn declare(&self, conn: &Connection) -> Result<(), DeclareError> {
-        match self.declare_owned(conn).await {
-            Err(DeclareError::Amqp(e)) if is_soft(&e, AMQPSoftError::ACCESSREFUSED) => {
-                self.check_declared(conn, &e).await
-            }
-            other => other,
-        }
+        self.declare_owned(conn, true).await
     }
 
-    /// What [`Self::declare`] does for a user who may not declare: every exchange and
-    /// queue checked passively (which needs no `configure`), the bindings made (which
-    /// need only `read` and `write`).
-    async fn check_declared(
+    /// [`Self::declare`] for the `declare` command, which must declare (and so check the
+    /// arguments of) every object or fail: a user who may not gets the refusal.
+    pub async fn declare_all(&self, conn: &Connection) -> Result<(), DeclareError> {
+        self.declare_owned(conn, false).await
+    }
+
+    /// Declares what the service owns; with `check_refused`, an object the broker refuses
+    /// to let this user declare is checked to exist instead.
+    async fn declare_owned(
         &self,
         conn: &Connection,
-        refused: &lapin::Error,
+        check_refused: bool,
     ) -> Result<(), DeclareError> {
-        let missing = |object: String| DeclareError::NotDeclared {
-            object,
-            refusal: refused.to_string(),
-        };
-        for e in self.exchanges() {
-            if !exchange_exists(conn, &e.name).await? {
-                return Err(missing(format!("exchange `{}`", e.name)));
-            }
-        }
-        for source in self.sources() {
-            if !exchange_exists(conn, &source).await? {
-                return Err(if self.declare_sources {
-                    missing(format!("producer exchange `{source}`"))
-                } else {
-                    DeclareError::MissingSource(source)
-                });
-            }
-        }
-        for q in self.queues() {
-            if !queue_exists(conn, &q.name).await? {
-                return Err(missing(format!("queue `{}`", q.name)));
-            }
-        }
-        let ch = conn.create_channel().await?;
-        for b in self.bindings() {
-            ch.queue_bind(
-                b.queue.as_str().into(),
-                b.exchange.as_str().into(),
-                b.routing_key.as_str().into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        }
-        let _ = ch.close(200, "checked".into()).await;
-        tracing::warn!(refusal = %refused,
-            "this user may not declare the service's topology (no `configure` permission): \
-             running on the exchanges and queues as they are on the broker, without checking \
-             their arguments");
-        Ok(())
-    }
-
-    /// Declares what the service owns (see [`Self::declare`]).
-    async fn declare_owned(&self, conn: &Connection) -> Result<(), DeclareError> {
         let mut ch = conn.create_channel().await?;
+        let mut unchecked: Vec<String> = Vec::new();
+        // Whether `e` refuses this user the declaration of `what` and it may be checked
+        // instead: then whether it exists (on a channel of its own), else the error.
+        let refused = |e: &lapin::Error| check_refused && is_soft(e, AMQPSoftError::ACCESSREFUSED);
+        let missing = |object: String, e: &lapin::Error| DeclareError::NotDeclared {
+            object,
+            refusal: e.to_string(),
+        };
         for e in self.exchanges() {
             let kind = if e.kind == "direct" {
                 ExchangeKind::Direct
             } else {
                 ExchangeKind::Topic
             };
-            ch.exchange_declare(
-                e.name.as_str().into(),
-                kind,
-                durable_exchange(),
-                FieldTable::default(),
-            )
-            .await?;
+            let declared = ch
+                .exchange_declare(
+                    e.name.as_str().into(),
+                    kind,
+                    durable_exchange(),
+                    FieldTable::default(),
+                )
+                .await;
+            match declared {
+                Ok(()) => {}
+                Err(err) if refused(&err) => {
+                    ch = conn.create_channel().await?;
+                    if !exchange_exists(conn, &e.name).await? {
+                        return Err(missing(format!("exchange `{}`", e.name), &err));
+                    }
+                    unchecked.push(e.name.clone());
+                }
+                Err(err) => return Err(err.into()),
+            }
         }
         for source in self.sources() {
             self.check_source(conn, &source).await?;
@@ -609,6 +594,16 @@ impl Topology {
                     Ok(_) => break,
                     Err(e) => e,
                 };
+                // A service that must consume one replica at a time cannot run on a queue
+                // whose `x-single-active-consumer` nobody checked.
+                if refused(&e) && !(q.name == self.queue && self.single_active_consumer) {
+                    ch = conn.create_channel().await?;
+                    if !queue_exists(conn, &q.name).await? {
+                        return Err(missing(format!("queue `{}`", q.name), &e));
+                    }
+                    unchecked.push(q.name.clone());
+                    break;
+                }
                 match tolerated_difference(&e) {
                     Some((key, current))
                         if (q.name == self.queue
@@ -655,6 +650,11 @@ impl Topology {
             .await?;
         }
         let _ = ch.close(200, "declared".into()).await;
+        if !unchecked.is_empty() {
+            tracing::warn!(objects = ?unchecked,
+                "this user may not declare these (no `configure` permission on their names): \
+                 running on them as they are on the broker, their arguments unchecked");
+        }
         Ok(())
     }
 

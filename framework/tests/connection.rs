@@ -109,6 +109,13 @@ async fn a_user_who_may_not_declare_runs_on_the_topology_an_administrator_declar
         "{text}"
     );
     assert!(!e.is_conflict());
+    // The `declare` command must declare, and so check, every object: refused, not "done".
+    let e = declared
+        .topology()
+        .declare_all(&conn)
+        .await
+        .expect_err("this user may declare nothing");
+    assert!(e.to_string().contains("ACCESS_REFUSED"), "{e}");
     let _ = conn.close(200, "done".into()).await;
 }
 

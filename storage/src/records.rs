@@ -154,9 +154,12 @@ fn about_one_write(e: &db::sqlx::Error) -> bool {
             // most four digits, whose low byte is the primary code.
             let code = d.code().unwrap_or_default();
             if code.len() == 5 {
+                // Class 25: the session's transaction state (read-only on a primary
+                // demoted by a failover, ended for idling), not the write.
                 return !(code.starts_with("08")
                     || code.starts_with("57P")
-                    || code.starts_with("53"));
+                    || code.starts_with("53")
+                    || code.starts_with("25"));
             }
             // The file busy or locked by another process (after the busy timeout: each
             // write alone would wait it out again), out of memory, read-only, I/O, damaged,
@@ -197,17 +200,23 @@ async fn apply_waiting<'a>(
         // still atomic and survives a crash); the next batch with a copy syncs the WAL,
         // earlier frames included.
         let mode = if relaxed { "NORMAL" } else { "FULL" };
+        // Not known to be FULL until the PRAGMA returned (a batch given up meanwhile):
+        // the next batch with a copy then sets FULL again.
+        *full = false;
         db::sqlx::query(&format!("PRAGMA synchronous = {mode}"))
             .execute(&mut *conn)
             .await?;
         *full = !relaxed;
     }
     let applied = apply_in(&mut conn, &writes, lock_wait).await;
-    if applied.is_err() {
-        // A failure can leave the connection unfit to serve on (after SQLite's "disk
-        // full" the client believes a transaction still open, and every later batch
-        // failed to begin for the 30 minutes the connection lived; a PostgreSQL session
-        // on a primary demoted to read-only): a new one serves the next batch.
+    if let Err(e) = &applied
+        && !about_one_write(e)
+    {
+        // A failure of the database can leave the connection unfit to serve on (after
+        // SQLite's "disk full" the client believes a transaction still open, and every
+        // later batch failed to begin for the 30 minutes the connection lived; a
+        // PostgreSQL session on a primary demoted to read-only): a new one serves the
+        // next batch. One write's failure (a lock wait, a constraint) leaves it fit.
         conn.close_on_drop();
         // The next connection starts with `synchronous = FULL`.
         *full = true;
@@ -1115,6 +1124,8 @@ mod tests {
             ("08006", false),
             ("57P01", false),
             ("53300", false),
+            ("25006", false),
+            ("8", false),
         ] {
             assert_eq!(
                 about_one_write(&Error::Database(Box::new(Coded(code)))),

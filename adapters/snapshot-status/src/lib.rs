@@ -198,7 +198,9 @@ impl StatusProcessor {
         let store = self.store.clone();
         self.pruner = Some(tokio::spawn(async move {
             loop {
-                match db::bounded(store.prune_completed_runs(keep)).await {
+                // Not bounded as one call: a backlog of runs is pruned a transaction at a
+                // time, for as long as it takes (a background task, no handler waits).
+                match store.prune_completed_runs(keep).await {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(runs = n, "completed runs past their keeping deleted"),
                     Err(e) => tracing::warn!(error = %e, "could not delete old completed runs"),
