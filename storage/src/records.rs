@@ -592,19 +592,22 @@ impl Records {
         size: u64,
         mtime: &str,
     ) -> Result<Vec<StoredObject>, db::sqlx::Error> {
-        let rows = db::sqlx::query(
-            "SELECT o.object_key, o.size, o.checksum, o.store_etag, o.store_version, \
-             o.store_checksum FROM copied_files f \
-             JOIN stored_objects o ON o.object_key = f.object_key \
-             WHERE f.original_path = $1 AND f.size = $2 AND f.mtime = $3 AND o.size = f.size \
-             AND (f.checksum IS NULL OR f.checksum = o.checksum)",
-        )
-        .bind(original_path)
-        .bind(size as i64)
-        .bind(mtime)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(stored_object).collect()
+        db::bounded(async {
+            let rows = db::sqlx::query(
+                "SELECT o.object_key, o.size, o.checksum, o.store_etag, o.store_version, \
+                 o.store_checksum FROM copied_files f \
+                 JOIN stored_objects o ON o.object_key = f.object_key \
+                 WHERE f.original_path = $1 AND f.size = $2 AND f.mtime = $3 AND o.size = f.size \
+                 AND (f.checksum IS NULL OR f.checksum = o.checksum)",
+            )
+            .bind(original_path)
+            .bind(size as i64)
+            .bind(mtime)
+            .fetch_all(&self.pool)
+            .await?;
+            rows.iter().map(stored_object).collect()
+        })
+        .await
     }
 
     /// Objects recorded as copies of `original_path` at this size, each with the
@@ -615,20 +618,23 @@ impl Records {
         original_path: &str,
         size: u64,
     ) -> Result<Vec<(StoredObject, String)>, db::sqlx::Error> {
-        let rows = db::sqlx::query(
-            "SELECT o.object_key, o.size, o.checksum, o.store_etag, o.store_version, \
-             o.store_checksum, f.mtime FROM copied_files f \
-             JOIN stored_objects o ON o.object_key = f.object_key \
-             WHERE f.original_path = $1 AND f.size = $2 AND o.size = f.size \
-             AND (f.checksum IS NULL OR f.checksum = o.checksum)",
-        )
-        .bind(original_path)
-        .bind(size as i64)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| Ok((stored_object(r)?, r.try_get::<String, _>("mtime")?)))
-            .collect()
+        db::bounded(async {
+            let rows = db::sqlx::query(
+                "SELECT o.object_key, o.size, o.checksum, o.store_etag, o.store_version, \
+                 o.store_checksum, f.mtime FROM copied_files f \
+                 JOIN stored_objects o ON o.object_key = f.object_key \
+                 WHERE f.original_path = $1 AND f.size = $2 AND o.size = f.size \
+                 AND (f.checksum IS NULL OR f.checksum = o.checksum)",
+            )
+            .bind(original_path)
+            .bind(size as i64)
+            .fetch_all(&self.pool)
+            .await?;
+            rows.iter()
+                .map(|r| Ok((stored_object(r)?, r.try_get::<String, _>("mtime")?)))
+                .collect()
+        })
+        .await
     }
 
     /// Objects with this content.
@@ -637,15 +643,18 @@ impl Records {
         checksum: &str,
         size: u64,
     ) -> Result<Vec<StoredObject>, db::sqlx::Error> {
-        let rows = db::sqlx::query(
-            "SELECT object_key, size, checksum, store_etag, store_version, store_checksum \
-             FROM stored_objects WHERE checksum = $1 AND size = $2",
-        )
-        .bind(checksum)
-        .bind(size as i64)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(stored_object).collect()
+        db::bounded(async {
+            let rows = db::sqlx::query(
+                "SELECT object_key, size, checksum, store_etag, store_version, store_checksum \
+                 FROM stored_objects WHERE checksum = $1 AND size = $2",
+            )
+            .bind(checksum)
+            .bind(size as i64)
+            .fetch_all(&self.pool)
+            .await?;
+            rows.iter().map(stored_object).collect()
+        })
+        .await
     }
 
     /// Records a verified object and the file it holds (in a group commit: durable
@@ -692,19 +701,22 @@ impl Records {
         original_path: &str,
         imported_id: Option<&str>,
     ) -> Result<(), db::sqlx::Error> {
-        db::sqlx::query(
-            "INSERT INTO ignored_files (original_path, imported_id, recorded_at) VALUES ($1, $2, $3) \
-             ON CONFLICT (original_path) DO UPDATE SET \
-             imported_id = COALESCE(excluded.imported_id, ignored_files.imported_id), \
-             recorded_at = excluded.recorded_at",
-        )
-        // Uncut, a long path made PostgreSQL refuse the record: the file dead-lettered.
-        .bind(stored_text(original_path))
-        .bind(imported_id.map(stored_text))
-        .bind(now())
-        .execute(&self.write)
+        db::bounded(async {
+            db::sqlx::query(
+                "INSERT INTO ignored_files (original_path, imported_id, recorded_at) VALUES ($1, $2, $3) \
+                 ON CONFLICT (original_path) DO UPDATE SET \
+                 imported_id = COALESCE(excluded.imported_id, ignored_files.imported_id), \
+                 recorded_at = excluded.recorded_at",
+            )
+            // Uncut, a long path made PostgreSQL refuse the record: the file dead-lettered.
+            .bind(stored_text(original_path))
+            .bind(imported_id.map(stored_text))
+            .bind(now())
+            .execute(&self.write)
+            .await
+            .map(|_| ())
+        })
         .await
-        .map(|_| ())
     }
 
     /// Records one failed attempt.
@@ -715,20 +727,23 @@ impl Records {
         permanent: bool,
         attempt: u32,
     ) -> Result<(), db::sqlx::Error> {
-        db::sqlx::query(
-            "INSERT INTO failures (id, original_path, error, permanent, attempt, failed_at) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(uuid_v4())
-        // Uncut, a 10 MiB path was stored twice per attempt (path and error).
-        .bind(stored_text(original_path))
-        .bind(stored_text(error))
-        .bind(i64::from(permanent))
-        .bind(i64::from(attempt))
-        .bind(now())
-        .execute(&self.write)
+        db::bounded(async {
+            db::sqlx::query(
+                "INSERT INTO failures (id, original_path, error, permanent, attempt, failed_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(uuid_v4())
+            // Uncut, a 10 MiB path was stored twice per attempt (path and error).
+            .bind(stored_text(original_path))
+            .bind(stored_text(error))
+            .bind(i64::from(permanent))
+            .bind(i64::from(attempt))
+            .bind(now())
+            .execute(&self.write)
+            .await
+            .map(|_| ())
+        })
         .await
-        .map(|_| ())
     }
 
     /// Deletes the failure records older than `age`; returns how many. A few thousand at
@@ -806,40 +821,46 @@ impl Records {
 
     /// The multipart upload recorded for `key`, if any.
     pub async fn upload_for(&self, key: &str) -> Result<Option<UploadRecord>, db::sqlx::Error> {
-        let row = db::sqlx::query(
-            "SELECT object_key, upload_id, source_size, source_mtime, part_size \
-             FROM multipart_uploads WHERE object_key = $1",
-        )
-        .bind(key)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.as_ref().map(upload_record).transpose()
+        db::bounded(async {
+            let row = db::sqlx::query(
+                "SELECT object_key, upload_id, source_size, source_mtime, part_size \
+                 FROM multipart_uploads WHERE object_key = $1",
+            )
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await?;
+            row.as_ref().map(upload_record).transpose()
+        })
+        .await
     }
 
     /// Records a multipart upload just created for `record.object_key` (replacing any
     /// earlier record of that key, whose upload the caller has dealt with).
     pub async fn start_upload(&self, record: &UploadRecord) -> Result<(), db::sqlx::Error> {
-        // Stamped, like every age the sweep of abandoned uploads compares, by the
-        // database's clock: a sweeping replica whose clock ran ahead of the uploading
-        // one's aborted uploads waiting in a retry tier.
-        let mut conn = self.write.acquire().await?;
-        let clock = database_clock(conn.backend_name());
-        db::sqlx::query(&format!(
-            "INSERT INTO multipart_uploads (object_key, upload_id, source_size, source_mtime, \
-             part_size, started_at, touched_at) VALUES ($1, $2, $3, $4, $5, {clock}, {clock}) \
-             ON CONFLICT (object_key) DO UPDATE SET upload_id = excluded.upload_id, \
-             source_size = excluded.source_size, source_mtime = excluded.source_mtime, \
-             part_size = excluded.part_size, started_at = excluded.started_at, \
-             touched_at = excluded.touched_at"
-        ))
-        .bind(&record.object_key)
-        .bind(&record.upload_id)
-        .bind(record.source_size as i64)
-        .bind(&record.source_mtime)
-        .bind(record.part_size as i64)
-        .execute(&mut *conn)
+        db::bounded(async {
+            // Stamped, like every age the sweep of abandoned uploads compares, by the
+            // database's clock: a sweeping replica whose clock ran ahead of the uploading
+            // one's aborted uploads waiting in a retry tier.
+            let mut conn = self.write.acquire().await?;
+            let clock = database_clock(conn.backend_name());
+            db::sqlx::query(&format!(
+                "INSERT INTO multipart_uploads (object_key, upload_id, source_size, source_mtime, \
+                 part_size, started_at, touched_at) VALUES ($1, $2, $3, $4, $5, {clock}, {clock}) \
+                 ON CONFLICT (object_key) DO UPDATE SET upload_id = excluded.upload_id, \
+                 source_size = excluded.source_size, source_mtime = excluded.source_mtime, \
+                 part_size = excluded.part_size, started_at = excluded.started_at, \
+                 touched_at = excluded.touched_at"
+            ))
+            .bind(&record.object_key)
+            .bind(&record.upload_id)
+            .bind(record.source_size as i64)
+            .bind(&record.source_mtime)
+            .bind(record.part_size as i64)
+            .execute(&mut *conn)
+            .await
+            .map(|_| ())
+        })
         .await
-        .map(|_| ())
     }
 
     /// Records a stored part and marks its upload as alive.
@@ -848,63 +869,74 @@ impl Records {
         upload_id: &str,
         part: &PartRecord,
     ) -> Result<(), db::sqlx::Error> {
-        let mut tx = db::begin_write(&self.write).await?;
-        db::sqlx::query(
-            "INSERT INTO multipart_parts (upload_id, part_number, etag, sha256, size) \
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (upload_id, part_number) DO UPDATE \
-             SET etag = excluded.etag, sha256 = excluded.sha256, size = excluded.size",
-        )
-        .bind(upload_id)
-        .bind(part.number as i64)
-        .bind(&part.etag)
-        .bind(&part.sha256)
-        .bind(part.size as i64)
-        .execute(&mut *tx)
-        .await?;
-        let clock = database_clock(tx.backend_name());
-        db::sqlx::query(&format!(
-            "UPDATE multipart_uploads SET touched_at = {clock} WHERE upload_id = $1"
-        ))
-        .bind(upload_id)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await
+        db::bounded(async {
+            let mut tx = db::begin_write(&self.write).await?;
+            db::sqlx::query(
+                "INSERT INTO multipart_parts (upload_id, part_number, etag, sha256, size) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (upload_id, part_number) DO UPDATE \
+                 SET etag = excluded.etag, sha256 = excluded.sha256, size = excluded.size",
+            )
+            .bind(upload_id)
+            .bind(part.number as i64)
+            .bind(&part.etag)
+            .bind(&part.sha256)
+            .bind(part.size as i64)
+            .execute(&mut *tx)
+            .await?;
+            let clock = database_clock(tx.backend_name());
+            db::sqlx::query(&format!(
+                "UPDATE multipart_uploads SET touched_at = {clock} WHERE upload_id = $1"
+            ))
+            .bind(upload_id)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await
+        })
+        .await
     }
 
     /// The parts recorded for an upload.
     pub async fn parts_of(&self, upload_id: &str) -> Result<Vec<PartRecord>, db::sqlx::Error> {
-        let rows = db::sqlx::query(
-            "SELECT part_number, etag, sha256, size FROM multipart_parts WHERE upload_id = $1 \
-             ORDER BY part_number",
-        )
-        .bind(upload_id)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(PartRecord {
-                    number: r.try_get::<i64, _>("part_number")?.max(0) as u64,
-                    etag: r.try_get("etag")?,
-                    sha256: r.try_get("sha256")?,
-                    size: r.try_get::<i64, _>("size")?.max(0) as u64,
+        db::bounded(async {
+            let rows = db::sqlx::query(
+                "SELECT part_number, etag, sha256, size FROM multipart_parts WHERE upload_id = $1 \
+                 ORDER BY part_number",
+            )
+            .bind(upload_id)
+            .fetch_all(&self.pool)
+            .await?;
+            rows.iter()
+                .map(|r| {
+                    Ok(PartRecord {
+                        number: r.try_get::<i64, _>("part_number")?.max(0) as u64,
+                        etag: r.try_get("etag")?,
+                        sha256: r.try_get("sha256")?,
+                        size: r.try_get::<i64, _>("size")?.max(0) as u64,
+                    })
                 })
-            })
-            .collect()
+                .collect()
+        })
+        .await
     }
 
     /// Forgets a completed or aborted upload and its parts.
     pub async fn forget_upload(&self, key: &str, upload_id: &str) -> Result<(), db::sqlx::Error> {
-        let mut tx = db::begin_write(&self.write).await?;
-        db::sqlx::query("DELETE FROM multipart_parts WHERE upload_id = $1")
-            .bind(upload_id)
-            .execute(&mut *tx)
-            .await?;
-        db::sqlx::query("DELETE FROM multipart_uploads WHERE object_key = $1 AND upload_id = $2")
+        db::bounded(async {
+            let mut tx = db::begin_write(&self.write).await?;
+            db::sqlx::query("DELETE FROM multipart_parts WHERE upload_id = $1")
+                .bind(upload_id)
+                .execute(&mut *tx)
+                .await?;
+            db::sqlx::query(
+                "DELETE FROM multipart_uploads WHERE object_key = $1 AND upload_id = $2",
+            )
             .bind(key)
             .bind(upload_id)
             .execute(&mut *tx)
             .await?;
-        tx.commit().await
+            tx.commit().await
+        })
+        .await
     }
 
     /// Uploads no part was stored for since `older_than` ago.
@@ -912,20 +944,23 @@ impl Records {
         &self,
         older_than: std::time::Duration,
     ) -> Result<Vec<UploadRecord>, db::sqlx::Error> {
-        // Capped so that the clock minus it cannot overflow (a century, in effect never).
-        let age =
-            i64::try_from(older_than.as_millis()).map_or(i64::MAX / 2, |ms| ms.min(i64::MAX / 2));
-        let mut conn = self.pool.acquire().await?;
-        let clock = database_clock(conn.backend_name());
-        let rows = db::sqlx::query(&format!(
-            "SELECT object_key, upload_id, source_size, source_mtime, part_size \
-             FROM multipart_uploads WHERE touched_at <= {clock} - $1 \
-             ORDER BY touched_at, object_key"
-        ))
-        .bind(age)
-        .fetch_all(&mut *conn)
-        .await?;
-        rows.iter().map(upload_record).collect()
+        db::bounded(async {
+            // Capped so that the clock minus it cannot overflow (a century, in effect never).
+            let age = i64::try_from(older_than.as_millis())
+                .map_or(i64::MAX / 2, |ms| ms.min(i64::MAX / 2));
+            let mut conn = self.pool.acquire().await?;
+            let clock = database_clock(conn.backend_name());
+            let rows = db::sqlx::query(&format!(
+                "SELECT object_key, upload_id, source_size, source_mtime, part_size \
+                 FROM multipart_uploads WHERE touched_at <= {clock} - $1 \
+                 ORDER BY touched_at, object_key"
+            ))
+            .bind(age)
+            .fetch_all(&mut *conn)
+            .await?;
+            rows.iter().map(upload_record).collect()
+        })
+        .await
     }
 
     /// Whether the upload `upload_id` at `key` is still recorded with no part stored for
@@ -937,20 +972,23 @@ impl Records {
         upload_id: &str,
         older_than: std::time::Duration,
     ) -> Result<bool, db::sqlx::Error> {
-        let age =
-            i64::try_from(older_than.as_millis()).map_or(i64::MAX / 2, |ms| ms.min(i64::MAX / 2));
-        let mut conn = self.pool.acquire().await?;
-        let clock = database_clock(conn.backend_name());
-        let row = db::sqlx::query(&format!(
-            "SELECT upload_id FROM multipart_uploads WHERE object_key = $1 AND upload_id = $2 \
-             AND touched_at <= {clock} - $3"
-        ))
-        .bind(key)
-        .bind(upload_id)
-        .bind(age)
-        .fetch_optional(&mut *conn)
-        .await?;
-        Ok(row.is_some())
+        db::bounded(async {
+            let age = i64::try_from(older_than.as_millis())
+                .map_or(i64::MAX / 2, |ms| ms.min(i64::MAX / 2));
+            let mut conn = self.pool.acquire().await?;
+            let clock = database_clock(conn.backend_name());
+            let row = db::sqlx::query(&format!(
+                "SELECT upload_id FROM multipart_uploads WHERE object_key = $1 AND upload_id = $2 \
+                 AND touched_at <= {clock} - $3"
+            ))
+            .bind(key)
+            .bind(upload_id)
+            .bind(age)
+            .fetch_optional(&mut *conn)
+            .await?;
+            Ok(row.is_some())
+        })
+        .await
     }
 
     /// Counts rows of a table (tests and diagnostics); `table` must be one of ours.
