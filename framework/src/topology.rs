@@ -121,23 +121,17 @@ fn tolerated_difference(e: &lapin::Error) -> Option<(&'static str, Option<AMQPVa
     Some((key, Some(v)))
 }
 
-/// Whether exchange `name` exists: a passive declare on a channel of its own (a missing
-/// exchange closes the channel it was asked on).
-async fn exchange_exists(conn: &Connection, name: &str) -> Result<bool, lapin::Error> {
+/// Whether what `ask` declares passively exists, asked on a channel of its own (a missing
+/// object closes the channel it was asked on).
+async fn found<F>(
+    conn: &Connection,
+    ask: impl FnOnce(lapin::Channel) -> F,
+) -> Result<bool, lapin::Error>
+where
+    F: std::future::Future<Output = Result<(), lapin::Error>>,
+{
     let probe = conn.create_channel().await?;
-    let passive = ExchangeDeclareOptions {
-        passive: true,
-        ..Default::default()
-    };
-    match probe
-        .exchange_declare(
-            name.into(),
-            ExchangeKind::Topic,
-            passive,
-            FieldTable::default(),
-        )
-        .await
-    {
+    match ask(probe.clone()).await {
         Ok(()) => {
             let _ = probe.close(200, "checked".into()).await;
             Ok(true)
@@ -145,6 +139,24 @@ async fn exchange_exists(conn: &Connection, name: &str) -> Result<bool, lapin::E
         Err(e) if is_soft(&e, AMQPSoftError::NOTFOUND) => Ok(false),
         Err(e) => Err(e),
     }
+}
+
+/// Whether exchange `name` exists (a passive declare).
+async fn exchange_exists(conn: &Connection, name: &str) -> Result<bool, lapin::Error> {
+    let passive = ExchangeDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    found(conn, |ch| async move {
+        ch.exchange_declare(
+            name.into(),
+            ExchangeKind::Topic,
+            passive,
+            FieldTable::default(),
+        )
+        .await
+    })
+    .await
 }
 
 /// Warns when a producer's exchange exists as another type than topic: a passive check
@@ -188,24 +200,18 @@ async fn warn_unless_topic(conn: &Connection, name: &str) {
     }
 }
 
-/// Whether queue `name` exists: a passive declare on a channel of its own.
+/// Whether queue `name` exists (a passive declare).
 async fn queue_exists(conn: &Connection, name: &str) -> Result<bool, lapin::Error> {
-    let probe = conn.create_channel().await?;
     let passive = QueueDeclareOptions {
         passive: true,
         ..Default::default()
     };
-    match probe
-        .queue_declare(name.into(), passive, FieldTable::default())
-        .await
-    {
-        Ok(_) => {
-            let _ = probe.close(200, "checked".into()).await;
-            Ok(true)
-        }
-        Err(e) if is_soft(&e, AMQPSoftError::NOTFOUND) => Ok(false),
-        Err(e) => Err(e),
-    }
+    found(conn, |ch| async move {
+        ch.queue_declare(name.into(), passive, FieldTable::default())
+            .await
+            .map(|_| ())
+    })
+    .await
 }
 
 /// Whether `e` is the broker's soft error `kind` (the channel it came on is closed).
