@@ -124,7 +124,53 @@ pub async fn connect(url: &str, migrator: &Migrator) -> Result<AnyPool, DbError>
     let pool = open_pool(&full, if sqlite { 1 } else { 10 }, false).await?;
     migrate(&pool, migrator, !sqlite).await?;
     note_newer_schema(&pool, migrator).await;
+    if sqlite {
+        watch_file(&full, vec![pool.clone()]);
+    }
     Ok(pool)
+}
+
+/// How often a service's SQLite file is looked at (see [`watch_file`]).
+const FILE_CHECK: Duration = Duration::from_secs(5);
+
+/// Closes `pools` once the SQLite file of `url` is deleted or replaced under the running
+/// service (an operator's `rm`, a restore copied over it): its connections would go on
+/// writing into the deleted file, every write acknowledged, and all of it gone at the next
+/// start. Closed, every database call fails (its message retried, not lost) and the log
+/// says why and to restart.
+fn watch_file(url: &str, pools: Vec<AnyPool>) {
+    use std::os::unix::fs::MetadataExt;
+    let Some(path) = url
+        .strip_prefix("sqlite://")
+        .and_then(|p| p.split('?').next())
+        .map(std::path::PathBuf::from)
+    else {
+        return;
+    };
+    let identity = |p: &Path| std::fs::metadata(p).map(|m| (m.dev(), m.ino())).ok();
+    let Some(opened) = identity(&path) else {
+        return;
+    };
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(FILE_CHECK);
+        loop {
+            tick.tick().await;
+            if pools.iter().all(AnyPool::is_closed) {
+                return;
+            }
+            if identity(&path) != Some(opened) {
+                tracing::error!(file = %path.display(),
+                    "the database file was deleted or replaced while the service ran: what \
+                     was written since is not in the file there now. Its connections are \
+                     closed, so every database call fails (messages are retried, not lost) \
+                     until the service is restarted on the right file");
+                for p in &pools {
+                    p.close().await;
+                }
+                return;
+            }
+        }
+    });
 }
 
 /// Runs `migrator` on a connection of its own. On PostgreSQL it waits as long as it takes
@@ -313,6 +359,7 @@ pub async fn connect_split(url: &str, migrator: &Migrator, readers: u32) -> Resu
     migrate(&write, migrator, false).await?;
     note_newer_schema(&write, migrator).await;
     let read = open_pool(&full, readers.max(1), true).await?;
+    watch_file(&full, vec![write.clone(), read.clone()]);
     Ok(Pools { read, write })
 }
 
@@ -686,6 +733,29 @@ mod tests {
         let _ = std::fs::remove_file(&path);
         let e = e.expect_err("not a database");
         assert!(e.to_string().contains("not a database"), "{e}");
+    }
+
+    /// A SQLite file deleted under the running service: its pool is closed (every call an
+    /// error, retried) instead of writing on into the deleted file, lost at the next start.
+    #[tokio::test]
+    async fn a_sqlite_file_deleted_under_the_service_closes_its_pool() {
+        let path = std::env::temp_dir().join(format!("db-rm-{}.db", uuid::Uuid::new_v4().simple()));
+        let pool = connect(&format!("sqlite://{}", path.display()), &Migrator::DEFAULT)
+            .await
+            .expect("opened");
+        sqlx::query("CREATE TABLE t (id BIGINT)")
+            .execute(&pool)
+            .await
+            .expect("written");
+        std::fs::remove_file(&path).expect("deleted");
+        let _ = std::fs::remove_file(path.with_extension("db-wal"));
+        let _ = std::fs::remove_file(path.with_extension("db-shm"));
+        let deadline = tokio::time::Instant::now() + FILE_CHECK * 6;
+        while !pool.is_closed() {
+            assert!(tokio::time::Instant::now() < deadline, "the pool is closed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(sqlx::query("SELECT 1").execute(&pool).await.is_err());
     }
 
     /// A call the database never answers is given up (a retry), never waited on for ever.
