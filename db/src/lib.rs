@@ -147,8 +147,8 @@ fn watch_file(url: &str, pools: Vec<AnyPool>) {
     else {
         return;
     };
-    let identity = |p: &Path| std::fs::metadata(p).map(|m| (m.dev(), m.ino())).ok();
-    let Some(opened) = identity(&path) else {
+    let identity = |p: &Path| std::fs::metadata(p).map(|m| (m.dev(), m.ino()));
+    let Ok(opened) = identity(&path) else {
         return;
     };
     tokio::spawn(async move {
@@ -158,7 +158,12 @@ fn watch_file(url: &str, pools: Vec<AnyPool>) {
             if pools.iter().all(AnyPool::is_closed) {
                 return;
             }
-            if identity(&path) != Some(opened) {
+            let gone = match identity(&path) {
+                Ok(now) => now != opened,
+                Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+                // A look that failed otherwise (a share's brief I/O error) says nothing.
+            };
+            if gone {
                 tracing::error!(file = %path.display(),
                     "the database file was deleted or replaced while the service ran: what \
                      was written since is not in the file there now. Its connections are \
