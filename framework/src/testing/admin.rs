@@ -262,14 +262,8 @@ impl Drop for TestPolicy {
         let Some(name) = self.name.take() else {
             return;
         };
-        let admin = self.admin.clone();
-        super::run_on_own_thread(async move {
-            let _ = reqwest::Client::new()
-                .delete(format!("{}/api/policies/%2F/{}", admin.base, encode(&name)))
-                .basic_auth(&admin.user, Some(&admin.password))
-                .send()
-                .await;
-        });
+        self.admin
+            .delete_from_drop(format!("/policies/%2F/{}", encode(&name)));
     }
 }
 
@@ -282,21 +276,26 @@ pub struct TestUser {
 
 impl Drop for TestUser {
     fn drop(&mut self) {
-        let admin = self.admin.clone();
-        let user = self.user.clone();
+        self.admin
+            .delete_from_drop(format!("/users/{}", encode(&self.user)));
+    }
+}
+
+impl Admin {
+    /// Deletes `path` of the API (`/users/u`), from a guard's `Drop`: on a thread and
+    /// client of its own — the admin's pooled connections belong to the test's runtime
+    /// and would hang there until their timeout.
+    fn delete_from_drop(&self, path: String) {
+        let admin = self.clone();
         super::run_on_own_thread(async move {
-            // A client of this thread's runtime: the admin's own pooled connections belong
-            // to the test's runtime and hang here until their timeout.
             let _ = reqwest::Client::new()
-                .delete(format!("{}/api/users/{}", admin.base, encode(&user)))
+                .delete(format!("{}/api{path}", admin.base))
                 .basic_auth(&admin.user, Some(&admin.password))
                 .send()
                 .await;
         });
     }
-}
 
-impl Admin {
     /// Adds vhost `name` (guest may use it) holding at most `max_queues` queues; deleted,
     /// with everything in it, when the guard drops.
     pub async fn add_vhost_limited(&self, name: &str, max_queues: u32) -> TestVhost {
@@ -334,14 +333,7 @@ pub struct TestVhost {
 
 impl Drop for TestVhost {
     fn drop(&mut self) {
-        let admin = self.admin.clone();
-        let name = self.name.clone();
-        super::run_on_own_thread(async move {
-            let _ = reqwest::Client::new()
-                .delete(format!("{}/api/vhosts/{}", admin.base, encode(&name)))
-                .basic_auth(&admin.user, Some(&admin.password))
-                .send()
-                .await;
-        });
+        self.admin
+            .delete_from_drop(format!("/vhosts/{}", encode(&self.name)));
     }
 }
