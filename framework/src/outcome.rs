@@ -107,10 +107,13 @@ impl Planner {
                 // batch that a rate-limited peer lets through a slice per attempt gets as
                 // many attempts as it needs. Each such attempt settles at least one part
                 // more, so they end. `x-retry-count` still counts every attempt.
-                let progressed =
-                    ctx.attempt - ctx.counted_attempts() + u32::from(ctx.made_progress(&progress));
-                let counted = attempts - progressed;
-                if counted >= self.retry.max_attempts {
+                // The headers are anyone's numbers: at the count's ceiling (a forged
+                // `x-retry-count` near u32::MAX) it can no longer grow, so progress could
+                // cancel every attempt forever; such a message is given up on.
+                let progressed = (ctx.attempt - ctx.counted_attempts())
+                    .saturating_add(u32::from(ctx.made_progress(&progress)));
+                let counted = attempts - progressed.min(attempts);
+                if counted >= self.retry.max_attempts || attempts == u32::MAX {
                     let why = format!(
                         "gave up after {attempts} attempts ({counted} without progress); \
                          last error: {reason}"

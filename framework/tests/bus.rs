@@ -666,6 +666,29 @@ async fn retries_exhausted_after_exactly_max_attempts() {
 }
 
 #[tokio::test]
+async fn forged_retry_counts_at_their_ceiling_still_end_in_the_dlq() {
+    // x-retry-count and x-progress-attempts are anyone's numbers: at u32::MAX the count
+    // cannot grow, and progress cancelled every attempt: retried every second forever.
+    let calls: Calls = Arc::default();
+    let p = recording(&calls, |_v, _ctx| Outcome::retry("always failing"));
+    let mut hs = Harness::start("forged", &[("retry.max_attempts", "3")], p).await;
+    let mut dlq = hs.watch_dlq().await;
+    let mut hdr = FieldTable::default();
+    h::set_int(&mut hdr, h::RETRY_COUNT, i64::from(u32::MAX));
+    h::set_int(&mut hdr, h::PROGRESS_ATTEMPTS, i64::from(u32::MAX));
+    hs.publish(
+        "test.x",
+        br#"{"n":1}"#,
+        BasicProperties::default().with_headers(hdr),
+    )
+    .await;
+    let d = next(&mut dlq).await;
+    assert_dead_letter(&d, "retries-exhausted", "test.x");
+    assert_eq!(calls.lock().unwrap().len(), 1, "one handler call, no loop");
+    hs.stop().await;
+}
+
+#[tokio::test]
 async fn a_permanent_failure_keeps_the_progress_made_before_it() {
     let p = FnProcessor(|_v: serde_json::Value, ctx: &MessageContext| {
         if ctx.attempt == 0 {
