@@ -191,7 +191,7 @@ async fn migrate(pool: &AnyPool, migrator: &Migrator, postgres: bool) -> Result<
     }
     // SQLite has no migration lock: two instances starting at once on one file both see
     // a migration missing, and the one that applies it second fails ("table … already
-    // exists"). Each migration commits with its row in `_sqlx_migrations`, so looking
+    // exists", "duplicate column name"). Each migration commits with its row in `_sqlx_migrations`, so looking
     // again finds it applied: a few looks outlast another instance's migrations.
     let mut tries = 0;
     loop {
@@ -318,6 +318,8 @@ fn raced(e: &sqlx::migrate::MigrateError) -> bool {
     let text = e.to_string();
     [
         "already exists",
+        // An `ADD COLUMN` the other instance applied first (an upgrade, not a new file).
+        "duplicate column name",
         "UNIQUE constraint failed",
         "database is locked",
     ]
@@ -726,6 +728,69 @@ mod tests {
             .is_ok()
         );
         assert!(DatabaseUrl::try_from("sqlite:///var/lib/x.db".to_string()).is_ok());
+    }
+
+    /// Two instances upgrading one SQLite file at once (both waiting for a third's write
+    /// lock) both find an `ALTER TABLE … ADD COLUMN` migration missing; the one that applies
+    /// it second meets the column ("duplicate column name"): it looks again and starts too,
+    /// instead of exiting 1 in the middle of a rolling upgrade.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_instances_upgrading_one_sqlite_file_at_once_both_start() {
+        use sqlx::Connection;
+        use sqlx::migrate::{Migration, MigrationType};
+        use std::borrow::Cow;
+        let path = std::env::temp_dir().join(format!("db-up-{}.db", uuid::Uuid::new_v4().simple()));
+        let url = format!("sqlite://{}", path.display());
+        let step = |v: i64, sql: &'static str| {
+            Migration::new(
+                v,
+                Cow::Borrowed("step"),
+                MigrationType::Simple,
+                Cow::Borrowed(sql),
+                false,
+            )
+        };
+        let steps = vec![
+            step(1, "CREATE TABLE t (a BIGINT)"),
+            step(2, "ALTER TABLE t ADD COLUMN b BIGINT"),
+        ];
+        let upto = |n: usize| Migrator {
+            migrations: Cow::Owned(steps[..n].to_vec()),
+            ..Migrator::DEFAULT
+        };
+        connect(&url, &upto(1))
+            .await
+            .expect("first release")
+            .close()
+            .await;
+        sqlx::any::install_default_drivers();
+        let mut holder = sqlx::AnyConnection::connect(&url).await.expect("holder");
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut holder)
+            .await
+            .expect("locked");
+        let upgrade = || {
+            let (url, m) = (url.clone(), upto(2));
+            tokio::spawn(async move { connect(&url, &m).await })
+        };
+        let (a, b) = (upgrade(), upgrade());
+        // Both waiting for the lock (a slower machine makes the test weaker, never wrong;
+        // well within SQLite's 5 s busy timeout).
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        sqlx::query("COMMIT")
+            .execute(&mut holder)
+            .await
+            .expect("released");
+        for r in [a.await.expect("ran"), b.await.expect("ran")] {
+            r.expect("both instances start").close().await;
+        }
+        for f in [
+            path.clone(),
+            path.with_extension("db-wal"),
+            path.with_extension("db-shm"),
+        ] {
+            let _ = std::fs::remove_file(f);
+        }
     }
 
     /// A damaged SQLite file at start is reported as what it is, not as the pool's wait.
