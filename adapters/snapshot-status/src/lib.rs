@@ -451,6 +451,14 @@ fn dedupe_key(
         // With the record's content: one SQS message delivered again is the same key, two
         // records a bridge gave one id are not.
         (Some(sqs), _) => format!("sqs:{sqs}:{}", hex::encode(Sha256::digest(content))),
+        // An id the database may not store (PostgreSQL refuses U+0000 in text: the file
+        // that completed its collection was dead-lettered) stands as its hash.
+        (None, Some(id)) if id.len() > 256 || id.chars().any(char::is_control) => {
+            format!(
+                "message-sha256:{}#{record}",
+                hex::encode(Sha256::digest(id))
+            )
+        }
         (None, Some(id)) => format!("message:{id}#{record}"),
         (None, None) => format!("content:{}", hex::encode(Sha256::digest(content))),
     }

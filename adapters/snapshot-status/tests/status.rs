@@ -218,7 +218,37 @@ on_both!(
     files_arriving_before_counts_are_counted,
     redelivered_files_are_counted_once,
     records_with_mixed_valid_and_invalid_bodies,
+    an_unnamed_file_whose_message_id_holds_a_nul_counts_once,
 );
+
+/// A message id is anyone's text: one holding U+0000 (which PostgreSQL cannot store) still
+/// tells an unnamed file apart, once, instead of dead-lettering the file that completes
+/// its collection.
+async fn an_unnamed_file_whose_message_id_holds_a_nul_counts_once(b: Backend) {
+    let mut env = start(b, &[]).await;
+    let c = "corr-nul-id";
+    env.process(&msg(c, "db.z", json!({"files_exported": 2})))
+        .await;
+    let unnamed = msg(c, "db.z", json!({}));
+    let with_id = |id: &str| BasicProperties::default().with_message_id(id.into());
+    env.send_with(&unnamed, with_id("m\u{0}x")).await;
+    let r = json_of(&next(&mut env.out).await);
+    assert_eq!(
+        (r["counted"].clone(), r["files_received"].clone()),
+        (json!(true), json!(1))
+    );
+    env.send_with(&unnamed, with_id("m\u{0}x")).await;
+    let r = json_of(&next(&mut env.out).await);
+    assert_eq!(
+        (r["counted"].clone(), r["files_received"].clone()),
+        (json!(false), json!(1))
+    );
+    env.send_with(&unnamed, with_id("m\u{0}y")).await;
+    let r = json_of(&next(&mut env.out).await);
+    assert_eq!(r["status"], "Received");
+    assert_eq!(env.dlq_count().await, 0);
+    env.finish().await;
+}
 
 /// A completed run's state (product, collections, every file's row) is deleted once past
 /// its keeping, an open run's never; without it the database grows by a row per file for
