@@ -64,9 +64,12 @@ pub fn split(body: &RawValue) -> Events<'_> {
             Ok(r) => out.push(KinesisRecord {
                 record,
                 kinesis: r.kinesis,
+                // A blank id names nothing: every such record anywhere would share one
+                // Idempotency-Key, and an endpoint honouring it would drop all but the first.
                 event_id: r
                     .event_id
-                    .and_then(|v| serde_json::from_str::<String>(v.get()).ok()),
+                    .and_then(|v| serde_json::from_str::<String>(v.get()).ok())
+                    .filter(|id| !id.trim().is_empty()),
             }),
             Err(_) => return Events::Single(body),
         }

@@ -533,7 +533,7 @@ async fn idempotency_keys(server: &MockServer) -> Vec<Option<String>> {
 /// Every try of one event carries the same `Idempotency-Key` — the message's id; a Kinesis
 /// record's `eventID`, else the message's id and the record's place — so an endpoint can
 /// drop a repeat (a POST whose answer was lost, a redelivery, a replay). A message
-/// without an id and a record without either get none.
+/// without an id and a record without either get none; a blank `eventID` is none.
 #[tokio::test]
 async fn every_try_of_an_event_carries_the_same_idempotency_key() {
     let server = first_refused(1).await;
@@ -544,7 +544,7 @@ async fn every_try_of_an_event_carries_the_same_idempotency_key() {
     next(&mut out).await;
     hs.publish(
         "k",
-        br#"{"Records":[{"eventID":"shardId-000:4955","kinesis":{"a":1}},{"kinesis":{"b":2}}]}"#,
+        br#"{"Records":[{"eventID":"shardId-000:4955","kinesis":{"a":1}},{"kinesis":{"b":2}},{"eventID":" ","kinesis":{"c":3}}]}"#,
         with_id("m2"),
     )
     .await;
@@ -558,6 +558,8 @@ async fn every_try_of_an_event_carries_the_same_idempotency_key() {
         Some("m1"),
         Some("shardId-000:4955"),
         Some("m2:1"),
+        // A blank eventID names nothing: the record's place does.
+        Some("m2:2"),
         None,
     ]
     .iter()
