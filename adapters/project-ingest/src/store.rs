@@ -125,10 +125,12 @@ impl Store {
 
     /// Forgets receipts noted before `before` (an ordering key); returns how many.
     pub async fn prune_receipts(&self, before: &str) -> Result<u64, StoreError> {
-        let done = db::sqlx::query("DELETE FROM receipts WHERE received < $1")
-            .bind(before)
-            .execute(&self.pool)
-            .await?;
+        let done = db::bounded(
+            db::sqlx::query("DELETE FROM receipts WHERE received < $1")
+                .bind(before)
+                .execute(&self.pool),
+        )
+        .await?;
         Ok(done.rows_affected())
     }
 

@@ -491,12 +491,16 @@ impl Store {
         let cutoff = cutoff.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
         let mut pruned = 0;
         loop {
-            let runs: Vec<String> = db::sqlx::query(
-                "SELECT correlation_id FROM snapshot_products \
-                 WHERE status = 'COMPLETED' AND updated_at < $1 LIMIT 100",
+            // Every statement bounded: the housekeeping task waiting for ever on a server
+            // that stopped answering would never prune again (nothing logs it).
+            let runs: Vec<String> = db::bounded(
+                db::sqlx::query(
+                    "SELECT correlation_id FROM snapshot_products \
+                     WHERE status = 'COMPLETED' AND updated_at < $1 LIMIT 100",
+                )
+                .bind(&cutoff)
+                .fetch_all(&self.pool),
             )
-            .bind(&cutoff)
-            .fetch_all(&self.pool)
             .await?
             .iter()
             .map(|r| r.try_get("correlation_id"))
@@ -509,52 +513,62 @@ impl Store {
                 // and old: a run of millions of files never holds the writer for long (on
                 // SQLite, every handler waits for it).
                 loop {
-                    let n = db::sqlx::query(
-                        "DELETE FROM snapshot_received_files WHERE correlation_id = $1 \
-                         AND file_key IN (SELECT file_key FROM snapshot_received_files \
-                         WHERE correlation_id = $1 LIMIT 5000) \
-                         AND EXISTS (SELECT 1 FROM snapshot_products WHERE correlation_id = $1 \
-                         AND status = 'COMPLETED' AND updated_at < $2)",
+                    let n = db::bounded(
+                        db::sqlx::query(
+                            "DELETE FROM snapshot_received_files WHERE correlation_id = $1 \
+                             AND file_key IN (SELECT file_key FROM snapshot_received_files \
+                             WHERE correlation_id = $1 LIMIT 5000) \
+                             AND EXISTS (SELECT 1 FROM snapshot_products \
+                             WHERE correlation_id = $1 \
+                             AND status = 'COMPLETED' AND updated_at < $2)",
+                        )
+                        .bind(&run)
+                        .bind(&cutoff)
+                        .execute(&self.pool),
                     )
-                    .bind(&run)
-                    .bind(&cutoff)
-                    .execute(&self.pool)
                     .await?
                     .rows_affected();
                     if n == 0 {
                         break;
                     }
                 }
-                let mut tx = db::begin_write(&self.pool).await?;
-                lock_run(&mut tx, &run).await?;
-                // Still completed and old: a collection heard of meanwhile reopened it.
-                let gone = db::sqlx::query(
-                    "DELETE FROM snapshot_products \
-                     WHERE correlation_id = $1 AND status = 'COMPLETED' AND updated_at < $2",
-                )
-                .bind(&run)
-                .bind(&cutoff)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-                if gone == 1 {
-                    for table in ["snapshot_received_files", "snapshot_collections"] {
-                        db::sqlx::query(&format!("DELETE FROM {table} WHERE correlation_id = $1"))
+                let gone = db::bounded(async {
+                    let mut tx = db::begin_write(&self.pool).await?;
+                    lock_run(&mut tx, &run).await?;
+                    // Still completed and old: a collection heard of meanwhile reopened it.
+                    let gone = db::sqlx::query(
+                        "DELETE FROM snapshot_products \
+                         WHERE correlation_id = $1 AND status = 'COMPLETED' AND updated_at < $2",
+                    )
+                    .bind(&run)
+                    .bind(&cutoff)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected()
+                        == 1;
+                    if gone {
+                        for table in ["snapshot_received_files", "snapshot_collections"] {
+                            db::sqlx::query(&format!(
+                                "DELETE FROM {table} WHERE correlation_id = $1"
+                            ))
                             .bind(&run)
                             .execute(&mut *tx)
                             .await?;
+                        }
+                        db::sqlx::query(
+                            "INSERT INTO pruned_runs (correlation_id, pruned_at) VALUES ($1, $2) \
+                             ON CONFLICT (correlation_id) DO NOTHING",
+                        )
+                        .bind(&run)
+                        .bind(now())
+                        .execute(&mut *tx)
+                        .await?;
                     }
-                    db::sqlx::query(
-                        "INSERT INTO pruned_runs (correlation_id, pruned_at) VALUES ($1, $2) \
-                         ON CONFLICT (correlation_id) DO NOTHING",
-                    )
-                    .bind(&run)
-                    .bind(now())
-                    .execute(&mut *tx)
-                    .await?;
-                    pruned += 1;
-                }
-                tx.commit().await?;
+                    tx.commit().await?;
+                    Ok::<_, StoreError>(gone)
+                })
+                .await?;
+                pruned += u64::from(gone);
             }
         }
     }
