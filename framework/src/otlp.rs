@@ -99,6 +99,7 @@ impl SpanExporter {
             }
         };
         let mut batch: Vec<Span> = Vec::with_capacity(BATCH);
+        let mut failing = Failing::default();
         loop {
             // Whatever is buffered goes out at once: a batch waits only for the request
             // before it, so a span reaches the collector about as soon as the next
@@ -108,16 +109,25 @@ impl SpanExporter {
                 _ = stop.cancelled() => {
                     rx.close();
                     while rx.recv_many(&mut batch, BATCH).await > 0 {
-                        self.export(&client, std::mem::take(&mut batch)).await;
+                        self.export(&client, std::mem::take(&mut batch), &mut failing).await;
                     }
                     return;
                 }
             }
-            self.export(&client, std::mem::take(&mut batch)).await;
+            self.export(&client, std::mem::take(&mut batch), &mut failing)
+                .await;
+            // A collector that keeps failing is asked less and less often (spans wait in
+            // the buffer, and beyond it are dropped and counted): not a request per message.
+            if let Some(wait) = failing.backoff {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = stop.cancelled() => {}
+                }
+            }
         }
     }
 
-    async fn export(&self, client: &reqwest::Client, spans: Vec<Span>) {
+    async fn export(&self, client: &reqwest::Client, spans: Vec<Span>, failing: &mut Failing) {
         if spans.is_empty() {
             return;
         }
@@ -134,10 +144,49 @@ impl SpanExporter {
             Ok(r) => Some(format!("HTTP {}", r.status())),
             Err(e) => Some(e.without_url().to_string()),
         };
-        if let Some(why) = failure {
-            metrics::counter!(SPANS_DROPPED_TOTAL).increment(n);
-            tracing::warn!(url = %crate::config::redacted_url(&self.url), error = %why, spans = n, "OTLP export failed; spans dropped");
+        match failure {
+            Some(why) => {
+                metrics::counter!(SPANS_DROPPED_TOTAL).increment(n);
+                failing.failed(n, |dropped| {
+                    tracing::warn!(url = %crate::config::redacted_url(&self.url), error = %why,
+                        spans = dropped, "OTLP export failed; spans dropped");
+                });
+            }
+            None => {
+                if failing.backoff.take().is_some() {
+                    tracing::info!("OTLP export works again");
+                }
+                failing.unwarned = 0;
+            }
         }
+    }
+}
+
+/// An export that keeps failing: a warning a minute (with the spans dropped since the
+/// last), not a line per message, and a growing wait between requests.
+#[derive(Debug, Default)]
+struct Failing {
+    backoff: Option<Duration>,
+    warned: Option<tokio::time::Instant>,
+    unwarned: u64,
+}
+
+impl Failing {
+    const FIRST_WAIT: Duration = Duration::from_secs(1);
+    const LONGEST_WAIT: Duration = Duration::from_secs(30);
+    const WARN_EVERY: Duration = Duration::from_secs(60);
+
+    fn failed(&mut self, dropped: u64, warn: impl FnOnce(u64)) {
+        self.unwarned += dropped;
+        if self.warned.is_none_or(|w| w.elapsed() >= Self::WARN_EVERY) {
+            warn(self.unwarned);
+            self.warned = Some(tokio::time::Instant::now());
+            self.unwarned = 0;
+        }
+        self.backoff = Some(
+            self.backoff
+                .map_or(Self::FIRST_WAIT, |b| (b * 2).min(Self::LONGEST_WAIT)),
+        );
     }
 }
 

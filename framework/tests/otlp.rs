@@ -130,7 +130,7 @@ async fn a_collector_that_is_down_costs_spans_not_messages() {
     for _ in 0..20 {
         next(&mut out).await;
     }
-    // Each lost span is counted (this is the only test whose exports fail).
+    // Each lost span is counted (other tests' failed exports only add to the sum).
     let dropped = || {
         recorder
             .render()
@@ -140,6 +140,55 @@ async fn a_collector_that_is_down_costs_spans_not_messages() {
             .sum::<u64>()
     };
     wait_until("the 20 spans counted as dropped", || dropped() >= 20).await;
+    hs.stop().await;
+}
+
+/// A collector that fails fast (a wrong path, no endpoints behind its name) is asked less
+/// and less often, not once per message (and the log gets a line a minute, not a line a
+/// message).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_collector_is_not_asked_once_per_message() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(404))
+        .mount(&server)
+        .await;
+    let endpoint = server.uri();
+    let mut hs = Harness::start(
+        "otlp-failing",
+        &[("telemetry.otlp_endpoint", &endpoint)],
+        echo(),
+    )
+    .await;
+    let mut out = hs.watch_output().await;
+    // One at a time: each span is alone in the buffer when it is exported.
+    for i in 0..10 {
+        hs.publish(
+            "test.x",
+            format!(r#"{{"i":{i}}}"#).as_bytes(),
+            BasicProperties::default(),
+        )
+        .await;
+        next(&mut out).await;
+    }
+    let requests = || async { server.received_requests().await.unwrap_or_default() };
+    let exported = || async {
+        let mut n = 0;
+        for r in requests().await {
+            let body: Value = serde_json::from_slice(&r.body).expect("OTLP JSON");
+            n += body["resourceSpans"][0]["scopeSpans"][0]["spans"]
+                .as_array()
+                .map_or(0, Vec::len);
+        }
+        n
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while exported().await < 10 {
+        assert!(std::time::Instant::now() < deadline, "every span offered");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let asked = requests().await.len();
+    assert!(asked < 10, "{asked} requests for 10 spans");
     hs.stop().await;
 }
 
