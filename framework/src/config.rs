@@ -860,8 +860,21 @@ fn check_kinds(
     use config::ValueKind as K;
     let whole = |k: &K| matches!(k, K::I64(_) | K::I128(_) | K::U64(_) | K::U128(_));
     for (name, v) in tree {
-        let Some(d) = defaults.get(name) else {
-            continue;
+        let unlisted;
+        let d = match defaults.get(name) {
+            Some(d) => d,
+            None => match unlisted_kind(name) {
+                Some(k) => {
+                    unlisted = k;
+                    &unlisted
+                }
+                // A section `default.toml` lacks (a service written beside these) still
+                // has its unlisted keys checked.
+                None => {
+                    unlisted = Value::from(Map::<String, Value>::new());
+                    &unlisted
+                }
+            },
         };
         let key = if at.is_empty() {
             name.clone()
@@ -903,6 +916,42 @@ fn check_kinds(
         }
     }
     Ok(())
+}
+
+/// The kind of value a key takes that `default.toml` gives none (its default lives in
+/// code: left commented there, as an older release refuses a key it does not know, or
+/// unset by default), by the key's own name in any section: checked as if `default.toml`
+/// gave it, so `keep_completed_runs_days = true` is refused, not read as 1 day.
+fn unlisted_kind(name: &str) -> Option<Value> {
+    const WHOLE: &[&str] = &[
+        "keep_failures_days",
+        "keep_completed_runs_days",
+        "seed",
+        "max_retries",
+        "retry_timeout_ms",
+        "part_size_mib",
+    ];
+    const BOOLEAN: &[&str] = &[
+        "allow_http",
+        "virtual_hosted_style",
+        "conditional_writes",
+        "checksums",
+    ];
+    // A store's S3 options (`archive_options`, `vault_options`).
+    if name.ends_with("_options") {
+        let mut t = Map::new();
+        for k in WHOLE.iter().chain(BOOLEAN) {
+            t.insert(k.to_string(), unlisted_kind(k)?);
+        }
+        return Some(Value::from(t));
+    }
+    if WHOLE.contains(&name) {
+        Some(Value::from(0u64))
+    } else if BOOLEAN.contains(&name) {
+        Some(Value::from(false))
+    } else {
+        None
+    }
 }
 
 /// Interprets an override as a TOML scalar or array when it parses as one.
@@ -1265,6 +1314,33 @@ mod tests {
         }
         let fine =
             "[retry]\ndelays_ms = [7]\nmax_attempts = 3.0\n[amqp]\ndeclare_sources = false\n";
+        assert!(check_kinds(&tree(fine), &defaults, "").is_ok());
+        // Keys whose defaults live in code, in any service's section.
+        for (t, key) in [
+            (
+                "[snapshot_status]\nkeep_completed_runs_days = true\n",
+                "snapshot_status.keep_completed_runs_days",
+            ),
+            (
+                "[online_archive]\nkeep_failures_days = 0.4\n",
+                "online_archive.keep_failures_days",
+            ),
+            (
+                "[online_nearline.vault_options]\nmax_retries = \"off\"\n",
+                "online_nearline.vault_options.max_retries",
+            ),
+            (
+                "[online_archive.archive_options]\nchecksums = 1\n",
+                "online_archive.archive_options.checksums",
+            ),
+            ("[crash_router]\nseed = \"yes\"\n", "crash_router.seed"),
+        ] {
+            let e = check_kinds(&tree(t), &defaults, "").expect_err(t);
+            assert_eq!(e.key, key, "{t}");
+        }
+        let fine = "[snapshot_status]\nkeep_completed_runs_days = \"7\"\n\
+                    [online_archive.archive_options]\npart_size_mib = 16\nchecksums = false\n\
+                    endpoint = \"http://s3:9000\"\n";
         assert!(check_kinds(&tree(fine), &defaults, "").is_ok());
     }
     use super::*;
