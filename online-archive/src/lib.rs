@@ -96,6 +96,11 @@ impl Service for OnlineArchive {
             "online_archive.archive_options",
             &s.archive_options,
         )?;
+        storage::service::check_abandoned_age(
+            "online_archive.abort_abandoned_uploads_after_ms",
+            s.abort_abandoned_uploads_after_ms,
+            &cfg.retry,
+        )?;
         storage::paths::check_configured_roots("online_archive.online_roots", &s.online_roots)
     }
 

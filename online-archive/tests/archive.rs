@@ -543,6 +543,16 @@ fn bad_store_settings_exit_2_naming_the_key() {
             vec![s3, ("ARCHIVE_OPTIONS__PART_SIZE_MIB", "1")],
             "online_archive.archive_options.part_size_mib",
         ),
+        // Shorter than a copy's wait in the 120 s retry tier: its upload aborted between
+        // two attempts, a large file started over at every one.
+        (
+            vec![s3, ("ABORT_ABANDONED_UPLOADS_AFTER_MS", "60000")],
+            "online_archive.abort_abandoned_uploads_after_ms",
+        ),
+        (
+            vec![("KEEP_FAILURES_DAYS", "0.5")],
+            "online_archive.keep_failures_days",
+        ),
         (
             vec![
                 s3,

@@ -98,6 +98,11 @@ impl Service for OnlineNearline {
             "online_nearline.vault_options",
             &s.vault_options,
         )?;
+        storage::service::check_abandoned_age(
+            "online_nearline.abort_abandoned_uploads_after_ms",
+            s.abort_abandoned_uploads_after_ms,
+            &cfg.retry,
+        )?;
         storage::paths::check_configured_roots("online_nearline.online_roots", &s.online_roots)
     }
 

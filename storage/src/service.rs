@@ -66,6 +66,28 @@ pub fn default_abort_abandoned_uploads_after_ms() -> u64 {
     24 * 60 * 60 * 1000
 }
 
+/// Refuses an `abort_abandoned_uploads_after_ms` (at `key`) that a copy waiting in a retry
+/// tier could outlive: its upload would be aborted between two attempts, and a large file
+/// would start over at every one. At least twice the longest of `[retry] delays_ms`.
+pub fn check_abandoned_age(
+    key: &str,
+    ms: u64,
+    retry: &framework::config::RetryConfig,
+) -> Result<(), framework::config::ConfigError> {
+    let longest = retry.delays_ms.iter().copied().max().unwrap_or(0);
+    let least = longest.saturating_mul(2).max(1);
+    if ms < least {
+        return Err(framework::config::ConfigError::new(
+            key,
+            format!(
+                "{ms} ms would abort uploads whose copies wait in a retry tier (up to \
+                 {longest} ms, `retry.delays_ms`); at least {least}"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Default of `[<service>] keep_failures_days`: a month of failed attempts to look back on.
 pub fn default_keep_failures_days() -> u64 {
     30
