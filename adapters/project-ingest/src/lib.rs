@@ -125,6 +125,9 @@ impl MessageProcessor for ProjectProcessor {
         // wrong) is not one: the first receipt stands, and is kept for the retries.
         let known = ctx
             .timestamp
+            // 0 is some clients' "unset", not 1970: an update ordered there lost to
+            // every stored version and was dropped.
+            .filter(|&t| t != 0)
             .and_then(published_at)
             .filter(|t| *t <= crate::event::latest_believable())
             .or_else(|| {

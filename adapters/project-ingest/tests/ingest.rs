@@ -272,6 +272,30 @@ async fn a_plain_update_published_earlier_never_overwrites_a_newer_one(b: Backen
     env.finish().await;
 }
 
+/// An AMQP `timestamp` of 0 is some clients' "unset", not 1970: a plain update carrying it
+/// is ordered as received, not dropped as older than everything stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zero_timestamp_is_no_publishing_time() {
+    let env = start(Backend::Sqlite, &[]).await;
+    let mut out = env.hs.watch_output().await;
+    env.send(&project("project-created", "z", "v0")).await;
+    next(&mut out).await;
+    let now = chrono::Utc::now().timestamp() as u64;
+    for (title, stamp) in [("v1", now - 60), ("v2", 0)] {
+        let update = serde_json::to_vec(&project("project-updated", "z", title)).unwrap();
+        env.hs
+            .publish(
+                "core.project.event",
+                &update,
+                BasicProperties::default().with_timestamp(stamp),
+            )
+            .await;
+        assert_eq!(body(&next(&mut out).await)["title"], title);
+    }
+    assert_eq!(env.store.project("z").await.unwrap().unwrap().title, "v2");
+    env.finish().await;
+}
+
 /// An event stamped far in the future (a producer's clock or unit gone wrong) is ordered
 /// as received: it does not make every later update of its project and of its commission
 /// stale until that date; a key stored so by an earlier release loses to the next event.
