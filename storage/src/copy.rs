@@ -189,6 +189,10 @@ pub enum CopyError {
     /// directory, a name longer than its filesystem allows); never retried.
     #[error("cannot store {0}: {1}")]
     Unstorable(String, &'static str),
+    /// An earlier multipart upload of another version of the file could not be aborted
+    /// (or forgotten): retried rather than started over beside it, unrecorded.
+    #[error("an earlier multipart upload of {0} could not be aborted; retried")]
+    EarlierUpload(String),
     /// The copy's handler was stopped while it ran: nothing was published.
     #[error("the copy of {0} was stopped with its handler; nothing was published")]
     Stopped(String),
@@ -478,7 +482,14 @@ pub async fn upload(
                     Some(u)
                 }
                 Some(u) => {
-                    abort_recorded(mp.as_ref(), resume.records, key, &u.upload_id).await;
+                    let given_up =
+                        abort_recorded(mp.as_ref(), resume.records, key, &u.upload_id).await;
+                    // A new upload's record would replace this one's: its parts then billed
+                    // with nothing left to find them (the sweep reads the records). A file
+                    // sent in one request leaves the record to the sweep.
+                    if !given_up && len >= part {
+                        return Err(CopyError::EarlierUpload(shown.to_string()));
+                    }
                     None
                 }
                 None => None,

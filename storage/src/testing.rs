@@ -223,6 +223,9 @@ pub struct Faults {
     pub corrupt: AtomicUsize,
     /// Multipart aborts seen.
     pub aborts: AtomicUsize,
+    /// Aborts of a recorded multipart upload fail (a store blip, a role without
+    /// `s3:AbortMultipartUpload`).
+    pub fail_abort: AtomicBool,
     /// Runs once, after the first multipart part is stored (e.g. stop the S3 server).
     pub after_first_part: Mutex<Option<Box<dyn FnOnce() + Send>>>,
     /// Runs once, before the next single-request upload (e.g. stop the S3 server).
@@ -464,6 +467,9 @@ impl MultipartStore for FaultyStore {
     ) -> object_store::Result<()> {
         self.faults.aborts.fetch_add(1, Ordering::SeqCst);
         Faults::pass(&self.faults.abort_gate).await;
+        if self.faults.fail_abort.load(Ordering::SeqCst) {
+            return Err(injected("abort"));
+        }
         self.mp()?.abort_multipart(path, id).await
     }
 }

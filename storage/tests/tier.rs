@@ -691,6 +691,53 @@ async fn an_interrupted_s3_multipart_upload_resumes_from_its_stored_parts() {
     );
 }
 
+/// A recorded upload of an earlier version of the file that cannot be aborted is kept
+/// recorded (the sweep finds it later) and the copy retried: starting a new upload would
+/// have replaced its record, leaving its parts billed with nothing left to find them.
+#[tokio::test]
+async fn an_earlier_upload_that_cannot_be_aborted_stays_recorded_and_the_copy_is_retried() {
+    let bucket = "tier-stale";
+    let (_moto, _proxy, tier) = s3_tier(bucket).await;
+    let (faulty, faults) = FaultyStore::wrap(&tier);
+    let base = tempfile::tempdir().expect("temp");
+    let c = copier(base.path(), "online", faulty, records(base.path()).await);
+    let msg = put(
+        base.path(),
+        "online",
+        "r/stale.mov",
+        &content(5 * 5 * MIB, 1),
+    );
+    *faults.fail_parts_from.lock().expect("faults") = Some(2);
+    transient(c.handle(&msg, 1).await);
+    let key = tier.key("r/stale.mov").to_string();
+    let earlier = c
+        .records()
+        .upload_for(&key)
+        .await
+        .unwrap()
+        .expect("recorded");
+    // The file changes (another size): the recorded upload can never be resumed.
+    *faults.fail_parts_from.lock().expect("faults") = None;
+    let msg = put(
+        base.path(),
+        "online",
+        "r/stale.mov",
+        &content(5 * 5 * MIB + 7, 2),
+    );
+    faults.fail_abort.store(true, Ordering::SeqCst);
+    let e = transient(c.handle(&msg, 2).await);
+    assert!(e.contains("could not be aborted"), "{e}");
+    let kept = c.records().upload_for(&key).await.unwrap().expect("kept");
+    assert_eq!(
+        kept.upload_id, earlier.upload_id,
+        "still findable by the sweep"
+    );
+    // Once the store lets it go, the copy goes on.
+    faults.fail_abort.store(false, Ordering::SeqCst);
+    copied(c.handle(&msg, 3).await);
+    assert_eq!(c.records().count("multipart_uploads").await.unwrap(), 0);
+}
+
 /// A file written to while it is uploaded (the sweeper reports files still being
 /// written; an editor rewrites one in place): S3 completes the upload before the copy can
 /// tell, so the torn object is taken away again — nothing at the key, nothing recorded —
