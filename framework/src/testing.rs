@@ -7,6 +7,7 @@ pub mod broker;
 pub mod cluster;
 pub mod heap;
 pub mod process;
+pub mod raw;
 pub mod tls;
 
 pub use process::RunWithin;

@@ -1487,6 +1487,29 @@ async fn a_part_dead_letter_carries_no_progress_of_the_whole() {
     hs.stop().await;
 }
 
+/// A message id that is not UTF-8 (a producer writing raw bytes: Go's `string(uuidBytes)`):
+/// the broker passes it on unchecked. The client's parser refused the delivery frame and
+/// killed the whole connection — every handler's work redelivered — again at every
+/// redelivery; the message is handled like any other, its id read leniently.
+#[tokio::test]
+async fn a_message_id_that_is_not_utf8_does_not_kill_the_connection() {
+    let mut hs = Harness::start("badutf8", &[], Typed).await;
+    let mut out = hs.watch_output().await;
+    framework::testing::raw::publish(
+        &framework::testing::amqp_url(),
+        &framework::testing::raw::RawMessage {
+            exchange: hs.input_exchange.clone(),
+            routing_key: "test.utf8".into(),
+            message_id: b"\xff\xfeid".to_vec(),
+            body: br#"{"name":"raw","size":1}"#.to_vec(),
+        },
+    )
+    .await;
+    let d = next(&mut out).await;
+    assert_eq!(d.data, br#"{"name":"raw"}"#);
+    hs.stop().await;
+}
+
 #[tokio::test]
 async fn hostile_inputs_are_dead_lettered_and_consuming_goes_on() {
     let mut hs = Harness::start("hostile", &[], Typed).await;
