@@ -390,6 +390,41 @@ impl MessageProcessor for EventForwarder {
     }
 }
 
+/// RabbitMQ's own consumer timeout, where `[amqp] consumer_timeout_ms = 0` leaves it.
+const BROKER_CONSUMER_TIMEOUT_MS: u64 = 30 * 60 * 1000;
+
+/// Refuses an ordered mode whose in-place retries can outlast the consumer timeout: the
+/// broker would take the event back mid-retry and hand it out again, its count of
+/// attempts starting over each time — retried for ever, never dead-lettered.
+fn in_place_retries_fit(cfg: &Config<ForwarderSettings>) -> Result<(), ConfigError> {
+    let limit = match cfg.amqp.consumer_timeout_ms {
+        0 => BROKER_CONSUMER_TIMEOUT_MS,
+        t => t,
+    };
+    let attempts = u64::from(cfg.retry.max_attempts);
+    // The worst case: every wait the longest tier (an endpoint's Retry-After picks one
+    // at least as long), every POST its whole timeout.
+    let longest = cfg.retry.delays_ms.iter().copied().max().unwrap_or(0);
+    let budget = attempts
+        .saturating_sub(1)
+        .saturating_mul(longest)
+        .saturating_add(attempts.saturating_mul(cfg.settings.timeout_ms));
+    if budget >= limit {
+        return Err(ConfigError::new(
+            "event_forwarder.ordered",
+            format!(
+                "in-place retries may take up to {budget} ms (`retry.max_attempts` POSTs of up \
+                 to `event_forwarder.timeout_ms`, the longest `retry.delays_ms` between them), \
+                 not within the consumer timeout of {limit} ms (`amqp.consumer_timeout_ms`, 0 = \
+                 the broker's 30 minutes): the broker would take the event back and its \
+                 attempts start over, never dead-lettered; lower `retry.max_attempts` or raise \
+                 `amqp.consumer_timeout_ms`"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// The `Idempotency-Key` of record `i` of a message: the record's `eventID`, else the
 /// message's id and the record's place in the batch it came in (a record replayed alone
 /// keeps its place: `x-batch-part`); none when neither names it.
@@ -468,6 +503,9 @@ impl Service for EventForwarderService {
                 "event_forwarder.timeout_ms",
                 "must be at least 1",
             ));
+        }
+        if s.ordered {
+            in_place_retries_fit(cfg)?;
         }
         Ok(())
     }

@@ -765,6 +765,16 @@ fn config_errors_exit_2_naming_the_key() {
             ],
             "event_forwarder",
         ),
+        // In-place retries (49 waits of up to 120 s) longer than the broker's default
+        // consumer timeout (30 minutes): taken back mid-retry, started over, never ended.
+        (
+            &[
+                (EP, "http://h/"),
+                ("STORAGETIER__EVENT_FORWARDER__ORDERED", "true"),
+                ("STORAGETIER__AMQP__CONSUMER_TIMEOUT_MS", "0"),
+            ],
+            "event_forwarder.ordered",
+        ),
     ];
     for (env, key) in cases {
         let (code, _, err) = run_bin(env);
