@@ -617,3 +617,48 @@ fn now_ts() -> u64 {
         .map(|d| d.as_secs())
         .unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Output ids are how consumers drop the duplicates of a redelivered, retried or
+    /// replayed input, also across a release: pinned, so a change of how they are derived
+    /// (a field added to the hash) is seen as the compatibility break it is.
+    #[test]
+    fn output_ids_of_an_input_are_pinned_across_releases() {
+        let headers = FieldTable::default();
+        let properties = BasicProperties::default();
+        let trace = TraceContext::continue_from(&headers);
+        let origin = Origin {
+            message_id: Some("m-1"),
+            correlation_id: None,
+            exchange: "assetsweeper",
+            routing_key: "assetsweeper.asset_folder_importer.file.new",
+            attempt: 0,
+            headers: &headers,
+            properties: &properties,
+            trace: &trace,
+        };
+        let success = output_message_id("online-archive", &origin, OutputOf::Success);
+        let other = output_message_id(
+            "online-archive",
+            &origin,
+            OutputOf::Publication {
+                exchange: "x",
+                routing_key: "k",
+                body: b"{}",
+            },
+        );
+        assert_eq!(success.as_str(), "05b4f42d-60b4-8791-afc3-e41cdd85c45e");
+        assert_eq!(other.as_str(), "58a1f7b5-4167-875f-80f1-ac6d134ac2b1");
+        let mut part = FieldTable::default();
+        crate::headers::set_str(&mut part, crate::headers::BATCH_PART, "2");
+        let origin = Origin {
+            headers: &part,
+            ..origin
+        };
+        let of_part = output_message_id("online-archive", &origin, OutputOf::Success);
+        assert_eq!(of_part.as_str(), "3de3908e-ee03-81c0-8ea1-725813cab7f7");
+    }
+}
