@@ -954,6 +954,10 @@ fn unlisted_kind(name: &str) -> Option<Value> {
     }
 }
 
+/// The shortest `[amqp] connect_timeout_ms` and `operation_timeout_ms` taken: a TLS
+/// handshake or a quorum queue's declaration on a loaded broker takes tens of ms.
+const MIN_BROKER_TIMEOUT_MS: u64 = 100;
+
 /// Interprets an override as a TOML scalar or array when it parses as one.
 fn toml_scalar(v: &str) -> Option<Value> {
     let looks_typed = v.starts_with('[')
@@ -1196,13 +1200,15 @@ fn validate<S>(cfg: &Config<S>, section_name: &str) -> Result<(), ConfigError> {
              would go in the clear to another; use one scheme for every node",
         ));
     }
-    for (key, ms) in [
-        ("amqp.connect_timeout_ms", a.connect_timeout_ms),
-        ("amqp.operation_timeout_ms", a.operation_timeout_ms),
-        ("amqp.reconnect_initial_ms", a.reconnect_initial_ms),
+    // A bound no broker call can meet (`operation_timeout_ms = 1`) would never let the
+    // service become ready, retrying for ever, never saying which key is wrong.
+    for (key, ms, least) in [
+        ("amqp.connect_timeout_ms", a.connect_timeout_ms, MIN_BROKER_TIMEOUT_MS),
+        ("amqp.operation_timeout_ms", a.operation_timeout_ms, MIN_BROKER_TIMEOUT_MS),
+        ("amqp.reconnect_initial_ms", a.reconnect_initial_ms, 1),
     ] {
-        if ms == 0 {
-            return Err(ConfigError::new(key, "must be > 0"));
+        if ms < least {
+            return Err(ConfigError::new(key, format!("must be at least {least} ms")));
         }
     }
     if a.reconnect_max_ms < a.reconnect_initial_ms {
@@ -1625,6 +1631,13 @@ mod tests {
             let var = format!("STORAGETIER__AMQP__{}", key.to_uppercase());
             let e = with_env(&[(&var, "0")]).expect_err(key);
             assert_eq!(e.key, format!("amqp.{key}"));
+        }
+        // A bound no broker call meets: never ready, retried for ever, no key named.
+        for key in ["connect_timeout_ms", "operation_timeout_ms"] {
+            let var = format!("STORAGETIER__AMQP__{}", key.to_uppercase());
+            let e = with_env(&[(&var, "1")]).expect_err(key);
+            assert_eq!(e.key, format!("amqp.{key}"));
+            assert!(with_env(&[(&var, "100")]).is_ok(), "{key}");
         }
     }
 
