@@ -807,7 +807,9 @@ impl<P: MessageProcessor> Shared<P> {
                 spans.record(crate::otlp::Span {
                     trace: ctx.trace.clone(),
                     start: started_at,
-                    end: std::time::SystemTime::now(),
+                    // From the monotonic clock: a wall clock stepped back meanwhile (NTP)
+                    // would end the span before it started.
+                    end: started_at + started.elapsed(),
                     queue: inner.topology.queue.clone(),
                     routing_key: ctx.routing_key.clone(),
                     message_id: ctx.message_id.clone(),
