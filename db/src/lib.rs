@@ -28,8 +28,22 @@ pub enum DbError {
     #[error("database error: {0}")]
     Sqlx(#[from] sqlx::Error),
     /// A migration failed.
-    #[error("database migration failed: {0}")]
+    #[error("database migration failed: {0}{hint}", hint = migrate_hint(.0))]
     Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+/// What a migration error most likely means where sqlx's own words do not say: a
+/// database holding one of this service's migration versions with other content belongs
+/// to another service (their versions overlap), or its migration file was edited.
+fn migrate_hint(e: &sqlx::migrate::MigrateError) -> &'static str {
+    match e {
+        sqlx::migrate::MigrateError::VersionMismatch(_) => {
+            " (the database holds another migration under that number: it is another \
+             service's database — each service needs one of its own — or a migration file \
+             was edited after it was applied)"
+        }
+        _ => "",
+    }
 }
 
 impl DbError {
@@ -791,6 +805,43 @@ mod tests {
         ] {
             let _ = std::fs::remove_file(f);
         }
+    }
+
+    /// One service's database given to another (their migration numbers overlap) is
+    /// named as such, not only as a "modified" migration.
+    #[tokio::test]
+    async fn another_services_database_is_named_as_such() {
+        use sqlx::migrate::{Migration, MigrationType};
+        use std::borrow::Cow;
+        let path =
+            std::env::temp_dir().join(format!("db-mix-{}.db", uuid::Uuid::new_v4().simple()));
+        let url = format!("sqlite://{}", path.display());
+        let one = |sql: &'static str| Migrator {
+            migrations: Cow::Owned(vec![Migration::new(
+                1,
+                Cow::Borrowed("first"),
+                MigrationType::Simple,
+                Cow::Borrowed(sql),
+                false,
+            )]),
+            ..Migrator::DEFAULT
+        };
+        connect(&url, &one("CREATE TABLE a (x BIGINT)"))
+            .await
+            .expect("first service")
+            .close()
+            .await;
+        let e = connect(&url, &one("CREATE TABLE b (x BIGINT)"))
+            .await
+            .expect_err("refused");
+        for f in [
+            path.clone(),
+            path.with_extension("db-wal"),
+            path.with_extension("db-shm"),
+        ] {
+            let _ = std::fs::remove_file(f);
+        }
+        assert!(e.to_string().contains("another service's database"), "{e}");
     }
 
     /// A damaged SQLite file at start is reported as what it is, not as the pool's wait.

@@ -1203,12 +1203,23 @@ fn validate<S>(cfg: &Config<S>, section_name: &str) -> Result<(), ConfigError> {
     // A bound no broker call can meet (`operation_timeout_ms = 1`) would never let the
     // service become ready, retrying for ever, never saying which key is wrong.
     for (key, ms, least) in [
-        ("amqp.connect_timeout_ms", a.connect_timeout_ms, MIN_BROKER_TIMEOUT_MS),
-        ("amqp.operation_timeout_ms", a.operation_timeout_ms, MIN_BROKER_TIMEOUT_MS),
+        (
+            "amqp.connect_timeout_ms",
+            a.connect_timeout_ms,
+            MIN_BROKER_TIMEOUT_MS,
+        ),
+        (
+            "amqp.operation_timeout_ms",
+            a.operation_timeout_ms,
+            MIN_BROKER_TIMEOUT_MS,
+        ),
         ("amqp.reconnect_initial_ms", a.reconnect_initial_ms, 1),
     ] {
         if ms < least {
-            return Err(ConfigError::new(key, format!("must be at least {least} ms")));
+            return Err(ConfigError::new(
+                key,
+                format!("must be at least {least} ms"),
+            ));
         }
     }
     if a.reconnect_max_ms < a.reconnect_initial_ms {
