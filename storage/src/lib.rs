@@ -12,6 +12,7 @@ pub mod message;
 pub mod mounts;
 pub mod paths;
 pub mod records;
+pub mod request_time;
 pub mod s3;
 pub mod service;
 pub mod store;

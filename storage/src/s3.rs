@@ -430,7 +430,7 @@ fn pause(attempt: u32, asked: Option<std::time::Duration>) -> std::time::Duratio
 const COMPLETE_ATTEMPTS: u32 = 3;
 
 /// How long a completion may take to answer: S3 can take minutes over a large upload.
-const COMPLETE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+const COMPLETE_TIMEOUT: std::time::Duration = crate::request_time::COMPLETION;
 
 /// Shared handle.
 pub type SharedS3 = Arc<S3Native>;

@@ -332,6 +332,11 @@ pub fn open(url: &str, opts: &StoreOptions) -> Result<Tier, StoreConfigError> {
                 max_retries: opts.max_retries,
                 retry_timeout: Duration::from_millis(opts.retry_timeout_ms),
                 ..Default::default()
+            })
+            // A request's time grows with what it sends (a large part, a completion):
+            // object_store's one fixed bound failed every large part on a slower link.
+            .with_http_connector(crate::request_time::SizedLimits {
+                base: Duration::from_millis(opts.retry_timeout_ms.max(1000)),
             });
         if let Some(e) = &opts.endpoint {
             b = b.with_endpoint(e);
