@@ -107,6 +107,8 @@ pub(crate) struct Inner<P> {
     pub(crate) processor: P,
     pub(crate) status: Arc<Status>,
     pub(crate) permits: Arc<Semaphore>,
+    /// One large body decoded and handled at a time (see [`crate::session::LARGE_BODY`]).
+    pub(crate) large_bodies: Semaphore,
     /// Span export (`[telemetry] otlp_endpoint`), if on.
     pub(crate) spans: Option<SpanExporter>,
 }
@@ -137,6 +139,7 @@ impl<P: MessageProcessor> Runtime<P> {
                 processor: pc.processor,
                 status,
                 permits: Arc::new(Semaphore::new(cfg.amqp.effective_concurrency())),
+                large_bodies: Semaphore::new(1),
             }),
         }
     }

@@ -648,6 +648,11 @@ struct Incoming {
     headers: FieldTable,
 }
 
+/// A body at least this large is decoded and handled one at a time (per service): a
+/// large JSON body takes many times its size once decoded, and a flood of them could take
+/// the process's memory; real messages are far smaller.
+pub(crate) const LARGE_BODY: usize = 256 * 1024;
+
 fn incoming(d: &Delivery) -> Incoming {
     let headers = d.properties.headers().clone().unwrap_or_default();
     let attempt = h::get_int(&headers, h::RETRY_COUNT)
@@ -774,6 +779,21 @@ impl<P: MessageProcessor> Shared<P> {
                         delivery.data.len()
                     ));
                 }
+                // Decoded, JSON can take 10–30 times its text (a 16 MiB array of small
+                // numbers, 256 MiB as values): one large body at a time, so prefetch-many
+                // of them cannot take gigabytes at once.
+                let _large = if delivery.data.len() >= LARGE_BODY {
+                    tokio::select! {
+                        p = inner.large_bodies.acquire() => p.ok(),
+                        _ = ctx.cancelled() => {
+                            return Outcome::Interrupted(
+                                "the session ended while a large body waited its turn".into(),
+                            );
+                        }
+                    }
+                } else {
+                    None
+                };
                 match serde_json::from_slice::<P::Input>(&delivery.data) {
                     Err(e) => Outcome::Permanent(match ctx.properties.content_encoding() {
                         // A compressed body (gzip) is not "invalid JSON": say what it is.

@@ -1510,6 +1510,78 @@ async fn a_message_id_that_is_not_utf8_does_not_kill_the_connection() {
     hs.stop().await;
 }
 
+/// Counts handlers inside at once; each stays until a second one is in (or 1.5 s pass).
+struct Overlap {
+    now: Arc<std::sync::atomic::AtomicUsize>,
+    most: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+#[async_trait]
+impl MessageProcessor for Overlap {
+    type Input = serde_json::Value;
+    async fn handle(&self, v: serde_json::Value, _ctx: &MessageContext) -> Outcome {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.now.fetch_add(1, SeqCst);
+        let until = std::time::Instant::now() + Duration::from_millis(1500);
+        while self.now.load(SeqCst) < 2 && std::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.most.fetch_max(self.now.load(SeqCst), SeqCst);
+        self.now.fetch_sub(1, SeqCst);
+        Outcome::success(json!({"n": v["n"]}))
+    }
+}
+
+/// Decoded, a large JSON body takes many times its size (a 16 MiB array of small numbers
+/// is 256 MiB of values): prefetch-many of them at once could take gigabytes. Large
+/// bodies are handled one at a time; a small one beside a large one is not held back.
+#[tokio::test]
+async fn large_bodies_are_handled_one_at_a_time() {
+    let most = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let p = Overlap {
+        now: Arc::default(),
+        most: most.clone(),
+    };
+    let mut hs = Harness::start("large", &[], p).await;
+    let mut out = hs.watch_output().await;
+    let body = |n: usize, pad: usize| {
+        serde_json::to_vec(&json!({"n": n, "pad": "x".repeat(pad)})).unwrap()
+    };
+    for n in 0..3 {
+        hs.publish(
+            "test.large",
+            &body(n, 300 * 1024),
+            BasicProperties::default(),
+        )
+        .await;
+    }
+    for _ in 0..3 {
+        next(&mut out).await;
+    }
+    assert_eq!(
+        most.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one large body at a time"
+    );
+    hs.publish(
+        "test.large",
+        &body(3, 300 * 1024),
+        BasicProperties::default(),
+    )
+    .await;
+    hs.publish("test.small", &body(4, 10), BasicProperties::default())
+        .await;
+    for _ in 0..2 {
+        next(&mut out).await;
+    }
+    assert_eq!(
+        most.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "a small one beside it"
+    );
+    hs.stop().await;
+}
+
 #[tokio::test]
 async fn hostile_inputs_are_dead_lettered_and_consuming_goes_on() {
     let mut hs = Harness::start("hostile", &[], Typed).await;
