@@ -926,6 +926,7 @@ fn unlisted_kind(name: &str) -> Option<Value> {
     const WHOLE: &[&str] = &[
         "keep_failures_days",
         "keep_completed_runs_days",
+        "keep_idle_runs_days",
         "seed",
         "max_retries",
         "retry_timeout_ms",

@@ -55,13 +55,26 @@ pub struct SnapshotStatusSettings {
     /// grows the database for as long as the service runs.
     #[serde(default = "default_keep_completed_runs_days")]
     pub keep_completed_runs_days: u64,
+    /// Days a run that never COMPLETED is kept after the last message of it (an export
+    /// given up on), then deleted; 0 keeps it forever.
+    #[serde(default = "default_keep_idle_runs_days")]
+    pub keep_idle_runs_days: u64,
 }
 
 fn default_keep_completed_runs_days() -> u64 {
     30
 }
 
-/// How often completed runs past their keeping are looked for.
+fn default_keep_idle_runs_days() -> u64 {
+    90
+}
+
+/// `days` as an age to keep runs for; None for 0 (forever).
+fn kept_for(days: u64) -> Option<std::time::Duration> {
+    (days > 0).then(|| std::time::Duration::from_secs(days.saturating_mul(86_400)))
+}
+
+/// How often runs past their keeping are looked for.
 const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
 
 fn default_export_state_exchange() -> String {
@@ -192,18 +205,40 @@ impl StatusProcessor {
         self
     }
 
-    /// Deletes the runs completed more than `keep` ago, now and every hour, while this
+    /// Deletes the runs completed more than `completed` ago and those never completed that
+    /// heard nothing for `idle` (None: kept forever), now and every hour, while this
     /// processor lives.
-    pub fn pruning_completed_runs(mut self, keep: std::time::Duration) -> Self {
+    pub fn pruning_runs(
+        mut self,
+        completed: Option<std::time::Duration>,
+        idle: Option<std::time::Duration>,
+    ) -> Self {
+        if completed.is_none() && idle.is_none() {
+            return self;
+        }
         let store = self.store.clone();
         self.pruner = Some(tokio::spawn(async move {
             loop {
                 // Not bounded as one call: a backlog of runs is pruned a transaction at a
                 // time, for as long as it takes (a background task, no handler waits).
-                match store.prune_completed_runs(keep).await {
-                    Ok(0) => {}
-                    Ok(n) => tracing::info!(runs = n, "completed runs past their keeping deleted"),
-                    Err(e) => tracing::warn!(error = %e, "could not delete old completed runs"),
+                if let Some(keep) = completed {
+                    match store.prune_completed_runs(keep).await {
+                        Ok(0) => {}
+                        Ok(n) => {
+                            tracing::info!(runs = n, "completed runs past their keeping deleted")
+                        }
+                        Err(e) => tracing::warn!(error = %e, "could not delete old completed runs"),
+                    }
+                }
+                if let Some(keep) = idle {
+                    match store.prune_idle_runs(keep).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(
+                            runs = n,
+                            "runs never completed and idle past their keeping deleted"
+                        ),
+                        Err(e) => tracing::warn!(error = %e, "could not delete idle runs"),
+                    }
                 }
                 tokio::time::sleep(PRUNE_EVERY).await;
             }
@@ -686,12 +721,10 @@ impl Service for SnapshotStatus {
         .with_missing_retries(
             MISSING_COLLECTION_RETRIES.min(cfg.retry.max_attempts.saturating_sub(1)),
         );
-        Ok(match cfg.settings.keep_completed_runs_days {
-            0 => p,
-            days => p.pruning_completed_runs(std::time::Duration::from_secs(
-                days.saturating_mul(86_400),
-            )),
-        })
+        Ok(p.pruning_runs(
+            kept_for(cfg.settings.keep_completed_runs_days),
+            kept_for(cfg.settings.keep_idle_runs_days),
+        ))
     }
 
     fn extra_commands() -> Vec<clap::Command> {

@@ -481,6 +481,21 @@ impl Store {
         &self,
         older_than: std::time::Duration,
     ) -> Result<u64, StoreError> {
+        self.prune_runs(Prunable::Completed, older_than).await
+    }
+
+    /// Deletes every run not COMPLETED that heard nothing for `idle_for` (an export given
+    /// up on, a correlation id nobody finishes): without it, each such run's row per file
+    /// stayed for as long as the database did. How many runs.
+    pub async fn prune_idle_runs(&self, idle_for: std::time::Duration) -> Result<u64, StoreError> {
+        self.prune_runs(Prunable::Idle, idle_for).await
+    }
+
+    async fn prune_runs(
+        &self,
+        which: Prunable,
+        older_than: std::time::Duration,
+    ) -> Result<u64, StoreError> {
         // An age past what the clock can subtract (years beyond chrono's range): nothing.
         let Some(cutoff) = chrono::TimeDelta::from_std(older_than)
             .ok()
@@ -489,17 +504,15 @@ impl Store {
             return Ok(0);
         };
         let cutoff = cutoff.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        let still = which.condition("$1", "$2");
         let mut pruned = 0;
         loop {
             // Every statement bounded: the housekeeping task waiting for ever on a server
             // that stopped answering would never prune again (nothing logs it).
             let runs: Vec<String> = db::bounded(
-                db::sqlx::query(
-                    "SELECT correlation_id FROM snapshot_products \
-                     WHERE status = 'COMPLETED' AND updated_at < $1 LIMIT 100",
-                )
-                .bind(&cutoff)
-                .fetch_all(&self.pool),
+                db::sqlx::query(&which.candidates())
+                    .bind(&cutoff)
+                    .fetch_all(&self.pool),
             )
             .await?
             .iter()
@@ -509,19 +522,16 @@ impl Store {
                 return Ok(pruned);
             }
             for run in runs {
-                // Its files first, a batch per transaction while the run is still completed
-                // and old: a run of millions of files never holds the writer for long (on
+                // Its files first, a batch per transaction while the run is still to be
+                // deleted: a run of millions of files never holds the writer for long (on
                 // SQLite, every handler waits for it).
                 loop {
                     let n = db::bounded(
-                        db::sqlx::query(
+                        db::sqlx::query(&format!(
                             "DELETE FROM snapshot_received_files WHERE correlation_id = $1 \
                              AND file_key IN (SELECT file_key FROM snapshot_received_files \
-                             WHERE correlation_id = $1 LIMIT 5000) \
-                             AND EXISTS (SELECT 1 FROM snapshot_products \
-                             WHERE correlation_id = $1 \
-                             AND status = 'COMPLETED' AND updated_at < $2)",
-                        )
+                             WHERE correlation_id = $1 LIMIT 5000) AND {still}"
+                        ))
                         .bind(&run)
                         .bind(&cutoff)
                         .execute(&self.pool),
@@ -535,19 +545,20 @@ impl Store {
                 let gone = db::bounded(async {
                     let mut tx = db::begin_write(&self.pool).await?;
                     lock_run(&mut tx, &run).await?;
-                    // Still completed and old: a collection heard of meanwhile reopened it.
-                    let gone = db::sqlx::query(
-                        "DELETE FROM snapshot_products \
-                         WHERE correlation_id = $1 AND status = 'COMPLETED' AND updated_at < $2",
-                    )
-                    .bind(&run)
-                    .bind(&cutoff)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected()
-                        == 1;
+                    // Still to be deleted: a message heard of meanwhile (a collection that
+                    // reopened a completed run, a file of an idle one) keeps it.
+                    let gone = db::sqlx::query(&format!("SELECT 1 AS one WHERE {still}"))
+                        .bind(&run)
+                        .bind(&cutoff)
+                        .fetch_optional(&mut *tx)
+                        .await?
+                        .is_some();
                     if gone {
-                        for table in ["snapshot_received_files", "snapshot_collections"] {
+                        for table in [
+                            "snapshot_products",
+                            "snapshot_received_files",
+                            "snapshot_collections",
+                        ] {
                             db::sqlx::query(&format!(
                                 "DELETE FROM {table} WHERE correlation_id = $1"
                             ))
@@ -658,6 +669,48 @@ impl Store {
             .product_named_by(correlation_id, "COMPLETED", "completed_by")
             .await?;
         Ok(matches!(by, Some(b) if b == collection || b == completer(collection, message_key)))
+    }
+}
+
+/// Which runs a prune deletes.
+#[derive(Debug, Clone, Copy)]
+enum Prunable {
+    /// COMPLETED before the cutoff.
+    Completed,
+    /// Not COMPLETED, and nothing of it heard of since the cutoff.
+    Idle,
+}
+
+impl Prunable {
+    /// SQL that is true while run `run` (an SQL expression) is to be deleted, given the
+    /// cutoff time `cut` (a parameter).
+    fn condition(self, run: &str, cut: &str) -> String {
+        match self {
+            Prunable::Completed => format!(
+                "EXISTS (SELECT 1 FROM snapshot_products p WHERE p.correlation_id = {run} \
+                 AND p.status = 'COMPLETED' AND p.updated_at < {cut})"
+            ),
+            Prunable::Idle => format!(
+                "NOT EXISTS (SELECT 1 FROM snapshot_collections x WHERE x.correlation_id = {run} \
+                 AND x.updated_at >= {cut}) \
+                 AND NOT EXISTS (SELECT 1 FROM snapshot_received_files f \
+                 WHERE f.correlation_id = {run} AND f.received_at >= {cut}) \
+                 AND NOT EXISTS (SELECT 1 FROM snapshot_products p WHERE p.correlation_id = {run} \
+                 AND (p.status = 'COMPLETED' OR p.updated_at >= {cut}))"
+            ),
+        }
+    }
+
+    /// A hundred runs to delete at most, the cutoff as `$1`.
+    fn candidates(self) -> String {
+        let (table, run) = match self {
+            Prunable::Completed => ("snapshot_products", "r.correlation_id"),
+            Prunable::Idle => ("snapshot_collections", "r.correlation_id"),
+        };
+        format!(
+            "SELECT DISTINCT r.correlation_id FROM {table} r WHERE {} LIMIT 100",
+            self.condition(run, "$1")
+        )
     }
 }
 

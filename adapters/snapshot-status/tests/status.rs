@@ -215,6 +215,7 @@ on_both!(
     a_collection_arriving_after_the_run_completed_reopens_it,
     full_flow_received_then_completed,
     completed_runs_past_their_keeping_are_deleted,
+    idle_runs_past_their_keeping_are_deleted,
     files_arriving_before_counts_are_counted,
     redelivered_files_are_counted_once,
     records_with_mixed_valid_and_invalid_bodies,
@@ -303,6 +304,45 @@ async fn completed_runs_past_their_keeping_are_deleted(b: Backend) {
         0,
         "no age past the clock's range"
     );
+    env.finish().await;
+}
+
+/// A run that never completes (an export given up on) is deleted once nothing of it was
+/// heard for `keep_idle_runs_days`; a completed one is left to its own keeping. Without it
+/// each such run kept a row per file for as long as the database did.
+async fn idle_runs_past_their_keeping_are_deleted(b: Backend) {
+    let mut env = start(b, &[]).await;
+    let (idle, done) = ("corr-idle", "corr-idle-done");
+    env.process(&msg(idle, "db.i", json!({"files_exported": 5})))
+        .await;
+    env.process(&file(idle, "db.i", "i1")).await;
+    env.process(&msg(done, "db.d", json!({"files_exported": 1})))
+        .await;
+    env.process(&file(done, "db.d", "d1")).await;
+    let r = env
+        .process(&msg(done, "db.d", json!({"is_success_file": "true"})))
+        .await;
+    assert_eq!(r["product_status"], "COMPLETED");
+    let day = Duration::from_secs(86_400);
+    assert_eq!(
+        env.store.prune_idle_runs(day).await.unwrap(),
+        0,
+        "heard of today"
+    );
+    assert_eq!(env.store.prune_idle_runs(Duration::ZERO).await.unwrap(), 1);
+    assert!(env.store.collections(idle).await.unwrap().is_empty());
+    assert_eq!(
+        env.store.collections(done).await.unwrap().len(),
+        1,
+        "a completed run is left to keep_completed_runs_days"
+    );
+    // A late message of the deleted run is dropped, not the start of a new run.
+    env.send(&file(idle, "db.i", "i2")).await;
+    env.send(&msg(done, "db.d", json!({"filename": "d2"})))
+        .await;
+    let r = json_of(&next(&mut env.out).await);
+    assert_eq!(r["correlation_id"], done, "the idle run's file was dropped");
+    assert!(env.store.collections(idle).await.unwrap().is_empty());
     env.finish().await;
 }
 
