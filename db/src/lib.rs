@@ -764,7 +764,7 @@ mod tests {
                 false,
             )
         };
-        let steps = vec![
+        let steps = [
             step(1, "CREATE TABLE t (a BIGINT)"),
             step(2, "ALTER TABLE t ADD COLUMN b BIGINT"),
         ];
