@@ -152,12 +152,7 @@ impl SpanExporter {
                         spans = dropped, "OTLP export failed; spans dropped");
                 });
             }
-            None => {
-                if failing.backoff.take().is_some() {
-                    tracing::info!("OTLP export works again");
-                }
-                failing.unwarned = 0;
-            }
+            None => failing.recovered(),
         }
     }
 }
@@ -187,6 +182,19 @@ impl Failing {
             self.backoff
                 .map_or(Self::FIRST_WAIT, |b| (b * 2).min(Self::LONGEST_WAIT)),
         );
+    }
+
+    /// An export worked: the spans dropped since the last warning are said, and the next
+    /// failure is warned about at once (a collector that flaps is seen each time).
+    fn recovered(&mut self) {
+        if self.backoff.take().is_some() {
+            tracing::info!(
+                spans_dropped_unreported = self.unwarned,
+                "OTLP export works again"
+            );
+        }
+        self.unwarned = 0;
+        self.warned = None;
     }
 }
 

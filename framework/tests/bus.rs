@@ -1507,6 +1507,22 @@ async fn a_message_id_that_is_not_utf8_does_not_kill_the_connection() {
     .await;
     let d = next(&mut out).await;
     assert_eq!(d.data, br#"{"name":"raw"}"#);
+    // 255 bad bytes read as 765 bytes of U+FFFD would not fit the dead letter's message
+    // id (a short string): cut to what fits, its dead letter goes out whole.
+    let mut dlq = hs.watch_dlq().await;
+    framework::testing::raw::publish(
+        &framework::testing::amqp_url(),
+        &framework::testing::raw::RawMessage {
+            exchange: hs.input_exchange.clone(),
+            routing_key: "test.utf8".into(),
+            message_id: vec![0xff; 255],
+            body: br#"{"name":"no size"}"#.to_vec(),
+        },
+    )
+    .await;
+    let d = next(&mut dlq).await;
+    let id = d.properties.message_id().as_ref().map(|s| s.as_str().len());
+    assert!(id.is_some_and(|n| n <= 255), "{id:?}");
     hs.stop().await;
 }
 

@@ -99,6 +99,7 @@ impl Service for OnlineArchive {
         storage::service::check_abandoned_age(
             "online_archive.abort_abandoned_uploads_after_ms",
             s.abort_abandoned_uploads_after_ms,
+            s.archive_url.as_deref(),
             &cfg.retry,
         )?;
         storage::paths::check_configured_roots("online_archive.online_roots", &s.online_roots)

@@ -101,6 +101,7 @@ impl Service for OnlineNearline {
         storage::service::check_abandoned_age(
             "online_nearline.abort_abandoned_uploads_after_ms",
             s.abort_abandoned_uploads_after_ms,
+            s.vault_url.as_deref(),
             &cfg.retry,
         )?;
         storage::paths::check_configured_roots("online_nearline.online_roots", &s.online_roots)

@@ -663,6 +663,15 @@ pub async fn abort_recorded(
 ) -> bool {
     match mp.abort_multipart(key, &upload_id.to_string()).await {
         Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+        // Never allowed (a role without `s3:AbortMultipartUpload`): no retry aborts it, and
+        // keeping its record would stop every later copy to the key. Forgotten, it is left
+        // to the bucket's lifecycle rule (docs/storage.md).
+        Err(
+            e @ (object_store::Error::PermissionDenied { .. }
+            | object_store::Error::Unauthenticated { .. }),
+        ) => {
+            tracing::warn!(key = %key, error = %framework::telemetry::LogText(&e.to_string()), "not allowed to abort a multipart upload: left to the bucket's lifecycle rule");
+        }
         Err(e) => {
             tracing::warn!(key = %key, error = %framework::telemetry::LogText(&e.to_string()), "could not abort a multipart upload");
             return false;

@@ -3,9 +3,10 @@
 //! part of 525 MiB (a 5 TiB file's) or 5 GiB (`part_size_mib = 5120`) then needs 17.5 to
 //! 170 MiB/s per request to finish in time, so on a slower link every attempt timed out,
 //! was tried again from the start, and the file was never archived. Here a request may
-//! take the base time plus a second per MiB it sends (a floor of 1 MiB/s), a multipart
-//! completion as long as S3 may take to assemble a large object, and reading a response
-//! is bounded by the base time between two of its chunks instead of in total.
+//! take the base time (object_store's 30 s) plus a second per MiB it sends (a floor of
+//! 1 MiB/s), a multipart completion as long as S3 may take to assemble a large object,
+//! and reading a response is bounded by the base time for each chunk asked for instead
+//! of in total.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -43,10 +44,13 @@ pub fn limit(
     t
 }
 
+/// The time every request gets, as object_store's own default bound.
+pub const BASE: Duration = Duration::from_secs(30);
+
 /// object_store's own HTTP client with [`limit`]s instead of its one fixed timeout.
 #[derive(Debug)]
 pub struct SizedLimits {
-    /// The time every request gets (the store's `retry_timeout_ms`).
+    /// The time every request gets ([`BASE`]; shorter in tests).
     pub base: Duration,
 }
 
@@ -83,6 +87,7 @@ impl HttpService for Limited {
                         inner: body,
                         idle: self.base,
                         timer: Box::pin(tokio::time::sleep(self.base)),
+                        waiting: true,
                     })
                 })
             }),
@@ -98,11 +103,14 @@ impl HttpService for Limited {
 #[error("{0}")]
 struct TimedOut(String);
 
-/// A response body whose reading fails once no chunk came for `idle`.
+/// A response body whose reading fails once a chunk asked for did not come for `idle`
+/// (the time the reader spends between chunks is not counted).
 struct Idle {
     inner: HttpResponseBody,
     idle: Duration,
     timer: Pin<Box<tokio::time::Sleep>>,
+    /// Whether the timer runs for a chunk already asked for.
+    waiting: bool,
 }
 
 impl Body for Idle {
@@ -115,17 +123,18 @@ impl Body for Idle {
     ) -> Poll<Option<Result<Frame<Bytes>, HttpError>>> {
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(r) => {
-                let next = tokio::time::Instant::now() + self.idle;
-                self.timer.as_mut().reset(next);
+                self.waiting = false;
                 Poll::Ready(r)
             }
-            Poll::Pending => match self.timer.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(HttpError::new(
-                    HttpErrorKind::Timeout,
-                    TimedOut(format!("the response stalled for {:?}", self.idle)),
-                )))),
-                Poll::Pending => Poll::Pending,
-            },
+            Poll::Pending => {
+                if !self.waiting {
+                    // The wait for this chunk starts now.
+                    let next = tokio::time::Instant::now() + self.idle;
+                    self.timer.as_mut().reset(next);
+                    self.waiting = true;
+                }
+                self.poll_timer(cx)
+            }
         }
     }
 
@@ -135,6 +144,21 @@ impl Body for Idle {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+impl Idle {
+    fn poll_timer(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, HttpError>>> {
+        match self.timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(HttpError::new(
+                HttpErrorKind::Timeout,
+                TimedOut(format!("the response stalled for {:?}", self.idle)),
+            )))),
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 

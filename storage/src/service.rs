@@ -72,8 +72,13 @@ pub fn default_abort_abandoned_uploads_after_ms() -> u64 {
 pub fn check_abandoned_age(
     key: &str,
     ms: u64,
+    store_url: Option<&str>,
     retry: &framework::config::RetryConfig,
 ) -> Result<(), framework::config::ConfigError> {
+    // Only an S3 store makes multipart uploads.
+    if !store_url.is_some_and(|u| u.starts_with("s3://")) {
+        return Ok(());
+    }
     let longest = retry.delays_ms.iter().copied().max().unwrap_or(0);
     let least = longest.saturating_mul(2).max(1);
     if ms < least {

@@ -336,7 +336,7 @@ pub fn open(url: &str, opts: &StoreOptions) -> Result<Tier, StoreConfigError> {
             // A request's time grows with what it sends (a large part, a completion):
             // object_store's one fixed bound failed every large part on a slower link.
             .with_http_connector(crate::request_time::SizedLimits {
-                base: Duration::from_millis(opts.retry_timeout_ms.max(1000)),
+                base: crate::request_time::BASE,
             });
         if let Some(e) = &opts.endpoint {
             b = b.with_endpoint(e);

@@ -226,6 +226,8 @@ pub struct Faults {
     /// Aborts of a recorded multipart upload fail (a store blip, a role without
     /// `s3:AbortMultipartUpload`).
     pub fail_abort: AtomicBool,
+    /// Aborts are refused as not permitted (403: a role without the permission).
+    pub deny_abort: AtomicBool,
     /// Runs once, after the first multipart part is stored (e.g. stop the S3 server).
     pub after_first_part: Mutex<Option<Box<dyn FnOnce() + Send>>>,
     /// Runs once, before the next single-request upload (e.g. stop the S3 server).
@@ -469,6 +471,12 @@ impl MultipartStore for FaultyStore {
         Faults::pass(&self.faults.abort_gate).await;
         if self.faults.fail_abort.load(Ordering::SeqCst) {
             return Err(injected("abort"));
+        }
+        if self.faults.deny_abort.load(Ordering::SeqCst) {
+            return Err(object_store::Error::PermissionDenied {
+                path: path.to_string(),
+                source: "injected fault: AccessDenied".into(),
+            });
         }
         self.mp()?.abort_multipart(path, id).await
     }

@@ -691,9 +691,10 @@ async fn an_interrupted_s3_multipart_upload_resumes_from_its_stored_parts() {
     );
 }
 
-/// A recorded upload of an earlier version of the file that cannot be aborted is kept
-/// recorded (the sweep finds it later) and the copy retried: starting a new upload would
-/// have replaced its record, leaving its parts billed with nothing left to find them.
+/// A recorded upload of an earlier version of the file that cannot be aborted (a blip) is
+/// kept recorded (the sweep finds it later) and the copy retried: starting a new upload
+/// would have replaced its record, leaving its parts billed with nothing left to find
+/// them. One whose abort is not permitted at all is left to the bucket's lifecycle rule.
 #[tokio::test]
 async fn an_earlier_upload_that_cannot_be_aborted_stays_recorded_and_the_copy_is_retried() {
     let bucket = "tier-stale";
@@ -732,8 +733,10 @@ async fn an_earlier_upload_that_cannot_be_aborted_stays_recorded_and_the_copy_is
         kept.upload_id, earlier.upload_id,
         "still findable by the sweep"
     );
-    // Once the store lets it go, the copy goes on.
+    // An abort never allowed (a role without the permission) is no blip: the upload is
+    // left to the bucket's lifecycle rule and the copy goes on.
     faults.fail_abort.store(false, Ordering::SeqCst);
+    faults.deny_abort.store(true, Ordering::SeqCst);
     copied(c.handle(&msg, 3).await);
     assert_eq!(c.records().count("multipart_uploads").await.unwrap(), 0);
 }

@@ -125,13 +125,25 @@ impl Store {
 
     /// Forgets receipts noted before `before` (an ordering key); returns how many.
     pub async fn prune_receipts(&self, before: &str) -> Result<u64, StoreError> {
-        let done = db::bounded(
-            db::sqlx::query("DELETE FROM receipts WHERE received < $1")
+        // A few thousand at a time, each bounded: one statement over a backlog could take
+        // longer than the bound and be rolled back every time.
+        let mut removed = 0;
+        loop {
+            let n = db::bounded(
+                db::sqlx::query(
+                    "DELETE FROM receipts WHERE message IN \
+                     (SELECT message FROM receipts WHERE received < $1 LIMIT 5000)",
+                )
                 .bind(before)
                 .execute(&self.pool),
-        )
-        .await?;
-        Ok(done.rows_affected())
+            )
+            .await?
+            .rows_affected();
+            removed += n;
+            if n < 5000 {
+                return Ok(removed);
+            }
+        }
     }
 
     /// A commission's (title, production office).

@@ -488,7 +488,7 @@ fn dedupe_key(
         (Some(sqs), _) => format!("sqs:{sqs}:{}", hex::encode(Sha256::digest(content))),
         // An id the database may not store (PostgreSQL refuses U+0000 in text: the file
         // that completed its collection was dead-lettered) stands as its hash.
-        (None, Some(id)) if id.len() > 256 || id.chars().any(char::is_control) => {
+        (None, Some(id)) if id.contains('\0') => {
             format!(
                 "message-sha256:{}#{record}",
                 hex::encode(Sha256::digest(id))

@@ -683,7 +683,8 @@ enum Prunable {
 
 impl Prunable {
     /// SQL that is true while run `run` (an SQL expression) is to be deleted, given the
-    /// cutoff time `cut` (a parameter).
+    /// cutoff time `cut` (a parameter). A file counted updates its collection's time, so a
+    /// run's collections say when it was last heard of.
     fn condition(self, run: &str, cut: &str) -> String {
         match self {
             Prunable::Completed => format!(
@@ -691,26 +692,30 @@ impl Prunable {
                  AND p.status = 'COMPLETED' AND p.updated_at < {cut})"
             ),
             Prunable::Idle => format!(
-                "NOT EXISTS (SELECT 1 FROM snapshot_collections x WHERE x.correlation_id = {run} \
-                 AND x.updated_at >= {cut}) \
-                 AND NOT EXISTS (SELECT 1 FROM snapshot_received_files f \
-                 WHERE f.correlation_id = {run} AND f.received_at >= {cut}) \
-                 AND NOT EXISTS (SELECT 1 FROM snapshot_products p WHERE p.correlation_id = {run} \
-                 AND (p.status = 'COMPLETED' OR p.updated_at >= {cut}))"
+                "NOT EXISTS (SELECT 1 FROM snapshot_products p WHERE p.correlation_id = {run} \
+                 AND (p.status = 'COMPLETED' OR p.updated_at >= {cut})) \
+                 AND NOT EXISTS (SELECT 1 FROM snapshot_collections x \
+                 WHERE x.correlation_id = {run} AND x.updated_at >= {cut})"
             ),
         }
     }
 
-    /// A hundred runs to delete at most, the cutoff as `$1`.
+    /// A hundred runs to delete at most, the cutoff as `$1`: each run looked at once (not
+    /// once per collection of it), with the same condition as [`Prunable::condition`], so
+    /// a run left undeleted is not picked again.
     fn candidates(self) -> String {
-        let (table, run) = match self {
-            Prunable::Completed => ("snapshot_products", "r.correlation_id"),
-            Prunable::Idle => ("snapshot_collections", "r.correlation_id"),
-        };
-        format!(
-            "SELECT DISTINCT r.correlation_id FROM {table} r WHERE {} LIMIT 100",
-            self.condition(run, "$1")
-        )
+        match self {
+            Prunable::Completed => format!(
+                "SELECT r.correlation_id FROM snapshot_products r WHERE {} LIMIT 100",
+                self.condition("r.correlation_id", "$1")
+            ),
+            Prunable::Idle => "SELECT r.correlation_id FROM (SELECT correlation_id FROM \
+                 snapshot_collections GROUP BY correlation_id HAVING MAX(updated_at) < $1) r \
+                 WHERE NOT EXISTS (SELECT 1 FROM snapshot_products p \
+                 WHERE p.correlation_id = r.correlation_id \
+                 AND (p.status = 'COMPLETED' OR p.updated_at >= $1)) LIMIT 100"
+                .to_string(),
+        }
     }
 }
 

@@ -223,7 +223,18 @@ fn make_str<I: Input<Item = u8>>(i: I) -> Result<String, std::string::FromUtf8Er
     let bytes: Vec<u8> = i.iter_elements().collect();
     Ok(match String::from_utf8(bytes) {
         Ok(s) => s,
-        Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+        Err(e) => {
+            // Each bad byte becomes 3 (U+FFFD): cut back to the 255 bytes a short string
+            // holds, on a character boundary, or a message id copied into a retry or dead
+            // letter would be written with a wrong length and break that frame instead.
+            let mut s = String::from_utf8_lossy(e.as_bytes()).into_owned();
+            let mut end = s.len().min(255);
+            while !s.is_char_boundary(end) {
+                end -= 1;
+            }
+            s.truncate(end);
+            s
+        }
     })
 }
 
