@@ -233,6 +233,37 @@ pub fn begin_statement(backend: &str) -> &'static str {
     }
 }
 
+/// Rows deleted per statement by [`delete_in_batches`].
+pub const DELETE_BATCH: u64 = 5000;
+
+/// Deletes the rows of `table` (key column `key`) whose `column` is below `before`,
+/// [`DELETE_BATCH`] at a time, each statement [`bounded`]: a backlog never holds the write
+/// lock (on SQLite, every other write) for long, nor takes longer than the bound and is
+/// rolled back every time; a server that stopped answering never stops housekeeping for
+/// good. How many rows.
+pub async fn delete_in_batches(
+    pool: &AnyPool,
+    table: &str,
+    key: &str,
+    column: &str,
+    before: &str,
+) -> Result<u64, sqlx::Error> {
+    let sql = format!(
+        "DELETE FROM {table} WHERE {key} IN \
+         (SELECT {key} FROM {table} WHERE {column} < $1 LIMIT {DELETE_BATCH})"
+    );
+    let mut removed = 0;
+    loop {
+        let n = bounded(sqlx::query(&sql).bind(before).execute(pool))
+            .await?
+            .rows_affected();
+        removed += n;
+        if n < DELETE_BATCH {
+            return Ok(removed);
+        }
+    }
+}
+
 /// How long one database call (a query, a whole group-committed batch) may take before it
 /// is given up as a transient failure: longer than any lock wait ([`LOCK_TIMEOUT`], SQLite's
 /// busy timeout), so only a server that stopped answering (a host gone mid-failover, a

@@ -758,24 +758,7 @@ impl Records {
             return Ok(0);
         };
         let before = before.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-        let mut removed = 0;
-        loop {
-            // Bounded, each batch: the housekeeping task waiting for ever on a server that
-            // stopped answering would never prune again (nothing logs it).
-            let r = db::bounded(
-                db::sqlx::query(
-                    "DELETE FROM failures WHERE id IN \
-                     (SELECT id FROM failures WHERE failed_at < $1 LIMIT 5000)",
-                )
-                .bind(&before)
-                .execute(&self.write),
-            )
-            .await?;
-            removed += r.rows_affected();
-            if r.rows_affected() < 5000 {
-                return Ok(removed);
-            }
-        }
+        db::delete_in_batches(&self.write, "failures", "id", "failed_at", &before).await
     }
 
     /// Takes (or renews) the upload claim on `key` for `owner` until `lease` from now

@@ -125,25 +125,7 @@ impl Store {
 
     /// Forgets receipts noted before `before` (an ordering key); returns how many.
     pub async fn prune_receipts(&self, before: &str) -> Result<u64, StoreError> {
-        // A few thousand at a time, each bounded: one statement over a backlog could take
-        // longer than the bound and be rolled back every time.
-        let mut removed = 0;
-        loop {
-            let n = db::bounded(
-                db::sqlx::query(
-                    "DELETE FROM receipts WHERE message IN \
-                     (SELECT message FROM receipts WHERE received < $1 LIMIT 5000)",
-                )
-                .bind(before)
-                .execute(&self.pool),
-            )
-            .await?
-            .rows_affected();
-            removed += n;
-            if n < 5000 {
-                return Ok(removed);
-            }
-        }
+        Ok(db::delete_in_batches(&self.pool, "receipts", "message", "received", before).await?)
     }
 
     /// A commission's (title, production office).

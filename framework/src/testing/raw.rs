@@ -84,19 +84,11 @@ async fn publish_unbounded(url: &str, msg: &RawMessage) {
     short(&mut h, &msg.message_id);
     send(&mut s, 2, 1, &h).await;
     send(&mut s, 3, 1, &msg.body).await;
-    let mut a = method(20, 40); // channel.close: after the publish, in order
-    a.extend_from_slice(&200u16.to_be_bytes());
-    short(&mut a, b"");
-    a.extend_from_slice(&0u16.to_be_bytes());
-    a.extend_from_slice(&0u16.to_be_bytes());
-    send(&mut s, 1, 1, &a).await;
+    // channel.close after the publish, in order (so the message was routed), then
+    // connection.close.
+    send(&mut s, 1, 1, &close(20, 40)).await;
     let _ = expect_method(&mut s, 20, 41).await;
-    let mut a = method(10, 50); // connection.close
-    a.extend_from_slice(&200u16.to_be_bytes());
-    short(&mut a, b"");
-    a.extend_from_slice(&0u16.to_be_bytes());
-    a.extend_from_slice(&0u16.to_be_bytes());
-    send(&mut s, 1, 0, &a).await;
+    send(&mut s, 1, 0, &close(10, 50)).await;
     let _ = expect_method(&mut s, 10, 51).await;
 }
 
@@ -104,6 +96,15 @@ fn percent_decode(s: &str) -> String {
     percent_encoding::percent_decode_str(s)
         .decode_utf8_lossy()
         .into_owned()
+}
+
+/// A close method (`channel.close` or `connection.close`): reply 200, no text, no cause.
+fn close(class: u16, id: u16) -> Vec<u8> {
+    let mut a = method(class, id);
+    a.extend_from_slice(&200u16.to_be_bytes());
+    short(&mut a, b"");
+    a.extend_from_slice(&[0; 4]);
+    a
 }
 
 fn method(class: u16, method: u16) -> Vec<u8> {
