@@ -44,6 +44,24 @@ async fn redeclare(ch: &framework::lapin::Channel, q: &str, args: FieldTable) ->
     .is_ok()
 }
 
+/// Whether declaring exchange `name` as `kind` (durable or not) matches what exists: the
+/// broker refuses a declaration of another kind or durability (406), so only the exchange's
+/// own shape is accepted. A channel of its own each time: a refusal closes it.
+async fn exchange_is(name: &str, kind: framework::lapin::ExchangeKind, durable: bool) -> bool {
+    let (_c, ch) = test_channel().await;
+    ch.exchange_declare(
+        name.into(),
+        kind,
+        framework::lapin::options::ExchangeDeclareOptions {
+            durable,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .is_ok()
+}
+
 fn args(pairs: &[(&str, AMQPValue)]) -> FieldTable {
     let mut t = FieldTable::default();
     for (k, v) in pairs {
@@ -121,6 +139,25 @@ async fn topology_is_declared_with_the_designed_arguments() {
         )
         .await
     );
+    // Exchanges (design §1–§2): Q-retry direct, Q-fail and the output exchange topic, all
+    // durable (a transient Q-fail would be gone after a broker restart, and with it the
+    // dead letters the broker routes there).
+    use framework::lapin::ExchangeKind::{Direct, Fanout, Topic};
+    for (name, kind, other) in [
+        (format!("{q}-retry"), Direct, Topic),
+        (format!("{q}-fail"), Topic, Fanout),
+        (format!("{q}-out"), Topic, Direct),
+    ] {
+        assert!(
+            exchange_is(&name, kind.clone(), true).await,
+            "{name} is a durable {kind:?} exchange"
+        );
+        assert!(
+            !exchange_is(&name, other, true).await,
+            "{name} is no other kind"
+        );
+        assert!(!exchange_is(&name, kind, false).await, "{name} is durable");
+    }
     // Declaring again (a restart) is idempotent.
     let cfg = config(&q, &[("amqp.delivery_limit", "7")]);
     let topo = framework::topology::Topology::new(
@@ -398,23 +435,17 @@ impl MessageProcessor for Typed {
     }
 }
 
-fn assert_dead_letter(d: &framework::lapin::message::Delivery, kind: &str, key: &str) {
-    assert_eq!(header(d, h::ERROR_KIND).as_deref(), Some(kind));
-    assert!(header(d, h::ERROR).is_some_and(|e| !e.is_empty() && e.len() <= 1024));
-    assert!(header(d, h::ORIGINAL_EXCHANGE).is_some_and(|e| e.ends_with("-in")));
-    assert_eq!(header(d, h::ORIGINAL_ROUTING_KEY).as_deref(), Some(key));
-    assert!(int_header(d, h::RETRY_COUNT).is_some());
-    // Design §3's names, spelled out (not through the constants), and the count an integer
-    // on the wire, as the original's consumers read it.
-    let raw = |name: &str| {
-        d.properties
-            .headers()
-            .as_ref()
-            .and_then(|t| t.inner().get(name).cloned())
-    };
+/// `x-retry-count` of `d` is an integer on the wire (design §3), not a string holding one:
+/// the original's consumers read it as a number.
+fn assert_wire_count(d: &framework::lapin::message::Delivery) {
+    let raw = d
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|t| t.inner().get("x-retry-count").cloned());
     assert!(
         matches!(
-            raw("x-retry-count"),
+            raw,
             Some(
                 AMQPValue::ShortShortInt(_)
                     | AMQPValue::ShortInt(_)
@@ -425,9 +456,19 @@ fn assert_dead_letter(d: &framework::lapin::message::Delivery, kind: &str, key: 
                     | AMQPValue::LongUInt(_)
             )
         ),
-        "x-retry-count is an integer: {:?}",
-        raw("x-retry-count")
+        "x-retry-count is an integer: {raw:?}"
     );
+}
+
+fn assert_dead_letter(d: &framework::lapin::message::Delivery, kind: &str, key: &str) {
+    assert_eq!(header(d, h::ERROR_KIND).as_deref(), Some(kind));
+    assert!(header(d, h::ERROR).is_some_and(|e| !e.is_empty() && e.len() <= 1024));
+    assert!(header(d, h::ORIGINAL_EXCHANGE).is_some_and(|e| e.ends_with("-in")));
+    assert_eq!(header(d, h::ORIGINAL_ROUTING_KEY).as_deref(), Some(key));
+    assert!(int_header(d, h::RETRY_COUNT).is_some());
+    // Design §3's names, spelled out (not through the constants), and the count an integer
+    // on the wire, as the original's consumers read it.
+    assert_wire_count(d);
     let at = header(d, "x-failed-at").expect("x-failed-at");
     chrono::DateTime::parse_from_rfc3339(&at).expect("x-failed-at is RFC 3339");
     assert_eq!(header(d, "x-service").as_deref(), Some("test-service"));
@@ -437,7 +478,12 @@ fn assert_dead_letter(d: &framework::lapin::message::Delivery, kind: &str, key: 
         "x-original-exchange",
         "x-original-routing-key",
     ] {
-        assert!(raw(name).is_some(), "{name}");
+        let present = d
+            .properties
+            .headers()
+            .as_ref()
+            .is_some_and(|t| t.inner().contains_key(name));
+        assert!(present, "{name}");
     }
     assert_eq!(*d.properties.delivery_mode(), Some(2));
 }
@@ -775,6 +821,7 @@ async fn a_short_retry_overtakes_a_long_one() {
     assert_eq!(waiting.data, br#"{"name":"slow"}"#);
     assert_eq!(*waiting.properties.delivery_mode(), Some(2));
     assert_eq!(int_header(&waiting, "x-retry-count"), Some(2));
+    assert_wire_count(&waiting);
     assert_eq!(
         header(&waiting, "x-original-exchange"),
         Some(format!("{}-in", hs.q))
@@ -1102,6 +1149,9 @@ async fn metrics_and_health_are_served() {
         )
         .await;
     }
+    // Every handler is done: the in-flight gauge is back at 0, not left at what it rose to.
+    await_metric(port, &format!("storagetier_in_flight{{queue=\"{q}\"}} 0\n")).await;
+    await_metric(port, "storagetier_connected 1\n").await;
     shutdown.cancel();
     assert!(tokio::time::timeout(WAIT, task).await.unwrap().unwrap());
 }
@@ -1546,6 +1596,78 @@ impl MessageProcessor for Overlap {
         self.now.fetch_sub(1, SeqCst);
         Outcome::success(json!({"n": v["n"]}))
     }
+}
+
+/// A processor that holds every message until `gate` lets it go, counting those it holds.
+struct Gated {
+    started: Arc<std::sync::atomic::AtomicUsize>,
+    now: Arc<std::sync::atomic::AtomicUsize>,
+    most: Arc<std::sync::atomic::AtomicUsize>,
+    gate: Arc<tokio::sync::Semaphore>,
+}
+
+#[async_trait]
+impl MessageProcessor for Gated {
+    type Input = serde_json::Value;
+    async fn handle(&self, v: serde_json::Value, _ctx: &MessageContext) -> Outcome {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.started.fetch_add(1, SeqCst);
+        let now = self.now.fetch_add(1, SeqCst) + 1;
+        self.most.fetch_max(now, SeqCst);
+        let _pass = self.gate.acquire().await;
+        self.now.fetch_sub(1, SeqCst);
+        Outcome::success(v)
+    }
+}
+
+/// Design §5: prefetch = in-flight handlers. With `prefetch = 3` and ten messages, three
+/// are handled at once, the broker holds the other seven back (its consumer's prefetch is
+/// 3), and all ten are handled once the first ones finish.
+#[tokio::test]
+async fn prefetch_bounds_the_messages_in_flight() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let started = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let most = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let p = Gated {
+        started: started.clone(),
+        now: Arc::default(),
+        most: most.clone(),
+        gate: gate.clone(),
+    };
+    let mut hs = Harness::start("prefetch", &[("amqp.prefetch", "3")], p).await;
+    let mut out = hs.watch_output().await;
+    for n in 0..10 {
+        hs.publish(
+            "test.p",
+            json!({ "n": n }).to_string().as_bytes(),
+            BasicProperties::default(),
+        )
+        .await;
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while started.load(SeqCst) < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "three handlers started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    await_ready_count(&hs.ch, &hs.q, 7).await;
+    assert_eq!(
+        framework::testing::admin::Admin::suite()
+            .consumer_prefetch(&hs.q)
+            .await,
+        vec![3],
+        "the broker delivers no more than prefetch"
+    );
+    assert_eq!(started.load(SeqCst), 3, "no fourth handler");
+    gate.add_permits(10);
+    for _ in 0..10 {
+        next(&mut out).await;
+    }
+    assert_eq!(most.load(SeqCst), 3, "at most prefetch at once");
+    hs.stop().await;
 }
 
 /// Decoded, a large JSON body takes many times its size (a 16 MiB array of small numbers

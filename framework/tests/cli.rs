@@ -1222,6 +1222,25 @@ async fn json_logs_carry_each_message_span() {
         BasicProperties::default().with_message_id("log-2".into()),
     )
     .await;
+    // A retry coming back from its tier (through the default exchange, to Q): its span
+    // names its attempt and the key it was first published with, not the tier's.
+    let mut retried = framework::lapin::types::FieldTable::default();
+    framework::headers::set_int(&mut retried, framework::headers::RETRY_COUNT, 2);
+    framework::headers::set_str(
+        &mut retried,
+        framework::headers::ORIGINAL_ROUTING_KEY,
+        "k.orig",
+    );
+    publish(
+        &ch,
+        "",
+        &q,
+        b"not json either",
+        BasicProperties::default()
+            .with_message_id("log-3".into())
+            .with_headers(retried),
+    )
+    .await;
     let mut child = process::spawn(
         echo_cmd(&q, dir.path())
             .env("STORAGETIER__LOG__FORMAT", "json")
@@ -1232,7 +1251,7 @@ async fn json_logs_carry_each_message_span() {
             .stderr(Stdio::piped()),
     )
     .expect("echo runs");
-    await_ready_count(&ch, &format!("{q}-dlq"), 2).await;
+    await_ready_count(&ch, &format!("{q}-dlq"), 3).await;
     assert_eq!(child.terminate(WAIT).and_then(|s| s.code()), Some(0));
     let mut log = String::new();
     std::io::Read::read_to_string(&mut child.take_stderr().expect("stderr"), &mut log)
@@ -1250,6 +1269,12 @@ async fn json_logs_carry_each_message_span() {
     assert_eq!(span["routing_key"], "k.log", "{span}");
     assert_eq!(span["attempt"], 0, "{span}");
     assert!(in_span["level"].is_string() && in_span["fields"].is_object());
+    let again = lines
+        .iter()
+        .find(|l| l["span"]["message_id"] == "log-3")
+        .unwrap_or_else(|| panic!("no line in the retried message's span:\n{log}"));
+    assert_eq!(again["span"]["attempt"], 2, "{again}");
+    assert_eq!(again["span"]["routing_key"], "k.orig", "{again}");
     // The panic is a log event in its message's span, its text kept inside a field.
     assert!(
         lines.iter().all(|l| l.get("forged").is_none()),

@@ -265,3 +265,93 @@ async fn a_replay_the_broker_cannot_deliver_keeps_its_dead_letter() {
     assert!(e.to_string().contains("dead letter kept"), "{e}");
     await_ready_count(&hs.ch, &dlq_name, 2).await;
 }
+
+/// Design §3: a replay starts the message afresh — every error, retry, progress and
+/// broker death header is gone, the `x-original-*` ones and the producer's own are kept.
+/// A dead letter carrying all of them at once (as one retried, progressed and finally
+/// dead-lettered by the broker would).
+#[tokio::test]
+async fn a_replay_strips_every_error_and_retry_header() {
+    use framework::headers as h;
+    use framework::lapin::types::{AMQPValue, FieldArray, FieldTable};
+    let mut hs = Harness::start("strip", &[], failing()).await;
+    hs.stop().await;
+    let mut hdr = FieldTable::default();
+    for (k, v) in [
+        (h::ERROR, "bad"),
+        (h::ERROR_KIND, "retries-exhausted"),
+        (h::LAST_ERROR, "downstream down"),
+        (h::SERVICE, "test-service"),
+        (h::FAILED_AT, "2026-01-01T00:00:00Z"),
+        ("x-first-death-reason", "rejected"),
+        ("x-first-death-queue", "q"),
+        ("x-first-death-exchange", "e"),
+        ("x-last-death-reason", "rejected"),
+        ("x-last-death-queue", "q"),
+        ("x-last-death-exchange", "e"),
+        (h::ORIGINAL_EXCHANGE, "producer"),
+        (h::ORIGINAL_ROUTING_KEY, "test.k"),
+        ("x-own", "kept"),
+    ] {
+        h::set_str(&mut hdr, k, v);
+    }
+    h::set_int(&mut hdr, h::RETRY_COUNT, 7);
+    h::set_int(&mut hdr, h::PROGRESS_ATTEMPTS, 3);
+    h::set_int(&mut hdr, "x-delivery-count", 4);
+    let mut death = FieldTable::default();
+    death.insert("reason".into(), AMQPValue::LongString("rejected".into()));
+    hdr.insert(
+        "x-death".into(),
+        AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(death)])),
+    );
+    let dlq_name = format!("{}-dlq", hs.q);
+    publish(
+        &hs.ch,
+        "",
+        &dlq_name,
+        b"{}",
+        BasicProperties::default()
+            .with_message_id("strip-1".into())
+            .with_headers(hdr),
+    )
+    .await;
+    await_ready_count(&hs.ch, &dlq_name, 1).await;
+    let moved = dlq::replay_filtered(&hs.conn, &hs.topology(), &Filter::default(), false)
+        .await
+        .expect("replayed");
+    assert_eq!(moved.len(), 1);
+    await_ready_count(&hs.ch, &hs.q, 1).await;
+    let got = hs
+        .ch
+        .basic_get(hs.q.as_str().into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .expect("the replay is in Q")
+        .delivery;
+    let mut names: Vec<String> = got
+        .properties
+        .headers()
+        .as_ref()
+        .map(|t| t.inner().keys().map(|k| k.to_string()).collect())
+        .unwrap_or_default();
+    // A quorum queue's `basic.get` writes its own count (0 here) whatever was stripped.
+    names.retain(|n| n != "x-delivery-count");
+    names.sort();
+    assert_eq!(
+        names,
+        vec![h::ORIGINAL_EXCHANGE, h::ORIGINAL_ROUTING_KEY, "x-own"],
+        "only the origin and the producer's own header are left"
+    );
+    assert_eq!(
+        header(&got, h::ORIGINAL_EXCHANGE).as_deref(),
+        Some("producer")
+    );
+    assert_eq!(
+        header(&got, h::ORIGINAL_ROUTING_KEY).as_deref(),
+        Some("test.k")
+    );
+    assert_eq!(
+        got.properties.message_id().as_ref().map(|m| m.as_str()),
+        Some("strip-1")
+    );
+}

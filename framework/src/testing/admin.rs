@@ -220,6 +220,31 @@ impl Admin {
         q["policy"].as_str().map(str::to_string)
     }
 
+    /// The prefetch counts of queue `name`'s consumers on vhost `/`, as the broker holds
+    /// them (waiting up to [`crate::testing::WAIT`] for at least one consumer to show).
+    pub async fn consumer_prefetch(&self, name: &str) -> Vec<u64> {
+        let deadline = tokio::time::Instant::now() + crate::testing::WAIT;
+        loop {
+            let q = self
+                .call(
+                    reqwest::Method::GET,
+                    &format!("/queues/%2F/{}?columns=consumer_details", encode(name)),
+                    None,
+                )
+                .await;
+            let counts: Vec<u64> = q["consumer_details"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|c| c["prefetch_count"].as_u64())
+                .collect();
+            if !counts.is_empty() || tokio::time::Instant::now() > deadline {
+                return counts;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
     /// Names of queues on vhost `/` starting with `prefix`.
     pub async fn queues_starting_with(&self, prefix: &str) -> Vec<String> {
         let list = self
