@@ -202,3 +202,63 @@ fn every_service_binds_to_its_producers_exchange_and_keys() {
         );
     }
 }
+
+/// Design §5: "Unknown keys and bad values are errors, not silently ignored" — in every
+/// service's own section and in the stores' option tables, where a typo
+/// (`export_state_exchnage`) would otherwise leave the default in force unseen.
+#[test]
+fn an_unknown_key_in_any_services_section_is_refused_naming_it() {
+    fn refused<S: Service>(key: &str) -> String {
+        let mut opts = LoadOptions::isolated();
+        opts.env_vars = Some(HashMap::new());
+        opts.overrides = vec![
+            (
+                "event_forwarder.endpoint".into(),
+                "http://127.0.0.1:1/events".into(),
+            ),
+            (key.into(), "1".into()),
+        ];
+        match framework::cli::load_config::<S>(&opts) {
+            Ok(_) => panic!("{key} was accepted by {}", S::NAME),
+            Err(e) => e.to_string(),
+        }
+    }
+    let cases = [
+        (
+            "online_archive.bogus_key",
+            refused::<online_archive::OnlineArchive>("online_archive.bogus_key"),
+        ),
+        (
+            "online_archive.archive_options.bogus",
+            refused::<online_archive::OnlineArchive>("online_archive.archive_options.bogus"),
+        ),
+        (
+            "online_nearline.bogus_key",
+            refused::<online_nearline::OnlineNearline>("online_nearline.bogus_key"),
+        ),
+        (
+            "online_nearline.vault_options.bogus",
+            refused::<online_nearline::OnlineNearline>("online_nearline.vault_options.bogus"),
+        ),
+        (
+            "project_ingest.bogus_key",
+            refused::<project_ingest::ProjectIngest>("project_ingest.bogus_key"),
+        ),
+        (
+            "crash_router.bogus_key",
+            refused::<crash_router::CrashRouterService>("crash_router.bogus_key"),
+        ),
+        (
+            "snapshot_status.bogus_key",
+            refused::<snapshot_status::SnapshotStatus>("snapshot_status.bogus_key"),
+        ),
+        (
+            "event_forwarder.bogus_key",
+            refused::<event_forwarder::EventForwarderService>("event_forwarder.bogus_key"),
+        ),
+    ];
+    for (key, err) in cases {
+        let last = key.rsplit('.').next().unwrap_or(key);
+        assert!(err.contains(last), "{key}: {err}");
+    }
+}
