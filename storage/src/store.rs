@@ -156,10 +156,36 @@ impl Tier {
     }
 }
 
-/// An object key kept as written (non-ASCII included); only keys with control
-/// characters are percent-encoded.
+/// An object key kept as written (non-ASCII included); only a segment holding control
+/// characters (a macOS folder's `Icon\r`) is encoded, and in it only those characters and
+/// `%`. object_store's own fallback encodes every segment of such a key, `[`, `~`, `#`
+/// and the store's prefix included: one such file put its siblings' directory, and the
+/// prefix its bucket rules name, under another spelling.
 pub fn object_path(key: &str) -> ObjectPath {
-    ObjectPath::parse(key).unwrap_or_else(|_| ObjectPath::from(key))
+    if let Ok(p) = ObjectPath::parse(key) {
+        return p;
+    }
+    let segments: Vec<String> = key
+        .split('/')
+        .filter(|seg| !seg.is_empty())
+        .map(|seg| match seg {
+            "." => "%2E".to_string(),
+            ".." => "%2E%2E".to_string(),
+            _ if object_store::path::PathPart::parse(seg).is_ok() => seg.to_string(),
+            _ => {
+                let mut enc = String::with_capacity(seg.len() + 8);
+                for c in seg.chars() {
+                    if c.is_ascii_control() || c == '%' {
+                        enc.push_str(&format!("%{:02X}", u32::from(c)));
+                    } else {
+                        enc.push(c);
+                    }
+                }
+                enc
+            }
+        })
+        .collect();
+    ObjectPath::parse(segments.join("/")).unwrap_or_else(|_| ObjectPath::from(key))
 }
 
 /// Checks a store's settings without opening it, for a service's config validation (exit
@@ -437,5 +463,22 @@ mod tests {
         assert!(open("s3://b/p", &opts).unwrap().create_only);
         let off: StoreOptions = serde_json::from_str(r#"{"conditional_writes": false}"#).unwrap();
         assert!(!open("s3://b/p", &off).unwrap().create_only);
+    }
+
+    /// A file name with a control character (macOS's `Icon\r`) changes its own segment
+    /// only: its siblings' directory and the store's prefix keep their spelling.
+    #[test]
+    fn only_the_segment_holding_a_control_character_is_encoded() {
+        let icon = object_path("pre~x/Project [2024]/#1/Icon\r");
+        assert_eq!(icon.as_ref(), "pre~x/Project [2024]/#1/Icon%0D");
+        let sibling = object_path("pre~x/Project [2024]/#1/a.mov");
+        assert_eq!(sibling.as_ref(), "pre~x/Project [2024]/#1/a.mov");
+        // `%` in that segment is encoded too, so `a%b\t` and `a%25b\t` stay apart.
+        assert_eq!(object_path("d/a%b\t").as_ref(), "d/a%25b%09");
+        assert_eq!(object_path("d/a%25b\t").as_ref(), "d/a%2525b%09");
+        // A recorded key read back is the same key.
+        assert_eq!(object_path(icon.as_ref()), icon);
+        // Nothing else changes: a clean key is kept as written.
+        assert_eq!(object_path("take~1/a b%.mov").as_ref(), "take~1/a b%.mov");
     }
 }
