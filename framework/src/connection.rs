@@ -138,6 +138,9 @@ pub fn refusal_hint(e: &impl std::fmt::Display) -> &'static str {
     if is_limit(&text) {
         " (a limit the broker sets on the vhost or user is reached, e.g. max-queues or \
          max-connections: raise it, or free what holds it)"
+    } else if text.contains("in exclusive use") {
+        " (another client consumes the queue exclusively: find it in the queue's consumers \
+         in the management UI)"
     } else if text.contains("ACCESS_REFUSED") && text.contains(" refused for user") {
         " (the user of [amqp] url / urls lacks a permission on that object: see \
          `rabbitmqctl list_user_permissions`)"
@@ -154,7 +157,10 @@ pub fn refusal_hint(e: &impl std::fmt::Display) -> &'static str {
 /// `max-connections`, a user's `max-channels`…): "… limit (N) is reached".
 pub(crate) fn is_limit(e: &impl std::fmt::Display) -> bool {
     let text = e.to_string();
-    text.contains("limit") && text.contains("is reached")
+    // "… queue limit in vhost 'v' (11) is reached"; a user's channel limit: "number of
+    // channels opened for user 'u' has reached the maximum allowed user limit of (8)".
+    (text.contains("limit") && text.contains("is reached"))
+        || text.contains("maximum allowed user limit")
 }
 
 /// Opens a connection named for the management UI to the first node of `[amqp] urls`
@@ -213,6 +219,18 @@ mod tests {
         assert!(refusal_hint(&login).contains("password"));
         let vhost = "NOT_ALLOWED - vhost v not found";
         assert!(refusal_hint(&vhost).contains("vhost"));
+        let channels = "NOT_ALLOWED - number of channels opened for user 'u' has reached the \
+                        maximum allowed user limit of (8)";
+        assert!(
+            refusal_hint(&channels).contains("limit"),
+            "a user's channel limit"
+        );
+        let exclusive = "ACCESS_REFUSED - queue 'q' in vhost '/' in exclusive use";
+        let hint = refusal_hint(&exclusive);
+        assert!(
+            hint.contains("exclusively") && !hint.contains("password"),
+            "another consumer, not the password: {hint}"
+        );
     }
 
     #[test]

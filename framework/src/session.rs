@@ -708,6 +708,37 @@ struct Shared<P: MessageProcessor> {
 }
 
 impl<P: MessageProcessor> Shared<P> {
+    /// Whether a failed publish means the service's own topology is incomplete, which a
+    /// new session re-declares: a retry or dead letter that reached no queue, or a publish
+    /// to an exchange of its own that is gone (404 closes the channel; the output exchange
+    /// deleted while it ran would fail every outcome until the next reconnect).
+    async fn topology_incomplete(&self, e: &PublishError) -> bool {
+        let inner = &*self.inner;
+        match e {
+            PublishError::Unroutable(ex, _) => {
+                *ex == inner.topology.retry_exchange() || *ex == inner.topology.fail_exchange()
+            }
+            PublishError::Amqp(err)
+                if crate::topology::is_soft(err, lapin::protocol::AMQPSoftError::NOTFOUND) =>
+            {
+                let missing = bounded(
+                    inner.amqp.operation_timeout(),
+                    "checking the topology",
+                    async {
+                        Ok::<_, lapin::Error>(inner.topology.exchange_missing(&self.conn).await)
+                    },
+                )
+                .await
+                .unwrap_or(false);
+                if missing {
+                    warn!("an exchange of the service's own topology is gone; declaring it again");
+                }
+                missing
+            }
+            _ => false,
+        }
+    }
+
     async fn handle_delivery(
         &self,
         mut delivery: Delivery,
@@ -896,29 +927,7 @@ impl<P: MessageProcessor> Shared<P> {
         if let Err(e) = &published {
             metrics.publish_failures().increment(1);
             error!(error = %m::LogText(&e.to_string()), outcome = label, "could not publish the outcome");
-            // A retry or dead letter that reached no queue means our own topology is
-            // incomplete: re-declare it by starting a new session.
-            if let PublishError::Unroutable(ex, _) = &e
-                && (*ex == inner.topology.retry_exchange() || *ex == inner.topology.fail_exchange())
-            {
-                broken.cancel();
-            }
-            // A publish to a missing exchange closes its channel (404). One the service
-            // owns deleted while it ran (its output exchange, say) would fail every
-            // outcome until the next reconnect: re-declare it now, in a new session.
-            if let PublishError::Amqp(err) = &e
-                && crate::topology::is_soft(err, lapin::protocol::AMQPSoftError::NOTFOUND)
-                && bounded(
-                    inner.amqp.operation_timeout(),
-                    "checking the topology",
-                    async {
-                        Ok::<_, lapin::Error>(inner.topology.exchange_missing(&self.conn).await)
-                    },
-                )
-                .await
-                .unwrap_or(false)
-            {
-                warn!("an exchange of the service's own topology is gone; declaring it again");
+            if self.topology_incomplete(e).await {
                 broken.cancel();
             }
             let replacement = if e.body_too_large(&sizes) && label != "dead_letter" {
@@ -972,16 +981,22 @@ impl<P: MessageProcessor> Shared<P> {
                 label = "dead_letter";
             }
             Err(e) => {
-                // Not even our own retry tier took it. Our topology gone (unroutable) or the
-                // channel closed: re-declare it in a new session. A nack or a confirm that
-                // never came (a full queue, a resource alarm) is the broker's state, which
-                // a new session would not change: the message goes back after a pause, as
-                // a failed delivery (`basic.reject`, which RabbitMQ 4.3 still counts toward
-                // a quorum queue's delivery limit where it no longer counts a `nack`): a
-                // message none of whose outcomes can ever be published ends dead-lettered
-                // by the broker at the limit instead of looping.
-                error!(error = %m::LogText(&e.to_string()), "could not publish a retry either; the input goes back to the queue");
-                if matches!(e, PublishError::Unroutable(..) | PublishError::Amqp(_)) {
+                // Not even our own retry tier took it. Our topology gone: re-declare it in a
+                // new session. Anything else — a nack or a confirm that never came (a full
+                // queue, a resource alarm), a refusal that closed the publishing channel
+                // (a permission, a channel limit) — is the broker's state, which a new
+                // session would not change (it would only hand the message straight back,
+                // skipping the pause, and say "topology incomplete"): the message goes back
+                // after a pause, as a failed delivery (`basic.reject`, which RabbitMQ 4.3
+                // still counts toward a quorum queue's delivery limit where it no longer
+                // counts a `nack`): a message none of whose outcomes can ever be published
+                // ends dead-lettered by the broker at the limit instead of looping.
+                error!(
+                    error = %m::LogText(&e.to_string()),
+                    hint = crate::connection::refusal_hint(&e),
+                    "could not publish a retry either; the input goes back to the queue"
+                );
+                if self.topology_incomplete(&e).await {
                     broken.cancel();
                 }
                 // A stop or a lost connection does not wait for it: the message goes back

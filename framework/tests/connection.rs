@@ -250,3 +250,40 @@ async fn amqps_with_a_private_ca_and_a_client_certificate() {
             .is_err()
     );
 }
+
+/// A retry the broker refuses (the service's user may not publish to `Q-retry`: a
+/// permission, like a user's channel limit, that a new session would not change) sends
+/// the message back after a pause within the same session — not through a new session per
+/// message, which skipped the pause and reported an incomplete topology.
+#[tokio::test]
+async fn a_refused_retry_goes_back_after_a_pause_within_its_session() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    let q = unique("refused");
+    let user = unique("nowrite");
+    let _user = admin::Admin::suite()
+        .add_user_with(&user, "pw", ".*", &format!("^(?!{q}-retry$).*"))
+        .await;
+    let limited = with_credentials(&amqp_url(), &user, "pw");
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let p = FnProcessor(move |_v: serde_json::Value, _ctx: &MessageContext| {
+        counted.fetch_add(1, SeqCst);
+        Outcome::retry("not yet")
+    });
+    let mut hs = Harness::start_with(config(&q, &[("amqp.url", &limited)]), p).await;
+    let sessions = hs.status.sessions();
+    let first = *sessions.borrow();
+    hs.publish("test.r", b"{}", BasicProperties::default())
+        .await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while calls.load(SeqCst) < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the message came back"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(*sessions.borrow(), first, "no new session for a refusal");
+    hs.stop().await;
+}

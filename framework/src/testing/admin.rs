@@ -172,6 +172,18 @@ impl Admin {
         password: &str,
         configure: &str,
     ) -> TestUser {
+        self.add_user_with(user, password, configure, ".*").await
+    }
+
+    /// Adds a user on vhost `/` who may read anything, configure what matches `configure`
+    /// and write (publish) to what matches `write`; deleted when the guard drops.
+    pub async fn add_user_with(
+        &self,
+        user: &str,
+        password: &str,
+        configure: &str,
+        write: &str,
+    ) -> TestUser {
         self.call(
             reqwest::Method::PUT,
             &format!("/users/{}", encode(user)),
@@ -181,7 +193,7 @@ impl Admin {
         self.call(
             reqwest::Method::PUT,
             &format!("/permissions/%2F/{}", encode(user)),
-            Some(serde_json::json!({"configure": configure, "write": ".*", "read": ".*"})),
+            Some(serde_json::json!({"configure": configure, "write": write, "read": ".*"})),
         )
         .await;
         TestUser {
