@@ -9,7 +9,8 @@
 //! mounted below one. Read again at most every [`RECHECK`], so a share mounted on an empty
 //! mount point after start-up is seen.
 
-use std::path::PathBuf;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -29,15 +30,43 @@ pub struct MountWatch {
     roots: Vec<PathBuf>,
     /// When the table was last read, and whether a root could block then.
     last: Mutex<Option<(Instant, bool)>>,
+    /// Every mount point below a root seen in the table since start, with those
+    /// `/etc/fstab` lists: where a share belongs even while it is not mounted.
+    shares: Mutex<BTreeSet<PathBuf>>,
 }
 
 impl MountWatch {
     /// Watches the filesystems of `roots` (canonical paths).
     pub fn new(roots: Vec<PathBuf>) -> Self {
-        Self {
+        let fstab = std::fs::read_to_string("/etc/fstab").unwrap_or_default();
+        let shares = below(&roots, fstab_points(&fstab));
+        let w = Self {
             roots,
             last: Mutex::new(None),
-        }
+            shares: Mutex::new(shares),
+        };
+        w.may_block();
+        w
+    }
+
+    /// The mount point of a share that `path` (canonical) is below and that is not
+    /// mounted now: a file missing there is on a share that is away, not gone. Reads the
+    /// mount table (only a missing file asks).
+    pub fn unmounted_share_above(&self, path: &Path) -> Option<PathBuf> {
+        let table = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+        let mounted = parse(&table);
+        self.remember(&mounted);
+        let shares = self.shares.lock().unwrap_or_else(|p| p.into_inner());
+        unmounted_above(path, &shares, &mounted)
+    }
+
+    /// Adds the mount points below a root in `mounted` to those remembered.
+    fn remember(&self, mounted: &[(PathBuf, String)]) {
+        let seen = below(&self.roots, mounted.iter().map(|(at, _)| at.clone()));
+        self.shares
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(seen);
     }
 
     /// Whether a file under the roots may block its thread on a server (see the module
@@ -50,7 +79,11 @@ impl MountWatch {
             return verdict;
         }
         let verdict = std::fs::read_to_string("/proc/self/mountinfo")
-            .map(|t| roots_may_block(&parse(&t), &self.roots))
+            .map(|t| {
+                let mounted = parse(&t);
+                self.remember(&mounted);
+                roots_may_block(&mounted, &self.roots)
+            })
             .unwrap_or(true);
         *last = Some((Instant::now(), verdict));
         verdict
@@ -70,6 +103,39 @@ fn roots_may_block(mounts: &[(PathBuf, String)], roots: &[PathBuf]) -> bool {
             .filter(|(at, _)| at != root && at.starts_with(root));
         on.into_iter().chain(below).any(|(_, kind)| !is_local(kind))
     })
+}
+
+/// The mount points strictly below one of `roots`.
+fn below(roots: &[PathBuf], points: impl IntoIterator<Item = PathBuf>) -> BTreeSet<PathBuf> {
+    points
+        .into_iter()
+        .filter(|at| roots.iter().any(|r| at != r && at.starts_with(r)))
+        .collect()
+}
+
+/// The deepest of `shares` that `path` is below and that `mounted` does not hold now.
+fn unmounted_above(
+    path: &Path,
+    shares: &BTreeSet<PathBuf>,
+    mounted: &[(PathBuf, String)],
+) -> Option<PathBuf> {
+    shares
+        .iter()
+        .filter(|s| path.starts_with(s) && !mounted.iter().any(|(at, _)| at == *s))
+        .max_by_key(|s| s.components().count())
+        .cloned()
+}
+
+/// The mount points `/etc/fstab` lists (its second field, with mountinfo's escapes), bar
+/// comments, swap and `none`.
+fn fstab_points(text: &str) -> Vec<PathBuf> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter(|p| p.starts_with('/'))
+        .map(|p| PathBuf::from(unescape(p)))
+        .collect()
 }
 
 fn is_local(kind: &str) -> bool {
@@ -149,6 +215,52 @@ mod tests {
         // A sibling of the share is not above it.
         assert!(!roots_may_block(&m, &roots(&["/srv/online-other"])));
         assert!(!roots_may_block(&m, &roots(&["/srv/online/local"])));
+    }
+
+    /// A share below a root that was mounted (or that fstab lists) and is not now: a file
+    /// missing beneath it is away with its share, not gone.
+    #[test]
+    fn a_missing_file_below_a_share_that_is_away_is_seen_as_such() {
+        let roots = roots(&["/srv/online"]);
+        let fstab = "# media\n/dev/sdb1 /srv/online ext4 defaults 0 2\n\
+                     nas:/b /srv/online/nas2 nfs4 defaults 0 0\n\
+                     /swapfile none swap sw 0 0\n\
+                     nas:/c /mnt/elsewhere nfs4 defaults 0 0\n";
+        let mut shares = below(&roots, fstab_points(fstab));
+        assert_eq!(
+            shares.iter().collect::<Vec<_>>(),
+            vec![&PathBuf::from("/srv/online/nas2")],
+            "only those below a root, the root itself excluded"
+        );
+        let mounted = parse(TABLE);
+        shares.extend(below(&roots, mounted.iter().map(|(at, _)| at.clone())));
+        let nas = PathBuf::from("/srv/online/nas share");
+        // Both mounted: nothing is away.
+        let mut now = mounted.clone();
+        now.push((PathBuf::from("/srv/online/nas2"), "nfs4".into()));
+        assert_eq!(
+            unmounted_above(Path::new("/srv/online/nas2/p/a.mov"), &shares, &now),
+            None
+        );
+        // nas2 not mounted now; "nas share" unmounted since it was seen.
+        assert_eq!(
+            unmounted_above(Path::new("/srv/online/nas2/p/a.mov"), &shares, &mounted),
+            Some(PathBuf::from("/srv/online/nas2"))
+        );
+        let gone: Vec<_> = mounted
+            .iter()
+            .filter(|(at, _)| *at != nas)
+            .cloned()
+            .collect();
+        assert_eq!(
+            unmounted_above(&nas.join("x.mov"), &shares, &gone),
+            Some(nas.clone())
+        );
+        // A file elsewhere under the root says nothing about a share.
+        assert_eq!(
+            unmounted_above(Path::new("/srv/online/local/x.mov"), &shares, &gone),
+            None
+        );
     }
 
     #[test]

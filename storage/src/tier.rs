@@ -1,7 +1,7 @@
 //! The copy-to-tier procedure both storage services run: resolve, deduplicate, stream,
 //! verify, record. Services add only their names and success message shape.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -165,6 +165,24 @@ fn open_source(roots: &[Root], parent_dir: &str, filename: &str) -> Result<Opene
     Ok(Opened::File(resolved, meta))
 }
 
+/// Where the file `parent_dir/filename` would be under each root it can be under, spelled
+/// from the root's canonical path (as the mount table spells mount points).
+fn requested_paths(roots: &[Root], parent_dir: &str, filename: &str) -> Vec<PathBuf> {
+    let p = paths::normalize(Path::new(parent_dir)).join(filename);
+    roots
+        .iter()
+        .filter_map(|r| {
+            if !p.is_absolute() {
+                return Some(r.canonical.join(&p));
+            }
+            p.strip_prefix(&r.canonical)
+                .or_else(|_| p.strip_prefix(&r.configured))
+                .ok()
+                .map(|rest| r.canonical.join(rest))
+        })
+        .collect()
+}
+
 /// Whether a file's recorded modification time (RFC 3339) is the one the sweeper saw:
 /// to the second where the sweeper sent whole seconds (the older shape's strings), else
 /// to the millisecond (its epoch seconds are a float: microseconds survive, not
@@ -304,10 +322,22 @@ impl TierCopier {
         let (resolved, meta) = match opened {
             Opened::File(resolved, meta) => (resolved, meta),
             Opened::Missing(e) => {
-                return match self.copied_before(msg).await? {
-                    Some(report) => Ok(TierOutcome::Copied(report)),
-                    None => Err(e.into()),
-                };
+                if let Some(report) = self.copied_before(msg).await? {
+                    return Ok(TierOutcome::Copied(report));
+                }
+                // Below a share that was mounted (or that fstab lists) and is not now: the
+                // file is away with its share, not gone — retried, not dead-lettered with
+                // every other file of the share.
+                let away = requested_paths(&self.roots, &msg.parent_dir, &msg.filename)
+                    .iter()
+                    .find_map(|p| self.mounts.unmounted_share_above(p));
+                return Err(match away {
+                    Some(share) => TierError::Transient(format!(
+                        "{e}: the share mounted at {} is not mounted now",
+                        share.display()
+                    )),
+                    None => e.into(),
+                });
             }
         };
         let file = &resolved.file;
