@@ -55,11 +55,28 @@ impl std::fmt::Display for LogText<'_> {
     }
 }
 
-/// Writes `s` with its control characters escaped (`\n`, `\u{1b}`), the rest as it is.
+/// Whether `c` would change how a terminal or a log viewer shows the text around it: a
+/// control character, a line or paragraph separator (U+2028/9, a line break to many
+/// viewers), a bidirectional override or isolate (U+202A–E, U+2066–9, U+200E/F: a routing
+/// key or error text shown reordered), or an invisible one (U+200B–D, U+2060, U+FEFF).
+fn disturbs_display(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{200B}'..='\u{200F}'
+                | '\u{2028}'..='\u{202E}'
+                | '\u{2060}'
+                | '\u{2066}'..='\u{2069}'
+                | '\u{FEFF}'
+        )
+}
+
+/// Writes `s` with its control characters (and others that disturb how text is shown:
+/// [`disturbs_display`]) escaped (`\n`, `\u{1b}`, `\u{202e}`), the rest as it is.
 pub(crate) fn write_escaped(out: &mut impl std::fmt::Write, s: &str) -> std::fmt::Result {
     let mut plain = 0;
     for (i, c) in s.char_indices() {
-        if c.is_control() {
+        if disturbs_display(c) {
             out.write_str(&s[plain..i])?;
             for e in c.escape_default() {
                 out.write_char(e)?;

@@ -748,5 +748,11 @@ mod tests {
             super::printable("a\nb\u{1b}[2J\0é\r"),
             "a\\nb\\u{1b}[2J\\u{0}é\\r"
         );
+        // A right-to-left override shows "gpj.exe" as "exe.jpg"; a line separator breaks
+        // the row in many viewers; a zero-width space hides in a key.
+        assert_eq!(
+            super::printable("a\u{202e}b\u{2028}c\u{200b}d"),
+            "a\\u{202e}b\\u{2028}c\\u{200b}d"
+        );
     }
 }
