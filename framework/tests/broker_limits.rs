@@ -93,6 +93,23 @@ async fn send_input(broker: &PrivateBroker, q: &str) {
     framework::testing::broker::close(conn).await;
 }
 
+/// The topology of the test service on queue `q` under `cfg`.
+fn service_topology<S>(
+    q: &str,
+    cfg: &framework::config::Config<S>,
+) -> framework::topology::Topology {
+    framework::topology::Topology::new(
+        q,
+        &format!("{q}-out"),
+        vec![framework::topology::Subscription {
+            exchange: format!("{q}-in"),
+            routing_key: "test.#".into(),
+        }],
+        &cfg.amqp,
+        &cfg.retry,
+    )
+}
+
 /// Raises a disk alarm on `broker` (publishers blocked) and waits until it is on.
 async fn raise_alarm(broker: &PrivateBroker) {
     disk_limit(broker, "1000000GB");
@@ -333,16 +350,7 @@ async fn a_replay_during_a_resource_alarm_moves_each_dead_letter_once() {
     }
     // Nothing consumes `Q` while the replay runs: what it moves stays there to be counted.
     service.stop().await;
-    let topo = framework::topology::Topology::new(
-        &q,
-        &format!("{q}-out"),
-        vec![framework::topology::Subscription {
-            exchange: format!("{q}-in"),
-            routing_key: "test.#".into(),
-        }],
-        &cfg.amqp,
-        &cfg.retry,
-    );
+    let topo = service_topology(&q, &cfg);
     let conn = framework::testing::broker::connect(&broker.url())
         .await
         .expect("connect");
@@ -371,4 +379,56 @@ async fn a_replay_during_a_resource_alarm_moves_each_dead_letter_once() {
         "the dead letter was removed"
     );
     assert_eq!(broker.count(&q).await, Some(1), "and replayed once");
+
+    // Stopped (Ctrl-C) while the broker blocks its publish, a replay ends at once and says
+    // that the one it was publishing may still land and that its dead letter is kept;
+    // before, the first signal did nothing until the alarm cleared.
+    let (pc, ch) = broker.channel().await.expect("channel");
+    publish(
+        &ch,
+        "",
+        &dlq,
+        br#"{"n":2}"#,
+        framework::lapin::BasicProperties::default().with_message_id("blocked-2".into()),
+    )
+    .await;
+    framework::testing::broker::close(pc).await;
+    let conn = framework::testing::broker::connect(&broker.url())
+        .await
+        .expect("connect");
+    raise_alarm(&broker).await;
+    let stop = framework::CancellationToken::new();
+    let filter = framework::dlq::Filter {
+        stop: Some(stop.clone()),
+        ..Default::default()
+    };
+    let topo = service_topology(&q, &cfg);
+    let replay = tokio::spawn(async move {
+        let r = framework::dlq::replay_each(&conn, &topo, &filter, false, |_| {}).await;
+        (r, conn)
+    });
+    tokio::time::sleep(Duration::from_millis(LIMIT_MS * 2)).await;
+    assert!(!replay.is_finished(), "waiting for the broker");
+    stop.cancel();
+    let (r, conn) = tokio::time::timeout(WAIT, replay)
+        .await
+        .expect("a stop ends the wait")
+        .expect("replay task");
+    let e = r.expect_err("stopped before the confirm");
+    assert!(
+        matches!(&e, framework::dlq::DlqError::Unconfirmed { moved: 0, message_id: Some(id) } if id == "blocked-2"),
+        "{e}"
+    );
+    assert!(e.to_string().contains("may still land"), "{e}");
+    framework::testing::broker::close(conn).await;
+    disk_limit(&broker, "1MB");
+    // Back in the DLQ once the broker has taken the closed channel's deliveries back.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while broker.count(&dlq).await != Some(1) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "its dead letter is kept"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -77,6 +77,22 @@ pub enum DlqError {
         /// How long the passed-over ones were held, in seconds.
         held_secs: u64,
     },
+    /// The replay was stopped (SIGINT, SIGTERM) while the broker had not confirmed a
+    /// publish (it blocks publishes during a resource alarm): that message may still land
+    /// in `Q`, and its dead letter is kept.
+    #[error(
+        "interrupted after replaying {moved}, while the broker had not confirmed the replay \
+         of message id {message_id:?} (it blocks publishes during a resource alarm: \
+         `rabbitmq-diagnostics alarms`): that one may still land in the queue once the \
+         broker takes it, and its dead letter is kept — look for it in the queue before \
+         replaying it again, or it is delivered twice"
+    )]
+    Unconfirmed {
+        /// Dead letters replayed and removed before it.
+        moved: usize,
+        /// The message id of the one left unconfirmed.
+        message_id: Option<String>,
+    },
     /// The replay was stopped (SIGINT, SIGTERM) between two dead letters.
     #[error(
         "interrupted after replaying {0}: those are replayed and removed, the rest are still \
@@ -563,7 +579,7 @@ pub async fn replay_each(
                 h::ORIGINAL_ROUTING_KEY,
                 &info.original_routing_key,
             );
-            publish_confirmed(
+            let published = publish_confirmed(
                 &ch,
                 vec![Outgoing {
                     exchange: String::new(),
@@ -575,8 +591,19 @@ pub async fn replay_each(
                 &alarm,
                 topo.operation_timeout,
                 crate::connection::frame_max(conn),
-            )
-            .await?;
+            );
+            // The wait for a confirm has no end while the broker blocks publishes (a
+            // resource alarm): a stop asked for meanwhile ends it, saying that this one
+            // may still land.
+            tokio::select! {
+                r = published => r?,
+                _ = stop.cancelled() => {
+                    return Err(DlqError::Unconfirmed {
+                        moved,
+                        message_id: info.message_id,
+                    });
+                }
+            }
             // Confirmed in `Q`: whatever keeps the ack from landing (a closed channel, a
             // connection lost or blocked) leaves the dead letter too, and the operator must
             // hear that a second replay would deliver it twice, not "broker error".
