@@ -730,3 +730,36 @@ async fn an_s3_store_under_a_private_ca_is_trusted_through_the_system_store() {
     );
     assert_eq!(svc.terminate(WAIT).and_then(|s| s.code()), Some(0));
 }
+
+/// Design §5: `[online_archive] online_roots` replaces the default root — a file under the
+/// configured one is archived, one under the default root is outside the roots.
+#[tokio::test]
+async fn the_configured_roots_are_the_ones_read() {
+    let data = tempfile::tempdir().unwrap();
+    let media = data.path().join("mnt/media");
+    std::fs::create_dir_all(media.join("proj")).unwrap();
+    std::fs::write(media.join("proj/a.mov"), b"configured root").unwrap();
+    let default_dir = put_file(data.path(), "proj/b.mov", b"default root");
+    let roots = format!("[\"{}\"]", media.display());
+    let mut hs = Harness::start_service::<OnlineArchive>(service_config::<OnlineArchive>(
+        data.path(),
+        &[("online_archive.online_roots", &roots)],
+    ))
+    .await;
+    let mut out = hs.watch_output().await;
+    let mut dlq = hs.watch_dlq().await;
+    send(
+        &hs,
+        &sweeper_message(&media.join("proj").display().to_string(), "a.mov", false),
+    )
+    .await;
+    let v: serde_json::Value = serde_json::from_slice(&next(&mut out).await.data).unwrap();
+    assert_eq!(v["archive_key"], "proj/a.mov");
+    assert_eq!(v["checksum"], sha256(b"configured root"));
+    send(&hs, &sweeper_message(&default_dir, "b.mov", false)).await;
+    let d = next(&mut dlq).await;
+    assert_eq!(header(&d, h::ERROR_KIND).as_deref(), Some("permanent"));
+    let why = header(&d, h::ERROR).unwrap_or_default();
+    assert!(why.contains("outside the online roots"), "{why}");
+    hs.stop().await;
+}

@@ -234,3 +234,58 @@ fn a_configured_online_root_that_does_not_exist_exits_2_naming_the_key() {
     assert!(err.contains("online_nearline.online_roots"), "{err}");
     assert!(!missing.exists(), "not created");
 }
+
+/// Design §5: `[online_nearline] online_roots` and `database_url` are what the service
+/// runs on — a file under the configured root is copied and recorded in the configured
+/// database (PostgreSQL here, as in production), one under the default root that the
+/// configuration replaced is outside the roots, and no SQLite file is made beside.
+#[tokio::test]
+async fn the_configured_roots_and_database_are_the_ones_used() {
+    let data = tempfile::tempdir().unwrap();
+    let media = data.path().join("mnt/media");
+    std::fs::create_dir_all(media.join("show")).unwrap();
+    std::fs::write(media.join("show/a.mxf"), b"configured root").unwrap();
+    let default_dir = put_file(data.path(), "show/b.mxf", b"default root");
+    let pg = db::testing::TempPostgres::create().await.unwrap();
+    let roots = format!("[\"{}\"]", media.display());
+    let mut hs = Harness::start_service::<OnlineNearline>(service_config::<OnlineNearline>(
+        data.path(),
+        &[
+            ("online_nearline.online_roots", &roots),
+            ("online_nearline.database_url", &pg.url),
+        ],
+    ))
+    .await;
+    let mut out = hs.watch_output().await;
+    let mut dlq = hs.watch_dlq().await;
+    send(
+        &hs,
+        &sweeper_message(&media.join("show").display().to_string(), "a.mxf", false),
+    )
+    .await;
+    let v: serde_json::Value = serde_json::from_slice(&next(&mut out).await.data).unwrap();
+    assert_eq!(v["vault_key"], "show/a.mxf");
+    send(&hs, &sweeper_message(&default_dir, "b.mxf", false)).await;
+    let d = next(&mut dlq).await;
+    assert_eq!(header(&d, "x-error-kind").as_deref(), Some("permanent"));
+    let why = header(&d, "x-error").unwrap_or_default();
+    assert!(why.contains("outside the online roots"), "{why}");
+    hs.stop().await;
+    let r = storage::Records::open(&pg.url).await.unwrap();
+    let row = db::sqlx::query("SELECT size FROM copied_files")
+        .fetch_one(r.pool())
+        .await
+        .unwrap();
+    use db::Row;
+    assert_eq!(
+        row.get::<i64, _>("size"),
+        i64::try_from(b"configured root".len()).unwrap(),
+        "recorded in the configured database"
+    );
+    r.pool().close().await;
+    assert!(
+        !data.path().join("online-nearline.db").exists(),
+        "no SQLite database beside it"
+    );
+    pg.drop_db().await.unwrap();
+}
