@@ -599,6 +599,39 @@ pub fn int_header(d: &Delivery, key: &str) -> Option<i64> {
     crate::headers::get_int(d.properties.headers().as_ref()?, key)
 }
 
+/// How many messages of `queue` this process counted under `outcome`
+/// (`storagetier_messages_total`): for services run in-process, whose counters are this
+/// process's (the recorder is installed here if it was not; a session started before
+/// that counts nothing).
+pub fn outcome_count(queue: &str, outcome: &str) -> u64 {
+    let label = format!("queue=\"{queue}\"");
+    let want = format!("outcome=\"{outcome}\"");
+    crate::telemetry::metrics_handle()
+        .render()
+        .lines()
+        .filter(|l| l.starts_with("storagetier_messages_total{"))
+        .filter(|l| l.contains(&label) && l.contains(&want))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Waits until [`outcome_count`] of `queue` under `outcome` reaches `n`, or fails the test
+/// after [`WAIT`].
+pub async fn await_outcome_count(queue: &str, outcome: &str, n: u64) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let now = outcome_count(queue, outcome);
+        if now >= n {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{queue}: {now} of {n} counted as {outcome}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Waits until the `/metrics` of a service on `127.0.0.1:port` holds `line`, or fails the
 /// test after [`WAIT`].
 pub async fn await_metric(port: u16, line: &str) {

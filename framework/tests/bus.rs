@@ -1854,14 +1854,7 @@ struct HoldsTheFirst {
 
 /// `storagetier_messages_total{queue, outcome="success"}` as rendered now.
 fn successes(queue: &str) -> u64 {
-    let label = format!("queue=\"{queue}\"");
-    framework::telemetry::metrics_handle()
-        .render()
-        .lines()
-        .filter(|l| l.starts_with("storagetier_messages_total{"))
-        .filter(|l| l.contains(&label) && l.contains("outcome=\"success\""))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
+    outcome_count(queue, "success")
 }
 
 #[async_trait]

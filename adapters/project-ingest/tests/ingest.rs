@@ -46,6 +46,8 @@ async fn start(backend: Backend, extra: &[(&str, &str)]) -> Env {
     ];
     o.extend_from_slice(extra);
     let cfg = service_config::<ProjectIngest>(dir.path(), &o);
+    // Counters recorded from the first session on (`assert_dropped` reads them).
+    let _recorder = framework::telemetry::metrics_handle();
     let hs = Harness::start_service::<ProjectIngest>(cfg).await;
     let store = Store::open(&url).await.unwrap();
     Env {
@@ -739,13 +741,22 @@ async fn updated_changes_a_known_project(b: Backend) {
 }
 
 /// Publishes `v`, then a sentinel; with prefetch 1 the sentinel's success proves `v` was
-/// handled, and nothing else may have been published or dead-lettered.
+/// handled, and nothing else may have been published or dead-lettered — and `v` was
+/// counted as dropped (a retry would also publish nothing the sentinel's output shows).
 async fn assert_dropped(env: &Env, out: &mut framework::lapin::Consumer, v: &Value) {
+    let dropped = outcome_count(&env.hs.q, "drop");
+    let retried = outcome_count(&env.hs.q, "retry");
     env.send(v).await;
     env.send(&project("project-created", "sentinel", "s")).await;
     let d = next(out).await;
     assert_eq!(body(&d)["id"], "sentinel", "nothing published for {v}");
     assert_eq!(env.dlq_count().await, 0, "nothing dead-lettered for {v}");
+    await_outcome_count(&env.hs.q, "drop", dropped + 1).await;
+    assert_eq!(
+        outcome_count(&env.hs.q, "retry"),
+        retried,
+        "not retried: {v}"
+    );
 }
 
 async fn update_of_unknown_project_is_dropped(b: Backend) {
