@@ -288,4 +288,21 @@ mod tests {
         assert_eq!(pinned, PINNED);
         assert!(pinned.iter().all(|d| *d < 100));
     }
+
+    /// Design §7: a throttled queue gets a crash when its draw is *below* the throttle: a
+    /// draw of exactly 15 is not taken at 15 %, and is at 16 % (`<=` would give 16 %).
+    #[test]
+    fn a_draw_equal_to_the_throttle_is_not_selected() {
+        let id = (0..10_000)
+            .map(|n| format!("crash-{n}"))
+            .find(|id| draw(7, "socorro.submitter", id) == 15)
+            .expect("some id draws 15");
+        assert!(!selected(15, 7, "socorro.submitter", &id));
+        assert!(selected(16, 7, "socorro.submitter", &id));
+        let zero = (0..10_000)
+            .map(|n| format!("crash-{n}"))
+            .find(|id| draw(7, "socorro.submitter", id) == 0)
+            .expect("some id draws 0");
+        assert!(selected(1, 7, "socorro.submitter", &zero));
+    }
 }
