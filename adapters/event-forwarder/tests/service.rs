@@ -1213,3 +1213,35 @@ async fn an_ordered_replica_stopped_mid_retry_hands_over_in_order() {
     );
     second.stop().await;
 }
+
+/// Design §5/§7: `[event_forwarder] timeout_ms` bounds each POST — an endpoint slower than
+/// it is a timeout, retried, and (with no attempt left) dead-lettered naming the bound.
+#[tokio::test]
+async fn an_endpoint_slower_than_timeout_ms_is_a_timeout() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_delay(std::time::Duration::from_secs(30)))
+        .mount(&server)
+        .await;
+    let data = tempfile::tempdir().unwrap();
+    let mut hs = start(
+        &server,
+        data.path(),
+        &[
+            ("event_forwarder.timeout_ms", "700"),
+            ("retry.max_attempts", "1"),
+        ],
+    )
+    .await;
+    let mut dlq = hs.watch_dlq().await;
+    hs.publish("ev.slow", br#"{"eventID":"slow-1"}"#, with_id("slow-1"))
+        .await;
+    let d = next(&mut dlq).await;
+    assert_eq!(
+        header(&d, "x-error-kind").as_deref(),
+        Some("retries-exhausted")
+    );
+    let why = header(&d, "x-error").unwrap_or_default();
+    assert!(why.contains("timed out after 700 ms"), "{why}");
+    hs.stop().await;
+}
