@@ -28,6 +28,8 @@ struct Env {
     monitoring: Titled,
     /// Monitoring messages saying every collection was received by NiFi.
     received: Titled,
+    /// The consumer tag of the monitoring watcher (cancelled: nothing bound there).
+    monitoring_tag: String,
     dir: tempfile::TempDir,
 }
 
@@ -59,10 +61,9 @@ async fn start(backend: Backend, extra: &[(&str, &str)]) -> Env {
     let store = Store::open(&url).await.unwrap();
     let out = hs.watch_output().await;
     let export = watch(&hs.ch, &export_ex, "#").await;
-    let (monitoring, received) = Titled::split(
-        watch(&hs.ch, &monitoring_ex, "#").await,
-        "All collections received",
-    );
+    let watching = watch(&hs.ch, &monitoring_ex, "#").await;
+    let monitoring_tag = watching.tag().to_string();
+    let (monitoring, received) = Titled::split(watching, "All collections received");
     Env {
         hs,
         store,
@@ -73,6 +74,7 @@ async fn start(backend: Backend, extra: &[(&str, &str)]) -> Env {
         export,
         monitoring,
         received,
+        monitoring_tag,
         dir,
     }
 }
@@ -1090,6 +1092,48 @@ async fn unbind_export(env: &Env) {
         .await
         .unwrap();
     await_unbound(&env.export_ex).await;
+}
+
+/// Design §7: the monitoring message is published mandatory too — with nothing bound to
+/// the monitoring exchange, the success file that completes a product is retried (the
+/// product stays COMPLETED), and the Slack alert is delivered once something is bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unroutable_monitoring_message_is_retried_until_bound() {
+    use framework::lapin::options::BasicCancelOptions;
+    let mut env = start(Backend::Sqlite, &[]).await;
+    let c = "corr-unroutable-mon";
+    env.process(&msg(c, "db.m", json!({"files_exported": 1})))
+        .await;
+    env.process(&file(c, "db.m", "m1")).await;
+    next(&mut env.export).await;
+    env.hs
+        .ch
+        .basic_cancel(
+            env.monitoring_tag.as_str().into(),
+            BasicCancelOptions::default(),
+        )
+        .await
+        .unwrap();
+    await_unbound(&env.monitoring_ex).await;
+    let mut retried = watch(
+        &env.hs.ch,
+        &format!("{}-retry", env.hs.q),
+        &env.hs.delays[0].to_string(),
+    )
+    .await;
+    env.send(&msg(c, "db.m", json!({"is_success_file": "true"})))
+        .await;
+    next(&mut retried).await;
+    assert_eq!(
+        env.store.product_status(c).await.unwrap().as_deref(),
+        Some("COMPLETED")
+    );
+    let mut monitoring = watch(&env.hs.ch, &env.monitoring_ex, "#").await;
+    let m = json_of(&next(&mut monitoring).await);
+    assert_eq!(m["title_text"], "Incremental - All collections successful");
+    next(&mut env.out).await;
+    assert_eq!(env.dlq_count().await, 0);
+    env.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
