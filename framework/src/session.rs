@@ -50,6 +50,18 @@ fn publish_failure_backoff(headers: &FieldTable) -> Duration {
         .min(PUBLISH_FAILURE_BACKOFF_MAX)
 }
 
+/// How long a message whose retry the broker refuses is held, publishing it again, before
+/// it goes back to the queue: 5 minutes, or a quarter of the consumer timeout (the
+/// broker's default 30 minutes where `consumer_timeout_ms` is 0) if that is shorter, so
+/// the hold never costs the channel.
+fn publish_hold_limit(amqp: &AmqpConfig) -> Duration {
+    let consumer_timeout = match amqp.consumer_timeout_ms {
+        0 => Duration::from_secs(30 * 60),
+        ms => Duration::from_millis(ms),
+    };
+    Duration::from_secs(5 * 60).min(consumer_timeout / 4)
+}
+
 /// Room a retry or dead letter needs in its frame beyond the input's headers: the
 /// framework's own headers (errors of up to 1 KiB each, original names, trace), the
 /// properties, and the `x-death` entries the broker adds on the way through the tiers.
@@ -554,35 +566,67 @@ async fn start_consuming<P: MessageProcessor>(
         .await;
         match consumed {
             Ok(consumer) => return Ok((ch, consumer)),
-            Err(e) if refuses_consumer_timeout(&e) && !args.inner().is_empty() => {
+            Err(e) if refuses_consumer_timeout(&e) && args.contains_key(CONSUMER_TIMEOUT) => {
                 warn!(queue = %inner.topology.queue, error = %e,
                     "the broker refuses a per-consumer timeout on this queue type; consuming without it \
                      (the queue's x-consumer-timeout or the broker's consumer_timeout applies)");
-                args = FieldTable::default();
+                args = crate::headers::without(&args, &[CONSUMER_TIMEOUT]);
+            }
+            Err(e)
+                if refuses_argument(&e, CANCEL_ON_FAILOVER)
+                    && args.contains_key(CANCEL_ON_FAILOVER) =>
+            {
+                warn!(queue = %inner.topology.queue, error = %e,
+                    "the broker refuses x-cancel-on-ha-failover; consuming without it");
+                args = crate::headers::without(&args, &[CANCEL_ON_FAILOVER]);
             }
             Err(e) => return Err(DeclareError::Consume(e)),
         }
     }
 }
 
+/// The per-consumer acknowledgement timeout argument.
+const CONSUMER_TIMEOUT: &str = "x-consumer-timeout";
+
+/// The argument that has RabbitMQ 3.x cancel a classic mirrored queue's consumer when the
+/// queue's leader fails over.
+const CANCEL_ON_FAILOVER: &str = "x-cancel-on-ha-failover";
+
 /// Whether `e` is the broker refusing the consumer's `x-consumer-timeout` argument.
 fn refuses_consumer_timeout(e: &lapin::Error) -> bool {
+    refuses_argument(e, CONSUMER_TIMEOUT)
+}
+
+/// Whether `e` is the broker refusing the consumer argument `name`.
+fn refuses_argument(e: &lapin::Error, name: &str) -> bool {
     crate::topology::is_soft(e, lapin::protocol::AMQPSoftError::PRECONDITIONFAILED)
-        && e.to_string().contains("x-consumer-timeout")
+        && e.to_string().contains(name)
 }
 
 /// `basic.consume` arguments: the per-consumer acknowledgement timeout, so a handler longer
 /// than the broker's default (30 min) is not cut off and redelivered while it still runs.
 /// RabbitMQ 3.12 and 3.13 read it; 4.0 reads the queue's (see `Topology::queues`); 3.10
 /// and 3.11 ignore both (their `consumer_timeout` in rabbitmq.conf must be raised instead).
+///
+/// On a classic queue, also `x-cancel-on-ha-failover`: where an `ha-mode` policy mirrors it
+/// (RabbitMQ 3.x), a new leader after a failover requeues every unacknowledged message and
+/// delivers them again, and a consumer not told so keeps handling its copies while
+/// another takes them — one message handled twice at once. Told (`basic.cancel`), the
+/// session ends and its handlers with it. Brokers without mirroring ignore it.
 fn consumer_arguments(amqp: &AmqpConfig) -> FieldTable {
     let mut args = FieldTable::default();
     if amqp.consumer_timeout_ms > 0 {
         args.insert(
-            "x-consumer-timeout".into(),
+            CONSUMER_TIMEOUT.into(),
             lapin::types::AMQPValue::LongLongInt(
                 i64::try_from(amqp.consumer_timeout_ms).unwrap_or(i64::MAX),
             ),
+        );
+    }
+    if amqp.queue_type == crate::config::QueueType::Classic {
+        args.insert(
+            CANCEL_ON_FAILOVER.into(),
+            lapin::types::AMQPValue::Boolean(true),
         );
     }
     args
@@ -708,6 +752,47 @@ struct Shared<P: MessageProcessor> {
 }
 
 impl<P: MessageProcessor> Shared<P> {
+    /// Publishes the retry of `delivery` again, after a growing pause, while the broker
+    /// refuses it for a state of its own (a full retry tier, a tier without a leader, a
+    /// refused permission) — for at most [`publish_hold_limit`], while the session runs.
+    /// Given back at once instead, the message ran its processor again from the start:
+    /// what the attempt did and marked in its retry's headers (ids published, events
+    /// posted) was done twice, once a second on a classic queue, for as long as the
+    /// refusal lasted. True once the retry is confirmed.
+    async fn hold_retry(&self, delivery: &Delivery, ctx: &MessageContext, reason: &str) -> bool {
+        let inner = &*self.inner;
+        let until = Instant::now() + publish_hold_limit(&inner.amqp);
+        let mut wait = PUBLISH_FAILURE_BACKOFF;
+        while Instant::now() + wait <= until {
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = ctx.cancel.cancelled() => return false,
+            }
+            let (_, msgs) = inner.planner.plan(
+                &self.publisher,
+                &delivery.data,
+                ctx,
+                Outcome::Retry(reason.to_string()),
+            );
+            match self.publisher.send(msgs).await {
+                Ok(()) => {
+                    info!("the retry the broker refused is published now");
+                    return true;
+                }
+                Err(e) => {
+                    self.metrics.publish_failures().increment(1);
+                    if self.topology_incomplete(&e).await {
+                        self.broken.cancel();
+                        return false;
+                    }
+                    debug!(error = %m::LogText(&e.to_string()), "the retry is still refused");
+                }
+            }
+            wait = (wait * 2).min(PUBLISH_FAILURE_BACKOFF_MAX);
+        }
+        false
+    }
+
     /// Whether a failed publish means the service's own topology is incomplete, which a
     /// new session re-declares: a retry or dead letter that reached no queue, or a publish
     /// to an exchange of its own that is gone (404 closes the channel; the output exchange
@@ -916,6 +1001,11 @@ impl<P: MessageProcessor> Shared<P> {
             Outcome::Permanent(r) | Outcome::Exhausted(r) => Some(r.clone()),
             _ => None,
         };
+        // Kept to publish the retry again if the broker refuses it (see `hold_retry`).
+        let mut retry_reason = match &outcome {
+            Outcome::Retry(r) => Some(r.clone()),
+            _ => None,
+        };
         let (mut label, msgs) = inner.planner.plan(publisher, &delivery.data, ctx, outcome);
         // The sizes of the first bodies, kept without an allocation per message: a refusal
         // for its size must name one of this outcome's (see `body_too_large`).
@@ -943,10 +1033,12 @@ impl<P: MessageProcessor> Shared<P> {
                 // destination) becomes a retry: it counts toward max_attempts and ends in
                 // the DLQ, instead of looping through requeues that RabbitMQ 4.3 no longer
                 // counts.
-                Some(Outcome::Retry(match &dead_letter_reason {
+                let reason = match &dead_letter_reason {
                     Some(r) => format!("{r} (its dead letter could not be published: {e})"),
                     None => format!("could not publish the {label} outcome: {e}"),
-                }))
+                };
+                retry_reason = Some(reason.clone());
+                Some(Outcome::Retry(reason))
             } else {
                 None
             };
@@ -998,6 +1090,12 @@ impl<P: MessageProcessor> Shared<P> {
                 );
                 if self.topology_incomplete(&e).await {
                     broken.cancel();
+                } else if label == "retry"
+                    && let Some(reason) = &retry_reason
+                    && self.hold_retry(delivery, ctx, reason).await
+                {
+                    settler.ack(delivery.delivery_tag, label);
+                    return label;
                 }
                 // A stop or a lost connection does not wait for it: the message goes back
                 // either way.

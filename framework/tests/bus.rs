@@ -246,6 +246,18 @@ async fn classic_queue_type_is_selectable() {
         .await;
     let d = next(&mut out).await;
     assert_eq!(d.data, br#"{"a":1}"#);
+    // Its consumer asks to be cancelled on a mirrored queue's failover (RabbitMQ 3.x): a
+    // new leader delivers every unacknowledged message again, and handlers left running
+    // would handle them a second time beside the copies.
+    let consumers = framework::testing::admin::Admin::suite()
+        .consumers(&q)
+        .await;
+    assert_eq!(consumers.len(), 1, "{consumers:?}");
+    assert_eq!(
+        consumers[0]["arguments"]["x-cancel-on-ha-failover"],
+        serde_json::json!(true),
+        "{consumers:?}"
+    );
     hs.stop().await;
 }
 
@@ -1654,11 +1666,15 @@ async fn prefetch_bounds_the_messages_in_flight() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     await_ready_count(&hs.ch, &hs.q, 7).await;
+    let prefetch: Vec<_> = framework::testing::admin::Admin::suite()
+        .consumers(&hs.q)
+        .await
+        .iter()
+        .map(|c| c["prefetch_count"].as_u64())
+        .collect();
     assert_eq!(
-        framework::testing::admin::Admin::suite()
-            .consumer_prefetch(&hs.q)
-            .await,
-        vec![3],
+        prefetch,
+        vec![Some(3)],
         "the broker delivers no more than prefetch"
     );
     assert_eq!(started.load(SeqCst), 3, "no fourth handler");

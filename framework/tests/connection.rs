@@ -252,38 +252,47 @@ async fn amqps_with_a_private_ca_and_a_client_certificate() {
 }
 
 /// A retry the broker refuses (the service's user may not publish to `Q-retry`: a
-/// permission, like a user's channel limit, that a new session would not change) sends
-/// the message back after a pause within the same session — not through a new session per
-/// message, which skipped the pause and reported an incomplete topology.
+/// permission, like a full tier or a user's channel limit, that a new session would not
+/// change) is held and published again until the broker takes it, within the same session:
+/// the processor is not run again for the same attempt (what it did would be done twice),
+/// and no new session is started per message (which skipped the pause and reported an
+/// incomplete topology).
 #[tokio::test]
-async fn a_refused_retry_goes_back_after_a_pause_within_its_session() {
+async fn a_refused_retry_is_held_and_published_again_within_its_session() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
     let q = unique("refused");
     let user = unique("nowrite");
-    let _user = admin::Admin::suite()
+    let admin = admin::Admin::suite();
+    let _user = admin
         .add_user_with(&user, "pw", ".*", &format!("^(?!{q}-retry$).*"))
         .await;
     let limited = with_credentials(&amqp_url(), &user, "pw");
     let calls = Arc::new(AtomicUsize::new(0));
     let counted = calls.clone();
-    let p = FnProcessor(move |_v: serde_json::Value, _ctx: &MessageContext| {
+    let p = FnProcessor(move |v: serde_json::Value, ctx: &MessageContext| {
         counted.fetch_add(1, SeqCst);
-        Outcome::retry("not yet")
+        if ctx.attempt == 0 {
+            Outcome::retry("not yet")
+        } else {
+            Outcome::success(v)
+        }
     });
     let mut hs = Harness::start_with(config(&q, &[("amqp.url", &limited)]), p).await;
+    let mut out = hs.watch_output().await;
     let sessions = hs.status.sessions();
     let first = *sessions.borrow();
-    hs.publish("test.r", b"{}", BasicProperties::default())
+    hs.publish("test.r", br#"{"n":1}"#, BasicProperties::default())
         .await;
     let deadline = tokio::time::Instant::now() + WAIT;
-    while calls.load(SeqCst) < 2 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the message came back"
-        );
+    while calls.load(SeqCst) < 1 {
+        assert!(tokio::time::Instant::now() < deadline, "handled");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+    // The refusal lifted: the held retry goes out, and its attempt succeeds.
+    admin.set_permissions(&user, ".*", ".*").await;
+    assert_eq!(next(&mut out).await.data, br#"{"n":1}"#);
+    assert_eq!(calls.load(SeqCst), 2, "attempt 0 once, then its retry");
     assert_eq!(*sessions.borrow(), first, "no new session for a refusal");
     hs.stop().await;
 }

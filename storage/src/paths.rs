@@ -233,12 +233,22 @@ fn opened(real: PathBuf, root: &Root, file: File, shown: &str) -> Result<Resolve
     if !meta.is_file() {
         return Err(PathError::NotAFile(shown.to_string()));
     }
+    // A name reached through a link may not be UTF-8 (the message's own is: JSON): read
+    // lossily, two such names would share one key, and `original_file_path` would name
+    // a file that is not there.
     let relative = real
         .strip_prefix(&root.canonical)
         .map_err(|_| PathError::OutsideRoots(shown.to_string()))?
         .components()
-        .map(|c| c.as_os_str().to_string_lossy().into_owned())
-        .collect::<Vec<_>>()
+        .map(|c| {
+            c.as_os_str().to_str().map(str::to_string).ok_or_else(|| {
+                PathError::InvalidName(format!(
+                    "{shown} (its real path {} is not UTF-8)",
+                    real.display()
+                ))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?
         .join("/");
     Ok(Resolved {
         path: real,
@@ -569,6 +579,25 @@ mod tests {
             let e = resolve(&roots, dir, name).unwrap_err();
             assert_eq!(e, want);
             assert!(!e.is_transient(), "{e}");
+        }
+    }
+
+    /// A link whose target's name is not UTF-8 (the message, JSON, names only the link):
+    /// refused as a name no key and no report can carry, not read lossily (two such
+    /// targets shared one key of U+FFFD).
+    #[test]
+    fn a_link_to_a_name_that_is_not_utf8_is_refused() {
+        use std::os::unix::ffi::OsStrExt;
+        let base = tempfile::tempdir().unwrap();
+        let root = base.path().join("online");
+        let odd = root.join(std::ffi::OsStr::from_bytes(b"\xff"));
+        std::fs::create_dir_all(&odd).unwrap();
+        std::fs::write(odd.join("x.mov"), b"x").unwrap();
+        std::os::unix::fs::symlink(&odd, root.join("a")).unwrap();
+        let roots = open_roots(std::slice::from_ref(&root), false).unwrap();
+        match resolve(&roots, "a", "x.mov") {
+            Err(PathError::InvalidName(why)) => assert!(why.contains("not UTF-8"), "{why}"),
+            other => panic!("{other:?}"),
         }
     }
 

@@ -190,16 +190,21 @@ impl Admin {
             Some(serde_json::json!({"password": password, "tags": ""})),
         )
         .await;
+        self.set_permissions(user, configure, write).await;
+        TestUser {
+            admin: self.clone(),
+            user: user.to_string(),
+        }
+    }
+
+    /// Sets what `user` may configure and write on vhost `/` (read: anything).
+    pub async fn set_permissions(&self, user: &str, configure: &str, write: &str) {
         self.call(
             reqwest::Method::PUT,
             &format!("/permissions/%2F/{}", encode(user)),
             Some(serde_json::json!({"configure": configure, "write": write, "read": ".*"})),
         )
         .await;
-        TestUser {
-            admin: self.clone(),
-            user: user.to_string(),
-        }
     }
 
     /// Sets policy `name` on vhost `/` for the queues matching `pattern`, with the
@@ -232,9 +237,10 @@ impl Admin {
         q["policy"].as_str().map(str::to_string)
     }
 
-    /// The prefetch counts of queue `name`'s consumers on vhost `/`, as the broker holds
-    /// them (waiting up to [`crate::testing::WAIT`] for at least one consumer to show).
-    pub async fn consumer_prefetch(&self, name: &str) -> Vec<u64> {
+    /// The consumers of queue `name` on vhost `/` as the broker shows them (`consumer_details`:
+    /// `prefetch_count`, `arguments`…), waiting up to [`crate::testing::WAIT`] for at least
+    /// one to show.
+    pub async fn consumers(&self, name: &str) -> Vec<Value> {
         let deadline = tokio::time::Instant::now() + crate::testing::WAIT;
         loop {
             let q = self
@@ -244,14 +250,12 @@ impl Admin {
                     None,
                 )
                 .await;
-            let counts: Vec<u64> = q["consumer_details"]
+            let list = q["consumer_details"]
                 .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|c| c["prefetch_count"].as_u64())
-                .collect();
-            if !counts.is_empty() || tokio::time::Instant::now() > deadline {
-                return counts;
+                .cloned()
+                .unwrap_or_default();
+            if !list.is_empty() || tokio::time::Instant::now() > deadline {
+                return list;
             }
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
