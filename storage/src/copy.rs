@@ -2,8 +2,6 @@
 //! verification (the store's checksum, or reading back; local tiers: see [`crate::local`]).
 //! Memory per copy is bounded by the block and part sizes, not by the file size.
 
-use std::path::Path;
-
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -231,13 +229,6 @@ impl Drop for StopOnDrop {
     }
 }
 
-/// Digest of a local file, read in large blocks on a blocking thread.
-pub async fn hash_file(path: &Path, alg: Algorithm) -> Result<Digest, CopyError> {
-    let shown = path.display().to_string();
-    let f = std::fs::File::open(path).map_err(|e| CopyError::Read(shown.clone(), e))?;
-    hash_open(&f, &shown, alg).await
-}
-
 /// Digest of an open file from its start (its own offset is left untouched: the
 /// handle is read positionally).
 pub async fn hash_open(
@@ -295,20 +286,14 @@ pub async fn hash_object(
     alg: Algorithm,
 ) -> Result<Option<Digest>, CopyError> {
     if let Some(dir) = &tier.local_dir {
-        let file = dir.join(key.as_ref());
-        return match hash_file(&file, alg).await {
-            Ok(d) => Ok(Some(d)),
-            // A directory at the key holds no object.
-            Err(CopyError::Read(_, e))
-                if e.kind() == std::io::ErrorKind::NotFound
-                    || e.raw_os_error() == Some(libc::EISDIR) =>
-            {
-                Ok(None)
+        // A directory or a link at the key (or on the way to it) holds no object of this
+        // store.
+        return match at_local_key(dir, key).await? {
+            crate::paths::AtKey::File(f) => {
+                let shown = dir.join(key.as_ref()).display().to_string();
+                hash_open(&f, &shown, alg).await.map(Some)
             }
-            Err(CopyError::Read(shown, e)) => {
-                Err(crate::local::unstorable(key.as_ref(), &e).unwrap_or(CopyError::Read(shown, e)))
-            }
-            Err(e) => Err(e),
+            crate::paths::AtKey::Other | crate::paths::AtKey::Nothing => Ok(None),
         };
     }
     let got = match tier.store.get(key).await {
@@ -337,19 +322,35 @@ pub async fn hash_object(
     }))
 }
 
+/// What a local store at `dir` holds at `key`, following no link (on a blocking thread).
+async fn at_local_key(
+    dir: &std::path::Path,
+    key: &ObjectPath,
+) -> Result<crate::paths::AtKey, CopyError> {
+    let path = dir.join(key.as_ref());
+    let (root, rel) = (dir.to_path_buf(), std::path::PathBuf::from(key.as_ref()));
+    tokio::task::spawn_blocking(move || crate::paths::at_key(&root, &rel))
+        .await
+        .map_err(|e| CopyError::Read(path.display().to_string(), std::io::Error::other(e)))?
+        .map_err(|e| {
+            crate::local::unstorable(key.as_ref(), &e)
+                .unwrap_or_else(|| CopyError::Read(path.display().to_string(), e))
+        })
+}
+
 /// Size of a stored object, or `None` if absent. On a local store a directory at the key
 /// counts as an object no file matches (`u64::MAX` bytes), so a copy goes beside it.
 pub async fn object_size(tier: &Tier, key: &ObjectPath) -> Result<Option<u64>, CopyError> {
     if let Some(dir) = &tier.local_dir {
         // Not through object_store: its local store refuses names such as `take#1`,
         // which a local tier stores (see crate::local).
-        let path = dir.join(key.as_ref());
-        return match tokio::fs::metadata(&path).await {
-            Ok(m) if m.is_dir() => Ok(Some(u64::MAX)),
-            Ok(m) => Ok(Some(m.len())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(crate::local::unstorable(key.as_ref(), &e)
-                .unwrap_or_else(|| CopyError::Read(path.display().to_string(), e))),
+        return match at_local_key(dir, key).await? {
+            crate::paths::AtKey::File(f) => f
+                .metadata()
+                .map(|m| Some(m.len()))
+                .map_err(|e| CopyError::Read(dir.join(key.as_ref()).display().to_string(), e)),
+            crate::paths::AtKey::Other => Ok(Some(u64::MAX)),
+            crate::paths::AtKey::Nothing => Ok(None),
         };
     }
     match tier.store.head(key).await {

@@ -267,6 +267,47 @@ fn open_without_links(root: &Path, rel: &Path) -> rustix::io::Result<File> {
     openat2_without_links(&dir, rel)
 }
 
+/// What a local store holds at a key, looked at without following any link.
+#[derive(Debug)]
+pub enum AtKey {
+    /// A regular file, opened for reading.
+    File(File),
+    /// Something no copy matches: a directory, a symbolic link (at the key, or on the way
+    /// to it), a FIFO… A link read through would report content held elsewhere — in the
+    /// source tree, another tier — as this store's copy.
+    Other,
+    /// Nothing.
+    Nothing,
+}
+
+/// What is at `rel` beneath a local store's `root`, following no link.
+pub fn at_key(root: &Path, rel: &Path) -> std::io::Result<AtKey> {
+    use rustix::io::Errno;
+    match open_without_links(root, rel) {
+        Ok(f) => Ok(AtKey::File(f)),
+        Err(Errno::NOENT) => Ok(AtKey::Nothing),
+        Err(Errno::LOOP | Errno::NXIO | Errno::ISDIR | Errno::XDEV) => Ok(AtKey::Other),
+        // Before Linux 5.6: the last component looked at without following it.
+        Err(Errno::NOSYS) => {
+            let path = root.join(rel);
+            match std::fs::symlink_metadata(&path) {
+                Ok(m) if m.is_file() => {
+                    use std::os::unix::fs::OpenOptionsExt;
+                    std::fs::OpenOptions::new()
+                        .read(true)
+                        .custom_flags(libc::O_NOFOLLOW)
+                        .open(&path)
+                        .map(AtKey::File)
+                }
+                Ok(_) => Ok(AtKey::Other),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(AtKey::Nothing),
+                Err(e) => Err(e),
+            }
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// `rel` opened beneath `dir` following no link at all.
 fn openat2_without_links(dir: &impl AsFd, rel: &Path) -> rustix::io::Result<File> {
     use rustix::fs::{Mode, ResolveFlags};

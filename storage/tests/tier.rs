@@ -1572,3 +1572,41 @@ async fn an_object_in_an_archive_storage_class_at_the_key_is_refused_at_once() {
         other => panic!("expected permanent, got {other:?}"),
     }
 }
+
+/// A symbolic link at a key of a local store (a migration that linked instead of copying,
+/// a link left by hand) is no copy: read through, the source's own bytes matched, and the
+/// file was reported archived while its content lived only in the online tree. A link
+/// that leads nowhere is no copy either, and no cause for retries. Each file is stored
+/// beside it, as a regular file holding its bytes.
+#[tokio::test]
+async fn a_link_at_a_key_of_a_local_store_is_no_copy() {
+    let base = tempfile::tempdir().expect("temp");
+    let store = base.path().join("store");
+    std::fs::create_dir_all(store.join("p")).expect("store dir");
+    let tier = storage::store::local(&store).expect("tier");
+    let c = copier(base.path(), "online", tier, records(base.path()).await);
+    for (name, len) in [
+        ("small.mov", 5),
+        ("large.mov", 2 << 20),
+        ("dangling.mov", 5),
+    ] {
+        let body = content(len, 3);
+        let msg = put(base.path(), "online", &format!("p/{name}"), &body);
+        let target = if name == "dangling.mov" {
+            base.path().join("nowhere")
+        } else {
+            base.path().join("online/p").join(name)
+        };
+        std::os::unix::fs::symlink(&target, store.join("p").join(name)).expect("link");
+        let r = copied(c.handle(&msg, 0).await);
+        assert!(r.uploaded, "{name}: {r:?}");
+        assert_ne!(r.key, format!("p/{name}"), "{name}: not the link");
+        let at = store.join(&r.key);
+        let meta = std::fs::symlink_metadata(&at).expect("stored");
+        assert!(
+            meta.file_type().is_file(),
+            "{name}: a regular file at {at:?}"
+        );
+        assert_eq!(std::fs::read(&at).expect("read"), body, "{name}");
+    }
+}
