@@ -138,6 +138,29 @@ pub fn candidates(roots: &[Root], filepath: &str, filename: &str) -> Vec<PathBuf
     }
 }
 
+/// [`candidates`], and where a candidate's directory is reached through links, the place
+/// they lead to (`current/ep.mov` with `current` → `2024`: `2024/ep.mov`), which is what a
+/// copy records: a file gone after its copy is found by the directory link it was named
+/// through. Looks at the filesystem (blocking).
+pub fn recorded_candidates(roots: &[Root], filepath: &str, filename: &str) -> Vec<PathBuf> {
+    let mut out = candidates(roots, filepath, filename);
+    let linked: Vec<PathBuf> = out
+        .iter()
+        .filter_map(|c| {
+            let real = std::fs::canonicalize(c.parent()?)
+                .ok()?
+                .join(c.file_name()?);
+            (real != *c && roots.iter().any(|r| real.starts_with(&r.canonical))).then_some(real)
+        })
+        .collect();
+    for l in linked {
+        if !out.contains(&l) {
+            out.push(l);
+        }
+    }
+    out
+}
+
 /// Resolves `parent_dir/filename` under `roots` and opens it. Absolute paths must lie in
 /// a root (either form); relative ones are taken relative to each root in turn. Nothing
 /// outside a root is opened: the lexical check comes first, then the resolved path is

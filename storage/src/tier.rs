@@ -1,7 +1,7 @@
 //! The copy-to-tier procedure both storage services run: resolve, deduplicate, stream,
 //! verify, record. Services add only their names and success message shape.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -165,24 +165,6 @@ fn open_source(roots: &[Root], parent_dir: &str, filename: &str) -> Result<Opene
     Ok(Opened::File(resolved, meta))
 }
 
-/// Where the file `parent_dir/filename` would be under each root it can be under, spelled
-/// from the root's canonical path (as the mount table spells mount points).
-fn requested_paths(roots: &[Root], parent_dir: &str, filename: &str) -> Vec<PathBuf> {
-    let p = paths::normalize(Path::new(parent_dir)).join(filename);
-    roots
-        .iter()
-        .filter_map(|r| {
-            if !p.is_absolute() {
-                return Some(r.canonical.join(&p));
-            }
-            p.strip_prefix(&r.canonical)
-                .or_else(|_| p.strip_prefix(&r.configured))
-                .ok()
-                .map(|rest| r.canonical.join(rest))
-        })
-        .collect()
-}
-
 /// Whether a file's recorded modification time (RFC 3339) is the one the sweeper saw:
 /// to the second where the sweeper sent whole seconds (the older shape's strings), else
 /// to the millisecond (its epoch seconds are a float: microseconds survive, not
@@ -328,7 +310,7 @@ impl TierCopier {
                 // Below a share that was mounted (or that fstab lists) and is not now: the
                 // file is away with its share, not gone — retried, not dead-lettered with
                 // every other file of the share.
-                let away = requested_paths(&self.roots, &msg.parent_dir, &msg.filename)
+                let away = paths::candidates(&self.roots, &msg.parent_dir, &msg.filename)
                     .iter()
                     .find_map(|p| self.mounts.unmounted_share_above(p));
                 return Err(match away {
@@ -495,7 +477,15 @@ impl TierCopier {
     /// of a dead letter for a file that is safe in the store.
     async fn copied_before(&self, msg: &AssetSweeperFile) -> Result<Option<CopyReport>, TierError> {
         let alg = self.policy.algorithm;
-        for path in paths::candidates(&self.roots, &msg.parent_dir, &msg.filename) {
+        let roots = self.roots.clone();
+        let (parent_dir, filename) = (msg.parent_dir.clone(), msg.filename.clone());
+        // On a blocking thread: it looks at the directories (a share may be slow).
+        let candidates = tokio::task::spawn_blocking(move || {
+            paths::recorded_candidates(&roots, &parent_dir, &filename)
+        })
+        .await
+        .map_err(|e| TierError::Transient(format!("looking for earlier copies stopped: {e}")))?;
+        for path in candidates {
             let original = path.display().to_string();
             let matching: Vec<_> = self
                 .records

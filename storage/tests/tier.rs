@@ -1610,3 +1610,38 @@ async fn a_link_at_a_key_of_a_local_store_is_no_copy() {
         assert_eq!(std::fs::read(&at).expect("read"), body, "{name}");
     }
 }
+
+/// A file named through a directory link (`current` → `2024`) is recorded at its real
+/// place; gone after its copy (moved away, the ack lost), its message again is answered
+/// with that copy, found through the link — not dead-lettered as a file that never was.
+#[tokio::test]
+async fn a_file_gone_after_its_copy_through_a_directory_link_is_reported_as_that_copy() {
+    let base = tempfile::tempdir().expect("temp");
+    let store = base.path().join("store");
+    let tier = storage::store::local(&store).expect("tier");
+    let c = copier(base.path(), "online", tier, records(base.path()).await);
+    let body = content(3000, 9);
+    put(base.path(), "online", "2024/ep.mov", &body);
+    std::os::unix::fs::symlink(
+        base.path().join("online/2024"),
+        base.path().join("online/current"),
+    )
+    .expect("link");
+    // The message's modification time is the file's (a gone file's copy is found by it).
+    let mtime = std::fs::metadata(base.path().join("online/2024/ep.mov"))
+        .and_then(|m| m.modified())
+        .expect("mtime")
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs_f64();
+    let mut m = sweeper_message("current", "ep.mov", false);
+    m["size"] = body.len().into();
+    m["mtime"] = mtime.into();
+    let msg: AssetSweeperFile = serde_json::from_value(m).expect("message");
+    let first = copied(c.handle(&msg, 1).await);
+    assert!(first.uploaded);
+    std::fs::remove_file(base.path().join("online/2024/ep.mov")).expect("moved away");
+    let again = copied(c.handle(&msg, 2).await);
+    assert!(!again.uploaded, "{again:?}");
+    assert_eq!(again.key, first.key);
+}
