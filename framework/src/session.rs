@@ -416,6 +416,8 @@ async fn watch_queue_depths(
     let queues = topology.queue_names();
     let mut tick = tokio::time::interval(every);
     let mut ch: Option<Channel> = None;
+    // The queues whose depth could not be read at the last look (warned about once).
+    let mut unread: std::collections::HashSet<String> = std::collections::HashSet::new();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -426,17 +428,33 @@ async fn watch_queue_depths(
             let Some(c) = open_channel(&mut ch, &conn, limit).await else {
                 break;
             };
-            match tokio::time::timeout(limit, crate::dlq::count(c, q)).await {
+            let gauge = metrics::gauge!(m::QUEUE_MESSAGES, "queue" => q.clone());
+            let why = match tokio::time::timeout(limit, crate::dlq::count(c, q)).await {
                 Ok(Ok(n)) => {
-                    metrics::gauge!(m::QUEUE_MESSAGES, "queue" => q.clone()).set(f64::from(n));
+                    gauge.set(f64::from(n));
+                    if unread.remove(q) {
+                        info!(queue = %q, "the queue's depth can be read again");
+                    }
+                    continue;
                 }
+                // A classic queue whose node is down (RabbitMQ 3.x): its messages wait
+                // there, nothing is gone.
+                Ok(Err(e)) if e.to_string().contains("home node") => e.to_string(),
                 Ok(Err(e))
                     if crate::topology::is_soft(&e, lapin::protocol::AMQPSoftError::NOTFOUND) =>
                 {
-                    metrics::gauge!(m::QUEUE_MESSAGES, "queue" => q.clone()).set(0.0);
+                    gauge.set(0.0);
                     gone.push(q.as_str());
+                    continue;
                 }
-                _ => {}
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("no answer in {limit:?} (a quorum queue without a leader?)"),
+            };
+            // Unknown, not the last depth read: a backlog alert must not freeze on it.
+            gauge.set(f64::NAN);
+            if unread.insert(q.clone()) {
+                warn!(queue = %q, error = %m::LogText(&why),
+                    "cannot read the queue's depth; storagetier_queue_messages shows NaN until it can");
             }
         }
         if !gone.is_empty() {
