@@ -355,3 +355,41 @@ async fn a_replay_strips_every_error_and_retry_header() {
         Some("strip-1")
     );
 }
+
+/// A dry run holds every dead letter it looks at (it removes none), so the hold limit
+/// counts from its first look, matched or not, and a dry run stopped by it says it
+/// replayed nothing and cannot look further — not "run the same command again to go on",
+/// which would show the same ones again.
+#[tokio::test]
+async fn a_dry_run_stopped_by_the_hold_limit_says_it_replayed_nothing() {
+    let mut hs = Harness::start("dryhold", &[], failing()).await;
+    hs.stop().await;
+    let dlq_name = format!("{}-dlq", hs.q);
+    for i in 0..300 {
+        publish(
+            &hs.ch,
+            "",
+            &dlq_name,
+            format!("{{\"i\":{i}}}").as_bytes(),
+            BasicProperties::default().with_message_id(format!("dry-{i}").into()),
+        )
+        .await;
+    }
+    await_ready_count(&hs.ch, &dlq_name, 300).await;
+    let filter = Filter {
+        hold_at_most: Some(std::time::Duration::from_millis(20)),
+        ..Default::default()
+    };
+    let e = dlq::replay_filtered(&hs.conn, &hs.topology(), &filter, true)
+        .await
+        .expect_err("300 looks take longer than 20 ms");
+    let text = e.to_string();
+    assert!(
+        matches!(e, dlq::DlqError::DryRunStopped { total: 300, .. }),
+        "{text}"
+    );
+    assert!(text.contains("nothing was replayed"), "{text}");
+    assert!(!text.contains("Run the same command again"), "{text}");
+    await_ready_count(&hs.ch, &dlq_name, 300).await;
+    assert_eq!(ready_count(&hs.ch, &hs.q).await, 0, "nothing moved");
+}

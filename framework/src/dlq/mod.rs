@@ -77,6 +77,26 @@ pub enum DlqError {
         /// How long the passed-over ones were held, in seconds.
         held_secs: u64,
     },
+    /// A dry run stopped before the dead letters it looked at had been held longer than the
+    /// broker allows (a dry run holds each one it looks at: nothing is removed). A dry run
+    /// run again starts from the head: it cannot look further.
+    #[error(
+        "dry run stopped after looking at {looked} of {total} dead letter(s) ({would} would be \
+         replayed so far): it holds each one it looks at, and after {held_secs} s the broker's \
+         consumer timeout would take the channel; nothing was replayed, and a dry run cannot \
+         look further — narrow it (--kind, --key, --older-than, --limit) or replay without \
+         --dry-run"
+    )]
+    DryRunStopped {
+        /// Dead letters looked at.
+        looked: usize,
+        /// Dead letters in the DLQ when it began.
+        total: usize,
+        /// Of those looked at, how many would be replayed.
+        would: usize,
+        /// How long the first was held, in seconds.
+        held_secs: u64,
+    },
     /// The replay was stopped (SIGINT, SIGTERM) while the broker had not confirmed a
     /// publish (it blocks publishes during a resource alarm): that message may still land
     /// in `Q`, and its dead letter is kept.
@@ -523,6 +543,8 @@ pub async fn replay_each(
     let mut held_since: Option<tokio::time::Instant> = None;
     let mut stopped = None;
     let mut interrupted = false;
+    // Dead letters fetched so far (a dry run that stops says how far it got).
+    let mut looked = 0usize;
     let stop = filter.stop.clone().unwrap_or_default();
     for _ in 0..total {
         if stop.is_cancelled() {
@@ -554,8 +576,12 @@ pub async fn replay_each(
         if filter.limit.is_some_and(|n| moved >= n) {
             break;
         }
-        if !filter.matches(&info, now) {
+        looked += 1;
+        // A dry run holds what it would replay too (nothing is removed).
+        if dry_run || !filter.matches(&info, now) {
             held_since.get_or_insert_with(tokio::time::Instant::now);
+        }
+        if !filter.matches(&info, now) {
             continue;
         }
         if !dry_run {
@@ -626,6 +652,12 @@ pub async fn replay_each(
         return Err(DlqError::Interrupted(moved));
     }
     match stopped {
+        Some(held) if dry_run => Err(DlqError::DryRunStopped {
+            looked,
+            total: total as usize,
+            would: moved,
+            held_secs: held.as_secs(),
+        }),
         Some(held) => Err(DlqError::Stopped {
             moved,
             held_secs: held.as_secs(),
