@@ -170,6 +170,7 @@ impl PublishError {
 const SHARED_CHANNEL_MAX_BODY: usize = 1024 * 1024;
 
 /// One message to send as part of an outcome.
+#[derive(Clone)]
 pub struct Outgoing {
     /// Exchange.
     pub exchange: String,

@@ -109,6 +109,9 @@ pub(crate) struct Inner<P> {
     pub(crate) permits: Arc<Semaphore>,
     /// One large body decoded and handled at a time (see [`crate::session::LARGE_BODY`]).
     pub(crate) large_bodies: Semaphore,
+    /// Messages held while the broker refuses their retry: a quarter of the handlers at
+    /// most, so the others keep working meanwhile.
+    pub(crate) held_retries: Semaphore,
     /// Span export (`[telemetry] otlp_endpoint`), if on.
     pub(crate) spans: Option<SpanExporter>,
 }
@@ -140,6 +143,7 @@ impl<P: MessageProcessor> Runtime<P> {
                 status,
                 permits: Arc::new(Semaphore::new(cfg.amqp.effective_concurrency())),
                 large_bodies: Semaphore::new(1),
+                held_retries: Semaphore::new((cfg.amqp.effective_concurrency() / 4).max(1)),
             }),
         }
     }

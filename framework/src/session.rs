@@ -50,16 +50,30 @@ fn publish_failure_backoff(headers: &FieldTable) -> Duration {
         .min(PUBLISH_FAILURE_BACKOFF_MAX)
 }
 
-/// How long a message whose retry the broker refuses is held, publishing it again, before
-/// it goes back to the queue: 5 minutes, or a quarter of the consumer timeout (the
-/// broker's default 30 minutes where `consumer_timeout_ms` is 0) if that is shorter, so
-/// the hold never costs the channel.
-fn publish_hold_limit(amqp: &AmqpConfig) -> Duration {
-    let consumer_timeout = match amqp.consumer_timeout_ms {
-        0 => Duration::from_secs(30 * 60),
-        ms => Duration::from_millis(ms),
+/// How long a message whose retry the broker refuses is held at most, publishing its retry
+/// again, before it goes back to the queue.
+fn publish_hold_limit() -> Duration {
+    Duration::from_secs(5 * 60)
+}
+
+/// How long after its delivery a message may still be held: half the broker's consumer
+/// timeout, so the hold never costs the channel. That is `consumer_timeout_ms` where it is
+/// lower than RabbitMQ's default 30 minutes, else half of that default: 3.10 and 3.11
+/// ignore the per-queue setting, and their own `consumer_timeout` cannot be read.
+fn held_at_most(amqp: &AmqpConfig) -> Duration {
+    let default = Duration::from_secs(30 * 60);
+    let timeout = match amqp.consumer_timeout_ms {
+        0 => default,
+        ms => Duration::from_millis(ms).min(default),
     };
-    Duration::from_secs(5 * 60).min(consumer_timeout / 4)
+    timeout / 2
+}
+
+/// Whether a failed publish is a refusal, after which nothing landed: a nack, or a channel
+/// the broker closed over it (a permission, a channel limit). A confirm that never came is
+/// not: the message may have landed, and publishing it again would make two.
+fn refused(e: &PublishError) -> bool {
+    matches!(e, PublishError::Nacked(_) | PublishError::Amqp(_))
 }
 
 /// Room a retry or dead letter needs in its frame beyond the input's headers: the
@@ -697,7 +711,7 @@ fn consumer_ended(next: Option<Result<Delivery, lapin::Error>>) -> SessionEnd {
             SessionEnd::Lost(why)
         }
         _ => SessionEnd::Released(
-            "consumer cancelled by the broker (queue deleted, or its consumer timeout)".into(),
+            "consumer cancelled by the broker (queue deleted, its consumer timeout, or a mirrored queue's failover)".into(),
         ),
     }
 }
@@ -771,28 +785,42 @@ struct Shared<P: MessageProcessor> {
 
 impl<P: MessageProcessor> Shared<P> {
     /// Publishes the retry of `delivery` again, after a growing pause, while the broker
-    /// refuses it for a state of its own (a full retry tier, a tier without a leader, a
-    /// refused permission) — for at most [`publish_hold_limit`], while the session runs.
-    /// Given back at once instead, the message ran its processor again from the start:
-    /// what the attempt did and marked in its retry's headers (ids published, events
-    /// posted) was done twice, once a second on a classic queue, for as long as the
-    /// refusal lasted. True once the retry is confirmed.
-    async fn hold_retry(&self, delivery: &Delivery, ctx: &MessageContext, reason: &str) -> bool {
+    /// refuses it for a state of its own (a full retry tier, a refused permission, a channel
+    /// limit: a nack or a closed channel, where nothing landed) — for at most
+    /// [`publish_hold_limit`] from now and half the broker's consumer timeout from
+    /// `started`, while the session runs, and by at most a quarter of the handlers at once
+    /// (the others keep working). Given back at once instead, the message ran its processor
+    /// again from the start: what the attempt did and marked in its retry's headers (ids
+    /// published, events posted) was done twice, once a second on a classic queue, for as
+    /// long as the refusal lasted. True once the retry is confirmed.
+    async fn hold_retry(
+        &self,
+        delivery: &Delivery,
+        ctx: &MessageContext,
+        reason: &str,
+        started: Instant,
+    ) -> bool {
         let inner = &*self.inner;
-        let until = Instant::now() + publish_hold_limit(&inner.amqp);
+        let Ok(_holding) = inner.held_retries.try_acquire() else {
+            return false;
+        };
+        let until =
+            (Instant::now() + publish_hold_limit()).min(started + held_at_most(&inner.amqp));
+        warn!("the broker refuses the retry; holding the message and publishing its retry again");
+        let (_, msgs) = inner.planner.plan(
+            &self.publisher,
+            &delivery.data,
+            ctx,
+            Outcome::Retry(reason.to_string()),
+        );
         let mut wait = PUBLISH_FAILURE_BACKOFF;
-        while Instant::now() + wait <= until {
+        // Each try may wait for its confirm as long as the operation bound: counted in.
+        while Instant::now() + wait + inner.amqp.operation_timeout() <= until {
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = ctx.cancel.cancelled() => return false,
             }
-            let (_, msgs) = inner.planner.plan(
-                &self.publisher,
-                &delivery.data,
-                ctx,
-                Outcome::Retry(reason.to_string()),
-            );
-            match self.publisher.send(msgs).await {
+            match self.publisher.send(msgs.clone()).await {
                 Ok(()) => {
                     info!("the retry the broker refused is published now");
                     return true;
@@ -801,6 +829,9 @@ impl<P: MessageProcessor> Shared<P> {
                     self.metrics.publish_failures().increment(1);
                     if self.topology_incomplete(&e).await {
                         self.broken.cancel();
+                        return false;
+                    }
+                    if !refused(&e) {
                         return false;
                     }
                     debug!(error = %m::LogText(&e.to_string()), "the retry is still refused");
@@ -956,7 +987,7 @@ impl<P: MessageProcessor> Shared<P> {
                 }
                 _ => None,
             };
-            let label = self.settle(&delivery, &ctx, outcome).await;
+            let label = self.settle(&delivery, &ctx, outcome, started).await;
             if let Some(spans) = &inner.spans {
                 spans.record(crate::otlp::Span {
                     trace: ctx.trace.clone(),
@@ -985,6 +1016,7 @@ impl<P: MessageProcessor> Shared<P> {
         delivery: &Delivery,
         ctx: &MessageContext,
         outcome: Outcome,
+        started: Instant,
     ) -> &'static str {
         let (inner, publisher, metrics, settler, broken) = (
             &*self.inner,
@@ -1032,10 +1064,13 @@ impl<P: MessageProcessor> Shared<P> {
             *s = m.body.len();
         }
         let mut published = publisher.send(msgs).await;
+        // Whether that failure showed the topology incomplete (looked at once per error).
+        let mut incomplete = false;
         if let Err(e) = &published {
             metrics.publish_failures().increment(1);
             error!(error = %m::LogText(&e.to_string()), outcome = label, "could not publish the outcome");
-            if self.topology_incomplete(e).await {
+            incomplete = self.topology_incomplete(e).await;
+            if incomplete {
                 broken.cancel();
             }
             let replacement = if e.body_too_large(&sizes) && label != "dead_letter" {
@@ -1064,6 +1099,10 @@ impl<P: MessageProcessor> Shared<P> {
                 let (l, msgs) = inner.planner.plan(publisher, &delivery.data, ctx, o);
                 label = l;
                 published = publisher.send(msgs).await;
+                incomplete = match &published {
+                    Err(e) => self.topology_incomplete(e).await,
+                    Ok(()) => false,
+                };
             }
         }
         if let Err(e @ PublishError::TooLarge { .. }) = &published {
@@ -1075,6 +1114,10 @@ impl<P: MessageProcessor> Shared<P> {
                 .planner
                 .bare_dead_letter(publisher, &delivery.data, ctx, &why);
             published = publisher.send(msgs).await;
+            incomplete = match &published {
+                Err(e) => self.topology_incomplete(e).await,
+                Ok(()) => false,
+            };
         }
         match published {
             // Counted once the ack has left (the settler sends it).
@@ -1101,20 +1144,21 @@ impl<P: MessageProcessor> Shared<P> {
                 // still counts toward a quorum queue's delivery limit where it no longer
                 // counts a `nack`): a message none of whose outcomes can ever be published
                 // ends dead-lettered by the broker at the limit instead of looping.
+                if incomplete {
+                    broken.cancel();
+                } else if label == "retry"
+                    && refused(&e)
+                    && let Some(reason) = &retry_reason
+                    && self.hold_retry(delivery, ctx, reason, started).await
+                {
+                    settler.ack(delivery.delivery_tag, label);
+                    return label;
+                }
                 error!(
                     error = %m::LogText(&e.to_string()),
                     hint = crate::connection::refusal_hint(&e),
                     "could not publish a retry either; the input goes back to the queue"
                 );
-                if self.topology_incomplete(&e).await {
-                    broken.cancel();
-                } else if label == "retry"
-                    && let Some(reason) = &retry_reason
-                    && self.hold_retry(delivery, ctx, reason).await
-                {
-                    settler.ack(delivery.delivery_tag, label);
-                    return label;
-                }
                 // A stop or a lost connection does not wait for it: the message goes back
                 // either way.
                 tokio::select! {

@@ -57,13 +57,17 @@ impl std::fmt::Display for LogText<'_> {
 
 /// Whether `c` would change how a terminal or a log viewer shows the text around it: a
 /// control character, a line or paragraph separator (U+2028/9, a line break to many
-/// viewers), a bidirectional override or isolate (U+202A–E, U+2066–9, U+200E/F: a routing
-/// key or error text shown reordered), or an invisible one (U+200B–D, U+2060, U+FEFF).
+/// viewers), a bidirectional control (Unicode's `Bidi_Control`: U+061C, U+200E/F,
+/// U+202A–E, U+2066–9 — a routing key or error text shown reordered), or a zero-width
+/// space or word joiner (U+200B, U+2060, U+FEFF). The zero-width (non-)joiners U+200C/D
+/// are left alone: Persian and Indic names and emoji need them.
 fn disturbs_display(c: char) -> bool {
     c.is_control()
         || matches!(
             c,
-            '\u{200B}'..='\u{200F}'
+            '\u{061C}'
+                | '\u{200B}'
+                | '\u{200E}'..='\u{200F}'
                 | '\u{2028}'..='\u{202E}'
                 | '\u{2060}'
                 | '\u{2066}'..='\u{2069}'

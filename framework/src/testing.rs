@@ -604,13 +604,22 @@ pub fn int_header(d: &Delivery, key: &str) -> Option<i64> {
 /// process's (the recorder is installed here if it was not; a session started before
 /// that counts nothing).
 pub fn outcome_count(queue: &str, outcome: &str) -> u64 {
-    let label = format!("queue=\"{queue}\"");
-    let want = format!("outcome=\"{outcome}\"");
+    counted(
+        "storagetier_messages_total",
+        &[("queue", queue), ("outcome", outcome)],
+    )
+}
+
+/// The sum of this process's counter `metric` over the series carrying every label of
+/// `labels` (see [`outcome_count`]).
+pub fn counted(metric: &str, labels: &[(&str, &str)]) -> u64 {
+    let want: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    let prefix = format!("{metric}{{");
     crate::telemetry::metrics_handle()
         .render()
         .lines()
-        .filter(|l| l.starts_with("storagetier_messages_total{"))
-        .filter(|l| l.contains(&label) && l.contains(&want))
+        .filter(|l| l.starts_with(&prefix))
+        .filter(|l| want.iter().all(|w| l.contains(w.as_str())))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum()
 }

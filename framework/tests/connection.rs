@@ -269,26 +269,37 @@ async fn a_refused_retry_is_held_and_published_again_within_its_session() {
         .await;
     let limited = with_credentials(&amqp_url(), &user, "pw");
     let calls = Arc::new(AtomicUsize::new(0));
-    let counted = calls.clone();
+    let handled = calls.clone();
     let p = FnProcessor(move |v: serde_json::Value, ctx: &MessageContext| {
-        counted.fetch_add(1, SeqCst);
+        handled.fetch_add(1, SeqCst);
         if ctx.attempt == 0 {
             Outcome::retry("not yet")
         } else {
             Outcome::success(v)
         }
     });
+    // Counters recorded from the first session on (the refusals are awaited by them).
+    let _recorder = framework::telemetry::metrics_handle();
     let mut hs = Harness::start_with(config(&q, &[("amqp.url", &limited)]), p).await;
     let mut out = hs.watch_output().await;
     let sessions = hs.status.sessions();
     let first = *sessions.borrow();
     hs.publish("test.r", br#"{"n":1}"#, BasicProperties::default())
         .await;
+    // Refused twice: the retry, then its first publish again while held.
     let deadline = tokio::time::Instant::now() + WAIT;
-    while calls.load(SeqCst) < 1 {
-        assert!(tokio::time::Instant::now() < deadline, "handled");
+    while counted(
+        "storagetier_publish_failures_total",
+        &[("queue", q.as_str())],
+    ) < 2
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the retry was refused"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+    assert_eq!(calls.load(SeqCst), 1, "held, not handled again");
     // The refusal lifted: the held retry goes out, and its attempt succeeds.
     admin.set_permissions(&user, ".*", ".*").await;
     assert_eq!(next(&mut out).await.data, br#"{"n":1}"#);

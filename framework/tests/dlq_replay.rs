@@ -393,3 +393,41 @@ async fn a_dry_run_stopped_by_the_hold_limit_says_it_replayed_nothing() {
     await_ready_count(&hs.ch, &dlq_name, 300).await;
     assert_eq!(ready_count(&hs.ch, &hs.q).await, 0, "nothing moved");
 }
+
+/// `--message-id` on a long DLQ: its dead letter found and replayed, a look further back
+/// cut short by the hold limit is reported as done — not as "stopped, run it again", after
+/// which the run again finds nothing and fails too (and the operator republishes from
+/// upstream what was replayed).
+#[tokio::test]
+async fn a_message_id_replayed_before_the_hold_limit_is_reported_done() {
+    let mut hs = Harness::start("idhold", &[], failing()).await;
+    hs.stop().await;
+    let dlq_name = format!("{}-dlq", hs.q);
+    for i in 0..300 {
+        let id = if i == 0 {
+            "target".to_string()
+        } else {
+            format!("other-{i}")
+        };
+        publish(
+            &hs.ch,
+            "",
+            &dlq_name,
+            format!("{{\"i\":{i}}}").as_bytes(),
+            BasicProperties::default().with_message_id(id.into()),
+        )
+        .await;
+    }
+    await_ready_count(&hs.ch, &dlq_name, 300).await;
+    let filter = Filter {
+        message_id: Some("target".into()),
+        hold_at_most: Some(std::time::Duration::from_millis(20)),
+        ..Default::default()
+    };
+    let moved = dlq::replay_filtered(&hs.conn, &hs.topology(), &filter, false)
+        .await
+        .expect("the dead letter asked for is replayed");
+    assert_eq!(moved.len(), 1);
+    await_ready_count(&hs.ch, &hs.q, 1).await;
+    await_ready_count(&hs.ch, &dlq_name, 299).await;
+}

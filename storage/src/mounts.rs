@@ -126,14 +126,21 @@ fn unmounted_above(
         .cloned()
 }
 
-/// The mount points `/etc/fstab` lists (its second field, with mountinfo's escapes), bar
-/// comments, swap and `none`.
+/// The mount points `/etc/fstab` lists (its second field, with mountinfo's escapes) for
+/// mounting at boot: bar comments, swap, `none` and `noauto` entries (removable media,
+/// mounts made by hand now and then).
 fn fstab_points(text: &str) -> Vec<PathBuf> {
     text.lines()
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .filter_map(|l| l.split_whitespace().nth(1))
-        .filter(|p| p.starts_with('/'))
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (point, kind) = (*f.get(1)?, f.get(2).copied().unwrap_or(""));
+            let noauto = f
+                .get(3)
+                .is_some_and(|o| o.split(',').any(|o| o == "noauto"));
+            (point.starts_with('/') && kind != "swap" && !noauto).then_some(point)
+        })
         .map(|p| PathBuf::from(unescape(p)))
         .collect()
 }
@@ -225,7 +232,8 @@ mod tests {
         let fstab = "# media\n/dev/sdb1 /srv/online ext4 defaults 0 2\n\
                      nas:/b /srv/online/nas2 nfs4 defaults 0 0\n\
                      /swapfile none swap sw 0 0\n\
-                     nas:/c /mnt/elsewhere nfs4 defaults 0 0\n";
+                     nas:/c /mnt/elsewhere nfs4 defaults 0 0\n\
+                     /dev/sr0 /srv/online/cdrom iso9660 ro,noauto,user 0 0\n";
         let mut shares = below(&roots, fstab_points(fstab));
         assert_eq!(
             shares.iter().collect::<Vec<_>>(),

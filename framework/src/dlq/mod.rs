@@ -620,10 +620,19 @@ pub async fn replay_each(
             );
             // The wait for a confirm has no end while the broker blocks publishes (a
             // resource alarm): a stop asked for meanwhile ends it, saying that this one
-            // may still land.
-            tokio::select! {
-                r = published => r?,
-                _ = stop.cancelled() => {
+            // may still land. Otherwise the confirm is on its way (bounded): waited for, so
+            // the dead letter is removed and the stop falls between two dead letters.
+            tokio::pin!(published);
+            loop {
+                tokio::select! {
+                    r = &mut published => {
+                        r?;
+                        break;
+                    }
+                    _ = stop.cancelled(), if !stop.is_cancelled() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(100)), if stop.is_cancelled() => {}
+                }
+                if stop.is_cancelled() && alarm.blocked() {
                     return Err(DlqError::Unconfirmed {
                         moved,
                         message_id: info.message_id,
@@ -652,6 +661,20 @@ pub async fn replay_each(
         return Err(DlqError::Interrupted(moved));
     }
     match stopped {
+        // The message id asked for is replayed: a second dead letter of that id (a message
+        // dead-lettered twice) would be further back. Reported as done, not as "run it
+        // again" — run again, it finds none and fails, and an operator told twice it
+        // failed republishes from upstream what is already replayed.
+        Some(held) if !dry_run && moved > 0 && filter.message_id.is_some() => {
+            tracing::warn!(
+                looked,
+                total,
+                held_secs = held.as_secs(),
+                "stopped looking for more dead letters with this message id (the broker's \
+                 consumer timeout); any further back are still in the DLQ"
+            );
+            Ok(moved)
+        }
         Some(held) if dry_run => Err(DlqError::DryRunStopped {
             looked,
             total: total as usize,
@@ -810,8 +833,10 @@ mod tests {
         // A right-to-left override shows "gpj.exe" as "exe.jpg"; a line separator breaks
         // the row in many viewers; a zero-width space hides in a key.
         assert_eq!(
-            super::printable("a\u{202e}b\u{2028}c\u{200b}d"),
-            "a\\u{202e}b\\u{2028}c\\u{200b}d"
+            super::printable("a\u{202e}b\u{2028}c\u{200b}d\u{61c}"),
+            "a\\u{202e}b\\u{2028}c\\u{200b}d\\u{61c}"
         );
+        // A joiner in a Persian name is part of the name.
+        assert_eq!(super::printable("می\u{200c}خواهم"), "می\u{200c}خواهم");
     }
 }
