@@ -346,7 +346,46 @@ pub fn load_config<S: Service>(opts: &LoadOptions) -> Result<Config<S::Settings>
 fn loaded_settled<S: Service>(opts: &LoadOptions) -> Result<Config<S::Settings>, ConfigError> {
     let mut cfg = config::load::<S::Settings>(S::SECTION, opts)?;
     S::settle(&mut cfg);
+    check_no_loop::<S>(&cfg)?;
     Ok(cfg)
+}
+
+/// Refuses a service subscribed to an exchange it publishes to (its output exchange, its
+/// own retry or fail exchange, another it owns), and an output exchange named as its own
+/// retry or fail exchange. Subscribed to its own output, every success came back as a new
+/// input, for ever (event-forwarder posting each event again and again); its output on
+/// `Q-fail` went to its own DLQ.
+fn check_no_loop<S: Service>(cfg: &Config<S::Settings>) -> Result<(), ConfigError> {
+    let binding = binding_of::<S>(cfg);
+    let topo = Topology::of(&binding, cfg);
+    let section = S::SECTION;
+    let output = &cfg.service.output_exchange;
+    if *output == topo.fail_exchange() || *output == topo.retry_exchange() {
+        return Err(ConfigError::new(
+            format!("{section}.output_exchange"),
+            format!(
+                "`{output}` is the service's own retry or dead-letter exchange: its success \
+                 messages would go there"
+            ),
+        ));
+    }
+    let owned: Vec<String> = topo.exchanges().into_iter().map(|e| e.name).collect();
+    if owned.contains(&binding.exchange) {
+        let key = if cfg.service.input_exchange.is_some() {
+            "input_exchange"
+        } else {
+            "output_exchange"
+        };
+        return Err(ConfigError::new(
+            format!("{section}.{key}"),
+            format!(
+                "the service would consume from `{}`, an exchange it publishes to itself: its \
+                 own messages would come back to it without end",
+                binding.exchange
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Stack reserved for threads that do not choose theirs, among them the AMQP client's I/O

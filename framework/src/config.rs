@@ -959,6 +959,11 @@ fn unlisted_kind(name: &str) -> Option<Value> {
 /// handshake or a quorum queue's declaration on a loaded broker takes tens of ms.
 const MIN_BROKER_TIMEOUT_MS: u64 = 100;
 
+/// The shortest `[amqp] consumer_timeout_ms` taken (0 aside): 5 minutes. A storage copy
+/// takes minutes; below that the value is almost surely seconds typed for milliseconds
+/// (86400 for a day).
+const MIN_CONSUMER_TIMEOUT_MS: u64 = 300_000;
+
 /// Interprets an override as a TOML scalar or array when it parses as one.
 fn toml_scalar(v: &str) -> Option<Value> {
     let looks_typed = v.starts_with('[')
@@ -1229,6 +1234,18 @@ fn validate<S>(cfg: &Config<S>, section_name: &str) -> Result<(), ConfigError> {
             "must be >= reconnect_initial_ms",
         ));
     }
+    // Declared on `Q` (`x-consumer-timeout`), where a later, corrected value does not
+    // replace it: seconds typed for milliseconds (86400) would close the channel of every
+    // handler longer than 86 s, and redeliver its message, until the queue is moved.
+    if a.consumer_timeout_ms > 0 && a.consumer_timeout_ms < MIN_CONSUMER_TIMEOUT_MS {
+        return Err(ConfigError::new(
+            "amqp.consumer_timeout_ms",
+            format!(
+                "must be 0 (the broker's own) or at least {MIN_CONSUMER_TIMEOUT_MS} ms (5 \
+                 minutes; it is in milliseconds)"
+            ),
+        ));
+    }
     let r = &cfg.retry;
     if r.delays_ms.is_empty() {
         return Err(ConfigError::new(
@@ -1275,11 +1292,35 @@ fn validate<S>(cfg: &Config<S>, section_name: &str) -> Result<(), ConfigError> {
             "must be 1 to 255 characters",
         ));
     }
+    // Under `amq.` only what RabbitMQ ships exists, and nothing else can be declared: a
+    // typo (`amq.topics`) waited for ever for a producer that cannot be.
+    if let Some(x) = &s.input_exchange
+        && x.starts_with("amq.")
+        && !BUILTIN_EXCHANGES.contains(&x.as_str())
+    {
+        return Err(ConfigError::new(
+            format!("{section_name}.input_exchange"),
+            format!(
+                "`{x}`: names starting with `amq.` are reserved by RabbitMQ, which has only {}",
+                BUILTIN_EXCHANGES.join(", ")
+            ),
+        ));
+    }
     s.http_listen
         .parse::<std::net::SocketAddr>()
         .map_err(|e| ConfigError::new(format!("{section_name}.http_listen"), e.to_string()))?;
     Ok(())
 }
+
+/// The `amq.` exchanges every RabbitMQ has.
+const BUILTIN_EXCHANGES: [&str; 6] = [
+    "amq.direct",
+    "amq.fanout",
+    "amq.headers",
+    "amq.match",
+    "amq.topic",
+    "amq.rabbitmq.trace",
+];
 
 /// Checks the name of a queue or exchange a service declares and owns (`key` names it in
 /// the error): 1 to 200 characters (room for the `-retry-<ms>`, `-dlq` names derived from

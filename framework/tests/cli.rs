@@ -170,6 +170,34 @@ fn bad_config_exits_2_naming_the_key() {
             "amq.topic",
             "echo.output_exchange",
         ),
+        // A service consuming what it publishes: its messages would come back for ever.
+        (
+            "STORAGETIER__ECHO__INPUT_EXCHANGE",
+            "unused-out",
+            "echo.input_exchange",
+        ),
+        (
+            "STORAGETIER__ECHO__INPUT_EXCHANGE",
+            "unused-retry",
+            "echo.input_exchange",
+        ),
+        (
+            "STORAGETIER__ECHO__OUTPUT_EXCHANGE",
+            "unused-fail",
+            "echo.output_exchange",
+        ),
+        // Under `amq.` only RabbitMQ's own exist (a typo of `amq.topic`).
+        (
+            "STORAGETIER__ECHO__INPUT_EXCHANGE",
+            "amq.topics",
+            "echo.input_exchange",
+        ),
+        // Seconds typed for milliseconds, declared on Q where a fix does not replace it.
+        (
+            "STORAGETIER__AMQP__CONSUMER_TIMEOUT_MS",
+            "86400",
+            "amqp.consumer_timeout_ms",
+        ),
         ("STORAGETIER__BOGUS__X", "1", "bogus"),
         // Valid filter syntax (a target named so), but with no level set it would turn
         // every other log line off (` info`: the filter does not trim).
@@ -185,6 +213,12 @@ fn bad_config_exits_2_naming_the_key() {
             stderr(&o)
         );
     }
+    // Their neighbours are taken: RabbitMQ's own `amq.topic`, a 5 minutes' consumer timeout.
+    let o = run(echo_cmd("unused", dir.path())
+        .env("STORAGETIER__ECHO__INPUT_EXCHANGE", "amq.topic")
+        .env("STORAGETIER__AMQP__CONSUMER_TIMEOUT_MS", "300000")
+        .arg("check-config"));
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     // A bad value in a config file is named the same way.
     std::fs::write(
         dir.path().join("dev.toml"),

@@ -58,7 +58,7 @@ async fn a_handler_longer_than_the_consumer_timeout_completes_once_on_rabbitmq_3
         &q,
         &[
             ("amqp.url", &broker.url()),
-            ("amqp.consumer_timeout_ms", "120000"),
+            ("amqp.consumer_timeout_ms", "300000"),
             ("amqp.drain_timeout_ms", "1000"),
         ],
     );
