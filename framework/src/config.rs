@@ -21,6 +21,7 @@ pub const KNOWN_SECTIONS: &[&str] = &[
     "log",
     "storage",
     "telemetry",
+    // The services' own, from here on (see `FRAMEWORK_SECTIONS`).
     "echo",
     "online_archive",
     "online_nearline",
@@ -29,6 +30,9 @@ pub const KNOWN_SECTIONS: &[&str] = &[
     "snapshot_status",
     "event_forwarder",
 ];
+
+/// How many of [`KNOWN_SECTIONS`] are the framework's; the rest are services'.
+const FRAMEWORK_SECTIONS: usize = 5;
 
 /// Keys whose environment-variable value is a comma-separated list.
 const LIST_KEYS: &[&str] = &[
@@ -1075,6 +1079,7 @@ pub fn load<S: DeserializeOwned>(
         }
     }
 
+    check_queue_shared(&tree, section_name, &service.queue, &retry.delays_ms)?;
     // At most `prefetch` run at once whatever is asked: shown as it runs.
     amqp.concurrency = amqp.concurrency.min(usize::from(amqp.prefetch));
     let cfg = Config {
@@ -1088,6 +1093,55 @@ pub fn load<S: DeserializeOwned>(
     };
     validate(&cfg, section_name)?;
     Ok(cfg)
+}
+
+/// The names a service on queue `q` owns: `Q`, its retry and fail exchanges, tiers, DLQ.
+fn owned_names(q: &str, delays_ms: &[u64]) -> Vec<String> {
+    let mut v = vec![
+        q.to_string(),
+        format!("{q}-dlq"),
+        format!("{q}-fail"),
+        format!("{q}-retry"),
+    ];
+    v.extend(delays_ms.iter().map(|d| format!("{q}-retry-{d}")));
+    v
+}
+
+/// Refuses a `queue` whose names meet another service's in the same files (a section
+/// copied with its `queue` left in): two services on one queue each got part of the
+/// other's messages — files archived or nearlined, never both, all reported done — and a
+/// queue named as another's DLQ failed whichever started second.
+fn check_queue_shared(
+    tree: &Map<String, Value>,
+    own_section: &str,
+    queue: &str,
+    delays_ms: &[u64],
+) -> Result<(), ConfigError> {
+    let mine = owned_names(queue, delays_ms);
+    for other in KNOWN_SECTIONS[FRAMEWORK_SECTIONS..]
+        .iter()
+        .filter(|s| **s != own_section)
+    {
+        let theirs = tree
+            .get(*other)
+            .and_then(|v| v.clone().into_table().ok())
+            .and_then(|t| t.get("queue").and_then(|q| q.clone().into_string().ok()))
+            .unwrap_or_else(|| format!("storagetier-{}", other.replace('_', "-")));
+        let shared = owned_names(&theirs, delays_ms)
+            .into_iter()
+            .find(|n| mine.contains(n));
+        if let Some(name) = shared {
+            return Err(ConfigError::new(
+                format!("{own_section}.queue"),
+                format!(
+                    "`{queue}` makes `{name}`, which {other} (`{other}.queue` = `{theirs}`) \
+                     owns too: two services on one queue each take part of the other's \
+                     messages; give each its own"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn rename(mut e: ConfigError, from: &str, to: &str) -> ConfigError {
@@ -1415,6 +1469,30 @@ mod tests {
             ..LoadOptions::default()
         };
         load::<IgnoredAny>("echo", &opts)
+    }
+
+    /// A section copied with its `queue` left in, or a queue named as another service's
+    /// DLQ: refused naming the key and the other service.
+    #[test]
+    fn a_queue_another_service_owns_is_refused() {
+        for q in [
+            "storagetier-online-archive",
+            "storagetier-online-archive-dlq",
+            "storagetier-project-ingest-retry-5000",
+        ] {
+            let e = with_env(&[("STORAGETIER__ECHO__QUEUE", q)]).expect_err(q);
+            assert_eq!(e.key, "echo.queue", "{q}");
+        }
+        // One made only of another's prefix is its own.
+        assert!(with_env(&[("STORAGETIER__ECHO__QUEUE", "storagetier-online")]).is_ok());
+        // Another service moved off the default frees it.
+        assert!(
+            with_env(&[
+                ("STORAGETIER__ECHO__QUEUE", "storagetier-crash-router"),
+                ("STORAGETIER__CRASH_ROUTER__QUEUE", "crashes"),
+            ])
+            .is_ok()
+        );
     }
 
     #[test]
