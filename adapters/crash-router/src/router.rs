@@ -404,7 +404,24 @@ impl Service for CrashRouterService {
     }
 
     fn validate(cfg: &Config<CrashRouterSettings>) -> Result<(), ConfigError> {
-        queues_of(&cfg.settings.queues)?;
+        let queues = queues_of(&cfg.settings.queues)?;
+        // A crash id sent to the service's own queue, tiers or DLQ comes back to it as a
+        // body that is no event (dead-lettered); one under `amq.` cannot exist (RabbitMQ
+        // refuses the name), so every id to it is unroutable.
+        let own = framework::cli::topology_of::<Self>(cfg).queue_names();
+        if let Some(q) = queues
+            .iter()
+            .find(|q| q.name.starts_with("amq.") || own.contains(&q.name))
+        {
+            return Err(ConfigError::new(
+                "crash_router.queues",
+                format!(
+                    "`{}` is the service's own queue or a name RabbitMQ reserves (`amq.`): \
+                     name the processors' queues",
+                    q.name
+                ),
+            ));
+        }
         digits(&cfg.settings.accept_digit)?;
         Ok(())
     }
@@ -749,6 +766,29 @@ mod tests {
                 "seed {seed:?}"
             );
         }
+    }
+
+    /// A target queue that is the service's own (its input, a tier, its DLQ) or under
+    /// `amq.` is refused naming the key.
+    #[test]
+    fn the_services_own_queues_and_amq_names_are_no_targets() {
+        use framework::config::LoadOptions;
+        let load = |q: &str| {
+            framework::cli::load_config::<CrashRouterService>(
+                &LoadOptions::isolated().set("crash_router.queues", q),
+            )
+        };
+        for q in [
+            "storagetier-crash-router",
+            "socorro.normal,storagetier-crash-router-dlq",
+            "15:amq.crashes",
+        ] {
+            match load(q) {
+                Err(e) => assert_eq!(e.key, "crash_router.queues", "{q}"),
+                Ok(_) => panic!("{q} accepted"),
+            }
+        }
+        assert!(load("socorro.normal,15:socorro.submitter").is_ok());
     }
 
     #[test]
