@@ -112,6 +112,12 @@ impl<'c> Progress<'c> {
             .saturating_add(self.done.len())
     }
 
+    /// Whether this attempt changed the marks (a part done, or the marks cleared): a retry
+    /// now carries progress of its own.
+    pub fn advanced(&self) -> bool {
+        self.dirty
+    }
+
     /// True when no part is done yet.
     pub fn is_empty(&self) -> bool {
         self.done.is_empty() && self.indices.0.is_empty()

@@ -120,6 +120,9 @@ pub struct MessageContext {
     pub(crate) stops_at: Arc<std::sync::OnceLock<std::time::Instant>>,
     /// `[amqp] max_records` (0: no limit), see [`MessageContext::too_many_records`].
     pub(crate) max_records: usize,
+    /// Half the broker's consumer timeout after the delivery (see
+    /// [`MessageContext::checkpoint_in`]); None outside a runtime.
+    pub(crate) checkpoint_at: Option<std::time::Instant>,
 }
 
 /// What an attempt asked of its Retry outcome (see [`MessageContext::set_retry_header`] and
@@ -152,7 +155,24 @@ impl MessageContext {
             stops_at: Arc::default(),
             trace: crate::trace::TraceContext::continue_from(&FieldTable::default()),
             max_records: 0,
+            checkpoint_at: None,
         }
+    }
+
+    /// How long this handler may go on before it should return a Retry carrying its
+    /// progress: until half the broker's consumer timeout has passed since the delivery
+    /// (past the whole of it, the broker closes the channel and redelivers the message as
+    /// it came — every part done meanwhile done again, at every delivery). None outside a
+    /// runtime.
+    pub fn checkpoint_in(&self) -> Option<std::time::Duration> {
+        self.checkpoint_at
+            .map(|t| t.saturating_duration_since(std::time::Instant::now()))
+    }
+
+    /// A context whose [`MessageContext::checkpoint_in`] is `left` from now (unit tests).
+    pub fn with_checkpoint_in(mut self, left: std::time::Duration) -> Self {
+        self.checkpoint_at = Some(std::time::Instant::now() + left);
+        self
     }
 
     /// The outcome of a message holding `n` records, more than `[amqp] max_records`: it

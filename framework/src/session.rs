@@ -56,11 +56,12 @@ fn publish_hold_limit() -> Duration {
     Duration::from_secs(5 * 60)
 }
 
-/// How long after its delivery a message may still be held: half the broker's consumer
-/// timeout, so the hold never costs the channel. That is `consumer_timeout_ms` where it is
+/// Half the broker's consumer timeout: how long after its delivery a message may still be
+/// held (so the hold never costs the channel), and when a long handler should return a
+/// Retry carrying its progress ([`MessageContext::checkpoint_in`]). That is `consumer_timeout_ms` where it is
 /// lower than RabbitMQ's default 30 minutes, else half of that default: 3.10 and 3.11
 /// ignore the per-queue setting, and their own `consumer_timeout` cannot be read.
-fn held_at_most(amqp: &AmqpConfig) -> Duration {
+fn half_consumer_timeout(amqp: &AmqpConfig) -> Duration {
     let default = Duration::from_secs(30 * 60);
     let timeout = match amqp.consumer_timeout_ms {
         0 => default,
@@ -804,8 +805,8 @@ impl<P: MessageProcessor> Shared<P> {
         let Ok(_holding) = inner.held_retries.try_acquire() else {
             return false;
         };
-        let until =
-            (Instant::now() + publish_hold_limit()).min(started + held_at_most(&inner.amqp));
+        let until = (Instant::now() + publish_hold_limit())
+            .min(started + half_consumer_timeout(&inner.amqp));
         warn!("the broker refuses the retry; holding the message and publishing its retry again");
         let (_, msgs) = inner.planner.plan(
             &self.publisher,
@@ -927,6 +928,7 @@ impl<P: MessageProcessor> Shared<P> {
                 publisher: Some(publisher.clone()),
                 properties,
                 max_records: inner.amqp.max_records,
+                checkpoint_at: Some(started + half_consumer_timeout(&inner.amqp)),
             };
             // Decoding runs inside catch_unwind too: a panicking Deserialize is the input's fault.
             let handled = AssertUnwindSafe(async {

@@ -303,14 +303,29 @@ impl EventForwarder {
             // gives its message back as it came, and every record posted meanwhile would
             // be posted again.) Ordered, the batch keeps its place instead; on its last
             // attempt it goes on too, since that retry would dead-letter it as exhausted.
+            let room = self.forwarder.timeout() + RETRY_PUBLISH_ROOM;
             if !self.ordered
                 && ctx.counted_attempts().saturating_add(1) < self.retry.max_attempts
-                && ctx
-                    .time_left()
-                    .is_some_and(|left| left < self.forwarder.timeout() + RETRY_PUBLISH_ROOM)
+                && ctx.time_left().is_some_and(|left| left < room)
             {
                 return Outcome::retry(format!(
                     "the service stopped after {} of {} records; the rest go with this retry",
+                    i,
+                    records.len()
+                ));
+            }
+            // A batch of many records to a slow endpoint can outlast the broker's consumer
+            // timeout, which would redeliver it as it came (every record posted meanwhile
+            // posted again, at every delivery): half-way there, the rest go with a retry
+            // carrying what is done. Only once some record of this attempt is done, so the
+            // retry counts as progress. Ordered, the batch keeps its place instead.
+            if !self.ordered
+                && progress.advanced()
+                && ctx.checkpoint_in().is_some_and(|left| left < room)
+            {
+                return Outcome::retry(format!(
+                    "the batch outlasted half the broker's consumer timeout after {} of {} \
+                     records; the rest go with this retry",
                     i,
                     records.len()
                 ));

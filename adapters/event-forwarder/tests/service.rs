@@ -1245,3 +1245,38 @@ async fn an_endpoint_slower_than_timeout_ms_is_a_timeout() {
     assert!(why.contains("timed out after 700 ms"), "{why}");
     hs.stop().await;
 }
+
+/// A batch still posting half-way to the broker's consumer timeout returns a retry
+/// carrying what it posted, instead of running on until the broker closes the channel and
+/// redelivers it as it came (every record posted again, at every delivery).
+#[tokio::test]
+async fn a_batch_near_the_consumer_timeout_goes_on_in_a_retry_carrying_its_progress() {
+    use framework::{MessageContext, MessageProcessor, Outcome, Service};
+    let server = answering(200).await;
+    let endpoint = format!("{}/events", server.uri());
+    let cfg = framework::cli::load_config::<EventForwarderService>(
+        &framework::config::LoadOptions::isolated()
+            .set("event_forwarder.endpoint", endpoint.as_str())
+            .set("event_forwarder.token", TOKEN),
+    )
+    .expect("config");
+    let processor = EventForwarderService::processor(&cfg)
+        .await
+        .expect("processor");
+    let body = json!({"Records": [record("seq-1"), record("seq-2"), record("seq-3")]});
+    let input: Box<serde_json::value::RawValue> =
+        serde_json::value::to_raw_value(&body).expect("raw");
+    let ctx =
+        MessageContext::for_test("events", "k", 0).with_checkpoint_in(std::time::Duration::ZERO);
+    match processor.handle(input, &ctx).await {
+        Outcome::Retry(why) => assert!(why.contains("consumer timeout"), "{why}"),
+        other => panic!("expected a retry, got {other:?}"),
+    }
+    assert_eq!(bodies(&server).await.len(), 1, "one record posted first");
+    let done: Vec<_> = ctx
+        .retry_headers()
+        .into_iter()
+        .filter(|(k, _)| k == event_forwarder::DONE_HEADER)
+        .collect();
+    assert_eq!(done.len(), 1, "the retry carries what is done: {done:?}");
+}
