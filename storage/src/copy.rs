@@ -70,13 +70,38 @@ impl SourceState {
         Self { remote, ..self }
     }
 
-    /// [`CopyError::SourceChanged`] unless `file` is still in this state. Blocking.
+    /// The file's size and times as its server has them now, on a remote filesystem
+    /// (NFS, SMB): a plain `fstat` there answers from the client's attribute cache (NFS for
+    /// 3 s and more), where a file another machine is still appending to looks finished.
+    /// None where the kernel cannot ask (before Linux 4.11): then the cached ones.
+    fn from_server(file: &std::fs::File) -> Option<std::io::Result<Self>> {
+        use rustix::fs::{AtFlags, StatxFlags, statx};
+        match statx(
+            file,
+            "",
+            AtFlags::EMPTY_PATH | AtFlags::STATX_FORCE_SYNC,
+            StatxFlags::BASIC_STATS,
+        ) {
+            Ok(st) => Some(Ok(Self {
+                size: st.stx_size,
+                mtime: (st.stx_mtime.tv_sec, i64::from(st.stx_mtime.tv_nsec)),
+                ctime: (st.stx_ctime.tv_sec, i64::from(st.stx_ctime.tv_nsec)),
+                mode: u32::from(st.stx_mode),
+                remote: true,
+            })),
+            Err(rustix::io::Errno::NOSYS | rustix::io::Errno::INVAL) => None,
+            Err(e) => Some(Err(e.into())),
+        }
+    }
+
+    /// [`CopyError::SourceChanged`] unless `file` is still in this state (asked of its
+    /// server where it is remote). Blocking.
     pub fn check(&self, file: &std::fs::File, shown: &str) -> Result<(), CopyError> {
-        let now = Self::of(
-            &file
-                .metadata()
-                .map_err(|e| CopyError::Read(shown.to_string(), e))?,
-        );
+        let read = |e| CopyError::Read(shown.to_string(), e);
+        let now = match self.remote.then(|| Self::from_server(file)).flatten() {
+            Some(state) => state.map_err(read)?,
+            None => Self::of(&file.metadata().map_err(read)?),
+        };
         if (now.size, now.mtime, now.ctime) == (self.size, self.mtime, self.ctime) {
             Ok(())
         } else {
