@@ -184,6 +184,10 @@ enum DlqCommand {
         /// Show what would move, move nothing.
         #[arg(long)]
         dry_run: bool,
+        /// One JSON object per dead letter moved (as `dlq list --json` shows them, with
+        /// `"action"`), then `{"summary": …}`, instead of text lines.
+        #[arg(long)]
+        json: bool,
     },
     /// Delete every dead letter.
     Purge {
@@ -632,6 +636,7 @@ async fn dlq_command(
             limit,
             rate,
             dry_run,
+            json,
         } => {
             let wanted = message_id.clone();
             let filter = dlq::Filter {
@@ -648,15 +653,24 @@ async fn dlq_command(
             let verb = if dry_run { "would replay" } else { "replayed" };
             // Each line as its dead letter is moved: a replay cut short has said which.
             let mut unwritten = None;
+            let action = if dry_run { "would_replay" } else { "replayed" };
             let moved = dlq::replay_each(conn, topo, &filter, dry_run, |i| {
-                // Escaped as `dlq list` does: the names come from whoever published.
-                let line = format!(
-                    "{verb} {} -> {} (first published to {}/{})\n",
-                    crate::dlq::printable(i.message_id.as_deref().unwrap_or("-")),
-                    topo.queue,
-                    crate::dlq::printable(&i.original_exchange),
-                    crate::dlq::printable(&i.original_routing_key)
-                );
+                let line = if json {
+                    // A script reads ids with spaces or ` -> ` in them whole.
+                    let mut v = serde_json::to_value(i).unwrap_or_default();
+                    v["action"] = action.into();
+                    v["queue"] = topo.queue.clone().into();
+                    format!("{v}\n")
+                } else {
+                    // Escaped as `dlq list` does: the names come from whoever published.
+                    format!(
+                        "{verb} {} -> {} (first published to {}/{})\n",
+                        crate::dlq::printable(i.message_id.as_deref().unwrap_or("-")),
+                        topo.queue,
+                        crate::dlq::printable(&i.original_exchange),
+                        crate::dlq::printable(&i.original_routing_key)
+                    )
+                };
                 if unwritten.is_none() {
                     unwritten = print_out(&line).err();
                 }
@@ -666,7 +680,14 @@ async fn dlq_command(
             if let Some(e) = unwritten {
                 return Err(e);
             }
-            print_out(&format!("{verb} {moved} dead letter(s)\n"))?;
+            if json {
+                let summary = serde_json::json!({"summary": {
+                    "action": action, "moved": moved, "queue": topo.queue,
+                }});
+                print_out(&format!("{summary}\n"))?;
+            } else {
+                print_out(&format!("{verb} {moved} dead letter(s)\n"))?;
+            }
             // A script replaying one message learns it was not there (a mistyped id).
             match wanted {
                 Some(id) if moved == 0 => Err(Failure::Other(format!(

@@ -895,6 +895,26 @@ async fn dead_letters_are_listed_replayed_after_confirm_and_purged() {
     assert!(String::from_utf8_lossy(&o.stdout).contains("would replay 1"));
     // a dry run moves nothing
     await_ready_count(&hs.ch, &format!("{q}-dlq"), 2).await;
+    // For scripts: one JSON object per dead letter, then a summary.
+    let o = cmd(&[
+        "dlq",
+        "replay",
+        "--message-id",
+        "poison-2",
+        "--dry-run",
+        "--json",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines[0]["message_id"], "poison-2");
+    assert_eq!(lines[0]["action"], "would_replay");
+    assert_eq!(lines[0]["kind"], "permanent");
+    assert_eq!(lines[1]["summary"]["moved"], 1);
+    await_ready_count(&hs.ch, &format!("{q}-dlq"), 2).await;
 
     let o = cmd(&["dlq", "replay", "--message-id", "poison-2"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
