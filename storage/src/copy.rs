@@ -311,8 +311,7 @@ pub async fn hash_object(
     alg: Algorithm,
 ) -> Result<Option<Digest>, CopyError> {
     if let Some(dir) = &tier.local_dir {
-        // A directory or a link at the key (or on the way to it) holds no object of this
-        // store.
+        // A directory or a link at the key holds no object of this store.
         return match at_local_key(dir, key).await? {
             crate::paths::AtKey::File(f) => {
                 let shown = dir.join(key.as_ref()).display().to_string();

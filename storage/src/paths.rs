@@ -290,44 +290,35 @@ fn open_without_links(root: &Path, rel: &Path) -> rustix::io::Result<File> {
     openat2_without_links(&dir, rel)
 }
 
-/// What a local store holds at a key, looked at without following any link.
+/// What a local store holds at a key, the key itself looked at without following it.
 #[derive(Debug)]
 pub enum AtKey {
     /// A regular file, opened for reading.
     File(File),
-    /// Something no copy matches: a directory, a symbolic link (at the key, or on the way
-    /// to it), a FIFO… A link read through would report content held elsewhere — in the
-    /// source tree, another tier — as this store's copy.
+    /// Something no copy matches: a directory, a symbolic link at the key, a FIFO… A link
+    /// read through would report content held elsewhere — in the source tree, another
+    /// tier — as this store's copy.
     Other,
     /// Nothing.
     Nothing,
 }
 
-/// What is at `rel` beneath a local store's `root`, following no link.
+/// What is at `rel` beneath a local store's `root`. Directories on the way are followed
+/// as the store's writes follow them (a store spread over disks by directory links); the
+/// key's own last component is not.
 pub fn at_key(root: &Path, rel: &Path) -> std::io::Result<AtKey> {
-    use rustix::io::Errno;
-    match open_without_links(root, rel) {
-        Ok(f) => Ok(AtKey::File(f)),
-        Err(Errno::NOENT) => Ok(AtKey::Nothing),
-        Err(Errno::LOOP | Errno::NXIO | Errno::ISDIR | Errno::XDEV) => Ok(AtKey::Other),
-        // Before Linux 5.6: the last component looked at without following it.
-        Err(Errno::NOSYS) => {
-            let path = root.join(rel);
-            match std::fs::symlink_metadata(&path) {
-                Ok(m) if m.is_file() => {
-                    use std::os::unix::fs::OpenOptionsExt;
-                    std::fs::OpenOptions::new()
-                        .read(true)
-                        .custom_flags(libc::O_NOFOLLOW)
-                        .open(&path)
-                        .map(AtKey::File)
-                }
-                Ok(_) => Ok(AtKey::Other),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(AtKey::Nothing),
-                Err(e) => Err(e),
-            }
-        }
-        Err(e) => Err(e.into()),
+    use std::os::unix::fs::OpenOptionsExt;
+    // NONBLOCK: a FIFO at the key must not hang the look (no effect on a regular file).
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(root.join(rel))
+    {
+        Ok(f) if f.metadata()?.is_file() => Ok(AtKey::File(f)),
+        Ok(_) => Ok(AtKey::Other),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(AtKey::Nothing),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENXIO)) => Ok(AtKey::Other),
+        Err(e) => Err(e),
     }
 }
 

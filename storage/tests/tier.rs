@@ -1609,6 +1609,20 @@ async fn a_link_at_a_key_of_a_local_store_is_no_copy() {
         );
         assert_eq!(std::fs::read(&at).expect("read"), body, "{name}");
     }
+    // A directory link on the way, within the store, is followed as writes follow it: a
+    // large file is stored through it, and found there again.
+    let disk2 = store.join("real/show");
+    std::fs::create_dir_all(&disk2).expect("disk2");
+    std::os::unix::fs::symlink(&disk2, store.join("show")).expect("dir link");
+    let body = content(2 << 20, 5);
+    let msg = put(base.path(), "online", "show/big.mov", &body);
+    let first = copied(c.handle(&msg, 0).await);
+    assert!(first.uploaded, "{first:?}");
+    assert_eq!(first.key, "show/big.mov");
+    assert_eq!(std::fs::read(disk2.join("big.mov")).expect("read"), body);
+    let again = copied(c.handle(&msg, 1).await);
+    assert!(!again.uploaded, "found again through the link: {again:?}");
+    assert_eq!(again.key, "show/big.mov");
 }
 
 /// A file named through a directory link (`current` → `2024`) is recorded at its real
