@@ -354,17 +354,18 @@ fn loaded_settled<S: Service>(opts: &LoadOptions) -> Result<Config<S::Settings>,
     Ok(cfg)
 }
 
-/// Refuses a service subscribed to an exchange it publishes to (its output exchange, its
-/// own retry or fail exchange, another it owns), and an output exchange named as its own
-/// retry or fail exchange. Subscribed to its own output, every success came back as a new
-/// input, for ever (event-forwarder posting each event again and again); its output on
-/// `Q-fail` went to its own DLQ.
+/// Refuses a service whose subscriptions would bring its own messages back to it: a
+/// binding to its own retry or fail exchange, or to its output exchange with a key that
+/// matches its success messages' (every success came back as a new input, for ever:
+/// event-forwarder posting each event again and again); and an output exchange named as
+/// its own retry or fail exchange (its successes went to its own DLQ).
 fn check_no_loop<S: Service>(cfg: &Config<S::Settings>) -> Result<(), ConfigError> {
     let binding = binding_of::<S>(cfg);
     let topo = Topology::of(&binding, cfg);
     let section = S::SECTION;
     let output = &cfg.service.output_exchange;
-    if *output == topo.fail_exchange() || *output == topo.retry_exchange() {
+    let own = [topo.fail_exchange(), topo.retry_exchange()];
+    if own.contains(output) {
         return Err(ConfigError::new(
             format!("{section}.output_exchange"),
             format!(
@@ -373,8 +374,14 @@ fn check_no_loop<S: Service>(cfg: &Config<S::Settings>) -> Result<(), ConfigErro
             ),
         ));
     }
-    let owned: Vec<String> = topo.exchanges().into_iter().map(|e| e.name).collect();
-    if owned.contains(&binding.exchange) {
+    let success = format!("{}.success", binding.output_routing_key);
+    let looping = own.contains(&binding.exchange)
+        || (binding.exchange == *output
+            && binding
+                .routing_keys
+                .iter()
+                .any(|k| crate::dlq::topic_matches(k, &success)));
+    if looping {
         let key = if cfg.service.input_exchange.is_some() {
             "input_exchange"
         } else {
@@ -383,8 +390,9 @@ fn check_no_loop<S: Service>(cfg: &Config<S::Settings>) -> Result<(), ConfigErro
         return Err(ConfigError::new(
             format!("{section}.{key}"),
             format!(
-                "the service would consume from `{}`, an exchange it publishes to itself: its \
-                 own messages would come back to it without end",
+                "the service would consume its own messages from `{}` (its success messages, \
+                 `{success}`, or its retries and dead letters): they would come back to it \
+                 without end",
                 binding.exchange
             ),
         ));

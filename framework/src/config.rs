@@ -963,10 +963,14 @@ fn unlisted_kind(name: &str) -> Option<Value> {
 /// handshake or a quorum queue's declaration on a loaded broker takes tens of ms.
 const MIN_BROKER_TIMEOUT_MS: u64 = 100;
 
-/// The shortest `[amqp] consumer_timeout_ms` taken (0 aside): 5 minutes. A storage copy
-/// takes minutes; below that the value is almost surely seconds typed for milliseconds
-/// (86400 for a day).
-const MIN_CONSUMER_TIMEOUT_MS: u64 = 300_000;
+/// The shortest `[amqp] consumer_timeout_ms` taken (0 aside): a minute. Less is surely
+/// seconds typed for milliseconds; under [`SHORT_CONSUMER_TIMEOUT_MS`] a warning says so.
+const MIN_CONSUMER_TIMEOUT_MS: u64 = 60_000;
+
+/// A `consumer_timeout_ms` under this (5 minutes) is warned about when the service starts:
+/// perhaps seconds typed for milliseconds (86400 for a day), and a storage copy takes
+/// minutes.
+pub const SHORT_CONSUMER_TIMEOUT_MS: u64 = 300_000;
 
 /// Interprets an override as a TOML scalar or array when it parses as one.
 fn toml_scalar(v: &str) -> Option<Value> {
@@ -1134,9 +1138,11 @@ fn check_queue_shared(
             return Err(ConfigError::new(
                 format!("{own_section}.queue"),
                 format!(
-                    "`{queue}` makes `{name}`, which {other} (`{other}.queue` = `{theirs}`) \
-                     owns too: two services on one queue each take part of the other's \
-                     messages; give each its own"
+                    "`{queue}` makes `{name}`, which {other} (`{other}.queue` = `{theirs}` in \
+                     these files and this environment) owns too: two services on one queue \
+                     each take part of the other's messages; give each its own (where {other} \
+                     runs with another queue set only in its own environment, set it in the \
+                     shared files)"
                 ),
             ));
         }
@@ -1295,8 +1301,8 @@ fn validate<S>(cfg: &Config<S>, section_name: &str) -> Result<(), ConfigError> {
         return Err(ConfigError::new(
             "amqp.consumer_timeout_ms",
             format!(
-                "must be 0 (the broker's own) or at least {MIN_CONSUMER_TIMEOUT_MS} ms (5 \
-                 minutes; it is in milliseconds)"
+                "must be 0 (the broker's own) or at least {MIN_CONSUMER_TIMEOUT_MS} ms (a \
+                 minute; it is in milliseconds)"
             ),
         ));
     }

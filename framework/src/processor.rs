@@ -120,7 +120,7 @@ pub struct MessageContext {
     pub(crate) stops_at: Arc<std::sync::OnceLock<std::time::Instant>>,
     /// `[amqp] max_records` (0: no limit), see [`MessageContext::too_many_records`].
     pub(crate) max_records: usize,
-    /// Half the broker's consumer timeout after the delivery (see
+    /// A third of the broker's consumer timeout after the delivery (see
     /// [`MessageContext::checkpoint_in`]); None outside a runtime.
     pub(crate) checkpoint_at: Option<std::time::Instant>,
 }
@@ -160,7 +160,7 @@ impl MessageContext {
     }
 
     /// How long this handler may go on before it should return a Retry carrying its
-    /// progress: until half the broker's consumer timeout has passed since the delivery
+    /// progress: until a third of the broker's consumer timeout has passed since the delivery
     /// (past the whole of it, the broker closes the channel and redelivers the message as
     /// it came — every part done meanwhile done again, at every delivery). None outside a
     /// runtime.

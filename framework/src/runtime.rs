@@ -160,6 +160,15 @@ impl<P: MessageProcessor> Runtime<P> {
 
     /// Consumes until `shutdown`, reconnecting with capped exponential backoff on any loss.
     pub async fn run(&self, shutdown: CancellationToken) -> Result<(), RuntimeError> {
+        let ms = self.inner.amqp.consumer_timeout_ms;
+        if ms > 0 && ms < crate::config::SHORT_CONSUMER_TIMEOUT_MS {
+            tracing::warn!(
+                consumer_timeout_ms = ms,
+                "[amqp] consumer_timeout_ms is under 5 minutes (it is in milliseconds): a \
+                 handler longer than that has its channel closed by the broker and its message \
+                 delivered again"
+            );
+        }
         // Spans are exported until every handler has ended, then flushed.
         let export_stop = CancellationToken::new();
         let inner2 = self.inner.clone();

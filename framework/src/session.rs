@@ -56,18 +56,28 @@ fn publish_hold_limit() -> Duration {
     Duration::from_secs(5 * 60)
 }
 
-/// Half the broker's consumer timeout: how long after its delivery a message may still be
-/// held (so the hold never costs the channel), and when a long handler should return a
-/// Retry carrying its progress ([`MessageContext::checkpoint_in`]). That is `consumer_timeout_ms` where it is
-/// lower than RabbitMQ's default 30 minutes, else half of that default: 3.10 and 3.11
+/// The broker's consumer timeout as far as the service can know it: `consumer_timeout_ms`
+/// where it is lower than RabbitMQ's default 30 minutes, else that default — 3.10 and 3.11
 /// ignore the per-queue setting, and their own `consumer_timeout` cannot be read.
-fn half_consumer_timeout(amqp: &AmqpConfig) -> Duration {
+fn consumer_timeout(amqp: &AmqpConfig) -> Duration {
     let default = Duration::from_secs(30 * 60);
-    let timeout = match amqp.consumer_timeout_ms {
+    match amqp.consumer_timeout_ms {
         0 => default,
         ms => Duration::from_millis(ms).min(default),
-    };
-    timeout / 2
+    }
+}
+
+/// When after its delivery a long handler should return a Retry carrying its progress
+/// ([`MessageContext::checkpoint_in`]): a third of the consumer timeout, which leaves
+/// room for that retry to be held if the broker refuses it (see [`hold_until`]).
+fn checkpoint_after(amqp: &AmqpConfig) -> Duration {
+    consumer_timeout(amqp) / 3
+}
+
+/// How long after its delivery a message may still be held while its retry is refused:
+/// two thirds of the consumer timeout, so the hold never costs the channel.
+fn hold_until(amqp: &AmqpConfig) -> Duration {
+    consumer_timeout(amqp) * 2 / 3
 }
 
 /// Whether a failed publish is a refusal, after which nothing landed: a nack, or a channel
@@ -430,6 +440,8 @@ async fn watch_queue_depths(
 ) {
     let queues = topology.queue_names();
     let mut tick = tokio::time::interval(every);
+    // A slow look is followed by the next at its interval, not by a burst of them.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ch: Option<Channel> = None;
     // The queues whose depth could not be read at the last look (warned about once).
     let mut unread: std::collections::HashSet<String> = std::collections::HashSet::new();
@@ -443,10 +455,19 @@ async fn watch_queue_depths(
             let Some(c) = open_channel(&mut ch, &conn, limit).await else {
                 break;
             };
-            let gauge = metrics::gauge!(m::QUEUE_MESSAGES, "queue" => q.clone());
-            let why = match tokio::time::timeout(limit, crate::dlq::count(c, q)).await {
-                Ok(Ok(n)) => {
-                    gauge.set(f64::from(n));
+            let unreadable = metrics::gauge!(m::QUEUE_DEPTH_UNREADABLE, "queue" => q.clone());
+            let why = match tokio::time::timeout(limit, crate::dlq::depth(c, q)).await {
+                // `Q` is consumed by this very session: no consumer on it means a quorum
+                // queue without a leader, whose passive check answers 0 for whatever it
+                // holds.
+                Ok(Ok((0, 0))) if *q == topology.queue => {
+                    "the queue shows no consumer while this service consumes it (a quorum \
+                     queue without a leader answers 0 messages for what it holds)"
+                        .to_string()
+                }
+                Ok(Ok((n, _))) => {
+                    metrics::gauge!(m::QUEUE_MESSAGES, "queue" => q.clone()).set(f64::from(n));
+                    unreadable.set(0.0);
                     if unread.remove(q) {
                         info!(queue = %q, "the queue's depth can be read again");
                     }
@@ -458,18 +479,24 @@ async fn watch_queue_depths(
                 Ok(Err(e))
                     if crate::topology::is_soft(&e, lapin::protocol::AMQPSoftError::NOTFOUND) =>
                 {
-                    gauge.set(0.0);
+                    metrics::gauge!(m::QUEUE_MESSAGES, "queue" => q.clone()).set(0.0);
                     gone.push(q.as_str());
                     continue;
                 }
                 Ok(Err(e)) => e.to_string(),
-                Err(_) => format!("no answer in {limit:?} (a quorum queue without a leader?)"),
+                Err(_) => {
+                    // The broker handles a channel's calls in turn: the next look on this
+                    // one would wait behind the unanswered one.
+                    ch = None;
+                    format!("no answer in {limit:?}")
+                }
             };
-            // Unknown, not the last depth read: a backlog alert must not freeze on it.
-            gauge.set(f64::NAN);
+            // The last depth read stays (a backlog alert does not lose its history over
+            // one bad look); that it is old says this gauge.
+            unreadable.set(1.0);
             if unread.insert(q.clone()) {
                 warn!(queue = %q, error = %m::LogText(&why),
-                    "cannot read the queue's depth; storagetier_queue_messages shows NaN until it can");
+                    "cannot read the queue's depth; storagetier_queue_depth_unreadable is 1 until it can");
             }
         }
         if !gone.is_empty() {
@@ -788,7 +815,7 @@ impl<P: MessageProcessor> Shared<P> {
     /// Publishes the retry of `delivery` again, after a growing pause, while the broker
     /// refuses it for a state of its own (a full retry tier, a refused permission, a channel
     /// limit: a nack or a closed channel, where nothing landed) — for at most
-    /// [`publish_hold_limit`] from now and half the broker's consumer timeout from
+    /// [`publish_hold_limit`] from now and two thirds of the broker's consumer timeout from
     /// `started`, while the session runs, and by at most a quarter of the handlers at once
     /// (the others keep working). Given back at once instead, the message ran its processor
     /// again from the start: what the attempt did and marked in its retry's headers (ids
@@ -805,8 +832,11 @@ impl<P: MessageProcessor> Shared<P> {
         let Ok(_holding) = inner.held_retries.try_acquire() else {
             return false;
         };
-        let until = (Instant::now() + publish_hold_limit())
-            .min(started + half_consumer_timeout(&inner.amqp));
+        let until = (Instant::now() + publish_hold_limit()).min(started + hold_until(&inner.amqp));
+        // Each try may wait for its confirm as long as the operation bound: counted in.
+        if Instant::now() + PUBLISH_FAILURE_BACKOFF + inner.amqp.operation_timeout() > until {
+            return false;
+        }
         warn!("the broker refuses the retry; holding the message and publishing its retry again");
         let (_, msgs) = inner.planner.plan(
             &self.publisher,
@@ -928,7 +958,7 @@ impl<P: MessageProcessor> Shared<P> {
                 publisher: Some(publisher.clone()),
                 properties,
                 max_records: inner.amqp.max_records,
-                checkpoint_at: Some(started + half_consumer_timeout(&inner.amqp)),
+                checkpoint_at: Some(started + checkpoint_after(&inner.amqp)),
             };
             // Decoding runs inside catch_unwind too: a panicking Deserialize is the input's fault.
             let handled = AssertUnwindSafe(async {

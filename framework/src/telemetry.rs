@@ -29,6 +29,9 @@ pub const RECONNECTS_TOTAL: &str = "storagetier_reconnects_total";
 /// Messages ready in each of the service's own queues (`Q`, every retry tier, `Q-dlq`),
 /// labelled `queue`, read passively every `[amqp] queue_metrics_interval_ms`.
 pub const QUEUE_MESSAGES: &str = "storagetier_queue_messages";
+/// 1 while the depth of `queue` cannot be read (its `storagetier_queue_messages` is then
+/// the last depth read), else 0.
+pub const QUEUE_DEPTH_UNREADABLE: &str = "storagetier_queue_depth_unreadable";
 
 /// The `CONNECTION_BLOCKED` gauge of the service consuming `queue`.
 pub fn connection_blocked(queue: &str) -> metrics::Gauge {

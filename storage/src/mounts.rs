@@ -136,9 +136,14 @@ fn fstab_points(text: &str) -> Vec<PathBuf> {
         .filter_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
             let (point, kind) = (*f.get(1)?, f.get(2).copied().unwrap_or(""));
-            let noauto = f
-                .get(3)
-                .is_some_and(|o| o.split(',').any(|o| o == "noauto"));
+            let opts: Vec<&str> = f.get(3).map(|o| o.split(',').collect()).unwrap_or_default();
+            // `noauto` on a share is a share mounted by something else (a cluster manager,
+            // an automounter): still where one belongs.
+            let network = !is_local(kind)
+                || opts
+                    .iter()
+                    .any(|o| *o == "_netdev" || o.starts_with("x-systemd.automount"));
+            let noauto = opts.contains(&"noauto") && !network;
             (point.starts_with('/') && kind != "swap" && !noauto).then_some(point)
         })
         .map(|p| PathBuf::from(unescape(p)))
@@ -233,12 +238,16 @@ mod tests {
                      nas:/b /srv/online/nas2 nfs4 defaults 0 0\n\
                      /swapfile none swap sw 0 0\n\
                      nas:/c /mnt/elsewhere nfs4 defaults 0 0\n\
-                     /dev/sr0 /srv/online/cdrom iso9660 ro,noauto,user 0 0\n";
+                     /dev/sr0 /srv/online/cdrom iso9660 ro,noauto,user 0 0\n\
+                     nas:/d /srv/online/nas3 nfs4 noauto,_netdev 0 0\n";
         let mut shares = below(&roots, fstab_points(fstab));
         assert_eq!(
             shares.iter().collect::<Vec<_>>(),
-            vec![&PathBuf::from("/srv/online/nas2")],
-            "only those below a root, the root itself excluded"
+            vec![
+                &PathBuf::from("/srv/online/nas2"),
+                &PathBuf::from("/srv/online/nas3")
+            ],
+            "only those below a root, the root itself and removable media excluded"
         );
         let mounted = parse(TABLE);
         shares.extend(below(&roots, mounted.iter().map(|(at, _)| at.clone())));

@@ -316,7 +316,7 @@ impl EventForwarder {
             }
             // A batch of many records to a slow endpoint can outlast the broker's consumer
             // timeout, which would redeliver it as it came (every record posted meanwhile
-            // posted again, at every delivery): half-way there, the rest go with a retry
+            // posted again, at every delivery): a third of the way there, the rest go with a retry
             // carrying what is done. Only once some record of this attempt is done, so the
             // retry counts as progress. Ordered, the batch keeps its place instead.
             if !self.ordered
@@ -324,7 +324,7 @@ impl EventForwarder {
                 && ctx.checkpoint_in().is_some_and(|left| left < room)
             {
                 return Outcome::retry(format!(
-                    "the batch outlasted half the broker's consumer timeout after {} of {} \
+                    "the batch outlasted a third of the broker's consumer timeout after {} of {} \
                      records; the rest go with this retry",
                     i,
                     records.len()

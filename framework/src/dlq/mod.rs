@@ -253,6 +253,11 @@ pub fn printable(s: &str) -> String {
 
 /// Messages ready in `queue` (a passive declare: fails if the queue does not exist).
 pub async fn count(ch: &Channel, queue: &str) -> Result<u32, lapin::Error> {
+    Ok(depth(ch, queue).await?.0)
+}
+
+/// Messages ready in `queue` and its consumers, by a passive declare.
+pub async fn depth(ch: &Channel, queue: &str) -> Result<(u32, u32), lapin::Error> {
     let q = ch
         .queue_declare(
             queue.into(),
@@ -263,7 +268,7 @@ pub async fn count(ch: &Channel, queue: &str) -> Result<u32, lapin::Error> {
             FieldTable::default(),
         )
         .await?;
-    Ok(q.message_count())
+    Ok((q.message_count(), q.consumer_count()))
 }
 
 /// Reads up to `limit` dead letters without removing them (they return when the channel closes).
@@ -665,7 +670,7 @@ pub async fn replay_each(
         // dead-lettered twice) would be further back. Reported as done, not as "run it
         // again" — run again, it finds none and fails, and an operator told twice it
         // failed republishes from upstream what is already replayed.
-        Some(held) if !dry_run && moved > 0 && filter.message_id.is_some() => {
+        Some(held) if moved > 0 && filter.message_id.is_some() => {
             tracing::warn!(
                 looked,
                 total,
