@@ -599,6 +599,21 @@ pub fn int_header(d: &Delivery, key: &str) -> Option<i64> {
     crate::headers::get_int(d.properties.headers().as_ref()?, key)
 }
 
+/// The topology of a test service on queue `q` under `cfg`, bound as [`Harness::start`]
+/// binds it: `<q>-in` with `test.#`, output `<q>-out`.
+pub fn test_topology<S>(q: &str, cfg: &Config<S>) -> crate::topology::Topology {
+    crate::topology::Topology::new(
+        q,
+        &format!("{q}-out"),
+        vec![crate::topology::Subscription {
+            exchange: format!("{q}-in"),
+            routing_key: "test.#".into(),
+        }],
+        &cfg.amqp,
+        &cfg.retry,
+    )
+}
+
 /// How many messages of `queue` this process counted under `outcome`
 /// (`storagetier_messages_total`): for services run in-process, whose counters are this
 /// process's (the recorder is installed here if it was not; a session started before

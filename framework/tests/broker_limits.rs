@@ -93,23 +93,6 @@ async fn send_input(broker: &PrivateBroker, q: &str) {
     framework::testing::broker::close(conn).await;
 }
 
-/// The topology of the test service on queue `q` under `cfg`.
-fn service_topology<S>(
-    q: &str,
-    cfg: &framework::config::Config<S>,
-) -> framework::topology::Topology {
-    framework::topology::Topology::new(
-        q,
-        &format!("{q}-out"),
-        vec![framework::topology::Subscription {
-            exchange: format!("{q}-in"),
-            routing_key: "test.#".into(),
-        }],
-        &cfg.amqp,
-        &cfg.retry,
-    )
-}
-
 /// Raises a disk alarm on `broker` (publishers blocked) and waits until it is on.
 async fn raise_alarm(broker: &PrivateBroker) {
     disk_limit(broker, "1000000GB");
@@ -350,7 +333,7 @@ async fn a_replay_during_a_resource_alarm_moves_each_dead_letter_once() {
     }
     // Nothing consumes `Q` while the replay runs: what it moves stays there to be counted.
     service.stop().await;
-    let topo = service_topology(&q, &cfg);
+    let topo = test_topology(&q, &cfg);
     let conn = framework::testing::broker::connect(&broker.url())
         .await
         .expect("connect");
@@ -402,7 +385,7 @@ async fn a_replay_during_a_resource_alarm_moves_each_dead_letter_once() {
         stop: Some(stop.clone()),
         ..Default::default()
     };
-    let topo = service_topology(&q, &cfg);
+    let topo = test_topology(&q, &cfg);
     let replay = tokio::spawn(async move {
         let r = framework::dlq::replay_each(&conn, &topo, &filter, false, |_| {}).await;
         (r, conn)

@@ -160,16 +160,7 @@ async fn topology_is_declared_with_the_designed_arguments() {
     }
     // Declaring again (a restart) is idempotent.
     let cfg = config(&q, &[("amqp.delivery_limit", "7")]);
-    let topo = framework::topology::Topology::new(
-        &q,
-        &format!("{q}-out"),
-        vec![framework::topology::Subscription {
-            exchange: format!("{q}-in"),
-            routing_key: "test.#".into(),
-        }],
-        &cfg.amqp,
-        &cfg.retry,
-    );
+    let topo = test_topology(&q, &cfg);
     topo.declare(&conn)
         .await
         .expect("re-declaration is idempotent");

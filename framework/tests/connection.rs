@@ -83,16 +83,7 @@ async fn a_user_who_may_not_declare_runs_on_the_topology_an_administrator_declar
 
     let fresh = unique("locked-new");
     let cfg = config(&fresh, &[]);
-    let topo = framework::topology::Topology::new(
-        &fresh,
-        &cfg.service.output_exchange,
-        vec![framework::topology::Subscription {
-            exchange: format!("{fresh}-in"),
-            routing_key: "test.#".into(),
-        }],
-        &cfg.amqp,
-        &cfg.retry,
-    );
+    let topo = test_topology(&fresh, &cfg);
     let conn = framework::lapin::Connection::connect(&limited, Default::default())
         .await
         .expect("the user may connect");

@@ -32,9 +32,14 @@ fn json_of(d: &Delivery) -> Value {
 
 /// An endpoint answering every POST with `status`.
 async fn answering(status: u16) -> MockServer {
+    answering_after(status, std::time::Duration::ZERO).await
+}
+
+/// An endpoint answering every POST with `status` after `delay`.
+async fn answering_after(status: u16, delay: std::time::Duration) -> MockServer {
     let server = MockServer::start().await;
     Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(status))
+        .respond_with(ResponseTemplate::new(status).set_delay(delay))
         .mount(&server)
         .await;
     server
@@ -880,11 +885,7 @@ fn marks(header: &str) -> Vec<u64> {
 /// stopped by the drain budget gives its message back as it came).
 #[tokio::test]
 async fn a_batch_stopped_with_the_service_keeps_what_it_posted() {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200).set_delay(std::time::Duration::from_millis(300)))
-        .mount(&server)
-        .await;
+    let server = answering_after(200, std::time::Duration::from_millis(300)).await;
     let data = tempfile::tempdir().unwrap();
     let mut hs = start(
         &server,
@@ -1218,11 +1219,7 @@ async fn an_ordered_replica_stopped_mid_retry_hands_over_in_order() {
 /// it is a timeout, retried, and (with no attempt left) dead-lettered naming the bound.
 #[tokio::test]
 async fn an_endpoint_slower_than_timeout_ms_is_a_timeout() {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200).set_delay(std::time::Duration::from_secs(30)))
-        .mount(&server)
-        .await;
+    let server = answering_after(200, std::time::Duration::from_secs(30)).await;
     let data = tempfile::tempdir().unwrap();
     let mut hs = start(
         &server,
