@@ -460,7 +460,7 @@ async fn watch_queue_depths(
                 // `Q` is consumed by this very session: no consumer on it means a quorum
                 // queue without a leader, whose passive check answers 0 for whatever it
                 // holds.
-                Ok(Ok((0, 0))) if *q == topology.queue => {
+                Ok(Ok((0, 0))) if *q == topology.queue && !stop.is_cancelled() => {
                     "the queue shows no consumer while this service consumes it (a quorum \
                      queue without a leader answers 0 messages for what it holds)"
                         .to_string()
