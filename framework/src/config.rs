@@ -304,6 +304,25 @@ pub struct AmqpConfig {
 }
 
 impl AmqpConfig {
+    /// The broker's consumer timeout as far as the service can know it:
+    /// `consumer_timeout_ms` where it is lower than RabbitMQ's default 30 minutes, else that
+    /// default — 3.10 and 3.11 ignore the per-queue setting, and their own
+    /// `consumer_timeout` cannot be read.
+    pub fn consumer_timeout_known(&self) -> std::time::Duration {
+        let default = std::time::Duration::from_secs(30 * 60);
+        match self.consumer_timeout_ms {
+            0 => default,
+            ms => std::time::Duration::from_millis(ms).min(default),
+        }
+    }
+
+    /// When after its delivery a long handler should return a Retry carrying its progress
+    /// (`MessageContext::checkpoint_in`): a third of the consumer timeout, which leaves
+    /// room for that retry to be held if the broker refuses it.
+    pub fn checkpoint_after(&self) -> std::time::Duration {
+        self.consumer_timeout_known() / 3
+    }
+
     /// The broker nodes to try, in order: `urls`, or `url` alone.
     pub fn endpoints(&self) -> Vec<&AmqpUrl> {
         if self.urls.is_empty() {
@@ -1099,29 +1118,25 @@ pub fn load<S: DeserializeOwned>(
     Ok(cfg)
 }
 
-/// The names a service on queue `q` owns: `Q`, its retry and fail exchanges, tiers, DLQ.
-fn owned_names(q: &str, delays_ms: &[u64]) -> Vec<String> {
-    let mut v = vec![
-        q.to_string(),
-        format!("{q}-dlq"),
-        format!("{q}-fail"),
-        format!("{q}-retry"),
-    ];
-    v.extend(delays_ms.iter().map(|d| format!("{q}-retry-{d}")));
-    v
+/// The queues a service on queue `q` owns (`Q`, its tiers, its DLQ) and its exchanges
+/// (retry, fail): RabbitMQ keeps the two kinds of names apart.
+fn owned_names(q: &str, delays_ms: &[u64]) -> (Vec<String>, [String; 2]) {
+    let mut queues = vec![q.to_string(), format!("{q}-dlq")];
+    queues.extend(delays_ms.iter().map(|d| format!("{q}-retry-{d}")));
+    (queues, [format!("{q}-fail"), format!("{q}-retry")])
 }
 
 /// Refuses a `queue` whose names meet another service's in the same files (a section
 /// copied with its `queue` left in): two services on one queue each got part of the
 /// other's messages — files archived or nearlined, never both, all reported done — and a
-/// queue named as another's DLQ failed whichever started second.
+/// queue named as another's DLQ or tier took its dead letters or retries.
 fn check_queue_shared(
     tree: &Map<String, Value>,
     own_section: &str,
     queue: &str,
     delays_ms: &[u64],
 ) -> Result<(), ConfigError> {
-    let mine = owned_names(queue, delays_ms);
+    let (my_queues, my_exchanges) = owned_names(queue, delays_ms);
     for other in KNOWN_SECTIONS[FRAMEWORK_SECTIONS..]
         .iter()
         .filter(|s| **s != own_section)
@@ -1131,18 +1146,30 @@ fn check_queue_shared(
             .and_then(|v| v.clone().into_table().ok())
             .and_then(|t| t.get("queue").and_then(|q| q.clone().into_string().ok()))
             .unwrap_or_else(|| format!("storagetier-{}", other.replace('_', "-")));
-        let shared = owned_names(&theirs, delays_ms)
-            .into_iter()
-            .find(|n| mine.contains(n));
-        if let Some(name) = shared {
+        let (queues, exchanges) = owned_names(&theirs, delays_ms);
+        let shared = queues
+            .iter()
+            .find(|n| my_queues.contains(n))
+            .map(|n| (n, "queue"))
+            .or_else(|| {
+                exchanges
+                    .iter()
+                    .find(|n| my_exchanges.contains(n))
+                    .map(|n| (n, "exchange"))
+            });
+        if let Some((name, kind)) = shared {
+            let what = if *name == theirs {
+                "two services on one queue each take part of the other's messages".to_string()
+            } else {
+                "one service would take the other's retries or dead letters".to_string()
+            };
             return Err(ConfigError::new(
                 format!("{own_section}.queue"),
                 format!(
-                    "`{queue}` makes `{name}`, which {other} (`{other}.queue` = `{theirs}` in \
-                     these files and this environment) owns too: two services on one queue \
-                     each take part of the other's messages; give each its own (where {other} \
-                     runs with another queue set only in its own environment, set it in the \
-                     shared files)"
+                    "`{queue}` makes the {kind} `{name}`, which {other} (`{other}.queue` = \
+                     `{theirs}` in these files and this environment) owns too: {what}; give \
+                     each service its own (where {other} runs with another queue set only in \
+                     its own environment, set it in the shared files)"
                 ),
             ));
         }
@@ -1357,11 +1384,13 @@ fn validate<S>(cfg: &Config<S>, section_name: &str) -> Result<(), ConfigError> {
     if let Some(x) = &s.input_exchange
         && x.starts_with("amq.")
         && !BUILTIN_EXCHANGES.contains(&x.as_str())
+        && !x.starts_with("amq.rabbitmq.")
     {
         return Err(ConfigError::new(
             format!("{section_name}.input_exchange"),
             format!(
-                "`{x}`: names starting with `amq.` are reserved by RabbitMQ, which has only {}",
+                "`{x}`: names starting with `amq.` are reserved by RabbitMQ, which has only {} \
+                 and its own `amq.rabbitmq.*`",
                 BUILTIN_EXCHANGES.join(", ")
             ),
         ));
@@ -1372,14 +1401,14 @@ fn validate<S>(cfg: &Config<S>, section_name: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// The `amq.` exchanges every RabbitMQ has.
-const BUILTIN_EXCHANGES: [&str; 6] = [
+/// The `amq.` exchanges every RabbitMQ has (and the broker's own `amq.rabbitmq.*`: trace,
+/// log, the event exchange plugin's).
+const BUILTIN_EXCHANGES: [&str; 5] = [
     "amq.direct",
     "amq.fanout",
     "amq.headers",
     "amq.match",
     "amq.topic",
-    "amq.rabbitmq.trace",
 ];
 
 /// Checks the name of a queue or exchange a service declares and owns (`key` names it in

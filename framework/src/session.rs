@@ -56,28 +56,10 @@ fn publish_hold_limit() -> Duration {
     Duration::from_secs(5 * 60)
 }
 
-/// The broker's consumer timeout as far as the service can know it: `consumer_timeout_ms`
-/// where it is lower than RabbitMQ's default 30 minutes, else that default — 3.10 and 3.11
-/// ignore the per-queue setting, and their own `consumer_timeout` cannot be read.
-fn consumer_timeout(amqp: &AmqpConfig) -> Duration {
-    let default = Duration::from_secs(30 * 60);
-    match amqp.consumer_timeout_ms {
-        0 => default,
-        ms => Duration::from_millis(ms).min(default),
-    }
-}
-
-/// When after its delivery a long handler should return a Retry carrying its progress
-/// ([`MessageContext::checkpoint_in`]): a third of the consumer timeout, which leaves
-/// room for that retry to be held if the broker refuses it (see [`hold_until`]).
-fn checkpoint_after(amqp: &AmqpConfig) -> Duration {
-    consumer_timeout(amqp) / 3
-}
-
 /// How long after its delivery a message may still be held while its retry is refused:
 /// two thirds of the consumer timeout, so the hold never costs the channel.
 fn hold_until(amqp: &AmqpConfig) -> Duration {
-    consumer_timeout(amqp) * 2 / 3
+    amqp.consumer_timeout_known() * 2 / 3
 }
 
 /// Whether a failed publish is a refusal, after which nothing landed: a nack, or a channel
@@ -958,7 +940,7 @@ impl<P: MessageProcessor> Shared<P> {
                 publisher: Some(publisher.clone()),
                 properties,
                 max_records: inner.amqp.max_records,
-                checkpoint_at: Some(started + checkpoint_after(&inner.amqp)),
+                checkpoint_at: Some(started + inner.amqp.checkpoint_after()),
             };
             // Decoding runs inside catch_unwind too: a panicking Deserialize is the input's fault.
             let handled = AssertUnwindSafe(async {

@@ -138,8 +138,8 @@ fn fstab_points(text: &str) -> Vec<PathBuf> {
             let (point, kind) = (*f.get(1)?, f.get(2).copied().unwrap_or(""));
             let opts: Vec<&str> = f.get(3).map(|o| o.split(',').collect()).unwrap_or_default();
             // `noauto` on a share is a share mounted by something else (a cluster manager,
-            // an automounter): still where one belongs.
-            let network = !is_local(kind)
+            // an automounter): still where one belongs. Removable media are not.
+            let network = kind.split(',').any(is_network)
                 || opts
                     .iter()
                     .any(|o| *o == "_netdev" || o.starts_with("x-systemd.automount"));
@@ -148,6 +148,24 @@ fn fstab_points(text: &str) -> Vec<PathBuf> {
         })
         .map(|p| PathBuf::from(unescape(p)))
         .collect()
+}
+
+/// Filesystem types served over a network (fstab's names).
+fn is_network(kind: &str) -> bool {
+    kind.starts_with("nfs")
+        || kind.starts_with("fuse.")
+        || [
+            "cifs",
+            "smb3",
+            "smbfs",
+            "glusterfs",
+            "ceph",
+            "9p",
+            "lustre",
+            "gpfs",
+            "beegfs",
+        ]
+        .contains(&kind)
 }
 
 fn is_local(kind: &str) -> bool {
@@ -238,7 +256,8 @@ mod tests {
                      nas:/b /srv/online/nas2 nfs4 defaults 0 0\n\
                      /swapfile none swap sw 0 0\n\
                      nas:/c /mnt/elsewhere nfs4 defaults 0 0\n\
-                     /dev/sr0 /srv/online/cdrom iso9660 ro,noauto,user 0 0\n\
+                     /dev/sr0 /srv/online/cdrom udf,iso9660 ro,noauto,user 0 0\n\
+                     /dev/sdc1 /srv/online/usb auto noauto,user 0 0\n\
                      nas:/d /srv/online/nas3 nfs4 noauto,_netdev 0 0\n";
         let mut shares = below(&roots, fstab_points(fstab));
         assert_eq!(

@@ -303,22 +303,29 @@ pub enum AtKey {
     Nothing,
 }
 
-/// What is at `rel` beneath a local store's `root`. Directories on the way are followed
-/// as the store's writes follow them (a store spread over disks by directory links); the
-/// key's own last component is not.
+/// What is at `rel` beneath a local store's `root` (canonical). Directory links on the way
+/// that stay in the store are followed, as the store's writes follow them (a link leading
+/// out of it makes the key [`AtKey::Other`]: the writes refuse it too); the key's own last
+/// component is not followed. Only a regular file is opened for reading (see
+/// [`path_flags`]: a FIFO's writer or a device's driver is not disturbed).
 pub fn at_key(root: &Path, rel: &Path) -> std::io::Result<AtKey> {
-    use std::os::unix::fs::OpenOptionsExt;
-    // NONBLOCK: a FIFO at the key must not hang the look (no effect on a regular file).
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(root.join(rel))
+    use rustix::io::Errno;
+    let at = match rustix::fs::open(root.join(rel), path_flags(), rustix::fs::Mode::empty()) {
+        Ok(fd) => fd,
+        Err(Errno::NOENT) => return Ok(AtKey::Nothing),
+        Err(e) => return Err(e.into()),
+    };
+    // Where the kernel really found it: beneath the store, or out of it through a link.
+    let link = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&at));
+    if let Ok(real) = std::fs::read_link(&link)
+        && !real.starts_with(root)
     {
-        Ok(f) if f.metadata()?.is_file() => Ok(AtKey::File(f)),
-        Ok(_) => Ok(AtKey::Other),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(AtKey::Nothing),
-        Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENXIO)) => Ok(AtKey::Other),
-        Err(e) => Err(e),
+        return Ok(AtKey::Other);
+    }
+    match for_reading(at) {
+        Ok(f) => Ok(AtKey::File(f)),
+        Err(Errno::LOOP | Errno::NXIO) => Ok(AtKey::Other),
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -1623,6 +1623,16 @@ async fn a_link_at_a_key_of_a_local_store_is_no_copy() {
     let again = copied(c.handle(&msg, 1).await);
     assert!(!again.uploaded, "found again through the link: {again:?}");
     assert_eq!(again.key, "show/big.mov");
+    // One leading out of the store — here into the online tree itself — holds no copy of
+    // this store: what it reaches is not vouched for (the write beside it is refused as a
+    // link out of the store, as every write through it is).
+    std::os::unix::fs::symlink(base.path().join("online/out"), store.join("out")).expect("out");
+    let body = content(2 << 20, 6);
+    let msg = put(base.path(), "online", "out/big.mov", &body);
+    match c.handle(&msg, 0).await {
+        Err(TierError::Permanent(e)) => assert!(e.contains("out of the store"), "{e}"),
+        other => panic!("expected a link out of the store refused, got {other:?}"),
+    }
 }
 
 /// A file named through a directory link (`current` → `2024`) is recorded at its real

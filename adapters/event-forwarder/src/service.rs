@@ -440,6 +440,27 @@ fn in_place_retries_fit(cfg: &Config<ForwarderSettings>) -> Result<(), ConfigErr
     Ok(())
 }
 
+/// Refuses a POST timeout that leaves a batch no room before its checkpoint (a third of
+/// the consumer timeout: see `MessageContext::checkpoint_in`): every attempt would post one
+/// record and go on in a retry, a batch taking a retry delay per record.
+fn posts_fit_before_checkpoint(cfg: &Config<ForwarderSettings>) -> Result<(), ConfigError> {
+    let checkpoint = cfg.amqp.checkpoint_after();
+    let post = Duration::from_millis(cfg.settings.timeout_ms) + RETRY_PUBLISH_ROOM;
+    if !cfg.settings.ordered && post * 2 > checkpoint {
+        return Err(ConfigError::new(
+            "event_forwarder.timeout_ms",
+            format!(
+                "{} ms leaves a batch too little room before it must go on in a retry (a third \
+                 of the consumer timeout, {} ms: `amqp.consumer_timeout_ms`); lower it or raise \
+                 the consumer timeout",
+                cfg.settings.timeout_ms,
+                checkpoint.as_millis()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// The `Idempotency-Key` of record `i` of a message: the record's `eventID`, else the
 /// message's id and the record's place in the batch it came in (a record replayed alone
 /// keeps its place: `x-batch-part`); none when neither names it.
@@ -522,6 +543,7 @@ impl Service for EventForwarderService {
         if s.ordered {
             in_place_retries_fit(cfg)?;
         }
+        posts_fit_before_checkpoint(cfg)?;
         Ok(())
     }
 

@@ -770,6 +770,16 @@ fn config_errors_exit_2_naming_the_key() {
             ],
             "event_forwarder",
         ),
+        // A POST timeout leaving a batch no room before its checkpoint (a third of a
+        // one-minute consumer timeout): one record per attempt.
+        (
+            &[
+                (EP, "http://h/"),
+                ("STORAGETIER__AMQP__CONSUMER_TIMEOUT_MS", "60000"),
+                ("STORAGETIER__EVENT_FORWARDER__TIMEOUT_MS", "15000"),
+            ],
+            "event_forwarder.timeout_ms",
+        ),
         // In-place retries (49 waits of up to 120 s) longer than the broker's default
         // consumer timeout (30 minutes): taken back mid-retry, started over, never ended.
         (
