@@ -663,6 +663,25 @@ pub mod testing {
 mod tests {
     use super::*;
 
+    /// A password mounted as a file goes into a PostgreSQL URL (replacing one written
+    /// there, special characters encoded); an empty or missing file, or one beside an
+    /// SQLite URL, is refused with a message naming the file, never the password.
+    #[test]
+    fn a_password_file_goes_into_a_postgres_url() {
+        let dir = tempfile::tempdir().expect("temp");
+        let f = dir.path().join("pw");
+        std::fs::write(&f, "s3cr:t@/x\n").expect("write");
+        let url = with_password_file("postgres://app:old@db:5432/records", &f).expect("url");
+        assert_eq!(url, "postgres://app:s3cr%3At%40%2Fx@db:5432/records");
+        std::fs::write(&f, "  \n").expect("write");
+        let e = with_password_file("postgres://app@db/records", &f).expect_err("empty");
+        assert!(e.contains("is empty") && !e.contains("s3cr"), "{e}");
+        let e = with_password_file("postgres://app@db/r", &dir.path().join("none"))
+            .expect_err("missing");
+        assert!(e.contains("cannot read"), "{e}");
+        assert!(with_password_file("sqlite:///var/x.db", &f).is_err());
+    }
+
     #[test]
     fn a_remote_server_unchecked_is_named_a_checked_or_local_one_is_not() {
         for (url, warned) in [
@@ -1031,6 +1050,40 @@ impl DatabaseUrl {
     pub fn resolve(url: Option<&DatabaseUrl>, data_dir: &Path, service: &str) -> String {
         url.map_or_else(|| default_url(data_dir, service), |u| u.0.clone())
     }
+
+    /// [`DatabaseUrl::resolve`], its password read from `password_file` where one is
+    /// named (a secret mounted as a file, as `[amqp] password_file`). The message of an
+    /// error is safe to print.
+    pub fn resolve_with(
+        url: Option<&DatabaseUrl>,
+        password_file: Option<&Path>,
+        data_dir: &Path,
+        service: &str,
+    ) -> Result<String, String> {
+        let url = Self::resolve(url, data_dir, service);
+        match password_file {
+            Some(f) => with_password_file(&url, f),
+            None => Ok(url),
+        }
+    }
+}
+
+/// `url` (PostgreSQL) with its password read from `file`, trimmed: an empty one (a secret
+/// not mounted yet) is refused, as is a file beside an SQLite URL, which has no password.
+pub fn with_password_file(url: &str, file: &Path) -> Result<String, String> {
+    if !is_postgres(url) {
+        return Err("a password file is for a postgres:// database_url".into());
+    }
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    let pw = text.trim();
+    if pw.is_empty() {
+        return Err(format!("{} is empty", file.display()));
+    }
+    let mut u = url::Url::parse(url).map_err(|e| format!("database_url: {e}"))?;
+    u.set_password(Some(pw))
+        .map_err(|()| "database_url cannot hold a password (no host)".to_string())?;
+    Ok(u.to_string())
 }
 
 impl serde::Serialize for DatabaseUrl {

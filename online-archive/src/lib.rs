@@ -28,6 +28,9 @@ pub struct ArchiveSettings {
     /// `postgres://…` or `sqlite://…` (unset = `<data_dir>/online-archive.db`).
     #[serde(default)]
     pub database_url: Option<DatabaseUrl>,
+    /// A file holding the PostgreSQL password of `database_url` (a mounted secret).
+    #[serde(default)]
+    pub database_password_file: Option<PathBuf>,
     /// An S3 multipart upload left by an interrupted copy and not resumed (no part
     /// stored) for this long is aborted, so its parts stop being billed.
     #[serde(default = "storage::service::default_abort_abandoned_uploads_after_ms")]
@@ -63,6 +66,7 @@ fn setup(s: &ArchiveSettings) -> TierSetup {
         store_url: s.archive_url.clone(),
         store_options: s.archive_options.clone(),
         database_url: s.database_url.clone(),
+        database_password_file: s.database_password_file.clone(),
         abort_abandoned_uploads_after: std::time::Duration::from_millis(
             s.abort_abandoned_uploads_after_ms,
         ),
@@ -102,6 +106,9 @@ impl Service for OnlineArchive {
             s.archive_url.as_deref(),
             &cfg.retry,
         )?;
+        setup(s)
+            .database(Self::NAME, &cfg.storage.data_dir)
+            .map_err(|e| ConfigError::new("online_archive.database_password_file", e))?;
         storage::paths::check_configured_roots("online_archive.online_roots", &s.online_roots)
     }
 

@@ -29,6 +29,9 @@ pub struct NearlineSettings {
     /// `postgres://…` or `sqlite://…` (unset = `<data_dir>/online-nearline.db`).
     #[serde(default)]
     pub database_url: Option<DatabaseUrl>,
+    /// A file holding the PostgreSQL password of `database_url` (a mounted secret).
+    #[serde(default)]
+    pub database_password_file: Option<PathBuf>,
     /// An S3 multipart upload left by an interrupted copy and not resumed (no part
     /// stored) for this long is aborted, so its parts stop being billed.
     #[serde(default = "storage::service::default_abort_abandoned_uploads_after_ms")]
@@ -65,6 +68,7 @@ fn setup(s: &NearlineSettings) -> TierSetup {
         store_url: s.vault_url.clone(),
         store_options: s.vault_options.clone(),
         database_url: s.database_url.clone(),
+        database_password_file: s.database_password_file.clone(),
         abort_abandoned_uploads_after: std::time::Duration::from_millis(
             s.abort_abandoned_uploads_after_ms,
         ),
@@ -104,6 +108,9 @@ impl Service for OnlineNearline {
             s.vault_url.as_deref(),
             &cfg.retry,
         )?;
+        setup(s)
+            .database(Self::NAME, &cfg.storage.data_dir)
+            .map_err(|e| ConfigError::new("online_nearline.database_password_file", e))?;
         storage::paths::check_configured_roots("online_nearline.online_roots", &s.online_roots)
     }
 

@@ -22,6 +22,8 @@ pub struct TierSetup {
     pub store_options: StoreOptions,
     /// Database URL (None = SQLite under the data dir).
     pub database_url: Option<db::DatabaseUrl>,
+    /// A file holding the PostgreSQL password (a mounted secret).
+    pub database_password_file: Option<PathBuf>,
     /// A recorded multipart upload with no part stored for this long is aborted.
     pub abort_abandoned_uploads_after: std::time::Duration,
     /// Failure records older than this are deleted (None: kept).
@@ -37,6 +39,17 @@ impl TierSetup {
         } else {
             (self.online_roots.clone(), false)
         }
+    }
+
+    /// The database URL in effect for `service` under `data_dir`, with its password file
+    /// read; the error names the file, never the password.
+    pub fn database(&self, service: &str, data_dir: &std::path::Path) -> Result<String, String> {
+        db::DatabaseUrl::resolve_with(
+            self.database_url.as_ref(),
+            self.database_password_file.as_deref(),
+            data_dir,
+            service,
+        )
     }
 
     /// Where this setup leads under `data_dir` for `service` (`check-config`'s
@@ -145,7 +158,7 @@ impl TierProcessor {
             Some(u) => store::open(u, &setup.store_options)?,
             None => store::local(&data_dir.join(default_store_dir))?,
         };
-        let url = db::DatabaseUrl::resolve(setup.database_url.as_ref(), data_dir, service);
+        let url = setup.database(service, data_dir)?;
         let records = Records::open(&url).await?;
         tracing::info!(store = %tier.display, database = %db::redact_url(&url), roots = ?roots, "storage tier ready");
         let copier = std::sync::Arc::new(TierCopier::new(roots, tier, records, policy));

@@ -262,3 +262,80 @@ fn an_unknown_key_in_any_services_section_is_refused_naming_it() {
         assert!(err.contains(last), "{key}: {err}");
     }
 }
+
+/// `[<service>] database_password_file` (a mounted secret) in every service with a
+/// database: a file that cannot be read, or an empty one, is refused naming the key; a
+/// readable one is the password of the PostgreSQL URL in effect.
+#[test]
+fn every_database_takes_its_password_from_a_file() {
+    fn loaded<S: Service>(section: &str, file: &std::path::Path) -> Result<(), String> {
+        let mut opts = LoadOptions::isolated();
+        opts.env_vars = Some(HashMap::new());
+        opts.overrides = vec![
+            (
+                format!("{section}.database_url"),
+                "postgres://app@127.0.0.1:5432/records".into(),
+            ),
+            (
+                format!("{section}.database_password_file"),
+                file.display().to_string(),
+            ),
+        ];
+        framework::cli::load_config::<S>(&opts)
+            .map(|_| ())
+            .map_err(|e| e.key)
+    }
+    let dir = tempfile::tempdir().expect("temp");
+    let missing = dir.path().join("missing");
+    let empty = dir.path().join("empty");
+    std::fs::write(&empty, "\n").expect("write");
+    let good = dir.path().join("pw");
+    std::fs::write(&good, "s3cret\n").expect("write");
+    for file in [&missing, &empty] {
+        for (section, got) in [
+            (
+                "online_archive",
+                loaded::<online_archive::OnlineArchive>("online_archive", file),
+            ),
+            (
+                "online_nearline",
+                loaded::<online_nearline::OnlineNearline>("online_nearline", file),
+            ),
+            (
+                "project_ingest",
+                loaded::<project_ingest::ProjectIngest>("project_ingest", file),
+            ),
+            (
+                "snapshot_status",
+                loaded::<snapshot_status::SnapshotStatus>("snapshot_status", file),
+            ),
+        ] {
+            assert_eq!(
+                got,
+                Err(format!("{section}.database_password_file")),
+                "{file:?}"
+            );
+        }
+    }
+    assert_eq!(
+        loaded::<online_archive::OnlineArchive>("online_archive", &good),
+        Ok(())
+    );
+    let mut opts = LoadOptions::isolated();
+    opts.env_vars = Some(HashMap::new());
+    opts.overrides = vec![
+        (
+            "project_ingest.database_url".into(),
+            "postgres://app@127.0.0.1:5432/records".into(),
+        ),
+        (
+            "project_ingest.database_password_file".into(),
+            good.display().to_string(),
+        ),
+    ];
+    let cfg = framework::cli::load_config::<project_ingest::ProjectIngest>(&opts).expect("loads");
+    assert_eq!(
+        project_ingest::database(&cfg).as_deref(),
+        Ok("postgres://app:s3cret@127.0.0.1:5432/records")
+    );
+}

@@ -42,6 +42,9 @@ pub struct ProjectIngestSettings {
     /// `postgres://…` or `sqlite://…` (unset = `<data_dir>/project-ingest.db`).
     #[serde(default)]
     pub database_url: Option<DatabaseUrl>,
+    /// A file holding the PostgreSQL password of `database_url` (a mounted secret).
+    #[serde(default)]
+    pub database_password_file: Option<std::path::PathBuf>,
     /// Retries an update of a project not stored yet waits before it is dropped: with
     /// several handlers or instances an update can overtake its own `project-created`
     /// (or the create can be waiting in a retry tier).
@@ -61,6 +64,7 @@ impl Default for ProjectIngestSettings {
     fn default() -> Self {
         Self {
             database_url: None,
+            database_password_file: None,
             missing_project_retries: default_missing_project_retries(),
         }
     }
@@ -360,13 +364,28 @@ fn receipt_digest(
     hex::encode(h.finalize())
 }
 
-/// The database URL in effect: the configured one, else SQLite under the data dir.
-pub fn database_url(cfg: &Config<ProjectIngestSettings>) -> String {
-    db::DatabaseUrl::resolve(
+/// The database URL in effect: the configured one, else SQLite under the data dir; its
+/// password read from `database_password_file` where one is named (an error names the
+/// file, never the password).
+pub fn database(cfg: &Config<ProjectIngestSettings>) -> Result<String, String> {
+    db::DatabaseUrl::resolve_with(
         cfg.settings.database_url.as_ref(),
+        cfg.settings.database_password_file.as_deref(),
         &cfg.storage.data_dir,
         ProjectIngest::NAME,
     )
+}
+
+/// [`database`], for showing (a password file that cannot be read: the URL without it;
+/// validation refuses such a file before anything connects).
+pub fn database_url(cfg: &Config<ProjectIngestSettings>) -> String {
+    database(cfg).unwrap_or_else(|_| {
+        db::DatabaseUrl::resolve(
+            cfg.settings.database_url.as_ref(),
+            &cfg.storage.data_dir,
+            ProjectIngest::NAME,
+        )
+    })
 }
 
 #[async_trait]
@@ -384,6 +403,12 @@ impl Service for ProjectIngest {
             output_routing_key: "storagetier.projectingest.project".into(),
             ..Default::default()
         }
+    }
+
+    fn validate(cfg: &Config<ProjectIngestSettings>) -> Result<(), framework::config::ConfigError> {
+        database(cfg).map(|_| ()).map_err(|e| {
+            framework::config::ConfigError::new("project_ingest.database_password_file", e)
+        })
     }
 
     fn resolved(cfg: &Config<ProjectIngestSettings>) -> Option<serde_json::Value> {

@@ -44,6 +44,9 @@ pub struct SnapshotStatusSettings {
     /// `postgres://…` or `sqlite://…` (unset = `<data_dir>/snapshot-status.db`).
     #[serde(default)]
     pub database_url: Option<DatabaseUrl>,
+    /// A file holding the PostgreSQL password of `database_url` (a mounted secret).
+    #[serde(default)]
+    pub database_password_file: Option<std::path::PathBuf>,
     /// Exchange export-state messages go to.
     #[serde(default = "default_export_state_exchange")]
     pub export_state_exchange: String,
@@ -650,13 +653,28 @@ fn report(reports: &mut Vec<Value>, n: usize, r: Value) {
     }
 }
 
-/// The database URL in effect: the configured one, else SQLite under the data dir.
-pub fn database_url(cfg: &Config<SnapshotStatusSettings>) -> String {
-    db::DatabaseUrl::resolve(
+/// The database URL in effect: the configured one, else SQLite under the data dir; its
+/// password read from `database_password_file` where one is named (an error names the
+/// file, never the password).
+pub fn database(cfg: &Config<SnapshotStatusSettings>) -> Result<String, String> {
+    db::DatabaseUrl::resolve_with(
         cfg.settings.database_url.as_ref(),
+        cfg.settings.database_password_file.as_deref(),
         &cfg.storage.data_dir,
         SnapshotStatus::NAME,
     )
+}
+
+/// [`database`], for showing (a password file that cannot be read: the URL without it;
+/// validation refuses such a file before anything connects).
+pub fn database_url(cfg: &Config<SnapshotStatusSettings>) -> String {
+    database(cfg).unwrap_or_else(|_| {
+        db::DatabaseUrl::resolve(
+            cfg.settings.database_url.as_ref(),
+            &cfg.storage.data_dir,
+            SnapshotStatus::NAME,
+        )
+    })
 }
 
 #[async_trait]
@@ -700,6 +718,12 @@ impl Service for SnapshotStatus {
             framework::config::check_owned_name(key, v)?;
         }
         Ok(())
+    }
+
+    fn validate(cfg: &Config<SnapshotStatusSettings>) -> Result<(), ConfigError> {
+        database(cfg)
+            .map(|_| ())
+            .map_err(|e| ConfigError::new("snapshot_status.database_password_file", e))
     }
 
     fn resolved(cfg: &Config<SnapshotStatusSettings>) -> Option<serde_json::Value> {
