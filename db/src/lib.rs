@@ -1068,6 +1068,20 @@ impl DatabaseUrl {
     }
 }
 
+impl DatabaseUrl {
+    /// [`DatabaseUrl::resolve_with`] where the password file can be read, else the URL
+    /// without it: for opening after validation refused such a file, and for showing.
+    pub fn resolve_lenient(
+        url: Option<&DatabaseUrl>,
+        password_file: Option<&Path>,
+        data_dir: &Path,
+        service: &str,
+    ) -> String {
+        Self::resolve_with(url, password_file, data_dir, service)
+            .unwrap_or_else(|_| Self::resolve(url, data_dir, service))
+    }
+}
+
 /// `url` (PostgreSQL) with its password read from `file`, trimmed: an empty one (a secret
 /// not mounted yet) is refused, as is a file beside an SQLite URL, which has no password.
 pub fn with_password_file(url: &str, file: &Path) -> Result<String, String> {

@@ -376,16 +376,15 @@ pub fn database(cfg: &Config<ProjectIngestSettings>) -> Result<String, String> {
     )
 }
 
-/// [`database`], for showing (a password file that cannot be read: the URL without it;
-/// validation refuses such a file before anything connects).
+/// [`database`], or without the password where its file cannot be read (validation
+/// refuses such a file before anything connects).
 pub fn database_url(cfg: &Config<ProjectIngestSettings>) -> String {
-    database(cfg).unwrap_or_else(|_| {
-        db::DatabaseUrl::resolve(
-            cfg.settings.database_url.as_ref(),
-            &cfg.storage.data_dir,
-            ProjectIngest::NAME,
-        )
-    })
+    db::DatabaseUrl::resolve_lenient(
+        cfg.settings.database_url.as_ref(),
+        cfg.settings.database_password_file.as_deref(),
+        &cfg.storage.data_dir,
+        ProjectIngest::NAME,
+    )
 }
 
 #[async_trait]
