@@ -827,7 +827,6 @@ impl<P: MessageProcessor> Shared<P> {
             Outcome::Retry(reason.to_string()),
         );
         let mut wait = PUBLISH_FAILURE_BACKOFF;
-        // Each try may wait for its confirm as long as the operation bound: counted in.
         while Instant::now() + wait + inner.amqp.operation_timeout() <= until {
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
