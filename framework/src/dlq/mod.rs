@@ -582,11 +582,12 @@ pub async fn replay_each(
             break;
         }
         looked += 1;
+        let wanted = filter.matches(&info, now);
         // A dry run holds what it would replay too (nothing is removed).
-        if dry_run || !filter.matches(&info, now) {
+        if dry_run || !wanted {
             held_since.get_or_insert_with(tokio::time::Instant::now);
         }
-        if !filter.matches(&info, now) {
+        if !wanted {
             continue;
         }
         if !dry_run {
