@@ -1118,14 +1118,6 @@ pub fn load<S: DeserializeOwned>(
     Ok(cfg)
 }
 
-/// The queues a service on queue `q` owns (`Q`, its tiers, its DLQ) and its exchanges
-/// (retry, fail): RabbitMQ keeps the two kinds of names apart.
-fn owned_names(q: &str, delays_ms: &[u64]) -> (Vec<String>, [String; 2]) {
-    let mut queues = vec![q.to_string(), format!("{q}-dlq")];
-    queues.extend(delays_ms.iter().map(|d| format!("{q}-retry-{d}")));
-    (queues, [format!("{q}-fail"), format!("{q}-retry")])
-}
-
 /// Refuses a `queue` whose names meet another service's in the same files (a section
 /// copied with its `queue` left in): two services on one queue each got part of the
 /// other's messages — files archived or nearlined, never both, all reported done — and a
@@ -1136,7 +1128,7 @@ fn check_queue_shared(
     queue: &str,
     delays_ms: &[u64],
 ) -> Result<(), ConfigError> {
-    let (my_queues, my_exchanges) = owned_names(queue, delays_ms);
+    let (my_queues, my_exchanges) = crate::topology::owned_names(queue, delays_ms);
     for other in KNOWN_SECTIONS[FRAMEWORK_SECTIONS..]
         .iter()
         .filter(|s| **s != own_section)
@@ -1146,7 +1138,7 @@ fn check_queue_shared(
             .and_then(|v| v.clone().into_table().ok())
             .and_then(|t| t.get("queue").and_then(|q| q.clone().into_string().ok()))
             .unwrap_or_else(|| format!("storagetier-{}", other.replace('_', "-")));
-        let (queues, exchanges) = owned_names(&theirs, delays_ms);
+        let (queues, exchanges) = crate::topology::owned_names(&theirs, delays_ms);
         let shared = queues
             .iter()
             .find(|n| my_queues.contains(n))

@@ -287,6 +287,36 @@ pub struct BindingSpec {
     pub routing_key: String,
 }
 
+/// `Q-retry` of queue `q`.
+fn retry_exchange_of(q: &str) -> String {
+    format!("{q}-retry")
+}
+
+/// `Q-retry-<ms>` of queue `q`.
+fn retry_queue_of(q: &str, delay_ms: u64) -> String {
+    format!("{q}-retry-{delay_ms}")
+}
+
+/// `Q-fail` of queue `q`.
+fn fail_exchange_of(q: &str) -> String {
+    format!("{q}-fail")
+}
+
+/// `Q-dlq` of queue `q`.
+fn dlq_of(q: &str) -> String {
+    format!("{q}-dlq")
+}
+
+/// The names a service on queue `q` owns, derived here only: its queues (`Q`, one tier per
+/// delay, `Q-dlq`) and its exchanges (`Q-fail`, `Q-retry`) — RabbitMQ keeps the two kinds
+/// of names apart.
+pub fn owned_names(q: &str, delays_ms: &[u64]) -> (Vec<String>, [String; 2]) {
+    let mut queues = vec![q.to_string()];
+    queues.extend(delays_ms.iter().map(|&d| retry_queue_of(q, d)));
+    queues.push(dlq_of(q));
+    (queues, [fail_exchange_of(q), retry_exchange_of(q)])
+}
+
 impl Topology {
     /// The topology of a service from its config and subscriptions.
     pub fn new(
@@ -350,11 +380,11 @@ impl Topology {
 
     /// `Q-retry`: the direct exchange retries are published to.
     pub fn retry_exchange(&self) -> String {
-        format!("{}-retry", self.queue)
+        retry_exchange_of(&self.queue)
     }
     /// `Q-retry-<ms>`: the TTL queue of one delay tier.
     pub fn retry_queue(&self, delay_ms: u64) -> String {
-        format!("{}-retry-{delay_ms}", self.queue)
+        retry_queue_of(&self.queue, delay_ms)
     }
     /// Routing key on `Q-retry` that reaches the `delay_ms` tier.
     pub fn retry_routing_key(delay_ms: u64) -> String {
@@ -362,11 +392,11 @@ impl Topology {
     }
     /// `Q-fail`: the dead-letter exchange.
     pub fn fail_exchange(&self) -> String {
-        format!("{}-fail", self.queue)
+        fail_exchange_of(&self.queue)
     }
     /// `Q-dlq`: the dead-letter queue.
     pub fn dlq(&self) -> String {
-        format!("{}-dlq", self.queue)
+        dlq_of(&self.queue)
     }
 
     fn base_args(&self) -> FieldTable {
@@ -426,10 +456,7 @@ impl Topology {
 
     /// Names of every queue the service owns: `Q`, the retry tiers, `Q-dlq`.
     pub fn queue_names(&self) -> Vec<String> {
-        let mut v = vec![self.queue.clone()];
-        v.extend(self.delays_ms.iter().map(|&d| self.retry_queue(d)));
-        v.push(self.dlq());
-        v
+        owned_names(&self.queue, &self.delays_ms).0
     }
 
     /// Every queue with its arguments, in declaration order.
