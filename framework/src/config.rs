@@ -365,6 +365,15 @@ pub struct RetryConfig {
     pub delays_ms: Vec<u64>,
     /// Attempts before `retries-exhausted`.
     pub max_attempts: u32,
+    /// How long (ms) retries caused by an outage (a store, database or endpoint down) go
+    /// uncounted; 0: they count as any retry.
+    #[serde(default = "default_max_outage_ms")]
+    pub max_outage_ms: u64,
+}
+
+/// A day: an outage over a night is waited out, one over a weekend ends in the DLQ.
+fn default_max_outage_ms() -> u64 {
+    86_400_000
 }
 
 impl RetryConfig {
@@ -391,6 +400,19 @@ impl RetryConfig {
             .filter(|&d| d >= at_least_ms)
             .min();
         fits.unwrap_or(longest).max(own)
+    }
+
+    /// The delay (ms) of a retry during an outage that began `elapsed` ago: the longest
+    /// tier no longer than half of it (the shortest tier at first), so each message tries
+    /// again about twice per outage-age doubling whatever its own attempt count; a longer
+    /// `at_least` as in [`RetryConfig::delay_at_least`].
+    pub fn outage_delay(&self, elapsed: std::time::Duration, at_least: std::time::Duration) -> u64 {
+        let half = u64::try_from(elapsed.as_millis() / 2).unwrap_or(u64::MAX);
+        let shortest = self.delays_ms.iter().copied().min().unwrap_or(0);
+        let fits = self.delays_ms.iter().copied().filter(|&d| d <= half).max();
+        let own = fits.unwrap_or(shortest);
+        let index = self.delays_ms.iter().position(|&d| d == own).unwrap_or(0);
+        self.delay_at_least(u32::try_from(index).unwrap_or(u32::MAX), at_least)
     }
 }
 
@@ -1570,6 +1592,7 @@ mod tests {
         let r = RetryConfig {
             delays_ms: vec![1000, 5000, 30000],
             max_attempts: 5,
+            max_outage_ms: 60_000,
         };
         let ms = std::time::Duration::from_millis;
         assert_eq!(r.delay_at_least(0, ms(0)), 1000);
@@ -1580,6 +1603,25 @@ mod tests {
         // Never shorter than the attempt's own tier.
         assert_eq!(r.delay_at_least(2, ms(2000)), 30000);
         assert_eq!(r.delay_at_least(7, ms(0)), 30000);
+    }
+
+    #[test]
+    fn an_outage_retry_waits_about_half_the_outage_so_far() {
+        let r = RetryConfig {
+            delays_ms: vec![1000, 5000, 30000, 120_000],
+            max_attempts: 5,
+            max_outage_ms: 60_000,
+        };
+        let ms = std::time::Duration::from_millis;
+        let none = ms(0);
+        assert_eq!(r.outage_delay(ms(0), none), 1000);
+        assert_eq!(r.outage_delay(ms(9_999), none), 1000);
+        assert_eq!(r.outage_delay(ms(10_000), none), 5000);
+        assert_eq!(r.outage_delay(ms(60_000), none), 30000);
+        assert_eq!(r.outage_delay(ms(3_600_000), none), 120_000);
+        assert_eq!(r.outage_delay(std::time::Duration::MAX, none), 120_000);
+        // A peer's Retry-After still picks a longer tier.
+        assert_eq!(r.outage_delay(ms(0), ms(20_000)), 30000);
     }
 
     #[test]

@@ -12,6 +12,9 @@ pub const RETRY_COUNT: &str = "x-retry-count";
 /// Of those, the attempts that finished parts of the message (records posted, ids
 /// published): they do not count toward `max_attempts` nor raise the retry delay.
 pub const PROGRESS_ATTEMPTS: &str = "x-progress-attempts";
+/// When (milliseconds since the epoch) the outage its retries wait out began (see
+/// `MessageContext::retry_for_outage`); removed by a retry that is not an outage's.
+pub const OUTAGE_SINCE: &str = "x-outage-since";
 /// Exchange the message was first published to.
 pub const ORIGINAL_EXCHANGE: &str = "x-original-exchange";
 /// Routing key the message was first published with.
@@ -39,6 +42,7 @@ pub const MAX_NAME_BYTES: usize = 255;
 pub const REPLAY_STRIPPED: &[&str] = &[
     RETRY_COUNT,
     PROGRESS_ATTEMPTS,
+    OUTAGE_SINCE,
     LAST_ERROR,
     ERROR,
     ERROR_KIND,

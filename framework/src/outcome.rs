@@ -101,6 +101,44 @@ impl Planner {
             }
             // Settled before planning (nack, requeue); never published.
             Outcome::Interrupted(_) => ("interrupted", Vec::new()),
+            Outcome::Retry(reason) if ctx.outage() && self.retry.max_outage_ms > 0 => {
+                let now = now_ms();
+                // A forged or skewed start in the future is an outage starting now.
+                let since = h::get_int(&ctx.headers, h::OUTAGE_SINCE)
+                    .and_then(|t| u64::try_from(t).ok())
+                    .map_or(now, |t| t.min(now));
+                let elapsed = std::time::Duration::from_millis(now - since);
+                if now - since >= self.retry.max_outage_ms || attempts == u32::MAX {
+                    let why = format!(
+                        "gave up after {attempts} attempts over an outage of {} s \
+                         (retry.max_outage_ms {} ms); last error: {reason}",
+                        elapsed.as_secs(),
+                        self.retry.max_outage_ms
+                    );
+                    warn!(error = %LogText(&why), "outage outlasted its budget; dead-lettering");
+                    return ("dead_letter", dead_letter(h::KIND_RETRIES_EXHAUSTED, &why));
+                }
+                // Not counted: as an attempt that made progress is not.
+                let progressed = (ctx.attempt - ctx.counted_attempts()).saturating_add(1);
+                let delay = self.retry.outage_delay(elapsed, ctx.retry_wait());
+                warn!(
+                    error = %LogText(&reason),
+                    retry_in_ms = delay,
+                    outage_s = elapsed.as_secs(),
+                    "unavailable; retrying later (not counted)"
+                );
+                let msg = self.retry_message(
+                    body,
+                    ctx,
+                    &reason,
+                    &progress,
+                    attempts,
+                    progressed,
+                    delay,
+                    Some(since),
+                );
+                ("retry", vec![msg])
+            }
             Outcome::Retry(reason) => {
                 // Attempts that finished parts of a batch (records posted, ids published)
                 // are not counted toward `max_attempts`, nor do they raise the delay: a
@@ -125,33 +163,10 @@ impl Planner {
                     .retry
                     .delay_at_least(counted.saturating_sub(1), ctx.retry_wait());
                 warn!(error = %LogText(&reason), retry_in_ms = delay, "retrying later");
-                let mut hdr = ctx.headers.clone();
-                h::set_int(&mut hdr, h::RETRY_COUNT, i64::from(attempts));
-                if progressed > 0 {
-                    h::set_int(&mut hdr, h::PROGRESS_ATTEMPTS, i64::from(progressed));
-                }
-                h::set_str(&mut hdr, h::ORIGINAL_EXCHANGE, &ctx.exchange);
-                h::set_str(&mut hdr, h::ORIGINAL_ROUTING_KEY, &ctx.routing_key);
-                h::set_str(
-                    &mut hdr,
-                    h::LAST_ERROR,
-                    h::truncate(&reason, h::MAX_ERROR_BYTES),
+                let msg = self.retry_message(
+                    body, ctx, &reason, &progress, attempts, progressed, delay, None,
                 );
-                for (k, v) in &progress {
-                    h::set_str(&mut hdr, k, v);
-                }
-                ctx.trace.write(&mut hdr);
-                let props = crate::publisher::republished(&ctx.properties, hdr);
-                (
-                    "retry",
-                    vec![Outgoing {
-                        exchange: self.retry_exchange.clone(),
-                        routing_key: Topology::retry_routing_key(delay),
-                        body: body.to_vec(),
-                        properties: props,
-                        mandatory: true,
-                    }],
-                )
+                ("retry", vec![msg])
             }
             Outcome::Permanent(reason) => {
                 warn!(error = %LogText(&reason), kind = h::KIND_PERMANENT, "dead-lettering");
@@ -164,6 +179,56 @@ impl Planner {
                     dead_letter(h::KIND_RETRIES_EXHAUSTED, &reason),
                 )
             }
+        }
+    }
+
+    /// The input again, through the retry tier of `delay`: its attempts so far, those
+    /// not counted, its origin, the reason, the processor's retry headers and the trace;
+    /// `outage_since` the start of the outage it waits out, if it does (a retry that is not
+    /// an outage's ends it).
+    #[allow(clippy::too_many_arguments)]
+    fn retry_message(
+        &self,
+        body: &[u8],
+        ctx: &MessageContext,
+        reason: &str,
+        progress: &[(String, String)],
+        attempts: u32,
+        progressed: u32,
+        delay: u64,
+        outage_since: Option<u64>,
+    ) -> Outgoing {
+        let since = outage_since.and_then(|t| i64::try_from(t).ok());
+        let mut hdr = if since.is_none() && ctx.headers.contains_key(h::OUTAGE_SINCE) {
+            h::without(&ctx.headers, &[h::OUTAGE_SINCE])
+        } else {
+            ctx.headers.clone()
+        };
+        h::set_int(&mut hdr, h::RETRY_COUNT, i64::from(attempts));
+        if progressed > 0 {
+            h::set_int(&mut hdr, h::PROGRESS_ATTEMPTS, i64::from(progressed));
+        }
+        if let Some(t) = since {
+            h::set_int(&mut hdr, h::OUTAGE_SINCE, t);
+        }
+        h::set_str(&mut hdr, h::ORIGINAL_EXCHANGE, &ctx.exchange);
+        h::set_str(&mut hdr, h::ORIGINAL_ROUTING_KEY, &ctx.routing_key);
+        h::set_str(
+            &mut hdr,
+            h::LAST_ERROR,
+            h::truncate(reason, h::MAX_ERROR_BYTES),
+        );
+        for (k, v) in progress {
+            h::set_str(&mut hdr, k, v);
+        }
+        ctx.trace.write(&mut hdr);
+        let props = crate::publisher::republished(&ctx.properties, hdr);
+        Outgoing {
+            exchange: self.retry_exchange.clone(),
+            routing_key: Topology::retry_routing_key(delay),
+            body: body.to_vec(),
+            properties: props,
+            mandatory: true,
         }
     }
 
@@ -201,4 +266,11 @@ fn to_json(value: &serde_json::Value, like: usize) -> Vec<u8> {
         out = value.to_string().into_bytes();
     }
     out
+}
+
+/// Now, in milliseconds since the epoch (0 for a clock before it).
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }

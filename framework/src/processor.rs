@@ -133,6 +133,8 @@ pub(crate) struct RetryNotes {
     headers: Vec<(String, String)>,
     /// The shortest wait before the retry; zero: the attempt's own tier.
     wait: std::time::Duration,
+    /// The Retry is an outage's (see [`MessageContext::retry_for_outage`]).
+    outage: bool,
 }
 
 impl MessageContext {
@@ -222,6 +224,22 @@ impl MessageContext {
     /// The wait asked for with [`MessageContext::retry_no_sooner_than`] (zero: none).
     pub(crate) fn retry_wait(&self) -> std::time::Duration {
         self.retry_notes.lock().map(|n| n.wait).unwrap_or_default()
+    }
+
+    /// Marks a Retry of this attempt as caused by an outage of something the processor
+    /// needs (its object store, its database, an endpoint), not by the message: such
+    /// attempts do not count toward `[retry] max_attempts` while the outage has lasted less
+    /// than `[retry] max_outage_ms`, and their delay grows with the outage's age. A store
+    /// down for two hours would otherwise dead-letter the whole backlog.
+    pub fn retry_for_outage(&self) {
+        if let Ok(mut n) = self.retry_notes.lock() {
+            n.outage = true;
+        }
+    }
+
+    /// Whether [`MessageContext::retry_for_outage`] was called in this attempt.
+    pub(crate) fn outage(&self) -> bool {
+        self.retry_notes.lock().map(|n| n.outage).unwrap_or(false)
     }
 
     /// The W3C `traceparent` of this message's handling, for calls the processor makes

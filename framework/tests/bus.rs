@@ -715,6 +715,69 @@ async fn retries_exhausted_after_exactly_max_attempts() {
 }
 
 #[tokio::test]
+async fn an_outage_is_waited_out_without_counting_its_attempts() {
+    // A store down for longer than max_attempts' worth of tiers dead-lettered the whole
+    // backlog; its attempts are not the message's fault.
+    let calls: Calls = Arc::default();
+    let p = recording(&calls, |_v, ctx| match ctx.attempt {
+        0..=3 => {
+            ctx.retry_for_outage();
+            Outcome::retry(format!("store down ({})", ctx.attempt))
+        }
+        4 => Outcome::retry("the message's own trouble"),
+        _ => Outcome::success(json!({"done": ctx.attempt})),
+    });
+    let mut hs = Harness::start("outage", &[("retry.max_attempts", "2")], p).await;
+    let mut out = hs.watch_output().await;
+    hs.publish("test.o", br#"{"k":1}"#, BasicProperties::default())
+        .await;
+    let d = next(&mut out).await;
+    assert_eq!(d.data, br#"{"done":5}"#);
+    let calls = calls.lock().unwrap().clone();
+    let since: Vec<Option<i64>> = calls
+        .iter()
+        .map(|(_, c)| framework::headers::get_int(&c.headers, h::OUTAGE_SINCE))
+        .collect();
+    assert_eq!(since[0], None);
+    assert!(since[1].is_some(), "the outage's start is carried");
+    assert!(since[1..=4].iter().all(|s| *s == since[1]), "{since:?}");
+    assert_eq!(
+        since[5], None,
+        "a retry of the message's own ends the outage"
+    );
+    let count = framework::headers::get_int(&calls[5].1.headers, h::RETRY_COUNT);
+    assert_eq!(count, Some(5), "x-retry-count still counts every attempt");
+    hs.stop().await;
+}
+
+#[tokio::test]
+async fn an_outage_longer_than_its_budget_ends_in_the_dlq() {
+    let calls: Calls = Arc::default();
+    let p = recording(&calls, |_v, ctx| {
+        ctx.retry_for_outage();
+        Outcome::retry("store down")
+    });
+    let extra = [("retry.max_attempts", "1"), ("retry.max_outage_ms", "1500")];
+    let mut hs = Harness::start("outage-budget", &extra, p).await;
+    let mut dlq = hs.watch_dlq().await;
+    hs.publish("test.o", br#"{"n":1}"#, BasicProperties::default())
+        .await;
+    let d = next(&mut dlq).await;
+    assert_dead_letter(&d, "retries-exhausted", "test.o");
+    let error = header(&d, h::ERROR).unwrap();
+    assert!(
+        error.contains("retry.max_outage_ms") && error.contains("store down"),
+        "{error}"
+    );
+    let n = calls.lock().unwrap().len();
+    assert!(
+        n > 1,
+        "outage attempts are not counted toward max_attempts 1: {n} call(s)"
+    );
+    hs.stop().await;
+}
+
+#[tokio::test]
 async fn forged_retry_counts_at_their_ceiling_still_end_in_the_dlq() {
     // x-retry-count and x-progress-attempts are anyone's numbers: at u32::MAX the count
     // cannot grow, and progress cancelled every attempt: retried every second forever.

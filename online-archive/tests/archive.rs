@@ -318,6 +318,8 @@ async fn s3_and_postgres_backends_with_store_outage_retried() {
             // Two parts: the multipart records go through PostgreSQL too.
             ("online_archive.archive_options.part_size_mib", "5"),
             ("online_archive.database_url", &pg.url),
+            // An outage's attempts are not counted: it outlasts these two.
+            ("retry.max_attempts", "2"),
         ],
     );
     let mut hs = Harness::start_service::<OnlineArchive>(cfg).await;
@@ -339,8 +341,9 @@ async fn s3_and_postgres_backends_with_store_outage_retried() {
     // The store goes down: the message waits in the retry tiers, then succeeds.
     moto.stop();
     std::fs::write(data.path().join("online/big/second.bin"), b"second").unwrap();
-    // The outage outlasts several retry tiers (200 ms, then 400 ms each): the message
-    // waits in the tiers and nothing is dead-lettered before max_attempts (50).
+    // The outage outlasts several retry tiers (200 ms, then 400 ms each) and more
+    // attempts than max_attempts (2): the message waits in the tiers, its attempts not
+    // counted, and nothing is dead-lettered.
     // Q-retry is a direct exchange; bind both tiers' keys.
     let mut retry_tier = watch(&hs.ch, &format!("{}-retry", hs.q), "200").await;
     hs.ch
@@ -355,12 +358,17 @@ async fn s3_and_postgres_backends_with_store_outage_retried() {
         .unwrap();
     send(&hs, &sweeper_message(&dir, "second.bin", false)).await;
     let mut count = 0;
-    while count < 3 {
+    while count < 4 {
         let r = next(&mut retry_tier).await;
+        let last = header(&r, h::LAST_ERROR).unwrap();
+        // The cause, not only object_store's "error sending request".
         assert!(
-            header(&r, h::LAST_ERROR).unwrap().contains("object store"),
-            "{:?}",
-            header(&r, h::LAST_ERROR)
+            last.contains("object store") && last.to_lowercase().contains("refused"),
+            "{last}"
+        );
+        assert!(
+            int_header(&r, h::OUTAGE_SINCE).is_some(),
+            "an outage's retry"
         );
         count = int_header(&r, h::RETRY_COUNT).unwrap();
     }

@@ -166,7 +166,7 @@ pub enum CopyError {
     #[error("reading {0}: {1}")]
     Read(String, std::io::Error),
     /// The object store failed.
-    #[error("object store: {}", crate::s3::quiet(&.0.to_string()))]
+    #[error("object store: {}", crate::s3::described(.0))]
     Store(#[from] object_store::Error),
     /// A native S3 request failed.
     #[error("object store: {0}")]
@@ -242,6 +242,60 @@ impl CopyError {
             _ => false,
         }
     }
+
+    /// Whether the failure is the store's or the database's, not the file's: a store or
+    /// database down, unreachable or refusing our credentials, a local store's disk full
+    /// or read-only. Such retries wait out the outage uncounted.
+    pub fn is_outage(&self) -> bool {
+        use object_store::Error as E;
+        match self {
+            CopyError::Store(e) if !store_outage_status(client_status(e)) => false,
+            CopyError::Store(e) => !matches!(
+                e,
+                E::NotFound { .. }
+                    | E::AlreadyExists { .. }
+                    | E::Precondition { .. }
+                    | E::NotModified { .. }
+                    | E::InvalidPath { .. }
+                    | E::NotSupported { .. }
+                    | E::NotImplemented
+                    | E::UnknownConfigurationKey { .. }
+            ),
+            CopyError::S3(crate::s3::S3Error::Status(_, code, _)) => {
+                store_outage_status(Some(*code))
+            }
+            CopyError::S3(e) => !matches!(e, crate::s3::S3Error::Taken(_)),
+            CopyError::Db(e) => !db::refuses_the_data(e),
+            CopyError::Write(_, e) => !self.is_permanent() && e.raw_os_error().is_some(),
+            _ => false,
+        }
+    }
+}
+
+/// Whether a store's answer of `status` (None: no answer, or one object_store does not
+/// show) is the store's trouble rather than the request's: no answer, a server error,
+/// throttling, a timeout, refused credentials, a bucket not found. Another 4xx (a key the
+/// store will not take, a malformed request) is about this file.
+fn store_outage_status(status: Option<u16>) -> bool {
+    match status {
+        Some(code @ 400..=499) => [401, 403, 404, 408, 429].contains(&code),
+        _ => true,
+    }
+}
+
+/// The HTTP status object_store's error (or its sources) shows, if any: its own type for
+/// it is not public, its text is ("… non-2xx status code: 400 Bad Request: …").
+fn client_status(e: &object_store::Error) -> Option<u16> {
+    let mut at: Option<&dyn std::error::Error> = Some(e);
+    while let Some(err) = at {
+        let text = err.to_string();
+        if let Some((_, rest)) = text.split_once("status code: ") {
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            return digits.parse().ok();
+        }
+        at = err.source();
+    }
+    None
 }
 
 /// A flag set when it is dropped: tells a blocking copy its caller is gone.
@@ -654,7 +708,7 @@ async fn upload_multipart(
         // Parts already stored are billed until aborted; a failed abort is left to
         // the bucket's lifecycle rule (docs/storage.md).
         if let Err(a) = up.abort().await {
-            tracing::warn!(key = %key, error = %framework::telemetry::LogText(&crate::s3::quiet(&a.to_string())), "could not abort the failed multipart upload");
+            tracing::warn!(key = %key, error = %framework::telemetry::LogText(&crate::s3::described(&a)), "could not abort the failed multipart upload");
         }
         return Err(e);
     }
@@ -808,7 +862,7 @@ impl Multipart<'_> {
                 if let Err(e) = started {
                     // Unrecorded, it could never be resumed nor swept: abort it now.
                     if let Err(a) = self.mp.abort_multipart(key, &id).await {
-                        tracing::warn!(key = %key, error = %framework::telemetry::LogText(&crate::s3::quiet(&a.to_string())), "could not abort an unrecorded multipart upload");
+                        tracing::warn!(key = %key, error = %framework::telemetry::LogText(&crate::s3::described(&a)), "could not abort an unrecorded multipart upload");
                     }
                     return Err(e.into());
                 }
@@ -1166,6 +1220,49 @@ mod tests {
         );
         for errno in [libc::ENOSPC, libc::EIO, libc::EDQUOT, libc::EMFILE] {
             assert!(!write(errno).is_permanent(), "errno {errno}");
+        }
+    }
+
+    #[test]
+    fn the_stores_trouble_is_an_outage_a_refused_request_is_the_files() {
+        let generic = |text: &str| {
+            CopyError::Store(object_store::Error::Generic {
+                store: "S3",
+                source: Box::new(std::io::Error::other(text.to_string())),
+            })
+        };
+        let denied = CopyError::Store(object_store::Error::PermissionDenied {
+            path: "k".into(),
+            source: Box::new(std::io::Error::other(
+                "Server returned non-2xx status code: 403 Forbidden: ",
+            )),
+        });
+        let outages = [
+            generic("Error performing PUT http://s3/k in 2s - HTTP error: error sending request"),
+            generic("Server returned non-2xx status code: 503 Service Unavailable: SlowDown"),
+            generic("Server returned non-2xx status code: 404 Not Found: NoSuchBucket"),
+            denied,
+            CopyError::S3(crate::s3::S3Error::Status("HeadObject", 500, String::new())),
+            CopyError::Write("k".into(), std::io::Error::from_raw_os_error(libc::ENOSPC)),
+            CopyError::Db(db::sqlx::Error::PoolTimedOut),
+        ];
+        for e in &outages {
+            assert!(e.is_outage(), "{e}");
+        }
+        let the_files = [
+            generic("Server returned non-2xx status code: 400 Bad Request: KeyTooLongError"),
+            CopyError::S3(crate::s3::S3Error::Status(
+                "PutObject",
+                400,
+                "InvalidObjectName".into(),
+            )),
+            CopyError::S3(crate::s3::S3Error::Taken("PutObject")),
+            CopyError::Write("k".into(), std::io::Error::from_raw_os_error(libc::EFBIG)),
+            CopyError::SourceChanged("f".into()),
+            CopyError::Read("f".into(), std::io::Error::from_raw_os_error(libc::EIO)),
+        ];
+        for e in &the_files {
+            assert!(!e.is_outage(), "{e}");
         }
     }
 

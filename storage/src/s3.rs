@@ -24,13 +24,13 @@ const KEY_ENCODE: percent_encoding::AsciiSet = percent_encoding::NON_ALPHANUMERI
 #[derive(Debug, thiserror::Error)]
 pub enum S3Error {
     /// Credentials could not be obtained.
-    #[error("S3 credentials: {}", quiet(&.0.to_string()))]
+    #[error("S3 credentials: {}", described(.0))]
     Credentials(#[from] object_store::Error),
     /// The request could not be built.
     #[error("S3 request: {0}")]
     Request(String),
     /// Connecting or reading the response failed.
-    #[error("S3 {0}: {1}")]
+    #[error("S3 {}: {}", .0, described(.1))]
     Http(&'static str, reqwest::Error),
     /// The store answered with an error status.
     #[error("S3 {0} answered {1}: {2}")]
@@ -529,6 +529,23 @@ pub fn part_id(etag: &str, checksum_sha256: Option<&str>) -> object_store::multi
 
 fn snippet(s: &str) -> String {
     quiet(s).chars().take(300).collect()
+}
+
+/// An error's text with the causes it does not show itself (object_store and reqwest
+/// say "error sending request", the refused connection, the unknown host or the
+/// certificate it could not verify is only in their sources), made [`quiet`].
+pub fn described(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut at = e.source();
+    while let Some(cause) = at {
+        let more = cause.to_string();
+        if !more.is_empty() && !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        at = cause.source();
+    }
+    quiet(&text).into_owned()
 }
 
 /// An error text from or about S3 without the request S3 may echo back: its error

@@ -293,6 +293,10 @@ impl MessageProcessor for TierProcessor {
             }
             Err(TierError::Permanent(e)) => Outcome::permanent(e),
             Err(TierError::Transient(e)) => Outcome::retry(e),
+            Err(TierError::Unavailable(e)) => {
+                ctx.retry_for_outage();
+                Outcome::retry(e)
+            }
         }
     }
 }

@@ -80,9 +80,14 @@ pub enum TierError {
     /// Will never work (bad path, missing file).
     #[error("{0}")]
     Permanent(String),
-    /// May work later (store, database, I/O).
+    /// May work later (a source's I/O, a copy raced or interrupted).
     #[error("{0}")]
     Transient(String),
+    /// Something every copy needs (the object store, the records database, an online
+    /// share) is down or refuses us: retried without counting against the message (see
+    /// `MessageContext::retry_for_outage`), so an outage does not dead-letter the backlog.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// A file's modification time as its records keep it (RFC 3339, as chrono writes a
@@ -107,6 +112,8 @@ impl From<CopyError> for TierError {
     fn from(e: CopyError) -> Self {
         if e.is_permanent() {
             TierError::Permanent(e.to_string())
+        } else if e.is_outage() {
+            TierError::Unavailable(e.to_string())
         } else {
             TierError::Transient(e.to_string())
         }
@@ -118,7 +125,7 @@ impl From<db::sqlx::Error> for TierError {
         if db::refuses_the_data(&e) {
             TierError::Permanent(format!("the database refuses this file's record: {e}"))
         } else {
-            TierError::Transient(format!("database: {e}"))
+            TierError::Unavailable(format!("database: {e}"))
         }
     }
 }
@@ -149,7 +156,7 @@ fn open_source(roots: &[Root], parent_dir: &str, filename: &str) -> Result<Opene
                 })
                 .find(|r| paths::may_be_unmounted(&r.canonical));
             return match unmounted {
-                Some(r) => Err(TierError::Transient(format!(
+                Some(r) => Err(TierError::Unavailable(format!(
                     "{e}: the online root {} is empty or unreadable (a share not mounted?)",
                     r.configured.display()
                 ))),
@@ -314,7 +321,7 @@ impl TierCopier {
                     .iter()
                     .find_map(|p| self.mounts.unmounted_share_above(p));
                 return Err(match away {
-                    Some(share) => TierError::Transient(format!(
+                    Some(share) => TierError::Unavailable(format!(
                         "{e}: the share mounted at {} is not mounted now",
                         share.display()
                     )),
@@ -726,7 +733,10 @@ impl<'a> Claim<'a> {
         let owner = uuid::Uuid::new_v4().to_string();
         let asked_at = tokio::time::Instant::now();
         if !records.claim(key.as_ref(), &owner, CLAIM_LEASE).await? {
-            return Err(TierError::Transient(format!(
+            // Waited out, not counted: the other copy may take longer than all the
+            // attempts' tiers together (a large file), and the key is not this message's
+            // fault.
+            return Err(TierError::Unavailable(format!(
                 "another copy to {key} is in progress"
             )));
         }
@@ -767,7 +777,7 @@ impl<'a> Claim<'a> {
                 Ok(Err(_)) | Err(_) => break,
             }
         }
-        TierError::Transient(format!("lost the upload claim on {}", self.key))
+        TierError::Unavailable(format!("lost the upload claim on {}", self.key))
     }
 
     fn held_until(&self) -> tokio::time::Instant {

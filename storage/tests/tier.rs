@@ -58,10 +58,19 @@ fn copied(r: Result<TierOutcome, TierError>) -> storage::CopyReport {
     }
 }
 
+/// A retry's reason, counted toward the attempts or an outage's.
 fn transient(r: Result<TierOutcome, TierError>) -> String {
     match r {
-        Err(TierError::Transient(e)) => e,
+        Err(TierError::Transient(e) | TierError::Unavailable(e)) => e,
         other => panic!("expected a retry, got {other:?}"),
+    }
+}
+
+/// An outage's retry (not counted against the message): its reason.
+fn outage(r: Result<TierOutcome, TierError>) -> String {
+    match r {
+        Err(TierError::Unavailable(e)) => e,
+        other => panic!("expected an outage's retry, got {other:?}"),
     }
 }
 
@@ -131,7 +140,8 @@ async fn concurrent_uploads_of_different_content_to_one_key_never_overwrite() {
     release.notify_one();
     let ra = copied(first.await.expect("A ran"));
     assert_eq!(ra.key, "show/ep.mov");
-    let e = transient(during);
+    // Waited out uncounted: A's copy may outlast every tier.
+    let e = outage(during);
     assert!(e.contains("in progress"), "{e}");
     // B's retry finds A's object there and stores beside it, never over it.
     let rb = copied(b.handle(&msg_b, 2).await);
@@ -1083,7 +1093,7 @@ async fn a_missing_file_under_an_empty_root_is_retried_not_dead_lettered() {
         let dir = base.path().join(root).join("p").display().to_string();
         serde_json::from_value(sweeper_message(&dir, name, false)).expect("message")
     };
-    let e = transient(c.handle(&at("nas2", "a.bin"), 1).await);
+    let e = outage(c.handle(&at("nas2", "a.bin"), 1).await);
     assert!(e.contains("is empty"), "{e}");
     // Mounted: the same message copies.
     put(base.path(), "nas2", "p/a.bin", b"mounted");
@@ -1128,7 +1138,7 @@ async fn a_claim_whose_renewal_never_answers_stops_the_copy() {
         .await
         .expect("the copy stopped while its claim's row was locked")
         .expect("ran");
-    let e = transient(r);
+    let e = outage(r);
     assert!(e.contains("lost the upload claim"), "{e}");
     tx.rollback().await.expect("rollback");
     release.notify_one();
