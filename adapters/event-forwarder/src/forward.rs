@@ -39,8 +39,10 @@ pub fn idempotency_key(id: &str) -> HeaderValue {
 pub enum PostResult {
     /// 2xx: delivered (the status code).
     Delivered(u16),
-    /// Connection error, timeout, 408, 429 or 5xx: try again later — no sooner than the
-    /// endpoint's `Retry-After`, if it sent one.
+    /// Connection error, timeout, 408, 429 or 5xx, a redirect (3xx: the endpoint moved;
+    /// not followed), or 409 to a request with an `Idempotency-Key` (its first try is
+    /// still being processed): try again later — no sooner than the endpoint's
+    /// `Retry-After`, if it sent one.
     Retryable(String, Option<Duration>, Scope),
     /// Any other status: the endpoint will never take this event.
     Rejected(String),
@@ -107,7 +109,8 @@ pub enum StatusClass {
     Delivered,
     /// 408, 429, 5xx.
     Retryable,
-    /// Every other status (4xx, and 1xx/3xx: redirects are not followed).
+    /// Every other status (4xx, and 1xx); 3xx, and 409 to a request carrying an
+    /// `Idempotency-Key`, are retried by [`Forwarder::post`] instead.
     Rejected,
 }
 
@@ -274,6 +277,48 @@ impl Forwarder {
                 Scope::Endpoint,
             );
         }
+        if status.is_redirection() {
+            // Not followed (another host, http from https, the token carried along), nor
+            // dead-lettered: a load balancer's move to https would otherwise send every
+            // event to the DLQ. The operator learns where to point the endpoint.
+            let to = resp
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|l| self.endpoint.join(l).ok())
+                .map_or_else(
+                    || "somewhere it does not say".to_string(),
+                    |u| shown_url(&u),
+                );
+            return PostResult::Retryable(
+                format!(
+                    "endpoint answered {status}, redirecting to {to} (not followed): point \
+                     [event_forwarder] endpoint there{}",
+                    quoted_body(resp, &secrets).await
+                ),
+                None,
+                Scope::Endpoint,
+            );
+        }
+        // The idempotency draft's answer to a retry while the first try is still being
+        // processed (ours after a timeout): that first try may yet fail, so the event is
+        // tried again rather than dead-lettered.
+        if status == StatusCode::CONFLICT && event.contains_key(IDEMPOTENCY_KEY) {
+            let after = resp
+                .headers()
+                .get(RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| retry_after(v, std::time::SystemTime::now()));
+            return PostResult::Retryable(
+                format!(
+                    "endpoint answered {status} to this event's Idempotency-Key (an earlier \
+                     try still in progress?){}",
+                    quoted_body(resp, &secrets).await
+                ),
+                after,
+                Scope::Event,
+            );
+        }
         match classify_status(status) {
             StatusClass::Delivered => PostResult::Delivered(status.as_u16()),
             StatusClass::Retryable => {
@@ -338,6 +383,17 @@ impl Forwarder {
             format!("{what} ({host}{port}): {}", chain.join(": "))
         }
     }
+}
+
+/// `u` as an error shows it: scheme, host, port and path, without credentials, query or
+/// fragment (a redirect's target may carry a signed query).
+fn shown_url(u: &url::Url) -> String {
+    let mut shown = u.clone();
+    let _ = shown.set_username("");
+    let _ = shown.set_password(None);
+    shown.set_query(None);
+    shown.set_fragment(None);
+    framework::telemetry::LogText(shown.as_str()).to_string()
 }
 
 /// The token of `auth` and, for a `Bearer x` style token, its credential part alone (an

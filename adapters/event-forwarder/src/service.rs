@@ -250,7 +250,8 @@ impl EventForwarder {
             }));
         }
         // The message's own id (and the part of a batch it was, once replayed alone).
-        let r = match self.post(body.get(), message_key(ctx, None), ctx).await {
+        let key = message_key(ctx, None, body.get());
+        let r = match self.post(body.get(), key, ctx).await {
             Posted::Result(r) => r,
             Posted::Exhausted(e) => return Outcome::exhausted(e),
             Posted::Interrupted(e) => return Outcome::Interrupted(e),
@@ -267,8 +268,9 @@ impl EventForwarder {
                     "skipped": [],
                 }))
             }
-            PostResult::Retryable(e, after, _) => {
+            PostResult::Retryable(e, after, scope) => {
                 wait_for(ctx, after);
+                outage_if(ctx, scope);
                 Outcome::retry(e)
             }
             PostResult::Rejected(e) => Outcome::permanent(e),
@@ -330,7 +332,7 @@ impl EventForwarder {
                     records.len()
                 ));
             }
-            let key = record_key(r, i, ctx);
+            let key = record_key(r, i, ctx, r.kinesis.get());
             let result = match self.post(r.kinesis.get(), key, ctx).await {
                 Posted::Result(res) => res,
                 Posted::Exhausted(e) => {
@@ -375,6 +377,9 @@ impl EventForwarder {
             }
         }
         if let Some(first) = retry {
+            if endpoint_unavailable {
+                outage_if(ctx, Scope::Endpoint);
+            }
             return Outcome::retry(format!(
                 "{pending} of {} records not delivered yet; first: {first}",
                 records.len()
@@ -464,20 +469,41 @@ fn posts_fit_before_checkpoint(cfg: &Config<ForwarderSettings>) -> Result<(), Co
 /// The `Idempotency-Key` of record `i` of a message: the record's `eventID`, else the
 /// message's id and the record's place in the batch it came in (a record replayed alone
 /// keeps its place: `x-batch-part`); none when neither names it.
-fn record_key(r: &KinesisRecord<'_>, i: usize, ctx: &MessageContext) -> Option<HeaderValue> {
+fn record_key(
+    r: &KinesisRecord<'_>,
+    i: usize,
+    ctx: &MessageContext,
+    posted: &str,
+) -> Option<HeaderValue> {
     match &r.event_id {
         Some(e) => Some(idempotency_key(e)),
-        None => message_key(ctx, Some(i.to_string())),
+        None => message_key(ctx, Some(i.to_string()), posted),
+    }
+}
+
+/// Marks a retry for the endpoint as a whole (unreachable, throttling, unavailable,
+/// moved) as an outage's: not counted toward `[retry] max_attempts` for up to
+/// `max_outage_ms`, so an endpoint down for hours does not dead-letter every event sent
+/// meanwhile. An error answer to one event still counts.
+fn outage_if(ctx: &MessageContext, scope: Scope) {
+    if scope == Scope::Endpoint {
+        ctx.retry_for_outage();
     }
 }
 
 /// The `Idempotency-Key` from the message's own id: of the whole message, or of its part
-/// (the place a record replayed alone had in its batch, `x-batch-part`, else `place`).
-fn message_key(ctx: &MessageContext, place: Option<String>) -> Option<HeaderValue> {
+/// (the place a record replayed alone had in its batch, `x-batch-part`, else `place`),
+/// with the start of the SHA-256 of what is `posted`. The body is the same on every try
+/// of the event, so the key is too; two events a producer sent under one id (a counter
+/// restarted, two producers' schemes meeting) get two keys instead of the second being
+/// answered from the endpoint's record of the first, and lost.
+fn message_key(ctx: &MessageContext, place: Option<String>, posted: &str) -> Option<HeaderValue> {
+    use sha2::Digest;
     let id = ctx.message_id.as_deref()?;
+    let digest = hex::encode(&sha2::Sha256::digest(posted.as_bytes())[..8]);
     Some(match ctx.batch_part().or(place) {
-        Some(part) => idempotency_key(&format!("{id}:{part}")),
-        None => idempotency_key(id),
+        Some(part) => idempotency_key(&format!("{id}:{part}:{digest}")),
+        None => idempotency_key(&format!("{id}:{digest}")),
     })
 }
 

@@ -80,20 +80,62 @@ async fn four_hundreds_are_rejected_with_status_and_body_but_no_token() {
     }
 }
 
+/// A redirect is not followed (another host, http from https, the token carried along)
+/// and not dead-lettered either: a load balancer moved to https would send every event
+/// to the DLQ. The error says where to point the endpoint, without the target's query.
 #[tokio::test]
-async fn redirects_are_not_followed_and_rejected() {
+async fn redirects_are_not_followed_but_retried_naming_the_target() {
+    for (status, location, shown) in [
+        (302, "/elsewhere", "/elsewhere"),
+        (
+            308,
+            "https://moved.example/x?X-Amz-Signature=abc#frag",
+            "https://moved.example/x",
+        ),
+    ] {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(status).insert_header("Location", location))
+            .mount(&server)
+            .await;
+        match forwarder(&server.uri(), 5000)
+            .post("{}", &HeaderMap::new())
+            .await
+        {
+            PostResult::Retryable(e, None, Scope::Endpoint) => {
+                assert!(e.contains(shown) && e.contains(&status.to_string()), "{e}");
+                assert!(!e.contains("abc") && !e.contains("frag"), "{e}");
+            }
+            r => panic!("{status}: {r:?}"),
+        }
+        assert_eq!(server.received_requests().await.unwrap().len(), 1);
+    }
+}
+
+/// 409 is the idempotency draft's answer to a retry while the first try is still being
+/// processed (ours after a timeout): retried, so an event whose first try then fails
+/// is not left in the DLQ. Without a key a 409 is the event's own conflict: rejected.
+#[tokio::test]
+async fn a_conflict_on_an_idempotency_key_is_retried() {
     let server = MockServer::start().await;
     Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(302).insert_header("Location", "/elsewhere"))
+        .respond_with(ResponseTemplate::new(409).insert_header("Retry-After", "3"))
         .mount(&server)
         .await;
+    let mut keyed = HeaderMap::new();
+    keyed.insert("idempotency-key", "m1:0123".parse().unwrap());
+    let f = forwarder(&server.uri(), 5000);
+    match f.post("{}", &keyed).await {
+        PostResult::Retryable(e, Some(wait), Scope::Event) => {
+            assert_eq!(wait, Duration::from_secs(3));
+            assert!(e.contains("409"), "{e}");
+        }
+        r => panic!("{r:?}"),
+    }
     assert!(matches!(
-        forwarder(&server.uri(), 5000)
-            .post("{}", &HeaderMap::new())
-            .await,
+        f.post("{}", &HeaderMap::new()).await,
         PostResult::Rejected(_)
     ));
-    assert_eq!(server.received_requests().await.unwrap().len(), 1);
 }
 
 #[tokio::test]

@@ -378,7 +378,9 @@ async fn a_replayed_batch_posts_only_its_undelivered_record_under_its_key() {
         .mount(&server)
         .await;
     let data = tempfile::tempdir().unwrap();
-    let hs = start(&server, data.path(), &[("retry.max_attempts", "1")]).await;
+    // An unavailable endpoint's retries counted as any (they are not, for a day, by default).
+    let counted = [("retry.max_attempts", "1"), ("retry.max_outage_ms", "0")];
+    let hs = start(&server, data.path(), &counted).await;
     let (ok, late) = (record("seq-ok"), record("seq-late"));
     let body = json!({"Records": [ok, late]});
     hs.publish("kinesis", body.to_string().as_bytes(), with_id("batch-r"))
@@ -558,19 +560,73 @@ async fn every_try_of_an_event_carries_the_same_idempotency_key() {
         .await;
     next(&mut out).await;
     let keys = idempotency_keys(&server).await;
-    let want: Vec<Option<String>> = [
-        Some("m1"),
-        Some("m1"),
-        Some("shardId-000:4955"),
-        Some("m2:1"),
+    // The id (and place), then the start of the posted body's SHA-256.
+    let digest = |body: &str| {
+        use sha2::Digest;
+        hex::encode(&sha2::Sha256::digest(body.as_bytes())[..8])
+    };
+    let first = format!("m1:{}", digest(r#"{"e":"first"}"#));
+    let want: Vec<Option<String>> = vec![
+        Some(first.clone()),
+        Some(first),
+        Some("shardId-000:4955".into()),
+        Some(format!("m2:1:{}", digest(r#"{"b":2}"#))),
         // A blank eventID names nothing: the record's place does.
-        Some("m2:2"),
+        Some(format!("m2:2:{}", digest(r#"{"c":3}"#))),
         None,
-    ]
-    .iter()
-    .map(|k| k.map(String::from))
-    .collect();
+    ];
     assert_eq!(keys, want, "{:?}", bodies(&server).await);
+    hs.stop().await;
+}
+
+/// An endpoint that cannot take anything (unreachable, 503, throttling) is an outage:
+/// its retries do not count toward `max_attempts` (1 here), so the events sent while it
+/// lasts are delivered once it is back instead of dead-lettered; an error answer to one
+/// event (500) still counts.
+#[tokio::test]
+async fn an_unavailable_endpoint_is_waited_out_uncounted() {
+    let server = first_refused(3).await;
+    Mock::given(body_string_contains("broken"))
+        .respond_with(ResponseTemplate::new(500))
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    let data = tempfile::tempdir().unwrap();
+    let mut hs = start(&server, data.path(), &[("retry.max_attempts", "1")]).await;
+    let mut out = hs.watch_output().await;
+    let mut dlq = hs.watch_dlq().await;
+    hs.publish("k", br#"{"e":"first"}"#, with_id("m1")).await;
+    let o = next(&mut out).await;
+    assert_eq!(header(&o, "x-in-response-to").as_deref(), Some("m1"));
+    hs.publish("k", br#"{"e":"broken"}"#, with_id("m2")).await;
+    let d = next(&mut dlq).await;
+    assert_eq!(
+        header(&d, "x-error-kind").as_deref(),
+        Some("retries-exhausted")
+    );
+    hs.stop().await;
+}
+
+/// Two events a producer sent under one message id (a counter restarted, two producers'
+/// schemes meeting) get two keys: with the id alone, an endpoint honouring the key
+/// answered the second from its record of the first, and the second was lost.
+#[tokio::test]
+async fn two_events_under_one_id_get_two_idempotency_keys() {
+    let server = answering(200).await;
+    let data = tempfile::tempdir().unwrap();
+    let mut hs = start(&server, data.path(), &[]).await;
+    let mut out = hs.watch_output().await;
+    for body in [br#"{"e":1}"#, br#"{"e":2}"#] {
+        hs.publish("k", body, with_id("same")).await;
+        next(&mut out).await;
+    }
+    let keys = idempotency_keys(&server).await;
+    assert_eq!(keys.len(), 2);
+    assert_ne!(keys[0], keys[1], "{keys:?}");
+    assert!(
+        keys.iter().flatten().all(|k| k.starts_with("same:")),
+        "{keys:?}"
+    );
     hs.stop().await;
 }
 
@@ -1237,6 +1293,7 @@ async fn an_endpoint_slower_than_timeout_ms_is_a_timeout() {
         &[
             ("event_forwarder.timeout_ms", "700"),
             ("retry.max_attempts", "1"),
+            ("retry.max_outage_ms", "0"),
         ],
     )
     .await;
