@@ -51,6 +51,49 @@ impl DbError {
     pub fn refuses_the_data(&self) -> bool {
         matches!(self, DbError::Sqlx(e) if refuses_the_data(e))
     }
+
+    /// Why PostgreSQL refused the login itself, if it did: the password, a role or a
+    /// database that does not exist, a host `pg_hba.conf` does not admit. Waiting does not
+    /// help: the configuration is wrong.
+    pub fn refused_login(&self) -> Option<&'static str> {
+        let DbError::Sqlx(sqlx::Error::Database(d)) = self else {
+            return None;
+        };
+        match d.code()?.as_ref() {
+            "28P01" => Some("the server refused the password"),
+            "28000" => Some(
+                "the server refused the login (no such role, or pg_hba.conf does not admit \
+                 this host or user)",
+            ),
+            "3D000" => Some("the database does not exist"),
+            _ => None,
+        }
+    }
+
+    /// This error met while a service opens its database at `url` at start: a
+    /// configuration error (exit 2) naming `<section>.database_url` — or
+    /// `database_password_file` for a refused password read from one — where the server
+    /// refused the login; else itself, naming the database (exit 1).
+    pub fn at_start(self, section: &str, password_file: bool, url: &str) -> framework::BoxError {
+        match self.refused_login() {
+            Some(why) => {
+                let refused_password = matches!(
+                    &self,
+                    DbError::Sqlx(sqlx::Error::Database(d)) if d.code().as_deref() == Some("28P01")
+                );
+                let key = if password_file && refused_password {
+                    "database_password_file"
+                } else {
+                    "database_url"
+                };
+                Box::new(framework::config::ConfigError::new(
+                    format!("{section}.{key}"),
+                    format!("{why}: {self}"),
+                ))
+            }
+            None => format!("cannot open database {}: {self}", redact_url(url)).into(),
+        }
+    }
 }
 
 /// True when PostgreSQL refused the data itself rather than failing to store it: a value

@@ -829,6 +829,10 @@ pub async fn run_service<S: Service>(
         Ok(pc) => pc,
         Err(e) => {
             http.stop().await;
+            // A setting no retry fixes (a database refusing the login): exit 2 naming it.
+            if let Some(c) = e.downcast_ref::<ConfigError>() {
+                return Err(Failure::Usage(c.to_string()));
+            }
             return Err(Failure::Other(format!("cannot start {}: {e}", S::NAME)));
         }
     };

@@ -408,6 +408,31 @@ fn a_bad_database_url_is_a_config_error_naming_the_key() {
     assert!(!err.contains("hunter2"), "password hidden: {err}");
 }
 
+/// A database that refuses the login — no such database, no such role — is a setting no
+/// wait fixes: `run` exits 2 naming `database_url` (it was exit 1, "cannot start").
+#[test]
+fn a_database_refusing_the_login_exits_2_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    for url in [
+        "postgres://postgres@127.0.0.1:5432/storagetier_no_such_database",
+        "postgres://storagetier_no_such_role@127.0.0.1:5432/test",
+    ] {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_online-archive"))
+            .arg("--config-dir")
+            .arg(dir.path())
+            .env("STORAGETIER__STORAGE__DATA_DIR", dir.path())
+            .env("STORAGETIER__ONLINE_ARCHIVE__HTTP_LISTEN", "127.0.0.1:0")
+            .env("STORAGETIER__ONLINE_ARCHIVE__DATABASE_URL", url)
+            .arg("run")
+            .output_within(WAIT)
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{url}: {err}");
+        assert!(err.contains("online_archive.database_url"), "{err}");
+        assert!(err.contains("does not exist"), "{err}");
+    }
+}
+
 /// The status line of `GET path` on `127.0.0.1:port`.
 fn status_line(port: u16, path: &str) -> String {
     body_of(port, path)
@@ -517,6 +542,8 @@ fn bad_store_settings_exit_2_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let s3 = ("ARCHIVE_URL", "s3://archive");
     let absent = dir.path().join("unmounted/archive").display().to_string();
+    let empty_secret = dir.path().join("empty-secret").display().to_string();
+    std::fs::write(&empty_secret, "\n").unwrap();
     let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
         // A configured directory is never created (an unmounted share).
         (vec![("ARCHIVE_URL", &absent)], "online_archive.archive_url"),
@@ -571,11 +598,33 @@ fn bad_store_settings_exit_2_naming_the_key() {
             ],
             "online_archive.archive_options.secret_access_key_file",
         ),
+        // Signed with an empty secret, every request refused (403).
+        (
+            vec![
+                s3,
+                (
+                    "ARCHIVE_OPTIONS__SECRET_ACCESS_KEY_FILE",
+                    empty_secret.as_str(),
+                ),
+            ],
+            "online_archive.archive_options.secret_access_key_file",
+        ),
+        // A key id without its secret: the client would not build at start (exit 1).
+        (
+            vec![s3, ("ARCHIVE_OPTIONS__ACCESS_KEY_ID", "AKID")],
+            "online_archive.archive_options.secret_access_key",
+        ),
+        (
+            vec![s3, ("ARCHIVE_OPTIONS__SECRET_ACCESS_KEY", "s3cr3t")],
+            "online_archive.archive_options.access_key_id",
+        ),
     ];
     let check_config = |env: &[(&str, &str)]| {
         let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_online-archive"));
         c.arg("--config-dir")
             .arg(dir.path())
+            .env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
             .env("STORAGETIER__STORAGE__DATA_DIR", dir.path());
         for (k, v) in env {
             c.env(format!("STORAGETIER__ONLINE_ARCHIVE__{k}"), v);

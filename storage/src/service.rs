@@ -159,7 +159,10 @@ impl TierProcessor {
             None => store::local(&data_dir.join(default_store_dir))?,
         };
         let url = setup.database(service, data_dir)?;
-        let records = Records::open(&url).await?;
+        let section = service.replace('-', "_");
+        let records = Records::open(&url)
+            .await
+            .map_err(|e| e.at_start(&section, setup.database_password_file.is_some(), &url))?;
         tracing::info!(store = %tier.display, database = %db::redact_url(&url), roots = ?roots, "storage tier ready");
         let copier = std::sync::Arc::new(TierCopier::new(roots, tier, records, policy));
         let sweeper = match copier.tier().local_dir.clone() {

@@ -299,12 +299,45 @@ pub fn check_settings(
     }
     if let Some(f) = &opts.secret_access_key_file
         && s3
-        && let Err(e) = std::fs::read_to_string(f)
     {
-        return Err(ConfigError::new(
-            format!("{options_key}.secret_access_key_file"),
-            format!("cannot read {}: {e}", f.display()),
-        ));
+        let why = match std::fs::read_to_string(f) {
+            Err(e) => Some(format!("cannot read {}: {e}", f.display())),
+            // Every request would be signed with an empty secret and refused (403).
+            Ok(s) if s.trim().is_empty() => Some(format!("{} is empty", f.display())),
+            Ok(_) => None,
+        };
+        if let Some(why) = why {
+            return Err(ConfigError::new(
+                format!("{options_key}.secret_access_key_file"),
+                why,
+            ));
+        }
+    }
+    // A key id without its secret (or the reverse), counting the environment's: the
+    // client refuses to build at start (exit 1, "Missing SecretAccessKey"), after
+    // `check-config` said the configuration was fine.
+    if s3 {
+        let env_set = |var: &str| std::env::var_os(var).is_some_and(|v| !v.is_empty());
+        let has_id = opts.access_key_id.as_deref().is_some_and(|k| !k.is_empty())
+            || env_set("AWS_ACCESS_KEY_ID");
+        let has_secret = opts.secret_access_key.is_some()
+            || opts.secret_access_key_file.is_some()
+            || env_set("AWS_SECRET_ACCESS_KEY");
+        let missing = match (has_id, has_secret) {
+            (true, false) => Some(("secret_access_key", "access_key_id")),
+            (false, true) => Some(("access_key_id", "secret_access_key")),
+            _ => None,
+        };
+        if let Some((missing, given)) = missing {
+            return Err(ConfigError::new(
+                format!("{options_key}.{missing}"),
+                format!(
+                    "is not set while {given} is (here or as AWS_{}): set both, or neither \
+                     for the environment's role or instance credentials",
+                    given.to_ascii_uppercase()
+                ),
+            ));
+        }
     }
     let Some(url) = url else {
         return Ok(());

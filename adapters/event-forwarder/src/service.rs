@@ -456,10 +456,14 @@ fn posts_fit_before_checkpoint(cfg: &Config<ForwarderSettings>) -> Result<(), Co
             "event_forwarder.timeout_ms",
             format!(
                 "{} ms leaves a batch too little room before it must go on in a retry (a third \
-                 of the consumer timeout, {} ms: `amqp.consumer_timeout_ms`); lower it or raise \
-                 the consumer timeout",
+                 of the consumer timeout, {} ms: `amqp.consumer_timeout_ms`, taken as at most \
+                 30 minutes since RabbitMQ 3.10 and 3.11 ignore a longer one); at most {} ms \
+                 fits",
                 cfg.settings.timeout_ms,
-                checkpoint.as_millis()
+                checkpoint.as_millis(),
+                (checkpoint / 2)
+                    .saturating_sub(RETRY_PUBLISH_ROOM)
+                    .as_millis()
             ),
         ));
     }

@@ -416,9 +416,10 @@ impl Service for ProjectIngest {
 
     async fn processor(cfg: &Config<ProjectIngestSettings>) -> Result<ProjectProcessor, BoxError> {
         let url = database_url(cfg);
+        let password_file = cfg.settings.database_password_file.is_some();
         let store = Store::open(&url)
             .await
-            .map_err(|e| format!("cannot open database {}: {e}", db::redact_url(&url)))?;
+            .map_err(|e| e.at_start(Self::SECTION, password_file, &url))?;
         let b = framework::cli::binding_of::<Self>(cfg);
         Ok(
             ProjectProcessor::new(store, &cfg.service.output_exchange, &b.output_routing_key)

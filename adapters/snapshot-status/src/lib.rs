@@ -731,9 +731,10 @@ impl Service for SnapshotStatus {
 
     async fn processor(cfg: &Config<SnapshotStatusSettings>) -> Result<StatusProcessor, BoxError> {
         let url = database_url(cfg);
+        let password_file = cfg.settings.database_password_file.is_some();
         let store = Store::open(&url)
             .await
-            .map_err(|e| format!("cannot open database {}: {e}", db::redact_url(&url)))?;
+            .map_err(|e| e.at_start(Self::SECTION, password_file, &url))?;
         let p = StatusProcessor::new(
             store,
             &cfg.settings.export_state_exchange,
