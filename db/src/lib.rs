@@ -110,6 +110,37 @@ pub fn refuses_the_data(e: &sqlx::Error) -> bool {
     }
 }
 
+/// True when the database itself is unreachable or unable to serve, not this call's data:
+/// no connection (I/O, TLS, the pool timed out or closed), PostgreSQL's connection,
+/// resource, shutdown and system classes (08, 53, 57P01–57P03, 58), SQLite busy, locked,
+/// out of disk, read-only, unable to open, or an I/O error. A processor waits such an
+/// outage out (see `MessageContext::retry_for_outage`); another error (a decode, a
+/// constraint, a serialisation race) is the call's own and retried as any.
+pub fn is_outage(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(d) => d.code().is_some_and(|c| {
+            let c = c.as_ref();
+            // PostgreSQL's SQLSTATE has five characters; SQLite's (extended) result codes
+            // at most four digits, the primary code in the low byte.
+            if c.len() == 5 {
+                c.starts_with("08")
+                    || c.starts_with("53")
+                    || c.starts_with("58")
+                    || matches!(c, "57P01" | "57P02" | "57P03")
+            } else {
+                c.parse::<u32>()
+                    .is_ok_and(|n| matches!(n & 0xff, 5 | 6 | 8 | 10 | 13 | 14))
+            }
+        }),
+        _ => false,
+    }
+}
+
 /// The default database URL of a service: `sqlite://<data_dir>/<service>.db`.
 pub fn default_url(data_dir: &Path, service: &str) -> String {
     format!(
@@ -705,6 +736,26 @@ pub mod testing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A database that cannot serve is an outage; a query's own failure, or a row the
+    /// server refuses, is not.
+    #[tokio::test]
+    async fn only_a_database_that_cannot_serve_is_an_outage() {
+        let dir = tempfile::tempdir().expect("temp");
+        let url = format!("sqlite://{}", dir.path().join("o.db").display());
+        let pool = connect(&url, &Migrator::DEFAULT).await.expect("pool");
+        let own = sqlx::query("SELECT * FROM no_such_table")
+            .execute(&pool)
+            .await
+            .expect_err("no table");
+        assert!(!is_outage(&own), "{own}");
+        pool.close().await;
+        let closed = sqlx::query("SELECT 1")
+            .execute(&pool)
+            .await
+            .expect_err("closed");
+        assert!(is_outage(&closed), "{closed}");
+    }
 
     /// A password mounted as a file goes into a PostgreSQL URL (replacing one written
     /// there, special characters encoded); an empty or missing file, or one beside an

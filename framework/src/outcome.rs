@@ -101,10 +101,20 @@ impl Planner {
             }
             // Settled before planning (nack, requeue); never published.
             Outcome::Interrupted(_) => ("interrupted", Vec::new()),
-            Outcome::Retry(reason) if ctx.outage() && self.retry.max_outage_ms > 0 => {
+            // An attempt that made progress is planned as such (its delay not raised, no
+            // outage clock): a batch a throttling endpoint lets through a slice at a time
+            // gets as many attempts as it needs, however long that takes.
+            Outcome::Retry(reason)
+                if ctx.outage()
+                    && self.retry.max_outage_ms > 0
+                    && !ctx.made_progress(&progress) =>
+            {
                 let now = now_ms();
-                // A forged or skewed start in the future is an outage starting now.
+                // A forged or skewed start in the future is an outage starting now; on a
+                // first delivery the header is the producer's (or a dead letter moved back
+                // by hand), not ours.
                 let since = h::get_int(&ctx.headers, h::OUTAGE_SINCE)
+                    .filter(|_| ctx.attempt > 0)
                     .and_then(|t| u64::try_from(t).ok())
                     .map_or(now, |t| t.min(now));
                 let elapsed = std::time::Duration::from_millis(now - since);
@@ -184,8 +194,9 @@ impl Planner {
 
     /// The input again, through the retry tier of `delay`: its attempts so far, those
     /// not counted, its origin, the reason, the processor's retry headers and the trace;
-    /// `outage_since` the start of the outage it waits out, if it does (a retry that is not
-    /// an outage's ends it).
+    /// `outage_since` the start of the outage it waits out, if it does. An ordinary retry
+    /// keeps the start it carries: a message whose failures alternate between an outage
+    /// and its own gets one outage budget in all, not a fresh one after each of its own.
     #[allow(clippy::too_many_arguments)]
     fn retry_message(
         &self,
@@ -199,11 +210,7 @@ impl Planner {
         outage_since: Option<u64>,
     ) -> Outgoing {
         let since = outage_since.and_then(|t| i64::try_from(t).ok());
-        let mut hdr = if since.is_none() && ctx.headers.contains_key(h::OUTAGE_SINCE) {
-            h::without(&ctx.headers, &[h::OUTAGE_SINCE])
-        } else {
-            ctx.headers.clone()
-        };
+        let mut hdr = ctx.headers.clone();
         h::set_int(&mut hdr, h::RETRY_COUNT, i64::from(attempts));
         if progressed > 0 {
             h::set_int(&mut hdr, h::PROGRESS_ATTEMPTS, i64::from(progressed));

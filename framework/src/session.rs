@@ -820,12 +820,17 @@ impl<P: MessageProcessor> Shared<P> {
             return false;
         }
         warn!("the broker refuses the retry; holding the message and publishing its retry again");
-        let (_, msgs) = inner.planner.plan(
+        let (label, msgs) = inner.planner.plan(
             &self.publisher,
             &delivery.data,
             ctx,
             Outcome::Retry(reason.to_string()),
         );
+        // Planned again later, an outage's budget may have run out meanwhile: that is a
+        // dead letter, not the retry this holds for.
+        if label != "retry" {
+            return false;
+        }
         let mut wait = PUBLISH_FAILURE_BACKOFF;
         while Instant::now() + wait + inner.amqp.operation_timeout() <= until {
             tokio::select! {

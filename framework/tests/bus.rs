@@ -729,8 +729,12 @@ async fn an_outage_is_waited_out_without_counting_its_attempts() {
     });
     let mut hs = Harness::start("outage", &[("retry.max_attempts", "2")], p).await;
     let mut out = hs.watch_output().await;
-    hs.publish("test.o", br#"{"k":1}"#, BasicProperties::default())
-        .await;
+    // A producer's header on a first delivery is not an outage of ours (an outage "since
+    // 1970" would dead-letter it at once).
+    let mut forged = FieldTable::default();
+    h::set_int(&mut forged, h::OUTAGE_SINCE, 1);
+    let props = BasicProperties::default().with_headers(forged);
+    hs.publish("test.o", br#"{"k":1}"#, props).await;
     let d = next(&mut out).await;
     assert_eq!(d.data, br#"{"done":5}"#);
     let calls = calls.lock().unwrap().clone();
@@ -738,15 +742,45 @@ async fn an_outage_is_waited_out_without_counting_its_attempts() {
         .iter()
         .map(|(_, c)| framework::headers::get_int(&c.headers, h::OUTAGE_SINCE))
         .collect();
-    assert_eq!(since[0], None);
-    assert!(since[1].is_some(), "the outage's start is carried");
-    assert!(since[1..=4].iter().all(|s| *s == since[1]), "{since:?}");
-    assert_eq!(
-        since[5], None,
-        "a retry of the message's own ends the outage"
+    assert_eq!(since[0], Some(1));
+    assert!(
+        since[1].is_some_and(|t| t > 1),
+        "the outage's start is carried: {since:?}"
     );
+    assert!(since[1..=4].iter().all(|s| *s == since[1]), "{since:?}");
+    // Kept through a retry of the message's own: one outage budget in all.
+    assert_eq!(since[5], since[1]);
     let count = framework::headers::get_int(&calls[5].1.headers, h::RETRY_COUNT);
     assert_eq!(count, Some(5), "x-retry-count still counts every attempt");
+    hs.stop().await;
+}
+
+/// An attempt that made progress is not an outage's whatever its processor says (a batch
+/// a throttling endpoint lets through a slice at a time): no outage clock runs on it, so it
+/// gets as many attempts as it needs.
+#[tokio::test]
+async fn progress_during_an_outage_is_not_held_to_its_budget() {
+    let calls: Calls = Arc::default();
+    let p = recording(&calls, |_v, ctx| {
+        let mut progress = framework::batch::Progress::resume(ctx, "x-test-done");
+        let next = (0..6).find(|i| !progress.is_done(&i.to_string()));
+        match next {
+            Some(i) => {
+                progress.mark_done(i.to_string());
+                ctx.retry_for_outage();
+                Outcome::retry("throttled after one part")
+            }
+            None => Outcome::success(json!({"parts": 6})),
+        }
+    });
+    let extra = [("retry.max_attempts", "1"), ("retry.max_outage_ms", "300")];
+    let mut hs = Harness::start("outage-progress", &extra, p).await;
+    let mut out = hs.watch_output().await;
+    hs.publish("test.o", br#"{"n":1}"#, BasicProperties::default())
+        .await;
+    let d = next(&mut out).await;
+    assert_eq!(d.data, br#"{"parts":6}"#);
+    assert_eq!(calls.lock().unwrap().len(), 7);
     hs.stop().await;
 }
 

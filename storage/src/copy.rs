@@ -249,6 +249,7 @@ impl CopyError {
     pub fn is_outage(&self) -> bool {
         use object_store::Error as E;
         match self {
+            CopyError::Store(e) if store_trouble_code(e) => true,
             CopyError::Store(e) if !store_outage_status(client_status(e)) => false,
             CopyError::Store(e) => !matches!(
                 e,
@@ -261,15 +262,40 @@ impl CopyError {
                     | E::NotImplemented
                     | E::UnknownConfigurationKey { .. }
             ),
-            CopyError::S3(crate::s3::S3Error::Status(_, code, _)) => {
-                store_outage_status(Some(*code))
+            CopyError::S3(crate::s3::S3Error::Status(_, code, text)) => {
+                store_outage_status(Some(*code)) || STORE_TROUBLE.iter().any(|c| text.contains(c))
             }
             CopyError::S3(e) => !matches!(e, crate::s3::S3Error::Taken(_)),
-            CopyError::Db(e) => !db::refuses_the_data(e),
-            CopyError::Write(_, e) => !self.is_permanent() && e.raw_os_error().is_some(),
+            CopyError::Db(e) => db::is_outage(e),
+            CopyError::Write(_, e) => e.raw_os_error().is_some_and(store_down),
+            // A source share gone away (its server not answering, a stale handle), not
+            // a bad sector of one file (EIO).
+            CopyError::Read(_, e) => e.raw_os_error().is_some_and(share_down),
             _ => false,
         }
     }
+}
+
+/// Whether `errno` from a share says the share (its server, its mount) is away rather than
+/// the file being bad.
+pub fn share_down(errno: i32) -> bool {
+    [
+        libc::ENOTCONN,
+        libc::ESTALE,
+        libc::ETIMEDOUT,
+        libc::EHOSTDOWN,
+        libc::EHOSTUNREACH,
+        libc::ENETUNREACH,
+        libc::ENODEV,
+    ]
+    .contains(&errno)
+}
+
+/// Whether `errno` writing to a local store says the store cannot take anything now (its
+/// disk full or read-only, its device failing or its share away), not that this file's
+/// name or place is refused (EINVAL, EILSEQ, EACCES stay the file's).
+fn store_down(errno: i32) -> bool {
+    share_down(errno) || [libc::ENOSPC, libc::EDQUOT, libc::EROFS, libc::EIO].contains(&errno)
 }
 
 /// Whether a store's answer of `status` (None: no answer, or one object_store does not
@@ -281,6 +307,28 @@ fn store_outage_status(status: Option<u16>) -> bool {
         Some(code @ 400..=499) => [401, 403, 404, 408, 429].contains(&code),
         _ => true,
     }
+}
+
+/// S3 error codes that are the store's or the credentials' trouble, whatever their status
+/// (a 404 `NoSuchBucket` is no missing object, a 400 `ExpiredToken` no bad request).
+const STORE_TROUBLE: [&str; 4] = [
+    "NoSuchBucket",
+    "ExpiredToken",
+    "RequestTimeout",
+    "TokenRefreshRequired",
+];
+
+/// Whether object_store's error (or its sources) names one of [`STORE_TROUBLE`].
+fn store_trouble_code(e: &object_store::Error) -> bool {
+    let mut at: Option<&dyn std::error::Error> = Some(e);
+    while let Some(err) = at {
+        let text = err.to_string();
+        if STORE_TROUBLE.iter().any(|c| text.contains(c)) {
+            return true;
+        }
+        at = err.source();
+    }
+    false
 }
 
 /// The HTTP status object_store's error (or its sources) shows, if any: its own type for
@@ -1240,10 +1288,19 @@ mod tests {
         let outages = [
             generic("Error performing PUT http://s3/k in 2s - HTTP error: error sending request"),
             generic("Server returned non-2xx status code: 503 Service Unavailable: SlowDown"),
-            generic("Server returned non-2xx status code: 404 Not Found: NoSuchBucket"),
+            // object_store makes every 404 NotFound: a missing bucket is no missing object.
+            CopyError::Store(object_store::Error::NotFound {
+                path: "k".into(),
+                source: Box::new(std::io::Error::other(
+                    "Server returned non-2xx status code: 404 Not Found: NoSuchBucket: The \
+                     specified bucket does not exist",
+                )),
+            }),
+            generic("Server returned non-2xx status code: 400 Bad Request: ExpiredToken"),
             denied,
             CopyError::S3(crate::s3::S3Error::Status("HeadObject", 500, String::new())),
             CopyError::Write("k".into(), std::io::Error::from_raw_os_error(libc::ENOSPC)),
+            CopyError::Read("f".into(), std::io::Error::from_raw_os_error(libc::ESTALE)),
             CopyError::Db(db::sqlx::Error::PoolTimedOut),
         ];
         for e in &outages {
@@ -1258,6 +1315,13 @@ mod tests {
             )),
             CopyError::S3(crate::s3::S3Error::Taken("PutObject")),
             CopyError::Write("k".into(), std::io::Error::from_raw_os_error(libc::EFBIG)),
+            // A name the store's filesystem refuses (CIFS, exFAT): this file's.
+            CopyError::Write("k".into(), std::io::Error::from_raw_os_error(libc::EINVAL)),
+            CopyError::Store(object_store::Error::NotFound {
+                path: "k".into(),
+                source: Box::new(std::io::Error::other("404 Not Found: NoSuchKey")),
+            }),
+            CopyError::Db(db::sqlx::Error::RowNotFound),
             CopyError::SourceChanged("f".into()),
             CopyError::Read("f".into(), std::io::Error::from_raw_os_error(libc::EIO)),
         ];

@@ -561,6 +561,22 @@ impl Records {
         })
     }
 
+    /// Claims these records for `service` if no service has them yet; the service that
+    /// has them if it is another (two tiers on one database: see migration 0006).
+    pub async fn owner_other_than(&self, service: &str) -> Result<Option<String>, db::sqlx::Error> {
+        db::sqlx::query(
+            "INSERT INTO records_owner (id, service) VALUES (1, $1) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(service)
+        .execute(&self.write)
+        .await?;
+        let owner: String =
+            db::sqlx::query_scalar("SELECT service FROM records_owner WHERE id = 1")
+                .fetch_one(&self.write)
+                .await?;
+        Ok((owner != service).then_some(owner))
+    }
+
     /// Whether the records' indexes hold keys of any length: SQLite's do; PostgreSQL's
     /// btree refuses an entry over 2,704 bytes (see `tier::MAX_RECORDED_BYTES`).
     pub fn indexes_any_length(&self) -> bool {
@@ -1162,6 +1178,23 @@ mod tests {
         assert!(!about_one_write(&Error::Io(std::io::Error::from(
             std::io::ErrorKind::ConnectionRefused
         ))));
+    }
+
+    #[tokio::test]
+    async fn records_belong_to_the_first_service_that_opens_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("r.db").display());
+        let r = Records::open(&url).await.expect("records");
+        assert_eq!(r.owner_other_than("online-archive").await.unwrap(), None);
+        assert_eq!(r.owner_other_than("online-archive").await.unwrap(), None);
+        assert_eq!(
+            r.owner_other_than("online-nearline")
+                .await
+                .unwrap()
+                .as_deref(),
+            Some("online-archive")
+        );
+        r.close().await;
     }
 
     #[tokio::test]

@@ -163,6 +163,16 @@ impl TierProcessor {
         let records = Records::open(&url)
             .await
             .map_err(|e| e.at_start(&section, setup.database_password_file.is_some(), &url))?;
+        if let Some(other) = records.owner_other_than(service).await? {
+            return Err(Box::new(framework::config::ConfigError::new(
+                format!("{section}.database_url"),
+                format!(
+                    "{} holds {other}'s records: each tier needs a database of its own (their \
+                     multipart uploads and claims would mix)",
+                    db::redact_url(&url)
+                ),
+            )));
+        }
         tracing::info!(store = %tier.display, database = %db::redact_url(&url), roots = ?roots, "storage tier ready");
         let copier = std::sync::Arc::new(TierCopier::new(roots, tier, records, policy));
         let sweeper = match copier.tier().local_dir.clone() {

@@ -124,8 +124,10 @@ impl From<db::sqlx::Error> for TierError {
     fn from(e: db::sqlx::Error) -> Self {
         if db::refuses_the_data(&e) {
             TierError::Permanent(format!("the database refuses this file's record: {e}"))
-        } else {
+        } else if db::is_outage(&e) {
             TierError::Unavailable(format!("database: {e}"))
+        } else {
+            TierError::Transient(format!("database: {e}"))
         }
     }
 }
@@ -265,14 +267,21 @@ impl TierCopier {
         Ok(aborted)
     }
 
-    /// Handles one message; failures are recorded with their attempt number.
+    /// Handles one message; failures are recorded with their attempt number — an outage's
+    /// only at attempts 0, 1, 2, 4, 8…: its retries go on for up to a day, and a row per
+    /// attempt of every waiting file filled the table by millions.
     pub async fn handle(
         &self,
         msg: &AssetSweeperFile,
         attempt: u32,
     ) -> Result<TierOutcome, TierError> {
         let r = self.copy(msg).await;
-        if let Err(e) = &r {
+        let recorded = |e: &TierError| {
+            !matches!(e, TierError::Unavailable(_)) || attempt == 0 || attempt.is_power_of_two()
+        };
+        if let Err(e) = &r
+            && recorded(e)
+        {
             let permanent = matches!(e, TierError::Permanent(_));
             if let Err(db) = self
                 .records

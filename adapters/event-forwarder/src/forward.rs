@@ -54,11 +54,23 @@ pub enum Scope {
     /// An error answer to this event (408, 500, and 5xx other than below): others may go
     /// through.
     Event,
-    /// The endpoint as a whole cannot take more now: no answer (unreachable, timed out),
-    /// 429, 502, 503, 504 (a gateway that cannot reach it, or waited for it in vain), or
-    /// an answer asking to wait (`Retry-After`). Events sent now would fare the same, each
-    /// costing the endpoint a request (or the handler a timeout).
+    /// The endpoint as a whole cannot take more now: no answer in time, 502, 504 (a
+    /// gateway that cannot reach it, or waited for it in vain), or an answer asking to
+    /// wait (`Retry-After`). Events sent now would fare the same, each costing the
+    /// endpoint a request (or the handler a timeout). Counted as any retry: a slow or
+    /// crashing event can cause these too.
     Endpoint,
+    /// As [`Scope::Endpoint`], and the endpoint is down, not this event's trouble: no
+    /// connection, 503, 429 (throttled), a redirect (moved), the token file's new token
+    /// refused. Its retries are an outage's (`MessageContext::retry_for_outage`).
+    Down,
+}
+
+impl Scope {
+    /// Whether the rest of a batch is held back: the endpoint cannot take more now.
+    pub fn whole_endpoint(self) -> bool {
+        self != Scope::Event
+    }
 }
 
 /// Why a forwarder could not be built.
@@ -243,8 +255,15 @@ impl Forwarder {
     /// that its file has since replaced), with the event's own headers (see
     /// [`event_headers`]).
     pub async fn post(&self, body: &str, event: &HeaderMap) -> PostResult {
-        let unreachable =
-            |e: reqwest::Error| PostResult::Retryable(self.describe(&e), None, Scope::Endpoint);
+        // Refused or unresolvable: down. Timed out: possibly this event's slowness.
+        let unreachable = |e: reqwest::Error| {
+            let scope = if e.is_timeout() {
+                Scope::Endpoint
+            } else {
+                Scope::Down
+            };
+            PostResult::Retryable(self.describe(&e), None, scope)
+        };
         let refused = |s: StatusCode| matches!(s, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN);
         let sent = self.auth();
         // What an answer quoted in an error must not show: every token sent.
@@ -274,7 +293,7 @@ impl Forwarder {
                     quoted_body(resp, &secrets).await
                 ),
                 None,
-                Scope::Endpoint,
+                Scope::Down,
             );
         }
         if status.is_redirection() {
@@ -297,7 +316,7 @@ impl Forwarder {
                     quoted_body(resp, &secrets).await
                 ),
                 None,
-                Scope::Endpoint,
+                Scope::Down,
             );
         }
         // The idempotency draft's answer to a retry while the first try is still being
@@ -334,14 +353,17 @@ impl Forwarder {
                     "endpoint answered {status}{asked}{}",
                     quoted_body(resp, &secrets).await
                 );
-                let scope = if after.is_some()
+                let scope = if matches!(
+                    status,
+                    StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+                ) {
+                    Scope::Down
+                } else if after.is_some()
                     || matches!(
                         status,
-                        StatusCode::TOO_MANY_REQUESTS
-                            | StatusCode::BAD_GATEWAY
-                            | StatusCode::SERVICE_UNAVAILABLE
-                            | StatusCode::GATEWAY_TIMEOUT
-                    ) {
+                        StatusCode::BAD_GATEWAY | StatusCode::GATEWAY_TIMEOUT
+                    )
+                {
                     Scope::Endpoint
                 } else {
                     Scope::Event

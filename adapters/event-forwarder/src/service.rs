@@ -290,6 +290,8 @@ impl EventForwarder {
         // asking to wait): the records after it are not POSTed in this attempt (each would
         // be refused the same way, or time out in turn), only retried.
         let mut endpoint_unavailable = false;
+        // Of those, the endpoint is down (not slow): the retry is an outage's.
+        let mut endpoint_down = false;
         for (i, r) in records.iter().enumerate() {
             let mark = i.to_string();
             if progress.is_done(&mark) {
@@ -370,15 +372,16 @@ impl EventForwarder {
                 }
                 PostResult::Retryable(e, after, scope) => {
                     wait_for(ctx, after);
-                    endpoint_unavailable |= scope == Scope::Endpoint;
+                    endpoint_unavailable |= scope.whole_endpoint();
+                    endpoint_down |= scope == Scope::Down;
                     pending += 1;
                     retry.get_or_insert(format!("record {i} of {}: {e}", records.len()));
                 }
             }
         }
         if let Some(first) = retry {
-            if endpoint_unavailable {
-                outage_if(ctx, Scope::Endpoint);
+            if endpoint_down {
+                outage_if(ctx, Scope::Down);
             }
             return Outcome::retry(format!(
                 "{pending} of {} records not delivered yet; first: {first}",
@@ -485,12 +488,12 @@ fn record_key(
     }
 }
 
-/// Marks a retry for the endpoint as a whole (unreachable, throttling, unavailable,
+/// Marks a retry for an endpoint that is down (unreachable, throttling, unavailable,
 /// moved) as an outage's: not counted toward `[retry] max_attempts` for up to
 /// `max_outage_ms`, so an endpoint down for hours does not dead-letter every event sent
-/// meanwhile. An error answer to one event still counts.
+/// meanwhile. An error answer to one event, or a timeout, still counts.
 fn outage_if(ctx: &MessageContext, scope: Scope) {
-    if scope == Scope::Endpoint {
+    if scope == Scope::Down {
         ctx.retry_for_outage();
     }
 }

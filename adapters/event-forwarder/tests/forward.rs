@@ -102,7 +102,7 @@ async fn redirects_are_not_followed_but_retried_naming_the_target() {
             .post("{}", &HeaderMap::new())
             .await
         {
-            PostResult::Retryable(e, None, Scope::Endpoint) => {
+            PostResult::Retryable(e, None, Scope::Down) => {
                 assert!(e.contains(shown) && e.contains(&status.to_string()), "{e}");
                 assert!(!e.contains("abc") && !e.contains("frag"), "{e}");
             }
@@ -141,13 +141,14 @@ async fn a_conflict_on_an_idempotency_key_is_retried() {
 #[tokio::test]
 async fn five_hundreds_408_and_429_are_retryable() {
     // 429, 502, 503 and 504 speak for the whole endpoint (throttled, unreachable,
-    // unavailable); the others for this request.
+    // unavailable), 429 and 503 saying it is down (an outage's retries); the others for
+    // this request.
     for (s, scope) in [
         (408, Scope::Event),
-        (429, Scope::Endpoint),
+        (429, Scope::Down),
         (500, Scope::Event),
         (502, Scope::Endpoint),
-        (503, Scope::Endpoint),
+        (503, Scope::Down),
         (504, Scope::Endpoint),
         (507, Scope::Event),
     ] {
@@ -177,7 +178,7 @@ async fn a_retry_after_is_passed_on_and_quoted() {
     {
         PostResult::Retryable(e, after, scope) => {
             assert_eq!(after, Some(Duration::from_secs(7)));
-            assert_eq!(scope, Scope::Endpoint);
+            assert_eq!(scope, Scope::Down);
             assert!(e.contains("429") && e.contains("Retry-After: 7 s"), "{e}");
         }
         r => panic!("{r:?}"),
@@ -223,7 +224,7 @@ async fn connection_refused_is_retryable() {
         .post("{}", &HeaderMap::new())
         .await
     {
-        PostResult::Retryable(e, None, Scope::Endpoint) => {
+        PostResult::Retryable(e, None, Scope::Down) => {
             assert!(e.contains("connect"), "{e}");
             assert!(!e.contains(TOKEN));
         }
