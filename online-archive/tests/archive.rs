@@ -433,6 +433,32 @@ fn a_database_refusing_the_login_exits_2_naming_the_key() {
     }
 }
 
+/// The two tiers share one schema: pointed at online-nearline's database, online-archive
+/// would take its multipart uploads and claims. It refuses to start (exit 2).
+#[tokio::test]
+async fn another_tiers_database_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("nearline.db").display());
+    let r = storage::Records::open(&url).await.unwrap();
+    assert_eq!(r.owner_other_than("online-nearline").await.unwrap(), None);
+    r.close().await;
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_online-archive"))
+        .arg("--config-dir")
+        .arg(dir.path())
+        .env("STORAGETIER__STORAGE__DATA_DIR", dir.path())
+        .env("STORAGETIER__ONLINE_ARCHIVE__HTTP_LISTEN", "127.0.0.1:0")
+        .env("STORAGETIER__ONLINE_ARCHIVE__DATABASE_URL", &url)
+        .arg("run")
+        .output_within(WAIT)
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("online_archive.database_url") && err.contains("online-nearline's records"),
+        "{err}"
+    );
+}
+
 /// The status line of `GET path` on `127.0.0.1:port`.
 fn status_line(port: u16, path: &str) -> String {
     body_of(port, path)
