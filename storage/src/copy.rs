@@ -790,13 +790,14 @@ pub async fn abort_recorded(
 ) -> bool {
     match mp.abort_multipart(key, &upload_id.to_string()).await {
         Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-        // Never allowed (a role without `s3:AbortMultipartUpload`): no retry aborts it, and
-        // keeping its record would stop every later copy to the key. Forgotten, it is left
-        // to the bucket's lifecycle rule (docs/storage.md).
-        Err(
-            e @ (object_store::Error::PermissionDenied { .. }
-            | object_store::Error::Unauthenticated { .. }),
-        ) => {
+        // Never allowed (a role without `s3:AbortMultipartUpload`: `AccessDenied`): no
+        // retry aborts it, and keeping its record would stop every later copy to the key.
+        // Forgotten, it is left to the bucket's lifecycle rule (docs/storage.md). Another
+        // 403 (a signature refused while keys rotate, a clock skewed) passes: kept, for
+        // the sweep to abort later.
+        Err(e @ object_store::Error::PermissionDenied { .. })
+            if crate::s3::described(&e).contains("AccessDenied") =>
+        {
             tracing::warn!(key = %key, error = %framework::telemetry::LogText(&e.to_string()), "not allowed to abort a multipart upload: left to the bucket's lifecycle rule");
         }
         Err(e) => {

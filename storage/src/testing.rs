@@ -228,6 +228,8 @@ pub struct Faults {
     pub fail_abort: AtomicBool,
     /// Aborts are refused as not permitted (403: a role without the permission).
     pub deny_abort: AtomicBool,
+    /// Aborts are refused with a passing 403 (`SignatureDoesNotMatch`: keys rotating).
+    pub refuse_abort_signature: AtomicBool,
     /// Runs once, after the first multipart part is stored (e.g. stop the S3 server).
     pub after_first_part: Mutex<Option<Box<dyn FnOnce() + Send>>>,
     /// Runs once, before the next single-request upload (e.g. stop the S3 server).
@@ -471,6 +473,12 @@ impl MultipartStore for FaultyStore {
         Faults::pass(&self.faults.abort_gate).await;
         if self.faults.fail_abort.load(Ordering::SeqCst) {
             return Err(injected("abort"));
+        }
+        if self.faults.refuse_abort_signature.load(Ordering::SeqCst) {
+            return Err(object_store::Error::PermissionDenied {
+                path: path.to_string(),
+                source: "injected fault: SignatureDoesNotMatch".into(),
+            });
         }
         if self.faults.deny_abort.load(Ordering::SeqCst) {
             return Err(object_store::Error::PermissionDenied {

@@ -743,9 +743,15 @@ async fn an_earlier_upload_that_cannot_be_aborted_stays_recorded_and_the_copy_is
         kept.upload_id, earlier.upload_id,
         "still findable by the sweep"
     );
+    // A passing 403 (a signature refused while keys rotate) is a blip too: kept.
+    faults.fail_abort.store(false, Ordering::SeqCst);
+    faults.refuse_abort_signature.store(true, Ordering::SeqCst);
+    transient(c.handle(&msg, 3).await);
+    let kept = c.records().upload_for(&key).await.unwrap().expect("kept");
+    assert_eq!(kept.upload_id, earlier.upload_id);
     // An abort never allowed (a role without the permission) is no blip: the upload is
     // left to the bucket's lifecycle rule and the copy goes on.
-    faults.fail_abort.store(false, Ordering::SeqCst);
+    faults.refuse_abort_signature.store(false, Ordering::SeqCst);
     faults.deny_abort.store(true, Ordering::SeqCst);
     copied(c.handle(&msg, 3).await);
     assert_eq!(c.records().count("multipart_uploads").await.unwrap(), 0);
