@@ -233,7 +233,26 @@ impl S3Native {
             return Ok(None);
         }
         if !r.status().is_success() {
-            return Err(S3Error::Status(WHAT, r.status().as_u16(), String::new()));
+            // A HEAD's answer has no body to say why: what its status most likely means.
+            let status = r.status().as_u16();
+            let hint = match status {
+                301 => format!(
+                    "the bucket is in another region{}: set the store's `region`",
+                    r.headers()
+                        .get("x-amz-bucket-region")
+                        .and_then(|v| v.to_str().ok())
+                        .map(|v| format!(" ({})", framework::telemetry::LogText(v)))
+                        .unwrap_or_default()
+                ),
+                400 if self.checksums => "a store that refuses `x-amz-checksum-mode` (as \
+                    Backblaze B2 does)? set the store's `checksums = false`"
+                    .to_string(),
+                403 => "access denied, or the request's signature refused (the credentials, \
+                    the clock)"
+                    .to_string(),
+                _ => String::new(),
+            };
+            return Err(S3Error::Status(WHAT, status, hint));
         }
         let h = r.headers();
         let text = |name: &str| {

@@ -376,6 +376,13 @@ async fn multipart_through_s3_survives_an_outage_mid_upload() {
 }
 
 /// An S3 tier through a request-counting proxy in front of moto (parts of 5 MiB).
+/// A tier on `url` with `opts` but checksums on.
+fn on_again(url: &str, opts: &storage::StoreOptions) -> Tier {
+    let mut opts = opts.clone();
+    opts.checksums = true;
+    storage::store::open(url, &opts).expect("tier")
+}
+
 async fn s3_tier(bucket: &str) -> (MotoServer, CountingProxy, Tier) {
     let moto = MotoServer::start(bucket).await;
     let proxy = CountingProxy::start(&moto.endpoint).await;
@@ -467,7 +474,7 @@ async fn an_s3_copy_never_replaces_an_object_published_while_it_uploads() {
 
 /// A store that refuses the checksum headers (Backblaze B2 answers 400 InvalidArgument to
 /// `x-amz-checksum-sha256` and `x-amz-checksum-mode`): every copy failed on them, and no
-/// setting helped. With `checksums = false` no request carries them, and copies of one
+/// setting helped (a redelivery's HEAD says so too). With `checksums = false` no request carries them, and copies of one
 /// request and of several parts are verified without the store's checksum (the ETag of a
 /// single upload, the bytes read back of a multipart one).
 #[tokio::test]
@@ -513,6 +520,16 @@ async fn a_store_that_refuses_checksums_takes_copies_with_checksums_off() {
         refused,
         "no request carried a checksum header"
     );
+    // With checksums on again, a redelivery's look at the stored object is refused: the
+    // error says which setting helps (a HEAD's answer has no body to say it).
+    let again = copier(
+        base.path(),
+        "online",
+        on_again(&url, &opts),
+        records(base.path()).await,
+    );
+    let e = transient(again.handle(&msg, 2).await);
+    assert!(e.contains("checksums = false"), "{e}");
     assert_eq!(
         downloads(&proxy, bucket, "pre/b2/multi.bin"),
         1,
