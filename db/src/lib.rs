@@ -52,6 +52,24 @@ impl DbError {
         matches!(self, DbError::Sqlx(e) if refuses_the_data(e))
     }
 
+    /// True when the database cannot serve (see [`is_outage`]), not this call's data.
+    pub fn is_outage(&self) -> bool {
+        matches!(self, DbError::Sqlx(e) if is_outage(e))
+    }
+
+    /// `reason` as a Retry of `ctx`'s message, an outage's when this error is one: a
+    /// database down for hours does not dead-letter what arrived meanwhile.
+    pub fn retry(
+        &self,
+        ctx: &framework::MessageContext,
+        reason: impl std::fmt::Display,
+    ) -> framework::Outcome {
+        if self.is_outage() {
+            ctx.retry_for_outage();
+        }
+        framework::Outcome::retry(reason)
+    }
+
     /// Why PostgreSQL refused the login itself, if it did: the password, a role or a
     /// database that does not exist, a host `pg_hba.conf` does not admit. Waiting does not
     /// help: the configuration is wrong.
@@ -112,7 +130,8 @@ pub fn refuses_the_data(e: &sqlx::Error) -> bool {
 
 /// True when the database itself is unreachable or unable to serve, not this call's data:
 /// no connection (I/O, TLS, the pool timed out or closed), PostgreSQL's connection,
-/// resource, shutdown and system classes (08, 53, 57P01–57P03, 58), SQLite busy, locked,
+/// resource, shutdown and system classes (08, 53, 57P01–57P03, 58) and a database not
+/// accepting connections, SQLite busy, locked,
 /// out of disk, read-only, unable to open, or an I/O error. A processor waits such an
 /// outage out (see `MessageContext::retry_for_outage`); another error (a decode, a
 /// constraint, a serialisation race) is the call's own and retried as any.
@@ -132,6 +151,8 @@ pub fn is_outage(e: &sqlx::Error) -> bool {
                     || c.starts_with("53")
                     || c.starts_with("58")
                     || matches!(c, "57P01" | "57P02" | "57P03")
+                    // `ALLOW_CONNECTIONS false`: a database taken offline for maintenance.
+                    || (c == "55000" && d.message().contains("not currently accepting connections"))
             } else {
                 c.parse::<u32>()
                     .is_ok_and(|n| matches!(n & 0xff, 5 | 6 | 8 | 10 | 13 | 14))

@@ -326,8 +326,13 @@ async fn database_outage_across_retry_tiers_loses_nothing() {
         .expect("admin connection to the postgres database");
     let allow = |on: bool| format!("ALTER DATABASE {name} ALLOW_CONNECTIONS {on}");
     let data = tempfile::tempdir().expect("tempdir");
-    let mut cfg: Vec<(&str, &str)> = vec![("project_ingest.database_url", pg.url.as_str())];
-    cfg.extend(RETRY);
+    // Fewer attempts than the outage lasts: a database's outage is not counted against
+    // the messages (`MessageContext::retry_for_outage`).
+    let cfg: Vec<(&str, &str)> = vec![
+        ("project_ingest.database_url", pg.url.as_str()),
+        (RETRY[0].0, RETRY[0].1),
+        ("retry.max_attempts", "2"),
+    ];
     let mut hs =
         Harness::start_service::<ProjectIngest>(service_config::<ProjectIngest>(data.path(), &cfg))
             .await;

@@ -148,7 +148,7 @@ impl MessageProcessor for ProjectProcessor {
                     if let Some(now) = crate::event::time_key(chrono::Utc::now()) {
                         ctx.set_retry_header(RECEIVED_HEADER, &now);
                     }
-                    return Outcome::retry(format!("cannot note the message's receipt: {e}"));
+                    return e.retry(ctx, format!("cannot note the message's receipt: {e}"));
                 }
             },
         };
@@ -233,7 +233,7 @@ impl MessageProcessor for ProjectProcessor {
                         return o;
                     }
                 }
-                Err(e) => return Outcome::retry(e),
+                Err(e) => return e.retry(ctx, &e),
             }
         }
         if !not_yet.is_empty() {

@@ -544,7 +544,7 @@ impl MessageProcessor for StatusProcessor {
                     Err(e) if e.refuses_the_data() => {
                         Outcome::permanent(format!("the database refuses this message: {e}"))
                     }
-                    Err(e) => Outcome::retry(e),
+                    Err(e) => e.retry(ctx, &e),
                     Ok(h) => {
                         let nothing_to_send = h.extra.is_empty();
                         if let Err(e) = publish_extras(ctx, &mut published, h.extra).await {
@@ -586,7 +586,7 @@ impl MessageProcessor for StatusProcessor {
                             Err(e) if e.refuses_the_data() => {
                                 Err(format!("the database refuses this record: {e}"))
                             }
-                            Err(e) => return Outcome::retry(format!("record {n}: {e}")),
+                            Err(e) => return e.retry(ctx, format!("record {n}: {e}")),
                             Ok(h) => Ok(h),
                         },
                     };
