@@ -543,7 +543,17 @@ async fn execute<S: Service>(cmd: Command, cfg: Config<S::Settings>) -> Result<(
             })?;
             let r = match dlq::exclusive(&conn, &topo).await {
                 Ok(()) => dlq_command(&conn, &topo, command).await,
-                Err(e) => Err(Failure::Other(e.to_string())),
+                Err(e) => {
+                    if let DlqCommand::Replay {
+                        json: true,
+                        dry_run,
+                        ..
+                    } = command
+                    {
+                        let _ = replay_summary(dry_run, 0, &topo.queue, Some(&e.to_string()));
+                    }
+                    Err(Failure::Other(e.to_string()))
+                }
             };
             let limit = cfg.amqp.operation_timeout();
             let _ = bounded(limit, "connection.close", conn.close(200, "done".into())).await;
@@ -661,8 +671,10 @@ async fn dlq_command(
             let verb = if dry_run { "would replay" } else { "replayed" };
             // Each line as its dead letter is moved: a replay cut short has said which.
             let mut unwritten = None;
-            let action = if dry_run { "would_replay" } else { "replayed" };
+            let action = replay_action(dry_run);
+            let mut seen = 0usize;
             let moved = dlq::replay_each(conn, topo, &filter, dry_run, |i| {
+                seen += 1;
                 let line = if json {
                     // A script reads ids with spaces or ` -> ` in them whole.
                     let mut v = serde_json::to_value(i).unwrap_or_default();
@@ -684,15 +696,17 @@ async fn dlq_command(
                 }
             })
             .await
-            .map_err(|e| other(&e))?;
+            .map_err(|e| {
+                if json {
+                    let _ = replay_summary(dry_run, seen, &topo.queue, Some(&e.to_string()));
+                }
+                other(&e)
+            })?;
             if let Some(e) = unwritten {
                 return Err(e);
             }
             if json {
-                let summary = serde_json::json!({"summary": {
-                    "action": action, "moved": moved, "queue": topo.queue,
-                }});
-                print_out(&format!("{summary}\n"))?;
+                replay_summary(dry_run, moved, &topo.queue, None)?;
             } else {
                 print_out(&format!("{verb} {moved} dead letter(s)\n"))?;
             }
@@ -711,6 +725,27 @@ async fn dlq_command(
             print_out(&format!("purged {n} dead letter(s) from {}\n", topo.dlq()))
         }
     }
+}
+
+/// What `dlq replay --json` says it did to each dead letter.
+fn replay_action(dry_run: bool) -> &'static str {
+    if dry_run { "would_replay" } else { "replayed" }
+}
+
+/// `dlq replay --json`'s last line: what it did to how many dead letters of `queue`, and
+/// the error that ended it early, if one did (a script learns how far it got).
+fn replay_summary(
+    dry_run: bool,
+    moved: usize,
+    queue: &str,
+    error: Option<&str>,
+) -> Result<(), Failure> {
+    let action = replay_action(dry_run);
+    let mut summary = serde_json::json!({"action": action, "moved": moved, "queue": queue});
+    if let Some(e) = error {
+        summary["error"] = e.into();
+    }
+    print_out(&format!("{}\n", serde_json::json!({ "summary": summary })))
 }
 
 /// Writes a command's output to stdout; a reader that stopped early (`dlq list | head`)

@@ -982,6 +982,22 @@ async fn dead_letters_are_listed_replayed_after_confirm_and_purged() {
                 stderr(&o)
             );
         }
+        // A script reading `replay --json` learns the run failed, and how far it got.
+        let o = cmd(&["dlq", "replay", "--all", "--json"]);
+        assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+        let out = String::from_utf8_lossy(&o.stdout).to_string();
+        let last: serde_json::Value = out
+            .lines()
+            .last()
+            .and_then(|l| serde_json::from_str(l).ok())
+            .unwrap_or_else(|| panic!("a summary line: {out}"));
+        assert_eq!(last["summary"]["moved"], 0, "{out}");
+        assert!(
+            last["summary"]["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("another `dlq` command")),
+            "{out}"
+        );
         await_ready_count(&hs.ch, &format!("{q}-dlq"), 1).await;
         let _ = holder.close(200, "done".into()).await;
     }
