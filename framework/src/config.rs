@@ -535,6 +535,29 @@ pub fn redacted_url(url: &str) -> String {
             .collect();
         u.query_pairs_mut().clear().extend_pairs(pairs);
     }
+    // A webhook's credential is a path segment (`/services/T0/B0/<secret>`,
+    // `/webhooks/<id>/<secret>`): one long enough to be a random token is masked.
+    if matches!(u.scheme(), "http" | "https")
+        && let Some(segments) = u.path_segments()
+    {
+        let token_like = |s: &str| {
+            s.len() >= 20
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                && s.bytes().any(|b| b.is_ascii_alphabetic())
+                && s.bytes().any(|b| b.is_ascii_digit())
+        };
+        let shown: Vec<String> = segments
+            .map(|s| {
+                if token_like(s) {
+                    "***".into()
+                } else {
+                    s.to_string()
+                }
+            })
+            .collect();
+        u.set_path(&shown.join("/"));
+    }
     u.to_string()
 }
 
@@ -1645,6 +1668,15 @@ mod tests {
         assert_eq!(
             redacted_url("http://collector:4318"),
             "http://collector:4318/"
+        );
+        // A webhook's secret in its path; a path of words and ids is kept.
+        assert_eq!(
+            redacted_url("https://hooks.example/services/T0ABC/B0DEF/k2Jx9QpL4mVt8RzW1nYc3HdG"),
+            "https://hooks.example/services/T0ABC/B0DEF/***"
+        );
+        assert_eq!(
+            redacted_url("https://rabble.example/api/v1/events/member-registered"),
+            "https://rabble.example/api/v1/events/member-registered"
         );
         assert_eq!(redacted_url("not a url?token=x"), "***");
         assert_eq!(redacted_url("host=db user=u password=PGKV"), "***");

@@ -408,14 +408,16 @@ impl Forwarder {
 }
 
 /// `u` as an error shows it: scheme, host, port and path, without credentials, query or
-/// fragment (a redirect's target may carry a signed query).
+/// fragment (a redirect's target may carry a signed query), a token-like path segment
+/// masked as `redacted_url` does.
 fn shown_url(u: &url::Url) -> String {
     let mut shown = u.clone();
     let _ = shown.set_username("");
     let _ = shown.set_password(None);
     shown.set_query(None);
     shown.set_fragment(None);
-    framework::telemetry::LogText(shown.as_str()).to_string()
+    let redacted = framework::config::redacted_url(shown.as_str());
+    framework::telemetry::LogText(&redacted).to_string()
 }
 
 /// The token of `auth` and, for a `Bearer x` style token, its credential part alone (an
