@@ -675,7 +675,7 @@ async fn open_pool(full: &str, max: u32, read_only: bool) -> Result<AnyPool, DbE
 pub mod testing {
     use super::*;
 
-    /// Server URL for tests (`DATABASE_URL` overrides), without a database name.
+    /// Server URL for tests (`TEST_POSTGRES_URL` overrides), without a database name.
     pub fn postgres_server() -> String {
         std::env::var("TEST_POSTGRES_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_string())

@@ -534,8 +534,23 @@ async fn execute<S: Service>(cmd: Command, cfg: Config<S::Settings>) -> Result<(
             // when the broker is down) and exits 2, as every usage error does.
             check_dlq_usage(&command)?;
             let topo = topology_of::<S>(&cfg);
+            // `replay --json` ends with its summary even when it cannot begin.
+            let json_replay = match &command {
+                DlqCommand::Replay {
+                    json: true,
+                    dry_run,
+                    ..
+                } => Some(*dry_run),
+                _ => None,
+            };
+            let failed = |m: String| {
+                if let Some(dry_run) = json_replay {
+                    let _ = replay_summary(dry_run, 0, &topo.queue, Some(&m));
+                }
+                Failure::Other(m)
+            };
             let conn = connect(&cfg.amqp, S::NAME).await.map_err(|e| {
-                Failure::Other(format!(
+                failed(format!(
                     "cannot connect to {}: {e}{}",
                     cfg.amqp.endpoints_shown(),
                     crate::connection::refusal_hint(&e)
@@ -543,17 +558,7 @@ async fn execute<S: Service>(cmd: Command, cfg: Config<S::Settings>) -> Result<(
             })?;
             let r = match dlq::exclusive(&conn, &topo).await {
                 Ok(()) => dlq_command(&conn, &topo, command).await,
-                Err(e) => {
-                    if let DlqCommand::Replay {
-                        json: true,
-                        dry_run,
-                        ..
-                    } = command
-                    {
-                        let _ = replay_summary(dry_run, 0, &topo.queue, Some(&e.to_string()));
-                    }
-                    Err(Failure::Other(e.to_string()))
-                }
+                Err(e) => Err(failed(e.to_string())),
             };
             let limit = cfg.amqp.operation_timeout();
             let _ = bounded(limit, "connection.close", conn.close(200, "done".into())).await;

@@ -13,7 +13,8 @@ pub const RETRY_COUNT: &str = "x-retry-count";
 /// published): they do not count toward `max_attempts` nor raise the retry delay.
 pub const PROGRESS_ATTEMPTS: &str = "x-progress-attempts";
 /// When (milliseconds since the epoch) the outage its retries wait out began (see
-/// `MessageContext::retry_for_outage`); removed by a retry that is not an outage's.
+/// `MessageContext::retry_for_outage`); kept through the message's own retries, removed by
+/// one that made progress.
 pub const OUTAGE_SINCE: &str = "x-outage-since";
 /// Exchange the message was first published to.
 pub const ORIGINAL_EXCHANGE: &str = "x-original-exchange";

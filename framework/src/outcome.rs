@@ -145,7 +145,7 @@ impl Planner {
                     attempts,
                     progressed,
                     delay,
-                    Some(since),
+                    Outage::Since(since),
                 );
                 ("retry", vec![msg])
             }
@@ -158,8 +158,9 @@ impl Planner {
                 // The headers are anyone's numbers: at the count's ceiling (a forged
                 // `x-retry-count` near u32::MAX) it can no longer grow, so progress could
                 // cancel every attempt forever; such a message is given up on.
-                let progressed = (ctx.attempt - ctx.counted_attempts())
-                    .saturating_add(u32::from(ctx.made_progress(&progress)));
+                let advanced = ctx.made_progress(&progress);
+                let progressed =
+                    (ctx.attempt - ctx.counted_attempts()).saturating_add(u32::from(advanced));
                 let counted = attempts - progressed.min(attempts);
                 if counted >= self.retry.max_attempts || attempts == u32::MAX {
                     let why = format!(
@@ -173,8 +174,12 @@ impl Planner {
                     .retry
                     .delay_at_least(counted.saturating_sub(1), ctx.retry_wait());
                 warn!(error = %LogText(&reason), retry_in_ms = delay, "retrying later");
+                // Progress shows the downstream working: an outage it carried is over (a
+                // later one starts its own clock). A retry of the message's own keeps it:
+                // one outage budget in all for a message whose failures alternate.
+                let outage = if advanced { Outage::Over } else { Outage::Kept };
                 let msg = self.retry_message(
-                    body, ctx, &reason, &progress, attempts, progressed, delay, None,
+                    body, ctx, &reason, &progress, attempts, progressed, delay, outage,
                 );
                 ("retry", vec![msg])
             }
@@ -193,10 +198,8 @@ impl Planner {
     }
 
     /// The input again, through the retry tier of `delay`: its attempts so far, those
-    /// not counted, its origin, the reason, the processor's retry headers and the trace;
-    /// `outage_since` the start of the outage it waits out, if it does. An ordinary retry
-    /// keeps the start it carries: a message whose failures alternate between an outage
-    /// and its own gets one outage budget in all, not a fresh one after each of its own.
+    /// not counted, its origin, the reason, the processor's retry headers, the trace, and
+    /// what becomes of the outage it waits out (`x-outage-since`).
     #[allow(clippy::too_many_arguments)]
     fn retry_message(
         &self,
@@ -207,16 +210,24 @@ impl Planner {
         attempts: u32,
         progressed: u32,
         delay: u64,
-        outage_since: Option<u64>,
+        outage: Outage,
     ) -> Outgoing {
-        let since = outage_since.and_then(|t| i64::try_from(t).ok());
-        let mut hdr = ctx.headers.clone();
+        let mut hdr = match outage {
+            Outage::Over if ctx.headers.contains_key(h::OUTAGE_SINCE) => {
+                h::without(&ctx.headers, &[h::OUTAGE_SINCE])
+            }
+            _ => ctx.headers.clone(),
+        };
         h::set_int(&mut hdr, h::RETRY_COUNT, i64::from(attempts));
         if progressed > 0 {
             h::set_int(&mut hdr, h::PROGRESS_ATTEMPTS, i64::from(progressed));
         }
-        if let Some(t) = since {
-            h::set_int(&mut hdr, h::OUTAGE_SINCE, t);
+        if let Outage::Since(t) = outage {
+            h::set_int(
+                &mut hdr,
+                h::OUTAGE_SINCE,
+                i64::try_from(t).unwrap_or(i64::MAX),
+            );
         }
         h::set_str(&mut hdr, h::ORIGINAL_EXCHANGE, &ctx.exchange);
         h::set_str(&mut hdr, h::ORIGINAL_ROUTING_KEY, &ctx.routing_key);
@@ -273,6 +284,17 @@ fn to_json(value: &serde_json::Value, like: usize) -> Vec<u8> {
         out = value.to_string().into_bytes();
     }
     out
+}
+
+/// What a retry does with the outage its message waits out (`x-outage-since`).
+#[derive(Clone, Copy)]
+enum Outage {
+    /// An outage's retry: it began at this time (ms since the epoch).
+    Since(u64),
+    /// A retry of the message's own: the start it carries is kept.
+    Kept,
+    /// The attempt made progress: the downstream works, the outage is over.
+    Over,
 }
 
 /// Now, in milliseconds since the epoch (0 for a clock before it).

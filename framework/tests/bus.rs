@@ -762,6 +762,10 @@ async fn an_outage_is_waited_out_without_counting_its_attempts() {
 async fn progress_during_an_outage_is_not_held_to_its_budget() {
     let calls: Calls = Arc::default();
     let p = recording(&calls, |_v, ctx| {
+        if ctx.attempt == 0 {
+            ctx.retry_for_outage();
+            return Outcome::retry("down, nothing done");
+        }
         let mut progress = framework::batch::Progress::resume(ctx, "x-test-done");
         let next = (0..6).find(|i| !progress.is_done(&i.to_string()));
         match next {
@@ -780,7 +784,13 @@ async fn progress_during_an_outage_is_not_held_to_its_budget() {
         .await;
     let d = next(&mut out).await;
     assert_eq!(d.data, br#"{"parts":6}"#);
-    assert_eq!(calls.lock().unwrap().len(), 7);
+    let calls = calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 8);
+    let since = |i: usize| framework::headers::get_int(&calls[i].1.headers, h::OUTAGE_SINCE);
+    assert!(since(1).is_some(), "the first attempt's outage is carried");
+    // Progress shows the downstream working: that outage is over, so a later one would
+    // start its own clock instead of being measured from this one.
+    assert_eq!(since(2), None);
     hs.stop().await;
 }
 

@@ -795,8 +795,11 @@ pub async fn abort_recorded(
         // Forgotten, it is left to the bucket's lifecycle rule (docs/storage.md). Another
         // 403 (a signature refused while keys rotate, a clock skewed) passes: kept, for
         // the sweep to abort later.
-        Err(e @ object_store::Error::PermissionDenied { .. })
-            if crate::s3::described(&e).contains("AccessDenied") =>
+        // (The store's error document's own code, not a key that holds the word.)
+        Err(e)
+            if matches!(e, object_store::Error::Unauthenticated { .. })
+                || matches!(e, object_store::Error::PermissionDenied { .. })
+                    && e.to_string().contains("<Code>AccessDenied</Code>") =>
         {
             tracing::warn!(key = %key, error = %framework::telemetry::LogText(&e.to_string()), "not allowed to abort a multipart upload: left to the bucket's lifecycle rule");
         }

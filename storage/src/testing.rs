@@ -477,13 +477,13 @@ impl MultipartStore for FaultyStore {
         if self.faults.refuse_abort_signature.load(Ordering::SeqCst) {
             return Err(object_store::Error::PermissionDenied {
                 path: path.to_string(),
-                source: "injected fault: SignatureDoesNotMatch".into(),
+                source: "injected fault: <Error><Code>SignatureDoesNotMatch</Code></Error>".into(),
             });
         }
         if self.faults.deny_abort.load(Ordering::SeqCst) {
             return Err(object_store::Error::PermissionDenied {
                 path: path.to_string(),
-                source: "injected fault: AccessDenied".into(),
+                source: "injected fault: <Error><Code>AccessDenied</Code></Error>".into(),
             });
         }
         self.mp()?.abort_multipart(path, id).await

@@ -255,12 +255,14 @@ impl Forwarder {
     /// that its file has since replaced), with the event's own headers (see
     /// [`event_headers`]).
     pub async fn post(&self, body: &str, event: &HeaderMap) -> PostResult {
-        // Refused or unresolvable: down. Timed out: possibly this event's slowness.
+        // No connection (refused, unresolvable, TLS): down. Timed out, or the connection
+        // lost after the request went (an endpoint this event crashes): possibly the
+        // event's own, counted.
         let unreachable = |e: reqwest::Error| {
-            let scope = if e.is_timeout() {
-                Scope::Endpoint
-            } else {
+            let scope = if e.is_connect() && !e.is_timeout() {
                 Scope::Down
+            } else {
+                Scope::Endpoint
             };
             PostResult::Retryable(self.describe(&e), None, scope)
         };
@@ -296,7 +298,11 @@ impl Forwarder {
                 Scope::Down,
             );
         }
-        if status.is_redirection() {
+        // 303 (see another resource: what a POST that was taken may answer) and 304 stay
+        // rejected, as before.
+        if status.is_redirection()
+            && !matches!(status, StatusCode::SEE_OTHER | StatusCode::NOT_MODIFIED)
+        {
             // Not followed (another host, http from https, the token carried along), nor
             // dead-lettered: a load balancer's move to https would otherwise send every
             // event to the DLQ. The operator learns where to point the endpoint.

@@ -112,6 +112,41 @@ async fn redirects_are_not_followed_but_retried_naming_the_target() {
     }
 }
 
+/// A connection lost after the request went (an endpoint this event crashes) may be the
+/// event's own: counted (`Scope::Endpoint`), not an outage's (`Scope::Down`) that would be
+/// retried for a day. A 303 (what a POST that was taken may answer) stays rejected.
+#[tokio::test]
+async fn a_connection_lost_after_the_request_counts_and_a_303_is_rejected() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 4096];
+        let _ = s.read(&mut buf).await;
+        // Dropped without an answer.
+    });
+    match forwarder(&format!("http://{addr}"), 5000)
+        .post("{}", &HeaderMap::new())
+        .await
+    {
+        PostResult::Retryable(_, None, Scope::Endpoint) => {}
+        r => panic!("{r:?}"),
+    }
+    server.await.unwrap();
+    let see_other = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(303).insert_header("Location", "/done/1"))
+        .mount(&see_other)
+        .await;
+    assert!(matches!(
+        forwarder(&see_other.uri(), 5000)
+            .post("{}", &HeaderMap::new())
+            .await,
+        PostResult::Rejected(_)
+    ));
+}
+
 /// 409 is the idempotency draft's answer to a retry while the first try is still being
 /// processed (ours after a timeout): retried, so an event whose first try then fails
 /// is not left in the DLQ. Without a key a 409 is the event's own conflict: rejected.

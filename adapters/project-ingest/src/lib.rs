@@ -208,7 +208,7 @@ impl MessageProcessor for ProjectProcessor {
                     count("stored");
                     stored.push((n, *p));
                 }
-                Ok(Applied::Missing) if ctx.attempt < self.missing_retries => {
+                Ok(Applied::Missing) if ctx.counted_attempts() < self.missing_retries => {
                     not_yet.push(ev.id.clone());
                 }
                 Ok(Applied::Missing) => {

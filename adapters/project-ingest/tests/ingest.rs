@@ -1283,6 +1283,31 @@ async fn an_unknown_projects_update_is_dropped_in_the_designs_words() {
     }
 }
 
+/// Attempts a database outage took are not the update's wait for its create: an update
+/// and its create that both waited out an outage, then raced out of the retry tiers, did
+/// not drop the update (its `missing_project_retries` spent by the outage's attempts).
+#[tokio::test]
+async fn an_outages_attempts_do_not_spend_the_wait_for_a_create() {
+    use framework::{MessageContext, MessageProcessor, Outcome};
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&db::default_url(dir.path(), "project-ingest"))
+        .await
+        .unwrap();
+    let p =
+        project_ingest::ProjectProcessor::new(store, "out", "storagetier.projectingest.project")
+            .with_missing_retries(2);
+    // Six attempts so far, all of them an outage's (not counted).
+    let mut ctx = MessageContext::for_test("pluto-core", "core.project.event", 6);
+    framework::headers::set_int(&mut ctx.headers, framework::headers::PROGRESS_ATTEMPTS, 6);
+    match p
+        .handle(project("project-updated", "created-later", "t"), &ctx)
+        .await
+    {
+        Outcome::Retry(reason) => assert!(reason.contains("not stored yet"), "{reason}"),
+        other => panic!("still waiting for its create, not {other:?}"),
+    }
+}
+
 /// A SQLite file another process holds the write lock of, through a handle on it of its
 /// own (as a second instance on one file is), held until `release` is sent.
 async fn hold_sqlite_write_lock(url: &str) -> tokio::sync::oneshot::Sender<()> {

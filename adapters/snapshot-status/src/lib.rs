@@ -551,7 +551,9 @@ impl MessageProcessor for StatusProcessor {
                             return Outcome::retry(e);
                         }
                         match h.dropped {
-                            Some(reason) if h.too_early && ctx.attempt < self.missing_retries => {
+                            Some(reason)
+                                if h.too_early && ctx.counted_attempts() < self.missing_retries =>
+                            {
                                 Outcome::retry(format!("{reason}: waiting for its counts"))
                             }
                             Some(reason) if nothing_to_send => Outcome::drop(reason),
@@ -620,7 +622,7 @@ impl MessageProcessor for StatusProcessor {
                 }
                 // Every other record is counted once and published once whatever comes
                 // again: the batch waits for the collections its success files name.
-                if !too_early.is_empty() && ctx.attempt < self.missing_retries {
+                if !too_early.is_empty() && ctx.counted_attempts() < self.missing_retries {
                     return Outcome::retry(format!(
                         "record {}: success file ahead of its collection (its counts or last \
                          files); waiting for them",
