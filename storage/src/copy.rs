@@ -267,6 +267,8 @@ impl CopyError {
             }
             CopyError::S3(e) => !matches!(e, crate::s3::S3Error::Taken(_)),
             CopyError::Db(e) => db::is_outage(e),
+            // Its abort failed on the store or the records, neither of them the file's.
+            CopyError::EarlierUpload(_) => true,
             CopyError::Write(_, e) => e.raw_os_error().is_some_and(store_down),
             // A source share gone away (its server not answering, a stale handle), not
             // a bad sector of one file (EIO).
@@ -1306,6 +1308,7 @@ mod tests {
             CopyError::Write("k".into(), std::io::Error::from_raw_os_error(libc::ENOSPC)),
             CopyError::Read("f".into(), std::io::Error::from_raw_os_error(libc::ESTALE)),
             CopyError::Db(db::sqlx::Error::PoolTimedOut),
+            CopyError::EarlierUpload("k".into()),
         ];
         for e in &outages {
             assert!(e.is_outage(), "{e}");
