@@ -428,17 +428,8 @@ fn a_database_refusing_the_login_exits_2_naming_the_key() {
             None,
         ),
     ] {
-        let o = std::process::Command::new(env!("CARGO_BIN_EXE_online-archive"))
-            .arg("--config-dir")
-            .arg(dir.path())
-            .env("STORAGETIER__STORAGE__DATA_DIR", dir.path())
-            .env("STORAGETIER__ONLINE_ARCHIVE__HTTP_LISTEN", "127.0.0.1:0")
-            .env("STORAGETIER__ONLINE_ARCHIVE__DATABASE_URL", &url)
-            .arg("run")
-            .output_within(WAIT)
-            .unwrap();
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(2), "{url}: {err}");
+        let (code, err) = run_on_database(dir.path(), &url);
+        assert_eq!(code, Some(2), "{url}: {err}");
         assert!(err.contains("online_archive.database_url"), "{err}");
         assert!(why.is_none_or(|w| err.contains(w)), "{err}");
     }
@@ -453,21 +444,30 @@ async fn another_tiers_database_is_refused() {
     let r = storage::Records::open(&url).await.unwrap();
     assert_eq!(r.owner_other_than("online-nearline").await.unwrap(), None);
     r.close().await;
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_online-archive"))
-        .arg("--config-dir")
-        .arg(dir.path())
-        .env("STORAGETIER__STORAGE__DATA_DIR", dir.path())
-        .env("STORAGETIER__ONLINE_ARCHIVE__HTTP_LISTEN", "127.0.0.1:0")
-        .env("STORAGETIER__ONLINE_ARCHIVE__DATABASE_URL", &url)
-        .arg("run")
-        .output_within(WAIT)
-        .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{err}");
+    let (code, err) = run_on_database(dir.path(), &url);
+    assert_eq!(code, Some(2), "{err}");
     assert!(
         err.contains("online_archive.database_url") && err.contains("online-nearline's records"),
         "{err}"
     );
+}
+
+/// `online-archive run` on the database at `url` (data and config under `dir`): its exit
+/// code and stderr, for a start that must fail.
+fn run_on_database(dir: &std::path::Path, url: &str) -> (Option<i32>, String) {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_online-archive"))
+        .arg("--config-dir")
+        .arg(dir)
+        .env("STORAGETIER__STORAGE__DATA_DIR", dir)
+        .env("STORAGETIER__ONLINE_ARCHIVE__HTTP_LISTEN", "127.0.0.1:0")
+        .env("STORAGETIER__ONLINE_ARCHIVE__DATABASE_URL", url)
+        .arg("run")
+        .output_within(WAIT)
+        .unwrap();
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
 }
 
 /// The status line of `GET path` on `127.0.0.1:port`.

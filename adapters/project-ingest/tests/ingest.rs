@@ -1258,18 +1258,25 @@ async fn projects_stored_before_0002_survive_it(backend: Backend) {
     }
 }
 
+/// A processor on an SQLite file under `dir`, waiting `missing` attempts for a create.
+async fn processor_on_sqlite(
+    dir: &std::path::Path,
+    missing: u32,
+) -> project_ingest::ProjectProcessor {
+    let store = Store::open(&db::default_url(dir, "project-ingest"))
+        .await
+        .unwrap();
+    project_ingest::ProjectProcessor::new(store, "out", "storagetier.projectingest.project")
+        .with_missing_retries(missing)
+}
+
 /// Design §7's words for an update of a project never seen, which operators search the
 /// logs for: the drop (logged with its reason) says exactly them.
 #[tokio::test]
 async fn an_unknown_projects_update_is_dropped_in_the_designs_words() {
     use framework::{MessageContext, MessageProcessor, Outcome};
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&db::default_url(dir.path(), "project-ingest"))
-        .await
-        .unwrap();
-    let p =
-        project_ingest::ProjectProcessor::new(store, "out", "storagetier.projectingest.project")
-            .with_missing_retries(0);
+    let p = processor_on_sqlite(dir.path(), 0).await;
     let ctx = MessageContext::for_test("pluto-core", "core.project.event", 0);
     match p
         .handle(project("project-updated", "never-seen", "t"), &ctx)
@@ -1290,12 +1297,7 @@ async fn an_unknown_projects_update_is_dropped_in_the_designs_words() {
 async fn an_outages_attempts_do_not_spend_the_wait_for_a_create() {
     use framework::{MessageContext, MessageProcessor, Outcome};
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&db::default_url(dir.path(), "project-ingest"))
-        .await
-        .unwrap();
-    let p =
-        project_ingest::ProjectProcessor::new(store, "out", "storagetier.projectingest.project")
-            .with_missing_retries(2);
+    let p = processor_on_sqlite(dir.path(), 2).await;
     // Six attempts so far, all of them an outage's (not counted).
     let mut ctx = MessageContext::for_test("pluto-core", "core.project.event", 6);
     framework::headers::set_int(&mut ctx.headers, framework::headers::PROGRESS_ATTEMPTS, 6);
