@@ -118,6 +118,26 @@ impl<'c> Progress<'c> {
         self.dirty
     }
 
+    /// Why this attempt should stop before its next part, whose work may take up to
+    /// `step`, and go on in a Retry carrying what it did, if it should: it has done parts
+    /// (so that retry is not counted) and the service is stopping — a handler stopped
+    /// mid-batch gives its message back as it came, and every part done meanwhile is done
+    /// again (ids published twice, a second alert) — or the broker's consumer timeout
+    /// nears, which redelivers it as it came (see [`MessageContext::checkpoint_in`]).
+    pub fn pause_before(&self, step: std::time::Duration) -> Option<&'static str> {
+        // The retry's own publish and confirm, after the step.
+        let room = step + std::time::Duration::from_secs(2);
+        if !self.advanced() {
+            None
+        } else if self.ctx.time_left().is_some_and(|left| left < room) {
+            Some("the service is stopping")
+        } else if self.ctx.checkpoint_in().is_some_and(|left| left < room) {
+            Some("a third of the broker's consumer timeout has passed")
+        } else {
+            None
+        }
+    }
+
     /// True when no part is done yet.
     pub fn is_empty(&self) -> bool {
         self.done.is_empty() && self.indices.0.is_empty()
@@ -337,6 +357,48 @@ mod tests {
     use lapin::types::{AMQPValue, FieldTable};
 
     const H: &str = "x-test-progress";
+
+    /// A batch pauses only once it has done parts of its own (so its retry is not counted),
+    /// and only when the service stops or the consumer timeout nears within a step.
+    #[test]
+    fn a_batch_pauses_with_parts_done_when_stopping_or_near_the_consumer_timeout() {
+        let step = std::time::Duration::from_secs(5);
+        let ctx = MessageContext::for_test("x", "k", 0);
+        let mut p = Progress::resume(&ctx, H);
+        p.mark_done("a");
+        assert_eq!(
+            p.pause_before(step),
+            None,
+            "neither stopping nor near a timeout"
+        );
+
+        let ctx = MessageContext::for_test("x", "k", 0);
+        let _ = ctx
+            .stops_at
+            .set(std::time::Instant::now() + std::time::Duration::from_secs(3));
+        let mut p = Progress::resume(&ctx, H);
+        assert_eq!(
+            p.pause_before(step),
+            None,
+            "nothing done yet: handled as it came"
+        );
+        p.mark_done("a");
+        assert_eq!(p.pause_before(step), Some("the service is stopping"));
+
+        let ctx = MessageContext::for_test("x", "k", 0)
+            .with_checkpoint_in(std::time::Duration::from_secs(60));
+        let mut p = Progress::resume(&ctx, H);
+        p.mark_done("a");
+        assert_eq!(p.pause_before(step), None, "a minute is room enough");
+        let ctx = MessageContext::for_test("x", "k", 0)
+            .with_checkpoint_in(std::time::Duration::from_secs(1));
+        let mut p = Progress::resume(&ctx, H);
+        p.mark_done("a");
+        assert!(
+            p.pause_before(step)
+                .is_some_and(|w| w.contains("consumer timeout"))
+        );
+    }
 
     fn ctx_with(header: Option<&str>) -> MessageContext {
         let mut ctx = MessageContext::for_test("x", "k", 1);

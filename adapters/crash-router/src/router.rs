@@ -185,6 +185,14 @@ impl MessageProcessor for CrashRouter {
                 // A crash id is fixed-length ASCII without spaces: the mark is unambiguous.
                 if sent.is_done(&at) || earlier_release.is_done(&format!("{id} {}", q.name)) {
                     already += 1;
+                } else if let Some(why) = sent.pause_before(PUBLISH_STEP) {
+                    // Stopping (or near the consumer timeout) with ids published: the rest
+                    // go with a retry carrying what is done, not in a redelivery that
+                    // publishes them all again.
+                    return Outcome::retry(format!(
+                        "{why} after {at} of the notification's deliveries; the rest go with \
+                         this retry"
+                    ));
                 } else if let Err(e) = ctx
                     .publish(Publication::text("", &q.name, id.as_str()).mandatory())
                     .await
@@ -233,6 +241,11 @@ impl MessageProcessor for CrashRouter {
         }))
     }
 }
+
+/// The longest one publish of a crash id is expected to take, confirm included: a handler
+/// stopping within it of the drain's end returns a retry instead (see
+/// `Progress::pause_before`).
+const PUBLISH_STEP: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The accepted crash ids of `records`, each once, in the order they first appear. With a
 /// set beside the list: a notification of 150,000 records made `Vec::contains` compare

@@ -479,6 +479,70 @@ async fn sqs_batches_are_opened_and_their_crashes_routed() {
     assert_eq!(got, want);
 }
 
+/// Stopped (SIGTERM) in the middle of a notification of thousands of crashes, the router
+/// stops publishing in time to retry the rest with what it published marked: no crash id
+/// is published twice (a handler stopped by the drain budget gives its message back as it
+/// came, and a redelivery published every id again, on every rolling deploy).
+#[tokio::test]
+async fn a_notification_stopped_with_the_service_keeps_what_it_published() {
+    let data = tempfile::tempdir().unwrap();
+    let (_c, ch) = test_channel().await;
+    let d = dests(&ch, 1).await;
+    let mut hs = start(
+        data.path(),
+        &[
+            ("crash_router.queues", &d.0[0]),
+            // Publishing goes on while more than a publish's 5 s and the retry's 2 s are
+            // left: about the first second of the drain.
+            ("amqp.drain_timeout_ms", "8000"),
+            ("retry.delays_ms", "[600000]"),
+        ],
+    )
+    .await;
+    let n = 8000;
+    let records: Vec<Value> = (0..n).map(|i| put(&raw(&crash_id(i, '0')))).collect();
+    hs.publish(
+        "crashes.put",
+        json!({ "Records": records }).to_string().as_bytes(),
+        BasicProperties::default(),
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while ready_count(&ch, &d.0[0]).await == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no crash id published"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    hs.stop().await;
+    let tier = format!("{}-retry-600000", hs.q);
+    await_ready_count(&hs.ch, &tier, 1).await;
+    let published = ready_count(&ch, &d.0[0]).await;
+    assert!(published < n, "stopped before the end: {published}");
+    let mut waiting = consume(&ch, &tier).await;
+    let r = next(&mut waiting).await;
+    let sent = header(&r, crash_router::router::SENT_HEADER).expect("progress kept");
+    let marked: u32 = serde_json::from_str::<Vec<Value>>(&sent)
+        .expect("a JSON array")
+        .iter()
+        .map(|m| match m {
+            Value::Array(r) => (r[1].as_u64().unwrap() - r[0].as_u64().unwrap() + 1) as u32,
+            Value::String(s) if s.parse::<u32>().is_ok() => 1,
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(
+        marked, published,
+        "every id published, and only those, is marked"
+    );
+    assert_eq!(
+        ready_count(&hs.ch, &hs.q).await,
+        0,
+        "not given back as it came"
+    );
+}
+
 fn run_bin(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     let dir = tempfile::tempdir().unwrap();
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_crash-router"));

@@ -25,6 +25,10 @@ pub const DEAD_LETTERED_HEADER: &str = framework::batch::DEAD_LETTERED_RECORDS;
 /// older update returning from a retry tier loses to a newer one applied meanwhile.
 pub const RECEIVED_HEADER: &str = "x-project-ingest-received";
 
+/// The longest one record of a batch is expected to take (its database calls): see
+/// `Progress::pause_before`.
+const RECORD_STEP: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Counter of handled events by `result` (stored, stale, missing, unknown_type, invalid).
 pub const EVENTS_METRIC: &str = "storagetier_projectingest_events_total";
 
@@ -163,8 +167,16 @@ impl MessageProcessor for ProjectProcessor {
         let mut stored = Vec::new();
         let mut dropped = Vec::new();
         let mut not_yet = Vec::new();
+        let total = items.len();
         for (i, item) in items.into_iter().enumerate() {
             let n = i + 1;
+            // Stopping (or near the consumer timeout) with records dead-lettered: the rest
+            // go with a retry carrying them, not in a redelivery that sends them again.
+            if let Some(why) = dead.pause_before(RECORD_STEP) {
+                return Outcome::retry(format!(
+                    "{why} after {i} of {total} records; the rest go with this retry"
+                ));
+            }
             // A record no attempt can store: the whole message when it is the only one,
             // else that record on its own, and the rest go on.
             let refused = async |dead: &mut framework::batch::Progress<'_>, e: String| {

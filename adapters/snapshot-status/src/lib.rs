@@ -28,6 +28,10 @@ pub const DEAD_LETTERED_HEADER: &str = framework::batch::DEAD_LETTERED_RECORDS;
 /// confirmed, so a retry (one of them unroutable, say) never sends the others again.
 pub const PUBLISHED_HEADER: &str = "x-snapshot-status-published";
 
+/// The longest one record of a batch is expected to take (its database calls, its
+/// confirmed publishes): see `Progress::pause_before`.
+const RECORD_STEP: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Counter of file messages by `counted` ("true", or "false" for a duplicate).
 pub const FILES_METRIC: &str = "storagetier_snapshotstatus_files_total";
 /// Counter of state changes by `to` (Received, Success, RECEIVED, COMPLETED).
@@ -569,6 +573,18 @@ impl MessageProcessor for StatusProcessor {
                 let records_total = records.len();
                 for (i, r) in records.into_iter().enumerate() {
                     let n = i + 1;
+                    // Stopping (or near the consumer timeout) with messages published or
+                    // records dead-lettered: the rest go with a retry carrying them, not
+                    // in a redelivery that sends them again (a second Slack alert).
+                    if let Some(why) = published
+                        .pause_before(RECORD_STEP)
+                        .or_else(|| dead.pause_before(RECORD_STEP))
+                    {
+                        return Outcome::retry(format!(
+                            "{why} after {i} of {records_total} records; the rest go with this \
+                             retry"
+                        ));
+                    }
                     let handled = match r.parsed {
                         Err(e) => Err(e.to_string()),
                         Ok(m) => match self
