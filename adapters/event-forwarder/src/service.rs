@@ -221,6 +221,21 @@ impl EventForwarder {
                     let delay = self
                         .retry
                         .delay_at_least(attempt - 1, after.unwrap_or_default());
+                    // The wait and the next POST must end before a third of the consumer
+                    // timeout (30 minutes on RabbitMQ 3.10/3.11 whatever is configured):
+                    // past it the broker takes the event back as it came, its attempts
+                    // start over, and it is never dead-lettered. Given up on now, the
+                    // queue moves on as after the last attempt.
+                    let next = Duration::from_millis(delay)
+                        + self.forwarder.timeout()
+                        + RETRY_PUBLISH_ROOM;
+                    if ctx.checkpoint_in().is_some_and(|left| left < next) {
+                        return Posted::Exhausted(format!(
+                            "gave up after {attempt} attempts in place (ordered mode): another \
+                             would outlast a third of the broker's consumer timeout; last \
+                             error: {e}"
+                        ));
+                    }
                     tracing::warn!(error = %framework::telemetry::LogText(&e.to_string()), attempt, retry_in_ms = delay, "retrying in place");
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_millis(delay)) => {}

@@ -734,6 +734,42 @@ async fn ordered_mode_gives_up_after_max_attempts() {
     assert_eq!(bodies(&server).await.len(), 3);
 }
 
+/// Ordered, an in-place wait and POST that would end past a third of the consumer timeout
+/// (the broker's 30 minutes on 3.10/3.11 whatever is configured) is not begun: the event is
+/// dead-lettered and the queue moves on, instead of the broker taking it back as it came,
+/// its attempts starting over, never dead-lettered.
+#[tokio::test]
+async fn ordered_mode_gives_up_before_the_consumer_timeout() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(503))
+        .mount(&server)
+        .await;
+    let data = tempfile::tempdir().unwrap();
+    let hs = start(
+        &server,
+        data.path(),
+        &[
+            ("event_forwarder.ordered", "true"),
+            // A checkpoint of 20 s; the second wait (20 s) would pass it.
+            ("amqp.consumer_timeout_ms", "60000"),
+            ("retry.delays_ms", "[100, 20000]"),
+            ("retry.max_attempts", "3"),
+            ("event_forwarder.timeout_ms", "1000"),
+        ],
+    )
+    .await;
+    let mut dlq = hs.watch_dlq().await;
+    hs.publish("k", br#"{"e":"doomed"}"#, with_id("m-ct")).await;
+    let d = next(&mut dlq).await;
+    let err = header(&d, "x-error").unwrap();
+    assert!(
+        err.contains("outlast a third of the broker's consumer timeout"),
+        "{err}"
+    );
+    assert_eq!(bodies(&server).await.len(), 2);
+}
+
 /// Design §2: a message whose retries ran out is dead-lettered `retries-exhausted`, in
 /// ordered mode too (issue 14 item 9).
 #[tokio::test]
@@ -910,7 +946,8 @@ async fn ordered_mode_stops_backing_off_at_shutdown_and_keeps_the_event_in_place
         .mount(&server)
         .await;
     let data = tempfile::tempdir().unwrap();
-    // Backoffs and a drain budget far beyond the harness's stop bound (WAIT).
+    // Backoffs and a drain budget far beyond the harness's stop bound (WAIT); the backoff
+    // and its POST within a third of the consumer timeout (10 minutes), so it is begun.
     let mut hs = start(
         &server,
         data.path(),
@@ -918,7 +955,7 @@ async fn ordered_mode_stops_backing_off_at_shutdown_and_keeps_the_event_in_place
             ("event_forwarder.ordered", "true"),
             ("amqp.prefetch", "1"),
             ("amqp.drain_timeout_ms", "600000"),
-            ("retry.delays_ms", "[600000]"),
+            ("retry.delays_ms", "[300000]"),
         ],
     )
     .await;
@@ -928,7 +965,7 @@ async fn ordered_mode_stops_backing_off_at_shutdown_and_keeps_the_event_in_place
     await_ready_count(&hs.ch, &hs.q, 1).await;
     assert_eq!(ready_count(&hs.ch, &format!("{}-dlq", hs.q)).await, 0);
     assert_eq!(
-        ready_count(&hs.ch, &format!("{}-retry-600000", hs.q)).await,
+        ready_count(&hs.ch, &format!("{}-retry-300000", hs.q)).await,
         0
     );
 }
