@@ -162,10 +162,21 @@ pub fn time_key(t: chrono::DateTime<chrono::Utc>) -> Option<String> {
 /// until that date.
 pub const MAX_AHEAD: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
 
-/// The latest ordering key believed now ([`MAX_AHEAD`] from this machine's clock); a stored
-/// key beyond it (written before keys were bounded) loses to any event.
+/// The latest ordering key believed now ([`MAX_AHEAD`] from this machine's clock).
 pub fn latest_believable() -> String {
     time_key(chrono::Utc::now() + MAX_AHEAD).unwrap_or_else(|| "9999".into())
+}
+
+/// How far ahead of this machine's clock a stored key must be to lose to any event: a
+/// key an earlier release kept from a producer's clock gone wrong (a unit mistaken: years
+/// ahead). Far wider than [`MAX_AHEAD`]: a replica whose clock runs some minutes slow sees
+/// the keys its peers stored ahead of it, and with the narrow bound let older updates
+/// replace them.
+pub const STORED_AHEAD: chrono::TimeDelta = chrono::TimeDelta::days(1);
+
+/// The ordering key beyond which a stored key loses to any event (see [`STORED_AHEAD`]).
+pub fn stored_beyond_belief() -> String {
+    time_key(chrono::Utc::now() + STORED_AHEAD).unwrap_or_else(|| "9999".into())
 }
 
 /// `key`, or where it is more than [`MAX_AHEAD`] in the future, `received` (when its

@@ -145,7 +145,7 @@ impl Store {
         let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
         // A stored key further ahead than any event's may be (an earlier release kept a
         // producer's future clock) is no newer state: any event replaces it.
-        let bound = crate::event::latest_believable();
+        let bound = crate::event::stored_beyond_belief();
         let mut created_key: Option<String> = None;
         let mut tx = db::begin_write(&self.pool).await?;
         let row = match (&ev.kind, &ev.version) {

@@ -355,6 +355,29 @@ async fn a_future_dated_event_does_not_freeze_its_project(b: Backend) {
         env.store.commission("c-1").await.unwrap().unwrap().0,
         "healed commission"
     );
+
+    // A key a peer replica stored from its clock minutes ahead of this one's (or this
+    // replica's clock minutes behind) is newer state, not a broken clock's: an older update
+    // is stale against it.
+    let at = |minutes: i64| {
+        project_ingest::event::time_key(chrono::Utc::now() + chrono::TimeDelta::minutes(minutes))
+    };
+    frozen.version = at(10);
+    frozen.title = "newest".into();
+    assert!(matches!(
+        env.store.apply(&frozen).await.unwrap(),
+        project_ingest::store::Applied::Stored(_)
+    ));
+    frozen.version = at(8);
+    frozen.title = "older".into();
+    assert!(matches!(
+        env.store.apply(&frozen).await.unwrap(),
+        project_ingest::store::Applied::Stale
+    ));
+    assert_eq!(
+        env.store.project("f").await.unwrap().unwrap().title,
+        "newest"
+    );
     env.finish().await;
 }
 
