@@ -127,7 +127,8 @@ impl<'c> Progress<'c> {
     pub fn pause_before(&self, step: std::time::Duration) -> Option<&'static str> {
         // The retry's own publish and confirm, after the step.
         let room = step + std::time::Duration::from_secs(2);
-        if !self.advanced() {
+        // Marks cleared (`clear`) are no part done: a retry then would be counted.
+        if !self.advanced() || self.is_empty() {
             None
         } else if self.ctx.time_left().is_some_and(|left| left < room) {
             Some("the service is stopping")
@@ -384,6 +385,10 @@ mod tests {
         );
         p.mark_done("a");
         assert_eq!(p.pause_before(step), Some("the service is stopping"));
+        // Marks cleared are no part done: that retry would be counted.
+        p.clear();
+        assert!(p.advanced());
+        assert_eq!(p.pause_before(step), None);
 
         let ctx = MessageContext::for_test("x", "k", 0)
             .with_checkpoint_in(std::time::Duration::from_secs(60));

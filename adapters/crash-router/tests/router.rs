@@ -493,13 +493,13 @@ async fn a_notification_stopped_with_the_service_keeps_what_it_published() {
         &[
             ("crash_router.queues", &d.0[0]),
             // Publishing goes on while more than a publish's 5 s and the retry's 2 s are
-            // left: about the first second of the drain.
-            ("amqp.drain_timeout_ms", "8000"),
+            // left: the first 100 ms of the drain.
+            ("amqp.drain_timeout_ms", "7100"),
             ("retry.delays_ms", "[600000]"),
         ],
     )
     .await;
-    let n = 8000;
+    let n = 9000;
     let records: Vec<Value> = (0..n).map(|i| put(&raw(&crash_id(i, '0')))).collect();
     hs.publish(
         "crashes.put",

@@ -337,11 +337,16 @@ impl EventForwarder {
             // timeout, which would redeliver it as it came (every record posted meanwhile
             // posted again, at every delivery): a third of the way there, the rest go with a retry
             // carrying what is done. Only once some record of this attempt is done, so the
-            // retry counts as progress. Ordered, the batch keeps its place instead.
-            if !self.ordered
-                && progress.advanced()
-                && ctx.checkpoint_in().is_some_and(|left| left < room)
-            {
+            // retry counts as progress. Ordered too: the broker would take the batch back as
+            // it came (every record posted again, at every delivery, for ever), so the rest
+            // of this one batch gives up its place.
+            if progress.advanced() && ctx.checkpoint_in().is_some_and(|left| left < room) {
+                if self.ordered {
+                    tracing::warn!(
+                        "an ordered batch outlasted a third of the consumer timeout: the rest \
+                         of it goes on in a retry, behind the messages after it"
+                    );
+                }
                 return Outcome::retry(format!(
                     "the batch outlasted a third of the broker's consumer timeout after {} of {} \
                      records; the rest go with this retry",

@@ -770,6 +770,48 @@ async fn ordered_mode_gives_up_before_the_consumer_timeout() {
     assert_eq!(bodies(&server).await.len(), 2);
 }
 
+/// An ordered batch still posting at a third of the consumer timeout goes on in a retry
+/// carrying what it posted, as an unordered one does: kept in place, the broker would take
+/// it back as it came at the timeout and every record would be posted again, for ever.
+#[tokio::test]
+async fn an_ordered_batch_near_the_consumer_timeout_goes_on_in_a_retry() {
+    let server = answering_after(200, std::time::Duration::from_millis(500)).await;
+    let data = tempfile::tempdir().unwrap();
+    let hs = start(
+        &server,
+        data.path(),
+        &[
+            ("event_forwarder.ordered", "true"),
+            // A checkpoint 20 s after the delivery; each POST takes half a second.
+            ("amqp.consumer_timeout_ms", "60000"),
+            ("event_forwarder.timeout_ms", "1000"),
+            // In-place retries within the consumer timeout, as the start-up check wants.
+            ("retry.delays_ms", "[20000]"),
+            ("retry.max_attempts", "2"),
+        ],
+    )
+    .await;
+    let records: Vec<Value> = (0..80).map(|i| record(&format!("seq-{i}"))).collect();
+    hs.publish(
+        "kinesis",
+        json!({ "Records": records }).to_string().as_bytes(),
+        with_id("ordered-long"),
+    )
+    .await;
+    let tier = format!("{}-retry-20000", hs.q);
+    let (_c, ch) = test_channel().await;
+    let mut waiting = consume(&ch, &tier).await;
+    let d = next(&mut waiting).await;
+    let done = marks(&header(&d, "x-event-forwarder-done").expect("progress kept"));
+    let posted = bodies(&server).await.len();
+    assert!(posted < 80, "stopped before the end: {posted}");
+    assert_eq!(
+        done,
+        (0..posted as u64).collect::<Vec<_>>(),
+        "every record posted, and only those, is marked done"
+    );
+}
+
 /// Design §2: a message whose retries ran out is dead-lettered `retries-exhausted`, in
 /// ordered mode too (issue 14 item 9).
 #[tokio::test]

@@ -169,10 +169,10 @@ pub fn latest_believable() -> String {
 
 /// How far ahead of this machine's clock a stored key must be to lose to any event: a
 /// key an earlier release kept from a producer's clock gone wrong (a unit mistaken: years
-/// ahead). Far wider than [`MAX_AHEAD`]: a replica whose clock runs some minutes slow sees
+/// ahead). Wider than [`MAX_AHEAD`]: a replica whose clock runs some minutes slow sees
 /// the keys its peers stored ahead of it, and with the narrow bound let older updates
-/// replace them.
-pub const STORED_AHEAD: chrono::TimeDelta = chrono::TimeDelta::days(1);
+/// replace them. Not wider still: a key stored within it holds its project until then.
+pub const STORED_AHEAD: chrono::TimeDelta = chrono::TimeDelta::hours(1);
 
 /// The ordering key beyond which a stored key loses to any event (see [`STORED_AHEAD`]).
 pub fn stored_beyond_belief() -> String {
