@@ -710,11 +710,7 @@ async fn ordered_mode_retries_in_place_and_keeps_order() {
 
 #[tokio::test]
 async fn ordered_mode_gives_up_after_max_attempts() {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(500))
-        .mount(&server)
-        .await;
+    let server = answering(500).await;
     let data = tempfile::tempdir().unwrap();
     let hs = start(
         &server,
@@ -740,11 +736,7 @@ async fn ordered_mode_gives_up_after_max_attempts() {
 /// its attempts starting over, never dead-lettered.
 #[tokio::test]
 async fn ordered_mode_gives_up_before_the_consumer_timeout() {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(503))
-        .mount(&server)
-        .await;
+    let server = answering(503).await;
     let data = tempfile::tempdir().unwrap();
     let hs = start(
         &server,
@@ -816,11 +808,7 @@ async fn an_ordered_batch_near_the_consumer_timeout_goes_on_in_a_retry() {
 /// ordered mode too (issue 14 item 9).
 #[tokio::test]
 async fn ordered_mode_exhaustion_is_dead_lettered_as_retries_exhausted() {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(503))
-        .mount(&server)
-        .await;
+    let server = answering(503).await;
     let data = tempfile::tempdir().unwrap();
     let hs = start(
         &server,
