@@ -39,9 +39,8 @@ pub fn idempotency_key(id: &str) -> HeaderValue {
 pub enum PostResult {
     /// 2xx: delivered (the status code).
     Delivered(u16),
-    /// Connection error, timeout, 408, 429 or 5xx, a redirect (3xx: the endpoint moved;
-    /// not followed), or 409 to a request with an `Idempotency-Key` (its first try is
-    /// still being processed): try again later — no sooner than the endpoint's
+    /// Connection error, timeout, 408, 429 or 5xx, or a redirect (3xx but 303 and 304: the
+    /// endpoint moved; not followed): try again later — no sooner than the endpoint's
     /// `Retry-After`, if it sent one.
     Retryable(String, Option<Duration>, Scope),
     /// Any other status: the endpoint will never take this event.
@@ -121,8 +120,8 @@ pub enum StatusClass {
     Delivered,
     /// 408, 429, 5xx.
     Retryable,
-    /// Every other status (4xx, and 1xx); 3xx, and 409 to a request carrying an
-    /// `Idempotency-Key`, are retried by [`Forwarder::post`] instead.
+    /// Every other status (4xx, and 1xx); a 3xx but 303 and 304 is retried by
+    /// [`Forwarder::post`] instead.
     Rejected,
 }
 
@@ -323,25 +322,6 @@ impl Forwarder {
                 ),
                 None,
                 Scope::Down,
-            );
-        }
-        // The idempotency draft's answer to a retry while the first try is still being
-        // processed (ours after a timeout): that first try may yet fail, so the event is
-        // tried again rather than dead-lettered.
-        if status == StatusCode::CONFLICT && event.contains_key(IDEMPOTENCY_KEY) {
-            let after = resp
-                .headers()
-                .get(RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| retry_after(v, std::time::SystemTime::now()));
-            return PostResult::Retryable(
-                format!(
-                    "endpoint answered {status} to this event's Idempotency-Key (an earlier \
-                     try still in progress?){}",
-                    quoted_body(resp, &secrets).await
-                ),
-                after,
-                Scope::Event,
             );
         }
         match classify_status(status) {
