@@ -322,30 +322,19 @@ const STORE_TROUBLE: [&str; 4] = [
 
 /// Whether object_store's error (or its sources) names one of [`STORE_TROUBLE`].
 fn store_trouble_code(e: &object_store::Error) -> bool {
-    let mut at: Option<&dyn std::error::Error> = Some(e);
-    while let Some(err) = at {
-        let text = err.to_string();
-        if STORE_TROUBLE.iter().any(|c| text.contains(c)) {
-            return true;
-        }
-        at = err.source();
-    }
-    false
+    crate::s3::chain_texts(e).any(|text| STORE_TROUBLE.iter().any(|c| text.contains(c)))
 }
 
 /// The HTTP status object_store's error (or its sources) shows, if any: its own type for
 /// it is not public, its text is ("… non-2xx status code: 400 Bad Request: …").
 fn client_status(e: &object_store::Error) -> Option<u16> {
-    let mut at: Option<&dyn std::error::Error> = Some(e);
-    while let Some(err) = at {
-        let text = err.to_string();
-        if let Some((_, rest)) = text.split_once("status code: ") {
+    crate::s3::chain_texts(e)
+        .find_map(|text| {
+            let (_, rest) = text.split_once("status code: ")?;
             let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-            return digits.parse().ok();
-        }
-        at = err.source();
-    }
-    None
+            Some(digits.parse().ok())
+        })
+        .flatten()
 }
 
 /// A flag set when it is dropped: tells a blocking copy its caller is gone.

@@ -554,17 +554,20 @@ fn snippet(s: &str) -> String {
 /// say "error sending request", the refused connection, the unknown host or the
 /// certificate it could not verify is only in their sources), made [`quiet`].
 pub fn described(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut at = e.source();
-    while let Some(cause) = at {
-        let more = cause.to_string();
+    let mut texts = chain_texts(e);
+    let mut text = texts.next().unwrap_or_default();
+    for more in texts {
         if !more.is_empty() && !text.contains(&more) {
             text.push_str(": ");
             text.push_str(&more);
         }
-        at = cause.source();
     }
     quiet(&text).into_owned()
+}
+
+/// The text of `e` and of each of its sources, outermost first.
+pub fn chain_texts<'a>(e: &'a dyn std::error::Error) -> impl Iterator<Item = String> + 'a {
+    std::iter::successors(Some(e), |err| err.source()).map(ToString::to_string)
 }
 
 /// An error text from or about S3 without the request S3 may echo back: its error
