@@ -1662,6 +1662,7 @@ async fn a_message_id_that_is_not_utf8_does_not_kill_the_connection() {
             routing_key: "test.utf8".into(),
             message_id: b"\xff\xfeid".to_vec(),
             body: br#"{"name":"raw","size":1}"#.to_vec(),
+            ..Default::default()
         },
     )
     .await;
@@ -1677,12 +1678,45 @@ async fn a_message_id_that_is_not_utf8_does_not_kill_the_connection() {
             routing_key: "test.utf8".into(),
             message_id: vec![0xff; 255],
             body: br#"{"name":"no size"}"#.to_vec(),
+            ..Default::default()
         },
     )
     .await;
     let d = next(&mut dlq).await;
     let id = d.properties.message_id().as_ref().map(|s| s.as_str().len());
     assert!(id.is_some_and(|n| n <= 255), "{id:?}");
+    hs.stop().await;
+}
+
+/// A header nested thousands of levels deep (a few bytes a level: 20,000 fit one frame)
+/// is a producer's message like any other: handled (what lies below 64 levels is kept as
+/// bytes), and so is the next. Decoding it recursed once per level on lapin's I/O thread,
+/// whose stack overflowed: the process aborted, and again at every redelivery.
+#[tokio::test]
+async fn a_header_nested_thousands_deep_does_not_kill_the_process() {
+    let mut hs = Harness::start("deephdr", &[], Typed).await;
+    let mut out = hs.watch_output().await;
+    framework::testing::raw::publish(
+        &framework::testing::amqp_url(),
+        &framework::testing::raw::RawMessage {
+            exchange: hs.input_exchange.clone(),
+            routing_key: "test.deep".into(),
+            message_id: b"deep".to_vec(),
+            body: br#"{"name":"deep","size":1}"#.to_vec(),
+            headers: framework::testing::raw::nested_arrays_header("x-deep", 20_000),
+        },
+    )
+    .await;
+    let d = next(&mut out).await;
+    assert_eq!(d.data, br#"{"name":"deep"}"#);
+    hs.publish(
+        "test.after",
+        br#"{"name":"after","size":1}"#,
+        BasicProperties::default(),
+    )
+    .await;
+    let d = next(&mut out).await;
+    assert_eq!(d.data, br#"{"name":"after"}"#);
     hs.stop().await;
 }
 

@@ -121,12 +121,53 @@ pub fn parse_raw_value<I: ParsableInput>(
         AMQPType::DecimalValue => map(parse_decimal_value, AMQPValue::DecimalValue).parse(i),
         AMQPType::ShortString => map(parse_short_string, AMQPValue::ShortString).parse(i),
         AMQPType::LongString => map(parse_long_string, AMQPValue::LongString).parse(i),
-        AMQPType::FieldArray => map(parse_field_array, AMQPValue::FieldArray).parse(i),
+        AMQPType::FieldArray | AMQPType::FieldTable if Nesting::too_deep() => {
+            map(parse_byte_array, AMQPValue::ByteArray).parse(i)
+        }
+        AMQPType::FieldArray => {
+            let _level = Nesting::enter();
+            map(parse_field_array, AMQPValue::FieldArray).parse(i)
+        }
         AMQPType::Timestamp => map(parse_timestamp, AMQPValue::Timestamp).parse(i),
-        AMQPType::FieldTable => map(parse_field_table, AMQPValue::FieldTable).parse(i),
+        AMQPType::FieldTable => {
+            let _level = Nesting::enter();
+            map(parse_field_table, AMQPValue::FieldTable).parse(i)
+        }
         AMQPType::ByteArray => map(parse_byte_array, AMQPValue::ByteArray).parse(i),
         AMQPType::Void => Ok((i, AMQPValue::Void)),
     })
+}
+
+// storagetier: a field array or table nested deeper than `MAX_NESTING` inside a value
+// (a producer's header: 20,000 levels fit one frame at 5 bytes each) is read as a byte
+// array of its encoded content instead of recursing once more per level: the recursion
+// overflowed the stack of lapin's I/O thread, which aborts the process (no unwinding),
+// and again at every redelivery. Nothing is lost (the bytes are kept, under the byte
+// array type). The second change from the published crate (see vendor/README.md).
+const MAX_NESTING: usize = 64;
+
+std::thread_local! {
+    static NESTING: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// One level of field array or table being parsed on this thread, left when dropped.
+struct Nesting;
+
+impl Nesting {
+    fn too_deep() -> bool {
+        NESTING.with(|n| n.get() >= MAX_NESTING)
+    }
+
+    fn enter() -> Nesting {
+        NESTING.with(|n| n.set(n.get() + 1));
+        Nesting
+    }
+}
+
+impl Drop for Nesting {
+    fn drop(&mut self) {
+        NESTING.with(|n| n.set(n.get().saturating_sub(1)));
+    }
 }
 
 /// Parse an [AMQPValue](../type.AMQPValue.html)
@@ -218,7 +259,7 @@ pub fn parse_decimal_value<I: ParsableInput>(i: I) -> ParserResult<I, DecimalVal
 // storagetier: a short string that is not UTF-8 (a producer's raw-bytes message id, the
 // broker passes it on unchecked) is read leniently (U+FFFD for each bad sequence) instead
 // of failing the frame, which made the client kill the whole connection at every
-// redelivery. The only change from the published crate (see vendor/README.md).
+// redelivery. One of two changes from the published crate (see vendor/README.md).
 fn make_str<I: Input<Item = u8>>(i: I) -> Result<String, std::string::FromUtf8Error> {
     let bytes: Vec<u8> = i.iter_elements().collect();
     Ok(match String::from_utf8(bytes) {
