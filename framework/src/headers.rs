@@ -61,6 +61,33 @@ pub const REPLAY_STRIPPED: &[&str] = &[
     "x-delivery-count",
 ];
 
+/// The framework's count and origin headers: read only on a delivery that came back to
+/// `Q` the framework's own way (a retry tier's expiry, a replay: the default exchange,
+/// routing key `Q`). On any other they are a producer's (its own retry scheme's
+/// `x-retry-count`, a dead letter shovelled back to the producer's exchange) and dropped.
+pub const FRAMEWORK_COUNTS: &[&str] = &[
+    RETRY_COUNT,
+    PROGRESS_ATTEMPTS,
+    OUTAGE_SINCE,
+    ORIGINAL_EXCHANGE,
+    ORIGINAL_ROUTING_KEY,
+];
+
+/// Headers the broker writes on a message it dead-letters or redelivers: never carried
+/// onto a retry (RabbitMQ 3.x reads a published `x-death` for its cycle detection and
+/// drops a message it thinks went round; a stale `x-delivery-count` reads as earlier
+/// failed deliveries). Dead letters keep them, as they came.
+pub const BROKER_OWNED: &[&str] = &[
+    "x-death",
+    "x-first-death-exchange",
+    "x-first-death-queue",
+    "x-first-death-reason",
+    "x-last-death-exchange",
+    "x-last-death-queue",
+    "x-last-death-reason",
+    "x-delivery-count",
+];
+
 /// Whether `name` is a header the framework writes itself on retries, dead letters or
 /// outputs: a processor's retry header of that name would forge the attempt count or the
 /// origin (`x-retry-count: 0` on every retry never reaches `max_attempts`), so it is refused.

@@ -212,12 +212,14 @@ impl Planner {
         delay: u64,
         outage: Outage,
     ) -> Outgoing {
-        let mut hdr = match outage {
-            Outage::Over if ctx.headers.contains_key(h::OUTAGE_SINCE) => {
-                h::without(&ctx.headers, &[h::OUTAGE_SINCE])
-            }
-            _ => ctx.headers.clone(),
-        };
+        let mut hdr = h::without(&ctx.headers, h::BROKER_OWNED);
+        // A first delivery's `x-outage-since` is a producer's (or a replayed dead
+        // letter's): not carried into the retry, whose next outage retry would take it as
+        // the start of its outage (one in 1970 gave up at once).
+        if (matches!(outage, Outage::Over) || ctx.attempt == 0) && hdr.contains_key(h::OUTAGE_SINCE)
+        {
+            hdr = h::without(&hdr, &[h::OUTAGE_SINCE]);
+        }
         h::set_int(&mut hdr, h::RETRY_COUNT, i64::from(attempts));
         if progressed > 0 {
             h::set_int(&mut hdr, h::PROGRESS_ATTEMPTS, i64::from(progressed));

@@ -739,8 +739,17 @@ struct Incoming {
 /// the process's memory; real messages are far smaller.
 pub(crate) const LARGE_BODY: usize = 256 * 1024;
 
-fn incoming(d: &Delivery) -> Incoming {
-    let headers = d.properties.headers().clone().unwrap_or_default();
+fn incoming(d: &Delivery, queue: &str) -> Incoming {
+    let mut headers = d.properties.headers().clone().unwrap_or_default();
+    if !(d.exchange.as_str().is_empty() && d.routing_key.as_str() == queue)
+        && h::FRAMEWORK_COUNTS
+            .iter()
+            .any(|k| headers.inner().contains_key(*k))
+    {
+        // A producer's: with its own `x-retry-count: 49` the first retry was "retries
+        // exhausted", and its `x-original-*` named another origin.
+        headers = h::without(&headers, h::FRAMEWORK_COUNTS);
+    }
     let attempt = h::get_int(&headers, h::RETRY_COUNT)
         .unwrap_or(0)
         .clamp(0, i64::from(u32::MAX)) as u32;
@@ -897,7 +906,7 @@ impl<P: MessageProcessor> Shared<P> {
         stops_at: Arc<std::sync::OnceLock<Instant>>,
     ) {
         let (inner, publisher, metrics) = (&*self.inner, &self.publisher, &*self.metrics);
-        let mut inc = incoming(&delivery);
+        let mut inc = incoming(&delivery, &inner.topology.queue);
         let trace = crate::trace::TraceContext::continue_from(&inc.headers);
         // An input whose headers leave no room for a retry's or dead letter's in one frame
         // is dead-lettered at once, without them (publishing it with them would make the
@@ -915,7 +924,15 @@ impl<P: MessageProcessor> Shared<P> {
         });
         // Moved, not copied: the context is the only holder of the delivery's properties.
         let properties = std::mem::take(&mut delivery.properties);
-        let message_id = properties.message_id().as_ref().map(|s| s.to_string());
+        // A blank id is no id: taken as one, every such input's `x-in-response-to` read ""
+        // and its outputs on one routing key shared one derived id, so consumers dropping
+        // duplicates by id dropped real messages.
+        let message_id = properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.as_str())
+            .filter(|s| !s.trim().is_empty())
+            .map(str::to_string);
         let span = info_span!("message",
         trace_id = %trace.trace_id,
         span_id = %trace.span_id,

@@ -344,6 +344,28 @@ impl Harness {
         publish(&self.ch, &self.input_exchange, key, body, props).await;
     }
 
+    /// Publishes as a retry tier sends a message back after `attempts` attempts: through
+    /// the default exchange to `Q`, its origin (the input exchange, `key`) in headers, as
+    /// well as any in `props`. The only way the framework reads those headers: on a
+    /// producer's delivery they are the producer's, and dropped.
+    pub async fn publish_retried(
+        &self,
+        key: &str,
+        body: &[u8],
+        props: BasicProperties,
+        attempts: u32,
+    ) {
+        let mut headers = props.headers().clone().unwrap_or_default();
+        crate::headers::set_int(&mut headers, crate::headers::RETRY_COUNT, attempts.into());
+        crate::headers::set_str(
+            &mut headers,
+            crate::headers::ORIGINAL_EXCHANGE,
+            &self.input_exchange,
+        );
+        crate::headers::set_str(&mut headers, crate::headers::ORIGINAL_ROUTING_KEY, key);
+        publish(&self.ch, "", &self.q, body, props.with_headers(headers)).await;
+    }
+
     /// A consumer on a fresh queue bound to the output exchange with `#`.
     pub async fn watch_output(&self) -> Consumer {
         watch(&self.ch, &self.output_exchange, "#").await

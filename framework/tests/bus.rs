@@ -286,6 +286,28 @@ async fn success_is_published_with_response_headers() {
     let d = next(&mut out).await;
     assert_eq!(header(&d, h::IN_RESPONSE_TO).as_deref(), Some("other.two"));
     assert!(d.properties.message_id().is_some());
+
+    // A blank message id is none: two such inputs on one key are answered by outputs
+    // with ids of their own, in response to the routing key.
+    let mut ids = Vec::new();
+    for blank in ["", " "] {
+        let props = BasicProperties::default().with_message_id(blank.into());
+        hs.publish("other.three", br#"{"z":3}"#, props).await;
+        let d = next(&mut out).await;
+        assert_eq!(
+            header(&d, h::IN_RESPONSE_TO).as_deref(),
+            Some("other.three")
+        );
+        ids.push(
+            d.properties
+                .message_id()
+                .clone()
+                .expect("an id")
+                .to_string(),
+        );
+    }
+    assert!(ids.iter().all(|id| !id.trim().is_empty()), "{ids:?}");
+    assert_ne!(ids[0], ids[1]);
     hs.stop().await;
 }
 
@@ -742,7 +764,7 @@ async fn an_outage_is_waited_out_without_counting_its_attempts() {
         .iter()
         .map(|(_, c)| framework::headers::get_int(&c.headers, h::OUTAGE_SINCE))
         .collect();
-    assert_eq!(since[0], Some(1));
+    assert_eq!(since[0], None, "a producer's header is not read");
     assert!(
         since[1].is_some_and(|t| t > 1),
         "the outage's start is carried: {since:?}"
@@ -752,6 +774,143 @@ async fn an_outage_is_waited_out_without_counting_its_attempts() {
     assert_eq!(since[5], since[1]);
     let count = framework::headers::get_int(&calls[5].1.headers, h::RETRY_COUNT);
     assert_eq!(count, Some(5), "x-retry-count still counts every attempt");
+    hs.stop().await;
+}
+
+/// The framework's count and origin headers are read only on a message that came back
+/// the framework's way (through the default exchange to `Q`): a producer's own
+/// `x-retry-count` (a scheme of its own, a dead letter shovelled back) made the first
+/// retry "retries exhausted", and its `x-original-routing-key` named another origin.
+#[tokio::test]
+async fn a_producers_own_retry_headers_are_not_read() {
+    let calls: Calls = Arc::default();
+    let p = recording(&calls, |_v, ctx| match ctx.attempt {
+        0 => Outcome::retry("first sight"),
+        n => Outcome::success(json!({"attempt": n, "key": ctx.routing_key})),
+    });
+    let mut hs = Harness::start("producer-hdr", &[("retry.max_attempts", "3")], p).await;
+    let mut out = hs.watch_output().await;
+    let mut hdr = FieldTable::default();
+    h::set_int(&mut hdr, h::RETRY_COUNT, 2);
+    h::set_int(&mut hdr, h::PROGRESS_ATTEMPTS, 1);
+    h::set_str(&mut hdr, h::ORIGINAL_EXCHANGE, "elsewhere");
+    h::set_str(&mut hdr, h::ORIGINAL_ROUTING_KEY, "forged.key");
+    hs.publish(
+        "test.p",
+        br#"{"n":1}"#,
+        BasicProperties::default().with_headers(hdr),
+    )
+    .await;
+    let d = next(&mut out).await;
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&d.data).unwrap(),
+        json!({"attempt": 1, "key": "test.p"})
+    );
+    assert_eq!(calls.lock().unwrap()[0].1.exchange, hs.input_exchange);
+    hs.stop().await;
+}
+
+/// A first delivery's `x-outage-since` (a replayed dead letter's, a producer's straight to
+/// `Q`) is not carried by its retry: the next attempt's outage retry took it as the start
+/// of its outage and, from 1970, gave up at once.
+#[tokio::test]
+async fn a_first_deliverys_outage_start_is_not_carried_into_its_retry() {
+    let calls: Calls = Arc::default();
+    let p = recording(&calls, |_v, ctx| match ctx.attempt {
+        0 => Outcome::retry("the message's own trouble"),
+        1 => {
+            ctx.retry_for_outage();
+            Outcome::retry("store down")
+        }
+        n => Outcome::success(json!({"attempt": n})),
+    });
+    let mut hs = Harness::start("outage-first", &[], p).await;
+    let mut out = hs.watch_output().await;
+    let mut hdr = FieldTable::default();
+    h::set_int(&mut hdr, h::OUTAGE_SINCE, 1);
+    publish(
+        &hs.ch,
+        "",
+        &hs.q,
+        br#"{"n":1}"#,
+        BasicProperties::default().with_headers(hdr),
+    )
+    .await;
+    let d = next(&mut out).await;
+    assert_eq!(d.data, br#"{"attempt":2}"#);
+    hs.stop().await;
+}
+
+/// The broker's own headers on an input (`x-death` naming `Q` itself: a dead letter the
+/// broker made, moved back by hand; `x-delivery-count`) are not carried onto its retry:
+/// RabbitMQ 3.x reads a published `x-death` and dropped the retry as a dead-letter cycle
+/// when it expired from its tier into `Q`.
+#[tokio::test]
+async fn the_brokers_headers_are_not_carried_onto_a_retry() {
+    use framework::lapin::types::{AMQPValue, FieldArray};
+    let calls: Calls = Arc::default();
+    let p = recording(&calls, |_v, ctx| match ctx.attempt {
+        0 => Outcome::retry("first sight"),
+        n => Outcome::success(json!({"attempt": n})),
+    });
+    let mut hs = Harness::start("broker-hdr", &[], p).await;
+    let mut out = hs.watch_output().await;
+    let mut death = FieldTable::default();
+    for (k, v) in [
+        ("queue", hs.q.as_str()),
+        ("reason", "delivery_limit"),
+        ("exchange", ""),
+    ] {
+        h::set_str(&mut death, k, v);
+    }
+    death.insert("count".into(), AMQPValue::LongLongInt(1));
+    death.insert(
+        "routing-keys".into(),
+        AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::LongString(
+            hs.q.as_str().into(),
+        )])),
+    );
+    let mut hdr = FieldTable::default();
+    hdr.insert(
+        "x-death".into(),
+        AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(death)])),
+    );
+    h::set_str(&mut hdr, "x-first-death-queue", &hs.q);
+    h::set_int(&mut hdr, "x-delivery-count", 7);
+    publish(
+        &hs.ch,
+        "",
+        &hs.q,
+        br#"{"n":1}"#,
+        BasicProperties::default().with_headers(hdr),
+    )
+    .await;
+    let d = next(&mut out).await;
+    assert_eq!(d.data, br#"{"attempt":1}"#);
+    let retried = calls.lock().unwrap()[1].1.headers.clone();
+    let deaths = match retried.inner().get("x-death") {
+        Some(AMQPValue::FieldArray(a)) => a.as_slice().to_vec(),
+        _ => Vec::new(),
+    };
+    let queues: Vec<_> = deaths
+        .iter()
+        .filter_map(|d| match d {
+            AMQPValue::FieldTable(t) => framework::headers::get_str(t, "queue"),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        !queues.contains(&hs.q),
+        "only the tier's own death: {queues:?}"
+    );
+    assert_ne!(
+        framework::headers::get_int(&retried, "x-delivery-count"),
+        Some(7)
+    );
+    assert_ne!(
+        framework::headers::get_str(&retried, "x-first-death-queue"),
+        Some(hs.q.clone())
+    );
     hs.stop().await;
 }
 
@@ -830,12 +989,12 @@ async fn forged_retry_counts_at_their_ceiling_still_end_in_the_dlq() {
     let mut hs = Harness::start("forged", &[("retry.max_attempts", "3")], p).await;
     let mut dlq = hs.watch_dlq().await;
     let mut hdr = FieldTable::default();
-    h::set_int(&mut hdr, h::RETRY_COUNT, i64::from(u32::MAX));
     h::set_int(&mut hdr, h::PROGRESS_ATTEMPTS, i64::from(u32::MAX));
-    hs.publish(
+    hs.publish_retried(
         "test.x",
         br#"{"n":1}"#,
         BasicProperties::default().with_headers(hdr),
+        u32::MAX,
     )
     .await;
     let d = next(&mut dlq).await;
@@ -889,12 +1048,11 @@ async fn a_short_retry_overtakes_a_long_one() {
     let mut hs = Harness::start("tiers", &[("retry.delays_ms", "[300, 600000]")], p).await;
     let mut out = hs.watch_output().await;
     // "slow" already has one attempt behind it, so its retry waits in the 10 min tier.
-    let mut hdr = FieldTable::default();
-    framework::headers::set_int(&mut hdr, h::RETRY_COUNT, 1);
-    hs.publish(
+    hs.publish_retried(
         "test.slow",
         br#"{"name":"slow"}"#,
-        BasicProperties::default().with_headers(hdr),
+        BasicProperties::default(),
+        1,
     )
     .await;
     hs.publish(

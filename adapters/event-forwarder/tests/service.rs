@@ -265,12 +265,11 @@ async fn a_delivered_event_is_not_posted_again_by_its_retry() {
     let hs = start(&server, data.path(), &[]).await;
     let mut out = hs.watch_output().await;
     let mut h = FieldTable::default();
-    h.insert("x-retry-count".into(), AMQPValue::LongLongInt(1));
     h.insert(
         event_forwarder::DONE_HEADER.into(),
         AMQPValue::LongString(r#"["0"]"#.into()),
     );
-    hs.publish("k", br#"{"n":7}"#, with_id("ev-7").with_headers(h))
+    hs.publish_retried("k", br#"{"n":7}"#, with_id("ev-7").with_headers(h), 1)
         .await;
     let o = json_of(&next(&mut out).await);
     assert_eq!(o["skipped"], json!([0]));

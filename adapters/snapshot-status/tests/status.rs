@@ -83,6 +83,17 @@ impl Env {
     async fn send(&self, body: &Value) {
         self.send_with(body, BasicProperties::default()).await;
     }
+    /// Sends as the retry tiers send a message back after one attempt.
+    async fn send_retried(&self, body: &Value, props: BasicProperties) {
+        self.hs
+            .publish_retried(
+                "snapshot.status.update",
+                &serde_json::to_vec(body).unwrap(),
+                props,
+                1,
+            )
+            .await;
+    }
     async fn send_with(&self, body: &Value, props: BasicProperties) {
         self.hs
             .publish(
@@ -581,8 +592,11 @@ async fn redelivered_files_are_counted_once(b: Backend) {
     // The file that completed the collection, back from a retry tier (its publish may
     // have failed), is not counted again but re-emits its export-state message and the
     // run's all-received message (at-least-once: a lost publish is repaired).
-    env.send_with(&unnamed, as_retried().with_message_id("m-2".into()))
-        .await;
+    env.send_retried(
+        &unnamed,
+        BasicProperties::default().with_message_id("m-2".into()),
+    )
+    .await;
     let r = json_of(&next(&mut env.out).await);
     assert_eq!(r["files_received"], 3);
     assert_eq!(json_of(&next(&mut env.export).await)["topic_name"], "db.d");
@@ -841,7 +855,7 @@ on_both!(
 async fn a_file_sent_again_in_another_message_sends_nothing_again(b: Backend) {
     let mut env = start(b, &[]).await;
     let c = "corr-copy";
-    let retried_as = |id: &str| as_retried().with_message_id(id.into());
+    let retried_as = |id: &str| BasicProperties::default().with_message_id(id.into());
     env.process(&msg(c, "db.a", json!({"files_exported": 1})))
         .await;
     env.send_with(
@@ -853,12 +867,12 @@ async fn a_file_sent_again_in_another_message_sends_nothing_again(b: Backend) {
     assert_eq!(json_of(&next(&mut env.export).await)["topic_name"], "db.a");
     env.received_once(c).await;
     // The sender's second copy of f1, retried: no second export-state message.
-    env.send_with(&file(c, "db.a", "f1"), retried_as("m2"))
+    env.send_retried(&file(c, "db.a", "f1"), retried_as("m2"))
         .await;
     next(&mut env.out).await;
     env.no_more().await;
     // The first copy comes back: it did complete db.a, so it sends again.
-    env.send_with(&file(c, "db.a", "f1"), retried_as("m1"))
+    env.send_retried(&file(c, "db.a", "f1"), retried_as("m1"))
         .await;
     next(&mut env.out).await;
     assert_eq!(json_of(&next(&mut env.export).await)["topic_name"], "db.a");
@@ -873,20 +887,13 @@ async fn a_file_sent_again_in_another_message_sends_nothing_again(b: Backend) {
     next(&mut env.out).await;
     env.monitoring.next().await;
     // Its second copy, retried: no second Slack alert; the first, retried: sent again.
-    env.send_with(&success, retried_as("s2")).await;
+    env.send_retried(&success, retried_as("s2")).await;
     next(&mut env.out).await;
     env.no_more().await;
-    env.send_with(&success, retried_as("s1")).await;
+    env.send_retried(&success, retried_as("s1")).await;
     next(&mut env.out).await;
     env.monitoring.next().await;
     env.finish().await;
-}
-
-/// As the retry tiers send a message back: `x-retry-count` 1.
-fn as_retried() -> BasicProperties {
-    let mut h = framework::lapin::types::FieldTable::default();
-    framework::headers::set_int(&mut h, "x-retry-count", 1);
-    BasicProperties::default().with_headers(h)
 }
 
 /// Only the message that made a change re-sends its message when it comes back (its
@@ -912,8 +919,11 @@ async fn a_retried_message_that_changed_nothing_sends_nothing_again(b: Backend) 
     assert_eq!(again["counted"], false);
     env.no_more().await;
     // The sender's count for db.a, retried once (a database blip): changes nothing.
-    env.send_with(&msg(c, "db.a", json!({"files_sent": 1})), as_retried())
-        .await;
+    env.send_retried(
+        &msg(c, "db.a", json!({"files_sent": 1})),
+        BasicProperties::default(),
+    )
+    .await;
     next(&mut env.out).await;
     env.no_more().await;
     // db.a's success file, then db.b's completes the product: one monitoring message.
@@ -925,24 +935,25 @@ async fn a_retried_message_that_changed_nothing_sends_nothing_again(b: Backend) 
     assert_eq!(r["product_status"], "COMPLETED");
     env.monitoring.next().await;
     // db.a's success file comes back: db.b's completed the product, not it.
-    env.send_with(
+    env.send_retried(
         &msg(c, "db.a", json!({"is_success_file": "true"})),
-        as_retried(),
+        BasicProperties::default(),
     )
     .await;
     next(&mut env.out).await;
     env.no_more().await;
     // db.b's does: its monitoring message may have been lost, so it is sent again.
-    env.send_with(
+    env.send_retried(
         &msg(c, "db.b", json!({"is_success_file": "true"})),
-        as_retried(),
+        BasicProperties::default(),
     )
     .await;
     next(&mut env.out).await;
     env.monitoring.next().await;
     // The file that completed db.a comes back once db.a is Success: the sender had its
     // export-state message (it sent the success file), so none is sent again.
-    env.send_with(&file(c, "db.a", "f1"), as_retried()).await;
+    env.send_retried(&file(c, "db.a", "f1"), BasicProperties::default())
+        .await;
     next(&mut env.out).await;
     env.no_more().await;
     env.finish().await;

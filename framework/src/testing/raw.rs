@@ -99,7 +99,11 @@ async fn publish_unbounded(url: &str, msg: &RawMessage) {
     h.extend_from_slice(&(msg.body.len() as u64).to_be_bytes());
     // Properties present: headers (bit 13) if any, delivery-mode (bit 12), message-id
     // (bit 7), in that order.
-    let with_headers = if msg.headers.is_empty() { 0 } else { 1u16 << 13 };
+    let with_headers = if msg.headers.is_empty() {
+        0
+    } else {
+        1u16 << 13
+    };
     h.extend_from_slice(&(with_headers | (1u16 << 12) | (1u16 << 7)).to_be_bytes());
     if !msg.headers.is_empty() {
         long(&mut h, &msg.headers);
