@@ -49,9 +49,10 @@ fn env_of(svc: &serde_norway::Value) -> HashMap<String, String> {
 }
 
 /// Loads one service's config from a compose environment.
-type Loader = fn(&HashMap<String, String>) -> Result<(), String>;
+type Loader = fn(&HashMap<String, String>) -> Result<String, String>;
 
-fn check<S: Service>(env: &HashMap<String, String>) -> Result<(), String> {
+/// Loads `S`'s config as `env` sets it; its `http_listen`.
+fn check<S: Service>(env: &HashMap<String, String>) -> Result<String, String> {
     // Online roots are mounts inside the container: a configured root must exist, so on
     // this host each is checked as a directory that does.
     let host_root = std::env::temp_dir();
@@ -70,7 +71,7 @@ fn check<S: Service>(env: &HashMap<String, String>) -> Result<(), String> {
         overrides: vec![],
     };
     framework::cli::load_config::<S>(&opts)
-        .map(|_| ())
+        .map(|c| c.service.http_listen)
         .map_err(|e| e.to_string())
 }
 
@@ -175,6 +176,20 @@ fn compose_file_is_valid_and_matches_the_config_keys() {
         }
         load(&env)
             .unwrap_or_else(|e| panic!("{name}: compose environment is not a valid config: {e}"));
+        // Without compose's `http_listen` override (APP_ENV=prod is the image's own, as a
+        // Kubernetes deployment starts it): metrics and probes must be reachable from
+        // outside the container.
+        let data = tempfile::tempdir().unwrap();
+        let mut bare = env.clone();
+        bare.retain(|k, _| !k.ends_with("__HTTP_LISTEN"));
+        bare.insert("APP_ENV".into(), "prod".into());
+        bare.insert(
+            "STORAGETIER__STORAGE__DATA_DIR".into(),
+            data.path().display().to_string(),
+        );
+        let listen =
+            load(&bare).unwrap_or_else(|e| panic!("{name}: prod is not a valid config: {e}"));
+        assert_eq!(listen, format!("0.0.0.0:{port}"), "{name} under --env prod");
     }
     let dockerfile = std::fs::read_to_string(repo().join("Dockerfile")).unwrap();
     assert!(
