@@ -404,8 +404,10 @@ fn check_no_loop<S: Service>(cfg: &Config<S::Settings>) -> Result<(), ConfigErro
 /// thread, which parses every frame it reads recursively, at 16-20 KiB a level: a
 /// producer's message with a header nested 26,000 deep (what fits in a 128 KiB frame)
 /// overflowed the default 2 MiB (and 256 MiB) and aborted the process, and again on every
-/// redelivery, in every instance. Address space only: what a thread does not use is never
-/// touched.
+/// redelivery, in every instance. The vendored parser now reads what lies deeper than 64
+/// levels as bytes (vendor/README.md), which bounds it for an embedding application too;
+/// the reserve stays for whatever else recurses on such threads. Address space only: what
+/// a thread does not use is never touched.
 const THREAD_STACK: usize = 1 << 30;
 
 /// Stack of the async runtime's threads, which clone, measure and drop a message's headers

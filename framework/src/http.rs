@@ -55,6 +55,7 @@ pub async fn serve(
             get(move || {
                 let h = handle.clone();
                 async move {
+                    telemetry::count_dropped_log_lines();
                     h.run_upkeep();
                     ([("content-type", "text/plain; version=0.0.4")], h.render())
                 }

@@ -119,6 +119,20 @@ pub fn metrics_handle() -> PrometheusHandle {
 /// Log lines waiting for stderr at most; more are dropped while it does not take them.
 const LOG_BUFFER_LINES: usize = 16_384;
 
+/// Log lines dropped because stderr did not take them ([`LOG_BUFFER_LINES`] waiting).
+pub const LOG_LINES_DROPPED_TOTAL: &str = "storagetier_log_lines_dropped_total";
+
+/// The log writer's count of dropped lines, read into [`LOG_LINES_DROPPED_TOTAL`] at each
+/// scrape.
+static LOG_DROPPED: std::sync::OnceLock<tracing_appender::non_blocking::ErrorCounter> =
+    std::sync::OnceLock::new();
+
+/// Brings [`LOG_LINES_DROPPED_TOTAL`] up to the log writer's count (0 before any logging).
+pub fn count_dropped_log_lines() {
+    let dropped = LOG_DROPPED.get().map_or(0, |c| c.dropped_lines());
+    metrics::counter!(LOG_LINES_DROPPED_TOTAL).absolute(dropped as u64);
+}
+
 /// The thread writing log lines, until [`flush_logs`].
 static LOG_WRITER: std::sync::Mutex<Option<tracing_appender::non_blocking::WorkerGuard>> =
     std::sync::Mutex::new(None);
@@ -189,6 +203,9 @@ pub fn init_logging(cfg: &LogConfig) {
         .buffered_lines_limit(LOG_BUFFER_LINES)
         .thread_name("log-writer")
         .finish(std::io::stderr());
+    // Dropped lines are counted where on-call looks (a collector falling behind in an
+    // outage loses exactly the lines they need, and nothing else said so).
+    let dropped = writer.error_counter();
     // A log line that cannot be written (stderr closed: a log collector gone, `| head`) is
     // lost, and the service goes on: tracing-subscriber would report it with `eprint!`,
     // which panics on that same closed stderr and stopped the service (exit 101).
@@ -210,6 +227,7 @@ pub fn init_logging(cfg: &LogConfig) {
     };
     if result.is_ok() {
         *LOG_WRITER.lock().unwrap_or_else(|p| p.into_inner()) = Some(guard);
+        let _ = LOG_DROPPED.set(dropped);
         let _ = LOG_FORMAT.set(cfg.format);
         // A panic (a processor's, caught and dead-lettered, or one that ends the process)
         // is a log event like any other: in the message's span, its text escaped; the

@@ -1225,7 +1225,7 @@ async fn a_header_nested_deeper_than_any_stack_does_not_kill_the_service() {
 /// A log reader that stops reading (a collector behind, Docker's blocking log delivery)
 /// leaves stderr a full pipe: the runtime's threads blocked writing to it, and with them
 /// every message, the health endpoints and the stop on SIGTERM. Lines that do not fit are
-/// dropped now, and the service goes on.
+/// dropped now, counted in `storagetier_log_lines_dropped_total`, and the service goes on.
 #[tokio::test]
 async fn a_full_log_pipe_does_not_stop_the_service() {
     let Declared {
@@ -1236,9 +1236,16 @@ async fn a_full_log_pipe_does_not_stop_the_service() {
         _conn,
         _gone,
     } = declared("fullpipe").await;
+    let http = framework::testing::broker::free_port();
     let mut child = process::spawn(
         echo_cmd(&q, dir.path())
-            .env("STORAGETIER__LOG__LEVEL", "debug")
+            // Trace: the client's lines for every frame, many times the buffer's 16,384
+            // lines over the run.
+            .env("STORAGETIER__LOG__LEVEL", "trace")
+            .env(
+                "STORAGETIER__ECHO__HTTP_LISTEN",
+                format!("127.0.0.1:{http}"),
+            )
             .arg("run")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -1262,6 +1269,17 @@ async fn a_full_log_pipe_does_not_stop_the_service() {
     for _ in 0..n {
         next(&mut out).await;
     }
+    let metrics = reqwest::get(format!("http://127.0.0.1:{http}/metrics"))
+        .await
+        .expect("/metrics answers")
+        .text()
+        .await
+        .unwrap_or_default();
+    let dropped = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("storagetier_log_lines_dropped_total "))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    assert!(dropped.is_some_and(|n| n > 0), "{dropped:?} in:\n{metrics}");
     assert_eq!(child.terminate(WAIT).and_then(|s| s.code()), Some(0));
 }
 

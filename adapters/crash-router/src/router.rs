@@ -156,7 +156,9 @@ impl MessageProcessor for CrashRouter {
                 }
                 Record::Junk(why) => {
                     counts.junk += 1;
-                    tracing::info!(record = i, reason = %LogText(why), "junk record, skipped");
+                    // Debug, as every per-record line: the counters say how many, and at
+                    // Socorro's volume a line each would crowd out the log.
+                    tracing::debug!(record = i, reason = %LogText(why), "junk record, skipped");
                 }
                 Record::Ignored(why) => {
                     counts.ignored += 1;
@@ -204,7 +206,7 @@ impl MessageProcessor for CrashRouter {
                 } else {
                     sent.mark_done(routing.as_str());
                     sent.mark_done(at);
-                    tracing::info!(crash_id = %id, queue = %q.name, "crash id published");
+                    tracing::debug!(crash_id = %id, queue = %q.name, "crash id published");
                 }
                 deliveries
                     .entry(q.name.clone())
