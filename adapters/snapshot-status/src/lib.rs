@@ -478,16 +478,22 @@ impl StatusProcessor {
 /// bridge in a new message, counts once; two files of identical content count twice); else
 /// the message id and record number when the producer set an id; otherwise a hash of the
 /// record's content, so a redelivery (same bytes) counts once. Two unnamed, id-less files
-/// with identical content cannot be told apart and count once too: undercounting stalls a
+/// with identical content in separate messages cannot be told apart and count once too: undercounting stalls a
 /// collection visibly, while counting a redelivery twice would send the export-state
 /// message before every file arrived. A record dead-lettered from a batch and replayed
 /// keeps its batch's message id and its own record number: the number it had in the
 /// batch, not 1.
+///
+/// `twin` is how many earlier records of the same envelope have this record's bytes: the
+/// seed's producer sends unnamed files as records of one envelope ("as many records as you
+/// like"), and two of them alike are two files (the envelope delivered again has the same
+/// twins, so it still counts once); the first of them keeps the plain content key.
 fn dedupe_key(
     ctx: &MessageContext,
     record: &str,
     sqs_message_id: Option<&str>,
     content: &[u8],
+    twin: usize,
 ) -> String {
     match (sqs_message_id, &ctx.message_id) {
         // With the record's content: one SQS message delivered again is the same key, two
@@ -502,7 +508,12 @@ fn dedupe_key(
             )
         }
         (None, Some(id)) => format!("message:{id}#{record}"),
-        (None, None) => format!("content:{}", hex::encode(Sha256::digest(content))),
+        (None, None) if twin == 0 => format!("content:{}", hex::encode(Sha256::digest(content))),
+        (None, None) => format!(
+            "content:{}~{}",
+            hex::encode(Sha256::digest(content)),
+            twin + 1
+        ),
     }
 }
 
@@ -540,6 +551,7 @@ impl MessageProcessor for StatusProcessor {
                             &ctx.batch_part().unwrap_or_else(|| "1".into()),
                             None,
                             &content,
+                            0,
                         ),
                         retried,
                     )
@@ -571,7 +583,19 @@ impl MessageProcessor for StatusProcessor {
                 let mut reports = Vec::new();
                 let mut too_early = Vec::new();
                 let records_total = records.len();
-                for (i, r) in records.into_iter().enumerate() {
+                let twins: Vec<usize> = {
+                    let mut seen: std::collections::HashMap<&[u8], usize> =
+                        std::collections::HashMap::new();
+                    records
+                        .iter()
+                        .map(|r| {
+                            let n = seen.entry(r.raw.as_slice()).or_default();
+                            *n += 1;
+                            *n - 1
+                        })
+                        .collect()
+                };
+                for ((i, r), twin) in records.into_iter().enumerate().zip(twins) {
                     let n = i + 1;
                     // Stopping (or near the consumer timeout) with messages published or
                     // records dead-lettered: the rest go with a retry carrying them, not
@@ -595,6 +619,7 @@ impl MessageProcessor for StatusProcessor {
                                     &n.to_string(),
                                     r.sqs_message_id.as_deref(),
                                     &r.raw,
+                                    twin,
                                 ),
                                 retried,
                             )
@@ -799,18 +824,22 @@ mod tests {
         let mut ctx = MessageContext::for_test("snapshot-sender", "snapshot.status.x", 0);
         let content = br#"{"collection_name":"db.c","correlation_id":"r"}"#;
         assert_eq!(
-            dedupe_key(&ctx, "1", Some("sqs-1"), content),
+            dedupe_key(&ctx, "1", Some("sqs-1"), content, 0),
             "sqs:sqs-1:2d56c8f4814d2f21c943440d0afb8605376aa9bce46e05fcd0fe72ee41c6e863"
         );
         assert_eq!(
-            dedupe_key(&ctx, "1", None, content),
+            dedupe_key(&ctx, "1", None, content, 0),
             "content:2d56c8f4814d2f21c943440d0afb8605376aa9bce46e05fcd0fe72ee41c6e863"
         );
+        assert_eq!(
+            dedupe_key(&ctx, "2", None, content, 1),
+            "content:2d56c8f4814d2f21c943440d0afb8605376aa9bce46e05fcd0fe72ee41c6e863~2"
+        );
         ctx.message_id = Some("m-1".into());
-        assert_eq!(dedupe_key(&ctx, "3", None, content), "message:m-1#3");
+        assert_eq!(dedupe_key(&ctx, "3", None, content, 0), "message:m-1#3");
         ctx.message_id = Some("m\u{0}".into());
         assert_eq!(
-            dedupe_key(&ctx, "3", None, content),
+            dedupe_key(&ctx, "3", None, content, 0),
             "message-sha256:187355b101e4d1f66c7948f93d109b63e1e0e5ec14eba8043e6428aff3a3e4ca#3"
         );
     }

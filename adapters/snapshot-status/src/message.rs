@@ -92,8 +92,17 @@ pub enum Input {
 
 fn optional(o: &Map<String, Value>, f: &str, default: &str) -> Result<String, FieldError> {
     match o.get(f) {
-        None | Some(Value::Null) => Ok(default.to_string()),
         Some(Value::String(s)) if s.is_empty() => Ok(default.to_string()),
+        _ => passed_on(o, f, default),
+    }
+}
+
+/// A field passed on to the export-state message: its default only when it is not there
+/// (the seed: "defaults to true if not present"); an empty one is passed on empty, as the
+/// original did, rather than turned into "true" (the sender would then shut down).
+fn passed_on(o: &Map<String, Value>, f: &str, default: &str) -> Result<String, FieldError> {
+    match o.get(f) {
+        None | Some(Value::Null) => Ok(default.to_string()),
         Some(Value::String(s)) => no_nul(f, s).map(|()| s.clone()),
         // As the required fields: a boolean or a number is taken as its text (`1` is
         // passed on as "1", as the original passed whatever it was given).
@@ -145,8 +154,8 @@ pub fn parse_status(v: &Value) -> Result<StatusMessage, InvalidMessage> {
         collection_name: non_empty_text(o, "collection_name")?,
         snapshot_type: non_empty_text(o, "snapshot_type")?,
         export_date: non_empty_text(o, "export_date")?,
-        shutdown_flag: optional(o, "shutdown_flag", "true")?,
-        reprocess_files: optional(o, "reprocess_files", "true")?,
+        shutdown_flag: passed_on(o, "shutdown_flag", "true")?,
+        reprocess_files: passed_on(o, "reprocess_files", "true")?,
         is_success_file: optional(o, "is_success_file", "false")?.eq_ignore_ascii_case("true"),
         filename: filename(o)?,
         files_exported: count(o, "files_exported")?,
@@ -242,6 +251,25 @@ mod tests {
         assert!(!m.is_success_file);
         assert_eq!(m.filename, FILENAME_NOT_SET);
         assert_eq!(m.kind(), Kind::File);
+        let mut b = base();
+        b["shutdown_flag"] = Value::Null;
+        assert_eq!(
+            parse_status(&b).unwrap().shutdown_flag,
+            "true",
+            "null: not given"
+        );
+    }
+
+    /// The seed defaults the flags only when they are not present: an empty one is passed
+    /// on empty (turned into "true", the sender shut down where the original's did not).
+    #[test]
+    fn empty_flags_are_passed_on_empty() {
+        let mut b = base();
+        b["shutdown_flag"] = json!("");
+        b["reprocess_files"] = json!("");
+        let m = parse_status(&b).unwrap();
+        assert_eq!(m.shutdown_flag, "");
+        assert_eq!(m.reprocess_files, "");
     }
 
     /// The flags, like the required fields, take a boolean or a number as its text (a

@@ -1269,6 +1269,23 @@ async fn an_unnamed_file_without_message_id_counts_once_when_redelivered() {
     // The same body inside a Records envelope is the same content too.
     let r = env.process(&json!({"Records": [{"body": unnamed}]})).await;
     assert_eq!(r["records"][0]["counted"], false);
+    // Two alike in one envelope (the seed's producer: unnamed files as records of one
+    // message) are two files; the envelope delivered again counts none more.
+    env.process(&msg(c, "db.x", json!({"files_exported": 2})))
+        .await;
+    let twins = json!({"Records": [
+        {"body": msg(c, "db.x", json!({}))},
+        {"body": msg(c, "db.x", json!({}))},
+    ]});
+    let r = env.process(&twins).await;
+    assert_eq!(r["records"][0]["counted"], true, "{r}");
+    assert_eq!(r["records"][1]["counted"], true, "{r}");
+    assert_eq!(r["records"][1]["status"], "Received", "{r}");
+    assert_eq!(json_of(&next(&mut env.export).await)["topic_name"], "db.x");
+    let r = env.process(&twins).await;
+    assert_eq!(r["records"][0]["counted"], false, "{r}");
+    assert_eq!(r["records"][1]["counted"], false, "{r}");
+    assert_eq!(r["records"][1]["files_received"], 2, "{r}");
     env.no_more().await;
     env.finish().await;
 }
