@@ -287,6 +287,9 @@ fn watch_file(url: &str, pools: Vec<AnyPool>) {
     });
 }
 
+/// How often a migration still running is logged.
+const MIGRATION_NOTICE: Duration = Duration::from_secs(30);
+
 /// Runs `migrator` on a connection of its own. On PostgreSQL it waits as long as it takes
 /// for the migration lock (another replica migrating: a table rebuilt can take longer than
 /// [`LOCK_TIMEOUT`]), and the connection is closed after, not handed back with no limit.
@@ -304,7 +307,25 @@ async fn migrate(pool: &AnyPool, migrator: &Migrator, postgres: bool) -> Result<
     // again finds it applied: a few looks outlast another instance's migrations.
     let mut tries = 0;
     loop {
-        match forward_compatible(migrator).run_direct(&mut *conn).await {
+        let compatible = forward_compatible(migrator);
+        let run = compatible.run_direct(&mut *conn);
+        tokio::pin!(run);
+        // A wait for another replica's migration lock says so, every half minute: the
+        // replica shows only `storagetier_starting` 1 meanwhile.
+        let mut said = tokio::time::interval_at(
+            tokio::time::Instant::now() + MIGRATION_NOTICE,
+            MIGRATION_NOTICE,
+        );
+        let outcome = loop {
+            tokio::select! {
+                r = &mut run => break r,
+                _ = said.tick() => tracing::warn!(
+                    "still migrating the database: another replica's migration may hold the \
+                     lock (a long one during an upgrade); waiting"
+                ),
+            }
+        };
+        match outcome {
             Err(e) if !postgres && tries < 20 && raced(&e) => {
                 tries += 1;
                 tracing::info!(error = %e, "a migration failed as if another instance applied it first: looking again");

@@ -855,6 +855,8 @@ pub async fn run_service<S: Service>(
     // Not connected yet, and said so (the NotConnected alert reads it): a series first set
     // once the processor is built was missing while the database was awaited.
     metrics::gauge!(crate::telemetry::CONNECTED).set(0.0);
+    // ... and why: still being built (a database, a migration lock), not a broker down.
+    metrics::gauge!(crate::telemetry::STARTING).set(1.0);
     // A stop while the processor is built (its database still refusing connections, or
     // another replica's migration holding the lock) is a stop, exit 0 at once: it waited
     // for the build, then exited 1.
@@ -941,6 +943,8 @@ async fn run_with<P: MessageProcessor, T>(
     http: Http,
     shutdown: CancellationToken,
 ) -> Result<Running, Failure> {
+    // Built: from here a 0 connected is the broker's doing (served by every runtime).
+    metrics::gauge!(crate::telemetry::STARTING).set(0.0);
     let runtime = Runtime::with_status(name, cfg, pc, status.clone());
     let http_addr = http.addr;
     tracing::info!(service = name, http = %http_addr, "started");

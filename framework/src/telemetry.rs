@@ -19,6 +19,10 @@ pub const HANDLER_SECONDS: &str = "storagetier_handler_seconds";
 pub const IN_FLIGHT: &str = "storagetier_in_flight";
 /// 1 while connected to the broker and consuming.
 pub const CONNECTED: &str = "storagetier_connected";
+/// 1 while the service is still being built (its database opened and migrated, another
+/// replica's migration awaited), before it connects to the broker; then 0. Lets the
+/// not-connected alert tell a database wait from a broker that cannot be reached.
+pub const STARTING: &str = "storagetier_starting";
 /// 1 while the broker blocks the service's connection (a memory or disk alarm): outcomes
 /// wait for it to clear, so the service stalls while `connected` stays 1. Labelled `queue`.
 pub const CONNECTION_BLOCKED: &str = "storagetier_connection_blocked";
