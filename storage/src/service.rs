@@ -168,7 +168,9 @@ impl TierProcessor {
                 format!("{section}.database_url"),
                 format!(
                     "{} holds {other}'s records: each tier needs a database of its own (their \
-                     multipart uploads and claims would mix)",
+                     multipart uploads and claims would mix); give this one a new, empty \
+                     database: it finds the copies already in its store again as files come \
+                     (same size and checksum: recorded, not uploaded again)",
                     db::redact_url(&url)
                 ),
             )));
