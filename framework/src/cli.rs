@@ -558,15 +558,41 @@ async fn execute<S: Service>(cmd: Command, cfg: Config<S::Settings>) -> Result<(
                     crate::connection::refusal_hint(&e)
                 ))
             })?;
+            let limit = cfg.amqp.operation_timeout();
+            if !matches!(command, DlqCommand::Purge { .. })
+                && let Ok(Ok(true)) =
+                    tokio::time::timeout(limit, topo.dlq_delivery_limit_kept(&conn)).await
+            {
+                tracing::warn!(queue = %topo.dlq(),
+                    "this DLQ was declared by an earlier release with RabbitMQ's default delivery \
+                     limit: on RabbitMQ 4.x every look at a dead letter (dlq list, replay \
+                     --dry-run, a filtered replay) counts as a delivery, and one looked at 20 \
+                     times is dropped. Lift the limit with a policy (rabbitmqctl set_policy \
+                     --apply-to quorum_queues dlq-unlimited '^{}$' '{{\"delivery-limit\":-1}}'), \
+                     or move the dead letters away and delete the queue for the service to \
+                     declare it again",
+                    regex_escape(&topo.dlq()));
+            }
             let r = match dlq::exclusive(&conn, &topo).await {
                 Ok(()) => dlq_command(&conn, &topo, command).await,
                 Err(e) => Err(failed(e.to_string())),
             };
-            let limit = cfg.amqp.operation_timeout();
             let _ = bounded(limit, "connection.close", conn.close(200, "done".into())).await;
             r
         }
     }
+}
+
+/// `name` as a regular expression matching only itself (a policy's pattern).
+fn regex_escape(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for c in name.chars() {
+        if "\\.+*?()|[]{}^$".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// The `dlq` arguments clap cannot check on its own.

@@ -558,6 +558,54 @@ impl Topology {
         self.declare_owned(conn, true).await
     }
 
+    /// Whether `Q-dlq` (a quorum queue) exists with a delivery limit other than this
+    /// release's unlimited one: declared by an earlier release, and kept as it is by
+    /// [`Self::declare`]. On RabbitMQ 4.x such a queue drops a dead letter handed back 20
+    /// times, and every look (`dlq list`, a dry run, a filtered replay) hands back what it
+    /// saw. Nothing is changed: each check declares the queue as it is, argument by
+    /// argument, on a channel of its own.
+    pub async fn dlq_delivery_limit_kept(&self, conn: &Connection) -> Result<bool, lapin::Error> {
+        let name = self.dlq();
+        let Some(spec) = self.queues().into_iter().find(|q| q.name == name) else {
+            return Ok(false);
+        };
+        if self.queue_type != QueueType::Quorum || !queue_exists(conn, &name).await? {
+            return Ok(false);
+        }
+        let mut args = spec.arguments;
+        for _ in 0..=TOLERATED_ARGUMENTS.len() {
+            let ch = conn.create_channel().await?;
+            let declared = ch
+                .queue_declare(
+                    name.as_str().into(),
+                    QueueDeclareOptions {
+                        durable: true,
+                        ..Default::default()
+                    },
+                    args.clone(),
+                )
+                .await;
+            match declared {
+                Ok(_) => {
+                    let _ = ch.close(200, "checked".into()).await;
+                    return Ok(false);
+                }
+                Err(e) => match tolerated_difference(&e) {
+                    Some((DELIVERY_LIMIT, _)) => return Ok(true),
+                    Some((key, current)) => {
+                        args = crate::headers::without(&args, &[key]);
+                        if let Some(v) = current {
+                            args.insert(key.into(), v);
+                        }
+                    }
+                    // Another difference: the command's own calls say what is wrong.
+                    None => return Ok(false),
+                },
+            }
+        }
+        Ok(false)
+    }
+
     /// [`Self::declare`] for the `declare` command, which must declare (and so check the
     /// arguments of) every object or fail: a user who may not gets the refusal.
     pub async fn declare_all(&self, conn: &Connection) -> Result<(), DeclareError> {

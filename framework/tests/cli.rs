@@ -661,6 +661,10 @@ async fn declare_creates_the_topology_and_definitions_describe_it() {
         run(echo_cmd(&q, dir.path()).arg("declare")).status.code(),
         Some(0)
     );
+    // This release's DLQ takes any number of looks: no warning.
+    let o = run(echo_cmd(&q, dir.path()).args(["dlq", "list"]));
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("delivery-limit"), "{}", stderr(&o));
     // Another delivery limit (a queue declared by an earlier release or config) is used as
     // it is, with a warning: the remedy of a conflict, deleting the queue, would throw
     // away its messages.
@@ -716,6 +720,17 @@ async fn declare_creates_the_topology_and_definitions_describe_it() {
         });
         assert!(warned, "{name}: {}", stderr(&o));
     }
+    // Looking at an earlier release's DLQ warns that each look counts on RabbitMQ 4.x,
+    // naming the policy that lifts the limit.
+    let o = run(echo_cmd(&q, dir.path()).args(["dlq", "list"]));
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("looked at 20 times")
+            && stderr(&o).contains(&format!("'^{q}-dlq$'"))
+            && stderr(&o).contains("delivery-limit"),
+        "{}",
+        stderr(&o)
+    );
     // A conflicting queue type is a clear failure, exit 1.
     let o = run(echo_cmd(&q, dir.path())
         .env("STORAGETIER__AMQP__QUEUE_TYPE", "classic")
