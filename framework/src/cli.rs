@@ -563,14 +563,23 @@ async fn execute<S: Service>(cmd: Command, cfg: Config<S::Settings>) -> Result<(
                 && let Ok(Ok(true)) =
                     tokio::time::timeout(limit, topo.dlq_delivery_limit_kept(&conn)).await
             {
+                let vhost = cfg
+                    .amqp
+                    .endpoints()
+                    .first()
+                    .map_or_else(|| "/".to_string(), |u| u.vhost());
                 tracing::warn!(queue = %topo.dlq(),
                     "this DLQ was declared by an earlier release with RabbitMQ's default delivery \
-                     limit: on RabbitMQ 4.x every look at a dead letter (dlq list, replay \
-                     --dry-run, a filtered replay) counts as a delivery, and one looked at 20 \
-                     times is dropped. Lift the limit with a policy (rabbitmqctl set_policy \
-                     --apply-to quorum_queues dlq-unlimited '^{}$' '{{\"delivery-limit\":-1}}'), \
-                     or move the dead letters away and delete the queue for the service to \
-                     declare it again",
+                     limit: on RabbitMQ 4.x, unless a policy already lifts it (AMQP cannot see \
+                     policies), every look at a dead letter (dlq list, replay --dry-run, a \
+                     filtered replay) counts as a delivery, and one looked at 20 times is \
+                     dropped. Lift it with a policy of its own (rabbitmqctl set_policy -p '{}' \
+                     --apply-to quorum_queues --priority 10 '{}-unlimited' '^{}$' \
+                     '{{\"delivery-limit\":-1}}'; only one policy applies to a queue, so add \
+                     any other one's keys to it), or move the dead letters away and delete the \
+                     queue for the service to declare it again",
+                    vhost,
+                    topo.dlq(),
                     regex_escape(&topo.dlq()));
             }
             let r = match dlq::exclusive(&conn, &topo).await {

@@ -356,6 +356,75 @@ async fn a_replay_strips_every_error_and_retry_header() {
     );
 }
 
+/// A dead letter the broker made (its delivery limit) of a producer's delivery keeps the
+/// producer's own `x-original-*`, which the service never read (it came through the
+/// producer's exchange): listed and replayed with the origin the broker records, not a
+/// forged one that the replay, arriving through the default exchange, would have made the
+/// processor believe.
+#[tokio::test]
+async fn a_brokers_dead_letter_of_a_producers_message_keeps_its_real_origin() {
+    use framework::headers as h;
+    use framework::lapin::types::{AMQPValue, FieldArray, FieldTable};
+    let mut hs = Harness::start("realorigin", &[], failing()).await;
+    hs.stop().await;
+    let mut hdr = FieldTable::default();
+    h::set_str(&mut hdr, h::ORIGINAL_EXCHANGE, "forged");
+    h::set_str(&mut hdr, h::ORIGINAL_ROUTING_KEY, "forged.key");
+    let mut death = FieldTable::default();
+    for (k, v) in [
+        ("reason", "delivery_limit"),
+        ("queue", hs.q.as_str()),
+        ("exchange", hs.input_exchange.as_str()),
+    ] {
+        h::set_str(&mut death, k, v);
+    }
+    death.insert(
+        "routing-keys".into(),
+        AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::LongString(
+            "test.real".into(),
+        )])),
+    );
+    hdr.insert(
+        "x-death".into(),
+        AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(death)])),
+    );
+    // As the broker dead-letters it: through `Q-fail`, with its own routing key.
+    publish(
+        &hs.ch,
+        &format!("{}-fail", hs.q),
+        "test.real",
+        b"{}",
+        BasicProperties::default()
+            .with_message_id("origin-1".into())
+            .with_headers(hdr),
+    )
+    .await;
+    let dlq_name = format!("{}-dlq", hs.q);
+    await_ready_count(&hs.ch, &dlq_name, 1).await;
+    let moved = dlq::replay_filtered(&hs.conn, &hs.topology(), &Filter::default(), false)
+        .await
+        .expect("replayed");
+    assert_eq!(moved.len(), 1);
+    assert_eq!(moved[0].original_exchange, hs.input_exchange);
+    assert_eq!(moved[0].original_routing_key, "test.real");
+    await_ready_count(&hs.ch, &hs.q, 1).await;
+    let got = hs
+        .ch
+        .basic_get(hs.q.as_str().into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .expect("the replay is in Q")
+        .delivery;
+    assert_eq!(
+        header(&got, h::ORIGINAL_EXCHANGE),
+        Some(hs.input_exchange.clone())
+    );
+    assert_eq!(
+        header(&got, h::ORIGINAL_ROUTING_KEY).as_deref(),
+        Some("test.real")
+    );
+}
+
 /// A dry run holds every dead letter it looks at (it removes none), so the hold limit
 /// counts from its first look, matched or not, and a dry run stopped by it says it
 /// replayed nothing and cannot look further — not "run the same command again to go on",

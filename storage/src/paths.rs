@@ -15,6 +15,13 @@ pub enum PathError {
     /// The path resolves (after `..` and symlinks) outside every online root.
     #[error("path `{0}` is outside the online roots")]
     OutsideRoots(String),
+    /// Inside the roots as written, but climbing with `..`: the kernel resolves `..`
+    /// after a symlinked directory where the link leads, not where the text says.
+    #[error(
+        "path `{0}` climbs with `..`: refused (after a symlinked directory `..` leads where \
+         the link goes, not where the path reads); send the path without it"
+    )]
+    ParentDir(String),
     /// Nothing there.
     #[error("file `{0}` does not exist")]
     NotFound(String),
@@ -187,6 +194,14 @@ pub fn resolve(roots: &[Root], filepath: &str, filename: &str) -> Result<Resolve
     // target does not exist, so existence outside the roots is never revealed.
     if candidates.is_empty() {
         return Err(PathError::OutsideRoots(shown));
+    }
+    // Inside as written: `a/..` read as "here" would copy another file than the kernel
+    // names when `a` is a link (`a` → `x/y`: `a/..` is `x`), and record it under this name.
+    if Path::new(filepath)
+        .components()
+        .any(|c| c == Component::ParentDir)
+    {
+        return Err(PathError::ParentDir(shown));
     }
     let mut last_err = PathError::NotFound(shown.clone());
     for c in candidates {
@@ -686,6 +701,26 @@ mod tests {
             resolve(&roots, &up, "etc"),
             Err(PathError::OutsideRoots(_))
         ));
+    }
+
+    /// `a/..` with `a` a link to `x/y` is `x` to the kernel, the root to a lexical
+    /// reading: refused rather than copying the root's `b` under the message's name.
+    #[test]
+    fn a_path_climbing_with_dotdot_inside_the_roots_is_refused() {
+        let base = tempfile::tempdir().unwrap();
+        let root = base.path().join("online");
+        std::fs::create_dir_all(root.join("x/y")).unwrap();
+        std::fs::write(root.join("b"), b"root's b").unwrap();
+        std::fs::write(root.join("x/b"), b"x's b").unwrap();
+        std::os::unix::fs::symlink(root.join("x/y"), root.join("a")).unwrap();
+        let roots = open_roots(std::slice::from_ref(&root), false).unwrap();
+        for dir in ["a/..", &format!("{}/a/..", root.display()), "x/../x"] {
+            assert!(
+                matches!(resolve(&roots, dir, "b"), Err(PathError::ParentDir(_))),
+                "{dir}"
+            );
+        }
+        assert!(!PathError::ParentDir(String::new()).is_transient());
     }
 
     #[test]

@@ -202,19 +202,49 @@ fn describe(props: &lapin::BasicProperties, routing_key: &str, size: usize) -> D
         .or_else(|| h::get_str(&hdr, "x-last-death-reason"))
         .or_else(|| h::get_str(&hdr, "x-first-death-reason"));
     let death_exchange = h::get_str(&hdr, "x-first-death-exchange");
+    // Dead-lettered by the broker (no `x-service`) from a delivery that came through a
+    // producer's exchange, not back through the default one: any `x-original-*` on it are
+    // the producer's, which the service never read; its origin is where the broker says
+    // it was published (a replay would otherwise hand the forged one to the processor).
+    let producers = latest
+        .filter(|_| h::get_str(&hdr, h::SERVICE).is_none())
+        .and_then(|d| Some((h::get_str(d, "exchange")?, d)))
+        .filter(|(exchange, _)| !exchange.is_empty());
+    let (original_exchange, original_routing_key) = match producers {
+        Some((exchange, d)) => (
+            exchange,
+            first_routing_key(d).unwrap_or_else(|| routing_key.to_string()),
+        ),
+        None => (
+            h::get_str(&hdr, h::ORIGINAL_EXCHANGE)
+                .or(death_exchange)
+                .unwrap_or_default(),
+            h::get_str(&hdr, h::ORIGINAL_ROUTING_KEY).unwrap_or_else(|| routing_key.to_string()),
+        ),
+    };
     DeadLetter {
         message_id: props.message_id().as_ref().map(|s| s.to_string()),
         error: h::get_str(&hdr, h::ERROR),
         kind: h::get_str(&hdr, h::ERROR_KIND).or(death_reason),
-        original_exchange: h::get_str(&hdr, h::ORIGINAL_EXCHANGE)
-            .or(death_exchange)
-            .unwrap_or_default(),
-        original_routing_key: h::get_str(&hdr, h::ORIGINAL_ROUTING_KEY)
-            .unwrap_or_else(|| routing_key.to_string()),
+        original_exchange,
+        original_routing_key,
         // Dead-lettered by the broker (its delivery limit), it has no `x-failed-at`: the
         // time of its latest dead-lettering is when it failed.
         failed_at: h::get_str(&hdr, h::FAILED_AT).or_else(|| latest.and_then(death_time)),
         size,
+    }
+}
+
+/// The first of an `x-death` entry's `routing-keys` (those the message was published with).
+fn first_routing_key(death: &lapin::types::FieldTable) -> Option<String> {
+    use lapin::types::AMQPValue;
+    let Some(AMQPValue::FieldArray(keys)) = death.inner().get("routing-keys") else {
+        return None;
+    };
+    match keys.as_slice().first()? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
+        _ => None,
     }
 }
 
