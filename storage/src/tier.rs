@@ -559,69 +559,73 @@ impl TierCopier {
             size,
             state,
         } = *src;
-        let existing = if look_first {
-            copy::object_size(&self.tier, key).await?
-        } else {
-            None
-        };
-        if let Some(existing) = existing {
-            let d = match source {
-                Some(d) => d.clone(),
-                None => source
-                    .insert(copy::hash_open(file, original, alg).await?)
-                    .clone(),
-            };
-            if existing == d.size
-                && copy::hash_object(&self.tier, key, alg).await?.as_ref() == Some(&d)
-            {
-                let facts = match &self.tier.s3 {
-                    Some(s3) => s3.head(key).await.map_err(CopyError::from)?.map(|h| {
-                        crate::records::StoreFacts {
-                            etag: h.etag,
-                            version: h.version,
-                            checksum: h.checksum_sha256,
-                        }
-                    }),
-                    None => None,
-                };
-                let obj = StoredObject {
-                    object_key: key.to_string(),
-                    size: d.size,
-                    checksum: d.checksum.clone(),
-                    store: facts.unwrap_or_default(),
-                };
-                // The file hashed is still the one first looked at (its size and mtime
-                // are recorded with this object).
-                state.confirm(file, original).await?;
-                // Another copy's object, whose directory fsync may still run.
-                copy::make_durable(&self.tier, key).await?;
-                self.record(&obj, original, mtime, msg, claim).await?;
-                return Ok(Claimed::Done(obj, false));
-            }
-            return Ok(Claimed::Occupied(d));
-        }
-
-        // 4. Stream, hashing as we go; then verify (store checksum, read-back, or, on a
-        //    local store, the durable write itself). The claim is renewed
-        //    meanwhile; losing it stops the copy before anything is recorded.
-        let mut attrs = Attributes::new();
-        if self.policy.keep_metadata {
-            let path: String = url::form_urlencoded::byte_serialize(original.as_bytes()).collect();
-            // S3 keeps at most 2 KB of user metadata and refuses the upload beyond it (a
-            // long non-ASCII path triples when encoded): such a path is left out of the
-            // metadata (it is in the record) instead of failing the copy on every retry.
-            if path.len() <= MAX_PATH_METADATA {
-                attrs.insert(Attribute::Metadata("original-path".into()), path.into());
-            } else {
-                tracing::warn!(key = %key, bytes = path.len(), "original path too long for the object's metadata; left out");
-            }
-            attrs.insert(Attribute::Metadata("size".into()), size.to_string().into());
-            attrs.insert(
-                Attribute::Metadata("mtime".into()),
-                mtime.to_string().into(),
-            );
-        }
+        // The look at an object already there (a download and hash of it, minutes for a
+        // large one) runs under the claim's renewal as the copy does: another copy
+        // would otherwise take the key meanwhile and repeat the whole look.
         let work = async {
+            let existing = if look_first {
+                copy::object_size(&self.tier, key).await?
+            } else {
+                None
+            };
+            if let Some(existing) = existing {
+                let d = match source {
+                    Some(d) => d.clone(),
+                    None => source
+                        .insert(copy::hash_open(file, original, alg).await?)
+                        .clone(),
+                };
+                if existing == d.size
+                    && copy::hash_object(&self.tier, key, alg).await?.as_ref() == Some(&d)
+                {
+                    let facts = match &self.tier.s3 {
+                        Some(s3) => s3.head(key).await.map_err(CopyError::from)?.map(|h| {
+                            crate::records::StoreFacts {
+                                etag: h.etag,
+                                version: h.version,
+                                checksum: h.checksum_sha256,
+                            }
+                        }),
+                        None => None,
+                    };
+                    let obj = StoredObject {
+                        object_key: key.to_string(),
+                        size: d.size,
+                        checksum: d.checksum.clone(),
+                        store: facts.unwrap_or_default(),
+                    };
+                    // The file hashed is still the one first looked at (its size and mtime
+                    // are recorded with this object).
+                    state.confirm(file, original).await?;
+                    // Another copy's object, whose directory fsync may still run.
+                    copy::make_durable(&self.tier, key).await?;
+                    self.record(&obj, original, mtime, msg, claim).await?;
+                    return Ok(Claimed::Done(obj, false));
+                }
+                return Ok(Claimed::Occupied(d));
+            }
+
+            // 4. Stream, hashing as we go; then verify (store checksum, read-back, or, on a
+            //    local store, the durable write itself). The claim is renewed
+            //    meanwhile; losing it stops the copy before anything is recorded.
+            let mut attrs = Attributes::new();
+            if self.policy.keep_metadata {
+                let path: String =
+                    url::form_urlencoded::byte_serialize(original.as_bytes()).collect();
+                // S3 keeps at most 2 KB of user metadata and refuses the upload beyond it (a
+                // long non-ASCII path triples when encoded): such a path is left out of the
+                // metadata (it is in the record) instead of failing the copy on every retry.
+                if path.len() <= MAX_PATH_METADATA {
+                    attrs.insert(Attribute::Metadata("original-path".into()), path.into());
+                } else {
+                    tracing::warn!(key = %key, bytes = path.len(), "original path too long for the object's metadata; left out");
+                }
+                attrs.insert(Attribute::Metadata("size".into()), size.to_string().into());
+                attrs.insert(
+                    Attribute::Metadata("mtime".into()),
+                    mtime.to_string().into(),
+                );
+            }
             let resume = copy::Resume {
                 records: &self.records,
                 mtime,
