@@ -586,8 +586,9 @@ pub async fn upload(
     } else {
         Attributes::new()
     };
-    // An upload recorded for another version of the file (or another part size) can
-    // never be resumed: give it up before anything else is sent.
+    // An upload recorded for another version of the file, another part size or another
+    // file (its metadata names that one) can never be resumed: give it up before anything
+    // else is sent.
     let recorded = match (&tier.s3, &tier.multipart) {
         (Some(_), Some(mp)) => {
             let r = resume.records.upload_for(key.as_ref()).await?;
@@ -595,7 +596,8 @@ pub async fn upload(
                 Some(u)
                     if u.source_size == len
                         && u.source_mtime == resume.mtime
-                        && u.part_size == part =>
+                        && u.part_size == part
+                        && u.source_path.as_deref() == Some(shown) =>
                 {
                     Some(u)
                 }
@@ -900,6 +902,7 @@ impl Multipart<'_> {
                         source_size: len,
                         source_mtime: mtime.to_string(),
                         part_size: self.part,
+                        source_path: Some(self.shown.to_string()),
                     })
                     .await;
                 if let Err(e) = started {

@@ -529,6 +529,9 @@ pub struct UploadRecord {
     pub source_mtime: String,
     /// Part size used.
     pub part_size: u64,
+    /// The source path it was started for (its metadata names it); None: recorded by an
+    /// earlier release.
+    pub source_path: Option<String>,
 }
 
 /// One stored part of a recorded upload.
@@ -826,8 +829,8 @@ impl Records {
     pub async fn upload_for(&self, key: &str) -> Result<Option<UploadRecord>, db::sqlx::Error> {
         db::bounded(async {
             let row = db::sqlx::query(
-                "SELECT object_key, upload_id, source_size, source_mtime, part_size \
-                 FROM multipart_uploads WHERE object_key = $1",
+                "SELECT object_key, upload_id, source_size, source_mtime, part_size, \
+                 source_path FROM multipart_uploads WHERE object_key = $1",
             )
             .bind(key)
             .fetch_optional(&self.pool)
@@ -848,17 +851,19 @@ impl Records {
             let clock = database_clock(conn.backend_name());
             db::sqlx::query(&format!(
                 "INSERT INTO multipart_uploads (object_key, upload_id, source_size, source_mtime, \
-                 part_size, started_at, touched_at) VALUES ($1, $2, $3, $4, $5, {clock}, {clock}) \
+                 part_size, started_at, touched_at, source_path) VALUES ($1, $2, $3, $4, $5, \
+                 {clock}, {clock}, $6) \
                  ON CONFLICT (object_key) DO UPDATE SET upload_id = excluded.upload_id, \
                  source_size = excluded.source_size, source_mtime = excluded.source_mtime, \
                  part_size = excluded.part_size, started_at = excluded.started_at, \
-                 touched_at = excluded.touched_at"
+                 touched_at = excluded.touched_at, source_path = excluded.source_path"
             ))
             .bind(&record.object_key)
             .bind(&record.upload_id)
             .bind(record.source_size as i64)
             .bind(&record.source_mtime)
             .bind(record.part_size as i64)
+            .bind(&record.source_path)
             .execute(&mut *conn)
             .await
             .map(|_| ())
@@ -954,8 +959,8 @@ impl Records {
             let mut conn = self.pool.acquire().await?;
             let clock = database_clock(conn.backend_name());
             let rows = db::sqlx::query(&format!(
-                "SELECT object_key, upload_id, source_size, source_mtime, part_size \
-                 FROM multipart_uploads WHERE touched_at <= {clock} - $1 \
+                "SELECT object_key, upload_id, source_size, source_mtime, part_size, \
+                 source_path FROM multipart_uploads WHERE touched_at <= {clock} - $1 \
                  ORDER BY touched_at, object_key"
             ))
             .bind(age)
@@ -1028,6 +1033,7 @@ fn upload_record(r: &db::sqlx::any::AnyRow) -> Result<UploadRecord, db::sqlx::Er
         source_size: r.try_get::<i64, _>("source_size")?.max(0) as u64,
         source_mtime: r.try_get("source_mtime")?,
         part_size: r.try_get::<i64, _>("part_size")?.max(0) as u64,
+        source_path: r.try_get("source_path")?,
     })
 }
 
@@ -1499,6 +1505,7 @@ mod tests {
             source_size: 10,
             source_mtime: "2026-01-01T00:00:00Z".into(),
             part_size: 5,
+            source_path: Some("/online/a.mov".into()),
         };
         r.start_upload(&upload).await.expect("start");
         let part = PartRecord {

@@ -718,6 +718,58 @@ async fn an_interrupted_s3_multipart_upload_resumes_from_its_stored_parts() {
     );
 }
 
+/// An upload recorded for another file of the same size and mtime on the same key (two
+/// roots holding one relative path) is not resumed: its object's metadata, written when it
+/// was created, names that file (nearline's `original-path`). Nor is one recorded by an
+/// earlier release, which did not say which file it was for.
+#[tokio::test]
+async fn an_upload_started_for_another_file_is_not_resumed() {
+    let bucket = "tier-other-file";
+    let (_moto, _proxy, tier) = s3_tier(bucket).await;
+    let (faulty, faults) = FaultyStore::wrap(&tier);
+    let base = tempfile::tempdir().expect("temp");
+    let c = copier(base.path(), "online", faulty, records(base.path()).await);
+    let body = content(5 * 5 * MIB - 1000, 8);
+    let msg = put(base.path(), "online", "r/twin.mov", &body);
+    // A writer of its own (the records' pool only reads).
+    db::sqlx::any::install_default_drivers();
+    let url = format!("sqlite://{}", base.path().join("tier.db").display());
+    let writer = db::sqlx::AnyPool::connect(&url).await.expect("writer");
+    for recorded_for in [Some("/another/root/r/twin.mov"), None] {
+        *faults.fail_parts_from.lock().expect("faults") = Some(2);
+        transient(c.handle(&msg, 1).await);
+        db::sqlx::query("UPDATE multipart_uploads SET source_path = $1")
+            .bind(recorded_for)
+            .execute(&writer)
+            .await
+            .expect("the upload named as another file's");
+        *faults.fail_parts_from.lock().expect("faults") = None;
+        faults.parts_sent.store(0, Ordering::SeqCst);
+        let aborts = faults.aborts.load(Ordering::SeqCst);
+        let r = copied(c.handle(&msg, 2).await);
+        assert_eq!(r.checksum, sha256(&body));
+        assert_eq!(
+            faults.parts_sent.load(Ordering::SeqCst),
+            5,
+            "{recorded_for:?}: started over"
+        );
+        assert_eq!(faults.aborts.load(Ordering::SeqCst), aborts + 1);
+        // The next round copies it again from nothing.
+        tier.store
+            .delete(&tier.key("r/twin.mov"))
+            .await
+            .expect("delete");
+        db::sqlx::query("DELETE FROM stored_objects")
+            .execute(&writer)
+            .await
+            .expect("forget");
+        db::sqlx::query("DELETE FROM copied_files")
+            .execute(&writer)
+            .await
+            .expect("forget");
+    }
+}
+
 /// A recorded upload of an earlier version of the file that cannot be aborted (a blip) is
 /// kept recorded (the sweep finds it later) and the copy retried: starting a new upload
 /// would have replaced its record, leaving its parts billed with nothing left to find
