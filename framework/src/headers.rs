@@ -39,28 +39,6 @@ pub const ORIGINAL_USER_ID: &str = "x-original-user-id";
 /// Longest exchange name or routing key AMQP carries (a short string).
 pub const MAX_NAME_BYTES: usize = 255;
 
-/// Headers a replay removes so the message starts afresh.
-pub const REPLAY_STRIPPED: &[&str] = &[
-    RETRY_COUNT,
-    PROGRESS_ATTEMPTS,
-    OUTAGE_SINCE,
-    LAST_ERROR,
-    ERROR,
-    ERROR_KIND,
-    FAILED_AT,
-    SERVICE,
-    ORIGINAL_EXCHANGE,
-    ORIGINAL_ROUTING_KEY,
-    "x-death",
-    "x-first-death-exchange",
-    "x-first-death-queue",
-    "x-first-death-reason",
-    "x-last-death-exchange",
-    "x-last-death-queue",
-    "x-last-death-reason",
-    "x-delivery-count",
-];
-
 /// The framework's count and origin headers: read only on a delivery that came back to
 /// `Q` the framework's own way (a retry tier's expiry, a replay: the default exchange,
 /// routing key `Q`). On any other they are a producer's (its own retry scheme's
@@ -88,11 +66,22 @@ pub const BROKER_OWNED: &[&str] = &[
     "x-delivery-count",
 ];
 
+/// The error headers of a dead letter (and a retry's last error).
+const ERROR_HEADERS: &[&str] = &[LAST_ERROR, ERROR, ERROR_KIND, FAILED_AT, SERVICE];
+
+/// Whether a replay removes `name` so the message starts afresh: the counts and origin
+/// (the replay writes its origin again), the errors, the broker's dead-lettering.
+pub fn replay_stripped(name: &str) -> bool {
+    FRAMEWORK_COUNTS.contains(&name)
+        || ERROR_HEADERS.contains(&name)
+        || BROKER_OWNED.contains(&name)
+}
+
 /// Whether `name` is a header the framework writes itself on retries, dead letters or
 /// outputs: a processor's retry header of that name would forge the attempt count or the
 /// origin (`x-retry-count: 0` on every retry never reaches `max_attempts`), so it is refused.
 pub fn is_reserved(name: &str) -> bool {
-    REPLAY_STRIPPED.contains(&name)
+    replay_stripped(name)
         || [
             IN_RESPONSE_TO,
             ORIGINAL_EXPIRATION,
@@ -152,9 +141,14 @@ pub fn set_int(h: &mut FieldTable, key: &str, value: i64) {
 
 /// A copy of `h` without `keys`.
 pub fn without(h: &FieldTable, keys: &[&str]) -> FieldTable {
+    without_where(h, |k| keys.contains(&k))
+}
+
+/// `h` without the headers whose names `drop` picks.
+pub fn without_where(h: &FieldTable, drop: impl Fn(&str) -> bool) -> FieldTable {
     let mut out = FieldTable::default();
     for (k, v) in h.inner() {
-        if !keys.contains(&k.as_str()) {
+        if !drop(k.as_str()) {
             out.insert(k.clone(), v.clone());
         }
     }

@@ -631,9 +631,9 @@ pub async fn replay_each(
                 }
                 next_at = tokio::time::Instant::now() + p;
             }
-            let mut hdr = h::without(
+            let mut hdr = h::without_where(
                 &d.properties.headers().clone().unwrap_or_default(),
-                h::REPLAY_STRIPPED,
+                h::replay_stripped,
             );
             h::set_str(&mut hdr, h::ORIGINAL_EXCHANGE, &info.original_exchange);
             h::set_str(
