@@ -573,11 +573,13 @@ async fn execute<S: Service>(cmd: Command, cfg: Config<S::Settings>) -> Result<(
                      limit: on RabbitMQ 4.x, unless a policy already lifts it (AMQP cannot see \
                      policies), every look at a dead letter (dlq list, replay --dry-run, a \
                      filtered replay) counts as a delivery, and one looked at 20 times is \
-                     dropped. Lift it with a policy of its own (rabbitmqctl set_policy -p '{}' \
-                     --apply-to quorum_queues --priority 10 '{}-unlimited' '^{}$' \
-                     '{{\"delivery-limit\":-1}}'; only one policy applies to a queue, so add \
-                     any other one's keys to it), or move the dead letters away and delete the \
-                     queue for the service to declare it again",
+                     dropped. On 4.x only, lift it with a policy of its own (rabbitmqctl \
+                     set_policy -p '{}' --apply-to quorum_queues --priority 10 '{}-unlimited' \
+                     '^{}$' '{{\"delivery-limit\":-1}}'; only one policy applies to a queue, so \
+                     add any other one's keys to it), or move the dead letters away and delete \
+                     the queue for the service to declare it again. On RabbitMQ 3.x there is \
+                     nothing to do (no default limit), and that policy would drop a dead letter \
+                     at its first return",
                     vhost,
                     topo.dlq(),
                     regex_escape(&topo.dlq()));

@@ -8,6 +8,9 @@ use config::{Environment, File, FileFormat, Map, Value};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize, Serializer};
 
+/// The least `frame_max` a client may ask for of RabbitMQ 4.1 and later (which refuse the
+/// connection below it; 3.x take 4,096 up).
+const MIN_FRAME_MAX: u32 = 8192;
 /// The built-in defaults: `config/default.toml`, compiled in so a binary runs anywhere.
 pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
 
@@ -136,6 +139,17 @@ impl AmqpUrl {
             );
         }
         for (k, v) in u.query_pairs() {
+            if k == "frame_max"
+                && let Ok(n) = v.parse::<u32>()
+                && n != 0
+                && n < MIN_FRAME_MAX
+            {
+                return Err(format!(
+                    "query parameter `frame_max` = `{n}` is below {MIN_FRAME_MAX}, the least \
+                     RabbitMQ 4.1 and later accept (the connection would be refused): leave it \
+                     out, or ask for {MIN_FRAME_MAX} or more"
+                ));
+            }
             let usable = match k.as_ref() {
                 "frame_max" => v.parse::<u32>().is_ok(),
                 "channel_max" | "heartbeat" => v.parse::<u16>().is_ok(),
@@ -1692,6 +1706,8 @@ mod tests {
             "amqp://guest:guest@127.0.0.1:5672/%2f?heartbeat=30s",
             "amqp://guest:guest@127.0.0.1:5672/%2f?heartbeat=70000",
             "amqp://guest:guest@127.0.0.1:5672/%2f?frame_max=big",
+            // RabbitMQ 4.1 and later refuse a connection asking for less.
+            "amqp://guest:guest@127.0.0.1:5672/%2f?frame_max=4096",
             "amqp://guest:guest@127.0.0.1:5672/%2f?auth_mechanism=foo",
             // lapin takes the empty path after a trailing `/` as vhost "".
             "amqp://guest:guest@127.0.0.1:5672/",
@@ -1702,6 +1718,8 @@ mod tests {
         for url in [
             "amqp://guest:guest@127.0.0.1:5672",
             "amqp://guest:guest@127.0.0.1:5672/%2f?heartbeat=30&frame_max=131072",
+            "amqp://guest:guest@127.0.0.1:5672/%2f?frame_max=8192",
+            "amqp://guest:guest@127.0.0.1:5672/%2f?frame_max=0",
             "amqps://u:p@rabbit/prod?auth_mechanism=external",
         ] {
             assert!(

@@ -1723,10 +1723,19 @@ async fn replayed_records_of_one_batch_count_as_their_own_records() {
         let mut h = framework::lapin::types::FieldTable::default();
         framework::headers::set_str(&mut h, "x-batch-part", part);
         framework::headers::set_str(&mut h, "x-original-exchange", "snapshot-sender");
+        framework::headers::set_str(&mut h, "x-original-routing-key", "snapshot.status.update");
         let props = BasicProperties::default()
             .with_message_id("batch-1".into())
             .with_headers(h);
-        env.send_with(&msg(c, "db.p", json!({})), props).await;
+        // Through the default exchange to the service's queue, as a replay goes.
+        publish(
+            &env.hs.ch,
+            "",
+            &env.hs.q,
+            &serde_json::to_vec(&msg(c, "db.p", json!({}))).unwrap(),
+            props,
+        )
+        .await;
         let r = json_of(&next(&mut env.out).await);
         assert_eq!(r["counted"], true, "part {part}: {r}");
     }

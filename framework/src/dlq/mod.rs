@@ -223,7 +223,12 @@ fn describe(props: &lapin::BasicProperties, routing_key: &str, size: usize) -> D
         ),
     };
     DeadLetter {
-        message_id: props.message_id().as_ref().map(|s| s.to_string()),
+        // Blank is none, as the service reads it (shown `-`).
+        message_id: props
+            .message_id()
+            .as_ref()
+            .map(|s| s.to_string())
+            .filter(|s| !s.trim().is_empty()),
         error: h::get_str(&hdr, h::ERROR),
         kind: h::get_str(&hdr, h::ERROR_KIND).or(death_reason),
         original_exchange,
