@@ -809,6 +809,11 @@ mod tests {
         std::fs::write(&f, "s3cr:t@/x\n").expect("write");
         let url = with_password_file("postgres://app:old@db:5432/records", &f).expect("url");
         assert_eq!(url, "postgres://app:s3cr%3At%40%2Fx@db:5432/records");
+        // A `%` is the password's own, not an escape: the driver decodes what it reads.
+        std::fs::write(&f, "p%41ss\n").expect("write");
+        let url = with_password_file("postgres://app@db/records", &f).expect("url");
+        let parsed = url::Url::parse(&url).expect("a URL");
+        assert_eq!(parsed.password(), Some("p%2541ss"), "decodes to p%41ss");
         std::fs::write(&f, "  \n").expect("write");
         let e = with_password_file("postgres://app@db/records", &f).expect_err("empty");
         assert!(e.contains("is empty") && !e.contains("s3cr"), "{e}");
@@ -928,6 +933,24 @@ mod tests {
             .is_ok()
         );
         assert!(DatabaseUrl::try_from("sqlite:///var/lib/x.db".to_string()).is_ok());
+        // A parameter the driver would ignore, warning with its value at every start (a
+        // secret, or a typo of one it reads), is refused naming it, not its value.
+        for (url, named) in [
+            (
+                "postgres://u@db.example/x?sslpassword=s3cret",
+                "sslpassword",
+            ),
+            ("postgres://u@db.example/x?pasword=s3cret", "pasword"),
+            (
+                "postgres://u@db.example/x?connect_timeout=10",
+                "connect_timeout",
+            ),
+        ] {
+            let e = DatabaseUrl::try_from(url.to_string()).expect_err(url);
+            assert!(e.contains(named) && !e.contains("s3cret"), "{e}");
+        }
+        let ok = "postgres://u@db.example/x?application_name=a&sslmode=disable";
+        assert!(DatabaseUrl::try_from(ok.to_string()).is_ok(), "{ok}");
     }
 
     /// Two instances upgrading one SQLite file at once (both waiting for a third's write
@@ -1150,6 +1173,36 @@ mod tests {
 #[serde(try_from = "String")]
 pub struct DatabaseUrl(pub String);
 
+/// The query parameters sqlx's PostgreSQL driver reads from a URL (sqlx-postgres 0.8).
+const PG_PARAMETERS: &[&str] = &[
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "application_name",
+    "options",
+];
+
+/// The first query parameter of a PostgreSQL `url` its driver does not read.
+fn unknown_pg_parameter(url: &str) -> Option<String> {
+    let u = url::Url::parse(url).ok()?;
+    u.query_pairs()
+        .map(|(k, _)| k.into_owned())
+        .find(|k| !PG_PARAMETERS.contains(&k.as_str()))
+}
+
 impl TryFrom<String> for DatabaseUrl {
     type Error = String;
 
@@ -1165,6 +1218,14 @@ impl TryFrom<String> for DatabaseUrl {
             // start-up, exit 2 naming the key, not exit 1 from the first connect.
             let parsed = if url.starts_with("sqlite:") {
                 sqlx::sqlite::SqliteConnectOptions::from_str(&url).map(|_| ())
+            } else if let Some(k) = unknown_pg_parameter(&url) {
+                // The driver would ignore it with a warning quoting its value at every
+                // start (`sslpassword=…`), and a typo (`pasword=`) would go unnoticed.
+                return Err(format!(
+                    "connection parameter `{k}` is not one the PostgreSQL driver takes (it \
+                     would be ignored): it takes {}",
+                    PG_PARAMETERS.join(", ")
+                ));
             } else {
                 sqlx::postgres::PgConnectOptions::from_str(&url).map(|_| ())
             };
@@ -1231,7 +1292,9 @@ pub fn with_password_file(url: &str, file: &Path) -> Result<String, String> {
         return Err(format!("{} is empty", file.display()));
     }
     let mut u = url::Url::parse(url).map_err(|e| format!("database_url: {e}"))?;
-    u.set_password(Some(pw))
+    // `set_password` leaves `%` as it is, and the driver percent-decodes the password:
+    // `p%41ss` in the file would log in as `pAss`.
+    u.set_password(Some(&pw.replace('%', "%25")))
         .map_err(|()| "database_url cannot hold a password (no host)".to_string())?;
     Ok(u.to_string())
 }

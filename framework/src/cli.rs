@@ -621,6 +621,11 @@ fn check_dlq_usage(cmd: &DlqCommand) -> Result<(), Failure> {
                 "--rate must be a number of messages per second, at least 0.001".into(),
             ))
         }
+        // Zero would still take a dead letter to look at (a delivery, on a quorum DLQ) and
+        // report none matched.
+        DlqCommand::Replay { limit: Some(0), .. } => {
+            Err(Failure::Usage("--limit must be at least 1".into()))
+        }
         DlqCommand::Purge { yes: false } => Err(Failure::Usage(
             "dlq purge deletes every dead letter: pass --yes to confirm".into(),
         )),

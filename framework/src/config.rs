@@ -703,9 +703,25 @@ fn config_file(path: &Path) -> Result<bool, ConfigError> {
     let shown = path.display();
     let key = "--config-dir (or STORAGETIER_CONFIG_DIR)";
     match std::fs::metadata(path) {
-        Ok(m) if m.is_file() => std::fs::File::open(path)
-            .map(|_| true)
-            .map_err(|e| ConfigError::new(key, format!("cannot read {shown}: {e}"))),
+        // Read whole here: the config crate reads a file that is not UTF-8 leniently
+        // (U+FFFD for each bad byte), so a Latin-1 password would be another password.
+        Ok(m) if m.is_file() => match std::fs::read(path) {
+            Ok(bytes) => match std::str::from_utf8(&bytes) {
+                Ok(_) => Ok(true),
+                Err(e) => {
+                    let line = bytes[..e.valid_up_to()]
+                        .iter()
+                        .filter(|b| **b == b'\n')
+                        .count()
+                        + 1;
+                    Err(ConfigError::new(
+                        key,
+                        format!("{shown} is not UTF-8 text (line {line}): save it as UTF-8"),
+                    ))
+                }
+            },
+            Err(e) => Err(ConfigError::new(key, format!("cannot read {shown}: {e}"))),
+        },
         Ok(_) => Err(ConfigError::new(key, format!("{shown} is not a file"))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => match path.symlink_metadata() {
             Ok(_) => Err(ConfigError::new(
@@ -965,8 +981,13 @@ fn check_kinds(
         };
         let wrong = |what: &str| Err(ConfigError::new(&key, format!("{what}, got {v}")));
         let no_whole_text = |s: &str| s.trim().parse::<i128>().is_err();
+        // A float is read into an unsigned key by rounding and saturating (`-1.0` as 0:
+        // no body limit, no drain; `1e300` as u64::MAX): only a whole one a whole number
+        // holds exactly passes, as its integer would.
         let not_whole = |k: &K| match k {
-            K::Float(f) => f.fract() != 0.0 || !f.is_finite(),
+            K::Float(f) => {
+                f.fract() != 0.0 || !f.is_finite() || *f < 0.0 || *f > 9_007_199_254_740_992.0
+            }
             K::Boolean(_) => true,
             K::String(s) => no_whole_text(s),
             _ => false,
@@ -1068,12 +1089,28 @@ fn toml_scalar(v: &str) -> Option<Value> {
     c.get::<Value>("x").ok()
 }
 
+/// A section given as one value (`STORAGETIER__AMQP=amqps://user:pass@…`, `amqp = "…"`):
+/// refused without the value, which is often the very secret meant for a key inside it.
+fn not_a_table(name: &str) -> ConfigError {
+    cfg_err(
+        name,
+        format!(
+            "must be a table of keys ([{name}] in a file, STORAGETIER__{}__<KEY> in the \
+             environment), not a single value",
+            name.to_uppercase()
+        ),
+    )
+}
+
 /// Deserializes one section, naming the exact key on error.
 fn section<T: DeserializeOwned>(tree: &Map<String, Value>, name: &str) -> Result<T, ConfigError> {
     let v = tree
         .get(name)
         .cloned()
         .unwrap_or_else(|| Value::from(Map::<String, Value>::new()));
+    if v.clone().into_table().is_err() {
+        return Err(not_a_table(name));
+    }
     serde_path_to_error::deserialize::<_, T>(v).map_err(|e| {
         let path = e.path().to_string();
         let key = if path == "." || path.is_empty() {
@@ -1100,10 +1137,7 @@ pub fn load<S: DeserializeOwned>(
     let own = tree
         .get(section_name)
         .cloned()
-        .map(|v| {
-            v.into_table()
-                .map_err(|e| cfg_err(section_name, format!("must be a table: {e}")))
-        })
+        .map(|v| v.into_table().map_err(|_| not_a_table(section_name)))
         .transpose()?
         .unwrap_or_default();
     let (mut framework_part, service_part): (Map<String, Value>, Map<String, Value>) = own
@@ -1698,6 +1732,78 @@ mod tests {
             redacted_url("data/online-archive.db"),
             "data/online-archive.db"
         );
+    }
+
+    /// A float is rounded and saturated into an unsigned key: a negative or enormous one
+    /// is refused as a whole number would not be taken.
+    #[test]
+    fn negative_or_enormous_floats_are_not_whole_numbers() {
+        let load_file = |v: &str| {
+            let dir = tempfile::tempdir().expect("dir");
+            std::fs::write(
+                dir.path().join("prod.toml"),
+                format!("[amqp]\ndrain_timeout_ms = {v}\n"),
+            )
+            .expect("file");
+            let opts = LoadOptions {
+                config_dir: Some(dir.path().to_path_buf()),
+                config_dir_explicit: true,
+                env_name: Some("prod".into()),
+                env_vars: Some(Default::default()),
+                overrides: Vec::new(),
+            };
+            load::<IgnoredAny>("echo", &opts)
+        };
+        for v in ["-1.0", "1e300"] {
+            let e = load_file(v).map(|_| ()).expect_err(v);
+            assert_eq!(e.key, "amqp.drain_timeout_ms", "{e}");
+        }
+        assert_eq!(
+            load_file("2000.0").expect("2000.0").amqp.drain_timeout_ms,
+            2000
+        );
+    }
+
+    /// A config file that is not UTF-8 (a Latin-1 `prod.toml`) is refused naming it and
+    /// the line: read leniently, a password in it would have been another password.
+    #[test]
+    fn a_config_file_that_is_not_utf8_is_refused() {
+        let dir = tempfile::tempdir().expect("dir");
+        std::fs::write(
+            dir.path().join("prod.toml"),
+            b"[amqp]\nconnection_name = \"caf\xe9\"\n".as_slice(),
+        )
+        .expect("file");
+        let opts = LoadOptions {
+            config_dir: Some(dir.path().to_path_buf()),
+            config_dir_explicit: true,
+            env_name: Some("prod".into()),
+            env_vars: Some(Default::default()),
+            overrides: Vec::new(),
+        };
+        let e = load::<IgnoredAny>("echo", &opts)
+            .map(|_| ())
+            .expect_err("latin-1");
+        assert!(
+            e.to_string().contains("prod.toml") && e.to_string().contains("line 2"),
+            "{e}"
+        );
+    }
+
+    /// A section given as one value is refused naming the section, without the value: it
+    /// is often the very URL or secret meant for a key inside it.
+    #[test]
+    fn a_section_given_as_one_value_is_refused_without_showing_it() {
+        for (var, section) in [
+            ("STORAGETIER__AMQP", "amqp"),
+            ("STORAGETIER__RETRY", "retry"),
+            ("STORAGETIER__ECHO", "echo"),
+        ] {
+            let e = with_env(&[(var, "amqps://app:s3cret@mq/%2f")]).expect_err(var);
+            assert_eq!(e.key, section, "{e}");
+            assert!(!e.to_string().contains("s3cret"), "{e}");
+            assert!(e.to_string().contains("table"), "{e}");
+        }
     }
 
     #[test]

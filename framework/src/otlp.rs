@@ -59,6 +59,19 @@ pub struct SpanExporter {
     service: String,
 }
 
+/// `<endpoint>/v1/traces`, the path added before any query (`?api_key=…`, which a text
+/// appended after would have corrupted, sending every batch to `/`).
+fn traces_url(endpoint: &str) -> String {
+    match url::Url::parse(endpoint) {
+        Ok(mut u) => {
+            let path = format!("{}/v1/traces", u.path().trim_end_matches('/'));
+            u.set_path(&path);
+            u.to_string()
+        }
+        Err(_) => format!("{endpoint}/v1/traces"),
+    }
+}
+
 impl SpanExporter {
     /// An exporter for `service` when `[telemetry] otlp_endpoint` is set; None when export
     /// is off.
@@ -71,7 +84,7 @@ impl SpanExporter {
         Some(Self {
             tx,
             rx: Mutex::new(Some(rx)),
-            url: format!("{endpoint}/v1/traces"),
+            url: traces_url(endpoint),
             timeout: Duration::from_millis(cfg.otlp_timeout_ms),
             service: service.to_string(),
         })
@@ -271,6 +284,23 @@ pub fn request_body(service: &str, spans: &[Span]) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The path goes before the query a collector's API key may travel in.
+    #[test]
+    fn the_traces_path_goes_before_the_query() {
+        assert_eq!(
+            traces_url("https://otel:4318?api_key=K"),
+            "https://otel:4318/v1/traces?api_key=K"
+        );
+        assert_eq!(
+            traces_url("http://otel-collector:4318"),
+            "http://otel-collector:4318/v1/traces"
+        );
+        assert_eq!(
+            traces_url("http://gw/otlp/?k=v"),
+            "http://gw/otlp/v1/traces?k=v"
+        );
+    }
 
     #[test]
     fn the_request_carries_the_ids_written_on_the_wire() {

@@ -337,6 +337,10 @@ fn dlq_usage_errors_exit_2_before_connecting() {
             &["dlq", "replay", "--all", "--older-than", "1.5h"][..],
             "whole number",
         ),
+        (
+            &["dlq", "replay", "--message-id", "m", "--limit", "0"][..],
+            "--limit",
+        ),
     ] {
         let o = run(echo_cmd("unused", dir.path())
             .env("STORAGETIER__AMQP__URL", &url)

@@ -16,8 +16,10 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreOptions {
-    /// Endpoint of an S3-compatible store (e.g. `http://minio:9000`); unset = AWS.
-    #[serde(default)]
+    /// Endpoint of an S3-compatible store (e.g. `http://minio:9000`); unset = AWS. Shown
+    /// without credentials (refused in it for an S3 store; a local store's unused options
+    /// are printed by `check-config` too).
+    #[serde(default, serialize_with = "framework::config::serialize_redacted_url")]
     pub endpoint: Option<String>,
     /// Region (default `us-east-1`).
     #[serde(default)]
@@ -496,6 +498,19 @@ mod tests {
         assert!(open("s3://b/p", &opts).unwrap().create_only);
         let off: StoreOptions = serde_json::from_str(r#"{"conditional_writes": false}"#).unwrap();
         assert!(!open("s3://b/p", &off).unwrap().create_only);
+    }
+
+    /// `check-config` prints a local store's unused options too: an endpoint holding
+    /// credentials is shown without them.
+    #[test]
+    fn an_endpoints_credentials_are_never_shown() {
+        let opts: StoreOptions =
+            serde_json::from_str(r#"{"endpoint": "https://AKIA:s3cret@minio:9000"}"#).unwrap();
+        let shown = serde_json::to_string(&opts).unwrap();
+        assert!(
+            !shown.contains("s3cret") && shown.contains("minio"),
+            "{shown}"
+        );
     }
 
     /// A file name with a control character (macOS's `Icon\r`) changes its own segment
