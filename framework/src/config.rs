@@ -1734,26 +1734,26 @@ mod tests {
         );
     }
 
+    /// Loads echo's config from a `prod.toml` holding `text` and nothing else.
+    fn with_prod_toml(text: &[u8]) -> Result<Config<IgnoredAny>, ConfigError> {
+        let dir = tempfile::tempdir().expect("dir");
+        std::fs::write(dir.path().join("prod.toml"), text).expect("file");
+        let opts = LoadOptions {
+            config_dir: Some(dir.path().to_path_buf()),
+            config_dir_explicit: true,
+            env_name: Some("prod".into()),
+            env_vars: Some(Default::default()),
+            overrides: Vec::new(),
+        };
+        load::<IgnoredAny>("echo", &opts)
+    }
+
     /// A float is rounded and saturated into an unsigned key: a negative or enormous one
     /// is refused as a whole number would not be taken.
     #[test]
     fn negative_or_enormous_floats_are_not_whole_numbers() {
-        let load_file = |v: &str| {
-            let dir = tempfile::tempdir().expect("dir");
-            std::fs::write(
-                dir.path().join("prod.toml"),
-                format!("[amqp]\ndrain_timeout_ms = {v}\n"),
-            )
-            .expect("file");
-            let opts = LoadOptions {
-                config_dir: Some(dir.path().to_path_buf()),
-                config_dir_explicit: true,
-                env_name: Some("prod".into()),
-                env_vars: Some(Default::default()),
-                overrides: Vec::new(),
-            };
-            load::<IgnoredAny>("echo", &opts)
-        };
+        let load_file =
+            |v: &str| with_prod_toml(format!("[amqp]\ndrain_timeout_ms = {v}\n").as_bytes());
         for v in ["-1.0", "1e300"] {
             let e = load_file(v).map(|_| ()).expect_err(v);
             assert_eq!(e.key, "amqp.drain_timeout_ms", "{e}");
@@ -1768,20 +1768,7 @@ mod tests {
     /// the line: read leniently, a password in it would have been another password.
     #[test]
     fn a_config_file_that_is_not_utf8_is_refused() {
-        let dir = tempfile::tempdir().expect("dir");
-        std::fs::write(
-            dir.path().join("prod.toml"),
-            b"[amqp]\nconnection_name = \"caf\xe9\"\n".as_slice(),
-        )
-        .expect("file");
-        let opts = LoadOptions {
-            config_dir: Some(dir.path().to_path_buf()),
-            config_dir_explicit: true,
-            env_name: Some("prod".into()),
-            env_vars: Some(Default::default()),
-            overrides: Vec::new(),
-        };
-        let e = load::<IgnoredAny>("echo", &opts)
+        let e = with_prod_toml(b"[amqp]\nconnection_name = \"caf\xe9\"\n")
             .map(|_| ())
             .expect_err("latin-1");
         assert!(
