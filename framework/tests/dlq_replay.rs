@@ -266,6 +266,25 @@ async fn a_replay_the_broker_cannot_deliver_keeps_its_dead_letter() {
     await_ready_count(&hs.ch, &dlq_name, 2).await;
 }
 
+/// Replays every dead letter of `hs` (its service stopped) and takes the one that lands
+/// in `Q`: what was moved, and the message as the service would get it.
+async fn replay_the_one(
+    hs: &Harness,
+) -> (Vec<dlq::DeadLetter>, framework::lapin::message::Delivery) {
+    let moved = dlq::replay_filtered(&hs.conn, &hs.topology(), &Filter::default(), false)
+        .await
+        .expect("replayed");
+    await_ready_count(&hs.ch, &hs.q, 1).await;
+    let got = hs
+        .ch
+        .basic_get(hs.q.as_str().into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .expect("the replay is in Q")
+        .delivery;
+    (moved, got)
+}
+
 /// Design §3: a replay starts the message afresh — every error, retry, progress and
 /// broker death header is gone, the `x-original-*` ones and the producer's own are kept.
 /// A dead letter carrying all of them at once (as one retried, progressed and finally
@@ -316,18 +335,8 @@ async fn a_replay_strips_every_error_and_retry_header() {
     )
     .await;
     await_ready_count(&hs.ch, &dlq_name, 1).await;
-    let moved = dlq::replay_filtered(&hs.conn, &hs.topology(), &Filter::default(), false)
-        .await
-        .expect("replayed");
+    let (moved, got) = replay_the_one(&hs).await;
     assert_eq!(moved.len(), 1);
-    await_ready_count(&hs.ch, &hs.q, 1).await;
-    let got = hs
-        .ch
-        .basic_get(hs.q.as_str().into(), BasicGetOptions { no_ack: true })
-        .await
-        .unwrap()
-        .expect("the replay is in Q")
-        .delivery;
     let mut names: Vec<String> = got
         .properties
         .headers()
@@ -401,20 +410,10 @@ async fn a_brokers_dead_letter_of_a_producers_message_keeps_its_real_origin() {
     .await;
     let dlq_name = format!("{}-dlq", hs.q);
     await_ready_count(&hs.ch, &dlq_name, 1).await;
-    let moved = dlq::replay_filtered(&hs.conn, &hs.topology(), &Filter::default(), false)
-        .await
-        .expect("replayed");
+    let (moved, got) = replay_the_one(&hs).await;
     assert_eq!(moved.len(), 1);
     assert_eq!(moved[0].original_exchange, hs.input_exchange);
     assert_eq!(moved[0].original_routing_key, "test.real");
-    await_ready_count(&hs.ch, &hs.q, 1).await;
-    let got = hs
-        .ch
-        .basic_get(hs.q.as_str().into(), BasicGetOptions { no_ack: true })
-        .await
-        .unwrap()
-        .expect("the replay is in Q")
-        .delivery;
     assert_eq!(
         header(&got, h::ORIGINAL_EXCHANGE),
         Some(hs.input_exchange.clone())
