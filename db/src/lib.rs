@@ -711,6 +711,9 @@ pub mod testing {
         dropped: bool,
     }
 
+    /// How long dropping a test database may take.
+    const DROP_BUDGET: std::time::Duration = std::time::Duration::from_secs(60);
+
     impl Drop for TempPostgres {
         fn drop(&mut self) {
             if self.dropped {
@@ -726,7 +729,9 @@ pub mod testing {
                 else {
                     return;
                 };
-                rt.block_on(async {
+                // Bounded: a server that stops answering must not hold the test for ever.
+                // The timer is made inside the runtime: `timeout` needs one to exist.
+                let drop_db = async {
                     if let Ok(admin) =
                         AnyPool::connect(&format!("{}/postgres", postgres_server())).await
                     {
@@ -736,7 +741,12 @@ pub mod testing {
                                 .await;
                         admin.close().await;
                     }
-                });
+                };
+                let dropped =
+                    rt.block_on(async { tokio::time::timeout(DROP_BUDGET, drop_db).await });
+                if dropped.is_err() {
+                    eprintln!("test database {name}: no answer dropping it within {DROP_BUDGET:?}");
+                }
             })
             .join();
         }

@@ -38,6 +38,7 @@ pub use processor::{
     MessageContext, MessageProcessor, Outcome, ProcessorConfiguration, Publication,
 };
 pub use runtime::{Runtime, Status};
+pub use session::MAX_JSON_VALUES;
 pub use tokio_util::sync::CancellationToken;
 
 /// The service binaries' global allocator (see [`service_main!`]).

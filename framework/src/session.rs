@@ -766,6 +766,39 @@ fn incoming(d: &Delivery, queue: &str) -> Incoming {
     }
 }
 
+/// The most JSON values a body may hold to be decoded. Decoded, a value takes 32 bytes or
+/// more where its text can take two (`0,`): a 16 MiB array of small numbers — within
+/// `max_body_bytes` — took about 400 MiB while it was decoded and killed a service run
+/// with the memory limit docs/scaling.md gives, again at every redelivery. A million
+/// values (tens of MiB decoded) is far beyond any real message.
+pub const MAX_JSON_VALUES: usize = 1 << 20;
+
+/// An upper bound of the values in JSON text `body` (keys included): one more than the
+/// separators and openers outside strings. One pass over the bytes, nothing allocated.
+pub(crate) fn json_values(body: &[u8]) -> usize {
+    let mut n = 1;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in body {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+        } else {
+            match b {
+                b'"' => in_string = true,
+                b',' | b':' | b'[' | b'{' => n += 1,
+                _ => {}
+            }
+        }
+    }
+    n
+}
+
 /// Whether a `content_encoding` names a compression (producers also put a charset there,
 /// which says nothing about why a body is not JSON).
 fn is_compression(encoding: &str) -> bool {
@@ -978,6 +1011,17 @@ impl<P: MessageProcessor> Shared<P> {
                          dead-lettered unread",
                         delivery.data.len()
                     ));
+                }
+                // Only a large body can hold that many (a value takes two bytes at least).
+                if delivery.data.len() >= LARGE_BODY {
+                    let values = json_values(&delivery.data);
+                    if values > MAX_JSON_VALUES {
+                        return Outcome::Permanent(format!(
+                            "the body holds about {values} JSON values, more than the \
+                             {MAX_JSON_VALUES} a message may (decoded, each takes 32 bytes \
+                             or more): dead-lettered unread"
+                        ));
+                    }
                 }
                 // Decoded, JSON can take 10–30 times its text (a 16 MiB array of small
                 // numbers, 256 MiB as values): one large body at a time, so prefetch-many
@@ -1226,6 +1270,20 @@ impl Drop for InFlight<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_values_count_what_decoding_would_make_and_nothing_inside_strings() {
+        assert_eq!(json_values(b"0"), 1);
+        assert_eq!(json_values(b"[0,0,0]"), 4, "the array and its three");
+        assert_eq!(json_values(br#"{"a":1,"b":[2]}"#), 6, "keys count");
+        assert_eq!(
+            json_values(br#"["a,b:[{", "x\",y", "\\"]"#),
+            4,
+            "an escaped quote ends no string, an escaped backslash hides no quote"
+        );
+        let many = serde_json::to_vec(&vec![0u8; 5000]).unwrap();
+        assert_eq!(json_values(&many), 5001);
+    }
 
     #[test]
     fn a_message_whose_outcomes_cannot_be_published_waits_longer_each_time() {

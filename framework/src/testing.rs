@@ -241,11 +241,16 @@ pub fn service_command(
 
 /// Opens a test connection with a confirm channel.
 pub async fn test_channel() -> (Connection, Channel) {
-    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+    let conn = tokio::time::timeout(
+        WAIT,
+        Connection::connect(&amqp_url(), ConnectionProperties::default()),
+    )
+    .await
+    .expect("the broker answers the connection")
+    .expect("broker reachable (is RabbitMQ running on 127.0.0.1:5672?)");
+    let ch = tokio::time::timeout(WAIT, crate::runtime::confirm_channel(&conn))
         .await
-        .expect("broker reachable (is RabbitMQ running on 127.0.0.1:5672?)");
-    let ch = crate::runtime::confirm_channel(&conn)
-        .await
+        .expect("the broker answers the channel's opening")
         .expect("channel");
     (conn, ch)
 }
@@ -410,15 +415,20 @@ impl Drop for Harness {
     }
 }
 
-/// Runs `f` to completion on a thread and runtime of its own: usable from `Drop`, inside
-/// or outside a runtime.
+/// Runs `f` to completion (at most [`WAIT`]) on a thread and runtime of its own: usable
+/// from `Drop`, inside or outside a runtime. Bounded: a broker that stops answering must
+/// not hold a test (its clean-up runs in every test's drops) for ever.
 pub(crate) fn run_on_own_thread(f: impl std::future::Future<Output = ()> + Send + 'static) {
     let _ = std::thread::spawn(move || {
         if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
+            // The timer is made inside the runtime: `timeout` needs one to exist.
+            && rt
+                .block_on(async { tokio::time::timeout(WAIT, f).await })
+                .is_err()
         {
-            rt.block_on(f);
+            eprintln!("test clean-up: no answer within {WAIT:?}; given up");
         }
     })
     .join();
@@ -497,8 +507,8 @@ impl Drop for Cleanup {
 
 /// Publishes with confirms and asserts the broker acked.
 pub async fn publish(ch: &Channel, exchange: &str, key: &str, body: &[u8], props: BasicProperties) {
-    let c = ch
-        .basic_publish(
+    let c = tokio::time::timeout(WAIT, async {
+        ch.basic_publish(
             exchange.into(),
             key.into(),
             BasicPublishOptions::default(),
@@ -508,7 +518,10 @@ pub async fn publish(ch: &Channel, exchange: &str, key: &str, body: &[u8], props
         .await
         .expect("publish")
         .await
-        .expect("confirm");
+        .expect("confirm")
+    })
+    .await
+    .expect("the broker confirms the test publish in time");
     assert!(c.is_ack(), "broker acked the test publish");
 }
 
@@ -561,9 +574,9 @@ pub async fn next(c: &mut Consumer) -> Delivery {
 pub async fn next_within(c: &mut Consumer, d: Duration) -> Option<Delivery> {
     match tokio::time::timeout(d, c.next()).await {
         Ok(Some(Ok(del))) => {
-            del.acker
-                .ack(BasicAckOptions::default())
+            tokio::time::timeout(WAIT, del.acker.ack(BasicAckOptions::default()))
                 .await
+                .expect("the ack goes out in time (a blocked connection sends nothing)")
                 .expect("ack");
             Some(del)
         }
@@ -683,7 +696,12 @@ pub async fn await_outcome_count(queue: &str, outcome: &str, n: u64) {
 pub async fn await_metric(port: u16, line: &str) {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let text = match reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await {
+        let text = match reqwest::Client::new()
+            .get(format!("http://127.0.0.1:{port}/metrics"))
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+        {
             Ok(r) => r.text().await.unwrap_or_default(),
             Err(_) => String::new(),
         };

@@ -648,6 +648,41 @@ async fn a_body_over_the_limit_is_dead_lettered_unread() {
     hs.stop().await;
 }
 
+/// A body within `max_body_bytes` holding millions of small JSON values is dead-lettered
+/// unread: decoded, `[0,0,…]` takes 16 times its text and more (a 16 MiB one took about
+/// 400 MiB and killed the service at every redelivery). A body as large made of few values
+/// is decoded and handled as before.
+#[tokio::test]
+async fn a_body_of_millions_of_values_is_dead_lettered_unread() {
+    let calls: Calls = Arc::default();
+    let p = recording(&calls, |_, _| Outcome::success(json!({"ok": true})));
+    let mut hs = Harness::start("manyvalues", &[], p).await;
+    let mut dlq = hs.watch_dlq().await;
+    let mut out = hs.watch_output().await;
+    let values = framework::MAX_JSON_VALUES + 1;
+    let many = serde_json::to_vec(&json!({ "records": vec![0; values] })).unwrap();
+    hs.publish("test.many", &many, BasicProperties::default())
+        .await;
+    let d = next(&mut dlq).await;
+    assert_dead_letter(&d, "permanent", "test.many");
+    let e = header(&d, h::ERROR).unwrap();
+    assert!(e.contains("JSON values"), "{e}");
+    assert_eq!(d.data, many, "the body as it came");
+    // As large, in few values (commas, colons and brackets inside strings are text).
+    let few = serde_json::to_vec(&json!({ "records": ["[0,{\"a\":0}],".repeat(many.len() / 12)] }))
+        .unwrap();
+    assert!(few.len() >= many.len());
+    hs.publish("test.few", &few, BasicProperties::default())
+        .await;
+    next(&mut out).await;
+    assert_eq!(
+        calls.lock().unwrap().len(),
+        1,
+        "only the one of few values was handled"
+    );
+    hs.stop().await;
+}
+
 #[tokio::test]
 async fn long_errors_are_cut_to_one_kib() {
     let p = FnProcessor(|_v, _: &MessageContext| Outcome::permanent("é".repeat(5000)));

@@ -140,7 +140,8 @@ fn python() -> String {
 
 /// A client trusting the CA of `tls` (a certificate directory), if any.
 fn reqwest_client(tls: Option<&std::path::Path>) -> reqwest::Client {
-    let mut b = reqwest::Client::builder();
+    // Bounded: a server that accepts and never answers must not hold the readiness wait.
+    let mut b = reqwest::Client::builder().timeout(Duration::from_secs(10));
     if let Some(dir) = tls {
         let pem = std::fs::read(dir.join("ca.pem")).expect("the test CA");
         b = b.add_root_certificate(reqwest::Certificate::from_pem(&pem).expect("a PEM CA"));
@@ -736,6 +737,25 @@ async fn proxy_connection(
         let _ = cw.lock().await.shutdown().await;
     };
     let forth = async {
+        forward_requests(&mut cr, &mut sw, &cw, &log, generation).await;
+        // The client is gone (or answered by the proxy): the server sees its connection end,
+        // as it would the client's own, instead of waiting for the rest of a request.
+        let _ = sw.shutdown().await;
+    };
+    tokio::join!(back, forth);
+}
+
+/// Reads the client's requests one by one, logging (and, as set, holding back, refusing or
+/// throttling) each, and forwards them to the server; returns when the client's side ends.
+async fn forward_requests(
+    cr: &mut tokio::net::tcp::OwnedReadHalf,
+    sw: &mut tokio::net::tcp::OwnedWriteHalf,
+    cw: &tokio::sync::Mutex<tokio::net::tcp::OwnedWriteHalf>,
+    log: &Mutex<RequestLog>,
+    generation: u64,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    {
         let mut buf: Vec<u8> = Vec::new();
         let mut chunk = vec![0u8; 64 * 1024];
         loop {
@@ -756,7 +776,7 @@ async fn proxy_connection(
             let method = parts.next().unwrap_or_default();
             let target = parts.next().unwrap_or_default();
             let answer = {
-                let mut l = lock(&log);
+                let mut l = lock(log);
                 let refuse = l.refused_header.as_ref().is_some_and(|prefix| {
                     head.split("\r\n")
                         .skip(1)
@@ -809,7 +829,7 @@ async fn proxy_connection(
                 return;
             }
             let held = {
-                let mut l = lock(&log);
+                let mut l = lock(log);
                 if l.generation == generation {
                     l.requests.push(format!("{method} {target}"));
                 }
@@ -845,7 +865,7 @@ async fn proxy_connection(
             if chunked {
                 // Not framed here: pass the rest through unlogged.
                 let _ = sw.write_all(&buf).await;
-                let _ = tokio::io::copy(&mut cr, &mut sw).await;
+                let _ = tokio::io::copy(cr, sw).await;
                 return;
             }
             // Forward the body.
@@ -868,6 +888,5 @@ async fn proxy_connection(
                 }
             }
         }
-    };
-    tokio::join!(back, forth);
+    }
 }

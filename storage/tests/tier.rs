@@ -10,6 +10,14 @@ use storage::testing::{CountingProxy, FaultyStore, MotoServer, files_under, swee
 use storage::tier::{TierCopier, TierError, TierOutcome, TierPolicy};
 use storage::{Algorithm, AssetSweeperFile, Records, Tier};
 
+/// Awaits a spawned task, failing the test if it has not ended within
+/// [`framework::testing::WAIT`] (a regression that hangs fails instead of holding the suite).
+async fn within<T>(task: tokio::task::JoinHandle<T>) -> Result<T, tokio::task::JoinError> {
+    tokio::time::timeout(framework::testing::WAIT, task)
+        .await
+        .expect("the task ended in time")
+}
+
 const MIB: usize = 1024 * 1024;
 
 fn policy() -> TierPolicy {
@@ -134,11 +142,13 @@ async fn concurrent_uploads_of_different_content_to_one_key_never_overwrite() {
     // A finds the key free and is held in the middle of its upload.
     let (entered, release) = faults.hold_next_upload();
     let first = tokio::spawn(async move { a.handle(&msg_a, 1).await });
-    entered.notified().await;
+    tokio::time::timeout(framework::testing::WAIT, entered.notified())
+        .await
+        .expect("the copy reached the held upload");
     // Meanwhile B handles the same key: it must not find it free.
     let during = b.handle(&msg_b, 1).await;
     release.notify_one();
-    let ra = copied(first.await.expect("A ran"));
+    let ra = copied(within(first).await.expect("A ran"));
     assert_eq!(ra.key, "show/ep.mov");
     // Waited out uncounted: A's copy may outlast every tier.
     let e = outage(during);
@@ -445,7 +455,9 @@ async fn an_s3_copy_never_replaces_an_object_published_while_it_uploads() {
             let c = c.clone();
             tokio::spawn(async move { c.handle(&msg, 1).await })
         };
-        entered.notified().await;
+        tokio::time::timeout(framework::testing::WAIT, entered.notified())
+            .await
+            .expect("the copy reached the held upload");
         object_store::ObjectStore::put(
             &plain,
             &storage::store::object_path(&key),
@@ -454,7 +466,7 @@ async fn an_s3_copy_never_replaces_an_object_published_while_it_uploads() {
         .await
         .expect("the other writer publishes");
         release.notify_one();
-        let r = copied(copy.await.expect("the copy ran"));
+        let r = copied(within(copy).await.expect("the copy ran"));
         assert_eq!(r.key, format!("{key}.{}", &sha256(&body)[..16]), "{name}");
         assert_eq!(r.checksum, sha256(&body));
         assert_eq!(
@@ -981,7 +993,9 @@ async fn an_upload_resumed_while_the_sweep_runs_is_not_aborted() {
                 .await
         }
     });
-    entered.notified().await;
+    tokio::time::timeout(framework::testing::WAIT, entered.notified())
+        .await
+        .expect("the copy reached the held upload");
     // While the first is being aborted, a copy stores a part of the second.
     db::sqlx::query(
         "UPDATE multipart_uploads SET touched_at = touched_at + $1 WHERE object_key = $2",
@@ -992,7 +1006,7 @@ async fn an_upload_resumed_while_the_sweep_runs_is_not_aborted() {
     .await
     .expect("touched");
     release.notify_one();
-    assert_eq!(sweep.await.expect("sweep").expect("swept"), 1);
+    assert_eq!(within(sweep).await.expect("sweep").expect("swept"), 1);
     assert!(
         c.records()
             .upload_for("pre/a/second.mov")
@@ -1196,7 +1210,9 @@ async fn a_claim_whose_renewal_never_answers_stops_the_copy() {
     let msg = put(base.path(), "a", "show/held.mov", b"held in the middle");
     let (entered, release) = faults.hold_next_upload();
     let run = tokio::spawn(async move { c.handle(&msg, 1).await });
-    entered.notified().await;
+    tokio::time::timeout(framework::testing::WAIT, entered.notified())
+        .await
+        .expect("the copy reached the held upload");
     let mut locker = db::sqlx::AnyConnection::connect(&pg.url)
         .await
         .expect("another session");

@@ -22,10 +22,15 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
-use super::process::{self, Guarded};
+use super::process::{self, Guarded, RunWithin};
 
 /// Bounds every wait of a fault run.
 const FAULT_RUN_LIMIT: Duration = Duration::from_secs(600);
+
+/// How long one RabbitMQ CLI command may take (`await_startup` is given 90 s of it): a
+/// node that stops answering fails the test instead of holding it (the CLI's own
+/// timeout is infinite by default).
+const CLI_BUDGET: Duration = Duration::from_secs(150);
 
 /// A RabbitMQ node of this test's own.
 pub struct PrivateBroker {
@@ -118,12 +123,31 @@ fn sweep_orphans(root: Option<&Path>) {
             continue;
         }
         if let Some(p) = pid_of("pid") {
-            // SAFETY: plain syscall; a pid that is gone yields ESRCH, ignored.
-            unsafe {
-                libc::kill(p, libc::SIGKILL);
-            }
+            kill_node(p, &name[DIR_PREFIX.len()..]);
         }
         let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// Kills process `pid` if it is still private node `id`'s server: a pid read from a file
+/// may long since belong to another process (ids come round: pid_max is 32768 on many
+/// machines), which a blind SIGKILL as root would take down — another test's node or
+/// server, or the test run itself.
+fn kill_node(pid: i32, id: &str) {
+    // Its arguments name its directory (or, with some wrappers, only its environment does).
+    let marks = [format!("{DIR_PREFIX}{id}"), format!("st{id}@")];
+    let names_it = |what: &str| {
+        std::fs::read(format!("/proc/{pid}/{what}")).is_ok_and(|text| {
+            marks
+                .iter()
+                .any(|m| text.windows(m.len()).any(|w| w == m.as_bytes()))
+        })
+    };
+    if names_it("cmdline") || names_it("environ") {
+        // SAFETY: plain syscall; a pid that is gone yields ESRCH, ignored.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
     }
 }
 
@@ -243,9 +267,8 @@ impl PrivateBroker {
     pub fn version(&self) -> (u32, u32) {
         let out = rabbit_command(self.root.as_deref(), "rabbitmqctl")
             .args(["version"])
-            .stdin(Stdio::null())
-            .output()
-            .expect("rabbitmqctl on PATH");
+            .output_within(CLI_BUDGET)
+            .expect("rabbitmqctl on PATH (and answering)");
         let text = String::from_utf8_lossy(&out.stdout);
         let mut parts = text
             .trim()
@@ -297,9 +320,8 @@ impl PrivateBroker {
             .arg("-n")
             .arg(&self.node)
             .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("the RabbitMQ CLI tools on PATH")
+            .output_within(CLI_BUDGET)
+            .expect("the RabbitMQ CLI tools on PATH (and answering)")
     }
 
     async fn await_amqp(&self) {
@@ -321,7 +343,10 @@ impl PrivateBroker {
     /// A connection and confirm channel to this node.
     pub async fn channel(&self) -> Option<(Connection, Channel)> {
         let conn = connect(&self.url()).await.ok()?;
-        let ch = crate::runtime::confirm_channel(&conn).await.ok()?;
+        let ch = tokio::time::timeout(CONNECT_LIMIT, crate::runtime::confirm_channel(&conn))
+            .await
+            .ok()?
+            .ok()?;
         Some((conn, ch))
     }
 
@@ -332,6 +357,15 @@ impl PrivateBroker {
 
     /// Declares a durable quorum queue bound to `exchange` with `#` to collect outputs.
     pub async fn sink(&self, queue: &str, exchange: &str) {
+        bounded(
+            super::WAIT,
+            "declaring the sink",
+            self.declare_sink(queue, exchange),
+        )
+        .await;
+    }
+
+    async fn declare_sink(&self, queue: &str, exchange: &str) {
         let (conn, ch) = self.channel().await.expect("private broker reachable");
         let mut args = FieldTable::default();
         args.insert(
@@ -359,6 +393,15 @@ impl PrivateBroker {
 
     /// Publishes every body persistently to `exchange` with `key`, waiting for confirms.
     pub async fn preload(&self, exchange: &str, key: &str, bodies: impl Iterator<Item = Vec<u8>>) {
+        bounded(
+            FAULT_RUN_LIMIT,
+            "the preload",
+            self.publish_all(exchange, key, bodies),
+        )
+        .await;
+    }
+
+    async fn publish_all(&self, exchange: &str, key: &str, bodies: impl Iterator<Item = Vec<u8>>) {
         let (conn, ch) = self.channel().await.expect("private broker reachable");
         let mut pending = Vec::new();
         for body in bodies {
@@ -451,11 +494,11 @@ impl PrivateBroker {
         let mut seen = HashMap::new();
         // A consumer with a deep prefetch: one basic.get per message crawls on a quorum
         // queue (tens of thousands of outputs took minutes).
-        ch.basic_qos(1000, BasicQosOptions::default())
-            .await
-            .expect("qos");
-        let mut consumer = ch
-            .basic_consume(
+        let mut consumer = bounded(super::WAIT, "starting the drain", async {
+            ch.basic_qos(1000, BasicQosOptions::default())
+                .await
+                .expect("qos");
+            ch.basic_consume(
                 queue.into(),
                 "drain".into(),
                 BasicConsumeOptions {
@@ -465,7 +508,9 @@ impl PrivateBroker {
                 FieldTable::default(),
             )
             .await
-            .expect("consume the queue to drain");
+            .expect("consume the queue to drain")
+        })
+        .await;
         let deadline = Instant::now() + FAULT_RUN_LIMIT;
         loop {
             match tokio::time::timeout(Duration::from_secs(1), consumer.next()).await {
@@ -487,6 +532,14 @@ impl PrivateBroker {
         close(conn).await;
         seen
     }
+}
+
+/// Runs `f`, failing the test if it takes longer than `limit`: a node that stops answering
+/// (stopped, booting, under an alarm) must not hold a test for ever.
+async fn bounded<T>(limit: Duration, what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(limit, f)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: the private node did not answer within {limit:?}"))
 }
 
 /// Bounds a test connection's handshake: a node stopping or booting can accept the TCP
@@ -577,11 +630,13 @@ impl Drop for PrivateBroker {
         if let Some(mut s) = self.server.take() {
             s.kill();
         }
-        if let Some(p) = pid {
-            // SAFETY: plain syscall; a pid that is gone yields ESRCH, ignored.
-            unsafe {
-                libc::kill(p, libc::SIGKILL);
-            }
+        if let Some(p) = pid
+            && let Some(id) = self
+                .node
+                .strip_prefix("st")
+                .and_then(|n| n.split('@').next())
+        {
+            kill_node(p, id);
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }

@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 /// The signal numbers tests send with [`Guarded::signal`].
 pub use libc::{SIGINT, SIGKILL, SIGTERM, SIGXFSZ};
 
+/// How long a killed child is waited for.
+const REAP: Duration = Duration::from_secs(30);
+
 /// A child process (and every process it starts) killed when dropped.
 #[derive(Debug)]
 pub struct Guarded {
@@ -74,7 +77,10 @@ impl Guarded {
     /// Sends `signal` to the whole process group.
     pub fn signal_group(&self, signal: i32) {
         let pgid = self.child.id() as libc::pid_t;
-        // SAFETY: plain syscall; a group that is already gone yields ESRCH, ignored.
+        // SAFETY: plain syscall; a group that is already gone yields ESRCH, ignored. The
+        // leader is reaped only in `drop`, so its id (the group's) cannot have been given to
+        // another process meanwhile (pid_max is 32768 on many machines: ids come round
+        // within one suite run).
         unsafe {
             libc::kill(-pgid, signal);
         }
@@ -94,29 +100,58 @@ impl Guarded {
         self.wait_for(budget)
     }
 
-    /// Kills the process group at once and reaps the child (`kill -9`).
+    /// Kills the process group at once and waits for the child to die (`kill -9`).
     pub fn kill(&mut self) {
         self.signal_group(libc::SIGKILL);
-        let _ = self.child.wait();
+        let _ = self.wait_for(REAP);
     }
 
     /// Waits at most `budget` for the process to exit.
     pub fn wait_for(&mut self, budget: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + budget;
         loop {
-            match self.child.try_wait() {
-                Ok(Some(s)) => return Some(s),
-                Ok(None) if Instant::now() < deadline => {
+            match self.exited() {
+                Some(s) => return Some(s),
+                None if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(20));
                 }
-                _ => return None,
+                None => return None,
             }
         }
     }
 
     /// True while the process has not exited.
     pub fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+        self.exited().is_none()
+    }
+
+    /// The exit status once the process has exited, leaving it unreaped (`WNOWAIT`): its id
+    /// stays its own, so signalling it or its group later never reaches another process.
+    fn exited(&self) -> Option<ExitStatus> {
+        use std::os::unix::process::ExitStatusExt;
+        // SAFETY: a zeroed siginfo_t is a valid out-parameter; waitid only writes to it.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: plain syscall on our own unreaped child.
+        let r = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                self.child.id() as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        // SAFETY: after a successful waitid, si_pid and si_status are set (si_pid 0: no
+        // child has exited yet).
+        let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
+        if r != 0 || pid == 0 {
+            return None;
+        }
+        // Back into a wait(2) status, as std reports it.
+        Some(ExitStatus::from_raw(match info.si_code {
+            libc::CLD_EXITED => (status & 0xff) << 8,
+            libc::CLD_DUMPED => (status & 0x7f) | 0x80,
+            _ => status & 0x7f,
+        }))
     }
 }
 
@@ -187,7 +222,11 @@ impl Drop for Guarded {
     fn drop(&mut self) {
         // The group outlives its leader when the leader exited first: kill it either way.
         self.signal_group(libc::SIGKILL);
-        let _ = self.child.wait();
+        // Reaped now, at most `REAP` waited for: a process stuck in the kernel
+        // (uninterruptible sleep on a hung disk) must not hold the test for ever.
+        if self.wait_for(REAP).is_some() {
+            let _ = self.child.wait();
+        }
     }
 }
 
@@ -280,5 +319,41 @@ mod tests {
         let s = g.terminate(Duration::from_secs(20)).expect("exited");
         use std::os::unix::process::ExitStatusExt;
         assert_eq!(s.signal(), Some(libc::SIGTERM));
+    }
+
+    /// A child that exited keeps its id (unreaped) until its guard drops: the group kill in
+    /// `drop` must not reach a process that was given the id since (ids come round).
+    #[test]
+    fn an_exited_child_keeps_its_id_until_the_guard_drops() {
+        let mut g = spawn(Command::new("sleep").arg("300")).expect("sleep runs");
+        let pid = g.id();
+        g.kill();
+        assert!(!g.is_running());
+        assert_eq!(
+            g.wait_for(Duration::ZERO).and_then(|s| {
+                use std::os::unix::process::ExitStatusExt;
+                s.signal()
+            }),
+            Some(libc::SIGKILL)
+        );
+        assert!(
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s
+                .rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z'))),
+            "still a zombie: its id is not free"
+        );
+        drop(g);
+        assert!(
+            std::fs::metadata(format!("/proc/{pid}")).is_err(),
+            "reaped with the guard"
+        );
+        let mut exits = spawn(Command::new("sh").args(["-c", "exit 3"])).expect("sh runs");
+        assert_eq!(
+            exits
+                .wait_for(Duration::from_secs(20))
+                .and_then(|s| s.code()),
+            Some(3)
+        );
     }
 }
