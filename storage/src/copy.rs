@@ -269,10 +269,14 @@ impl CopyError {
             CopyError::Db(e) => db::is_outage(e),
             // Its abort failed on the store or the records, neither of them the file's.
             CopyError::EarlierUpload(_) => true,
-            CopyError::Write(_, e) => e.raw_os_error().is_some_and(store_down),
+            CopyError::Write(_, e) => e
+                .raw_os_error()
+                .is_some_and(|n| store_down(n) || short_of_resources(n)),
             // A source share gone away (its server not answering, a stale handle), not
             // a bad sector of one file (EIO).
-            CopyError::Read(_, e) => e.raw_os_error().is_some_and(share_down),
+            CopyError::Read(_, e) => e
+                .raw_os_error()
+                .is_some_and(|n| share_down(n) || short_of_resources(n)),
             _ => false,
         }
     }
@@ -291,6 +295,13 @@ pub fn share_down(errno: i32) -> bool {
         libc::ENODEV,
     ]
     .contains(&errno)
+}
+
+/// Whether `errno` says this process or machine ran short of descriptors or memory (at
+/// full concurrency, beside a leak): it passes, and is no file's fault — counted, a
+/// backlog went to the DLQ as "retries exhausted" while it lasted.
+fn short_of_resources(errno: i32) -> bool {
+    [libc::EMFILE, libc::ENFILE, libc::ENOMEM].contains(&errno)
 }
 
 /// Whether `errno` writing to a local store says the store cannot take anything now (its
@@ -1256,6 +1267,20 @@ pub async fn remove(store: &dyn ObjectStore, key: &ObjectPath) -> Result<(), Cop
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn running_short_of_descriptors_or_memory_is_an_outage_not_the_files_fault() {
+        let io = |n| std::io::Error::from_raw_os_error(n);
+        for n in [libc::EMFILE, libc::ENFILE, libc::ENOMEM] {
+            assert!(CopyError::Write("k".into(), io(n)).is_outage(), "write {n}");
+            assert!(CopyError::Read("k".into(), io(n)).is_outage(), "read {n}");
+        }
+        assert!(!CopyError::Write("k".into(), io(libc::EACCES)).is_outage());
+        assert!(
+            !CopyError::Read("k".into(), io(libc::EIO)).is_outage(),
+            "a bad sector"
+        );
+    }
 
     #[test]
     fn a_file_larger_than_the_store_takes_is_permanent_other_write_errors_are_not() {
