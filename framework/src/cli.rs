@@ -290,6 +290,7 @@ pub fn main<S: Service>() -> ExitCode {
         }
     };
     telemetry::init_logging(&cfg.log);
+    raise_open_files_limit();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_stack_size(runtime_stack())
@@ -424,6 +425,36 @@ pub unsafe fn reserve_stacks() {
     if std::env::var_os("RUST_MIN_STACK").is_none() {
         // SAFETY: the caller guarantees this process has no other thread yet.
         unsafe { std::env::set_var("RUST_MIN_STACK", THREAD_STACK.to_string()) };
+    }
+}
+
+/// Raises this process's soft limit of open files to its hard limit. Each copy, connection,
+/// pooled database handle and staged upload holds descriptors, and the soft limit most
+/// hosts and service managers set (1,024) is below what a busy service needs, while the
+/// hard limit they allow is far above it; out of descriptors, every file is refused at once.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read or write only the one struct given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 || limit.rlim_cur >= limit.rlim_max
+        {
+            return;
+        }
+        let was = limit.rlim_cur;
+        limit.rlim_cur = limit.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+            tracing::debug!(was, now = limit.rlim_cur, "raised the open files limit");
+        } else {
+            tracing::warn!(
+                soft = was,
+                hard = limit.rlim_max,
+                error = %std::io::Error::last_os_error(),
+                "cannot raise the open files limit to its hard limit"
+            );
+        }
     }
 }
 

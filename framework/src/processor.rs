@@ -61,6 +61,16 @@ impl Outcome {
     pub fn permanent(reason: impl std::fmt::Display) -> Self {
         Outcome::Permanent(reason.to_string())
     }
+    /// The outcome of a message whose handler's own publish failed with `e` (`reason`
+    /// says which): permanent where publishing it again can never pass (a message too
+    /// large for the broker, see [`PublishError::never_passes`]), else a retry.
+    pub fn publish_failed(reason: impl std::fmt::Display, e: &PublishError) -> Self {
+        if e.never_passes() {
+            Outcome::Permanent(format!("{reason}: {e}"))
+        } else {
+            Outcome::Retry(format!("{reason}: {e}"))
+        }
+    }
     /// Retries done in place ran out: dead-lettered as `retries-exhausted`.
     pub fn exhausted(reason: impl std::fmt::Display) -> Self {
         Outcome::Exhausted(reason.to_string())

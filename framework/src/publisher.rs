@@ -139,9 +139,34 @@ pub enum PublishError {
         /// The connection's negotiated frame size.
         frame_max: usize,
     },
+    /// The broker refused the body for its size (larger than its `max_message_size`) and
+    /// closed the channel: nothing was published, and no retry will make it fit.
+    #[error(
+        "the broker refused the {bytes}-byte body to {} (larger than its max_message_size); \
+         nothing published",
+        exchange_shown(exchange)
+    )]
+    BodyTooLarge {
+        /// Destination exchange.
+        exchange: String,
+        /// Bytes of the body.
+        bytes: usize,
+    },
 }
 
 impl PublishError {
+    /// Whether publishing the same message again can never succeed (too large for the
+    /// broker or a frame, a name too long): its input is dead-lettered, not retried into
+    /// the same refusal.
+    pub fn never_passes(&self) -> bool {
+        matches!(
+            self,
+            PublishError::TooLarge { .. }
+                | PublishError::NameTooLong(..)
+                | PublishError::BodyTooLarge { .. }
+        )
+    }
+
     /// Whether the broker refused one of these bodies (`sizes`, in bytes) for its size
     /// (`max_message_size`, 16 MiB by default on RabbitMQ 4.x): the same outcome will never
     /// fit, however often retried. The size the broker names must be one of them: the
@@ -278,6 +303,8 @@ impl Publisher {
                 body: p.id_source(),
             },
         );
+        let bytes = p.body.len();
+        let exchange = p.exchange.clone();
         self.send(vec![Outgoing {
             exchange: p.exchange,
             routing_key: p.routing_key,
@@ -286,6 +313,13 @@ impl Publisher {
             mandatory: p.mandatory,
         }])
         .await
+        .map_err(|e| {
+            if e.body_too_large(&[bytes]) {
+                PublishError::BodyTooLarge { exchange, bytes }
+            } else {
+                e
+            }
+        })
     }
 
     /// The dead letter of `body` (the whole input or a part of it) failed as `kind`.

@@ -59,6 +59,15 @@ pub fn unique(prefix: &str) -> String {
 /// (a passing test never waits this long; it only bounds a failing one).
 pub const WAIT: Duration = Duration::from_secs(60);
 
+/// Awaits `f`, failing the test naming `what` if it takes longer than `limit`: a peer that
+/// stops answering (a broker under an alarm, a node stopping, a hung task) must fail the
+/// test, not hold the suite for ever.
+pub async fn within<T>(limit: Duration, what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(limit, f)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no answer within {limit:?}"))
+}
+
 /// Config for queue `q` with fast retries, from the built-in defaults plus `extra`.
 pub fn config(q: &str, extra: &[(&str, &str)]) -> Config<IgnoredAny> {
     let mut o = LoadOptions::isolated()
@@ -140,9 +149,8 @@ impl Background {
     pub async fn stop(mut self) {
         self.stop.cancel();
         if let Some(t) = self.task.take() {
-            tokio::time::timeout(WAIT, t)
+            within(WAIT, "stopping the runtime", t)
                 .await
-                .expect("runtime stopped in time")
                 .expect("runtime task")
                 .expect("runtime ended without error");
         }
@@ -241,17 +249,20 @@ pub fn service_command(
 
 /// Opens a test connection with a confirm channel.
 pub async fn test_channel() -> (Connection, Channel) {
-    let conn = tokio::time::timeout(
+    let conn = within(
         WAIT,
+        "the broker's connection handshake",
         Connection::connect(&amqp_url(), ConnectionProperties::default()),
     )
     .await
-    .expect("the broker answers the connection")
     .expect("broker reachable (is RabbitMQ running on 127.0.0.1:5672?)");
-    let ch = tokio::time::timeout(WAIT, crate::runtime::confirm_channel(&conn))
-        .await
-        .expect("the broker answers the channel's opening")
-        .expect("channel");
+    let ch = within(
+        WAIT,
+        "opening a channel",
+        crate::runtime::confirm_channel(&conn),
+    )
+    .await
+    .expect("channel");
     (conn, ch)
 }
 
@@ -303,10 +314,13 @@ impl Harness {
         let runtime = Background::start(name, &cfg, pc);
         let status = runtime.status.clone();
         let mut sessions = status.sessions();
-        tokio::time::timeout(WAIT, sessions.wait_for(|n| *n >= 1))
-            .await
-            .expect("runtime started consuming")
-            .expect("status alive");
+        within(
+            WAIT,
+            "the runtime starting to consume",
+            sessions.wait_for(|n| *n >= 1),
+        )
+        .await
+        .expect("status alive");
         let (conn, ch) = test_channel().await;
         Harness {
             output_exchange: cfg.service.output_exchange.clone(),
@@ -507,7 +521,7 @@ impl Drop for Cleanup {
 
 /// Publishes with confirms and asserts the broker acked.
 pub async fn publish(ch: &Channel, exchange: &str, key: &str, body: &[u8], props: BasicProperties) {
-    let c = tokio::time::timeout(WAIT, async {
+    let c = within(WAIT, "the broker's confirm of a test publish", async {
         ch.basic_publish(
             exchange.into(),
             key.into(),
@@ -520,8 +534,7 @@ pub async fn publish(ch: &Channel, exchange: &str, key: &str, body: &[u8], props
         .await
         .expect("confirm")
     })
-    .await
-    .expect("the broker confirms the test publish in time");
+    .await;
     assert!(c.is_ack(), "broker acked the test publish");
 }
 
@@ -574,10 +587,13 @@ pub async fn next(c: &mut Consumer) -> Delivery {
 pub async fn next_within(c: &mut Consumer, d: Duration) -> Option<Delivery> {
     match tokio::time::timeout(d, c.next()).await {
         Ok(Some(Ok(del))) => {
-            tokio::time::timeout(WAIT, del.acker.ack(BasicAckOptions::default()))
-                .await
-                .expect("the ack goes out in time (a blocked connection sends nothing)")
-                .expect("ack");
+            within(
+                WAIT,
+                "a test ack (a blocked connection sends nothing)",
+                del.acker.ack(BasicAckOptions::default()),
+            )
+            .await
+            .expect("ack");
             Some(del)
         }
         _ => None,

@@ -313,6 +313,50 @@ async fn an_outcome_larger_than_the_broker_accepts_is_dead_lettered_at_once() {
     service.stop().await;
 }
 
+/// Publishes a message of 2 MiB from inside its handler (as snapshot-status publishes
+/// export-state messages built from producer text); counts its calls.
+struct PublishesTooMuch(String, Arc<AtomicUsize>);
+
+#[async_trait]
+impl MessageProcessor for PublishesTooMuch {
+    type Input = serde_json::Value;
+    async fn handle(&self, _: serde_json::Value, ctx: &MessageContext) -> Outcome {
+        self.1.fetch_add(1, Ordering::SeqCst);
+        let big = framework::Publication::text(&self.0, "big", "x".repeat(2 << 20));
+        match ctx.publish(big).await {
+            Ok(()) => Outcome::success("published"),
+            Err(e) => Outcome::publish_failed("publishing the big one", &e),
+        }
+    }
+}
+
+/// A handler's own publish refused by the broker for its size will be refused again at
+/// every retry: its input is dead-lettered at once, naming the refusal, not retried
+/// `max_attempts` times into it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handlers_publish_larger_than_the_broker_accepts_dead_letters_its_input() {
+    let broker = PrivateBroker::start_with(|_, _| "max_message_size = 1048576\n".to_string()).await;
+    let q = unique("bigextra");
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (service, _) = start_on(
+        &broker,
+        &q,
+        &[],
+        PublishesTooMuch(format!("{q}-out"), calls.clone()),
+    )
+    .await;
+    let (_conn, ch) = broker.channel().await.expect("channel");
+    let mut dlq = consume(&ch, &format!("{q}-dlq")).await;
+    send_input(&broker, &q).await;
+    let d = next(&mut dlq).await;
+    assert_eq!(header(&d, "x-error-kind").as_deref(), Some("permanent"));
+    let why = header(&d, "x-error").unwrap_or_default();
+    assert!(why.contains("max_message_size"), "{why}");
+    assert_eq!(d.data, br#"{"n":1}"#, "the input as it came");
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "not retried");
+    service.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_during_a_resource_alarm_moves_each_dead_letter_once() {
     let broker = PrivateBroker::start().await;

@@ -1432,6 +1432,61 @@ async fn the_spans_dropped_counter_starts_at_0() {
     assert_eq!(child.terminate(WAIT).and_then(|s| s.code()), Some(0));
 }
 
+/// A service raises its soft limit of open files to the hard one: started with the 1,024
+/// most hosts set as the soft default (here 64), a busy service ran out of descriptors
+/// while the hard limit allowed far more.
+#[tokio::test]
+async fn a_service_raises_its_open_files_limit_to_the_hard_one() {
+    let Declared {
+        dir,
+        q,
+        _conn,
+        _gone,
+        ..
+    } = declared("nofile").await;
+    let port = framework::testing::broker::free_port();
+    let mut cmd = echo_cmd(&q, dir.path());
+    cmd.env(
+        "STORAGETIER__ECHO__HTTP_LISTEN",
+        format!("127.0.0.1:{port}"),
+    )
+    .arg("run")
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    let mut now = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: writes only the one struct given.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut now) }, 0);
+    let hard = now.rlim_max.min(4096);
+    let low = libc::rlimit {
+        rlim_cur: 64,
+        rlim_max: hard,
+    };
+    // SAFETY: setrlimit is async-signal-safe and reads only the copied struct.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &low) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = process::spawn(&mut cmd).unwrap();
+    await_metric(port, "storagetier_connected 1\n").await;
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("an open files line");
+    let numbers: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
+    let hard = hard.to_string();
+    assert_eq!(numbers, [hard.as_str(), hard.as_str()], "{line}");
+    assert_eq!(child.terminate(WAIT).and_then(|s| s.code()), Some(0));
+}
+
 /// A producer's exchange that exists as another type than topic is not a conflict (it is
 /// the producer's), but the queue's pattern bindings would match nothing on a direct
 /// exchange: `declare` says so instead of binding without a word.

@@ -300,7 +300,7 @@ pub fn share_down(errno: i32) -> bool {
 /// Whether `errno` says this process or machine ran short of descriptors or memory (at
 /// full concurrency, beside a leak): it passes, and is no file's fault — counted, a
 /// backlog went to the DLQ as "retries exhausted" while it lasted.
-fn short_of_resources(errno: i32) -> bool {
+pub(crate) fn short_of_resources(errno: i32) -> bool {
     [libc::EMFILE, libc::ENFILE, libc::ENOMEM].contains(&errno)
 }
 

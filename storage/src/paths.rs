@@ -34,12 +34,33 @@ pub enum PathError {
     /// Could not be inspected (permissions, I/O).
     #[error("cannot access `{0}`: {1}")]
     Io(String, String),
+    /// Could not be opened for want of descriptors or memory (EMFILE, ENFILE, ENOMEM): the
+    /// process's or the host's trouble, which every file meets alike, not this file's.
+    #[error("cannot access `{0}`: {1}")]
+    ShortOfResources(String, String),
 }
 
 impl PathError {
+    /// The error of `e` met at `shown`: short of resources, or another I/O problem.
+    pub(crate) fn io(shown: &str, e: &std::io::Error) -> Self {
+        if e.raw_os_error()
+            .is_some_and(crate::copy::short_of_resources)
+        {
+            PathError::ShortOfResources(shown.to_string(), e.to_string())
+        } else {
+            PathError::Io(shown.to_string(), e.to_string())
+        }
+    }
+
     /// Permission or I/O problems may pass; the rest never will.
     pub fn is_transient(&self) -> bool {
-        matches!(self, PathError::Io(..))
+        matches!(self, PathError::Io(..) | PathError::ShortOfResources(..))
+    }
+
+    /// Whether every file would meet it now (out of descriptors or memory): an outage to
+    /// wait out, not a retry counted against this file.
+    pub fn is_outage(&self) -> bool {
+        matches!(self, PathError::ShortOfResources(..))
     }
 }
 
@@ -242,7 +263,7 @@ pub fn resolve(roots: &[Root], filepath: &str, filename: &str) -> Result<Resolve
             Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
                 return Err(PathError::LinkLoop(shown));
             }
-            Err(e) => last_err = PathError::Io(shown.clone(), e.to_string()),
+            Err(e) => last_err = PathError::io(&shown, &e),
         }
     }
     Err(last_err)
@@ -265,9 +286,7 @@ pub fn may_be_unmounted(dir: &Path) -> bool {
 
 /// The resolved file at `real` (beneath `root`), if it is a regular file.
 fn opened(real: PathBuf, root: &Root, file: File, shown: &str) -> Result<Resolved, PathError> {
-    let meta = file
-        .metadata()
-        .map_err(|e| PathError::Io(shown.to_string(), e.to_string()))?;
+    let meta = file.metadata().map_err(|e| PathError::io(shown, &e))?;
     if !meta.is_file() {
         return Err(PathError::NotAFile(shown.to_string()));
     }
@@ -414,7 +433,7 @@ fn file_flags() -> rustix::fs::OFlags {
 /// resolved afresh.
 pub(crate) fn open_beneath(root: &Path, rel: &Path, shown: &str) -> Result<File, PathError> {
     use rustix::fs::Mode;
-    let io = |e: std::io::Error| PathError::Io(shown.to_string(), e.to_string());
+    let io = |e: std::io::Error| PathError::io(shown, &e);
     // A retry resolves the path afresh: through the link if it stays inside the roots,
     // refused as outside them if not.
     let swapped = || {

@@ -100,7 +100,9 @@ fn mtime_text(secs: i64, nanos: i64) -> Option<String> {
 
 impl From<PathError> for TierError {
     fn from(e: PathError) -> Self {
-        if e.is_transient() {
+        if e.is_outage() {
+            TierError::Unavailable(e.to_string())
+        } else if e.is_transient() {
             TierError::Transient(e.to_string())
         } else {
             TierError::Permanent(e.to_string())
@@ -170,7 +172,7 @@ fn open_source(roots: &[Root], parent_dir: &str, filename: &str) -> Result<Opene
     let meta = resolved
         .file
         .metadata()
-        .map_err(|e| PathError::Io(resolved.path.display().to_string(), e.to_string()))?;
+        .map_err(|e| PathError::io(&resolved.path.display().to_string(), &e))?;
     Ok(Opened::File(resolved, meta))
 }
 
@@ -869,6 +871,73 @@ mod tests {
                 "given up well before its lease ends"
             );
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Set in the child process of the test below, which runs out of descriptors.
+    const OUT_OF_DESCRIPTORS: &str = "STORAGETIER_TEST_OUT_OF_DESCRIPTORS";
+
+    /// A source that cannot be opened because the process is out of descriptors (16 large
+    /// copies beside a leak) is an outage waited out uncounted, not a counted retry of a
+    /// file that is fine: counted, a backlog went to the DLQ as "retries exhausted". Run
+    /// in a child process of its own, as the limit is the whole process's.
+    #[test]
+    fn opening_a_source_out_of_descriptors_is_an_outage() {
+        let dir = tempfile::tempdir().expect("temp");
+        std::fs::write(dir.path().join("a.mov"), b"x").expect("source");
+        let roots = crate::paths::open_roots(&[dir.path().to_path_buf()], false).expect("roots");
+        let parent = dir.path().display().to_string();
+        if std::env::var_os(OUT_OF_DESCRIPTORS).is_none() {
+            let exe = std::env::current_exe().expect("own test binary");
+            let out = std::process::Command::new(exe)
+                .args([
+                    "--exact",
+                    "tier::tests::opening_a_source_out_of_descriptors_is_an_outage",
+                    "--test-threads=1",
+                ])
+                .env(OUT_OF_DESCRIPTORS, "1")
+                .stdin(std::process::Stdio::null())
+                .output()
+                .expect("the child test runs");
+            assert!(
+                out.status.success(),
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(
+                String::from_utf8_lossy(&out.stdout).contains("1 passed"),
+                "the child ran the test"
+            );
+            // With descriptors to spare, the same file opens.
+            assert!(matches!(
+                super::open_source(&roots, &parent, "a.mov"),
+                Ok(super::Opened::File(..))
+            ));
+            return;
+        }
+        let highest = std::fs::read_dir("/proc/self/fd")
+            .expect("own descriptors")
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok())
+            .max()
+            .unwrap_or(2);
+        let limit = libc::rlimit {
+            rlim_cur: highest + 1,
+            rlim_max: highest + 64,
+        };
+        // SAFETY: reads one struct; this child process runs this one test.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
+        // Fill whatever numbers below the limit are free.
+        let mut held = Vec::new();
+        while let Ok(f) = std::fs::File::open("/dev/null") {
+            held.push(f);
+        }
+        let got = super::open_source(&roots, &parent, "a.mov");
+        drop(held);
+        match got {
+            Err(super::TierError::Unavailable(e)) => assert!(e.contains("a.mov"), "{e}"),
+            Err(e) => panic!("not an outage: {e}"),
+            Ok(_) => panic!("opened with no descriptor free"),
         }
     }
 

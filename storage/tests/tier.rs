@@ -12,10 +12,8 @@ use storage::{Algorithm, AssetSweeperFile, Records, Tier};
 
 /// Awaits a spawned task, failing the test if it has not ended within
 /// [`framework::testing::WAIT`] (a regression that hangs fails instead of holding the suite).
-async fn within<T>(task: tokio::task::JoinHandle<T>) -> Result<T, tokio::task::JoinError> {
-    tokio::time::timeout(framework::testing::WAIT, task)
-        .await
-        .expect("the task ended in time")
+async fn joined<T>(task: tokio::task::JoinHandle<T>) -> Result<T, tokio::task::JoinError> {
+    framework::testing::within(framework::testing::WAIT, "a spawned copy", task).await
 }
 
 const MIB: usize = 1024 * 1024;
@@ -148,7 +146,7 @@ async fn concurrent_uploads_of_different_content_to_one_key_never_overwrite() {
     // Meanwhile B handles the same key: it must not find it free.
     let during = b.handle(&msg_b, 1).await;
     release.notify_one();
-    let ra = copied(within(first).await.expect("A ran"));
+    let ra = copied(joined(first).await.expect("A ran"));
     assert_eq!(ra.key, "show/ep.mov");
     // Waited out uncounted: A's copy may outlast every tier.
     let e = outage(during);
@@ -466,7 +464,7 @@ async fn an_s3_copy_never_replaces_an_object_published_while_it_uploads() {
         .await
         .expect("the other writer publishes");
         release.notify_one();
-        let r = copied(within(copy).await.expect("the copy ran"));
+        let r = copied(joined(copy).await.expect("the copy ran"));
         assert_eq!(r.key, format!("{key}.{}", &sha256(&body)[..16]), "{name}");
         assert_eq!(r.checksum, sha256(&body));
         assert_eq!(
@@ -1006,7 +1004,7 @@ async fn an_upload_resumed_while_the_sweep_runs_is_not_aborted() {
     .await
     .expect("touched");
     release.notify_one();
-    assert_eq!(within(sweep).await.expect("sweep").expect("swept"), 1);
+    assert_eq!(joined(sweep).await.expect("sweep").expect("swept"), 1);
     assert!(
         c.records()
             .upload_for("pre/a/second.mov")

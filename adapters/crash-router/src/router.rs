@@ -199,10 +199,10 @@ impl MessageProcessor for CrashRouter {
                     .publish(Publication::text("", &q.name, id.as_str()).mandatory())
                     .await
                 {
-                    return Outcome::retry(format!(
-                        "publishing crash id {id} to queue `{}` failed: {e}",
-                        q.name
-                    ));
+                    return Outcome::publish_failed(
+                        format!("publishing crash id {id} to queue `{}` failed", q.name),
+                        &e,
+                    );
                 } else {
                     sent.mark_done(routing.as_str());
                     sent.mark_done(at);

@@ -9,7 +9,8 @@ use db::DatabaseUrl;
 use framework::config::{Config, ConfigError};
 use framework::telemetry::LogText;
 use framework::{
-    Binding, BoxError, MessageContext, MessageProcessor, Outcome, Publication, Service, async_trait,
+    Binding, BoxError, MessageContext, MessageProcessor, Outcome, Publication, Service,
+    async_trait, publisher::PublishError,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -140,12 +141,13 @@ struct Extra {
 }
 
 /// Publishes each of `extra` not confirmed by an earlier attempt, waiting for its confirm
-/// and marking it done; the first that fails stops the rest (the input is retried).
+/// and marking it done; the first that fails stops the rest, naming where it went (see
+/// [`Outcome::publish_failed`] for what the input's outcome then is).
 async fn publish_extras(
     ctx: &MessageContext,
     published: &mut framework::batch::Progress<'_>,
     extra: Vec<Extra>,
-) -> Result<(), String> {
+) -> Result<(), (String, PublishError)> {
     for e in extra {
         if published.is_done(&e.mark) {
             continue;
@@ -153,7 +155,7 @@ async fn publish_extras(
         let exchange = e.publication.exchange.clone();
         ctx.publish(e.publication)
             .await
-            .map_err(|err| format!("publishing to `{exchange}` failed: {err}"))?;
+            .map_err(|err| (format!("publishing to `{exchange}` failed"), err))?;
         published.mark_done(e.mark);
     }
     Ok(())
@@ -563,8 +565,8 @@ impl MessageProcessor for StatusProcessor {
                     Err(e) => e.retry(ctx, &e),
                     Ok(h) => {
                         let nothing_to_send = h.extra.is_empty();
-                        if let Err(e) = publish_extras(ctx, &mut published, h.extra).await {
-                            return Outcome::retry(e);
+                        if let Err((why, e)) = publish_extras(ctx, &mut published, h.extra).await {
+                            return Outcome::publish_failed(why, &e);
                         }
                         match h.dropped {
                             Some(reason)
@@ -630,7 +632,23 @@ impl MessageProcessor for StatusProcessor {
                                 Err(format!("the database refuses this record: {e}"))
                             }
                             Err(e) => return e.retry(ctx, format!("record {n}: {e}")),
-                            Ok(h) => Ok(h),
+                            Ok(mut h) => {
+                                match publish_extras(
+                                    ctx,
+                                    &mut published,
+                                    std::mem::take(&mut h.extra),
+                                )
+                                .await
+                                {
+                                    Ok(()) => Ok(h),
+                                    // A message no broker will take: this record is
+                                    // dead-lettered on its own, the rest go on.
+                                    Err((why, e)) if e.never_passes() => Err(format!("{why}: {e}")),
+                                    Err((why, e)) => {
+                                        return Outcome::retry(format!("record {n}: {why}: {e}"));
+                                    }
+                                }
+                            }
                         },
                     };
                     match handled {
@@ -648,9 +666,6 @@ impl MessageProcessor for StatusProcessor {
                             report(&mut reports, n, json!({"record": n, "dead_lettered": e}));
                         }
                         Ok(mut h) => {
-                            if let Err(e) = publish_extras(ctx, &mut published, h.extra).await {
-                                return Outcome::retry(format!("record {n}: {e}"));
-                            }
                             if h.too_early {
                                 too_early.push(n.to_string());
                             }

@@ -357,7 +357,7 @@ impl PrivateBroker {
 
     /// Declares a durable quorum queue bound to `exchange` with `#` to collect outputs.
     pub async fn sink(&self, queue: &str, exchange: &str) {
-        bounded(
+        super::within(
             super::WAIT,
             "declaring the sink",
             self.declare_sink(queue, exchange),
@@ -393,7 +393,7 @@ impl PrivateBroker {
 
     /// Publishes every body persistently to `exchange` with `key`, waiting for confirms.
     pub async fn preload(&self, exchange: &str, key: &str, bodies: impl Iterator<Item = Vec<u8>>) {
-        bounded(
+        super::within(
             FAULT_RUN_LIMIT,
             "the preload",
             self.publish_all(exchange, key, bodies),
@@ -494,7 +494,7 @@ impl PrivateBroker {
         let mut seen = HashMap::new();
         // A consumer with a deep prefetch: one basic.get per message crawls on a quorum
         // queue (tens of thousands of outputs took minutes).
-        let mut consumer = bounded(super::WAIT, "starting the drain", async {
+        let mut consumer = super::within(super::WAIT, "starting the drain", async {
             ch.basic_qos(1000, BasicQosOptions::default())
                 .await
                 .expect("qos");
@@ -532,14 +532,6 @@ impl PrivateBroker {
         close(conn).await;
         seen
     }
-}
-
-/// Runs `f`, failing the test if it takes longer than `limit`: a node that stops answering
-/// (stopped, booting, under an alarm) must not hold a test for ever.
-async fn bounded<T>(limit: Duration, what: &str, f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(limit, f)
-        .await
-        .unwrap_or_else(|_| panic!("{what}: the private node did not answer within {limit:?}"))
 }
 
 /// Bounds a test connection's handshake: a node stopping or booting can accept the TCP
