@@ -1034,6 +1034,7 @@ fn unlisted_kind(name: &str) -> Option<Value> {
         "max_retries",
         "retry_timeout_ms",
         "part_size_mib",
+        "part_memory_mib",
     ];
     const BOOLEAN: &[&str] = &[
         "allow_http",

@@ -618,6 +618,10 @@ fn bad_store_settings_exit_2_naming_the_key() {
             vec![s3, ("ARCHIVE_OPTIONS__PART_SIZE_MIB", "1")],
             "online_archive.archive_options.part_size_mib",
         ),
+        (
+            vec![s3, ("ARCHIVE_OPTIONS__PART_MEMORY_MIB", "0")],
+            "online_archive.archive_options.part_memory_mib",
+        ),
         // Shorter than a copy's wait in the 120 s retry tier: its upload aborted between
         // two attempts, a large file started over at every one.
         (

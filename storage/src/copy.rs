@@ -629,9 +629,13 @@ pub async fn upload(
         _ => None,
     };
 
-    let first = read_part(&mut f, part, &mut h, shown).await?;
-    let mut up = if (first.len() as u64) < part {
+    let first = read_part(&mut f, part, &mut h, shown, &tier.part_budget).await?;
+    let mut up = if (first.bytes.len() as u64) < part {
         // One request: atomic, so a failure leaves nothing to clean up.
+        let Part {
+            bytes: first,
+            room: _room,
+        } = first;
         let sums = tier.s3.as_ref().map(|_| {
             (
                 base64_sha256(&first),
@@ -674,6 +678,7 @@ pub async fn upload(
             key,
             shown,
             part,
+            budget: &tier.part_budget,
             source: (file, before),
             create_only: tier.create_only,
         };
@@ -718,13 +723,13 @@ async fn upload_multipart(
     key: &ObjectPath,
     f: &mut Source,
     source: (&std::fs::File, SourceState),
-    first: Vec<u8>,
+    first: Part,
     part: u64,
     h: &mut crate::checksum::Hasher,
     shown: &str,
     attributes: Attributes,
 ) -> Result<Uploaded, CopyError> {
-    let mut size = first.len() as u64;
+    let mut size = first.bytes.len() as u64;
     let opts = PutMultipartOptions {
         attributes,
         ..Default::default()
@@ -735,7 +740,7 @@ async fn upload_multipart(
         // Spawned, so parts upload while the next one is read.
         let mut in_flight = tokio::task::JoinSet::new();
         let mut next = first;
-        while !next.is_empty() {
+        while !next.bytes.is_empty() {
             parts += 1;
             if parts > MAX_PARTS {
                 // Only a file that grew past its size at open can get here.
@@ -744,9 +749,15 @@ async fn upload_multipart(
             while in_flight.len() >= PARTS_IN_FLIGHT {
                 join_part(in_flight.join_next().await)?;
             }
-            in_flight.spawn(up.put_part(next.into()));
-            next = read_part(f, part, h, shown).await?;
-            size += next.len() as u64;
+            let Part { bytes, room } = next;
+            let put = up.put_part(bytes.into());
+            in_flight.spawn(async move {
+                let r = put.await;
+                drop(room);
+                r
+            });
+            next = read_part(f, part, h, shown, &tier.part_budget).await?;
+            size += next.bytes.len() as u64;
         }
         while let Some(r) = in_flight.join_next().await {
             join_part(Some(r))?;
@@ -827,6 +838,8 @@ struct Multipart<'a> {
     key: &'a ObjectPath,
     shown: &'a str,
     part: u64,
+    /// Room for part buffers, shared by every upload to the store.
+    budget: &'a crate::part_budget::PartBudget,
     /// The open source and its state when the copy began.
     source: (&'a std::fs::File, SourceState),
     /// Completed only if nothing is at the key (`Tier::create_only`).
@@ -870,7 +883,7 @@ impl Multipart<'_> {
     async fn run(
         &self,
         f: &mut Source,
-        first: Vec<u8>,
+        first: Part,
         h: &mut crate::checksum::Hasher,
         recorded: Option<UploadRecord>,
         mtime: &str,
@@ -939,12 +952,12 @@ impl Multipart<'_> {
     async fn parts(
         &self,
         f: &mut Source,
-        first: Vec<u8>,
+        first: Part,
         h: &mut crate::checksum::Hasher,
         upload_id: &str,
         known: &HashMap<u64, (String, String)>,
     ) -> Result<Uploaded, CopyError> {
-        let mut size = first.len() as u64;
+        let mut size = first.bytes.len() as u64;
         let mut ids: Vec<Option<PartId>> = Vec::new();
         let mut part_sums: Vec<u8> = Vec::new();
         let mut sent = 0u64;
@@ -952,7 +965,7 @@ impl Multipart<'_> {
         // Spawned, so parts upload while the next one is read.
         let mut in_flight = tokio::task::JoinSet::new();
         let mut next = first;
-        while !next.is_empty() {
+        while !next.bytes.is_empty() {
             let idx = ids.len();
             let number = idx as u64 + 1;
             if number > MAX_PARTS {
@@ -961,7 +974,7 @@ impl Multipart<'_> {
             }
             let raw = {
                 use sha2::Digest as _;
-                sha2::Sha256::digest(&next)
+                sha2::Sha256::digest(&next.bytes)
             };
             part_sums.extend_from_slice(&raw);
             let sha = {
@@ -973,6 +986,9 @@ impl Multipart<'_> {
                 Some((stored, etag)) if stored == &sha => {
                     ids.push(Some(self.s3.part_id(etag, &sha)));
                     reused += 1;
+                    // Its room is given back before the next part waits for some: held
+                    // through that wait, a budget of one part would never have any.
+                    drop(next);
                 }
                 _ => {
                     ids.push(None);
@@ -983,16 +999,18 @@ impl Multipart<'_> {
                     let mp = self.mp.clone();
                     let key = self.key.clone();
                     let id = upload_id.to_string();
-                    let part_size = next.len() as u64;
+                    let Part { bytes, room } = next;
+                    let part_size = bytes.len() as u64;
                     in_flight.spawn(async move {
-                        let r = mp.put_part(&key, &id, idx, next.into()).await;
+                        let r = mp.put_part(&key, &id, idx, bytes.into()).await;
+                        drop(room);
                         (idx, part_size, sha, r)
                     });
                     sent += 1;
                 }
             }
-            next = read_part(f, self.part, h, self.shown).await?;
-            size += next.len() as u64;
+            next = read_part(f, self.part, h, self.shown, self.budget).await?;
+            size += next.bytes.len() as u64;
         }
         while let Some(r) = in_flight.join_next().await {
             self.store_part(&mut ids, Some(r), upload_id).await?;
@@ -1086,16 +1104,25 @@ impl Multipart<'_> {
 type PartResult = (usize, u64, String, object_store::Result<PartId>);
 
 /// Reads up to `part` bytes, hashing them.
+/// A part's bytes as read and hashed, holding their room in the store's part budget until
+/// dropped (once the part is uploaded).
+struct Part {
+    bytes: Vec<u8>,
+    room: crate::part_budget::Room,
+}
+
 async fn read_part(
     f: &mut Source,
     part: u64,
     h: &mut crate::checksum::Hasher,
     shown: &str,
-) -> Result<Vec<u8>, CopyError> {
+    budget: &crate::part_budget::PartBudget,
+) -> Result<Part, CopyError> {
     // Exactly the part (or what is left of the source, if less), allocated once: grown as
     // it was read (`read_to_end` doubles a full buffer), a 525 MiB part of a 5 TiB file
     // took a 1 GiB buffer and a 512 MiB copy on the way, three of them per file.
     let want = usize::try_from(part.min(f.limit())).unwrap_or(usize::MAX);
+    let room = budget.take(want).await;
     let mut buf = Vec::with_capacity(want);
     while buf.len() < want {
         let n = f
@@ -1107,7 +1134,7 @@ async fn read_part(
         }
     }
     h.update(&buf);
-    Ok(buf)
+    Ok(Part { bytes: buf, room })
 }
 
 fn join_part(

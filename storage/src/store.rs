@@ -49,6 +49,11 @@ pub struct StoreOptions {
     /// so that any object S3 holds (5 TiB) fits in its 10,000 parts.
     #[serde(default = "default_part_size_mib")]
     pub part_size_mib: u64,
+    /// Most MiB the part buffers of all uploads at once hold: a part is read when there
+    /// is room for it (one larger than this takes all of it), so many copies of very
+    /// large files at once wait for each other instead of exhausting memory.
+    #[serde(default = "default_part_memory_mib")]
+    pub part_memory_mib: u64,
     /// Uploads are create-only (`If-None-Match: *` on the PUT and on the multipart
     /// completion): a copy never replaces an object, even one written by a copy whose
     /// claim had lapsed. false only for a store that refuses the header.
@@ -74,6 +79,7 @@ impl Default for StoreOptions {
             max_retries: default_max_retries(),
             retry_timeout_ms: default_retry_timeout_ms(),
             part_size_mib: default_part_size_mib(),
+            part_memory_mib: default_part_memory_mib(),
             conditional_writes: true,
             checksums: true,
         }
@@ -88,6 +94,9 @@ fn default_retry_timeout_ms() -> u64 {
 }
 fn default_part_size_mib() -> u64 {
     8
+}
+fn default_part_memory_mib() -> u64 {
+    256
 }
 fn default_true() -> bool {
     true
@@ -115,6 +124,8 @@ pub struct Tier {
     /// For an S3 store: HEAD with the object's checksum, upload ids, ListParts, the
     /// create-only completion.
     pub s3: Option<crate::s3::SharedS3>,
+    /// Room for the part buffers of all uploads to this store at once.
+    pub part_budget: crate::part_budget::PartBudget,
     /// Objects are published create-only (the store options' `conditional_writes`): a publish that
     /// finds the key taken fails instead of replacing what is there. A local store's
     /// direct copies are always create-only (crate::local).
@@ -276,6 +287,12 @@ pub fn check_settings(
                 "{} is outside what S3 allows (5 to 5120)",
                 opts.part_size_mib
             ),
+        ));
+    }
+    if s3 && opts.part_memory_mib == 0 {
+        return Err(ConfigError::new(
+            format!("{options_key}.part_memory_mib"),
+            "is 0: no part could ever be read; give at least one part's MiB (part_size_mib)",
         ));
     }
     if let (true, Some(e)) = (s3, &opts.endpoint) {
@@ -452,6 +469,7 @@ pub fn open(url: &str, opts: &StoreOptions) -> Result<Tier, StoreConfigError> {
             min_part: opts.part_size_mib * 1024 * 1024,
             multipart: Some(store),
             s3: Some(Arc::new(s3)),
+            part_budget: crate::part_budget::PartBudget::new(opts.part_memory_mib),
             create_only: opts.conditional_writes,
         })
     } else {
@@ -482,6 +500,7 @@ pub fn local(dir: &Path) -> Result<Tier, StoreConfigError> {
         min_part: default_part_size_mib() * 1024 * 1024,
         multipart: None,
         s3: None,
+        part_budget: crate::part_budget::PartBudget::new(default_part_memory_mib()),
         create_only: false,
     })
 }

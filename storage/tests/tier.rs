@@ -383,7 +383,6 @@ async fn multipart_through_s3_survives_an_outage_mid_upload() {
     assert_eq!(c.records().count("multipart_uploads").await.unwrap(), 0);
 }
 
-/// An S3 tier through a request-counting proxy in front of moto (parts of 5 MiB).
 /// A tier on `url` with `opts` but checksums on.
 fn on_again(url: &str, opts: &storage::StoreOptions) -> Tier {
     let mut opts = opts.clone();
@@ -391,12 +390,16 @@ fn on_again(url: &str, opts: &storage::StoreOptions) -> Tier {
     storage::store::open(url, &opts).expect("tier")
 }
 
+/// An S3 tier through a request-counting proxy in front of moto (parts of 5 MiB).
 async fn s3_tier(bucket: &str) -> (MotoServer, CountingProxy, Tier) {
     let moto = MotoServer::start(bucket).await;
     let proxy = CountingProxy::start(&moto.endpoint).await;
     let mut opts = moto.store_options();
     opts.endpoint = Some(proxy.endpoint.clone());
     opts.part_size_mib = 5;
+    // Room for one part at a time: parts then wait for each other (a part reused on
+    // resume gives its room back before the next is read, or nothing more is ever read).
+    opts.part_memory_mib = 5;
     let tier = storage::store::open(&format!("s3://{bucket}/pre"), &opts).expect("tier");
     (moto, proxy, tier)
 }
@@ -711,7 +714,14 @@ async fn an_interrupted_s3_multipart_upload_resumes_from_its_stored_parts() {
     *faults.fail_parts_from.lock().expect("faults") = None;
     faults.parts_sent.store(0, Ordering::SeqCst);
     proxy.reset();
-    let r = copied(c.handle(&msg, 2).await);
+    let r = copied(
+        framework::testing::within(
+            framework::testing::WAIT,
+            "the resumed copy",
+            c.handle(&msg, 2),
+        )
+        .await,
+    );
     assert_eq!(r.checksum, sha256(&body));
     let sent = faults.parts_sent.load(Ordering::SeqCst);
     assert_eq!(sent, 5 - recorded, "only the missing parts were sent");
