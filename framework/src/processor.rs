@@ -372,7 +372,12 @@ impl MessageContext {
             for (k, v) in &notes {
                 crate::headers::set_str(&mut headers, k, v);
             }
-            if let Some(part) = part {
+            // A replayed part (one record) dead-lettered again is still that part of its
+            // first message, not part 0 of the one-record message it now is: ids and
+            // idempotency keys derived from its place stay those of its first delivery.
+            if let Some(part) = part
+                && self.batch_part().is_none()
+            {
                 crate::headers::set_str(&mut headers, crate::headers::BATCH_PART, part);
             }
             origin.headers = &headers;

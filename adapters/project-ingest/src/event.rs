@@ -179,12 +179,18 @@ pub fn stored_beyond_belief() -> String {
     time_key(chrono::Utc::now() + STORED_AHEAD).unwrap_or_else(|| "9999".into())
 }
 
-/// `key`, or where it is more than [`MAX_AHEAD`] in the future, `received` (when its
-/// message first reached the service, kept across retries: a retried event keeps its
-/// place instead of overtaking updates applied meanwhile) or else this machine's time; a
-/// warning names the key.
+/// `key`, or where it is more than [`MAX_AHEAD`] ahead of `received` (when its message
+/// first reached the service, kept across retries) — or of this machine's time where
+/// there is none — `received` or else this machine's time; a warning names the key.
+/// Measured from `received`, not from the clock now: decided again at each attempt, a
+/// key refused at the first came within bounds at a retry minutes later, and the retried
+/// event overtook updates applied meanwhile.
 pub fn believable(key: String, received: Option<&str>) -> String {
-    if key <= latest_believable() {
+    let bound = received
+        .and_then(|r| chrono::DateTime::parse_from_rfc3339(r).ok())
+        .and_then(|r| time_key(r.with_timezone(&chrono::Utc) + MAX_AHEAD))
+        .unwrap_or_else(latest_believable);
+    if key <= bound {
         return key;
     }
     tracing::warn!(

@@ -127,29 +127,35 @@ impl MessageProcessor for ProjectProcessor {
         if let Some(o) = ctx.too_many_records(records) {
             return o;
         }
-        // When the message was published (AMQP timestamp, kept through retries and
-        // redeliveries), else its first receipt here (an earlier attempt's header), else now.
+        // When the message was published (AMQP timestamp), else its first receipt here.
         // A publishing time further ahead than any believed (a producer's clock gone
-        // wrong) is not one: the first receipt stands, and is kept for the retries.
-        let known = ctx
+        // wrong) is not one: the first receipt stands. Decided once, at the first
+        // attempt, and kept for the retries in a header: decided again, a time refused as
+        // too far ahead came within bounds minutes later, and a retried update jumped
+        // ahead of updates applied meanwhile (and of every one received after it, dropped
+        // as stale). A header further ahead than any believed is no earlier attempt's
+        // (theirs were at most that far ahead then, less now): a producer's, ignored.
+        let decided = framework::headers::get_str(&ctx.headers, RECEIVED_HEADER)
+            .and_then(|s| normalize_time(&s))
+            .filter(|t| *t <= crate::event::latest_believable());
+        let stamped = ctx
             .timestamp
             // 0 is some clients' "unset", not 1970: an update ordered there lost to
             // every stored version and was dropped.
             .filter(|&t| t != 0)
             .and_then(published_at)
-            .filter(|t| *t <= crate::event::latest_believable())
-            .or_else(|| {
-                framework::headers::get_str(&ctx.headers, RECEIVED_HEADER)
-                    .and_then(|s| normalize_time(&s))
-            });
-        let received = match known {
+            .filter(|t| *t <= crate::event::latest_believable());
+        let received = match decided {
             Some(k) => k,
-            None => match self.first_receipt(&input, ctx).await {
+            None => match self.first_receipt(&input, ctx, stamped).await {
                 Ok(k) => k,
                 Err(e) => {
                     // The retry still carries this first attempt's time (the database may
-                    // stay down for all of them, and no receipt is noted meanwhile).
-                    if let Some(now) = crate::event::time_key(chrono::Utc::now()) {
+                    // stay down for all of them, and no receipt is noted meanwhile) — not
+                    // a redelivery's, whose first attempt's may be noted: looked up again.
+                    if !again(ctx)
+                        && let Some(now) = crate::event::time_key(chrono::Utc::now())
+                    {
                         ctx.set_retry_header(RECEIVED_HEADER, &now);
                     }
                     return e.retry(ctx, format!("cannot note the message's receipt: {e}"));
@@ -293,13 +299,18 @@ impl ProjectProcessor {
         &self,
         input: &serde_json::Value,
         ctx: &MessageContext,
+        stamped: Option<String>,
     ) -> Result<String, store::StoreError> {
         let digest = receipt_digest(ctx.message_id.as_deref(), &ctx.routing_key, input);
-        let again = ctx.redelivered
-            || framework::headers::get_str(&ctx.headers, framework::headers::ORIGINAL_EXCHANGE)
-                .is_some();
-        if again && let Some(first) = db::bounded(self.store.first_receipt(&digest)).await? {
+        // A redelivery or replay whose first attempt did not believe its timestamp
+        // (noted its receipt instead) keeps that receipt, believable as the time may be now.
+        if again(ctx)
+            && let Some(first) = db::bounded(self.store.first_receipt(&digest)).await?
+        {
             return Ok(first);
+        }
+        if let Some(t) = stamped {
+            return Ok(t);
         }
         let now = crate::event::time_key(chrono::Utc::now())
             .unwrap_or_else(|| unreachable!("the clock is past the year 9999"));
@@ -336,6 +347,14 @@ impl ProjectProcessor {
             }
         }
     }
+}
+
+/// Whether `ctx` is a message handled before: redelivered by the broker, or put back
+/// (a retry, a replay) with its origin named.
+fn again(ctx: &MessageContext) -> bool {
+    ctx.redelivered
+        || framework::headers::get_str(&ctx.headers, framework::headers::ORIGINAL_EXCHANGE)
+            .is_some()
 }
 
 /// The AMQP `timestamp` of a message as an ordering key. The property counts whole seconds,

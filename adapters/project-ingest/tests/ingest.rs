@@ -142,6 +142,7 @@ on_both!(
     an_update_applies_over_a_create_stamped_by_a_clock_ahead,
     a_plain_update_replayed_after_the_broker_dead_lettered_it_never_overwrites_a_newer_one,
     a_plain_update_redelivered_after_a_newer_one_keeps_its_first_place,
+    a_retried_update_keeps_the_place_its_first_attempt_gave_it,
 );
 
 /// A batch delivered again (a lost ack, a replay) stores its projects again and announces
@@ -520,6 +521,68 @@ async fn a_plain_update_redelivered_after_a_newer_one_keeps_its_first_place(b: B
     p.handle(project("project-updated", "rd", "newer"), &again)
         .await;
     assert_eq!(store.project("rd").await.unwrap().unwrap().title, "newer");
+    store.close().await;
+    if let Some(pg) = pg {
+        pg.drop_db().await.unwrap();
+    }
+}
+
+/// A retried update keeps the place its first attempt gave it: a publishing time (AMQP
+/// `timestamp`, or the event's `updated`) refused then as too far ahead of the clock stays
+/// refused, though minutes later it is within bounds. Decided again at the retry, it made
+/// the update overtake a newer one applied meanwhile (and every update received after it
+/// dropped as stale).
+async fn a_retried_update_keeps_the_place_its_first_attempt_gave_it(b: Backend) {
+    use framework::{MessageContext, MessageProcessor};
+    use project_ingest::event::time_key;
+    let dir = tempfile::tempdir().unwrap();
+    let (pg, url) = database(b, dir.path()).await;
+    let store = Store::open(&url).await.unwrap();
+    let p = project_ingest::ProjectProcessor::new(store.clone(), "out", "done");
+    let ctx = || MessageContext::for_test("pluto-core", "core.project.event", 0);
+    let now = chrono::Utc::now();
+    // What the first attempt of an update, two minutes ago, left on its retry: its
+    // receipt, its timestamp (then 6 minutes ahead) or `updated` refused.
+    let retried = |timestamp: Option<u64>| {
+        let mut c = MessageContext::for_test("pluto-core", "core.project.event", 1);
+        c.timestamp = timestamp;
+        let first = time_key(now - chrono::TimeDelta::minutes(2)).unwrap();
+        framework::headers::set_str(&mut c.headers, project_ingest::RECEIVED_HEADER, &first);
+        framework::headers::set_str(
+            &mut c.headers,
+            framework::headers::ORIGINAL_EXCHANGE,
+            "pluto-core",
+        );
+        c
+    };
+    let ahead = now + chrono::TimeDelta::minutes(4);
+    for (id, older, timestamp) in [
+        (
+            "stamped",
+            project("project-updated", "stamped", "older"),
+            Some(ahead.timestamp() as u64),
+        ),
+        (
+            "updated",
+            {
+                let mut v = project("project-updated", "updated", "older");
+                v["updated"] = json!(ahead.to_rfc3339());
+                v
+            },
+            None,
+        ),
+    ] {
+        p.handle(project("project-created", id, "v0"), &ctx()).await;
+        p.handle(project("project-updated", id, "newer"), &ctx())
+            .await;
+        assert_eq!(store.project(id).await.unwrap().unwrap().title, "newer");
+        p.handle(older, &retried(timestamp)).await;
+        assert_eq!(
+            store.project(id).await.unwrap().unwrap().title,
+            "newer",
+            "{id}: the retried update overtook the newer one"
+        );
+    }
     store.close().await;
     if let Some(pg) = pg {
         pg.drop_db().await.unwrap();

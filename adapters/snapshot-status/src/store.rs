@@ -505,6 +505,7 @@ impl Store {
         };
         let cutoff = cutoff.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
         let still = which.condition("$1", "$2");
+        self.delete_files_of_pruned_runs().await?;
         let mut pruned = 0;
         loop {
             // Every statement bounded: the housekeeping task waiting for ever on a server
@@ -522,26 +523,11 @@ impl Store {
                 return Ok(pruned);
             }
             for run in runs {
-                // Its files first, a batch per transaction while the run is still to be
-                // deleted: a run of millions of files never holds the writer for long (on
-                // SQLite, every handler waits for it).
-                loop {
-                    let n = db::bounded(
-                        db::sqlx::query(&format!(
-                            "DELETE FROM snapshot_received_files WHERE correlation_id = $1 \
-                             AND file_key IN (SELECT file_key FROM snapshot_received_files \
-                             WHERE correlation_id = $1 LIMIT 5000) AND {still}"
-                        ))
-                        .bind(&run)
-                        .bind(&cutoff)
-                        .execute(&self.pool),
-                    )
-                    .await?
-                    .rows_affected();
-                    if n == 0 {
-                        break;
-                    }
-                }
+                // Decided first, under the run's lock, and its files deleted after: deleted
+                // before the decision (in batches, outside the lock), a file of the run
+                // arriving meanwhile (a dead letter replayed) found its row gone and was
+                // counted a second time, and that message kept the run alive with a count
+                // past its files — a collection Received before all of them had come.
                 let gone = db::bounded(async {
                     let mut tx = db::begin_write(&self.pool).await?;
                     lock_run(&mut tx, &run).await?;
@@ -554,11 +540,7 @@ impl Store {
                         .await?
                         .is_some();
                     if gone {
-                        for table in [
-                            "snapshot_products",
-                            "snapshot_received_files",
-                            "snapshot_collections",
-                        ] {
+                        for table in ["snapshot_products", "snapshot_collections"] {
                             db::sqlx::query(&format!(
                                 "DELETE FROM {table} WHERE correlation_id = $1"
                             ))
@@ -579,7 +561,61 @@ impl Store {
                     Ok::<_, StoreError>(gone)
                 })
                 .await?;
-                pruned += u64::from(gone);
+                if gone {
+                    self.delete_files_of(&run).await?;
+                    pruned += 1;
+                }
+            }
+        }
+    }
+
+    /// Deletes the received files of pruned runs left by a prune that stopped before it
+    /// had deleted them all (the process ended between its batches); how many runs.
+    async fn delete_files_of_pruned_runs(&self) -> Result<u64, StoreError> {
+        let mut runs = 0;
+        loop {
+            let left: Vec<String> = db::bounded(
+                db::sqlx::query(
+                    "SELECT p.correlation_id FROM pruned_runs p WHERE EXISTS (SELECT 1 FROM \
+                     snapshot_received_files f WHERE f.correlation_id = p.correlation_id) \
+                     LIMIT 100",
+                )
+                .fetch_all(&self.pool),
+            )
+            .await?
+            .iter()
+            .map(|r| r.try_get("correlation_id"))
+            .collect::<Result<_, _>>()?;
+            if left.is_empty() {
+                return Ok(runs);
+            }
+            for run in left {
+                self.delete_files_of(&run).await?;
+                runs += 1;
+            }
+        }
+    }
+
+    /// Deletes the received files of pruned run `run`, a batch per transaction: a run of
+    /// millions of files never holds the writer for long (on SQLite, every handler waits
+    /// for it). Its messages are dropped meanwhile (`was_pruned`): none adds a file.
+    async fn delete_files_of(&self, run: &str) -> Result<(), StoreError> {
+        loop {
+            // Every statement bounded: the housekeeping task waiting for ever on a server
+            // that stopped answering would never prune again (nothing logs it).
+            let n = db::bounded(
+                db::sqlx::query(
+                    "DELETE FROM snapshot_received_files WHERE correlation_id = $1 \
+                     AND file_key IN (SELECT file_key FROM snapshot_received_files \
+                     WHERE correlation_id = $1 LIMIT 5000)",
+                )
+                .bind(run)
+                .execute(&self.pool),
+            )
+            .await?
+            .rows_affected();
+            if n == 0 {
+                return Ok(());
             }
         }
     }
@@ -722,6 +758,46 @@ impl Prunable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Files of a run pruned by a prune that stopped between its batches of file deletions
+    /// (the process ended) are deleted by the next prune; files of a run not pruned stay.
+    #[tokio::test]
+    async fn files_a_stopped_prune_left_are_deleted_by_the_next() {
+        let dir = tempfile::tempdir().expect("temp");
+        let url = format!("sqlite://{}", dir.path().join("s.db").display());
+        let store = Store::open(&url).await.expect("open");
+        db::sqlx::query("INSERT INTO pruned_runs (correlation_id, pruned_at) VALUES ('gone', $1)")
+            .bind(now())
+            .execute(&store.pool)
+            .await
+            .expect("pruned");
+        for (run, file) in [("gone", "a"), ("gone", "b"), ("live", "c")] {
+            db::sqlx::query(
+                "INSERT INTO snapshot_received_files (correlation_id, collection_name, \
+                 file_key, received_at) VALUES ($1, 'db.x', $2, $3)",
+            )
+            .bind(run)
+            .bind(file)
+            .bind(now())
+            .execute(&store.pool)
+            .await
+            .expect("file");
+        }
+        store
+            .prune_idle_runs(std::time::Duration::from_secs(86_400))
+            .await
+            .expect("prune");
+        let left: Vec<String> =
+            db::sqlx::query("SELECT correlation_id FROM snapshot_received_files")
+                .fetch_all(&store.pool)
+                .await
+                .expect("files")
+                .iter()
+                .map(|r| r.try_get("correlation_id").expect("id"))
+                .collect();
+        assert_eq!(left, ["live"]);
+        store.close().await;
+    }
 
     /// The product checks run every time a collection moves: they must read the run's open
     /// collections through their own index, not every collection of the run.
