@@ -37,6 +37,11 @@ impl PartBudget {
     /// Waits for room for `bytes`. A buffer larger than the whole budget takes all of it:
     /// it is read once nothing else is held, so no part is ever refused.
     pub async fn take(&self, bytes: usize) -> Room {
+        // The empty read that ends a file holds nothing (and must not wait behind a large
+        // part for room it does not use, nor hold any through the upload's completion).
+        if bytes == 0 {
+            return Room { _permit: None };
+        }
         let want = u32::try_from(bytes.div_ceil(UNIT))
             .unwrap_or(u32::MAX)
             .clamp(1, self.units);
@@ -74,6 +79,10 @@ mod tests {
             .now_or_never()
             .expect("a 1 GiB part takes all 8");
         assert!(budget.take(1).now_or_never().is_none(), "nothing left");
+        assert!(
+            budget.take(0).now_or_never().is_some(),
+            "the empty read at a file's end takes no room"
+        );
         drop(all);
         assert!(budget.take(8 << 20).now_or_never().is_some());
     }

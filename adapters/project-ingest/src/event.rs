@@ -69,6 +69,10 @@ pub struct Delivery<'a> {
     /// When the message was published, else first received (normalized): the last resort
     /// ordering a project-updated event that has no time of its own.
     pub received: &'a str,
+    /// When this service first saw the message, by its own clock (normalized), kept
+    /// across retries: what an event's own time is measured against (see
+    /// [`believable`]). None: now.
+    pub first_seen: Option<&'a str>,
     /// The routing key it was first published with: names the kind of an event without
     /// `type` (see [`EventKind::from_routing_key`]).
     pub routing_key: &'a str,
@@ -179,14 +183,14 @@ pub fn stored_beyond_belief() -> String {
     time_key(chrono::Utc::now() + STORED_AHEAD).unwrap_or_else(|| "9999".into())
 }
 
-/// `key`, or where it is more than [`MAX_AHEAD`] ahead of `received` (when its message
-/// first reached the service, kept across retries) — or of this machine's time where
-/// there is none — `received` or else this machine's time; a warning names the key.
-/// Measured from `received`, not from the clock now: decided again at each attempt, a
-/// key refused at the first came within bounds at a retry minutes later, and the retried
-/// event overtook updates applied meanwhile.
-pub fn believable(key: String, received: Option<&str>) -> String {
-    let bound = received
+/// `key`, or where it is more than [`MAX_AHEAD`] ahead of `first_seen` (when this service
+/// first saw its message, by its own clock, kept across retries; else now), `received` or
+/// else this machine's time; a warning names the key. Measured from the first sight, not
+/// the clock now: decided again at each attempt, a key refused at the first came within
+/// bounds at a retry minutes later, and the retried event overtook updates applied
+/// meanwhile. Nor from `received`, which may be a producer's clock (its AMQP timestamp).
+pub fn believable(key: String, received: Option<&str>, first_seen: Option<&str>) -> String {
+    let bound = first_seen
         .and_then(|r| chrono::DateTime::parse_from_rfc3339(r).ok())
         .and_then(|r| time_key(r.with_timezone(&chrono::Utc) + MAX_AHEAD))
         .unwrap_or_else(latest_believable);
@@ -296,10 +300,13 @@ fn parse_delivered(
         EventKind::Created => Some(created_norm),
         EventKind::Updated => delivery.map(|d| d.received.to_string()),
     };
-    let version = updated
-        .or(arrival)
-        .or(fallback)
-        .map(|v| believable(v, delivery.map(|d| d.received)));
+    let version = updated.or(arrival).or(fallback).map(|v| {
+        believable(
+            v,
+            delivery.map(|d| d.received),
+            delivery.and_then(|d| d.first_seen),
+        )
+    });
     Ok(Parsed::Project(ProjectEvent {
         kind,
         id,
@@ -368,6 +375,7 @@ pub fn items(msg: &Value, received: &str) -> Vec<Item> {
         msg,
         &Delivery {
             received,
+            first_seen: None,
             routing_key: "",
         },
     )
@@ -508,6 +516,7 @@ mod tests {
     fn on(key: &str) -> Delivery<'_> {
         Delivery {
             received: RECEIVED,
+            first_seen: None,
             routing_key: key,
         }
     }

@@ -25,6 +25,11 @@ pub const DEAD_LETTERED_HEADER: &str = framework::batch::DEAD_LETTERED_RECORDS;
 /// older update returning from a retry tier loses to a newer one applied meanwhile.
 pub const RECEIVED_HEADER: &str = "x-project-ingest-received";
 
+/// Header carrying when this service first saw a message, by its own clock (RFC 3339,
+/// UTC), kept across retries and replays: an event's own time (`updated`, a Kinesis
+/// arrival) is believed only up to 5 minutes past it, the same at every attempt.
+pub const FIRST_SEEN_HEADER: &str = "x-project-ingest-first-seen";
+
 /// The longest one record of a batch is expected to take (its database calls): see
 /// `Progress::pause_before`.
 const RECORD_STEP: std::time::Duration = std::time::Duration::from_secs(5);
@@ -145,10 +150,16 @@ impl MessageProcessor for ProjectProcessor {
             .filter(|&t| t != 0)
             .and_then(published_at)
             .filter(|t| *t <= crate::event::latest_believable());
+        let mut first_seen = framework::headers::get_str(&ctx.headers, FIRST_SEEN_HEADER)
+            .and_then(|s| normalize_time(&s))
+            .filter(|t| *t <= crate::event::latest_believable());
         let received = match decided {
             Some(k) => k,
             None => match self.first_receipt(&input, ctx, stamped).await {
-                Ok(k) => k,
+                Ok((k, noted)) => {
+                    first_seen = first_seen.or(noted);
+                    k
+                }
                 Err(e) => {
                     // The retry still carries this first attempt's time (the database may
                     // stay down for all of them, and no receipt is noted meanwhile) — not
@@ -163,8 +174,13 @@ impl MessageProcessor for ProjectProcessor {
             },
         };
         ctx.set_retry_header(RECEIVED_HEADER, &received);
+        let first_seen = first_seen.or_else(|| crate::event::time_key(chrono::Utc::now()));
+        if let Some(seen) = &first_seen {
+            ctx.set_retry_header(FIRST_SEEN_HEADER, seen);
+        }
         let delivery = Delivery {
             received: &received,
+            first_seen: first_seen.as_deref(),
             routing_key: &ctx.routing_key,
         };
         let items = items_delivered(&input, &delivery);
@@ -295,28 +311,30 @@ impl ProjectProcessor {
     /// header: ordered as received again, an older update would overwrite the newer ones
     /// applied since its first delivery. So each receipt is noted by the message's digest
     /// (id, routing key and body), and a redelivered or replayed message takes its first.
+    /// A believed timestamp (`stamped`) is the key where no receipt was noted. Returns the
+    /// ordering key and, where it is this service's own clock, that time.
     async fn first_receipt(
         &self,
         input: &serde_json::Value,
         ctx: &MessageContext,
         stamped: Option<String>,
-    ) -> Result<String, store::StoreError> {
+    ) -> Result<(String, Option<String>), store::StoreError> {
         let digest = receipt_digest(ctx.message_id.as_deref(), &ctx.routing_key, input);
         // A redelivery or replay whose first attempt did not believe its timestamp
         // (noted its receipt instead) keeps that receipt, believable as the time may be now.
         if again(ctx)
             && let Some(first) = db::bounded(self.store.first_receipt(&digest)).await?
         {
-            return Ok(first);
+            return Ok((first.clone(), Some(first)));
         }
         if let Some(t) = stamped {
-            return Ok(t);
+            return Ok((t, None));
         }
         let now = crate::event::time_key(chrono::Utc::now())
             .unwrap_or_else(|| unreachable!("the clock is past the year 9999"));
         db::bounded(self.store.note_receipt(&digest, &now)).await?;
         self.prune_receipts().await;
-        Ok(now)
+        Ok((now.clone(), Some(now)))
     }
 
     /// Forgets receipts older than [`KEEP_RECEIPTS`], at most once an hour.

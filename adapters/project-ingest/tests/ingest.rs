@@ -548,6 +548,7 @@ async fn a_retried_update_keeps_the_place_its_first_attempt_gave_it(b: Backend) 
         c.timestamp = timestamp;
         let first = time_key(now - chrono::TimeDelta::minutes(2)).unwrap();
         framework::headers::set_str(&mut c.headers, project_ingest::RECEIVED_HEADER, &first);
+        framework::headers::set_str(&mut c.headers, project_ingest::FIRST_SEEN_HEADER, &first);
         framework::headers::set_str(
             &mut c.headers,
             framework::headers::ORIGINAL_EXCHANGE,

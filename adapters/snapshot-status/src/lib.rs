@@ -633,21 +633,23 @@ impl MessageProcessor for StatusProcessor {
                             }
                             Err(e) => return e.retry(ctx, format!("record {n}: {e}")),
                             Ok(mut h) => {
-                                match publish_extras(
+                                // A message no broker will take dead-letters the whole batch
+                                // (not the record alone, whose replay on its own would be
+                                // keyed apart from the change it already made, and announce
+                                // nothing), with its progress: a replay skips what was done.
+                                if let Err((why, e)) = publish_extras(
                                     ctx,
                                     &mut published,
                                     std::mem::take(&mut h.extra),
                                 )
                                 .await
                                 {
-                                    Ok(()) => Ok(h),
-                                    // A message no broker will take: this record is
-                                    // dead-lettered on its own, the rest go on.
-                                    Err((why, e)) if e.never_passes() => Err(format!("{why}: {e}")),
-                                    Err((why, e)) => {
-                                        return Outcome::retry(format!("record {n}: {why}: {e}"));
-                                    }
+                                    return Outcome::publish_failed(
+                                        format!("record {n}: {why}"),
+                                        &e,
+                                    );
                                 }
+                                Ok(h)
                             }
                         },
                     };
