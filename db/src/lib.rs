@@ -295,6 +295,13 @@ const MIGRATION_NOTICE: Duration = Duration::from_secs(30);
 /// [`LOCK_TIMEOUT`]), and the connection is closed after, not handed back with no limit.
 async fn migrate(pool: &AnyPool, migrator: &Migrator, postgres: bool) -> Result<(), DbError> {
     let mut conn = pool.acquire().await?;
+    // Nothing to apply (every start but an upgrade's): no migration lock taken. Behind a
+    // pooler in transaction mode (PgBouncer) the lock, a session's, and its release went
+    // to different server connections: the release did nothing, and every replica
+    // starting after waited for the lock until the pooler retired that connection.
+    if !pending(&mut conn, migrator).await {
+        return Ok(());
+    }
     if postgres {
         conn.close_on_drop();
         sqlx::query("SET lock_timeout = 0")
@@ -334,6 +341,28 @@ async fn migrate(pool: &AnyPool, migrator: &Migrator, postgres: bool) -> Result<
             r => return r.map_err(DbError::from),
         }
     }
+}
+
+/// Whether `migrator` holds a migration the database has not applied, or applied from
+/// other text (refused by the migrator, which says so): looked at without the lock.
+async fn pending(conn: &mut sqlx::AnyConnection, migrator: &Migrator) -> bool {
+    let applied: Vec<(i64, Vec<u8>)> =
+        match sqlx::query_as("SELECT version, checksum FROM _sqlx_migrations WHERE success")
+            .fetch_all(&mut *conn)
+            .await
+        {
+            Ok(rows) => rows,
+            // No table yet: a new database.
+            Err(_) => return true,
+        };
+    migrator
+        .iter()
+        .filter(|m| !m.migration_type.is_down_migration())
+        .any(|m| {
+            !applied
+                .iter()
+                .any(|(v, sum)| *v == m.version && sum.as_slice() == m.checksum.as_ref())
+        })
 }
 
 /// The statement that begins a write transaction on the backend named `backend`: on
@@ -877,6 +906,48 @@ mod tests {
                 .expect("asked");
         assert!(ssl, "the connection is encrypted");
         pool.close().await;
+    }
+
+    /// A start with nothing to migrate takes no migration lock: behind a pooler in
+    /// transaction mode, the lock of an earlier start stayed held on a pooled server
+    /// connection (its release went to another), and every start after waited for it —
+    /// here held by another session, which the second start must not wait for.
+    #[tokio::test]
+    async fn a_start_with_nothing_to_migrate_takes_no_migration_lock() {
+        use sqlx::Connection as _;
+        use sqlx::migrate::{Migrate as _, Migration, MigrationType};
+        let t = testing::TempPostgres::create()
+            .await
+            .expect("a test database");
+        let migrator = Migrator {
+            migrations: std::borrow::Cow::Owned(vec![Migration::new(
+                1,
+                "one table".into(),
+                MigrationType::Simple,
+                "CREATE TABLE one (id BIGINT)".into(),
+                false,
+            )]),
+            ignore_missing: false,
+            locking: true,
+            no_tx: false,
+        };
+        connect(&t.url, &migrator)
+            .await
+            .expect("the first start migrates")
+            .close()
+            .await;
+        let mut holder = sqlx::PgConnection::connect(&t.url)
+            .await
+            .expect("another session");
+        holder.lock().await.expect("the migration lock, held");
+        let again = tokio::time::timeout(Duration::from_secs(20), connect(&t.url, &migrator))
+            .await
+            .expect("a start with nothing to migrate waited for the migration lock")
+            .expect("connected");
+        again.close().await;
+        holder.unlock().await.expect("released");
+        holder.close().await.expect("closed");
+        t.drop_db().await.expect("dropped");
     }
 
     /// A connection whose write failed is not handed out again: here a PostgreSQL session

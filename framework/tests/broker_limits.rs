@@ -301,16 +301,22 @@ async fn an_outcome_larger_than_the_broker_accepts_is_dead_lettered_at_once() {
         }),
     )
     .await;
+    dead_lettered_at_once(&broker, &q, &calls, "larger than the broker accepts").await;
+    service.stop().await;
+}
+
+/// Sends service `q` on `broker` its input and asserts it is dead-lettered as it came,
+/// permanent, `why` naming the refusal, after one call of its handler (not retried).
+async fn dead_lettered_at_once(broker: &PrivateBroker, q: &str, calls: &AtomicUsize, why: &str) {
     let (_conn, ch) = broker.channel().await.expect("channel");
     let mut dlq = consume(&ch, &format!("{q}-dlq")).await;
-    send_input(&broker, &q).await;
+    send_input(broker, q).await;
     let d = next(&mut dlq).await;
     assert_eq!(header(&d, "x-error-kind").as_deref(), Some("permanent"));
-    let why = header(&d, "x-error").unwrap_or_default();
-    assert!(why.contains("larger than the broker accepts"), "{why}");
+    let error = header(&d, "x-error").unwrap_or_default();
+    assert!(error.contains(why), "{error}");
     assert_eq!(d.data, br#"{"n":1}"#, "the input as it came");
     assert_eq!(calls.load(Ordering::SeqCst), 1, "not retried");
-    service.stop().await;
 }
 
 /// Publishes a message of 2 MiB from inside its handler (as snapshot-status publishes
@@ -345,15 +351,7 @@ async fn a_handlers_publish_larger_than_the_broker_accepts_dead_letters_its_inpu
         PublishesTooMuch(format!("{q}-out"), calls.clone()),
     )
     .await;
-    let (_conn, ch) = broker.channel().await.expect("channel");
-    let mut dlq = consume(&ch, &format!("{q}-dlq")).await;
-    send_input(&broker, &q).await;
-    let d = next(&mut dlq).await;
-    assert_eq!(header(&d, "x-error-kind").as_deref(), Some("permanent"));
-    let why = header(&d, "x-error").unwrap_or_default();
-    assert!(why.contains("max_message_size"), "{why}");
-    assert_eq!(d.data, br#"{"n":1}"#, "the input as it came");
-    assert_eq!(calls.load(Ordering::SeqCst), 1, "not retried");
+    dead_lettered_at_once(&broker, &q, &calls, "max_message_size").await;
     service.stop().await;
 }
 

@@ -405,8 +405,14 @@ impl TierCopier {
         {
             for obj in self.records.objects_with(&d.checksum, d.size).await? {
                 // Confirmed by the store's checksum or read back: a damaged copy must not
-                // be trusted.
-                if copy::confirm_recorded(&self.tier, &obj, alg).await? {
+                // be trusted. Another file's object that cannot be read back now (moved
+                // to an archive storage class) is not confirmed: this file gets a copy
+                // of its own, not a dead letter for another file's object.
+                let confirmed = match copy::confirm_recorded(&self.tier, &obj, alg).await {
+                    Err(CopyError::Archived(_)) => false,
+                    r => r?,
+                };
+                if confirmed {
                     self.record(&obj, &original, &mtime, msg, None).await?;
                     return Ok(TierOutcome::Copied(report(&obj, false)));
                 }
@@ -671,7 +677,10 @@ impl TierCopier {
             Ok(Claimed::Done(obj, true))
         };
         match claim {
+            // The copy first: one that finished as its claim went (released by its own
+            // record) is done, not "lost the upload claim".
             Some(claim) => tokio::select! {
+                biased;
                 r = work => r,
                 e = claim.keep() => Err(e),
             },
@@ -688,6 +697,10 @@ impl TierCopier {
         msg: &AssetSweeperFile,
         claim: Option<&Claim<'_>>,
     ) -> Result<(), TierError> {
+        if let Some(c) = claim {
+            c.releasing
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         self.records
             .record_copy_releasing(
                 obj,
@@ -740,6 +753,9 @@ struct Claim<'a> {
     held_until: std::sync::Mutex<tokio::time::Instant>,
     /// Given up already (with the record of the copy).
     released: std::sync::atomic::AtomicBool,
+    /// Being given up with the record of the copy: a renewal finding it gone then is no
+    /// loss (the record's commit released it).
+    releasing: std::sync::atomic::AtomicBool,
 }
 
 impl<'a> Claim<'a> {
@@ -761,6 +777,7 @@ impl<'a> Claim<'a> {
             owner,
             held_until: std::sync::Mutex::new(asked_at + CLAIM_LEASE),
             released: std::sync::atomic::AtomicBool::new(false),
+            releasing: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -783,6 +800,11 @@ impl<'a> Claim<'a> {
                 Ok(Ok(true)) => {
                     *self.held_until.lock().unwrap_or_else(|p| p.into_inner()) =
                         asked + CLAIM_LEASE;
+                }
+                // Released by the copy's own record, committed with this renewal: the
+                // copy is done, and its result is the one to report.
+                Ok(Ok(false)) if self.releasing.load(std::sync::atomic::Ordering::Relaxed) => {
+                    std::future::pending::<()>().await;
                 }
                 Ok(Ok(false)) => break,
                 // A database blip: keep going while the lease still covers us.
@@ -849,6 +871,46 @@ impl Drop for Claim<'_> {
 #[cfg(test)]
 mod tests {
     use super::mtime_text;
+
+    /// A claim released by its copy's own record is no lost claim: a renewal that finds it
+    /// gone then (committed with the record) does not end the copy as "lost the upload
+    /// claim" — a copy done and recorded reported as failed, hashed again and reported
+    /// not uploaded at its retry.
+    #[tokio::test]
+    async fn a_claim_released_by_its_own_record_is_not_lost() {
+        let dir = tempfile::tempdir().expect("temp");
+        let url = format!("sqlite://{}", dir.path().join("r.db").display());
+        let records = crate::records::Records::open(&url).await.expect("records");
+        let key = crate::store::object_path("k");
+        let claim = super::Claim::take(&records, &key).await.expect("claimed");
+        claim
+            .releasing
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let obj = crate::records::StoredObject {
+            object_key: "k".into(),
+            size: 1,
+            checksum: "00".into(),
+            store: Default::default(),
+        };
+        records
+            .record_copy_releasing(
+                &obj,
+                "sha256",
+                "/online/k",
+                "2020-01-01T00:00:00+00:00",
+                None,
+                Some((claim.key.as_str(), claim.owner.as_str())),
+            )
+            .await
+            .expect("recorded, the claim released");
+        // Its first renewal comes a quarter of the lease in, and finds the claim gone.
+        let watched = tokio::time::timeout(
+            super::CLAIM_LEASE / 4 + super::CLAIM_LEASE / 8,
+            claim.keep(),
+        )
+        .await;
+        assert!(watched.is_err(), "{:?}", watched.map(|e| e.to_string()));
+    }
 
     /// A claim dropped without being released (its handler stopped mid-copy) is given up
     /// at once, not held until its lease ends: the redelivery can take the key.

@@ -1682,6 +1682,62 @@ async fn an_object_in_an_archive_storage_class_at_the_key_is_refused_at_once() {
     }
 }
 
+/// online-nearline reuses an identical object another file's copy stored. One that cannot
+/// be read back now (moved to an archive storage class, and recorded by a release that
+/// kept no store facts, so only a read-back confirms it) is not confirmed: this file gets
+/// a copy of its own. It was dead-lettered as permanent, for another file's object.
+#[tokio::test]
+async fn an_archived_object_of_another_file_is_not_reused_nor_held_against_this_one() {
+    let bucket = "tier-reuse-cold";
+    let (moto, _proxy, tier) = s3_tier(bucket).await;
+    let base = tempfile::tempdir().expect("temp");
+    let recs = records(base.path()).await;
+    let body = b"same bytes".to_vec();
+    let mut attrs = object_store::Attributes::new();
+    attrs.insert(object_store::Attribute::StorageClass, "GLACIER".into());
+    object_store::ObjectStore::put_opts(
+        &plain_client(&moto, bucket),
+        &object_store::path::Path::from("pre/other/clip.mov"),
+        body.clone().into(),
+        object_store::PutOptions {
+            attributes: attrs,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("put in glacier");
+    recs.record_copy(
+        &storage::records::StoredObject {
+            object_key: "pre/other/clip.mov".into(),
+            size: body.len() as u64,
+            checksum: sha256(&body),
+            store: Default::default(),
+        },
+        "sha256",
+        "/elsewhere/other/clip.mov",
+        "2020-01-01T00:00:00+00:00",
+        None,
+    )
+    .await
+    .expect("recorded");
+    let roots = open_roots(&[base.path().join("online")], true).expect("roots");
+    let c = TierCopier::new(
+        roots,
+        tier,
+        recs,
+        TierPolicy {
+            reuse_identical: true,
+            ..policy()
+        },
+    );
+    let r = copied(
+        c.handle(&put(base.path(), "online", "mine/clip.mov", &body), 1)
+            .await,
+    );
+    assert_eq!(r.key, "pre/mine/clip.mov");
+    assert!(r.uploaded);
+}
+
 /// A symbolic link at a key of a local store (a migration that linked instead of copying,
 /// a link left by hand) is no copy: read through, the source's own bytes matched, and the
 /// file was reported archived while its content lived only in the online tree. A link
