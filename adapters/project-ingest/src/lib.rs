@@ -139,10 +139,16 @@ impl MessageProcessor for ProjectProcessor {
         // too far ahead came within bounds minutes later, and a retried update jumped
         // ahead of updates applied meanwhile (and of every one received after it, dropped
         // as stale). A header further ahead than any believed is no earlier attempt's
-        // (theirs were at most that far ahead then, less now): a producer's, ignored.
-        let decided = framework::headers::get_str(&ctx.headers, RECEIVED_HEADER)
-            .and_then(|s| normalize_time(&s))
-            .filter(|t| *t <= crate::event::latest_believable());
+        // (theirs were at most that far ahead then, less now): a producer's, ignored — as
+        // are both headers on a message's first delivery (no attempt of ours wrote them).
+        let ours = |name: &str| {
+            (again(ctx) || ctx.attempt > 0)
+                .then(|| framework::headers::get_str(&ctx.headers, name))
+                .flatten()
+                .and_then(|s| normalize_time(&s))
+                .filter(|t| *t <= crate::event::latest_believable())
+        };
+        let decided = ours(RECEIVED_HEADER);
         let stamped = ctx
             .timestamp
             // 0 is some clients' "unset", not 1970: an update ordered there lost to
@@ -150,9 +156,9 @@ impl MessageProcessor for ProjectProcessor {
             .filter(|&t| t != 0)
             .and_then(published_at)
             .filter(|t| *t <= crate::event::latest_believable());
-        let mut first_seen = framework::headers::get_str(&ctx.headers, FIRST_SEEN_HEADER)
-            .and_then(|s| normalize_time(&s))
-            .filter(|t| *t <= crate::event::latest_believable());
+        // A retry or dead letter of a release before this header was measured against its
+        // first receipt: it still is.
+        let mut first_seen = ours(FIRST_SEEN_HEADER).or_else(|| decided.clone());
         let received = match decided {
             Some(k) => k,
             None => match self.first_receipt(&input, ctx, stamped).await {
@@ -168,6 +174,7 @@ impl MessageProcessor for ProjectProcessor {
                         && let Some(now) = crate::event::time_key(chrono::Utc::now())
                     {
                         ctx.set_retry_header(RECEIVED_HEADER, &now);
+                        ctx.set_retry_header(FIRST_SEEN_HEADER, &now);
                     }
                     return e.retry(ctx, format!("cannot note the message's receipt: {e}"));
                 }

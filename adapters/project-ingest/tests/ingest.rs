@@ -1357,6 +1357,34 @@ async fn processor_on_sqlite(
         .with_missing_retries(missing)
 }
 
+/// The headers an attempt of the service writes for its retries are a producer's on a
+/// message's first delivery: ignored. Taken, a producer's `x-project-ingest-received` far
+/// in the past ordered its update there, and it was dropped as stale.
+#[tokio::test]
+async fn the_services_own_headers_from_a_producer_are_ignored() {
+    use framework::{MessageContext, MessageProcessor};
+    let dir = tempfile::tempdir().unwrap();
+    let p = processor_on_sqlite(dir.path(), 0).await;
+    let ctx = || MessageContext::for_test("pluto-core", "core.project.event", 0);
+    p.handle(project("project-created", "forged", "v0"), &ctx())
+        .await;
+    p.handle(project("project-updated", "forged", "earlier"), &ctx())
+        .await;
+    let mut forged = ctx();
+    for h in [
+        project_ingest::RECEIVED_HEADER,
+        project_ingest::FIRST_SEEN_HEADER,
+    ] {
+        framework::headers::set_str(&mut forged.headers, h, "2018-01-01T00:00:00.000000Z");
+    }
+    p.handle(project("project-updated", "forged", "new"), &forged)
+        .await;
+    assert_eq!(
+        p.store().project("forged").await.unwrap().unwrap().title,
+        "new"
+    );
+}
+
 /// Design §7's words for an update of a project never seen, which operators search the
 /// logs for: the drop (logged with its reason) says exactly them.
 #[tokio::test]
