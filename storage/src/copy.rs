@@ -1103,7 +1103,6 @@ impl Multipart<'_> {
 
 type PartResult = (usize, u64, String, object_store::Result<PartId>);
 
-/// Reads up to `part` bytes, hashing them.
 /// A part's bytes as read and hashed, holding their room in the store's part budget until
 /// dropped (once the part is uploaded).
 struct Part {
@@ -1111,6 +1110,7 @@ struct Part {
     room: crate::part_budget::Room,
 }
 
+/// Reads up to `part` bytes, hashing them, once `budget` has room for them.
 async fn read_part(
     f: &mut Source,
     part: u64,
