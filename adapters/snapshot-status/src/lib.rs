@@ -632,25 +632,7 @@ impl MessageProcessor for StatusProcessor {
                                 Err(format!("the database refuses this record: {e}"))
                             }
                             Err(e) => return e.retry(ctx, format!("record {n}: {e}")),
-                            Ok(mut h) => {
-                                // A message no broker will take dead-letters the whole batch
-                                // (not the record alone, whose replay on its own would be
-                                // keyed apart from the change it already made, and announce
-                                // nothing), with its progress: a replay skips what was done.
-                                if let Err((why, e)) = publish_extras(
-                                    ctx,
-                                    &mut published,
-                                    std::mem::take(&mut h.extra),
-                                )
-                                .await
-                                {
-                                    return Outcome::publish_failed(
-                                        format!("record {n}: {why}"),
-                                        &e,
-                                    );
-                                }
-                                Ok(h)
-                            }
+                            Ok(h) => Ok(h),
                         },
                     };
                     match handled {
@@ -668,6 +650,15 @@ impl MessageProcessor for StatusProcessor {
                             report(&mut reports, n, json!({"record": n, "dead_lettered": e}));
                         }
                         Ok(mut h) => {
+                            // A message no broker will take dead-letters the whole batch
+                            // (not the record alone, whose replay on its own would be keyed
+                            // apart from the change it already made, and announce nothing),
+                            // with its progress: a replay skips what was done.
+                            if let Err((why, e)) =
+                                publish_extras(ctx, &mut published, h.extra).await
+                            {
+                                return Outcome::publish_failed(format!("record {n}: {why}"), &e);
+                            }
                             if h.too_early {
                                 too_early.push(n.to_string());
                             }
