@@ -132,6 +132,23 @@ struct Handled {
     too_early: bool,
 }
 
+/// A message of a run deleted past its keeping (completed, or idle): it changes nothing,
+/// dropped with the reason.
+fn pruned(m: &StatusMessage) -> Handled {
+    let reason = format!(
+        "run `{}` was deleted past its keeping; this message of it changes nothing",
+        m.correlation_id
+    );
+    tracing::info!("{}", LogText(&reason));
+    Handled {
+        report: json!({"correlation_id": m.correlation_id,
+            "collection_name": m.collection_name, "ignored": reason}),
+        extra: Vec::new(),
+        dropped: Some(reason),
+        too_early: false,
+    }
+}
+
 /// An export-state or monitoring message, and the mark its confirm leaves in
 /// [`PUBLISHED_HEADER`].
 #[derive(Debug)]
@@ -334,20 +351,10 @@ impl StatusProcessor {
     ) -> Result<Handled, StoreError> {
         // A run completed and deleted past its keeping: a message of it now (a dead letter
         // replayed weeks later) would start it over as a collection that never completes.
+        // Looked up first (no writing transaction for those), and again by each record under
+        // the run's lock, which a prune running now may have deleted meanwhile.
         if db::bounded(self.store.was_pruned(&m.correlation_id)).await? {
-            let reason = format!(
-                "run `{}` completed and was deleted past its keeping; this message of it \
-                 changes nothing",
-                m.correlation_id
-            );
-            tracing::info!("{}", LogText(&reason));
-            return Ok(Handled {
-                report: json!({"correlation_id": m.correlation_id,
-                    "collection_name": m.collection_name, "ignored": reason}),
-                extra: Vec::new(),
-                dropped: Some(reason),
-                too_early: false,
-            });
+            return Ok(pruned(m));
         }
         let mut extra = Vec::new();
         let mut dropped = None;
@@ -355,7 +362,11 @@ impl StatusProcessor {
         let (collection, kind, counted) = match m.kind() {
             Kind::Counts => {
                 let key = format!("counts:{dedupe}");
-                let (c, moved, triggered) = db::bounded(self.store.record_counts(m, &key)).await?;
+                let Some((c, moved, triggered)) =
+                    db::bounded(self.store.record_counts(m, &key)).await?
+                else {
+                    return Ok(pruned(m));
+                };
                 if moved {
                     transition("Received");
                 }
@@ -373,7 +384,9 @@ impl StatusProcessor {
                 } else {
                     format!("file:{}", m.filename)
                 };
-                let f = db::bounded(self.store.record_file(m, &key, dedupe)).await?;
+                let Some(f) = db::bounded(self.store.record_file(m, &key, dedupe)).await? else {
+                    return Ok(pruned(m));
+                };
                 metrics::counter!(FILES_METRIC, "counted" => if f.counted { "true" } else { "false" })
                     .increment(1);
                 if f.counted && f.triggered_received {
@@ -394,7 +407,9 @@ impl StatusProcessor {
                 (f.collection, "file", f.counted)
             }
             Kind::SuccessFile => {
-                let (c, moved) = db::bounded(self.store.record_success(m)).await?;
+                let Some((c, moved)) = db::bounded(self.store.record_success(m)).await? else {
+                    return Ok(pruned(m));
+                };
                 if moved {
                     transition("Success");
                 }

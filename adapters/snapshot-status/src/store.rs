@@ -103,6 +103,44 @@ async fn lock_run(tx: &mut Tx<'_>, correlation_id: &str) -> Result<(), db::sqlx:
     Ok(())
 }
 
+/// Keeps run `correlation_id` from being pruned until the transaction ends, and tells
+/// whether a prune deleted it already (then nothing of it may be recorded: its collection
+/// would start over as one that never completes). On PostgreSQL a shared lock, taken before
+/// [`lock_run`], which the prune takes exclusively ([`lock_run_for_prune`]): runs' messages
+/// still commit side by side, and a prune waits for those in flight and then sees them —
+/// without it a prune decided on what had committed, then deleted a collection a file had
+/// just updated (its `DELETE` waited for that row, then removed it), after that file's
+/// message had been answered. The check reads after the lock, so a message behind a prune
+/// finds the run pruned. SQLite runs one writing transaction at a time already.
+async fn hold_run(tx: &mut Tx<'_>, correlation_id: &str) -> Result<bool, db::sqlx::Error> {
+    if tx.backend_name().eq_ignore_ascii_case("postgresql") {
+        db::sqlx::query("SELECT pg_advisory_xact_lock_shared(hashtextextended($1, 1))")
+            .bind(correlation_id)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(
+        db::sqlx::query("SELECT 1 FROM pruned_runs WHERE correlation_id = $1")
+            .bind(correlation_id)
+            .fetch_optional(&mut **tx)
+            .await?
+            .is_some(),
+    )
+}
+
+/// The prune's side of [`hold_run`]: waits for every message of run `correlation_id` in
+/// flight, keeps new ones out until the transaction ends, then takes [`lock_run`] (always
+/// in that order, as every holder of both does).
+async fn lock_run_for_prune(tx: &mut Tx<'_>, correlation_id: &str) -> Result<(), db::sqlx::Error> {
+    if tx.backend_name().eq_ignore_ascii_case("postgresql") {
+        db::sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 1))")
+            .bind(correlation_id)
+            .execute(&mut **tx)
+            .await?;
+    }
+    lock_run(tx, correlation_id).await
+}
+
 /// Reopens the product of `c`'s run if it was marked RECEIVED or COMPLETED while `c`, which
 /// this transaction `inserted`, is not Received yet (or COMPLETED while `c` is not Success:
 /// an empty collection is Received at once): a collection first heard of after
@@ -145,6 +183,13 @@ async fn reopen_product(
         );
     }
     Ok(())
+}
+
+/// One collection, by run (`$1`) and name (`$2`).
+fn one_collection() -> String {
+    format!(
+        "SELECT {COLS} FROM snapshot_collections WHERE correlation_id = $1 AND collection_name = $2"
+    )
 }
 
 /// A collection of run `$1` not yet Received: what stops the product being RECEIVED. Read
@@ -199,10 +244,7 @@ impl Store {
         correlation_id: &str,
         name: &str,
     ) -> Result<Option<Collection>, StoreError> {
-        let sql = format!(
-            "SELECT {COLS} FROM snapshot_collections WHERE correlation_id = $1 AND collection_name = $2"
-        );
-        let row = db::sqlx::query(&sql)
+        let row = db::sqlx::query(&one_collection())
             .bind(correlation_id)
             .bind(name)
             .fetch_optional(&self.pool)
@@ -222,16 +264,21 @@ impl Store {
         })
     }
 
-    async fn fetch(tx: &mut Tx<'_>, m: &StatusMessage) -> Result<Collection, StoreError> {
-        let sql = format!(
-            "SELECT {COLS} FROM snapshot_collections WHERE correlation_id = $1 AND collection_name = $2"
-        );
-        let row = db::sqlx::query(&sql)
+    /// The collection of `m` as `tx` sees it, if there is one.
+    async fn find(tx: &mut Tx<'_>, m: &StatusMessage) -> Result<Option<Collection>, StoreError> {
+        let row = db::sqlx::query(&one_collection())
             .bind(&m.correlation_id)
             .bind(&m.collection_name)
-            .fetch_one(&mut **tx)
+            .fetch_optional(&mut **tx)
             .await?;
-        Ok(row_to_collection(&row)?)
+        Ok(row.as_ref().map(row_to_collection).transpose()?)
+    }
+
+    /// The collection of `m`, which `tx` has just written.
+    async fn fetch(tx: &mut Tx<'_>, m: &StatusMessage) -> Result<Collection, StoreError> {
+        Self::find(tx, m)
+            .await?
+            .ok_or_else(|| db::sqlx::Error::RowNotFound.into())
     }
 
     /// Exported/Sent → Received when enough files arrived; true if this call moved it.
@@ -253,13 +300,16 @@ impl Store {
     /// Records `files_exported` / `files_sent` of the counts message `key`; returns the
     /// collection, whether it became Received now, and whether this message made it
     /// Received (now, or on an earlier delivery whose export-state message may have been
-    /// lost).
+    /// lost). None: the run was pruned, nothing recorded.
     pub async fn record_counts(
         &self,
         m: &StatusMessage,
         key: &str,
-    ) -> Result<(Collection, bool, bool), StoreError> {
+    ) -> Result<Option<(Collection, bool, bool)>, StoreError> {
         let mut tx = db::begin_write(&self.pool).await?;
+        if hold_run(&mut tx, &m.correlation_id).await? {
+            return Ok(None);
+        }
         let existed = db::sqlx::query(
             "SELECT 1 FROM snapshot_collections WHERE correlation_id = $1 AND collection_name = $2",
         )
@@ -323,22 +373,27 @@ impl Store {
         let c = Self::fetch(&mut tx, m).await?;
         reopen_product(&mut tx, &c, !existed).await?;
         tx.commit().await?;
-        Ok((c, moved, triggered))
+        Ok(Some((c, moved, triggered)))
     }
 
     /// Counts a received file once per `file_key`, moving the collection to Received
     /// when it reaches its expected count.
     /// `message_key` names the message itself (a file sent again comes in another one):
     /// only the message that moved the collection is told it did, when it comes again.
+    /// None: the run was pruned, nothing recorded.
     pub async fn record_file(
         &self,
         m: &StatusMessage,
         file_key: &str,
         message_key: &str,
-    ) -> Result<FileOutcome, StoreError> {
+    ) -> Result<Option<FileOutcome>, StoreError> {
         let trigger = format!("received by {message_key}");
-        let t = now();
         let mut tx = db::begin_write(&self.pool).await?;
+        if hold_run(&mut tx, &m.correlation_id).await? {
+            return Ok(None);
+        }
+        // After the lock: a prune waiting for this message compares its cutoff with this.
+        let t = now();
         // A file may arrive before its collection's counts: the collection starts Pending.
         let inserted = db::sqlx::query(
             "INSERT INTO snapshot_collections (correlation_id, collection_name, status, \
@@ -413,19 +468,23 @@ impl Store {
         let collection = Self::fetch(&mut tx, m).await?;
         reopen_product(&mut tx, &collection, inserted).await?;
         tx.commit().await?;
-        Ok(FileOutcome {
+        Ok(Some(FileOutcome {
             collection,
             counted,
             triggered_received,
-        })
+        }))
     }
 
     /// Received/Sent → Success; returns the collection (None if unknown) and whether
-    /// this call moved it.
+    /// this call moved it. None: the run was pruned, nothing recorded.
     pub async fn record_success(
         &self,
         m: &StatusMessage,
-    ) -> Result<(Option<Collection>, bool), StoreError> {
+    ) -> Result<Option<(Option<Collection>, bool)>, StoreError> {
+        let mut tx = db::begin_write(&self.pool).await?;
+        if hold_run(&mut tx, &m.correlation_id).await? {
+            return Ok(None);
+        }
         let sql = format!(
             "UPDATE snapshot_collections SET status = 'Success', updated_at = $3 \
              WHERE correlation_id = $1 AND collection_name = $2 AND status IN ('Received', 'Sent') \
@@ -435,16 +494,14 @@ impl Store {
             .bind(&m.correlation_id)
             .bind(&m.collection_name)
             .bind(now())
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *tx)
             .await?;
-        match row {
-            Some(r) => Ok((Some(row_to_collection(&r)?), true)),
-            None => Ok((
-                self.collection(&m.correlation_id, &m.collection_name)
-                    .await?,
-                false,
-            )),
-        }
+        let recorded = match row {
+            Some(r) => (Some(row_to_collection(&r)?), true),
+            None => (Self::find(&mut tx, m).await?, false),
+        };
+        tx.commit().await?;
+        Ok(Some(recorded))
     }
 
     /// Sets the product status to RECEIVED if every collection is Received or Success
@@ -457,6 +514,10 @@ impl Store {
         message_key: &str,
     ) -> Result<bool, StoreError> {
         let mut tx = db::begin_write(&self.pool).await?;
+        // A run pruned since its message was recorded gets no product row back.
+        if hold_run(&mut tx, correlation_id).await? {
+            return Ok(false);
+        }
         lock_run(&mut tx, correlation_id).await?;
         let row = db::sqlx::query(
             &format!("INSERT INTO snapshot_products (correlation_id, status, updated_at, received_by) \
@@ -530,7 +591,7 @@ impl Store {
                 // past its files — a collection Received before all of them had come.
                 let gone = db::bounded(async {
                     let mut tx = db::begin_write(&self.pool).await?;
-                    lock_run(&mut tx, &run).await?;
+                    lock_run_for_prune(&mut tx, &run).await?;
                     // Still to be deleted: a message heard of meanwhile (a collection that
                     // reopened a completed run, a file of an idle one) keeps it.
                     let gone = db::sqlx::query(&format!("SELECT 1 AS one WHERE {still}"))
@@ -604,11 +665,12 @@ impl Store {
             // Every statement bounded: the housekeeping task waiting for ever on a server
             // that stopped answering would never prune again (nothing logs it).
             let n = db::bounded(
-                db::sqlx::query(
+                db::sqlx::query(&format!(
                     "DELETE FROM snapshot_received_files WHERE correlation_id = $1 \
                      AND file_key IN (SELECT file_key FROM snapshot_received_files \
-                     WHERE correlation_id = $1 LIMIT 5000)",
-                )
+                     WHERE correlation_id = $1 LIMIT {})",
+                    db::DELETE_BATCH
+                ))
                 .bind(run)
                 .execute(&self.pool),
             )
@@ -675,6 +737,10 @@ impl Store {
         message_key: &str,
     ) -> Result<bool, StoreError> {
         let mut tx = db::begin_write(&self.pool).await?;
+        // A run pruned since its message was recorded gets no product row back.
+        if hold_run(&mut tx, correlation_id).await? {
+            return Ok(false);
+        }
         lock_run(&mut tx, correlation_id).await?;
         let row = db::sqlx::query(&format!(
             "INSERT INTO snapshot_products (correlation_id, status, updated_at, completed_by) \
@@ -757,6 +823,8 @@ impl Prunable {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     /// Files of a run pruned by a prune that stopped between its batches of file deletions
@@ -797,6 +865,204 @@ mod tests {
                 .collect();
         assert_eq!(left, ["live"]);
         store.close().await;
+    }
+
+    fn status(v: serde_json::Value) -> StatusMessage {
+        let mut base = serde_json::json!({"correlation_id": "run", "collection_name": "db.x",
+            "snapshot_type": "incremental", "export_date": "2020-01-01"});
+        if let (Some(o), serde_json::Value::Object(e)) = (base.as_object_mut(), v) {
+            o.extend(e);
+        }
+        crate::message::parse_status(&base).expect("status message")
+    }
+
+    /// A run whose collection was last heard of long ago: idle past a day's keeping.
+    async fn idle_run(store: &Store) {
+        let counts = status(serde_json::json!({"files_exported": 5}));
+        assert!(
+            store
+                .record_counts(&counts, "counts:1")
+                .await
+                .expect("counts")
+                .is_some()
+        );
+        let first = status(serde_json::json!({"filename": "f1"}));
+        assert!(
+            store
+                .record_file(&first, "file:f1", "m1")
+                .await
+                .expect("file")
+                .is_some()
+        );
+        db::sqlx::query(
+            "UPDATE snapshot_collections SET updated_at = '2000-01-01T00:00:00.000000Z'",
+        )
+        .execute(&store.pool)
+        .await
+        .expect("age");
+    }
+
+    const DAY: std::time::Duration = std::time::Duration::from_secs(86_400);
+
+    /// A message of a run that a prune deleted after the handler looked (the handler's own
+    /// check comes before the record's transaction) records nothing: before, its file or
+    /// counts started the run over as a collection that never completes.
+    async fn a_message_of_a_run_pruned_meanwhile_records_nothing(url: &str) {
+        let store = Store::open(url).await.expect("open");
+        idle_run(&store).await;
+        assert_eq!(store.prune_idle_runs(DAY).await.expect("prune"), 1);
+        let file = status(serde_json::json!({"filename": "f2"}));
+        assert_eq!(
+            store
+                .record_file(&file, "file:f2", "m2")
+                .await
+                .expect("file"),
+            None
+        );
+        let counts = status(serde_json::json!({"files_sent": 5}));
+        assert!(
+            store
+                .record_counts(&counts, "counts:2")
+                .await
+                .expect("counts")
+                .is_none()
+        );
+        let success = status(serde_json::json!({"filename": "_SUCCESS"}));
+        assert!(
+            store
+                .record_success(&success)
+                .await
+                .expect("success")
+                .is_none()
+        );
+        assert!(
+            !store
+                .mark_product_received("run", "db.x", "m3")
+                .await
+                .expect("received")
+        );
+        assert!(
+            !store
+                .mark_product_completed("run", "db.x", "m3")
+                .await
+                .expect("completed")
+        );
+        assert!(
+            store
+                .collections("run")
+                .await
+                .expect("collections")
+                .is_empty()
+        );
+        assert_eq!(store.product_status("run").await.expect("product"), None);
+        let files: i64 = db::sqlx::query("SELECT COUNT(*) AS n FROM snapshot_received_files")
+            .fetch_one(&store.pool)
+            .await
+            .expect("files")
+            .try_get("n")
+            .expect("n");
+        assert_eq!(files, 0);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_message_of_a_run_pruned_meanwhile_records_nothing_on_sqlite() {
+        let dir = tempfile::tempdir().expect("temp");
+        let url = format!("sqlite://{}", dir.path().join("s.db").display());
+        a_message_of_a_run_pruned_meanwhile_records_nothing(&url).await;
+    }
+
+    #[tokio::test]
+    async fn a_message_of_a_run_pruned_meanwhile_records_nothing_on_postgres() {
+        let pg = db::testing::TempPostgres::create().await.expect("postgres");
+        a_message_of_a_run_pruned_meanwhile_records_nothing(&pg.url).await;
+        pg.drop_db().await.expect("drop");
+    }
+
+    /// Sessions of this test's database waiting for a lock.
+    async fn waiting(pool: &AnyPool) -> i64 {
+        db::sqlx::query(
+            "SELECT COUNT(DISTINCT l.pid) AS n FROM pg_locks l JOIN pg_stat_activity a \
+             ON a.pid = l.pid WHERE NOT l.granted AND a.datname = current_database()",
+        )
+        .fetch_one(pool)
+        .await
+        .expect("locks")
+        .try_get("n")
+        .expect("n")
+    }
+
+    /// On PostgreSQL a prune of an idle run waits for a file of that run being recorded
+    /// (held in its transaction right after it updated the collection, by a trigger that
+    /// waits for a lock this test holds), then sees it and keeps the run. Before, the prune
+    /// decided on what had committed, its delete waited for the collection's row and then
+    /// deleted it: the file's message was answered, and the run it had just revived was gone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_prune_waits_for_a_file_being_recorded_and_keeps_its_run() {
+        let pg = db::testing::TempPostgres::create().await.expect("postgres");
+        let store = Store::open(&pg.url).await.expect("open");
+        idle_run(&store).await;
+        for ddl in [
+            "CREATE FUNCTION hold_here() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN PERFORM pg_advisory_xact_lock(424242); RETURN NEW; END $$",
+            "CREATE TRIGGER hold_here AFTER UPDATE ON snapshot_collections \
+             FOR EACH ROW EXECUTE FUNCTION hold_here()",
+        ] {
+            db::sqlx::query(ddl)
+                .execute(&store.pool)
+                .await
+                .expect("trigger");
+        }
+        let mut holder = store.pool.begin().await.expect("begin");
+        db::sqlx::query("SELECT pg_advisory_xact_lock(424242)")
+            .execute(&mut *holder)
+            .await
+            .expect("hold");
+        let recording = tokio::spawn({
+            let store = store.clone();
+            async move {
+                let file = status(serde_json::json!({"filename": "f2"}));
+                store.record_file(&file, "file:f2", "m2").await
+            }
+        });
+        let until_waiting = |n: i64| {
+            let pool = store.pool.clone();
+            framework::testing::within(Duration::from_secs(60), "sessions waiting", async move {
+                while waiting(&pool).await < n {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+        };
+        until_waiting(1).await;
+        let pruning = tokio::spawn({
+            let store = store.clone();
+            async move { store.prune_idle_runs(DAY).await }
+        });
+        until_waiting(2).await;
+        holder.commit().await.expect("release");
+        let limit = Duration::from_secs(60);
+        let recorded = framework::testing::within(limit, "the record", recording).await;
+        assert!(
+            recorded
+                .expect("join")
+                .expect("record")
+                .expect("open run")
+                .counted
+        );
+        let pruned = framework::testing::within(limit, "the prune", pruning).await;
+        assert_eq!(
+            pruned.expect("join").expect("prune"),
+            0,
+            "the run was pruned"
+        );
+        let c = store
+            .collection("run", "db.x")
+            .await
+            .expect("read")
+            .expect("collection");
+        assert_eq!(c.files_received, 2);
+        store.close().await;
+        pg.drop_db().await.expect("drop");
     }
 
     /// The product checks run every time a collection moves: they must read the run's open
