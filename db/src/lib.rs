@@ -812,6 +812,18 @@ pub mod testing {
             Ok(())
         }
     }
+
+    /// How many sessions of `pool`'s PostgreSQL database wait for a lock: a test holding a
+    /// transaction still awaits this instead of sleeping, to know another is blocked on it.
+    pub async fn sessions_waiting(pool: &AnyPool) -> Result<i64, DbError> {
+        Ok(sqlx::query(
+            "SELECT COUNT(DISTINCT l.pid) AS n FROM pg_locks l JOIN pg_stat_activity a \
+             ON a.pid = l.pid WHERE NOT l.granted AND a.datname = current_database()",
+        )
+        .fetch_one(pool)
+        .await?
+        .try_get("n")?)
+    }
 }
 
 #[cfg(test)]

@@ -179,17 +179,31 @@ impl Store {
                     .await?
             }
             (EventKind::Updated, version) => {
-                // The key the project's creation left, while no update has replaced it:
-                // the commission that creation wrote yields to this update the same way.
-                created_key = db::sqlx::query(
-                    "SELECT version FROM projects WHERE id = $1 AND last_event = 'project-created'",
-                )
+                // The project's row, locked on PostgreSQL (SQLite writes one transaction
+                // at a time) until this update commits. Without the lock a create
+                // committed between this read and the update (another replica's) was
+                // missed by the update and seen by the check after it: the update was
+                // dropped as stale against the older state that create had just written.
+                let lock = if tx.backend_name().eq_ignore_ascii_case("postgresql") {
+                    " FOR UPDATE"
+                } else {
+                    ""
+                };
+                let Some(current) = db::sqlx::query(&format!(
+                    "SELECT version, last_event FROM projects WHERE id = $1{lock}"
+                ))
                 .bind(&ev.id)
                 .fetch_optional(&mut *tx)
                 .await?
-                .map(|r| r.try_get::<Option<String>, _>("version"))
-                .transpose()?
-                .flatten();
+                else {
+                    tx.rollback().await?;
+                    return Ok(Applied::Missing);
+                };
+                // The key the project's creation left, while no update has replaced it:
+                // the commission that creation wrote yields to this update the same way.
+                if current.try_get::<String, _>("last_event")? == "project-created" {
+                    created_key = current.try_get("version")?;
+                }
                 let (set_version, now_param, guard) = match version {
                     // Any update is newer than the project's creation: over a row its
                     // created event wrote, it applies whatever the keys say (a created
@@ -265,5 +279,92 @@ impl Store {
         }
         tx.commit().await?;
         Ok(Applied::Stored(Box::new(project)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::event::{EventKind, ProjectEvent};
+
+    fn event(kind: EventKind, title: &str, version: &str) -> ProjectEvent {
+        ProjectEvent {
+            kind,
+            id: "p".into(),
+            title: title.into(),
+            status: "New".into(),
+            commission_id: Some("c".into()),
+            commission_title: Some(format!("{title} commission")),
+            production_office: "UK".into(),
+            created: "2026-01-01T00:00:00.000Z".into(),
+            version: Some(version.into()),
+        }
+    }
+
+    /// On PostgreSQL an update racing its project's create (another replica's, committed
+    /// while the update runs: here after the update's statement began, which a trigger
+    /// holds on a lock this test holds) is applied or waits for the create — never dropped
+    /// as stale against the older state the create wrote. Before, the update missed the row
+    /// and the check after it saw it: "stale", and the project kept its create's title.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_update_racing_its_create_is_never_stale_against_it() {
+        let pg = db::testing::TempPostgres::create().await.expect("postgres");
+        let store = Store::open(&pg.url).await.expect("open");
+        for ddl in [
+            "CREATE FUNCTION hold_updates() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+             IF current_query() LIKE 'UPDATE projects%' THEN \
+             PERFORM pg_advisory_xact_lock(424242); END IF; RETURN NULL; END $$",
+            "CREATE TRIGGER hold_updates BEFORE UPDATE ON projects \
+             FOR EACH STATEMENT EXECUTE FUNCTION hold_updates()",
+        ] {
+            db::sqlx::query(ddl)
+                .execute(&store.pool)
+                .await
+                .expect("trigger");
+        }
+        let mut holder = store.pool.begin().await.expect("begin");
+        db::sqlx::query("SELECT pg_advisory_xact_lock(424242)")
+            .execute(&mut *holder)
+            .await
+            .expect("hold");
+        let update = event(EventKind::Updated, "updated", "2026-01-02T00:00:00.000000Z");
+        let updating = tokio::spawn({
+            let (store, update) = (store.clone(), update.clone());
+            async move { store.apply(&update).await }
+        });
+        let limit = Duration::from_secs(60);
+        framework::testing::within(limit, "the update to wait or end", async {
+            while !updating.is_finished()
+                && db::testing::sessions_waiting(&store.pool)
+                    .await
+                    .expect("locks")
+                    == 0
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        let create = event(EventKind::Created, "created", "2026-01-01T00:00:00.000000Z");
+        assert!(matches!(
+            store.apply(&create).await.expect("create"),
+            Applied::Stored(_)
+        ));
+        holder.commit().await.expect("release");
+        let first = framework::testing::within(limit, "the update", updating).await;
+        match first.expect("join").expect("update") {
+            Applied::Stored(_) => {}
+            // Retried as the service does, now that its create is there.
+            Applied::Missing => assert!(matches!(
+                store.apply(&update).await.expect("update again"),
+                Applied::Stored(_)
+            )),
+            Applied::Stale => panic!("the update was dropped as stale against its create"),
+        }
+        let stored = store.project("p").await.expect("read").expect("project");
+        assert_eq!(stored.title, "updated");
+        store.close().await;
+        pg.drop_db().await.expect("drop");
     }
 }

@@ -979,19 +979,6 @@ mod tests {
         pg.drop_db().await.expect("drop");
     }
 
-    /// Sessions of this test's database waiting for a lock.
-    async fn waiting(pool: &AnyPool) -> i64 {
-        db::sqlx::query(
-            "SELECT COUNT(DISTINCT l.pid) AS n FROM pg_locks l JOIN pg_stat_activity a \
-             ON a.pid = l.pid WHERE NOT l.granted AND a.datname = current_database()",
-        )
-        .fetch_one(pool)
-        .await
-        .expect("locks")
-        .try_get("n")
-        .expect("n")
-    }
-
     /// On PostgreSQL a prune of an idle run waits for a file of that run being recorded
     /// (held in its transaction right after it updated the collection, by a trigger that
     /// waits for a lock this test holds), then sees it and keeps the run. Before, the prune
@@ -1028,7 +1015,7 @@ mod tests {
         let until_waiting = |n: i64| {
             let pool = store.pool.clone();
             framework::testing::within(Duration::from_secs(60), "sessions waiting", async move {
-                while waiting(&pool).await < n {
+                while db::testing::sessions_waiting(&pool).await.expect("locks") < n {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
             })
