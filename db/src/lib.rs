@@ -130,8 +130,9 @@ pub fn refuses_the_data(e: &sqlx::Error) -> bool {
 
 /// True when the database itself is unreachable or unable to serve, not this call's data:
 /// no connection (I/O, TLS, the pool timed out or closed), PostgreSQL's connection,
-/// resource, shutdown and system classes (08, 53, 57P01–57P03, 58) and a database not
-/// accepting connections, SQLite busy, locked,
+/// resource, shutdown and system classes (08, 53, 57P01–57P03, 58), a database not
+/// accepting connections and a write refused as read-only (25006: a primary demoted in a
+/// failover, still reached until the pool's connection to it is closed), SQLite busy, locked,
 /// out of disk, read-only, unable to open, or an I/O error. A processor waits such an
 /// outage out (see `MessageContext::retry_for_outage`); another error (a decode, a
 /// constraint, a serialisation race) is the call's own and retried as any.
@@ -150,7 +151,7 @@ pub fn is_outage(e: &sqlx::Error) -> bool {
                 c.starts_with("08")
                     || c.starts_with("53")
                     || c.starts_with("58")
-                    || matches!(c, "57P01" | "57P02" | "57P03")
+                    || matches!(c, "57P01" | "57P02" | "57P03" | "25006")
                     // `ALLOW_CONNECTIONS false`: a database taken offline for maintenance.
                     || (c == "55000" && d.message().contains("not currently accepting connections"))
             } else {
@@ -393,8 +394,10 @@ pub async fn delete_in_batches(
     column: &str,
     before: &str,
 ) -> Result<u64, sqlx::Error> {
+    // The condition again outside: a row updated meanwhile (its delete waited for it)
+    // is checked anew, which the key's membership in the batch chosen before is not.
     let sql = format!(
-        "DELETE FROM {table} WHERE {key} IN \
+        "DELETE FROM {table} WHERE {column} < $1 AND {key} IN \
          (SELECT {key} FROM {table} WHERE {column} < $1 LIMIT {DELETE_BATCH})"
     );
     let mut removed = 0;
@@ -962,6 +965,62 @@ mod tests {
         t.drop_db().await.expect("dropped");
     }
 
+    /// A row a batch of deletions picked while it was old, then updated by another session
+    /// before the delete reached it (the delete waited for that row), is kept: PostgreSQL
+    /// checks only the outer condition anew. Before, a receipt refreshed at that moment was
+    /// deleted.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_row_refreshed_while_a_batch_deletes_it_is_kept() {
+        sqlx::any::install_default_drivers();
+        let t = testing::TempPostgres::create()
+            .await
+            .expect("a test database");
+        let pool = AnyPoolOptions::new()
+            .max_connections(3)
+            .connect(&t.url)
+            .await
+            .expect("connected");
+        sqlx::query("CREATE TABLE r (k TEXT PRIMARY KEY, at TEXT NOT NULL)")
+            .execute(&pool)
+            .await
+            .expect("table");
+        sqlx::query("INSERT INTO r VALUES ('refreshed', '1'), ('old', '1')")
+            .execute(&pool)
+            .await
+            .expect("rows");
+        let mut refresh = pool.begin().await.expect("begin");
+        sqlx::query("UPDATE r SET at = '9' WHERE k = 'refreshed'")
+            .execute(&mut *refresh)
+            .await
+            .expect("refresh");
+        let deleting = tokio::spawn({
+            let pool = pool.clone();
+            async move { delete_in_batches(&pool, "r", "k", "at", "5").await }
+        });
+        let limit = Duration::from_secs(60);
+        tokio::time::timeout(limit, async {
+            while testing::sessions_waiting(&pool).await.expect("locks") == 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the delete waits for the refreshed row");
+        refresh.commit().await.expect("committed");
+        let removed = tokio::time::timeout(limit, deleting)
+            .await
+            .expect("the delete ends")
+            .expect("joined")
+            .expect("deleted");
+        assert_eq!(removed, 1);
+        let left: Vec<String> = sqlx::query_scalar("SELECT k FROM r")
+            .fetch_all(&pool)
+            .await
+            .expect("left");
+        assert_eq!(left, ["refreshed"]);
+        pool.close().await;
+        t.drop_db().await.expect("dropped");
+    }
+
     /// A connection whose write failed is not handed out again: here a PostgreSQL session
     /// left read-only (as on a primary demoted in a failover while the pool held it) — the
     /// same connection failed every write until it aged out, 30 minutes later.
@@ -993,6 +1052,7 @@ mod tests {
         };
         let e = write().await.expect_err("read-only");
         assert!(e.to_string().contains("read-only"), "{e}");
+        assert!(is_outage(&e), "a database that takes no writes: {e}");
         write()
             .await
             .expect("the next write is on a new connection");
