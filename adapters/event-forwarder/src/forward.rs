@@ -144,6 +144,12 @@ fn auth_value(token: &str) -> Result<HeaderValue, ForwardError> {
     Ok(v)
 }
 
+/// How long a connection to the endpoint may take: half the request's timeout (so that
+/// reaching it is told apart from its answer), at most 10 s.
+fn connect_timeout(request: Duration) -> Duration {
+    (request / 2).min(Duration::from_secs(10))
+}
+
 impl Forwarder {
     /// A forwarder for `endpoint`; `token` (if any) is sent as the `Authorization` value;
     /// `roots` are trusted for https besides the bundled public CAs.
@@ -158,6 +164,10 @@ impl Forwarder {
             .into_iter()
             .fold(reqwest::Client::builder(), |b, c| b.add_root_certificate(c))
             .timeout(timeout)
+            // A connection not made by then is the endpoint's absence (a host off, a
+            // firewall dropping packets), not this event's: told apart from a slow answer,
+            // it is waited out as an outage instead of counted toward the dead-letter queue.
+            .connect_timeout(connect_timeout(timeout))
             .redirect(reqwest::redirect::Policy::none())
             // Below the 5 s after which Node's HTTP server (Rabble Rouser's) closes an idle
             // connection: a request sent on one it is closing fails as "unreachable" and
@@ -254,11 +264,11 @@ impl Forwarder {
     /// that its file has since replaced), with the event's own headers (see
     /// [`event_headers`]).
     pub async fn post(&self, body: &str, event: &HeaderMap) -> PostResult {
-        // No connection (refused, unresolvable, TLS): down. Timed out, or the connection
-        // lost after the request went (an endpoint this event crashes): possibly the
-        // event's own, counted.
+        // No connection (refused, unresolvable, TLS, not made within the connect timeout):
+        // down. Timed out once connected, or the connection lost after the request went
+        // (an endpoint this event crashes): possibly the event's own, counted.
         let unreachable = |e: reqwest::Error| {
-            let scope = if e.is_connect() && !e.is_timeout() {
+            let scope = if e.is_connect() {
                 Scope::Down
             } else {
                 Scope::Endpoint
@@ -366,7 +376,12 @@ impl Forwarder {
     /// A transport error in words: never the request's headers, and without the URL's
     /// query (which may carry credentials).
     fn describe(&self, e: &reqwest::Error) -> String {
-        let what = if e.is_timeout() {
+        let what = if e.is_connect() && e.is_timeout() {
+            format!(
+                "no connection to the endpoint within {} ms",
+                connect_timeout(self.timeout).as_millis()
+            )
+        } else if e.is_timeout() {
             format!("request timed out after {} ms", self.timeout.as_millis())
         } else if e.is_connect() {
             "cannot connect to the endpoint".to_string()

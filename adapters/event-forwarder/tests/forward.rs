@@ -147,6 +147,41 @@ async fn a_connection_lost_after_the_request_counts_and_a_303_is_rejected() {
     ));
 }
 
+/// An endpoint that never completes a connection (a host off behind a firewall that drops
+/// packets: here a listener whose accept queue is full, so its SYNs go unanswered) is down
+/// — an outage, waited out — not counted as this event's failure, as a request timed out
+/// once connected is. Before, only the whole request's timeout ended it: counted, and a
+/// day's outage dead-lettered the backlog after `max_attempts`.
+#[tokio::test]
+async fn an_endpoint_that_never_connects_is_down() {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    // Fill the accept queue (never accepted) until a connection gets no answer.
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        let connect = tokio::net::TcpStream::connect(addr);
+        match tokio::time::timeout(Duration::from_millis(500), connect).await {
+            Ok(s) => held.push(s.unwrap()),
+            Err(_) => break,
+        }
+    }
+    match forwarder(&format!("http://{addr}"), 2000)
+        .post("{}", &HeaderMap::new())
+        .await
+    {
+        PostResult::Retryable(e, None, Scope::Down) => {
+            assert!(
+                e.contains("no connection to the endpoint within 1000 ms"),
+                "{e}"
+            )
+        }
+        r => panic!("{r:?}"),
+    }
+    drop((held, listener));
+}
+
 /// A 409 is a 4xx like any other (design §7: Permanent), an `Idempotency-Key` sent or not.
 #[tokio::test]
 async fn a_conflict_is_rejected_keyed_or_not() {
