@@ -34,19 +34,22 @@ pub enum PathError {
     /// Could not be inspected (permissions, I/O).
     #[error("cannot access `{0}`: {1}")]
     Io(String, String),
-    /// Could not be opened for want of descriptors or memory (EMFILE, ENFILE, ENOMEM): the
-    /// process's or the host's trouble, which every file meets alike, not this file's.
+    /// Could not be opened for want of descriptors or memory (EMFILE, ENFILE, ENOMEM), or
+    /// its share is away (ESTALE, ENOTCONN, ETIMEDOUT… from a soft-mounted NFS or SMB
+    /// share, a dead FUSE mount): the process's, the host's or the share's trouble, which
+    /// every file meets alike, not this file's — as the same errors met while reading are.
     #[error("cannot access `{0}`: {1}")]
-    ShortOfResources(String, String),
+    Unavailable(String, String),
 }
 
 impl PathError {
-    /// The error of `e` met at `shown`: short of resources, or another I/O problem.
+    /// The error of `e` met at `shown`: short of resources or a share away, or another I/O
+    /// problem.
     pub(crate) fn io(shown: &str, e: &std::io::Error) -> Self {
         if e.raw_os_error()
-            .is_some_and(crate::copy::short_of_resources)
+            .is_some_and(|n| crate::copy::short_of_resources(n) || crate::copy::share_down(n))
         {
-            PathError::ShortOfResources(shown.to_string(), e.to_string())
+            PathError::Unavailable(shown.to_string(), e.to_string())
         } else {
             PathError::Io(shown.to_string(), e.to_string())
         }
@@ -54,13 +57,13 @@ impl PathError {
 
     /// Permission or I/O problems may pass; the rest never will.
     pub fn is_transient(&self) -> bool {
-        matches!(self, PathError::Io(..) | PathError::ShortOfResources(..))
+        matches!(self, PathError::Io(..) | PathError::Unavailable(..))
     }
 
-    /// Whether every file would meet it now (out of descriptors or memory): an outage to
-    /// wait out, not a retry counted against this file.
+    /// Whether every file would meet it now (out of descriptors or memory, a share away):
+    /// an outage to wait out, not a retry counted against this file.
     pub fn is_outage(&self) -> bool {
-        matches!(self, PathError::ShortOfResources(..))
+        matches!(self, PathError::Unavailable(..))
     }
 }
 
@@ -509,6 +512,31 @@ pub(crate) fn normalize(p: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A share away (a soft mount's ESTALE, ENOTCONN, ETIMEDOUT…) or a process short of
+    /// descriptors or memory while a file is opened is an outage, as the same errors while
+    /// reading it are: before, a share away at the open was a counted retry, and a backlog
+    /// went to the dead-letter queue as "retries exhausted" while the share was away.
+    #[test]
+    fn a_share_away_or_resources_short_at_the_open_is_an_outage() {
+        let met = |n: i32| PathError::io("f", &std::io::Error::from_raw_os_error(n));
+        for n in [
+            libc::ESTALE,
+            libc::ENOTCONN,
+            libc::ETIMEDOUT,
+            libc::EHOSTDOWN,
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::ENOMEM,
+        ] {
+            let e = met(n);
+            assert!(e.is_outage() && e.is_transient(), "{e}");
+        }
+        for n in [libc::EACCES, libc::EIO] {
+            let e = met(n);
+            assert!(!e.is_outage() && e.is_transient(), "{e}");
+        }
+    }
 
     #[test]
     fn resolves_inside_and_refuses_escapes() {
