@@ -82,10 +82,15 @@ impl Ranges {
 
 impl<'c> Progress<'c> {
     /// The progress an earlier attempt of this message recorded in `header` (none if the
-    /// header is missing or unreadable: then every part is done again, at least once).
+    /// header is missing or unreadable, or the delivery did not come back the framework's
+    /// way — a producer's header, [`MessageContext::came_back`]: then every part is done
+    /// again, at least once).
     pub fn resume(ctx: &'c MessageContext, header: &'static str) -> Self {
         ctx.note_progress_header(header);
-        let (done, indices) = crate::headers::get_str(&ctx.headers, header)
+        let (done, indices) = ctx
+            .came_back()
+            .then(|| crate::headers::get_str(&ctx.headers, header))
+            .flatten()
             .and_then(|s| decode(&s))
             .unwrap_or_default();
         Self {

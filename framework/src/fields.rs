@@ -43,6 +43,66 @@ impl FieldError {
     }
 }
 
+/// The most JSON values a body may hold to be decoded. Decoded, a value takes 32 bytes or
+/// more where its text can take two (`0,`): a 16 MiB array of small numbers — within
+/// `max_body_bytes` — took about 400 MiB while it was decoded and killed a service run
+/// with the memory limit docs/scaling.md gives, again at every redelivery. A million
+/// values (tens of MiB decoded) is far beyond any real message.
+pub const MAX_JSON_VALUES: usize = 1 << 20;
+
+/// An upper bound of the values in JSON text `body` (keys included): one more than the
+/// separators and openers outside strings. One pass over the bytes, nothing allocated.
+pub fn json_values(body: &[u8]) -> usize {
+    let mut n = 1;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in body {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+        } else {
+            match b {
+                b'"' => in_string = true,
+                b',' | b':' | b'[' | b'{' => n += 1,
+                _ => {}
+            }
+        }
+    }
+    n
+}
+
+/// Why JSON text found inside a message was not decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TextJsonError {
+    /// More values than a message may hold ([`MAX_JSON_VALUES`]): not decoded at all.
+    #[error(
+        "holds about {0} JSON values, more than the {MAX_JSON_VALUES} a message may (decoded, \
+         each takes 32 bytes or more): not decoded"
+    )]
+    TooMany(usize),
+    /// Not JSON (serde_json's reason).
+    #[error("is not valid JSON: {0}")]
+    Invalid(String),
+}
+
+/// JSON text found inside a message (an SQS record's `body`, an SNS `Message`, a Kinesis
+/// record's decoded `data`) decoded as a value, refused unread when it holds more than
+/// [`MAX_JSON_VALUES`]: the framework bounds what a body holds, not the text inside its
+/// strings, so a 16 MiB `"[0,0,…]"` there took 400 MiB decoded and killed the service at
+/// every redelivery.
+pub fn json_in_text(text: &[u8]) -> Result<Value, TextJsonError> {
+    let values = json_values(text);
+    if values > MAX_JSON_VALUES {
+        return Err(TextJsonError::TooMany(values));
+    }
+    serde_json::from_slice(text).map_err(|e| TextJsonError::Invalid(e.to_string()))
+}
+
 /// The JSON type of `v` as error messages name it.
 pub fn kind_name(v: &Value) -> &'static str {
     match v {
@@ -102,6 +162,35 @@ pub fn non_empty_text(o: &Map<String, Value>, f: &str) -> Result<String, FieldEr
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn json_values_count_what_decoding_would_make_and_nothing_inside_strings() {
+        assert_eq!(json_values(b"0"), 1);
+        assert_eq!(json_values(b"[0,0,0]"), 4, "the array and its three");
+        assert_eq!(json_values(br#"{"a":1,"b":[2]}"#), 6, "keys count");
+        assert_eq!(
+            json_values(br#"["a,b:[{", "x\",y", "\\"]"#),
+            4,
+            "an escaped quote ends no string, an escaped backslash hides no quote"
+        );
+        let many = serde_json::to_vec(&vec![0u8; 5000]).unwrap();
+        assert_eq!(json_values(&many), 5001);
+    }
+
+    /// JSON text inside a message is decoded as the body is bounded: too many values is
+    /// refused unread, naming why; what fits is decoded; bad text says what serde_json says.
+    #[test]
+    fn json_inside_text_is_bounded_like_a_body() {
+        let many = serde_json::to_vec(&vec![0u8; MAX_JSON_VALUES]).expect("text");
+        let e = json_in_text(&many).expect_err("too many");
+        assert_eq!(e, TextJsonError::TooMany(MAX_JSON_VALUES + 1));
+        assert!(e.to_string().contains("more than the 1048576"), "{e}");
+        assert_eq!(json_in_text(br#"{"a":[1,2]}"#), Ok(json!({"a": [1, 2]})));
+        assert!(matches!(
+            json_in_text(b"[1,"),
+            Err(TextJsonError::Invalid(_))
+        ));
+    }
 
     #[test]
     fn errors_name_the_field_and_what_was_there() {

@@ -33,12 +33,12 @@ pub mod trace;
 pub use async_trait::async_trait;
 pub use cli::{Binding, BoxError, Service};
 pub use config::{Config, ConfigError, LoadOptions, Secret};
+pub use fields::MAX_JSON_VALUES;
 pub use lapin;
 pub use processor::{
     MessageContext, MessageProcessor, Outcome, ProcessorConfiguration, Publication,
 };
 pub use runtime::{Runtime, Status};
-pub use session::MAX_JSON_VALUES;
 pub use tokio_util::sync::CancellationToken;
 
 /// The service binaries' global allocator (see [`service_main!`]).

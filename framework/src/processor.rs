@@ -133,6 +133,8 @@ pub struct MessageContext {
     /// A third of the broker's consumer timeout after the delivery (see
     /// [`MessageContext::checkpoint_in`]); None outside a runtime.
     pub(crate) checkpoint_at: Option<std::time::Instant>,
+    /// See [`MessageContext::came_back`].
+    pub(crate) came_back: bool,
 }
 
 /// What an attempt asked of its Retry outcome (see [`MessageContext::set_retry_header`] and
@@ -168,7 +170,25 @@ impl MessageContext {
             trace: crate::trace::TraceContext::continue_from(&FieldTable::default()),
             max_records: 0,
             checkpoint_at: None,
+            came_back: attempt > 0,
         }
+    }
+
+    /// Whether this delivery came back the framework's way — a retry from its tier, a
+    /// replayed dead letter: through the default exchange to the service's own queue —
+    /// so that headers an attempt of this service wrote (progress marks, a batch part)
+    /// are its own. On a producer's delivery they are the producer's, and ignored: a
+    /// forged `x-event-forwarder-done` had an event reported delivered and never posted.
+    /// (Outside a runtime, [`MessageContext::for_test`]: whether `attempt` > 0, unless set
+    /// with [`MessageContext::with_came_back`].)
+    pub fn came_back(&self) -> bool {
+        self.came_back
+    }
+
+    /// This context, as a delivery that came back or not (unit tests).
+    pub fn with_came_back(mut self, came_back: bool) -> Self {
+        self.came_back = came_back;
+        self
     }
 
     /// How long this handler may go on before it should return a Retry carrying its
@@ -336,7 +356,9 @@ impl MessageContext {
     /// Which part of its message this delivery was, where it is a replayed dead letter of
     /// one part of a batch ([`crate::headers::BATCH_PART`]).
     pub fn batch_part(&self) -> Option<String> {
-        crate::headers::get_str(&self.headers, crate::headers::BATCH_PART)
+        self.came_back
+            .then(|| crate::headers::get_str(&self.headers, crate::headers::BATCH_PART))
+            .flatten()
     }
 
     /// Dead-letters `body` as `kind`; `part` names which part of the message it is.

@@ -13,6 +13,8 @@ use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+use crate::fields::{MAX_JSON_VALUES, json_values};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::channel_pool::ChannelPool;
@@ -728,6 +730,8 @@ fn consumer_ended(next: Option<Result<Delivery, lapin::Error>>) -> SessionEnd {
 
 /// Metadata read off a delivery before processing.
 struct Incoming {
+    /// Through the default exchange to the service's queue: a retry or a replay.
+    came_back: bool,
     attempt: u32,
     exchange: String,
     routing_key: String,
@@ -741,7 +745,8 @@ pub(crate) const LARGE_BODY: usize = 256 * 1024;
 
 fn incoming(d: &Delivery, queue: &str) -> Incoming {
     let mut headers = d.properties.headers().clone().unwrap_or_default();
-    if !(d.exchange.as_str().is_empty() && d.routing_key.as_str() == queue)
+    let came_back = d.exchange.as_str().is_empty() && d.routing_key.as_str() == queue;
+    if !came_back
         && h::FRAMEWORK_COUNTS
             .iter()
             .any(|k| headers.inner().contains_key(*k))
@@ -759,44 +764,12 @@ fn incoming(d: &Delivery, queue: &str) -> Incoming {
     let exchange = name(h::ORIGINAL_EXCHANGE).unwrap_or_else(|| d.exchange.to_string());
     let routing_key = name(h::ORIGINAL_ROUTING_KEY).unwrap_or_else(|| d.routing_key.to_string());
     Incoming {
+        came_back,
         attempt,
         exchange,
         routing_key,
         headers,
     }
-}
-
-/// The most JSON values a body may hold to be decoded. Decoded, a value takes 32 bytes or
-/// more where its text can take two (`0,`): a 16 MiB array of small numbers — within
-/// `max_body_bytes` — took about 400 MiB while it was decoded and killed a service run
-/// with the memory limit docs/scaling.md gives, again at every redelivery. A million
-/// values (tens of MiB decoded) is far beyond any real message.
-pub const MAX_JSON_VALUES: usize = 1 << 20;
-
-/// An upper bound of the values in JSON text `body` (keys included): one more than the
-/// separators and openers outside strings. One pass over the bytes, nothing allocated.
-pub(crate) fn json_values(body: &[u8]) -> usize {
-    let mut n = 1;
-    let mut in_string = false;
-    let mut escaped = false;
-    for &b in body {
-        if in_string {
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_string = false;
-            }
-        } else {
-            match b {
-                b'"' => in_string = true,
-                b',' | b':' | b'[' | b'{' => n += 1,
-                _ => {}
-            }
-        }
-    }
-    n
 }
 
 /// Whether a `content_encoding` names a compression (producers also put a charset there,
@@ -995,6 +968,7 @@ impl<P: MessageProcessor> Shared<P> {
                 properties,
                 max_records: inner.amqp.max_records,
                 checkpoint_at: Some(started + inner.amqp.checkpoint_after()),
+                came_back: inc.came_back,
             };
             // Decoding runs inside catch_unwind too: a panicking Deserialize is the input's fault.
             let handled = AssertUnwindSafe(async {
@@ -1270,20 +1244,6 @@ impl Drop for InFlight<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn json_values_count_what_decoding_would_make_and_nothing_inside_strings() {
-        assert_eq!(json_values(b"0"), 1);
-        assert_eq!(json_values(b"[0,0,0]"), 4, "the array and its three");
-        assert_eq!(json_values(br#"{"a":1,"b":[2]}"#), 6, "keys count");
-        assert_eq!(
-            json_values(br#"["a,b:[{", "x\",y", "\\"]"#),
-            4,
-            "an escaped quote ends no string, an escaped backslash hides no quote"
-        );
-        let many = serde_json::to_vec(&vec![0u8; 5000]).unwrap();
-        assert_eq!(json_values(&many), 5001);
-    }
 
     #[test]
     fn a_message_whose_outcomes_cannot_be_published_waits_longer_each_time() {

@@ -321,12 +321,10 @@ impl CrashRouter {
             .and_then(Value::as_str)
             .unwrap_or("-");
         let body = match record.get("body") {
-            Some(Value::String(text)) => match serde_json::from_str(text) {
+            Some(Value::String(text)) => match framework::fields::json_in_text(text.as_bytes()) {
                 Ok(v) => v,
                 Err(e) => {
-                    return vec![Record::Junk(format!(
-                        "SQS message {id}: `body` is not JSON: {e}"
-                    ))];
+                    return vec![Record::Junk(format!("SQS message {id}: `body` {e}"))];
                 }
             },
             Some(v @ Value::Object(_)) => v.clone(),
@@ -382,10 +380,8 @@ fn unwrap_sns(input: Value) -> Result<Value, Outcome> {
         _ => return Ok(input),
     }
     match input.get("Message") {
-        Some(Value::String(m)) => serde_json::from_str(m).map_err(|e| {
-            Outcome::permanent(format!(
-                "SNS notification from {topic}: `Message` is not JSON: {e}"
-            ))
+        Some(Value::String(m)) => framework::fields::json_in_text(m.as_bytes()).map_err(|e| {
+            Outcome::permanent(format!("SNS notification from {topic}: `Message` {e}"))
         }),
         Some(other) => Err(Outcome::permanent(format!(
             "SNS notification from {topic}: `Message`: expected a string of JSON, found {}",
@@ -514,6 +510,31 @@ mod tests {
             "RequestId": "5582815E1AEA5ADF", "HostId": "8cLeGAmw098X5cv4Zkwcmo8vvZa3eH3eKxsPzbB9wrR+YstdA6Knx4Ip8EXAMPLE"});
         match r.handle(body, &ctx).await {
             Outcome::Drop(m) => assert!(m.contains("test event"), "{m}"),
+            o => panic!("{o:?}"),
+        }
+    }
+
+    /// JSON text with more values than a message may hold (as a 16 MiB body could).
+    fn too_many_values() -> String {
+        serde_json::to_string(&vec![0u8; framework::MAX_JSON_VALUES]).expect("text")
+    }
+
+    /// An SQS body or SNS `Message` whose text holds more JSON values than a message may
+    /// is refused unread (the framework bounds the body's values, not its strings' text):
+    /// decoded, a 16 MiB one took 400 MiB and killed the service at every redelivery.
+    #[tokio::test]
+    async fn json_text_with_too_many_values_is_refused_unread() {
+        let r = router("a", 1);
+        let sqs = json!({"Records": [{"eventSource": "aws:sqs", "messageId": "m1",
+            "body": too_many_values()}]});
+        match r.records_of(sqs, false).as_deref() {
+            Ok([Record::Junk(why)]) => assert!(why.contains("holds about"), "{why}"),
+            o => panic!("{o:?}"),
+        }
+        let mut n = sns(&json!({}));
+        n["Message"] = json!(too_many_values());
+        match r.records_of(n, false) {
+            Err(Outcome::Permanent(m)) => assert!(m.contains("`Message` holds about"), "{m}"),
             o => panic!("{o:?}"),
         }
     }

@@ -280,6 +280,27 @@ async fn a_delivered_event_is_not_posted_again_by_its_retry() {
     assert_eq!(bodies(&server).await, vec![r#"{"n":8}"#]);
 }
 
+/// The service's progress mark on a producer's message (not one that came back through a
+/// retry or replay) is the producer's: ignored, the event is posted. Believed, a forged
+/// `x-event-forwarder-done` had the event reported delivered and never posted.
+#[tokio::test]
+async fn a_producers_progress_mark_is_ignored() {
+    use framework::lapin::types::{AMQPValue, FieldTable};
+    let server = answering(200).await;
+    let data = tempfile::tempdir().unwrap();
+    let hs = start(&server, data.path(), &[]).await;
+    let mut out = hs.watch_output().await;
+    let mut h = FieldTable::default();
+    h.insert(
+        event_forwarder::DONE_HEADER.into(),
+        AMQPValue::LongString(r#"["0"]"#.into()),
+    );
+    hs.publish("k", br#"{"n":9}"#, with_id("ev-9").with_headers(h))
+        .await;
+    assert_eq!(json_of(&next(&mut out).await)["delivered"], json!([0]));
+    assert_eq!(bodies(&server).await, vec![r#"{"n":9}"#]);
+}
+
 fn record(seq: &str) -> Value {
     json!({
         "eventID": format!("shardId-000000000000:{seq}"),

@@ -19,8 +19,9 @@ pub enum EventError {
         /// Decoder message.
         reason: String,
     },
-    /// Decoded `data` of a Kinesis record is not a JSON object.
-    #[error("field `{field}`: decoded data is not a JSON object: {reason}")]
+    /// Decoded `data` of a Kinesis record is not a JSON object (or holds more than a
+    /// message may).
+    #[error("field `{field}`: decoded data {reason}")]
     DataJson {
         /// Field name.
         field: String,
@@ -354,14 +355,15 @@ fn parse_kinesis_record(
             field: field.clone(),
             reason: e.to_string(),
         })?;
-    let json: Value = serde_json::from_slice(&bytes).map_err(|e| EventError::DataJson {
-        field: field.clone(),
-        reason: e.to_string(),
-    })?;
+    let json: Value =
+        framework::fields::json_in_text(&bytes).map_err(|e| EventError::DataJson {
+            field: field.clone(),
+            reason: e.to_string(),
+        })?;
     if !json.is_object() {
         return Err(EventError::DataJson {
             field,
-            reason: format!("found {}", kind_name(&json)),
+            reason: format!("is not a JSON object: found {}", kind_name(&json)),
         });
     }
     parse_delivered(&json, arrival_time(o), Some(delivery))
@@ -451,6 +453,23 @@ pub fn items_delivered(msg: &Value, delivery: &Delivery<'_>) -> Vec<Item> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// A Kinesis record's decoded `data` holding more JSON values than a message may is
+    /// refused unread (its base64 hides them from the framework's bound of the body):
+    /// decoded, 12 MiB of them took hundreds of MiB and killed the service at every
+    /// redelivery.
+    #[test]
+    fn decoded_data_with_too_many_values_is_refused_unread() {
+        use base64::Engine;
+        let text = serde_json::to_vec(&vec![0u8; framework::MAX_JSON_VALUES]).unwrap();
+        let data = base64::engine::general_purpose::STANDARD.encode(text);
+        let items = items(
+            &json!({"kinesis": {"data": data}}),
+            "2026-01-01T00:00:00.000000Z",
+        );
+        let e = items[0].parsed.as_ref().expect_err("refused");
+        assert!(e.to_string().contains("decoded data holds about"), "{e}");
+    }
 
     #[test]
     fn arrival_times_in_seconds_or_milliseconds_give_one_key_and_no_signed_year() {

@@ -140,9 +140,11 @@ impl MessageProcessor for ProjectProcessor {
         // ahead of updates applied meanwhile (and of every one received after it, dropped
         // as stale). A header further ahead than any believed is no earlier attempt's
         // (theirs were at most that far ahead then, less now): a producer's, ignored — as
-        // are both headers on a message's first delivery (no attempt of ours wrote them).
+        // are both headers on a delivery that did not come back through a retry or replay
+        // (a message's first delivery, or the broker's redelivery of it: no attempt of
+        // ours wrote them).
         let ours = |name: &str| {
-            (again(ctx) || ctx.attempt > 0)
+            ctx.came_back()
                 .then(|| framework::headers::get_str(&ctx.headers, name))
                 .flatten()
                 .and_then(|s| normalize_time(&s))

@@ -943,7 +943,7 @@ async fn kinesis_envelopes_single_and_multiple(b: Backend) {
     assert!(
         header(&dl, "x-error")
             .unwrap()
-            .contains("decoded data is not a JSON object")
+            .contains("decoded data is not valid JSON")
     );
     env.finish().await;
 }

@@ -12,9 +12,9 @@ pub enum InvalidMessage {
     /// A field is missing, null, empty or of the wrong type or value.
     #[error(transparent)]
     Field(#[from] FieldError),
-    /// A `body` string is not JSON.
-    #[error("field `body`: not valid JSON: {0}")]
-    BodyJson(String),
+    /// A `body` string is not JSON, or holds more than a message may.
+    #[error("field `body` {0}")]
+    BodyJson(framework::fields::TextJsonError),
     /// The message is not an object / `Records` is not usable.
     #[error("{0}")]
     Shape(String),
@@ -179,8 +179,8 @@ fn parse_record(r: &Value) -> Record {
     let (raw, parsed) = match body {
         Some(Value::String(s)) => (
             s.as_bytes().to_vec(),
-            serde_json::from_str::<Value>(s)
-                .map_err(|e| InvalidMessage::BodyJson(e.to_string()))
+            framework::fields::json_in_text(s.as_bytes())
+                .map_err(InvalidMessage::BodyJson)
                 .and_then(|v| parse_status(&v)),
         ),
         Some(Value::Null) => (
@@ -241,6 +241,19 @@ mod tests {
 
     fn base() -> Value {
         json!({"correlation_id":"c","collection_name":"db.a","snapshot_type":"full","export_date":"2020-01-01"})
+    }
+
+    /// A record's `body` text holding more JSON values than a message may is refused
+    /// unread (the framework bounds the body's values, not its strings' text): decoded, a
+    /// 16 MiB one took 400 MiB and killed the service at every redelivery.
+    #[test]
+    fn a_body_text_with_too_many_values_is_refused_unread() {
+        let text = serde_json::to_string(&vec![0u8; framework::MAX_JSON_VALUES]).unwrap();
+        let Input::Records(records) = decode(&json!({"Records": [{"body": text}]})) else {
+            panic!("records");
+        };
+        let e = records[0].parsed.as_ref().expect_err("refused");
+        assert!(e.to_string().starts_with("field `body` holds about"), "{e}");
     }
 
     #[test]

@@ -646,7 +646,7 @@ async fn records_with_mixed_valid_and_invalid_bodies(b: Backend) {
     assert!(
         header(&d, "x-error")
             .unwrap()
-            .starts_with("record 4: field `body`: not valid JSON"),
+            .starts_with("record 4: field `body` is not valid JSON"),
     );
     assert_eq!(&d.data[..], b"{not json");
     assert_eq!(json_of(&next(&mut env.export).await)["topic_name"], "db.r");
