@@ -406,7 +406,8 @@ pub async fn delete_in_batches(
             .await?
             .rows_affected();
         removed += n;
-        if n < DELETE_BATCH {
+        // Until none is left: a batch whose rows were refreshed meanwhile deletes fewer.
+        if n == 0 {
             return Ok(removed);
         }
     }

@@ -33,6 +33,9 @@ pub struct Progress<'c> {
     indices: Ranges,
     /// Marked since the header was last written.
     dirty: bool,
+    /// The delivery carried the header without having come back: a producer's, replaced by
+    /// this attempt's marks on the retry or dead letter.
+    forged: bool,
 }
 
 /// Disjoint, non-adjacent inclusive ranges of indices (first → last).
@@ -84,13 +87,14 @@ impl<'c> Progress<'c> {
     /// The progress an earlier attempt of this message recorded in `header` (none if the
     /// header is missing or unreadable, or the delivery did not come back the framework's
     /// way — a producer's header, [`MessageContext::came_back`]: then every part is done
-    /// again, at least once).
+    /// again, at least once, and the retry or dead letter made of the message carries this
+    /// attempt's marks in its place, not the producer's).
     pub fn resume(ctx: &'c MessageContext, header: &'static str) -> Self {
         ctx.note_progress_header(header);
-        let (done, indices) = ctx
-            .came_back()
-            .then(|| crate::headers::get_str(&ctx.headers, header))
-            .flatten()
+        let found = crate::headers::get_str(&ctx.headers, header);
+        let forged = found.is_some() && !ctx.came_back();
+        let (done, indices) = found
+            .filter(|_| !forged)
             .and_then(|s| decode(&s))
             .unwrap_or_default();
         Self {
@@ -99,6 +103,7 @@ impl<'c> Progress<'c> {
             done,
             indices,
             dirty: false,
+            forged,
         }
     }
 
@@ -223,7 +228,7 @@ impl<'c> Progress<'c> {
 /// to n marks).
 impl Drop for Progress<'_> {
     fn drop(&mut self) {
-        if self.dirty {
+        if self.dirty || self.forged {
             self.ctx
                 .set_retry_header(self.header, &encode(&self.done, &self.indices));
         }

@@ -31,7 +31,8 @@ pub enum Outcome {
     Drop(String),
     /// The session ended while handling (see [`MessageContext::cancelled`]): give the
     /// message back unacked, so it is redelivered in its place; nothing is published.
-    /// Returned while the session still runs, it is a [`Outcome::Retry`].
+    /// Returned while the session still runs, it is a [`Outcome::Retry`], unless the
+    /// processor asked to keep the message's place ([`MessageContext::keep_place`]).
     Interrupted(String),
 }
 
@@ -147,6 +148,8 @@ pub(crate) struct RetryNotes {
     wait: std::time::Duration,
     /// The Retry is an outage's (see [`MessageContext::retry_for_outage`]).
     outage: bool,
+    /// An Interrupted outcome gives the message back (see [`MessageContext::keep_place`]).
+    keep_place: bool,
 }
 
 impl MessageContext {
@@ -176,9 +179,10 @@ impl MessageContext {
 
     /// Whether this delivery came back the framework's way — a retry from its tier, a
     /// replayed dead letter: through the default exchange to the service's own queue —
-    /// so that headers an attempt of this service wrote (progress marks, a batch part)
-    /// are its own. On a producer's delivery they are the producer's, and ignored: a
-    /// forged `x-event-forwarder-done` had an event reported delivered and never posted.
+    /// so that headers an attempt of this service wrote (progress marks) are its own. On a
+    /// producer's delivery they are the producer's, and ignored (and replaced on its retry
+    /// and dead letter, see [`crate::batch::Progress::resume`]): a forged
+    /// `x-event-forwarder-done` had an event reported delivered and never posted.
     /// (Outside a runtime, [`MessageContext::for_test`]: whether `attempt` > 0, unless set
     /// with [`MessageContext::with_came_back`].)
     pub fn came_back(&self) -> bool {
@@ -272,6 +276,26 @@ impl MessageContext {
         self.retry_notes.lock().map(|n| n.outage).unwrap_or(false)
     }
 
+    /// Asks that an [`Outcome::Interrupted`] of this attempt give the message back to its
+    /// queue, in its place, even while the session runs (otherwise it is a Retry): for a
+    /// processor that keeps queue order and waits out an outage of what it needs longer
+    /// than it may hold the message (a third of the consumer timeout). It is handed out
+    /// again at once, so the processor bounds how long (not counted as an attempt; before
+    /// RabbitMQ 4.3 each give-back counts toward a quorum queue's delivery limit).
+    pub fn keep_place(&self) {
+        if let Ok(mut n) = self.retry_notes.lock() {
+            n.keep_place = true;
+        }
+    }
+
+    /// Whether [`MessageContext::keep_place`] was called in this attempt.
+    pub(crate) fn keeps_place(&self) -> bool {
+        self.retry_notes
+            .lock()
+            .map(|n| n.keep_place)
+            .unwrap_or(false)
+    }
+
     /// The W3C `traceparent` of this message's handling, for calls the processor makes
     /// (e.g. an HTTP request), so they join the message's trace.
     pub fn traceparent(&self) -> String {
@@ -356,9 +380,7 @@ impl MessageContext {
     /// Which part of its message this delivery was, where it is a replayed dead letter of
     /// one part of a batch ([`crate::headers::BATCH_PART`]).
     pub fn batch_part(&self) -> Option<String> {
-        self.came_back
-            .then(|| crate::headers::get_str(&self.headers, crate::headers::BATCH_PART))
-            .flatten()
+        crate::headers::get_str(&self.headers, crate::headers::BATCH_PART)
     }
 
     /// Dead-letters `body` as `kind`; `part` names which part of the message it is.

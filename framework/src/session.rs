@@ -747,13 +747,14 @@ fn incoming(d: &Delivery, queue: &str) -> Incoming {
     let mut headers = d.properties.headers().clone().unwrap_or_default();
     let came_back = d.exchange.as_str().is_empty() && d.routing_key.as_str() == queue;
     if !came_back
-        && h::FRAMEWORK_COUNTS
-            .iter()
+        && (h::FRAMEWORK_COUNTS.iter())
+            .chain([&h::BATCH_PART])
             .any(|k| headers.inner().contains_key(*k))
     {
         // A producer's: with its own `x-retry-count: 49` the first retry was "retries
-        // exhausted", and its `x-original-*` named another origin.
-        headers = h::without(&headers, h::FRAMEWORK_COUNTS);
+        // exhausted", its `x-original-*` named another origin, and its `x-batch-part`
+        // (kept on the retries and dead letters made of the message) another part.
+        headers = h::without(&h::without(&headers, h::FRAMEWORK_COUNTS), &[h::BATCH_PART]);
     }
     let attempt = h::get_int(&headers, h::RETRY_COUNT)
         .unwrap_or(0)
@@ -1080,9 +1081,10 @@ impl<P: MessageProcessor> Shared<P> {
         );
         // A give-back is for a session that ends: while it runs, one would come straight
         // back (an endless loop on RabbitMQ 4.3, which no longer counts requeues toward
-        // the delivery limit), so it is a retry, counted and bounded like any other.
+        // the delivery limit), so it is a retry, counted and bounded like any other —
+        // unless the processor keeps the message's place through an outage it bounds.
         let outcome = match outcome {
-            Outcome::Interrupted(reason) if !ctx.is_cancelled() => {
+            Outcome::Interrupted(reason) if !ctx.is_cancelled() && !ctx.keeps_place() => {
                 warn!(
                     reason = %m::LogText(&reason),
                     "interrupted while its session runs: retried instead of given back"

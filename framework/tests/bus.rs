@@ -425,12 +425,25 @@ async fn outputs_of_an_input_delivered_again_keep_their_ids() {
     // A replayed part of a batch keeps the batch's message id: its part tells them apart.
     let mut part = FieldTable::default();
     h::set_str(&mut part, h::BATCH_PART, "2");
-    hs.publish("test.a", b"{}", with_id("m-1").with_headers(part))
-        .await;
+    hs.publish_retried(
+        "test.a",
+        b"{}",
+        with_id("m-1").with_headers(part.clone()),
+        0,
+    )
+    .await;
     let part_ids = output_ids(&mut out, &mut side).await;
     assert!(
         part_ids.iter().all(|i| !first.contains(i)),
         "a part's ids differ from its batch's"
+    );
+    // On a producer's message the header is the producer's: ignored.
+    hs.publish("test.a", b"{}", with_id("m-1").with_headers(part))
+        .await;
+    assert_eq!(
+        first,
+        output_ids(&mut out, &mut side).await,
+        "a producer's part header changes no id"
     );
     // Without an input id there is nothing to derive one from: fresh ids each time.
     hs.publish("test.a", b"{}", BasicProperties::default())

@@ -326,7 +326,7 @@ fn services(root: &Path, endpoint: &str, export: &str, monitoring: &str) -> Vec<
                 dead(
                     "Kinesis data decoding to non-JSON",
                     json!({"kinesis": {"data": "bm90IGpzb24="}}).to_string(),
-                    &["decoded data is not a JSON object"],
+                    &["decoded data is not valid JSON"],
                 ),
                 dead(
                     "commissionId a boolean",
@@ -418,7 +418,7 @@ fn services(root: &Path, endpoint: &str, export: &str, monitoring: &str) -> Vec<
                 Case {
                     dead: Some((
                         Some(b"not json {".to_vec()),
-                        &["record 1: field `body`: not valid JSON"],
+                        &["record 1: field `body` is not valid JSON"],
                     )),
                     ..skipped(
                         "Records body that is not JSON",

@@ -183,6 +183,9 @@ pub struct EventForwarder {
     forwarder: Forwarder,
     ordered: bool,
     retry: RetryConfig,
+    /// Ordered: the event the endpoint has been down for (a digest of it) and since when,
+    /// kept across the give-backs that keep its place (see [`EventForwarder::post`]).
+    down_since: std::sync::Mutex<Option<([u8; 32], std::time::Instant)>>,
 }
 
 impl EventForwarder {
@@ -192,15 +195,36 @@ impl EventForwarder {
             forwarder,
             ordered,
             retry,
+            down_since: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// How long the endpoint has been down for the event `id`, counted from the first
+    /// time this process found it down for that event.
+    fn down_for(&self, id: [u8; 32]) -> Duration {
+        let mut slot = self.down_since.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        match *slot {
+            Some((held, since)) if held == id => now.saturating_duration_since(since),
+            _ => {
+                *slot = Some((id, now));
+                Duration::ZERO
+            }
         }
     }
 
     /// Posts once, or in ordered mode until it is not retryable, the attempts run out
     /// (Exhausted: dead-lettered as `retries-exhausted`) or the session ends (Interrupted:
-    /// handed back unacked, so the event keeps its place).
+    /// handed back unacked, so the event keeps its place). Ordered, tries that found the
+    /// endpoint down (no connection, 429, 503…) are not counted, as an outage's retries
+    /// are not in the default mode; one still down when the event may be held no longer
+    /// (a third of the consumer timeout) hands it back in its place, to be tried again at
+    /// once, for up to `[retry] max_outage_ms` — dead-lettered there, before, the queue
+    /// moved on without it at every third of the consumer timeout of an outage.
     async fn post(&self, body: &str, key: Option<HeaderValue>, ctx: &MessageContext) -> Posted {
         let event = event_headers(key, ctx);
         let mut attempt: u32 = 0;
+        let mut counted: u32 = 0;
         loop {
             let r = self.forwarder.post(body, &event).await;
             let label = match &r {
@@ -210,11 +234,16 @@ impl EventForwarder {
             };
             metrics::counter!(POSTS_METRIC, "result" => label).increment(1);
             match r {
-                PostResult::Retryable(e, after, _) if self.ordered => {
+                PostResult::Retryable(e, after, scope) if self.ordered => {
                     attempt = attempt.saturating_add(1);
-                    if attempt >= self.retry.max_attempts {
+                    // `max_outage_ms = 0`: outages are counted as any failure.
+                    let down = scope == Scope::Down && self.retry.max_outage_ms > 0;
+                    if !down {
+                        counted = counted.saturating_add(1);
+                    }
+                    if counted >= self.retry.max_attempts {
                         return Posted::Exhausted(format!(
-                            "gave up after {attempt} attempts in place (ordered mode): {e}"
+                            "gave up after {counted} attempts in place (ordered mode): {e}"
                         ));
                     }
                     // The endpoint's Retry-After, as the retry tiers would honour it.
@@ -230,6 +259,9 @@ impl EventForwarder {
                         + self.forwarder.timeout()
                         + RETRY_PUBLISH_ROOM;
                     if ctx.checkpoint_in().is_some_and(|left| left < next) {
+                        if down {
+                            return self.hold_through_outage(body, ctx, &e);
+                        }
                         return Posted::Exhausted(format!(
                             "gave up after {attempt} attempts in place (ordered mode): another \
                              would outlast a third of the broker's consumer timeout; last \
@@ -249,6 +281,30 @@ impl EventForwarder {
                 other => return Posted::Result(other),
             }
         }
+    }
+
+    /// Ordered, the endpoint still down when the event may be held no longer: the event is
+    /// handed back in its place (and tried again at once) while the outage is younger than
+    /// `[retry] max_outage_ms`, else dead-lettered as exhausted.
+    fn hold_through_outage(&self, body: &str, ctx: &MessageContext, e: &str) -> Posted {
+        use sha2::Digest;
+        let mut id = sha2::Sha256::new();
+        id.update(ctx.message_id.as_deref().unwrap_or("").as_bytes());
+        id.update([0]);
+        id.update(body.as_bytes());
+        let down = self.down_for(id.finalize().into());
+        if down >= Duration::from_millis(self.retry.max_outage_ms) {
+            return Posted::Exhausted(format!(
+                "the endpoint was down for {} s, longer than [retry] max_outage_ms (ordered \
+                 mode, kept in place meanwhile): {e}",
+                down.as_secs()
+            ));
+        }
+        ctx.keep_place();
+        tracing::warn!(error = %framework::telemetry::LogText(e), down_for_s = down.as_secs(), "the endpoint is down: the event goes back in its place, to be tried again");
+        Posted::Interrupted(format!(
+            "the endpoint is down: handed back in its place to keep the queue's order ({e})"
+        ))
     }
 
     async fn handle_single(&self, body: &RawValue, ctx: &MessageContext) -> Outcome {
@@ -368,6 +424,20 @@ impl EventForwarder {
                         }
                     }
                     continue;
+                }
+                // Held in place through an outage, the records this delivery posted would
+                // be posted again with it (a give-back carries no progress): the rest of
+                // this one batch goes on in a retry instead, as at the checkpoint above.
+                Posted::Interrupted(e) if progress.advanced() && !ctx.is_cancelled() => {
+                    tracing::warn!(
+                        "an ordered batch met an outage it could not wait out in place: the rest \
+                         of it goes on in a retry, behind the messages after it"
+                    );
+                    outage_if(ctx, Scope::Down);
+                    return Outcome::retry(format!(
+                        "record {i} of {}: {e}; the rest go with this retry",
+                        records.len()
+                    ));
                 }
                 Posted::Interrupted(e) => return Outcome::Interrupted(e),
             };

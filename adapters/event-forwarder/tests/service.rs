@@ -281,12 +281,14 @@ async fn a_delivered_event_is_not_posted_again_by_its_retry() {
 }
 
 /// The service's progress mark on a producer's message (not one that came back through a
-/// retry or replay) is the producer's: ignored, the event is posted. Believed, a forged
-/// `x-event-forwarder-done` had the event reported delivered and never posted.
+/// retry or replay) is the producer's: ignored, the event is posted — and its retry (the
+/// endpoint refused the first try) carries this attempt's marks, not the producer's.
+/// Believed, a forged `x-event-forwarder-done` had the event reported delivered and never
+/// posted.
 #[tokio::test]
 async fn a_producers_progress_mark_is_ignored() {
     use framework::lapin::types::{AMQPValue, FieldTable};
-    let server = answering(200).await;
+    let server = first_refused(1).await;
     let data = tempfile::tempdir().unwrap();
     let hs = start(&server, data.path(), &[]).await;
     let mut out = hs.watch_output().await;
@@ -295,10 +297,13 @@ async fn a_producers_progress_mark_is_ignored() {
         event_forwarder::DONE_HEADER.into(),
         AMQPValue::LongString(r#"["0"]"#.into()),
     );
-    hs.publish("k", br#"{"n":9}"#, with_id("ev-9").with_headers(h))
+    hs.publish("k", br#"{"e":"first"}"#, with_id("ev-9").with_headers(h))
         .await;
     assert_eq!(json_of(&next(&mut out).await)["delivered"], json!([0]));
-    assert_eq!(bodies(&server).await, vec![r#"{"n":9}"#]);
+    assert_eq!(
+        bodies(&server).await,
+        vec![r#"{"e":"first"}"#, r#"{"e":"first"}"#]
+    );
 }
 
 fn record(seq: &str) -> Value {
@@ -751,12 +756,13 @@ async fn ordered_mode_gives_up_after_max_attempts() {
 }
 
 /// Ordered, an in-place wait and POST that would end past a third of the consumer timeout
-/// (the broker's 30 minutes on 3.10/3.11 whatever is configured) is not begun: the event is
-/// dead-lettered and the queue moves on, instead of the broker taking it back as it came,
-/// its attempts starting over, never dead-lettered.
+/// (the broker's 30 minutes on 3.10/3.11 whatever is configured) is not begun: an event the
+/// endpoint answers with an error (not down) is dead-lettered and the queue moves on,
+/// instead of the broker taking it back as it came, its attempts starting over, never
+/// dead-lettered.
 #[tokio::test]
 async fn ordered_mode_gives_up_before_the_consumer_timeout() {
-    let server = answering(503).await;
+    let server = answering(500).await;
     let data = tempfile::tempdir().unwrap();
     let hs = start(
         &server,
@@ -780,6 +786,82 @@ async fn ordered_mode_gives_up_before_the_consumer_timeout() {
         "{err}"
     );
     assert_eq!(bodies(&server).await.len(), 2);
+}
+
+/// Ordered, an endpoint still down (503: not an answer about the event) when the event may
+/// be held no longer is waited out with the event in its place: handed back and tried again
+/// at once, its tries not counted (two of them here, with `max_attempts` 2), and the event
+/// after it waits. Before, the event was dead-lettered at every third of the consumer
+/// timeout an outage lasted, and the queue moved on without it.
+#[tokio::test]
+async fn ordered_mode_keeps_the_event_in_place_through_an_outage() {
+    let server = first_refused(3).await;
+    let data = tempfile::tempdir().unwrap();
+    let hs = start(
+        &server,
+        data.path(),
+        &[
+            ("event_forwarder.ordered", "true"),
+            // A checkpoint of 20 s; the second wait (20 s) would pass it.
+            ("amqp.consumer_timeout_ms", "60000"),
+            ("retry.delays_ms", "[100, 20000]"),
+            ("retry.max_attempts", "2"),
+            ("event_forwarder.timeout_ms", "1000"),
+        ],
+    )
+    .await;
+    let mut out = hs.watch_output().await;
+    publish_first_and_second(&hs).await;
+    let o1 = next(&mut out).await;
+    let o2 = next(&mut out).await;
+    assert_eq!(header(&o1, "x-in-response-to").as_deref(), Some("m1"));
+    assert_eq!(header(&o2, "x-in-response-to").as_deref(), Some("m2"));
+    assert_eq!(
+        bodies(&server).await,
+        vec![
+            r#"{"e":"first"}"#,
+            r#"{"e":"first"}"#,
+            r#"{"e":"first"}"#,
+            r#"{"e":"first"}"#,
+            r#"{"e":"second"}"#
+        ],
+        "the second event waits until the first is delivered"
+    );
+    assert_eq!(ready_count(&hs.ch, &format!("{}-dlq", hs.q)).await, 0);
+    for d in &hs.delays {
+        assert_eq!(ready_count(&hs.ch, &format!("{}-retry-{d}", hs.q)).await, 0);
+    }
+}
+
+/// Ordered, an endpoint down for longer than `[retry] max_outage_ms` while its event is
+/// kept in place dead-letters the event as exhausted, naming the outage.
+#[tokio::test]
+async fn ordered_mode_waits_an_outage_out_only_up_to_max_outage() {
+    let server = answering(503).await;
+    let data = tempfile::tempdir().unwrap();
+    let hs = start(
+        &server,
+        data.path(),
+        &[
+            ("event_forwarder.ordered", "true"),
+            ("amqp.consumer_timeout_ms", "60000"),
+            ("retry.delays_ms", "[100, 20000]"),
+            ("retry.max_outage_ms", "1"),
+            ("retry.max_attempts", "2"),
+            ("event_forwarder.timeout_ms", "1000"),
+        ],
+    )
+    .await;
+    let mut dlq = hs.watch_dlq().await;
+    hs.publish("k", br#"{"e":"down"}"#, with_id("m-down")).await;
+    let d = next(&mut dlq).await;
+    assert_eq!(
+        header(&d, "x-error-kind").as_deref(),
+        Some("retries-exhausted")
+    );
+    let err = header(&d, "x-error").unwrap();
+    assert!(err.contains("longer than [retry] max_outage_ms"), "{err}");
+    assert_eq!(bodies(&server).await.len(), 4, "held once, then given up");
 }
 
 /// An ordered batch still posting at a third of the consumer timeout goes on in a retry
@@ -828,7 +910,7 @@ async fn an_ordered_batch_near_the_consumer_timeout_goes_on_in_a_retry() {
 /// ordered mode too (issue 14 item 9).
 #[tokio::test]
 async fn ordered_mode_exhaustion_is_dead_lettered_as_retries_exhausted() {
-    let server = answering(503).await;
+    let server = answering(500).await;
     let data = tempfile::tempdir().unwrap();
     let hs = start(
         &server,

@@ -305,8 +305,9 @@ mod tests {
 
     /// On PostgreSQL an update racing its project's create (another replica's, committed
     /// while the update runs: here after the update's statement began, which a trigger
-    /// holds on a lock this test holds) is applied or waits for the create — never dropped
-    /// as stale against the older state the create wrote. Before, the update missed the row
+    /// holds on a lock this test holds) is applied, or retried as missing when the create
+    /// had not committed when it looked — never dropped as stale against the older state
+    /// the create wrote. Before, the update missed the row
     /// and the check after it saw it: "stale", and the project kept its create's title.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_update_racing_its_create_is_never_stale_against_it() {

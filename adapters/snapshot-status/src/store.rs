@@ -308,6 +308,7 @@ impl Store {
     ) -> Result<Option<(Collection, bool, bool)>, StoreError> {
         let mut tx = db::begin_write(&self.pool).await?;
         if hold_run(&mut tx, &m.correlation_id).await? {
+            tx.rollback().await?;
             return Ok(None);
         }
         let existed = db::sqlx::query(
@@ -390,6 +391,7 @@ impl Store {
         let trigger = format!("received by {message_key}");
         let mut tx = db::begin_write(&self.pool).await?;
         if hold_run(&mut tx, &m.correlation_id).await? {
+            tx.rollback().await?;
             return Ok(None);
         }
         // After the lock: a prune waiting for this message compares its cutoff with this.
@@ -483,6 +485,7 @@ impl Store {
     ) -> Result<Option<(Option<Collection>, bool)>, StoreError> {
         let mut tx = db::begin_write(&self.pool).await?;
         if hold_run(&mut tx, &m.correlation_id).await? {
+            tx.rollback().await?;
             return Ok(None);
         }
         let sql = format!(
@@ -516,6 +519,7 @@ impl Store {
         let mut tx = db::begin_write(&self.pool).await?;
         // A run pruned since its message was recorded gets no product row back.
         if hold_run(&mut tx, correlation_id).await? {
+            tx.rollback().await?;
             return Ok(false);
         }
         lock_run(&mut tx, correlation_id).await?;
@@ -739,6 +743,7 @@ impl Store {
         let mut tx = db::begin_write(&self.pool).await?;
         // A run pruned since its message was recorded gets no product row back.
         if hold_run(&mut tx, correlation_id).await? {
+            tx.rollback().await?;
             return Ok(false);
         }
         lock_run(&mut tx, correlation_id).await?;
