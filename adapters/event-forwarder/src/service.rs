@@ -183,9 +183,29 @@ pub struct EventForwarder {
     forwarder: Forwarder,
     ordered: bool,
     retry: RetryConfig,
-    /// Ordered: the event the endpoint has been down for (a digest of it) and since when,
-    /// kept across the give-backs that keep its place (see [`EventForwarder::post`]).
-    down_since: std::sync::Mutex<Option<([u8; 32], std::time::Instant)>>,
+    /// Ordered: what an endpoint outage has held so far (see [`EventForwarder::post`]).
+    outage: std::sync::Mutex<OrderedOutage>,
+}
+
+/// Ordered mode's memory of an endpoint outage, across the give-backs that keep an event
+/// in its place (each a new delivery, starting its tries over).
+#[derive(Debug, Default)]
+struct OrderedOutage {
+    /// When a try first found the endpoint down, since which no try found it up.
+    since: Option<std::time::Instant>,
+    /// The event handed back (a digest of its id and body) and its counted tries so far:
+    /// an endpoint that answers errors between its outages still dead-letters it.
+    held: Option<([u8; 32], u32)>,
+}
+
+/// A digest naming one event across its deliveries: its message id and what is posted.
+fn event_digest(ctx: &MessageContext, body: &str) -> [u8; 32] {
+    use sha2::Digest;
+    let mut id = sha2::Sha256::new();
+    id.update(ctx.message_id.as_deref().unwrap_or("").as_bytes());
+    id.update([0]);
+    id.update(body.as_bytes());
+    id.finalize().into()
 }
 
 impl EventForwarder {
@@ -195,22 +215,12 @@ impl EventForwarder {
             forwarder,
             ordered,
             retry,
-            down_since: std::sync::Mutex::new(None),
+            outage: std::sync::Mutex::new(OrderedOutage::default()),
         }
     }
 
-    /// How long the endpoint has been down for the event `id`, counted from the first
-    /// time this process found it down for that event.
-    fn down_for(&self, id: [u8; 32]) -> Duration {
-        let mut slot = self.down_since.lock().unwrap_or_else(|p| p.into_inner());
-        let now = std::time::Instant::now();
-        match *slot {
-            Some((held, since)) if held == id => now.saturating_duration_since(since),
-            _ => {
-                *slot = Some((id, now));
-                Duration::ZERO
-            }
-        }
+    fn outage(&self) -> std::sync::MutexGuard<'_, OrderedOutage> {
+        self.outage.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Posts once, or in ordered mode until it is not retryable, the attempts run out
@@ -218,13 +228,18 @@ impl EventForwarder {
     /// handed back unacked, so the event keeps its place). Ordered, tries that found the
     /// endpoint down (no connection, 429, 503…) are not counted, as an outage's retries
     /// are not in the default mode; one still down when the event may be held no longer
-    /// (a third of the consumer timeout) hands it back in its place, to be tried again at
-    /// once, for up to `[retry] max_outage_ms` — dead-lettered there, before, the queue
-    /// moved on without it at every third of the consumer timeout of an outage.
+    /// (a third of the consumer timeout) waits out that time and hands the event back in
+    /// its place, for up to `[retry] max_outage_ms` of outage — before, the event was
+    /// dead-lettered at every third of the consumer timeout an outage lasted.
     async fn post(&self, body: &str, key: Option<HeaderValue>, ctx: &MessageContext) -> Posted {
         let event = event_headers(key, ctx);
+        let digest = self.ordered.then(|| event_digest(ctx, body));
         let mut attempt: u32 = 0;
-        let mut counted: u32 = 0;
+        // The tries an earlier delivery of this event counted, when it was handed back.
+        let mut counted: u32 = match (&self.outage().held, digest) {
+            (Some((held, n)), Some(d)) if *held == d => *n,
+            _ => 0,
+        };
         loop {
             let r = self.forwarder.post(body, &event).await;
             let label = match &r {
@@ -233,11 +248,21 @@ impl EventForwarder {
                 PostResult::Rejected(_) => "rejected",
             };
             metrics::counter!(POSTS_METRIC, "result" => label).increment(1);
+            // `max_outage_ms = 0`: outages are counted as any failure.
+            let down = matches!(r, PostResult::Retryable(_, _, Scope::Down))
+                && self.retry.max_outage_ms > 0;
+            if self.ordered {
+                let mut outage = self.outage();
+                match down {
+                    true => {
+                        outage.since.get_or_insert_with(std::time::Instant::now);
+                    }
+                    false => outage.since = None,
+                }
+            }
             match r {
-                PostResult::Retryable(e, after, scope) if self.ordered => {
+                PostResult::Retryable(e, after, _) if self.ordered => {
                     attempt = attempt.saturating_add(1);
-                    // `max_outage_ms = 0`: outages are counted as any failure.
-                    let down = scope == Scope::Down && self.retry.max_outage_ms > 0;
                     if !down {
                         counted = counted.saturating_add(1);
                     }
@@ -259,8 +284,8 @@ impl EventForwarder {
                         + self.forwarder.timeout()
                         + RETRY_PUBLISH_ROOM;
                     if ctx.checkpoint_in().is_some_and(|left| left < next) {
-                        if down {
-                            return self.hold_through_outage(body, ctx, &e);
+                        if let (true, Some(d)) = (down, digest) {
+                            return self.hold_through_outage(ctx, &e, d, counted).await;
                         }
                         return Posted::Exhausted(format!(
                             "gave up after {attempt} attempts in place (ordered mode): another \
@@ -283,16 +308,19 @@ impl EventForwarder {
         }
     }
 
-    /// Ordered, the endpoint still down when the event may be held no longer: the event is
-    /// handed back in its place (and tried again at once) while the outage is younger than
-    /// `[retry] max_outage_ms`, else dead-lettered as exhausted.
-    fn hold_through_outage(&self, body: &str, ctx: &MessageContext, e: &str) -> Posted {
-        use sha2::Digest;
-        let mut id = sha2::Sha256::new();
-        id.update(ctx.message_id.as_deref().unwrap_or("").as_bytes());
-        id.update([0]);
-        id.update(body.as_bytes());
-        let down = self.down_for(id.finalize().into());
+    /// Ordered, the endpoint still down when the event may be held no longer: while the
+    /// outage is younger than `[retry] max_outage_ms` the event waits out the time it may
+    /// still be held (so a hand-back comes at most once a checkpoint, whatever the tiers
+    /// or the endpoint's `Retry-After` say) and is handed back in its place, its counted
+    /// tries kept for its next delivery; an older outage dead-letters it as exhausted.
+    async fn hold_through_outage(
+        &self,
+        ctx: &MessageContext,
+        e: &str,
+        digest: [u8; 32],
+        counted: u32,
+    ) -> Posted {
+        let down = self.outage().since.map_or(Duration::ZERO, |t| t.elapsed());
         if down >= Duration::from_millis(self.retry.max_outage_ms) {
             return Posted::Exhausted(format!(
                 "the endpoint was down for {} s, longer than [retry] max_outage_ms (ordered \
@@ -300,8 +328,17 @@ impl EventForwarder {
                 down.as_secs()
             ));
         }
+        let wait = ctx
+            .checkpoint_in()
+            .unwrap_or_default()
+            .saturating_sub(RETRY_PUBLISH_ROOM);
+        tracing::warn!(error = %framework::telemetry::LogText(e), down_for_s = down.as_secs(), wait_s = wait.as_secs(), "the endpoint is down: the event waits, then goes back in its place");
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = ctx.cancelled() => {}
+        }
+        self.outage().held = Some((digest, counted));
         ctx.keep_place();
-        tracing::warn!(error = %framework::telemetry::LogText(e), down_for_s = down.as_secs(), "the endpoint is down: the event goes back in its place, to be tried again");
         Posted::Interrupted(format!(
             "the endpoint is down: handed back in its place to keep the queue's order ({e})"
         ))

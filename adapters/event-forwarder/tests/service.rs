@@ -833,11 +833,18 @@ async fn ordered_mode_keeps_the_event_in_place_through_an_outage() {
     }
 }
 
-/// Ordered, an endpoint down for longer than `[retry] max_outage_ms` while its event is
-/// kept in place dead-letters the event as exhausted, naming the outage.
+/// Ordered, an endpoint down whose `Retry-After` (2 minutes) is longer than the event may
+/// be held (a third of the consumer timeout: 20 s here) is tried again only once that time
+/// has passed — the event waits it out, then is handed back in its place — not handed back
+/// and posted again at once, round and round; and an outage older than `[retry]
+/// max_outage_ms` (5 s) dead-letters the event as exhausted, naming the outage.
 #[tokio::test]
 async fn ordered_mode_waits_an_outage_out_only_up_to_max_outage() {
-    let server = answering(503).await;
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(503).insert_header("Retry-After", "120"))
+        .mount(&server)
+        .await;
     let data = tempfile::tempdir().unwrap();
     let hs = start(
         &server,
@@ -846,7 +853,7 @@ async fn ordered_mode_waits_an_outage_out_only_up_to_max_outage() {
             ("event_forwarder.ordered", "true"),
             ("amqp.consumer_timeout_ms", "60000"),
             ("retry.delays_ms", "[100, 20000]"),
-            ("retry.max_outage_ms", "1"),
+            ("retry.max_outage_ms", "5000"),
             ("retry.max_attempts", "2"),
             ("event_forwarder.timeout_ms", "1000"),
         ],
@@ -861,7 +868,54 @@ async fn ordered_mode_waits_an_outage_out_only_up_to_max_outage() {
     );
     let err = header(&d, "x-error").unwrap();
     assert!(err.contains("longer than [retry] max_outage_ms"), "{err}");
-    assert_eq!(bodies(&server).await.len(), 4, "held once, then given up");
+    assert_eq!(
+        bodies(&server).await.len(),
+        2,
+        "posted, held until it could be held no longer, posted again, given up"
+    );
+}
+
+/// Ordered, the tries an endpoint's error answers counted go with an event across the
+/// hand-backs that keep its place through an outage: an endpoint answering 500, then down
+/// (503), then 500 again dead-letters the event at `max_attempts` (2) — the hand-back does
+/// not start its count over, which let an endpoint flapping between errors and outages
+/// hold one event for a day.
+#[tokio::test]
+async fn ordered_mode_keeps_counting_an_events_errors_across_its_hand_backs() {
+    let server = MockServer::start().await;
+    for (priority, status) in [(1u8, 500u16), (2, 503), (3, 500)] {
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(status))
+            .up_to_n_times(1)
+            .with_priority(priority)
+            .mount(&server)
+            .await;
+    }
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200))
+        .with_priority(4)
+        .mount(&server)
+        .await;
+    let data = tempfile::tempdir().unwrap();
+    let hs = start(
+        &server,
+        data.path(),
+        &[
+            ("event_forwarder.ordered", "true"),
+            ("amqp.consumer_timeout_ms", "60000"),
+            ("retry.delays_ms", "[100, 20000]"),
+            ("retry.max_attempts", "2"),
+            ("event_forwarder.timeout_ms", "1000"),
+        ],
+    )
+    .await;
+    let mut dlq = hs.watch_dlq().await;
+    hs.publish("k", br#"{"e":"flapping"}"#, with_id("m-flap"))
+        .await;
+    let d = next(&mut dlq).await;
+    let err = header(&d, "x-error").unwrap();
+    assert!(err.contains("gave up after 2 attempts in place"), "{err}");
+    assert_eq!(bodies(&server).await.len(), 3);
 }
 
 /// An ordered batch still posting at a third of the consumer timeout goes on in a retry
