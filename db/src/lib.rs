@@ -817,6 +817,38 @@ pub mod testing {
         }
     }
 
+    /// Stops writes to `table` of `pool`'s PostgreSQL database part way until the returned
+    /// transaction ends: a trigger (`when` the write, e.g. `BEFORE UPDATE`, for `each`
+    /// `STATEMENT` or `ROW`) whose statements match `condition` (SQL, e.g. on
+    /// `current_query()`) waits for a lock the transaction holds. A test places another
+    /// session's step exactly there instead of hoping a sleep does.
+    pub async fn hold_writes(
+        pool: &AnyPool,
+        table: &str,
+        when: &str,
+        each: &str,
+        condition: &str,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Any>, DbError> {
+        for ddl in [
+            format!(
+                "CREATE FUNCTION hold_{table}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+                 IF {condition} THEN PERFORM pg_advisory_xact_lock(424242); END IF; \
+                 RETURN NULL; END $$"
+            ),
+            format!(
+                "CREATE TRIGGER hold_{table} {when} ON {table} FOR EACH {each} \
+                 EXECUTE FUNCTION hold_{table}()"
+            ),
+        ] {
+            sqlx::query(&ddl).execute(pool).await?;
+        }
+        let mut holder = pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(424242)")
+            .execute(&mut *holder)
+            .await?;
+        Ok(holder)
+    }
+
     /// How many sessions of `pool`'s PostgreSQL database wait for a lock: a test holding a
     /// transaction still awaits this instead of sleeping, to know another is blocked on it.
     pub async fn sessions_waiting(pool: &AnyPool) -> Result<i64, DbError> {

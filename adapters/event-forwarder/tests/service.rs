@@ -788,6 +788,16 @@ async fn ordered_mode_gives_up_before_the_consumer_timeout() {
     assert_eq!(bodies(&server).await.len(), 2);
 }
 
+/// Ordered mode that may hold an event 20 s (a third of a 60 s consumer timeout): after a
+/// 100 ms wait, the next (20 s) would pass that; two counted tries; a second per POST.
+const HELD_20_S: [(&str, &str); 5] = [
+    ("event_forwarder.ordered", "true"),
+    ("amqp.consumer_timeout_ms", "60000"),
+    ("retry.delays_ms", "[100, 20000]"),
+    ("retry.max_attempts", "2"),
+    ("event_forwarder.timeout_ms", "1000"),
+];
+
 /// Ordered, an endpoint still down (503: not an answer about the event) when the event may
 /// be held no longer is waited out with the event in its place: handed back and tried again
 /// at once, its tries not counted (two of them here, with `max_attempts` 2), and the event
@@ -797,19 +807,7 @@ async fn ordered_mode_gives_up_before_the_consumer_timeout() {
 async fn ordered_mode_keeps_the_event_in_place_through_an_outage() {
     let server = first_refused(3).await;
     let data = tempfile::tempdir().unwrap();
-    let hs = start(
-        &server,
-        data.path(),
-        &[
-            ("event_forwarder.ordered", "true"),
-            // A checkpoint of 20 s; the second wait (20 s) would pass it.
-            ("amqp.consumer_timeout_ms", "60000"),
-            ("retry.delays_ms", "[100, 20000]"),
-            ("retry.max_attempts", "2"),
-            ("event_forwarder.timeout_ms", "1000"),
-        ],
-    )
-    .await;
+    let hs = start(&server, data.path(), &HELD_20_S).await;
     let mut out = hs.watch_output().await;
     publish_first_and_second(&hs).await;
     let o1 = next(&mut out).await;
@@ -849,14 +847,7 @@ async fn ordered_mode_waits_an_outage_out_only_up_to_max_outage() {
     let hs = start(
         &server,
         data.path(),
-        &[
-            ("event_forwarder.ordered", "true"),
-            ("amqp.consumer_timeout_ms", "60000"),
-            ("retry.delays_ms", "[100, 20000]"),
-            ("retry.max_outage_ms", "5000"),
-            ("retry.max_attempts", "2"),
-            ("event_forwarder.timeout_ms", "1000"),
-        ],
+        &[&HELD_20_S[..], &[("retry.max_outage_ms", "5000")]].concat(),
     )
     .await;
     let mut dlq = hs.watch_dlq().await;
@@ -897,18 +888,7 @@ async fn ordered_mode_keeps_counting_an_events_errors_across_its_hand_backs() {
         .mount(&server)
         .await;
     let data = tempfile::tempdir().unwrap();
-    let hs = start(
-        &server,
-        data.path(),
-        &[
-            ("event_forwarder.ordered", "true"),
-            ("amqp.consumer_timeout_ms", "60000"),
-            ("retry.delays_ms", "[100, 20000]"),
-            ("retry.max_attempts", "2"),
-            ("event_forwarder.timeout_ms", "1000"),
-        ],
-    )
-    .await;
+    let hs = start(&server, data.path(), &HELD_20_S).await;
     let mut dlq = hs.watch_dlq().await;
     hs.publish("k", br#"{"e":"flapping"}"#, with_id("m-flap"))
         .await;

@@ -313,23 +313,15 @@ mod tests {
     async fn an_update_racing_its_create_is_never_stale_against_it() {
         let pg = db::testing::TempPostgres::create().await.expect("postgres");
         let store = Store::open(&pg.url).await.expect("open");
-        for ddl in [
-            "CREATE FUNCTION hold_updates() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
-             IF current_query() LIKE 'UPDATE projects%' THEN \
-             PERFORM pg_advisory_xact_lock(424242); END IF; RETURN NULL; END $$",
-            "CREATE TRIGGER hold_updates BEFORE UPDATE ON projects \
-             FOR EACH STATEMENT EXECUTE FUNCTION hold_updates()",
-        ] {
-            db::sqlx::query(ddl)
-                .execute(&store.pool)
-                .await
-                .expect("trigger");
-        }
-        let mut holder = store.pool.begin().await.expect("begin");
-        db::sqlx::query("SELECT pg_advisory_xact_lock(424242)")
-            .execute(&mut *holder)
-            .await
-            .expect("hold");
+        let holder = db::testing::hold_writes(
+            &store.pool,
+            "projects",
+            "BEFORE UPDATE",
+            "STATEMENT",
+            "current_query() LIKE 'UPDATE projects%'",
+        )
+        .await
+        .expect("hold");
         let update = event(EventKind::Updated, "updated", "2026-01-02T00:00:00.000000Z");
         let updating = tokio::spawn({
             let (store, update) = (store.clone(), update.clone());

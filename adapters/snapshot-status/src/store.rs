@@ -994,22 +994,15 @@ mod tests {
         let pg = db::testing::TempPostgres::create().await.expect("postgres");
         let store = Store::open(&pg.url).await.expect("open");
         idle_run(&store).await;
-        for ddl in [
-            "CREATE FUNCTION hold_here() RETURNS trigger LANGUAGE plpgsql AS \
-             $$ BEGIN PERFORM pg_advisory_xact_lock(424242); RETURN NEW; END $$",
-            "CREATE TRIGGER hold_here AFTER UPDATE ON snapshot_collections \
-             FOR EACH ROW EXECUTE FUNCTION hold_here()",
-        ] {
-            db::sqlx::query(ddl)
-                .execute(&store.pool)
-                .await
-                .expect("trigger");
-        }
-        let mut holder = store.pool.begin().await.expect("begin");
-        db::sqlx::query("SELECT pg_advisory_xact_lock(424242)")
-            .execute(&mut *holder)
-            .await
-            .expect("hold");
+        let holder = db::testing::hold_writes(
+            &store.pool,
+            "snapshot_collections",
+            "AFTER UPDATE",
+            "ROW",
+            "true",
+        )
+        .await
+        .expect("hold");
         let recording = tokio::spawn({
             let store = store.clone();
             async move {
