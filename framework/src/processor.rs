@@ -183,16 +183,9 @@ impl MessageContext {
     /// producer's delivery they are the producer's, and ignored (and replaced on its retry
     /// and dead letter, see [`crate::batch::Progress::resume`]): a forged
     /// `x-event-forwarder-done` had an event reported delivered and never posted.
-    /// (Outside a runtime, [`MessageContext::for_test`]: whether `attempt` > 0, unless set
-    /// with [`MessageContext::with_came_back`].)
+    /// (Outside a runtime, [`MessageContext::for_test`]: whether `attempt` > 0.)
     pub fn came_back(&self) -> bool {
         self.came_back
-    }
-
-    /// This context, as a delivery that came back or not (unit tests).
-    pub fn with_came_back(mut self, came_back: bool) -> Self {
-        self.came_back = came_back;
-        self
     }
 
     /// How long this handler may go on before it should return a Retry carrying its

@@ -235,9 +235,10 @@ impl EventForwarder {
         let event = event_headers(key, ctx);
         let digest = self.ordered.then(|| event_digest(ctx, body));
         let mut attempt: u32 = 0;
-        // The tries an earlier delivery of this event counted, when it was handed back.
-        let mut counted: u32 = match (&self.outage().held, digest) {
-            (Some((held, n)), Some(d)) if *held == d => *n,
+        // The tries an earlier delivery of this event counted, when it was handed back
+        // (taken: a hand-back leaves them again).
+        let mut counted: u32 = match (self.outage().held.take(), digest) {
+            (Some((held, n)), Some(d)) if held == d => n,
             _ => 0,
         };
         loop {
@@ -253,11 +254,10 @@ impl EventForwarder {
                 && self.retry.max_outage_ms > 0;
             if self.ordered {
                 let mut outage = self.outage();
-                match down {
-                    true => {
-                        outage.since.get_or_insert_with(std::time::Instant::now);
-                    }
-                    false => outage.since = None,
+                if down {
+                    outage.since.get_or_insert_with(std::time::Instant::now);
+                } else {
+                    outage.since = None;
                 }
             }
             match r {
