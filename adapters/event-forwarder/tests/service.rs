@@ -703,31 +703,35 @@ async fn the_post_carries_the_events_trace() {
 
 #[tokio::test]
 async fn ordered_mode_retries_in_place_and_keeps_order() {
-    let server = first_refused(2).await;
+    // No prefetch given: ordered mode brings its own (one at a time).
+    first_waits_for_its_refusals_and_second_after_it(2, &[("event_forwarder.ordered", "true")])
+        .await;
+}
+
+/// Ordered with `settings`, an event the endpoint refuses (503) `refusals` times is
+/// delivered, and the event published after it only then: nothing goes to a retry tier or
+/// the dead-letter queue.
+async fn first_waits_for_its_refusals_and_second_after_it(
+    refusals: u64,
+    settings: &[(&str, &str)],
+) {
+    let server = first_refused(refusals).await;
     let data = tempfile::tempdir().unwrap();
-    let hs = start(
-        &server,
-        data.path(),
-        // No prefetch given: ordered mode brings its own (one at a time).
-        &[("event_forwarder.ordered", "true")],
-    )
-    .await;
+    let hs = start(&server, data.path(), settings).await;
     let mut out = hs.watch_output().await;
     publish_first_and_second(&hs).await;
     let o1 = next(&mut out).await;
     let o2 = next(&mut out).await;
     assert_eq!(header(&o1, "x-in-response-to").as_deref(), Some("m1"));
     assert_eq!(header(&o2, "x-in-response-to").as_deref(), Some("m2"));
+    let mut want = vec![r#"{"e":"first"}"#; refusals as usize + 1];
+    want.push(r#"{"e":"second"}"#);
     assert_eq!(
         bodies(&server).await,
-        vec![
-            r#"{"e":"first"}"#,
-            r#"{"e":"first"}"#,
-            r#"{"e":"first"}"#,
-            r#"{"e":"second"}"#
-        ],
+        want,
         "the second event waits until the first is delivered"
     );
+    assert_eq!(ready_count(&hs.ch, &format!("{}-dlq", hs.q)).await, 0);
     for d in &hs.delays {
         assert_eq!(ready_count(&hs.ch, &format!("{}-retry-{d}", hs.q)).await, 0);
     }
@@ -805,30 +809,7 @@ const HELD_20_S: [(&str, &str); 5] = [
 /// timeout an outage lasted, and the queue moved on without it.
 #[tokio::test]
 async fn ordered_mode_keeps_the_event_in_place_through_an_outage() {
-    let server = first_refused(3).await;
-    let data = tempfile::tempdir().unwrap();
-    let hs = start(&server, data.path(), &HELD_20_S).await;
-    let mut out = hs.watch_output().await;
-    publish_first_and_second(&hs).await;
-    let o1 = next(&mut out).await;
-    let o2 = next(&mut out).await;
-    assert_eq!(header(&o1, "x-in-response-to").as_deref(), Some("m1"));
-    assert_eq!(header(&o2, "x-in-response-to").as_deref(), Some("m2"));
-    assert_eq!(
-        bodies(&server).await,
-        vec![
-            r#"{"e":"first"}"#,
-            r#"{"e":"first"}"#,
-            r#"{"e":"first"}"#,
-            r#"{"e":"first"}"#,
-            r#"{"e":"second"}"#
-        ],
-        "the second event waits until the first is delivered"
-    );
-    assert_eq!(ready_count(&hs.ch, &format!("{}-dlq", hs.q)).await, 0);
-    for d in &hs.delays {
-        assert_eq!(ready_count(&hs.ch, &format!("{}-retry-{d}", hs.q)).await, 0);
-    }
+    first_waits_for_its_refusals_and_second_after_it(3, &HELD_20_S).await;
 }
 
 /// Ordered, an endpoint down whose `Retry-After` (2 minutes) is longer than the event may
