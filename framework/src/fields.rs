@@ -149,10 +149,26 @@ pub fn non_empty_string(o: &Map<String, Value>, f: &str) -> Result<String, Field
     }
 }
 
+/// 2^53: from here on not every integer has an f64 of its own.
+const INEXACT_FROM: f64 = 9_007_199_254_740_992.0;
+
 /// Field `f` of `o` as non-blank text: a string, or a boolean or number taken as its JSON
 /// text (`true`, `42`, `1.5`), for inputs whose producers did not quote every value.
 pub fn non_empty_text(o: &Map<String, Value>, f: &str) -> Result<String, FieldError> {
     match present(o, f)? {
+        // Beyond 64 bits an integer is held as an f64 and its text would be another number
+        // (…901234 and …901235 alike): two ids would name one thing.
+        Value::Number(n)
+            if n.as_f64().is_some_and(|x| {
+                !n.is_i64() && !n.is_u64() && x.fract() == 0.0 && x.abs() >= INEXACT_FROM
+            }) =>
+        {
+            Err(FieldError::Type {
+                field: f.into(),
+                expected: "a number that is kept exactly (send a larger one as a string)",
+                found: format!("{n}"),
+            })
+        }
         v @ (Value::Bool(_) | Value::Number(_)) => Ok(v.to_string()),
         _ => non_empty_string(o, f),
     }
@@ -235,5 +251,29 @@ mod tests {
         assert_eq!(err("e"), "field `e` is empty");
         assert_eq!(err("z"), "field `z` is null");
         assert_eq!(err("m"), "field `m` is missing");
+    }
+
+    #[test]
+    fn a_number_beyond_64_bits_is_refused_as_text_not_rounded() {
+        let v: Value = serde_json::from_str(
+            r#"{"big": 123456789012345678901234, "max": 18446744073709551615, "min": -9223372036854775808, "e": 1e300, "f": 0.25}"#,
+        )
+        .expect("json");
+        let o = v.as_object().expect("object");
+        let err = non_empty_text(o, "big").expect_err("rounded digits would merge two ids");
+        assert!(err.to_string().contains("kept exactly"), "{err}");
+        assert!(
+            non_empty_text(o, "e").is_err(),
+            "1e300 has no exact integer text"
+        );
+        assert_eq!(
+            non_empty_text(o, "max").as_deref(),
+            Ok("18446744073709551615")
+        );
+        assert_eq!(
+            non_empty_text(o, "min").as_deref(),
+            Ok("-9223372036854775808")
+        );
+        assert_eq!(non_empty_text(o, "f").as_deref(), Ok("0.25"));
     }
 }

@@ -22,6 +22,16 @@ pub enum Events<'a> {
     Single(&'a RawValue),
     /// `{"Records":[{"kinesis":…}, …]}`: each record's `kinesis` value is POSTed on its own.
     Kinesis(Vec<KinesisRecord<'a>>),
+    /// `{"Records":[]}` and nothing else: a batch of no events, so nothing to POST (the
+    /// original's loop over the records posted nothing either).
+    NoRecords,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EmptyEnvelope {
+    #[serde(rename = "Records")]
+    _records: [serde::de::IgnoredAny; 0],
 }
 
 #[derive(Deserialize)]
@@ -53,7 +63,10 @@ pub fn split(body: &RawValue) -> Events<'_> {
         return Events::Single(body);
     };
     if env.records.is_empty() {
-        return Events::Single(body);
+        return match serde_json::from_str::<EmptyEnvelope>(body.get()) {
+            Ok(_) => Events::NoRecords,
+            Err(_) => Events::Single(body),
+        };
     }
     let mut out = Vec::with_capacity(env.records.len());
     for record in env.records {
@@ -101,7 +114,7 @@ mod tests {
     fn plain_events_stay_whole() {
         for s in [
             r#"{"type":"member-registered","data":{"b":1,"a":2}}"#,
-            r#"{"Records":[]}"#,
+            r#"{"Records":[],"type":"x"}"#,
             r#"{"Records":[{"kinesis":{"data":"x"}},{"body":"y"}]}"#,
             r#"{"Records":"x"}"#,
             r#"[1,2]"#,
@@ -112,6 +125,13 @@ mod tests {
                 Events::Single(b) => assert_eq!(b.get(), s),
                 e => panic!("{s}: {e:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn an_envelope_of_no_records_holds_no_event() {
+        for s in [r#"{"Records":[]}"#, r#" { "Records" : [ ] } "#] {
+            assert!(matches!(split(&raw(s)), Events::NoRecords), "{s}");
         }
     }
 

@@ -532,6 +532,9 @@ impl MessageProcessor for EventForwarder {
     async fn handle(&self, input: Box<RawValue>, ctx: &MessageContext) -> Outcome {
         match split(&input) {
             Events::Single(body) => self.handle_single(body, ctx).await,
+            Events::NoRecords => {
+                Outcome::Drop("a Kinesis envelope of no records: nothing to post".into())
+            }
             Events::Kinesis(records) => match ctx.too_many_records(records.len()) {
                 Some(o) => o,
                 None => self.handle_records(&records, ctx).await,
