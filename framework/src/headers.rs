@@ -7,6 +7,12 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 /// index). Kept through a replay, so a processor that de-duplicates parts by message id
 /// and part tells replayed parts of one message apart.
 pub const BATCH_PART: &str = "x-batch-part";
+/// On the replay of a dead letter the broker made straight from a producer's delivery
+/// (its delivery limit, its expiry): every header on it is the producer's, never the
+/// service's, so the replay — back through the default exchange — is read as a first
+/// arrival (progress, part and count headers ignored, as on the producer's delivery).
+/// Removed as the delivery is read.
+pub const PRODUCERS_REPLAY: &str = "x-replay-of-producers-message";
 /// Attempts so far.
 pub const RETRY_COUNT: &str = "x-retry-count";
 /// Of those, the attempts that finished parts of the message (records posted, ids
@@ -87,6 +93,7 @@ pub fn is_reserved(name: &str) -> bool {
             ORIGINAL_EXPIRATION,
             ORIGINAL_USER_ID,
             BATCH_PART,
+            PRODUCERS_REPLAY,
             "traceparent",
             "tracestate",
         ]

@@ -745,7 +745,12 @@ pub(crate) const LARGE_BODY: usize = 256 * 1024;
 
 fn incoming(d: &Delivery, queue: &str) -> Incoming {
     let mut headers = d.properties.headers().clone().unwrap_or_default();
-    let came_back = d.exchange.as_str().is_empty() && d.routing_key.as_str() == queue;
+    let producers_replay = headers.inner().contains_key(h::PRODUCERS_REPLAY);
+    if producers_replay {
+        headers = h::without(&headers, &[h::PRODUCERS_REPLAY]);
+    }
+    let came_back =
+        !producers_replay && d.exchange.as_str().is_empty() && d.routing_key.as_str() == queue;
     if !came_back
         && (h::FRAMEWORK_COUNTS.iter())
             .chain([&h::BATCH_PART])

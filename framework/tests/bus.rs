@@ -500,10 +500,23 @@ async fn a_replayed_part_dead_lettered_again_keeps_its_place() {
     .await;
     let again = next(&mut dlq).await;
     assert_eq!(header(&again, h::BATCH_PART).as_deref(), Some("3"));
-    hs.publish("test.a", b"{}", with_id("m-2").with_headers(part))
+    hs.publish("test.a", b"{}", with_id("m-2").with_headers(part.clone()))
         .await;
     let forged = next(&mut dlq).await;
     assert_eq!(header(&forged, h::BATCH_PART).as_deref(), Some("0"));
+    // The replay of a dead letter the broker made of a producer's delivery comes back
+    // through the default exchange too, but its headers are the producer's: ignored.
+    let mut replayed = part;
+    h::set_str(&mut replayed, h::PRODUCERS_REPLAY, "true");
+    hs.publish_retried("test.a", b"{}", with_id("m-3").with_headers(replayed), 0)
+        .await;
+    let producers = next(&mut dlq).await;
+    assert_eq!(header(&producers, h::BATCH_PART).as_deref(), Some("0"));
+    assert_eq!(
+        header(&producers, h::PRODUCERS_REPLAY),
+        None,
+        "not carried on"
+    );
     hs.stop().await;
 }
 

@@ -379,6 +379,15 @@ async fn a_brokers_dead_letter_of_a_producers_message_keeps_its_real_origin() {
     let mut hdr = FieldTable::default();
     h::set_str(&mut hdr, h::ORIGINAL_EXCHANGE, "forged");
     h::set_str(&mut hdr, h::ORIGINAL_ROUTING_KEY, "forged.key");
+    // The service's own dead-letter headers and marks, forged: they made the dead letter
+    // look like one the service wrote (its kind and time picked it for a filtered replay)
+    // and, replayed back through the default exchange, its marks were believed.
+    h::set_str(&mut hdr, h::SERVICE, "t-service");
+    h::set_str(&mut hdr, h::ERROR, "forged error");
+    h::set_str(&mut hdr, h::ERROR_KIND, h::KIND_RETRIES_EXHAUSTED);
+    h::set_str(&mut hdr, h::FAILED_AT, "2001-01-01T00:00:00Z");
+    h::set_str(&mut hdr, h::BATCH_PART, "7");
+    h::set_str(&mut hdr, "x-test-done", "[\"0\"]");
     let mut death = FieldTable::default();
     for (k, v) in [
         ("reason", "delivery_limit"),
@@ -410,8 +419,20 @@ async fn a_brokers_dead_letter_of_a_producers_message_keeps_its_real_origin() {
     .await;
     let dlq_name = format!("{}-dlq", hs.q);
     await_ready_count(&hs.ch, &dlq_name, 1).await;
+    let listed = dlq::list(&hs.conn, &hs.topology(), 10)
+        .await
+        .expect("listed");
+    assert_eq!(listed[0].kind.as_deref(), Some("delivery_limit"));
+    assert_eq!(listed[0].error, None);
+    assert_ne!(listed[0].failed_at.as_deref(), Some("2001-01-01T00:00:00Z"));
     let (moved, got) = replay_the_one(&hs).await;
     assert_eq!(moved.len(), 1);
+    assert!(moved[0].from_producer);
+    assert!(
+        header(&got, h::PRODUCERS_REPLAY).is_some(),
+        "read as a first arrival"
+    );
+    assert_eq!(header(&got, h::BATCH_PART), None);
     assert_eq!(moved[0].original_exchange, hs.input_exchange);
     assert_eq!(moved[0].original_routing_key, "test.real");
     assert_eq!(

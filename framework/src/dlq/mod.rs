@@ -32,6 +32,11 @@ pub struct DeadLetter {
     pub failed_at: Option<String>,
     /// Body size in bytes.
     pub size: usize,
+    /// Dead-lettered by the broker straight from a producer's delivery: every header on it
+    /// is the producer's (its kind, time and origin are the broker's `x-death` record), so
+    /// its replay is read as a first arrival ([`crate::headers::PRODUCERS_REPLAY`]).
+    #[serde(skip)]
+    pub from_producer: bool,
 }
 
 /// What an unconfirmed replay may have done: a publish that failed on the way (a lost
@@ -192,7 +197,12 @@ pub const KINDS: [&str; 6] = [
     "delivery_limit",
 ];
 
-fn describe(props: &lapin::BasicProperties, routing_key: &str, size: usize) -> DeadLetter {
+fn describe(
+    props: &lapin::BasicProperties,
+    routing_key: &str,
+    size: usize,
+    queue: &str,
+) -> DeadLetter {
     let hdr = props.headers().clone().unwrap_or_default();
     // The broker's reason for the latest dead-lettering: `x-death` lists the newest event
     // first, while `x-first-death-reason` keeps the first (a retry tier's `expired`).
@@ -202,14 +212,20 @@ fn describe(props: &lapin::BasicProperties, routing_key: &str, size: usize) -> D
         .or_else(|| h::get_str(&hdr, "x-last-death-reason"))
         .or_else(|| h::get_str(&hdr, "x-first-death-reason"));
     let death_exchange = h::get_str(&hdr, "x-first-death-exchange");
-    // Dead-lettered by the broker (no `x-service`) from a delivery that came through a
-    // producer's exchange, not back through the default one: any `x-original-*` on it are
-    // the producer's, which the service never read; its origin is where the broker says
-    // it was published (a replay would otherwise hand the forged one to the processor).
+    // Dead-lettered by the broker from a delivery that came to the service's queue through
+    // a producer's exchange, not back through the default one: every header on it is the
+    // producer's — `x-original-*`, `x-service`, `x-error*`, progress marks — which the
+    // service never wrote; its origin is where the broker says it was published and its
+    // failure the broker's record (a replay would otherwise hand forged ones to the
+    // processor, and a forged kind or time would pick it for a filtered replay).
     let producers = latest
-        .filter(|_| h::get_str(&hdr, h::SERVICE).is_none())
+        .filter(|d| {
+            h::get_str(&hdr, h::SERVICE).is_none()
+                || h::get_str(d, "queue").as_deref() == Some(queue)
+        })
         .and_then(|d| Some((h::get_str(d, "exchange")?, d)))
         .filter(|(exchange, _)| !exchange.is_empty());
+    let from_producer = producers.is_some();
     let (original_exchange, original_routing_key) = match producers {
         Some((exchange, d)) => (
             exchange,
@@ -229,14 +245,19 @@ fn describe(props: &lapin::BasicProperties, routing_key: &str, size: usize) -> D
             .as_ref()
             .map(|s| s.to_string())
             .filter(|s| !s.trim().is_empty()),
-        error: h::get_str(&hdr, h::ERROR),
-        kind: h::get_str(&hdr, h::ERROR_KIND).or(death_reason),
+        error: h::get_str(&hdr, h::ERROR).filter(|_| !from_producer),
+        kind: h::get_str(&hdr, h::ERROR_KIND)
+            .filter(|_| !from_producer)
+            .or(death_reason),
         original_exchange,
         original_routing_key,
         // Dead-lettered by the broker (its delivery limit), it has no `x-failed-at`: the
         // time of its latest dead-lettering is when it failed.
-        failed_at: h::get_str(&hdr, h::FAILED_AT).or_else(|| latest.and_then(death_time)),
+        failed_at: h::get_str(&hdr, h::FAILED_AT)
+            .filter(|_| !from_producer)
+            .or_else(|| latest.and_then(death_time)),
         size,
+        from_producer,
     }
 }
 
@@ -339,6 +360,7 @@ pub async fn list_of_total(
             &m.delivery.properties,
             m.delivery.routing_key.as_str(),
             m.delivery.data.len(),
+            &topo.queue,
         ));
     }
     let _ = bounded(t, "channel.close", ch.close(200, "list done".into())).await;
@@ -612,7 +634,12 @@ pub async fn replay_each(
             break;
         };
         let d = m.delivery;
-        let info = describe(&d.properties, d.routing_key.as_str(), d.data.len());
+        let info = describe(
+            &d.properties,
+            d.routing_key.as_str(),
+            d.data.len(),
+            &topo.queue,
+        );
         if filter.limit.is_some_and(|n| moved >= n) {
             break;
         }
@@ -636,10 +663,13 @@ pub async fn replay_each(
                 }
                 next_at = tokio::time::Instant::now() + p;
             }
-            let mut hdr = h::without_where(
-                &d.properties.headers().clone().unwrap_or_default(),
-                h::replay_stripped,
-            );
+            let mut hdr =
+                h::without_where(&d.properties.headers().clone().unwrap_or_default(), |k| {
+                    h::replay_stripped(k) || (info.from_producer && k == h::BATCH_PART)
+                });
+            if info.from_producer {
+                h::set_str(&mut hdr, h::PRODUCERS_REPLAY, "true");
+            }
             h::set_str(&mut hdr, h::ORIGINAL_EXCHANGE, &info.original_exchange);
             h::set_str(
                 &mut hdr,
@@ -781,7 +811,7 @@ mod tests {
             AMQPValue::LongString("expired".into()),
         );
         let props = lapin::BasicProperties::default().with_headers(hdr);
-        let d = super::describe(&props, "k", 1);
+        let d = super::describe(&props, "k", 1, "q");
         assert_eq!(d.kind.as_deref(), Some("delivery_limit"));
     }
 
@@ -803,7 +833,12 @@ mod tests {
             "x-death".into(),
             AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(death)])),
         );
-        let d = super::describe(&lapin::BasicProperties::default().with_headers(hdr), "k", 1);
+        let d = super::describe(
+            &lapin::BasicProperties::default().with_headers(hdr),
+            "k",
+            1,
+            "q",
+        );
         assert!(d.failed_at.is_some(), "{d:?}");
         // Failed a moment ago: not older than two hours (it was "as old as can be").
         let f = super::Filter {
