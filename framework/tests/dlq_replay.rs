@@ -218,6 +218,31 @@ async fn a_replay_killed_midway_loses_nothing() {
     assert!(dup <= 1, "at most the one in flight twice, got {dup}");
 }
 
+/// A dry run stopped (Ctrl-C) says it replayed and removed nothing: "interrupted after
+/// replaying N: those are replayed and removed" told an operator that what a dry run only
+/// looked at was gone.
+#[tokio::test]
+async fn a_dry_run_interrupted_says_nothing_was_replayed() {
+    let hs = dead_letters("dryint", 3).await;
+    let dlq_name = format!("{}-dlq", hs.q);
+    let stop = tokio_util::sync::CancellationToken::new();
+    stop.cancel();
+    let filter = Filter {
+        stop: Some(stop),
+        ..Default::default()
+    };
+    let e = dlq::replay_filtered(&hs.conn, &hs.topology(), &filter, true)
+        .await
+        .expect_err("stopped");
+    let text = e.to_string();
+    assert!(
+        matches!(e, dlq::DlqError::DryRunInterrupted { total: 3, .. }),
+        "{text}"
+    );
+    assert!(text.contains("nothing was replayed or removed"), "{text}");
+    await_ready_count(&hs.ch, &dlq_name, 3).await;
+}
+
 /// Ctrl-C during a paced replay stops it between two dead letters: it exits 1 saying how
 /// many it replayed and to run it again, having printed each one it moved; every dead
 /// letter is in the queue or the DLQ, none twice.

@@ -124,6 +124,19 @@ pub enum DlqError {
          in the DLQ. Run the same command again to go on"
     )]
     Interrupted(usize),
+    /// A dry run was stopped (SIGINT, SIGTERM) before it had looked at every dead letter.
+    #[error(
+        "dry run interrupted after looking at {looked} of {total} dead letters ({would} of \
+         them would be replayed): nothing was replayed or removed"
+    )]
+    DryRunInterrupted {
+        /// Dead letters looked at.
+        looked: usize,
+        /// Dead letters in the DLQ when it began.
+        total: usize,
+        /// Of those looked at, how many would be replayed.
+        would: usize,
+    },
     /// Another `dlq` command holds the service's dead letters.
     #[error(
         "another `dlq` command is working on {0} (the dead letters it passed are held until it \
@@ -728,6 +741,13 @@ pub async fn replay_each(
     let kept = total.saturating_sub(if dry_run { 0 } else { done });
     debug_assert!(kept <= total);
     await_returned(conn, &topo.dlq(), kept, t).await?;
+    if interrupted && dry_run {
+        return Err(DlqError::DryRunInterrupted {
+            looked,
+            total: total as usize,
+            would: moved,
+        });
+    }
     if interrupted {
         return Err(DlqError::Interrupted(moved));
     }
