@@ -172,16 +172,29 @@ pub fn candidates(roots: &[Root], filepath: &str, filename: &str) -> Vec<PathBuf
 /// [`candidates`], and where a candidate's directory is reached through links, the place
 /// they lead to (`current/ep.mov` with `current` → `2024`: `2024/ep.mov`), which is what a
 /// copy records: a file gone after its copy is found by the directory link it was named
-/// through. Looks at the filesystem (blocking).
+/// through; and where the candidate is itself a link (`ep.mov` → `takes/ep-3.mov`), left
+/// dangling once its target was moved away, the place it names. Looks at the filesystem
+/// (blocking).
 pub fn recorded_candidates(roots: &[Root], filepath: &str, filename: &str) -> Vec<PathBuf> {
     let mut out = candidates(roots, filepath, filename);
+    let real_place = |p: &Path| -> Option<PathBuf> {
+        let real = std::fs::canonicalize(p.parent()?)
+            .ok()?
+            .join(p.file_name()?);
+        roots
+            .iter()
+            .any(|r| real.starts_with(&r.canonical))
+            .then_some(real)
+    };
     let linked: Vec<PathBuf> = out
         .iter()
-        .filter_map(|c| {
-            let real = std::fs::canonicalize(c.parent()?)
-                .ok()?
-                .join(c.file_name()?);
-            (real != *c && roots.iter().any(|r| real.starts_with(&r.canonical))).then_some(real)
+        .flat_map(|c| {
+            let through_dirs = real_place(c).filter(|real| real != c);
+            // A link's target is relative to the link's directory (or absolute).
+            let target = std::fs::read_link(c)
+                .ok()
+                .and_then(|t| real_place(&c.parent()?.join(t)));
+            through_dirs.into_iter().chain(target)
         })
         .collect();
     for l in linked {
@@ -197,6 +210,20 @@ pub fn recorded_candidates(roots: &[Root], filepath: &str, filename: &str) -> Ve
 /// outside a root is opened: the lexical check comes first, then the resolved path is
 /// checked, then the file is opened beneath its root with links out of it refused.
 pub fn resolve(roots: &[Root], filepath: &str, filename: &str) -> Result<Resolved, PathError> {
+    resolve_unless_linked(roots, filepath, filename, true)
+        .map(|r| r.expect("a resolve that may follow links always ends"))
+}
+
+/// [`resolve`], but where a link is on the way and `follow` is false, `Ok(None)` before any
+/// link is followed: a link's target may be anywhere — a share whose server stopped
+/// answering blocks a thread that follows it until it answers — so a caller on a thread
+/// that must not block takes that path elsewhere.
+pub fn resolve_unless_linked(
+    roots: &[Root],
+    filepath: &str,
+    filename: &str,
+    follow: bool,
+) -> Result<Option<Resolved>, PathError> {
     // As the message names it: no leading `/` where `filepath` is empty (a relative
     // path, not one under `/`).
     let shown = if filepath.is_empty() {
@@ -228,6 +255,18 @@ pub fn resolve(roots: &[Root], filepath: &str, filename: &str) -> Result<Resolve
         return Err(PathError::ParentDir(shown));
     }
     let mut last_err = PathError::NotFound(shown.clone());
+    // What one root holds under the name that is no file to copy (a directory, a FIFO, a
+    // link out) does not hide a file a later root holds under it, as a missing one does
+    // not: the first root's answer is given only where no root has the file.
+    let settle = |r: Result<Resolved, PathError>, last: &mut PathError| match r {
+        Err(e @ (PathError::NotAFile(_) | PathError::OutsideRoots(_))) => {
+            if matches!(last, PathError::NotFound(_)) {
+                *last = e;
+            }
+            None
+        }
+        r => Some(r.map(Some)),
+    };
     for c in candidates {
         // A path with no symlink in it is its own canonical form: opened in one walk that
         // refuses any link, it needs no canonicalize (a readlink per component). A link on
@@ -236,22 +275,34 @@ pub fn resolve(roots: &[Root], filepath: &str, filename: &str) -> Result<Resolve
             && let Ok(rel) = c.strip_prefix(&root.canonical)
         {
             match open_without_links(&root.canonical, rel) {
-                Ok(file) => return opened(c.clone(), root, file, &shown),
+                Ok(file) => match settle(opened(c.clone(), root, file, &shown), &mut last_err) {
+                    Some(r) => return r,
+                    None => continue,
+                },
                 Err(rustix::io::Errno::NOENT) => continue,
-                Err(rustix::io::Errno::NXIO) => return Err(PathError::NotAFile(shown)),
+                Err(rustix::io::Errno::NXIO) => {
+                    settle(Err(PathError::NotAFile(shown.clone())), &mut last_err);
+                    continue;
+                }
                 Err(_) => {}
             }
         }
+        if !follow {
+            return Ok(None);
+        }
         match c.canonicalize() {
             Ok(real) => {
-                let Some(root) = roots.iter().find(|r| real.starts_with(&r.canonical)) else {
-                    return Err(PathError::OutsideRoots(shown));
+                let found = match roots.iter().find(|r| real.starts_with(&r.canonical)) {
+                    None => Err(PathError::OutsideRoots(shown.clone())),
+                    Some(root) => real
+                        .strip_prefix(&root.canonical)
+                        .map_err(|_| PathError::OutsideRoots(shown.clone()))
+                        .and_then(|rel| open_beneath(&root.canonical, rel, &shown))
+                        .and_then(|file| opened(real.clone(), root, file, &shown)),
                 };
-                let rel = real
-                    .strip_prefix(&root.canonical)
-                    .map_err(|_| PathError::OutsideRoots(shown.clone()))?;
-                let file = open_beneath(&root.canonical, rel, &shown)?;
-                return opened(real, root, file, &shown);
+                if let Some(r) = settle(found, &mut last_err) {
+                    return r;
+                }
             }
             // A directory on the way that is a file: nothing is there.
             Err(e)
@@ -536,6 +587,93 @@ mod tests {
             let e = met(n);
             assert!(!e.is_outage() && e.is_transient(), "{e}");
         }
+    }
+
+    /// A link's target may be on a share that stops answering: a resolve that must not
+    /// block stops at the first link, before following it (a link into a dead mount held a
+    /// runtime thread in an unkillable wait), and a path without links resolves at once.
+    #[test]
+    fn a_resolve_that_may_not_follow_links_stops_at_one() {
+        let base = tempfile::tempdir().unwrap();
+        let root = base.path().join("online");
+        std::fs::create_dir_all(root.join("proj")).unwrap();
+        std::fs::write(root.join("proj/a.mov"), b"x").unwrap();
+        // Targets that following would have reported on: missing, outside, inside.
+        std::os::unix::fs::symlink("/nonexistent/mount/x.mov", root.join("proj/gone.mov")).unwrap();
+        std::os::unix::fs::symlink("/etc", root.join("etc")).unwrap();
+        std::os::unix::fs::symlink("a.mov", root.join("proj/in.mov")).unwrap();
+        let roots = open_roots(std::slice::from_ref(&root), false).unwrap();
+        let at_once = |dir: &str, name: &str| resolve_unless_linked(&roots, dir, name, false);
+        assert_eq!(
+            at_once("proj", "a.mov").unwrap().map(|r| r.relative),
+            Some("proj/a.mov".to_string())
+        );
+        assert!(matches!(
+            at_once("proj", "missing"),
+            Err(PathError::NotFound(_))
+        ));
+        for (dir, name) in [("proj", "gone.mov"), ("etc", "passwd"), ("proj", "in.mov")] {
+            assert!(matches!(at_once(dir, name), Ok(None)), "{dir}/{name}");
+        }
+        // Followed (on a thread that may block), each gets its answer.
+        assert!(matches!(
+            resolve(&roots, "proj", "gone.mov"),
+            Err(PathError::NotFound(_))
+        ));
+        assert!(matches!(
+            resolve(&roots, "etc", "passwd"),
+            Err(PathError::OutsideRoots(_))
+        ));
+        assert_eq!(
+            resolve(&roots, "proj", "in.mov").unwrap().relative,
+            "proj/a.mov"
+        );
+    }
+
+    /// With several roots, a relative name that is no file in one root (a directory, a
+    /// FIFO, a link out) does not hide the file a later root holds under it — it was
+    /// dead-lettered as "not a regular file" — and where no root has one, that is said.
+    #[test]
+    fn a_name_that_is_no_file_in_one_root_does_not_hide_the_next_roots_file() {
+        let base = tempfile::tempdir().unwrap();
+        let (a, b) = (base.path().join("a"), base.path().join("b"));
+        std::fs::create_dir_all(a.join("proj/dir.mov")).unwrap();
+        std::fs::create_dir_all(a.join("proj")).unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", a.join("proj/out.mov")).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            a.join("proj/fifo.mov"),
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        std::fs::create_dir_all(b.join("proj")).unwrap();
+        for name in ["dir.mov", "out.mov", "fifo.mov"] {
+            std::fs::write(b.join("proj").join(name), b"x").unwrap();
+        }
+        let roots = open_roots(&[a.clone(), b.clone()], false).unwrap();
+        for name in ["dir.mov", "out.mov", "fifo.mov"] {
+            let r = resolve(&roots, "proj", name).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(
+                r.path.starts_with(roots[1].canonical.as_path()),
+                "{name}: {:?}",
+                r.path
+            );
+        }
+        let only_a = open_roots(std::slice::from_ref(&a), false).unwrap();
+        assert!(matches!(
+            resolve(&only_a, "proj", "dir.mov"),
+            Err(PathError::NotAFile(_))
+        ));
+        assert!(matches!(
+            resolve(&only_a, "proj", "fifo.mov"),
+            Err(PathError::NotAFile(_))
+        ));
+        assert!(matches!(
+            resolve(&only_a, "proj", "out.mov"),
+            Err(PathError::OutsideRoots(_))
+        ));
     }
 
     #[test]

@@ -143,9 +143,15 @@ enum Opened {
 }
 
 /// Opens the source `parent_dir/filename` beneath its root, with its metadata. Blocking.
-fn open_source(roots: &[Root], parent_dir: &str, filename: &str) -> Result<Opened, TierError> {
-    let resolved = match paths::resolve(roots, parent_dir, filename) {
-        Ok(r) => r,
+fn open_source(
+    roots: &[Root],
+    parent_dir: &str,
+    filename: &str,
+    follow: bool,
+) -> Result<Option<Opened>, TierError> {
+    let resolved = match paths::resolve_unless_linked(roots, parent_dir, filename, follow) {
+        Ok(Some(r)) => r,
+        Ok(None) => return Ok(None),
         // A root with nothing in it is a share that is not mounted (its mount point
         // left empty), not a tree where this file is missing: retried, not
         // dead-lettered with every other file of the share.
@@ -164,7 +170,7 @@ fn open_source(roots: &[Root], parent_dir: &str, filename: &str) -> Result<Opene
                     "{e}: the online root {} is empty or unreadable (a share not mounted?)",
                     r.configured.display()
                 ))),
-                None => Ok(Opened::Missing(e)),
+                None => Ok(Some(Opened::Missing(e))),
             };
         }
         Err(e) => return Err(e.into()),
@@ -173,7 +179,7 @@ fn open_source(roots: &[Root], parent_dir: &str, filename: &str) -> Result<Opene
         .file
         .metadata()
         .map_err(|e| PathError::io(&resolved.path.display().to_string(), &e))?;
-    Ok(Opened::File(resolved, meta))
+    Ok(Some(Opened::File(resolved, meta)))
 }
 
 /// Whether a file's recorded modification time (RFC 3339) is the one the sweeper saw:
@@ -305,19 +311,32 @@ impl TierCopier {
                 .await?;
             return Ok(TierOutcome::Ignored);
         }
-        // On a blocking thread where a root is on a share: when its server stops
-        // answering, opening or `stat`ing a file blocks until it answers, and a few such
-        // files on the runtime's own threads stalled everything else there — the broker's
-        // heartbeats (the connection dropped), health, metrics, claim renewals.
-        let remote = self.mounts.may_block();
-        let opened = if remote {
-            let roots = self.roots.clone();
-            let (parent_dir, filename) = (msg.parent_dir.clone(), msg.filename.clone());
-            tokio::task::spawn_blocking(move || open_source(&roots, &parent_dir, &filename))
+        // On a blocking thread where a root is on a share, or a link is on the way (its
+        // target may be on one, whatever the roots are on): when a share's server stops
+        // answering, opening or `stat`ing a file there blocks until it answers, and a few
+        // such files on the runtime's own threads stalled everything else there — the
+        // broker's heartbeats (the connection dropped), health, metrics, claim renewals.
+        let inline = match self.mounts.may_block() {
+            true => None,
+            false => open_source(&self.roots, &msg.parent_dir, &msg.filename, false)?,
+        };
+        // Reached through a link, the file may be on a share whatever the roots are on: it is
+        // looked at again as a remote one.
+        let remote = inline.is_none();
+        let opened = match inline {
+            Some(o) => o,
+            None => {
+                let roots = self.roots.clone();
+                let (parent_dir, filename) = (msg.parent_dir.clone(), msg.filename.clone());
+                tokio::task::spawn_blocking(move || {
+                    open_source(&roots, &parent_dir, &filename, true)
+                })
                 .await
                 .map_err(|e| TierError::Transient(format!("opening the source stopped: {e}")))??
-        } else {
-            open_source(&self.roots, &msg.parent_dir, &msg.filename)?
+                .ok_or_else(|| {
+                    TierError::Transient("opening the source ended without an answer".into())
+                })?
+            }
         };
         let (resolved, meta) = match opened {
             Opened::File(resolved, meta) => (resolved, meta),
@@ -973,8 +992,8 @@ mod tests {
             );
             // With descriptors to spare, the same file opens.
             assert!(matches!(
-                super::open_source(&roots, &parent, "a.mov"),
-                Ok(super::Opened::File(..))
+                super::open_source(&roots, &parent, "a.mov", true),
+                Ok(Some(super::Opened::File(..)))
             ));
             return;
         }
@@ -994,7 +1013,7 @@ mod tests {
         while let Ok(f) = std::fs::File::open("/dev/null") {
             held.push(f);
         }
-        let got = super::open_source(&roots, &parent, "a.mov");
+        let got = super::open_source(&roots, &parent, "a.mov", true);
         drop(held);
         match got {
             Err(super::TierError::Unavailable(e)) => assert!(e.contains("a.mov"), "{e}"),

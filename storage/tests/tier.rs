@@ -1800,6 +1800,37 @@ async fn a_link_at_a_key_of_a_local_store_is_no_copy() {
     }
 }
 
+/// A file named through a link of its own (`ep.mov` → `takes/ep-3.mov`) is recorded at its
+/// target; once that is moved away after its copy (the link left dangling, the ack lost),
+/// its message again is answered with that copy — it was dead-lettered as "does not exist".
+#[tokio::test]
+async fn a_file_gone_after_its_copy_through_a_file_link_is_reported_as_that_copy() {
+    let base = tempfile::tempdir().expect("temp");
+    let store = base.path().join("store");
+    let tier = storage::store::local(&store).expect("tier");
+    let c = copier(base.path(), "online", tier, records(base.path()).await);
+    let body = content(3000, 10);
+    put(base.path(), "online", "show/takes/ep-3.mov", &body);
+    std::os::unix::fs::symlink("takes/ep-3.mov", base.path().join("online/show/ep.mov"))
+        .expect("link");
+    let mtime = std::fs::metadata(base.path().join("online/show/takes/ep-3.mov"))
+        .and_then(|m| m.modified())
+        .expect("mtime")
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs_f64();
+    let mut m = sweeper_message("show", "ep.mov", false);
+    m["size"] = body.len().into();
+    m["mtime"] = mtime.into();
+    let msg: AssetSweeperFile = serde_json::from_value(m).expect("message");
+    let first = copied(c.handle(&msg, 1).await);
+    assert!(first.uploaded);
+    std::fs::remove_file(base.path().join("online/show/takes/ep-3.mov")).expect("moved away");
+    let again = copied(c.handle(&msg, 2).await);
+    assert!(!again.uploaded, "{again:?}");
+    assert_eq!(again.key, first.key);
+}
+
 /// A file named through a directory link (`current` → `2024`) is recorded at its real
 /// place; gone after its copy (moved away, the ack lost), its message again is answered
 /// with that copy, found through the link — not dead-lettered as a file that never was.
