@@ -158,6 +158,10 @@ fn copy_via(
         return Err(write_err(e));
     }
     let staging = staged.file();
+    if let Err(e) = room_for(staging, expected.size, key) {
+        staged.discard();
+        return Err(e.unwrap_or_else(|e| write_err(e)));
+    }
     let stopped = || {
         expected
             .stopped
@@ -192,6 +196,42 @@ fn copy_via(
         staged.discard();
     }
     result
+}
+
+/// From this size on, a copy first asks whether the store's filesystem has room for it
+/// (one `fstatvfs`; a small file's copy does not pay for it).
+const ROOM_CHECKED_FROM: u64 = 64 * 1024 * 1024;
+
+/// Whether the filesystem `staging` is on can take `size` more bytes: a file larger than
+/// the whole filesystem is refused for good (`Ok(Err)`: each attempt filled the disk until
+/// ENOSPC, and other copies and the records beside them failed meanwhile, for a day of
+/// outage retries); one larger than the space free now is an outage (`Err(ENOSPC)`, as
+/// writing it would end) found before a byte is written. Free counts the blocks reserved
+/// for root, so only what writing would surely refuse is refused here.
+fn room_for(staging: &File, size: u64, key: &str) -> Result<(), Result<CopyError, std::io::Error>> {
+    if size < ROOM_CHECKED_FROM {
+        return Ok(());
+    }
+    // A filesystem that cannot say is written to as before.
+    let Ok(fs) = rustix::fs::fstatvfs(staging) else {
+        return Ok(());
+    };
+    let total = fs.f_blocks.saturating_mul(fs.f_frsize);
+    let free = fs.f_bfree.saturating_mul(fs.f_frsize);
+    // Some filesystems (FUSE, network ones) report no size at all.
+    if total == 0 {
+        return Ok(());
+    }
+    if size > total {
+        return Err(Ok(CopyError::Unstorable(
+            key.to_string(),
+            "the file is larger than the store's whole filesystem",
+        )));
+    }
+    if size > free {
+        return Err(Err(std::io::Error::from_raw_os_error(libc::ENOSPC)));
+    }
+    Ok(())
 }
 
 /// Where a copy is written before it is published under its key.
@@ -601,6 +641,49 @@ mod tests {
         let staged = Staged::create(dir.path(), dir.path(), true, 0o644).expect("create");
         assert!(matches!(staged, Staged::Unnamed(_)), "O_TMPFILE works here");
         assert_eq!(staged_files(dir.path()), 0);
+    }
+
+    /// A file larger than the store's whole filesystem is refused before a byte is written
+    /// (for good: no retry makes it fit); each attempt used to fill the disk until ENOSPC,
+    /// an outage retried for a day. The source is sparse: it takes no room of its own.
+    #[test]
+    fn a_file_larger_than_the_stores_filesystem_is_refused_before_writing() {
+        let dir = tempfile::tempdir().expect("temp");
+        let fs = rustix::fs::statvfs(dir.path()).expect("statvfs");
+        let size = fs.f_blocks * fs.f_frsize + (1 << 30);
+        let src = dir.path().join("huge.img");
+        let f = File::create(&src).expect("create");
+        f.set_len(size).expect("a sparse file");
+        let f = File::open(&src).expect("open");
+        let expected = Expected {
+            size,
+            digest: None,
+            unchanged: None,
+            stopped: None,
+        };
+        let e = copy(
+            &f,
+            dir.path(),
+            "huge.img.copy",
+            "huge.img",
+            Algorithm::Sha256,
+            expected,
+        )
+        .expect_err("no room");
+        assert!(matches!(e, CopyError::Unstorable(..)), "{e}");
+        assert!(
+            e.to_string()
+                .contains("larger than the store's whole filesystem"),
+            "{e}"
+        );
+        assert!(!dir.path().join("huge.img.copy").exists());
+        // One that fits the filesystem but not the room free now is an outage, not refused.
+        let free = fs.f_bfree * fs.f_frsize;
+        if free + (1 << 30) < fs.f_blocks * fs.f_frsize {
+            let e = room_for(&f, free + (1 << 30), "k").expect_err("no room now");
+            let e = e.expect_err("an outage");
+            assert_eq!(e.raw_os_error(), Some(libc::ENOSPC));
+        }
     }
 
     #[test]
