@@ -378,7 +378,9 @@ pub async fn hash_open(
         let mut h = alg.hasher();
         // Large blocks for large files; small files get a buffer their size (memory
         // stays bounded with many handlers at once).
-        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        // A file that cannot be looked at (NFS's ESTALE) cannot be read either: its error,
+        // classed as such, not "changed while it was being copied" after one buffer.
+        let len = f.metadata()?.len();
         let cap = usize::try_from(len.saturating_add(1))
             .unwrap_or(usize::MAX)
             .min(4 * CHUNK);
