@@ -692,6 +692,7 @@ async fn dlq_command(
             if json {
                 for i in &items {
                     let line = serde_json::to_string(i).map_err(|e| other(&e))?;
+                    let line = crate::telemetry::json_for_terminal(line);
                     let _ = writeln!(text, "{line}");
                 }
             } else {
@@ -760,7 +761,7 @@ async fn dlq_command(
                     let mut v = serde_json::to_value(i).unwrap_or_default();
                     v["action"] = action.into();
                     v["queue"] = topo.queue.clone().into();
-                    format!("{v}\n")
+                    format!("{}\n", crate::telemetry::json_for_terminal(v.to_string()))
                 } else {
                     // Escaped as `dlq list` does: the names come from whoever published.
                     format!(
@@ -825,7 +826,9 @@ fn replay_summary(
     if let Some(e) = error {
         summary["error"] = e.into();
     }
-    print_out(&format!("{}\n", serde_json::json!({ "summary": summary })))
+    let line =
+        crate::telemetry::json_for_terminal(serde_json::json!({ "summary": summary }).to_string());
+    print_out(&format!("{line}\n"))
 }
 
 /// Writes a command's output to stdout; a reader that stopped early (`dlq list | head`)

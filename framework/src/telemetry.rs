@@ -98,6 +98,28 @@ pub(crate) fn write_escaped(out: &mut impl std::fmt::Write, s: &str) -> std::fmt
     out.write_str(&s[plain..])
 }
 
+/// JSON text (serde_json's) with every character that [`disturbs_display`] and JSON
+/// leaves raw — DEL, the C1 controls (U+009B is a terminal's CSI), bidirectional controls,
+/// line separators, zero-width spaces — written as a `\uXXXX` escape: the same JSON
+/// value, shown safely on a terminal (serde_json escapes only U+0000–U+001F).
+pub(crate) fn json_for_terminal(json: String) -> String {
+    if !json.chars().any(disturbs_display) {
+        return json;
+    }
+    let mut out = String::with_capacity(json.len() + 16);
+    for c in json.chars() {
+        // Each is in the Basic Multilingual Plane: one escape, no surrogate pair.
+        // serde_json escaped U+0000–U+001F already (a `\n` written as it is would be
+        // escaped twice); DEL onwards it left raw.
+        if disturbs_display(c) && c >= '\u{7f}' {
+            let _ = std::fmt::Write::write_fmt(&mut out, format_args!("\\u{:04x}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Installs the process-wide Prometheus recorder once and returns its handle.
 pub fn metrics_handle() -> PrometheusHandle {
     HANDLE
@@ -368,6 +390,26 @@ impl QueueMetrics {
 #[cfg(test)]
 mod tests {
     use super::LogText;
+
+    /// `dlq list --json` and the replay's JSON lines: a dead letter's id or error from a
+    /// publisher holding a C1 control (U+009B, a terminal's CSI), a bidirectional override
+    /// or DEL reached the terminal raw (serde_json escapes only U+0000–U+001F); escaped,
+    /// the JSON value is the same.
+    #[test]
+    fn json_for_a_terminal_escapes_what_disturbs_display_and_keeps_the_value() {
+        let v = serde_json::json!({"id": "a\u{9b}31mb\u{202e}c\u{7f}d\ne", "ok": "é ✓"});
+        let text = super::json_for_terminal(v.to_string());
+        for raw in ['\u{9b}', '\u{202e}', '\u{7f}', '\n'] {
+            assert!(!text.contains(raw), "{raw:?} in {text}");
+        }
+        assert!(
+            text.contains("\\u009b") && text.contains("\\u202e"),
+            "{text}"
+        );
+        assert!(text.contains("é ✓"), "the rest as it is: {text}");
+        let back: serde_json::Value = serde_json::from_str(&text).expect("still JSON");
+        assert_eq!(back, v);
+    }
 
     /// What `level` lets through of lapin's I/O loop and another lapin module at TRACE.
     fn traced(level: &str) -> (bool, bool) {
