@@ -160,7 +160,7 @@ fn copy_via(
     let staging = staged.file();
     if let Err(e) = room_for(staging, expected.size, key) {
         staged.discard();
-        return Err(e.unwrap_or_else(|e| write_err(e)));
+        return Err(e.unwrap_or_else(&write_err));
     }
     let stopped = || {
         expected
