@@ -57,6 +57,8 @@ pub struct FileOutcome {
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: AnyPool,
+    /// PostgreSQL (else SQLite): the few statements whose fast form differs.
+    postgres: bool,
 }
 
 /// How a completed product names what completed it: the collection and the message
@@ -197,6 +199,22 @@ fn one_collection() -> String {
 const NOT_RECEIVED: &str = "SELECT 1 FROM snapshot_collections \
     WHERE correlation_id = $1 AND status NOT IN ('Received', 'Success')";
 
+/// Deletes a batch of the received files of run `$1`, each row found by its own place:
+/// by `file_key` alone (the middle of the key left out) each batch read every row the run
+/// had left — a run of millions of files took hours, its batches past the statement's
+/// bound, and every prune after it stopped there.
+fn delete_files_batch(postgres: bool) -> String {
+    let (id, list) = match postgres {
+        true => ("ctid", "= ANY(ARRAY("),
+        false => ("rowid", "IN (("),
+    };
+    format!(
+        "DELETE FROM snapshot_received_files WHERE {id} {list}\
+         SELECT {id} FROM snapshot_received_files WHERE correlation_id = $1 LIMIT {}))",
+        db::DELETE_BATCH
+    )
+}
+
 /// A collection of run `$1` not yet Success: what stops the product being COMPLETED
 /// (partial index `snapshot_collections_not_success`).
 const NOT_SUCCESS: &str =
@@ -207,6 +225,7 @@ impl Store {
     pub async fn open(url: &str) -> Result<Self, StoreError> {
         Ok(Self {
             pool: db::connect(url, &MIGRATOR).await?,
+            postgres: db::is_postgres(url),
         })
     }
 
@@ -215,6 +234,7 @@ impl Store {
     pub async fn open_read_only(url: &str) -> Result<Self, StoreError> {
         Ok(Self {
             pool: db::connect_read_only(url).await?,
+            postgres: db::is_postgres(url),
         })
     }
 
@@ -570,7 +590,10 @@ impl Store {
         };
         let cutoff = cutoff.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
         let still = which.condition("$1", "$2");
-        self.delete_files_of_pruned_runs().await?;
+        // Left for the next prune if it fails: the runs due now are pruned all the same.
+        if let Err(e) = self.delete_files_of_pruned_runs().await {
+            tracing::warn!(error = %e, "the received files of pruned runs were not all deleted; the next prune goes on");
+        }
         let mut pruned = 0;
         loop {
             // Every statement bounded: the housekeeping task waiting for ever on a server
@@ -665,21 +688,13 @@ impl Store {
     /// millions of files never holds the writer for long (on SQLite, every handler waits
     /// for it). Its messages are dropped meanwhile (`was_pruned`): none adds a file.
     async fn delete_files_of(&self, run: &str) -> Result<(), StoreError> {
+        let sql = delete_files_batch(self.postgres);
         loop {
             // Every statement bounded: the housekeeping task waiting for ever on a server
             // that stopped answering would never prune again (nothing logs it).
-            let n = db::bounded(
-                db::sqlx::query(&format!(
-                    "DELETE FROM snapshot_received_files WHERE correlation_id = $1 \
-                     AND file_key IN (SELECT file_key FROM snapshot_received_files \
-                     WHERE correlation_id = $1 LIMIT {})",
-                    db::DELETE_BATCH
-                ))
-                .bind(run)
-                .execute(&self.pool),
-            )
-            .await?
-            .rows_affected();
+            let n = db::bounded(db::sqlx::query(&sql).bind(run).execute(&self.pool))
+                .await?
+                .rows_affected();
             if n == 0 {
                 return Ok(());
             }
@@ -968,6 +983,79 @@ mod tests {
             .expect("n");
         assert_eq!(files, 0);
         store.close().await;
+    }
+
+    /// Each batch of a pruned run's files is found by the rows' own places, not by a scan of
+    /// every row the run has left (by `file_key` alone, the middle of the key left out).
+    async fn a_pruned_runs_files_are_deleted_by_place(store: &Store, plan: &str, scanned: &str) {
+        let sql = delete_files_batch(store.postgres).replace("$1", "'run'");
+        let mut conn = store.pool.acquire().await.expect("a connection");
+        // An empty table is read whole whatever the statement (the cheapest way to read
+        // nothing): the plan asked for is the one a table of millions of rows gets.
+        if store.postgres {
+            db::sqlx::query("SET enable_seqscan = off")
+                .execute(&mut *conn)
+                .await
+                .expect("set");
+        }
+        let explained: Vec<String> = db::sqlx::query(&format!("{plan} {sql}"))
+            .fetch_all(&mut *conn)
+            .await
+            .expect("plan")
+            .iter()
+            .map(|r| {
+                (0..r.columns().len())
+                    .filter_map(|i| r.try_get::<String, _>(i).ok())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .collect();
+        let text = explained.join("\n");
+        assert!(text.contains(scanned), "{text}");
+        if store.postgres {
+            db::sqlx::query("RESET enable_seqscan")
+                .execute(&mut *conn)
+                .await
+                .expect("reset");
+        }
+        drop(conn);
+        // And it works: a run's files go, another run's stay.
+        idle_run(store).await;
+        db::sqlx::query(
+            "INSERT INTO snapshot_received_files (correlation_id, collection_name, file_key, received_at) \
+             VALUES ('other', 'db.x', 'f', 'x')",
+        )
+        .execute(&store.pool)
+        .await
+        .expect("another run's file");
+        store.delete_files_of("run").await.expect("deleted");
+        let left: Vec<String> =
+            db::sqlx::query("SELECT correlation_id FROM snapshot_received_files")
+                .fetch_all(&store.pool)
+                .await
+                .expect("files")
+                .iter()
+                .map(|r| r.try_get("correlation_id").expect("id"))
+                .collect();
+        assert_eq!(left, ["other"]);
+    }
+
+    #[tokio::test]
+    async fn a_pruned_runs_files_are_deleted_by_place_on_sqlite() {
+        let dir = tempfile::tempdir().expect("temp");
+        let url = format!("sqlite://{}", dir.path().join("s.db").display());
+        let store = Store::open(&url).await.expect("open");
+        a_pruned_runs_files_are_deleted_by_place(&store, "EXPLAIN QUERY PLAN", "(rowid=?)").await;
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_pruned_runs_files_are_deleted_by_place_on_postgres() {
+        let pg = db::testing::TempPostgres::create().await.expect("postgres");
+        let store = Store::open(&pg.url).await.expect("open");
+        a_pruned_runs_files_are_deleted_by_place(&store, "EXPLAIN", "Tid Scan").await;
+        store.close().await;
+        pg.drop_db().await.expect("drop");
     }
 
     #[tokio::test]
