@@ -303,6 +303,33 @@ mod tests {
         }
     }
 
+    /// Receipts older than the cut are forgotten, newer ones kept (a table that only grew,
+    /// a row per unstamped message).
+    #[tokio::test]
+    async fn old_receipts_are_forgotten_and_recent_ones_kept() {
+        let dir = tempfile::tempdir().expect("temp");
+        let url = format!("sqlite://{}", dir.path().join("p.db").display());
+        let store = Store::open(&url).await.expect("open");
+        let times = [
+            "2026-01-01T00:00:00.000000Z",
+            "2026-02-01T00:00:00.000000Z",
+            "2026-03-01T00:00:00.000000Z",
+        ];
+        for (i, t) in times.iter().enumerate() {
+            store.note_receipt(&format!("m{i}"), t).await.expect("noted");
+        }
+        let n = store
+            .prune_receipts("2026-02-01T00:00:00.000000Z")
+            .await
+            .expect("pruned");
+        assert_eq!(n, 1);
+        assert_eq!(store.first_receipt("m0").await.expect("read"), None);
+        for (i, t) in times.iter().enumerate().skip(1) {
+            let kept = store.first_receipt(&format!("m{i}")).await.expect("read");
+            assert_eq!(kept.as_deref(), Some(*t));
+        }
+    }
+
     /// On PostgreSQL an update racing its project's create (another replica's, committed
     /// while the update runs: here after the update's statement began, which a trigger
     /// holds on a lock this test holds) is applied, or retried as missing when the create
