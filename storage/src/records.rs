@@ -346,6 +346,10 @@ fn lease_ms(lease: std::time::Duration) -> i64 {
 /// The database's own clock, in milliseconds since 1970, as SQL. Claims are leased and
 /// expired by it, not by the replicas' clocks: a replica whose clock ran a lease ahead of
 /// another's took that one's live claim as expired, and both uploaded to one key at once.
+/// How long an expired upload claim stays before [`Records::prune_expired_claims`]
+/// forgets it (an hour, in milliseconds): long past any lease, so only the abandoned go.
+const EXPIRED_CLAIMS_KEPT_MS: i64 = 3_600_000;
+
 fn database_clock(backend: &str) -> &'static str {
     if backend.eq_ignore_ascii_case("sqlite") {
         "CAST((julianday('now') - 2440587.5) * 86400000.0 AS BIGINT)"
@@ -778,6 +782,23 @@ impl Records {
         };
         let before = before.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
         db::delete_in_batches(&self.write, "failures", "id", "failed_at", &before).await
+    }
+
+    /// Forgets upload claims expired for an hour or more (their holder was killed, lost its
+    /// lease, or its release got no answer): free to take already, they were never
+    /// deleted, a row per such key for good. How many.
+    pub async fn prune_expired_claims(&self) -> Result<u64, db::sqlx::Error> {
+        db::bounded(async {
+            let mut conn = self.write.acquire().await?;
+            let clock = database_clock(conn.backend_name());
+            Ok(db::sqlx::query(&format!(
+                "DELETE FROM upload_claims WHERE expires_at < {clock} - {EXPIRED_CLAIMS_KEPT_MS}"
+            ))
+            .execute(&mut *conn)
+            .await?
+            .rows_affected())
+        })
+        .await
     }
 
     /// Takes (or renews) the upload claim on `key` for `owner` until `lease` from now
@@ -1385,6 +1406,25 @@ mod tests {
         assert!(r.claim("k", "b", lease).await.unwrap(), "expired: taken");
         assert!(!r.renew("k", "a", lease).await.unwrap(), "no longer a's");
         assert!(r.renew("k", "b", lease).await.unwrap());
+        // Claims left behind (their holders killed) are forgotten an hour after they
+        // expired; a live one, and one expired a moment ago, are kept.
+        assert!(r.claim("gone", "c", lease).await.unwrap());
+        assert!(r.claim("recent", "c", lease).await.unwrap());
+        for (key, ago) in [("gone", 3_700_000), ("recent", 60_000)] {
+            db::sqlx::query(&format!(
+                "UPDATE upload_claims SET expires_at = {clock} - {ago} WHERE object_key = '{key}'"
+            ))
+            .execute(&r.write)
+            .await
+            .unwrap();
+        }
+        assert_eq!(r.prune_expired_claims().await.unwrap(), 1);
+        let left: Vec<String> =
+            db::sqlx::query_scalar("SELECT object_key FROM upload_claims ORDER BY object_key")
+                .fetch_all(&r.write)
+                .await
+                .unwrap();
+        assert_eq!(left, ["k", "recent"]);
         r.close().await;
     }
 

@@ -212,25 +212,36 @@ impl TierProcessor {
             None => None,
         };
         // Every failed attempt is a row: without an end, months of retries during outages
-        // fill the disk the database (and, by default, the archive) shares.
-        let pruner = setup.keep_failures.map(|age| {
+        // fill the disk the database (and, by default, the archive) shares. So is every
+        // upload claim its holder never released (killed, its lease lost).
+        let pruner = {
             let records = copier.records().clone();
+            let keep_failures = setup.keep_failures;
             tokio::spawn(async move {
                 loop {
-                    match records.prune_failures(age).await {
+                    if let Some(age) = keep_failures {
+                        match records.prune_failures(age).await {
+                            Ok(0) => {}
+                            Ok(n) => tracing::info!(removed = n, "old failure records deleted"),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "could not delete old failure records")
+                            }
+                        }
+                    }
+                    match records.prune_expired_claims().await {
                         Ok(0) => {}
-                        Ok(n) => tracing::info!(removed = n, "old failure records deleted"),
+                        Ok(n) => tracing::info!(removed = n, "expired upload claims forgotten"),
                         Err(e) => {
-                            tracing::warn!(error = %e, "could not delete old failure records")
+                            tracing::warn!(error = %e, "could not forget expired upload claims")
                         }
                     }
                     tokio::time::sleep(PRUNE_EVERY).await;
                 }
             })
-        });
+        };
         Ok(Self {
             copier,
-            upkeep: sweeper.into_iter().chain(pruner).collect(),
+            upkeep: sweeper.into_iter().chain([pruner]).collect(),
             success,
         })
     }

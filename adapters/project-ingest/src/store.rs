@@ -316,7 +316,10 @@ mod tests {
             "2026-03-01T00:00:00.000000Z",
         ];
         for (i, t) in times.iter().enumerate() {
-            store.note_receipt(&format!("m{i}"), t).await.expect("noted");
+            store
+                .note_receipt(&format!("m{i}"), t)
+                .await
+                .expect("noted");
         }
         let n = store
             .prune_receipts("2026-02-01T00:00:00.000000Z")
