@@ -60,7 +60,8 @@ pub const FRAMEWORK_COUNTS: &[&str] = &[
 /// Headers the broker writes on a message it dead-letters or redelivers: never carried
 /// onto a retry (RabbitMQ 3.x reads a published `x-death` for its cycle detection and
 /// drops a message it thinks went round; a stale `x-delivery-count` reads as earlier
-/// failed deliveries). Dead letters keep them, as they came.
+/// failed deliveries), nor onto the service's own dead letters (see
+/// `dlq::envelope`): only the broker's own dead-lettering writes them there.
 pub const BROKER_OWNED: &[&str] = &[
     "x-death",
     "x-first-death-exchange",
@@ -78,7 +79,8 @@ const ERROR_HEADERS: &[&str] = &[LAST_ERROR, ERROR, ERROR_KIND, FAILED_AT, SERVI
 /// Whether a replay removes `name` so the message starts afresh: the counts and origin
 /// (the replay writes its origin again), the errors, the broker's dead-lettering.
 pub fn replay_stripped(name: &str) -> bool {
-    FRAMEWORK_COUNTS.contains(&name)
+    name == PRODUCERS_REPLAY
+        || FRAMEWORK_COUNTS.contains(&name)
         || ERROR_HEADERS.contains(&name)
         || BROKER_OWNED.contains(&name)
 }

@@ -758,8 +758,15 @@ fn incoming(d: &Delivery, queue: &str) -> Incoming {
     {
         // A producer's: with its own `x-retry-count: 49` the first retry was "retries
         // exhausted", its `x-original-*` named another origin, and its `x-batch-part`
-        // (kept on the retries and dead letters made of the message) another part.
-        headers = h::without(&h::without(&headers, h::FRAMEWORK_COUNTS), &[h::BATCH_PART]);
+        // (kept on the retries and dead letters made of the message) another part. A
+        // replay of a producer's message keeps the origin the replay wrote (the broker's
+        // record of where it was published), not one of the producer's.
+        headers = h::without_where(&headers, |k| {
+            k == h::BATCH_PART
+                || (h::FRAMEWORK_COUNTS.contains(&k)
+                    && !(producers_replay
+                        && [h::ORIGINAL_EXCHANGE, h::ORIGINAL_ROUTING_KEY].contains(&k)))
+        });
     }
     let attempt = h::get_int(&headers, h::RETRY_COUNT)
         .unwrap_or(0)

@@ -512,6 +512,15 @@ async fn a_replayed_part_dead_lettered_again_keeps_its_place() {
         .await;
     let producers = next(&mut dlq).await;
     assert_eq!(header(&producers, h::BATCH_PART).as_deref(), Some("0"));
+    // Its origin is the one the replay wrote (where the broker recorded it was published).
+    assert_eq!(
+        header(&producers, h::ORIGINAL_ROUTING_KEY).as_deref(),
+        Some("test.a")
+    );
+    assert_eq!(
+        header(&producers, h::ORIGINAL_EXCHANGE),
+        Some(hs.input_exchange.clone())
+    );
     assert_eq!(
         header(&producers, h::PRODUCERS_REPLAY),
         None,

@@ -470,6 +470,48 @@ async fn a_brokers_dead_letter_of_a_producers_message_keeps_its_real_origin() {
     );
 }
 
+/// A dead letter the service itself made of a delivery that came with the broker's
+/// dead-lettering headers of its own (a dead letter shovelled back to the producer's
+/// exchange) is listed as the service's — its error, kind and time — not taken for one the
+/// broker made of a producer's message (the `x-death` it came with named this queue).
+#[tokio::test]
+async fn the_services_own_dead_letter_of_a_shovelled_back_message_is_its_own() {
+    use framework::headers as h;
+    use framework::lapin::types::{AMQPValue, FieldArray, FieldTable};
+    let mut hs = Harness::start("shovelled", &[], failing()).await;
+    let mut death = FieldTable::default();
+    for (k, v) in [
+        ("reason", "delivery_limit"),
+        ("queue", hs.q.as_str()),
+        ("exchange", hs.input_exchange.as_str()),
+    ] {
+        h::set_str(&mut death, k, v);
+    }
+    let mut hdr = FieldTable::default();
+    hdr.insert(
+        "x-death".into(),
+        AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(death)])),
+    );
+    hs.publish(
+        "test.back",
+        br#"{"p":true}"#,
+        BasicProperties::default()
+            .with_message_id("back-1".into())
+            .with_headers(hdr),
+    )
+    .await;
+    let dlq_name = format!("{}-dlq", hs.q);
+    await_ready_count(&hs.ch, &dlq_name, 1).await;
+    hs.stop().await;
+    let listed = dlq::list(&hs.conn, &hs.topology(), 10)
+        .await
+        .expect("listed");
+    assert_eq!(listed[0].kind.as_deref(), Some(h::KIND_PERMANENT));
+    assert_eq!(listed[0].error.as_deref(), Some("bad input"));
+    assert!(!listed[0].from_producer);
+    assert_eq!(listed[0].original_routing_key, "test.back");
+}
+
 /// A dry run holds every dead letter it looks at (it removes none), so the hold limit
 /// counts from its first look, matched or not, and a dry run stopped by it says it
 /// replayed nothing and cannot look further — not "run the same command again to go on",

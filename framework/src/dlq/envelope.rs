@@ -28,7 +28,11 @@ impl Envelope<'_> {
     /// The original properties and headers plus the dead-letter headers: persistent,
     /// `attempts` as `x-retry-count`, `kind` as `x-error-kind`, `error` (≤ 1 KiB) as `x-error`.
     pub fn properties(&self, attempts: u32, kind: &str, error: &str) -> BasicProperties {
-        let mut hdr = self.headers.clone();
+        // Without the broker's dead-lettering headers it came with (a dead letter shovelled
+        // back, a producer's own): a dead letter in `Q-dlq` whose `x-death` names `Q` is
+        // then always one the broker made, whose headers are the producer's (`dlq list`
+        // and `replay` read it so) — one of the service's own kept its error and time.
+        let mut hdr = h::without(self.headers, h::BROKER_OWNED);
         self.trace.write(&mut hdr);
         h::set_str(&mut hdr, h::ERROR, h::truncate(error, h::MAX_ERROR_BYTES));
         h::set_str(&mut hdr, h::ERROR_KIND, kind);
