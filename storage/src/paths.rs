@@ -259,7 +259,7 @@ pub fn resolve_unless_linked(
     // link out) does not hide a file a later root holds under it, as a missing one does
     // not: the first root's answer is given only where no root has the file.
     let settle = |r: Result<Resolved, PathError>, last: &mut PathError| match r {
-        Err(e @ (PathError::NotAFile(_) | PathError::OutsideRoots(_))) => {
+        Err(e @ (PathError::NotAFile(_) | PathError::OutsideRoots(_) | PathError::LinkLoop(_))) => {
             if matches!(last, PathError::NotFound(_)) {
                 *last = e;
             }
@@ -315,7 +315,7 @@ pub fn resolve_unless_linked(
                 return Err(PathError::InvalidName(shown));
             }
             Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
-                return Err(PathError::LinkLoop(shown));
+                settle(Err(PathError::LinkLoop(shown.clone())), &mut last_err);
             }
             Err(e) => last_err = PathError::io(&shown, &e),
         }

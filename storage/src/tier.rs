@@ -157,7 +157,14 @@ fn open_source(
         // dead-lettered with every other file of the share.
         // Only a root the path can be under: an empty spare root says nothing about
         // a file missing from another.
-        Err(e @ PathError::NotFound(_)) => {
+        // So is a name no root holds a file under (a directory, a link out, in one root)
+        // where a root the path can be under is such an empty mount point: its share may.
+        Err(
+            e @ (PathError::NotFound(_)
+            | PathError::NotAFile(_)
+            | PathError::OutsideRoots(_)
+            | PathError::LinkLoop(_)),
+        ) => {
             let p = paths::normalize(Path::new(parent_dir));
             let unmounted = roots
                 .iter()
@@ -170,7 +177,8 @@ fn open_source(
                     "{e}: the online root {} is empty or unreadable (a share not mounted?)",
                     r.configured.display()
                 ))),
-                None => Ok(Some(Opened::Missing(e))),
+                None if matches!(e, PathError::NotFound(_)) => Ok(Some(Opened::Missing(e))),
+                None => Err(e.into()),
             };
         }
         Err(e) => return Err(e.into()),

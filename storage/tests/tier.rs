@@ -1423,6 +1423,30 @@ async fn a_missing_file_is_not_blamed_on_another_empty_root() {
     assert!(transient(c.handle(&msg, 1).await).contains("empty"));
 }
 
+/// A relative name that one root holds no file under (a directory there) while another
+/// root the name can be under is empty — a share not mounted — is retried, not
+/// dead-lettered as "not a regular file": the share, once back, may hold the file; with
+/// no empty root it is still permanent.
+#[tokio::test]
+async fn a_name_that_is_no_file_in_one_root_waits_for_an_unmounted_other() {
+    let base = tempfile::tempdir().expect("temp");
+    let tier = storage::store::local(&base.path().join("store")).expect("tier");
+    let full = base.path().join("full");
+    let spare = base.path().join("spare");
+    std::fs::create_dir_all(full.join("p/dir.mov")).expect("dir");
+    std::fs::create_dir_all(&spare).expect("dir");
+    let roots = open_roots(&[full.clone(), spare.clone()], true).expect("roots");
+    let c = TierCopier::new(roots, tier, records(base.path()).await, policy());
+    let msg: AssetSweeperFile =
+        serde_json::from_value(sweeper_message("p", "dir.mov", false)).expect("message");
+    assert!(transient(c.handle(&msg, 1).await).contains("empty"));
+    std::fs::write(spare.join("other"), b"mounted").expect("the share is back");
+    match c.handle(&msg, 2).await {
+        Err(TierError::Permanent(e)) => assert!(e.contains("dir.mov"), "{e}"),
+        other => panic!("expected Permanent, got {other:?}"),
+    }
+}
+
 /// A file copied, then moved away before its message came again (a lost ack: whoever
 /// acted on the success message moved it; or a dead letter replayed after an operator
 /// tidied up) is reported as its recorded copy, not dead-lettered — only the copy of the
