@@ -51,7 +51,8 @@ struct Record<'a> {
 
 /// Splits a body: a Kinesis envelope when `Records` is a non-empty array whose every
 /// element is an object with a `kinesis` key, whatever the JSON type of its value (an
-/// object, a string, a number…, design §7); anything else is a single event.
+/// object, a string, a number…, design §7); `{"Records":[]}` and nothing else, a batch
+/// of no events; anything else is a single event.
 pub fn split(body: &RawValue) -> Events<'_> {
     // Only JSON objects are envelopes and records: serde would also read a struct from an
     // array (`[[…]]` as `{"Records":[…]}`), turning any nested array into "records".
