@@ -804,6 +804,11 @@ pub fn describe_decode_error(e: &serde_json::Error) -> String {
             format!("body is nested too deeply (at most 128 levels): {e}")
         }
         Category::Data => format!("body does not match the expected input: {e}"),
+        // Grammatical JSON serde_json will not read: an escape of half a UTF-16 pair.
+        Category::Syntax if e.to_string().contains("surrogate") => format!(
+            "body is not valid JSON: {e} (an escaped `\\udc80`–`\\udcff` alone is how Python's \
+             json writes a name that is not UTF-8; text must be Unicode)"
+        ),
         Category::Syntax | Category::Eof | Category::Io => format!("body is not valid JSON: {e}"),
     }
 }
@@ -1025,7 +1030,13 @@ impl<P: MessageProcessor> Shared<P> {
                 } else {
                     None
                 };
-                match serde_json::from_slice::<P::Input>(&delivery.data) {
+                // A byte-order mark before the JSON (Windows tools write one): RFC 8259 lets
+                // a reader ignore it, and nothing else in the body is wrong.
+                let body = delivery
+                    .data
+                    .strip_prefix(b"\xEF\xBB\xBF")
+                    .unwrap_or(&delivery.data);
+                match serde_json::from_slice::<P::Input>(body) {
                     Err(e) => Outcome::Permanent(match ctx.properties.content_encoding() {
                         // A compressed body (gzip) is not "invalid JSON": say what it is.
                         Some(enc) if is_compression(enc.as_str()) => format!(

@@ -2176,6 +2176,11 @@ async fn hostile_inputs_are_dead_lettered_and_consuming_goes_on() {
         ),
         (b"", BasicProperties::default(), "not valid JSON"),
         (
+            br#"{"name":"clip\udce9.mov","size":1}"#,
+            BasicProperties::default(),
+            "name that is not UTF-8",
+        ),
+        (
             br#"{"name": 5, "size": -1}"#,
             BasicProperties::default(),
             "invalid type",
@@ -2183,6 +2188,12 @@ async fn hostile_inputs_are_dead_lettered_and_consuming_goes_on() {
         (
             br#"{"name":"n","size":1}"#,
             BasicProperties::default().with_headers(huge),
+            "",
+        ),
+        // A byte-order mark before valid JSON is read past.
+        (
+            b"\xEF\xBB\xBF{\"name\":\"n\",\"size\":1}",
+            BasicProperties::default(),
             "",
         ),
     ];
