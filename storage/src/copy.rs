@@ -314,9 +314,13 @@ fn store_down(errno: i32) -> bool {
 /// Whether a store's answer of `status` (None: no answer, or one object_store does not
 /// show) is the store's trouble rather than the request's: no answer, a server error,
 /// throttling, a timeout, refused credentials, a bucket not found. Another 4xx (a key the
-/// store will not take, a malformed request) is about this file.
+/// store will not take, a malformed request) is about this file, and so is a 501: a store
+/// that does not implement what the request asks (a conditional create, a checksum
+/// header) will not by waiting — counted, its error names it, where an outage's retries
+/// waited a day saying nothing.
 fn store_outage_status(status: Option<u16>) -> bool {
     match status {
+        Some(501) => false,
         Some(code @ 400..=499) => [401, 403, 404, 408, 429].contains(&code),
         _ => true,
     }
@@ -1367,6 +1371,12 @@ mod tests {
                 "InvalidObjectName".into(),
             )),
             CopyError::S3(crate::s3::S3Error::Taken("PutObject")),
+            generic("Server returned non-2xx status code: 501 Not Implemented: NotImplemented"),
+            CopyError::S3(crate::s3::S3Error::Status(
+                "CompleteMultipartUpload",
+                501,
+                "NotImplemented".into(),
+            )),
             CopyError::Write("k".into(), std::io::Error::from_raw_os_error(libc::EFBIG)),
             // A name the store's filesystem refuses (CIFS, exFAT): this file's.
             CopyError::Write("k".into(), std::io::Error::from_raw_os_error(libc::EINVAL)),

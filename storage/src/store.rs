@@ -218,7 +218,7 @@ pub fn check_settings(
     // environment would switch off the store's certificate check, unseen; encryption
     // settings would reach only some requests (the uploads of large files and their checks
     // go through a client of our own), storing them with another key or failing them.
-    const REFUSED: [(&str, &str); 4] = [
+    const REFUSED: [(&str, &str); 8] = [
         (
             "AWS_ALLOW_INVALID_CERTIFICATES",
             "the store's certificate would not be checked; for a private CA, add the CA to \
@@ -236,6 +236,24 @@ pub fn check_settings(
             "AWS_SSE_CUSTOMER_KEY_BASE64",
             "customer-provided keys (SSE-C) are not supported; use the bucket's default \
              encryption",
+        ),
+        (
+            "AWS_PROXY_URL",
+            "only some requests would take that proxy; use HTTPS_PROXY (and NO_PROXY), \
+             which every request follows",
+        ),
+        (
+            "AWS_PROXY_CA_CERTIFICATE",
+            "only some requests would trust it; add the CA to the system's trust store or \
+             point SSL_CERT_FILE at a PEM bundle holding it",
+        ),
+        (
+            "AWS_PROXY_EXCLUDES",
+            "only some requests would read it; use NO_PROXY with HTTPS_PROXY",
+        ),
+        (
+            "AWS_REQUEST_PAYER",
+            "requester-pays buckets are not supported (only some requests would say so)",
         ),
     ];
     if s3 {
@@ -295,8 +313,26 @@ pub fn check_settings(
             "is 0: no part could ever be read; give at least one part's MiB (part_size_mib)",
         ));
     }
-    if let (true, Some(e)) = (s3, &opts.endpoint) {
-        let key = format!("{options_key}.endpoint");
+    // The endpoint as the client takes it: configured, else the environment's.
+    let env_value = |var: &str| std::env::var(var).ok().filter(|v| !v.trim().is_empty());
+    let endpoint = match &opts.endpoint {
+        Some(e) => Some((format!("{options_key}.endpoint"), e.clone())),
+        None => ["AWS_ENDPOINT_URL", "AWS_ENDPOINT"]
+            .into_iter()
+            .find_map(|var| Some((var.to_string(), env_value(var)?))),
+    };
+    let allow_http = opts.allow_http
+        || env_value("AWS_ALLOW_HTTP").is_some_and(|v| {
+            matches!(
+                v.trim().to_ascii_lowercase().as_str(),
+                "1" | "true" | "yes" | "on"
+            )
+        });
+    let bucket = url
+        .and_then(|u| u.strip_prefix("s3://"))
+        .and_then(|r| r.split('/').next())
+        .unwrap_or_default();
+    if let (true, Some((key, e))) = (s3, &endpoint) {
         // Not echoed: an endpoint with credentials in it would print them.
         let why = match url::Url::parse(e) {
             Err(err) => Some(format!("not a URL ({err})")),
@@ -306,14 +342,33 @@ pub fn check_settings(
             Ok(u) if !u.username().is_empty() || u.password().is_some() => Some(
                 "credentials belong in access_key_id and secret_access_key, not the URL".into(),
             ),
-            Ok(u) if u.scheme() == "http" && !opts.allow_http => Some(format!(
+            Ok(u) if u.scheme() == "http" && !allow_http => Some(format!(
                 "an http:// endpoint needs {options_key}.allow_http = true (every request \
                  would be refused)"
             )),
+            // With virtual-hosted-style requests the endpoint is the bucket's own host:
+            // one without the bucket's name sent every request to whatever bucket the
+            // key's first folder names.
+            Ok(u)
+                if opts.virtual_hosted_style
+                    && !bucket.is_empty()
+                    && !u.host_str().is_some_and(|h| {
+                        h.to_ascii_lowercase()
+                            .starts_with(&format!("{}.", bucket.to_ascii_lowercase()))
+                    }) =>
+            {
+                Some(format!(
+                    "with {options_key}.virtual_hosted_style = true the endpoint is the \
+                     bucket's own host (https://{bucket}.<the store's host>); `{}` does not \
+                     start with `{bucket}.` — name it so, or set virtual_hosted_style = false \
+                     for path-style requests",
+                    u.host_str().unwrap_or_default()
+                ))
+            }
             Ok(_) => None,
         };
         if let Some(why) = why {
-            return Err(ConfigError::new(key, why));
+            return Err(ConfigError::new(key.as_str(), why));
         }
     }
     if let Some(f) = &opts.secret_access_key_file
@@ -517,6 +572,26 @@ mod tests {
         assert!(open("s3://b/p", &opts).unwrap().create_only);
         let off: StoreOptions = serde_json::from_str(r#"{"conditional_writes": false}"#).unwrap();
         assert!(!open("s3://b/p", &off).unwrap().create_only);
+    }
+
+    /// With virtual-hosted-style requests object_store takes the endpoint as the bucket's
+    /// own host: one without the bucket in it sent every request to the bucket the key's
+    /// first folder named. Refused at start, naming the key; the bucket's host passes.
+    #[test]
+    fn a_virtual_hosted_endpoint_must_name_the_bucket() {
+        let check = |endpoint: &str, virtual_hosted: bool| {
+            let opts: StoreOptions = serde_json::from_value(serde_json::json!({
+                "endpoint": endpoint,
+                "virtual_hosted_style": virtual_hosted,
+            }))
+            .unwrap();
+            check_settings("archive_url", Some("s3://archive/online"), "store", &opts)
+        };
+        let e = check("https://s3.example.com", true).expect_err("no bucket in the host");
+        assert!(e.to_string().contains("store.endpoint"), "{e}");
+        assert!(e.to_string().contains("archive."), "{e}");
+        check("https://archive.s3.example.com", true).expect("the bucket's host");
+        check("https://s3.example.com", false).expect("path-style");
     }
 
     /// `check-config` prints a local store's unused options too: an endpoint holding
