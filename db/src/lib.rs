@@ -1135,8 +1135,17 @@ mod tests {
             let e = DatabaseUrl::try_from(url.to_string()).expect_err(url);
             assert!(e.contains(named) && !e.contains("s3cret"), "{e}");
         }
-        let ok = "postgres://u@db.example/x?application_name=a&sslmode=disable";
-        assert!(DatabaseUrl::try_from(ok.to_string()).is_ok(), "{ok}");
+        for ok in [
+            "postgres://u@db.example/x?application_name=a&sslmode=disable",
+            // A server setting in the driver's own form.
+            "postgres://u@db.example/x?options[search_path]=app",
+            "postgres://u@db.example/x?options%5Bsearch_path%5D=app",
+        ] {
+            assert!(DatabaseUrl::try_from(ok.to_string()).is_ok(), "{ok}");
+        }
+        let e = DatabaseUrl::try_from("postgres://u@db.example/x?options[]=x".to_string())
+            .expect_err("no setting named");
+        assert!(e.contains("options[]"), "{e}");
     }
 
     /// Two instances upgrading one SQLite file at once (both waiting for a third's write
@@ -1386,7 +1395,15 @@ fn unknown_pg_parameter(url: &str) -> Option<String> {
     let u = url::Url::parse(url).ok()?;
     u.query_pairs()
         .map(|(k, _)| k.into_owned())
-        .find(|k| !PG_PARAMETERS.contains(&k.as_str()))
+        // `options[search_path]=app`: one server setting each, as the driver reads them.
+        .find(|k| !PG_PARAMETERS.contains(&k.as_str()) && !is_option_setting(k))
+}
+
+/// Whether `k` is an `options[name]` parameter (a server setting, e.g. `search_path`).
+fn is_option_setting(k: &str) -> bool {
+    k.strip_prefix("options[")
+        .and_then(|r| r.strip_suffix(']'))
+        .is_some_and(|name| !name.is_empty())
 }
 
 impl TryFrom<String> for DatabaseUrl {
