@@ -343,13 +343,13 @@ fn lease_ms(lease: std::time::Duration) -> i64 {
     i64::try_from(lease.as_millis()).map_or(i64::MAX / 2, |ms| ms.min(i64::MAX / 2))
 }
 
-/// The database's own clock, in milliseconds since 1970, as SQL. Claims are leased and
-/// expired by it, not by the replicas' clocks: a replica whose clock ran a lease ahead of
-/// another's took that one's live claim as expired, and both uploaded to one key at once.
 /// How long an expired upload claim stays before [`Records::prune_expired_claims`]
 /// forgets it (an hour, in milliseconds): long past any lease, so only the abandoned go.
 const EXPIRED_CLAIMS_KEPT_MS: i64 = 3_600_000;
 
+/// The database's own clock, in milliseconds since 1970, as SQL. Claims are leased and
+/// expired by it, not by the replicas' clocks: a replica whose clock ran a lease ahead of
+/// another's took that one's live claim as expired, and both uploaded to one key at once.
 fn database_clock(backend: &str) -> &'static str {
     if backend.eq_ignore_ascii_case("sqlite") {
         "CAST((julianday('now') - 2440587.5) * 86400000.0 AS BIGINT)"
@@ -791,12 +791,22 @@ impl Records {
         db::bounded(async {
             let mut conn = self.write.acquire().await?;
             let clock = database_clock(conn.backend_name());
-            Ok(db::sqlx::query(&format!(
-                "DELETE FROM upload_claims WHERE expires_at < {clock} - {EXPIRED_CLAIMS_KEPT_MS}"
-            ))
-            .execute(&mut *conn)
-            .await?
-            .rows_affected())
+            let expired = format!("expires_at < {clock} - {EXPIRED_CLAIMS_KEPT_MS}");
+            // PostgreSQL: in key order, as every claim batch locks them, and passing those a
+            // batch holds — a key claimed again meanwhile is no longer abandoned, and
+            // locking in another order could deadlock with that batch.
+            let sql = match conn.backend_name().eq_ignore_ascii_case("sqlite") {
+                true => format!("DELETE FROM upload_claims WHERE {expired}"),
+                false => format!(
+                    "DELETE FROM upload_claims WHERE object_key IN (SELECT object_key FROM \
+                     upload_claims WHERE {expired} ORDER BY object_key FOR UPDATE SKIP LOCKED) \
+                     AND {expired}"
+                ),
+            };
+            Ok(db::sqlx::query(&sql)
+                .execute(&mut *conn)
+                .await?
+                .rows_affected())
         })
         .await
     }

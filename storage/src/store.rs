@@ -201,6 +201,20 @@ pub fn object_path(key: &str) -> ObjectPath {
     ObjectPath::parse(segments.join("/")).unwrap_or_else(|_| ObjectPath::from(key))
 }
 
+/// Whether an endpoint for virtual-hosted-style requests leads to `bucket`: its host is
+/// the bucket's own (`archive.s3.example.com`, or the bucket named as a host), or its path
+/// names it (`https://s3.example.com/archive`: path-style written out).
+fn names_the_bucket(endpoint: &url::Url, bucket: &str) -> bool {
+    let host = endpoint.host_str().unwrap_or_default().to_ascii_lowercase();
+    let bucket_lower = bucket.to_ascii_lowercase();
+    host == bucket_lower
+        || host.starts_with(&format!("{bucket_lower}."))
+        || endpoint
+            .path_segments()
+            .and_then(|mut s| s.next())
+            .is_some_and(|first| first == bucket)
+}
+
 /// Checks a store's settings without opening it, for a service's config validation (exit
 /// 2 naming the key, in `check-config` too): `url_key` is the URL's key, `options_key`
 /// the options' (e.g. `online_archive.archive_url`, `online_archive.archive_options`).
@@ -315,24 +329,26 @@ pub fn check_settings(
     }
     // The endpoint as the client takes it: configured, else the environment's.
     let env_value = |var: &str| std::env::var(var).ok().filter(|v| !v.trim().is_empty());
-    let endpoint = match &opts.endpoint {
-        Some(e) => Some((format!("{options_key}.endpoint"), e.clone())),
+    // (Both of the environment's, where both are set: the client takes one of them.)
+    let endpoints: Vec<(String, String)> = match &opts.endpoint {
+        Some(e) => vec![(format!("{options_key}.endpoint"), e.clone())],
         None => ["AWS_ENDPOINT_URL", "AWS_ENDPOINT"]
             .into_iter()
-            .find_map(|var| Some((var.to_string(), env_value(var)?))),
+            .filter_map(|var| Some((var.to_string(), env_value(var)?)))
+            .collect(),
     };
+    // As object_store reads the flag.
     let allow_http = opts.allow_http
-        || env_value("AWS_ALLOW_HTTP").is_some_and(|v| {
-            matches!(
-                v.trim().to_ascii_lowercase().as_str(),
-                "1" | "true" | "yes" | "on"
-            )
+        || std::env::var("AWS_ALLOW_HTTP").is_ok_and(|v| {
+            ["1", "true", "on", "yes", "y"]
+                .iter()
+                .any(|t| v.eq_ignore_ascii_case(t))
         });
     let bucket = url
         .and_then(|u| u.strip_prefix("s3://"))
         .and_then(|r| r.split('/').next())
         .unwrap_or_default();
-    if let (true, Some((key, e))) = (s3, &endpoint) {
+    for (key, e) in endpoints.iter().filter(|_| s3) {
         // Not echoed: an endpoint with credentials in it would print them.
         let why = match url::Url::parse(e) {
             Err(err) => Some(format!("not a URL ({err})")),
@@ -352,16 +368,13 @@ pub fn check_settings(
             Ok(u)
                 if opts.virtual_hosted_style
                     && !bucket.is_empty()
-                    && !u.host_str().is_some_and(|h| {
-                        h.to_ascii_lowercase()
-                            .starts_with(&format!("{}.", bucket.to_ascii_lowercase()))
-                    }) =>
+                    && !names_the_bucket(&u, bucket) =>
             {
                 Some(format!(
-                    "with {options_key}.virtual_hosted_style = true the endpoint is the \
-                     bucket's own host (https://{bucket}.<the store's host>); `{}` does not \
-                     start with `{bucket}.` — name it so, or set virtual_hosted_style = false \
-                     for path-style requests",
+                    "with {options_key}.virtual_hosted_style = true the endpoint leads to the \
+                     bucket itself (https://{bucket}.<the store's host>, or \
+                     https://<host>/{bucket}); `{}` names neither — name it so, or set \
+                     virtual_hosted_style = false for path-style requests",
                     u.host_str().unwrap_or_default()
                 ))
             }
@@ -591,6 +604,9 @@ mod tests {
         assert!(e.to_string().contains("store.endpoint"), "{e}");
         assert!(e.to_string().contains("archive."), "{e}");
         check("https://archive.s3.example.com", true).expect("the bucket's host");
+        check("https://archive", true).expect("the bucket as a host");
+        check("https://s3.example.com/archive", true).expect("path-style written out");
+        check("https://s3.example.com/other", true).expect_err("another bucket's path");
         check("https://s3.example.com", false).expect("path-style");
     }
 

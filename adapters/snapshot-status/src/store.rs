@@ -204,13 +204,15 @@ const NOT_RECEIVED: &str = "SELECT 1 FROM snapshot_collections \
 /// had left — a run of millions of files took hours, its batches past the statement's
 /// bound, and every prune after it stopped there.
 fn delete_files_batch(postgres: bool) -> String {
-    let (id, list) = match postgres {
-        true => ("ctid", "= ANY(ARRAY("),
-        false => ("rowid", "IN (("),
+    // SQLite's list is the subquery itself: in another pair of parentheses it would be a
+    // scalar, its first row only (one file deleted per statement).
+    let (id, open, close) = match postgres {
+        true => ("ctid", "= ANY(ARRAY(", "))"),
+        false => ("rowid", "IN (", ")"),
     };
     format!(
-        "DELETE FROM snapshot_received_files WHERE {id} {list}\
-         SELECT {id} FROM snapshot_received_files WHERE correlation_id = $1 LIMIT {}))",
+        "DELETE FROM snapshot_received_files WHERE {id} {open}\
+         SELECT {id} FROM snapshot_received_files WHERE correlation_id = $1 LIMIT {}{close}",
         db::DELETE_BATCH
     )
 }
@@ -987,7 +989,7 @@ mod tests {
 
     /// Each batch of a pruned run's files is found by the rows' own places, not by a scan of
     /// every row the run has left (by `file_key` alone, the middle of the key left out).
-    async fn a_pruned_runs_files_are_deleted_by_place(store: &Store, plan: &str, scanned: &str) {
+    async fn a_pruned_runs_files_are_deleted_by_place(store: &Store, plan: &str, scanned: &[&str]) {
         let sql = delete_files_batch(store.postgres).replace("$1", "'run'");
         let mut conn = store.pool.acquire().await.expect("a connection");
         // An empty table is read whole whatever the statement (the cheapest way to read
@@ -1011,7 +1013,10 @@ mod tests {
             })
             .collect();
         let text = explained.join("\n");
-        assert!(text.contains(scanned), "{text}");
+        assert!(
+            scanned.iter().all(|s| text.contains(s)),
+            "{scanned:?}: {text}"
+        );
         if store.postgres {
             db::sqlx::query("RESET enable_seqscan")
                 .execute(&mut *conn)
@@ -1019,15 +1024,26 @@ mod tests {
                 .expect("reset");
         }
         drop(conn);
-        // And it works: a run's files go, another run's stay.
+        // And it works: one statement deletes a whole batch of a run's files (not one of
+        // them), another run's stay.
+        for (run, file) in [("run", "a"), ("run", "b"), ("run", "c"), ("other", "f")] {
+            db::sqlx::query(
+                "INSERT INTO snapshot_received_files (correlation_id, collection_name, file_key, received_at) \
+                 VALUES ($1, 'db.x', $2, 'x')",
+            )
+            .bind(run)
+            .bind(file)
+            .execute(&store.pool)
+            .await
+            .expect("a file");
+        }
+        let once = db::sqlx::query(&delete_files_batch(store.postgres))
+            .bind("run")
+            .execute(&store.pool)
+            .await
+            .expect("a batch");
+        assert_eq!(once.rows_affected(), 3, "the whole batch at once");
         idle_run(store).await;
-        db::sqlx::query(
-            "INSERT INTO snapshot_received_files (correlation_id, collection_name, file_key, received_at) \
-             VALUES ('other', 'db.x', 'f', 'x')",
-        )
-        .execute(&store.pool)
-        .await
-        .expect("another run's file");
         store.delete_files_of("run").await.expect("deleted");
         let left: Vec<String> =
             db::sqlx::query("SELECT correlation_id FROM snapshot_received_files")
@@ -1045,7 +1061,12 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp");
         let url = format!("sqlite://{}", dir.path().join("s.db").display());
         let store = Store::open(&url).await.expect("open");
-        a_pruned_runs_files_are_deleted_by_place(&store, "EXPLAIN QUERY PLAN", "(rowid=?)").await;
+        a_pruned_runs_files_are_deleted_by_place(
+            &store,
+            "EXPLAIN QUERY PLAN",
+            &["(rowid=?)", "LIST SUBQUERY"],
+        )
+        .await;
         store.close().await;
     }
 
@@ -1053,7 +1074,7 @@ mod tests {
     async fn a_pruned_runs_files_are_deleted_by_place_on_postgres() {
         let pg = db::testing::TempPostgres::create().await.expect("postgres");
         let store = Store::open(&pg.url).await.expect("open");
-        a_pruned_runs_files_are_deleted_by_place(&store, "EXPLAIN", "Tid Scan").await;
+        a_pruned_runs_files_are_deleted_by_place(&store, "EXPLAIN", &["Tid Scan"]).await;
         store.close().await;
         pg.drop_db().await.expect("drop");
     }

@@ -14,7 +14,8 @@ pub(crate) struct Envelope<'a> {
     pub service: &'a str,
     /// The failed message's properties (kept).
     pub properties: &'a BasicProperties,
-    /// Its headers (kept).
+    /// Its headers (kept, but for the broker's dead-lettering headers it came with: in
+    /// `Q-dlq` those say the broker made the dead letter, see `headers::BROKER_OWNED`).
     pub headers: &'a FieldTable,
     /// The exchange it was first published to.
     pub exchange: &'a str,
