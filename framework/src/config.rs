@@ -795,9 +795,16 @@ fn load_tree(opts: &LoadOptions, own_section: &str) -> Result<Map<String, Value>
                 ));
             }
         } else if opts.config_dir_explicit {
+            // Why not, where it is not that (a parent this user may not enter).
+            let why = match std::fs::metadata(dir) {
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    format!("{} cannot be read: {e}", dir.display())
+                }
+                _ => format!("{} is not a directory", dir.display()),
+            };
             return Err(ConfigError::new(
                 "--config-dir (or STORAGETIER_CONFIG_DIR)",
-                format!("{} is not a directory", dir.display()),
+                why,
             ));
         } else if opts.env_name.is_some() {
             // A named environment (`--env`, APP_ENV) must find its file: running on the
