@@ -877,16 +877,20 @@ mod tests {
             .prune_idle_runs(std::time::Duration::from_secs(86_400))
             .await
             .expect("prune");
-        let left: Vec<String> =
-            db::sqlx::query("SELECT correlation_id FROM snapshot_received_files")
-                .fetch_all(&store.pool)
-                .await
-                .expect("files")
-                .iter()
-                .map(|r| r.try_get("correlation_id").expect("id"))
-                .collect();
+        let left = runs_with_files(&store).await;
         assert_eq!(left, ["live"]);
         store.close().await;
+    }
+
+    /// The run of each received file left, in table order.
+    async fn runs_with_files(store: &Store) -> Vec<String> {
+        db::sqlx::query("SELECT correlation_id FROM snapshot_received_files")
+            .fetch_all(&store.pool)
+            .await
+            .expect("files")
+            .iter()
+            .map(|r| r.try_get("correlation_id").expect("id"))
+            .collect()
     }
 
     fn status(v: serde_json::Value) -> StatusMessage {
@@ -1045,14 +1049,7 @@ mod tests {
         assert_eq!(once.rows_affected(), 3, "the whole batch at once");
         idle_run(store).await;
         store.delete_files_of("run").await.expect("deleted");
-        let left: Vec<String> =
-            db::sqlx::query("SELECT correlation_id FROM snapshot_received_files")
-                .fetch_all(&store.pool)
-                .await
-                .expect("files")
-                .iter()
-                .map(|r| r.try_get("correlation_id").expect("id"))
-                .collect();
+        let left = runs_with_files(store).await;
         assert_eq!(left, ["other"]);
     }
 
