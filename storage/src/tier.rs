@@ -417,7 +417,15 @@ impl TierCopier {
         }
         if let Some(d) = &source {
             for obj in earlier.iter().filter(|o| o.checksum == d.checksum) {
-                if copy::confirm_recorded(&self.tier, obj, alg).await? {
+                // As below: one that cannot be read back now (an archive storage class; a
+                // record of a reused object may hold nothing the store's HEAD can settle)
+                // is not confirmed — the file, still here, is copied again, not
+                // dead-lettered.
+                let confirmed = match copy::confirm_recorded(&self.tier, obj, alg).await {
+                    Err(CopyError::Archived(_)) => false,
+                    r => r?,
+                };
+                if confirmed {
                     return Ok(TierOutcome::Copied(report(obj, false)));
                 }
                 tracing::warn!(key = %obj.object_key, "recorded copy is missing or damaged; copying again");

@@ -1709,7 +1709,9 @@ async fn an_object_in_an_archive_storage_class_at_the_key_is_refused_at_once() {
 /// online-nearline reuses an identical object another file's copy stored. One that cannot
 /// be read back now (moved to an archive storage class, and recorded by a release that
 /// kept no store facts, so only a read-back confirms it) is not confirmed: this file gets
-/// a copy of its own. It was dead-lettered as permanent, for another file's object.
+/// a copy of its own. It was dead-lettered as permanent, for another file's object — and
+/// so it still was where this file's own earlier copy was recorded as that object (a
+/// reuse of it, by a release that kept no store facts).
 #[tokio::test]
 async fn an_archived_object_of_another_file_is_not_reused_nor_held_against_this_one() {
     let bucket = "tier-reuse-cold";
@@ -1745,6 +1747,32 @@ async fn an_archived_object_of_another_file_is_not_reused_nor_held_against_this_
     .await
     .expect("recorded");
     let roots = open_roots(&[base.path().join("online")], true).expect("roots");
+    let msg = put(base.path(), "online", "mine/clip.mov", &body);
+    let mine = base.path().join("online/mine/clip.mov");
+    let then = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_577_836_800);
+    std::fs::File::options()
+        .write(true)
+        .open(&mine)
+        .and_then(|f| f.set_modified(then))
+        .expect("mtime");
+    recs.record_copy(
+        &storage::records::StoredObject {
+            object_key: "pre/other/clip.mov".into(),
+            size: body.len() as u64,
+            checksum: sha256(&body),
+            store: Default::default(),
+        },
+        "sha256",
+        &mine
+            .canonicalize()
+            .expect("real path")
+            .display()
+            .to_string(),
+        "2020-01-01T00:00:00+00:00",
+        None,
+    )
+    .await
+    .expect("recorded as this file's earlier copy");
     let c = TierCopier::new(
         roots,
         tier,
@@ -1754,10 +1782,7 @@ async fn an_archived_object_of_another_file_is_not_reused_nor_held_against_this_
             ..policy()
         },
     );
-    let r = copied(
-        c.handle(&put(base.path(), "online", "mine/clip.mov", &body), 1)
-            .await,
-    );
+    let r = copied(c.handle(&msg, 1).await);
     assert_eq!(r.key, "pre/mine/clip.mov");
     assert!(r.uploaded);
 }
