@@ -1024,6 +1024,18 @@ async fn run_with<P: MessageProcessor, T>(
     let runtime = Runtime::with_status(name, cfg, pc, status.clone());
     let http_addr = http.addr;
     tracing::info!(service = name, http = %http_addr, "started");
+    // Allowed (a test rides out a short outage), but seconds typed for milliseconds
+    // (86400) dead-lettered every message of an outage past 86 s, sooner than the same
+    // failure counted as any other would have been.
+    let outage = cfg.retry.max_outage_ms;
+    if outage > 0 && outage < 60_000 {
+        tracing::warn!(
+            max_outage_ms = outage,
+            "retry.max_outage_ms is under a minute (it is in milliseconds): an outage longer \
+             than that dead-letters its messages at once; 0 counts an outage's retries as any \
+             other's"
+        );
+    }
     let r = runtime.run(shutdown).await;
     http.stop().await;
     r.map_err(|e| Failure::Other(e.to_string()))?;
