@@ -16,8 +16,9 @@ pub enum DeclareError {
     Amqp(#[from] lapin::Error),
     /// A subscribed producer exchange does not exist and `[amqp] declare_sources` is false.
     #[error(
-        "producer exchange `{0}` does not exist ([amqp] declare_sources = false): \
-         waiting for its producer to declare it"
+        "producer exchange `{0}` does not exist ([amqp] declare_sources = false): its \
+         producer declares it (`run` waits for it; the service's own queues are declared, \
+         not yet bound to it)"
     )]
     MissingSource(String),
     /// The broker refused the consumer itself (not a declaration): the session is retried,
@@ -654,9 +655,6 @@ impl Topology {
                 Err(err) => return Err(err.into()),
             }
         }
-        for source in self.sources() {
-            self.check_source(conn, &source).await?;
-        }
         for q in self.queues() {
             let mut args = q.arguments;
             let mut kept: Vec<&str> = Vec::new();
@@ -719,6 +717,11 @@ impl Topology {
                      or config); kept as they are. To apply this one's, move its messages away and \
                      delete it, or set them by a policy");
             }
+        }
+        // After the service's own queues: a missing producer exchange leaves only their
+        // bindings to it undone (`declare` before the producers exist makes the rest).
+        for source in self.sources() {
+            self.check_source(conn, &source).await?;
         }
         for b in self.bindings() {
             ch.queue_bind(

@@ -198,10 +198,11 @@ async fn without_declare_sources_a_missing_producer_exchange_is_waited_for() {
     let service = Background::start("nosrc", &cfg, pc);
     let status = service.status.clone();
     let (conn, ch) = test_channel().await;
-    // It has tried: its own exchanges are declared before the producers' are checked.
+    // It has tried: its own exchanges and queues are declared before the producers' are
+    // checked (`declare` before the producers exist makes all but the bindings to them).
     let fail = format!("{q}-fail");
     let deadline = tokio::time::Instant::now() + WAIT;
-    while !exists(&conn, &fail).await {
+    while !exists(&conn, &fail).await || !queue_exists(&conn, &format!("{q}-dlq")).await {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the service never declared its topology"
