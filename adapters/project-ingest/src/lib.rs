@@ -344,12 +344,14 @@ impl ProjectProcessor {
         let now = crate::event::time_key(chrono::Utc::now())
             .unwrap_or_else(|| unreachable!("the clock is past the year 9999"));
         db::bounded(self.store.note_receipt(&digest, &now)).await?;
-        self.prune_receipts().await;
+        self.prune_receipts();
         Ok((now.clone(), Some(now)))
     }
 
-    /// Forgets receipts older than [`KEEP_RECEIPTS`], at most once an hour.
-    async fn prune_receipts(&self) {
+    /// Forgets receipts older than [`KEEP_RECEIPTS`], at most once an hour, on a task of its
+    /// own: the message that happens to start it is not held while a backlog of receipts is
+    /// deleted (a statement's bound, a minute, per batch).
+    fn prune_receipts(&self) {
         use std::sync::atomic::Ordering;
         let now = chrono::Utc::now();
         let last = self.pruned_at.load(Ordering::Relaxed);
@@ -364,17 +366,20 @@ impl ProjectProcessor {
         let Some(before) = crate::event::time_key(now - KEEP_RECEIPTS) else {
             return;
         };
-        match db::bounded(self.store.prune_receipts(&before)).await {
-            Ok(n) if n > 0 => tracing::info!(
-                receipts = n,
-                "forgot receipts older than {} days",
-                KEEP_RECEIPTS.num_days()
-            ),
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot prune old receipts (tried again in an hour)")
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            match store.prune_receipts(&before).await {
+                Ok(n) if n > 0 => tracing::info!(
+                    receipts = n,
+                    "forgot receipts older than {} days",
+                    KEEP_RECEIPTS.num_days()
+                ),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot prune old receipts (tried again in an hour)")
+                }
             }
-        }
+        });
     }
 }
 
