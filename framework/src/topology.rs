@@ -298,6 +298,21 @@ fn retry_queue_of(q: &str, delay_ms: u64) -> String {
     format!("{q}-retry-{delay_ms}")
 }
 
+/// Binds each of `specs` on `ch`.
+async fn bind_all(ch: &lapin::Channel, specs: Vec<BindingSpec>) -> Result<(), lapin::Error> {
+    for b in specs {
+        ch.queue_bind(
+            b.queue.as_str().into(),
+            b.exchange.as_str().into(),
+            b.routing_key.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
 /// `Q-fail` of queue `q`.
 fn fail_exchange_of(q: &str) -> String {
     format!("{q}-fail")
@@ -521,6 +536,14 @@ impl Topology {
 
     /// Every binding.
     pub fn bindings(&self) -> Vec<BindingSpec> {
+        let mut v = self.own_bindings();
+        v.extend(self.source_bindings());
+        v
+    }
+
+    /// The bindings among the service's own objects: `Q-dlq` to `Q-fail`, each tier to
+    /// `Q-retry`.
+    fn own_bindings(&self) -> Vec<BindingSpec> {
         let mut v = vec![BindingSpec {
             exchange: self.fail_exchange(),
             queue: self.dlq(),
@@ -533,7 +556,6 @@ impl Topology {
                 routing_key: Self::retry_routing_key(d),
             });
         }
-        v.extend(self.source_bindings());
         v
     }
 
@@ -718,21 +740,14 @@ impl Topology {
                      delete it, or set them by a policy");
             }
         }
-        // After the service's own queues: a missing producer exchange leaves only their
-        // bindings to it undone (`declare` before the producers exist makes the rest).
+        // The service's own objects whole first: a missing producer exchange leaves only
+        // the bindings to it undone (`declare` before the producers exist makes the rest,
+        // and a dead letter or retry published meanwhile has its queue).
+        bind_all(&ch, self.own_bindings()).await?;
         for source in self.sources() {
             self.check_source(conn, &source).await?;
         }
-        for b in self.bindings() {
-            ch.queue_bind(
-                b.queue.as_str().into(),
-                b.exchange.as_str().into(),
-                b.routing_key.as_str().into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        }
+        bind_all(&ch, self.source_bindings()).await?;
         let _ = ch.close(200, "declared".into()).await;
         if !unchecked.is_empty() {
             tracing::warn!(objects = ?unchecked,

@@ -198,17 +198,35 @@ async fn without_declare_sources_a_missing_producer_exchange_is_waited_for() {
     let service = Background::start("nosrc", &cfg, pc);
     let status = service.status.clone();
     let (conn, ch) = test_channel().await;
-    // It has tried: its own exchanges and queues are declared before the producers' are
-    // checked (`declare` before the producers exist makes all but the bindings to them).
+    // It has tried: its own exchanges, queues and the bindings among them are declared
+    // before the producers' are checked (`declare` before the producers exist makes all
+    // but the bindings to them).
     let fail = format!("{q}-fail");
     let deadline = tokio::time::Instant::now() + WAIT;
-    while !exists(&conn, &fail).await || !queue_exists(&conn, &format!("{q}-dlq")).await {
+    let tier = format!("{q}-retry-{}", cfg.retry.delays_ms[0]);
+    while !exists(&conn, &fail).await
+        || !queue_exists(&conn, &q).await
+        || !queue_exists(&conn, &tier).await
+    {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the service never declared its topology"
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+    // A dead letter published meanwhile reaches `Q-dlq`: its binding is there.
+    ch.basic_publish(
+        fail.as_str().into(),
+        "test.k".into(),
+        Default::default(),
+        b"{}",
+        Default::default(),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("confirm");
+    framework::testing::await_ready_count(&ch, &format!("{q}-dlq"), 1).await;
     // It keeps trying (reconnect backoff 100 ms .. 1 s) but never creates the exchange.
     for _ in 0..20 {
         assert!(!status.is_ready(), "not consuming without its producer");

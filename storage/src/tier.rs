@@ -419,8 +419,9 @@ impl TierCopier {
             for obj in earlier.iter().filter(|o| o.checksum == d.checksum) {
                 // As below: one that cannot be read back now (an archive storage class; a
                 // record of a reused object may hold nothing the store's HEAD can settle)
-                // is not confirmed — the file, still here, is copied again, not
-                // dead-lettered.
+                // is not confirmed here — the file, still here, goes on to the steps below
+                // (another key's object: copied again; its own natural key in an archive
+                // class: refused there, saying so).
                 let confirmed = match copy::confirm_recorded(&self.tier, obj, alg).await {
                     Err(CopyError::Archived(_)) => false,
                     r => r?,
@@ -428,7 +429,7 @@ impl TierCopier {
                 if confirmed {
                     return Ok(TierOutcome::Copied(report(obj, false)));
                 }
-                tracing::warn!(key = %obj.object_key, "recorded copy is missing or damaged; copying again");
+                tracing::warn!(key = %obj.object_key, "recorded copy is missing, damaged or cannot be read back now; copying again");
             }
         }
 
