@@ -24,8 +24,9 @@ pub enum DbError {
     /// The SQLite file's directory could not be created.
     #[error("cannot create {0}: {1}")]
     Dir(String, std::io::Error),
-    /// Connecting or querying failed.
-    #[error("database error: {0}")]
+    /// Connecting or querying failed (sqlx's own text says which: "error returned from
+    /// database: …", "error communicating with database: …").
+    #[error(transparent)]
     Sqlx(#[from] sqlx::Error),
     /// A migration failed.
     #[error("database migration failed: {0}{hint}", hint = migrate_hint(.0))]

@@ -953,7 +953,7 @@ pub async fn run_service<S: Service>(
             if let Some(c) = e.downcast_ref::<ConfigError>() {
                 return Err(Failure::Usage(c.to_string()));
             }
-            return Err(Failure::Other(format!("cannot start {}: {e}", S::NAME)));
+            return Err(Failure::Other(format!("cannot start: {e}")));
         }
     };
     run_with(S::NAME, &cfg, pc, status, http, shutdown)

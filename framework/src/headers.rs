@@ -208,9 +208,32 @@ pub fn truncate(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
+/// `error` as an error header holds it: whole up to [`MAX_ERROR_BYTES`], else cut there
+/// with the cut said (`… (N bytes in all)`), as a log line says it, so a reader knows the
+/// rest is missing.
+pub fn error_text(error: &str) -> std::borrow::Cow<'_, str> {
+    if error.len() <= MAX_ERROR_BYTES {
+        return error.into();
+    }
+    let tail = format!("… ({} bytes in all)", error.len());
+    format!("{}{tail}", truncate(error, MAX_ERROR_BYTES - tail.len())).into()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_error_cut_to_fit_says_so_and_fits() {
+        assert_eq!(error_text("short"), "short");
+        let long = "é".repeat(MAX_ERROR_BYTES);
+        let cut = error_text(&long);
+        assert!(cut.len() <= MAX_ERROR_BYTES, "{}", cut.len());
+        assert!(
+            cut.ends_with(&format!("… ({} bytes in all)", long.len())),
+            "{cut}"
+        );
+    }
 
     #[test]
     fn truncate_respects_char_boundaries() {

@@ -233,11 +233,7 @@ impl Planner {
         }
         h::set_str(&mut hdr, h::ORIGINAL_EXCHANGE, &ctx.exchange);
         h::set_str(&mut hdr, h::ORIGINAL_ROUTING_KEY, &ctx.routing_key);
-        h::set_str(
-            &mut hdr,
-            h::LAST_ERROR,
-            h::truncate(reason, h::MAX_ERROR_BYTES),
-        );
+        h::set_str(&mut hdr, h::LAST_ERROR, &h::error_text(reason));
         for (k, v) in progress {
             h::set_str(&mut hdr, k, v);
         }

@@ -225,7 +225,7 @@ impl<P: MessageProcessor> Runtime<P> {
                 }
                 Err(e) => {
                     warn!(queue = %inner.topology.queue, error = %e, retry_in_ms = backoff.as_millis() as u64,
-                        "cannot reach the broker{}", crate::connection::refusal_hint(&e));
+                        "broker session failed (cannot reach the broker, or it refused the session){}", crate::connection::refusal_hint(&e));
                     crate::connection::skip_last_node();
                 }
             }

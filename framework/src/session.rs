@@ -1235,7 +1235,8 @@ impl<P: MessageProcessor> Shared<P> {
                 error!(
                     error = %m::LogText(&e.to_string()),
                     hint = crate::connection::refusal_hint(&e),
-                    "could not publish a retry either; the input goes back to the queue"
+                    outcome = label,
+                    "could not publish the outcome (its {label}); the input goes back to the queue"
                 );
                 // A stop or a lost connection does not wait for it: the message goes back
                 // either way.

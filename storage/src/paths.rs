@@ -12,6 +12,12 @@ pub enum PathError {
     /// Empty file name, a NUL byte, or a file name with a directory in it.
     #[error("invalid file name `{0}`")]
     InvalidName(String),
+    /// A name on the path is longer than the filesystem allows.
+    #[error("path `{0}` has a name longer than the filesystem allows")]
+    NameTooLong(String),
+    /// Reached through a link, its real path is not UTF-8: no key or record can name it.
+    #[error("path `{0}` leads (through a link) to a real path that is not UTF-8: {1}")]
+    NotUtf8(String, String),
     /// The path resolves (after `..` and symlinks) outside every online root.
     #[error("path `{0}` is outside the online roots")]
     OutsideRoots(String),
@@ -312,7 +318,7 @@ pub fn resolve_unless_linked(
                 ) => {}
             // Retrying cannot change these; the message is wrong or the tree is.
             Err(e) if e.raw_os_error() == Some(libc::ENAMETOOLONG) => {
-                return Err(PathError::InvalidName(shown));
+                return Err(PathError::NameTooLong(shown));
             }
             Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
                 settle(Err(PathError::LinkLoop(shown.clone())), &mut last_err);
@@ -347,20 +353,17 @@ fn opened(real: PathBuf, root: &Root, file: File, shown: &str) -> Result<Resolve
     // A name reached through a link may not be UTF-8 (the message's own is: JSON): read
     // lossily, two such names would share one key, and `original_file_path` would name
     // a file that is not there.
-    let relative = real
-        .strip_prefix(&root.canonical)
-        .map_err(|_| PathError::OutsideRoots(shown.to_string()))?
-        .components()
-        .map(|c| {
-            c.as_os_str().to_str().map(str::to_string).ok_or_else(|| {
-                PathError::InvalidName(format!(
-                    "{shown} (its real path {} is not UTF-8)",
-                    real.display()
-                ))
+    let relative =
+        real.strip_prefix(&root.canonical)
+            .map_err(|_| PathError::OutsideRoots(shown.to_string()))?
+            .components()
+            .map(|c| {
+                c.as_os_str().to_str().map(str::to_string).ok_or_else(|| {
+                    PathError::NotUtf8(shown.to_string(), real.display().to_string())
+                })
             })
-        })
-        .collect::<Result<Vec<_>, _>>()?
-        .join("/");
+            .collect::<Result<Vec<_>, _>>()?
+            .join("/");
     Ok(Resolved {
         path: real,
         relative,
@@ -834,7 +837,7 @@ mod tests {
             (
                 "proj",
                 &*long,
-                PathError::InvalidName(format!("proj/{long}")),
+                PathError::NameTooLong(format!("proj/{long}")),
             ),
             ("loop1", "x", PathError::LinkLoop("loop1/x".into())),
         ] {
@@ -858,7 +861,7 @@ mod tests {
         std::os::unix::fs::symlink(&odd, root.join("a")).unwrap();
         let roots = open_roots(std::slice::from_ref(&root), false).unwrap();
         match resolve(&roots, "a", "x.mov") {
-            Err(PathError::InvalidName(why)) => assert!(why.contains("not UTF-8"), "{why}"),
+            Err(e @ PathError::NotUtf8(..)) => assert!(e.to_string().contains("not UTF-8"), "{e}"),
             other => panic!("{other:?}"),
         }
     }

@@ -175,7 +175,11 @@ impl TierProcessor {
                 ),
             )));
         }
-        tracing::info!(store = %tier.display, database = %db::redact_url(&url), roots = ?roots, "storage tier ready");
+        let shown: Vec<String> = roots
+            .iter()
+            .map(|r| r.configured.display().to_string())
+            .collect();
+        tracing::info!(store = %tier.display, database = %db::redact_url(&url), roots = %shown.join(", "), "storage tier ready");
         let copier = std::sync::Arc::new(TierCopier::new(roots, tier, records, policy));
         let sweeper = match copier.tier().local_dir.clone() {
             // Copies a crash cut short, swept before the first message and then a few

@@ -467,15 +467,17 @@ impl TierCopier {
         loop {
             if self.tier.s3.is_some() && key.as_ref().len() > MAX_S3_KEY {
                 return Err(TierError::Permanent(format!(
-                    "object key {key} is {} bytes long, more than S3's {MAX_S3_KEY}",
+                    "object key too long: {} bytes, more than S3's {MAX_S3_KEY} (shorten the \
+                     path): {key}",
                     key.as_ref().len()
                 )));
             }
             let recorded = original.len() + key.as_ref().len();
             if recorded > MAX_RECORDED_BYTES && !self.records.indexes_any_length() {
                 return Err(TierError::Permanent(format!(
-                    "{original}: its path and object key {key} take {recorded} bytes together, \
-                     more than the {MAX_RECORDED_BYTES} the records can index (shorten the path)"
+                    "path and object key too long to record: {recorded} bytes together, more \
+                     than the {MAX_RECORDED_BYTES} the records can index (shorten the path): \
+                     {original} → {key}"
                 )));
             }
             let claim = match self.tier.local_dir {

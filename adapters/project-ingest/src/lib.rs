@@ -263,7 +263,7 @@ impl MessageProcessor for ProjectProcessor {
                 }
                 Ok(Applied::Stale) => {
                     count("stale");
-                    tracing::info!(project = %LogText(&ev.id), version = ?ev.version,
+                    tracing::info!(project = %LogText(&ev.id), version = ev.version.as_deref().unwrap_or("-"),
                         "stale {} ignored: a newer state is stored", ev.kind.as_str());
                     dropped.push(format!(
                         "stale {} for project {}: a newer state is stored",

@@ -35,7 +35,7 @@ impl Envelope<'_> {
         // and `replay` read it so) — one of the service's own kept its error and time.
         let mut hdr = h::without(self.headers, h::BROKER_OWNED);
         self.trace.write(&mut hdr);
-        h::set_str(&mut hdr, h::ERROR, h::truncate(error, h::MAX_ERROR_BYTES));
+        h::set_str(&mut hdr, h::ERROR, &h::error_text(error));
         h::set_str(&mut hdr, h::ERROR_KIND, kind);
         h::set_str(&mut hdr, h::ORIGINAL_EXCHANGE, self.exchange);
         h::set_str(&mut hdr, h::ORIGINAL_ROUTING_KEY, self.routing_key);

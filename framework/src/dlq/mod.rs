@@ -39,6 +39,14 @@ pub struct DeadLetter {
     pub from_producer: bool,
 }
 
+/// A dead letter as an error names it: by its message id (shown safely), or as having none.
+fn named(message_id: &Option<String>) -> String {
+    match message_id {
+        Some(id) => format!("message id `{}`", printable(id)),
+        None => "a message without an id".into(),
+    }
+}
+
 /// What an unconfirmed replay may have done: a publish that failed on the way (a lost
 /// channel, no confirm in time) may have reached the queue before it did.
 fn maybe_delivered(e: &PublishError) -> &'static str {
@@ -65,8 +73,9 @@ pub enum DlqError {
     /// connection closed or blocked): it is still in the DLQ, and replaying it again
     /// delivers it twice.
     #[error(
-        "replayed message id {0:?} but could not remove its dead letter (channel or \
-         connection lost); it is still in the DLQ: replaying it again delivers it twice"
+        "replayed {} but could not remove its dead letter (channel or connection lost); it \
+         is still in the DLQ: replaying it again delivers it twice",
+        named(.0)
     )]
     NotRemoved(Option<String>),
     /// A replay stopped before the dead letters it passed over had been held longer than
@@ -107,10 +116,11 @@ pub enum DlqError {
     /// in `Q`, and its dead letter is kept.
     #[error(
         "interrupted after replaying {moved}, while the broker had not confirmed the replay \
-         of message id {message_id:?} (it blocks publishes during a resource alarm: \
+         of {} (it blocks publishes during a resource alarm: \
          `rabbitmq-diagnostics alarms`): that one may still land in the queue once the \
          broker takes it, and its dead letter is kept — look for it in the queue before \
-         replaying it again, or it is delivered twice"
+         replaying it again, or it is delivered twice",
+        named(message_id)
     )]
     Unconfirmed {
         /// Dead letters replayed and removed before it.
