@@ -1038,6 +1038,23 @@ impl<P: MessageProcessor> Shared<P> {
                     .unwrap_or(&delivery.data);
                 match serde_json::from_slice::<P::Input>(body) {
                     Err(e) => Outcome::Permanent(match ctx.properties.content_encoding() {
+                        // A typed input whose field has the wrong type or value: decoded
+                        // again, only now, to name the field (`mtime`, `records[3].id`).
+                        _ if e.classify() == serde_json::error::Category::Data => {
+                            let at = serde_path_to_error::deserialize::<_, P::Input>(
+                                &mut serde_json::Deserializer::from_slice(body),
+                            )
+                            .err()
+                            .map(|p| p.path().to_string())
+                            .filter(|p| p != ".");
+                            match at {
+                                Some(field) => format!(
+                                    "body does not match the expected input: field `{}`: {e}",
+                                    m::LogText(&field)
+                                ),
+                                None => describe_decode_error(&e),
+                            }
+                        }
                         // A compressed body (gzip) is not "invalid JSON": say what it is.
                         Some(enc) if is_compression(enc.as_str()) => format!(
                             "the body is `{}`-encoded (content_encoding), which is not read: \

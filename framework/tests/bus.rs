@@ -2183,7 +2183,7 @@ async fn hostile_inputs_are_dead_lettered_and_consuming_goes_on() {
         (
             br#"{"name": 5, "size": -1}"#,
             BasicProperties::default(),
-            "invalid type",
+            "field `name`: invalid type",
         ),
         (
             br#"{"name":"n","size":1}"#,
