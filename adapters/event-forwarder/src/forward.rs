@@ -391,7 +391,13 @@ impl Forwarder {
         let mut chain = Vec::new();
         let mut src = std::error::Error::source(e);
         while let Some(s) = src {
-            chain.push(s.to_string());
+            let text = s.to_string();
+            // hyper-util's own link says only its kind, in Rust's debug form ("client error
+            // (Connect)"), which the words before and the link after say better.
+            if !(text.starts_with("client error (") && text.ends_with(')') && s.source().is_some())
+            {
+                chain.push(text);
+            }
             src = s.source();
         }
         let host = self.endpoint.host_str().unwrap_or("?");

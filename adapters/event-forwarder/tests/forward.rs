@@ -182,6 +182,27 @@ async fn an_endpoint_that_never_connects_is_down() {
     drop((held, listener));
 }
 
+/// A refused connection's error reads as words, not the HTTP client's debug form of its
+/// kind (`client error (Connect)`), and names the endpoint and the system's reason.
+#[tokio::test]
+async fn a_refused_connection_is_said_in_words() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    match forwarder(&format!("http://{addr}"), 2000)
+        .post("{}", &HeaderMap::new())
+        .await
+    {
+        PostResult::Retryable(e, None, _) => {
+            assert!(e.starts_with("cannot connect to the endpoint"), "{e}");
+            assert!(e.contains(&addr.to_string()), "{e}");
+            assert!(!e.contains("client error ("), "{e}");
+            assert!(e.to_lowercase().contains("refused"), "{e}");
+        }
+        r => panic!("{r:?}"),
+    }
+}
+
 /// A 409 is a 4xx like any other (design §7: Permanent), an `Idempotency-Key` sent or not.
 #[tokio::test]
 async fn a_conflict_is_rejected_keyed_or_not() {
