@@ -174,7 +174,8 @@ fn open_source(
                 .find(|r| paths::may_be_unmounted(&r.canonical));
             return match unmounted {
                 Some(r) => Err(TierError::Unavailable(format!(
-                    "{e}: the online root {} is empty or unreadable (a share not mounted?)",
+                    "the online root {} is empty or unreadable (a share not mounted?), retried \
+                     until it is back: {e}",
                     r.configured.display()
                 ))),
                 None if matches!(e, PathError::NotFound(_)) => Ok(Some(Opened::Missing(e))),
@@ -360,7 +361,7 @@ impl TierCopier {
                     .find_map(|p| self.mounts.unmounted_share_above(p));
                 return Err(match away {
                     Some(share) => TierError::Unavailable(format!(
-                        "{e}: the share mounted at {} is not mounted now",
+                        "the share mounted at {} is not mounted now, retried until it is back: {e}",
                         share.display()
                     )),
                     None => e.into(),
