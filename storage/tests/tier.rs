@@ -1854,30 +1854,10 @@ async fn a_link_at_a_key_of_a_local_store_is_no_copy() {
 /// its message again is answered with that copy — it was dead-lettered as "does not exist".
 #[tokio::test]
 async fn a_file_gone_after_its_copy_through_a_file_link_is_reported_as_that_copy() {
-    let base = tempfile::tempdir().expect("temp");
-    let store = base.path().join("store");
-    let tier = storage::store::local(&store).expect("tier");
-    let c = copier(base.path(), "online", tier, records(base.path()).await);
-    let body = content(3000, 10);
-    put(base.path(), "online", "show/takes/ep-3.mov", &body);
-    std::os::unix::fs::symlink("takes/ep-3.mov", base.path().join("online/show/ep.mov"))
-        .expect("link");
-    let mtime = std::fs::metadata(base.path().join("online/show/takes/ep-3.mov"))
-        .and_then(|m| m.modified())
-        .expect("mtime")
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("after 1970")
-        .as_secs_f64();
-    let mut m = sweeper_message("show", "ep.mov", false);
-    m["size"] = body.len().into();
-    m["mtime"] = mtime.into();
-    let msg: AssetSweeperFile = serde_json::from_value(m).expect("message");
-    let first = copied(c.handle(&msg, 1).await);
-    assert!(first.uploaded);
-    std::fs::remove_file(base.path().join("online/show/takes/ep-3.mov")).expect("moved away");
-    let again = copied(c.handle(&msg, 2).await);
-    assert!(!again.uploaded, "{again:?}");
-    assert_eq!(again.key, first.key);
+    gone_after_its_copy_through_a_link("show/takes/ep-3.mov", "show", "ep.mov", 10, |base| {
+        std::os::unix::fs::symlink("takes/ep-3.mov", base.join("online/show/ep.mov"))
+    })
+    .await;
 }
 
 /// A file named through a directory link (`current` → `2024`) is recorded at its real
@@ -1885,31 +1865,43 @@ async fn a_file_gone_after_its_copy_through_a_file_link_is_reported_as_that_copy
 /// with that copy, found through the link — not dead-lettered as a file that never was.
 #[tokio::test]
 async fn a_file_gone_after_its_copy_through_a_directory_link_is_reported_as_that_copy() {
+    gone_after_its_copy_through_a_link("2024/ep.mov", "current", "ep.mov", 9, |base| {
+        std::os::unix::fs::symlink(base.join("online/2024"), base.join("online/current"))
+    })
+    .await;
+}
+
+/// Copies the file at `real` (under the root) as the message names it, `dir/name` through
+/// the link `link` makes; moves it away; its message again is answered with that copy.
+async fn gone_after_its_copy_through_a_link(
+    real: &str,
+    dir: &str,
+    name: &str,
+    seed: u8,
+    link: impl FnOnce(&Path) -> std::io::Result<()>,
+) {
     let base = tempfile::tempdir().expect("temp");
     let store = base.path().join("store");
     let tier = storage::store::local(&store).expect("tier");
     let c = copier(base.path(), "online", tier, records(base.path()).await);
-    let body = content(3000, 9);
-    put(base.path(), "online", "2024/ep.mov", &body);
-    std::os::unix::fs::symlink(
-        base.path().join("online/2024"),
-        base.path().join("online/current"),
-    )
-    .expect("link");
+    let body = content(3000, seed);
+    put(base.path(), "online", real, &body);
+    link(base.path()).expect("link");
     // The message's modification time is the file's (a gone file's copy is found by it).
-    let mtime = std::fs::metadata(base.path().join("online/2024/ep.mov"))
+    let real = base.path().join("online").join(real);
+    let mtime = std::fs::metadata(&real)
         .and_then(|m| m.modified())
         .expect("mtime")
         .duration_since(std::time::UNIX_EPOCH)
         .expect("after 1970")
         .as_secs_f64();
-    let mut m = sweeper_message("current", "ep.mov", false);
+    let mut m = sweeper_message(dir, name, false);
     m["size"] = body.len().into();
     m["mtime"] = mtime.into();
     let msg: AssetSweeperFile = serde_json::from_value(m).expect("message");
     let first = copied(c.handle(&msg, 1).await);
     assert!(first.uploaded);
-    std::fs::remove_file(base.path().join("online/2024/ep.mov")).expect("moved away");
+    std::fs::remove_file(&real).expect("moved away");
     let again = copied(c.handle(&msg, 2).await);
     assert!(!again.uploaded, "{again:?}");
     assert_eq!(again.key, first.key);
