@@ -749,8 +749,11 @@ fn incoming(d: &Delivery, queue: &str) -> Incoming {
     if producers_replay {
         headers = h::without(&headers, &[h::PRODUCERS_REPLAY]);
     }
-    let came_back =
-        !producers_replay && d.exchange.as_str().is_empty() && d.routing_key.as_str() == queue;
+    let via_default = d.exchange.as_str().is_empty() && d.routing_key.as_str() == queue;
+    let came_back = via_default && !producers_replay;
+    // The origin a replay wrote is the broker's record; on a producer's own delivery the
+    // same header (and the marker) are the producer's.
+    let keep_origin = via_default && producers_replay;
     if !came_back
         && (h::FRAMEWORK_COUNTS.iter())
             .chain([&h::BATCH_PART])
@@ -764,7 +767,7 @@ fn incoming(d: &Delivery, queue: &str) -> Incoming {
         headers = h::without_where(&headers, |k| {
             k == h::BATCH_PART
                 || (h::FRAMEWORK_COUNTS.contains(&k)
-                    && !(producers_replay
+                    && !(keep_origin
                         && [h::ORIGINAL_EXCHANGE, h::ORIGINAL_ROUTING_KEY].contains(&k)))
         });
     }

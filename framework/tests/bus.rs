@@ -521,6 +521,17 @@ async fn a_replayed_part_dead_lettered_again_keeps_its_place() {
         header(&producers, h::ORIGINAL_EXCHANGE),
         Some(hs.input_exchange.clone())
     );
+    // The marker on a producer's own delivery keeps no origin of the producer's.
+    let mut forged = FieldTable::default();
+    h::set_str(&mut forged, h::PRODUCERS_REPLAY, "true");
+    h::set_str(&mut forged, h::ORIGINAL_ROUTING_KEY, "forged.key");
+    hs.publish("test.a", b"{}", with_id("m-4").with_headers(forged))
+        .await;
+    let own = next(&mut dlq).await;
+    assert_eq!(
+        header(&own, h::ORIGINAL_ROUTING_KEY).as_deref(),
+        Some("test.a")
+    );
     assert_eq!(
         header(&producers, h::PRODUCERS_REPLAY),
         None,
