@@ -24,13 +24,25 @@ pub enum DbError {
     /// The SQLite file's directory could not be created.
     #[error("cannot create {0}: {1}")]
     Dir(String, std::io::Error),
-    /// Connecting or querying failed (sqlx's own text says which: "error returned from
-    /// database: …", "error communicating with database: …").
-    #[error(transparent)]
+    /// Connecting or querying failed: sqlx's own text, named as the database's where it
+    /// does not say so itself ("pool timed out while waiting for an open connection").
+    #[error("{}", sqlx_text(.0))]
     Sqlx(#[from] sqlx::Error),
     /// A migration failed.
     #[error("database migration failed: {0}{hint}", hint = migrate_hint(.0))]
     Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+/// sqlx's text of `e`, prefixed `database: ` unless it names the database already ("error
+/// returned from database: …"): never the nested "database error: error returned from
+/// database", never a pool's timeout that does not say whose pool.
+fn sqlx_text(e: &sqlx::Error) -> String {
+    let text = e.to_string();
+    if text.contains("database") {
+        text
+    } else {
+        format!("database: {text}")
+    }
 }
 
 /// What a migration error most likely means where sqlx's own words do not say: a

@@ -1049,7 +1049,9 @@ impl<P: MessageProcessor> Shared<P> {
                             )
                             .err()
                             .map(|p| p.path().to_string())
-                            .filter(|p| p != ".");
+                            .filter(|p| p != ".")
+                            // A huge key named in full would leave no room for the reason.
+                            .map(|p| h::truncate(&p, 200).to_string());
                             match at {
                                 Some(field) => format!(
                                     "body does not match the expected input: field `{}`: {e}",
@@ -1256,7 +1258,8 @@ impl<P: MessageProcessor> Shared<P> {
                     error = %m::LogText(&e.to_string()),
                     hint = crate::connection::refusal_hint(&e),
                     outcome = label,
-                    "could not publish the outcome (its {label}); the input goes back to the queue"
+                    "could not publish the outcome (its {}); the input goes back to the queue",
+                    label.replace('_', " ")
                 );
                 // A stop or a lost connection does not wait for it: the message goes back
                 // either way.

@@ -13,7 +13,7 @@ pub enum PathError {
     #[error("invalid file name `{0}`")]
     InvalidName(String),
     /// A name on the path is longer than the filesystem allows.
-    #[error("path `{0}` has a name longer than the filesystem allows")]
+    #[error("name or path too long for the filesystem: `{0}`")]
     NameTooLong(String),
     /// Reached through a link, its real path is not UTF-8: no key or record can name it.
     #[error("path `{0}` leads (through a link) to a real path that is not UTF-8: {1}")]

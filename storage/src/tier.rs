@@ -175,7 +175,7 @@ fn open_source(
             return match unmounted {
                 Some(r) => Err(TierError::Unavailable(format!(
                     "the online root {} is empty or unreadable (a share not mounted?), retried \
-                     until it is back: {e}",
+                     as an outage (up to [retry] max_outage_ms): {e}",
                     r.configured.display()
                 ))),
                 None if matches!(e, PathError::NotFound(_)) => Ok(Some(Opened::Missing(e))),
@@ -361,7 +361,8 @@ impl TierCopier {
                     .find_map(|p| self.mounts.unmounted_share_above(p));
                 return Err(match away {
                     Some(share) => TierError::Unavailable(format!(
-                        "the share mounted at {} is not mounted now, retried until it is back: {e}",
+                        "the share mounted at {} is not mounted now, retried as an outage (up to \
+                         [retry] max_outage_ms): {e}",
                         share.display()
                     )),
                     None => e.into(),
