@@ -214,19 +214,31 @@ async fn without_declare_sources_a_missing_producer_exchange_is_waited_for() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    // A dead letter published meanwhile reaches `Q-dlq`: its binding is there.
-    ch.basic_publish(
-        fail.as_str().into(),
-        "test.k".into(),
-        Default::default(),
-        b"{}",
-        Default::default(),
-    )
-    .await
-    .expect("publish")
-    .await
-    .expect("confirm");
-    framework::testing::await_ready_count(&ch, &format!("{q}-dlq"), 1).await;
+    // A dead letter published meanwhile reaches `Q-dlq`: its binding is made too (the
+    // bindings follow the queues, so a first publish may come just before it).
+    let dlq = format!("{q}-dlq");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        ch.basic_publish(
+            fail.as_str().into(),
+            "test.k".into(),
+            Default::default(),
+            b"{}",
+            Default::default(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        if framework::dlq::count(&ch, &dlq).await.unwrap_or(0) > 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no dead letter reached {dlq}: Q-dlq is not bound to Q-fail"
+        );
+    }
     // It keeps trying (reconnect backoff 100 ms .. 1 s) but never creates the exchange.
     for _ in 0..20 {
         assert!(!status.is_ready(), "not consuming without its producer");
