@@ -1732,20 +1732,6 @@ async fn an_archived_object_of_another_file_is_not_reused_nor_held_against_this_
     )
     .await
     .expect("put in glacier");
-    recs.record_copy(
-        &storage::records::StoredObject {
-            object_key: "pre/other/clip.mov".into(),
-            size: body.len() as u64,
-            checksum: sha256(&body),
-            store: Default::default(),
-        },
-        "sha256",
-        "/elsewhere/other/clip.mov",
-        "2020-01-01T00:00:00+00:00",
-        None,
-    )
-    .await
-    .expect("recorded");
     let roots = open_roots(&[base.path().join("online")], true).expect("roots");
     let msg = put(base.path(), "online", "mine/clip.mov", &body);
     let mine = base.path().join("online/mine/clip.mov");
@@ -1755,24 +1741,28 @@ async fn an_archived_object_of_another_file_is_not_reused_nor_held_against_this_
         .open(&mine)
         .and_then(|f| f.set_modified(then))
         .expect("mtime");
-    recs.record_copy(
-        &storage::records::StoredObject {
-            object_key: "pre/other/clip.mov".into(),
-            size: body.len() as u64,
-            checksum: sha256(&body),
-            store: Default::default(),
-        },
-        "sha256",
-        &mine
-            .canonicalize()
-            .expect("real path")
-            .display()
-            .to_string(),
-        "2020-01-01T00:00:00+00:00",
-        None,
-    )
-    .await
-    .expect("recorded as this file's earlier copy");
+    // The object recorded as another file's copy, and as this file's own earlier one.
+    let mine_real = mine
+        .canonicalize()
+        .expect("real path")
+        .display()
+        .to_string();
+    for path in ["/elsewhere/other/clip.mov", mine_real.as_str()] {
+        recs.record_copy(
+            &storage::records::StoredObject {
+                object_key: "pre/other/clip.mov".into(),
+                size: body.len() as u64,
+                checksum: sha256(&body),
+                store: Default::default(),
+            },
+            "sha256",
+            path,
+            "2020-01-01T00:00:00+00:00",
+            None,
+        )
+        .await
+        .expect("recorded");
+    }
     let c = TierCopier::new(
         roots,
         tier,
