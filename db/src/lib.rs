@@ -104,8 +104,23 @@ impl DbError {
     /// This error met while a service opens its database at `url` at start: a
     /// configuration error (exit 2) naming `<section>.database_url` — or
     /// `database_password_file` for a refused password read from one — where the server
-    /// refused the login; else itself, naming the database (exit 1).
+    /// refused the login or the database is another service's (its first migration is
+    /// not this service's); else itself, naming the database (exit 1: a later migration
+    /// that differs is one edited after it was applied, not a setting).
     pub fn at_start(self, section: &str, password_file: bool, url: &str) -> framework::BoxError {
+        if matches!(
+            &self,
+            DbError::Migrate(sqlx::migrate::MigrateError::VersionMismatch(1))
+        ) {
+            return Box::new(framework::config::ConfigError::new(
+                format!("{section}.database_url"),
+                format!(
+                    "{} is another service's database (its first migration is not this \
+                     service's): each service needs a database of its own",
+                    redact_url(url)
+                ),
+            ));
+        }
         match self.refused_login() {
             Some(why) => {
                 let refused_password = matches!(
@@ -1259,6 +1274,13 @@ mod tests {
             let _ = std::fs::remove_file(f);
         }
         assert!(e.to_string().contains("another service's database"), "{e}");
+        // At start it is a setting to change (exit 2 naming the key), not a failure.
+        let started = e.at_start("svc", false, &url);
+        let c = started
+            .downcast_ref::<framework::config::ConfigError>()
+            .unwrap_or_else(|| panic!("a configuration error: {started}"));
+        assert_eq!(c.key, "svc.database_url");
+        assert!(c.message.contains("another service's database"), "{c}");
     }
 
     /// A damaged SQLite file at start is reported as what it is, not as the pool's wait.

@@ -442,12 +442,39 @@ async fn another_tiers_database_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("nearline.db").display());
     let r = storage::Records::open(&url).await.unwrap();
-    assert_eq!(r.owner_other_than("online-nearline").await.unwrap(), None);
+    let store = "file:///srv/nearline";
+    assert_eq!(
+        r.foreign_owner("online-nearline", store).await.unwrap(),
+        None
+    );
     r.close().await;
     let (code, err) = run_on_database(dir.path(), &url);
     assert_eq!(code, Some(2), "{err}");
     assert!(
         err.contains("online_archive.database_url") && err.contains("online-nearline's records"),
+        "{err}"
+    );
+}
+
+/// Two deployments of one tier with different stores on one database (staging and
+/// production) would abort each other's recorded multipart uploads against the wrong
+/// bucket and overwrite each other's records of one key: the second refuses to start
+/// (exit 2), naming the store the records are of.
+#[tokio::test]
+async fn a_database_of_another_store_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("archive.db").display());
+    let r = storage::Records::open(&url).await.unwrap();
+    let elsewhere = "s3://production-archive/online";
+    assert_eq!(
+        r.foreign_owner("online-archive", elsewhere).await.unwrap(),
+        None
+    );
+    r.close().await;
+    let (code, err) = run_on_database(dir.path(), &url);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("online_archive.database_url") && err.contains(elsewhere),
         "{err}"
     );
 }

@@ -556,6 +556,15 @@ pub fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
+/// Whose a database's records are, where not this service's for its store.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ForeignOwner {
+    /// Another tier's (online-nearline's database given to online-archive).
+    Service(String),
+    /// This tier's, for this other store (staging's database given to production).
+    Store(String),
+}
+
 impl Records {
     /// Connects and migrates.
     pub async fn open(url: &str) -> Result<Self, db::DbError> {
@@ -568,20 +577,39 @@ impl Records {
         })
     }
 
-    /// Claims these records for `service` if no service has them yet; the service that
-    /// has them if it is another (two tiers on one database: see migration 0006).
-    pub async fn owner_other_than(&self, service: &str) -> Result<Option<String>, db::sqlx::Error> {
+    /// Claims these records for `service` and its `store` if nothing has them yet (a
+    /// release before migration 0008 named no store: this one is taken as theirs); whose
+    /// they are where that is another service or another store (see migrations 0006 and
+    /// 0008).
+    pub async fn foreign_owner(
+        &self,
+        service: &str,
+        store: &str,
+    ) -> Result<Option<ForeignOwner>, db::sqlx::Error> {
         db::sqlx::query(
-            "INSERT INTO records_owner (id, service) VALUES (1, $1) ON CONFLICT (id) DO NOTHING",
+            "INSERT INTO records_owner (id, service, store) VALUES (1, $1, $2) \
+             ON CONFLICT (id) DO NOTHING",
         )
         .bind(service)
+        .bind(store)
         .execute(&self.write)
         .await?;
-        let owner: String =
-            db::sqlx::query_scalar("SELECT service FROM records_owner WHERE id = 1")
+        db::sqlx::query(
+            "UPDATE records_owner SET store = $2 WHERE id = 1 AND service = $1 AND store IS NULL",
+        )
+        .bind(service)
+        .bind(store)
+        .execute(&self.write)
+        .await?;
+        let (owner, owned): (String, Option<String>) =
+            db::sqlx::query_as("SELECT service, store FROM records_owner WHERE id = 1")
                 .fetch_one(&self.write)
                 .await?;
-        Ok((owner != service).then_some(owner))
+        Ok(if owner != service {
+            Some(ForeignOwner::Service(owner))
+        } else {
+            owned.filter(|o| o != store).map(ForeignOwner::Store)
+        })
     }
 
     /// Whether the records' indexes hold keys of any length: SQLite's do; PostgreSQL's
@@ -1222,14 +1250,26 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("r.db").display());
         let r = Records::open(&url).await.expect("records");
-        assert_eq!(r.owner_other_than("online-archive").await.unwrap(), None);
-        assert_eq!(r.owner_other_than("online-archive").await.unwrap(), None);
+        let (a, b) = ("file:///srv/a", "s3://b/p");
+        assert_eq!(r.foreign_owner("online-archive", a).await.unwrap(), None);
+        assert_eq!(r.foreign_owner("online-archive", a).await.unwrap(), None);
         assert_eq!(
-            r.owner_other_than("online-nearline")
-                .await
-                .unwrap()
-                .as_deref(),
-            Some("online-archive")
+            r.foreign_owner("online-nearline", a).await.unwrap(),
+            Some(ForeignOwner::Service("online-archive".into()))
+        );
+        assert_eq!(
+            r.foreign_owner("online-archive", b).await.unwrap(),
+            Some(ForeignOwner::Store(a.into()))
+        );
+        // Records of a release that named no store are this one's, from now on.
+        db::sqlx::query("UPDATE records_owner SET store = NULL")
+            .execute(&r.write)
+            .await
+            .unwrap();
+        assert_eq!(r.foreign_owner("online-archive", b).await.unwrap(), None);
+        assert_eq!(
+            r.foreign_owner("online-archive", a).await.unwrap(),
+            Some(ForeignOwner::Store(b.into()))
         );
         r.close().await;
     }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use framework::{BoxError, MessageContext, MessageProcessor, Outcome, async_trait};
 
 use crate::message::AssetSweeperFile;
-use crate::records::Records;
+use crate::records::{ForeignOwner, Records};
 use crate::store::{self, StoreOptions};
 use crate::tier::{CopyReport, TierCopier, TierError, TierOutcome, TierPolicy};
 
@@ -163,17 +163,38 @@ impl TierProcessor {
         let records = Records::open(&url)
             .await
             .map_err(|e| e.at_start(&section, setup.database_password_file.is_some(), &url))?;
-        if let Some(other) = records.owner_other_than(service).await? {
-            return Err(Box::new(framework::config::ConfigError::new(
-                format!("{section}.database_url"),
-                format!(
-                    "{} holds {other}'s records: each tier needs a database of its own (their \
-                     multipart uploads and claims would mix); give this one a new, empty \
-                     database: it finds the copies already in its store again as files come \
-                     (same size and checksum: recorded, not uploaded again)",
-                    db::redact_url(&url)
-                ),
-            )));
+        match records.foreign_owner(service, &tier.identity).await? {
+            None => {}
+            Some(ForeignOwner::Service(other)) => {
+                return Err(Box::new(framework::config::ConfigError::new(
+                    format!("{section}.database_url"),
+                    format!(
+                        "{} holds {other}'s records: each tier needs a database of its own \
+                         (their multipart uploads and claims would mix); give this one a new, \
+                         empty database: it finds the copies already in its store again as \
+                         files come (same size and checksum: recorded, not uploaded again)",
+                        db::redact_url(&url)
+                    ),
+                )));
+            }
+            Some(ForeignOwner::Store(other)) => {
+                return Err(Box::new(framework::config::ConfigError::new(
+                    format!("{section}.database_url"),
+                    format!(
+                        "{} holds the records of another store, {other}, not of this one, \
+                         {}: each store needs a database of its own (two deployments on one \
+                         database, staging and production, would abort each other's multipart \
+                         uploads and overwrite each other's records); give this one a new, \
+                         empty database — or, where {} is {other} moved (the same objects \
+                         under a new name), record the move in the database: UPDATE \
+                         records_owner SET store = '{}'",
+                        db::redact_url(&url),
+                        tier.identity,
+                        tier.identity,
+                        tier.identity.replace('\'', "''"),
+                    ),
+                )));
+            }
         }
         let shown: Vec<String> = roots
             .iter()

@@ -111,6 +111,10 @@ pub struct Tier {
     pub prefix: String,
     /// Description for messages and logs (no secrets).
     pub display: String,
+    /// Which store this is, whatever the endpoint that reaches it: `s3://bucket/prefix`,
+    /// or `file://` and its directory's canonical path. A database's records are of one
+    /// store ([`crate::Records::foreign_owner`]).
+    pub identity: String,
     /// Whether the store keeps user metadata on objects.
     pub supports_metadata: bool,
     /// For a local store, its directory: verification then reads the stored file
@@ -532,6 +536,10 @@ pub fn open(url: &str, opts: &StoreOptions) -> Result<Tier, StoreConfigError> {
             store: store.clone(),
             prefix: prefix.trim_matches('/').to_string(),
             display: format!("{url} ({endpoint})"),
+            identity: match prefix.trim_matches('/') {
+                "" => format!("s3://{bucket}"),
+                p => format!("s3://{bucket}/{p}"),
+            },
             supports_metadata: true,
             local_dir: None,
             min_part: opts.part_size_mib * 1024 * 1024,
@@ -556,15 +564,16 @@ pub fn local(dir: &Path) -> Result<Tier, StoreConfigError> {
     std::fs::create_dir_all(dir)
         .map_err(|e| StoreConfigError::Dir(dir.display().to_string(), e))?;
     let store = LocalFileSystem::new_with_prefix(dir)?;
+    let canonical = dir
+        .canonicalize()
+        .map_err(|e| StoreConfigError::Dir(dir.display().to_string(), e))?;
     Ok(Tier {
         store: Arc::new(store),
         prefix: String::new(),
         display: format!("file://{}", dir.display()),
+        identity: format!("file://{}", canonical.display()),
         supports_metadata: false,
-        local_dir: Some(
-            dir.canonicalize()
-                .map_err(|e| StoreConfigError::Dir(dir.display().to_string(), e))?,
-        ),
+        local_dir: Some(canonical),
         min_part: default_part_size_mib() * 1024 * 1024,
         multipart: None,
         s3: None,

@@ -801,9 +801,26 @@ struct Claim<'a> {
 impl<'a> Claim<'a> {
     /// Claims `key`, or a retryable error if another copy to it is in progress.
     async fn take(records: &'a Records, key: &ObjectPath) -> Result<Self, TierError> {
-        let owner = uuid::Uuid::new_v4().to_string();
-        let asked_at = tokio::time::Instant::now();
-        if !records.claim(key.as_ref(), &owner, CLAIM_LEASE).await? {
+        // Made before it is asked for: dropped while the request is on its way (its
+        // handler stopped: the write is committed all the same), or failing where the
+        // commit may have landed, it is given up by `Drop` — not held for its whole lease
+        // by an owner no one knows. Giving up a claim never granted deletes nothing (the
+        // release is the owner's only).
+        let claim = Self {
+            records,
+            key: key.to_string(),
+            owner: uuid::Uuid::new_v4().to_string(),
+            held_until: std::sync::Mutex::new(tokio::time::Instant::now() + CLAIM_LEASE),
+            released: std::sync::atomic::AtomicBool::new(false),
+            releasing: std::sync::atomic::AtomicBool::new(false),
+        };
+        if !records
+            .claim(key.as_ref(), &claim.owner, CLAIM_LEASE)
+            .await?
+        {
+            claim
+                .released
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             // Waited out, not counted: the other copy may take longer than all the
             // attempts' tiers together (a large file), and the key is not this message's
             // fault.
@@ -811,14 +828,7 @@ impl<'a> Claim<'a> {
                 "another copy to {key} is in progress"
             )));
         }
-        Ok(Self {
-            records,
-            key: key.to_string(),
-            owner,
-            held_until: std::sync::Mutex::new(asked_at + CLAIM_LEASE),
-            released: std::sync::atomic::AtomicBool::new(false),
-            releasing: std::sync::atomic::AtomicBool::new(false),
-        })
+        Ok(claim)
     }
 
     /// Renews the claim until it is lost (never returns while it is held). The lease is
@@ -962,6 +972,34 @@ mod tests {
         let key = crate::store::object_path("k");
         let claim = super::Claim::take(&records, &key).await.expect("claimed");
         drop(claim);
+        let deadline = tokio::time::Instant::now() + super::CLAIM_LEASE / 4;
+        while !records
+            .claim("k", "next", super::CLAIM_LEASE)
+            .await
+            .expect("claim")
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "given up well before its lease ends"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A claim whose handler stopped while it was being taken (its write queued, its
+    /// answer not yet come) is given up too: the write commits all the same, and held by
+    /// an owner no one knew it blocked the redelivery for its whole lease.
+    #[tokio::test]
+    async fn a_claim_dropped_while_being_taken_is_given_up() {
+        use futures_util::FutureExt;
+        let dir = tempfile::tempdir().expect("temp");
+        let url = format!("sqlite://{}", dir.path().join("r.db").display());
+        let records = crate::records::Records::open(&url).await.expect("records");
+        let key = crate::store::object_path("k");
+        assert!(
+            super::Claim::take(&records, &key).now_or_never().is_none(),
+            "its write is queued, its answer not come"
+        );
         let deadline = tokio::time::Instant::now() + super::CLAIM_LEASE / 4;
         while !records
             .claim("k", "next", super::CLAIM_LEASE)
