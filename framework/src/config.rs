@@ -645,6 +645,23 @@ pub struct Config<S> {
     pub service: ServiceSection,
     /// The service's own keys.
     pub settings: S,
+    /// The other services' sections as these files and this environment set them: for
+    /// checks across services (two services given one store).
+    #[serde(skip)]
+    pub others: OtherSections,
+}
+
+/// Every section of the configuration tree, for a service to read another's setting.
+#[derive(Debug, Clone, Default)]
+pub struct OtherSections(Map<String, Value>);
+
+impl OtherSections {
+    /// `[section] key` as these files and this environment set it; `None` where unset or
+    /// not a `T` (that service's own check names it).
+    pub fn get<T: DeserializeOwned>(&self, section: &str, key: &str) -> Option<T> {
+        let table = self.0.get(section)?.clone().into_table().ok()?;
+        table.get(key)?.clone().try_deserialize().ok()
+    }
 }
 
 /// Where configuration comes from; tests pass explicit env maps and overrides.
@@ -1214,6 +1231,7 @@ pub fn load<S: DeserializeOwned>(
         telemetry,
         service,
         settings,
+        others: OtherSections(tree),
     };
     validate(&cfg, section_name)?;
     Ok(cfg)

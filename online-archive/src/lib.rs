@@ -109,7 +109,15 @@ impl Service for OnlineArchive {
         setup(s)
             .database(Self::NAME, &cfg.storage.data_dir)
             .map_err(|e| ConfigError::new("online_archive.database_password_file", e))?;
-        storage::paths::check_configured_roots("online_archive.online_roots", &s.online_roots)
+        storage::paths::check_configured_roots("online_archive.online_roots", &s.online_roots)?;
+        storage::overlap::check_apart(
+            storage::overlap::ARCHIVE,
+            s.archive_url.as_deref(),
+            storage::overlap::NEARLINE,
+            &cfg.others,
+            &s.online_roots,
+            &cfg.storage.data_dir,
+        )
     }
 
     fn resolved(cfg: &Config<ArchiveSettings>) -> Option<serde_json::Value> {

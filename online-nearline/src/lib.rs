@@ -111,7 +111,15 @@ impl Service for OnlineNearline {
         setup(s)
             .database(Self::NAME, &cfg.storage.data_dir)
             .map_err(|e| ConfigError::new("online_nearline.database_password_file", e))?;
-        storage::paths::check_configured_roots("online_nearline.online_roots", &s.online_roots)
+        storage::paths::check_configured_roots("online_nearline.online_roots", &s.online_roots)?;
+        storage::overlap::check_apart(
+            storage::overlap::NEARLINE,
+            s.vault_url.as_deref(),
+            storage::overlap::ARCHIVE,
+            &cfg.others,
+            &s.online_roots,
+            &cfg.storage.data_dir,
+        )
     }
 
     fn resolved(cfg: &Config<NearlineSettings>) -> Option<serde_json::Value> {

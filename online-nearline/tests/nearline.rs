@@ -235,6 +235,63 @@ fn a_configured_online_root_that_does_not_exist_exits_2_naming_the_key() {
     assert!(!missing.exists(), "not created");
 }
 
+/// The two tiers given one store (a section copied with its URL left in), or one inside
+/// the other, would each report a copy where there is one: the second finds the first's
+/// object and records it as its own. Refused at start, exit 2 naming the key — read from
+/// the shared files (online-archive's section) or the environment. So is a local store
+/// inside the online root, whose copies would be swept as new media.
+#[test]
+fn a_store_shared_with_online_archive_exits_2_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |files: &str, env: &[(&str, &str)]| {
+        std::fs::write(dir.path().join("default.toml"), files).unwrap();
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_online-nearline"))
+            .arg("--config-dir")
+            .arg(dir.path())
+            .env("STORAGETIER__STORAGE__DATA_DIR", dir.path())
+            .envs(env.iter().copied())
+            .arg("check-config")
+            .output_within(WAIT)
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let shared = "[online_archive]\narchive_url = \"s3://media/p\"\n\
+                  [online_nearline]\nvault_url = \"s3://media/p/\"\n";
+    let (code, err) = check(shared, &[]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("online_nearline.vault_url") && err.contains("online_archive.archive_url"),
+        "{err}"
+    );
+    let (code, err) = check(
+        "[online_nearline]\nvault_url = \"s3://media\"\n",
+        &[(
+            "STORAGETIER__ONLINE_ARCHIVE__ARCHIVE_URL",
+            "s3://media/archive",
+        )],
+    );
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("online_nearline.vault_url"), "{err}");
+    let inside = dir.path().join("online/vault");
+    std::fs::create_dir_all(&inside).unwrap();
+    let (code, err) = check(
+        "",
+        &[(
+            "STORAGETIER__ONLINE_NEARLINE__VAULT_URL",
+            inside.to_str().unwrap(),
+        )],
+    );
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("online_nearline.online_roots"), "{err}");
+    let apart = "[online_archive]\narchive_url = \"s3://media/archive\"\n\
+                 [online_nearline]\nvault_url = \"s3://media/nearline\"\n";
+    let (code, err) = check(apart, &[]);
+    assert_eq!(code, Some(0), "{err}");
+}
+
 /// Design §5: `[online_nearline] online_roots` and `database_url` are what the service
 /// runs on — a file under the configured root is copied and recorded in the configured
 /// database (PostgreSQL here, as in production), one under the default root that the

@@ -10,6 +10,7 @@ pub mod dir_sync;
 pub mod local;
 pub mod message;
 pub mod mounts;
+pub mod overlap;
 pub mod part_budget;
 pub mod paths;
 pub mod records;
