@@ -65,6 +65,13 @@ impl DbError {
         matches!(self, DbError::Sqlx(e) if refuses_the_data(e))
     }
 
+    /// True when a table looked at is not there: a database no migration of this service
+    /// ran on (PostgreSQL's `undefined_table`, SQLite's "no such table").
+    pub fn is_missing_table(&self) -> bool {
+        matches!(self, DbError::Sqlx(sqlx::Error::Database(d))
+            if d.code().as_deref() == Some("42P01") || d.message().starts_with("no such table"))
+    }
+
     /// True when the database cannot serve (see [`is_outage`]), not this call's data.
     pub fn is_outage(&self) -> bool {
         matches!(self, DbError::Sqlx(e) if is_outage(e))

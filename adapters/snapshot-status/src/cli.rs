@@ -84,8 +84,14 @@ pub async fn status(
         Ok::<_, crate::store::StoreError>((cs, product))
     }
     .await;
-    let (cs, product) =
-        found.map_err(|e| Failure::Other(format!("database {}: {e}", db::redact_url(&url))))?;
+    let (cs, product) = found.map_err(|e| match e.is_missing_table() {
+        true => Failure::Other(format!(
+            "database {} holds no snapshot-status records (nothing recorded yet? the service \
+             makes its tables when it first starts)",
+            db::redact_url(&url)
+        )),
+        false => Failure::Other(format!("database {}: {e}", db::redact_url(&url))),
+    })?;
     if cs.is_empty() {
         return Err(Failure::Other(format!(
             "no collections for correlation id `{}`",

@@ -1878,3 +1878,23 @@ async fn a_large_batch_reports_its_first_records_and_counts_the_rest() {
     assert_eq!(env.collection(c, "db.m").await.files_received, 1005);
     env.finish().await;
 }
+
+/// `status` on a PostgreSQL database the service never started on says that nothing is
+/// recorded there yet (as for an SQLite file that is not there), not the driver's
+/// `relation "snapshot_collections" does not exist`.
+#[tokio::test]
+async fn status_on_a_database_the_service_never_ran_on_says_so() {
+    let pg = TempPostgres::create().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_snapshot-status"))
+        .args(["status", "some-id"])
+        .current_dir(dir.path())
+        .env("STORAGETIER__STORAGE__DATA_DIR", dir.path())
+        .env("STORAGETIER__SNAPSHOT_STATUS__DATABASE_URL", &pg.url)
+        .output_within(WAIT)
+        .unwrap();
+    pg.drop_db().await.unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("nothing recorded yet"), "{err}");
+}
