@@ -704,6 +704,20 @@ async fn open_pool(full: &str, max: u32, read_only: bool) -> Result<AnyPool, DbE
                             tracing::warn!(error = %e, setting = %set, "PostgreSQL refused a session setting");
                         }
                     }
+                    // A commit returns once it is on disk: a database or role tuned to
+                    // `synchronous_commit = off` would lose the last commits of acked
+                    // messages on a crash. Only `off` is raised; `local`, `remote_write`
+                    // and `remote_apply` already flush locally, and are kept.
+                    let commit: Result<String, _> = sqlx::query_scalar("SHOW synchronous_commit")
+                        .fetch_one(&mut *conn)
+                        .await;
+                    if commit.is_ok_and(|c| c.eq_ignore_ascii_case("off"))
+                        && let Err(e) = sqlx::query("SET synchronous_commit = on")
+                            .execute(&mut *conn)
+                            .await
+                    {
+                        tracing::warn!(error = %e, "PostgreSQL refused synchronous_commit = on: commits may be lost on a crash");
+                    }
                 }
                 if sqlite {
                     // WAL: readers never block the writer nor it them. synchronous stays
@@ -1092,6 +1106,44 @@ mod tests {
     /// A connection whose write failed is not handed out again: here a PostgreSQL session
     /// left read-only (as on a primary demoted in a failover while the pool held it) — the
     /// same connection failed every write until it aged out, 30 minutes later.
+    /// A database tuned to `synchronous_commit = off` would lose the last commits of
+    /// acked messages on a crash: the services' sessions commit synchronously whatever
+    /// the database's default (a stronger setting is kept).
+    #[tokio::test]
+    async fn sessions_commit_synchronously_on_a_database_tuned_not_to() {
+        let t = testing::TempPostgres::create()
+            .await
+            .expect("a test database");
+        let name = t
+            .url
+            .rsplit('/')
+            .next()
+            .expect("a database name")
+            .to_string();
+        let admin = connect(&t.url, &Migrator::DEFAULT)
+            .await
+            .expect("connected");
+        for (default, kept) in [("off", "on"), ("remote_apply", "remote_apply")] {
+            sqlx::query(&format!(
+                "ALTER DATABASE \"{name}\" SET synchronous_commit = {default}"
+            ))
+            .execute(&admin)
+            .await
+            .expect("tuned");
+            let pool = connect(&t.url, &Migrator::DEFAULT)
+                .await
+                .expect("connected");
+            let got: String = sqlx::query_scalar("SHOW synchronous_commit")
+                .fetch_one(&pool)
+                .await
+                .expect("shown");
+            assert_eq!(got, kept, "database default {default}");
+            pool.close().await;
+        }
+        admin.close().await;
+        t.drop_db().await.expect("dropped");
+    }
+
     #[tokio::test]
     async fn a_failed_write_does_not_leave_its_connection_to_serve_on() {
         sqlx::any::install_default_drivers();

@@ -192,7 +192,11 @@ async fn apply_waiting<'a>(
     lock_wait: Option<&str>,
 ) -> Result<Vec<bool>, db::sqlx::Error> {
     let writes: Vec<&Write> = writes.collect();
-    let mut conn = pool.acquire().await?;
+    let mut acquired = pool.acquire().await?;
+    let mut conn = Relaxed {
+        conn: &mut acquired,
+        unsafe_if_dropped: false,
+    };
     let relaxed = is_sqlite && !writes.iter().any(|w| matches!(w, Write::Copy(_)));
     if is_sqlite && relaxed == *full {
         // Only a recorded copy must survive a power loss; claims are leases that a
@@ -203,12 +207,14 @@ async fn apply_waiting<'a>(
         // Not known to be FULL until the PRAGMA returned (a batch given up meanwhile):
         // the next batch with a copy then sets FULL again.
         *full = false;
+        conn.unsafe_if_dropped = true;
         db::sqlx::query(&format!("PRAGMA synchronous = {mode}"))
-            .execute(&mut *conn)
+            .execute(&mut **conn.conn)
             .await?;
+        conn.unsafe_if_dropped = relaxed;
         *full = !relaxed;
     }
-    let applied = apply_in(&mut conn, &writes, lock_wait).await;
+    let applied = apply_in(conn.conn, &writes, lock_wait).await;
     if let Err(e) = &applied
         && !about_one_write(e)
     {
@@ -217,7 +223,7 @@ async fn apply_waiting<'a>(
         // later batch failed to begin for the 30 minutes the connection lived; a
         // PostgreSQL session on a primary demoted to read-only): a new one serves the
         // next batch. One write's failure (a lock wait, a constraint) leaves it fit.
-        conn.close_on_drop();
+        conn.conn.close_on_drop();
         // The next connection starts with `synchronous = FULL`.
         *full = true;
         return applied;
@@ -227,13 +233,32 @@ async fn apply_waiting<'a>(
         // batch committed: the writes made on it outside the group commit (an ignored
         // file, a multipart upload's id and parts) must survive a power loss too.
         let restored = db::sqlx::query("PRAGMA synchronous = FULL")
-            .execute(&mut *conn)
+            .execute(&mut **conn.conn)
             .await;
         // Not known to be FULL: the next batch sets it again before anything else.
         *full = restored.is_ok();
+        conn.unsafe_if_dropped = restored.is_err();
         restored?;
     }
     applied
+}
+
+/// The writer's connection during a batch: closed instead of going back to the pool where
+/// the batch ends (or is given up at its time limit) with it not known to be at
+/// `synchronous = FULL` — a write made on it outside the group commit (an ignored file)
+/// would skip the WAL fsync, and a power loss lose the record of an acked message. A new
+/// connection starts at FULL.
+struct Relaxed<'c> {
+    conn: &'c mut db::sqlx::pool::PoolConnection<db::sqlx::Any>,
+    unsafe_if_dropped: bool,
+}
+
+impl Drop for Relaxed<'_> {
+    fn drop(&mut self) {
+        if self.unsafe_if_dropped {
+            self.conn.close_on_drop();
+        }
+    }
 }
 
 /// Applies `writes` in one transaction on `conn`; their results once it committed.
@@ -1243,6 +1268,45 @@ mod tests {
         assert!(!about_one_write(&Error::Io(std::io::Error::from(
             std::io::ErrorKind::ConnectionRefused
         ))));
+    }
+
+    /// A batch of claims alone runs at `synchronous = NORMAL`; given up at its time limit
+    /// midway (a stalled disk, a lock held), its connection must not go back to the pool
+    /// at NORMAL: a write made on it outside the group commit (an ignored file's record)
+    /// would then skip the WAL fsync, and a power loss lose the record of an acked message.
+    #[tokio::test]
+    async fn a_claim_batch_given_up_midway_leaves_no_connection_unsynced() {
+        use db::sqlx::Connection;
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("r.db").display());
+        let r = Records::open(&url).await.expect("records");
+        let mut locker = db::sqlx::AnyConnection::connect(&url).await.unwrap();
+        db::sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut locker)
+            .await
+            .unwrap();
+        let claim = Write::Claim {
+            key: "k".into(),
+            owner: "o".into(),
+            lease_ms: 20_000,
+        };
+        let mut full = true;
+        let given_up = tokio::time::timeout(
+            std::time::Duration::from_millis(300),
+            apply(&r.write, true, &mut full, [&claim].into_iter()),
+        )
+        .await;
+        assert!(given_up.is_err(), "waits for the lock: {given_up:?}");
+        db::sqlx::query("ROLLBACK")
+            .execute(&mut locker)
+            .await
+            .unwrap();
+        let synchronous: i64 = db::sqlx::query_scalar("PRAGMA synchronous")
+            .fetch_one(&r.write)
+            .await
+            .unwrap();
+        assert_eq!(synchronous, 2, "FULL");
+        r.close().await;
     }
 
     #[tokio::test]

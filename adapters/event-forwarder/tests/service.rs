@@ -1393,10 +1393,7 @@ async fn ordered_mode_needs_its_queue_to_have_one_active_consumer() {
         )
     };
     let topology = |c: &framework::Config<_>| {
-        Topology::of(
-            &<EventForwarderService as framework::Service>::binding(c),
-            c,
-        )
+        Topology::of(&framework::cli::binding_of::<EventForwarderService>(c), c)
     };
     let (conn, _ch) = test_channel().await;
     let unordered = cfg("false");
