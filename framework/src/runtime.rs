@@ -169,6 +169,14 @@ impl<P: MessageProcessor> Runtime<P> {
                  delivered again"
             );
         }
+        if self.inner.topology.queue_type == crate::config::QueueType::Classic {
+            tracing::warn!(
+                "[amqp] queue_type is classic: the broker moves a retry from its tier back to \
+                 the queue, and a message it rejects to the DLQ, at most once (a \
+                 broker restart at that moment, or a queue that refuses it, loses it); quorum \
+                 queues move them at least once"
+            );
+        }
         // Spans are exported until every handler has ended, then flushed.
         let export_stop = CancellationToken::new();
         let inner2 = self.inner.clone();
