@@ -6,7 +6,7 @@
 //! a live database. SQL must therefore be portable between SQLite and PostgreSQL:
 //! `TEXT`/`BIGINT` columns, `ON CONFLICT … DO UPDATE/NOTHING`, `RETURNING`, `$1` binds.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -270,9 +270,34 @@ pub async fn connect(url: &str, migrator: &Migrator) -> Result<AnyPool, DbError>
     migrate(&pool, migrator, !sqlite).await?;
     note_newer_schema(&pool, migrator).await;
     if sqlite {
+        flush_file_entry(&full);
         watch_file(&full, vec![pool.clone()]);
     }
     Ok(pool)
+}
+
+/// The file of an SQLite `url` (`sqlite://path?…`).
+fn sqlite_file(url: &str) -> Option<PathBuf> {
+    url.strip_prefix("sqlite://")
+        .and_then(|p| p.split('?').next())
+        .map(PathBuf::from)
+}
+
+/// Flushes the directory holding the SQLite file of `url` (and the directories above
+/// it): SQLite flushes the directory for its WAL and journals, not for the database file
+/// it creates, and a power loss that took the file's entry would take the records with it.
+/// Once per start: a few fsyncs.
+fn flush_file_entry(url: &str) {
+    let Some(file) = sqlite_file(url).and_then(|f| f.canonicalize().ok()) else {
+        return;
+    };
+    for a in file.ancestors() {
+        if let Some(parent) = a.parent()
+            && let Err(e) = std::fs::File::open(parent).and_then(|d| d.sync_all())
+        {
+            tracing::debug!(dir = %parent.display(), error = %e, "could not flush a directory above the database");
+        }
+    }
 }
 
 /// How often a service's SQLite file is looked at (see [`watch_file`]).
@@ -285,11 +310,7 @@ const FILE_CHECK: Duration = Duration::from_secs(5);
 /// says why and to restart.
 fn watch_file(url: &str, pools: Vec<AnyPool>) {
     use std::os::unix::fs::MetadataExt;
-    let Some(path) = url
-        .strip_prefix("sqlite://")
-        .and_then(|p| p.split('?').next())
-        .map(std::path::PathBuf::from)
-    else {
+    let Some(path) = sqlite_file(url) else {
         return;
     };
     let identity = |p: &Path| std::fs::metadata(p).map(|m| (m.dev(), m.ino()));
@@ -594,6 +615,7 @@ pub async fn connect_split(url: &str, migrator: &Migrator, readers: u32) -> Resu
     let write = open_pool(&full, 1, false).await?;
     migrate(&write, migrator, false).await?;
     note_newer_schema(&write, migrator).await;
+    flush_file_entry(&full);
     let read = open_pool(&full, readers.max(1), true).await?;
     watch_file(&full, vec![write.clone(), read.clone()]);
     Ok(Pools { read, write })
@@ -629,6 +651,7 @@ fn full_url_as(url: &str, access: Access) -> Result<String, DbError> {
                 .parent()
                 .filter(|d| !d.as_os_str().is_empty())
         {
+            // Flushed into their parents once the database is open (`flush_file_entry`).
             std::fs::create_dir_all(dir).map_err(|e| DbError::Dir(dir.display().to_string(), e))?;
         }
         Ok(if url.contains('?') {

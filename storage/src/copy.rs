@@ -1253,7 +1253,8 @@ pub async fn make_durable(tier: &Tier, key: &ObjectPath) -> Result<(), CopyError
     };
     let dest = root.join(key.as_ref());
     let shown = dest.display().to_string();
-    tokio::task::spawn_blocking(move || crate::local::sync_parent(&dest))
+    let root = root.clone();
+    tokio::task::spawn_blocking(move || crate::local::sync_parent(&root, &dest))
         .await
         .map_err(|e| CopyError::Write(shown.clone(), std::io::Error::other(e)))?
         .map_err(|e| CopyError::Write(shown, e))

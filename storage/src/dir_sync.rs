@@ -17,7 +17,7 @@
 //! the parents of any marked directory on its path itself ([`flush_created_ancestors`])
 //! before it reports success.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, LazyLock, Mutex, MutexGuard, PoisonError};
@@ -99,7 +99,58 @@ struct State {
 /// Fsyncs `dir` so that every entry made in it before this call survives a power loss,
 /// sharing the fsync with concurrent callers. Blocking.
 pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    sync_with(dir, |d| File::open(d)?.sync_all())
+    sync_with(dir, |d| {
+        #[cfg(test)]
+        lock(&tests::FLUSHED).push(d.to_path_buf());
+        File::open(d)?.sync_all()
+    })
+}
+
+/// Directories this process has made sure of: their entries, and those of the
+/// directories above them up to their store's root, are flushed. Forgotten all at once
+/// when [`KNOWN_DURABLE_MAX`] are held (each is then flushed once more).
+static KNOWN_DURABLE: LazyLock<Mutex<HashSet<PathBuf>>> = LazyLock::new(Default::default);
+
+/// How many directories [`KNOWN_DURABLE`] holds at most.
+const KNOWN_DURABLE_MAX: usize = 65_536;
+
+/// Flushes, the first time this process meets `dir`, the entries of `dir` and of every
+/// directory above it up to `root` into their parents: a directory found already there
+/// may have been made by a process that died before flushing its entry (or whose flush
+/// failed), and a record must not name an object a power loss then takes away with its
+/// path. Blocking.
+pub fn flush_path_once(root: &Path, dir: &Path) -> std::io::Result<()> {
+    if lock(&KNOWN_DURABLE).contains(dir) {
+        return Ok(());
+    }
+    for a in dir
+        .ancestors()
+        .take_while(|a| *a != root && a.starts_with(root))
+    {
+        if let Some(parent) = a.parent() {
+            sync_dir(parent)?;
+        }
+    }
+    let mut known = lock(&KNOWN_DURABLE);
+    if known.len() >= KNOWN_DURABLE_MAX {
+        known.clear();
+    }
+    known.insert(dir.to_path_buf());
+    Ok(())
+}
+
+/// Flushes the entry of every directory from `dir` up to the filesystem's root into its
+/// parent (a store's root made at start, with any parents it needed); a directory that
+/// cannot be flushed (one this process may not read) is warned about, not fatal: the
+/// store may still be durable, and the copies in it are flushed as they are made.
+pub fn flush_all_ancestors(dir: &Path) {
+    for a in dir.ancestors() {
+        if let Some(parent) = a.parent()
+            && let Err(e) = sync_dir(parent)
+        {
+            tracing::warn!(dir = %parent.display(), error = %e, "could not flush a directory above the store; its entries may not survive a power loss");
+        }
+    }
 }
 
 /// [`sync_dir`] with the flush given (the tests hold one in flight).
@@ -175,7 +226,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
+    /// Every directory flushed by this process's tests, in order (filtered by path in
+    /// each test: they run in parallel).
+    pub(crate) static FLUSHED: std::sync::Mutex<Vec<std::path::PathBuf>> =
+        std::sync::Mutex::new(Vec::new());
+
+    /// Whether `dir` was flushed since the tests began.
+    pub(crate) fn flushed(dir: &std::path::Path) -> bool {
+        super::lock(&FLUSHED).iter().any(|d| d == dir)
+    }
+
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::mpsc;

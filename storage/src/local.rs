@@ -189,7 +189,7 @@ fn copy_via(
         })?;
         // On this thread, not another blocking trip: a small file's copy is a handful of
         // syscalls, and each trip costs about as much CPU as they do.
-        sync_parent(&dest).map_err(write_err)?;
+        sync_parent(root, &dest).map_err(write_err)?;
         Ok(digest)
     })();
     if result.is_err() {
@@ -415,9 +415,9 @@ fn sweep_staged_before(dir: &Path, now: std::time::SystemTime) -> std::io::Resul
     let mut removed = 0;
     for entry in entries {
         let entry = entry?;
-        if entry.file_name().to_string_lossy().starts_with(CLOCK_FILE) {
-            continue;
-        }
+        // A clock file is removed as soon as it is read: one this old was left by a
+        // process that died in that instant (never a link: `is_file` does not follow one).
+        let clock = entry.file_name().to_string_lossy().starts_with(CLOCK_FILE);
         let Ok(meta) = entry.metadata() else {
             continue;
         };
@@ -428,6 +428,10 @@ fn sweep_staged_before(dir: &Path, now: std::time::SystemTime) -> std::io::Resul
                 .and_then(|t| now.duration_since(t).ok())
                 .is_some_and(|age| age >= STALE_STAGING);
         if stale && std::fs::remove_file(entry.path()).is_ok() {
+            if clock {
+                tracing::debug!(file = %entry.path().display(), "removed a clock file left by an interrupted process");
+                continue;
+            }
             tracing::warn!(file = %entry.path().display(), "removed a partial copy left by an interrupted upload");
             removed += 1;
         }
@@ -618,13 +622,16 @@ fn create_dirs_durably(dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Fsyncs the directory holding `path`, so its entry survives a power loss, and the
-/// entries of the directories on its way that another copy is still making. Blocking.
-pub fn sync_parent(path: &Path) -> std::io::Result<()> {
+/// Fsyncs the directory holding `path` (in the store at `root`), so its entry survives a
+/// power loss, the entries of the directories on its way that another copy is still
+/// making, and — the first time this process meets that directory — every entry on its
+/// way from `root` (made by a process that died before flushing them). Blocking.
+pub fn sync_parent(root: &Path, path: &Path) -> std::io::Result<()> {
     match path.parent() {
         Some(dir) => {
             sync_dir(dir)?;
-            crate::dir_sync::flush_created_ancestors(dir)
+            crate::dir_sync::flush_created_ancestors(dir)?;
+            crate::dir_sync::flush_path_once(root, dir)
         }
         None => Ok(()),
     }
@@ -704,6 +711,44 @@ mod tests {
             let e = e.expect_err("an outage");
             assert_eq!(e.raw_os_error(), Some(libc::ENOSPC));
         }
+    }
+
+    /// A directory found already in the store — made by a process that died before
+    /// flushing its entry into its parent — is flushed into its parent (and so on up to
+    /// the store's root) before a copy in it is reported: else a power loss could take
+    /// the path, and the object, away from under its record. And a store's root made at
+    /// start is flushed into its parents.
+    #[test]
+    fn directories_found_on_the_way_and_the_stores_root_are_flushed_into_their_parents() {
+        use crate::dir_sync::tests::flushed;
+        let dir = tempfile::tempdir().expect("temp");
+        let root = dir.path().join("new/store");
+        crate::store::local(&root).expect("a local store");
+        let root = root.canonicalize().expect("made");
+        assert!(flushed(&dir.path().canonicalize().expect("temp")), "new");
+        assert!(flushed(root.parent().expect("parent")), "store");
+        // As a process that died before flushing them left them.
+        std::fs::create_dir_all(root.join("left/behind")).expect("left behind");
+        let src = dir.path().join("src");
+        std::fs::write(&src, b"body").expect("write");
+        let expected = Expected {
+            size: 4,
+            digest: None,
+            unchanged: None,
+            stopped: None,
+        };
+        let f = File::open(&src).expect("open");
+        copy(
+            &f,
+            &root,
+            "left/behind/f",
+            "src",
+            Algorithm::Sha256,
+            expected,
+        )
+        .expect("copy");
+        assert!(flushed(&root.join("left")), "entry `behind`");
+        assert!(flushed(&root), "entry `left`");
     }
 
     #[test]
@@ -1009,5 +1054,13 @@ mod tests {
             1
         );
         assert!(std::fs::symlink_metadata(&planted).is_ok(), "not swept");
+        // A clock file left by a process that died as it read the clock goes once stale.
+        let left = staging.join(format!("{CLOCK_FILE}1-2"));
+        File::create(&left)
+            .expect("create")
+            .set_modified(clock - STALE_STAGING)
+            .expect("age");
+        sweep_staged_before(&staging, clock).expect("sweep");
+        assert!(!left.exists(), "a stale clock file is swept");
     }
 }

@@ -567,6 +567,8 @@ pub fn local(dir: &Path) -> Result<Tier, StoreConfigError> {
     let canonical = dir
         .canonicalize()
         .map_err(|e| StoreConfigError::Dir(dir.display().to_string(), e))?;
+    // Made (or not) just now: the path to the store survives a power loss with its copies.
+    crate::dir_sync::flush_all_ancestors(&canonical);
     Ok(Tier {
         store: Arc::new(store),
         prefix: String::new(),
