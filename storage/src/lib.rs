@@ -18,6 +18,7 @@ pub mod request_time;
 pub mod s3;
 pub mod service;
 pub mod store;
+pub mod stuck;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod tier;

@@ -216,6 +216,31 @@ pub struct TierCopier {
     tier: Tier,
     records: Records,
     policy: TierPolicy,
+    /// Opens and lookups where a share may never answer: bounded (see crate::stuck).
+    remote: crate::stuck::Bounded,
+}
+
+/// How long an open or a lookup on a share is waited for: a server this slow to answer
+/// one is away, and the file is retried as an outage.
+const REMOTE_WAIT: Duration = Duration::from_secs(30);
+
+/// How many opens or lookups given up on may still hold a thread before no more are
+/// started (tokio's blocking pool holds 512, and the copies need theirs).
+const MAX_STUCK: usize = 64;
+
+/// A blocking call about `msg`'s file that was not answered (or not made).
+fn share_not_answering(doing: &str, msg: &AssetSweeperFile, e: crate::stuck::Stuck) -> TierError {
+    if e == crate::stuck::Stuck::Lost {
+        return TierError::Transient(format!(
+            "{doing} {}: {e}",
+            framework::telemetry::LogText(&msg.joined_path())
+        ));
+    }
+    TierError::Unavailable(format!(
+        "{doing} {}: {e} (a share whose server stopped answering?), retried as an outage \
+         (up to [retry] max_outage_ms)",
+        framework::telemetry::LogText(&msg.joined_path())
+    ))
 }
 
 impl TierCopier {
@@ -229,6 +254,7 @@ impl TierCopier {
             tier,
             records,
             policy,
+            remote: crate::stuck::Bounded::new(REMOTE_WAIT, MAX_STUCK),
         }
     }
 
@@ -337,14 +363,13 @@ impl TierCopier {
             None => {
                 let roots = self.roots.clone();
                 let (parent_dir, filename) = (msg.parent_dir.clone(), msg.filename.clone());
-                tokio::task::spawn_blocking(move || {
-                    open_source(&roots, &parent_dir, &filename, true)
-                })
-                .await
-                .map_err(|e| TierError::Transient(format!("opening the source stopped: {e}")))??
-                .ok_or_else(|| {
-                    TierError::Transient("opening the source ended without an answer".into())
-                })?
+                self.remote
+                    .run(move || open_source(&roots, &parent_dir, &filename, true))
+                    .await
+                    .map_err(|e| share_not_answering("opening", msg, e))??
+                    .ok_or_else(|| {
+                        TierError::Transient("opening the source ended without an answer".into())
+                    })?
             }
         };
         let (resolved, meta) = match opened {
@@ -543,12 +568,12 @@ impl TierCopier {
         let alg = self.policy.algorithm;
         let roots = self.roots.clone();
         let (parent_dir, filename) = (msg.parent_dir.clone(), msg.filename.clone());
-        // On a blocking thread: it looks at the directories (a share may be slow).
-        let candidates = tokio::task::spawn_blocking(move || {
-            paths::recorded_candidates(&roots, &parent_dir, &filename)
-        })
-        .await
-        .map_err(|e| TierError::Transient(format!("looking for earlier copies stopped: {e}")))?;
+        // On a blocking thread: it looks at the directories (a share may not answer).
+        let candidates = self
+            .remote
+            .run(move || paths::recorded_candidates(&roots, &parent_dir, &filename))
+            .await
+            .map_err(|e| share_not_answering("looking for earlier copies of", msg, e))?;
         for path in candidates {
             let original = path.display().to_string();
             let matching: Vec<_> = self

@@ -1,0 +1,178 @@
+//! Blocking calls that may never return, waited for a bounded time: opening a file on a
+//! share whose server stopped answering holds a thread until the server answers (a hard
+//! NFS mount: for ever). Waited for without a bound, every handler of the service ended up
+//! holding such an open — files on healthy roots waited behind them — and each redelivery
+//! stranded another thread, until tokio's pool of blocking threads was used up. Here a
+//! call not answered in time is given up (the thread goes on until the server answers),
+//! and once too many given-up calls are still running, no more are started until some
+//! return.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::time::Duration;
+
+/// Why a call was not made or not waited for.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Stuck {
+    /// Not answered within the wait; it still runs.
+    #[error("no answer within {} s", .0.as_secs())]
+    TimedOut(Duration),
+    /// Not started: this many earlier calls were given up and have not returned yet.
+    #[error("{0} earlier calls still have no answer")]
+    TooMany(usize),
+    /// The blocking task ended without an answer (it panicked).
+    #[error("the call ended without an answer")]
+    Lost,
+}
+
+/// Runs blocking calls, each waited for at most `wait`, with at most `max_stuck` given-up
+/// calls still running.
+#[derive(Debug, Clone)]
+pub struct Bounded {
+    stuck: Arc<AtomicUsize>,
+    wait: Duration,
+    max_stuck: usize,
+}
+
+const RUNNING: u8 = 0;
+const DONE: u8 = 1;
+const GIVEN_UP: u8 = 2;
+
+impl Bounded {
+    /// Waits `wait` for each call; refuses new ones while `max_stuck` are given up and
+    /// still running.
+    pub fn new(wait: Duration, max_stuck: usize) -> Self {
+        Self {
+            stuck: Arc::new(AtomicUsize::new(0)),
+            wait,
+            max_stuck,
+        }
+    }
+
+    /// How many given-up calls are still running.
+    pub fn stuck(&self) -> usize {
+        self.stuck.load(Ordering::Relaxed)
+    }
+
+    /// Runs `f` on a blocking thread and waits for it at most the wait; a caller dropped
+    /// while it waits gives the call up too.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, Stuck> {
+        let stuck = self.stuck();
+        if stuck >= self.max_stuck {
+            return Err(Stuck::TooMany(stuck));
+        }
+        let state = Arc::new(AtomicU8::new(RUNNING));
+        let watch = GiveUpOnDrop {
+            state: state.clone(),
+            stuck: self.stuck.clone(),
+        };
+        let counter = self.stuck.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            let r = f();
+            if state
+                .compare_exchange(RUNNING, DONE, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+            {
+                // Given up and counted: it is not stuck any more.
+                counter.fetch_sub(1, Ordering::AcqRel);
+            }
+            r
+        });
+        let r = match tokio::time::timeout(self.wait, task).await {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(_)) => Err(Stuck::Lost),
+            Err(_) => Err(Stuck::TimedOut(self.wait)),
+        };
+        drop(watch);
+        r
+    }
+}
+
+/// Counts its call as stuck when dropped before the call returned.
+struct GiveUpOnDrop {
+    state: Arc<AtomicU8>,
+    stuck: Arc<AtomicUsize>,
+}
+
+impl Drop for GiveUpOnDrop {
+    fn drop(&mut self) {
+        // Counted before it is marked, so a call returning at once never takes the count
+        // below zero; taken back where it had returned already.
+        self.stuck.fetch_add(1, Ordering::AcqRel);
+        if self
+            .state
+            .compare_exchange(RUNNING, GIVEN_UP, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            self.stuck.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Waits (bounded) until `b` counts `n` stuck calls.
+    async fn until_stuck(b: &Bounded, n: usize) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while b.stuck() != n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} stuck, not {n}",
+                b.stuck()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_call_that_answers_is_waited_for() {
+        let b = Bounded::new(Duration::from_secs(30), 1);
+        assert_eq!(b.run(|| 7).await, Ok(7));
+        assert_eq!(b.stuck(), 0);
+    }
+
+    /// A call without an answer is given up at its wait and counted until it returns;
+    /// while `max_stuck` are, no call is started at all.
+    #[tokio::test]
+    async fn calls_without_an_answer_are_given_up_and_bound_the_threads_they_hold() {
+        let b = Bounded::new(Duration::from_millis(100), 1);
+        let (release, hang) = std::sync::mpsc::channel::<()>();
+        let r = b
+            .run(move || {
+                let _ = hang.recv();
+            })
+            .await;
+        assert_eq!(r, Err(Stuck::TimedOut(Duration::from_millis(100))));
+        assert_eq!(b.stuck(), 1);
+        let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = started.clone();
+        let r = b.run(move || s.store(true, Ordering::Relaxed)).await;
+        assert_eq!(r, Err(Stuck::TooMany(1)));
+        assert!(!started.load(Ordering::Relaxed), "not started");
+        // The server answers: the thread returns, and calls are made again.
+        release.send(()).expect("release");
+        until_stuck(&b, 0).await;
+        assert_eq!(b.run(|| 8).await, Ok(8));
+    }
+
+    /// A caller dropped while it waits (its handler stopped) gives its call up too: the
+    /// thread it leaves behind is counted until it returns.
+    #[tokio::test]
+    async fn a_caller_dropped_while_waiting_leaves_its_call_counted() {
+        use futures_util::FutureExt;
+        let b = Bounded::new(Duration::from_secs(30), 4);
+        let (release, hang) = std::sync::mpsc::channel::<()>();
+        let call = b.run(move || {
+            let _ = hang.recv();
+        });
+        assert!(call.now_or_never().is_none(), "still running");
+        assert_eq!(b.stuck(), 1);
+        release.send(()).expect("release");
+        until_stuck(&b, 0).await;
+    }
+}
