@@ -228,6 +228,11 @@ const REMOTE_WAIT: Duration = Duration::from_secs(30);
 /// started (tokio's blocking pool holds 512, and the copies need theirs).
 const MAX_STUCK: usize = 64;
 
+/// The claim key of a content (nearline's reuse): a leading `/` no object key has.
+fn identical_content_key(alg: crate::Algorithm, d: &Digest) -> String {
+    format!("/identical/{}/{}/{}", alg.name(), d.checksum, d.size)
+}
+
 /// A blocking call about `msg`'s file that was not answered (or not made).
 fn share_not_answering(doing: &str, msg: &AssetSweeperFile, e: crate::stuck::Stuck) -> TierError {
     if e == crate::stuck::Stuck::Lost {
@@ -460,102 +465,157 @@ impl TierCopier {
             }
         }
 
-        let natural = self.tier.key(&resolved.relative);
-
-        // 2. Nearline: any identical object already in the vault is reused.
+        // 2. Nearline: any identical object already in the vault is reused. Two files of
+        //    one content copied at once (or by two instances) each found none yet and each
+        //    stored one: where there is none, the content is claimed, looked for again and
+        //    stored under the claim, and another copy of it meanwhile waits (an outage's
+        //    retry, not counted) until the first is recorded, then reuses its object. The
+        //    content's later copies reuse it without a claim.
         if self.policy.reuse_identical
-            && let Some(d) = source.take()
+            && let Some(d) = &source
+            && let Some(obj) = self.identical_object(d, &original, &mtime, msg).await?
         {
-            for obj in self.records.objects_with(&d.checksum, d.size).await? {
-                // Confirmed by the store's checksum or read back: a damaged copy must not
-                // be trusted. Another file's object that cannot be read back now (moved
-                // to an archive storage class) is not confirmed: this file gets a copy
-                // of its own, not a dead letter for another file's object.
-                let confirmed = match copy::confirm_recorded(&self.tier, &obj, alg).await {
+            return Ok(TierOutcome::Copied(report(&obj, false)));
+        }
+        let identical = match (&source, self.policy.reuse_identical) {
+            (Some(d), true) => Some(
+                Claim::take_as(
+                    &self.records,
+                    &identical_content_key(alg, d),
+                    format!(
+                        "identical content ({} {}, {} bytes)",
+                        alg.name(),
+                        d.checksum,
+                        d.size
+                    ),
+                )
+                .await?,
+            ),
+            _ => None,
+        };
+        let placed = async {
+            let natural = self.tier.key(&resolved.relative);
+
+            // Looked for again under the claim: a copy of it may have finished meanwhile.
+            if let Some(d) = identical.as_ref().and(source.as_ref())
+                && let Some(obj) = self.identical_object(d, &original, &mtime, msg).await?
+            {
+                return Ok(TierOutcome::Copied(report(&obj, false)));
+            }
+
+            // 3. The natural key, unless it holds other content: then beside it under a
+            //    content-derived key. Never overwritten: on an object store each key is
+            //    claimed before it is looked at, so no other handler or instance can find it
+            //    free at the same time; a local store needs no claim, its copy is published
+            //    only where nothing is (see crate::local), and one that lost the race looks
+            //    at what won.
+            let mut key = natural.clone();
+            let mut races = 0;
+            loop {
+                if self.tier.s3.is_some() && key.as_ref().len() > MAX_S3_KEY {
+                    return Err(TierError::Permanent(format!(
+                        "object key too long: {} bytes, more than S3's {MAX_S3_KEY} (shorten the \
+                         path): {key}",
+                        key.as_ref().len()
+                    )));
+                }
+                let recorded = original.len() + key.as_ref().len();
+                if recorded > MAX_RECORDED_BYTES && !self.records.indexes_any_length() {
+                    return Err(TierError::Permanent(format!(
+                        "path and object key too long to record: {recorded} bytes together, more \
+                         than the {MAX_RECORDED_BYTES} the records can index (shorten the path): \
+                         {original} → {key}"
+                    )));
+                }
+                let claim = match self.tier.local_dir {
+                    Some(_) => None,
+                    None => Some(Claim::take(&self.records, &key).await?),
+                };
+                let src = Source {
+                    file,
+                    original: &original,
+                    mtime: &mtime,
+                    size,
+                    state,
+                };
+                // A small file bound for a local store is copied without looking at the key
+                // first: its copy is never published over an object, and one that finds the
+                // key taken looks then (`Raced`). Looking costs a blocking trip per file; not
+                // looking costs a wasted small copy where the key is taken.
+                let look_first = !small_local || races > 0;
+                let outcome = self
+                    .copy_claimed(claim.as_ref(), &key, &src, &mut source, msg, look_first)
+                    .await;
+                if let Some(c) = claim {
+                    c.release().await;
+                }
+                match outcome? {
+                    Claimed::Raced if races < 3 => races += 1,
+                    Claimed::Raced => {
+                        return Err(TierError::Transient(format!(
+                            "{key} keeps changing under other copies"
+                        )));
+                    }
+                    Claimed::Done(obj, uploaded) => {
+                        return Ok(TierOutcome::Copied(report(&obj, uploaded)));
+                    }
+                    Claimed::Occupied(d) if key == natural => {
+                        key = crate::store::object_path(&format!(
+                            "{}.{}",
+                            natural,
+                            &d.checksum[..16.min(d.checksum.len())]
+                        ));
+                        tracing::warn!(key = %natural, sibling = %key, "different content already stored under this key; storing beside it");
+                    }
+                    Claimed::Occupied(_) => {
+                        // The sibling key is derived from this very content: other bytes there
+                        // are damage no retry will repair.
+                        return Err(TierError::Permanent(format!(
+                            "both {natural} and {key} hold other content; refusing to overwrite"
+                        )));
+                    }
+                }
+            }
+        };
+        let placed: Result<TierOutcome, TierError> = match &identical {
+            Some(c) => tokio::select! {
+                biased;
+                r = placed => r,
+                e = c.keep() => Err(e),
+            },
+            None => placed.await,
+        };
+        if let Some(c) = identical {
+            c.release().await;
+        }
+        placed
+    }
+
+    /// An object of the vault holding `d` (nearline's reuse), recorded as the copy of
+    /// `original` too, if there is one that reads back as recorded.
+    async fn identical_object(
+        &self,
+        d: &Digest,
+        original: &str,
+        mtime: &str,
+        msg: &AssetSweeperFile,
+    ) -> Result<Option<StoredObject>, TierError> {
+        for obj in self.records.objects_with(&d.checksum, d.size).await? {
+            // Confirmed by the store's checksum or read back: a damaged copy must not be
+            // trusted. Another file's object that cannot be read back now (moved to an
+            // archive storage class) is not confirmed: this file gets a copy of its own,
+            // not a dead letter for another file's object.
+            let confirmed =
+                match copy::confirm_recorded(&self.tier, &obj, self.policy.algorithm).await {
                     Err(CopyError::Archived(_)) => false,
                     r => r?,
                 };
-                if confirmed {
-                    self.record(&obj, &original, &mtime, msg, None).await?;
-                    return Ok(TierOutcome::Copied(report(&obj, false)));
-                }
-            }
-            source = Some(d);
-        }
-
-        // 3. The natural key, unless it holds other content: then beside it under a
-        //    content-derived key. Never overwritten: on an object store each key is
-        //    claimed before it is looked at, so no other handler or instance can find it
-        //    free at the same time; a local store needs no claim, its copy is published
-        //    only where nothing is (see crate::local), and one that lost the race looks
-        //    at what won.
-        let mut key = natural.clone();
-        let mut races = 0;
-        loop {
-            if self.tier.s3.is_some() && key.as_ref().len() > MAX_S3_KEY {
-                return Err(TierError::Permanent(format!(
-                    "object key too long: {} bytes, more than S3's {MAX_S3_KEY} (shorten the \
-                     path): {key}",
-                    key.as_ref().len()
-                )));
-            }
-            let recorded = original.len() + key.as_ref().len();
-            if recorded > MAX_RECORDED_BYTES && !self.records.indexes_any_length() {
-                return Err(TierError::Permanent(format!(
-                    "path and object key too long to record: {recorded} bytes together, more \
-                     than the {MAX_RECORDED_BYTES} the records can index (shorten the path): \
-                     {original} → {key}"
-                )));
-            }
-            let claim = match self.tier.local_dir {
-                Some(_) => None,
-                None => Some(Claim::take(&self.records, &key).await?),
-            };
-            let src = Source {
-                file,
-                original: &original,
-                mtime: &mtime,
-                size,
-                state,
-            };
-            // A small file bound for a local store is copied without looking at the key
-            // first: its copy is never published over an object, and one that finds the
-            // key taken looks then (`Raced`). Looking costs a blocking trip per file; not
-            // looking costs a wasted small copy where the key is taken.
-            let look_first = !small_local || races > 0;
-            let outcome = self
-                .copy_claimed(claim.as_ref(), &key, &src, &mut source, msg, look_first)
-                .await;
-            if let Some(c) = claim {
-                c.release().await;
-            }
-            match outcome? {
-                Claimed::Raced if races < 3 => races += 1,
-                Claimed::Raced => {
-                    return Err(TierError::Transient(format!(
-                        "{key} keeps changing under other copies"
-                    )));
-                }
-                Claimed::Done(obj, uploaded) => {
-                    return Ok(TierOutcome::Copied(report(&obj, uploaded)));
-                }
-                Claimed::Occupied(d) if key == natural => {
-                    key = crate::store::object_path(&format!(
-                        "{}.{}",
-                        natural,
-                        &d.checksum[..16.min(d.checksum.len())]
-                    ));
-                    tracing::warn!(key = %natural, sibling = %key, "different content already stored under this key; storing beside it");
-                }
-                Claimed::Occupied(_) => {
-                    // The sibling key is derived from this very content: other bytes there
-                    // are damage no retry will repair.
-                    return Err(TierError::Permanent(format!(
-                        "both {natural} and {key} hold other content; refusing to overwrite"
-                    )));
-                }
+            if confirmed {
+                self.record(&obj, original, mtime, msg, None).await?;
+                return Ok(Some(obj));
             }
         }
+        Ok(None)
     }
 
     /// The copy recorded of the file `msg` names as the sweeper saw it (its size and
@@ -812,6 +872,8 @@ const CLAIM_LEASE: Duration = Duration::from_secs(20);
 struct Claim<'a> {
     records: &'a Records,
     key: String,
+    /// What is claimed, in messages.
+    shown: String,
     owner: String,
     /// Until when the lease surely holds: counted from the request that took or last
     /// renewed it, not from its answer.
@@ -826,6 +888,12 @@ struct Claim<'a> {
 impl<'a> Claim<'a> {
     /// Claims `key`, or a retryable error if another copy to it is in progress.
     async fn take(records: &'a Records, key: &ObjectPath) -> Result<Self, TierError> {
+        Self::take_as(records, key.as_ref(), key.to_string()).await
+    }
+
+    /// Claims `key` (of an object, or of something else no object key can be), named
+    /// `shown` in messages, or a retryable error if another copy holds it.
+    async fn take_as(records: &'a Records, key: &str, shown: String) -> Result<Self, TierError> {
         // Made before it is asked for: dropped while the request is on its way (its
         // handler stopped: the write is committed all the same), or failing where the
         // commit may have landed, it is given up by `Drop` — not held for its whole lease
@@ -834,6 +902,7 @@ impl<'a> Claim<'a> {
         let claim = Self {
             records,
             key: key.to_string(),
+            shown,
             owner: uuid::Uuid::new_v4().to_string(),
             held_until: std::sync::Mutex::new(tokio::time::Instant::now() + CLAIM_LEASE),
             released: std::sync::atomic::AtomicBool::new(false),
@@ -850,7 +919,8 @@ impl<'a> Claim<'a> {
             // attempts' tiers together (a large file), and the key is not this message's
             // fault.
             return Err(TierError::Unavailable(format!(
-                "another copy to {key} is in progress"
+                "another copy to {} is in progress",
+                claim.shown
             )));
         }
         Ok(claim)
@@ -889,7 +959,7 @@ impl<'a> Claim<'a> {
                 Ok(Err(_)) | Err(_) => break,
             }
         }
-        TierError::Unavailable(format!("lost the upload claim on {}", self.key))
+        TierError::Unavailable(format!("lost the upload claim on {}", self.shown))
     }
 
     fn held_until(&self) -> tokio::time::Instant {

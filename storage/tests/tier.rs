@@ -1896,3 +1896,49 @@ async fn gone_after_its_copy_through_a_link(
     assert!(!again.uploaded, "{again:?}");
     assert_eq!(again.key, first.key);
 }
+
+/// Nearline stores one content once, also when two files of it are copied at once: each
+/// found no identical object yet and each stored one (two objects, both reported
+/// uploaded). The content is claimed while it is stored; the other copy waits (an
+/// outage's retry) and then reuses the first's object.
+#[tokio::test]
+async fn identical_files_copied_at_once_are_stored_once() {
+    let base = tempfile::tempdir().expect("temp");
+    let store_dir = base.path().join("store");
+    let tier = storage::store::local(&store_dir).expect("tier");
+    let roots = open_roots(&[base.path().join("online")], true).expect("roots");
+    let c = TierCopier::new(
+        roots,
+        tier,
+        records(base.path()).await,
+        TierPolicy {
+            reuse_identical: true,
+            ..policy()
+        },
+    );
+    let body = content(3 * MIB + 5, 9);
+    let a = put(base.path(), "online", "twins/a.mxf", &body);
+    let b = put(base.path(), "online", "twins/b.mxf", &body);
+    let (ra, rb) = tokio::join!(c.handle(&a, 0), c.handle(&b, 0));
+    let mut reports = Vec::new();
+    for (r, msg) in [(ra, &a), (rb, &b)] {
+        reports.push(match r {
+            Ok(TierOutcome::Copied(report)) => report,
+            Err(TierError::Unavailable(e)) => {
+                assert!(e.contains("identical content"), "{e}");
+                copied(c.handle(msg, 1).await)
+            }
+            other => panic!("a copy or a wait for the other: {other:?}"),
+        });
+    }
+    let uploaded: Vec<_> = reports.iter().filter(|r| r.uploaded).collect();
+    assert_eq!(uploaded.len(), 1, "one upload: {reports:?}");
+    assert_eq!(reports[0].key, reports[1].key, "one object: {reports:?}");
+    assert_eq!(
+        files_under(&store_dir)
+            .into_iter()
+            .filter(|f| !f.starts_with(storage::local::STAGING_DIR))
+            .count(),
+        1
+    );
+}
