@@ -68,7 +68,13 @@ fn hold_until(amqp: &AmqpConfig) -> Duration {
 /// the broker closed over it (a permission, a channel limit). A confirm that never came is
 /// not: the message may have landed, and publishing it again would make two.
 fn refused(e: &PublishError) -> bool {
-    matches!(e, PublishError::Nacked(_) | PublishError::Amqp(_))
+    match e {
+        PublishError::Nacked(_) => true,
+        // Not the broker's refusal: the connection is gone (the session ends, and the
+        // message is delivered again to the next).
+        PublishError::Amqp(a) => !matches!(a.kind(), lapin::ErrorKind::InvalidConnectionState(_)),
+        _ => false,
+    }
 }
 
 /// Room a retry or dead letter needs in its frame beyond the input's headers: the
@@ -107,16 +113,27 @@ impl SessionTasks {
     /// Signals the handlers, waits up to `budget` for them, then stops the rest; stops
     /// them at once when `lost` completes (the connection went during the drain: the broker
     /// has requeued what they hold, and another instance may be running it already).
-    async fn end(&self, budget: Duration, lost: impl std::future::Future<Output = ()>) {
+    /// `at_once`: why there is no budget, where there is none (the connection is gone,
+    /// the consumer cancelled), for the log.
+    async fn end(
+        &self,
+        budget: Duration,
+        lost: impl std::future::Future<Output = ()>,
+        at_once: &'static str,
+    ) {
         let _ = self.stops_at.set(Instant::now() + budget);
         self.cancel.cancel();
         self.tasks.close();
-        let why = tokio::select! {
-            r = tokio::time::timeout(budget, self.tasks.wait()) => match r {
-                Ok(()) => return,
-                Err(_) => "drain timeout reached",
-            },
-            () = lost => "the connection dropped while draining",
+        let why = if budget.is_zero() {
+            at_once
+        } else {
+            tokio::select! {
+                r = tokio::time::timeout(budget, self.tasks.wait()) => match r {
+                    Ok(()) => return,
+                    Err(_) => "drain timeout reached",
+                },
+                () = lost => "the connection dropped while draining",
+            }
         };
         if self.tasks.is_empty() {
             return;
@@ -257,8 +274,11 @@ pub(crate) async fn session<P: MessageProcessor>(
             handlers.cancel.clone(),
         ));
     }
-    let topology_lost =
-        || SessionEnd::Lost("topology incomplete (unroutable retry or dead letter)".into());
+    let topology_lost = || {
+        SessionEnd::Lost(
+            "topology incomplete (an exchange gone, or a retry or dead letter unroutable)".into(),
+        )
+    };
     let alive = || conn.status().connected() && ch.status().connected();
     // Notices a dead connection while every handler is busy and nothing is consumed.
     let mut health = tokio::time::interval(HEALTH_CHECK);
@@ -392,7 +412,12 @@ pub(crate) async fn session<P: MessageProcessor>(
             check.tick().await;
         }
     };
-    tokio::join!(cancel, handlers.end(budget, lost));
+    let at_once = match &end {
+        SessionEnd::Released(_) => "the broker cancelled the consumer",
+        SessionEnd::Lost(_) if !alive() => "the connection to the broker was lost",
+        _ => "drain timeout reached",
+    };
+    tokio::join!(cancel, handlers.end(budget, lost, at_once));
     // The handlers' settler is dropped with the last of them; this one goes now, or the
     // settling task would wait for it.
     drop(shared);
@@ -912,15 +937,32 @@ impl<P: MessageProcessor> Shared<P> {
                     inner.amqp.operation_timeout(),
                     "checking the topology",
                     async {
-                        Ok::<_, lapin::Error>(inner.topology.exchange_missing(&self.conn).await)
+                        Ok::<_, lapin::Error>(inner.topology.missing_exchange(&self.conn).await)
                     },
                 )
                 .await
-                .unwrap_or(false);
-                if missing {
-                    warn!("an exchange of the service's own topology is gone; declaring it again");
+                .unwrap_or(None);
+                match &missing {
+                    Some(ex)
+                        if *ex != inner.topology.retry_exchange()
+                            && *ex != inner.topology.fail_exchange() =>
+                    {
+                        // Its bindings were the consumers' of this service's outputs, not
+                        // the service's: declared again, it routes to nothing.
+                        error!(
+                            exchange = %ex,
+                            "an output exchange of this service is gone; declaring it again — the \
+                             queues that were bound to it (the consumers of this service's \
+                             outputs) must be bound again: until they are, every output \
+                             published to it reaches no queue"
+                        );
+                    }
+                    Some(ex) => {
+                        warn!(exchange = %ex, "an exchange of the service's own topology is gone; declaring it again");
+                    }
+                    None => {}
                 }
-                missing
+                missing.is_some()
             }
             _ => false,
         }

@@ -29,9 +29,10 @@ pub enum DeclareError {
     /// object the service needs does not exist yet: waited for, as an administrator
     /// declares the topology.
     #[error(
-        "{object} does not exist, and this user may not declare it ({refusal}): have an \
-         administrator declare the topology (`declare` run as a user with `configure` \
-         permission, or the `definitions` document imported)"
+        "{object} does not exist, and this user may not declare it ({refusal}){hint}: have \
+         an administrator declare the topology (`declare` run as a user with these \
+         permissions, or the `definitions` document imported)",
+        hint = declare_refusal_hint(.refusal)
     )]
     NotDeclared {
         /// The missing exchange or queue, named.
@@ -39,6 +40,21 @@ pub enum DeclareError {
         /// The broker's refusal of the declaration.
         refusal: String,
     },
+}
+
+/// What a refused declaration needs that `configure` alone does not give: a queue that
+/// dead-letters (each retry tier, into the default exchange) is declared only by a user
+/// who may `write` to its dead-letter exchange and `read` the queue itself.
+fn declare_refusal_hint(refusal: &str) -> &'static str {
+    if refusal.contains("'amq.default'") {
+        " — declaring a retry tier takes `write` permission on `amq.default` (the default \
+         exchange it dead-letters into) besides `configure` on the service's names"
+    } else if refusal.contains("read access to queue") {
+        " — declaring a queue that dead-letters takes `read` permission on that queue \
+         besides `configure`"
+    } else {
+        ""
+    }
 }
 
 impl DeclareError {
@@ -795,15 +811,15 @@ impl Topology {
     /// Whether an exchange the service owns is gone (deleted while it ran): each is
     /// checked passively on a channel of its own (a failed check closes it). A check
     /// that cannot be made counts as nothing missing.
-    pub async fn exchange_missing(&self, conn: &Connection) -> bool {
+    pub async fn missing_exchange(&self, conn: &Connection) -> Option<String> {
         for e in self.exchanges() {
             match exchange_exists(conn, &e.name).await {
                 Ok(true) => {}
-                Ok(false) => return true,
-                Err(_) => return false,
+                Ok(false) => return Some(e.name),
+                Err(_) => return None,
             }
         }
-        false
+        None
     }
 
     /// The topology as a RabbitMQ definitions document (management UI import).

@@ -110,6 +110,38 @@ async fn a_user_who_may_not_declare_runs_on_the_topology_an_administrator_declar
     let _ = conn.close(200, "done".into()).await;
 }
 
+/// A user who may configure only the service's own names cannot declare its retry tiers:
+/// a queue that dead-letters (into the default exchange) takes `write` on `amq.default`,
+/// which no doc or message named — the refusal sent operators looking for `configure`.
+#[tokio::test]
+async fn a_user_who_may_not_write_the_default_exchange_is_told_so() {
+    let q = unique("noamqdefault");
+    let user = unique("owner");
+    let own = format!("^{q}.*");
+    let _user = admin::Admin::suite()
+        .add_user_with(&user, "pw", &own, &own)
+        .await;
+    let cfg = config(&q, &[]);
+    let _gone = Cleanup::service(&q, &cfg.retry.delays_ms);
+    let topo = test_topology(&q, &cfg);
+    let conn = framework::lapin::Connection::connect(
+        &with_credentials(&amqp_url(), &user, "pw"),
+        Default::default(),
+    )
+    .await
+    .expect("the user may connect");
+    let e = topo
+        .declare(&conn)
+        .await
+        .expect_err("a retry tier it may not declare");
+    let text = e.to_string();
+    assert!(
+        text.contains("`write` permission on `amq.default`"),
+        "{text}"
+    );
+    let _ = conn.close(200, "done".into()).await;
+}
+
 #[tokio::test]
 async fn a_node_that_never_answers_is_given_up_on_in_time() {
     // A listener that accepts and then says nothing: without a bound the connect would

@@ -51,6 +51,13 @@ fn named(message_id: &Option<String>) -> String {
 /// channel, no confirm in time) may have reached the queue before it did.
 fn maybe_delivered(e: &PublishError) -> &'static str {
     match e {
+        // The broker closed the channel over the publish itself: nothing landed.
+        PublishError::Amqp(a)
+            if crate::topology::is_soft(a, lapin::protocol::AMQPSoftError::ACCESSREFUSED) =>
+        {
+            " — the broker refused it, so nothing reached the queue: a replay publishes \
+             through the default exchange, which takes `write` permission on `amq.default`"
+        }
         PublishError::Amqp(_) | PublishError::Timeout(_) => {
             " — it may have reached the service's queue all the same: replaying it again \
              may deliver it twice"
