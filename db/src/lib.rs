@@ -1126,9 +1126,6 @@ mod tests {
         t.drop_db().await.expect("dropped");
     }
 
-    /// A connection whose write failed is not handed out again: here a PostgreSQL session
-    /// left read-only (as on a primary demoted in a failover while the pool held it) — the
-    /// same connection failed every write until it aged out, 30 minutes later.
     /// A database tuned to `synchronous_commit = off` would lose the last commits of
     /// acked messages on a crash: the services' sessions commit synchronously whatever
     /// the database's default (a stronger setting is kept).
@@ -1167,6 +1164,9 @@ mod tests {
         t.drop_db().await.expect("dropped");
     }
 
+    /// A connection whose write failed is not handed out again: here a PostgreSQL session
+    /// left read-only (as on a primary demoted in a failover while the pool held it) — the
+    /// same connection failed every write until it aged out, 30 minutes later.
     #[tokio::test]
     async fn a_failed_write_does_not_leave_its_connection_to_serve_on() {
         sqlx::any::install_default_drivers();

@@ -652,15 +652,26 @@ pub struct Config<S> {
 }
 
 /// Every section of the configuration tree, for a service to read another's setting.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct OtherSections(Map<String, Value>);
 
 impl OtherSections {
-    /// `[section] key` as these files and this environment set it; `None` where unset or
-    /// not a `T` (that service's own check names it).
+    /// `[section] key` (dotted for a key of a table in it: `vault_options.endpoint`) as
+    /// these files and this environment set it; `None` where unset or not a `T` (that
+    /// service's own check names it).
     pub fn get<T: DeserializeOwned>(&self, section: &str, key: &str) -> Option<T> {
-        let table = self.0.get(section)?.clone().into_table().ok()?;
-        table.get(key)?.clone().try_deserialize().ok()
+        let mut value = self.0.get(section)?.clone();
+        for part in key.split('.') {
+            value = value.into_table().ok()?.get(part)?.clone();
+        }
+        value.try_deserialize().ok()
+    }
+}
+
+/// The sections' names only: their values hold secrets (`[amqp] url`, tokens, keys).
+impl fmt::Debug for OtherSections {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
     }
 }
 

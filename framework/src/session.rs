@@ -909,7 +909,7 @@ impl<P: MessageProcessor> Shared<P> {
                         self.broken.cancel();
                         return false;
                     }
-                    if !refused(&e) {
+                    if !refused(&e) || !self.conn.status().connected() {
                         return false;
                     }
                     debug!(error = %m::LogText(&e.to_string()), "the retry is still refused");
@@ -1290,6 +1290,9 @@ impl<P: MessageProcessor> Shared<P> {
                     broken.cancel();
                 } else if label == "retry"
                     && refused(&e)
+                    // Not a refusal where the connection is gone (a pending confirm fails
+                    // with its I/O error): the session ends, and the next gets the message.
+                    && self.conn.status().connected()
                     && let Some(reason) = &retry_reason
                     && self.hold_retry(delivery, ctx, reason, started).await
                 {

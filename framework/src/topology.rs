@@ -30,8 +30,8 @@ pub enum DeclareError {
     /// declares the topology.
     #[error(
         "{object} does not exist, and this user may not declare it ({refusal}){hint}: have \
-         an administrator declare the topology (`declare` run as a user with these \
-         permissions, or the `definitions` document imported)",
+         an administrator declare the topology (`declare` run as a user who may, or the \
+         `definitions` document imported)",
         hint = declare_refusal_hint(.refusal)
     )]
     NotDeclared {

@@ -113,9 +113,9 @@ impl Service for OnlineArchive {
         storage::overlap::check_apart(
             storage::overlap::ARCHIVE,
             s.archive_url.as_deref(),
+            s.archive_options.endpoint.as_deref(),
             storage::overlap::NEARLINE,
             &cfg.others,
-            &s.online_roots,
             &cfg.storage.data_dir,
         )
     }

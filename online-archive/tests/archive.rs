@@ -456,23 +456,54 @@ async fn another_tiers_database_is_refused() {
     );
 }
 
-/// Two deployments of one tier with different stores on one database (staging and
+/// Two deployments of one tier with different S3 stores on one database (staging and
 /// production) would abort each other's recorded multipart uploads against the wrong
 /// bucket and overwrite each other's records of one key: the second refuses to start
-/// (exit 2), naming the store the records are of.
+/// (exit 2), naming the store the records are of — also where only the endpoint differs
+/// (one bucket name on two S3 services).
 #[tokio::test]
-async fn a_database_of_another_store_is_refused() {
+async fn a_database_of_another_s3_store_is_refused() {
+    let moto = MotoServer::start("archive").await;
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("archive.db").display());
+    let elsewhere = "s3://archive/online at http://production-minio:9000";
     let r = storage::Records::open(&url).await.unwrap();
-    let elsewhere = "s3://production-archive/online";
     assert_eq!(
         r.foreign_owner("online-archive", elsewhere).await.unwrap(),
         None
     );
     r.close().await;
-    let (code, err) = run_on_database(dir.path(), &url);
-    assert_eq!(code, Some(2), "{err}");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_online-archive"))
+        .arg("--config-dir")
+        .arg(dir.path())
+        .env("STORAGETIER__STORAGE__DATA_DIR", dir.path())
+        .env("STORAGETIER__ONLINE_ARCHIVE__HTTP_LISTEN", "127.0.0.1:0")
+        .env("STORAGETIER__ONLINE_ARCHIVE__DATABASE_URL", &url)
+        .env(
+            "STORAGETIER__ONLINE_ARCHIVE__ARCHIVE_URL",
+            "s3://archive/online",
+        )
+        .env(
+            "STORAGETIER__ONLINE_ARCHIVE__ARCHIVE_OPTIONS__ENDPOINT",
+            &moto.endpoint,
+        )
+        .env(
+            "STORAGETIER__ONLINE_ARCHIVE__ARCHIVE_OPTIONS__ALLOW_HTTP",
+            "true",
+        )
+        .env(
+            "STORAGETIER__ONLINE_ARCHIVE__ARCHIVE_OPTIONS__ACCESS_KEY_ID",
+            "test",
+        )
+        .env(
+            "STORAGETIER__ONLINE_ARCHIVE__ARCHIVE_OPTIONS__SECRET_ACCESS_KEY",
+            "test",
+        )
+        .arg("run")
+        .output_within(WAIT)
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(
         err.contains("online_archive.database_url") && err.contains(elsewhere),
         "{err}"

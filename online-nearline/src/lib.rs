@@ -115,9 +115,9 @@ impl Service for OnlineNearline {
         storage::overlap::check_apart(
             storage::overlap::NEARLINE,
             s.vault_url.as_deref(),
+            s.vault_options.endpoint.as_deref(),
             storage::overlap::ARCHIVE,
             &cfg.others,
-            &s.online_roots,
             &cfg.storage.data_dir,
         )
     }

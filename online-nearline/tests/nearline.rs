@@ -238,8 +238,7 @@ fn a_configured_online_root_that_does_not_exist_exits_2_naming_the_key() {
 /// The two tiers given one store (a section copied with its URL left in), or one inside
 /// the other, would each report a copy where there is one: the second finds the first's
 /// object and records it as its own. Refused at start, exit 2 naming the key — read from
-/// the shared files (online-archive's section) or the environment. So is a local store
-/// inside the online root, whose copies would be swept as new media.
+/// the shared files (online-archive's section) or the environment.
 #[test]
 fn a_store_shared_with_online_archive_exits_2_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
@@ -275,17 +274,6 @@ fn a_store_shared_with_online_archive_exits_2_naming_the_key() {
     );
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("online_nearline.vault_url"), "{err}");
-    let inside = dir.path().join("online/vault");
-    std::fs::create_dir_all(&inside).unwrap();
-    let (code, err) = check(
-        "",
-        &[(
-            "STORAGETIER__ONLINE_NEARLINE__VAULT_URL",
-            inside.to_str().unwrap(),
-        )],
-    );
-    assert_eq!(code, Some(2), "{err}");
-    assert!(err.contains("online_nearline.online_roots"), "{err}");
     let apart = "[online_archive]\narchive_url = \"s3://media/archive\"\n\
                  [online_nearline]\nvault_url = \"s3://media/nearline\"\n";
     let (code, err) = check(apart, &[]);

@@ -1,8 +1,8 @@
-//! Refuses configurations where the two tiers' stores, or a store and an online root,
-//! share ground: given one store, online-archive and online-nearline each report a copy
-//! where there is one (the second finds the first's object and records it as its own, and
-//! a rule meant for one tier's objects removes the other's); a local store inside an
-//! online root is swept as new media and copied into itself.
+//! Stores that share ground: given one store (or nested ones), online-archive and
+//! online-nearline each report a copy where there is one (the second finds the first's
+//! object and records it as its own, and a rule meant for one tier's objects removes the
+//! other's) — refused; a local store and an online root holding one another (its copies
+//! swept as new media, unless the sweeper leaves them out) — warned about.
 
 use std::path::{Path, PathBuf};
 
@@ -11,15 +11,19 @@ use framework::config::ConfigError;
 /// Where a store keeps its objects, as far as configuration says.
 #[derive(Debug, PartialEq, Eq)]
 enum Place {
-    /// A bucket and the segments of the key prefix.
-    S3 { bucket: String, prefix: Vec<String> },
+    /// A bucket and the segments of the key prefix, on a service (`None`: AWS).
+    S3 {
+        bucket: String,
+        prefix: Vec<String>,
+        endpoint: Option<String>,
+    },
     /// A directory (canonical where it exists, else as written, normalised).
     Dir(PathBuf),
 }
 
 impl Place {
     /// The place of the store at `url` (`None`: `<data_dir>/<default_dir>`).
-    fn of(url: Option<&str>, data_dir: &Path, default_dir: &str) -> Self {
+    fn of(url: Option<&str>, endpoint: Option<&str>, data_dir: &Path, default_dir: &str) -> Self {
         match url {
             Some(u) if u.starts_with("s3://") => {
                 let rest = &u["s3://".len()..];
@@ -31,6 +35,8 @@ impl Place {
                         .filter(|s| !s.is_empty())
                         .map(str::to_string)
                         .collect(),
+                    // One bucket name on two services is two buckets.
+                    endpoint: endpoint.map(|e| e.trim_end_matches('/').to_ascii_lowercase()),
                 }
             }
             Some(u) => Place::Dir(dir(Path::new(u.strip_prefix("file://").unwrap_or(u)))),
@@ -42,12 +48,17 @@ impl Place {
     fn overlaps(&self, other: &Place) -> bool {
         match (self, other) {
             (
-                Place::S3 { bucket, prefix },
+                Place::S3 {
+                    bucket,
+                    prefix,
+                    endpoint,
+                },
                 Place::S3 {
                     bucket: b,
                     prefix: p,
+                    endpoint: e,
                 },
-            ) => bucket == b && (prefix.starts_with(p) || p.starts_with(prefix)),
+            ) => bucket == b && endpoint == e && (prefix.starts_with(p) || p.starts_with(prefix)),
             (Place::Dir(a), Place::Dir(b)) => a.starts_with(b) || b.starts_with(a),
             _ => false,
         }
@@ -62,14 +73,16 @@ fn dir(p: &Path) -> PathBuf {
     })
 }
 
-/// Where a tier's store is configured: its section, its store's key and the directory
-/// under `[storage] data_dir` used when that is unset.
+/// Where a tier's store is configured: its section, its store's key and options table,
+/// and the directory under `[storage] data_dir` used when the store is unset.
 #[derive(Debug, Clone, Copy)]
 pub struct TierKeys {
     /// The service's section (`online_archive`).
     pub section: &'static str,
     /// The store's key in it (`archive_url`).
     pub store: &'static str,
+    /// The store's options table in it (`archive_options`).
+    pub options: &'static str,
     /// The default store directory under the data directory.
     pub default_dir: &'static str,
 }
@@ -78,6 +91,7 @@ pub struct TierKeys {
 pub const ARCHIVE: TierKeys = TierKeys {
     section: "online_archive",
     store: "archive_url",
+    options: "archive_options",
     default_dir: "archive",
 };
 
@@ -85,6 +99,7 @@ pub const ARCHIVE: TierKeys = TierKeys {
 pub const NEARLINE: TierKeys = TierKeys {
     section: "online_nearline",
     store: "vault_url",
+    options: "vault_options",
     default_dir: "nearline",
 };
 
@@ -93,36 +108,45 @@ pub const NEARLINE: TierKeys = TierKeys {
 struct StoreSetting<'a> {
     key: String,
     url: Option<&'a str>,
+    endpoint: Option<&'a str>,
     default_dir: &'a str,
 }
 
 impl<'a> StoreSetting<'a> {
-    fn new(keys: TierKeys, url: Option<&'a str>) -> Self {
+    fn new(keys: TierKeys, url: Option<&'a str>, endpoint: Option<&'a str>) -> Self {
         Self {
             key: format!("{}.{}", keys.section, keys.store),
             url,
+            endpoint,
             default_dir: keys.default_dir,
         }
     }
+
+    fn place(&self, data_dir: &Path) -> Place {
+        Place::of(self.url, self.endpoint, data_dir, self.default_dir)
+    }
 }
 
-/// Refuses `own`'s store (`own_url`) where it is, holds or lies inside `other`'s (as the
-/// same files and environment set it: `others`), or where a local store and one of the
-/// online `roots` (none configured: `<data_dir>/online`) hold one another.
+/// Refuses `own`'s store (`own_url` on `own_endpoint`) where it is, holds or lies inside
+/// `other`'s, as the same files and environment set it (`others`). Where they do not set
+/// the other's store (each container configured apart), nothing is known of it: nothing is
+/// refused.
 pub fn check_apart(
     own: TierKeys,
     own_url: Option<&str>,
+    own_endpoint: Option<&str>,
     other: TierKeys,
     others: &framework::config::OtherSections,
-    roots: &[PathBuf],
     data_dir: &Path,
 ) -> Result<(), ConfigError> {
-    let other_url = others.get::<String>(other.section, other.store);
+    let Some(other_url) = others.get::<String>(other.section, other.store) else {
+        return Ok(());
+    };
+    let other_endpoint =
+        others.get::<String>(other.section, &format!("{}.endpoint", other.options));
     check(
-        StoreSetting::new(own, own_url),
-        StoreSetting::new(other, other_url.as_deref()),
-        &format!("{}.online_roots", own.section),
-        roots,
+        StoreSetting::new(own, own_url, own_endpoint),
+        StoreSetting::new(other, Some(&other_url), other_endpoint.as_deref()),
         data_dir,
     )
 }
@@ -130,13 +154,9 @@ pub fn check_apart(
 fn check(
     own: StoreSetting<'_>,
     other: StoreSetting<'_>,
-    roots_key: &str,
-    roots: &[PathBuf],
     data_dir: &Path,
 ) -> Result<(), ConfigError> {
-    let mine = Place::of(own.url, data_dir, own.default_dir);
-    let theirs = Place::of(other.url, data_dir, other.default_dir);
-    if mine.overlaps(&theirs) {
+    if own.place(data_dir).overlaps(&other.place(data_dir)) {
         return Err(ConfigError::new(
             &own.key,
             format!(
@@ -150,42 +170,36 @@ fn check(
             ),
         ));
     }
-    let default_root = [data_dir.join("online")];
-    let roots = if roots.is_empty() {
-        &default_root[..]
-    } else {
-        roots
-    };
-    if let Place::Dir(store) = &mine {
-        for root in roots {
-            let root_dir = dir(root);
-            if store.starts_with(&root_dir) || root_dir.starts_with(store) {
-                return Err(ConfigError::new(
-                    &own.key,
-                    format!(
-                        "`{}` and the online root {} (`{roots_key}`) hold one another: the \
-                         copies would be swept as new media and copied again, into themselves",
-                        own.url.unwrap_or(own.default_dir),
-                        root.display(),
-                    ),
-                ));
-            }
-        }
-    }
     Ok(())
+}
+
+/// Whether a local store (`store`, canonical) and an online root hold one another: its
+/// copies would be swept as new media (unless the sweeper leaves them out) and copied
+/// again, into themselves. The root of it, if one does.
+pub fn root_holding_store<'r>(store: &Path, roots: &'r [crate::paths::Root]) -> Option<&'r Path> {
+    roots
+        .iter()
+        .find(|r| store.starts_with(&r.canonical) || r.canonical.starts_with(store))
+        .map(|r| r.configured.as_path())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn check(own: Option<&str>, other: Option<&str>, roots: &[&str]) -> Result<(), ConfigError> {
-        let roots: Vec<PathBuf> = roots.iter().map(PathBuf::from).collect();
+    fn check(own: Option<&str>, other: Option<&str>) -> Result<(), ConfigError> {
+        check_on(own, None, other, None)
+    }
+
+    fn check_on(
+        own: Option<&str>,
+        own_endpoint: Option<&str>,
+        other: Option<&str>,
+        other_endpoint: Option<&str>,
+    ) -> Result<(), ConfigError> {
         super::check(
-            StoreSetting::new(ARCHIVE, own),
-            StoreSetting::new(NEARLINE, other),
-            "online_archive.online_roots",
-            &roots,
+            StoreSetting::new(ARCHIVE, own, own_endpoint),
+            StoreSetting::new(NEARLINE, other, other_endpoint),
             Path::new("/nonexistent-data"),
         )
     }
@@ -201,13 +215,22 @@ mod tests {
             ("/srv/store/nearline", "/srv/store"),
             ("/srv/./store", "/srv/x/../store"),
         ] {
-            let e = check(Some(own), Some(other), &[]).expect_err(own);
+            let e = check(Some(own), Some(other)).expect_err(own);
             assert_eq!(e.key, "online_archive.archive_url");
             assert!(e.message.contains("online_nearline.vault_url"), "{e}");
         }
-        // The defaults: one directory each under the data directory.
-        let e = check(Some("/nonexistent-data/nearline"), None, &[]).expect_err("default");
-        assert!(e.message.contains("nearline"), "{e}");
+        // Its own default: one directory under the data directory.
+        let e = check(None, Some("/nonexistent-data")).expect_err("default");
+        assert!(e.message.contains("/nonexistent-data"), "{e}");
+        // One service.
+        let e = check_on(
+            Some("s3://media"),
+            Some("http://minio:9000"),
+            Some("s3://media"),
+            Some("http://MINIO:9000/"),
+        )
+        .expect_err("one endpoint");
+        assert!(e.message.contains("online_nearline.vault_url"), "{e}");
     }
 
     #[test]
@@ -218,24 +241,55 @@ mod tests {
             (Some("s3://archive"), Some("s3://vault")),
             (Some("/srv/archive"), Some("/srv/archived")),
             (Some("s3://srv/archive"), Some("/srv/archive")),
-            (None, None),
+            (None, Some("/nonexistent-data/vault")),
         ] {
-            check(own, other, &[]).unwrap_or_else(|e| panic!("{own:?} {other:?}: {e}"));
+            check(own, other).unwrap_or_else(|e| panic!("{own:?} {other:?}: {e}"));
         }
+        // One bucket name on two services: two buckets.
+        check_on(
+            Some("s3://media"),
+            Some("http://minio-a:9000"),
+            Some("s3://media"),
+            Some("http://minio-b:9000"),
+        )
+        .expect("two services");
+        check_on(
+            Some("s3://media"),
+            None,
+            Some("s3://media"),
+            Some("http://minio:9000"),
+        )
+        .expect("AWS and a service");
+    }
+
+    /// The other tier's store unset in these files and this environment (configured in
+    /// its own container): nothing is known of it, nothing refused — not even a store
+    /// holding the data directory its default would be under.
+    #[test]
+    fn another_tier_configured_elsewhere_is_not_guessed_at() {
+        let none = framework::config::OtherSections::default();
+        check_apart(
+            ARCHIVE,
+            Some("/"),
+            None,
+            NEARLINE,
+            &none,
+            Path::new("/nonexistent-data"),
+        )
+        .expect("nothing known of it");
     }
 
     #[test]
-    fn a_local_store_and_an_online_root_holding_one_another_are_refused() {
-        for (store, roots) in [
-            (Some("/srv/online/archive"), &["/srv/online"][..]),
-            (Some("/srv"), &["/mnt/a", "/srv/online"][..]),
-            (None, &["/nonexistent-data"][..]),
-            (Some("/nonexistent-data/online/x"), &[][..]),
-        ] {
-            let e = check(store, Some("s3://vault"), roots).expect_err("overlap");
-            assert!(e.message.contains("online_archive.online_roots"), "{e}");
-        }
-        check(Some("/srv/archive"), Some("s3://vault"), &["/srv/online"]).expect("apart");
-        check(Some("s3://srv/online"), None, &["/srv/online"]).expect("not a directory");
+    fn a_local_store_and_an_online_root_holding_one_another_are_found() {
+        let base = tempfile::tempdir().expect("temp");
+        let online = base.path().join("online");
+        std::fs::create_dir_all(online.join("vault")).expect("dirs");
+        let roots = crate::paths::open_roots(std::slice::from_ref(&online), false).expect("roots");
+        let inside = online.join("vault").canonicalize().expect("canonical");
+        assert_eq!(root_holding_store(&inside, &roots), Some(online.as_path()));
+        let above = base.path().canonicalize().expect("canonical");
+        assert_eq!(root_holding_store(&above, &roots), Some(online.as_path()));
+        let apart = base.path().join("store");
+        assert_eq!(root_holding_store(&apart, &roots), None);
     }
 }

@@ -177,6 +177,20 @@ impl TierProcessor {
                     ),
                 )));
             }
+            // A local store's name is its path, which may change under the same files (a
+            // link repointed, a volume mounted elsewhere by another replica): said, not
+            // refused. Its records hold no multipart uploads another could abort.
+            Some(ForeignOwner::Store(other)) if tier.s3.is_none() => {
+                tracing::warn!(
+                    database = %db::redact_url(&url),
+                    recorded = %other,
+                    store = %tier.identity,
+                    "the database holds the records of another store than this one: if it is \
+                     the same store under another path, nothing is wrong; if it is another \
+                     store (staging beside production), give this one a database of its own \
+                     — their records of one key would overwrite each other"
+                );
+            }
             Some(ForeignOwner::Store(other)) => {
                 return Err(Box::new(framework::config::ConfigError::new(
                     format!("{section}.database_url"),
@@ -195,6 +209,19 @@ impl TierProcessor {
                     ),
                 )));
             }
+        }
+        if let Some(root) = tier
+            .local_dir
+            .as_deref()
+            .and_then(|store| crate::overlap::root_holding_store(store, &roots))
+        {
+            tracing::warn!(
+                store = %tier.display,
+                root = %root.display(),
+                "the store and an online root hold one another: unless the asset sweeper \
+                 leaves the store out, its copies are swept as new media and copied again, \
+                 into the store itself"
+            );
         }
         let shown: Vec<String> = roots
             .iter()

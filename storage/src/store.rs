@@ -536,10 +536,7 @@ pub fn open(url: &str, opts: &StoreOptions) -> Result<Tier, StoreConfigError> {
             store: store.clone(),
             prefix: prefix.trim_matches('/').to_string(),
             display: format!("{url} ({endpoint})"),
-            identity: match prefix.trim_matches('/') {
-                "" => format!("s3://{bucket}"),
-                p => format!("s3://{bucket}/{p}"),
-            },
+            identity: s3_identity(bucket, prefix, opts.endpoint.as_deref()),
             supports_metadata: true,
             local_dir: None,
             min_part: opts.part_size_mib * 1024 * 1024,
@@ -556,6 +553,25 @@ pub fn open(url: &str, opts: &StoreOptions) -> Result<Tier, StoreConfigError> {
             )));
         }
         local(Path::new(dir))
+    }
+}
+
+/// Which S3 store `bucket`/`prefix` is: on AWS (no endpoint) a bucket's name is its
+/// own; on another service the same name may be another bucket, so its endpoint (scheme,
+/// host and port) is part of it.
+fn s3_identity(bucket: &str, prefix: &str, endpoint: Option<&str>) -> String {
+    let at = match prefix.trim_matches('/') {
+        "" => format!("s3://{bucket}"),
+        p => format!("s3://{bucket}/{p}"),
+    };
+    match endpoint.and_then(|e| url::Url::parse(e).ok()) {
+        Some(u) => format!(
+            "{at} at {}://{}{}",
+            u.scheme(),
+            u.host_str().unwrap_or_default().to_ascii_lowercase(),
+            u.port().map(|p| format!(":{p}")).unwrap_or_default()
+        ),
+        None => at,
     }
 }
 

@@ -65,22 +65,20 @@ impl Bounded {
             return Err(Stuck::TooMany(stuck));
         }
         let state = Arc::new(AtomicU8::new(RUNNING));
-        let watch = GiveUpOnDrop {
+        // Owned by the call: dropped when it returns, unwinds, or is never run (a thread
+        // that could not be started), so a given-up call always leaves the count.
+        let finished = Finished {
             state: state.clone(),
             stuck: self.stuck.clone(),
         };
-        let counter = self.stuck.clone();
         let task = tokio::task::spawn_blocking(move || {
-            let r = f();
-            if state
-                .compare_exchange(RUNNING, DONE, Ordering::AcqRel, Ordering::Acquire)
-                .is_err()
-            {
-                // Given up and counted: it is not stuck any more.
-                counter.fetch_sub(1, Ordering::AcqRel);
-            }
-            r
+            let _finished = finished;
+            f()
         });
+        let watch = GiveUpOnDrop {
+            state,
+            stuck: self.stuck.clone(),
+        };
         let r = match tokio::time::timeout(self.wait, task).await {
             Ok(Ok(r)) => Ok(r),
             Ok(Err(_)) => Err(Stuck::Lost),
@@ -88,6 +86,25 @@ impl Bounded {
         };
         drop(watch);
         r
+    }
+}
+
+/// Marks its call as returned when dropped; takes it out of the count where it had been
+/// given up (and counted) already.
+struct Finished {
+    state: Arc<AtomicU8>,
+    stuck: Arc<AtomicUsize>,
+}
+
+impl Drop for Finished {
+    fn drop(&mut self) {
+        if self
+            .state
+            .compare_exchange(RUNNING, DONE, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            self.stuck.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 
@@ -158,6 +175,30 @@ mod tests {
         release.send(()).expect("release");
         until_stuck(&b, 0).await;
         assert_eq!(b.run(|| 8).await, Ok(8));
+    }
+
+    /// A call that panics (or never runs) leaves no count behind: counted, 64 of them
+    /// stopped every open until a restart.
+    #[tokio::test]
+    async fn a_call_that_panics_leaves_no_count() {
+        let b = Bounded::new(Duration::from_secs(30), 1);
+        let r = b.run(|| -> u8 { panic!("injected") }).await;
+        assert_eq!(r, Err(Stuck::Lost));
+        assert_eq!(b.stuck(), 0);
+        assert_eq!(b.run(|| 9).await, Ok(9));
+        // Given up first, then panicking: counted until then, not after.
+        let b = Bounded::new(Duration::from_millis(50), 4);
+        let (release, hang) = std::sync::mpsc::channel::<()>();
+        let r = b
+            .run(move || {
+                let _ = hang.recv();
+                panic!("injected after the wait");
+            })
+            .await;
+        assert_eq!(r, Err(Stuck::TimedOut(Duration::from_millis(50))));
+        assert_eq!(b.stuck(), 1);
+        release.send(()).expect("release");
+        until_stuck(&b, 0).await;
     }
 
     /// A caller dropped while it waits (its handler stopped) gives its call up too: the

@@ -908,10 +908,7 @@ impl<'a> Claim<'a> {
             released: std::sync::atomic::AtomicBool::new(false),
             releasing: std::sync::atomic::AtomicBool::new(false),
         };
-        if !records
-            .claim(key.as_ref(), &claim.owner, CLAIM_LEASE)
-            .await?
-        {
+        if !records.claim(key, &claim.owner, CLAIM_LEASE).await? {
             claim
                 .released
                 .store(true, std::sync::atomic::Ordering::Relaxed);
