@@ -1054,6 +1054,23 @@ mod tests {
         assert!(watched.is_err(), "{:?}", watched.map(|e| e.to_string()));
     }
 
+    /// Waits until another owner can take `key`: well before the lease of the claim given
+    /// up on it would have ended.
+    async fn next_owner_takes(records: &crate::records::Records, key: &str) {
+        let deadline = tokio::time::Instant::now() + super::CLAIM_LEASE / 4;
+        while !records
+            .claim(key, "next", super::CLAIM_LEASE)
+            .await
+            .expect("claim")
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "given up well before its lease ends"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     /// A claim dropped without being released (its handler stopped mid-copy) is given up
     /// at once, not held until its lease ends: the redelivery can take the key.
     #[tokio::test]
@@ -1064,18 +1081,7 @@ mod tests {
         let key = crate::store::object_path("k");
         let claim = super::Claim::take(&records, &key).await.expect("claimed");
         drop(claim);
-        let deadline = tokio::time::Instant::now() + super::CLAIM_LEASE / 4;
-        while !records
-            .claim("k", "next", super::CLAIM_LEASE)
-            .await
-            .expect("claim")
-        {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "given up well before its lease ends"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+        next_owner_takes(&records, "k").await;
     }
 
     /// A claim whose handler stopped while it was being taken (its write queued, its
@@ -1092,18 +1098,7 @@ mod tests {
             super::Claim::take(&records, &key).now_or_never().is_none(),
             "its write is queued, its answer not come"
         );
-        let deadline = tokio::time::Instant::now() + super::CLAIM_LEASE / 4;
-        while !records
-            .claim("k", "next", super::CLAIM_LEASE)
-            .await
-            .expect("claim")
-        {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "given up well before its lease ends"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+        next_owner_takes(&records, "k").await;
     }
 
     /// Set in the child process of the test below, which runs out of descriptors.
