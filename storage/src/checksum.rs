@@ -1,4 +1,5 @@
-//! Streaming checksums: SHA-256 for the archive, MD5 for the nearline vault.
+//! Streaming checksums: SHA-256 for the archive, MD5 for the nearline vault (with a
+//! SHA-256 beside it: MD5 alone proves no content, colliding files are made at will).
 
 use md5::Digest as _;
 use serde::{Deserialize, Serialize};
@@ -25,7 +26,7 @@ impl Algorithm {
     pub fn hasher(self) -> Hasher {
         match self {
             Algorithm::Sha256 => Hasher::Sha256(sha2::Sha256::new()),
-            Algorithm::Md5 => Hasher::Md5(md5::Md5::new()),
+            Algorithm::Md5 => Hasher::Md5(md5::Md5::new(), sha2::Sha256::new()),
         }
     }
 }
@@ -34,8 +35,8 @@ impl Algorithm {
 pub enum Hasher {
     /// SHA-256 state.
     Sha256(sha2::Sha256),
-    /// MD5 state.
-    Md5(md5::Md5),
+    /// MD5 state, and SHA-256's of the same bytes (what tells two contents apart).
+    Md5(md5::Md5, sha2::Sha256),
 }
 
 impl Hasher {
@@ -43,14 +44,17 @@ impl Hasher {
     pub fn update(&mut self, b: &[u8]) {
         match self {
             Hasher::Sha256(h) => h.update(b),
-            Hasher::Md5(h) => h.update(b),
+            Hasher::Md5(h, s) => {
+                h.update(b);
+                s.update(b);
+            }
         }
     }
-    /// The lower-case hex digest.
-    pub fn finish(self) -> String {
+    /// The lower-case hex digest, and the SHA-256 computed beside another algorithm's.
+    pub fn finish(self) -> (String, Option<String>) {
         match self {
-            Hasher::Sha256(h) => hex::encode(h.finalize()),
-            Hasher::Md5(h) => hex::encode(h.finalize()),
+            Hasher::Sha256(h) => (hex::encode(h.finalize()), None),
+            Hasher::Md5(h, s) => (hex::encode(h.finalize()), Some(hex::encode(s.finalize()))),
         }
     }
 }

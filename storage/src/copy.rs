@@ -157,6 +157,10 @@ pub struct Digest {
     pub size: u64,
     /// Lower-case hex digest.
     pub checksum: String,
+    /// The bytes' SHA-256 (hex) where `checksum` is another algorithm's, computed in the
+    /// same read: MD5 tells no two contents apart (colliding files are made in seconds),
+    /// so one content is never taken for another on its MD5 and size alone.
+    pub sha256: Option<String>,
 }
 
 /// Copy and verification failures; all are worth retrying.
@@ -404,9 +408,11 @@ pub async fn hash_open(
             h.update(&buf[..n]);
             size += n as u64;
         }
+        let (checksum, sha256) = h.finish();
         Ok(Digest {
             size,
-            checksum: h.finish(),
+            checksum,
+            sha256,
         })
     })
     .await
@@ -450,9 +456,11 @@ pub async fn hash_object(
         h.update(&chunk);
         size += chunk.len() as u64;
     }
+    let (checksum, sha256) = h.finish();
     Ok(Some(Digest {
         size,
-        checksum: h.finish(),
+        checksum,
+        sha256,
     }))
 }
 
@@ -669,6 +677,7 @@ pub async fn upload(
             digest: Digest {
                 size,
                 checksum: String::new(),
+                sha256: None,
             },
             store_checksum: sums.as_ref().map(|s| s.0.clone()),
             md5: sums.map(|s| s.1),
@@ -718,7 +727,7 @@ pub async fn upload(
         tracing::warn!(key = %key, error = %framework::telemetry::LogText(&e.to_string()), "removed what this attempt stored");
         return Err(e);
     }
-    up.digest.checksum = h.finish();
+    (up.digest.checksum, up.digest.sha256) = h.finish();
     Ok(up)
 }
 
@@ -785,6 +794,7 @@ async fn upload_multipart(
         digest: Digest {
             size,
             checksum: String::new(),
+            sha256: None,
         },
         store_checksum: None,
         md5: None,
@@ -1066,6 +1076,7 @@ impl Multipart<'_> {
             digest: Digest {
                 size,
                 checksum: String::new(),
+                sha256: None,
             },
             store_checksum: Some(format!("{composite}-{n}")),
             md5: None,
@@ -1230,11 +1241,13 @@ pub async fn confirm_recorded(
             return Ok(true);
         }
     }
-    let expected = Digest {
-        size: obj.size,
-        checksum: obj.checksum.clone(),
-    };
-    if hash_object(tier, &key, alg).await?.as_ref() != Some(&expected) {
+    let read = hash_object(tier, &key, alg).await?;
+    let same = read.is_some_and(|r| {
+        r.size == obj.size
+            && r.checksum == obj.checksum
+            && (obj.content_sha256.is_none() || r.sha256 == obj.content_sha256)
+    });
+    if !same {
         return Ok(false);
     }
     // Recorded while its publisher's directory fsync may still run: reported only once
@@ -1279,6 +1292,7 @@ fn mismatch(
     let stored = stored.unwrap_or(Digest {
         size: 0,
         checksum: "missing".into(),
+        sha256: None,
     });
     CopyError::Mismatch {
         key: key.to_string(),

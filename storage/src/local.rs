@@ -465,9 +465,11 @@ fn copy_small(
     (&*staging)
         .write_all(&buf[..size])
         .map_err(|e| CopyError::Write(dest.display().to_string(), e))?;
+    let (checksum, sha256) = h.finish();
     Ok(Digest {
         size: size as u64,
-        checksum: h.finish(),
+        checksum,
+        sha256,
     })
 }
 
@@ -551,7 +553,7 @@ fn copy_pipelined(
         let written = writer
             .join()
             .unwrap_or_else(|_| Err(std::io::Error::other("the writer thread panicked")));
-        let checksum = hasher.join().map_err(|_| {
+        let (checksum, sha256) = hasher.join().map_err(|_| {
             CopyError::Read(
                 shown.to_string(),
                 std::io::Error::other("the hasher thread panicked"),
@@ -559,7 +561,11 @@ fn copy_pipelined(
         })?;
         read?;
         written.map_err(|e| CopyError::Write(dest.display().to_string(), e))?;
-        Ok(Digest { size, checksum })
+        Ok(Digest {
+            size,
+            checksum,
+            sha256,
+        })
     })
 }
 

@@ -422,13 +422,14 @@ async fn copies_in(tx: &mut Tx<'_>, copies: &[&CopyRow]) -> Result<(), db::sqlx:
     for chunk in power_of_two_chunks(&objects) {
         let sql = multi_row_upsert(
             "INSERT INTO stored_objects (object_key, size, algorithm, checksum, stored_at, \
-             store_etag, store_version, store_checksum) VALUES ",
-            8,
+             store_etag, store_version, store_checksum, content_sha256) VALUES ",
+            9,
             chunk.len(),
             " ON CONFLICT (object_key) DO UPDATE SET size = excluded.size, \
              algorithm = excluded.algorithm, checksum = excluded.checksum, \
              store_etag = excluded.store_etag, store_version = excluded.store_version, \
-             store_checksum = excluded.store_checksum",
+             store_checksum = excluded.store_checksum, \
+             content_sha256 = excluded.content_sha256",
         );
         let mut q = db::sqlx::query(&sql);
         for c in chunk {
@@ -441,7 +442,8 @@ async fn copies_in(tx: &mut Tx<'_>, copies: &[&CopyRow]) -> Result<(), db::sqlx:
                 .bind(&at)
                 .bind(object.store.etag.as_deref())
                 .bind(object.store.version.as_deref())
-                .bind(object.store.checksum.as_deref());
+                .bind(object.store.checksum.as_deref())
+                .bind(object.content_sha256.as_deref());
         }
         q.execute(&mut **tx).await?;
     }
@@ -530,6 +532,9 @@ pub struct StoredObject {
     pub size: u64,
     /// Verified digest.
     pub checksum: String,
+    /// The content's SHA-256 (hex) where `checksum` is MD5 (see
+    /// [`crate::copy::Digest::sha256`]); `None` where not known.
+    pub content_sha256: Option<String>,
     /// What the store said about it when it was verified.
     pub store: StoreFacts,
 }
@@ -671,7 +676,7 @@ impl Records {
         db::bounded(async {
             let rows = db::sqlx::query(
                 "SELECT o.object_key, o.size, o.checksum, o.store_etag, o.store_version, \
-                 o.store_checksum FROM copied_files f \
+                 o.store_checksum, o.content_sha256 FROM copied_files f \
                  JOIN stored_objects o ON o.object_key = f.object_key \
                  WHERE f.original_path = $1 AND f.size = $2 AND f.mtime = $3 AND o.size = f.size \
                  AND (f.checksum IS NULL OR f.checksum = o.checksum)",
@@ -697,7 +702,7 @@ impl Records {
         db::bounded(async {
             let rows = db::sqlx::query(
                 "SELECT o.object_key, o.size, o.checksum, o.store_etag, o.store_version, \
-                 o.store_checksum, f.mtime FROM copied_files f \
+                 o.store_checksum, o.content_sha256, f.mtime FROM copied_files f \
                  JOIN stored_objects o ON o.object_key = f.object_key \
                  WHERE f.original_path = $1 AND f.size = $2 AND o.size = f.size \
                  AND (f.checksum IS NULL OR f.checksum = o.checksum)",
@@ -721,14 +726,40 @@ impl Records {
     ) -> Result<Vec<StoredObject>, db::sqlx::Error> {
         db::bounded(async {
             let rows = db::sqlx::query(
-                "SELECT object_key, size, checksum, store_etag, store_version, store_checksum \
-                 FROM stored_objects WHERE checksum = $1 AND size = $2",
+                "SELECT object_key, size, checksum, store_etag, store_version, store_checksum, \
+                 content_sha256 FROM stored_objects WHERE checksum = $1 AND size = $2",
             )
             .bind(checksum)
             .bind(size as i64)
             .fetch_all(&self.pool)
             .await?;
             rows.iter().map(stored_object).collect()
+        })
+        .await
+    }
+
+    /// Records the SHA-256 of `key`'s content, read back from the store, where the row
+    /// still names that content (`checksum`, `size`): the next look at the object then
+    /// needs no download.
+    pub async fn set_content_sha256(
+        &self,
+        key: &str,
+        size: u64,
+        checksum: &str,
+        sha256: &str,
+    ) -> Result<(), db::sqlx::Error> {
+        db::bounded(async {
+            db::sqlx::query(
+                "UPDATE stored_objects SET content_sha256 = $1 \
+                 WHERE object_key = $2 AND size = $3 AND checksum = $4",
+            )
+            .bind(sha256)
+            .bind(key)
+            .bind(size as i64)
+            .bind(checksum)
+            .execute(&self.write)
+            .await
+            .map(|_| ())
         })
         .await
     }
@@ -1102,6 +1133,7 @@ fn stored_object(r: &db::sqlx::any::AnyRow) -> Result<StoredObject, db::sqlx::Er
         object_key: r.try_get("object_key")?,
         size: r.try_get::<i64, _>("size")?.max(0) as u64,
         checksum: r.try_get("checksum")?,
+        content_sha256: r.try_get("content_sha256")?,
         store: StoreFacts {
             etag: r.try_get("store_etag")?,
             version: r.try_get("store_version")?,
@@ -1206,6 +1238,7 @@ mod tests {
             object_key: "k".into(),
             size: 4,
             checksum: "c".into(),
+            content_sha256: None,
             store: StoreFacts::default(),
         };
         let id = async || -> (Option<String>, Option<String>) {
@@ -1409,6 +1442,7 @@ mod tests {
                 object_key: key.into(),
                 size: 4,
                 checksum: checksum.into(),
+                content_sha256: None,
                 store: StoreFacts::default(),
             },
             algorithm: "sha256".into(),
@@ -1728,6 +1762,7 @@ mod tests {
             object_key: key.into(),
             size: 4,
             checksum: "c2".into(),
+            content_sha256: None,
             store: StoreFacts::default(),
         };
         let pg = db::testing::TempPostgres::create().await.unwrap();

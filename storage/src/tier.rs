@@ -448,20 +448,20 @@ impl TierCopier {
             state.confirm(file, &original).await?;
         }
         if let Some(d) = &source {
-            for obj in earlier.iter().filter(|o| o.checksum == d.checksum) {
+            for mut obj in earlier.into_iter().filter(|o| o.checksum == d.checksum) {
                 // As below: one that cannot be read back now (an archive storage class; a
                 // record of a reused object may hold nothing the store's HEAD can settle)
                 // is not confirmed here — the file, still here, goes on to the steps below
                 // (another key's object: copied again; its own natural key in an archive
                 // class: refused there, saying so).
-                let confirmed = match copy::confirm_recorded(&self.tier, obj, alg).await {
+                let confirmed = match self.holds(&mut obj, d).await {
                     Err(CopyError::Archived(_)) => false,
                     r => r?,
                 };
                 if confirmed {
-                    return Ok(TierOutcome::Copied(report(obj, false)));
+                    return Ok(TierOutcome::Copied(report(&obj, false)));
                 }
-                tracing::warn!(key = %obj.object_key, "recorded copy is missing, damaged or cannot be read back now; copying again");
+                tracing::warn!(key = %obj.object_key, "recorded copy is missing, damaged, of other content or cannot be read back now; copying again");
             }
         }
 
@@ -600,22 +600,66 @@ impl TierCopier {
         mtime: &str,
         msg: &AssetSweeperFile,
     ) -> Result<Option<StoredObject>, TierError> {
-        for obj in self.records.objects_with(&d.checksum, d.size).await? {
+        for mut obj in self.records.objects_with(&d.checksum, d.size).await? {
             // Confirmed by the store's checksum or read back: a damaged copy must not be
             // trusted. Another file's object that cannot be read back now (moved to an
             // archive storage class) is not confirmed: this file gets a copy of its own,
             // not a dead letter for another file's object.
-            let confirmed =
-                match copy::confirm_recorded(&self.tier, &obj, self.policy.algorithm).await {
-                    Err(CopyError::Archived(_)) => false,
-                    r => r?,
-                };
+            let confirmed = match self.holds(&mut obj, d).await {
+                Err(CopyError::Archived(_)) => false,
+                r => r?,
+            };
             if confirmed {
                 self.record(&obj, original, mtime, msg, None).await?;
                 return Ok(Some(obj));
             }
         }
         Ok(None)
+    }
+
+    /// Whether the recorded object `obj` still holds what was recorded, and that is the
+    /// content `d` (a source's digest): its size and checksum, and where the checksum is
+    /// MD5 its SHA-256 as well — MD5 tells no two contents apart. A record older than
+    /// that SHA-256 has it read back from the object (one download) and filled in, so
+    /// the next look needs none.
+    async fn holds(&self, obj: &mut StoredObject, d: &Digest) -> Result<bool, CopyError> {
+        let alg = self.policy.algorithm;
+        if obj.size != d.size || obj.checksum != d.checksum {
+            return Ok(false);
+        }
+        let Some(want) = &d.sha256 else {
+            return copy::confirm_recorded(&self.tier, obj, alg).await;
+        };
+        if let Some(known) = &obj.content_sha256 {
+            return match known == want {
+                true => copy::confirm_recorded(&self.tier, obj, alg).await,
+                false => Ok(false),
+            };
+        }
+        let key = crate::store::object_path(&obj.object_key);
+        let read = copy::hash_object(&self.tier, &key, alg).await?;
+        let Some(sha256) = read
+            .filter(|r| r.size == obj.size && r.checksum == obj.checksum)
+            .and_then(|r| r.sha256)
+        else {
+            return Ok(false);
+        };
+        if let Err(e) = self
+            .records
+            .set_content_sha256(&obj.object_key, obj.size, &obj.checksum, &sha256)
+            .await
+        {
+            // Only a saving: the next look at the object reads it back again.
+            tracing::warn!(key = %obj.object_key, error = %e, "could not record the SHA-256 read back from the object");
+        }
+        let same = &sha256 == want;
+        obj.content_sha256 = Some(sha256);
+        if same {
+            // Recorded while its publisher's directory fsync may still run: reported only
+            // once durable.
+            copy::make_durable(&self.tier, &key).await?;
+        }
+        Ok(same)
     }
 
     /// The copy recorded of the file `msg` names as the sweeper saw it (its size and
@@ -725,6 +769,7 @@ impl TierCopier {
                         object_key: key.to_string(),
                         size: d.size,
                         checksum: d.checksum.clone(),
+                        content_sha256: d.sha256.clone(),
                         store: facts.unwrap_or_default(),
                     };
                     // The file hashed is still the one first looked at (its size and mtime
@@ -792,6 +837,7 @@ impl TierCopier {
                 object_key: key.to_string(),
                 size: written.size,
                 checksum: written.checksum,
+                content_sha256: written.sha256,
                 store: facts,
             };
             // The object is durable (a local copy fsyncs its directory entry too, an
@@ -1032,6 +1078,7 @@ mod tests {
             object_key: "k".into(),
             size: 1,
             checksum: "00".into(),
+            content_sha256: None,
             store: Default::default(),
         };
         records

@@ -1058,6 +1058,7 @@ async fn concurrent_claims_and_records_are_group_committed_each_answered_truthfu
                 object_key: key.clone(),
                 size: i,
                 checksum: format!("sum-{i}"),
+                content_sha256: None,
                 store: Default::default(),
             };
             r.record_copy_releasing(
@@ -1753,6 +1754,7 @@ async fn an_archived_object_of_another_file_is_not_reused_nor_held_against_this_
                 object_key: "pre/other/clip.mov".into(),
                 size: body.len() as u64,
                 checksum: sha256(&body),
+                content_sha256: None,
                 store: Default::default(),
             },
             "sha256",
@@ -1941,4 +1943,184 @@ async fn identical_files_copied_at_once_are_stored_once() {
             .count(),
         1
     );
+}
+
+/// Two different 128-byte blocks with one MD5 (Wang and Yu's published pair): any common
+/// suffix keeps the collision, so files of any size can share an MD5 and differ.
+fn md5_twins(len: usize) -> (Vec<u8>, Vec<u8>) {
+    const A: &str = "d131dd02c5e6eec4693d9a0698aff95c2fcab58712467eab4004583eb8fb7f8955ad340609f4b30283e488832571415a085125e8f7cdc99fd91dbdf280373c5bd8823e3156348f5bae6dacd436c919c6dd53e2b487da03fd02396306d248cda0e99f33420f577ee8ce54b67080a80d1ec69821bcb6a8839396f9652b6ff72a70";
+    const B: &str = "d131dd02c5e6eec4693d9a0698aff95c2fcab50712467eab4004583eb8fb7f8955ad340609f4b30283e4888325f1415a085125e8f7cdc99fd91dbd7280373c5bd8823e3156348f5bae6dacd436c919c6dd53e23487da03fd02396306d248cda0e99f33420f577ee8ce54b67080280d1ec69821bcb6a8839396f965ab6ff72a70";
+    let suffix = content(len.saturating_sub(128), 3);
+    let twin = |h: &str| [hex::decode(h).expect("hex"), suffix.clone()].concat();
+    let (a, b) = (twin(A), twin(B));
+    assert_ne!(a, b);
+    let md5 = |b: &[u8]| {
+        use md5::Digest;
+        hex::encode(md5::Md5::digest(b))
+    };
+    assert_eq!(md5(&a), md5(&b), "the pair collides");
+    (a, b)
+}
+
+/// A nearline copier (MD5, identical content reused) over `<base>/online` into `tier`.
+fn nearline(base: &Path, tier: Tier, records: Records) -> TierCopier {
+    let roots = open_roots(&[base.join("online")], true).expect("roots");
+    TierCopier::new(
+        roots,
+        tier,
+        records,
+        TierPolicy {
+            algorithm: Algorithm::Md5,
+            keep_metadata: true,
+            reuse_identical: true,
+            skip_ignored: true,
+        },
+    )
+}
+
+/// What a local store holds at `key`.
+fn held(store: &Path, key: &str) -> Vec<u8> {
+    std::fs::read(store.join(key)).expect("stored")
+}
+
+/// MD5 alone proves no content (colliding files are made in seconds): a nearline copy
+/// reported for a file must hold that file's bytes, not another's of the same MD5 and
+/// size — whether that other is another file's object (reuse), this path's earlier copy
+/// (a file replaced with its size and time kept), or an unrecorded object at the key.
+#[tokio::test]
+async fn files_of_one_md5_and_other_bytes_are_never_taken_for_one_another() {
+    let base = tempfile::tempdir().expect("temp");
+    let store = base.path().join("store");
+    let recs = records(base.path()).await;
+    let c = nearline(
+        base.path(),
+        storage::store::local(&store).expect("tier"),
+        recs,
+    );
+    let (a, b) = md5_twins(3 * MIB);
+    let ra = copied(
+        c.handle(&put(base.path(), "online", "x/a.mxf", &a), 1)
+            .await,
+    );
+    assert!(ra.uploaded);
+    assert_eq!(held(&store, &ra.key), a);
+
+    // Another file with the twin's bytes: not the first file's object.
+    let rb = copied(
+        c.handle(&put(base.path(), "online", "y/b.mxf", &b), 1)
+            .await,
+    );
+    assert_eq!(rb.checksum, ra.checksum, "one MD5");
+    assert_eq!(held(&store, &rb.key), b, "{rb:?}");
+    assert!(rb.uploaded);
+
+    // The first path's file replaced by the twin, its time kept: not its earlier copy.
+    let path = base.path().join("online/x/a.mxf");
+    let mtime = std::fs::metadata(&path)
+        .and_then(|m| m.modified())
+        .expect("mtime");
+    std::fs::write(&path, &b).expect("replace");
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .and_then(|f| f.set_modified(mtime))
+        .expect("time kept");
+    let msg = put_message("x", "a.mxf");
+    let again = copied(c.handle(&msg, 2).await);
+    assert_eq!(held(&store, &again.key), b, "{again:?}");
+
+    // The same bytes again are still reused: one object for `b`'s content.
+    let rd = copied(
+        c.handle(&put(base.path(), "online", "w/d.mxf", &b), 1)
+            .await,
+    );
+    assert!(!rd.uploaded, "{rd:?}");
+    assert_eq!(held(&store, &rd.key), b);
+
+    // An object of the twin's bytes at the natural key of a vault recording nothing of
+    // it (a copy whose record was lost): not this file's copy; stored beside it.
+    let other = base.path().join("other-store");
+    std::fs::create_dir_all(other.join("z")).expect("dir");
+    std::fs::write(other.join("z/c.mxf"), &a).expect("unrecorded twin");
+    let db = base.path().join("other-db");
+    std::fs::create_dir_all(&db).expect("db dir");
+    let c = nearline(
+        base.path(),
+        storage::store::local(&other).expect("tier"),
+        records(&db).await,
+    );
+    let rc = copied(
+        c.handle(&put(base.path(), "online", "z/c.mxf", &b), 1)
+            .await,
+    );
+    assert_eq!(held(&other, &rc.key), b, "{rc:?}");
+    assert_eq!(held(&other, "z/c.mxf"), a, "never overwritten");
+}
+
+/// The message for `<root>/<dir>/<name>` (a file already written).
+fn put_message(dir: &str, name: &str) -> AssetSweeperFile {
+    serde_json::from_value(sweeper_message(dir, name, false)).expect("message")
+}
+
+/// On S3 the vault's objects are told apart by the SHA-256 recorded with them, without
+/// downloading: another file of one MD5 is not given the first's object, and its own is
+/// stored. A record older than that SHA-256 is read back once (and filled in): an
+/// identical file then reuses the object, and the next one needs no download.
+#[tokio::test]
+async fn s3_vault_objects_of_one_md5_are_told_apart_by_their_recorded_sha256() {
+    let bucket = "tier-md5-twins";
+    let (_moto, proxy, tier) = s3_tier(bucket).await;
+    let base = tempfile::tempdir().expect("temp");
+    let c = nearline(base.path(), tier.clone(), records(base.path()).await);
+    let (a, b) = md5_twins(64 * 1024);
+    let ra = copied(
+        c.handle(&put(base.path(), "online", "x/a.mxf", &a), 1)
+            .await,
+    );
+    assert_eq!(ra.key, "pre/x/a.mxf");
+
+    proxy.reset();
+    let rb = copied(
+        c.handle(&put(base.path(), "online", "y/b.mxf", &b), 1)
+            .await,
+    );
+    assert_eq!(rb.key, "pre/y/b.mxf", "its own object: {rb:?}");
+    assert!(rb.uploaded);
+    assert_eq!(
+        downloads(&proxy, bucket, &ra.key),
+        0,
+        "{:?}",
+        proxy.requests()
+    );
+    assert_eq!(stored_sha256(&tier, &rb.key).await, sha256(&b));
+
+    // Records written before the SHA-256 was kept (a writer of its own: the records'
+    // pool only reads).
+    db::sqlx::any::install_default_drivers();
+    let url = format!("sqlite://{}", base.path().join("tier.db").display());
+    let writer = db::sqlx::AnyPool::connect(&url).await.expect("writer");
+    db::sqlx::query("UPDATE stored_objects SET content_sha256 = NULL")
+        .execute(&writer)
+        .await
+        .expect("older records");
+    // The twin's content looks at both objects: the first file's is read back to tell
+    // (and its SHA-256 kept), its own is read back and reused.
+    proxy.reset();
+    let r1 = copied(
+        c.handle(&put(base.path(), "online", "w/b1.mxf", &b), 1)
+            .await,
+    );
+    assert_eq!(r1.key, rb.key, "reused: {r1:?}");
+    assert!(!r1.uploaded);
+    assert_eq!(downloads(&proxy, bucket, &rb.key), 1, "read back once");
+    assert!(downloads(&proxy, bucket, &ra.key) <= 1);
+    // Each read back once only: the next look knows both.
+    proxy.reset();
+    let r2 = copied(
+        c.handle(&put(base.path(), "online", "w/b2.mxf", &b), 1)
+            .await,
+    );
+    assert_eq!(r2.key, rb.key, "reused: {r2:?}");
+    let gets = downloads(&proxy, bucket, &ra.key) + downloads(&proxy, bucket, &rb.key);
+    assert_eq!(gets, 0, "{:?}", proxy.requests());
 }
