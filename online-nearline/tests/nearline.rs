@@ -58,11 +58,12 @@ async fn copies_with_md5_reuses_identical_and_detects_damage() {
     assert!(!data.path().join("nearline/show/copy-of-ep1.mxf").exists());
 
     // The vault copy gets damaged (same size, other bytes): MD5 read-back catches it, the
-    // damaged object is left alone and a good copy is stored beside it.
+    // damaged object is left alone and a good copy is stored beside it, under a key named
+    // from its SHA-256 (two contents of one MD5 never meet there).
     std::fs::write(data.path().join("nearline/show/ep1.mxf"), b"episode 0ne").unwrap();
     send(&hs, &sweeper_message(&dir, "ep1.mxf", false)).await;
     let v: serde_json::Value = serde_json::from_slice(&next(&mut out).await.data).unwrap();
-    let sum = md5hex(b"episode one");
+    let sum = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b"episode one"));
     assert_eq!(v["vault_key"], format!("show/ep1.mxf.{}", &sum[..16]));
     assert_eq!(v["uploaded"], true);
     assert_eq!(

@@ -739,8 +739,8 @@ impl Records {
     }
 
     /// Records the SHA-256 of `key`'s content, read back from the store, where the row
-    /// still names that content (`checksum`, `size`): the next look at the object then
-    /// needs no download.
+    /// still names that content (`checksum`, `size`) and holds none (a copy recorded
+    /// meanwhile knows its own): the next look at the object then needs no download.
     pub async fn set_content_sha256(
         &self,
         key: &str,
@@ -751,7 +751,8 @@ impl Records {
         db::bounded(async {
             db::sqlx::query(
                 "UPDATE stored_objects SET content_sha256 = $1 \
-                 WHERE object_key = $2 AND size = $3 AND checksum = $4",
+                 WHERE object_key = $2 AND size = $3 AND checksum = $4 \
+                 AND content_sha256 IS NULL",
             )
             .bind(sha256)
             .bind(key)

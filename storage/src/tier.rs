@@ -454,7 +454,7 @@ impl TierCopier {
                 // is not confirmed here — the file, still here, goes on to the steps below
                 // (another key's object: copied again; its own natural key in an archive
                 // class: refused there, saying so).
-                let confirmed = match self.holds(&mut obj, d).await {
+                let confirmed = match self.holds(&mut obj, d, true).await {
                     Err(CopyError::Archived(_)) => false,
                     r => r?,
                 };
@@ -560,10 +560,13 @@ impl TierCopier {
                         return Ok(TierOutcome::Copied(report(&obj, uploaded)));
                     }
                     Claimed::Occupied(d) if key == natural => {
+                        // Named from the SHA-256 where the checksum is MD5: two contents
+                        // of one MD5 would otherwise meet at one sibling key.
+                        let named = d.sha256.as_deref().unwrap_or(&d.checksum);
                         key = crate::store::object_path(&format!(
                             "{}.{}",
                             natural,
-                            &d.checksum[..16.min(d.checksum.len())]
+                            &named[..16.min(named.len())]
                         ));
                         tracing::warn!(key = %natural, sibling = %key, "different content already stored under this key; storing beside it");
                     }
@@ -605,7 +608,7 @@ impl TierCopier {
             // trusted. Another file's object that cannot be read back now (moved to an
             // archive storage class) is not confirmed: this file gets a copy of its own,
             // not a dead letter for another file's object.
-            let confirmed = match self.holds(&mut obj, d).await {
+            let confirmed = match self.holds(&mut obj, d, false).await {
                 Err(CopyError::Archived(_)) => false,
                 r => r?,
             };
@@ -621,8 +624,15 @@ impl TierCopier {
     /// content `d` (a source's digest): its size and checksum, and where the checksum is
     /// MD5 its SHA-256 as well — MD5 tells no two contents apart. A record older than
     /// that SHA-256 has it read back from the object (one download) and filled in, so
-    /// the next look needs none.
-    async fn holds(&self, obj: &mut StoredObject, d: &Digest) -> Result<bool, CopyError> {
+    /// the next look needs none — unless it cannot be read back now (an archive storage
+    /// class): then this path's own earlier copy (`own`: recorded for this path, size and
+    /// time) is settled by the store as before, another file's object is not reused.
+    async fn holds(
+        &self,
+        obj: &mut StoredObject,
+        d: &Digest,
+        own: bool,
+    ) -> Result<bool, CopyError> {
         let alg = self.policy.algorithm;
         if obj.size != d.size || obj.checksum != d.checksum {
             return Ok(false);
@@ -637,7 +647,12 @@ impl TierCopier {
             };
         }
         let key = crate::store::object_path(&obj.object_key);
-        let read = copy::hash_object(&self.tier, &key, alg).await?;
+        let read = match copy::hash_object(&self.tier, &key, alg).await {
+            Err(CopyError::Archived(_)) if own => {
+                return copy::confirm_recorded(&self.tier, obj, alg).await;
+            }
+            r => r?,
+        };
         let Some(sha256) = read
             .filter(|r| r.size == obj.size && r.checksum == obj.checksum)
             .and_then(|r| r.sha256)
@@ -690,10 +705,10 @@ impl TierCopier {
             // Copies of other content at this size and time (a file replaced with its time
             // kept, stored beside the first): which one the message meant cannot be told
             // without the file, so none is reported.
-            if matching
-                .iter()
-                .any(|(o, _)| o.checksum != matching[0].0.checksum)
-            {
+            if matching.iter().any(|(o, _)| {
+                o.checksum != matching[0].0.checksum
+                    || o.content_sha256 != matching[0].0.content_sha256
+            }) {
                 return Ok(None);
             }
             for (obj, mtime) in matching {

@@ -1998,10 +1998,22 @@ async fn files_of_one_md5_and_other_bytes_are_never_taken_for_one_another() {
         recs,
     );
     let (a, b) = md5_twins(3 * MIB);
-    let ra = copied(
-        c.handle(&put(base.path(), "online", "x/a.mxf", &a), 1)
-            .await,
-    );
+    // At the time the messages say (a gone file's copies are looked up by it).
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_704_067_200);
+    let path = base.path().join("online/x/a.mxf");
+    let set_time = || {
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.set_modified(at))
+            .expect("time set")
+    };
+    let mut m = sweeper_message("x", "a.mxf", false);
+    m["size"] = a.len().into();
+    let msg: AssetSweeperFile = serde_json::from_value(m).expect("message");
+    put(base.path(), "online", "x/a.mxf", &a);
+    set_time();
+    let ra = copied(c.handle(&msg, 1).await);
     assert!(ra.uploaded);
     assert_eq!(held(&store, &ra.key), a);
 
@@ -2015,19 +2027,17 @@ async fn files_of_one_md5_and_other_bytes_are_never_taken_for_one_another() {
     assert!(rb.uploaded);
 
     // The first path's file replaced by the twin, its time kept: not its earlier copy.
-    let path = base.path().join("online/x/a.mxf");
-    let mtime = std::fs::metadata(&path)
-        .and_then(|m| m.modified())
-        .expect("mtime");
     std::fs::write(&path, &b).expect("replace");
-    std::fs::File::options()
-        .write(true)
-        .open(&path)
-        .and_then(|f| f.set_modified(mtime))
-        .expect("time kept");
-    let msg = put_message("x", "a.mxf");
+    set_time();
     let again = copied(c.handle(&msg, 2).await);
     assert_eq!(held(&store, &again.key), b, "{again:?}");
+
+    // Then gone: copied as two contents at that size and time, which one cannot be told.
+    std::fs::remove_file(&path).expect("moved away");
+    match c.handle(&msg, 3).await {
+        Err(TierError::Permanent(e)) => assert!(e.contains("a.mxf"), "{e}"),
+        r => panic!("expected Permanent, got {r:?}"),
+    }
 
     // The same bytes again are still reused: one object for `b`'s content.
     let rd = copied(
@@ -2057,9 +2067,32 @@ async fn files_of_one_md5_and_other_bytes_are_never_taken_for_one_another() {
     assert_eq!(held(&other, "z/c.mxf"), a, "never overwritten");
 }
 
-/// The message for `<root>/<dir>/<name>` (a file already written).
-fn put_message(dir: &str, name: &str) -> AssetSweeperFile {
-    serde_json::from_value(sweeper_message(dir, name, false)).expect("message")
+/// One path holding three contents in turn, two of them of one MD5: each is stored under
+/// a key of its own (the key beside the first is named from the SHA-256, not the MD5
+/// the twins share, which had the third refused as "damage").
+#[tokio::test]
+async fn a_path_holding_md5_twins_in_turn_stores_each_beside_the_first() {
+    let base = tempfile::tempdir().expect("temp");
+    let store = base.path().join("store");
+    let c = nearline(
+        base.path(),
+        storage::store::local(&store).expect("tier"),
+        records(base.path()).await,
+    );
+    let (a, b) = md5_twins(3 * MIB);
+    let mut keys = Vec::new();
+    for body in [content(3 * MIB, 7), a, b] {
+        let r = copied(
+            c.handle(&put(base.path(), "online", "p/f.mxf", &body), 1)
+                .await,
+        );
+        assert!(r.uploaded, "{r:?}");
+        assert_eq!(held(&store, &r.key), body);
+        keys.push(r.key);
+    }
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys.len(), 3, "{keys:?}");
 }
 
 /// On S3 the vault's objects are told apart by the SHA-256 recorded with them, without
