@@ -2157,3 +2157,77 @@ async fn s3_vault_objects_of_one_md5_are_told_apart_by_their_recorded_sha256() {
     let gets = downloads(&proxy, bucket, &ra.key) + downloads(&proxy, bucket, &rb.key);
     assert_eq!(gets, 0, "{:?}", proxy.requests());
 }
+
+/// A nearline copy recorded before its content's SHA-256 was kept, whose object has since
+/// moved to an archive storage class (it cannot be read back to learn that SHA-256): the
+/// file's redelivery is settled by the store's HEAD as before, not dead-lettered for its
+/// own copy.
+#[tokio::test]
+async fn an_older_nearline_record_of_an_archived_object_still_settles_its_redelivery() {
+    let bucket = "tier-md5-cold";
+    let (moto, _proxy, tier) = s3_tier(bucket).await;
+    let base = tempfile::tempdir().expect("temp");
+    let recs = records(base.path()).await;
+    let body = b"cold nearline bytes".to_vec();
+    let msg = put(base.path(), "online", "cold/clip.mov", &body);
+    let file = base.path().join("online/cold/clip.mov");
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_704_067_200);
+    std::fs::File::options()
+        .write(true)
+        .open(&file)
+        .and_then(|f| f.set_modified(at))
+        .expect("mtime");
+    let key = "pre/cold/clip.mov";
+    let mut attrs = object_store::Attributes::new();
+    attrs.insert(object_store::Attribute::StorageClass, "GLACIER".into());
+    object_store::ObjectStore::put_opts(
+        &plain_client(&moto, bucket),
+        &object_store::path::Path::from(key),
+        body.clone().into(),
+        object_store::PutOptions {
+            attributes: attrs,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("put in glacier");
+    let head = tier
+        .s3
+        .as_ref()
+        .expect("s3")
+        .head(&storage::store::object_path(key))
+        .await
+        .expect("head")
+        .expect("there");
+    let md5 = {
+        use md5::Digest;
+        hex::encode(md5::Md5::digest(&body))
+    };
+    recs.record_copy(
+        &storage::records::StoredObject {
+            object_key: key.into(),
+            size: body.len() as u64,
+            checksum: md5,
+            content_sha256: None,
+            store: storage::records::StoreFacts {
+                etag: head.etag,
+                version: head.version,
+                checksum: head.checksum_sha256,
+            },
+        },
+        "md5",
+        &file
+            .canonicalize()
+            .expect("real path")
+            .display()
+            .to_string(),
+        "2024-01-01T00:00:00+00:00",
+        None,
+    )
+    .await
+    .expect("recorded");
+    let c = nearline(base.path(), tier, recs);
+    let r = copied(c.handle(&msg, 2).await);
+    assert_eq!(r.key, key);
+    assert!(!r.uploaded);
+}
