@@ -26,7 +26,7 @@ impl Algorithm {
     pub fn hasher(self) -> Hasher {
         match self {
             Algorithm::Sha256 => Hasher::Sha256(sha2::Sha256::new()),
-            Algorithm::Md5 => Hasher::Md5(md5::Md5::new(), sha2::Sha256::new()),
+            Algorithm::Md5 => Hasher::Md5(md5::Md5::new(), Some(sha2::Sha256::new())),
         }
     }
 }
@@ -35,8 +35,9 @@ impl Algorithm {
 pub enum Hasher {
     /// SHA-256 state.
     Sha256(sha2::Sha256),
-    /// MD5 state, and SHA-256's of the same bytes (what tells two contents apart).
-    Md5(md5::Md5, sha2::Sha256),
+    /// MD5 state, and SHA-256's of the same bytes (what tells two contents apart) unless
+    /// [`Hasher::split`] took it to another thread.
+    Md5(md5::Md5, Option<sha2::Sha256>),
 }
 
 impl Hasher {
@@ -46,15 +47,29 @@ impl Hasher {
             Hasher::Sha256(h) => h.update(b),
             Hasher::Md5(h, s) => {
                 h.update(b);
-                s.update(b);
+                if let Some(s) = s {
+                    s.update(b);
+                }
             }
+        }
+    }
+    /// Splits off the SHA-256 computed beside an MD5, to be fed the same bytes on a thread
+    /// of its own: one thread computing both is a large copy's bound. The split-off
+    /// hasher's digest is the SHA-256 the other's `finish` then leaves out.
+    pub fn split(self) -> (Hasher, Option<Hasher>) {
+        match self {
+            Hasher::Md5(h, Some(s)) => (Hasher::Md5(h, None), Some(Hasher::Sha256(s))),
+            h => (h, None),
         }
     }
     /// The lower-case hex digest, and the SHA-256 computed beside another algorithm's.
     pub fn finish(self) -> (String, Option<String>) {
         match self {
             Hasher::Sha256(h) => (hex::encode(h.finalize()), None),
-            Hasher::Md5(h, s) => (hex::encode(h.finalize()), Some(hex::encode(s.finalize()))),
+            Hasher::Md5(h, s) => (
+                hex::encode(h.finalize()),
+                s.map(|s| hex::encode(s.finalize())),
+            ),
         }
     }
 }

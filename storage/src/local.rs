@@ -486,20 +486,32 @@ fn copy_pipelined(
 ) -> Result<Digest, CopyError> {
     let (to_hasher, hasher_rx) = mpsc::sync_channel::<Arc<Vec<u8>>>(BLOCKS_IN_FLIGHT);
     let (to_writer, writer_rx) = mpsc::sync_channel::<Arc<Vec<u8>>>(BLOCKS_IN_FLIGHT);
-    // Blocks both consumers are done with come back here to be read into again.
+    // Nearline's SHA-256 beside its MD5 on a thread of its own.
+    let (main, side) = alg.hasher().split();
+    let (to_side, side_rx) = match side {
+        Some(_) => {
+            let (t, r) = mpsc::sync_channel::<Arc<Vec<u8>>>(BLOCKS_IN_FLIGHT);
+            (Some(t), Some(r))
+        }
+        None => (None, None),
+    };
+    // Blocks every consumer is done with come back here to be read into again.
     let (recycle, recycled) = mpsc::channel::<Vec<u8>>();
     std::thread::scope(|s| {
-        let hasher_recycle = recycle.clone();
-        let hasher = s.spawn(move || {
-            let mut h = alg.hasher();
-            for block in hasher_rx {
-                h.update(&block);
-                if let Ok(b) = Arc::try_unwrap(block) {
-                    let _ = hasher_recycle.send(b);
+        let hash_on = |mut h: crate::checksum::Hasher, rx: mpsc::Receiver<Arc<Vec<u8>>>| {
+            let recycle = recycle.clone();
+            s.spawn(move || {
+                for block in rx {
+                    h.update(&block);
+                    if let Ok(b) = Arc::try_unwrap(block) {
+                        let _ = recycle.send(b);
+                    }
                 }
-            }
-            h.finish()
-        });
+                h.finish()
+            })
+        };
+        let hasher = hash_on(main, hasher_rx);
+        let side = side.zip(side_rx).map(|(h, rx)| hash_on(h, rx));
         let writer = s.spawn(move || -> std::io::Result<()> {
             let mut written = 0u64;
             let mut flushed = 0u64;
@@ -543,22 +555,31 @@ fn copy_pipelined(
                 size += filled as u64;
                 let block = Arc::new(buf);
                 // A closed channel means that stage failed; its error is reported below.
-                if to_hasher.send(block.clone()).is_err() || to_writer.send(block).is_err() {
+                if to_side
+                    .as_ref()
+                    .is_some_and(|t| t.send(block.clone()).is_err())
+                    || to_hasher.send(block.clone()).is_err()
+                    || to_writer.send(block).is_err()
+                {
                     return Ok(());
                 }
             }
             Ok(())
         })();
-        drop((to_hasher, to_writer));
+        drop((to_hasher, to_writer, to_side));
         let written = writer
             .join()
             .unwrap_or_else(|_| Err(std::io::Error::other("the writer thread panicked")));
-        let (checksum, sha256) = hasher.join().map_err(|_| {
+        let panicked = |_| {
             CopyError::Read(
                 shown.to_string(),
-                std::io::Error::other("the hasher thread panicked"),
+                std::io::Error::other("a hasher thread panicked"),
             )
-        })?;
+        };
+        let (checksum, mut sha256) = hasher.join().map_err(panicked)?;
+        if let Some(side) = side {
+            sha256 = Some(side.join().map_err(panicked)?.0);
+        }
         read?;
         written.map_err(|e| CopyError::Write(dest.display().to_string(), e))?;
         Ok(Digest {
