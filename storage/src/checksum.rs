@@ -53,6 +53,14 @@ impl Hasher {
             }
         }
     }
+    /// The hasher [`Hasher::split`] split, with the SHA-256 it split off given back
+    /// (fed the same bytes meanwhile).
+    pub fn rejoin(self, side: Hasher) -> Hasher {
+        match (self, side) {
+            (Hasher::Md5(h, None), Hasher::Sha256(s)) => Hasher::Md5(h, Some(s)),
+            (h, _) => h,
+        }
+    }
     /// Splits off the SHA-256 computed beside an MD5, to be fed the same bytes on a thread
     /// of its own: one thread computing both is a large copy's bound. The split-off
     /// hasher's digest is the SHA-256 the other's `finish` then leaves out.

@@ -1150,8 +1150,41 @@ async fn read_part(
             break;
         }
     }
-    h.update(&buf);
+    // Off the runtime's threads: a part is up to 525 MiB (a 5 TiB file), a second of
+    // hashing that would stall every other handler, heartbeat and renewal there.
+    let hasher = std::mem::replace(h, Algorithm::Sha256.hasher());
+    let (hasher, buf) = tokio::task::spawn_blocking(move || (hash_block(hasher, &buf), buf))
+        .await
+        .map_err(|e| CopyError::Read(shown.to_string(), std::io::Error::other(e)))?;
+    *h = hasher;
     Ok(Part { bytes: buf, room })
+}
+
+/// `h` fed `b`; nearline's SHA-256 beside its MD5 on a thread of its own for a large
+/// block (one thread computing both is a large copy's bound).
+fn hash_block(h: crate::checksum::Hasher, b: &[u8]) -> crate::checksum::Hasher {
+    const SPLIT_FROM: usize = 1 << 20;
+    let (mut main, side) = match b.len() >= SPLIT_FROM {
+        true => h.split(),
+        false => (h, None),
+    };
+    let Some(mut side) = side else {
+        main.update(b);
+        return main;
+    };
+    std::thread::scope(|s| {
+        let t = s.spawn(|| {
+            side.update(b);
+            side
+        });
+        main.update(b);
+        match t.join() {
+            Ok(side) => main.rejoin(side),
+            // Hashing does not panic; were it to, the blocking task's join reports it as a
+            // failed read.
+            Err(p) => std::panic::resume_unwind(p),
+        }
+    })
 }
 
 fn join_part(

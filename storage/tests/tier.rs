@@ -2231,3 +2231,47 @@ async fn an_older_nearline_record_of_an_archived_object_still_settles_its_redeli
     assert_eq!(r.key, key);
     assert!(!r.uploaded);
 }
+
+/// A nearline copy of several parts to S3 records the MD5 and the SHA-256 of the whole
+/// file (each part hashed off the runtime, the SHA-256 beside the MD5 on a thread of its
+/// own), and so does a local one (its hasher threads).
+#[tokio::test]
+async fn nearline_copies_of_several_parts_record_both_digests_of_the_whole_file() {
+    let bucket = "tier-md5-parts";
+    let (_moto, _proxy, s3) = s3_tier(bucket).await;
+    let base = tempfile::tempdir().expect("temp");
+    let body = content(11 * MIB + 3, 4);
+    let md5 = {
+        use md5::Digest;
+        hex::encode(md5::Md5::digest(&body))
+    };
+    for (name, tier) in [
+        ("s3", s3),
+        (
+            "local",
+            storage::store::local(&base.path().join("store")).expect("tier"),
+        ),
+    ] {
+        let db = base.path().join(name);
+        std::fs::create_dir_all(&db).expect("db dir");
+        let recs = records(&db).await;
+        let pool = recs.pool().clone();
+        let c = nearline(base.path(), tier, recs);
+        let r = copied(
+            c.handle(
+                &put(base.path(), "online", &format!("{name}/big.mxf"), &body),
+                1,
+            )
+            .await,
+        );
+        assert_eq!(r.checksum, md5, "{name}");
+        let (sum, sha): (String, String) = db::sqlx::query_as(
+            "SELECT checksum, content_sha256 FROM stored_objects WHERE object_key = $1",
+        )
+        .bind(&r.key)
+        .fetch_one(&pool)
+        .await
+        .expect("recorded");
+        assert_eq!((sum, sha), (md5.clone(), sha256(&body)), "{name}");
+    }
+}
