@@ -1151,7 +1151,12 @@ async fn read_part(
         }
     }
     // Off the runtime's threads: a part is up to 525 MiB (a 5 TiB file), a second of
-    // hashing that would stall every other handler, heartbeat and renewal there.
+    // hashing that would stall every other handler, heartbeat and renewal there. A small
+    // file's one part is hashed in less time than the trip to a blocking thread takes.
+    if buf.len() < HASH_INLINE_BELOW {
+        h.update(&buf);
+        return Ok(Part { bytes: buf, room });
+    }
     let hasher = std::mem::replace(h, Algorithm::Sha256.hasher());
     let (hasher, buf) = tokio::task::spawn_blocking(move || (hash_block(hasher, &buf), buf))
         .await
@@ -1160,14 +1165,13 @@ async fn read_part(
     Ok(Part { bytes: buf, room })
 }
 
-/// `h` fed `b`; nearline's SHA-256 beside its MD5 on a thread of its own for a large
-/// block (one thread computing both is a large copy's bound).
+/// Parts smaller than this are hashed where they were read.
+const HASH_INLINE_BELOW: usize = 256 * 1024;
+
+/// `h` fed `b`; nearline's SHA-256 beside its MD5 on a thread of its own (one thread
+/// computing both is a large copy's bound).
 fn hash_block(h: crate::checksum::Hasher, b: &[u8]) -> crate::checksum::Hasher {
-    const SPLIT_FROM: usize = 1 << 20;
-    let (mut main, side) = match b.len() >= SPLIT_FROM {
-        true => h.split(),
-        false => (h, None),
-    };
+    let (mut main, side) = h.split();
     let Some(mut side) = side else {
         main.update(b);
         return main;
