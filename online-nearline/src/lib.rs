@@ -46,7 +46,7 @@ pub struct NearlineSettings {
 pub struct OnlineNearline;
 
 fn success(r: &CopyReport, m: &AssetSweeperFile) -> serde_json::Value {
-    serde_json::json!({
+    let mut v = serde_json::json!({
         "original_file_path": r.original_path,
         "vault_store": r.store,
         "vault_key": r.key,
@@ -58,7 +58,13 @@ fn success(r: &CopyReport, m: &AssetSweeperFile) -> serde_json::Value {
         "imported_id": m.imported_id,
         "copied_at": storage::records::now(),
         "uploaded": r.uploaded,
-    })
+    });
+    // The content's collision-resistant digest, for fixity checks downstream (MD5 alone
+    // tells no two contents apart); absent where not known.
+    if let Some(sha256) = &r.content_sha256 {
+        v["sha256"] = sha256.clone().into();
+    }
+    v
 }
 
 /// Where the tier reads from and writes to, as configured.

@@ -40,6 +40,10 @@ async fn copies_with_md5_reuses_identical_and_detects_damage() {
     let v: serde_json::Value = serde_json::from_slice(&d.data).unwrap();
     assert_eq!(v["vault_key"], "show/ep1.mxf");
     assert_eq!(v["md5"], md5hex(b"episode one"));
+    assert_eq!(
+        v["sha256"],
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b"episode one"))
+    );
     assert_eq!(v["size"], 11);
     assert_eq!(v["mtime"], MTIME_TEXT);
     assert_eq!(v["uploaded"], true);
@@ -55,6 +59,11 @@ async fn copies_with_md5_reuses_identical_and_detects_damage() {
     let v: serde_json::Value = serde_json::from_slice(&next(&mut out).await.data).unwrap();
     assert_eq!(v["vault_key"], "show/ep1.mxf");
     assert_eq!(v["uploaded"], false);
+    assert_eq!(
+        v["sha256"],
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b"episode one")),
+        "a reused object's too"
+    );
     assert!(!data.path().join("nearline/show/copy-of-ep1.mxf").exists());
 
     // The vault copy gets damaged (same size, other bytes): MD5 read-back catches it, the

@@ -59,6 +59,9 @@ pub struct CopyReport {
     pub checksum: String,
     /// Digest name.
     pub algorithm: &'static str,
+    /// The content's SHA-256 (hex) where `checksum` is another algorithm's and it is known
+    /// (nearline; a copy recorded before migration 0009 and never looked at since: none).
+    pub content_sha256: Option<String>,
     /// Source mtime (RFC 3339).
     pub mtime: String,
     /// Whether this attempt uploaded (false: an identical copy already existed).
@@ -419,6 +422,7 @@ impl TierCopier {
             size: obj.size,
             checksum: obj.checksum.clone(),
             algorithm: alg.name(),
+            content_sha256: obj.content_sha256.clone(),
             mtime: mtime.clone(),
             uploaded,
         };
@@ -721,6 +725,7 @@ impl TierCopier {
                         size: obj.size,
                         checksum: obj.checksum,
                         algorithm: alg.name(),
+                        content_sha256: obj.content_sha256,
                         mtime,
                         uploaded: false,
                     }));
