@@ -417,6 +417,33 @@ fn plain_client(moto: &MotoServer, bucket: &str) -> object_store::aws::AmazonS3 
         .expect("a plain client")
 }
 
+/// Stores `body` at `key` of `bucket` in an archive storage class, as a plain client
+/// would (no checksums).
+async fn put_in_glacier(moto: &MotoServer, bucket: &str, key: &str, body: Vec<u8>) {
+    let mut attrs = object_store::Attributes::new();
+    attrs.insert(object_store::Attribute::StorageClass, "GLACIER".into());
+    object_store::ObjectStore::put_opts(
+        &plain_client(moto, bucket),
+        &object_store::path::Path::from(key),
+        body.into(),
+        object_store::PutOptions {
+            attributes: attrs,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("put in glacier");
+}
+
+/// Sets the modification time of the file at `path`.
+fn set_modified(path: &Path, at: std::time::SystemTime) {
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_modified(at))
+        .expect("mtime");
+}
+
 /// SHA-256 of what `tier` holds at `key`.
 async fn stored_sha256(tier: &Tier, key: &str) -> String {
     storage::copy::hash_object(tier, &storage::store::object_path(key), Algorithm::Sha256)
@@ -1688,19 +1715,7 @@ async fn an_object_in_an_archive_storage_class_at_the_key_is_refused_at_once() {
     let base = tempfile::tempdir().expect("temp");
     let c = copier(base.path(), "online", tier, records(base.path()).await);
     let msg = put(base.path(), "online", "cold/clip.mov", b"same size!");
-    let mut attrs = object_store::Attributes::new();
-    attrs.insert(object_store::Attribute::StorageClass, "GLACIER".into());
-    object_store::ObjectStore::put_opts(
-        &plain_client(&moto, bucket),
-        &object_store::path::Path::from("pre/cold/clip.mov"),
-        b"other byte".to_vec().into(),
-        object_store::PutOptions {
-            attributes: attrs,
-            ..Default::default()
-        },
-    )
-    .await
-    .expect("put in glacier");
+    put_in_glacier(&moto, bucket, "pre/cold/clip.mov", b"other byte".to_vec()).await;
     match c.handle(&msg, 1).await {
         Err(TierError::Permanent(e)) => assert!(e.contains("storage class"), "{e}"),
         other => panic!("expected permanent, got {other:?}"),
@@ -1720,28 +1735,12 @@ async fn an_archived_object_of_another_file_is_not_reused_nor_held_against_this_
     let base = tempfile::tempdir().expect("temp");
     let recs = records(base.path()).await;
     let body = b"same bytes".to_vec();
-    let mut attrs = object_store::Attributes::new();
-    attrs.insert(object_store::Attribute::StorageClass, "GLACIER".into());
-    object_store::ObjectStore::put_opts(
-        &plain_client(&moto, bucket),
-        &object_store::path::Path::from("pre/other/clip.mov"),
-        body.clone().into(),
-        object_store::PutOptions {
-            attributes: attrs,
-            ..Default::default()
-        },
-    )
-    .await
-    .expect("put in glacier");
+    put_in_glacier(&moto, bucket, "pre/other/clip.mov", body.clone()).await;
     let roots = open_roots(&[base.path().join("online")], true).expect("roots");
     let msg = put(base.path(), "online", "mine/clip.mov", &body);
     let mine = base.path().join("online/mine/clip.mov");
     let then = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_577_836_800);
-    std::fs::File::options()
-        .write(true)
-        .open(&mine)
-        .and_then(|f| f.set_modified(then))
-        .expect("mtime");
+    set_modified(&mine, then);
     // The object recorded as another file's copy, and as this file's own earlier one.
     let mine_real = mine
         .canonicalize()
@@ -2001,18 +2000,11 @@ async fn files_of_one_md5_and_other_bytes_are_never_taken_for_one_another() {
     // At the time the messages say (a gone file's copies are looked up by it).
     let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_704_067_200);
     let path = base.path().join("online/x/a.mxf");
-    let set_time = || {
-        std::fs::File::options()
-            .write(true)
-            .open(&path)
-            .and_then(|f| f.set_modified(at))
-            .expect("time set")
-    };
     let mut m = sweeper_message("x", "a.mxf", false);
     m["size"] = a.len().into();
     let msg: AssetSweeperFile = serde_json::from_value(m).expect("message");
     put(base.path(), "online", "x/a.mxf", &a);
-    set_time();
+    set_modified(&path, at);
     let ra = copied(c.handle(&msg, 1).await);
     assert!(ra.uploaded);
     assert_eq!(held(&store, &ra.key), a);
@@ -2028,7 +2020,7 @@ async fn files_of_one_md5_and_other_bytes_are_never_taken_for_one_another() {
 
     // The first path's file replaced by the twin, its time kept: not its earlier copy.
     std::fs::write(&path, &b).expect("replace");
-    set_time();
+    set_modified(&path, at);
     let again = copied(c.handle(&msg, 2).await);
     assert_eq!(held(&store, &again.key), b, "{again:?}");
 
@@ -2172,25 +2164,9 @@ async fn an_older_nearline_record_of_an_archived_object_still_settles_its_redeli
     let msg = put(base.path(), "online", "cold/clip.mov", &body);
     let file = base.path().join("online/cold/clip.mov");
     let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_704_067_200);
-    std::fs::File::options()
-        .write(true)
-        .open(&file)
-        .and_then(|f| f.set_modified(at))
-        .expect("mtime");
+    set_modified(&file, at);
     let key = "pre/cold/clip.mov";
-    let mut attrs = object_store::Attributes::new();
-    attrs.insert(object_store::Attribute::StorageClass, "GLACIER".into());
-    object_store::ObjectStore::put_opts(
-        &plain_client(&moto, bucket),
-        &object_store::path::Path::from(key),
-        body.clone().into(),
-        object_store::PutOptions {
-            attributes: attrs,
-            ..Default::default()
-        },
-    )
-    .await
-    .expect("put in glacier");
+    put_in_glacier(&moto, bucket, key, body.clone()).await;
     let head = tier
         .s3
         .as_ref()
