@@ -643,16 +643,26 @@ pub async fn upload(
         _ => None,
     };
 
-    let first = read_part(&mut f, part, &mut h, shown, &tier.part_budget).await?;
+    let first = read_part(
+        &mut f,
+        part,
+        &mut h,
+        shown,
+        &tier.part_budget,
+        tier.s3.is_some(),
+    )
+    .await?;
     let mut up = if (first.bytes.len() as u64) < part {
         // One request: atomic, so a failure leaves nothing to clean up.
         let Part {
             bytes: first,
             room: _room,
+            sum,
         } = first;
-        let sums = tier.s3.as_ref().map(|_| {
+        let sums = sum.map(|sum| {
+            use base64::Engine;
             (
-                base64_sha256(&first),
+                base64::engine::general_purpose::STANDARD.encode(sum),
                 hex::encode(<md5::Md5 as md5::Digest>::digest(&first)),
             )
         });
@@ -764,14 +774,14 @@ async fn upload_multipart(
             while in_flight.len() >= PARTS_IN_FLIGHT {
                 join_part(in_flight.join_next().await)?;
             }
-            let Part { bytes, room } = next;
+            let Part { bytes, room, .. } = next;
             let put = up.put_part(bytes.into());
             in_flight.spawn(async move {
                 let r = put.await;
                 drop(room);
                 r
             });
-            next = read_part(f, part, h, shown, &tier.part_budget).await?;
+            next = read_part(f, part, h, shown, &tier.part_budget, false).await?;
             size += next.bytes.len() as u64;
         }
         while let Some(r) = in_flight.join_next().await {
@@ -802,13 +812,6 @@ async fn upload_multipart(
         parts_reused: 0,
         written_durably: false,
     })
-}
-
-/// SHA-256 of `b`, base64, as S3 writes a ChecksumSHA256.
-fn base64_sha256(b: &[u8]) -> String {
-    use base64::Engine;
-    use sha2::Digest as _;
-    base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(b))
 }
 
 /// Aborts a recorded upload and forgets it (a failure is left to the abandoned-upload
@@ -988,10 +991,9 @@ impl Multipart<'_> {
                 // Only a file that grew past its size at open can get here.
                 return Err(CopyError::SourceChanged(self.shown.to_string()));
             }
-            let raw = {
-                use sha2::Digest as _;
-                sha2::Sha256::digest(&next.bytes)
-            };
+            // Taken off the runtime as the part was read; a part read without it (the
+            // first, where the store was not S3) is hashed here.
+            let raw = next.sum.unwrap_or_else(|| sha256_of(&next.bytes));
             part_sums.extend_from_slice(&raw);
             let sha = {
                 use base64::Engine;
@@ -1015,7 +1017,7 @@ impl Multipart<'_> {
                     let mp = self.mp.clone();
                     let key = self.key.clone();
                     let id = upload_id.to_string();
-                    let Part { bytes, room } = next;
+                    let Part { bytes, room, .. } = next;
                     let part_size = bytes.len() as u64;
                     in_flight.spawn(async move {
                         let r = mp.put_part(&key, &id, idx, bytes.into()).await;
@@ -1025,7 +1027,7 @@ impl Multipart<'_> {
                     sent += 1;
                 }
             }
-            next = read_part(f, self.part, h, self.shown, self.budget).await?;
+            next = read_part(f, self.part, h, self.shown, self.budget, true).await?;
             size += next.bytes.len() as u64;
         }
         while let Some(r) = in_flight.join_next().await {
@@ -1125,15 +1127,19 @@ type PartResult = (usize, u64, String, object_store::Result<PartId>);
 struct Part {
     bytes: Vec<u8>,
     room: crate::part_budget::Room,
+    /// The SHA-256 of `bytes` where asked for (S3 is sent it with each request).
+    sum: Option<[u8; 32]>,
 }
 
-/// Reads up to `part` bytes, hashing them, once `budget` has room for them.
+/// Reads up to `part` bytes, hashing them (and, with `sum`, taking their own SHA-256),
+/// once `budget` has room for them.
 async fn read_part(
     f: &mut Source,
     part: u64,
     h: &mut crate::checksum::Hasher,
     shown: &str,
     budget: &crate::part_budget::PartBudget,
+    sum: bool,
 ) -> Result<Part, CopyError> {
     // Exactly the part (or what is left of the source, if less), allocated once: grown as
     // it was read (`read_to_end` doubles a full buffer), a 525 MiB part of a 5 TiB file
@@ -1155,40 +1161,66 @@ async fn read_part(
     // file's one part is hashed in less time than the trip to a blocking thread takes.
     if buf.len() < HASH_INLINE_BELOW {
         h.update(&buf);
-        return Ok(Part { bytes: buf, room });
+        let sum = sum.then(|| sha256_of(&buf));
+        return Ok(Part {
+            bytes: buf,
+            room,
+            sum,
+        });
     }
     let hasher = std::mem::replace(h, Algorithm::Sha256.hasher());
-    let (hasher, buf) = tokio::task::spawn_blocking(move || (hash_block(hasher, &buf), buf))
-        .await
-        .map_err(|e| CopyError::Read(shown.to_string(), std::io::Error::other(e)))?;
+    let (hasher, sum, buf) = tokio::task::spawn_blocking(move || {
+        let (hasher, sum) = hash_block(hasher, &buf, sum);
+        (hasher, sum, buf)
+    })
+    .await
+    .map_err(|e| CopyError::Read(shown.to_string(), std::io::Error::other(e)))?;
     *h = hasher;
-    Ok(Part { bytes: buf, room })
+    Ok(Part {
+        bytes: buf,
+        room,
+        sum,
+    })
+}
+
+/// The SHA-256 of `b`.
+fn sha256_of(b: &[u8]) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(b).into()
 }
 
 /// Parts smaller than this are hashed where they were read.
 const HASH_INLINE_BELOW: usize = 256 * 1024;
 
-/// `h` fed `b`; nearline's SHA-256 beside its MD5 on a thread of its own (one thread
-/// computing both is a large copy's bound).
-fn hash_block(h: crate::checksum::Hasher, b: &[u8]) -> crate::checksum::Hasher {
+/// `h` fed `b`, and with `sum` the SHA-256 of `b` alone: each digest on a thread of its
+/// own (nearline's SHA-256 beside its MD5, the part's own beside the file's), since one
+/// thread computing them in turn is a large copy's bound.
+fn hash_block(
+    h: crate::checksum::Hasher,
+    b: &[u8],
+    sum: bool,
+) -> (crate::checksum::Hasher, Option<[u8; 32]>) {
     let (mut main, side) = h.split();
-    let Some(mut side) = side else {
-        main.update(b);
-        return main;
-    };
     std::thread::scope(|s| {
-        let t = s.spawn(|| {
-            side.update(b);
-            side
+        let side = side.map(|mut side| {
+            s.spawn(move || {
+                side.update(b);
+                side
+            })
         });
+        let part = sum.then(|| s.spawn(|| sha256_of(b)));
         main.update(b);
-        match t.join() {
-            Ok(side) => main.rejoin(side),
-            // Hashing does not panic; were it to, the blocking task's join reports it as a
-            // failed read.
-            Err(p) => std::panic::resume_unwind(p),
+        if let Some(side) = side {
+            main = main.rejoin(joined(side.join()));
         }
+        (main, part.map(|t| joined(t.join())))
     })
+}
+
+/// A hashing thread's result. Hashing does not panic; were it to, the blocking task's
+/// join reports it as a failed read.
+fn joined<T>(r: std::thread::Result<T>) -> T {
+    r.unwrap_or_else(|p| std::panic::resume_unwind(p))
 }
 
 fn join_part(

@@ -16,7 +16,8 @@
 //! would be served from the page cache just filled and prove nothing more.
 //!
 //! Large files go through a pipeline: this thread reads blocks, one thread hashes them
-//! and another writes them, at most [`BLOCKS_IN_FLIGHT`] blocks ahead, so reading,
+//! (nearline: two, its MD5 and its SHA-256) and another writes them, at most
+//! [`BLOCKS_IN_FLIGHT`] blocks ahead, so reading,
 //! hashing and writing overlap while memory stays bounded (about
 //! `(BLOCKS_IN_FLIGHT + 3) × BLOCK` per copy). The writer asks the kernel to start
 //! writing back each window as soon as it is written, so the final fsync finds little
@@ -473,7 +474,7 @@ fn copy_small(
     })
 }
 
-/// Reader (this thread) → hasher thread and writer thread, sharing each block; reading
+/// Reader (this thread) → hasher thread(s) and writer thread, sharing each block; reading
 /// stops a block past `len`, the size the file had.
 fn copy_pipelined(
     file: &File,
