@@ -1310,19 +1310,29 @@ pub async fn confirm_recorded(
             return Ok(true);
         }
     }
-    let read = hash_object(tier, &key, alg).await?;
-    let same = read.is_some_and(|r| {
+    Ok(read_back(tier, obj, alg).await?.is_some())
+}
+
+/// The digest of the recorded object `obj`, read back from the store and hashed, where it
+/// still holds what was recorded (its size, checksum and any recorded SHA-256); `None`
+/// where it is gone or holds anything else. Made durable before it is returned.
+pub async fn read_back(
+    tier: &Tier,
+    obj: &crate::records::StoredObject,
+    alg: Algorithm,
+) -> Result<Option<Digest>, CopyError> {
+    let key = crate::store::object_path(&obj.object_key);
+    let read = hash_object(tier, &key, alg).await?.filter(|r| {
         r.size == obj.size
             && r.checksum == obj.checksum
             && (obj.content_sha256.is_none() || r.sha256 == obj.content_sha256)
     });
-    if !same {
-        return Ok(false);
+    if read.is_some() {
+        // Recorded while its publisher's directory fsync may still run: reported only
+        // once durable.
+        make_durable(tier, &key).await?;
     }
-    // Recorded while its publisher's directory fsync may still run: reported only once
-    // durable.
-    make_durable(tier, &key).await?;
-    Ok(true)
+    Ok(read)
 }
 
 /// Makes the object at `key` of a local store durable: its directory entry is fsynced

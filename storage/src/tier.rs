@@ -650,17 +650,13 @@ impl TierCopier {
                 false => Ok(false),
             };
         }
-        let key = crate::store::object_path(&obj.object_key);
-        let read = match copy::hash_object(&self.tier, &key, alg).await {
+        let read = match copy::read_back(&self.tier, obj, alg).await {
             Err(CopyError::Archived(_)) if own => {
                 return copy::confirm_recorded(&self.tier, obj, alg).await;
             }
             r => r?,
         };
-        let Some(sha256) = read
-            .filter(|r| r.size == obj.size && r.checksum == obj.checksum)
-            .and_then(|r| r.sha256)
-        else {
+        let Some(sha256) = read.and_then(|r| r.sha256) else {
             return Ok(false);
         };
         if let Err(e) = self
@@ -673,11 +669,6 @@ impl TierCopier {
         }
         let same = &sha256 == want;
         obj.content_sha256 = Some(sha256);
-        if same {
-            // Recorded while its publisher's directory fsync may still run: reported only
-            // once durable.
-            copy::make_durable(&self.tier, &key).await?;
-        }
         Ok(same)
     }
 
