@@ -209,6 +209,21 @@ pub fn believable(key: String, received: Option<&str>, first_seen: Option<&str>)
     }
 }
 
+/// An ordering key of the time `key` and, for events of that one time, the time `tie`
+/// (when the event arrived or was published): `key` is fixed-width, so text order is the
+/// order of `key`, then of `tie`; a key stored without a tie sorts before every tie of it.
+fn tied_key(key: String, tie: Option<String>) -> String {
+    match tie {
+        Some(t) => format!("{key} {t}"),
+        None => key,
+    }
+}
+
+/// The time of an ordering key, without the tie [`tied_key`] may have added.
+pub fn key_time(key: &str) -> &str {
+    key.split_once(' ').map_or(key, |(time, _)| time)
+}
+
 /// Normalizes an RFC 3339 time to fixed-width UTC text, so text order is time order.
 pub fn normalize_time(s: &str) -> Option<String> {
     chrono::DateTime::parse_from_rfc3339(s)
@@ -297,11 +312,20 @@ fn parse_delivered(
         None | Some(Value::Null) => None,
         Some(_) => Some(time_field(o, "updated")?.1),
     };
+    let received = delivery.map(|d| d.received.to_string());
     let fallback = match kind {
         EventKind::Created => Some(created_norm),
-        EventKind::Updated => delivery.map(|d| d.received.to_string()),
+        EventKind::Updated => received.clone(),
     };
-    let version = updated.or(arrival).or(fallback).map(|v| {
+    let version = match updated {
+        // Events of one `updated` time are ordered among themselves as events without one
+        // are: pluto-core changes a project by copying its entry with one field changed,
+        // `updated` as it was, so all its updates of a project share one time, and
+        // whichever was applied last won — an older one back from a retry tier too.
+        Some(u) => Some(tied_key(u, arrival.or(received))),
+        None => arrival.or(fallback),
+    }
+    .map(|v| {
         believable(
             v,
             delivery.map(|d| d.received),
@@ -319,6 +343,31 @@ fn parse_delivered(
         created,
         version,
     }))
+}
+
+/// Decodes base64 as leniently as the Node Lambda this replaces (`Buffer.from(s,
+/// "base64")`) did: line breaks and other ASCII whitespace anywhere, the URL-safe
+/// alphabet (`-`, `_`) as well as the standard one, padding present or not. Kinesis writes
+/// canonical base64; bridges and hand-built producers do not always, and a record they
+/// sent was dead-lettered for good.
+fn decode_base64(data: &str) -> Result<Vec<u8>, base64::DecodeError> {
+    use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+    const LENIENT: GeneralPurpose = GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        GeneralPurposeConfig::new()
+            .with_decode_padding_mode(DecodePaddingMode::Indifferent)
+            .with_decode_allow_trailing_bits(true),
+    );
+    let canonical: String = data
+        .chars()
+        .filter(|c| !c.is_ascii_whitespace())
+        .map(|c| match c {
+            '-' => '+',
+            '_' => '/',
+            c => c,
+        })
+        .collect();
+    LENIENT.decode(canonical)
 }
 
 /// Kinesis' `approximateArrivalTimestamp`: epoch seconds with a fraction (milliseconds
@@ -349,12 +398,10 @@ fn parse_kinesis_record(
         Some(Value::String(s)) => s,
         Some(other) => return Err(FieldError::wrong_type(field, "base64 string", other).into()),
     };
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(data.trim())
-        .map_err(|e| EventError::Base64 {
-            field: field.clone(),
-            reason: e.to_string(),
-        })?;
+    let bytes = decode_base64(data).map_err(|e| EventError::Base64 {
+        field: field.clone(),
+        reason: e.to_string(),
+    })?;
     let json: Value =
         framework::fields::json_in_text(&bytes).map_err(|e| EventError::DataJson {
             field: field.clone(),
@@ -471,6 +518,53 @@ mod tests {
         assert!(e.to_string().contains("decoded data holds about"), "{e}");
     }
 
+    /// Base64 as the Node Lambda took it: unpadded, URL-safe, wrapped at 76 columns — each
+    /// the same project as the canonical form; what is no base64 at all is still refused.
+    #[test]
+    fn kinesis_data_in_any_base64_the_original_took_decodes_alike() {
+        use base64::Engine;
+        // Long enough to wrap, and with bytes that encode to `+`/`/` and need padding.
+        let (text, canonical) = (0..3)
+            .map(|n| {
+                let mut p = project();
+                p["title"] = json!(format!("{}\u{3fff}\u{ffbf}~?>", "t".repeat(80 + n)));
+                let text = serde_json::to_vec(&p).unwrap();
+                let canonical = base64::engine::general_purpose::STANDARD.encode(&text);
+                (text, canonical)
+            })
+            .find(|(_, c)| c.ends_with('='))
+            .unwrap();
+        assert!(
+            canonical.contains(['+', '/']) && canonical.ends_with('='),
+            "{canonical}"
+        );
+        let wrapped = canonical
+            .as_bytes()
+            .chunks(76)
+            .map(|c| std::str::from_utf8(c).unwrap())
+            .collect::<Vec<_>>()
+            .join("\r\n");
+        let variants = [
+            canonical.clone(),
+            canonical.trim_end_matches('=').to_string(),
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&text),
+            wrapped,
+        ];
+        let parse = |data: &str| {
+            let items = items(
+                &json!({"kinesis": {"data": data}}),
+                "2026-01-01T00:00:00.000000Z",
+            );
+            items[0].parsed.clone()
+        };
+        let want = parse(&canonical).expect("canonical base64");
+        for v in &variants {
+            assert_eq!(parse(v).as_ref(), Ok(&want), "{v:?}");
+        }
+        let e = parse("%%% not base64 %%%").expect_err("refused");
+        assert!(e.to_string().contains("invalid base64"), "{e}");
+    }
+
     #[test]
     fn arrival_times_in_seconds_or_milliseconds_give_one_key_and_no_signed_year() {
         let at = |v: Value| {
@@ -557,7 +651,11 @@ mod tests {
         assert_eq!(p.id, "1234");
         assert_eq!(p.commission_id.as_deref(), Some("42"));
         assert_eq!(p.commission_title, None);
-        assert_eq!(p.version.as_deref(), Some("2021-04-29T12:53:43.413000Z"));
+        // Its `updated`, then (for entries of one `updated` time) its delivery.
+        assert_eq!(
+            p.version.as_deref(),
+            Some("2021-04-29T12:53:43.413000Z 2024-01-01T00:00:00.000000Z")
+        );
         let updated = items_delivered(&msg, &on("core.project.update"));
         assert_eq!(project_of(&updated[1]).kind, EventKind::Updated);
         // Any other operation: still the missing `type`.

@@ -29,7 +29,7 @@ pub struct StoredProject {
     pub production_office: String,
     /// Creation time as Pluto sent it.
     pub created: String,
-    /// Ordering key of the event that wrote this state.
+    /// The time of the ordering key of the event that wrote this state.
     pub version: Option<String>,
     /// `project-created` or `project-updated`: the event that wrote this state.
     pub last_event: String,
@@ -71,7 +71,11 @@ fn row_to_project(r: &db::sqlx::any::AnyRow) -> Result<StoredProject, db::sqlx::
         commission_title: r.try_get("commission_title")?,
         production_office: r.try_get("production_office")?,
         created: r.try_get("created")?,
-        version: r.try_get("version")?,
+        // The key's time: the tie after it orders events of one time among themselves
+        // and is no one else's business.
+        version: r
+            .try_get::<Option<String>, _>("version")?
+            .map(|v| crate::event::key_time(&v).to_string()),
         last_event: r.try_get("last_event")?,
         updated_at: r.try_get("updated_at")?,
     })

@@ -143,6 +143,7 @@ on_both!(
     a_plain_update_replayed_after_the_broker_dead_lettered_it_never_overwrites_a_newer_one,
     a_plain_update_redelivered_after_a_newer_one_keeps_its_first_place,
     a_retried_update_keeps_the_place_its_first_attempt_gave_it,
+    updates_of_one_updated_time_keep_the_order_they_came_in,
 );
 
 /// A batch delivered again (a lost ack, a replay) stores its projects again and announces
@@ -430,6 +431,40 @@ async fn a_plain_update_back_from_a_retry_tier_never_overwrites_a_newer_one(b: B
     assert_eq!(
         env.store.project("r").await.unwrap().unwrap().title,
         "newer"
+    );
+    assert_eq!(env.dlq_count().await, 0);
+    env.finish().await;
+}
+
+/// pluto-core changes a project by copying its entry with one field changed, `updated`
+/// as it was: every update of a project carries one time. Among those the order they came
+/// in decides, as for updates without a time: an older one back from a retry tier loses
+/// to a newer one applied meanwhile, and a later one still applies.
+async fn updates_of_one_updated_time_keep_the_order_they_came_in(b: Backend) {
+    let env = start(b, &[]).await;
+    let mut out = env.hs.watch_output().await;
+    let stamped = |kind: &str, title: &str| {
+        let mut v = project(kind, "tie", title);
+        v["updated"] = json!("2021-04-29T13:53:43.413+01:00");
+        v
+    };
+    env.send(&stamped("project-created", "v0")).await;
+    next(&mut out).await;
+    // The older update was first received before the newer one…
+    let first_received = chrono::Utc::now() - chrono::Duration::seconds(5);
+    env.send(&stamped("project-updated", "newer")).await;
+    assert_eq!(body(&next(&mut out).await)["title"], "newer");
+    let older = stamped("project-updated", "older");
+    assert_dropped_as_retried(&env, &mut out, &older, first_received).await;
+    assert_eq!(
+        env.store.project("tie").await.unwrap().unwrap().title,
+        "newer"
+    );
+    env.send(&stamped("project-updated", "newest")).await;
+    assert_eq!(body(&next(&mut out).await)["title"], "newest");
+    assert_eq!(
+        env.store.project("tie").await.unwrap().unwrap().title,
+        "newest"
     );
     assert_eq!(env.dlq_count().await, 0);
     env.finish().await;
