@@ -49,10 +49,10 @@ fn env_of(svc: &serde_norway::Value) -> HashMap<String, String> {
 }
 
 /// Loads one service's config from a compose environment.
-type Loader = fn(&HashMap<String, String>) -> Result<String, String>;
+type Loader = fn(&HashMap<String, String>) -> Result<(String, bool), String>;
 
-/// Loads `S`'s config as `env` sets it; its `http_listen`.
-fn check<S: Service>(env: &HashMap<String, String>) -> Result<String, String> {
+/// Loads `S`'s config as `env` sets it; its `http_listen` and `[amqp] declare_sources`.
+fn check<S: Service>(env: &HashMap<String, String>) -> Result<(String, bool), String> {
     // Online roots are mounts inside the container: a configured root must exist, so on
     // this host each is checked as a directory that does.
     let host_root = std::env::temp_dir();
@@ -71,7 +71,7 @@ fn check<S: Service>(env: &HashMap<String, String>) -> Result<String, String> {
         overrides: vec![],
     };
     framework::cli::load_config::<S>(&opts)
-        .map(|c| c.service.http_listen)
+        .map(|c| (c.service.http_listen, c.amqp.declare_sources))
         .map_err(|e| e.to_string())
 }
 
@@ -174,8 +174,10 @@ fn compose_file_is_valid_and_matches_the_config_keys() {
         for k in env.keys().filter(|k| k.starts_with("STORAGETIER__")) {
             assert!(!k.contains("PASSWORD") || env[k].is_empty(), "{k}");
         }
-        load(&env)
+        let (_, declares) = load(&env)
             .unwrap_or_else(|e| panic!("{name}: compose environment is not a valid config: {e}"));
+        // The stack has no producers: its services make the exchanges they subscribe to.
+        assert!(declares, "{name} declares missing sources under compose");
         // Without compose's `http_listen` override (APP_ENV=prod is the image's own, as a
         // Kubernetes deployment starts it): metrics and probes must be reachable from
         // outside the container.
@@ -187,9 +189,16 @@ fn compose_file_is_valid_and_matches_the_config_keys() {
             "STORAGETIER__STORAGE__DATA_DIR".into(),
             data.path().display().to_string(),
         );
-        let listen =
+        bare.retain(|k, _| !k.ends_with("__DECLARE_SOURCES"));
+        let (listen, declares) =
             load(&bare).unwrap_or_else(|e| panic!("{name}: prod is not a valid config: {e}"));
         assert_eq!(listen, format!("0.0.0.0:{port}"), "{name} under --env prod");
+        // Production's producers declare their own exchanges, with flags of their own
+        // (pluto-core's is not durable): one a service made first would refuse them.
+        assert!(
+            !declares,
+            "{name} leaves the producers' exchanges to them under prod"
+        );
     }
     let dockerfile = std::fs::read_to_string(repo().join("Dockerfile")).unwrap();
     assert!(
