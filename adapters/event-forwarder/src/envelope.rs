@@ -1,6 +1,6 @@
 //! Telling a Kinesis envelope from a plain event, keeping every byte as received.
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
 /// One record of a Kinesis envelope.
@@ -20,7 +20,8 @@ pub struct KinesisRecord<'a> {
 pub enum Events<'a> {
     /// A single event: the whole body is POSTed unchanged.
     Single(&'a RawValue),
-    /// `{"Records":[{"kinesis":…}, …]}`: each record's `kinesis` value is POSTed on its own.
+    /// `{"Records":[{"kinesis":…}, …]}`, or one such record on its own: each record's
+    /// `kinesis` value is POSTed on its own.
     Kinesis(Vec<KinesisRecord<'a>>),
     /// `{"Records":[]}` and nothing else: a batch of no events, so nothing to POST (the
     /// original's loop over the records posted nothing either).
@@ -49,16 +50,79 @@ struct Record<'a> {
     event_id: Option<&'a RawValue>,
 }
 
+/// The keys that tell a Kinesis record standing alone from an event that merely has a
+/// `kinesis` field: events are arbitrary JSON, and any of them may.
+#[derive(Deserialize)]
+struct LoneRecordMarks<'a> {
+    // Present even as `null`: `Option` alone would read a `null` as absent.
+    #[serde(rename = "Records", borrow, default, deserialize_with = "present")]
+    records: Option<&'a RawValue>,
+    #[serde(rename = "eventSource", borrow, default, deserialize_with = "present")]
+    event_source: Option<&'a RawValue>,
+    #[serde(rename = "eventID", borrow, default, deserialize_with = "present")]
+    event_id: Option<&'a RawValue>,
+}
+
+/// A key's value whatever it is, `null` included, so that only an absent key is `None`.
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
+}
+
+/// Only JSON objects are envelopes and records: serde would also read a struct from an
+/// array (`[[…]]` as `{"Records":[…]}`), turning any nested array into "records".
+fn is_object(r: &RawValue) -> bool {
+    r.get().trim_start().starts_with('{')
+}
+
+/// `raw` as a Kinesis record (an object with a `kinesis` key), wherever it came from: an
+/// element of `Records` or a body of its own.
+fn kinesis_record(raw: &RawValue) -> Option<KinesisRecord<'_>> {
+    if !is_object(raw) {
+        return None;
+    }
+    let r = serde_json::from_str::<Record<'_>>(raw.get()).ok()?;
+    Some(KinesisRecord {
+        record: raw,
+        kinesis: r.kinesis,
+        // A blank id names nothing: every such record anywhere would share one
+        // Idempotency-Key, and an endpoint honouring it would drop all but the first.
+        event_id: r
+            .event_id
+            .and_then(|v| serde_json::from_str::<String>(v.get()).ok())
+            .filter(|id| !id.trim().is_empty()),
+    })
+}
+
+/// Whether `body`, an object, is one Kinesis record published alone (a per-record
+/// Kinesis → RabbitMQ bridge): no `Records` key, and `"eventSource": "aws:kinesis"` or
+/// an `eventID` key. The `kinesis` key itself is left to [`kinesis_record`].
+fn is_lone_record(body: &RawValue) -> bool {
+    let Ok(marks) = serde_json::from_str::<LoneRecordMarks<'_>>(body.get()) else {
+        return false;
+    };
+    let from_kinesis = marks
+        .event_source
+        .and_then(|v| serde_json::from_str::<String>(v.get()).ok())
+        .is_some_and(|s| s == "aws:kinesis");
+    marks.records.is_none() && (from_kinesis || marks.event_id.is_some())
+}
+
 /// Splits a body: a Kinesis envelope when `Records` is a non-empty array whose every
 /// element is an object with a `kinesis` key, whatever the JSON type of its value (an
-/// object, a string, a number…, design §7); `{"Records":[]}` and nothing else, a batch
-/// of no events; anything else is a single event.
+/// object, a string, a number…, design §7); a one-record envelope when the body is itself
+/// such a record, marked as one by `"eventSource": "aws:kinesis"` or an `eventID` key and
+/// with no `Records` key; `{"Records":[]}` and nothing else, a batch of no events;
+/// anything else (an object with a `kinesis` key but neither mark included) is a single
+/// event.
 pub fn split(body: &RawValue) -> Events<'_> {
-    // Only JSON objects are envelopes and records: serde would also read a struct from an
-    // array (`[[…]]` as `{"Records":[…]}`), turning any nested array into "records".
-    let is_object = |r: &RawValue| r.get().trim_start().starts_with('{');
     if !is_object(body) {
         return Events::Single(body);
+    }
+    if is_lone_record(body) {
+        return match kinesis_record(body) {
+            Some(r) => Events::Kinesis(vec![r]),
+            None => Events::Single(body),
+        };
     }
     let Ok(env) = serde_json::from_str::<Envelope<'_>>(body.get()) else {
         return Events::Single(body);
@@ -71,21 +135,9 @@ pub fn split(body: &RawValue) -> Events<'_> {
     }
     let mut out = Vec::with_capacity(env.records.len());
     for record in env.records {
-        if !is_object(record) {
-            return Events::Single(body);
-        }
-        match serde_json::from_str::<Record<'_>>(record.get()) {
-            Ok(r) => out.push(KinesisRecord {
-                record,
-                kinesis: r.kinesis,
-                // A blank id names nothing: every such record anywhere would share one
-                // Idempotency-Key, and an endpoint honouring it would drop all but the first.
-                event_id: r
-                    .event_id
-                    .and_then(|v| serde_json::from_str::<String>(v.get()).ok())
-                    .filter(|id| !id.trim().is_empty()),
-            }),
-            Err(_) => return Events::Single(body),
+        match kinesis_record(record) {
+            Some(r) => out.push(r),
+            None => return Events::Single(body),
         }
     }
     Events::Kinesis(out)
@@ -148,6 +200,74 @@ mod tests {
             posted,
             [r#""text""#, "42", r#"{"a":1}"#, "[1, 2]", "null", "true"]
         );
+    }
+
+    /// The one record of `body`, which must be an envelope of exactly one.
+    fn lone(body: &RawValue) -> KinesisRecord<'_> {
+        match split(body) {
+            Events::Kinesis(mut recs) if recs.len() == 1 => recs.remove(0),
+            e => panic!("{}: a one-record envelope expected, got {e:?}", body.get()),
+        }
+    }
+
+    #[test]
+    fn a_record_from_kinesis_alone_is_a_one_record_envelope() {
+        let s = r#"{"kinesis":{"data":"eyJ9", "partitionKey":"p","approximateArrivalTimestamp":1.7e9},"eventSource":"aws:kinesis"}"#;
+        let r = raw(s);
+        let rec = lone(&r);
+        assert_eq!(
+            rec.kinesis.get(),
+            r#"{"data":"eyJ9", "partitionKey":"p","approximateArrivalTimestamp":1.7e9}"#
+        );
+        assert_eq!(rec.record.get(), s);
+        assert_eq!(rec.event_id, None);
+        // Dead-lettered alone, it replays as the same record inside `Records`.
+        assert_eq!(
+            single_record_envelope(rec.record),
+            format!("{{\"Records\":[{s}]}}").into_bytes()
+        );
+    }
+
+    #[test]
+    fn a_record_with_an_event_id_alone_is_a_one_record_envelope_keyed_by_it() {
+        let s = r#"{"eventID":"shardId-000000000000:7","kinesis":"text"}"#;
+        let r = raw(s);
+        let rec = lone(&r);
+        assert_eq!(rec.kinesis.get(), r#""text""#);
+        assert_eq!(rec.event_id.as_deref(), Some("shardId-000000000000:7"));
+        // Keyed as the same record inside `Records` would be.
+        let batch = raw(&format!("{{\"Records\":[{s}]}}"));
+        let Events::Kinesis(in_batch) = split(&batch) else {
+            panic!("envelope expected")
+        };
+        assert_eq!(in_batch[0].event_id, rec.event_id);
+        assert_eq!(in_batch[0].kinesis.get(), rec.kinesis.get());
+        // An `eventID` key marks a record whatever it holds; only a non-blank string names it.
+        for s in [
+            r#"{"kinesis":1,"eventID":null}"#,
+            r#"{"kinesis":1,"eventID":7}"#,
+            r#"{"kinesis":1,"eventID":" "}"#,
+        ] {
+            assert_eq!(lone(&raw(s)).event_id, None, "{s}");
+        }
+    }
+
+    #[test]
+    fn an_event_that_merely_has_a_kinesis_key_stays_whole() {
+        for s in [
+            r#"{"kinesis":{"data":"eyJ9"}}"#,
+            r#"{"kinesis":{"a":1},"eventSource":"aws:sqs"}"#,
+            r#"{"kinesis":{"a":1},"eventSource":["aws:kinesis"]}"#,
+            r#"{"eventSource":"aws:kinesis","eventID":"shardId-0:1"}"#,
+            r#"{"kinesis":1,"eventSource":"aws:kinesis","Records":null}"#,
+            r#"{"kinesis":1,"eventID":"x","Records":[]}"#,
+        ] {
+            let r = raw(s);
+            match split(&r) {
+                Events::Single(b) => assert_eq!(b.get(), s),
+                e => panic!("{s}: {e:?}"),
+            }
+        }
     }
 
     #[test]

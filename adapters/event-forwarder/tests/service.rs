@@ -604,6 +604,46 @@ async fn every_try_of_an_event_carries_the_same_idempotency_key() {
     hs.stop().await;
 }
 
+/// A Kinesis record published on its own (a per-record Kinesis → RabbitMQ bridge) is a
+/// one-record envelope: its `kinesis` value is POSTed byte-for-byte, not the wrapper, under
+/// the key the same record gets inside `Records` (its `eventID`; without one, the message's
+/// id and place 0), as the original forwarder posted `record.kinesis`.
+#[tokio::test]
+async fn a_kinesis_record_on_its_own_is_posted_as_in_a_batch() {
+    let server = answering(200).await;
+    let data = tempfile::tempdir().unwrap();
+    let mut hs = start(&server, data.path(), &[]).await;
+    let mut out = hs.watch_output().await;
+    let kinesis = r#"{"data":"eyJ0eXBlIjoibWVtYmVyIn0=", "partitionKey":"p","approximateArrivalTimestamp":1.7e9}"#;
+    let lone = format!(
+        r#"{{"kinesis":{kinesis},"eventSource":"aws:kinesis","eventID":"shardId-000000000000:7"}}"#
+    );
+    let unnamed = format!(r#"{{"kinesis":{kinesis},"eventSource":"aws:kinesis"}}"#);
+    for (body, id) in [
+        (lone.clone(), "lone-1"),
+        (format!(r#"{{"Records":[{lone}]}}"#), "batch-1"),
+        (unnamed.clone(), "lone-2"),
+        (format!(r#"{{"Records":[{unnamed}]}}"#), "lone-2"),
+    ] {
+        hs.publish("kinesis", body.as_bytes(), with_id(id)).await;
+        let s = json_of(&next(&mut out).await);
+        assert_eq!(s["kind"], "kinesis", "{body}");
+        assert_eq!(s["delivered"], json!([0]), "{body}");
+    }
+    assert_eq!(bodies(&server).await, vec![kinesis; 4]);
+    let digest = {
+        use sha2::Digest;
+        hex::encode(&sha2::Sha256::digest(kinesis.as_bytes())[..8])
+    };
+    let by_place = Some(format!("lone-2:0:{digest}"));
+    let by_event_id = Some("shardId-000000000000:7".to_string());
+    assert_eq!(
+        idempotency_keys(&server).await,
+        vec![by_event_id.clone(), by_event_id, by_place.clone(), by_place]
+    );
+    hs.stop().await;
+}
+
 /// An endpoint that cannot take anything (unreachable, 503, throttling) is an outage:
 /// its retries do not count toward `max_attempts` (1 here), so the events sent while it
 /// lasts are delivered once it is back instead of dead-lettered; an error answer to one
