@@ -65,9 +65,11 @@ impl AssetSweeperFile {
     }
 }
 
-/// An integer field the services only carry along: a JSON integer or the same written as
-/// a string (`"100"`). A message is not refused over how a field it does not use is
-/// written; one that is neither is still refused, naming the field.
+/// An integer field the services only carry along: a JSON integer, a whole number written
+/// as a float (`1.0`, `1e3`: how some JSON writers put every number), or either written
+/// as a string (`"100"`, `"1.0"`). A message is not refused over how a field it does not
+/// use is written; one that is none of these, or out of range, is still refused, naming
+/// the field.
 fn lenient_int<'de, D, T>(field: &str, d: D) -> Result<T, D::Error>
 where
     D: Deserializer<'de>,
@@ -79,15 +81,33 @@ where
             .as_i64()
             .and_then(|v| T::try_from(v).ok())
             .or_else(|| n.as_u64().and_then(|v| T::try_from(v).ok()))
+            .or_else(|| n.as_f64().and_then(whole))
             .ok_or_else(|| D::Error::custom(format!("{field}: {n} is not an integer in range"))),
-        serde_json::Value::String(s) => s
-            .trim()
-            .parse()
-            .map_err(|_| D::Error::custom(format!("{field}: `{s}` is not an integer"))),
+        serde_json::Value::String(s) => {
+            let t = s.trim();
+            t.parse()
+                .ok()
+                .or_else(|| t.parse::<f64>().ok().and_then(whole))
+                .ok_or_else(|| D::Error::custom(format!("{field}: `{s}` is not an integer")))
+        }
         other => Err(D::Error::custom(format!(
             "{field}: expected an integer, got {other}"
         ))),
     }
+}
+
+/// `v` as a `T` if it is a whole number `T` holds: no fraction, NaN or infinity.
+fn whole<T: TryFrom<i64> + TryFrom<u64>>(v: f64) -> Option<T> {
+    if !v.is_finite() || v.fract() != 0.0 {
+        return None;
+    }
+    // Whole and finite: exact in an i128 up to its (saturated) bounds, which no i64 or u64
+    // reaches, so an out-of-range value fails the conversions below.
+    let w = v as i128;
+    i64::try_from(w)
+        .ok()
+        .and_then(|v| T::try_from(v).ok())
+        .or_else(|| u64::try_from(w).ok().and_then(|v| T::try_from(v).ok()))
 }
 
 fn size_int<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
@@ -190,12 +210,52 @@ mod tests {
         assert_eq!((f.owner, f.group, f.size), (100, 100, 12345));
         assert_eq!(f.mime_type, "");
         assert_eq!(f.mtime, SweeperTime(1_718_000_000.5));
+        // A whole number written as a float, or as one in a string, is that integer.
+        for (v, want) in [
+            (serde_json::json!(1.0), 1),
+            (serde_json::json!(0.0), 0),
+            (
+                serde_json::from_str::<serde_json::Value>("1e3").expect("json"),
+                1000,
+            ),
+            (serde_json::json!("1.0"), 1),
+            (serde_json::json!(" 1e3 "), 1000),
+            (
+                serde_json::json!(18_446_744_073_709_549_568.0),
+                18_446_744_073_709_549_568,
+            ),
+            (serde_json::json!("18446744073709551615"), u64::MAX),
+        ] {
+            let mut loose = m.clone();
+            loose["size"] = v.clone();
+            let f: AssetSweeperFile = serde_json::from_value(loose).expect("accepted");
+            assert_eq!(f.size, want, "size={v}");
+        }
+        let mut loose = m.clone();
+        loose["owner"] = serde_json::json!(-2.0);
+        loose["group"] = serde_json::json!("100.0");
+        let f: AssetSweeperFile = serde_json::from_value(loose).expect("accepted");
+        assert_eq!((f.owner, f.group), (-2, 100));
         // What no reading can make an integer or a time is still refused, by name.
         for (k, v, says) in [
             ("owner", serde_json::json!("root"), "owner"),
             ("group", serde_json::json!(true), "group"),
             ("size", serde_json::json!(-1), "size"),
             ("size", serde_json::json!(1.5), "size"),
+            ("size", serde_json::json!("1.5"), "size"),
+            ("size", serde_json::json!(-1.0), "size"),
+            ("size", serde_json::json!("-1.0"), "size"),
+            ("size", serde_json::json!("NaN"), "size"),
+            ("size", serde_json::json!("inf"), "size"),
+            ("size", serde_json::json!("-infinity"), "size"),
+            (
+                "size",
+                serde_json::json!(18_446_744_073_709_551_616.0),
+                "size",
+            ),
+            ("size", serde_json::json!("1e20"), "size"),
+            ("size", serde_json::json!("1e400"), "size"),
+            ("owner", serde_json::json!(1e19), "owner"),
             ("mtime", serde_json::json!("soon"), "epoch seconds"),
             ("mtime", serde_json::json!("NaN"), "epoch seconds"),
         ] {

@@ -173,11 +173,63 @@ impl Tier {
     }
 }
 
+/// Longest name (one segment of a key), in bytes, the service derives: what a local
+/// store's filesystem takes (`NAME_MAX`), kept on every store so one file has one key
+/// wherever it is archived.
+pub(crate) const MAX_NAME: usize = 255;
+
+/// Hex digits of a digest a derived name carries.
+const TAG_HEX: usize = 16;
+
+/// `<base>.<tag>` in at most `max` bytes: `base` is cut as little as needed, at a
+/// character boundary and never inside a `%XX` escape (a cut one would read as another
+/// character). `None` where not one character of `base` fits. Deterministic, so a
+/// redelivery derives the name its first copy was stored under.
+pub(crate) fn fit_name(base: &str, tag: &str, max: usize) -> Option<String> {
+    let room = max.checked_sub(tag.len() + 1)?;
+    let mut cut = base.len().min(room);
+    while !base.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    if cut < base.len()
+        && let Some(i) = base[..cut].rfind('%')
+        && i + 3 > cut
+    {
+        cut = i;
+    }
+    (cut > 0).then(|| format!("{}.{tag}", &base[..cut]))
+}
+
+/// The key beside `natural` for content whose digest is `digest` (hex), where other
+/// content holds `natural`: `<natural>.<first 16 hex>`, its last name shortened to fit in
+/// [`MAX_NAME`] bytes and the whole key in `max_key`. Where no shortening fits, the
+/// unshortened key: its store refuses it, as permanent as it is.
+pub(crate) fn sibling_key(natural: &ObjectPath, digest: &str, max_key: usize) -> ObjectPath {
+    let tag = digest.get(..TAG_HEX).unwrap_or(digest);
+    let whole = natural.as_ref();
+    let (dir, name) = match whole.rsplit_once('/') {
+        Some((dir, name)) => (Some(dir), name),
+        None => (None, whole),
+    };
+    let dir_bytes = dir.map_or(0, |d| d.len() + 1);
+    let fitted = max_key
+        .checked_sub(dir_bytes)
+        .and_then(|room| fit_name(name, tag, room.min(MAX_NAME)));
+    let name = fitted.unwrap_or_else(|| format!("{name}.{tag}"));
+    object_path(&match dir {
+        Some(dir) => format!("{dir}/{name}"),
+        None => name,
+    })
+}
+
 /// An object key kept as written (non-ASCII included); only a segment holding control
 /// characters (a macOS folder's `Icon\r`) is encoded, and in it only those characters and
 /// `%`. object_store's own fallback encodes every segment of such a key, `[`, `~`, `#`
 /// and the store's prefix included: one such file put its siblings' directory, and the
-/// prefix its bucket rules name, under another spelling.
+/// prefix its bucket rules name, under another spelling. An encoded segment longer than
+/// [`MAX_NAME`] whose name was not is shortened, tagged with the digest of the whole
+/// encoded segment (see [`fit_name`]): the file would otherwise fit its source's
+/// filesystem and no local store's.
 pub fn object_path(key: &str) -> ObjectPath {
     if let Ok(p) = ObjectPath::parse(key) {
         return p;
@@ -198,7 +250,16 @@ pub fn object_path(key: &str) -> ObjectPath {
                         enc.push(c);
                     }
                 }
-                enc
+                // A name already too long for a local store stays as it was: S3 stores
+                // hold it under that key.
+                if enc.len() <= MAX_NAME || seg.len() > MAX_NAME {
+                    enc
+                } else {
+                    use sha2::Digest as _;
+                    let digest = hex::encode(sha2::Sha256::digest(enc.as_bytes()));
+                    let tag = digest.get(..TAG_HEX).unwrap_or(&digest);
+                    fit_name(&enc, tag, MAX_NAME).unwrap_or(enc)
+                }
             }
         })
         .collect();
@@ -665,5 +726,89 @@ mod tests {
         assert_eq!(object_path(icon.as_ref()), icon);
         // Nothing else changes: a clean key is kept as written.
         assert_eq!(object_path("take~1/a b%.mov").as_ref(), "take~1/a b%.mov");
+    }
+
+    const DIGEST: &str = "0123456789abcdef0123456789abcdef";
+
+    /// A sibling's name fits a local store's filesystem and the whole key S3's limit,
+    /// cut at a character boundary; one that fits already keeps its spelling.
+    #[test]
+    fn a_sibling_key_fits_every_store() {
+        let short = sibling_key(&object_path("d/a.mov"), DIGEST, usize::MAX);
+        assert_eq!(short.as_ref(), "d/a.mov.0123456789abcdef");
+        let exact = format!("d/{}", "n".repeat(MAX_NAME - 17));
+        let kept = sibling_key(&object_path(&exact), DIGEST, usize::MAX);
+        assert_eq!(kept.as_ref(), format!("{exact}.0123456789abcdef"));
+
+        let cjk = format!("long3/{}.mo", "映".repeat(83));
+        let key = sibling_key(&object_path(&cjk), DIGEST, usize::MAX);
+        let name = key.as_ref().rsplit('/').next().expect("a name");
+        assert_eq!(name, format!("{}.0123456789abcdef", "映".repeat(79)));
+        assert_eq!(key, sibling_key(&object_path(&cjk), DIGEST, usize::MAX));
+
+        let dirs = (0..4)
+            .map(|_| "d".repeat(250))
+            .collect::<Vec<_>>()
+            .join("/");
+        let near = object_path(&format!("{dirs}/take-one.mov"));
+        let s3 = sibling_key(&near, DIGEST, 1024);
+        assert_eq!(s3.as_ref(), format!("{dirs}/tak.0123456789abcdef"));
+        // No room for a single character of the name: left for the store to refuse.
+        let deep = (0..4)
+            .map(|_| "d".repeat(253))
+            .collect::<Vec<_>>()
+            .join("/");
+        let full = object_path(&format!("{deep}/x.mov"));
+        let refused = sibling_key(&full, DIGEST, 1024);
+        assert_eq!(refused.as_ref(), format!("{full}.0123456789abcdef"));
+    }
+
+    /// A cut never leaves half of a `%XX` escape, which would read as another name.
+    #[test]
+    fn a_shortened_name_keeps_its_escapes_whole() {
+        for pad in 0..3 {
+            let base = format!("{}{}", "a".repeat(236 + pad), "%0D".repeat(4));
+            let name = fit_name(&base, "0123456789abcdef", MAX_NAME).expect("fits");
+            assert!(name.len() <= MAX_NAME, "{name}");
+            let kept = name.strip_suffix(".0123456789abcdef").expect("tagged");
+            assert!(!kept.ends_with('%') && !kept.contains("%0."), "{kept}");
+            assert!(
+                kept.trim_end_matches("%0D").chars().all(|c| c == 'a'),
+                "{kept}"
+            );
+        }
+        assert_eq!(fit_name("abc", "0123456789abcdef", 17), None);
+    }
+
+    /// A name that fits its source's filesystem but not once encoded is shortened and
+    /// tagged with the digest of its whole encoding: two such names stay apart, the key
+    /// is the same every time and read back unchanged.
+    #[test]
+    fn an_encoding_too_long_for_a_name_is_shortened() {
+        let seven = object_path(&format!("p/{}{}.mov", "c".repeat(240), "\r".repeat(7)));
+        let eight = object_path(&format!("p/{}{}.mov", "c".repeat(240), "\r".repeat(8)));
+        for key in [&seven, &eight] {
+            let name = key.as_ref().strip_prefix("p/").expect("in p");
+            assert!(name.len() <= MAX_NAME, "{name}");
+            assert!(name.starts_with(&"c".repeat(238)), "{name}");
+            assert_eq!(object_path(key.as_ref()), *key);
+        }
+        assert_ne!(seven, eight);
+        assert_eq!(
+            seven,
+            object_path(&format!("p/{}{}.mov", "c".repeat(240), "\r".repeat(7)))
+        );
+        // A name no local store could hold anyway keeps the key S3 stores hold it under.
+        let long = format!("p/{}\r", "c".repeat(300));
+        assert_eq!(
+            object_path(&long).as_ref(),
+            format!("p/{}%0D", "c".repeat(300))
+        );
+        // An encoding that fits is not touched.
+        let fits = format!("p/{}\r.mov", "c".repeat(240));
+        assert_eq!(
+            object_path(&fits).as_ref(),
+            format!("p/{}%0D.mov", "c".repeat(240))
+        );
     }
 }

@@ -567,11 +567,11 @@ impl TierCopier {
                         // Named from the SHA-256 where the checksum is MD5: two contents
                         // of one MD5 would otherwise meet at one sibling key.
                         let named = d.sha256.as_deref().unwrap_or(&d.checksum);
-                        key = crate::store::object_path(&format!(
-                            "{}.{}",
-                            natural,
-                            &named[..16.min(named.len())]
-                        ));
+                        let max_key = match self.tier.s3 {
+                            Some(_) => MAX_S3_KEY,
+                            None => usize::MAX,
+                        };
+                        key = crate::store::sibling_key(&natural, named, max_key);
                         tracing::warn!(key = %natural, sibling = %key, "different content already stored under this key; storing beside it");
                     }
                     Claimed::Occupied(_) => {

@@ -279,17 +279,6 @@ async fn awkward_keys_of_a_local_store_are_stored_or_refused_at_once() {
         other => panic!("expected permanent, got {other:?}"),
     }
 
-    // A name near the filesystem's limit whose key holds other content: the sibling name
-    // (17 bytes longer) cannot exist.
-    let name = format!("l/{}", "n".repeat(245));
-    let first = put(base.path(), "online", &name, b"first version");
-    copied(c.handle(&first, 1).await);
-    let second = put(base.path(), "online", &name, b"second version");
-    match c.handle(&second, 1).await {
-        Err(TierError::Permanent(e)) => assert!(e.contains("longer than"), "{e}"),
-        other => panic!("expected permanent, got {other:?}"),
-    }
-
     // A recorded copy whose key became a directory (the object was lost, then `e/x.mov`
     // archived): the redelivery copies again beside it instead of failing to read it.
     let big_e = content(2 * MIB, 11);
@@ -1168,6 +1157,92 @@ async fn s3_limits_on_keys_and_metadata_never_loop_through_retries() {
         .collect();
     assert!(meta.contains(&"size".to_string()), "{meta:?}");
     assert!(!meta.contains(&"original-path".to_string()), "{meta:?}");
+
+    // A key of 1,016 bytes (the prefix `pre/` included) whose sibling would be 1,033: its
+    // name is shortened so the key fits.
+    let dirs = (0..4)
+        .map(|_| "d".repeat(249))
+        .collect::<Vec<_>>()
+        .join("/");
+    let rel = format!("{dirs}/take-one.mov");
+    let v1 = put(base.path(), "online", &rel, b"first take");
+    assert_eq!(copied(c.handle(&v1, 1).await).key.len(), 1016);
+    let v2 = put(base.path(), "online", &rel, b"second take");
+    let r = copied(c.handle(&v2, 1).await);
+    let tag = &sha256(b"second take")[..16];
+    assert_eq!(r.key, format!("pre/{dirs}/tak.{tag}"));
+    assert!(r.uploaded, "{r:?}");
+    let again = copied(c.handle(&v2, 2).await);
+    assert_eq!(again.key, r.key);
+    assert!(!again.uploaded, "{again:?}");
+}
+
+/// Each name of `key` as a local store holds it, within the filesystem's limit.
+fn names_fit(key: &str) {
+    for name in key.split('/') {
+        assert!(name.len() <= 255, "{} bytes: {name}", name.len());
+    }
+}
+
+/// A name near the filesystem's limit whose key holds an earlier version: the new
+/// version is stored beside it under a name shortened to fit (cut between characters),
+/// and found there again when its message comes again.
+#[tokio::test]
+async fn a_new_version_of_a_long_named_file_is_stored_beside_the_first() {
+    let base = tempfile::tempdir().expect("temp");
+    let store_dir = base.path().join("store");
+    let tier = storage::store::local(&store_dir).expect("tier");
+    let c = copier(base.path(), "online", tier, records(base.path()).await);
+    let rel = format!("long3/{}.mo", "映".repeat(83));
+    let first = put(base.path(), "online", &rel, b"version one");
+    let r1 = copied(c.handle(&first, 1).await);
+    assert_eq!(r1.key, rel);
+    let second = put(base.path(), "online", &rel, b"the second version");
+    let r2 = copied(c.handle(&second, 1).await);
+    assert!(r2.uploaded, "{r2:?}");
+    assert_ne!(r2.key, r1.key);
+    names_fit(&r2.key);
+    let tag = &sha256(b"the second version")[..16];
+    assert!(r2.key.ends_with(&format!(".{tag}")), "{r2:?}");
+    assert_eq!(
+        std::fs::read(store_dir.join(&r2.key)).expect("stored"),
+        b"the second version"
+    );
+    assert_eq!(
+        std::fs::read(store_dir.join(&r1.key)).expect("kept"),
+        b"version one"
+    );
+    let again = copied(c.handle(&second, 2).await);
+    assert_eq!(again.key, r2.key);
+    assert!(!again.uploaded, "{again:?}");
+    assert_eq!(files_under(&store_dir).len(), 2, "no third object");
+}
+
+/// A name that fits its filesystem but not once its control characters are encoded is
+/// stored on its first attempt under a shortened name, and found there again.
+#[tokio::test]
+async fn a_name_too_long_once_encoded_is_stored_at_once() {
+    let base = tempfile::tempdir().expect("temp");
+    let store_dir = base.path().join("store");
+    let tier = storage::store::local(&store_dir).expect("tier");
+    let c = copier(base.path(), "online", tier, records(base.path()).await);
+    let rel = format!("ctl/{}{}.mov", "c".repeat(240), "\r".repeat(7));
+    let msg = put(base.path(), "online", &rel, b"icon-ish");
+    let r = copied(c.handle(&msg, 1).await);
+    assert!(r.uploaded, "{r:?}");
+    assert!(
+        r.key.starts_with(&format!("ctl/{}", "c".repeat(238))),
+        "{r:?}"
+    );
+    names_fit(&r.key);
+    assert_eq!(
+        std::fs::read(store_dir.join(&r.key)).expect("stored"),
+        b"icon-ish"
+    );
+    let again = copied(c.handle(&msg, 2).await);
+    assert_eq!(again.key, r.key);
+    assert!(!again.uploaded, "{again:?}");
+    assert_eq!(files_under(&store_dir), vec![r.key.clone()]);
 }
 
 /// A key whose object was lost and then stored again with other content (another root's
