@@ -587,3 +587,62 @@ async fn a_message_id_replayed_before_the_hold_limit_is_reported_done() {
     await_ready_count(&hs.ch, &hs.q, 1).await;
     await_ready_count(&hs.ch, &dlq_name, 299).await;
 }
+
+/// Looking at dead letters leaves them in their order: a `dlq list` of the first few, a dry
+/// run stopped by its count, a filtered replay passing others over. A quorum queue puts
+/// what a channel gives back behind what it did not hold, so each of them moved the dead
+/// letters it looked at to the tail, and a replay of 2 after a dry run of 2 replayed two
+/// others than the ones it had named.
+#[tokio::test]
+async fn looking_at_dead_letters_leaves_them_in_their_order() {
+    let mut hs = Harness::start("order", &[], failing()).await;
+    for i in 0..8 {
+        let body = format!("{{\"p\":true,\"i\":{i}}}");
+        let props = BasicProperties::default().with_message_id(format!("m{i}").into());
+        hs.publish("test.k", body.as_bytes(), props).await;
+    }
+    let dlq_name = format!("{}-dlq", hs.q);
+    await_ready_count(&hs.ch, &dlq_name, 8).await;
+    hs.stop().await;
+    let topo = hs.topology();
+    let ids = |v: Vec<dlq::DeadLetter>| -> Vec<String> {
+        v.into_iter()
+            .map(|d| d.message_id.unwrap_or_default())
+            .collect()
+    };
+    let order = || async {
+        await_ready_count(&hs.ch, &dlq_name, 8).await;
+        ids(dlq::list(&hs.conn, &topo, 100).await.expect("list"))
+    };
+    let before = order().await;
+    assert_eq!(before.len(), 8);
+    dlq::list(&hs.conn, &topo, 3).await.expect("list 3");
+    assert_eq!(order().await, before, "after a list of 3");
+    let two = Filter {
+        limit: Some(2),
+        ..Filter::default()
+    };
+    let would = ids(dlq::replay_filtered(&hs.conn, &topo, &two, true)
+        .await
+        .expect("dry run"));
+    assert_eq!(would, before[..2], "a dry run of 2 names the first two");
+    assert_eq!(order().await, before, "after a dry run of 2");
+    let one_of_them = Filter {
+        message_id: Some(before[4].clone()),
+        ..Filter::default()
+    };
+    let moved = ids(dlq::replay_filtered(&hs.conn, &topo, &one_of_them, false)
+        .await
+        .expect("replay one"));
+    assert_eq!(moved, [before[4].clone()]);
+    let mut rest = before.clone();
+    rest.remove(4);
+    await_ready_count(&hs.ch, &dlq_name, 7).await;
+    let after = ids(dlq::list(&hs.conn, &topo, 100).await.expect("list"));
+    assert_eq!(after, rest, "the others passed over stay in their order");
+    await_ready_count(&hs.ch, &dlq_name, 7).await;
+    let replayed = ids(dlq::replay_filtered(&hs.conn, &topo, &two, false)
+        .await
+        .expect("replay 2"));
+    assert_eq!(replayed, rest[..2], "a replay of 2 takes the first two");
+}

@@ -5,7 +5,9 @@ pub(crate) mod envelope;
 
 use std::time::Duration;
 
-use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions, QueuePurgeOptions};
+use lapin::options::{
+    BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDeclareOptions, QueuePurgeOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use serde::Serialize;
@@ -378,6 +380,7 @@ pub async fn list_of_total(
     let ch = bounded(t, "channel.open", conn.create_channel()).await?;
     let total = bounded(t, "queue.declare", count(&ch, &topo.dlq())).await? as usize;
     let mut out = Vec::new();
+    let mut last = None;
     while out.len() < limit.min(total) {
         let get = ch.basic_get(
             topo.dlq().as_str().into(),
@@ -386,6 +389,7 @@ pub async fn list_of_total(
         let Some(m) = bounded(t, "basic.get", get).await? else {
             break;
         };
+        last = Some(m.delivery.delivery_tag);
         out.push(describe(
             &m.delivery.properties,
             m.delivery.routing_key.as_str(),
@@ -393,9 +397,67 @@ pub async fn list_of_total(
             &topo.queue,
         ));
     }
+    let held = Held {
+        last,
+        looked: out.len(),
+    };
+    held.give_back_in_order(&ch, &topo.dlq(), Some(total), t)
+        .await;
     let _ = bounded(t, "channel.close", ch.close(200, "list done".into())).await;
     await_returned(conn, &topo.dlq(), total as u32, t).await?;
     Ok((out, total))
+}
+
+/// The dead letters a look at the DLQ holds on its channel (fetched, not removed).
+#[derive(Default)]
+struct Held {
+    /// The delivery tag of the last one fetched and not removed.
+    last: Option<u64>,
+    /// How many were fetched in all (removed ones included).
+    looked: usize,
+}
+
+impl Held {
+    /// Gives back every dead letter held on `ch`, in the order `queue` had them. RabbitMQ
+    /// 3.x's quorum queues put what a channel gives back behind what it did not hold, and
+    /// a closed channel's return even shuffles it: a `list` of the first 20 moved them to
+    /// the tail, and a replay of 20 after it took 20 others. So the rest of the queue is
+    /// held too, up to `total` looked at in all (`None`: not — a look stopped to keep
+    /// within the broker's consumer timeout must not hold more), and everything goes back
+    /// in one `basic.nack(multiple)`, in order.
+    /// Whatever fails here, the dead letters are not lost: they return when the channel
+    /// closes, perhaps out of order (a warning says so).
+    async fn give_back_in_order(
+        mut self,
+        ch: &Channel,
+        queue: &str,
+        total: Option<usize>,
+        t: Duration,
+    ) {
+        let given_back = async {
+            while total.is_some_and(|n| self.looked < n) {
+                let get = ch.basic_get(queue.into(), BasicGetOptions { no_ack: false });
+                let Some(m) = bounded(t, "basic.get", get).await? else {
+                    break;
+                };
+                self.last = Some(m.delivery.delivery_tag);
+                self.looked += 1;
+            }
+            if let Some(tag) = self.last {
+                let give_back = BasicNackOptions {
+                    multiple: true,
+                    requeue: true,
+                };
+                bounded(t, "basic.nack", ch.basic_nack(tag, give_back)).await?;
+            }
+            Ok::<(), lapin::Error>(())
+        };
+        if let Err(e) = given_back.await {
+            tracing::warn!(queue, error = %e,
+                "could not give the dead letters looked at back in their order: they return \
+                 as the channel closes, perhaps in another order");
+        }
+    }
 }
 
 /// How long a look at the DLQ waits for the dead letters it held to be back.
@@ -637,6 +699,7 @@ pub async fn replay_each(
     let mut interrupted = false;
     // Dead letters fetched so far (a dry run that stops says how far it got).
     let mut looked = 0usize;
+    let mut held = Held::default();
     let stop = filter.stop.clone().unwrap_or_default();
     for _ in 0..total {
         if stop.is_cancelled() {
@@ -664,6 +727,7 @@ pub async fn replay_each(
             break;
         };
         let d = m.delivery;
+        held.looked += 1;
         let info = describe(
             &d.properties,
             d.routing_key.as_str(),
@@ -671,6 +735,7 @@ pub async fn replay_each(
             &topo.queue,
         );
         if filter.limit.is_some_and(|n| moved >= n) {
+            held.last = Some(d.delivery_tag);
             break;
         }
         looked += 1;
@@ -678,6 +743,7 @@ pub async fn replay_each(
         // A dry run holds what it would replay too (nothing is removed).
         if dry_run || !wanted {
             held_since.get_or_insert_with(tokio::time::Instant::now);
+            held.last = Some(d.delivery_tag);
         }
         if !wanted {
             continue;
@@ -753,6 +819,11 @@ pub async fn replay_each(
         each(&info);
         moved += 1;
     }
+    // Stopped or interrupted, it holds no more than it did: the broker's consumer timeout
+    // may be near, or the operator waits.
+    let read_through = stopped.is_none() && !interrupted;
+    held.give_back_in_order(&ch, &topo.dlq(), read_through.then_some(total as usize), t)
+        .await;
     let _ = bounded(t, "channel.close", ch.close(200, "replay done".into())).await;
     let done = u32::try_from(moved).unwrap_or(u32::MAX);
     let kept = total.saturating_sub(if dry_run { 0 } else { done });
