@@ -646,3 +646,66 @@ async fn looking_at_dead_letters_leaves_them_in_their_order() {
         .expect("replay 2"));
     assert_eq!(replayed, rest[..2], "a replay of 2 takes the first two");
 }
+
+/// Where each look counts a delivery against a limit (a `Q-dlq` an earlier release
+/// declared with RabbitMQ 4.x's default of 20, kept as it is), a look reads no further
+/// than it shows: reading the rest through to keep their order would count a delivery on
+/// every dead letter of the queue, and twenty lists of the first few would drop them all.
+#[tokio::test]
+async fn a_dlq_counting_deliveries_is_not_read_through() {
+    use framework::lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+    use framework::lapin::types::{AMQPValue, FieldTable};
+    let mut hs = Harness::start("limited", &[], failing()).await;
+    hs.stop().await;
+    let dlq_name = format!("{}-dlq", hs.q);
+    hs.ch
+        .queue_delete(dlq_name.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .expect("delete the DLQ");
+    let mut old = FieldTable::default();
+    old.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    hs.ch
+        .queue_declare(
+            dlq_name.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            old,
+        )
+        .await
+        .expect("an earlier release's DLQ");
+    for i in 0..6 {
+        let props = BasicProperties::default().with_message_id(format!("m{i}").into());
+        publish(&hs.ch, "", &dlq_name, b"{}", props).await;
+    }
+    await_ready_count(&hs.ch, &dlq_name, 6).await;
+    let topo = hs.topology();
+    let shown = dlq::list(&hs.conn, &topo, 2).await.expect("list 2");
+    assert_eq!(shown.len(), 2);
+    await_ready_count(&hs.ch, &dlq_name, 6).await;
+    let mut delivered = 0;
+    while let Ok(Some(m)) = hs
+        .ch
+        .basic_get(dlq_name.as_str().into(), BasicGetOptions { no_ack: true })
+        .await
+    {
+        // The broker's count of earlier deliveries (0, or no header, for none).
+        let count = m
+            .delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get("x-delivery-count").cloned());
+        if count.is_some_and(|c| !matches!(c, AMQPValue::LongLongInt(0) | AMQPValue::LongInt(0))) {
+            delivered += 1;
+        }
+    }
+    assert!(
+        delivered <= 2,
+        "{delivered} dead letters counted a delivery for a list of 2"
+    );
+}

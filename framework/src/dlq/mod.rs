@@ -379,6 +379,7 @@ pub async fn list_of_total(
     let t = topo.operation_timeout;
     let ch = bounded(t, "channel.open", conn.create_channel()).await?;
     let total = bounded(t, "queue.declare", count(&ch, &topo.dlq())).await? as usize;
+    let began = tokio::time::Instant::now();
     let mut out = Vec::new();
     let mut last = None;
     while out.len() < limit.min(total) {
@@ -397,11 +398,12 @@ pub async fn list_of_total(
             &topo.queue,
         ));
     }
-    let held = Held {
-        last,
-        looked: out.len(),
-    };
-    held.give_back_in_order(&ch, &topo.dlq(), Some(total), t)
+    let through = ReadThrough::allowed(conn, topo).await.then(|| ReadThrough {
+        until: began + HOLD_AT_MOST,
+        stop: None,
+    });
+    Held { last }
+        .give_back_in_order(&ch, &topo.dlq(), through, t)
         .await;
     let _ = bounded(t, "channel.close", ch.close(200, "list done".into())).await;
     await_returned(conn, &topo.dlq(), total as u32, t).await?;
@@ -413,35 +415,63 @@ pub async fn list_of_total(
 struct Held {
     /// The delivery tag of the last one fetched and not removed.
     last: Option<u64>,
-    /// How many were fetched in all (removed ones included).
-    looked: usize,
+}
+
+/// How far a look may go on holding the rest of the DLQ to give everything back in order.
+struct ReadThrough<'a> {
+    /// Held no later than this: the broker's consumer timeout takes a channel holding a
+    /// delivery longer than it allows (30 minutes by default), returning what it held in
+    /// another order.
+    until: tokio::time::Instant,
+    /// The operator's Ctrl-C: they wait for no more reading.
+    stop: Option<&'a tokio_util::sync::CancellationToken>,
+}
+
+impl ReadThrough<'_> {
+    /// Whether `topo`'s DLQ may be read through: not where a delivery limit counts each
+    /// look (a `Q-dlq` an earlier release declared with RabbitMQ 4.x's default of 20, as it
+    /// is kept): there every dead letter read through would count a delivery, where the
+    /// look itself counted only those it showed. Where the check cannot be made, not.
+    async fn allowed(conn: &Connection, topo: &Topology) -> bool {
+        matches!(
+            tokio::time::timeout(topo.operation_timeout, topo.dlq_delivery_limit_kept(conn)).await,
+            Ok(Ok(false))
+        )
+    }
 }
 
 impl Held {
     /// Gives back every dead letter held on `ch`, in the order `queue` had them. RabbitMQ
     /// 3.x's quorum queues put what a channel gives back behind what it did not hold, and
     /// a closed channel's return even shuffles it: a `list` of the first 20 moved them to
-    /// the tail, and a replay of 20 after it took 20 others. So the rest of the queue is
-    /// held too, up to `total` looked at in all (`None`: not — a look stopped to keep
-    /// within the broker's consumer timeout must not hold more), and everything goes back
-    /// in one `basic.nack(multiple)`, in order.
-    /// Whatever fails here, the dead letters are not lost: they return when the channel
-    /// closes, perhaps out of order (a warning says so).
+    /// the tail, and a replay of 20 after it took 20 others. So where `through` allows,
+    /// the rest of the queue is held too (those arrived meanwhile included), and everything
+    /// goes back in one `basic.nack(multiple)`, in order. Whatever fails here, the dead
+    /// letters are not lost: they return when the channel closes, perhaps out of order (a
+    /// warning says so).
     async fn give_back_in_order(
         mut self,
         ch: &Channel,
         queue: &str,
-        total: Option<usize>,
+        through: Option<ReadThrough<'_>>,
         t: Duration,
     ) {
+        let mut whole = through.is_none();
         let given_back = async {
-            while total.is_some_and(|n| self.looked < n) {
-                let get = ch.basic_get(queue.into(), BasicGetOptions { no_ack: false });
-                let Some(m) = bounded(t, "basic.get", get).await? else {
-                    break;
-                };
-                self.last = Some(m.delivery.delivery_tag);
-                self.looked += 1;
+            if let Some(through) = &through {
+                loop {
+                    if tokio::time::Instant::now() >= through.until
+                        || through.stop.is_some_and(|s| s.is_cancelled())
+                    {
+                        break;
+                    }
+                    let get = ch.basic_get(queue.into(), BasicGetOptions { no_ack: false });
+                    let Some(m) = bounded(t, "basic.get", get).await? else {
+                        whole = true;
+                        break;
+                    };
+                    self.last = Some(m.delivery.delivery_tag);
+                }
             }
             if let Some(tag) = self.last {
                 let give_back = BasicNackOptions {
@@ -452,10 +482,16 @@ impl Held {
             }
             Ok::<(), lapin::Error>(())
         };
-        if let Err(e) = given_back.await {
-            tracing::warn!(queue, error = %e,
+        match given_back.await {
+            Err(e) => tracing::warn!(queue, error = %e,
                 "could not give the dead letters looked at back in their order: they return \
-                 as the channel closes, perhaps in another order");
+                 as the channel closes, perhaps in another order"),
+            Ok(()) if !whole && self.last.is_some() => tracing::warn!(
+                queue,
+                "gave the dead letters looked at back before reading the rest of the DLQ (out \
+                 of time, or stopped): on RabbitMQ 3.x they now come after the others"
+            ),
+            Ok(()) => {}
         }
     }
 }
@@ -727,7 +763,6 @@ pub async fn replay_each(
             break;
         };
         let d = m.delivery;
-        held.looked += 1;
         let info = describe(
             &d.properties,
             d.routing_key.as_str(),
@@ -753,6 +788,8 @@ pub async fn replay_each(
                 tokio::select! {
                     _ = tokio::time::sleep_until(next_at) => {}
                     _ = stop.cancelled() => {
+                        // Fetched, not replayed: held with the others.
+                        held.last = Some(d.delivery_tag);
                         interrupted = true;
                         break;
                     }
@@ -821,9 +858,14 @@ pub async fn replay_each(
     }
     // Stopped or interrupted, it holds no more than it did: the broker's consumer timeout
     // may be near, or the operator waits.
-    let read_through = stopped.is_none() && !interrupted;
-    held.give_back_in_order(&ch, &topo.dlq(), read_through.then_some(total as usize), t)
-        .await;
+    let through = match stopped.is_none() && !interrupted {
+        true => ReadThrough::allowed(conn, topo).await.then(|| ReadThrough {
+            until: held_since.unwrap_or_else(tokio::time::Instant::now) + hold_at_most,
+            stop: Some(&stop),
+        }),
+        false => None,
+    };
+    held.give_back_in_order(&ch, &topo.dlq(), through, t).await;
     let _ = bounded(t, "channel.close", ch.close(200, "replay done".into())).await;
     let done = u32::try_from(moved).unwrap_or(u32::MAX);
     let kept = total.saturating_sub(if dry_run { 0 } else { done });
