@@ -59,8 +59,6 @@ struct LoneRecordMarks<'a> {
     records: Option<&'a RawValue>,
     #[serde(rename = "eventSource", borrow, default, deserialize_with = "present")]
     event_source: Option<&'a RawValue>,
-    #[serde(rename = "eventID", borrow, default, deserialize_with = "present")]
-    event_id: Option<&'a RawValue>,
 }
 
 /// A key's value whatever it is, `null` included, so that only an absent key is `None`.
@@ -94,8 +92,10 @@ fn kinesis_record(raw: &RawValue) -> Option<KinesisRecord<'_>> {
 }
 
 /// Whether `body`, an object, is one Kinesis record published alone (a per-record
-/// Kinesis → RabbitMQ bridge): no `Records` key, and `"eventSource": "aws:kinesis"` or
-/// an `eventID` key. The `kinesis` key itself is left to [`kinesis_record`].
+/// Kinesis → RabbitMQ bridge): no `Records` key, and `"eventSource": "aws:kinesis"`, which
+/// every record Kinesis writes carries (an `eventID` alone is no mark: an application's
+/// event may have one, and its body must be posted whole). The `kinesis` key itself is
+/// left to [`kinesis_record`].
 fn is_lone_record(body: &RawValue) -> bool {
     let Ok(marks) = serde_json::from_str::<LoneRecordMarks<'_>>(body.get()) else {
         return false;
@@ -104,16 +104,15 @@ fn is_lone_record(body: &RawValue) -> bool {
         .event_source
         .and_then(|v| serde_json::from_str::<String>(v.get()).ok())
         .is_some_and(|s| s == "aws:kinesis");
-    marks.records.is_none() && (from_kinesis || marks.event_id.is_some())
+    marks.records.is_none() && from_kinesis
 }
 
 /// Splits a body: a Kinesis envelope when `Records` is a non-empty array whose every
 /// element is an object with a `kinesis` key, whatever the JSON type of its value (an
 /// object, a string, a number…, design §7); a one-record envelope when the body is itself
-/// such a record, marked as one by `"eventSource": "aws:kinesis"` or an `eventID` key and
-/// with no `Records` key; `{"Records":[]}` and nothing else, a batch of no events;
-/// anything else (an object with a `kinesis` key but neither mark included) is a single
-/// event.
+/// such a record, marked as one by `"eventSource": "aws:kinesis"` and with no `Records`
+/// key; `{"Records":[]}` and nothing else, a batch of no events; anything else (an object
+/// with a `kinesis` key but not that mark included) is a single event.
 pub fn split(body: &RawValue) -> Events<'_> {
     if !is_object(body) {
         return Events::Single(body);
@@ -229,8 +228,9 @@ mod tests {
     }
 
     #[test]
-    fn a_record_with_an_event_id_alone_is_a_one_record_envelope_keyed_by_it() {
-        let s = r#"{"eventID":"shardId-000000000000:7","kinesis":"text"}"#;
+    fn a_record_alone_is_keyed_by_its_event_id() {
+        let s =
+            r#"{"eventID":"shardId-000000000000:7","kinesis":"text","eventSource":"aws:kinesis"}"#;
         let r = raw(s);
         let rec = lone(&r);
         assert_eq!(rec.kinesis.get(), r#""text""#);
@@ -242,11 +242,11 @@ mod tests {
         };
         assert_eq!(in_batch[0].event_id, rec.event_id);
         assert_eq!(in_batch[0].kinesis.get(), rec.kinesis.get());
-        // An `eventID` key marks a record whatever it holds; only a non-blank string names it.
+        // Only a non-blank string names it.
         for s in [
-            r#"{"kinesis":1,"eventID":null}"#,
-            r#"{"kinesis":1,"eventID":7}"#,
-            r#"{"kinesis":1,"eventID":" "}"#,
+            r#"{"kinesis":1,"eventSource":"aws:kinesis","eventID":null}"#,
+            r#"{"kinesis":1,"eventSource":"aws:kinesis","eventID":7}"#,
+            r#"{"kinesis":1,"eventSource":"aws:kinesis","eventID":" "}"#,
         ] {
             assert_eq!(lone(&raw(s)).event_id, None, "{s}");
         }
@@ -261,6 +261,8 @@ mod tests {
             r#"{"eventSource":"aws:kinesis","eventID":"shardId-0:1"}"#,
             r#"{"kinesis":1,"eventSource":"aws:kinesis","Records":null}"#,
             r#"{"kinesis":1,"eventID":"x","Records":[]}"#,
+            // An application's event with an id of its own and a `kinesis` field.
+            r#"{"eventID":"e1","kinesis":{"a":1},"user":"u"}"#,
         ] {
             let r = raw(s);
             match split(&r) {
