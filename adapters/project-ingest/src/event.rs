@@ -102,6 +102,11 @@ pub struct ProjectEvent {
     pub created: String,
     /// Ordering key: normalized UTC timestamp, compared as text; None = unordered.
     pub version: Option<String>,
+    /// Orders events of one `version` among themselves (when each arrived or was
+    /// published; normalized as `version`), for an event whose key is its own `updated`
+    /// time; None sorts first. Kept in a column of its own, so a release before it still
+    /// applies an event of an equal `version` over a row this one wrote (a rollback).
+    pub tie: Option<String>,
 }
 
 /// One event found in a message: a project event, or a `type` this service ignores.
@@ -209,21 +214,6 @@ pub fn believable(key: String, received: Option<&str>, first_seen: Option<&str>)
     }
 }
 
-/// An ordering key of the time `key` and, for events of that one time, the time `tie`
-/// (when the event arrived or was published): `key` is fixed-width, so text order is the
-/// order of `key`, then of `tie`; a key stored without a tie sorts before every tie of it.
-fn tied_key(key: String, tie: Option<String>) -> String {
-    match tie {
-        Some(t) => format!("{key} {t}"),
-        None => key,
-    }
-}
-
-/// The time of an ordering key, without the tie [`tied_key`] may have added.
-pub fn key_time(key: &str) -> &str {
-    key.split_once(' ').map_or(key, |(time, _)| time)
-}
-
 /// Normalizes an RFC 3339 time to fixed-width UTC text, so text order is time order.
 pub fn normalize_time(s: &str) -> Option<String> {
     chrono::DateTime::parse_from_rfc3339(s)
@@ -317,21 +307,22 @@ fn parse_delivered(
         EventKind::Created => Some(created_norm),
         EventKind::Updated => received.clone(),
     };
-    let version = match updated {
-        // Events of one `updated` time are ordered among themselves as events without one
-        // are: pluto-core changes a project by copying its entry with one field changed,
-        // `updated` as it was, so all its updates of a project share one time, and
-        // whichever was applied last won — an older one back from a retry tier too.
-        Some(u) => Some(tied_key(u, arrival.or(received))),
-        None => arrival.or(fallback),
-    }
-    .map(|v| {
+    let believed = |v: String| {
         believable(
             v,
             delivery.map(|d| d.received),
             delivery.and_then(|d| d.first_seen),
         )
-    });
+    };
+    // Events of one `updated` time are ordered among themselves as events without one
+    // are: pluto-core changes a project by copying its entry with one field changed,
+    // `updated` as it was, so all its updates of a project share one time, and whichever
+    // was applied last won — an older one back from a retry tier too.
+    let tie = match updated {
+        Some(_) => arrival.clone().or(received).map(believed),
+        None => None,
+    };
+    let version = updated.or(arrival).or(fallback).map(believed);
     Ok(Parsed::Project(ProjectEvent {
         kind,
         id,
@@ -342,6 +333,7 @@ fn parse_delivered(
         production_office,
         created,
         version,
+        tie,
     }))
 }
 
@@ -651,11 +643,9 @@ mod tests {
         assert_eq!(p.id, "1234");
         assert_eq!(p.commission_id.as_deref(), Some("42"));
         assert_eq!(p.commission_title, None);
-        // Its `updated`, then (for entries of one `updated` time) its delivery.
-        assert_eq!(
-            p.version.as_deref(),
-            Some("2021-04-29T12:53:43.413000Z 2024-01-01T00:00:00.000000Z")
-        );
+        assert_eq!(p.version.as_deref(), Some("2021-04-29T12:53:43.413000Z"));
+        // Entries of one `updated` time are ordered by their delivery.
+        assert_eq!(p.tie.as_deref(), Some(RECEIVED));
         let updated = items_delivered(&msg, &on("core.project.update"));
         assert_eq!(project_of(&updated[1]).kind, EventKind::Updated);
         // Any other operation: still the missing `type`.

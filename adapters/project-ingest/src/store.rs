@@ -29,7 +29,7 @@ pub struct StoredProject {
     pub production_office: String,
     /// Creation time as Pluto sent it.
     pub created: String,
-    /// The time of the ordering key of the event that wrote this state.
+    /// Ordering key of the event that wrote this state.
     pub version: Option<String>,
     /// `project-created` or `project-updated`: the event that wrote this state.
     pub last_event: String,
@@ -59,6 +59,13 @@ pub struct Store {
 /// commission, none if it has none or the project has no commission.
 const COMMISSION_TITLE: &str = "COALESCE($5, (SELECT c.title FROM commissions c WHERE c.id = $4))";
 
+/// `stored` (a row's `version`, `version_tie`) is no newer than `new` (an event's): an
+/// older time, or the same time and a tie no later (none sorts first).
+fn no_newer(stored: (&str, &str), new: (&str, &str)) -> String {
+    let ((sv, st), (nv, nt)) = (stored, new);
+    format!("({sv} < {nv} OR ({sv} = {nv} AND COALESCE({st}, '') <= COALESCE({nt}, '')))")
+}
+
 const COLS: &str = "id, title, status, commission_id, commission_title, production_office, \
                     created, version, last_event, updated_at";
 
@@ -71,11 +78,7 @@ fn row_to_project(r: &db::sqlx::any::AnyRow) -> Result<StoredProject, db::sqlx::
         commission_title: r.try_get("commission_title")?,
         production_office: r.try_get("production_office")?,
         created: r.try_get("created")?,
-        // The key's time: the tie after it orders events of one time among themselves
-        // and is no one else's business.
-        version: r
-            .try_get::<Option<String>, _>("version")?
-            .map(|v| crate::event::key_time(&v).to_string()),
+        version: r.try_get("version")?,
         last_event: r.try_get("last_event")?,
         updated_at: r.try_get("updated_at")?,
     })
@@ -156,14 +159,19 @@ impl Store {
             (EventKind::Created, _) => {
                 // A created event never overwrites state written by an update, and never
                 // a newer created event (redelivery of the same one re-applies it).
+                let newer = no_newer(
+                    ("projects.version", "projects.version_tie"),
+                    ("excluded.version", "excluded.version_tie"),
+                );
                 let sql = format!(
-                    "INSERT INTO projects ({COLS}) VALUES ($1, $2, $3, $4, {COMMISSION_TITLE}, $6, $7, $8, $9, $10) \
+                    "INSERT INTO projects ({COLS}, version_tie) VALUES ($1, $2, $3, $4, {COMMISSION_TITLE}, $6, $7, $8, $9, $10, $12) \
                      ON CONFLICT (id) DO UPDATE SET title = excluded.title, status = excluded.status, \
                      commission_id = excluded.commission_id, commission_title = excluded.commission_title, \
                      production_office = excluded.production_office, created = excluded.created, \
-                     version = excluded.version, last_event = excluded.last_event, updated_at = excluded.updated_at \
+                     version = excluded.version, version_tie = excluded.version_tie, \
+                     last_event = excluded.last_event, updated_at = excluded.updated_at \
                      WHERE projects.last_event = 'project-created' AND (projects.version IS NULL \
-                     OR excluded.version IS NULL OR projects.version <= excluded.version \
+                     OR excluded.version IS NULL OR {newer} \
                      OR projects.version > $11) \
                      RETURNING {COLS}"
                 );
@@ -179,6 +187,7 @@ impl Store {
                     .bind(ev.kind.as_str())
                     .bind(&now)
                     .bind(&bound)
+                    .bind(ev.tie.clone())
                     .fetch_optional(&mut *tx)
                     .await?
             }
@@ -214,12 +223,15 @@ impl Store {
                     // key is Pluto's clock, a plain update's this replica's: a clock
                     // behind Pluto's dropped the first updates as stale).
                     Some(_) => (
-                        "$8",
+                        "$8, version_tie = $11",
                         "$9",
-                        " AND (last_event = 'project-created' OR version IS NULL \
-                         OR version <= $8 OR version > $10)",
+                        format!(
+                            " AND (last_event = 'project-created' OR version IS NULL \
+                             OR {} OR version > $10)",
+                            no_newer(("version", "version_tie"), ("$8", "$11"))
+                        ),
                     ),
-                    None => ("version", "$8", ""),
+                    None => ("version", "$8", String::new()),
                 };
                 let sql = format!(
                     "UPDATE projects SET title = $2, status = $3, commission_id = $4, \
@@ -240,7 +252,7 @@ impl Store {
                 }
                 q = q.bind(&now);
                 if version.is_some() {
-                    q = q.bind(&bound);
+                    q = q.bind(&bound).bind(ev.tie.clone());
                 }
                 q.fetch_optional(&mut *tx).await?
             }
@@ -262,15 +274,21 @@ impl Store {
         // Only an event that names the commission's title writes the commission: a row
         // needs one, and an event without it says nothing about the commission itself.
         if let (Some(id), Some(title)) = (&ev.commission_id, &ev.commission_title) {
-            db::sqlx::query(
-                "INSERT INTO commissions (id, title, production_office, version, updated_at) \
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO UPDATE SET title = excluded.title, \
+            let newer = no_newer(
+                ("commissions.version", "commissions.version_tie"),
+                ("excluded.version", "excluded.version_tie"),
+            );
+            db::sqlx::query(&format!(
+                "INSERT INTO commissions (id, title, production_office, version, version_tie, updated_at) \
+                 VALUES ($1, $2, $3, $4, $8, $5) ON CONFLICT (id) DO UPDATE SET title = excluded.title, \
                  production_office = excluded.production_office, \
-                 version = COALESCE(excluded.version, commissions.version), updated_at = excluded.updated_at \
+                 version = COALESCE(excluded.version, commissions.version), \
+                 version_tie = CASE WHEN excluded.version IS NULL THEN commissions.version_tie \
+                 ELSE excluded.version_tie END, updated_at = excluded.updated_at \
                  WHERE commissions.version IS NULL OR excluded.version IS NULL \
-                 OR commissions.version <= excluded.version OR commissions.version > $6 \
+                 OR {newer} OR commissions.version > $6 \
                  OR commissions.version = $7",
-            )
+            ))
             .bind(id)
             .bind(title)
             .bind(&ev.production_office)
@@ -278,6 +296,7 @@ impl Store {
             .bind(&now)
             .bind(&bound)
             .bind(created_key)
+            .bind(ev.tie.clone())
             .execute(&mut *tx)
             .await?;
         }
@@ -304,6 +323,7 @@ mod tests {
             production_office: "UK".into(),
             created: "2026-01-01T00:00:00.000Z".into(),
             version: Some(version.into()),
+            tie: None,
         }
     }
 
