@@ -1258,6 +1258,23 @@ mod tests {
         assert!(e.contains("options[]"), "{e}");
     }
 
+    /// A password holding `/`, `?` or `#` unencoded is read by URL parsers as host, port
+    /// and path, so nothing was masked: refused without the URL, and redacted whole.
+    #[test]
+    fn a_password_with_a_slash_is_refused_and_never_shown() {
+        for url in [
+            "postgres://app:12/s3cret@host/db",
+            "postgres://app:12?s3cret@host/db",
+            "postgres://app:12#s3cret@host/db",
+        ] {
+            let e = DatabaseUrl::try_from(url.to_string()).expect_err(url);
+            assert!(e.contains("percent-encode") && !e.contains("s3cret"), "{e}");
+            let shown = redact_url(url);
+            assert!(!shown.contains("s3cret"), "{shown}");
+        }
+        assert!(DatabaseUrl::try_from("postgres://app:s%2F3@host/db".to_string()).is_ok());
+    }
+
     /// Two instances upgrading one SQLite file at once (both waiting for a third's write
     /// lock) both find an `ALTER TABLE … ADD COLUMN` migration missing; the one that applies
     /// it second meets the column ("duplicate column name"): it looks again and starts too,
@@ -1528,7 +1545,13 @@ impl TryFrom<String> for DatabaseUrl {
 
     /// Accepts sqlite:// and postgres:// URLs; the message is safe to print (password hidden).
     fn try_from(url: String) -> Result<Self, String> {
-        if in_memory(&url) {
+        if framework::config::userinfo_past_authority(&url) {
+            // A password holding `/`, `?` or `#` unencoded: the driver would read it as
+            // host, port and database name, and every log line would show it.
+            Err(framework::config::misplaced_userinfo(
+                "database_password_file",
+            ))
+        } else if in_memory(&url) {
             Err(format!(
                 "`{url}` is an in-memory SQLite database: each connection gets its own and \
                  it is gone when the connection is recycled, with every record; use a file"

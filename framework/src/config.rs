@@ -111,6 +111,9 @@ pub struct AmqpUrl(url::Url);
 impl AmqpUrl {
     /// Parses and checks scheme and host.
     pub fn parse(s: &str) -> Result<Self, String> {
+        if userinfo_past_authority(s) {
+            return Err(misplaced_userinfo("password_file"));
+        }
         let u = url::Url::parse(s).map_err(|e| format!("not a URL: {e}"))?;
         if u.scheme() != "amqp" && u.scheme() != "amqps" {
             return Err(format!(
@@ -500,6 +503,34 @@ pub fn is_this_machine(host: &str) -> bool {
     matches!(host, "localhost" | "127.0.0.1" | "::1" | "[::1]")
 }
 
+/// Whether `url` holds an `@` past the end of its authority as URL parsers end it (at the
+/// first `/`, `?` or `#` after `://`): a password holding one of those unencoded, which
+/// they read as host, port and path (`amqp://user:42/Zm9v@rabbit/%2f`: host `user`, port
+/// 42), leaving no password to mask — the whole secret was printed and logged. An `@` in
+/// the path is always taken so; one in the query or fragment only where the authority has
+/// none (`?application_name=me@host` after `u:p@h` is a value, not a password's end).
+pub fn userinfo_past_authority(url: &str) -> bool {
+    let Some((_, rest)) = url.split_once("://") else {
+        return false;
+    };
+    let Some(end) = rest.find(['/', '?', '#']) else {
+        return false;
+    };
+    let (authority, tail) = rest.split_at(end);
+    let path = tail.split(['?', '#']).next().unwrap_or_default();
+    path.contains('@') || (!authority.contains('@') && tail.contains('@'))
+}
+
+/// The refusal of a URL [`userinfo_past_authority`] finds, naming the password file key
+/// to use instead; the URL itself is never in it (it holds the password).
+pub fn misplaced_userinfo(password_file_key: &str) -> String {
+    format!(
+        "an `@` follows a `/`, `?` or `#` after `://` (URL not shown: it may hold a \
+         password): percent-encode the password (`/` as %2F, `?` as %3F, `#` as %23, `@` as \
+         %40), or use {password_file_key}; an `@` in the path or query is written %40"
+    )
+}
+
 /// `url` safe to print: a password in it, and the value of any query parameter whose
 /// name says secret (`password`, `token`, `key`, `secret`, `sig`…), as `***` — of an
 /// HTTP(S) URL every query value, since web endpoints name their secrets anything
@@ -507,6 +538,17 @@ pub fn is_this_machine(host: &str) -> bool {
 /// the clients using it parse it (sqlx, reqwest), so what is masked is what they would
 /// send. Text that is no URL shows only its scheme, or nothing if it may hold a secret.
 pub fn redacted_url(url: &str) -> String {
+    // A password holding `/`, `?` or `#` unencoded is no password to the parser (it reads
+    // `user:42/secret@host` as host `user`, port 42), or only its start: everything up to
+    // the last `@` is masked, the rest shown as any URL.
+    if let Some((scheme, rest)) = url.split_once("://")
+        && userinfo_past_authority(url)
+        && url::Url::parse(url).is_ok()
+        && let Some((_, host_on)) = rest.rsplit_once('@')
+    {
+        let shown = redacted_url(&format!("{scheme}://{host_on}"));
+        return shown.replacen("://", "://***@", 1);
+    }
     let Ok(mut u) = url::Url::parse(url) else {
         return match url.find("://") {
             Some(i) => format!("{}://***", &url[..i]),
@@ -762,6 +804,81 @@ fn config_file(path: &Path) -> Result<bool, ConfigError> {
     }
 }
 
+/// A directory named explicitly (`--config-dir`, STORAGETIER_CONFIG_DIR) of which neither
+/// `default.toml` nor `<env_name>.toml` was read: refused, listing the `*.toml` files it
+/// holds, where it holds any — a file misnamed (`defaults.toml`) or of another environment
+/// (`prod.toml` without `--env prod`) left every setting silently at its built-in default
+/// (guest@localhost, ./data). A directory without any `*.toml` is taken as built-in
+/// defaults on purpose: the test harnesses name an empty one so.
+fn check_unread_config_dir(dir: &Path, env_name: &str) -> Result<(), ConfigError> {
+    let mut found: Vec<String> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".toml"))
+                .collect()
+        })
+        .unwrap_or_default();
+    if found.is_empty() {
+        return Ok(());
+    }
+    found.sort();
+    Err(ConfigError::new(
+        "--config-dir (or STORAGETIER_CONFIG_DIR)",
+        format!(
+            "{} holds neither default.toml nor {env_name}.toml, so none of its files would be \
+             read (it holds {}): rename the file, or name its environment with --env (or \
+             APP_ENV)",
+            dir.display(),
+            found.join(", ")
+        ),
+    ))
+}
+
+/// Environment variables the project reads under a single-underscore `STORAGETIER_` (the
+/// test suite's `STORAGETIER_TEST_*` aside): every other such name is a mistyped override.
+const OWN_SINGLE_UNDERSCORE_VARS: &[&str] =
+    &["STORAGETIER_CONFIG_DIR", "STORAGETIER_RABBITMQ4_ROOT"];
+
+/// Refuses a variable named like an override but with one underscore after the prefix
+/// (`STORAGETIER_AMQP__URL`, `STORAGETIER_AMQP_URL`): the config crate reads only
+/// `STORAGETIER__…`, so it was silently ignored and the service ran on another broker,
+/// password or store than the one meant. Named, never its value (it may be a secret).
+fn check_env_names(opts: &LoadOptions) -> Result<(), ConfigError> {
+    let names: Vec<String> = match &opts.env_vars {
+        Some(vars) => vars.keys().cloned().collect(),
+        None => std::env::vars_os()
+            .map(|(k, _)| k.to_string_lossy().into_owned())
+            .collect(),
+    };
+    let single = format!("{ENV_PREFIX}_");
+    let double = format!("{ENV_PREFIX}__");
+    let mut wrong: Vec<&String> = names
+        .iter()
+        .filter(|k| {
+            let upper = k.to_ascii_uppercase();
+            upper.starts_with(&single)
+                && !upper.starts_with(&double)
+                && !k.starts_with(&format!("{ENV_PREFIX}_TEST_"))
+                && !OWN_SINGLE_UNDERSCORE_VARS.contains(&k.as_str())
+        })
+        .collect();
+    wrong.sort();
+    match wrong.first() {
+        None => Ok(()),
+        Some(k) => Err(ConfigError::new(
+            k.as_str(),
+            format!(
+                "is not read: overrides are {double}<SECTION>__<KEY>, with two underscores \
+                 after {ENV_PREFIX} and between the parts (e.g. {double}AMQP__URL); the only \
+                 variables with one are {} and the test suite's {ENV_PREFIX}_TEST_*",
+                OWN_SINGLE_UNDERSCORE_VARS.join(", ")
+            ),
+        )),
+    }
+}
+
 /// The environment's `STORAGETIER__…` variables whose value is not UTF-8, by name: the
 /// config parser's error would quote the value, a password perhaps.
 fn check_env_text(opts: &LoadOptions) -> Result<(), ConfigError> {
@@ -822,6 +939,9 @@ fn load_tree(opts: &LoadOptions, own_section: &str) -> Result<Map<String, Value>
                     ),
                 ));
             }
+            if opts.config_dir_explicit && files.is_empty() {
+                check_unread_config_dir(dir, &env_name)?;
+            }
         } else if opts.config_dir_explicit {
             // Why not, where it is not that (a parent this user may not enter).
             let why = match std::fs::metadata(dir) {
@@ -848,6 +968,7 @@ fn load_tree(opts: &LoadOptions, own_section: &str) -> Result<Map<String, Value>
         }
     }
     check_env_text(opts)?;
+    check_env_names(opts)?;
     // Values stay strings here: each key's own type converts them when the section is read,
     // so a token `0123` or a name `1e3` keeps its text, and a one-element list stays a list.
     let mut env = Environment::with_prefix(ENV_PREFIX)
@@ -1769,6 +1890,115 @@ mod tests {
             redacted_url("data/online-archive.db"),
             "data/online-archive.db"
         );
+    }
+
+    /// A password holding `/`, `?` or `#` unencoded is read by the URL parser as host,
+    /// port and path (`user:42/…@rabbit`: host `user`, port 42), leaving no password to
+    /// mask: refused at load naming the key, without the URL; redacted whole where shown.
+    #[test]
+    fn a_password_the_parser_takes_for_host_and_path_is_refused_never_shown() {
+        let secret = "Zm9vYmFy";
+        for (var, key) in [
+            ("STORAGETIER__AMQP__URL", "amqp.url"),
+            ("STORAGETIER__AMQP__URLS", "amqp.urls"),
+        ] {
+            for url in [
+                format!("amqp://user:42/{secret}@rabbit/%2f"),
+                format!("amqps://user:42?{secret}@rabbit/%2f"),
+                format!("amqp://user:42#{secret}@rabbit/%2f"),
+            ] {
+                let e = with_env(&[(var, &url)]).expect_err(&url);
+                assert!(e.key.starts_with(key), "{e}");
+                assert!(
+                    e.message.contains("percent-encode") && !e.to_string().contains(secret),
+                    "{e}"
+                );
+            }
+        }
+        // Percent-encoded, the same password is taken.
+        let c = with_env(&[(
+            "STORAGETIER__AMQP__URL",
+            "amqp://user:42%2FZm9vYmFy@rabbit/%2f",
+        )])
+        .expect("encoded");
+        assert_eq!(c.amqp.url.password(), Some("42%2FZm9vYmFy"));
+        for url in [
+            "amqp://user:42/Zm9vYmFy@rabbit/%2f",
+            "postgres://app:12/Zm9vYmFy@host/db",
+            "postgres://app:12?Zm9vYmFy@host/db?sslmode=require",
+            "https://u:12#Zm9vYmFy@collector:4318",
+            "postgres://app:pw@host:1/Zm9v/Ymar@host/db",
+        ] {
+            let shown = redacted_url(url);
+            assert!(
+                !shown.contains("Zm9v") && shown.contains("://***@"),
+                "{url} → {shown}"
+            );
+        }
+        assert_eq!(
+            redacted_url("postgres://app:12/s3cret@host/db"),
+            "postgres://***@host/db"
+        );
+    }
+
+    /// `--config-dir` named explicitly, holding config files of which none is read (a
+    /// misnamed `defaults.toml`, a `prod.toml` without `--env prod`): refused listing
+    /// them, not run silently on the built-in defaults. An empty one is built-in defaults.
+    #[test]
+    fn an_explicit_config_dir_none_of_whose_files_is_read_is_refused() {
+        let dir = tempfile::tempdir().expect("dir");
+        let opts = |explicit: bool| LoadOptions {
+            config_dir: Some(dir.path().to_path_buf()),
+            config_dir_explicit: explicit,
+            env_vars: Some(Default::default()),
+            ..LoadOptions::default()
+        };
+        load::<IgnoredAny>("echo", &opts(true)).expect("an empty directory");
+        std::fs::write(
+            dir.path().join("prod.toml"),
+            "[amqp]
+prefetch = 4
+",
+        )
+        .expect("file");
+        std::fs::write(dir.path().join("defaults.toml"), "").expect("file");
+        let e = load::<IgnoredAny>("echo", &opts(true)).expect_err("nothing read");
+        assert!(e.key.contains("--config-dir"), "{e}");
+        assert!(
+            e.message.contains("defaults.toml, prod.toml") && e.message.contains("dev.toml"),
+            "{e}"
+        );
+        // The default `./config`, not named, is not required to be anything.
+        load::<IgnoredAny>("echo", &opts(false)).expect("not named");
+        std::fs::write(dir.path().join("default.toml"), "").expect("file");
+        load::<IgnoredAny>("echo", &opts(true)).expect("default.toml read");
+    }
+
+    /// An override with one underscore after the prefix was silently ignored: refused
+    /// naming the variable, never its value; the project's own such variables pass.
+    #[test]
+    fn a_variable_with_one_underscore_after_the_prefix_is_refused() {
+        for var in [
+            "STORAGETIER_AMQP__URL",
+            "STORAGETIER_AMQP_URL",
+            "storagetier_amqp__url",
+        ] {
+            let e = with_env(&[(var, "amqp://u:s3cret@rabbit/%2f")]).expect_err(var);
+            assert_eq!(e.key, var);
+            assert!(
+                !e.to_string().contains("s3cret") && e.message.contains("STORAGETIER__"),
+                "{e}"
+            );
+        }
+        for var in [
+            "STORAGETIER_CONFIG_DIR",
+            "STORAGETIER_TEST_AMQP_URL",
+            "STORAGETIER_TEST_MGMT_URL",
+            "STORAGETIER_RABBITMQ4_ROOT",
+            "STORAGETIERX",
+        ] {
+            assert!(with_env(&[(var, "x")]).is_ok(), "{var}");
+        }
     }
 
     /// Loads echo's config from a `prod.toml` holding `text` and nothing else.

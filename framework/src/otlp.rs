@@ -60,15 +60,24 @@ pub struct SpanExporter {
 }
 
 /// `<endpoint>/v1/traces`, the path added before any query (`?api_key=…`, which a text
-/// appended after would have corrupted, sending every batch to `/`).
+/// appended after would have corrupted, sending every batch to `/`). An endpoint already
+/// ending in `/v1/traces` (the full URL, as other exporters' `…_TRACES_ENDPOINT` take it)
+/// is kept: doubled, every batch went to `/v1/traces/v1/traces` (404) and was dropped.
 fn traces_url(endpoint: &str) -> String {
+    const TRACES: &str = "/v1/traces";
     match url::Url::parse(endpoint) {
         Ok(mut u) => {
-            let path = format!("{}/v1/traces", u.path().trim_end_matches('/'));
+            let base = u.path().trim_end_matches('/');
+            let path = if base.ends_with(TRACES) {
+                base.to_string()
+            } else {
+                format!("{base}{TRACES}")
+            };
             u.set_path(&path);
             u.to_string()
         }
-        Err(_) => format!("{endpoint}/v1/traces"),
+        Err(_) if endpoint.ends_with(TRACES) => endpoint.to_string(),
+        Err(_) => format!("{endpoint}{TRACES}"),
     }
 }
 
@@ -299,6 +308,30 @@ mod tests {
         assert_eq!(
             traces_url("http://gw/otlp/?k=v"),
             "http://gw/otlp/v1/traces?k=v"
+        );
+    }
+
+    /// A full traces URL is taken as it is: `/v1/traces` appended again sent every batch
+    /// to a path the collector does not serve (404), dropping every span.
+    #[test]
+    fn an_endpoint_already_naming_the_traces_path_is_not_doubled() {
+        for (endpoint, sent) in [
+            ("http://host:4318/v1/traces", "http://host:4318/v1/traces"),
+            (
+                "http://host:4318/v1/traces/?k=v",
+                "http://host:4318/v1/traces?k=v",
+            ),
+            (
+                "https://gw/otlp/v1/traces?api_key=K",
+                "https://gw/otlp/v1/traces?api_key=K",
+            ),
+        ] {
+            assert_eq!(traces_url(endpoint), sent, "{endpoint}");
+        }
+        // Another path ending in `traces` is a base still.
+        assert_eq!(
+            traces_url("http://gw/my-traces"),
+            "http://gw/my-traces/v1/traces"
         );
     }
 

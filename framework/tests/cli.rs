@@ -86,6 +86,61 @@ fn a_variable_that_is_not_utf8_is_named_not_quoted() {
 /// An empty password file (a secret not mounted yet) exits 2 naming the key: its empty
 /// password removed the one in the URL, and the client logged in as guest, refused for
 /// ever.
+/// A broker password holding `/` (or `?`, `#`) unencoded, which the URL parser reads as
+/// host, port and path: `check-config` exits 2 naming the key and never prints it.
+#[test]
+fn a_password_the_parser_takes_for_a_path_exits_2_unprinted() {
+    let dir = tempfile::tempdir().unwrap();
+    for var in ["STORAGETIER__AMQP__URL", "STORAGETIER__AMQP__URLS"] {
+        let o = run(echo_cmd("unused", dir.path())
+            .env(var, "amqp://user:42/Zm9vYmFy@rabbit/%2f")
+            .arg("check-config"));
+        let out = format!("{}{}", String::from_utf8_lossy(&o.stdout), stderr(&o));
+        assert_eq!(o.status.code(), Some(2), "{var}: {out}");
+        assert!(
+            out.contains("amqp.url") && out.contains("percent-encode"),
+            "{out}"
+        );
+        assert!(!out.contains("Zm9vYmFy"), "{out}");
+    }
+}
+
+/// An override with one underscore after the prefix was silently ignored (the service ran
+/// on the broker of the files): exit 2 naming it, not its value.
+#[test]
+fn a_variable_with_one_underscore_after_the_prefix_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    for var in ["STORAGETIER_AMQP__URL", "STORAGETIER_AMQP_URL"] {
+        let o = run(echo_cmd("unused", dir.path())
+            .env(var, "amqp://u:s3cret@rabbit/%2f")
+            .arg("check-config"));
+        assert_eq!(o.status.code(), Some(2), "{var}: {}", stderr(&o));
+        assert!(stderr(&o).contains(var), "{}", stderr(&o));
+        assert!(!stderr(&o).contains("s3cret"), "{}", stderr(&o));
+    }
+    let o = run(echo_cmd("unused", dir.path())
+        .env("STORAGETIER_TEST_AMQP_URL", "amqp://x/%2f")
+        .arg("check-config"));
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+}
+
+/// `--config-dir` naming a directory whose files are none of those read (`prod.toml`
+/// without `--env prod`): exit 2 listing them, not a run on the built-in defaults.
+#[test]
+fn a_config_dir_none_of_whose_files_is_read_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("prod.toml"), "[amqp]\nprefetch = 4\n").unwrap();
+    let o = run(echo_cmd("unused", dir.path()).arg("check-config"));
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("--config-dir") && stderr(&o).contains("prod.toml"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run(echo_cmd("unused", dir.path()).args(["--env", "prod", "check-config"]));
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+}
+
 #[test]
 fn an_empty_password_file_exits_2_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();

@@ -377,6 +377,29 @@ pub fn check_settings(
              anyway: unset it",
         ));
     }
+    // Set but empty is not unset: the client took an empty secret (every request signed
+    // with it, refused 403), an empty key id, or an empty region (requests sent to
+    // `https://s3..amazonaws.com`). Unset, they come from the environment or the role.
+    if s3 {
+        let given = [
+            ("access_key_id", opts.access_key_id.as_deref()),
+            (
+                "secret_access_key",
+                opts.secret_access_key.as_ref().map(Secret::expose),
+            ),
+            ("region", opts.region.as_deref()),
+        ];
+        if let Some((key, _)) = given
+            .iter()
+            .find(|(_, v)| v.is_some_and(|v| v.trim().is_empty()))
+        {
+            return Err(ConfigError::new(
+                format!("{options_key}.{key}"),
+                "is empty: give a value, or leave the key unset (the environment's AWS_* \
+                 settings or the role's credentials are then used)",
+            ));
+        }
+    }
     if s3 && (opts.part_size_mib < 5 || opts.part_size_mib > 5 * 1024) {
         return Err(ConfigError::new(
             format!("{options_key}.part_size_mib"),
@@ -696,6 +719,29 @@ mod tests {
         check("https://s3.example.com/archive", true).expect("path-style written out");
         check("https://s3.example.com/other", true).expect_err("another bucket's path");
         check("https://s3.example.com", false).expect("path-style");
+    }
+
+    /// An S3 option set to nothing (`…_OPTIONS__SECRET_ACCESS_KEY=`) is refused naming it:
+    /// taken as set, requests were signed with an empty secret, or sent to
+    /// `https://s3..amazonaws.com` for an empty region.
+    #[test]
+    fn an_empty_s3_credential_or_region_is_refused() {
+        for key in ["access_key_id", "secret_access_key", "region"] {
+            for empty in ["", "  "] {
+                let mut given = serde_json::json!({
+                    "access_key_id": "AKIA",
+                    "secret_access_key": "s3cret",
+                    "region": "eu-west-1",
+                });
+                given[key] = serde_json::json!(empty);
+                let opts: StoreOptions = serde_json::from_value(given).unwrap();
+                let e = check_settings("archive_url", Some("s3://archive/p"), "store", &opts)
+                    .expect_err(key);
+                assert_eq!(e.key, format!("store.{key}"), "{e}");
+                // A local store's unused options are not checked.
+                check_settings("archive_url", None, "store", &opts).expect("local");
+            }
+        }
     }
 
     /// `check-config` prints a local store's unused options too: an endpoint holding
