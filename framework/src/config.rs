@@ -191,6 +191,15 @@ impl AmqpUrl {
     }
     /// Replaces the password (from a secret file).
     pub fn with_password(&self, password: &str) -> Result<Self, String> {
+        // Without a user the client logs in as `guest` — with this password, which then
+        // reaches the broker as guest's.
+        if self.0.username().is_empty() {
+            return Err(format!(
+                "the URL names no user to give the password to (write it as \
+                 amqp://USER@{}…)",
+                self.0.host_str().unwrap_or("host")
+            ));
+        }
         let mut u = self.0.clone();
         // The file holds the password itself: a `%` in it is a character, not an escape
         // (`set_password` encodes everything else but leaves `%` for the client to decode).
@@ -2097,6 +2106,14 @@ prefetch = 4
             let seen: lapin::uri::AMQPUri = with.expose().parse().expect("usable by lapin");
             assert_eq!(seen.authority.userinfo.password, pw);
         }
+    }
+
+    /// A password file with a URL naming no user would send the password as `guest`'s.
+    #[test]
+    fn a_password_file_needs_a_user_in_the_url() {
+        let u = AmqpUrl::parse("amqp://rabbit/%2fprod").expect("url");
+        let e = u.with_password("s3cret").expect_err("no user");
+        assert!(e.contains("no user") && !e.contains("s3cret"), "{e}");
     }
 
     #[test]
