@@ -1501,17 +1501,25 @@ fn validate<S>(cfg: &Config<S>, section_name: &str) -> Result<(), ConfigError> {
             "must be at least 1",
         ));
     }
-    for (key, file) in [
-        ("amqp.tls_ca_file", &a.tls_ca_file),
-        ("amqp.tls_cert_file", &a.tls_cert_file),
-        ("amqp.tls_key_file", &a.tls_key_file),
+    // Read and looked into here, not only found: a directory, another file's name or the
+    // key given as the CA passed, and every connection then failed naming no key (`run`
+    // retrying for ever), or an empty CA file was silently no CA.
+    for (key, file, holds) in [
+        ("amqp.tls_ca_file", &a.tls_ca_file, "CERTIFICATE-----"),
+        ("amqp.tls_cert_file", &a.tls_cert_file, "CERTIFICATE-----"),
+        ("amqp.tls_key_file", &a.tls_key_file, "PRIVATE KEY-----"),
     ] {
-        if let Some(f) = file
-            && let Err(e) = std::fs::metadata(f)
+        let Some(f) = file else { continue };
+        let pem = std::fs::read(f)
+            .map_err(|e| ConfigError::new(key, format!("cannot read {}: {e}", f.display())))?;
+        let text = String::from_utf8_lossy(&pem);
+        if !text
+            .lines()
+            .any(|l| l.starts_with("-----BEGIN ") && l.trim_end().ends_with(holds))
         {
             return Err(ConfigError::new(
                 key,
-                format!("cannot read {}: {e}", f.display()),
+                format!("{}: no PEM `-----BEGIN …{holds}` block in it", f.display()),
             ));
         }
     }
@@ -2138,6 +2146,7 @@ prefetch = 4
     #[test]
     fn tls_files_with_a_plaintext_url_are_refused() {
         let ca = tempfile::NamedTempFile::new().expect("temp file");
+        std::fs::write(ca.path(), PEM_CERT).expect("write");
         let ca = ca.path().display().to_string();
         let e = with_env(&[("STORAGETIER__AMQP__TLS_CA_FILE", &ca)]).expect_err("amqp://");
         assert_eq!(e.key, "amqp.tls_ca_file");
@@ -2156,6 +2165,50 @@ prefetch = 4
         )])
         .expect_err("TLS and plaintext nodes");
         assert_eq!(mixed.key, "amqp.urls");
+    }
+
+    const PEM_CERT: &str = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+
+    /// A TLS file is looked into at load: a directory, an empty file or a key given as the
+    /// CA failed only at each connection, naming no key (`run` retried for ever).
+    #[test]
+    fn tls_files_that_hold_no_pem_of_their_kind_are_refused_naming_the_key() {
+        let dir = tempfile::tempdir().expect("dir");
+        let file = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).expect("write");
+            p.display().to_string()
+        };
+        let key = file(
+            "key.pem",
+            "-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n",
+        );
+        let cert = file("cert.pem", PEM_CERT);
+        let empty = file("empty.pem", "");
+        let url = (
+            "STORAGETIER__AMQP__URL",
+            "amqps://guest:guest@rabbit:5671/%2f",
+        );
+        let folder = dir.path().display().to_string();
+        for ca in [&key, &empty, &folder] {
+            let e = with_env(&[url, ("STORAGETIER__AMQP__TLS_CA_FILE", ca.as_str())])
+                .expect_err("no certificate");
+            assert_eq!(e.key, "amqp.tls_ca_file", "{ca}");
+        }
+        let swapped = with_env(&[
+            url,
+            ("STORAGETIER__AMQP__TLS_CERT_FILE", &key),
+            ("STORAGETIER__AMQP__TLS_KEY_FILE", &cert),
+        ])
+        .expect_err("key and certificate swapped");
+        assert_eq!(swapped.key, "amqp.tls_cert_file");
+        let fine = with_env(&[
+            url,
+            ("STORAGETIER__AMQP__TLS_CA_FILE", &cert),
+            ("STORAGETIER__AMQP__TLS_CERT_FILE", &cert),
+            ("STORAGETIER__AMQP__TLS_KEY_FILE", &key),
+        ]);
+        assert!(fine.is_ok(), "{:?}", fine.err());
     }
 
     #[test]
