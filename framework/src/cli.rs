@@ -927,7 +927,7 @@ pub async fn run_service<S: Service>(
     // `/readyz` 503 and its metrics, instead of refusing connections until a liveness
     // probe restarts it.
     let status = Arc::new(Status::default());
-    let http = Http::serve(&cfg, status.clone()).await?;
+    let http = Http::serve(&cfg, S::SECTION, status.clone()).await?;
     // Not connected yet, and said so (the NotConnected alert reads it): a series first set
     // once the processor is built was missing while the database was awaited.
     metrics::gauge!(crate::telemetry::CONNECTED).set(0.0);
@@ -969,7 +969,7 @@ pub async fn run_processor<P: MessageProcessor, T>(
     shutdown: CancellationToken,
 ) -> Result<Running, Failure> {
     let status = Arc::new(Status::default());
-    let http = Http::serve(cfg, status.clone()).await?;
+    let http = Http::serve(cfg, name, status.clone()).await?;
     run_with(name, cfg, pc, status, http, shutdown).await
 }
 
@@ -981,16 +981,28 @@ struct Http {
 }
 
 impl Http {
-    /// Listens on `[service] http_listen`, answering with `status`.
-    async fn serve<T>(cfg: &Config<T>, status: Arc<Status>) -> Result<Self, Failure> {
+    /// Listens on `[section] http_listen`, answering with `status`.
+    async fn serve<T>(
+        cfg: &Config<T>,
+        section: &str,
+        status: Arc<Status>,
+    ) -> Result<Self, Failure> {
         let stop = CancellationToken::new();
         let (addr, task) = crate::http::serve(&cfg.service.http_listen, status, stop.clone())
             .await
             .map_err(|e| {
-                Failure::Other(format!(
-                    "cannot listen on {} (http_listen): {e}",
+                let why = format!(
+                    "cannot listen on {} ({section}.http_listen): {e}",
                     cfg.service.http_listen
-                ))
+                );
+                // An address this host does not have, or no address at all, is the
+                // config's fault (exit 2); one in use is another process's (exit 1).
+                match e.kind() {
+                    std::io::ErrorKind::AddrNotAvailable | std::io::ErrorKind::InvalidInput => {
+                        Failure::Usage(why)
+                    }
+                    _ => Failure::Other(why),
+                }
             })?;
         Ok(Self { addr, stop, task })
     }

@@ -268,6 +268,13 @@ fn bad_config_exits_2_naming_the_key() {
             stderr(&o)
         );
     }
+    // An address this host does not have (TEST-NET-1): found only when `run` listens,
+    // still the config's fault.
+    let o = run(echo_cmd("unused", dir.path())
+        .env("STORAGETIER__ECHO__HTTP_LISTEN", "192.0.2.1:9100")
+        .arg("run"));
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("echo.http_listen"), "{}", stderr(&o));
     // Their neighbours are taken: RabbitMQ's own `amq.topic`, a minute's consumer timeout.
     let o = run(echo_cmd("unused", dir.path())
         .env("STORAGETIER__ECHO__INPUT_EXCHANGE", "amq.topic")
