@@ -120,6 +120,9 @@ pub struct MessageContext {
     pub(crate) progress_headers: Arc<Mutex<Vec<&'static str>>>,
     /// The session's publisher; None outside a runtime (unit tests).
     pub(crate) publisher: Option<Publisher>,
+    /// `storagetier_publish_failures_total` of the queue: a handler's own publishes count
+    /// there as outcomes do, or a destination that refuses every one would never show.
+    pub(crate) publish_failures: metrics::Counter,
     /// The delivery's properties (kept on dead letters).
     pub(crate) properties: lapin::BasicProperties,
     /// The trace this message is handled in (continued from its `traceparent`).
@@ -167,6 +170,7 @@ impl MessageContext {
             retry_notes: Arc::default(),
             progress_headers: Arc::default(),
             publisher: None,
+            publish_failures: metrics::Counter::noop(),
             properties: Default::default(),
             cancel: Default::default(),
             stops_at: Arc::default(),
@@ -345,10 +349,19 @@ impl MessageContext {
 
     /// Publishes one message now, persistently, and waits for the broker's confirm.
     pub async fn publish(&self, p: Publication) -> Result<(), PublishError> {
-        match &self.publisher {
+        let published = match &self.publisher {
             Some(pb) => pb.publish(&self.origin(), p).await,
             None => Err(PublishError::NoChannel),
+        };
+        self.count_failure(published)
+    }
+
+    /// `r`, counted in `storagetier_publish_failures_total` if it failed.
+    fn count_failure(&self, r: Result<(), PublishError>) -> Result<(), PublishError> {
+        if r.is_err() {
+            self.publish_failures.increment(1);
         }
+        r
     }
 
     /// Dead-letters `body` (a part of this message, e.g. one bad record of a batch) with
@@ -385,7 +398,7 @@ impl MessageContext {
         part: Option<&str>,
     ) -> Result<(), PublishError> {
         let Some(pb) = &self.publisher else {
-            return Err(PublishError::NoChannel);
+            return self.count_failure(Err(PublishError::NoChannel));
         };
         // The part is a message of its own: the whole message's progress marks (record
         // indexes, say) would name its parts wrongly, and a replay would skip it. What
@@ -419,7 +432,8 @@ impl MessageContext {
             }
             origin.headers = &headers;
         }
-        pb.dead_letter(&origin, body, error, kind).await
+        let published = pb.dead_letter(&origin, body, error, kind).await;
+        self.count_failure(published)
     }
 
     /// Earlier attempts that count toward `[retry] max_attempts`: those that finished no

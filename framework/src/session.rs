@@ -456,70 +456,95 @@ async fn watch_queue_depths(
     let mut unread: std::collections::HashSet<String> = std::collections::HashSet::new();
     loop {
         tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => break,
             _ = tick.tick() => {}
         }
-        let mut gone = Vec::new();
-        for q in &queues {
-            let Some(c) = open_channel(&mut ch, &conn, limit).await else {
-                break;
-            };
-            let unreadable = metrics::gauge!(m::QUEUE_DEPTH_UNREADABLE, "queue" => q.clone());
-            let why = match tokio::time::timeout(limit, crate::dlq::depth(c, q)).await {
-                // `Q` is consumed by this very session: no consumer on it means a quorum
-                // queue without a leader, whose passive check answers 0 for whatever it
-                // holds.
-                Ok(Ok((0, 0))) if *q == topology.queue && !stop.is_cancelled() => {
-                    "the queue shows no consumer while this service consumes it (a quorum \
-                     queue without a leader answers 0 messages for what it holds)"
-                        .to_string()
-                }
-                Ok(Ok((n, _))) => {
-                    metrics::gauge!(m::QUEUE_MESSAGES, "queue" => q.clone()).set(f64::from(n));
-                    unreadable.set(0.0);
-                    if unread.remove(q) {
-                        info!(queue = %q, "the queue's depth can be read again");
-                    }
-                    continue;
-                }
-                // A classic queue whose node is down (RabbitMQ 3.x): its messages wait
-                // there, nothing is gone.
-                Ok(Err(e)) if e.to_string().contains("home node") => e.to_string(),
-                Ok(Err(e))
-                    if crate::topology::is_soft(&e, lapin::protocol::AMQPSoftError::NOTFOUND) =>
-                {
-                    metrics::gauge!(m::QUEUE_MESSAGES, "queue" => q.clone()).set(0.0);
-                    gone.push(q.as_str());
-                    continue;
-                }
-                Ok(Err(e)) => e.to_string(),
-                Err(_) => {
-                    // The broker handles a channel's calls in turn: the next look on this
-                    // one would wait behind the unanswered one.
-                    ch = None;
-                    format!("no answer in {limit:?}")
-                }
-            };
-            // The last depth read stays (a backlog alert does not lose its history over
-            // one bad look); that it is old says this gauge.
-            unreadable.set(1.0);
-            if unread.insert(q.clone()) {
-                warn!(queue = %q, error = %m::LogText(&why),
-                    "cannot read the queue's depth; storagetier_queue_depth_unreadable is 1 until it can");
+        // A look still under way when the session ends is dropped: finishing on a dying
+        // connection, it could land after the next session's first read.
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            _ = look(&conn, &topology, &queues, limit, &stop, &mut ch, &mut unread) => {}
+        }
+    }
+    // Nothing reads these depths until the next session's watcher does (its first read
+    // sets them back to 0): the gauges keep the last depth read, which a disconnected
+    // replica would otherwise serve as current to the alerts (`max by` a stale `Q-dlq`).
+    for q in &queues {
+        metrics::gauge!(m::QUEUE_DEPTH_UNREADABLE, "queue" => q.clone()).set(1.0);
+    }
+}
+
+/// One look of [`watch_queue_depths`] at each of `queues`.
+async fn look(
+    conn: &Connection,
+    topology: &Topology,
+    queues: &[String],
+    limit: Duration,
+    stop: &CancellationToken,
+    ch: &mut Option<Channel>,
+    unread: &mut std::collections::HashSet<String>,
+) {
+    let mut gone = Vec::new();
+    for q in queues {
+        let Some(c) = open_channel(ch, conn, limit).await else {
+            break;
+        };
+        let unreadable = metrics::gauge!(m::QUEUE_DEPTH_UNREADABLE, "queue" => q.clone());
+        let why = match tokio::time::timeout(limit, crate::dlq::depth(c, q)).await {
+            // `Q` is consumed by this very session: no consumer on it means a quorum
+            // queue without a leader, whose passive check answers 0 for whatever it
+            // holds.
+            Ok(Ok((0, 0))) if *q == topology.queue && !stop.is_cancelled() => {
+                "the queue shows no consumer while this service consumes it (a quorum \
+                 queue without a leader answers 0 messages for what it holds)"
+                    .to_string()
             }
+            Ok(Ok((n, _))) => {
+                metrics::gauge!(m::QUEUE_MESSAGES, "queue" => q.clone()).set(f64::from(n));
+                unreadable.set(0.0);
+                if unread.remove(q) {
+                    info!(queue = %q, "the queue's depth can be read again");
+                }
+                continue;
+            }
+            // A classic queue whose node is down (RabbitMQ 3.x): its messages wait
+            // there, nothing is gone.
+            Ok(Err(e)) if e.to_string().contains("home node") => e.to_string(),
+            Ok(Err(e))
+                if crate::topology::is_soft(&e, lapin::protocol::AMQPSoftError::NOTFOUND) =>
+            {
+                metrics::gauge!(m::QUEUE_MESSAGES, "queue" => q.clone()).set(0.0);
+                gone.push(q.as_str());
+                continue;
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => {
+                // The broker handles a channel's calls in turn: the next look on this
+                // one would wait behind the unanswered one.
+                *ch = None;
+                format!("no answer in {limit:?}")
+            }
+        };
+        // The last depth read stays (a backlog alert does not lose its history over
+        // one bad look); that it is old says this gauge.
+        unreadable.set(1.0);
+        if unread.insert(q.clone()) {
+            warn!(queue = %q, error = %m::LogText(&why),
+                "cannot read the queue's depth; storagetier_queue_depth_unreadable is 1 until it can");
         }
-        if !gone.is_empty() {
-            error!(queues = ?gone,
-                "the service's queues are gone, and the messages that were in them (deleted by \
-                 hand, or by a policy's `expires`: keep such policies off the service's queues); \
-                 declaring them again");
-            let why = match tokio::time::timeout(limit, topology.declare(&conn)).await {
-                Ok(Ok(())) => continue,
-                Ok(Err(e)) => e.to_string(),
-                Err(_) => format!("timed out after {limit:?}"),
-            };
-            warn!(error = %m::LogText(&why), "could not declare the gone queues again; the next look tries again");
-        }
+    }
+    if !gone.is_empty() {
+        error!(queues = ?gone,
+            "the service's queues are gone, and the messages that were in them (deleted by \
+             hand, or by a policy's `expires`: keep such policies off the service's queues); \
+             declaring them again");
+        let why = match tokio::time::timeout(limit, topology.declare(conn)).await {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("timed out after {limit:?}"),
+        };
+        warn!(error = %m::LogText(&why), "could not declare the gone queues again; the next look tries again");
     }
 }
 
@@ -1028,6 +1053,7 @@ impl<P: MessageProcessor> Shared<P> {
                 stops_at,
                 trace,
                 publisher: Some(publisher.clone()),
+                publish_failures: metrics.publish_failures().clone(),
                 properties,
                 max_records: inner.amqp.max_records,
                 checkpoint_at: Some(started + inner.amqp.checkpoint_after()),

@@ -26,15 +26,15 @@ pub const STARTING: &str = "storagetier_starting";
 /// 1 while the broker blocks the service's connection (a memory or disk alarm): outcomes
 /// wait for it to clear, so the service stalls while `connected` stays 1. Labelled `queue`.
 pub const CONNECTION_BLOCKED: &str = "storagetier_connection_blocked";
-/// Publishes (outcome or extra) the broker refused or that failed; the input went back.
+/// Failed or refused publishes: outcomes' (the input went back) and handlers' own.
 pub const PUBLISH_FAILURES_TOTAL: &str = "storagetier_publish_failures_total";
 /// Reconnections after a lost connection, channel or consumer.
 pub const RECONNECTS_TOTAL: &str = "storagetier_reconnects_total";
 /// Messages ready in each of the service's own queues (`Q`, every retry tier, `Q-dlq`),
 /// labelled `queue`, read passively every `[amqp] queue_metrics_interval_ms`.
 pub const QUEUE_MESSAGES: &str = "storagetier_queue_messages";
-/// 1 while the depth of `queue` cannot be read (its `storagetier_queue_messages` is then
-/// the last depth read), else 0.
+/// 1 while the depth of `queue` cannot be read, disconnected too (its
+/// `storagetier_queue_messages` is then the last depth read), else 0.
 pub const QUEUE_DEPTH_UNREADABLE: &str = "storagetier_queue_depth_unreadable";
 
 /// The `CONNECTION_BLOCKED` gauge of the service consuming `queue`.

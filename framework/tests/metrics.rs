@@ -3,7 +3,7 @@
 
 use framework::lapin::BasicProperties;
 use framework::testing::*;
-use framework::{MessageContext, Outcome};
+use framework::{MessageContext, Outcome, Publication};
 
 #[tokio::test]
 async fn queue_depths_are_served_as_gauges() {
@@ -29,4 +29,89 @@ async fn queue_depths_are_served_as_gauges() {
         text.contains(&dlq) && text.contains(&input) && text.contains(&tier)
     })
     .await;
+}
+
+/// Publishes from its handler to an exchange that does not exist, then, mandatory, to a
+/// queue that does not exist; drops the message saying how each went.
+struct PublishesNowhere;
+
+#[framework::async_trait]
+impl framework::MessageProcessor for PublishesNowhere {
+    type Input = serde_json::Value;
+    async fn handle(&self, _v: serde_json::Value, ctx: &MessageContext) -> Outcome {
+        let missing = ctx
+            .publish(Publication::text(
+                &unique("no-such-exchange"),
+                "k",
+                "to nowhere",
+            ))
+            .await;
+        let unroutable = ctx
+            .publish(Publication::text("", &unique("no-such-queue"), "to nowhere").mandatory())
+            .await;
+        Outcome::drop(format!(
+            "missing exchange: {}, unroutable: {}",
+            missing.is_err(),
+            unroutable.is_err()
+        ))
+    }
+}
+
+/// A handler's own publishes that fail count in `storagetier_publish_failures_total` as
+/// outcome publishes do (crash-router's destinations, snapshot-status's exports).
+#[tokio::test]
+async fn a_handlers_failed_publishes_are_counted() {
+    let _ = framework::telemetry::metrics_handle();
+    let hs = Harness::start("pubfail", &[], PublishesNowhere).await;
+    let failures = || counted("storagetier_publish_failures_total", &[("queue", &hs.q)]);
+    assert_eq!(failures(), 0);
+    hs.publish("test.x", b"{}", BasicProperties::default())
+        .await;
+    await_outcome_count(&hs.q, "drop", 1).await;
+    assert_eq!(failures(), 2, "both of the handler's publishes failed");
+}
+
+/// While the service is disconnected its queues' depths cannot be read: the gauges
+/// would hold the last depths as if current, so `storagetier_queue_depth_unreadable` is 1
+/// until the next session reads them again.
+#[tokio::test]
+async fn depths_are_unreadable_while_disconnected() {
+    let handle = framework::telemetry::metrics_handle();
+    let name = unique("depth-conn");
+    let hs = Harness::start(
+        "depthlost",
+        &[
+            ("amqp.queue_metrics_interval_ms", "100"),
+            ("amqp.connection_name", &name),
+            // Long enough a gap for the test to see it.
+            ("amqp.reconnect_initial_ms", "2000"),
+            ("amqp.reconnect_max_ms", "2000"),
+        ],
+        FnProcessor(|v: serde_json::Value, _: &MessageContext| Outcome::success(v)),
+    )
+    .await;
+    let queues = hs.topology().queue_names();
+    let all_show = |v: u8| {
+        let text = handle.render();
+        queues.iter().all(|q| {
+            text.contains(&format!(
+                "storagetier_queue_depth_unreadable{{queue=\"{q}\"}} {v}\n"
+            ))
+        })
+    };
+    wait_until("every depth to be read", || all_show(0)).await;
+    let mut sessions = hs.status.sessions();
+    assert_eq!(close_connection_named(&name).await, 1);
+    wait_until("every depth to show unreadable while disconnected", || {
+        all_show(1)
+    })
+    .await;
+    assert!(
+        !hs.status.is_ready(),
+        "still disconnected when they showed it"
+    );
+    within(WAIT, "reconnecting", sessions.wait_for(|n| *n >= 2))
+        .await
+        .expect("status alive");
+    wait_until("every depth to be read again", || all_show(0)).await;
 }
