@@ -26,6 +26,8 @@ pub const PUBLISHED_HEADER: &str = "x-crash-router-published";
 pub const SENT_HEADER: &str = "x-crash-router-sent";
 /// Counter of S3 records (and throttled deliveries) by result.
 pub const RECORDS_METRIC: &str = "storagetier_crash_router_records_total";
+/// Every `result` of [`RECORDS_METRIC`], as docs/adapters.md lists them.
+pub const RECORD_RESULTS: [&str; 5] = ["accepted", "deferred", "junk", "ignored", "throttled"];
 
 /// `[crash_router]` keys besides the framework's queue/output_exchange/http_listen.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -88,6 +90,11 @@ struct Counts {
 impl CrashRouter {
     /// A router for `queues`; `seed` (default [`DEFAULT_SEED`]) keys the throttle draws.
     pub fn new(queues: Vec<QueueSpec>, accept: char, defer: char, seed: Option<u64>) -> Self {
+        // Exported at 0 from the start: an `increase()` over a series that appears with its
+        // first record misses that first burst after a restart.
+        for result in RECORD_RESULTS {
+            metrics::counter!(RECORDS_METRIC, "result" => result).increment(0);
+        }
         Self {
             queues,
             accept,

@@ -31,6 +31,8 @@ pub const OUTPUT_ROUTING_KEY: &str = "storagetier.eventforwarder.event";
 pub const DONE_HEADER: &str = "x-event-forwarder-done";
 /// Counter of POSTs by result (delivered | retry | rejected).
 pub const POSTS_METRIC: &str = "storagetier_event_forwarder_posts_total";
+/// Every `result` of [`POSTS_METRIC`], as docs/adapters.md lists them.
+pub const POST_RESULTS: [&str; 3] = ["delivered", "retry", "rejected"];
 
 /// `[event_forwarder]` keys besides the framework's queue/output_exchange/http_listen.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -211,6 +213,11 @@ fn event_digest(ctx: &MessageContext, body: &str) -> [u8; 32] {
 impl EventForwarder {
     /// A processor posting through `forwarder`; `ordered` retries in place using `retry`.
     pub fn new(forwarder: Forwarder, ordered: bool, retry: RetryConfig) -> Self {
+        // Exported at 0 from the start: an `increase()` over a series that appears with its
+        // first POST misses that first burst after a restart.
+        for result in POST_RESULTS {
+            metrics::counter!(POSTS_METRIC, "result" => result).increment(0);
+        }
         Self {
             forwarder,
             ordered,

@@ -37,8 +37,31 @@ const RECORD_STEP: std::time::Duration = std::time::Duration::from_secs(5);
 /// Counter of handled events by `result` (stored, stale, missing, unknown_type, invalid).
 pub const EVENTS_METRIC: &str = "storagetier_projectingest_events_total";
 
-fn count(result: &'static str) {
-    metrics::counter!(EVENTS_METRIC, "result" => result).increment(1);
+/// Every `result` of [`EVENTS_METRIC`], as docs/adapters.md lists them.
+pub const EVENT_RESULTS: [&str; 5] = ["stored", "stale", "missing", "unknown_type", "invalid"];
+
+/// One attempt's records by result, added to [`EVENTS_METRIC`] only when the attempt
+/// settles the message: a retry handles every record again (a batch waiting for one
+/// update's create stores the rest again), and counted at each attempt a batch of three
+/// records gave six `stored` and six `invalid`.
+#[derive(Default)]
+struct Tally([u64; EVENT_RESULTS.len()]);
+
+impl Tally {
+    fn count(&mut self, result: &'static str) {
+        if let Some(i) = EVENT_RESULTS.iter().position(|r| *r == result) {
+            self.0[i] += 1;
+        }
+    }
+
+    /// Adds the counts to the metric: once per message, at its final attempt.
+    fn record(&self) {
+        for (result, n) in EVENT_RESULTS.iter().zip(self.0) {
+            if n > 0 {
+                metrics::counter!(EVENTS_METRIC, "result" => *result).increment(n);
+            }
+        }
+    }
 }
 
 /// The exact log line (and Drop reason) for an update of an unknown project.
@@ -95,6 +118,11 @@ pub struct ProjectProcessor {
 impl ProjectProcessor {
     /// A processor over `store`; extra projects of a batch go to `output_exchange`.
     pub fn new(store: Store, output_exchange: &str, output_routing_key: &str) -> Self {
+        // Exported at 0 from the start: an `increase()` over a series that appears with its
+        // first event misses that first burst after a restart.
+        for result in EVENT_RESULTS {
+            metrics::counter!(EVENTS_METRIC, "result" => result).increment(0);
+        }
         Self {
             store,
             output_exchange: output_exchange.to_string(),
@@ -121,6 +149,25 @@ impl MessageProcessor for ProjectProcessor {
     type Input = serde_json::Value;
 
     async fn handle(&self, input: serde_json::Value, ctx: &MessageContext) -> Outcome {
+        let mut tally = Tally::default();
+        let outcome = self.attempt(input, ctx, &mut tally).await;
+        // A retry (or a delivery given back) handles its records again and counts them
+        // then; like crash-router, each record is counted on its message's final outcome.
+        if !matches!(outcome, Outcome::Retry(_) | Outcome::Interrupted(_)) {
+            tally.record();
+        }
+        outcome
+    }
+}
+
+impl ProjectProcessor {
+    /// One attempt at `input`, its records' results counted in `tally`.
+    async fn attempt(
+        &self,
+        input: serde_json::Value,
+        ctx: &MessageContext,
+        tally: &mut Tally,
+    ) -> Outcome {
         // Counted before each record is copied and parsed into one of its own.
         let records = match &input {
             serde_json::Value::Array(a) => a.len(),
@@ -231,7 +278,7 @@ impl MessageProcessor for ProjectProcessor {
             };
             let ev = match &item.parsed {
                 Err(e) => {
-                    count("invalid");
+                    tally.count("invalid");
                     if let Err(o) = refused(&mut dead, e.to_string()).await {
                         return o;
                     }
@@ -239,7 +286,7 @@ impl MessageProcessor for ProjectProcessor {
                 }
                 Ok(Parsed::UnknownType(t)) => {
                     tracing::info!(record = n, kind = %LogText(&t.to_string()), "unknown message type, ignored");
-                    count("unknown_type");
+                    tally.count("unknown_type");
                     dropped.push(format!("unknown message type `{t}`"));
                     continue;
                 }
@@ -250,7 +297,7 @@ impl MessageProcessor for ProjectProcessor {
                     // Debug, as the framework logs a success: a line per event is the log's
                     // biggest cost at volume, and `result="stored"` counts them.
                     tracing::debug!(project = %LogText(&p.id), event = ev.kind.as_str(), "project stored");
-                    count("stored");
+                    tally.count("stored");
                     stored.push((n, *p));
                 }
                 Ok(Applied::Missing) if ctx.counted_attempts() < self.missing_retries => {
@@ -258,11 +305,11 @@ impl MessageProcessor for ProjectProcessor {
                 }
                 Ok(Applied::Missing) => {
                     tracing::warn!(project = %LogText(&ev.id), "{MISSING_PROJECT}");
-                    count("missing");
+                    tally.count("missing");
                     dropped.push(MISSING_PROJECT.to_string());
                 }
                 Ok(Applied::Stale) => {
-                    count("stale");
+                    tally.count("stale");
                     tracing::info!(project = %LogText(&ev.id), version = ev.version.as_deref().unwrap_or("-"),
                         "stale {} ignored: a newer state is stored", ev.kind.as_str());
                     dropped.push(format!(
@@ -272,7 +319,7 @@ impl MessageProcessor for ProjectProcessor {
                     ));
                 }
                 Err(e) if e.refuses_the_data() => {
-                    count("invalid");
+                    tally.count("invalid");
                     let e = format!("the database refuses project {}: {e}", ev.id);
                     if let Err(o) = refused(&mut dead, e).await {
                         return o;

@@ -28,6 +28,10 @@ pub const DEAD_LETTERED_HEADER: &str = framework::batch::DEAD_LETTERED_RECORDS;
 /// Retry header listing the export-state and monitoring messages of this message already
 /// confirmed, so a retry (one of them unroutable, say) never sends the others again.
 pub const PUBLISHED_HEADER: &str = "x-snapshot-status-published";
+/// Retry header listing the records (1-based) whose file this message counted, so a retry
+/// of it (its export-state publish failed, say) finds the file counted by itself, not by
+/// a duplicate from the sender.
+pub const COUNTED_HEADER: &str = "x-snapshot-status-counted";
 
 /// The longest one record of a batch is expected to take (its database calls, its
 /// confirmed publishes): see `Progress::pause_before`.
@@ -37,6 +41,8 @@ const RECORD_STEP: std::time::Duration = std::time::Duration::from_secs(5);
 pub const FILES_METRIC: &str = "storagetier_snapshotstatus_files_total";
 /// Counter of state changes by `to` (Received, Success, RECEIVED, COMPLETED).
 pub const TRANSITIONS_METRIC: &str = "storagetier_snapshotstatus_transitions_total";
+/// Every `to` of [`TRANSITIONS_METRIC`], as docs/adapters.md lists them.
+pub const TRANSITIONS: [&str; 4] = ["Received", "Success", "RECEIVED", "COMPLETED"];
 
 fn transition(to: &'static str) {
     metrics::counter!(TRANSITIONS_METRIC, "to" => to).increment(1);
@@ -216,6 +222,14 @@ pub fn monitoring(m: &StatusMessage, what: &str) -> Value {
 impl StatusProcessor {
     /// A processor over `store` publishing to the given exchanges.
     pub fn new(store: Store, export_state_exchange: &str, monitoring_exchange: &str) -> Self {
+        // Exported at 0 from the start: an `increase()` over a series that appears with its
+        // first change misses that first burst after a restart.
+        for counted in ["true", "false"] {
+            metrics::counter!(FILES_METRIC, "counted" => counted).increment(0);
+        }
+        for to in TRANSITIONS {
+            metrics::counter!(TRANSITIONS_METRIC, "to" => to).increment(0);
+        }
         Self {
             store,
             export_state_exchange: export_state_exchange.to_string(),
@@ -342,12 +356,15 @@ impl StatusProcessor {
         Ok(())
     }
 
-    /// Handles one valid status message; `dedupe` keys a file without a name.
+    /// Handles one valid status message; `dedupe` keys a file without a name, `record`
+    /// names it in `own` (the files this message counted at earlier attempts).
     async fn handle_one(
         &self,
         m: &StatusMessage,
         dedupe: &str,
         retried: bool,
+        own: &mut framework::batch::Progress<'_>,
+        record: &str,
     ) -> Result<Handled, StoreError> {
         // A run completed and deleted past its keeping: a message of it now (a dead letter
         // replayed weeks later) would start it over as a collection that never completes.
@@ -387,12 +404,23 @@ impl StatusProcessor {
                 let Some(f) = db::bounded(self.store.record_file(m, &key, dedupe)).await? else {
                     return Ok(pruned(m));
                 };
-                metrics::counter!(FILES_METRIC, "counted" => if f.counted { "true" } else { "false" })
-                    .increment(1);
+                // Counted by an earlier attempt of this very message (which then failed, an
+                // export-state publish unroutable, say): no duplicate from the sender, and
+                // counted once already.
+                let ours = !f.counted && own.is_done(record);
+                if f.counted {
+                    own.mark_done(record);
+                }
+                if ours {
+                    tracing::debug!(file = %LogText(&m.filename), "file counted by an earlier attempt of this message");
+                } else {
+                    metrics::counter!(FILES_METRIC, "counted" => if f.counted { "true" } else { "false" })
+                        .increment(1);
+                }
                 if f.counted && f.triggered_received {
                     transition("Received");
                 }
-                if !f.counted {
+                if !f.counted && !ours {
                     tracing::info!(file = %LogText(&m.filename), "file already counted (redelivery)");
                 }
                 // The file that completed the collection re-emits when it comes back (its
@@ -548,6 +576,7 @@ impl MessageProcessor for StatusProcessor {
         // Each export-state and monitoring message is published (and confirmed) as soon as
         // its record is handled; a retry skips those an earlier attempt published.
         let mut published = framework::batch::Progress::resume(ctx, PUBLISHED_HEADER);
+        let mut own = framework::batch::Progress::resume(ctx, COUNTED_HEADER);
         // Counted before each record is parsed into one of its own.
         let records = input
             .get("Records")
@@ -571,6 +600,8 @@ impl MessageProcessor for StatusProcessor {
                             0,
                         ),
                         retried,
+                        &mut own,
+                        "1",
                     )
                     .await
                 {
@@ -639,6 +670,8 @@ impl MessageProcessor for StatusProcessor {
                                     twin,
                                 ),
                                 retried,
+                                &mut own,
+                                &n.to_string(),
                             )
                             .await
                         {
