@@ -16,6 +16,8 @@ async fn every_result_is_exported_at_zero_from_the_start() {
     let data = tempfile::tempdir().unwrap();
     let (_c, ch) = test_channel().await;
     let dest = unique("crash-dest");
+    // Deleted however the test ends.
+    let _gone = Cleanup::new(vec![dest.clone()], Vec::new());
     ch.queue_declare(
         dest.as_str().into(),
         QueueDeclareOptions {
@@ -36,5 +38,4 @@ async fn every_result_is_exported_at_zero_from_the_start() {
         assert!(text.lines().any(|l| l == line), "`{line}` in:\n{text}");
     }
     hs.stop().await;
-    cleanup(vec![dest], Vec::new());
 }

@@ -30,6 +30,8 @@ async fn a_files_own_retries_are_no_duplicates_and_every_series_starts_at_zero()
     let url = db::default_url(dir.path(), "snapshot-status");
     let export_ex = unique("export-state");
     let monitoring_ex = unique("monitoring");
+    // Deleted however the test ends.
+    let _gone = Cleanup::new(Vec::new(), vec![export_ex.clone(), monitoring_ex.clone()]);
     let cfg = service_config::<SnapshotStatus>(
         dir.path(),
         &[
@@ -91,5 +93,4 @@ async fn a_files_own_retries_are_no_duplicates_and_every_series_starts_at_zero()
     assert_eq!(files("true"), 1);
     assert_eq!(files("false"), 1, "a second message for the file");
     hs.stop().await;
-    cleanup(vec![], vec![export_ex, monitoring_ex]);
 }
