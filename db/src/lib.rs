@@ -1273,6 +1273,17 @@ mod tests {
             assert!(!shown.contains("s3cret"), "{shown}");
         }
         assert!(DatabaseUrl::try_from("postgres://app:s%2F3@host/db".to_string()).is_ok());
+        // An `@` that is no misread password: a SQLite path's, a query value after a user.
+        for url in [
+            "sqlite:///var/lib/storagetier@prod/archive.db",
+            "postgres://app@host/db?application_name=me@host",
+        ] {
+            assert!(DatabaseUrl::try_from(url.to_string()).is_ok(), "{url}");
+        }
+        // A password holding `@` and `?`: its tail reads as a parameter, refused unnamed.
+        let e = DatabaseUrl::try_from("postgres://app:p@ss?Zq9xk@host/db".to_string())
+            .expect_err("a password's tail as a parameter");
+        assert!(!e.contains("Zq9xk"), "{e}");
     }
 
     /// Two instances upgrading one SQLite file at once (both waiting for a third's write
@@ -1545,7 +1556,8 @@ impl TryFrom<String> for DatabaseUrl {
 
     /// Accepts sqlite:// and postgres:// URLs; the message is safe to print (password hidden).
     fn try_from(url: String) -> Result<Self, String> {
-        if framework::config::userinfo_past_authority(&url) {
+        // A SQLite URL holds a path, no user: an `@` in it is a directory's.
+        if !url.starts_with("sqlite:") && framework::config::userinfo_past_authority(&url) {
             // A password holding `/`, `?` or `#` unencoded: the driver would read it as
             // host, port and database name, and every log line would show it.
             Err(framework::config::misplaced_userinfo(
@@ -1564,9 +1576,14 @@ impl TryFrom<String> for DatabaseUrl {
             } else if let Some(k) = unknown_pg_parameter(&url) {
                 // The driver would ignore it with a warning quoting its value at every
                 // start (`sslpassword=…`), and a typo (`pasword=`) would go unnoticed.
+                // Not named where it may be a password's tail (`app:p@ss?word@host`).
+                let shown = match k.contains(['@', ':', '/']) {
+                    true => "a connection parameter".to_string(),
+                    false => format!("connection parameter `{k}`"),
+                };
                 return Err(format!(
-                    "connection parameter `{k}` is not one the PostgreSQL driver takes (it \
-                     would be ignored): it takes {}",
+                    "{shown} is not one the PostgreSQL driver takes (it would be ignored; a \
+                     password holding `?` must be percent-encoded, %3F): it takes {}",
                     PG_PARAMETERS.join(", ")
                 ));
             } else {

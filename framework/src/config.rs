@@ -158,7 +158,20 @@ impl AmqpUrl {
                 "channel_max" | "heartbeat" => v.parse::<u16>().is_ok(),
                 "connection_timeout" => v.parse::<u64>().is_ok(),
                 "auth_mechanism" => v.parse::<lapin::uri::SASLMechanism>().is_ok(),
-                _ => true,
+                // The client ignores any other, silently: a typo, or a password's tail
+                // after an unencoded `?` (`user:p@ss?word@rabbit`), shown unmasked in
+                // every log line. Named only where it cannot be such a tail.
+                _ => {
+                    let shown = match k.contains(['@', ':', '/']) {
+                        true => "a query parameter".to_string(),
+                        false => format!("query parameter `{k}`"),
+                    };
+                    return Err(format!(
+                        "{shown} is not one the AMQP client takes (frame_max, channel_max, \
+                         heartbeat, connection_timeout, auth_mechanism); a password holding \
+                         `?` must be percent-encoded (%3F) or given in password_file"
+                    ));
+                }
             };
             if !usable {
                 return Err(format!(
@@ -519,15 +532,18 @@ pub fn is_this_machine(host: &str) -> bool {
 /// the path is always taken so; one in the query or fragment only where the authority has
 /// none (`?application_name=me@host` after `u:p@h` is a value, not a password's end).
 pub fn userinfo_past_authority(url: &str) -> bool {
-    let Some((_, rest)) = url.split_once("://") else {
-        return false;
-    };
-    let Some(end) = rest.find(['/', '?', '#']) else {
-        return false;
-    };
-    let (authority, tail) = rest.split_at(end);
-    let path = tail.split(['?', '#']).next().unwrap_or_default();
-    path.contains('@') || (!authority.contains('@') && tail.contains('@'))
+    // Where the authority holds a user, a later `@` is the vhost's, a database path's or a
+    // query value's (`?user=app@server`); only without one is it a misread password's.
+    authority_and_tail(url)
+        .is_some_and(|(authority, tail)| !authority.contains('@') && tail.contains('@'))
+}
+
+/// The authority of `url` as a URL parser finds it (up to the first `/`, `?` or `#` after
+/// `://`) and the rest, where there is a rest.
+fn authority_and_tail(url: &str) -> Option<(&str, &str)> {
+    let (_, rest) = url.split_once("://")?;
+    let end = rest.find(['/', '?', '#'])?;
+    Some(rest.split_at(end))
 }
 
 /// The refusal of a URL [`userinfo_past_authority`] finds, naming the password file key
@@ -550,8 +566,16 @@ pub fn redacted_url(url: &str) -> String {
     // A password holding `/`, `?` or `#` unencoded is no password to the parser (it reads
     // `user:42/secret@host` as host `user`, port 42), or only its start: everything up to
     // the last `@` is masked, the rest shown as any URL.
+    // Also where the authority holds a password: one holding `@` as well is read with its
+    // start as the password and the rest as host and path. Masking a vhost's `@` too then
+    // costs a log line some detail, never a secret.
     if let Some((scheme, rest)) = url.split_once("://")
-        && userinfo_past_authority(url)
+        && authority_and_tail(url).is_some_and(|(authority, tail)| {
+            tail.contains('@')
+                && authority
+                    .rsplit_once('@')
+                    .is_none_or(|(userinfo, _)| userinfo.contains(':'))
+        })
         && url::Url::parse(url).is_ok()
         && let Some((_, host_on)) = rest.rsplit_once('@')
     {
@@ -871,6 +895,7 @@ fn check_env_names(opts: &LoadOptions) -> Result<(), ConfigError> {
                 && !upper.starts_with(&double)
                 && !k.starts_with(&format!("{ENV_PREFIX}_TEST_"))
                 && !OWN_SINGLE_UNDERSCORE_VARS.contains(&k.as_str())
+                && !is_service_link(&upper)
         })
         .collect();
     wrong.sort();
@@ -886,6 +911,20 @@ fn check_env_names(opts: &LoadOptions) -> Result<(), ConfigError> {
             ),
         )),
     }
+}
+
+/// Whether `upper` is one of Kubernetes' service-link variables, which it sets in every
+/// pod for every Service of the namespace (`<SERVICE>_SERVICE_HOST`, `_SERVICE_PORT[_…]`,
+/// `_PORT`, `_PORT_<n>_<PROTO>[_…]`): a Service named `storagetier…` makes them start with
+/// the prefix, and refusing them would stop every replica there.
+fn is_service_link(upper: &str) -> bool {
+    upper.ends_with("_SERVICE_HOST")
+        || upper.contains("_SERVICE_PORT")
+        || upper.ends_with("_PORT")
+        || upper
+            .split("_PORT_")
+            .skip(1)
+            .any(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
 }
 
 /// The environment's `STORAGETIER__…` variables whose value is not UTF-8, by name: the
@@ -1956,6 +1995,22 @@ mod tests {
             redacted_url("postgres://app:12/s3cret@host/db"),
             "postgres://***@host/db"
         );
+        // A password holding `@` and `?`: the client reads `ss?Zq9xk@rabbit/%2f` as a query
+        // parameter, which is refused without naming it.
+        let e = with_env(&[(
+            "STORAGETIER__AMQP__URL",
+            "amqp://user:p@ss?Zq9xk@rabbit/%2f",
+        )])
+        .expect_err("a password's tail as a query");
+        assert!(!e.to_string().contains("Zq9xk"), "{e}");
+        assert!(!redacted_url("amqp://user:p@ss?Zq9xk@rabbit/%2f").contains("Zq9xk"));
+        // An `@` after a user is no misread password: a vhost's is taken as written.
+        let c = with_env(&[(
+            "STORAGETIER__AMQP__URL",
+            "amqp://storagetier:pw@rabbit/team@prod",
+        )])
+        .expect("a vhost with an @");
+        assert_eq!(c.amqp.url.vhost(), "team@prod");
     }
 
     /// `--config-dir` named explicitly, holding config files of which none is read (a
@@ -2013,6 +2068,12 @@ prefetch = 4
             "STORAGETIER_TEST_MGMT_URL",
             "STORAGETIER_RABBITMQ4_ROOT",
             "STORAGETIERX",
+            // Kubernetes' service links of a Service named `storagetier…`.
+            "STORAGETIER_SERVICE_HOST",
+            "STORAGETIER_SERVICE_PORT",
+            "STORAGETIER_ONLINE_ARCHIVE_SERVICE_PORT_METRICS",
+            "STORAGETIER_ONLINE_ARCHIVE_PORT",
+            "STORAGETIER_ONLINE_ARCHIVE_PORT_9101_TCP_ADDR",
         ] {
             assert!(with_env(&[(var, "x")]).is_ok(), "{var}");
         }

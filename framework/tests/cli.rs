@@ -83,9 +83,6 @@ fn a_variable_that_is_not_utf8_is_named_not_quoted() {
     assert!(!stderr(&o).contains("s3cr"), "{}", stderr(&o));
 }
 
-/// An empty password file (a secret not mounted yet) exits 2 naming the key: its empty
-/// password removed the one in the URL, and the client logged in as guest, refused for
-/// ever.
 /// A broker password holding `/` (or `?`, `#`) unencoded, which the URL parser reads as
 /// host, port and path: `check-config` exits 2 naming the key and never prints it.
 #[test]
@@ -141,6 +138,9 @@ fn a_config_dir_none_of_whose_files_is_read_exits_2() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
 }
 
+/// An empty password file (a secret not mounted yet) exits 2 naming the key: its empty
+/// password removed the one in the URL, and the client logged in as guest, refused for
+/// ever.
 #[test]
 fn an_empty_password_file_exits_2_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
