@@ -1577,10 +1577,7 @@ impl TryFrom<String> for DatabaseUrl {
                 // The driver would ignore it with a warning quoting its value at every
                 // start (`sslpassword=…`), and a typo (`pasword=`) would go unnoticed.
                 // Not named where it may be a password's tail (`app:p@ss?word@host`).
-                let shown = match k.contains(['@', ':', '/']) {
-                    true => "a connection parameter".to_string(),
-                    false => format!("connection parameter `{k}`"),
-                };
+                let shown = framework::config::parameter_shown("connection parameter", &k);
                 return Err(format!(
                     "{shown} is not one the PostgreSQL driver takes (it would be ignored; a \
                      password holding `?` must be percent-encoded, %3F): it takes {}",

@@ -162,10 +162,7 @@ impl AmqpUrl {
                 // after an unencoded `?` (`user:p@ss?word@rabbit`), shown unmasked in
                 // every log line. Named only where it cannot be such a tail.
                 _ => {
-                    let shown = match k.contains(['@', ':', '/']) {
-                        true => "a query parameter".to_string(),
-                        false => format!("query parameter `{k}`"),
-                    };
+                    let shown = parameter_shown("query parameter", &k);
                     return Err(format!(
                         "{shown} is not one the AMQP client takes (frame_max, channel_max, \
                          heartbeat, connection_timeout, auth_mechanism); a password holding \
@@ -544,6 +541,16 @@ fn authority_and_tail(url: &str) -> Option<(&str, &str)> {
     let (_, rest) = url.split_once("://")?;
     let end = rest.find(['/', '?', '#'])?;
     Some(rest.split_at(end))
+}
+
+/// How an error names the URL parameter `name` (of the kind `what`): by name, unless it
+/// may be the tail of a password holding an unencoded `?` (`user:p@ss?word@host` reads
+/// `word@host` as a parameter), which is then only "a <what>".
+pub fn parameter_shown(what: &str, name: &str) -> String {
+    match name.contains(['@', ':', '/']) {
+        true => format!("a {what}"),
+        false => format!("{what} `{name}`"),
+    }
 }
 
 /// The refusal of a URL [`userinfo_past_authority`] finds, naming the password file key
