@@ -198,11 +198,18 @@ pub fn is_outage(e: &sqlx::Error) -> bool {
     }
 }
 
-/// The default database URL of a service: `sqlite://<data_dir>/<service>.db`.
+/// Characters of a file path that an SQLite URL must escape: sqlx decodes `%XX` in the
+/// path and ends it at `?` (a `data_dir` of `/srv/media%20tier` opened `/srv/media tier`).
+const SQLITE_PATH_ESCAPED: &percent_encoding::AsciiSet =
+    &percent_encoding::CONTROLS.add(b'%').add(b'?').add(b'#');
+
+/// The default database URL of a service: `sqlite://<data_dir>/<service>.db`, the path
+/// escaped where sqlx would read it otherwise.
 pub fn default_url(data_dir: &Path, service: &str) -> String {
+    let path = data_dir.join(format!("{service}.db"));
     format!(
         "sqlite://{}",
-        data_dir.join(format!("{service}.db")).display()
+        percent_encoding::utf8_percent_encode(&path.to_string_lossy(), SQLITE_PATH_ESCAPED)
     )
 }
 
@@ -276,11 +283,16 @@ pub async fn connect(url: &str, migrator: &Migrator) -> Result<AnyPool, DbError>
     Ok(pool)
 }
 
-/// The file of an SQLite `url` (`sqlite://path?…`).
-fn sqlite_file(url: &str) -> Option<PathBuf> {
-    url.strip_prefix("sqlite://")
-        .and_then(|p| p.split('?').next())
-        .map(PathBuf::from)
+/// The file of an SQLite `url` (`sqlite://path?…`), its path decoded as sqlx decodes it
+/// (`%20` is a space); None for other URLs and an in-memory database.
+pub fn sqlite_file(url: &str) -> Option<PathBuf> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let path = url.strip_prefix("sqlite://")?.split('?').next()?;
+    if path == ":memory:" || in_memory(url) {
+        return None;
+    }
+    let bytes: Vec<u8> = percent_encoding::percent_decode_str(path).collect();
+    Some(PathBuf::from(std::ffi::OsStr::from_bytes(&bytes)))
 }
 
 /// Flushes the directory holding the SQLite file of `url` (and the directories above
@@ -637,7 +649,7 @@ fn full_url(url: &str) -> Result<String, DbError> {
 /// mistyped path is an error, not a new empty database).
 fn full_url_as(url: &str, access: Access) -> Result<String, DbError> {
     sqlx::any::install_default_drivers();
-    if let Some(path) = url.strip_prefix("sqlite://") {
+    if url.starts_with("sqlite://") {
         if access == Access::ReadOnly {
             return Ok(if url.contains('?') {
                 url.to_string()
@@ -645,11 +657,8 @@ fn full_url_as(url: &str, access: Access) -> Result<String, DbError> {
                 format!("{url}?mode=ro")
             });
         }
-        let path = path.split('?').next().unwrap_or(path);
-        if path != ":memory:"
-            && let Some(dir) = Path::new(path)
-                .parent()
-                .filter(|d| !d.as_os_str().is_empty())
+        if let Some(file) = sqlite_file(url)
+            && let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty())
         {
             // Flushed into their parents once the database is open (`flush_file_entry`).
             std::fs::create_dir_all(dir).map_err(|e| DbError::Dir(dir.display().to_string(), e))?;
@@ -1437,6 +1446,27 @@ mod tests {
             .expect_err("given up");
         assert!(e.to_string().contains("did not answer"), "{e}");
         assert!(!e.refuses_the_data(), "transient: retried");
+    }
+
+    /// A data directory whose name holds what a URL reads otherwise (`%20`, `?`, `#`, a
+    /// space): the default database is made there, not at the name decoded, and the file
+    /// watch and a read-only look find it.
+    #[tokio::test]
+    async fn a_data_dir_named_like_url_text_holds_its_database() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let data = tmp.path().join("media%20tier ?a#b");
+        let url = default_url(&data, "svc");
+        assert_eq!(sqlite_file(&url), Some(data.join("svc.db")));
+        let pool = connect(&url, &Migrator::DEFAULT).await.expect("opened");
+        pool.close().await;
+        assert!(
+            data.join("svc.db").is_file(),
+            "not made in {}",
+            data.display()
+        );
+        assert!(!tmp.path().join("media tier ").exists());
+        let ro = connect_read_only(&url).await.expect("found");
+        ro.close().await;
     }
 
     /// `snapshot-status status` with a mistyped SQLite path: an error, and nothing made.

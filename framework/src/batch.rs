@@ -77,9 +77,9 @@ impl Ranges {
 
     /// How many indices the ranges hold.
     fn count(&self) -> u64 {
-        self.0
-            .iter()
-            .fold(0u64, |n, (&s, &e)| n.saturating_add(e - s + 1))
+        self.0.iter().fold(0u64, |n, (&s, &e)| {
+            n.saturating_add((e - s).saturating_add(1))
+        })
     }
 }
 

@@ -102,7 +102,7 @@ pub(crate) fn write_escaped(out: &mut impl std::fmt::Write, s: &str) -> std::fmt
 /// leaves raw — DEL, the C1 controls (U+009B is a terminal's CSI), bidirectional controls,
 /// line separators, zero-width spaces — written as a `\uXXXX` escape: the same JSON
 /// value, shown safely on a terminal (serde_json escapes only U+0000–U+001F).
-pub(crate) fn json_for_terminal(json: String) -> String {
+pub fn json_for_terminal(json: String) -> String {
     if !json.chars().any(disturbs_display) {
         return json;
     }

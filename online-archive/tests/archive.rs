@@ -473,11 +473,8 @@ async fn a_database_of_another_s3_store_is_refused() {
         None
     );
     r.close().await;
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_online-archive"))
-        .arg("--config-dir")
-        .arg(dir.path())
-        .env("STORAGETIER__STORAGE__DATA_DIR", dir.path())
-        .env("STORAGETIER__ONLINE_ARCHIVE__HTTP_LISTEN", "127.0.0.1:0")
+    let (mut cmd, _cleanup) = refused_run(dir.path());
+    let o = cmd
         .env("STORAGETIER__ONLINE_ARCHIVE__DATABASE_URL", &url)
         .env(
             "STORAGETIER__ONLINE_ARCHIVE__ARCHIVE_URL",
@@ -510,14 +507,28 @@ async fn a_database_of_another_s3_store_is_refused() {
     );
 }
 
+/// An `online-archive` command for a start that must be refused (data and config under
+/// `dir`), on names of its own: were the refusal gone, what the service declared is not
+/// the production names other tests' binaries use, and is deleted with the guard.
+fn refused_run(dir: &std::path::Path) -> (std::process::Command, Cleanup) {
+    let q = unique("refused");
+    let mut cmd = service_command(
+        env!("CARGO_BIN_EXE_online-archive"),
+        "online_archive",
+        &q,
+        &amqp_url(),
+        dir,
+    );
+    cmd.env("STORAGETIER__STORAGE__DATA_DIR", dir)
+        .env("STORAGETIER__RETRY__DELAYS_MS", "1000");
+    (cmd, Cleanup::service(&q, &[1000]))
+}
+
 /// `online-archive run` on the database at `url` (data and config under `dir`): its exit
 /// code and stderr, for a start that must fail.
 fn run_on_database(dir: &std::path::Path, url: &str) -> (Option<i32>, String) {
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_online-archive"))
-        .arg("--config-dir")
-        .arg(dir)
-        .env("STORAGETIER__STORAGE__DATA_DIR", dir)
-        .env("STORAGETIER__ONLINE_ARCHIVE__HTTP_LISTEN", "127.0.0.1:0")
+    let (mut cmd, _cleanup) = refused_run(dir);
+    let o = cmd
         .env("STORAGETIER__ONLINE_ARCHIVE__DATABASE_URL", url)
         .arg("run")
         .output_within(WAIT)

@@ -297,7 +297,7 @@ impl S3Native {
             )
             .await?;
         let status = r.status();
-        let body = r.text().await.map_err(|e| S3Error::Http(WHAT, e))?;
+        let body = body_text(WHAT, r).await?;
         if !status.is_success() {
             return Err(S3Error::Status(WHAT, status.as_u16(), snippet(&body)));
         }
@@ -356,10 +356,10 @@ impl S3Native {
                 Err(e) => return Err(e),
             };
             let status = r.status();
-            let text = match r.text().await {
+            let text = match body_text(WHAT, r).await {
                 Ok(t) => t,
-                Err(_) if !last => continue,
-                Err(e) => return Err(S3Error::Http(WHAT, e)),
+                Err(S3Error::Http(..)) if !last => continue,
+                Err(e) => return Err(e),
             };
             if status == reqwest::StatusCode::PRECONDITION_FAILED {
                 return Err(S3Error::Taken(WHAT));
@@ -402,7 +402,7 @@ impl S3Native {
                 .send_retrying(WHAT, http::Method::GET, &self.url(key, &query), &[], true)
                 .await?;
             let status = r.status();
-            let body = r.text().await.map_err(|e| S3Error::Http(WHAT, e))?;
+            let body = body_text(WHAT, r).await?;
             if status == reqwest::StatusCode::NOT_FOUND {
                 return Ok(None);
             }
@@ -423,16 +423,44 @@ impl S3Native {
                     checksum_sha256: field("ChecksumSHA256"),
                 });
             }
+            // An upload holds at most 10,000 parts, numbered up to 10,000: a store listing
+            // more, or pages without end, is not one to resume on (the caller starts over).
+            if parts.len() as u64 > crate::copy::MAX_PARTS {
+                return Err(S3Error::Response(
+                    WHAT,
+                    format!("more than {} parts listed", crate::copy::MAX_PARTS),
+                ));
+            }
             let truncated = element(&body, "IsTruncated").is_some_and(|v| v.trim() == "true");
             let next = element(&body, "NextPartNumberMarker").and_then(|v| v.trim().parse().ok());
             match next {
-                Some(n) if truncated && n > marker => marker = n,
+                Some(n) if truncated && n > marker && n < crate::copy::MAX_PARTS => marker = n,
                 _ => break,
             }
         }
         parts.sort_by_key(|p| p.number);
         Ok(Some(parts))
     }
+}
+
+/// The most of an S3 answer read: a ListParts page of 1,000 parts with checksums is about
+/// 400 KB; a larger one is no S3 answer (a proxy's or portal's page), not held whole.
+const MAX_ANSWER: usize = 4 << 20;
+
+/// An answer's body as text, at most [`MAX_ANSWER`] bytes of it: [`S3Error::Response`]
+/// beyond that, [`S3Error::Http`] if reading it fails.
+async fn body_text(what: &'static str, mut r: reqwest::Response) -> Result<String, S3Error> {
+    let mut buf: Vec<u8> = Vec::new();
+    while let Some(chunk) = r.chunk().await.map_err(|e| S3Error::Http(what, e))? {
+        if buf.len() + chunk.len() > MAX_ANSWER {
+            return Err(S3Error::Response(
+                what,
+                format!("an answer over {} MiB", MAX_ANSWER >> 20),
+            ));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(String::from_utf8_lossy(&buf).into_owned())
 }
 
 /// The pause before try `attempt + 1`: what the store asked for (`Retry-After`), or 200 ms
@@ -623,6 +651,85 @@ mod tests {
             "{e}"
         );
         assert_eq!(quiet("connection reset"), "connection reset");
+    }
+
+    /// A client of a bucket `b` at `server` with static credentials and the default
+    /// options (one try: `max_retries` 0).
+    fn client_of(server: &wiremock::MockServer) -> S3Native {
+        let creds = Arc::new(object_store::StaticCredentialProvider::new(
+            object_store::aws::AwsCredential {
+                key_id: "AKIDEXAMPLE".into(),
+                secret_key: "secret".into(),
+                token: None,
+            },
+        ));
+        let opts = crate::store::StoreOptions {
+            max_retries: 0,
+            ..Default::default()
+        };
+        S3Native::new(Some(&server.uri()), "b", "us-east-1", creds, &opts).expect("client")
+    }
+
+    /// An endpoint (a proxy's or portal's page) answering with more than any S3 answer
+    /// is refused, not held whole in memory; one listing pages without end stops.
+    #[tokio::test]
+    async fn answers_no_s3_sends_are_refused_not_held() {
+        use wiremock::matchers::method;
+        use wiremock::{Mock, ResponseTemplate};
+        let server = wiremock::MockServer::start().await;
+        let huge = format!(
+            "<InitiateMultipartUploadResult><UploadId>u</UploadId>{}</InitiateMultipartUploadResult>",
+            " ".repeat(MAX_ANSWER)
+        );
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(200).set_body_string(huge))
+            .mount(&server)
+            .await;
+        // Every page full and "truncated", its marker moving on by one: 1,000 parts a page.
+        let page = |from: u64| {
+            let mut xml = String::from("<ListPartsResult><IsTruncated>true</IsTruncated>");
+            for n in from..from + 1000 {
+                xml.push_str(&format!(
+                    "<Part><PartNumber>{n}</PartNumber><ETag>\"e\"</ETag><Size>5</Size></Part>"
+                ));
+            }
+            xml.push_str(&format!(
+                "<NextPartNumberMarker>{from}</NextPartNumberMarker></ListPartsResult>"
+            ));
+            xml
+        };
+        Mock::given(method("GET"))
+            .respond_with(move |r: &wiremock::Request| {
+                let from = r
+                    .url
+                    .query_pairs()
+                    .find(|(k, _)| k == "part-number-marker")
+                    .and_then(|(_, v)| v.parse::<u64>().ok())
+                    .map_or(1, |m| m + 1);
+                ResponseTemplate::new(200).set_body_string(page(from))
+            })
+            .mount(&server)
+            .await;
+        let s3 = client_of(&server);
+        let key = ObjectPath::from("k");
+        let e = s3.create_multipart(&key, &[]).await.expect_err("refused");
+        assert!(
+            matches!(e, S3Error::Response("CreateMultipartUpload", ref t) if t.contains("MiB")),
+            "{e}"
+        );
+        let e = s3.list_parts(&key, "u").await.expect_err("refused");
+        assert!(
+            matches!(e, S3Error::Response("ListParts", ref t) if t.contains("10000 parts")),
+            "{e}"
+        );
+        let pages = server
+            .received_requests()
+            .await
+            .unwrap_or_default()
+            .iter()
+            .filter(|r| r.method.as_str() == "GET")
+            .count();
+        assert!(pages <= 11, "{pages} pages read");
     }
 
     #[test]

@@ -120,16 +120,34 @@ fn the_data_directory_alone_moves_every_embedded_default() {
         let text = v.to_string();
         assert!(!text.contains("./data"), "{text}");
     };
-    for v in [
-        shown::<online_archive::OnlineArchive>(&env),
-        shown::<online_nearline::OnlineNearline>(&env),
-        shown::<project_ingest::ProjectIngest>(&env),
-        shown::<snapshot_status::SnapshotStatus>(&env),
+    // What each resolves from the data directory, every one named (an empty `resolved`
+    // would check nothing).
+    for (v, keys) in [
+        (
+            shown::<online_archive::OnlineArchive>(&env),
+            &["online_roots", "store", "database_url"][..],
+        ),
+        (
+            shown::<online_nearline::OnlineNearline>(&env),
+            &["online_roots", "store", "database_url"][..],
+        ),
+        (
+            shown::<project_ingest::ProjectIngest>(&env),
+            &["database_url"][..],
+        ),
+        (
+            shown::<snapshot_status::SnapshotStatus>(&env),
+            &["database_url"][..],
+        ),
     ] {
-        let resolved = &v["resolved"];
-        assert!(resolved.is_object(), "{v}");
-        under(resolved);
-        for (_, path) in resolved.as_object().expect("object") {
+        let resolved = v["resolved"].as_object().expect("resolved paths");
+        under(&v["resolved"]);
+        let mut named: Vec<&str> = resolved.keys().map(String::as_str).collect();
+        named.sort_unstable();
+        let mut want = keys.to_vec();
+        want.sort_unstable();
+        assert_eq!(named, want, "{v}");
+        for (_, path) in resolved {
             let text = path.to_string();
             assert!(text.contains("/tmp/x"), "{text}");
         }

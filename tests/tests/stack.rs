@@ -127,14 +127,37 @@ async fn one_file_reaches_both_tiers_and_a_replayed_dead_letter_succeeds() {
     let n = success_for(&mut n_out, "late.mov").await;
     assert_eq!(n["vault_key"], "show/late.mov");
     assert_eq!(ready_count(&nearline.ch, &n_topo.dlq()).await, 0);
-    assert!(
-        next_within(&mut a_out, std::time::Duration::from_secs(1))
-            .await
-            .is_none(),
-        "the nearline replay did not reach online-archive"
-    );
 
+    // Each service handled `late.mov` once more, from its own replay: a replay that
+    // reached the other service's queue too would have made a second success there
+    // (the file exists by then). Both stopped (their handlers drained, every output
+    // confirmed), a fence after each output shows all of it.
     archive.stop().await;
     nearline.stop().await;
+    for (h, out, service) in [
+        (&archive, &mut a_out, "online-archive"),
+        (&nearline, &mut n_out, "online-nearline"),
+    ] {
+        publish(
+            &h.ch,
+            &h.output_exchange,
+            "fence",
+            br#"{"fence":true}"#,
+            BasicProperties::default(),
+        )
+        .await;
+        loop {
+            let v: serde_json::Value = serde_json::from_slice(&next(out).await.data).unwrap();
+            if v["fence"] == true {
+                break;
+            }
+            assert!(
+                !v["original_file_path"]
+                    .as_str()
+                    .is_some_and(|p| p.ends_with("late.mov")),
+                "{service} handled late.mov twice (another service's replay reached it): {v}"
+            );
+        }
+    }
     cleanup(vec![], vec![shared_in]);
 }

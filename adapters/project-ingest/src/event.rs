@@ -362,11 +362,15 @@ fn decode_base64(data: &str) -> Result<Vec<u8>, base64::DecodeError> {
     LENIENT.decode(canonical)
 }
 
-/// Kinesis' `approximateArrivalTimestamp`: epoch seconds with a fraction (milliseconds
-/// from a producer that writes those).
+/// Kinesis' `approximateArrivalTimestamp`: epoch seconds with a fraction (milliseconds,
+/// microseconds or nanoseconds from a producer that writes those, as [`FINER_UNIT_FROM`]
+/// tells them apart).
 fn arrival_time(rec: &Map<String, Value>) -> Option<String> {
     let mut secs = rec.get("approximateArrivalTimestamp")?.as_f64()?;
-    if secs >= FINER_UNIT_FROM as f64 {
+    for _ in 0..3 {
+        if secs < FINER_UNIT_FROM as f64 {
+            break;
+        }
         secs /= 1000.0;
     }
     let micros = (secs * 1_000_000.0).round() as i64;
@@ -558,7 +562,7 @@ mod tests {
     }
 
     #[test]
-    fn arrival_times_in_seconds_or_milliseconds_give_one_key_and_no_signed_year() {
+    fn arrival_times_in_any_unit_give_one_key_and_no_signed_year() {
         let at = |v: Value| {
             let mut m = Map::new();
             m.insert("approximateArrivalTimestamp".into(), v);
@@ -567,9 +571,12 @@ mod tests {
         let want = Some("2018-12-17T22:10:50.987000Z".to_string());
         assert_eq!(at(json!(1_545_084_650.987)), want);
         assert_eq!(at(json!(1_545_084_650_987_u64)), want);
+        // Microseconds and nanoseconds, as a message's own timestamp is read.
+        assert_eq!(at(json!(1_545_084_650_987_000_u64)), want);
+        assert_eq!(at(json!(1_545_084_650_987_000_000_u64)), want);
         // Beyond the year 9999 whichever unit: no key, rather than "+…" text that sorts
         // before every real time.
-        assert_eq!(at(json!(1e17)), None);
+        assert_eq!(at(json!(1e21)), None);
         assert_eq!(
             time_key(chrono::DateTime::from_timestamp(253_402_300_800, 0).unwrap()),
             None

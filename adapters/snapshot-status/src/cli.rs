@@ -60,6 +60,21 @@ pub fn render_table(correlation_id: &str, product: Option<&str>, cs: &[Collectio
     out
 }
 
+/// Renders collections as one JSON document (a line). Names come from bus messages:
+/// the characters JSON leaves raw that a terminal acts on (U+009B, bidirectional
+/// controls…) are written as escapes, the same JSON value.
+pub fn render_json(correlation_id: &str, product: Option<&str>, cs: &[Collection]) -> String {
+    let doc = serde_json::json!({
+        "correlation_id": correlation_id,
+        "product_status": product,
+        "collections": cs,
+    });
+    format!(
+        "{}\n",
+        framework::telemetry::json_for_terminal(doc.to_string())
+    )
+}
+
 /// Runs `status`: exit 0 when found, 1 when unknown or on a database failure, 2 on usage.
 pub async fn status(
     args: &clap::ArgMatches,
@@ -68,13 +83,13 @@ pub async fn status(
     let parsed = StatusArgs::from_arg_matches(args).map_err(|e| Failure::Usage(e.to_string()))?;
     let url = crate::database_url(&cfg);
     // A read-only command: never create an empty SQLite database by looking.
-    if let Some(path) = url.strip_prefix("sqlite://") {
-        let path = path.split('?').next().unwrap_or(path);
-        if !std::path::Path::new(path).exists() {
-            return Err(Failure::Other(format!(
-                "no database at {path} (nothing recorded yet?)"
-            )));
-        }
+    if let Some(path) = db::sqlite_file(&url)
+        && !path.exists()
+    {
+        return Err(Failure::Other(format!(
+            "no database at {} (nothing recorded yet?)",
+            framework::dlq::printable(&path.to_string_lossy())
+        )));
     }
     let found = async {
         let store = Store::open_read_only(&url).await?;
@@ -99,12 +114,11 @@ pub async fn status(
         )));
     }
     if parsed.json {
-        let doc = serde_json::json!({
-            "correlation_id": parsed.correlation_id,
-            "product_status": product,
-            "collections": cs,
-        });
-        framework::cli::print_out(&format!("{doc}\n"))
+        framework::cli::print_out(&render_json(
+            &parsed.correlation_id,
+            product.as_deref(),
+            &cs,
+        ))
     } else {
         framework::cli::print_out(&render_table(
             &parsed.correlation_id,
@@ -138,5 +152,25 @@ mod tests {
             "{table}"
         );
         assert!(table.contains("db.a\\nforged"), "{table}");
+    }
+
+    #[test]
+    fn json_output_keeps_terminal_controls_escaped() {
+        let c = Collection {
+            correlation_id: "c".into(),
+            collection_name: "db.a\u{9b}2J\u{202e}b\u{2028}".into(),
+            status: "Received".into(),
+            files_exported: None,
+            files_sent: None,
+            files_received: 0,
+            updated_at: "2026-01-01T00:00:00Z".into(),
+            shutdown_flag: None,
+            reprocess_files: None,
+        };
+        let out = render_json("c\u{9b}", None, std::slice::from_ref(&c));
+        assert!(!out.contains(['\u{9b}', '\u{202e}', '\u{2028}']), "{out:?}");
+        let back: serde_json::Value = serde_json::from_str(&out).expect("valid JSON");
+        assert_eq!(back["collections"][0]["collection_name"], c.collection_name);
+        assert_eq!(back["correlation_id"], "c\u{9b}");
     }
 }
