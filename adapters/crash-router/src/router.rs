@@ -135,8 +135,9 @@ impl MessageProcessor for CrashRouter {
     type Input = Value;
 
     async fn handle(&self, input: Value, ctx: &MessageContext) -> Outcome {
-        // Counted before anything is classified, then again with an SQS batch's bodies
-        // opened (each may hold many).
+        // Counted before anything is classified, then as an SQS batch's bodies are opened
+        // (each may hold a million): counted after opening, 8 bodies of `[0,0,…]` made 8
+        // million junk records, a gigabyte, and the service was killed at every delivery.
         let listed = input
             .get("Records")
             .and_then(Value::as_array)
@@ -144,13 +145,18 @@ impl MessageProcessor for CrashRouter {
         if let Some(o) = ctx.too_many_records(listed) {
             return o;
         }
-        let records = match self.records_of(input, false) {
-            Ok(records) => records,
-            Err(o) => return o,
+        // In a block: the tally (not `Send`) is gone before the first publish is awaited.
+        let records = {
+            let too_many = |n| ctx.too_many_records(n);
+            let mut tally = Tally::new(&too_many);
+            match self.records_of(input, false, &mut tally) {
+                Ok(records) => {
+                    debug_assert_eq!(tally.seen, records.len(), "every record is counted");
+                    records
+                }
+                Err(o) => return o,
+            }
         };
-        if let Some(o) = ctx.too_many_records(records.len()) {
-            return o;
-        }
 
         let mut counts = Counts::default();
         let accepted = distinct_accepted(&records);
@@ -270,36 +276,88 @@ fn distinct_accepted(records: &[Record]) -> Vec<String> {
         .collect()
 }
 
+/// A message's records counted as they are opened, against `[amqp] max_records`.
+struct Tally<'a> {
+    /// Records counted so far.
+    seen: usize,
+    /// Whether `seen` went past the limit (the outcome is the message's, not a record's).
+    over: bool,
+    /// [`MessageContext::too_many_records`] (a stand-in in unit tests).
+    too_many: &'a dyn Fn(usize) -> Option<Outcome>,
+}
+
+impl<'a> Tally<'a> {
+    fn new(too_many: &'a dyn Fn(usize) -> Option<Outcome>) -> Self {
+        Self {
+            seen: 0,
+            over: false,
+            too_many,
+        }
+    }
+
+    /// Counts `n` more records, before they are classified: past the limit, the
+    /// message's too-many-records outcome.
+    fn add(&mut self, n: usize) -> Result<(), Outcome> {
+        self.seen = self.seen.saturating_add(n);
+        match (self.too_many)(self.seen) {
+            Some(o) => {
+                self.over = true;
+                Err(o)
+            }
+            None => Ok(()),
+        }
+    }
+}
+
 impl CrashRouter {
     /// The S3 records `input` carries, classified: an S3 notification's `Records`, an
     /// EventBridge event, either inside an SNS envelope, or (`inner` false) an SQS batch
     /// (`{"Records":[{"eventSource":"aws:sqs","body":…}]}`, what a queue between S3 and the
     /// bus delivers) whose bodies are any of those. An SQS body that carries none is a
     /// junk record, counted and logged, never a silent success; at the top the message is
-    /// Dropped (S3's test event, SNS's handshakes) or Permanent (no event at all).
-    fn records_of(&self, input: Value, inner: bool) -> Result<Vec<Record>, Outcome> {
+    /// Dropped (S3's test event, SNS's handshakes) or Permanent (no event at all). Every
+    /// record is counted in `tally` before it is classified: past the limit, the message's
+    /// outcome, with nothing more opened.
+    fn records_of(
+        &self,
+        input: Value,
+        inner: bool,
+        tally: &mut Tally<'_>,
+    ) -> Result<Vec<Record>, Outcome> {
         let input = unwrap_sns(input)?;
         // S3 sends this to a notification's destination whenever the bucket's notification
         // configuration is saved: not an event, nothing wrong with it.
         if input.get("Event").and_then(Value::as_str) == Some("s3:TestEvent") {
             let why = "S3 test event (sent when notifications are configured)";
-            return match inner {
-                true => Ok(vec![Record::Ignored(why.into())]),
-                false => Err(Outcome::drop(why)),
-            };
+            if !inner {
+                return Err(Outcome::drop(why));
+            }
+            tally.add(1)?;
+            return Ok(vec![Record::Ignored(why.into())]);
         }
         if input.get("source").and_then(Value::as_str) == Some("aws.s3")
             && input.get("detail-type").is_some()
         {
             // EventBridge carries one object event per message.
+            tally.add(1)?;
             return Ok(vec![classify_eventbridge(&input, self.accept, self.defer)]);
         }
         if let Some(records) = input.get("Records").and_then(Value::as_array) {
+            if inner {
+                // An SQS body's records are one each: counted all at once, before any is
+                // classified.
+                tally.add(records.len())?;
+            }
             let mut out = Vec::with_capacity(records.len());
             for r in records {
                 match r.get("eventSource").and_then(Value::as_str) {
-                    Some("aws:sqs") if !inner => out.extend(self.sqs_body(r)),
-                    _ => out.push(classify(r, self.accept, self.defer)),
+                    Some("aws:sqs") if !inner => out.extend(self.sqs_body(r, tally)?),
+                    _ => {
+                        if !inner {
+                            tally.add(1)?;
+                        }
+                        out.push(classify(r, self.accept, self.defer));
+                    }
                 }
             }
             return Ok(out);
@@ -321,8 +379,9 @@ impl CrashRouter {
     }
 
     /// The records of one SQS record's `body` (JSON text, or an object where a bridge
-    /// decoded it); what cannot be read is one junk record naming the SQS message.
-    fn sqs_body(&self, record: &Value) -> Vec<Record> {
+    /// decoded it); what cannot be read is one junk record naming the SQS message. Counted
+    /// in `tally`: past the limit, the message's outcome.
+    fn sqs_body(&self, record: &Value, tally: &mut Tally<'_>) -> Result<Vec<Record>, Outcome> {
         let id = record
             .get("messageId")
             .and_then(Value::as_str)
@@ -331,24 +390,29 @@ impl CrashRouter {
             Some(Value::String(text)) => match framework::fields::json_in_text(text.as_bytes()) {
                 Ok(v) => v,
                 Err(e) => {
-                    return vec![Record::Junk(format!("SQS message {id}: `body` {e}"))];
+                    tally.add(1)?;
+                    return Ok(vec![Record::Junk(
+                        format!("SQS message {id}: `body` {e}").into(),
+                    )]);
                 }
             },
             Some(v @ Value::Object(_)) => v.clone(),
             _ => {
-                return vec![Record::Junk(format!(
-                    "SQS message {id} has no `body` of JSON text"
-                ))];
+                tally.add(1)?;
+                return Ok(vec![Record::Junk(
+                    format!("SQS message {id} has no `body` of JSON text").into(),
+                )]);
             }
         };
-        match self.records_of(body, true) {
-            Ok(records) => records,
-            Err(Outcome::Drop(why)) => vec![Record::Ignored(format!("SQS message {id}: {why}"))],
-            Err(o) => vec![Record::Junk(format!(
-                "SQS message {id}: {}",
-                outcome_reason(&o)
-            ))],
-        }
+        let one = match self.records_of(body, true, tally) {
+            Ok(records) => return Ok(records),
+            // Too many records is the whole message's outcome, not this body's junk.
+            Err(o) if tally.over => return Err(o),
+            Err(Outcome::Drop(why)) => Record::Ignored(format!("SQS message {id}: {why}").into()),
+            Err(o) => Record::Junk(format!("SQS message {id}: {}", outcome_reason(&o)).into()),
+        };
+        tally.add(1)?;
+        Ok(vec![one])
     }
 }
 
@@ -534,16 +598,84 @@ mod tests {
         let r = router("a", 1);
         let sqs = json!({"Records": [{"eventSource": "aws:sqs", "messageId": "m1",
             "body": too_many_values()}]});
-        match r.records_of(sqs, false).as_deref() {
+        match unlimited(&r, sqs).as_deref() {
             Ok([Record::Junk(why)]) => assert!(why.contains("holds about"), "{why}"),
             o => panic!("{o:?}"),
         }
         let mut n = sns(&json!({}));
         n["Message"] = json!(too_many_values());
-        match r.records_of(n, false) {
+        match unlimited(&r, n) {
             Err(Outcome::Permanent(m)) => assert!(m.contains("`Message` holds about"), "{m}"),
             o => panic!("{o:?}"),
         }
+    }
+
+    /// The records of `input` with no `max_records`.
+    fn unlimited(r: &CrashRouter, input: Value) -> Result<Vec<Record>, Outcome> {
+        r.records_of(input, false, &mut Tally::new(&|_| None))
+    }
+
+    /// An SQS batch whose bodies hold `sizes` elements each (`0`s: junk records).
+    fn sqs_of_zeros(sizes: &[usize]) -> Value {
+        let sqs: Vec<Value> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                json!({"eventSource": "aws:sqs", "messageId": format!("m{i}"),
+                       "body": json!({"Records": vec![0; n]}).to_string()})
+            })
+            .collect();
+        json!({ "Records": sqs })
+    }
+
+    /// An SQS body's `Records` are counted before any is classified, and past the limit
+    /// nothing more is opened: counted after, 8 bodies of a million `0`s each were 8
+    /// million junk records (a gigabyte) and the service was killed at every delivery.
+    #[test]
+    fn sqs_bodies_are_counted_before_they_are_classified() {
+        let r = router("a", 1);
+        let asked = &std::cell::RefCell::new(Vec::new());
+        let limit = |max: usize| {
+            move |n: usize| {
+                asked.borrow_mut().push(n);
+                (n > max).then(|| Outcome::permanent(format!("{n} records, more than {max}")))
+            }
+        };
+        let ten = limit(10);
+        let mut tally = Tally::new(&ten);
+        match r.records_of(sqs_of_zeros(&[1000, 2000, 3000, 4000]), false, &mut tally) {
+            Err(Outcome::Permanent(m)) => assert_eq!(m, "1000 records, more than 10"),
+            Ok(v) => panic!("{} records classified", v.len()),
+            Err(o) => panic!("{o:?}"),
+        }
+        // One count, of the first body: the others were never opened.
+        assert_eq!(*asked.borrow(), [1000]);
+
+        // Under the limit, the same records as ever, each counted once: exactly at it is
+        // no more than it, one more is.
+        let mixed = json!({"Records": [
+            {"eventSource": "aws:sqs", "messageId": "m1",
+             "body": json!({"Records": [{"eventName": "ObjectCreated:Put"}, 0]}).to_string()},
+            {"eventSource": "aws:sqs", "messageId": "m2", "body": "not json"},
+            {"eventName": "ObjectRemoved:Delete"},
+        ]});
+        let four = limit(4);
+        let mut tally = Tally::new(&four);
+        let records = r
+            .records_of(mixed.clone(), false, &mut tally)
+            .expect("4 records");
+        assert_eq!(records, unlimited(&r, mixed.clone()).expect("4 records"));
+        assert_eq!(
+            records.iter().map(Record::label).collect::<Vec<_>>(),
+            ["junk", "junk", "junk", "ignored"]
+        );
+        assert_eq!(tally.seen, 4);
+        let three = limit(3);
+        let mut tally = Tally::new(&three);
+        assert!(matches!(
+            r.records_of(mixed, false, &mut tally),
+            Err(Outcome::Permanent(m)) if m == "4 records, more than 3"
+        ));
     }
 
     const DEFERRED: &str = "00007bd0-2d1c-4865-af09-80bc01180313";

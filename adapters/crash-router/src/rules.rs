@@ -1,5 +1,6 @@
 //! Which S3 event records carry a crash to route (design §7, crash-router).
 
+use std::borrow::Cow;
 use std::sync::LazyLock;
 
 use regex::Regex;
@@ -22,9 +23,10 @@ pub enum Record {
     /// A raw crash the collector deferred: count and skip.
     Deferred(String),
     /// Looks like a raw crash but is malformed (bad id, unknown digit, missing fields).
-    Junk(String),
+    /// A fixed reason is borrowed: a batch of tiny junk records allocates nothing each.
+    Junk(Cow<'static, str>),
     /// Not a raw-crash creation (other event or other key): count and skip.
-    Ignored(String),
+    Ignored(Cow<'static, str>),
 }
 
 impl Record {
@@ -72,7 +74,7 @@ pub fn classify(record: &Value, accept: char, defer: char) -> Record {
         return Record::Junk("record has no string `eventName`".into());
     };
     if !is_put_event(name) {
-        return Record::Ignored(format!("event `{name}` is not ObjectCreated:Put"));
+        return Record::Ignored(format!("event `{name}` is not ObjectCreated:Put").into());
     }
     let Some(key) = record
         .get("s3")
@@ -99,16 +101,16 @@ pub fn classify_eventbridge(event: &Value, accept: char, defer: char) -> Record 
         return Record::Junk("EventBridge event has no string `detail-type`".into());
     };
     if detail_type != "Object Created" {
-        return Record::Ignored(format!(
-            "EventBridge event `{detail_type}` is not Object Created"
-        ));
+        return Record::Ignored(
+            format!("EventBridge event `{detail_type}` is not Object Created").into(),
+        );
     }
     let detail = event.get("detail");
     let Some(reason) = detail.and_then(|d| d.get("reason")).and_then(Value::as_str) else {
         return Record::Junk("EventBridge event has no string `detail.reason`".into());
     };
     if reason != EVENTBRIDGE_PUT_REASON {
-        return Record::Ignored(format!("Object Created by `{reason}` is not a PutObject"));
+        return Record::Ignored(format!("Object Created by `{reason}` is not a PutObject").into());
     }
     let Some(key) = detail
         .and_then(|d| d.get("object"))
@@ -123,18 +125,20 @@ pub fn classify_eventbridge(event: &Value, accept: char, defer: char) -> Record 
 /// Classifies a created object by its key (decoded): a raw crash, and which.
 fn classify_key(key: &str, accept: char, defer: char) -> Record {
     if !key.starts_with(RAW_CRASH_PREFIX) {
-        return Record::Ignored(format!("key `{key}` is not under {RAW_CRASH_PREFIX}"));
+        return Record::Ignored(format!("key `{key}` is not under {RAW_CRASH_PREFIX}").into());
     }
     let id = key.rsplit('/').next().unwrap_or_default();
     if !is_crash_id(id) {
-        return Record::Junk(format!("key `{key}` does not end in a crash id"));
+        return Record::Junk(format!("key `{key}` does not end in a crash id").into());
     }
     // A crash id is ASCII of fixed length 36, so the 7th-from-last char always exists.
     match id.chars().rev().nth(6) {
         Some(c) if c == accept => Record::Accepted(id.to_string()),
         Some(c) if c == defer => Record::Deferred(id.to_string()),
-        Some(c) => Record::Junk(format!("crash id `{id}` has unknown throttle result `{c}`")),
-        None => Record::Junk(format!("crash id `{id}` is too short")),
+        Some(c) => {
+            Record::Junk(format!("crash id `{id}` has unknown throttle result `{c}`").into())
+        }
+        None => Record::Junk(format!("crash id `{id}` is too short").into()),
     }
 }
 

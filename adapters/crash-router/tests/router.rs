@@ -609,3 +609,56 @@ fn check_config_shows_the_defaults_and_env_overrides() {
     let cfg: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(cfg["settings"]["seed"], 42);
 }
+
+/// An SQS batch of a few envelopes whose bodies each hold thousands of `Records` is
+/// dead-lettered whole as too many records once the first body is counted, before its
+/// records are classified or another body is opened: expanded first, 8 bodies of a
+/// million elements (16 MiB) were 8 million junk records, a gigabyte, and the service was
+/// killed at every redelivery.
+#[tokio::test]
+async fn sqs_bodies_past_max_records_are_dead_lettered_unexpanded() {
+    let data = tempfile::tempdir().unwrap();
+    let (_c, ch) = test_channel().await;
+    let d = dests(&ch, 1).await;
+    let hs = start(
+        data.path(),
+        &[("crash_router.queues", &d.0[0]), ("amqp.max_records", "10")],
+    )
+    .await;
+    let mut dlq = hs.watch_dlq().await;
+    let mut out = hs.watch_output().await;
+    // 4 envelopes (under the limit), 20,000 records inside; the first body holds 5,000.
+    let sqs: Vec<Value> = [5000, 5001, 5002, 4997]
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            json!({"messageId": format!("m-{i}"), "eventSource": "aws:sqs",
+                   "body": json!({"Records": vec![0; n]}).to_string()})
+        })
+        .collect();
+    let body = json!({ "Records": sqs }).to_string();
+    hs.publish("crashes.put", body.as_bytes(), BasicProperties::default())
+        .await;
+    let dl = next(&mut dlq).await;
+    assert_eq!(header(&dl, "x-error-kind").as_deref(), Some("permanent"));
+    let e = header(&dl, "x-error").unwrap_or_default();
+    // The count stopped at the first body: expanded, it would name all 20,000.
+    assert!(
+        e.starts_with("5000 records in one message, more than [amqp] max_records = 10"),
+        "{e}"
+    );
+    assert_eq!(dl.data, body.as_bytes());
+    // A batch within the limit is opened and routed as ever.
+    let id = crash_id(41, '0');
+    let ok = json!({"Records": [{"messageId": "m-ok", "eventSource": "aws:sqs",
+        "body": json!({"Records": [put(&raw(&id))]}).to_string()}]});
+    hs.publish(
+        "crashes.put",
+        ok.to_string().as_bytes(),
+        BasicProperties::default(),
+    )
+    .await;
+    let summary: Value = serde_json::from_slice(&next(&mut out).await.data).unwrap();
+    assert_eq!(summary["accepted"], json!([id]), "{summary}");
+    assert_eq!(summary["records"], 1, "{summary}");
+}
