@@ -98,6 +98,15 @@ pub(crate) fn write_escaped(out: &mut impl std::fmt::Write, s: &str) -> std::fmt
     out.write_str(&s[plain..])
 }
 
+/// Exports counter `name` at 0 for each value of its one `label`: an `increase()` alert
+/// over a series that appears with its first event misses that first burst after a
+/// restart. For a service's own documented counters (the framework's do this themselves).
+pub fn counters_from_zero(name: &'static str, label: &'static str, values: &[&'static str]) {
+    for value in values {
+        metrics::counter!(name, label => *value).increment(0);
+    }
+}
+
 /// JSON text (serde_json's) with every character that [`disturbs_display`] and JSON
 /// leaves raw — DEL, the C1 controls (U+009B is a terminal's CSI), bidirectional controls,
 /// line separators, zero-width spaces — written as a `\uXXXX` escape: the same JSON

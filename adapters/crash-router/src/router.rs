@@ -90,11 +90,7 @@ struct Counts {
 impl CrashRouter {
     /// A router for `queues`; `seed` (default [`DEFAULT_SEED`]) keys the throttle draws.
     pub fn new(queues: Vec<QueueSpec>, accept: char, defer: char, seed: Option<u64>) -> Self {
-        // Exported at 0 from the start: an `increase()` over a series that appears with its
-        // first record misses that first burst after a restart.
-        for result in RECORD_RESULTS {
-            metrics::counter!(RECORDS_METRIC, "result" => result).increment(0);
-        }
+        framework::telemetry::counters_from_zero(RECORDS_METRIC, "result", &RECORD_RESULTS);
         Self {
             queues,
             accept,

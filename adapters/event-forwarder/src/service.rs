@@ -213,11 +213,7 @@ fn event_digest(ctx: &MessageContext, body: &str) -> [u8; 32] {
 impl EventForwarder {
     /// A processor posting through `forwarder`; `ordered` retries in place using `retry`.
     pub fn new(forwarder: Forwarder, ordered: bool, retry: RetryConfig) -> Self {
-        // Exported at 0 from the start: an `increase()` over a series that appears with its
-        // first POST misses that first burst after a restart.
-        for result in POST_RESULTS {
-            metrics::counter!(POSTS_METRIC, "result" => result).increment(0);
-        }
+        framework::telemetry::counters_from_zero(POSTS_METRIC, "result", &POST_RESULTS);
         Self {
             forwarder,
             ordered,

@@ -118,11 +118,7 @@ pub struct ProjectProcessor {
 impl ProjectProcessor {
     /// A processor over `store`; extra projects of a batch go to `output_exchange`.
     pub fn new(store: Store, output_exchange: &str, output_routing_key: &str) -> Self {
-        // Exported at 0 from the start: an `increase()` over a series that appears with its
-        // first event misses that first burst after a restart.
-        for result in EVENT_RESULTS {
-            metrics::counter!(EVENTS_METRIC, "result" => result).increment(0);
-        }
+        framework::telemetry::counters_from_zero(EVENTS_METRIC, "result", &EVENT_RESULTS);
         Self {
             store,
             output_exchange: output_exchange.to_string(),

@@ -222,14 +222,8 @@ pub fn monitoring(m: &StatusMessage, what: &str) -> Value {
 impl StatusProcessor {
     /// A processor over `store` publishing to the given exchanges.
     pub fn new(store: Store, export_state_exchange: &str, monitoring_exchange: &str) -> Self {
-        // Exported at 0 from the start: an `increase()` over a series that appears with its
-        // first change misses that first burst after a restart.
-        for counted in ["true", "false"] {
-            metrics::counter!(FILES_METRIC, "counted" => counted).increment(0);
-        }
-        for to in TRANSITIONS {
-            metrics::counter!(TRANSITIONS_METRIC, "to" => to).increment(0);
-        }
+        framework::telemetry::counters_from_zero(FILES_METRIC, "counted", &["true", "false"]);
+        framework::telemetry::counters_from_zero(TRANSITIONS_METRIC, "to", &TRANSITIONS);
         Self {
             store,
             export_state_exchange: export_state_exchange.to_string(),
