@@ -115,6 +115,9 @@ pub struct Harness {
     pub delays: Vec<u64>,
     /// Other exchanges the service declared (`Binding::publishes_to`), deleted on drop too.
     pub publishes_to: Vec<String>,
+    /// Deletes what the service declared, after the runtime was told to stop (fields drop
+    /// after [`Drop::drop`]).
+    _cleanup: Cleanup,
 }
 
 /// A runtime running in the background of a test, for what [`Harness`] does not cover
@@ -311,6 +314,18 @@ impl Harness {
         let q = cfg.service.queue.clone();
         let input_exchange = pc.binding.exchange.clone();
         let publishes_to = pc.binding.publishes_to.clone();
+        // Taken before the runtime declares anything: a runtime that never consumes fails
+        // the test below, before a `Harness` exists to clean up.
+        let mut queues = vec![q.clone(), format!("{q}-dlq")];
+        queues.extend(cfg.retry.delays_ms.iter().map(|d| format!("{q}-retry-{d}")));
+        let mut exchanges = vec![
+            input_exchange.clone(),
+            cfg.service.output_exchange.clone(),
+            format!("{q}-retry"),
+            format!("{q}-fail"),
+        ];
+        exchanges.extend(publishes_to.iter().cloned());
+        let cleanup = Cleanup::new(queues, exchanges);
         let runtime = Background::start(name, &cfg, pc);
         let status = runtime.status.clone();
         let mut sessions = status.sessions();
@@ -332,6 +347,7 @@ impl Harness {
             status,
             delays: cfg.retry.delays_ms.clone(),
             publishes_to,
+            _cleanup: cleanup,
         }
     }
 
@@ -413,19 +429,8 @@ impl Harness {
 
 impl Drop for Harness {
     fn drop(&mut self) {
+        // Told to stop first; `_cleanup` then deletes what it declared.
         drop(self.runtime.take());
-        let mut queues = vec![self.q.clone(), format!("{}-dlq", self.q)];
-        for d in &self.delays {
-            queues.push(format!("{}-retry-{d}", self.q));
-        }
-        let mut exchanges = vec![
-            self.input_exchange.clone(),
-            self.output_exchange.clone(),
-            format!("{}-retry", self.q),
-            format!("{}-fail", self.q),
-        ];
-        exchanges.append(&mut self.publishes_to);
-        cleanup(queues, exchanges);
     }
 }
 

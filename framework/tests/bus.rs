@@ -2010,23 +2010,46 @@ async fn a_header_nested_thousands_deep_does_not_kill_the_process() {
     hs.stop().await;
 }
 
-/// Counts handlers inside at once; each stays until a second one is in (or 1.5 s pass).
+/// Counts handlers inside at once. A plain body stays until a second handler is in (or
+/// 1.5 s pass). The pair `"role": "hold"` (large) and `"role": "small"` meet: the held one
+/// stays until the small one has been inside beside it, the small one waits until the held
+/// one is in (each bounded by [`PAIR_WAIT`], well within [`WAIT`]): however slow the
+/// machine, both are inside at once unless the framework keeps the small one out.
 struct Overlap {
     now: Arc<std::sync::atomic::AtomicUsize>,
     most: Arc<std::sync::atomic::AtomicUsize>,
+    held_in: Arc<tokio::sync::Notify>,
+    small_seen: Arc<tokio::sync::Notify>,
 }
+
+const PAIR_WAIT: Duration = Duration::from_secs(30);
 
 #[async_trait]
 impl MessageProcessor for Overlap {
     type Input = serde_json::Value;
     async fn handle(&self, v: serde_json::Value, _ctx: &MessageContext) -> Outcome {
         use std::sync::atomic::Ordering::SeqCst;
-        self.now.fetch_add(1, SeqCst);
-        let until = std::time::Instant::now() + Duration::from_millis(1500);
-        while self.now.load(SeqCst) < 2 && std::time::Instant::now() < until {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        self.most
+            .fetch_max(self.now.fetch_add(1, SeqCst) + 1, SeqCst);
+        match v["role"].as_str() {
+            Some("hold") => {
+                // `notify_one` keeps a permit for a small handler not waiting yet.
+                self.held_in.notify_one();
+                let _ = tokio::time::timeout(PAIR_WAIT, self.small_seen.notified()).await;
+            }
+            Some("small") => {
+                let _ = tokio::time::timeout(PAIR_WAIT, self.held_in.notified()).await;
+                self.most.fetch_max(self.now.load(SeqCst), SeqCst);
+                self.small_seen.notify_one();
+            }
+            _ => {
+                let until = std::time::Instant::now() + Duration::from_millis(1500);
+                while self.now.load(SeqCst) < 2 && std::time::Instant::now() < until {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                self.most.fetch_max(self.now.load(SeqCst), SeqCst);
+            }
         }
-        self.most.fetch_max(self.now.load(SeqCst), SeqCst);
         self.now.fetch_sub(1, SeqCst);
         Outcome::success(json!({"n": v["n"]}))
     }
@@ -2117,16 +2140,18 @@ async fn large_bodies_are_handled_one_at_a_time() {
     let p = Overlap {
         now: Arc::default(),
         most: most.clone(),
+        held_in: Arc::default(),
+        small_seen: Arc::default(),
     };
     let mut hs = Harness::start("large", &[], p).await;
     let mut out = hs.watch_output().await;
-    let body = |n: usize, pad: usize| {
-        serde_json::to_vec(&json!({"n": n, "pad": "x".repeat(pad)})).unwrap()
+    let body = |n: usize, pad: usize, role: &str| {
+        serde_json::to_vec(&json!({"n": n, "role": role, "pad": "x".repeat(pad)})).unwrap()
     };
     for n in 0..3 {
         hs.publish(
             "test.large",
-            &body(n, 300 * 1024),
+            &body(n, 300 * 1024, ""),
             BasicProperties::default(),
         )
         .await;
@@ -2141,12 +2166,16 @@ async fn large_bodies_are_handled_one_at_a_time() {
     );
     hs.publish(
         "test.large",
-        &body(3, 300 * 1024),
+        &body(3, 300 * 1024, "hold"),
         BasicProperties::default(),
     )
     .await;
-    hs.publish("test.small", &body(4, 10), BasicProperties::default())
-        .await;
+    hs.publish(
+        "test.small",
+        &body(4, 10, "small"),
+        BasicProperties::default(),
+    )
+    .await;
     for _ in 0..2 {
         next(&mut out).await;
     }

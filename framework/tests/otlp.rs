@@ -15,6 +15,21 @@ fn echo() -> FnProcessor<impl Fn(Value, &MessageContext) -> Outcome + Send + Syn
     FnProcessor(|v, _ctx: &MessageContext| Outcome::success(v))
 }
 
+/// The tests that run a runtime take turns: `storagetier_spans_dropped_total` is one
+/// counter for the whole process, so a test counts exactly its own drops only while no
+/// other exporter runs. Each waits until all of its spans are counted before it lets go.
+static EXPORTING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Spans counted as dropped in this process so far.
+fn dropped() -> u64 {
+    framework::telemetry::metrics_handle()
+        .render()
+        .lines()
+        .filter_map(|l| l.strip_prefix("storagetier_spans_dropped_total "))
+        .filter_map(|n| n.trim().parse::<u64>().ok())
+        .sum()
+}
+
 /// Every span the collector received so far.
 async fn spans(server: &MockServer) -> Vec<Value> {
     let mut all = Vec::new();
@@ -35,6 +50,7 @@ async fn spans(server: &MockServer) -> Vec<Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_message_is_exported_as_a_span_with_the_ids_on_the_wire() {
+    let _turn = EXPORTING.lock().await;
     let server = MockServer::start().await;
     Mock::given(method("POST"))
         .and(path("/v1/traces"))
@@ -116,7 +132,8 @@ async fn a_collector_that_is_down_costs_spans_not_messages() {
         "http://127.0.0.1:{}",
         framework::testing::broker::free_port()
     );
-    let recorder = framework::telemetry::metrics_handle();
+    let _turn = EXPORTING.lock().await;
+    let before = dropped();
     let mut hs = Harness::start("otlp-down", &[("telemetry.otlp_endpoint", &dead)], echo()).await;
     let mut out = hs.watch_output().await;
     for i in 0..20 {
@@ -130,17 +147,13 @@ async fn a_collector_that_is_down_costs_spans_not_messages() {
     for _ in 0..20 {
         next(&mut out).await;
     }
-    // Each lost span is counted (other tests' failed exports only add to the sum).
-    let dropped = || {
-        recorder
-            .render()
-            .lines()
-            .filter_map(|l| l.strip_prefix("storagetier_spans_dropped_total "))
-            .filter_map(|n| n.trim().parse::<u64>().ok())
-            .sum::<u64>()
-    };
-    wait_until("the 20 spans counted as dropped", || dropped() >= 20).await;
+    // Each lost span is counted, once.
+    wait_until("the 20 spans counted as dropped", || {
+        dropped() - before >= 20
+    })
+    .await;
     hs.stop().await;
+    assert_eq!(dropped() - before, 20, "each of the 20 spans counted once");
 }
 
 /// A collector that fails fast (a wrong path, no endpoints behind its name) is asked less
@@ -154,6 +167,8 @@ async fn a_failing_collector_is_not_asked_once_per_message() {
         .mount(&server)
         .await;
     let endpoint = server.uri();
+    let _turn = EXPORTING.lock().await;
+    let before = dropped();
     let mut hs = Harness::start(
         "otlp-failing",
         &[("telemetry.otlp_endpoint", &endpoint)],
@@ -189,7 +204,13 @@ async fn a_failing_collector_is_not_asked_once_per_message() {
     }
     let asked = requests().await.len();
     assert!(asked < 10, "{asked} requests for 10 spans");
+    // Counted when the collector's answer is back, a moment after it saw the request.
+    wait_until("the 10 refused spans counted as dropped", || {
+        dropped() - before >= 10
+    })
+    .await;
     hs.stop().await;
+    assert_eq!(dropped() - before, 10, "each refused span counted once");
 }
 
 #[test]
