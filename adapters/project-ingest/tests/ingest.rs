@@ -1157,9 +1157,31 @@ async fn database_down_is_retried_not_lost() {
 
 on_both!(concurrent_shuffled_updates_end_at_the_newest);
 
+/// Waits until `n` messages of `queue` reached a final outcome in this process (success,
+/// drop or dead letter, counted once acked: after the handler's database write). A retried
+/// message counts at its last attempt only. Counted at least once each: a message
+/// redelivered after a connection loss may count twice.
+async fn await_final_outcomes(queue: &str, n: u64) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let done: u64 = ["success", "drop", "dead_letter"]
+            .iter()
+            .map(|o| outcome_count(queue, o))
+            .sum();
+        if done >= n {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{queue}: {done} of {n} messages reached a final outcome"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Many updates handled concurrently in shuffled order: the newest one always wins.
 async fn concurrent_shuffled_updates_end_at_the_newest(b: Backend) {
-    let env = start(b, &[("amqp.prefetch", "16")]).await;
+    let mut env = start(b, &[("amqp.prefetch", "16")]).await;
     let mut out = env.hs.watch_output().await;
     env.send(&project("project-created", "race", "v0")).await;
     next(&mut out).await;
@@ -1171,26 +1193,10 @@ async fn concurrent_shuffled_updates_end_at_the_newest(b: Backend) {
         v["updated"] = json!(format!("2021-01-01T00:00:{i:02}Z"));
         env.send(&v).await;
     }
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let p = env.store.project("race").await.unwrap().unwrap();
-        if p.title == format!("u{:02}", n - 1) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "newest update stored"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    // Wait for every message to be handled, then check nothing older replaced it.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while ready_count(&env.hs.ch, &env.hs.q).await > 0 {
-        assert!(tokio::time::Instant::now() < deadline, "queue drained");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    env.send(&project("project-created", "sentinel", "s")).await;
-    while body(&next(&mut out).await)["id"] != "sentinel" {}
+    // Every message handled (an empty queue is not that: up to 16 may still be in
+    // handlers), and nothing left in flight, before the one read that decides.
+    await_final_outcomes(&env.hs.q, 1 + n as u64).await;
+    env.hs.stop().await;
     let p = env.store.project("race").await.unwrap().unwrap();
     assert_eq!(p.title, format!("u{:02}", n - 1));
     assert_eq!(p.version.as_deref(), Some("2021-01-01T00:00:39.000000Z"));
@@ -1206,7 +1212,7 @@ async fn concurrent_shuffled_updates_end_at_the_newest(b: Backend) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_on_one_queue_reach_the_exact_final_state() {
     let name_a = unique("replica-a");
-    let env = start(
+    let mut env = start(
         Backend::Postgres,
         &[
             ("amqp.prefetch", "16"),
@@ -1260,27 +1266,27 @@ async fn two_replicas_on_one_queue_reach_the_exact_final_state() {
         }
     }
     let newest = versions.iter().max().copied().unwrap_or_default();
+    // Every message handled by one replica or the other (an empty queue is not that: up to
+    // 16 per replica may still be in handlers, and a redelivery after the closed connection
+    // counts twice, so both are awaited), then both replicas stopped, their handlers
+    // drained: nothing is in flight when the final state is read.
     let deadline = tokio::time::Instant::now() + WAIT;
-    for p in 0..projects {
-        while env.store.project(&id(p)).await.unwrap().unwrap().title
-            != format!("{} v{newest}", id(p))
-        {
-            assert!(tokio::time::Instant::now() < deadline, "{} updated", id(p));
-            tokio::time::sleep(Duration::from_millis(50)).await;
+    loop {
+        await_final_outcomes(&env.hs.q, sent).await;
+        let ready = ready_count(&env.hs.ch, &env.hs.q).await;
+        if ready == 0 {
+            break;
         }
-    }
-    // Every message handled, then nothing older replaced the newest state.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while ready_count(&env.hs.ch, &env.hs.q).await > 0 {
-        assert!(tokio::time::Instant::now() < deadline, "queue drained");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{ready} messages still queued"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Stopped, not dropped: a harness deletes the queue and exchanges on drop, and they are
     // shared with the first replica.
     other.stop().await;
-    let mut out = env.hs.watch_output().await;
-    env.send(&project("project-created", "sentinel", "s")).await;
-    while body(&next(&mut out).await)["id"] != "sentinel" {}
+    env.hs.stop().await;
     for p in 0..projects {
         let got = env.store.project(&id(p)).await.unwrap().unwrap();
         assert_eq!(got.title, format!("{} v{newest}", id(p)));
@@ -1495,13 +1501,76 @@ async fn hold_sqlite_write_lock(url: &str) -> tokio::sync::oneshot::Sender<()> {
     release
 }
 
+/// The tests that hold an SQLite file's write lock, one at a time: each recognises the
+/// connections waiting for its lock among this process's SQLite threads.
+static SQLITE_LOCK_TESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// This process's SQLite connection threads (sqlx runs each connection on a thread named
+/// `sqlx-sqlite-worker-N`, of which the kernel keeps the first 15 bytes), by thread id.
+fn sqlite_threads() -> std::collections::HashSet<u32> {
+    std::fs::read_dir("/proc/self/task")
+        .expect("/proc/self/task (Linux): how a test sees a connection wait for a lock")
+        .filter_map(Result::ok)
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm"))
+                .is_ok_and(|c| c.starts_with("sqlx-sqlite-wor"))
+        })
+        .filter_map(|t| t.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// Whether thread `tid` of this process is asleep in the kernel's nanosleep. An SQLite
+/// connection's thread sleeps there only in SQLite's busy handler, between its tries for a
+/// lock another connection holds (an idle one waits for its next command on a futex).
+fn in_busy_wait(tid: u32) -> bool {
+    let task = format!("/proc/self/task/{tid}");
+    // The syscall's number where the kernel does not name the sleeping function.
+    let nanosleep: &[&str] = if cfg!(target_arch = "x86_64") {
+        &["35", "230"]
+    } else if cfg!(target_arch = "aarch64") {
+        &["101", "115"]
+    } else {
+        &[]
+    };
+    std::fs::read_to_string(format!("{task}/wchan")).is_ok_and(|w| w.contains("nanosleep"))
+        || std::fs::read_to_string(format!("{task}/syscall"))
+            .is_ok_and(|s| s.split(' ').next().is_some_and(|n| nanosleep.contains(&n)))
+}
+
+/// Waits until `n` SQLite connections of this process not among `before` have been seen
+/// waiting for a lock (in SQLite's busy handler), or until `ended` says what waits for it
+/// has ended (failed while the lock was held: the caller's assertions say how).
+async fn await_waiting_for_lock(
+    before: &std::collections::HashSet<u32>,
+    n: usize,
+    ended: impl Fn() -> bool,
+) {
+    let mut waiting = std::collections::HashSet::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while waiting.len() < n && !ended() {
+        waiting.extend(
+            sqlite_threads()
+                .into_iter()
+                .filter(|t| !before.contains(t) && in_busy_wait(*t)),
+        );
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} of {n} connections seen waiting for the lock",
+            waiting.len()
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
 /// Two instances on one SQLite file: an update (which reads its project's creation before
 /// it writes) while the other holds the write lock waits for it, as every write does,
 /// instead of failing at once with "database is locked" (a retry, an attempt used up).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_update_waits_for_another_instances_write_on_one_sqlite_file() {
+    let _one_at_a_time = SQLITE_LOCK_TESTS.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let url = db::default_url(dir.path(), "project-ingest");
+    let before = sqlite_threads();
     let store = Store::open(&url).await.unwrap();
     let p = project_ingest::ProjectProcessor::new(store.clone(), "out", "done");
     let ctx = || framework::MessageContext::for_test("pluto-core", "core.project.event", 0);
@@ -1519,9 +1588,10 @@ async fn an_update_waits_for_another_instances_write_on_one_sqlite_file() {
         let store = store.clone();
         async move { store.apply(&ev).await }
     });
-    // Long enough for the update to meet the lock (a slower machine only makes the test
-    // weaker, never wrong); well within SQLite's 5 s busy timeout.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Released once the store's connection waits for the lock, however long the update
+    // takes to get there: an update that fails at once instead ("database is locked") ends
+    // while the lock is still held, and is not Stored.
+    await_waiting_for_lock(&before, 1, || update.is_finished()).await;
     let _ = release.send(());
     let applied = update.await.unwrap();
     assert!(
@@ -1535,14 +1605,16 @@ async fn an_update_waits_for_another_instances_write_on_one_sqlite_file() {
 /// both start, neither fails on a table the other just created.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_starting_at_once_on_a_new_sqlite_file_both_start() {
+    let _one_at_a_time = SQLITE_LOCK_TESTS.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let url = db::default_url(dir.path(), "project-ingest");
     let release = hold_sqlite_write_lock(&format!("{url}?mode=rwc")).await;
+    let before = sqlite_threads();
     let open = |u: String| tokio::spawn(async move { Store::open(&u).await });
     let (a, b) = (open(url.clone()), open(url.clone()));
-    // Both waiting for the lock (each at its first write; a slower machine makes the
-    // test weaker, never wrong).
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Both waiting for the lock (each at its first write), however long they take to get
+    // there; one that ended meanwhile failed, as `expect` below says.
+    await_waiting_for_lock(&before, 2, || a.is_finished() || b.is_finished()).await;
     let _ = release.send(());
     for s in [a.await.unwrap(), b.await.unwrap()] {
         s.expect("started").close().await;

@@ -740,11 +740,20 @@ async fn database_down_is_retried_not_lost() {
     env.finish().await;
 }
 
+/// A queue rejecting every publish, bound to an exchange; deleted by [`unblock`], or when
+/// dropped if the test fails first.
+struct Blocked {
+    name: String,
+    _cleanup: Cleanup,
+}
+
 /// Binds a queue that rejects every publish to `exchange`: publishes there are nacked.
-async fn block(env: &Env, exchange: &str) -> String {
+async fn block(env: &Env, exchange: &str) -> Blocked {
     use framework::lapin::options::{QueueBindOptions, QueueDeclareOptions};
     use framework::lapin::types::{AMQPValue, FieldTable};
     let full = unique("full");
+    // Taken before the queue exists: a test failing after this still deletes it.
+    let cleanup = Cleanup::new(vec![full.clone()], Vec::new());
     let mut a = FieldTable::default();
     a.insert("x-max-length".into(), AMQPValue::LongLongInt(0));
     a.insert(
@@ -774,14 +783,18 @@ async fn block(env: &Env, exchange: &str) -> String {
         )
         .await
         .unwrap();
-    full
+    Blocked {
+        name: full,
+        _cleanup: cleanup,
+    }
 }
 
-async fn unblock(env: &Env, full: &str) {
+/// Deletes the queue of [`block`] now (its guard deleting it again finds nothing).
+async fn unblock(env: &Env, full: Blocked) {
     use framework::lapin::options::QueueDeleteOptions;
     env.hs
         .ch
-        .queue_delete(full.into(), QueueDeleteOptions::default())
+        .queue_delete(full.name.as_str().into(), QueueDeleteOptions::default())
         .await
         .unwrap();
 }
@@ -806,7 +819,7 @@ async fn a_failed_publish_is_repeated_on_redelivery() {
     env.send(&file(c, "db.n", "n1")).await;
     next(&mut retried).await;
     assert_eq!(env.collection(c, "db.n").await.status, "Received");
-    unblock(&env, &full).await;
+    unblock(&env, full).await;
     assert_eq!(json_of(&next(&mut env.export).await)["topic_name"], "db.n");
     // The success message comes from a later attempt (the first counted the file): the
     // first was not acked as done.
@@ -827,7 +840,7 @@ async fn a_failed_publish_is_repeated_on_redelivery() {
         env.store.product_status(c).await.unwrap().as_deref(),
         Some("COMPLETED")
     );
-    unblock(&env, &full).await;
+    unblock(&env, full).await;
     let m = json_of(&env.monitoring.next().await);
     assert_eq!(m["title_text"], "Incremental - All collections successful");
     // (A nacked publish may still have reached the watcher's queue: the watchers can see
@@ -1629,6 +1642,45 @@ async fn two_replicas_on_one_queue_reach_the_exact_final_state() {
     drop(other);
 }
 
+/// Retry tiers of [`bus_command`]'s service.
+const BUS_DELAYS: [u64; 2] = [200, 400];
+
+/// The `snapshot-status` binary on the suite's broker (config files from `config_dir`,
+/// none there: the built-in defaults) with every name its topology holds unique to this
+/// call: queue `q` (its tiers [`BUS_DELAYS`]), exchanges `<q>-in` (the producer's),
+/// `<q>-out`, `<q>-export-state` and `<q>-monitoring`; never the production names on the
+/// shared broker. The guard deletes all of them, pass or fail.
+fn bus_command(q: &str, config_dir: &std::path::Path) -> (std::process::Command, Cleanup) {
+    let (export, monitoring) = (format!("{q}-export-state"), format!("{q}-monitoring"));
+    let mut queues = vec![q.to_string(), format!("{q}-dlq")];
+    queues.extend(BUS_DELAYS.iter().map(|d| format!("{q}-retry-{d}")));
+    let exchanges = ["in", "out", "retry", "fail", "export-state", "monitoring"]
+        .iter()
+        .map(|x| format!("{q}-{x}"))
+        .collect();
+    let cleanup = Cleanup::new(queues, exchanges);
+    let delays = BUS_DELAYS.map(|d| d.to_string()).join(",");
+    let mut c = service_command(
+        env!("CARGO_BIN_EXE_snapshot-status"),
+        "snapshot_status",
+        q,
+        &amqp_url(),
+        config_dir,
+    );
+    c.env_remove("APP_ENV")
+        .env_remove("STORAGETIER_CONFIG_DIR")
+        .env("STORAGETIER__RETRY__DELAYS_MS", delays)
+        .env(
+            "STORAGETIER__SNAPSHOT_STATUS__EXPORT_STATE_EXCHANGE",
+            export,
+        )
+        .env(
+            "STORAGETIER__SNAPSHOT_STATUS__MONITORING_EXCHANGE",
+            monitoring,
+        );
+    (c, cleanup)
+}
+
 #[test]
 fn an_empty_exchange_name_is_refused_by_the_bus_commands_too() {
     // The export-state and monitoring exchanges are part of this service's topology:
@@ -1638,13 +1690,11 @@ fn an_empty_exchange_name_is_refused_by_the_bus_commands_too() {
     let long = "x".repeat(300);
     for bad in [" ", long.as_str(), "amq.export"] {
         for cmd in ["declare", "definitions", "check-config"] {
-            let o = std::process::Command::new(env!("CARGO_BIN_EXE_snapshot-status"))
-                .arg("--config-dir")
-                .arg(dir.path())
+            // Unique names: were the refusal to regress, `declare` would declare the rest
+            // of the topology before failing (if it failed), and leave it.
+            let (mut c, _cleanup) = bus_command(&unique("snapshot-status"), dir.path());
+            let o = c
                 .arg(cmd)
-                .env_remove("APP_ENV")
-                .env_remove("STORAGETIER_CONFIG_DIR")
-                .env("STORAGETIER__AMQP__URL", amqp_url())
                 .env("STORAGETIER__SNAPSHOT_STATUS__EXPORT_STATE_EXCHANGE", bad)
                 .output_within(WAIT)
                 .unwrap();
@@ -1655,6 +1705,59 @@ fn an_empty_exchange_name_is_refused_by_the_bus_commands_too() {
                 "{cmd}: {err}"
             );
         }
+    }
+}
+
+/// Design §2/§7: the service owns its export-state and monitoring exchanges, and `declare`
+/// declares them as every exchange of the bus is: durable topic exchanges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declare_makes_its_export_state_and_monitoring_exchanges_durable_topics() {
+    use framework::lapin::ExchangeKind;
+    use framework::lapin::options::ExchangeDeclareOptions;
+    use framework::lapin::types::FieldTable;
+    let dir = tempfile::tempdir().unwrap();
+    let q = unique("snapshot-status");
+    let (mut c, _cleanup) = bus_command(&q, dir.path());
+    let o = tokio::task::spawn_blocking(move || c.arg("declare").output_within(WAIT))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    for ex in [format!("{q}-export-state"), format!("{q}-monitoring")] {
+        // There (a passive declaration of a missing exchange closes the channel: 404)...
+        let (_conn, ch) = test_channel().await;
+        let passive = ExchangeDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        ch.exchange_declare(
+            ex.as_str().into(),
+            ExchangeKind::Topic,
+            passive,
+            FieldTable::default(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{ex} declared: {e}"));
+        // ...and a durable topic exchange: the broker accepts a declaration of an existing
+        // exchange only with its own kind and durability (else 406, the channel closed).
+        let (_conn, ch) = test_channel().await;
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        ch.exchange_declare(
+            ex.as_str().into(),
+            ExchangeKind::Topic,
+            durable,
+            FieldTable::default(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{ex} is a durable topic exchange: {e}"));
     }
 }
 
