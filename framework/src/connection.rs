@@ -126,7 +126,8 @@ fn with_frame_max(url: &str) -> String {
 
 /// Makes the next connect start after the node connected to last: it accepted the
 /// connection but could not run a session (no quorum there, a partition, permissions),
-/// and the other nodes must get their turn.
+/// or the session on it was lost (the node may be down with its host), and the other
+/// nodes must get their turn.
 pub(crate) fn skip_last_node() {
     NEXT_NODE.fetch_add(1, Ordering::Relaxed);
 }
@@ -164,7 +165,8 @@ pub(crate) fn is_limit(e: &impl std::fmt::Display) -> bool {
 }
 
 /// Opens a connection named for the management UI to the first node of `[amqp] urls`
-/// (or `url`) that answers, starting after the node tried last.
+/// (or `url`) that answers, starting at the node connected to last unless it was passed
+/// over since ([`skip_last_node`]).
 pub async fn connect(amqp: &AmqpConfig, service: &str) -> Result<Connection, lapin::Error> {
     let nodes = amqp.endpoints();
     let name = connection_name(amqp, service);

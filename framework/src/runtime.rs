@@ -214,7 +214,14 @@ impl<P: MessageProcessor> Runtime<P> {
                 break;
             }
             let started = tokio::time::Instant::now();
-            match session(inner, shutdown).await {
+            let end = session(inner, shutdown).await;
+            if let Ok(SessionEnd::Lost(_)) = end {
+                // A lost connection's node may be gone with its host: tried first again,
+                // every reconnect would wait out `connect_timeout_ms` on it before the next
+                // node. A node that is fine costs nothing to leave.
+                crate::connection::skip_last_node();
+            }
+            match end {
                 Ok(SessionEnd::Shutdown) => break,
                 Ok(SessionEnd::Lost(why) | SessionEnd::Released(why)) => {
                     // One per lost session, not per failed attempt to get a new one: a
