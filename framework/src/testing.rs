@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod heap;
 pub mod process;
 pub mod raw;
+pub mod relay;
 pub mod tls;
 
 pub use process::RunWithin;

@@ -2,6 +2,7 @@
 
 use framework::lapin::BasicProperties;
 use framework::lapin::options::QueueDeleteOptions;
+use framework::testing::relay::Relay;
 use framework::testing::*;
 use framework::{MessageContext, Outcome};
 
@@ -225,89 +226,6 @@ async fn shutdown_stops_a_handler_that_outlives_the_drain_budget() {
         text.lines().any(|l| l == interrupted),
         "{interrupted} in {text}"
     );
-}
-
-/// A TCP relay to the suite's broker that can stop relaying: a network that stopped
-/// answering, frames neither delivered nor refused. Dropped, it closes every connection.
-struct Relay {
-    url: String,
-    frozen: tokio::sync::watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Relay {
-    async fn start() -> Relay {
-        let broker = url::Url::parse(&amqp_url()).expect("suite URL");
-        let upstream = format!(
-            "{}:{}",
-            broker.host_str().unwrap_or("127.0.0.1"),
-            broker.port().unwrap_or(5672)
-        );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let mut url = broker.clone();
-        let _ = url.set_port(Some(listener.local_addr().expect("addr").port()));
-        let (frozen, rx) = tokio::sync::watch::channel(false);
-        let task = tokio::spawn(async move {
-            let mut conns = tokio::task::JoinSet::new();
-            while let Ok((client, _)) = listener.accept().await {
-                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
-                    continue;
-                };
-                let (cr, cw) = client.into_split();
-                let (sr, sw) = server.into_split();
-                conns.spawn(pump(cr, sw, rx.clone()));
-                conns.spawn(pump(sr, cw, rx.clone()));
-            }
-        });
-        Relay {
-            url: url.to_string(),
-            frozen,
-            task,
-        }
-    }
-
-    /// Stops relaying, for good.
-    fn freeze(&self) {
-        let _ = self.frozen.send(true);
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// Copies `from` to `to` until either ends; once frozen, nothing more.
-async fn pump(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    mut frozen: tokio::sync::watch::Receiver<bool>,
-) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let is_frozen = *frozen.borrow_and_update();
-        if is_frozen {
-            return std::future::pending().await;
-        }
-        let n = tokio::select! {
-            r = from.read(&mut buf) => match r {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
-            },
-            _ = frozen.changed() => continue,
-        };
-        let is_frozen = *frozen.borrow();
-        if is_frozen {
-            return std::future::pending().await;
-        }
-        if to.write_all(&buf[..n]).await.is_err() {
-            return;
-        }
-    }
 }
 
 /// A stop while the network to the broker has stopped answering keeps to the drain

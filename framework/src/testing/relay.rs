@@ -1,0 +1,129 @@
+//! A TCP relay to the suite's broker that the tests point a service at instead of the
+//! broker itself, to give it the network faults no broker command makes: a network that
+//! stops answering, a node gone with its host.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use super::amqp_url;
+
+/// What the network between the service and the broker does.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Network {
+    /// Relays both ways.
+    Up,
+    /// Relays nothing more and closes nothing: frames neither delivered nor refused.
+    Frozen,
+    /// The host is gone: every relayed connection cut, later ones accepted and never
+    /// answered (a host gone mid-route, whose SYNs something still answers).
+    HostLost,
+}
+
+/// A relay to the suite's broker (see the module's doc). Dropped, it closes every
+/// connection.
+pub struct Relay {
+    /// The suite's broker URL with the relay's port: what the service is given.
+    pub url: String,
+    connections: Arc<AtomicUsize>,
+    network: watch::Sender<Network>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    /// Listens on a free port and relays every connection to the suite's broker.
+    pub async fn start() -> Relay {
+        let broker = url::Url::parse(&amqp_url()).expect("suite URL");
+        let upstream = format!(
+            "{}:{}",
+            broker.host_str().unwrap_or("127.0.0.1"),
+            broker.port().unwrap_or(5672)
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let mut url = broker.clone();
+        let _ = url.set_port(Some(listener.local_addr().expect("addr").port()));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (network, rx) = watch::channel(Network::Up);
+        let counted = connections.clone();
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            let mut unanswered = Vec::new();
+            while let Ok((client, _)) = listener.accept().await {
+                if *rx.borrow() == Network::HostLost {
+                    unanswered.push(client);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(&upstream).await else {
+                    continue;
+                };
+                counted.fetch_add(1, Ordering::SeqCst);
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                conns.spawn(pump(cr, sw, rx.clone()));
+                conns.spawn(pump(sr, cw, rx.clone()));
+            }
+        });
+        Relay {
+            url: url.to_string(),
+            connections,
+            network,
+            task,
+        }
+    }
+
+    /// Connections relayed to the broker so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+
+    /// Stops relaying, for good, closing nothing.
+    pub fn freeze(&self) {
+        let _ = self.network.send(Network::Frozen);
+    }
+
+    /// Cuts every relayed connection; later ones are accepted and never answered.
+    pub fn lose_host(&self) {
+        let _ = self.network.send(Network::HostLost);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Copies `from` to `to` until either ends or the host is lost; once frozen, nothing more.
+async fn pump(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    mut network: watch::Receiver<Network>,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let state = *network.borrow_and_update();
+        match state {
+            Network::Up => {}
+            Network::Frozen => return std::future::pending().await,
+            Network::HostLost => return,
+        }
+        let n = tokio::select! {
+            r = from.read(&mut buf) => match r {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            },
+            _ = network.changed() => continue,
+        };
+        // Read before the fault, relayed after it: not on a network that failed meanwhile.
+        if *network.borrow() != Network::Up {
+            continue;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
