@@ -1527,6 +1527,30 @@ mod tests {
         assert_eq!(redact_url("sqlite://./data/x.db"), "sqlite://./data/x.db");
     }
 
+    /// A configured SQLite file in a directory that does not exist (an unmounted volume)
+    /// is refused naming `database_url`, not created as a new empty database; the default
+    /// one under a missing `data_dir` is created, as is a configured file in a directory
+    /// that exists.
+    #[test]
+    fn a_configured_sqlite_file_in_a_missing_directory_is_refused() {
+        let dir = tempfile::tempdir().expect("dir");
+        let url =
+            |p: &Path| DatabaseUrl::try_from(format!("sqlite://{}", p.display())).expect("url");
+        let check = |u: Option<&DatabaseUrl>, data: &Path| {
+            DatabaseUrl::check("svc_section", u, None, data, "svc")
+        };
+        let missing = url(&dir.path().join("unmounted/vol/x.db"));
+        let e = check(Some(&missing), dir.path()).expect_err("accepted");
+        assert_eq!(e.key, "svc_section.database_url");
+        assert!(e.message.contains("no such directory"), "{e}");
+        assert!(!dir.path().join("unmounted").exists());
+        let present = url(&dir.path().join("x.db"));
+        assert!(check(Some(&present), dir.path()).is_ok());
+        assert!(check(None, &dir.path().join("not-yet")).is_ok());
+        let pg = DatabaseUrl::try_from("postgres://u@h/db".to_string()).expect("url");
+        assert!(check(Some(&pg), dir.path()).is_ok());
+    }
+
     #[test]
     fn default_url_lives_in_the_data_dir() {
         assert_eq!(
@@ -1653,6 +1677,39 @@ impl DatabaseUrl {
 }
 
 impl DatabaseUrl {
+    /// Checks `[section] database_url` and `database_password_file` for `service` under
+    /// `data_dir`, naming the key: a configured SQLite file's directory must exist (a
+    /// missing one is an unmounted volume, and a new empty database there would start the
+    /// service without its records; only the default under `data_dir` is created), and the
+    /// password file must be readable.
+    pub fn check(
+        section: &str,
+        url: Option<&DatabaseUrl>,
+        password_file: Option<&Path>,
+        data_dir: &Path,
+        service: &str,
+    ) -> Result<(), framework::config::ConfigError> {
+        if let Some(dir) = url
+            .and_then(|u| sqlite_file(&u.0))
+            .and_then(|f| f.parent().map(Path::to_path_buf))
+            .filter(|d| !d.as_os_str().is_empty() && !d.is_dir())
+        {
+            return Err(framework::config::ConfigError::new(
+                format!("{section}.database_url"),
+                format!(
+                    "{}: no such directory (an unmounted volume?): create it, or leave the key \
+                     unset for the default under data_dir",
+                    dir.display()
+                ),
+            ));
+        }
+        Self::resolve_with(url, password_file, data_dir, service)
+            .map(drop)
+            .map_err(|e| {
+                framework::config::ConfigError::new(format!("{section}.database_password_file"), e)
+            })
+    }
+
     /// [`DatabaseUrl::resolve_with`] where the password file can be read, else the URL
     /// without it: for opening after validation refused such a file, and for showing.
     pub fn resolve_lenient(

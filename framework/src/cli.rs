@@ -136,7 +136,7 @@ enum Command {
     /// Print the topology as RabbitMQ definitions JSON (management UI import).
     Definitions {
         /// Virtual host to put in the document (default: the one `[amqp] url` names).
-        #[arg(long)]
+        #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
         vhost: Option<String>,
     },
     /// Inspect and repair dead letters.

@@ -1439,11 +1439,7 @@ fn check_queue_shared(
         .iter()
         .filter(|s| **s != own_section)
     {
-        let theirs = tree
-            .get(*other)
-            .and_then(|v| v.clone().into_table().ok())
-            .and_then(|t| t.get("queue").and_then(|q| q.clone().into_string().ok()))
-            .unwrap_or_else(|| format!("storagetier-{}", other.replace('_', "-")));
+        let theirs = section_queue(tree, other);
         let (queues, exchanges) = crate::topology::owned_names(&theirs, delays_ms);
         let shared = queues
             .iter()
@@ -1473,6 +1469,39 @@ fn check_queue_shared(
         }
     }
     Ok(())
+}
+
+/// `[section] queue` as `tree` sets it, else that service's default
+/// (`storagetier-<section>`).
+fn section_queue(tree: &Map<String, Value>, section: &str) -> String {
+    tree.get(section)
+        .and_then(|v| v.clone().into_table().ok())
+        .and_then(|t| t.get("queue").and_then(|q| q.clone().into_string().ok()))
+        .unwrap_or_else(|| format!("storagetier-{}", section.replace('_', "-")))
+}
+
+/// What a name of a service's topology is to that service, in the order
+/// [`crate::topology::owned_names`] gives them.
+fn role_of(
+    queues: &[String],
+    exchanges: &[String; 2],
+    name: &str,
+    exchange: bool,
+) -> Option<&'static str> {
+    if exchange {
+        return match exchanges.iter().position(|x| x == name)? {
+            0 => Some("the dead-letter exchange"),
+            _ => Some("the retry exchange"),
+        };
+    }
+    let i = queues.iter().position(|q| q == name)?;
+    Some(if i == 0 {
+        "the input queue"
+    } else if i + 1 == queues.len() {
+        "the dead-letter queue"
+    } else {
+        "a retry queue"
+    })
 }
 
 fn rename(mut e: ConfigError, from: &str, to: &str) -> ConfigError {
@@ -1536,6 +1565,14 @@ fn validate<S>(cfg: &Config<S>, section_name: &str) -> Result<(), ConfigError> {
                 "must be at least 1",
             ));
         }
+    }
+    // Blank, every default file would land in the working directory, wherever that is,
+    // and a blank path reads as a redacted secret in `check-config`.
+    if cfg.storage.data_dir.to_string_lossy().trim().is_empty() {
+        return Err(ConfigError::new(
+            "storage.data_dir",
+            "must not be empty (`.` is the working directory)",
+        ));
     }
     let a = &cfg.amqp;
     if a.prefetch == 0 {
@@ -1675,6 +1712,18 @@ fn validate<S>(cfg: &Config<S>, section_name: &str) -> Result<(), ConfigError> {
     for (k, v) in [("queue", &s.queue), ("output_exchange", &s.output_exchange)] {
         check_owned_name(&format!("{section_name}.{k}"), v)?;
     }
+    // A section copied with its `output_exchange` set to a `-fail` name: every success
+    // message became a dead letter in that DLQ, which a replay dead-letters again.
+    if let Some((owner, role)) = cfg.topology_owner(&s.output_exchange, true) {
+        return Err(ConfigError::new(
+            format!("{section_name}.output_exchange"),
+            format!(
+                "`{}` is {role} of {owner}: every success message would land in its queues; \
+                 name an exchange of this service's own",
+                s.output_exchange
+            ),
+        ));
+    }
     // A producer's exchange: `amq.topic` is one RabbitMQ ships, but the default exchange
     // ("") cannot be bound to.
     if let Some(x) = &s.input_exchange
@@ -1735,6 +1784,27 @@ pub fn check_owned_name(key: &str, name: &str) -> Result<(), ConfigError> {
 }
 
 impl<S> Config<S> {
+    /// The service whose topology in these files makes `name` one of its queues (`Q`, a
+    /// retry tier, `Q-dlq`) or, with `exchange`, one of its exchanges (`Q-fail`,
+    /// `Q-retry`), and what it is to that service: `None` for a name of no service's. An
+    /// output sent there would reach that service as its input, a retry or a dead letter
+    /// that makes no sense to it.
+    pub fn topology_owner(&self, name: &str, exchange: bool) -> Option<(String, &'static str)> {
+        let delays = &self.retry.delays_ms;
+        let (queues, exchanges) = crate::topology::owned_names(&self.service.queue, delays);
+        if let Some(role) = role_of(&queues, &exchanges, name, exchange) {
+            return Some(("this service".to_string(), role));
+        }
+        KNOWN_SECTIONS[FRAMEWORK_SECTIONS..]
+            .iter()
+            .find_map(|section| {
+                let (queues, exchanges) =
+                    crate::topology::owned_names(&section_queue(&self.others.0, section), delays);
+                role_of(&queues, &exchanges, name, exchange)
+                    .map(|role| (format!("[{section}]"), role))
+            })
+    }
+
     /// A path under `[storage] data_dir`.
     pub fn data_path(&self, rel: impl AsRef<Path>) -> PathBuf {
         self.storage.data_dir.join(rel)
@@ -1834,6 +1904,48 @@ mod tests {
             ])
             .is_ok()
         );
+    }
+
+    #[test]
+    fn a_blank_data_dir_is_refused() {
+        for d in ["", "  "] {
+            let e = with_env(&[("STORAGETIER__STORAGE__DATA_DIR", d)]).expect_err(d);
+            assert_eq!(e.key, "storage.data_dir", "{d:?}");
+        }
+        assert!(with_env(&[("STORAGETIER__STORAGE__DATA_DIR", ".")]).is_ok());
+    }
+
+    /// An `output_exchange` that is a `-fail` or `-retry` exchange of a service (its own or
+    /// another's, by the other's queue in these files) is refused naming the key: its
+    /// success messages became dead letters or retries there.
+    #[test]
+    fn an_output_exchange_of_a_services_topology_is_refused() {
+        for (x, other) in [
+            ("storagetier-echo-fail", None),
+            ("storagetier-online-nearline-fail", None),
+            ("storagetier-project-ingest-retry", None),
+            (
+                "pigeon-fail",
+                Some(("STORAGETIER__CRASH_ROUTER__QUEUE", "pigeon")),
+            ),
+        ] {
+            let mut vars = vec![("STORAGETIER__ECHO__OUTPUT_EXCHANGE", x)];
+            vars.extend(other);
+            let e = with_env(&vars).expect_err(x);
+            assert_eq!(e.key, "echo.output_exchange", "{x}");
+            assert!(e.message.contains("exchange of"), "{e}");
+        }
+        // A queue's name is not an exchange's: RabbitMQ keeps them apart.
+        for x in [
+            "storagetier-online-nearline",
+            "storagetier-online-nearline-dlq",
+            "pigeon-fail",
+        ] {
+            assert!(
+                with_env(&[("STORAGETIER__ECHO__OUTPUT_EXCHANGE", x)]).is_ok(),
+                "{x}"
+            );
+        }
     }
 
     #[test]

@@ -866,6 +866,10 @@ async fn declare_creates_the_topology_and_definitions_describe_it() {
     let o = run(echo_cmd(&q, dir.path()).args(["definitions", "--vhost", "other"]));
     let defs: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(defs["bindings"][0]["vhost"], "other");
+    // No vhost is named "": a document naming it cannot be imported.
+    let o = run(echo_cmd(&q, dir.path()).args(["definitions", "--vhost", ""]));
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--vhost"), "{}", stderr(&o));
 }
 
 #[tokio::test]

@@ -106,9 +106,7 @@ impl Service for OnlineArchive {
             s.archive_url.as_deref(),
             &cfg.retry,
         )?;
-        setup(s)
-            .database(Self::NAME, &cfg.storage.data_dir)
-            .map_err(|e| ConfigError::new("online_archive.database_password_file", e))?;
+        setup(s).check_database(Self::SECTION, Self::NAME, &cfg.storage.data_dir)?;
         storage::paths::check_configured_roots("online_archive.online_roots", &s.online_roots)?;
         storage::overlap::check_apart(
             storage::overlap::ARCHIVE,

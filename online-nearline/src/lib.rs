@@ -114,9 +114,7 @@ impl Service for OnlineNearline {
             s.vault_url.as_deref(),
             &cfg.retry,
         )?;
-        setup(s)
-            .database(Self::NAME, &cfg.storage.data_dir)
-            .map_err(|e| ConfigError::new("online_nearline.database_password_file", e))?;
+        setup(s).check_database(Self::SECTION, Self::NAME, &cfg.storage.data_dir)?;
         storage::paths::check_configured_roots("online_nearline.online_roots", &s.online_roots)?;
         storage::overlap::check_apart(
             storage::overlap::NEARLINE,

@@ -52,6 +52,23 @@ impl TierSetup {
         )
     }
 
+    /// Checks `[section] database_url` and `database_password_file` (see
+    /// [`db::DatabaseUrl::check`]).
+    pub fn check_database(
+        &self,
+        section: &str,
+        service: &str,
+        data_dir: &std::path::Path,
+    ) -> Result<(), framework::config::ConfigError> {
+        db::DatabaseUrl::check(
+            section,
+            self.database_url.as_ref(),
+            self.database_password_file.as_deref(),
+            data_dir,
+            service,
+        )
+    }
+
     /// Where this setup leads under `data_dir` for `service` (`check-config`'s
     /// `resolved`): roots, store and database (password redacted).
     pub fn resolved(

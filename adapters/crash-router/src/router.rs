@@ -483,22 +483,31 @@ impl Service for CrashRouterService {
 
     fn validate(cfg: &Config<CrashRouterSettings>) -> Result<(), ConfigError> {
         let queues = queues_of(&cfg.settings.queues)?;
-        // A crash id sent to the service's own queue, tiers or DLQ comes back to it as a
-        // body that is no event (dead-lettered); one under `amq.` cannot exist (RabbitMQ
-        // refuses the name), so every id to it is unroutable.
-        let own = framework::cli::topology_of::<Self>(cfg).queue_names();
-        if let Some(q) = queues
-            .iter()
-            .find(|q| q.name.starts_with("amq.") || own.contains(&q.name))
-        {
+        // One under `amq.` cannot exist (RabbitMQ refuses the name), so every id to it is
+        // unroutable.
+        if let Some(q) = queues.iter().find(|q| q.name.starts_with("amq.")) {
             return Err(ConfigError::new(
                 "crash_router.queues",
                 format!(
-                    "`{}` is the service's own queue or a name RabbitMQ reserves (`amq.`): \
-                     name the processors' queues",
+                    "`{}` is a name RabbitMQ reserves (`amq.`): name the processors' queues",
                     q.name
                 ),
             ));
+        }
+        // A crash id sent to a queue of this service's topology, or of another service's
+        // (a copied value), reaches it as a body that is no event of its: dead-lettered
+        // there, and dead-lettered again by every replay.
+        for q in &queues {
+            if let Some((owner, role)) = cfg.topology_owner(&q.name, false) {
+                return Err(ConfigError::new(
+                    "crash_router.queues",
+                    format!(
+                        "`{}` is {role} of {owner}, not a processor's queue: crash ids sent \
+                         there would be dead letters; name the processors' queues",
+                        q.name
+                    ),
+                ));
+            }
         }
         digits(&cfg.settings.accept_digit)?;
         Ok(())
@@ -939,8 +948,8 @@ mod tests {
         }
     }
 
-    /// A target queue that is the service's own (its input, a tier, its DLQ) or under
-    /// `amq.` is refused naming the key.
+    /// A target queue that is the service's own or another service's (its input, a tier,
+    /// its DLQ) or under `amq.` is refused naming the key.
     #[test]
     fn the_services_own_queues_and_amq_names_are_no_targets() {
         use framework::config::LoadOptions;
@@ -953,6 +962,10 @@ mod tests {
             "storagetier-crash-router",
             "socorro.normal,storagetier-crash-router-dlq",
             "15:amq.crashes",
+            // Another service's queues (the section's default names and a renamed one).
+            "socorro.normal,storagetier-project-ingest-dlq",
+            "storagetier-online-archive",
+            "storagetier-event-forwarder-retry-5000",
         ] {
             match load(q) {
                 Err(e) => assert_eq!(e.key, "crash_router.queues", "{q}"),
@@ -960,6 +973,12 @@ mod tests {
             }
         }
         assert!(load("socorro.normal,15:socorro.submitter").is_ok());
+        let renamed = framework::cli::load_config::<CrashRouterService>(
+            &LoadOptions::isolated()
+                .set("snapshot_status.queue", "snapshots")
+                .set("crash_router.queues", "snapshots-dlq"),
+        );
+        assert_eq!(renamed.expect_err("accepted").key, "crash_router.queues");
     }
 
     #[test]

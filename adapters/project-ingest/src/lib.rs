@@ -513,9 +513,14 @@ impl Service for ProjectIngest {
     }
 
     fn validate(cfg: &Config<ProjectIngestSettings>) -> Result<(), framework::config::ConfigError> {
-        database(cfg).map(|_| ()).map_err(|e| {
-            framework::config::ConfigError::new("project_ingest.database_password_file", e)
-        })
+        let s = &cfg.settings;
+        db::DatabaseUrl::check(
+            Self::SECTION,
+            s.database_url.as_ref(),
+            s.database_password_file.as_deref(),
+            &cfg.storage.data_dir,
+            Self::NAME,
+        )
     }
 
     fn resolved(cfg: &Config<ProjectIngestSettings>) -> Option<serde_json::Value> {

@@ -813,9 +813,14 @@ impl Service for SnapshotStatus {
     }
 
     fn validate(cfg: &Config<SnapshotStatusSettings>) -> Result<(), ConfigError> {
-        database(cfg)
-            .map(|_| ())
-            .map_err(|e| ConfigError::new("snapshot_status.database_password_file", e))
+        let s = &cfg.settings;
+        db::DatabaseUrl::check(
+            Self::SECTION,
+            s.database_url.as_ref(),
+            s.database_password_file.as_deref(),
+            &cfg.storage.data_dir,
+            Self::NAME,
+        )
     }
 
     fn resolved(cfg: &Config<SnapshotStatusSettings>) -> Option<serde_json::Value> {
