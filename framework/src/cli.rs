@@ -172,7 +172,8 @@ enum DlqCommand {
         /// Only original routing keys matching this topic pattern (`*` a word, `#` any).
         #[arg(long, value_name = "PATTERN")]
         key: Option<String>,
-        /// Only dead letters that failed at least this long ago (90s, 30m, 2h, 7d).
+        /// Only dead letters that failed at least this long ago (90s, 30m, 2h, 7d); one
+        /// whose failure time is unknown (put there by hand) counts as old.
         #[arg(long, value_name = "AGE", value_parser = crate::dlq::parse_age)]
         older_than: Option<std::time::Duration>,
         /// At most this many.

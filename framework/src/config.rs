@@ -1120,7 +1120,14 @@ fn endpoints_by_layer(
         ..
     }) = amqp.get_mut("urls")
     {
-        urls.retain(|u| !matches!(&u.kind, config::ValueKind::String(s) if s.trim().is_empty()));
+        // Only a list of nothing clears it: a blank among nodes (`a,,b`) is a typo, refused
+        // as the URL it is not.
+        if urls
+            .iter()
+            .all(|u| matches!(&u.kind, config::ValueKind::String(s) if s.trim().is_empty()))
+        {
+            urls.clear();
+        }
         if !urls.is_empty()
             && layer_of("amqp.url", opts, files) > layer_of("amqp.urls", opts, files)
         {
@@ -1983,6 +1990,13 @@ mod tests {
             load_with(&[("STORAGETIER__AMQP__URLS", "")]),
             vec!["amqp://guest:***@127.0.0.1:5672/%2f"]
         );
+        // A blank among nodes is a typo, not a node less.
+        let blank = with_env(&[(
+            "STORAGETIER__AMQP__URLS",
+            "amqp://a:5672/%2f,,amqp://b:5672/%2f",
+        )])
+        .expect_err("a blank node accepted");
+        assert!(blank.key.starts_with("amqp.urls"), "{blank}");
         // A list in the environment wins over a URL in the environment.
         let both = load_with(&[
             ("STORAGETIER__AMQP__URL", url),

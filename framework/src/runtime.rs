@@ -132,6 +132,9 @@ impl<P: MessageProcessor> Runtime<P> {
     ) -> Self {
         let topology = Topology::of(&pc.binding, cfg);
         let planner = Planner::new(&topology, &pc.binding.output_routing_key, &cfg.retry);
+        let concurrency = cfg.amqp.effective_concurrency();
+        metrics::gauge!(crate::telemetry::CONCURRENCY, "queue" => topology.queue.clone())
+            .set(concurrency as f64);
         Self {
             inner: Arc::new(Inner {
                 service: service.to_string(),
@@ -141,9 +144,9 @@ impl<P: MessageProcessor> Runtime<P> {
                 spans: SpanExporter::new(&cfg.telemetry, service),
                 processor: pc.processor,
                 status,
-                permits: Arc::new(Semaphore::new(cfg.amqp.effective_concurrency())),
+                permits: Arc::new(Semaphore::new(concurrency)),
                 large_bodies: Semaphore::new(1),
-                held_retries: Semaphore::new((cfg.amqp.effective_concurrency() / 4).max(1)),
+                held_retries: Semaphore::new((concurrency / 4).max(1)),
             }),
         }
     }

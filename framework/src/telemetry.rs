@@ -17,6 +17,10 @@ pub const PARTS_DEAD_LETTERED_TOTAL: &str = "storagetier_parts_dead_lettered_tot
 pub const HANDLER_SECONDS: &str = "storagetier_handler_seconds";
 /// Handlers running now, labelled `queue`.
 pub const IN_FLIGHT: &str = "storagetier_in_flight";
+/// Handlers this replica runs at once at most (`[amqp] concurrency` as it runs: `prefetch`
+/// where 0, 1 in event-forwarder's ordered mode), labelled `queue`: the capacity that
+/// `IN_FLIGHT` is measured against, which one value for every service could not tell.
+pub const CONCURRENCY: &str = "storagetier_concurrency";
 /// 1 while connected to the broker and consuming.
 pub const CONNECTED: &str = "storagetier_connected";
 /// 1 while the service is still being built (its database opened and migrated, another

@@ -40,6 +40,7 @@ fn framework_metrics() -> Vec<&'static str> {
         t::MESSAGES_TOTAL,
         t::HANDLER_SECONDS,
         t::IN_FLIGHT,
+        t::CONCURRENCY,
         t::CONNECTED,
         t::CONNECTION_BLOCKED,
         t::PUBLISH_FAILURES_TOTAL,
@@ -358,7 +359,6 @@ fn dashboard_is_importable_and_its_expressions_are_valid_promql() {
         e.replace("$__rate_interval", "5m")
             .replace("$service", ".+")
             .replace("$queue", ".+")
-            .replace("$concurrency", "16")
     };
     let mut exprs = Vec::new();
     let mut ids = BTreeSet::new();
