@@ -278,6 +278,7 @@ pub async fn connect(url: &str, migrator: &Migrator) -> Result<AnyPool, DbError>
     note_newer_schema(&pool, migrator).await;
     if sqlite {
         flush_file_entry(&full);
+        warn_network_filesystem(&full);
         watch_file(&full, vec![pool.clone()]);
     }
     Ok(pool)
@@ -293,6 +294,61 @@ pub fn sqlite_file(url: &str) -> Option<PathBuf> {
     }
     let bytes: Vec<u8> = percent_encoding::percent_decode_str(path).collect();
     Some(PathBuf::from(std::ffi::OsStr::from_bytes(&bytes)))
+}
+
+/// Warns where the SQLite file of `url` is on a network filesystem: SQLite's WAL index is
+/// shared memory, local to each host, and its locks are only as good as the server's, so
+/// two hosts (replicas given one shared volume) would write over each other's records.
+/// One host alone works, hence a warning, not a refusal.
+fn warn_network_filesystem(url: &str) {
+    let Some(dir) =
+        sqlite_file(url).and_then(|f| f.canonicalize().ok()?.parent().map(Path::to_path_buf))
+    else {
+        return;
+    };
+    if let Some(kind) = filesystem_magic(&dir).and_then(network_kind) {
+        tracing::warn!(
+            database = %dir.display(),
+            filesystem = kind,
+            "the SQLite database is on a network filesystem: only one host may use it (two \
+             replicas sharing the volume would corrupt its records); give replicas a \
+             postgres:// database_url (docs/scaling.md)"
+        );
+    }
+}
+
+/// The filesystem type (`statfs`'s `f_type`, its low 32 bits, where the magic numbers
+/// live) of the filesystem holding `dir`.
+fn filesystem_magic(dir: &Path) -> Option<u32> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut stat = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: `path` is NUL-terminated and outlives the call; `stat` is read only after
+    // statfs reported having written it.
+    let stat = unsafe {
+        if libc::statfs(path.as_ptr(), stat.as_mut_ptr()) != 0 {
+            return None;
+        }
+        stat.assume_init()
+    };
+    // `f_type`'s width differs between platforms; the magic numbers are 32-bit.
+    Some(stat.f_type as u32)
+}
+
+/// The name of a network (or FUSE) filesystem by its `statfs` magic number.
+fn network_kind(magic: u32) -> Option<&'static str> {
+    Some(match magic {
+        0x6969 => "nfs",
+        0x517B => "smb",
+        0xFF53_4D42 => "cifs",
+        0xFE53_4D42 => "smb2",
+        0x6573_5546 => "fuse (sshfs, s3fs, …)",
+        0x00C3_6400 => "ceph",
+        0x0102_1997 => "9p",
+        0x5346_414F => "afs",
+        0x7375_7245 => "coda",
+        _ => return None,
+    })
 }
 
 /// Flushes the directory holding the SQLite file of `url` (and the directories above
@@ -628,6 +684,7 @@ pub async fn connect_split(url: &str, migrator: &Migrator, readers: u32) -> Resu
     migrate(&write, migrator, false).await?;
     note_newer_schema(&write, migrator).await;
     flush_file_entry(&full);
+    warn_network_filesystem(&full);
     let read = open_pool(&full, readers.max(1), true).await?;
     watch_file(&full, vec![write.clone(), read.clone()]);
     Ok(Pools { read, write })
@@ -1525,6 +1582,19 @@ mod tests {
             "postgres://u@h/db?password=***&application_name=me%40host"
         );
         assert_eq!(redact_url("sqlite://./data/x.db"), "sqlite://./data/x.db");
+    }
+
+    /// The filesystem of a local directory is read and not taken for a network one; the
+    /// network ones' magic numbers are named.
+    #[test]
+    fn network_filesystems_are_told_by_their_magic_number() {
+        let dir = tempfile::tempdir().expect("dir");
+        let magic = filesystem_magic(dir.path()).expect("statfs");
+        assert_eq!(network_kind(magic), None, "{magic:#x}");
+        assert_eq!(filesystem_magic(&dir.path().join("missing")), None);
+        assert_eq!(network_kind(0x6969), Some("nfs"));
+        assert_eq!(network_kind(0xFF53_4D42), Some("cifs"));
+        assert_eq!(network_kind(0xEF53), None, "ext4");
     }
 
     /// A configured SQLite file in a directory that does not exist (an unmounted volume)
