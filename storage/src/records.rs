@@ -138,9 +138,11 @@ async fn committer(
 }
 
 /// A producer's text (a path, an error quoting it) as a record keeps it: cut as `x-error`
-/// is, since it can be of any length and PostgreSQL's index refuses long values.
-fn stored_text(s: &str) -> &str {
-    framework::headers::truncate(s, framework::headers::MAX_ERROR_BYTES)
+/// is, since it can be of any length and PostgreSQL's index refuses long values; a NUL
+/// written `\0`, since PostgreSQL's text refuses it (the failure of a message whose path
+/// held one went unrecorded).
+fn stored_text(s: &str) -> String {
+    framework::headers::truncate(s, framework::headers::MAX_ERROR_BYTES).replace('\0', "\\0")
 }
 
 /// Whether a failed batch may have failed for one of its writes (a constraint, a lock
@@ -1676,6 +1678,43 @@ mod tests {
     async fn old_failures_are_pruned_on_sqlite() {
         let dir = tempfile::tempdir().unwrap();
         old_failures_are_pruned(&format!("sqlite://{}", dir.path().join("r.db").display())).await;
+    }
+
+    /// A failure quoting a NUL (a message's path held one) is recorded, the NUL written
+    /// `\0`: PostgreSQL refused the whole record.
+    async fn a_failure_quoting_a_nul_is_recorded(url: &str) {
+        let r = Records::open(url).await.expect("records");
+        r.record_failure(
+            "/a\0b",
+            "field `parent_dir` contains a NUL: \"/a\0b\"",
+            true,
+            0,
+        )
+        .await
+        .expect("recorded");
+        let (path,): (String,) = db::sqlx::query_as("SELECT original_path FROM failures")
+            .fetch_one(&r.write)
+            .await
+            .expect("row");
+        assert_eq!(path, "/a\\0b");
+        r.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_failure_quoting_a_nul_is_recorded_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        a_failure_quoting_a_nul_is_recorded(&format!(
+            "sqlite://{}",
+            dir.path().join("r.db").display()
+        ))
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_failure_quoting_a_nul_is_recorded_on_postgres() {
+        let pg = db::testing::TempPostgres::create().await.unwrap();
+        a_failure_quoting_a_nul_is_recorded(&pg.url).await;
+        pg.drop_db().await.unwrap();
     }
 
     #[tokio::test]
