@@ -1442,12 +1442,9 @@ fn check_queue_shared(
     delays_ms: &[u64],
 ) -> Result<(), ConfigError> {
     let (my_queues, my_exchanges) = crate::topology::owned_names(queue, delays_ms);
-    for other in KNOWN_SECTIONS[FRAMEWORK_SECTIONS..]
-        .iter()
-        .filter(|s| **s != own_section)
+    for (other, theirs, (queues, exchanges)) in
+        service_topologies(tree, delays_ms).filter(|(s, ..)| *s != own_section)
     {
-        let theirs = section_queue(tree, other);
-        let (queues, exchanges) = crate::topology::owned_names(&theirs, delays_ms);
         let shared = queues
             .iter()
             .find(|n| my_queues.contains(n))
@@ -1478,13 +1475,24 @@ fn check_queue_shared(
     Ok(())
 }
 
-/// `[section] queue` as `tree` sets it, else that service's default
-/// (`storagetier-<section>`).
-fn section_queue(tree: &Map<String, Value>, section: &str) -> String {
-    tree.get(section)
-        .and_then(|v| v.clone().into_table().ok())
-        .and_then(|t| t.get("queue").and_then(|q| q.clone().into_string().ok()))
-        .unwrap_or_else(|| format!("storagetier-{}", section.replace('_', "-")))
+/// Every service's section with its `queue` as `tree` sets it (else that service's default,
+/// `storagetier-<section>`) and the names its topology makes with `delays_ms`
+/// ([`crate::topology::owned_names`]).
+fn service_topologies<'a>(
+    tree: &'a Map<String, Value>,
+    delays_ms: &'a [u64],
+) -> impl Iterator<Item = (&'static str, String, (Vec<String>, [String; 2]))> + 'a {
+    KNOWN_SECTIONS[FRAMEWORK_SECTIONS..]
+        .iter()
+        .map(move |section| {
+            let queue = tree
+                .get(*section)
+                .and_then(|v| v.clone().into_table().ok())
+                .and_then(|t| t.get("queue").and_then(|q| q.clone().into_string().ok()))
+                .unwrap_or_else(|| format!("storagetier-{}", section.replace('_', "-")));
+            let names = crate::topology::owned_names(&queue, delays_ms);
+            (*section, queue, names)
+        })
 }
 
 /// What a name of a service's topology is to that service, in the order
@@ -1802,14 +1810,9 @@ impl<S> Config<S> {
         if let Some(role) = role_of(&queues, &exchanges, name, exchange) {
             return Some(("this service".to_string(), role));
         }
-        KNOWN_SECTIONS[FRAMEWORK_SECTIONS..]
-            .iter()
-            .find_map(|section| {
-                let (queues, exchanges) =
-                    crate::topology::owned_names(&section_queue(&self.others.0, section), delays);
-                role_of(&queues, &exchanges, name, exchange)
-                    .map(|role| (format!("[{section}]"), role))
-            })
+        service_topologies(&self.others.0, delays).find_map(|(section, _, (queues, exchanges))| {
+            role_of(&queues, &exchanges, name, exchange).map(|role| (format!("[{section}]"), role))
+        })
     }
 
     /// A path under `[storage] data_dir`.
