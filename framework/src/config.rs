@@ -1729,16 +1729,10 @@ fn validate<S>(cfg: &Config<S>, section_name: &str) -> Result<(), ConfigError> {
     }
     // A section copied with its `output_exchange` set to a `-fail` name: every success
     // message became a dead letter in that DLQ, which a replay dead-letters again.
-    if let Some((owner, role)) = cfg.topology_owner(&s.output_exchange, true) {
-        return Err(ConfigError::new(
-            format!("{section_name}.output_exchange"),
-            format!(
-                "`{}` is {role} of {owner}: every success message would land in its queues; \
-                 name an exchange of this service's own",
-                s.output_exchange
-            ),
-        ));
-    }
+    cfg.check_publishes_to(
+        &format!("{section_name}.output_exchange"),
+        &s.output_exchange,
+    )?;
     // A producer's exchange: `amq.topic` is one RabbitMQ ships, but the default exchange
     // ("") cannot be bound to.
     if let Some(x) = &s.input_exchange
@@ -1813,6 +1807,22 @@ impl<S> Config<S> {
         service_topologies(&self.others.0, delays).find_map(|(section, _, (queues, exchanges))| {
             role_of(&queues, &exchanges, name, exchange).map(|role| (format!("[{section}]"), role))
         })
+    }
+
+    /// Refuses, naming `key`, an exchange the service publishes to that is a `-fail` or
+    /// `-retry` exchange of a topology in these files: what it sends would land in that
+    /// service's queues as retries or dead letters (which a replay dead-letters again).
+    pub fn check_publishes_to(&self, key: &str, exchange: &str) -> Result<(), ConfigError> {
+        match self.topology_owner(exchange, true) {
+            None => Ok(()),
+            Some((owner, role)) => Err(ConfigError::new(
+                key,
+                format!(
+                    "`{exchange}` is {role} of {owner}: every message published there would \
+                     land in its queues; name an exchange of this service's own"
+                ),
+            )),
+        }
     }
 
     /// A path under `[storage] data_dir`.

@@ -808,6 +808,7 @@ impl Service for SnapshotStatus {
                 return Err(ConfigError::new(key, "must not be empty"));
             }
             framework::config::check_owned_name(key, v)?;
+            cfg.check_publishes_to(key, v)?;
         }
         Ok(())
     }

@@ -1708,6 +1708,42 @@ fn an_empty_exchange_name_is_refused_by_the_bus_commands_too() {
     }
 }
 
+/// An export-state or monitoring exchange that is a `-fail` or `-retry` exchange of a
+/// topology (this service's or another's) is refused naming the key, by the bus commands
+/// too: its messages landed in that service's queues as retries or dead letters.
+#[test]
+fn an_exchange_of_a_services_topology_is_refused_as_export_state_or_monitoring() {
+    let dir = tempfile::tempdir().unwrap();
+    for (key, var) in [
+        (
+            "snapshot_status.export_state_exchange",
+            "STORAGETIER__SNAPSHOT_STATUS__EXPORT_STATE_EXCHANGE",
+        ),
+        (
+            "snapshot_status.monitoring_exchange",
+            "STORAGETIER__SNAPSHOT_STATUS__MONITORING_EXCHANGE",
+        ),
+    ] {
+        for cmd in ["declare", "check-config"] {
+            let q = unique("snapshot-status");
+            for bad in [
+                format!("{q}-fail"),
+                format!("{q}-retry"),
+                "storagetier-online-archive-fail".to_string(),
+            ] {
+                let (mut c, _cleanup) = bus_command(&q, dir.path());
+                let o = c.arg(cmd).env(var, &bad).output_within(WAIT).unwrap();
+                let err = String::from_utf8_lossy(&o.stderr);
+                assert_eq!(o.status.code(), Some(2), "{cmd} {bad}: {err}");
+                assert!(
+                    err.contains(key) && err.contains("exchange of"),
+                    "{cmd}: {err}"
+                );
+            }
+        }
+    }
+}
+
 /// Design §2/§7: the service owns its export-state and monitoring exchanges, and `declare`
 /// declares them as every exchange of the bus is: durable topic exchanges.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
