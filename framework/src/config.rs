@@ -315,6 +315,10 @@ pub struct AmqpConfig {
     pub prefetch: u16,
     /// Concurrent handlers; 0 means `prefetch`.
     pub concurrency: usize,
+    /// The `concurrency` the files asked for where it was above `prefetch` and lowered to
+    /// it (warned about at start: more handlers than deliveries cannot run).
+    #[serde(skip)]
+    pub concurrency_capped_from: Option<usize>,
     /// Quorum `x-delivery-limit` on Q.
     pub delivery_limit: u32,
     /// Budget for finishing in-flight messages on shutdown.
@@ -1416,7 +1420,10 @@ pub fn load<S: DeserializeOwned>(
 
     check_queue_shared(&tree, section_name, &service.queue, &retry.delays_ms)?;
     // At most `prefetch` run at once whatever is asked: shown as it runs.
-    amqp.concurrency = amqp.concurrency.min(usize::from(amqp.prefetch));
+    if amqp.concurrency > usize::from(amqp.prefetch) {
+        amqp.concurrency_capped_from = Some(amqp.concurrency);
+        amqp.concurrency = usize::from(amqp.prefetch);
+    }
     let cfg = Config {
         amqp,
         retry,
@@ -2348,6 +2355,9 @@ prefetch = 4
         .expect("valid");
         assert_eq!(c.amqp.concurrency, 16);
         assert_eq!(c.amqp.effective_concurrency(), 16);
+        assert_eq!(c.amqp.concurrency_capped_from, Some(1000));
+        let c = with_env(&[("STORAGETIER__AMQP__CONCURRENCY", "16")]).expect("valid");
+        assert_eq!(c.amqp.concurrency_capped_from, None);
     }
 
     #[test]

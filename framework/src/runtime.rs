@@ -172,6 +172,14 @@ impl<P: MessageProcessor> Runtime<P> {
                  delivered again"
             );
         }
+        if let Some(asked) = self.inner.amqp.concurrency_capped_from {
+            tracing::warn!(
+                concurrency = asked,
+                prefetch = self.inner.amqp.prefetch,
+                "[amqp] concurrency is above prefetch: the broker hands out at most prefetch \
+                 messages at once, so that many handlers run; raise prefetch for more"
+            );
+        }
         if self.inner.topology.queue_type == crate::config::QueueType::Classic {
             tracing::warn!(
                 "[amqp] queue_type is classic: the broker moves a retry from its tier back to \
