@@ -1607,7 +1607,13 @@ mod tests {
         let url =
             |p: &Path| DatabaseUrl::try_from(format!("sqlite://{}", p.display())).expect("url");
         let check = |u: Option<&DatabaseUrl>, data: &Path| {
-            DatabaseUrl::check("svc_section", u, None, data, "svc")
+            DatabaseKeys {
+                url: u,
+                password_file: None,
+                data_dir: data,
+                service: "svc",
+            }
+            .check("svc_section")
         };
         let missing = url(&dir.path().join("unmounted/vol/x.db"));
         let e = check(Some(&missing), dir.path()).expect_err("accepted");
@@ -1728,38 +1734,50 @@ impl DatabaseUrl {
     pub fn resolve(url: Option<&DatabaseUrl>, data_dir: &Path, service: &str) -> String {
         url.map_or_else(|| default_url(data_dir, service), |u| u.0.clone())
     }
+}
 
-    /// [`DatabaseUrl::resolve`], its password read from `password_file` where one is
-    /// named (a secret mounted as a file, as `[amqp] password_file`). The message of an
-    /// error is safe to print.
-    pub fn resolve_with(
-        url: Option<&DatabaseUrl>,
-        password_file: Option<&Path>,
-        data_dir: &Path,
-        service: &str,
-    ) -> Result<String, String> {
-        let url = Self::resolve(url, data_dir, service);
-        match password_file {
+/// A service's database keys as its settings hold them (`database_url`,
+/// `database_password_file`), with where the default lives: what every database
+/// service resolves, shows and checks in the same way.
+#[derive(Debug, Clone, Copy)]
+pub struct DatabaseKeys<'a> {
+    /// `[section] database_url`, if configured.
+    pub url: Option<&'a DatabaseUrl>,
+    /// `[section] database_password_file`, if configured.
+    pub password_file: Option<&'a Path>,
+    /// `[storage] data_dir`, where the default SQLite file lives.
+    pub data_dir: &'a Path,
+    /// The service's name: the default file is `<data_dir>/<service>.db`.
+    pub service: &'a str,
+}
+
+impl DatabaseKeys<'_> {
+    /// The URL in effect ([`DatabaseUrl::resolve`]), its password read from the password
+    /// file where one is named (a secret mounted as a file, as `[amqp] password_file`).
+    /// The message of an error is safe to print.
+    pub fn resolve(&self) -> Result<String, String> {
+        let url = DatabaseUrl::resolve(self.url, self.data_dir, self.service);
+        match self.password_file {
             Some(f) => with_password_file(&url, f),
             None => Ok(url),
         }
     }
-}
 
-impl DatabaseUrl {
-    /// Checks `[section] database_url` and `database_password_file` for `service` under
-    /// `data_dir`, naming the key: a configured SQLite file's directory must exist (a
-    /// missing one is an unmounted volume, and a new empty database there would start the
-    /// service without its records; only the default under `data_dir` is created), and the
-    /// password file must be readable.
-    pub fn check(
-        section: &str,
-        url: Option<&DatabaseUrl>,
-        password_file: Option<&Path>,
-        data_dir: &Path,
-        service: &str,
-    ) -> Result<(), framework::config::ConfigError> {
-        if let Some(dir) = url
+    /// [`DatabaseKeys::resolve`] where the password file can be read, else the URL
+    /// without it: for opening after validation refused such a file, and for showing.
+    pub fn resolve_lenient(&self) -> String {
+        self.resolve()
+            .unwrap_or_else(|_| DatabaseUrl::resolve(self.url, self.data_dir, self.service))
+    }
+
+    /// Checks `[section] database_url` and `database_password_file`, naming the key: a
+    /// configured SQLite file's directory must exist (a missing one is an unmounted
+    /// volume, and a new empty database there would start the service without its
+    /// records; only the default under `data_dir` is created), and the password file must
+    /// be readable.
+    pub fn check(&self, section: &str) -> Result<(), framework::config::ConfigError> {
+        if let Some(dir) = self
+            .url
             .and_then(|u| sqlite_file(&u.0))
             .and_then(|f| f.parent().map(Path::to_path_buf))
             .filter(|d| !d.as_os_str().is_empty() && !d.is_dir())
@@ -1773,23 +1791,9 @@ impl DatabaseUrl {
                 ),
             ));
         }
-        Self::resolve_with(url, password_file, data_dir, service)
-            .map(drop)
-            .map_err(|e| {
-                framework::config::ConfigError::new(format!("{section}.database_password_file"), e)
-            })
-    }
-
-    /// [`DatabaseUrl::resolve_with`] where the password file can be read, else the URL
-    /// without it: for opening after validation refused such a file, and for showing.
-    pub fn resolve_lenient(
-        url: Option<&DatabaseUrl>,
-        password_file: Option<&Path>,
-        data_dir: &Path,
-        service: &str,
-    ) -> String {
-        Self::resolve_with(url, password_file, data_dir, service)
-            .unwrap_or_else(|_| Self::resolve(url, data_dir, service))
+        self.resolve().map(drop).map_err(|e| {
+            framework::config::ConfigError::new(format!("{section}.database_password_file"), e)
+        })
     }
 }
 

@@ -41,32 +41,18 @@ impl TierSetup {
         }
     }
 
-    /// The database URL in effect for `service` under `data_dir`, with its password file
-    /// read; the error names the file, never the password.
-    pub fn database(&self, service: &str, data_dir: &std::path::Path) -> Result<String, String> {
-        db::DatabaseUrl::resolve_with(
-            self.database_url.as_ref(),
-            self.database_password_file.as_deref(),
+    /// The database keys of this setup for `service` under `data_dir`.
+    pub fn database_keys<'a>(
+        &'a self,
+        service: &'a str,
+        data_dir: &'a std::path::Path,
+    ) -> db::DatabaseKeys<'a> {
+        db::DatabaseKeys {
+            url: self.database_url.as_ref(),
+            password_file: self.database_password_file.as_deref(),
             data_dir,
             service,
-        )
-    }
-
-    /// Checks `[section] database_url` and `database_password_file` (see
-    /// [`db::DatabaseUrl::check`]).
-    pub fn check_database(
-        &self,
-        section: &str,
-        service: &str,
-        data_dir: &std::path::Path,
-    ) -> Result<(), framework::config::ConfigError> {
-        db::DatabaseUrl::check(
-            section,
-            self.database_url.as_ref(),
-            self.database_password_file.as_deref(),
-            data_dir,
-            service,
-        )
+        }
     }
 
     /// Where this setup leads under `data_dir` for `service` (`check-config`'s
@@ -175,7 +161,7 @@ impl TierProcessor {
             Some(u) => store::open(u, &setup.store_options)?,
             None => store::local(&data_dir.join(default_store_dir))?,
         };
-        let url = setup.database(service, data_dir)?;
+        let url = setup.database_keys(service, data_dir).resolve()?;
         let section = service.replace('-', "_");
         let records = Records::open(&url)
             .await

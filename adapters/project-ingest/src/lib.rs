@@ -472,27 +472,27 @@ fn receipt_digest(
     hex::encode(h.finalize())
 }
 
+/// The service's database keys (`database_url`, `database_password_file`).
+pub fn database_keys(cfg: &Config<ProjectIngestSettings>) -> db::DatabaseKeys<'_> {
+    db::DatabaseKeys {
+        url: cfg.settings.database_url.as_ref(),
+        password_file: cfg.settings.database_password_file.as_deref(),
+        data_dir: &cfg.storage.data_dir,
+        service: ProjectIngest::NAME,
+    }
+}
+
 /// The database URL in effect: the configured one, else SQLite under the data dir; its
 /// password read from `database_password_file` where one is named (an error names the
 /// file, never the password).
 pub fn database(cfg: &Config<ProjectIngestSettings>) -> Result<String, String> {
-    db::DatabaseUrl::resolve_with(
-        cfg.settings.database_url.as_ref(),
-        cfg.settings.database_password_file.as_deref(),
-        &cfg.storage.data_dir,
-        ProjectIngest::NAME,
-    )
+    database_keys(cfg).resolve()
 }
 
 /// [`database`], or without the password where its file cannot be read (validation
 /// refuses such a file before anything connects).
 pub fn database_url(cfg: &Config<ProjectIngestSettings>) -> String {
-    db::DatabaseUrl::resolve_lenient(
-        cfg.settings.database_url.as_ref(),
-        cfg.settings.database_password_file.as_deref(),
-        &cfg.storage.data_dir,
-        ProjectIngest::NAME,
-    )
+    database_keys(cfg).resolve_lenient()
 }
 
 #[async_trait]
@@ -513,14 +513,7 @@ impl Service for ProjectIngest {
     }
 
     fn validate(cfg: &Config<ProjectIngestSettings>) -> Result<(), framework::config::ConfigError> {
-        let s = &cfg.settings;
-        db::DatabaseUrl::check(
-            Self::SECTION,
-            s.database_url.as_ref(),
-            s.database_password_file.as_deref(),
-            &cfg.storage.data_dir,
-            Self::NAME,
-        )
+        database_keys(cfg).check(Self::SECTION)
     }
 
     fn resolved(cfg: &Config<ProjectIngestSettings>) -> Option<serde_json::Value> {
