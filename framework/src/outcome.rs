@@ -54,6 +54,8 @@ impl Planner {
                 }
                 origin.headers = &merged;
             }
+            // Tries made in place count as the tiers' retries would have.
+            let attempts = origin.attempt.saturating_add(1);
             vec![publisher.dead_letter_message(&origin, body.to_vec(), attempts, kind, why)]
         };
         match outcome {
@@ -265,7 +267,7 @@ impl Planner {
         vec![publisher.dead_letter_message(
             &origin,
             body.to_vec(),
-            ctx.attempt.saturating_add(1),
+            origin.attempt.saturating_add(1),
             h::KIND_PERMANENT,
             why,
         )]

@@ -153,6 +153,9 @@ pub(crate) struct RetryNotes {
     outage: bool,
     /// An Interrupted outcome gives the message back (see [`MessageContext::keep_place`]).
     keep_place: bool,
+    /// Tries made in place beyond the delivery's own (see
+    /// [`MessageContext::tried_in_place`]).
+    tries_in_place: u32,
 }
 
 impl MessageContext {
@@ -325,6 +328,24 @@ impl MessageContext {
             .map(|t| t.saturating_duration_since(std::time::Instant::now()))
     }
 
+    /// This attempt tried its work `n` times in all, retrying in place (ordered
+    /// processing): a dead letter made now counts them in `x-retry-count`, as retries
+    /// through the tiers would have been counted. Set back to 1 before dead-lettering
+    /// something that was tried once.
+    pub fn tried_in_place(&self, n: u32) {
+        if let Ok(mut notes) = self.retry_notes.lock() {
+            notes.tries_in_place = n.saturating_sub(1);
+        }
+    }
+
+    /// The tries beyond the delivery's own this attempt made (see [`Self::tried_in_place`]).
+    fn tries_in_place(&self) -> u32 {
+        self.retry_notes
+            .lock()
+            .map(|n| n.tries_in_place)
+            .unwrap_or(0)
+    }
+
     /// Headers set with [`MessageContext::set_retry_header`].
     pub fn retry_headers(&self) -> Vec<(String, String)> {
         self.retry_notes
@@ -340,7 +361,8 @@ impl MessageContext {
             correlation_id: self.correlation_id.as_deref(),
             exchange: &self.exchange,
             routing_key: &self.routing_key,
-            attempt: self.attempt,
+            // A dead letter's `x-retry-count` counts the tries made in place too.
+            attempt: self.attempt.saturating_add(self.tries_in_place()),
             headers: &self.headers,
             properties: &self.properties,
             trace: &self.trace,

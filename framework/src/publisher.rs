@@ -167,6 +167,15 @@ impl PublishError {
         )
     }
 
+    /// Whether only this message's destination refused it (no queue bound, or the queue
+    /// full and rejecting): the channel is fine, and a publish elsewhere can still pass.
+    pub fn destination_refused(&self) -> bool {
+        matches!(
+            self,
+            PublishError::Unroutable(..) | PublishError::Nacked(..)
+        )
+    }
+
     /// Whether the broker refused one of these bodies (`sizes`, in bytes) for its size
     /// (`max_message_size`, 16 MiB by default on RabbitMQ 4.x): the same outcome will never
     /// fit, however often retried. The size the broker names must be one of them: the

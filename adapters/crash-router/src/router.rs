@@ -188,6 +188,10 @@ impl MessageProcessor for CrashRouter {
         let mut deliveries: BTreeMap<String, Vec<String>> = BTreeMap::new();
         let mut already = 0u64;
         let mut position = 0u64;
+        // Queues that refused an id this attempt (missing, or full and rejecting): their
+        // other ids are left for the retry, and every other queue still gets its own now
+        // rather than waiting out the retries (or a dead letter) with them.
+        let mut refused: BTreeMap<String, (u64, String)> = BTreeMap::new();
         for id in &accepted {
             let picks = self.select_queues(id);
             for q in self.queues.iter().filter(|q| picks.contains(&q.name)) {
@@ -196,6 +200,9 @@ impl MessageProcessor for CrashRouter {
                 // A crash id is fixed-length ASCII without spaces: the mark is unambiguous.
                 if sent.is_done(&at) || earlier_release.is_done(&format!("{id} {}", q.name)) {
                     already += 1;
+                } else if let Some((missed, _)) = refused.get_mut(&q.name) {
+                    *missed += 1;
+                    continue;
                 } else if let Some(why) = sent.pause_before(PUBLISH_STEP) {
                     // Stopping (or near the consumer timeout) with ids published: the rest
                     // go with a retry carrying what is done, not in a redelivery that
@@ -208,10 +215,16 @@ impl MessageProcessor for CrashRouter {
                     .publish(Publication::text("", &q.name, id.as_str()).mandatory())
                     .await
                 {
-                    return Outcome::publish_failed(
-                        format!("publishing crash id {id} to queue `{}` failed", q.name),
-                        &e,
-                    );
+                    if !e.destination_refused() {
+                        // The channel, the connection or the message itself failed: the
+                        // next publish would too.
+                        return Outcome::publish_failed(
+                            format!("publishing crash id {id} to queue `{}` failed", q.name),
+                            &e,
+                        );
+                    }
+                    refused.insert(q.name.clone(), (1, e.to_string()));
+                    continue;
                 } else {
                     sent.mark_done(routing.as_str());
                     sent.mark_done(at);
@@ -229,6 +242,18 @@ impl MessageProcessor for CrashRouter {
                     .count(),
             );
             counts.throttled += not_picked as u64;
+        }
+
+        if !refused.is_empty() {
+            let missed: Vec<String> = refused
+                .iter()
+                .map(|(q, (n, e))| format!("{n} crash id(s) for queue `{q}` ({e})"))
+                .collect();
+            return Outcome::retry(format!(
+                "{} published; still to go: {}",
+                deliveries.values().map(Vec::len).sum::<usize>() as u64 - already,
+                missed.join(", ")
+            ));
         }
 
         for (label, n) in [

@@ -302,6 +302,74 @@ async fn a_retry_does_not_republish_to_a_queue_that_already_got_the_id() {
     );
 }
 
+/// One destination queue is missing: the queue listed after it still gets every id of the
+/// notification at once (not after the retries, or never if they run out), and the retry
+/// publishes only the missing queue's ids once it exists — no second copy anywhere.
+#[tokio::test]
+async fn a_missing_queue_holds_back_only_its_own_ids() {
+    let data = tempfile::tempdir().unwrap();
+    let (_c, ch) = test_channel().await;
+    let missing = unique("crash-dest");
+    let d = dests(&ch, 1).await;
+    let _gone = Dests(vec![missing.clone()]);
+    let first = d.0[0].clone();
+    let hs = start(
+        data.path(),
+        &[
+            ("crash_router.queues", &format!("{missing},{first}")),
+            // Retries never run out however slowly the queue appears.
+            ("retry.max_attempts", "1000"),
+        ],
+    )
+    .await;
+    let mut out = hs.watch_output().await;
+    let mut qa = consume(&hs.ch, &first).await;
+    let ids = [crash_id(81, '0'), crash_id(82, '0'), crash_id(83, '0')];
+    let body = json!({"Records": ids.iter().map(|id| put(&raw(id))).collect::<Vec<_>>()});
+    hs.publish("k", body.to_string().as_bytes(), BasicProperties::default())
+        .await;
+    for id in &ids {
+        assert_eq!(
+            &text(&next(&mut qa).await),
+            id,
+            "the healthy queue got its ids"
+        );
+    }
+    // The attempt waits in a retry tier; the missing queue appears.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let r1 = ready_count(&hs.ch, &format!("{}-retry-200", hs.q)).await;
+        let r2 = ready_count(&hs.ch, &format!("{}-retry-400", hs.q)).await;
+        if r1 + r2 > 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no retry happened");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    declare(&ch, &missing, FieldTable::default()).await;
+    let summary: Value = serde_json::from_slice(&next(&mut out).await.data).unwrap();
+    assert_eq!(summary["already_published"], 3);
+    assert_eq!(summary["deliveries"][&missing], json!(ids));
+    assert_eq!(summary["deliveries"][&first], json!(ids));
+    let mut qm = consume(&hs.ch, &missing).await;
+    for id in &ids {
+        assert_eq!(&text(&next(&mut qm).await), id);
+    }
+    // The success is published after its outputs are confirmed: nothing more is coming.
+    assert!(
+        next_within(&mut qa, Duration::from_millis(300))
+            .await
+            .is_none(),
+        "the healthy queue got each id once"
+    );
+    assert!(
+        next_within(&mut qm, Duration::from_millis(300))
+            .await
+            .is_none(),
+        "the missing queue got each id once"
+    );
+}
+
 /// An event whose publish to one queue kept failing ran out of retries and was
 /// dead-lettered, carrying which queues already got each id: replayed once the queue takes
 /// messages again, it publishes only what was missing, never a second copy of a crash to

@@ -17,8 +17,9 @@ use reqwest::header::{HeaderMap, HeaderValue};
 enum Posted {
     /// The endpoint's answer (or the first one, outside ordered mode).
     Result(PostResult),
-    /// Ordered mode retried in place until `max_attempts`.
-    Exhausted(String),
+    /// Ordered mode retried in place until `max_attempts`: why, and the POSTs this
+    /// delivery made.
+    Exhausted(String, u32),
     /// The session ended during an in-place retry.
     Interrupted(String),
 }
@@ -270,9 +271,12 @@ impl EventForwarder {
                         counted = counted.saturating_add(1);
                     }
                     if counted >= self.retry.max_attempts {
-                        return Posted::Exhausted(format!(
-                            "gave up after {counted} attempts in place (ordered mode): {e}"
-                        ));
+                        return Posted::Exhausted(
+                            format!(
+                                "gave up after {counted} attempts in place (ordered mode): {e}"
+                            ),
+                            attempt.max(counted),
+                        );
                     }
                     // The endpoint's Retry-After, as the retry tiers would honour it.
                     let delay = self
@@ -288,13 +292,16 @@ impl EventForwarder {
                         + RETRY_PUBLISH_ROOM;
                     if ctx.checkpoint_in().is_some_and(|left| left < next) {
                         if let (true, Some(d)) = (down, digest) {
-                            return self.hold_through_outage(ctx, &e, d, counted).await;
+                            return self.hold_through_outage(ctx, &e, d, counted, attempt).await;
                         }
-                        return Posted::Exhausted(format!(
-                            "gave up after {attempt} attempts in place (ordered mode): another \
-                             would outlast a third of the broker's consumer timeout; last \
-                             error: {e}"
-                        ));
+                        return Posted::Exhausted(
+                            format!(
+                                "gave up after {attempt} attempts in place (ordered mode): \
+                                 another would outlast a third of the broker's consumer \
+                                 timeout; last error: {e}"
+                            ),
+                            attempt,
+                        );
                     }
                     tracing::warn!(error = %framework::telemetry::LogText(&e.to_string()), attempt, retry_in_ms = delay, "retrying in place");
                     tokio::select! {
@@ -322,14 +329,18 @@ impl EventForwarder {
         e: &str,
         digest: [u8; 32],
         counted: u32,
+        tries: u32,
     ) -> Posted {
         let down = self.outage().since.map_or(Duration::ZERO, |t| t.elapsed());
         if down >= Duration::from_millis(self.retry.max_outage_ms) {
-            return Posted::Exhausted(format!(
-                "the endpoint was down for {} s, longer than [retry] max_outage_ms (ordered \
-                 mode, kept in place meanwhile): {e}",
-                down.as_secs()
-            ));
+            return Posted::Exhausted(
+                format!(
+                    "the endpoint was down for {} s, longer than [retry] max_outage_ms \
+                     (ordered mode, kept in place meanwhile): {e}",
+                    down.as_secs()
+                ),
+                tries,
+            );
         }
         let wait = ctx
             .checkpoint_in()
@@ -364,7 +375,10 @@ impl EventForwarder {
         let key = message_key(ctx, None, body.get());
         let r = match self.post(body.get(), key, ctx).await {
             Posted::Result(r) => r,
-            Posted::Exhausted(e) => return Outcome::exhausted(e),
+            Posted::Exhausted(e, tries) => {
+                ctx.tried_in_place(tries);
+                return Outcome::exhausted(e);
+            }
             Posted::Interrupted(e) => return Outcome::Interrupted(e),
         };
         match r {
@@ -453,10 +467,14 @@ impl EventForwarder {
             let key = record_key(r, i, ctx, r.kinesis.get());
             let result = match self.post(r.kinesis.get(), key, ctx).await {
                 Posted::Result(res) => res,
-                Posted::Exhausted(e) => {
+                Posted::Exhausted(e, tries) => {
                     let why = format!("record {i} of {}: {e}", records.len());
                     let body = single_record_envelope(r.record);
-                    match progress.dead_letter_exhausted(mark, body, &why).await {
+                    ctx.tried_in_place(tries);
+                    let published = progress.dead_letter_exhausted(mark, body, &why).await;
+                    // The records after it were not retried in place (yet).
+                    ctx.tried_in_place(1);
+                    match published {
                         Ok(_) => dead.push(i),
                         Err(pe) => {
                             pending += 1;

@@ -797,6 +797,9 @@ async fn ordered_mode_gives_up_after_max_attempts() {
     let err = header(&d, "x-error").unwrap();
     assert!(err.contains("gave up after 3 attempts"), "{err}");
     assert_eq!(bodies(&server).await.len(), 3);
+    // Counted as the retry tiers would have counted them: the DLQ tells how often it was
+    // tried.
+    assert_eq!(int_header(&d, "x-retry-count"), Some(3));
 }
 
 /// Ordered, an in-place wait and POST that would end past a third of the consumer timeout
@@ -963,6 +966,43 @@ async fn an_ordered_batch_near_the_consumer_timeout_goes_on_in_a_retry() {
         (0..posted as u64).collect::<Vec<_>>(),
         "every record posted, and only those, is marked done"
     );
+}
+
+/// Ordered, a batch record retried in place until its attempts ran out is dead-lettered
+/// with `x-retry-count` counting those tries; the record after it, refused at its first
+/// try, with 1.
+#[tokio::test]
+async fn ordered_dead_lettered_records_count_their_own_tries() {
+    let server = MockServer::start().await;
+    Mock::given(body_string_contains("seq-down"))
+        .respond_with(ResponseTemplate::new(500))
+        .mount(&server)
+        .await;
+    Mock::given(body_string_contains("seq-bad"))
+        .respond_with(ResponseTemplate::new(400))
+        .mount(&server)
+        .await;
+    let data = tempfile::tempdir().unwrap();
+    let hs = start(
+        &server,
+        data.path(),
+        &[
+            ("event_forwarder.ordered", "true"),
+            ("amqp.prefetch", "1"),
+            ("retry.max_attempts", "3"),
+        ],
+    )
+    .await;
+    let mut dlq = hs.watch_dlq().await;
+    let body = json!({"Records": [record("seq-down"), record("seq-bad")]});
+    hs.publish("kinesis", body.to_string().as_bytes(), with_id("b-tries"))
+        .await;
+    let first = next(&mut dlq).await;
+    assert_eq!(json_of(&first), json!({"Records": [record("seq-down")]}));
+    assert_eq!(int_header(&first, "x-retry-count"), Some(3));
+    let second = next(&mut dlq).await;
+    assert_eq!(json_of(&second), json!({"Records": [record("seq-bad")]}));
+    assert_eq!(int_header(&second, "x-retry-count"), Some(1));
 }
 
 /// Design §2: a message whose retries ran out is dead-lettered `retries-exhausted`, in
