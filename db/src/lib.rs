@@ -1598,9 +1598,9 @@ mod tests {
     }
 
     /// A configured SQLite file in a directory that does not exist (an unmounted volume)
-    /// is refused naming `database_url`, not created as a new empty database; the default
-    /// one under a missing `data_dir` is created, as is a configured file in a directory
-    /// that exists.
+    /// is refused naming `database_url`, not created as a new empty database, as is the
+    /// default one under a configured `data_dir` that is missing (naming that key); a
+    /// configured file in a directory that exists is accepted.
     #[test]
     fn a_configured_sqlite_file_in_a_missing_directory_is_refused() {
         let dir = tempfile::tempdir().expect("dir");
@@ -1622,7 +1622,12 @@ mod tests {
         assert!(!dir.path().join("unmounted").exists());
         let present = url(&dir.path().join("x.db"));
         assert!(check(Some(&present), dir.path()).is_ok());
-        assert!(check(None, &dir.path().join("not-yet")).is_ok());
+        // The default file under a configured data_dir that is missing: the same
+        // unmounted volume. Only the built-in `./data` is made.
+        let e = check(None, &dir.path().join("not-yet")).expect_err("accepted");
+        assert_eq!(e.key, "storage.data_dir");
+        assert!(check(None, dir.path()).is_ok());
+        assert!(check(None, Path::new(framework::config::DEFAULT_DATA_DIR)).is_ok());
         let pg = DatabaseUrl::try_from("postgres://u@h/db".to_string()).expect("url");
         assert!(check(Some(&pg), dir.path()).is_ok());
     }
@@ -1773,9 +1778,15 @@ impl DatabaseKeys<'_> {
     /// Checks `[section] database_url` and `database_password_file`, naming the key: a
     /// configured SQLite file's directory must exist (a missing one is an unmounted
     /// volume, and a new empty database there would start the service without its
-    /// records; only the default under `data_dir` is created), and the password file must
-    /// be readable.
+    /// records; only the default under `data_dir` is created, and a configured `data_dir`
+    /// holding it must exist), and the password file must be readable.
     pub fn check(&self, section: &str) -> Result<(), framework::config::ConfigError> {
+        if self.url.is_none() {
+            framework::config::check_data_dir(
+                self.data_dir,
+                &format!("the SQLite database ({section}.database_url)"),
+            )?;
+        }
         if let Some(dir) = self
             .url
             .and_then(|u| sqlite_file(&u.0))

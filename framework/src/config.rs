@@ -1838,6 +1838,27 @@ impl<S> Config<S> {
     }
 }
 
+/// The built-in `[storage] data_dir` (config/default.toml), the only one made if missing.
+pub const DEFAULT_DATA_DIR: &str = "./data";
+
+/// Refuses a configured `[storage] data_dir` that does not exist, where `what` (a
+/// database, a store) would default under it: a volume not mounted there would have it
+/// made on the root disk — a new, empty database; copies hidden once the volume is
+/// mounted. Only the built-in `./data` is created.
+pub fn check_data_dir(data_dir: &Path, what: &str) -> Result<(), ConfigError> {
+    if data_dir == Path::new(DEFAULT_DATA_DIR) || data_dir.is_dir() {
+        return Ok(());
+    }
+    Err(ConfigError::new(
+        "storage.data_dir",
+        format!(
+            "{}: no such directory (an unmounted volume?), and {what} would be made in it: \
+             create it, or configure {what} elsewhere",
+            data_dir.display()
+        ),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
 

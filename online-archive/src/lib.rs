@@ -106,8 +106,9 @@ impl Service for OnlineArchive {
             s.archive_url.as_deref(),
             &cfg.retry,
         )?;
-        setup(s)
-            .database_keys(Self::NAME, &cfg.storage.data_dir)
+        let tier = setup(s);
+        tier.check_data_dir(Self::SECTION, "archive_url", &cfg.storage.data_dir)?;
+        tier.database_keys(Self::NAME, &cfg.storage.data_dir)
             .check(Self::SECTION)?;
         storage::paths::check_configured_roots("online_archive.online_roots", &s.online_roots)?;
         storage::overlap::check_apart(

@@ -41,6 +41,30 @@ impl TierSetup {
         }
     }
 
+    /// Refuses a configured `data_dir` that does not exist where the store or the online
+    /// root defaults under it (`section`'s keys named); the database's is checked with
+    /// its keys ([`db::DatabaseKeys::check`]).
+    pub fn check_data_dir(
+        &self,
+        section: &str,
+        store_key: &str,
+        data_dir: &std::path::Path,
+    ) -> Result<(), framework::config::ConfigError> {
+        if self.store_url.is_none() {
+            framework::config::check_data_dir(
+                data_dir,
+                &format!("the store ({section}.{store_key})"),
+            )?;
+        }
+        if self.online_roots.is_empty() {
+            framework::config::check_data_dir(
+                data_dir,
+                &format!("the online root ({section}.online_roots)"),
+            )?;
+        }
+        Ok(())
+    }
+
     /// The database keys of this setup for `service` under `data_dir`.
     pub fn database_keys<'a>(
         &'a self,

@@ -10,12 +10,7 @@ use serde_json::{Value, json};
 /// What `check-config` shows of service `S`: its config and, under `resolved`, where the
 /// unset keys lead. `env` stands for the process environment.
 fn shown<S: Service>(env: &[(&str, &str)]) -> Value {
-    let mut opts = LoadOptions::isolated();
-    opts.env_vars = Some(
-        env.iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect::<HashMap<_, _>>(),
-    );
+    let mut opts = isolated_with(env);
     // event-forwarder has no default endpoint (§5: none): one is named to load at all.
     opts.overrides = vec![(
         "event_forwarder.endpoint".into(),
@@ -115,7 +110,11 @@ fn every_service_reads_the_documented_defaults() {
 
 #[test]
 fn the_data_directory_alone_moves_every_embedded_default() {
-    let env = [("STORAGETIER__STORAGE__DATA_DIR", "/tmp/x")];
+    let dir = tempfile::tempdir().unwrap();
+    let moved = dir.path().join("x");
+    std::fs::create_dir(&moved).unwrap();
+    let moved = moved.display().to_string();
+    let env = [("STORAGETIER__STORAGE__DATA_DIR", moved.as_str())];
     let under = |v: &Value| {
         let text = v.to_string();
         assert!(!text.contains("./data"), "{text}");
@@ -149,9 +148,56 @@ fn the_data_directory_alone_moves_every_embedded_default() {
         assert_eq!(named, want, "{v}");
         for (_, path) in resolved {
             let text = path.to_string();
-            assert!(text.contains("/tmp/x"), "{text}");
+            assert!(text.contains(&moved), "{text}");
         }
     }
+}
+
+/// A configured data directory that does not exist (a volume not mounted) is refused,
+/// naming `storage.data_dir`, by every service that would make a database or a store
+/// there — not made on the root disk, a new empty database, copies hidden by the mount
+/// later. Only the built-in `./data` is made; with every default configured elsewhere,
+/// nothing is made there and nothing is refused.
+#[test]
+fn a_configured_data_directory_that_is_missing_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("unmounted/volume").display().to_string();
+    let env = [("STORAGETIER__STORAGE__DATA_DIR", missing.as_str())];
+    let errors = [
+        refused::<online_archive::OnlineArchive>(&env),
+        refused::<online_nearline::OnlineNearline>(&env),
+        refused::<project_ingest::ProjectIngest>(&env),
+        refused::<snapshot_status::SnapshotStatus>(&env),
+    ];
+    for e in errors {
+        let e = e.expect("refused");
+        assert_eq!(e.key, "storage.data_dir", "{e}");
+        assert!(e.to_string().contains("unmounted/volume"), "{e}");
+    }
+    assert!(!dir.path().join("unmounted").exists(), "nothing made");
+    // Nothing defaults under it: accepted.
+    let pg = "postgres://storagetier@127.0.0.1:5432/test";
+    let elsewhere = [
+        ("STORAGETIER__STORAGE__DATA_DIR", missing.as_str()),
+        ("STORAGETIER__PROJECT_INGEST__DATABASE_URL", pg),
+    ];
+    assert!(refused::<project_ingest::ProjectIngest>(&elsewhere).is_none());
+}
+
+/// The error `S` refuses its configuration with under `env`, if it does.
+fn refused<S: Service>(env: &[(&str, &str)]) -> Option<framework::ConfigError> {
+    framework::cli::load_config::<S>(&isolated_with(env)).err()
+}
+
+/// Built-in defaults only, with `env` standing for the process environment.
+fn isolated_with(env: &[(&str, &str)]) -> LoadOptions {
+    let mut opts = LoadOptions::isolated();
+    opts.env_vars = Some(
+        env.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<HashMap<_, _>>(),
+    );
+    opts
 }
 
 /// Design §7's subscriptions, as each service binds with no config: the producer's
