@@ -255,6 +255,20 @@ async fn first_and_full(ch: &Channel) -> (String, String, Dests) {
     (first, full, d)
 }
 
+/// Waits until a failed attempt of `hs`'s message sits in one of its retry tiers.
+async fn await_a_retry(hs: &Harness) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let r1 = ready_count(&hs.ch, &format!("{}-retry-200", hs.q)).await;
+        let r2 = ready_count(&hs.ch, &format!("{}-retry-400", hs.q)).await;
+        if r1 + r2 > 0 {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no retry happened");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_retry_does_not_republish_to_a_queue_that_already_got_the_id() {
     let data = tempfile::tempdir().unwrap();
@@ -275,16 +289,7 @@ async fn a_retry_does_not_republish_to_a_queue_that_already_got_the_id() {
     assert_eq!(text(&next(&mut qa).await), id);
 
     // Wait until the failed attempt sits in a retry tier, then make room in `full`.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let r1 = ready_count(&hs.ch, &format!("{}-retry-200", hs.q)).await;
-        let r2 = ready_count(&hs.ch, &format!("{}-retry-400", hs.q)).await;
-        if r1 + r2 > 0 {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "no retry happened");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    await_a_retry(&hs).await;
     let mut qf = consume(&hs.ch, &full).await;
     assert_eq!(text(&next(&mut qf).await), "filler");
     assert_eq!(text(&next(&mut qf).await), id);
@@ -336,16 +341,7 @@ async fn a_missing_queue_holds_back_only_its_own_ids() {
         );
     }
     // The attempt waits in a retry tier; the missing queue appears.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let r1 = ready_count(&hs.ch, &format!("{}-retry-200", hs.q)).await;
-        let r2 = ready_count(&hs.ch, &format!("{}-retry-400", hs.q)).await;
-        if r1 + r2 > 0 {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "no retry happened");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    await_a_retry(&hs).await;
     declare(&ch, &missing, FieldTable::default()).await;
     let summary: Value = serde_json::from_slice(&next(&mut out).await.data).unwrap();
     assert_eq!(summary["already_published"], 3);

@@ -26,6 +26,21 @@ async fn start(server: &MockServer, data: &std::path::Path, extra: &[(&str, &str
     .await
 }
 
+/// The service in ordered mode (one event at a time), giving up after `max_attempts`.
+async fn start_ordered(server: &MockServer, data: &std::path::Path, max_attempts: u32) -> Harness {
+    let n = max_attempts.to_string();
+    start(
+        server,
+        data,
+        &[
+            ("event_forwarder.ordered", "true"),
+            ("amqp.prefetch", "1"),
+            ("retry.max_attempts", &n),
+        ],
+    )
+    .await
+}
+
 fn json_of(d: &Delivery) -> Value {
     serde_json::from_slice(&d.data).unwrap()
 }
@@ -781,16 +796,7 @@ async fn first_waits_for_its_refusals_and_second_after_it(
 async fn ordered_mode_gives_up_after_max_attempts() {
     let server = answering(500).await;
     let data = tempfile::tempdir().unwrap();
-    let hs = start(
-        &server,
-        data.path(),
-        &[
-            ("event_forwarder.ordered", "true"),
-            ("amqp.prefetch", "1"),
-            ("retry.max_attempts", "3"),
-        ],
-    )
-    .await;
+    let hs = start_ordered(&server, data.path(), 3).await;
     let mut dlq = hs.watch_dlq().await;
     hs.publish("k", br#"{"e":"doomed"}"#, with_id("m3")).await;
     let d = next(&mut dlq).await;
@@ -983,16 +989,7 @@ async fn ordered_dead_lettered_records_count_their_own_tries() {
         .mount(&server)
         .await;
     let data = tempfile::tempdir().unwrap();
-    let hs = start(
-        &server,
-        data.path(),
-        &[
-            ("event_forwarder.ordered", "true"),
-            ("amqp.prefetch", "1"),
-            ("retry.max_attempts", "3"),
-        ],
-    )
-    .await;
+    let hs = start_ordered(&server, data.path(), 3).await;
     let mut dlq = hs.watch_dlq().await;
     let body = json!({"Records": [record("seq-down"), record("seq-bad")]});
     hs.publish("kinesis", body.to_string().as_bytes(), with_id("b-tries"))
@@ -1011,16 +1008,7 @@ async fn ordered_dead_lettered_records_count_their_own_tries() {
 async fn ordered_mode_exhaustion_is_dead_lettered_as_retries_exhausted() {
     let server = answering(500).await;
     let data = tempfile::tempdir().unwrap();
-    let hs = start(
-        &server,
-        data.path(),
-        &[
-            ("event_forwarder.ordered", "true"),
-            ("amqp.prefetch", "1"),
-            ("retry.max_attempts", "2"),
-        ],
-    )
-    .await;
+    let hs = start_ordered(&server, data.path(), 2).await;
     let mut dlq = hs.watch_dlq().await;
     hs.publish("k", br#"{"e":"exhausted"}"#, with_id("m9"))
         .await;
