@@ -169,11 +169,13 @@ impl Drop for Background {
 
 /// Config of service `S` for a test: built-in defaults, a unique queue, output exchange
 /// and input exchange (`<Q>-in`), fast retries, an ephemeral HTTP port, the data dir
-/// `data_dir`, then `extra` overrides (`("online_archive.vault_url", "…")`).
+/// `data_dir` (made here: a configured data dir must exist), then `extra` overrides
+/// (`("online_archive.vault_url", "…")`).
 pub fn service_config<S: Service>(
     data_dir: &std::path::Path,
     extra: &[(&str, &str)],
 ) -> Config<S::Settings> {
+    std::fs::create_dir_all(data_dir).expect("test data dir can be made");
     let q = unique(S::NAME);
     let sec = S::SECTION;
     let mut o = LoadOptions::isolated()
