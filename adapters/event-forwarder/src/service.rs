@@ -417,6 +417,14 @@ impl EventForwarder {
         let mut endpoint_unavailable = false;
         // Of those, the endpoint is down (not slow): the retry is an outage's.
         let mut endpoint_down = false;
+        // A retry of this attempt without progress would be dead-lettered as exhausted.
+        // Then a slow or failing answer (no answer in time, 502, 504) holds nothing back:
+        // it may be one record's trouble (a record crashing the endpoint behind a gateway),
+        // and held back, the records after it were dead-lettered unsent with it, and held
+        // back again at every replay. An endpoint that is down still holds the rest: its
+        // retries are an outage's, not counted.
+        let last =
+            !self.ordered && ctx.counted_attempts().saturating_add(1) >= self.retry.max_attempts;
         for (i, r) in records.iter().enumerate() {
             let mark = i.to_string();
             if progress.is_done(&mark) {
@@ -450,7 +458,10 @@ impl EventForwarder {
             // retry counts as progress. Ordered too: the broker would take the batch back as
             // it came (every record posted again, at every delivery, for ever), so the rest
             // of this one batch gives up its place.
-            if progress.advanced() && ctx.checkpoint_in().is_some_and(|left| left < room) {
+            // On the last attempt too (records timing out one after another made no
+            // progress): its retry dead-letters the rest with what is done marked.
+            if (progress.advanced() || last) && ctx.checkpoint_in().is_some_and(|left| left < room)
+            {
                 if self.ordered {
                     tracing::warn!(
                         "an ordered batch outlasted a third of the consumer timeout: the rest \
@@ -520,7 +531,8 @@ impl EventForwarder {
                 }
                 PostResult::Retryable(e, after, scope) => {
                     wait_for(ctx, after);
-                    endpoint_unavailable |= scope.whole_endpoint();
+                    endpoint_unavailable |=
+                        scope.whole_endpoint() && (!last || scope == Scope::Down);
                     endpoint_down |= scope == Scope::Down;
                     pending += 1;
                     retry.get_or_insert(format!("record {i} of {}: {e}", records.len()));

@@ -270,6 +270,55 @@ async fn an_endpoint_that_cannot_take_more_is_not_sent_the_rest_of_the_batch() {
     }
 }
 
+/// On the last attempt a slow or failing answer (502, 504: it may be one record's trouble,
+/// a record crashing the endpoint behind a gateway) holds back no other record: held back,
+/// the records after it were dead-lettered unsent with it, and held back again at every
+/// replay. The dead letter marks the others done, so its replay posts only the failing one.
+#[tokio::test]
+async fn on_the_last_attempt_a_failing_record_holds_back_no_other() {
+    for status in [502, 504] {
+        let server = MockServer::start().await;
+        Mock::given(body_string_contains("seq-2"))
+            .respond_with(ResponseTemplate::new(status))
+            .mount(&server)
+            .await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(200))
+            .mount(&server)
+            .await;
+        let data = tempfile::tempdir().unwrap();
+        let extra = [("retry.max_attempts", "1"), ("retry.delays_ms", "[100]")];
+        let mut hs = start(&server, data.path(), &extra).await;
+        let mut dlq = hs.watch_dlq().await;
+        let body = json!({"Records": [record("seq-1"), record("seq-2"), record("seq-3")]});
+        hs.publish("kinesis", body.to_string().as_bytes(), with_id("last-try"))
+            .await;
+        let d = next(&mut dlq).await;
+        assert_eq!(
+            header(&d, "x-error-kind").as_deref(),
+            Some("retries-exhausted"),
+            "{status}"
+        );
+        assert_eq!(
+            header(&d, "x-event-forwarder-done").as_deref(),
+            Some(r#"["0","2"]"#),
+            "{status}"
+        );
+        let posted = bodies(&server).await;
+        assert_eq!(
+            posted.iter().filter(|b| b.contains("seq-3")).count(),
+            1,
+            "{status}: {posted:?}"
+        );
+        assert_eq!(
+            posted.iter().filter(|b| b.contains("seq-1")).count(),
+            1,
+            "{status}: {posted:?}"
+        );
+        hs.stop().await;
+    }
+}
+
 /// A single event back from a retry tier after its POST succeeded but its success
 /// message could not be published (the retry carries the done mark): not POSTed again.
 #[tokio::test]
