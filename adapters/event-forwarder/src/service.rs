@@ -402,9 +402,13 @@ impl EventForwarder {
         }
     }
 
+    /// POSTs each record's `kinesis` value on its own. `lone`: the message is one record
+    /// published alone, whose failure is the message's own (dead-lettered as it came and
+    /// counted so), not a record of a batch wrapped in an envelope of one.
     async fn handle_records(
         &self,
         records: &[crate::envelope::KinesisRecord<'_>],
+        lone: bool,
         ctx: &MessageContext,
     ) -> Outcome {
         let mut progress = framework::batch::Progress::resume(ctx, DONE_HEADER);
@@ -478,6 +482,10 @@ impl EventForwarder {
             let key = record_key(r, i, ctx, r.kinesis.get());
             let result = match self.post(r.kinesis.get(), key, ctx).await {
                 Posted::Result(res) => res,
+                Posted::Exhausted(e, tries) if lone => {
+                    ctx.tried_in_place(tries);
+                    return Outcome::exhausted(e);
+                }
                 Posted::Exhausted(e, tries) => {
                     let why = format!("record {i} of {}: {e}", records.len());
                     let body = single_record_envelope(r.record);
@@ -515,6 +523,7 @@ impl EventForwarder {
                     progress.mark_done(mark);
                     delivered.push(i);
                 }
+                PostResult::Rejected(e) if lone => return Outcome::permanent(e),
                 PostResult::Rejected(e) => {
                     let why = format!("record {i} of {}: {e}", records.len());
                     let body = single_record_envelope(r.record);
@@ -570,7 +579,11 @@ impl MessageProcessor for EventForwarder {
             }
             Events::Kinesis(records) => match ctx.too_many_records(records.len()) {
                 Some(o) => o,
-                None => self.handle_records(&records, ctx).await,
+                None => {
+                    // A record published alone is split from the body itself.
+                    let lone = matches!(records.as_slice(), [r] if std::ptr::eq(r.record, &*input));
+                    self.handle_records(&records, lone, ctx).await
+                }
             },
         }
     }

@@ -708,6 +708,37 @@ async fn a_kinesis_record_on_its_own_is_posted_as_in_a_batch() {
     hs.stop().await;
 }
 
+/// A Kinesis record published alone that the endpoint refuses (4xx) is that message's
+/// failure: dead-lettered byte for byte as it came, no success published. Before, it was
+/// dead-lettered wrapped in an envelope of one and the message counted a success. A
+/// one-record envelope is a batch still: its record is dead-lettered and the batch succeeds.
+#[tokio::test]
+async fn a_refused_kinesis_record_on_its_own_is_dead_lettered_as_it_came() {
+    let server = answering(422).await;
+    let data = tempfile::tempdir().unwrap();
+    let mut hs = start(&server, data.path(), &[]).await;
+    let mut out = hs.watch_output().await;
+    let mut dlq = hs.watch_dlq().await;
+    let lone = r#"{"kinesis":{"data":"e30="} , "eventSource":"aws:kinesis","eventID":"s:1"}"#;
+    hs.publish("kinesis", lone.as_bytes(), with_id("lone-refused"))
+        .await;
+    let d = next(&mut dlq).await;
+    assert_eq!(d.data, lone.as_bytes());
+    assert_eq!(header(&d, "x-error-kind").as_deref(), Some("permanent"));
+    let batch = format!(r#"{{"Records":[{lone}]}}"#);
+    hs.publish("kinesis", batch.as_bytes(), with_id("batch-refused"))
+        .await;
+    let o = next(&mut out).await;
+    assert_eq!(
+        header(&o, "x-in-response-to").as_deref(),
+        Some("batch-refused"),
+        "the lone record published no success"
+    );
+    assert_eq!(json_of(&o)["dead_lettered"], json!([0]));
+    next(&mut dlq).await;
+    hs.stop().await;
+}
+
 /// An endpoint that cannot take anything (unreachable, 503, throttling) is an outage:
 /// its retries do not count toward `max_attempts` (1 here), so the events sent while it
 /// lasts are delivered once it is back instead of dead-lettered; an error answer to one
