@@ -50,6 +50,20 @@ async fn answering(status: u16) -> MockServer {
     answering_after(status, std::time::Duration::ZERO).await
 }
 
+/// An endpoint answering `answer` to every POST whose body holds `marker`, 200 to the rest.
+async fn answering_on(marker: &str, answer: ResponseTemplate) -> MockServer {
+    let server = MockServer::start().await;
+    Mock::given(body_string_contains(marker))
+        .respond_with(answer)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&server)
+        .await;
+    server
+}
+
 /// An endpoint answering every POST with `status` after `delay`.
 async fn answering_after(status: u16, delay: std::time::Duration) -> MockServer {
     let server = MockServer::start().await;
@@ -220,15 +234,7 @@ async fn an_endpoint_that_cannot_take_more_is_not_sent_the_rest_of_the_batch() {
         ("429", ResponseTemplate::new(429), 2),
         ("500", ResponseTemplate::new(500), 3),
     ] {
-        let server = MockServer::start().await;
-        Mock::given(body_string_contains("seq-2"))
-            .respond_with(answer)
-            .mount(&server)
-            .await;
-        Mock::given(method("POST"))
-            .respond_with(ResponseTemplate::new(200))
-            .mount(&server)
-            .await;
+        let server = answering_on("seq-2", answer).await;
         let data = tempfile::tempdir().unwrap();
         // A retry waits far longer than the test: the message stays in the long tier.
         let delays = if case.contains("Retry-After") {
@@ -277,15 +283,7 @@ async fn an_endpoint_that_cannot_take_more_is_not_sent_the_rest_of_the_batch() {
 #[tokio::test]
 async fn on_the_last_attempt_a_failing_record_holds_back_no_other() {
     for status in [502, 504] {
-        let server = MockServer::start().await;
-        Mock::given(body_string_contains("seq-2"))
-            .respond_with(ResponseTemplate::new(status))
-            .mount(&server)
-            .await;
-        Mock::given(method("POST"))
-            .respond_with(ResponseTemplate::new(200))
-            .mount(&server)
-            .await;
+        let server = answering_on("seq-2", ResponseTemplate::new(status)).await;
         let data = tempfile::tempdir().unwrap();
         let extra = [("retry.max_attempts", "1"), ("retry.delays_ms", "[100]")];
         let mut hs = start(&server, data.path(), &extra).await;
