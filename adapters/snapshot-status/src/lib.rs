@@ -334,10 +334,7 @@ impl StatusProcessor {
         extra: &mut Vec<Extra>,
     ) -> Result<(), StoreError> {
         let (cid, collection) = (&m.correlation_id, &m.collection_name);
-        let moved = self
-            .store
-            .mark_product_received(cid, collection, dedupe)
-            .await?;
+        let moved = db::bounded(self.store.mark_product_received(cid, collection, dedupe)).await?;
         if moved {
             transition("RECEIVED");
         }
@@ -459,10 +456,12 @@ impl StatusProcessor {
                     too_early = matches!(c.status.as_str(), "Pending" | "Exported");
                     dropped = Some(reason);
                 } else {
-                    let completed = self
-                        .store
-                        .mark_product_completed(&m.correlation_id, &m.collection_name, dedupe)
-                        .await?;
+                    let completed = db::bounded(self.store.mark_product_completed(
+                        &m.correlation_id,
+                        &m.collection_name,
+                        dedupe,
+                    ))
+                    .await?;
                     if completed {
                         transition("COMPLETED");
                     } else {
@@ -476,10 +475,12 @@ impl StatusProcessor {
                     let is_completed = product.as_deref() == Some("COMPLETED");
                     let resend = retried
                         && is_completed
-                        && self
-                            .store
-                            .completed_by(&m.correlation_id, &m.collection_name, dedupe)
-                            .await?;
+                        && db::bounded(self.store.completed_by(
+                            &m.correlation_id,
+                            &m.collection_name,
+                            dedupe,
+                        ))
+                        .await?;
                     if is_completed && (completed || resend) {
                         // Mandatory: an unroutable message fails the publish, so the input
                         // is retried and this branch (retried) sends it again.
