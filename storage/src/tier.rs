@@ -1,7 +1,6 @@
 //! The copy-to-tier procedure both storage services run: resolve, deduplicate, stream,
 //! verify, record. Services add only their names and success message shape.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -168,12 +167,12 @@ fn open_source(
             | PathError::OutsideRoots(_)
             | PathError::LinkLoop(_)),
         ) => {
-            let p = paths::normalize(Path::new(parent_dir));
+            // Where the path lands under each root, as the lookup took it: a relative path
+            // climbing out of every root (`../../etc`) is under none, an empty one included.
+            let under = paths::candidates(roots, parent_dir, filename);
             let unmounted = roots
                 .iter()
-                .filter(|r| {
-                    !p.is_absolute() || p.starts_with(&r.canonical) || p.starts_with(&r.configured)
-                })
+                .filter(|r| under.iter().any(|c| c.starts_with(&r.canonical)))
                 .find(|r| paths::may_be_unmounted(&r.canonical));
             return match unmounted {
                 Some(r) => Err(TierError::Unavailable(format!(
@@ -463,6 +462,11 @@ impl TierCopier {
                     r => r?,
                 };
                 if confirmed {
+                    // A Pluto id the sweeper brings once the file is imported belongs with
+                    // the copy (one without keeps the recorded one).
+                    if msg.imported_id.is_some() {
+                        self.record(&obj, &original, &mtime, msg, None).await?;
+                    }
                     return Ok(TierOutcome::Copied(report(&obj, false)));
                 }
                 tracing::warn!(key = %obj.object_key, "recorded copy is missing, damaged, of other content or cannot be read back now; copying again");

@@ -1524,6 +1524,16 @@ async fn a_missing_file_is_not_blamed_on_another_empty_root() {
     let msg: AssetSweeperFile =
         serde_json::from_value(sweeper_message(&unmounted, "x.mov", false)).expect("message");
     assert!(transient(c.handle(&msg, 1).await).contains("empty"));
+    // A relative path that climbs out of every root is under none of them, the empty one
+    // included: refused at once, not retried as an outage for up to `max_outage_ms`.
+    for climbing in ["../../etc", "p/../../.."] {
+        let msg: AssetSweeperFile =
+            serde_json::from_value(sweeper_message(climbing, "passwd", false)).expect("message");
+        match c.handle(&msg, 1).await {
+            Err(TierError::Permanent(e)) => assert!(e.contains("passwd"), "{climbing}: {e}"),
+            other => panic!("{climbing}: expected Permanent, got {other:?}"),
+        }
+    }
 }
 
 /// A relative name that one root holds no file under (a directory there) while another
@@ -2324,5 +2334,45 @@ async fn nearline_copies_of_several_parts_record_both_digests_of_the_whole_file(
         .await
         .expect("recorded");
         assert_eq!((sum, sha), (md5.clone(), sha256(&body)), "{name}");
+    }
+}
+
+/// A later message bringing the Pluto id of a file already copied, unchanged (the sweeper
+/// sends it once the file is imported), records it with the copy, whatever the file's
+/// size: before, a file looked up as an earlier copy (any on S3; local ones of 1 MiB or
+/// more) was reported with the id but the record kept none. A later message without one
+/// keeps it.
+#[tokio::test]
+async fn a_later_imported_id_of_an_unchanged_copy_is_recorded() {
+    let base = tempfile::tempdir().expect("temp");
+    let tier = storage::store::local(&base.path().join("store")).expect("tier");
+    let c = copier(base.path(), "online", tier, records(base.path()).await);
+    for (name, size) in [("small.mov", 100), ("large.mov", 2 * MIB + 1)] {
+        let mut msg = put(
+            base.path(),
+            "online",
+            &format!("p/{name}"),
+            &content(size, 3),
+        );
+        msg.imported_id = None;
+        let first = copied(c.handle(&msg, 0).await);
+        assert!(first.uploaded, "{name}");
+        let recorded = || async {
+            db::sqlx::query_scalar::<_, Option<String>>(
+                "SELECT imported_id FROM copied_files WHERE original_path = $1",
+            )
+            .bind(&first.original_path)
+            .fetch_one(c.records().pool())
+            .await
+            .expect("record")
+        };
+        assert_eq!(recorded().await, None, "{name}");
+        msg.imported_id = Some(format!("VX-{size}"));
+        let again = copied(c.handle(&msg, 0).await);
+        assert!(!again.uploaded, "{name}: the earlier copy is reported");
+        assert_eq!(recorded().await, Some(format!("VX-{size}")), "{name}");
+        msg.imported_id = None;
+        copied(c.handle(&msg, 0).await);
+        assert_eq!(recorded().await, Some(format!("VX-{size}")), "{name}: kept");
     }
 }
