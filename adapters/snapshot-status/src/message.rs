@@ -112,10 +112,21 @@ fn passed_on(o: &Map<String, Value>, f: &str, default: &str) -> Result<String, F
     }
 }
 
+/// A count: an integer ≥ 0, or one written as a whole float (`7.0`, `1e3`: how some JSON
+/// writers put every number); a fraction, a negative or a count beyond `i64` is refused.
 fn count(o: &Map<String, Value>, f: &str) -> Result<Option<i64>, FieldError> {
+    // 2^63 as a float: whole floats below it are exact in an i64.
+    const LIMIT: f64 = 9_223_372_036_854_775_808.0;
+    let whole = |n: &serde_json::Number| {
+        n.as_i64().or_else(|| {
+            n.as_f64()
+                .filter(|v| v.fract() == 0.0 && (0.0..LIMIT).contains(v))
+                .map(|v| v as i64)
+        })
+    };
     match o.get(f) {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) if n.as_i64().is_some_and(|i| i >= 0) => Ok(n.as_i64()),
+        Some(Value::Number(n)) if whole(n).is_some_and(|i| i >= 0) => Ok(whole(n)),
         Some(other) => Err(FieldError::Type {
             field: f.into(),
             expected: "an integer ≥ 0",
@@ -323,6 +334,15 @@ mod tests {
         );
         b["files_sent"] = json!("3");
         assert!(parse_status(&b).is_err());
+        // A whole number written as a float is that count; a fraction is not a count.
+        for (v, want) in [(json!(7.0), 7), (json!(0.0), 0), (json!(1e3), 1000)] {
+            b["files_sent"] = v.clone();
+            assert_eq!(parse_status(&b).unwrap().files_sent, Some(want), "{v}");
+        }
+        for v in [json!(7.5), json!(-1.0), json!(1e19), json!(-0.5)] {
+            b["files_sent"] = v.clone();
+            assert!(parse_status(&b).is_err(), "{v}");
+        }
     }
 
     #[test]
