@@ -5,8 +5,12 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// One file seen by the asset sweeper; the file is `parent_dir/filename`.
 ///
 /// The sweeper sends `parent_dir` and epoch-second times (numbers, possibly fractional);
-/// the older shape (`filepath`, RFC 3339 strings) is accepted too.
+/// the older shape (`filepath`, RFC 3339 strings) is accepted too, and so is a message
+/// carrying both names for one directory (a producer moving between the shapes).
+// `remote = "Self"`: the derived reading runs after `filepath` is folded into
+// `parent_dir` (see the `Deserialize` impl below).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(remote = "Self")]
 pub struct AssetSweeperFile {
     /// Pluto's id for the item, if imported.
     pub imported_id: Option<String>,
@@ -31,10 +35,77 @@ pub struct AssetSweeperFile {
     #[serde(deserialize_with = "group_int")]
     pub group: i64,
     /// Directory of the file (`filepath` in the older shape).
-    #[serde(alias = "filepath")]
     pub parent_dir: String,
     /// File name within `parent_dir`.
     pub filename: String,
+}
+
+impl Serialize for AssetSweeperFile {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        AssetSweeperFile::serialize(self, s)
+    }
+}
+
+impl<'de> Deserialize<'de> for AssetSweeperFile {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let Fields(mut fields) = Fields::deserialize(d)?;
+        if let Some(older) = fields.remove("filepath") {
+            match fields.get("parent_dir") {
+                None => {
+                    fields.insert("parent_dir".into(), older);
+                }
+                Some(dir) if *dir == older => {}
+                Some(dir) => {
+                    return Err(D::Error::custom(format!(
+                        "`parent_dir` ({dir}) and `filepath` ({older}) name different \
+                         directories: which file is meant cannot be told"
+                    )));
+                }
+            }
+        }
+        // Read from the fields, not the body, where the bus cannot see which field was
+        // wrong: named here.
+        let mut track = serde_path_to_error::Track::new();
+        let fields = serde_json::Value::Object(fields);
+        AssetSweeperFile::deserialize(serde_path_to_error::Deserializer::new(fields, &mut track))
+            .map_err(|e| match track.path().to_string() {
+                p if p == "." => D::Error::custom(e),
+                p => D::Error::custom(format!("field `{p}`: {e}")),
+            })
+    }
+}
+
+/// A JSON object's fields, refusing a field named twice as the derived reading does (the
+/// file meant would depend on which one a reader kept).
+struct Fields(serde_json::Map<String, serde_json::Value>);
+
+impl<'de> Deserialize<'de> for Fields {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Fields;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an asset-sweeper file message (a JSON object)")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Fields, A::Error> {
+                use serde::de::Error;
+                let mut fields = serde_json::Map::new();
+                while let Some(k) = map.next_key::<String>()? {
+                    let v = map.next_value()?;
+                    if fields.contains_key(&k) {
+                        return Err(A::Error::custom(format!("duplicate field `{k}`")));
+                    }
+                    fields.insert(k, v);
+                }
+                Ok(Fields(fields))
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl AssetSweeperFile {
@@ -263,6 +334,10 @@ mod tests {
             bad[k] = v.clone();
             let e = serde_json::from_value::<AssetSweeperFile>(bad).expect_err("refused");
             assert!(e.to_string().contains(says), "{k}={v}: {e}");
+            assert!(
+                e.to_string().contains(&format!("field `{k}`")),
+                "{k}={v}: {e}"
+            );
         }
     }
 
@@ -286,9 +361,40 @@ mod tests {
         for k in ["mtime", "ctime", "atime"] {
             old[k] = "2023-11-14T22:13:20.5Z".into();
         }
-        let m: AssetSweeperFile = serde_json::from_value(old).expect("older shape");
+        let m: AssetSweeperFile = serde_json::from_value(old.clone()).expect("older shape");
         assert_eq!(m.joined_path(), "p/a.mp4");
         assert_eq!(m.atime, SweeperTime(1_700_000_000.5));
+        // Written out in the sweeper's shape, it reads back the same.
+        let written = serde_json::to_value(&m).expect("written");
+        assert_eq!(written["parent_dir"], "p");
+        assert!(written.get("filepath").is_none());
+        assert_eq!(
+            serde_json::from_value::<AssetSweeperFile>(written).expect("read"),
+            m
+        );
+
+        // Both names, as a producer moving between the shapes sends: one directory is
+        // that directory; two different ones are refused, naming both.
+        let mut both = old;
+        both["parent_dir"] = "p".into();
+        let m: AssetSweeperFile = serde_json::from_value(both.clone()).expect("both names");
+        assert_eq!(m.joined_path(), "p/a.mp4");
+        both["parent_dir"] = "q".into();
+        let e = serde_json::from_value::<AssetSweeperFile>(both).expect_err("two directories");
+        assert!(e.to_string().contains("different directories"), "{e}");
+    }
+
+    #[test]
+    fn a_field_named_twice_is_refused() {
+        for twice in [
+            r#"{"parent_dir": "p", "filename": "a.mp4", "filename": "b.mp4"}"#,
+            r#"{"parent_dir": "p", "parent_dir": "q", "filename": "a.mp4"}"#,
+        ] {
+            let e = serde_json::from_str::<AssetSweeperFile>(twice).expect_err(twice);
+            assert!(e.to_string().contains("duplicate field"), "{twice}: {e}");
+        }
+        let e = serde_json::from_str::<AssetSweeperFile>("[1]").expect_err("an array");
+        assert!(e.to_string().contains("JSON object"), "{e}");
     }
 
     #[test]
