@@ -201,11 +201,20 @@ pub(crate) fn fit_name(base: &str, tag: &str, max: usize) -> Option<String> {
 }
 
 /// The key beside `natural` for content whose digest is `digest` (hex), where other
-/// content holds `natural`: `<natural>.<first 16 hex>`, its last name shortened to fit in
-/// [`MAX_NAME`] bytes and the whole key in `max_key`. Where no shortening fits, the
+/// content holds `natural`: `<natural>.<first 16 hex>` (`whole`: `<natural>.<digest>`,
+/// for where another file's own name took the short one), its last name shortened to fit
+/// in [`MAX_NAME`] bytes and the whole key in `max_key`. Where no shortening fits, the
 /// unshortened key: its store refuses it, as permanent as it is.
-pub(crate) fn sibling_key(natural: &ObjectPath, digest: &str, max_key: usize) -> ObjectPath {
-    let tag = digest.get(..TAG_HEX).unwrap_or(digest);
+pub(crate) fn sibling_key(
+    natural: &ObjectPath,
+    digest: &str,
+    whole: bool,
+    max_key: usize,
+) -> ObjectPath {
+    let tag = match whole {
+        true => digest,
+        false => digest.get(..TAG_HEX).unwrap_or(digest),
+    };
     let whole = natural.as_ref();
     let (dir, name) = match whole.rsplit_once('/') {
         Some((dir, name)) => (Some(dir), name),
@@ -780,24 +789,27 @@ mod tests {
     /// cut at a character boundary; one that fits already keeps its spelling.
     #[test]
     fn a_sibling_key_fits_every_store() {
-        let short = sibling_key(&object_path("d/a.mov"), DIGEST, usize::MAX);
+        let short = sibling_key(&object_path("d/a.mov"), DIGEST, false, usize::MAX);
         assert_eq!(short.as_ref(), "d/a.mov.0123456789abcdef");
         let exact = format!("d/{}", "n".repeat(MAX_NAME - 17));
-        let kept = sibling_key(&object_path(&exact), DIGEST, usize::MAX);
+        let kept = sibling_key(&object_path(&exact), DIGEST, false, usize::MAX);
         assert_eq!(kept.as_ref(), format!("{exact}.0123456789abcdef"));
 
         let cjk = format!("long3/{}.mo", "映".repeat(83));
-        let key = sibling_key(&object_path(&cjk), DIGEST, usize::MAX);
+        let key = sibling_key(&object_path(&cjk), DIGEST, false, usize::MAX);
         let name = key.as_ref().rsplit('/').next().expect("a name");
         assert_eq!(name, format!("{}.0123456789abcdef", "映".repeat(79)));
-        assert_eq!(key, sibling_key(&object_path(&cjk), DIGEST, usize::MAX));
+        assert_eq!(
+            key,
+            sibling_key(&object_path(&cjk), DIGEST, false, usize::MAX)
+        );
 
         let dirs = (0..4)
             .map(|_| "d".repeat(250))
             .collect::<Vec<_>>()
             .join("/");
         let near = object_path(&format!("{dirs}/take-one.mov"));
-        let s3 = sibling_key(&near, DIGEST, 1024);
+        let s3 = sibling_key(&near, DIGEST, false, 1024);
         assert_eq!(s3.as_ref(), format!("{dirs}/tak.0123456789abcdef"));
         // No room for a single character of the name: left for the store to refuse.
         let deep = (0..4)
@@ -805,7 +817,7 @@ mod tests {
             .collect::<Vec<_>>()
             .join("/");
         let full = object_path(&format!("{deep}/x.mov"));
-        let refused = sibling_key(&full, DIGEST, 1024);
+        let refused = sibling_key(&full, DIGEST, false, 1024);
         assert_eq!(refused.as_ref(), format!("{full}.0123456789abcdef"));
     }
 

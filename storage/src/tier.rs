@@ -193,6 +193,15 @@ fn open_source(
     Ok(Some(Opened::File(resolved, meta)))
 }
 
+/// Every key this content may take holds other content. The keys beside the natural one
+/// are derived from this very content: other bytes there are damage (or names crafted to
+/// meet them) no retry will repair.
+fn occupied(natural: &ObjectPath, last: &ObjectPath) -> TierError {
+    TierError::Permanent(format!(
+        "{natural} and the keys beside it, up to {last}, hold other content; refusing to overwrite"
+    ))
+}
+
 /// Whether a file's recorded modification time (RFC 3339) is the one the sweeper saw:
 /// to the second where the sweeper sent whole seconds (the older shape's strings), else
 /// to the millisecond (its epoch seconds are a float: microseconds survive, not
@@ -519,6 +528,8 @@ impl TierCopier {
             //    at what won.
             let mut key = natural.clone();
             let mut races = 0;
+            // Keys tried beside the natural one.
+            let mut beside = 0;
             loop {
                 if self.tier.s3.is_some() && key.as_ref().len() > MAX_S3_KEY {
                     return Err(TierError::Permanent(format!(
@@ -567,7 +578,10 @@ impl TierCopier {
                     Claimed::Done(obj, uploaded) => {
                         return Ok(TierOutcome::Copied(report(&obj, uploaded)));
                     }
-                    Claimed::Occupied(d) if key == natural => {
+                    // Beside it, under a key named from the content: first its digest's
+                    // first 16 hex, then — where that is another file's own name, as a file
+                    // named `<name>.<16 hex>` can be — the whole digest.
+                    Claimed::Occupied(d) if beside < 2 => {
                         // Named from the SHA-256 where the checksum is MD5: two contents
                         // of one MD5 would otherwise meet at one sibling key.
                         let named = d.sha256.as_deref().unwrap_or(&d.checksum);
@@ -575,16 +589,15 @@ impl TierCopier {
                             Some(_) => MAX_S3_KEY,
                             None => usize::MAX,
                         };
-                        key = crate::store::sibling_key(&natural, named, max_key);
+                        let next = crate::store::sibling_key(&natural, named, beside == 1, max_key);
+                        if next == key {
+                            return Err(occupied(&natural, &key));
+                        }
+                        key = next;
+                        beside += 1;
                         tracing::warn!(key = %natural, sibling = %key, "different content already stored under this key; storing beside it");
                     }
-                    Claimed::Occupied(_) => {
-                        // The sibling key is derived from this very content: other bytes there
-                        // are damage no retry will repair.
-                        return Err(TierError::Permanent(format!(
-                            "both {natural} and {key} hold other content; refusing to overwrite"
-                        )));
-                    }
+                    Claimed::Occupied(_) => return Err(occupied(&natural, &key)),
                 }
             }
         };

@@ -2376,3 +2376,42 @@ async fn a_later_imported_id_of_an_unchanged_copy_is_recorded() {
         assert_eq!(recorded().await, Some(format!("VX-{size}")), "{name}: kept");
     }
 }
+
+/// A new version of a file whose key beside the first (`<name>.<16 hex>`) is another
+/// file's own name, holding other content (a name made to meet it), is stored under the
+/// whole digest instead of dead-lettered; what the other keys hold is untouched.
+#[tokio::test]
+async fn a_new_version_whose_key_beside_is_another_files_name_goes_further_beside() {
+    let base = tempfile::tempdir().expect("temp");
+    let store_dir = base.path().join("store");
+    let tier = storage::store::local(&store_dir).expect("tier");
+    let c = copier(base.path(), "online", tier, records(base.path()).await);
+    let (first, second) = (content(5000, 1), content(6000, 2));
+    let digest = sha256(&second);
+    let squatter = format!("a.mov.{}", &digest[..16]);
+    for (rel, body) in [
+        ("p/a.mov".to_string(), &first),
+        (format!("p/{squatter}"), &b"another file".to_vec()),
+    ] {
+        let msg = put(base.path(), "online", &rel, body);
+        assert_eq!(copied(c.handle(&msg, 0).await).key, rel);
+    }
+    let msg = put(base.path(), "online", "p/a.mov", &second);
+    let r = copied(c.handle(&msg, 0).await);
+    assert_eq!(r.key, format!("p/a.mov.{digest}"));
+    assert!(r.uploaded);
+    for (key, body) in [
+        (r.key.clone(), second.clone()),
+        ("p/a.mov".into(), first.clone()),
+        (format!("p/{squatter}"), b"another file".to_vec()),
+    ] {
+        assert_eq!(
+            std::fs::read(store_dir.join(&key)).expect("stored"),
+            body,
+            "{key}"
+        );
+    }
+    // Its redelivery finds that copy.
+    let again = copied(c.handle(&msg, 1).await);
+    assert_eq!((again.key, again.uploaded), (r.key, false));
+}
