@@ -76,7 +76,24 @@ impl<'de> Deserialize<'de> for AssetSweeperFile {
     }
 }
 
-/// A JSON object's fields, refusing a field named twice as the derived reading does (the
+/// The fields read (the message's, and the older shape's `filepath`); any other is
+/// skipped.
+const FIELDS: [&str; 12] = [
+    "imported_id",
+    "size",
+    "ignore",
+    "mime_type",
+    "mtime",
+    "ctime",
+    "atime",
+    "owner",
+    "group",
+    "parent_dir",
+    "filepath",
+    "filename",
+];
+
+/// A JSON object's fields of [`FIELDS`], refusing a field named twice as the derived reading does (the
 /// file meant would depend on which one a reader kept).
 struct Fields(serde_json::Map<String, serde_json::Value>);
 
@@ -95,6 +112,12 @@ impl<'de> Deserialize<'de> for Fields {
                 use serde::de::Error;
                 let mut fields = serde_json::Map::new();
                 while let Some(k) = map.next_key::<String>()? {
+                    // Skipped unread, as the derived reading skips them: another field,
+                    // however large or deep, is never built up in memory.
+                    if !FIELDS.contains(&k.as_str()) {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                        continue;
+                    }
                     let v = map.next_value()?;
                     if fields.contains_key(&k) {
                         return Err(A::Error::custom(format!("duplicate field `{k}`")));
@@ -393,6 +416,27 @@ mod tests {
             let e = serde_json::from_str::<AssetSweeperFile>(twice).expect_err(twice);
             assert!(e.to_string().contains("duplicate field"), "{twice}: {e}");
         }
+        // Every field of the message is read (none left out of FIELDS), and others are
+        // skipped unread, however deep.
+        let mut m = base();
+        m["parent_dir"] = "p".into();
+        for k in ["mtime", "ctime", "atime"] {
+            m[k] = 1.into();
+        }
+        let f: AssetSweeperFile = serde_json::from_value(m.clone()).expect("message");
+        let written = serde_json::to_value(&f).expect("written");
+        for k in written.as_object().expect("object").keys() {
+            assert!(FIELDS.contains(&k.as_str()), "{k} is read");
+        }
+        let mut text = m.to_string();
+        text.pop();
+        text.push_str(&format!(
+            r#","x":{}1{}}}"#,
+            "[".repeat(10_000),
+            "]".repeat(10_000)
+        ));
+        let f2: AssetSweeperFile = serde_json::from_str(&text).expect("deep other field");
+        assert_eq!(f2, f);
         let e = serde_json::from_str::<AssetSweeperFile>("[1]").expect_err("an array");
         assert!(e.to_string().contains("JSON object"), "{e}");
     }
