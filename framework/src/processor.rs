@@ -118,6 +118,8 @@ pub struct MessageContext {
     /// Progress headers ([`crate::batch::Progress`]): about this message's parts, so a
     /// part dead-lettered as a message of its own does not carry them.
     pub(crate) progress_headers: Arc<Mutex<Vec<&'static str>>>,
+    /// The processor's [`MessageProcessor::progress_headers`]; None outside a runtime.
+    pub(crate) declared_progress: Option<&'static [&'static str]>,
     /// The session's publisher; None outside a runtime (unit tests).
     pub(crate) publisher: Option<Publisher>,
     /// `storagetier_publish_failures_total` of the queue: a handler's own publishes count
@@ -172,6 +174,7 @@ impl MessageContext {
             headers: FieldTable::default(),
             retry_notes: Arc::default(),
             progress_headers: Arc::default(),
+            declared_progress: None,
             publisher: None,
             publish_failures: metrics::Counter::noop(),
             properties: Default::default(),
@@ -483,6 +486,11 @@ impl MessageContext {
 
     /// Notes `header` as a progress header of this message (see `progress_headers`).
     pub(crate) fn note_progress_header(&self, header: &'static str) {
+        debug_assert!(
+            self.declared_progress
+                .is_none_or(|declared| declared.contains(&header)),
+            "progress header {header} is not among the processor's progress_headers()"
+        );
         if let Ok(mut v) = self.progress_headers.lock()
             && !v.contains(&header)
         {
@@ -499,6 +507,15 @@ pub trait MessageProcessor: Send + Sync + 'static {
 
     /// Handles one decoded message. Must be idempotent: delivery is at-least-once.
     async fn handle(&self, input: Self::Input, ctx: &MessageContext) -> Outcome;
+
+    /// The headers its [`crate::batch::Progress`] marks are kept in (every name it passes
+    /// to `Progress::resume`). On a delivery that did not come back the framework's way
+    /// they are a producer's: removed before the processor, its retries and its dead
+    /// letters see them — a retry or dead letter made before the processor read its marks
+    /// would otherwise carry the producer's, believed when it came back.
+    fn progress_headers(&self) -> &'static [&'static str] {
+        &[]
+    }
 
     /// Why this processor takes no message of this kind (its routing key, say), or None:
     /// such a message is dropped before its body is decoded, so a producer's other

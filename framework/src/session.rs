@@ -1001,6 +1001,12 @@ impl<P: MessageProcessor> Shared<P> {
     ) {
         let (inner, publisher, metrics) = (&*self.inner, &self.publisher, &*self.metrics);
         let mut inc = incoming(&delivery, &inner.topology.queue);
+        let declared_progress = inner.processor.progress_headers();
+        if !inc.came_back
+            && (declared_progress.iter()).any(|k| inc.headers.inner().contains_key(*k))
+        {
+            inc.headers = h::without(&inc.headers, declared_progress);
+        }
         let trace = crate::trace::TraceContext::continue_from(&inc.headers);
         // An input whose headers leave no room for a retry's or dead letter's in one frame
         // is dead-lettered at once, without them (publishing it with them would make the
@@ -1049,6 +1055,7 @@ impl<P: MessageProcessor> Shared<P> {
                 headers: inc.headers,
                 retry_notes: Default::default(),
                 progress_headers: Default::default(),
+                declared_progress: Some(declared_progress),
                 cancel,
                 stops_at,
                 trace,

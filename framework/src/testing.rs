@@ -98,7 +98,13 @@ where
     async fn handle(&self, input: serde_json::Value, ctx: &MessageContext) -> Outcome {
         (self.0)(input, ctx)
     }
+    fn progress_headers(&self) -> &'static [&'static str] {
+        &[TEST_PROGRESS]
+    }
 }
+
+/// The progress header test processors keep their marks in.
+pub const TEST_PROGRESS: &str = "x-test-done";
 
 /// Calls seen by a processor: (body, context).
 pub type Calls = Arc<Mutex<Vec<(serde_json::Value, MessageContext)>>>;

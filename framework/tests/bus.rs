@@ -462,6 +462,9 @@ struct FirstRecordRefused;
 #[async_trait]
 impl MessageProcessor for FirstRecordRefused {
     type Input = serde_json::Value;
+    fn progress_headers(&self) -> &'static [&'static str] {
+        &["x-test-parts"]
+    }
     async fn handle(&self, _: serde_json::Value, ctx: &MessageContext) -> Outcome {
         let mut parts = framework::batch::Progress::resume(ctx, "x-test-parts");
         match parts
@@ -1905,6 +1908,9 @@ struct TwoParts;
 #[async_trait]
 impl MessageProcessor for TwoParts {
     type Input = serde_json::Value;
+    fn progress_headers(&self) -> &'static [&'static str] {
+        &[TEST_PROGRESS]
+    }
     async fn handle(&self, _v: serde_json::Value, ctx: &MessageContext) -> Outcome {
         let mut p = framework::batch::Progress::resume(ctx, "x-test-done");
         if ctx.attempt == 0 {

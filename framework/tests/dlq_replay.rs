@@ -470,6 +470,119 @@ async fn a_brokers_dead_letter_of_a_producers_message_keeps_its_real_origin() {
     );
 }
 
+/// The broker's dead letter of a producer's message that was replayed before (its delivery
+/// limit reached again: the replay's marker still on it, its `x-death` naming the default
+/// exchange) is still the producer's: replayed as a first arrival again, its producer's
+/// progress marks and part not believed. Before, the second replay lost the marker and
+/// the processor skipped the parts the producer's header named.
+#[tokio::test]
+async fn a_producers_message_dead_lettered_again_after_its_replay_is_still_the_producers() {
+    use framework::headers as h;
+    use framework::lapin::types::{AMQPValue, FieldArray, FieldTable};
+    let mut hs = Harness::start("replayedagain", &[], failing()).await;
+    hs.stop().await;
+    let mut hdr = FieldTable::default();
+    h::set_str(&mut hdr, h::PRODUCERS_REPLAY, "true");
+    h::set_str(&mut hdr, h::ORIGINAL_EXCHANGE, &hs.input_exchange);
+    h::set_str(&mut hdr, h::ORIGINAL_ROUTING_KEY, "test.real");
+    h::set_str(&mut hdr, h::BATCH_PART, "7");
+    h::set_str(&mut hdr, TEST_PROGRESS, "[\"0\"]");
+    let mut death = FieldTable::default();
+    for (k, v) in [
+        ("reason", "delivery_limit"),
+        ("queue", hs.q.as_str()),
+        ("exchange", ""),
+    ] {
+        h::set_str(&mut death, k, v);
+    }
+    hdr.insert(
+        "x-death".into(),
+        AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(death)])),
+    );
+    // As the broker dead-letters the replayed copy: through `Q-fail`, with the key it was
+    // published with (the queue's name, through the default exchange).
+    publish(
+        &hs.ch,
+        &format!("{}-fail", hs.q),
+        &hs.q,
+        b"{}",
+        BasicProperties::default()
+            .with_message_id("again-1".into())
+            .with_headers(hdr),
+    )
+    .await;
+    let dlq_name = format!("{}-dlq", hs.q);
+    await_ready_count(&hs.ch, &dlq_name, 1).await;
+    let listed = dlq::list(&hs.conn, &hs.topology(), 10)
+        .await
+        .expect("listed");
+    assert_eq!(listed[0].kind.as_deref(), Some("delivery_limit"));
+    assert!(listed[0].from_producer);
+    let (moved, got) = replay_the_one(&hs).await;
+    assert!(moved[0].from_producer);
+    assert!(
+        header(&got, h::PRODUCERS_REPLAY).is_some(),
+        "read as a first arrival again"
+    );
+    assert_eq!(header(&got, h::BATCH_PART), None);
+    assert_eq!(moved[0].original_exchange, hs.input_exchange);
+    assert_eq!(moved[0].original_routing_key, "test.real");
+    assert_eq!(
+        header(&got, h::ORIGINAL_ROUTING_KEY).as_deref(),
+        Some("test.real")
+    );
+}
+
+/// A producer's message dead-lettered by the service before its processor read its
+/// progress (refused at once; a limit an operator raises before replaying it) leaves the
+/// producer's progress header behind: the replay, coming back the framework's way, does
+/// every part — before, the processor believed the producer's marks and skipped them.
+#[tokio::test]
+async fn a_dead_letter_made_before_the_progress_was_read_carries_no_producers_marks() {
+    use framework::headers as h;
+    use framework::lapin::types::FieldTable;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let refusing = Arc::new(AtomicBool::new(true));
+    let seen: Arc<Mutex<Vec<bool>>> = Arc::default();
+    let p = {
+        let (refusing, seen) = (refusing.clone(), seen.clone());
+        FnProcessor(move |_v: serde_json::Value, ctx: &MessageContext| {
+            if refusing.load(Ordering::SeqCst) {
+                return Outcome::permanent("over a limit");
+            }
+            let p = framework::batch::Progress::resume(ctx, TEST_PROGRESS);
+            seen.lock().unwrap().push(p.is_done("0"));
+            Outcome::success(serde_json::json!({}))
+        })
+    };
+    let mut hs = Harness::start("producersmarks", &[], p).await;
+    let mut out = hs.watch_output().await;
+    let mut hdr = FieldTable::default();
+    h::set_str(&mut hdr, TEST_PROGRESS, "[\"0\"]");
+    h::set_str(&mut hdr, "x-own", "kept");
+    hs.publish(
+        "test.marks",
+        b"{}",
+        BasicProperties::default()
+            .with_message_id("marks-1".into())
+            .with_headers(hdr),
+    )
+    .await;
+    let dlq_name = format!("{}-dlq", hs.q);
+    await_ready_count(&hs.ch, &dlq_name, 1).await;
+    refusing.store(false, Ordering::SeqCst);
+    let moved = hs.replay_all().await;
+    assert_eq!(moved.len(), 1);
+    next(&mut out).await;
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![false],
+        "part 0 is done on the replay"
+    );
+    hs.stop().await;
+}
+
 /// A dead letter the service itself made of a delivery that came with the broker's
 /// dead-lettering headers of its own (a dead letter shovelled back to the producer's
 /// exchange) is listed as the service's — its error, kind and time — not taken for one the

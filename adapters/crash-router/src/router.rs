@@ -130,6 +130,10 @@ impl CrashRouter {
 impl MessageProcessor for CrashRouter {
     type Input = Value;
 
+    fn progress_headers(&self) -> &'static [&'static str] {
+        &[PUBLISHED_HEADER, SENT_HEADER]
+    }
+
     async fn handle(&self, input: Value, ctx: &MessageContext) -> Outcome {
         // Counted before anything is classified, then as an SQS batch's bodies are opened
         // (each may hold a million): counted after opening, 8 bodies of `[0,0,…]` made 8

@@ -571,6 +571,10 @@ impl EventForwarder {
 impl MessageProcessor for EventForwarder {
     type Input = Box<RawValue>;
 
+    fn progress_headers(&self) -> &'static [&'static str] {
+        &[DONE_HEADER]
+    }
+
     async fn handle(&self, input: Box<RawValue>, ctx: &MessageContext) -> Outcome {
         match split(&input) {
             Events::Single(body) => self.handle_single(body, ctx).await,

@@ -144,6 +144,10 @@ impl ProjectProcessor {
 impl MessageProcessor for ProjectProcessor {
     type Input = serde_json::Value;
 
+    fn progress_headers(&self) -> &'static [&'static str] {
+        &[DEAD_LETTERED_HEADER]
+    }
+
     async fn handle(&self, input: serde_json::Value, ctx: &MessageContext) -> Outcome {
         let mut tally = Tally::default();
         let outcome = self.attempt(input, ctx, &mut tally).await;

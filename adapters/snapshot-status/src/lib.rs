@@ -561,6 +561,10 @@ fn dedupe_key(
 impl MessageProcessor for StatusProcessor {
     type Input = Value;
 
+    fn progress_headers(&self) -> &'static [&'static str] {
+        &[PUBLISHED_HEADER, COUNTED_HEADER, DEAD_LETTERED_HEADER]
+    }
+
     async fn handle(&self, input: Value, ctx: &MessageContext) -> Outcome {
         // Seen before: retried, redelivered, or replayed from the DLQ (a replay keeps
         // `x-original-exchange`, which only the framework's retries and replays carry).

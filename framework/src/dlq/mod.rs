@@ -257,7 +257,11 @@ fn describe(
         })
         .and_then(|d| Some((h::get_str(d, "exchange")?, d)))
         .filter(|(exchange, _)| !exchange.is_empty());
-    let from_producer = producers.is_some();
+    // Or the broker's dead letter of a producer's message replayed before (the marker that
+    // replay set is on it, and its `x-death` now names the default exchange): its headers
+    // are still the producer's, and its origin the one that replay wrote. The service
+    // never writes the marker on a dead letter of its own (it is taken off the delivery).
+    let from_producer = producers.is_some() || hdr.inner().contains_key(h::PRODUCERS_REPLAY);
     let (original_exchange, original_routing_key) = match producers {
         Some((exchange, d)) => (
             exchange,
