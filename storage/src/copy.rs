@@ -1383,13 +1383,32 @@ fn mismatch(
     }
 }
 
-/// Deletes an object this attempt wrote and that failed verification.
+/// Deletes an object this attempt wrote and that failed verification, trying again over
+/// a store's brief blip ([`REMOVE_TRIES`] tries, 0.5 s then 1 s apart): left in place it
+/// holds the file's own key with bytes no record names, and every later copy of the file
+/// goes beside it.
 pub async fn remove(store: &dyn ObjectStore, key: &ObjectPath) -> Result<(), CopyError> {
-    match store.delete(key).await {
-        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-        Err(e) => Err(e.into()),
+    let mut wait = std::time::Duration::from_millis(500);
+    let mut tries = 1;
+    loop {
+        match store.delete(key).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => return Ok(()),
+            Err(e) if tries < REMOVE_TRIES => {
+                tracing::warn!(key = %key, error = %framework::telemetry::LogText(&e.to_string()), "could not remove what this attempt stored; trying again");
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+                tries += 1;
+            }
+            Err(e) => {
+                tracing::error!(key = %key, error = %framework::telemetry::LogText(&e.to_string()), "could not remove what this attempt stored: it stays at its key, recorded nowhere (remove it by hand); the file's next copy goes beside it");
+                return Err(e.into());
+            }
+        }
     }
 }
+
+/// Tries at removing what failed verification before the attempt gives up on it.
+pub const REMOVE_TRIES: u32 = 3;
 
 #[cfg(test)]
 mod tests {

@@ -239,6 +239,8 @@ pub struct Faults {
     pub fail_parts_from: Mutex<Option<usize>>,
     /// Parts sent through the resumable S3 path.
     pub parts_sent: AtomicUsize,
+    /// This many deletes fail (a store's blip while a bad object is taken away).
+    pub fail_deletes: AtomicUsize,
     gate: Mutex<Option<(Arc<Notify>, Arc<Notify>)>>,
     abort_gate: Mutex<Option<(Arc<Notify>, Arc<Notify>)>>,
 }
@@ -391,6 +393,12 @@ impl ObjectStore for FaultyStore {
     }
 
     async fn delete(&self, location: &ObjectPath) -> object_store::Result<()> {
+        if (self.faults.fail_deletes)
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(injected("delete"));
+        }
         self.inner.delete(location).await
     }
 

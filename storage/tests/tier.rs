@@ -305,8 +305,13 @@ async fn a_failed_verification_removes_what_the_attempt_stored() {
     ] {
         let msg = put(base.path(), "online", &format!("v/{name}"), &body);
         faults.corrupt.store(1, Ordering::SeqCst);
+        // The store blips as the bad object is taken away: tried again, it goes.
+        faults
+            .fail_deletes
+            .store(storage::copy::REMOVE_TRIES as usize - 1, Ordering::SeqCst);
         let e = transient(c.handle(&msg, 1).await);
         assert!(e.contains("verification"), "{e}");
+        assert_eq!(faults.fail_deletes.load(Ordering::SeqCst), 0, "tried again");
         assert!(
             !store_dir.join("v").join(name).exists(),
             "the damaged object is gone"
