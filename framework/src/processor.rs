@@ -509,7 +509,8 @@ pub trait MessageProcessor: Send + Sync + 'static {
     async fn handle(&self, input: Self::Input, ctx: &MessageContext) -> Outcome;
 
     /// The headers its [`crate::batch::Progress`] marks are kept in (every name it passes
-    /// to `Progress::resume`). On a delivery that did not come back the framework's way
+    /// to `Progress::resume`), and any other retry header it reads back on a later
+    /// attempt (project-ingest's receipt time). On a delivery that did not come back the framework's way
     /// they are a producer's: removed before the processor, its retries and its dead
     /// letters see them — a retry or dead letter made before the processor read its marks
     /// would otherwise carry the producer's, believed when it came back.

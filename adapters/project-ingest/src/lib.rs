@@ -145,7 +145,9 @@ impl MessageProcessor for ProjectProcessor {
     type Input = serde_json::Value;
 
     fn progress_headers(&self) -> &'static [&'static str] {
-        &[DEAD_LETTERED_HEADER]
+        // The receipt times too: kept for the retries like progress, a producer's on a
+        // dead letter made before they were read would be believed on its replay.
+        &[DEAD_LETTERED_HEADER, RECEIVED_HEADER, FIRST_SEEN_HEADER]
     }
 
     async fn handle(&self, input: serde_json::Value, ctx: &MessageContext) -> Outcome {
