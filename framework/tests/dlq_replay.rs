@@ -310,6 +310,50 @@ async fn replay_the_one(
     (moved, got)
 }
 
+/// Puts in `Q-dlq` the dead letter the broker makes (its delivery limit) of a delivery to
+/// `Q` published to `exchange` with `key` and the headers `hdr`: through `Q-fail`, with
+/// `key`, its `x-death` naming both. Lists the DLQ.
+async fn broker_dead_letters(
+    hs: &Harness,
+    exchange: &str,
+    key: &str,
+    message_id: &str,
+    mut hdr: framework::lapin::types::FieldTable,
+) -> Vec<dlq::DeadLetter> {
+    use framework::headers as h;
+    use framework::lapin::types::{AMQPValue, FieldArray, FieldTable};
+    let mut death = FieldTable::default();
+    for (k, v) in [
+        ("reason", "delivery_limit"),
+        ("queue", hs.q.as_str()),
+        ("exchange", exchange),
+    ] {
+        h::set_str(&mut death, k, v);
+    }
+    death.insert(
+        "routing-keys".into(),
+        AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::LongString(key.into())])),
+    );
+    hdr.insert(
+        "x-death".into(),
+        AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(death)])),
+    );
+    publish(
+        &hs.ch,
+        &format!("{}-fail", hs.q),
+        key,
+        b"{}",
+        BasicProperties::default()
+            .with_message_id(message_id.into())
+            .with_headers(hdr),
+    )
+    .await;
+    await_ready_count(&hs.ch, &format!("{}-dlq", hs.q), 1).await;
+    dlq::list(&hs.conn, &hs.topology(), 10)
+        .await
+        .expect("listed")
+}
+
 /// Design §3: a replay starts the message afresh — every error, retry, progress and
 /// broker death header is gone, the `x-original-*` ones and the producer's own are kept.
 /// A dead letter carrying all of them at once (as one retried, progressed and finally
@@ -398,7 +442,7 @@ async fn a_replay_strips_every_error_and_retry_header() {
 #[tokio::test]
 async fn a_brokers_dead_letter_of_a_producers_message_keeps_its_real_origin() {
     use framework::headers as h;
-    use framework::lapin::types::{AMQPValue, FieldArray, FieldTable};
+    use framework::lapin::types::FieldTable;
     let mut hs = Harness::start("realorigin", &[], failing()).await;
     hs.stop().await;
     let mut hdr = FieldTable::default();
@@ -413,40 +457,8 @@ async fn a_brokers_dead_letter_of_a_producers_message_keeps_its_real_origin() {
     h::set_str(&mut hdr, h::FAILED_AT, "2001-01-01T00:00:00Z");
     h::set_str(&mut hdr, h::BATCH_PART, "7");
     h::set_str(&mut hdr, "x-test-done", "[\"0\"]");
-    let mut death = FieldTable::default();
-    for (k, v) in [
-        ("reason", "delivery_limit"),
-        ("queue", hs.q.as_str()),
-        ("exchange", hs.input_exchange.as_str()),
-    ] {
-        h::set_str(&mut death, k, v);
-    }
-    death.insert(
-        "routing-keys".into(),
-        AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::LongString(
-            "test.real".into(),
-        )])),
-    );
-    hdr.insert(
-        "x-death".into(),
-        AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(death)])),
-    );
-    // As the broker dead-letters it: through `Q-fail`, with its own routing key.
-    publish(
-        &hs.ch,
-        &format!("{}-fail", hs.q),
-        "test.real",
-        b"{}",
-        BasicProperties::default()
-            .with_message_id("origin-1".into())
-            .with_headers(hdr),
-    )
-    .await;
-    let dlq_name = format!("{}-dlq", hs.q);
-    await_ready_count(&hs.ch, &dlq_name, 1).await;
-    let listed = dlq::list(&hs.conn, &hs.topology(), 10)
-        .await
-        .expect("listed");
+    let input = hs.input_exchange.clone();
+    let listed = broker_dead_letters(&hs, &input, "test.real", "origin-1", hdr).await;
     assert_eq!(listed[0].kind.as_deref(), Some("delivery_limit"));
     assert_eq!(listed[0].error, None);
     assert_ne!(listed[0].failed_at.as_deref(), Some("2001-01-01T00:00:00Z"));
@@ -478,7 +490,7 @@ async fn a_brokers_dead_letter_of_a_producers_message_keeps_its_real_origin() {
 #[tokio::test]
 async fn a_producers_message_dead_lettered_again_after_its_replay_is_still_the_producers() {
     use framework::headers as h;
-    use framework::lapin::types::{AMQPValue, FieldArray, FieldTable};
+    use framework::lapin::types::FieldTable;
     let mut hs = Harness::start("replayedagain", &[], failing()).await;
     hs.stop().await;
     let mut hdr = FieldTable::default();
@@ -487,35 +499,9 @@ async fn a_producers_message_dead_lettered_again_after_its_replay_is_still_the_p
     h::set_str(&mut hdr, h::ORIGINAL_ROUTING_KEY, "test.real");
     h::set_str(&mut hdr, h::BATCH_PART, "7");
     h::set_str(&mut hdr, TEST_PROGRESS, "[\"0\"]");
-    let mut death = FieldTable::default();
-    for (k, v) in [
-        ("reason", "delivery_limit"),
-        ("queue", hs.q.as_str()),
-        ("exchange", ""),
-    ] {
-        h::set_str(&mut death, k, v);
-    }
-    hdr.insert(
-        "x-death".into(),
-        AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(death)])),
-    );
-    // As the broker dead-letters the replayed copy: through `Q-fail`, with the key it was
-    // published with (the queue's name, through the default exchange).
-    publish(
-        &hs.ch,
-        &format!("{}-fail", hs.q),
-        &hs.q,
-        b"{}",
-        BasicProperties::default()
-            .with_message_id("again-1".into())
-            .with_headers(hdr),
-    )
-    .await;
-    let dlq_name = format!("{}-dlq", hs.q);
-    await_ready_count(&hs.ch, &dlq_name, 1).await;
-    let listed = dlq::list(&hs.conn, &hs.topology(), 10)
-        .await
-        .expect("listed");
+    // The replayed copy was published through the default exchange with the queue's name.
+    let q = hs.q.clone();
+    let listed = broker_dead_letters(&hs, "", &q, "again-1", hdr).await;
     assert_eq!(listed[0].kind.as_deref(), Some("delivery_limit"));
     assert!(listed[0].from_producer);
     let (moved, got) = replay_the_one(&hs).await;
