@@ -371,8 +371,12 @@ impl ProjectProcessor {
     /// header: ordered as received again, an older update would overwrite the newer ones
     /// applied since its first delivery. So each receipt is noted by the message's digest
     /// (id, routing key and body), and a redelivered or replayed message takes its first.
-    /// A believed timestamp (`stamped`) is the key where no receipt was noted. Returns the
-    /// ordering key and, where it is this service's own clock, that time.
+    /// A timestamp (`stamped`) is the key where it is believable against that first
+    /// receipt (no more than [`crate::event::MAX_AHEAD`] after it), as the first attempt
+    /// judged it: the receipt is noted for a stamped message too, so a redelivery judges
+    /// its stamp and its own `updated` against when it was first seen, not the clock now
+    /// (a time refused then came within bounds minutes later, and the redelivered update
+    /// overtook newer ones). Returns the ordering key and the first receipt.
     async fn first_receipt(
         &self,
         input: &serde_json::Value,
@@ -380,21 +384,29 @@ impl ProjectProcessor {
         stamped: Option<String>,
     ) -> Result<(String, Option<String>), store::StoreError> {
         let digest = receipt_digest(ctx.message_id.as_deref(), &ctx.routing_key, input);
-        // A redelivery or replay whose first attempt did not believe its timestamp
-        // (noted its receipt instead) keeps that receipt, believable as the time may be now.
-        if again(ctx)
-            && let Some(first) = db::bounded(self.store.first_receipt(&digest)).await?
-        {
-            return Ok((first.clone(), Some(first)));
-        }
-        if let Some(t) = stamped {
-            return Ok((t, None));
-        }
-        let now = crate::event::time_key(chrono::Utc::now())
-            .unwrap_or_else(|| unreachable!("the clock is past the year 9999"));
-        db::bounded(self.store.note_receipt(&digest, &now)).await?;
-        self.prune_receipts();
-        Ok((now.clone(), Some(now)))
+        let noted = match again(ctx) {
+            true => db::bounded(self.store.first_receipt(&digest)).await?,
+            false => None,
+        };
+        let first = match noted {
+            Some(first) => first,
+            None => {
+                let now = crate::event::time_key(chrono::Utc::now())
+                    .unwrap_or_else(|| unreachable!("the clock is past the year 9999"));
+                db::bounded(self.store.note_receipt(&digest, &now)).await?;
+                self.prune_receipts();
+                now
+            }
+        };
+        let bound = chrono::DateTime::parse_from_rfc3339(&first)
+            .ok()
+            .and_then(|t| {
+                crate::event::time_key(t.with_timezone(&chrono::Utc) + crate::event::MAX_AHEAD)
+            });
+        let key = stamped
+            .filter(|t| bound.as_ref().is_some_and(|b| t <= b))
+            .unwrap_or_else(|| first.clone());
+        Ok((key, Some(first)))
     }
 
     /// Forgets receipts older than [`KEEP_RECEIPTS`], at most once an hour, on a task of its
@@ -463,7 +475,7 @@ fn published_at(t: u64) -> Option<String> {
 }
 
 /// What a message's first receipt is noted under: its id, routing key and body.
-fn receipt_digest(
+pub fn receipt_digest(
     message_id: Option<&str>,
     routing_key: &str,
     input: &serde_json::Value,

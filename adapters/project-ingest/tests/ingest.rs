@@ -144,7 +144,70 @@ on_both!(
     a_plain_update_redelivered_after_a_newer_one_keeps_its_first_place,
     a_retried_update_keeps_the_place_its_first_attempt_gave_it,
     updates_of_one_updated_time_keep_the_order_they_came_in,
+    a_stamped_update_notes_when_it_was_first_seen,
 );
+
+/// A stamped update (a believable AMQP `timestamp`) notes when it was first seen, as one
+/// without does: its redelivery or replay (no header of ours on it) judges its stamp and
+/// its `updated` against that first sight, not against the clock minutes later, where a
+/// time refused at first is within bounds and the update overtook newer ones. Then a
+/// redelivery keeps the stamp as its key, and refuses what its first sight refused.
+async fn a_stamped_update_notes_when_it_was_first_seen(b: Backend) {
+    use framework::{MessageContext, MessageProcessor};
+    use project_ingest::event::time_key;
+    let dir = tempfile::tempdir().unwrap();
+    let (pg, url) = database(b, dir.path()).await;
+    let store = Store::open(&url).await.unwrap();
+    let p = project_ingest::ProjectProcessor::new(store.clone(), "out", "done");
+    let ctx = |stamp: chrono::DateTime<chrono::Utc>| {
+        let mut c = MessageContext::for_test("pluto-core", "core.project.event", 0);
+        c.message_id = Some(format!("m-{}", stamp.timestamp_millis()));
+        c.timestamp = Some(stamp.timestamp() as u64);
+        c
+    };
+    let now = chrono::Utc::now();
+    p.handle(
+        project("project-created", "st", "v0"),
+        &ctx(now - chrono::TimeDelta::minutes(10)),
+    )
+    .await;
+    let stamp = now - chrono::TimeDelta::minutes(3);
+    let mut older = project("project-updated", "st", "older");
+    // More than 5 minutes ahead: refused, the stamp orders it.
+    older["updated"] = time_key(now + chrono::TimeDelta::minutes(6))
+        .unwrap()
+        .into();
+    let first = ctx(stamp);
+    p.handle(older.clone(), &first).await;
+    let digest =
+        project_ingest::receipt_digest(first.message_id.as_deref(), &first.routing_key, &older);
+    let seen = store.first_receipt(&digest).await.unwrap();
+    assert!(seen.is_some(), "its first sight is noted");
+    assert_eq!(store.project("st").await.unwrap().unwrap().title, "older");
+    // As if first seen 2 minutes ago (minutes pass before the redelivery: judged against
+    // the clock then, `updated` would be believed and overtake the newer update).
+    store
+        .note_receipt(
+            &digest,
+            &time_key(now - chrono::TimeDelta::minutes(2)).unwrap(),
+        )
+        .await
+        .unwrap();
+    p.handle(
+        project("project-updated", "st", "newer"),
+        &ctx(now - chrono::TimeDelta::minutes(1)),
+    )
+    .await;
+    assert_eq!(store.project("st").await.unwrap().unwrap().title, "newer");
+    let mut again = ctx(stamp);
+    again.redelivered = true;
+    p.handle(older, &again).await;
+    assert_eq!(store.project("st").await.unwrap().unwrap().title, "newer");
+    store.close().await;
+    if let Some(pg) = pg {
+        pg.drop_db().await.unwrap();
+    }
+}
 
 /// A batch delivered again (a lost ack, a replay) stores its projects again and announces
 /// them again, each under the id its first announcement had: a consumer can drop the
