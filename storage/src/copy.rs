@@ -231,6 +231,13 @@ pub enum CopyError {
          replay the message"
     )]
     Archived(String),
+    /// The local store's directory is not on its share (see
+    /// [`crate::mounts::StoreMount`]): nothing is written until it is mounted again.
+    #[error(
+        "the store's share at {0} is not mounted: nothing is written beneath it (retried as \
+         an outage, up to [retry] max_outage_ms)"
+    )]
+    StoreUnmounted(String),
 }
 
 impl CopyError {
@@ -272,7 +279,7 @@ impl CopyError {
             CopyError::S3(e) => !matches!(e, crate::s3::S3Error::Taken(_)),
             CopyError::Db(e) => db::is_outage(e),
             // Its abort failed on the store or the records, neither of them the file's.
-            CopyError::EarlierUpload(_) => true,
+            CopyError::EarlierUpload(_) | CopyError::StoreUnmounted(_) => true,
             CopyError::Write(_, e) => e
                 .raw_os_error()
                 .is_some_and(|n| store_down(n) || short_of_resources(n)),
@@ -576,7 +583,12 @@ pub async fn upload(
         // Set when this future is dropped (its handler stopped) before the copy ended.
         let stop = StopOnDrop::default();
         let stopped = stop.0.clone();
+        let mount = tier.local_mount.clone();
         let digest = tokio::task::spawn_blocking(move || {
+            // Here, on the blocking thread: the directory is on a share that may not answer.
+            if let Some(share) = mount.as_ref().and_then(|m| m.unmounted()) {
+                return Err(CopyError::StoreUnmounted(share.display().to_string()));
+            }
             let expected = crate::local::Expected {
                 size: len,
                 digest: expected_digest.as_ref(),

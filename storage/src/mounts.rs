@@ -90,6 +90,49 @@ impl MountWatch {
     }
 }
 
+/// Whether a local store's directory is on its share. Where the directory is, or is below,
+/// a mount point `/etc/fstab` lists or that was mounted since start, and that is not
+/// mounted now (a share whose mount failed at boot with `nofail`, or was unmounted), copies
+/// would fill the disk beneath, be reported done, and vanish under the share when it
+/// mounts again.
+#[derive(Debug)]
+pub struct StoreMount {
+    dir: PathBuf,
+    watch: MountWatch,
+    /// The directory's device when it was last found on its share (`u64::MAX`: not yet).
+    verified_dev: std::sync::atomic::AtomicU64,
+}
+
+impl StoreMount {
+    /// Watches the local store at `dir` (canonical).
+    pub fn new(dir: PathBuf) -> Self {
+        Self {
+            dir,
+            watch: MountWatch::new(vec![PathBuf::from("/")]),
+            verified_dev: std::sync::atomic::AtomicU64::new(u64::MAX),
+        }
+    }
+
+    /// The mount point of the share the store belongs on, if it is not mounted now. One
+    /// `stat` of the directory per call; the mount table is read only where the
+    /// directory's device is not the one last found mounted. Blocking.
+    pub fn unmounted(&self) -> Option<PathBuf> {
+        use std::os::unix::fs::MetadataExt;
+        use std::sync::atomic::Ordering;
+        let dev = std::fs::metadata(&self.dir).ok().map(|m| m.dev());
+        if dev.is_some() && dev == Some(self.verified_dev.load(Ordering::Relaxed)) {
+            return None;
+        }
+        let share = self.watch.unmounted_share_above(&self.dir);
+        if share.is_none()
+            && let Some(d) = dev
+        {
+            self.verified_dev.store(d, Ordering::Relaxed);
+        }
+        share
+    }
+}
+
 /// Whether any of `roots` is on, or has below it, a filesystem not known to be local.
 fn roots_may_block(mounts: &[(PathBuf, String)], roots: &[PathBuf]) -> bool {
     roots.iter().any(|root| {

@@ -134,6 +134,9 @@ pub struct Tier {
     /// finds the key taken fails instead of replacing what is there. A local store's
     /// direct copies are always create-only (crate::local).
     pub create_only: bool,
+    /// For a local store: whether its directory is on its share (see
+    /// [`crate::mounts::StoreMount`]); checked before every copy is written.
+    pub local_mount: Option<Arc<crate::mounts::StoreMount>>,
 }
 
 impl std::fmt::Debug for Tier {
@@ -637,6 +640,7 @@ pub fn open(url: &str, opts: &StoreOptions) -> Result<Tier, StoreConfigError> {
             s3: Some(Arc::new(s3)),
             part_budget: crate::part_budget::PartBudget::new(opts.part_memory_mib),
             create_only: opts.conditional_writes,
+            local_mount: None,
         })
     } else {
         let dir = url.strip_prefix("file://").unwrap_or(url);
@@ -684,6 +688,7 @@ pub fn local(dir: &Path) -> Result<Tier, StoreConfigError> {
         display: format!("file://{}", dir.display()),
         identity: format!("file://{}", canonical.display()),
         supports_metadata: false,
+        local_mount: Some(Arc::new(crate::mounts::StoreMount::new(canonical.clone()))),
         local_dir: Some(canonical),
         min_part: default_part_size_mib() * 1024 * 1024,
         multipart: None,

@@ -2420,3 +2420,61 @@ async fn a_new_version_whose_key_beside_is_another_files_name_goes_further_besid
     let again = copied(c.handle(&msg, 1).await);
     assert_eq!((again.key, again.uploaded), (r.key, false));
 }
+
+/// Unmounts a test's tmpfs however the test ends.
+struct Mounted(std::path::PathBuf);
+
+impl Mounted {
+    fn at(dir: &Path) -> Mounted {
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "tmpfs"])
+            .arg(dir)
+            .status()
+            .expect("mount runs");
+        assert!(
+            ok.success(),
+            "mounting a tmpfs at {} (needs root)",
+            dir.display()
+        );
+        Mounted(dir.to_path_buf())
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A local store on a share that is unmounted while the service runs (its mount point an
+/// empty directory again) is an outage: nothing is written on the disk beneath, where the
+/// copy would be reported done and then hidden when the share mounts again. Mounted
+/// again, the same message copies. (Mounts a tmpfs: the suite runs as root.)
+#[tokio::test]
+async fn a_local_store_whose_share_is_unmounted_is_not_filled_beneath() {
+    let base = tempfile::tempdir().expect("temp");
+    let store_dir = base.path().join("store");
+    std::fs::create_dir_all(&store_dir).expect("dir");
+    let share = Mounted::at(&store_dir);
+    let tier = storage::store::local(&store_dir).expect("tier");
+    let c = copier(base.path(), "online", tier, records(base.path()).await);
+    let first = put(base.path(), "online", "p/first.mov", b"first");
+    assert!(copied(c.handle(&first, 0).await).uploaded);
+    drop(share);
+    assert!(!store_dir.join("p/first.mov").exists(), "unmounted");
+    let second = put(base.path(), "online", "p/second.mov", b"second");
+    let e = outage(c.handle(&second, 0).await);
+    assert!(e.contains("not mounted"), "{e}");
+    assert_eq!(
+        files_under(&store_dir),
+        Vec::<String>::new(),
+        "nothing beneath"
+    );
+    let _share = Mounted::at(&store_dir);
+    let r = copied(c.handle(&second, 1).await);
+    assert!(r.uploaded);
+    assert_eq!(
+        std::fs::read(store_dir.join(&r.key)).expect("stored"),
+        b"second"
+    );
+}
