@@ -189,6 +189,13 @@ pub fn stored_beyond_belief() -> String {
     time_key(chrono::Utc::now() + STORED_AHEAD).unwrap_or_else(|| "9999".into())
 }
 
+/// The latest ordering key believable of a message first seen at `first_seen` (a key):
+/// [`MAX_AHEAD`] after it. None where `first_seen` is no time.
+pub fn believable_after(first_seen: &str) -> Option<String> {
+    let t = chrono::DateTime::parse_from_rfc3339(first_seen).ok()?;
+    time_key(t.with_timezone(&chrono::Utc) + MAX_AHEAD)
+}
+
 /// `key`, or where it is more than [`MAX_AHEAD`] ahead of `first_seen` (when this service
 /// first saw its message, by its own clock, kept across retries; else now), `received` or
 /// else this machine's time; a warning names the key. Measured from the first sight, not
@@ -197,8 +204,7 @@ pub fn stored_beyond_belief() -> String {
 /// meanwhile. Nor from `received`, which may be a producer's clock (its AMQP timestamp).
 pub fn believable(key: String, received: Option<&str>, first_seen: Option<&str>) -> String {
     let bound = first_seen
-        .and_then(|r| chrono::DateTime::parse_from_rfc3339(r).ok())
-        .and_then(|r| time_key(r.with_timezone(&chrono::Utc) + MAX_AHEAD))
+        .and_then(believable_after)
         .unwrap_or_else(latest_believable);
     if key <= bound {
         return key;

@@ -398,11 +398,7 @@ impl ProjectProcessor {
                 now
             }
         };
-        let bound = chrono::DateTime::parse_from_rfc3339(&first)
-            .ok()
-            .and_then(|t| {
-                crate::event::time_key(t.with_timezone(&chrono::Utc) + crate::event::MAX_AHEAD)
-            });
+        let bound = crate::event::believable_after(&first);
         let key = stamped
             .filter(|t| bound.as_ref().is_some_and(|b| t <= b))
             .unwrap_or_else(|| first.clone());
