@@ -839,13 +839,13 @@ pub async fn abort_recorded(
         // Never allowed (a role without `s3:AbortMultipartUpload`: `AccessDenied`): no
         // retry aborts it, and keeping its record would stop every later copy to the key.
         // Forgotten, it is left to the bucket's lifecycle rule (docs/storage.md). Another
-        // 403 (a signature refused while keys rotate, a clock skewed) passes: kept, for
+        // 403 (a signature refused while keys rotate, a clock skewed) or a 401 (a
+        // credential expired or rotating: no refusal of the permission) passes: kept, for
         // the sweep to abort later.
         // (The store's error document's own code, not a key that holds the word.)
         Err(e)
-            if matches!(e, object_store::Error::Unauthenticated { .. })
-                || matches!(e, object_store::Error::PermissionDenied { .. })
-                    && e.to_string().contains("<Code>AccessDenied</Code>") =>
+            if matches!(e, object_store::Error::PermissionDenied { .. })
+                && e.to_string().contains("<Code>AccessDenied</Code>") =>
         {
             tracing::warn!(key = %key, error = %framework::telemetry::LogText(&e.to_string()), "not allowed to abort a multipart upload: left to the bucket's lifecycle rule");
         }
@@ -924,15 +924,26 @@ impl Multipart<'_> {
         let key = self.key;
         let mut resumed = None;
         if let Some(u) = recorded {
-            match self.stored_parts(&u.upload_id).await? {
-                Some(known) => resumed = Some((u.upload_id, known)),
-                None => {
+            match self.stored_parts(&u.upload_id).await {
+                Ok(Some(known)) => resumed = Some((u.upload_id, known)),
+                Ok(None) => {
                     // Completed, aborted or lost by the store: start over.
                     tracing::info!(key = %key, "the recorded multipart upload is gone from the store; starting over");
                     self.records
                         .forget_upload(key.as_ref(), &u.upload_id)
                         .await?;
                 }
+                // A listing no upload can be resumed on (more than 10,000 parts, a part
+                // without its number, size or ETag): waiting would read it again, alike,
+                // for as long as the outage's retries last. The upload is given up and
+                // the copy starts over; one that cannot be aborted now is kept for a retry.
+                Err(CopyError::S3(e @ crate::s3::S3Error::Response(..))) => {
+                    tracing::warn!(key = %key, error = %framework::telemetry::LogText(&e.to_string()), "the store's list of the recorded upload's parts cannot be used; giving the upload up");
+                    if !abort_recorded(self.mp.as_ref(), self.records, key, &u.upload_id).await {
+                        return Err(CopyError::S3(e));
+                    }
+                }
+                Err(e) => return Err(e),
             }
         }
         let (upload_id, known) = match resumed {

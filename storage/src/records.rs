@@ -541,6 +541,15 @@ pub struct StoredObject {
     pub store: StoreFacts,
 }
 
+/// An object recorded as a copy of a file, with what the copy's record says of the file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EarlierCopy {
+    /// The object.
+    pub object: StoredObject,
+    /// The Pluto id recorded with the copy, if one came yet.
+    pub imported_id: Option<String>,
+}
+
 /// What an S3 store reported for a verified object (all None for a local store).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StoreFacts {
@@ -668,17 +677,17 @@ impl Records {
     /// Objects already holding `original_path` at this size and mtime. An object of
     /// other content under the key (its size or checksum not the one this file was
     /// copied as) is another file's — the key was emptied and reused — not this file's
-    /// copy.
+    /// copy. Each comes with the Pluto id recorded with the copy.
     pub async fn copies_of(
         &self,
         original_path: &str,
         size: u64,
         mtime: &str,
-    ) -> Result<Vec<StoredObject>, db::sqlx::Error> {
+    ) -> Result<Vec<EarlierCopy>, db::sqlx::Error> {
         db::bounded(async {
             let rows = db::sqlx::query(
                 "SELECT o.object_key, o.size, o.checksum, o.store_etag, o.store_version, \
-                 o.store_checksum, o.content_sha256 FROM copied_files f \
+                 o.store_checksum, o.content_sha256, f.imported_id FROM copied_files f \
                  JOIN stored_objects o ON o.object_key = f.object_key \
                  WHERE f.original_path = $1 AND f.size = $2 AND f.mtime = $3 AND o.size = f.size \
                  AND (f.checksum IS NULL OR f.checksum = o.checksum)",
@@ -688,7 +697,14 @@ impl Records {
             .bind(mtime)
             .fetch_all(&self.pool)
             .await?;
-            rows.iter().map(stored_object).collect()
+            rows.iter()
+                .map(|r| {
+                    Ok(EarlierCopy {
+                        object: stored_object(r)?,
+                        imported_id: r.try_get("imported_id")?,
+                    })
+                })
+                .collect()
         })
         .await
     }
@@ -1499,8 +1515,8 @@ mod tests {
             .copies_of("/p/20", 4, "2026-01-01T00:00:00Z")
             .await
             .unwrap();
-        assert_eq!(k20[0].object_key, "k20");
-        assert_eq!(k20[0].checksum, "old");
+        assert_eq!(k20[0].object.object_key, "k20");
+        assert_eq!(k20[0].object.checksum, "old");
         r.close().await;
     }
 

@@ -231,6 +231,8 @@ pub struct Faults {
     pub deny_abort: AtomicBool,
     /// Aborts are refused with a passing 403 (`SignatureDoesNotMatch`: keys rotating).
     pub refuse_abort_signature: AtomicBool,
+    /// Aborts are refused as unauthenticated (401: a credential expired or rotating).
+    pub unauthenticated_abort: AtomicBool,
     /// Runs once, after the first multipart part is stored (e.g. stop the S3 server).
     pub after_first_part: Mutex<Option<Box<dyn FnOnce() + Send>>>,
     /// Runs once, before the next single-request upload (e.g. stop the S3 server).
@@ -489,6 +491,12 @@ impl MultipartStore for FaultyStore {
                 source: "injected fault: <Error><Code>SignatureDoesNotMatch</Code></Error>".into(),
             });
         }
+        if self.faults.unauthenticated_abort.load(Ordering::SeqCst) {
+            return Err(object_store::Error::Unauthenticated {
+                path: path.to_string(),
+                source: "injected fault: 401 Unauthorized".into(),
+            });
+        }
         if self.faults.deny_abort.load(Ordering::SeqCst) {
             return Err(object_store::Error::PermissionDenied {
                 path: path.to_string(),
@@ -575,6 +583,17 @@ struct RequestLog {
     /// Requests with this method answered 503 SlowDown by the proxy itself, and how many
     /// more.
     throttled: Option<(String, usize)>,
+    /// The next request matching is answered with this status and body by the proxy
+    /// itself (a store's answer the client must not trust).
+    canned: Option<Canned>,
+}
+
+/// An answer the proxy gives itself, once, to a request matching.
+struct Canned {
+    method: String,
+    pred: Box<dyn Fn(&str) -> bool + Send + Sync>,
+    status: &'static str,
+    body: String,
 }
 
 /// Requests held back (not forwarded) from the `from`-th one matching on.
@@ -691,6 +710,24 @@ impl CountingProxy {
         lock(&self.log).throttled = Some((method.to_string(), n));
     }
 
+    /// Answers the next request with this method whose target satisfies `pred` with
+    /// `status` (`"200 OK"`) and the XML `body` itself, not forwarding it: an answer of a
+    /// store gone wrong (a truncated or malformed listing).
+    pub fn answer_next(
+        &self,
+        method: &str,
+        pred: impl Fn(&str) -> bool + Send + Sync + 'static,
+        status: &'static str,
+        body: &str,
+    ) {
+        lock(&self.log).canned = Some(Canned {
+            method: method.to_string(),
+            pred: Box::new(pred),
+            status,
+            body: body.to_string(),
+        });
+    }
+
     /// Requests answered 400 for a refused header.
     pub fn refused(&self) -> usize {
         lock(&self.log).refused
@@ -797,32 +834,37 @@ async fn forward_requests(
                     }
                     _ => false,
                 };
-                if refuse {
-                    l.refused += 1;
-                    Some((
-                        "400 Bad Request",
-                        "InvalidArgument",
-                        "Unsupported header received for this API call.",
-                    ))
-                } else if throttle {
-                    Some((
-                        "503 Slow Down",
-                        "SlowDown",
-                        "Please reduce your request rate.",
-                    ))
-                } else {
-                    None
-                }
-            };
-            if let Some((status, code, message)) = answer {
-                // A HEAD's answer has no body.
-                let why = if method == "HEAD" {
-                    String::new()
-                } else {
+                let error = |code: &str, message: &str| {
                     format!(
                         "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code>\
                          <Message>{message}</Message></Error>"
                     )
+                };
+                let canned = l.canned.take_if(|c| c.method == method && (c.pred)(target));
+                if refuse {
+                    l.refused += 1;
+                    Some((
+                        "400 Bad Request",
+                        error(
+                            "InvalidArgument",
+                            "Unsupported header received for this API call.",
+                        ),
+                    ))
+                } else if throttle {
+                    Some((
+                        "503 Slow Down",
+                        error("SlowDown", "Please reduce your request rate."),
+                    ))
+                } else {
+                    canned.map(|c| (c.status, c.body))
+                }
+            };
+            if let Some((status, body)) = answer {
+                // A HEAD's answer has no body.
+                let why = if method == "HEAD" {
+                    String::new()
+                } else {
+                    body
                 };
                 let response = format!(
                     "HTTP/1.1 {status}\r\nContent-Type: application/xml\r\nRetry-After: 0\r\n\

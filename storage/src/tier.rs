@@ -460,7 +460,11 @@ impl TierCopier {
             state.confirm(file, &original).await?;
         }
         if let Some(d) = &source {
-            for mut obj in earlier.into_iter().filter(|o| o.checksum == d.checksum) {
+            for earlier in earlier
+                .into_iter()
+                .filter(|e| e.object.checksum == d.checksum)
+            {
+                let mut obj = earlier.object;
                 // As below: one that cannot be read back now (an archive storage class; a
                 // record of a reused object may hold nothing the store's HEAD can settle)
                 // is not confirmed here — the file, still here, goes on to the steps below
@@ -472,8 +476,9 @@ impl TierCopier {
                 };
                 if confirmed {
                     // A Pluto id the sweeper brings once the file is imported belongs with
-                    // the copy (one without keeps the recorded one).
-                    if msg.imported_id.is_some() {
+                    // the copy (one without keeps the recorded one; the recorded one again
+                    // is no write: every sweep resends it).
+                    if msg.imported_id.is_some() && msg.imported_id != earlier.imported_id {
                         self.record(&obj, &original, &mtime, msg, None).await?;
                     }
                     return Ok(TierOutcome::Copied(report(&obj, false)));

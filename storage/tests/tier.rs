@@ -859,11 +859,51 @@ async fn an_earlier_upload_that_cannot_be_aborted_stays_recorded_and_the_copy_is
     transient(c.handle(&msg, 3).await);
     let kept = c.records().upload_for(&key).await.unwrap().expect("kept");
     assert_eq!(kept.upload_id, earlier.upload_id);
+    // So is a 401 (a credential expired or rotating): no refusal of the permission.
+    faults.refuse_abort_signature.store(false, Ordering::SeqCst);
+    faults.unauthenticated_abort.store(true, Ordering::SeqCst);
+    transient(c.handle(&msg, 3).await);
+    let kept = c.records().upload_for(&key).await.unwrap().expect("kept");
+    assert_eq!(kept.upload_id, earlier.upload_id);
+    faults.unauthenticated_abort.store(false, Ordering::SeqCst);
     // An abort never allowed (a role without the permission) is no blip: the upload is
     // left to the bucket's lifecycle rule and the copy goes on.
     faults.refuse_abort_signature.store(false, Ordering::SeqCst);
     faults.deny_abort.store(true, Ordering::SeqCst);
     copied(c.handle(&msg, 3).await);
+    assert_eq!(c.records().count("multipart_uploads").await.unwrap(), 0);
+}
+
+/// A recorded upload whose parts the store lists in a shape no upload can be resumed on
+/// (a part without its size or ETag) is given up — aborted, forgotten — and the copy
+/// starts over at once, instead of waiting as an outage for the same listing again.
+#[tokio::test]
+async fn an_upload_whose_parts_cannot_be_listed_usably_is_given_up_and_started_over() {
+    let bucket = "tier-badlist";
+    let (_moto, proxy, tier) = s3_tier(bucket).await;
+    let (faulty, faults) = FaultyStore::wrap(&tier);
+    let base = tempfile::tempdir().expect("temp");
+    let c = copier(base.path(), "online", faulty, records(base.path()).await);
+    let body = content(5 * 5 * MIB, 4);
+    let msg = put(base.path(), "online", "r/listed.mov", &body);
+    *faults.fail_parts_from.lock().expect("faults") = Some(2);
+    transient(c.handle(&msg, 1).await);
+    let key = tier.key("r/listed.mov").to_string();
+    assert!(c.records().upload_for(&key).await.unwrap().is_some());
+    *faults.fail_parts_from.lock().expect("faults") = None;
+    proxy.answer_next(
+        "GET",
+        |t| t.contains("uploadId="),
+        "200 OK",
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<ListPartsResult>\
+         <IsTruncated>false</IsTruncated><Part><PartNumber>1</PartNumber></Part>\
+         </ListPartsResult>",
+    );
+    let aborts = faults.aborts.load(Ordering::SeqCst);
+    let r = copied(c.handle(&msg, 2).await);
+    assert!(r.uploaded);
+    assert_eq!(faults.aborts.load(Ordering::SeqCst), aborts + 1, "given up");
+    assert_eq!(stored_sha256(&tier, &r.key).await, sha256(&body));
     assert_eq!(c.records().count("multipart_uploads").await.unwrap(), 0);
 }
 
@@ -1096,7 +1136,10 @@ async fn concurrent_claims_and_records_are_group_committed_each_answered_truthfu
             assert_eq!(
                 r.copies_of(&format!("/on/{i}"), i, "m")
                     .await
-                    .expect("read"),
+                    .expect("read")
+                    .into_iter()
+                    .map(|e| e.object)
+                    .collect::<Vec<_>>(),
                 [obj]
             );
             // The claim went with the record; a late renewal does not bring it back.
@@ -2379,6 +2422,32 @@ async fn a_later_imported_id_of_an_unchanged_copy_is_recorded() {
         msg.imported_id = None;
         copied(c.handle(&msg, 0).await);
         assert_eq!(recorded().await, Some(format!("VX-{size}")), "{name}: kept");
+        // Every sweep resends the id: where a file's earlier copy is looked up (not a
+        // small file bound for a local store, whose copy finds it when published), the
+        // id recorded already is not written again.
+        if size >= storage::local::BLOCK {
+            let mark = "2000-01-01T00:00:00Z";
+            // A writer of its own: the records' pool only reads.
+            db::sqlx::any::install_default_drivers();
+            let url = format!("sqlite://{}", base.path().join("tier.db").display());
+            let writer = db::sqlx::AnyPool::connect(&url).await.expect("writer");
+            db::sqlx::query("UPDATE copied_files SET recorded_at = $1")
+                .bind(mark)
+                .execute(&writer)
+                .await
+                .expect("mark");
+            writer.close().await;
+            msg.imported_id = Some(format!("VX-{size}"));
+            copied(c.handle(&msg, 0).await);
+            let at: String = db::sqlx::query_scalar(
+                "SELECT recorded_at FROM copied_files WHERE original_path = $1",
+            )
+            .bind(&first.original_path)
+            .fetch_one(c.records().pool())
+            .await
+            .expect("record");
+            assert_eq!(at, mark, "{name}: not written again");
+        }
     }
 }
 
