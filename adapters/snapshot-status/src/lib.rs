@@ -305,11 +305,18 @@ impl StatusProcessor {
 
     /// The monitoring message of `m`'s run, mandatory (an unroutable one fails the
     /// publish, so the input is retried and sends it again).
-    fn monitoring_publication(&self, m: &StatusMessage, what: &str) -> Extra {
+    /// `dedupe` keys the message that made the run RECEIVED.
+    fn monitoring_publication(&self, m: &StatusMessage, what: &str, dedupe: &str) -> Extra {
         // The success message keeps the mark it always had: a retry in flight across an
-        // upgrade still knows it was sent.
+        // upgrade still knows it was sent. The all-received one is marked for the
+        // collection and message that made the run RECEIVED, as the store names them
+        // (`received_by`): one batch can make a run RECEIVED, reopen it (a collection
+        // heard of next) and make it RECEIVED again, and each is announced.
         let mark = match what {
-            ALL_RECEIVED => format!("monitoring-received {}", json!(m.correlation_id)),
+            ALL_RECEIVED => format!(
+                "monitoring-received {}",
+                json!([m.correlation_id, m.collection_name, dedupe])
+            ),
             _ => format!("monitoring {}", json!(m.correlation_id)),
         };
         Extra {
@@ -342,7 +349,7 @@ impl StatusProcessor {
             && retried
             && db::bounded(self.store.received_by(cid, collection, dedupe)).await?;
         if moved || resend {
-            extra.push(self.monitoring_publication(m, ALL_RECEIVED));
+            extra.push(self.monitoring_publication(m, ALL_RECEIVED, dedupe));
         }
         Ok(())
     }
@@ -484,7 +491,7 @@ impl StatusProcessor {
                     if is_completed && (completed || resend) {
                         // Mandatory: an unroutable message fails the publish, so the input
                         // is retried and this branch (retried) sends it again.
-                        extra.push(self.monitoring_publication(m, ALL_SUCCESSFUL));
+                        extra.push(self.monitoring_publication(m, ALL_SUCCESSFUL, dedupe));
                     }
                 }
                 (c, "success-file", moved)

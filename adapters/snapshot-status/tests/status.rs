@@ -226,6 +226,7 @@ macro_rules! on_both {
 
 on_both!(
     a_collection_arriving_after_the_run_completed_reopens_it,
+    a_batch_that_reopens_its_run_announces_each_reception,
     full_flow_received_then_completed,
     completed_runs_past_their_keeping_are_deleted,
     idle_runs_past_their_keeping_are_deleted,
@@ -1945,6 +1946,33 @@ async fn a_collection_arriving_after_the_run_completed_reopens_it(b: Backend) {
     let r = env.process(&file(c, "db.c", "c1")).await;
     assert_eq!(r["status"], "Pending");
     assert_eq!(r["product_status"], Value::Null);
+    env.no_more().await;
+    env.finish().await;
+}
+
+/// One batch can hold the end of one collection and the whole of the next small one: the
+/// run is RECEIVED, reopened by the new collection and RECEIVED again within one message,
+/// and each reception is announced. Before, the first announcement's mark (one per run)
+/// skipped the second, while the record's report listed it as published.
+async fn a_batch_that_reopens_its_run_announces_each_reception(b: Backend) {
+    let mut env = start(b, &[]).await;
+    let c = "corr-batch-reopen";
+    let r = env
+        .process(&json!({"Records": [
+            {"body": msg(c, "db.a", json!({"files_exported": 1}))},
+            {"body": file(c, "db.a", "a1")},
+            {"body": msg(c, "db.b", json!({"files_exported": 1}))},
+            {"body": file(c, "db.b", "b1")},
+        ]}))
+        .await;
+    let recs = r["records"].as_array().expect("records");
+    assert_eq!(recs[1]["product_status"], "RECEIVED");
+    assert_eq!(recs[2]["product_status"], Value::Null, "reopened");
+    assert_eq!(recs[3]["product_status"], "RECEIVED");
+    assert_eq!(json_of(&next(&mut env.export).await)["topic_name"], "db.a");
+    assert_eq!(json_of(&next(&mut env.export).await)["topic_name"], "db.b");
+    env.received_once(c).await;
+    env.received_once(c).await;
     env.no_more().await;
     env.finish().await;
 }
