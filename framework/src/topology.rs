@@ -602,7 +602,8 @@ impl Topology {
     /// [`Self::declare`]. On RabbitMQ 4.x such a queue drops a dead letter handed back 20
     /// times, and every look (`dlq list`, a dry run, a filtered replay) hands back what it
     /// saw. Nothing is changed: each check declares the queue as it is, argument by
-    /// argument, on a channel of its own.
+    /// argument, on a channel of its own. An error where the check cannot tell (the
+    /// declaration refused, another argument differing).
     pub async fn dlq_delivery_limit_kept(&self, conn: &Connection) -> Result<bool, lapin::Error> {
         let name = self.dlq();
         let Some(spec) = self.queues().into_iter().find(|q| q.name == name) else {
@@ -637,8 +638,12 @@ impl Topology {
                             args.insert(key.into(), v);
                         }
                     }
-                    // Another difference: the command's own calls say what is wrong.
-                    None => return Ok(false),
+                    // Another difference, or a refusal (a user who may not configure
+                    // the queue: ACCESS_REFUSED before any argument is compared): the
+                    // limit cannot be told, and "not kept" would let every look count a
+                    // delivery on every dead letter. The command's own calls say what
+                    // else is wrong.
+                    None => return Err(e),
                 },
             }
         }

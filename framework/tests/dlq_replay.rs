@@ -649,6 +649,63 @@ async fn a_dry_run_stopped_by_the_hold_limit_says_it_replayed_nothing() {
     assert_eq!(ready_count(&hs.ch, &hs.q).await, 0, "nothing moved");
 }
 
+/// A replay with `--limit` stopped by the hold limit says how much of the limit is left:
+/// run again as it was, it would replay the whole limit again on top of what it did.
+#[tokio::test]
+async fn a_limited_replay_stopped_by_the_hold_limit_names_what_is_left() {
+    let mut hs = Harness::start("limithold", &[], failing()).await;
+    hs.stop().await;
+    let dlq_name = format!("{}-dlq", hs.q);
+    for i in 0..6 {
+        let kind = if i % 2 == 0 {
+            "permanent"
+        } else {
+            "retries-exhausted"
+        };
+        let mut headers = framework::lapin::types::FieldTable::default();
+        headers.insert(
+            "x-error-kind".into(),
+            framework::lapin::types::AMQPValue::LongString(kind.into()),
+        );
+        publish(
+            &hs.ch,
+            "",
+            &dlq_name,
+            format!("{{\"i\":{i}}}").as_bytes(),
+            BasicProperties::default()
+                .with_message_id(format!("lim-{i}").into())
+                .with_headers(headers),
+        )
+        .await;
+    }
+    await_ready_count(&hs.ch, &dlq_name, 6).await;
+    // The first is replayed, the second passed over; any later look would hold it too
+    // long.
+    let filter = Filter {
+        kind: Some("permanent".into()),
+        limit: Some(200),
+        hold_at_most: Some(std::time::Duration::from_nanos(1)),
+        ..Default::default()
+    };
+    let e = dlq::replay_filtered(&hs.conn, &hs.topology(), &filter, false)
+        .await
+        .expect_err("stopped by the hold limit");
+    let text = e.to_string();
+    assert!(
+        matches!(
+            e,
+            dlq::DlqError::Stopped {
+                moved: 1,
+                left: Some(199),
+                ..
+            }
+        ),
+        "{text}"
+    );
+    assert!(text.contains("with --limit 199"), "{text}");
+    await_ready_count(&hs.ch, &dlq_name, 5).await;
+}
+
 /// `--message-id` on a long DLQ: its dead letter found and replayed, a look further back
 /// cut short by the hold limit is reported as done — not as "stopped, run it again", after
 /// which the run again finds nothing and fails too (and the operator republishes from
@@ -752,9 +809,56 @@ async fn looking_at_dead_letters_leaves_them_in_their_order() {
 /// every dead letter of the queue, and twenty lists of the first few would drop them all.
 #[tokio::test]
 async fn a_dlq_counting_deliveries_is_not_read_through() {
+    let (hs, dlq_name) = an_earlier_releases_dlq_of_six("limited").await;
+    let shown = dlq::list(&hs.conn, &hs.topology(), 2)
+        .await
+        .expect("list 2");
+    assert_eq!(shown.len(), 2);
+    await_ready_count(&hs.ch, &dlq_name, 6).await;
+    let delivered = deliveries_counted(&hs, &dlq_name).await;
+    assert!(
+        delivered <= 2,
+        "{delivered} dead letters counted a delivery for a list of 2"
+    );
+}
+
+/// The same, listed by an operator who may not declare (`configure` on nothing): the
+/// check of the DLQ's arguments is refused to them, which tells nothing — so nothing is
+/// read through. Before, the refusal read as "no limit kept" and every look counted a
+/// delivery on every dead letter.
+#[tokio::test]
+async fn a_dlq_whose_limit_cannot_be_checked_is_not_read_through() {
+    let (hs, dlq_name) = an_earlier_releases_dlq_of_six("unchecked").await;
+    let user = unique("lookonly");
+    let _user = admin::Admin::suite()
+        .add_user_configuring(&user, "pw", "^$")
+        .await;
+    let limited = with_credentials(&amqp_url(), &user, "pw");
+    let conn = framework::lapin::Connection::connect(&limited, Default::default())
+        .await
+        .expect("the user may connect");
+    let topo = hs.topology();
+    assert!(
+        !matches!(topo.dlq_delivery_limit_kept(&conn).await, Ok(false)),
+        "a refused check is no answer"
+    );
+    let shown = dlq::list(&conn, &topo, 2).await.expect("list 2");
+    assert_eq!(shown.len(), 2);
+    let _ = conn.close(200, "done".into()).await;
+    await_ready_count(&hs.ch, &dlq_name, 6).await;
+    let delivered = deliveries_counted(&hs, &dlq_name).await;
+    assert!(
+        delivered <= 2,
+        "{delivered} dead letters counted a delivery for a list of 2"
+    );
+}
+
+/// A stopped service whose quorum `Q-dlq` an earlier release declared (RabbitMQ's default
+/// delivery limit kept), holding six dead letters.
+async fn an_earlier_releases_dlq_of_six(prefix: &str) -> (Harness, String) {
     use framework::lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
     use framework::lapin::types::{AMQPValue, FieldTable};
-    let mut hs = Harness::start("limited", &[], failing()).await;
+    let mut hs = Harness::start(prefix, &[], failing()).await;
     hs.stop().await;
     let dlq_name = format!("{}-dlq", hs.q);
     hs.ch
@@ -782,14 +886,16 @@ async fn a_dlq_counting_deliveries_is_not_read_through() {
         publish(&hs.ch, "", &dlq_name, b"{}", props).await;
     }
     await_ready_count(&hs.ch, &dlq_name, 6).await;
-    let topo = hs.topology();
-    let shown = dlq::list(&hs.conn, &topo, 2).await.expect("list 2");
-    assert_eq!(shown.len(), 2);
-    await_ready_count(&hs.ch, &dlq_name, 6).await;
+    (hs, dlq_name)
+}
+
+/// Takes every message of `queue` away, counting those the broker had delivered before.
+async fn deliveries_counted(hs: &Harness, queue: &str) -> usize {
+    use framework::lapin::types::AMQPValue;
     let mut delivered = 0;
     while let Ok(Some(m)) = hs
         .ch
-        .basic_get(dlq_name.as_str().into(), BasicGetOptions { no_ack: true })
+        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
         .await
     {
         // The broker's count of earlier deliveries (0, or no header, for none).
@@ -803,8 +909,5 @@ async fn a_dlq_counting_deliveries_is_not_read_through() {
             delivered += 1;
         }
     }
-    assert!(
-        delivered <= 2,
-        "{delivered} dead letters counted a delivery for a list of 2"
-    );
+    delivered
 }

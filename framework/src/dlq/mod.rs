@@ -92,11 +92,16 @@ pub enum DlqError {
     #[error(
         "stopped after {moved} dead letter(s): those passed over had been held for \
          {held_secs} s, and the broker's consumer timeout would take the channel; they are \
-         back in the DLQ. Run the same command again to go on"
+         back in the DLQ. Run the same command again{} to go on",
+        left.map_or_else(String::new, |n| format!(" with --limit {n} (what this one's \
+         limit left)"))
     )]
     Stopped {
         /// Dead letters replayed before it stopped.
         moved: usize,
+        /// What is left of the replay's `--limit`: the run again is given that, not the
+        /// whole limit again.
+        left: Option<usize>,
         /// How long the passed-over ones were held, in seconds.
         held_secs: u64,
     },
@@ -908,6 +913,7 @@ pub async fn replay_each(
         }),
         Some(held) => Err(DlqError::Stopped {
             moved,
+            left: filter.limit.map(|n| n.saturating_sub(moved)),
             held_secs: held.as_secs(),
         }),
         None => Ok(moved),
