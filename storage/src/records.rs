@@ -452,6 +452,18 @@ async fn copies_in(tx: &mut Tx<'_>, copies: &[&CopyRow]) -> Result<(), db::sqlx:
     let files = last_per_key(copies, |c| {
         (c.original_path.as_str(), c.object.object_key.as_str())
     });
+    // As one upsert after another would leave it: a later row without a Pluto id keeps
+    // the one an earlier row of the batch brought (the sweeper's `file.new` and its
+    // `file.update` handled at once).
+    let mut ids = std::collections::HashMap::new();
+    for c in copies {
+        if let Some(id) = &c.imported_id {
+            ids.insert(
+                (c.original_path.as_str(), c.object.object_key.as_str()),
+                id.as_str(),
+            );
+        }
+    }
     for chunk in power_of_two_chunks(&files) {
         let sql = multi_row_upsert(
             "INSERT INTO copied_files (original_path, object_key, size, mtime, imported_id, \
@@ -470,7 +482,10 @@ async fn copies_in(tx: &mut Tx<'_>, copies: &[&CopyRow]) -> Result<(), db::sqlx:
                 .bind(&c.object.object_key)
                 .bind(c.object.size as i64)
                 .bind(&c.mtime)
-                .bind(c.imported_id.as_deref())
+                .bind(
+                    ids.get(&(c.original_path.as_str(), c.object.object_key.as_str()))
+                        .copied(),
+                )
                 .bind(&at)
                 .bind(&c.object.checksum);
         }
@@ -1655,6 +1670,30 @@ mod tests {
         let mtime = "2026-01-01T00:00:00Z";
         assert!(r.copies_of("/p2", 4, mtime).await.unwrap().is_empty());
         assert_eq!(r.copies_of("/p1", 9, mtime).await.unwrap().len(), 1);
+        r.close().await;
+    }
+
+    /// Two records of one file's copy in one batch (the sweeper's `file.new` without a
+    /// Pluto id and its `file.update` with one, handled at once): the id is kept, as one
+    /// upsert after the other keeps it, whichever came last.
+    #[tokio::test]
+    async fn a_batch_keeps_the_imported_id_an_earlier_row_brought() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("r.db").display());
+        let r = Records::open(&url).await.unwrap();
+        let mut with_id = copy("k", "/p", "c");
+        if let Write::Copy(c) = &mut with_id {
+            c.imported_id = Some("VX-1".into());
+        }
+        let writes = [with_id, copy("k", "/p", "c")];
+        let mut full = true;
+        apply(&r.write, true, &mut full, writes.iter())
+            .await
+            .expect("recorded");
+        let mtime = "2026-01-01T00:00:00Z";
+        let found = r.copies_of("/p", 4, mtime).await.unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].imported_id.as_deref(), Some("VX-1"));
         r.close().await;
     }
 
