@@ -190,3 +190,57 @@ async fn rolling_restart_of_every_node_loses_nothing() {
         "duplicates bounded by what was in flight at each restart: {t:?}"
     );
 }
+
+/// A quorum DLQ without a leader (two of three nodes down) answers a passive declare with
+/// 0 messages whatever it holds: `dlq list` must not print "0 of 0" (nor a replay
+/// "replayed 0", nor `--message-id` "no dead letter matched", after which an operator
+/// republishes from upstream what the DLQ still holds) — it fails, saying the DLQ did not
+/// answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dlq_without_a_leader_is_not_reported_empty() {
+    let cluster = PrivateCluster::start().await;
+    let q = unique("noleader");
+    let dlq = format!("{q}-dlq");
+    let dir = tempfile::tempdir().expect("config dir");
+    let declared = echo(&cluster, 0, &q, dir.path(), 0)
+        .arg("declare")
+        .status_within(WAIT)
+        .expect("echo runs");
+    assert!(declared.success());
+    cluster.await_replicas_online(&[&dlq]).await;
+    let (conn, ch) = cluster.nodes()[0].channel().await.expect("node 0");
+    publish(
+        &ch,
+        "",
+        &dlq,
+        b"{}",
+        framework::lapin::BasicProperties::default().with_message_id("held".into()),
+    )
+    .await;
+    await_ready_count(&ch, &dlq, 1).await;
+    framework::testing::broker::close(conn).await;
+    for n in &cluster.nodes()[1..] {
+        n.stop_app();
+    }
+    let listed = echo(&cluster, 0, &q, dir.path(), 0)
+        .env("STORAGETIER__AMQP__URLS", cluster.nodes()[0].url())
+        .env("STORAGETIER__AMQP__OPERATION_TIMEOUT_MS", "5000")
+        .args(["dlq", "list"])
+        .output_within(WAIT)
+        .expect("dlq list runs");
+    let (out, err) = (
+        String::from_utf8_lossy(&listed.stdout),
+        String::from_utf8_lossy(&listed.stderr),
+    );
+    assert_eq!(listed.status.code(), Some(1), "{out}\n{err}");
+    assert!(err.contains("without a leader"), "{err}");
+    let replay = echo(&cluster, 0, &q, dir.path(), 0)
+        .env("STORAGETIER__AMQP__URLS", cluster.nodes()[0].url())
+        .env("STORAGETIER__AMQP__OPERATION_TIMEOUT_MS", "5000")
+        .args(["dlq", "replay", "--message-id", "held", "--dry-run"])
+        .output_within(WAIT)
+        .expect("dlq replay runs");
+    let err = String::from_utf8_lossy(&replay.stderr);
+    assert_eq!(replay.status.code(), Some(1), "{err}");
+    assert!(!err.contains("matched"), "{err}");
+}

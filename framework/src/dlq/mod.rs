@@ -74,6 +74,14 @@ pub enum DlqError {
     /// Broker failure.
     #[error("broker error: {0}")]
     Amqp(#[from] lapin::Error),
+    /// A quorum DLQ that said it held nothing could not be read: one without a leader
+    /// says so whatever it holds.
+    #[error(
+        "the DLQ says it holds no dead letter but cannot be read ({0}): a quorum queue \
+         without a leader (most of its nodes down or cut off) says so whatever it holds — \
+         try again once its nodes are back"
+    )]
+    Unanswered(lapin::Error),
     /// A replay could not be confirmed; the dead letter was kept. Unless the broker
     /// refused it, the copy may have reached the queue all the same.
     #[error("replay not confirmed, dead letter kept: {0}{hint}", hint = maybe_delivered(.0))]
@@ -353,6 +361,43 @@ pub async fn count(ch: &Channel, queue: &str) -> Result<u32, lapin::Error> {
     Ok(depth(ch, queue).await?.0)
 }
 
+/// How many dead letters `topo`'s DLQ holds. A passive declare says, except that a
+/// quorum queue without a leader (a cluster that lost its majority) answers 0 whatever it
+/// holds: an operator would be shown "0 of 0", told "no dead letter matched" and republish
+/// from upstream what the DLQ still holds. So a quorum DLQ that says 0 is asked for one
+/// dead letter too, bounded: one that cannot answer fails the command.
+async fn dlq_total(ch: &Channel, topo: &Topology, t: Duration) -> Result<u32, DlqError> {
+    let total = bounded(t, "queue.declare", count(ch, &topo.dlq())).await?;
+    if total > 0 || topo.queue_type != crate::config::QueueType::Quorum {
+        return Ok(total);
+    }
+    let get = ch.basic_get(
+        topo.dlq().as_str().into(),
+        BasicGetOptions { no_ack: false },
+    );
+    let got = bounded(t, "basic.get", get)
+        .await
+        .map_err(DlqError::Unanswered)?;
+    match got {
+        None => Ok(0),
+        // One dead-lettered since the count: given back, and counted again.
+        Some(m) => {
+            let give_back = BasicNackOptions {
+                requeue: true,
+                multiple: false,
+            };
+            bounded(
+                t,
+                "basic.nack",
+                ch.basic_nack(m.delivery.delivery_tag, give_back),
+            )
+            .await?;
+            let again = bounded(t, "queue.declare", count(ch, &topo.dlq())).await?;
+            Ok(again.max(1))
+        }
+    }
+}
+
 /// Messages ready in `queue` and its consumers, by a passive declare.
 pub async fn depth(ch: &Channel, queue: &str) -> Result<(u32, u32), lapin::Error> {
     let q = ch
@@ -387,7 +432,7 @@ pub async fn list_of_total(
     // Every broker call bounded: an operator's command never hangs on a stuck broker.
     let t = topo.operation_timeout;
     let ch = bounded(t, "channel.open", conn.create_channel()).await?;
-    let total = bounded(t, "queue.declare", count(&ch, &topo.dlq())).await? as usize;
+    let total = dlq_total(&ch, topo, t).await? as usize;
     let began = tokio::time::Instant::now();
     let mut out = Vec::new();
     let mut last = None;
@@ -735,7 +780,7 @@ pub async fn replay_each(
         .map(|r| Duration::from_secs_f64(1.0 / r));
     let mut next_at = tokio::time::Instant::now();
     let t = topo.operation_timeout;
-    let total = bounded(t, "queue.declare", count(&ch, &topo.dlq())).await?;
+    let total = dlq_total(&ch, topo, t).await?;
     let mut moved = 0usize;
     let hold_at_most = filter.hold_at_most.unwrap_or(HOLD_AT_MOST);
     // Since when a dead letter passed over is held (none: nothing held).
