@@ -370,9 +370,14 @@ fn decode_base64(data: &str) -> Result<Vec<u8>, base64::DecodeError> {
 
 /// Kinesis' `approximateArrivalTimestamp`: epoch seconds with a fraction (milliseconds,
 /// microseconds or nanoseconds from a producer that writes those, as [`FINER_UNIT_FROM`]
-/// tells them apart).
+/// tells them apart). None for 0 or less: some producers' "unset", not 1970 — taken as a
+/// time, it ordered every update of such a producer before any real one (each dropped as
+/// stale) and alike among themselves (a retried older one overwrote a newer one).
 fn arrival_time(rec: &Map<String, Value>) -> Option<String> {
     let mut secs = rec.get("approximateArrivalTimestamp")?.as_f64()?;
+    if secs <= 0.0 {
+        return None;
+    }
     for _ in 0..3 {
         if secs < FINER_UNIT_FROM as f64 {
             break;
@@ -588,6 +593,10 @@ mod tests {
             None
         );
         assert_eq!(at(json!("soon")), None);
+        // A producer's "unset": ordered as a record without an arrival time.
+        assert_eq!(at(json!(0)), None);
+        assert_eq!(at(json!(0.0)), None);
+        assert_eq!(at(json!(-5)), None);
     }
 
     fn project() -> Value {
