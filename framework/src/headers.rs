@@ -74,7 +74,7 @@ pub const BROKER_OWNED: &[&str] = &[
 ];
 
 /// The error headers of a dead letter (and a retry's last error).
-const ERROR_HEADERS: &[&str] = &[LAST_ERROR, ERROR, ERROR_KIND, FAILED_AT, SERVICE];
+pub(crate) const ERROR_HEADERS: &[&str] = &[LAST_ERROR, ERROR, ERROR_KIND, FAILED_AT, SERVICE];
 
 /// Whether a replay removes `name` so the message starts afresh: the counts and origin
 /// (the replay writes its origin again), the errors, the broker's dead-lettering.

@@ -807,15 +807,20 @@ fn incoming(d: &Delivery, queue: &str) -> Incoming {
     if !came_back
         && (h::FRAMEWORK_COUNTS.iter())
             .chain([&h::BATCH_PART])
+            .chain(h::ERROR_HEADERS)
             .any(|k| headers.inner().contains_key(*k))
     {
         // A producer's: with its own `x-retry-count: 49` the first retry was "retries
         // exhausted", its `x-original-*` named another origin, and its `x-batch-part`
         // (kept on the retries and dead letters made of the message) another part. A
         // replay of a producer's message keeps the origin the replay wrote (the broker's
-        // record of where it was published), not one of the producer's.
+        // record of where it was published), not one of the producer's. Its error
+        // headers (a dead letter of another service shovelled back) rode on the retries,
+        // and the broker's dead letter of one was listed with the producer's kind, error
+        // and time — and picked or passed over by `replay --kind`/`--older-than` so.
         headers = h::without_where(&headers, |k| {
             k == h::BATCH_PART
+                || h::ERROR_HEADERS.contains(&k)
                 || (h::FRAMEWORK_COUNTS.contains(&k)
                     && !(keep_origin
                         && [h::ORIGINAL_EXCHANGE, h::ORIGINAL_ROUTING_KEY].contains(&k)))

@@ -930,6 +930,13 @@ async fn a_producers_own_retry_headers_are_not_read() {
     h::set_int(&mut hdr, h::PROGRESS_ATTEMPTS, 1);
     h::set_str(&mut hdr, h::ORIGINAL_EXCHANGE, "elsewhere");
     h::set_str(&mut hdr, h::ORIGINAL_ROUTING_KEY, "forged.key");
+    // Another service's dead letter shovelled back: its error headers are not this
+    // message's (the broker's dead letter of a retry was listed with them).
+    h::set_str(&mut hdr, h::ERROR, "old");
+    h::set_str(&mut hdr, h::ERROR_KIND, "permanent");
+    h::set_str(&mut hdr, h::FAILED_AT, "2020-01-01T00:00:00Z");
+    h::set_str(&mut hdr, h::SERVICE, "elsewhere");
+    h::set_str(&mut hdr, h::LAST_ERROR, "old");
     hs.publish(
         "test.p",
         br#"{"n":1}"#,
@@ -941,7 +948,17 @@ async fn a_producers_own_retry_headers_are_not_read() {
         serde_json::from_slice::<serde_json::Value>(&d.data).unwrap(),
         json!({"attempt": 1, "key": "test.p"})
     );
-    assert_eq!(calls.lock().unwrap()[0].1.exchange, hs.input_exchange);
+    let calls = calls.lock().unwrap();
+    assert_eq!(calls[0].1.exchange, hs.input_exchange);
+    let retried = &calls[1].1.headers;
+    for k in [h::ERROR, h::ERROR_KIND, h::FAILED_AT, h::SERVICE] {
+        assert_eq!(h::get_str(retried, k), None, "{k} carried onto the retry");
+    }
+    assert_eq!(
+        h::get_str(retried, h::LAST_ERROR).as_deref(),
+        Some("first sight")
+    );
+    drop(calls);
     hs.stop().await;
 }
 
