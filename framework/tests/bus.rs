@@ -948,17 +948,18 @@ async fn a_producers_own_retry_headers_are_not_read() {
         serde_json::from_slice::<serde_json::Value>(&d.data).unwrap(),
         json!({"attempt": 1, "key": "test.p"})
     );
-    let calls = calls.lock().unwrap();
-    assert_eq!(calls[0].1.exchange, hs.input_exchange);
-    let retried = &calls[1].1.headers;
-    for k in [h::ERROR, h::ERROR_KIND, h::FAILED_AT, h::SERVICE] {
-        assert_eq!(h::get_str(retried, k), None, "{k} carried onto the retry");
+    {
+        let calls = calls.lock().unwrap();
+        assert_eq!(calls[0].1.exchange, hs.input_exchange);
+        let retried = &calls[1].1.headers;
+        for k in [h::ERROR, h::ERROR_KIND, h::FAILED_AT, h::SERVICE] {
+            assert_eq!(h::get_str(retried, k), None, "{k} carried onto the retry");
+        }
+        assert_eq!(
+            h::get_str(retried, h::LAST_ERROR).as_deref(),
+            Some("first sight")
+        );
     }
-    assert_eq!(
-        h::get_str(retried, h::LAST_ERROR).as_deref(),
-        Some("first sight")
-    );
-    drop(calls);
     hs.stop().await;
 }
 
