@@ -467,13 +467,14 @@ async fn copies_in(tx: &mut Tx<'_>, copies: &[&CopyRow]) -> Result<(), db::sqlx:
     for chunk in power_of_two_chunks(&files) {
         let sql = multi_row_upsert(
             "INSERT INTO copied_files (original_path, object_key, size, mtime, imported_id, \
-             recorded_at, checksum) VALUES ",
-            7,
+             recorded_at, checksum, content_sha256) VALUES ",
+            8,
             chunk.len(),
             " ON CONFLICT (original_path, object_key) DO UPDATE SET size = excluded.size, \
              mtime = excluded.mtime, \
              imported_id = COALESCE(excluded.imported_id, copied_files.imported_id), \
-             recorded_at = excluded.recorded_at, checksum = excluded.checksum",
+             recorded_at = excluded.recorded_at, checksum = excluded.checksum, \
+             content_sha256 = excluded.content_sha256",
         );
         let mut q = db::sqlx::query(&sql);
         for c in chunk {
@@ -487,7 +488,8 @@ async fn copies_in(tx: &mut Tx<'_>, copies: &[&CopyRow]) -> Result<(), db::sqlx:
                         .copied(),
                 )
                 .bind(&at)
-                .bind(&c.object.checksum);
+                .bind(&c.object.checksum)
+                .bind(c.object.content_sha256.as_deref());
         }
         q.execute(&mut **tx).await?;
     }
@@ -705,7 +707,9 @@ impl Records {
                  o.store_checksum, o.content_sha256, f.imported_id FROM copied_files f \
                  JOIN stored_objects o ON o.object_key = f.object_key \
                  WHERE f.original_path = $1 AND f.size = $2 AND f.mtime = $3 AND o.size = f.size \
-                 AND (f.checksum IS NULL OR f.checksum = o.checksum)",
+                 AND (f.checksum IS NULL OR f.checksum = o.checksum) \
+                 AND (f.content_sha256 IS NULL OR o.content_sha256 IS NULL \
+                 OR f.content_sha256 = o.content_sha256)",
             )
             .bind(original_path)
             .bind(size as i64)
@@ -738,7 +742,9 @@ impl Records {
                  o.store_checksum, o.content_sha256, f.mtime FROM copied_files f \
                  JOIN stored_objects o ON o.object_key = f.object_key \
                  WHERE f.original_path = $1 AND f.size = $2 AND o.size = f.size \
-                 AND (f.checksum IS NULL OR f.checksum = o.checksum)",
+                 AND (f.checksum IS NULL OR f.checksum = o.checksum) \
+                 AND (f.content_sha256 IS NULL OR o.content_sha256 IS NULL \
+                 OR f.content_sha256 = o.content_sha256)",
             )
             .bind(original_path)
             .bind(size as i64)
@@ -1670,6 +1676,38 @@ mod tests {
         let mtime = "2026-01-01T00:00:00Z";
         assert!(r.copies_of("/p2", 4, mtime).await.unwrap().is_empty());
         assert_eq!(r.copies_of("/p1", 9, mtime).await.unwrap().len(), 1);
+        r.close().await;
+    }
+
+    /// A nearline key whose object was lost and stored again for another file of the same
+    /// size and MD5 (a collision) is no copy of the first file: with only the MD5 recorded
+    /// for the first, a redelivery of its message once the file was gone was reported as
+    /// copied, naming the other content's SHA-256.
+    #[tokio::test]
+    async fn a_key_stored_again_with_colliding_content_is_no_copy_of_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("r.db").display());
+        let r = Records::open(&url).await.unwrap();
+        let with_sha = |path: &str, sha: &str| {
+            let mut w = copy("k", path, "m");
+            if let Write::Copy(c) = &mut w {
+                c.algorithm = "md5".into();
+                c.object.content_sha256 = Some(sha.into());
+            }
+            w
+        };
+        let mut full = true;
+        apply(&r.write, true, &mut full, [with_sha("/a/x", "s1")].iter())
+            .await
+            .expect("recorded");
+        assert_eq!(r.copies_at("/a/x", 4).await.unwrap().len(), 1);
+        apply(&r.write, true, &mut full, [with_sha("/b/x", "s2")].iter())
+            .await
+            .expect("recorded");
+        assert!(r.copies_at("/a/x", 4).await.unwrap().is_empty());
+        let mtime = "2026-01-01T00:00:00Z";
+        assert!(r.copies_of("/a/x", 4, mtime).await.unwrap().is_empty());
+        assert_eq!(r.copies_at("/b/x", 4).await.unwrap().len(), 1);
         r.close().await;
     }
 
