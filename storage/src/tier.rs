@@ -394,6 +394,15 @@ impl TierCopier {
                 if let Some(report) = self.copied_before(msg).await? {
                     return Ok(TierOutcome::Copied(report));
                 }
+                // The store's own share away: its copy could not be seen, which does not
+                // make the file's loss final — retried until the share is back, when the
+                // copy is found (a blocking check: the share may not answer).
+                if let Some(m) = self.tier.local_mount.clone()
+                    && let Ok(Some(share)) =
+                        tokio::task::spawn_blocking(move || m.unmounted()).await
+                {
+                    return Err(copy::CopyError::StoreUnmounted(share.display().to_string()).into());
+                }
                 // Below a share that was mounted (or that fstab lists) and is not now: the
                 // file is away with its share, not gone — retried, not dead-lettered with
                 // every other file of the share.

@@ -2539,6 +2539,12 @@ async fn a_local_store_whose_share_is_unmounted_is_not_filled_beneath() {
         Vec::<String>::new(),
         "nothing beneath"
     );
+    // A file gone from online after its copy (moved on, its success's ack lost): its copy
+    // cannot be seen while the store is away, which is no proof it is lost — an outage
+    // too, not "does not exist" dead-lettered.
+    std::fs::remove_file(base.path().join("online/p/first.mov")).expect("moved on");
+    let e = outage(c.handle(&first, 1).await);
+    assert!(e.contains("not mounted"), "{e}");
     let _share = Mounted::at(&store_dir);
     let r = copied(c.handle(&second, 1).await);
     assert!(r.uploaded);
