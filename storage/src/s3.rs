@@ -216,6 +216,20 @@ impl S3Native {
             .map_err(|e| S3Error::Http(what, e))
     }
 
+    /// Whether the bucket is there (HeadBucket): a HEAD of a key answers 404 alike for a
+    /// key and a bucket that are not there, and has no body to tell them apart.
+    pub async fn bucket_exists(&self) -> Result<bool, S3Error> {
+        const WHAT: &str = "HeadBucket";
+        let r = self
+            .send_retrying(WHAT, http::Method::HEAD, &self.bucket_endpoint, &[], true)
+            .await?;
+        match r.status() {
+            reqwest::StatusCode::NOT_FOUND => Ok(false),
+            s if s.is_success() => Ok(true),
+            s => Err(S3Error::Status(WHAT, s.as_u16(), String::new())),
+        }
+    }
+
     /// HEAD of `key` with its checksum; None if there is no such object.
     pub async fn head(&self, key: &ObjectPath) -> Result<Option<StoreHead>, S3Error> {
         const WHAT: &str = "HeadObject";

@@ -403,6 +403,17 @@ impl TierCopier {
                 {
                     return Err(copy::CopyError::StoreUnmounted(share.display().to_string()).into());
                 }
+                // So is a bucket that is not there (renamed, re-created, a store restarted
+                // before its buckets): its 404 read as "the copy is gone". Where the
+                // bucket cannot be asked about (a role without `s3:ListBucket`), as before.
+                if let Some(s3) = &self.tier.s3
+                    && let Ok(false) = s3.bucket_exists().await
+                {
+                    return Err(TierError::Unavailable(format!(
+                        "the store's bucket is not there (NoSuchBucket), retried as an outage \
+                         (up to [retry] max_outage_ms): {e}"
+                    )));
+                }
                 // Below a share that was mounted (or that fstab lists) and is not now: the
                 // file is away with its share, not gone — retried, not dead-lettered with
                 // every other file of the share.

@@ -907,6 +907,41 @@ async fn an_upload_whose_parts_cannot_be_listed_usably_is_given_up_and_started_o
     assert_eq!(c.records().count("multipart_uploads").await.unwrap(), 0);
 }
 
+/// A file gone from online after its copy, while the store's bucket is not there (renamed,
+/// re-created, a store restarted before its buckets): the copy cannot be seen, which does
+/// not make the file lost — an outage's retry, not "does not exist" dead-lettered.
+#[tokio::test]
+async fn a_gone_file_is_retried_while_its_bucket_is_not_there() {
+    let bucket = "tier-nobucket";
+    let (moto, _proxy, tier) = s3_tier(bucket).await;
+    let base = tempfile::tempdir().expect("temp");
+    let c = copier(
+        base.path(),
+        "online",
+        tier.clone(),
+        records(base.path()).await,
+    );
+    let msg = put(base.path(), "online", "g/gone.mov", b"gone soon");
+    let r = copied(c.handle(&msg, 0).await);
+    std::fs::remove_file(base.path().join("online/g/gone.mov")).expect("moved on");
+    {
+        use futures_util::TryStreamExt;
+        use object_store::ObjectStore;
+        let plain = plain_client(&moto, bucket);
+        let all: Vec<_> = plain.list(None).try_collect().await.expect("listed");
+        assert_eq!(all.len(), 1, "{all:?} for {}", r.key);
+        plain.delete(&all[0].location).await.expect("emptied");
+    }
+    let deleted = reqwest::Client::new()
+        .delete(format!("{}/{bucket}", moto.endpoint.trim_end_matches('/')))
+        .send()
+        .await
+        .expect("moto answers");
+    assert!(deleted.status().is_success(), "{}", deleted.status());
+    let e = outage(c.handle(&msg, 1).await);
+    assert!(e.contains("NoSuchBucket"), "{e}");
+}
+
 /// A file written to while it is uploaded (the sweeper reports files still being
 /// written; an editor rewrites one in place): S3 completes the upload before the copy can
 /// tell, so the torn object is taken away again — nothing at the key, nothing recorded —
