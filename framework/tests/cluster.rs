@@ -233,7 +233,11 @@ async fn a_dlq_without_a_leader_is_not_reported_empty() {
         String::from_utf8_lossy(&listed.stderr),
     );
     assert_eq!(listed.status.code(), Some(1), "{out}\n{err}");
-    assert!(err.contains("without a leader"), "{err}");
+    // Said either way: a node that still gives the count it knew finds the read time out.
+    assert!(
+        err.contains("without a leader") || err.contains("timed out"),
+        "{err}"
+    );
     let replay = echo(&cluster, 0, &q, dir.path(), 0)
         .env("STORAGETIER__AMQP__URLS", cluster.nodes()[0].url())
         .env("STORAGETIER__AMQP__OPERATION_TIMEOUT_MS", "5000")
