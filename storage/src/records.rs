@@ -558,6 +558,19 @@ pub struct StoredObject {
     pub store: StoreFacts,
 }
 
+/// The condition (over `copied_files f` joined to `stored_objects o`) under which the
+/// object still holds what the file was copied as: its size, checksum and, where both are
+/// known, SHA-256. An object of other content under the key (the key emptied and reused,
+/// even by colliding MD5) is another file's, not this file's copy. A macro so the queries
+/// stay literals (`concat!`).
+macro_rules! still_its_copy {
+    () => {
+        "o.size = f.size AND (f.checksum IS NULL OR f.checksum = o.checksum) \
+         AND (f.content_sha256 IS NULL OR o.content_sha256 IS NULL \
+         OR f.content_sha256 = o.content_sha256)"
+    };
+}
+
 /// An object recorded as a copy of a file, with what the copy's record says of the file.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EarlierCopy {
@@ -702,15 +715,13 @@ impl Records {
         mtime: &str,
     ) -> Result<Vec<EarlierCopy>, db::sqlx::Error> {
         db::bounded(async {
-            let rows = db::sqlx::query(
+            let rows = db::sqlx::query(concat!(
                 "SELECT o.object_key, o.size, o.checksum, o.store_etag, o.store_version, \
-                 o.store_checksum, o.content_sha256, f.imported_id FROM copied_files f \
-                 JOIN stored_objects o ON o.object_key = f.object_key \
-                 WHERE f.original_path = $1 AND f.size = $2 AND f.mtime = $3 AND o.size = f.size \
-                 AND (f.checksum IS NULL OR f.checksum = o.checksum) \
-                 AND (f.content_sha256 IS NULL OR o.content_sha256 IS NULL \
-                 OR f.content_sha256 = o.content_sha256)",
-            )
+                     o.store_checksum, o.content_sha256, f.imported_id FROM copied_files f \
+                     JOIN stored_objects o ON o.object_key = f.object_key \
+                     WHERE f.original_path = $1 AND f.size = $2 AND f.mtime = $3 AND ",
+                still_its_copy!()
+            ))
             .bind(original_path)
             .bind(size as i64)
             .bind(mtime)
@@ -737,15 +748,13 @@ impl Records {
         size: u64,
     ) -> Result<Vec<(StoredObject, String)>, db::sqlx::Error> {
         db::bounded(async {
-            let rows = db::sqlx::query(
+            let rows = db::sqlx::query(concat!(
                 "SELECT o.object_key, o.size, o.checksum, o.store_etag, o.store_version, \
-                 o.store_checksum, o.content_sha256, f.mtime FROM copied_files f \
-                 JOIN stored_objects o ON o.object_key = f.object_key \
-                 WHERE f.original_path = $1 AND f.size = $2 AND o.size = f.size \
-                 AND (f.checksum IS NULL OR f.checksum = o.checksum) \
-                 AND (f.content_sha256 IS NULL OR o.content_sha256 IS NULL \
-                 OR f.content_sha256 = o.content_sha256)",
-            )
+                     o.store_checksum, o.content_sha256, f.mtime FROM copied_files f \
+                     JOIN stored_objects o ON o.object_key = f.object_key \
+                     WHERE f.original_path = $1 AND f.size = $2 AND ",
+                still_its_copy!()
+            ))
             .bind(original_path)
             .bind(size as i64)
             .fetch_all(&self.pool)
