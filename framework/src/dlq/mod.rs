@@ -367,14 +367,12 @@ pub async fn count(ch: &Channel, queue: &str) -> Result<u32, lapin::Error> {
 /// from upstream what the DLQ still holds. So a quorum DLQ that says 0 is asked for one
 /// dead letter too, bounded: one that cannot answer fails the command.
 async fn dlq_total(ch: &Channel, topo: &Topology, t: Duration) -> Result<u32, DlqError> {
-    let total = bounded(t, "queue.declare", count(ch, &topo.dlq())).await?;
+    let dlq = topo.dlq();
+    let total = bounded(t, "queue.declare", count(ch, &dlq)).await?;
     if total > 0 || topo.queue_type != crate::config::QueueType::Quorum {
         return Ok(total);
     }
-    let get = ch.basic_get(
-        topo.dlq().as_str().into(),
-        BasicGetOptions { no_ack: false },
-    );
+    let get = ch.basic_get(dlq.as_str().into(), BasicGetOptions { no_ack: false });
     let got = bounded(t, "basic.get", get)
         .await
         .map_err(DlqError::Unanswered)?;
@@ -392,7 +390,7 @@ async fn dlq_total(ch: &Channel, topo: &Topology, t: Duration) -> Result<u32, Dl
                 ch.basic_nack(m.delivery.delivery_tag, give_back),
             )
             .await?;
-            let again = bounded(t, "queue.declare", count(ch, &topo.dlq())).await?;
+            let again = bounded(t, "queue.declare", count(ch, &dlq)).await?;
             Ok(again.max(1))
         }
     }
