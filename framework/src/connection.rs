@@ -83,6 +83,31 @@ fn tls_config(amqp: &AmqpConfig) -> Result<OwnedTLSConfig, lapin::Error> {
     })
 }
 
+/// `url` with the password `[amqp] password_file` holds now: read at each connect, as the
+/// TLS files are, so a credential rotated in a mounted secret (and on the broker) is used at
+/// the next reconnect instead of the one read at start, refused on every node for ever.
+/// A file that cannot be read or is empty now (a secret being swapped) leaves the password
+/// read at start, which load checked.
+fn current_password(url: &AmqpUrl, amqp: &AmqpConfig) -> AmqpUrl {
+    let Some(pf) = &amqp.password_file else {
+        return url.clone();
+    };
+    match std::fs::read_to_string(pf) {
+        Ok(pw) if !pw.trim().is_empty() => url.with_password(pw.trim()).unwrap_or_else(|e| {
+            warn!(file = %pf.display(), error = %e, "amqp.password_file not applied; using the password read at start");
+            url.clone()
+        }),
+        Ok(_) => {
+            warn!(file = %pf.display(), "amqp.password_file is empty now; using the password read at start");
+            url.clone()
+        }
+        Err(e) => {
+            warn!(file = %pf.display(), error = %e, "amqp.password_file cannot be read now; using the password read at start");
+            url.clone()
+        }
+    }
+}
+
 async fn connect_to(
     url: &AmqpUrl,
     amqp: &AmqpConfig,
@@ -92,6 +117,7 @@ async fn connect_to(
     let props = ConnectionProperties::default()
         .with_connection_name(name.into())
         .with_client_property("service".into(), service.into());
+    let url = &current_password(url, amqp);
     let builder = DefaultConnectionBuilder::new()?
         .with_uri_str(with_frame_max(url.expose()))
         .with_properties(props)
@@ -182,7 +208,7 @@ pub async fn connect(amqp: &AmqpConfig, service: &str) -> Result<Connection, lap
             }
             Err(e) => {
                 if nodes.len() > 1 {
-                    warn!(node = %url, error = %e, "broker node unreachable; trying the next");
+                    warn!(node = %url, error = %e, hint = refusal_hint(&e), "broker node unreachable or refused the connection; trying the next");
                 }
                 last = Some(e);
             }

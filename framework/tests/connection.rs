@@ -36,6 +36,50 @@ async fn the_nodes_of_a_cluster_are_tried_in_turn() {
     hs.stop().await;
 }
 
+/// A credential rotated in the mounted secret of `[amqp] password_file` (and on the
+/// broker) is used at the next reconnect: the password read at start was refused on every
+/// node for ever, `/healthz` still 200, until someone restarted the service.
+#[tokio::test]
+async fn a_rotated_password_file_is_used_at_the_next_reconnect() {
+    let admin = admin::Admin::suite();
+    let user = unique("rotated");
+    let _user = admin.add_user(&user, "first-password").await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let secret = dir.path().join("password");
+    std::fs::write(&secret, "first-password\n").expect("write the secret");
+    let mut url = url::Url::parse(&amqp_url()).expect("suite URL");
+    let _ = url.set_username(&user);
+    let _ = url.set_password(None);
+    let name = unique("rotated-conn");
+    let mut hs = Harness::start(
+        "rotated",
+        &[
+            ("amqp.url", url.as_str()),
+            ("amqp.password_file", &secret.display().to_string()),
+            ("amqp.connection_name", &name),
+            ("amqp.reconnect_initial_ms", "100"),
+        ],
+        echo(),
+    )
+    .await;
+    round_trip(&hs).await;
+
+    admin.set_password(&user, "second-password").await;
+    std::fs::write(&secret, "second-password\n").expect("rotate the secret");
+    let mut sessions = hs.status.sessions();
+    assert_eq!(
+        close_connection_named(&name).await,
+        1,
+        "found the connection"
+    );
+    tokio::time::timeout(WAIT, sessions.wait_for(|n| *n >= 2))
+        .await
+        .expect("reconnected with the rotated password")
+        .expect("status kept");
+    round_trip(&hs).await;
+    hs.stop().await;
+}
+
 /// A node that accepts the connection but cannot run a session (here its user may not
 /// declare anything; in production a minority partition or a node without quorum) is
 /// passed over: the next connect starts at the next node instead of the same one forever.

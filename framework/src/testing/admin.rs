@@ -197,6 +197,16 @@ impl Admin {
         }
     }
 
+    /// Changes `user`'s password (a credential rotated); connections open stay open.
+    pub async fn set_password(&self, user: &str, password: &str) {
+        self.call(
+            reqwest::Method::PUT,
+            &format!("/users/{}", encode(user)),
+            Some(serde_json::json!({"password": password, "tags": ""})),
+        )
+        .await;
+    }
+
     /// Sets what `user` may configure and write on vhost `/` (read: anything).
     pub async fn set_permissions(&self, user: &str, configure: &str, write: &str) {
         self.call(
