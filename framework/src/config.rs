@@ -1634,6 +1634,7 @@ fn validate<S>(cfg: &Config<S>, section_name: &str) -> Result<(), ConfigError> {
             "tls_cert_file and tls_key_file go together (mutual TLS)",
         ));
     }
+    check_tls_identity(a)?;
     // Over amqp:// they would go unused: a plaintext connection the user meant to secure.
     let tls_set = [
         ("amqp.tls_ca_file", a.tls_ca_file.is_some()),
@@ -1857,6 +1858,71 @@ pub fn check_data_dir(data_dir: &Path, what: &str) -> Result<(), ConfigError> {
             data_dir.display()
         ),
     ))
+}
+
+/// What the TLS client will do with `[amqp] tls_*` at every connect, done at load: a key
+/// it cannot use (encrypted, OpenSSH's, a type it cannot sign with), a key of another
+/// certificate, or a CA file of no certificate it reads passed a look at the PEM headers,
+/// and then every connection failed ("no items found") naming no key, `run` retrying for
+/// ever.
+fn check_tls_identity(a: &AmqpConfig) -> Result<(), ConfigError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let read = |key: &'static str, f: &Path| {
+        std::fs::read(f)
+            .map_err(|e| ConfigError::new(key, format!("cannot read {}: {e}", f.display())))
+    };
+    let certificates = |key: &'static str, f: &Path| {
+        let pem = read(key, f)?;
+        let certs = CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ConfigError::new(key, format!("{}: {e}", f.display())))?;
+        match certs.is_empty() {
+            true => Err(ConfigError::new(
+                key,
+                format!(
+                    "{}: no `-----BEGIN CERTIFICATE-----` block the TLS client reads",
+                    f.display()
+                ),
+            )),
+            false => Ok(certs),
+        }
+    };
+    if let Some(f) = &a.tls_ca_file {
+        certificates("amqp.tls_ca_file", f)?;
+    }
+    let (Some(cert), Some(key)) = (&a.tls_cert_file, &a.tls_key_file) else {
+        return Ok(());
+    };
+    let chain = certificates("amqp.tls_cert_file", cert)?;
+    let unusable = |why: String| {
+        ConfigError::new(
+            "amqp.tls_key_file",
+            format!(
+                "{}: {why} (an unencrypted PKCS#8, PKCS#1 RSA or SEC1 EC key is needed: \
+                 `openssl pkcs8 -topk8 -nocrypt` converts one)",
+                key.display()
+            ),
+        )
+    };
+    let der = PrivateKeyDer::from_pem_slice(&read("amqp.tls_key_file", key)?)
+        .map_err(|e| unusable(format!("no private key the TLS client reads ({e})")))?;
+    let provider = rustls::crypto::ring::default_provider();
+    let signer = provider
+        .key_provider
+        .load_private_key(der)
+        .map_err(|e| unusable(format!("a key the TLS client cannot sign with ({e})")))?;
+    match rustls::sign::CertifiedKey::new(chain, signer).keys_match() {
+        Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => Ok(()),
+        Err(e) => Err(ConfigError::new(
+            "amqp.tls_key_file",
+            format!(
+                "{} is not the key of the certificate in {} ({e})",
+                key.display(),
+                cert.display()
+            ),
+        )),
+    }
 }
 
 #[cfg(test)]
@@ -2440,13 +2506,18 @@ prefetch = 4
         ])
         .expect_err("key and certificate swapped");
         assert_eq!(swapped.key, "amqp.tls_cert_file");
-        let fine = with_env(&[
-            url,
-            ("STORAGETIER__AMQP__TLS_CA_FILE", &cert),
-            ("STORAGETIER__AMQP__TLS_CERT_FILE", &cert),
-            ("STORAGETIER__AMQP__TLS_KEY_FILE", &key),
-        ]);
+        // A key and certificate are parsed as the TLS client will (framework/tests/cli.rs
+        // `a_tls_key_the_client_cannot_use_exits_2_naming_it`, with real ones); a CA file
+        // needs a certificate block.
+        let fine = with_env(&[url, ("STORAGETIER__AMQP__TLS_CA_FILE", &cert)]);
         assert!(fine.is_ok(), "{:?}", fine.err());
+        let trusted = file(
+            "trusted.pem",
+            "-----BEGIN TRUSTED CERTIFICATE-----\nMIIB\n-----END TRUSTED CERTIFICATE-----\n",
+        );
+        let e = with_env(&[url, ("STORAGETIER__AMQP__TLS_CA_FILE", &trusted)])
+            .expect_err("OpenSSL's trusted-certificate form is no certificate to the client");
+        assert_eq!(e.key, "amqp.tls_ca_file");
     }
 
     #[test]

@@ -153,6 +153,55 @@ fn an_empty_password_file_exits_2_naming_the_key() {
     assert!(stderr(&o).contains("amqp.password_file"), "{}", stderr(&o));
 }
 
+/// A TLS key the client cannot use — encrypted, or another certificate's — exits 2 naming
+/// `amqp.tls_key_file`: its PEM header passed, and `run` then failed every connection
+/// ("no items found") naming no key, retrying for ever.
+#[test]
+fn a_tls_key_the_client_cannot_use_exits_2_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    std::fs::create_dir(&certs).unwrap();
+    framework::testing::tls::make_certificates(&certs);
+    let encrypted = certs.join("encrypted.key");
+    let made = Command::new("openssl")
+        .args(["pkcs8", "-topk8", "-passout", "pass:secret", "-in"])
+        .arg(certs.join("client.key"))
+        .arg("-out")
+        .arg(&encrypted)
+        .output_within(WAIT)
+        .expect("openssl runs");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let check = |key: &str| {
+        run(echo_cmd("unused", dir.path())
+            .env(
+                "STORAGETIER__AMQP__URL",
+                "amqps://guest:guest@127.0.0.1:5671/%2f",
+            )
+            .env("STORAGETIER__AMQP__TLS_CA_FILE", certs.join("ca.pem"))
+            .env("STORAGETIER__AMQP__TLS_CERT_FILE", certs.join("client.pem"))
+            .env("STORAGETIER__AMQP__TLS_KEY_FILE", certs.join(key))
+            .arg("check-config"))
+    };
+    let o = check("client.key");
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    for (key, says) in [
+        ("encrypted.key", "no private key the TLS client reads"),
+        ("server.key", "is not the key of the certificate"),
+    ] {
+        let o = check(key);
+        assert_eq!(o.status.code(), Some(2), "{key}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("amqp.tls_key_file") && stderr(&o).contains(says),
+            "{key}: {}",
+            stderr(&o)
+        );
+    }
+}
+
 /// The broker refusing the password, or a vhost that does not exist: exit 1 naming the
 /// setting to fix, not only the broker's own words.
 #[test]
