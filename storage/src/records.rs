@@ -766,6 +766,21 @@ impl Records {
         .await
     }
 
+    /// The object recorded at `key`, if any: what a copy verified was stored there.
+    pub async fn object_at(&self, key: &str) -> Result<Option<StoredObject>, db::sqlx::Error> {
+        db::bounded(async {
+            let row = db::sqlx::query(
+                "SELECT object_key, size, checksum, store_etag, store_version, store_checksum, \
+                 content_sha256 FROM stored_objects WHERE object_key = $1",
+            )
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await?;
+            row.as_ref().map(stored_object).transpose()
+        })
+        .await
+    }
+
     /// Objects with this content.
     pub async fn objects_with(
         &self,

@@ -768,6 +768,45 @@ impl TierCopier {
         Ok(None)
     }
 
+    /// Whether the object at `key` (of `d`'s size) holds `d`'s content: read back and
+    /// hashed. One in an archive storage class (a lifecycle rule moved it to Glacier or
+    /// Deep Archive) cannot be read; its record settles it where the store's HEAD shows
+    /// the object is still what was recorded — a file edited at the same size is then
+    /// stored beside it, an identical one reported, instead of both dead-lettered until
+    /// someone restores the object. Without such a record it is refused as before.
+    async fn key_holds(&self, key: &ObjectPath, d: &Digest) -> Result<bool, TierError> {
+        let alg = self.policy.algorithm;
+        let archived = match copy::hash_object(&self.tier, key, alg).await {
+            Ok(read) => return Ok(read.as_ref() == Some(d)),
+            Err(CopyError::Archived(e)) => e,
+            Err(e) => return Err(e.into()),
+        };
+        if let Some(obj) = self
+            .records
+            .object_at(key.as_ref())
+            .await?
+            .filter(|o| o.size == d.size)
+        {
+            let confirmed = match copy::confirm_recorded(&self.tier, &obj, alg).await {
+                Err(CopyError::Archived(_)) => false,
+                r => r?,
+            };
+            if confirmed {
+                if obj.checksum != d.checksum {
+                    return Ok(false);
+                }
+                // One MD5 does not tell two contents apart: same only where the SHA-256
+                // is known on both sides or is the checksum itself.
+                match (&obj.content_sha256, &d.sha256) {
+                    (Some(a), Some(b)) => return Ok(a == b),
+                    (_, None) => return Ok(true),
+                    (None, Some(_)) => {}
+                }
+            }
+        }
+        Err(CopyError::Archived(archived).into())
+    }
+
     /// Under the claim on `key` (none on a local store): an identical object there is
     /// recorded, other content reported, and an empty key gets the upload, verified and
     /// recorded. Without `look_first` the upload is tried at once (a local store's
@@ -805,9 +844,7 @@ impl TierCopier {
                         .insert(copy::hash_open(file, original, alg).await?)
                         .clone(),
                 };
-                if existing == d.size
-                    && copy::hash_object(&self.tier, key, alg).await?.as_ref() == Some(&d)
-                {
+                if existing == d.size && self.key_holds(key, &d).await? {
                     let facts = match &self.tier.s3 {
                         Some(s3) => s3.head(key).await.map_err(CopyError::from)?.map(|h| {
                             crate::records::StoreFacts {

@@ -1890,6 +1890,65 @@ async fn an_object_in_an_archive_storage_class_at_the_key_is_refused_at_once() {
     }
 }
 
+/// The same, where the object is this archive's own recorded copy (a lifecycle rule moved
+/// it to Glacier after it was archived): its record, confirmed by the store's HEAD, says
+/// what it holds. The file edited at the same size is stored beside it, and the same
+/// bytes with a new modification time (a restore, a `touch`) are reported as that copy —
+/// both were dead-lettered until someone restored the object.
+#[tokio::test]
+async fn an_archived_copy_moved_to_glacier_is_compared_by_its_record() {
+    let bucket = "tier-glacier-own";
+    let (moto, _proxy, tier) = s3_tier(bucket).await;
+    let base = tempfile::tempdir().expect("temp");
+    let recs = records(base.path()).await;
+    let first = b"first take".to_vec();
+    let key = "pre/cold/clip.mov";
+    put_in_glacier(&moto, bucket, key, first.clone()).await;
+    let head = tier
+        .s3
+        .as_ref()
+        .expect("s3")
+        .head(&storage::store::object_path(key))
+        .await
+        .expect("head")
+        .expect("there");
+    let msg = put(base.path(), "online", "cold/clip.mov", &first);
+    let file = base.path().join("online/cold/clip.mov");
+    recs.record_copy(
+        &storage::records::StoredObject {
+            object_key: key.into(),
+            size: first.len() as u64,
+            checksum: sha256(&first),
+            content_sha256: None,
+            store: storage::records::StoreFacts {
+                etag: head.etag,
+                version: head.version,
+                checksum: head.checksum_sha256,
+            },
+        },
+        "sha256",
+        &file
+            .canonicalize()
+            .expect("real path")
+            .display()
+            .to_string(),
+        "2020-01-01T00:00:00+00:00",
+        None,
+    )
+    .await
+    .expect("recorded");
+    let c = copier(base.path(), "online", tier, recs);
+    // The same bytes, touched since the copy.
+    let r = copied(c.handle(&msg, 1).await);
+    assert_eq!((r.key.as_str(), r.uploaded), (key, false), "{r:?}");
+    // Edited in place at the same size.
+    let edited = b"other take".to_vec();
+    let msg = put(base.path(), "online", "cold/clip.mov", &edited);
+    let r = copied(c.handle(&msg, 1).await);
+    assert!(r.uploaded && r.key.starts_with(&format!("{key}.")), "{r:?}");
+    assert_eq!(r.checksum, sha256(&edited));
+}
+
 /// online-nearline reuses an identical object another file's copy stored. One that cannot
 /// be read back now (moved to an archive storage class, and recorded by a release that
 /// kept no store facts, so only a read-back confirms it) is not confirmed: this file gets
