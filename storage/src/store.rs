@@ -484,6 +484,13 @@ pub fn check_settings(
             return Err(ConfigError::new(key.as_str(), why));
         }
     }
+    // Both given, the file's silently won: the one written inline was not the one used.
+    if s3 && opts.secret_access_key.is_some() && opts.secret_access_key_file.is_some() {
+        return Err(ConfigError::new(
+            format!("{options_key}.secret_access_key_file"),
+            "set either secret_access_key or secret_access_key_file, not both",
+        ));
+    }
     if let Some(f) = &opts.secret_access_key_file
         && s3
     {
@@ -756,6 +763,25 @@ mod tests {
                 check_settings("archive_url", None, "store", &opts).expect("local");
             }
         }
+    }
+
+    /// A secret given inline and in a file is refused naming the file's key: the file's
+    /// silently replaced the inline one.
+    #[test]
+    fn a_secret_given_inline_and_in_a_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("secret");
+        std::fs::write(&file, "from-file\n").unwrap();
+        let opts: StoreOptions = serde_json::from_value(serde_json::json!({
+            "access_key_id": "AKIA",
+            "secret_access_key": "inline",
+            "secret_access_key_file": file,
+        }))
+        .unwrap();
+        let e = check_settings("archive_url", Some("s3://archive/p"), "store", &opts)
+            .expect_err("both");
+        assert_eq!(e.key, "store.secret_access_key_file", "{e}");
+        check_settings("archive_url", None, "store", &opts).expect("local");
     }
 
     /// `check-config` prints a local store's unused options too: an endpoint holding
