@@ -60,6 +60,26 @@ impl MountWatch {
         unmounted_above(path, &shares, &mounted)
     }
 
+    /// The share `path` (canonical) is on, as far as its roots tell: the deepest of the
+    /// roots and the mount points below them seen since start (or listed in `/etc/fstab`)
+    /// that holds it (an empty path where none does). No system call.
+    pub fn share_of(&self, path: &Path) -> PathBuf {
+        let shares = self.shares.lock().unwrap_or_else(|p| p.into_inner());
+        self.roots
+            .iter()
+            .chain(shares.iter())
+            .filter(|s| path.starts_with(s))
+            .max_by_key(|s| s.components().count())
+            .unwrap_or(&PathBuf::new())
+            .clone()
+    }
+
+    /// Takes every root to be on a share that may block (tests of the paths taken then).
+    #[cfg(test)]
+    pub(crate) fn assume_remote(&self) {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), true));
+    }
+
     /// Adds the mount points below a root in `mounted` to those remembered.
     fn remember(&self, mounted: &[(PathBuf, String)]) {
         let seen = below(&self.roots, mounted.iter().map(|(at, _)| at.clone()));

@@ -7,8 +7,10 @@
 //! and once too many given-up calls are still running, no more are started until some
 //! return.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Why a call was not made or not waited for.
@@ -32,6 +34,52 @@ pub struct Bounded {
     stuck: Arc<AtomicUsize>,
     wait: Duration,
     max_stuck: usize,
+    /// The given-up calls of every share together ([`PerShare`]), and their bound.
+    all: Arc<AtomicUsize>,
+    max_all: usize,
+}
+
+/// One [`Bounded`] per share (a root, or a mount point below one): the calls given up on
+/// a share whose server stopped answering use up that share's budget only. With one
+/// budget for all, 64 given-up opens on one dead share refused every file of every root
+/// — healthy shares and local disks included — as "calls still have no answer", naming
+/// the healthy file, until the dead one came back. All shares together still hold at most
+/// `max_all` threads.
+#[derive(Debug)]
+pub struct PerShare {
+    wait: Duration,
+    max_stuck: usize,
+    all: Arc<AtomicUsize>,
+    max_all: usize,
+    each: Mutex<HashMap<PathBuf, Bounded>>,
+}
+
+impl PerShare {
+    /// Waits `wait` for each call; at most `max_stuck` given-up calls per share still
+    /// running, `max_all` of all shares.
+    pub fn new(wait: Duration, max_stuck: usize, max_all: usize) -> Self {
+        Self {
+            wait,
+            max_stuck,
+            all: Arc::new(AtomicUsize::new(0)),
+            max_all,
+            each: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The budget of `share`.
+    pub fn of(&self, share: &Path) -> Bounded {
+        let mut each = self.each.lock().unwrap_or_else(|p| p.into_inner());
+        each.entry(share.to_path_buf())
+            .or_insert_with(|| Bounded {
+                stuck: Arc::new(AtomicUsize::new(0)),
+                wait: self.wait,
+                max_stuck: self.max_stuck,
+                all: self.all.clone(),
+                max_all: self.max_all,
+            })
+            .clone()
+    }
 }
 
 const RUNNING: u8 = 0;
@@ -46,6 +94,8 @@ impl Bounded {
             stuck: Arc::new(AtomicUsize::new(0)),
             wait,
             max_stuck,
+            all: Arc::new(AtomicUsize::new(0)),
+            max_all: usize::MAX,
         }
     }
 
@@ -64,12 +114,16 @@ impl Bounded {
         if stuck >= self.max_stuck {
             return Err(Stuck::TooMany(stuck));
         }
+        let all = self.all.load(Ordering::Relaxed);
+        if all >= self.max_all {
+            return Err(Stuck::TooMany(all));
+        }
         let state = Arc::new(AtomicU8::new(RUNNING));
         // Owned by the call: dropped when it returns, unwinds, or is never run (a thread
         // that could not be started), so a given-up call always leaves the count.
         let finished = Finished {
             state: state.clone(),
-            stuck: self.stuck.clone(),
+            stuck: [self.stuck.clone(), self.all.clone()],
         };
         let task = tokio::task::spawn_blocking(move || {
             let _finished = finished;
@@ -77,7 +131,7 @@ impl Bounded {
         });
         let watch = GiveUpOnDrop {
             state,
-            stuck: self.stuck.clone(),
+            stuck: [self.stuck.clone(), self.all.clone()],
         };
         let r = match tokio::time::timeout(self.wait, task).await {
             Ok(Ok(r)) => Ok(r),
@@ -93,7 +147,8 @@ impl Bounded {
 /// given up (and counted) already.
 struct Finished {
     state: Arc<AtomicU8>,
-    stuck: Arc<AtomicUsize>,
+    /// The share's count and the count of all shares.
+    stuck: [Arc<AtomicUsize>; 2],
 }
 
 impl Drop for Finished {
@@ -103,7 +158,9 @@ impl Drop for Finished {
             .compare_exchange(RUNNING, DONE, Ordering::AcqRel, Ordering::Acquire)
             .is_err()
         {
-            self.stuck.fetch_sub(1, Ordering::AcqRel);
+            self.stuck.iter().for_each(|c| {
+                c.fetch_sub(1, Ordering::AcqRel);
+            });
         }
     }
 }
@@ -111,20 +168,25 @@ impl Drop for Finished {
 /// Counts its call as stuck when dropped before the call returned.
 struct GiveUpOnDrop {
     state: Arc<AtomicU8>,
-    stuck: Arc<AtomicUsize>,
+    /// The share's count and the count of all shares.
+    stuck: [Arc<AtomicUsize>; 2],
 }
 
 impl Drop for GiveUpOnDrop {
     fn drop(&mut self) {
         // Counted before it is marked, so a call returning at once never takes the count
         // below zero; taken back where it had returned already.
-        self.stuck.fetch_add(1, Ordering::AcqRel);
+        self.stuck.iter().for_each(|c| {
+            c.fetch_add(1, Ordering::AcqRel);
+        });
         if self
             .state
             .compare_exchange(RUNNING, GIVEN_UP, Ordering::AcqRel, Ordering::Acquire)
             .is_err()
         {
-            self.stuck.fetch_sub(1, Ordering::AcqRel);
+            self.stuck.iter().for_each(|c| {
+                c.fetch_sub(1, Ordering::AcqRel);
+            });
         }
     }
 }
@@ -199,6 +261,42 @@ mod tests {
         assert_eq!(b.stuck(), 1);
         release.send(()).expect("release");
         until_stuck(&b, 0).await;
+    }
+
+    /// Each share has its budget; all of them together one more.
+    #[tokio::test]
+    async fn each_share_has_its_own_budget_within_one_for_all() {
+        let shares = PerShare::new(Duration::from_millis(50), 1, 2);
+        let (release, hang) = std::sync::mpsc::channel::<()>();
+        let hang = Arc::new(Mutex::new(hang));
+        let stuck_on = |share: &str| {
+            let b = shares.of(Path::new(share));
+            let h = hang.clone();
+            async move {
+                let r = b
+                    .run(move || {
+                        let _ = h.lock().map(|h| h.recv());
+                    })
+                    .await;
+                assert_eq!(r, Err(Stuck::TimedOut(Duration::from_millis(50))));
+            }
+        };
+        stuck_on("/mnt/a").await;
+        assert_eq!(
+            shares.of(Path::new("/mnt/a")).run(|| 1).await,
+            Err(Stuck::TooMany(1))
+        );
+        assert_eq!(shares.of(Path::new("/mnt/b")).run(|| 2).await, Ok(2));
+        stuck_on("/mnt/b").await;
+        assert_eq!(
+            shares.of(Path::new("/mnt/c")).run(|| 3).await,
+            Err(Stuck::TooMany(2)),
+            "all shares together"
+        );
+        drop(release);
+        until_stuck(&shares.of(Path::new("/mnt/a")), 0).await;
+        until_stuck(&shares.of(Path::new("/mnt/b")), 0).await;
+        assert_eq!(shares.of(Path::new("/mnt/c")).run(|| 3).await, Ok(3));
     }
 
     /// A caller dropped while it waits (its handler stopped) gives its call up too: the

@@ -227,25 +227,33 @@ pub struct TierCopier {
     tier: Tier,
     records: Records,
     policy: TierPolicy,
-    /// Opens and lookups where a share may never answer: bounded (see crate::stuck).
-    remote: crate::stuck::Bounded,
+    /// Opens and lookups where a share may never answer: bounded per share (see
+    /// crate::stuck).
+    remote: crate::stuck::PerShare,
 }
 
 /// How long an open or a lookup on a share is waited for: a server this slow to answer
 /// one is away, and the file is retried as an outage.
 const REMOTE_WAIT: Duration = Duration::from_secs(30);
 
-/// How many opens or lookups given up on may still hold a thread before no more are
-/// started (tokio's blocking pool holds 512, and the copies need theirs).
+/// How many opens or lookups given up on one share may still hold a thread before no more
+/// are started there, and on all shares together (tokio's blocking pool holds 512, and
+/// the copies need theirs).
 const MAX_STUCK: usize = 64;
+const MAX_STUCK_ALL: usize = 256;
 
 /// The claim key of a content (nearline's reuse): a leading `/` no object key has.
 fn identical_content_key(alg: crate::Algorithm, d: &Digest) -> String {
     format!("/identical/{}/{}/{}", alg.name(), d.checksum, d.size)
 }
 
-/// A blocking call about `msg`'s file that was not answered (or not made).
-fn share_not_answering(doing: &str, msg: &AssetSweeperFile, e: crate::stuck::Stuck) -> TierError {
+/// A blocking call about `msg`'s file, on `share`, that was not answered (or not made).
+fn share_not_answering(
+    doing: &str,
+    msg: &AssetSweeperFile,
+    share: &std::path::Path,
+    e: crate::stuck::Stuck,
+) -> TierError {
     if e == crate::stuck::Stuck::Lost {
         return TierError::Transient(format!(
             "{doing} {}: {e}",
@@ -253,9 +261,10 @@ fn share_not_answering(doing: &str, msg: &AssetSweeperFile, e: crate::stuck::Stu
         ));
     }
     TierError::Unavailable(format!(
-        "{doing} {}: {e} (a share whose server stopped answering?), retried as an outage \
-         (up to [retry] max_outage_ms)",
-        framework::telemetry::LogText(&msg.joined_path())
+        "{doing} {}: {e} on {} (a share whose server stopped answering?), retried as an \
+         outage (up to [retry] max_outage_ms)",
+        framework::telemetry::LogText(&msg.joined_path()),
+        share.display()
     ))
 }
 
@@ -270,13 +279,24 @@ impl TierCopier {
             tier,
             records,
             policy,
-            remote: crate::stuck::Bounded::new(REMOTE_WAIT, MAX_STUCK),
+            remote: crate::stuck::PerShare::new(REMOTE_WAIT, MAX_STUCK, MAX_STUCK_ALL),
         }
     }
 
     /// The records (for tests and diagnostics).
     pub fn records(&self) -> &Records {
         &self.records
+    }
+
+    /// The share `msg`'s file is on (its first candidate's), and the budget of blocking
+    /// calls given up there.
+    fn share_of(&self, msg: &AssetSweeperFile) -> (std::path::PathBuf, crate::stuck::Bounded) {
+        let share = paths::candidates(&self.roots, &msg.parent_dir, &msg.filename)
+            .first()
+            .map(|p| self.mounts.share_of(p))
+            .unwrap_or_default();
+        let budget = self.remote.of(&share);
+        (share, budget)
     }
 
     /// The store (tests and diagnostics).
@@ -379,10 +399,11 @@ impl TierCopier {
             None => {
                 let roots = self.roots.clone();
                 let (parent_dir, filename) = (msg.parent_dir.clone(), msg.filename.clone());
-                self.remote
+                let (share, budget) = self.share_of(msg);
+                budget
                     .run(move || open_source(&roots, &parent_dir, &filename, true))
                     .await
-                    .map_err(|e| share_not_answering("opening", msg, e))??
+                    .map_err(|e| share_not_answering("opening", msg, &share, e))??
                     .ok_or_else(|| {
                         TierError::Transient("opening the source ended without an answer".into())
                     })?
@@ -725,11 +746,11 @@ impl TierCopier {
         let roots = self.roots.clone();
         let (parent_dir, filename) = (msg.parent_dir.clone(), msg.filename.clone());
         // On a blocking thread: it looks at the directories (a share may not answer).
-        let candidates = self
-            .remote
+        let (share, budget) = self.share_of(msg);
+        let candidates = budget
             .run(move || paths::recorded_candidates(&roots, &parent_dir, &filename))
             .await
-            .map_err(|e| share_not_answering("looking for earlier copies of", msg, e))?;
+            .map_err(|e| share_not_answering("looking for earlier copies of", msg, &share, e))?;
         for path in candidates {
             let original = path.display().to_string();
             let matching: Vec<_> = self
@@ -1149,6 +1170,62 @@ impl Drop for Claim<'_> {
 #[cfg(test)]
 mod tests {
     use super::mtime_text;
+
+    /// Two roots on shares: the opens given up on one whose server stopped answering use
+    /// up its budget only. With one budget for the copier, every file of the other root
+    /// was refused ("earlier calls still have no answer") while the first was away.
+    #[tokio::test]
+    async fn a_share_that_stopped_answering_holds_back_only_its_own_files() {
+        let dir = tempfile::tempdir().expect("temp");
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        for root in [&a, &b] {
+            std::fs::create_dir_all(root.join("p")).expect("root");
+            std::fs::write(root.join("p/f.mov"), b"bytes").expect("file");
+        }
+        let roots = crate::paths::open_roots(&[a.clone(), b.clone()], false).expect("roots");
+        let tier = crate::store::local(&dir.path().join("store")).expect("store");
+        let url = format!("sqlite://{}", dir.path().join("r.db").display());
+        let records = crate::records::Records::open(&url).await.expect("records");
+        let policy = super::TierPolicy {
+            algorithm: crate::Algorithm::Sha256,
+            keep_metadata: false,
+            reuse_identical: false,
+            skip_ignored: true,
+        };
+        let mut c = super::TierCopier::new(roots, tier, records, policy);
+        c.mounts.assume_remote();
+        c.remote = crate::stuck::PerShare::new(std::time::Duration::from_millis(50), 1, 8);
+        // Root a's server stops answering: a call there hangs, and is given up.
+        let (release, hang) = std::sync::mpsc::channel::<()>();
+        let share_a = c
+            .mounts
+            .share_of(&a.canonicalize().expect("a").join("p/f.mov"));
+        let r = c.remote.of(&share_a).run(move || hang.recv()).await;
+        assert!(r.is_err(), "given up");
+        let msg = |root: &std::path::Path| -> crate::AssetSweeperFile {
+            serde_json::from_value(serde_json::json!({
+                "imported_id": null, "size": 5, "ignore": false, "mime_type": "video/quicktime",
+                "mtime": 1704067200, "ctime": 1704067200, "atime": 1704067200,
+                "owner": 1000, "group": 1000,
+                "parent_dir": root.join("p").display().to_string(), "filename": "f.mov",
+            }))
+            .expect("message")
+        };
+        match c.handle(&msg(&b), 1).await {
+            Ok(super::TierOutcome::Copied(r)) => assert!(r.uploaded, "{r:?}"),
+            other => panic!("root b's file is copied: {other:?}"),
+        }
+        match c.handle(&msg(&a), 1).await {
+            Err(super::TierError::Unavailable(e)) => {
+                assert!(
+                    e.contains("still have no answer") && e.contains("/a"),
+                    "{e}"
+                )
+            }
+            other => panic!("root a's file waits for its share: {other:?}"),
+        }
+        drop(release);
+    }
 
     /// A claim released by its copy's own record is no lost claim: a renewal that finds it
     /// gone then (committed with the record) does not end the copy as "lost the upload
