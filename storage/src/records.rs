@@ -739,6 +739,31 @@ impl Records {
         .await
     }
 
+    /// Objects recorded as copies of `original_path` at any size, each with the
+    /// modification time the file had when it was copied: the later versions of a file
+    /// no longer there.
+    pub async fn copies_of_path(
+        &self,
+        original_path: &str,
+    ) -> Result<Vec<(StoredObject, String)>, db::sqlx::Error> {
+        db::bounded(async {
+            let rows = db::sqlx::query(concat!(
+                "SELECT o.object_key, o.size, o.checksum, o.store_etag, o.store_version, \
+                     o.store_checksum, o.content_sha256, f.mtime FROM copied_files f \
+                     JOIN stored_objects o ON o.object_key = f.object_key \
+                     WHERE f.original_path = $1 AND ",
+                still_its_copy!()
+            ))
+            .bind(original_path)
+            .fetch_all(&self.pool)
+            .await?;
+            rows.iter()
+                .map(|r| Ok((stored_object(r)?, r.try_get::<String, _>("mtime")?)))
+                .collect()
+        })
+        .await
+    }
+
     /// Objects recorded as copies of `original_path` at this size, each with the
     /// modification time the file had when it was copied: what a file no longer there
     /// was copied as.

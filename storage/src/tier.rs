@@ -218,6 +218,14 @@ fn same_mtime(recorded: &str, seen: crate::message::SweeperTime) -> bool {
     (recorded - seen.0).abs() < 1e-3
 }
 
+/// Whether the recorded modification time (RFC 3339) is later than the sweeper's, by more
+/// than the millisecond `same_mtime` allows.
+fn later_mtime(recorded: &str, seen: crate::message::SweeperTime) -> Option<f64> {
+    let t = chrono::DateTime::parse_from_rfc3339(recorded).ok()?;
+    let recorded = t.timestamp() as f64 + f64::from(t.timestamp_subsec_nanos()) / 1e9;
+    (recorded > seen.0 + 1e-3).then_some(recorded)
+}
+
 /// Copies asset-sweeper files from the online roots into one tier.
 pub struct TierCopier {
     /// Shared with the blocking thread that opens each file where it may block.
@@ -751,7 +759,18 @@ impl TierCopier {
             .run(move || paths::recorded_candidates(&roots, &parent_dir, &filename))
             .await
             .map_err(|e| share_not_answering("looking for earlier copies of", msg, &share, e))?;
-        for path in candidates {
+        let report = |original: &str, obj: StoredObject, mtime: String| CopyReport {
+            original_path: original.to_string(),
+            store: self.tier.display.clone(),
+            key: obj.object_key,
+            size: obj.size,
+            checksum: obj.checksum,
+            algorithm: alg.name(),
+            content_sha256: obj.content_sha256,
+            mtime,
+            uploaded: false,
+        };
+        for path in &candidates {
             let original = path.display().to_string();
             let matching: Vec<_> = self
                 .records
@@ -772,17 +791,38 @@ impl TierCopier {
             for (obj, mtime) in matching {
                 if copy::confirm_recorded(&self.tier, &obj, alg).await? {
                     tracing::info!(path = %framework::telemetry::LogText(&original), key = %obj.object_key, "the file is gone but was copied before; reporting that copy");
-                    return Ok(Some(CopyReport {
-                        original_path: original,
-                        store: self.tier.display.clone(),
-                        key: obj.object_key,
-                        size: obj.size,
-                        checksum: obj.checksum,
-                        algorithm: alg.name(),
-                        content_sha256: obj.content_sha256,
-                        mtime,
-                        uploaded: false,
-                    }));
+                    return Ok(Some(report(&original, obj, mtime)));
+                }
+            }
+        }
+        // None as the sweeper saw it, but a later version was copied: the file changed
+        // between the sweep and the copy (a render still being written), and was removed
+        // after — the ack of that copy lost, or its message dead-lettered and replayed
+        // once the file was moved on. Its newest copy is reported: the message was
+        // dead-lettered as "does not exist" for a file safe in the store. Several contents
+        // copied at that newest time (stored beside each other) tell nothing: none.
+        for path in &candidates {
+            let original = path.display().to_string();
+            let mut later: Vec<_> = self
+                .records
+                .copies_of_path(&original)
+                .await?
+                .into_iter()
+                .filter_map(|(o, m)| later_mtime(&m, msg.mtime).map(|t| (o, m, t)))
+                .collect();
+            let Some(newest) = later.iter().map(|c| c.2).reduce(f64::max) else {
+                continue;
+            };
+            later.retain(|c| c.2 == newest);
+            if later.iter().any(|(o, _, _)| {
+                o.checksum != later[0].0.checksum || o.content_sha256 != later[0].0.content_sha256
+            }) {
+                return Ok(None);
+            }
+            for (obj, mtime, _) in later {
+                if copy::confirm_recorded(&self.tier, &obj, alg).await? {
+                    tracing::info!(path = %framework::telemetry::LogText(&original), key = %obj.object_key, %mtime, "the file is gone; a later version of it was copied; reporting that copy");
+                    return Ok(Some(report(&original, obj, mtime)));
                 }
             }
         }

@@ -2125,6 +2125,47 @@ async fn gone_after_its_copy_through_a_link(
     assert_eq!(again.key, first.key);
 }
 
+/// A file that changed between the sweep and its copy (a render still being written) is
+/// copied as it was then; removed after, its message again (the ack lost, or a dead letter
+/// replayed) is answered with that later version's copy — it was dead-lettered as "does
+/// not exist" for a file safe in the store. A version older than the message's is not.
+#[tokio::test]
+async fn a_file_changed_after_its_sweep_then_gone_is_reported_as_its_later_copy() {
+    let base = tempfile::tempdir().expect("temp");
+    let tier = storage::store::local(&base.path().join("store")).expect("tier");
+    let c = copier(base.path(), "online", tier, records(base.path()).await);
+    let swept = content(2000, 4);
+    put(base.path(), "online", "r/render.mov", &swept);
+    let file = base.path().join("online/r/render.mov");
+    let then = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_704_067_200);
+    set_modified(&file, then);
+    let message = |size: usize, at: u64| -> AssetSweeperFile {
+        let mut m = sweeper_message("r", "render.mov", false);
+        m["size"] = size.into();
+        m["mtime"] = at.into();
+        serde_json::from_value(m).expect("message")
+    };
+    let msg = message(swept.len(), 1_704_067_200);
+    // Finished after the sweep: larger, and later.
+    let done = content(3000, 5);
+    std::fs::write(&file, &done).expect("rewrite");
+    set_modified(&file, then + std::time::Duration::from_secs(600));
+    let first = copied(c.handle(&msg, 1).await);
+    assert!(
+        first.uploaded && first.size == done.len() as u64,
+        "{first:?}"
+    );
+    std::fs::remove_file(&file).expect("moved on");
+    let again = copied(c.handle(&msg, 2).await);
+    assert!(!again.uploaded, "{again:?}");
+    assert_eq!((again.key, again.size), (first.key, first.size));
+    // A message naming a time after every copy is not answered with an older one.
+    match c.handle(&message(done.len(), 1_704_067_200 + 900), 3).await {
+        Err(TierError::Permanent(e)) => assert!(e.contains("does not exist"), "{e}"),
+        other => panic!("expected permanent, got {other:?}"),
+    }
+}
+
 /// Nearline stores one content once, also when two files of it are copied at once: each
 /// found no identical object yet and each stored one (two objects, both reported
 /// uploaded). The content is claimed while it is stored; the other copy waits (an
