@@ -739,49 +739,33 @@ impl Records {
         .await
     }
 
-    /// Objects recorded as copies of `original_path` at any size, each with the
-    /// modification time the file had when it was copied: the later versions of a file
-    /// no longer there.
-    pub async fn copies_of_path(
-        &self,
-        original_path: &str,
-    ) -> Result<Vec<(StoredObject, String)>, db::sqlx::Error> {
-        db::bounded(async {
-            let rows = db::sqlx::query(concat!(
-                "SELECT o.object_key, o.size, o.checksum, o.store_etag, o.store_version, \
-                     o.store_checksum, o.content_sha256, f.mtime FROM copied_files f \
-                     JOIN stored_objects o ON o.object_key = f.object_key \
-                     WHERE f.original_path = $1 AND ",
-                still_its_copy!()
-            ))
-            .bind(original_path)
-            .fetch_all(&self.pool)
-            .await?;
-            rows.iter()
-                .map(|r| Ok((stored_object(r)?, r.try_get::<String, _>("mtime")?)))
-                .collect()
-        })
-        .await
-    }
-
-    /// Objects recorded as copies of `original_path` at this size, each with the
-    /// modification time the file had when it was copied: what a file no longer there
-    /// was copied as.
+    /// Objects recorded as copies of `original_path` at this size (any size: `None`),
+    /// each with the modification time the file had when it was copied: what a file no
+    /// longer there was copied as, or its later versions.
     pub async fn copies_at(
         &self,
         original_path: &str,
-        size: u64,
+        size: Option<u64>,
     ) -> Result<Vec<(StoredObject, String)>, db::sqlx::Error> {
+        macro_rules! copies_of_path {
+            ($size:literal) => {
+                concat!(
+                    "SELECT o.object_key, o.size, o.checksum, o.store_etag, o.store_version, \
+                         o.store_checksum, o.content_sha256, f.mtime FROM copied_files f \
+                         JOIN stored_objects o ON o.object_key = f.object_key \
+                         WHERE f.original_path = $1 AND ",
+                    $size,
+                    still_its_copy!()
+                )
+            };
+        }
         db::bounded(async {
-            let rows = db::sqlx::query(concat!(
-                "SELECT o.object_key, o.size, o.checksum, o.store_etag, o.store_version, \
-                     o.store_checksum, o.content_sha256, f.mtime FROM copied_files f \
-                     JOIN stored_objects o ON o.object_key = f.object_key \
-                     WHERE f.original_path = $1 AND f.size = $2 AND ",
-                still_its_copy!()
-            ))
-            .bind(original_path)
-            .bind(size as i64)
+            let rows = match size {
+                Some(size) => db::sqlx::query(copies_of_path!("f.size = $2 AND "))
+                    .bind(original_path)
+                    .bind(size as i64),
+                None => db::sqlx::query(copies_of_path!("")).bind(original_path),
+            }
             .fetch_all(&self.pool)
             .await?;
             rows.iter()
@@ -1749,14 +1733,14 @@ mod tests {
         apply(&r.write, true, &mut full, [with_sha("/a/x", "s1")].iter())
             .await
             .expect("recorded");
-        assert_eq!(r.copies_at("/a/x", 4).await.unwrap().len(), 1);
+        assert_eq!(r.copies_at("/a/x", Some(4)).await.unwrap().len(), 1);
         apply(&r.write, true, &mut full, [with_sha("/b/x", "s2")].iter())
             .await
             .expect("recorded");
-        assert!(r.copies_at("/a/x", 4).await.unwrap().is_empty());
+        assert!(r.copies_at("/a/x", Some(4)).await.unwrap().is_empty());
         let mtime = "2026-01-01T00:00:00Z";
         assert!(r.copies_of("/a/x", 4, mtime).await.unwrap().is_empty());
-        assert_eq!(r.copies_at("/b/x", 4).await.unwrap().len(), 1);
+        assert_eq!(r.copies_at("/b/x", Some(4)).await.unwrap().len(), 1);
         r.close().await;
     }
 

@@ -774,7 +774,7 @@ impl TierCopier {
             let original = path.display().to_string();
             let matching: Vec<_> = self
                 .records
-                .copies_at(&original, msg.size)
+                .copies_at(&original, Some(msg.size))
                 .await?
                 .into_iter()
                 .filter(|(_, mtime)| same_mtime(mtime, msg.mtime))
@@ -805,7 +805,7 @@ impl TierCopier {
             let original = path.display().to_string();
             let mut later: Vec<_> = self
                 .records
-                .copies_of_path(&original)
+                .copies_at(&original, None)
                 .await?
                 .into_iter()
                 .filter_map(|(o, m)| later_mtime(&m, msg.mtime).map(|t| (o, m, t)))
