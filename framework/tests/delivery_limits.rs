@@ -158,20 +158,34 @@ async fn a_full_dlq_refuses_dead_letters_instead_of_dropping_the_oldest() {
     .await;
     let before = ready_count(&hs.ch, &dlq_name).await;
     assert!(before < 4, "{before} in the DLQ: none refused");
-    // Room made (a quorum queue applies a policy's removal only after a while): the
-    // refused dead letters come in, none was dropped.
-    hs.ch
-        .queue_purge(dlq_name.as_str().into(), Default::default())
-        .await
-        .expect("purge the DLQ");
+    // Room made one dead letter at a time (a quorum queue applies a policy's removal only
+    // after a while): every refused dead letter comes in, once — none was dropped.
+    let mut seen = Vec::new();
     let deadline = tokio::time::Instant::now() + WAIT;
-    while ready_count(&hs.ch, &dlq_name).await == 0 {
+    while seen.len() < 4 {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "the refused dead letters were dropped"
+            "dead letters were dropped: only {seen:?} reached the DLQ"
         );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let got = hs
+            .ch
+            .basic_get(
+                dlq_name.as_str().into(),
+                framework::lapin::options::BasicGetOptions { no_ack: true },
+            )
+            .await
+            .expect("get from the DLQ");
+        match got {
+            Some(m) => {
+                let v: serde_json::Value =
+                    serde_json::from_slice(&m.delivery.data).expect("a dead letter's body");
+                seen.push(v["i"].as_i64().expect("the body as published"));
+            }
+            None => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+        }
     }
+    seen.sort_unstable();
+    assert_eq!(seen, [0, 1, 2, 3], "each dead letter once");
     drop(policy);
     hs.stop().await;
 }
