@@ -71,6 +71,8 @@ pub const BROKER_OWNED: &[&str] = &[
     "x-last-death-queue",
     "x-last-death-reason",
     "x-delivery-count",
+    // RabbitMQ 4.x quorum queues: how often the message was handed out, failed or not.
+    "x-acquired-count",
 ];
 
 /// The error headers of a dead letter (and a retry's last error).
@@ -174,8 +176,24 @@ pub fn encoded_len(t: &FieldTable) -> usize {
     4 + t
         .inner()
         .iter()
-        .map(|(k, v)| 1 + k.as_str().len() + 1 + value_len(v))
+        .map(|(k, v)| entry_len(k, v))
         .sum::<usize>()
+}
+
+/// The encoded size of `t`'s headers that a retry or dead letter carries on as they are:
+/// all but the framework's own and the broker's, which each retry writes afresh (room for
+/// them is kept apart), so a message's size does not grow with its retries.
+pub fn carried_len(t: &FieldTable) -> usize {
+    4 + t
+        .inner()
+        .iter()
+        .filter(|(k, _)| !is_reserved(k.as_str()))
+        .map(|(k, v)| entry_len(k, v))
+        .sum::<usize>()
+}
+
+fn entry_len(k: &lapin::types::ShortString, v: &AMQPValue) -> usize {
+    1 + k.as_str().len() + 1 + value_len(v)
 }
 
 fn value_len(v: &AMQPValue) -> usize {

@@ -1015,8 +1015,10 @@ impl<P: MessageProcessor> Shared<P> {
         let trace = crate::trace::TraceContext::continue_from(&inc.headers);
         // An input whose headers leave no room for a retry's or dead letter's in one frame
         // is dead-lettered at once, without them (publishing it with them would make the
-        // broker close the connection, every handler's with it, on every redelivery).
-        let header_bytes = h::encoded_len(&inc.headers);
+        // broker close the connection, every handler's with it, on every redelivery). The
+        // headers a retry writes afresh (its counts, the broker's `x-death`) do not count:
+        // with them a message just within the budget was refused on its first retry.
+        let header_bytes = h::carried_len(&inc.headers);
         let budget = input_header_budget(publisher.frame_max());
         let oversized = (header_bytes > budget).then(|| {
             inc.headers = lapin::types::FieldTable::default();

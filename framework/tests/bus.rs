@@ -1373,8 +1373,11 @@ async fn a_panicking_processor_dead_letters_and_keeps_running() {
 /// dead-lettered as a bug: the next attempt finds threads again.
 #[tokio::test]
 async fn a_panic_for_want_of_threads_is_retried() {
-    let p = FnProcessor(|v: serde_json::Value, ctx: &MessageContext| {
-        if ctx.attempt == 1 {
+    let attempts: Arc<Mutex<Vec<u32>>> = Arc::default();
+    let seen = attempts.clone();
+    let p = FnProcessor(move |v: serde_json::Value, ctx: &MessageContext| {
+        seen.lock().unwrap().push(ctx.attempt);
+        if ctx.attempt == 0 {
             panic!("OS can't spawn worker thread: Resource temporarily unavailable (os error 11)");
         }
         Outcome::success(v)
@@ -1383,8 +1386,11 @@ async fn a_panic_for_want_of_threads_is_retried() {
     let mut out = hs.watch_output().await;
     hs.publish("test.t", br#"{"t":1}"#, BasicProperties::default())
         .await;
+    // The output comes from the second attempt: the first panicked and was retried, not
+    // dead-lettered as a bug.
     let d = next(&mut out).await;
     assert_eq!(d.data, br#"{"t":1}"#);
+    assert_eq!(*attempts.lock().unwrap(), [0, 1]);
     assert_eq!(ready_count(&hs.ch, &format!("{}-dlq", hs.q)).await, 0);
     hs.stop().await;
 }
@@ -1982,6 +1988,29 @@ async fn a_message_id_that_is_not_utf8_does_not_kill_the_connection() {
     .await;
     let d = next(&mut out).await;
     assert_eq!(d.data, br#"{"name":"raw"}"#);
+    let first = d.properties.message_id().clone();
+    // Another id differing only in its bad bytes (another binary UUID) stays another id:
+    // its output's id, derived from it, is not the first's (a consumer dropping duplicates
+    // would drop it).
+    framework::testing::raw::publish(
+        &framework::testing::amqp_url(),
+        &framework::testing::raw::RawMessage {
+            exchange: hs.input_exchange.clone(),
+            routing_key: "test.utf8".into(),
+            message_id: b"\xfe\xffid".to_vec(),
+            body: br#"{"name":"raw2","size":1}"#.to_vec(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let d = next(&mut out).await;
+    assert_eq!(d.data, br#"{"name":"raw2"}"#);
+    assert!(first.is_some());
+    assert_ne!(
+        d.properties.message_id(),
+        &first,
+        "two inputs, two output ids"
+    );
     // 255 bad bytes read as 765 bytes of U+FFFD would not fit the dead letter's message
     // id (a short string): cut to what fits, its dead letter goes out whole.
     let mut dlq = hs.watch_dlq().await;
@@ -2521,6 +2550,43 @@ async fn headers_that_leave_no_room_for_a_retry_never_cost_the_session() {
         .await;
     assert_eq!(next(&mut out).await.data, br#"{"n":1}"#);
     assert_eq!(*sessions.borrow(), first_session, "no reconnect");
+    hs.stop().await;
+}
+
+/// Headers just within what leaves room for a retry's own (a frame's 128 KiB less 16 KiB):
+/// every retry of the message is handled, not the first only — the headers each retry
+/// writes afresh (its counts and errors, the broker's `x-death`) are not the producer's,
+/// and counting them dead-lettered the message on its first return as "headers too big".
+#[tokio::test]
+async fn headers_within_the_budget_are_retried_to_the_end() {
+    let calls: Calls = Arc::default();
+    let p = recording(&calls, |v, ctx| {
+        if ctx.attempt < 2 {
+            Outcome::retry("e".repeat(1000))
+        } else {
+            Outcome::success(v.clone())
+        }
+    });
+    let mut hs = Harness::start("framefit", &[("retry.delays_ms", "[100, 200]")], p).await;
+    let mut out = hs.watch_output().await;
+    let mut near = FieldTable::default();
+    h::set_str(&mut near, "x-pad", &"p".repeat(114_000));
+    hs.publish(
+        "test.fit",
+        br#"{"fits": true}"#,
+        BasicProperties::default().with_headers(near),
+    )
+    .await;
+    let d = next(&mut out).await;
+    assert_eq!(d.data, br#"{"fits":true}"#);
+    let attempts: Vec<u32> = calls
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, c)| c.attempt)
+        .collect();
+    assert_eq!(attempts, [0, 1, 2]);
+    assert_eq!(ready_count(&hs.ch, &format!("{}-dlq", hs.q)).await, 0);
     hs.stop().await;
 }
 

@@ -257,26 +257,54 @@ pub fn parse_decimal_value<I: ParsableInput>(i: I) -> ParserResult<I, DecimalVal
 }
 
 // storagetier: a short string that is not UTF-8 (a producer's raw-bytes message id, the
-// broker passes it on unchecked) is read leniently (U+FFFD for each bad sequence) instead
-// of failing the frame, which made the client kill the whole connection at every
-// redelivery. One of two changes from the published crate (see vendor/README.md).
+// broker passes it on unchecked) is read leniently instead of failing the frame, which made
+// the client kill the whole connection at every redelivery. One of two changes from the
+// published crate (see vendor/README.md).
 fn make_str<I: Input<Item = u8>>(i: I) -> Result<String, std::string::FromUtf8Error> {
     let bytes: Vec<u8> = i.iter_elements().collect();
     Ok(match String::from_utf8(bytes) {
         Ok(s) => s,
-        Err(e) => {
-            // Each bad byte becomes 3 (U+FFFD): cut back to the 255 bytes a short string
-            // holds, on a character boundary, or a message id copied into a retry or dead
-            // letter would be written with a wrong length and break that frame instead.
-            let mut s = String::from_utf8_lossy(e.as_bytes()).into_owned();
-            let mut end = s.len().min(255);
-            while !s.is_char_boundary(end) {
-                end -= 1;
-            }
-            s.truncate(end);
-            s
-        }
+        Err(e) => escaped(e.as_bytes()),
     })
+}
+
+// storagetier: bytes that are not UTF-8 as text that keeps them apart: each byte outside a
+// UTF-8 sequence as `\xNN`, each backslash as `\\` (U+FFFD for every bad sequence made the
+// binary ids of two messages one id, and the ids derived from them for their outputs one,
+// so a consumer dropping duplicates dropped a different message). Cut to the 255 bytes a
+// short string holds, on a character boundary, ending in a hash of all the bytes so two
+// long ids stay two; or a message id copied into a retry or dead letter would be written
+// with a wrong length and break that frame instead.
+fn escaped(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if c == '\\' {
+                s.push_str("\\\\");
+            } else {
+                s.push(c);
+            }
+        }
+        for b in chunk.invalid() {
+            let _ = write!(s, "\\x{b:02x}");
+        }
+    }
+    if s.len() > 255 {
+        // FNV-1a, 64 bits: no dependency, and only inequality matters here.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for &b in bytes {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        let mut end = 255 - 17;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        let _ = write!(s, "~{h:016x}");
+    }
+    s
 }
 
 /// Parse a [ShortString](../type.ShortString.html)
