@@ -427,6 +427,8 @@ async fn migrate(pool: &AnyPool, migrator: &Migrator, postgres: bool) -> Result<
     if !pending(&mut conn, migrator).await {
         return Ok(());
     }
+    #[cfg(test)]
+    tests::saw_pending(pool.connect_options().database_url.as_str());
     if postgres {
         conn.close_on_drop();
         sqlx::query("SET lock_timeout = 0")
@@ -1003,6 +1005,31 @@ pub mod testing {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    /// How many migrations found something to apply, by database URL: a test racing two
+    /// upgrades waits for both to have looked instead of sleeping.
+    static PENDING_SEEN: Mutex<Option<HashMap<String, usize>>> = Mutex::new(None);
+
+    /// Counts a migration of the database at `url` that found something to apply.
+    pub(super) fn saw_pending(url: &str) {
+        let mut seen = PENDING_SEEN.lock().unwrap_or_else(|p| p.into_inner());
+        *seen
+            .get_or_insert_with(HashMap::new)
+            .entry(url.to_owned())
+            .or_default() += 1;
+    }
+
+    /// How many migrations of a database whose URL holds `path` found something to apply.
+    fn pending_seen(path: &str) -> usize {
+        let seen = PENDING_SEEN.lock().unwrap_or_else(|p| p.into_inner());
+        seen.iter()
+            .flatten()
+            .filter(|(url, _)| url.contains(path))
+            .map(|(_, n)| n)
+            .sum()
+    }
 
     /// A database that cannot serve is an outage; a query's own failure, or a row the
     /// server refuses, is not.
@@ -1361,7 +1388,8 @@ mod tests {
         use sqlx::Connection;
         use sqlx::migrate::{Migration, MigrationType};
         use std::borrow::Cow;
-        let path = std::env::temp_dir().join(format!("db-up-{}.db", uuid::Uuid::new_v4().simple()));
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = tmp.path().join("up.db");
         let url = format!("sqlite://{}", path.display());
         let step = |v: i64, sql: &'static str| {
             Migration::new(
@@ -1396,22 +1424,21 @@ mod tests {
             tokio::spawn(async move { connect(&url, &m).await })
         };
         let (a, b) = (upgrade(), upgrade());
-        // Both waiting for the lock (a slower machine makes the test weaker, never wrong;
-        // well within SQLite's 5 s busy timeout).
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Both found the migration missing, so both will apply it once the lock is free.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while pending_seen(&path.display().to_string()) < 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "both upgrades start"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         sqlx::query("COMMIT")
             .execute(&mut holder)
             .await
             .expect("released");
         for r in [a.await.expect("ran"), b.await.expect("ran")] {
             r.expect("both instances start").close().await;
-        }
-        for f in [
-            path.clone(),
-            path.with_extension("db-wal"),
-            path.with_extension("db-shm"),
-        ] {
-            let _ = std::fs::remove_file(f);
         }
     }
 
@@ -1421,8 +1448,8 @@ mod tests {
     async fn another_services_database_is_named_as_such() {
         use sqlx::migrate::{Migration, MigrationType};
         use std::borrow::Cow;
-        let path =
-            std::env::temp_dir().join(format!("db-mix-{}.db", uuid::Uuid::new_v4().simple()));
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = tmp.path().join("mix.db");
         let url = format!("sqlite://{}", path.display());
         let one = |sql: &'static str| Migrator {
             migrations: Cow::Owned(vec![Migration::new(
@@ -1442,13 +1469,6 @@ mod tests {
         let e = connect(&url, &one("CREATE TABLE b (x BIGINT)"))
             .await
             .expect_err("refused");
-        for f in [
-            path.clone(),
-            path.with_extension("db-wal"),
-            path.with_extension("db-shm"),
-        ] {
-            let _ = std::fs::remove_file(f);
-        }
         assert!(e.to_string().contains("another service's database"), "{e}");
         // At start it is a setting to change (exit 2 naming the key), not a failure.
         let started = e.at_start("svc", false, &url);
@@ -1462,11 +1482,10 @@ mod tests {
     /// A damaged SQLite file at start is reported as what it is, not as the pool's wait.
     #[tokio::test]
     async fn a_damaged_sqlite_file_is_reported_as_such() {
-        let path =
-            std::env::temp_dir().join(format!("db-bad-{}.db", uuid::Uuid::new_v4().simple()));
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = tmp.path().join("bad.db");
         std::fs::write(&path, vec![0x5a_u8; 8192]).expect("garbage");
         let e = connect(&format!("sqlite://{}", path.display()), &Migrator::DEFAULT).await;
-        let _ = std::fs::remove_file(&path);
         let e = e.expect_err("not a database");
         assert!(e.to_string().contains("not a database"), "{e}");
     }
@@ -1475,7 +1494,8 @@ mod tests {
     /// error, retried) instead of writing on into the deleted file, lost at the next start.
     #[tokio::test]
     async fn a_sqlite_file_deleted_under_the_service_closes_its_pool() {
-        let path = std::env::temp_dir().join(format!("db-rm-{}.db", uuid::Uuid::new_v4().simple()));
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = tmp.path().join("rm.db");
         let pool = connect(&format!("sqlite://{}", path.display()), &Migrator::DEFAULT)
             .await
             .expect("opened");
@@ -1529,7 +1549,8 @@ mod tests {
     /// `snapshot-status status` with a mistyped SQLite path: an error, and nothing made.
     #[tokio::test]
     async fn a_read_only_look_creates_nothing() {
-        let dir = std::env::temp_dir().join(format!("db-ro-{}", uuid::Uuid::new_v4().simple()));
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("ro");
         let url = format!("sqlite://{}/x.db", dir.display());
         assert!(connect_read_only(&url).await.is_err());
         assert!(!dir.exists(), "{} was created", dir.display());

@@ -228,9 +228,24 @@ pub fn replica_config<S: Service>(
     service_config::<S>(data_dir, &all)
 }
 
+/// A command running `bin` with none of the test's environment but `PATH`, `HOME` and
+/// `TMPDIR`: an `APP_ENV` or a `STORAGETIER__…` exported in the shell that runs the suite
+/// would otherwise reach the service and change what it runs on.
+pub fn isolated_command(bin: impl AsRef<std::ffi::OsStr>) -> std::process::Command {
+    let mut c = std::process::Command::new(bin);
+    c.env_clear();
+    for keep in ["PATH", "HOME", "TMPDIR"] {
+        if let Some(v) = std::env::var_os(keep) {
+            c.env(keep, v);
+        }
+    }
+    c
+}
+
 /// A command running service binary `bin` as its own process in a test: broker `url`,
 /// queue `q` under `[section]` with the `<q>-in` / `<q>-out` exchanges, an ephemeral
-/// HTTP port, warn-level logs, config files from `config_dir` (empty: built-in defaults).
+/// HTTP port, warn-level logs, config files from `config_dir` (empty: built-in defaults),
+/// and no other environment of the test's (but `PATH`, `HOME`, `TMPDIR`).
 pub fn service_command(
     bin: &str,
     section: &str,
@@ -239,7 +254,7 @@ pub fn service_command(
     config_dir: &std::path::Path,
 ) -> std::process::Command {
     let sec = section.to_uppercase();
-    let mut c = std::process::Command::new(bin);
+    let mut c = isolated_command(bin);
     c.arg("--config-dir")
         .arg(config_dir)
         .env("STORAGETIER__AMQP__URL", url)

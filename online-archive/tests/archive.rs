@@ -392,7 +392,7 @@ async fn s3_and_postgres_backends_with_store_outage_retried() {
 #[test]
 fn a_bad_database_url_is_a_config_error_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_online-archive"))
+    let o = isolated_command(env!("CARGO_BIN_EXE_online-archive"))
         .arg("--config-dir")
         .arg(dir.path())
         .env(
@@ -574,7 +574,7 @@ fn a_stop_while_the_database_is_opened_exits_0() {
     let port = silent.local_addr().unwrap().port();
     let http = framework::testing::broker::free_port();
     let mut child = process::spawn(
-        std::process::Command::new(env!("CARGO_BIN_EXE_online-archive"))
+        isolated_command(env!("CARGO_BIN_EXE_online-archive"))
             .arg("--config-dir")
             .arg(dir.path())
             .env("STORAGETIER__STORAGE__DATA_DIR", dir.path())
@@ -629,7 +629,7 @@ fn a_stop_while_the_database_is_opened_exits_0() {
 fn a_configured_online_root_that_does_not_exist_exits_2_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("unmounted/share");
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_online-archive"))
+    let o = isolated_command(env!("CARGO_BIN_EXE_online-archive"))
         .arg("--config-dir")
         .arg(dir.path())
         .env("STORAGETIER__STORAGE__DATA_DIR", dir.path())
@@ -733,7 +733,7 @@ fn bad_store_settings_exit_2_naming_the_key() {
         ),
     ];
     let check_config = |env: &[(&str, &str)]| {
-        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_online-archive"));
+        let mut c = isolated_command(env!("CARGO_BIN_EXE_online-archive"));
         c.arg("--config-dir")
             .arg(dir.path())
             .env_remove("AWS_ACCESS_KEY_ID")
@@ -760,7 +760,7 @@ fn bad_store_settings_exit_2_naming_the_key() {
         ("AWS_ALLOW_INVALID_CERTIFICATES", "true"),
         ("AWS_SSE_KMS_KEY_ID", "arn:aws:kms:eu-west-1:1:key/k"),
     ] {
-        let o = std::process::Command::new(env!("CARGO_BIN_EXE_online-archive"))
+        let o = isolated_command(env!("CARGO_BIN_EXE_online-archive"))
             .arg("--config-dir")
             .arg(dir.path())
             .env("STORAGETIER__STORAGE__DATA_DIR", dir.path())

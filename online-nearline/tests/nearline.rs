@@ -231,7 +231,7 @@ async fn s3_vault_keeps_path_size_and_mtime_as_metadata() {
 fn a_configured_online_root_that_does_not_exist_exits_2_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("unmounted/share");
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_online-nearline"))
+    let o = isolated_command(env!("CARGO_BIN_EXE_online-nearline"))
         .arg("--config-dir")
         .arg(dir.path())
         .env("STORAGETIER__STORAGE__DATA_DIR", dir.path())
@@ -254,7 +254,7 @@ fn a_store_shared_with_online_archive_exits_2_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let check = |files: &str, env: &[(&str, &str)]| {
         std::fs::write(dir.path().join("default.toml"), files).unwrap();
-        let o = std::process::Command::new(env!("CARGO_BIN_EXE_online-nearline"))
+        let o = isolated_command(env!("CARGO_BIN_EXE_online-nearline"))
             .arg("--config-dir")
             .arg(dir.path())
             .env("STORAGETIER__STORAGE__DATA_DIR", dir.path())

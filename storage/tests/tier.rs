@@ -429,6 +429,53 @@ async fn put_in_glacier(moto: &MotoServer, bucket: &str, key: &str, body: Vec<u8
     .expect("put in glacier");
 }
 
+/// Records a copy of `file` at `key` (`checksum` of `algorithm`, modification time
+/// `mtime`) with the store facts its HEAD shows now: what this service recorded when it
+/// stored the object, before a lifecycle rule moved it where it cannot be read back.
+#[allow(clippy::too_many_arguments)]
+async fn record_as_stored(
+    tier: &Tier,
+    recs: &Records,
+    key: &str,
+    size: usize,
+    checksum: String,
+    algorithm: &str,
+    file: &Path,
+    mtime: &str,
+) {
+    let head = tier
+        .s3
+        .as_ref()
+        .expect("s3")
+        .head(&storage::store::object_path(key))
+        .await
+        .expect("head")
+        .expect("there");
+    recs.record_copy(
+        &storage::records::StoredObject {
+            object_key: key.into(),
+            size: size as u64,
+            checksum,
+            content_sha256: None,
+            store: storage::records::StoreFacts {
+                etag: head.etag,
+                version: head.version,
+                checksum: head.checksum_sha256,
+            },
+        },
+        algorithm,
+        &file
+            .canonicalize()
+            .expect("real path")
+            .display()
+            .to_string(),
+        mtime,
+        None,
+    )
+    .await
+    .expect("recorded");
+}
+
 /// Sets the modification time of the file at `path`.
 fn set_modified(path: &Path, at: std::time::SystemTime) {
     std::fs::File::options()
@@ -1471,7 +1518,9 @@ async fn a_replica_starting_waits_out_another_ones_long_migration() {
         .expect("the migration lock, held");
     let url = pg.url.clone();
     let opening = tokio::spawn(async move { Records::open(&url).await });
-    let waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted";
+    // In this test's database only: other tests' migrations wait for locks of their own.
+    let waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+                   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())";
     let deadline = tokio::time::Instant::now() + framework::testing::WAIT;
     while db::sqlx::query_scalar::<_, i64>(waiting)
         .fetch_one(&mut locker)
@@ -1904,39 +1953,19 @@ async fn an_archived_copy_moved_to_glacier_is_compared_by_its_record() {
     let first = b"first take".to_vec();
     let key = "pre/cold/clip.mov";
     put_in_glacier(&moto, bucket, key, first.clone()).await;
-    let head = tier
-        .s3
-        .as_ref()
-        .expect("s3")
-        .head(&storage::store::object_path(key))
-        .await
-        .expect("head")
-        .expect("there");
     let msg = put(base.path(), "online", "cold/clip.mov", &first);
     let file = base.path().join("online/cold/clip.mov");
-    recs.record_copy(
-        &storage::records::StoredObject {
-            object_key: key.into(),
-            size: first.len() as u64,
-            checksum: sha256(&first),
-            content_sha256: None,
-            store: storage::records::StoreFacts {
-                etag: head.etag,
-                version: head.version,
-                checksum: head.checksum_sha256,
-            },
-        },
+    record_as_stored(
+        &tier,
+        &recs,
+        key,
+        first.len(),
+        sha256(&first),
         "sha256",
-        &file
-            .canonicalize()
-            .expect("real path")
-            .display()
-            .to_string(),
+        &file,
         "2020-01-01T00:00:00+00:00",
-        None,
     )
-    .await
-    .expect("recorded");
+    .await;
     let c = copier(base.path(), "online", tier, recs);
     // The same bytes, touched since the copy.
     let r = copied(c.handle(&msg, 1).await);
@@ -2435,41 +2464,21 @@ async fn an_older_nearline_record_of_an_archived_object_still_settles_its_redeli
     set_modified(&file, at);
     let key = "pre/cold/clip.mov";
     put_in_glacier(&moto, bucket, key, body.clone()).await;
-    let head = tier
-        .s3
-        .as_ref()
-        .expect("s3")
-        .head(&storage::store::object_path(key))
-        .await
-        .expect("head")
-        .expect("there");
     let md5 = {
         use md5::Digest;
         hex::encode(md5::Md5::digest(&body))
     };
-    recs.record_copy(
-        &storage::records::StoredObject {
-            object_key: key.into(),
-            size: body.len() as u64,
-            checksum: md5,
-            content_sha256: None,
-            store: storage::records::StoreFacts {
-                etag: head.etag,
-                version: head.version,
-                checksum: head.checksum_sha256,
-            },
-        },
+    record_as_stored(
+        &tier,
+        &recs,
+        key,
+        body.len(),
+        md5,
         "md5",
-        &file
-            .canonicalize()
-            .expect("real path")
-            .display()
-            .to_string(),
+        &file,
         "2024-01-01T00:00:00+00:00",
-        None,
     )
-    .await
-    .expect("recorded");
+    .await;
     let c = nearline(base.path(), tier, recs);
     let r = copied(c.handle(&msg, 2).await);
     assert_eq!(r.key, key);

@@ -609,7 +609,7 @@ async fn a_notification_stopped_with_the_service_keeps_what_it_published() {
 
 fn run_bin(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     let dir = tempfile::tempdir().unwrap();
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_crash-router"));
+    let mut cmd = isolated_command(env!("CARGO_BIN_EXE_crash-router"));
     cmd.args(args)
         .current_dir(dir.path())
         .env_remove("APP_ENV")

@@ -1099,7 +1099,7 @@ async fn ordered_mode_exhaustion_is_dead_lettered_as_retries_exhausted() {
 
 fn run_bin(env: &[(&str, &str)]) -> (Option<i32>, String, String) {
     let dir = tempfile::tempdir().unwrap();
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_event-forwarder"));
+    let mut cmd = isolated_command(env!("CARGO_BIN_EXE_event-forwarder"));
     cmd.arg("check-config")
         .current_dir(dir.path())
         .env_remove("APP_ENV")
@@ -1340,7 +1340,7 @@ fn the_bus_commands_need_no_endpoint_but_running_does() {
     let _gone = Cleanup::service(&q, &[200]);
     let dir = tempfile::tempdir().unwrap();
     let cmd = |args: &[&str]| {
-        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_event-forwarder"));
+        let mut c = isolated_command(env!("CARGO_BIN_EXE_event-forwarder"));
         c.arg("--config-dir")
             .arg(dir.path())
             .args(args)

@@ -6,7 +6,8 @@
 //! or as the `rabbitmq` user, like `scripts/ensure-services`), or from the chroot named by
 //! `STORAGETIER_TEST_RABBITMQ_ROOT` (RabbitMQ 4.x from `scripts/rabbitmq4`), on free loopback
 //! ports with its own data directory, and is killed and deleted on drop; a node whose test
-//! process died before it could be dropped is swept by the next start.
+//! process died before it could be dropped is killed by its reaper within seconds (and any
+//! left is swept by the next start).
 
 use std::collections::HashMap;
 use std::net::TcpListener;
@@ -40,6 +41,9 @@ pub struct PrivateBroker {
     dir: PathBuf,
     root: Option<PathBuf>,
     server: Option<Guarded>,
+    /// Held while the node lives: its closing (this handle dropped, or the test process
+    /// gone however it ended) sets off the node's [`reaper`].
+    _reaper: Option<std::process::ChildStdin>,
 }
 
 /// A loopback port nothing listens on right now, and not handed out before by this
@@ -151,6 +155,54 @@ fn kill_node(pid: i32, id: &str) {
     }
 }
 
+/// A process outside the test's process tree, in a session of its own, that kills node
+/// `id`'s processes and deletes its directory `dir` once the returned pipe closes: when
+/// the node is dropped, and when the test process dies without dropping it (killed by a
+/// time bound, a Ctrl-C on `cargo test`, a panic before the node's pid file). The
+/// install's wrapper starts the server through `su`, in another session, where neither
+/// the test's process-group kill nor its parent-death signal reaches it; a sweep at the
+/// next node's start came only if another test started one.
+fn reaper(id: &str, dir: &Path) -> Option<std::process::ChildStdin> {
+    // Names come through the environment, not the script's text, and the server is found by
+    // its environment too (its command line may not name it). Done at once if the node was
+    // dropped (its directory gone); otherwise tried for a while: a wrapper killed while
+    // starting may still start the server after the first try. One `grep` reads every
+    // process's files; the reaper skips itself (its environment names the node).
+    const SCRIPT: &str = r#"read -r line
+[ -d "$STORAGETIER_NODE_DIR" ] || exit 0
+mark=$STORAGETIER_NODE_MARK
+dir=$STORAGETIER_NODE_DIR
+unset STORAGETIER_NODE_MARK STORAGETIER_NODE_DIR STORAGETIER_REAPER
+i=0
+while [ "$i" -lt 10 ]; do
+  for f in $(grep -laE "$mark" /proc/[0-9]*/environ /proc/[0-9]*/cmdline 2>/dev/null); do
+    p=${f#/proc/}
+    p=${p%%/*}
+    [ "$p" = "$$" ] || kill -9 "$p" 2>/dev/null
+  done
+  i=$((i + 1))
+  sleep 1
+done
+rm -rf -- "$dir""#;
+    let mut outer = Command::new("sh")
+        .arg("-c")
+        // A background job's stdin is /dev/null unless redirected from a descriptor.
+        .arg(r#"exec 3<&0; setsid sh -c "$STORAGETIER_REAPER" <&3 >/dev/null 2>&1 &"#)
+        .env("STORAGETIER_REAPER", SCRIPT)
+        // Its directory, or its node name where only the environment names the directory.
+        .env("STORAGETIER_NODE_MARK", format!("{DIR_PREFIX}{id}|st{id}@"))
+        .env("STORAGETIER_NODE_DIR", dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let pipe = outer.stdin.take();
+    // The outer shell returns at once, its reaper started and no longer its child.
+    let _ = outer.wait();
+    pipe
+}
+
 fn host_path(root: Option<&Path>, inner: &Path) -> PathBuf {
     match root {
         Some(r) => r.join(inner.strip_prefix("/").unwrap_or(inner)),
@@ -217,6 +269,7 @@ impl PrivateBroker {
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log handle"))
             .stderr(log);
+        let reaper = reaper(id, &dir);
         let server = process::spawn(&mut cmd)
             .expect("rabbitmq-server on PATH (the machine's RabbitMQ install)");
         PrivateBroker {
@@ -225,6 +278,7 @@ impl PrivateBroker {
             dir,
             root,
             server: Some(server),
+            _reaper: reaper,
         }
     }
 
