@@ -112,8 +112,10 @@ fn passed_on(o: &Map<String, Value>, f: &str, default: &str) -> Result<String, F
     }
 }
 
-/// A count: an integer ≥ 0, or one written as a whole float (`7.0`, `1e3`: how some JSON
-/// writers put every number); a fraction, a negative or a count beyond `i64` is refused.
+/// A count: an integer ≥ 0, one written as a whole float (`7.0`, `1e3`: how some JSON
+/// writers put every number), or as a string of decimal digits (`"2"`: how the original's
+/// producers wrote every value, the DynamoDB way); a fraction, a negative, any other text
+/// or a count beyond `i64` is refused.
 fn count(o: &Map<String, Value>, f: &str) -> Result<Option<i64>, FieldError> {
     // 2^63 as a float: whole floats below it are exact in an i64.
     const LIMIT: f64 = 9_223_372_036_854_775_808.0;
@@ -127,11 +129,19 @@ fn count(o: &Map<String, Value>, f: &str) -> Result<Option<i64>, FieldError> {
     match o.get(f) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) if whole(n).is_some_and(|i| i >= 0) => Ok(whole(n)),
+        Some(Value::String(t))
+            if !t.is_empty()
+                && t.bytes().all(|b| b.is_ascii_digit())
+                && t.parse::<i64>().is_ok() =>
+        {
+            Ok(t.parse().ok())
+        }
         Some(other) => Err(FieldError::Type {
             field: f.into(),
             expected: "an integer ≥ 0",
             found: match other {
                 Value::Number(n) => n.to_string(),
+                Value::String(t) => format!("{t:?}"),
                 v => kind_name(v).into(),
             },
         }),
@@ -332,8 +342,22 @@ mod tests {
             parse_status(&b).unwrap_err().to_string(),
             "field `files_sent`: expected an integer ≥ 0, found -1"
         );
-        b["files_sent"] = json!("3");
-        assert!(parse_status(&b).is_err());
+        // Written as text, as the original's producers wrote every value: that count; any
+        // other text is no count.
+        for (v, want) in [("3", 3), ("0", 0), ("0042", 42)] {
+            b["files_sent"] = json!(v);
+            assert_eq!(parse_status(&b).unwrap().files_sent, Some(want), "{v}");
+        }
+        for v in ["", " 3", "+3", "-1", "3.0", "three", "9223372036854775808"] {
+            b["files_sent"] = json!(v);
+            assert!(parse_status(&b).is_err(), "{v:?}");
+        }
+        b["files_exported"] = json!("x");
+        assert_eq!(
+            parse_status(&b).unwrap_err().to_string(),
+            "field `files_exported`: expected an integer ≥ 0, found \"x\""
+        );
+        b["files_exported"] = json!(null);
         // A whole number written as a float is that count; a fraction is not a count.
         for (v, want) in [(json!(7.0), 7), (json!(0.0), 0), (json!(1e3), 1000)] {
             b["files_sent"] = v.clone();

@@ -483,7 +483,7 @@ async fn files_arriving_before_counts_are_counted(b: Backend) {
     env.no_more().await;
     // Operators: `snapshot-status status <correlation-id>`.
     if let Backend::Sqlite = b {
-        let o = std::process::Command::new(env!("CARGO_BIN_EXE_snapshot-status"))
+        let o = isolated_command(env!("CARGO_BIN_EXE_snapshot-status"))
             .args([
                 "status",
                 c,
@@ -514,7 +514,7 @@ async fn files_arriving_before_counts_are_counted(b: Backend) {
             .execute(&raw)
             .await
             .unwrap();
-        let o = std::process::Command::new(env!("CARGO_BIN_EXE_snapshot-status"))
+        let o = isolated_command(env!("CARGO_BIN_EXE_snapshot-status"))
             .args(["status", c])
             .current_dir(env.dir.path())
             .env("STORAGETIER__STORAGE__DATA_DIR", env.dir.path())
@@ -531,7 +531,7 @@ async fn files_arriving_before_counts_are_counted(b: Backend) {
         assert!(text.contains("Received"), "{text}");
         assert_eq!(migrations().await, before - 1, "not migrated by looking");
         raw.close().await;
-        let o = std::process::Command::new(env!("CARGO_BIN_EXE_snapshot-status"))
+        let o = isolated_command(env!("CARGO_BIN_EXE_snapshot-status"))
             .args(["status", "unknown-id"])
             .current_dir(env.dir.path())
             .env("STORAGETIER__STORAGE__DATA_DIR", env.dir.path())
@@ -540,7 +540,7 @@ async fn files_arriving_before_counts_are_counted(b: Backend) {
         assert_eq!(o.status.code(), Some(1));
         // No database yet: reported, and none is created by looking.
         let empty = tempfile::tempdir().unwrap();
-        let o = std::process::Command::new(env!("CARGO_BIN_EXE_snapshot-status"))
+        let o = isolated_command(env!("CARGO_BIN_EXE_snapshot-status"))
             .args(["status", c])
             .current_dir(empty.path())
             .env("STORAGETIER__STORAGE__DATA_DIR", empty.path())
@@ -549,7 +549,7 @@ async fn files_arriving_before_counts_are_counted(b: Backend) {
         assert_eq!(o.status.code(), Some(1));
         assert!(!empty.path().join("snapshot-status.db").exists());
         // The command is the framework CLI's own subcommand: listed in --help.
-        let o = std::process::Command::new(env!("CARGO_BIN_EXE_snapshot-status"))
+        let o = isolated_command(env!("CARGO_BIN_EXE_snapshot-status"))
             .arg("--help")
             .output_within(WAIT)
             .unwrap();
@@ -685,10 +685,10 @@ async fn missing_null_empty_and_mistyped_fields_are_permanent() {
         "field `files_sent`: expected an integer ≥ 0, found -1".into(),
     ));
     let mut v = base.clone();
-    v["files_exported"] = json!("7");
+    v["files_exported"] = json!("seven");
     cases.push((
         v,
-        "field `files_exported`: expected an integer ≥ 0, found string".into(),
+        "field `files_exported`: expected an integer ≥ 0, found \"seven\"".into(),
     ));
     let mut v = base.clone();
     v["collection_name"] = json!(["db.v"]);
@@ -2053,7 +2053,7 @@ async fn a_large_batch_reports_its_first_records_and_counts_the_rest() {
 async fn status_on_a_database_the_service_never_ran_on_says_so() {
     let pg = TempPostgres::create().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_snapshot-status"))
+    let o = isolated_command(env!("CARGO_BIN_EXE_snapshot-status"))
         .args(["status", "some-id"])
         .current_dir(dir.path())
         .env("STORAGETIER__STORAGE__DATA_DIR", dir.path())
