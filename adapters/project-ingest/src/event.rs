@@ -102,9 +102,10 @@ pub struct ProjectEvent {
     pub created: String,
     /// Ordering key: normalized UTC timestamp, compared as text; None = unordered.
     pub version: Option<String>,
-    /// Orders events of one `version` among themselves (when each arrived or was
-    /// published; normalized as `version`), for an event whose key is its own `updated`
-    /// time; None sorts first. Kept in a column of its own, so a release before it still
+    /// Orders events of one `version` among themselves, None first: for an event whose key
+    /// is its own `updated` time, when it arrived or was published, then when this service
+    /// first saw it; for a plain update keyed by its publishing time (whole seconds), when
+    /// this service first saw it. Normalized as `version`. Kept in a column of its own, so a release before it still
     /// applies an event of an equal `version` over a row this one wrote (a rollback).
     pub tie: Option<String>,
 }
@@ -324,8 +325,21 @@ fn parse_delivered(
     // are: pluto-core changes a project by copying its entry with one field changed,
     // `updated` as it was, so all its updates of a project share one time, and whichever
     // was applied last won — an older one back from a retry tier too.
+    // A publishing time (the AMQP `timestamp`) counts whole seconds: two updates a user
+    // saved within one second share it, and the older, back from a retry tier, overwrote
+    // the newer. Among those, when this service first saw each (its own clock, kept
+    // across retries and redeliveries) decides.
+    let seen = delivery.and_then(|d| d.first_seen).map(str::to_string);
     let tie = match updated {
-        Some(_) => arrival.clone().or(received).map(believed),
+        Some(_) => arrival
+            .clone()
+            .or(received)
+            .map(believed)
+            .map(|t| match &seen {
+                Some(s) => format!("{t} {s}"),
+                None => t,
+            }),
+        None if arrival.is_none() && kind == EventKind::Updated => seen,
         None => None,
     };
     let version = updated.or(arrival).or(fallback).map(believed);

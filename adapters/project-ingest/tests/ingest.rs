@@ -130,6 +130,7 @@ on_both!(
     kinesis_envelopes_single_and_multiple,
     older_updates_never_overwrite_newer_ones,
     a_plain_update_back_from_a_retry_tier_never_overwrites_a_newer_one,
+    a_plain_update_of_the_same_second_back_from_a_retry_tier_never_overwrites_a_newer_one,
     a_plain_update_published_earlier_never_overwrites_a_newer_one,
     a_kinesis_update_without_arrival_time_never_overwrites_a_newer_one,
     pluto_core_entries_are_stored_then_updated,
@@ -494,6 +495,68 @@ async fn a_plain_update_back_from_a_retry_tier_never_overwrites_a_newer_one(b: B
     assert_dropped_as_retried(&env, &mut out, &older, first_received).await;
     assert_eq!(
         env.store.project("r").await.unwrap().unwrap().title,
+        "newer"
+    );
+    assert_eq!(env.dlq_count().await, 0);
+    env.finish().await;
+}
+
+/// Two plain updates a user saved within one second carry one AMQP `timestamp` (whole
+/// seconds): the older, back from a retry tier after the newer was applied, is ordered by
+/// when each was first seen and dropped — it overwrote the newer.
+async fn a_plain_update_of_the_same_second_back_from_a_retry_tier_never_overwrites_a_newer_one(
+    b: Backend,
+) {
+    use framework::lapin::types::AMQPValue;
+    let env = start(b, &[]).await;
+    let mut out = env.hs.watch_output().await;
+    env.send(&project("project-created", "sec", "v0")).await;
+    next(&mut out).await;
+    let second = chrono::Utc::now().timestamp() as u64 - 1;
+    // The key its first attempt decided: the end of its publishing second.
+    let stamped = chrono::DateTime::from_timestamp(second as i64, 999_999_000).expect("a time");
+    // The older update was first seen (and sent to a retry tier) before the newer one…
+    let first_seen = chrono::Utc::now() - chrono::Duration::milliseconds(300);
+    let newer = serde_json::to_vec(&project("project-updated", "sec", "newer")).unwrap();
+    env.hs
+        .publish(
+            "core.project.event",
+            &newer,
+            BasicProperties::default().with_timestamp(second),
+        )
+        .await;
+    assert_eq!(body(&next(&mut out).await)["title"], "newer");
+    // …and comes back as the retry tier returns it: its publishing second decided, and when
+    // it was first seen.
+    let mut h = origin_headers(&env);
+    h.insert("x-retry-count".into(), AMQPValue::LongLongInt(1));
+    h.insert(
+        project_ingest::RECEIVED_HEADER.into(),
+        AMQPValue::LongString(stamped.to_rfc3339().as_str().into()),
+    );
+    h.insert(
+        project_ingest::FIRST_SEEN_HEADER.into(),
+        AMQPValue::LongString(first_seen.to_rfc3339().as_str().into()),
+    );
+    let older = serde_json::to_vec(&project("project-updated", "sec", "older")).unwrap();
+    publish(
+        &env.hs.ch,
+        "",
+        &env.hs.q,
+        &older,
+        BasicProperties::default()
+            .with_timestamp(second)
+            .with_headers(h),
+    )
+    .await;
+    env.send(&project("project-created", "sentinel", "s")).await;
+    assert_eq!(
+        body(&next(&mut out).await)["id"],
+        "sentinel",
+        "the retried update was dropped"
+    );
+    assert_eq!(
+        env.store.project("sec").await.unwrap().unwrap().title,
         "newer"
     );
     assert_eq!(env.dlq_count().await, 0);
