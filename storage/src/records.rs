@@ -790,19 +790,27 @@ impl Records {
         .await
     }
 
-    /// Objects with this content.
+    /// Objects with this content: first those recorded as copies of `path` (a redelivered
+    /// file is reported under its own object, not under whichever of another file's the
+    /// database gave first), then by key, so every answer is the same.
     pub async fn objects_with(
         &self,
         checksum: &str,
         size: u64,
+        path: &str,
     ) -> Result<Vec<StoredObject>, db::sqlx::Error> {
         db::bounded(async {
             let rows = db::sqlx::query(
-                "SELECT object_key, size, checksum, store_etag, store_version, store_checksum, \
-                 content_sha256 FROM stored_objects WHERE checksum = $1 AND size = $2",
+                "SELECT o.object_key, o.size, o.checksum, o.store_etag, o.store_version, \
+                 o.store_checksum, o.content_sha256 FROM stored_objects o \
+                 WHERE o.checksum = $1 AND o.size = $2 \
+                 ORDER BY CASE WHEN EXISTS (SELECT 1 FROM copied_files f \
+                 WHERE f.original_path = $3 AND f.object_key = o.object_key) THEN 0 ELSE 1 END, \
+                 o.object_key",
             )
             .bind(checksum)
             .bind(size as i64)
+            .bind(path)
             .fetch_all(&self.pool)
             .await?;
             rows.iter().map(stored_object).collect()
@@ -1299,6 +1307,35 @@ mod tests {
         assert!(path.len() <= 1024 && id.len() <= 1024);
     }
 
+    /// Two objects of one content (a copy stored beside a damaged one, or content stored
+    /// before reuse): a file's own comes first, whichever was stored first, so a redelivered
+    /// file is reported under the same key every time.
+    #[tokio::test]
+    async fn a_files_own_object_of_its_content_comes_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("r.db").display());
+        let r = Records::open(&url).await.expect("records");
+        let obj = |key: &str| StoredObject {
+            object_key: key.into(),
+            size: 4,
+            checksum: "same".into(),
+            content_sha256: None,
+            store: StoreFacts::default(),
+        };
+        let t = "2026-01-01T00:00:00Z";
+        for (key, path) in [("k-a", "/p/a"), ("k-b", "/p/b")] {
+            r.record_copy(&obj(key), "md5", path, t, None)
+                .await
+                .unwrap();
+        }
+        for (path, first) in [("/p/b", "k-b"), ("/p/a", "k-a"), ("/p/c", "k-a")] {
+            let found = r.objects_with("same", 4, path).await.unwrap();
+            assert_eq!(found.len(), 2);
+            assert_eq!(found[0].object_key, first, "{path}");
+        }
+        r.close().await;
+    }
+
     /// A file recorded again by a message without its asset's id (a replayed or retried
     /// `file.new` from before the asset was imported, handled after a `file.update` that
     /// named it) keeps the id recorded; a message naming one records it.
@@ -1562,7 +1599,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(files, 35);
-        let k3 = r.objects_with("newer", 4).await.unwrap();
+        let k3 = r.objects_with("newer", 4, "/p/3").await.unwrap();
         assert_eq!(k3.len(), 1, "the later row of a key wins");
         assert_eq!(k3[0].object_key, "k3");
         let k20 = r

@@ -678,7 +678,11 @@ impl TierCopier {
         mtime: &str,
         msg: &AssetSweeperFile,
     ) -> Result<Option<StoredObject>, TierError> {
-        for mut obj in self.records.objects_with(&d.checksum, d.size).await? {
+        for mut obj in self
+            .records
+            .objects_with(&d.checksum, d.size, original)
+            .await?
+        {
             // Confirmed by the store's checksum or read back: a damaged copy must not be
             // trusted. Another file's object that cannot be read back now (moved to an
             // archive storage class) is not confirmed: this file gets a copy of its own,
