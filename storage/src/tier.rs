@@ -344,7 +344,19 @@ impl TierCopier {
                     return Err(e.into());
                 }
             }
-            let done = copy::abort_recorded(mp.as_ref(), &self.records, &key, &u.upload_id).await;
+            // The claim is kept alive while the abort runs, as a copy keeps its own: a store
+            // slow to answer would otherwise outlast the lease, and a redelivered copy take
+            // the key and resume the upload this abort then removes under it. Lost anyway
+            // (the database stopped answering), the abort is given up for the next sweep.
+            let abort = copy::abort_recorded(mp.as_ref(), &self.records, &key, &u.upload_id);
+            let done = tokio::select! {
+                biased;
+                done = abort => done,
+                e = claim.keep() => {
+                    tracing::warn!(key = %key, upload_id = %u.upload_id, error = %e, "gave up aborting an abandoned multipart upload: its claim was lost");
+                    false
+                }
+            };
             claim.release().await;
             if done {
                 tracing::warn!(key = %key, upload_id = %u.upload_id, "aborted an abandoned multipart upload");

@@ -1175,6 +1175,58 @@ async fn an_upload_resumed_while_the_sweep_runs_is_not_aborted() {
     );
 }
 
+/// An abort the store is slow to answer (longer than a claim's 20 s lease) keeps its key
+/// claimed throughout, as a copy keeps its own: a redelivered copy cannot take the key and
+/// resume the upload the abort then removes under it (one counted retry, "not found", and
+/// the resumed work lost).
+#[tokio::test]
+async fn a_slow_abort_keeps_its_key_claimed() {
+    let bucket = "tier-slow-abort";
+    let (_moto, _proxy, tier) = s3_tier(bucket).await;
+    let (faulty, faults) = FaultyStore::wrap(&tier);
+    let base = tempfile::tempdir().expect("temp");
+    let c = Arc::new(copier(
+        base.path(),
+        "online",
+        faulty,
+        records(base.path()).await,
+    ));
+    let msg = put(base.path(), "online", "a/slow.mov", &content(11 * MIB, 8));
+    *faults.fail_parts_from.lock().expect("faults") = Some(1);
+    transient(c.handle(&msg, 1).await);
+    db::sqlx::any::install_default_drivers();
+    let url = format!("sqlite://{}", base.path().join("tier.db").display());
+    let pool = db::sqlx::AnyPool::connect(&url).await.expect("writer");
+    db::sqlx::query("UPDATE multipart_uploads SET touched_at = touched_at - $1")
+        .bind(3 * 3_600_000i64)
+        .execute(&pool)
+        .await
+        .expect("aged");
+    let (entered, release) = faults.hold_next_abort();
+    let sweep = tokio::spawn({
+        let c = c.clone();
+        async move {
+            c.abort_abandoned_uploads(std::time::Duration::from_secs(3600))
+                .await
+        }
+    });
+    tokio::time::timeout(framework::testing::WAIT, entered.notified())
+        .await
+        .expect("the sweep reached the held abort");
+    // The fault itself: the store answers the abort only after the lease would have run out.
+    tokio::time::sleep(std::time::Duration::from_secs(25)).await;
+    let lease = std::time::Duration::from_secs(20);
+    assert!(
+        !c.records()
+            .claim("pre/a/slow.mov", "a redelivered copy", lease)
+            .await
+            .expect("claim"),
+        "the key is still claimed by the abort"
+    );
+    release.notify_one();
+    assert_eq!(joined(sweep).await.expect("sweep").expect("swept"), 1);
+}
+
 #[tokio::test]
 async fn concurrent_claims_and_records_are_group_committed_each_answered_truthfully() {
     use std::time::Duration;
