@@ -695,6 +695,14 @@ impl TierCopier {
             .objects_with(&d.checksum, d.size, original)
             .await?
         {
+            // Another file's key with this path may be more than the records can index
+            // (roots of different depths): that object is not reused, this file is copied
+            // under its own key instead of its record being refused.
+            if original.len() + obj.object_key.len() > MAX_RECORDED_BYTES
+                && !self.records.indexes_any_length()
+            {
+                continue;
+            }
             // Confirmed by the store's checksum or read back: a damaged copy must not be
             // trusted. Another file's object that cannot be read back now (moved to an
             // archive storage class) is not confirmed: this file gets a copy of its own,

@@ -1973,6 +1973,54 @@ async fn a_path_too_long_to_record_is_refused_before_anything_is_stored() {
     assert_eq!(r.key, long);
 }
 
+/// Nearline's reuse of another file's identical object, where that file's key with this
+/// file's path is more than the records promise to index (`MAX_RECORDED_BYTES`; roots of
+/// different depths: a long key under a shallow root, this file under a deep one): the
+/// object is not reused, this file is copied under its own key, which fits. The reuse was
+/// recorded past the limit, where PostgreSQL refuses an entry that does not compress
+/// (the message dead-lettered though a copy of its own fits).
+#[tokio::test]
+async fn another_files_object_too_long_to_record_with_this_path_is_not_reused() {
+    let pg = db::testing::TempPostgres::create().await.expect("postgres");
+    let base = tempfile::tempdir().expect("temp");
+    let store_dir = base.path().join("store");
+    let tier = storage::store::local(&store_dir).expect("tier");
+    let recs = Records::open(&pg.url).await.expect("records");
+    let deep = base.path().join("deep").join(incompressible_path(1400));
+    std::fs::create_dir_all(&deep).expect("deep root");
+    let roots = open_roots(&[base.path().join("online"), deep.clone()], true).expect("roots");
+    let c = TierCopier::new(
+        roots,
+        tier,
+        recs.clone(),
+        TierPolicy {
+            algorithm: Algorithm::Md5,
+            reuse_identical: true,
+            ..policy()
+        },
+    );
+    let body = b"same bytes, two files".to_vec();
+    // A long key under the shallow root: its own path and key fit.
+    let long = format!("g/{}", incompressible_path(1200));
+    let g = copied(c.handle(&put(base.path(), "online", &long, &body), 1).await);
+    assert_eq!(g.key, long);
+    // The same bytes under the deep root, at a short relative path.
+    let f = deep.join("f/clip.mov");
+    std::fs::create_dir_all(f.parent().expect("parent")).expect("dir");
+    std::fs::write(&f, &body).expect("write");
+    let msg: AssetSweeperFile = serde_json::from_value(sweeper_message(
+        &deep.join("f").display().to_string(),
+        "clip.mov",
+        false,
+    ))
+    .expect("message");
+    let r = copied(c.handle(&msg, 1).await);
+    assert_eq!((r.key.as_str(), r.uploaded), ("f/clip.mov", true), "{r:?}");
+    assert_eq!(recs.count("copied_files").await.expect("count"), 2);
+    recs.close().await;
+    pg.drop_db().await.expect("drop");
+}
+
 /// An object already at the key whose storage class cannot be read back (Glacier, Deep
 /// Archive: a lifecycle rule moved it, or the bucket is the previous system's): the copy
 /// cannot compare its content, and no retry changes that until someone restores it. It is
