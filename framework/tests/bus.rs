@@ -1967,6 +1967,21 @@ async fn a_part_dead_letter_carries_no_progress_of_the_whole() {
     hs.stop().await;
 }
 
+/// Publishes `body` to the harness's input with message id `id`, written as raw bytes.
+async fn publish_with_id(hs: &Harness, id: Vec<u8>, body: &[u8]) {
+    framework::testing::raw::publish(
+        &framework::testing::amqp_url(),
+        &framework::testing::raw::RawMessage {
+            exchange: hs.input_exchange.clone(),
+            routing_key: "test.utf8".into(),
+            message_id: id,
+            body: body.to_vec(),
+            ..Default::default()
+        },
+    )
+    .await;
+}
+
 /// A message id that is not UTF-8 (a producer writing raw bytes: Go's `string(uuidBytes)`):
 /// the broker passes it on unchecked. The client's parser refused the delivery frame and
 /// killed the whole connection — every handler's work redelivered — again at every
@@ -1975,34 +1990,14 @@ async fn a_part_dead_letter_carries_no_progress_of_the_whole() {
 async fn a_message_id_that_is_not_utf8_does_not_kill_the_connection() {
     let mut hs = Harness::start("badutf8", &[], Typed).await;
     let mut out = hs.watch_output().await;
-    framework::testing::raw::publish(
-        &framework::testing::amqp_url(),
-        &framework::testing::raw::RawMessage {
-            exchange: hs.input_exchange.clone(),
-            routing_key: "test.utf8".into(),
-            message_id: b"\xff\xfeid".to_vec(),
-            body: br#"{"name":"raw","size":1}"#.to_vec(),
-            ..Default::default()
-        },
-    )
-    .await;
+    publish_with_id(&hs, b"\xff\xfeid".to_vec(), br#"{"name":"raw","size":1}"#).await;
     let d = next(&mut out).await;
     assert_eq!(d.data, br#"{"name":"raw"}"#);
     let first = d.properties.message_id().clone();
     // Another id differing only in its bad bytes (another binary UUID) stays another id:
     // its output's id, derived from it, is not the first's (a consumer dropping duplicates
     // would drop it).
-    framework::testing::raw::publish(
-        &framework::testing::amqp_url(),
-        &framework::testing::raw::RawMessage {
-            exchange: hs.input_exchange.clone(),
-            routing_key: "test.utf8".into(),
-            message_id: b"\xfe\xffid".to_vec(),
-            body: br#"{"name":"raw2","size":1}"#.to_vec(),
-            ..Default::default()
-        },
-    )
-    .await;
+    publish_with_id(&hs, b"\xfe\xffid".to_vec(), br#"{"name":"raw2","size":1}"#).await;
     let d = next(&mut out).await;
     assert_eq!(d.data, br#"{"name":"raw2"}"#);
     assert!(first.is_some());
@@ -2014,17 +2009,7 @@ async fn a_message_id_that_is_not_utf8_does_not_kill_the_connection() {
     // 255 bad bytes read as 765 bytes of U+FFFD would not fit the dead letter's message
     // id (a short string): cut to what fits, its dead letter goes out whole.
     let mut dlq = hs.watch_dlq().await;
-    framework::testing::raw::publish(
-        &framework::testing::amqp_url(),
-        &framework::testing::raw::RawMessage {
-            exchange: hs.input_exchange.clone(),
-            routing_key: "test.utf8".into(),
-            message_id: vec![0xff; 255],
-            body: br#"{"name":"no size"}"#.to_vec(),
-            ..Default::default()
-        },
-    )
-    .await;
+    publish_with_id(&hs, vec![0xff; 255], br#"{"name":"no size"}"#).await;
     let d = next(&mut dlq).await;
     let id = d.properties.message_id().as_ref().map(|s| s.as_str().len());
     assert!(id.is_some_and(|n| n <= 255), "{id:?}");

@@ -1100,14 +1100,20 @@ async fn abandoned_s3_multipart_uploads_are_aborted_after_their_age() {
     );
 }
 
-/// The abandoned-upload sweep reads its list once, then aborts one upload after another
-/// (a store call each): an upload a copy resumed meanwhile (a part stored, then the copy
-/// stopped and let its claim go) is no longer abandoned and is kept, not aborted from
-/// under the next attempt, which would start the whole file over.
-#[tokio::test]
-async fn an_upload_resumed_while_the_sweep_runs_is_not_aborted() {
-    let bucket = "tier-sweep-race";
-    let (_moto, _proxy, tier) = s3_tier(bucket).await;
+/// Multipart uploads of `names` interrupted after their first part (a copier through a
+/// faulty store on `bucket`), and a writer on the copier's records (their pool only reads)
+/// to age them; the returned server, proxy and directory live as long as the test needs.
+struct Interrupted {
+    _moto: MotoServer,
+    _proxy: CountingProxy,
+    _base: tempfile::TempDir,
+    c: Arc<TierCopier>,
+    faults: Arc<storage::testing::Faults>,
+    pool: db::sqlx::AnyPool,
+}
+
+async fn interrupted_uploads(bucket: &str, names: &[&str]) -> Interrupted {
+    let (moto, proxy, tier) = s3_tier(bucket).await;
     let (faulty, faults) = FaultyStore::wrap(&tier);
     let base = tempfile::tempdir().expect("temp");
     let c = Arc::new(copier(
@@ -1116,34 +1122,55 @@ async fn an_upload_resumed_while_the_sweep_runs_is_not_aborted() {
         faulty,
         records(base.path()).await,
     ));
-    for name in ["a/first.mov", "a/second.mov"] {
+    for name in names {
         let msg = put(base.path(), "online", name, &content(11 * MIB, 8));
         *faults.fail_parts_from.lock().expect("faults") = Some(1);
         transient(c.handle(&msg, 1).await);
     }
-    // Both untouched for two hours, the first longer (the sweep's list is oldest first).
-    // A writer of its own (the records' pool only reads).
     db::sqlx::any::install_default_drivers();
     let url = format!("sqlite://{}", base.path().join("tier.db").display());
     let pool = db::sqlx::AnyPool::connect(&url).await.expect("writer");
+    Interrupted {
+        _moto: moto,
+        _proxy: proxy,
+        _base: base,
+        c,
+        faults,
+        pool,
+    }
+}
+
+/// Runs the abandoned-upload sweep (uploads untouched for an hour) on a task of its own.
+fn sweep_abandoned(c: &Arc<TierCopier>) -> tokio::task::JoinHandle<Result<usize, TierError>> {
+    let c = c.clone();
+    tokio::spawn(async move {
+        c.abort_abandoned_uploads(std::time::Duration::from_secs(3600))
+            .await
+    })
+}
+
+/// The abandoned-upload sweep reads its list once, then aborts one upload after another
+/// (a store call each): an upload a copy resumed meanwhile (a part stored, then the copy
+/// stopped and let its claim go) is no longer abandoned and is kept, not aborted from
+/// under the next attempt, which would start the whole file over.
+#[tokio::test]
+async fn an_upload_resumed_while_the_sweep_runs_is_not_aborted() {
+    // Held whole: its server and directory live as long as the test.
+    let run = interrupted_uploads("tier-sweep-race", &["a/first.mov", "a/second.mov"]).await;
+    let (c, faults, pool) = (&run.c, &run.faults, &run.pool);
+    // Both untouched for two hours, the first longer (the sweep's list is oldest first).
     for (key, hours) in [("pre/a/first.mov", 3), ("pre/a/second.mov", 2)] {
         db::sqlx::query(
             "UPDATE multipart_uploads SET touched_at = touched_at - $1 WHERE object_key = $2",
         )
         .bind(hours * 3_600_000i64)
         .bind(key)
-        .execute(&pool)
+        .execute(pool)
         .await
         .expect("aged");
     }
     let (entered, release) = faults.hold_next_abort();
-    let sweep = tokio::spawn({
-        let c = c.clone();
-        async move {
-            c.abort_abandoned_uploads(std::time::Duration::from_secs(3600))
-                .await
-        }
-    });
+    let sweep = sweep_abandoned(c);
     tokio::time::timeout(framework::testing::WAIT, entered.notified())
         .await
         .expect("the copy reached the held upload");
@@ -1153,7 +1180,7 @@ async fn an_upload_resumed_while_the_sweep_runs_is_not_aborted() {
     )
     .bind(2 * 3_600_000i64)
     .bind("pre/a/second.mov")
-    .execute(&pool)
+    .execute(pool)
     .await
     .expect("touched");
     release.notify_one();
@@ -1181,35 +1208,16 @@ async fn an_upload_resumed_while_the_sweep_runs_is_not_aborted() {
 /// the resumed work lost).
 #[tokio::test]
 async fn a_slow_abort_keeps_its_key_claimed() {
-    let bucket = "tier-slow-abort";
-    let (_moto, _proxy, tier) = s3_tier(bucket).await;
-    let (faulty, faults) = FaultyStore::wrap(&tier);
-    let base = tempfile::tempdir().expect("temp");
-    let c = Arc::new(copier(
-        base.path(),
-        "online",
-        faulty,
-        records(base.path()).await,
-    ));
-    let msg = put(base.path(), "online", "a/slow.mov", &content(11 * MIB, 8));
-    *faults.fail_parts_from.lock().expect("faults") = Some(1);
-    transient(c.handle(&msg, 1).await);
-    db::sqlx::any::install_default_drivers();
-    let url = format!("sqlite://{}", base.path().join("tier.db").display());
-    let pool = db::sqlx::AnyPool::connect(&url).await.expect("writer");
+    // Held whole: its server and directory live as long as the test.
+    let run = interrupted_uploads("tier-slow-abort", &["a/slow.mov"]).await;
+    let (c, faults, pool) = (&run.c, &run.faults, &run.pool);
     db::sqlx::query("UPDATE multipart_uploads SET touched_at = touched_at - $1")
         .bind(3 * 3_600_000i64)
-        .execute(&pool)
+        .execute(pool)
         .await
         .expect("aged");
     let (entered, release) = faults.hold_next_abort();
-    let sweep = tokio::spawn({
-        let c = c.clone();
-        async move {
-            c.abort_abandoned_uploads(std::time::Duration::from_secs(3600))
-                .await
-        }
-    });
+    let sweep = sweep_abandoned(c);
     tokio::time::timeout(framework::testing::WAIT, entered.notified())
         .await
         .expect("the sweep reached the held abort");

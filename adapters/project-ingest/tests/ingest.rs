@@ -507,7 +507,6 @@ async fn a_plain_update_back_from_a_retry_tier_never_overwrites_a_newer_one(b: B
 async fn a_plain_update_of_the_same_second_back_from_a_retry_tier_never_overwrites_a_newer_one(
     b: Backend,
 ) {
-    use framework::lapin::types::AMQPValue;
     let env = start(b, &[]).await;
     let mut out = env.hs.watch_output().await;
     env.send(&project("project-created", "sec", "v0")).await;
@@ -528,33 +527,16 @@ async fn a_plain_update_of_the_same_second_back_from_a_retry_tier_never_overwrit
     assert_eq!(body(&next(&mut out).await)["title"], "newer");
     // …and comes back as the retry tier returns it: its publishing second decided, and when
     // it was first seen.
-    let mut h = origin_headers(&env);
-    h.insert("x-retry-count".into(), AMQPValue::LongLongInt(1));
-    h.insert(
-        project_ingest::RECEIVED_HEADER.into(),
-        AMQPValue::LongString(stamped.to_rfc3339().as_str().into()),
-    );
-    h.insert(
-        project_ingest::FIRST_SEEN_HEADER.into(),
-        AMQPValue::LongString(first_seen.to_rfc3339().as_str().into()),
-    );
-    let older = serde_json::to_vec(&project("project-updated", "sec", "older")).unwrap();
-    publish(
-        &env.hs.ch,
-        "",
-        &env.hs.q,
+    let older = project("project-updated", "sec", "older");
+    assert_dropped_as_retried_with(
+        &env,
+        &mut out,
         &older,
-        BasicProperties::default()
-            .with_timestamp(second)
-            .with_headers(h),
+        stamped,
+        &[(project_ingest::FIRST_SEEN_HEADER, first_seen)],
+        BasicProperties::default().with_timestamp(second),
     )
     .await;
-    env.send(&project("project-created", "sentinel", "s")).await;
-    assert_eq!(
-        body(&next(&mut out).await)["id"],
-        "sentinel",
-        "the retried update was dropped"
-    );
     assert_eq!(
         env.store.project("sec").await.unwrap().unwrap().title,
         "newer"
@@ -782,19 +764,35 @@ async fn assert_dropped_as_retried(
     v: &Value,
     first_received: chrono::DateTime<chrono::Utc>,
 ) {
+    assert_dropped_as_retried_with(env, out, v, first_received, &[], BasicProperties::default())
+        .await
+}
+
+/// [`assert_dropped_as_retried`] with more retry headers (`extra`) and properties.
+async fn assert_dropped_as_retried_with(
+    env: &Env,
+    out: &mut framework::lapin::Consumer,
+    v: &Value,
+    first_received: chrono::DateTime<chrono::Utc>,
+    extra: &[(&str, chrono::DateTime<chrono::Utc>)],
+    properties: BasicProperties,
+) {
     use framework::lapin::types::AMQPValue;
     let mut h = origin_headers(env);
     h.insert("x-retry-count".into(), AMQPValue::LongLongInt(1));
-    h.insert(
-        project_ingest::RECEIVED_HEADER.into(),
-        AMQPValue::LongString(first_received.to_rfc3339().as_str().into()),
-    );
+    let received = [(project_ingest::RECEIVED_HEADER, first_received)];
+    for (name, at) in received.iter().chain(extra) {
+        h.insert(
+            (*name).into(),
+            AMQPValue::LongString(at.to_rfc3339().as_str().into()),
+        );
+    }
     publish(
         &env.hs.ch,
         "",
         &env.hs.q,
         &serde_json::to_vec(v).unwrap(),
-        BasicProperties::default().with_headers(h),
+        properties.with_headers(h),
     )
     .await;
     let sentinel = serde_json::to_vec(&project("project-created", "sentinel", "s")).unwrap();
