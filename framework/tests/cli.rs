@@ -13,11 +13,9 @@ const BIN: &str = env!("CARGO_BIN_EXE_echo");
 
 /// The echo binary with an empty config dir and env overrides for queue `q`.
 fn echo_cmd(q: &str, dir: &std::path::Path) -> Command {
-    let mut c = Command::new(BIN);
+    let mut c = isolated_command(BIN);
     c.arg("--config-dir").arg(dir);
-    c.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("STORAGETIER__AMQP__URL", amqp_url())
+    c.env("STORAGETIER__AMQP__URL", amqp_url())
         .env("STORAGETIER__ECHO__QUEUE", q)
         .env("STORAGETIER__ECHO__OUTPUT_EXCHANGE", format!("{q}-out"))
         .env("STORAGETIER__ECHO__INPUT_EXCHANGE", format!("{q}-in"))

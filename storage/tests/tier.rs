@@ -1140,13 +1140,24 @@ async fn interrupted_uploads(bucket: &str, names: &[&str]) -> Interrupted {
     }
 }
 
-/// Runs the abandoned-upload sweep (uploads untouched for an hour) on a task of its own.
-fn sweep_abandoned(c: &Arc<TierCopier>) -> tokio::task::JoinHandle<Result<usize, TierError>> {
-    let c = c.clone();
-    tokio::spawn(async move {
+/// Runs the abandoned-upload sweep (uploads untouched for an hour) on a task of its own,
+/// its first abort held until the returned release is notified; returns once it is held.
+async fn sweep_held_at_first_abort(
+    run: &Interrupted,
+) -> (
+    tokio::task::JoinHandle<Result<usize, TierError>>,
+    Arc<tokio::sync::Notify>,
+) {
+    let (entered, release) = run.faults.hold_next_abort();
+    let c = run.c.clone();
+    let sweep = tokio::spawn(async move {
         c.abort_abandoned_uploads(std::time::Duration::from_secs(3600))
             .await
-    })
+    });
+    tokio::time::timeout(framework::testing::WAIT, entered.notified())
+        .await
+        .expect("the sweep reached the held abort");
+    (sweep, release)
 }
 
 /// The abandoned-upload sweep reads its list once, then aborts one upload after another
@@ -1157,7 +1168,7 @@ fn sweep_abandoned(c: &Arc<TierCopier>) -> tokio::task::JoinHandle<Result<usize,
 async fn an_upload_resumed_while_the_sweep_runs_is_not_aborted() {
     // Held whole: its server and directory live as long as the test.
     let run = interrupted_uploads("tier-sweep-race", &["a/first.mov", "a/second.mov"]).await;
-    let (c, faults, pool) = (&run.c, &run.faults, &run.pool);
+    let (c, pool) = (&run.c, &run.pool);
     // Both untouched for two hours, the first longer (the sweep's list is oldest first).
     for (key, hours) in [("pre/a/first.mov", 3), ("pre/a/second.mov", 2)] {
         db::sqlx::query(
@@ -1169,11 +1180,7 @@ async fn an_upload_resumed_while_the_sweep_runs_is_not_aborted() {
         .await
         .expect("aged");
     }
-    let (entered, release) = faults.hold_next_abort();
-    let sweep = sweep_abandoned(c);
-    tokio::time::timeout(framework::testing::WAIT, entered.notified())
-        .await
-        .expect("the copy reached the held upload");
+    let (sweep, release) = sweep_held_at_first_abort(&run).await;
     // While the first is being aborted, a copy stores a part of the second.
     db::sqlx::query(
         "UPDATE multipart_uploads SET touched_at = touched_at + $1 WHERE object_key = $2",
@@ -1210,17 +1217,13 @@ async fn an_upload_resumed_while_the_sweep_runs_is_not_aborted() {
 async fn a_slow_abort_keeps_its_key_claimed() {
     // Held whole: its server and directory live as long as the test.
     let run = interrupted_uploads("tier-slow-abort", &["a/slow.mov"]).await;
-    let (c, faults, pool) = (&run.c, &run.faults, &run.pool);
+    let (c, pool) = (&run.c, &run.pool);
     db::sqlx::query("UPDATE multipart_uploads SET touched_at = touched_at - $1")
         .bind(3 * 3_600_000i64)
         .execute(pool)
         .await
         .expect("aged");
-    let (entered, release) = faults.hold_next_abort();
-    let sweep = sweep_abandoned(c);
-    tokio::time::timeout(framework::testing::WAIT, entered.notified())
-        .await
-        .expect("the sweep reached the held abort");
+    let (sweep, release) = sweep_held_at_first_abort(&run).await;
     // The fault itself: the store answers the abort only after the lease would have run out.
     tokio::time::sleep(std::time::Duration::from_secs(25)).await;
     let lease = std::time::Duration::from_secs(20);
