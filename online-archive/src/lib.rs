@@ -93,43 +93,27 @@ impl Service for OnlineArchive {
     }
 
     fn validate(cfg: &Config<ArchiveSettings>) -> Result<(), ConfigError> {
-        let s = &cfg.settings;
-        storage::store::check_settings(
-            "online_archive.archive_url",
-            s.archive_url.as_deref(),
-            "online_archive.archive_options",
-            &s.archive_options,
-        )?;
-        storage::service::check_abandoned_age(
-            "online_archive.abort_abandoned_uploads_after_ms",
-            s.abort_abandoned_uploads_after_ms,
-            s.archive_url.as_deref(),
-            &cfg.retry,
-        )?;
-        let tier = setup(s);
-        tier.check_data_dir(Self::SECTION, "archive_url", &cfg.storage.data_dir)?;
-        tier.database_keys(Self::NAME, &cfg.storage.data_dir)
-            .check(Self::SECTION)?;
-        storage::paths::check_configured_roots("online_archive.online_roots", &s.online_roots)?;
-        storage::overlap::check_apart(
+        setup(&cfg.settings).validate(
+            Self::NAME,
             storage::overlap::ARCHIVE,
-            s.archive_url.as_deref(),
-            s.archive_options.endpoint.as_deref(),
             storage::overlap::NEARLINE,
-            &cfg.others,
-            &cfg.storage.data_dir,
+            cfg,
         )
     }
 
     fn resolved(cfg: &Config<ArchiveSettings>) -> Option<serde_json::Value> {
-        Some(setup(&cfg.settings).resolved(Self::NAME, &cfg.storage.data_dir, "archive"))
+        Some(setup(&cfg.settings).resolved(
+            Self::NAME,
+            &cfg.storage.data_dir,
+            storage::overlap::ARCHIVE.default_dir,
+        ))
     }
 
     async fn processor(cfg: &Config<ArchiveSettings>) -> Result<TierProcessor, BoxError> {
         TierProcessor::open(
             Self::NAME,
             &cfg.storage.data_dir,
-            "archive",
+            storage::overlap::ARCHIVE.default_dir,
             &setup(&cfg.settings),
             TierPolicy {
                 algorithm: Algorithm::Sha256,

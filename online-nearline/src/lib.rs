@@ -101,43 +101,27 @@ impl Service for OnlineNearline {
     }
 
     fn validate(cfg: &Config<NearlineSettings>) -> Result<(), ConfigError> {
-        let s = &cfg.settings;
-        storage::store::check_settings(
-            "online_nearline.vault_url",
-            s.vault_url.as_deref(),
-            "online_nearline.vault_options",
-            &s.vault_options,
-        )?;
-        storage::service::check_abandoned_age(
-            "online_nearline.abort_abandoned_uploads_after_ms",
-            s.abort_abandoned_uploads_after_ms,
-            s.vault_url.as_deref(),
-            &cfg.retry,
-        )?;
-        let tier = setup(s);
-        tier.check_data_dir(Self::SECTION, "vault_url", &cfg.storage.data_dir)?;
-        tier.database_keys(Self::NAME, &cfg.storage.data_dir)
-            .check(Self::SECTION)?;
-        storage::paths::check_configured_roots("online_nearline.online_roots", &s.online_roots)?;
-        storage::overlap::check_apart(
+        setup(&cfg.settings).validate(
+            Self::NAME,
             storage::overlap::NEARLINE,
-            s.vault_url.as_deref(),
-            s.vault_options.endpoint.as_deref(),
             storage::overlap::ARCHIVE,
-            &cfg.others,
-            &cfg.storage.data_dir,
+            cfg,
         )
     }
 
     fn resolved(cfg: &Config<NearlineSettings>) -> Option<serde_json::Value> {
-        Some(setup(&cfg.settings).resolved(Self::NAME, &cfg.storage.data_dir, "nearline"))
+        Some(setup(&cfg.settings).resolved(
+            Self::NAME,
+            &cfg.storage.data_dir,
+            storage::overlap::NEARLINE.default_dir,
+        ))
     }
 
     async fn processor(cfg: &Config<NearlineSettings>) -> Result<TierProcessor, BoxError> {
         TierProcessor::open(
             Self::NAME,
             &cfg.storage.data_dir,
-            "nearline",
+            storage::overlap::NEARLINE.default_dir,
             &setup(&cfg.settings),
             TierPolicy {
                 algorithm: Algorithm::Md5,

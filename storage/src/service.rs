@@ -7,6 +7,7 @@ use std::time::Duration;
 use framework::{BoxError, MessageContext, MessageProcessor, Outcome, async_trait};
 
 use crate::message::AssetSweeperFile;
+use crate::overlap::TierKeys;
 use crate::records::{ForeignOwner, Records};
 use crate::store::{self, StoreOptions};
 use crate::tier::{CopyReport, TierCopier, TierError, TierOutcome, TierPolicy};
@@ -44,7 +45,7 @@ impl TierSetup {
     /// Refuses a configured `data_dir` that does not exist where the store or the online
     /// root defaults under it (`section`'s keys named); the database's is checked with
     /// its keys ([`db::DatabaseKeys::check`]).
-    pub fn check_data_dir(
+    fn check_data_dir(
         &self,
         section: &str,
         store_key: &str,
@@ -65,8 +66,44 @@ impl TierSetup {
         Ok(())
     }
 
+    /// Checks this setup of `own`'s tier (the service `service`) as `cfg` configures it,
+    /// beside `other`'s tier configured by the same files: the whole of a tier's `validate`.
+    pub fn validate<S>(
+        &self,
+        service: &str,
+        own: TierKeys,
+        other: TierKeys,
+        cfg: &framework::config::Config<S>,
+    ) -> Result<(), framework::config::ConfigError> {
+        let key = |name: &str| format!("{}.{name}", own.section);
+        let data_dir = &cfg.storage.data_dir;
+        store::check_settings(
+            &key(own.store),
+            self.store_url.as_deref(),
+            &key(own.options),
+            &self.store_options,
+        )?;
+        check_abandoned_age(
+            &key("abort_abandoned_uploads_after_ms"),
+            u64::try_from(self.abort_abandoned_uploads_after.as_millis()).unwrap_or(u64::MAX),
+            self.store_url.as_deref(),
+            &cfg.retry,
+        )?;
+        self.check_data_dir(own.section, own.store, data_dir)?;
+        self.database_keys(service, data_dir).check(own.section)?;
+        crate::paths::check_configured_roots(&key("online_roots"), &self.online_roots)?;
+        crate::overlap::check_apart(
+            own,
+            self.store_url.as_deref(),
+            self.store_options.endpoint.as_deref(),
+            other,
+            &cfg.others,
+            data_dir,
+        )
+    }
+
     /// The database keys of this setup for `service` under `data_dir`.
-    pub fn database_keys<'a>(
+    fn database_keys<'a>(
         &'a self,
         service: &'a str,
         data_dir: &'a std::path::Path,
