@@ -46,29 +46,6 @@ fn echo(
     c
 }
 
-/// Consumers on `queue`, from the first node that answers.
-async fn consumers(cluster: &PrivateCluster, queue: &str) -> u32 {
-    for b in cluster.nodes() {
-        if let Some((conn, ch)) = b.channel().await {
-            let n = ch
-                .queue_declare(
-                    queue.into(),
-                    framework::lapin::options::QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    Default::default(),
-                )
-                .await
-                .map(|ok| ok.consumer_count())
-                .unwrap_or(0);
-            framework::testing::broker::close(conn).await;
-            return n;
-        }
-    }
-    0
-}
-
 /// One run: `replicas` echo processes over a preloaded queue of `n` 1 KiB messages;
 /// returns messages per second from the moment all of them consume.
 async fn run(cluster: &PrivateCluster, replicas: usize, n: usize, prefetch: usize) -> f64 {
@@ -97,7 +74,7 @@ async fn run(cluster: &PrivateCluster, replicas: usize, n: usize, prefetch: usiz
         })
         .collect();
     let limit = Instant::now() + Duration::from_secs(600);
-    while (consumers(cluster, &q).await as usize) < replicas {
+    while (cluster.consumers(&q).await as usize) < replicas {
         assert!(Instant::now() < limit, "every replica consumes");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

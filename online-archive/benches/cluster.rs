@@ -45,28 +45,6 @@ fn archive(
     c
 }
 
-async fn consumers(cluster: &PrivateCluster, queue: &str) -> u32 {
-    for b in cluster.nodes() {
-        if let Some((conn, ch)) = b.channel().await {
-            let n = ch
-                .queue_declare(
-                    queue.into(),
-                    framework::lapin::options::QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    Default::default(),
-                )
-                .await
-                .map(|ok| ok.consumer_count())
-                .unwrap_or(0);
-            framework::testing::broker::close(conn).await;
-            return n;
-        }
-    }
-    0
-}
-
 /// One run: `replicas` processes archiving `n` files of `kib` KiB; files per second.
 async fn run(cluster: &PrivateCluster, replicas: usize, n: usize, kib: usize) -> f64 {
     let base = std::env::var("BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into());
@@ -107,7 +85,7 @@ async fn run(cluster: &PrivateCluster, replicas: usize, n: usize, kib: usize) ->
         })
         .collect();
     let limit = Instant::now() + Duration::from_secs(900);
-    while (consumers(cluster, &q).await as usize) < replicas {
+    while (cluster.consumers(&q).await as usize) < replicas {
         assert!(Instant::now() < limit, "every replica consumes");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

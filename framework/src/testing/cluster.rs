@@ -311,6 +311,27 @@ impl PrivateCluster {
         None
     }
 
+    /// Consumers on `queue`, from the first node that answers (0 where none does, or the
+    /// queue is not there yet).
+    pub async fn consumers(&self, queue: &str) -> u32 {
+        for b in &self.nodes {
+            if let Some((conn, ch)) = b.channel().await {
+                let passive = lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                };
+                let n = ch
+                    .queue_declare(queue.into(), passive, Default::default())
+                    .await
+                    .map(|ok| ok.consumer_count())
+                    .unwrap_or(0);
+                close(conn).await;
+                return n;
+            }
+        }
+        0
+    }
+
     /// Takes every message out of `queue` through the first node that answers and counts
     /// them by `id`.
     pub async fn drain_ids(
