@@ -634,12 +634,17 @@ pub fn open(url: &str, opts: &StoreOptions) -> Result<Tier, StoreConfigError> {
             store.credentials().clone(),
             opts,
         )?;
-        let endpoint = opts.endpoint.as_deref().unwrap_or("aws");
+        // Named by the endpoint the client sends to, configured or the environment's
+        // (`AWS_ENDPOINT_URL`): the configured key alone named a MinIO set in the
+        // environment "aws", and two such stores of one bucket name one store.
+        let endpoint = native_endpoint
+            .as_deref()
+            .map_or("aws".into(), without_userinfo);
         Ok(Tier {
             store: store.clone(),
             prefix: prefix.trim_matches('/').to_string(),
             display: format!("{url} ({endpoint})"),
-            identity: s3_identity(bucket, prefix, opts.endpoint.as_deref()),
+            identity: s3_identity(bucket, prefix, native_endpoint.as_deref()),
             supports_metadata: true,
             local_dir: None,
             min_part: opts.part_size_mib * 1024 * 1024,
@@ -676,6 +681,19 @@ fn s3_identity(bucket: &str, prefix: &str, endpoint: Option<&str>) -> String {
             u.port().map(|p| format!(":{p}")).unwrap_or_default()
         ),
         None => at,
+    }
+}
+
+/// `endpoint` without any user or password written in it: it names the store in every
+/// success message.
+fn without_userinfo(endpoint: &str) -> String {
+    match url::Url::parse(endpoint) {
+        Ok(mut u) if u.has_authority() => {
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            u.to_string().trim_end_matches('/').to_string()
+        }
+        _ => endpoint.to_string(),
     }
 }
 
@@ -795,6 +813,48 @@ mod tests {
             !shown.contains("s3cret") && shown.contains("minio"),
             "{shown}"
         );
+    }
+
+    /// Set in the child process of the test below, whose environment names the endpoint.
+    const ENDPOINT_FROM_ENV: &str = "STORAGETIER_TEST_ENDPOINT_FROM_ENV";
+
+    /// An endpoint given by the environment (`AWS_ENDPOINT_URL`) names the store as the
+    /// same endpoint configured does: in the success message (`archive_store`, which said
+    /// "aws") and in the identity that keeps two stores' records apart (two MinIOs of one
+    /// bucket name were one store). Run in a child process: the environment is the
+    /// process's.
+    #[test]
+    fn an_endpoint_from_the_environment_names_the_store() {
+        let configured: StoreOptions =
+            serde_json::from_str(r#"{"endpoint": "http://AKIA:s3cret@127.0.0.1:1"}"#).unwrap();
+        let by_key = open("s3://b/p", &configured).expect("configured endpoint");
+        assert_eq!(by_key.display, "s3://b/p (http://127.0.0.1:1)");
+        assert_eq!(by_key.identity, "s3://b/p at http://127.0.0.1:1");
+        if std::env::var_os(ENDPOINT_FROM_ENV).is_none() {
+            let exe = std::env::current_exe().expect("own test binary");
+            let out = std::process::Command::new(exe)
+                .args([
+                    "--exact",
+                    "store::tests::an_endpoint_from_the_environment_names_the_store",
+                    "--test-threads=1",
+                ])
+                .env(ENDPOINT_FROM_ENV, "1")
+                .env("AWS_ENDPOINT_URL", "http://AKIA:s3cret@127.0.0.1:1")
+                .env_remove("AWS_ENDPOINT")
+                .stdin(std::process::Stdio::null())
+                .output()
+                .expect("the child test runs");
+            assert!(
+                out.status.success() && String::from_utf8_lossy(&out.stdout).contains("1 passed"),
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            return;
+        }
+        let by_env = open("s3://b/p", &StoreOptions::default()).expect("endpoint from env");
+        assert_eq!(by_env.display, by_key.display);
+        assert_eq!(by_env.identity, by_key.identity);
     }
 
     /// A file name with a control character (macOS's `Icon\r`) changes its own segment
