@@ -1077,6 +1077,16 @@ impl Multipart<'_> {
                     abort_recorded(self.mp.as_ref(), self.records, self.key, upload_id).await;
                     return Err(CopyError::Exists(self.key.to_string()));
                 }
+                // The store refused these parts as a whole (a part it does not hold as
+                // listed, a checksum mode other than the upload's — `checksums` changed
+                // since it began —, a conflicting completion it asks to start over): the
+                // same completion would be refused at every retry, to the DLQ and after a
+                // replay. Given up, so that the retry uploads afresh.
+                Err(e @ crate::s3::S3Error::Status(_, 400 | 409, _)) => {
+                    tracing::warn!(key = %self.key, error = %framework::telemetry::LogText(&e.to_string()), "the store refused to complete the multipart upload: giving it up");
+                    abort_recorded(self.mp.as_ref(), self.records, self.key, upload_id).await;
+                    return Err(e.into());
+                }
                 r => r?,
             }
         } else {

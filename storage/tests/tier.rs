@@ -954,6 +954,45 @@ async fn an_upload_whose_parts_cannot_be_listed_usably_is_given_up_and_started_o
     assert_eq!(c.records().count("multipart_uploads").await.unwrap(), 0);
 }
 
+/// A completion the store refuses as a whole (400: here as S3 answers one whose parts
+/// lack the checksums the upload was created with, after `checksums` changed between two
+/// attempts) gives the upload up — aborted, forgotten — so that the retry uploads afresh
+/// instead of sending the same refused completion until the message is dead-lettered.
+#[tokio::test]
+async fn a_completion_the_store_refuses_gives_the_upload_up() {
+    let bucket = "tier-refusedcomplete";
+    let (_moto, proxy, tier) = s3_tier(bucket).await;
+    let (faulty, faults) = FaultyStore::wrap(&tier);
+    let base = tempfile::tempdir().expect("temp");
+    let c = copier(base.path(), "online", faulty, records(base.path()).await);
+    let body = content(3 * 5 * MIB + 11, 6);
+    let msg = put(base.path(), "online", "r/refused.mov", &body);
+    let key = tier.key("r/refused.mov").to_string();
+    proxy.answer_next(
+        "POST",
+        |t| t.contains("uploadId="),
+        "400 Bad Request",
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>InvalidRequest</Code>\
+         <Message>The upload was created using a sha256 checksum. The complete request must \
+         include the checksum for each part. It was missing for part 1 in the request.\
+         </Message></Error>",
+    );
+    let e = transient(c.handle(&msg, 1).await);
+    assert!(e.contains("400"), "{e}");
+    assert_eq!(faults.aborts.load(Ordering::SeqCst), 1, "given up");
+    assert!(
+        c.records().upload_for(&key).await.unwrap().is_none(),
+        "forgotten: the retry does not resume it"
+    );
+    let created = || proxy.count("POST", |t| t.ends_with("?uploads="));
+    assert_eq!(created(), 1);
+    let r = copied(c.handle(&msg, 2).await);
+    assert!(r.uploaded);
+    assert_eq!(created(), 2, "a new upload");
+    assert_eq!(stored_sha256(&tier, &r.key).await, sha256(&body));
+    assert_eq!(c.records().count("multipart_uploads").await.unwrap(), 0);
+}
+
 /// A file gone from online after its copy, while the store's bucket is not there (renamed,
 /// re-created, a store restarted before its buckets): the copy cannot be seen, which does
 /// not make the file lost — an outage's retry, not "does not exist" dead-lettered.
