@@ -623,18 +623,19 @@ pub async fn upload(
     } else {
         Attributes::new()
     };
-    // An upload recorded for another version of the file, another part size or another
-    // file (its metadata names that one) can never be resumed: give it up before anything
-    // else is sent.
+    // An upload recorded for another version of the file, another part size, another
+    // file (its metadata names that one) or another checksum mode (S3 completes no upload
+    // of parts of both) can never be resumed: give it up before anything else is sent.
     let recorded = match (&tier.s3, &tier.multipart) {
-        (Some(_), Some(mp)) => {
+        (Some(s3), Some(mp)) => {
             let r = resume.records.upload_for(key.as_ref()).await?;
             match r {
                 Some(u)
                     if u.source_size == len
                         && u.source_mtime == resume.mtime
                         && u.part_size == part
-                        && u.source_path.as_deref() == Some(shown) =>
+                        && u.source_path.as_deref() == Some(shown)
+                        && u.checksums.is_none_or(|c| c == s3.checksums()) =>
                 {
                     Some(u)
                 }
@@ -969,6 +970,7 @@ impl Multipart<'_> {
                         source_mtime: mtime.to_string(),
                         part_size: self.part,
                         source_path: Some(self.shown.to_string()),
+                        checksums: Some(self.s3.checksums()),
                     })
                     .await;
                 if let Err(e) = started {

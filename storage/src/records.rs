@@ -607,6 +607,9 @@ pub struct UploadRecord {
     /// The source path it was started for (its metadata names it); None: recorded by an
     /// earlier release.
     pub source_path: Option<String>,
+    /// Whether it was created with SHA-256 checksums (its parts must match); None:
+    /// recorded by an earlier release.
+    pub checksums: Option<bool>,
 }
 
 /// One stored part of a recorded upload.
@@ -1026,7 +1029,7 @@ impl Records {
         db::bounded(async {
             let row = db::sqlx::query(
                 "SELECT object_key, upload_id, source_size, source_mtime, part_size, \
-                 source_path FROM multipart_uploads WHERE object_key = $1",
+                 source_path, checksums FROM multipart_uploads WHERE object_key = $1",
             )
             .bind(key)
             .fetch_optional(&self.pool)
@@ -1047,12 +1050,13 @@ impl Records {
             let clock = database_clock(conn.backend_name());
             db::sqlx::query(&format!(
                 "INSERT INTO multipart_uploads (object_key, upload_id, source_size, source_mtime, \
-                 part_size, started_at, touched_at, source_path) VALUES ($1, $2, $3, $4, $5, \
-                 {clock}, {clock}, $6) \
+                 part_size, started_at, touched_at, source_path, checksums) VALUES ($1, $2, \
+                 $3, $4, $5, {clock}, {clock}, $6, $7) \
                  ON CONFLICT (object_key) DO UPDATE SET upload_id = excluded.upload_id, \
                  source_size = excluded.source_size, source_mtime = excluded.source_mtime, \
                  part_size = excluded.part_size, started_at = excluded.started_at, \
-                 touched_at = excluded.touched_at, source_path = excluded.source_path"
+                 touched_at = excluded.touched_at, source_path = excluded.source_path, \
+                 checksums = excluded.checksums"
             ))
             .bind(&record.object_key)
             .bind(&record.upload_id)
@@ -1060,6 +1064,7 @@ impl Records {
             .bind(&record.source_mtime)
             .bind(record.part_size as i64)
             .bind(&record.source_path)
+            .bind(record.checksums.map(i64::from))
             .execute(&mut *conn)
             .await
             .map(|_| ())
@@ -1156,7 +1161,7 @@ impl Records {
             let clock = database_clock(conn.backend_name());
             let rows = db::sqlx::query(&format!(
                 "SELECT object_key, upload_id, source_size, source_mtime, part_size, \
-                 source_path FROM multipart_uploads WHERE touched_at <= {clock} - $1 \
+                 source_path, checksums FROM multipart_uploads WHERE touched_at <= {clock} - $1 \
                  ORDER BY touched_at, object_key"
             ))
             .bind(age)
@@ -1231,6 +1236,7 @@ fn upload_record(r: &db::sqlx::any::AnyRow) -> Result<UploadRecord, db::sqlx::Er
         source_mtime: r.try_get("source_mtime")?,
         part_size: r.try_get::<i64, _>("part_size")?.max(0) as u64,
         source_path: r.try_get("source_path")?,
+        checksums: r.try_get::<Option<i64>, _>("checksums")?.map(|c| c != 0),
     })
 }
 
@@ -1897,6 +1903,7 @@ mod tests {
             source_mtime: "2026-01-01T00:00:00Z".into(),
             part_size: 5,
             source_path: Some("/online/a.mov".into()),
+            checksums: Some(true),
         };
         r.start_upload(&upload).await.expect("start");
         let part = PartRecord {

@@ -120,6 +120,11 @@ impl S3Native {
         })
     }
 
+    /// Whether uploads are created with, and parts carry, SHA-256 checksums.
+    pub fn checksums(&self) -> bool {
+        self.checksums
+    }
+
     /// A part id object_store completes an upload with, for a part stored earlier (with
     /// its SHA-256 where uploads carry checksums).
     pub fn part_id(&self, etag: &str, checksum_sha256: &str) -> object_store::multipart::PartId {

@@ -954,6 +954,52 @@ async fn an_upload_whose_parts_cannot_be_listed_usably_is_given_up_and_started_o
     assert_eq!(c.records().count("multipart_uploads").await.unwrap(), 0);
 }
 
+/// An upload begun with checksums (`checksums = true`, the default) and interrupted is
+/// not resumed once the store's `checksums` is turned off (nor the other way round): S3
+/// completes no upload of parts of both modes, so every resumed attempt failed alike to
+/// the DLQ. It is aborted and the copy starts over in the new mode.
+#[tokio::test]
+async fn an_upload_of_another_checksum_mode_is_started_over() {
+    let bucket = "tier-checksum-mode";
+    let (moto, proxy, on) = s3_tier(bucket).await;
+    let (faulty, faults) = FaultyStore::wrap(&on);
+    let base = tempfile::tempdir().expect("temp");
+    let c = copier(base.path(), "online", faulty, records(base.path()).await);
+    let body = content(3 * 5 * MIB + 5, 7);
+    let msg = put(base.path(), "online", "r/mode.mov", &body);
+    *faults.fail_parts_from.lock().expect("faults") = Some(2);
+    transient(c.handle(&msg, 1).await);
+    let key = on.key("r/mode.mov").to_string();
+    let begun = c
+        .records()
+        .upload_for(&key)
+        .await
+        .unwrap()
+        .expect("recorded");
+    assert_eq!(begun.checksums, Some(true));
+
+    let mut opts = moto.store_options();
+    opts.endpoint = Some(proxy.endpoint.clone());
+    opts.part_size_mib = 5;
+    opts.part_memory_mib = 5;
+    opts.checksums = false;
+    let off = storage::store::open(&format!("s3://{bucket}/pre"), &opts).expect("tier");
+    let (faulty, faults) = FaultyStore::wrap(&off);
+    let c = copier(base.path(), "online", faulty, records(base.path()).await);
+    let created = || proxy.count("POST", |t| t.ends_with("?uploads="));
+    assert_eq!(created(), 1);
+    let r = copied(c.handle(&msg, 2).await);
+    assert!(r.uploaded);
+    assert_eq!(
+        faults.aborts.load(Ordering::SeqCst),
+        1,
+        "the begun upload aborted"
+    );
+    assert_eq!(created(), 2, "a new upload, without checksums");
+    assert_eq!(r.checksum, sha256(&body));
+    assert_eq!(c.records().count("multipart_uploads").await.unwrap(), 0);
+}
+
 /// A completion the store refuses as a whole (400: here as S3 answers one whose parts
 /// lack the checksums the upload was created with, after `checksums` changed between two
 /// attempts) gives the upload up — aborted, forgotten — so that the retry uploads afresh
