@@ -381,6 +381,16 @@ impl Publisher {
     /// channel if the broker can return none of them (not mandatory, to the service's own
     /// output exchange), else on a channel of the pool that no other outcome uses meanwhile.
     pub(crate) async fn send(&self, msgs: Vec<Outgoing>) -> Result<(), PublishError> {
+        self.send_within(msgs, self.pool.limit()).await
+    }
+
+    /// [`Publisher::send`], waiting for the confirms up to `limit` (while the broker does
+    /// not block the connection) instead of the operation bound.
+    pub(crate) async fn send_within(
+        &self,
+        msgs: Vec<Outgoing>,
+        limit: Duration,
+    ) -> Result<(), PublishError> {
         if msgs.is_empty() {
             return Ok(());
         }
@@ -394,7 +404,7 @@ impl Publisher {
                 && o.body.len() < SHARED_CHANNEL_MAX_BODY
         });
         let frame_max = self.pool.frame_max();
-        let (alarm, limit) = (self.pool.alarm(), self.pool.limit());
+        let alarm = self.pool.alarm();
         if unreturnable {
             let ch = self.pool.shared().await?;
             return publish_confirmed(&ch, msgs, alarm, limit, frame_max).await;

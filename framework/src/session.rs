@@ -64,6 +64,22 @@ fn hold_until(amqp: &AmqpConfig) -> Duration {
     amqp.consumer_timeout_known() * 2 / 3
 }
 
+/// How long the confirm of an outcome labelled `label` may take for a message delivered
+/// at `started`: the operation bound, but for a retry or a dead letter as long as the
+/// message may be held (see [`hold_until`]). One given up on may land all the same (a
+/// quorum tier electing a leader) while its input goes back to the queue: the message
+/// would then live twice — two copies handled at once, two retry chains, two outputs.
+fn confirm_limit(amqp: &AmqpConfig, label: &str, started: Instant) -> Duration {
+    let bound = amqp.operation_timeout();
+    if label == "retry" || label == "dead_letter" {
+        hold_until(amqp)
+            .saturating_sub(started.elapsed())
+            .max(bound)
+    } else {
+        bound
+    }
+}
+
 /// Whether a failed publish is a refusal, after which nothing landed: a nack, or a channel
 /// the broker closed over it (a permission, a channel limit). A confirm that never came is
 /// not: the message may have landed, and publishing it again would make two.
@@ -928,7 +944,8 @@ impl<P: MessageProcessor> Shared<P> {
                 _ = tokio::time::sleep(wait) => {}
                 _ = ctx.cancel.cancelled() => return false,
             }
-            match self.publisher.send(msgs.clone()).await {
+            let limit = confirm_limit(&inner.amqp, label, started);
+            match self.publisher.send_within(msgs.clone(), limit).await {
                 Ok(()) => {
                     info!("the retry the broker refused is published now");
                     return true;
@@ -1245,7 +1262,9 @@ impl<P: MessageProcessor> Shared<P> {
         for (s, m) in sizes.iter_mut().zip(&msgs) {
             *s = m.body.len();
         }
-        let mut published = publisher.send(msgs).await;
+        let mut published = publisher
+            .send_within(msgs, confirm_limit(&inner.amqp, label, started))
+            .await;
         // Whether that failure showed the topology incomplete (looked at once per error).
         let mut incomplete = false;
         if let Err(e) = &published {
@@ -1280,7 +1299,9 @@ impl<P: MessageProcessor> Shared<P> {
             if let Some(o) = replacement {
                 let (l, msgs) = inner.planner.plan(publisher, &delivery.data, ctx, o);
                 label = l;
-                published = publisher.send(msgs).await;
+                published = publisher
+                    .send_within(msgs, confirm_limit(&inner.amqp, label, started))
+                    .await;
                 incomplete = match &published {
                     Err(e) => self.topology_incomplete(e).await,
                     Ok(()) => false,
@@ -1295,7 +1316,9 @@ impl<P: MessageProcessor> Shared<P> {
             let msgs = inner
                 .planner
                 .bare_dead_letter(publisher, &delivery.data, ctx, &why);
-            published = publisher.send(msgs).await;
+            published = publisher
+                .send_within(msgs, confirm_limit(&inner.amqp, label, started))
+                .await;
             incomplete = match &published {
                 Err(e) => self.topology_incomplete(e).await,
                 Ok(()) => false,

@@ -457,3 +457,117 @@ async fn a_replay_during_a_resource_alarm_moves_each_dead_letter_once() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Retries its first call once the gate opens, succeeds after; counts its calls.
+struct RetriesOnceGated(tokio::sync::watch::Receiver<bool>, Arc<AtomicUsize>);
+
+#[async_trait]
+impl MessageProcessor for RetriesOnceGated {
+    type Input = serde_json::Value;
+    async fn handle(&self, v: serde_json::Value, _ctx: &MessageContext) -> Outcome {
+        if self.1.fetch_add(1, Ordering::SeqCst) > 0 {
+            return Outcome::success(v);
+        }
+        let mut open = self.0.clone();
+        let _ = open.wait_for(|o| *o).await;
+        Outcome::retry("first")
+    }
+}
+
+/// Suspends (`on`) or resumes the process of `queue` on `broker` — a quorum queue's Ra
+/// server or a classic queue's process — so that nothing published to it is confirmed
+/// meanwhile, as a quorum queue electing a leader does not confirm. The suspender is a
+/// process of its own (registered as `name`): the CLI's own call ends at once, and a
+/// process's suspensions end with it.
+fn suspend_queue(broker: &PrivateBroker, queue: &str, name: &str, on: bool) {
+    let expr = if on {
+        format!(
+            "{{ok, Q}} = rabbit_amqqueue:lookup(rabbit_misc:r(<<\"/\">>, queue, <<\"{queue}\">>)), \
+             P = case amqqueue:get_pid(Q) of {{Ra, _}} -> whereis(Ra); Pid -> Pid end, \
+             Me = self(), \
+             S = spawn(fun() -> true = erlang:suspend_process(P), Me ! suspended, \
+                 receive resume -> erlang:resume_process(P) end end), \
+             register({name}, S), \
+             receive suspended -> ok after 10000 -> timeout end."
+        )
+    } else {
+        format!("{name} ! resume, ok.")
+    };
+    let out = tokio::task::block_in_place(|| broker.ctl_output(&["eval", &expr]));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && said.trim() == "ok",
+        "rabbitmqctl eval {expr}: {:?}\n{said}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A retry whose confirm comes later than the operation bound (its tier not confirming
+/// for a while: a quorum queue electing a leader) lands once and replaces its input:
+/// the input is not given back meanwhile. Given back, the message lived twice — handled
+/// again at once, and again when the late retry came back: two outputs for one input.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_whose_confirm_comes_late_replaces_its_input_once() {
+    const BOUND_MS: u64 = 2000;
+    let broker = PrivateBroker::start().await;
+    let q = unique("lateretry");
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (service, cfg) = start_on(
+        &broker,
+        &q,
+        &[
+            ("amqp.operation_timeout_ms", &BOUND_MS.to_string()),
+            ("amqp.queue_metrics_interval_ms", "0"),
+        ],
+        RetriesOnceGated(gate, calls.clone()),
+    )
+    .await;
+    let sink = format!("{q}-sink");
+    broker.sink(&sink, &format!("{q}-out")).await;
+    send_input(&broker, &q).await;
+    let c = calls.clone();
+    wait_until("the handler to start", || c.load(Ordering::SeqCst) == 1).await;
+    let tier = format!("{q}-retry-{}", cfg.retry.delays_ms[0]);
+    suspend_queue(&broker, &tier, "st_late_retry", true);
+    open.send(true).expect("gate open");
+    // What must not happen cannot be awaited: the tier confirms nothing for three times
+    // the operation bound, in which the framework used to give the confirm up and give
+    // the input back (handled again, while its retry was still to land).
+    tokio::time::sleep(Duration::from_millis(BOUND_MS * 3)).await;
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "the input is held while its retry's confirm is awaited"
+    );
+    suspend_queue(&broker, &tier, "st_late_retry", false);
+
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let out = broker.count(&sink).await.unwrap_or(0);
+        let mut busy = broker.count(&q).await.unwrap_or(1);
+        for d in &cfg.retry.delays_ms {
+            busy += broker.count(&format!("{q}-retry-{d}")).await.unwrap_or(0);
+        }
+        if out >= 1 && busy == 0 && calls.load(Ordering::SeqCst) >= 2 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "settled ({out} outputs, {busy} waiting)"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    service.stop().await;
+    assert_eq!(
+        broker.count(&sink).await,
+        Some(1),
+        "one output for one input"
+    );
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "handled twice: the first attempt and its retry"
+    );
+}
