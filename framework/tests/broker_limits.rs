@@ -142,6 +142,33 @@ async fn outcome_waiting_out_an_alarm(
     (service, cfg, sink)
 }
 
+/// Waits until service `q` on `broker` has settled: an output in `sink`, nothing left in
+/// `q` or its retry tiers, and `also` holds.
+async fn settle(
+    broker: &PrivateBroker,
+    q: &str,
+    sink: &str,
+    cfg: &framework::config::Config<serde::de::IgnoredAny>,
+    also: impl Fn() -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let out = broker.count(sink).await.unwrap_or(0);
+        let mut busy = broker.count(q).await.unwrap_or(1);
+        for d in &cfg.retry.delays_ms {
+            busy += broker.count(&format!("{q}-retry-{d}")).await.unwrap_or(0);
+        }
+        if out >= 1 && busy == 0 && also() {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "settled ({out} outputs, {busy} waiting)"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outcome_published_during_a_resource_alarm_lands_once() {
     // Installed before the service registers its metrics, as a service binary does.
@@ -169,22 +196,7 @@ async fn an_outcome_published_during_a_resource_alarm_lands_once() {
 
     // Everything settles: the output once, nothing left in the input queue or the retry
     // tiers, the handler called once.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let out = broker.count(&sink).await.unwrap_or(0);
-        let mut busy = broker.count(&q).await.unwrap_or(1);
-        for d in &cfg.retry.delays_ms {
-            busy += broker.count(&format!("{q}-retry-{d}")).await.unwrap_or(0);
-        }
-        if out >= 1 && busy == 0 && !alarmed(&broker) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "settled after the alarm ({out} outputs, {busy} waiting)"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    settle(&broker, &q, &sink, &cfg, || !alarmed(&broker)).await;
     service.stop().await;
     assert_eq!(
         broker.count(&sink).await,
@@ -543,22 +555,10 @@ async fn a_retry_whose_confirm_comes_late_replaces_its_input_once() {
     );
     suspend_queue(&broker, &tier, "st_late_retry", false);
 
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let out = broker.count(&sink).await.unwrap_or(0);
-        let mut busy = broker.count(&q).await.unwrap_or(1);
-        for d in &cfg.retry.delays_ms {
-            busy += broker.count(&format!("{q}-retry-{d}")).await.unwrap_or(0);
-        }
-        if out >= 1 && busy == 0 && calls.load(Ordering::SeqCst) >= 2 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "settled ({out} outputs, {busy} waiting)"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    settle(&broker, &q, &sink, &cfg, || {
+        calls.load(Ordering::SeqCst) >= 2
+    })
+    .await;
     service.stop().await;
     assert_eq!(
         broker.count(&sink).await,
