@@ -1565,6 +1565,10 @@ fn check_log_level(level: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// Channels a session opens besides one per handler: consuming, the shared confirm
+/// channel, the watchers' (queue depth, re-binding), with room to spare.
+const CHANNEL_HEADROOM: usize = 8;
+
 fn validate<S>(cfg: &Config<S>, section_name: &str) -> Result<(), ConfigError> {
     let endpoint = cfg.telemetry.otlp_endpoint.trim();
     if !endpoint.is_empty() {
@@ -1658,6 +1662,34 @@ fn validate<S>(cfg: &Config<S>, section_name: &str) -> Result<(), ConfigError> {
             "mixes amqps:// and plaintext amqp:// nodes: with a TLS node down the credentials \
              would go in the clear to another; use one scheme for every node",
         ));
+    }
+    // lapin refuses every channel past the URL's `channel_max`: below what a session
+    // opens, outcomes could not be published and every message went round to the broker's
+    // delivery limit while `/readyz` said ready.
+    let least = a.effective_concurrency() + CHANNEL_HEADROOM;
+    for u in a.endpoints() {
+        let asked =
+            u.0.query_pairs()
+                .find(|(k, _)| k == "channel_max")
+                .and_then(|(_, v)| v.parse::<usize>().ok());
+        if let Some(n) = asked
+            && n != 0
+            && n < least
+        {
+            return Err(ConfigError::new(
+                if a.urls.is_empty() {
+                    "amqp.url"
+                } else {
+                    "amqp.urls"
+                },
+                format!(
+                    "query parameter `channel_max` = `{n}` is below the {least} channels this \
+                     service may open (one per handler of `amqp.concurrency`, else \
+                     `amqp.prefetch`, and {CHANNEL_HEADROOM} for consuming, the shared \
+                     publisher and the watchers): leave it out, or ask for {least} or more"
+                ),
+            ));
+        }
     }
     // A bound no broker call can meet (`operation_timeout_ms = 1`) would never let the
     // service become ready, retrying for ever, never saying which key is wrong.
@@ -2389,6 +2421,8 @@ prefetch = 4
             "amqp://guest:guest@127.0.0.1:5672/%2f?auth_mechanism=foo",
             // lapin takes the empty path after a trailing `/` as vhost "".
             "amqp://guest:guest@127.0.0.1:5672/",
+            // Fewer channels than 16 handlers publish on: every outcome refused.
+            "amqp://guest:guest@127.0.0.1:5672/%2f?channel_max=8",
         ] {
             let e = with_env(&[("STORAGETIER__AMQP__URL", url)]).expect_err(url);
             assert_eq!(e.key, "amqp.url", "{url}");
@@ -2399,6 +2433,8 @@ prefetch = 4
             "amqp://guest:guest@127.0.0.1:5672/%2f?frame_max=8192",
             "amqp://guest:guest@127.0.0.1:5672/%2f?frame_max=0",
             "amqps://u:p@rabbit/prod?auth_mechanism=external",
+            "amqp://guest:guest@127.0.0.1:5672/%2f?channel_max=64",
+            "amqp://guest:guest@127.0.0.1:5672/%2f?channel_max=0",
         ] {
             assert!(
                 with_env(&[("STORAGETIER__AMQP__URL", url)]).is_ok(),
