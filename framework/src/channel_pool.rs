@@ -14,20 +14,40 @@
 //! tag (a multiple-ack resolves exactly the tags it covers). A pool channel per success
 //! message would cost the broker a channel process and an ack frame per message, and lapin
 //! asks every channel of the connection for its flow state before each frame it sends.
+//!
+//! The pool never opens more channels than the broker allows on the connection (its
+//! negotiated `channel_max`, less what a session opens besides): past it, lapin refuses
+//! the channel and the outcome failed, so every message whose outcome needed one went
+//! round to the delivery limit. Beyond that many, an outcome waits for a channel to come
+//! back.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lapin::{Channel, Connection};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::alarm::Alarm;
 use crate::connection::confirm_channel;
 
-/// A pool of confirm channels on one connection, grown on demand up to the concurrency.
+/// Channels a session opens on its connection besides the pool's: lapin's own channel 0,
+/// consuming, the shared confirm channel, the watchers' (queue depth, re-binding), a
+/// declaration's, with room to spare.
+pub(crate) const CHANNEL_HEADROOM: usize = 8;
+
+/// A pool of confirm channels on one connection, grown on demand up to the handlers that
+/// publish at once, and never past what the broker allows ([`ChannelPool::capacity`]).
 pub struct ChannelPool {
     conn: Arc<Connection>,
-    idle: Mutex<Vec<Channel>>,
+    /// Open channels no outcome uses now, each with the slot it holds.
+    idle: Mutex<Vec<(Channel, OwnedSemaphorePermit)>>,
+    /// One permit per channel the pool may have open (idle or in use).
+    slots: Arc<Semaphore>,
+    /// How many permits `slots` started with.
+    capacity: usize,
+    /// Wakes a caller waiting for a channel when one goes back idle.
+    returned: Notify,
     /// The shared channel of unreturnable publishes (see the module doc), once opened.
     shared: Mutex<Option<Arc<Channel>>>,
     /// Held while the shared channel is (re)opened, so only one is.
@@ -63,7 +83,14 @@ impl ChannelPool {
         blocked: Option<metrics::Gauge>,
     ) -> Arc<ChannelPool> {
         let watching = CancellationToken::new();
+        // lapin makes a `channel_max` of 0 (no limit) its largest channel id.
+        let capacity = usize::from(conn.configuration().channel_max())
+            .saturating_sub(CHANNEL_HEADROOM)
+            .max(1);
         Arc::new(ChannelPool {
+            slots: Arc::new(Semaphore::new(capacity)),
+            capacity,
+            returned: Notify::new(),
             frame_max: crate::connection::frame_max(&conn),
             alarm: Alarm::watch(&conn, watching.clone(), blocked),
             watching,
@@ -78,6 +105,12 @@ impl ChannelPool {
     /// How long a publish on this pool waits for its confirm.
     pub fn limit(&self) -> Duration {
         self.limit
+    }
+
+    /// The most channels the pool opens at once: what the broker allows on the connection
+    /// less [`CHANNEL_HEADROOM`].
+    pub fn capacity(&self) -> usize {
+        self.capacity
     }
 
     /// The largest frame the connection carries.
@@ -128,18 +161,56 @@ impl ChannelPool {
             .cloned()
     }
 
-    /// A channel only the caller uses until the guard drops.
+    /// An idle channel still open, if any (a closed one gives its slot back).
+    fn take_idle(&self) -> Option<(Channel, OwnedSemaphorePermit)> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        std::iter::from_fn(|| idle.pop()).find(|(c, _)| c.status().connected())
+    }
+
+    /// An idle channel, else a slot to open one in, waiting for either while every slot
+    /// holds a channel in use.
+    async fn slot(&self) -> (Option<Channel>, OwnedSemaphorePermit) {
+        loop {
+            // Registered before looking, so a channel given back in between still wakes it.
+            let returned = self.returned.notified();
+            tokio::pin!(returned);
+            returned.as_mut().enable();
+            if let Some((ch, slot)) = self.take_idle() {
+                return (Some(ch), slot);
+            }
+            tokio::select! {
+                slot = self.slots.clone().acquire_owned() => {
+                    return (None, slot.expect("the pool never closes its slots"));
+                }
+                _ = &mut returned => {}
+            }
+        }
+    }
+
+    /// A channel only the caller uses until the guard drops; waits (at most the limit,
+    /// while the broker does not block the connection) for one to come back when the pool
+    /// holds as many as the broker allows.
     pub async fn get(self: &Arc<Self>) -> Result<PooledChannel, lapin::Error> {
-        let reused = {
-            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-            std::iter::from_fn(|| idle.pop()).find(|c| c.status().connected())
-        };
+        let (reused, slot) = self
+            .alarm
+            .within(self.limit, self.slot())
+            .await
+            .ok_or_else(|| {
+                lapin::Error::from(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "no channel came free within {:?} (all {} the broker allows are in use)",
+                        self.limit, self.capacity
+                    ),
+                ))
+            })?;
         let ch = match reused {
             Some(c) => c,
             None => self.open().await?,
         };
         Ok(PooledChannel {
             ch: Some(ch),
+            slot: Some(slot),
             pool: self.clone(),
         })
     }
@@ -148,6 +219,8 @@ impl ChannelPool {
 /// A borrowed confirm channel; back to the pool on drop if still open.
 pub struct PooledChannel {
     ch: Option<Channel>,
+    /// The pool's slot this channel holds while open.
+    slot: Option<OwnedSemaphorePermit>,
     pool: Arc<ChannelPool>,
 }
 
@@ -156,8 +229,13 @@ impl PooledChannel {
     /// until their channel closes).
     pub fn discard(mut self) {
         if let Some(ch) = self.ch.take() {
+            let slot = self.slot.take();
+            let limit = self.pool.limit;
             tokio::spawn(async move {
-                let _ = ch.close(200, "confirms given up on".into()).await;
+                let _ =
+                    tokio::time::timeout(limit, ch.close(200, "confirms given up on".into())).await;
+                // Only now may another channel take its place under the broker's limit.
+                drop(slot);
             });
         }
     }
@@ -174,12 +252,14 @@ impl Drop for PooledChannel {
     fn drop(&mut self) {
         if let Some(ch) = self.ch.take()
             && ch.status().connected()
+            && let Some(slot) = self.slot.take()
         {
             self.pool
                 .idle
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .push(ch);
+                .push((ch, slot));
+            self.pool.returned.notify_one();
         }
     }
 }

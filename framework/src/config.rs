@@ -8,6 +8,8 @@ use config::{Environment, File, FileFormat, Map, Value};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize, Serializer};
 
+use crate::channel_pool::CHANNEL_HEADROOM;
+
 /// The least `frame_max` a client may ask for of RabbitMQ 4.1 and later (which refuse the
 /// connection below it; 3.x take 4,096 up).
 const MIN_FRAME_MAX: u32 = 8192;
@@ -1564,10 +1566,6 @@ fn check_log_level(level: &str) -> Result<(), ConfigError> {
     }
     Ok(())
 }
-
-/// Channels a session opens besides one per handler: consuming, the shared confirm
-/// channel, the watchers' (queue depth, re-binding), with room to spare.
-const CHANNEL_HEADROOM: usize = 8;
 
 fn validate<S>(cfg: &Config<S>, section_name: &str) -> Result<(), ConfigError> {
     let endpoint = cfg.telemetry.otlp_endpoint.trim();

@@ -22,7 +22,7 @@ use crate::config::AmqpConfig;
 use crate::connection::{bounded, connect};
 use crate::headers as h;
 use crate::processor::{MessageContext, MessageProcessor, Outcome};
-use crate::publisher::{PublishError, Publisher};
+use crate::publisher::{Outgoing, PublishError, Publisher};
 use crate::runtime::Inner;
 use crate::settler::{Settler, Settling};
 use crate::telemetry as m;
@@ -229,6 +229,18 @@ pub(crate) async fn session<P: MessageProcessor>(
         limit,
         Some(m::connection_blocked(&inner.topology.queue)),
     );
+    if pool.capacity() < inner.amqp.effective_concurrency() {
+        warn!(
+            queue = %inner.topology.queue,
+            channel_max = conn.configuration().channel_max(),
+            publishing_channels = pool.capacity(),
+            handlers = inner.amqp.effective_concurrency(),
+            "the broker allows fewer channels on a connection (its channel_max) than this \
+             service has handlers: outcomes that need a channel of their own (retries, dead \
+             letters, mandatory publishes) wait for one to come free; raise the broker's \
+             channel_max, or lower [amqp] concurrency / prefetch"
+        );
+    }
     let publisher = Publisher::new(
         pool,
         &inner.service,
@@ -944,8 +956,7 @@ impl<P: MessageProcessor> Shared<P> {
                 _ = tokio::time::sleep(wait) => {}
                 _ = ctx.cancel.cancelled() => return false,
             }
-            let limit = confirm_limit(&inner.amqp, label, started);
-            match self.publisher.send_within(msgs.clone(), limit).await {
+            match self.publish_outcome(msgs.clone(), label, started).await {
                 Ok(()) => {
                     info!("the retry the broker refused is published now");
                     return true;
@@ -965,6 +976,19 @@ impl<P: MessageProcessor> Shared<P> {
             wait = (wait * 2).min(PUBLISH_FAILURE_BACKOFF_MAX);
         }
         false
+    }
+
+    /// Publishes the messages of an outcome labelled `label` of a message delivered at
+    /// `started`, waiting for their confirms as long as [`confirm_limit`] allows.
+    async fn publish_outcome(
+        &self,
+        msgs: Vec<Outgoing>,
+        label: &str,
+        started: Instant,
+    ) -> Result<(), PublishError> {
+        self.publisher
+            .send_within(msgs, confirm_limit(&self.inner.amqp, label, started))
+            .await
     }
 
     /// Whether a failed publish means the service's own topology is incomplete, which a
@@ -1262,9 +1286,7 @@ impl<P: MessageProcessor> Shared<P> {
         for (s, m) in sizes.iter_mut().zip(&msgs) {
             *s = m.body.len();
         }
-        let mut published = publisher
-            .send_within(msgs, confirm_limit(&inner.amqp, label, started))
-            .await;
+        let mut published = self.publish_outcome(msgs, label, started).await;
         // Whether that failure showed the topology incomplete (looked at once per error).
         let mut incomplete = false;
         if let Err(e) = &published {
@@ -1299,9 +1321,7 @@ impl<P: MessageProcessor> Shared<P> {
             if let Some(o) = replacement {
                 let (l, msgs) = inner.planner.plan(publisher, &delivery.data, ctx, o);
                 label = l;
-                published = publisher
-                    .send_within(msgs, confirm_limit(&inner.amqp, label, started))
-                    .await;
+                published = self.publish_outcome(msgs, label, started).await;
                 incomplete = match &published {
                     Err(e) => self.topology_incomplete(e).await,
                     Ok(()) => false,
@@ -1316,9 +1336,7 @@ impl<P: MessageProcessor> Shared<P> {
             let msgs = inner
                 .planner
                 .bare_dead_letter(publisher, &delivery.data, ctx, &why);
-            published = publisher
-                .send_within(msgs, confirm_limit(&inner.amqp, label, started))
-                .await;
+            published = self.publish_outcome(msgs, label, started).await;
             incomplete = match &published {
                 Err(e) => self.topology_incomplete(e).await,
                 Ok(()) => false,

@@ -571,3 +571,73 @@ async fn a_retry_whose_confirm_comes_late_replaces_its_input_once() {
         "handled twice: the first attempt and its retry"
     );
 }
+
+/// Retries every message the first time, all 16 at once (the first 16 calls wait for each
+/// other); succeeds after. Counts its calls.
+struct RetriesTogether(Arc<tokio::sync::Barrier>, Arc<AtomicUsize>);
+
+#[async_trait]
+impl MessageProcessor for RetriesTogether {
+    type Input = serde_json::Value;
+    async fn handle(&self, v: serde_json::Value, ctx: &MessageContext) -> Outcome {
+        if self.1.fetch_add(1, Ordering::SeqCst) < 16 {
+            self.0.wait().await;
+        }
+        if ctx.attempt == 0 {
+            Outcome::retry("once")
+        } else {
+            Outcome::success(v)
+        }
+    }
+}
+
+/// A broker whose `channel_max` is below the service's handlers: each retry needs a
+/// channel of its own, and lapin refused those past the limit, so their inputs went back
+/// to the queue (handled again, towards the delivery limit). The pool opens no more than
+/// the broker allows and the others wait for one: 16 retries at once on a node allowing
+/// 10 channels, each message handled twice (once, then once retried), one output each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outcomes_wait_for_a_channel_where_the_broker_allows_fewer_than_the_handlers() {
+    let broker = PrivateBroker::start_with(|_, _| "channel_max = 10\n".to_string()).await;
+    let q = unique("chanmax");
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (service, cfg) = start_on(
+        &broker,
+        &q,
+        &[("amqp.prefetch", "16")],
+        RetriesTogether(Arc::new(tokio::sync::Barrier::new(16)), calls.clone()),
+    )
+    .await;
+    let sink = format!("{q}-sink");
+    broker.sink(&sink, &format!("{q}-out")).await;
+    broker
+        .preload(
+            &format!("{q}-in"),
+            "test.x",
+            (0..16).map(|i| format!(r#"{{"n":{i}}}"#).into_bytes()),
+        )
+        .await;
+    let c = calls.clone();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while broker.count(&sink).await.unwrap_or(0) < 16 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "16 outputs ({} calls)",
+            c.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    settle(&broker, &q, &sink, &cfg, || true).await;
+    service.stop().await;
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        32,
+        "each handled once, then once retried"
+    );
+    assert_eq!(broker.count(&sink).await, Some(16), "one output each");
+    assert_eq!(
+        broker.count(&format!("{q}-dlq")).await,
+        Some(0),
+        "nothing dead-lettered"
+    );
+}
