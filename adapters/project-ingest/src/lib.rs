@@ -212,19 +212,24 @@ impl ProjectProcessor {
         let mut first_seen = ours(FIRST_SEEN_HEADER).or_else(|| decided.clone());
         let received = match decided {
             Some(k) => k,
-            None => match self.first_receipt(&input, ctx, stamped).await {
+            None => match self.first_receipt(&input, ctx, stamped.clone()).await {
                 Ok((k, noted)) => {
                     first_seen = first_seen.or(noted);
                     k
                 }
                 Err(e) => {
-                    // The retry still carries this first attempt's time (the database may
-                    // stay down for all of them, and no receipt is noted meanwhile) — not
-                    // a redelivery's, whose first attempt's may be noted: looked up again.
+                    // The retry still carries the place this first attempt gives it (the
+                    // database may stay down for all of them, and no receipt is noted
+                    // meanwhile): its publishing time where believable, as a noted receipt
+                    // would have given — the attempt's own time put it behind updates
+                    // published after it, which it then overwrote — else this attempt's
+                    // time. Not a redelivery's, whose first attempt's may be noted: looked
+                    // up again.
                     if !again(ctx)
                         && let Some(now) = crate::event::time_key(chrono::Utc::now())
                     {
-                        ctx.set_retry_header(RECEIVED_HEADER, &now);
+                        let key = stamped.unwrap_or_else(|| now.clone());
+                        ctx.set_retry_header(RECEIVED_HEADER, &key);
                         ctx.set_retry_header(FIRST_SEEN_HEADER, &now);
                     }
                     return e.retry(ctx, format!("cannot note the message's receipt: {e}"));

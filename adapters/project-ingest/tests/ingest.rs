@@ -146,7 +146,70 @@ on_both!(
     a_retried_update_keeps_the_place_its_first_attempt_gave_it,
     updates_of_one_updated_time_keep_the_order_they_came_in,
     a_stamped_update_notes_when_it_was_first_seen,
+    an_update_whose_receipt_could_not_be_noted_keeps_its_publishing_time,
 );
+
+/// Runs `sql` on the database at `url` through a connection of its own.
+async fn run_sql(url: &str, sql: &str) {
+    use db::sqlx::Connection;
+    db::sqlx::any::install_default_drivers();
+    let mut conn = db::sqlx::AnyConnection::connect(url)
+        .await
+        .expect("connect");
+    db::sqlx::query(sql).execute(&mut conn).await.expect(sql);
+    conn.close().await.expect("close");
+}
+
+/// A stamped update whose first attempt cannot note its receipt (the database failing a
+/// moment) is retried in the place its publishing time gives it, as a noted receipt would
+/// have: its retry carried the attempt's own time, minutes after its publishing in a
+/// backlog, and overwrote an update published after it and applied meanwhile.
+async fn an_update_whose_receipt_could_not_be_noted_keeps_its_publishing_time(b: Backend) {
+    use framework::{MessageContext, MessageProcessor, Outcome};
+    let dir = tempfile::tempdir().unwrap();
+    let (pg, url) = database(b, dir.path()).await;
+    let store = Store::open(&url).await.unwrap();
+    let p = project_ingest::ProjectProcessor::new(store.clone(), "out", "done");
+    let now = chrono::Utc::now();
+    let ctx = |id: &str, minutes_ago: i64, attempt: u32| {
+        let mut c = MessageContext::for_test("pluto-core", "core.project.event", attempt);
+        c.message_id = Some(id.to_string());
+        c.timestamp = Some((now - chrono::TimeDelta::minutes(minutes_ago)).timestamp() as u64);
+        c
+    };
+    p.handle(project("project-created", "nr", "v0"), &ctx("c", 10, 0))
+        .await;
+    // Published 3 minutes ago, first handled now, while its receipt cannot be noted.
+    let older = project("project-updated", "nr", "older");
+    run_sql(&url, "ALTER TABLE receipts RENAME TO receipts_away").await;
+    let first = ctx("u1", 3, 0);
+    let o = p.handle(older.clone(), &first).await;
+    run_sql(&url, "ALTER TABLE receipts_away RENAME TO receipts").await;
+    assert!(matches!(o, Outcome::Retry(_)), "{o:?}");
+    // Published after it, applied while it waits in its retry tier.
+    p.handle(project("project-updated", "nr", "newer"), &ctx("u2", 2, 0))
+        .await;
+    assert_eq!(store.project("nr").await.unwrap().unwrap().title, "newer");
+    let mut retried = ctx("u1", 3, 1);
+    for (k, v) in first.retry_headers() {
+        framework::headers::set_str(&mut retried.headers, &k, &v);
+    }
+    framework::headers::set_str(
+        &mut retried.headers,
+        framework::headers::ORIGINAL_EXCHANGE,
+        "pluto-core",
+    );
+    p.handle(older, &retried).await;
+    assert_eq!(
+        store.project("nr").await.unwrap().unwrap().title,
+        "newer",
+        "the retried update overtook one published after it"
+    );
+    store.close().await;
+    if let Some(pg) = pg {
+        pg.drop_db().await.unwrap();
+    }
+}
 
 /// A stamped update (a believable AMQP `timestamp`) notes when it was first seen, as one
 /// without does: its redelivery or replay (no header of ours on it) judges its stamp and
