@@ -160,6 +160,9 @@ fn pruned(m: &StatusMessage) -> Handled {
 #[derive(Debug)]
 struct Extra {
     mark: String,
+    /// The mark an older release left for the same message, also taken as done: a retry
+    /// in flight across an upgrade still knows it was sent.
+    legacy_mark: Option<String>,
     publication: Publication,
 }
 
@@ -172,7 +175,9 @@ async fn publish_extras(
     extra: Vec<Extra>,
 ) -> Result<(), (String, PublishError)> {
     for e in extra {
-        if published.is_done(&e.mark) {
+        if published.is_done(&e.mark)
+            || e.legacy_mark.as_ref().is_some_and(|m| published.is_done(m))
+        {
             continue;
         }
         let exchange = e.publication.exchange.clone();
@@ -294,6 +299,7 @@ impl StatusProcessor {
                 "export-state {}",
                 json!([c.correlation_id, c.collection_name])
             ),
+            legacy_mark: None,
             publication: Publication::value(
                 &self.export_state_exchange,
                 EXPORT_STATE_KEY,
@@ -307,20 +313,31 @@ impl StatusProcessor {
     /// publish, so the input is retried and sends it again).
     /// `dedupe` keys the message that made the run RECEIVED.
     fn monitoring_publication(&self, m: &StatusMessage, what: &str, dedupe: &str) -> Extra {
-        // The success message keeps the mark it always had: a retry in flight across an
-        // upgrade still knows it was sent. The all-received one is marked for the
-        // collection and message that made the run RECEIVED, as the store names them
-        // (`received_by`): one batch can make a run RECEIVED, reopen it (a collection
-        // heard of next) and make it RECEIVED again, and each is announced.
-        let mark = match what {
-            ALL_RECEIVED => format!(
-                "monitoring-received {}",
-                json!([m.correlation_id, m.collection_name, dedupe])
+        // Each is marked for the collection and message that made the run RECEIVED or
+        // COMPLETED, as the store names them (`received_by`, `completed_by`): one batch
+        // can complete a run, reopen it (a collection heard of next) and complete it
+        // again, and each is announced. The success message's mark was one per run
+        // before (which skipped the second): an attempt of an older release that left it
+        // has sent this run's.
+        let (mark, legacy_mark) = match what {
+            ALL_RECEIVED => (
+                format!(
+                    "monitoring-received {}",
+                    json!([m.correlation_id, m.collection_name, dedupe])
+                ),
+                None,
             ),
-            _ => format!("monitoring {}", json!(m.correlation_id)),
+            _ => (
+                format!(
+                    "monitoring-completed {}",
+                    json!([m.correlation_id, m.collection_name, dedupe])
+                ),
+                Some(format!("monitoring {}", json!(m.correlation_id))),
+            ),
         };
         Extra {
             mark,
+            legacy_mark,
             publication: Publication::value(
                 &self.monitoring_exchange,
                 MONITORING_KEY,

@@ -227,6 +227,7 @@ macro_rules! on_both {
 on_both!(
     a_collection_arriving_after_the_run_completed_reopens_it,
     a_batch_that_reopens_its_run_announces_each_reception,
+    a_batch_that_reopens_its_run_announces_each_completion,
     full_flow_received_then_completed,
     completed_runs_past_their_keeping_are_deleted,
     idle_runs_past_their_keeping_are_deleted,
@@ -1973,6 +1974,40 @@ async fn a_batch_that_reopens_its_run_announces_each_reception(b: Backend) {
     assert_eq!(json_of(&next(&mut env.export).await)["topic_name"], "db.b");
     env.received_once(c).await;
     env.received_once(c).await;
+    env.no_more().await;
+    env.finish().await;
+}
+
+/// One batch can complete a run, reopen it (an empty collection, Received at once) and
+/// complete it again: each completion is announced. Before, the first announcement's mark
+/// (one per run) skipped the second, while the record's report listed it as published.
+async fn a_batch_that_reopens_its_run_announces_each_completion(b: Backend) {
+    let mut env = start(b, &[]).await;
+    let c = "corr-batch-complete";
+    env.process(&msg(c, "db.a", json!({"files_exported": 1})))
+        .await;
+    env.process(&file(c, "db.a", "a1")).await;
+    assert_eq!(json_of(&next(&mut env.export).await)["topic_name"], "db.a");
+    env.received_once(c).await;
+    let r = env
+        .process(&json!({"Records": [
+            {"body": msg(c, "db.a", json!({"is_success_file": "true"}))},
+            {"body": msg(c, "db.b", json!({"files_exported": 0}))},
+            {"body": msg(c, "db.b", json!({"is_success_file": "true"}))},
+        ]}))
+        .await;
+    let recs = r["records"].as_array().expect("records");
+    assert_eq!(recs[0]["product_status"], "COMPLETED");
+    assert_eq!(recs[1]["product_status"], "RECEIVED", "reopened");
+    assert_eq!(recs[2]["product_status"], "COMPLETED");
+    assert_eq!(json_of(&next(&mut env.export).await)["topic_name"], "db.b");
+    env.received_once(c).await;
+    for _ in 0..2 {
+        assert_eq!(
+            json_of(&env.monitoring.next().await)["title_text"],
+            "Incremental - All collections successful"
+        );
+    }
     env.no_more().await;
     env.finish().await;
 }
