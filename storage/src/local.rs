@@ -554,6 +554,10 @@ fn copy_pipelined(
                 }
                 buf.truncate(filled);
                 size += filled as u64;
+                #[cfg(feature = "testing")]
+                if size == filled as u64 {
+                    crate::testing::local_copy_gate(dest);
+                }
                 let block = Arc::new(buf);
                 // A closed channel means that stage failed; its error is reported below.
                 if to_side

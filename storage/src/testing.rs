@@ -940,3 +940,42 @@ async fn forward_requests(
         }
     }
 }
+
+/// Local copies to be held after their first block: (destination suffix, notified once
+/// held, the release's receiver).
+type HeldCopies = Vec<(
+    std::path::PathBuf,
+    Arc<Notify>,
+    std::sync::mpsc::Receiver<()>,
+)>;
+
+static HELD_COPIES: Mutex<HeldCopies> = Mutex::new(Vec::new());
+
+/// Holds the next local copy (of more than one block) whose destination ends with `key`
+/// after its first block, until the returned sender sends or is dropped; the returned
+/// notify fires when it is held. A copy mid-way, for faults that must land during it.
+pub fn hold_local_copy(key: &str) -> (Arc<Notify>, std::sync::mpsc::Sender<()>) {
+    let entered = Arc::new(Notify::new());
+    let (release, released) = std::sync::mpsc::channel();
+    HELD_COPIES.lock().unwrap_or_else(|p| p.into_inner()).push((
+        key.into(),
+        entered.clone(),
+        released,
+    ));
+    (entered, release)
+}
+
+/// Called by a local copy after its first block (on its blocking thread): waits there if
+/// a test holds copies to `dest` ([`hold_local_copy`]).
+pub(crate) fn local_copy_gate(dest: &std::path::Path) {
+    let held = {
+        let mut all = HELD_COPIES.lock().unwrap_or_else(|p| p.into_inner());
+        all.iter()
+            .position(|(k, _, _)| dest.ends_with(k))
+            .map(|i| all.remove(i))
+    };
+    if let Some((_, entered, released)) = held {
+        entered.notify_one();
+        let _ = released.recv();
+    }
+}

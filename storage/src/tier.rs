@@ -668,11 +668,23 @@ impl TierCopier {
             }
         };
         let placed: Result<TierOutcome, TierError> = match &identical {
-            Some(c) => tokio::select! {
-                biased;
-                r = placed => r,
-                e = c.keep() => Err(e),
-            },
+            Some(c) => {
+                tokio::pin!(placed);
+                tokio::select! {
+                    biased;
+                    r = &mut placed => r,
+                    e = c.keep() => {
+                        // The content's claim only keeps one content from being stored
+                        // twice at once: lost (a database stall longer than its lease),
+                        // the worst that follows is a second object of it, never an
+                        // overwrite (each key is claimed or created exclusively). Stopped
+                        // here, the copy started again from nothing at the retry — every
+                        // large copy in flight, at every stall.
+                        tracing::warn!(error = %e, "the copy goes on without its claim on the content; another copy of the same content may be stored beside it");
+                        placed.await
+                    }
+                }
+            }
             None => placed.await,
         };
         if let Some(c) = identical {

@@ -1627,6 +1627,70 @@ async fn a_claim_whose_renewal_never_answers_stops_the_copy() {
     pg.drop_db().await.expect("drop");
 }
 
+/// A nearline copy that loses its claim on the file's content (the database does not
+/// answer its renewal within the lease: a failover, a row lock held by a stalled session)
+/// goes on to the end: the claim only keeps one content from being stored twice at once,
+/// and a second object of it is the worst that can follow. Stopped, the copy started again
+/// from nothing at its retry — every large copy in flight, at every stall.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nearline_copy_that_loses_its_content_claim_goes_on() {
+    use db::sqlx::Connection as _;
+    let pg = db::testing::TempPostgres::create().await.expect("database");
+    let base = tempfile::tempdir().expect("temp");
+    let store_dir = base.path().join("store");
+    let tier = storage::store::local(&store_dir).expect("tier");
+    let recs = Records::open(&pg.url).await.expect("records");
+    let c = nearline(base.path(), tier, recs.clone());
+    let body = content(2 * MIB, 9);
+    let msg = put(base.path(), "online", "show/long.mov", &body);
+    let (entered, release) = storage::testing::hold_local_copy("show/long.mov");
+    let run = tokio::spawn(async move { c.handle(&msg, 1).await });
+    tokio::time::timeout(framework::testing::WAIT, entered.notified())
+        .await
+        .expect("the copy is under way");
+    let mut locker = db::sqlx::AnyConnection::connect(&pg.url)
+        .await
+        .expect("another session");
+    let mut tx = locker.begin().await.expect("begin");
+    db::sqlx::query(
+        "SELECT owner FROM upload_claims WHERE object_key LIKE '/identical/%' FOR UPDATE",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .expect("the content's claim row, locked");
+    // Past its lease by the database's clock: the copy gave the claim up before then.
+    let expired = "SELECT count(*) FROM upload_claims WHERE object_key LIKE '/identical/%' \
+                   AND expires_at < (EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT";
+    let deadline = tokio::time::Instant::now() + framework::testing::WAIT;
+    while db::sqlx::query_scalar::<_, i64>(expired)
+        .fetch_one(&mut *tx)
+        .await
+        .expect("lease")
+        == 0
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the claim's lease ran out"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    if run.is_finished() {
+        panic!("the copy stopped with its claim: {:?}", run.await);
+    }
+    tx.rollback().await.expect("rollback");
+    drop(locker);
+    release.send(()).expect("released");
+    let r = tokio::time::timeout(framework::testing::WAIT, run)
+        .await
+        .expect("the copy ended")
+        .expect("ran");
+    let r = copied(r);
+    assert!(r.uploaded, "{r:?}");
+    assert_eq!(held(&store_dir, &r.key), body);
+    recs.close().await;
+    pg.drop_db().await.expect("drop");
+}
+
 /// Replicas starting together: one migrating (here: another session holding sqlx's
 /// migration lock) for longer than the lock timeout ordinary statements get. The others
 /// wait for it, instead of failing at start-up over and over.
