@@ -975,6 +975,14 @@ mod tests {
                 "seed {seed:?}"
             );
         }
+        // Unset, the seed is the same fixed value in every process (two replicas compare
+        // only in separate processes): a default drawn once per process passed the above.
+        let spec = parse_queues("a,15:b,50:c").unwrap();
+        let unset = CrashRouter::new(spec.clone(), '0', '1', None);
+        let fixed = CrashRouter::new(spec, '0', '1', Some(0));
+        for id in ids(500) {
+            assert_eq!(unset.select_queues(&id), fixed.select_queues(&id), "{id}");
+        }
     }
 
     /// A target queue that is the service's own or another service's (its input, a tier,
