@@ -252,7 +252,13 @@ impl<P: MessageProcessor> Runtime<P> {
                 Err(e) => {
                     warn!(queue = %inner.topology.queue, error = %e, retry_in_ms = backoff.as_millis() as u64,
                         "broker session failed (cannot reach the broker, or it refused the session){}", crate::connection::refusal_hint(&e));
-                    crate::connection::skip_last_node();
+                    // A node that took the connection and then refused the session is passed
+                    // over next time. A connect that failed on every node already moved the
+                    // start on by one: moved again, two nodes' `urls` started at the same
+                    // (perhaps dead) node every time.
+                    if !matches!(e, crate::topology::DeclareError::Connect(_)) {
+                        crate::connection::skip_last_node();
+                    }
                 }
             }
             tokio::select! {

@@ -223,7 +223,7 @@ pub(crate) async fn session<P: MessageProcessor>(
     let Some(conn) = unless_stopped(shutdown, connect(&inner.amqp, &inner.service)).await else {
         return Ok(SessionEnd::Shutdown);
     };
-    let conn = Arc::new(conn?);
+    let conn = Arc::new(conn.map_err(DeclareError::Connect)?);
     let pool = ChannelPool::new(
         conn.clone(),
         limit,

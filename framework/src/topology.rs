@@ -14,6 +14,10 @@ pub enum DeclareError {
     /// Broker or connection failure (a refused declaration included).
     #[error(transparent)]
     Amqp(#[from] lapin::Error),
+    /// No node of `[amqp] url` / `urls` took the connection (each was tried in turn, and
+    /// the next attempt starts at the node after the first tried).
+    #[error(transparent)]
+    Connect(lapin::Error),
     /// A subscribed producer exchange does not exist and `[amqp] declare_sources` is false.
     #[error(
         "producer exchange `{0}` does not exist ([amqp] declare_sources = false): its \

@@ -22,6 +22,9 @@ enum Network {
     /// The host is gone: every relayed connection cut, later ones accepted and never
     /// answered (a host gone mid-route, whose SYNs something still answers).
     HostLost,
+    /// The node is down on a host that is up: every connection cut, later ones closed at
+    /// once (refused).
+    Refusing,
 }
 
 /// A relay to the suite's broker (see the module's doc). Dropped, it closes every
@@ -30,6 +33,8 @@ pub struct Relay {
     /// The suite's broker URL with the relay's port: what the service is given.
     pub url: String,
     connections: Arc<AtomicUsize>,
+    /// When each connection came (relayed or not).
+    attempts: Arc<std::sync::Mutex<Vec<std::time::Instant>>>,
     network: watch::Sender<Network>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -49,13 +54,23 @@ impl Relay {
         let connections = Arc::new(AtomicUsize::new(0));
         let (network, rx) = watch::channel(Network::Up);
         let counted = connections.clone();
+        let attempts = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let arrived = attempts.clone();
         let task = tokio::spawn(async move {
             let mut conns = tokio::task::JoinSet::new();
             let mut unanswered = Vec::new();
             while let Ok((client, _)) = listener.accept().await {
-                if *rx.borrow() == Network::HostLost {
-                    unanswered.push(client);
-                    continue;
+                arrived
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(std::time::Instant::now());
+                match *rx.borrow() {
+                    Network::HostLost => {
+                        unanswered.push(client);
+                        continue;
+                    }
+                    Network::Refusing => continue,
+                    Network::Up | Network::Frozen => {}
                 }
                 let Ok(server) = TcpStream::connect(&upstream).await else {
                     continue;
@@ -70,6 +85,7 @@ impl Relay {
         Relay {
             url: url.to_string(),
             connections,
+            attempts,
             network,
             task,
         }
@@ -88,6 +104,19 @@ impl Relay {
     /// Cuts every relayed connection; later ones are accepted and never answered.
     pub fn lose_host(&self) {
         let _ = self.network.send(Network::HostLost);
+    }
+
+    /// Cuts every relayed connection; later ones are closed at once.
+    pub fn refuse(&self) {
+        let _ = self.network.send(Network::Refusing);
+    }
+
+    /// When each connection to the relay came, relayed or not.
+    pub fn attempts(&self) -> Vec<std::time::Instant> {
+        self.attempts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
@@ -109,7 +138,7 @@ async fn pump(
         match state {
             Network::Up => {}
             Network::Frozen => return std::future::pending().await,
-            Network::HostLost => return,
+            Network::HostLost | Network::Refusing => return,
         }
         let n = tokio::select! {
             r = from.read(&mut buf) => match r {
