@@ -1,5 +1,5 @@
 //! Scale-out benchmark: 1, 2 and 4 replicas of echo (separate processes, every node in
-//! `[amqp] urls`, replica r starting at node r) on a private three-node RabbitMQ cluster,
+//! `[amqp] urls`, each starting at a node of them chosen at random) on a private three-node RabbitMQ cluster,
 //! quorum queues replicated on all three. Each run preloads its own queue, starts the
 //! replicas, and times the outputs from the moment every replica consumes; ratios are
 //! against one replica in the same run.

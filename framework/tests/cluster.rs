@@ -1,5 +1,5 @@
 //! Two replicas of echo (separate processes, every node in `[amqp] urls`, each starting at
-//! a different node) on a private three-node RabbitMQ cluster, quorum queues replicated on
+//! a node of them chosen at random) on a private three-node RabbitMQ cluster, quorum queues replicated on
 //! all three: the node leading the service's queue stopped mid-stream, and a rolling restart
 //! of every node under load. Nothing is lost, the replicas are never restarted, and each run
 //! prints its docs/reliability.md row (sent, lost, duplicated, time to recover).
@@ -26,7 +26,8 @@ fn messages() -> usize {
         .unwrap_or(10_000)
 }
 
-/// Echo replica `r` on queue `q`: every node of the cluster, starting at node `r`.
+/// Echo replica `r` on queue `q`: every node of the cluster (listed from node `r`; the
+/// service starts at one of them chosen at random).
 fn echo(
     cluster: &PrivateCluster,
     r: usize,

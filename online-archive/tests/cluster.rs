@@ -1,5 +1,5 @@
 //! Two replicas of online-archive (separate processes, one PostgreSQL database, one archive
-//! store, every node in `[amqp] urls`, each starting at a different node) on a private
+//! store, every node in `[amqp] urls`, each starting at a node chosen at random) on a private
 //! three-node RabbitMQ cluster, quorum queues replicated on all three:
 //! - the node leading the service's queue stopped mid-stream;
 //! - `kill -9` of one replica mid-stream: the other finishes the work.
@@ -102,7 +102,8 @@ impl Run {
         Run { held_back, ..run }
     }
 
-    /// Replica `r`: every node, starting at node `r`; the shared database and store.
+    /// Replica `r`: every node (listed from node `r`; the service starts at one of them
+    /// chosen at random); the shared database and store.
     fn archive(&self, r: usize) -> Command {
         let bin = env!("CARGO_BIN_EXE_online-archive");
         let urls = self.cluster.urls_from(r);
