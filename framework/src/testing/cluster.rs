@@ -57,6 +57,9 @@ pub struct Failover {
     pub stopped: String,
     /// Outputs already in the sink when it was stopped.
     pub outputs_before: usize,
+    /// Outputs in the sink once the stop had returned (read through a surviving node):
+    /// below what was preloaded, inputs were still to do when the node went down.
+    pub outputs_at_stop: usize,
     /// From `stop_app` to another node leading the queue.
     pub new_leader: Duration,
     /// From `stop_app` to the first output after it.
@@ -398,6 +401,14 @@ impl PrivateCluster {
         let outputs_before = self.count(sink).await.unwrap_or(0) as usize;
         self.nodes[i].stop_app();
         let down_at = Instant::now();
+        let outputs_at_stop = loop {
+            // The sink's own leader may be moving: read where it answers.
+            if let Some(c) = self.count(sink).await {
+                break c as usize;
+            }
+            assert!(down_at.elapsed() < WAIT, "{sink} readable after the stop");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
         let new_leader = loop {
             // `rabbitmqctl` takes about a second per call: this is the resolution.
             if self
@@ -441,6 +452,7 @@ impl PrivateCluster {
         Failover {
             stopped: leader,
             outputs_before,
+            outputs_at_stop,
             new_leader,
             resumed,
             total,
