@@ -181,15 +181,28 @@ pub fn encoded_len(t: &FieldTable) -> usize {
 }
 
 /// The encoded size of `t`'s headers that a retry or dead letter carries on as they are:
-/// all but the framework's own and the broker's, which each retry writes afresh (room for
-/// them is kept apart), so a message's size does not grow with its retries.
+/// all but those each retry writes afresh, each of a bounded size (its counts and origin,
+/// its last error, the trace; room for them is kept apart), and the broker's, which it
+/// drops — so a message's size does not grow with its retries. Other names of the
+/// framework's (`x-in-response-to`, `x-original-user-id` …) are carried as they came: a
+/// producer's one near a whole frame passed as "within budget", the processor did its work,
+/// and the retry could not be published (dead-lettered bare, its progress marks lost).
 pub fn carried_len(t: &FieldTable) -> usize {
     4 + t
         .inner()
         .iter()
-        .filter(|(k, _)| !is_reserved(k.as_str()))
+        .filter(|(k, _)| !written_afresh(k.as_str()))
         .map(|(k, v)| entry_len(k, v))
         .sum::<usize>()
+}
+
+/// Whether a retry writes `name` afresh (bounded) or drops it (see [`carried_len`]).
+fn written_afresh(name: &str) -> bool {
+    FRAMEWORK_COUNTS.contains(&name)
+        || ERROR_HEADERS.contains(&name)
+        || BROKER_OWNED.contains(&name)
+        || name == "traceparent"
+        || name == crate::trace::TRACESTATE
 }
 
 fn entry_len(k: &lapin::types::ShortString, v: &AMQPValue) -> usize {

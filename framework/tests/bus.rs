@@ -2538,6 +2538,33 @@ async fn headers_that_leave_no_room_for_a_retry_never_cost_the_session() {
     hs.stop().await;
 }
 
+/// A header of the framework's name that a retry carries as it came (`x-in-response-to`, a
+/// producer's or a forged one) counts against the budget like any other: one near a whole
+/// frame is dead-lettered unread, naming its headers. Not counted, the processor did its work and its
+/// retry, too large for a frame, was dead-lettered bare (a batch's progress marks lost, its
+/// replay doing the work again).
+#[tokio::test]
+async fn a_carried_framework_header_counts_against_the_budget() {
+    let calls: Calls = Arc::default();
+    let p = recording(&calls, |_, _| Outcome::retry("e".repeat(1000)));
+    let mut hs = Harness::start("framecarry", &[], p).await;
+    let mut dlq = hs.watch_dlq().await;
+    let mut big = FieldTable::default();
+    // Accepted by the broker (under 128 KiB), but a retry of it would not be.
+    h::set_str(&mut big, "x-in-response-to", &"r".repeat(130_000));
+    hs.publish(
+        "test.carry",
+        br#"{"n":1}"#,
+        BasicProperties::default().with_headers(big),
+    )
+    .await;
+    let d = next(&mut dlq).await;
+    let e = header(&d, h::ERROR).unwrap();
+    assert!(e.contains("headers take"), "{e}");
+    assert_eq!(calls.lock().unwrap().len(), 0, "dead-lettered unread");
+    hs.stop().await;
+}
+
 /// Headers just within what leaves room for a retry's own (a frame's 128 KiB less 16 KiB):
 /// every retry of the message is handled, not the first only — the headers each retry
 /// writes afresh (its counts and errors, the broker's `x-death`) are not the producer's,
