@@ -140,6 +140,15 @@ impl Env {
         );
     }
     /// The next all-received monitoring message, for run `cid`.
+    /// Collection `coll` of run `cid` (its only one so far) made Received by its one file:
+    /// its export-state message and the run's all-received one taken.
+    async fn collection_received(&mut self, cid: &str, coll: &str) {
+        self.process(&msg(cid, coll, json!({"files_exported": 1})))
+            .await;
+        self.process(&file(cid, coll, &format!("{coll}-1"))).await;
+        assert_eq!(json_of(&next(&mut self.export).await)["topic_name"], coll);
+        self.received_once(cid).await;
+    }
     async fn received_once(&mut self, cid: &str) {
         let v = json_of(&self.received.next().await);
         assert_eq!(v["custom_elements"][1]["value"], cid, "{v}");
@@ -1893,11 +1902,7 @@ async fn replayed_records_of_one_batch_count_as_their_own_records() {
 async fn a_collection_arriving_after_the_run_completed_reopens_it(b: Backend) {
     let mut env = start(b, &[]).await;
     let c = "corr-late";
-    env.process(&msg(c, "db.a", json!({"files_exported": 1})))
-        .await;
-    env.process(&file(c, "db.a", "a1")).await;
-    assert_eq!(json_of(&next(&mut env.export).await)["topic_name"], "db.a");
-    env.received_once(c).await;
+    env.collection_received(c, "db.a").await;
     let r = env
         .process(&msg(c, "db.a", json!({"is_success_file": "true"})))
         .await;
@@ -1984,11 +1989,7 @@ async fn a_batch_that_reopens_its_run_announces_each_reception(b: Backend) {
 async fn a_batch_that_reopens_its_run_announces_each_completion(b: Backend) {
     let mut env = start(b, &[]).await;
     let c = "corr-batch-complete";
-    env.process(&msg(c, "db.a", json!({"files_exported": 1})))
-        .await;
-    env.process(&file(c, "db.a", "a1")).await;
-    assert_eq!(json_of(&next(&mut env.export).await)["topic_name"], "db.a");
-    env.received_once(c).await;
+    env.collection_received(c, "db.a").await;
     let r = env
         .process(&json!({"Records": [
             {"body": msg(c, "db.a", json!({"is_success_file": "true"}))},
