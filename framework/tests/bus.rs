@@ -147,6 +147,9 @@ async fn topology_is_declared_with_the_designed_arguments() {
         (format!("{q}-retry"), Direct, Topic),
         (format!("{q}-fail"), Topic, Fanout),
         (format!("{q}-out"), Topic, Direct),
+        // The producer's exchange, created by `declare_sources`: a transient one would be
+        // gone after a broker restart, with its bindings and what producers sent meanwhile.
+        (format!("{q}-in"), Topic, Direct),
     ] {
         assert!(
             exchange_is(&name, kind.clone(), true).await,
@@ -334,11 +337,21 @@ async fn extra_destinations_are_published_with_the_success() {
     let mut hs = Harness::start("extra", &[], p).await;
     declare_topic(&hs.ch, &extra_ex).await;
     let mut side = watch(&hs.ch, &extra_ex, "#").await;
-    hs.publish("test.x", b"{}", BasicProperties::default())
-        .await;
+    let props = BasicProperties::default()
+        .with_message_id("in-side".into())
+        .with_correlation_id("corr-side".into());
+    hs.publish("test.x", b"{}", props).await;
     let d = next(&mut side).await;
     assert_eq!(d.data, b"hello");
     assert_eq!(d.routing_key.as_str(), "side.key");
+    // A side message is an output like the success message (design §3): persistent,
+    // answering its input, in its input's conversation.
+    assert_eq!(*d.properties.delivery_mode(), Some(2));
+    assert_eq!(
+        d.properties.correlation_id().as_ref().map(|s| s.as_str()),
+        Some("corr-side")
+    );
+    assert_eq!(header(&d, h::IN_RESPONSE_TO).as_deref(), Some("in-side"));
     hs.stop().await;
 }
 

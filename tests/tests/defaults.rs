@@ -38,6 +38,8 @@ fn assert_common(v: &Value, name: &str, port: u16) {
     assert_eq!(v["log"]["level"], "info", "{name}");
     assert_eq!(v["log"]["format"], "text", "{name}");
     assert_eq!(v["storage"]["data_dir"], "./data", "{name}");
+    // §6: span export is off unless a collector is named.
+    assert_eq!(v["telemetry"]["otlp_endpoint"], "", "{name}");
     let s = &v["service"];
     assert_eq!(s["queue"], format!("storagetier-{name}"));
     assert_eq!(s["output_exchange"], format!("storagetier-{name}"));

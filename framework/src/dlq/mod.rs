@@ -673,7 +673,13 @@ impl Filter {
 /// Whether routing key `key` matches topic pattern `pattern` as a RabbitMQ topic binding
 /// would (`*` exactly one word, `#` zero or more words).
 pub fn topic_matches(pattern: &str, key: &str) -> bool {
-    let p: Vec<&str> = pattern.split('.').collect();
+    // The broker reads an empty key or pattern as no words at all, so an empty pattern
+    // selects exactly the dead letters published with an empty key.
+    let p: Vec<&str> = if pattern.is_empty() {
+        Vec::new()
+    } else {
+        pattern.split('.').collect()
+    };
     let k: Vec<&str> = if key.is_empty() {
         Vec::new()
     } else {
@@ -1060,6 +1066,9 @@ mod tests {
         assert!(m("a.#", "a.b.c"));
         assert!(m("#.c", "a.b.c"));
         assert!(m("#", ""));
+        assert!(m("", ""));
+        assert!(!m("", "a"));
+        assert!(!m("*", ""));
         assert!(!m("a.b", "a.b.c"));
         assert!(m(
             "assetsweeper.#.new",
