@@ -13,6 +13,12 @@ pub const BATCH_PART: &str = "x-batch-part";
 /// arrival (progress, part and count headers ignored, as on the producer's delivery).
 /// Removed as the delivery is read.
 pub const PRODUCERS_REPLAY: &str = "x-replay-of-producers-message";
+/// On a replayed message: which `dlq replay` run moved it (an id of that run). The
+/// service carries it onto the dead letter of that copy if it fails again, so the run
+/// that replayed it passes over it instead of taking it for a dead letter it has still to
+/// look at (a quorum DLQ on RabbitMQ 4.x hands out a dead letter of priority 5 or more
+/// ahead of those before it: the same message replayed again and again).
+pub const REPLAY_RUN: &str = "x-replay-run";
 /// Attempts so far.
 pub const RETRY_COUNT: &str = "x-retry-count";
 /// Of those, the attempts that finished parts of the message (records posted, ids
@@ -98,6 +104,7 @@ pub fn is_reserved(name: &str) -> bool {
             ORIGINAL_USER_ID,
             BATCH_PART,
             PRODUCERS_REPLAY,
+            REPLAY_RUN,
             "traceparent",
             "tracestate",
         ]

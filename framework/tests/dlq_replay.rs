@@ -911,3 +911,77 @@ async fn deliveries_counted(hs: &Harness, queue: &str) -> usize {
     }
     delivered
 }
+
+/// A replay while the service still fails one of the dead letters moves each dead letter
+/// it found once: the failing one's new dead letter (a quorum DLQ on RabbitMQ 4.x hands out
+/// a message of priority 5 or more ahead of those before it) is passed over, not replayed
+/// again and counted among those it set out to move. Before, the same message went round
+/// the service dozens of times and the dead letters behind it stayed where they were.
+#[tokio::test]
+async fn a_dead_letter_failing_again_during_its_replay_is_replayed_once() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    let (poisoned, handled) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (p, n) = (poisoned.clone(), handled.clone());
+    let processor = FnProcessor(move |v: serde_json::Value, _: &MessageContext| {
+        if v["poison"] == serde_json::json!(true) {
+            p.fetch_add(1, SeqCst);
+            Outcome::permanent("still bad")
+        } else {
+            n.fetch_add(1, SeqCst);
+            Outcome::success(&v)
+        }
+    });
+    let mut hs = Harness::start("replayonce", &[], processor).await;
+    let dlq_name = format!("{}-dlq", hs.q);
+    let priority = |props: BasicProperties| props.with_priority(9);
+    publish(
+        &hs.ch,
+        "",
+        &dlq_name,
+        br#"{"poison":true}"#,
+        priority(BasicProperties::default().with_message_id("poison".into())),
+    )
+    .await;
+    const N: usize = 500;
+    for i in 0..N {
+        publish(
+            &hs.ch,
+            "",
+            &dlq_name,
+            format!("{{\"i\":{i}}}").as_bytes(),
+            BasicProperties::default().with_message_id(format!("n-{i}").into()),
+        )
+        .await;
+    }
+    let all = N as u32 + 1;
+    await_ready_count(&hs.ch, &dlq_name, all).await;
+
+    // One message by id: replayed once, failed once, back in the DLQ once.
+    let one = Filter {
+        message_id: Some("poison".into()),
+        ..Default::default()
+    };
+    let moved = dlq::replay_filtered(&hs.conn, &hs.topology(), &one, false)
+        .await
+        .expect("replayed");
+    assert_eq!(moved.len(), 1, "the poison replayed once");
+    await_ready_count(&hs.ch, &dlq_name, all).await;
+    assert_eq!(poisoned.load(SeqCst), 1, "the poison went round once");
+
+    // Everything: each of them once (the poison's earlier dead letter included), and the
+    // poison's new dead letter left for the next run.
+    let moved = dlq::replay_filtered(&hs.conn, &hs.topology(), &Filter::default(), false)
+        .await
+        .expect("replayed");
+    assert_eq!(moved.len(), N + 1);
+    await_ready_count(&hs.ch, &dlq_name, 1).await;
+    assert_eq!(poisoned.load(SeqCst), 2, "the poison went round once more");
+    wait_until("every other dead letter handled", || {
+        handled.load(SeqCst) >= N
+    })
+    .await;
+    hs.stop().await;
+    assert_eq!(handled.load(SeqCst), N, "each of them once");
+    assert_eq!(poisoned.load(SeqCst), 2);
+}

@@ -795,7 +795,12 @@ pub async fn replay_each(
     let mut looked = 0usize;
     let mut held = Held::default();
     let stop = filter.stop.clone().unwrap_or_default();
-    for _ in 0..total {
+    // This run's mark on what it replays: a copy that failed again and is back in the DLQ
+    // is not one of the `total` it set out to look at.
+    let run = uuid::Uuid::new_v4().to_string();
+    // Dead letters of the `total` fetched so far (this run's own copies not counted).
+    let mut fetched = 0u32;
+    while fetched < total {
         if stop.is_cancelled() {
             interrupted = true;
             break;
@@ -821,6 +826,19 @@ pub async fn replay_each(
             break;
         };
         let d = m.delivery;
+        let own = d
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|t| h::get_str(t, h::REPLAY_RUN))
+            .is_some_and(|r| r == run);
+        if own {
+            // Replayed by this run and failed again: left where it is, like one passed over.
+            held_since.get_or_insert_with(tokio::time::Instant::now);
+            held.last = Some(d.delivery_tag);
+            continue;
+        }
+        fetched += 1;
         let info = describe(
             &d.properties,
             d.routing_key.as_str(),
@@ -861,6 +879,7 @@ pub async fn replay_each(
             if info.from_producer {
                 h::set_str(&mut hdr, h::PRODUCERS_REPLAY, "true");
             }
+            h::set_str(&mut hdr, h::REPLAY_RUN, &run);
             h::set_str(&mut hdr, h::ORIGINAL_EXCHANGE, &info.original_exchange);
             h::set_str(
                 &mut hdr,
