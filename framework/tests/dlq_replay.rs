@@ -417,8 +417,13 @@ async fn a_replay_strips_every_error_and_retry_header() {
     names.sort();
     assert_eq!(
         names,
-        vec![h::ORIGINAL_EXCHANGE, h::ORIGINAL_ROUTING_KEY, "x-own"],
-        "only the origin and the producer's own header are left"
+        vec![
+            h::ORIGINAL_EXCHANGE,
+            h::ORIGINAL_ROUTING_KEY,
+            "x-own",
+            h::REPLAY_RUN
+        ],
+        "only the origin, the run's mark and the producer's own header are left"
     );
     assert_eq!(
         header(&got, h::ORIGINAL_EXCHANGE).as_deref(),
