@@ -282,6 +282,11 @@ async fn a_message_larger_than_the_broker_now_accepts_is_dead_lettered_by_the_br
             "application:set_env(rabbit, max_message_size, 1048576).",
         ])
     });
+    // RabbitMQ 4.x reads the limit as the app starts: restarted (the message is durable).
+    if broker.version().0 >= 4 {
+        tokio::task::block_in_place(|| broker.stop_app());
+        broker.start_app().await;
+    }
     let (service, _cfg) = start_on(&broker, &q, &[], Refusing(calls.clone())).await;
     let deadline = tokio::time::Instant::now() + WAIT;
     while broker.count(&format!("{q}-dlq")).await.unwrap_or(0) < 1 {
@@ -295,6 +300,31 @@ async fn a_message_larger_than_the_broker_now_accepts_is_dead_lettered_by_the_br
     service.stop().await;
     assert_eq!(calls.load(Ordering::SeqCst), 1, "handled once");
     assert_eq!(broker.count(&q).await, Some(0), "nothing back in the queue");
+
+    // Its replay is refused for its size and stops there, saying so: nothing reached the
+    // queue (not "it may have", which sends an operator looking for a duplicate).
+    let topo = test_topology(&q, &_cfg);
+    let conn = framework::testing::broker::connect(&broker.url())
+        .await
+        .expect("connect");
+    let e = framework::dlq::replay(&conn, &topo, &framework::dlq::Selection::All, false)
+        .await
+        .expect_err("larger than the broker accepts");
+    let text = e.to_string();
+    assert!(
+        matches!(
+            e,
+            framework::dlq::DlqError::Publish(
+                framework::publisher::PublishError::BodyTooLarge { .. }
+            )
+        ),
+        "{text}"
+    );
+    assert!(text.contains("max_message_size"), "{text}");
+    assert!(!text.contains("may have reached"), "{text}");
+    framework::testing::broker::close(conn).await;
+    assert_eq!(broker.count(&format!("{q}-dlq")).await, Some(1), "kept");
+    assert_eq!(broker.count(&q).await, Some(0), "nothing replayed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -60,6 +60,10 @@ fn maybe_delivered(e: &PublishError) -> &'static str {
             " — the broker refused it, so nothing reached the queue: a replay publishes \
              through the default exchange, which takes `write` permission on `amq.default`"
         }
+        PublishError::BodyTooLarge { .. } => {
+            ": raise the broker's max_message_size, or leave this one out (--kind, --key, \
+             --message-id)"
+        }
         PublishError::Amqp(_) | PublishError::Timeout(_) => {
             " — it may have reached the service's queue all the same: replaying it again \
              may deliver it twice"
@@ -907,7 +911,15 @@ pub async fn replay_each(
             loop {
                 tokio::select! {
                     r = &mut published => {
-                        r?;
+                        // Refused for its size (a dead letter the broker made of an input
+                        // larger than it now accepts): nothing landed, and it never will.
+                        r.map_err(|e| match e.body_too_large(&[d.data.len()]) {
+                            true => PublishError::BodyTooLarge {
+                                exchange: String::new(),
+                                bytes: d.data.len(),
+                            },
+                            false => e,
+                        })?;
                         break;
                     }
                     _ = stop.cancelled(), if !stop.is_cancelled() => {}
