@@ -884,8 +884,11 @@ fn check_unread_config_dir(dir: &Path, env_name: &str) -> Result<(), ConfigError
 
 /// Environment variables the project reads under a single-underscore `STORAGETIER_` (the
 /// test suite's `STORAGETIER_TEST_*` aside): every other such name is a mistyped override.
-const OWN_SINGLE_UNDERSCORE_VARS: &[&str] =
-    &["STORAGETIER_CONFIG_DIR", "STORAGETIER_RABBITMQ4_ROOT"];
+const OWN_SINGLE_UNDERSCORE_VARS: &[&str] = &[
+    "STORAGETIER_CONFIG_DIR",
+    "STORAGETIER_RABBITMQ4_ROOT",
+    "STORAGETIER_DEBIAN_MIRROR",
+];
 
 /// Refuses a variable named like an override but with one underscore after the prefix
 /// (`STORAGETIER_AMQP__URL`, `STORAGETIER_AMQP_URL`): the config crate reads only
@@ -2346,6 +2349,46 @@ prefetch = 4
             "STORAGETIER_ONLINE_ARCHIVE_PORT_9101_TCP_ADDR",
         ] {
             assert!(with_env(&[(var, "x")]).is_ok(), "{var}");
+        }
+    }
+
+    /// Every single-underscore `STORAGETIER_` variable the project's scripts, Dockerfile and
+    /// documents tell a user to set is accepted by the services (exporting one once made
+    /// every service exit 2): only the documents' examples of a mistyped override are not.
+    #[test]
+    fn the_variables_the_project_documents_are_accepted() {
+        const MISTYPED_EXAMPLES: &[&str] = &["STORAGETIER_AMQP_URL", "STORAGETIER_AMQP__URL"];
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut files = vec![root.join("README.md"), root.join("Dockerfile")];
+        for dir in ["scripts", "docs", "config"] {
+            let entries = std::fs::read_dir(root.join(dir)).expect("project directory");
+            files.extend(entries.map(|e| e.expect("entry").path()));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for file in files.iter().filter(|f| f.is_file()) {
+            let text = std::fs::read_to_string(file).expect("project file");
+            for (at, _) in text.match_indices("STORAGETIER_") {
+                let name: String = text[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_')
+                    .collect();
+                if !name.starts_with("STORAGETIER__") {
+                    names.insert(name);
+                }
+            }
+        }
+        assert!(names.contains("STORAGETIER_DEBIAN_MIRROR"), "{names:?}");
+        for name in &names {
+            let loaded = with_env(&[(name, "x")]);
+            if MISTYPED_EXAMPLES.contains(&name.as_str()) {
+                assert!(loaded.is_err(), "{name} is documented as refused");
+            } else {
+                let refusal = loaded.err();
+                assert!(
+                    refusal.is_none(),
+                    "{name} is documented but refused: {refusal:?}"
+                );
+            }
         }
     }
 

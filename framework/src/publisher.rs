@@ -198,6 +198,19 @@ impl PublishError {
             .and_then(|(n, _)| n.trim().parse::<usize>().ok());
         refused.is_some_and(|n| sizes.contains(&n))
     }
+
+    /// This error, or `BodyTooLarge` where it is the broker refusing this one body of
+    /// `bytes` to `exchange` for its size: a refusal no retry gets past, named as such.
+    pub fn sized(self, exchange: &str, bytes: usize) -> PublishError {
+        if self.body_too_large(&[bytes]) {
+            PublishError::BodyTooLarge {
+                exchange: exchange.to_string(),
+                bytes,
+            }
+        } else {
+            self
+        }
+    }
 }
 
 /// Largest body published on the shared confirm channel (see [`Publisher::send`]).
@@ -322,13 +335,7 @@ impl Publisher {
             mandatory: p.mandatory,
         }])
         .await
-        .map_err(|e| {
-            if e.body_too_large(&[bytes]) {
-                PublishError::BodyTooLarge { exchange, bytes }
-            } else {
-                e
-            }
-        })
+        .map_err(|e| e.sized(&exchange, bytes))
     }
 
     /// The dead letter of `body` (the whole input or a part of it) failed as `kind`.

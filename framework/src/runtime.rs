@@ -114,6 +114,9 @@ pub(crate) struct Inner<P> {
     pub(crate) held_retries: Semaphore,
     /// Span export (`[telemetry] otlp_endpoint`), if on.
     pub(crate) spans: Option<SpanExporter>,
+    /// The queue's metrics, one set for the process: a reconnect neither resets a counter
+    /// nor hides an in-flight count that a session's handlers failed to give back.
+    pub(crate) metrics: Arc<crate::telemetry::QueueMetrics>,
 }
 
 impl<P: MessageProcessor> Runtime<P> {
@@ -135,6 +138,7 @@ impl<P: MessageProcessor> Runtime<P> {
         let concurrency = cfg.amqp.effective_concurrency();
         metrics::gauge!(crate::telemetry::CONCURRENCY, "queue" => topology.queue.clone())
             .set(concurrency as f64);
+        let metrics = Arc::new(crate::telemetry::QueueMetrics::new(&topology.queue));
         Self {
             inner: Arc::new(Inner {
                 service: service.to_string(),
@@ -142,6 +146,7 @@ impl<P: MessageProcessor> Runtime<P> {
                 planner,
                 amqp: cfg.amqp.clone(),
                 spans: SpanExporter::new(&cfg.telemetry, service),
+                metrics,
                 processor: pc.processor,
                 status,
                 permits: Arc::new(Semaphore::new(concurrency)),

@@ -248,7 +248,7 @@ pub(crate) async fn session<P: MessageProcessor>(
         &inner.topology.fail_exchange(),
         &inner.topology.output_exchange,
     );
-    let metrics = Arc::new(m::QueueMetrics::new(&inner.topology.queue));
+    let metrics = inner.metrics.clone();
     let Some(declared) = unless_stopped(
         shutdown,
         bounded_declare(&inner.topology, &conn, limit, false),

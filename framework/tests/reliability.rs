@@ -276,3 +276,61 @@ async fn the_connected_gauge_follows_the_broker() {
     gauge(1).await;
     assert_eq!(child.terminate(WAIT).and_then(|s| s.code()), Some(0));
 }
+
+/// A reconnect while handlers are busy: the handlers it stops are counted `interrupted`,
+/// their messages are handled once more by the next session, and the process's counters
+/// and in-flight gauge carry on across it — an alert on `increase(...)` reads a counter
+/// reset as "nothing happened", and a count of handlers never given back as a stuck one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_carry_across_a_reconnect_with_busy_handlers() {
+    let broker = PrivateBroker::start().await;
+    let q = unique("carry");
+    let dir = tempfile::tempdir().expect("config dir");
+    let port = framework::testing::broker::free_port();
+    let cmd = || {
+        let mut c = echo_on(&broker.url(), &q, &unique("c"), dir.path());
+        c.env(
+            "STORAGETIER__ECHO__HTTP_LISTEN",
+            format!("127.0.0.1:{port}"),
+        )
+        // Long enough to be seen busy on a loaded machine, short enough for `WAIT`.
+        .env("STORAGETIER__ECHO__DELAY_MS", "15000");
+        c
+    };
+    assert!(
+        cmd()
+            .arg("declare")
+            .status_within(WAIT)
+            .expect("echo runs")
+            .success()
+    );
+    broker.sink(&format!("{q}-sink"), &format!("{q}-out")).await;
+    let mut child = spawn(cmd().arg("run"));
+    let metric = |name: &'static str, outcome: &'static str, v: u32| {
+        let q = q.clone();
+        async move {
+            let labels = match outcome {
+                "" => format!("queue=\"{q}\""),
+                o => format!("queue=\"{q}\",outcome=\"{o}\""),
+            };
+            await_metric(port, &format!("\n{name}{{{labels}}} {v}\n")).await;
+        }
+    };
+    let in_flight = "storagetier_in_flight";
+    let messages = "storagetier_messages_total";
+    await_metric(port, "\nstoragetier_connected 1\n").await;
+    let (_conn, ch) = broker.channel().await.expect("a channel");
+    send(&ch, &q, 3).await;
+    metric(in_flight, "", 3).await;
+    broker.ctl(&["close_all_connections", "closed by a metrics test"]);
+    metric(messages, "interrupted", 3).await;
+    metric("storagetier_reconnects_total", "", 1).await;
+    // Redelivered to the new session, which holds them as the only ones in flight.
+    metric(in_flight, "", 3).await;
+    metric(messages, "success", 3).await;
+    metric(in_flight, "", 0).await;
+    // The first session's count is still there beside the second's.
+    metric(messages, "interrupted", 3).await;
+    assert_eq!(child.terminate(WAIT).and_then(|s| s.code()), Some(0));
+    assert_eq!(broker.count(&format!("{q}-sink")).await, Some(3));
+}

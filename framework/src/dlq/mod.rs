@@ -913,13 +913,7 @@ pub async fn replay_each(
                     r = &mut published => {
                         // Refused for its size (a dead letter the broker made of an input
                         // larger than it now accepts): nothing landed, and it never will.
-                        r.map_err(|e| match e.body_too_large(&[d.data.len()]) {
-                            true => PublishError::BodyTooLarge {
-                                exchange: String::new(),
-                                bytes: d.data.len(),
-                            },
-                            false => e,
-                        })?;
+                        r.map_err(|e| e.sized("", d.data.len()))?;
                         break;
                     }
                     _ = stop.cancelled(), if !stop.is_cancelled() => {}
