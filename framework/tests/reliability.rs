@@ -249,6 +249,16 @@ async fn repeated_close_all_connections_lose_nothing() {
     );
 }
 
+/// Echo on `broker`'s node serving its metrics on `port`.
+fn echo_served(broker: &PrivateBroker, q: &str, dir: &std::path::Path, port: u16) -> Command {
+    let mut c = echo_on(&broker.url(), q, &unique("c"), dir);
+    c.env(
+        "STORAGETIER__ECHO__HTTP_LISTEN",
+        format!("127.0.0.1:{port}"),
+    );
+    c
+}
+
 /// `storagetier_connected` follows the connection, which the NotConnected alert reads: 1
 /// while consuming, 0 while the broker is away, 1 again once it is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -258,11 +268,7 @@ async fn the_connected_gauge_follows_the_broker() {
     let dir = tempfile::tempdir().expect("config dir");
     let port = framework::testing::broker::free_port();
     let mut child = spawn(
-        echo_on(&broker.url(), &q, &unique("c"), dir.path())
-            .env(
-                "STORAGETIER__ECHO__HTTP_LISTEN",
-                format!("127.0.0.1:{port}"),
-            )
+        echo_served(&broker, &q, dir.path(), port)
             .env("STORAGETIER__AMQP__RECONNECT_MAX_MS", "500")
             .arg("run"),
     );
@@ -288,13 +294,9 @@ async fn metrics_carry_across_a_reconnect_with_busy_handlers() {
     let dir = tempfile::tempdir().expect("config dir");
     let port = framework::testing::broker::free_port();
     let cmd = || {
-        let mut c = echo_on(&broker.url(), &q, &unique("c"), dir.path());
-        c.env(
-            "STORAGETIER__ECHO__HTTP_LISTEN",
-            format!("127.0.0.1:{port}"),
-        )
+        let mut c = echo_served(&broker, &q, dir.path(), port);
         // Long enough to be seen busy on a loaded machine, short enough for `WAIT`.
-        .env("STORAGETIER__ECHO__DELAY_MS", "15000");
+        c.env("STORAGETIER__ECHO__DELAY_MS", "15000");
         c
     };
     assert!(
