@@ -1817,12 +1817,12 @@ const BUILTIN_EXCHANGES: [&str; 5] = [
 ];
 
 /// Checks the name of a queue or exchange a service declares and owns (`key` names it in
-/// the error): 1 to 200 characters (room for the `-retry-<ms>`, `-dlq` names derived from
+/// the error): 1 to 200 bytes of UTF-8 (room for the `-retry-<ms>`, `-dlq` names derived from
 /// it within AMQP's 255), and not under `amq.`, which RabbitMQ reserves (it refuses the
 /// declaration, and the service would retry it forever).
 pub fn check_owned_name(key: &str, name: &str) -> Result<(), ConfigError> {
     if name.is_empty() || name.len() > 200 {
-        return Err(ConfigError::new(key, "must be 1 to 200 characters"));
+        return Err(ConfigError::new(key, "must be 1 to 200 bytes (UTF-8)"));
     }
     if name.starts_with("amq.") {
         return Err(ConfigError::new(
