@@ -2688,6 +2688,21 @@ prefetch = 4
     }
 
     #[test]
+    fn an_owned_name_is_measured_in_bytes_as_amqp_does() {
+        // AMQP's names are short strings of at most 255 bytes; `-retry-<ms>` and `-dlq` are
+        // added to the 200, so 101 two-byte characters (202 bytes) must be refused.
+        assert!(check_owned_name("service.queue", &"q".repeat(200)).is_ok());
+        assert!(check_owned_name("service.queue", &"é".repeat(100)).is_ok());
+        for bad in ["q".repeat(201), "é".repeat(101), String::new()] {
+            let e = check_owned_name("service.queue", &bad).expect_err(&bad);
+            assert_eq!(e.key, "service.queue");
+            assert!(e.to_string().contains("1 to 200 bytes"), "{e}");
+        }
+        let e = check_owned_name("service.queue", "amq.mine").expect_err("amq.");
+        assert!(e.to_string().contains("reserved"), "{e}");
+    }
+
+    #[test]
     fn a_zero_timeout_names_its_own_key() {
         for key in [
             "connect_timeout_ms",
