@@ -487,7 +487,7 @@ impl EventForwarder {
                     return Outcome::exhausted(e);
                 }
                 Posted::Exhausted(e, tries) => {
-                    let why = format!("record {i} of {}: {e}", records.len());
+                    let why = format!("record {} of {}: {e}", i + 1, records.len());
                     let body = single_record_envelope(r.record);
                     ctx.tried_in_place(tries);
                     let published = progress.dead_letter_exhausted(mark, body, &why).await;
@@ -497,7 +497,10 @@ impl EventForwarder {
                         Ok(_) => dead.push(i),
                         Err(pe) => {
                             pending += 1;
-                            retry.get_or_insert(format!("dead-lettering record {i} failed: {pe}"));
+                            retry.get_or_insert(format!(
+                                "dead-lettering record {} failed: {pe}",
+                                i + 1
+                            ));
                         }
                     }
                     continue;
@@ -512,7 +515,8 @@ impl EventForwarder {
                     );
                     outage_if(ctx, Scope::Down);
                     return Outcome::retry(format!(
-                        "record {i} of {}: {e}; the rest go with this retry",
+                        "record {} of {}: {e}; the rest go with this retry",
+                        i + 1,
                         records.len()
                     ));
                 }
@@ -525,7 +529,7 @@ impl EventForwarder {
                 }
                 PostResult::Rejected(e) if lone => return Outcome::permanent(e),
                 PostResult::Rejected(e) => {
-                    let why = format!("record {i} of {}: {e}", records.len());
+                    let why = format!("record {} of {}: {e}", i + 1, records.len());
                     let body = single_record_envelope(r.record);
                     match progress.dead_letter(mark, body, &why).await {
                         Ok(_) => {
@@ -534,7 +538,10 @@ impl EventForwarder {
                         }
                         Err(pe) => {
                             pending += 1;
-                            retry.get_or_insert(format!("dead-lettering record {i} failed: {pe}"));
+                            retry.get_or_insert(format!(
+                                "dead-lettering record {} failed: {pe}",
+                                i + 1
+                            ));
                         }
                     }
                 }
@@ -544,7 +551,7 @@ impl EventForwarder {
                         scope.whole_endpoint() && (!last || scope == Scope::Down);
                     endpoint_down |= scope == Scope::Down;
                     pending += 1;
-                    retry.get_or_insert(format!("record {i} of {}: {e}", records.len()));
+                    retry.get_or_insert(format!("record {} of {}: {e}", i + 1, records.len()));
                 }
             }
         }
