@@ -167,10 +167,14 @@ pub fn refuses_the_data(e: &sqlx::Error) -> bool {
 /// no connection (I/O, TLS, the pool timed out or closed), PostgreSQL's connection,
 /// resource, shutdown and system classes (08, 53, 57P01–57P03, 58), a database not
 /// accepting connections and a write refused as read-only (25006: a primary demoted in a
-/// failover, still reached until the pool's connection to it is closed), SQLite busy, locked,
-/// out of disk, read-only, unable to open, or an I/O error. A processor waits such an
-/// outage out (see `MessageContext::retry_for_outage`); another error (a decode, a
-/// constraint, a serialisation race) is the call's own and retried as any.
+/// failover, still reached until the pool's connection to it is closed), a login or a
+/// privilege refused at run time (class 28, 42501: a password rotated in the database before
+/// the service's secret, a `pg_hba.conf` change, a `REVOKE` — the server refusing this
+/// service, never this message's data; a restart with the right secret ends it), SQLite
+/// busy, locked, out of disk, read-only, unable to open, or an I/O error. A processor waits
+/// such an outage out (see `MessageContext::retry_for_outage`); another error (a decode, a
+/// constraint, a serialisation race, a database dropped under the service) is the call's
+/// own and retried as any.
 pub fn is_outage(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Io(_)
@@ -186,7 +190,8 @@ pub fn is_outage(e: &sqlx::Error) -> bool {
                 c.starts_with("08")
                     || c.starts_with("53")
                     || c.starts_with("58")
-                    || matches!(c, "57P01" | "57P02" | "57P03" | "25006")
+                    || c.starts_with("28")
+                    || matches!(c, "57P01" | "57P02" | "57P03" | "25006" | "42501")
                     // `ALLOW_CONNECTIONS false`: a database taken offline for maintenance.
                     || (c == "55000" && d.message().contains("not currently accepting connections"))
             } else {
@@ -1049,6 +1054,63 @@ mod tests {
             .await
             .expect_err("closed");
         assert!(is_outage(&closed), "{closed}");
+    }
+
+    /// PostgreSQL refusing the service at run time — a login (no such role; a rotated
+    /// password or a `pg_hba.conf` change answers with the same class 28) or a privilege
+    /// (42501, a `REVOKE`) — is an outage, waited out, not a counted retry that would
+    /// dead-letter the backlog; an error of the statement itself (42P01, no such table) and
+    /// a database dropped under the service (3D000) are not.
+    #[tokio::test]
+    async fn postgres_refusing_the_service_is_an_outage_its_own_errors_are_not() {
+        sqlx::any::install_default_drivers();
+        let t = testing::TempPostgres::create()
+            .await
+            .expect("a test database");
+        let mut no_role = url::Url::parse(&t.url).expect("a URL");
+        let role = format!("r_{}", uuid::Uuid::new_v4().simple());
+        no_role.set_username(&role).expect("a user");
+        let login = AnyPool::connect(no_role.as_str())
+            .await
+            .expect_err("no such role");
+        assert!(
+            matches!(&login, sqlx::Error::Database(d) if d.code().is_some_and(|c| c.starts_with("28"))),
+            "{login}"
+        );
+        assert!(is_outage(&login), "{login}");
+        let gone = AnyPool::connect(&format!("{}/n_{}", testing::postgres_server(), &role[2..]))
+            .await
+            .expect_err("no such database");
+        assert!(!is_outage(&gone), "{gone}");
+        let pool = AnyPool::connect(&t.url).await.expect("pool");
+        let own = sqlx::query("SELECT * FROM no_such_table")
+            .execute(&pool)
+            .await
+            .expect_err("no table");
+        assert!(!is_outage(&own), "{own}");
+        for ddl in [
+            "CREATE TABLE guarded (id BIGINT)".to_string(),
+            format!("CREATE ROLE {role} NOLOGIN"),
+        ] {
+            sqlx::query(&ddl).execute(&pool).await.expect("ddl");
+        }
+        let mut tx = pool.begin().await.expect("a transaction");
+        sqlx::query(&format!("SET LOCAL ROLE {role}"))
+            .execute(&mut *tx)
+            .await
+            .expect("role");
+        let denied = sqlx::query("SELECT * FROM guarded")
+            .execute(&mut *tx)
+            .await
+            .expect_err("no privilege");
+        tx.rollback().await.expect("rolled back");
+        sqlx::query(&format!("DROP ROLE {role}"))
+            .execute(&pool)
+            .await
+            .expect("role dropped");
+        pool.close().await;
+        t.drop_db().await.expect("dropped");
+        assert!(is_outage(&denied), "{denied}");
     }
 
     /// A password mounted as a file goes into a PostgreSQL URL (replacing one written
