@@ -38,7 +38,15 @@ pub enum DbError {
 /// database", never a pool's timeout that does not say whose pool.
 fn sqlx_text(e: &sqlx::Error) -> String {
     let text = e.to_string();
-    if text.contains("database") {
+    if matches!(e, sqlx::Error::PoolTimedOut) {
+        // sqlx keeps the server's answer to itself: name what it most often is, as
+        // "too many clients" from a server whose connections the other services' pools
+        // (10 per replica) hold otherwise never appears in this service's log.
+        format!(
+            "database: {text} (none within {} s: the server down or slow, or refusing new              connections — PostgreSQL's \"too many clients\" when every connection it              allows is taken; each replica of a service holds up to 10: see docs/scaling.md)",
+            ACQUIRE_TIMEOUT.as_secs()
+        )
+    } else if text.contains("database") {
         text
     } else {
         format!("database: {text}")
@@ -1629,6 +1637,19 @@ mod tests {
             .await
             .expect_err("nothing listens there");
         assert!(e.to_string().to_lowercase().contains("refused"), "{e}");
+    }
+
+    /// A pool's wait for a connection names what it most often is: sqlx's own words do not
+    /// say whose pool, nor that the server may be refusing connections ("too many clients").
+    #[test]
+    fn a_pools_timeout_names_the_likely_cause() {
+        let e = DbError::from(sqlx::Error::PoolTimedOut).to_string();
+        assert!(
+            e.starts_with("database: pool timed out") && e.contains("too many clients"),
+            "{e}"
+        );
+        let other = DbError::from(sqlx::Error::PoolClosed).to_string();
+        assert!(!other.contains("too many clients"), "{other}");
     }
 
     #[test]
