@@ -323,7 +323,16 @@ async fn a_message_larger_than_the_broker_now_accepts_is_dead_lettered_by_the_br
     assert!(text.contains("max_message_size"), "{text}");
     assert!(!text.contains("may have reached"), "{text}");
     framework::testing::broker::close(conn).await;
-    assert_eq!(broker.count(&format!("{q}-dlq")).await, Some(1), "kept");
+    // The dead letter handed back is ready again once the quorum queue has applied the
+    // return, which may be just after the channel closed: awaited, not read at once.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while broker.count(&format!("{q}-dlq")).await != Some(1) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the dead letter kept"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(broker.count(&q).await, Some(0), "nothing replayed");
 }
 
