@@ -43,7 +43,9 @@ fn sqlx_text(e: &sqlx::Error) -> String {
         // "too many clients" from a server whose connections the other services' pools
         // (10 per replica) hold otherwise never appears in this service's log.
         format!(
-            "database: {text} (none within {} s: the server down or slow, or refusing new              connections — PostgreSQL's \"too many clients\" when every connection it              allows is taken; each replica of a service holds up to 10: see docs/scaling.md)",
+            "database: {text} (none within {} s: the server down or slow, or refusing new \
+             connections — PostgreSQL's \"too many clients\" when every connection it \
+             allows is taken; each replica of a service holds up to 10: see docs/scaling.md)",
             ACQUIRE_TIMEOUT.as_secs()
         )
     } else if text.contains("database") {
@@ -1645,7 +1647,9 @@ mod tests {
     fn a_pools_timeout_names_the_likely_cause() {
         let e = DbError::from(sqlx::Error::PoolTimedOut).to_string();
         assert!(
-            e.starts_with("database: pool timed out") && e.contains("too many clients"),
+            e.starts_with("database: pool timed out")
+                && e.contains("too many clients")
+                && !e.contains("  "),
             "{e}"
         );
         let other = DbError::from(sqlx::Error::PoolClosed).to_string();
