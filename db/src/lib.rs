@@ -31,6 +31,15 @@ pub enum DbError {
     /// A migration failed.
     #[error("database migration failed: {0}{hint}", hint = migrate_hint(.0))]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The PostgreSQL database stores text in an encoding that cannot hold every
+    /// character a path or an error can carry.
+    #[error(
+        "the database is encoded in {0}, which cannot hold every character of a file name \
+         or an error (a record with one it lacks would be refused and its message \
+         dead-lettered): use a UTF8 database (CREATE DATABASE … ENCODING 'UTF8' TEMPLATE \
+         template0)"
+    )]
+    Encoding(String),
 }
 
 /// sqlx's text of `e`, prefixed `database: ` unless it names the database already ("error
@@ -125,6 +134,12 @@ impl DbError {
     /// not this service's); else itself, naming the database (exit 1: a later migration
     /// that differs is one edited after it was applied, not a setting).
     pub fn at_start(self, section: &str, password_file: bool, url: &str) -> framework::BoxError {
+        if let DbError::Encoding(_) = &self {
+            return Box::new(framework::config::ConfigError::new(
+                format!("{section}.database_url"),
+                format!("{}: {self}", redact_url(url)),
+            ));
+        }
         if matches!(
             &self,
             DbError::Migrate(sqlx::migrate::MigrateError::VersionMismatch(1))
@@ -289,6 +304,9 @@ pub async fn connect(url: &str, migrator: &Migrator) -> Result<AnyPool, DbError>
     let full = full_url(url)?;
     let sqlite = full.starts_with("sqlite:");
     let pool = open_pool(&full, if sqlite { 1 } else { 10 }, false).await?;
+    if !sqlite {
+        holds_any_text(&pool).await?;
+    }
     migrate(&pool, migrator, !sqlite).await?;
     note_newer_schema(&pool, migrator).await;
     if sqlite {
@@ -482,6 +500,21 @@ async fn migrate(pool: &AnyPool, migrator: &Migrator, postgres: bool) -> Result<
             }
             r => return r.map_err(DbError::from),
         }
+    }
+}
+
+/// Refuses a PostgreSQL database whose encoding cannot hold every character: in LATIN1
+/// (or any single-byte encoding) a file name or an error in another script is refused
+/// (SQLSTATE 22P05), so each such message was dead-lettered as Permanent while the rest
+/// passed. UTF8 holds all; SQL_ASCII stores the client's UTF-8 bytes as they are.
+async fn holds_any_text(pool: &AnyPool) -> Result<(), DbError> {
+    let encoding: String = sqlx::query_scalar("SHOW server_encoding")
+        .fetch_one(pool)
+        .await?;
+    if encoding.eq_ignore_ascii_case("UTF8") || encoding.eq_ignore_ascii_case("SQL_ASCII") {
+        Ok(())
+    } else {
+        Err(DbError::Encoding(encoding))
     }
 }
 
@@ -943,10 +976,16 @@ pub mod testing {
     impl TempPostgres {
         /// Creates `t_<uuid>` on the server.
         pub async fn create() -> Result<Self, DbError> {
+            Self::create_with("").await
+        }
+
+        /// Creates `t_<uuid>` on the server with `options` of `CREATE DATABASE` (e.g. an
+        /// `ENCODING`).
+        pub async fn create_with(options: &str) -> Result<Self, DbError> {
             sqlx::any::install_default_drivers();
             let name = format!("t_{}", uuid::Uuid::new_v4().simple());
             let admin = AnyPool::connect(&format!("{}/postgres", postgres_server())).await?;
-            sqlx::query(&format!("CREATE DATABASE {name}"))
+            sqlx::query(&format!("CREATE DATABASE {name} {options}"))
                 .execute(&admin)
                 .await?;
             admin.close().await;
@@ -1549,6 +1588,74 @@ mod tests {
             .unwrap_or_else(|| panic!("a configuration error: {started}"));
         assert_eq!(c.key, "svc.database_url");
         assert!(c.message.contains("another service's database"), "{c}");
+    }
+
+    /// A PostgreSQL database in an encoding that cannot hold every character (LATIN1) is
+    /// refused at start, naming the key, before any migration touches it — else every
+    /// record with a name in another script was refused and its message dead-lettered
+    /// while the rest passed. SQL_ASCII keeps the client's UTF-8 as it is: taken.
+    #[tokio::test]
+    async fn a_postgres_database_that_cannot_hold_every_character_is_refused() {
+        use sqlx::migrate::{Migration, MigrationType};
+        use std::borrow::Cow;
+        let migrator = Migrator {
+            migrations: Cow::Owned(vec![Migration::new(
+                1,
+                Cow::Borrowed("first"),
+                MigrationType::Simple,
+                Cow::Borrowed("CREATE TABLE names (name TEXT)"),
+                false,
+            )]),
+            ..Migrator::DEFAULT
+        };
+        let locale = "LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0";
+        let latin1 = testing::TempPostgres::create_with(&format!("ENCODING 'LATIN1' {locale}"))
+            .await
+            .expect("a LATIN1 database");
+        let e = connect(&latin1.url, &migrator)
+            .await
+            .expect_err("a LATIN1 database is refused");
+        assert!(
+            matches!(&e, DbError::Encoding(enc) if enc == "LATIN1"),
+            "{e}"
+        );
+        let look = connect_read_only(&latin1.url).await.expect("look");
+        let migrated: Option<String> = sqlx::query_scalar("SELECT to_regclass('names')::text")
+            .fetch_one(&look)
+            .await
+            .expect("regclass");
+        look.close().await;
+        assert_eq!(migrated, None, "nothing is migrated on a refused database");
+        let started = e.at_start("svc", false, &latin1.url);
+        let c = started
+            .downcast_ref::<framework::config::ConfigError>()
+            .unwrap_or_else(|| panic!("a configuration error: {started}"));
+        assert_eq!(c.key, "svc.database_url");
+        assert!(
+            c.message.contains("LATIN1") && c.message.contains("UTF8"),
+            "{c}"
+        );
+        latin1.drop_db().await.expect("drop");
+
+        let ascii = testing::TempPostgres::create_with(&format!("ENCODING 'SQL_ASCII' {locale}"))
+            .await
+            .expect("an SQL_ASCII database");
+        let pool = connect(&ascii.url, &migrator)
+            .await
+            .expect("SQL_ASCII is taken");
+        let name = "Пётр/北京/ß.mov";
+        sqlx::query("INSERT INTO names (name) VALUES ($1)")
+            .bind(name)
+            .execute(&pool)
+            .await
+            .expect("any text is stored");
+        let back: String = sqlx::query_scalar("SELECT name FROM names")
+            .fetch_one(&pool)
+            .await
+            .expect("read back");
+        assert_eq!(back, name);
+        pool.close().await;
+        ascii.drop_db().await.expect("drop");
     }
 
     /// A damaged SQLite file at start is reported as what it is, not as the pool's wait.
