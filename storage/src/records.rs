@@ -113,27 +113,92 @@ async fn committer(
                 // The database is out of reach: each write alone would wait out the pool's
                 // acquire timeout again, one after another (a batch of 16 took minutes,
                 // claim renewals queued behind it expiring). Every write gets the error.
-                let why = e.to_string();
                 for (_, reply) in batch.drain(..) {
-                    let _ =
-                        reply.send(Err(db::sqlx::Error::Io(std::io::Error::other(why.clone()))));
+                    let _ = reply.send(Err(each_writes_share(&e)));
                 }
             }
             Err(_) => {
                 // One write failed the whole batch: each is applied alone, so only the
                 // failing one reports an error. A row lock that held the batch up for
                 // the whole lock timeout is not waited for as long again: every write
-                // of this process queues behind this pass.
+                // of this process queues behind this pass. The database going out of
+                // reach midway fails the rest at once, as above.
+                let mut gone: Option<db::sqlx::Error> = None;
                 for (w, reply) in batch.drain(..) {
+                    if let Some(e) = &gone {
+                        let _ = reply.send(Err(each_writes_share(e)));
+                        continue;
+                    }
                     let once = std::iter::once(&w);
                     let r =
                         db::bounded(apply_waiting(&pool, is_sqlite, &mut full, once, Some("1s")))
                             .await
                             .map(|r| r.first().copied().unwrap_or(false));
+                    if let Err(e) = &r
+                        && !about_one_write(e)
+                    {
+                        gone = Some(each_writes_share(e));
+                    }
                     let _ = reply.send(r);
                 }
             }
         }
+    }
+}
+
+/// A failure of a whole batch as each of its writes gets it (sqlx's errors are not
+/// `Clone`): of the same kind, code and text, so a write is classified as it would be
+/// alone — an outage waited out, the database's own error (a damaged SQLite file, a
+/// transaction state) counted — where every write once got an I/O error, an outage.
+fn each_writes_share(e: &db::sqlx::Error) -> db::sqlx::Error {
+    use db::sqlx::Error as E;
+    match e {
+        E::Database(d) => E::Database(Box::new(BatchFailure {
+            code: d.code().map(|c| c.into_owned()),
+            message: d.message().to_owned(),
+        })),
+        E::Io(io) => E::Io(std::io::Error::new(io.kind(), io.to_string())),
+        E::Tls(t) => E::Tls(t.to_string().into()),
+        E::PoolTimedOut => E::PoolTimedOut,
+        E::PoolClosed => E::PoolClosed,
+        E::WorkerCrashed => E::WorkerCrashed,
+        other => E::Protocol(other.to_string()),
+    }
+}
+
+/// A database's error that failed a batch, as each write of the batch reports it.
+#[derive(Debug)]
+struct BatchFailure {
+    code: Option<String>,
+    message: String,
+}
+
+impl std::fmt::Display for BatchFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for BatchFailure {}
+
+impl db::sqlx::error::DatabaseError for BatchFailure {
+    fn message(&self) -> &str {
+        &self.message
+    }
+    fn code(&self) -> Option<std::borrow::Cow<'_, str>> {
+        self.code.as_deref().map(std::borrow::Cow::Borrowed)
+    }
+    fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        self
+    }
+    fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+        self
+    }
+    fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+        self
+    }
+    fn kind(&self) -> db::sqlx::error::ErrorKind {
+        db::sqlx::error::ErrorKind::Other
     }
 }
 
@@ -1417,6 +1482,48 @@ mod tests {
         assert!(!about_one_write(&Error::Io(std::io::Error::from(
             std::io::ErrorKind::ConnectionRefused
         ))));
+    }
+
+    /// A failure shared by every write of a failed batch keeps its kind: an outage stays
+    /// one (waited out), the database's own error (SQLite's CORRUPT, PostgreSQL's 25P02)
+    /// stays counted as it is for a batch of one — once every write got an I/O error,
+    /// waited out for ever where alone it was retried and dead-lettered.
+    #[test]
+    fn a_batch_failure_is_shared_as_what_it_is() {
+        use db::sqlx::Error;
+        let coded = |c: &'static str| Error::Database(Box::new(Coded(c)));
+        for e in [
+            coded("11"),
+            coded("7"),
+            coded("25P02"),
+            coded("57P04"),
+            coded("5"),
+            coded("13"),
+            coded("08006"),
+            coded("53300"),
+            coded("25006"),
+            Error::PoolTimedOut,
+            Error::PoolClosed,
+            Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset)),
+            Error::Protocol("unexpected".into()),
+            Error::ColumnNotFound("x".into()),
+        ] {
+            let shared = each_writes_share(&e);
+            assert_eq!(db::is_outage(&shared), db::is_outage(&e), "{e}");
+            assert_eq!(about_one_write(&shared), about_one_write(&e), "{e}");
+            assert!(
+                shared.to_string().contains(&match &e {
+                    Error::Database(d) => d.message().to_owned(),
+                    Error::Io(io) => io.to_string(),
+                    other => other.to_string(),
+                }),
+                "{e} → {shared}"
+            );
+        }
+        // Counted where it is the database's own.
+        assert!(!db::is_outage(&each_writes_share(&coded("11"))));
+        assert!(!db::is_outage(&each_writes_share(&coded("25P02"))));
+        assert!(db::is_outage(&each_writes_share(&coded("08006"))));
     }
 
     /// A batch of claims alone runs at `synchronous = NORMAL`; given up at its time limit
