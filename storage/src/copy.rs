@@ -640,8 +640,9 @@ pub async fn upload(
                     Some(u)
                 }
                 Some(u) => {
-                    let given_up =
-                        abort_recorded(mp.as_ref(), resume.records, key, &u.upload_id).await;
+                    let given_up = abort_recorded(mp.as_ref(), resume.records, key, &u.upload_id)
+                        .await
+                        .forgotten();
                     // A new upload's record would replace this one's: its parts then billed
                     // with nothing left to find them (the sweep reads the records). A file
                     // sent in one request leaves the record to the sweep.
@@ -827,6 +828,25 @@ async fn upload_multipart(
     })
 }
 
+/// What became of a recorded upload given up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GivenUp {
+    /// Aborted in the store, and forgotten.
+    Aborted,
+    /// The store no longer held it (completed — its record not forgotten then, the
+    /// database out of reach —, or aborted by a lifecycle rule): forgotten.
+    AlreadyGone,
+    /// Still recorded: the abort or the forgetting failed (a retry or the sweep tries again).
+    Kept,
+}
+
+impl GivenUp {
+    /// Whether the upload's record is gone.
+    pub fn forgotten(self) -> bool {
+        self != GivenUp::Kept
+    }
+}
+
 /// Aborts a recorded upload and forgets it (a failure is left to the abandoned-upload
 /// sweep and the bucket's lifecycle rule).
 pub async fn abort_recorded(
@@ -834,9 +854,11 @@ pub async fn abort_recorded(
     records: &Records,
     key: &ObjectPath,
     upload_id: &str,
-) -> bool {
+) -> GivenUp {
+    let mut outcome = GivenUp::Aborted;
     match mp.abort_multipart(key, &upload_id.to_string()).await {
-        Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+        Ok(()) => {}
+        Err(object_store::Error::NotFound { .. }) => outcome = GivenUp::AlreadyGone,
         // Never allowed (a role without `s3:AbortMultipartUpload`: `AccessDenied`): no
         // retry aborts it, and keeping its record would stop every later copy to the key.
         // Forgotten, it is left to the bucket's lifecycle rule (docs/storage.md). Another
@@ -852,14 +874,14 @@ pub async fn abort_recorded(
         }
         Err(e) => {
             tracing::warn!(key = %key, error = %framework::telemetry::LogText(&e.to_string()), "could not abort a multipart upload");
-            return false;
+            return GivenUp::Kept;
         }
     }
     if let Err(e) = records.forget_upload(key.as_ref(), upload_id).await {
         tracing::warn!(key = %key, error = %framework::telemetry::LogText(&e.to_string()), "could not forget an aborted multipart upload");
-        return false;
+        return GivenUp::Kept;
     }
-    true
+    outcome
 }
 
 /// A resumable S3 multipart upload of one file.
@@ -940,7 +962,10 @@ impl Multipart<'_> {
                 // the copy starts over; one that cannot be aborted now is kept for a retry.
                 Err(CopyError::S3(e @ crate::s3::S3Error::Response(..))) => {
                     tracing::warn!(key = %key, error = %framework::telemetry::LogText(&e.to_string()), "the store's list of the recorded upload's parts cannot be used; giving the upload up");
-                    if !abort_recorded(self.mp.as_ref(), self.records, key, &u.upload_id).await {
+                    if !abort_recorded(self.mp.as_ref(), self.records, key, &u.upload_id)
+                        .await
+                        .forgotten()
+                    {
                         return Err(CopyError::S3(e));
                     }
                 }

@@ -314,7 +314,8 @@ impl TierCopier {
 
     /// Aborts the recorded multipart uploads no part was stored for in `older_than`
     /// (their copy was given up: the file was deleted, or its message dead-lettered) and
-    /// forgets them; returns how many. An upload whose key is claimed is left alone: its
+    /// forgets them; returns how many it aborted (one the store no longer holds is only
+    /// forgotten). An upload whose key is claimed is left alone: its
     /// copy is running.
     pub async fn abort_abandoned_uploads(&self, older_than: Duration) -> Result<usize, TierError> {
         let Some(mp) = &self.tier.multipart else {
@@ -354,13 +355,21 @@ impl TierCopier {
                 done = abort => done,
                 e = claim.keep() => {
                     tracing::warn!(key = %key, upload_id = %u.upload_id, error = %e, "gave up aborting an abandoned multipart upload: its claim was lost");
-                    false
+                    copy::GivenUp::Kept
                 }
             };
             claim.release().await;
-            if done {
-                tracing::warn!(key = %key, upload_id = %u.upload_id, "aborted an abandoned multipart upload");
-                aborted += 1;
+            match done {
+                copy::GivenUp::Aborted => {
+                    tracing::warn!(key = %key, upload_id = %u.upload_id, "aborted an abandoned multipart upload");
+                    aborted += 1;
+                }
+                // Most often a completed upload whose record could not be forgotten then
+                // (the database out of reach): nothing was abandoned.
+                copy::GivenUp::AlreadyGone => {
+                    tracing::info!(key = %key, upload_id = %u.upload_id, "forgot a recorded multipart upload the store no longer holds (completed, or aborted by the bucket's lifecycle rule)");
+                }
+                copy::GivenUp::Kept => {}
             }
         }
         Ok(aborted)
