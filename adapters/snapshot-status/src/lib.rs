@@ -436,7 +436,7 @@ impl StatusProcessor {
                     transition("Received");
                 }
                 if !f.counted && !ours {
-                    tracing::info!(file = %LogText(&m.filename), "file already counted (redelivery)");
+                    tracing::info!(file = %LogText(&m.filename), "file already counted (sent again by the sender, or this message delivered again)");
                 }
                 // The file that completed the collection re-emits when it comes back (its
                 // publish may have been lost), not when the sender sends it again.

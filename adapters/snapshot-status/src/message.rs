@@ -138,7 +138,18 @@ fn count(o: &Map<String, Value>, f: &str) -> Result<Option<i64>, FieldError> {
         }
         Some(other) => Err(FieldError::Type {
             field: f.into(),
-            expected: "an integer ≥ 0",
+            // A count no record can hold is named for its size, not as if it were negative.
+            expected: match other {
+                Value::Number(n)
+                    if n.as_u64().is_some() || n.as_f64().is_some_and(|v| v >= LIMIT) =>
+                {
+                    "an integer ≥ 0 of at most 9223372036854775807"
+                }
+                Value::String(t) if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) => {
+                    "an integer ≥ 0 of at most 9223372036854775807"
+                }
+                _ => "an integer ≥ 0",
+            },
             found: match other {
                 Value::Number(n) => n.to_string(),
                 Value::String(t) => format!("{t:?}"),
@@ -352,6 +363,25 @@ mod tests {
             b["files_sent"] = json!(v);
             assert!(parse_status(&b).is_err(), "{v:?}");
         }
+        for v in [
+            json!(9_223_372_036_854_775_808_u64),
+            json!("9223372036854775808"),
+            json!(1e19),
+        ] {
+            b["files_sent"] = v.clone();
+            assert_eq!(
+                parse_status(&b).unwrap_err().to_string(),
+                format!(
+                    "field `files_sent`: expected an integer ≥ 0 of at most \
+                     9223372036854775807, found {}",
+                    match &v {
+                        Value::String(t) => format!("{t:?}"),
+                        n => n.to_string(),
+                    }
+                )
+            );
+        }
+        b["files_sent"] = json!(3);
         b["files_exported"] = json!("x");
         assert_eq!(
             parse_status(&b).unwrap_err().to_string(),
