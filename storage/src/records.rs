@@ -1312,37 +1312,12 @@ fn uuid_v4() -> String {
 #[cfg(test)]
 mod tests {
 
-    /// A database error with a given SQLSTATE, as a driver reports it.
-    #[derive(Debug)]
-    struct Coded(&'static str);
-
-    impl std::fmt::Display for Coded {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            write!(f, "error {}", self.0)
-        }
-    }
-
-    impl std::error::Error for Coded {}
-
-    impl db::sqlx::error::DatabaseError for Coded {
-        fn message(&self) -> &str {
-            self.0
-        }
-        fn code(&self) -> Option<std::borrow::Cow<'_, str>> {
-            Some(self.0.into())
-        }
-        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
-            self
-        }
-        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
-            self
-        }
-        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
-            self
-        }
-        fn kind(&self) -> db::sqlx::error::ErrorKind {
-            db::sqlx::error::ErrorKind::Other
-        }
+    /// A database error with a given SQLSTATE (or SQLite code), as a driver reports it.
+    fn coded(code: &str) -> db::sqlx::Error {
+        db::sqlx::Error::Database(Box::new(BatchFailure {
+            code: Some(code.to_owned()),
+            message: format!("error {code}"),
+        }))
     }
 
     /// A failure's path and error, and an ignored file's path, are stored cut, as
@@ -1472,11 +1447,7 @@ mod tests {
             ("25006", false),
             ("8", false),
         ] {
-            assert_eq!(
-                about_one_write(&Error::Database(Box::new(Coded(code)))),
-                one,
-                "{code}"
-            );
+            assert_eq!(about_one_write(&coded(code)), one, "{code}");
         }
         assert!(!about_one_write(&Error::PoolTimedOut));
         assert!(!about_one_write(&Error::Io(std::io::Error::from(
@@ -1491,7 +1462,6 @@ mod tests {
     #[test]
     fn a_batch_failure_is_shared_as_what_it_is() {
         use db::sqlx::Error;
-        let coded = |c: &'static str| Error::Database(Box::new(Coded(c)));
         for e in [
             coded("11"),
             coded("7"),
