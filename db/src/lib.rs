@@ -40,6 +40,13 @@ pub enum DbError {
          template0)"
     )]
     Encoding(String),
+    /// The PostgreSQL database takes no writes: a standby (a read replica) or one set to
+    /// `default_transaction_read_only`.
+    #[error(
+        "the database takes no writes ({0}): point database_url at the primary, or wait \
+         for a failover to end"
+    )]
+    ReadOnly(&'static str),
 }
 
 /// sqlx's text of `e`, prefixed `database: ` unless it names the database already ("error
@@ -306,6 +313,7 @@ pub async fn connect(url: &str, migrator: &Migrator) -> Result<AnyPool, DbError>
     let pool = open_pool(&full, if sqlite { 1 } else { 10 }, false).await?;
     if !sqlite {
         holds_any_text(&pool).await?;
+        takes_writes(&pool).await?;
     }
     migrate(&pool, migrator, !sqlite).await?;
     note_newer_schema(&pool, migrator).await;
@@ -526,6 +534,32 @@ async fn holds_any_text(pool: &AnyPool) -> Result<(), DbError> {
     } else {
         Err(DbError::Encoding(encoding))
     }
+}
+
+/// Refuses to start on a PostgreSQL database that takes no writes — a URL naming a read
+/// replica, a database set `default_transaction_read_only` — where the service ran on,
+/// every write waited out as an outage (SQLSTATE 25006), for up to `max_outage_ms`, while
+/// `/readyz` said ready. Exit 1, not a setting's error: mid-failover the same URL can
+/// reach a standby for a moment, and a restart then finds the new primary.
+async fn takes_writes(pool: &AnyPool) -> Result<(), DbError> {
+    let standby: bool = sqlx::query_scalar::<_, bool>("SELECT pg_is_in_recovery()")
+        .fetch_one(pool)
+        .await
+        .unwrap_or(false);
+    if standby {
+        return Err(DbError::ReadOnly("the server is a standby"));
+    }
+    let read_only: Option<String> = sqlx::query_scalar("SHOW transaction_read_only")
+        .fetch_one(pool)
+        .await
+        .ok();
+    if read_only.is_some_and(|r| r.eq_ignore_ascii_case("on")) {
+        return Err(DbError::ReadOnly(
+            "transactions are read-only: default_transaction_read_only is on for this \
+             database or role",
+        ));
+    }
+    Ok(())
 }
 
 /// Whether `migrator` holds a migration the database has not applied, or applied from
@@ -1666,6 +1700,55 @@ mod tests {
         assert_eq!(back, name);
         pool.close().await;
         ascii.drop_db().await.expect("drop");
+    }
+
+    /// A PostgreSQL database that takes no writes (here `default_transaction_read_only`, as
+    /// a read replica's URL would) is refused at start, saying so, not run on with every
+    /// write waited out as an outage; once it takes writes again it is opened.
+    #[tokio::test]
+    async fn a_postgres_database_that_takes_no_writes_is_refused_at_start() {
+        let db = testing::TempPostgres::create().await.expect("database");
+        let name = db.url.rsplit('/').next().unwrap_or_default().to_owned();
+        let admin = AnyPool::connect(&format!("{}/postgres", testing::postgres_server()))
+            .await
+            .expect("admin");
+        sqlx::query(&format!(
+            "ALTER DATABASE {name} SET default_transaction_read_only = on"
+        ))
+        .execute(&admin)
+        .await
+        .expect("read-only");
+        let e = connect(&db.url, &Migrator::DEFAULT)
+            .await
+            .expect_err("a read-only database is refused");
+        assert!(matches!(e, DbError::ReadOnly(_)), "{e}");
+        let started = e.at_start("svc", false, &db.url);
+        assert!(
+            started
+                .downcast_ref::<framework::config::ConfigError>()
+                .is_none(),
+            "not a setting's error (exit 1): {started}"
+        );
+        assert!(
+            started.to_string().contains("takes no writes")
+                && started
+                    .to_string()
+                    .contains("default_transaction_read_only"),
+            "{started}"
+        );
+        sqlx::query(&format!(
+            "ALTER DATABASE {name} SET default_transaction_read_only = off"
+        ))
+        .execute(&admin)
+        .await
+        .expect("writable");
+        admin.close().await;
+        connect(&db.url, &Migrator::DEFAULT)
+            .await
+            .expect("a writable database is opened")
+            .close()
+            .await;
+        db.drop_db().await.expect("drop");
     }
 
     /// A damaged SQLite file at start is reported as what it is, not as the pool's wait.
