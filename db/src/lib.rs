@@ -312,8 +312,7 @@ pub async fn connect(url: &str, migrator: &Migrator) -> Result<AnyPool, DbError>
     let sqlite = full.starts_with("sqlite:");
     let pool = open_pool(&full, if sqlite { 1 } else { 10 }, false).await?;
     if !sqlite {
-        holds_any_text(&pool).await?;
-        takes_writes(&pool).await?;
+        fit_to_serve(&pool).await?;
     }
     migrate(&pool, migrator, !sqlite).await?;
     note_newer_schema(&pool, migrator).await;
@@ -511,49 +510,41 @@ async fn migrate(pool: &AnyPool, migrator: &Migrator, postgres: bool) -> Result<
     }
 }
 
-/// Refuses a PostgreSQL database whose encoding cannot hold every character: in LATIN1
-/// (or any single-byte encoding) a file name or an error in another script is refused
-/// (SQLSTATE 22P05), so each such message was dead-lettered as Permanent while the rest
-/// passed. UTF8 holds all; SQL_ASCII stores the client's UTF-8 bytes as they are.
-async fn holds_any_text(pool: &AnyPool) -> Result<(), DbError> {
-    let encoding: String = match sqlx::query_scalar("SHOW server_encoding")
-        .fetch_one(pool)
-        .await
-    {
-        Ok(e) => e,
-        // A PostgreSQL-compatible server without the setting still serves (as a session
-        // setting it refuses is warned about, not fatal); a server out of reach fails
-        // the migration next, saying so.
+/// Refuses a PostgreSQL database the service cannot run on, asked in one round trip:
+///
+/// - one whose encoding cannot hold every character: in LATIN1 (or any single-byte
+///   encoding) a file name or an error in another script is refused (SQLSTATE 22P05), so
+///   each such message was dead-lettered as Permanent while the rest passed. UTF8 holds
+///   all; SQL_ASCII stores the client's UTF-8 bytes as they are.
+/// - one that takes no writes — a URL naming a read replica, a database or role set
+///   `default_transaction_read_only` — where the service ran on, every write waited out
+///   as an outage (SQLSTATE 25006) for up to `max_outage_ms` while `/readyz` said ready.
+///   Exit 1, not a setting's error: mid-failover the same URL can reach a standby for a
+///   moment, and a restart then finds the new primary.
+///
+/// A PostgreSQL-compatible server that cannot answer is warned about, not refused (as a
+/// session setting it refuses is); a server out of reach fails the migration next.
+async fn fit_to_serve(pool: &AnyPool) -> Result<(), DbError> {
+    let asked: Result<(String, String, bool), _> = sqlx::query_as(
+        "SELECT current_setting('server_encoding'), current_setting('transaction_read_only'), \
+         pg_is_in_recovery()",
+    )
+    .fetch_one(pool)
+    .await;
+    let (encoding, read_only, standby) = match asked {
+        Ok(a) => a,
         Err(e) => {
-            tracing::warn!(error = %e, "the database did not say its encoding: not checked");
+            tracing::warn!(error = %e, "the database did not say its encoding and whether it takes writes: not checked");
             return Ok(());
         }
     };
-    if encoding.eq_ignore_ascii_case("UTF8") || encoding.eq_ignore_ascii_case("SQL_ASCII") {
-        Ok(())
-    } else {
-        Err(DbError::Encoding(encoding))
+    if !(encoding.eq_ignore_ascii_case("UTF8") || encoding.eq_ignore_ascii_case("SQL_ASCII")) {
+        return Err(DbError::Encoding(encoding));
     }
-}
-
-/// Refuses to start on a PostgreSQL database that takes no writes — a URL naming a read
-/// replica, a database set `default_transaction_read_only` — where the service ran on,
-/// every write waited out as an outage (SQLSTATE 25006), for up to `max_outage_ms`, while
-/// `/readyz` said ready. Exit 1, not a setting's error: mid-failover the same URL can
-/// reach a standby for a moment, and a restart then finds the new primary.
-async fn takes_writes(pool: &AnyPool) -> Result<(), DbError> {
-    let standby: bool = sqlx::query_scalar::<_, bool>("SELECT pg_is_in_recovery()")
-        .fetch_one(pool)
-        .await
-        .unwrap_or(false);
     if standby {
         return Err(DbError::ReadOnly("the server is a standby"));
     }
-    let read_only: Option<String> = sqlx::query_scalar("SHOW transaction_read_only")
-        .fetch_one(pool)
-        .await
-        .ok();
-    if read_only.is_some_and(|r| r.eq_ignore_ascii_case("on")) {
+    if read_only.eq_ignore_ascii_case("on") {
         return Err(DbError::ReadOnly(
             "transactions are read-only: default_transaction_read_only is on for this \
              database or role",
