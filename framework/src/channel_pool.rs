@@ -11,7 +11,8 @@
 //! refused by routing — not mandatory, to the service's own output exchange — share one
 //! confirm channel. The broker returns only mandatory messages, so on that channel no return
 //! can be credited to the wrong publish, and lapin resolves each confirm by its own delivery
-//! tag (a multiple-ack resolves exactly the tags it covers). A pool channel per success
+//! tag (a multiple-ack resolves exactly the tags it covers) — so long as the publishes reach
+//! the wire in the order of their tags, which [`ChannelPool::shared_order`] keeps. A pool channel per success
 //! message would cost the broker a channel process and an ack frame per message, and lapin
 //! asks every channel of the connection for its flow state before each frame it sends.
 //!
@@ -52,6 +53,8 @@ pub struct ChannelPool {
     shared: Mutex<Option<Arc<Channel>>>,
     /// Held while the shared channel is (re)opened, so only one is.
     opening: tokio::sync::Mutex<()>,
+    /// Held while a publish on the shared channel takes its tag and queues its frames.
+    shared_order: Mutex<()>,
     limit: Duration,
     /// The connection's negotiated frame size, read once (lapin keeps it behind a lock
     /// that every delivery and publish would otherwise take).
@@ -98,6 +101,7 @@ impl ChannelPool {
             idle: Mutex::new(Vec::new()),
             shared: Mutex::new(None),
             opening: tokio::sync::Mutex::new(()),
+            shared_order: Mutex::new(()),
             limit,
         })
     }
@@ -150,6 +154,15 @@ impl ChannelPool {
         let ch = Arc::new(self.open().await?);
         *self.shared.lock().unwrap_or_else(|p| p.into_inner()) = Some(ch.clone());
         Ok(ch)
+    }
+
+    /// The lock a publish on the shared channel holds while lapin numbers it and queues
+    /// its frames (see [`crate::publisher::publish_confirmed_in_order`]): two handlers
+    /// publishing from two threads could otherwise queue their frames in the other order
+    /// than their numbers, and the broker, numbering by arrival, would answer each with
+    /// the other's confirm — one's nack acking the other's input.
+    pub fn shared_order(&self) -> &Mutex<()> {
+        &self.shared_order
     }
 
     fn open_shared(&self) -> Option<Arc<Channel>> {

@@ -414,7 +414,8 @@ impl Publisher {
         let alarm = self.pool.alarm();
         if unreturnable {
             let ch = self.pool.shared().await?;
-            return publish_confirmed(&ch, msgs, alarm, limit, frame_max).await;
+            let order = Some(self.pool.shared_order());
+            return publish_confirmed_in_order(&ch, msgs, alarm, limit, frame_max, order).await;
         }
         let ch = self.pool.get().await?;
         let r = publish_confirmed(&ch, msgs, alarm, limit, frame_max).await;
@@ -438,11 +439,48 @@ pub async fn publish_confirmed(
     limit: Duration,
     frame_max: usize,
 ) -> Result<(), PublishError> {
+    publish_confirmed_in_order(ch, msgs, alarm, limit, frame_max, None).await
+}
+
+/// [`publish_confirmed`] on a channel that other tasks publish on at the same time, each
+/// publish numbered and queued under `order` (see [`in_tag_order`]).
+pub async fn publish_confirmed_in_order(
+    ch: &Channel,
+    msgs: Vec<Outgoing>,
+    alarm: &crate::alarm::Alarm,
+    limit: Duration,
+    frame_max: usize,
+    order: Option<&std::sync::Mutex<()>>,
+) -> Result<(), PublishError> {
     let first = msgs.first().map(|o| o.exchange.clone()).unwrap_or_default();
     alarm
-        .within(limit, publish_and_confirm(ch, msgs, frame_max))
+        .within(limit, publish_and_confirm(ch, msgs, frame_max, order))
         .await
         .unwrap_or(Err(PublishError::Timeout(first)))
+}
+
+/// Runs `publish` (a lapin `basic_publish`) with its first poll under `order`. lapin takes
+/// a publish's confirm number when the call starts and queues its frames later in that same
+/// first poll (after copying the body into frames); the broker numbers publishes in the
+/// order their frames arrive. Two tasks publishing on one channel from two threads could
+/// queue their frames in the other order than their numbers, and each would be resolved
+/// with the other's confirm: a message the broker refused (a full queue's `reject-publish`)
+/// confirmed as taken, its input acked and lost. Under the lock, numbering and queueing are
+/// one step; the confirm is awaited outside it.
+async fn in_tag_order<F: std::future::Future>(
+    order: &std::sync::Mutex<()>,
+    publish: F,
+) -> F::Output {
+    let mut publish = std::pin::pin!(publish);
+    let mut first = true;
+    std::future::poll_fn(|cx| {
+        if std::mem::take(&mut first) {
+            let _numbered_and_queued = order.lock().unwrap_or_else(|p| p.into_inner());
+            return publish.as_mut().poll(cx);
+        }
+        publish.as_mut().poll(cx)
+    })
+    .await
 }
 
 /// Bytes of the content-header frame carrying `p`: the frame's own 8, class, weight, body
@@ -469,6 +507,7 @@ async fn publish_and_confirm(
     ch: &Channel,
     msgs: Vec<Outgoing>,
     frame_max: usize,
+    order: Option<&std::sync::Mutex<()>>,
 ) -> Result<(), PublishError> {
     // lapin panics on a longer name; a processor's destination can be anything.
     if let Some(o) = msgs
@@ -494,18 +533,20 @@ async fn publish_and_confirm(
     }
     let mut pending = Vec::with_capacity(msgs.len());
     for o in msgs {
-        let confirm = ch
-            .basic_publish(
-                o.exchange.as_str().into(),
-                o.routing_key.as_str().into(),
-                BasicPublishOptions {
-                    mandatory: o.mandatory,
-                    ..Default::default()
-                },
-                &o.body,
-                o.properties,
-            )
-            .await?;
+        let publish = ch.basic_publish(
+            o.exchange.as_str().into(),
+            o.routing_key.as_str().into(),
+            BasicPublishOptions {
+                mandatory: o.mandatory,
+                ..Default::default()
+            },
+            &o.body,
+            o.properties,
+        );
+        let confirm = match order {
+            Some(order) => in_tag_order(order, publish).await?,
+            None => publish.await?,
+        };
         pending.push((o.exchange, o.routing_key, confirm));
     }
     // Every confirm is awaited, the first failure reported: lapin keeps a confirm dropped

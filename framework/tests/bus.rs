@@ -1459,6 +1459,113 @@ async fn a_nacked_publish_is_retried_and_never_acked_as_success() {
     hs.stop().await;
 }
 
+/// Concurrent handlers' successes share one confirm channel, each confirmed by its own
+/// publish's confirm, whatever the threads' interleaving: publishes from 32 tasks on two
+/// threads into a queue that takes some and refuses others (`reject-publish`, kept full by
+/// a slow consumer) — every publish confirmed as taken is in the queue, and no refused one
+/// is (lapin numbers a publish before it queues its frames: unordered, a refused output was
+/// confirmed as another's and its input acked, lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_publishes_on_one_channel_are_each_confirmed_by_their_own() {
+    use framework::publisher::{Outgoing, publish_confirmed_in_order};
+    let (conn, ch) = test_channel().await;
+    ch.confirm_select(Default::default()).await.unwrap();
+    let (_c, consuming) = test_channel().await;
+    let mut a = FieldTable::default();
+    a.insert("x-max-length".into(), AMQPValue::LongLongInt(2));
+    a.insert("x-overflow".into(), s("reject-publish"));
+    let full = consuming
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            a,
+        )
+        .await
+        .unwrap()
+        .name()
+        .to_string();
+    // One at a time: the queue stays about full, each publish taken or refused by a race.
+    consuming.basic_qos(1, Default::default()).await.unwrap();
+    let mut out = consume(&consuming, &full).await;
+    let (got_tx, mut got_rx) = tokio::sync::mpsc::unbounded_channel();
+    let collector = tokio::spawn(async move {
+        while let Some(d) = next_within(&mut out, WAIT).await {
+            let id = u64::from_be_bytes(d.data[..8].try_into().unwrap());
+            if got_tx.send(id).is_err() {
+                break;
+            }
+        }
+    });
+    let ch = Arc::new(ch);
+    let order = Arc::new(Mutex::new(()));
+    let alarm = Arc::new(framework::alarm::Alarm::watch(
+        &conn,
+        framework::CancellationToken::new(),
+        None,
+    ));
+    let frame_max = framework::connection::frame_max(&conn);
+    let tasks: Vec<_> = (0..32u64)
+        .map(|t| {
+            let (ch, full, order, alarm) = (ch.clone(), full.clone(), order.clone(), alarm.clone());
+            tokio::spawn(async move {
+                let mut taken = Vec::new();
+                for i in 0..150 {
+                    let id = t * 1000 + i;
+                    // 64 KiB: lapin copies the body into frames between numbering the
+                    // publish and queueing it.
+                    let mut body = id.to_be_bytes().to_vec();
+                    body.resize(64 * 1024, 0);
+                    let o = Outgoing {
+                        exchange: String::new(),
+                        routing_key: full.clone(),
+                        body,
+                        properties: BasicProperties::default(),
+                        mandatory: false,
+                    };
+                    let r = publish_confirmed_in_order(
+                        &ch,
+                        vec![o],
+                        &alarm,
+                        WAIT,
+                        frame_max,
+                        Some(&order),
+                    )
+                    .await;
+                    if r.is_ok() {
+                        taken.push(id);
+                    }
+                }
+                taken
+            })
+        })
+        .collect();
+    let mut taken = std::collections::BTreeSet::new();
+    for t in tasks {
+        taken.extend(t.await.unwrap());
+    }
+    // Every message the broker took is confirmed to one publish: as many arrive as were
+    // confirmed, and they must be those.
+    let mut got = std::collections::BTreeSet::new();
+    while got.len() < taken.len() {
+        let id = within(WAIT, "the queue's messages", got_rx.recv())
+            .await
+            .expect("the collector runs");
+        got.insert(id);
+    }
+    collector.abort();
+    assert_eq!(
+        taken.difference(&got).collect::<Vec<_>>(),
+        Vec::<&u64>::new(),
+        "confirmed as taken but refused (their inputs would be acked, lost)"
+    );
+    assert_eq!(got, taken, "taken but confirmed as refused");
+    assert!(taken.len() > 1, "some publishes are taken: {}", taken.len());
+}
+
 #[tokio::test]
 async fn metrics_and_health_are_served() {
     let q = unique("http");
