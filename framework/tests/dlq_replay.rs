@@ -711,6 +711,51 @@ async fn a_limited_replay_stopped_by_the_hold_limit_names_what_is_left() {
     await_ready_count(&hs.ch, &dlq_name, 5).await;
 }
 
+/// A replay with `--limit` that replayed its limit is done, however long it held what it
+/// passed over on the way: not "stopped, run it again with --limit 0" (a limit refused),
+/// after which the run again as it was replays another limit's worth.
+#[tokio::test]
+async fn a_limited_replay_that_reached_its_limit_is_done_past_the_hold_limit() {
+    let mut hs = Harness::start("limitdone", &[], failing()).await;
+    hs.stop().await;
+    let dlq_name = format!("{}-dlq", hs.q);
+    for (i, kind) in ["retries-exhausted", "permanent", "permanent"]
+        .into_iter()
+        .enumerate()
+    {
+        let mut headers = framework::lapin::types::FieldTable::default();
+        headers.insert(
+            "x-error-kind".into(),
+            framework::lapin::types::AMQPValue::LongString(kind.into()),
+        );
+        publish(
+            &hs.ch,
+            "",
+            &dlq_name,
+            format!("{{\"i\":{i}}}").as_bytes(),
+            BasicProperties::default()
+                .with_message_id(format!("done-{i}").into())
+                .with_headers(headers),
+        )
+        .await;
+    }
+    await_ready_count(&hs.ch, &dlq_name, 3).await;
+    // The first is passed over, the second replayed: the limit, reached while the first
+    // is held longer than the hold limit.
+    let filter = Filter {
+        kind: Some("permanent".into()),
+        limit: Some(1),
+        hold_at_most: Some(std::time::Duration::from_nanos(1)),
+        ..Default::default()
+    };
+    let moved = dlq::replay_filtered(&hs.conn, &hs.topology(), &filter, false)
+        .await
+        .expect("its limit replayed: done");
+    assert_eq!(moved.len(), 1);
+    await_ready_count(&hs.ch, &hs.q, 1).await;
+    await_ready_count(&hs.ch, &dlq_name, 2).await;
+}
+
 /// `--message-id` on a long DLQ: its dead letter found and replayed, a look further back
 /// cut short by the hold limit is reported as done — not as "stopped, run it again", after
 /// which the run again finds nothing and fails too (and the operator republishes from

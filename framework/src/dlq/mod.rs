@@ -809,6 +809,11 @@ pub async fn replay_each(
             interrupted = true;
             break;
         }
+        // Its limit reached, a replay is done: looked at before the hold limit, which
+        // would call it stopped with nothing of its limit left.
+        if filter.limit.is_some_and(|n| moved >= n) {
+            break;
+        }
         // Stopped before the next look or replay (its paced wait included) would hold
         // the first one passed over longer than allowed.
         // Only once it has moved some: one that stopped before its first would stop
@@ -849,10 +854,6 @@ pub async fn replay_each(
             d.data.len(),
             &topo.queue,
         );
-        if filter.limit.is_some_and(|n| moved >= n) {
-            held.last = Some(d.delivery_tag);
-            break;
-        }
         looked += 1;
         let wanted = filter.matches(&info, now);
         // A dry run holds what it would replay too (nothing is removed).
