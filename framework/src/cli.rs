@@ -1023,9 +1023,6 @@ impl Drop for Http {
     }
 }
 
-/// A `[retry] max_outage_ms` below this (a minute) is warned about at start.
-const SHORT_OUTAGE_MS: u64 = 60_000;
-
 /// Runs a built processor with its status served by `http` until `shutdown`.
 async fn run_with<P: MessageProcessor, T>(
     name: &str,
@@ -1040,17 +1037,8 @@ async fn run_with<P: MessageProcessor, T>(
     let runtime = Runtime::with_status(name, cfg, pc, status.clone());
     let http_addr = http.addr;
     tracing::info!(service = name, http = %http_addr, "started");
-    // Allowed (a test rides out a short outage), but seconds typed for milliseconds
-    // (86400) dead-lettered every message of an outage past 86 s, sooner than the same
-    // failure counted as any other would have been.
-    let outage = cfg.retry.max_outage_ms;
-    if outage > 0 && outage < SHORT_OUTAGE_MS {
-        tracing::warn!(
-            max_outage_ms = outage,
-            "retry.max_outage_ms is under a minute (it is in milliseconds): a message whose \
-             outage lasts longer is dead-lettered at its next retry, however few attempts it \
-             made; 0 counts an outage's retries as any other's"
-        );
+    for slip in cfg.unit_slips() {
+        tracing::warn!("{slip}");
     }
     let r = runtime.run(shutdown).await;
     http.stop().await;

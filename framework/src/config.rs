@@ -1833,6 +1833,9 @@ pub fn check_owned_name(key: &str, name: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// A `[retry] max_outage_ms` below this (a minute) is warned about at start.
+const SHORT_OUTAGE_MS: u64 = 60_000;
+
 impl<S> Config<S> {
     /// The service whose topology in these files makes `name` one of its queues (`Q`, a
     /// retry tier, `Q-dlq`) or, with `exchange`, one of its exchanges (`Q-fail`,
@@ -1864,6 +1867,54 @@ impl<S> Config<S> {
                 ),
             )),
         }
+    }
+
+    /// What these settings hold that reads like seconds typed for milliseconds, one
+    /// warning each: allowed (a test runs at such speeds), but in production a rebind or a
+    /// depth read every few milliseconds loads the broker on every replica, a retry tier of
+    /// milliseconds spends every attempt in seconds, and an outage waited out for seconds
+    /// dead-letters a message at its next retry however few attempts it made.
+    pub fn unit_slips(&self) -> Vec<String> {
+        let short = |v: u64, under: u64| v > 0 && v < under;
+        let mut out = Vec::new();
+        for (key, v, what) in [
+            (
+                "amqp.rebind_interval_ms",
+                self.amqp.rebind_interval_ms,
+                "the input queue is bound again (a channel and a bind per binding) that often",
+            ),
+            (
+                "amqp.queue_metrics_interval_ms",
+                self.amqp.queue_metrics_interval_ms,
+                "every queue of the service is declared passively that often",
+            ),
+        ] {
+            if short(v, 1000) {
+                out.push(format!(
+                    "{key} is {v}, under a second (it is in milliseconds): {what}, on every \
+                     replica; 0 turns it off"
+                ));
+            }
+        }
+        let longest = self.retry.delays_ms.iter().copied().max().unwrap_or(0);
+        if short(longest, 1000) {
+            out.push(format!(
+                "retry.delays_ms: the longest tier is {longest} ms, under a second (they are in \
+                 milliseconds): all {} attempts of a failing message are spent within about {} \
+                 s, before a brief fault has passed",
+                self.retry.max_attempts,
+                (u64::from(self.retry.max_attempts) * longest).div_ceil(1000)
+            ));
+        }
+        let outage = self.retry.max_outage_ms;
+        if short(outage, SHORT_OUTAGE_MS) {
+            out.push(format!(
+                "retry.max_outage_ms is {outage}, under a minute (it is in milliseconds): a \
+                 message whose outage lasts longer is dead-lettered at its next retry, however \
+                 few attempts it made; 0 counts an outage's retries as any other's"
+            ));
+        }
+        out
     }
 
     /// A path under `[storage] data_dir`.
@@ -2027,6 +2078,42 @@ mod tests {
             ..LoadOptions::default()
         };
         load::<IgnoredAny>("echo", &opts)
+    }
+
+    /// Seconds typed for milliseconds are warned about, each naming its key; the defaults,
+    /// `0` (off) and values of a second or more are not.
+    #[test]
+    fn seconds_typed_for_milliseconds_are_warned_about() {
+        let defaults = with_env(&[]).expect("defaults");
+        assert_eq!(defaults.unit_slips(), Vec::<String>::new());
+        let slipped = with_env(&[
+            ("STORAGETIER__AMQP__REBIND_INTERVAL_MS", "30"),
+            ("STORAGETIER__AMQP__QUEUE_METRICS_INTERVAL_MS", "15"),
+            ("STORAGETIER__RETRY__DELAYS_MS", "1,5,30,120"),
+            ("STORAGETIER__RETRY__MAX_OUTAGE_MS", "3600"),
+        ])
+        .expect("allowed");
+        let warned = slipped.unit_slips();
+        for key in [
+            "amqp.rebind_interval_ms is 30",
+            "amqp.queue_metrics_interval_ms is 15",
+            "retry.delays_ms: the longest tier is 120 ms",
+            "retry.max_outage_ms is 3600",
+        ] {
+            assert!(
+                warned.iter().any(|w| w.starts_with(key)),
+                "{key}: {warned:?}"
+            );
+        }
+        assert_eq!(warned.len(), 4, "{warned:?}");
+        let off = with_env(&[
+            ("STORAGETIER__AMQP__REBIND_INTERVAL_MS", "0"),
+            ("STORAGETIER__AMQP__QUEUE_METRICS_INTERVAL_MS", "0"),
+            ("STORAGETIER__RETRY__DELAYS_MS", "100,1000"),
+            ("STORAGETIER__RETRY__MAX_OUTAGE_MS", "0"),
+        ])
+        .expect("allowed");
+        assert_eq!(off.unit_slips(), Vec::<String>::new());
     }
 
     /// A section copied with its `queue` left in, or a queue named as another service's
