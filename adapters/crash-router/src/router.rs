@@ -376,7 +376,15 @@ impl CrashRouter {
             let mut out = Vec::with_capacity(records.len());
             for r in records {
                 match r.get("eventSource").and_then(Value::as_str) {
-                    Some("aws:sqs") if !inner => out.extend(self.sqs_body(r, tally)?),
+                    Some("aws:sqs") if !inner => {
+                        out.extend(self.wrapped(Wrapper::Sqs, r, tally)?)
+                    }
+                    // SNS spells its record's fields capitalised.
+                    _ if !inner
+                        && r.get("EventSource").and_then(Value::as_str) == Some("aws:sns") =>
+                    {
+                        out.extend(self.wrapped(Wrapper::Sns, r, tally)?)
+                    }
                     _ => {
                         if !inner {
                             tally.add(1)?;
@@ -404,20 +412,31 @@ impl CrashRouter {
     }
 
     /// The records of one SQS record's `body` (JSON text, or an object where a bridge
-    /// decoded it); what cannot be read is one junk record naming the SQS message. Counted
-    /// in `tally`: past the limit, the message's outcome.
-    fn sqs_body(&self, record: &Value, tally: &mut Tally<'_>) -> Result<Vec<Record>, Outcome> {
-        let id = record
-            .get("messageId")
+    /// decoded it), or of one SNS record's `Sns` envelope (as Lambda receives a topic's
+    /// notifications); what cannot be read is one junk record naming the SQS or SNS
+    /// message. Counted in `tally`: past the limit, the message's outcome.
+    fn wrapped(
+        &self,
+        wrapper: Wrapper,
+        record: &Value,
+        tally: &mut Tally<'_>,
+    ) -> Result<Vec<Record>, Outcome> {
+        let (what, id_field, body_field, inner) = match wrapper {
+            Wrapper::Sqs => ("SQS", "messageId", "body", None),
+            Wrapper::Sns => ("SNS", "MessageId", "Sns", Some("Sns")),
+        };
+        let id = inner
+            .map_or(Some(record), |f| record.get(f))
+            .and_then(|r| r.get(id_field))
             .and_then(Value::as_str)
             .unwrap_or("-");
-        let body = match record.get("body") {
+        let body = match record.get(body_field) {
             Some(Value::String(text)) => match framework::fields::json_in_text(text.as_bytes()) {
                 Ok(v) => v,
                 Err(e) => {
                     tally.add(1)?;
                     return Ok(vec![Record::Junk(
-                        format!("SQS message {id}: `body` {e}").into(),
+                        format!("{what} message {id}: `{body_field}` {e}").into(),
                     )]);
                 }
             },
@@ -425,7 +444,7 @@ impl CrashRouter {
             _ => {
                 tally.add(1)?;
                 return Ok(vec![Record::Junk(
-                    format!("SQS message {id} has no `body` of JSON text").into(),
+                    format!("{what} message {id} has no `{body_field}` of JSON").into(),
                 )]);
             }
         };
@@ -433,12 +452,23 @@ impl CrashRouter {
             Ok(records) => return Ok(records),
             // Too many records is the whole message's outcome, not this body's junk.
             Err(o) if tally.over => return Err(o),
-            Err(Outcome::Drop(why)) => Record::Ignored(format!("SQS message {id}: {why}").into()),
-            Err(o) => Record::Junk(format!("SQS message {id}: {}", outcome_reason(&o)).into()),
+            Err(Outcome::Drop(why)) => {
+                Record::Ignored(format!("{what} message {id}: {why}").into())
+            }
+            Err(o) => Record::Junk(format!("{what} message {id}: {}", outcome_reason(&o)).into()),
         };
         tally.add(1)?;
         Ok(vec![one])
     }
+}
+
+/// The AWS services whose batches carry an S3 notification in each record.
+#[derive(Clone, Copy)]
+enum Wrapper {
+    /// `{"eventSource":"aws:sqs","messageId":…,"body":"<notification or SNS envelope>"}`.
+    Sqs,
+    /// `{"EventSource":"aws:sns","Sns":{"Type":"Notification","MessageId":…,"Message":…}}`.
+    Sns,
 }
 
 /// The reason an outcome other than Success carries.

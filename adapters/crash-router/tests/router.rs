@@ -543,6 +543,45 @@ async fn sqs_batches_are_opened_and_their_crashes_routed() {
     assert_eq!(got, want);
 }
 
+/// An SNS topic's notifications as Lambda receives them (`EventSource` `aws:sns`, the
+/// envelope under `Sns`) are opened like an SQS batch: each envelope's S3 notification is
+/// routed — not taken for a record without an `eventName` and skipped as junk, its crash
+/// lost behind a success.
+#[tokio::test]
+async fn sns_notifications_as_lambda_receives_them_are_opened_and_routed() {
+    let data = tempfile::tempdir().unwrap();
+    let (_c, ch) = test_channel().await;
+    let d = dests(&ch, 1).await;
+    let hs = start(data.path(), &[("crash_router.queues", &d.0[0])]).await;
+    let mut out = hs.watch_output().await;
+    let mut q = consume(&hs.ch, &d.0[0]).await;
+    let id = crash_id(33, '0');
+    let sns = |message_id: &str, message: &str| {
+        json!({"EventSource": "aws:sns", "EventVersion": "1.0",
+        "EventSubscriptionArn": "arn:aws:sns:us-west-2:123456789012:crashes:2bcfbf39",
+        "Sns": {"Type": "Notification", "MessageId": message_id,
+            "TopicArn": "arn:aws:sns:us-west-2:123456789012:crashes",
+            "Subject": "Amazon S3 Notification", "Message": message,
+            "Timestamp": "2018-03-13T00:00:00.000Z", "SignatureVersion": "1",
+            "Signature": "EXAMPLE", "MessageAttributes": {}}})
+    };
+    let batch = json!({"Records": [
+        sns("n-1", &json!({"Records": [put(&raw(&id))]}).to_string()),
+        sns("n-2", "not json"),
+    ]});
+    hs.publish(
+        "crashes.put",
+        batch.to_string().as_bytes(),
+        BasicProperties::default(),
+    )
+    .await;
+    let summary: Value = serde_json::from_slice(&next(&mut out).await.data).unwrap();
+    assert_eq!(summary["accepted"], json!([id]), "{summary}");
+    assert_eq!(summary["records"], 2, "{summary}");
+    assert_eq!(summary["counts"]["junk"], 1, "{summary}");
+    assert_eq!(text(&next(&mut q).await), id);
+}
+
 /// Stopped (SIGTERM) in the middle of a notification of thousands of crashes, the router
 /// stops publishing in time to retry the rest with what it published marked: no crash id
 /// is published twice (a handler stopped by the drain budget gives its message back as it

@@ -637,11 +637,13 @@ fn in_place_retries_fit(cfg: &Config<ForwarderSettings>) -> Result<(), ConfigErr
 
 /// Refuses a POST timeout that leaves a batch no room before its checkpoint (a third of
 /// the consumer timeout: see `MessageContext::checkpoint_in`): every attempt would post one
-/// record and go on in a retry, a batch taking a retry delay per record.
+/// record and go on in a retry, a batch taking a retry delay per record — ordered, an
+/// event that timed out once would be given up on at once, its in-place retry past the
+/// checkpoint.
 fn posts_fit_before_checkpoint(cfg: &Config<ForwarderSettings>) -> Result<(), ConfigError> {
     let checkpoint = cfg.amqp.checkpoint_after();
     let post = Duration::from_millis(cfg.settings.timeout_ms) + RETRY_PUBLISH_ROOM;
-    if !cfg.settings.ordered && post * 2 > checkpoint {
+    if post * 2 > checkpoint {
         return Err(ConfigError::new(
             "event_forwarder.timeout_ms",
             format!(

@@ -1020,10 +1020,11 @@ async fn an_ordered_batch_near_the_consumer_timeout_goes_on_in_a_retry() {
             ("event_forwarder.ordered", "true"),
             // A checkpoint 20 s after the delivery; each POST takes half a second, and a
             // batch stops before the checkpoint with room for a POST of the whole timeout
-            // (and 2 s), so it posts for about 8 s. The timeout is 20 times a POST: a stall
-            // of a loaded machine does not time one out (which would be retried in place).
+            // (and 2 s), so it posts for about 10 s. The timeout is 16 times a POST: a stall
+            // of a loaded machine does not time one out (which would be retried in place);
+            // and the longest that leaves room for two POSTs before the checkpoint.
             ("amqp.consumer_timeout_ms", "60000"),
-            ("event_forwarder.timeout_ms", "10000"),
+            ("event_forwarder.timeout_ms", "8000"),
             // In-place retries within the consumer timeout, as the start-up check wants.
             ("retry.delays_ms", "[20000]"),
             ("retry.max_attempts", "2"),
@@ -1166,6 +1167,17 @@ fn config_errors_exit_2_naming_the_key() {
                 (EP, "http://h/"),
                 ("STORAGETIER__AMQP__CONSUMER_TIMEOUT_MS", "60000"),
                 ("STORAGETIER__EVENT_FORWARDER__TIMEOUT_MS", "15000"),
+            ],
+            "event_forwarder.timeout_ms",
+        ),
+        // Ordered, the same: an event that timed out once would be given up on, its
+        // in-place retry past the checkpoint — though every attempt fits the consumer
+        // timeout.
+        (
+            &[
+                (EP, "http://h/"),
+                ("STORAGETIER__EVENT_FORWARDER__ORDERED", "true"),
+                ("STORAGETIER__EVENT_FORWARDER__TIMEOUT_MS", "400000"),
             ],
             "event_forwarder.timeout_ms",
         ),

@@ -233,9 +233,22 @@ pub fn normalize_time(s: &str) -> Option<String> {
 /// the year 5000, which no producer means.
 pub(crate) const FINER_UNIT_FROM: i64 = 100_000_000_000;
 
+/// [`normalize_time`] of a producer's time, which may come without an offset — Python's
+/// `isoformat()` of a naive datetime (`2018-08-01T12:21:12.532000`), as a Pluto whose
+/// datetimes are naive writes them — read as UTC: refused, every event of such a producer
+/// was a dead letter, where the original Lambda passed the text on unread.
+fn producer_time(s: &str) -> Option<String> {
+    normalize_time(s).or_else(|| {
+        ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"]
+            .into_iter()
+            .find_map(|f| chrono::NaiveDateTime::parse_from_str(s, f).ok())
+            .and_then(|t| time_key(t.and_utc()))
+    })
+}
+
 fn time_field(o: &Map<String, Value>, f: &str) -> Result<(String, String), FieldError> {
     let s = string(o, f)?;
-    match normalize_time(&s) {
+    match producer_time(&s) {
         Some(n) => Ok((s, n)),
         None => Err(FieldError::Type {
             field: f.into(),
@@ -756,6 +769,30 @@ mod tests {
                 .as_deref(),
             Some("2018-12-17T22:10:50.987000Z")
         );
+    }
+
+    /// A time without an offset (Python's `isoformat()` of a naive datetime, with or
+    /// without its fraction) is read as UTC, not refused; what is no time still is.
+    #[test]
+    fn a_producer_time_without_an_offset_is_read_as_utc() {
+        for (created, key) in [
+            ("2018-08-01T12:21:12.532000", "2018-08-01T12:21:12.532000Z"),
+            ("2018-08-01T12:21:12", "2018-08-01T12:21:12.000000Z"),
+            ("2018-08-01 12:21:12.5", "2018-08-01T12:21:12.500000Z"),
+        ] {
+            let mut p = project();
+            p["created"] = json!(created);
+            let Parsed::Project(e) = parse_project(&p, None).expect(created) else {
+                panic!()
+            };
+            assert_eq!(e.version.as_deref(), Some(key), "{created}");
+        }
+        for bad in ["2018-08-01", "2018-08-01T25:00:00", "yesterday"] {
+            let mut p = project();
+            p["created"] = json!(bad);
+            let e = parse_project(&p, None).expect_err(bad);
+            assert!(e.to_string().contains("field `created`"), "{e}");
+        }
     }
 
     #[test]
