@@ -1079,6 +1079,12 @@ impl Multipart<'_> {
             }
             next = read_part(f, self.part, h, self.shown, self.budget, true).await?;
             size += next.bytes.len() as u64;
+            // A file still being written stops the upload at its first part read after
+            // the change, not after all of it was sent (every attempt, up to the whole
+            // file, while the writer goes on): one `fstat` per part.
+            if !next.bytes.is_empty() {
+                self.source.1.confirm(self.source.0, self.shown).await?;
+            }
         }
         while let Some(r) = in_flight.join_next().await {
             self.store_part(&mut ids, Some(r), upload_id).await?;

@@ -12,7 +12,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(remote = "Self")]
 pub struct AssetSweeperFile {
-    /// Pluto's id for the item, if imported.
+    /// Pluto's id for the item, if imported (text; a number is taken as its digits).
+    #[serde(default, deserialize_with = "id_text")]
     pub imported_id: Option<String>,
     /// Size the sweeper saw, in bytes (a number, or one written as a string).
     #[serde(deserialize_with = "size_int")]
@@ -52,10 +53,10 @@ impl<'de> Deserialize<'de> for AssetSweeperFile {
         let Fields(mut fields) = Fields::deserialize(d)?;
         if let Some(older) = fields.remove("filepath") {
             match fields.get("parent_dir") {
-                None => {
+                None | Some(serde_json::Value::Null) => {
                     fields.insert("parent_dir".into(), older);
                 }
-                Some(dir) if *dir == older => {}
+                Some(dir) if same_dir(dir, &older) => {}
                 Some(dir) => {
                     return Err(D::Error::custom(format!(
                         "`parent_dir` ({dir}) and `filepath` ({older}) name different \
@@ -73,6 +74,35 @@ impl<'de> Deserialize<'de> for AssetSweeperFile {
                 p if p == "." => D::Error::custom(e),
                 p => D::Error::custom(format!("field `{p}`: {e}")),
             })
+    }
+}
+
+/// Whether `parent_dir` and `filepath` name one directory: spelled alike but for trailing
+/// slashes (`/srv/online/p/` is `/srv/online/p`).
+fn same_dir(a: &serde_json::Value, b: &serde_json::Value) -> bool {
+    let trimmed = |s: &'_ str| -> String {
+        match s.trim_end_matches('/') {
+            "" => s.to_string(),
+            t => t.to_string(),
+        }
+    };
+    match (a, b) {
+        (serde_json::Value::String(a), serde_json::Value::String(b)) => trimmed(a) == trimmed(b),
+        _ => a == b,
+    }
+}
+
+/// Pluto's id as text: a string, null, or an integer written as a number (a producer
+/// whose ids are numbers); anything else is refused.
+fn id_text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    use serde::de::Error;
+    match serde_json::Value::deserialize(d)? {
+        serde_json::Value::Null => Ok(None),
+        serde_json::Value::String(s) => Ok(Some(s)),
+        serde_json::Value::Number(n) if n.is_i64() || n.is_u64() => Ok(Some(n.to_string())),
+        other => Err(D::Error::custom(format!(
+            "expected a string, an integer or null, got {other}"
+        ))),
     }
 }
 
@@ -402,9 +432,44 @@ mod tests {
         both["parent_dir"] = "p".into();
         let m: AssetSweeperFile = serde_json::from_value(both.clone()).expect("both names");
         assert_eq!(m.joined_path(), "p/a.mp4");
+        // Spelled with a trailing slash, or `parent_dir` null: still that directory.
+        both["parent_dir"] = "p/".into();
+        let m: AssetSweeperFile = serde_json::from_value(both.clone()).expect("a slash");
+        assert_eq!(m.joined_path(), "p/a.mp4");
+        both["parent_dir"] = serde_json::Value::Null;
+        let m: AssetSweeperFile = serde_json::from_value(both.clone()).expect("null");
+        assert_eq!(m.joined_path(), "p/a.mp4");
         both["parent_dir"] = "q".into();
         let e = serde_json::from_value::<AssetSweeperFile>(both).expect_err("two directories");
         assert!(e.to_string().contains("different directories"), "{e}");
+    }
+
+    /// Pluto's id as a string, null, absent or an integer (kept as its digits); any other
+    /// JSON is refused, naming the field.
+    #[test]
+    fn an_imported_id_may_be_a_number() {
+        let msg = |id: Option<serde_json::Value>| {
+            let mut v = serde_json::json!({"size": 3, "ignore": false, "mime_type": "video/mp4",
+                "mtime": 1, "ctime": 1, "atime": 1, "owner": 0, "group": 0,
+                "parent_dir": "p", "filename": "a.mp4"});
+            if let Some(id) = id {
+                v["imported_id"] = id;
+            }
+            serde_json::from_value::<AssetSweeperFile>(v)
+        };
+        for (id, want) in [
+            (Some(serde_json::json!("VX-12")), Some("VX-12")),
+            (Some(serde_json::json!(1234)), Some("1234")),
+            (Some(serde_json::Value::Null), None),
+            (None, None),
+        ] {
+            let m = msg(id.clone()).expect("read");
+            assert_eq!(m.imported_id.as_deref(), want, "{id:?}");
+        }
+        for bad in [serde_json::json!(1.5), serde_json::json!([1])] {
+            let e = msg(Some(bad.clone())).expect_err("refused");
+            assert!(e.to_string().contains("field `imported_id`"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -1075,9 +1075,10 @@ async fn a_gone_file_is_retried_while_its_bucket_is_not_there() {
 }
 
 /// A file written to while it is uploaded (the sweeper reports files still being
-/// written; an editor rewrites one in place): S3 completes the upload before the copy can
-/// tell, so the torn object is taken away again — nothing at the key, nothing recorded —
-/// and a retry of the settled file stores it whole under its own key, not beside a torn one.
+/// written; an editor rewrites one in place): the upload stops at the first part read
+/// after the change (not after sending all of the file, at every attempt while the writer
+/// goes on), nothing is left at the key, nothing recorded — and a retry of the settled
+/// file stores it whole under its own key, not beside a torn one.
 #[tokio::test]
 async fn a_source_written_to_during_an_s3_upload_leaves_nothing_at_its_key() {
     use std::io::Write;
@@ -1091,7 +1092,7 @@ async fn a_source_written_to_during_an_s3_upload_leaves_nothing_at_its_key() {
         base.path(),
         "online",
         "w/take.mov",
-        &content(11 * MIB + 3, 5),
+        &content(26 * MIB + 3, 5),
     );
     let path = base.path().join("online/w/take.mov");
     let key = tier.key("w/take.mov");
@@ -1122,8 +1123,16 @@ async fn a_source_written_to_during_an_s3_upload_leaves_nothing_at_its_key() {
         .enumerate()
     {
         *faults.after_first_part.lock().expect("hook") = Some(hook);
+        let before = faults.parts_sent.load(std::sync::atomic::Ordering::SeqCst);
         let e = transient(c.handle(&msg, attempt as u32 + 1).await);
         assert!(e.contains("changed while"), "{how}: {e}");
+        // Room for one part at a time: the next part is read only once the first (and
+        // the change after it) is done, and is not sent.
+        assert_eq!(
+            faults.parts_sent.load(std::sync::atomic::Ordering::SeqCst) - before,
+            1,
+            "{how}: 6 parts, only the first sent"
+        );
         assert_eq!(
             storage::copy::object_size(&tier, &key).await.expect("head"),
             None,
