@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::fields::{MAX_JSON_VALUES, json_values};
-use tracing::{Instrument, debug, error, info, info_span, warn};
+use tracing::{Instrument, debug, error, error_span, info, warn};
 
 use crate::channel_pool::ChannelPool;
 use crate::config::AmqpConfig;
@@ -1081,7 +1081,10 @@ impl<P: MessageProcessor> Shared<P> {
             .map(|s| s.as_str())
             .filter(|s| !s.trim().is_empty())
             .map(str::to_string);
-        let span = info_span!("message",
+        // At the most severe level, so it exists whatever `[log] level` lets through: at
+        // `info` it was filtered out under `warn`, and every warning and error about a
+        // message (dead-lettering, a panic, a failed publish) lost which message it was.
+        let span = error_span!("message",
         trace_id = %trace.trace_id,
         span_id = %trace.span_id,
         queue = %inner.topology.queue,

@@ -1461,9 +1461,12 @@ async fn json_logs_carry_each_message_span() {
             .with_headers(retried),
     )
     .await;
+    // At `warn` (an operator cutting the noise): the dead-lettering and the panic are
+    // still in their messages' spans.
     let mut child = process::spawn(
         echo_cmd(&q, dir.path())
             .env("STORAGETIER__LOG__FORMAT", "json")
+            .env("STORAGETIER__LOG__LEVEL", "warn")
             .env("STORAGETIER__ECHO__PANIC_KEY", "k.panic")
             .arg("run")
             .stdin(Stdio::null())
