@@ -654,23 +654,15 @@ async fn a_dry_run_stopped_by_the_hold_limit_says_it_replayed_nothing() {
     assert_eq!(ready_count(&hs.ch, &hs.q).await, 0, "nothing moved");
 }
 
-/// A replay with `--limit` stopped by the hold limit says how much of the limit is left:
-/// run again as it was, it would replay the whole limit again on top of what it did.
-#[tokio::test]
-async fn a_limited_replay_stopped_by_the_hold_limit_names_what_is_left() {
-    let mut hs = Harness::start("limithold", &[], failing()).await;
-    hs.stop().await;
+/// Dead letters in `hs`'s DLQ, one per kind of `kinds` (`x-error-kind`), in that order,
+/// with message ids `<prefix>-<i>` and bodies `{"i":<i>}`.
+async fn dead_letters_of_kinds(hs: &Harness, prefix: &str, kinds: &[&str]) {
     let dlq_name = format!("{}-dlq", hs.q);
-    for i in 0..6 {
-        let kind = if i % 2 == 0 {
-            "permanent"
-        } else {
-            "retries-exhausted"
-        };
+    for (i, kind) in kinds.iter().enumerate() {
         let mut headers = framework::lapin::types::FieldTable::default();
         headers.insert(
             "x-error-kind".into(),
-            framework::lapin::types::AMQPValue::LongString(kind.into()),
+            framework::lapin::types::AMQPValue::LongString((*kind).into()),
         );
         publish(
             &hs.ch,
@@ -678,12 +670,23 @@ async fn a_limited_replay_stopped_by_the_hold_limit_names_what_is_left() {
             &dlq_name,
             format!("{{\"i\":{i}}}").as_bytes(),
             BasicProperties::default()
-                .with_message_id(format!("lim-{i}").into())
+                .with_message_id(format!("{prefix}-{i}").into())
                 .with_headers(headers),
         )
         .await;
     }
-    await_ready_count(&hs.ch, &dlq_name, 6).await;
+    await_ready_count(&hs.ch, &dlq_name, kinds.len() as u32).await;
+}
+
+/// A replay with `--limit` stopped by the hold limit says how much of the limit is left:
+/// run again as it was, it would replay the whole limit again on top of what it did.
+#[tokio::test]
+async fn a_limited_replay_stopped_by_the_hold_limit_names_what_is_left() {
+    let mut hs = Harness::start("limithold", &[], failing()).await;
+    hs.stop().await;
+    let dlq_name = format!("{}-dlq", hs.q);
+    let kinds = ["permanent", "retries-exhausted"].repeat(3);
+    dead_letters_of_kinds(&hs, "lim", &kinds).await;
     // The first is replayed, the second passed over; any later look would hold it too
     // long.
     let filter = Filter {
@@ -719,27 +722,12 @@ async fn a_limited_replay_that_reached_its_limit_is_done_past_the_hold_limit() {
     let mut hs = Harness::start("limitdone", &[], failing()).await;
     hs.stop().await;
     let dlq_name = format!("{}-dlq", hs.q);
-    for (i, kind) in ["retries-exhausted", "permanent", "permanent"]
-        .into_iter()
-        .enumerate()
-    {
-        let mut headers = framework::lapin::types::FieldTable::default();
-        headers.insert(
-            "x-error-kind".into(),
-            framework::lapin::types::AMQPValue::LongString(kind.into()),
-        );
-        publish(
-            &hs.ch,
-            "",
-            &dlq_name,
-            format!("{{\"i\":{i}}}").as_bytes(),
-            BasicProperties::default()
-                .with_message_id(format!("done-{i}").into())
-                .with_headers(headers),
-        )
-        .await;
-    }
-    await_ready_count(&hs.ch, &dlq_name, 3).await;
+    dead_letters_of_kinds(
+        &hs,
+        "done",
+        &["retries-exhausted", "permanent", "permanent"],
+    )
+    .await;
     // The first is passed over, the second replayed: the limit, reached while the first
     // is held longer than the hold limit.
     let filter = Filter {
