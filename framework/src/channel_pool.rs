@@ -12,9 +12,10 @@
 //! confirm channel. The broker returns only mandatory messages, so on that channel no return
 //! can be credited to the wrong publish, and lapin resolves each confirm by its own delivery
 //! tag (a multiple-ack resolves exactly the tags it covers) — so long as the publishes reach
-//! the wire in the order of their tags, which [`ChannelPool::shared_order`] keeps. A pool channel per success
-//! message would cost the broker a channel process and an ack frame per message, and lapin
-//! asks every channel of the connection for its flow state before each frame it sends.
+//! the wire in the order of their tags, which [`ChannelPool::shared_order`] keeps. A pool
+//! channel per success message would cost the broker a channel process and an ack frame per
+//! message, and lapin asks every channel of the connection for its flow state before each
+//! frame it sends.
 //!
 //! The pool never opens more channels than the broker allows on the connection (its
 //! negotiated `channel_max`, less what a session opens besides): past it, lapin refuses

@@ -421,11 +421,12 @@ impl CrashRouter {
         record: &Value,
         tally: &mut Tally<'_>,
     ) -> Result<Vec<Record>, Outcome> {
-        let (what, id_field, body_field, inner) = match wrapper {
+        // The message id is the record's own (SQS) or its envelope's (SNS).
+        let (what, id_field, body_field, id_in) = match wrapper {
             Wrapper::Sqs => ("SQS", "messageId", "body", None),
             Wrapper::Sns => ("SNS", "MessageId", "Sns", Some("Sns")),
         };
-        let id = inner
+        let id = id_in
             .map_or(Some(record), |f| record.get(f))
             .and_then(|r| r.get(id_field))
             .and_then(Value::as_str)
