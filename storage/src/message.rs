@@ -80,12 +80,12 @@ impl<'de> Deserialize<'de> for AssetSweeperFile {
 /// Whether `parent_dir` and `filepath` name one directory: spelled alike but for trailing
 /// slashes (`/srv/online/p/` is `/srv/online/p`).
 fn same_dir(a: &serde_json::Value, b: &serde_json::Value) -> bool {
-    let trimmed = |s: &'_ str| -> String {
+    fn trimmed(s: &str) -> &str {
         match s.trim_end_matches('/') {
-            "" => s.to_string(),
-            t => t.to_string(),
+            "" => s,
+            t => t,
         }
-    };
+    }
     match (a, b) {
         (serde_json::Value::String(a), serde_json::Value::String(b)) => trimmed(a) == trimmed(b),
         _ => a == b,
