@@ -820,6 +820,37 @@ fn full_url_as(url: &str, access: Access) -> Result<String, DbError> {
 /// How long a query waits for a connection (and start-up for the first).
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a PostgreSQL connection handed back to its pool may take to answer a ping
+/// before it is given up: a healthy server answers in milliseconds.
+const RELEASE_PING_LIMIT: Duration = Duration::from_secs(5);
+
+/// Whether a PostgreSQL connection handed back to its pool still answers, within
+/// [`RELEASE_PING_LIMIT`]. sqlx pings every returned connection without a bound, and a
+/// call given up by [`bounded`] (a server gone silent: a host lost mid-failover, packets
+/// dropped without a reset) hands its connection back in the middle of a query: that ping
+/// waited for the kernel to give up on the socket, about 15 minutes, and held one of the
+/// pool's connections all that time (all of them, after a few give-ups). A connection
+/// that does not answer is dropped where it stands — its socket closed, nothing more
+/// sent: sqlx's own close of it waits on the silent server as well (over TLS even its
+/// "hard" close reads before it returns), so an in-memory SQLite connection takes its
+/// place for sqlx to close.
+async fn released_alive(conn: &mut sqlx::AnyConnection) -> Result<bool, sqlx::Error> {
+    use sqlx::Connection;
+    match tokio::time::timeout(RELEASE_PING_LIMIT, conn.ping()).await {
+        Ok(Ok(())) => return Ok(true),
+        Ok(Err(e)) => tracing::warn!(error = %e, "a database connection failed: closed"),
+        Err(_) => tracing::warn!(
+            "a database connection did not answer within {RELEASE_PING_LIMIT:?}: dropped"
+        ),
+    }
+    match sqlx::AnyConnection::connect("sqlite::memory:").await {
+        Ok(stand_in) => drop(std::mem::replace(conn, stand_in)),
+        // Closed by sqlx then, as before.
+        Err(e) => tracing::warn!(error = %e, "no stand-in for a dead database connection"),
+    }
+    Ok(false)
+}
+
 /// Why the connections to the PostgreSQL server at `url` do not check who it is (None when
 /// they do, or it is this machine): anyone on the path could read and change every record,
 /// and a password would be handed to them.
@@ -856,6 +887,14 @@ async fn open_pool(full: &str, max: u32, read_only: bool) -> Result<AnyPool, DbE
     let pool = AnyPoolOptions::new()
         .max_connections(max)
         .acquire_timeout(ACQUIRE_TIMEOUT)
+        .after_release(move |conn, _| {
+            Box::pin(async move {
+                if sqlite {
+                    return Ok(true);
+                }
+                released_alive(conn).await
+            })
+        })
         .after_connect(move |conn, _| {
             Box::pin(async move {
                 if !sqlite {
@@ -1265,6 +1304,72 @@ mod tests {
                 .expect("asked");
         assert!(ssl, "the connection is encrypted");
         pool.close().await;
+    }
+
+    /// A pool of one connection to the test server through a relay, over TLS or not,
+    /// whose first connection has served a query.
+    async fn one_connection_through_a_relay(
+        tls: bool,
+    ) -> (framework::testing::relay::Relay, AnyPool) {
+        sqlx::any::install_default_drivers();
+        let relay =
+            framework::testing::relay::Relay::start_to(&testing::postgres_server(), 5432).await;
+        let mode = if tls { "require" } else { "disable" };
+        let url = format!(
+            "{}/postgres?sslmode={mode}",
+            relay.url.trim_end_matches('/')
+        );
+        let pool = open_pool(&url, 1, true).await.expect("connected");
+        sqlx::query("SELECT 1")
+            .execute(&pool)
+            .await
+            .expect("served");
+        (relay, pool)
+    }
+
+    /// After a call given up on a server gone silent, the pool serves again once a new
+    /// connection works: sqlx's unbounded ping of the connection handed back held the
+    /// pool's only connection for the ~15 minutes the kernel takes to give up on it.
+    async fn a_pool_serves_again_after_a_call_given_up_on_a_silent_server(tls: bool) {
+        let (relay, pool) = one_connection_through_a_relay(tls).await;
+        relay.freeze_existing();
+        let given_up = bounded_by(
+            Duration::from_secs(2),
+            sqlx::query("SELECT 1").execute(&pool),
+        )
+        .await;
+        assert!(given_up.is_err(), "a silent server's call is given up");
+        serves_again(&pool, tls).await;
+    }
+
+    /// Queries `pool` until one is answered; fails after far longer than a released
+    /// connection's ping may take.
+    async fn serves_again(pool: &AnyPool, tls: bool) {
+        let start = std::time::Instant::now();
+        loop {
+            let r = bounded_by(
+                Duration::from_secs(20),
+                sqlx::query("SELECT 1").execute(pool),
+            )
+            .await;
+            match r {
+                Ok(_) => return,
+                Err(e) if start.elapsed() > Duration::from_secs(120) => {
+                    panic!("the pool (tls {tls}) still does not serve: {e}")
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pool_serves_again_after_a_call_given_up_on_a_silent_server_plain() {
+        a_pool_serves_again_after_a_call_given_up_on_a_silent_server(false).await;
+    }
+
+    #[tokio::test]
+    async fn a_pool_serves_again_after_a_call_given_up_on_a_silent_server_tls() {
+        a_pool_serves_again_after_a_call_given_up_on_a_silent_server(true).await;
     }
 
     /// A start with nothing to migrate takes no migration lock: behind a pooler in

@@ -19,6 +19,9 @@ enum Network {
     Up,
     /// Relays nothing more and closes nothing: frames neither delivered nor refused.
     Frozen,
+    /// The connections numbered below this (relayed before it) frozen, later ones relayed:
+    /// a path that went silent while a new one, to the same place, works.
+    FrozenBelow(usize),
     /// The host is gone: every relayed connection cut, later ones accepted and never
     /// answered (a host gone mid-route, whose SYNs something still answers).
     HostLost,
@@ -30,7 +33,7 @@ enum Network {
 /// A relay to the suite's broker (see the module's doc). Dropped, it closes every
 /// connection.
 pub struct Relay {
-    /// The suite's broker URL with the relay's port: what the service is given.
+    /// The server's URL with the relay's port: what the service is given.
     pub url: String,
     connections: Arc<AtomicUsize>,
     /// When each connection came (relayed or not).
@@ -42,14 +45,21 @@ pub struct Relay {
 impl Relay {
     /// Listens on a free port and relays every connection to the suite's broker.
     pub async fn start() -> Relay {
-        let broker = url::Url::parse(&amqp_url()).expect("suite URL");
+        Relay::start_to(&amqp_url(), 5672).await
+    }
+
+    /// Listens on a free port and relays every connection to the server of `server_url`
+    /// (`default_port` where it names none); [`Relay::url`] is `server_url` with the
+    /// relay's port.
+    pub async fn start_to(server_url: &str, default_port: u16) -> Relay {
+        let server = url::Url::parse(server_url).expect("server URL");
         let upstream = format!(
             "{}:{}",
-            broker.host_str().unwrap_or("127.0.0.1"),
-            broker.port().unwrap_or(5672)
+            server.host_str().unwrap_or("127.0.0.1"),
+            server.port().unwrap_or(default_port)
         );
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let mut url = broker.clone();
+        let mut url = server.clone();
         let _ = url.set_port(Some(listener.local_addr().expect("addr").port()));
         let connections = Arc::new(AtomicUsize::new(0));
         let (network, rx) = watch::channel(Network::Up);
@@ -70,16 +80,16 @@ impl Relay {
                         continue;
                     }
                     Network::Refusing => continue,
-                    Network::Up | Network::Frozen => {}
+                    Network::Up | Network::Frozen | Network::FrozenBelow(_) => {}
                 }
                 let Ok(server) = TcpStream::connect(&upstream).await else {
                     continue;
                 };
-                counted.fetch_add(1, Ordering::SeqCst);
+                let number = counted.fetch_add(1, Ordering::SeqCst);
                 let (cr, cw) = client.into_split();
                 let (sr, sw) = server.into_split();
-                conns.spawn(pump(cr, sw, rx.clone()));
-                conns.spawn(pump(sr, cw, rx.clone()));
+                conns.spawn(pump(number, cr, sw, rx.clone()));
+                conns.spawn(pump(number, sr, cw, rx.clone()));
             }
         });
         Relay {
@@ -99,6 +109,12 @@ impl Relay {
     /// Stops relaying, for good, closing nothing.
     pub fn freeze(&self) {
         let _ = self.network.send(Network::Frozen);
+    }
+
+    /// Stops relaying on the connections made so far, for good, closing nothing; later
+    /// connections are relayed.
+    pub fn freeze_existing(&self) {
+        let _ = self.network.send(Network::FrozenBelow(self.connections()));
     }
 
     /// Cuts every relayed connection; later ones are accepted and never answered.
@@ -126,8 +142,20 @@ impl Drop for Relay {
     }
 }
 
-/// Copies `from` to `to` until either ends or the host is lost; once frozen, nothing more.
+/// Whether connection `number` relays on `network`: `Some(false)` frozen, `None` cut.
+fn relays(network: Network, number: usize) -> Option<bool> {
+    match network {
+        Network::Up => Some(true),
+        Network::Frozen => Some(false),
+        Network::FrozenBelow(n) => Some(number >= n),
+        Network::HostLost | Network::Refusing => None,
+    }
+}
+
+/// Copies `from` to `to` (connection `number`) until either ends or the host is lost;
+/// once frozen, nothing more.
 async fn pump(
+    number: usize,
     mut from: OwnedReadHalf,
     mut to: OwnedWriteHalf,
     mut network: watch::Receiver<Network>,
@@ -135,10 +163,10 @@ async fn pump(
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let state = *network.borrow_and_update();
-        match state {
-            Network::Up => {}
-            Network::Frozen => return std::future::pending().await,
-            Network::HostLost | Network::Refusing => return,
+        match relays(state, number) {
+            Some(true) => {}
+            Some(false) => return std::future::pending().await,
+            None => return,
         }
         let n = tokio::select! {
             r = from.read(&mut buf) => match r {
@@ -148,7 +176,7 @@ async fn pump(
             _ = network.changed() => continue,
         };
         // Read before the fault, relayed after it: not on a network that failed meanwhile.
-        if *network.borrow() != Network::Up {
+        if relays(*network.borrow(), number) != Some(true) {
             continue;
         }
         if to.write_all(&buf[..n]).await.is_err() {
