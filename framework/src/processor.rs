@@ -134,6 +134,10 @@ pub struct MessageContext {
     pub(crate) cancel: tokio_util::sync::CancellationToken,
     /// Set when the session starts ending: the moment unfinished handlers are stopped.
     pub(crate) stops_at: Arc<std::sync::OnceLock<std::time::Instant>>,
+    /// Until when the message may be held (two thirds of the consumer timeout after its
+    /// delivery, as a whole message's retry may wait for its confirm): how long a part's
+    /// dead letter may wait for its confirm. None outside a runtime.
+    pub(crate) held_until: Option<std::time::Instant>,
     /// `[amqp] max_records` (0: no limit), see [`MessageContext::too_many_records`].
     pub(crate) max_records: usize,
     /// A third of the broker's consumer timeout after the delivery (see
@@ -182,6 +186,7 @@ impl MessageContext {
             stops_at: Arc::default(),
             trace: crate::trace::TraceContext::continue_from(&FieldTable::default()),
             max_records: 0,
+            held_until: None,
             checkpoint_at: None,
             came_back: attempt > 0,
         }
@@ -457,7 +462,9 @@ impl MessageContext {
             }
             origin.headers = &headers;
         }
-        let published = pb.dead_letter(&origin, body, error, kind).await;
+        let published = pb
+            .dead_letter(&origin, body, error, kind, self.held_until)
+            .await;
         self.count_failure(published)
     }
 

@@ -364,17 +364,25 @@ impl Publisher {
         }
     }
 
-    /// Dead-letters `body` (a part of the input) now, waiting for the confirm.
+    /// Dead-letters `body` (a part of the input) now, waiting for the confirm until
+    /// `held_until` (at least the operation bound): a confirm given up on may land all the
+    /// same, and the part, not marked done, would be dead-lettered again by the next
+    /// attempt — two dead letters of one record, replayed twice.
     pub(crate) async fn dead_letter(
         &self,
         origin: &Origin<'_>,
         body: Vec<u8>,
         error: &str,
         kind: &str,
+        held_until: Option<std::time::Instant>,
     ) -> Result<(), PublishError> {
         let msg =
             self.dead_letter_message(origin, body, origin.attempt.saturating_add(1), kind, error);
-        self.send(vec![msg]).await?;
+        let limit = held_until
+            .map(|t| t.saturating_duration_since(std::time::Instant::now()))
+            .unwrap_or_default()
+            .max(self.pool.limit());
+        self.send_within(vec![msg], limit).await?;
         self.parts_dead_lettered.increment(1);
         Ok(())
     }

@@ -41,12 +41,14 @@ const PUBLISH_FAILURE_BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// toward `Q`'s delivery limit (20 by default), and at one a second the broker
 /// dead-lettered the message after 20 s of a fault that lasts minutes; doubling from 1 s
 /// with the broker's count of earlier deliveries (`x-delivery-count`, quorum queues), the
-/// limit is reached after about a quarter of an hour instead. A classic queue, which counts
-/// nothing, keeps the first wait.
+/// limit is reached after about a quarter of an hour instead. A classic queue counts no
+/// deliveries and has no limit: there the message's own retries (`x-retry-count`) tell how
+/// long it has failed — one at its last attempt whose dead letter the broker refuses (a
+/// `Q-dlq` held at a maximum length) comes back once a minute, not once a second, its
+/// handler run again each time until the dead-letter queue takes it.
 fn publish_failure_backoff(headers: &FieldTable) -> Duration {
-    let earlier = h::get_int(headers, "x-delivery-count")
-        .unwrap_or(0)
-        .clamp(0, 16);
+    let count = |key: &str| h::get_int(headers, key).unwrap_or(0).clamp(0, 16);
+    let earlier = count("x-delivery-count").max(count(h::RETRY_COUNT));
     PUBLISH_FAILURE_BACKOFF
         .saturating_mul(1 << earlier)
         .min(PUBLISH_FAILURE_BACKOFF_MAX)
@@ -1114,6 +1116,7 @@ impl<P: MessageProcessor> Shared<P> {
                 publish_failures: metrics.publish_failures().clone(),
                 properties,
                 max_records: inner.amqp.max_records,
+                held_until: Some(started + hold_until(&inner.amqp)),
                 checkpoint_at: Some(started + inner.amqp.checkpoint_after()),
                 came_back: inc.came_back,
             };
@@ -1445,5 +1448,10 @@ mod tests {
         // 20 deliveries (RabbitMQ's default limit) last about a quarter of an hour.
         let total: Duration = (0..20).map(|n| after(Some(n))).sum();
         assert!(total >= Duration::from_secs(14 * 60), "{total:?}");
+        // A classic queue counts no deliveries: a message that has been retried often
+        // (its dead letter refused at its last attempt) waits as long.
+        let mut t = FieldTable::default();
+        h::set_int(&mut t, h::RETRY_COUNT, 9);
+        assert_eq!(publish_failure_backoff(&t), Duration::from_secs(60));
     }
 }

@@ -680,3 +680,78 @@ async fn outcomes_wait_for_a_channel_where_the_broker_allows_fewer_than_the_hand
         "nothing dead-lettered"
     );
 }
+
+/// Dead-letters one part of its message (a bad record of a batch) and succeeds with the
+/// rest; a part whose dead letter failed is retried, as the batch adapters do. Counts its
+/// calls.
+struct DeadLettersAPart(Arc<AtomicUsize>);
+
+#[async_trait]
+impl MessageProcessor for DeadLettersAPart {
+    type Input = serde_json::Value;
+    async fn handle(&self, v: serde_json::Value, ctx: &MessageContext) -> Outcome {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        match ctx
+            .dead_letter(br#"{"bad":1}"#.to_vec(), "a bad record")
+            .await
+        {
+            Ok(()) => Outcome::success(v),
+            Err(e) => Outcome::retry(format!("the bad record's dead letter: {e}")),
+        }
+    }
+}
+
+/// A part's dead letter whose confirm comes later than the operation bound (the DLQ not
+/// confirming for a while: a quorum queue electing a leader) is awaited as a whole
+/// message's is: given up on, it landed all the same while the message was retried, and
+/// the retry dead-lettered the part again — two dead letters of one record, replayed twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parts_dead_letter_whose_confirm_comes_late_is_dead_lettered_once() {
+    const BOUND_MS: u64 = 2000;
+    let broker = PrivateBroker::start().await;
+    let q = unique("latepart");
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (service, _cfg) = start_on(
+        &broker,
+        &q,
+        &[
+            ("amqp.operation_timeout_ms", &BOUND_MS.to_string()),
+            ("amqp.queue_metrics_interval_ms", "0"),
+        ],
+        DeadLettersAPart(calls.clone()),
+    )
+    .await;
+    let sink = format!("{q}-sink");
+    broker.sink(&sink, &format!("{q}-out")).await;
+    let dlq = format!("{q}-dlq");
+    suspend_queue(&broker, &dlq, "st_late_part", true);
+    send_input(&broker, &q).await;
+    let c = calls.clone();
+    wait_until("the handler to start", || c.load(Ordering::SeqCst) == 1).await;
+    // What must not happen cannot be awaited: the DLQ confirms nothing for three times
+    // the operation bound, in which the framework used to give the part's confirm up and
+    // retry the message (its retries come back within 200 ms).
+    tokio::time::sleep(Duration::from_millis(BOUND_MS * 3)).await;
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "the message is held while its part's dead letter is confirmed"
+    );
+    suspend_queue(&broker, &dlq, "st_late_part", false);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while broker.count(&sink).await.unwrap_or(0) < 1 {
+        assert!(tokio::time::Instant::now() < deadline, "the output");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    service.stop().await;
+    assert_eq!(
+        broker.count(&dlq).await,
+        Some(1),
+        "the part dead-lettered once"
+    );
+    assert_eq!(
+        broker.count(&sink).await,
+        Some(1),
+        "one output for one input"
+    );
+}
