@@ -335,15 +335,20 @@ impl StatusProcessor {
                 Some(format!("monitoring {}", json!(m.correlation_id))),
             ),
         };
+        // Named by its mark: one batch can announce a run's completion twice with one
+        // body, and a message id derived from the body would make the second a duplicate
+        // to a consumer that drops those.
+        let publication = Publication::value(
+            &self.monitoring_exchange,
+            MONITORING_KEY,
+            &monitoring(m, what),
+        )
+        .mandatory()
+        .with_identity(mark.clone());
         Extra {
             mark,
             legacy_mark,
-            publication: Publication::value(
-                &self.monitoring_exchange,
-                MONITORING_KEY,
-                &monitoring(m, what),
-            )
-            .mandatory(),
+            publication,
         }
     }
 
