@@ -1906,6 +1906,21 @@ impl<S> Config<S> {
                 (u64::from(self.retry.max_attempts) * longest).div_ceil(1000)
             ));
         }
+        let drain = self.amqp.drain_timeout_ms;
+        if short(drain, 1000) {
+            out.push(format!(
+                "amqp.drain_timeout_ms is {drain}, under a second (it is in milliseconds): on \
+                 SIGTERM the messages in flight are handed back nearly at once instead of \
+                 finishing, and done again by another replica"
+            ));
+        }
+        let body = self.amqp.max_body_bytes;
+        if short(body, 1024) {
+            out.push(format!(
+                "amqp.max_body_bytes is {body}, under a KiB (it is in bytes): nearly every \
+                 message is dead-lettered unread as too large; 0 = no limit"
+            ));
+        }
         let outage = self.retry.max_outage_ms;
         if short(outage, SHORT_OUTAGE_MS) {
             out.push(format!(
@@ -2091,6 +2106,8 @@ mod tests {
             ("STORAGETIER__AMQP__QUEUE_METRICS_INTERVAL_MS", "15"),
             ("STORAGETIER__RETRY__DELAYS_MS", "1,5,30,120"),
             ("STORAGETIER__RETRY__MAX_OUTAGE_MS", "3600"),
+            ("STORAGETIER__AMQP__DRAIN_TIMEOUT_MS", "30"),
+            ("STORAGETIER__AMQP__MAX_BODY_BYTES", "16"),
         ])
         .expect("allowed");
         let warned = slipped.unit_slips();
@@ -2099,18 +2116,22 @@ mod tests {
             "amqp.queue_metrics_interval_ms is 15",
             "retry.delays_ms: the longest tier is 120 ms",
             "retry.max_outage_ms is 3600",
+            "amqp.drain_timeout_ms is 30",
+            "amqp.max_body_bytes is 16",
         ] {
             assert!(
                 warned.iter().any(|w| w.starts_with(key)),
                 "{key}: {warned:?}"
             );
         }
-        assert_eq!(warned.len(), 4, "{warned:?}");
+        assert_eq!(warned.len(), 6, "{warned:?}");
         let off = with_env(&[
             ("STORAGETIER__AMQP__REBIND_INTERVAL_MS", "0"),
             ("STORAGETIER__AMQP__QUEUE_METRICS_INTERVAL_MS", "0"),
             ("STORAGETIER__RETRY__DELAYS_MS", "100,1000"),
             ("STORAGETIER__RETRY__MAX_OUTAGE_MS", "0"),
+            ("STORAGETIER__AMQP__DRAIN_TIMEOUT_MS", "0"),
+            ("STORAGETIER__AMQP__MAX_BODY_BYTES", "0"),
         ])
         .expect("allowed");
         assert_eq!(off.unit_slips(), Vec::<String>::new());

@@ -35,6 +35,9 @@ pub const POSTS_METRIC: &str = "storagetier_event_forwarder_posts_total";
 /// Every `result` of [`POSTS_METRIC`], as docs/adapters.md lists them.
 pub const POST_RESULTS: [&str; 3] = ["delivered", "retry", "rejected"];
 
+/// The shortest `timeout_ms` taken: no POST over a network is answered sooner.
+pub const MIN_TIMEOUT_MS: u64 = 100;
+
 /// `[event_forwarder]` keys besides the framework's queue/output_exchange/http_listen.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -756,10 +759,15 @@ impl Service for EventForwarderService {
         endpoint_of(s)?;
         token_of(s)?;
         ca_certificates(s)?;
-        if s.timeout_ms == 0 {
+        if s.timeout_ms < MIN_TIMEOUT_MS {
+            // Seconds typed for milliseconds: every connection then "not made within" a
+            // few ms, taken as the endpoint down and waited out for max_outage_ms.
             return Err(ConfigError::new(
                 "event_forwarder.timeout_ms",
-                "must be at least 1",
+                format!(
+                    "is {}: it is in milliseconds and must be at least {MIN_TIMEOUT_MS}",
+                    s.timeout_ms
+                ),
             ));
         }
         if s.ordered {

@@ -1153,6 +1153,14 @@ fn config_errors_exit_2_naming_the_key() {
             ],
             "event_forwarder.timeout_ms",
         ),
+        // Seconds typed for milliseconds.
+        (
+            &[
+                (EP, "http://h/"),
+                ("STORAGETIER__EVENT_FORWARDER__TIMEOUT_MS", "10"),
+            ],
+            "event_forwarder.timeout_ms",
+        ),
         (
             &[
                 (EP, "http://h/"),
