@@ -509,6 +509,28 @@ pub async fn object_size(tier: &Tier, key: &ObjectPath) -> Result<Option<u64>, C
     }
 }
 
+/// Whether the object at `key` of a local store is the file `source` itself (one inode):
+/// the store is the source's own directory reached another way (a bind mount of an online
+/// root, or a hard link of the source put in the store), where the file would be taken
+/// for its own copy.
+pub async fn is_the_source(
+    tier: &Tier,
+    key: &ObjectPath,
+    source: &std::fs::File,
+) -> Result<bool, CopyError> {
+    use std::os::unix::fs::MetadataExt;
+    let Some(dir) = &tier.local_dir else {
+        return Ok(false);
+    };
+    let crate::paths::AtKey::File(at) = at_local_key(dir, key).await? else {
+        return Ok(false);
+    };
+    Ok(match (at.metadata(), source.metadata()) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    })
+}
+
 /// What an upload stored: the source's digest and, for an S3 store, the
 /// `ChecksumSHA256` the store must report for those bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -277,6 +277,27 @@ impl TierProcessor {
         if let Some(root) = tier
             .local_dir
             .as_deref()
+            .and_then(|store| roots.iter().find(|r| r.canonical == store))
+        {
+            // Every file would be found "already in the store" (itself) and reported as
+            // copied: a success for each, and no copy anywhere.
+            let store_key = [crate::overlap::ARCHIVE, crate::overlap::NEARLINE]
+                .iter()
+                .find(|k| k.section == section)
+                .map_or("store", |k| k.store);
+            return Err(Box::new(framework::config::ConfigError::new(
+                format!("{section}.{store_key}"),
+                format!(
+                    "the store {} is the online root {}: its files would be taken for their \
+                     own copies; give the store a directory of its own",
+                    tier.display,
+                    root.configured.display()
+                ),
+            )));
+        }
+        if let Some(root) = tier
+            .local_dir
+            .as_deref()
             .and_then(|store| crate::overlap::root_holding_store(store, &roots))
         {
             tracing::warn!(

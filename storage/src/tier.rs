@@ -944,6 +944,13 @@ impl TierCopier {
                 None
             };
             if let Some(existing) = existing {
+                if copy::is_the_source(&self.tier, key, file).await? {
+                    return Err(TierError::Permanent(format!(
+                        "{key} in the store is {original} itself (one file): the store is \
+                         this file's own directory reached another way (a bind mount of an \
+                         online root) or holds a hard link of it — no copy can be made there"
+                    )));
+                }
                 let d = match source {
                     Some(d) => d.clone(),
                     None => source

@@ -218,6 +218,27 @@ async fn concurrent_copies_to_one_key_of_a_local_store_never_overwrite_without_c
     );
 }
 
+/// A local store holding the source file itself (a hard link of it, or an online root
+/// bind-mounted as the store) holds no copy of it: refused as permanent, never reported
+/// as archived (a media remover acting on that success would delete the only copy).
+#[tokio::test]
+async fn a_store_holding_the_source_itself_is_no_copy() {
+    let base = tempfile::tempdir().expect("temp");
+    let store_dir = base.path().join("store");
+    let tier = storage::store::local(&store_dir).expect("tier");
+    let c = copier(base.path(), "online", tier, records(base.path()).await);
+    for (rel, size) in [("show/small.mov", 4096), ("show/large.mov", 3 * MIB)] {
+        let msg = put(base.path(), "online", rel, &content(size, 7));
+        let at = store_dir.join(rel);
+        std::fs::create_dir_all(at.parent().expect("parent")).expect("dir");
+        std::fs::hard_link(base.path().join("online").join(rel), &at).expect("linked");
+        match c.handle(&msg, 1).await {
+            Err(TierError::Permanent(e)) => assert!(e.contains("itself"), "{rel}: {e}"),
+            other => panic!("{rel}: expected a refusal, got {other:?}"),
+        }
+    }
+}
+
 /// U+0000 is valid JSON but PostgreSQL text cannot hold it: a field with one is refused
 /// at once, naming the field (on PostgreSQL every attempt failed to record, 50 retries).
 #[tokio::test]
