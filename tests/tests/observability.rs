@@ -59,6 +59,7 @@ const REQUIRED_ALERTS: &[&str] = &[
     "StoragetierRetryRateHigh",
     "StoragetierHandlerLatencyHigh",
     "StoragetierPublishFailures",
+    "StoragetierEndpointFailing",
 ];
 
 fn repo() -> PathBuf {
