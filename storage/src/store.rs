@@ -831,6 +831,7 @@ mod tests {
         assert_eq!(by_key.display, "s3://b/p (http://127.0.0.1:1)");
         assert_eq!(by_key.identity, "s3://b/p at http://127.0.0.1:1");
         if std::env::var_os(ENDPOINT_FROM_ENV).is_none() {
+            use framework::testing::process::RunWithin;
             let exe = std::env::current_exe().expect("own test binary");
             let out = std::process::Command::new(exe)
                 .args([
@@ -841,8 +842,7 @@ mod tests {
                 .env(ENDPOINT_FROM_ENV, "1")
                 .env("AWS_ENDPOINT_URL", "http://AKIA:s3cret@127.0.0.1:1")
                 .env_remove("AWS_ENDPOINT")
-                .stdin(std::process::Stdio::null())
-                .output()
+                .output_within(framework::testing::WAIT)
                 .expect("the child test runs");
             assert!(
                 out.status.success() && String::from_utf8_lossy(&out.stdout).contains("1 passed"),

@@ -233,10 +233,12 @@ mod tests {
         let r = b.run(move || s.store(true, Ordering::Relaxed)).await;
         assert_eq!(r, Err(Stuck::TooMany(1)));
         assert!(!started.load(Ordering::Relaxed), "not started");
-        // The server answers: the thread returns, and calls are made again.
+        // The server answers: the thread returns, and calls are made again (started:
+        // whether this one answers within the short wait is the machine's speed).
         release.send(()).expect("release");
         until_stuck(&b, 0).await;
-        assert_eq!(b.run(|| 8).await, Ok(8));
+        let r = b.run(|| 8).await;
+        assert!(!matches!(r, Err(Stuck::TooMany(_))), "{r:?}");
     }
 
     /// A call that panics (or never runs) leaves no count behind: counted, 64 of them
@@ -286,7 +288,10 @@ mod tests {
             shares.of(Path::new("/mnt/a")).run(|| 1).await,
             Err(Stuck::TooMany(1))
         );
-        assert_eq!(shares.of(Path::new("/mnt/b")).run(|| 2).await, Ok(2));
+        // Started (whether it answers within the short wait is the machine's speed).
+        let r = shares.of(Path::new("/mnt/b")).run(|| 2).await;
+        assert!(!matches!(r, Err(Stuck::TooMany(_))), "{r:?}");
+        until_stuck(&shares.of(Path::new("/mnt/b")), 0).await;
         stuck_on("/mnt/b").await;
         assert_eq!(
             shares.of(Path::new("/mnt/c")).run(|| 3).await,
@@ -296,7 +301,8 @@ mod tests {
         drop(release);
         until_stuck(&shares.of(Path::new("/mnt/a")), 0).await;
         until_stuck(&shares.of(Path::new("/mnt/b")), 0).await;
-        assert_eq!(shares.of(Path::new("/mnt/c")).run(|| 3).await, Ok(3));
+        let r = shares.of(Path::new("/mnt/c")).run(|| 3).await;
+        assert!(!matches!(r, Err(Stuck::TooMany(_))), "{r:?}");
     }
 
     /// A caller dropped while it waits (its handler stopped) gives its call up too: the

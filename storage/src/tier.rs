@@ -1286,14 +1286,20 @@ mod tests {
         };
         let mut c = super::TierCopier::new(roots, tier, records, policy);
         c.mounts.assume_remote();
-        c.remote = crate::stuck::PerShare::new(std::time::Duration::from_millis(50), 1, 8);
-        // Root a's server stops answering: a call there hangs, and is given up.
+        // A wait no healthy call on a loaded machine reaches (root b's must answer).
+        c.remote = crate::stuck::PerShare::new(framework::testing::WAIT, 1, 8);
+        // Root a's server stops answering: a call there hangs, and is given up (its
+        // caller stopped waiting: counted as stuck at once).
         let (release, hang) = std::sync::mpsc::channel::<()>();
         let share_a = c
             .mounts
             .share_of(&a.canonicalize().expect("a").join("p/f.mov"));
-        let r = c.remote.of(&share_a).run(move || hang.recv()).await;
-        assert!(r.is_err(), "given up");
+        {
+            use futures_util::FutureExt;
+            let budget = c.remote.of(&share_a);
+            let call = budget.run(move || hang.recv());
+            assert!(call.now_or_never().is_none(), "given up");
+        }
         let msg = |root: &std::path::Path| -> crate::AssetSweeperFile {
             serde_json::from_value(serde_json::json!({
                 "imported_id": null, "size": 5, "ignore": false, "mime_type": "video/quicktime",
@@ -1421,6 +1427,7 @@ mod tests {
         let roots = crate::paths::open_roots(&[dir.path().to_path_buf()], false).expect("roots");
         let parent = dir.path().display().to_string();
         if std::env::var_os(OUT_OF_DESCRIPTORS).is_none() {
+            use framework::testing::process::RunWithin;
             let exe = std::env::current_exe().expect("own test binary");
             let out = std::process::Command::new(exe)
                 .args([
@@ -1429,8 +1436,7 @@ mod tests {
                     "--test-threads=1",
                 ])
                 .env(OUT_OF_DESCRIPTORS, "1")
-                .stdin(std::process::Stdio::null())
-                .output()
+                .output_within(framework::testing::WAIT)
                 .expect("the child test runs");
             assert!(
                 out.status.success(),

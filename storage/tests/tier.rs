@@ -2942,10 +2942,11 @@ struct Mounted(std::path::PathBuf);
 
 impl Mounted {
     fn at(dir: &Path) -> Mounted {
+        use framework::testing::process::RunWithin;
         let ok = std::process::Command::new("mount")
             .args(["-t", "tmpfs", "tmpfs"])
             .arg(dir)
-            .status()
+            .status_within(framework::testing::WAIT)
             .expect("mount runs");
         assert!(
             ok.success(),
@@ -2958,7 +2959,10 @@ impl Mounted {
 
 impl Drop for Mounted {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.0).status();
+        use framework::testing::process::RunWithin;
+        let _ = std::process::Command::new("umount")
+            .arg(&self.0)
+            .status_within(framework::testing::WAIT);
     }
 }
 
