@@ -654,8 +654,8 @@ fn check_dlq_usage(cmd: &DlqCommand) -> Result<(), Failure> {
             ))
         }
         // Zero would still take a dead letter to look at (a delivery, on a quorum DLQ) and
-        // report none matched.
-        DlqCommand::Replay { limit: Some(0), .. } => {
+        // report none matched; a list would read the whole DLQ to show none of it.
+        DlqCommand::Replay { limit: Some(0), .. } | DlqCommand::List { limit: 0, .. } => {
             Err(Failure::Usage("--limit must be at least 1".into()))
         }
         DlqCommand::Purge { yes: false } => Err(Failure::Usage(

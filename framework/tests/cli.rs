@@ -462,6 +462,7 @@ fn dlq_usage_errors_exit_2_before_connecting() {
             &["dlq", "replay", "--message-id", "m", "--limit", "0"][..],
             "--limit",
         ),
+        (&["dlq", "list", "--limit", "0"][..], "--limit"),
     ] {
         let o = run(echo_cmd("unused", dir.path())
             .env("STORAGETIER__AMQP__URL", &url)

@@ -29,6 +29,17 @@ pub const MAX_PARTS: u64 = 10_000;
 pub const MAX_OBJECT: u64 = 5 * 1024 * 1024 * 1024 * 1024;
 const MIB: u64 = 1024 * 1024;
 
+/// The longest tick of a filesystem whose times count whole seconds (FAT's two), or of a
+/// share (whose server's granularity this machine does not know), with the kernel's own
+/// tick on top: a time is the coarse clock's, up to one tick behind.
+const COARSE_TICK: std::time::Duration = std::time::Duration::from_millis(2_020);
+/// The longest clock tick of a Linux kernel (HZ=100), twice over: the granularity of
+/// ext4, XFS, btrfs and tmpfs times before Linux 6.13, exFAT's 10 ms.
+const FINE_TICK: std::time::Duration = std::time::Duration::from_millis(20);
+/// How far ahead of this machine's clock a share's server may be for a change time
+/// later than now to be taken as just now.
+const CLOCK_AHEAD: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// The state of a source file that says it still holds the bytes a copy read: size,
 /// modification and change times. A rewrite in place keeps the size but not the times
 /// (and one that puts the mtime back still moves the ctime).
@@ -107,6 +118,49 @@ impl SourceState {
         } else {
             Err(CopyError::SourceChanged(shown.to_string()))
         }
+    }
+
+    /// How long after a change a write to this file may still leave its times as they are:
+    /// a time holds its value for a tick of the filesystem's granularity (a whole second
+    /// or two where its change time has no fraction: ext4 of 128-byte inodes, FAT, sshfs;
+    /// one clock tick of the kernel elsewhere, before Linux 6.13), and a share's by its
+    /// server's clock.
+    fn tick(&self) -> std::time::Duration {
+        if self.remote || self.ctime.1 == 0 {
+            COARSE_TICK
+        } else {
+            FINE_TICK
+        }
+    }
+
+    /// Whether the file changed within a tick of `now`, or says it changed later than
+    /// `now` (a share's server whose clock is ahead; not a time set by hand: the change
+    /// time is the kernel's).
+    fn changed_within_a_tick(&self, now: std::time::SystemTime) -> bool {
+        let (secs, nanos) = self.ctime;
+        let Ok(secs) = u64::try_from(secs) else {
+            return false;
+        };
+        let nanos = u32::try_from(nanos).unwrap_or(0);
+        let at = std::time::UNIX_EPOCH + std::time::Duration::new(secs, nanos);
+        match now.duration_since(at) {
+            Ok(age) => age < self.tick(),
+            Err(ahead) => ahead.duration() < CLOCK_AHEAD,
+        }
+    }
+
+    /// Waits out the tick of a file that changed just before it was opened, then
+    /// [`CopyError::SourceChanged`] unless it is still in this state. A write within the
+    /// tick of the file's last change leaves its times as they are: after a render that
+    /// wrote its last data, its header rewritten in place (same size) while the copy ran
+    /// went unseen, and the copy — half of each — was recorded and reported as verified.
+    /// Once that tick is over, every write changes the times, which the copy checks.
+    pub async fn settle(&self, file: &std::fs::File, shown: &str) -> Result<(), CopyError> {
+        if !self.changed_within_a_tick(std::time::SystemTime::now()) {
+            return Ok(());
+        }
+        tokio::time::sleep(self.tick()).await;
+        self.confirm(file, shown).await
     }
 
     /// [`Self::check`] from async code: on a blocking thread where the file is remote (an

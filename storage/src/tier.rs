@@ -519,6 +519,7 @@ impl TierCopier {
             self.records.copies_of(&original, size, &mtime).await?
         };
         let state = copy::SourceState::of(&meta).on_remote(remote);
+        state.settle(file, &original).await?;
         // The source's digest, where an earlier copy or (nearline) an identical object is
         // looked for: size and modification time do not prove the content (a file
         // replaced by another of its size with its time kept, `cp -p`, must be copied,

@@ -2937,23 +2937,46 @@ async fn a_new_version_whose_key_beside_is_another_files_name_goes_further_besid
     assert_eq!((again.key, again.uploaded), (r.key, false));
 }
 
-/// Unmounts a test's tmpfs however the test ends.
+/// Unmounts a test's filesystem however the test ends.
 struct Mounted(std::path::PathBuf);
 
 impl Mounted {
+    /// A tmpfs at `dir`.
     fn at(dir: &Path) -> Mounted {
+        Self::with(&["-t", "tmpfs", "tmpfs"], dir)
+    }
+
+    /// `mount <args> <dir>`.
+    fn with(args: &[&str], dir: &Path) -> Mounted {
         use framework::testing::process::RunWithin;
         let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "tmpfs"])
+            .args(args)
             .arg(dir)
             .status_within(framework::testing::WAIT)
             .expect("mount runs");
         assert!(
             ok.success(),
-            "mounting a tmpfs at {} (needs root)",
+            "mount {args:?} at {} (needs root)",
             dir.display()
         );
         Mounted(dir.to_path_buf())
+    }
+
+    /// An ext4 whose times count whole seconds (inodes of 128 bytes have no room for
+    /// fractions, as FAT, HFS+ and sshfs have none) in `image`, at `dir`.
+    fn whole_seconds(image: &Path, dir: &Path) -> Mounted {
+        use framework::testing::process::RunWithin;
+        std::fs::File::create(image)
+            .and_then(|f| f.set_len(64 * MIB as u64))
+            .expect("image");
+        let made = std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-I", "128"])
+            .arg(image)
+            .output_within(framework::testing::WAIT)
+            .expect("mkfs.ext4 runs");
+        assert!(made.status.success(), "mkfs.ext4: {made:?}");
+        let image = image.display().to_string();
+        Self::with(&["-o", "loop", &image], dir)
     }
 }
 
@@ -2963,6 +2986,67 @@ impl Drop for Mounted {
         let _ = std::process::Command::new("umount")
             .arg(&self.0)
             .status_within(framework::testing::WAIT);
+    }
+}
+
+/// A file rewritten in place (its header, same size) while it is copied, within the second
+/// of its last write on a filesystem whose times count whole seconds, leaves its times as
+/// they were: the copy waits out that second before it starts, so the rewrite moves them
+/// and the copy is retried — never a torn copy (old header, new body or the reverse)
+/// recorded and reported as verified, as before. (Mounts a loop device: the suite runs as
+/// root.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_rewritten_in_the_second_of_its_last_write_is_no_verified_copy() {
+    use std::os::unix::fs::FileExt;
+    let base = tempfile::tempdir().expect("temp");
+    let online = base.path().join("online");
+    std::fs::create_dir(&online).expect("root");
+    let _mounted = Mounted::whole_seconds(&base.path().join("online.img"), &online);
+    let store_dir = base.path().join("store");
+    let tier = storage::store::local(&store_dir).expect("tier");
+    let c = copier(base.path(), "online", tier, records(base.path()).await);
+    // Written early in a second, so that the copy starts and the rewrite comes within it
+    // (on a slow machine they may not: then the times move and the case is not made).
+    framework::testing::within(framework::testing::WAIT, "a new second", async {
+        while std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .subsec_millis()
+            > 100
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let msg = put(
+        base.path(),
+        "online",
+        "show/render.mov",
+        &content(2 * MIB, 3),
+    );
+    let (entered, release) = storage::testing::hold_local_copy("show/render.mov");
+    let run = tokio::spawn(async move { c.handle(&msg, 1).await });
+    framework::testing::within(framework::testing::WAIT, "the copy under way", async {
+        entered.notified().await
+    })
+    .await;
+    let path = online.join("show/render.mov");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .and_then(|f| f.write_all_at(b"final header", 0))
+        .expect("rewritten");
+    release.send(()).expect("released");
+    match joined(run).await.expect("ran") {
+        Ok(TierOutcome::Copied(r)) => assert_eq!(
+            r.checksum,
+            sha256(&std::fs::read(&path).expect("read")),
+            "a copy reported verified holds what the file holds: {r:?}"
+        ),
+        other => {
+            let e = transient(other);
+            assert!(e.contains("changed while it was being copied"), "{e}");
+        }
     }
 }
 

@@ -34,7 +34,7 @@ pub enum EventError {
 }
 
 /// The kind of a Pluto project event (`type`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventKind {
     /// `project-created`.
     Created,
@@ -110,11 +110,32 @@ pub struct ProjectEvent {
     pub tie: Option<String>,
 }
 
-/// One event found in a message: a project event, or a `type` this service ignores.
+/// The `commissionTitle` with which Pluto deletes a commission and its projects (its
+/// ingestion Lambda has read it so since 2018: `{"type": "project-created",
+/// "commissionId": "123", "commissionTitle": "(DELETE)"}`, no other field needed).
+pub const DELETE_TITLE: &str = "(DELETE)";
+
+/// A commission deletion: the commission and every project of it stored no later than
+/// the deletion (its ordering key) go, and older events of them are stale from then on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommissionDeletion {
+    /// Pluto commission id (integers are kept as their decimal text).
+    pub commission_id: String,
+    /// Ordering key, as a project-updated event's ([`ProjectEvent::version`]).
+    pub version: Option<String>,
+    /// Orders deletions and events of one `version` ([`ProjectEvent::tie`]).
+    pub tie: Option<String>,
+}
+
+/// One event found in a message: a project event, a commission deletion, or a `type`
+/// this service ignores.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Parsed {
     /// A project-created / project-updated event.
     Project(ProjectEvent),
+    /// A project-created / project-updated event whose `commissionTitle` is
+    /// [`DELETE_TITLE`].
+    DeleteCommission(CommissionDeletion),
     /// Any other `type` (logged and dropped).
     UnknownType(String),
 }
@@ -295,6 +316,18 @@ fn parse_delivered(
             other => return Ok(Parsed::UnknownType(other.to_string())),
         },
     };
+    // Pluto's deletion carries the commission alone; a full project event with that title
+    // is one too (the Lambda deleted on the title whatever else the message held), never
+    // a commission to store under the title "(DELETE)".
+    if !entry && o.get("commissionTitle").and_then(Value::as_str) == Some(DELETE_TITLE) {
+        let commission_id = identifier(o, "commissionId")?;
+        let (version, tie) = ordering(o, EventKind::Updated, None, arrival, delivery)?;
+        return Ok(Parsed::DeleteCommission(CommissionDeletion {
+            commission_id,
+            version,
+            tie,
+        }));
+    }
     let id = identifier(o, "id")?;
     let title = string(o, "title")?;
     let status = string(o, "status")?;
@@ -313,6 +346,30 @@ fn parse_delivered(
     };
     let production_office = string(o, "productionOffice")?;
     let (created, created_norm) = time_field(o, "created")?;
+    let (version, tie) = ordering(o, kind, Some(created_norm), arrival, delivery)?;
+    Ok(Parsed::Project(ProjectEvent {
+        kind,
+        id,
+        title,
+        status,
+        commission_id,
+        commission_title,
+        production_office,
+        created,
+        version,
+        tie,
+    }))
+}
+
+/// The ordering key and tie of an event of `kind` (see [`ProjectEvent::version`]):
+/// `created_norm` is its normalized `created` time, where it has one.
+fn ordering(
+    o: &Map<String, Value>,
+    kind: EventKind,
+    created_norm: Option<String>,
+    arrival: Option<String>,
+    delivery: Option<&Delivery<'_>>,
+) -> Result<(Option<String>, Option<String>), FieldError> {
     // Ordering key: an explicit `updated` time wins, then the Kinesis arrival time; then a
     // project-created event falls back to its `created` time, and a project-updated one
     // to when its message was published or first received (kept across retries), so an
@@ -324,7 +381,7 @@ fn parse_delivered(
     };
     let received = delivery.map(|d| d.received.to_string());
     let fallback = match kind {
-        EventKind::Created => Some(created_norm),
+        EventKind::Created => created_norm,
         EventKind::Updated => received.clone(),
     };
     let believed = |v: String| {
@@ -356,18 +413,7 @@ fn parse_delivered(
         None => None,
     };
     let version = updated.or(arrival).or(fallback).map(believed);
-    Ok(Parsed::Project(ProjectEvent {
-        kind,
-        id,
-        title,
-        status,
-        commission_id,
-        commission_title,
-        production_office,
-        created,
-        version,
-        tie,
-    }))
+    Ok((version, tie))
 }
 
 /// Decodes base64 as leniently as the Node Lambda this replaces (`Buffer.from(s,

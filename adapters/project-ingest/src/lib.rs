@@ -14,7 +14,27 @@ use framework::{
 use serde::{Deserialize, Serialize};
 
 use event::{Delivery, Parsed, items_delivered, normalize_time};
-use store::{Applied, Store};
+use store::{Applied, DeletedCommission, Store, StoredProject};
+
+/// A success message: the project as stored, or what a commission's deletion deleted.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+enum Announced {
+    Project(StoredProject),
+    Deletion(DeletedCommission),
+}
+
+impl Announced {
+    /// Names its message, whatever the attempt (see the call).
+    fn identity(&self, record: usize) -> String {
+        match self {
+            Announced::Project(p) => format!("record {record}: project {}", p.id),
+            Announced::Deletion(d) => {
+                format!("record {record}: commission {} deleted", d.commission_id)
+            }
+        }
+    }
+}
 
 /// Header listing the 1-based records of a batch already dead-lettered (kept across retries).
 pub const DEAD_LETTERED_HEADER: &str = framework::batch::DEAD_LETTERED_RECORDS;
@@ -34,11 +54,19 @@ pub const FIRST_SEEN_HEADER: &str = "x-project-ingest-first-seen";
 /// `Progress::pause_before`.
 const RECORD_STEP: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Counter of handled events by `result` (stored, stale, missing, unknown_type, invalid).
+/// Counter of handled events by `result` (stored, deleted, stale, missing, unknown_type,
+/// invalid).
 pub const EVENTS_METRIC: &str = "storagetier_projectingest_events_total";
 
 /// Every `result` of [`EVENTS_METRIC`], as docs/adapters.md lists them.
-pub const EVENT_RESULTS: [&str; 5] = ["stored", "stale", "missing", "unknown_type", "invalid"];
+pub const EVENT_RESULTS: [&str; 6] = [
+    "stored",
+    "deleted",
+    "stale",
+    "missing",
+    "unknown_type",
+    "invalid",
+];
 
 /// One attempt's records by result, added to [`EVENTS_METRIC`] only when the attempt
 /// settles the message: a retry handles every record again (a batch waiting for one
@@ -297,6 +325,18 @@ impl ProjectProcessor {
                     dropped.push(format!("unknown message type `{t}`"));
                     continue;
                 }
+                Ok(Parsed::DeleteCommission(d)) => {
+                    match db::bounded(self.store.delete_commission(d)).await {
+                        Ok(done) => {
+                            tracing::info!(commission = %LogText(&d.commission_id),
+                                projects = done.deleted_projects.len(), "commission deleted");
+                            tally.count("deleted");
+                            stored.push((n, Announced::Deletion(done)));
+                        }
+                        Err(e) => return e.retry(ctx, &e),
+                    }
+                    continue;
+                }
                 Ok(Parsed::Project(ev)) => ev,
             };
             match db::bounded(self.store.apply(ev)).await {
@@ -305,7 +345,7 @@ impl ProjectProcessor {
                     // biggest cost at volume, and `result="stored"` counts them.
                     tracing::debug!(project = %LogText(&p.id), event = ev.kind.as_str(), "project stored");
                     tally.count("stored");
-                    stored.push((n, *p));
+                    stored.push((n, Announced::Project(*p)));
                 }
                 Ok(Applied::Missing) if ctx.counted_attempts() < self.missing_retries => {
                     not_yet.push(ev.id.clone());
@@ -321,6 +361,16 @@ impl ProjectProcessor {
                         "stale {} ignored: a newer state is stored", ev.kind.as_str());
                     dropped.push(format!(
                         "stale {} for project {}: a newer state is stored",
+                        ev.kind.as_str(),
+                        ev.id
+                    ));
+                }
+                Ok(Applied::Deleted(commission)) => {
+                    tally.count("stale");
+                    tracing::info!(project = %LogText(&ev.id), commission = %LogText(&commission),
+                        "{} older than its commission's deletion ignored", ev.kind.as_str());
+                    dropped.push(format!(
+                        "{} for project {}: its commission {commission} was deleted after it",
                         ev.kind.as_str(),
                         ev.id
                     ));
@@ -354,9 +404,9 @@ impl ProjectProcessor {
         // Each announcement named by its record, not its body (which holds the time of
         // this attempt's write): every attempt's copy has one message id.
         let extra: Result<Vec<Publication>, _> = stored
-            .map(|(n, p)| {
-                Publication::json(&self.output_exchange, &self.success_key, &p)
-                    .map(|x| x.with_identity(format!("record {n}: project {}", p.id)))
+            .map(|(n, a)| {
+                Publication::json(&self.output_exchange, &self.success_key, &a)
+                    .map(|x| x.with_identity(a.identity(n)))
             })
             .collect();
         match extra {

@@ -3,7 +3,7 @@
 use db::{AnyPool, Row};
 use serde::Serialize;
 
-use crate::event::{EventKind, ProjectEvent};
+use crate::event::{CommissionDeletion, EventKind, ProjectEvent};
 
 /// Migrations embedded in the binary.
 pub static MIGRATOR: db::Migrator = db::sqlx::migrate!("./migrations");
@@ -46,6 +46,41 @@ pub enum Applied {
     Stale,
     /// project-updated for a project never seen.
     Missing,
+    /// The event's commission (named) was deleted by a newer message: nothing changed.
+    Deleted(String),
+}
+
+/// What deleting a commission did (the success message body).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeletedCommission {
+    /// Pluto commission id.
+    pub commission_id: String,
+    /// Whether its row was deleted now (false: unknown here, deleted before, or newer
+    /// than the deletion).
+    pub commission_deleted: bool,
+    /// The projects of it deleted now, by id (none stored, or all newer than the deletion:
+    /// kept).
+    pub deleted_projects: Vec<String>,
+    /// Always `commission-deleted`: what wrote this state, as a project's `lastEvent`.
+    pub last_event: &'static str,
+    /// When this service deleted it (RFC 3339).
+    pub updated_at: String,
+}
+
+/// Serialises the writes of commission `id` on PostgreSQL until the transaction ends: a
+/// project event checks the commission's deletion and then writes, and a deletion
+/// committed in between (another replica's) would miss the project it is writing. Taken
+/// before any row lock, by every writer of a commission. SQLite runs one writing
+/// transaction at a time already.
+async fn lock_commission(tx: &mut db::WriteTx, id: &str) -> Result<(), db::sqlx::Error> {
+    if tx.backend_name().eq_ignore_ascii_case("postgresql") {
+        db::sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+            .bind(format!("storagetier project-ingest commission {id}"))
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
 }
 
 /// The project database.
@@ -155,6 +190,28 @@ impl Store {
         let bound = crate::event::stored_beyond_belief();
         let mut created_key: Option<String> = None;
         let mut tx = db::begin_write(&self.pool).await?;
+        if let Some(commission) = &ev.commission_id {
+            lock_commission(&mut tx, commission).await?;
+            // An event its commission's deletion came after (a retry, a redelivery, a
+            // replay of an older message) would bring back what Pluto deleted.
+            if let Some(version) = &ev.version {
+                let newer = no_newer(("version", "version_tie"), ("$2", "$3"));
+                let deleted = db::sqlx::query(&format!(
+                    "SELECT id FROM deleted_commissions WHERE id = $1 AND version IS NOT NULL \
+                     AND NOT ({newer}) AND version <= $4"
+                ))
+                .bind(commission)
+                .bind(version)
+                .bind(ev.tie.clone())
+                .bind(&bound)
+                .fetch_optional(&mut *tx)
+                .await?;
+                if deleted.is_some() {
+                    tx.rollback().await?;
+                    return Ok(Applied::Deleted(commission.clone()));
+                }
+            }
+        }
         let row = match (&ev.kind, &ev.version) {
             (EventKind::Created, _) => {
                 // A created event never overwrites state written by an update, and never
@@ -305,12 +362,94 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Deletes commission `d.commission_id` and its projects stored no later than the
+    /// deletion (its ordering key), and keeps the deletion, so an older event of them is
+    /// stale from then on. Idempotent: a redelivery or replay deletes nothing more.
+    pub async fn delete_commission(
+        &self,
+        d: &CommissionDeletion,
+    ) -> Result<DeletedCommission, StoreError> {
+        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        let bound = crate::event::stored_beyond_belief();
+        let id = &d.commission_id;
+        let mut tx = db::begin_write(&self.pool).await?;
+        lock_commission(&mut tx, id).await?;
+        // The newest deletion's key is kept (a replay of an older one does not move it
+        // back), a key further ahead than any believable replaced as a row's is.
+        let newer = no_newer(
+            (
+                "deleted_commissions.version",
+                "deleted_commissions.version_tie",
+            ),
+            ("excluded.version", "excluded.version_tie"),
+        );
+        db::sqlx::query(&format!(
+            "INSERT INTO deleted_commissions (id, version, version_tie, deleted_at) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO UPDATE SET version = excluded.version, \
+             version_tie = excluded.version_tie, deleted_at = excluded.deleted_at \
+             WHERE deleted_commissions.version IS NULL OR excluded.version IS NULL \
+             OR {newer} OR deleted_commissions.version > $5"
+        ))
+        .bind(id)
+        .bind(d.version.clone())
+        .bind(d.tie.clone())
+        .bind(&now)
+        .bind(&bound)
+        .execute(&mut *tx)
+        .await?;
+        // What a newer event wrote (a project created again after the deletion) stays.
+        let older = |table: &str| {
+            format!(
+                "({table}.version IS NULL OR $2 IS NULL OR {} OR {table}.version > $4)",
+                no_newer(
+                    (&format!("{table}.version"), &format!("{table}.version_tie")),
+                    ("$2", "$3")
+                )
+            )
+        };
+        let rows = db::sqlx::query(&format!(
+            "DELETE FROM projects WHERE commission_id = $1 AND {} RETURNING id",
+            older("projects")
+        ))
+        .bind(id)
+        .bind(d.version.clone())
+        .bind(d.tie.clone())
+        .bind(&bound)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut deleted_projects = rows
+            .iter()
+            .map(|r| r.try_get::<String, _>("id"))
+            .collect::<Result<Vec<_>, _>>()?;
+        deleted_projects.sort();
+        let commission = db::sqlx::query(&format!(
+            "DELETE FROM commissions WHERE id = $1 AND {}",
+            older("commissions")
+        ))
+        .bind(id)
+        .bind(d.version.clone())
+        .bind(d.tie.clone())
+        .bind(&bound)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(DeletedCommission {
+            commission_id: id.clone(),
+            commission_deleted: commission.rows_affected() > 0,
+            deleted_projects,
+            last_event: "commission-deleted",
+            updated_at: now,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::event::{EventKind, ProjectEvent};
+    use crate::event::{CommissionDeletion, EventKind, ProjectEvent};
 
     fn event(kind: EventKind, title: &str, version: &str) -> ProjectEvent {
         ProjectEvent {
@@ -407,10 +546,80 @@ mod tests {
                 store.apply(&update).await.expect("update again"),
                 Applied::Stored(_)
             )),
-            Applied::Stale => panic!("the update was dropped as stale against its create"),
+            Applied::Stale | Applied::Deleted(_) => {
+                panic!("the update was dropped as stale against its create")
+            }
         }
         let stored = store.project("p").await.expect("read").expect("project");
         assert_eq!(stored.title, "updated");
+        store.close().await;
+        pg.drop_db().await.expect("drop");
+    }
+
+    /// On PostgreSQL a create of a commission's project older than the commission's
+    /// deletion (another replica's), past its look for the deletion and still writing when
+    /// the deletion runs (held there by a trigger on a lock this test holds), is deleted
+    /// with the rest once it commits. Without the commission's lock the deletion missed the
+    /// row being written and the project outlived its commission.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_create_racing_its_commissions_deletion_does_not_outlive_it() {
+        let pg = db::testing::TempPostgres::create().await.expect("postgres");
+        let store = Store::open(&pg.url).await.expect("open");
+        let holder = db::testing::hold_writes(
+            &store.pool,
+            "projects",
+            "BEFORE INSERT",
+            "STATEMENT",
+            "current_query() LIKE 'INSERT INTO projects%'",
+        )
+        .await
+        .expect("hold");
+        let create = event(EventKind::Created, "created", "2026-01-01T00:00:00.000000Z");
+        let creating = tokio::spawn({
+            let store = store.clone();
+            async move { store.apply(&create).await }
+        });
+        let waiting = async |n: i64| {
+            db::testing::sessions_waiting(&store.pool)
+                .await
+                .expect("locks")
+                >= n
+        };
+        let limit = Duration::from_secs(60);
+        framework::testing::within(limit, "the create to wait", async {
+            while !creating.is_finished() && !waiting(1).await {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        let deletion = CommissionDeletion {
+            commission_id: "c".into(),
+            version: Some("2026-01-02T00:00:00.000000Z".into()),
+            tie: None,
+        };
+        let deleting = tokio::spawn({
+            let store = store.clone();
+            async move { store.delete_commission(&deletion).await }
+        });
+        framework::testing::within(limit, "the deletion to wait or end", async {
+            while !deleting.is_finished() && !waiting(2).await {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        holder.commit().await.expect("release");
+        let created = framework::testing::within(limit, "the create", creating).await;
+        assert!(matches!(
+            created.expect("join").expect("create"),
+            Applied::Stored(_)
+        ));
+        let deleted = framework::testing::within(limit, "the deletion", deleting)
+            .await
+            .expect("join")
+            .expect("deletion");
+        assert_eq!(deleted.deleted_projects, vec!["p".to_string()]);
+        assert!(store.project("p").await.expect("read").is_none());
+        assert!(store.commission("c").await.expect("read").is_none());
         store.close().await;
         pg.drop_db().await.expect("drop");
     }

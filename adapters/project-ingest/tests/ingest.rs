@@ -147,6 +147,7 @@ on_both!(
     updates_of_one_updated_time_keep_the_order_they_came_in,
     a_stamped_update_notes_when_it_was_first_seen,
     an_update_whose_receipt_could_not_be_noted_keeps_its_publishing_time,
+    pluto_deletes_a_commission_and_its_projects,
 );
 
 /// Runs `sql` on the database at `url` through a connection of its own.
@@ -999,6 +1000,89 @@ async fn a_nul_character_is_permanent_naming_the_field(b: Backend) {
     env.finish().await;
 }
 
+/// Pluto deletes a commission with a message whose `commissionTitle` is "(DELETE)" (its
+/// ingestion Lambda's since 2018; the current one sends only `type`, `commissionId` and the
+/// title): the commission and its projects go, an older event of them replayed later
+/// brings nothing back, the deletion delivered again is a success that deletes nothing
+/// more, and a newer event of the commission is stored. Before, the message was a dead
+/// letter (``field `id` is missing``), and a full project event with that title stored a
+/// commission named "(DELETE)".
+async fn pluto_deletes_a_commission_and_its_projects(b: Backend) {
+    let env = start(b, &[("project_ingest.missing_project_retries", "0")]).await;
+    let mut out = env.hs.watch_output().await;
+    // Not `project`'s commission: `assert_dropped`'s sentinel is of that one.
+    let of = |kind: &str, id: &str, c: &str| {
+        let mut v = project(kind, id, id);
+        v["commissionId"] = json!(c);
+        v
+    };
+    for id in ["p1", "p2"] {
+        env.send(&of("project-created", id, "c-del")).await;
+        next(&mut out).await;
+    }
+    env.send(&of("project-created", "p3", "c-2")).await;
+    next(&mut out).await;
+
+    // As Pluto's Kinesis stream carries it (after the projects' creation).
+    let deletion = json!({"type": "project-created", "commissionId": "c-del",
+                          "commissionTitle": "(DELETE)"});
+    let mut envelope = kinesis(&[deletion]);
+    envelope["Records"][0]["kinesis"]["approximateArrivalTimestamp"] = json!(1_600_000_000.0);
+    env.send(&envelope).await;
+    let d = next(&mut out).await;
+    assert_eq!(
+        d.routing_key.as_str(),
+        "storagetier.projectingest.project.success"
+    );
+    let v = body(&d);
+    assert_eq!(v["commissionId"], "c-del");
+    assert_eq!(v["commissionDeleted"], true);
+    assert_eq!(v["deletedProjects"], json!(["p1", "p2"]));
+    assert_eq!(v["lastEvent"], "commission-deleted");
+    for id in ["p1", "p2"] {
+        assert!(env.store.project(id).await.unwrap().is_none(), "{id}");
+    }
+    assert!(env.store.commission("c-del").await.unwrap().is_none());
+    assert!(env.store.project("p3").await.unwrap().is_some());
+    assert!(env.store.commission("c-2").await.unwrap().is_some());
+
+    // Older events of the commission (a retry, a replay) bring nothing back.
+    assert_dropped(&env, &mut out, &of("project-created", "p1", "c-del")).await;
+    let mut older = of("project-updated", "p2", "c-del");
+    older["updated"] = json!("2019-01-01T00:00:00Z");
+    assert_dropped(&env, &mut out, &older).await;
+    assert!(env.store.project("p1").await.unwrap().is_none());
+    assert!(env.store.project("p2").await.unwrap().is_none());
+    assert!(env.store.commission("c-del").await.unwrap().is_none());
+
+    // Delivered again: a success deleting nothing more.
+    env.send(&envelope).await;
+    let v = body(&next(&mut out).await);
+    assert_eq!(v["commissionDeleted"], false);
+    assert_eq!(v["deletedProjects"], json!([]));
+
+    // A full project event with that title deletes too: never a commission named so.
+    let mut full = of("project-updated", "p3", "c-2");
+    full["commissionTitle"] = json!("(DELETE)");
+    env.send(&full).await;
+    let v = body(&next(&mut out).await);
+    assert_eq!(v["deletedProjects"], json!(["p3"]));
+    assert!(env.store.commission("c-2").await.unwrap().is_none());
+    assert!(env.store.project("p3").await.unwrap().is_none());
+
+    // A newer event of the deleted commission is stored.
+    let mut newer = of("project-created", "p4", "c-del");
+    newer["updated"] = json!("2021-01-01T00:00:00Z");
+    env.send(&newer).await;
+    assert_eq!(body(&next(&mut out).await)["id"], "p4");
+    assert_eq!(
+        env.store.commission("c-del").await.unwrap().unwrap().0,
+        "Commission one"
+    );
+    assert_eq!(env.dlq_count().await, 0);
+    env.finish().await;
+}
+
 async fn created_stores_project_and_commission(b: Backend) {
     let env = start(b, &[]).await;
     let mut out = env.hs.watch_output().await;
@@ -1291,6 +1375,11 @@ async fn bad_or_missing_fields_are_permanent_naming_the_field() {
         cases.push((v, msg.to_string()));
     }
     cases.push((json!([1, 2]), "expected a JSON object, found array".into()));
+    // A commission deletion needs the commission.
+    cases.push((
+        json!({"type": "project-created", "commissionTitle": "(DELETE)"}),
+        "field `commissionId` is missing".into(),
+    ));
     for (v, expected) in &cases {
         env.send(v).await;
         let d = next(&mut dlq).await;

@@ -83,7 +83,7 @@ async fn each_record_is_counted_once_and_every_result_from_the_start() {
     await_outcome_count(&hs.q, "success", 2).await;
     assert_eq!(events("stored"), 3, "a, b's update and b's create");
     assert_eq!(events("invalid"), 1);
-    for result in ["missing", "stale", "unknown_type"] {
+    for result in ["deleted", "missing", "stale", "unknown_type"] {
         assert_eq!(events(result), 0, "{result}");
     }
     hs.stop().await;
