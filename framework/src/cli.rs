@@ -309,9 +309,17 @@ pub fn main<S: Service>() -> ExitCode {
     let command = cli.command;
     let result = rt.block_on(async move {
         let work = tokio::spawn(async move {
-            match own {
-                Some((name, args)) => S::run_extra(&name, &args, cfg).await,
-                None => execute::<S>(command.unwrap_or(Command::Run), cfg).await,
+            match (own, command.unwrap_or(Command::Run)) {
+                (Some((name, args)), _) => until_signalled(S::run_extra(&name, &args, cfg)).await,
+                // These two stop on a signal their own way: a drain, a replay's summary.
+                (
+                    None,
+                    c @ (Command::Run
+                    | Command::Dlq {
+                        command: DlqCommand::Replay { .. },
+                    }),
+                ) => execute::<S>(c, cfg).await,
+                (None, c) => until_signalled(execute::<S>(c, cfg)).await,
             }
         });
         work.await
@@ -850,6 +858,24 @@ pub fn print_out(text: &str) -> Result<(), Failure> {
 fn print_err(text: &str) {
     use std::io::Write as _;
     let _ = writeln!(std::io::stderr().lock(), "{text}");
+}
+
+/// `work` (a command other than `run` and `dlq replay`) until it ends or SIGTERM or SIGINT
+/// comes: then it fails at once (exit 1), its connection closed with the process (the
+/// broker takes back whatever it held). Left to the signals' default, a process that
+/// ignores them — PID 1 of a container without an init, a script's background job — went
+/// on for the whole of its timeouts: `dlq list` held every dead letter and the DLQ's lock
+/// for up to 5 minutes, `docker stop` waited for its SIGKILL.
+async fn until_signalled(
+    work: impl std::future::Future<Output = Result<(), Failure>>,
+) -> Result<(), Failure> {
+    let stop = shutdown_on_signal();
+    tokio::select! {
+        r = work => r,
+        () = stop.cancelled() => Err(Failure::Other(
+            "stopped by a signal before it finished (what it held on the broker goes back)".into(),
+        )),
+    }
 }
 
 /// A token cancelled on SIGTERM or SIGINT; a second signal during the drain exits at once

@@ -689,6 +689,60 @@ fn a_closed_stderr_changes_no_exit_code() {
     );
 }
 
+/// A command other than `run` stops at SIGTERM or SIGINT (exit 1, saying so) even where
+/// the process ignores both — PID 1 of a container without an init, a script's background
+/// job: here the signals are set to be ignored before the command starts, and its broker
+/// is a host that never answers (a connect waiting out a 10-minute timeout). Before, it
+/// went on for the whole of its timeouts (`dlq list` up to 5 minutes holding every dead
+/// letter and the DLQ's lock).
+#[tokio::test]
+async fn other_commands_stop_at_a_signal_even_where_signals_are_ignored() {
+    let relay = framework::testing::relay::Relay::start().await;
+    relay.lose_host();
+    let dir = tempfile::tempdir().unwrap();
+    for (args, signal) in [
+        (&["declare"][..], process::SIGTERM),
+        (&["dlq", "list"][..], process::SIGINT),
+        (&["dlq", "purge", "--yes"][..], process::SIGTERM),
+    ] {
+        let tried = relay.attempts().len();
+        let mut cmd = echo_cmd(&unique("ignored"), dir.path());
+        cmd.env("STORAGETIER__AMQP__URL", relay.url.as_str())
+            .env("STORAGETIER__AMQP__CONNECT_TIMEOUT_MS", "600000")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        // SAFETY: signal() is async-signal-safe; it only sets two dispositions.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                libc::signal(libc::SIGTERM, libc::SIG_IGN);
+                libc::signal(libc::SIGINT, libc::SIG_IGN);
+                Ok(())
+            });
+        }
+        let mut child = process::spawn(&mut cmd).unwrap();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while relay.attempts().len() == tried {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{args:?} connects to the broker"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        child.signal(signal);
+        let mut err = child.take_stderr().expect("stderr");
+        let status = tokio::task::spawn_blocking(move || child.wait_for(WAIT))
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("{args:?} exits at the signal"));
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut err, &mut text).unwrap();
+        assert_eq!(status.code(), Some(1), "{args:?}: {text}");
+        assert!(text.contains("stopped by a signal"), "{args:?}: {text}");
+    }
+}
+
 /// A second SIGTERM during the drain exits at once (code 1) instead of waiting for a
 /// handler that would take minutes; its message goes back to the queue.
 #[tokio::test]
