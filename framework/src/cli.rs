@@ -591,17 +591,30 @@ async fn execute<S: Service>(cmd: Command, cfg: Config<S::Settings>) -> Result<(
                 }
                 Failure::Other(m)
             };
-            let conn = connect(&cfg.amqp, S::NAME).await.map_err(|e| {
-                failed(format!(
-                    "cannot connect to {}: {e}{}",
-                    cfg.amqp.endpoints_shown(),
-                    crate::connection::refusal_hint(&e)
-                ))
-            })?;
+            // A replay stops on a signal its own way (the other commands where they
+            // stand: `until_signalled`); before it begins, at the first.
+            let signals =
+                matches!(command, DlqCommand::Replay { .. }).then(first_and_second_signal);
+            let first = signals.as_ref().map(|(first, _)| first);
+            let second = signals.as_ref().map(|(_, second)| second);
+            let not_begun = || failed("stopped by a signal before it began".into());
+            let conn = unless_stopped(first, connect(&cfg.amqp, S::NAME))
+                .await
+                .ok_or_else(not_begun)?
+                .map_err(|e| {
+                    failed(format!(
+                        "cannot connect to {}: {e}{}",
+                        cfg.amqp.endpoints_shown(),
+                        crate::connection::refusal_hint(&e)
+                    ))
+                })?;
             let limit = cfg.amqp.operation_timeout();
             if !matches!(command, DlqCommand::Purge { .. })
-                && let Ok(Ok(true)) =
-                    tokio::time::timeout(limit, topo.dlq_delivery_limit_kept(&conn)).await
+                && let Some(Ok(Ok(true))) = unless_stopped(
+                    first,
+                    tokio::time::timeout(limit, topo.dlq_delivery_limit_kept(&conn)),
+                )
+                .await
             {
                 let vhost = cfg
                     .amqp
@@ -624,11 +637,13 @@ async fn execute<S: Service>(cmd: Command, cfg: Config<S::Settings>) -> Result<(
                     topo.dlq(),
                     regex_escape(&topo.dlq()));
             }
-            let r = match dlq::exclusive(&conn, &topo).await {
-                Ok(()) => dlq_command(&conn, &topo, command).await,
-                Err(e) => Err(failed(e.to_string())),
+            let r = match unless_stopped(first, dlq::exclusive(&conn, &topo)).await {
+                Some(Ok(())) => dlq_command(&conn, &topo, command, signals.clone()).await,
+                Some(Err(e)) => Err(failed(e.to_string())),
+                None => Err(not_begun()),
             };
-            let _ = bounded(limit, "connection.close", conn.close(200, "done".into())).await;
+            let close = bounded(limit, "connection.close", conn.close(200, "done".into()));
+            let _ = unless_stopped(second, close).await;
             r
         }
     }
@@ -673,10 +688,27 @@ fn check_dlq_usage(cmd: &DlqCommand) -> Result<(), Failure> {
     }
 }
 
+/// `work`, or None where `stop` is cancelled first.
+async fn unless_stopped<T>(
+    stop: Option<&CancellationToken>,
+    work: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    match stop {
+        None => Some(work.await),
+        Some(stop) => tokio::select! {
+            biased;
+            r = work => Some(r),
+            () = stop.cancelled() => None,
+        },
+    }
+}
+
+/// `signals`: a replay's first and second signal ([`first_and_second_signal`]).
 async fn dlq_command(
     conn: &lapin::Connection,
     topo: &Topology,
     cmd: DlqCommand,
+    signals: Option<(CancellationToken, CancellationToken)>,
 ) -> Result<(), Failure> {
     let other = |e: &dyn std::fmt::Display| {
         let m = e.to_string();
@@ -755,15 +787,17 @@ async fn dlq_command(
                 limit,
                 per_second: rate,
                 hold_at_most: None,
-                // Ctrl-C stops it between two dead letters, saying how far it got.
-                stop: Some(shutdown_on_signal()),
+                // Ctrl-C stops it between two dead letters, a second one at once, saying
+                // how far it got either way.
+                stop: signals.as_ref().map(|(first, _)| first.clone()),
+                stop_now: signals.as_ref().map(|(_, second)| second.clone()),
             };
             let verb = if dry_run { "would replay" } else { "replayed" };
             // Each line as its dead letter is moved: a replay cut short has said which.
             let mut unwritten = None;
             let action = replay_action(dry_run);
             let mut seen = 0usize;
-            let moved = dlq::replay_each(conn, topo, &filter, dry_run, |i| {
+            let replaying = dlq::replay_each(conn, topo, &filter, dry_run, |i| {
                 seen += 1;
                 let line = if json {
                     // A script reads ids with spaces or ` -> ` in them whole.
@@ -784,9 +818,15 @@ async fn dlq_command(
                 if unwritten.is_none() {
                     unwritten = print_out(&line).err();
                 }
-            })
-            .await
-            .map_err(|e| {
+            });
+            // Between two broker calls (each bounded by the operation timeout) a second
+            // signal ends it where it stands; one waiting for a confirm ends itself,
+            // naming that copy.
+            let second = signals.as_ref().map(|(_, second)| second);
+            let replayed = unless_stopped(second, replaying)
+                .await
+                .unwrap_or(Err(dlq::DlqError::StoppedNow(seen)));
+            let moved = replayed.map_err(|e| {
                 if json {
                     let _ = replay_summary(dry_run, seen, &topo.queue, Some(&e.to_string()));
                 }
@@ -881,6 +921,22 @@ async fn until_signalled(
 /// A token cancelled on SIGTERM or SIGINT; a second signal during the drain exits at once
 /// (code 1).
 pub fn shutdown_on_signal() -> CancellationToken {
+    on_signals(None)
+}
+
+/// Tokens cancelled by the first and by a second SIGTERM or SIGINT: `dlq replay` stops
+/// between two dead letters at the first and at once at the second, and says so either
+/// way (how many it moved, a copy whose confirm had not come) — exiting from the signal
+/// as `run` does left a script without its summary and an operator without the id of a
+/// copy that may still land.
+fn first_and_second_signal() -> (CancellationToken, CancellationToken) {
+    let second = CancellationToken::new();
+    (on_signals(Some(second.clone())), second)
+}
+
+/// A token cancelled on SIGTERM or SIGINT; at a second one `second` is cancelled, or
+/// without it the process exits at once (code 1).
+fn on_signals(second: Option<CancellationToken>) -> CancellationToken {
     let token = CancellationToken::new();
     let t = token.clone();
     // Installed before this returns, not in the task: a SIGTERM that came before the task
@@ -915,19 +971,24 @@ pub fn shutdown_on_signal() -> CancellationToken {
             // Cancelled before it is logged: nothing the log does may hold up a stop.
             t.cancel();
             tracing::info!("shutdown requested");
-            // A second signal during the drain means now: exit without waiting for it (the
-            // broker gives back whatever was not acked).
             tokio::select! {
                 _ = term.recv() => {}
                 _ = int.recv() => {}
             }
+            if let Some(second) = second {
+                second.cancel();
+                tracing::warn!("second signal: stopping at once");
+                return;
+            }
+            // A second signal during the drain means now: exit without waiting for it (the
+            // broker gives back whatever was not acked).
             tracing::warn!("second signal: exiting without finishing the drain");
             crate::telemetry::flush_logs();
             std::process::exit(1);
         }
         #[cfg(not(unix))]
         {
-            let _ = tokio::signal::ctrl_c().await;
+            let _ = (second, tokio::signal::ctrl_c().await);
             tracing::info!("shutdown requested");
             t.cancel();
         }

@@ -755,3 +755,115 @@ async fn a_parts_dead_letter_whose_confirm_comes_late_is_dead_lettered_once() {
         "one output for one input"
     );
 }
+
+/// Messages of `queue` on `broker` delivered and not yet acknowledged.
+fn unacked(broker: &PrivateBroker, queue: &str) -> u64 {
+    let out = tokio::task::block_in_place(|| {
+        broker.ctl_output(&["list_queues", "-q", "name", "messages_unacknowledged"])
+    });
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| {
+            let mut cols = l.split_whitespace();
+            (cols.next() == Some(queue))
+                .then(|| cols.next().and_then(|n| n.parse().ok()))
+                .flatten()
+        })
+        .unwrap_or(0)
+}
+
+/// A second Ctrl-C during `dlq replay` while a replayed copy waits for its confirm (the
+/// service's queue not confirming: a quorum queue electing a leader) ends the replay at
+/// once, its `--json` summary naming that copy as one that may still land — which it does,
+/// once the queue answers, while its dead letter is kept. Before, the second signal exited
+/// from the signal handler: no summary, no name, and the next replay delivered it twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_during_a_replay_names_the_copy_that_may_still_land() {
+    use std::process::Stdio;
+    let broker = PrivateBroker::start().await;
+    let q = unique("replaystop");
+    let refuse =
+        FnProcessor(|_: serde_json::Value, _: &MessageContext| Outcome::permanent("refused"));
+    let (service, _cfg) = start_on(&broker, &q, &[], refuse).await;
+    let (conn, ch) = broker.channel().await.expect("channel");
+    publish(
+        &ch,
+        &format!("{q}-in"),
+        "test.x",
+        br#"{"n":1}"#,
+        framework::lapin::BasicProperties::default().with_message_id("stuck-1".into()),
+    )
+    .await;
+    let dlq = format!("{q}-dlq");
+    await_ready_count(&ch, &dlq, 1).await;
+    service.stop().await;
+    suspend_queue(&broker, &q, "st_replay_stop", true);
+
+    let dir = tempfile::tempdir().expect("config dir");
+    let mut cmd = isolated_command(env!("CARGO_BIN_EXE_echo"));
+    cmd.arg("--config-dir")
+        .arg(dir.path())
+        .env("STORAGETIER__AMQP__URL", broker.url())
+        // Far longer than the test waits: only the second signal can end it in time.
+        .env("STORAGETIER__AMQP__OPERATION_TIMEOUT_MS", "600000")
+        .env("STORAGETIER__LOG__LEVEL", "info")
+        .env("STORAGETIER__ECHO__QUEUE", &q)
+        .env("STORAGETIER__ECHO__INPUT_EXCHANGE", format!("{q}-in"))
+        .env("STORAGETIER__ECHO__OUTPUT_EXCHANGE", format!("{q}-out"))
+        .env("STORAGETIER__RETRY__DELAYS_MS", "200,400")
+        .args(["dlq", "replay", "--all", "--json"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut replay = process::spawn(&mut cmd).expect("replay runs");
+    let stderr = replay.take_stderr().expect("stderr");
+    let (seen_tx, seen_rx) = std::sync::mpsc::channel();
+    // Read to the end, so the command never blocks on a full pipe.
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("shutdown requested") {
+                let _ = seen_tx.send(());
+            }
+        }
+    });
+    // The dead letter fetched: its copy is published, and waits for the confirm.
+    wait_until("the replay to fetch the dead letter", || {
+        unacked(&broker, &dlq) == 1
+    })
+    .await;
+    replay.signal(process::SIGINT);
+    tokio::task::spawn_blocking(move || seen_rx.recv_timeout(WAIT))
+        .await
+        .expect("join")
+        .expect("the first signal is taken");
+    replay.signal(process::SIGINT);
+    let mut out = replay.take_stdout().expect("stdout");
+    let status = tokio::task::spawn_blocking(move || replay.wait_for(WAIT))
+        .await
+        .expect("join")
+        .expect("the replay ends at the second signal");
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut out, &mut text).expect("stdout");
+    assert_eq!(status.code(), Some(1), "{text}");
+    let last: serde_json::Value = text
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| panic!("a summary last: {text}"));
+    let error = last["summary"]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("stuck-1") && error.contains("may still land"),
+        "{last}"
+    );
+    assert_eq!(last["summary"]["moved"], 0, "{last}");
+
+    suspend_queue(&broker, &q, "st_replay_stop", false);
+    // The copy lands once the queue answers; the dead letter was kept.
+    await_ready_count(&ch, &q, 1).await;
+    await_ready_count(&ch, &dlq, 1).await;
+    framework::testing::broker::close(conn).await;
+}

@@ -138,14 +138,14 @@ pub enum DlqError {
         held_secs: u64,
     },
     /// The replay was stopped (SIGINT, SIGTERM) while the broker had not confirmed a
-    /// publish (it blocks publishes during a resource alarm): that message may still land
-    /// in `Q`, and its dead letter is kept.
+    /// publish (it blocks publishes during a resource alarm; or a second signal came
+    /// first): that message may still land in `Q`, and its dead letter is kept.
     #[error(
         "interrupted after replaying {moved}, while the broker had not confirmed the replay \
-         of {} (it blocks publishes during a resource alarm: \
-         `rabbitmq-diagnostics alarms`): that one may still land in the queue once the \
-         broker takes it, and its dead letter is kept — look for it in the queue before \
-         replaying it again, or it is delivered twice",
+         of {} (it blocks publishes during a resource alarm — \
+         `rabbitmq-diagnostics alarms` — or the stop came before its confirm): that one may \
+         still land in the queue once the broker takes it, and its dead letter is kept — \
+         look for it in the queue before replaying it again, or it is delivered twice",
         named(message_id)
     )]
     Unconfirmed {
@@ -160,6 +160,14 @@ pub enum DlqError {
          in the DLQ. Run the same command again to go on"
     )]
     Interrupted(usize),
+    /// The replay was stopped at a second signal while it waited for the broker (not for
+    /// a confirm: [`DlqError::Unconfirmed`]).
+    #[error(
+        "stopped at a second signal after replaying {0}: those are replayed and removed, the \
+         rest are still in the DLQ (one whose replay was confirmed as the stop came may be \
+         there too: delivered twice if replayed again). Run the same command again to go on"
+    )]
+    StoppedNow(usize),
     /// A dry run was stopped (SIGINT, SIGTERM) before it had looked at every dead letter.
     #[error(
         "dry run interrupted after looking at {looked} of {total} dead letters ({would} of \
@@ -614,6 +622,9 @@ pub struct Filter {
     pub hold_at_most: Option<Duration>,
     /// Cancelled to stop the replay before its next dead letter (an operator's Ctrl-C).
     pub stop: Option<tokio_util::sync::CancellationToken>,
+    /// Cancelled to stop it at once, even while a copy waits for its confirm (a second
+    /// Ctrl-C): that copy is named ([`DlqError::Unconfirmed`]), as it may still land.
+    pub stop_now: Option<tokio_util::sync::CancellationToken>,
 }
 
 /// How long a replay holds the dead letters it passed over (unacknowledged on its channel,
@@ -799,6 +810,7 @@ pub async fn replay_each(
     let mut looked = 0usize;
     let mut held = Held::default();
     let stop = filter.stop.clone().unwrap_or_default();
+    let stop_now = filter.stop_now.clone().unwrap_or_default();
     // This run's mark on what it replays: a copy that failed again and is back in the DLQ
     // is not one of the `total` it set out to look at.
     let run = uuid::Uuid::new_v4().to_string();
@@ -906,8 +918,9 @@ pub async fn replay_each(
             );
             // The wait for a confirm has no end while the broker blocks publishes (a
             // resource alarm): a stop asked for meanwhile ends it, saying that this one
-            // may still land. Otherwise the confirm is on its way (bounded): waited for, so
-            // the dead letter is removed and the stop falls between two dead letters.
+            // may still land, as a second stop does whatever the broker does. Otherwise
+            // the confirm is on its way (bounded): waited for, so the dead letter is
+            // removed and the stop falls between two dead letters.
             tokio::pin!(published);
             loop {
                 tokio::select! {
@@ -918,9 +931,10 @@ pub async fn replay_each(
                         break;
                     }
                     _ = stop.cancelled(), if !stop.is_cancelled() => {}
+                    _ = stop_now.cancelled() => {}
                     _ = tokio::time::sleep(Duration::from_millis(100)), if stop.is_cancelled() => {}
                 }
-                if stop.is_cancelled() && alarm.blocked() {
+                if (stop.is_cancelled() && alarm.blocked()) || stop_now.is_cancelled() {
                     return Err(DlqError::Unconfirmed {
                         moved,
                         message_id: info.message_id,
