@@ -520,6 +520,9 @@ impl TierCopier {
         };
         let state = copy::SourceState::of(&meta).on_remote(remote);
         state.settle(file, &original).await?;
+        // A file the store can never hold is refused before anything reads it: nearline
+        // hashed one whole first (terabytes read for a refusal, at every redelivery).
+        copy::part_size(size, self.tier.min_part, self.tier.local_dir.is_none())?;
         // The source's digest, where an earlier copy or (nearline) an identical object is
         // looked for: size and modification time do not prove the content (a file
         // replaced by another of its size with its time kept, `cp -p`, must be copied,

@@ -2791,6 +2791,31 @@ async fn an_older_nearline_record_of_an_archived_object_still_settles_its_redeli
 /// A nearline copy of several parts to S3 records the MD5 and the SHA-256 of the whole
 /// file (each part hashed off the runtime, the SHA-256 beside the MD5 on a thread of its
 /// own), and so does a local one (its hasher threads).
+/// A file larger than S3 holds is refused (permanent) before anything reads it: nearline
+/// hashed it whole first, to look for an identical object (terabytes read for a refusal,
+/// at every redelivery). The file is sparse: its reading alone would outlast the test.
+#[tokio::test]
+async fn a_file_larger_than_s3_holds_is_refused_before_it_is_read() {
+    let bucket = "tier-too-large";
+    let (_moto, _proxy, s3) = s3_tier(bucket).await;
+    let base = tempfile::tempdir().expect("temp");
+    let c = nearline(base.path(), s3, records(base.path()).await);
+    let msg = put(base.path(), "online", "p/huge.mov", b"");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(base.path().join("online/p/huge.mov"))
+        .and_then(|f| f.set_len(storage::copy::MAX_OBJECT + 1))
+        .expect("a sparse file past the largest object");
+    let r = framework::testing::within(framework::testing::WAIT, "the refusal", async {
+        c.handle(&msg, 1).await
+    })
+    .await;
+    match r {
+        Err(TierError::Permanent(e)) => assert!(e.contains("largest object"), "{e}"),
+        other => panic!("expected a permanent refusal, got {other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn nearline_copies_of_several_parts_record_both_digests_of_the_whole_file() {
     let bucket = "tier-md5-parts";
