@@ -2981,7 +2981,7 @@ impl Mounted {
             .expect("mount runs");
         assert!(
             ok.success(),
-            "mount {args:?} at {} (needs root)",
+            "mount {args:?} at {} (needs root, and a loop device for an image)",
             dir.display()
         );
         Mounted(dir.to_path_buf())

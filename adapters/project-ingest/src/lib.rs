@@ -365,14 +365,24 @@ impl ProjectProcessor {
                         ev.id
                     ));
                 }
-                Ok(Applied::Deleted(commission)) => {
+                // It had put the project in the commission before its deletion: the
+                // project went with it, which is announced as the deletion's own were.
+                Ok(Applied::Deleted(d)) if !d.deleted_projects.is_empty() => {
+                    tracing::info!(project = %LogText(&ev.id), commission = %LogText(&d.commission_id),
+                        "project deleted with its commission, by an older {} delivered after the deletion",
+                        ev.kind.as_str());
+                    tally.count("deleted");
+                    stored.push((n, Announced::Deletion(*d)));
+                }
+                Ok(Applied::Deleted(d)) => {
                     tally.count("stale");
-                    tracing::info!(project = %LogText(&ev.id), commission = %LogText(&commission),
+                    tracing::info!(project = %LogText(&ev.id), commission = %LogText(&d.commission_id),
                         "{} older than its commission's deletion ignored", ev.kind.as_str());
                     dropped.push(format!(
-                        "{} for project {}: its commission {commission} was deleted after it",
+                        "{} for project {}: its commission {} was deleted after it",
                         ev.kind.as_str(),
-                        ev.id
+                        ev.id,
+                        d.commission_id
                     ));
                 }
                 Err(e) if e.refuses_the_data() => {

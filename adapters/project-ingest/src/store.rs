@@ -46,8 +46,10 @@ pub enum Applied {
     Stale,
     /// project-updated for a project never seen.
     Missing,
-    /// The event's commission (named) was deleted by a newer message: nothing changed.
-    Deleted(String),
+    /// The event's commission was deleted by a newer message: the event is stale. Where
+    /// it would have put the project in that commission before the deletion (the row no
+    /// newer than it), the project is deleted too, as the deletion would have taken it.
+    Deleted(Box<DeletedCommission>),
 }
 
 /// What deleting a commission did (the success message body).
@@ -81,6 +83,87 @@ async fn lock_commission(tx: &mut db::WriteTx, id: &str) -> Result<(), db::sqlx:
             .await?;
     }
     Ok(())
+}
+
+/// Notes that project `id` was deleted with `commission` by the deletion of key
+/// `deletion` (version, tie), its row then of key `row`.
+async fn note_deleted_project(
+    tx: &mut db::WriteTx,
+    id: &str,
+    commission: &str,
+    deletion: (Option<&str>, Option<&str>),
+    row: (Option<&str>, Option<&str>),
+    now: &str,
+) -> Result<(), db::sqlx::Error> {
+    db::sqlx::query(
+        "INSERT INTO deleted_projects (id, commission_id, version, version_tie, row_version, \
+         row_version_tie, deleted_at) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) \
+         DO UPDATE SET commission_id = excluded.commission_id, version = excluded.version, \
+         version_tie = excluded.version_tie, row_version = excluded.row_version, \
+         row_version_tie = excluded.row_version_tie, deleted_at = excluded.deleted_at",
+    )
+    .bind(id)
+    .bind(commission)
+    .bind(deletion.0.map(str::to_string))
+    .bind(deletion.1.map(str::to_string))
+    .bind(row.0.map(str::to_string))
+    .bind(row.1.map(str::to_string))
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// The row of a project-updated event `ev` whose project was deleted with its commission
+/// while the event — newer than the deleted row, naming another commission — had moved it
+/// out before the deletion (the move delivered after it: a retry tier, another replica):
+/// the project lives on in Pluto, so it is stored again from the event (which carries
+/// every field) instead of waiting as missing and being dropped with every later update.
+/// None where that is not so.
+async fn moved_out_before_deletion(
+    tx: &mut db::WriteTx,
+    ev: &ProjectEvent,
+    now: &str,
+) -> Result<Option<db::sqlx::any::AnyRow>, db::sqlx::Error> {
+    let Some(version) = &ev.version else {
+        return Ok(None);
+    };
+    let newer = no_newer(("row_version", "row_version_tie"), ("$2", "$3"));
+    let moved = db::sqlx::query(&format!(
+        "SELECT commission_id FROM deleted_projects WHERE id = $1 \
+         AND (row_version IS NULL OR {newer}) \
+         AND ($4 IS NULL OR commission_id <> $4)"
+    ))
+    .bind(&ev.id)
+    .bind(version)
+    .bind(ev.tie.clone())
+    .bind(ev.commission_id.clone())
+    .fetch_optional(&mut **tx)
+    .await?;
+    if moved.is_none() {
+        return Ok(None);
+    }
+    db::sqlx::query("DELETE FROM deleted_projects WHERE id = $1")
+        .bind(&ev.id)
+        .execute(&mut **tx)
+        .await?;
+    let sql = format!(
+        "INSERT INTO projects ({COLS}, version_tie) VALUES ($1, $2, $3, $4, {COMMISSION_TITLE}, \
+         $6, $7, $8, 'project-updated', $9, $10) ON CONFLICT (id) DO NOTHING RETURNING {COLS}"
+    );
+    db::sqlx::query(&sql)
+        .bind(&ev.id)
+        .bind(&ev.title)
+        .bind(&ev.status)
+        .bind(ev.commission_id.clone())
+        .bind(ev.commission_title.clone())
+        .bind(&ev.production_office)
+        .bind(&ev.created)
+        .bind(ev.version.clone())
+        .bind(now)
+        .bind(ev.tie.clone())
+        .fetch_optional(&mut **tx)
+        .await
 }
 
 /// The project database.
@@ -197,8 +280,8 @@ impl Store {
             if let Some(version) = &ev.version {
                 let newer = no_newer(("version", "version_tie"), ("$2", "$3"));
                 let deleted = db::sqlx::query(&format!(
-                    "SELECT id FROM deleted_commissions WHERE id = $1 AND version IS NOT NULL \
-                     AND NOT ({newer}) AND version <= $4"
+                    "SELECT version, version_tie FROM deleted_commissions WHERE id = $1 \
+                     AND version IS NOT NULL AND NOT ({newer}) AND version <= $4"
                 ))
                 .bind(commission)
                 .bind(version)
@@ -206,9 +289,52 @@ impl Store {
                 .bind(&bound)
                 .fetch_optional(&mut *tx)
                 .await?;
-                if deleted.is_some() {
-                    tx.rollback().await?;
-                    return Ok(Applied::Deleted(commission.clone()));
+                if let Some(t) = deleted {
+                    let (t_version, t_tie): (Option<String>, Option<String>) =
+                        (t.try_get("version")?, t.try_get("version_tie")?);
+                    // The row this event would have overwritten (the same rules as below:
+                    // a create only over its creation's row) is no newer than the deletion.
+                    let over = match ev.kind {
+                        EventKind::Created => format!(
+                            "last_event = 'project-created' AND (version IS NULL OR {})",
+                            no_newer(("version", "version_tie"), ("$2", "$3"))
+                        ),
+                        EventKind::Updated => format!(
+                            "(last_event = 'project-created' OR version IS NULL OR {} \
+                             OR version > $4)",
+                            no_newer(("version", "version_tie"), ("$2", "$3"))
+                        ),
+                    };
+                    let gone = db::sqlx::query(&format!(
+                        "DELETE FROM projects WHERE id = $1 AND {over} RETURNING id"
+                    ))
+                    .bind(&ev.id)
+                    .bind(version)
+                    .bind(ev.tie.clone())
+                    .bind(&bound)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .is_some();
+                    if gone {
+                        let deletion = (t_version.as_deref(), t_tie.as_deref());
+                        let row = (ev.version.as_deref(), ev.tie.as_deref());
+                        note_deleted_project(&mut tx, &ev.id, commission, deletion, row, &now)
+                            .await?;
+                        tx.commit().await?;
+                    } else {
+                        tx.rollback().await?;
+                    }
+                    return Ok(Applied::Deleted(Box::new(DeletedCommission {
+                        commission_id: commission.clone(),
+                        commission_deleted: false,
+                        deleted_projects: if gone {
+                            vec![ev.id.clone()]
+                        } else {
+                            Vec::new()
+                        },
+                        last_event: "commission-deleted",
+                        updated_at: now,
+                    })));
                 }
             }
         }
@@ -248,7 +374,7 @@ impl Store {
                     .fetch_optional(&mut *tx)
                     .await?
             }
-            (EventKind::Updated, version) => {
+            (EventKind::Updated, version) => 'updated: {
                 // The project's row, locked on PostgreSQL (SQLite writes one transaction
                 // at a time) until this update commits. Without the lock a create
                 // committed between this read and the update (another replica's) was
@@ -266,6 +392,9 @@ impl Store {
                 .fetch_optional(&mut *tx)
                 .await?
                 else {
+                    if let Some(row) = moved_out_before_deletion(&mut tx, ev, &now).await? {
+                        break 'updated Some(row);
+                    }
                     tx.rollback().await?;
                     return Ok(Applied::Missing);
                 };
@@ -364,8 +493,11 @@ impl Store {
 
 impl Store {
     /// Deletes commission `d.commission_id` and its projects stored no later than the
-    /// deletion (its ordering key), and keeps the deletion, so an older event of them is
-    /// stale from then on. Idempotent: a redelivery or replay deletes nothing more.
+    /// deletion (its ordering key) or written by their creation (a commission is deleted
+    /// after its projects were created, whatever clocks keyed them), and keeps the
+    /// deletion, so an older event of them is stale from then on. Applied again (a retry
+    /// or redelivery of the same deletion), it deletes nothing more and says what it
+    /// deleted the first time.
     pub async fn delete_commission(
         &self,
         d: &CommissionDeletion,
@@ -373,31 +505,28 @@ impl Store {
         let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
         let bound = crate::event::stored_beyond_belief();
         let id = &d.commission_id;
+        let key = (d.version.as_deref(), d.tie.as_deref());
         let mut tx = db::begin_write(&self.pool).await?;
         lock_commission(&mut tx, id).await?;
-        // The newest deletion's key is kept (a replay of an older one does not move it
-        // back), a key further ahead than any believable replaced as a row's is.
-        let newer = no_newer(
-            (
-                "deleted_commissions.version",
-                "deleted_commissions.version_tie",
-            ),
-            ("excluded.version", "excluded.version_tie"),
-        );
-        db::sqlx::query(&format!(
-            "INSERT INTO deleted_commissions (id, version, version_tie, deleted_at) \
-             VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO UPDATE SET version = excluded.version, \
-             version_tie = excluded.version_tie, deleted_at = excluded.deleted_at \
-             WHERE deleted_commissions.version IS NULL OR excluded.version IS NULL \
-             OR {newer} OR deleted_commissions.version > $5"
-        ))
+        // What this same deletion did before (its key recorded with its result).
+        let before: Option<Outcome> = db::sqlx::query(
+            "SELECT version, version_tie, result FROM deleted_commissions WHERE id = $1",
+        )
         .bind(id)
-        .bind(d.version.clone())
-        .bind(d.tie.clone())
-        .bind(&now)
-        .bind(&bound)
-        .execute(&mut *tx)
-        .await?;
+        .fetch_optional(&mut *tx)
+        .await?
+        .map(|r| -> Result<_, db::sqlx::Error> {
+            let (v, t, result): (Option<String>, Option<String>, Option<String>) = (
+                r.try_get("version")?,
+                r.try_get("version_tie")?,
+                r.try_get("result")?,
+            );
+            Ok(((v.as_deref(), t.as_deref()) == key)
+                .then(|| result.and_then(|j| serde_json::from_str(&j).ok()))
+                .flatten())
+        })
+        .transpose()?
+        .flatten();
         // What a newer event wrote (a project created again after the deletion) stays.
         let older = |table: &str| {
             format!(
@@ -409,7 +538,8 @@ impl Store {
             )
         };
         let rows = db::sqlx::query(&format!(
-            "DELETE FROM projects WHERE commission_id = $1 AND {} RETURNING id",
+            "DELETE FROM projects WHERE commission_id = $1 AND ({} \
+             OR projects.last_event = 'project-created') RETURNING id, version, version_tie",
             older("projects")
         ))
         .bind(id)
@@ -418,13 +548,20 @@ impl Store {
         .bind(&bound)
         .fetch_all(&mut *tx)
         .await?;
-        let mut deleted_projects = rows
-            .iter()
-            .map(|r| r.try_get::<String, _>("id"))
-            .collect::<Result<Vec<_>, _>>()?;
-        deleted_projects.sort();
+        let mut deleted_projects = Vec::new();
+        for r in &rows {
+            let (p, v, t): (String, Option<String>, Option<String>) = (
+                r.try_get("id")?,
+                r.try_get("version")?,
+                r.try_get("version_tie")?,
+            );
+            note_deleted_project(&mut tx, &p, id, key, (v.as_deref(), t.as_deref()), &now).await?;
+            deleted_projects.push(p);
+        }
+        // The commission too, unless a newer event wrote it and a project of it remains.
         let commission = db::sqlx::query(&format!(
-            "DELETE FROM commissions WHERE id = $1 AND {}",
+            "DELETE FROM commissions WHERE id = $1 AND ({} OR NOT EXISTS \
+             (SELECT 1 FROM projects WHERE projects.commission_id = $1))",
             older("commissions")
         ))
         .bind(id)
@@ -433,15 +570,55 @@ impl Store {
         .bind(&bound)
         .execute(&mut *tx)
         .await?;
+        let mut done = before.unwrap_or_default();
+        done.commission_deleted |= commission.rows_affected() > 0;
+        done.deleted_projects.extend(deleted_projects);
+        done.deleted_projects.sort();
+        done.deleted_projects.dedup();
+        // The newest deletion's key is kept (a replay of an older one does not move it
+        // back), a key further ahead than any believable replaced as a row's is; with
+        // it, what it deleted.
+        let result = serde_json::to_string(&done).unwrap_or_default();
+        let newer = no_newer(
+            (
+                "deleted_commissions.version",
+                "deleted_commissions.version_tie",
+            ),
+            ("excluded.version", "excluded.version_tie"),
+        );
+        db::sqlx::query(&format!(
+            "INSERT INTO deleted_commissions (id, version, version_tie, deleted_at, result) \
+             VALUES ($1, $2, $3, $4, $6) ON CONFLICT (id) DO UPDATE SET version = excluded.version, \
+             version_tie = excluded.version_tie, deleted_at = excluded.deleted_at, \
+             result = excluded.result \
+             WHERE deleted_commissions.version IS NULL OR excluded.version IS NULL \
+             OR {newer} OR deleted_commissions.version > $5"
+        ))
+        .bind(id)
+        .bind(d.version.clone())
+        .bind(d.tie.clone())
+        .bind(&now)
+        .bind(&bound)
+        .bind(result)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(DeletedCommission {
             commission_id: id.clone(),
-            commission_deleted: commission.rows_affected() > 0,
-            deleted_projects,
+            commission_deleted: done.commission_deleted,
+            deleted_projects: done.deleted_projects,
             last_event: "commission-deleted",
             updated_at: now,
         })
     }
+}
+
+/// What one deletion deleted, kept with it (`deleted_commissions.result`).
+#[derive(Debug, Default, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Outcome {
+    commission_deleted: bool,
+    deleted_projects: Vec<String>,
 }
 
 #[cfg(test)]

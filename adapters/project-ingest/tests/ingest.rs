@@ -148,6 +148,8 @@ on_both!(
     a_stamped_update_notes_when_it_was_first_seen,
     an_update_whose_receipt_could_not_be_noted_keeps_its_publishing_time,
     pluto_deletes_a_commission_and_its_projects,
+    moves_across_a_deleted_commission_delivered_after_it_end_as_pluto_ordered_them,
+    a_deletion_retried_with_its_batch_announces_what_it_deleted,
 );
 
 /// Runs `sql` on the database at `url` through a connection of its own.
@@ -1008,7 +1010,9 @@ async fn a_nul_character_is_permanent_naming_the_field(b: Backend) {
 /// letter (``field `id` is missing``), and a full project event with that title stored a
 /// commission named "(DELETE)".
 async fn pluto_deletes_a_commission_and_its_projects(b: Backend) {
-    let env = start(b, &[("project_ingest.missing_project_retries", "0")]).await;
+    // Missing projects waited for: an older update dropped at once proves the deletion
+    // was found, not the project missing.
+    let env = start(b, &[]).await;
     let mut out = env.hs.watch_output().await;
     // Not `project`'s commission: `assert_dropped`'s sentinel is of that one.
     let of = |kind: &str, id: &str, c: &str| {
@@ -1055,11 +1059,11 @@ async fn pluto_deletes_a_commission_and_its_projects(b: Backend) {
     assert!(env.store.project("p2").await.unwrap().is_none());
     assert!(env.store.commission("c-del").await.unwrap().is_none());
 
-    // Delivered again: a success deleting nothing more.
+    // Delivered again: a success deleting nothing more, saying what it deleted.
     env.send(&envelope).await;
     let v = body(&next(&mut out).await);
-    assert_eq!(v["commissionDeleted"], false);
-    assert_eq!(v["deletedProjects"], json!([]));
+    assert_eq!(v["commissionDeleted"], true);
+    assert_eq!(v["deletedProjects"], json!(["p1", "p2"]));
 
     // A full project event with that title deletes too: never a commission named so.
     let mut full = of("project-updated", "p3", "c-2");
@@ -1080,6 +1084,122 @@ async fn pluto_deletes_a_commission_and_its_projects(b: Backend) {
         "Commission one"
     );
     assert_eq!(env.dlq_count().await, 0);
+    env.finish().await;
+}
+
+/// `kind` of project `id` in commission `c`, updated at `updated` if given.
+fn in_commission(kind: &str, id: &str, c: &str, updated: Option<&str>) -> Value {
+    let mut v = project(kind, id, id);
+    v["commissionId"] = json!(c);
+    if let Some(t) = updated {
+        v["updated"] = json!(t);
+    }
+    v
+}
+
+/// Pluto's deletion of commission `c`, arriving (Kinesis) at `at` (epoch seconds).
+fn deletion_of(c: &str, at: f64) -> Value {
+    let mut envelope = kinesis(&[json!({"type": "project-created", "commissionId": c,
+                                        "commissionTitle": "(DELETE)"})]);
+    envelope["Records"][0]["kinesis"]["approximateArrivalTimestamp"] = json!(at);
+    envelope
+}
+
+/// A project moved out of a commission before the commission's deletion, the move
+/// delivered after the deletion (a retry tier, another replica), lives on in its new
+/// commission — before, the deletion took it and the move then waited as missing and was
+/// dropped, with every later update. One moved into the commission before its deletion,
+/// delivered after it, goes — before, it was dropped as stale and the project outlived
+/// its commission in its old one.
+async fn moves_across_a_deleted_commission_delivered_after_it_end_as_pluto_ordered_them(
+    b: Backend,
+) {
+    let env = start(b, &[]).await;
+    let mut out = env.hs.watch_output().await;
+    for (id, c) in [("out", "c-gone"), ("in", "c-stays")] {
+        env.send(&in_commission("project-created", id, c, None))
+            .await;
+        next(&mut out).await;
+    }
+    // In 2020 Pluto deletes c-gone, after (2019) moving `out` out of it and `in` into it.
+    env.send(&deletion_of("c-gone", 1_600_000_000.0)).await;
+    let v = body(&next(&mut out).await);
+    assert_eq!(v["deletedProjects"], json!(["out"]));
+    let moved_out = in_commission(
+        "project-updated",
+        "out",
+        "c-stays",
+        Some("2019-06-01T00:00:00Z"),
+    );
+    env.send(&moved_out).await;
+    let v = body(&next(&mut out).await);
+    assert_eq!(
+        (&v["id"], &v["commissionId"]),
+        (&json!("out"), &json!("c-stays"))
+    );
+    let p = env
+        .store
+        .project("out")
+        .await
+        .unwrap()
+        .expect("moved out: kept");
+    assert_eq!(p.commission_id.as_deref(), Some("c-stays"));
+    let moved_in = in_commission(
+        "project-updated",
+        "in",
+        "c-gone",
+        Some("2019-06-01T00:00:00Z"),
+    );
+    env.send(&moved_in).await;
+    let v = body(&next(&mut out).await);
+    assert_eq!(v["commissionId"], "c-gone");
+    assert_eq!(v["deletedProjects"], json!(["in"]));
+    assert!(
+        env.store.project("in").await.unwrap().is_none(),
+        "moved in: deleted"
+    );
+    assert!(env.store.commission("c-gone").await.unwrap().is_none());
+    assert_eq!(env.dlq_count().await, 0);
+    env.finish().await;
+}
+
+/// A deletion in a batch retried for another record (an update waiting for its create)
+/// deletes at its first attempt; the success the last attempt publishes still says what it
+/// deleted — before, it said nothing was (`deletedProjects: []`), the only announcement of
+/// that deletion.
+async fn a_deletion_retried_with_its_batch_announces_what_it_deleted(b: Backend) {
+    let env = start(b, &[]).await;
+    let mut out = env.hs.watch_output().await;
+    env.send(&in_commission("project-created", "d1", "c-batch", None))
+        .await;
+    next(&mut out).await;
+    let deletion = json!({"type": "project-created", "commissionId": "c-batch",
+                          "commissionTitle": "(DELETE)"});
+    let waiting = in_commission("project-updated", "late", "c-other", None);
+    let retried = outcome_count(&env.hs.q, "retry");
+    env.send(&kinesis(&[deletion, waiting])).await;
+    await_outcome_count(&env.hs.q, "retry", retried + 1).await;
+    assert!(
+        env.store.project("d1").await.unwrap().is_none(),
+        "deleted at once"
+    );
+    env.send(&kinesis(&[in_commission(
+        "project-created",
+        "late",
+        "c-other",
+        None,
+    )]))
+    .await;
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        seen.push(body(&next(&mut out).await));
+    }
+    let announced = seen
+        .iter()
+        .find(|v| v["commissionId"] == "c-batch")
+        .unwrap_or_else(|| panic!("the deletion announced: {seen:?}"));
+    assert_eq!(announced["deletedProjects"], json!(["d1"]), "{announced}");
+    assert_eq!(announced["commissionDeleted"], true, "{announced}");
     env.finish().await;
 }
 
