@@ -81,15 +81,17 @@ async fn start_on<P: MessageProcessor>(
 
 /// Publishes the input `{"n":1}` to service `q` on `broker`, confirmed.
 async fn send_input(broker: &PrivateBroker, q: &str) {
+    send_input_with(broker, q, Default::default()).await;
+}
+
+/// [`send_input`] with `props`.
+async fn send_input_with(
+    broker: &PrivateBroker,
+    q: &str,
+    props: framework::lapin::BasicProperties,
+) {
     let (conn, ch) = broker.channel().await.expect("channel");
-    publish(
-        &ch,
-        &format!("{q}-in"),
-        "test.x",
-        br#"{"n":1}"#,
-        Default::default(),
-    )
-    .await;
+    publish(&ch, &format!("{q}-in"), "test.x", br#"{"n":1}"#, props).await;
     framework::testing::broker::close(conn).await;
 }
 
@@ -785,15 +787,9 @@ async fn a_second_signal_during_a_replay_names_the_copy_that_may_still_land() {
     let refuse =
         FnProcessor(|_: serde_json::Value, _: &MessageContext| Outcome::permanent("refused"));
     let (service, _cfg) = start_on(&broker, &q, &[], refuse).await;
+    let props = framework::lapin::BasicProperties::default().with_message_id("stuck-1".into());
+    send_input_with(&broker, &q, props).await;
     let (conn, ch) = broker.channel().await.expect("channel");
-    publish(
-        &ch,
-        &format!("{q}-in"),
-        "test.x",
-        br#"{"n":1}"#,
-        framework::lapin::BasicProperties::default().with_message_id("stuck-1".into()),
-    )
-    .await;
     let dlq = format!("{q}-dlq");
     await_ready_count(&ch, &dlq, 1).await;
     service.stop().await;
@@ -816,20 +812,8 @@ async fn a_second_signal_during_a_replay_names_the_copy_that_may_still_land() {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut replay = process::spawn(&mut cmd).expect("replay runs");
-    let stderr = replay.take_stderr().expect("stderr");
-    let (seen_tx, seen_rx) = std::sync::mpsc::channel();
-    // Read to the end, so the command never blocks on a full pipe.
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if line.contains("shutdown requested") {
-                let _ = seen_tx.send(());
-            }
-        }
-    });
+    let seen_rx =
+        process::lines_holding(replay.take_stderr().expect("stderr"), "shutdown requested");
     // The dead letter fetched: its copy is published, and waits for the confirm.
     wait_until("the replay to fetch the dead letter", || {
         unacked(&broker, &dlq) == 1

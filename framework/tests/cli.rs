@@ -770,20 +770,7 @@ async fn a_second_sigterm_during_the_drain_exits_at_once() {
             .stderr(Stdio::piped()),
     )
     .unwrap();
-    let stderr = svc.take_stderr().expect("stderr");
-    let (seen_tx, seen_rx) = std::sync::mpsc::channel();
-    // Reads to the end, so the service never blocks on a full pipe.
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if line.contains("shutdown requested") {
-                let _ = seen_tx.send(());
-            }
-        }
-    });
+    let seen_rx = process::lines_holding(svc.take_stderr().expect("stderr"), "shutdown requested");
     publish(
         &ch,
         &format!("{q}-in"),

@@ -673,6 +673,49 @@ mod tests {
         }
     }
 
+    /// A store on a fresh PostgreSQL database whose writes to `projects` (`when`: a
+    /// trigger's timing) by statements starting `sql` wait until the returned transaction
+    /// ends (see `db::testing::hold_writes`).
+    async fn store_holding(
+        when: &str,
+        sql: &str,
+    ) -> (
+        db::testing::TempPostgres,
+        Store,
+        db::sqlx::Transaction<'static, db::sqlx::Any>,
+    ) {
+        let pg = db::testing::TempPostgres::create().await.expect("postgres");
+        let store = Store::open(&pg.url).await.expect("open");
+        let condition = format!("current_query() LIKE '{sql}%'");
+        let holder =
+            db::testing::hold_writes(&store.pool, "projects", when, "STATEMENT", &condition)
+                .await
+                .expect("hold");
+        (pg, store, holder)
+    }
+
+    /// Waits until `task` ended or `n` sessions of `store`'s database wait for a lock.
+    async fn until_waiting<T>(
+        store: &Store,
+        task: &tokio::task::JoinHandle<T>,
+        n: i64,
+        what: &str,
+    ) {
+        framework::testing::within(LIMIT, what, async {
+            while !task.is_finished()
+                && db::testing::sessions_waiting(&store.pool)
+                    .await
+                    .expect("locks")
+                    < n
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+    }
+
+    const LIMIT: Duration = Duration::from_secs(60);
+
     /// On PostgreSQL an update racing its project's create (another replica's, committed
     /// while the update runs: here after the update's statement began, which a trigger
     /// holds on a lock this test holds) is applied, or retried as missing when the create
@@ -681,41 +724,20 @@ mod tests {
     /// and the check after it saw it: "stale", and the project kept its create's title.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_update_racing_its_create_is_never_stale_against_it() {
-        let pg = db::testing::TempPostgres::create().await.expect("postgres");
-        let store = Store::open(&pg.url).await.expect("open");
-        let holder = db::testing::hold_writes(
-            &store.pool,
-            "projects",
-            "BEFORE UPDATE",
-            "STATEMENT",
-            "current_query() LIKE 'UPDATE projects%'",
-        )
-        .await
-        .expect("hold");
+        let (pg, store, holder) = store_holding("BEFORE UPDATE", "UPDATE projects").await;
         let update = event(EventKind::Updated, "updated", "2026-01-02T00:00:00.000000Z");
         let updating = tokio::spawn({
             let (store, update) = (store.clone(), update.clone());
             async move { store.apply(&update).await }
         });
-        let limit = Duration::from_secs(60);
-        framework::testing::within(limit, "the update to wait or end", async {
-            while !updating.is_finished()
-                && db::testing::sessions_waiting(&store.pool)
-                    .await
-                    .expect("locks")
-                    == 0
-            {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await;
+        until_waiting(&store, &updating, 1, "the update to wait or end").await;
         let create = event(EventKind::Created, "created", "2026-01-01T00:00:00.000000Z");
         assert!(matches!(
             store.apply(&create).await.expect("create"),
             Applied::Stored(_)
         ));
         holder.commit().await.expect("release");
-        let first = framework::testing::within(limit, "the update", updating).await;
+        let first = framework::testing::within(LIMIT, "the update", updating).await;
         match first.expect("join").expect("update") {
             Applied::Stored(_) => {}
             // Retried as the service does, now that its create is there.
@@ -740,35 +762,13 @@ mod tests {
     /// row being written and the project outlived its commission.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_create_racing_its_commissions_deletion_does_not_outlive_it() {
-        let pg = db::testing::TempPostgres::create().await.expect("postgres");
-        let store = Store::open(&pg.url).await.expect("open");
-        let holder = db::testing::hold_writes(
-            &store.pool,
-            "projects",
-            "BEFORE INSERT",
-            "STATEMENT",
-            "current_query() LIKE 'INSERT INTO projects%'",
-        )
-        .await
-        .expect("hold");
+        let (pg, store, holder) = store_holding("BEFORE INSERT", "INSERT INTO projects").await;
         let create = event(EventKind::Created, "created", "2026-01-01T00:00:00.000000Z");
         let creating = tokio::spawn({
             let store = store.clone();
             async move { store.apply(&create).await }
         });
-        let waiting = async |n: i64| {
-            db::testing::sessions_waiting(&store.pool)
-                .await
-                .expect("locks")
-                >= n
-        };
-        let limit = Duration::from_secs(60);
-        framework::testing::within(limit, "the create to wait", async {
-            while !creating.is_finished() && !waiting(1).await {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await;
+        until_waiting(&store, &creating, 1, "the create to wait").await;
         let deletion = CommissionDeletion {
             commission_id: "c".into(),
             version: Some("2026-01-02T00:00:00.000000Z".into()),
@@ -778,19 +778,14 @@ mod tests {
             let store = store.clone();
             async move { store.delete_commission(&deletion).await }
         });
-        framework::testing::within(limit, "the deletion to wait or end", async {
-            while !deleting.is_finished() && !waiting(2).await {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await;
+        until_waiting(&store, &deleting, 2, "the deletion to wait or end").await;
         holder.commit().await.expect("release");
-        let created = framework::testing::within(limit, "the create", creating).await;
+        let created = framework::testing::within(LIMIT, "the create", creating).await;
         assert!(matches!(
             created.expect("join").expect("create"),
             Applied::Stored(_)
         ));
-        let deleted = framework::testing::within(limit, "the deletion", deleting)
+        let deleted = framework::testing::within(LIMIT, "the deletion", deleting)
             .await
             .expect("join")
             .expect("deletion");

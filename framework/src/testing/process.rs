@@ -19,6 +19,27 @@ pub struct Guarded {
     child: Child,
 }
 
+/// Reads `stderr` to its end on a thread of its own (so the process never blocks on a full
+/// pipe) and sends once for each line holding `needle`: a test awaits a log line with it.
+pub fn lines_holding(
+    stderr: std::process::ChildStderr,
+    needle: &'static str,
+) -> std::sync::mpsc::Receiver<()> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains(needle) {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx
+}
+
 /// Spawns `cmd` in a new process group guarded by the returned handle.
 pub fn spawn(cmd: &mut Command) -> std::io::Result<Guarded> {
     cmd.process_group(0);
