@@ -825,7 +825,10 @@ async fn dlq_command(
             let second = signals.as_ref().map(|(_, second)| second);
             let replayed = unless_stopped(second, replaying)
                 .await
-                .unwrap_or(Err(dlq::DlqError::StoppedNow(seen)));
+                .unwrap_or(Err(match dry_run {
+                    true => dlq::DlqError::DryRunStoppedNow(seen),
+                    false => dlq::DlqError::StoppedNow(seen),
+                }));
             let moved = replayed.map_err(|e| {
                 if json {
                     let _ = replay_summary(dry_run, seen, &topo.queue, Some(&e.to_string()));

@@ -117,7 +117,8 @@ fn compose_file_is_valid_and_matches_the_config_keys() {
             .as_sequence()
             .unwrap()
             .iter()
-            .any(|p| p.as_str() == Some("127.0.0.1:15672:15672"))
+            .any(|p| p.as_str() == Some("127.0.0.1:${RABBITMQ_UI_HOST_PORT:-15672}:15672")),
+        "the management UI on 15672 unless RABBITMQ_UI_HOST_PORT says otherwise"
     );
     let ours: [(&str, u16, Loader); 6] = [
         (

@@ -12,9 +12,11 @@ CREATE TABLE deleted_commissions (
 );
 
 -- Projects deleted with their commission: the commission, the deletion's key and the key
--- the project's row had. An older update that had moved the project to another commission
--- before the deletion (delivered after it) stores the project again instead of finding it
--- missing.
+-- of the newest state known of the project in it before the deletion (its row's, or an
+-- older event's delivered after the deletion). An older update that had moved the project
+-- to another commission after that state (delivered after the deletion) stores the project
+-- again instead of finding it missing. `deleted_by_event`: the key of the event, delivered
+-- after the deletion, that deleted the project's row (announced again at its retry).
 CREATE TABLE deleted_projects (
     id TEXT PRIMARY KEY NOT NULL,
     commission_id TEXT NOT NULL,
@@ -22,7 +24,8 @@ CREATE TABLE deleted_projects (
     version_tie TEXT,
     row_version TEXT,
     row_version_tie TEXT,
-    deleted_at TEXT NOT NULL
+    deleted_at TEXT NOT NULL,
+    deleted_by_event TEXT
 );
 
 -- A deletion finds its commission's projects without reading every project.

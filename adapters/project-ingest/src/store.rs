@@ -87,6 +87,11 @@ async fn lock_commission(tx: &mut db::WriteTx, id: &str) -> Result<(), db::sqlx:
 
 /// Notes that project `id` was deleted with `commission` by the deletion of key
 /// `deletion` (version, tie), its row then of key `row`.
+/// `by_event`: the key of the event (delivered after the deletion) that deleted the row
+/// ([`event_key`]), None where the deletion did. Where `only_newer`, an earlier note of
+/// the project is replaced only by a newer state (`row`): an older event delivered after
+/// the deletion, which deleted nothing, notes the project's newest state in the commission.
+#[allow(clippy::too_many_arguments)]
 async fn note_deleted_project(
     tx: &mut db::WriteTx,
     id: &str,
@@ -94,14 +99,33 @@ async fn note_deleted_project(
     deletion: (Option<&str>, Option<&str>),
     row: (Option<&str>, Option<&str>),
     now: &str,
+    by_event: Option<String>,
+    only_newer: bool,
 ) -> Result<(), db::sqlx::Error> {
-    db::sqlx::query(
+    let condition = if only_newer {
+        format!(
+            " WHERE deleted_projects.row_version IS NULL OR {}",
+            no_newer(
+                (
+                    "deleted_projects.row_version",
+                    "deleted_projects.row_version_tie"
+                ),
+                ("excluded.row_version", "excluded.row_version_tie"),
+            )
+        )
+    } else {
+        String::new()
+    };
+    db::sqlx::query(&format!(
         "INSERT INTO deleted_projects (id, commission_id, version, version_tie, row_version, \
-         row_version_tie, deleted_at) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) \
-         DO UPDATE SET commission_id = excluded.commission_id, version = excluded.version, \
-         version_tie = excluded.version_tie, row_version = excluded.row_version, \
-         row_version_tie = excluded.row_version_tie, deleted_at = excluded.deleted_at",
-    )
+         row_version_tie, deleted_at, deleted_by_event) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+         ON CONFLICT (id) DO UPDATE SET commission_id = excluded.commission_id, \
+         version = excluded.version, version_tie = excluded.version_tie, \
+         row_version = excluded.row_version, row_version_tie = excluded.row_version_tie, \
+         deleted_at = excluded.deleted_at, \
+         deleted_by_event = COALESCE(excluded.deleted_by_event, deleted_projects.deleted_by_event)\
+         {condition}"
+    ))
     .bind(id)
     .bind(commission)
     .bind(deletion.0.map(str::to_string))
@@ -109,9 +133,19 @@ async fn note_deleted_project(
     .bind(row.0.map(str::to_string))
     .bind(row.1.map(str::to_string))
     .bind(now)
+    .bind(by_event)
     .execute(&mut **tx)
     .await?;
     Ok(())
+}
+
+/// An event's ordering key and tie as one text (`deleted_projects.deleted_by_event`).
+fn event_key(ev: &ProjectEvent) -> String {
+    format!(
+        "{} {}",
+        ev.version.as_deref().unwrap_or_default(),
+        ev.tie.as_deref().unwrap_or_default()
+    )
 }
 
 /// The row of a project-updated event `ev` whose project was deleted with its commission
@@ -315,19 +349,49 @@ impl Store {
                     .fetch_optional(&mut *tx)
                     .await?
                     .is_some();
-                    if gone {
-                        let deletion = (t_version.as_deref(), t_tie.as_deref());
-                        let row = (ev.version.as_deref(), ev.tie.as_deref());
-                        note_deleted_project(&mut tx, &ev.id, commission, deletion, row, &now)
-                            .await?;
-                        tx.commit().await?;
+                    let deletion = (t_version.as_deref(), t_tie.as_deref());
+                    let row = (ev.version.as_deref(), ev.tie.as_deref());
+                    let deleted_now = if gone {
+                        let by = Some(event_key(ev));
+                        note_deleted_project(
+                            &mut tx, &ev.id, commission, deletion, row, &now, by, false,
+                        )
+                        .await?;
+                        true
                     } else {
-                        tx.rollback().await?;
-                    }
+                        let noted = db::sqlx::query(
+                            "SELECT deleted_by_event FROM deleted_projects \
+                             WHERE id = $1 AND commission_id = $2",
+                        )
+                        .bind(&ev.id)
+                        .bind(commission)
+                        .fetch_optional(&mut *tx)
+                        .await?
+                        .map(|r| r.try_get::<Option<String>, _>("deleted_by_event"))
+                        .transpose()?
+                        .flatten();
+                        let stored = db::sqlx::query("SELECT id FROM projects WHERE id = $1")
+                            .bind(&ev.id)
+                            .fetch_optional(&mut *tx)
+                            .await?
+                            .is_some();
+                        // Not stored: the project's newest state known in the commission
+                        // before its deletion is noted, so an older move out of it
+                        // delivered later does not bring it back.
+                        if !stored {
+                            note_deleted_project(
+                                &mut tx, &ev.id, commission, deletion, row, &now, None, true,
+                            )
+                            .await?;
+                        }
+                        // This very event deleted it at an earlier attempt: said again.
+                        noted.as_deref() == Some(event_key(ev).as_str())
+                    };
+                    tx.commit().await?;
                     return Ok(Applied::Deleted(Box::new(DeletedCommission {
                         commission_id: commission.clone(),
                         commission_deleted: false,
-                        deleted_projects: if gone {
+                        deleted_projects: if deleted_now {
                             vec![ev.id.clone()]
                         } else {
                             Vec::new()
@@ -555,7 +619,8 @@ impl Store {
                 r.try_get("version")?,
                 r.try_get("version_tie")?,
             );
-            note_deleted_project(&mut tx, &p, id, key, (v.as_deref(), t.as_deref()), &now).await?;
+            let row = (v.as_deref(), t.as_deref());
+            note_deleted_project(&mut tx, &p, id, key, row, &now, None, false).await?;
             deleted_projects.push(p);
         }
         // The commission too, unless a newer event wrote it and a project of it remains.
@@ -794,5 +859,38 @@ mod tests {
         assert!(store.commission("c").await.expect("read").is_none());
         store.close().await;
         pg.drop_db().await.expect("drop");
+    }
+
+    /// An update that moved a project into a commission before the commission's deletion,
+    /// delivered after it, deletes the project; applied again (its batch retried, a
+    /// redelivery), it says so again — before, the retry's success, the only one published,
+    /// said nothing was deleted.
+    #[tokio::test]
+    async fn a_move_into_a_deleted_commission_applied_again_says_it_deleted() {
+        let dir = tempfile::tempdir().expect("temp");
+        let url = format!("sqlite://{}", dir.path().join("p.db").display());
+        let store = Store::open(&url).await.expect("open");
+        let mut create = event(EventKind::Created, "p", "2026-01-01T00:00:00.000000Z");
+        create.commission_id = Some("b".into());
+        assert!(matches!(
+            store.apply(&create).await.expect("create"),
+            Applied::Stored(_)
+        ));
+        let deletion = CommissionDeletion {
+            commission_id: "c".into(),
+            version: Some("2026-01-03T00:00:00.000000Z".into()),
+            tie: None,
+        };
+        let deleted = store.delete_commission(&deletion).await.expect("deletion");
+        assert!(deleted.deleted_projects.is_empty(), "{deleted:?}");
+        let moved_in = event(EventKind::Updated, "p", "2026-01-02T00:00:00.000000Z");
+        for attempt in 1..=2 {
+            match store.apply(&moved_in).await.expect("move") {
+                Applied::Deleted(d) => assert_eq!(d.deleted_projects, ["p"], "attempt {attempt}"),
+                other => panic!("attempt {attempt}: {other:?}"),
+            }
+        }
+        assert!(store.project("p").await.expect("read").is_none());
+        store.close().await;
     }
 }

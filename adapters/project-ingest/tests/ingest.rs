@@ -1114,9 +1114,10 @@ fn deletion_of(c: &str, at: f64) -> Value {
 async fn moves_across_a_deleted_commission_delivered_after_it_end_as_pluto_ordered_them(
     b: Backend,
 ) {
-    let env = start(b, &[]).await;
+    // A project missing is dropped at once: one that must stay deleted is seen to.
+    let env = start(b, &[("project_ingest.missing_project_retries", "0")]).await;
     let mut out = env.hs.watch_output().await;
-    for (id, c) in [("out", "c-gone"), ("in", "c-stays")] {
+    for (id, c) in [("out", "c-gone"), ("in", "c-stays"), ("back", "c-gone")] {
         env.send(&in_commission("project-created", id, c, None))
             .await;
         next(&mut out).await;
@@ -1124,7 +1125,7 @@ async fn moves_across_a_deleted_commission_delivered_after_it_end_as_pluto_order
     // In 2020 Pluto deletes c-gone, after (2019) moving `out` out of it and `in` into it.
     env.send(&deletion_of("c-gone", 1_600_000_000.0)).await;
     let v = body(&next(&mut out).await);
-    assert_eq!(v["deletedProjects"], json!(["out"]));
+    assert_eq!(v["deletedProjects"], json!(["back", "out"]));
     let moved_out = in_commission(
         "project-updated",
         "out",
@@ -1159,6 +1160,26 @@ async fn moves_across_a_deleted_commission_delivered_after_it_end_as_pluto_order
         "moved in: deleted"
     );
     assert!(env.store.commission("c-gone").await.unwrap().is_none());
+    // `back` moved to c-stays, then back into c-gone before the deletion; delivered after
+    // it, the move back is stale, and the older move out no longer brings it back.
+    let moved_back = in_commission(
+        "project-updated",
+        "back",
+        "c-gone",
+        Some("2019-09-01T00:00:00Z"),
+    );
+    assert_dropped(&env, &mut out, &moved_back).await;
+    let moved_away = in_commission(
+        "project-updated",
+        "back",
+        "c-stays",
+        Some("2019-06-01T00:00:00Z"),
+    );
+    assert_dropped(&env, &mut out, &moved_away).await;
+    assert!(
+        env.store.project("back").await.unwrap().is_none(),
+        "stays deleted"
+    );
     assert_eq!(env.dlq_count().await, 0);
     env.finish().await;
 }

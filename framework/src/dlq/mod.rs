@@ -168,6 +168,12 @@ pub enum DlqError {
          there too: delivered twice if replayed again). Run the same command again to go on"
     )]
     StoppedNow(usize),
+    /// A dry run was stopped at a second signal while it waited for the broker.
+    #[error(
+        "dry run stopped at a second signal after {0} dead letter(s) that would be replayed: \
+         nothing was replayed or removed"
+    )]
+    DryRunStoppedNow(usize),
     /// A dry run was stopped (SIGINT, SIGTERM) before it had looked at every dead letter.
     #[error(
         "dry run interrupted after looking at {looked} of {total} dead letters ({would} of \
