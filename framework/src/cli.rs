@@ -912,13 +912,14 @@ fn print_err(text: &str) {
 async fn until_signalled(
     work: impl std::future::Future<Output = Result<(), Failure>>,
 ) -> Result<(), Failure> {
-    let stop = shutdown_on_signal();
-    tokio::select! {
-        r = work => r,
-        () = stop.cancelled() => Err(Failure::Other(
-            "stopped by a signal before it finished (what it held on the broker goes back)".into(),
-        )),
-    }
+    unless_stopped(Some(&shutdown_on_signal()), work)
+        .await
+        .unwrap_or_else(|| {
+            Err(Failure::Other(
+                "stopped by a signal before it finished (what it held on the broker goes back)"
+                    .into(),
+            ))
+        })
 }
 
 /// A token cancelled on SIGTERM or SIGINT; a second signal during the drain exits at once
