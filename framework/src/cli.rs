@@ -520,6 +520,11 @@ async fn execute<S: Service>(cmd: Command, cfg: Config<S::Settings>) -> Result<(
                 o.insert("resolved".into(), r);
             }
             let text = serde_json::to_string_pretty(&shown).map_err(|e| other(&e))?;
+            // What `run` warns about at start, said here too (beside the JSON, not in it):
+            // a check in CI passed `drain_timeout_ms = 30` unremarked.
+            for slip in cfg.warnings() {
+                eprintln!("warning: {slip}");
+            }
             print_out(&format!("{text}\n"))
         }
         Command::Declare => {
@@ -1128,7 +1133,7 @@ async fn run_with<P: MessageProcessor, T>(
     let runtime = Runtime::with_status(name, cfg, pc, status.clone());
     let http_addr = http.addr;
     tracing::info!(service = name, http = %http_addr, "started");
-    for slip in cfg.unit_slips() {
+    for slip in cfg.warnings() {
         tracing::warn!("{slip}");
     }
     let r = runtime.run(shutdown).await;

@@ -219,6 +219,34 @@ impl AmqpUrl {
             .map_err(|_| "cannot set a password on this URL".to_string())?;
         Ok(Self(u))
     }
+    /// Why the URL's login is not the one meant, where it is not: the client fills what
+    /// is left out with `guest`'s — a user without a password logged in with `guest` as
+    /// the password (refused, retried for ever as if the broker were away), a password
+    /// without a user was sent as `guest`'s.
+    pub fn login_gap(&self) -> Option<String> {
+        let external = self.0.query_pairs().any(|(k, v)| {
+            k == "auth_mechanism"
+                && v.parse::<lapin::uri::SASLMechanism>()
+                    .is_ok_and(|m| m == lapin::uri::SASLMechanism::External)
+        });
+        let user = self.0.username();
+        match (user.is_empty(), self.0.password().is_some()) {
+            _ if external => None,
+            (false, false) => Some(format!(
+                "names the user `{user}` but no password (the client would send `guest` as                  it): write it in the URL (percent-encoded) or set amqp.password_file"
+            )),
+            (true, true) => Some(
+                "holds a password but no user (the client would send it as `guest`'s):                  write the user before it"
+                    .into(),
+            ),
+            _ => None,
+        }
+    }
+    /// Whether the login crosses a network in the clear: plaintext `amqp://` to another
+    /// machine (the password, and every message, readable by anyone on the path).
+    pub fn in_the_clear(&self) -> bool {
+        self.0.scheme() == "amqp" && !self.0.host_str().is_some_and(is_this_machine)
+    }
     /// The URL with the password replaced by `***`, safe for logs.
     pub fn redacted(&self) -> String {
         let mut u = self.0.clone();
@@ -1423,6 +1451,17 @@ pub fn load<S: DeserializeOwned>(
         }
     }
 
+    // Checked after the password file filled it in.
+    for (key, u) in std::iter::once(("amqp.url".to_string(), &amqp.url)).chain(
+        amqp.urls
+            .iter()
+            .enumerate()
+            .map(|(i, u)| (format!("amqp.urls[{i}]"), u)),
+    ) {
+        if let Some(why) = u.login_gap() {
+            return Err(ConfigError::new(key, why));
+        }
+    }
     check_queue_shared(&tree, section_name, &service.queue, &retry.delays_ms)?;
     // At most `prefetch` run at once whatever is asked: shown as it runs.
     if amqp.concurrency > usize::from(amqp.prefetch) {
@@ -1867,6 +1906,25 @@ impl<S> Config<S> {
                 ),
             )),
         }
+    }
+
+    /// Everything `run` and `check-config` warn about in these settings: seconds typed
+    /// for milliseconds ([`Self::unit_slips`]), and a broker reached in the clear over a
+    /// network (as a database or an endpoint reached so is warned about).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = self.unit_slips();
+        for u in self
+            .amqp
+            .endpoints()
+            .into_iter()
+            .filter(|u| u.in_the_clear())
+        {
+            out.push(format!(
+                "amqp: {u} is plaintext amqp:// to another machine: the broker password and \
+                 every message cross the network readable by anyone on the path; use amqps://"
+            ));
+        }
+        out
     }
 
     /// What these settings hold that reads like seconds typed for milliseconds, one
@@ -2608,6 +2666,72 @@ prefetch = 4
         let u = AmqpUrl::parse("amqp://rabbit/%2fprod").expect("url");
         let e = u.with_password("s3cret").expect_err("no user");
         assert!(e.contains("no user") && !e.contains("s3cret"), "{e}");
+    }
+
+    /// A user without a password (or the reverse) is refused naming the key: the client
+    /// filled the gap with `guest`'s, and a `run` retried the refused login for ever as
+    /// if the broker were away. A password file fills it; EXTERNAL needs none.
+    #[test]
+    fn a_login_half_given_is_refused() {
+        let e = with_env(&[("STORAGETIER__AMQP__URL", "amqp://app@127.0.0.1:5672/%2f")])
+            .expect_err("no password");
+        assert_eq!(e.key, "amqp.url");
+        assert!(e.to_string().contains("`app`"), "{e}");
+        let e = with_env(&[(
+            "STORAGETIER__AMQP__URL",
+            "amqp://:s3cret@127.0.0.1:5672/%2f",
+        )])
+        .expect_err("no user");
+        assert_eq!(e.key, "amqp.url");
+        assert!(!e.to_string().contains("s3cret"), "{e}");
+        let e = with_env(&[(
+            "STORAGETIER__AMQP__URLS",
+            "amqp://guest:guest@127.0.0.1:5672/%2f,amqp://app@127.0.0.2:5672/%2f",
+        )])
+        .expect_err("a node without a password");
+        assert_eq!(e.key, "amqp.urls[1]");
+        let pw = tempfile::NamedTempFile::new().expect("temp file");
+        std::fs::write(pw.path(), "s3cret\n").expect("write");
+        with_env(&[
+            ("STORAGETIER__AMQP__URL", "amqp://app@127.0.0.1:5672/%2f"),
+            (
+                "STORAGETIER__AMQP__PASSWORD_FILE",
+                &pw.path().display().to_string(),
+            ),
+        ])
+        .expect("the file gives it");
+        with_env(&[(
+            "STORAGETIER__AMQP__URL",
+            "amqp://app@127.0.0.1:5672/%2f?auth_mechanism=external",
+        )])
+        .expect("EXTERNAL");
+        with_env(&[("STORAGETIER__AMQP__URL", "amqp://127.0.0.1:5672/%2f")])
+            .expect("neither: guest");
+    }
+
+    /// A broker reached over plaintext `amqp://` on another machine is warned about (its
+    /// password crosses the network in the clear), one on this machine or over TLS not.
+    #[test]
+    fn a_broker_reached_in_the_clear_is_warned_about() {
+        let warned = |url: &str| {
+            with_env(&[("STORAGETIER__AMQP__URL", url)])
+                .expect("valid")
+                .warnings()
+        };
+        let w = warned("amqp://app:s3cret@rabbit.internal:5672/%2f");
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("rabbit.internal") && !w[0].contains("s3cret"),
+            "{w:?}"
+        );
+        assert_eq!(
+            warned("amqp://app:s3cret@127.0.0.1:5672/%2f"),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            warned("amqps://app:s3cret@rabbit.internal/%2f"),
+            Vec::<String>::new()
+        );
     }
 
     #[test]

@@ -1091,7 +1091,7 @@ impl<P: MessageProcessor> Shared<P> {
         span_id = %trace.span_id,
         queue = %inner.topology.queue,
         routing_key = %m::LogText(&inc.routing_key),
-        message_id = message_id.as_deref().unwrap_or(""),
+        message_id = %m::LogText(message_id.as_deref().unwrap_or("")),
         attempt = inc.attempt);
         async move {
             let _in_flight = InFlight::enter(metrics.in_flight());

@@ -133,6 +133,28 @@ fn a_variable_with_one_underscore_after_the_prefix_exits_2() {
 
 /// `--config-dir` naming a directory whose files are none of those read (`prod.toml`
 /// without `--env prod`): exit 2 listing them, not a run on the built-in defaults.
+/// `check-config` says what `run` warns about at start (seconds typed as milliseconds),
+/// on stderr beside its JSON: a check in CI passed `drain_timeout_ms = 30` unremarked.
+#[test]
+fn check_config_warns_of_seconds_typed_as_milliseconds() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = run(echo_cmd("unused", dir.path())
+        .env("STORAGETIER__AMQP__DRAIN_TIMEOUT_MS", "30")
+        .arg("check-config"));
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("warning: amqp.drain_timeout_ms is 30"),
+        "{}",
+        stderr(&o)
+    );
+    let shown: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON alone");
+    assert_eq!(shown["amqp"]["drain_timeout_ms"], 30);
+    let o = run(echo_cmd("unused", dir.path())
+        .env("STORAGETIER__RETRY__DELAYS_MS", "1000,5000")
+        .arg("check-config"));
+    assert!(!stderr(&o).contains("warning"), "{}", stderr(&o));
+}
+
 #[test]
 fn a_config_dir_none_of_whose_files_is_read_exits_2() {
     let dir = tempfile::tempdir().unwrap();

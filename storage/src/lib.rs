@@ -7,6 +7,7 @@
 pub mod checksum;
 pub mod copy;
 pub mod dir_sync;
+pub mod hashed;
 pub mod local;
 pub mod message;
 pub mod mounts;

@@ -29,6 +29,13 @@ const MAX_GROUP: usize = 256;
 #[derive(Clone, Debug)]
 struct GroupCommit {
     tx: tokio::sync::mpsc::UnboundedSender<(Write, Reply)>,
+    /// On PostgreSQL, claim renewals commit apart from the other writes: a renewal
+    /// touches only its own claim's row, but queued behind a batch held up by a row
+    /// another replica locked (a replica paused or cut off mid-transaction keeps its locks
+    /// for up to a minute) it waited out that batch's lock timeout and its writes' retries
+    /// one by one — longer than the lease lets a renewal take — and every copy of the
+    /// healthy replica on an S3 store gave up its claim, and its uploaded parts, together.
+    renewals: Option<tokio::sync::mpsc::UnboundedSender<(Write, Reply)>>,
 }
 
 type Reply = tokio::sync::oneshot::Sender<Result<bool, db::sqlx::Error>>;
@@ -67,14 +74,25 @@ struct CopyRow {
 impl GroupCommit {
     fn start(pool: AnyPool, is_sqlite: bool) -> Self {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        // SQLite has one writer whatever commits: a second committer would only wait
+        // for the first's lock.
+        let renewals = (!is_sqlite).then(|| {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            tokio::spawn(committer(pool.clone(), is_sqlite, rx));
+            tx
+        });
         tokio::spawn(committer(pool, is_sqlite, rx));
-        Self { tx }
+        Self { tx, renewals }
     }
 
     async fn run(&self, w: Write) -> Result<bool, db::sqlx::Error> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let gone = || db::sqlx::Error::PoolClosed;
-        self.tx.send((w, reply)).map_err(|_| gone())?;
+        let to = match (&w, &self.renewals) {
+            (Write::Renew { .. }, Some(renewals)) => renewals,
+            _ => &self.tx,
+        };
+        to.send((w, reply)).map_err(|_| gone())?;
         answer.await.map_err(|_| gone())?
     }
 }

@@ -305,6 +305,32 @@ pub fn check_settings(
     // The S3 options mean nothing to a directory store (default.toml: "ignored for
     // directories"), so they are checked only for an S3 one.
     let s3 = url.is_some_and(|u| u.starts_with("s3://"));
+    // But where to reach an S3 store and how to sign in to it are given only for one: with
+    // the URL unset (a deployment's variable lost, misspelt) the files went to a directory
+    // on the container's volume, reported copied, and a remover downstream acted on that.
+    let s3_only = [
+        ("endpoint", opts.endpoint.is_some()),
+        ("access_key_id", opts.access_key_id.is_some()),
+        ("secret_access_key", opts.secret_access_key.is_some()),
+        (
+            "secret_access_key_file",
+            opts.secret_access_key_file.is_some(),
+        ),
+    ];
+    if !s3 && let Some((key, _)) = s3_only.iter().find(|(_, set)| *set) {
+        return Err(ConfigError::new(
+            url_key,
+            format!(
+                "is {}, but {options_key}.{key} is set, which only an S3 store uses: set \
+                 {url_key} = \"s3://bucket/prefix\", or remove the S3 options to store in a \
+                 directory",
+                match url {
+                    Some(u) => format!("a directory ({u})"),
+                    None => "unset (a directory under data_dir)".into(),
+                }
+            ),
+        ));
+    }
     // The S3 client also reads these from the environment: a variable left in a shared
     // environment would switch off the store's certificate check, unseen; encryption
     // settings would reach only some requests (the uploads of large files and their checks
@@ -777,8 +803,12 @@ mod tests {
                 let e = check_settings("archive_url", Some("s3://archive/p"), "store", &opts)
                     .expect_err(key);
                 assert_eq!(e.key, format!("store.{key}"), "{e}");
-                // A local store's unused options are not checked.
-                check_settings("archive_url", None, "store", &opts).expect("local");
+                // A directory store's unused options are not checked.
+                let region_only = StoreOptions {
+                    region: Some(empty.into()),
+                    ..StoreOptions::default()
+                };
+                check_settings("archive_url", None, "store", &region_only).expect("local");
             }
         }
     }
@@ -799,7 +829,40 @@ mod tests {
         let e = check_settings("archive_url", Some("s3://archive/p"), "store", &opts)
             .expect_err("both");
         assert_eq!(e.key, "store.secret_access_key_file", "{e}");
-        check_settings("archive_url", None, "store", &opts).expect("local");
+    }
+
+    /// Where to reach an S3 store or how to sign in to one, given with the store's URL
+    /// unset or a directory, is refused naming the URL: the files went to a directory on
+    /// the container's volume and were reported copied.
+    #[test]
+    fn s3_options_for_a_directory_store_are_refused() {
+        for (key, value) in [
+            ("endpoint", serde_json::json!("https://s3:9000")),
+            ("access_key_id", serde_json::json!("AKIA")),
+            ("secret_access_key", serde_json::json!("s3cret")),
+            (
+                "secret_access_key_file",
+                serde_json::json!("/run/secrets/s3"),
+            ),
+        ] {
+            let opts: StoreOptions =
+                serde_json::from_value(serde_json::json!({ key: value })).unwrap();
+            for url in [None, Some("/srv/archive")] {
+                let e = check_settings("archive_url", url, "store", &opts).expect_err(key);
+                assert_eq!(e.key, "archive_url", "{e}");
+                assert!(e.to_string().contains(&format!("store.{key}")), "{e}");
+            }
+        }
+        let s3: StoreOptions = serde_json::from_value(serde_json::json!({
+            "endpoint": "https://s3:9000", "access_key_id": "AKIA", "secret_access_key": "s3cret",
+        }))
+        .unwrap();
+        check_settings("archive_url", Some("s3://archive/p"), "store", &s3).expect("S3");
+        // Options that change nothing but an S3 store's behaviour are harmless beside a
+        // directory (one shared file may set them for both kinds).
+        let tuning: StoreOptions =
+            serde_json::from_str(r#"{"region": "eu-west-1", "part_size_mib": 64}"#).unwrap();
+        check_settings("archive_url", None, "store", &tuning).expect("tuning only");
     }
 
     /// `check-config` prints a local store's unused options too: an endpoint holding

@@ -238,6 +238,8 @@ pub struct TierCopier {
     /// Opens and lookups where a share may never answer: bounded per share (see
     /// crate::stuck).
     remote: crate::stuck::PerShare,
+    /// The digests of unchanged files hashed before, for their retries.
+    hashed: crate::hashed::Hashed,
 }
 
 /// How long an open or a lookup on a share is waited for: a server this slow to answer
@@ -288,7 +290,22 @@ impl TierCopier {
             records,
             policy,
             remote: crate::stuck::PerShare::new(REMOTE_WAIT, MAX_STUCK, MAX_STUCK_ALL),
+            hashed: Default::default(),
         }
+    }
+
+    /// Keeps the digests of files left alone for `quiet` (a minute otherwise), for tests
+    /// whose files were just written.
+    #[cfg(feature = "testing")]
+    pub fn remember_digests_of_files_quiet_for(mut self, quiet: Duration) -> Self {
+        self.hashed = crate::hashed::Hashed::quiet_for(quiet);
+        self
+    }
+
+    /// How many source digests were reused from an earlier attempt instead of reading
+    /// the file again.
+    pub fn digests_reused(&self) -> u64 {
+        self.hashed.reused()
     }
 
     /// The records (for tests and diagnostics).
@@ -530,8 +547,22 @@ impl TierCopier {
         // recorded with (size and mtime above).
         let mut source: Option<Digest> = None;
         if !earlier.is_empty() || self.policy.reuse_identical {
-            source = Some(copy::hash_open(file, &original, alg).await?);
-            state.confirm(file, &original).await?;
+            let id = crate::hashed::Identity::of(&meta);
+            source = Some(match self.hashed.get(&id) {
+                // Its retry (an outage waited out, another copy of the content awaited):
+                // not read whole again if it is the file hashed then, unchanged.
+                Some(d) => {
+                    state.confirm(file, &original).await?;
+                    d
+                }
+                None => {
+                    let began = std::time::SystemTime::now();
+                    let d = copy::hash_open(file, &original, alg).await?;
+                    state.confirm(file, &original).await?;
+                    self.hashed.keep(id, &d, began);
+                    d
+                }
+            });
         }
         if let Some(d) = &source {
             for earlier in earlier

@@ -1851,6 +1851,64 @@ async fn a_row_locked_by_a_paused_replica_fails_one_write_not_all() {
     pg.drop_db().await.expect("drop");
 }
 
+/// A claim renewal is not held up behind a write waiting on a row another replica locked
+/// (a replica paused mid-transaction, whose redelivered keys this one claims): queued
+/// behind it, the renewal waited out that write's lock timeout, past what its lease lets
+/// it take, and every S3 copy of the healthy replica gave up its claim and its parts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_renewal_does_not_wait_behind_a_locked_row() {
+    use db::sqlx::Connection as _;
+    let pg = db::testing::TempPostgres::create().await.expect("database");
+    let recs = Records::open(&pg.url).await.expect("records");
+    let lease = std::time::Duration::from_secs(600);
+    assert!(recs.claim("held", "paused", lease).await.expect("claim"));
+    assert!(recs.claim("mine", "me", lease).await.expect("claim"));
+    let mut locker = db::sqlx::AnyConnection::connect(&pg.url)
+        .await
+        .expect("another session");
+    let mut tx = locker.begin().await.expect("begin");
+    db::sqlx::query("SELECT owner FROM upload_claims WHERE object_key = 'held' FOR UPDATE")
+        .fetch_one(&mut *tx)
+        .await
+        .expect("the claim row, locked");
+    let mut waiting = tokio::spawn({
+        let recs = recs.clone();
+        async move { recs.claim("held", "me", lease).await }
+    });
+    // The claim's write is waiting on the lock.
+    let mut check = db::sqlx::AnyConnection::connect(&pg.url)
+        .await
+        .expect("a third session");
+    let deadline = tokio::time::Instant::now() + framework::testing::WAIT;
+    while db::sqlx::query_scalar::<_, i64>(
+        "SELECT COUNT(*) FROM pg_stat_activity \
+         WHERE datname = current_database() AND wait_event_type = 'Lock'",
+    )
+    .fetch_one(&mut check)
+    .await
+    .expect("activity")
+        == 0
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the claim never waited on the lock"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    tokio::select! {
+        biased;
+        renewed = recs.renew("mine", "me", lease) => {
+            assert!(renewed.expect("renewed"), "the claim is still mine");
+        }
+        r = &mut waiting => panic!("the renewal waited for the blocked claim: {r:?}"),
+    }
+    tx.rollback().await.expect("rollback");
+    let _ = waiting.await;
+    drop((locker, check));
+    recs.close().await;
+    pg.drop_db().await.expect("drop");
+}
+
 /// A file replaced by other content of the same size with its modification time kept
 /// (`cp -p`, `rsync -t`) is not the file copied before: its redelivery copies it (beside
 /// the earlier object, which holds other content) instead of reporting the earlier copy.
@@ -2542,6 +2600,65 @@ async fn identical_files_copied_at_once_are_stored_once() {
             .count(),
         1
     );
+}
+
+/// A copy waiting for another copy of its content (as it would for a store outage) does
+/// not read its file whole again at every retry: the digest of the unchanged file is
+/// reused. A file rewritten meanwhile with its size and modification time kept (`cp -p`)
+/// is read again.
+#[tokio::test]
+async fn a_retry_of_an_unchanged_file_reuses_its_digest() {
+    let base = tempfile::tempdir().expect("temp");
+    let store_dir = base.path().join("store");
+    let c = Arc::new(
+        nearline(
+            base.path(),
+            storage::store::local(&store_dir).expect("tier"),
+            records(base.path()).await,
+        )
+        .remember_digests_of_files_quiet_for(std::time::Duration::ZERO),
+    );
+    let body = content(3 * MIB, 4);
+    let a = put(base.path(), "online", "reuse/a.mxf", &body);
+    let b = put(base.path(), "online", "reuse/b.mxf", &body);
+    let (entered, release) = storage::testing::hold_local_copy("reuse/a.mxf");
+    let first = {
+        let (c, a) = (c.clone(), a.clone());
+        tokio::spawn(async move { c.handle(&a, 0).await })
+    };
+    tokio::time::timeout(framework::testing::WAIT, entered.notified())
+        .await
+        .expect("the first copy is held");
+    for attempt in 0..3 {
+        let e = outage(c.handle(&b, attempt).await);
+        assert!(e.contains("identical content"), "{e}");
+    }
+    assert_eq!(
+        c.digests_reused(),
+        2,
+        "hashed once, reused at its two retries"
+    );
+    drop(release);
+    let ra = copied(joined(first).await.expect("the first copy ran"));
+    let rb = copied(c.handle(&b, 3).await);
+    assert_eq!((&rb.key, rb.uploaded), (&ra.key, false), "{rb:?}");
+    assert_eq!(c.digests_reused(), 3);
+    // Rewritten in place, its size and modification time kept: its change time moved.
+    let path = base.path().join("online/reuse/b.mxf");
+    let mtime = std::fs::metadata(&path)
+        .and_then(|m| m.modified())
+        .expect("mtime");
+    let other = content(3 * MIB, 5);
+    std::fs::write(&path, &other).expect("rewritten");
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .and_then(|f| f.set_modified(mtime))
+        .expect("mtime kept");
+    let again = copied(c.handle(&b, 4).await);
+    assert_eq!(c.digests_reused(), 3, "a changed file is read again");
+    assert!(again.uploaded, "{again:?}");
+    assert_eq!(held(&store_dir, &again.key), other);
 }
 
 /// Two different 128-byte blocks with one MD5 (Wang and Yu's published pair): any common

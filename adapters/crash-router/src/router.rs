@@ -115,6 +115,29 @@ impl CrashRouter {
         )
     }
 
+    /// The mark of the order of `pairs` — each accepted crash id, in order, with the
+    /// queues it is to go to: the routing spec and a digest of the pairs. Positions are
+    /// kept only under the same mark: a release that classifies a record otherwise (four
+    /// have), or another configuration, puts other pairs at the same positions, and
+    /// positions kept across it skipped ids never sent (and sent others twice).
+    fn routing_mark(&self, pairs: &[(&String, Vec<&str>)]) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for (id, queues) in pairs {
+            for q in queues {
+                h.update(id.as_bytes());
+                h.update(b" ");
+                h.update(q.as_bytes());
+                h.update(b"\n");
+            }
+        }
+        let digest: String = h.finalize()[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        format!("queues {} pairs={digest}", self.routing_spec())
+    }
+
     /// The configured queues, in order, that get `crash_id`: a function of the seed and
     /// the id only, so any instance handling any delivery of it chooses the same.
     pub fn select_queues(&self, crash_id: &str) -> Vec<String> {
@@ -185,7 +208,21 @@ impl MessageProcessor for CrashRouter {
         // pairs an earlier attempt already published.
         let earlier_release = framework::batch::Progress::resume(ctx, PUBLISHED_HEADER);
         let mut sent = framework::batch::Progress::resume(ctx, SENT_HEADER);
-        let routing = format!("queues {}", self.routing_spec());
+        // Each accepted id with the queues it is drawn for, in the configured order.
+        let pairs: Vec<(&String, Vec<&str>)> = accepted
+            .iter()
+            .map(|id| {
+                let picks = self.select_queues(id);
+                let queues = self
+                    .queues
+                    .iter()
+                    .filter(|q| picks.contains(&q.name))
+                    .map(|q| q.name.as_str())
+                    .collect();
+                (id, queues)
+            })
+            .collect();
+        let routing = self.routing_mark(&pairs);
         if !sent.is_done(&routing) {
             sent.clear();
         }
@@ -196,9 +233,12 @@ impl MessageProcessor for CrashRouter {
         // other ids are left for the retry, and every other queue still gets its own now
         // rather than waiting out the retries (or a dead letter) with them.
         let mut refused: BTreeMap<String, (u64, String)> = BTreeMap::new();
-        for id in &accepted {
-            let picks = self.select_queues(id);
-            for q in self.queues.iter().filter(|q| picks.contains(&q.name)) {
+        for (id, picks) in &pairs {
+            for q in self
+                .queues
+                .iter()
+                .filter(|q| picks.contains(&q.name.as_str()))
+            {
                 let at = position.to_string();
                 position += 1;
                 // A crash id is fixed-length ASCII without spaces: the mark is unambiguous.
@@ -237,14 +277,9 @@ impl MessageProcessor for CrashRouter {
                 deliveries
                     .entry(q.name.clone())
                     .or_default()
-                    .push(id.clone());
+                    .push((*id).clone());
             }
-            let not_picked = self.queues.len().saturating_sub(
-                self.queues
-                    .iter()
-                    .filter(|q| picks.contains(&q.name))
-                    .count(),
-            );
+            let not_picked = self.queues.len().saturating_sub(picks.len());
             counts.throttled += not_picked as u64;
         }
 
@@ -450,6 +485,11 @@ impl CrashRouter {
             }
         };
         let one = match self.records_of(body, true, tally) {
+            // A body of no records (`{"Records": []}`) is a message that carried nothing:
+            // junk, counted and logged, not a silent success.
+            Ok(records) if records.is_empty() => {
+                Record::Junk(format!("{what} message {id} carries no records").into())
+            }
             Ok(records) => return Ok(records),
             // Too many records is the whole message's outcome, not this body's junk.
             Err(o) if tally.over => return Err(o),
@@ -693,6 +733,22 @@ mod tests {
         json!({ "Records": sqs })
     }
 
+    /// An SQS body of no records is one junk record naming its message, as the code and
+    /// docs say, not a silent success of none.
+    #[test]
+    fn an_sqs_body_of_no_records_is_junk() {
+        let r = router("a", 1);
+        let records = unlimited(&r, sqs_of_zeros(&[0, 1])).expect("records");
+        assert_eq!(
+            records.iter().map(Record::label).collect::<Vec<_>>(),
+            ["junk", "junk"]
+        );
+        assert!(
+            matches!(&records[0], Record::Junk(why) if why.contains("m0 carries no records")),
+            "{records:?}"
+        );
+    }
+
     /// An SQS body's `Records` are counted before any is classified, and past the limit
     /// nothing more is opened: counted after, 8 bodies of a million `0`s each were 8
     /// million junk records (a gigabyte) and the service was killed at every delivery.
@@ -897,9 +953,11 @@ mod tests {
     fn sent_before(routing: &str, positions: &str) -> MessageContext {
         let mut ctx = MessageContext::for_test("s3-events", "k", 1);
         let mut h = FieldTable::default();
-        let sent = serde_json::to_string(&json!([format!("queues {routing}")]))
-            .unwrap()
-            .replacen(']', &format!(",{positions}]"), 1);
+        let sent = serde_json::to_string(&json!([routing])).unwrap().replacen(
+            ']',
+            &format!(",{positions}]"),
+            1,
+        );
         h.insert(
             SENT_HEADER.into(),
             AMQPValue::LongString(sent.as_str().into()),
@@ -912,8 +970,10 @@ mod tests {
     async fn sent_positions_are_skipped_under_the_same_routing_only() {
         let r = router("a,b", 1);
         let key = format!("v2/raw_crash/000/20180313/{ID}");
+        let id = ID.to_string();
+        let mark = r.routing_mark(&[(&id, vec!["a", "b"])]);
         // Pairs 0 and 1 (ID to a, ID to b) sent under this routing: nothing to publish.
-        let ctx = sent_before(&r.routing_spec(), "[0,1]");
+        let ctx = sent_before(&mark, "[0,1]");
         let Outcome::Success { body, .. } = r.handle(event(&[&key]), &ctx).await else {
             panic!("no publish should have been attempted")
         };
@@ -921,12 +981,37 @@ mod tests {
         // The same positions under another seed name other pairs: published again (here
         // attempted: a test context cannot publish), and the old positions forgotten.
         let other = router("a,b", 2);
-        let ctx = sent_before(&r.routing_spec(), "[0,1]");
+        let ctx = sent_before(&mark, "[0,1]");
         let out = other.handle(event(&[&key]), &ctx).await;
         assert!(
             matches!(&out, Outcome::Retry(m) if m.contains("queue `a`")),
             "{out:?}"
         );
+        assert!(
+            ctx.retry_headers()
+                .iter()
+                .any(|(k, v)| k == SENT_HEADER && v == "[]"),
+            "{:?}",
+            ctx.retry_headers()
+        );
+    }
+
+    /// Positions kept under the same configuration but over other pairs — a release
+    /// that accepts a record the one that wrote them did not — are forgotten: kept, the
+    /// first id's pairs were taken as sent (never sent) and the second's sent twice.
+    #[tokio::test]
+    async fn sent_positions_over_other_pairs_are_forgotten() {
+        let r = router("a,b", 1);
+        let earlier = "00007bd0-2d1c-4865-af09-80bc00180312".to_string();
+        // Written by an attempt that accepted only ID: positions 0 and 1 are ID's.
+        let id = ID.to_string();
+        let ctx = sent_before(&r.routing_mark(&[(&id, vec!["a", "b"])]), "[0,1]");
+        let keys = [
+            format!("v2/raw_crash/000/20180312/{earlier}"),
+            format!("v2/raw_crash/000/20180313/{ID}"),
+        ];
+        let out = r.handle(event(&[&keys[0], &keys[1]]), &ctx).await;
+        assert!(matches!(&out, Outcome::Retry(_)), "{out:?}");
         assert!(
             ctx.retry_headers()
                 .iter()

@@ -159,11 +159,32 @@ fn pruned(m: &StatusMessage) -> Handled {
 /// [`PUBLISHED_HEADER`].
 #[derive(Debug)]
 struct Extra {
-    mark: String,
-    /// The mark an older release left for the same message, also taken as done: a retry
+    /// Its mark: the record that sends it and which of its messages it is
+    /// ([`sent_mark`]). A decimal mark, so the header of a batch that sent thousands
+    /// stays a few ranges: a text mark per message (about 100 bytes each) outgrew an AMQP
+    /// frame past ~1,000 records, and the retry was dead-lettered without its progress,
+    /// whose replay sent every one again.
+    mark: u64,
+    /// The marks older releases left for the same message, also taken as done: a retry
     /// in flight across an upgrade still knows it was sent.
-    legacy_mark: Option<String>,
+    legacy_marks: Vec<String>,
     publication: Publication,
+}
+
+/// What a record sends, at most one of each: its collection's export-state message, and
+/// the monitoring messages of its run becoming RECEIVED and COMPLETED.
+#[derive(Debug, Clone, Copy)]
+enum Sent {
+    ExportState = 0,
+    Received = 1,
+    Completed = 2,
+}
+
+/// The mark of what record `record` (1-based) sent: `3 × record + what`.
+fn sent_mark(record: usize, what: Sent) -> u64 {
+    (record as u64)
+        .saturating_mul(3)
+        .saturating_add(what as u64)
 }
 
 /// Publishes each of `extra` not confirmed by an earlier attempt, waiting for its confirm
@@ -175,16 +196,15 @@ async fn publish_extras(
     extra: Vec<Extra>,
 ) -> Result<(), (String, PublishError)> {
     for e in extra {
-        if published.is_done(&e.mark)
-            || e.legacy_mark.as_ref().is_some_and(|m| published.is_done(m))
-        {
+        let mark = e.mark.to_string();
+        if published.is_done(&mark) || e.legacy_marks.iter().any(|m| published.is_done(m)) {
             continue;
         }
         let exchange = e.publication.exchange.clone();
         ctx.publish(e.publication)
             .await
             .map_err(|err| (format!("publishing to `{exchange}` failed"), err))?;
-        published.mark_done(e.mark);
+        published.mark_done(mark);
     }
     Ok(())
 }
@@ -293,34 +313,46 @@ impl StatusProcessor {
     /// The export-state message for `m`, mandatory: an unroutable one fails the publish,
     /// so the input is retried (a retried message re-emits it) instead of the broker
     /// dropping it while the collection is already `Received`.
-    fn export_state_publication(&self, m: &StatusMessage, c: &Collection) -> Extra {
+    fn export_state_publication(&self, m: &StatusMessage, c: &Collection, record: usize) -> Extra {
+        let identity = format!(
+            "export-state {}",
+            json!([c.correlation_id, c.collection_name])
+        );
         Extra {
-            mark: format!(
-                "export-state {}",
-                json!([c.correlation_id, c.collection_name])
-            ),
-            legacy_mark: None,
+            mark: sent_mark(record, Sent::ExportState),
+            // Named by its collection, not its body: sent again (its confirm lost) after
+            // a later file of the collection changed the flags it carries, it is still
+            // the one message to a consumer that drops a message id it had.
             publication: Publication::value(
                 &self.export_state_exchange,
                 EXPORT_STATE_KEY,
                 &export_state(m, c),
             )
-            .mandatory(),
+            .mandatory()
+            .with_identity(identity.clone()),
+            legacy_marks: vec![identity],
         }
     }
 
     /// The monitoring message of `m`'s run, mandatory (an unroutable one fails the
     /// publish, so the input is retried and sends it again).
-    /// `dedupe` keys the message that made the run RECEIVED.
-    fn monitoring_publication(&self, m: &StatusMessage, what: &str, dedupe: &str) -> Extra {
+    /// `dedupe` keys the message that made the run RECEIVED; `record` is its record.
+    fn monitoring_publication(
+        &self,
+        m: &StatusMessage,
+        what: &str,
+        dedupe: &str,
+        record: usize,
+    ) -> Extra {
         // Each is marked for the collection and message that made the run RECEIVED or
         // COMPLETED, as the store names them (`received_by`, `completed_by`): one batch
         // can complete a run, reopen it (a collection heard of next) and complete it
         // again, and each is announced. The success message's mark was one per run
         // before (which skipped the second): an attempt of an older release that left it
         // has sent this run's.
-        let (mark, legacy_mark) = match what {
+        let (sent, identity, legacy_mark) = match what {
             ALL_RECEIVED => (
+                Sent::Received,
                 format!(
                     "monitoring-received {}",
                     json!([m.correlation_id, m.collection_name, dedupe])
@@ -328,6 +360,7 @@ impl StatusProcessor {
                 None,
             ),
             _ => (
+                Sent::Completed,
                 format!(
                     "monitoring-completed {}",
                     json!([m.correlation_id, m.collection_name, dedupe])
@@ -344,10 +377,10 @@ impl StatusProcessor {
             &monitoring(m, what),
         )
         .mandatory()
-        .with_identity(mark.clone());
+        .with_identity(identity.clone());
         Extra {
-            mark,
-            legacy_mark,
+            mark: sent_mark(record, sent),
+            legacy_marks: std::iter::once(identity).chain(legacy_mark).collect(),
             publication,
         }
     }
@@ -360,6 +393,7 @@ impl StatusProcessor {
         m: &StatusMessage,
         dedupe: &str,
         retried: bool,
+        record: usize,
         extra: &mut Vec<Extra>,
     ) -> Result<(), StoreError> {
         let (cid, collection) = (&m.correlation_id, &m.collection_name);
@@ -371,20 +405,21 @@ impl StatusProcessor {
             && retried
             && db::bounded(self.store.received_by(cid, collection, dedupe)).await?;
         if moved || resend {
-            extra.push(self.monitoring_publication(m, ALL_RECEIVED, dedupe));
+            extra.push(self.monitoring_publication(m, ALL_RECEIVED, dedupe, record));
         }
         Ok(())
     }
 
     /// Handles one valid status message; `dedupe` keys a file without a name, `record`
-    /// names it in `own` (the files this message counted at earlier attempts).
+    /// (1-based) names it in `own` (the files this message counted at earlier attempts) and
+    /// in the marks of what it sends.
     async fn handle_one(
         &self,
         m: &StatusMessage,
         dedupe: &str,
         retried: bool,
         own: &mut framework::batch::Progress<'_>,
-        record: &str,
+        record: usize,
     ) -> Result<Handled, StoreError> {
         // A run completed and deleted past its keeping: a message of it now (a dead letter
         // replayed weeks later) would start it over as a collection that never completes.
@@ -410,8 +445,9 @@ impl StatusProcessor {
                 // The counts message that completed the collection re-emits when it comes
                 // again (its publish may have been lost); no other message does.
                 if moved || (retried && triggered && c.status == "Received") {
-                    extra.push(self.export_state_publication(m, &c));
-                    self.run_received(m, dedupe, retried, &mut extra).await?;
+                    extra.push(self.export_state_publication(m, &c, record));
+                    self.run_received(m, dedupe, retried, record, &mut extra)
+                        .await?;
                 }
                 (c, "counts", true)
             }
@@ -427,9 +463,9 @@ impl StatusProcessor {
                 // Counted by an earlier attempt of this very message (which then failed, an
                 // export-state publish unroutable, say): no duplicate from the sender, and
                 // counted once already.
-                let ours = !f.counted && own.is_done(record);
+                let ours = !f.counted && own.is_done(&record.to_string());
                 if f.counted {
-                    own.mark_done(record);
+                    own.mark_done(record.to_string());
                 }
                 if ours {
                     tracing::debug!(file = %LogText(&m.filename), "file counted by an earlier attempt of this message");
@@ -449,8 +485,9 @@ impl StatusProcessor {
                 if f.triggered_received
                     && (f.counted || (retried && f.collection.status == "Received"))
                 {
-                    extra.push(self.export_state_publication(m, &f.collection));
-                    self.run_received(m, dedupe, retried, &mut extra).await?;
+                    extra.push(self.export_state_publication(m, &f.collection, record));
+                    self.run_received(m, dedupe, retried, record, &mut extra)
+                        .await?;
                 }
                 (f.collection, "file", f.counted)
             }
@@ -496,7 +533,8 @@ impl StatusProcessor {
                     } else {
                         // The last outstanding collection went Sent → Success while others
                         // are Received: every collection is Received or Success.
-                        self.run_received(m, dedupe, retried, &mut extra).await?;
+                        self.run_received(m, dedupe, retried, record, &mut extra)
+                            .await?;
                     }
                     let product = db::bounded(self.store.product_status(&m.correlation_id)).await?;
                     // Who completed the product publishes; a retried success file of a
@@ -513,7 +551,7 @@ impl StatusProcessor {
                     if is_completed && (completed || resend) {
                         // Mandatory: an unroutable message fails the publish, so the input
                         // is retried and this branch (retried) sends it again.
-                        extra.push(self.monitoring_publication(m, ALL_SUCCESSFUL, dedupe));
+                        extra.push(self.monitoring_publication(m, ALL_SUCCESSFUL, dedupe, record));
                     }
                 }
                 (c, "success-file", moved)
@@ -629,7 +667,7 @@ impl MessageProcessor for StatusProcessor {
                         ),
                         retried,
                         &mut own,
-                        "1",
+                        1,
                     )
                     .await
                 {
@@ -699,7 +737,7 @@ impl MessageProcessor for StatusProcessor {
                                 ),
                                 retried,
                                 &mut own,
-                                &n.to_string(),
+                                n,
                             )
                             .await
                         {

@@ -1276,6 +1276,57 @@ async fn a_retried_batch_sends_what_it_published_once() {
     env.finish().await;
 }
 
+/// A batch that sent thousands of messages and is then retried (its success file ahead of
+/// its collection) carries its marks in the retry: marked by their text (about 100 bytes
+/// each), they outgrew an AMQP frame, the retry went to the DLQ without them, and its
+/// replay sent every export-state message again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_batch_of_thousands_of_records_sends_each_message_once() {
+    const N: usize = 2500;
+    let mut env = start(Backend::Sqlite, &[]).await;
+    let c = "corr-thousand";
+    let mut retried = watch(
+        &env.hs.ch,
+        &format!("{}-retry", env.hs.q),
+        &env.hs.delays[0].to_string(),
+    )
+    .await;
+    let mut records: Vec<Value> = (0..N)
+        .map(|i| {
+            json!({"body": msg(c, &format!("db.collection.{i:05}"), json!({"files_exported": 0}))})
+        })
+        .collect();
+    records.push(json!({"body": msg(c, "db.late", json!({"is_success_file": "true"}))}));
+    env.send(&json!({ "Records": records })).await;
+    let r = next(&mut retried).await;
+    let marks = header(&r, snapshot_status::PUBLISHED_HEADER).expect("the marks kept");
+    assert!(marks.len() < 8192, "{} bytes of marks", marks.len());
+    // Its collection comes: the success file is taken at a retry and the batch is done.
+    env.send(&msg(c, "db.late", json!({"files_exported": 0})))
+        .await;
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < N + 1 {
+        let e = json_of(&next(&mut env.export).await);
+        let topic = e["topic_name"].as_str().unwrap_or_default().to_string();
+        assert!(seen.insert(topic.clone()), "{topic} sent twice");
+    }
+    let done = loop {
+        let o = json_of(&next(&mut env.out).await);
+        if o.get("records").is_some() {
+            break o;
+        }
+    };
+    assert_eq!(done["records_total"], N + 1, "{done}");
+    assert!(
+        next_within(&mut env.export, Duration::from_millis(300))
+            .await
+            .is_none(),
+        "an export-state message sent again"
+    );
+    assert_eq!(env.dlq_count().await, 0);
+    env.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unnamed_file_without_message_id_counts_once_when_redelivered() {
     let mut env = start(Backend::Sqlite, &[]).await;
