@@ -233,10 +233,10 @@ impl AmqpUrl {
         match (user.is_empty(), self.0.password().is_some()) {
             _ if external => None,
             (false, false) => Some(format!(
-                "names the user `{user}` but no password (the client would send `guest` as                  it): write it in the URL (percent-encoded) or set amqp.password_file"
+                "names the user `{user}` but no password (the client would send `guest` as it): write it in the URL (percent-encoded) or set amqp.password_file"
             )),
             (true, true) => Some(
-                "holds a password but no user (the client would send it as `guest`'s):                  write the user before it"
+                "holds a password but no user (the client would send it as `guest`'s): write the user before it"
                     .into(),
             ),
             _ => None,
@@ -1452,12 +1452,15 @@ pub fn load<S: DeserializeOwned>(
     }
 
     // Checked after the password file filled it in.
-    for (key, u) in std::iter::once(("amqp.url".to_string(), &amqp.url)).chain(
-        amqp.urls
-            .iter()
-            .enumerate()
-            .map(|(i, u)| (format!("amqp.urls[{i}]"), u)),
-    ) {
+    // Only the nodes connected to: `url` is not used where `urls` is set (prod.toml's
+    // placeholder names a user whose password only `urls` may carry).
+    let used: Vec<(String, &AmqpUrl)> = match amqp.urls.is_empty() {
+        true => vec![("amqp.url".to_string(), &amqp.url)],
+        false => (amqp.urls.iter().enumerate())
+            .map(|(i, u)| (format!("amqp.urls[{i}]"), u))
+            .collect(),
+    };
+    for (key, u) in used {
         if let Some(why) = u.login_gap() {
             return Err(ConfigError::new(key, why));
         }
@@ -2690,6 +2693,15 @@ prefetch = 4
         )])
         .expect_err("a node without a password");
         assert_eq!(e.key, "amqp.urls[1]");
+        // `url` is not used where `urls` is set: its placeholder is not checked.
+        with_env(&[
+            ("STORAGETIER__AMQP__URL", "amqp://app@127.0.0.1:5672/%2f"),
+            (
+                "STORAGETIER__AMQP__URLS",
+                "amqp://app:pw@127.0.0.1:5672/%2f,amqp://app:pw@127.0.0.2:5672/%2f",
+            ),
+        ])
+        .expect("urls carry the passwords");
         let pw = tempfile::NamedTempFile::new().expect("temp file");
         std::fs::write(pw.path(), "s3cret\n").expect("write");
         with_env(&[

@@ -102,10 +102,18 @@ pub(crate) fn write_escaped(out: &mut impl std::fmt::Write, s: &str) -> std::fmt
     out.write_str(&s[plain..])
 }
 
-/// Exports counter `name` at 0 for each value of its one `label`: an `increase()` alert
-/// over a series that appears with its first event misses that first burst after a
-/// restart. For a service's own documented counters (the framework's do this themselves).
-pub fn counters_from_zero(name: &'static str, label: &'static str, values: &[&'static str]) {
+/// Exports counter `name` at 0 for each value of its one `label`, with `help` as its
+/// `# HELP` line: an `increase()` alert over a series that appears with its first event
+/// misses that first burst after a restart. For a service's own documented counters (the
+/// framework's do this themselves).
+pub fn counters_from_zero(
+    name: &'static str,
+    help: &'static str,
+    label: &'static str,
+    values: &[&'static str],
+) {
+    let _ = metrics_handle();
+    metrics::describe_counter!(name, help);
     for value in values {
         metrics::counter!(name, label => *value).increment(0);
     }
@@ -133,8 +141,82 @@ pub fn json_for_terminal(json: String) -> String {
     out
 }
 
+/// What each framework metric counts, served as its `# HELP` line: Prometheus's metadata
+/// and Grafana show it beside the series (docs/operations.md says more).
+const HELP: [(&str, &str); 14] = [
+    (
+        MESSAGES_TOTAL,
+        "Messages finished, by queue and outcome (success, retry, dead_letter, drop; \
+         interrupted: handed back unfinished)",
+    ),
+    (
+        PARTS_DEAD_LETTERED_TOTAL,
+        "Records of a batch dead-lettered on their own while the rest went on",
+    ),
+    (
+        HANDLER_SECONDS,
+        "Time a handler took per message, in seconds",
+    ),
+    (IN_FLIGHT, "Handlers running now"),
+    (
+        CONCURRENCY,
+        "Handlers this replica runs at once at most (the capacity in_flight is measured \
+         against)",
+    ),
+    (CONNECTED, "1 while connected to the broker and consuming"),
+    (
+        STARTING,
+        "1 while the service is being built (database opened and migrated), before it \
+         first connects",
+    ),
+    (
+        CONNECTION_BLOCKED,
+        "1 while the broker blocks the connection (a memory or disk alarm)",
+    ),
+    (
+        PUBLISH_FAILURES_TOTAL,
+        "Publishes the broker refused or that failed: outcomes (the input went back) and \
+         handlers' own",
+    ),
+    (
+        RECONNECTS_TOTAL,
+        "Sessions lost (connection, channel or consumer) and made again",
+    ),
+    (
+        QUEUE_MESSAGES,
+        "Messages ready in each of the service's own queues (input, retry tiers, DLQ)",
+    ),
+    (
+        QUEUE_DEPTH_UNREADABLE,
+        "1 while the depth of the queue cannot be read (queue_messages then holds the last \
+         one read)",
+    ),
+    (
+        LOG_LINES_DROPPED_TOTAL,
+        "Log lines dropped because stderr did not take them",
+    ),
+    (
+        crate::otlp::SPANS_DROPPED_TOTAL,
+        "Spans not exported to the OTLP collector (buffer full or collector failing)",
+    ),
+];
+
 /// Installs the process-wide Prometheus recorder once and returns its handle.
 pub fn metrics_handle() -> PrometheusHandle {
+    let handle = installed();
+    DESCRIBED.get_or_init(|| {
+        for (name, help) in HELP {
+            metrics::describe_counter!(name, help);
+        }
+    });
+    handle
+}
+
+/// Whether [`HELP`] was given to the recorder.
+static DESCRIBED: OnceLock<()> = OnceLock::new();
+
+/// The recorder, installed at the first call.
+fn installed() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
             let builder = PrometheusBuilder::new()

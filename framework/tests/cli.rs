@@ -131,8 +131,6 @@ fn a_variable_with_one_underscore_after_the_prefix_exits_2() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
 }
 
-/// `--config-dir` naming a directory whose files are none of those read (`prod.toml`
-/// without `--env prod`): exit 2 listing them, not a run on the built-in defaults.
 /// `check-config` says what `run` warns about at start (seconds typed as milliseconds),
 /// on stderr beside its JSON: a check in CI passed `drain_timeout_ms = 30` unremarked.
 #[test]
@@ -155,6 +153,8 @@ fn check_config_warns_of_seconds_typed_as_milliseconds() {
     assert!(!stderr(&o).contains("warning"), "{}", stderr(&o));
 }
 
+/// `--config-dir` naming a directory whose files are none of those read (`prod.toml`
+/// without `--env prod`): exit 2 listing them, not a run on the built-in defaults.
 #[test]
 fn a_config_dir_none_of_whose_files_is_read_exits_2() {
     let dir = tempfile::tempdir().unwrap();

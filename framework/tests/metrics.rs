@@ -31,6 +31,41 @@ async fn queue_depths_are_served_as_gauges() {
     .await;
 }
 
+/// Every metric served has its `# HELP` line (Prometheus's metadata and Grafana show it
+/// beside the series; without one each was a bare name).
+#[tokio::test]
+async fn every_metric_served_is_described() {
+    let handle = framework::telemetry::metrics_handle();
+    let hs = Harness::start(
+        "described",
+        &[],
+        FnProcessor(|v: serde_json::Value, _: &MessageContext| Outcome::success(v)),
+    )
+    .await;
+    hs.publish("test.x", b"{}", BasicProperties::default())
+        .await;
+    await_outcome_count(&hs.q, "success", 1).await;
+    let text = handle.render();
+    let typed: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with("storagetier_"))
+        .collect();
+    assert!(
+        typed.contains(&framework::telemetry::MESSAGES_TOTAL)
+            && typed.contains(&framework::telemetry::HANDLER_SECONDS),
+        "{text}"
+    );
+    for name in typed {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(&format!("# HELP {name} "))),
+            "{name} has no HELP line"
+        );
+    }
+}
+
 /// Publishes from its handler to an exchange that does not exist, then, mandatory, to a
 /// queue that does not exist; drops the message saying how each went.
 struct PublishesNowhere;

@@ -8,7 +8,9 @@
 //! A digest is reused only for the same file (device and inode) with the same size,
 //! modification time and change time, looked at after the file's tick has passed
 //! (`copy::SourceState::settle`): every write after that moves the change time, which no
-//! one can set by hand. Only a file quiet for a while when it was hashed is kept: a writer
+//! one can set by hand — where the filesystem keeps it ([`keeps_change_time`]; not a FUSE
+//! one such as sshfs, which reports the modification time as change time). Only a file
+//! quiet for a while when it was hashed is kept: a writer
 //! through a shared mapping moves the times only when a page is first written after it
 //! was last written back (about every 30 s), so a file written that way within the last
 //! minute could still change unseen.
@@ -62,6 +64,32 @@ impl Identity {
     }
 }
 
+/// Whether the filesystem holding `file` sets its change time itself at every change, so
+/// that no one can set it back: the kernel's own filesystems and the network ones whose
+/// server keeps it (NFS, SMB). Not FUSE ones, whose times are whatever the daemon says
+/// (sshfs gives the modification time as change time, which `cp -p` sets back), nor any
+/// other not known.
+fn keeps_change_time(file: &std::fs::File) -> bool {
+    const KEPT: [u64; 11] = [
+        0xEF53,      // ext2/3/4
+        0x5846_5342, // XFS
+        0x9123_683E, // Btrfs
+        0x0102_1994, // tmpfs
+        0x2FC1_2FC1, // ZFS
+        0xF2F5_2010, // F2FS
+        0x794C_7630, // overlayfs (its upper layer's)
+        0x6969,      // NFS
+        0xFF53_4D42, // CIFS
+        0xFE53_4D42, // SMB2/3
+        0x5346_544E, // NTFS (ntfs3)
+    ];
+    rustix::fs::fstatfs(file).is_ok_and(|st| {
+        #[allow(clippy::unnecessary_cast, clippy::cast_sign_loss)]
+        let kind = st.f_type as u64;
+        KEPT.contains(&kind)
+    })
+}
+
 /// The digests of the files one copier hashed, by [`Identity`].
 #[derive(Debug)]
 pub struct Hashed {
@@ -97,11 +125,44 @@ impl Hashed {
         d
     }
 
-    /// Keeps `d`, the digest of `id` hashed from `began` on, where it is worth keeping.
-    pub fn keep(&self, id: Identity, d: &Digest, began: SystemTime) {
+    /// Keeps `d`, the digest of `file` (`id`) hashed from `began` on, where it is worth
+    /// keeping and its filesystem keeps a real change time (asked on a blocking thread
+    /// where the file is `remote`: a share's server may not answer).
+    pub async fn keep(
+        &self,
+        id: Identity,
+        d: &Digest,
+        began: SystemTime,
+        file: &std::fs::File,
+        remote: bool,
+    ) {
         if id.size < MIN_SIZE || !id.quiet_at(began, self.quiet) {
             return;
         }
+        let kept_by_its_filesystem = match (remote, file.try_clone()) {
+            (false, _) => keeps_change_time(file),
+            (true, Ok(f)) => tokio::task::spawn_blocking(move || keeps_change_time(&f))
+                .await
+                .unwrap_or(false),
+            (true, Err(_)) => false,
+        };
+        if !kept_by_its_filesystem {
+            return;
+        }
+        self.remember(id, d);
+    }
+
+    /// Forgets `id`'s digest: a copy that reused it failed other than by an outage (its
+    /// content not what the digest says, say), and its retry reads the file again.
+    pub fn forget(&self, id: &Identity) {
+        let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+        let (map, order) = &mut *kept;
+        if map.remove(id).is_some() {
+            order.retain(|o| o != id);
+        }
+    }
+
+    fn remember(&self, id: Identity, d: &Digest) {
         let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
         let (map, order) = &mut *kept;
         if map.insert(id.clone(), d.clone()).is_none() {
@@ -142,20 +203,46 @@ mod tests {
         }
     }
 
+    impl Hashed {
+        /// `keep` without the filesystem's say.
+        fn keep_at(&self, id: Identity, d: &Digest, began: SystemTime) {
+            if id.size >= MIN_SIZE && id.quiet_at(began, self.quiet) {
+                self.remember(id, d);
+            }
+        }
+    }
+
+    /// The machine's own filesystems keep a change time (the test's temporary files are
+    /// on one); a FUSE one is not trusted to.
+    #[test]
+    fn a_local_filesystem_keeps_its_change_times() {
+        let f = tempfile::tempfile().expect("temp");
+        assert!(keeps_change_time(&f));
+    }
+
+    #[test]
+    fn a_digest_forgotten_is_not_reused() {
+        let h = Hashed::quiet_for(Duration::ZERO);
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+        h.keep_at(id(1, 0), &digest(), at);
+        h.forget(&id(1, 0));
+        assert!(h.get(&id(1, 0)).is_none());
+    }
+
     #[test]
     fn only_files_left_alone_long_enough_are_kept() {
         let h = Hashed::default();
         let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
-        h.keep(id(1, 999), &digest(), at);
+        h.keep_at(id(1, 999), &digest(), at);
         assert!(h.get(&id(1, 999)).is_none(), "changed a second before");
-        h.keep(id(2, 1000 - 60), &digest(), at);
+        h.keep_at(id(2, 1000 - 60), &digest(), at);
         assert!(h.get(&id(2, 940)).is_some());
         assert!(h.get(&id(2, 941)).is_none(), "another change time");
         let small = Identity {
             size: MIN_SIZE - 1,
             ..id(3, 0)
         };
-        h.keep(small.clone(), &digest(), at);
+        h.keep_at(small.clone(), &digest(), at);
         assert!(h.get(&small).is_none(), "small files are hashed again");
         assert_eq!(h.reused(), 1);
     }
@@ -165,7 +252,7 @@ mod tests {
         let h = Hashed::quiet_for(Duration::ZERO);
         let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
         for ino in 0..=KEPT as u64 {
-            h.keep(id(ino, 0), &digest(), at);
+            h.keep_at(id(ino, 0), &digest(), at);
         }
         assert!(h.get(&id(0, 0)).is_none());
         assert!(h.get(&id(1, 0)).is_some());

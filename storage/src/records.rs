@@ -78,10 +78,15 @@ impl GroupCommit {
         // for the first's lock.
         let renewals = (!is_sqlite).then(|| {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            tokio::spawn(committer(pool.clone(), is_sqlite, rx));
+            tokio::spawn(committer(
+                pool.clone(),
+                is_sqlite,
+                rx,
+                Some(RENEWAL_LOCK_WAIT),
+            ));
             tx
         });
-        tokio::spawn(committer(pool, is_sqlite, rx));
+        tokio::spawn(committer(pool, is_sqlite, rx, None));
         Self { tx, renewals }
     }
 
@@ -97,11 +102,21 @@ impl GroupCommit {
     }
 }
 
-/// The group-commit task: runs until every [`Records`] clone is dropped.
+/// How long a batch of renewals waits for a row another session holds (its own claim's
+/// row, which another replica's claim of the key locks while it looks): a renewal
+/// given up fails alone, and the next one, a few seconds on, is within the lease; waited
+/// for the connection's whole lock timeout, it took the whole of what the lease lets a
+/// renewal take, and every renewal of the batch with it.
+const RENEWAL_LOCK_WAIT: &str = "2s";
+
+/// The group-commit task: runs until every [`Records`] clone is dropped. A batch waits at
+/// most `lock_wait` for a row another session holds (the connection's lock timeout
+/// where None).
 async fn committer(
     pool: AnyPool,
     is_sqlite: bool,
     mut rx: tokio::sync::mpsc::UnboundedReceiver<(Write, Reply)>,
+    lock_wait: Option<&'static str>,
 ) {
     let mut batch = Vec::new();
     // The writer connection's `synchronous` as last set (FULL when it opened).
@@ -109,11 +124,12 @@ async fn committer(
     while rx.recv_many(&mut batch, MAX_GROUP).await > 0 {
         // Bounded: a server that stopped answering would hold this one committer, and
         // with it every handler's claim and record, for ever.
-        let applied = db::bounded(apply(
+        let applied = db::bounded(apply_waiting(
             &pool,
             is_sqlite,
             &mut full,
             batch.iter().map(|(w, _)| w),
+            lock_wait,
         ))
         .await;
         match applied {
@@ -258,6 +274,7 @@ fn about_one_write(e: &db::sqlx::Error) -> bool {
 
 /// Applies `writes` in one transaction; their results once it committed. `full` is the
 /// writer's `synchronous` mode as last set, so a batch pays no `PRAGMA` unless it changes.
+#[cfg(test)]
 async fn apply<'a>(
     pool: &AnyPool,
     is_sqlite: bool,

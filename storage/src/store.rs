@@ -308,13 +308,20 @@ pub fn check_settings(
     // But where to reach an S3 store and how to sign in to it are given only for one: with
     // the URL unset (a deployment's variable lost, misspelt) the files went to a directory
     // on the container's volume, reported copied, and a remover downstream acted on that.
+    // Blank ones (a template's `…_SECRET_ACCESS_KEY=`) say nothing.
+    let given = |v: Option<&str>| v.is_some_and(|v| !v.trim().is_empty());
     let s3_only = [
-        ("endpoint", opts.endpoint.is_some()),
-        ("access_key_id", opts.access_key_id.is_some()),
-        ("secret_access_key", opts.secret_access_key.is_some()),
+        ("endpoint", given(opts.endpoint.as_deref())),
+        ("access_key_id", given(opts.access_key_id.as_deref())),
+        (
+            "secret_access_key",
+            given(opts.secret_access_key.as_ref().map(Secret::expose)),
+        ),
         (
             "secret_access_key_file",
-            opts.secret_access_key_file.is_some(),
+            opts.secret_access_key_file
+                .as_deref()
+                .is_some_and(|f| !f.as_os_str().is_empty()),
         ),
     ];
     if !s3 && let Some((key, _)) = s3_only.iter().find(|(_, set)| *set) {

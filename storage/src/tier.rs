@@ -420,6 +420,25 @@ impl TierCopier {
     }
 
     async fn copy(&self, msg: &AssetSweeperFile) -> Result<TierOutcome, TierError> {
+        let mut reused = None;
+        let r = self.copy_reusing(msg, &mut reused).await;
+        // A digest reused by a copy that then failed other than by an outage (what was
+        // read is not what the digest says) is not reused again.
+        if let (Err(e), Some(id)) = (&r, reused)
+            && !matches!(e, TierError::Unavailable(_))
+        {
+            self.hashed.forget(&id);
+        }
+        r
+    }
+
+    /// [`Self::copy`]; `reused` names the file whose digest was taken from an earlier
+    /// attempt, if one was.
+    async fn copy_reusing(
+        &self,
+        msg: &AssetSweeperFile,
+        reused: &mut Option<crate::hashed::Identity>,
+    ) -> Result<TierOutcome, TierError> {
         msg.check_text()
             .map_err(|e| TierError::Permanent(e.to_string()))?;
         if msg.ignore && self.policy.skip_ignored {
@@ -552,6 +571,7 @@ impl TierCopier {
                 // Its retry (an outage waited out, another copy of the content awaited):
                 // not read whole again if it is the file hashed then, unchanged.
                 Some(d) => {
+                    *reused = Some(id);
                     state.confirm(file, &original).await?;
                     d
                 }
@@ -559,7 +579,7 @@ impl TierCopier {
                     let began = std::time::SystemTime::now();
                     let d = copy::hash_open(file, &original, alg).await?;
                     state.confirm(file, &original).await?;
-                    self.hashed.keep(id, &d, began);
+                    self.hashed.keep(id, &d, began, file, remote).await;
                     d
                 }
             });

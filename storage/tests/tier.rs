@@ -1851,6 +1851,35 @@ async fn a_row_locked_by_a_paused_replica_fails_one_write_not_all() {
     pg.drop_db().await.expect("drop");
 }
 
+/// Two replicas on one PostgreSQL database (two pools, two committers) claiming the same
+/// keys at once: exactly one gets each, and neither takes the other's live claim — the
+/// claim upsert between sessions, which tests over one `Records` (one committer, one
+/// transaction ordering both) never reach.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_claiming_one_key_at_once_get_it_once() {
+    let pg = db::testing::TempPostgres::create().await.expect("database");
+    let a = Records::open(&pg.url).await.expect("replica a");
+    let b = Records::open(&pg.url).await.expect("replica b");
+    let lease = std::time::Duration::from_secs(600);
+    for round in 0..200 {
+        let key = format!("show/ep{round}.mov");
+        let (ra, rb) = tokio::join!(a.claim(&key, "a", lease), b.claim(&key, "b", lease));
+        let (ra, rb) = (ra.expect("a's claim"), rb.expect("b's claim"));
+        assert!(ra != rb, "round {round}: a {ra}, b {rb}");
+        // Asked again, the owner keeps it and the other still cannot take it.
+        let (winner, loser, w, l) = if ra {
+            (&a, &b, "a", "b")
+        } else {
+            (&b, &a, "b", "a")
+        };
+        assert!(winner.renew(&key, w, lease).await.expect("renewal"));
+        assert!(!loser.claim(&key, l, lease).await.expect("claim again"));
+    }
+    a.close().await;
+    b.close().await;
+    pg.drop_db().await.expect("drop");
+}
+
 /// A claim renewal is not held up behind a write waiting on a row another replica locked
 /// (a replica paused mid-transaction, whose redelivered keys this one claims): queued
 /// behind it, the renewal waited out that write's lock timeout, past what its lease lets

@@ -90,7 +90,12 @@ struct Counts {
 impl CrashRouter {
     /// A router for `queues`; `seed` (default [`DEFAULT_SEED`]) keys the throttle draws.
     pub fn new(queues: Vec<QueueSpec>, accept: char, defer: char, seed: Option<u64>) -> Self {
-        framework::telemetry::counters_from_zero(RECORDS_METRIC, "result", &RECORD_RESULTS);
+        framework::telemetry::counters_from_zero(
+            RECORDS_METRIC,
+            "crash-router: records of the notifications handled, by result",
+            "result",
+            &RECORD_RESULTS,
+        );
         Self {
             queues,
             accept,

@@ -217,7 +217,12 @@ fn event_digest(ctx: &MessageContext, body: &str) -> [u8; 32] {
 impl EventForwarder {
     /// A processor posting through `forwarder`; `ordered` retries in place using `retry`.
     pub fn new(forwarder: Forwarder, ordered: bool, retry: RetryConfig) -> Self {
-        framework::telemetry::counters_from_zero(POSTS_METRIC, "result", &POST_RESULTS);
+        framework::telemetry::counters_from_zero(
+            POSTS_METRIC,
+            "event-forwarder: POSTs to the endpoint, by result",
+            "result",
+            &POST_RESULTS,
+        );
         Self {
             forwarder,
             ordered,

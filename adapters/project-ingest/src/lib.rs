@@ -146,7 +146,12 @@ pub struct ProjectProcessor {
 impl ProjectProcessor {
     /// A processor over `store`; extra projects of a batch go to `output_exchange`.
     pub fn new(store: Store, output_exchange: &str, output_routing_key: &str) -> Self {
-        framework::telemetry::counters_from_zero(EVENTS_METRIC, "result", &EVENT_RESULTS);
+        framework::telemetry::counters_from_zero(
+            EVENTS_METRIC,
+            "project-ingest: events, each once, by result on its message's final outcome",
+            "result",
+            &EVENT_RESULTS,
+        );
         Self {
             store,
             output_exchange: output_exchange.to_string(),

@@ -247,8 +247,18 @@ pub fn monitoring(m: &StatusMessage, what: &str) -> Value {
 impl StatusProcessor {
     /// A processor over `store` publishing to the given exchanges.
     pub fn new(store: Store, export_state_exchange: &str, monitoring_exchange: &str) -> Self {
-        framework::telemetry::counters_from_zero(FILES_METRIC, "counted", &["true", "false"]);
-        framework::telemetry::counters_from_zero(TRANSITIONS_METRIC, "to", &TRANSITIONS);
+        framework::telemetry::counters_from_zero(
+            FILES_METRIC,
+            "snapshot-status: files seen, counted or a duplicate",
+            "counted",
+            &["true", "false"],
+        );
+        framework::telemetry::counters_from_zero(
+            TRANSITIONS_METRIC,
+            "snapshot-status: status transitions made, by the status reached",
+            "to",
+            &TRANSITIONS,
+        );
         Self {
             store,
             export_state_exchange: export_state_exchange.to_string(),
