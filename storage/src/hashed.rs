@@ -1,5 +1,5 @@
-//! Digests of source files already hashed, kept in memory for the retries of their
-//! messages: nearline hashes a file whole before it touches the store (to find an earlier
+//! Digests of source files already hashed, kept in memory for the file's next messages
+//! (its retries above all): nearline hashes a file whole before it touches the store (to find an earlier
 //! copy or an identical object), and a retry — a store outage waited out for hours, or
 //! another copy of the same content still being stored — read a large file whole again at
 //! every attempt (a 200 GiB render re-read every few minutes, from the share the copy it
@@ -81,7 +81,7 @@ fn keeps_change_time(file: &std::fs::File) -> bool {
         0x6969,      // NFS
         0xFF53_4D42, // CIFS
         0xFE53_4D42, // SMB2/3
-        0x5346_544E, // NTFS (ntfs3)
+        0x7366_746E, // ntfs3
     ];
     rustix::fs::fstatfs(file).is_ok_and(|st| {
         #[allow(clippy::unnecessary_cast, clippy::cast_sign_loss)]

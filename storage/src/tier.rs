@@ -422,8 +422,8 @@ impl TierCopier {
     async fn copy(&self, msg: &AssetSweeperFile) -> Result<TierOutcome, TierError> {
         let mut reused = None;
         let r = self.copy_reusing(msg, &mut reused).await;
-        // A digest reused by a copy that then failed other than by an outage (what was
-        // read is not what the digest says) is not reused again.
+        // A digest kept or reused by a copy that then failed other than by an outage
+        // (what was read is not what the digest says) is not reused.
         if let (Err(e), Some(id)) = (&r, reused)
             && !matches!(e, TierError::Unavailable(_))
         {
@@ -432,8 +432,8 @@ impl TierCopier {
         r
     }
 
-    /// [`Self::copy`]; `reused` names the file whose digest was taken from an earlier
-    /// attempt, if one was.
+    /// [`Self::copy`]; `reused` names the file whose digest was kept for, or taken from,
+    /// the file's other attempts, if one was.
     async fn copy_reusing(
         &self,
         msg: &AssetSweeperFile,
@@ -579,7 +579,9 @@ impl TierCopier {
                     let began = std::time::SystemTime::now();
                     let d = copy::hash_open(file, &original, alg).await?;
                     state.confirm(file, &original).await?;
-                    self.hashed.keep(id, &d, began, file, remote).await;
+                    self.hashed.keep(id.clone(), &d, began, file, remote).await;
+                    // Forgotten too if this copy fails other than by an outage.
+                    *reused = Some(id);
                     d
                 }
             });

@@ -1892,14 +1892,19 @@ async fn a_claim_renewal_does_not_wait_behind_a_locked_row() {
     let lease = std::time::Duration::from_secs(600);
     assert!(recs.claim("held", "paused", lease).await.expect("claim"));
     assert!(recs.claim("mine", "me", lease).await.expect("claim"));
+    assert!(recs.claim("also-mine", "me", lease).await.expect("claim"));
     let mut locker = db::sqlx::AnyConnection::connect(&pg.url)
         .await
         .expect("another session");
     let mut tx = locker.begin().await.expect("begin");
-    db::sqlx::query("SELECT owner FROM upload_claims WHERE object_key = 'held' FOR UPDATE")
-        .fetch_one(&mut *tx)
-        .await
-        .expect("the claim row, locked");
+    // `held`, and one of this replica's own claims (as another replica's claim of it
+    // locks it while it looks).
+    db::sqlx::query(
+        "SELECT owner FROM upload_claims WHERE object_key IN ('held', 'also-mine') FOR UPDATE",
+    )
+    .fetch_all(&mut *tx)
+    .await
+    .expect("the claim rows, locked");
     let mut waiting = tokio::spawn({
         let recs = recs.clone();
         async move { recs.claim("held", "me", lease).await }
@@ -1930,6 +1935,24 @@ async fn a_claim_renewal_does_not_wait_behind_a_locked_row() {
             assert!(renewed.expect("renewed"), "the claim is still mine");
         }
         r = &mut waiting => panic!("the renewal waited for the blocked claim: {r:?}"),
+    }
+    // A renewal whose own row is locked fails alone, and not after the whole lock timeout
+    // (the other renewals queued behind it waited that long): the next renewal goes on
+    // before the claim above gives up.
+    let blocked_renewal = tokio::spawn({
+        let recs = recs.clone();
+        async move { recs.renew("also-mine", "me", lease).await }
+    });
+    tokio::select! {
+        biased;
+        r = async {
+            let blocked = blocked_renewal.await.expect("ran");
+            (blocked, recs.renew("mine", "me", lease).await)
+        } => {
+            assert!(r.0.is_err(), "the locked row's renewal fails: {:?}", r.0);
+            assert!(r.1.expect("renewed"), "the claim is still mine");
+        }
+        r = &mut waiting => panic!("the renewals waited out the lock timeout: {r:?}"),
     }
     tx.rollback().await.expect("rollback");
     let _ = waiting.await;
