@@ -523,7 +523,7 @@ async fn execute<S: Service>(cmd: Command, cfg: Config<S::Settings>) -> Result<(
             // What `run` warns about at start, said here too (beside the JSON, not in it):
             // a check in CI passed `drain_timeout_ms = 30` unremarked.
             for slip in cfg.warnings() {
-                eprintln!("warning: {slip}");
+                print_err(&format!("warning: {slip}"));
             }
             print_out(&format!("{text}\n"))
         }
@@ -676,6 +676,12 @@ fn check_dlq_usage(cmd: &DlqCommand) -> Result<(), Failure> {
         } => Err(Failure::Usage(
             "dlq replay needs --all or --message-id ID".into(),
         )),
+        // A blank id matches nothing, yet the look would hold the whole DLQ to find it (a
+        // script's unset variable).
+        DlqCommand::Replay {
+            message_id: Some(id),
+            ..
+        } if id.trim().is_empty() => Err(Failure::Usage("--message-id must not be blank".into())),
         DlqCommand::Replay { rate, .. } if rate.is_some_and(|r| !(r >= 0.001 && r.is_finite())) => {
             Err(Failure::Usage(
                 "--rate must be a number of messages per second, at least 0.001".into(),

@@ -373,6 +373,13 @@ pub struct AmqpConfig {
     pub max_records: usize,
 }
 
+/// When after its delivery a long handler should go on in a retry, for a broker that gives
+/// up on an unacknowledged delivery after `consumer_timeout` (see
+/// [`AmqpConfig::checkpoint_after`]).
+pub(crate) fn checkpoint_within(consumer_timeout: std::time::Duration) -> std::time::Duration {
+    consumer_timeout / 3
+}
+
 impl AmqpConfig {
     /// The broker's consumer timeout as far as the service can know it:
     /// `consumer_timeout_ms` where it is lower than RabbitMQ's default 30 minutes, else that
@@ -387,10 +394,11 @@ impl AmqpConfig {
     }
 
     /// When after its delivery a long handler should return a Retry carrying its progress
-    /// (`MessageContext::checkpoint_in`): a third of the consumer timeout, which leaves
-    /// room for that retry to be held if the broker refuses it.
+    /// (`MessageContext::checkpoint_in`, which takes a shorter timeout kept on `Q` too): a
+    /// third of the consumer timeout this config knows, which leaves room for that retry
+    /// to be held if the broker refuses it.
     pub fn checkpoint_after(&self) -> std::time::Duration {
-        self.consumer_timeout_known() / 3
+        checkpoint_within(self.consumer_timeout_known())
     }
 
     /// The broker nodes to try, in order: `urls`, or `url` alone.
@@ -553,7 +561,11 @@ pub struct LogConfig {
 /// Whether `host` (as a URL names it) is this machine: what is sent there crosses no
 /// network, so plaintext and unchecked certificates are not warned about.
 pub fn is_this_machine(host: &str) -> bool {
-    matches!(host, "localhost" | "127.0.0.1" | "::1" | "[::1]")
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || bare
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical().is_loopback())
 }
 
 /// Whether `url` holds an `@` past the end of its authority as URL parsers end it (at the
@@ -2736,10 +2748,13 @@ prefetch = 4
             w[0].contains("rabbit.internal") && !w[0].contains("s3cret"),
             "{w:?}"
         );
-        assert_eq!(
-            warned("amqp://app:s3cret@127.0.0.1:5672/%2f"),
-            Vec::<String>::new()
-        );
+        for this_machine in ["127.0.0.1:5672", "127.0.1.1", "LOCALHOST"] {
+            assert_eq!(
+                warned(&format!("amqp://app:s3cret@{this_machine}/%2f")),
+                Vec::<String>::new(),
+                "{this_machine}"
+            );
+        }
         assert_eq!(
             warned("amqps://app:s3cret@rabbit.internal/%2f"),
             Vec::<String>::new()

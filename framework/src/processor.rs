@@ -145,6 +145,28 @@ pub struct MessageContext {
     pub(crate) checkpoint_at: Option<std::time::Instant>,
     /// See [`MessageContext::came_back`].
     pub(crate) came_back: bool,
+    /// See [`MessageContext::received_at`]; None outside a runtime.
+    pub(crate) received_at: Option<std::time::SystemTime>,
+}
+
+/// The last receipt stamp given, in nanoseconds since the epoch.
+static LAST_RECEIPT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A receipt time for the delivery taken now: the clock's, but a microsecond past the
+/// last one given at least, so that deliveries taken in order have times in that order
+/// (and apart at the microsecond that services keep) even where the clock stood still or
+/// stepped back.
+pub(crate) fn receipt_stamp() -> std::time::SystemTime {
+    use std::sync::atomic::Ordering;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    let step = |last: u64| Some(now.max(last.saturating_add(1_000)));
+    let last = LAST_RECEIPT
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, step)
+        .unwrap_or_else(|last| last);
+    let given = now.max(last.saturating_add(1_000));
+    std::time::UNIX_EPOCH + std::time::Duration::from_nanos(given)
 }
 
 /// What an attempt asked of its Retry outcome (see [`MessageContext::set_retry_header`] and
@@ -189,7 +211,16 @@ impl MessageContext {
             held_until: None,
             checkpoint_at: None,
             came_back: attempt > 0,
+            received_at: None,
         }
+    }
+
+    /// When this process took the delivery from the broker: in the order deliveries came
+    /// (each at least a microsecond after the one before it, whatever order their
+    /// handlers run in), for a service that orders events by when it saw them. The
+    /// clock's time now outside a runtime.
+    pub fn received_at(&self) -> std::time::SystemTime {
+        self.received_at.unwrap_or_else(std::time::SystemTime::now)
     }
 
     /// Whether this delivery came back the framework's way — a retry from its tier, a

@@ -117,6 +117,42 @@ pub(crate) struct Inner<P> {
     /// The queue's metrics, one set for the process: a reconnect neither resets a counter
     /// nor hides an in-flight count that a session's handlers failed to give back.
     pub(crate) metrics: Arc<crate::telemetry::QueueMetrics>,
+    /// The other `x-consumer-timeout` (ms) `Q` was found declared with at the session's
+    /// last declaration, 0 if none (see [`crate::topology::Declared`]): learnt only where
+    /// the broker refused this config's value (a user who may not declare `Q` learns none).
+    pub(crate) kept_consumer_timeout_ms: std::sync::atomic::AtomicU64,
+}
+
+impl<P> Inner<P> {
+    /// The consumer timeout the broker applies as far as the service can know it: this
+    /// config's ([`AmqpConfig::consumer_timeout_known`]), or the shorter one kept on `Q`.
+    pub(crate) fn consumer_timeout(&self) -> std::time::Duration {
+        let known = self.amqp.consumer_timeout_known();
+        match self
+            .kept_consumer_timeout_ms
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            0 => known,
+            ms => known.min(std::time::Duration::from_millis(ms)),
+        }
+    }
+
+    /// Notes what the last declaration found kept on `Q`.
+    pub(crate) fn declared(&self, found: crate::topology::Declared) {
+        let ms = found.consumer_timeout_ms.unwrap_or(0);
+        let before = self
+            .kept_consumer_timeout_ms
+            .swap(ms, std::sync::atomic::Ordering::Relaxed);
+        if ms > 0
+            && ms != before
+            && std::time::Duration::from_millis(ms) < self.amqp.consumer_timeout_known()
+        {
+            tracing::warn!(queue = %self.topology.queue, kept_ms = ms,
+                configured_ms = self.amqp.consumer_timeout_ms,
+                "the input queue keeps a shorter x-consumer-timeout than [amqp] consumer_timeout_ms \
+                 (declared by another release or config); handlers checkpoint and hold by the shorter one");
+        }
+    }
 }
 
 impl<P: MessageProcessor> Runtime<P> {
@@ -152,6 +188,7 @@ impl<P: MessageProcessor> Runtime<P> {
                 permits: Arc::new(Semaphore::new(concurrency)),
                 large_bodies: Semaphore::new(1),
                 held_retries: Semaphore::new((concurrency / 4).max(1)),
+                kept_consumer_timeout_ms: Default::default(),
             }),
         }
     }
@@ -288,6 +325,49 @@ fn jittered(backoff: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    struct Nop;
+
+    #[async_trait::async_trait]
+    impl MessageProcessor for Nop {
+        type Input = serde_json::Value;
+        async fn handle(
+            &self,
+            v: serde_json::Value,
+            _ctx: &crate::MessageContext,
+        ) -> crate::Outcome {
+            crate::Outcome::success(v)
+        }
+    }
+
+    /// A shorter `x-consumer-timeout` the broker says `Q` keeps (declared by another
+    /// release or config) is what the handlers' checkpoints and holds follow; a longer one
+    /// changes nothing, and a declaration that finds none forgets it.
+    #[tokio::test]
+    async fn a_shorter_consumer_timeout_kept_on_the_queue_is_followed() {
+        let o = crate::config::LoadOptions::isolated()
+            .set("echo.queue", "q")
+            .set("echo.output_exchange", "q-out")
+            .set("amqp.consumer_timeout_ms", "1800000");
+        let cfg = crate::config::load::<serde::de::IgnoredAny>("echo", &o).expect("valid");
+        let rt = Runtime::new(
+            "echo",
+            &cfg,
+            ProcessorConfiguration::new("q-in", "#", "out", Nop),
+        );
+        let inner = &rt.inner;
+        let kept = |ms| crate::topology::Declared {
+            consumer_timeout_ms: ms,
+        };
+        assert_eq!(inner.consumer_timeout(), Duration::from_secs(1800));
+        inner.declared(kept(Some(60_000)));
+        assert_eq!(inner.consumer_timeout(), Duration::from_secs(60));
+        inner.declared(kept(Some(3_600_000)));
+        assert_eq!(inner.consumer_timeout(), Duration::from_secs(1800));
+        inner.declared(kept(Some(60_000)));
+        inner.declared(kept(None));
+        assert_eq!(inner.consumer_timeout(), Duration::from_secs(1800));
+    }
 
     #[test]
     fn reconnect_waits_are_spread_between_half_and_all_of_the_backoff() {

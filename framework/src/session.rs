@@ -61,9 +61,10 @@ fn publish_hold_limit() -> Duration {
 }
 
 /// How long after its delivery a message may still be held while its retry is refused:
-/// two thirds of the consumer timeout, so the hold never costs the channel.
-fn hold_until(amqp: &AmqpConfig) -> Duration {
-    amqp.consumer_timeout_known() * 2 / 3
+/// two thirds of the consumer timeout (see [`Inner::consumer_timeout`]), so the hold never
+/// costs the channel.
+fn hold_until(consumer_timeout: Duration) -> Duration {
+    consumer_timeout * 2 / 3
 }
 
 /// How long the confirm of an outcome labelled `label` may take for a message delivered
@@ -71,10 +72,10 @@ fn hold_until(amqp: &AmqpConfig) -> Duration {
 /// message may be held (see [`hold_until`]). One given up on may land all the same (a
 /// quorum tier electing a leader) while its input goes back to the queue: the message
 /// would then live twice — two copies handled at once, two retry chains, two outputs.
-fn confirm_limit(amqp: &AmqpConfig, label: &str, started: Instant) -> Duration {
-    let bound = amqp.operation_timeout();
+fn confirm_limit<P>(inner: &Inner<P>, label: &str, started: Instant) -> Duration {
+    let bound = inner.amqp.operation_timeout();
     if label == "retry" || label == "dead_letter" {
-        hold_until(amqp)
+        hold_until(inner.consumer_timeout())
             .saturating_sub(started.elapsed())
             .max(bound)
     } else {
@@ -259,7 +260,7 @@ pub(crate) async fn session<P: MessageProcessor>(
     else {
         return Ok(SessionEnd::Shutdown);
     };
-    declared?;
+    inner.declared(declared?);
     // No more unacked deliveries than handlers that can take them (design §5: prefetch =
     // in-flight handlers): with `concurrency` below `prefetch`, deliveries held without a
     // handler would wait out the broker's consumer timeout behind long handlers, and be
@@ -350,6 +351,10 @@ pub(crate) async fn session<P: MessageProcessor>(
         match next {
             Some(Ok(delivery)) => {
                 settling.delivered(delivery.delivery_tag);
+                // Taken here, in delivery order, not in the handler: handlers start in any
+                // order (tokio runs the last spawned first), and one taking its own time
+                // put a later update of a project before an earlier one.
+                let received_at = crate::processor::receipt_stamp();
                 let shared = shared.clone();
                 let cancel = handlers.cancel.clone();
                 let stops_at = handlers.stops_at.clone();
@@ -359,7 +364,9 @@ pub(crate) async fn session<P: MessageProcessor>(
                 // not in the spawned future, which tokio moves more than once while spawning.
                 let fut = async move {
                     let handling = Box::pin(async move {
-                        shared.handle_delivery(delivery, cancel, stops_at).await
+                        shared
+                            .handle_delivery(delivery, received_at, cancel, stops_at)
+                            .await
                     });
                     tokio::select! {
                         _ = handling => {}
@@ -570,7 +577,7 @@ async fn look(
              hand, or by a policy's `expires`: keep such policies off the service's queues); \
              declaring them again");
         let why = match tokio::time::timeout(limit, topology.declare(conn)).await {
-            Ok(Ok(())) => return,
+            Ok(Ok(_)) => return,
             Ok(Err(e)) => e.to_string(),
             Err(_) => format!("timed out after {limit:?}"),
         };
@@ -767,7 +774,7 @@ pub(crate) async fn bounded_declare(
     conn: &Connection,
     limit: Duration,
     every_object: bool,
-) -> Result<(), DeclareError> {
+) -> Result<crate::topology::Declared, DeclareError> {
     let declared = async {
         if every_object {
             topology.declare_all(conn).await
@@ -935,7 +942,8 @@ impl<P: MessageProcessor> Shared<P> {
         let Ok(_holding) = inner.held_retries.try_acquire() else {
             return false;
         };
-        let until = (Instant::now() + publish_hold_limit()).min(started + hold_until(&inner.amqp));
+        let until = (Instant::now() + publish_hold_limit())
+            .min(started + hold_until(inner.consumer_timeout()));
         // Each try may wait for its confirm as long as the operation bound: counted in.
         if Instant::now() + PUBLISH_FAILURE_BACKOFF + inner.amqp.operation_timeout() > until {
             return false;
@@ -964,7 +972,6 @@ impl<P: MessageProcessor> Shared<P> {
                     return true;
                 }
                 Err(e) => {
-                    self.metrics.publish_failures().increment(1);
                     if self.topology_incomplete(&e).await {
                         self.broken.cancel();
                         return false;
@@ -981,16 +988,23 @@ impl<P: MessageProcessor> Shared<P> {
     }
 
     /// Publishes the messages of an outcome labelled `label` of a message delivered at
-    /// `started`, waiting for their confirms as long as [`confirm_limit`] allows.
+    /// `started`, waiting for their confirms as long as [`confirm_limit`] allows; each
+    /// failure counted (`storagetier_publish_failures_total`), a replacement's or a held
+    /// retry's too.
     async fn publish_outcome(
         &self,
         msgs: Vec<Outgoing>,
         label: &str,
         started: Instant,
     ) -> Result<(), PublishError> {
-        self.publisher
-            .send_within(msgs, confirm_limit(&self.inner.amqp, label, started))
-            .await
+        let sent = self
+            .publisher
+            .send_within(msgs, confirm_limit(&self.inner, label, started))
+            .await;
+        if sent.is_err() {
+            self.metrics.publish_failures().increment(1);
+        }
+        sent
     }
 
     /// Whether a failed publish means the service's own topology is incomplete, which a
@@ -1044,6 +1058,7 @@ impl<P: MessageProcessor> Shared<P> {
     async fn handle_delivery(
         &self,
         mut delivery: Delivery,
+        received_at: std::time::SystemTime,
         cancel: CancellationToken,
         stops_at: Arc<std::sync::OnceLock<Instant>>,
     ) {
@@ -1116,8 +1131,11 @@ impl<P: MessageProcessor> Shared<P> {
                 publish_failures: metrics.publish_failures().clone(),
                 properties,
                 max_records: inner.amqp.max_records,
-                held_until: Some(started + hold_until(&inner.amqp)),
-                checkpoint_at: Some(started + inner.amqp.checkpoint_after()),
+                held_until: Some(started + hold_until(inner.consumer_timeout())),
+                checkpoint_at: Some(
+                    started + crate::config::checkpoint_within(inner.consumer_timeout()),
+                ),
+                received_at: Some(received_at),
                 came_back: inc.came_back,
             };
             // Decoding runs inside catch_unwind too: a panicking Deserialize is the input's fault.
@@ -1246,13 +1264,8 @@ impl<P: MessageProcessor> Shared<P> {
         outcome: Outcome,
         started: Instant,
     ) -> &'static str {
-        let (inner, publisher, metrics, settler, broken) = (
-            &*self.inner,
-            &self.publisher,
-            &*self.metrics,
-            &self.settler,
-            &self.broken,
-        );
+        let (inner, publisher, settler, broken) =
+            (&*self.inner, &self.publisher, &self.settler, &self.broken);
         // A give-back is for a session that ends: while it runs, one would come straight
         // back (an endless loop on RabbitMQ 4.3, which no longer counts requeues toward
         // the delivery limit), so it is a retry, counted and bounded like any other —
@@ -1296,7 +1309,6 @@ impl<P: MessageProcessor> Shared<P> {
         // Whether that failure showed the topology incomplete (looked at once per error).
         let mut incomplete = false;
         if let Err(e) = &published {
-            metrics.publish_failures().increment(1);
             error!(error = %m::LogText(&e.to_string()), outcome = label, "could not publish the outcome");
             incomplete = self.topology_incomplete(e).await;
             if incomplete {

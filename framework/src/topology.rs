@@ -61,6 +61,17 @@ fn declare_refusal_hint(refusal: &str) -> &'static str {
     }
 }
 
+/// What a declaration found on the broker that the service's timing must follow.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Declared {
+    /// The `x-consumer-timeout` (ms) `Q` was declared with by another release or config
+    /// and kept ([`TOLERATED_ARGUMENTS`]); None where it has this config's (or none).
+    /// RabbitMQ 4.x applies the queue's value: a shorter one than this config's must
+    /// shorten the handlers' checkpoints and holds too, or the broker closes the channel
+    /// first.
+    pub consumer_timeout_ms: Option<u64>,
+}
+
 impl DeclareError {
     /// True when an object the service owns exists with other arguments (fatal: exit 1).
     pub fn is_conflict(&self) -> bool {
@@ -89,9 +100,26 @@ const TOLERATED_ARGUMENTS: [&str; 5] = [
     DELIVERY_LIMIT,
     OVERFLOW,
     "x-dead-letter-strategy",
-    "x-consumer-timeout",
+    CONSUMER_TIMEOUT,
     SINGLE_ACTIVE_CONSUMER,
 ];
+
+/// The queue argument bounding how long a delivery may stay unacknowledged (RabbitMQ
+/// 4.x reads it from `Q`).
+const CONSUMER_TIMEOUT: &str = "x-consumer-timeout";
+
+/// A whole, positive number of milliseconds from an argument's value.
+fn whole_ms(v: &AMQPValue) -> Option<u64> {
+    let n = match v {
+        AMQPValue::LongLongInt(n) => *n,
+        AMQPValue::LongInt(n) => i64::from(*n),
+        AMQPValue::LongUInt(n) => i64::from(*n),
+        AMQPValue::ShortInt(n) => i64::from(*n),
+        AMQPValue::ShortUInt(n) => i64::from(*n),
+        _ => return None,
+    };
+    u64::try_from(n).ok().filter(|&n| n > 0)
+}
 
 /// The queue argument that bounds redeliveries; tolerated on every queue of the service:
 /// the retry tiers and `Q-dlq` of earlier releases have none.
@@ -522,7 +550,7 @@ impl Topology {
         // 3.10 and 3.11 ignore it.
         if self.consumer_timeout_ms > 0 {
             q.insert(
-                ShortString::from("x-consumer-timeout"),
+                ShortString::from(CONSUMER_TIMEOUT),
                 AMQPValue::LongLongInt(i64::try_from(self.consumer_timeout_ms).unwrap_or(i64::MAX)),
             );
         }
@@ -597,7 +625,7 @@ impl Topology {
     /// the user may not declare (no `configure` permission on its name: a locked-down
     /// production account, or one limited to the service's own names beside a shared
     /// exchange) is only checked to exist, as an administrator declared it.
-    pub async fn declare(&self, conn: &Connection) -> Result<(), DeclareError> {
+    pub async fn declare(&self, conn: &Connection) -> Result<Declared, DeclareError> {
         self.declare_owned(conn, true).await
     }
 
@@ -656,7 +684,7 @@ impl Topology {
 
     /// [`Self::declare`] for the `declare` command, which must declare (and so check the
     /// arguments of) every object or fail: a user who may not gets the refusal.
-    pub async fn declare_all(&self, conn: &Connection) -> Result<(), DeclareError> {
+    pub async fn declare_all(&self, conn: &Connection) -> Result<Declared, DeclareError> {
         self.declare_owned(conn, false).await
     }
 
@@ -666,9 +694,10 @@ impl Topology {
         &self,
         conn: &Connection,
         check_refused: bool,
-    ) -> Result<(), DeclareError> {
+    ) -> Result<Declared, DeclareError> {
         let mut ch = conn.create_channel().await?;
         let mut unchecked: Vec<String> = Vec::new();
+        let mut found = Declared::default();
         // Whether `e` refuses this user the declaration of `what` and it may be checked
         // instead: then whether it exists (on a channel of its own), else the error.
         let refused = |e: &lapin::Error| check_refused && is_soft(e, AMQPSoftError::ACCESSREFUSED);
@@ -742,6 +771,9 @@ impl Topology {
                         // own value, on a new one.
                         ch = conn.create_channel().await?;
                         args = crate::headers::without(&args, &[key]);
+                        if key == CONSUMER_TIMEOUT && q.name == self.queue {
+                            found.consumer_timeout_ms = current.as_ref().and_then(whole_ms);
+                        }
                         if let Some(v) = current {
                             args.insert(key.into(), v);
                         }
@@ -779,7 +811,7 @@ impl Topology {
                 "this user may not declare these (no `configure` permission on their names): \
                  running on them as they are on the broker, their arguments unchecked");
         }
-        Ok(())
+        Ok(found)
     }
 
     /// Passively checks a producer's exchange (a failed check closes its channel, so each

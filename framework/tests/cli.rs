@@ -485,6 +485,8 @@ fn dlq_usage_errors_exit_2_before_connecting() {
             "--limit",
         ),
         (&["dlq", "list", "--limit", "0"][..], "--limit"),
+        (&["dlq", "replay", "--message-id", ""][..], "--message-id"),
+        (&["dlq", "replay", "--message-id", "  "][..], "--message-id"),
     ] {
         let o = run(echo_cmd("unused", dir.path())
             .env("STORAGETIER__AMQP__URL", &url)

@@ -106,6 +106,39 @@ async fn a_handlers_failed_publishes_are_counted() {
     assert_eq!(failures(), 2, "both of the handler's publishes failed");
 }
 
+/// An outcome that cannot be published and the retry that replaces it, failing too, are
+/// two failed publishes: the second was not counted, so an alert on the counter missed
+/// half of what a broken topology cost.
+#[tokio::test]
+async fn a_failed_outcome_and_its_failed_replacement_count_twice() {
+    use framework::lapin::options::ExchangeDeleteOptions;
+    let _ = framework::telemetry::metrics_handle();
+    let hs = Harness::start(
+        "pubfail-twice",
+        &[],
+        FnProcessor(|v: serde_json::Value, _: &MessageContext| Outcome::success(v)),
+    )
+    .await;
+    let failures = || counted("storagetier_publish_failures_total", &[("queue", &hs.q)]);
+    assert_eq!(failures(), 0);
+    // Both the output exchange (the success) and the retry exchange (its replacement)
+    // gone, deleted by hand: the next session declares them again.
+    for x in [hs.output_exchange.clone(), format!("{}-retry", hs.q)] {
+        hs.ch
+            .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
+            .await
+            .expect("deleted");
+    }
+    hs.publish("test.x", b"{}", BasicProperties::default())
+        .await;
+    await_outcome_count(&hs.q, "success", 1).await;
+    assert_eq!(
+        failures(),
+        2,
+        "the success and its replacement retry both failed"
+    );
+}
+
 /// While the service is disconnected its queues' depths cannot be read: the gauges
 /// would hold the last depths as if current, so `storagetier_queue_depth_unreadable` is 1
 /// until the next session reads them again.

@@ -400,6 +400,22 @@ const STORE_TROUBLE: [&str; 4] = [
     "TokenRefreshRequired",
 ];
 
+/// Whether the store refused a multipart completion for good: the parts as a whole (400 or
+/// 409), not its own or the credentials' trouble (a 400 `RequestTimeout` or
+/// `ExpiredToken`, after which the same parts complete: given up, every part was sent
+/// again).
+fn completion_refused(e: &CopyError) -> bool {
+    match e {
+        CopyError::S3(crate::s3::S3Error::Status(_, 400 | 409, text)) => {
+            !STORE_TROUBLE.iter().any(|c| text.contains(c))
+        }
+        CopyError::Store(e) => {
+            matches!(client_status(e), Some(400 | 409)) && !store_trouble_code(e)
+        }
+        _ => false,
+    }
+}
+
 /// Whether object_store's error (or its sources) names one of [`STORE_TROUBLE`].
 fn store_trouble_code(e: &object_store::Error) -> bool {
     crate::s3::chain_texts(e).any(|text| STORE_TROUBLE.iter().any(|c| text.contains(c)))
@@ -1186,22 +1202,15 @@ impl Multipart<'_> {
                     abort_recorded(self.mp.as_ref(), self.records, self.key, upload_id).await;
                     return Err(CopyError::Exists(self.key.to_string()));
                 }
-                // The store refused these parts as a whole (a part it does not hold as
-                // listed, a checksum mode other than the upload's — `checksums` changed
-                // since it began —, a conflicting completion it asks to start over): the
-                // same completion would be refused at every retry, to the DLQ and after a
-                // replay. Given up, so that the retry uploads afresh.
-                Err(e @ crate::s3::S3Error::Status(_, 400 | 409, _)) => {
-                    tracing::warn!(key = %self.key, error = %framework::telemetry::LogText(&e.to_string()), "the store refused to complete the multipart upload: giving it up");
-                    abort_recorded(self.mp.as_ref(), self.records, self.key, upload_id).await;
-                    return Err(e.into());
-                }
-                r => r?,
+                Err(e) => return Err(self.completion_failed(e.into(), upload_id).await),
+                Ok(()) => {}
             }
-        } else {
-            self.mp
-                .complete_multipart(self.key, &upload_id.to_string(), ids)
-                .await?;
+        } else if let Err(e) = self
+            .mp
+            .complete_multipart(self.key, &upload_id.to_string(), ids)
+            .await
+        {
+            return Err(self.completion_failed(e.into(), upload_id).await);
         }
         if let Err(e) = self
             .records
@@ -1230,6 +1239,21 @@ impl Multipart<'_> {
         })
     }
 
+    /// `e`, a failed completion of `upload_id`, once the upload is given up where the store
+    /// refused these parts as a whole (a part it does not hold as listed, a checksum mode
+    /// other than the upload's — `checksums` changed since it began —, a conflicting
+    /// completion it asks to start over): the same completion would be refused at every
+    /// retry, to the DLQ and after a replay. Given up, the retry uploads afresh. Not for
+    /// the store's own trouble (a 400 `RequestTimeout`, an expired token), after which
+    /// the same parts complete.
+    async fn completion_failed(&self, e: CopyError, upload_id: &str) -> CopyError {
+        if completion_refused(&e) {
+            tracing::warn!(key = %self.key, error = %framework::telemetry::LogText(&e.to_string()), "the store refused to complete the multipart upload: giving it up");
+            abort_recorded(self.mp.as_ref(), self.records, self.key, upload_id).await;
+        }
+        e
+    }
+
     /// Takes one finished part: records it (so a crash after this point does not send
     /// it again) and keeps its id for the completion.
     async fn store_part(
@@ -1243,13 +1267,16 @@ impl Multipart<'_> {
         };
         let (idx, size, sha, r) =
             joined.map_err(|e| CopyError::Write("part".into(), std::io::Error::other(e)))?;
-        let id = r?;
+        let etag = crate::s3::part_etag(&r?.content_id);
+        // Completed with our own checksum of the part, as a resumed part is: a store that
+        // does not echo it back would otherwise be sent a completion without it, refused.
+        let id = self.s3.part_id(&etag, &sha);
         self.records
             .record_part(
                 upload_id,
                 &PartRecord {
                     number: idx as u64 + 1,
-                    etag: crate::s3::part_etag(&id.content_id),
+                    etag,
                     sha256: sha,
                     size,
                 },

@@ -70,11 +70,12 @@ impl Identity {
 /// (sshfs gives the modification time as change time, which `cp -p` sets back), nor any
 /// other not known.
 fn keeps_change_time(file: &std::fs::File) -> bool {
-    const KEPT: [u64; 11] = [
+    // Not tmpfs: with no writeback, a writable shared mapping is never write-protected
+    // again, and writes through it change neither time.
+    const KEPT: [u64; 10] = [
         0xEF53,      // ext2/3/4
         0x5846_5342, // XFS
         0x9123_683E, // Btrfs
-        0x0102_1994, // tmpfs
         0x2FC1_2FC1, // ZFS
         0xF2F5_2010, // F2FS
         0x794C_7630, // overlayfs (its upper layer's)
@@ -136,7 +137,7 @@ impl Hashed {
         file: &std::fs::File,
         remote: bool,
     ) {
-        if id.size < MIN_SIZE || !id.quiet_at(began, self.quiet) {
+        if !self.worth_keeping(&id, began) {
             return;
         }
         let kept_by_its_filesystem = match (remote, file.try_clone()) {
@@ -150,6 +151,12 @@ impl Hashed {
             return;
         }
         self.remember(id, d);
+    }
+
+    /// Whether the digest of `id`, hashed from `began` on, is worth keeping: a large file
+    /// (a small one is read again quickly) left alone long enough before its hash began.
+    fn worth_keeping(&self, id: &Identity, began: SystemTime) -> bool {
+        id.size >= MIN_SIZE && id.quiet_at(began, self.quiet)
     }
 
     /// Forgets `id`'s digest: a copy that reused it failed other than by an outage (its
@@ -206,7 +213,7 @@ mod tests {
     impl Hashed {
         /// `keep` without the filesystem's say.
         fn keep_at(&self, id: Identity, d: &Digest, began: SystemTime) {
-            if id.size >= MIN_SIZE && id.quiet_at(began, self.quiet) {
+            if self.worth_keeping(&id, began) {
                 self.remember(id, d);
             }
         }
@@ -216,7 +223,9 @@ mod tests {
     /// on one); a FUSE one is not trusted to.
     #[test]
     fn a_local_filesystem_keeps_its_change_times() {
-        let f = tempfile::tempfile().expect("temp");
+        // The crate's own sources are on a disk (a temporary file may be on tmpfs).
+        let f = std::fs::File::open(concat!(env!("CARGO_MANIFEST_DIR"), "/src/hashed.rs"))
+            .expect("this source");
         assert!(keeps_change_time(&f));
     }
 

@@ -407,6 +407,14 @@ fn on_again(url: &str, opts: &storage::StoreOptions) -> Tier {
 
 /// An S3 tier through a request-counting proxy in front of moto (parts of 5 MiB).
 async fn s3_tier(bucket: &str) -> (MotoServer, CountingProxy, Tier) {
+    s3_tier_with(bucket, |_| {}).await
+}
+
+/// [`s3_tier`] with its store options changed by `change`.
+async fn s3_tier_with(
+    bucket: &str,
+    change: impl FnOnce(&mut storage::store::StoreOptions),
+) -> (MotoServer, CountingProxy, Tier) {
     let moto = MotoServer::start(bucket).await;
     let proxy = CountingProxy::start(&moto.endpoint).await;
     let mut opts = moto.store_options();
@@ -415,6 +423,7 @@ async fn s3_tier(bucket: &str) -> (MotoServer, CountingProxy, Tier) {
     // Room for one part at a time: parts then wait for each other (a part reused on
     // resume gives its room back before the next is read, or nothing more is ever read).
     opts.part_memory_mib = 5;
+    change(&mut opts);
     let tier = storage::store::open(&format!("s3://{bucket}/pre"), &opts).expect("tier");
     (moto, proxy, tier)
 }
@@ -1027,8 +1036,19 @@ async fn an_upload_of_another_checksum_mode_is_started_over() {
 /// instead of sending the same refused completion until the message is dead-lettered.
 #[tokio::test]
 async fn a_completion_the_store_refuses_gives_the_upload_up() {
-    let bucket = "tier-refusedcomplete";
-    let (_moto, proxy, tier) = s3_tier(bucket).await;
+    refused_completion_gives_the_upload_up("tier-refusedcomplete", true).await;
+}
+
+/// The same through object_store's own completion (`conditional_writes = false`), which
+/// was never given up: refused at every retry, to the DLQ, and again after a replay.
+#[tokio::test]
+async fn a_completion_refused_without_conditional_writes_gives_the_upload_up() {
+    refused_completion_gives_the_upload_up("tier-refusedplain", false).await;
+}
+
+async fn refused_completion_gives_the_upload_up(bucket: &str, conditional_writes: bool) {
+    let (_moto, proxy, tier) =
+        s3_tier_with(bucket, |o| o.conditional_writes = conditional_writes).await;
     let (faulty, faults) = FaultyStore::wrap(&tier);
     let base = tempfile::tempdir().expect("temp");
     let c = copier(base.path(), "online", faulty, records(base.path()).await);
@@ -1058,6 +1078,48 @@ async fn a_completion_the_store_refuses_gives_the_upload_up() {
     assert_eq!(created(), 2, "a new upload");
     assert_eq!(stored_sha256(&tier, &r.key).await, sha256(&body));
     assert_eq!(c.records().count("multipart_uploads").await.unwrap(), 0);
+}
+
+/// A completion answered 400 for the store's own trouble (`RequestTimeout`, an expired
+/// token) is no refusal of the parts: the upload is kept, and the retry completes it
+/// without sending a part again (given up, a 200 GiB file was sent whole once more).
+#[tokio::test]
+async fn a_completion_failed_by_the_stores_trouble_keeps_the_upload() {
+    let bucket = "tier-completetimeout";
+    let (_moto, proxy, tier) = s3_tier(bucket).await;
+    let (faulty, faults) = FaultyStore::wrap(&tier);
+    let base = tempfile::tempdir().expect("temp");
+    let c = copier(base.path(), "online", faulty, records(base.path()).await);
+    let body = content(3 * 5 * MIB + 11, 7);
+    let msg = put(base.path(), "online", "r/timeout.mov", &body);
+    let key = tier.key("r/timeout.mov").to_string();
+    proxy.answer_next(
+        "POST",
+        |t| t.contains("uploadId="),
+        "400 Bad Request",
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>RequestTimeout</Code>\
+         <Message>Your socket connection to the server was not read from or written to \
+         within the timeout period.</Message></Error>",
+    );
+    let e = outage(c.handle(&msg, 1).await);
+    assert!(e.contains("RequestTimeout"), "{e}");
+    assert_eq!(faults.aborts.load(Ordering::SeqCst), 0, "not given up");
+    assert!(
+        c.records().upload_for(&key).await.unwrap().is_some(),
+        "kept for the retry"
+    );
+    let parts = || proxy.count("PUT", |t| t.contains("partNumber="));
+    let sent = parts();
+    assert!(sent >= 3, "{sent} parts sent");
+    let r = copied(c.handle(&msg, 2).await);
+    assert!(r.uploaded);
+    assert_eq!(parts(), sent, "no part sent again");
+    assert_eq!(
+        proxy.count("POST", |t| t.ends_with("?uploads=")),
+        1,
+        "no new upload"
+    );
+    assert_eq!(stored_sha256(&tier, &r.key).await, sha256(&body));
 }
 
 /// A file gone from online after its copy, while the store's bucket is not there (renamed,
@@ -1810,25 +1872,56 @@ async fn a_replica_starting_waits_out_another_ones_long_migration() {
     pg.drop_db().await.expect("drop");
 }
 
+/// Claim rows held locked by another session inside an open transaction, as a replica
+/// paused (or cut off) mid-transaction holds them, until [`ClaimRowsLocked::release`].
+struct ClaimRowsLocked(db::sqlx::AnyConnection);
+
+impl ClaimRowsLocked {
+    /// Locks the claim rows of `keys` (`FOR UPDATE`) from a session of its own.
+    async fn by_another_session(url: &str, keys: &[&str]) -> Self {
+        use db::sqlx::Connection as _;
+        let mut c = db::sqlx::AnyConnection::connect(url)
+            .await
+            .expect("another session");
+        db::sqlx::raw_sql("BEGIN")
+            .execute(&mut c)
+            .await
+            .expect("begin");
+        let listed = keys
+            .iter()
+            .map(|k| format!("'{k}'"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let rows = db::sqlx::query(&format!(
+            "SELECT owner FROM upload_claims WHERE object_key IN ({listed}) FOR UPDATE"
+        ))
+        .fetch_all(&mut c)
+        .await
+        .expect("the claim rows, locked");
+        assert_eq!(rows.len(), keys.len(), "every row to lock exists");
+        Self(c)
+    }
+
+    /// Ends the transaction, freeing the rows.
+    async fn release(mut self) {
+        db::sqlx::raw_sql("ROLLBACK")
+            .execute(&mut self.0)
+            .await
+            .expect("rollback");
+    }
+}
+
 /// A row another session holds locked (a replica paused or cut off inside a transaction)
 /// fails the write waiting on it after PostgreSQL's lock timeout — an error, so a retry —
 /// and the writes of other keys go on, instead of all of them hanging behind it for as
 /// long as the other transaction lives (hours, until a keepalive notices).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_locked_by_a_paused_replica_fails_one_write_not_all() {
-    use db::sqlx::Connection as _;
     let pg = db::testing::TempPostgres::create().await.expect("database");
     let recs = Records::open(&pg.url).await.expect("records");
     let lease = std::time::Duration::from_secs(600);
     assert!(recs.claim("k", "a", lease).await.expect("claim"));
-    let mut locker = db::sqlx::AnyConnection::connect(&pg.url)
-        .await
-        .expect("another session");
-    let mut tx = locker.begin().await.expect("begin");
-    db::sqlx::query("SELECT owner FROM upload_claims WHERE object_key = 'k' FOR UPDATE")
-        .fetch_one(&mut *tx)
-        .await
-        .expect("the claim row, locked");
+    let locker = ClaimRowsLocked::by_another_session(&pg.url, &["k"]).await;
     let waiting = tokio::spawn({
         let recs = recs.clone();
         async move { recs.claim("k", "b", lease).await }
@@ -1845,8 +1938,7 @@ async fn a_row_locked_by_a_paused_replica_fails_one_write_not_all() {
         .expect("the write waiting on the lock ends")
         .expect("ran");
     assert!(r.is_err(), "the lock wait ended as an error: {r:?}");
-    tx.rollback().await.expect("rollback");
-    drop(locker);
+    locker.release().await;
     recs.close().await;
     pg.drop_db().await.expect("drop");
 }
@@ -1893,18 +1985,9 @@ async fn a_claim_renewal_does_not_wait_behind_a_locked_row() {
     assert!(recs.claim("held", "paused", lease).await.expect("claim"));
     assert!(recs.claim("mine", "me", lease).await.expect("claim"));
     assert!(recs.claim("also-mine", "me", lease).await.expect("claim"));
-    let mut locker = db::sqlx::AnyConnection::connect(&pg.url)
-        .await
-        .expect("another session");
-    let mut tx = locker.begin().await.expect("begin");
     // `held`, and one of this replica's own claims (as another replica's claim of it
     // locks it while it looks).
-    db::sqlx::query(
-        "SELECT owner FROM upload_claims WHERE object_key IN ('held', 'also-mine') FOR UPDATE",
-    )
-    .fetch_all(&mut *tx)
-    .await
-    .expect("the claim rows, locked");
+    let locker = ClaimRowsLocked::by_another_session(&pg.url, &["held", "also-mine"]).await;
     let mut waiting = tokio::spawn({
         let recs = recs.clone();
         async move { recs.claim("held", "me", lease).await }
@@ -1954,9 +2037,9 @@ async fn a_claim_renewal_does_not_wait_behind_a_locked_row() {
         }
         r = &mut waiting => panic!("the renewals waited out the lock timeout: {r:?}"),
     }
-    tx.rollback().await.expect("rollback");
+    locker.release().await;
     let _ = waiting.await;
-    drop((locker, check));
+    drop(check);
     recs.close().await;
     pg.drop_db().await.expect("drop");
 }
@@ -2660,7 +2743,9 @@ async fn identical_files_copied_at_once_are_stored_once() {
 /// is read again.
 #[tokio::test]
 async fn a_retry_of_an_unchanged_file_reuses_its_digest() {
-    let base = tempfile::tempdir().expect("temp");
+    // Under the build directory, on a disk: a temporary directory may be on tmpfs, whose
+    // digests are never kept.
+    let base = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp");
     let store_dir = base.path().join("store");
     let c = Arc::new(
         nearline(

@@ -22,6 +22,10 @@ enum Posted {
     Exhausted(String, u32),
     /// The session ended during an in-place retry.
     Interrupted(String),
+    /// Ordered mode could hold the event no longer and hands it back in its place (its
+    /// counted tries kept for its next delivery): why, and whether for an outage (the
+    /// endpoint down) rather than error answers.
+    HandedBack { why: String, outage: bool },
 }
 
 /// Exchange the events arrive on.
@@ -242,7 +246,9 @@ impl EventForwarder {
     /// are not in the default mode; one still down when the event may be held no longer
     /// (a third of the consumer timeout) waits out that time and hands the event back in
     /// its place, for up to `[retry] max_outage_ms` of outage — before, the event was
-    /// dead-lettered at every third of the consumer timeout an outage lasted.
+    /// dead-lettered at every third of the consumer timeout an outage lasted. Error
+    /// answers with tries left at that point hand it back likewise (HandedBack), their
+    /// count going with it to its next delivery.
     async fn post(&self, body: &str, key: Option<HeaderValue>, ctx: &MessageContext) -> Posted {
         let event = event_headers(key, ctx);
         let digest = self.ordered.then(|| event_digest(ctx, body));
@@ -293,23 +299,29 @@ impl EventForwarder {
                     // The wait and the next POST must end before a third of the consumer
                     // timeout (30 minutes on RabbitMQ 3.10/3.11 whatever is configured):
                     // past it the broker takes the event back as it came, its attempts
-                    // start over, and it is never dead-lettered. Given up on now, the
-                    // queue moves on as after the last attempt.
+                    // start over, and it is never dead-lettered. Handed back in its place
+                    // instead, with its counted tries.
                     let next = Duration::from_millis(delay)
                         + self.forwarder.timeout()
                         + RETRY_PUBLISH_ROOM;
                     if ctx.checkpoint_in().is_some_and(|left| left < next) {
-                        if let (true, Some(d)) = (down, digest) {
+                        let d = digest.unwrap_or_else(|| event_digest(ctx, body));
+                        if down {
                             return self.hold_through_outage(ctx, &e, d, counted, attempt).await;
                         }
-                        return Posted::Exhausted(
-                            format!(
-                                "gave up after {attempt} attempts in place (ordered mode): \
-                                 another would outlast a third of the broker's consumer \
-                                 timeout; last error: {e}"
-                            ),
-                            attempt,
+                        // Tries left: it waits what it may of its delay and goes back in
+                        // its place, its counted tries kept. Dead-lettered here,
+                        // `max_attempts` could never keep it past a third of the consumer
+                        // timeout (10 minutes at most), and once later events passed it,
+                        // Rabble Rouser's endpoint answers its replay 204 unhandled.
+                        let why = format!(
+                            "the endpoint's errors outlast what one delivery may hold the \
+                             event ({counted} of {} tries made): handed back in its place to \
+                             keep the queue's order ({e})",
+                            self.retry.max_attempts
                         );
+                        let wait = Duration::from_millis(delay);
+                        return self.hand_back(ctx, why, d, counted, wait, false).await;
                     }
                     tracing::warn!(error = %framework::telemetry::LogText(&e.to_string()), attempt, retry_in_ms = delay, "retrying in place");
                     tokio::select! {
@@ -350,20 +362,43 @@ impl EventForwarder {
                 tries,
             );
         }
+        tracing::warn!(error = %framework::telemetry::LogText(e), down_for_s = down.as_secs(), "the endpoint is down: the event waits, then goes back in its place");
+        let why = format!(
+            "the endpoint is down: handed back in its place to keep the queue's order ({e})"
+        );
+        self.hand_back(ctx, why, digest, counted, Duration::MAX, true)
+            .await
+    }
+
+    /// Waits `wait`, at most as long as the event may still be held, then hands it back in
+    /// its place with its `counted` tries kept for its next delivery (the one event in
+    /// flight, known again by `digest`).
+    async fn hand_back(
+        &self,
+        ctx: &MessageContext,
+        why: String,
+        digest: [u8; 32],
+        counted: u32,
+        wait: Duration,
+        outage: bool,
+    ) -> Posted {
         let wait = ctx
             .checkpoint_in()
             .unwrap_or_default()
-            .saturating_sub(RETRY_PUBLISH_ROOM);
-        tracing::warn!(error = %framework::telemetry::LogText(e), down_for_s = down.as_secs(), wait_s = wait.as_secs(), "the endpoint is down: the event waits, then goes back in its place");
+            .saturating_sub(RETRY_PUBLISH_ROOM)
+            .min(wait);
+        tracing::warn!(
+            wait_s = wait.as_secs(),
+            counted,
+            "handing the event back in its place after a wait"
+        );
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = ctx.cancelled() => {}
         }
         self.outage().held = Some((digest, counted));
         ctx.keep_place();
-        Posted::Interrupted(format!(
-            "the endpoint is down: handed back in its place to keep the queue's order ({e})"
-        ))
+        Posted::HandedBack { why, outage }
     }
 
     async fn handle_single(&self, body: &RawValue, ctx: &MessageContext) -> Outcome {
@@ -387,7 +422,9 @@ impl EventForwarder {
                 ctx.tried_in_place(tries);
                 return Outcome::exhausted(e);
             }
-            Posted::Interrupted(e) => return Outcome::Interrupted(e),
+            Posted::Interrupted(e) | Posted::HandedBack { why: e, .. } => {
+                return Outcome::Interrupted(e);
+            }
         };
         match r {
             PostResult::Delivered(status) => {
@@ -516,19 +553,25 @@ impl EventForwarder {
                 // Held in place through an outage, the records this delivery posted would
                 // be posted again with it (a give-back carries no progress): the rest of
                 // this one batch goes on in a retry instead, as at the checkpoint above.
-                Posted::Interrupted(e) if progress.advanced() && !ctx.is_cancelled() => {
+                Posted::HandedBack { why: e, outage }
+                    if progress.advanced() && !ctx.is_cancelled() =>
+                {
                     tracing::warn!(
-                        "an ordered batch met an outage it could not wait out in place: the rest \
+                        "an ordered batch met failures it could not wait out in place: the rest \
                          of it goes on in a retry, behind the messages after it"
                     );
-                    outage_if(ctx, Scope::Down);
+                    if outage {
+                        outage_if(ctx, Scope::Down);
+                    }
                     return Outcome::retry(format!(
                         "record {} of {}: {e}; the rest go with this retry",
                         i + 1,
                         records.len()
                     ));
                 }
-                Posted::Interrupted(e) => return Outcome::Interrupted(e),
+                Posted::Interrupted(e) | Posted::HandedBack { why: e, .. } => {
+                    return Outcome::Interrupted(e);
+                }
             };
             match result {
                 PostResult::Delivered(_) => {

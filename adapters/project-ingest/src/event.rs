@@ -334,8 +334,13 @@ fn parse_delivered(
     // A pluto-core entry writes no `commissionId` (or null) for a project without a
     // commission, and never the commission's title; the Pluto event JSON has both.
     let (commission_id, commission_title) = if entry {
+        // An entry is never a deletion (pluto-core deletes by its own routing key), and
+        // "(DELETE)" is never a commission's title to store.
         match optional_identifier(o, "commissionId")? {
-            Some(c) => (Some(c), optional_string(o, "commissionTitle")?),
+            Some(c) => (
+                Some(c),
+                optional_string(o, "commissionTitle")?.filter(|t| t != DELETE_TITLE),
+            ),
             None => (None, None),
         }
     } else {
@@ -775,6 +780,12 @@ mod tests {
         titled["commissionTitle"] = json!("C");
         let it = items_delivered(&titled, &on("core.project.update"));
         assert_eq!(project_of(&it[0]).commission_title.as_deref(), Some("C"));
+        // Never the deletion marker, which no commission is titled.
+        titled["commissionTitle"] = json!(DELETE_TITLE);
+        let it = items_delivered(&titled, &on("core.project.update"));
+        let p = project_of(&it[0]);
+        assert_eq!(p.commission_id.as_deref(), Some("42"));
+        assert_eq!(p.commission_title, None);
         let mut typed = project();
         typed["commissionId"] = Value::Null;
         assert_eq!(

@@ -259,7 +259,7 @@ impl ProjectProcessor {
                     // time. Not a redelivery's, whose first attempt's may be noted: looked
                     // up again.
                     if !again(ctx)
-                        && let Some(now) = crate::event::time_key(chrono::Utc::now())
+                        && let Some(now) = crate::event::time_key(received_at(ctx))
                     {
                         let key = stamped.unwrap_or_else(|| now.clone());
                         ctx.set_retry_header(RECEIVED_HEADER, &key);
@@ -270,7 +270,7 @@ impl ProjectProcessor {
             },
         };
         ctx.set_retry_header(RECEIVED_HEADER, &received);
-        let first_seen = first_seen.or_else(|| crate::event::time_key(chrono::Utc::now()));
+        let first_seen = first_seen.or_else(|| crate::event::time_key(received_at(ctx)));
         if let Some(seen) = &first_seen {
             ctx.set_retry_header(FIRST_SEEN_HEADER, seen);
         }
@@ -461,7 +461,7 @@ impl ProjectProcessor {
         let first = match noted {
             Some(first) => first,
             None => {
-                let now = crate::event::time_key(chrono::Utc::now())
+                let now = crate::event::time_key(received_at(ctx))
                     .unwrap_or_else(|| unreachable!("the clock is past the year 9999"));
                 db::bounded(self.store.note_receipt(&digest, &now)).await?;
                 self.prune_receipts();
@@ -508,6 +508,13 @@ impl ProjectProcessor {
             }
         });
     }
+}
+
+/// When this service took `ctx`'s delivery, in delivery order (see
+/// `MessageContext::received_at`): two updates of one project delivered in order keep that
+/// order, whichever handler runs first.
+fn received_at(ctx: &MessageContext) -> chrono::DateTime<chrono::Utc> {
+    ctx.received_at().into()
 }
 
 /// Whether `ctx` is a message handled before: redelivered by the broker, or put back

@@ -19,6 +19,7 @@ enum Backend {
 struct Env {
     hs: Harness,
     store: Store,
+    url: String,
     pg: Option<TempPostgres>,
     _dir: tempfile::TempDir,
 }
@@ -53,6 +54,7 @@ async fn start(backend: Backend, extra: &[(&str, &str)]) -> Env {
     Env {
         hs,
         store,
+        url,
         pg,
         _dir: dir,
     }
@@ -1572,7 +1574,10 @@ async fn database_down_is_retried_not_lost() {
     env.finish().await;
 }
 
-on_both!(concurrent_shuffled_updates_end_at_the_newest);
+on_both!(
+    concurrent_shuffled_updates_end_at_the_newest,
+    same_time_updates_delivered_at_once_end_at_the_last,
+);
 
 /// Waits until `n` messages of `queue` reached a final outcome in this process (success,
 /// drop or dead letter, counted once acked: after the handler's database write). A retried
@@ -1594,6 +1599,46 @@ async fn await_final_outcomes(queue: &str, n: u64) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Updates of one project that share their `updated` time and carry no publishing time
+/// (pluto-core's: it copies the entry with one field changed), queued while the service
+/// was down and delivered in one burst to 16 handlers: the last one sent wins. Each
+/// handler took its own receipt time, in whatever order tokio ran them (the last spawned
+/// first; a large body waits for the others before it is decoded), and an earlier update
+/// was kept over the last as "newer". The earlier ones here are large (an array's worth
+/// of notes), the last small.
+async fn same_time_updates_delivered_at_once_end_at_the_last(b: Backend) {
+    let mut env = start(b, &[]).await;
+    let mut out = env.hs.watch_output().await;
+    env.send(&project("project-created", "burst", "v0")).await;
+    next(&mut out).await;
+    env.hs.stop().await;
+    let n = 30;
+    for i in 0..n {
+        let mut v = project("project-updated", "burst", &format!("u{i:02}"));
+        v["updated"] = json!("2021-01-01T00:00:00Z");
+        if i < n - 1 {
+            v["notes"] = json!("n".repeat(300 * 1024));
+        }
+        env.send(&v).await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = replica_config::<ProjectIngest>(
+        dir.path(),
+        &env.hs,
+        &[
+            ("project_ingest.database_url", env.url.as_str()),
+            ("amqp.prefetch", "16"),
+        ],
+    );
+    let mut second = Harness::start_service::<ProjectIngest>(cfg).await;
+    await_final_outcomes(&env.hs.q, 1 + n as u64).await;
+    second.stop().await;
+    let p = env.store.project("burst").await.unwrap().unwrap();
+    assert_eq!(p.title, format!("u{:02}", n - 1));
+    assert_eq!(env.dlq_count().await, 0);
+    env.finish().await;
 }
 
 /// Many updates handled concurrently in shuffled order: the newest one always wins.

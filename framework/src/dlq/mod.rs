@@ -498,11 +498,15 @@ struct ReadThrough<'a> {
 }
 
 impl ReadThrough<'_> {
-    /// Whether `topo`'s DLQ may be read through: not where a delivery limit counts each
+    /// Whether `topo`'s DLQ may be read through: not a classic one (no need); not where a delivery limit counts each
     /// look (a `Q-dlq` an earlier release declared with RabbitMQ 4.x's default of 20, as it
     /// is kept): there every dead letter read through would count a delivery, where the
     /// look itself counted only those it showed. Where the check cannot be made, not.
     async fn allowed(conn: &Connection, topo: &Topology) -> bool {
+        // A classic queue puts what is given back at its old place: nothing to keep.
+        if topo.queue_type == crate::config::QueueType::Classic {
+            return false;
+        }
         matches!(
             tokio::time::timeout(topo.operation_timeout, topo.dlq_delivery_limit_kept(conn)).await,
             Ok(Ok(false))
@@ -526,6 +530,8 @@ impl Held {
         through: Option<ReadThrough<'_>>,
         t: Duration,
     ) {
+        // Nothing held, nothing can come back out of order: the rest is not read.
+        let through = through.filter(|_| self.last.is_some());
         let mut whole = through.is_none();
         let given_back = async {
             if let Some(through) = &through {
