@@ -1023,3 +1023,66 @@ async fn a_dead_letter_failing_again_during_its_replay_is_replayed_once() {
     assert_eq!(handled.load(SeqCst), N, "each of them once");
     assert_eq!(poisoned.load(SeqCst), 2);
 }
+
+/// A replay whose connection is lost after some dead letters were replayed says that the
+/// last one may still be in the DLQ (its removal was written, never answered): a bare
+/// "broker error" sent the operator to run it again, delivering it twice unwarned. And
+/// nothing is lost.
+#[tokio::test]
+async fn a_replay_cut_off_midway_names_the_last_one_as_maybe_still_there() {
+    let n = 10;
+    let hs = dead_letters("cutreplay", n).await;
+    let (q, dlq_name) = (hs.q.clone(), format!("{}-dlq", hs.q));
+    let relay = framework::testing::relay::Relay::start().await;
+    let conn = within(
+        WAIT,
+        "connecting through the relay",
+        framework::lapin::Connection::connect(&relay.url, Default::default()),
+    )
+    .await
+    .expect("connected through the relay");
+    let filter = Filter {
+        per_second: Some(20.0),
+        ..Filter::default()
+    };
+    let mut ids = Vec::new();
+    let r = within(
+        WAIT,
+        "the replay ending",
+        dlq::replay_each(&conn, &hs.topology(), &filter, false, |d| {
+            ids.push(d.message_id.clone());
+            if ids.len() == 3 {
+                relay.refuse();
+            }
+        }),
+    )
+    .await;
+    match r {
+        Err(e @ dlq::DlqError::LostAfterReplaying { .. }) => {
+            assert!(e.to_string().contains("may still be in the DLQ"), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(ids.len(), 3, "{ids:?}");
+    // What the cut connection held comes back to the DLQ.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let total = ready_count(&hs.ch, &q).await + ready_count(&hs.ch, &dlq_name).await;
+        if total >= n {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{total} of {n} accounted for"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let mut seen = HashMap::new();
+    drain(&hs, &q, &mut seen).await;
+    drain(&hs, &dlq_name, &mut seen).await;
+    assert_eq!(
+        seen.len(),
+        n as usize,
+        "every dead letter is in the DLQ or replayed"
+    );
+}

@@ -159,10 +159,14 @@ fn copy_via(
         return Err(write_err(e));
     }
     let staging = staged.file();
-    if let Err(e) = room_for(staging, expected.size, key) {
-        staged.discard();
-        return Err(e.unwrap_or_else(&write_err));
-    }
+    // Held until the copy ends: the room it takes is not offered to another copy.
+    let _room = match room_for(staging, expected.size, key) {
+        Ok(room) => room,
+        Err(e) => {
+            staged.discard();
+            return Err(e.unwrap_or_else(&write_err));
+        }
+    };
     let stopped = || {
         expected
             .stopped
@@ -203,20 +207,47 @@ fn copy_via(
 /// (one `fstatvfs`; a small file's copy does not pay for it).
 const ROOM_CHECKED_FROM: u64 = 64 * 1024 * 1024;
 
-/// Whether the filesystem `staging` is on can take `size` more bytes: a file larger than
-/// the whole filesystem is refused for good (`Ok(Err)`: each attempt filled the disk until
-/// ENOSPC, and other copies and the records beside them failed meanwhile, for a day of
-/// outage retries); one larger than the space free now is an outage (`Err(ENOSPC)`, as
+/// The room the large copies under way take on each filesystem (by its id), which its
+/// free space does not show yet: 16 copies each finding room for itself alone filled the
+/// disk together, and all of them (and the records beside them) failed.
+static TAKEN: std::sync::Mutex<Vec<(u64, u64)>> = std::sync::Mutex::new(Vec::new());
+
+/// Room taken on a filesystem by one copy under way (see [`TAKEN`]), given back when
+/// dropped.
+#[derive(Debug)]
+pub(crate) struct Room(Option<(u64, u64)>);
+
+impl Drop for Room {
+    fn drop(&mut self) {
+        if let Some(held) = self.0.take() {
+            let mut taken = TAKEN.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(i) = taken.iter().position(|t| *t == held) {
+                taken.swap_remove(i);
+            }
+        }
+    }
+}
+
+/// Whether the filesystem `staging` is on can take `size` more bytes, beside what the
+/// copies under way take: a file larger than the whole filesystem is refused for good
+/// (`Ok(Err)`: each attempt filled the disk until ENOSPC, and other copies and the records
+/// beside them failed meanwhile, for a day of outage retries); one larger than the space
+/// free now, less what the copies under way will still write (counted whole: the part
+/// they wrote is counted twice, erring toward waiting), is an outage (`Err(ENOSPC)`, as
 /// writing it would end) found before a byte is written. The blocks reserved for root
 /// count only for a service running as root: for any other, they are neither free nor
 /// part of what it could ever fill.
-fn room_for(staging: &File, size: u64, key: &str) -> Result<(), Result<CopyError, std::io::Error>> {
+fn room_for(
+    staging: &File,
+    size: u64,
+    key: &str,
+) -> Result<Room, Result<CopyError, std::io::Error>> {
     if size < ROOM_CHECKED_FROM {
-        return Ok(());
+        return Ok(Room(None));
     }
     // A filesystem that cannot say is written to as before.
     let Ok(fs) = rustix::fs::fstatvfs(staging) else {
-        return Ok(());
+        return Ok(Room(None));
     };
     let reserved = match rustix::process::geteuid().is_root() {
         true => 0,
@@ -232,7 +263,7 @@ fn room_for(staging: &File, size: u64, key: &str) -> Result<(), Result<CopyError
         .saturating_mul(fs.f_frsize);
     // Some filesystems (FUSE, network ones) report no size at all.
     if total == 0 {
-        return Ok(());
+        return Ok(Room(None));
     }
     if size > total {
         return Err(Ok(CopyError::Unstorable(
@@ -240,10 +271,14 @@ fn room_for(staging: &File, size: u64, key: &str) -> Result<(), Result<CopyError
             "the file is larger than the store's whole filesystem",
         )));
     }
-    if size > free {
+    let id = fs.f_fsid;
+    let mut taken = TAKEN.lock().unwrap_or_else(|p| p.into_inner());
+    let under_way: u64 = taken.iter().filter(|t| t.0 == id).map(|t| t.1).sum();
+    if size > free.saturating_sub(under_way) {
         return Err(Err(std::io::Error::from_raw_os_error(libc::ENOSPC)));
     }
-    Ok(())
+    taken.push((id, size));
+    Ok(Room(Some((id, size))))
 }
 
 /// Where a copy is written before it is published under its key.
@@ -338,28 +373,28 @@ fn unnamed_files() -> bool {
     *PROC_FD.get_or_init(|| Path::new("/proc/self/fd").is_dir())
 }
 
-/// Moves `staged` to `dest` unless `dest` exists (`AlreadyExists` then): `renameat2`
-/// with `RENAME_NOREPLACE`, or where the filesystem lacks it (NFS, some FUSE), a hard
-/// link (which never replaces either) and the staging name removed.
+/// Moves `staged` to `dest` unless `dest` exists (`AlreadyExists` then): a hard link, which
+/// the server itself refuses over an existing name (NFS, SMB), and the staging name
+/// removed; where the filesystem has no hard links, `renameat2` with `RENAME_NOREPLACE`.
+/// Not that rename first: on SMB only the client checks that the target is missing, and the
+/// rename it sends replaces whatever another host published meanwhile.
 fn publish(staged: &Path, dest: &Path) -> std::io::Result<()> {
     use rustix::fs::{CWD, RenameFlags, renameat_with};
-    match renameat_with(CWD, staged, CWD, dest, RenameFlags::NOREPLACE) {
-        Ok(()) => Ok(()),
-        Err(e)
-            if [
-                rustix::io::Errno::INVAL,
-                rustix::io::Errno::NOSYS,
-                rustix::io::Errno::OPNOTSUPP,
-            ]
-            .contains(&e) =>
-        {
-            std::fs::hard_link(staged, dest)?;
-            // A leftover name in the staging directory is swept later; the object is
-            // in place either way.
+    match std::fs::hard_link(staged, dest) {
+        Ok(()) => {
+            // A leftover name in the staging directory is swept later; the object is in
+            // place either way.
             let _ = std::fs::remove_file(staged);
             Ok(())
         }
-        Err(e) => Err(e.into()),
+        Err(e)
+            if e.raw_os_error().is_some_and(|n| {
+                [libc::EPERM, libc::ENOTSUP, libc::EOPNOTSUPP, libc::ENOSYS].contains(&n)
+            }) =>
+        {
+            renameat_with(CWD, staged, CWD, dest, RenameFlags::NOREPLACE).map_err(Into::into)
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -743,6 +778,30 @@ mod tests {
             let e = e.expect_err("an outage");
             assert_eq!(e.raw_os_error(), Some(libc::ENOSPC));
         }
+    }
+
+    /// Copies under way keep the room they will fill: two that each fit alone but not
+    /// together are not both begun (together they filled the disk, and both failed).
+    #[test]
+    fn copies_under_way_keep_their_room() {
+        let dir = tempfile::tempdir().expect("temp");
+        let f = File::create(dir.path().join("probe")).expect("file");
+        let fs = rustix::fs::fstatvfs(&f).expect("statvfs");
+        // As `room_for` counts it: root may fill the blocks reserved for it.
+        let free = match rustix::process::geteuid().is_root() {
+            true => fs.f_bfree,
+            false => fs.f_bavail,
+        } * fs.f_frsize;
+        if free < 1 << 30 {
+            println!("under a GiB free: not applicable");
+            return;
+        }
+        let first = room_for(&f, free / 10 * 5, "a").expect("room for the first");
+        let e = room_for(&f, free / 10 * 7, "b").expect_err("not beside the first");
+        let e = e.expect_err("an outage");
+        assert_eq!(e.raw_os_error(), Some(libc::ENOSPC));
+        drop(first);
+        let _second = room_for(&f, free / 10 * 7, "b").expect("room once the first is done");
     }
 
     /// A directory found already in the store — made by a process that died before

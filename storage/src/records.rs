@@ -381,6 +381,11 @@ impl Drop for Relaxed<'_> {
     }
 }
 
+/// Set once the database refused `SET LOCAL lock_timeout` (a PostgreSQL-compatible server
+/// without it): the per-transaction lock waits are not asked for again.
+static LOCK_WAITS_REFUSED: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
 /// Applies `writes` in one transaction on `conn`; their results once it committed.
 async fn apply_in(
     conn: &mut db::sqlx::pool::PoolConnection<db::sqlx::Any>,
@@ -408,10 +413,23 @@ async fn apply_in(
         .collect();
     let begin = db::begin_statement(conn.backend_name());
     let mut tx = db::sqlx::Connection::begin_with(&mut **conn, begin).await?;
-    if let Some(wait) = lock_wait.filter(|_| !sqlite) {
-        db::sqlx::query(&format!("SET LOCAL lock_timeout = '{wait}'"))
+    if let Some(wait) = lock_wait
+        .filter(|_| !sqlite && !LOCK_WAITS_REFUSED.load(std::sync::atomic::Ordering::Relaxed))
+    {
+        let set = db::sqlx::query(&format!("SET LOCAL lock_timeout = '{wait}'"))
             .execute(&mut *tx)
-            .await?;
+            .await;
+        if let Err(e) = set {
+            // The server's own refusal (not a lost connection): not asked again, so that
+            // one batch fails, not every renewal from now on.
+            if e.as_database_error().is_some()
+                && !LOCK_WAITS_REFUSED.swap(true, std::sync::atomic::Ordering::Relaxed)
+            {
+                tracing::warn!(error = %e, "the database refuses `SET LOCAL lock_timeout`: \
+                    claim renewals wait on a locked row as long as other writes do");
+            }
+            return Err(e);
+        }
     }
     if !copies.is_empty() {
         // In a few multi-row statements: each statement is a round trip to SQLite's

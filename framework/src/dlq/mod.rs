@@ -99,6 +99,20 @@ pub enum DlqError {
         named(.0)
     )]
     NotRemoved(Option<String>),
+    /// The broker or connection failed after some dead letters were replayed: the removal
+    /// of the last one (sent, never answered) may not have reached the broker.
+    #[error(
+        "broker error after replaying dead letters: {error}; the last one replayed ({}) may \
+         still be in the DLQ (its removal may not have reached the broker): replaying it \
+         again may deliver it twice",
+        named(.message_id)
+    )]
+    LostAfterReplaying {
+        /// The broker's or connection's failure.
+        error: lapin::Error,
+        /// The message id of the last dead letter replayed.
+        message_id: Option<String>,
+    },
     /// A replay stopped before the dead letters it passed over had been held longer than
     /// the broker allows (its consumer timeout); what it replayed is replayed.
     #[error(
@@ -787,6 +801,32 @@ pub async fn replay_filtered(
 /// be) instead of keeping them: a replay of millions holds none of them in memory, and one
 /// cut short has said which it moved. Returns how many.
 pub async fn replay_each(
+    conn: &Connection,
+    topo: &Topology,
+    filter: &Filter,
+    dry_run: bool,
+    mut each: impl FnMut(&DeadLetter),
+) -> Result<usize, DlqError> {
+    // The last one replayed, and whether there was one.
+    let mut last: Option<Option<String>> = None;
+    let replayed = replay_each_told(conn, topo, filter, dry_run, |d| {
+        last = Some(d.message_id.clone());
+        each(d);
+    })
+    .await;
+    match (replayed, last) {
+        // The broker or connection lost after a removal was sent: an ack is written, not
+        // answered, so the last one may still be in the DLQ, and "broker error" alone sent
+        // the operator to run it again, delivering it twice unwarned.
+        (Err(DlqError::Amqp(error)), Some(message_id)) if !dry_run => {
+            Err(DlqError::LostAfterReplaying { error, message_id })
+        }
+        (r, _) => r,
+    }
+}
+
+/// [`replay_each`] itself.
+async fn replay_each_told(
     conn: &Connection,
     topo: &Topology,
     filter: &Filter,
