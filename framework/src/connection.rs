@@ -119,7 +119,7 @@ async fn connect_to(
         .with_client_property("service".into(), service.into());
     let url = &current_password(url, amqp);
     let builder = DefaultConnectionBuilder::new()?
-        .with_uri_str(with_frame_max(url.expose()))
+        .with_uri_str(with_defaults(url.expose()))
         .with_properties(props)
         .with_tls_config(tls_config(amqp)?);
     bounded(
@@ -147,7 +147,7 @@ const HEARTBEAT_SECS: u16 = 15;
 
 /// `url` with `frame_max=FRAME_MAX` and `heartbeat=HEARTBEAT_SECS` added to its query,
 /// each unless it sets one.
-fn with_frame_max(url: &str) -> String {
+fn with_defaults(url: &str) -> String {
     match url::Url::parse(url) {
         Ok(mut u) => {
             let has = |u: &url::Url, key: &str| u.query_pairs().any(|(k, _)| k == key);
@@ -283,19 +283,19 @@ mod tests {
     #[test]
     fn frame_max_and_heartbeat_are_added_unless_the_url_sets_them() {
         assert_eq!(
-            with_frame_max("amqp://u:p@h:5672/%2f"),
+            with_defaults("amqp://u:p@h:5672/%2f"),
             "amqp://u:p@h:5672/%2f?frame_max=131072&heartbeat=15"
         );
         assert_eq!(
-            with_frame_max("amqps://h/v?heartbeat=10"),
+            with_defaults("amqps://h/v?heartbeat=10"),
             "amqps://h/v?heartbeat=10&frame_max=131072"
         );
         assert_eq!(
-            with_frame_max("amqp://h/%2f?frame_max=1048576"),
+            with_defaults("amqp://h/%2f?frame_max=1048576"),
             "amqp://h/%2f?frame_max=1048576&heartbeat=15"
         );
         assert_eq!(
-            with_frame_max("amqp://h/%2f?heartbeat=0&frame_max=1048576"),
+            with_defaults("amqp://h/%2f?heartbeat=0&frame_max=1048576"),
             "amqp://h/%2f?heartbeat=0&frame_max=1048576"
         );
     }

@@ -154,8 +154,8 @@ fn check_config_warns_of_seconds_typed_as_milliseconds() {
 }
 
 /// The repository's own config files, each environment as shipped (the README's
-/// `--env prod check-config`, the image's `check-config`): a placeholder there that the
-/// checks refuse (a user without a password, once they were added) made every one exit 2.
+/// `echo -- --env prod check-config`): a placeholder there that the checks refuse (a user
+/// without a password, once they were added) made it exit 2.
 #[test]
 fn the_shipped_configs_pass_check_config() {
     let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/../config");

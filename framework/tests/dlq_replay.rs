@@ -121,13 +121,40 @@ async fn drain(hs: &Harness, queue: &str, seen: &mut HashMap<Vec<u8>, usize>) {
     }
 }
 
-/// A stopped service with `n` permanent dead letters (its harness, for the queues).
+/// Waits until the service's queue and its DLQ hold `n` messages between them (what a
+/// replay cut short held comes back to the DLQ).
+async fn await_accounted_for(hs: &Harness, n: u32) {
+    let dlq = format!("{}-dlq", hs.q);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let total = ready_count(&hs.ch, &hs.q).await + ready_count(&hs.ch, &dlq).await;
+        if total >= n {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{total} of {n} accounted for"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Takes every message out of the service's queue and its DLQ, counting bodies.
+async fn drain_both(hs: &Harness) -> HashMap<Vec<u8>, usize> {
+    let mut seen = HashMap::new();
+    drain(hs, &hs.q, &mut seen).await;
+    drain(hs, &format!("{}-dlq", hs.q), &mut seen).await;
+    seen
+}
+
+/// A stopped service with `n` permanent dead letters, the `i`th `{"p":true,"i":i}` with
+/// message id `m<i>` (its harness, for the queues).
 async fn dead_letters(prefix: &str, n: u32) -> Harness {
     let mut hs = Harness::start(prefix, &[], failing()).await;
     for i in 0..n {
         let body = format!("{{\"p\":true,\"i\":{i}}}");
-        hs.publish("test.k", body.as_bytes(), BasicProperties::default())
-            .await;
+        let props = BasicProperties::default().with_message_id(format!("m{i}").into());
+        hs.publish("test.k", body.as_bytes(), props).await;
     }
     await_ready_count(&hs.ch, &format!("{}-dlq", hs.q), n).await;
     hs.stop().await;
@@ -190,25 +217,12 @@ async fn a_replay_killed_midway_loses_nothing() {
         "{lines} lines printed, {in_queue} replayed"
     );
     // Whatever the killed replay held comes back to the DLQ; count both queues once settled.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let total = ready_count(&hs.ch, &q).await + ready_count(&hs.ch, &dlq_name).await;
-        if total >= n {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{total} of {n} accounted for"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    await_accounted_for(&hs, n).await;
     assert!(
         ready_count(&hs.ch, &dlq_name).await > 0,
         "killed midway: some dead letters were not replayed yet"
     );
-    let mut seen = HashMap::new();
-    drain(&hs, &q, &mut seen).await;
-    drain(&hs, &dlq_name, &mut seen).await;
+    let seen = drain_both(&hs).await;
     assert_eq!(
         seen.len(),
         n as usize,
@@ -1032,7 +1046,6 @@ async fn a_dead_letter_failing_again_during_its_replay_is_replayed_once() {
 async fn a_replay_cut_off_midway_names_the_last_one_as_maybe_still_there() {
     let n = 10;
     let hs = dead_letters("cutreplay", n).await;
-    let (q, dlq_name) = (hs.q.clone(), format!("{}-dlq", hs.q));
     let relay = framework::testing::relay::Relay::start().await;
     let conn = within(
         WAIT,
@@ -1057,32 +1070,33 @@ async fn a_replay_cut_off_midway_names_the_last_one_as_maybe_still_there() {
         }),
     )
     .await;
-    match r {
-        Err(e @ dlq::DlqError::LostAfterReplaying { .. }) => {
-            assert!(e.to_string().contains("may still be in the DLQ"), "{e}");
+    assert_eq!(ids.len(), 3, "{ids:?}");
+    let last = ids[2].clone();
+    let e = r.expect_err("cut off");
+    assert!(e.to_string().contains("may still be in the DLQ"), "{e}");
+    match &e {
+        dlq::DlqError::LostAfterReplaying { message_id, .. } => {
+            assert_eq!(message_id, &last, "the last one replayed is named");
         }
         other => panic!("{other:?}"),
     }
-    assert_eq!(ids.len(), 3, "{ids:?}");
     // What the cut connection held comes back to the DLQ.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let total = ready_count(&hs.ch, &q).await + ready_count(&hs.ch, &dlq_name).await;
-        if total >= n {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{total} of {n} accounted for"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    let mut seen = HashMap::new();
-    drain(&hs, &q, &mut seen).await;
-    drain(&hs, &dlq_name, &mut seen).await;
+    await_accounted_for(&hs, n).await;
+    let seen = drain_both(&hs).await;
     assert_eq!(
         seen.len(),
         n as usize,
         "every dead letter is in the DLQ or replayed"
     );
+    for (body, count) in &seen {
+        if *count > 1 {
+            let v: serde_json::Value = serde_json::from_slice(body).expect("JSON");
+            assert_eq!(count, &2, "{v}");
+            assert_eq!(
+                Some(format!("m{}", v["i"])),
+                last,
+                "only the one named is twice"
+            );
+        }
+    }
 }

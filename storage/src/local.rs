@@ -6,7 +6,8 @@
 //!
 //! Where the filesystem has no unnamed files (NFS, most FUSE) the copy is staged in a
 //! named file in one reserved directory under the store's root ([`STAGING_DIR`]) and
-//! published with a rename that never replaces. Staging files are never kept beside the
+//! published with a hard link (the staging name then removed), or a rename that never
+//! replaces where the filesystem has no hard links. Staging files are never kept beside the
 //! object: any name beside it could be another object's (a source file named `take#1` is
 //! archived as `take#1`), so a sweep of leftovers there could delete an archived copy.
 //! The reserved directory is one flat listing to sweep after a crash.
@@ -151,7 +152,7 @@ fn copy_via(
         staged.discard();
         return Err(CopyError::Unstorable(key.to_string(), LEADS_OUT));
     }
-    // Staged elsewhere: its rename needs the key's directory.
+    // Staged elsewhere: its link (or rename) needs the key's directory.
     if let Staged::Named(..) = staged
         && let Err(e) = create_dirs_durably(parent)
     {
@@ -207,33 +208,55 @@ fn copy_via(
 /// (one `fstatvfs`; a small file's copy does not pay for it).
 const ROOM_CHECKED_FROM: u64 = 64 * 1024 * 1024;
 
-/// The room the large copies under way take on each filesystem (by its id), which its
-/// free space does not show yet: 16 copies each finding room for itself alone filled the
-/// disk together, and all of them (and the records beside them) failed.
-static TAKEN: std::sync::Mutex<Vec<(u64, u64)>> = std::sync::Mutex::new(Vec::new());
+/// The large copies under way, by filesystem (device): what each will still write is
+/// not free space yet, yet counted free: 16 copies each finding room for itself alone
+/// filled the disk together, and all of them (and the records beside them) failed.
+static TAKEN: std::sync::Mutex<Vec<UnderWay>> = std::sync::Mutex::new(Vec::new());
 
-/// Room taken on a filesystem by one copy under way (see [`TAKEN`]), given back when
-/// dropped.
+/// One large copy under way (see [`TAKEN`]).
 #[derive(Debug)]
-pub(crate) struct Room(Option<(u64, u64)>);
+struct UnderWay {
+    /// Its [`Room`]'s number.
+    id: u64,
+    /// The device of the filesystem it writes to.
+    dev: u64,
+    /// The bytes it will have written.
+    size: u64,
+    /// Its staging file, whose allocated blocks say what it wrote so far.
+    file: File,
+}
+
+impl UnderWay {
+    /// The bytes it has still to write.
+    fn left(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt as _;
+        let written = self
+            .file
+            .metadata()
+            .map_or(0, |m| m.blocks().saturating_mul(512));
+        self.size.saturating_sub(written)
+    }
+}
+
+/// The room one copy under way takes (see [`TAKEN`]), given back when dropped.
+#[derive(Debug)]
+pub(crate) struct Room(Option<u64>);
 
 impl Drop for Room {
     fn drop(&mut self) {
-        if let Some(held) = self.0.take() {
+        if let Some(id) = self.0.take() {
             let mut taken = TAKEN.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(i) = taken.iter().position(|t| *t == held) {
-                taken.swap_remove(i);
-            }
+            taken.retain(|t| t.id != id);
         }
     }
 }
 
 /// Whether the filesystem `staging` is on can take `size` more bytes, beside what the
-/// copies under way take: a file larger than the whole filesystem is refused for good
-/// (`Ok(Err)`: each attempt filled the disk until ENOSPC, and other copies and the records
-/// beside them failed meanwhile, for a day of outage retries); one larger than the space
-/// free now, less what the copies under way will still write (counted whole: the part
-/// they wrote is counted twice, erring toward waiting), is an outage (`Err(ENOSPC)`, as
+/// copies under way will still write: a file larger than the whole filesystem is refused
+/// for good (`Ok(Err)`: each attempt filled the disk until ENOSPC, and other copies and the
+/// records beside them failed meanwhile, for a day of outage retries); one larger than the
+/// space free now, less what the large copies under way on it have still to write (their
+/// size less their staging files' allocated blocks), is an outage (`Err(ENOSPC)`, as
 /// writing it would end) found before a byte is written. The blocks reserved for root
 /// count only for a service running as root: for any other, they are neither free nor
 /// part of what it could ever fill.
@@ -271,14 +294,32 @@ fn room_for(
             "the file is larger than the store's whole filesystem",
         )));
     }
-    let id = fs.f_fsid;
+    // Untracked where the file cannot be looked at again: checked alone, as before.
+    let (Ok(meta), Ok(file)) = (staging.metadata(), staging.try_clone()) else {
+        return match size > free {
+            true => Err(Err(std::io::Error::from_raw_os_error(libc::ENOSPC))),
+            false => Ok(Room(None)),
+        };
+    };
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let dev = std::os::unix::fs::MetadataExt::dev(&meta);
     let mut taken = TAKEN.lock().unwrap_or_else(|p| p.into_inner());
-    let under_way: u64 = taken.iter().filter(|t| t.0 == id).map(|t| t.1).sum();
-    if size > free.saturating_sub(under_way) {
+    let left: u64 = taken
+        .iter()
+        .filter(|t| t.dev == dev)
+        .map(UnderWay::left)
+        .sum();
+    if size > free.saturating_sub(left) {
         return Err(Err(std::io::Error::from_raw_os_error(libc::ENOSPC)));
     }
-    taken.push((id, size));
-    Ok(Room(Some((id, size))))
+    let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    taken.push(UnderWay {
+        id,
+        dev,
+        size,
+        file,
+    });
+    Ok(Room(Some(id)))
 }
 
 /// Where a copy is written before it is published under its key.
@@ -380,21 +421,47 @@ fn unnamed_files() -> bool {
 /// rename it sends replaces whatever another host published meanwhile.
 fn publish(staged: &Path, dest: &Path) -> std::io::Result<()> {
     use rustix::fs::{CWD, RenameFlags, renameat_with};
-    match std::fs::hard_link(staged, dest) {
+    let linked = match std::fs::hard_link(staged, dest) {
+        // NFS sends a LINK again whose answer was lost: the second finds the first's.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && same_file(staged, dest) => {
+            Ok(())
+        }
+        r => r,
+    };
+    match linked {
         Ok(()) => {
             // A leftover name in the staging directory is swept later; the object is in
             // place either way.
             let _ = std::fs::remove_file(staged);
             Ok(())
         }
-        Err(e)
-            if e.raw_os_error().is_some_and(|n| {
-                [libc::EPERM, libc::ENOTSUP, libc::EOPNOTSUPP, libc::ENOSYS].contains(&n)
-            }) =>
-        {
-            renameat_with(CWD, staged, CWD, dest, RenameFlags::NOREPLACE).map_err(Into::into)
-        }
-        Err(e) => Err(e),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(e),
+        // No hard links here (or refused for another reason a rename may not meet): a
+        // rename that never replaces; where the filesystem has none either, the link's
+        // error is the one to report.
+        Err(link) => match renameat_with(CWD, staged, CWD, dest, RenameFlags::NOREPLACE) {
+            Ok(()) => Ok(()),
+            Err(e)
+                if [
+                    rustix::io::Errno::INVAL,
+                    rustix::io::Errno::NOSYS,
+                    rustix::io::Errno::OPNOTSUPP,
+                ]
+                .contains(&e) =>
+            {
+                Err(link)
+            }
+            Err(e) => Err(e.into()),
+        },
+    }
+}
+
+/// Whether `a` and `b` name one file (device and inode).
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    match (std::fs::symlink_metadata(a), std::fs::symlink_metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
     }
 }
 

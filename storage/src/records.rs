@@ -422,9 +422,13 @@ async fn apply_in(
         if let Err(e) = set {
             // The server's own refusal (not a lost connection): not asked again, so that
             // one batch fails, not every renewal from now on.
-            if e.as_database_error().is_some()
-                && !LOCK_WAITS_REFUSED.swap(true, std::sync::atomic::Ordering::Relaxed)
-            {
+            // Only the codes of a setting or statement the server does not have: an
+            // outage's (a failover, a shutdown) passes.
+            let unsupported = e
+                .as_database_error()
+                .and_then(|d| d.code())
+                .is_some_and(|c| ["42704", "0A000", "42601", "22023"].contains(&c.as_ref()));
+            if unsupported && !LOCK_WAITS_REFUSED.swap(true, std::sync::atomic::Ordering::Relaxed) {
                 tracing::warn!(error = %e, "the database refuses `SET LOCAL lock_timeout`: \
                     claim renewals wait on a locked row as long as other writes do");
             }

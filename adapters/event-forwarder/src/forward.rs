@@ -145,9 +145,15 @@ fn auth_value(token: &str) -> Result<HeaderValue, ForwardError> {
 }
 
 /// How long a connection to the endpoint may take: half the request's timeout (so that
-/// reaching it is told apart from its answer), at most 10 s.
+/// reaching it is told apart from its answer), at most 10 s — but at least a second, or
+/// three quarters of a shorter request's timeout (the whole request's timer, started
+/// first, would fire first and count a host that is down as a timeout): a distant TLS
+/// endpoint takes a few round trips to reach, and one not reached in time counts as down,
+/// waited out uncounted.
 fn connect_timeout(request: Duration) -> Duration {
-    (request / 2).min(Duration::from_secs(10))
+    (request / 2)
+        .max((request * 3 / 4).min(Duration::from_secs(1)))
+        .min(Duration::from_secs(10))
 }
 
 impl Forwarder {
@@ -499,6 +505,18 @@ fn quoted(buf: &[u8], secrets: &[String], whole: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Half the request's timeout, at least a second (three quarters of a shorter one,
+    /// so the connect timer fires before the whole request's) and at most 10 s.
+    #[test]
+    fn a_connection_gets_half_the_request_within_bounds() {
+        let ms = Duration::from_millis;
+        assert_eq!(connect_timeout(ms(10_000)), ms(5_000));
+        assert_eq!(connect_timeout(ms(60_000)), ms(10_000));
+        assert_eq!(connect_timeout(ms(1_500)), ms(1_000));
+        assert_eq!(connect_timeout(ms(1_000)), ms(750));
+        assert_eq!(connect_timeout(ms(300)), ms(225));
+    }
 
     #[test]
     fn a_secret_cut_off_where_the_answer_was_read_is_masked_too() {

@@ -114,7 +114,7 @@ pub struct ProjectIngestSettings {
 
 /// Six retries wait about 6.5 minutes on the default tiers (1 s, 5 s, 30 s, then 120 s):
 /// longer than a create held by another instance that died without closing its connection
-/// (the broker returns it after the heartbeat timeout, a minute or two) or climbing the
+/// (the broker returns it after the heartbeat timeout, about half a minute) or climbing the
 /// tiers itself through a database fault on its instance.
 fn default_missing_project_retries() -> u32 {
     6
@@ -662,8 +662,8 @@ mod tests {
 
     #[test]
     fn an_update_waits_out_a_create_held_by_a_dead_instance() {
-        // A dead instance's unacked create comes back after the heartbeat timeout (60 s
-        // by default on both sides, up to twice that to notice), and a create retried on
+        // A dead instance's unacked create comes back after the heartbeat timeout (15 s
+        // asked for by the services, up to twice that to notice), and a create retried on
         // its own instance climbs 1 s, 5 s, 30 s, 120 s.
         let wait = default_wait_secs();
         assert!(wait >= 5 * 60, "an update waits {wait} s for its create");
