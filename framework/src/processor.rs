@@ -161,11 +161,11 @@ pub(crate) fn receipt_stamp() -> std::time::SystemTime {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
-    let step = |last: u64| Some(now.max(last.saturating_add(1_000)));
+    let after = |last: u64| now.max(last.saturating_add(1_000));
     let last = LAST_RECEIPT
-        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, step)
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| Some(after(l)))
         .unwrap_or_else(|last| last);
-    let given = now.max(last.saturating_add(1_000));
+    let given = after(last);
     std::time::UNIX_EPOCH + std::time::Duration::from_nanos(given)
 }
 

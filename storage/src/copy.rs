@@ -405,15 +405,12 @@ const STORE_TROUBLE: [&str; 4] = [
 /// `ExpiredToken`, after which the same parts complete: given up, every part was sent
 /// again).
 fn completion_refused(e: &CopyError) -> bool {
-    match e {
-        CopyError::S3(crate::s3::S3Error::Status(_, 400 | 409, text)) => {
-            !STORE_TROUBLE.iter().any(|c| text.contains(c))
-        }
-        CopyError::Store(e) => {
-            matches!(client_status(e), Some(400 | 409)) && !store_trouble_code(e)
-        }
-        _ => false,
-    }
+    let status = match e {
+        CopyError::S3(crate::s3::S3Error::Status(_, code, _)) => Some(*code),
+        CopyError::Store(s) => client_status(s),
+        _ => None,
+    };
+    matches!(status, Some(400 | 409)) && !e.is_outage()
 }
 
 /// Whether object_store's error (or its sources) names one of [`STORE_TROUBLE`].
