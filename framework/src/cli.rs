@@ -329,7 +329,9 @@ pub fn main<S: Service>() -> ExitCode {
     // answering) would keep a dropped runtime, and the process, waiting for ever after
     // the drain: it is left behind, and the process exits with it.
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
-    if let Err(Failure::Other(m)) = &result
+    // A configuration found wanting once logging is up (a database refusing the login, an
+    // address that cannot be listened on) is logged as any other failure.
+    if let Err(Failure::Other(m) | Failure::Usage(m)) = &result
         && telemetry::logs_json()
     {
         tracing::error!("{m}");

@@ -4,6 +4,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::{FutureExt, StreamExt};
@@ -115,6 +116,11 @@ struct SessionTasks {
     tasks: TaskTracker,
     cancel: CancellationToken,
     kill: CancellationToken,
+    /// Stops the handlers `kill` left running: those awaiting the confirm of a retry or
+    /// dead letter ([`Confirming`]).
+    force: CancellationToken,
+    /// How many handlers await such a confirm.
+    confirming: Arc<AtomicUsize>,
     /// When `kill` comes, once the session is ending ([`MessageContext::time_left`]).
     stops_at: Arc<std::sync::OnceLock<Instant>>,
 }
@@ -125,7 +131,18 @@ impl SessionTasks {
             tasks: TaskTracker::new(),
             cancel: CancellationToken::new(),
             kill: CancellationToken::new(),
+            force: CancellationToken::new(),
+            confirming: Arc::default(),
             stops_at: Arc::default(),
+        }
+    }
+
+    /// A new handler's [`Confirming`].
+    fn confirming(&self) -> Confirming {
+        Confirming {
+            on: AtomicBool::new(false),
+            done: tokio::sync::Notify::new(),
+            session: self.confirming.clone(),
         }
     }
 
@@ -134,35 +151,113 @@ impl SessionTasks {
     /// has requeued what they hold, and another instance may be running it already).
     /// `at_once`: why there is no budget, where there is none (the connection is gone,
     /// the consumer cancelled), for the log.
+    ///
+    /// A handler awaiting the confirm of its retry or dead letter when the budget runs out
+    /// gets up to `confirm_grace` more, unless the connection is gone or blocked: stopped,
+    /// its input goes back to the queue while the outcome may land all the same (a quorum
+    /// tier electing a leader confirms late) — the message would then live twice.
     async fn end(
         &self,
         budget: Duration,
+        confirm_grace: Duration,
+        alarm: &crate::alarm::Alarm,
         lost: impl std::future::Future<Output = ()>,
         at_once: &'static str,
     ) {
         let _ = self.stops_at.set(Instant::now() + budget);
         self.cancel.cancel();
         self.tasks.close();
-        let why = if budget.is_zero() {
-            at_once
+        tokio::pin!(lost);
+        let (why, gone) = if budget.is_zero() {
+            (at_once, true)
         } else {
             tokio::select! {
                 r = tokio::time::timeout(budget, self.tasks.wait()) => match r {
                     Ok(()) => return,
-                    Err(_) => "drain timeout reached",
+                    Err(_) => ("drain timeout reached", false),
                 },
-                () = lost => "the connection dropped while draining",
+                () = &mut lost => ("the connection dropped while draining", true),
             }
         };
         if self.tasks.is_empty() {
             return;
         }
+        let confirming = self.confirming.load(Ordering::SeqCst);
+        let graced = !gone && !alarm.blocked() && confirming > 0 && !confirm_grace.is_zero();
         warn!(
             still_running = self.tasks.len(),
-            "{why}; stopping unfinished handlers, their messages return to the queue"
+            awaiting_a_confirm = confirming,
+            "{why}; stopping unfinished handlers, their messages return to the queue{}",
+            if graced {
+                format!(
+                    " — those awaiting the confirm of their retry or dead letter are given up \
+                     to {} ms more",
+                    confirm_grace.as_millis()
+                )
+            } else {
+                String::new()
+            }
         );
+        if !graced {
+            self.force.cancel();
+        }
         self.kill.cancel();
+        if graced {
+            tokio::select! {
+                () = self.tasks.wait() => return,
+                () = tokio::time::sleep(confirm_grace) => {
+                    warn!(still_running = self.tasks.len(), "the confirms did not come in time; stopping those handlers");
+                }
+                () = &mut lost => {}
+            }
+            self.force.cancel();
+        }
         self.tasks.wait().await;
+    }
+}
+
+/// Whether a handler awaits the confirm of a retry or dead letter: such a handler is not
+/// stopped with the others when the drain budget runs out (see [`SessionTasks::end`]).
+struct Confirming {
+    on: AtomicBool,
+    /// Told when `on` is cleared.
+    done: tokio::sync::Notify,
+    /// The session's count of handlers awaiting one.
+    session: Arc<AtomicUsize>,
+}
+
+impl Confirming {
+    /// Runs `publish`, the publish of an outcome labelled `label`, marked as awaiting its
+    /// confirm if it is a retry or a dead letter (the outcomes that replace their input).
+    async fn during<T>(&self, label: &str, publish: impl std::future::Future<Output = T>) -> T {
+        if label != "retry" && label != "dead_letter" {
+            return publish.await;
+        }
+        /// Clears the mark however the publish ends (done, or dropped with its handler).
+        struct Clear<'a>(&'a Confirming);
+        impl Drop for Clear<'_> {
+            fn drop(&mut self) {
+                self.0.on.store(false, Ordering::SeqCst);
+                self.0.session.fetch_sub(1, Ordering::SeqCst);
+                self.0.done.notify_waiters();
+            }
+        }
+        self.on.store(true, Ordering::SeqCst);
+        self.session.fetch_add(1, Ordering::SeqCst);
+        let _clear = Clear(self);
+        publish.await
+    }
+
+    /// Completes once no confirm is awaited.
+    async fn idle(&self) {
+        loop {
+            // Registered before the look, so a clearing in between is not missed.
+            let cleared = self.done.notified();
+            if !self.on.load(Ordering::SeqCst) {
+                return;
+            }
+            cleared.await;
+        }
     }
 }
 
@@ -358,20 +453,47 @@ pub(crate) async fn session<P: MessageProcessor>(
                 let shared = shared.clone();
                 let cancel = handlers.cancel.clone();
                 let stops_at = handlers.stops_at.clone();
-                let kill = handlers.kill.clone();
+                let (kill, force) = (handlers.kill.clone(), handlers.force.clone());
+                let confirming = Arc::new(handlers.confirming());
                 let metrics = shared.metrics.clone();
+                let (tag, settler) = (delivery.delivery_tag, shared.settler.clone());
+                let single_active = inner.topology.single_active_consumer;
                 // The handler's state machine (several KiB) lives on the heap from the start,
                 // not in the spawned future, which tokio moves more than once while spawning.
                 let fut = async move {
+                    let marked = confirming.clone();
                     let handling = Box::pin(async move {
                         shared
-                            .handle_delivery(delivery, received_at, cancel, stops_at)
+                            .handle_delivery(delivery, received_at, cancel, stops_at, &marked)
                             .await
                     });
+                    // A handler awaiting its retry's or dead letter's confirm is stopped
+                    // only once that is over or by `force`.
+                    let stopped = async {
+                        kill.cancelled().await;
+                        tokio::select! {
+                            () = confirming.idle() => {}
+                            () = force.cancelled() => {}
+                        }
+                    };
                     tokio::select! {
+                        // The handler first: once its confirm came, it acks in the same
+                        // turn; that ack is not lost to a stop seen at the same time.
+                        biased;
                         _ = handling => {}
-                        // Stopped unsettled: the broker requeues it with the channel.
-                        _ = kill.cancelled() => metrics.count("interrupted"),
+                        // Stopped unsettled: the broker requeues it with the channel —
+                        // which stays open while another handler is given time for its
+                        // confirm (`force` not yet come): given back now instead, so another
+                        // instance can take it meanwhile. Not on a single-active-consumer
+                        // queue, whose consumer stays until the channel closes: it would
+                        // come back to this one.
+                        () = stopped => {
+                            if !force.is_cancelled() && !single_active {
+                                settler.give_back(tag);
+                            } else {
+                                metrics.count("interrupted");
+                            }
+                        }
                     }
                     drop(permit);
                 };
@@ -414,10 +536,13 @@ pub(crate) async fn session<P: MessageProcessor>(
     // One deadline for all of it: the drain budget and a moment for the last frames. On a
     // network that stopped answering, the cancel, the last acks and each close used to wait
     // out the whole operation limit in turn: a SIGTERM with a 5 s drain took 95 s.
-    let ends_by = tokio::time::Instant::now() + budget + LAST_FRAMES;
+    // Moved on where handlers awaiting a confirm were given more time (see
+    // `SessionTasks::end`): their acks are among the last frames.
+    let ends_by = std::sync::Mutex::new(tokio::time::Instant::now() + budget + LAST_FRAMES);
+    let deadline = || *ends_by.lock().unwrap_or_else(|p| p.into_inner());
     let alarm = shared.publisher.alarm().clone();
     let wait = || {
-        let left = ends_by
+        let left = deadline()
             .saturating_duration_since(tokio::time::Instant::now())
             .max(LAST_FRAME_MIN);
         left.min(if alarm.blocked() {
@@ -454,7 +579,9 @@ pub(crate) async fn session<P: MessageProcessor>(
         SessionEnd::Lost(_) if !alive() => "the connection to the broker was lost",
         _ => "drain timeout reached",
     };
-    tokio::join!(cancel, handlers.end(budget, lost, at_once));
+    tokio::join!(cancel, handlers.end(budget, limit, &alarm, lost, at_once));
+    let later = deadline().max(tokio::time::Instant::now() + LAST_FRAMES);
+    *ends_by.lock().unwrap_or_else(|p| p.into_inner()) = later;
     // The handlers' settler is dropped with the last of them; this one goes now, or the
     // settling task would wait for it.
     drop(shared);
@@ -937,6 +1064,7 @@ impl<P: MessageProcessor> Shared<P> {
         ctx: &MessageContext,
         reason: &str,
         started: Instant,
+        confirming: &Confirming,
     ) -> bool {
         let inner = &*self.inner;
         let Ok(_holding) = inner.held_retries.try_acquire() else {
@@ -966,7 +1094,10 @@ impl<P: MessageProcessor> Shared<P> {
                 _ = tokio::time::sleep(wait) => {}
                 _ = ctx.cancel.cancelled() => return false,
             }
-            match self.publish_outcome(msgs.clone(), label, started).await {
+            match self
+                .publish_outcome(msgs.clone(), label, started, confirming)
+                .await
+            {
                 Ok(()) => {
                     info!("the retry the broker refused is published now");
                     return true;
@@ -996,10 +1127,11 @@ impl<P: MessageProcessor> Shared<P> {
         msgs: Vec<Outgoing>,
         label: &str,
         started: Instant,
+        confirming: &Confirming,
     ) -> Result<(), PublishError> {
-        let sent = self
-            .publisher
-            .send_within(msgs, confirm_limit(&self.inner, label, started))
+        let limit = confirm_limit(&self.inner, label, started);
+        let sent = confirming
+            .during(label, self.publisher.send_within(msgs, limit))
             .await;
         if sent.is_err() {
             self.metrics.publish_failures().increment(1);
@@ -1061,6 +1193,7 @@ impl<P: MessageProcessor> Shared<P> {
         received_at: std::time::SystemTime,
         cancel: CancellationToken,
         stops_at: Arc<std::sync::OnceLock<Instant>>,
+        confirming: &Confirming,
     ) {
         let (inner, publisher, metrics) = (&*self.inner, &self.publisher, &*self.metrics);
         let mut inc = incoming(&delivery, &inner.topology.queue);
@@ -1233,7 +1366,9 @@ impl<P: MessageProcessor> Shared<P> {
                 }
                 _ => None,
             };
-            let label = self.settle(&delivery, &ctx, outcome, started).await;
+            let label = self
+                .settle(&delivery, &ctx, outcome, started, confirming)
+                .await;
             if let Some(spans) = &inner.spans {
                 spans.record(crate::otlp::Span {
                     trace: ctx.trace.clone(),
@@ -1263,6 +1398,7 @@ impl<P: MessageProcessor> Shared<P> {
         ctx: &MessageContext,
         outcome: Outcome,
         started: Instant,
+        confirming: &Confirming,
     ) -> &'static str {
         let (inner, publisher, settler, broken) =
             (&*self.inner, &self.publisher, &self.settler, &self.broken);
@@ -1305,7 +1441,7 @@ impl<P: MessageProcessor> Shared<P> {
         for (s, m) in sizes.iter_mut().zip(&msgs) {
             *s = m.body.len();
         }
-        let mut published = self.publish_outcome(msgs, label, started).await;
+        let mut published = self.publish_outcome(msgs, label, started, confirming).await;
         // Whether that failure showed the topology incomplete (looked at once per error).
         let mut incomplete = false;
         if let Err(e) = &published {
@@ -1339,7 +1475,7 @@ impl<P: MessageProcessor> Shared<P> {
             if let Some(o) = replacement {
                 let (l, msgs) = inner.planner.plan(publisher, &delivery.data, ctx, o);
                 label = l;
-                published = self.publish_outcome(msgs, label, started).await;
+                published = self.publish_outcome(msgs, label, started, confirming).await;
                 incomplete = match &published {
                     Err(e) => self.topology_incomplete(e).await,
                     Ok(()) => false,
@@ -1354,7 +1490,7 @@ impl<P: MessageProcessor> Shared<P> {
             let msgs = inner
                 .planner
                 .bare_dead_letter(publisher, &delivery.data, ctx, &why);
-            published = self.publish_outcome(msgs, label, started).await;
+            published = self.publish_outcome(msgs, label, started, confirming).await;
             incomplete = match &published {
                 Err(e) => self.topology_incomplete(e).await,
                 Ok(()) => false,
@@ -1393,7 +1529,7 @@ impl<P: MessageProcessor> Shared<P> {
                     // with its I/O error): the session ends, and the next gets the message.
                     && self.conn.status().connected()
                     && let Some(reason) = &retry_reason
-                    && self.hold_retry(delivery, ctx, reason, started).await
+                    && self.hold_retry(delivery, ctx, reason, started, confirming).await
                 {
                     settler.ack(delivery.delivery_tag, label);
                     return label;

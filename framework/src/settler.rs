@@ -159,7 +159,12 @@ async fn run(ch: Channel, metrics: Arc<QueueMetrics>, mut rx: mpsc::UnboundedRec
                     unsettled.insert(t);
                 }
                 Event::Settled(t, s) => {
-                    unsettled.remove(&t);
+                    // Settled once: a stopped handler's give-back (see `session`) may
+                    // follow its own ack, and a second settlement of one tag is a channel
+                    // error that would take every other delivery back with it.
+                    if !unsettled.remove(&t) {
+                        continue;
+                    }
                     match s {
                         Settlement::Ack(label) => {
                             acked.push(t);

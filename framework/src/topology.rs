@@ -866,8 +866,20 @@ impl Topology {
     /// The topology as a RabbitMQ definitions document (management UI import).
     pub fn definitions(&self, vhost: &str) -> serde_json::Value {
         use serde_json::json;
-        // The producers' exchanges are listed too, so an import creates what the bindings need.
-        let sources = self.sources().into_iter().map(|name| ExchangeSpec {
+        // The producers' exchanges are listed too, so an import creates what the bindings
+        // need — unless the service may not declare them (`declare_sources = false`): their
+        // producers declare them with flags of their own (pluto-core's is not durable), and
+        // a durable one imported first would refuse them. Their bindings are left out with
+        // them (made by the service once they exist).
+        let sources = match self.declare_sources {
+            true => self.sources(),
+            false => Vec::new(),
+        };
+        let unmade = match self.declare_sources {
+            true => Vec::new(),
+            false => self.sources(),
+        };
+        let sources = sources.into_iter().map(|name| ExchangeSpec {
             name,
             kind: "topic",
         });
@@ -891,6 +903,7 @@ impl Topology {
         let bindings: Vec<_> = self
             .bindings()
             .into_iter()
+            .filter(|b| !unmade.contains(&b.exchange))
             .map(|b| {
                 json!({"source": b.exchange, "vhost": vhost, "destination": b.queue,
                 "destination_type": "queue", "routing_key": b.routing_key, "arguments": {}})

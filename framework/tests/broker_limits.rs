@@ -613,6 +613,61 @@ async fn a_retry_whose_confirm_comes_late_replaces_its_input_once() {
     );
 }
 
+/// A stop whose drain budget runs out while a handler awaits its retry's confirm (the
+/// retry tier not confirming for a while: a quorum queue electing a leader during a rolling
+/// deploy) waits for that confirm, up to the operation bound, instead of stopping the
+/// handler: stopped, its input went back to the queue while the retry landed all the same,
+/// and the message lived twice (two copies handled, two outputs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_waits_past_its_drain_budget_for_a_retrys_late_confirm() {
+    const DRAIN_MS: u64 = 1000;
+    let broker = PrivateBroker::start().await;
+    let q = unique("stopretry");
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (service, cfg) = start_on(
+        &broker,
+        &q,
+        &[
+            ("amqp.drain_timeout_ms", &DRAIN_MS.to_string()),
+            ("amqp.queue_metrics_interval_ms", "0"),
+        ],
+        RetriesOnceGated(gate, calls.clone()),
+    )
+    .await;
+    send_input(&broker, &q).await;
+    let c = calls.clone();
+    wait_until("the handler to start", || c.load(Ordering::SeqCst) == 1).await;
+    let tier = format!("{q}-retry-{}", cfg.retry.delays_ms[0]);
+    suspend_queue(&broker, &tier, "st_stop_retry", true);
+    open.send(true).expect("gate open");
+    let stopping = tokio::spawn(service.stop());
+    // What must not happen cannot be awaited: the tier confirms nothing for three times
+    // the drain budget, at whose end the handler used to be stopped.
+    tokio::time::sleep(Duration::from_millis(DRAIN_MS * 3)).await;
+    suspend_queue(&broker, &tier, "st_stop_retry", false);
+    stopping.await.expect("the stop ends");
+    // The retry comes back to `q` from its tier; the input itself must not be there too.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let waiting = broker.count(&tier).await.unwrap_or(1);
+        let back = broker.count(&q).await.unwrap_or(0);
+        if waiting == 0 && back >= 1 {
+            assert_eq!(
+                back, 1,
+                "one copy of the message: its retry, not its input too"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the retry to come back ({waiting} in its tier, {back} in the queue)"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
 /// Retries every message the first time, all 16 at once (the first 16 calls wait for each
 /// other); succeeds after. Counts its calls.
 struct RetriesTogether(Arc<tokio::sync::Barrier>, Arc<AtomicUsize>);

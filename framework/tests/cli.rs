@@ -374,6 +374,23 @@ fn bad_config_exits_2_naming_the_key() {
         .arg("run"));
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("echo.http_listen"), "{}", stderr(&o));
+    // Logging JSON for a collector, it says so in a JSON line at level ERROR too (a
+    // pipeline filtering on the level saw nothing of why the service exited).
+    let o = run(echo_cmd("unused", dir.path())
+        .env("STORAGETIER__ECHO__HTTP_LISTEN", "192.0.2.1:9100")
+        .env("STORAGETIER__LOG__FORMAT", "json")
+        .arg("run"));
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let logged = stderr(&o)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .any(|l| {
+            l["level"] == "ERROR"
+                && l["fields"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("echo.http_listen"))
+        });
+    assert!(logged, "{}", stderr(&o));
     // Their neighbours are taken: RabbitMQ's own `amq.topic`, a minute's consumer timeout.
     let o = run(echo_cmd("unused", dir.path())
         .env("STORAGETIER__ECHO__INPUT_EXCHANGE", "amq.topic")
@@ -993,6 +1010,25 @@ async fn declare_creates_the_topology_and_definitions_describe_it() {
             .any(|b| b["source"] == format!("{q}-fail") && b["routing_key"] == "#")
     );
     assert_eq!(defs["queues"][0]["vhost"], "/", "the vhost of `[amqp] url`");
+    let source = format!("{q}-in");
+    let names = |defs: &serde_json::Value, list: &str, field: &str| -> Vec<String> {
+        (defs[list].as_array().unwrap().iter())
+            .map(|x| x[field].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert!(names(&defs, "exchanges", "name").contains(&source));
+    assert!(names(&defs, "bindings", "source").contains(&source));
+    // Where the producers declare their own exchanges (with flags of their own: pluto-core's
+    // is not durable), an imported durable one would refuse them: neither it nor its
+    // bindings are in the document.
+    let o = run(echo_cmd(&q, dir.path())
+        .env("STORAGETIER__AMQP__DECLARE_SOURCES", "false")
+        .arg("definitions"));
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let defs: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(!names(&defs, "exchanges", "name").contains(&source));
+    assert!(!names(&defs, "bindings", "source").contains(&source));
+    assert!(names(&defs, "exchanges", "name").contains(&format!("{q}-fail")));
 
     // Written for the vhost the service declares in: imported into another, it would
     // build a topology nothing consumes from. `--vhost` still names another.

@@ -1038,6 +1038,42 @@ async fn a_dead_letter_failing_again_during_its_replay_is_replayed_once() {
     assert_eq!(poisoned.load(SeqCst), 2);
 }
 
+/// A replay that moved every dead letter and closed its channel (the broker took every
+/// removal) is done, whatever happens to the count of the DLQ after it: it was reported as
+/// cut off, naming the last one as maybe still in the DLQ, where it could not be.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_done_is_not_reported_cut_off_by_the_count_after_it() {
+    let n = 3;
+    let hs = dead_letters("countafter", n).await;
+    let conn = framework::testing::broker::connect(&amqp_url())
+        .await
+        .expect("connected");
+    let dlq_name = format!("{}-dlq", hs.q);
+    let mut ids = Vec::new();
+    let r = within(
+        WAIT,
+        "the replay ending",
+        dlq::replay_each(&conn, &hs.topology(), &Filter::default(), false, |d| {
+            ids.push(d.message_id.clone());
+            // The count after the replay fails: its queue is gone.
+            if ids.len() == n as usize {
+                tokio::task::block_in_place(|| {
+                    tokio::runtime::Handle::current().block_on(async {
+                        hs.ch
+                            .queue_delete(dlq_name.as_str().into(), Default::default())
+                            .await
+                            .expect("the DLQ deleted")
+                    })
+                });
+            }
+        }),
+    )
+    .await;
+    assert_eq!(r.expect("the replay is done"), n as usize);
+    framework::testing::broker::close(conn).await;
+    await_ready_count(&hs.ch, &hs.q, n).await;
+}
+
 /// A replay whose connection is lost after some dead letters were replayed says that the
 /// last one may still be in the DLQ (its removal was written, never answered): a bare
 /// "broker error" sent the operator to run it again, delivering it twice unwarned. And

@@ -29,6 +29,7 @@ use std::io::Write;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -161,7 +162,7 @@ fn copy_via(
     }
     let staging = staged.file();
     // Held until the copy ends: the room it takes is not offered to another copy.
-    let _room = match room_for(staging, expected.size, key) {
+    let room = match room_for(staging, expected.size, key) {
         Ok(room) => room,
         Err(e) => {
             staged.discard();
@@ -177,7 +178,12 @@ fn copy_via(
         let digest = if expected.size < BLOCK as u64 {
             copy_small(file, staging, shown, &dest, alg, expected.size)?
         } else {
-            copy_pipelined(file, staging, shown, &dest, alg, expected.size, &stopped)?
+            let run = Run {
+                len: expected.size,
+                stopped: &stopped,
+                written: &room.written,
+            };
+            copy_pipelined(file, staging, shown, &dest, alg, run)?
         };
         if stopped() {
             return Err(CopyError::Stopped(shown.to_string()));
@@ -222,56 +228,84 @@ struct UnderWay {
     dev: u64,
     /// The bytes it will have written.
     size: u64,
-    /// Its staging file, whose allocated blocks say what it wrote so far.
-    file: File,
+    /// The bytes it has written so far, counted by its writer once each block is written.
+    /// Counted, not asked of its staging file: an `fstat` of each other copy's file under
+    /// the lock made NFS and SMB clients flush that file's unwritten data first, one after
+    /// another, every new copy and every finished one waiting behind them.
+    written: Arc<AtomicU64>,
 }
 
 impl UnderWay {
     /// The bytes it has still to write.
     fn left(&self) -> u64 {
-        use std::os::unix::fs::MetadataExt as _;
-        let written = self
-            .file
-            .metadata()
-            .map_or(0, |m| m.blocks().saturating_mul(512));
-        self.size.saturating_sub(written)
+        self.size
+            .saturating_sub(self.written.load(std::sync::atomic::Ordering::Relaxed))
     }
 }
 
 /// The room one copy under way takes (see [`TAKEN`]), given back when dropped.
-#[derive(Debug)]
-pub(crate) struct Room(Option<u64>);
+#[derive(Debug, Default)]
+pub(crate) struct Room {
+    id: Option<u64>,
+    /// What the copy has written so far (see [`UnderWay::written`]).
+    written: Arc<AtomicU64>,
+}
 
 impl Drop for Room {
     fn drop(&mut self) {
-        if let Some(id) = self.0.take() {
+        if let Some(id) = self.id.take() {
             let mut taken = TAKEN.lock().unwrap_or_else(|p| p.into_inner());
             taken.retain(|t| t.id != id);
         }
     }
 }
 
-/// Whether the filesystem `staging` is on can take `size` more bytes, beside what the
-/// copies under way will still write: a file larger than the whole filesystem is refused
-/// for good (`Ok(Err)`: each attempt filled the disk until ENOSPC, and other copies and the
-/// records beside them failed meanwhile, for a day of outage retries); one larger than the
-/// space free now, less what the large copies under way on it have still to write (their
-/// size less their staging files' allocated blocks), is an outage (`Err(ENOSPC)`, as
-/// writing it would end) found before a byte is written. The blocks reserved for root
-/// count only for a service running as root: for any other, they are neither free nor
-/// part of what it could ever fill.
+/// Whether the filesystem `staging` is on can take `size` more bytes: a file larger than
+/// the whole filesystem is refused for good (`Ok(Err)`: each attempt filled the disk until
+/// ENOSPC, and other copies and the records beside them failed meanwhile, for a day of
+/// outage retries); one larger than the space free now is an outage (`Err(ENOSPC)`, as
+/// writing it would end) found before a byte is written. The room is then reserved in the
+/// filesystem itself (`fallocate`, beyond the file's end): seen by every process writing
+/// there — the other tier's service on the same disk, a second replica on this host — where
+/// copies that each found room for themselves alone filled the disk together. Where the
+/// filesystem cannot reserve (NFS before 4.2, ZFS, most FUSE), the copies of this process
+/// count what they have still to write instead ([`counted_room`]). The blocks reserved
+/// for root count only for a service running as root: for any other, they are neither
+/// free nor part of what it could ever fill.
 fn room_for(
     staging: &File,
     size: u64,
     key: &str,
 ) -> Result<Room, Result<CopyError, std::io::Error>> {
     if size < ROOM_CHECKED_FROM {
-        return Ok(Room(None));
+        return Ok(Room::default());
     }
     // A filesystem that cannot say is written to as before.
-    let Ok(fs) = rustix::fs::fstatvfs(staging) else {
-        return Ok(Room(None));
+    let Some((total, free)) = space(staging) else {
+        return Ok(Room::default());
     };
+    if size > total {
+        return Err(Ok(CopyError::Unstorable(
+            key.to_string(),
+            "the file is larger than the store's whole filesystem",
+        )));
+    }
+    // Not even tried then: a reservation that fails has taken what was free meanwhile.
+    if size > free {
+        return Err(Err(std::io::Error::from_raw_os_error(libc::ENOSPC)));
+    }
+    use rustix::io::Errno;
+    match rustix::fs::fallocate(staging, rustix::fs::FallocateFlags::KEEP_SIZE, 0, size) {
+        Ok(()) => Ok(Room::default()),
+        Err(e) if e == Errno::NOSPC || e == Errno::DQUOT => Err(Err(e.into())),
+        Err(_) => counted_room(staging, size),
+    }
+}
+
+/// The space of the filesystem `file` is on, as this process may fill it: (total, free)
+/// in bytes; None where it cannot say (some FUSE and network filesystems report no size).
+fn space(file: &File) -> Option<(u64, u64)> {
+    let fs = rustix::fs::fstatvfs(file).ok()?;
     let reserved = match rustix::process::geteuid().is_root() {
         true => 0,
         false => fs.f_bfree.saturating_sub(fs.f_bavail),
@@ -284,42 +318,52 @@ fn room_for(
         .f_bfree
         .saturating_sub(reserved)
         .saturating_mul(fs.f_frsize);
-    // Some filesystems (FUSE, network ones) report no size at all.
-    if total == 0 {
-        return Ok(Room(None));
-    }
-    if size > total {
-        return Err(Ok(CopyError::Unstorable(
-            key.to_string(),
-            "the file is larger than the store's whole filesystem",
-        )));
-    }
-    // Untracked where the file cannot be looked at again: checked alone, as before.
-    let (Ok(meta), Ok(file)) = (staging.metadata(), staging.try_clone()) else {
-        return match size > free {
-            true => Err(Err(std::io::Error::from_raw_os_error(libc::ENOSPC))),
-            false => Ok(Room(None)),
+    (total > 0).then_some((total, free))
+}
+
+/// [`room_for`] where the filesystem cannot reserve room: a copy larger than the space free
+/// now, less what this process's large copies under way on it have still to write (their
+/// size less what their writers have written), is an outage found before a byte is
+/// written; one admitted is counted until its [`Room`] is dropped.
+fn counted_room(staging: &File, size: u64) -> Result<Room, Result<CopyError, std::io::Error>> {
+    let no_room = || Err(Err(std::io::Error::from_raw_os_error(libc::ENOSPC)));
+    // Untracked where the file cannot be looked at: checked alone, as before.
+    let Ok(dev) = staging
+        .metadata()
+        .map(|m| std::os::unix::fs::MetadataExt::dev(&m))
+    else {
+        return match space(staging) {
+            Some((_, free)) if size > free => no_room(),
+            _ => Ok(Room::default()),
         };
     };
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let dev = std::os::unix::fs::MetadataExt::dev(&meta);
+    // Free space is read under the lock: read before it, the bytes other copies wrote
+    // while this one waited for it would be counted written, yet not gone from "free".
     let mut taken = TAKEN.lock().unwrap_or_else(|p| p.into_inner());
+    let Some((_, free)) = space(staging) else {
+        return Ok(Room::default());
+    };
+    static NEXT: AtomicU64 = AtomicU64::new(0);
     let left: u64 = taken
         .iter()
         .filter(|t| t.dev == dev)
         .map(UnderWay::left)
         .sum();
     if size > free.saturating_sub(left) {
-        return Err(Err(std::io::Error::from_raw_os_error(libc::ENOSPC)));
+        return no_room();
     }
     let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let written = Arc::new(AtomicU64::new(0));
     taken.push(UnderWay {
         id,
         dev,
         size,
-        file,
+        written: written.clone(),
     });
-    Ok(Room(Some(id)))
+    Ok(Room {
+        id: Some(id),
+        written,
+    })
 }
 
 /// Where a copy is written before it is published under its key.
@@ -576,17 +620,31 @@ fn copy_small(
     })
 }
 
+/// How a pipelined copy runs: how far it reads, when it stops, where it counts.
+struct Run<'a> {
+    /// The size the file had: reading stops a block past it.
+    len: u64,
+    /// Whether the copy is to stop (looked at before each block).
+    stopped: &'a dyn Fn() -> bool,
+    /// Where the writer counts what it has written (see [`UnderWay::written`]).
+    written: &'a AtomicU64,
+}
+
 /// Reader (this thread) → hasher thread(s) and writer thread, sharing each block; reading
-/// stops a block past `len`, the size the file had.
+/// stops a block past `run.len`, the size the file had.
 fn copy_pipelined(
     file: &File,
     staging: &File,
     shown: &str,
     dest: &Path,
     alg: Algorithm,
-    len: u64,
-    stopped: &dyn Fn() -> bool,
+    run: Run<'_>,
 ) -> Result<Digest, CopyError> {
+    let Run {
+        len,
+        stopped,
+        written: written_so_far,
+    } = run;
     let (to_hasher, hasher_rx) = mpsc::sync_channel::<Arc<Vec<u8>>>(BLOCKS_IN_FLIGHT);
     let (to_writer, writer_rx) = mpsc::sync_channel::<Arc<Vec<u8>>>(BLOCKS_IN_FLIGHT);
     // Nearline's SHA-256 beside its MD5 on a thread of its own.
@@ -621,6 +679,8 @@ fn copy_pipelined(
             for block in writer_rx {
                 (&*staging).write_all(&block)?;
                 written += block.len() as u64;
+                // After the write: what is counted written is gone from the free space.
+                written_so_far.store(written, std::sync::atomic::Ordering::Relaxed);
                 if written - flushed >= WRITEBACK_WINDOW {
                     start_writeback(staging, flushed, written - flushed);
                     flushed = written;
@@ -863,12 +923,41 @@ mod tests {
             println!("under a GiB free: not applicable");
             return;
         }
-        let first = room_for(&f, free / 10 * 5, "a").expect("room for the first");
-        let e = room_for(&f, free / 10 * 7, "b").expect_err("not beside the first");
+        let first = counted_room(&f, free / 10 * 5).expect("room for the first");
+        let e = counted_room(&f, free / 10 * 7).expect_err("not beside the first");
         let e = e.expect_err("an outage");
         assert_eq!(e.raw_os_error(), Some(libc::ENOSPC));
+        // What the first has written is taken off what it has still to write (and is gone
+        // from the free space, which this test does not fill).
+        first
+            .written
+            .store(free / 10 * 4, std::sync::atomic::Ordering::Relaxed);
+        let second = counted_room(&f, free / 10 * 7).expect("room beside what is left");
+        drop(second);
         drop(first);
-        let _second = room_for(&f, free / 10 * 7, "b").expect("room once the first is done");
+        let _second = counted_room(&f, free / 10 * 7).expect("room once the first is done");
+    }
+
+    /// Where the filesystem can, a large copy's room is reserved in it before a byte is
+    /// written, beyond the file's end: seen by every process writing there (the other
+    /// tier's service on the same disk, a second replica on this host), where a count in
+    /// one process let two of them fill the disk together.
+    #[test]
+    fn a_large_copys_room_is_reserved_in_the_filesystem() {
+        use std::os::unix::fs::MetadataExt as _;
+        // ext4, XFS, btrfs and tmpfs all reserve.
+        let dir = tempfile::tempdir().expect("temp");
+        let f = File::create(dir.path().join("staging")).expect("file");
+        let size = ROOM_CHECKED_FROM;
+        let room = room_for(&f, size, "k").expect("room");
+        let meta = f.metadata().expect("metadata");
+        assert_eq!(meta.len(), 0, "the file's size is what is written");
+        assert!(
+            meta.blocks() * 512 >= size,
+            "{} bytes reserved of {size}",
+            meta.blocks() * 512
+        );
+        assert!(room.id.is_none(), "not counted in this process too");
     }
 
     /// A directory found already in the store — made by a process that died before

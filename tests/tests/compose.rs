@@ -49,10 +49,12 @@ fn env_of(svc: &serde_norway::Value) -> HashMap<String, String> {
 }
 
 /// Loads one service's config from a compose environment.
-type Loader = fn(&HashMap<String, String>) -> Result<(String, bool), String>;
+type Loader = fn(&HashMap<String, String>) -> Result<(String, bool, u64), String>;
 
-/// Loads `S`'s config as `env` sets it; its `http_listen` and `[amqp] declare_sources`.
-fn check<S: Service>(env: &HashMap<String, String>) -> Result<(String, bool), String> {
+/// Loads `S`'s config as `env` sets it; its `http_listen`, `[amqp] declare_sources`, and
+/// the longest its stop may take past the shutdown's tail (ms): the drain budget and the
+/// operation bound a handler awaiting its retry's confirm is given beyond it.
+fn check<S: Service>(env: &HashMap<String, String>) -> Result<(String, bool, u64), String> {
     // Online roots are mounts inside the container: a configured root must exist, so on
     // this host each is checked as a directory that does.
     let host_root = std::env::temp_dir();
@@ -71,7 +73,10 @@ fn check<S: Service>(env: &HashMap<String, String>) -> Result<(String, bool), St
         overrides: vec![],
     };
     framework::cli::load_config::<S>(&opts)
-        .map(|c| (c.service.http_listen, c.amqp.declare_sources))
+        .map(|c| {
+            let stop_ms = c.amqp.drain_timeout_ms + c.amqp.operation_timeout_ms;
+            (c.service.http_listen, c.amqp.declare_sources, stop_ms)
+        })
         .map_err(|e| e.to_string())
 }
 
@@ -175,8 +180,22 @@ fn compose_file_is_valid_and_matches_the_config_keys() {
         for k in env.keys().filter(|k| k.starts_with("STORAGETIER__")) {
             assert!(!k.contains("PASSWORD") || env[k].is_empty(), "{k}");
         }
-        let (_, declares) = load(&env)
+        let (_, declares, stop_ms) = load(&env)
             .unwrap_or_else(|e| panic!("{name}: compose environment is not a valid config: {e}"));
+        // Killed before its stop ends, a handler awaiting its retry's confirm leaves its
+        // input in the queue beside a retry that may still land: the message twice. The
+        // shutdown's tail (last frames, span and log flushes) is about 7 s.
+        let grace = svc["stop_grace_period"].as_str().unwrap_or("10s");
+        let grace_ms: u64 = grace
+            .strip_suffix('s')
+            .and_then(|n| n.parse::<u64>().ok())
+            .map(|n| n * 1000)
+            .unwrap_or_else(|| panic!("{name}: stop_grace_period in seconds: {grace}"));
+        assert!(
+            grace_ms >= stop_ms + 7000,
+            "{name}: stop_grace_period {grace} covers the drain budget, a late confirm's \
+             operation bound and the tail ({stop_ms} ms + 7 s)"
+        );
         // The stack has no producers: its services make the exchanges they subscribe to.
         assert!(declares, "{name} declares missing sources under compose");
         // Without compose's `http_listen` override (APP_ENV=prod is the image's own, as a
@@ -191,7 +210,7 @@ fn compose_file_is_valid_and_matches_the_config_keys() {
             data.path().display().to_string(),
         );
         bare.retain(|k, _| !k.ends_with("__DECLARE_SOURCES"));
-        let (listen, declares) =
+        let (listen, declares, _) =
             load(&bare).unwrap_or_else(|e| panic!("{name}: prod is not a valid config: {e}"));
         assert_eq!(listen, format!("0.0.0.0:{port}"), "{name} under --env prod");
         // Production's producers declare their own exchanges, with flags of their own
