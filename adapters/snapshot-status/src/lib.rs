@@ -187,13 +187,35 @@ fn sent_mark(record: usize, what: Sent) -> u64 {
         .saturating_add(what as u64)
 }
 
+/// The destinations that refused a publish of this attempt (nothing bound to them, a queue
+/// full): what goes elsewhere still goes — a batch's later records are handled and
+/// announced — and the input is retried at the end for what they refused.
+#[derive(Default)]
+struct Refused {
+    exchanges: Vec<String>,
+    /// The first refusal (why, the error): the retry's reason.
+    first: Option<(String, PublishError)>,
+}
+
+impl Refused {
+    /// The input's outcome if a destination refused one of its publishes.
+    fn outcome(self) -> Option<Outcome> {
+        self.first.map(|(why, e)| Outcome::publish_failed(why, &e))
+    }
+}
+
 /// Publishes each of `extra` not confirmed by an earlier attempt, waiting for its confirm
-/// and marking it done; the first that fails stops the rest, naming where it went (see
-/// [`Outcome::publish_failed`] for what the input's outcome then is).
+/// and marking it done. One whose destination refused a publish of this attempt is left
+/// for the retry (unmarked; so are the later ones to it, which keep their order); a
+/// refusal by the destination is noted in `refused` and the others still go; any other
+/// failure stops the rest, naming where it went (see [`Outcome::publish_failed`] for what
+/// the input's outcome then is). `record`: what the reasons name.
 async fn publish_extras(
     ctx: &MessageContext,
     published: &mut framework::batch::Progress<'_>,
     extra: Vec<Extra>,
+    refused: &mut Refused,
+    record: &str,
 ) -> Result<(), (String, PublishError)> {
     for e in extra {
         let mark = e.mark.to_string();
@@ -201,10 +223,22 @@ async fn publish_extras(
             continue;
         }
         let exchange = e.publication.exchange.clone();
-        ctx.publish(e.publication)
-            .await
-            .map_err(|err| (format!("publishing to `{exchange}` failed"), err))?;
-        published.mark_done(mark);
+        if refused.exchanges.contains(&exchange) {
+            continue;
+        }
+        match ctx.publish(e.publication).await {
+            Ok(()) => published.mark_done(mark),
+            Err(err) => {
+                let why = format!("{record}publishing to `{exchange}` failed");
+                if !err.destination_refused() {
+                    return Err((why, err));
+                }
+                tracing::warn!(error = %LogText(&err.to_string()), "{why}; the rest go on, and \
+                    it goes with the retry");
+                refused.exchanges.push(exchange);
+                refused.first.get_or_insert((why, err));
+            }
+        }
     }
     Ok(())
 }
@@ -687,8 +721,13 @@ impl MessageProcessor for StatusProcessor {
                     Err(e) => e.retry(ctx, &e),
                     Ok(h) => {
                         let nothing_to_send = h.extra.is_empty();
-                        if let Err((why, e)) = publish_extras(ctx, &mut published, h.extra).await {
+                        let mut refused = Refused::default();
+                        let sent = publish_extras(ctx, &mut published, h.extra, &mut refused, "");
+                        if let Err((why, e)) = sent.await {
                             return Outcome::publish_failed(why, &e);
+                        }
+                        if let Some(o) = refused.outcome() {
+                            return o;
                         }
                         match h.dropped {
                             Some(reason)
@@ -706,6 +745,7 @@ impl MessageProcessor for StatusProcessor {
                 let mut dead = framework::batch::Progress::resume(ctx, DEAD_LETTERED_HEADER);
                 let mut reports = Vec::new();
                 let mut too_early = Vec::new();
+                let mut refused = Refused::default();
                 let records_total = records.len();
                 let twins: Vec<usize> = {
                     let mut seen: std::collections::HashMap<&[u8], usize> =
@@ -778,10 +818,12 @@ impl MessageProcessor for StatusProcessor {
                             // (not the record alone, whose replay on its own would be keyed
                             // apart from the change it already made, and announce nothing),
                             // with its progress: a replay skips what was done.
+                            let record = format!("record {n}: ");
                             if let Err((why, e)) =
-                                publish_extras(ctx, &mut published, h.extra).await
+                                publish_extras(ctx, &mut published, h.extra, &mut refused, &record)
+                                    .await
                             {
-                                return Outcome::publish_failed(format!("record {n}: {why}"), &e);
+                                return Outcome::publish_failed(why, &e);
                             }
                             if h.too_early {
                                 too_early.push(n.to_string());
@@ -792,6 +834,11 @@ impl MessageProcessor for StatusProcessor {
                             report(&mut reports, n, h.report);
                         }
                     }
+                }
+                // What a destination refused goes with a retry, which handles every record
+                // again: each is counted once, and published once, whatever comes again.
+                if let Some(o) = refused.outcome() {
+                    return o;
                 }
                 // Every other record is counted once and published once whatever comes
                 // again: the batch waits for the collections its success files name.

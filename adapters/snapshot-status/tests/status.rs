@@ -1171,6 +1171,58 @@ async fn an_unroutable_monitoring_message_is_retried_until_bound() {
     env.finish().await;
 }
 
+/// A batch record whose monitoring message has nowhere to go (nothing bound to the
+/// monitoring exchange: the Slack notifier's queue gone) holds back that message only: the
+/// batch's later records are still counted and their export-state messages sent (a stop at
+/// the first refusal left them uncounted through every retry, then in the DLQ), and the
+/// batch is retried for the monitoring message, delivered once something is bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_monitoring_message_holds_back_no_later_record_of_its_batch() {
+    use framework::lapin::options::BasicCancelOptions;
+    let mut env = start(Backend::Sqlite, &[]).await;
+    let (one, other) = ("corr-held-one", "corr-held-other");
+    env.process(&msg(one, "db.a", json!({"files_exported": 1})))
+        .await;
+    // Two collections: its file does not complete its run (no monitoring message of its own).
+    env.process(&msg(other, "db.x", json!({"files_exported": 1})))
+        .await;
+    env.process(&msg(other, "db.y", json!({"files_exported": 5})))
+        .await;
+    env.hs
+        .ch
+        .basic_cancel(
+            env.monitoring_tag.as_str().into(),
+            BasicCancelOptions::default(),
+        )
+        .await
+        .unwrap();
+    await_unbound(&env.monitoring_ex).await;
+    env.send(&json!({"Records": [
+        {"body": file(one, "db.a", "a1")},
+        {"body": file(other, "db.x", "x1")},
+    ]}))
+    .await;
+    let first = json_of(&next(&mut env.export).await);
+    assert_eq!(first["topic_name"], "db.a");
+    let second = json_of(&next(&mut env.export).await);
+    assert_eq!(
+        second["topic_name"], "db.x",
+        "the later record is not held back"
+    );
+    assert_eq!(env.collection(other, "db.x").await.status, "Received");
+    let mut monitoring = watch(&env.hs.ch, &env.monitoring_ex, "#").await;
+    let m = json_of(&next(&mut monitoring).await);
+    assert_eq!(
+        m["title_text"], "Incremental - All collections received by NiFi",
+        "{m}"
+    );
+    assert_eq!(m["custom_elements"][1]["value"], one, "{m}");
+    next(&mut env.out).await;
+    assert_eq!(env.dlq_count().await, 0);
+    assert_eq!(env.collection(other, "db.x").await.files_received, 1);
+    env.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unroutable_export_state_message_is_retried_until_bound() {
     let mut env = start_unbound(&[]).await;
