@@ -1109,6 +1109,7 @@ impl Http {
                     _ => Failure::Other(why),
                 }
             })?;
+        crate::telemetry::served_from_start();
         Ok(Self { addr, stop, task })
     }
 

@@ -121,6 +121,9 @@ struct SessionTasks {
     force: CancellationToken,
     /// How many handlers await such a confirm.
     confirming: Arc<AtomicUsize>,
+    /// Set once the broker answered the consumer's cancel: what is given back then goes to
+    /// other consumers, not back to this one (which reads nothing more).
+    consumer_cancelled: Arc<AtomicBool>,
     /// When `kill` comes, once the session is ending ([`MessageContext::time_left`]).
     stops_at: Arc<std::sync::OnceLock<Instant>>,
 }
@@ -133,6 +136,7 @@ impl SessionTasks {
             kill: CancellationToken::new(),
             force: CancellationToken::new(),
             confirming: Arc::default(),
+            consumer_cancelled: Arc::default(),
             stops_at: Arc::default(),
         }
     }
@@ -457,7 +461,7 @@ pub(crate) async fn session<P: MessageProcessor>(
                 let confirming = Arc::new(handlers.confirming());
                 let metrics = shared.metrics.clone();
                 let (tag, settler) = (delivery.delivery_tag, shared.settler.clone());
-                let single_active = inner.topology.single_active_consumer;
+                let consumer_cancelled = handlers.consumer_cancelled.clone();
                 // The handler's state machine (several KiB) lives on the heap from the start,
                 // not in the spawned future, which tokio moves more than once while spawning.
                 let fut = async move {
@@ -484,11 +488,12 @@ pub(crate) async fn session<P: MessageProcessor>(
                         // Stopped unsettled: the broker requeues it with the channel —
                         // which stays open while another handler is given time for its
                         // confirm (`force` not yet come): given back now instead, so another
-                        // instance can take it meanwhile. Not on a single-active-consumer
-                        // queue, whose consumer stays until the channel closes: it would
-                        // come back to this one.
+                        // instance can take it meanwhile. Only once the broker answered the
+                        // consumer's cancel (never sent on a single-active-consumer queue,
+                        // nor while it blocks the connection): before, it would come back
+                        // to this consumer, which reads nothing more.
                         () = stopped => {
-                            if !force.is_cancelled() && !single_active {
+                            if !force.is_cancelled() && consumer_cancelled.load(Ordering::SeqCst) {
                                 settler.give_back(tag);
                             } else {
                                 metrics.count("interrupted");
@@ -552,17 +557,17 @@ pub(crate) async fn session<P: MessageProcessor>(
         })
     };
     let cancel = async {
-        if ch.status().connected()
-            && !inner.topology.single_active_consumer
-            && !alarm.blocked()
-            && let Err(e) = bounded(
+        if ch.status().connected() && !inner.topology.single_active_consumer && !alarm.blocked() {
+            match bounded(
                 wait(),
                 "basic.cancel",
                 ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()),
             )
             .await
-        {
-            debug!(error = %e, "basic.cancel failed");
+            {
+                Ok(()) => handlers.consumer_cancelled.store(true, Ordering::SeqCst),
+                Err(e) => debug!(error = %e, "basic.cancel failed"),
+            }
         }
     };
     // The broker redelivers what these handlers hold to the next session (or the next

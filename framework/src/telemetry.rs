@@ -27,6 +27,13 @@ pub const CONNECTED: &str = "storagetier_connected";
 /// replica's migration awaited), before it connects to the broker; then 0. Lets the
 /// not-connected alert tell a database wait from a broker that cannot be reached.
 pub const STARTING: &str = "storagetier_starting";
+/// 1, labelled `version` (the release running): which release each replica runs during an
+/// upgrade.
+pub const BUILD_INFO: &str = "storagetier_build_info";
+/// When this process started, in seconds since the epoch: a replica that exits and is
+/// restarted by its supervisor (`restart: unless-stopped`) shows as a change of it, where
+/// `up` stayed 1 between scrapes and its counters only started again.
+pub const START_TIME_SECONDS: &str = "storagetier_start_time_seconds";
 /// 1 while the broker blocks the service's connection (a memory or disk alarm): outcomes
 /// wait for it to clear, so the service stalls while `connected` stays 1. Labelled `queue`.
 pub const CONNECTION_BLOCKED: &str = "storagetier_connection_blocked";
@@ -40,6 +47,18 @@ pub const QUEUE_MESSAGES: &str = "storagetier_queue_messages";
 /// 1 while the depth of `queue` cannot be read, disconnected too (its
 /// `storagetier_queue_messages` is then the last depth read), else 0.
 pub const QUEUE_DEPTH_UNREADABLE: &str = "storagetier_queue_depth_unreadable";
+
+/// Sets [`BUILD_INFO`] and [`START_TIME_SECONDS`] (the first time this process serves).
+pub(crate) fn served_from_start() {
+    static STARTED: OnceLock<f64> = OnceLock::new();
+    let started = *STARTED.get_or_init(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64().floor())
+    });
+    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    metrics::gauge!(START_TIME_SECONDS).set(started);
+}
 
 /// The `CONNECTION_BLOCKED` gauge of the service consuming `queue`.
 pub fn connection_blocked(queue: &str) -> metrics::Gauge {
@@ -143,7 +162,7 @@ pub fn json_for_terminal(json: String) -> String {
 
 /// What each framework metric counts, served as its `# HELP` line: Prometheus's metadata
 /// and Grafana show it beside the series (docs/operations.md says more).
-const HELP: [(&str, &str); 14] = [
+const HELP: [(&str, &str); 16] = [
     (
         MESSAGES_TOTAL,
         "Messages finished, by queue and outcome (success, retry, dead_letter, drop; \
@@ -172,6 +191,11 @@ const HELP: [(&str, &str); 14] = [
     (
         CONNECTION_BLOCKED,
         "1 while the broker blocks the connection (a memory or disk alarm)",
+    ),
+    (BUILD_INFO, "1, labelled with the release running"),
+    (
+        START_TIME_SECONDS,
+        "When the process started, in seconds since the epoch",
     ),
     (
         PUBLISH_FAILURES_TOTAL,

@@ -1397,6 +1397,16 @@ async fn a_service_that_cannot_connect_reports_it_in_its_metrics() {
     assert_eq!(attempts, 3);
     // Its stderr is closed now (the reader above stopped): it goes on logging into it.
     await_metric(http, "storagetier_connected 0").await;
+    // Which release it runs, and since when (a restart loop shows as changes of it).
+    await_metric(
+        http,
+        &format!(
+            "storagetier_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        ),
+    )
+    .await;
+    await_metric(http, "\nstoragetier_start_time_seconds 1").await;
     await_metric(
         http,
         &format!("storagetier_reconnects_total{{queue=\"{q}\"}} 0"),

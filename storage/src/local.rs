@@ -263,25 +263,37 @@ impl Drop for Room {
 /// Whether the filesystem `staging` is on can take `size` more bytes: a file larger than
 /// the whole filesystem is refused for good (`Ok(Err)`: each attempt filled the disk until
 /// ENOSPC, and other copies and the records beside them failed meanwhile, for a day of
-/// outage retries); one larger than the space free now is an outage (`Err(ENOSPC)`, as
-/// writing it would end) found before a byte is written. The room is then reserved in the
-/// filesystem itself (`fallocate`, beyond the file's end): seen by every process writing
-/// there — the other tier's service on the same disk, a second replica on this host — where
-/// copies that each found room for themselves alone filled the disk together. Where the
-/// filesystem cannot reserve (NFS before 4.2, ZFS, most FUSE), the copies of this process
-/// count what they have still to write instead ([`counted_room`]). The blocks reserved
-/// for root count only for a service running as root: for any other, they are neither
-/// free nor part of what it could ever fill.
+/// outage retries); one larger than the space free now, less what this process's counted
+/// copies under way there have still to write, is an outage (`Err(ENOSPC)`, as writing it
+/// would end) found before a byte is written. The room is then reserved in the filesystem
+/// itself (see [`reserve`]): seen by every process writing there — the other tier's
+/// service on the same disk, a second replica on this host — where copies that each found
+/// room for themselves alone filled the disk together. Where the filesystem does not
+/// reserve (NFS, ZFS, SMB, most FUSE), the copy is counted in this process instead, by
+/// what it has still to write (its size less what its writer has written). The blocks
+/// reserved for root count only for a service running as root: for any other, they are
+/// neither free nor part of what it could ever fill.
 fn room_for(
     staging: &File,
     size: u64,
     key: &str,
 ) -> Result<Room, Result<CopyError, std::io::Error>> {
+    room_in(staging, size, key, true)
+}
+
+/// [`room_for`], reserving in the filesystem only where `reserving` (the tests of the count
+/// turn it off).
+fn room_in(
+    staging: &File,
+    size: u64,
+    key: &str,
+    reserving: bool,
+) -> Result<Room, Result<CopyError, std::io::Error>> {
     if size < ROOM_CHECKED_FROM {
         return Ok(Room::default());
     }
     // A filesystem that cannot say is written to as before.
-    let Some((total, free)) = space(staging) else {
+    let Some((total, _)) = space(staging) else {
         return Ok(Room::default());
     };
     if size > total {
@@ -290,16 +302,80 @@ fn room_for(
             "the file is larger than the store's whole filesystem",
         )));
     }
-    // Not even tried then: a reservation that fails has taken what was free meanwhile.
-    if size > free {
+    // Untracked where the file cannot be looked at: checked alone, as before.
+    let dev = staging
+        .metadata()
+        .map(|m| std::os::unix::fs::MetadataExt::dev(&m))
+        .ok();
+    // Looked at and reserved under one lock, the free space read under it: two copies
+    // started together both found the room free, and the second one's reservation filled
+    // the disk before it failed (a partial allocation is kept until the file goes). And
+    // read before the lock, the bytes counted copies wrote while this one waited for it
+    // would be counted written, yet not gone from "free".
+    let mut taken = TAKEN.lock().unwrap_or_else(|p| p.into_inner());
+    let Some((_, free)) = space(staging) else {
+        return Ok(Room::default());
+    };
+    let left: u64 = taken
+        .iter()
+        .filter(|t| Some(t.dev) == dev)
+        .map(UnderWay::left)
+        .sum();
+    if size > free.saturating_sub(left) {
         return Err(Err(std::io::Error::from_raw_os_error(libc::ENOSPC)));
     }
-    use rustix::io::Errno;
-    match rustix::fs::fallocate(staging, rustix::fs::FallocateFlags::KEEP_SIZE, 0, size) {
-        Ok(()) => Ok(Room::default()),
-        Err(e) if e == Errno::NOSPC || e == Errno::DQUOT => Err(Err(e.into())),
-        Err(_) => counted_room(staging, size),
+    if reserving {
+        match reserve(staging, size) {
+            Ok(true) => return Ok(Room::default()),
+            Ok(false) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EFBIG) => {
+                return Err(Ok(CopyError::Unstorable(
+                    key.to_string(),
+                    "the file is larger than the store's filesystem allows one file to be",
+                )));
+            }
+            Err(e) => return Err(Err(e)),
+        }
     }
+    let Some(dev) = dev else {
+        return Ok(Room::default());
+    };
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let written = Arc::new(AtomicU64::new(0));
+    taken.push(UnderWay {
+        id,
+        dev,
+        size,
+        written: written.clone(),
+    });
+    Ok(Room {
+        id: Some(id),
+        written,
+    })
+}
+
+/// Reserves `size` bytes for `file` beyond its end (`fallocate` with `KEEP_SIZE`: its size
+/// stays what is written): true once its blocks are there; false where the filesystem does
+/// not reserve — refusing the call (NFS, FUSE) or taking it without allocating a block
+/// (ZFS, SMB); an error where it cannot take them (ENOSPC, EDQUOT, EFBIG) or is failing
+/// (EIO, EROFS: as writing would).
+fn reserve(file: &File, size: u64) -> std::io::Result<bool> {
+    use rustix::io::Errno;
+    loop {
+        match rustix::fs::fallocate(file, rustix::fs::FallocateFlags::KEEP_SIZE, 0, size) {
+            Ok(()) => break,
+            Err(Errno::INTR) => {}
+            Err(Errno::OPNOTSUPP | Errno::NOSYS | Errno::INVAL | Errno::NODEV | Errno::SPIPE) => {
+                return Ok(false);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    use std::os::unix::fs::MetadataExt as _;
+    Ok(file
+        .metadata()
+        .is_ok_and(|m| m.blocks().saturating_mul(512) >= size))
 }
 
 /// The space of the filesystem `file` is on, as this process may fill it: (total, free)
@@ -319,51 +395,6 @@ fn space(file: &File) -> Option<(u64, u64)> {
         .saturating_sub(reserved)
         .saturating_mul(fs.f_frsize);
     (total > 0).then_some((total, free))
-}
-
-/// [`room_for`] where the filesystem cannot reserve room: a copy larger than the space free
-/// now, less what this process's large copies under way on it have still to write (their
-/// size less what their writers have written), is an outage found before a byte is
-/// written; one admitted is counted until its [`Room`] is dropped.
-fn counted_room(staging: &File, size: u64) -> Result<Room, Result<CopyError, std::io::Error>> {
-    let no_room = || Err(Err(std::io::Error::from_raw_os_error(libc::ENOSPC)));
-    // Untracked where the file cannot be looked at: checked alone, as before.
-    let Ok(dev) = staging
-        .metadata()
-        .map(|m| std::os::unix::fs::MetadataExt::dev(&m))
-    else {
-        return match space(staging) {
-            Some((_, free)) if size > free => no_room(),
-            _ => Ok(Room::default()),
-        };
-    };
-    // Free space is read under the lock: read before it, the bytes other copies wrote
-    // while this one waited for it would be counted written, yet not gone from "free".
-    let mut taken = TAKEN.lock().unwrap_or_else(|p| p.into_inner());
-    let Some((_, free)) = space(staging) else {
-        return Ok(Room::default());
-    };
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let left: u64 = taken
-        .iter()
-        .filter(|t| t.dev == dev)
-        .map(UnderWay::left)
-        .sum();
-    if size > free.saturating_sub(left) {
-        return no_room();
-    }
-    let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let written = Arc::new(AtomicU64::new(0));
-    taken.push(UnderWay {
-        id,
-        dev,
-        size,
-        written: written.clone(),
-    });
-    Ok(Room {
-        id: Some(id),
-        written,
-    })
 }
 
 /// Where a copy is written before it is published under its key.
@@ -923,8 +954,8 @@ mod tests {
             println!("under a GiB free: not applicable");
             return;
         }
-        let first = counted_room(&f, free / 10 * 5).expect("room for the first");
-        let e = counted_room(&f, free / 10 * 7).expect_err("not beside the first");
+        let first = room_in(&f, free / 10 * 5, "a", false).expect("room for the first");
+        let e = room_in(&f, free / 10 * 7, "b", false).expect_err("not beside the first");
         let e = e.expect_err("an outage");
         assert_eq!(e.raw_os_error(), Some(libc::ENOSPC));
         // What the first has written is taken off what it has still to write (and is gone
@@ -932,10 +963,10 @@ mod tests {
         first
             .written
             .store(free / 10 * 4, std::sync::atomic::Ordering::Relaxed);
-        let second = counted_room(&f, free / 10 * 7).expect("room beside what is left");
+        let second = room_in(&f, free / 10 * 7, "b", false).expect("room beside what is left");
         drop(second);
         drop(first);
-        let _second = counted_room(&f, free / 10 * 7).expect("room once the first is done");
+        let _second = room_in(&f, free / 10 * 7, "b", false).expect("room once the first is done");
     }
 
     /// Where the filesystem can, a large copy's room is reserved in it before a byte is
@@ -945,10 +976,17 @@ mod tests {
     #[test]
     fn a_large_copys_room_is_reserved_in_the_filesystem() {
         use std::os::unix::fs::MetadataExt as _;
-        // ext4, XFS, btrfs and tmpfs all reserve.
         let dir = tempfile::tempdir().expect("temp");
         let f = File::create(dir.path().join("staging")).expect("file");
         let size = ROOM_CHECKED_FROM;
+        // ext4, XFS, btrfs and tmpfs reserve; ZFS, NFS and most FUSE do not (counted there).
+        let probe = File::create(dir.path().join("probe")).expect("file");
+        if !reserve(&probe, 1 << 20).unwrap_or(false)
+            || space(&f).is_none_or(|(_, free)| free < 1 << 30)
+        {
+            println!("a filesystem that does not reserve, or under a GiB free: not applicable");
+            return;
+        }
         let room = room_for(&f, size, "k").expect("room");
         let meta = f.metadata().expect("metadata");
         assert_eq!(meta.len(), 0, "the file's size is what is written");

@@ -53,6 +53,7 @@ fn framework_metrics() -> Vec<&'static str> {
 const REQUIRED_ALERTS: &[&str] = &[
     "StoragetierTargetDown",
     "StoragetierNotConnected",
+    "StoragetierRestarting",
     "StoragetierConnectionFlapping",
     "StoragetierBrokerBlocking",
     "StoragetierDeadLettersGrowing",
