@@ -188,16 +188,29 @@ fn sent_mark(record: usize, what: Sent) -> u64 {
 }
 
 /// The destinations that refused a publish of this attempt (nothing bound to them, a queue
-/// full): what goes elsewhere still goes — a batch's later records are handled and
-/// announced — and the input is retried at the end for what they refused.
+/// full): what goes elsewhere still goes — a batch's later records of other runs are
+/// handled and announced — and the input is retried at the end for what they refused.
 #[derive(Default)]
 struct Refused {
     exchanges: Vec<String>,
     /// The first refusal (why, the error): the retry's reason.
     first: Option<(String, PublishError)>,
+    /// Messages left for the retry so far (refused, or to an exchange that refused one).
+    held: usize,
+    /// The runs (correlation ids) one of whose messages was left for the retry: their
+    /// later records wait for it too. The retry builds a message again from the run's
+    /// state as it finds it, which a later record of the batch could change (reopen the
+    /// run and receive it again, complete it): handled before the retry, it left the
+    /// message that was held never sent.
+    runs: Vec<String>,
 }
 
 impl Refused {
+    /// Whether records of run `correlation_id` wait for the retry.
+    fn holds(&self, correlation_id: &str) -> bool {
+        self.runs.iter().any(|r| r == correlation_id)
+    }
+
     /// The input's outcome if a destination refused one of its publishes.
     fn outcome(self) -> Option<Outcome> {
         self.first.map(|(why, e)| Outcome::publish_failed(why, &e))
@@ -224,6 +237,7 @@ async fn publish_extras(
         }
         let exchange = e.publication.exchange.clone();
         if refused.exchanges.contains(&exchange) {
+            refused.held += 1;
             continue;
         }
         match ctx.publish(e.publication).await {
@@ -237,6 +251,7 @@ async fn publish_extras(
                     it goes with the retry");
                 refused.exchanges.push(exchange);
                 refused.first.get_or_insert((why, err));
+                refused.held += 1;
             }
         }
     }
@@ -773,6 +788,11 @@ impl MessageProcessor for StatusProcessor {
                              retry"
                         ));
                     }
+                    let run = r.parsed.as_ref().ok().map(|m| m.correlation_id.clone());
+                    if run.as_deref().is_some_and(|c| refused.holds(c)) {
+                        continue;
+                    }
+                    let held_before = refused.held;
                     let handled = match r.parsed {
                         Err(e) => Err(e.to_string()),
                         Ok(m) => match self
@@ -824,6 +844,11 @@ impl MessageProcessor for StatusProcessor {
                                     .await
                             {
                                 return Outcome::publish_failed(why, &e);
+                            }
+                            if refused.held > held_before
+                                && let Some(run) = run
+                            {
+                                refused.runs.push(run);
                             }
                             if h.too_early {
                                 too_early.push(n.to_string());

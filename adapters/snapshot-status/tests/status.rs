@@ -1129,18 +1129,9 @@ async fn unbind_export(env: &Env) {
     await_unbound(&env.export_ex).await;
 }
 
-/// Design §7: the monitoring message is published mandatory too — with nothing bound to
-/// the monitoring exchange, the success file that completes a product is retried (the
-/// product stays COMPLETED), and the Slack alert is delivered once something is bound.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unroutable_monitoring_message_is_retried_until_bound() {
+/// Cancels the monitoring watcher (deleting its auto-delete queue): nothing is bound.
+async fn unbind_monitoring(env: &Env) {
     use framework::lapin::options::BasicCancelOptions;
-    let mut env = start(Backend::Sqlite, &[]).await;
-    let c = "corr-unroutable-mon";
-    env.process(&msg(c, "db.m", json!({"files_exported": 1})))
-        .await;
-    env.process(&file(c, "db.m", "m1")).await;
-    next(&mut env.export).await;
     env.hs
         .ch
         .basic_cancel(
@@ -1150,6 +1141,20 @@ async fn an_unroutable_monitoring_message_is_retried_until_bound() {
         .await
         .unwrap();
     await_unbound(&env.monitoring_ex).await;
+}
+
+/// Design §7: the monitoring message is published mandatory too — with nothing bound to
+/// the monitoring exchange, the success file that completes a product is retried (the
+/// product stays COMPLETED), and the Slack alert is delivered once something is bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unroutable_monitoring_message_is_retried_until_bound() {
+    let mut env = start(Backend::Sqlite, &[]).await;
+    let c = "corr-unroutable-mon";
+    env.process(&msg(c, "db.m", json!({"files_exported": 1})))
+        .await;
+    env.process(&file(c, "db.m", "m1")).await;
+    next(&mut env.export).await;
+    unbind_monitoring(&env).await;
     let mut retried = watch(
         &env.hs.ch,
         &format!("{}-retry", env.hs.q),
@@ -1178,7 +1183,6 @@ async fn an_unroutable_monitoring_message_is_retried_until_bound() {
 /// batch is retried for the monitoring message, delivered once something is bound.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_monitoring_message_holds_back_no_later_record_of_its_batch() {
-    use framework::lapin::options::BasicCancelOptions;
     let mut env = start(Backend::Sqlite, &[]).await;
     let (one, other) = ("corr-held-one", "corr-held-other");
     env.process(&msg(one, "db.a", json!({"files_exported": 1})))
@@ -1188,15 +1192,7 @@ async fn a_refused_monitoring_message_holds_back_no_later_record_of_its_batch() 
         .await;
     env.process(&msg(other, "db.y", json!({"files_exported": 5})))
         .await;
-    env.hs
-        .ch
-        .basic_cancel(
-            env.monitoring_tag.as_str().into(),
-            BasicCancelOptions::default(),
-        )
-        .await
-        .unwrap();
-    await_unbound(&env.monitoring_ex).await;
+    unbind_monitoring(&env).await;
     env.send(&json!({"Records": [
         {"body": file(one, "db.a", "a1")},
         {"body": file(other, "db.x", "x1")},
@@ -1220,6 +1216,39 @@ async fn a_refused_monitoring_message_holds_back_no_later_record_of_its_batch() 
     next(&mut env.out).await;
     assert_eq!(env.dlq_count().await, 0);
     assert_eq!(env.collection(other, "db.x").await.files_received, 1);
+    env.finish().await;
+}
+
+/// A run's later records in a batch wait with its refused monitoring message: handled
+/// first, a record that reopened the run (counts of a new collection) and one that received
+/// it again left the first "all received" never built again by the retry (which builds a
+/// message from the run's state as it finds it): each is announced, two in all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_monitoring_message_is_not_lost_to_a_later_record_of_its_run() {
+    let mut env = start(Backend::Sqlite, &[]).await;
+    let r = "corr-held-reopened";
+    env.process(&msg(r, "db.a", json!({"files_exported": 1})))
+        .await;
+    unbind_monitoring(&env).await;
+    env.send(&json!({"Records": [
+        {"body": file(r, "db.a", "a1")},
+        {"body": msg(r, "db.c", json!({"files_exported": 1}))},
+        {"body": file(r, "db.c", "c1")},
+    ]}))
+    .await;
+    // Its first record's export-state goes; the rest of the run waits for the retry.
+    assert_eq!(json_of(&next(&mut env.export).await)["topic_name"], "db.a");
+    let mut monitoring = watch(&env.hs.ch, &env.monitoring_ex, "#").await;
+    for _ in 0..2 {
+        let m = json_of(&next(&mut monitoring).await);
+        assert_eq!(
+            m["title_text"], "Incremental - All collections received by NiFi",
+            "{m}"
+        );
+    }
+    next(&mut env.out).await;
+    assert_eq!(json_of(&next(&mut env.export).await)["topic_name"], "db.c");
+    assert_eq!(env.dlq_count().await, 0);
     env.finish().await;
 }
 
