@@ -75,6 +75,27 @@ impl Ranges {
         true
     }
 
+    /// Removes `first..=last`, splitting the ranges it cuts; true if anything was there.
+    fn remove(&mut self, first: u64, last: u64) -> bool {
+        let cut: Vec<(u64, u64)> = self
+            .0
+            .range(..=last)
+            .rev()
+            .take_while(|(_, e)| **e >= first)
+            .map(|(&s, &e)| (s, e))
+            .collect();
+        for &(s, e) in &cut {
+            self.0.remove(&s);
+            if s < first {
+                self.0.insert(s, first - 1);
+            }
+            if e > last {
+                self.0.insert(last + 1, e);
+            }
+        }
+        !cut.is_empty()
+    }
+
     /// How many indices the ranges hold.
     fn count(&self) -> u64 {
         self.0.iter().fold(0u64, |n, (&s, &e)| {
@@ -163,6 +184,26 @@ impl<'c> Progress<'c> {
             self.indices.0.clear();
             self.dirty = true;
         }
+    }
+
+    /// The marks done that are not record indices, in order (a processor's names for
+    /// its parts, or for what its indices stand for).
+    pub fn named(&self) -> impl Iterator<Item = &str> {
+        self.done.iter().map(String::as_str)
+    }
+
+    /// Forgets `part` (a mark that no longer names the same part).
+    pub fn forget(&mut self, part: &str) {
+        self.dirty |= match index(part) {
+            Some(i) => self.indices.remove(i, i),
+            None => self.done.remove(part),
+        };
+    }
+
+    /// Forgets the indices `first..=last` (a block of them that no longer names the same
+    /// parts), keeping every other.
+    pub fn forget_indices(&mut self, first: u64, last: u64) {
+        self.dirty |= self.indices.remove(first, last);
     }
 
     /// Records `part` as done, so a retry of this message skips it.
@@ -583,6 +624,46 @@ mod tests {
         assert!(r.insert(u64::MAX, u64::MAX));
         assert!(r.contains(u64::MAX) && !r.contains(41));
         assert_eq!(r.count(), 42);
+    }
+
+    #[test]
+    fn ranges_split_where_a_block_is_removed() {
+        let mut r = Ranges::default();
+        r.insert(0, 10);
+        r.insert(20, 30);
+        r.insert(40, 40);
+        assert!(r.remove(5, 25), "cuts two ranges");
+        assert_eq!(
+            r.0.iter().collect::<Vec<_>>(),
+            [(&0, &4), (&26, &30), (&40, &40)]
+        );
+        assert!(!r.remove(31, 39), "nothing there");
+        assert!(r.remove(40, 40));
+        assert!(r.remove(0, 0));
+        assert_eq!(r.0.iter().collect::<Vec<_>>(), [(&1, &4), (&26, &30)]);
+        r.insert(u64::MAX - 1, u64::MAX);
+        assert!(r.remove(u64::MAX, u64::MAX));
+        assert!(r.contains(u64::MAX - 1) && !r.contains(u64::MAX));
+        assert_eq!(r.count(), 10);
+    }
+
+    #[test]
+    fn forgotten_parts_are_no_longer_done_and_the_header_is_rewritten() {
+        let ctx = ctx_with(Some(r#"["a","b",[0,9],[100,109]]"#));
+        let mut p = Progress::resume(&ctx, H);
+        assert_eq!(p.named().collect::<Vec<_>>(), ["a", "b"]);
+        p.forget("c");
+        p.forget_indices(10, 99);
+        assert!(!p.advanced(), "nothing was there to forget");
+        p.forget("a");
+        p.forget("5");
+        p.forget_indices(100, 200);
+        assert!(p.advanced());
+        assert!(!p.is_done("a") && p.is_done("b"));
+        assert!(!p.is_done("5") && p.is_done("4") && p.is_done("6"));
+        assert!(!p.is_done("100"));
+        drop(p);
+        assert_eq!(written(&ctx).as_deref(), Some(r#"["b",[0,4],[6,9]]"#));
     }
 
     #[test]

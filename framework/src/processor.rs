@@ -250,6 +250,13 @@ impl MessageContext {
         self
     }
 
+    /// A context whose session is ending with `left` to go (unit tests of processors
+    /// watching [`MessageContext::time_left`]).
+    pub fn with_time_left(self, left: std::time::Duration) -> Self {
+        let _ = self.stops_at.set(std::time::Instant::now() + left);
+        self
+    }
+
     /// The outcome of a message holding `n` records, more than `[amqp] max_records`: it
     /// is dead-lettered whole, before any record is handled. Each bad record of a batch is
     /// dead-lettered on its own, so a body of tiny records (a 16 MiB array of `{}` is 5.6

@@ -296,7 +296,10 @@ fn room_in(
     let Some((total, _)) = space(staging) else {
         return Ok(Room::default());
     };
-    if size > total {
+    // Only where the filesystem's size is its own: on ZFS, a thin volume, a quota'd or
+    // network share, "total" is what is used plus what is free now, and a snapshot pruned
+    // or a quota raised makes room — a full store to wait out, not a file to dead-letter.
+    if size > total && fixed_size(staging) {
         return Err(Ok(CopyError::Unstorable(
             key.to_string(),
             "the file is larger than the store's whole filesystem",
@@ -391,6 +394,22 @@ fn reserve(file: &File, size: u64) -> std::io::Result<bool> {
         give_back();
     }
     Ok(reserved)
+}
+
+/// Whether the filesystem `file` is on has a size of its own (ext2/3/4, XFS, F2FS, tmpfs),
+/// not one that follows what a pool, a quota or a server has free.
+fn fixed_size(file: &File) -> bool {
+    rustix::fs::fstatfs(file).is_ok_and(|st| {
+        #[allow(clippy::unnecessary_cast, clippy::cast_sign_loss)]
+        let kind = st.f_type as u64;
+        fixed_size_kind(kind)
+    })
+}
+
+/// [`fixed_size`] by the filesystem's magic number.
+fn fixed_size_kind(kind: u64) -> bool {
+    const FIXED: [u64; 4] = [0xEF53, 0x5846_5342, 0xF2F5_2010, 0x0102_1994];
+    FIXED.contains(&kind)
 }
 
 /// The space of the filesystem `file` is on, as this process may fill it: (total, free)
@@ -901,6 +920,18 @@ mod tests {
         assert_eq!(staged_files(dir.path()), 0);
     }
 
+    /// ZFS, btrfs (devices added), NFS, SMB and FUSE sizes follow a pool, a quota or a
+    /// server: a file larger than them now may fit later.
+    #[test]
+    fn only_a_filesystem_of_its_own_size_refuses_a_larger_file_for_good() {
+        for fixed in [0xEF53, 0x5846_5342, 0x0102_1994] {
+            assert!(fixed_size_kind(fixed), "{fixed:#x}");
+        }
+        for grows in [0x2FC1_2FC1, 0x9123_683E, 0x6969, 0xFE53_4D42, 0x6573_5546] {
+            assert!(!fixed_size_kind(grows), "{grows:#x}");
+        }
+    }
+
     /// A file larger than the store's whole filesystem is refused before a byte is written
     /// (for good: no retry makes it fit); each attempt used to fill the disk until ENOSPC,
     /// an outage retried for a day. The source is sparse: it takes no room of its own.
@@ -932,6 +963,11 @@ mod tests {
             expected,
         )
         .expect_err("no room");
+        if !fixed_size(&f) {
+            assert!(!matches!(e, CopyError::Unstorable(..)), "{e}");
+            println!("a filesystem whose size follows its pool: an outage, as expected");
+            return;
+        }
         assert!(matches!(e, CopyError::Unstorable(..)), "{e}");
         assert!(
             e.to_string()

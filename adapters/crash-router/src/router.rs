@@ -19,11 +19,20 @@ pub const OUTPUT_ROUTING_KEY: &str = "storagetier.crashrouter.crash";
 /// (JSON array), still honoured on the retries and dead letters they wrote. At 54 bytes a
 /// pair, it outgrew an AMQP frame beyond about 2,400 pairs.
 pub const PUBLISHED_HEADER: &str = "x-crash-router-published";
-/// Retry header: the positions, in the notification's order of (crash id, chosen queue)
-/// pairs, already published — as ranges, a few bytes however many — and the routing
-/// configuration that order was drawn with (`"queues <spec>"`): under another one the
-/// positions name other pairs and are forgotten.
+/// Retry header: per destination queue, the positions in its list of crash ids (the
+/// notification's accepted ids drawn for it, in order) already published — as ranges, a
+/// few bytes however many — under a mark naming the queue and a digest of that list
+/// (`"to <slot> <digest> <queue>"`, positions `slot·2³² + i`). A queue whose list changed
+/// between attempts (its throttle, the seed, a release that accepts otherwise) has its
+/// positions forgotten; every other queue keeps them, so correcting or adding a queue and
+/// replaying sends nothing twice to the queues that had their ids. (Earlier builds wrote
+/// positions over all pairs under one mark of the whole routing, `"queues …"`: read
+/// and carried over where that routing is still the same.)
 pub const SENT_HEADER: &str = "x-crash-router-sent";
+
+/// Bits of a [`SENT_HEADER`] position below its destination's slot: a notification's
+/// crash ids number far fewer than 2³² (each is a record of at least ~30 bytes).
+const SLOT_BITS: u32 = 32;
 /// Counter of S3 records (and throttled deliveries) by result.
 pub const RECORDS_METRIC: &str = "storagetier_crash_router_records_total";
 /// Every `result` of [`RECORDS_METRIC`], as docs/adapters.md lists them.
@@ -120,12 +129,11 @@ impl CrashRouter {
         )
     }
 
-    /// The mark of the order of `pairs` — each accepted crash id, in order, with the
-    /// queues it is to go to: the routing spec and a digest of the pairs. Positions are
-    /// kept only under the same mark: a release that classifies a record otherwise (four
-    /// have), or another configuration, puts other pairs at the same positions, and
-    /// positions kept across it skipped ids never sent (and sent others twice).
-    fn routing_mark(&self, pairs: &[(&String, Vec<&str>)]) -> String {
+    /// The mark earlier releases wrote over all of `pairs` — each accepted crash id, in
+    /// order, with the queues it is to go to: the routing spec and a digest of the pairs.
+    /// Their positions are kept only under the same mark: a release that classifies a
+    /// record otherwise, or another configuration, puts other pairs at the same positions.
+    fn legacy_mark(&self, pairs: &[(&String, Vec<&str>)]) -> String {
         use sha2::{Digest, Sha256};
         let mut h = Sha256::new();
         for (id, queues) in pairs {
@@ -141,6 +149,111 @@ impl CrashRouter {
             .map(|b| format!("{b:02x}"))
             .collect();
         format!("queues {} pairs={digest}", self.routing_spec())
+    }
+
+    /// Where each configured queue's progress is kept in `sent` (in the configured order):
+    /// its slot under an earlier attempt's mark where its list of ids is still the same,
+    /// else a free one. Positions under a mark whose list changed (or whose queue is gone)
+    /// are forgotten; an earlier release's positions over all pairs are carried over to the
+    /// queues' own where their routing is still the same, and forgotten otherwise.
+    fn destinations(
+        &self,
+        pairs: &[(&String, Vec<&str>)],
+        sent: &mut framework::batch::Progress<'_>,
+    ) -> Vec<Destination> {
+        let digests: Vec<String> = self
+            .queues
+            .iter()
+            .map(|q| {
+                list_digest(
+                    pairs
+                        .iter()
+                        .filter(|(_, picks)| picks.contains(&q.name.as_str()))
+                        .map(|(id, _)| id.as_str()),
+                )
+            })
+            .collect();
+        let legacy = sent.named().any(|m| m.starts_with(LEGACY_PREFIX));
+        let carried = if legacy {
+            self.legacy_positions(pairs, sent)
+        } else {
+            Vec::new()
+        };
+        // Slot kept by each queue whose list is unchanged; every other mark forgotten.
+        let mut slots: Vec<Option<u64>> = vec![None; self.queues.len()];
+        let marks: Vec<String> = sent.named().map(str::to_owned).collect();
+        for m in &marks {
+            let kept = parse_mark(m).and_then(|(slot, digest, name)| {
+                let i = self.queues.iter().position(|q| q.name == name)?;
+                let free = slots[i].is_none() && !slots.contains(&Some(slot));
+                (digests[i] == digest && free).then_some((i, slot))
+            });
+            match kept {
+                Some((i, slot)) => slots[i] = Some(slot),
+                None => sent.forget(m),
+            }
+        }
+        let forget_slot = |sent: &mut framework::batch::Progress<'_>, slot: u64| {
+            sent.forget_indices(slot << SLOT_BITS, (slot << SLOT_BITS) | SLOT_MASK);
+        };
+        // Positions in a slot no kept mark holds name no ids any more.
+        for (slot, _, _) in marks.iter().filter_map(|m| parse_mark(m)) {
+            if !slots.contains(&Some(slot)) {
+                forget_slot(sent, slot);
+            }
+        }
+        let mut dests = Vec::with_capacity(self.queues.len());
+        for (i, q) in self.queues.iter().enumerate() {
+            let slot = match slots[i] {
+                Some(slot) => slot,
+                None => {
+                    let free = (0u64..)
+                        .find(|s| !slots.contains(&Some(*s)))
+                        .unwrap_or_default();
+                    forget_slot(sent, free);
+                    slots[i] = Some(free);
+                    free
+                }
+            };
+            dests.push(Destination {
+                mark: format!("to {slot} {} {}", digests[i], q.name),
+                base: slot << SLOT_BITS,
+                next: 0,
+            });
+        }
+        for (i, position) in carried {
+            sent.mark_done(dests[i].mark.as_str());
+            sent.mark_done((dests[i].base + position).to_string());
+        }
+        dests
+    }
+
+    /// What an earlier release's header (positions over all pairs under one routing mark)
+    /// says is sent, as (queue index, position in its list) — nothing unless that routing
+    /// is this one — with the earlier marks and positions forgotten.
+    fn legacy_positions(
+        &self,
+        pairs: &[(&String, Vec<&str>)],
+        sent: &mut framework::batch::Progress<'_>,
+    ) -> Vec<(usize, u64)> {
+        let mut carried = Vec::new();
+        if sent.is_done(&self.legacy_mark(pairs)) {
+            let mut per_queue = vec![0u64; self.queues.len()];
+            let mut at = 0u64;
+            for (_, picks) in pairs {
+                for (i, q) in self.queues.iter().enumerate() {
+                    if picks.contains(&q.name.as_str()) {
+                        if sent.is_done(&at.to_string()) {
+                            carried.push((i, per_queue[i]));
+                        }
+                        per_queue[i] += 1;
+                        at += 1;
+                    }
+                }
+            }
+        }
+        sent.clear();
+        carried
     }
 
     /// The configured queues, in order, that get `crash_id`: a function of the seed and
@@ -227,26 +340,19 @@ impl MessageProcessor for CrashRouter {
                 (id, queues)
             })
             .collect();
-        let routing = self.routing_mark(&pairs);
-        if !sent.is_done(&routing) {
-            sent.clear();
-        }
+        let mut dests = self.destinations(&pairs, &mut sent);
         let mut deliveries: BTreeMap<String, Vec<String>> = BTreeMap::new();
         let mut already = 0u64;
-        let mut position = 0u64;
         // Queues that refused an id this attempt (missing, or full and rejecting): their
         // other ids are left for the retry, and every other queue still gets its own now
         // rather than waiting out the retries (or a dead letter) with them.
         let mut refused: BTreeMap<String, (u64, String)> = BTreeMap::new();
         for (id, picks) in &pairs {
-            for q in self
-                .queues
-                .iter()
-                .filter(|q| picks.contains(&q.name.as_str()))
-            {
-                let at = position.to_string();
-                position += 1;
-                // A crash id is fixed-length ASCII without spaces: the mark is unambiguous.
+            for (q, dest) in self.queues.iter().zip(dests.iter_mut()) {
+                if !picks.contains(&q.name.as_str()) {
+                    continue;
+                }
+                let at = dest.next_position();
                 if sent.is_done(&at) || earlier_release.is_done(&format!("{id} {}", q.name)) {
                     already += 1;
                 } else if let Some((missed, _)) = refused.get_mut(&q.name) {
@@ -256,9 +362,11 @@ impl MessageProcessor for CrashRouter {
                     // Stopping (or near the consumer timeout) with ids published: the rest
                     // go with a retry carrying what is done, not in a redelivery that
                     // publishes them all again.
+                    let published: usize = deliveries.values().map(Vec::len).sum();
+                    let total: usize = pairs.iter().map(|(_, picks)| picks.len()).sum();
                     return Outcome::retry(format!(
-                        "{why} after {at} of the notification's deliveries; the rest go with \
-                         this retry"
+                        "{why} after {published} of the notification's {total} deliveries; \
+                         the rest go with this retry"
                     ));
                 } else if let Err(e) = ctx
                     .publish(Publication::text("", &q.name, id.as_str()).mandatory())
@@ -275,7 +383,7 @@ impl MessageProcessor for CrashRouter {
                     refused.insert(q.name.clone(), (1, e.to_string()));
                     continue;
                 } else {
-                    sent.mark_done(routing.as_str());
+                    sent.mark_done(dest.mark.as_str());
                     sent.mark_done(at);
                     tracing::debug!(crash_id = %id, queue = %q.name, "crash id published");
                 }
@@ -320,6 +428,54 @@ impl MessageProcessor for CrashRouter {
             "counts": counts,
         }))
     }
+}
+
+/// The mark an earlier release's [`SENT_HEADER`] begins with (`"queues <routing>"`).
+const LEGACY_PREFIX: &str = "queues ";
+
+/// A position's bits within its slot.
+const SLOT_MASK: u64 = (1 << SLOT_BITS) - 1;
+
+/// One destination queue's progress in [`SENT_HEADER`]: its mark, and where its positions
+/// begin.
+struct Destination {
+    mark: String,
+    base: u64,
+    /// Position of the queue's next crash id in its list.
+    next: u64,
+}
+
+impl Destination {
+    /// The progress mark of the queue's next crash id, moving on to the one after.
+    fn next_position(&mut self) -> String {
+        let at = self.base + (self.next & SLOT_MASK);
+        self.next += 1;
+        at.to_string()
+    }
+}
+
+/// A digest of a queue's list of crash ids, in order: its positions name the same ids only
+/// under the same one.
+fn list_digest<'a>(ids: impl Iterator<Item = &'a str>) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for id in ids {
+        h.update(id.as_bytes());
+        h.update(b"\n");
+    }
+    h.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A destination mark's slot, list digest and queue (`"to <slot> <digest> <queue>"`).
+fn parse_mark(mark: &str) -> Option<(u64, &str, &str)> {
+    let mut parts = mark.strip_prefix("to ")?.splitn(3, ' ');
+    let slot: u64 = parts.next()?.parse().ok()?;
+    let digest = parts.next()?;
+    let queue = parts.next()?;
+    (slot < 1 << (64 - SLOT_BITS)).then_some((slot, digest, queue))
 }
 
 /// The longest one publish of a crash id is expected to take, confirm included: a handler
@@ -976,7 +1132,7 @@ mod tests {
         let r = router("a,b", 1);
         let key = format!("v2/raw_crash/000/20180313/{ID}");
         let id = ID.to_string();
-        let mark = r.routing_mark(&[(&id, vec!["a", "b"])]);
+        let mark = r.legacy_mark(&[(&id, vec!["a", "b"])]);
         // Pairs 0 and 1 (ID to a, ID to b) sent under this routing: nothing to publish.
         let ctx = sent_before(&mark, "[0,1]");
         let Outcome::Success { body, .. } = r.handle(event(&[&key]), &ctx).await else {
@@ -1010,7 +1166,7 @@ mod tests {
         let earlier = "00007bd0-2d1c-4865-af09-80bc00180312".to_string();
         // Written by an attempt that accepted only ID: positions 0 and 1 are ID's.
         let id = ID.to_string();
-        let ctx = sent_before(&r.routing_mark(&[(&id, vec!["a", "b"])]), "[0,1]");
+        let ctx = sent_before(&r.legacy_mark(&[(&id, vec!["a", "b"])]), "[0,1]");
         let keys = [
             format!("v2/raw_crash/000/20180312/{earlier}"),
             format!("v2/raw_crash/000/20180313/{ID}"),
@@ -1023,6 +1179,103 @@ mod tests {
                 .any(|(k, v)| k == SENT_HEADER && v == "[]"),
             "{:?}",
             ctx.retry_headers()
+        );
+    }
+
+    /// The header as a retry of this router writes it: each destination's mark (slot,
+    /// digest of its list) with the positions of its list that are sent.
+    fn sent_to(dests: &[(u64, &[&str], &str, &str)]) -> MessageContext {
+        let mut items = Vec::new();
+        for (slot, ids, queue, positions) in dests {
+            let digest = list_digest(ids.iter().copied());
+            items.push(json!(format!("to {slot} {digest} {queue}")));
+            items.push(serde_json::from_str(positions).unwrap());
+        }
+        let mut ctx = MessageContext::for_test("s3-events", "k", 1);
+        let mut h = FieldTable::default();
+        let text = Value::Array(items).to_string();
+        h.insert(
+            SENT_HEADER.into(),
+            AMQPValue::LongString(text.as_str().into()),
+        );
+        ctx.headers = h;
+        ctx
+    }
+
+    fn written_sent(ctx: &MessageContext) -> Vec<Value> {
+        let (_, v) = ctx
+            .retry_headers()
+            .into_iter()
+            .find(|(k, _)| k == SENT_HEADER)
+            .expect("progress written");
+        serde_json::from_str(&v).unwrap()
+    }
+
+    /// A queue added (or a misspelled one corrected) between attempts leaves the other
+    /// queues' progress alone: the retry or replay publishes only to the new queue.
+    #[tokio::test]
+    async fn a_queue_added_between_attempts_keeps_the_others_progress() {
+        let key = format!("v2/raw_crash/000/20180313/{ID}");
+        // Written when the queues were `a,typo`: ID went to `a`.
+        let ctx = sent_to(&[(0, &[ID], "a", "\"0\"")]);
+        let out = router("a,b", 1).handle(event(&[&key]), &ctx).await;
+        assert!(
+            matches!(&out, Outcome::Retry(m) if m.contains("queue `b`")),
+            "`a` skipped, `b` attempted: {out:?}"
+        );
+        // Nothing changed: the header is carried as it came.
+        assert!(ctx.retry_headers().iter().all(|(k, _)| k != SENT_HEADER));
+        // With `a` done and `b` done under its own mark, nothing is left.
+        let ctx = sent_to(&[(0, &[ID], "a", "\"0\""), (1, &[ID], "b", "\"4294967296\"")]);
+        let Outcome::Success { body, .. } = router("b,a", 1).handle(event(&[&key]), &ctx).await
+        else {
+            panic!("nothing to publish, whatever the queues' order")
+        };
+        assert_eq!(body["already_published"], 2);
+    }
+
+    /// Only the queue whose list of ids changed (its throttle, the seed) has its
+    /// positions forgotten and sent again; the other queue's are kept.
+    #[tokio::test]
+    async fn a_queue_whose_list_changed_is_sent_again_alone() {
+        let key = format!("v2/raw_crash/000/20180313/{ID}");
+        let other = "00007bd0-2d1c-4865-af09-80bc00180312";
+        // `a` had ID, `b` had another id at its position 0: another list.
+        let ctx = sent_to(&[
+            (0, &[ID], "a", "\"0\""),
+            (1, &[other], "b", "\"4294967296\""),
+        ]);
+        let out = router("a,b", 1).handle(event(&[&key]), &ctx).await;
+        assert!(
+            matches!(&out, Outcome::Retry(m) if m.contains("queue `b`")),
+            "{out:?}"
+        );
+        let digest = list_digest([ID].into_iter());
+        assert_eq!(
+            written_sent(&ctx),
+            [json!(format!("to 0 {digest} a")), json!("0")],
+            "`b`'s mark and position forgotten, `a`'s kept"
+        );
+    }
+
+    /// An earlier release's header (positions over all pairs) is carried over to the
+    /// queues' own positions under the same routing.
+    #[tokio::test]
+    async fn an_earlier_releases_positions_are_carried_over() {
+        let r = router("a,b", 1);
+        let key = format!("v2/raw_crash/000/20180313/{ID}");
+        let id = ID.to_string();
+        // Pair 0 (ID to a) sent, pair 1 (ID to b) not.
+        let ctx = sent_before(&r.legacy_mark(&[(&id, vec!["a", "b"])]), "\"0\"");
+        let out = r.handle(event(&[&key]), &ctx).await;
+        assert!(
+            matches!(&out, Outcome::Retry(m) if m.contains("queue `b`")),
+            "`a` skipped: {out:?}"
+        );
+        let digest = list_digest([ID].into_iter());
+        assert_eq!(
+            written_sent(&ctx),
+            [json!(format!("to 0 {digest} a")), json!("0")]
         );
     }
 

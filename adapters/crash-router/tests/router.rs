@@ -406,6 +406,53 @@ async fn a_replayed_dead_letter_publishes_only_to_the_queues_that_missed_the_id(
     );
 }
 
+/// The usual fix of a dead-lettered notification: a destination queue was misspelled, the
+/// operator corrects `queues` and replays. The queue that had its ids gets none again (the
+/// progress of each queue is kept apart from the queue list), the corrected one gets them.
+#[tokio::test]
+async fn a_replay_after_correcting_a_queue_sends_nothing_twice() {
+    let data = tempfile::tempdir().unwrap();
+    let (_c, ch) = test_channel().await;
+    let d = dests(&ch, 2).await;
+    let (first, corrected) = (d.0[0].clone(), d.0[1].clone());
+    let misspelled = format!("{corrected}-typo");
+    let mut hs = start(
+        data.path(),
+        &[
+            ("crash_router.queues", &format!("{first},{misspelled}")),
+            ("retry.max_attempts", "1"),
+        ],
+    )
+    .await;
+    let ids = [crash_id(91, '0'), crash_id(92, '0')];
+    let body = json!({"Records": ids.iter().map(|id| put(&raw(id))).collect::<Vec<_>>()});
+    hs.publish("k", body.to_string().as_bytes(), BasicProperties::default())
+        .await;
+    await_ready_count(&hs.ch, &format!("{}-dlq", hs.q), 1).await;
+    assert_eq!(ready_count(&ch, &first).await, 2);
+    hs.stop().await;
+
+    // The corrected release, on the same queue, replays the dead letter.
+    let fixed = Harness::start_service::<CrashRouterService>(replica_config::<CrashRouterService>(
+        data.path(),
+        &hs,
+        &[("crash_router.queues", &format!("{first},{corrected}"))],
+    ))
+    .await;
+    let mut out = fixed.watch_output().await;
+    assert_eq!(fixed.replay_all().await.len(), 1);
+    let summary: Value = serde_json::from_slice(&next(&mut out).await.data).unwrap();
+    assert_eq!(summary["already_published"], 2, "{summary}");
+    assert_eq!(summary["deliveries"][&corrected], json!(ids));
+    // The success is published after its outputs are confirmed: nothing more is coming.
+    assert_eq!(ready_count(&ch, &corrected).await, 2);
+    assert_eq!(
+        ready_count(&ch, &first).await,
+        2,
+        "no second copy in `first`"
+    );
+}
+
 #[tokio::test]
 async fn a_body_that_is_not_an_s3_event_is_dead_lettered() {
     let data = tempfile::tempdir().unwrap();

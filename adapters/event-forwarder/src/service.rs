@@ -474,6 +474,8 @@ impl EventForwarder {
         // retries are an outage's, not counted.
         let last =
             !self.ordered && ctx.counted_attempts().saturating_add(1) >= self.retry.max_attempts;
+        // Whether this attempt has posted a record yet.
+        let mut posted = false;
         for (i, r) in records.iter().enumerate() {
             let mark = i.to_string();
             if progress.is_done(&mark) {
@@ -488,10 +490,12 @@ impl EventForwarder {
             // the rest go with a retry carrying what is done. (A handler stopped mid-batch
             // gives its message back as it came, and every record posted meanwhile would
             // be posted again.) Ordered, the batch keeps its place instead; on its last
-            // attempt it goes on too, since that retry would dead-letter it as exhausted.
+            // attempt it goes on too, since that retry would dead-letter it as exhausted —
+            // unless this attempt delivered records: then the retry is progress, not counted.
             let room = self.forwarder.timeout() + RETRY_PUBLISH_ROOM;
             if !self.ordered
-                && ctx.counted_attempts().saturating_add(1) < self.retry.max_attempts
+                && (progress.advanced()
+                    || ctx.counted_attempts().saturating_add(1) < self.retry.max_attempts)
                 && ctx.time_left().is_some_and(|left| left < room)
             {
                 return Outcome::retry(format!(
@@ -508,8 +512,15 @@ impl EventForwarder {
             // it came (every record posted again, at every delivery, for ever), so the rest
             // of this one batch gives up its place.
             // On the last attempt too (records timing out one after another made no
-            // progress): its retry dead-letters the rest with what is done marked.
-            if (progress.advanced() || last) && ctx.checkpoint_in().is_some_and(|left| left < room)
+            // progress): its retry dead-letters the rest with what is done marked. And once
+            // this attempt posted anything: records failing one after another (an endpoint
+            // answering 500 to each) went on past the consumer timeout, and the broker took
+            // back the batch, uncounted, with every other message on the channel — again at
+            // every delivery. (Not before a first POST: a delivery that waited its turn
+            // behind others is not failed for it; ordered, `post` hands an event back in
+            // its place at the checkpoint itself.)
+            if (progress.advanced() || last || (posted && !self.ordered))
+                && ctx.checkpoint_in().is_some_and(|left| left < room)
             {
                 if self.ordered {
                     tracing::warn!(
@@ -525,6 +536,7 @@ impl EventForwarder {
                 ));
             }
             let key = record_key(r, i, ctx, r.kinesis.get());
+            posted = true;
             let result = match self.post(r.kinesis.get(), key, ctx).await {
                 Posted::Result(res) => res,
                 Posted::Exhausted(e, tries) if lone => {

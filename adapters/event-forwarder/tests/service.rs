@@ -1669,24 +1669,12 @@ async fn an_endpoint_slower_than_timeout_ms_is_a_timeout() {
 /// redelivers it as it came (every record posted again, at every delivery).
 #[tokio::test]
 async fn a_batch_near_the_consumer_timeout_goes_on_in_a_retry_carrying_its_progress() {
-    use framework::{MessageContext, MessageProcessor, Outcome, Service};
+    use framework::{MessageContext, MessageProcessor, Outcome};
     let server = answering(200).await;
-    let endpoint = format!("{}/events", server.uri());
-    let cfg = framework::cli::load_config::<EventForwarderService>(
-        &framework::config::LoadOptions::isolated()
-            .set("event_forwarder.endpoint", endpoint.as_str())
-            .set("event_forwarder.token", TOKEN),
-    )
-    .expect("config");
-    let processor = EventForwarderService::processor(&cfg)
-        .await
-        .expect("processor");
-    let body = json!({"Records": [record("seq-1"), record("seq-2"), record("seq-3")]});
-    let input: Box<serde_json::value::RawValue> =
-        serde_json::value::to_raw_value(&body).expect("raw");
+    let processor = processor_with(&server, &[]).await;
     let ctx =
         MessageContext::for_test("events", "k", 0).with_checkpoint_in(std::time::Duration::ZERO);
-    match processor.handle(input, &ctx).await {
+    match processor.handle(three_records(), &ctx).await {
         Outcome::Retry(why) => assert!(why.contains("consumer timeout"), "{why}"),
         other => panic!("expected a retry, got {other:?}"),
     }
@@ -1697,4 +1685,74 @@ async fn a_batch_near_the_consumer_timeout_goes_on_in_a_retry_carrying_its_progr
         .filter(|(k, _)| k == event_forwarder::DONE_HEADER)
         .collect();
     assert_eq!(done.len(), 1, "the retry carries what is done: {done:?}");
+}
+
+/// The forwarder processor of `settings` (besides the endpoint and token), to call
+/// `handle` on directly.
+async fn processor_with(
+    server: &MockServer,
+    settings: &[(&str, &str)],
+) -> <EventForwarderService as framework::Service>::Processor {
+    use framework::Service;
+    let endpoint = format!("{}/events", server.uri());
+    let mut o = framework::config::LoadOptions::isolated()
+        .set("event_forwarder.endpoint", endpoint.as_str())
+        .set("event_forwarder.token", TOKEN);
+    for (k, v) in settings {
+        o = o.set(k, *v);
+    }
+    let cfg = framework::cli::load_config::<EventForwarderService>(&o).expect("config");
+    EventForwarderService::processor(&cfg)
+        .await
+        .expect("processor")
+}
+
+fn three_records() -> Box<serde_json::value::RawValue> {
+    let body = json!({"Records": [record("seq-1"), record("seq-2"), record("seq-3")]});
+    serde_json::value::to_raw_value(&body).expect("raw")
+}
+
+/// A batch whose records all fail (an endpoint answering 500 to each) stops at the
+/// checkpoint too, in a counted retry: going on, it outlasted the broker's consumer
+/// timeout, and the broker took it back uncounted — with every other message on the
+/// channel — at every delivery, for ever.
+#[tokio::test]
+async fn a_batch_failing_record_after_record_stops_at_the_checkpoint() {
+    use framework::{MessageContext, MessageProcessor, Outcome};
+    let server = answering(500).await;
+    let processor = processor_with(&server, &[]).await;
+    let ctx =
+        MessageContext::for_test("events", "k", 0).with_checkpoint_in(std::time::Duration::ZERO);
+    match processor.handle(three_records(), &ctx).await {
+        Outcome::Retry(why) => assert!(why.contains("consumer timeout"), "{why}"),
+        other => panic!("expected a retry, got {other:?}"),
+    }
+    assert_eq!(
+        bodies(&server).await.len(),
+        1,
+        "one record tried, then the retry"
+    );
+}
+
+/// Stopping during a batch's last attempt, once this attempt delivered records, the rest
+/// go on in a retry carrying them (a retry that made progress is not counted, so it is not
+/// dead-lettered): going on, the handler was stopped mid-batch and its message given back
+/// as it came, and every record delivered meanwhile was posted again.
+#[tokio::test]
+async fn a_stop_during_the_last_attempt_keeps_what_it_delivered() {
+    use framework::{MessageContext, MessageProcessor, Outcome};
+    let server = answering(200).await;
+    let processor = processor_with(&server, &[("retry.max_attempts", "1")]).await;
+    let ctx = MessageContext::for_test("events", "k", 0).with_time_left(std::time::Duration::ZERO);
+    match processor.handle(three_records(), &ctx).await {
+        Outcome::Retry(why) => assert!(why.contains("stopped after 1 of 3"), "{why}"),
+        other => panic!("expected a retry, got {other:?}"),
+    }
+    assert_eq!(bodies(&server).await.len(), 1);
+    assert!(
+        ctx.retry_headers()
+            .iter()
+            .any(|(k, _)| k == event_forwarder::DONE_HEADER),
+        "the retry carries what was delivered"
+    );
 }

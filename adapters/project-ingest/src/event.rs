@@ -138,7 +138,13 @@ pub enum Parsed {
     DeleteCommission(CommissionDeletion),
     /// Any other `type` (logged and dropped).
     UnknownType(String),
+    /// A message holding no event (a Kinesis envelope of no records): dropped, for this
+    /// reason, as the Lambda succeeded with nothing to do.
+    NoEvent(&'static str),
 }
+
+/// The Drop reason of `{"Records": []}`.
+pub const NO_RECORDS: &str = "a Kinesis envelope of no records";
 
 /// One unit of a message: the record's raw JSON (for dead-lettering) and its parse.
 #[derive(Debug, Clone)]
@@ -554,7 +560,7 @@ pub fn items_delivered(msg: &Value, delivery: &Delivery<'_>) -> Vec<Item> {
             ));
         };
         if records.is_empty() {
-            return one(Err(EventError::Shape("`Records` is empty".into())));
+            return one(Ok(Parsed::NoEvent(NO_RECORDS)));
         }
         return records
             .iter()
@@ -808,6 +814,14 @@ mod tests {
                 "expected a JSON object, found array"
             );
         }
+    }
+
+    /// `{"Records": []}` holds no event: one item saying so (dropped), not an error.
+    #[test]
+    fn a_kinesis_envelope_of_no_records_is_no_event() {
+        let it = items_delivered(&json!({"Records": []}), &on("k"));
+        assert_eq!(it.len(), 1);
+        assert_eq!(it[0].parsed, Ok(Parsed::NoEvent(NO_RECORDS)));
     }
 
     #[test]

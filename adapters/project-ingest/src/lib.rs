@@ -330,6 +330,12 @@ impl ProjectProcessor {
                     dropped.push(format!("unknown message type `{t}`"));
                     continue;
                 }
+                // Nothing to do, no record to count.
+                Ok(Parsed::NoEvent(why)) => {
+                    tracing::info!("{why}, ignored");
+                    dropped.push((*why).to_string());
+                    continue;
+                }
                 Ok(Parsed::DeleteCommission(d)) => {
                     match db::bounded(self.store.delete_commission(d)).await {
                         Ok(done) => {

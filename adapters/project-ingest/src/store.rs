@@ -400,6 +400,45 @@ impl Store {
                         updated_at: now,
                     })));
                 }
+                // The deletion took the row a creation wrote whatever its key (a
+                // commission is deleted after its projects were created, whichever clocks
+                // keyed them): that create, or an older one, handled again (a redelivery,
+                // a retry tier, a replay) is the deletion's as above, not stored again
+                // with its commission. A newer create (the project created again) is not.
+                if matches!(ev.kind, EventKind::Created) {
+                    let no_older = no_newer(
+                        ("$3", "$4"),
+                        (
+                            "deleted_projects.row_version",
+                            "deleted_projects.row_version_tie",
+                        ),
+                    );
+                    let taken = db::sqlx::query(&format!(
+                        "SELECT deleted_projects.id FROM deleted_projects \
+                         WHERE deleted_projects.id = $1 AND deleted_projects.commission_id = $2 \
+                         AND deleted_projects.row_version IS NOT NULL \
+                         AND deleted_projects.row_version <= $5 AND {no_older} \
+                         AND EXISTS (SELECT 1 FROM deleted_commissions WHERE deleted_commissions.id = $2)"
+                    ))
+                    .bind(&ev.id)
+                    .bind(commission)
+                    .bind(version)
+                    .bind(ev.tie.clone())
+                    .bind(&bound)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .is_some();
+                    if taken {
+                        tx.rollback().await?;
+                        return Ok(Applied::Deleted(Box::new(DeletedCommission {
+                            commission_id: commission.clone(),
+                            commission_deleted: false,
+                            deleted_projects: Vec::new(),
+                            last_event: "commission-deleted",
+                            updated_at: now,
+                        })));
+                    }
+                }
             }
         }
         let row = match (&ev.kind, &ev.version) {
@@ -892,5 +931,59 @@ mod tests {
         }
         assert!(store.project("p").await.expect("read").is_none());
         store.close().await;
+    }
+
+    /// A create its commission's deletion deleted, whatever their keys (Pluto's clock
+    /// ahead of this service's, which keyed a plain deletion), handled again (a
+    /// redelivery, a retry tier, a replay) is the deletion's as before: not stored again,
+    /// and its commission not written back. A create newer than the deleted row (the
+    /// project created again after the deletion) is stored as usual.
+    async fn a_create_deleted_with_its_commission_applied_again_stays_deleted(store: Store) {
+        let create = event(EventKind::Created, "p", "2026-01-01T00:02:00.000000Z");
+        assert!(matches!(
+            store.apply(&create).await.expect("create"),
+            Applied::Stored(_)
+        ));
+        let deletion = CommissionDeletion {
+            commission_id: "c".into(),
+            version: Some("2026-01-01T00:01:00.000000Z".into()),
+            tie: None,
+        };
+        let deleted = store.delete_commission(&deletion).await.expect("deletion");
+        assert_eq!(deleted.deleted_projects, ["p"]);
+        for attempt in 1..=2 {
+            match store.apply(&create).await.expect("create again") {
+                Applied::Deleted(d) => {
+                    assert_eq!(d.commission_id, "c", "attempt {attempt}");
+                    assert!(d.deleted_projects.is_empty(), "attempt {attempt}: {d:?}");
+                }
+                other => panic!("attempt {attempt}: {other:?}"),
+            }
+            assert!(store.project("p").await.expect("read").is_none());
+            assert!(store.commission("c").await.expect("read").is_none());
+        }
+        let again = event(EventKind::Created, "again", "2026-01-01T00:03:00.000000Z");
+        match store.apply(&again).await.expect("created again") {
+            Applied::Stored(p) => assert_eq!(p.title, "again"),
+            other => panic!("a newer create: {other:?}"),
+        }
+        assert!(store.commission("c").await.expect("read").is_some());
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_create_deleted_with_its_commission_applied_again_stays_deleted_on_sqlite() {
+        let dir = tempfile::tempdir().expect("temp");
+        let url = format!("sqlite://{}", dir.path().join("p.db").display());
+        let store = Store::open(&url).await.expect("open");
+        a_create_deleted_with_its_commission_applied_again_stays_deleted(store).await;
+    }
+
+    #[tokio::test]
+    async fn a_create_deleted_with_its_commission_applied_again_stays_deleted_on_postgres() {
+        let pg = db::testing::TempPostgres::create().await.expect("postgres");
+        let store = Store::open(&pg.url).await.expect("open");
+        a_create_deleted_with_its_commission_applied_again_stays_deleted(store).await;
+        pg.drop_db().await.expect("drop");
     }
 }

@@ -1913,6 +1913,23 @@ async fn an_unknown_projects_update_is_dropped_in_the_designs_words() {
     }
 }
 
+/// A Kinesis envelope of no records holds no work: dropped, as the Lambda succeeded with
+/// nothing to do and event-forwarder drops it, not dead-lettered as a permanent error.
+#[tokio::test]
+async fn a_kinesis_envelope_of_no_records_is_dropped() {
+    use framework::{MessageContext, MessageProcessor, Outcome};
+    let dir = tempfile::tempdir().unwrap();
+    let p = processor_on_sqlite(dir.path(), 0).await;
+    let ctx = MessageContext::for_test("pluto-core", "core.project.event", 0);
+    match p.handle(json!({"Records": []}), &ctx).await {
+        Outcome::Drop(reason) => assert!(
+            reason.contains("a Kinesis envelope of no records"),
+            "{reason}"
+        ),
+        other => panic!("dropped, not {other:?}"),
+    }
+}
+
 /// Attempts a database outage took are not the update's wait for its create: an update
 /// and its create that both waited out an outage, then raced out of the retry tiers, did
 /// not drop the update (its `missing_project_retries` spent by the outage's attempts).
