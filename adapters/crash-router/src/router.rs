@@ -27,7 +27,7 @@ pub const PUBLISHED_HEADER: &str = "x-crash-router-published";
 /// positions forgotten; every other queue keeps them, so correcting or adding a queue and
 /// replaying sends nothing twice to the queues that had their ids. (Earlier builds wrote
 /// positions over all pairs under one mark of the whole routing, `"queues …"`: read
-/// and carried over where that routing is still the same.)
+/// under that routing and carried over to each queue's own.)
 pub const SENT_HEADER: &str = "x-crash-router-sent";
 
 /// Bits of a [`SENT_HEADER`] position below its destination's slot: a notification's
@@ -154,8 +154,8 @@ impl CrashRouter {
     /// Where each configured queue's progress is kept in `sent` (in the configured order):
     /// its slot under an earlier attempt's mark where its list of ids is still the same,
     /// else a free one. Positions under a mark whose list changed (or whose queue is gone)
-    /// are forgotten; an earlier release's positions over all pairs are carried over to the
-    /// queues' own where their routing is still the same, and forgotten otherwise.
+    /// are forgotten; an earlier build's positions over all pairs are carried over to the
+    /// queues' own (see [`Self::legacy_sent`]).
     fn destinations(
         &self,
         pairs: &[(&String, Vec<&str>)],
@@ -175,9 +175,9 @@ impl CrashRouter {
             .collect();
         let legacy = sent.named().any(|m| m.starts_with(LEGACY_PREFIX));
         let carried = if legacy {
-            self.legacy_positions(pairs, sent)
+            self.legacy_sent(pairs, sent)
         } else {
-            Vec::new()
+            Default::default()
         };
         // Slot kept by each queue whose list is unchanged; every other mark forgotten.
         let mut slots: Vec<Option<u64>> = vec![None; self.queues.len()];
@@ -221,39 +221,95 @@ impl CrashRouter {
                 next: 0,
             });
         }
-        for (i, position) in carried {
-            sent.mark_done(dests[i].mark.as_str());
-            sent.mark_done((dests[i].base + position).to_string());
+        if !carried.is_empty() {
+            for (q, dest) in self.queues.iter().zip(&dests) {
+                let list = pairs
+                    .iter()
+                    .filter(|(_, picks)| picks.contains(&q.name.as_str()));
+                for (position, (id, _)) in (0u64..).zip(list) {
+                    if carried.contains(&((*id).clone(), q.name.clone())) {
+                        sent.mark_done(dest.mark.as_str());
+                        sent.mark_done((dest.base + position).to_string());
+                    }
+                }
+            }
         }
         dests
     }
 
-    /// What an earlier release's header (positions over all pairs under one routing mark)
-    /// says is sent, as (queue index, position in its list) — nothing unless that routing
-    /// is this one — with the earlier marks and positions forgotten.
-    fn legacy_positions(
+    /// What an earlier build's header (positions over all pairs under one routing mark)
+    /// says is sent, as (crash id, queue) pairs — read under the routing it names, so a
+    /// dead letter it wrote is replayed after a change of queues (correcting a misspelled
+    /// one) without sending again what the others had — with its marks and positions
+    /// forgotten. Nothing where that routing's pairs are not these ids' (another accept
+    /// digit, a release that classified otherwise).
+    fn legacy_sent(
         &self,
         pairs: &[(&String, Vec<&str>)],
         sent: &mut framework::batch::Progress<'_>,
-    ) -> Vec<(usize, u64)> {
-        let mut carried = Vec::new();
-        if sent.is_done(&self.legacy_mark(pairs)) {
-            let mut per_queue = vec![0u64; self.queues.len()];
-            let mut at = 0u64;
-            for (_, picks) in pairs {
-                for (i, q) in self.queues.iter().enumerate() {
-                    if picks.contains(&q.name.as_str()) {
+    ) -> std::collections::HashSet<(String, String)> {
+        let mut facts = std::collections::HashSet::new();
+        let earlier = sent
+            .named()
+            .find(|m| m.starts_with(LEGACY_PREFIX))
+            .and_then(|m| self.legacy_router(m));
+        if let Some(earlier) = earlier {
+            let old_pairs: Vec<(&String, Vec<&str>)> = pairs
+                .iter()
+                .map(|(id, _)| {
+                    let picks = earlier.select_queues(id);
+                    let queues = earlier
+                        .queues
+                        .iter()
+                        .filter(|q| picks.contains(&q.name))
+                        .map(|q| q.name.as_str())
+                        .collect();
+                    (*id, queues)
+                })
+                .collect();
+            if sent.is_done(&earlier.legacy_mark(&old_pairs)) {
+                let mut at = 0u64;
+                for (id, picks) in &old_pairs {
+                    for q in picks {
                         if sent.is_done(&at.to_string()) {
-                            carried.push((i, per_queue[i]));
+                            facts.insert(((*id).clone(), (*q).to_string()));
                         }
-                        per_queue[i] += 1;
                         at += 1;
                     }
                 }
             }
         }
         sent.clear();
-        carried
+        facts
+    }
+
+    /// The router an earlier build's mark (`"queues accept=<d> seed=<n> <t>:<queue>,…
+    /// pairs=<digest>"`) was drawn with, if it is one this build reads the same way (the
+    /// same accept digit).
+    fn legacy_router(&self, mark: &str) -> Option<CrashRouter> {
+        let rest = mark.strip_prefix(LEGACY_PREFIX)?.strip_prefix("accept=")?;
+        let (accept, rest) = rest.split_once(" seed=")?;
+        let (seed, rest) = rest.split_once(' ')?;
+        let (specs, _) = rest.rsplit_once(" pairs=")?;
+        if accept != self.accept.to_string() {
+            return None;
+        }
+        let queues = specs
+            .split(',')
+            .map(|spec| {
+                let (throttle, name) = spec.split_once(':')?;
+                Some(QueueSpec {
+                    name: name.to_string(),
+                    throttle: throttle.parse().ok().filter(|t| *t <= 100)?,
+                })
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(CrashRouter {
+            queues,
+            accept: self.accept,
+            defer: self.defer,
+            seed: seed.parse().ok()?,
+        })
     }
 
     /// The configured queues, in order, that get `crash_id`: a function of the seed and
@@ -1128,22 +1184,24 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn sent_positions_are_skipped_under_the_same_routing_only() {
+    async fn an_earlier_builds_positions_are_read_under_the_routing_they_name() {
         let r = router("a,b", 1);
         let key = format!("v2/raw_crash/000/20180313/{ID}");
         let id = ID.to_string();
         let mark = r.legacy_mark(&[(&id, vec!["a", "b"])]);
-        // Pairs 0 and 1 (ID to a, ID to b) sent under this routing: nothing to publish.
-        let ctx = sent_before(&mark, "[0,1]");
-        let Outcome::Success { body, .. } = r.handle(event(&[&key]), &ctx).await else {
-            panic!("no publish should have been attempted")
-        };
-        assert_eq!(body["already_published"], 2);
-        // The same positions under another seed name other pairs: published again (here
-        // attempted: a test context cannot publish), and the old positions forgotten.
-        let other = router("a,b", 2);
-        let ctx = sent_before(&mark, "[0,1]");
-        let out = other.handle(event(&[&key]), &ctx).await;
+        // Pairs 0 and 1 (ID to a, ID to b) sent under this routing: nothing to publish,
+        // under this configuration or another (a seed changed since).
+        for now in [router("a,b", 1), router("b,a", 2)] {
+            let ctx = sent_before(&mark, "[0,1]");
+            let Outcome::Success { body, .. } = now.handle(event(&[&key]), &ctx).await else {
+                panic!("no publish should have been attempted")
+            };
+            assert_eq!(body["already_published"], 2);
+        }
+        // Positions whose pairs are not these (the digest differs) are forgotten: published
+        // again (here attempted: a test context cannot publish).
+        let ctx = sent_before(&mark.replace("pairs=", "pairs=0"), "[0,1]");
+        let out = r.handle(event(&[&key]), &ctx).await;
         assert!(
             matches!(&out, Outcome::Retry(m) if m.contains("queue `a`")),
             "{out:?}"
@@ -1276,6 +1334,57 @@ mod tests {
         assert_eq!(
             written_sent(&ctx),
             [json!(format!("to 0 {digest} a")), json!("0")]
+        );
+    }
+
+    /// Each pair an earlier build's positions name is carried over to its queue's own
+    /// position: two ids to two queues, all but the last pair sent.
+    #[tokio::test]
+    async fn an_earlier_builds_positions_are_carried_to_each_queues_own() {
+        let r = router("a,b", 1);
+        let (first, second) = (
+            ID.to_string(),
+            "00007bd0-2d1c-4865-af09-80bc00180312".to_string(),
+        );
+        let keys = [
+            format!("v2/raw_crash/000/20180313/{first}"),
+            format!("v2/raw_crash/000/20180312/{second}"),
+        ];
+        let pairs = [(&first, vec!["a", "b"]), (&second, vec!["a", "b"])];
+        // Pairs 0-2: first to a, first to b, second to a.
+        let ctx = sent_before(&r.legacy_mark(&pairs), "[0,2]");
+        let out = r.handle(event(&[&keys[0], &keys[1]]), &ctx).await;
+        assert!(
+            matches!(&out, Outcome::Retry(m) if m.contains(&format!("{second} to queue `b`"))),
+            "only the last pair is left: {out:?}"
+        );
+    }
+
+    /// A dead letter an earlier build wrote is read under the routing it names: replayed
+    /// after a misspelled queue was corrected, the queue that had its id is skipped.
+    #[tokio::test]
+    async fn an_earlier_builds_dead_letter_is_replayed_after_a_queue_is_corrected() {
+        let key = format!("v2/raw_crash/000/20180313/{ID}");
+        let id = ID.to_string();
+        let before = router("a,typo", 1);
+        // ID went to `a`, not to `typo`.
+        let ctx = sent_before(&before.legacy_mark(&[(&id, vec!["a", "typo"])]), "\"0\"");
+        let out = router("a,b", 1).handle(event(&[&key]), &ctx).await;
+        assert!(
+            matches!(&out, Outcome::Retry(m) if m.contains("queue `b`")),
+            "`a` skipped: {out:?}"
+        );
+        // Under another accept digit the positions name other pairs: forgotten.
+        let ctx = sent_before(
+            &before
+                .legacy_mark(&[(&id, vec!["a", "typo"])])
+                .replace("accept=0", "accept=1"),
+            "\"0\"",
+        );
+        let out = router("a,b", 1).handle(event(&[&key]), &ctx).await;
+        assert!(
+            matches!(&out, Outcome::Retry(m) if m.contains("queue `a`")),
+            "{out:?}"
         );
     }
 
