@@ -299,10 +299,11 @@ fn room_in(
     // Only where the filesystem's size is its own: on ZFS, a thin volume, a quota'd or
     // network share, "total" is what is used plus what is free now, and a snapshot pruned
     // or a quota raised makes room — a full store to wait out, not a file to dead-letter.
-    if size > total && fixed_size(staging) {
+    // With the headroom kept free beside it: one that never fits is no outage either.
+    if !fits(size, total, total) && fixed_size(staging) {
         return Err(Ok(CopyError::Unstorable(
             key.to_string(),
-            "the file is larger than the store's whole filesystem",
+            "the file is larger than the store's whole filesystem (less the room kept free)",
         )));
     }
     // Untracked where the file cannot be looked at: checked alone, as before.

@@ -5,4 +5,6 @@ pub mod envelope;
 pub mod forward;
 pub mod service;
 
-pub use service::{DONE_HEADER, EventForwarder, EventForwarderService, ForwarderSettings};
+pub use service::{
+    DONE_HEADER, EventForwarder, EventForwarderService, ForwarderSettings, RESUME_HEADER,
+};

@@ -34,6 +34,10 @@ pub const INPUT_EXCHANGE: &str = "events";
 pub const OUTPUT_ROUTING_KEY: &str = "storagetier.eventforwarder.event";
 /// Retry header: the Kinesis records (0-based) already delivered or dead-lettered.
 pub const DONE_HEADER: &str = "x-event-forwarder-done";
+/// Retry header of an unordered batch stopped at the consumer-timeout checkpoint: the
+/// record its retry begins with (the first this attempt did not try), so the records
+/// behind ones that keep failing slowly are tried too, not dead-lettered untried.
+pub const RESUME_HEADER: &str = "x-event-forwarder-resume";
 /// Counter of POSTs by result (delivered | retry | rejected).
 pub const POSTS_METRIC: &str = "storagetier_event_forwarder_posts_total";
 /// Every `result` of [`POSTS_METRIC`], as docs/adapters.md lists them.
@@ -476,7 +480,16 @@ impl EventForwarder {
             !self.ordered && ctx.counted_attempts().saturating_add(1) >= self.retry.max_attempts;
         // Whether this attempt has posted a record yet.
         let mut posted = false;
-        for (i, r) in records.iter().enumerate() {
+        // Where an earlier attempt stopped at the checkpoint: this one begins there and
+        // comes round to the records before it. Ordered, a batch keeps its own order.
+        let n = records.len();
+        let start = framework::headers::get_str(&ctx.headers, RESUME_HEADER)
+            .filter(|_| ctx.came_back() && !self.ordered)
+            .and_then(|s| s.parse::<usize>().ok())
+            .filter(|s| *s < n)
+            .unwrap_or(0);
+        for (seen, i) in (start..n).chain(0..start).enumerate() {
+            let r = &records[i];
             let mark = i.to_string();
             if progress.is_done(&mark) {
                 skipped.push(i);
@@ -498,10 +511,9 @@ impl EventForwarder {
                     || ctx.counted_attempts().saturating_add(1) < self.retry.max_attempts)
                 && ctx.time_left().is_some_and(|left| left < room)
             {
+                ctx.set_retry_header(RESUME_HEADER, &i.to_string());
                 return Outcome::retry(format!(
-                    "the service stopped after {} of {} records; the rest go with this retry",
-                    i,
-                    records.len()
+                    "the service stopped after {seen} of {n} records; the rest go with this retry"
                 ));
             }
             // A batch of many records to a slow endpoint can outlast the broker's consumer
@@ -528,11 +540,16 @@ impl EventForwarder {
                          of it goes on in a retry, behind the messages after it"
                     );
                 }
+                if !self.ordered {
+                    ctx.set_retry_header(RESUME_HEADER, &i.to_string());
+                }
                 return Outcome::retry(format!(
-                    "the batch outlasted a third of the broker's consumer timeout after {} of {} \
-                     records; the rest go with this retry",
-                    i,
-                    records.len()
+                    "the batch outlasted a third of the broker's consumer timeout after {seen} \
+                     of {n} records{}; the rest go with this retry",
+                    retry
+                        .as_deref()
+                        .map(|first| format!(" (first failure: {first})"))
+                        .unwrap_or_default()
                 ));
             }
             let key = record_key(r, i, ctx, r.kinesis.get());
@@ -642,7 +659,7 @@ impl MessageProcessor for EventForwarder {
     type Input = Box<RawValue>;
 
     fn progress_headers(&self) -> &'static [&'static str] {
-        &[DONE_HEADER]
+        &[DONE_HEADER, RESUME_HEADER]
     }
 
     async fn handle(&self, input: Box<RawValue>, ctx: &MessageContext) -> Outcome {

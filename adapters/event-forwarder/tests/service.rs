@@ -1669,15 +1669,8 @@ async fn an_endpoint_slower_than_timeout_ms_is_a_timeout() {
 /// redelivers it as it came (every record posted again, at every delivery).
 #[tokio::test]
 async fn a_batch_near_the_consumer_timeout_goes_on_in_a_retry_carrying_its_progress() {
-    use framework::{MessageContext, MessageProcessor, Outcome};
     let server = answering(200).await;
-    let processor = processor_with(&server, &[]).await;
-    let ctx =
-        MessageContext::for_test("events", "k", 0).with_checkpoint_in(std::time::Duration::ZERO);
-    match processor.handle(three_records(), &ctx).await {
-        Outcome::Retry(why) => assert!(why.contains("consumer timeout"), "{why}"),
-        other => panic!("expected a retry, got {other:?}"),
-    }
+    let ctx = retried_at_the_checkpoint(&server).await;
     assert_eq!(bodies(&server).await.len(), 1, "one record posted first");
     let done: Vec<_> = ctx
         .retry_headers()
@@ -1707,6 +1700,20 @@ async fn processor_with(
         .expect("processor")
 }
 
+/// The context of three records handled past the consumer-timeout checkpoint, once
+/// their handling returned the retry that says so.
+async fn retried_at_the_checkpoint(server: &MockServer) -> framework::MessageContext {
+    use framework::{MessageContext, MessageProcessor, Outcome};
+    let processor = processor_with(server, &[]).await;
+    let ctx =
+        MessageContext::for_test("events", "k", 0).with_checkpoint_in(std::time::Duration::ZERO);
+    match processor.handle(three_records(), &ctx).await {
+        Outcome::Retry(why) => assert!(why.contains("consumer timeout"), "{why}"),
+        other => panic!("expected a retry, got {other:?}"),
+    }
+    ctx
+}
+
 fn three_records() -> Box<serde_json::value::RawValue> {
     let body = json!({"Records": [record("seq-1"), record("seq-2"), record("seq-3")]});
     serde_json::value::to_raw_value(&body).expect("raw")
@@ -1718,15 +1725,8 @@ fn three_records() -> Box<serde_json::value::RawValue> {
 /// channel — at every delivery, for ever.
 #[tokio::test]
 async fn a_batch_failing_record_after_record_stops_at_the_checkpoint() {
-    use framework::{MessageContext, MessageProcessor, Outcome};
     let server = answering(500).await;
-    let processor = processor_with(&server, &[]).await;
-    let ctx =
-        MessageContext::for_test("events", "k", 0).with_checkpoint_in(std::time::Duration::ZERO);
-    match processor.handle(three_records(), &ctx).await {
-        Outcome::Retry(why) => assert!(why.contains("consumer timeout"), "{why}"),
-        other => panic!("expected a retry, got {other:?}"),
-    }
+    retried_at_the_checkpoint(&server).await;
     assert_eq!(
         bodies(&server).await.len(),
         1,
@@ -1755,4 +1755,43 @@ async fn a_stop_during_the_last_attempt_keeps_what_it_delivered() {
             .any(|(k, _)| k == event_forwarder::DONE_HEADER),
         "the retry carries what was delivered"
     );
+}
+
+/// A batch whose first record keeps failing slowly until the checkpoint begins its retry
+/// with the records it did not try: begun again at the first record each time, the records
+/// behind it were never tried, and were dead-lettered untried once the attempts ran out.
+#[tokio::test]
+async fn a_retry_from_the_checkpoint_begins_with_the_records_not_tried() {
+    use framework::lapin::types::{AMQPValue, FieldTable};
+    use framework::{MessageContext, MessageProcessor, Outcome};
+    let server = answering_on("seq-1", ResponseTemplate::new(500)).await;
+    let processor = processor_with(&server, &[]).await;
+    let first =
+        MessageContext::for_test("events", "k", 0).with_checkpoint_in(std::time::Duration::ZERO);
+    match processor.handle(three_records(), &first).await {
+        Outcome::Retry(why) => assert!(why.contains("first failure: record 1 of 3"), "{why}"),
+        other => panic!("expected a retry, got {other:?}"),
+    }
+    let (_, resume) = first
+        .retry_headers()
+        .into_iter()
+        .find(|(k, _)| k == event_forwarder::RESUME_HEADER)
+        .expect("where the retry begins");
+    assert_eq!(resume, "1");
+    // The retry, as it comes back with that header.
+    let mut retry = MessageContext::for_test("events", "k", 1);
+    let mut h = FieldTable::default();
+    h.insert(
+        event_forwarder::RESUME_HEADER.into(),
+        AMQPValue::LongString(resume.as_str().into()),
+    );
+    retry.headers = h;
+    let retry = retry.with_checkpoint_in(std::time::Duration::ZERO);
+    assert!(matches!(
+        processor.handle(three_records(), &retry).await,
+        Outcome::Retry(_)
+    ));
+    let posted = bodies(&server).await;
+    assert_eq!(posted.len(), 2, "{posted:?}");
+    assert!(posted[1].contains("seq-2"), "{posted:?}");
 }
