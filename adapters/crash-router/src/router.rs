@@ -254,19 +254,7 @@ impl CrashRouter {
             .find(|m| m.starts_with(LEGACY_PREFIX))
             .and_then(|m| self.legacy_router(m));
         if let Some(earlier) = earlier {
-            let old_pairs: Vec<(&String, Vec<&str>)> = pairs
-                .iter()
-                .map(|(id, _)| {
-                    let picks = earlier.select_queues(id);
-                    let queues = earlier
-                        .queues
-                        .iter()
-                        .filter(|q| picks.contains(&q.name))
-                        .map(|q| q.name.as_str())
-                        .collect();
-                    (*id, queues)
-                })
-                .collect();
+            let old_pairs = earlier.pairs(pairs.iter().map(|(id, _)| *id));
             if sent.is_done(&earlier.legacy_mark(&old_pairs)) {
                 let mut at = 0u64;
                 for (id, picks) in &old_pairs {
@@ -310,6 +298,24 @@ impl CrashRouter {
             defer: self.defer,
             seed: seed.parse().ok()?,
         })
+    }
+
+    /// Each of `ids` with the queues it is drawn for, in the configured order.
+    fn pairs<'a>(
+        &'a self,
+        ids: impl Iterator<Item = &'a String>,
+    ) -> Vec<(&'a String, Vec<&'a str>)> {
+        ids.map(|id| {
+            let picks = self.select_queues(id);
+            let queues = self
+                .queues
+                .iter()
+                .filter(|q| picks.contains(&q.name))
+                .map(|q| q.name.as_str())
+                .collect();
+            (id, queues)
+        })
+        .collect()
     }
 
     /// The configured queues, in order, that get `crash_id`: a function of the seed and
@@ -382,20 +388,7 @@ impl MessageProcessor for CrashRouter {
         // pairs an earlier attempt already published.
         let earlier_release = framework::batch::Progress::resume(ctx, PUBLISHED_HEADER);
         let mut sent = framework::batch::Progress::resume(ctx, SENT_HEADER);
-        // Each accepted id with the queues it is drawn for, in the configured order.
-        let pairs: Vec<(&String, Vec<&str>)> = accepted
-            .iter()
-            .map(|id| {
-                let picks = self.select_queues(id);
-                let queues = self
-                    .queues
-                    .iter()
-                    .filter(|q| picks.contains(&q.name))
-                    .map(|q| q.name.as_str())
-                    .collect();
-                (id, queues)
-            })
-            .collect();
+        let pairs = self.pairs(accepted.iter());
         let mut dests = self.destinations(&pairs, &mut sent);
         let mut deliveries: BTreeMap<String, Vec<String>> = BTreeMap::new();
         let mut already = 0u64;

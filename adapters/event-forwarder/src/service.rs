@@ -644,6 +644,10 @@ impl EventForwarder {
                 records.len()
             ));
         }
+        // In the records' order, whichever record this attempt began with.
+        for list in [&mut delivered, &mut dead, &mut skipped] {
+            list.sort_unstable();
+        }
         Outcome::success(json!({
             "kind": "kinesis",
             "records": records.len(),
