@@ -6,6 +6,8 @@
 //! a live database. SQL must therefore be portable between SQLite and PostgreSQL:
 //! `TEXT`/`BIGINT` columns, `ON CONFLICT … DO UPDATE/NOTHING`, `RETURNING`, `$1` binds.
 
+pub mod filesystem;
+
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
@@ -346,7 +348,7 @@ fn warn_network_filesystem(url: &str) {
     else {
         return;
     };
-    if let Some(kind) = filesystem_magic(&dir).and_then(network_kind) {
+    if let Some(kind) = filesystem::of_path(&dir).and_then(filesystem::network_name) {
         tracing::warn!(
             database = %dir.display(),
             filesystem = kind,
@@ -355,40 +357,6 @@ fn warn_network_filesystem(url: &str) {
              postgres:// database_url (docs/scaling.md)"
         );
     }
-}
-
-/// The filesystem type (`statfs`'s `f_type`, its low 32 bits, where the magic numbers
-/// live) of the filesystem holding `dir`.
-fn filesystem_magic(dir: &Path) -> Option<u32> {
-    use std::os::unix::ffi::OsStrExt as _;
-    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
-    let mut stat = std::mem::MaybeUninit::<libc::statfs>::uninit();
-    // SAFETY: `path` is NUL-terminated and outlives the call; `stat` is read only after
-    // statfs reported having written it.
-    let stat = unsafe {
-        if libc::statfs(path.as_ptr(), stat.as_mut_ptr()) != 0 {
-            return None;
-        }
-        stat.assume_init()
-    };
-    // `f_type`'s width differs between platforms; the magic numbers are 32-bit.
-    Some(stat.f_type as u32)
-}
-
-/// The name of a network (or FUSE) filesystem by its `statfs` magic number.
-fn network_kind(magic: u32) -> Option<&'static str> {
-    Some(match magic {
-        0x6969 => "nfs",
-        0x517B => "smb",
-        0xFF53_4D42 => "cifs",
-        0xFE53_4D42 => "smb2",
-        0x6573_5546 => "fuse (sshfs, s3fs, …)",
-        0x00C3_6400 => "ceph",
-        0x0102_1997 => "9p",
-        0x5346_414F => "afs",
-        0x7375_7245 => "coda",
-        _ => return None,
-    })
 }
 
 /// Flushes the directory holding the SQLite file of `url` (and the directories above
@@ -1986,19 +1954,6 @@ mod tests {
             "postgres://u@h/db?password=***&application_name=me%40host"
         );
         assert_eq!(redact_url("sqlite://./data/x.db"), "sqlite://./data/x.db");
-    }
-
-    /// The filesystem of a local directory is read and not taken for a network one; the
-    /// network ones' magic numbers are named.
-    #[test]
-    fn network_filesystems_are_told_by_their_magic_number() {
-        let dir = tempfile::tempdir().expect("dir");
-        let magic = filesystem_magic(dir.path()).expect("statfs");
-        assert_eq!(network_kind(magic), None, "{magic:#x}");
-        assert_eq!(filesystem_magic(&dir.path().join("missing")), None);
-        assert_eq!(network_kind(0x6969), Some("nfs"));
-        assert_eq!(network_kind(0xFF53_4D42), Some("cifs"));
-        assert_eq!(network_kind(0xEF53), None, "ext4");
     }
 
     /// A configured SQLite file in a directory that does not exist (an unmounted volume)

@@ -840,7 +840,10 @@ async fn dlq_command(
                 .await
                 .unwrap_or(Err(match dry_run {
                     true => dlq::DlqError::DryRunStoppedNow(seen),
-                    false => dlq::DlqError::StoppedNow(seen),
+                    false => dlq::DlqError::StoppedNow {
+                        moved: seen,
+                        left: filter.left_after(seen),
+                    },
                 }));
             let moved = replayed.map_err(|e| {
                 if json {

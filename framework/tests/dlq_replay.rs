@@ -283,6 +283,43 @@ async fn a_replay_interrupted_stops_between_two_dead_letters_and_says_how_far_it
     assert!(seen.values().all(|c| *c == 1), "none twice: {seen:?}");
 }
 
+/// A replay given `--limit` and cut short (Ctrl-C) says to go on with what its limit
+/// left: told to run the same command again, an operator replayed the whole limit again
+/// (`--limit 500` stopped at 300, rerun: 800 replayed).
+#[tokio::test]
+async fn an_interrupted_replay_with_a_limit_says_what_its_limit_left() {
+    let hs = dead_letters("intlimit", 6).await;
+    let dlq_name = format!("{}-dlq", hs.q);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let filter = Filter {
+        limit: Some(5),
+        stop: Some(stop.clone()),
+        ..Default::default()
+    };
+    let mut moved = 0;
+    let e = dlq::replay_each(&hs.conn, &hs.topology(), &filter, false, |_| {
+        moved += 1;
+        if moved == 2 {
+            stop.cancel();
+        }
+    })
+    .await
+    .expect_err("stopped");
+    let text = e.to_string();
+    assert!(
+        matches!(
+            e,
+            dlq::DlqError::Interrupted {
+                moved: 2,
+                left: Some(3)
+            }
+        ),
+        "{text}"
+    );
+    assert!(text.contains("again with --limit 3"), "{text}");
+    await_ready_count(&hs.ch, &dlq_name, 4).await;
+}
+
 /// Design §3: a replay is confirmed in `Q` before its dead letter is removed. With `Q`
 /// gone (deleted by hand, a typo'd `queue`), the broker returns every replay: each dead
 /// letter stays, and the replay says so instead of "replayed".

@@ -64,31 +64,10 @@ impl Identity {
     }
 }
 
-/// Whether the filesystem holding `file` sets its change time itself at every change, so
-/// that no one can set it back: the kernel's own filesystems and the network ones whose
-/// server keeps it (NFS, SMB). Not FUSE ones, whose times are whatever the daemon says
-/// (sshfs gives the modification time as change time, which `cp -p` sets back), nor any
-/// other not known.
+/// Whether the filesystem holding `file` sets its change time itself at every change
+/// ([`db::filesystem::keeps_change_time`]).
 fn keeps_change_time(file: &std::fs::File) -> bool {
-    // Not tmpfs: with no writeback, a writable shared mapping is never write-protected
-    // again, and writes through it change neither time.
-    const KEPT: [u64; 10] = [
-        0xEF53,      // ext2/3/4
-        0x5846_5342, // XFS
-        0x9123_683E, // Btrfs
-        0x2FC1_2FC1, // ZFS
-        0xF2F5_2010, // F2FS
-        0x794C_7630, // overlayfs (its upper layer's)
-        0x6969,      // NFS
-        0xFF53_4D42, // CIFS
-        0xFE53_4D42, // SMB2/3
-        0x7366_746E, // ntfs3
-    ];
-    rustix::fs::fstatfs(file).is_ok_and(|st| {
-        #[allow(clippy::unnecessary_cast, clippy::cast_sign_loss)]
-        let kind = st.f_type as u64;
-        KEPT.contains(&kind)
-    })
+    db::filesystem::of_file(file).is_some_and(db::filesystem::keeps_change_time)
 }
 
 /// The digests of the files one copier hashed, by [`Identity`].

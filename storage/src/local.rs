@@ -57,6 +57,10 @@ pub const STALE_STAGING: Duration = Duration::from_secs(15 * 60);
 pub const FILE_IN_THE_WAY: &str =
     "a stored object is a file where the key needs a directory (rename the source)";
 
+/// Why a key whose name the store's filesystem refuses is never stored.
+pub const NAME_REFUSED: &str = "the store's filesystem refuses a name on its path (a character \
+     it does not allow, or a name that is not UTF-8): rename the source or store elsewhere";
+
 /// `e`, met on the way to `key` in a local store, as the permanent error it is where no
 /// retry can mend it (a file where a directory is needed, a name too long).
 pub(crate) fn unstorable(key: &str, e: &std::io::Error) -> Option<CopyError> {
@@ -67,6 +71,23 @@ pub(crate) fn unstorable(key: &str, e: &std::io::Error) -> Option<CopyError> {
             "a name on its path is longer than the store's filesystem allows",
         )),
         _ => None,
+    }
+}
+
+/// `e`, met publishing a copy under `key`, where it is more than a write error: another
+/// copy there first, or a name the store's filesystem refuses.
+fn not_published(key: &str, e: std::io::Error) -> Result<CopyError, std::io::Error> {
+    if e.kind() == std::io::ErrorKind::AlreadyExists {
+        return Ok(CopyError::Exists(key.to_string()));
+    }
+    match e.raw_os_error() {
+        // A share or a FAT-family disk refusing a character (`:`, `?`, `"`, a trailing
+        // dot) or a name that is not UTF-8 says so only where the copy is named: retried,
+        // each of the 50 attempts copied the whole file again first.
+        Some(libc::EINVAL | libc::EILSEQ) => {
+            Ok(CopyError::Unstorable(key.to_string(), NAME_REFUSED))
+        }
+        _ => Err(e),
     }
 }
 
@@ -195,10 +216,9 @@ fn copy_via(
             state.check(file, shown)?;
         }
         staging.sync_all().map_err(write_err)?;
-        staged.publish(&dest).map_err(|e| match e.kind() {
-            std::io::ErrorKind::AlreadyExists => CopyError::Exists(key.to_string()),
-            _ => write_err(e),
-        })?;
+        staged
+            .publish(&dest)
+            .map_err(|e| not_published(key, e).unwrap_or_else(&write_err))?;
         // On this thread, not another blocking trip: a small file's copy is a handful of
         // syscalls, and each trip costs about as much CPU as they do.
         sync_parent(root, &dest).map_err(write_err)?;
@@ -411,20 +431,10 @@ fn fits(size: u64, total: u64, free: u64) -> bool {
     size.checked_add(headroom(total)).is_some_and(|n| n <= free)
 }
 
-/// Whether the filesystem `file` is on has a size of its own (ext2/3/4, XFS, F2FS, tmpfs),
-/// not one that follows what a pool, a quota or a server has free.
+/// Whether the filesystem `file` is on has a size of its own
+/// ([`db::filesystem::has_fixed_size`]).
 fn fixed_size(file: &File) -> bool {
-    rustix::fs::fstatfs(file).is_ok_and(|st| {
-        #[allow(clippy::unnecessary_cast, clippy::cast_sign_loss)]
-        let kind = st.f_type as u64;
-        fixed_size_kind(kind)
-    })
-}
-
-/// [`fixed_size`] by the filesystem's magic number.
-fn fixed_size_kind(kind: u64) -> bool {
-    const FIXED: [u64; 4] = [0xEF53, 0x5846_5342, 0xF2F5_2010, 0x0102_1994];
-    FIXED.contains(&kind)
+    db::filesystem::of_file(file).is_some_and(db::filesystem::has_fixed_size)
 }
 
 /// The space of the filesystem `file` is on, as this process may fill it: (total, free)
@@ -935,15 +945,21 @@ mod tests {
         assert_eq!(staged_files(dir.path()), 0);
     }
 
-    /// ZFS, btrfs (devices added), NFS, SMB and FUSE sizes follow a pool, a quota or a
-    /// server: a file larger than them now may fit later.
+    /// A name the store's filesystem refuses where the copy is named (a share's or a
+    /// FAT disk's EINVAL, EILSEQ) is the file's for good: retried, each attempt copied the
+    /// whole file again first. Another copy there first is no error; anything else is.
     #[test]
-    fn only_a_filesystem_of_its_own_size_refuses_a_larger_file_for_good() {
-        for fixed in [0xEF53, 0x5846_5342, 0x0102_1994] {
-            assert!(fixed_size_kind(fixed), "{fixed:#x}");
+    fn a_name_refused_where_the_copy_is_published_is_permanent() {
+        let io = std::io::Error::from_raw_os_error;
+        for refused in [libc::EINVAL, libc::EILSEQ] {
+            let e = not_published("a/b:c?.mov", io(refused)).expect("classed");
+            assert!(e.is_permanent(), "{e}");
+            assert!(e.to_string().contains("refuses a name"), "{e}");
         }
-        for grows in [0x2FC1_2FC1, 0x9123_683E, 0x6969, 0xFE53_4D42, 0x6573_5546] {
-            assert!(!fixed_size_kind(grows), "{grows:#x}");
+        let raced = not_published("k", io(libc::EEXIST)).expect("classed");
+        assert!(matches!(raced, CopyError::Exists(_)), "{raced}");
+        for other in [libc::EIO, libc::ENOSPC, libc::EACCES] {
+            assert!(not_published("k", io(other)).is_err(), "{other}");
         }
     }
 
@@ -1066,9 +1082,11 @@ mod tests {
         let f = File::create(dir.path().join("staging")).expect("file");
         let size = ROOM_CHECKED_FROM;
         // ext4, XFS, btrfs and tmpfs reserve; ZFS, NFS and most FUSE do not (counted there).
-        const RESERVING: [u64; 4] = [0xEF53, 0x5846_5342, 0x9123_683E, 0x0102_1994];
-        let kind = rustix::fs::fstatfs(&f).expect("statfs").f_type as u64;
-        if !RESERVING.contains(&kind) || space(&f).is_none_or(|(_, free)| free < 2 << 30) {
+        use db::filesystem::{BTRFS, EXT, TMPFS, XFS};
+        let kind = db::filesystem::of_file(&f).expect("statfs");
+        if ![EXT, XFS, BTRFS, TMPFS].contains(&kind)
+            || space(&f).is_none_or(|(_, free)| free < 2 << 30)
+        {
             println!("a filesystem that does not reserve, or under 2 GiB free: not applicable");
             return;
         }

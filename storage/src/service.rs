@@ -304,8 +304,8 @@ impl TierProcessor {
                 store = %tier.display,
                 root = %root.display(),
                 "the store and an online root hold one another: unless the asset sweeper \
-                 leaves the store out, its copies are swept as new media and copied again, \
-                 into the store itself"
+                 leaves the store out, its copies are swept as new media, copied again into \
+                 the store itself or, where one is its own copy, dead-lettered"
             );
         }
         let shown: Vec<String> = roots

@@ -592,6 +592,9 @@ impl TierCopier {
                 .filter(|e| e.object.checksum == d.checksum)
             {
                 let mut obj = earlier.object;
+                // Recorded by an earlier release that reused the vault's own file.
+                self.not_the_source(&crate::store::object_path(&obj.object_key), file, &original)
+                    .await?;
                 // As below: one that cannot be read back now (an archive storage class; a
                 // record of a reused object may hold nothing the store's HEAD can settle)
                 // is not confirmed here — the file, still here, goes on to the steps below
@@ -622,7 +625,9 @@ impl TierCopier {
         //    content's later copies reuse it without a claim.
         if self.policy.reuse_identical
             && let Some(d) = &source
-            && let Some(obj) = self.identical_object(d, &original, &mtime, msg).await?
+            && let Some(obj) = self
+                .identical_object(d, file, &original, &mtime, msg)
+                .await?
         {
             return Ok(TierOutcome::Copied(report(&obj, false)));
         }
@@ -647,7 +652,9 @@ impl TierCopier {
 
             // Looked for again under the claim: a copy of it may have finished meanwhile.
             if let Some(d) = identical.as_ref().and(source.as_ref())
-                && let Some(obj) = self.identical_object(d, &original, &mtime, msg).await?
+                && let Some(obj) = self
+                    .identical_object(d, file, &original, &mtime, msg)
+                    .await?
             {
                 return Ok(TierOutcome::Copied(report(&obj, false)));
             }
@@ -759,11 +766,33 @@ impl TierCopier {
         placed
     }
 
+    /// Refuses the object at `key` as the copy of `original` where it is that very file:
+    /// the store is the file's own directory reached another way (a vault inside an online
+    /// root, a bind mount of one) or holds a hard link of it. Reported as its copy, a
+    /// remover of backed-up files deleted the only one.
+    async fn not_the_source(
+        &self,
+        key: &ObjectPath,
+        file: &std::fs::File,
+        original: &str,
+    ) -> Result<(), TierError> {
+        // Where the object cannot be looked at, the steps after this meet that and say so.
+        if let Ok(true) = copy::is_the_source(&self.tier, key, file).await {
+            return Err(TierError::Permanent(format!(
+                "{key} in the store is {original} itself (one file): the store is this \
+                 file's own directory reached another way (inside an online root, a bind \
+                 mount of one) or holds a hard link of it — no copy can be made there"
+            )));
+        }
+        Ok(())
+    }
+
     /// An object of the vault holding `d` (nearline's reuse), recorded as the copy of
     /// `original` too, if there is one that reads back as recorded.
     async fn identical_object(
         &self,
         d: &Digest,
+        file: &std::fs::File,
         original: &str,
         mtime: &str,
         msg: &AssetSweeperFile,
@@ -781,6 +810,10 @@ impl TierCopier {
             {
                 continue;
             }
+            // The vault's own file reached through an online root reads back as its own
+            // copy: reported backed up, it was deleted as a copy elsewhere.
+            self.not_the_source(&crate::store::object_path(&obj.object_key), file, original)
+                .await?;
             // Confirmed by the store's checksum or read back: a damaged copy must not be
             // trusted. Another file's object that cannot be read back now (moved to an
             // archive storage class) is not confirmed: this file gets a copy of its own,
@@ -1001,13 +1034,7 @@ impl TierCopier {
                 None
             };
             if let Some(existing) = existing {
-                if copy::is_the_source(&self.tier, key, file).await? {
-                    return Err(TierError::Permanent(format!(
-                        "{key} in the store is {original} itself (one file): the store is \
-                         this file's own directory reached another way (a bind mount of an \
-                         online root) or holds a hard link of it — no copy can be made there"
-                    )));
-                }
+                self.not_the_source(key, file, original).await?;
                 let d = match source {
                     Some(d) => d.clone(),
                     None => source
@@ -1237,6 +1264,11 @@ impl<'a> Claim<'a> {
         use tokio::time::Instant;
         let margin = CLAIM_LEASE / 4;
         loop {
+            // Looked at before waiting too: a process paused past the lease as the claim
+            // was taken (a frozen VM) learns it at once, not a quarter of a lease later.
+            if Instant::now() + margin >= self.held_until() {
+                break;
+            }
             tokio::time::sleep(CLAIM_LEASE / 4).await;
             let asked = Instant::now();
             let held_until = self.held_until();
@@ -1421,6 +1453,24 @@ mod tests {
         )
         .await;
         assert!(watched.is_err(), "{:?}", watched.map(|e| e.to_string()));
+    }
+
+    /// A claim whose lease ran out before it was watched (the process paused as it was
+    /// taken) is lost at once: its copy wrote on for a quarter of a lease on a key another
+    /// replica may hold by then.
+    #[tokio::test]
+    async fn a_claim_paused_past_its_lease_is_lost_at_once() {
+        let dir = tempfile::tempdir().expect("temp");
+        let url = format!("sqlite://{}", dir.path().join("r.db").display());
+        let records = crate::records::Records::open(&url).await.expect("records");
+        let claim = super::Claim::take(&records, &crate::store::object_path("k"))
+            .await
+            .expect("claimed");
+        *claim.held_until.lock().expect("lock") = tokio::time::Instant::now();
+        let lost = tokio::time::timeout(super::CLAIM_LEASE / 8, claim.keep())
+            .await
+            .expect("lost before its first renewal");
+        assert!(lost.to_string().contains("lost the upload claim"), "{lost}");
     }
 
     /// Waits until another owner can take `key`: well before the lease of the claim given

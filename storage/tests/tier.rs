@@ -239,6 +239,36 @@ async fn a_store_holding_the_source_itself_is_no_copy() {
     }
 }
 
+/// A nearline vault inside an online root: its objects are swept as new files, and each
+/// holds the content of a recorded copy — its own. Reused as its own backup, it was
+/// reported copied ("uploaded": false), and a remover of backed-up files deleted the
+/// vault's only copy. Refused as permanent, at every size, on every delivery.
+#[tokio::test]
+async fn a_vault_file_swept_through_an_online_root_is_no_copy_of_itself() {
+    let base = tempfile::tempdir().expect("temp");
+    let vault = base.path().join("online/vault");
+    let tier = storage::store::local(&vault).expect("tier");
+    let c = nearline(base.path(), tier, records(base.path()).await);
+    for (name, size) in [("small.mov", 4096), ("large.mov", 3 * MIB)] {
+        let first = put(
+            base.path(),
+            "online",
+            &format!("show/{name}"),
+            &content(size, 3),
+        );
+        assert!(copied(c.handle(&first, 1).await).uploaded, "{name}");
+        let swept: AssetSweeperFile =
+            serde_json::from_value(sweeper_message("vault/show", name, false)).expect("message");
+        for delivery in 1..=2 {
+            match c.handle(&swept, delivery).await {
+                Err(TierError::Permanent(e)) => assert!(e.contains("itself"), "{name}: {e}"),
+                other => panic!("{name}: expected a refusal, got {other:?}"),
+            }
+        }
+        assert_eq!(held(&vault, &format!("show/{name}")), content(size, 3));
+    }
+}
+
 /// U+0000 is valid JSON but PostgreSQL text cannot hold it: a field with one is refused
 /// at once, naming the field (on PostgreSQL every attempt failed to record, 50 retries).
 #[tokio::test]

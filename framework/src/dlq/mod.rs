@@ -41,6 +41,17 @@ pub struct DeadLetter {
     pub from_producer: bool,
 }
 
+/// How a replay cut short is gone on with: the same command, given what is left of its
+/// `--limit` (the whole limit again replayed more than asked).
+fn go_on(left: Option<usize>) -> String {
+    match left {
+        Some(n) => format!(
+            "Run the same command again with --limit {n} (what this one's limit left) to go on"
+        ),
+        None => "Run the same command again to go on".into(),
+    }
+}
+
 /// A dead letter as an error names it: by its message id (shown safely), or as having none.
 fn named(message_id: &Option<String>) -> String {
     match message_id {
@@ -118,9 +129,8 @@ pub enum DlqError {
     #[error(
         "stopped after {moved} dead letter(s): those passed over had been held for \
          {held_secs} s, and the broker's consumer timeout would take the channel; they are \
-         back in the DLQ. Run the same command again{} to go on",
-        left.map_or_else(String::new, |n| format!(" with --limit {n} (what this one's \
-         limit left)"))
+         back in the DLQ. {}",
+        go_on(*.left)
     )]
     Stopped {
         /// Dead letters replayed before it stopped.
@@ -170,18 +180,30 @@ pub enum DlqError {
     },
     /// The replay was stopped (SIGINT, SIGTERM) between two dead letters.
     #[error(
-        "interrupted after replaying {0}: those are replayed and removed, the rest are still \
-         in the DLQ. Run the same command again to go on"
+        "interrupted after replaying {moved}: those are replayed and removed, the rest are \
+         still in the DLQ. {}",
+        go_on(*.left)
     )]
-    Interrupted(usize),
+    Interrupted {
+        /// Dead letters replayed and removed.
+        moved: usize,
+        /// What is left of the replay's `--limit` (see [`DlqError::Stopped`]).
+        left: Option<usize>,
+    },
     /// The replay was stopped at a second signal while it waited for the broker (not for
     /// a confirm: [`DlqError::Unconfirmed`]).
     #[error(
-        "stopped at a second signal after replaying {0}: those are replayed and removed, the \
-         rest are still in the DLQ (one whose replay was confirmed as the stop came may be \
-         there too: delivered twice if replayed again). Run the same command again to go on"
+        "stopped at a second signal after replaying {moved}: those are replayed and removed, \
+         the rest are still in the DLQ (one whose replay was confirmed as the stop came may \
+         be there too: delivered twice if replayed again). {}",
+        go_on(*.left)
     )]
-    StoppedNow(usize),
+    StoppedNow {
+        /// Dead letters replayed (and removed, but for the last perhaps).
+        moved: usize,
+        /// What is left of the replay's `--limit` (see [`DlqError::Stopped`]).
+        left: Option<usize>,
+    },
     /// A dry run was stopped at a second signal while it waited for the broker.
     #[error(
         "dry run stopped at a second signal after {0} dead letter(s) that would be replayed: \
@@ -672,6 +694,11 @@ impl From<&Selection> for Filter {
 }
 
 impl Filter {
+    /// What is left of the `--limit` once `moved` dead letters are replayed.
+    pub fn left_after(&self, moved: usize) -> Option<usize> {
+        self.limit.map(|n| n.saturating_sub(moved))
+    }
+
     fn matches(&self, d: &DeadLetter, now: chrono::DateTime<chrono::Utc>) -> bool {
         if self
             .message_id
@@ -1041,7 +1068,10 @@ async fn replay_each_told(
         });
     }
     if interrupted {
-        return Err(DlqError::Interrupted(moved));
+        return Err(DlqError::Interrupted {
+            moved,
+            left: filter.left_after(moved),
+        });
     }
     match stopped {
         // The message id asked for is replayed: a second dead letter of that id (a message
@@ -1066,7 +1096,7 @@ async fn replay_each_told(
         }),
         Some(held) => Err(DlqError::Stopped {
             moved,
-            left: filter.limit.map(|n| n.saturating_sub(moved)),
+            left: filter.left_after(moved),
             held_secs: held.as_secs(),
         }),
         None => Ok(moved),
