@@ -627,8 +627,15 @@ impl EventForwarder {
                 }
                 PostResult::Retryable(e, after, scope) => {
                     wait_for(ctx, after);
-                    endpoint_unavailable |=
-                        scope.whole_endpoint() && (!last || scope == Scope::Down);
+                    let holds_back = scope.whole_endpoint() && (!last || scope == Scope::Down);
+                    // The retry begins with the records held back, and comes round to this
+                    // one: a record that alone brings a 502 or a timeout (one crashing the
+                    // endpoint behind its gateway), begun with at every attempt, held the
+                    // others back until the last.
+                    if holds_back && !endpoint_unavailable && !self.ordered {
+                        ctx.set_retry_header(RESUME_HEADER, &((i + 1) % n).to_string());
+                    }
+                    endpoint_unavailable |= holds_back;
                     endpoint_down |= scope == Scope::Down;
                     pending += 1;
                     retry.get_or_insert(format!("record {} of {}: {e}", i + 1, records.len()));

@@ -1757,6 +1757,51 @@ async fn a_stop_during_the_last_attempt_keeps_what_it_delivered() {
     );
 }
 
+/// A record answered with a whole-endpoint failure (a 502: one that crashes the endpoint
+/// behind its gateway) holds back the records after it, and its retry begins with those,
+/// coming round to it: begun with at every attempt, it held them back until the last
+/// (all dead-lettered untried with it where that failed too).
+#[tokio::test]
+async fn a_retry_after_a_record_held_the_others_back_begins_with_them() {
+    use framework::lapin::types::{AMQPValue, FieldTable};
+    use framework::{MessageContext, MessageProcessor, Outcome};
+    let server = answering_on("seq-1", ResponseTemplate::new(502)).await;
+    let processor = processor_with(&server, &[]).await;
+    let first = MessageContext::for_test("events", "k", 0);
+    match processor.handle(three_records(), &first).await {
+        Outcome::Retry(why) => assert!(why.contains("3 of 3 records not delivered"), "{why}"),
+        other => panic!("expected a retry, got {other:?}"),
+    }
+    let (_, resume) = first
+        .retry_headers()
+        .into_iter()
+        .find(|(k, _)| k == event_forwarder::RESUME_HEADER)
+        .expect("where the retry begins");
+    assert_eq!(resume, "1");
+    let mut retry = MessageContext::for_test("events", "k", 1);
+    let mut h = FieldTable::default();
+    h.insert(
+        event_forwarder::RESUME_HEADER.into(),
+        AMQPValue::LongString(resume.as_str().into()),
+    );
+    retry.headers = h;
+    match processor.handle(three_records(), &retry).await {
+        Outcome::Retry(why) => assert!(why.contains("1 of 3 records not delivered"), "{why}"),
+        other => panic!("expected a retry, got {other:?}"),
+    }
+    let posted = bodies(&server).await;
+    let order: Vec<bool> = ["seq-1", "seq-2", "seq-3", "seq-1"]
+        .iter()
+        .zip(&posted)
+        .map(|(seq, body)| body.contains(seq))
+        .collect();
+    assert_eq!(
+        (posted.len(), order),
+        (4, vec![true; 4]),
+        "the records held back first, then round to the one that held them: {posted:?}"
+    );
+}
+
 /// A batch whose first record keeps failing slowly until the checkpoint begins its retry
 /// with the records it did not try: begun again at the first record each time, the records
 /// behind it were never tried, and were dead-lettered untried once the attempts ran out.
