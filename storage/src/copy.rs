@@ -758,17 +758,19 @@ pub async fn upload(
     let mut up = if (first.bytes.len() as u64) < part {
         // One request: atomic, so a failure leaves nothing to clean up.
         let Part {
-            bytes: first,
+            bytes: mut first,
             room: _room,
             sum,
         } = first;
-        let sums = sum.map(|sum| {
-            use base64::Engine;
-            (
-                base64::engine::general_purpose::STANDARD.encode(sum),
-                hex::encode(<md5::Md5 as md5::Digest>::digest(&first)),
-            )
-        });
+        let sums = match sum {
+            Some(sum) => {
+                use base64::Engine;
+                let md5;
+                (md5, first) = md5_hex(first, shown).await?;
+                Some((base64::engine::general_purpose::STANDARD.encode(sum), md5))
+            }
+            None => None,
+        };
         let size = first.len() as u64;
         unchanged(file, shown, &before, size).await?;
         let opts = PutOptions {
@@ -1347,6 +1349,20 @@ async fn read_part(
         room,
         sum,
     })
+}
+
+/// The MD5 of `b` (what a store's ETag is for one request) in hex, off the runtime's
+/// threads where `b` is large: a single request may be up to `part_size_mib` (5 GiB), and
+/// seconds of hashing on a runtime thread stalled every handler, heartbeat and claim
+/// renewal there. `b` is handed back.
+async fn md5_hex(b: Vec<u8>, shown: &str) -> Result<(String, Vec<u8>), CopyError> {
+    let md5 = |b: &[u8]| hex::encode(<md5::Md5 as md5::Digest>::digest(b));
+    if b.len() < HASH_INLINE_BELOW {
+        return Ok((md5(&b), b));
+    }
+    tokio::task::spawn_blocking(move || (md5(&b), b))
+        .await
+        .map_err(|e| CopyError::Read(shown.to_string(), std::io::Error::other(e)))
 }
 
 /// The SHA-256 of `b`.
