@@ -1246,7 +1246,14 @@ fn check_kinds(
         } else {
             format!("{at}.{name}")
         };
-        let wrong = |what: &str| Err(ConfigError::new(&key, format!("{what}, got {v}")));
+        // Text is not shown: a secret set under the wrong key would be printed and logged.
+        let wrong = |what: &str| {
+            let got = match &v.kind {
+                K::String(_) => "text (not shown: it may be a secret)".to_string(),
+                _ => v.to_string(),
+            };
+            Err(ConfigError::new(&key, format!("{what}, got {got}")))
+        };
         let no_whole_text = |s: &str| s.trim().parse::<i128>().is_err();
         // A float is read into an unsigned key by rounding and saturating (`-1.0` as 0:
         // no body limit, no drain; `1e300` as u64::MAX): only a whole one a whole number
@@ -1386,8 +1393,24 @@ fn section<T: DeserializeOwned>(tree: &Map<String, Value>, name: &str) -> Result
         } else {
             format!("{name}.{path}")
         };
-        ConfigError::new(key, e.into_inner().to_string())
+        ConfigError::new(key, without_quoted_string(&e.into_inner().to_string()))
     })
+}
+
+/// A deserializer's message without the text it quotes (`invalid type: string "…",
+/// expected …`): a string given where a table or a number belongs is often the very
+/// secret meant for a key inside it (`STORAGETIER__ONLINE_ARCHIVE__ARCHIVE_OPTIONS=<the
+/// S3 secret>`), and a message is printed and logged.
+fn without_quoted_string(msg: &str) -> String {
+    for lead in ["invalid type: string \"", "invalid value: string \""] {
+        if let Some(rest) = msg.strip_prefix(lead)
+            && let Some(end) = rest.rfind("\", expected ")
+        {
+            let what = &lead[..lead.len() - 1];
+            return format!("{what}(not shown: it may be a secret){}", &rest[end + 1..]);
+        }
+    }
+    msg.to_string()
 }
 
 /// Loads and validates the configuration of the service whose section is `section_name`.
@@ -2630,6 +2653,30 @@ prefetch = 4
             assert!(!e.to_string().contains("s3cret"), "{e}");
             assert!(e.to_string().contains("table"), "{e}");
         }
+    }
+
+    /// A key given text where a number or a table belongs is refused naming the key and
+    /// what it expects, without the text: a secret set under the wrong key (a table of
+    /// store options given the S3 secret) was printed and logged whole.
+    #[test]
+    fn text_given_where_it_does_not_belong_is_refused_without_showing_it() {
+        for var in [
+            "STORAGETIER__AMQP__PREFETCH",
+            "STORAGETIER__RETRY__DELAYS_MS",
+        ] {
+            let e = with_env(&[(var, "wJalrXUtnFEMI/K7MDENG")]).expect_err(var);
+            let text = e.to_string();
+            assert!(!text.contains("wJalrXUtnFEMI"), "{text}");
+            assert!(text.contains("not shown"), "{text}");
+        }
+        assert_eq!(
+            without_quoted_string("invalid type: string \"a\", expected x\", expected u16"),
+            "invalid type: string (not shown: it may be a secret), expected u16"
+        );
+        assert_eq!(
+            without_quoted_string("missing field `url`"),
+            "missing field `url`"
+        );
     }
 
     #[test]

@@ -750,6 +750,11 @@ fn bad_store_settings_exit_2_naming_the_key() {
             vec![s3, ("ARCHIVE_OPTIONS__SECRET_ACCESS_KEY", "s3cr3t")],
             "online_archive.archive_options.access_key_id",
         ),
+        // The secret set as the whole table of options: refused without quoting it.
+        (
+            vec![s3, ("ARCHIVE_OPTIONS", "s3cr3t/wJalrXUtnFEMI")],
+            "online_archive.archive_options",
+        ),
     ];
     let check_config = |env: &[(&str, &str)]| {
         let mut c = isolated_command(env!("CARGO_BIN_EXE_online-archive"));

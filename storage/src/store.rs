@@ -627,11 +627,14 @@ pub fn open(url: &str, opts: &StoreOptions) -> Result<Tier, StoreConfigError> {
         if let Some(e) = &opts.endpoint {
             b = b.with_endpoint(e);
         }
+        // Trimmed as a key file's is: a secret made from a file (Kubernetes
+        // `--from-file`) ends with a newline, and every request signed with it was refused
+        // (403), retried as an outage for a day.
         if let Some(k) = &opts.access_key_id {
-            b = b.with_access_key_id(k);
+            b = b.with_access_key_id(k.trim());
         }
         if let Some(s) = &opts.secret_access_key {
-            b = b.with_secret_access_key(s.expose());
+            b = b.with_secret_access_key(s.expose().trim());
         }
         if let Some(f) = &opts.secret_access_key_file {
             let s = std::fs::read_to_string(f)

@@ -458,6 +458,22 @@ async fn s3_tier_with(
     (moto, proxy, tier)
 }
 
+/// S3 keys written with a trailing newline (a Kubernetes secret made `--from-file`) are
+/// used trimmed, as a key file's is: every request signed with the newline failed, retried
+/// as an outage for a day, while `check-config` showed nothing amiss.
+#[tokio::test]
+async fn s3_keys_ending_in_a_newline_are_used_trimmed() {
+    let (_moto, _proxy, tier) = s3_tier_with("trimmed-keys", |o| {
+        o.access_key_id = Some("test\n".into());
+        o.secret_access_key = Some(framework::Secret::new("test\n"));
+    })
+    .await;
+    let base = tempfile::tempdir().expect("temp");
+    let c = copier(base.path(), "online", tier, records(base.path()).await);
+    let msg = put(base.path(), "online", "k/clip.mov", b"clip");
+    assert!(copied(c.handle(&msg, 1).await).uploaded);
+}
+
 /// A client writing to `bucket` as any other program would (no checksums, no claims).
 fn plain_client(moto: &MotoServer, bucket: &str) -> object_store::aws::AmazonS3 {
     object_store::aws::AmazonS3Builder::new()

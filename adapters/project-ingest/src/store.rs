@@ -611,25 +611,28 @@ impl Store {
         let key = (d.version.as_deref(), d.tie.as_deref());
         let mut tx = db::begin_write(&self.pool).await?;
         lock_commission(&mut tx, id).await?;
-        // What this same deletion did before (its key recorded with its result).
-        let before: Option<Outcome> = db::sqlx::query(
-            "SELECT version, version_tie, result FROM deleted_commissions WHERE id = $1",
+        // When this same deletion was applied before (its key recorded), and what it did.
+        let (applied_at, before): (Option<String>, Option<Outcome>) = db::sqlx::query(
+            "SELECT version, version_tie, deleted_at, result FROM deleted_commissions \
+             WHERE id = $1",
         )
         .bind(id)
         .fetch_optional(&mut *tx)
         .await?
         .map(|r| -> Result<_, db::sqlx::Error> {
-            let (v, t, result): (Option<String>, Option<String>, Option<String>) = (
+            let (v, t, at, result): (Option<String>, Option<String>, String, Option<String>) = (
                 r.try_get("version")?,
                 r.try_get("version_tie")?,
+                r.try_get("deleted_at")?,
                 r.try_get("result")?,
             );
-            Ok(((v.as_deref(), t.as_deref()) == key)
-                .then(|| result.and_then(|j| serde_json::from_str(&j).ok()))
-                .flatten())
+            Ok(match (v.as_deref(), t.as_deref()) == key {
+                true => (Some(at), result.and_then(|j| serde_json::from_str(&j).ok())),
+                false => (None, None),
+            })
         })
         .transpose()?
-        .flatten();
+        .unwrap_or_default();
         // What a newer event wrote (a project created again after the deletion) stays.
         let older = |table: &str| {
             format!(
@@ -640,15 +643,24 @@ impl Store {
                 )
             )
         };
+        // Applied again (a redelivery, a retry, a replay), it takes nothing written since
+        // it was first applied: an event older than it is refused once it is kept, so
+        // whatever was written since is newer, whatever its key (a project created
+        // again). Before, a repeat deleted every project created since, and the
+        // commission with them.
+        let unchanged_since = |table: &str| format!("($5 IS NULL OR {table}.updated_at <= $5)");
         let rows = db::sqlx::query(&format!(
             "DELETE FROM projects WHERE commission_id = $1 AND ({} \
-             OR projects.last_event = 'project-created') RETURNING id, version, version_tie",
-            older("projects")
+             OR projects.last_event = 'project-created') AND {} \
+             RETURNING id, version, version_tie",
+            older("projects"),
+            unchanged_since("projects")
         ))
         .bind(id)
         .bind(d.version.clone())
         .bind(d.tie.clone())
         .bind(&bound)
+        .bind(applied_at.clone())
         .fetch_all(&mut *tx)
         .await?;
         let mut deleted_projects = Vec::new();
@@ -665,13 +677,15 @@ impl Store {
         // The commission too, unless a newer event wrote it and a project of it remains.
         let commission = db::sqlx::query(&format!(
             "DELETE FROM commissions WHERE id = $1 AND ({} OR NOT EXISTS \
-             (SELECT 1 FROM projects WHERE projects.commission_id = $1))",
-            older("commissions")
+             (SELECT 1 FROM projects WHERE projects.commission_id = $1)) AND {}",
+            older("commissions"),
+            unchanged_since("commissions")
         ))
         .bind(id)
         .bind(d.version.clone())
         .bind(d.tie.clone())
         .bind(&bound)
+        .bind(applied_at.clone())
         .execute(&mut *tx)
         .await?;
         let mut done = before.unwrap_or_default();
@@ -693,8 +707,8 @@ impl Store {
         db::sqlx::query(&format!(
             "INSERT INTO deleted_commissions (id, version, version_tie, deleted_at, result) \
              VALUES ($1, $2, $3, $4, $6) ON CONFLICT (id) DO UPDATE SET version = excluded.version, \
-             version_tie = excluded.version_tie, deleted_at = excluded.deleted_at, \
-             result = excluded.result \
+             version_tie = excluded.version_tie, \
+             deleted_at = COALESCE($7, excluded.deleted_at), result = excluded.result \
              WHERE deleted_commissions.version IS NULL OR excluded.version IS NULL \
              OR {newer} OR deleted_commissions.version > $5"
         ))
@@ -704,6 +718,8 @@ impl Store {
         .bind(&now)
         .bind(&bound)
         .bind(result)
+        // A repeat keeps when it was first applied: what it must not take is counted from then.
+        .bind(applied_at)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;

@@ -1085,6 +1085,16 @@ async fn pluto_deletes_a_commission_and_its_projects(b: Backend) {
         env.store.commission("c-del").await.unwrap().unwrap().0,
         "Commission one"
     );
+
+    // The deletion delivered again (a redelivery, a replay) takes nothing created since
+    // it was first applied: before, p4 and the commission went with it, for good.
+    for _ in 0..2 {
+        env.send(&envelope).await;
+        let v = body(&next(&mut out).await);
+        assert_eq!(v["deletedProjects"], json!(["p1", "p2"]));
+        assert!(env.store.project("p4").await.unwrap().is_some());
+        assert!(env.store.commission("c-del").await.unwrap().is_some());
+    }
     assert_eq!(env.dlq_count().await, 0);
     env.finish().await;
 }
