@@ -2173,8 +2173,12 @@ pub fn with_password_file(url: &str, file: &Path) -> Result<String, String> {
     if !is_postgres(url) {
         return Err("a password file is for a postgres:// database_url".into());
     }
-    let text = std::fs::read_to_string(file)
-        .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    let text = std::fs::read_to_string(file).map_err(|e| {
+        format!(
+            "cannot read {}: {e}",
+            framework::config::secret_path_shown(file)
+        )
+    })?;
     let pw = text.trim();
     if pw.is_empty() {
         return Err(format!("{} is empty", file.display()));

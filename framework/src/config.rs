@@ -609,6 +609,23 @@ pub fn misplaced_userinfo(password_file_key: &str) -> String {
     )
 }
 
+/// The path of a secret file (`password_file`, `token_file`…) as an error shows it: not
+/// where neither it nor its directory is there — then the value may well be the secret
+/// itself, set under the `_file` key (`token_file = "Bearer …"`), and an error is printed
+/// and logged.
+pub fn secret_path_shown(path: &Path) -> String {
+    let dir_there = path
+        .parent()
+        .is_some_and(|d| !d.as_os_str().is_empty() && d.is_dir());
+    if dir_there || path.exists() {
+        path.display().to_string()
+    } else {
+        "the file it names (not shown: no such file or directory is here, and the value may \
+         be the secret itself, set where its file's path goes)"
+            .into()
+    }
+}
+
 /// `url` safe to print: a password in it, and the value of any query parameter whose
 /// name says secret (`password`, `token`, `key`, `secret`, `sig`…), as `***` — of an
 /// HTTP(S) URL every query value, since web endpoints name their secrets anything
@@ -1464,7 +1481,7 @@ pub fn load<S: DeserializeOwned>(
         let pw = std::fs::read_to_string(pf).map_err(|e| {
             ConfigError::new(
                 "amqp.password_file",
-                format!("cannot read {}: {e}", pf.display()),
+                format!("cannot read {}: {e}", secret_path_shown(pf)),
             )
         })?;
         // An empty one (a secret not mounted yet) would remove the password from the URL,
@@ -2778,6 +2795,28 @@ prefetch = 4
         .expect("EXTERNAL");
         with_env(&[("STORAGETIER__AMQP__URL", "amqp://127.0.0.1:5672/%2f")])
             .expect("neither: guest");
+    }
+
+    /// A secret set where its file's path goes is not printed back in the error: the
+    /// value names no file nor directory here. A real path whose file is missing is.
+    #[test]
+    fn a_secret_set_as_its_files_path_is_not_shown() {
+        let dir = tempfile::tempdir().expect("dir");
+        let missing = dir.path().join("amqp-password");
+        for (value, shown) in [
+            ("s3cretPassw0rd", false),
+            ("wJalrXUtnFEMI/K7MDENG/bPxRfiCY", false),
+            ("/K7MDENG/bPxRfiCY", false),
+            (missing.to_str().expect("utf-8"), true),
+        ] {
+            let e = with_env(&[
+                ("STORAGETIER__AMQP__URL", "amqp://app@127.0.0.1:5672/%2f"),
+                ("STORAGETIER__AMQP__PASSWORD_FILE", value),
+            ])
+            .expect_err(value);
+            assert_eq!(e.key, "amqp.password_file");
+            assert_eq!(e.to_string().contains(value), shown, "{e}");
+        }
     }
 
     /// A broker reached over plaintext `amqp://` on another machine is warned about (its

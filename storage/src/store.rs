@@ -528,7 +528,10 @@ pub fn check_settings(
         && s3
     {
         let why = match std::fs::read_to_string(f) {
-            Err(e) => Some(format!("cannot read {}: {e}", f.display())),
+            Err(e) => Some(format!(
+                "cannot read {}: {e}",
+                framework::config::secret_path_shown(f)
+            )),
             // Every request would be signed with an empty secret and refused (403).
             Ok(s) if s.trim().is_empty() => Some(format!("{} is empty", f.display())),
             Ok(_) => None,
@@ -637,8 +640,9 @@ pub fn open(url: &str, opts: &StoreOptions) -> Result<Tier, StoreConfigError> {
             b = b.with_secret_access_key(s.expose().trim());
         }
         if let Some(f) = &opts.secret_access_key_file {
-            let s = std::fs::read_to_string(f)
-                .map_err(|e| StoreConfigError::SecretFile(f.display().to_string(), e))?;
+            let s = std::fs::read_to_string(f).map_err(|e| {
+                StoreConfigError::SecretFile(framework::config::secret_path_shown(f), e)
+            })?;
             b = b.with_secret_access_key(s.trim());
         }
         if opts.part_size_mib < 5 || opts.part_size_mib > 5 * 1024 {

@@ -154,7 +154,10 @@ pub fn token_of(s: &ForwarderSettings) -> Result<Option<Secret>, ConfigError> {
             let text = std::fs::read_to_string(path).map_err(|e| {
                 ConfigError::new(
                     "event_forwarder.token_file",
-                    format!("cannot read {}: {e}", path.display()),
+                    format!(
+                        "cannot read {}: {e}",
+                        framework::config::secret_path_shown(path)
+                    ),
                 )
             })?;
             let t = text.trim();
