@@ -1719,6 +1719,50 @@ fn three_records() -> Box<serde_json::value::RawValue> {
     serde_json::value::to_raw_value(&body).expect("raw")
 }
 
+/// [`three_records`]' retry as it comes back after `first` stopped at record 1 with
+/// seq-1 failing still: begun with the others (the resume header `first` set, which is
+/// returned), it ends with seq-1 alone not delivered.
+async fn retried_where_it_stopped(
+    processor: &<EventForwarderService as framework::Service>::Processor,
+    first: &framework::MessageContext,
+) -> framework::lapin::types::FieldTable {
+    use framework::lapin::types::{AMQPValue, FieldTable};
+    use framework::{MessageContext, MessageProcessor, Outcome};
+    let (_, resume) = first
+        .retry_headers()
+        .into_iter()
+        .find(|(k, _)| k == event_forwarder::RESUME_HEADER)
+        .expect("where the retry begins");
+    assert_eq!(resume, "1");
+    let mut retry = MessageContext::for_test("events", "k", 1);
+    let mut h = FieldTable::default();
+    h.insert(
+        event_forwarder::RESUME_HEADER.into(),
+        AMQPValue::LongString(resume.as_str().into()),
+    );
+    retry.headers = h.clone();
+    match processor.handle(three_records(), &retry).await {
+        Outcome::Retry(why) => assert!(why.contains("1 of 3 records not delivered"), "{why}"),
+        other => panic!("expected a retry, got {other:?}"),
+    }
+    h
+}
+
+/// Asserts `server` was posted seq-1, then seq-2 and seq-3, then seq-1 again.
+async fn posted_then_round_to_the_first(server: &MockServer) {
+    let posted = bodies(server).await;
+    let order: Vec<bool> = ["seq-1", "seq-2", "seq-3", "seq-1"]
+        .iter()
+        .zip(&posted)
+        .map(|(seq, body)| body.contains(seq))
+        .collect();
+    assert_eq!(
+        (posted.len(), order),
+        (4, vec![true; 4]),
+        "the records not tried first, then round to the first: {posted:?}"
+    );
+}
+
 /// A batch whose records all fail (an endpoint answering 500 to each) stops at the
 /// checkpoint too, in a counted retry: going on, it outlasted the broker's consumer
 /// timeout, and the broker took it back uncounted — with every other message on the
@@ -1763,7 +1807,6 @@ async fn a_stop_during_the_last_attempt_keeps_what_it_delivered() {
 /// (all dead-lettered untried with it where that failed too).
 #[tokio::test]
 async fn a_retry_after_a_record_held_the_others_back_begins_with_them() {
-    use framework::lapin::types::{AMQPValue, FieldTable};
     use framework::{MessageContext, MessageProcessor, Outcome};
     let server = answering_on("seq-1", ResponseTemplate::new(502)).await;
     let processor = processor_with(&server, &[]).await;
@@ -1772,34 +1815,8 @@ async fn a_retry_after_a_record_held_the_others_back_begins_with_them() {
         Outcome::Retry(why) => assert!(why.contains("3 of 3 records not delivered"), "{why}"),
         other => panic!("expected a retry, got {other:?}"),
     }
-    let (_, resume) = first
-        .retry_headers()
-        .into_iter()
-        .find(|(k, _)| k == event_forwarder::RESUME_HEADER)
-        .expect("where the retry begins");
-    assert_eq!(resume, "1");
-    let mut retry = MessageContext::for_test("events", "k", 1);
-    let mut h = FieldTable::default();
-    h.insert(
-        event_forwarder::RESUME_HEADER.into(),
-        AMQPValue::LongString(resume.as_str().into()),
-    );
-    retry.headers = h;
-    match processor.handle(three_records(), &retry).await {
-        Outcome::Retry(why) => assert!(why.contains("1 of 3 records not delivered"), "{why}"),
-        other => panic!("expected a retry, got {other:?}"),
-    }
-    let posted = bodies(&server).await;
-    let order: Vec<bool> = ["seq-1", "seq-2", "seq-3", "seq-1"]
-        .iter()
-        .zip(&posted)
-        .map(|(seq, body)| body.contains(seq))
-        .collect();
-    assert_eq!(
-        (posted.len(), order),
-        (4, vec![true; 4]),
-        "the records held back first, then round to the one that held them: {posted:?}"
-    );
+    retried_where_it_stopped(&processor, &first).await;
+    posted_then_round_to_the_first(&server).await;
 }
 
 /// A batch whose first record keeps failing slowly until the checkpoint begins its retry
@@ -1807,7 +1824,6 @@ async fn a_retry_after_a_record_held_the_others_back_begins_with_them() {
 /// behind it were never tried, and were dead-lettered untried once the attempts ran out.
 #[tokio::test]
 async fn a_retry_from_the_checkpoint_begins_with_the_records_not_tried() {
-    use framework::lapin::types::{AMQPValue, FieldTable};
     use framework::{MessageContext, MessageProcessor, Outcome};
     let server = answering_on("seq-1", ResponseTemplate::new(500)).await;
     let processor = processor_with(&server, &[]).await;
@@ -1817,35 +1833,8 @@ async fn a_retry_from_the_checkpoint_begins_with_the_records_not_tried() {
         Outcome::Retry(why) => assert!(why.contains("first failure: record 1 of 3"), "{why}"),
         other => panic!("expected a retry, got {other:?}"),
     }
-    let (_, resume) = first
-        .retry_headers()
-        .into_iter()
-        .find(|(k, _)| k == event_forwarder::RESUME_HEADER)
-        .expect("where the retry begins");
-    assert_eq!(resume, "1");
-    // The retry, as it comes back with that header.
-    let mut retry = MessageContext::for_test("events", "k", 1);
-    let mut h = FieldTable::default();
-    h.insert(
-        event_forwarder::RESUME_HEADER.into(),
-        AMQPValue::LongString(resume.as_str().into()),
-    );
-    retry.headers = h.clone();
-    match processor.handle(three_records(), &retry).await {
-        Outcome::Retry(why) => assert!(why.contains("1 of 3 records not delivered"), "{why}"),
-        other => panic!("expected a retry, got {other:?}"),
-    }
-    let posted = bodies(&server).await;
-    let order: Vec<bool> = ["seq-1", "seq-2", "seq-3", "seq-1"]
-        .iter()
-        .zip(&posted)
-        .map(|(seq, body)| body.contains(seq))
-        .collect();
-    assert_eq!(
-        (posted.len(), order),
-        (4, vec![true; 4]),
-        "begun after the record tried, then round to it: {posted:?}"
-    );
+    let h = retried_where_it_stopped(&processor, &first).await;
+    posted_then_round_to_the_first(&server).await;
     // A producer's delivery carrying the header (it did not come back) begins at the start.
     let mut forged = MessageContext::for_test("events", "k", 0);
     forged.headers = h;
