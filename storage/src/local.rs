@@ -81,9 +81,12 @@ fn not_published(key: &str, e: std::io::Error) -> Result<CopyError, std::io::Err
         return Ok(CopyError::Exists(key.to_string()));
     }
     match e.raw_os_error() {
-        // A share or a FAT-family disk refusing a character (`:`, `?`, `"`, a trailing
-        // dot) or a name that is not UTF-8 says so only where the copy is named: retried,
-        // each of the 50 attempts copied the whole file again first.
+        // A filesystem refusing a name (not UTF-8 on ZFS `utf8only`, or ext4/F2FS strict
+        // casefolding; a character an NFS server's export does not take) says so only
+        // where the copy is named: retried, each of the 50 attempts copied the whole file
+        // again first. (FAT, with no hard links, says it to the rename, whose EINVAL
+        // `publish` cannot tell from "no renameat2 here"; SMB says ENOENT: both still
+        // retried.)
         Some(libc::EINVAL | libc::EILSEQ) => {
             Ok(CopyError::Unstorable(key.to_string(), NAME_REFUSED))
         }
@@ -945,8 +948,8 @@ mod tests {
         assert_eq!(staged_files(dir.path()), 0);
     }
 
-    /// A name the store's filesystem refuses where the copy is named (a share's or a
-    /// FAT disk's EINVAL, EILSEQ) is the file's for good: retried, each attempt copied the
+    /// A name the store's filesystem refuses where the copy is named (EINVAL, EILSEQ)
+    /// is the file's for good: retried, each attempt copied the
     /// whole file again first. Another copy there first is no error; anything else is.
     #[test]
     fn a_name_refused_where_the_copy_is_published_is_permanent() {

@@ -611,12 +611,18 @@ impl Store {
         let key = (d.version.as_deref(), d.tie.as_deref());
         let mut tx = db::begin_write(&self.pool).await?;
         lock_commission(&mut tx, id).await?;
-        // When this same deletion was applied before (its key recorded), and what it did.
-        let (applied_at, before): (Option<String>, Option<Outcome>) = db::sqlx::query(
-            "SELECT version, version_tie, deleted_at, result FROM deleted_commissions \
-             WHERE id = $1",
-        )
+        // When this same deletion (its key recorded), or a newer one of the commission, was
+        // applied; and what this same one did.
+        let covered = no_newer(("$2", "$3"), ("version", "version_tie"));
+        let (applied_at, before): (Option<String>, Option<Outcome>) = db::sqlx::query(&format!(
+            "SELECT version, version_tie, deleted_at, result, \
+             CASE WHEN version IS NOT NULL AND $2 IS NOT NULL AND version <= $4 AND {covered} \
+             THEN deleted_at END AS covered_at FROM deleted_commissions WHERE id = $1"
+        ))
         .bind(id)
+        .bind(d.version.clone())
+        .bind(d.tie.clone())
+        .bind(&bound)
         .fetch_optional(&mut *tx)
         .await?
         .map(|r| -> Result<_, db::sqlx::Error> {
@@ -626,9 +632,10 @@ impl Store {
                 r.try_get("deleted_at")?,
                 r.try_get("result")?,
             );
+            let covered_at: Option<String> = r.try_get("covered_at")?;
             Ok(match (v.as_deref(), t.as_deref()) == key {
                 true => (Some(at), result.and_then(|j| serde_json::from_str(&j).ok())),
-                false => (None, None),
+                false => (covered_at, None),
             })
         })
         .transpose()?
@@ -643,11 +650,11 @@ impl Store {
                 )
             )
         };
-        // Applied again (a redelivery, a retry, a replay), it takes nothing written since
-        // it was first applied: an event older than it is refused once it is kept, so
-        // whatever was written since is newer, whatever its key (a project created
-        // again). Before, a repeat deleted every project created since, and the
-        // commission with them.
+        // Applied again (a redelivery, a retry, a replay), or after a newer deletion of the
+        // commission, it takes nothing written since that was applied: an event older than
+        // a kept deletion is refused, so whatever was written since is newer, whatever its
+        // key (a project created again). Before, a repeat deleted every project created
+        // since, and the commission with them.
         let unchanged_since = |table: &str| format!("($5 IS NULL OR {table}.updated_at <= $5)");
         let rows = db::sqlx::query(&format!(
             "DELETE FROM projects WHERE commission_id = $1 AND ({} \

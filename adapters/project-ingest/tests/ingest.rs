@@ -1095,6 +1095,21 @@ async fn pluto_deletes_a_commission_and_its_projects(b: Backend) {
         assert!(env.store.project("p4").await.unwrap().is_some());
         assert!(env.store.commission("c-del").await.unwrap().is_some());
     }
+    // Nor does it once a newer deletion of the commission came after it: p5, created
+    // after that one, stays when the older is replayed.
+    env.send(&deletion_of("c-del", 1_700_000_000.0)).await;
+    assert_eq!(
+        body(&next(&mut out).await)["deletedProjects"],
+        json!(["p4"])
+    );
+    let mut p5 = of("project-created", "p5", "c-del");
+    p5["updated"] = json!("2024-06-01T00:00:00Z");
+    env.send(&p5).await;
+    assert_eq!(body(&next(&mut out).await)["id"], "p5");
+    env.send(&envelope).await;
+    assert_eq!(body(&next(&mut out).await)["deletedProjects"], json!([]));
+    assert!(env.store.project("p5").await.unwrap().is_some());
+    assert!(env.store.commission("c-del").await.unwrap().is_some());
     assert_eq!(env.dlq_count().await, 0);
     env.finish().await;
 }

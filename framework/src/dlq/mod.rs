@@ -45,6 +45,7 @@ pub struct DeadLetter {
 /// `--limit` (the whole limit again replayed more than asked).
 fn go_on(left: Option<usize>) -> String {
     match left {
+        Some(0) => "Its --limit is reached: nothing of it is left to replay".into(),
         Some(n) => format!(
             "Run the same command again with --limit {n} (what this one's limit left) to go on"
         ),
@@ -1115,6 +1116,15 @@ pub async fn purge(conn: &Connection, topo: &Topology) -> Result<u32, DlqError> 
 
 #[cfg(test)]
 mod tests {
+
+    /// A replay cut short with nothing left of its limit says so, not "again with
+    /// --limit 0" (which the command refuses).
+    #[test]
+    fn a_replay_cut_short_names_what_its_limit_left() {
+        assert!(super::go_on(Some(3)).contains("again with --limit 3"));
+        assert!(!super::go_on(Some(0)).contains("--limit 0"));
+        assert!(super::go_on(None).contains("same command again"));
+    }
     /// An unconfirmed replay says it may have been delivered where it may (the confirm
     /// lost on the way), not where the broker refused it; the default exchange is named
     /// in words, not as empty quotes.
