@@ -1419,9 +1419,13 @@ fn section<T: DeserializeOwned>(tree: &Map<String, Value>, name: &str) -> Result
 /// secret meant for a key inside it (`STORAGETIER__ONLINE_ARCHIVE__ARCHIVE_OPTIONS=<the
 /// S3 secret>`), and a message is printed and logged.
 fn without_quoted_string(msg: &str) -> String {
-    for lead in ["invalid type: string \"", "invalid value: string \""] {
+    for (lead, close) in [
+        ("invalid type: string \"", "\", expected "),
+        ("invalid value: string \"", "\", expected "),
+        ("unknown variant `", "`, expected "),
+    ] {
         if let Some(rest) = msg.strip_prefix(lead)
-            && let Some(end) = rest.rfind("\", expected ")
+            && let Some(end) = rest.rfind(close)
         {
             let what = &lead[..lead.len() - 1];
             return format!("{what}(not shown: it may be a secret){}", &rest[end + 1..]);
@@ -2689,6 +2693,10 @@ prefetch = 4
         assert_eq!(
             without_quoted_string("invalid type: string \"a\", expected x\", expected u16"),
             "invalid type: string (not shown: it may be a secret), expected u16"
+        );
+        assert_eq!(
+            without_quoted_string("unknown variant `s3cret`, expected `quorum` or `classic`"),
+            "unknown variant (not shown: it may be a secret), expected `quorum` or `classic`"
         );
         assert_eq!(
             without_quoted_string("missing field `url`"),
