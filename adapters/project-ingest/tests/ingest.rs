@@ -128,6 +128,7 @@ on_both!(
     created_stores_project_and_commission,
     updated_changes_a_known_project,
     update_of_unknown_project_is_dropped,
+    update_of_a_project_never_seen_stays_unknown_after_its_commissions_deletion,
     unknown_type_is_dropped,
     kinesis_envelopes_single_and_multiple,
     older_updates_never_overwrite_newer_ones,
@@ -1336,6 +1337,34 @@ async fn update_of_unknown_project_is_dropped(b: Backend) {
     )
     .await;
     assert!(env.store.project("never-seen").await.unwrap().is_none());
+    env.finish().await;
+}
+
+/// A project never seen here stays unknown whatever its updates say: one older than its
+/// commission's deletion is dropped as stale, and a newer one moving it elsewhere is an
+/// update of a project that does not exist (dropped) — before, the stale one noted it as
+/// deleted with the commission, and the newer one then stored it as "moved out before
+/// the deletion" from the update alone.
+async fn update_of_a_project_never_seen_stays_unknown_after_its_commissions_deletion(b: Backend) {
+    let env = start(b, &[("project_ingest.missing_project_retries", "0")]).await;
+    let mut out = env.hs.watch_output().await;
+    env.send(&deletion_of("c-gone", 1_600_000_000.0)).await;
+    next(&mut out).await;
+    let stale = in_commission(
+        "project-updated",
+        "ghost",
+        "c-gone",
+        Some("2019-06-01T00:00:00Z"),
+    );
+    assert_dropped(&env, &mut out, &stale).await;
+    let moved = in_commission(
+        "project-updated",
+        "ghost",
+        "c-other",
+        Some("2021-06-01T00:00:00Z"),
+    );
+    assert_dropped(&env, &mut out, &moved).await;
+    assert!(env.store.project("ghost").await.unwrap().is_none());
     env.finish().await;
 }
 
