@@ -518,8 +518,18 @@ where
         .map(|&(_, v)| v)
         .ok_or_else(|| {
             let names: Vec<String> = choices.iter().map(|(n, _)| format!("`{n}`")).collect();
+            // A mistyped word is shown; anything else may be a secret set under the wrong
+            // key, and a message is printed and logged.
+            let word = given.len() <= 16
+                && given
+                    .chars()
+                    .all(|c| c.is_ascii_alphabetic() || c == '-' || c == '_');
+            let shown = match word {
+                true => format!("`{given}`"),
+                false => "the value (not shown: it may be a secret)".into(),
+            };
             serde::de::Error::custom(format!(
-                "`{given}` is not a {what}: expected {}",
+                "{shown} is not a {what}: expected {}",
                 names.join(" or ")
             ))
         })
@@ -2684,6 +2694,7 @@ prefetch = 4
         for var in [
             "STORAGETIER__AMQP__PREFETCH",
             "STORAGETIER__RETRY__DELAYS_MS",
+            "STORAGETIER__AMQP__QUEUE_TYPE",
         ] {
             let e = with_env(&[(var, "wJalrXUtnFEMI/K7MDENG")]).expect_err(var);
             let text = e.to_string();
@@ -3083,6 +3094,10 @@ prefetch = 4
         let e = with_env(&[("STORAGETIER__AMQP__QUEUE_TYPE", "stream")]).expect_err("stream");
         assert_eq!(e.key, "amqp.queue_type");
         assert!(e.message.contains("expected `quorum` or `classic`"), "{e}");
+        assert!(
+            e.message.contains("`stream`"),
+            "a mistyped word is shown: {e}"
+        );
         let c = with_env(&[
             ("STORAGETIER__AMQP__QUEUE_TYPE", "Classic"),
             ("STORAGETIER__LOG__FORMAT", "JSON"),

@@ -377,16 +377,21 @@ impl Store {
                             .is_some();
                         // Not stored: the project's newest state known in the commission
                         // before its deletion is noted, so an older move out of it
-                        // delivered later does not bring it back. Only of a project known
-                        // deleted: one never seen here, noted, was stored by a later move
-                        // out ("moved out before the deletion") from an update alone.
-                        let known_deleted = !stored
-                            && db::sqlx::query("SELECT id FROM deleted_projects WHERE id = $1")
+                        // delivered later does not bring it back; of a create, that it
+                        // lived in the commission, so a move out of it waiting for it (it
+                        // overtook the create) is stored. Not of an update of a project
+                        // never seen here: noted, it was stored by a later move out ("moved
+                        // out before the deletion") from an update alone.
+                        let note = !stored
+                            && (matches!(ev.kind, EventKind::Created)
+                                || db::sqlx::query(
+                                    "SELECT id FROM deleted_projects WHERE id = $1",
+                                )
                                 .bind(&ev.id)
                                 .fetch_optional(&mut *tx)
                                 .await?
-                                .is_some();
-                        if known_deleted {
+                                .is_some());
+                        if note {
                             note_deleted_project(
                                 &mut tx, &ev.id, commission, deletion, row, &now, None, true,
                             )

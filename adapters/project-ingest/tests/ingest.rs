@@ -129,6 +129,7 @@ on_both!(
     updated_changes_a_known_project,
     update_of_unknown_project_is_dropped,
     update_of_a_project_never_seen_stays_unknown_after_its_commissions_deletion,
+    a_move_out_that_overtook_its_create_across_a_deletion_is_stored,
     unknown_type_is_dropped,
     kinesis_envelopes_single_and_multiple,
     older_updates_never_overwrite_newer_ones,
@@ -1365,6 +1366,35 @@ async fn update_of_a_project_never_seen_stays_unknown_after_its_commissions_dele
     );
     assert_dropped(&env, &mut out, &moved).await;
     assert!(env.store.project("ghost").await.unwrap().is_none());
+    env.finish().await;
+}
+
+/// Pluto creates a project in a commission, moves it to another, then deletes the first;
+/// here the deletion comes first, the move overtakes the create (it waits for it), and the
+/// create comes last: the project lives on in its new commission, as in Pluto.
+async fn a_move_out_that_overtook_its_create_across_a_deletion_is_stored(b: Backend) {
+    // Retries enough to outlast a loaded machine between the sends.
+    let env = start(b, &[("project_ingest.missing_project_retries", "50")]).await;
+    let mut out = env.hs.watch_output().await;
+    env.send(&deletion_of("c-gone", 1_600_000_000.0)).await;
+    next(&mut out).await;
+    env.send(&in_commission(
+        "project-updated",
+        "late",
+        "c-other",
+        Some("2019-06-01T00:00:00Z"),
+    ))
+    .await;
+    env.send(&in_commission("project-created", "late", "c-gone", None))
+        .await;
+    // The create is stale (dropped); the move, waiting for it, is stored once it came.
+    let v = body(&next(&mut out).await);
+    assert_eq!(
+        (&v["id"], &v["commissionId"]),
+        (&json!("late"), &json!("c-other"))
+    );
+    let p = env.store.project("late").await.unwrap().expect("stored");
+    assert_eq!(p.commission_id.as_deref(), Some("c-other"));
     env.finish().await;
 }
 
