@@ -310,7 +310,9 @@ pub fn main<S: Service>() -> ExitCode {
     let result = rt.block_on(async move {
         let work = tokio::spawn(async move {
             match (own, command.unwrap_or(Command::Run)) {
-                (Some((name, args)), _) => until_signalled(S::run_extra(&name, &args, cfg)).await,
+                (Some((name, args)), _) => {
+                    until_signalled(S::run_extra(&name, &args, cfg), HELD_GOES_BACK).await
+                }
                 // These two stop on a signal their own way: a drain, a replay's summary.
                 (
                     None,
@@ -319,7 +321,16 @@ pub fn main<S: Service>() -> ExitCode {
                         command: DlqCommand::Replay { .. },
                     }),
                 ) => execute::<S>(c, cfg).await,
-                (None, c) => until_signalled(execute::<S>(c, cfg)).await,
+                (None, c) => {
+                    // A purge sent is carried out by the broker whatever the client does next.
+                    let left = match &c {
+                        Command::Dlq {
+                            command: DlqCommand::Purge { .. },
+                        } => "the broker may have purged the DLQ all the same: `dlq list` shows what is left",
+                        _ => HELD_GOES_BACK,
+                    };
+                    until_signalled(execute::<S>(c, cfg), left).await
+                }
             }
         });
         work.await
@@ -854,19 +865,24 @@ async fn dlq_command(
             if let Some(e) = unwritten {
                 return Err(e);
             }
-            if json {
-                replay_summary(dry_run, moved, &topo.queue, None)?;
-            } else {
-                print_out(&format!("{verb} {moved} dead letter(s)\n"))?;
-            }
-            // A script replaying one message learns it was not there (a mistyped id).
-            match wanted {
-                Some(id) if moved == 0 => Err(Failure::Other(format!(
+            // A script replaying one message learns it was not there (a mistyped id), in
+            // its summary's `error` too.
+            let unmatched = match wanted {
+                Some(id) if moved == 0 => Some(format!(
                     "no dead letter in {} matched --message-id `{}` (and the other filters)",
                     topo.dlq(),
                     crate::dlq::printable(&id)
-                ))),
-                _ => Ok(()),
+                )),
+                _ => None,
+            };
+            if json {
+                replay_summary(dry_run, moved, &topo.queue, unmatched.as_deref())?;
+            } else {
+                print_out(&format!("{verb} {moved} dead letter(s)\n"))?;
+            }
+            match unmatched {
+                Some(why) => Err(Failure::Other(why)),
+                None => Ok(()),
             }
         }
         DlqCommand::Purge { .. } => {
@@ -925,18 +941,22 @@ fn print_err(text: &str) {
 /// ignores them — PID 1 of a container without an init, a script's background job — went
 /// on for the whole of its timeouts: `dlq list` held every dead letter and the DLQ's lock
 /// for up to 5 minutes, `docker stop` waited for its SIGKILL.
+/// `left` says what the stop leaves behind.
 async fn until_signalled(
     work: impl std::future::Future<Output = Result<(), Failure>>,
+    left: &str,
 ) -> Result<(), Failure> {
     unless_stopped(Some(&shutdown_on_signal()), work)
         .await
         .unwrap_or_else(|| {
-            Err(Failure::Other(
-                "stopped by a signal before it finished (what it held on the broker goes back)"
-                    .into(),
-            ))
+            Err(Failure::Other(format!(
+                "stopped by a signal before it finished ({left})"
+            )))
         })
 }
+
+/// What a command stopped by a signal leaves: nothing, the broker taking back what it held.
+const HELD_GOES_BACK: &str = "what it held on the broker goes back";
 
 /// A token cancelled on SIGTERM or SIGINT; a second signal during the drain exits at once
 /// (code 1).

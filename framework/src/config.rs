@@ -526,7 +526,7 @@ where
                     .all(|c| c.is_ascii_alphabetic() || c == '-' || c == '_');
             let shown = match word {
                 true => format!("`{given}`"),
-                false => "the value (not shown: it may be a secret)".into(),
+                false => format!("the value {WITHHELD}"),
             };
             serde::de::Error::custom(format!(
                 "{shown} is not a {what}: expected {}",
@@ -1026,7 +1026,7 @@ fn check_env_text(opts: &LoadOptions) -> Result<(), ConfigError> {
         {
             return Err(ConfigError::new(
                 k,
-                "its value is not UTF-8 text (not shown: it may be a secret)",
+                format!("its value is not UTF-8 text {WITHHELD}"),
             ));
         }
     }
@@ -1276,7 +1276,7 @@ fn check_kinds(
         // Text is not shown: a secret set under the wrong key would be printed and logged.
         let wrong = |what: &str| {
             let got = match &v.kind {
-                K::String(_) => "text (not shown: it may be a secret)".to_string(),
+                K::String(_) => format!("text {WITHHELD}"),
                 _ => v.to_string(),
             };
             Err(ConfigError::new(&key, format!("{what}, got {got}")))
@@ -1424,6 +1424,10 @@ fn section<T: DeserializeOwned>(tree: &Map<String, Value>, name: &str) -> Result
     })
 }
 
+/// What a message says in place of a value it withholds: a value given under the wrong
+/// key may be a secret, and messages are printed and logged.
+const WITHHELD: &str = "(not shown: it may be a secret)";
+
 /// A deserializer's message without the text it quotes (`invalid type: string "…",
 /// expected …`): a string given where a table or a number belongs is often the very
 /// secret meant for a key inside it (`STORAGETIER__ONLINE_ARCHIVE__ARCHIVE_OPTIONS=<the
@@ -1438,7 +1442,7 @@ fn without_quoted_string(msg: &str) -> String {
             && let Some(end) = rest.rfind(close)
         {
             let what = &lead[..lead.len() - 1];
-            return format!("{what}(not shown: it may be a secret){}", &rest[end + 1..]);
+            return format!("{what}{WITHHELD}{}", &rest[end + 1..]);
         }
     }
     msg.to_string()

@@ -122,6 +122,9 @@ pub struct MessageContext {
     pub(crate) declared_progress: Option<&'static [&'static str]>,
     /// The session's publisher; None outside a runtime (unit tests).
     pub(crate) publisher: Option<Publisher>,
+    /// Marks this handler as awaiting a part's dead letter's confirm, which a stop then
+    /// waits for as for a whole message's; None outside a runtime.
+    pub(crate) confirming: Option<Arc<crate::session::Confirming>>,
     /// `storagetier_publish_failures_total` of the queue: a handler's own publishes count
     /// there as outcomes do, or a destination that refuses every one would never show.
     pub(crate) publish_failures: metrics::Counter,
@@ -202,6 +205,7 @@ impl MessageContext {
             progress_headers: Arc::default(),
             declared_progress: None,
             publisher: None,
+            confirming: None,
             publish_failures: metrics::Counter::noop(),
             properties: Default::default(),
             cancel: Default::default(),
@@ -500,9 +504,11 @@ impl MessageContext {
             }
             origin.headers = &headers;
         }
-        let published = pb
-            .dead_letter(&origin, body, error, kind, self.held_until)
-            .await;
+        let publish = pb.dead_letter(&origin, body, error, kind, self.held_until);
+        let published = match &self.confirming {
+            Some(c) => c.awaiting(publish).await,
+            None => publish.await,
+        };
         self.count_failure(published)
     }
 

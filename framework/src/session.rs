@@ -119,7 +119,7 @@ struct SessionTasks {
     /// Stops the handlers `kill` left running: those awaiting the confirm of a retry or
     /// dead letter ([`Confirming`]).
     force: CancellationToken,
-    /// How many handlers await such a confirm.
+    /// How many such confirms its handlers await.
     confirming: Arc<AtomicUsize>,
     /// Set once the broker answered the consumer's cancel: what is given back then goes to
     /// other consumers, not back to this one (which reads nothing more).
@@ -144,7 +144,7 @@ impl SessionTasks {
     /// A new handler's [`Confirming`].
     fn confirming(&self) -> Confirming {
         Confirming {
-            on: AtomicBool::new(false),
+            on: AtomicUsize::new(0),
             done: tokio::sync::Notify::new(),
             session: self.confirming.clone(),
         }
@@ -220,13 +220,17 @@ impl SessionTasks {
     }
 }
 
-/// Whether a handler awaits the confirm of a retry or dead letter: such a handler is not
-/// stopped with the others when the drain budget runs out (see [`SessionTasks::end`]).
-struct Confirming {
-    on: AtomicBool,
-    /// Told when `on` is cleared.
+/// Whether a handler awaits the confirm of a retry or dead letter (its whole message's,
+/// or a part's): such a handler is not stopped with the others when the drain budget runs
+/// out (see [`SessionTasks::end`]). Stopped, its input went back to the queue while what
+/// replaces it landed all the same.
+#[derive(Debug)]
+pub(crate) struct Confirming {
+    /// How many such confirms the handler awaits (parts may be dead-lettered at once).
+    on: AtomicUsize,
+    /// Told when `on` falls to 0.
     done: tokio::sync::Notify,
-    /// The session's count of handlers awaiting one.
+    /// The session's count of confirms awaited.
     session: Arc<AtomicUsize>,
 }
 
@@ -237,16 +241,23 @@ impl Confirming {
         if label != "retry" && label != "dead_letter" {
             return publish.await;
         }
+        self.awaiting(publish).await
+    }
+
+    /// Runs `publish`, a publish that replaces the input or part of it (a part's dead
+    /// letter), marked as awaiting its confirm.
+    pub(crate) async fn awaiting<T>(&self, publish: impl std::future::Future<Output = T>) -> T {
         /// Clears the mark however the publish ends (done, or dropped with its handler).
         struct Clear<'a>(&'a Confirming);
         impl Drop for Clear<'_> {
             fn drop(&mut self) {
-                self.0.on.store(false, Ordering::SeqCst);
                 self.0.session.fetch_sub(1, Ordering::SeqCst);
-                self.0.done.notify_waiters();
+                if self.0.on.fetch_sub(1, Ordering::SeqCst) == 1 {
+                    self.0.done.notify_waiters();
+                }
             }
         }
-        self.on.store(true, Ordering::SeqCst);
+        self.on.fetch_add(1, Ordering::SeqCst);
         self.session.fetch_add(1, Ordering::SeqCst);
         let _clear = Clear(self);
         publish.await
@@ -257,7 +268,7 @@ impl Confirming {
         loop {
             // Registered before the look, so a clearing in between is not missed.
             let cleared = self.done.notified();
-            if !self.on.load(Ordering::SeqCst) {
+            if self.on.load(Ordering::SeqCst) == 0 {
                 return;
             }
             cleared.await;
@@ -1198,7 +1209,7 @@ impl<P: MessageProcessor> Shared<P> {
         received_at: std::time::SystemTime,
         cancel: CancellationToken,
         stops_at: Arc<std::sync::OnceLock<Instant>>,
-        confirming: &Confirming,
+        confirming: &Arc<Confirming>,
     ) {
         let (inner, publisher, metrics) = (&*self.inner, &self.publisher, &*self.metrics);
         let mut inc = incoming(&delivery, &inner.topology.queue);
@@ -1266,6 +1277,7 @@ impl<P: MessageProcessor> Shared<P> {
                 stops_at,
                 trace,
                 publisher: Some(publisher.clone()),
+                confirming: Some(confirming.clone()),
                 publish_failures: metrics.publish_failures().clone(),
                 properties,
                 max_records: inner.amqp.max_records,

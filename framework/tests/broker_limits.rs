@@ -527,35 +527,6 @@ impl MessageProcessor for RetriesOnceGated {
     }
 }
 
-/// Suspends (`on`) or resumes the process of `queue` on `broker` — a quorum queue's Ra
-/// server or a classic queue's process — so that nothing published to it is confirmed
-/// meanwhile, as a quorum queue electing a leader does not confirm. The suspender is a
-/// process of its own (registered as `name`): the CLI's own call ends at once, and a
-/// process's suspensions end with it.
-fn suspend_queue(broker: &PrivateBroker, queue: &str, name: &str, on: bool) {
-    let expr = if on {
-        format!(
-            "{{ok, Q}} = rabbit_amqqueue:lookup(rabbit_misc:r(<<\"/\">>, queue, <<\"{queue}\">>)), \
-             P = case amqqueue:get_pid(Q) of {{Ra, _}} -> whereis(Ra); Pid -> Pid end, \
-             Me = self(), \
-             S = spawn(fun() -> true = erlang:suspend_process(P), Me ! suspended, \
-                 receive resume -> erlang:resume_process(P) end end), \
-             register({name}, S), \
-             receive suspended -> ok after 10000 -> timeout end."
-        )
-    } else {
-        format!("{name} ! resume, ok.")
-    };
-    let out = tokio::task::block_in_place(|| broker.ctl_output(&["eval", &expr]));
-    let said = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && said.trim() == "ok",
-        "rabbitmqctl eval {expr}: {:?}\n{said}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// A retry whose confirm comes later than the operation bound (its tier not confirming
 /// for a while: a quorum queue electing a leader) lands once and replaces its input:
 /// the input is not given back meanwhile. Given back, the message lived twice — handled
@@ -583,7 +554,7 @@ async fn a_retry_whose_confirm_comes_late_replaces_its_input_once() {
     let c = calls.clone();
     wait_until("the handler to start", || c.load(Ordering::SeqCst) == 1).await;
     let tier = format!("{q}-retry-{}", cfg.retry.delays_ms[0]);
-    suspend_queue(&broker, &tier, "st_late_retry", true);
+    broker.suspend_queue(&tier, "st_late_retry", true);
     open.send(true).expect("gate open");
     // What must not happen cannot be awaited: the tier confirms nothing for three times
     // the operation bound, in which the framework used to give the confirm up and give
@@ -594,7 +565,7 @@ async fn a_retry_whose_confirm_comes_late_replaces_its_input_once() {
         1,
         "the input is held while its retry's confirm is awaited"
     );
-    suspend_queue(&broker, &tier, "st_late_retry", false);
+    broker.suspend_queue(&tier, "st_late_retry", false);
 
     settle(&broker, &q, &sink, &cfg, || {
         calls.load(Ordering::SeqCst) >= 2
@@ -639,13 +610,13 @@ async fn a_stop_waits_past_its_drain_budget_for_a_retrys_late_confirm() {
     let c = calls.clone();
     wait_until("the handler to start", || c.load(Ordering::SeqCst) == 1).await;
     let tier = format!("{q}-retry-{}", cfg.retry.delays_ms[0]);
-    suspend_queue(&broker, &tier, "st_stop_retry", true);
+    broker.suspend_queue(&tier, "st_stop_retry", true);
     open.send(true).expect("gate open");
     let stopping = tokio::spawn(service.stop());
     // What must not happen cannot be awaited: the tier confirms nothing for three times
     // the drain budget, at whose end the handler used to be stopped.
     tokio::time::sleep(Duration::from_millis(DRAIN_MS * 3)).await;
-    suspend_queue(&broker, &tier, "st_stop_retry", false);
+    broker.suspend_queue(&tier, "st_stop_retry", false);
     stopping.await.expect("the stop ends");
     // The retry comes back to `q` from its tier; the input itself must not be there too.
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -781,7 +752,7 @@ async fn a_parts_dead_letter_whose_confirm_comes_late_is_dead_lettered_once() {
     let sink = format!("{q}-sink");
     broker.sink(&sink, &format!("{q}-out")).await;
     let dlq = format!("{q}-dlq");
-    suspend_queue(&broker, &dlq, "st_late_part", true);
+    broker.suspend_queue(&dlq, "st_late_part", true);
     send_input(&broker, &q).await;
     let c = calls.clone();
     wait_until("the handler to start", || c.load(Ordering::SeqCst) == 1).await;
@@ -794,7 +765,7 @@ async fn a_parts_dead_letter_whose_confirm_comes_late_is_dead_lettered_once() {
         1,
         "the message is held while its part's dead letter is confirmed"
     );
-    suspend_queue(&broker, &dlq, "st_late_part", false);
+    broker.suspend_queue(&dlq, "st_late_part", false);
     let deadline = tokio::time::Instant::now() + WAIT;
     while broker.count(&sink).await.unwrap_or(0) < 1 {
         assert!(tokio::time::Instant::now() < deadline, "the output");
@@ -811,6 +782,96 @@ async fn a_parts_dead_letter_whose_confirm_comes_late_is_dead_lettered_once() {
         Some(1),
         "one output for one input"
     );
+}
+
+/// Where [`DeadLettersAPartThenPauses`] keeps which parts it dead-lettered.
+const PARTS: &str = "x-test-parts";
+
+/// Dead-letters part 1 of its message (once: marked in [`PARTS`]), then goes on as the
+/// batch adapters do: a Retry carrying that mark if the service is stopping, else success.
+/// Counts its calls.
+struct DeadLettersAPartThenPauses(Arc<AtomicUsize>);
+
+#[async_trait]
+impl MessageProcessor for DeadLettersAPartThenPauses {
+    type Input = serde_json::Value;
+    fn progress_headers(&self) -> &'static [&'static str] {
+        &[PARTS]
+    }
+    async fn handle(&self, v: serde_json::Value, ctx: &MessageContext) -> Outcome {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        let mut parts = framework::batch::Progress::resume(ctx, PARTS);
+        if let Err(e) = parts
+            .dead_letter("1", br#"{"bad":1}"#.to_vec(), "a bad record")
+            .await
+        {
+            return Outcome::retry(format!("the bad record's dead letter: {e}"));
+        }
+        if let Some(why) = parts.pause_before(Duration::from_secs(1)) {
+            return Outcome::retry(why);
+        }
+        Outcome::success(v)
+    }
+}
+
+/// A stop whose drain budget runs out while a handler awaits its part's dead letter's
+/// confirm (the DLQ a quorum queue electing a leader during a rolling deploy) waits for
+/// that confirm, as for a whole message's retry, and the handler goes on in a retry
+/// carrying the part's mark: stopped at the deadline, it gave its input back as it came
+/// while the part's dead letter landed all the same, and the next instance dead-lettered
+/// the part again — two dead letters of one record, replayed twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_waits_past_its_drain_budget_for_a_parts_late_dead_letter() {
+    const DRAIN_MS: u64 = 1000;
+    let broker = PrivateBroker::start().await;
+    let q = unique("stoppart");
+    let calls = Arc::new(AtomicUsize::new(0));
+    let settings = [
+        ("amqp.drain_timeout_ms", DRAIN_MS.to_string()),
+        ("amqp.queue_metrics_interval_ms", "0".to_string()),
+    ];
+    let settings: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (service, _cfg) = start_on(
+        &broker,
+        &q,
+        &settings,
+        DeadLettersAPartThenPauses(calls.clone()),
+    )
+    .await;
+    let sink = format!("{q}-sink");
+    broker.sink(&sink, &format!("{q}-out")).await;
+    let dlq = format!("{q}-dlq");
+    broker.suspend_queue(&dlq, "st_stop_part", true);
+    send_input(&broker, &q).await;
+    let c = calls.clone();
+    wait_until("the handler to start", || c.load(Ordering::SeqCst) == 1).await;
+    let stopping = tokio::spawn(service.stop());
+    // What must not happen cannot be awaited: the DLQ confirms nothing for three times
+    // the drain budget, at whose end the handler used to be stopped.
+    tokio::time::sleep(Duration::from_millis(DRAIN_MS * 3)).await;
+    broker.suspend_queue(&dlq, "st_stop_part", false);
+    stopping.await.expect("the stop ends");
+    // The next instance finishes the message.
+    let (service, _cfg) = start_on(
+        &broker,
+        &q,
+        &settings,
+        DeadLettersAPartThenPauses(calls.clone()),
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while broker.count(&sink).await.unwrap_or(0) < 1 {
+        assert!(tokio::time::Instant::now() < deadline, "the output");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    service.stop().await;
+    assert_eq!(
+        broker.count(&dlq).await,
+        Some(1),
+        "the part dead-lettered once"
+    );
+    assert_eq!(broker.count(&sink).await, Some(1), "one output");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
 
 /// Messages of `queue` on `broker` delivered and not yet acknowledged.
@@ -848,7 +909,7 @@ async fn a_second_signal_during_a_replay_names_the_copy_that_may_still_land() {
     let dlq = format!("{q}-dlq");
     await_ready_count(&ch, &dlq, 1).await;
     service.stop().await;
-    suspend_queue(&broker, &q, "st_replay_stop", true);
+    broker.suspend_queue(&q, "st_replay_stop", true);
 
     let dir = tempfile::tempdir().expect("config dir");
     let mut cmd = isolated_command(env!("CARGO_BIN_EXE_echo"));
@@ -900,7 +961,7 @@ async fn a_second_signal_during_a_replay_names_the_copy_that_may_still_land() {
     );
     assert_eq!(last["summary"]["moved"], 0, "{last}");
 
-    suspend_queue(&broker, &q, "st_replay_stop", false);
+    broker.suspend_queue(&q, "st_replay_stop", false);
     // The copy lands once the queue answers; the dead letter was kept.
     await_ready_count(&ch, &q, 1).await;
     await_ready_count(&ch, &dlq, 1).await;

@@ -396,6 +396,8 @@ impl MessageProcessor for CrashRouter {
         // other ids are left for the retry, and every other queue still gets its own now
         // rather than waiting out the retries (or a dead letter) with them.
         let mut refused: BTreeMap<String, (u64, String)> = BTreeMap::new();
+        // Whether a queue already left a publish unconfirmed this attempt (see below).
+        let mut stalled = false;
         for (id, picks) in &pairs {
             for (q, dest) in self.queues.iter().zip(dests.iter_mut()) {
                 if !picks.contains(&q.name.as_str()) {
@@ -421,7 +423,13 @@ impl MessageProcessor for CrashRouter {
                     .publish(Publication::text("", &q.name, id.as_str()).mandatory())
                     .await
                 {
-                    if !e.destination_refused() {
+                    // A queue that confirms nothing in time (a quorum queue without its
+                    // majority) holds back its own ids only, as one that refuses them:
+                    // every other queue's waited out its retries with it. A second such
+                    // queue says the connection is the one not answering.
+                    let first_stall = matches!(e, framework::publisher::PublishError::Timeout(_))
+                        && !std::mem::replace(&mut stalled, true);
+                    if !e.destination_refused() && !first_stall {
                         // The channel, the connection or the message itself failed: the
                         // next publish would too.
                         return Outcome::publish_failed(
@@ -760,6 +768,9 @@ fn unwrap_sns(input: Value) -> Result<Value, Outcome> {
         Some(Value::String(m)) => framework::fields::json_in_text(m.as_bytes()).map_err(|e| {
             Outcome::permanent(format!("SNS notification from {topic}: `Message` {e}"))
         }),
+        // Already opened by a bridge that expands JSON held in strings, as an SQS `body`
+        // is taken.
+        Some(m @ Value::Object(_)) => Ok(m.clone()),
         Some(other) => Err(Outcome::permanent(format!(
             "SNS notification from {topic}: `Message`: expected a string of JSON, found {}",
             framework::fields::kind_name(other)
@@ -1056,8 +1067,13 @@ mod tests {
             Outcome::Permanent(m) => assert!(m.contains("Records"), "{m}"),
             o => panic!("{o:?}"),
         }
+        // A `Message` already opened (a bridge expanding JSON held in strings) is taken.
+        let mut opened = sns(&json!({}));
+        opened["Message"] = event(&[&format!("v2/raw_crash/000/20180313/{ID}")]);
+        let ctx = MessageContext::for_test("s3-events", "k", 0);
+        assert!(matches!(r.handle(opened, &ctx).await, Outcome::Retry(m) if m.contains(ID)));
         // A `Message` that is not JSON text is named.
-        for bad in [json!("{not json"), json!({"Records": []})] {
+        for bad in [json!("{not json"), json!(["Records"])] {
             let mut n = sns(&json!({}));
             n["Message"] = bad;
             let ctx = MessageContext::for_test("s3-events", "k", 0);

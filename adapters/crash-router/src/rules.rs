@@ -1,19 +1,12 @@
 //! Which S3 event records carry a crash to route (design §7, crash-router).
 
 use std::borrow::Cow;
-use std::sync::LazyLock;
 
-use regex::Regex;
 use serde_json::Value;
 
 /// Prefix of raw-crash object keys.
 pub const RAW_CRASH_PREFIX: &str = "v2/raw_crash/";
 
-/// A Socorro crash id: a UUID whose last six digits are the submission date (yymmdd).
-pub const CRASH_ID_PATTERN: &str =
-    r"^[a-f0-9]{8}-[a-f0-9]{4}-[a-f0-9]{4}-[a-f0-9]{4}-[a-f0-9]{6}[0-9]{6}$";
-
-static CRASH_ID: LazyLock<Option<Regex>> = LazyLock::new(|| Regex::new(CRASH_ID_PATTERN).ok());
 
 /// What one S3 event record means for routing.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,9 +34,18 @@ impl Record {
     }
 }
 
-/// Whether `s` is a crash id.
+/// Whether `s` is a Socorro crash id: a lowercase UUID whose last six digits are the
+/// submission date (yymmdd), as pigeon's `^[a-f0-9]{8}-[a-f0-9]{4}-[a-f0-9]{4}-[a-f0-9]{4}-
+/// [a-f0-9]{6}[0-9]{6}$`. (Checked by hand: a regex crate here alone made every other
+/// service's own `cargo build` rebuild the workspace's shared crates.)
 pub fn is_crash_id(s: &str) -> bool {
-    CRASH_ID.as_ref().is_some_and(|re| re.is_match(s))
+    let b = s.as_bytes();
+    b.len() == 36
+        && b.iter().enumerate().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => *c == b'-',
+            30.. => c.is_ascii_digit(),
+            _ => matches!(c, b'0'..=b'9' | b'a'..=b'f'),
+        })
 }
 
 /// Whether an S3 `eventName` is a plain object upload (`ObjectCreated:Put`; the
@@ -171,6 +173,28 @@ mod tests {
             classify(&rec("ObjectCreated:Put", "v2%2Fraw_crash%2F%FF"), '0', '1'),
             Record::Ignored(_)
         ));
+    }
+
+    /// pigeon's pattern, `^[a-f0-9]{8}-[a-f0-9]{4}-[a-f0-9]{4}-[a-f0-9]{4}-[a-f0-9]{6}[0-9]{6}$`,
+    /// character by character.
+    #[test]
+    fn crash_ids_are_lowercase_uuids_ending_in_six_digits() {
+        let id = "de1bb258-cbbf-4589-a673-34f800160918";
+        assert!(is_crash_id(id));
+        for bad in [
+            "DE1BB258-cbbf-4589-a673-34f800160918",
+            "de1bb258-cbbf-4589-a673-34f80016091a",
+            "de1bb258-cbbf-4589-a673-34f8001609189",
+            "de1bb258-cbbf-4589-a673-34f80016091",
+            "de1bb258cbbf-4589-a673-34f800160918-",
+            "de1bb258-cbbf-4589-a673-34f8g0160918",
+            "de1bb258-cbbf-4589-a673_34f800160918",
+            // 36 bytes, two of them one character.
+            "de1bb258-cbbf-4589-a673-34f8001609\u{e9}",
+            "",
+        ] {
+            assert!(!is_crash_id(bad), "{bad}");
+        }
     }
 
     #[test]

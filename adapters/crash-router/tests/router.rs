@@ -366,6 +366,75 @@ async fn a_missing_queue_holds_back_only_its_own_ids() {
     );
 }
 
+/// A destination queue that confirms nothing (a quorum queue that lost its majority)
+/// holds back only its own ids, as a missing one does: the other queue gets every id of
+/// the notification while it stalls, and the stalled one gets its ids once it answers.
+/// Before, each attempt gave up at the stalled queue's first id and retried the whole
+/// notification: the healthy queue got nothing until the stalled one answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_that_confirms_nothing_holds_back_only_its_own_ids() {
+    use framework::testing::broker::{PrivateBroker, close};
+    let broker = PrivateBroker::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let (stalled, healthy) = (unique("crash-stalled"), unique("crash-healthy"));
+    let (conn, ch) = broker.channel().await.expect("private broker reachable");
+    declare(&ch, &stalled, FieldTable::default()).await;
+    declare(&ch, &healthy, FieldTable::default()).await;
+    let url = broker.url();
+    let cfg = service_config::<CrashRouterService>(
+        data.path(),
+        &[
+            ("amqp.url", &url),
+            ("amqp.operation_timeout_ms", "2000"),
+            ("crash_router.queues", &format!("{stalled},{healthy}")),
+            // Retries never run out however long the queue stalls.
+            ("retry.max_attempts", "1000"),
+        ],
+    );
+    let input = format!("{}-in", cfg.service.queue);
+    let pc = framework::cli::processor_configuration::<CrashRouterService>(&cfg)
+        .await
+        .expect("the processor builds");
+    let service = Background::start("crash-router", &cfg, pc);
+    let status = service.status.clone();
+    wait_until("consuming", || status.is_ready()).await;
+    broker.suspend_queue(&stalled, "st_crash_stalled", true);
+    let ids = [crash_id(91, '0'), crash_id(92, '0'), crash_id(93, '0')];
+    let body = json!({"Records": ids.iter().map(|id| put(&raw(id))).collect::<Vec<_>>()});
+    publish(
+        &ch,
+        &input,
+        "k",
+        body.to_string().as_bytes(),
+        BasicProperties::default(),
+    )
+    .await;
+    let mut qh = consume(&ch, &healthy).await;
+    for id in &ids {
+        assert_eq!(
+            &text(&next(&mut qh).await),
+            id,
+            "the healthy queue gets its ids while the other stalls"
+        );
+    }
+    broker.suspend_queue(&stalled, "st_crash_stalled", false);
+    // Each id once at least: a publish given up on may land after all.
+    let mut qs = consume(&ch, &stalled).await;
+    let mut got = std::collections::BTreeSet::new();
+    while got.len() < ids.len() {
+        got.insert(text(&next(&mut qs).await));
+    }
+    assert_eq!(got, ids.iter().cloned().collect());
+    service.stop().await;
+    assert!(
+        next_within(&mut qh, Duration::from_millis(300))
+            .await
+            .is_none(),
+        "the healthy queue got each id once"
+    );
+    close(conn).await;
+}
+
 /// An event whose publish to one queue kept failing ran out of retries and was
 /// dead-lettered, carrying which queues already got each id: replayed once the queue takes
 /// messages again, it publishes only what was missing, never a second copy of a crash to

@@ -582,11 +582,16 @@ impl EventForwarder {
                     }
                     continue;
                 }
-                // Held in place through an outage, the records this delivery posted would
-                // be posted again with it (a give-back carries no progress): the rest of
-                // this one batch goes on in a retry instead, as at the checkpoint above.
+                // Held in place through an outage, the batch keeps its place: the records
+                // this delivery posted are posted again with it (a give-back carries no
+                // progress), which endpoints drop as had (Rabble Rouser's by
+                // `sequenceNumber`, others by `Idempotency-Key`); gone on in a retry behind
+                // the messages after it, its rest came after theirs, and Rabble Rouser's
+                // listener dropped it as older than what it had. Not once this delivery
+                // dead-lettered a record: handed back, it would dead-letter it again — the
+                // rest of this one batch goes on in a retry then, as at the checkpoint.
                 Posted::HandedBack { why: e, outage }
-                    if progress.advanced() && !ctx.is_cancelled() =>
+                    if progress.advanced() && !dead.is_empty() && !ctx.is_cancelled() =>
                 {
                     tracing::warn!(
                         "an ordered batch met failures it could not wait out in place: the rest \

@@ -1056,6 +1056,85 @@ async fn an_ordered_batch_near_the_consumer_timeout_goes_on_in_a_retry() {
     );
 }
 
+/// Ordered, a batch whose second record meets an outage it cannot wait out (a third of
+/// the consumer timeout) keeps its place: handed back, it posts its first record again
+/// (the endpoint drops what it had) and then the second, before anything after it. Gone on
+/// in a retry behind the messages after it, its rest reached Rabble Rouser's listener after
+/// later events, which drops it as older than what it had.
+#[tokio::test]
+async fn an_ordered_batch_meeting_a_long_outage_keeps_its_place() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let server = MockServer::start().await;
+    // `seq-b` finds the endpoint down until `seq-a` was posted a second time: only a
+    // hand-back in place posts it again.
+    let firsts = std::sync::Arc::new(AtomicUsize::new(0));
+    let seen = firsts.clone();
+    Mock::given(method("POST"))
+        .respond_with(move |r: &wiremock::Request| {
+            let body = String::from_utf8_lossy(&r.body);
+            if body.contains("seq-a") {
+                seen.fetch_add(1, Ordering::SeqCst);
+                ResponseTemplate::new(200)
+            } else if body.contains("seq-b") && seen.load(Ordering::SeqCst) < 2 {
+                ResponseTemplate::new(503)
+            } else {
+                ResponseTemplate::new(200)
+            }
+        })
+        .mount(&server)
+        .await;
+    let data = tempfile::tempdir().unwrap();
+    let hs = start(
+        &server,
+        data.path(),
+        &[
+            ("event_forwarder.ordered", "true"),
+            // A hand-back 20 s after the delivery (a third of the consumer timeout).
+            ("amqp.consumer_timeout_ms", "60000"),
+            ("event_forwarder.timeout_ms", "8000"),
+            ("retry.delays_ms", "[1000]"),
+            ("retry.max_attempts", "2"),
+        ],
+    )
+    .await;
+    let mut out = hs.watch_output().await;
+    let body = json!({"Records": [record("seq-a"), record("seq-b")]});
+    hs.publish(
+        "kinesis",
+        body.to_string().as_bytes(),
+        with_id("ordered-outage"),
+    )
+    .await;
+    hs.publish(
+        "kinesis",
+        json!({"Records": [record("seq-c")]}).to_string().as_bytes(),
+        with_id("ordered-after"),
+    )
+    .await;
+    let first = json_of(&next(&mut out).await);
+    assert_eq!(first["delivered"], json!([0, 1]), "{first}");
+    next(&mut out).await;
+    let order: Vec<&str> = bodies(&server)
+        .await
+        .iter()
+        .filter_map(|b| {
+            ["seq-a", "seq-b", "seq-c"]
+                .into_iter()
+                .find(|s| b.contains(s))
+        })
+        .collect::<Vec<_>>();
+    let last_b = order
+        .iter()
+        .rposition(|s| *s == "seq-b")
+        .expect("seq-b posted");
+    assert_eq!(
+        &order[last_b..],
+        ["seq-b", "seq-c"],
+        "the batch's rest before the message after it: {order:?}"
+    );
+    assert_eq!(firsts.load(Ordering::SeqCst), 2, "{order:?}");
+}
+
 /// Ordered, a batch record retried in place until its attempts ran out is dead-lettered
 /// with `x-retry-count` counting those tries; the record after it, refused at its first
 /// try, with 1.

@@ -505,6 +505,11 @@ impl StatusProcessor {
                 // again (its publish may have been lost); no other message does.
                 if moved || (retried && triggered && c.status == "Received") {
                     extra.push(self.export_state_publication(m, &c, record));
+                }
+                // Its run's "all received" too, though the sender had the export-state
+                // message and moved the collection on to Success meanwhile: the run is
+                // still RECEIVED by this message, and nothing else announces it.
+                if moved || (retried && triggered) {
                     self.run_received(m, dedupe, retried, record, &mut extra)
                         .await?;
                 }
@@ -536,7 +541,18 @@ impl StatusProcessor {
                     transition("Received");
                 }
                 if !f.counted && !ours {
-                    tracing::info!(file = %LogText(&m.filename), "file already counted (sent again by the sender, or this message delivered again)");
+                    if key.starts_with("content:") {
+                        // Alike, unnamed and id-less, two files cannot be told from one
+                        // delivered twice: a collection that then never completes says why.
+                        tracing::warn!(
+                            collection = %LogText(&m.collection_name),
+                            "a file with no name and no message id, alike with one counted \
+                             already: counted once (the sender should set `file_name`, or a \
+                             message id, for each file)"
+                        );
+                    } else {
+                        tracing::info!(file = %LogText(&m.filename), "file already counted (sent again by the sender, or this message delivered again)");
+                    }
                 }
                 // The file that completed the collection re-emits when it comes back (its
                 // publish may have been lost), not when the sender sends it again.
@@ -545,6 +561,11 @@ impl StatusProcessor {
                     && (f.counted || (retried && f.collection.status == "Received"))
                 {
                     extra.push(self.export_state_publication(m, &f.collection, record));
+                }
+                // Its run's "all received" even then (refused, and the sender acted on the
+                // export-state message before the retry): the run is still RECEIVED by this
+                // file, and nothing else announces it.
+                if f.triggered_received && (f.counted || retried) {
                     self.run_received(m, dedupe, retried, record, &mut extra)
                         .await?;
                 }

@@ -1252,6 +1252,55 @@ async fn a_refused_monitoring_message_is_not_lost_to_a_later_record_of_its_run()
     env.finish().await;
 }
 
+/// The file that made a run RECEIVED, its "all received" refused (nothing bound to the
+/// monitoring exchange), sends it at a retry even after the sender acted on its
+/// export-state message and moved the collection on to Success: the run is still RECEIVED,
+/// and the retry that skipped it once the collection was no longer Received lost it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_all_received_is_sent_after_its_collection_moved_on_to_success() {
+    let mut env = start(Backend::Sqlite, &[]).await;
+    let r = "corr-received-then-success";
+    env.process(&msg(r, "db.a", json!({"files_exported": 1})))
+        .await;
+    env.process(&msg(r, "db.b", json!({"files_exported": 1})))
+        .await;
+    env.process(&file(r, "db.a", "a1")).await;
+    assert_eq!(json_of(&next(&mut env.export).await)["topic_name"], "db.a");
+    unbind_monitoring(&env).await;
+    let mut retried = watch(
+        &env.hs.ch,
+        &format!("{}-retry", env.hs.q),
+        &env.hs.delays[0].to_string(),
+    )
+    .await;
+    env.send(&file(r, "db.b", "b1")).await;
+    assert_eq!(json_of(&next(&mut env.export).await)["topic_name"], "db.b");
+    next(&mut retried).await;
+    assert_eq!(
+        env.store.product_status(r).await.unwrap().as_deref(),
+        Some("RECEIVED")
+    );
+    // The sender acts on the export-state message while the file's retries wait.
+    let done = env
+        .process(&msg(r, "db.b", json!({"is_success_file": "true"})))
+        .await;
+    assert_eq!(done["collection_name"], "db.b", "{done}");
+    assert_eq!(env.collection(r, "db.b").await.status, "Success");
+    let mut monitoring = watch(&env.hs.ch, &env.monitoring_ex, "#").await;
+    let m = json_of(&next(&mut monitoring).await);
+    assert_eq!(
+        m["title_text"], "Incremental - All collections received by NiFi",
+        "{m}"
+    );
+    assert_eq!(m["custom_elements"][1]["value"], r, "{m}");
+    assert_eq!(
+        json_of(&next(&mut env.out).await)["collection_name"],
+        "db.b"
+    );
+    assert_eq!(env.dlq_count().await, 0);
+    env.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unroutable_export_state_message_is_retried_until_bound() {
     let mut env = start_unbound(&[]).await;

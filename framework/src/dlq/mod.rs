@@ -90,6 +90,13 @@ pub enum DlqError {
     /// Broker failure.
     #[error("broker error: {0}")]
     Amqp(#[from] lapin::Error),
+    /// A purge sent and not answered (timed out, connection lost): the broker carries a
+    /// purge out whatever the client does next.
+    #[error(
+        "the purge was sent but not answered ({0}): the broker may have purged the DLQ all \
+         the same — `dlq list` shows what is left"
+    )]
+    PurgeUnanswered(lapin::Error),
     /// A quorum DLQ that said it held nothing could not be read: one without a leader
     /// says so whatever it holds.
     #[error(
@@ -919,6 +926,17 @@ async fn replay_each_told(
             stopped = Some(since.elapsed());
             break;
         }
+        // Paced before the look, not after it: a dead letter fetched and then held through
+        // the wait (1000 s at `--rate 0.001`) could outlast the broker's consumer timeout.
+        if !dry_run && pace.is_some() {
+            tokio::select! {
+                _ = tokio::time::sleep_until(next_at) => {}
+                _ = stop.cancelled() => {
+                    interrupted = true;
+                    break;
+                }
+            }
+        }
         let get = ch.basic_get(
             topo.dlq().as_str().into(),
             BasicGetOptions { no_ack: false },
@@ -958,15 +976,6 @@ async fn replay_each_told(
         }
         if !dry_run {
             if let Some(p) = pace {
-                tokio::select! {
-                    _ = tokio::time::sleep_until(next_at) => {}
-                    _ = stop.cancelled() => {
-                        // Fetched, not replayed: held with the others.
-                        held.last = Some(d.delivery_tag);
-                        interrupted = true;
-                        break;
-                    }
-                }
                 next_at = tokio::time::Instant::now() + p;
             }
             let mut hdr =
@@ -1109,7 +1118,14 @@ pub async fn purge(conn: &Connection, topo: &Topology) -> Result<u32, DlqError> 
     let t = topo.operation_timeout;
     let ch = bounded(t, "channel.open", conn.create_channel()).await?;
     let purge = ch.queue_purge(topo.dlq().as_str().into(), QueuePurgeOptions::default());
-    let n = bounded(t, "queue.purge", purge).await?;
+    let n = bounded(t, "queue.purge", purge).await.map_err(|e| {
+        // The broker's refusal (no such queue, no permission) purged nothing.
+        if matches!(e.kind(), lapin::ErrorKind::ProtocolError(_)) {
+            DlqError::Amqp(e)
+        } else {
+            DlqError::PurgeUnanswered(e)
+        }
+    })?;
     let _ = bounded(t, "channel.close", ch.close(200, "purge done".into())).await;
     Ok(n)
 }

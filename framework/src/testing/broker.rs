@@ -362,6 +362,35 @@ impl PrivateBroker {
         );
     }
 
+    /// Suspends (`on`) or resumes the process of `queue` on this node — a quorum queue's Ra
+    /// server or a classic queue's process — so that nothing published to it is confirmed
+    /// meanwhile, as a quorum queue electing a leader does not confirm. The suspender is a
+    /// process of its own (registered as `name`): the CLI's own call ends at once, and a
+    /// process's suspensions end with it. Blocks its thread (a multi-threaded runtime's).
+    pub fn suspend_queue(&self, queue: &str, name: &str, on: bool) {
+        let expr = if on {
+            format!(
+                "{{ok, Q}} = rabbit_amqqueue:lookup(rabbit_misc:r(<<\"/\">>, queue, <<\"{queue}\">>)), \
+                 P = case amqqueue:get_pid(Q) of {{Ra, _}} -> whereis(Ra); Pid -> Pid end, \
+                 Me = self(), \
+                 S = spawn(fun() -> true = erlang:suspend_process(P), Me ! suspended, \
+                     receive resume -> erlang:resume_process(P) end end), \
+                 register({name}, S), \
+                 receive suspended -> ok after 10000 -> timeout end."
+            )
+        } else {
+            format!("{name} ! resume, ok.")
+        };
+        let out = tokio::task::block_in_place(|| self.ctl_output(&["eval", &expr]));
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && said.trim() == "ok",
+            "rabbitmqctl eval {expr}: {:?}\n{said}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Runs `rabbitmqctl -n <node> args…` (or another CLI tool of the install, e.g.
     /// `rabbitmq-queues`, with [`Self::tool_output`]) and returns what it did.
     pub fn ctl_output(&self, args: &[&str]) -> std::process::Output {
