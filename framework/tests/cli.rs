@@ -1187,6 +1187,18 @@ async fn dead_letters_are_listed_replayed_after_confirm_and_purged() {
     let o = cmd(&["dlq", "replay", "--message-id", "poison-2-typo"]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(stderr(&o).contains("poison-2-typo"), "{}", stderr(&o));
+    // ... and a script reading the JSON summary sees why in its `error`.
+    let o = cmd(&["dlq", "replay", "--message-id", "poison-2-typo", "--json"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let last: serde_json::Value = out
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| panic!("a JSON summary: {out}"));
+    assert_eq!(last["summary"]["moved"], 0, "{out}");
+    let error = last["summary"]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("poison-2-typo"), "{out}");
     await_ready_count(&hs.ch, &format!("{q}-dlq"), 1).await;
     // Back in the service's own queue through the default exchange (no other subscriber of
     // the original exchange sees it again), where it first came from kept, errors stripped.
