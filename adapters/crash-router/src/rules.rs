@@ -7,7 +7,6 @@ use serde_json::Value;
 /// Prefix of raw-crash object keys.
 pub const RAW_CRASH_PREFIX: &str = "v2/raw_crash/";
 
-
 /// What one S3 event record means for routing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Record {
@@ -179,8 +178,14 @@ mod tests {
     /// character by character.
     #[test]
     fn crash_ids_are_lowercase_uuids_ending_in_six_digits() {
-        let id = "de1bb258-cbbf-4589-a673-34f800160918";
-        assert!(is_crash_id(id));
+        for id in [
+            "de1bb258-cbbf-4589-a673-34f800160918",
+            // The last hex digit before the date.
+            "de1bb258-cbbf-4589-a673-34f80a160918",
+            "00000000-0000-0000-0000-ffffff999999",
+        ] {
+            assert!(is_crash_id(id), "{id}");
+        }
         for bad in [
             "DE1BB258-cbbf-4589-a673-34f800160918",
             "de1bb258-cbbf-4589-a673-34f80016091a",

@@ -262,9 +262,18 @@ impl EventForwarder {
         let mut attempt: u32 = 0;
         // The tries an earlier delivery of this event counted, when it was handed back
         // (taken: a hand-back leaves them again).
-        let mut counted: u32 = match (self.outage().held.take(), digest) {
-            (Some((held, n)), Some(d)) if held == d => n,
-            _ => 0,
+        // Only by that event: a batch handed back posts its delivered records again first,
+        // and one of them taking the count would start the held record's tries over at
+        // every delivery.
+        let mut counted: u32 = {
+            let mut outage = self.outage();
+            match (outage.held, digest) {
+                (Some((held, n)), Some(d)) if held == d => {
+                    outage.held = None;
+                    n
+                }
+                _ => 0,
+            }
         };
         loop {
             let r = self.forwarder.post(body, &event).await;
@@ -587,11 +596,16 @@ impl EventForwarder {
                 // progress), which endpoints drop as had (Rabble Rouser's by
                 // `sequenceNumber`, others by `Idempotency-Key`); gone on in a retry behind
                 // the messages after it, its rest came after theirs, and Rabble Rouser's
-                // listener dropped it as older than what it had. Not once this delivery
-                // dead-lettered a record: handed back, it would dead-letter it again — the
-                // rest of this one batch goes on in a retry then, as at the checkpoint.
+                // listener dropped it as older than what it had. The rest of this one batch
+                // goes on in a retry, as at the checkpoint, when this delivery dead-lettered
+                // a record (handed back, it would dead-letter it again), or when error
+                // answers, not an outage, outlasted the delivery: their tries must add up
+                // to `max_attempts` across deliveries, and each delivery's re-posts of the
+                // records before it would take another checkpoint's time.
                 Posted::HandedBack { why: e, outage }
-                    if progress.advanced() && !dead.is_empty() && !ctx.is_cancelled() =>
+                    if progress.advanced()
+                        && (!outage || !dead.is_empty())
+                        && !ctx.is_cancelled() =>
                 {
                     tracing::warn!(
                         "an ordered batch met failures it could not wait out in place: the rest \

@@ -547,8 +547,10 @@ impl StatusProcessor {
                         tracing::warn!(
                             collection = %LogText(&m.collection_name),
                             "a file with no name and no message id, alike with one counted \
-                             already: counted once (the sender should set `file_name`, or a \
-                             message id, for each file)"
+                             already, is not counted again: this message delivered again, or \
+                             another file the sender sent alike (files without `file_name` or \
+                             a message id cannot be told apart: such a collection never \
+                             completes)"
                         );
                     } else {
                         tracing::info!(file = %LogText(&m.filename), "file already counted (sent again by the sender, or this message delivered again)");

@@ -1119,8 +1119,12 @@ pub async fn purge(conn: &Connection, topo: &Topology) -> Result<u32, DlqError> 
     let ch = bounded(t, "channel.open", conn.create_channel()).await?;
     let purge = ch.queue_purge(topo.dlq().as_str().into(), QueuePurgeOptions::default());
     let n = bounded(t, "queue.purge", purge).await.map_err(|e| {
-        // The broker's refusal (no such queue, no permission) purged nothing.
-        if matches!(e.kind(), lapin::ErrorKind::ProtocolError(_)) {
+        // The broker's refusal of the purge itself (a channel error: no such queue, no
+        // permission) purged nothing; a connection closed meanwhile (a node shutting down)
+        // may have come after it purged.
+        if matches!(e.kind(), lapin::ErrorKind::ProtocolError(p)
+            if matches!(p.kind(), lapin::protocol::AMQPErrorKind::Soft(_)))
+        {
             DlqError::Amqp(e)
         } else {
             DlqError::PurgeUnanswered(e)

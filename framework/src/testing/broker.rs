@@ -158,7 +158,8 @@ fn kill_node(pid: i32, id: &str) {
 /// A process outside the test's process tree, in a session of its own, that kills node
 /// `id`'s processes and deletes its directory `dir` once the returned pipe closes: when
 /// the node is dropped, and when the test process dies without dropping it (killed by a
-/// time bound, a Ctrl-C on `cargo test`, a panic before the node's pid file). The
+/// time bound, a Ctrl-C on `cargo test`), and when it is dropped before the node wrote its
+/// pid file (a panic while it booted). The
 /// install's wrapper starts the server through `su`, in another session, where neither
 /// the test's process-group kill nor its parent-death signal reaches it; a sweep at the
 /// next node's start came only if another test started one.
@@ -324,11 +325,21 @@ impl PrivateBroker {
             .output_within(CLI_BUDGET)
             .expect("rabbitmqctl on PATH (and answering)");
         let text = String::from_utf8_lossy(&out.stdout);
-        let mut parts = text
-            .trim()
-            .split('.')
-            .map(|p| p.parse::<u32>().unwrap_or(0));
-        (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+        // Unread, a version taken as 0.0 would skip the tests that depend on it, silently.
+        let parsed = text.trim().lines().last().map(|l| {
+            l.trim()
+                .split('.')
+                .map(|p| p.parse::<u32>().ok())
+                .collect::<Vec<_>>()
+        });
+        match (out.status.success(), parsed.as_deref()) {
+            (true, Some([Some(major), Some(minor), ..])) => (*major, *minor),
+            _ => panic!(
+                "`rabbitmqctl version` gave no version: {:?}\n{text}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        }
     }
 
     /// The AMQP URL of this node.
@@ -713,7 +724,13 @@ impl Drop for PrivateBroker {
         {
             kill_node(p, id);
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        // A node that never wrote its pid (dropped by a panic while it booted, on a loaded
+        // machine) is killed by its reaper, which sweeps by its mark once its pipe closes
+        // (when `_reaper` drops, next) — if its directory is still there: removed now, the
+        // reaper took the node for dropped and left it running.
+        if pid.is_some() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
