@@ -1476,7 +1476,9 @@ mod tests {
     /// Waits until another owner can take `key`: well before the lease of the claim given
     /// up on it would have ended.
     async fn next_owner_takes(records: &crate::records::Records, key: &str) {
-        let deadline = tokio::time::Instant::now() + super::CLAIM_LEASE / 4;
+        // Half the lease: room for a loaded machine's SQLite write, and still well before
+        // the lease (taken before this wait began) ends.
+        let deadline = tokio::time::Instant::now() + super::CLAIM_LEASE / 2;
         while !records
             .claim(key, "next", super::CLAIM_LEASE)
             .await
