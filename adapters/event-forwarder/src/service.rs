@@ -210,10 +210,30 @@ pub struct EventForwarder {
 struct OrderedOutage {
     /// When a try first found the endpoint down, since which no try found it up.
     since: Option<std::time::Instant>,
-    /// The event handed back (a digest of its id and body) and its counted tries so far:
-    /// an endpoint that answers errors between its outages still dead-letters it.
-    held: Option<([u8; 32], u32)>,
+    /// The event handed back (a digest of its id and body), its counted tries so far (an
+    /// endpoint that answers errors between its outages still dead-letters it) and the
+    /// outage it was handed back in, if it was (see [`EventForwarder::post`]).
+    held: Option<Held>,
 }
+
+/// An event handed back in its place, as its next delivery takes it up.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    /// Which event ([`event_digest`]).
+    digest: [u8; 32],
+    /// Its tries counted toward `max_attempts` so far.
+    counted: u32,
+    /// When the outage it was handed back in began.
+    outage_since: Option<std::time::Instant>,
+    /// When it was handed back: its next delivery comes at once, so one not back within
+    /// [`HELD_STALE`] was taken elsewhere (another replica, the broker's delivery limit)
+    /// and, replayed later, starts afresh.
+    at: std::time::Instant,
+}
+
+/// How long a hand-back's memory lasts (see [`Held::at`]): the longest a third of the
+/// consumer timeout is taken to be, 10 minutes, and room to spare.
+const HELD_STALE: Duration = Duration::from_secs(30 * 60);
 
 /// A digest naming one event across its deliveries: its message id and what is posted.
 fn event_digest(ctx: &MessageContext, body: &str) -> [u8; 32] {
@@ -265,12 +285,19 @@ impl EventForwarder {
         // Only by that event: a batch handed back posts its delivered records again first,
         // and one of them taking the count would start the held record's tries over at
         // every delivery.
+        // Its outage goes on from when it began: the batch's delivered records posted
+        // again before it found the endpoint up (a 2xx clears the outage), and an endpoint
+        // down for that one record only would otherwise never be down for `max_outage_ms`
+        // — handed back at every checkpoint, for ever.
         let mut counted: u32 = {
             let mut outage = self.outage();
             match (outage.held, digest) {
-                (Some((held, n)), Some(d)) if held == d => {
+                (Some(held), Some(d)) if held.digest == d && held.at.elapsed() < HELD_STALE => {
                     outage.held = None;
-                    n
+                    if let Some(t) = held.outage_since {
+                        outage.since = Some(t);
+                    }
+                    held.counted
                 }
                 _ => 0,
             }
@@ -412,7 +439,15 @@ impl EventForwarder {
             _ = tokio::time::sleep(wait) => {}
             _ = ctx.cancelled() => {}
         }
-        self.outage().held = Some((digest, counted));
+        let mut state = self.outage();
+        let outage_since = state.since.filter(|_| outage);
+        state.held = Some(Held {
+            digest,
+            counted,
+            outage_since,
+            at: std::time::Instant::now(),
+        });
+        drop(state);
         ctx.keep_place();
         Posted::HandedBack { why, outage }
     }

@@ -977,6 +977,40 @@ async fn ordered_mode_waits_an_outage_out_only_up_to_max_outage() {
     );
 }
 
+/// Ordered, a batch record the endpoint is down for (503 to it alone) while it takes the
+/// record before it is handed back in its place, and its outage is measured from its first
+/// try across the batch's deliveries: the first record's 2xx, posted again at each
+/// delivery, started the outage over, and the batch was handed back for ever.
+#[tokio::test]
+async fn an_ordered_records_outage_spans_its_batchs_deliveries() {
+    let server = answering_on("seq-down", ResponseTemplate::new(503)).await;
+    let data = tempfile::tempdir().unwrap();
+    // Longer than one delivery may hold the batch (20 s): it is handed back at least once.
+    let hs = start(
+        &server,
+        data.path(),
+        &[&HELD_20_S[..], &[("retry.max_outage_ms", "25000")]].concat(),
+    )
+    .await;
+    let mut dlq = hs.watch_dlq().await;
+    let body = json!({"Records": [record("seq-up"), record("seq-down")]});
+    hs.publish("kinesis", body.to_string().as_bytes(), with_id("b-outage"))
+        .await;
+    let d = next(&mut dlq).await;
+    assert_eq!(json_of(&d), json!({"Records": [record("seq-down")]}));
+    let err = header(&d, "x-error").unwrap();
+    assert!(err.contains("longer than [retry] max_outage_ms"), "{err}");
+    let ups = bodies(&server)
+        .await
+        .iter()
+        .filter(|b| b.contains("seq-up"))
+        .count();
+    assert!(
+        ups >= 2,
+        "handed back, the first record posted again: {ups}"
+    );
+}
+
 /// Ordered, the tries an endpoint's error answers counted go with an event across the
 /// hand-backs that keep its place through an outage: an endpoint answering 500, then down
 /// (503), then 500 again dead-letters the event at `max_attempts` (2) — the hand-back does
