@@ -430,6 +430,17 @@ impl Harness {
         watch(&self.ch, &self.output_exchange, "#").await
     }
 
+    /// A copy of every message sent to the first retry tier (`Q-retry`, its delay as the
+    /// key): a retry awaited as it happens, not by its coming back.
+    pub async fn watch_first_retry(&self) -> Consumer {
+        watch(
+            &self.ch,
+            &format!("{}-retry", self.q),
+            &self.delays[0].to_string(),
+        )
+        .await
+    }
+
     /// A consumer on `Q-dlq`.
     pub async fn watch_dlq(&self) -> Consumer {
         consume(&self.ch, &format!("{}-dlq", self.q)).await

@@ -103,7 +103,7 @@ struct Figures {
 impl Watch {
     async fn start(hs: &Harness) -> Watch {
         let ex = format!("{}-retry", hs.q);
-        let tiers = watch(&hs.ch, &ex, &hs.delays[0].to_string()).await;
+        let tiers = hs.watch_first_retry().await;
         for d in &hs.delays[1..] {
             hs.ch
                 .queue_bind(

@@ -282,13 +282,11 @@ impl EventForwarder {
         let mut attempt: u32 = 0;
         // The tries an earlier delivery of this event counted, when it was handed back
         // (taken: a hand-back leaves them again).
-        // Only by that event: a batch handed back posts its delivered records again first,
-        // and one of them taking the count would start the held record's tries over at
-        // every delivery.
-        // Its outage goes on from when it began: the batch's delivered records posted
-        // again before it found the endpoint up (a 2xx clears the outage), and an endpoint
-        // down for that one record only would otherwise never be down for `max_outage_ms`
-        // — handed back at every checkpoint, for ever.
+        // Taken by that event only, its outage going on from when it began: a batch handed
+        // back posts its delivered records again first, and one of them taking the count
+        // would start the held record's tries over at every delivery; their 2xx clears
+        // the outage, and an endpoint down for that one record only would never be down
+        // for `max_outage_ms` — handed back at every checkpoint, for ever.
         let mut counted: u32 = {
             let mut outage = self.outage();
             match (outage.held, digest) {

@@ -819,12 +819,7 @@ async fn a_failed_publish_is_repeated_on_redelivery() {
     // Copies of what goes to the first retry tier: proof that an attempt's publish was
     // refused before the way is cleared (the file counted in the database says only that
     // the attempt got that far, and its publish could come after the unblocking).
-    let mut retried = watch(
-        &env.hs.ch,
-        &format!("{}-retry", env.hs.q),
-        &env.hs.delays[0].to_string(),
-    )
-    .await;
+    let mut retried = env.hs.watch_first_retry().await;
     // The export-state publish is refused: the file's message is not acked as done.
     let full = block(&env, &env.export_ex.clone()).await;
     env.send(&file(c, "db.n", "n1")).await;
@@ -1152,12 +1147,7 @@ async fn an_unroutable_monitoring_message_is_retried_until_bound() {
     env.process(&file(c, "db.m", "m1")).await;
     next(&mut env.export).await;
     unbind_monitoring(&env).await;
-    let mut retried = watch(
-        &env.hs.ch,
-        &format!("{}-retry", env.hs.q),
-        &env.hs.delays[0].to_string(),
-    )
-    .await;
+    let mut retried = env.hs.watch_first_retry().await;
     env.send(&msg(c, "db.m", json!({"is_success_file": "true"})))
         .await;
     next(&mut retried).await;
@@ -1264,12 +1254,7 @@ async fn a_refused_all_received_is_sent_after_its_collection_moved_on_to_success
     env.process(&file(r, "db.a", "a1")).await;
     assert_eq!(json_of(&next(&mut env.export).await)["topic_name"], "db.a");
     unbind_monitoring(&env).await;
-    let mut retried = watch(
-        &env.hs.ch,
-        &format!("{}-retry", env.hs.q),
-        &env.hs.delays[0].to_string(),
-    )
-    .await;
+    let mut retried = env.hs.watch_first_retry().await;
     env.send(&file(r, "db.b", "b1")).await;
     assert_eq!(json_of(&next(&mut env.export).await)["topic_name"], "db.b");
     next(&mut retried).await;
@@ -1306,12 +1291,7 @@ async fn an_unroutable_export_state_message_is_retried_until_bound() {
         .await;
     // Nothing is bound to the export-state exchange: the message is unroutable, and its
     // attempt goes to the retry tier (a copy here proves it, before anything is bound).
-    let mut retried = watch(
-        &env.hs.ch,
-        &format!("{}-retry", env.hs.q),
-        &env.hs.delays[0].to_string(),
-    )
-    .await;
+    let mut retried = env.hs.watch_first_retry().await;
     env.send(&file(c, "db.u", "u1")).await;
     next(&mut retried).await;
     assert_eq!(env.collection(c, "db.u").await.status, "Received");
@@ -1412,12 +1392,7 @@ async fn a_retried_batch_of_thousands_of_records_sends_each_message_once() {
     const N: usize = 2500;
     let mut env = start(Backend::Sqlite, &[]).await;
     let c = "corr-thousand";
-    let mut retried = watch(
-        &env.hs.ch,
-        &format!("{}-retry", env.hs.q),
-        &env.hs.delays[0].to_string(),
-    )
-    .await;
+    let mut retried = env.hs.watch_first_retry().await;
     let mut records: Vec<Value> = (0..N)
         .map(|i| {
             json!({"body": msg(c, &format!("db.collection.{i:05}"), json!({"files_exported": 0}))})
@@ -2210,12 +2185,7 @@ async fn a_success_file_before_its_collection_waits_for_it(b: Backend) {
     // the collection's messages to follow on a loaded machine.
     let mut env = start(b, &[("retry.delays_ms", "[200, 2000]")]).await;
     let c = "corr-early";
-    let mut retried = watch(
-        &env.hs.ch,
-        &format!("{}-retry", env.hs.q),
-        &env.hs.delays[0].to_string(),
-    )
-    .await;
+    let mut retried = env.hs.watch_first_retry().await;
     env.send(&msg(c, "db.e", json!({"is_success_file": "true"})))
         .await;
     next(&mut retried).await;
