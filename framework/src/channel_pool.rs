@@ -226,26 +226,43 @@ impl ChannelPool {
             ch: Some(ch),
             slot: Some(slot),
             pool: self.clone(),
+            settled: false,
         })
     }
 }
 
-/// A borrowed confirm channel; back to the pool on drop if still open.
+/// A borrowed confirm channel; back to the pool on drop if still open and every publish
+/// on it was answered ([`PooledChannel::settled`]).
 pub struct PooledChannel {
     ch: Option<Channel>,
     /// The pool's slot this channel holds while open.
     slot: Option<OwnedSemaphorePermit>,
     pool: Arc<ChannelPool>,
+    /// Whether every confirm of what was published on it came (acked, nacked or returned).
+    settled: bool,
 }
 
 impl PooledChannel {
     /// Closes the channel instead of giving it back (confirms given up on are kept by lapin
     /// until their channel closes).
     pub fn discard(mut self) {
-        if let Some(ch) = self.ch.take() {
-            let slot = self.slot.take();
-            let limit = self.pool.limit;
-            tokio::spawn(async move {
+        self.close_then_free();
+    }
+
+    /// Notes that every publish on the channel was answered: it may serve another outcome.
+    pub fn settled(&mut self) {
+        self.settled = true;
+    }
+
+    /// Closes the channel, freeing its slot once closed.
+    fn close_then_free(&mut self) {
+        let (Some(ch), slot) = (self.ch.take(), self.slot.take()) else {
+            return;
+        };
+        let limit = self.pool.limit;
+        // Outside a runtime (its shutdown) the channel goes with its connection.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
                 let _ =
                     tokio::time::timeout(limit, ch.close(200, "confirms given up on".into())).await;
                 // Only now may another channel take its place under the broker's limit.
@@ -264,6 +281,14 @@ impl std::ops::Deref for PooledChannel {
 
 impl Drop for PooledChannel {
     fn drop(&mut self) {
+        // Dropped with a confirm still awaited (its handler stopped by a drain): lapin
+        // credits a return to the oldest confirm pending on the channel, so the next
+        // outcome published on it could take that stale confirm's place — a retry that
+        // reached no queue confirmed as routed, its input acked and lost.
+        if !self.settled && self.ch.as_ref().is_some_and(|c| c.status().connected()) {
+            self.close_then_free();
+            return;
+        }
         if let Some(ch) = self.ch.take()
             && ch.status().connected()
             && let Some(slot) = self.slot.take()

@@ -421,9 +421,13 @@ impl MessageContext {
 
     /// Publishes one message now, persistently, and waits for the broker's confirm.
     pub async fn publish(&self, p: Publication) -> Result<(), PublishError> {
-        let published = match &self.publisher {
-            Some(pb) => pb.publish(&self.origin(), p).await,
-            None => Err(PublishError::NoChannel),
+        let published = match (&self.publisher, &self.confirming) {
+            // Marked as a dead letter's: stopped mid-confirm by a drain, its handler would
+            // lose the progress marks of what it published, and a redelivery publish all
+            // of it again.
+            (Some(pb), Some(c)) => c.awaiting(pb.publish(&self.origin(), p)).await,
+            (Some(pb), None) => pb.publish(&self.origin(), p).await,
+            (None, _) => Err(PublishError::NoChannel),
         };
         self.count_failure(published)
     }

@@ -425,11 +425,12 @@ impl Publisher {
             let order = Some(self.pool.shared_order());
             return publish_confirmed_in_order(&ch, msgs, alarm, limit, frame_max, order).await;
         }
-        let ch = self.pool.get().await?;
+        let mut ch = self.pool.get().await?;
         let r = publish_confirmed(&ch, msgs, alarm, limit, frame_max).await;
-        if let Err(PublishError::Timeout(_)) = &r {
-            // Its confirms were given up on: lapin would keep them for the channel's life.
-            ch.discard();
+        // Given up on (a timeout), its confirms would be kept by lapin for the channel's
+        // life: dropped unsettled, it is closed.
+        if !matches!(r, Err(PublishError::Timeout(_))) {
+            ch.settled();
         }
         r
     }

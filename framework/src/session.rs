@@ -4,7 +4,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::{FutureExt, StreamExt};
@@ -116,14 +116,11 @@ struct SessionTasks {
     tasks: TaskTracker,
     cancel: CancellationToken,
     kill: CancellationToken,
-    /// Stops the handlers `kill` left running: those awaiting the confirm of a retry or
-    /// dead letter ([`Confirming`]).
+    /// Stops the handlers `kill` left running: those awaiting the confirm of what they
+    /// published ([`Confirming`]).
     force: CancellationToken,
     /// How many such confirms its handlers await.
     confirming: Arc<AtomicUsize>,
-    /// Set once the broker answered the consumer's cancel: what is given back then goes to
-    /// other consumers, not back to this one (which reads nothing more).
-    consumer_cancelled: Arc<AtomicBool>,
     /// When `kill` comes, once the session is ending ([`MessageContext::time_left`]).
     stops_at: Arc<std::sync::OnceLock<Instant>>,
 }
@@ -136,7 +133,6 @@ impl SessionTasks {
             kill: CancellationToken::new(),
             force: CancellationToken::new(),
             confirming: Arc::default(),
-            consumer_cancelled: Arc::default(),
             stops_at: Arc::default(),
         }
     }
@@ -156,10 +152,11 @@ impl SessionTasks {
     /// `at_once`: why there is no budget, where there is none (the connection is gone,
     /// the consumer cancelled), for the log.
     ///
-    /// A handler awaiting the confirm of its retry or dead letter when the budget runs out
-    /// gets up to `confirm_grace` more, unless the connection is gone or blocked: stopped,
-    /// its input goes back to the queue while the outcome may land all the same (a quorum
-    /// tier electing a leader confirms late) — the message would then live twice.
+    /// A handler awaiting the confirm of an outcome or a publish of its own when the budget
+    /// runs out gets up to `confirm_grace` more, unless the connection is gone or blocked:
+    /// stopped, its input goes back to the queue while what it published may land all the
+    /// same (a quorum tier electing a leader confirms late) — the message would then live
+    /// twice, or its outputs go out twice.
     async fn end(
         &self,
         budget: Duration,
@@ -187,15 +184,19 @@ impl SessionTasks {
             return;
         }
         let confirming = self.confirming.load(Ordering::SeqCst);
-        let graced = !gone && !alarm.blocked() && confirming > 0 && !confirm_grace.is_zero();
+        // Not only while some confirm is awaited at this instant: a handler woken by the
+        // stop may start its outcome's publish in that same turn (its frames queued before
+        // the stop is seen), and cut off then, its retry landed beside its requeued input.
+        // Handlers awaiting nothing stop at once all the same (`Confirming::idle`).
+        let graced = !gone && !alarm.blocked() && !confirm_grace.is_zero();
         warn!(
             still_running = self.tasks.len(),
             awaiting_a_confirm = confirming,
             "{why}; stopping unfinished handlers, their messages return to the queue{}",
-            if graced {
+            if graced && confirming > 0 {
                 format!(
-                    " — those awaiting the confirm of their retry or dead letter are given up \
-                     to {} ms more",
+                    " — those awaiting the confirm of what they published are given up to {} \
+                     ms more",
                     confirm_grace.as_millis()
                 )
             } else {
@@ -220,10 +221,10 @@ impl SessionTasks {
     }
 }
 
-/// Whether a handler awaits the confirm of a retry or dead letter (its whole message's,
-/// or a part's): such a handler is not stopped with the others when the drain budget runs
-/// out (see [`SessionTasks::end`]). Stopped, its input went back to the queue while what
-/// replaces it landed all the same.
+/// Whether a handler awaits the confirm of what it published (its outcome, a part's dead
+/// letter, a publish of the processor's own): such a handler is not stopped with the
+/// others when the drain budget runs out (see [`SessionTasks::end`]). Stopped, its input
+/// went back to the queue while what it published landed all the same.
 #[derive(Debug)]
 pub(crate) struct Confirming {
     /// How many such confirms the handler awaits (parts may be dead-lettered at once).
@@ -235,17 +236,9 @@ pub(crate) struct Confirming {
 }
 
 impl Confirming {
-    /// Runs `publish`, the publish of an outcome labelled `label`, marked as awaiting its
-    /// confirm if it is a retry or a dead letter (the outcomes that replace their input).
-    async fn during<T>(&self, label: &str, publish: impl std::future::Future<Output = T>) -> T {
-        if label != "retry" && label != "dead_letter" {
-            return publish.await;
-        }
-        self.awaiting(publish).await
-    }
-
-    /// Runs `publish`, a publish that replaces the input or part of it (a part's dead
-    /// letter), marked as awaiting its confirm.
+    /// Runs `publish` (an outcome's, a part's dead letter, a processor's own), marked as
+    /// awaiting its confirm. A success's too: cut off, its message landed while the input
+    /// went back to be handled, and announced, again.
     pub(crate) async fn awaiting<T>(&self, publish: impl std::future::Future<Output = T>) -> T {
         /// Clears the mark however the publish ends (done, or dropped with its handler).
         struct Clear<'a>(&'a Confirming);
@@ -472,7 +465,6 @@ pub(crate) async fn session<P: MessageProcessor>(
                 let confirming = Arc::new(handlers.confirming());
                 let metrics = shared.metrics.clone();
                 let (tag, settler) = (delivery.delivery_tag, shared.settler.clone());
-                let consumer_cancelled = handlers.consumer_cancelled.clone();
                 // The handler's state machine (several KiB) lives on the heap from the start,
                 // not in the spawned future, which tokio moves more than once while spawning.
                 let fut = async move {
@@ -482,7 +474,7 @@ pub(crate) async fn session<P: MessageProcessor>(
                             .handle_delivery(delivery, received_at, cancel, stops_at, &marked)
                             .await
                     });
-                    // A handler awaiting its retry's or dead letter's confirm is stopped
+                    // A handler awaiting the confirm of what it published is stopped
                     // only once that is over or by `force`.
                     let stopped = async {
                         kill.cancelled().await;
@@ -499,12 +491,10 @@ pub(crate) async fn session<P: MessageProcessor>(
                         // Stopped unsettled: the broker requeues it with the channel —
                         // which stays open while another handler is given time for its
                         // confirm (`force` not yet come): given back now instead, so another
-                        // instance can take it meanwhile. Only once the broker answered the
-                        // consumer's cancel (never sent on a single-active-consumer queue,
-                        // nor while it blocks the connection): before, it would come back
-                        // to this consumer, which reads nothing more.
+                        // instance can take it meanwhile (once the broker answered the
+                        // consumer's cancel: see `Settling::ending`).
                         () = stopped => {
-                            if !force.is_cancelled() && consumer_cancelled.load(Ordering::SeqCst) {
+                            if !force.is_cancelled() {
                                 settler.give_back(tag);
                             } else {
                                 metrics.count("interrupted");
@@ -576,7 +566,7 @@ pub(crate) async fn session<P: MessageProcessor>(
             )
             .await
             {
-                Ok(()) => handlers.consumer_cancelled.store(true, Ordering::SeqCst),
+                Ok(()) => settling.released(),
                 Err(e) => debug!(error = %e, "basic.cancel failed"),
             }
         }
@@ -595,6 +585,12 @@ pub(crate) async fn session<P: MessageProcessor>(
         SessionEnd::Lost(_) if !alive() => "the connection to the broker was lost",
         _ => "drain timeout reached",
     };
+    // Before the handlers are told: what they give back is held until the broker
+    // answered the cancel (see `Settling::ending`).
+    settling.ending();
+    if let SessionEnd::Released(_) = &end {
+        settling.released();
+    }
     tokio::join!(cancel, handlers.end(budget, limit, &alarm, lost, at_once));
     let later = deadline().max(tokio::time::Instant::now() + LAST_FRAMES);
     *ends_by.lock().unwrap_or_else(|p| p.into_inner()) = later;
@@ -1147,7 +1143,7 @@ impl<P: MessageProcessor> Shared<P> {
     ) -> Result<(), PublishError> {
         let limit = confirm_limit(&self.inner, label, started);
         let sent = confirming
-            .during(label, self.publisher.send_within(msgs, limit))
+            .awaiting(self.publisher.send_within(msgs, limit))
             .await;
         if sent.is_err() {
             self.metrics.publish_failures().increment(1);

@@ -39,6 +39,10 @@ enum Event {
     /// A delivery handed to a handler: unsettled until its `Settled`.
     Delivered(u64),
     Settled(u64, Settlement),
+    /// The session ends: what is given back from now on is held (see [`Settling::ending`]).
+    Ending,
+    /// The broker answered the consumer's cancel: what is held goes back now.
+    Released,
 }
 
 /// The sending side, cloned into each handler of the session.
@@ -72,6 +76,24 @@ impl Settling {
     /// no multiple ack covers it meanwhile.
     pub(crate) fn delivered(&self, tag: u64) {
         let _ = self.settler.tx.send(Event::Delivered(tag));
+    }
+
+    /// Notes that the session ends: a give-back from now on is held until
+    /// [`Settling::released`], else left for the channel's close. Given back to a consumer
+    /// the broker still counts as active (its cancel not yet answered, never sent on a
+    /// single-active-consumer queue, not sent while the connection is blocked), a message
+    /// came straight back to it, read no more, and went back again at the close: two
+    /// returns, each counted toward the delivery limit, and held for the whole drain. A
+    /// failed delivery's give-back held to the close is not counted as failed there: the
+    /// stop, not the message, ended it.
+    pub(crate) fn ending(&self) {
+        let _ = self.settler.tx.send(Event::Ending);
+    }
+
+    /// Notes that the broker answered the consumer's cancel: what is given back goes to
+    /// other consumers now.
+    pub(crate) fn released(&self) {
+        let _ = self.settler.tx.send(Event::Released);
     }
 
     /// Sends the settlements still queued (every handler has ended), waiting up to `limit`.
@@ -144,6 +166,10 @@ async fn run(ch: Channel, metrics: Arc<QueueMetrics>, mut rx: mpsc::UnboundedRec
     let mut events = Vec::with_capacity(64);
     let mut acked = Vec::with_capacity(64);
     let mut labels = Vec::with_capacity(64);
+    // Give-backs held while the session ends and its consumer is not released: left
+    // unsettled (no multiple ack may reach them), they go back with the channel.
+    let (mut ending, mut released) = (false, false);
+    let mut held: Vec<(u64, bool)> = Vec::new();
     while rx.recv_many(&mut events, 1024).await > 0 {
         // Let the handlers woken with this one (a confirm frame settles several publishes
         // at once) queue their settlements too, so they leave in this round.
@@ -157,6 +183,20 @@ async fn run(ch: Channel, metrics: Arc<QueueMetrics>, mut rx: mpsc::UnboundedRec
             match e {
                 Event::Delivered(t) => {
                     unsettled.insert(t);
+                }
+                Event::Ending => ending = true,
+                Event::Released => {
+                    released = true;
+                    for (t, failed) in held.drain(..) {
+                        if unsettled.remove(&t) {
+                            give_back.push((t, failed));
+                        }
+                    }
+                }
+                Event::Settled(t, Settlement::GiveBack { failed }) if ending && !released => {
+                    if unsettled.contains(&t) && !held.iter().any(|(h, _)| *h == t) {
+                        held.push((t, failed));
+                    }
                 }
                 Event::Settled(t, s) => {
                     // Settled once: a stopped handler's give-back (see `session`) may
@@ -223,6 +263,13 @@ async fn run(ch: Channel, metrics: Arc<QueueMetrics>, mut rx: mpsc::UnboundedRec
         }
         acked.clear();
         labels.clear();
+    }
+    // Returned by the broker as the channel closes.
+    for _ in held
+        .iter()
+        .filter(|(t, failed)| !failed && unsettled.contains(t))
+    {
+        metrics.count("interrupted");
     }
 }
 

@@ -814,6 +814,37 @@ impl MessageProcessor for DeadLettersAPartThenPauses {
     }
 }
 
+/// Publishes `"one"` to the queue [`SIDE`] of its input's service through `amq.topic`
+/// (once: marked in [`PARTS`]), then goes on as crash-router does: a Retry carrying that
+/// mark if the service is stopping, else success. Counts its calls.
+struct PublishesThenPauses(Arc<AtomicUsize>);
+
+/// Where [`PublishesThenPauses`] publishes (`<service queue>-side`, by routing key).
+const SIDE: &str = "side";
+
+#[async_trait]
+impl MessageProcessor for PublishesThenPauses {
+    type Input = serde_json::Value;
+    fn progress_headers(&self) -> &'static [&'static str] {
+        &[PARTS]
+    }
+    async fn handle(&self, v: serde_json::Value, ctx: &MessageContext) -> Outcome {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        let mut parts = framework::batch::Progress::resume(ctx, PARTS);
+        if !parts.is_done("1") {
+            let p = framework::Publication::text("amq.topic", SIDE, "one").mandatory();
+            if let Err(e) = ctx.publish(p).await {
+                return Outcome::retry(format!("the side publish: {e}"));
+            }
+            parts.mark_done("1");
+        }
+        if let Some(why) = parts.pause_before(Duration::from_secs(1)) {
+            return Outcome::retry(why);
+        }
+        Outcome::success(v)
+    }
+}
+
 /// A stop whose drain budget runs out while a handler awaits its part's dead letter's
 /// confirm (the DLQ a quorum queue electing a leader during a rolling deploy) waits for
 /// that confirm, as for a whole message's retry, and the handler goes on in a retry
@@ -822,43 +853,54 @@ impl MessageProcessor for DeadLettersAPartThenPauses {
 /// the part again — two dead letters of one record, replayed twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_waits_past_its_drain_budget_for_a_parts_late_dead_letter() {
+    a_stop_waits_past_its_drain_budget_for("stoppart", "dlq", DeadLettersAPartThenPauses).await;
+}
+
+/// As for a part's dead letter, for a publish of the processor's own (crash-router's crash
+/// ids): stopped mid-confirm, its handler lost the mark of what it had published, and the
+/// next instance published it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_waits_past_its_drain_budget_for_a_processors_late_publish() {
+    a_stop_waits_past_its_drain_budget_for("stoppub", SIDE, PublishesThenPauses).await;
+}
+
+/// Stops a service on a private node while its handler (made by `processor`) awaits the
+/// confirm of what it publishes to the queue `<q>-<late>`, which confirms nothing for three
+/// times the drain budget; then a second instance finishes the message. What the handler
+/// published lands once, the output once, in two calls.
+async fn a_stop_waits_past_its_drain_budget_for<P: MessageProcessor>(
+    name: &str,
+    late: &str,
+    processor: impl Fn(Arc<AtomicUsize>) -> P,
+) {
     const DRAIN_MS: u64 = 1000;
     let broker = PrivateBroker::start().await;
-    let q = unique("stoppart");
+    let q = unique(name);
     let calls = Arc::new(AtomicUsize::new(0));
     let settings = [
         ("amqp.drain_timeout_ms", DRAIN_MS.to_string()),
         ("amqp.queue_metrics_interval_ms", "0".to_string()),
     ];
     let settings: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let (service, _cfg) = start_on(
-        &broker,
-        &q,
-        &settings,
-        DeadLettersAPartThenPauses(calls.clone()),
-    )
-    .await;
+    let (service, _cfg) = start_on(&broker, &q, &settings, processor(calls.clone())).await;
     let sink = format!("{q}-sink");
     broker.sink(&sink, &format!("{q}-out")).await;
-    let dlq = format!("{q}-dlq");
-    broker.suspend_queue(&dlq, "st_stop_part", true);
+    let late = format!("{q}-{late}");
+    if late.ends_with(SIDE) {
+        broker.sink(&late, "amq.topic").await;
+    }
+    broker.suspend_queue(&late, "st_stop_late", true);
     send_input(&broker, &q).await;
     let c = calls.clone();
     wait_until("the handler to start", || c.load(Ordering::SeqCst) == 1).await;
     let stopping = tokio::spawn(service.stop());
-    // What must not happen cannot be awaited: the DLQ confirms nothing for three times
+    // What must not happen cannot be awaited: the queue confirms nothing for three times
     // the drain budget, at whose end the handler used to be stopped.
     tokio::time::sleep(Duration::from_millis(DRAIN_MS * 3)).await;
-    broker.suspend_queue(&dlq, "st_stop_part", false);
+    broker.suspend_queue(&late, "st_stop_late", false);
     stopping.await.expect("the stop ends");
     // The next instance finishes the message.
-    let (service, _cfg) = start_on(
-        &broker,
-        &q,
-        &settings,
-        DeadLettersAPartThenPauses(calls.clone()),
-    )
-    .await;
+    let (service, _cfg) = start_on(&broker, &q, &settings, processor(calls.clone())).await;
     let deadline = tokio::time::Instant::now() + WAIT;
     while broker.count(&sink).await.unwrap_or(0) < 1 {
         assert!(tokio::time::Instant::now() < deadline, "the output");
@@ -866,9 +908,9 @@ async fn a_stop_waits_past_its_drain_budget_for_a_parts_late_dead_letter() {
     }
     service.stop().await;
     assert_eq!(
-        broker.count(&dlq).await,
+        broker.count(&late).await,
         Some(1),
-        "the part dead-lettered once"
+        "published to {late} once"
     );
     assert_eq!(broker.count(&sink).await, Some(1), "one output");
     assert_eq!(calls.load(Ordering::SeqCst), 2);
@@ -966,4 +1008,58 @@ async fn a_second_signal_during_a_replay_names_the_copy_that_may_still_land() {
     await_ready_count(&ch, &q, 1).await;
     await_ready_count(&ch, &dlq, 1).await;
     framework::testing::broker::close(conn).await;
+}
+
+/// A pooled channel dropped while a confirm on it is still awaited (its handler stopped
+/// by a drain) is closed, not handed to the next outcome: lapin credits a return to the
+/// oldest confirm pending on a channel, so the next outcome's unroutable retry could be
+/// confirmed as routed in the stale publish's place, its input acked and lost. One whose
+/// publishes were all answered is reused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_channel_dropped_mid_confirm_is_never_lent_again() {
+    use framework::lapin::BasicProperties;
+    use framework::lapin::options::BasicPublishOptions;
+    let broker = PrivateBroker::start().await;
+    let q = unique("poolstale");
+    broker.sink(&q, "amq.topic").await;
+    let (conn, _ch) = broker.channel().await.expect("private broker reachable");
+    let pool =
+        framework::channel_pool::ChannelPool::new(Arc::new(conn), Duration::from_secs(30), None);
+    async fn publish(ch: &framework::lapin::Channel) -> framework::lapin::PublisherConfirm {
+        ch.basic_publish(
+            "amq.topic".into(),
+            "k".into(),
+            BasicPublishOptions::default(),
+            b"x",
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .expect("publish")
+    }
+    // Answered: the channel goes back and is lent again.
+    let mut ch = pool.get().await.expect("a channel");
+    let answered = ch.id();
+    publish(&ch).await.await.expect("confirmed");
+    ch.settled();
+    drop(ch);
+    let ch = pool.get().await.expect("a channel");
+    assert_eq!(ch.id(), answered, "an answered channel is reused");
+    // Its queue confirms nothing now: the confirm is given up on as the publish is dropped.
+    broker.suspend_queue(&q, "st_pool_stale", true);
+    let confirm = publish(&ch).await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), confirm)
+            .await
+            .is_err(),
+        "the queue confirms nothing while suspended"
+    );
+    let stale = ch.id();
+    drop(ch);
+    let next = pool.get().await.expect("a channel");
+    broker.suspend_queue(&q, "st_pool_stale", false);
+    assert_ne!(
+        next.id(),
+        stale,
+        "a channel with a confirm pending is not lent"
+    );
 }

@@ -189,3 +189,81 @@ async fn a_full_dlq_refuses_dead_letters_instead_of_dropping_the_oldest() {
     drop(policy);
     hs.stop().await;
 }
+
+/// Hands its message back once its session ends (an ordered adapter stopping mid-wait).
+struct HandsBackAtTheStop(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+#[framework::async_trait]
+impl framework::MessageProcessor for HandsBackAtTheStop {
+    type Input = serde_json::Value;
+    async fn handle(&self, _v: serde_json::Value, ctx: &MessageContext) -> Outcome {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        ctx.cancelled().await;
+        Outcome::Interrupted("stopping".into())
+    }
+}
+
+/// On a queue with a single active consumer (ordered handling) the consumer is not
+/// cancelled at a stop: a message handed back meanwhile came straight back to it, read
+/// no more, and went back again as the channel closed — two returns, each counted toward
+/// the delivery limit, at every stop. It goes back once, with the channel.
+#[tokio::test]
+async fn a_hand_back_at_a_stop_of_a_single_active_consumer_counts_one_delivery() {
+    use framework::lapin::types::AMQPValue;
+    let started = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let q = unique("sacback");
+    let pc = framework::ProcessorConfiguration {
+        binding: framework::Binding {
+            exchange: format!("{q}-in"),
+            routing_keys: vec!["test.#".into()],
+            output_routing_key: "test.out".into(),
+            single_active_consumer: true,
+            ..Default::default()
+        },
+        processor: HandsBackAtTheStop(started.clone()),
+    };
+    let mut hs = Harness::start_pc("test-service", config(&q, &[]), pc).await;
+    hs.publish("test.x", br#"{"n":1}"#, BasicProperties::default())
+        .await;
+    let s = started.clone();
+    wait_until("the handler to start", || {
+        s.load(std::sync::atomic::Ordering::SeqCst)
+    })
+    .await;
+    hs.stop().await;
+    // Consumed (a single-active-consumer quorum queue takes no basic.get), as the next
+    // instance would.
+    let mut back = hs
+        .ch
+        .basic_consume(
+            q.as_str().into(),
+            "".into(),
+            framework::lapin::options::BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .expect("consume");
+    let got = next(&mut back).await;
+    // `x-delivery-count` counts the returns the broker counts toward the limit (4.3 no
+    // longer counts a requeue); `x-acquired-count` (4.x) every hand-out.
+    for header in ["x-delivery-count", "x-acquired-count"] {
+        let count = got
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get(header).cloned());
+        let count = match count {
+            None => 0,
+            Some(AMQPValue::LongLongInt(n)) => n,
+            Some(AMQPValue::LongInt(n)) => i64::from(n),
+            Some(other) => panic!("{header} {other:?}"),
+        };
+        assert!(
+            count <= 1,
+            "{header} {count}: handed back more than once by one stop"
+        );
+    }
+}
