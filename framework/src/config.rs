@@ -193,6 +193,16 @@ impl AmqpUrl {
             .map(|u| u.vhost)
             .unwrap_or_else(|_| "/".to_string())
     }
+    /// The node the URL connects to (host and port), as the client reads it.
+    pub fn node(&self) -> (String, u16) {
+        match self.0.as_str().parse::<lapin::uri::AMQPUri>() {
+            Ok(u) => (u.authority.host.to_ascii_lowercase(), u.authority.port),
+            Err(_) => (
+                self.0.host_str().unwrap_or_default().to_ascii_lowercase(),
+                self.0.port().unwrap_or_default(),
+            ),
+        }
+    }
     /// True for `amqps://` (TLS).
     pub fn is_tls(&self) -> bool {
         self.0.scheme() == "amqps"
@@ -1510,10 +1520,15 @@ pub fn load<S: DeserializeOwned>(
                 format!("{} is empty", pf.display()),
             ));
         }
-        amqp.url = amqp
-            .url
-            .with_password(pw.trim())
-            .map_err(|e| ConfigError::new("amqp.password_file", e))?;
+        // Only the nodes connected to, as the login check below: where `urls` is set,
+        // `url` is unused (prod.toml's placeholder names no user, and refusing it failed
+        // every cluster whose password comes from a file).
+        if amqp.urls.is_empty() {
+            amqp.url = amqp
+                .url
+                .with_password(pw.trim())
+                .map_err(|e| ConfigError::new("amqp.password_file", e))?;
+        }
         for u in &mut amqp.urls {
             *u = u
                 .with_password(pw.trim())
@@ -1523,7 +1538,7 @@ pub fn load<S: DeserializeOwned>(
 
     // Checked after the password file filled it in.
     // Only the nodes connected to: `url` is not used where `urls` is set (prod.toml's
-    // placeholder names a user whose password only `urls` may carry).
+    // placeholder may name no user, or one whose password only `urls` carry).
     let used: Vec<(String, &AmqpUrl)> = match amqp.urls.is_empty() {
         true => vec![("amqp.url".to_string(), &amqp.url)],
         false => (amqp.urls.iter().enumerate())
@@ -1775,6 +1790,32 @@ fn validate<S>(cfg: &Config<S>, section_name: &str) -> Result<(), ConfigError> {
             "mixes amqps:// and plaintext amqp:// nodes: with a TLS node down the credentials \
              would go in the clear to another; use one scheme for every node",
         ));
+    }
+    // A cluster's nodes are one broker, one vhost: a typo in one node's vhost made every
+    // other reconnect declare and consume a second topology there, while the producers'
+    // messages waited in the real one; a node named twice took two turns of every round.
+    if let Some(first) = a.urls.first() {
+        for (i, u) in a.urls.iter().enumerate().skip(1) {
+            if u.vhost() != first.vhost() {
+                return Err(ConfigError::new(
+                    format!("amqp.urls[{i}]"),
+                    format!(
+                        "names the vhost `{}` where amqp.urls[0] names `{}`: a cluster's nodes \
+                         serve one vhost",
+                        u.vhost(),
+                        first.vhost()
+                    ),
+                ));
+            }
+            if let Some(j) = (a.urls[..i].iter())
+                .position(|o| o.node() == u.node() && o.0.username() == u.0.username())
+            {
+                return Err(ConfigError::new(
+                    format!("amqp.urls[{i}]"),
+                    format!("names the node of amqp.urls[{j}] again: list each node once"),
+                ));
+            }
+        }
     }
     // lapin refuses every channel past the URL's `channel_max`: below what a session
     // opens, outcomes could not be published and every message went round to the broker's
@@ -2077,7 +2118,7 @@ pub const DEFAULT_DATA_DIR: &str = "./data";
 /// made on the root disk — a new, empty database; copies hidden once the volume is
 /// mounted. Only the built-in `./data` is created.
 pub fn check_data_dir(data_dir: &Path, what: &str) -> Result<(), ConfigError> {
-    if data_dir == Path::new(DEFAULT_DATA_DIR) || data_dir.is_dir() {
+    if is_default_data_dir(data_dir) || data_dir.is_dir() {
         return Ok(());
     }
     Err(ConfigError::new(
@@ -2088,6 +2129,20 @@ pub fn check_data_dir(data_dir: &Path, what: &str) -> Result<(), ConfigError> {
             data_dir.display()
         ),
     ))
+}
+
+/// Whether `p` names the built-in `./data`, however written (`data`, `./data/`, or the
+/// absolute path `scripts/start` makes of a relative one): each spelling is the default.
+fn is_default_data_dir(p: &Path) -> bool {
+    let default = Path::new(DEFAULT_DATA_DIR);
+    let bare = |p: &Path| -> std::path::PathBuf {
+        p.components()
+            .filter(|c| !matches!(c, std::path::Component::CurDir))
+            .collect()
+    };
+    bare(p) == bare(default)
+        || (p.is_absolute()
+            && std::env::current_dir().is_ok_and(|cwd| bare(p) == bare(&cwd.join(default))))
 }
 
 /// What the TLS client will do with `[amqp] tls_*` at every connect, done at load: a key
@@ -2299,6 +2354,26 @@ mod tests {
             assert_eq!(e.key, "storage.data_dir", "{d:?}");
         }
         assert!(with_env(&[("STORAGETIER__STORAGE__DATA_DIR", ".")]).is_ok());
+    }
+
+    /// The built-in `./data` is made if missing however it is written (`scripts/start`
+    /// makes a relative one absolute); any other missing directory is refused.
+    #[test]
+    fn the_default_data_dir_is_the_default_however_written() {
+        let cwd = std::env::current_dir().expect("cwd");
+        for d in [
+            std::path::PathBuf::from("data"),
+            "./data/".into(),
+            "././data".into(),
+            cwd.join("data"),
+            cwd.join("./data"),
+        ] {
+            assert!(check_data_dir(&d, "x").is_ok(), "{}", d.display());
+        }
+        for d in ["data/more", "./datas", "/nonexistent/data"] {
+            let e = check_data_dir(Path::new(d), "x").expect_err(d);
+            assert_eq!(e.key, "storage.data_dir");
+        }
     }
 
     /// An `output_exchange` that is a `-fail` or `-retry` exchange of a service (its own or
@@ -2811,6 +2886,24 @@ prefetch = 4
             ),
         ])
         .expect("the file gives it");
+        // A cluster's nodes get it, and prod.toml's `url`, naming no user, is left alone.
+        let c = with_env(&[
+            (
+                "STORAGETIER__AMQP__URL",
+                "amqps://rabbitmq.internal:5671/%2f",
+            ),
+            (
+                "STORAGETIER__AMQP__URLS",
+                "amqp://app@127.0.0.1:5672/%2f,amqp://app@127.0.0.2:5672/%2f",
+            ),
+            (
+                "STORAGETIER__AMQP__PASSWORD_FILE",
+                &pw.path().display().to_string(),
+            ),
+        ])
+        .expect("the file gives every node its password");
+        let passwords: Vec<_> = c.amqp.urls.iter().map(|u| u.0.password()).collect();
+        assert_eq!(passwords, [Some("s3cret"), Some("s3cret")]);
         with_env(&[(
             "STORAGETIER__AMQP__URL",
             "amqp://app@127.0.0.1:5672/%2f?auth_mechanism=external",
@@ -2914,6 +3007,31 @@ prefetch = 4
         )])
         .expect_err("TLS and plaintext nodes");
         assert_eq!(mixed.key, "amqp.urls");
+    }
+
+    /// A cluster's nodes serve one vhost, each named once: a typo in one node's vhost
+    /// consumed a second topology on every other reconnect.
+    #[test]
+    fn a_clusters_nodes_name_one_vhost_each_node_once() {
+        let e = with_env(&[(
+            "STORAGETIER__AMQP__URLS",
+            "amqp://u:p@h1:5672/prod,amqp://u:p@h2:5672/%2fprod,amqp://u:p@h3:5672/staging",
+        )])
+        .expect_err("two vhosts");
+        assert_eq!(e.key, "amqp.urls[1]");
+        assert!(e.to_string().contains("`/prod`"), "{e}");
+        let e = with_env(&[(
+            "STORAGETIER__AMQP__URLS",
+            "amqp://u:p@h1/%2f,amqp://u:p@h2:5672/%2f,amqp://u:p@H1:5672/%2f",
+        )])
+        .expect_err("a node twice");
+        assert_eq!(e.key, "amqp.urls[2]");
+        assert!(e.to_string().contains("amqp.urls[0]"), "{e}");
+        with_env(&[(
+            "STORAGETIER__AMQP__URLS",
+            "amqp://u:p@h1:5672/%2f,amqp://u:p@h1:5673,amqp://u:p@h2:5672",
+        )])
+        .expect("one vhost (`/`, however written), three nodes");
     }
 
     const PEM_CERT: &str = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
