@@ -251,21 +251,30 @@ impl ProjectProcessor {
                     k
                 }
                 Err(e) => {
-                    // The retry still carries the place this first attempt gives it (the
-                    // database may stay down for all of them, and no receipt is noted
-                    // meanwhile): its publishing time where believable, as a noted receipt
-                    // would have given — the attempt's own time put it behind updates
-                    // published after it, which it then overwrote — else this attempt's
-                    // time. Not a redelivery's, whose first attempt's may be noted: looked
-                    // up again.
-                    if !again(ctx)
-                        && let Some(now) = crate::event::time_key(received_at(ctx))
+                    // A message of no event to store (an unknown type, no records, a body
+                    // that is no event) needs no place: it ends now, not after the outage.
+                    if let Some(now) = crate::event::time_key(received_at(ctx))
+                        && !needs_the_database(&input, &now, &ctx.routing_key)
                     {
-                        let key = stamped.unwrap_or_else(|| now.clone());
-                        ctx.set_retry_header(RECEIVED_HEADER, &key);
-                        ctx.set_retry_header(FIRST_SEEN_HEADER, &now);
+                        first_seen = first_seen.or_else(|| Some(now.clone()));
+                        now
+                    } else {
+                        // The retry still carries the place this first attempt gives it (the
+                        // database may stay down for all of them, and no receipt is noted
+                        // meanwhile): its publishing time where believable, as a noted receipt
+                        // would have given — the attempt's own time put it behind updates
+                        // published after it, which it then overwrote — else this attempt's
+                        // time. Not a redelivery's, whose first attempt's may be noted: looked
+                        // up again.
+                        if !again(ctx)
+                            && let Some(now) = crate::event::time_key(received_at(ctx))
+                        {
+                            let key = stamped.unwrap_or_else(|| now.clone());
+                            ctx.set_retry_header(RECEIVED_HEADER, &key);
+                            ctx.set_retry_header(FIRST_SEEN_HEADER, &now);
+                        }
+                        return e.retry(ctx, format!("cannot note the message's receipt: {e}"));
                     }
-                    return e.retry(ctx, format!("cannot note the message's receipt: {e}"));
                 }
             },
         };
@@ -343,6 +352,18 @@ impl ProjectProcessor {
                                 projects = done.deleted_projects.len(), "commission deleted");
                             tally.count("deleted");
                             stored.push((n, Announced::Deletion(done)));
+                        }
+                        // As a project's: an id PostgreSQL cannot index was retried until
+                        // the attempts ran out, and took the batch's later records with it.
+                        Err(e) if e.refuses_the_data() => {
+                            tally.count("invalid");
+                            let e = format!(
+                                "the database refuses the deletion of commission {}: {e}",
+                                d.commission_id
+                            );
+                            if let Err(o) = refused(&mut dead, e).await {
+                                return o;
+                            }
                         }
                         Err(e) => return e.retry(ctx, &e),
                     }
@@ -521,6 +542,22 @@ impl ProjectProcessor {
 /// order, whichever handler runs first.
 fn received_at(ctx: &MessageContext) -> chrono::DateTime<chrono::Utc> {
     ctx.received_at().into()
+}
+
+/// Whether `input` holds an event to store or a deletion (given `received` as its place):
+/// one that does not ends the same whatever the database's state.
+fn needs_the_database(input: &serde_json::Value, received: &str, routing_key: &str) -> bool {
+    let delivery = Delivery {
+        received,
+        first_seen: None,
+        routing_key,
+    };
+    items_delivered(input, &delivery).iter().any(|item| {
+        matches!(
+            item.parsed,
+            Ok(Parsed::Project(_) | Parsed::DeleteCommission(_))
+        )
+    })
 }
 
 /// Whether `ctx` is a message handled before: redelivered by the broker, or put back

@@ -1327,6 +1327,27 @@ async fn assert_dropped(env: &Env, out: &mut framework::lapin::Consumer, v: &Val
     );
 }
 
+/// `missing_project_retries` past `[retry] max_attempts` is capped: the last attempt drops
+/// the update, never dead-letters it as retries-exhausted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_for_a_missing_project_ends_within_the_attempts() {
+    let env = start(
+        Backend::Sqlite,
+        &[
+            ("retry.max_attempts", "2"),
+            ("project_ingest.missing_project_retries", "6"),
+        ],
+    )
+    .await;
+    let dropped = outcome_count(&env.hs.q, "drop");
+    env.send(&project("project-updated", "never-seen", "t"))
+        .await;
+    await_outcome_count(&env.hs.q, "drop", dropped + 1).await;
+    assert_eq!(outcome_count(&env.hs.q, "retry"), 1);
+    assert_eq!(env.dlq_count().await, 0);
+    env.finish().await;
+}
+
 async fn update_of_unknown_project_is_dropped(b: Backend) {
     // No wait for a create that may be behind it: dropped at once.
     let env = start(b, &[("project_ingest.missing_project_retries", "0")]).await;
@@ -1635,6 +1656,16 @@ async fn database_down_is_retried_not_lost() {
     // The database disappears under the running service.
     env.store.close().await;
     env.pg.take().unwrap().drop_db().await.unwrap();
+    // What holds no event to store ends as it would with the database up: dropped now,
+    // not retried until the outage ends (or dead-lettered when it outlasts the retries).
+    let (dropped, retried) = (
+        outcome_count(&env.hs.q, "drop"),
+        outcome_count(&env.hs.q, "retry"),
+    );
+    env.send(&json!({"type": "iconik-project-created", "id": "i"}))
+        .await;
+    await_outcome_count(&env.hs.q, "drop", dropped + 1).await;
+    assert_eq!(outcome_count(&env.hs.q, "retry"), retried);
     env.send(&project("project-created", "b", "after")).await;
     let d = next(&mut dlq).await;
     assert_eq!(
@@ -1866,7 +1897,7 @@ fn unindexable() -> String {
 
 /// An id PostgreSQL refuses to index is the event's fault, not the database's: Permanent
 /// at once (alone in a batch, the other records stored), not retried until the attempts
-/// run out.
+/// run out — a project's id, and a deleted commission's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_id_the_database_cannot_index_is_permanent() {
     let env = start(Backend::Postgres, &[]).await;
@@ -1885,6 +1916,22 @@ async fn an_id_the_database_cannot_index_is_permanent() {
     .await;
     assert_eq!(body(&next(&mut out).await)["id"], "fits");
     expect_only_record_dead_lettered(&mut dlq, 1).await;
+    // A commission's deletion as well, and the records after it are stored.
+    let deletion = json!({"type": "project-created", "commissionId": long,
+                          "commissionTitle": "(DELETE)"});
+    env.send(&kinesis(&[
+        deletion,
+        project("project-created", "after", "after"),
+    ]))
+    .await;
+    assert_eq!(body(&next(&mut out).await)["id"], "after");
+    let dl = next(&mut dlq).await;
+    assert_eq!(header(&dl, "x-error-kind").as_deref(), Some("permanent"));
+    let error = header(&dl, "x-error").unwrap_or_default();
+    assert!(
+        error.starts_with("record 1: the database refuses"),
+        "{error}"
+    );
     env.finish().await;
 }
 
