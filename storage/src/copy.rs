@@ -1473,26 +1473,37 @@ pub async fn confirm_recorded(
     obj: &crate::records::StoredObject,
     alg: Algorithm,
 ) -> Result<bool, CopyError> {
-    let key = crate::store::object_path(&obj.object_key);
-    if let Some(s3) = &tier.s3 {
-        let Some(head) = s3.head(&key).await? else {
-            return Ok(false);
-        };
-        let r = &obj.store;
-        let same = head.size == obj.size
-            && r.version
-                .as_ref()
-                .is_none_or(|v| head.version.as_ref() == Some(v))
-            && match (&r.checksum, &head.checksum_sha256) {
-                (Some(a), Some(b)) => same_checksum(a, b),
-                (None, None) => r.etag.is_some() && r.etag == head.etag,
-                _ => false,
-            };
-        if same {
-            return Ok(true);
-        }
+    match head_confirms(tier, obj).await? {
+        Some(said) => Ok(said),
+        None => Ok(read_back(tier, obj, alg).await?.is_some()),
     }
-    Ok(read_back(tier, obj, alg).await?.is_some())
+}
+
+/// What one HEAD says of the recorded object `obj` on S3: `Some(true)` where the store
+/// reports what was recorded (see [`confirm_recorded`]), `Some(false)` where the key holds
+/// nothing; `None` where it cannot tell (another store, or facts that differ).
+pub async fn head_confirms(
+    tier: &Tier,
+    obj: &crate::records::StoredObject,
+) -> Result<Option<bool>, CopyError> {
+    let Some(s3) = &tier.s3 else {
+        return Ok(None);
+    };
+    let key = crate::store::object_path(&obj.object_key);
+    let Some(head) = s3.head(&key).await? else {
+        return Ok(Some(false));
+    };
+    let r = &obj.store;
+    let same = head.size == obj.size
+        && r.version
+            .as_ref()
+            .is_none_or(|v| head.version.as_ref() == Some(v))
+        && match (&r.checksum, &head.checksum_sha256) {
+            (Some(a), Some(b)) => same_checksum(a, b),
+            (None, None) => r.etag.is_some() && r.etag == head.etag,
+            _ => false,
+        };
+    Ok(same.then_some(true))
 }
 
 /// The digest of the recorded object `obj`, read back from the store and hashed, where it

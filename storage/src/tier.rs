@@ -972,6 +972,17 @@ impl TierCopier {
     /// someone restores the object. Without such a record it is refused as before.
     async fn key_holds(&self, key: &ObjectPath, d: &Digest) -> Result<bool, TierError> {
         let alg = self.policy.algorithm;
+        // On S3 the key's record and one HEAD first, as for the path's own copy: a touched
+        // file (same bytes, new mtime) had its whole object downloaded again — hours and
+        // the egress of a large one, the key's claim held all the while.
+        if self.tier.s3.is_some()
+            && let Some(obj) =
+                (self.records.object_at(key.as_ref()).await?).filter(|o| o.size == d.size)
+            && copy::head_confirms(&self.tier, &obj).await? == Some(true)
+            && let Some(same) = recorded_content_is(&obj, d)
+        {
+            return Ok(same);
+        }
         let archived = match copy::hash_object(&self.tier, key, alg).await {
             Ok(read) => return Ok(read.as_ref() == Some(d)),
             Err(CopyError::Archived(e)) => e,
@@ -987,17 +998,8 @@ impl TierCopier {
                 Err(CopyError::Archived(_)) => false,
                 r => r?,
             };
-            if confirmed {
-                if obj.checksum != d.checksum {
-                    return Ok(false);
-                }
-                // One MD5 does not tell two contents apart: same only where the SHA-256
-                // is known on both sides or is the checksum itself.
-                match (&obj.content_sha256, &d.sha256) {
-                    (Some(a), Some(b)) => return Ok(a == b),
-                    (_, None) => return Ok(true),
-                    (None, Some(_)) => {}
-                }
+            if confirmed && let Some(same) = recorded_content_is(&obj, d) {
+                return Ok(same);
             }
         }
         Err(CopyError::Archived(archived).into())
@@ -1345,6 +1347,21 @@ impl Drop for Claim<'_> {
         rt.spawn(async move {
             let _ = tokio::time::timeout(CLAIM_LEASE, records.release(&key, &owner)).await;
         });
+    }
+}
+
+/// Whether the recorded object `obj` (confirmed still at its key) holds `d`'s content,
+/// where the record tells: other checksum, other content; one MD5 does not tell two
+/// contents apart, so the same only where the SHA-256 is known on both sides or is the
+/// checksum itself.
+fn recorded_content_is(obj: &StoredObject, d: &Digest) -> Option<bool> {
+    if obj.checksum != d.checksum {
+        return Some(false);
+    }
+    match (&obj.content_sha256, &d.sha256) {
+        (Some(a), Some(b)) => Some(a == b),
+        (_, None) => Some(true),
+        (None, Some(_)) => None,
     }
 }
 

@@ -772,6 +772,20 @@ async fn s3_objects_are_verified_and_redeliveries_confirmed_by_the_stores_checks
         let redelivery_gets = downloads(&proxy, bucket, &key);
         assert_eq!(redelivery_gets, 0, "{:?}", proxy.requests());
 
+        // The file touched (same bytes, a new mtime): no copy of this version is
+        // recorded, and the key's record and one HEAD settle it — it was downloaded whole.
+        let path = base.path().join("online").join(format!("c/{name}"));
+        set_modified(
+            &path,
+            std::time::SystemTime::now() + std::time::Duration::from_secs(60),
+        );
+        proxy.reset();
+        let touched = copied(c.handle(&msg, 3).await);
+        assert!(!touched.uploaded);
+        assert_eq!(touched.key, key);
+        let touched_gets = downloads(&proxy, bucket, &key);
+        assert_eq!(touched_gets, 0, "{:?}", proxy.requests());
+
         // Other bytes of the same size written under the key behind the service's back
         // (no checksum, as a plain client writes): detected, and never overwritten.
         let mut other = body.clone();
@@ -785,7 +799,7 @@ async fn s3_objects_are_verified_and_redeliveries_confirmed_by_the_stores_checks
         .await
         .expect("replace the object");
         proxy.reset();
-        let beside = copied(c.handle(&msg, 3).await);
+        let beside = copied(c.handle(&msg, 4).await);
         assert_eq!(beside.key, format!("{key}.{}", &sha256(&body)[..16]));
         assert!(beside.uploaded);
         let replaced_gets = downloads(&proxy, bucket, &key);
@@ -813,7 +827,7 @@ async fn s3_objects_are_verified_and_redeliveries_confirmed_by_the_stores_checks
             "the other object is untouched"
         );
         rows.push(format!(
-            "| {name} ({} bytes) | {verify_gets} | {redelivery_gets} | {replaced_gets} |",
+            "| {name} ({} bytes) | {verify_gets} | {redelivery_gets} | {touched_gets} | {replaced_gets} |",
             body.len()
         ));
     }
@@ -829,7 +843,7 @@ async fn s3_objects_are_verified_and_redeliveries_confirmed_by_the_stores_checks
     assert!(sum.is_some(), "the store's checksum is recorded");
     println!("multi.bin ChecksumSHA256 as moto reports it: {sum:?}");
     println!(
-        "| object | GETs verifying the upload | GETs on redelivery | GETs after a replacement |"
+        "| object | GETs verifying the upload | GETs on redelivery | GETs of a touched file | GETs after a replacement |"
     );
     for r in rows {
         println!("{r}");
