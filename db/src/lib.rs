@@ -1015,6 +1015,20 @@ pub mod testing {
         }
     }
 
+    /// The test server's `postgres` database. A server that cannot be reached fails the
+    /// test naming it and how to point at another: sqlx's own "pool timed out" named
+    /// neither, in every PostgreSQL test at once.
+    async fn admin() -> Result<AnyPool, DbError> {
+        match AnyPool::connect(&format!("{}/postgres", postgres_server())).await {
+            Err(e @ (sqlx::Error::PoolTimedOut | sqlx::Error::Io(_))) => panic!(
+                "the test PostgreSQL server {} cannot be reached ({e}): start it (README, \
+                 Testing), or set TEST_POSTGRES_URL to one",
+                redact_url(&postgres_server())
+            ),
+            r => Ok(r?),
+        }
+    }
+
     impl TempPostgres {
         /// Creates `t_<uuid>` on the server.
         pub async fn create() -> Result<Self, DbError> {
@@ -1026,7 +1040,7 @@ pub mod testing {
         pub async fn create_with(options: &str) -> Result<Self, DbError> {
             sqlx::any::install_default_drivers();
             let name = format!("t_{}", uuid::Uuid::new_v4().simple());
-            let admin = AnyPool::connect(&format!("{}/postgres", postgres_server())).await?;
+            let admin = admin().await?;
             sqlx::query(&format!("CREATE DATABASE {name} {options}"))
                 .execute(&admin)
                 .await?;
@@ -1041,7 +1055,7 @@ pub mod testing {
         /// Drops the database (after the service's pool is closed).
         pub async fn drop_db(mut self) -> Result<(), DbError> {
             self.dropped = true;
-            let admin = AnyPool::connect(&format!("{}/postgres", postgres_server())).await?;
+            let admin = admin().await?;
             sqlx::query(&format!(
                 "DROP DATABASE IF EXISTS {} WITH (FORCE)",
                 self.name
