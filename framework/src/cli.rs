@@ -760,6 +760,13 @@ async fn dlq_command(
                     let line = crate::telemetry::json_for_terminal(line);
                     let _ = writeln!(text, "{line}");
                 }
+                // On stderr, stdout keeping one dead letter per line: whether `--limit`
+                // left some out is told as in the table.
+                eprintln!(
+                    "{} of {total} dead letter(s) in {} shown",
+                    items.len(),
+                    topo.dlq()
+                );
             } else {
                 let _ = writeln!(
                     text,

@@ -1135,6 +1135,9 @@ async fn dead_letters_are_listed_replayed_after_confirm_and_purged() {
     assert!(rows[2].starts_with("1 of 2 dead letter(s)"), "{text}");
     let o = cmd(&["dlq", "list", "--json", "--limit", "1"]);
     assert_eq!(String::from_utf8_lossy(&o.stdout).lines().count(), 1);
+    // What the limit left out is told beside the lines, not among them.
+    let said = String::from_utf8_lossy(&o.stderr);
+    assert!(said.contains("1 of 2 dead letter(s)"), "{said}");
     // list removes nothing
     await_ready_count(&hs.ch, &format!("{q}-dlq"), 2).await;
     // A reader that stops early (`dlq list | head`, here one that never reads): no panic,

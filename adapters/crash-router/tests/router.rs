@@ -385,7 +385,10 @@ async fn a_queue_that_confirms_nothing_holds_back_only_its_own_ids() {
         data.path(),
         &[
             ("amqp.url", &url),
-            ("amqp.operation_timeout_ms", "2000"),
+            // The stalled queue's confirm is given up on after this; the healthy one's
+            // must come within it, on a loaded machine too (a second timeout is taken
+            // for the connection's, and the whole notification retried).
+            ("amqp.operation_timeout_ms", "10000"),
             ("crash_router.queues", &format!("{stalled},{healthy}")),
             // Retries never run out however long the queue stalls.
             ("retry.max_attempts", "1000"),

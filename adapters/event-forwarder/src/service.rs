@@ -635,10 +635,11 @@ impl EventForwarder {
                 // answers, not an outage, outlasted the delivery: their tries must add up
                 // to `max_attempts` across deliveries, and each delivery's re-posts of the
                 // records before it would take another checkpoint's time.
+                // At a stop too where a record was dead-lettered: handed back, the next
+                // delivery dead-lettered it again (two copies, a replay posting it twice).
                 Posted::HandedBack { why: e, outage }
                     if progress.advanced()
-                        && (!outage || !dead.is_empty())
-                        && !ctx.is_cancelled() =>
+                        && (!dead.is_empty() || (!outage && !ctx.is_cancelled())) =>
                 {
                     tracing::warn!(
                         "an ordered batch met failures it could not wait out in place: the rest \
@@ -647,6 +648,13 @@ impl EventForwarder {
                     if outage {
                         outage_if(ctx, Scope::Down);
                     }
+                    return Outcome::retry(format!(
+                        "record {} of {}: {e}; the rest go with this retry",
+                        i + 1,
+                        records.len()
+                    ));
+                }
+                Posted::Interrupted(e) if progress.advanced() && !dead.is_empty() => {
                     return Outcome::retry(format!(
                         "record {} of {}: {e}; the rest go with this retry",
                         i + 1,

@@ -1403,6 +1403,60 @@ async fn ordered_mode_stops_backing_off_at_shutdown_and_keeps_the_event_in_place
     );
 }
 
+/// SIGTERM during the in-place wait of an ordered batch that already dead-lettered a
+/// record: the rest goes on in a retry carrying that record's mark, as when the wait runs
+/// out. Handed back as it came (to keep its place), the next delivery dead-lettered the
+/// record again: two copies in the DLQ, and a replay posting it twice.
+#[tokio::test]
+async fn an_ordered_batch_stopped_after_dead_lettering_a_record_keeps_its_mark() {
+    let server = MockServer::start().await;
+    Mock::given(body_string_contains("seq-bad"))
+        .respond_with(ResponseTemplate::new(400).set_body_string("malformed"))
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(503))
+        .mount(&server)
+        .await;
+    let data = tempfile::tempdir().unwrap();
+    let mut hs = start(
+        &server,
+        data.path(),
+        &[
+            ("event_forwarder.ordered", "true"),
+            ("amqp.prefetch", "1"),
+            ("amqp.drain_timeout_ms", "600000"),
+            ("retry.delays_ms", "[300000]"),
+        ],
+    )
+    .await;
+    let records = [record("seq-bad"), record("seq-waits")];
+    hs.publish(
+        "kinesis",
+        json!({ "Records": records }).to_string().as_bytes(),
+        with_id("dead-then-wait"),
+    )
+    .await;
+    // The bad record's 400, then the next one's first 503: it waits in place.
+    await_posts(&server, 2).await;
+    await_ready_count(&hs.ch, &format!("{}-dlq", hs.q), 1).await;
+    hs.stop().await;
+    let tier = format!("{}-retry-300000", hs.q);
+    await_ready_count(&hs.ch, &tier, 1).await;
+    let (_c, ch) = test_channel().await;
+    let mut waiting = consume(&ch, &tier).await;
+    let d = next(&mut waiting).await;
+    let done = marks(&header(&d, "x-event-forwarder-done").expect("progress kept"));
+    assert_eq!(done, [0], "the dead-lettered record is marked done");
+    assert_eq!(
+        ready_count(&hs.ch, &hs.q).await,
+        0,
+        "not handed back as it came"
+    );
+    assert_eq!(ready_count(&hs.ch, &format!("{}-dlq", hs.q)).await, 1);
+}
+
 /// The marks of a progress header: strings, and `[first, last]` runs of indices.
 fn marks(header: &str) -> Vec<u64> {
     let mut out = Vec::new();
