@@ -712,6 +712,11 @@ impl CrashRouter {
             // Too many records is the whole message's outcome, not this body's junk.
             Err(o) if tally.over => return Err(o),
             Err(Outcome::Drop(why)) => {
+                // Said at info, not with the other ignored records at debug: an SNS
+                // subscription to confirm is an operator's step, not traffic.
+                if why.contains("SubscriptionConfirmation") {
+                    tracing::info!(reason = %LogText(&why), "{what} message {id} ignored");
+                }
                 Record::Ignored(format!("{what} message {id}: {why}").into())
             }
             Err(o) => Record::Junk(format!("{what} message {id}: {}", outcome_reason(&o)).into()),
@@ -758,8 +763,16 @@ fn unwrap_sns(input: Value) -> Result<Value, Outcome> {
     match input.get("Type").and_then(Value::as_str) {
         Some("Notification") => {}
         Some(t @ ("SubscriptionConfirmation" | "UnsubscribeConfirmation")) => {
+            // The URL that confirms the subscription, where SNS gave one: without it in
+            // the log, whoever wires S3 → SNS → the bus never sees it, and no notification
+            // ever comes.
+            let url = input
+                .get("SubscribeURL")
+                .and_then(Value::as_str)
+                .map(|u| format!("; confirm it at {u}"))
+                .unwrap_or_default();
             return Err(Outcome::drop(format!(
-                "SNS {t} from {topic} (not an S3 event)"
+                "SNS {t} from {topic} (not an S3 event){url}"
             )));
         }
         _ => return Ok(input),
@@ -1101,7 +1114,15 @@ mod tests {
         for (body, why) in cases {
             let ctx = MessageContext::for_test("s3-events", "k", 0);
             match r.handle(body, &ctx).await {
-                Outcome::Drop(m) => assert!(m.contains(why), "{why}: {m}"),
+                Outcome::Drop(m) => {
+                    assert!(m.contains(why), "{why}: {m}");
+                    // The operator's step is named: the URL that confirms it.
+                    assert_eq!(
+                        m.contains("Action=ConfirmSubscription"),
+                        why != "test event",
+                        "{m}"
+                    );
+                }
                 o => panic!("{why}: {o:?}"),
             }
         }

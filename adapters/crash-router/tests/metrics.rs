@@ -37,5 +37,34 @@ async fn every_result_is_exported_at_zero_from_the_start() {
         let line = format!("{RECORDS_METRIC}{{result=\"{result}\"}} 0");
         assert!(text.lines().any(|l| l == line), "`{line}` in:\n{text}");
     }
+    // Then each record of a notification is counted under its own result (here, not in a
+    // test beside it: the counters are this process's).
+    let mut out = hs.watch_output().await;
+    let put = |key: String, event: &str| {
+        serde_json::json!({"eventSource": "aws:s3", "eventName": event,
+            "s3": {"bucket": {"name": "crashes"}, "object": {"key": key, "size": 100}}})
+    };
+    let raw = |digit: char| {
+        format!("v2/raw_crash/000/20180313/00007bd0-2d1c-4865-af09-80bc0{digit}180313")
+    };
+    let body = serde_json::json!({"Records": [
+        put(raw('0'), "ObjectCreated:Put"),     // accepted
+        put(raw('1'), "ObjectCreated:Put"),     // deferred
+        put(raw('7'), "ObjectCreated:Put"),     // junk: another throttle digit
+        put(raw('0'), "ObjectRemoved:Delete"),  // ignored: another event
+    ]});
+    hs.publish("k", body.to_string().as_bytes(), Default::default())
+        .await;
+    next(&mut out).await;
+    let text = handle.render();
+    for (result, n) in [
+        ("accepted", 1),
+        ("deferred", 1),
+        ("junk", 1),
+        ("ignored", 1),
+    ] {
+        let line = format!("{RECORDS_METRIC}{{result=\"{result}\"}} {n}");
+        assert!(text.lines().any(|l| l == line), "`{line}` in:\n{text}");
+    }
     hs.stop().await;
 }

@@ -714,8 +714,9 @@ impl Store {
         )
     }
 
-    /// Whether the product is RECEIVED and the message `message_key` of `collection` made
-    /// it so.
+    /// Whether the message `message_key` of `collection` made the product RECEIVED (it may
+    /// be COMPLETED since: a run whose success file came before the retry of the message
+    /// that made it RECEIVED lost that message's refused "all received" alert).
     pub async fn received_by(
         &self,
         correlation_id: &str,
@@ -723,23 +724,29 @@ impl Store {
         message_key: &str,
     ) -> Result<bool, StoreError> {
         let by = self
-            .product_named_by(correlation_id, "RECEIVED", "received_by")
+            .product_named_by(correlation_id, &["RECEIVED", "COMPLETED"], "received_by")
             .await?;
         Ok(by.is_some_and(|b| b == completer(collection, message_key)))
     }
 
-    /// Who the product's `column` names, while its status is `status`.
+    /// Who the product's `column` names, while its status is one of `statuses` (names of
+    /// this module's, never input).
     async fn product_named_by(
         &self,
         correlation_id: &str,
-        status: &str,
+        statuses: &[&'static str],
         column: &str,
     ) -> Result<Option<String>, StoreError> {
+        let listed = statuses
+            .iter()
+            .map(|s| format!("'{s}'"))
+            .collect::<Vec<_>>()
+            .join(", ");
         let row = db::sqlx::query(&format!(
-            "SELECT {column} FROM snapshot_products WHERE correlation_id = $1 AND status = $2"
+            "SELECT {column} FROM snapshot_products WHERE correlation_id = $1 \
+             AND status IN ({listed})"
         ))
         .bind(correlation_id)
-        .bind(status)
         .fetch_optional(&self.pool)
         .await?;
         Ok(match row {
@@ -790,7 +797,7 @@ impl Store {
         message_key: &str,
     ) -> Result<bool, StoreError> {
         let by = self
-            .product_named_by(correlation_id, "COMPLETED", "completed_by")
+            .product_named_by(correlation_id, &["COMPLETED"], "completed_by")
             .await?;
         Ok(matches!(by, Some(b) if b == collection || b == completer(collection, message_key)))
     }

@@ -384,6 +384,14 @@ async fn full_flow_received_then_completed(b: Backend) {
     let r = env.process(&msg(c, "db.b", json!({"files_sent": 1}))).await;
     assert_eq!(r["status"], "Sent");
     assert_eq!(r["files_expected"], 1, "files_sent wins once known");
+    // The exporter's count again, after the sender's: it does not replace it.
+    let r = env
+        .process(&msg(c, "db.b", json!({"files_exported": 4})))
+        .await;
+    assert_eq!(
+        (&r["status"], &r["files_expected"]),
+        (&json!("Sent"), &json!(1))
+    );
 
     let r = env.process(&file(c, "db.a", "a1.gz.enc")).await;
     assert_eq!(r["files_received"], 1);
@@ -1278,6 +1286,49 @@ async fn a_refused_all_received_is_sent_after_its_collection_moved_on_to_success
     assert_eq!(
         json_of(&next(&mut env.out).await)["collection_name"],
         "db.b"
+    );
+    assert_eq!(env.dlq_count().await, 0);
+    env.finish().await;
+}
+
+/// As above with the run's only collection: its success file completes the run while the
+/// file that made it RECEIVED waits for its retry, whose refused "all received" alert was
+/// then never sent (the product no longer RECEIVED, nothing named its maker).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_all_received_is_sent_after_its_run_completed() {
+    let mut env = start(Backend::Sqlite, &[]).await;
+    let r = "corr-received-then-completed";
+    env.process(&msg(r, "db.a", json!({"files_exported": 1})))
+        .await;
+    unbind_monitoring(&env).await;
+    let mut retried = env.hs.watch_first_retry().await;
+    env.send(&file(r, "db.a", "a1")).await;
+    assert_eq!(json_of(&next(&mut env.export).await)["topic_name"], "db.a");
+    next(&mut retried).await;
+    // The sender acts on the export-state message while the file's retries wait; the
+    // success file's own "all successful" is refused too, and retried.
+    env.send(&msg(r, "db.a", json!({"is_success_file": "true"})))
+        .await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while env.store.product_status(r).await.unwrap().as_deref() != Some("COMPLETED") {
+        assert!(tokio::time::Instant::now() < deadline, "the run completes");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let mut monitoring = watch(&env.hs.ch, &env.monitoring_ex, "#").await;
+    let mut titles = Vec::new();
+    for _ in 0..2 {
+        let m = json_of(&next(&mut monitoring).await);
+        assert_eq!(m["custom_elements"][1]["value"], r, "{m}");
+        titles.push(m["title_text"].as_str().unwrap_or_default().to_string());
+    }
+    titles.sort();
+    assert_eq!(
+        titles,
+        [
+            "Incremental - All collections received by NiFi",
+            "Incremental - All collections successful"
+        ],
+        "each alert once"
     );
     assert_eq!(env.dlq_count().await, 0);
     env.finish().await;
