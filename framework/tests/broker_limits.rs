@@ -784,46 +784,28 @@ async fn a_parts_dead_letter_whose_confirm_comes_late_is_dead_lettered_once() {
     );
 }
 
-/// Where [`DeadLettersAPartThenPauses`] keeps which parts it dead-lettered.
+/// Where [`OneStepThenPauses`] marks its step done.
 const PARTS: &str = "x-test-parts";
 
-/// Dead-letters part 1 of its message (once: marked in [`PARTS`]), then goes on as the
-/// batch adapters do: a Retry carrying that mark if the service is stopping, else success.
-/// Counts its calls.
-struct DeadLettersAPartThenPauses(Arc<AtomicUsize>);
-
-#[async_trait]
-impl MessageProcessor for DeadLettersAPartThenPauses {
-    type Input = serde_json::Value;
-    fn progress_headers(&self) -> &'static [&'static str] {
-        &[PARTS]
-    }
-    async fn handle(&self, v: serde_json::Value, ctx: &MessageContext) -> Outcome {
-        self.0.fetch_add(1, Ordering::SeqCst);
-        let mut parts = framework::batch::Progress::resume(ctx, PARTS);
-        if let Err(e) = parts
-            .dead_letter("1", br#"{"bad":1}"#.to_vec(), "a bad record")
-            .await
-        {
-            return Outcome::retry(format!("the bad record's dead letter: {e}"));
-        }
-        if let Some(why) = parts.pause_before(Duration::from_secs(1)) {
-            return Outcome::retry(why);
-        }
-        Outcome::success(v)
-    }
+/// What [`OneStepThenPauses`] does once per message before it goes on.
+#[derive(Clone, Copy)]
+enum Step {
+    /// Dead-letters part 1 of its message.
+    DeadLetterAPart,
+    /// Publishes `"one"` to the queue `<service queue>-`[`SIDE`] through `amq.topic`.
+    Publish,
 }
 
-/// Publishes `"one"` to the queue [`SIDE`] of its input's service through `amq.topic`
-/// (once: marked in [`PARTS`]), then goes on as crash-router does: a Retry carrying that
-/// mark if the service is stopping, else success. Counts its calls.
-struct PublishesThenPauses(Arc<AtomicUsize>);
-
-/// Where [`PublishesThenPauses`] publishes (`<service queue>-side`, by routing key).
+/// Where [`Step::Publish`] publishes (by routing key).
 const SIDE: &str = "side";
 
+/// Takes its [`Step`] (once: marked in [`PARTS`]), then goes on as the batch adapters and
+/// crash-router do: a Retry carrying that mark if the service is stopping, else success.
+/// Counts its calls.
+struct OneStepThenPauses(Arc<AtomicUsize>, Step);
+
 #[async_trait]
-impl MessageProcessor for PublishesThenPauses {
+impl MessageProcessor for OneStepThenPauses {
     type Input = serde_json::Value;
     fn progress_headers(&self) -> &'static [&'static str] {
         &[PARTS]
@@ -831,12 +813,23 @@ impl MessageProcessor for PublishesThenPauses {
     async fn handle(&self, v: serde_json::Value, ctx: &MessageContext) -> Outcome {
         self.0.fetch_add(1, Ordering::SeqCst);
         let mut parts = framework::batch::Progress::resume(ctx, PARTS);
-        if !parts.is_done("1") {
-            let p = framework::Publication::text("amq.topic", SIDE, "one").mandatory();
-            if let Err(e) = ctx.publish(p).await {
-                return Outcome::retry(format!("the side publish: {e}"));
+        match self.1 {
+            Step::DeadLetterAPart => {
+                if let Err(e) = parts
+                    .dead_letter("1", br#"{"bad":1}"#.to_vec(), "a bad record")
+                    .await
+                {
+                    return Outcome::retry(format!("the bad record's dead letter: {e}"));
+                }
             }
-            parts.mark_done("1");
+            Step::Publish if !parts.is_done("1") => {
+                let p = framework::Publication::text("amq.topic", SIDE, "one").mandatory();
+                if let Err(e) = ctx.publish(p).await {
+                    return Outcome::retry(format!("the side publish: {e}"));
+                }
+                parts.mark_done("1");
+            }
+            Step::Publish => {}
         }
         if let Some(why) = parts.pause_before(Duration::from_secs(1)) {
             return Outcome::retry(why);
@@ -853,7 +846,10 @@ impl MessageProcessor for PublishesThenPauses {
 /// the part again — two dead letters of one record, replayed twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_waits_past_its_drain_budget_for_a_parts_late_dead_letter() {
-    a_stop_waits_past_its_drain_budget_for("stoppart", "dlq", DeadLettersAPartThenPauses).await;
+    a_stop_waits_past_its_drain_budget_for("stoppart", "dlq", |c| {
+        OneStepThenPauses(c, Step::DeadLetterAPart)
+    })
+    .await;
 }
 
 /// As for a part's dead letter, for a publish of the processor's own (crash-router's crash
@@ -861,7 +857,10 @@ async fn a_stop_waits_past_its_drain_budget_for_a_parts_late_dead_letter() {
 /// next instance published it again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_waits_past_its_drain_budget_for_a_processors_late_publish() {
-    a_stop_waits_past_its_drain_budget_for("stoppub", SIDE, PublishesThenPauses).await;
+    a_stop_waits_past_its_drain_budget_for("stoppub", SIDE, |c| {
+        OneStepThenPauses(c, Step::Publish)
+    })
+    .await;
 }
 
 /// Stops a service on a private node while its handler (made by `processor`) awaits the

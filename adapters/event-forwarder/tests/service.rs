@@ -1368,6 +1368,23 @@ fn check_config_shows_defaults_and_hides_the_token() {
     assert_eq!(cfg["amqp"]["concurrency"], 1, "{out}");
 }
 
+/// Ordered mode stopped during an in-place backoff: backoffs and a drain budget far beyond
+/// the harness's stop bound (WAIT); the backoff and its POST within a third of the consumer
+/// timeout (10 minutes), so it is begun.
+async fn start_ordered_to_stop(server: &MockServer, data: &std::path::Path) -> Harness {
+    start(
+        server,
+        data,
+        &[
+            ("event_forwarder.ordered", "true"),
+            ("amqp.prefetch", "1"),
+            ("amqp.drain_timeout_ms", "600000"),
+            ("retry.delays_ms", "[300000]"),
+        ],
+    )
+    .await
+}
+
 /// SIGTERM during an ordered in-place backoff ends the backoff at once and hands the event
 /// back unacked (it keeps its place in the queue): nothing goes to the retry tiers or the
 /// DLQ, and shutdown does not wait out the backoff nor the drain budget.
@@ -1379,19 +1396,7 @@ async fn ordered_mode_stops_backing_off_at_shutdown_and_keeps_the_event_in_place
         .mount(&server)
         .await;
     let data = tempfile::tempdir().unwrap();
-    // Backoffs and a drain budget far beyond the harness's stop bound (WAIT); the backoff
-    // and its POST within a third of the consumer timeout (10 minutes), so it is begun.
-    let mut hs = start(
-        &server,
-        data.path(),
-        &[
-            ("event_forwarder.ordered", "true"),
-            ("amqp.prefetch", "1"),
-            ("amqp.drain_timeout_ms", "600000"),
-            ("retry.delays_ms", "[300000]"),
-        ],
-    )
-    .await;
+    let mut hs = start_ordered_to_stop(&server, data.path()).await;
     hs.publish("k", br#"{"e":"waiting"}"#, with_id("m10")).await;
     await_posts(&server, 1).await;
     hs.stop().await;
@@ -1420,17 +1425,7 @@ async fn an_ordered_batch_stopped_after_dead_lettering_a_record_keeps_its_mark()
         .mount(&server)
         .await;
     let data = tempfile::tempdir().unwrap();
-    let mut hs = start(
-        &server,
-        data.path(),
-        &[
-            ("event_forwarder.ordered", "true"),
-            ("amqp.prefetch", "1"),
-            ("amqp.drain_timeout_ms", "600000"),
-            ("retry.delays_ms", "[300000]"),
-        ],
-    )
-    .await;
+    let mut hs = start_ordered_to_stop(&server, data.path()).await;
     let records = [record("seq-bad"), record("seq-waits")];
     hs.publish(
         "kinesis",
