@@ -243,12 +243,6 @@ pub struct PooledChannel {
 }
 
 impl PooledChannel {
-    /// Closes the channel instead of giving it back (confirms given up on are kept by lapin
-    /// until their channel closes).
-    pub fn discard(mut self) {
-        self.close_then_free();
-    }
-
     /// Notes that every publish on the channel was answered: it may serve another outcome.
     pub fn settled(&mut self) {
         self.settled = true;

@@ -754,6 +754,11 @@ async fn dlq_command(
             use std::fmt::Write as _;
             // Written at once, and a reader that stops early (`| head`) is no error.
             let mut text = String::new();
+            let shown = format!(
+                "{} of {total} dead letter(s) in {} shown",
+                items.len(),
+                topo.dlq()
+            );
             if json {
                 for i in &items {
                     let line = serde_json::to_string(i).map_err(|e| other(&e))?;
@@ -762,11 +767,7 @@ async fn dlq_command(
                 }
                 // On stderr, stdout keeping one dead letter per line: whether `--limit`
                 // left some out is told as in the table.
-                eprintln!(
-                    "{} of {total} dead letter(s) in {} shown",
-                    items.len(),
-                    topo.dlq()
-                );
+                print_err(&shown);
             } else {
                 let _ = writeln!(
                     text,
@@ -789,12 +790,7 @@ async fn dlq_command(
                         field(i.error.as_deref())
                     );
                 }
-                let _ = writeln!(
-                    text,
-                    "{} of {total} dead letter(s) in {} shown",
-                    items.len(),
-                    topo.dlq()
-                );
+                let _ = writeln!(text, "{shown}");
             }
             print_out(&text)
         }

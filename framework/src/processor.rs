@@ -122,8 +122,8 @@ pub struct MessageContext {
     pub(crate) declared_progress: Option<&'static [&'static str]>,
     /// The session's publisher; None outside a runtime (unit tests).
     pub(crate) publisher: Option<Publisher>,
-    /// Marks this handler as awaiting a part's dead letter's confirm, which a stop then
-    /// waits for as for a whole message's; None outside a runtime.
+    /// Marks this handler as awaiting the confirm of a part's dead letter or of its own
+    /// publish, which a stop then waits for as for its outcome's; None outside a runtime.
     pub(crate) confirming: Option<Arc<crate::session::Confirming>>,
     /// `storagetier_publish_failures_total` of the queue: a handler's own publishes count
     /// there as outcomes do, or a destination that refuses every one would never show.

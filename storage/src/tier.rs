@@ -964,45 +964,26 @@ impl TierCopier {
         Ok(None)
     }
 
-    /// Whether the object at `key` (of `d`'s size) holds `d`'s content: read back and
-    /// hashed. One in an archive storage class (a lifecycle rule moved it to Glacier or
-    /// Deep Archive) cannot be read; its record settles it where the store's HEAD shows
-    /// the object is still what was recorded — a file edited at the same size is then
-    /// stored beside it, an identical one reported, instead of both dead-lettered until
-    /// someone restores the object. Without such a record it is refused as before.
+    /// Whether the object at `key` (of `d`'s size) holds `d`'s content. On S3 the key's
+    /// record settles it where one HEAD shows the object is still what was recorded, as
+    /// for the path's own copy: a touched file (same bytes, new mtime) had its whole
+    /// object downloaded again — hours and the egress of a large one, the key's claim held
+    /// all the while — and one in an archive storage class (a lifecycle rule moved it to
+    /// Glacier or Deep Archive) cannot be read at all: a file edited at the same size is
+    /// then stored beside it, an identical one reported, instead of both dead-lettered
+    /// until someone restores the object. Otherwise the object is read back and hashed
+    /// (an archived one without such a record is refused).
     async fn key_holds(&self, key: &ObjectPath, d: &Digest) -> Result<bool, TierError> {
-        let alg = self.policy.algorithm;
-        // On S3 the key's record and one HEAD first, as for the path's own copy: a touched
-        // file (same bytes, new mtime) had its whole object downloaded again — hours and
-        // the egress of a large one, the key's claim held all the while.
         if self.tier.s3.is_some()
             && let Some(obj) =
                 (self.records.object_at(key.as_ref()).await?).filter(|o| o.size == d.size)
-            && copy::head_confirms(&self.tier, &obj).await? == Some(true)
             && let Some(same) = recorded_content_is(&obj, d)
+            && copy::head_confirms(&self.tier, &obj).await? == Some(true)
         {
             return Ok(same);
         }
-        let archived = match copy::hash_object(&self.tier, key, alg).await {
-            Ok(read) => return Ok(read.as_ref() == Some(d)),
-            Err(CopyError::Archived(e)) => e,
-            Err(e) => return Err(e.into()),
-        };
-        if let Some(obj) = self
-            .records
-            .object_at(key.as_ref())
-            .await?
-            .filter(|o| o.size == d.size)
-        {
-            let confirmed = match copy::confirm_recorded(&self.tier, &obj, alg).await {
-                Err(CopyError::Archived(_)) => false,
-                r => r?,
-            };
-            if confirmed && let Some(same) = recorded_content_is(&obj, d) {
-                return Ok(same);
-            }
-        }
-        Err(CopyError::Archived(archived).into())
+        let read = copy::hash_object(&self.tier, key, self.policy.algorithm).await?;
+        Ok(read.as_ref() == Some(d))
     }
 
     /// Under the claim on `key` (none on a local store): an identical object there is

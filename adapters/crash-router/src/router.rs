@@ -714,7 +714,7 @@ impl CrashRouter {
             Err(Outcome::Drop(why)) => {
                 // Said at info, not with the other ignored records at debug: an SNS
                 // subscription to confirm is an operator's step, not traffic.
-                if why.contains("SubscriptionConfirmation") {
+                if why.starts_with("SNS SubscriptionConfirmation ") {
                     tracing::info!(reason = %LogText(&why), "{what} message {id} ignored");
                 }
                 Record::Ignored(format!("{what} message {id}: {why}").into())
@@ -766,9 +766,9 @@ fn unwrap_sns(input: Value) -> Result<Value, Outcome> {
             // The URL that confirms the subscription, where SNS gave one: without it in
             // the log, whoever wires S3 → SNS → the bus never sees it, and no notification
             // ever comes.
-            let url = input
-                .get("SubscribeURL")
-                .and_then(Value::as_str)
+            let url = (t == "SubscriptionConfirmation")
+                .then(|| input.get("SubscribeURL").and_then(Value::as_str))
+                .flatten()
                 .map(|u| format!("; confirm it at {u}"))
                 .unwrap_or_default();
             return Err(Outcome::drop(format!(
@@ -1119,7 +1119,7 @@ mod tests {
                     // The operator's step is named: the URL that confirms it.
                     assert_eq!(
                         m.contains("Action=ConfirmSubscription"),
-                        why != "test event",
+                        why == "SubscriptionConfirmation",
                         "{m}"
                     );
                 }

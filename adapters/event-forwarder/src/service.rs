@@ -599,6 +599,13 @@ impl EventForwarder {
             }
             let key = record_key(r, i, ctx, r.kinesis.get());
             posted = true;
+            let rest_in_a_retry = |e: String| {
+                Outcome::retry(format!(
+                    "record {} of {}: {e}; the rest go with this retry",
+                    i + 1,
+                    records.len()
+                ))
+            };
             let result = match self.post(r.kinesis.get(), key, ctx).await {
                 Posted::Result(res) => res,
                 Posted::Exhausted(e, tries) if lone => {
@@ -648,18 +655,10 @@ impl EventForwarder {
                     if outage {
                         outage_if(ctx, Scope::Down);
                     }
-                    return Outcome::retry(format!(
-                        "record {} of {}: {e}; the rest go with this retry",
-                        i + 1,
-                        records.len()
-                    ));
+                    return rest_in_a_retry(e);
                 }
                 Posted::Interrupted(e) if progress.advanced() && !dead.is_empty() => {
-                    return Outcome::retry(format!(
-                        "record {} of {}: {e}; the rest go with this retry",
-                        i + 1,
-                        records.len()
-                    ));
+                    return rest_in_a_retry(e);
                 }
                 Posted::Interrupted(e) | Posted::HandedBack { why: e, .. } => {
                     return Outcome::Interrupted(e);
