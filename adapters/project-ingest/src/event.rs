@@ -103,9 +103,10 @@ pub struct ProjectEvent {
     /// Ordering key: normalized UTC timestamp, compared as text; None = unordered.
     pub version: Option<String>,
     /// Orders events of one `version` among themselves, None first: for an event whose key
-    /// is its own `updated` time, when it arrived or was published, then when this service
-    /// first saw it; for a plain update keyed by its publishing time (whole seconds), when
-    /// this service first saw it. Normalized as `version`. Kept in a column of its own, so a release before it still
+    /// is its own `updated` time, when it arrived or was published, then its Kinesis
+    /// sequence number or else when this service first saw it; for a Kinesis record keyed
+    /// by its arrival time, its sequence number; for a plain update keyed by its publishing
+    /// time (whole seconds), when this service first saw it. Normalized as `version`. Kept in a column of its own, so a release before it still
     /// applies an event of an equal `version` over a row this one wrote (a rollback).
     pub tie: Option<String>,
 }
@@ -287,14 +288,43 @@ fn time_field(o: &Map<String, Value>, f: &str) -> Result<(String, String), Field
 
 /// Parses a Pluto project JSON object; `arrival` is the Kinesis arrival time, if any.
 pub fn parse_project(v: &Value, arrival: Option<String>) -> Result<Parsed, EventError> {
-    parse_delivered(v, arrival, None)
+    parse_delivered(
+        v,
+        Arrival {
+            time: arrival,
+            sequence: None,
+        },
+        None,
+    )
+}
+
+/// Where a Kinesis record sits in its stream: its arrival time and sequence number.
+#[derive(Debug, Default)]
+struct Arrival {
+    /// `approximateArrivalTimestamp`, normalized as a `version`.
+    time: Option<String>,
+    /// `sequenceNumber`, zero-padded so text order is numeric order.
+    sequence: Option<String>,
+}
+
+/// Widest sequence number Kinesis writes (decimal digits).
+const SEQUENCE_DIGITS: usize = 128;
+
+/// A record's `sequenceNumber`, zero-padded to [`SEQUENCE_DIGITS`]; None unless it is
+/// decimal digits that fit, as Kinesis writes it (a hand-built producer's other text
+/// orders nothing).
+fn sequence_number(rec: &Map<String, Value>) -> Option<String> {
+    let s = rec.get("sequenceNumber")?.as_str()?;
+    let digits = s.trim_start_matches('0');
+    (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) && digits.len() <= SEQUENCE_DIGITS)
+        .then(|| format!("{digits:0>SEQUENCE_DIGITS$}"))
 }
 
 /// [`parse_project`] of an event as delivered: `delivery` orders a project-updated event
 /// without a time of its own, and names the kind of one without `type`.
 fn parse_delivered(
     v: &Value,
-    arrival: Option<String>,
+    arrival: Arrival,
     delivery: Option<&Delivery<'_>>,
 ) -> Result<Parsed, EventError> {
     let Value::Object(o) = v else {
@@ -378,9 +408,13 @@ fn ordering(
     o: &Map<String, Value>,
     kind: EventKind,
     created_norm: Option<String>,
-    arrival: Option<String>,
+    arrival: Arrival,
     delivery: Option<&Delivery<'_>>,
 ) -> Result<(Option<String>, Option<String>), FieldError> {
+    let Arrival {
+        time: arrival,
+        sequence,
+    } = arrival;
     // Ordering key: an explicit `updated` time wins, then the Kinesis arrival time; then a
     // project-created event falls back to its `created` time, and a project-updated one
     // to when its message was published or first received (kept across retries), so an
@@ -410,17 +444,19 @@ fn ordering(
     // saved within one second share it, and the older, back from a retry tier, overwrote
     // the newer. Among those, when this service first saw each (its own clock, kept
     // across retries and redeliveries) decides.
+    // Records of one arrival time (milliseconds: one `PutRecords` call) are ordered by
+    // their sequence number, which Kinesis gives in the order it took them: the older,
+    // back from a retry tier or a replay, overwrote the newer.
     let seen = delivery.and_then(|d| d.first_seen).map(str::to_string);
     let tie = match updated {
-        Some(_) => arrival
-            .clone()
-            .or(received)
-            .map(believed)
-            .map(|t| match &seen {
+        Some(_) => arrival.clone().or(received).map(believed).map(|t| {
+            match sequence.as_ref().or(seen.as_ref()) {
                 Some(s) => format!("{t} {s}"),
                 None => t,
-            }),
-        None if arrival.is_none() && kind == EventKind::Updated => seen,
+            }
+        }),
+        None if arrival.is_some() => sequence,
+        None if kind == EventKind::Updated => seen,
         None => None,
     };
     let version = updated.or(arrival).or(fallback).map(believed);
@@ -504,7 +540,11 @@ fn parse_kinesis_record(
             reason: format!("is not a JSON object: found {}", kind_name(&json)),
         });
     }
-    parse_delivered(&json, arrival_time(o), Some(delivery))
+    let arrival = Arrival {
+        time: arrival_time(o),
+        sequence: sequence_number(o),
+    };
+    parse_delivered(&json, arrival, Some(delivery))
 }
 
 /// [`items_delivered`] of a message whose routing key is not known: `received`
@@ -543,7 +583,7 @@ pub fn items_delivered(msg: &Value, delivery: &Delivery<'_>) -> Vec<Item> {
             .iter()
             .map(|e| Item {
                 raw: e.clone(),
-                parsed: parse_delivered(e, None, Some(delivery)),
+                parsed: parse_delivered(e, Arrival::default(), Some(delivery)),
             })
             .collect();
     }
@@ -584,7 +624,7 @@ pub fn items_delivered(msg: &Value, delivery: &Delivery<'_>) -> Vec<Item> {
     if o.contains_key("data") && !o.contains_key("type") {
         return one(parse_kinesis_record(msg, "record", delivery));
     }
-    one(parse_delivered(msg, None, Some(delivery)))
+    one(parse_delivered(msg, Arrival::default(), Some(delivery)))
 }
 
 #[cfg(test)]

@@ -133,6 +133,7 @@ on_both!(
     unknown_type_is_dropped,
     kinesis_envelopes_single_and_multiple,
     older_updates_never_overwrite_newer_ones,
+    records_of_one_arrival_time_keep_their_sequence_order,
     a_plain_update_back_from_a_retry_tier_never_overwrites_a_newer_one,
     a_plain_update_of_the_same_second_back_from_a_retry_tier_never_overwrites_a_newer_one,
     a_plain_update_published_earlier_never_overwrites_a_newer_one,
@@ -1556,6 +1557,42 @@ async fn older_updates_never_overwrite_newer_ones(b: Backend) {
             .as_deref(),
         Some("2021-01-01T00:00:00.000000Z")
     );
+    env.finish().await;
+}
+
+/// Records of one arrival time (one `PutRecords` call: Kinesis counts milliseconds) are
+/// ordered by their sequence number: the older, delivered after the newer (a retry tier,
+/// a replay), is stale, while the newer delivered again applies again.
+async fn records_of_one_arrival_time_keep_their_sequence_order(b: Backend) {
+    let env = start(b, &[]).await;
+    let mut out = env.hs.watch_output().await;
+    env.send(&project("project-created", "sq", "v0")).await;
+    next(&mut out).await;
+    let record = |title: &str, seq: &str| {
+        let mut r = kinesis(&[project("project-updated", "sq", title)]);
+        r["Records"][0]["kinesis"]["sequenceNumber"] = json!(seq);
+        r
+    };
+    // A shorter number is a smaller one, not a later text.
+    let newer = record("newer", "49590000000000000000000000010");
+    env.send(&newer).await;
+    assert_eq!(body(&next(&mut out).await)["title"], "newer");
+    assert_dropped(
+        &env,
+        &mut out,
+        &record("older", "4959000000000000000000000009"),
+    )
+    .await;
+    assert_eq!(
+        env.store.project("sq").await.unwrap().unwrap().title,
+        "newer"
+    );
+    env.send(&newer).await;
+    assert_eq!(body(&next(&mut out).await)["title"], "newer");
+    env.send(&record("newest", "49590000000000000000000000011"))
+        .await;
+    assert_eq!(body(&next(&mut out).await)["title"], "newest");
+    assert_eq!(env.dlq_count().await, 0);
     env.finish().await;
 }
 
