@@ -51,7 +51,8 @@ impl<'de> Deserialize<'de> for AssetSweeperFile {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         use serde::de::Error;
         let Fields(mut fields) = Fields::deserialize(d)?;
-        if let Some(older) = fields.remove("filepath") {
+        // A null `filepath` beside the newer field is absent, as a null `parent_dir` is.
+        if let Some(older) = fields.remove("filepath").filter(|v| !v.is_null()) {
             match fields.get("parent_dir") {
                 None | Some(serde_json::Value::Null) => {
                     fields.insert("parent_dir".into(), older);
@@ -439,6 +440,12 @@ mod tests {
         both["parent_dir"] = serde_json::Value::Null;
         let m: AssetSweeperFile = serde_json::from_value(both.clone()).expect("null");
         assert_eq!(m.joined_path(), "p/a.mp4");
+        // And `filepath` null beside a real `parent_dir`: that directory.
+        let mut newer = both.clone();
+        newer["parent_dir"] = "/srv/online/p".into();
+        newer["filepath"] = serde_json::Value::Null;
+        let m: AssetSweeperFile = serde_json::from_value(newer).expect("null filepath");
+        assert_eq!(m.joined_path(), "/srv/online/p/a.mp4");
         both["parent_dir"] = "q".into();
         let e = serde_json::from_value::<AssetSweeperFile>(both).expect_err("two directories");
         assert!(e.to_string().contains("different directories"), "{e}");

@@ -304,8 +304,8 @@ impl TierProcessor {
                 store = %tier.display,
                 root = %root.display(),
                 "the store and an online root hold one another: unless the asset sweeper \
-                 leaves the store out, its copies are swept as new media, copied again into \
-                 the store itself or, where one is its own copy, dead-lettered"
+                 leaves the store out, its copies are swept as new media and each is \
+                 dead-lettered (never copied into the store itself)"
             );
         }
         let shown: Vec<String> = roots

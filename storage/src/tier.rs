@@ -518,6 +518,18 @@ impl TierCopier {
         };
         let file = &resolved.file;
         let original = resolved.path.display().to_string();
+        // A file of this tier's own local store, swept through an online root that holds
+        // the store: its copy would go inside the store itself, be swept and copied again,
+        // one level deeper each time, each reported as a new copy.
+        if let Some(store) = &self.tier.local_dir
+            && resolved.path.starts_with(store)
+        {
+            return Err(TierError::Permanent(format!(
+                "{original} is inside this tier's own store {}: what the store holds is never \
+                 copied into the store itself (leave the store out of the asset sweeper)",
+                self.tier.display
+            )));
+        }
         let size = meta.len();
         let mtime = {
             use std::os::unix::fs::MetadataExt;
@@ -1026,13 +1038,16 @@ impl TierCopier {
                 };
                 if existing == d.size && self.key_holds(key, &d).await? {
                     let facts = match &self.tier.s3 {
-                        Some(s3) => s3.head(key).await.map_err(CopyError::from)?.map(|h| {
-                            crate::records::StoreFacts {
+                        Some(s3) => match s3.head(key).await.map_err(CopyError::from)? {
+                            Some(h) => Some(crate::records::StoreFacts {
                                 etag: h.etag,
                                 version: h.version,
                                 checksum: h.checksum_sha256,
-                            }
-                        }),
+                            }),
+                            // Gone since it was read (an expiry, an operator): no copy to
+                            // record; the key is looked at again.
+                            None => return Ok(Claimed::Raced),
+                        },
                         None => None,
                     };
                     let obj = StoredObject {
@@ -1176,7 +1191,8 @@ enum Claimed {
     Done(StoredObject, bool),
     /// Other content, with the source's digest.
     Occupied(Digest),
-    /// Another copy published an object under the key first (local store): look again.
+    /// Another copy published an object under the key first (local store), or the object
+    /// found there went before it was recorded: look again.
     Raced,
 }
 

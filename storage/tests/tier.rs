@@ -269,6 +269,41 @@ async fn a_vault_file_swept_through_an_online_root_is_no_copy_of_itself() {
     }
 }
 
+/// An archive store inside an online root (the sweeper not told to leave it out): a copy
+/// swept as new media is refused, never copied into the store itself — where it was swept
+/// again and copied one level deeper each time, each reported as a new copy.
+#[tokio::test]
+async fn an_archive_copy_swept_through_an_online_root_is_not_copied_into_the_store() {
+    let base = tempfile::tempdir().expect("temp");
+    let store = base.path().join("online/.archive");
+    let tier = storage::store::local(&store).expect("tier");
+    let c = copier(base.path(), "online", tier, records(base.path()).await);
+    for (name, size) in [("small.mov", 4096), ("large.mov", 3 * MIB)] {
+        let first = put(
+            base.path(),
+            "online",
+            &format!("show/{name}"),
+            &content(size, 5),
+        );
+        assert!(copied(c.handle(&first, 1).await).uploaded, "{name}");
+        let swept: AssetSweeperFile =
+            serde_json::from_value(sweeper_message(".archive/show", name, false)).expect("message");
+        for delivery in 1..=2 {
+            match c.handle(&swept, delivery).await {
+                Err(TierError::Permanent(e)) => {
+                    assert!(e.contains("own store"), "{name}: {e}")
+                }
+                other => panic!("{name}: expected a refusal, got {other:?}"),
+            }
+        }
+    }
+    assert_eq!(
+        files_under(&store),
+        ["show/large.mov", "show/small.mov"],
+        "nothing copied into the store itself"
+    );
+}
+
 /// U+0000 is valid JSON but PostgreSQL text cannot hold it: a field with one is refused
 /// at once, naming the field (on PostgreSQL every attempt failed to record, 50 retries).
 #[tokio::test]
@@ -1009,6 +1044,52 @@ async fn an_earlier_upload_that_cannot_be_aborted_stays_recorded_and_the_copy_is
     faults.deny_abort.store(true, Ordering::SeqCst);
     copied(c.handle(&msg, 3).await);
     assert_eq!(c.records().count("multipart_uploads").await.unwrap(), 0);
+}
+
+/// An object found holding the file's content and gone before its details are read (a
+/// lifecycle expiry, an operator) is no copy to record: looked at again, the key is empty
+/// and the file is uploaded. It was recorded, and reported copied ("uploaded": false),
+/// with nothing at the key — a remover of backed-up files then deleted the only copy.
+#[tokio::test]
+async fn an_object_gone_between_its_checks_is_uploaded_not_recorded() {
+    let bucket = "tier-gone-between";
+    let (moto, proxy, tier) = s3_tier(bucket).await;
+    let base = tempfile::tempdir().expect("temp");
+    let c = copier(base.path(), "online", tier, records(base.path()).await);
+    let body = content(4096, 6);
+    let msg = put(base.path(), "online", "g/gone.mov", &body);
+    let key = c.tier().key("g/gone.mov");
+    c.tier()
+        .store
+        .put(&key, body.clone().into())
+        .await
+        .expect("an identical object, unrecorded");
+    // The key's first HEAD finds it; its download shows the same content; the second
+    // HEAD (its details, to record) is held while the object goes.
+    let held = proxy.hold_from("HEAD", |t| t.contains("g/gone.mov"), 2);
+    let gone = async {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !held.reached() {
+            assert!(tokio::time::Instant::now() < deadline, "the second HEAD");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(
+            proxy
+                .requests()
+                .iter()
+                .any(|r| r.starts_with("GET ") && r.contains("g/gone.mov")),
+            "held after the object was read: {:?}",
+            proxy.requests()
+        );
+        object_store::ObjectStore::delete(&plain_client(&moto, bucket), &key)
+            .await
+            .expect("gone");
+        held.release();
+    };
+    let (r, ()) = tokio::join!(c.handle(&msg, 1), gone);
+    let r = copied(r);
+    assert!(r.uploaded, "{r:?}");
+    assert_eq!(stored_sha256(c.tier(), &r.key).await, sha256(&body));
 }
 
 /// A recorded upload whose parts the store lists in a shape no upload can be resumed on
