@@ -1,7 +1,7 @@
 //! Connecting to the broker: a cluster's nodes tried in turn, TLS with a private CA and a
 //! client certificate, every attempt bounded in time.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
@@ -17,6 +17,20 @@ use crate::config::{AmqpConfig, AmqpUrl};
 /// when it goes down).
 static NEXT_NODE: std::sync::LazyLock<AtomicUsize> =
     std::sync::LazyLock::new(|| AtomicUsize::new(usize::from(rand::random::<u16>())));
+
+/// Set by [`skip_last_node`]: the next connect starts at another node than the last.
+static SKIP_LAST: AtomicBool = AtomicBool::new(false);
+
+/// The node a connect starts at: `next`, or where the last node is to be passed over
+/// (`skip`), one of the `n` others picked by `r` (random) — not the one after it: every
+/// replica configured with one list moved one node on together, and a rolling restart of
+/// a cluster's nodes left them all on its last node, lost together with it.
+fn start_node(next: usize, n: usize, skip: bool, r: usize) -> usize {
+    match (skip, n) {
+        (true, 2..) => next % n + 1 + r % (n - 1),
+        _ => next,
+    }
+}
 
 fn timed_out(what: String) -> lapin::Error {
     std::io::Error::new(std::io::ErrorKind::TimedOut, what).into()
@@ -174,7 +188,7 @@ fn with_defaults(url: &str) -> String {
 /// or the session on it was lost (the node may be down with its host), and the other
 /// nodes must get their turn.
 pub(crate) fn skip_last_node() {
-    NEXT_NODE.fetch_add(1, Ordering::Relaxed);
+    SKIP_LAST.store(true, Ordering::Relaxed);
 }
 
 /// What a refused connection says about the configuration, to follow its error: the
@@ -215,7 +229,11 @@ pub(crate) fn is_limit(e: &impl std::fmt::Display) -> bool {
 pub async fn connect(amqp: &AmqpConfig, service: &str) -> Result<Connection, lapin::Error> {
     let nodes = amqp.endpoints();
     let name = connection_name(amqp, service);
-    let start = NEXT_NODE.fetch_add(1, Ordering::Relaxed);
+    let skip = SKIP_LAST.swap(false, Ordering::Relaxed);
+    // Each round starts one node on, so a round that found none up does not always
+    // begin at the same dead one.
+    let next = NEXT_NODE.fetch_add(1, Ordering::Relaxed);
+    let start = start_node(next, nodes.len(), skip, rand::random::<u32>() as usize);
     let mut last = None;
     for i in 0..nodes.len() {
         let url = nodes[(start + i) % nodes.len()];
@@ -247,6 +265,25 @@ pub async fn confirm_channel(conn: &Connection) -> Result<Channel, lapin::Error>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Passed over, the last node is never the next first, and each of the others may be:
+    /// replicas lost together spread again instead of moving on together.
+    #[test]
+    fn a_node_passed_over_is_left_for_any_other() {
+        for n in 2..=5 {
+            for last in 0..n {
+                let picked: std::collections::BTreeSet<usize> = (0..64)
+                    .map(|r| start_node(last + 7 * n, n, true, r) % n)
+                    .collect();
+                let others: std::collections::BTreeSet<usize> =
+                    (0..n).filter(|&i| i != last).collect();
+                assert_eq!(picked, others, "{n} nodes, {last} passed over");
+            }
+        }
+        // Not passed over: the same node again; one node: always it.
+        assert_eq!(start_node(4, 3, false, 9), 4);
+        assert_eq!(start_node(4, 1, true, 9), 4);
+    }
 
     #[test]
     fn a_refusal_names_what_to_fix() {

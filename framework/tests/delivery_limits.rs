@@ -6,7 +6,8 @@
 //! - RabbitMQ 4.3 no longer counts `basic.nack(requeue)` toward the limit: a message whose
 //!   outcome can never be published must still end in the DLQ, not loop (design §3);
 //! - a length limit on the DLQ (a blanket max-length policy) must refuse dead letters,
-//!   not drop the oldest as the broker's default overflow does, silently.
+//!   not drop the oldest as the broker's default overflow does, silently; on a classic
+//!   retry tier what it drops must come back to `Q`.
 
 use framework::dlq::{self, Selection};
 use framework::lapin::BasicProperties;
@@ -189,6 +190,92 @@ async fn a_full_dlq_refuses_dead_letters_instead_of_dropping_the_oldest() {
     }
     seen.sort_unstable();
     assert_eq!(seen, [0, 1, 2, 3], "each dead letter once");
+    drop(policy);
+    hs.stop().await;
+}
+
+/// The reasons of a delivery's `x-death` entries.
+fn death_reasons(headers: &framework::lapin::types::FieldTable) -> Vec<String> {
+    use framework::lapin::types::AMQPValue;
+    let Some(AMQPValue::FieldArray(deaths)) = headers.inner().get("x-death") else {
+        return Vec::new();
+    };
+    deaths
+        .as_slice()
+        .iter()
+        .filter_map(|d| match d {
+            AMQPValue::FieldTable(t) => match t.inner().get("reason") {
+                Some(AMQPValue::LongString(r)) => Some(r.to_string()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
+/// A full classic retry tier (a blanket max-length policy) loses no retry: the broker
+/// drops its oldest, as a classic queue's default overflow does, but dead-letters it back
+/// to `Q` (the tier's own dead-letter target), where it is handled before its delay is up.
+#[tokio::test]
+async fn a_full_classic_retry_tier_loses_no_retry() {
+    let dropped = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let d = dropped.clone();
+    let p = FnProcessor(move |v: serde_json::Value, ctx: &MessageContext| {
+        if ctx.attempt == 0 {
+            return Outcome::retry("once");
+        }
+        // Back early from the full tier: `x-death` says why.
+        if death_reasons(&ctx.headers).iter().any(|r| r == "maxlen") {
+            d.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        Outcome::success(v)
+    });
+    // One long tier: the retries of messages handled together meet in it.
+    let cfg = [
+        ("amqp.queue_type", "classic"),
+        ("amqp.prefetch", "4"),
+        ("retry.delays_ms", "[5000]"),
+    ];
+    let mut hs = Harness::start("tierfull", &cfg, p).await;
+    let tier = format!("{}-retry-5000", hs.q);
+    let admin = admin::Admin::suite();
+    let policy = admin
+        .set_policy(
+            &unique("tier-length"),
+            &format!("^{tier}$"),
+            serde_json::json!({"max-length": 1}),
+        )
+        .await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while admin.queue_policy(&tier).await.is_none() {
+        assert!(tokio::time::Instant::now() < deadline, "the policy applies");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let mut out = hs.watch_output().await;
+    for i in 0..4 {
+        hs.publish(
+            "test.k",
+            format!("{{\"i\":{i}}}").as_bytes(),
+            BasicProperties::default(),
+        )
+        .await;
+    }
+    // Every message comes out once, after its retry.
+    let mut seen = Vec::new();
+    while seen.len() < 4 {
+        let d = next_within(&mut out, WAIT)
+            .await
+            .unwrap_or_else(|| panic!("retries were lost: only {seen:?} came out"));
+        let v: serde_json::Value = serde_json::from_slice(&d.data).expect("an output");
+        seen.push(v["i"].as_i64().expect("the body as published"));
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, [0, 1, 2, 3], "each message once");
+    // The tier was full: at most one retry waited there, the others came back early.
+    assert!(
+        dropped.load(std::sync::atomic::Ordering::SeqCst) >= 3,
+        "the tier dropped no retry: {dropped:?}"
+    );
     drop(policy);
     hs.stop().await;
 }
