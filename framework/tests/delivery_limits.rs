@@ -234,10 +234,10 @@ async fn a_full_classic_retry_tier_loses_no_retry() {
     let cfg = [
         ("amqp.queue_type", "classic"),
         ("amqp.prefetch", "4"),
-        ("retry.delays_ms", "[5000]"),
+        ("retry.delays_ms", "[10000]"),
     ];
     let mut hs = Harness::start("tierfull", &cfg, p).await;
-    let tier = format!("{}-retry-5000", hs.q);
+    let tier = format!("{}-retry-10000", hs.q);
     let admin = admin::Admin::suite();
     let policy = admin
         .set_policy(

@@ -174,8 +174,8 @@ fn check(
 }
 
 /// Whether a local store (`store`, canonical) and an online root hold one another: its
-/// copies would be swept as new media (unless the sweeper leaves them out) and copied
-/// again, into themselves. The root of it, if one does.
+/// copies may be swept as new media (unless the sweeper leaves them out). The root of it,
+/// if one does.
 pub fn root_holding_store<'r>(store: &Path, roots: &'r [crate::paths::Root]) -> Option<&'r Path> {
     roots
         .iter()

@@ -303,9 +303,11 @@ impl TierProcessor {
             tracing::warn!(
                 store = %tier.display,
                 root = %root.display(),
-                "the store and an online root hold one another: unless the asset sweeper \
-                 leaves the store out, its copies are swept as new media and each is \
-                 dead-lettered (never copied into the store itself)"
+                "the store and an online root hold one another: where the root holds the \
+                 store, its copies are swept as new media unless the asset sweeper leaves the \
+                 store out, and each is dead-lettered (never copied into the store again); \
+                 where the store holds the root, a copy whose key leads into the root is \
+                 swept as new media"
             );
         }
         let shown: Vec<String> = roots

@@ -520,9 +520,14 @@ impl TierCopier {
         let original = resolved.path.display().to_string();
         // A file of this tier's own local store, swept through an online root that holds
         // the store: its copy would go inside the store itself, be swept and copied again,
-        // one level deeper each time, each reported as a new copy.
+        // one level deeper each time, each reported as a new copy. (A root inside the store
+        // is not that: its files' copies land outside the root.)
         if let Some(store) = &self.tier.local_dir
             && resolved.path.starts_with(store)
+            && self
+                .roots
+                .iter()
+                .any(|r| store.starts_with(&r.canonical) && *store != r.canonical)
         {
             return Err(TierError::Permanent(format!(
                 "{original} is inside this tier's own store {}: what the store holds is never \

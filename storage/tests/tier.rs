@@ -302,6 +302,23 @@ async fn an_archive_copy_swept_through_an_online_root_is_not_copied_into_the_sto
         ["show/large.mov", "show/small.mov"],
         "nothing copied into the store itself"
     );
+    // The other way round — an online root inside the store — copies land outside the
+    // root: its files are copied as any are.
+    let base = tempfile::tempdir().expect("temp");
+    let tier = storage::store::local(&base.path().join("media")).expect("tier");
+    let c = copier(
+        base.path(),
+        "media/online",
+        tier,
+        records(base.path()).await,
+    );
+    let msg = put(
+        base.path(),
+        "media/online",
+        "show/ep.mov",
+        &content(4096, 8),
+    );
+    assert!(copied(c.handle(&msg, 1).await).uploaded);
 }
 
 /// U+0000 is valid JSON but PostgreSQL text cannot hold it: a field with one is refused

@@ -307,17 +307,19 @@ struct Arrival {
     sequence: Option<String>,
 }
 
-/// Widest sequence number Kinesis writes (decimal digits).
-const SEQUENCE_DIGITS: usize = 128;
+/// Widest sequence number Kinesis writes (decimal digits: `0|([1-9]\d{0,128})`).
+const SEQUENCE_DIGITS: usize = 129;
 
-/// A record's `sequenceNumber`, zero-padded to [`SEQUENCE_DIGITS`]; None unless it is
-/// decimal digits that fit, as Kinesis writes it (a hand-built producer's other text
-/// orders nothing).
+/// A record's `sequenceNumber` as a tie: `~` and the number zero-padded to
+/// [`SEQUENCE_DIGITS`]; None unless it is decimal digits that fit, as Kinesis writes it (a
+/// hand-built producer's other text orders nothing). The `~` sorts it after a time (the
+/// tie an earlier release stored where this one stores the number): a newer record of
+/// one arrival time is never taken for an older one across the upgrade.
 fn sequence_number(rec: &Map<String, Value>) -> Option<String> {
     let s = rec.get("sequenceNumber")?.as_str()?;
     let digits = s.trim_start_matches('0');
     (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) && digits.len() <= SEQUENCE_DIGITS)
-        .then(|| format!("{digits:0>SEQUENCE_DIGITS$}"))
+        .then(|| format!("~{digits:0>SEQUENCE_DIGITS$}"))
 }
 
 /// [`parse_project`] of an event as delivered: `delivery` orders a project-updated event
@@ -880,6 +882,29 @@ mod tests {
                 .as_deref(),
             Some("2018-12-17T22:10:50.987000Z")
         );
+    }
+
+    /// A sequence number orders numerically as text, and after the time an earlier release
+    /// stored as the tie in its place (a newer record is never stale across the upgrade);
+    /// anything but digits that fit orders nothing.
+    #[test]
+    fn sequence_numbers_order_as_numbers_and_after_a_time() {
+        let seq = |v: Value| sequence_number(json!({ "sequenceNumber": v }).as_object().unwrap());
+        let (small, big) = (seq(json!("9")).unwrap(), seq(json!("10")).unwrap());
+        assert!(small < big, "{small} < {big}");
+        assert_eq!(seq(json!("0010")), Some(big.clone()));
+        let widest = "9".repeat(SEQUENCE_DIGITS);
+        assert!(seq(json!(widest)).is_some());
+        for bad in [
+            json!(""),
+            json!("12a"),
+            json!(12),
+            json!(format!("1{widest}")),
+        ] {
+            assert_eq!(seq(bad.clone()), None, "{bad}");
+        }
+        let arrival = "2018-12-17T22:10:50.987000Z";
+        assert!(format!("{arrival} 2026-01-01T00:00:00.000000Z") < format!("{arrival} {small}"));
     }
 
     /// A time without an offset (Python's `isoformat()` of a naive datetime, with or
