@@ -271,7 +271,8 @@ pub fn is_postgres(url: &str) -> bool {
 
 /// `migrator` as run here: a database a newer release migrated further (in a rolling
 /// upgrade its replicas start first) is accepted, not refused as `VersionMissing` — every
-/// migration only adds, so an older release works on the newer schema.
+/// migration only adds or relaxes a column to nullable, so an older release works on the
+/// newer schema (docs/operations.md, "Database schema across a rolling upgrade").
 fn forward_compatible(m: &Migrator) -> Migrator {
     // (A database with versions this release lacks is reported by `note_newer_schema`.)
     Migrator {

@@ -310,16 +310,18 @@ struct Arrival {
 /// Widest sequence number Kinesis writes (decimal digits: `0|([1-9]\d{0,128})`).
 const SEQUENCE_DIGITS: usize = 129;
 
-/// A record's `sequenceNumber` as a tie: `~` and the number zero-padded to
+/// A record's `sequenceNumber` as a tie: `s` and the number zero-padded to
 /// [`SEQUENCE_DIGITS`]; None unless it is decimal digits that fit, as Kinesis writes it (a
-/// hand-built producer's other text orders nothing). The `~` sorts it after a time (the
-/// tie an earlier release stored where this one stores the number): a newer record of
-/// one arrival time is never taken for an older one across the upgrade.
+/// hand-built producer's other text orders nothing). The letter sorts it after a time (the
+/// tie an earlier release stored where this one stores the number), by bytes as by a
+/// locale's collation (PostgreSQL's `en_US`, which weighs no punctuation: a `~` sorted
+/// first there): a newer record of one arrival time is never taken for an older one
+/// across the upgrade.
 fn sequence_number(rec: &Map<String, Value>) -> Option<String> {
     let s = rec.get("sequenceNumber")?.as_str()?;
     let digits = s.trim_start_matches('0');
     (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) && digits.len() <= SEQUENCE_DIGITS)
-        .then(|| format!("~{digits:0>SEQUENCE_DIGITS$}"))
+        .then(|| format!("s{digits:0>SEQUENCE_DIGITS$}"))
 }
 
 /// [`parse_project`] of an event as delivered: `delivery` orders a project-updated event

@@ -783,6 +783,67 @@ mod tests {
         }
     }
 
+    /// Ties order alike whatever the database's collation: on a PostgreSQL column collated
+    /// as en-US (ICU, as a database made with `en_US.UTF-8` compares; punctuation weighs
+    /// nothing there), a Kinesis record whose tie is its sequence number is applied over a
+    /// row an earlier release stored with a time as the tie of that arrival time, and an
+    /// older sequence number after a newer one is stale.
+    #[tokio::test]
+    async fn sequence_ties_order_as_bytes_under_a_locale_collation() {
+        use base64::Engine;
+        let pg = db::testing::TempPostgres::create().await.expect("postgres");
+        let store = Store::open(&pg.url).await.expect("open");
+        db::sqlx::query(
+            r#"ALTER TABLE projects ALTER COLUMN version_tie TYPE text COLLATE "en-US-x-icu""#,
+        )
+        .execute(&store.pool)
+        .await
+        .expect("a locale's collation (PostgreSQL built with ICU)");
+        let record = |title: &str, seq: &str| {
+            let mut p = serde_json::json!({"type": "project-updated", "id": "p",
+                "title": title, "status": "New", "commissionId": "c",
+                "commissionTitle": "c", "productionOffice": "UK",
+                "created": "2017-04-24T17:20:11.503Z"});
+            p["updated"] = serde_json::json!("2026-01-01T00:00:00Z");
+            let data = base64::engine::general_purpose::STANDARD.encode(p.to_string());
+            let rec = serde_json::json!({"kinesis": {"data": data, "sequenceNumber": seq,
+                "approximateArrivalTimestamp": 1_545_084_650.987}});
+            match crate::event::items(&rec, "2026-01-02T00:00:00.000000Z")
+                .remove(0)
+                .parsed
+            {
+                Ok(crate::event::Parsed::Project(e)) => e,
+                other => panic!("{other:?}"),
+            }
+        };
+        let newer = record("newer", "49590000000000000000000000011");
+        let created = event(EventKind::Created, "created", "2025-01-01T00:00:00.000000Z");
+        store.apply(&created).await.expect("created");
+        // An update over a created row applies whatever its key: the row an update wrote.
+        let mut stored = event(EventKind::Updated, "stored", "2026-01-01T00:00:00.000000Z");
+        // What an earlier release stored for a record of that arrival time: a time.
+        stored.tie = Some(format!(
+            "{} 2026-01-02T00:00:00.000000Z",
+            newer
+                .tie
+                .as_deref()
+                .and_then(|t| t.split(' ').next())
+                .expect("tie")
+        ));
+        store.apply(&stored).await.expect("stored");
+        assert!(matches!(
+            store.apply(&newer).await.expect("applied"),
+            Applied::Stored(_)
+        ));
+        let older = record("older", "4959000000000000000000000009");
+        assert!(matches!(
+            store.apply(&older).await.expect("applied"),
+            Applied::Stale
+        ));
+        let p = store.project("p").await.expect("read").expect("there");
+        assert_eq!(p.title, "newer");
+    }
+
     /// Receipts older than the cut are forgotten, newer ones kept (a table that only grew,
     /// a row per unstamped message).
     #[tokio::test]
