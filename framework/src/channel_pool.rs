@@ -128,6 +128,11 @@ impl ChannelPool {
         &self.alarm
     }
 
+    /// Whether the connection the pool publishes on is still up.
+    pub fn connected(&self) -> bool {
+        self.conn.status().connected()
+    }
+
     /// Opens a confirm channel, within the limit unless the broker blocks the connection.
     async fn open(&self) -> Result<Channel, lapin::Error> {
         self.alarm

@@ -1165,6 +1165,13 @@ async fn run_with<P: MessageProcessor, T>(
 ) -> Result<Running, Failure> {
     // Built: from here a 0 connected is the broker's doing (served by every runtime).
     metrics::gauge!(crate::telemetry::STARTING).set(0.0);
+    // ... and, once asked to stop, a drain's (`connected` is 0 from the stop on).
+    metrics::gauge!(crate::telemetry::STOPPING).set(0.0);
+    let stopping = shutdown.clone();
+    tokio::spawn(async move {
+        stopping.cancelled().await;
+        metrics::gauge!(crate::telemetry::STOPPING).set(1.0);
+    });
     let runtime = Runtime::with_status(name, cfg, pc, status.clone());
     let http_addr = http.addr;
     tracing::info!(service = name, http = %http_addr, "started");

@@ -278,6 +278,14 @@ impl Publisher {
         self.pool.alarm()
     }
 
+    /// Whether a publish that failed now counts as one (`storagetier_publish_failures_total`):
+    /// not where the connection went with it — nothing was refused, the input is delivered
+    /// again, and the reconnect counter says so. Counted, every broker restart set off the
+    /// publish-failure alert for its whole window.
+    pub(crate) fn failure_counts(&self) -> bool {
+        self.pool.connected()
+    }
+
     /// A publisher for `service` consuming `queue` on `pool`, dead-lettering to
     /// `fail_exchange` (`Q-fail`), its success messages going to `output_exchange`
     /// (declared by the service).

@@ -27,6 +27,10 @@ pub const CONNECTED: &str = "storagetier_connected";
 /// replica's migration awaited), before it connects to the broker; then 0. Lets the
 /// not-connected alert tell a database wait from a broker that cannot be reached.
 pub const STARTING: &str = "storagetier_starting";
+/// 1 once the service was asked to stop (SIGTERM/SIGINT) and drains; 0 before. Lets the
+/// not-connected alert tell a drain (an hour's copy finishing) from a broker that cannot
+/// be reached.
+pub const STOPPING: &str = "storagetier_stopping";
 /// 1, labelled `version` (the release running): which release each replica runs during an
 /// upgrade.
 pub const BUILD_INFO: &str = "storagetier_build_info";
@@ -162,7 +166,7 @@ pub fn json_for_terminal(json: String) -> String {
 
 /// What each framework metric counts, served as its `# HELP` line: Prometheus's metadata
 /// and Grafana show it beside the series (docs/operations.md says more).
-const HELP: [(&str, &str); 16] = [
+const HELP: [(&str, &str); 17] = [
     (
         MESSAGES_TOTAL,
         "Messages finished, by queue and outcome (success, retry, dead_letter, drop; \
@@ -187,6 +191,10 @@ const HELP: [(&str, &str); 16] = [
         STARTING,
         "1 while the service is being built (database opened and migrated), before it \
          first connects",
+    ),
+    (
+        STOPPING,
+        "1 once the service was asked to stop and drains what it holds",
     ),
     (
         CONNECTION_BLOCKED,

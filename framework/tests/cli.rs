@@ -839,11 +839,15 @@ async fn a_second_sigterm_during_the_drain_exits_at_once() {
     )
     .await;
     await_metric(http, &format!("storagetier_in_flight{{queue=\"{q}\"}} 1")).await;
+    await_metric(http, "\nstoragetier_stopping 0\n").await;
     svc.signal(process::SIGTERM);
     tokio::task::spawn_blocking(move || seen_rx.recv_timeout(WAIT))
         .await
         .unwrap()
         .expect("the first signal starts the drain");
+    // Draining, not consuming, and saying why: the not-connected alert leaves it alone.
+    await_metric(http, "\nstoragetier_stopping 1\n").await;
+    await_metric(http, "\nstoragetier_connected 0\n").await;
     svc.signal(process::SIGTERM);
     let status = tokio::task::spawn_blocking(move || svc.wait_for(WAIT))
         .await

@@ -132,27 +132,8 @@ async fn a_full_dlq_refuses_dead_letters_instead_of_dropping_the_oldest() {
     // letters published together could all fit.
     let mut hs = Harness::start("dlqfull", &[("amqp.prefetch", "1")], p).await;
     let dlq_name = format!("{}-dlq", hs.q);
-    let admin = admin::Admin::suite();
-    let policy = admin
-        .set_policy(
-            &unique("dlq-length"),
-            &format!("^{dlq_name}$"),
-            serde_json::json!({"max-length": 1}),
-        )
-        .await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while admin.queue_policy(&dlq_name).await.is_none() {
-        assert!(tokio::time::Instant::now() < deadline, "the policy applies");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    for i in 0..4 {
-        hs.publish(
-            "test.k",
-            format!("{{\"i\":{i}}}").as_bytes(),
-            BasicProperties::default(),
-        )
-        .await;
-    }
+    let policy = one_message_at_most(&dlq_name).await;
+    publish_numbered(&hs, 4).await;
     // The DLQ full (a quorum queue refuses once it holds more than its limit), a later
     // dead letter is refused, so retried (called again).
     let c = calls.clone();
@@ -192,6 +173,37 @@ async fn a_full_dlq_refuses_dead_letters_instead_of_dropping_the_oldest() {
     assert_eq!(seen, [0, 1, 2, 3], "each dead letter once");
     drop(policy);
     hs.stop().await;
+}
+
+/// A max-length policy of one message on `queue` (a blanket limit an operator set), once
+/// the queue shows it.
+async fn one_message_at_most(queue: &str) -> admin::TestPolicy {
+    let admin = admin::Admin::suite();
+    let policy = admin
+        .set_policy(
+            &unique("length"),
+            &format!("^{queue}$"),
+            serde_json::json!({"max-length": 1}),
+        )
+        .await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while admin.queue_policy(queue).await.is_none() {
+        assert!(tokio::time::Instant::now() < deadline, "the policy applies");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    policy
+}
+
+/// Publishes `{"i": 0}` … `{"i": n-1}` to the service.
+async fn publish_numbered(hs: &Harness, n: usize) {
+    for i in 0..n {
+        hs.publish(
+            "test.k",
+            format!("{{\"i\":{i}}}").as_bytes(),
+            BasicProperties::default(),
+        )
+        .await;
+    }
 }
 
 /// The reasons of a delivery's `x-death` entries.
@@ -238,28 +250,9 @@ async fn a_full_classic_retry_tier_loses_no_retry() {
     ];
     let mut hs = Harness::start("tierfull", &cfg, p).await;
     let tier = format!("{}-retry-10000", hs.q);
-    let admin = admin::Admin::suite();
-    let policy = admin
-        .set_policy(
-            &unique("tier-length"),
-            &format!("^{tier}$"),
-            serde_json::json!({"max-length": 1}),
-        )
-        .await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while admin.queue_policy(&tier).await.is_none() {
-        assert!(tokio::time::Instant::now() < deadline, "the policy applies");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    let policy = one_message_at_most(&tier).await;
     let mut out = hs.watch_output().await;
-    for i in 0..4 {
-        hs.publish(
-            "test.k",
-            format!("{{\"i\":{i}}}").as_bytes(),
-            BasicProperties::default(),
-        )
-        .await;
-    }
+    publish_numbered(&hs, 4).await;
     // Every message comes out once, after its retry.
     let mut seen = Vec::new();
     while seen.len() < 4 {
