@@ -1064,6 +1064,7 @@ pub async fn run_service<S: Service>(
     metrics::gauge!(crate::telemetry::CONNECTED).set(0.0);
     // ... and why: still being built (a database, a migration lock), not a broker down.
     metrics::gauge!(crate::telemetry::STARTING).set(1.0);
+    metrics::gauge!(crate::telemetry::STOPPING).set(0.0);
     // A stop while the processor is built (its database still refusing connections, or
     // another replica's migration holding the lock) is a stop, exit 0 at once: it waited
     // for the build, then exited 1.
@@ -1168,7 +1169,7 @@ async fn run_with<P: MessageProcessor, T>(
     // ... and, once asked to stop, a drain's (`connected` is 0 from the stop on).
     metrics::gauge!(crate::telemetry::STOPPING).set(0.0);
     let stopping = shutdown.clone();
-    tokio::spawn(async move {
+    let stopping = tokio::spawn(async move {
         stopping.cancelled().await;
         metrics::gauge!(crate::telemetry::STOPPING).set(1.0);
     });
@@ -1179,6 +1180,9 @@ async fn run_with<P: MessageProcessor, T>(
         tracing::warn!("{slip}");
     }
     let r = runtime.run(shutdown).await;
+    // Not left waiting on the token once this runtime ended (an error, say): cancelled
+    // later, it would say "stopping" for another runtime of the process.
+    stopping.abort();
     http.stop().await;
     r.map_err(|e| Failure::Other(e.to_string()))?;
     tracing::info!(service = name, "stopped cleanly");

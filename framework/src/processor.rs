@@ -434,11 +434,8 @@ impl MessageContext {
 
     /// `r`, counted in `storagetier_publish_failures_total` if it failed.
     fn count_failure(&self, r: Result<(), PublishError>) -> Result<(), PublishError> {
-        if r.is_err()
-            && self
-                .publisher
-                .as_ref()
-                .is_none_or(Publisher::failure_counts)
+        if let Err(e) = &r
+            && self.publisher.as_ref().is_none_or(|p| p.failure_counts(e))
         {
             self.publish_failures.increment(1);
         }

@@ -155,6 +155,23 @@ pub enum PublishError {
 }
 
 impl PublishError {
+    /// Whether it failed because the connection went (its socket failed, a heartbeat was
+    /// missed, or it was no longer open): lapin may fail a publish half written with the
+    /// socket's error before the connection's state says so.
+    pub(crate) fn lost_with_connection(&self) -> bool {
+        match self {
+            PublishError::Amqp(a) => match a.kind() {
+                lapin::ErrorKind::InvalidConnectionState(_)
+                | lapin::ErrorKind::MissingHeartbeatError => true,
+                // Not this framework's own time bound on a broker call (a timed-out
+                // channel open is the broker's slowness, counted).
+                lapin::ErrorKind::IOError(io) => io.kind() != std::io::ErrorKind::TimedOut,
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+
     /// Whether publishing the same message again can never succeed (too large for the
     /// broker or a frame, a name too long): its input is dead-lettered, not retried into
     /// the same refusal.
@@ -282,8 +299,8 @@ impl Publisher {
     /// not where the connection went with it — nothing was refused, the input is delivered
     /// again, and the reconnect counter says so. Counted, every broker restart set off the
     /// publish-failure alert for its whole window.
-    pub(crate) fn failure_counts(&self) -> bool {
-        self.pool.connected()
+    pub(crate) fn failure_counts(&self, e: &PublishError) -> bool {
+        self.pool.connected() && !e.lost_with_connection()
     }
 
     /// A publisher for `service` consuming `queue` on `pool`, dead-lettering to

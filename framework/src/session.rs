@@ -1145,7 +1145,9 @@ impl<P: MessageProcessor> Shared<P> {
         let sent = confirming
             .awaiting(self.publisher.send_within(msgs, limit))
             .await;
-        if sent.is_err() && self.publisher.failure_counts() {
+        if let Err(e) = &sent
+            && self.publisher.failure_counts(e)
+        {
             self.metrics.publish_failures().increment(1);
         }
         sent

@@ -314,9 +314,9 @@ const SEQUENCE_DIGITS: usize = 129;
 /// [`SEQUENCE_DIGITS`]; None unless it is decimal digits that fit, as Kinesis writes it (a
 /// hand-built producer's other text orders nothing). The letter sorts it after a time (the
 /// tie an earlier release stored where this one stores the number), by bytes as by a
-/// locale's collation (PostgreSQL's `en_US`, which weighs no punctuation: a `~` sorted
-/// first there): a newer record of one arrival time is never taken for an older one
-/// across the upgrade.
+/// locale's collation (PostgreSQL's `en_US` weighs no punctuation, ICU's `en-US` weighs it
+/// below digits: a `~` sorted first in both): a newer record of one arrival time is never
+/// taken for an older one across the upgrade.
 fn sequence_number(rec: &Map<String, Value>) -> Option<String> {
     let s = rec.get("sequenceNumber")?.as_str()?;
     let digits = s.trim_start_matches('0');

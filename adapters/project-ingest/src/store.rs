@@ -784,8 +784,8 @@ mod tests {
     }
 
     /// Ties order alike whatever the database's collation: on a PostgreSQL column collated
-    /// as en-US (ICU, as a database made with `en_US.UTF-8` compares; punctuation weighs
-    /// nothing there), a Kinesis record whose tie is its sequence number is applied over a
+    /// as ICU's en-US (symbols weigh less than digits there, where bytes put `~` after
+    /// them; `en_US.UTF-8` of libc weighs no punctuation at all), a Kinesis record whose tie is its sequence number is applied over a
     /// row an earlier release stored with a time as the tie of that arrival time, and an
     /// older sequence number after a newer one is stale.
     #[tokio::test]
@@ -842,6 +842,7 @@ mod tests {
         ));
         let p = store.project("p").await.expect("read").expect("there");
         assert_eq!(p.title, "newer");
+        pg.drop_db().await.expect("drop");
     }
 
     /// Receipts older than the cut are forgotten, newer ones kept (a table that only grew,
