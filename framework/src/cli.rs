@@ -748,16 +748,30 @@ async fn dlq_command(
     };
     match cmd {
         DlqCommand::List { limit, json } => {
-            let (items, total) = dlq::list_of_total(conn, topo, limit)
+            let dlq::Listing {
+                items,
+                total,
+                cut_short,
+            } = dlq::list_of_total(conn, topo, limit)
                 .await
                 .map_err(|e| other(&e))?;
             use std::fmt::Write as _;
             // Written at once, and a reader that stops early (`| head`) is no error.
             let mut text = String::new();
             let shown = format!(
-                "{} of {total} dead letter(s) in {} shown",
+                "{} of {total} dead letter(s) in {} shown{}",
                 items.len(),
-                topo.dlq()
+                topo.dlq(),
+                if cut_short {
+                    format!(
+                        " (the look stopped after {} min holding them unacknowledged, before \
+                         the broker's consumer timeout would take them back: ask for fewer \
+                         with --limit)",
+                        dlq::HOLD_AT_MOST.as_secs() / 60
+                    )
+                } else {
+                    String::new()
+                }
             );
             if json {
                 for i in &items {

@@ -90,9 +90,11 @@ fn confirm_limit<P>(inner: &Inner<P>, label: &str, started: Instant) -> Duration
 fn refused(e: &PublishError) -> bool {
     match e {
         PublishError::Nacked(_) => true,
-        // Not the broker's refusal: the connection is gone (the session ends, and the
-        // message is delivered again to the next).
-        PublishError::Amqp(a) => !matches!(a.kind(), lapin::ErrorKind::InvalidConnectionState(_)),
+        // Not the broker's refusal where the connection went with it (the session ends,
+        // and the message is delivered again to the next): a socket that failed under a
+        // half-written publish, before the connection's state said so, may have carried
+        // it whole, and a retry published again would make two.
+        PublishError::Amqp(_) => !e.lost_with_connection(),
         _ => false,
     }
 }
@@ -1588,6 +1590,23 @@ impl Drop for InFlight<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Refused is what the broker refused with the connection up; a failure that went
+    /// with the connection (its socket, a missed heartbeat) is not: the publish may have
+    /// landed.
+    #[test]
+    fn a_publish_lost_with_its_connection_is_no_refusal() {
+        let io = |k: std::io::ErrorKind| PublishError::Amqp(std::io::Error::new(k, "x").into());
+        assert!(!refused(&io(std::io::ErrorKind::ConnectionReset)));
+        assert!(!refused(&io(std::io::ErrorKind::BrokenPipe)));
+        assert!(!refused(&PublishError::Amqp(
+            lapin::ErrorKind::MissingHeartbeatError.into()
+        )));
+        // This framework's own bound on a channel's opening: nothing was sent.
+        assert!(refused(&io(std::io::ErrorKind::TimedOut)));
+        assert!(refused(&PublishError::Nacked("x".into())));
+        assert!(!refused(&PublishError::Timeout("x".into())));
+    }
 
     #[test]
     fn a_message_whose_outcomes_cannot_be_published_waits_longer_each_time() {

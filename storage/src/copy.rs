@@ -1468,30 +1468,49 @@ pub async fn verify_upload(
 /// verification (or, where it keeps no checksum, the same ETag and version): the object
 /// is then not downloaded. Anything else is read back and hashed, so a damaged or
 /// replaced object is never trusted.
+///
+/// Where the HEAD disagreed with the record and the object read back whole all the same
+/// (its facts changed, its bytes not: re-encrypted or copied in place, the vault moved to
+/// another bucket, checksums switched off, a record older than its facts), the facts the
+/// store reports now come with it: recorded, the next look needs one HEAD again instead
+/// of another whole download — and can still settle it once a lifecycle rule has moved
+/// the object to an archive storage class, where nothing can be read back.
 pub async fn confirm_recorded(
     tier: &Tier,
     obj: &crate::records::StoredObject,
     alg: Algorithm,
-) -> Result<bool, CopyError> {
-    match head_confirms(tier, obj).await? {
-        Some(said) => Ok(said),
-        None => Ok(read_back(tier, obj, alg).await?.is_some()),
+) -> Result<(bool, Option<crate::records::StoreFacts>), CopyError> {
+    match head_of(tier, obj).await? {
+        Head::Gone => Ok((false, None)),
+        Head::Seen { same: true, .. } => Ok((true, None)),
+        Head::Seen { same: false, facts } => {
+            let held = read_back(tier, obj, alg).await?.is_some();
+            Ok((held, held.then_some(facts)))
+        }
+        Head::NotS3 => Ok((read_back(tier, obj, alg).await?.is_some(), None)),
     }
 }
 
-/// What one HEAD says of the recorded object `obj` on S3: `Some(true)` where the store
-/// reports what was recorded (see [`confirm_recorded`]), `Some(false)` where the key holds
-/// nothing; `None` where it cannot tell (another store, or facts that differ).
-pub async fn head_confirms(
-    tier: &Tier,
-    obj: &crate::records::StoredObject,
-) -> Result<Option<bool>, CopyError> {
+/// What one HEAD said of a recorded object.
+enum Head {
+    /// Not an S3 store: no HEAD taken.
+    NotS3,
+    /// The key holds nothing.
+    Gone,
+    /// An object, and whether it is what was recorded (see [`confirm_recorded`]).
+    Seen {
+        same: bool,
+        facts: crate::records::StoreFacts,
+    },
+}
+
+async fn head_of(tier: &Tier, obj: &crate::records::StoredObject) -> Result<Head, CopyError> {
     let Some(s3) = &tier.s3 else {
-        return Ok(None);
+        return Ok(Head::NotS3);
     };
     let key = crate::store::object_path(&obj.object_key);
     let Some(head) = s3.head(&key).await? else {
-        return Ok(Some(false));
+        return Ok(Head::Gone);
     };
     let r = &obj.store;
     let same = head.size == obj.size
@@ -1503,7 +1522,28 @@ pub async fn head_confirms(
             (None, None) => r.etag.is_some() && r.etag == head.etag,
             _ => false,
         };
-    Ok(same.then_some(true))
+    Ok(Head::Seen {
+        same,
+        facts: crate::records::StoreFacts {
+            etag: head.etag,
+            version: head.version,
+            checksum: head.checksum_sha256,
+        },
+    })
+}
+
+/// What one HEAD says of the recorded object `obj` on S3: `Some(true)` where the store
+/// reports what was recorded (see [`confirm_recorded`]), `Some(false)` where the key holds
+/// nothing; `None` where it cannot tell (another store, or facts that differ).
+pub async fn head_confirms(
+    tier: &Tier,
+    obj: &crate::records::StoredObject,
+) -> Result<Option<bool>, CopyError> {
+    Ok(match head_of(tier, obj).await? {
+        Head::NotS3 => None,
+        Head::Gone => Some(false),
+        Head::Seen { same, .. } => same.then_some(true),
+    })
 }
 
 /// The digest of the recorded object `obj`, read back from the store and hashed, where it

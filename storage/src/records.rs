@@ -988,6 +988,34 @@ impl Records {
         .await
     }
 
+    /// Replaces what the store says of the object at `key` (of `size` and `checksum` as
+    /// recorded) with `facts`: read back whole and found unchanged after the store's facts
+    /// of it changed, its next look is settled by one HEAD again.
+    pub async fn set_store_facts(
+        &self,
+        key: &str,
+        size: u64,
+        checksum: &str,
+        facts: &StoreFacts,
+    ) -> Result<(), db::sqlx::Error> {
+        db::bounded(async {
+            db::sqlx::query(
+                "UPDATE stored_objects SET store_etag = $1, store_version = $2, \
+                 store_checksum = $3 WHERE object_key = $4 AND size = $5 AND checksum = $6",
+            )
+            .bind(&facts.etag)
+            .bind(&facts.version)
+            .bind(&facts.checksum)
+            .bind(key)
+            .bind(size as i64)
+            .bind(checksum)
+            .execute(&self.write)
+            .await
+            .map(|_| ())
+        })
+        .await
+    }
+
     /// Records a verified object and the file it holds (in a group commit: durable
     /// when this returns).
     pub async fn record_copy(

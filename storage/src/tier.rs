@@ -278,6 +278,15 @@ fn share_not_answering(
     ))
 }
 
+/// Whether two recorded objects hold other contents: another checksum, or another SHA-256
+/// where both are known (a record written before the SHA-256 was kept says nothing of it,
+/// as in the records' own queries: counted as another content, one such record made a
+/// gone file's good copy unreportable).
+fn other_content(a: &StoredObject, b: &StoredObject) -> bool {
+    a.checksum != b.checksum
+        || matches!((&a.content_sha256, &b.content_sha256), (Some(x), Some(y)) if x != y)
+}
+
 impl TierCopier {
     /// A copier over `roots` (see [`paths::open_roots`]).
     pub fn new(roots: Vec<Root>, tier: Tier, records: Records, policy: TierPolicy) -> Self {
@@ -847,6 +856,25 @@ impl TierCopier {
         Ok(None)
     }
 
+    /// Whether the recorded object `obj` still holds what was recorded
+    /// ([`copy::confirm_recorded`]); the store's facts of it recorded again where they
+    /// changed while its bytes did not.
+    async fn confirm(&self, obj: &mut StoredObject) -> Result<bool, CopyError> {
+        let (held, facts) = copy::confirm_recorded(&self.tier, obj, self.policy.algorithm).await?;
+        if let Some(facts) = facts {
+            if let Err(e) = self
+                .records
+                .set_store_facts(&obj.object_key, obj.size, &obj.checksum, &facts)
+                .await
+            {
+                // Only a saving: the next look reads the object back again.
+                tracing::warn!(key = %obj.object_key, error = %e, "could not record what the store says of an object read back unchanged");
+            }
+            obj.store = facts;
+        }
+        Ok(held)
+    }
+
     /// Whether the recorded object `obj` still holds what was recorded, and that is the
     /// content `d` (a source's digest): its size and checksum, and where the checksum is
     /// MD5 its SHA-256 as well — MD5 tells no two contents apart. A record older than
@@ -865,17 +893,17 @@ impl TierCopier {
             return Ok(false);
         }
         let Some(want) = &d.sha256 else {
-            return copy::confirm_recorded(&self.tier, obj, alg).await;
+            return self.confirm(obj).await;
         };
         if let Some(known) = &obj.content_sha256 {
             return match known == want {
-                true => copy::confirm_recorded(&self.tier, obj, alg).await,
+                true => self.confirm(obj).await,
                 false => Ok(false),
             };
         }
         let read = match copy::read_back(&self.tier, obj, alg).await {
             Err(CopyError::Archived(_)) if own => {
-                return copy::confirm_recorded(&self.tier, obj, alg).await;
+                return self.confirm(obj).await;
             }
             r => r?,
         };
@@ -934,14 +962,14 @@ impl TierCopier {
             // Copies of other content at this size and time (a file replaced with its time
             // kept, stored beside the first): which one the message meant cannot be told
             // without the file, so none is reported.
-            if matching.iter().any(|(o, _)| {
-                o.checksum != matching[0].0.checksum
-                    || o.content_sha256 != matching[0].0.content_sha256
-            }) {
+            if matching
+                .iter()
+                .any(|(o, _)| other_content(o, &matching[0].0))
+            {
                 return Ok(None);
             }
-            for (obj, mtime) in matching {
-                if copy::confirm_recorded(&self.tier, &obj, alg).await? {
+            for (mut obj, mtime) in matching {
+                if self.confirm(&mut obj).await? {
                     tracing::info!(path = %framework::telemetry::LogText(&original), key = %obj.object_key, "the file is gone but was copied before; reporting that copy");
                     return Ok(Some(report(&original, obj, mtime)));
                 }
@@ -966,13 +994,11 @@ impl TierCopier {
                 continue;
             };
             later.retain(|c| c.2 == newest);
-            if later.iter().any(|(o, _, _)| {
-                o.checksum != later[0].0.checksum || o.content_sha256 != later[0].0.content_sha256
-            }) {
+            if later.iter().any(|(o, _, _)| other_content(o, &later[0].0)) {
                 return Ok(None);
             }
-            for (obj, mtime, _) in later {
-                if copy::confirm_recorded(&self.tier, &obj, alg).await? {
+            for (mut obj, mtime, _) in later {
+                if self.confirm(&mut obj).await? {
                     tracing::info!(path = %framework::telemetry::LogText(&original), key = %obj.object_key, %mtime, "the file is gone; a later version of it was copied; reporting that copy");
                     return Ok(Some(report(&original, obj, mtime)));
                 }

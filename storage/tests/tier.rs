@@ -902,6 +902,47 @@ async fn s3_objects_are_verified_and_redeliveries_confirmed_by_the_stores_checks
     }
 }
 
+/// An object whose store facts changed while its bytes did not (re-encrypted or copied in
+/// place, the vault moved to another bucket, checksums switched off) is read back once and
+/// its new facts recorded: the next redelivery is settled by one HEAD again. They were
+/// never recorded: every later look downloaded the whole object, and once a lifecycle
+/// rule moved it to an archive storage class every redelivery was dead-lettered.
+#[tokio::test]
+async fn an_object_read_back_unchanged_has_its_store_facts_recorded_again() {
+    let bucket = "tier-refacts";
+    let (_moto, proxy, tier) = s3_tier(bucket).await;
+    let base = tempfile::tempdir().expect("temp");
+    let c = copier(base.path(), "online", tier, records(base.path()).await);
+    let body = content(100 * 1024, 9);
+    let msg = put(base.path(), "online", "f/clip.mov", &body);
+    let key = "pre/f/clip.mov";
+    assert!(copied(c.handle(&msg, 1).await).uploaded);
+    // Facts of another time (a writer of its own: the records' pool only reads).
+    db::sqlx::any::install_default_drivers();
+    let url = format!("sqlite://{}", base.path().join("tier.db").display());
+    let writer = db::sqlx::AnyPool::connect(&url).await.expect("writer");
+    db::sqlx::query(
+        "UPDATE stored_objects SET store_etag = '\"moved\"', store_version = NULL, \
+         store_checksum = NULL",
+    )
+    .execute(&writer)
+    .await
+    .expect("facts of another time");
+    proxy.reset();
+    let first = copied(c.handle(&msg, 2).await);
+    assert!(!first.uploaded);
+    assert_eq!(downloads(&proxy, bucket, key), 1, "read back once");
+    proxy.reset();
+    let second = copied(c.handle(&msg, 3).await);
+    assert!(!second.uploaded);
+    assert_eq!(
+        downloads(&proxy, bucket, key),
+        0,
+        "settled by a HEAD: {:?}",
+        proxy.requests()
+    );
+}
+
 #[tokio::test]
 async fn an_interrupted_s3_multipart_upload_resumes_from_its_stored_parts() {
     let bucket = "tier-resume";
@@ -2363,6 +2404,41 @@ async fn a_file_gone_after_its_copy_is_reported_as_that_copy() {
         Err(TierError::Permanent(e)) => assert!(e.contains("take.mov"), "{e}"),
         r => panic!("expected Permanent with the object lost, got {r:?}"),
     }
+}
+
+/// A gone file's copy is reported though the same path, size and time also has a record
+/// written before the SHA-256 was kept (of the same MD5, its object since lost): a record
+/// that says nothing of the SHA-256 is no other content. It was counted as one, and the
+/// message dead-lettered as "no such file" for a file safe in the store.
+#[tokio::test]
+async fn a_gone_file_is_reported_beside_an_older_record_without_its_sha256() {
+    let base = tempfile::tempdir().expect("temp");
+    let tier = storage::store::local(&base.path().join("store")).expect("tier");
+    let c = nearline(base.path(), tier, records(base.path()).await);
+    let body = content(3000, 8);
+    let msg = put(base.path(), "online", "p/a.mov", &body);
+    let first = copied(c.handle(&msg, 1).await);
+    assert!(first.uploaded);
+    c.records()
+        .record_copy(
+            &storage::records::StoredObject {
+                object_key: "p/a.mov.old".into(),
+                size: first.size,
+                checksum: first.checksum.clone(),
+                content_sha256: None,
+                store: Default::default(),
+            },
+            "md5",
+            &first.original_path,
+            &first.mtime,
+            None,
+        )
+        .await
+        .expect("an older record");
+    std::fs::remove_file(base.path().join("online/p/a.mov")).expect("moved away");
+    let again = copied(c.handle(&msg, 2).await);
+    assert!(!again.uploaded, "{again:?}");
+    assert_eq!(again.key, first.key);
 }
 
 /// A local copy keeps its source's read and write permissions (less the umask, as `cp`

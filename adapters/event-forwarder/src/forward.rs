@@ -130,11 +130,21 @@ pub enum StatusClass {
 pub struct Forwarder {
     client: reqwest::Client,
     endpoint: url::Url,
-    /// The `Authorization` value; replaced when the token file changes.
-    auth: Arc<RwLock<Option<HeaderValue>>>,
+    /// The `Authorization` values known; the one sent changes when another is accepted.
+    auth: Arc<RwLock<Tokens>>,
     /// Where the token came from, read again when the endpoint refuses it.
     token_file: Option<PathBuf>,
     timeout: Duration,
+}
+
+/// The `Authorization` values a forwarder knows: the one it sends, and the one it sent
+/// before (kept through a rotation: an endpoint rolling it out across its replicas takes
+/// either for a while).
+// Debug shows a sensitive header value as `Sensitive`.
+#[derive(Debug, Default)]
+struct Tokens {
+    current: Option<HeaderValue>,
+    previous: Option<HeaderValue>,
 }
 
 /// `token` as a header value that is never printed.
@@ -188,54 +198,88 @@ impl Forwarder {
         Ok(Self {
             client,
             endpoint,
-            auth: Arc::new(RwLock::new(auth)),
+            auth: Arc::new(RwLock::new(Tokens {
+                current: auth,
+                previous: None,
+            })),
             token_file: None,
             timeout,
         })
     }
 
     /// Reads the token from `file` again whenever the endpoint answers 401 or 403, and
-    /// sends the event once more if it changed: a rotated secret (a mounted Kubernetes
-    /// secret, say) is picked up without a restart instead of dead-lettering every event.
+    /// sends the event once more with it if it changed, and with the token used before if
+    /// that is refused too: a rotated secret (a mounted Kubernetes secret, say) is picked
+    /// up without a restart, while an endpoint still taking the old token on some of its
+    /// replicas gets that one.
     pub fn reloading_token_from(mut self, file: PathBuf) -> Self {
         self.token_file = Some(file);
         self
     }
 
     fn auth(&self) -> Option<HeaderValue> {
-        self.auth.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.auth
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .current
+            .clone()
     }
 
-    /// The token file's token when it is another (valid) one than `sent`, the one a
-    /// refused request carried; it is then the one sent from now on. Compared with what
-    /// this request sent, not with the shared value: handlers whose requests went out with
-    /// the old token while another one found the new token each send theirs again.
-    async fn token_replacing(&self, sent: Option<&HeaderValue>) -> Option<HeaderValue> {
-        let file = self.token_file.as_ref()?;
-        let text = match tokio::fs::read_to_string(file).await {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::warn!(file = %file.display(), error = %e, "cannot read the token file again");
-                return None;
+    /// The tokens to try after the endpoint refused `sent`: the token file's, read again,
+    /// then the ones known before (the endpoint's replicas may take either while a
+    /// rotation rolls out), each once and none equal to `sent`. With them, why the file
+    /// gave no token, if it did not (unreadable, empty, not a header value: a secret
+    /// caught half-written).
+    async fn tokens_besides(
+        &self,
+        sent: Option<&HeaderValue>,
+    ) -> (Vec<HeaderValue>, Option<String>) {
+        let Some(file) = self.token_file.as_ref() else {
+            return (Vec::new(), None);
+        };
+        let (fresh, problem) = match tokio::fs::read_to_string(file).await {
+            Err(e) => (None, Some(format!("cannot be read again ({e})"))),
+            Ok(text) if text.trim().is_empty() => (None, Some("is empty".to_string())),
+            Ok(text) => match auth_value(text.trim()) {
+                Ok(v) => (Some(v), None),
+                Err(_) => (None, Some("holds no valid token".to_string())),
+            },
+        };
+        if let Some(p) = &problem {
+            tracing::warn!(file = %file.display(), "the token file {p}");
+        }
+        let known = {
+            let t = self.auth.read().unwrap_or_else(|p| p.into_inner());
+            [t.current.clone(), t.previous.clone()]
+        };
+        let mut others: Vec<HeaderValue> = Vec::new();
+        for t in std::iter::once(fresh).chain(known).flatten() {
+            let same = |a: &HeaderValue| a.as_bytes() == t.as_bytes();
+            if !sent.is_some_and(same) && !others.iter().any(same) {
+                others.push(t);
             }
-        };
-        let token = text.trim();
-        let Ok(fresh) = auth_value(token) else {
-            tracing::warn!(file = %file.display(), "the token file holds no valid token");
-            return None;
-        };
-        if token.is_empty() || sent.is_some_and(|a| a.as_bytes() == fresh.as_bytes()) {
-            return None;
         }
-        let mut shared = self.auth.write().unwrap_or_else(|p| p.into_inner());
-        if shared
+        (others, problem)
+    }
+
+    /// Makes `accepted` (a token the endpoint did not refuse) the one sent from now on,
+    /// the one it replaces kept as the previous: a token is never adopted before the
+    /// endpoint took it, so a new one it still refuses does not replace an old one it
+    /// still takes.
+    fn adopt(&self, accepted: &HeaderValue) {
+        let mut t = self.auth.write().unwrap_or_else(|p| p.into_inner());
+        if t.current
             .as_ref()
-            .is_none_or(|a| a.as_bytes() != fresh.as_bytes())
+            .is_some_and(|c| c.as_bytes() == accepted.as_bytes())
         {
-            *shared = Some(fresh.clone());
-            tracing::info!(file = %file.display(), "the endpoint refused the token; using the token file's new one");
+            return;
         }
-        Some(fresh)
+        t.previous = t.current.replace(accepted.clone());
+        tracing::info!(
+            file = %self.token_file.as_deref().unwrap_or(std::path::Path::new("")).display(),
+            "the endpoint refused the token and took another one known (the token file's, \
+             or the one before it); that one is sent from now on"
+        );
     }
 
     /// The endpoint events go to.
@@ -266,8 +310,9 @@ impl Forwarder {
         }
     }
 
-    /// POSTs `body` (JSON text, sent as is) once (twice if the endpoint refused a token
-    /// that its file has since replaced), with the event's own headers (see
+    /// POSTs `body` (JSON text, sent as is) once (again with each other token known, see
+    /// [`Forwarder::reloading_token_from`], if the endpoint refused the token), with the
+    /// event's own headers (see
     /// [`event_headers`]).
     pub async fn post(&self, body: &str, event: &HeaderMap) -> PostResult {
         // No connection (refused, unresolvable, TLS, not made within the connect timeout):
@@ -290,27 +335,50 @@ impl Forwarder {
             Err(e) => return unreachable(e),
         };
         let mut rotated = false;
-        if refused(resp.status())
-            && let Some(fresh) = self.token_replacing(sent.as_ref()).await
-        {
-            secrets.extend(secrets_of(Some(&fresh)));
-            rotated = true;
-            resp = match self.request(body, Some(&fresh), event).send().await {
-                Ok(r) => r,
-                Err(e) => return unreachable(e),
-            };
+        if refused(resp.status()) {
+            let (others, problem) = self.tokens_besides(sent.as_ref()).await;
+            for t in others {
+                secrets.extend(secrets_of(Some(&t)));
+                rotated = true;
+                resp = match self.request(body, Some(&t), event).send().await {
+                    Ok(r) => r,
+                    Err(e) => return unreachable(e),
+                };
+                if !refused(resp.status()) {
+                    self.adopt(&t);
+                    break;
+                }
+            }
+            // A token file that gave no token at the moment (a secret being rewritten):
+            // the refusal may be the rotation's, not the event's; counted, so a file left
+            // broken ends in the dead-letter queue after `max_attempts`.
+            if let Some(p) = problem
+                && !rotated
+            {
+                let status = resp.status();
+                return PostResult::Retryable(
+                    format!(
+                        "endpoint answered {status} and the token file {p}{}",
+                        quoted_body(resp, &secrets).await
+                    ),
+                    None,
+                    Scope::Endpoint,
+                );
+            }
         }
         let status = resp.status();
-        // The new token refused too, just after it replaced the old one: the file may
-        // have been read half-written; the next attempt reads it again.
+        // Every token known refused (a rotation rolling out across the endpoint's
+        // replicas, the file read half-written): retried, counted, so that a file holding
+        // a wrong token ends in the dead-letter queue after `max_attempts`.
         if rotated && refused(status) {
             return PostResult::Retryable(
                 format!(
-                    "endpoint answered {status} to the token file's new token{}",
+                    "endpoint answered {status} to every token known (the token file's and \
+                     the one before it){}",
                     quoted_body(resp, &secrets).await
                 ),
                 None,
-                Scope::Down,
+                Scope::Endpoint,
             );
         }
         // 303 (see another resource: what a POST that was taken may answer) and 304 stay

@@ -515,6 +515,8 @@ impl EventForwarder {
         let mut endpoint_unavailable = false;
         // Of those, the endpoint is down (not slow): the retry is an outage's.
         let mut endpoint_down = false;
+        // Whether a record failed this attempt with an answer of its own (counted).
+        let mut counted = false;
         // A retry of this attempt without progress would be dead-lettered as exhausted.
         // Then a slow or failing answer (no answer in time, 502, 504) holds nothing back:
         // it may be one record's trouble (a record crashing the endpoint behind a gateway),
@@ -699,13 +701,16 @@ impl EventForwarder {
                     }
                     endpoint_unavailable |= holds_back;
                     endpoint_down |= scope == Scope::Down;
+                    counted |= scope != Scope::Down;
                     pending += 1;
                     retry.get_or_insert(format!("record {} of {}: {e}", i + 1, records.len()));
                 }
             }
         }
         if let Some(first) = retry {
-            if endpoint_down {
+            // Not while another record's own error answer counts: a busy endpoint's 503s
+            // to one record kept a poison record's 500s from ever adding up.
+            if endpoint_down && !counted {
                 outage_if(ctx, Scope::Down);
             }
             return Outcome::retry(format!(

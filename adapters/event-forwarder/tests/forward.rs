@@ -367,3 +367,122 @@ async fn an_https_endpoint_under_a_private_ca_is_reached_with_its_ca() {
         PostResult::Delivered(200)
     );
 }
+
+/// An endpoint that takes only `token-a` until `switched`, then only `token-b`: one of its
+/// replicas before or after a rotation that rolls out across them.
+async fn rotating_endpoint(switched: std::sync::Arc<std::sync::atomic::AtomicBool>) -> MockServer {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(move |r: &wiremock::Request| {
+            let wanted = if switched.load(std::sync::atomic::Ordering::SeqCst) {
+                "token-b"
+            } else {
+                "token-a"
+            };
+            let sent = r.headers.get("authorization").and_then(|v| v.to_str().ok());
+            ResponseTemplate::new(if sent == Some(wanted) { 200 } else { 401 })
+        })
+        .mount(&server)
+        .await;
+    server
+}
+
+fn reloading(base: &str, token: &str, file: &std::path::Path) -> Forwarder {
+    Forwarder::new(
+        format!("{base}/events").parse().unwrap(),
+        Some(&Secret::new(token)),
+        Duration::from_millis(5000),
+        Vec::new(),
+    )
+    .unwrap()
+    .reloading_token_from(file.to_path_buf())
+}
+
+/// A rotation rolling out across the endpoint's replicas: a replica still on the old token
+/// refuses the file's new one, which another replica took; the old token is sent again
+/// (it was dead-lettered as a plain 401: the file held nothing else to try).
+#[tokio::test]
+async fn a_replica_still_taking_the_old_token_gets_it_back() {
+    let switched = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let server = rotating_endpoint(switched.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("token");
+    std::fs::write(&file, "token-a\n").unwrap();
+    let f = reloading(&server.uri(), "token-a", &file);
+    assert_eq!(
+        f.post("{}", &HeaderMap::new()).await,
+        PostResult::Delivered(200)
+    );
+    std::fs::write(&file, "token-b\n").unwrap();
+    switched.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        f.post("{}", &HeaderMap::new()).await,
+        PostResult::Delivered(200)
+    );
+    switched.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        f.post("{}", &HeaderMap::new()).await,
+        PostResult::Delivered(200)
+    );
+    switched.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        f.post("{}", &HeaderMap::new()).await,
+        PostResult::Delivered(200)
+    );
+}
+
+/// A new token in the file that the endpoint refuses is not adopted: the old one, which
+/// the endpoint still takes, goes on being sent (adopted, it failed every later event with
+/// a 401 and nothing else to try: each dead-lettered).
+#[tokio::test]
+async fn a_new_token_the_endpoint_refuses_does_not_replace_the_old_one() {
+    let switched = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let server = rotating_endpoint(switched).await;
+    // One event the endpoint refuses whatever the token (not authorised for it).
+    Mock::given(method("POST"))
+        .and(wiremock::matchers::body_string_contains("forbidden"))
+        .respond_with(ResponseTemplate::new(403))
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("token");
+    std::fs::write(&file, "token-next\n").unwrap();
+    let f = reloading(&server.uri(), "token-a", &file);
+    match f.post(r#"{"e":"forbidden"}"#, &HeaderMap::new()).await {
+        PostResult::Retryable(e, None, Scope::Endpoint) => {
+            assert!(e.contains("every token known"), "{e}");
+            assert!(!e.contains("token-next") && !e.contains("token-a"), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        f.post(r#"{"e":"ok"}"#, &HeaderMap::new()).await,
+        PostResult::Delivered(200)
+    );
+    let last = server.received_requests().await.unwrap();
+    let auth = last
+        .last()
+        .and_then(|r| r.headers.get("authorization").cloned());
+    assert_eq!(auth.as_ref().and_then(|v| v.to_str().ok()), Some("token-a"));
+}
+
+/// A token file caught empty as the endpoint refuses the token (a secret being rewritten):
+/// a counted retry, not a dead letter.
+#[tokio::test]
+async fn a_token_file_caught_empty_is_a_retry() {
+    let switched = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let server = rotating_endpoint(switched).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("token");
+    std::fs::write(&file, "").unwrap();
+    match reloading(&server.uri(), "token-a", &file)
+        .post("{}", &HeaderMap::new())
+        .await
+    {
+        PostResult::Retryable(e, None, Scope::Endpoint) => {
+            assert!(e.contains("401") && e.contains("is empty"), "{e}")
+        }
+        other => panic!("{other:?}"),
+    }
+}

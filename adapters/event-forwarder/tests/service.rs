@@ -317,6 +317,38 @@ async fn on_the_last_attempt_a_failing_record_holds_back_no_other() {
     }
 }
 
+/// A record whose own error answers (500) share a batch with one the endpoint is too busy
+/// to take (503): its answers count toward `max_attempts` as a lone event's would. The
+/// busy record made every attempt an outage's, uncounted for a day, and the failing
+/// record was posted again every two minutes all that time.
+#[tokio::test]
+async fn a_busy_records_outage_does_not_hide_another_records_errors() {
+    let server = MockServer::start().await;
+    for (marker, status) in [("seq-1", 500), ("seq-2", 503)] {
+        Mock::given(body_string_contains(marker))
+            .respond_with(ResponseTemplate::new(status))
+            .mount(&server)
+            .await;
+    }
+    let data = tempfile::tempdir().unwrap();
+    let extra = [("retry.max_attempts", "1"), ("retry.delays_ms", "[100]")];
+    let mut hs = start(&server, data.path(), &extra).await;
+    let mut dlq = hs.watch_dlq().await;
+    let body = json!({"Records": [record("seq-1"), record("seq-2")]});
+    hs.publish(
+        "kinesis",
+        body.to_string().as_bytes(),
+        with_id("busy-and-poison"),
+    )
+    .await;
+    let d = next(&mut dlq).await;
+    assert_eq!(
+        header(&d, "x-error-kind").as_deref(),
+        Some("retries-exhausted")
+    );
+    hs.stop().await;
+}
+
 /// A single event back from a retry tier after its POST succeeded but its success
 /// message could not be published (the retry carries the done mark): not POSTed again.
 #[tokio::test]
