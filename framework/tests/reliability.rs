@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use framework::lapin::BasicProperties;
 use framework::lapin::options::BasicPublishOptions;
 use framework::testing::broker::{PrivateBroker, Tally};
+use framework::testing::relay::Relay;
 use framework::testing::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_echo");
@@ -293,8 +294,16 @@ async fn metrics_carry_across_a_reconnect_with_busy_handlers() {
     let q = unique("carry");
     let dir = tempfile::tempdir().expect("config dir");
     let port = framework::testing::broker::free_port();
+    // The connection is cut at the relay, at once: `rabbitmqctl close_all_connections`, a
+    // cold start of the broker's CLI on a loaded machine, could land after the handlers
+    // were done.
+    let relay = Relay::start_to(&broker.url(), 5672).await;
     let cmd = || {
-        let mut c = echo_served(&broker, &q, dir.path(), port);
+        let mut c = echo_on(&relay.url, &q, &unique("c"), dir.path());
+        c.env(
+            "STORAGETIER__ECHO__HTTP_LISTEN",
+            format!("127.0.0.1:{port}"),
+        );
         // Long enough to be seen busy on a loaded machine, short enough for `WAIT`.
         c.env("STORAGETIER__ECHO__DELAY_MS", "15000");
         c
@@ -324,7 +333,7 @@ async fn metrics_carry_across_a_reconnect_with_busy_handlers() {
     let (_conn, ch) = broker.channel().await.expect("a channel");
     send(&ch, &q, 3).await;
     metric(in_flight, "", 3).await;
-    broker.ctl(&["close_all_connections", "closed by a metrics test"]);
+    relay.cut_existing();
     metric(messages, "interrupted", 3).await;
     metric("storagetier_reconnects_total", "", 1).await;
     // Redelivered to the new session, which holds them as the only ones in flight.

@@ -28,6 +28,9 @@ enum Network {
     /// The node is down on a host that is up: every connection cut, later ones closed at
     /// once (refused).
     Refusing,
+    /// The connections numbered below this cut, later ones relayed: a connection lost
+    /// (a network blip, a broker closing it) to a node that takes the next one.
+    CutBelow(usize),
 }
 
 /// A relay to the suite's broker (see the module's doc). Dropped, it closes every
@@ -80,7 +83,10 @@ impl Relay {
                         continue;
                     }
                     Network::Refusing => continue,
-                    Network::Up | Network::Frozen | Network::FrozenBelow(_) => {}
+                    Network::Up
+                    | Network::Frozen
+                    | Network::FrozenBelow(_)
+                    | Network::CutBelow(_) => {}
                 }
                 let Ok(server) = TcpStream::connect(&upstream).await else {
                     continue;
@@ -117,6 +123,11 @@ impl Relay {
         let _ = self.network.send(Network::FrozenBelow(self.connections()));
     }
 
+    /// Cuts every connection relayed so far; later ones are relayed.
+    pub fn cut_existing(&self) {
+        let _ = self.network.send(Network::CutBelow(self.connections()));
+    }
+
     /// Cuts every relayed connection; later ones are accepted and never answered.
     pub fn lose_host(&self) {
         let _ = self.network.send(Network::HostLost);
@@ -148,6 +159,7 @@ fn relays(network: Network, number: usize) -> Option<bool> {
         Network::Up => Some(true),
         Network::Frozen => Some(false),
         Network::FrozenBelow(n) => Some(number >= n),
+        Network::CutBelow(n) => (number >= n).then_some(true),
         Network::HostLost | Network::Refusing => None,
     }
 }
