@@ -940,11 +940,16 @@ async fn a_replay_looks_at_every_dead_letter_there_when_it_began() {
     };
     let topo = hs.topology();
     let run = dlq::replay_filtered(&hs.conn, &topo, &paced, false);
-    // Two fail while it waits to look at the second.
+    // Two fail while it waits to look at the second (their failure time well after the
+    // run began, whatever this machine's speed).
     let arrivals = async {
-        await_ready_count(&hs.ch, &hs.q, 1).await;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while dlq::count(&hs.ch, &hs.q).await.expect("Q") < 1 {
+            assert!(tokio::time::Instant::now() < deadline, "the first replayed");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
         for i in 0..2 {
-            let failed = began + chrono::TimeDelta::seconds(3);
+            let failed = began + chrono::TimeDelta::seconds(60);
             let props = dead_letter(&format!("new-{i}"), failed, 9);
             publish(&hs.ch, "", &dlq_name, b"{}", props).await;
         }

@@ -500,12 +500,22 @@ pub async fn hash_object(
     key: &ObjectPath,
     alg: Algorithm,
 ) -> Result<Option<Digest>, CopyError> {
+    Ok(hash_object_tagged(tier, key, alg).await?.map(|(d, _)| d))
+}
+
+/// [`hash_object`], with the ETag of the object the store's answer came from (none for a
+/// local store, or where the store gave none).
+async fn hash_object_tagged(
+    tier: &Tier,
+    key: &ObjectPath,
+    alg: Algorithm,
+) -> Result<Option<(Digest, Option<String>)>, CopyError> {
     if let Some(dir) = &tier.local_dir {
         // A directory or a link at the key holds no object of this store.
         return match at_local_key(dir, key).await? {
             crate::paths::AtKey::File(f) => {
                 let shown = dir.join(key.as_ref()).display().to_string();
-                hash_open(&f, &shown, alg).await.map(Some)
+                Ok(Some((hash_open(&f, &shown, alg).await?, None)))
             }
             crate::paths::AtKey::Other | crate::paths::AtKey::Nothing => Ok(None),
         };
@@ -522,6 +532,7 @@ pub async fn hash_object(
         }
         Err(e) => return Err(e.into()),
     };
+    let etag = got.meta.e_tag.clone();
     let mut stream = got.into_stream();
     let mut h = alg.hasher();
     let mut size = 0u64;
@@ -531,11 +542,14 @@ pub async fn hash_object(
         size += chunk.len() as u64;
     }
     let (checksum, sha256) = h.finish();
-    Ok(Some(Digest {
-        size,
-        checksum,
-        sha256,
-    }))
+    Ok(Some((
+        Digest {
+            size,
+            checksum,
+            sha256,
+        },
+        etag,
+    )))
 }
 
 /// What a local store at `dir` holds at `key`, following no link (on a blocking thread).
@@ -1484,8 +1498,15 @@ pub async fn confirm_recorded(
         Head::Gone => Ok((false, None)),
         Head::Seen { same: true, .. } => Ok((true, None)),
         Head::Seen { same: false, facts } => {
-            let held = read_back(tier, obj, alg).await?.is_some();
-            Ok((held, held.then_some(facts)))
+            let read = read_back_tagged(tier, obj, alg).await?;
+            // Only where the bytes read are those of the object the HEAD described (its
+            // ETag): replaced in between, the facts would vouch for content never read.
+            let unquoted = |e: &String| e.trim_matches('"').to_string();
+            let described = read.as_ref().is_some_and(|(_, etag)| {
+                etag.as_ref().map(unquoted).is_some()
+                    && etag.as_ref().map(unquoted) == facts.etag.as_ref().map(unquoted)
+            });
+            Ok((read.is_some(), described.then_some(facts)))
         }
         Head::NotS3 => Ok((read_back(tier, obj, alg).await?.is_some(), None)),
     }
@@ -1554,8 +1575,17 @@ pub async fn read_back(
     obj: &crate::records::StoredObject,
     alg: Algorithm,
 ) -> Result<Option<Digest>, CopyError> {
+    Ok(read_back_tagged(tier, obj, alg).await?.map(|(d, _)| d))
+}
+
+/// [`read_back`], with the ETag of the object read (see [`hash_object_tagged`]).
+async fn read_back_tagged(
+    tier: &Tier,
+    obj: &crate::records::StoredObject,
+    alg: Algorithm,
+) -> Result<Option<(Digest, Option<String>)>, CopyError> {
     let key = crate::store::object_path(&obj.object_key);
-    let read = hash_object(tier, &key, alg).await?.filter(|r| {
+    let read = hash_object_tagged(tier, &key, alg).await?.filter(|(r, _)| {
         r.size == obj.size
             && r.checksum == obj.checksum
             && (obj.content_sha256.is_none() || r.sha256 == obj.content_sha256)

@@ -278,13 +278,16 @@ fn share_not_answering(
     ))
 }
 
-/// Whether two recorded objects hold other contents: another checksum, or another SHA-256
-/// where both are known (a record written before the SHA-256 was kept says nothing of it,
-/// as in the records' own queries: counted as another content, one such record made a
-/// gone file's good copy unreportable).
-fn other_content(a: &StoredObject, b: &StoredObject) -> bool {
-    a.checksum != b.checksum
-        || matches!((&a.content_sha256, &b.content_sha256), (Some(x), Some(y)) if x != y)
+/// Whether recorded objects hold more than one content: two checksums, or two SHA-256s
+/// among those known (a record written before the SHA-256 was kept says nothing of it, as
+/// in the records' own queries: counted as another content, one such record made a gone
+/// file's good copy unreportable).
+fn several_contents<'a>(objects: impl Iterator<Item = &'a StoredObject> + Clone) -> bool {
+    let differ = |of: fn(&StoredObject) -> Option<&String>| {
+        let mut known = objects.clone().filter_map(of);
+        known.next().is_some_and(|first| known.any(|o| o != first))
+    };
+    differ(|o| Some(&o.checksum)) || differ(|o| o.content_sha256.as_ref())
 }
 
 impl TierCopier {
@@ -962,10 +965,7 @@ impl TierCopier {
             // Copies of other content at this size and time (a file replaced with its time
             // kept, stored beside the first): which one the message meant cannot be told
             // without the file, so none is reported.
-            if matching
-                .iter()
-                .any(|(o, _)| other_content(o, &matching[0].0))
-            {
+            if several_contents(matching.iter().map(|(o, _)| o)) {
                 return Ok(None);
             }
             for (mut obj, mtime) in matching {
@@ -994,7 +994,7 @@ impl TierCopier {
                 continue;
             };
             later.retain(|c| c.2 == newest);
-            if later.iter().any(|(o, _, _)| other_content(o, &later[0].0)) {
+            if several_contents(later.iter().map(|(o, _, _)| o)) {
                 return Ok(None);
             }
             for (mut obj, mtime, _) in later {
@@ -1396,6 +1396,30 @@ fn recorded_content_is(obj: &StoredObject, d: &Digest) -> Option<bool> {
 #[cfg(test)]
 mod tests {
     use super::mtime_text;
+
+    /// Contents told apart by checksum, and by SHA-256 among the records that know it,
+    /// every record against every other (not each against the first, which may know none).
+    #[test]
+    fn several_contents_are_told_by_every_known_digest() {
+        use super::{StoredObject, several_contents};
+        let obj = |md5: &str, sha: Option<&str>| StoredObject {
+            object_key: "k".into(),
+            size: 1,
+            checksum: md5.into(),
+            content_sha256: sha.map(Into::into),
+            store: Default::default(),
+        };
+        let several = |v: &[StoredObject]| several_contents(v.iter());
+        assert!(!several(&[obj("a", None), obj("a", Some("x"))]));
+        assert!(!several(&[obj("a", Some("x")), obj("a", Some("x"))]));
+        assert!(several(&[
+            obj("a", None),
+            obj("a", Some("x")),
+            obj("a", Some("y"))
+        ]));
+        assert!(several(&[obj("a", None), obj("b", None)]));
+        assert!(!several(&[obj("a", None)]));
+    }
 
     /// Two roots on shares: the opens given up on one whose server stopped answering use
     /// up its budget only. With one budget for the copier, every file of the other root

@@ -60,8 +60,8 @@ pub enum Scope {
     /// crashing event can cause these too.
     Endpoint,
     /// As [`Scope::Endpoint`], and the endpoint is down, not this event's trouble: no
-    /// connection, 503, 429 (throttled), a redirect (moved), the token file's new token
-    /// refused. Its retries are an outage's (`MessageContext::retry_for_outage`).
+    /// connection, 503, 429 (throttled), a redirect (moved). Its retries are an outage's
+    /// (`MessageContext::retry_for_outage`).
     Down,
 }
 
@@ -144,8 +144,16 @@ pub struct Forwarder {
 #[derive(Debug, Default)]
 struct Tokens {
     current: Option<HeaderValue>,
-    previous: Option<HeaderValue>,
+    /// With until when it is tried again: [`ROLLOUT_GRACE`] after `current` replaced it.
+    previous: Option<(HeaderValue, std::time::Instant)>,
 }
+
+/// How long after the endpoint took a new token the one before it is still tried where the
+/// new one is refused: a rotation rolling out across the endpoint's replicas (a rolling
+/// restart) takes minutes. After that a refusal is the event's or the token's, as without
+/// a rotation: the old token is not sent for ever, nor does a 403 meant for one event
+/// become a retry.
+const ROLLOUT_GRACE: std::time::Duration = std::time::Duration::from_secs(15 * 60);
 
 /// `token` as a header value that is never printed.
 fn auth_value(token: &str) -> Result<HeaderValue, ForwardError> {
@@ -250,7 +258,12 @@ impl Forwarder {
         }
         let known = {
             let t = self.auth.read().unwrap_or_else(|p| p.into_inner());
-            [t.current.clone(), t.previous.clone()]
+            let previous = t
+                .previous
+                .as_ref()
+                .filter(|(_, until)| std::time::Instant::now() < *until)
+                .map(|(p, _)| p.clone());
+            [t.current.clone(), previous]
         };
         let mut others: Vec<HeaderValue> = Vec::new();
         for t in std::iter::once(fresh).chain(known).flatten() {
@@ -274,7 +287,10 @@ impl Forwarder {
         {
             return;
         }
-        t.previous = t.current.replace(accepted.clone());
+        t.previous = t
+            .current
+            .replace(accepted.clone())
+            .map(|p| (p, std::time::Instant::now() + ROLLOUT_GRACE));
         tracing::info!(
             file = %self.token_file.as_deref().unwrap_or(std::path::Path::new("")).display(),
             "the endpoint refused the token and took another one known (the token file's, \
@@ -344,8 +360,14 @@ impl Forwarder {
                     Ok(r) => r,
                     Err(e) => return unreachable(e),
                 };
-                if !refused(resp.status()) {
-                    self.adopt(&t);
+                let status = resp.status();
+                if !refused(status) {
+                    // Taken where the endpoint answered as it does past its authentication
+                    // (a success, or another 4xx); a 5xx or 429 from a gateway in front of
+                    // it says nothing of the token.
+                    if status.is_success() || status.is_client_error() {
+                        self.adopt(&t);
+                    }
                     break;
                 }
             }
@@ -655,5 +677,34 @@ mod tests {
         )
         .unwrap_err();
         assert!(!e.to_string().contains("secret"));
+    }
+
+    /// The token used before a rotation is tried again only while the rotation may still
+    /// be rolling out: past [`ROLLOUT_GRACE`] a refusal is the event's or the token's.
+    #[tokio::test]
+    async fn the_previous_token_is_tried_for_a_rollouts_time_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "new\n").unwrap();
+        let f = Forwarder::new(
+            "http://127.0.0.1:9/events".parse().unwrap(),
+            Some(&Secret::new("old")),
+            Duration::from_secs(1),
+            Vec::new(),
+        )
+        .unwrap()
+        .reloading_token_from(file);
+        let new = auth_value("new").unwrap();
+        f.adopt(&new);
+        let (others, problem) = f.tokens_besides(Some(&new)).await;
+        assert_eq!(problem, None);
+        assert_eq!(others.len(), 1);
+        assert_eq!(others[0].as_bytes(), b"old");
+        match &mut f.auth.write().unwrap().previous {
+            Some((_, until)) => *until = std::time::Instant::now(),
+            None => panic!("the old token is kept"),
+        }
+        let (others, _) = f.tokens_besides(Some(&new)).await;
+        assert!(others.is_empty(), "{others:?}");
     }
 }

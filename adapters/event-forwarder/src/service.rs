@@ -515,8 +515,9 @@ impl EventForwarder {
         let mut endpoint_unavailable = false;
         // Of those, the endpoint is down (not slow): the retry is an outage's.
         let mut endpoint_down = false;
-        // Whether a record failed this attempt with an answer of its own (counted).
-        let mut counted = false;
+        // The records that failed this attempt with an answer of their own (counted), with
+        // their errors.
+        let mut counted: Vec<(usize, String)> = Vec::new();
         // A retry of this attempt without progress would be dead-lettered as exhausted.
         // Then a slow or failing answer (no answer in time, 502, 504) holds nothing back:
         // it may be one record's trouble (a record crashing the endpoint behind a gateway),
@@ -701,16 +702,44 @@ impl EventForwarder {
                     }
                     endpoint_unavailable |= holds_back;
                     endpoint_down |= scope == Scope::Down;
-                    counted |= scope != Scope::Down;
+                    if scope != Scope::Down {
+                        counted.push((i, e.clone()));
+                    }
                     pending += 1;
                     retry.get_or_insert(format!("record {} of {}: {e}", i + 1, records.len()));
                 }
             }
         }
         if let Some(first) = retry {
+            // The last counted attempt of a batch that an endpoint down holds too: the
+            // records whose own answers used it up are dead-lettered alone, as exhausted,
+            // and the rest wait out the outage. Dead-lettered whole, the records the
+            // endpoint was only too busy for (or that were never tried) went with them.
+            if endpoint_down && last && !counted.is_empty() && !progress.advanced() {
+                let mut kept = Vec::new();
+                for (i, e) in counted {
+                    let why = format!("record {} of {}: {e}", i + 1, records.len());
+                    let body = single_record_envelope(records[i].record);
+                    match progress
+                        .dead_letter_exhausted(i.to_string(), body, &why)
+                        .await
+                    {
+                        Ok(_) => {
+                            tracing::warn!(record = i, error = %framework::telemetry::LogText(&e), "record dead-lettered: its retries are used up");
+                            dead.push(i);
+                            pending -= 1;
+                        }
+                        Err(pe) => {
+                            tracing::warn!(record = i, error = %pe, "dead-lettering a record failed; the batch's retry counts");
+                            kept.push((i, e));
+                        }
+                    }
+                }
+                counted = kept;
+            }
             // Not while another record's own error answer counts: a busy endpoint's 503s
             // to one record kept a poison record's 500s from ever adding up.
-            if endpoint_down && !counted {
+            if endpoint_down && counted.is_empty() {
                 outage_if(ctx, Scope::Down);
             }
             return Outcome::retry(format!(

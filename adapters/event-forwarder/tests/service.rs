@@ -318,8 +318,9 @@ async fn on_the_last_attempt_a_failing_record_holds_back_no_other() {
 }
 
 /// A record whose own error answers (500) share a batch with one the endpoint is too busy
-/// to take (503): its answers count toward `max_attempts` as a lone event's would. The
-/// busy record made every attempt an outage's, uncounted for a day, and the failing
+/// to take (503): its answers count toward `max_attempts` as a lone event's would, and it
+/// is dead-lettered alone when they are used up, the busy record waiting out the outage.
+/// The busy record made every attempt an outage's, uncounted for a day, and the failing
 /// record was posted again every two minutes all that time.
 #[tokio::test]
 async fn a_busy_records_outage_does_not_hide_another_records_errors() {
@@ -345,6 +346,11 @@ async fn a_busy_records_outage_does_not_hide_another_records_errors() {
     assert_eq!(
         header(&d, "x-error-kind").as_deref(),
         Some("retries-exhausted")
+    );
+    let dead = String::from_utf8_lossy(&d.data).to_string();
+    assert!(
+        dead.contains("seq-1") && !dead.contains("seq-2"),
+        "the failing record alone: {dead}"
     );
     hs.stop().await;
 }

@@ -571,7 +571,8 @@ impl StatusProcessor {
                     self.run_received(m, dedupe, retried, record, &mut extra)
                         .await?;
                 }
-                (f.collection, "file", f.counted)
+                // This message's own count, an earlier attempt's included.
+                (f.collection, "file", f.counted || ours)
             }
             Kind::SuccessFile => {
                 let Some((c, moved)) = db::bounded(self.store.record_success(m)).await? else {
@@ -600,10 +601,21 @@ impl StatusProcessor {
                         m.collection_name, c.status
                     );
                     tracing::warn!("{}", LogText(&reason));
-                    // Its last files or its counts may still be on their way.
-                    too_early = matches!(c.status.as_str(), "Pending" | "Exported");
+                    // Its last files or its counts may still be on their way. Received or
+                    // Sent: moved by another replica's message between this one's update and
+                    // its look (two statements: PostgreSQL reads each in a snapshot of its
+                    // own) — retried, it moves the collection; dropped, the run never
+                    // completed.
+                    too_early = true;
                     dropped = Some(reason);
                 } else {
+                    // Every collection is Received or Success now where this one was the
+                    // last outstanding (Sent → Success): the run is RECEIVED, announced,
+                    // before it is COMPLETED — whichever collection's success file came
+                    // first. (Only after the completion, it never was when the Sent
+                    // collection's success file came last.)
+                    self.run_received(m, dedupe, retried, record, &mut extra)
+                        .await?;
                     let completed = db::bounded(self.store.mark_product_completed(
                         &m.correlation_id,
                         &m.collection_name,
@@ -612,11 +624,6 @@ impl StatusProcessor {
                     .await?;
                     if completed {
                         transition("COMPLETED");
-                    } else {
-                        // The last outstanding collection went Sent → Success while others
-                        // are Received: every collection is Received or Success.
-                        self.run_received(m, dedupe, retried, record, &mut extra)
-                            .await?;
                     }
                     let product = db::bounded(self.store.product_status(&m.correlation_id)).await?;
                     // Who completed the product publishes; a retried success file of a
@@ -734,6 +741,7 @@ impl MessageProcessor for StatusProcessor {
             return o;
         }
         match decode(&input) {
+            Input::Empty => Outcome::drop("`Records` is empty: no status message to handle"),
             Input::Single(Err(e)) => Outcome::permanent(e),
             Input::Single(Ok(m)) => {
                 let content = serde_json::to_vec(&input).unwrap_or_default();

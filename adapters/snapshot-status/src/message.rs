@@ -88,6 +88,8 @@ pub enum Input {
     Single(Result<StatusMessage, InvalidMessage>),
     /// `{"Records": [{"body": …}, …]}`.
     Records(Vec<Record>),
+    /// `{"Records": []}`: a batch of no status messages (the Lambda did nothing with it).
+    Empty,
 }
 
 fn optional(o: &Map<String, Value>, f: &str, default: &str) -> Result<String, FieldError> {
@@ -238,9 +240,7 @@ pub fn decode(v: &Value) -> Input {
         Some(Value::Array(recs)) if !recs.is_empty() => {
             Input::Records(recs.iter().map(parse_record).collect())
         }
-        Some(Value::Array(_)) => {
-            Input::Single(Err(InvalidMessage::Shape("`Records` is empty".into())))
-        }
+        Some(Value::Array(_)) => Input::Empty,
         Some(other) => Input::Single(Err(FieldError::wrong_type("Records", "array", other).into())),
         None => Input::Single(parse_status(v)),
     }

@@ -715,7 +715,6 @@ async fn missing_null_empty_and_mistyped_fields_are_permanent() {
         "field `collection_name`: expected string, found array".into(),
     ));
     cases.push((json!("text"), "expected a JSON object, found string".into()));
-    cases.push((json!({"Records": []}), "`Records` is empty".into()));
     for (v, expected) in &cases {
         env.send(v).await;
         let d = next(&mut dlq).await;
@@ -726,10 +725,18 @@ async fn missing_null_empty_and_mistyped_fields_are_permanent() {
         );
         assert_eq!(header(&d, "x-error-kind").as_deref(), Some("permanent"));
     }
+    // A batch of none is dropped (the Lambda did nothing with it), not dead-lettered.
+    env.send(&json!({"Records": []})).await;
     // Defaults: a file with no optional fields is a received file named NOT_SET.
     let r = env.process(&base).await;
     assert_eq!(r["kind"], "file");
     assert_eq!(r["filename"], "NOT_SET");
+    assert!(
+        next_within(&mut dlq, Duration::from_millis(300))
+            .await
+            .is_none(),
+        "an empty batch is not dead-lettered"
+    );
     // "false" in any case is not a success file.
     let r = env
         .process(&msg(
@@ -838,7 +845,9 @@ async fn a_failed_publish_is_repeated_on_redelivery() {
     // The success message comes from a later attempt (the first counted the file): the
     // first was not acked as done.
     let done = json_of(&next(&mut env.out).await);
-    assert_eq!(done["counted"], false, "not counted twice");
+    // Counted once, by this message (at its first attempt): said so in its report, as
+    // the report of a file it counted at once says.
+    assert_eq!(done["counted"], true, "this message's count");
     assert_eq!(env.collection(c, "db.n").await.files_received, 1);
     // Same for the monitoring message of the last success file. (The file's message may
     // have been retried more than once before the way cleared: its late copies are not
@@ -867,6 +876,7 @@ async fn a_failed_publish_is_repeated_on_redelivery() {
 on_both!(
     counts_after_files_carry_the_files_flags,
     success_of_the_last_outstanding_collection_marks_received,
+    a_run_completed_by_a_sent_collection_is_announced_received_first,
     a_nul_character_is_permanent_naming_the_field,
     a_retried_message_that_changed_nothing_sends_nothing_again,
     a_file_sent_again_in_another_message_sends_nothing_again,
@@ -1038,6 +1048,37 @@ async fn success_of_the_last_outstanding_collection_marks_received(b: Backend) {
         .await;
     assert_eq!(r["product_status"], "COMPLETED");
     env.monitoring.next().await;
+    env.no_more().await;
+    env.finish().await;
+}
+
+/// The same run with its success files the other way round: the Sent collection's,
+/// coming last, makes every collection Success at once. The run is announced RECEIVED, and
+/// then COMPLETED: it went straight to COMPLETED, and the all-received alert never came.
+async fn a_run_completed_by_a_sent_collection_is_announced_received_first(b: Backend) {
+    let mut env = start(b, &[]).await;
+    let c = "corr-sent-last";
+    env.process(&msg(c, "db.a", json!({"files_exported": 1})))
+        .await;
+    env.process(&msg(c, "db.b", json!({"files_sent": 5}))).await;
+    env.process(&file(c, "db.a", "a1")).await;
+    next(&mut env.export).await;
+    let r = env
+        .process(&msg(c, "db.a", json!({"is_success_file": "true"})))
+        .await;
+    assert_eq!(r["product_status"], Value::Null, "db.b is Sent");
+    let r = env
+        .process(&msg(c, "db.b", json!({"is_success_file": "true"})))
+        .await;
+    assert_eq!(r["product_status"], "COMPLETED");
+    env.received_once(c).await;
+    let m = json_of(&env.monitoring.next().await);
+    assert!(
+        m["title_text"]
+            .as_str()
+            .is_some_and(|t| t.ends_with("All collections successful")),
+        "{m}"
+    );
     env.no_more().await;
     env.finish().await;
 }
@@ -1354,7 +1395,9 @@ async fn an_unroutable_export_state_message_is_retried_until_bound() {
     // ... and its success message comes from that later attempt: the first was not acked
     // as done (Received and forgotten).
     let done = json_of(&next(&mut env.out).await);
-    assert_eq!(done["counted"], false, "not counted twice");
+    // Counted once, by this message (at its first attempt): said so in its report, as
+    // the report of a file it counted at once says.
+    assert_eq!(done["counted"], true, "this message's count");
     assert_eq!(env.dlq_count().await, 0);
     assert_eq!(env.collection(c, "db.u").await.files_received, 1);
     env.finish().await;

@@ -996,16 +996,19 @@ async fn replay_each_told(
             d.data.len(),
             &topo.queue,
         );
-        // One that failed after the run began is not one of the `total` either (looked at
-        // all the same): a quorum DLQ on RabbitMQ 4.x hands one of priority 5 or more out
-        // before those already there, and counted it took the place of one the run then
-        // never looked at, while the run said it had replayed them all. (A second's
+        // One of priority 5 or more that failed after the run began is not one of the
+        // `total` either (looked at all the same): a quorum DLQ on RabbitMQ 4.x hands
+        // such a one out before those already there, and counted it took the place of one
+        // the run then never looked at, while the run said it had replayed them all. Only
+        // those: the rule compares this host's clock with the writer's, and any other
+        // arrival comes after the dead letters the run set out to look at. (A second's
         // margin: the failure time is written in whole seconds.)
-        let arrived = info
-            .failed_at
-            .as_deref()
-            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-            .is_some_and(|t| t > now + chrono::TimeDelta::seconds(1));
+        let arrived = d.properties.priority().is_some_and(|p| p >= 5)
+            && info
+                .failed_at
+                .as_deref()
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                .is_some_and(|t| t > now + chrono::TimeDelta::seconds(1));
         if !arrived {
             fetched += 1;
         }
