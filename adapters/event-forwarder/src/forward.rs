@@ -363,9 +363,15 @@ impl Forwarder {
                 let status = resp.status();
                 if !refused(status) {
                     // Taken where the endpoint answered as it does past its authentication
-                    // (a success, or another 4xx); a 5xx or 429 from a gateway in front of
-                    // it says nothing of the token.
-                    if status.is_success() || status.is_client_error() {
+                    // (a success, or another 4xx); a 5xx, 429 or 408 from a gateway or a
+                    // rate limiter in front of it says nothing of the token.
+                    let past_authentication = status.is_success()
+                        || (status.is_client_error()
+                            && !matches!(
+                                status,
+                                StatusCode::TOO_MANY_REQUESTS | StatusCode::REQUEST_TIMEOUT
+                            ));
+                    if past_authentication {
                         self.adopt(&t);
                     }
                     break;

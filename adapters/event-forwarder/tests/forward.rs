@@ -486,3 +486,36 @@ async fn a_token_file_caught_empty_is_a_retry() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A new token answered 429 (a rate limiter in front of the endpoint's authentication) is
+/// not taken for accepted: the old token, which the endpoint takes, goes on being sent.
+#[tokio::test]
+async fn a_new_token_answered_429_is_not_adopted() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(header("Authorization", "token-next"))
+        .respond_with(ResponseTemplate::new(429))
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(wiremock::matchers::body_string_contains("forbidden"))
+        .respond_with(ResponseTemplate::new(403))
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&server)
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("token");
+    std::fs::write(&file, "token-next\n").unwrap();
+    let f = reloading(&server.uri(), "token-a", &file);
+    assert!(matches!(
+        f.post(r#"{"e":"forbidden"}"#, &HeaderMap::new()).await,
+        PostResult::Retryable(..)
+    ));
+    assert_eq!(
+        f.post(r#"{"e":"ok"}"#, &HeaderMap::new()).await,
+        PostResult::Delivered(200)
+    );
+}

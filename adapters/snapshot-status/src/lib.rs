@@ -133,8 +133,8 @@ struct Handled {
     report: Value,
     extra: Vec<Extra>,
     dropped: Option<String>,
-    /// A success file that overtook its collection (not heard of yet, or Pending or
-    /// Exported): worth waiting for.
+    /// A success file that overtook its collection (not heard of yet, Pending or Exported,
+    /// or moved by another instance while it looked): worth waiting for.
     too_early: bool,
 }
 
