@@ -41,6 +41,14 @@ pub struct DeadLetter {
     pub from_producer: bool,
 }
 
+impl DeadLetter {
+    /// When it failed, where its failure time reads as one.
+    fn failed_time(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        let t = chrono::DateTime::parse_from_rfc3339(self.failed_at.as_deref()?).ok()?;
+        Some(t.with_timezone(&chrono::Utc))
+    }
+}
+
 /// How a replay cut short is gone on with: the same command, given what is left of its
 /// `--limit` (the whole limit again replayed more than asked).
 fn go_on(left: Option<usize>) -> String {
@@ -764,12 +772,8 @@ impl Filter {
         }
         if let Some(age) = self.older_than {
             // A dead letter with no failure time is as old as can be.
-            let failed = d
-                .failed_at
-                .as_deref()
-                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
-            if let Some(t) = failed {
-                let elapsed = now.signed_duration_since(t.with_timezone(&chrono::Utc));
+            if let Some(t) = d.failed_time() {
+                let elapsed = now.signed_duration_since(t);
                 if elapsed.to_std().map_or(true, |e| e < age) {
                     return false;
                 }
@@ -1005,9 +1009,7 @@ async fn replay_each_told(
         // margin: the failure time is written in whole seconds.)
         let arrived = d.properties.priority().is_some_and(|p| p >= 5)
             && info
-                .failed_at
-                .as_deref()
-                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                .failed_time()
                 .is_some_and(|t| t > now + chrono::TimeDelta::seconds(1));
         if !arrived {
             fetched += 1;
