@@ -614,7 +614,7 @@ pub async fn is_the_source(
 
 /// What an upload stored: the source's digest and, for an S3 store, the
 /// `ChecksumSHA256` the store must report for those bytes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Uploaded {
     /// Size and digest of what was read and sent.
     pub digest: Digest,
@@ -631,6 +631,12 @@ pub struct Uploaded {
     /// written and fsynced, which verifies the copy without reading it back, and its
     /// directory entry is fsynced too.
     pub written_durably: bool,
+    /// Published, then found changed (grown, or rewritten in place) or no longer to be
+    /// checked (its source unreadable): what is at the key is this attempt's unverified
+    /// copy, for the caller to take away — only while its claim on the key still holds (a
+    /// copy stalled past it must not delete what another replica has since found there,
+    /// verified and recorded) — with this error.
+    pub torn: Option<CopyError>,
 }
 
 /// Where the multipart state of a resumable upload is kept, and what is known of the
@@ -709,6 +715,7 @@ pub async fn upload(
             parts_sent: 0,
             parts_reused: 0,
             written_durably: true,
+            torn: None,
         });
     }
     let part = part_size(len, tier.min_part, tier.local_dir.is_none())?;
@@ -813,6 +820,7 @@ pub async fn upload(
             parts_sent: 0,
             parts_reused: 0,
             written_durably: false,
+            torn: None,
         }
     } else if let (Some(s3), Some(mp)) = (&tier.s3, &tier.multipart) {
         let ctx = Multipart {
@@ -848,15 +856,11 @@ pub async fn upload(
     } else {
         before.confirm(file, shown).await
     };
-    if let Err(e) = changed {
-        // Published before the change was seen (grown, or rewritten in place): what is at
-        // the key is this attempt's torn copy (the publish was create-only, or the key
-        // claimed); only it is taken away, never an object the upload did not write.
-        remove(tier.store.as_ref(), key).await?;
-        tracing::warn!(key = %key, error = %framework::telemetry::LogText(&e.to_string()), "removed what this attempt stored");
-        return Err(e);
+    match changed {
+        // Published before the change was seen: the caller takes it away (see `torn`).
+        Err(e) => up.torn = Some(e),
+        Ok(()) => (up.digest.checksum, up.digest.sha256) = h.finish(),
     }
-    (up.digest.checksum, up.digest.sha256) = h.finish();
     Ok(up)
 }
 
@@ -930,6 +934,7 @@ async fn upload_multipart(
         parts_sent: parts,
         parts_reused: 0,
         written_durably: false,
+        torn: None,
     })
 }
 
@@ -938,6 +943,9 @@ async fn upload_multipart(
 pub enum GivenUp {
     /// Aborted in the store, and forgotten.
     Aborted,
+    /// The abort is never allowed (`AccessDenied`): forgotten, its parts left to the
+    /// bucket's lifecycle rule — not counted as aborted.
+    NotAllowed,
     /// The store no longer held it (completed — its record not forgotten then, the
     /// database out of reach —, or aborted by a lifecycle rule): forgotten.
     AlreadyGone,
@@ -963,6 +971,12 @@ pub async fn abort_recorded(
     let mut outcome = GivenUp::Aborted;
     match mp.abort_multipart(key, &upload_id.to_string()).await {
         Ok(()) => {}
+        // A bucket not there (a store restarting before its buckets) is no upload gone:
+        // forgotten then, its parts stayed in the store with no record to abort them by.
+        Err(e @ object_store::Error::NotFound { .. }) if store_trouble_code(&e) => {
+            tracing::warn!(key = %key, error = %framework::telemetry::LogText(&e.to_string()), "could not abort a multipart upload: the store's bucket is not there");
+            return GivenUp::Kept;
+        }
         Err(object_store::Error::NotFound { .. }) => outcome = GivenUp::AlreadyGone,
         // Never allowed (a role without `s3:AbortMultipartUpload`: `AccessDenied`): no
         // retry aborts it, and keeping its record would stop every later copy to the key.
@@ -976,6 +990,7 @@ pub async fn abort_recorded(
                 && e.to_string().contains("<Code>AccessDenied</Code>") =>
         {
             tracing::warn!(key = %key, error = %framework::telemetry::LogText(&e.to_string()), "not allowed to abort a multipart upload: left to the bucket's lifecycle rule");
+            outcome = GivenUp::NotAllowed;
         }
         Err(e) => {
             tracing::warn!(key = %key, error = %framework::telemetry::LogText(&e.to_string()), "could not abort a multipart upload");
@@ -1249,6 +1264,7 @@ impl Multipart<'_> {
             parts_sent: sent,
             parts_reused: reused,
             written_durably: false,
+            torn: None,
         })
     }
 
@@ -1501,15 +1517,69 @@ pub async fn confirm_recorded(
             let read = read_back_tagged(tier, obj, alg).await?;
             // Only where the bytes read are those of the object the HEAD described (its
             // ETag): replaced in between, the facts would vouch for content never read.
-            let unquoted = |e: &String| e.trim_matches('"').to_string();
-            let described = read.as_ref().is_some_and(|(_, etag)| {
-                etag.as_ref().map(unquoted).is_some()
-                    && etag.as_ref().map(unquoted) == facts.etag.as_ref().map(unquoted)
-            });
+            let described = read
+                .as_ref()
+                .is_some_and(|(_, etag)| same_etag(etag.as_deref(), facts.etag.as_deref()));
             Ok((read.is_some(), described.then_some(facts)))
         }
         Head::NotS3 => Ok((read_back(tier, obj, alg).await?.is_some(), None)),
     }
+}
+
+/// The store facts of the recorded object `obj` where one HEAD confirms it (see
+/// [`confirm_recorded`]); `None` elsewhere (another store, gone, or other facts).
+pub async fn head_confirming(
+    tier: &Tier,
+    obj: &crate::records::StoredObject,
+) -> Result<Option<crate::records::StoreFacts>, CopyError> {
+    Ok(match head_of(tier, obj).await? {
+        Head::Seen { same: true, facts } => Some(facts),
+        _ => None,
+    })
+}
+
+/// Which object the store facts of a read belong to ([`hash_object_described`]).
+#[derive(Debug)]
+pub enum Described {
+    /// Not an S3 store, or a read that gave no ETag to tie a HEAD to: no facts.
+    NotS3,
+    /// The object read, as a HEAD after the read describes it (the ETags agree).
+    By(crate::records::StoreFacts),
+    /// The key held another object at the HEAD (or none): replaced or gone since the read.
+    Replaced,
+}
+
+/// [`hash_object`], with the store facts of the very object read: a HEAD after the read
+/// whose ETag is the read's. Facts taken from a HEAD of another object (one replaced in
+/// between) would vouch, at every later one-HEAD look, for content never read.
+pub async fn hash_object_described(
+    tier: &Tier,
+    key: &ObjectPath,
+    alg: Algorithm,
+) -> Result<Option<(Digest, Described)>, CopyError> {
+    let Some((read, etag)) = hash_object_tagged(tier, key, alg).await? else {
+        return Ok(None);
+    };
+    let (Some(s3), Some(_)) = (&tier.s3, &etag) else {
+        return Ok(Some((read, Described::NotS3)));
+    };
+    let described = match s3.head(key).await? {
+        Some(h) if same_etag(etag.as_deref(), h.etag.as_deref()) => {
+            Described::By(crate::records::StoreFacts {
+                etag: h.etag,
+                version: h.version,
+                checksum: h.checksum_sha256,
+            })
+        }
+        _ => Described::Replaced,
+    };
+    Ok(Some((read, described)))
+}
+
+/// Whether two ETags (quoted or not) are known and the same.
+fn same_etag(a: Option<&str>, b: Option<&str>) -> bool {
+    let unquoted = |e: &str| e.trim_matches('"').to_string();
+    a.map(unquoted).is_some() && a.map(unquoted) == b.map(unquoted)
 }
 
 /// What one HEAD said of a recorded object.
@@ -1550,20 +1620,6 @@ async fn head_of(tier: &Tier, obj: &crate::records::StoredObject) -> Result<Head
             version: head.version,
             checksum: head.checksum_sha256,
         },
-    })
-}
-
-/// What one HEAD says of the recorded object `obj` on S3: `Some(true)` where the store
-/// reports what was recorded (see [`confirm_recorded`]), `Some(false)` where the key holds
-/// nothing; `None` where it cannot tell (another store, or facts that differ).
-pub async fn head_confirms(
-    tier: &Tier,
-    obj: &crate::records::StoredObject,
-) -> Result<Option<bool>, CopyError> {
-    Ok(match head_of(tier, obj).await? {
-        Head::NotS3 => None,
-        Head::Gone => Some(false),
-        Head::Seen { same, .. } => same.then_some(true),
     })
 }
 

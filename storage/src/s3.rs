@@ -385,7 +385,7 @@ impl S3Native {
             }
             // An earlier attempt completed it and its answer was lost: the upload is gone
             // and the key holds the object, which the caller looks at like a taken key.
-            if status == reqwest::StatusCode::NOT_FOUND && attempt > 1 {
+            if status == reqwest::StatusCode::NOT_FOUND && attempt > 1 && !no_such_bucket(&text) {
                 return Err(S3Error::Taken(WHAT));
             }
             // S3 can answer 200 with an error in the body once the completion has started
@@ -422,7 +422,9 @@ impl S3Native {
                 .await?;
             let status = r.status();
             let body = body_text(WHAT, r).await?;
-            if status == reqwest::StatusCode::NOT_FOUND {
+            // A bucket not there (a store restarting before its buckets) is no upload
+            // gone: its record and parts kept, retried as an outage.
+            if status == reqwest::StatusCode::NOT_FOUND && !no_such_bucket(&body) {
                 return Ok(None);
             }
             if !status.is_success() {
@@ -465,6 +467,12 @@ impl S3Native {
 /// The most of an S3 answer read: a ListParts page of 1,000 parts with checksums is about
 /// 400 KB; a larger one is no S3 answer (a proxy's or portal's page), not held whole.
 const MAX_ANSWER: usize = 4 << 20;
+
+/// Whether an S3 error document says the bucket is not there (`NoSuchBucket`): a 404 that
+/// is the store's trouble, not the upload's or the object's absence.
+fn no_such_bucket(body: &str) -> bool {
+    body.contains("<Code>NoSuchBucket</Code>")
+}
 
 /// An answer's body as text, at most [`MAX_ANSWER`] bytes of it: [`S3Error::Response`]
 /// beyond that, [`S3Error::Http`] if reading it fails.

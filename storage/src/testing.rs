@@ -245,6 +245,7 @@ pub struct Faults {
     pub fail_deletes: AtomicUsize,
     gate: Mutex<Option<(Arc<Notify>, Arc<Notify>)>>,
     abort_gate: Mutex<Option<(Arc<Notify>, Arc<Notify>)>>,
+    get_gate: Mutex<Option<(Arc<Notify>, Arc<Notify>)>>,
 }
 
 impl Faults {
@@ -260,6 +261,15 @@ impl Faults {
     pub fn hold_next_abort(&self) -> (Arc<Notify>, Arc<Notify>) {
         let pair = (Arc::new(Notify::new()), Arc::new(Notify::new()));
         *lock(&self.abort_gate) = Some(pair.clone());
+        pair
+    }
+
+    /// Holds the next read (GET, not a HEAD) once the store has answered it, as
+    /// [`Faults::hold_next_upload`] holds an upload: the object can be replaced between a
+    /// read and what follows it.
+    pub fn hold_next_get(&self) -> (Arc<Notify>, Arc<Notify>) {
+        let pair = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+        *lock(&self.get_gate) = Some(pair.clone());
         pair
     }
 
@@ -391,7 +401,12 @@ impl ObjectStore for FaultyStore {
         location: &ObjectPath,
         options: GetOptions,
     ) -> object_store::Result<GetResult> {
-        self.inner.get_opts(location, options).await
+        let head = options.head;
+        let got = self.inner.get_opts(location, options).await;
+        if !head {
+            Faults::pass(&self.faults.get_gate).await;
+        }
+        got
     }
 
     async fn delete(&self, location: &ObjectPath) -> object_store::Result<()> {

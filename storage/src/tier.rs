@@ -398,7 +398,9 @@ impl TierCopier {
                 copy::GivenUp::AlreadyGone => {
                     tracing::info!(key = %key, upload_id = %u.upload_id, "forgot a recorded multipart upload the store no longer holds (completed, or aborted by the bucket's lifecycle rule)");
                 }
-                copy::GivenUp::Kept => {}
+                // Logged where it was refused; its parts stay billed until the bucket's
+                // lifecycle rule removes them.
+                copy::GivenUp::NotAllowed | copy::GivenUp::Kept => {}
             }
         }
         Ok(aborted)
@@ -1016,17 +1018,28 @@ impl TierCopier {
     /// then stored beside it, an identical one reported, instead of both dead-lettered
     /// until someone restores the object. Otherwise the object is read back and hashed
     /// (an archived one without such a record is refused).
-    async fn key_holds(&self, key: &ObjectPath, d: &Digest) -> Result<bool, TierError> {
+    async fn key_holds(&self, key: &ObjectPath, d: &Digest) -> Result<Holds, TierError> {
         if self.tier.s3.is_some()
             && let Some(obj) =
                 (self.records.object_at(key.as_ref()).await?).filter(|o| o.size == d.size)
             && let Some(same) = recorded_content_is(&obj, d)
-            && copy::head_confirms(&self.tier, &obj).await? == Some(true)
+            && let Some(facts) = copy::head_confirming(&self.tier, &obj).await?
         {
-            return Ok(same);
+            return Ok(if same {
+                Holds::Same(Some(facts))
+            } else {
+                Holds::Other
+            });
         }
-        let read = copy::hash_object(&self.tier, key, self.policy.algorithm).await?;
-        Ok(read.as_ref() == Some(d))
+        Ok(
+            match copy::hash_object_described(&self.tier, key, self.policy.algorithm).await? {
+                None => Holds::Other,
+                Some((read, _)) if &read != d => Holds::Other,
+                Some((_, copy::Described::NotS3)) => Holds::Same(None),
+                Some((_, copy::Described::By(facts))) => Holds::Same(Some(facts)),
+                Some((_, copy::Described::Replaced)) => Holds::Raced,
+            },
+        )
     }
 
     /// Under the claim on `key` (none on a local store): an identical object there is
@@ -1067,20 +1080,12 @@ impl TierCopier {
                         .insert(copy::hash_open(file, original, alg).await?)
                         .clone(),
                 };
-                if existing == d.size && self.key_holds(key, &d).await? {
-                    let facts = match &self.tier.s3 {
-                        Some(s3) => match s3.head(key).await.map_err(CopyError::from)? {
-                            Some(h) => Some(crate::records::StoreFacts {
-                                etag: h.etag,
-                                version: h.version,
-                                checksum: h.checksum_sha256,
-                            }),
-                            // Gone since it was read (an expiry, an operator): no copy to
-                            // record; the key is looked at again.
-                            None => return Ok(Claimed::Raced),
-                        },
-                        None => None,
-                    };
+                let holds = if existing == d.size {
+                    self.key_holds(key, &d).await?
+                } else {
+                    Holds::Other
+                };
+                if let Holds::Same(facts) = holds {
                     let obj = StoredObject {
                         object_key: key.to_string(),
                         size: d.size,
@@ -1095,6 +1100,11 @@ impl TierCopier {
                     copy::make_durable(&self.tier, key).await?;
                     self.record(&obj, original, mtime, msg, claim).await?;
                     return Ok(Claimed::Done(obj, false));
+                }
+                // Replaced or gone between the read and its HEAD (an outside writer, an
+                // expiry): the key is looked at again.
+                if let Holds::Raced = holds {
+                    return Ok(Claimed::Raced);
                 }
                 return Ok(Claimed::Occupied(d));
             }
@@ -1126,29 +1136,47 @@ impl TierCopier {
                 digest: source.as_ref(),
                 state: Some(state),
             };
-            let up = match copy::upload(&self.tier, key, file, original, alg, attrs, resume).await {
-                Err(CopyError::Exists(_)) => return Ok(Claimed::Raced),
-                r => r?,
-            };
+            let mut up =
+                match copy::upload(&self.tier, key, file, original, alg, attrs, resume).await {
+                    Err(CopyError::Exists(_)) => return Ok(Claimed::Raced),
+                    r => r?,
+                };
             if up.parts_reused > 0 {
                 tracing::info!(key = %key, reused = up.parts_reused, sent = up.parts_sent, "resumed an interrupted multipart upload");
             }
             let written = up.digest.clone();
-            let changed = source.as_ref().is_some_and(|d| d != &written);
-            let checked = if changed {
-                Err(CopyError::SourceChanged(original.to_string()))
-            } else {
-                copy::verify_upload(&self.tier, key, alg, &up).await
+            let checked = match up.torn.take() {
+                Some(e) => Err(e),
+                None if source.as_ref().is_some_and(|d| d != &written) => {
+                    Err(CopyError::SourceChanged(original.to_string()))
+                }
+                None => match copy::verify_upload(&self.tier, key, alg, &up).await {
+                    Err(e @ (CopyError::Mismatch { .. } | CopyError::SourceChanged(_))) => Err(e),
+                    // Not verified for want of an answer (a store blip): the retry looks
+                    // at what is there.
+                    other => Ok(other),
+                },
             };
-            if let Err(e @ (CopyError::Mismatch { .. } | CopyError::SourceChanged(_))) = checked {
-                // Only this attempt wrote here (the key is claimed; a local store checks
-                // before it publishes and never gets here): take it away so the retry
-                // finds the key free, instead of a bad object it must not overwrite.
-                copy::remove(self.tier.store.as_ref(), key).await?;
-                tracing::warn!(key = %key, error = %framework::telemetry::LogText(&e.to_string()), "removed what this attempt stored");
-                return Err(TierError::from(e));
-            }
-            let facts = checked?;
+            let verified = match checked {
+                Ok(verified) => verified,
+                Err(e) => {
+                    // Only this attempt wrote here (the key is claimed; a local store checks
+                    // before it publishes and never gets here): take it away so the retry
+                    // finds the key free, instead of a bad object it must not overwrite. Not
+                    // once the claim has lapsed (this process stalled past its lease): another
+                    // replica may since have found that object, verified and recorded it.
+                    if let Some(c) = claim
+                        && !c.still_ours().await
+                    {
+                        tracing::error!(key = %key, error = %framework::telemetry::LogText(&e.to_string()), "left what this attempt stored at its key: its claim on the key lapsed (another copy may have found and recorded it); if none did, it stays there recorded nowhere and the file's next copy goes beside it");
+                        return Err(TierError::from(e));
+                    }
+                    copy::remove(self.tier.store.as_ref(), key).await?;
+                    tracing::warn!(key = %key, error = %framework::telemetry::LogText(&e.to_string()), "removed what this attempt stored");
+                    return Err(TierError::from(e));
+                }
+            };
+            let facts = verified?;
             let obj = StoredObject {
                 object_key: key.to_string(),
                 size: written.size,
@@ -1214,6 +1242,17 @@ struct Source<'a> {
     size: u64,
     /// Its state when first looked at (size and mtime as recorded).
     state: copy::SourceState,
+}
+
+/// What an object found at a file's key holds, compared with the file.
+enum Holds {
+    /// The file's content, with the store's facts of the very object compared (S3: the
+    /// HEAD that confirmed the record, or the one after the read whose ETag it shares).
+    Same(Option<crate::records::StoreFacts>),
+    /// Other content (or nothing).
+    Other,
+    /// Replaced or gone between the read and the HEAD describing it.
+    Raced,
 }
 
 /// What a claimed key held.
@@ -1325,6 +1364,36 @@ impl<'a> Claim<'a> {
             }
         }
         TierError::Unavailable(format!("lost the upload claim on {}", self.shown))
+    }
+
+    /// Whether the claim is still this copy's, asked before it acts on the key: a
+    /// process stalled past its lease (a frozen VM, a stopped container) learns it here,
+    /// not at the next renewal. Renewed to be sure; where the database does not answer in
+    /// time, the lease as last renewed decides, with room (a quarter lease) for a request.
+    async fn still_ours(&self) -> bool {
+        use tokio::time::Instant;
+        let margin = CLAIM_LEASE / 4;
+        let surely_held = || {
+            !self.released.load(std::sync::atomic::Ordering::Relaxed)
+                && Instant::now() + margin < self.held_until()
+        };
+        if !surely_held() {
+            return false;
+        }
+        let asked = Instant::now();
+        let budget = self
+            .held_until()
+            .saturating_duration_since(asked)
+            .saturating_sub(margin);
+        let renewal = self.records.renew(&self.key, &self.owner, CLAIM_LEASE);
+        match tokio::time::timeout(budget, renewal).await {
+            Ok(Ok(true)) => {
+                *self.held_until.lock().unwrap_or_else(|p| p.into_inner()) = asked + CLAIM_LEASE;
+                true
+            }
+            Ok(Ok(false)) => false,
+            Ok(Err(_)) | Err(_) => surely_held(),
+        }
     }
 
     fn held_until(&self) -> tokio::time::Instant {

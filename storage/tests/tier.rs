@@ -171,6 +171,58 @@ async fn concurrent_uploads_of_different_content_to_one_key_never_overwrite() {
     }
 }
 
+/// A copy that finds its source changed after it published (the file rewritten in place
+/// during the upload) takes its torn object away only while its claim on the key holds:
+/// one stalled past its lease (a frozen VM) may find another replica has since taken the
+/// key, found that object there, verified and recorded it — deleting it then loses the
+/// only copy the records name.
+#[tokio::test]
+async fn a_copy_whose_claim_lapsed_leaves_what_it_published() {
+    use std::os::unix::fs::FileExt;
+    let base = tempfile::tempdir().expect("temp");
+    let store_dir = base.path().join("store");
+    let tier = storage::store::local(&store_dir).expect("tier");
+    let (faulty, faults) = FaultyStore::wrap(&tier);
+    let recs = records(base.path()).await;
+    let c = copier(base.path(), "online", faulty, recs);
+    let body = content(64 * 1024, 3);
+    let msg = put(base.path(), "online", "s/take.mov", &body);
+    let path = base.path().join("online/s/take.mov");
+    let (entered, release) = faults.hold_next_upload();
+    let run = tokio::spawn(async move { c.handle(&msg, 1).await });
+    tokio::time::timeout(framework::testing::WAIT, entered.notified())
+        .await
+        .expect("the copy reached the held upload");
+    // The file rewritten in place as it is uploaded, and the claim taken over meanwhile
+    // (as another replica does once this one's lease lapsed).
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("open");
+    f.write_all_at(b"edited", 100).expect("rewrite");
+    f.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(5))
+        .expect("touch");
+    // A writer of its own: the records' pool only reads, on SQLite.
+    db::sqlx::any::install_default_drivers();
+    let url = format!("sqlite://{}", base.path().join("tier.db").display());
+    let writer = db::sqlx::AnyPool::connect(&url).await.expect("writer");
+    let taken = db::sqlx::query(
+        "UPDATE upload_claims SET owner = 'another replica' WHERE object_key = 's/take.mov'",
+    )
+    .execute(&writer)
+    .await
+    .expect("taken over")
+    .rows_affected();
+    assert_eq!(taken, 1, "the copy held a claim on its key");
+    release.notify_one();
+    let e = transient(joined(run).await.expect("ran"));
+    assert!(e.contains("changed while"), "{e}");
+    assert!(
+        store_dir.join("s/take.mov").exists(),
+        "what the copy published stays: the key is no longer its own"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_copies_to_one_key_of_a_local_store_never_overwrite_without_claims() {
     // A local store takes no claim: its copy is published only where no object is, and
@@ -1485,6 +1537,107 @@ async fn abandoned_s3_multipart_uploads_are_aborted_after_their_age() {
             .expect("sweep"),
         0,
         "nothing was abandoned"
+    );
+    assert_eq!(c.records().count("multipart_uploads").await.unwrap(), 0);
+}
+
+/// An object found at a file's key, read and found identical, then replaced before the
+/// HEAD that gives its store facts (an outside writer): the facts of the replacement are
+/// not recorded with the file's digest — they would vouch, at every later one-HEAD look,
+/// for bytes never read. The key is looked at again, and the file stored beside what is
+/// there now.
+#[tokio::test]
+async fn an_object_replaced_after_it_was_read_is_not_recorded_as_the_file() {
+    use object_store::ObjectStore;
+    let bucket = "tier-swapped";
+    let (moto, _proxy, tier) = s3_tier(bucket).await;
+    let (faulty, faults) = FaultyStore::wrap(&tier);
+    let base = tempfile::tempdir().expect("temp");
+    let c = copier(base.path(), "online", faulty, records(base.path()).await);
+    let ours = content(64 * 1024, 6);
+    let msg = put(base.path(), "online", "r/take.mov", &ours);
+    let plain = plain_client(&moto, bucket);
+    let key = object_store::path::Path::from("pre/r/take.mov");
+    plain.put(&key, ours.clone().into()).await.expect("placed");
+    let (entered, release) = faults.hold_next_get();
+    let run = tokio::spawn(async move { c.handle(&msg, 1).await });
+    tokio::time::timeout(framework::testing::WAIT, entered.notified())
+        .await
+        .expect("the copy read the object at its key");
+    let theirs = content(64 * 1024, 7);
+    plain.put(&key, theirs.into()).await.expect("replaced");
+    release.notify_one();
+    let r = copied(joined(run).await.expect("ran"));
+    assert_eq!(
+        r.key,
+        format!("pre/r/take.mov.{}", &sha256(&ours)[..16]),
+        "stored beside what the key holds now"
+    );
+    assert_eq!(r.checksum, sha256(&ours));
+}
+
+/// A store answering `NoSuchBucket` (a restarting MinIO before its buckets are loaded, a
+/// bucket re-created) does not make an interrupted upload "gone": its record and parts are
+/// kept and the copy waits as an outage — forgotten, its parts stayed in the store with no
+/// record to abort them by, and the copy started over once the bucket was back. (moto
+/// deletes a bucket holding an unfinished upload, which S3 refuses: it stands here for a
+/// store that has not loaded its buckets yet.)
+#[tokio::test]
+async fn an_interrupted_upload_is_kept_while_its_bucket_is_not_there() {
+    let bucket = "tier-nobucket";
+    let (moto, _proxy, tier) = s3_tier(bucket).await;
+    let (faulty, faults) = FaultyStore::wrap(&tier);
+    let base = tempfile::tempdir().expect("temp");
+    let c = copier(base.path(), "online", faulty, records(base.path()).await);
+    let msg = put(base.path(), "online", "b/take.mov", &content(11 * MIB, 4));
+    *faults.fail_parts_from.lock().expect("faults") = Some(1);
+    transient(c.handle(&msg, 1).await);
+    assert_eq!(c.records().count("multipart_uploads").await.unwrap(), 1);
+    *faults.fail_parts_from.lock().expect("faults") = None;
+    let deleted = reqwest::Client::new()
+        .delete(format!("{}/{bucket}", moto.endpoint.trim_end_matches('/')))
+        .send()
+        .await
+        .expect("moto answers");
+    assert!(deleted.status().is_success(), "{}", deleted.status());
+    let e = outage(c.handle(&msg, 2).await);
+    assert!(e.contains("NoSuchBucket"), "{e}");
+    assert_eq!(
+        c.records().count("multipart_uploads").await.unwrap(),
+        1,
+        "the upload's record is kept"
+    );
+    // Nor does the abandoned-upload sweep forget it.
+    assert_eq!(
+        c.abort_abandoned_uploads(std::time::Duration::ZERO)
+            .await
+            .expect("sweep"),
+        0
+    );
+    assert_eq!(c.records().count("multipart_uploads").await.unwrap(), 1);
+}
+
+/// An abandoned upload whose abort is never allowed (a role without
+/// `s3:AbortMultipartUpload`) is forgotten, left to the bucket's lifecycle rule — and not
+/// counted nor logged as aborted: its parts are still billed.
+#[tokio::test]
+async fn an_abandoned_upload_not_allowed_to_be_aborted_is_not_counted_aborted() {
+    let bucket = "tier-abort-denied";
+    let (_moto, _proxy, tier) = s3_tier(bucket).await;
+    let (faulty, faults) = FaultyStore::wrap(&tier);
+    let base = tempfile::tempdir().expect("temp");
+    let c = copier(base.path(), "online", faulty, records(base.path()).await);
+    let msg = put(base.path(), "online", "d/denied.mov", &content(11 * MIB, 9));
+    *faults.fail_parts_from.lock().expect("faults") = Some(1);
+    transient(c.handle(&msg, 1).await);
+    assert_eq!(c.records().count("multipart_uploads").await.unwrap(), 1);
+    faults.deny_abort.store(true, Ordering::SeqCst);
+    assert_eq!(
+        c.abort_abandoned_uploads(std::time::Duration::ZERO)
+            .await
+            .expect("sweep"),
+        0,
+        "nothing was aborted"
     );
     assert_eq!(c.records().count("multipart_uploads").await.unwrap(), 0);
 }

@@ -616,6 +616,77 @@ async fn sns_and_eventbridge_deliveries_are_routed() {
     );
 }
 
+/// The notifications real stores send as they are, end to end: MinIO's AMQP target (its
+/// own top-level `EventName`/`Key`, `eventSource` `minio:s3`, the key with `/` encoded)
+/// and AWS's current event version (2.1, with its extra fields).
+#[tokio::test]
+async fn minio_and_current_aws_notifications_are_routed() {
+    let data = tempfile::tempdir().unwrap();
+    let (_c, ch) = test_channel().await;
+    let d = dests(&ch, 1).await;
+    let hs = start(
+        data.path(),
+        &[("crash_router.queues", &d.0[0]), ("amqp.prefetch", "1")],
+    )
+    .await;
+    let mut out = hs.watch_output().await;
+    let mut q = consume(&hs.ch, &d.0[0]).await;
+    let (via_minio, via_aws) = (crash_id(31, '0'), crash_id(32, '0'));
+    let minio = json!({
+        "EventName": "s3:ObjectCreated:Put",
+        "Key": format!("crashes/{}", raw(&via_minio)),
+        "Records": [{
+            "eventVersion": "2.0", "eventSource": "minio:s3", "awsRegion": "",
+            "eventTime": "2026-11-29T18:00:00.000Z", "eventName": "s3:ObjectCreated:Put",
+            "userIdentity": {"principalId": "minioadmin"},
+            "requestParameters": {"principalId": "minioadmin", "region": "", "sourceIPAddress": "10.0.0.5"},
+            "responseElements": {"x-amz-id-2": "dd9025bab4ad464b049177c95eb6ebf374d3b3fd1af9251148b658df7ac2e3e8",
+                                 "x-amz-request-id": "1803A5E5A5B1E1C2", "x-minio-deployment-id": "2c1e4f4c",
+                                 "x-minio-origin-endpoint": "http://10.0.0.2:9000"},
+            "s3": {"s3SchemaVersion": "1.0", "configurationId": "Config",
+                   "bucket": {"name": "crashes", "ownerIdentity": {"principalId": "minioadmin"},
+                              "arn": "arn:aws:s3:::crashes"},
+                   "object": {"key": raw(&via_minio).replace('/', "%2F"), "size": 100,
+                              "eTag": "e3b0c44298fc1c149afbf4c8996fb924",
+                              "contentType": "application/octet-stream",
+                              "userMetadata": {"content-type": "application/octet-stream"},
+                              "sequencer": "1803A5E5A5D3F5B2"}},
+            "source": {"host": "10.0.0.5", "port": "", "userAgent": "MinIO (linux; amd64) minio-go/v7.0.63"}
+        }]
+    });
+    let aws = json!({"Records": [{
+        "eventVersion": "2.1", "eventSource": "aws:s3", "awsRegion": "us-west-2",
+        "eventTime": "2026-11-29T18:00:00.000Z", "eventName": "ObjectCreated:Put",
+        "userIdentity": {"principalId": "AWS:AIDAJDPLRKLG7UEXAMPLE"},
+        "requestParameters": {"sourceIPAddress": "127.0.0.1"},
+        "responseElements": {"x-amz-request-id": "C3D13FE58DE4C810",
+                             "x-amz-id-2": "FMyUVURIY8/IgAtTv8xRjskZQpcIZ9KG4V5Wp6S7S/JRWeUWerMUE5JgHvANOjpD"},
+        "s3": {"s3SchemaVersion": "1.0", "configurationId": "crashes",
+               "bucket": {"name": "crashes", "ownerIdentity": {"principalId": "A3NL1KOZZKExample"},
+                          "arn": "arn:aws:s3:::crashes"},
+               "object": {"key": raw(&via_aws), "size": 100,
+                          "eTag": "d41d8cd98f00b204e9800998ecf8427e",
+                          "versionId": "096fKKXTRTtl3on89fVO.nfljtsv6qko",
+                          "sequencer": "0055AED6DCD90281E5"}}
+    }]});
+    for (id, body) in [("minio", minio), ("aws", aws)] {
+        hs.publish(
+            "crashes.put",
+            body.to_string().as_bytes(),
+            BasicProperties::default().with_message_id(id.into()),
+        )
+        .await;
+    }
+    for (id, crash) in [("minio", &via_minio), ("aws", &via_aws)] {
+        let o = next(&mut out).await;
+        assert_eq!(header(&o, "x-in-response-to").as_deref(), Some(id));
+        let summary: Value = serde_json::from_slice(&o.data).unwrap();
+        assert_eq!(summary["accepted"], json!([crash]), "{id}");
+        assert_eq!(&text(&next(&mut q).await), crash);
+    }
+    assert_eq!(ready_count(&hs.ch, &format!("{}-dlq", hs.q)).await, 0);
+}
+
 /// An SQS batch (what a queue between S3 and the bus delivers) is opened: each body's
 /// notification is routed, whether S3 wrote it to the queue or through SNS; a body that
 /// carries no event is a counted junk record, never a silent success.

@@ -142,6 +142,11 @@ pub enum Parsed {
     /// A message holding no event (a Kinesis envelope of no records): dropped, for this
     /// reason, as the Lambda succeeded with nothing to do.
     NoEvent(&'static str),
+    /// A pluto-core entry another consumer of `pluto-core` (pluto-atomresponder) failed on
+    /// and published again with its own `retry_count` (this one): the queue received the
+    /// original, so the copy is dropped — applied, it put an older state back over a newer
+    /// one of the same `updated` time and announced the project again.
+    RetryCopy(u64),
 }
 
 /// The Drop reason of `{"Records": []}`.
@@ -348,6 +353,16 @@ fn parse_delivered(
         Some(_) => None,
     };
     let entry = routed.is_some();
+    // pluto-atomresponder nacks an entry it cannot handle and publishes it again to the
+    // exchange and key it came from, with `retry_count` added, up to 33 times.
+    if entry
+        && let Some(n) = o
+            .get("retry_count")
+            .and_then(Value::as_u64)
+            .filter(|n| *n > 0)
+    {
+        return Ok(Parsed::RetryCopy(n));
+    }
     let kind = match routed {
         Some(kind) => kind,
         None => match string(o, "type")?.as_str() {
@@ -811,6 +826,29 @@ mod tests {
                 "{key}"
             );
         }
+    }
+
+    /// Only a pluto-core entry with a whole `retry_count` of 1 or more is another
+    /// consumer's retry copy; an event with a `type` and any other value are events.
+    #[test]
+    fn a_retry_copy_is_an_entry_with_a_positive_retry_count() {
+        let mut copy = entry();
+        copy["retry_count"] = json!(1);
+        let it = items_delivered(&json!([copy.clone()]), &on("core.project.update"));
+        assert_eq!(it[0].parsed, Ok(Parsed::RetryCopy(1)));
+        copy["retry_count"] = json!(33);
+        let it = items_delivered(&copy, &on("core.project.create"));
+        assert_eq!(it[0].parsed, Ok(Parsed::RetryCopy(33)));
+        for count in [json!(0), json!(-1), json!("1"), json!(1.5), Value::Null] {
+            let mut v = entry();
+            v["retry_count"] = count.clone();
+            let it = items_delivered(&v, &on("core.project.update"));
+            project_of(&it[0]);
+        }
+        let mut typed = project();
+        typed["retry_count"] = json!(1);
+        let it = items_delivered(&typed, &on("core.project.event"));
+        project_of(&it[0]);
     }
 
     #[test]

@@ -55,16 +55,17 @@ pub const FIRST_SEEN_HEADER: &str = "x-project-ingest-first-seen";
 const RECORD_STEP: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Counter of handled events by `result` (stored, deleted, stale, missing, unknown_type,
-/// invalid).
+/// retry_copy, invalid).
 pub const EVENTS_METRIC: &str = "storagetier_projectingest_events_total";
 
 /// Every `result` of [`EVENTS_METRIC`], as docs/adapters.md lists them.
-pub const EVENT_RESULTS: [&str; 6] = [
+pub const EVENT_RESULTS: [&str; 7] = [
     "stored",
     "deleted",
     "stale",
     "missing",
     "unknown_type",
+    "retry_copy",
     "invalid",
 ];
 
@@ -110,6 +111,12 @@ pub struct ProjectIngestSettings {
     /// (or the create can be waiting in a retry tier).
     #[serde(default = "default_missing_project_retries")]
     pub missing_project_retries: u32,
+    /// One replica consumes at a time (`x-single-active-consumer`): updates sharing an
+    /// `updated` time and no publishing time are ordered by when a replica first saw each,
+    /// by its own clock — across replicas, a few milliseconds between their clocks reorder
+    /// them; one consuming replica keeps the queue's order.
+    #[serde(default)]
+    pub ordered: bool,
 }
 
 /// Six retries wait about 6.5 minutes on the default tiers (1 s, 5 s, 30 s, then 120 s):
@@ -126,6 +133,7 @@ impl Default for ProjectIngestSettings {
             database_url: None,
             database_password_file: None,
             missing_project_retries: default_missing_project_retries(),
+            ordered: false,
         }
     }
 }
@@ -337,6 +345,18 @@ impl ProjectProcessor {
                     tracing::info!(record = n, kind = %LogText(&t.to_string()), "unknown message type, ignored");
                     tally.count("unknown_type");
                     dropped.push(format!("unknown message type `{t}`"));
+                    continue;
+                }
+                Ok(Parsed::RetryCopy(count)) => {
+                    tracing::info!(
+                        record = n,
+                        retry_count = *count,
+                        "a retry copy another consumer published again (the original came here too), ignored"
+                    );
+                    tally.count("retry_copy");
+                    dropped.push(format!(
+                        "a copy another consumer of the exchange published again (retry_count {count}): the original came here too"
+                    ));
                     continue;
                 }
                 // Nothing to do, no record to count.
@@ -637,11 +657,14 @@ impl Service for ProjectIngest {
     type Settings = ProjectIngestSettings;
     type Processor = ProjectProcessor;
 
-    fn binding(_cfg: &Config<ProjectIngestSettings>) -> Binding {
+    fn binding(cfg: &Config<ProjectIngestSettings>) -> Binding {
         Binding {
             exchange: "pluto-core".into(),
             routing_keys: vec!["core.project.#".into()],
             output_routing_key: "storagetier.projectingest.project".into(),
+            // Same-time updates keep the queue's order across replicas only if one of
+            // them consumes at a time (within one, its clock orders them as received).
+            single_active_consumer: cfg.settings.ordered,
             ..Default::default()
         }
     }

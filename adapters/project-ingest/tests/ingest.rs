@@ -155,6 +155,8 @@ on_both!(
     pluto_deletes_a_commission_and_its_projects,
     moves_across_a_deleted_commission_delivered_after_it_end_as_pluto_ordered_them,
     a_deletion_retried_with_its_batch_announces_what_it_deleted,
+    a_retry_copy_another_consumer_published_is_dropped,
+    ordered_replicas_consume_one_at_a_time_in_queue_order,
 );
 
 /// Runs `sql` on the database at `url` through a connection of its own.
@@ -1316,6 +1318,52 @@ async fn updated_changes_a_known_project(b: Backend) {
     env.finish().await;
 }
 
+/// pluto-atomresponder, another consumer of `pluto-core`, publishes an entry it failed on
+/// again to the exchange and key it came from with `retry_count` added: this queue got the
+/// original, so the copy is dropped — applied, the older state (same `updated`, seen last)
+/// replaced the newer one and the project was announced again.
+async fn a_retry_copy_another_consumer_published_is_dropped(b: Backend) {
+    let env = start(b, &[]).await;
+    let mut out = env.hs.watch_output().await;
+    let entry = |title: &str| {
+        json!({"id": 1300, "projectTypeId": 1, "title": title,
+               "created": "2021-04-29T13:53:43.413+01:00",
+               "updated": "2021-04-29T13:53:43.413+01:00",
+               "user": "u", "workingGroupId": 3, "commissionId": 42,
+               "deletable": true, "status": "New", "productionOffice": "UK"})
+    };
+    let send = |key: &'static str, v: Value| {
+        let hs = &env.hs;
+        async move {
+            hs.publish(
+                key,
+                &serde_json::to_vec(&v).unwrap(),
+                BasicProperties::default(),
+            )
+            .await
+        }
+    };
+    send("core.project.create", json!([entry("Old")])).await;
+    assert_eq!(body(&next(&mut out).await)["title"], "Old");
+    send("core.project.update", json!([entry("New")])).await;
+    assert_eq!(body(&next(&mut out).await)["title"], "New");
+    let dropped = outcome_count(&env.hs.q, "drop");
+    let mut copy = entry("Old");
+    copy["retry_count"] = json!(1);
+    send("core.project.update", json!([copy.clone()])).await;
+    copy["retry_count"] = json!(2);
+    send("core.project.create", json!([copy])).await;
+    env.send(&project("project-created", "sentinel", "s")).await;
+    assert_eq!(body(&next(&mut out).await)["id"], "sentinel");
+    await_outcome_count(&env.hs.q, "drop", dropped + 2).await;
+    assert_eq!(
+        env.store.project("1300").await.unwrap().unwrap().title,
+        "New"
+    );
+    assert_eq!(env.dlq_count().await, 0);
+    env.finish().await;
+}
+
 /// Publishes `v`, then a sentinel; with prefetch 1 the sentinel's success proves `v` was
 /// handled, and nothing else may have been published or dead-lettered — and `v` was
 /// counted as dropped (a retry would also publish nothing the sentinel's output shows).
@@ -1795,6 +1843,59 @@ async fn same_time_updates_delivered_at_once_end_at_the_last(b: Backend) {
     await_final_outcomes(&env.hs.q, 1 + n as u64).await;
     second.stop().await;
     let p = env.store.project("burst").await.unwrap().unwrap();
+    assert_eq!(p.title, format!("u{:02}", n - 1));
+    assert_eq!(env.dlq_count().await, 0);
+    env.finish().await;
+}
+
+/// `ordered = true`: the queue has one active consumer, the other replica waits as a
+/// standby (each replica orders same-time updates by its own clock, so two consuming at
+/// once reorder a burst by their clocks' difference), and a burst of pluto-core's
+/// same-time updates ends at the last one queued.
+async fn ordered_replicas_consume_one_at_a_time_in_queue_order(b: Backend) {
+    let env = start(
+        b,
+        &[("project_ingest.ordered", "true"), ("amqp.prefetch", "16")],
+    )
+    .await;
+    let mut out = env.hs.watch_output().await;
+    env.send(&project("project-created", "one-at-a-time", "v0"))
+        .await;
+    next(&mut out).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = replica_config::<ProjectIngest>(
+        dir.path(),
+        &env.hs,
+        &[
+            ("project_ingest.database_url", env.url.as_str()),
+            ("project_ingest.ordered", "true"),
+            ("amqp.prefetch", "16"),
+        ],
+    );
+    let mut second = Harness::start_service::<ProjectIngest>(cfg).await;
+    let admin = framework::testing::admin::Admin::suite();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut statuses = loop {
+        let consumers = admin.consumers(&env.hs.q).await;
+        if consumers.len() == 2 || tokio::time::Instant::now() > deadline {
+            break consumers
+                .iter()
+                .map(|c| c["activity_status"].as_str().unwrap_or("?").to_string())
+                .collect::<Vec<_>>();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    statuses.sort();
+    assert_eq!(statuses, ["single_active", "waiting"]);
+    let n = 30;
+    for i in 0..n {
+        let mut v = project("project-updated", "one-at-a-time", &format!("u{i:02}"));
+        v["updated"] = json!("2021-01-01T00:00:00Z");
+        env.send(&v).await;
+    }
+    await_final_outcomes(&env.hs.q, 1 + n as u64).await;
+    second.stop().await;
+    let p = env.store.project("one-at-a-time").await.unwrap().unwrap();
     assert_eq!(p.title, format!("u{:02}", n - 1));
     assert_eq!(env.dlq_count().await, 0);
     env.finish().await;
