@@ -749,6 +749,22 @@ impl Topology {
                     Ok(_) => break,
                     Err(e) => e,
                 };
+                // RabbitMQ 4.3 takes `x-consumer-timeout` on quorum queues only (it times
+                // out no other queue's consumers) and refuses it on a classic one: declared
+                // without it on a new channel (the refusal closed this one), instead of
+                // every start failing as a "topology conflict".
+                if is_soft(&e, AMQPSoftError::PRECONDITIONFAILED)
+                    && e.to_string()
+                        .contains(&format!("invalid arg '{CONSUMER_TIMEOUT}'"))
+                    && args.contains_key(CONSUMER_TIMEOUT)
+                {
+                    tracing::info!(queue = %q.name,
+                        "the broker takes no x-consumer-timeout on this queue type (RabbitMQ 4.3: \
+                         quorum queues only, the only ones it times out); declared without it");
+                    ch = conn.create_channel().await?;
+                    args = crate::headers::without(&args, &[CONSUMER_TIMEOUT]);
+                    continue;
+                }
                 // A service that must consume one replica at a time cannot run on a queue
                 // whose `x-single-active-consumer` nobody checked.
                 if refused(&e) && !(q.name == self.queue && self.single_active_consumer) {

@@ -85,6 +85,8 @@ async fn topology_is_declared_with_the_designed_arguments() {
         ("x-delivery-limit", AMQPValue::LongLongInt(7)),
         ("x-dead-letter-strategy", s("at-least-once")),
         ("x-overflow", s("reject-publish")),
+        // The default `[amqp] consumer_timeout_ms` (RabbitMQ 4.3 compares it too).
+        ("x-consumer-timeout", AMQPValue::LongLongInt(86_400_000)),
     ]);
     // An equivalent re-declaration succeeds; any differing argument is refused by the broker.
     assert!(

@@ -141,11 +141,12 @@ fn copy_via(
     unnamed: bool,
 ) -> Result<Digest, CopyError> {
     // Any case: on a case-insensitive store (SMB, a casefolded directory) another spelling
-    // is the same directory, and its sweep would delete what was published there.
+    // is the same directory — Unicode's too (`ſ` folds to `s`, `ı` to `i`, the Kelvin sign
+    // to `k`) — and its sweep would delete what was published there.
     if key
         .split('/')
         .next()
-        .is_some_and(|d| d.eq_ignore_ascii_case(STAGING_DIR))
+        .is_some_and(|d| d.to_uppercase().to_lowercase() == STAGING_DIR)
     {
         return Err(CopyError::Reserved(key.to_string()));
     }
@@ -657,7 +658,14 @@ fn sweep_staged_before(dir: &Path, now: std::time::SystemTime) -> std::io::Resul
         let entry = entry?;
         // A clock file is removed as soon as it is read: one this old was left by a
         // process that died in that instant (never a link: `is_file` does not follow one).
-        let clock = entry.file_name().to_string_lossy().starts_with(CLOCK_FILE);
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let clock = name.starts_with(CLOCK_FILE);
+        // Only names this service gives its files there: anything else is no partial copy
+        // of ours (an object published into a directory the store folds onto this one).
+        if !clock && !is_staging_name(&name) {
+            continue;
+        }
         let Ok(meta) = entry.metadata() else {
             continue;
         };
@@ -677,6 +685,11 @@ fn sweep_staged_before(dir: &Path, now: std::time::SystemTime) -> std::io::Resul
         }
     }
     Ok(removed)
+}
+
+/// Whether `name` is one a staging file is given (a UUID's 32 lowercase hex digits).
+fn is_staging_name(name: &str) -> bool {
+    name.len() == 32 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// A file under one block: one read, one write.
@@ -1213,6 +1226,40 @@ mod tests {
         assert_eq!(staged_files(dir.path()), 0);
     }
 
+    /// The staging directory's name is reserved in every spelling a case-folding store
+    /// takes for it (ASCII case, and Unicode's `ſ`, `ı` and Kelvin sign), never its
+    /// look-alikes that fold to something else.
+    #[test]
+    fn the_staging_directory_is_reserved_in_every_folded_spelling() {
+        let dir = tempfile::tempdir().expect("temp");
+        let src = dir.path().join("src");
+        std::fs::write(&src, b"x").expect("write");
+        let root = dir.path().join("store");
+        std::fs::create_dir_all(&root).expect("dir");
+        let copy_to = |key: &str| {
+            let expected = Expected {
+                size: 1,
+                digest: None,
+                unchanged: None,
+                stopped: None,
+            };
+            let f = File::open(&src).expect("open");
+            copy_via(&f, &root, key, "src", Algorithm::Sha256, expected, false)
+        };
+        for key in [
+            ".storagetier-staging/a.mov",
+            ".STORAGETIER-Staging/a.mov",
+            ".\u{17f}toragetier-staging/a.mov",
+            ".storaget\u{131}er-staging/a.mov",
+        ] {
+            assert!(
+                matches!(copy_to(key), Err(CopyError::Reserved(_))),
+                "{key} is reserved"
+            );
+        }
+        copy_to(".storagetier-staging-not/a.mov").expect("another name");
+    }
+
     /// A copy whose caller is gone (its handler stopped) stops and publishes nothing,
     /// small or large: the message, redelivered at once, is copied by the next handler.
     #[test]
@@ -1363,10 +1410,18 @@ mod tests {
         let objects = dir.path().join("a");
         std::fs::create_dir_all(&staging).expect("dir");
         std::fs::create_dir_all(&objects).expect("dir");
+        let (dead1, live, dead2) = (
+            "0badc0de0badc0de0badc0de0badc0d1",
+            "0badc0de0badc0de0badc0de0badc0d2",
+            "0badc0de0badc0de0badc0de0badc0d3",
+        );
         for (path, stale) in [
-            (staging.join("dead1"), true),
-            (staging.join("live"), false),
-            (staging.join("dead2"), true),
+            (staging.join(dead1), true),
+            (staging.join(live), false),
+            (staging.join(dead2), true),
+            // Not a name of this service's staging files: an object published into a
+            // directory a case-folding store takes for the staging one.
+            (staging.join("x.mov"), true),
             // Objects whose names look like the staging names of earlier versions.
             (objects.join("take#1"), true),
             (objects.join("take#2"), false),
@@ -1386,7 +1441,7 @@ mod tests {
             v.sort();
             v
         };
-        assert_eq!(names(&staging), ["live"]);
+        assert_eq!(names(&staging), [live, "x.mov"]);
         assert_eq!(
             names(&objects),
             ["take#1", "take#2"],
@@ -1409,7 +1464,11 @@ mod tests {
         std::fs::create_dir_all(&staging).expect("dir");
         // The server's clock, an hour ahead of this machine's.
         let server_now = std::time::SystemTime::now() + Duration::from_secs(3600);
-        for (name, age) in [("live", 60), ("left", 3600)] {
+        let (live, left) = (
+            "1ab0c0de0badc0de0badc0de0badc0d1",
+            "1ab0c0de0badc0de0badc0de0badc0d2",
+        );
+        for (name, age) in [(live, 60), (left, 3600)] {
             let f = File::create(staging.join(name)).expect("create");
             f.set_modified(server_now - Duration::from_secs(age))
                 .expect("age");
@@ -1421,8 +1480,8 @@ mod tests {
         );
         // The server's says it is an hour old, and the live one a minute.
         assert_eq!(sweep_staged_before(&staging, server_now).expect("sweep"), 1);
-        assert!(staging.join("live").exists());
-        assert!(!staging.join("left").exists());
+        assert!(staging.join(live).exists());
+        assert!(!staging.join(left).exists());
         // The store's clock is read from a file created there and removed; a name planted
         // where such a file goes is never written through, nor swept.
         let planted = staging.join(format!("{CLOCK_FILE}planted"));

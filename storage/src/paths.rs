@@ -329,9 +329,11 @@ pub fn resolve_unless_linked(
     Err(last_err)
 }
 
-/// Whether `dir` may be a mount point whose share is not mounted: an empty directory, or
-/// one that cannot be read now (out of descriptors, a share gone stale), which says
-/// nothing about what is in it.
+/// Whether the root `dir` may be on a share that is not mounted: an empty directory (the
+/// mount point itself), one that cannot be read now (out of descriptors, a share gone
+/// stale), which says nothing about what is in it, or one gone — a root below the mount
+/// point (`/mnt/share/Media` of a share mounted at `/mnt/share`) is no longer there while
+/// the share is away, and it was there at start (a missing root is refused then).
 pub fn may_be_unmounted(dir: &Path) -> bool {
     match std::fs::read_dir(dir) {
         Ok(mut entries) => entries.next().is_none(),
@@ -339,7 +341,15 @@ pub fn may_be_unmounted(dir: &Path) -> bool {
         // be listed (EACCES) says the file is missing as well as any other.
         Err(e) => matches!(
             e.raw_os_error(),
-            Some(libc::EMFILE | libc::ENFILE | libc::ESTALE | libc::EIO | libc::ENOTCONN)
+            Some(
+                libc::EMFILE
+                    | libc::ENFILE
+                    | libc::ESTALE
+                    | libc::EIO
+                    | libc::ENOTCONN
+                    | libc::ENOENT
+                    | libc::ENOTDIR
+            )
         ),
     }
 }

@@ -176,8 +176,8 @@ fn open_source(
                 .find(|r| paths::may_be_unmounted(&r.canonical));
             return match unmounted {
                 Some(r) => Err(TierError::Unavailable(format!(
-                    "the online root {} is empty or unreadable (a share not mounted?), retried \
-                     as an outage (up to [retry] max_outage_ms): {e}",
+                    "the online root {} is empty, unreadable or gone (a share not mounted?), \
+                     retried as an outage (up to [retry] max_outage_ms): {e}",
                     r.configured.display()
                 ))),
                 None if matches!(e, PathError::NotFound(_)) => Ok(Some(Opened::Missing(e))),

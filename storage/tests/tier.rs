@@ -2468,6 +2468,36 @@ async fn a_missing_file_is_not_blamed_on_another_empty_root() {
     }
 }
 
+/// A root below its share's mount point (`/mnt/share/Media`, the share mounted at
+/// `/mnt/share`) is gone while the share is away: its files are retried as an outage, not
+/// dead-lettered one by one as "does not exist".
+#[tokio::test]
+async fn a_root_gone_with_its_share_is_an_outage() {
+    let base = tempfile::tempdir().expect("temp");
+    let tier = storage::store::local(&base.path().join("store")).expect("tier");
+    let share = base.path().join("share");
+    let root = share.join("Media");
+    std::fs::create_dir_all(root.join("p")).expect("dir");
+    std::fs::write(root.join("p/take.mov"), b"x").expect("file");
+    let roots = open_roots(std::slice::from_ref(&root), true).expect("roots");
+    let c = TierCopier::new(roots, tier, records(base.path()).await, policy());
+    let msg: AssetSweeperFile = serde_json::from_value(sweeper_message(
+        &format!("{}/p", root.display()),
+        "take.mov",
+        false,
+    ))
+    .expect("message");
+    std::fs::rename(&share, base.path().join("share-away")).expect("unmounted");
+    let e = outage(c.handle(&msg, 1).await);
+    assert!(e.contains("gone"), "{e}");
+    // Relative to the root too.
+    let msg: AssetSweeperFile =
+        serde_json::from_value(sweeper_message("p", "take.mov", false)).expect("message");
+    outage(c.handle(&msg, 1).await);
+    std::fs::rename(base.path().join("share-away"), &share).expect("mounted again");
+    assert_eq!(copied(c.handle(&msg, 2).await).checksum, sha256(b"x"));
+}
+
 /// A relative name that one root holds no file under (a directory there) while another
 /// root the name can be under is empty — a share not mounted — is retried, not
 /// dead-lettered as "not a regular file": the share, once back, may hold the file; with
