@@ -46,6 +46,7 @@ const LIST_KEYS: &[&str] = &[
     "echo.routing_keys",
     "online_archive.online_roots",
     "online_nearline.online_roots",
+    "crash_router.key_prefixes",
 ];
 
 /// A configuration problem; `key` names the offending setting (e.g. `amqp.prefetch`).
@@ -964,6 +965,7 @@ fn check_unread_config_dir(dir: &Path, env_name: &str) -> Result<(), ConfigError
 const OWN_SINGLE_UNDERSCORE_VARS: &[&str] = &[
     "STORAGETIER_CONFIG_DIR",
     "STORAGETIER_RABBITMQ4_ROOT",
+    "STORAGETIER_RABBITMQ43_ROOT",
     "STORAGETIER_DEBIAN_MIRROR",
 ];
 

@@ -137,6 +137,25 @@ impl<P> Inner<P> {
         }
     }
 
+    /// How long a handler may run before the framework stops it and retries its message:
+    /// just under the consumer timeout declared on `Q` (`[amqp] consumer_timeout_ms`, or a
+    /// shorter one kept there), after which the broker takes the delivery back — RabbitMQ
+    /// 4.3 hands it out again without counting it toward the delivery limit, so a handler
+    /// that never returns held its message for ever, a day at a time. None where the
+    /// broker's own applies (`0`).
+    pub(crate) fn handler_deadline(&self) -> Option<std::time::Duration> {
+        let configured = self.amqp.consumer_timeout_ms;
+        let kept = self
+            .kept_consumer_timeout_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let ms = match (configured, kept) {
+            (0, _) => return None,
+            (c, 0) => c,
+            (c, k) => c.min(k),
+        };
+        Some(std::time::Duration::from_millis(ms - (ms / 10).min(60_000)))
+    }
+
     /// Notes what the last declaration found kept on `Q`.
     pub(crate) fn declared(&self, found: crate::topology::Declared) {
         let ms = found.consumer_timeout_ms.unwrap_or(0);

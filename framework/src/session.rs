@@ -1366,7 +1366,23 @@ impl<P: MessageProcessor> Shared<P> {
                         ),
                         _ => describe_decode_error(&e),
                     }),
-                    Ok(input) => inner.processor.handle(input, &ctx).await,
+                    Ok(input) => match inner.handler_deadline() {
+                        Some(limit) => {
+                            let left = limit.saturating_sub(started.elapsed());
+                            match tokio::time::timeout(left, inner.processor.handle(input, &ctx))
+                                .await
+                            {
+                                Ok(outcome) => outcome,
+                                Err(_) => Outcome::retry(format!(
+                                    "the handler ran {} s without an outcome, up to just under \
+                                     [amqp] consumer_timeout_ms, after which the broker takes \
+                                     the message back: stopped, and retried",
+                                    limit.as_secs()
+                                )),
+                            }
+                        }
+                        None => inner.processor.handle(input, &ctx).await,
+                    },
                 }
             })
             .catch_unwind()

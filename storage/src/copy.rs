@@ -973,7 +973,9 @@ pub async fn abort_recorded(
         Ok(()) => {}
         // A bucket not there (a store restarting before its buckets) is no upload gone:
         // forgotten then, its parts stayed in the store with no record to abort them by.
-        Err(e @ object_store::Error::NotFound { .. }) if store_trouble_code(&e) => {
+        Err(e @ object_store::Error::NotFound { .. })
+            if crate::s3::chain_texts(&e).any(|t| t.contains("<Code>NoSuchBucket</Code>")) =>
+        {
             tracing::warn!(key = %key, error = %framework::telemetry::LogText(&e.to_string()), "could not abort a multipart upload: the store's bucket is not there");
             return GivenUp::Kept;
         }

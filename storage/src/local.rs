@@ -660,7 +660,8 @@ fn sweep_staged_before(dir: &Path, now: std::time::SystemTime) -> std::io::Resul
         // process that died in that instant (never a link: `is_file` does not follow one).
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        let clock = name.starts_with(CLOCK_FILE);
+        // (`.clock`: an earlier release's file of one name, left in place.)
+        let clock = name.starts_with(CLOCK_FILE) || name == ".clock";
         // Only names this service gives its files there: anything else is no partial copy
         // of ours (an object published into a directory the store folds onto this one).
         if !clock && !is_staging_name(&name) {

@@ -331,27 +331,27 @@ pub fn resolve_unless_linked(
 
 /// Whether the root `dir` may be on a share that is not mounted: an empty directory (the
 /// mount point itself), one that cannot be read now (out of descriptors, a share gone
-/// stale), which says nothing about what is in it, or one gone — a root below the mount
-/// point (`/mnt/share/Media` of a share mounted at `/mnt/share`) is no longer there while
-/// the share is away, and it was there at start (a missing root is refused then).
+/// stale), which says nothing about what is in it, or one gone whose nearest directory
+/// still there is such a one — a root below the mount point (`/mnt/share/Media` of a share
+/// mounted at `/mnt/share`) is no longer there while the share is away. A root removed
+/// from a directory that still holds other things is gone, not away.
 pub fn may_be_unmounted(dir: &Path) -> bool {
-    match std::fs::read_dir(dir) {
-        Ok(mut entries) => entries.next().is_none(),
-        // Faults that pass (a share gone stale, out of descriptors); a root that may not
-        // be listed (EACCES) says the file is missing as well as any other.
-        Err(e) => matches!(
-            e.raw_os_error(),
-            Some(
-                libc::EMFILE
-                    | libc::ENFILE
-                    | libc::ESTALE
-                    | libc::EIO
-                    | libc::ENOTCONN
-                    | libc::ENOENT
-                    | libc::ENOTDIR
-            )
-        ),
+    for d in dir.ancestors() {
+        match std::fs::read_dir(d) {
+            Ok(mut entries) => return entries.next().is_none(),
+            // Gone: the nearest directory still there says whether with its share.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) => {}
+            // Faults that pass (a share gone stale, out of descriptors); a root that may
+            // not be listed (EACCES) says the file is missing as well as any other.
+            Err(e) => {
+                return matches!(
+                    e.raw_os_error(),
+                    Some(libc::EMFILE | libc::ENFILE | libc::ESTALE | libc::EIO | libc::ENOTCONN)
+                );
+            }
+        }
     }
+    false
 }
 
 /// The resolved file at `real` (beneath `root`), if it is a regular file.

@@ -1033,7 +1033,8 @@ impl TierCopier {
         }
         Ok(
             match copy::hash_object_described(&self.tier, key, self.policy.algorithm).await? {
-                None => Holds::Other,
+                // Gone since its size was read: the key is looked at again.
+                None => Holds::Raced,
                 Some((read, _)) if &read != d => Holds::Other,
                 Some((_, copy::Described::NotS3)) => Holds::Same(None),
                 Some((_, copy::Described::By(facts))) => Holds::Same(Some(facts)),

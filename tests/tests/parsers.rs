@@ -81,11 +81,11 @@ proptest! {
 
     #[test]
     fn s3_notifications_and_crash_ids_never_panic(v in any_json(), s in "\\PC{0,60}") {
-        let _ = crash_router::rules::classify(&v, '0', '1');
+        let _ = crash_router::rules::classify(&v, &crash_router::rules::Rules::digits('0', '1'));
         let _ = crash_router::rules::is_crash_id(&s);
         let _ = crash_router::rules::is_put_event(&s);
         let rec = json!({"eventName": "ObjectCreated:Put", "s3": {"object": {"key": s}}});
-        let _ = crash_router::rules::classify(&rec, '0', '1');
+        let _ = crash_router::rules::classify(&rec, &crash_router::rules::Rules::digits('0', '1'));
     }
 
     #[test]

@@ -8,7 +8,7 @@ use framework::{BoxError, MessageContext, MessageProcessor, Outcome, Publication
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::rules::{Record, classify, classify_eventbridge};
+use crate::rules::{Record, Rules, classify, classify_eventbridge};
 use crate::spec::{DEFAULT_SEED, QueueSpec, parse_queues, selected};
 
 /// Exchange the S3 notifications arrive on.
@@ -51,6 +51,40 @@ pub struct CrashRouterSettings {
     /// Seed for the throttle draws; unset = [`DEFAULT_SEED`] (draws stay deterministic).
     #[serde(default)]
     pub seed: Option<u64>,
+    /// Prefixes of raw-crash object keys: Socorro's collector writes `v2/raw_crash/`
+    /// (pigeon's, the default), Antenna `v1/raw_crash/`.
+    #[serde(default = "default_key_prefixes")]
+    pub key_prefixes: Vec<String>,
+}
+
+fn default_key_prefixes() -> Vec<String> {
+    vec![crate::rules::RAW_CRASH_PREFIX.to_string()]
+}
+
+/// The `[crash_router] key_prefixes` setting, checked: at least one, each a non-empty
+/// key prefix ending in `/` (a prefix without it, `v2/raw_crash`, also matches
+/// `v2/raw_crash_old/…`) and not starting with one (S3 keys do not).
+pub fn key_prefixes_of(prefixes: &[String]) -> Result<Vec<String>, ConfigError> {
+    let bad = |m: String| ConfigError::new("crash_router.key_prefixes", m);
+    if prefixes.is_empty() {
+        return Err(bad(
+            "needs at least one prefix (the default is `v2/raw_crash/`)".into(),
+        ));
+    }
+    prefixes
+        .iter()
+        .map(|p| {
+            let p = p.trim();
+            if p.is_empty() || p.starts_with('/') || !p.ends_with('/') {
+                Err(bad(format!(
+                    "`{p}` is no key prefix: one like `v2/raw_crash/` (ending in `/`, not \
+                     starting with one)"
+                )))
+            } else {
+                Ok(p.to_string())
+            }
+        })
+        .collect()
 }
 
 fn default_queues() -> String {
@@ -81,8 +115,7 @@ pub fn queues_of(spec: &str) -> Result<Vec<QueueSpec>, ConfigError> {
 /// Routes accepted crash ids to the configured queues.
 pub struct CrashRouter {
     queues: Vec<QueueSpec>,
-    accept: char,
-    defer: char,
+    rules: Rules,
     seed: u64,
 }
 
@@ -107,10 +140,15 @@ impl CrashRouter {
         );
         Self {
             queues,
-            accept,
-            defer,
+            rules: Rules::digits(accept, defer),
             seed: seed.unwrap_or(DEFAULT_SEED),
         }
+    }
+
+    /// This router with raw crashes' keys under `prefixes` (`[crash_router] key_prefixes`).
+    pub fn with_key_prefixes(mut self, prefixes: Vec<String>) -> Self {
+        self.rules.prefixes = prefixes;
+        self
     }
 
     /// Everything that decides the order of a notification's (crash id, queue) pairs:
@@ -123,7 +161,7 @@ impl CrashRouter {
             .collect();
         format!(
             "accept={} seed={} {}",
-            self.accept,
+            self.rules.accept,
             self.seed,
             queues.join(",")
         )
@@ -279,7 +317,7 @@ impl CrashRouter {
         let (accept, rest) = rest.split_once(" seed=")?;
         let (seed, rest) = rest.split_once(' ')?;
         let (specs, _) = rest.rsplit_once(" pairs=")?;
-        if accept != self.accept.to_string() {
+        if accept != self.rules.accept.to_string() {
             return None;
         }
         let queues = specs
@@ -294,8 +332,7 @@ impl CrashRouter {
             .collect::<Option<Vec<_>>>()?;
         Some(CrashRouter {
             queues,
-            accept: self.accept,
-            defer: self.defer,
+            rules: self.rules.clone(),
             seed: seed.parse().ok()?,
         })
     }
@@ -618,7 +655,7 @@ impl CrashRouter {
         {
             // EventBridge carries one object event per message.
             tally.add(1)?;
-            return Ok(vec![classify_eventbridge(&input, self.accept, self.defer)]);
+            return Ok(vec![classify_eventbridge(&input, &self.rules)]);
         }
         if let Some(records) = input.get("Records").and_then(Value::as_array) {
             if inner {
@@ -642,7 +679,7 @@ impl CrashRouter {
                         if !inner {
                             tally.add(1)?;
                         }
-                        out.push(classify(r, self.accept, self.defer));
+                        out.push(classify(r, &self.rules));
                     }
                 }
             }
@@ -844,19 +881,22 @@ impl Service for CrashRouterService {
             }
         }
         digits(&cfg.settings.accept_digit)?;
+        key_prefixes_of(&cfg.settings.key_prefixes)?;
         Ok(())
     }
 
     async fn processor(cfg: &Config<CrashRouterSettings>) -> Result<CrashRouter, BoxError> {
         let queues = queues_of(&cfg.settings.queues)?;
         let (accept, defer) = digits(&cfg.settings.accept_digit)?;
+        let prefixes = key_prefixes_of(&cfg.settings.key_prefixes)?;
         tracing::info!(
             queues = %queues.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
             accept_digit = %accept,
+            key_prefixes = %prefixes.join(","),
             seeded = cfg.settings.seed.is_some(),
             "crash router configured"
         );
-        Ok(CrashRouter::new(queues, accept, defer, cfg.settings.seed))
+        Ok(CrashRouter::new(queues, accept, defer, cfg.settings.seed).with_key_prefixes(prefixes))
     }
 }
 
@@ -1537,6 +1577,22 @@ mod tests {
         assert_eq!(digits("1").unwrap(), ('1', '0'));
         for bad in ["2", "", "01", "a"] {
             assert_eq!(digits(bad).unwrap_err().key, "crash_router.accept_digit");
+        }
+    }
+
+    #[test]
+    fn key_prefixes_validation() {
+        let list = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            key_prefixes_of(&list(&[" v2/raw_crash/", "v1/raw_crash/ "])).unwrap(),
+            list(&["v2/raw_crash/", "v1/raw_crash/"])
+        );
+        for bad in [&[][..], &[""], &["v2/raw_crash"], &["/v2/raw_crash/"]] {
+            assert_eq!(
+                key_prefixes_of(&list(bad)).unwrap_err().key,
+                "crash_router.key_prefixes",
+                "{bad:?}"
+            );
         }
     }
 }

@@ -4,8 +4,31 @@ use std::borrow::Cow;
 
 use serde_json::Value;
 
-/// Prefix of raw-crash object keys.
+/// Prefix of raw-crash object keys (design §7; `[crash_router] key_prefixes` by default).
 pub const RAW_CRASH_PREFIX: &str = "v2/raw_crash/";
+
+/// What makes a record a crash to route: the throttle digits and the key prefixes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rules {
+    /// The throttle digit that means accept.
+    pub accept: char,
+    /// The throttle digit that means defer.
+    pub defer: char,
+    /// Prefixes of raw-crash object keys (Socorro's collector writes `v2/raw_crash/`;
+    /// Antenna, its successor, `v1/raw_crash/`).
+    pub prefixes: Vec<String>,
+}
+
+impl Rules {
+    /// Rules of the digits `accept` and `defer` under [`RAW_CRASH_PREFIX`].
+    pub fn digits(accept: char, defer: char) -> Self {
+        Self {
+            accept,
+            defer,
+            prefixes: vec![RAW_CRASH_PREFIX.to_string()],
+        }
+    }
+}
 
 /// What one S3 event record means for routing.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,9 +91,8 @@ fn object_key(raw: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
-/// Classifies one record of an S3 event notification. `accept` is the throttle digit
-/// that means accept; `defer` the one that means defer.
-pub fn classify(record: &Value, accept: char, defer: char) -> Record {
+/// Classifies one record of an S3 event notification by `rules`.
+pub fn classify(record: &Value, rules: &Rules) -> Record {
     let Some(name) = record.get("eventName").and_then(Value::as_str) else {
         return Record::Junk("record has no string `eventName`".into());
     };
@@ -85,7 +107,7 @@ pub fn classify(record: &Value, accept: char, defer: char) -> Record {
     else {
         return Record::Junk("record has no string `s3.object.key`".into());
     };
-    classify_key(&object_key(key), accept, defer)
+    classify_key(&object_key(key), rules)
 }
 
 /// The `reason` of an EventBridge "Object Created" event that S3 notifications call
@@ -97,7 +119,7 @@ pub const EVENTBRIDGE_PUT_REASON: &str = "PutObject";
 /// "Object Created" event with reason `PutObject` is an `ObjectCreated:Put`. Its key is the
 /// object's key as stored (EventBridge does not URL-encode it), so it is not decoded: a
 /// `+` or `%` in it is part of the key.
-pub fn classify_eventbridge(event: &Value, accept: char, defer: char) -> Record {
+pub fn classify_eventbridge(event: &Value, rules: &Rules) -> Record {
     let Some(detail_type) = event.get("detail-type").and_then(Value::as_str) else {
         return Record::Junk("EventBridge event has no string `detail-type`".into());
     };
@@ -120,13 +142,16 @@ pub fn classify_eventbridge(event: &Value, accept: char, defer: char) -> Record 
     else {
         return Record::Junk("EventBridge event has no string `detail.object.key`".into());
     };
-    classify_key(key, accept, defer)
+    classify_key(key, rules)
 }
 
 /// Classifies a created object by its key (decoded): a raw crash, and which.
-fn classify_key(key: &str, accept: char, defer: char) -> Record {
-    if !key.starts_with(RAW_CRASH_PREFIX) {
-        return Record::Ignored(format!("key `{key}` is not under {RAW_CRASH_PREFIX}").into());
+fn classify_key(key: &str, rules: &Rules) -> Record {
+    let (accept, defer) = (rules.accept, rules.defer);
+    if !rules.prefixes.iter().any(|p| key.starts_with(p.as_str())) {
+        return Record::Ignored(
+            format!("key `{key}` is not under {}", rules.prefixes.join(" or ")).into(),
+        );
     }
     let id = key.rsplit('/').next().unwrap_or_default();
     if !is_crash_id(id) {
@@ -148,6 +173,24 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// Antenna's keys (`v1/raw_crash/<date>/<crash id>`) are routed once their prefix is
+    /// configured, and ignored under the default (pigeon's `v2/raw_crash/`) alone.
+    #[test]
+    fn other_key_prefixes_are_routed_when_configured() {
+        let key = "v1/raw_crash/20240115/de1bb258-cbbf-4589-a673-34f800240115";
+        let r = json!({"eventName": "ObjectCreated:Put", "s3": {"object": {"key": key}}});
+        assert!(matches!(
+            classify(&r, &Rules::digits('0', '1')),
+            Record::Ignored(_)
+        ));
+        let mut both = Rules::digits('0', '1');
+        both.prefixes.push("v1/raw_crash/".into());
+        assert_eq!(
+            classify(&r, &both),
+            Record::Accepted("de1bb258-cbbf-4589-a673-34f800240115".into())
+        );
+    }
+
     fn rec(event: &str, key: &str) -> Value {
         json!({"eventName": event, "s3": {"bucket": {"name": "b"}, "object": {"key": key}}})
     }
@@ -161,15 +204,21 @@ mod tests {
         // MinIO encodes `/`; AWS sends a space as `+` (a key that is then not a crash id).
         let minio = ACCEPT_KEY.replace('/', "%2F");
         assert_eq!(
-            classify(&rec("s3:ObjectCreated:Put", &minio), '0', '1'),
+            classify(
+                &rec("s3:ObjectCreated:Put", &minio),
+                &Rules::digits('0', '1')
+            ),
             Record::Accepted("00007bd0-2d1c-4865-af09-80bc00180313".into())
         );
         assert!(matches!(
-            classify(&rec("ObjectCreated:Put", "v2/raw_crash/a+b/%ZZ"), '0', '1'),
+            classify(&rec("ObjectCreated:Put", "v2/raw_crash/a+b/%ZZ"), &Rules::digits('0', '1')),
             Record::Junk(why) if why.contains("v2/raw_crash/a b/%ZZ")
         ));
         assert!(matches!(
-            classify(&rec("ObjectCreated:Put", "v2%2Fraw_crash%2F%FF"), '0', '1'),
+            classify(
+                &rec("ObjectCreated:Put", "v2%2Fraw_crash%2F%FF"),
+                &Rules::digits('0', '1')
+            ),
             Record::Ignored(_)
         ));
     }
@@ -205,11 +254,17 @@ mod tests {
     #[test]
     fn design_example_key_is_accepted_with_digit_0() {
         assert_eq!(
-            classify(&rec("ObjectCreated:Put", ACCEPT_KEY), '0', '1'),
+            classify(
+                &rec("ObjectCreated:Put", ACCEPT_KEY),
+                &Rules::digits('0', '1')
+            ),
             Record::Accepted("00007bd0-2d1c-4865-af09-80bc00180313".into())
         );
         assert!(matches!(
-            classify(&rec("s3:ObjectCreated:Put", ACCEPT_KEY), '0', '1'),
+            classify(
+                &rec("s3:ObjectCreated:Put", ACCEPT_KEY),
+                &Rules::digits('0', '1')
+            ),
             Record::Accepted(_)
         ));
     }
@@ -217,11 +272,17 @@ mod tests {
     #[test]
     fn defer_and_junk_digits() {
         assert_eq!(
-            classify(&rec("ObjectCreated:Put", DEFER_KEY), '0', '1'),
+            classify(
+                &rec("ObjectCreated:Put", DEFER_KEY),
+                &Rules::digits('0', '1')
+            ),
             Record::Deferred("00007bd0-2d1c-4865-af09-80bc01180313".into())
         );
         assert!(matches!(
-            classify(&rec("ObjectCreated:Put", JUNK_KEY), '0', '1'),
+            classify(
+                &rec("ObjectCreated:Put", JUNK_KEY),
+                &Rules::digits('0', '1')
+            ),
             Record::Junk(_)
         ));
     }
@@ -229,11 +290,17 @@ mod tests {
     #[test]
     fn accept_digit_1_swaps_the_meaning() {
         assert!(matches!(
-            classify(&rec("ObjectCreated:Put", DEFER_KEY), '1', '0'),
+            classify(
+                &rec("ObjectCreated:Put", DEFER_KEY),
+                &Rules::digits('1', '0')
+            ),
             Record::Accepted(_)
         ));
         assert!(matches!(
-            classify(&rec("ObjectCreated:Put", ACCEPT_KEY), '1', '0'),
+            classify(
+                &rec("ObjectCreated:Put", ACCEPT_KEY),
+                &Rules::digits('1', '0')
+            ),
             Record::Deferred(_)
         ));
     }
@@ -247,7 +314,10 @@ mod tests {
             "",
         ] {
             assert!(
-                matches!(classify(&rec(ev, ACCEPT_KEY), '0', '1'), Record::Ignored(_)),
+                matches!(
+                    classify(&rec(ev, ACCEPT_KEY), &Rules::digits('0', '1')),
+                    Record::Ignored(_)
+                ),
                 "{ev}"
             );
         }
@@ -259,7 +329,7 @@ mod tests {
         ] {
             assert!(
                 matches!(
-                    classify(&rec("ObjectCreated:Put", key), '0', '1'),
+                    classify(&rec("ObjectCreated:Put", key), &Rules::digits('0', '1')),
                     Record::Ignored(_)
                 ),
                 "{key}"
@@ -281,7 +351,7 @@ mod tests {
             let key = format!("v2/raw_crash/000/20180313/{id}");
             assert!(
                 matches!(
-                    classify(&rec("ObjectCreated:Put", &key), '0', '1'),
+                    classify(&rec("ObjectCreated:Put", &key), &Rules::digits('0', '1')),
                     Record::Junk(_)
                 ),
                 "{id}"
@@ -300,16 +370,14 @@ mod tests {
         assert_eq!(
             classify_eventbridge(
                 &eventbridge("Object Created", "PutObject", ACCEPT_KEY),
-                '0',
-                '1'
+                &Rules::digits('0', '1'),
             ),
             Record::Accepted(id.into())
         );
         assert!(matches!(
             classify_eventbridge(
                 &eventbridge("Object Created", "PutObject", DEFER_KEY),
-                '0',
-                '1'
+                &Rules::digits('0', '1'),
             ),
             Record::Deferred(_)
         ));
@@ -318,16 +386,14 @@ mod tests {
         assert!(matches!(
             classify_eventbridge(
                 &eventbridge("Object Created", "PutObject", &encoded),
-                '0',
-                '1'
+                &Rules::digits('0', '1'),
             ),
             Record::Ignored(_)
         ));
         assert!(matches!(
             classify_eventbridge(
                 &eventbridge("Object Created", "PutObject", "v2/raw_crash/a+b/x"),
-                '0',
-                '1'
+                &Rules::digits('0', '1'),
             ),
             Record::Junk(why) if why.contains("v2/raw_crash/a+b/x")
         ));
@@ -339,7 +405,10 @@ mod tests {
         ] {
             assert!(
                 matches!(
-                    classify_eventbridge(&eventbridge(dt, reason, ACCEPT_KEY), '0', '1'),
+                    classify_eventbridge(
+                        &eventbridge(dt, reason, ACCEPT_KEY),
+                        &Rules::digits('0', '1')
+                    ),
                     Record::Ignored(_)
                 ),
                 "{dt} {reason}"
@@ -352,7 +421,10 @@ mod tests {
                    "detail": {"reason": "PutObject", "object": {"key": 7}}}),
         ] {
             assert!(
-                matches!(classify_eventbridge(&bad, '0', '1'), Record::Junk(_)),
+                matches!(
+                    classify_eventbridge(&bad, &Rules::digits('0', '1')),
+                    Record::Junk(_)
+                ),
                 "{bad}"
             );
         }
@@ -368,7 +440,10 @@ mod tests {
             json!({"eventName": "ObjectCreated:Put", "s3": {"object": {}}}),
             json!({"eventName": "ObjectCreated:Put", "s3": {"object": {"key": 7}}}),
         ] {
-            assert!(matches!(classify(&r, '0', '1'), Record::Junk(_)), "{r}");
+            assert!(
+                matches!(classify(&r, &Rules::digits('0', '1')), Record::Junk(_)),
+                "{r}"
+            );
         }
     }
 }

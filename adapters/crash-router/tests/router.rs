@@ -881,6 +881,7 @@ fn check_config_shows_the_defaults_and_env_overrides() {
     assert_eq!(cfg["settings"]["queues"], "socorro.normal");
     assert_eq!(cfg["settings"]["accept_digit"], "0");
     assert_eq!(cfg["settings"]["seed"], Value::Null);
+    assert_eq!(cfg["settings"]["key_prefixes"], json!(["v2/raw_crash/"]));
     assert_eq!(cfg["service"]["queue"], "storagetier-crash-router");
 
     let out = run_bin(
@@ -891,6 +892,10 @@ fn check_config_shows_the_defaults_and_env_overrides() {
                 "socorro.normal, 15:socorro.submitter",
             ),
             ("STORAGETIER__CRASH_ROUTER__SEED", "42"),
+            (
+                "STORAGETIER__CRASH_ROUTER__KEY_PREFIXES",
+                "v2/raw_crash/,v1/raw_crash/",
+            ),
         ],
     );
     assert_eq!(
@@ -901,6 +906,27 @@ fn check_config_shows_the_defaults_and_env_overrides() {
     );
     let cfg: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(cfg["settings"]["seed"], 42);
+    assert_eq!(
+        cfg["settings"]["key_prefixes"],
+        json!(["v2/raw_crash/", "v1/raw_crash/"])
+    );
+    // One prefix alone (no comma) is a list of one; a prefix without its `/` is refused.
+    let out = run_bin(
+        &["check-config"],
+        &[("STORAGETIER__CRASH_ROUTER__KEY_PREFIXES", "v1/raw_crash/")],
+    );
+    let cfg: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(cfg["settings"]["key_prefixes"], json!(["v1/raw_crash/"]));
+    let out = run_bin(
+        &["check-config"],
+        &[("STORAGETIER__CRASH_ROUTER__KEY_PREFIXES", "v1/raw_crash")],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("crash_router.key_prefixes"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// An SQS batch of a few envelopes whose bodies each hold thousands of `Records` is
