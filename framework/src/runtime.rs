@@ -143,17 +143,27 @@ impl<P> Inner<P> {
     /// 4.3 hands it out again without counting it toward the delivery limit, so a handler
     /// that never returns held its message for ever, a day at a time. None where the
     /// broker's own applies (`0`).
+    ///
+    /// The margin before it is a tenth of it (at most a minute), and room for the retry's
+    /// publish and confirm (`[amqp] operation_timeout_ms` and 5 s), at most a third.
     pub(crate) fn handler_deadline(&self) -> Option<std::time::Duration> {
+        use std::time::Duration;
         let configured = self.amqp.consumer_timeout_ms;
         let kept = self
             .kept_consumer_timeout_ms
             .load(std::sync::atomic::Ordering::Relaxed);
         let ms = match (configured, kept) {
-            (0, _) => return None,
+            (0, 0) => return None,
             (c, 0) => c,
+            (0, k) => k,
             (c, k) => c.min(k),
         };
-        Some(std::time::Duration::from_millis(ms - (ms / 10).min(60_000)))
+        let timeout = Duration::from_millis(ms);
+        let margin = (timeout / 10)
+            .min(Duration::from_secs(60))
+            .max(self.amqp.operation_timeout() + Duration::from_secs(5))
+            .min(timeout / 3);
+        Some(timeout - margin)
     }
 
     /// Notes what the last declaration found kept on `Q`.

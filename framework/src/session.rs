@@ -223,6 +223,44 @@ impl SessionTasks {
     }
 }
 
+/// The outcome of a handler past its deadline ([`crate::runtime::Inner::handler_deadline`]):
+/// stopped, and its message retried (counted) — or given back where the processor keeps
+/// its place (ordered mode). Stopped while it awaits the confirm of something it published
+/// (a part's dead letter, a routed id), that may land all the same while its progress mark
+/// is never made, and the retry does it twice: such a handler is polled on until no
+/// confirm is awaited (at most `grace`), as a drain does (see [`SessionTasks::end`]).
+async fn past_deadline(
+    mut handling: impl std::future::Future<Output = Outcome> + Unpin,
+    confirming: &Confirming,
+    ctx: &MessageContext,
+    started: Instant,
+    grace: Duration,
+) -> Outcome {
+    let stopped = async {
+        tokio::select! {
+            () = confirming.idle() => {}
+            () = tokio::time::sleep(grace) => {}
+        }
+    };
+    tokio::select! {
+        biased;
+        outcome = &mut handling => return outcome,
+        () = stopped => {}
+    }
+    let why = format!(
+        "the handler ran {} s without an outcome, up to just under the queue's consumer \
+         timeout ([amqp] consumer_timeout_ms), after which the broker takes the message back: \
+         stopped",
+        started.elapsed().as_secs()
+    );
+    warn!("{why}");
+    if ctx.keeps_place() {
+        Outcome::Interrupted(format!("{why}, and given back in its place"))
+    } else {
+        Outcome::Retry(format!("{why}, and retried"))
+    }
+}
+
 /// Whether a handler awaits the confirm of what it published (its outcome, a part's dead
 /// letter, a publish of the processor's own): such a handler is not stopped with the
 /// others when the drain budget runs out (see [`SessionTasks::end`]). Stopped, its input
@@ -1368,17 +1406,21 @@ impl<P: MessageProcessor> Shared<P> {
                     }),
                     Ok(input) => match inner.handler_deadline() {
                         Some(limit) => {
+                            let handling = inner.processor.handle(input, &ctx);
+                            tokio::pin!(handling);
                             let left = limit.saturating_sub(started.elapsed());
-                            match tokio::time::timeout(left, inner.processor.handle(input, &ctx))
-                                .await
-                            {
+                            match tokio::time::timeout(left, &mut handling).await {
                                 Ok(outcome) => outcome,
-                                Err(_) => Outcome::retry(format!(
-                                    "the handler ran {} s without an outcome, up to just under \
-                                     [amqp] consumer_timeout_ms, after which the broker takes \
-                                     the message back: stopped, and retried",
-                                    limit.as_secs()
-                                )),
+                                Err(_) => {
+                                    past_deadline(
+                                        &mut handling,
+                                        confirming,
+                                        &ctx,
+                                        started,
+                                        inner.amqp.operation_timeout(),
+                                    )
+                                    .await
+                                }
                             }
                         }
                         None => inner.processor.handle(input, &ctx).await,

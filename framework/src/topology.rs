@@ -758,11 +758,15 @@ impl Topology {
                         .contains(&format!("invalid arg '{CONSUMER_TIMEOUT}'"))
                     && args.contains_key(CONSUMER_TIMEOUT)
                 {
-                    tracing::warn!(queue = %q.name,
-                        "the broker takes no x-consumer-timeout on this queue type (RabbitMQ 4.3: \
-                         quorum queues only, the only ones it times out); declared without it \
-                         (a broker that times out classic queues' consumers: set a \
-                         consumer-timeout policy)");
+                    // Once a process: every reconnect declares again, and nothing changes.
+                    static SAID: std::sync::Once = std::sync::Once::new();
+                    SAID.call_once(|| {
+                        tracing::warn!(queue = %q.name,
+                            "the broker takes no x-consumer-timeout on this queue type (RabbitMQ \
+                             4.3: quorum queues only, the only ones it times out); declared \
+                             without it (a broker that times out classic queues' consumers: set \
+                             a consumer-timeout policy)");
+                    });
                     ch = conn.create_channel().await?;
                     args = crate::headers::without(&args, &[CONSUMER_TIMEOUT]);
                     continue;

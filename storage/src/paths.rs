@@ -81,6 +81,9 @@ pub struct Root {
     pub configured: PathBuf,
     /// Its canonical form.
     pub canonical: PathBuf,
+    /// The device it was on at start (`st_dev`): a root gone since, whose nearest
+    /// directory still there is on another device, went with the filesystem it was on.
+    pub device: u64,
 }
 
 /// A file inside a root, opened once beneath it.
@@ -126,13 +129,16 @@ pub fn open_roots(roots: &[PathBuf], create: bool) -> Result<Vec<Root>, RootErro
                     RootError::Io(shown.clone(), e)
                 }
             })?;
-            if !canonical.is_dir() {
+            let meta =
+                std::fs::metadata(&canonical).map_err(|e| RootError::Io(shown.clone(), e))?;
+            if !meta.is_dir() {
                 return Err(RootError::NotADirectory(shown));
             }
             let abs = std::path::absolute(r).map_err(|e| RootError::Io(shown, e))?;
             Ok(Root {
                 configured: normalize(&abs),
                 canonical,
+                device: std::os::unix::fs::MetadataExt::dev(&meta),
             })
         })
         .collect()
@@ -329,26 +335,46 @@ pub fn resolve_unless_linked(
     Err(last_err)
 }
 
-/// Whether the root `dir` may be on a share that is not mounted: an empty directory (the
-/// mount point itself), one that cannot be read now (out of descriptors, a share gone
-/// stale), which says nothing about what is in it, or one gone whose nearest directory
-/// still there is such a one — a root below the mount point (`/mnt/share/Media` of a share
-/// mounted at `/mnt/share`) is no longer there while the share is away. A root removed
-/// from a directory that still holds other things is gone, not away.
-pub fn may_be_unmounted(dir: &Path) -> bool {
-    for d in dir.ancestors() {
-        match std::fs::read_dir(d) {
-            Ok(mut entries) => return entries.next().is_none(),
-            // Gone: the nearest directory still there says whether with its share.
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) => {}
-            // Faults that pass (a share gone stale, out of descriptors); a root that may
-            // not be listed (EACCES) says the file is missing as well as any other.
-            Err(e) => {
-                return matches!(
-                    e.raw_os_error(),
-                    Some(libc::EMFILE | libc::ENFILE | libc::ESTALE | libc::EIO | libc::ENOTCONN)
-                );
+/// Whether `root` may be on a share that is not mounted: an empty directory (the mount
+/// point itself), one that cannot be read now (out of descriptors, a share gone stale or
+/// not answering), which says nothing about what is in it, or one gone whose nearest
+/// directory still there is on another device than the root was at start, or empty — a
+/// root below its share's mount point (`/mnt/share/Media`), or under an automounter's
+/// directory (`/mnt/auto/share/Media`), is no longer there while the share is away. A
+/// root removed from a directory of its own filesystem is gone, not away.
+pub fn may_be_unmounted(root: &Root) -> bool {
+    let passing = |e: &std::io::Error| {
+        matches!(
+            e.raw_os_error(),
+            Some(
+                libc::EMFILE
+                    | libc::ENFILE
+                    | libc::ESTALE
+                    | libc::EIO
+                    | libc::ENOTCONN
+                    | libc::ENODEV
+                    | libc::EHOSTDOWN
+                    | libc::EHOSTUNREACH
+                    | libc::ETIMEDOUT
+            )
+        )
+    };
+    let gone = |e: &std::io::Error| matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR));
+    match std::fs::read_dir(&root.canonical) {
+        Ok(mut entries) => return entries.next().is_none(),
+        // A root that may not be listed (EACCES) says the file is missing as well as any
+        // other.
+        Err(e) if !gone(&e) => return passing(&e),
+        Err(_) => {}
+    }
+    for d in root.canonical.ancestors().skip(1) {
+        match std::fs::metadata(d) {
+            Ok(meta) => {
+                let empty = std::fs::read_dir(d).is_ok_and(|mut e| e.next().is_none());
+                return empty || std::os::unix::fs::MetadataExt::dev(&meta) != root.device;
             }
+            Err(e) if gone(&e) => {}
+            Err(e) => return passing(&e),
         }
     }
     false

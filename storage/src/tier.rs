@@ -173,7 +173,7 @@ fn open_source(
             let unmounted = roots
                 .iter()
                 .filter(|r| under.iter().any(|c| c.starts_with(&r.canonical)))
-                .find(|r| paths::may_be_unmounted(&r.canonical));
+                .find(|r| paths::may_be_unmounted(r));
             return match unmounted {
                 Some(r) => Err(TierError::Unavailable(format!(
                     "the online root {} is empty, unreadable or gone (a share not mounted?), \

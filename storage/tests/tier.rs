@@ -2514,6 +2514,35 @@ async fn a_root_gone_with_its_share_is_an_outage() {
     }
 }
 
+/// A root on a share an automounter mounts (`/mnt/auto/share/Media`): while the share is
+/// away its directory is gone too, and the nearest one still there lists the other
+/// shares — on another device than the root was: an outage, not a dead letter per file.
+/// (Mounts a tmpfs: the suite runs as root.)
+#[tokio::test]
+async fn a_root_whose_automounted_share_went_is_an_outage() {
+    let base = tempfile::tempdir().expect("temp");
+    let tier = storage::store::local(&base.path().join("store")).expect("tier");
+    let auto = base.path().join("auto");
+    let share = auto.join("share");
+    std::fs::create_dir_all(&share).expect("dir");
+    std::fs::create_dir_all(auto.join("other-share")).expect("dir");
+    let mounted = Mounted::at(&share);
+    let root = share.join("Media");
+    std::fs::create_dir_all(root.join("p")).expect("dir");
+    let roots = open_roots(std::slice::from_ref(&root), true).expect("roots");
+    let c = TierCopier::new(roots, tier, records(base.path()).await, policy());
+    drop(mounted);
+    std::fs::remove_dir(&share).expect("the automounter's directory goes");
+    let msg: AssetSweeperFile = serde_json::from_value(sweeper_message(
+        &format!("{}/p", root.display()),
+        "take.mov",
+        false,
+    ))
+    .expect("message");
+    let e = outage(c.handle(&msg, 1).await);
+    assert!(e.contains("gone"), "{e}");
+}
+
 /// A relative name that one root holds no file under (a directory there) while another
 /// root the name can be under is empty — a share not mounted — is retried, not
 /// dead-lettered as "not a regular file": the share, once back, may hold the file; with
