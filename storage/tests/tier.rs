@@ -39,13 +39,18 @@ fn copier(base: &Path, root: &str, tier: Tier, records: Records) -> TierCopier {
     TierCopier::new(roots, tier, records, policy())
 }
 
+/// The sweeper's message naming `filename` in `parent_dir` (a file it saw as new).
+fn message(parent_dir: &str, filename: &str) -> AssetSweeperFile {
+    serde_json::from_value(sweeper_message(parent_dir, filename, false)).expect("message")
+}
+
 /// Writes `<base>/<root>/<rel>`; the message names it relative to the root.
 fn put(base: &Path, root: &str, rel: &str, content: &[u8]) -> AssetSweeperFile {
     let p = base.join(root).join(rel);
     std::fs::create_dir_all(p.parent().expect("parent")).expect("dir");
     std::fs::write(&p, content).expect("write");
     let (dir, name) = rel.rsplit_once('/').unwrap_or(("", rel));
-    serde_json::from_value(sweeper_message(dir, name, false)).expect("message")
+    message(dir, name)
 }
 
 fn sha256(b: &[u8]) -> String {
@@ -309,8 +314,7 @@ async fn a_vault_file_swept_through_an_online_root_is_no_copy_of_itself() {
             &content(size, 3),
         );
         assert!(copied(c.handle(&first, 1).await).uploaded, "{name}");
-        let swept: AssetSweeperFile =
-            serde_json::from_value(sweeper_message("vault/show", name, false)).expect("message");
+        let swept: AssetSweeperFile = message("vault/show", name);
         for delivery in 1..=2 {
             match c.handle(&swept, delivery).await {
                 Err(TierError::Permanent(e)) => assert!(e.contains("itself"), "{name}: {e}"),
@@ -338,8 +342,7 @@ async fn an_archive_copy_swept_through_an_online_root_is_not_copied_into_the_sto
             &content(size, 5),
         );
         assert!(copied(c.handle(&first, 1).await).uploaded, "{name}");
-        let swept: AssetSweeperFile =
-            serde_json::from_value(sweeper_message(".archive/show", name, false)).expect("message");
+        let swept: AssetSweeperFile = message(".archive/show", name);
         for delivery in 1..=2 {
             match c.handle(&swept, delivery).await {
                 Err(TierError::Permanent(e)) => {
@@ -2000,8 +2003,7 @@ async fn a_key_reused_for_other_content_is_no_copy_of_the_first_file() {
     put(base.path(), "nas2", "p/a.bin", &y);
     // Named absolutely: a relative path is looked for in each root in turn.
     let nas2 = base.path().join("nas2/p").display().to_string();
-    let second: AssetSweeperFile =
-        serde_json::from_value(sweeper_message(&nas2, "a.bin", false)).expect("message");
+    let second: AssetSweeperFile = message(&nas2, "a.bin");
     assert_eq!(copied(c.handle(&second, 1).await).key, "p/a.bin");
     let again = copied(c.handle(&first, 2).await);
     assert_eq!(again.checksum, sha256(&x), "{again:?}");
@@ -2026,7 +2028,7 @@ async fn a_missing_file_under_an_empty_root_is_retried_not_dead_lettered() {
     put(base.path(), "nas1", "p/here.bin", b"here");
     let at = |root: &str, name: &str| -> AssetSweeperFile {
         let dir = base.path().join(root).join("p").display().to_string();
-        serde_json::from_value(sweeper_message(&dir, name, false)).expect("message")
+        message(&dir, name)
     };
     let e = outage(c.handle(&at("nas2", "a.bin"), 1).await);
     assert!(e.contains("is empty"), "{e}");
@@ -2445,22 +2447,19 @@ async fn a_missing_file_is_not_blamed_on_another_empty_root() {
     let roots = open_roots(&[full.clone(), spare.clone()], true).expect("roots");
     let c = TierCopier::new(roots, tier, records(base.path()).await, policy());
     let missing = format!("{}/p", full.display());
-    let msg: AssetSweeperFile =
-        serde_json::from_value(sweeper_message(&missing, "gone.mov", false)).expect("message");
+    let msg: AssetSweeperFile = message(&missing, "gone.mov");
     match c.handle(&msg, 1).await {
         Err(TierError::Permanent(e)) => assert!(e.contains("gone.mov"), "{e}"),
         other => panic!("expected Permanent, got {other:?}"),
     }
     // Under the empty root itself it is still a share that may not be mounted.
     let unmounted = format!("{}/p", spare.display());
-    let msg: AssetSweeperFile =
-        serde_json::from_value(sweeper_message(&unmounted, "x.mov", false)).expect("message");
+    let msg: AssetSweeperFile = message(&unmounted, "x.mov");
     assert!(transient(c.handle(&msg, 1).await).contains("empty"));
     // A relative path that climbs out of every root is under none of them, the empty one
     // included: refused at once, not retried as an outage for up to `max_outage_ms`.
     for climbing in ["../../etc", "p/../../.."] {
-        let msg: AssetSweeperFile =
-            serde_json::from_value(sweeper_message(climbing, "passwd", false)).expect("message");
+        let msg: AssetSweeperFile = message(climbing, "passwd");
         match c.handle(&msg, 1).await {
             Err(TierError::Permanent(e)) => assert!(e.contains("passwd"), "{climbing}: {e}"),
             other => panic!("{climbing}: expected Permanent, got {other:?}"),
@@ -2482,19 +2481,13 @@ async fn a_root_gone_with_its_share_is_an_outage() {
     std::fs::write(root.join("p/take.mov"), b"x").expect("file");
     let roots = open_roots(std::slice::from_ref(&root), true).expect("roots");
     let c = TierCopier::new(roots, tier, records(base.path()).await, policy());
-    let msg: AssetSweeperFile = serde_json::from_value(sweeper_message(
-        &format!("{}/p", root.display()),
-        "take.mov",
-        false,
-    ))
-    .expect("message");
+    let msg: AssetSweeperFile = message(&format!("{}/p", root.display()), "take.mov");
     let away = base.path().join("share-tree");
     std::fs::rename(&root, &away).expect("unmounted");
     let e = outage(c.handle(&msg, 1).await);
     assert!(e.contains("gone"), "{e}");
     // Relative to the root too.
-    let relative: AssetSweeperFile =
-        serde_json::from_value(sweeper_message("p", "take.mov", false)).expect("message");
+    let relative: AssetSweeperFile = message("p", "take.mov");
     outage(c.handle(&relative, 1).await);
     std::fs::rename(&away, &root).expect("mounted again");
     assert_eq!(copied(c.handle(&relative, 2).await).checksum, sha256(b"x"));
@@ -2502,12 +2495,7 @@ async fn a_root_gone_with_its_share_is_an_outage() {
     // its files are missing.
     std::fs::write(mount_point.join("other"), b"o").expect("file");
     std::fs::rename(&root, &away).expect("removed");
-    let never: AssetSweeperFile = serde_json::from_value(sweeper_message(
-        &format!("{}/p", root.display()),
-        "never.mov",
-        false,
-    ))
-    .expect("message");
+    let never: AssetSweeperFile = message(&format!("{}/p", root.display()), "never.mov");
     match c.handle(&never, 1).await {
         Err(TierError::Permanent(e)) => assert!(e.contains("never.mov"), "{e}"),
         other => panic!("expected Permanent, got {other:?}"),
@@ -2533,12 +2521,7 @@ async fn a_root_whose_automounted_share_went_is_an_outage() {
     let c = TierCopier::new(roots, tier, records(base.path()).await, policy());
     drop(mounted);
     std::fs::remove_dir(&share).expect("the automounter's directory goes");
-    let msg: AssetSweeperFile = serde_json::from_value(sweeper_message(
-        &format!("{}/p", root.display()),
-        "take.mov",
-        false,
-    ))
-    .expect("message");
+    let msg: AssetSweeperFile = message(&format!("{}/p", root.display()), "take.mov");
     let e = outage(c.handle(&msg, 1).await);
     assert!(e.contains("gone"), "{e}");
 }
@@ -2557,8 +2540,7 @@ async fn a_name_that_is_no_file_in_one_root_waits_for_an_unmounted_other() {
     std::fs::create_dir_all(&spare).expect("dir");
     let roots = open_roots(&[full.clone(), spare.clone()], true).expect("roots");
     let c = TierCopier::new(roots, tier, records(base.path()).await, policy());
-    let msg: AssetSweeperFile =
-        serde_json::from_value(sweeper_message("p", "dir.mov", false)).expect("message");
+    let msg: AssetSweeperFile = message("p", "dir.mov");
     assert!(transient(c.handle(&msg, 1).await).contains("empty"));
     std::fs::write(spare.join("other"), b"mounted").expect("the share is back");
     match c.handle(&msg, 2).await {
@@ -2866,12 +2848,7 @@ async fn another_files_object_too_long_to_record_with_this_path_is_not_reused() 
     let f = deep.join("f/clip.mov");
     std::fs::create_dir_all(f.parent().expect("parent")).expect("dir");
     std::fs::write(&f, &body).expect("write");
-    let msg: AssetSweeperFile = serde_json::from_value(sweeper_message(
-        &deep.join("f").display().to_string(),
-        "clip.mov",
-        false,
-    ))
-    .expect("message");
+    let msg: AssetSweeperFile = message(&deep.join("f").display().to_string(), "clip.mov");
     let r = copied(c.handle(&msg, 1).await);
     assert_eq!((r.key.as_str(), r.uploaded), ("f/clip.mov", true), "{r:?}");
     assert_eq!(recs.count("copied_files").await.expect("count"), 2);

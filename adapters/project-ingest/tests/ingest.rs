@@ -65,9 +65,15 @@ impl Env {
         self.send_raw(&serde_json::to_vec(body).unwrap()).await;
     }
     async fn send_raw(&self, body: &[u8]) {
-        self.hs
-            .publish("core.project.event", body, BasicProperties::default())
+        self.send_raw_on("core.project.event", body).await;
+    }
+    /// Publishes `body` with routing key `key` (pluto-core's `core.project.create`…).
+    async fn send_on(&self, key: &str, body: &Value) {
+        self.send_raw_on(key, &serde_json::to_vec(body).unwrap())
             .await;
+    }
+    async fn send_raw_on(&self, key: &str, body: &[u8]) {
+        self.hs.publish(key, body, BasicProperties::default()).await;
     }
     async fn finish(mut self) {
         self.hs.stop().await;
@@ -915,15 +921,8 @@ async fn pluto_core_entries_are_stored_then_updated(b: Backend) {
         no_key,
     ]);
     let send = |key: &'static str, v: Value| {
-        let hs = &env.hs;
-        async move {
-            hs.publish(
-                key,
-                &serde_json::to_vec(&v).unwrap(),
-                BasicProperties::default(),
-            )
-            .await
-        }
+        let env = &env;
+        async move { env.send_on(key, &v).await }
     };
     send("core.project.create", created.clone()).await;
     let mut stored: Vec<Value> = Vec::new();
@@ -1332,27 +1331,19 @@ async fn a_retry_copy_another_consumer_published_is_dropped(b: Backend) {
                "user": "u", "workingGroupId": 3, "commissionId": 42,
                "deletable": true, "status": "New", "productionOffice": "UK"})
     };
-    let send = |key: &'static str, v: Value| {
-        let hs = &env.hs;
-        async move {
-            hs.publish(
-                key,
-                &serde_json::to_vec(&v).unwrap(),
-                BasicProperties::default(),
-            )
-            .await
-        }
-    };
-    send("core.project.create", json!([entry("Old")])).await;
+    env.send_on("core.project.create", &json!([entry("Old")]))
+        .await;
     assert_eq!(body(&next(&mut out).await)["title"], "Old");
-    send("core.project.update", json!([entry("New")])).await;
+    env.send_on("core.project.update", &json!([entry("New")]))
+        .await;
     assert_eq!(body(&next(&mut out).await)["title"], "New");
     let dropped = outcome_count(&env.hs.q, "drop");
     let mut copy = entry("Old");
     copy["retry_count"] = json!(1);
-    send("core.project.update", json!([copy.clone()])).await;
+    env.send_on("core.project.update", &json!([copy.clone()]))
+        .await;
     copy["retry_count"] = json!(2);
-    send("core.project.create", json!([copy])).await;
+    env.send_on("core.project.create", &json!([copy])).await;
     env.send(&project("project-created", "sentinel", "s")).await;
     assert_eq!(body(&next(&mut out).await)["id"], "sentinel");
     await_outcome_count(&env.hs.q, "drop", dropped + 2).await;
