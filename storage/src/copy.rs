@@ -974,7 +974,7 @@ pub async fn abort_recorded(
         // A bucket not there (a store restarting before its buckets) is no upload gone:
         // forgotten then, its parts stayed in the store with no record to abort them by.
         Err(e @ object_store::Error::NotFound { .. })
-            if crate::s3::chain_texts(&e).any(|t| t.contains("<Code>NoSuchBucket</Code>")) =>
+            if crate::s3::chain_texts(&e).any(|t| crate::s3::no_such_bucket(&t)) =>
         {
             tracing::warn!(key = %key, error = %framework::telemetry::LogText(&e.to_string()), "could not abort a multipart upload: the store's bucket is not there");
             return GivenUp::Kept;

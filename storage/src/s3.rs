@@ -470,7 +470,7 @@ const MAX_ANSWER: usize = 4 << 20;
 
 /// Whether an S3 error document says the bucket is not there (`NoSuchBucket`): a 404 that
 /// is the store's trouble, not the upload's or the object's absence.
-fn no_such_bucket(body: &str) -> bool {
+pub(crate) fn no_such_bucket(body: &str) -> bool {
     body.contains("<Code>NoSuchBucket</Code>")
 }
 
