@@ -144,10 +144,23 @@ impl<P> Inner<P> {
     /// that never returns held its message for ever, a day at a time. None where the
     /// broker's own applies (`0`).
     ///
-    /// The margin before it is a tenth of it (at most a minute), and room for the retry's
-    /// publish and confirm (`[amqp] operation_timeout_ms` and 5 s), at most a third.
+    /// The margin before it is a tenth of it (at most a minute), and room for what the
+    /// stopped handler's end may still take — the wait for a confirm it awaits, a channel
+    /// for its retry and the retry's confirm, each up to `[amqp] operation_timeout_ms`,
+    /// and 5 s — at most a third.
     pub(crate) fn handler_deadline(&self) -> Option<std::time::Duration> {
         use std::time::Duration;
+        let timeout = self.declared_consumer_timeout()?;
+        let margin = (timeout / 10)
+            .min(Duration::from_secs(60))
+            .max(self.amqp.operation_timeout() * 3 + Duration::from_secs(5))
+            .min(timeout / 3);
+        Some(timeout - margin)
+    }
+
+    /// The consumer timeout declared on `Q`: this config's (`[amqp] consumer_timeout_ms`)
+    /// or a shorter one kept there; None where the broker's own applies (`0`).
+    pub(crate) fn declared_consumer_timeout(&self) -> Option<std::time::Duration> {
         let configured = self.amqp.consumer_timeout_ms;
         let kept = self
             .kept_consumer_timeout_ms
@@ -158,12 +171,7 @@ impl<P> Inner<P> {
             (0, k) => k,
             (c, k) => c.min(k),
         };
-        let timeout = Duration::from_millis(ms);
-        let margin = (timeout / 10)
-            .min(Duration::from_secs(60))
-            .max(self.amqp.operation_timeout() + Duration::from_secs(5))
-            .min(timeout / 3);
-        Some(timeout - margin)
+        Some(std::time::Duration::from_millis(ms))
     }
 
     /// Notes what the last declaration found kept on `Q`.

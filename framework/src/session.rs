@@ -55,6 +55,15 @@ fn publish_failure_backoff(headers: &FieldTable) -> Duration {
         .min(PUBLISH_FAILURE_BACKOFF_MAX)
 }
 
+/// How long a message whose outcome could not be published may still be held before it
+/// goes back, `elapsed` after its delivery: until a tenth of the consumer timeout (at most
+/// 5 s) before it, after which the broker takes it back itself.
+fn pause_left(consumer_timeout: Duration, elapsed: Duration) -> Duration {
+    consumer_timeout
+        .saturating_sub((consumer_timeout / 10).min(Duration::from_secs(5)))
+        .saturating_sub(elapsed)
+}
+
 /// How long a message whose retry the broker refuses is held at most, publishing its retry
 /// again, before it goes back to the queue.
 fn publish_hold_limit() -> Duration {
@@ -1617,9 +1626,16 @@ impl<P: MessageProcessor> Shared<P> {
                     label.replace('_', " ")
                 );
                 // A stop or a lost connection does not wait for it: the message goes back
-                // either way.
+                // either way. Nor is it held into the consumer timeout (a handler stopped at
+                // its deadline, whose retry failed): the broker would take it back itself,
+                // with the channel's other deliveries (RabbitMQ 4.3: uncounted, for ever).
+                let timeout = inner
+                    .declared_consumer_timeout()
+                    .unwrap_or_else(|| inner.consumer_timeout());
+                let pause = publish_failure_backoff(&ctx.headers)
+                    .min(pause_left(timeout, started.elapsed()));
                 tokio::select! {
-                    _ = tokio::time::sleep(publish_failure_backoff(&ctx.headers)) => {}
+                    _ = tokio::time::sleep(pause) => {}
                     _ = ctx.cancel.cancelled() => {}
                 }
                 settler.give_back_failed(delivery.delivery_tag);
@@ -1693,5 +1709,19 @@ mod tests {
         let mut t = FieldTable::default();
         h::set_int(&mut t, h::RETRY_COUNT, 9);
         assert_eq!(publish_failure_backoff(&t), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn a_message_is_not_held_into_the_consumer_timeout() {
+        let secs = Duration::from_secs;
+        // A handler stopped at its deadline (a minute and a half before a day's timeout):
+        // the minute's pause would end past it otherwise.
+        let day = secs(86_400);
+        assert_eq!(pause_left(day, day - secs(90)), secs(85));
+        assert_eq!(pause_left(day, day - secs(3)), Duration::ZERO);
+        assert_eq!(pause_left(day, secs(10)), day - secs(15));
+        // A short timeout keeps a tenth of it.
+        assert_eq!(pause_left(secs(20), secs(13)), secs(5));
+        assert_eq!(pause_left(secs(20), secs(30)), Duration::ZERO);
     }
 }

@@ -48,7 +48,8 @@ impl MessageProcessor for Hung {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handler_that_never_returns_is_retried_before_the_consumer_timeout() {
     let mut cfg = config(&unique("hung"), &[("retry.max_attempts", "1")]);
-    // Below the 60 s a configuration may set (a test's own budget): the deadline is 18 s.
+    // Below the 60 s a configuration may set (a test's own budget): the deadline is about
+    // 13 s (a third of it kept for the retry's publish).
     cfg.amqp.consumer_timeout_ms = 20_000;
     let calls = Arc::new(AtomicUsize::new(0));
     let mut hs = Harness::start_with(cfg, Hung(calls.clone())).await;
@@ -58,6 +59,14 @@ async fn a_handler_that_never_returns_is_retried_before_the_consumer_timeout() {
     let dead = next(&mut dlq).await;
     let why = header(&dead, framework::headers::ERROR).unwrap_or_default();
     assert!(why.contains("without an outcome"), "{why}");
+    // Settled: left unacknowledged, the broker would take the message back at 20 s and
+    // hand it to the hung handler again.
+    assert!(
+        framework::testing::admin::Admin::suite()
+            .await_settled(&hs.q)
+            .await,
+        "the stopped handler's message acknowledged"
+    );
     assert_eq!(calls.load(Ordering::SeqCst), 1, "handled once, not again");
     hs.stop().await;
 }
@@ -126,8 +135,9 @@ async fn a_handler_longer_than_the_consumer_timeout_completes_once_on_rabbitmq_3
         1,
         "handled once, never cut off"
     );
-    assert_eq!(broker.count(&q).await, Some(0));
     service.stop().await;
+    // Acknowledged once, not held unsettled (a ready count reads 0 either way).
+    assert!(broker.await_settled(&q).await, "the input settled");
 }
 
 /// A paced, filtered replay holds the dead letters it passes over (so that each look

@@ -120,6 +120,7 @@ impl Service for OnlineArchive {
                 keep_metadata: false,
                 reuse_identical: false,
                 skip_ignored: true,
+                read_back: false,
             },
             success,
         )

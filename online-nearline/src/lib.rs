@@ -128,6 +128,7 @@ impl Service for OnlineNearline {
                 keep_metadata: true,
                 reuse_identical: true,
                 skip_ignored: false,
+                read_back: true,
             },
             success,
         )

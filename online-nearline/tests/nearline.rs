@@ -215,7 +215,15 @@ async fn s3_vault_keeps_path_size_and_mtime_as_metadata() {
             original.contains("clip") || original.contains("big"),
             "{original}"
         );
-        assert!(original.contains("%"), "{original}");
+        // Percent-encoded, as a URL path: decoded, the file's own path (a form's `+` for
+        // a space decoded as a `+`).
+        let decoded = percent_encoding::percent_decode_str(&original)
+            .decode_utf8()
+            .expect("UTF-8");
+        assert!(
+            decoded.ends_with(&format!("/online/a b/{name}")),
+            "{original} decodes to {decoded}"
+        );
         assert_eq!(meta("size"), Some(body.len().to_string()));
         assert_eq!(
             meta("mtime").as_deref(),

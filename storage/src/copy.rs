@@ -684,7 +684,8 @@ pub async fn upload(
     let len = before.size;
     if let Some(dir) = &tier.local_dir {
         // A local tier is written directly and durably (see crate::local): no object
-        // store layer, no read-back; published only if it matches the source as opened.
+        // store layer; read back from its disk where the policy says; published only if it
+        // matches the source as opened (and its read-back).
         let (root, key) = (dir.clone(), key.to_string());
         let f = file.try_clone().map_err(read_err)?;
         let owned = shown.to_string();
@@ -693,6 +694,7 @@ pub async fn upload(
         let stop = StopOnDrop::default();
         let stopped = stop.0.clone();
         let mount = tier.local_mount.clone();
+        let read_back = tier.read_back;
         let digest = tokio::task::spawn_blocking(move || {
             // Here, on the blocking thread: the directory is on a share that may not answer.
             if let Some(share) = mount.as_ref().and_then(|m| m.unmounted()) {
@@ -703,6 +705,7 @@ pub async fn upload(
                 digest: expected_digest.as_ref(),
                 unchanged: Some(before),
                 stopped: Some(&stopped),
+                read_back,
             };
             crate::local::copy(&f, &root, &key, &owned, alg, expected)
         })
@@ -1451,7 +1454,8 @@ fn join_part(
 /// ChecksumSHA256 (computed by S3 from the bytes it received) is compared with the one
 /// computed here from the bytes read, or, for a one-request upload to a store that keeps
 /// no checksum, its ETag with their MD5; only when neither settles it is the object
-/// read back. A local tier's durable copy ([`crate::local`]) is verified as written. Returns what the
+/// read back. A local tier's durable copy ([`crate::local`]) is verified as written (and
+/// read back before it was published, where [`crate::tier::TierPolicy::read_back`]). Returns what the
 /// store said about the object, to be recorded with it.
 pub async fn verify_upload(
     tier: &Tier,

@@ -13,8 +13,10 @@
 //! The reserved directory is one flat listing to sweep after a crash.
 //!
 //! The digest is computed from the very buffers that were written, and every write and
-//! the fsync succeeded: that is the verification of a local copy. Reading the file back
-//! would be served from the page cache just filled and prove nothing more.
+//! the fsync succeeded: that is the verification of a local copy. Where it is asked for
+//! (`Expected::read_back`: nearline) the copy is also read back before it is published,
+//! from the disk, its pages dropped from the page cache first (read from there, the bytes
+//! just written would prove nothing more).
 //!
 //! Large files go through a pipeline: this thread reads blocks, one thread hashes them
 //! (nearline: two, its MD5 and its SHA-256) and another writes them, at most
@@ -110,6 +112,9 @@ pub struct Expected<'a> {
     /// A blocking thread cannot be stopped otherwise, and the message, redelivered at
     /// once, would be copied by a second one beside it.
     pub stopped: Option<&'a std::sync::atomic::AtomicBool>,
+    /// Read the copy back from its disk and compare its digest before it is published
+    /// (nearline: design §"online-nearline"), not only the digest of what was written.
+    pub read_back: bool,
 }
 
 /// Copies `file` (from its start) to `key` under the store directory `root`; returns the
@@ -220,6 +225,18 @@ fn copy_via(
             state.check(file, shown)?;
         }
         staging.sync_all().map_err(write_err)?;
+        #[cfg(test)]
+        corrupt_for_test(staging);
+        if expected.read_back {
+            read_back(staging, key, alg, &digest, &stopped).map_err(|e| match e {
+                ReadBack::Io(e) => CopyError::Read(format!("{} (read back)", dest.display()), e),
+                ReadBack::Differs(e) => e,
+            })?;
+            // Stopped while it read: the redelivery copies the file beside this thread.
+            if stopped() {
+                return Err(CopyError::Stopped(shown.to_string()));
+            }
+        }
         staged
             .publish(&dest)
             .map_err(|e| not_published(key, e).unwrap_or_else(&write_err))?;
@@ -232,6 +249,72 @@ fn copy_via(
         staged.discard();
     }
     result
+}
+
+/// Why a read-back failed.
+enum ReadBack {
+    /// Reading the copy failed.
+    Io(std::io::Error),
+    /// It holds other bytes than were written ([`CopyError::Mismatch`]).
+    Differs(CopyError),
+}
+
+/// Reads the fsynced copy `f` back from its disk and compares its digest with `written`'s.
+/// Its pages are dropped from the page cache first (clean once fsynced): read from there,
+/// the bytes just written would prove nothing about what the disk or the share keeps (a
+/// failing disk, a NAS corrupting data in flight).
+fn read_back(
+    f: &File,
+    key: &str,
+    alg: Algorithm,
+    written: &Digest,
+    stopped: &dyn Fn() -> bool,
+) -> Result<(), ReadBack> {
+    // Advice only: a filesystem that ignores it is read as it is.
+    let _ = rustix::fs::fadvise(f, 0, None, rustix::fs::Advice::DontNeed);
+    let (mut h, _) = alg.hasher().split();
+    let mut buf = vec![0u8; BLOCK];
+    let mut at = 0u64;
+    // Ended at the block it is in where whoever waits is gone (see `Expected::stopped`):
+    // the check before publishing says so.
+    while !stopped() {
+        let n = match f.read_at(&mut buf, at) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(ReadBack::Io(e)),
+        };
+        h.update(&buf[..n]);
+        at += n as u64;
+    }
+    let (checksum, _) = h.finish();
+    if at == written.size && checksum == written.checksum {
+        return Ok(());
+    }
+    Err(ReadBack::Differs(CopyError::Mismatch {
+        key: key.to_string(),
+        alg: alg.name(),
+        stored: checksum,
+        stored_size: at,
+        expected: written.checksum.clone(),
+        expected_size: written.size,
+    }))
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Set by a test: the next copy on this thread has its first byte changed once it is
+    /// fsynced, as a disk that does not keep what it was given would.
+    static CORRUPT_NEXT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+#[cfg(test)]
+fn corrupt_for_test(f: &File) {
+    if CORRUPT_NEXT.with(|c| c.replace(false)) {
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, 0).expect("read back");
+        f.write_all_at(&[b[0] ^ 0xff], 0).expect("corrupted");
+    }
 }
 
 /// From this size on, a copy first asks whether the store's filesystem has room for it
@@ -479,7 +562,8 @@ impl Staged {
     fn create(root: &Path, dir: &Path, unnamed: bool, mode: u32) -> std::io::Result<Staged> {
         use rustix::fs::{Mode, OFlags};
         if unnamed {
-            let flags = OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC;
+            // Readable: a copy may be read back before it is published.
+            let flags = OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC;
             match rustix::fs::open(dir, flags, Mode::from_raw_mode(mode)) {
                 Ok(fd) => return Ok(Staged::Unnamed(File::from(fd))),
                 Err(e)
@@ -885,6 +969,7 @@ fn staging_file(root: &Path, mode: u32) -> std::io::Result<(File, PathBuf)> {
     loop {
         let p = dir.join(uuid::Uuid::new_v4().simple().to_string());
         match OpenOptions::new()
+            .read(true)
             .write(true)
             .create_new(true)
             .mode(mode)
@@ -1001,6 +1086,7 @@ mod tests {
             digest: None,
             unchanged: None,
             stopped: None,
+            read_back: false,
         };
         let e = copy(
             &f,
@@ -1141,6 +1227,7 @@ mod tests {
             digest: None,
             unchanged: None,
             stopped: None,
+            read_back: false,
         };
         let f = File::open(&src).expect("open");
         copy(
@@ -1177,6 +1264,8 @@ mod tests {
                 digest: None,
                 unchanged: None,
                 stopped: None,
+                // Read back too: a good copy passes its read-back.
+                read_back: len % 2 == 1,
             };
             let d = copy_via(
                 &f,
@@ -1201,6 +1290,51 @@ mod tests {
         }
     }
 
+    /// A copy read back (nearline) that the disk did not keep as written — its first byte
+    /// changed once fsynced — fails verification and is not published; not read back,
+    /// the same copy is taken as written.
+    #[test]
+    fn a_copy_read_back_other_than_written_is_not_published() {
+        for unnamed in [true, false] {
+            for (len, read_back) in [(5, true), (3 * BLOCK + 7, true), (5, false)] {
+                let dir = tempfile::tempdir().expect("temp");
+                let body: Vec<u8> = (0..len).map(|i| (i % 249) as u8).collect();
+                let src = dir.path().join("src");
+                std::fs::write(&src, &body).expect("write");
+                let f = File::open(&src).expect("open");
+                let expected = Expected {
+                    size: len as u64,
+                    digest: None,
+                    unchanged: None,
+                    stopped: None,
+                    read_back,
+                };
+                CORRUPT_NEXT.with(|c| c.set(true));
+                let r = copy_via(
+                    &f,
+                    dir.path(),
+                    "k/out.bin",
+                    "src",
+                    Algorithm::Md5,
+                    expected,
+                    unnamed,
+                );
+                let stored = dir.path().join("k/out.bin");
+                if read_back {
+                    assert!(
+                        matches!(r, Err(CopyError::Mismatch { alg: "md5", .. })),
+                        "{len} {unnamed}: {r:?}"
+                    );
+                    assert!(!stored.exists(), "{len} {unnamed}: not published");
+                    assert_eq!(staged_files(dir.path()), 0, "no staging file left");
+                } else {
+                    r.expect("taken as written");
+                    assert!(stored.exists());
+                }
+            }
+        }
+    }
+
     /// A source that grows while it is copied (here without end) is read a block past
     /// its size, then reported changed: not read until its writer stops.
     #[test]
@@ -1212,6 +1346,7 @@ mod tests {
             digest: None,
             unchanged: None,
             stopped: None,
+            read_back: false,
         };
         let e = copy_via(
             &endless,
@@ -1243,6 +1378,7 @@ mod tests {
                 digest: None,
                 unchanged: None,
                 stopped: None,
+                read_back: false,
             };
             let f = File::open(&src).expect("open");
             copy_via(&f, &root, key, "src", Algorithm::Sha256, expected, false)
@@ -1277,6 +1413,7 @@ mod tests {
                 digest: None,
                 unchanged: None,
                 stopped: Some(&stop),
+                read_back: false,
             };
             let f = File::open(&src).expect("open");
             let e = copy_via(&f, &root, "k", "src", Algorithm::Sha256, expected, true)
@@ -1308,6 +1445,7 @@ mod tests {
             digest: None,
             unchanged: None,
             stopped: None,
+            read_back: false,
         };
         let e = copy_via(
             &f,
@@ -1336,6 +1474,7 @@ mod tests {
                 digest: None,
                 unchanged: None,
                 stopped: None,
+                read_back: false,
             },
             unnamed,
         )
@@ -1359,6 +1498,7 @@ mod tests {
                 digest: None,
                 unchanged: Some(began),
                 stopped: None,
+                read_back: false,
             },
             unnamed,
         )
@@ -1396,6 +1536,7 @@ mod tests {
                     digest: None,
                     unchanged: None,
                     stopped: None,
+                    read_back: false,
                 },
             )
             .expect_err("reserved");

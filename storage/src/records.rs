@@ -16,6 +16,8 @@ pub struct Records {
     write: AnyPool,
     /// The per-file writes (claims, copies, releases), committed in groups.
     group: GroupCommit,
+    /// How long an upload claim lasts unrenewed (see `tier::Claim`).
+    claim_lease: std::time::Duration,
 }
 
 /// Most writes in one group commit (bounds a transaction's size, not the wait).
@@ -788,7 +790,21 @@ impl Records {
             pool: pools.read,
             group: GroupCommit::start(pools.write.clone(), url.starts_with("sqlite:")),
             write: pools.write,
+            claim_lease: crate::tier::CLAIM_LEASE,
         })
+    }
+
+    /// These records with upload claims lasting `lease` unrenewed (renewed every quarter of
+    /// it) instead of 20 s: a test that takes a claim over under a copy must not race its
+    /// renewal.
+    pub fn with_claim_lease(mut self, lease: std::time::Duration) -> Self {
+        self.claim_lease = lease;
+        self
+    }
+
+    /// How long an upload claim lasts unrenewed.
+    pub(crate) fn claim_lease(&self) -> std::time::Duration {
+        self.claim_lease
     }
 
     /// Claims these records for `service` and its `store` if nothing has them yet (a

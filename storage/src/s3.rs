@@ -13,7 +13,7 @@ use object_store::client::HttpRequestBody;
 use object_store::path::Path as ObjectPath;
 
 /// Characters kept as they are in a key on the wire (as object_store encodes keys).
-const KEY_ENCODE: percent_encoding::AsciiSet = percent_encoding::NON_ALPHANUMERIC
+pub(crate) const KEY_ENCODE: percent_encoding::AsciiSet = percent_encoding::NON_ALPHANUMERIC
     .remove(b'-')
     .remove(b'.')
     .remove(b'_')

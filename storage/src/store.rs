@@ -137,6 +137,9 @@ pub struct Tier {
     /// For a local store: whether its directory is on its share (see
     /// [`crate::mounts::StoreMount`]); checked before every copy is written.
     pub local_mount: Option<Arc<crate::mounts::StoreMount>>,
+    /// For a local store: each copy is read back from its disk and its digest compared
+    /// before it is published (see [`crate::tier::TierPolicy::read_back`]).
+    pub read_back: bool,
 }
 
 impl std::fmt::Debug for Tier {
@@ -693,6 +696,7 @@ pub fn open(url: &str, opts: &StoreOptions) -> Result<Tier, StoreConfigError> {
             part_budget: crate::part_budget::PartBudget::new(opts.part_memory_mib),
             create_only: opts.conditional_writes,
             local_mount: None,
+            read_back: false,
         })
     } else {
         let dir = url.strip_prefix("file://").unwrap_or(url);
@@ -760,6 +764,7 @@ pub fn local(dir: &Path) -> Result<Tier, StoreConfigError> {
         s3: None,
         part_budget: crate::part_budget::PartBudget::new(default_part_memory_mib()),
         create_only: false,
+        read_back: false,
     })
 }
 

@@ -41,6 +41,12 @@ pub struct TierPolicy {
     /// false: the file is copied all the same (online-nearline, a backup of every file, as
     /// the original's nearline copied them).
     pub skip_ignored: bool,
+    /// A local store's copy is read back from its disk (not the page cache its writes
+    /// filled) and its digest compared before it is published (online-nearline, whose
+    /// design reads the stored object back); false: the digest of the bytes written, all
+    /// written and fsynced, is the verification. An S3 store's own checksum settles it
+    /// either way.
+    pub read_back: bool,
 }
 
 /// The result of a successful copy (or of finding one already made).
@@ -292,7 +298,8 @@ fn several_contents<'a>(objects: impl Iterator<Item = &'a StoredObject> + Clone)
 
 impl TierCopier {
     /// A copier over `roots` (see [`paths::open_roots`]).
-    pub fn new(roots: Vec<Root>, tier: Tier, records: Records, policy: TierPolicy) -> Self {
+    pub fn new(roots: Vec<Root>, mut tier: Tier, records: Records, policy: TierPolicy) -> Self {
+        tier.read_back = policy.read_back;
         Self {
             mounts: crate::mounts::MountWatch::new(
                 roots.iter().map(|r| r.canonical.clone()).collect(),
@@ -1115,8 +1122,10 @@ impl TierCopier {
             //    meanwhile; losing it stops the copy before anything is recorded.
             let mut attrs = Attributes::new();
             if self.policy.keep_metadata {
-                let path: String =
-                    url::form_urlencoded::byte_serialize(original.as_bytes()).collect();
+                // Percent-encoded as a URL path is (`%20` for a space, `/` kept): a form's
+                // `+` for a space read back as a `+` by every URL decoder.
+                let path = percent_encoding::utf8_percent_encode(original, &crate::s3::KEY_ENCODE)
+                    .to_string();
                 // S3 keeps at most 2 KB of user metadata and refuses the upload beyond it (a
                 // long non-ASCII path triples when encoded): such a path is left out of the
                 // metadata (it is in the record) instead of failing the copy on every retry.
@@ -1269,7 +1278,7 @@ enum Claimed {
 
 /// How long a claim lasts unrenewed (it is renewed every quarter of it): a killed process
 /// blocks its key this long at most, and the redelivery is retried meanwhile.
-const CLAIM_LEASE: Duration = Duration::from_secs(20);
+pub(crate) const CLAIM_LEASE: Duration = Duration::from_secs(20);
 
 /// This attempt's claim on one key.
 struct Claim<'a> {
@@ -1307,11 +1316,14 @@ impl<'a> Claim<'a> {
             key: key.to_string(),
             shown,
             owner: uuid::Uuid::new_v4().to_string(),
-            held_until: std::sync::Mutex::new(tokio::time::Instant::now() + CLAIM_LEASE),
+            held_until: std::sync::Mutex::new(tokio::time::Instant::now() + records.claim_lease()),
             released: std::sync::atomic::AtomicBool::new(false),
             releasing: std::sync::atomic::AtomicBool::new(false),
         };
-        if !records.claim(key, &claim.owner, CLAIM_LEASE).await? {
+        if !records
+            .claim(key, &claim.owner, records.claim_lease())
+            .await?
+        {
             claim
                 .released
                 .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -1332,24 +1344,26 @@ impl<'a> Claim<'a> {
     /// instance may take the key once it expires, so this copy must stop before then.
     async fn keep(&self) -> TierError {
         use tokio::time::Instant;
-        let margin = CLAIM_LEASE / 4;
+        let margin = self.records.claim_lease() / 4;
         loop {
             // Looked at before waiting too: a process paused past the lease as the claim
             // was taken (a frozen VM) learns it at once, not a quarter of a lease later.
             if Instant::now() + margin >= self.held_until() {
                 break;
             }
-            tokio::time::sleep(CLAIM_LEASE / 4).await;
+            tokio::time::sleep(self.records.claim_lease() / 4).await;
             let asked = Instant::now();
             let held_until = self.held_until();
             let budget = held_until
                 .saturating_duration_since(asked)
                 .saturating_sub(margin);
-            let renewal = self.records.renew(&self.key, &self.owner, CLAIM_LEASE);
+            let renewal = self
+                .records
+                .renew(&self.key, &self.owner, self.records.claim_lease());
             match tokio::time::timeout(budget, renewal).await {
                 Ok(Ok(true)) => {
                     *self.held_until.lock().unwrap_or_else(|p| p.into_inner()) =
-                        asked + CLAIM_LEASE;
+                        asked + self.records.claim_lease();
                 }
                 // Released by the copy's own record, committed with this renewal: the
                 // copy is done, and its result is the one to report.
@@ -1373,7 +1387,7 @@ impl<'a> Claim<'a> {
     /// time, the lease as last renewed decides, with room (a quarter lease) for a request.
     async fn still_ours(&self) -> bool {
         use tokio::time::Instant;
-        let margin = CLAIM_LEASE / 4;
+        let margin = self.records.claim_lease() / 4;
         let surely_held = || {
             !self.released.load(std::sync::atomic::Ordering::Relaxed)
                 && Instant::now() + margin < self.held_until()
@@ -1386,10 +1400,13 @@ impl<'a> Claim<'a> {
             .held_until()
             .saturating_duration_since(asked)
             .saturating_sub(margin);
-        let renewal = self.records.renew(&self.key, &self.owner, CLAIM_LEASE);
+        let renewal = self
+            .records
+            .renew(&self.key, &self.owner, self.records.claim_lease());
         match tokio::time::timeout(budget, renewal).await {
             Ok(Ok(true)) => {
-                *self.held_until.lock().unwrap_or_else(|p| p.into_inner()) = asked + CLAIM_LEASE;
+                *self.held_until.lock().unwrap_or_else(|p| p.into_inner()) =
+                    asked + self.records.claim_lease();
                 true
             }
             Ok(Ok(false)) => false,
@@ -1437,13 +1454,14 @@ impl Drop for Claim<'_> {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
+        let lease = self.records.claim_lease();
         let (records, key, owner) = (
             self.records.clone(),
             std::mem::take(&mut self.key),
             std::mem::take(&mut self.owner),
         );
         rt.spawn(async move {
-            let _ = tokio::time::timeout(CLAIM_LEASE, records.release(&key, &owner)).await;
+            let _ = tokio::time::timeout(lease, records.release(&key, &owner)).await;
         });
     }
 }
@@ -1511,6 +1529,7 @@ mod tests {
             keep_metadata: false,
             reuse_identical: false,
             skip_ignored: true,
+            read_back: false,
         };
         let mut c = super::TierCopier::new(roots, tier, records, policy);
         c.mounts.assume_remote();

@@ -687,6 +687,41 @@ async fn minio_and_current_aws_notifications_are_routed() {
     assert_eq!(ready_count(&hs.ch, &format!("{}-dlq", hs.q)).await, 0);
 }
 
+/// `[crash_router] key_prefixes` is what the running service routes by: with Antenna's
+/// `v1/raw_crash/` configured, its crashes go out and the default `v2/raw_crash/` ones are
+/// ignored.
+#[tokio::test]
+async fn the_configured_key_prefixes_are_the_ones_routed() {
+    let data = tempfile::tempdir().unwrap();
+    let (_c, ch) = test_channel().await;
+    let d = dests(&ch, 1).await;
+    let hs = start(
+        data.path(),
+        &[
+            ("crash_router.queues", &d.0[0]),
+            ("crash_router.key_prefixes", r#"["v1/raw_crash/"]"#),
+        ],
+    )
+    .await;
+    let mut out = hs.watch_output().await;
+    let mut q = consume(&hs.ch, &d.0[0]).await;
+    let (v1, v2) = (crash_id(41, '0'), crash_id(42, '0'));
+    let body = json!({"Records": [
+        put(&format!("v1/raw_crash/20180313/{v1}")),
+        put(&raw(&v2)),
+    ]});
+    hs.publish(
+        "crashes.put",
+        body.to_string().as_bytes(),
+        BasicProperties::default().with_message_id("evt-v1".into()),
+    )
+    .await;
+    let summary: Value = serde_json::from_slice(&next(&mut out).await.data).unwrap();
+    assert_eq!(summary["accepted"], json!([v1]));
+    assert_eq!(summary["counts"]["ignored"], 1, "{summary}");
+    assert_eq!(&text(&next(&mut q).await), &v1);
+}
+
 /// An SQS batch (what a queue between S3 and the bus delivers) is opened: each body's
 /// notification is routed, whether S3 wrote it to the queue or through SNS; a body that
 /// carries no event is a counted junk record, never a silent success.

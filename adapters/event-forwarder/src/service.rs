@@ -214,6 +214,36 @@ struct OrderedOutage {
     /// endpoint that answers errors between its outages still dead-letters it) and the
     /// outage it was handed back in, if it was (see [`EventForwarder::post`]).
     held: Option<Held>,
+    /// The records of the batch handed back that were delivered before it was: its next
+    /// delivery does not post them again. Posted again, each would meet the outage the
+    /// batch was handed back in, take its outage clock and, once that ran out, be
+    /// dead-lettered as exhausted — an event the endpoint had.
+    delivered: Option<DeliveredBefore>,
+}
+
+/// The records a batch handed back had delivered (see [`OrderedOutage::delivered`]).
+#[derive(Debug)]
+struct DeliveredBefore {
+    /// Which batch ([`batch_digest`]): only its next delivery skips them.
+    batch: [u8; 32],
+    /// Their indices in it, sorted.
+    records: Vec<usize>,
+    /// When it was handed back (stale after [`HELD_STALE`], as [`Held::at`]).
+    at: std::time::Instant,
+}
+
+/// A digest naming one batch across its deliveries: its message id and every record's
+/// posted body, in order (two records of one body are still two records).
+fn batch_digest(ctx: &MessageContext, records: &[crate::envelope::KinesisRecord<'_>]) -> [u8; 32] {
+    use sha2::Digest;
+    let mut d = sha2::Sha256::new();
+    d.update(ctx.message_id.as_deref().unwrap_or("").as_bytes());
+    for r in records {
+        let body = r.kinesis.get();
+        d.update((body.len() as u64).to_be_bytes());
+        d.update(body.as_bytes());
+    }
+    d.finalize().into()
 }
 
 /// An event handed back in its place, as its next delivery takes it up.
@@ -283,7 +313,7 @@ impl EventForwarder {
         // The tries an earlier delivery of this event counted, when it was handed back
         // (taken: a hand-back leaves them again).
         // Taken by that event only, its outage going on from when it began: a batch handed
-        // back posts its delivered records again first, and one of them taking the count
+        // back on another replica posts its delivered records again first, and one of them taking the count
         // would start the held record's tries over at every delivery; their 2xx clears
         // the outage, and an endpoint down for that one record only would never be down
         // for `max_outage_ms` — handed back at every checkpoint, for ever.
@@ -507,6 +537,15 @@ impl EventForwarder {
     ) -> Outcome {
         let mut progress = framework::batch::Progress::resume(ctx, DONE_HEADER);
         let (mut delivered, mut dead, mut skipped) = (Vec::new(), Vec::new(), Vec::new());
+        // Ordered: the records this batch delivered before it was handed back, if this is
+        // its next delivery (only one message is in flight).
+        let batch = self.ordered.then(|| batch_digest(ctx, records));
+        let had: Vec<usize> = match (self.outage().delivered.take(), batch) {
+            (Some(before), Some(b)) if before.batch == b && before.at.elapsed() < HELD_STALE => {
+                before.records
+            }
+            _ => Vec::new(),
+        };
         let mut retry: Option<String> = None;
         let mut pending = 0usize;
         // Set once the endpoint as a whole cannot take more (unreachable, throttling, or
@@ -540,6 +579,11 @@ impl EventForwarder {
             let r = &records[i];
             let mark = i.to_string();
             if progress.is_done(&mark) {
+                skipped.push(i);
+                continue;
+            }
+            if had.binary_search(&i).is_ok() {
+                progress.mark_done(mark);
                 skipped.push(i);
                 continue;
             }
@@ -634,10 +678,11 @@ impl EventForwarder {
                     }
                     continue;
                 }
-                // Held in place through an outage, the batch keeps its place: the records
-                // this delivery posted are posted again with it (a give-back carries no
-                // progress), which endpoints drop as had (Rabble Rouser's by
-                // `sequenceNumber`, others by `Idempotency-Key`); gone on in a retry behind
+                // Held in place through an outage, the batch keeps its place: a give-back
+                // carries no progress, so the records this delivery posted are remembered
+                // (`OrderedOutage::delivered`) and not posted again by its next delivery
+                // here; on another replica they are, and endpoints drop them as had (Rabble
+                // Rouser's by `sequenceNumber`, others by `Idempotency-Key`); gone on in a retry behind
                 // the messages after it, its rest came after theirs, and Rabble Rouser's
                 // listener dropped it as older than what it had. The rest of this one batch
                 // goes on in a retry, as at the checkpoint, when this delivery dead-lettered
@@ -664,6 +709,16 @@ impl EventForwarder {
                     return rest_in_a_retry(e);
                 }
                 Posted::Interrupted(e) | Posted::HandedBack { why: e, .. } => {
+                    if let Some(batch) = batch {
+                        let mut records: Vec<usize> =
+                            delivered.iter().chain(&skipped).copied().collect();
+                        records.sort_unstable();
+                        self.outage().delivered = Some(DeliveredBefore {
+                            batch,
+                            records,
+                            at: std::time::Instant::now(),
+                        });
+                    }
                     return Outcome::Interrupted(e);
                 }
             };

@@ -1018,7 +1018,8 @@ async fn ordered_mode_waits_an_outage_out_only_up_to_max_outage() {
 /// Ordered, a batch record the endpoint is down for (503 to it alone) while it takes the
 /// record before it is handed back in its place, and its outage is measured from its first
 /// try across the batch's deliveries: the first record's 2xx, posted again at each
-/// delivery, started the outage over, and the batch was handed back for ever.
+/// delivery, started the outage over, and the batch was handed back for ever. The record
+/// delivered is not posted again at the batch's next delivery.
 #[tokio::test]
 async fn an_ordered_records_outage_spans_its_batchs_deliveries() {
     let server = answering_on("seq-down", ResponseTemplate::new(503)).await;
@@ -1043,10 +1044,57 @@ async fn an_ordered_records_outage_spans_its_batchs_deliveries() {
         .iter()
         .filter(|b| b.contains("seq-up"))
         .count();
-    assert!(
-        ups >= 2,
-        "handed back, the first record posted again: {ups}"
-    );
+    assert_eq!(ups, 1, "handed back, the first record is not posted again");
+}
+
+/// Ordered, a batch handed back through an outage of the whole endpoint that began after
+/// its first record was delivered does not post that record again at its next delivery:
+/// posted again, it met the outage, took the batch's outage clock and was dead-lettered
+/// as exhausted once that ran out — an event the endpoint had, in the DLQ, that a replay
+/// would post again. The record the outage held is the one dead-lettered.
+#[tokio::test]
+async fn an_ordered_batchs_delivered_record_is_not_posted_again_after_its_hand_back() {
+    let server = MockServer::start().await;
+    Mock::given(body_string_contains("seq-up"))
+        .respond_with(ResponseTemplate::new(200))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(503))
+        .with_priority(2)
+        .mount(&server)
+        .await;
+    let data = tempfile::tempdir().unwrap();
+    let hs = start(
+        &server,
+        data.path(),
+        &[&HELD_20_S[..], &[("retry.max_outage_ms", "25000")]].concat(),
+    )
+    .await;
+    let mut dlq = hs.watch_dlq().await;
+    let mut out = hs.watch_output().await;
+    let body = json!({"Records": [record("seq-up"), record("seq-down")]});
+    hs.publish(
+        "kinesis",
+        body.to_string().as_bytes(),
+        with_id("b-all-down"),
+    )
+    .await;
+    let d = next(&mut dlq).await;
+    assert_eq!(json_of(&d), json!({"Records": [record("seq-down")]}));
+    let err = header(&d, "x-error").unwrap();
+    assert!(err.contains("longer than [retry] max_outage_ms"), "{err}");
+    let done = json_of(&next(&mut out).await);
+    assert_eq!(done["dead_lettered"], json!([1]), "{done}");
+    assert_eq!(done["skipped"], json!([0]), "{done}");
+    let ups = bodies(&server)
+        .await
+        .iter()
+        .filter(|b| b.contains("seq-up"))
+        .count();
+    assert_eq!(ups, 1, "the delivered record posted once");
 }
 
 /// Ordered, the tries an endpoint's error answers counted go with an event across the
@@ -1129,26 +1177,31 @@ async fn an_ordered_batch_near_the_consumer_timeout_goes_on_in_a_retry() {
 }
 
 /// Ordered, a batch whose second record meets an outage it cannot wait out (a third of
-/// the consumer timeout) keeps its place: handed back, it posts its first record again
-/// (the endpoint drops what it had) and then the second, before anything after it. Gone on
-/// in a retry behind the messages after it, its rest reached Rabble Rouser's listener after
-/// later events, which drops it as older than what it had.
+/// the consumer timeout) keeps its place: handed back, it posts the second record (not the
+/// first again, which it delivered) before anything after it. Gone on in a retry behind the
+/// messages after it, its rest reached Rabble Rouser's listener after later events, which
+/// drops it as older than what it had.
 #[tokio::test]
 async fn an_ordered_batch_meeting_a_long_outage_keeps_its_place() {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let server = MockServer::start().await;
-    // `seq-b` finds the endpoint down until `seq-a` was posted a second time: only a
-    // hand-back in place posts it again.
+    // `seq-b` finds the endpoint down while it is retried in place (a second apart); the
+    // try after the wait that ends in a hand-back (about 11 s) finds it up.
     let firsts = std::sync::Arc::new(AtomicUsize::new(0));
     let seen = firsts.clone();
+    let last_b = std::sync::Mutex::new(None::<std::time::Instant>);
     Mock::given(method("POST"))
         .respond_with(move |r: &wiremock::Request| {
             let body = String::from_utf8_lossy(&r.body);
             if body.contains("seq-a") {
                 seen.fetch_add(1, Ordering::SeqCst);
                 ResponseTemplate::new(200)
-            } else if body.contains("seq-b") && seen.load(Ordering::SeqCst) < 2 {
-                ResponseTemplate::new(503)
+            } else if body.contains("seq-b") {
+                let mut last = last_b.lock().unwrap();
+                let after_a_wait =
+                    last.is_some_and(|t| t.elapsed() > std::time::Duration::from_secs(5));
+                *last = Some(std::time::Instant::now());
+                ResponseTemplate::new(if after_a_wait { 200 } else { 503 })
             } else {
                 ResponseTemplate::new(200)
             }
@@ -1184,7 +1237,12 @@ async fn an_ordered_batch_meeting_a_long_outage_keeps_its_place() {
     )
     .await;
     let first = json_of(&next(&mut out).await);
-    assert_eq!(first["delivered"], json!([0, 1]), "{first}");
+    assert_eq!(first["delivered"], json!([1]), "{first}");
+    assert_eq!(
+        first["skipped"],
+        json!([0]),
+        "delivered before the hand-back: {first}"
+    );
     next(&mut out).await;
     let order: Vec<&str> = bodies(&server)
         .await
@@ -1204,7 +1262,7 @@ async fn an_ordered_batch_meeting_a_long_outage_keeps_its_place() {
         ["seq-b", "seq-c"],
         "the batch's rest before the message after it: {order:?}"
     );
-    assert_eq!(firsts.load(Ordering::SeqCst), 2, "{order:?}");
+    assert_eq!(firsts.load(Ordering::SeqCst), 1, "posted once: {order:?}");
 }
 
 /// Ordered, a batch record retried in place until its attempts ran out is dead-lettered

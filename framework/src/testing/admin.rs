@@ -271,6 +271,31 @@ impl Admin {
         }
     }
 
+    /// Waits up to [`crate::testing::WAIT`] for queue `name` on vhost `/` to hold no
+    /// message, ready or delivered and unacknowledged (a ready count alone reads 0 for a
+    /// message a consumer holds unsettled); false if it still holds some then. The
+    /// management API's figures are a few seconds old: a queue never seen empty is never
+    /// taken for one.
+    pub async fn await_settled(&self, name: &str) -> bool {
+        let deadline = tokio::time::Instant::now() + crate::testing::WAIT;
+        loop {
+            let q = self
+                .call(
+                    reqwest::Method::GET,
+                    &format!("/queues/%2F/{}?columns=messages", encode(name)),
+                    None,
+                )
+                .await;
+            if q["messages"].as_u64() == Some(0) {
+                return true;
+            }
+            if tokio::time::Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
+
     /// Names of queues on vhost `/` starting with `prefix`.
     pub async fn queues_starting_with(&self, prefix: &str) -> Vec<String> {
         let list = self

@@ -449,6 +449,42 @@ impl PrivateBroker {
         count_at(&self.url(), queue).await
     }
 
+    /// Waits up to [`super::WAIT`] for `queue` to hold no message, ready or delivered and
+    /// unacknowledged ([`Self::messages`]: a quorum queue applies a settlement a moment
+    /// after it is sent); false if it still holds some then.
+    pub async fn await_settled(&self, queue: &str) -> bool {
+        let deadline = Instant::now() + super::WAIT;
+        loop {
+            if self.messages(queue) == Some(0) {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Messages in `queue`, ready or delivered and unacknowledged, as the node counts
+    /// them now (`rabbitmqctl list_queues`); None where the queue is not listed.
+    pub fn messages(&self, queue: &str) -> Option<u64> {
+        let out = tokio::task::block_in_place(|| {
+            self.ctl_output(&[
+                "list_queues",
+                "-q",
+                "--no-table-headers",
+                "name",
+                "messages",
+            ])
+        });
+        String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+            let mut cols = l.split_whitespace();
+            (cols.next() == Some(queue))
+                .then(|| cols.next().and_then(|n| n.parse().ok()))
+                .flatten()
+        })
+    }
+
     /// Declares a durable quorum queue bound to `exchange` with `#` to collect outputs.
     pub async fn sink(&self, queue: &str, exchange: &str) {
         super::within(
