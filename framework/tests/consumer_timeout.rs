@@ -71,6 +71,65 @@ async fn a_handler_that_never_returns_is_retried_before_the_consumer_timeout() {
     hs.stop().await;
 }
 
+/// Keeps its place and never returns at `m1`'s first delivery (an ordered processor
+/// waiting out an outage it does not bound itself); succeeds otherwise. Records the ids
+/// it was handed, in order.
+struct HungInPlace(Arc<std::sync::Mutex<Vec<String>>>);
+
+#[async_trait]
+impl MessageProcessor for HungInPlace {
+    type Input = serde_json::Value;
+    async fn handle(&self, v: serde_json::Value, ctx: &MessageContext) -> Outcome {
+        let id = v["id"].as_str().unwrap_or_default().to_string();
+        let first = {
+            let mut seen = self.0.lock().expect("calls");
+            let first = !seen.contains(&id);
+            seen.push(id.clone());
+            first
+        };
+        if first && id == "m1" {
+            ctx.keep_place();
+            std::future::pending::<()>().await;
+        }
+        Outcome::success(v)
+    }
+}
+
+/// A handler that keeps its message's place (event-forwarder's ordered mode) and is still
+/// running at its deadline is given back in its place, not retried behind the messages
+/// after it: handed out again before the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_keeping_its_place_is_given_back_in_its_place_at_its_deadline() {
+    let mut cfg = config(
+        &unique("hung-in-place"),
+        &[("amqp.prefetch", "1"), ("amqp.concurrency", "1")],
+    );
+    // The deadline about 13 s after the delivery (see above).
+    cfg.amqp.consumer_timeout_ms = 20_000;
+    let calls = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut hs = Harness::start_with(cfg, HungInPlace(calls.clone())).await;
+    let mut out = hs.watch_output().await;
+    for id in ["m1", "m2"] {
+        hs.publish(
+            "test.x",
+            format!(r#"{{"id":"{id}"}}"#).as_bytes(),
+            Default::default(),
+        )
+        .await;
+    }
+    for id in ["m1", "m2"] {
+        let o: serde_json::Value =
+            serde_json::from_slice(&next(&mut out).await.data).expect("JSON");
+        assert_eq!(o["id"], id, "in the queue's order");
+    }
+    assert_eq!(
+        *calls.lock().expect("calls"),
+        ["m1", "m1", "m2"],
+        "given back in its place, not retried behind m2"
+    );
+    hs.stop().await;
+}
+
 /// A private node that gives up on an unacked delivery after `ms`, checked every second.
 async fn node_with_consumer_timeout(ms: u64) -> PrivateBroker {
     PrivateBroker::start_with(move |host, _| {

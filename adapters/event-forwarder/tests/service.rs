@@ -113,6 +113,15 @@ async fn bodies(server: &MockServer) -> Vec<String> {
         .collect()
 }
 
+/// How many POSTs the endpoint received whose body holds `marker`.
+async fn posts_of(server: &MockServer, marker: &str) -> usize {
+    bodies(server)
+        .await
+        .iter()
+        .filter(|b| b.contains(marker))
+        .count()
+}
+
 #[tokio::test]
 async fn an_event_is_posted_unchanged_with_the_token() {
     let server = MockServer::start().await;
@@ -1039,11 +1048,7 @@ async fn an_ordered_records_outage_spans_its_batchs_deliveries() {
     assert_eq!(json_of(&d), json!({"Records": [record("seq-down")]}));
     let err = header(&d, "x-error").unwrap();
     assert!(err.contains("longer than [retry] max_outage_ms"), "{err}");
-    let ups = bodies(&server)
-        .await
-        .iter()
-        .filter(|b| b.contains("seq-up"))
-        .count();
+    let ups = posts_of(&server, "seq-up").await;
     assert_eq!(ups, 1, "handed back, the first record is not posted again");
 }
 
@@ -1089,11 +1094,7 @@ async fn an_ordered_batchs_delivered_record_is_not_posted_again_after_its_hand_b
     let done = json_of(&next(&mut out).await);
     assert_eq!(done["dead_lettered"], json!([1]), "{done}");
     assert_eq!(done["skipped"], json!([0]), "{done}");
-    let ups = bodies(&server)
-        .await
-        .iter()
-        .filter(|b| b.contains("seq-up"))
-        .count();
+    let ups = posts_of(&server, "seq-up").await;
     assert_eq!(ups, 1, "the delivered record posted once");
 }
 
