@@ -1629,11 +1629,9 @@ impl<P: MessageProcessor> Shared<P> {
                 // either way. Nor is it held into the consumer timeout (a handler stopped at
                 // its deadline, whose retry failed): the broker would take it back itself,
                 // with the channel's other deliveries (RabbitMQ 4.3: uncounted, for ever).
-                let timeout = inner
-                    .declared_consumer_timeout()
-                    .unwrap_or_else(|| inner.consumer_timeout());
+                // The timeout the broker may apply (RabbitMQ 3.10/3.11: their own 30 min).
                 let pause = publish_failure_backoff(&ctx.headers)
-                    .min(pause_left(timeout, started.elapsed()));
+                    .min(pause_left(inner.consumer_timeout(), started.elapsed()));
                 tokio::select! {
                     _ = tokio::time::sleep(pause) => {}
                     _ = ctx.cancel.cancelled() => {}

@@ -228,14 +228,14 @@ fn copy_via(
         #[cfg(test)]
         corrupt_for_test(staging);
         if expected.read_back {
+            // A read of the store that fails is the store's trouble, as its writes' are
+            // (an EIO of its disk an outage, not the file's fault).
             read_back(staging, key, alg, &digest, &stopped).map_err(|e| match e {
-                ReadBack::Io(e) => CopyError::Read(format!("{} (read back)", dest.display()), e),
+                ReadBack::Io(e) => write_err(e),
                 ReadBack::Differs(e) => e,
+                // Stopped while it read: the redelivery copies the file beside this thread.
+                ReadBack::Stopped => CopyError::Stopped(shown.to_string()),
             })?;
-            // Stopped while it read: the redelivery copies the file beside this thread.
-            if stopped() {
-                return Err(CopyError::Stopped(shown.to_string()));
-            }
         }
         staged
             .publish(&dest)
@@ -257,6 +257,8 @@ enum ReadBack {
     Io(std::io::Error),
     /// It holds other bytes than were written ([`CopyError::Mismatch`]).
     Differs(CopyError),
+    /// Whoever waits for the copy is gone (see `Expected::stopped`).
+    Stopped,
 }
 
 /// Reads the fsynced copy `f` back from its disk and compares its digest with `written`'s.
@@ -273,11 +275,14 @@ fn read_back(
     // Advice only: a filesystem that ignores it is read as it is.
     let _ = rustix::fs::fadvise(f, 0, None, rustix::fs::Advice::DontNeed);
     let (mut h, _) = alg.hasher().split();
-    let mut buf = vec![0u8; BLOCK];
+    // One byte more than the copy: its end is seen in the read that fills the rest.
+    let mut buf =
+        vec![0u8; usize::try_from(written.size.saturating_add(1)).map_or(BLOCK, |n| n.min(BLOCK))];
     let mut at = 0u64;
-    // Ended at the block it is in where whoever waits is gone (see `Expected::stopped`):
-    // the check before publishing says so.
-    while !stopped() {
+    loop {
+        if stopped() {
+            return Err(ReadBack::Stopped);
+        }
         let n = match f.read_at(&mut buf, at) {
             Ok(0) => break,
             Ok(n) => n,

@@ -313,7 +313,8 @@ impl EventForwarder {
         // The tries an earlier delivery of this event counted, when it was handed back
         // (taken: a hand-back leaves them again).
         // Taken by that event only, its outage going on from when it began: a batch handed
-        // back on another replica posts its delivered records again first, and one of them taking the count
+        // back posts again the records it delivered where its memory of them is gone (stale),
+        // and one of them taking the count
         // would start the held record's tries over at every delivery; their 2xx clears
         // the outage, and an endpoint down for that one record only would never be down
         // for `max_outage_ms` — handed back at every checkpoint, for ever.
@@ -539,9 +540,13 @@ impl EventForwarder {
         let (mut delivered, mut dead, mut skipped) = (Vec::new(), Vec::new(), Vec::new());
         // Ordered: the records this batch delivered before it was handed back, if this is
         // its next delivery (only one message is in flight).
-        let batch = self.ordered.then(|| batch_digest(ctx, records));
-        let had: Vec<usize> = match (self.outage().delivered.take(), batch) {
-            (Some(before), Some(b)) if before.batch == b && before.at.elapsed() < HELD_STALE => {
+        let before = self.outage().delivered.take();
+        let had: Vec<usize> = match before {
+            Some(before)
+                if self.ordered
+                    && before.at.elapsed() < HELD_STALE
+                    && before.batch == batch_digest(ctx, records) =>
+            {
                 before.records
             }
             _ => Vec::new(),
@@ -709,7 +714,8 @@ impl EventForwarder {
                     return rest_in_a_retry(e);
                 }
                 Posted::Interrupted(e) | Posted::HandedBack { why: e, .. } => {
-                    if let Some(batch) = batch {
+                    if self.ordered {
+                        let batch = batch_digest(ctx, records);
                         let mut records: Vec<usize> =
                             delivered.iter().chain(&skipped).copied().collect();
                         records.sort_unstable();

@@ -1187,7 +1187,7 @@ async fn an_ordered_batch_meeting_a_long_outage_keeps_its_place() {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let server = MockServer::start().await;
     // `seq-b` finds the endpoint down while it is retried in place (a second apart); the
-    // try after the wait that ends in a hand-back (about 11 s) finds it up.
+    // try after the wait that ends in a hand-back (several seconds) finds it up.
     let firsts = std::sync::Arc::new(AtomicUsize::new(0));
     let seen = firsts.clone();
     let last_b = std::sync::Mutex::new(None::<std::time::Instant>);

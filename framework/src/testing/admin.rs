@@ -274,8 +274,8 @@ impl Admin {
     /// Waits up to [`crate::testing::WAIT`] for queue `name` on vhost `/` to hold no
     /// message, ready or delivered and unacknowledged (a ready count alone reads 0 for a
     /// message a consumer holds unsettled); false if it still holds some then. The
-    /// management API's figures are a few seconds old: a queue never seen empty is never
-    /// taken for one.
+    /// management API's figures are up to 5 s old: call it once the message has been held
+    /// longer than that (a 0 from before its publish would read as settled).
     pub async fn await_settled(&self, name: &str) -> bool {
         let deadline = tokio::time::Instant::now() + crate::testing::WAIT;
         loop {
