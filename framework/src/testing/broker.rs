@@ -466,23 +466,29 @@ impl PrivateBroker {
     }
 
     /// Messages in `queue`, ready or delivered and unacknowledged, as the node counts
-    /// them now (`rabbitmqctl list_queues`); None where the queue is not listed.
+    /// them now; None where the queue is not listed. Blocks its thread (a multi-threaded
+    /// runtime's).
     pub fn messages(&self, queue: &str) -> Option<u64> {
-        let out = tokio::task::block_in_place(|| {
-            self.ctl_output(&[
-                "list_queues",
-                "-q",
-                "--no-table-headers",
-                "name",
-                "messages",
-            ])
-        });
-        String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
-            let mut cols = l.split_whitespace();
-            (cols.next() == Some(queue))
-                .then(|| cols.next().and_then(|n| n.parse().ok()))
-                .flatten()
-        })
+        tokio::task::block_in_place(|| self.all_messages())?
+            .get(queue)
+            .copied()
+    }
+
+    /// Every queue's messages, ready and unacknowledged (`rabbitmqctl list_queues`, read
+    /// as JSON: a name may hold spaces); None where the node does not answer. Blocking.
+    pub fn all_messages(&self) -> Option<std::collections::HashMap<String, u64>> {
+        let out = self.ctl_output(&["list_queues", "name", "messages", "--formatter", "json"]);
+        if !out.status.success() {
+            return None;
+        }
+        let serde_json::Value::Array(rows) = serde_json::from_slice(&out.stdout).ok()? else {
+            return None;
+        };
+        Some(
+            rows.iter()
+                .filter_map(|r| Some((r["name"].as_str()?.to_string(), r["messages"].as_u64()?)))
+                .collect(),
+        )
     }
 
     /// Declares a durable quorum queue bound to `exchange` with `#` to collect outputs.

@@ -248,23 +248,7 @@ impl PrivateCluster {
 
     /// Every queue's messages, ready and unacknowledged, from the first node that answers.
     pub fn messages(&self) -> Option<HashMap<String, u64>> {
-        for b in &self.nodes {
-            let out = b.ctl_output(&["list_queues", "name", "messages", "--formatter", "json"]);
-            if !out.status.success() {
-                continue;
-            }
-            let Ok(serde_json::Value::Array(rows)) = serde_json::from_slice(&out.stdout) else {
-                continue;
-            };
-            return Some(
-                rows.iter()
-                    .filter_map(|r| {
-                        Some((r["name"].as_str()?.to_string(), r["messages"].as_u64()?))
-                    })
-                    .collect(),
-            );
-        }
-        None
+        self.nodes.iter().find_map(PrivateBroker::all_messages)
     }
 
     /// Waits until `sink` holds at least `n` outputs and nothing is left in `queue` or its
