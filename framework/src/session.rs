@@ -439,6 +439,9 @@ pub(crate) async fn session<P: MessageProcessor>(
     inner.status.attach(Some(conn.clone()));
     inner.status.set_ready(true);
     let handlers = SessionTasks::new();
+    // Cancelled by the watcher when `Q` has had no leader this node reaches for
+    // `CUT_OFF_AFTER`: only with other nodes to move to.
+    let cut_off = CancellationToken::new();
     if inner.amqp.queue_metrics_interval_ms > 0 {
         tokio::spawn(watch_queue_depths(
             conn.clone(),
@@ -446,6 +449,7 @@ pub(crate) async fn session<P: MessageProcessor>(
             Duration::from_millis(inner.amqp.queue_metrics_interval_ms),
             limit,
             handlers.cancel.clone(),
+            (inner.amqp.endpoints().len() > 1).then(|| cut_off.clone()),
         ));
     }
     if inner.amqp.rebind_interval_ms > 0 {
@@ -462,6 +466,14 @@ pub(crate) async fn session<P: MessageProcessor>(
             "topology incomplete (an exchange gone, or a retry or dead letter unroutable)".into(),
         )
     };
+    let moved = || {
+        SessionEnd::Lost(format!(
+            "the queue has had no leader this node reaches for {}s: the node is cut off from \
+             its cluster's majority (a network partition), which carries on without it; \
+             moving to another node",
+            CUT_OFF_AFTER.as_secs()
+        ))
+    };
     let alive = || conn.status().connected() && ch.status().connected();
     // Notices a dead connection while every handler is busy and nothing is consumed.
     let mut health = tokio::time::interval(HEALTH_CHECK);
@@ -472,6 +484,7 @@ pub(crate) async fn session<P: MessageProcessor>(
         let permit = tokio::select! {
             _ = shutdown.cancelled() => break SessionEnd::Shutdown,
             _ = broken.cancelled() => break topology_lost(),
+            _ = cut_off.cancelled() => break moved(),
             _ = health.tick() => {
                 if alive() { continue } else { break SessionEnd::Lost("the connection dropped".into()) }
             }
@@ -497,6 +510,7 @@ pub(crate) async fn session<P: MessageProcessor>(
             None => tokio::select! {
                 _ = shutdown.cancelled() => break SessionEnd::Shutdown,
                 _ = broken.cancelled() => break topology_lost(),
+                _ = cut_off.cancelled() => break moved(),
                 n = consumer.next() => n,
             },
         };
@@ -562,8 +576,10 @@ pub(crate) async fn session<P: MessageProcessor>(
     // With the connection gone the broker has already requeued what the handlers hold, and
     // another session or instance may be running it: stop them now instead of letting them
     // run beside it for the drain budget (their acks could never land anyway).
+    // So too on a node cut off from its cluster: the majority has given what the handlers
+    // hold to other consumers, and their acks could not land (no leader here).
     let budget = match &end {
-        SessionEnd::Lost(_) if !alive() => Duration::ZERO,
+        SessionEnd::Lost(_) if !alive() || cut_off.is_cancelled() => Duration::ZERO,
         // Acks on a cancelled consumer's deliveries are ignored, and another consumer may
         // already run them.
         SessionEnd::Released(_) => Duration::ZERO,
@@ -632,6 +648,9 @@ pub(crate) async fn session<P: MessageProcessor>(
     let at_once = match &end {
         SessionEnd::Released(_) => "the broker cancelled the consumer",
         SessionEnd::Lost(_) if !alive() => "the connection to the broker was lost",
+        SessionEnd::Lost(_) if cut_off.is_cancelled() => {
+            "the broker node is cut off from its cluster"
+        }
         _ => "drain timeout reached",
     };
     // Before the handlers are told: what they give back is held until the broker
@@ -664,13 +683,16 @@ pub(crate) async fn session<P: MessageProcessor>(
 /// channel). A queue found gone is declared again at once: the retry tiers and `Q-dlq`
 /// have no consumer, so a policy's `expires` (or an operator's delete) takes them, with
 /// the retries and dead letters in them, without the session noticing; the next retry or
-/// dead letter would find no queue.
+/// dead letter would find no queue. Where `Q` has had no leader this node reaches for
+/// [`CUT_OFF_AFTER`] ([`look`]), `cut_off` (given where there are other nodes to go to) is
+/// cancelled, ending the session.
 async fn watch_queue_depths(
     conn: Arc<Connection>,
     topology: Topology,
     every: Duration,
     limit: Duration,
     stop: CancellationToken,
+    cut_off: Option<CancellationToken>,
 ) {
     let queues = topology.queue_names();
     let mut tick = tokio::time::interval(every);
@@ -679,6 +701,7 @@ async fn watch_queue_depths(
     let mut ch: Option<Channel> = None;
     // The queues whose depth could not be read at the last look (warned about once).
     let mut unread: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let mut leaderless = Leaderless::default();
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
@@ -686,10 +709,21 @@ async fn watch_queue_depths(
         }
         // A look still under way when the session ends is dropped: finishing on a dying
         // connection, it could land after the next session's first read.
-        tokio::select! {
+        let no_leader = tokio::select! {
             biased;
             _ = stop.cancelled() => break,
-            _ = look(&conn, &topology, &queues, limit, &stop, &mut ch, &mut unread) => {}
+            l = look(&conn, &topology, &queues, limit, &stop, &mut ch, &mut unread) => l,
+        };
+        if leaderless.seen(no_leader, std::time::Instant::now())
+            && let Some(cut_off) = &cut_off
+        {
+            error!(queue = %topology.queue, after_s = CUT_OFF_AFTER.as_secs(),
+                "the queue has no leader this broker node reaches (it shows no consumer while \
+                 this service consumes it, or does not answer): the node is cut off from the \
+                 cluster's majority, which has given this session's messages to other \
+                 consumers; ending the session to connect to another node");
+            cut_off.cancel();
+            break;
         }
     }
     // Nothing reads these depths until the next session's watcher does (its first read
@@ -700,7 +734,41 @@ async fn watch_queue_depths(
     }
 }
 
-/// One look of [`watch_queue_depths`] at each of `queues`.
+/// How long `Q` may show no leader through this node before the session moves to another:
+/// a leader election (a node restarting) takes seconds; a node cut off from its cluster's
+/// majority by a network partition stays so until the split is mended, and RabbitMQ 4.3
+/// (Khepri) keeps its clients connected meanwhile, idle.
+pub(crate) const CUT_OFF_AFTER: Duration = Duration::from_secs(30);
+
+/// Looks in a row at which `Q` showed no leader: the node is taken for cut off once they
+/// span [`CUT_OFF_AFTER`], over at least [`Leaderless::LOOKS`] looks.
+#[derive(Debug, Default)]
+struct Leaderless {
+    /// The first look of the run, and how many since.
+    run: Option<(std::time::Instant, u32)>,
+}
+
+impl Leaderless {
+    /// One look is never enough, however slow: a look that ran into its time limit while
+    /// the leader moved.
+    const LOOKS: u32 = 3;
+
+    /// Records a look at `at` (`no_leader`: what it found); true once the node is taken
+    /// for cut off.
+    fn seen(&mut self, no_leader: bool, at: std::time::Instant) -> bool {
+        if !no_leader {
+            self.run = None;
+            return false;
+        }
+        let (since, looks) = self.run.get_or_insert((at, 0));
+        *looks += 1;
+        *looks >= Self::LOOKS && at.duration_since(*since) >= CUT_OFF_AFTER
+    }
+}
+
+/// One look of [`watch_queue_depths`] at each of `queues`; true where `Q` showed no leader
+/// this node reaches (no consumer while this session consumes it, or no answer in time).
+/// Where the node cut off led `Q`, `Q` reads there as it was, and nothing shows.
 async fn look(
     conn: &Connection,
     topology: &Topology,
@@ -709,8 +777,9 @@ async fn look(
     stop: &CancellationToken,
     ch: &mut Option<Channel>,
     unread: &mut std::collections::HashSet<String>,
-) {
+) -> bool {
     let mut gone = Vec::new();
+    let mut no_leader = false;
     for q in queues {
         let Some(c) = open_channel(ch, conn, limit).await else {
             break;
@@ -721,6 +790,7 @@ async fn look(
             // queue without a leader, whose passive check answers 0 for whatever it
             // holds.
             Ok(Ok((0, 0))) if *q == topology.queue && !stop.is_cancelled() => {
+                no_leader = true;
                 "the queue shows no consumer while this service consumes it (a quorum \
                  queue without a leader answers 0 messages for what it holds)"
                     .to_string()
@@ -733,11 +803,13 @@ async fn look(
                 }
                 continue;
             }
-            // A classic queue whose node is down (RabbitMQ 3.x): its messages wait
-            // there, nothing is gone.
-            Ok(Err(e)) if e.to_string().contains("home node") => e.to_string(),
+            // Only "no queue 'q' in vhost 'v'" says the queue is gone: RabbitMQ answers
+            // NOT_FOUND too for a classic queue whose home node is down (3.x) or a queue
+            // whose process is stopped, where the messages wait and declaring it again
+            // would report them lost.
             Ok(Err(e))
-                if crate::topology::is_soft(&e, lapin::protocol::AMQPSoftError::NOTFOUND) =>
+                if crate::topology::is_soft(&e, lapin::protocol::AMQPSoftError::NOTFOUND)
+                    && e.to_string().contains("no queue") =>
             {
                 metrics::gauge!(m::QUEUE_MESSAGES, "queue" => q.clone()).set(0.0);
                 gone.push(q.as_str());
@@ -748,6 +820,7 @@ async fn look(
                 // The broker handles a channel's calls in turn: the next look on this
                 // one would wait behind the unanswered one.
                 *ch = None;
+                no_leader |= *q == topology.queue && !stop.is_cancelled();
                 format!("no answer in {limit:?}")
             }
         };
@@ -765,12 +838,13 @@ async fn look(
              hand, or by a policy's `expires`: keep such policies off the service's queues); \
              declaring them again");
         let why = match tokio::time::timeout(limit, topology.declare(conn)).await {
-            Ok(Ok(_)) => return,
+            Ok(Ok(_)) => return no_leader,
             Ok(Err(e)) => e.to_string(),
             Err(_) => format!("timed out after {limit:?}"),
         };
         warn!(error = %m::LogText(&why), "could not declare the gone queues again; the next look tries again");
     }
+    no_leader
 }
 
 /// `ch` while it is open, else a new channel of `conn` in its place (None if none opens): a
@@ -1334,6 +1408,7 @@ impl<P: MessageProcessor> Shared<P> {
                 ),
                 received_at: Some(received_at),
                 came_back: inc.came_back,
+                when_done: Default::default(),
             };
             // Decoding runs inside catch_unwind too: a panicking Deserialize is the input's fault.
             let handled = AssertUnwindSafe(async {
@@ -1582,7 +1657,10 @@ impl<P: MessageProcessor> Shared<P> {
         }
         match published {
             // Counted once the ack has left (the settler sends it).
-            Ok(()) => settler.ack(delivery.delivery_tag, label),
+            Ok(()) => {
+                settler.ack(delivery.delivery_tag, label);
+                ctx.done(label);
+            }
             Err(e) if e.body_too_large(&[delivery.data.len()]) => {
                 // The input itself is larger than the broker now takes (its
                 // max_message_size lowered since the message was queued): no retry or dead
@@ -1593,6 +1671,7 @@ impl<P: MessageProcessor> Shared<P> {
                     the broker dead-letters it as it came");
                 settler.reject(delivery.delivery_tag);
                 label = "dead_letter";
+                ctx.done(label);
             }
             Err(e) => {
                 // Not even our own retry tier took it. Our topology gone: re-declare it in a
@@ -1721,5 +1800,26 @@ mod tests {
         // A short timeout keeps a tenth of it.
         assert_eq!(pause_left(secs(20), secs(13)), secs(5));
         assert_eq!(pause_left(secs(20), secs(30)), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_node_is_taken_for_cut_off_only_after_looks_spanning_the_limit() {
+        let t0 = std::time::Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut l = Leaderless::default();
+        // A leader election: a look or two without one, then a leader again.
+        assert!(!l.seen(true, at(0)));
+        assert!(!l.seen(true, at(15)));
+        assert!(!l.seen(false, at(30)));
+        // The run starts again: three looks, but spanning less than the limit.
+        assert!(!l.seen(true, at(45)));
+        assert!(!l.seen(true, at(46)));
+        assert!(!l.seen(true, at(47)));
+        assert!(l.seen(true, at(45) + CUT_OFF_AFTER));
+        // Two slow looks spanning the limit are not enough.
+        let mut l = Leaderless::default();
+        assert!(!l.seen(true, at(0)));
+        assert!(!l.seen(true, at(0) + CUT_OFF_AFTER * 2));
+        assert!(l.seen(true, at(0) + CUT_OFF_AFTER * 3));
     }
 }

@@ -259,3 +259,75 @@ async fn a_dlq_without_a_leader_is_not_reported_empty() {
     assert_eq!(replay.status.code(), Some(1), "{err}");
     assert!(!err.contains("matched"), "{err}");
 }
+
+/// A node cut off from the rest of its cluster while it runs (a network partition) keeps
+/// its clients connected — on RabbitMQ 4.3 whatever `cluster_partition_handling` says —
+/// and a replica consuming through it would sit there idle, while the majority gives the
+/// queue's messages to nobody. The replica's queue watcher finds the queue without a
+/// leader it can reach (no consumer while it consumes) and ends the session once that has
+/// lasted 30 s; the replica connects to another node of `[amqp] urls` and consumes there,
+/// never restarted. The queue's leader is kept off the cut-off node (the replica is given
+/// only the other two): a leader cut off with it answers for the queue from its own
+/// state there, as though nothing happened (docs/scaling.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_on_a_node_cut_off_from_its_cluster_moves_to_another() {
+    let cluster = PrivateCluster::start().await;
+    let q = unique("cutoff");
+    let sink = format!("{q}-sink");
+    let dir = tempfile::tempdir().expect("config dir");
+    let declared = echo(&cluster, 0, &q, dir.path(), 0)
+        .arg("declare")
+        .status_within(WAIT)
+        .expect("echo runs");
+    assert!(declared.success());
+    cluster.sink(&sink, &format!("{q}-out")).await;
+    cluster.await_replicas_online(&[&q, &sink]).await;
+    let leader = cluster.index_of(&cluster.replicas(&q).expect("the queue exists").leader);
+    let others: Vec<String> = (0..cluster.nodes().len())
+        .filter(|&i| i != leader)
+        .map(|i| cluster.nodes()[i].url())
+        .collect();
+    let name = unique("cutoff-replica");
+    let mut replica = process::spawn(
+        echo(&cluster, 0, &q, dir.path(), 0)
+            .env("STORAGETIER__AMQP__URLS", others.join(","))
+            .env("STORAGETIER__AMQP__CONNECTION_NAME", &name)
+            .env("STORAGETIER__AMQP__QUEUE_METRICS_INTERVAL_MS", "1000")
+            .env("STORAGETIER__AMQP__OPERATION_TIMEOUT_MS", "5000")
+            .arg("run"),
+    )
+    .expect("echo starts");
+    let through = cluster.node_of_connection(&name).await;
+    assert_ne!(through, leader, "the replica is given only the other nodes");
+    // Consuming (not only connected) before the cut: a consumer the majority knew.
+    let majority = &cluster.nodes()[leader];
+    let deadline = std::time::Instant::now() + WAIT;
+    while cluster.consumers(&q).await == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replica consumes {q}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    cluster.cut_off(through);
+    let n = 20;
+    let since = std::time::Instant::now();
+    majority
+        .preload(&format!("{q}-in"), "k", (0..n).map(input))
+        .await;
+    // 30 s without a leader, the looks' own time, a reconnect: well within three minutes.
+    within(
+        WAIT * 3,
+        "the inputs handled through another node",
+        framework::testing::broker::await_outputs(majority, &sink, n, since),
+    )
+    .await;
+    assert!(replica.is_running(), "the replica moved without a restart");
+    let moved = cluster.node_of_connection(&name).await;
+    assert!(
+        moved != through && moved != leader,
+        "moved to the other node: {moved}"
+    );
+    let code = replica.terminate(WAIT).and_then(|s| s.code());
+    assert_eq!(code, Some(0), "the replica drained and exited cleanly");
+}

@@ -192,6 +192,57 @@ impl PrivateCluster {
             .unwrap_or_else(|| panic!("{node} is not a node of this cluster"))
     }
 
+    /// The node the client connection named `name` (its `connection_name`) is connected
+    /// to, once a node lists it (at most `WAIT`).
+    pub async fn node_of_connection(&self, name: &str) -> usize {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            // Every node lists the whole cluster's connections; the first that answers.
+            let rows = self.nodes.iter().find_map(|b| {
+                let out = b.ctl_output(&[
+                    "list_connections",
+                    "port",
+                    "client_properties",
+                    "--formatter",
+                    "json",
+                ]);
+                match serde_json::from_slice(&out.stdout) {
+                    Ok(serde_json::Value::Array(rows)) if out.status.success() => Some(rows),
+                    _ => None,
+                }
+            });
+            let port = rows.iter().flatten().find_map(|r| {
+                r["client_properties"]
+                    .to_string()
+                    .contains(name)
+                    .then(|| r["port"].as_u64())
+                    .flatten()
+            });
+            if let Some(at) = port.and_then(|p| {
+                self.nodes
+                    .iter()
+                    .position(|b| b.url().contains(&format!(":{p}/")))
+            }) {
+                return at;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "a node lists connection {name}: {rows:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Cuts node `i` off from the others while it keeps running, as a network partition
+    /// does: it drops its links to them and refuses every new one (the CLI's too: it no
+    /// longer answers `rabbitmqctl`) until it is killed with the cluster. Its AMQP clients
+    /// stay connected to it. Blocks its thread (a multi-threaded runtime's).
+    pub fn cut_off(&self, i: usize) {
+        let expr = "net_kernel:allow(['nobody@nowhere']), \
+                    [erlang:disconnect_node(N) || N <- nodes()], ok.";
+        tokio::task::block_in_place(|| self.nodes[i].ctl(&["eval", expr]));
+    }
+
     /// Leader and members of quorum queue `queue`, from the first node that answers.
     pub fn replicas(&self, queue: &str) -> Option<QueueReplicas> {
         for b in &self.nodes {
