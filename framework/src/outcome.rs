@@ -59,8 +59,22 @@ impl Planner {
             vec![publisher.dead_letter_message(&origin, body.to_vec(), attempts, kind, why)]
         };
         match outcome {
-            Outcome::Success { body: value, extra } => {
+            Outcome::Success {
+                body: value,
+                extra,
+                identity,
+            } => {
                 let mut msgs = Vec::with_capacity(1 + extra.len());
+                // Named, it has the id an extra announcing the same would have: a record
+                // announced first by one attempt and as an extra by the next keeps its id.
+                let of = match &identity {
+                    Some(named) => OutputOf::Publication {
+                        exchange: &self.output_exchange,
+                        routing_key: &self.success_key,
+                        body: named.as_bytes(),
+                    },
+                    None => OutputOf::Success,
+                };
                 msgs.push(Outgoing {
                     exchange: self.output_exchange.clone(),
                     routing_key: self.success_key.clone(),
@@ -69,7 +83,7 @@ impl Planner {
                         publisher.service(),
                         &origin,
                         "application/json",
-                        OutputOf::Success,
+                        of,
                     ),
                     mandatory: false,
                 });

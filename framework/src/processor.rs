@@ -19,6 +19,9 @@ pub enum Outcome {
         body: serde_json::Value,
         /// Further messages published, with confirms, before the ack.
         extra: Vec<Publication>,
+        /// What the success message announces, where that can differ from one attempt
+        /// to the next (see [`Outcome::with_identity`]).
+        identity: Option<String>,
     },
     /// Transient failure: try again later via the retry tiers.
     Retry(String),
@@ -43,6 +46,7 @@ impl Outcome {
             Ok(body) => Outcome::Success {
                 body,
                 extra: Vec::new(),
+                identity: None,
             },
             Err(e) => Outcome::Permanent(format!("success body could not be serialized: {e}")),
         }
@@ -51,6 +55,18 @@ impl Outcome {
     pub fn with_extra(mut self, more: impl IntoIterator<Item = Publication>) -> Self {
         if let Outcome::Success { extra, .. } = &mut self {
             extra.extend(more);
+        }
+        self
+    }
+    /// Names what a Success's message announces (no effect on other outcomes): its
+    /// message id is then derived as an extra [`Publication`]'s with that identity to the
+    /// success routing key would be. Without one it is the input's one success id, which a
+    /// redelivery that announces another record first (the one before dropped, now stored)
+    /// would give to that other record, and a consumer dropping duplicates by id would
+    /// drop that record's only announcement.
+    pub fn with_identity(mut self, what: impl Into<String>) -> Self {
+        if let Outcome::Success { identity, .. } = &mut self {
+            *identity = Some(what.into());
         }
         self
     }
@@ -150,6 +166,8 @@ pub struct MessageContext {
     pub(crate) came_back: bool,
     /// See [`MessageContext::received_at`]; None outside a runtime.
     pub(crate) received_at: Option<std::time::SystemTime>,
+    /// Counts held until the outcome is settled (see [`MessageContext::count_when_done`]).
+    pub(crate) when_done: Arc<Mutex<Vec<(metrics::Counter, u64)>>>,
 }
 
 /// The last receipt stamp given, in nanoseconds since the epoch.
@@ -216,6 +234,7 @@ impl MessageContext {
             checkpoint_at: None,
             came_back: attempt > 0,
             received_at: None,
+            when_done: Arc::default(),
         }
     }
 
@@ -273,6 +292,34 @@ impl MessageContext {
                 self.max_records
             ))
         })
+    }
+
+    /// Adds `n` to `counter` once this message's outcome is published and its ack sent,
+    /// not for an attempt that ends in a retry — one the handler returned, or one the
+    /// framework made of an outcome the broker refused: a per-record counter incremented
+    /// in the handler counted the message's records again at every such attempt. Counted
+    /// at once outside a runtime ([`MessageContext::for_test`]).
+    pub fn count_when_done(&self, counter: metrics::Counter, n: u64) {
+        if self.publisher.is_none() {
+            counter.increment(n);
+        } else if let Ok(mut held) = self.when_done.lock() {
+            held.push((counter, n));
+        }
+    }
+
+    /// Applies the counts [`MessageContext::count_when_done`] held: the outcome `label`
+    /// was settled (none for a retry).
+    pub(crate) fn done(&self, label: &str) {
+        let held = self
+            .when_done
+            .lock()
+            .map(|mut h| std::mem::take(&mut *h))
+            .unwrap_or_default();
+        if label != "retry" {
+            for (counter, n) in held {
+                counter.increment(n);
+            }
+        }
     }
 
     /// Sets a string header carried by the retried message if this attempt returns Retry,

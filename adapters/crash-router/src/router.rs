@@ -509,8 +509,10 @@ impl MessageProcessor for CrashRouter {
             ("ignored", counts.ignored),
             ("throttled", counts.throttled),
         ] {
+            // Counted once the summary is published: one the broker refuses makes the
+            // message a retry, whose next attempt counts the records again.
             if n > 0 {
-                metrics::counter!(RECORDS_METRIC, "result" => label).increment(n);
+                ctx.count_when_done(metrics::counter!(RECORDS_METRIC, "result" => label), n);
             }
         }
 

@@ -83,11 +83,13 @@ impl Tally {
         }
     }
 
-    /// Adds the counts to the metric: once per message, at its final attempt.
-    fn record(&self) {
+    /// Adds the counts to the metric once the message's outcome is settled (not where
+    /// the broker refuses it, and the message is retried: see
+    /// [`MessageContext::count_when_done`]).
+    fn record(&self, ctx: &MessageContext) {
         for (result, n) in EVENT_RESULTS.iter().zip(self.0) {
             if n > 0 {
-                metrics::counter!(EVENTS_METRIC, "result" => *result).increment(n);
+                ctx.count_when_done(metrics::counter!(EVENTS_METRIC, "result" => *result), n);
             }
         }
     }
@@ -197,7 +199,7 @@ impl MessageProcessor for ProjectProcessor {
         // A retry (or a delivery given back) handles its records again and counts them
         // then; like crash-router, each record is counted on its message's final outcome.
         if !matches!(outcome, Outcome::Retry(_) | Outcome::Interrupted(_)) {
-            tally.record();
+            tally.record(ctx);
         }
         outcome
     }
@@ -457,7 +459,7 @@ impl ProjectProcessor {
             ));
         }
         let mut stored = stored.into_iter();
-        let Some((_, first)) = stored.next() else {
+        let Some((first_n, first)) = stored.next() else {
             if dropped.is_empty() {
                 dropped.push("every record was dead-lettered".into());
             }
@@ -471,8 +473,13 @@ impl ProjectProcessor {
                     .map(|x| x.with_identity(a.identity(n)))
             })
             .collect();
+        // The first too: a redelivery may store a record this attempt dropped, and announce
+        // it first.
+        let named = first.identity(first_n);
         match extra {
-            Ok(extra) => Outcome::success(first).with_extra(extra),
+            Ok(extra) => Outcome::success(first)
+                .with_extra(extra)
+                .with_identity(named),
             Err(e) => Outcome::permanent(format!("cannot serialise a stored project: {e}")),
         }
     }

@@ -150,6 +150,7 @@ on_both!(
     an_update_that_overtakes_its_create_waits_for_it,
     an_update_published_in_the_second_of_its_create_is_applied,
     a_batch_delivered_again_announces_with_the_same_ids,
+    a_project_announced_first_by_a_redelivery_has_an_id_of_its_own,
     a_future_dated_event_does_not_freeze_its_project,
     an_update_applies_over_a_create_stamped_by_a_clock_ahead,
     a_plain_update_replayed_after_the_broker_dead_lettered_it_never_overwrites_a_newer_one,
@@ -327,6 +328,79 @@ async fn a_batch_delivered_again_announces_with_the_same_ids(b: Backend) {
     }
     assert_eq!(ids[0], ids[1], "the same ids for the same announcements");
     assert_ne!(ids[0][0].1, ids[0][1].1, "one id per project");
+    env.finish().await;
+}
+
+/// A batch whose first record was dropped at its first delivery (stale there) and stored
+/// at its next (its project gone meanwhile) announces that record first: it gets an id of
+/// its own, not the id the first delivery gave the record it announced first — a consumer
+/// dropping duplicates by id would have dropped that project's only announcement — and the
+/// record announced both times keeps its id, first at one delivery, second at the next.
+async fn a_project_announced_first_by_a_redelivery_has_an_id_of_its_own(b: Backend) {
+    let env = start(b, &[]).await;
+    let mut out = env.hs.watch_output().await;
+    let entry = |id: u64, updated: &str| {
+        json!({"id": id, "projectTypeId": 1, "title": format!("T{id}"),
+               "created": "2021-04-29T13:53:43.413+01:00", "updated": updated,
+               "user": "u", "workingGroupId": 3, "commissionId": null,
+               "deletable": true, "status": "New", "productionOffice": "UK"})
+    };
+    let (older, newer) = (
+        "2021-04-29T13:53:43.413+01:00",
+        "2021-05-03T09:00:00.000+01:00",
+    );
+    env.hs
+        .publish(
+            "core.project.create",
+            &serde_json::to_vec(&json!([entry(2101, newer)])).unwrap(),
+            BasicProperties::default().with_message_id("newer-2101".into()),
+        )
+        .await;
+    let d = next(&mut out).await;
+    assert_eq!(body(&d)["id"], "2101");
+    let batch = serde_json::to_vec(&json!([entry(2101, older), entry(2102, older)])).unwrap();
+    let delivery = |ids: &mut Vec<(String, String)>, d: &framework::lapin::message::Delivery| {
+        let id = d
+            .properties
+            .message_id()
+            .as_ref()
+            .expect("an id")
+            .to_string();
+        ids.push((body(d)["id"].as_str().unwrap_or_default().to_string(), id));
+    };
+    let send = || {
+        env.hs.publish(
+            "core.project.create",
+            &batch,
+            BasicProperties::default().with_message_id("batch-2".into()),
+        )
+    };
+    // 2101 is older than the stored one: only 2102 is announced.
+    send().await;
+    let mut first = Vec::new();
+    delivery(&mut first, &next(&mut out).await);
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].0, "2102", "{first:?}");
+    run_sql(&env.url, "DELETE FROM projects WHERE id = '2101'").await;
+    // Now 2101 is stored, and announced first.
+    send().await;
+    let mut second = Vec::new();
+    delivery(&mut second, &next(&mut out).await);
+    delivery(&mut second, &next(&mut out).await);
+    second.sort();
+    assert_eq!(
+        second.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>(),
+        ["2101", "2102"],
+        "{second:?}"
+    );
+    assert_eq!(
+        second[1], first[0],
+        "2102 keeps its id: {first:?} {second:?}"
+    );
+    assert_ne!(
+        second[0].1, first[0].1,
+        "2101 has an id of its own, not the one 2102 was announced with"
+    );
     env.finish().await;
 }
 

@@ -86,5 +86,46 @@ async fn each_record_is_counted_once_and_every_result_from_the_start() {
     for result in ["deleted", "missing", "stale", "unknown_type"] {
         assert_eq!(events(result), 0, "{result}");
     }
+
+    // An announcement the broker refuses (a full queue bound to the output exchange that
+    // rejects publishes) makes the message a retry: its record is counted when its outcome
+    // is published at last, not at the refused attempt too.
+    let full = format!("{}-full", hs.q);
+    let mut args = framework::lapin::types::FieldTable::default();
+    args.insert(
+        "x-max-length".into(),
+        framework::lapin::types::AMQPValue::LongLongInt(0),
+    );
+    args.insert(
+        "x-overflow".into(),
+        framework::lapin::types::AMQPValue::LongString("reject-publish".into()),
+    );
+    hs.ch
+        .queue_declare(full.as_str().into(), Default::default(), args)
+        .await
+        .expect("a full queue");
+    hs.ch
+        .queue_bind(
+            full.as_str().into(),
+            hs.output_exchange.as_str().into(),
+            "#".into(),
+            Default::default(),
+            Default::default(),
+        )
+        .await
+        .expect("bound to the output");
+    let (retries, successes) = (
+        outcome_count(&hs.q, "retry"),
+        outcome_count(&hs.q, "success"),
+    );
+    send(kinesis(&[project("project-created", "counted-c", "c")])).await;
+    await_outcome_count(&hs.q, "retry", retries + 1).await;
+    assert_eq!(events("stored"), 3, "not counted at the refused attempt");
+    hs.ch
+        .queue_delete(full.as_str().into(), Default::default())
+        .await
+        .expect("the full queue deleted");
+    await_outcome_count(&hs.q, "success", successes + 1).await;
+    assert_eq!(events("stored"), 4, "counted once, when announced");
     hs.stop().await;
 }

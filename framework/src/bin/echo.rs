@@ -40,6 +40,7 @@ impl MessageProcessor for Echo {
         Outcome::Success {
             body: input,
             extra: Vec::new(),
+            identity: None,
         }
     }
 }
