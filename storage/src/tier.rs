@@ -1345,13 +1345,15 @@ impl<'a> Claim<'a> {
     async fn keep(&self) -> TierError {
         use tokio::time::Instant;
         let margin = self.records.claim_lease() / 4;
+        let mut pause = self.records.claim_lease() / 4;
         loop {
             // Looked at before waiting too: a process paused past the lease as the claim
             // was taken (a frozen VM) learns it at once, not a quarter of a lease later.
             if Instant::now() + margin >= self.held_until() {
                 break;
             }
-            tokio::time::sleep(self.records.claim_lease() / 4).await;
+            tokio::time::sleep(pause).await;
+            pause = self.records.claim_lease() / 4;
             let asked = Instant::now();
             let held_until = self.held_until();
             let budget = held_until
@@ -1371,9 +1373,14 @@ impl<'a> Claim<'a> {
                     std::future::pending::<()>().await;
                 }
                 Ok(Ok(false)) => break,
-                // A database blip: keep going while the lease still covers us.
+                // A database blip, or the claim's row locked a while by another session
+                // (PostgreSQL locks it for a claim of the same key that failed, until that
+                // claim's batch ends: up to its lock timeout): kept while the lease still
+                // covers us, and tried again soon — a quarter lease later, two failed
+                // renewals in a row used up the lease however short the lock.
                 Ok(Err(e)) if Instant::now() + margin < held_until => {
                     tracing::warn!(key = %self.key, error = %framework::telemetry::LogText(&e.to_string()), "could not renew the upload claim");
+                    pause = (self.records.claim_lease() / 20).max(Duration::from_millis(100));
                 }
                 Ok(Err(_)) | Err(_) => break,
             }
@@ -1629,6 +1636,62 @@ mod tests {
             .await
             .expect("lost before its first renewal");
         assert!(lost.to_string().contains("lost the upload claim"), "{lost}");
+    }
+
+    /// A claim whose row another session holds locked for two of its renewals (a failed
+    /// claim of the same key waiting in its batch behind a paused replica's lock, up to the
+    /// lock timeout) is kept once the lock goes, while its lease still covers it: renewed
+    /// a quarter lease after each failure, it was lost after two, whenever the lock went.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_claim_outlasts_a_lock_on_its_row_shorter_than_its_lease() {
+        use db::sqlx::Connection as _;
+        let pg = db::testing::TempPostgres::create().await.expect("database");
+        let records = crate::records::Records::open(&pg.url)
+            .await
+            .expect("records");
+        let lease = records.claim_lease();
+        let claim = super::Claim::take(&records, &crate::store::object_path("k"))
+            .await
+            .expect("claimed");
+        let mut kept = Box::pin(claim.keep());
+        let began = tokio::time::Instant::now();
+        // Past the first renewal (a quarter lease in), the row locked until the lease is
+        // down to its last quarter: the next two regular renewals meet the lock.
+        let lock_at = began + lease * 3 / 10;
+        let unlock_at = began + lease * 17 / 20;
+        tokio::select! {
+            lost = &mut kept => panic!("lost before the lock: {lost}"),
+            () = tokio::time::sleep_until(lock_at) => {}
+        }
+        let mut locker = db::sqlx::AnyConnection::connect(&pg.url)
+            .await
+            .expect("another session");
+        for step in [
+            "BEGIN",
+            "SELECT owner FROM upload_claims WHERE object_key = 'k' FOR UPDATE",
+        ] {
+            db::sqlx::raw_sql(step)
+                .execute(&mut locker)
+                .await
+                .expect("the row, locked");
+        }
+        tokio::select! {
+            lost = &mut kept => panic!("lost while the lock still left it time: {lost}"),
+            () = tokio::time::sleep_until(unlock_at) => {}
+        }
+        db::sqlx::raw_sql("ROLLBACK")
+            .execute(&mut locker)
+            .await
+            .expect("unlocked");
+        // Without a prompt renewal the lease ran out a quarter lease after the lock went.
+        tokio::select! {
+            lost = &mut kept => panic!("lost after the lock went: {lost}"),
+            () = tokio::time::sleep_until(unlock_at + lease / 2) => {}
+        }
+        drop(kept);
+        claim.release().await;
+        records.close().await;
+        pg.drop_db().await.expect("drop");
     }
 
     /// Waits until another owner can take `key`: well before the lease of the claim given
