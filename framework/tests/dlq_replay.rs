@@ -339,6 +339,7 @@ async fn a_replay_the_broker_cannot_deliver_keeps_its_dead_letter() {
         "refused by the broker, not removed: {e}"
     );
     assert!(e.to_string().contains("dead letter kept"), "{e}");
+    assert!(e.to_string().contains("queue does not exist"), "{e}");
     await_ready_count(&hs.ch, &dlq_name, 2).await;
 }
 

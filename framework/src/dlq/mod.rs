@@ -84,6 +84,12 @@ fn maybe_delivered(e: &PublishError) -> &'static str {
             ": raise the broker's max_message_size, or leave this one out (--kind, --key, \
              --message-id)"
         }
+        // A replay goes through the default exchange to `Q` by name: returned, `Q` is not
+        // there (deleted, or mid-way through a queue-type change).
+        PublishError::Unroutable(..) => {
+            ": the service's queue does not exist — declare it (the service's `declare`, or \
+             start the service), then replay again"
+        }
         PublishError::Amqp(_) | PublishError::Timeout(_) => {
             " — it may have reached the service's queue all the same: replaying it again \
              may deliver it twice"
