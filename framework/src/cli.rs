@@ -41,6 +41,11 @@ pub struct Binding {
     /// notice of the old connection would otherwise take the next message while the
     /// first is still being handled.
     pub single_active_consumer: bool,
+    /// Why this service, as configured, should have one consumer of `Q` at a time (None:
+    /// any number): warned about, naming it, when the queue watcher finds `Q` with more
+    /// than one consumer (project-ingest unordered: several replicas may apply updates of
+    /// one time out of order).
+    pub one_consumer_advised: Option<String>,
 }
 
 /// A service binary: its names, its settings and how to build its processor.

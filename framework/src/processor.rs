@@ -307,19 +307,15 @@ impl MessageContext {
         }
     }
 
-    /// Applies the counts [`MessageContext::count_when_done`] held: the outcome `label`
-    /// was settled (none for a retry).
-    pub(crate) fn done(&self, label: &str) {
+    /// The counts [`MessageContext::count_when_done`] held, for the ack of an outcome
+    /// `label` (none for a retry).
+    pub(crate) fn when_done(&self, label: &str) -> Vec<(metrics::Counter, u64)> {
         let held = self
             .when_done
             .lock()
             .map(|mut h| std::mem::take(&mut *h))
             .unwrap_or_default();
-        if label != "retry" {
-            for (counter, n) in held {
-                counter.increment(n);
-            }
-        }
+        if label == "retry" { Vec::new() } else { held }
     }
 
     /// Sets a string header carried by the retried message if this attempt returns Retry,

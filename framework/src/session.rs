@@ -442,6 +442,9 @@ pub(crate) async fn session<P: MessageProcessor>(
     // Cancelled by the watcher when `Q` has had no leader this node reaches for
     // `CUT_OFF_AFTER`: only with other nodes to move to.
     let cut_off = CancellationToken::new();
+    // Deliveries taken: a node that still delivers is not cut off, however slowly its
+    // queue's leader answers the watcher.
+    let taken = Arc::new(std::sync::atomic::AtomicU64::new(0));
     if inner.amqp.queue_metrics_interval_ms > 0 {
         tokio::spawn(watch_queue_depths(
             conn.clone(),
@@ -449,7 +452,7 @@ pub(crate) async fn session<P: MessageProcessor>(
             Duration::from_millis(inner.amqp.queue_metrics_interval_ms),
             limit,
             handlers.cancel.clone(),
-            (inner.amqp.endpoints().len() > 1).then(|| cut_off.clone()),
+            (inner.amqp.endpoints().len() > 1).then(|| (cut_off.clone(), taken.clone())),
         ));
     }
     if inner.amqp.rebind_interval_ms > 0 {
@@ -468,9 +471,9 @@ pub(crate) async fn session<P: MessageProcessor>(
     };
     let moved = || {
         SessionEnd::Lost(format!(
-            "the queue has had no leader this node reaches for {}s: the node is cut off from \
-             its cluster's majority (a network partition), which carries on without it; \
-             moving to another node",
+            "the queue has had no leader this node reaches for {}s, and nothing was delivered \
+             meanwhile: the node is most likely cut off from its cluster's majority (a \
+             network partition); moving to another node",
             CUT_OFF_AFTER.as_secs()
         ))
     };
@@ -517,6 +520,7 @@ pub(crate) async fn session<P: MessageProcessor>(
         match next {
             Some(Ok(delivery)) => {
                 settling.delivered(delivery.delivery_tag);
+                taken.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 // Taken here, in delivery order, not in the handler: handlers start in any
                 // order (tokio runs the last spawned first), and one taking its own time
                 // put a later update of a project before an earlier one.
@@ -576,8 +580,9 @@ pub(crate) async fn session<P: MessageProcessor>(
     // With the connection gone the broker has already requeued what the handlers hold, and
     // another session or instance may be running it: stop them now instead of letting them
     // run beside it for the drain budget (their acks could never land anyway).
-    // So too on a node cut off from its cluster: the majority has given what the handlers
-    // hold to other consumers, and their acks could not land (no leader here).
+    // So too on a node cut off from its cluster: their acks could not land (no leader
+    // here), and the majority gives what they hold to other consumers once it notices
+    // the node gone (its `net_ticktime`).
     let budget = match &end {
         SessionEnd::Lost(_) if !alive() || cut_off.is_cancelled() => Duration::ZERO,
         // Acks on a cancelled consumer's deliveries are ignored, and another consumer may
@@ -692,7 +697,7 @@ async fn watch_queue_depths(
     every: Duration,
     limit: Duration,
     stop: CancellationToken,
-    cut_off: Option<CancellationToken>,
+    cut_off: Option<(CancellationToken, Arc<std::sync::atomic::AtomicU64>)>,
 ) {
     let queues = topology.queue_names();
     let mut tick = tokio::time::interval(every);
@@ -702,6 +707,9 @@ async fn watch_queue_depths(
     // The queues whose depth could not be read at the last look (warned about once).
     let mut unread: std::collections::HashSet<String> = std::collections::HashSet::new();
     let mut leaderless = Leaderless::default();
+    let mut taken_before = 0;
+    // Warned about once a session (and again after `Q` was seen with one consumer).
+    let mut shared_warned = false;
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
@@ -709,19 +717,32 @@ async fn watch_queue_depths(
         }
         // A look still under way when the session ends is dropped: finishing on a dying
         // connection, it could land after the next session's first read.
-        let no_leader = tokio::select! {
+        let looked = tokio::select! {
             biased;
             _ = stop.cancelled() => break,
             l = look(&conn, &topology, &queues, limit, &stop, &mut ch, &mut unread) => l,
         };
-        if leaderless.seen(no_leader, std::time::Instant::now())
-            && let Some(cut_off) = &cut_off
+        if let (Some(why), Some(consumers)) = (&topology.one_consumer_advised, looked.consumers) {
+            if consumers > 1 && !shared_warned {
+                warn!(queue = %topology.queue, consumers, "{why}");
+            }
+            shared_warned = consumers > 1;
+        }
+        // RabbitMQ answers a look with no leader also where the leader is only slow (a
+        // quarter second): one still delivering is not taken for gone.
+        let taken = cut_off
+            .as_ref()
+            .map_or(0, |(_, t)| t.load(std::sync::atomic::Ordering::Relaxed));
+        let delivering = std::mem::replace(&mut taken_before, taken) != taken;
+        if leaderless.seen(looked.no_leader && !delivering, std::time::Instant::now())
+            && let Some((cut_off, _)) = &cut_off
         {
             error!(queue = %topology.queue, after_s = CUT_OFF_AFTER.as_secs(),
                 "the queue has no leader this broker node reaches (it shows no consumer while \
-                 this service consumes it, or does not answer): the node is cut off from the \
-                 cluster's majority, which has given this session's messages to other \
-                 consumers; ending the session to connect to another node");
+                 this service consumes it, or does not answer) and nothing was delivered \
+                 meanwhile: the node is most likely cut off from the cluster's majority, \
+                 where its messages go to other consumers; ending the session to connect to \
+                 another node");
             cut_off.cancel();
             break;
         }
@@ -766,9 +787,18 @@ impl Leaderless {
     }
 }
 
-/// One look of [`watch_queue_depths`] at each of `queues`; true where `Q` showed no leader
-/// this node reaches (no consumer while this session consumes it, or no answer in time).
-/// Where the node cut off led `Q`, `Q` reads there as it was, and nothing shows.
+/// What one look of [`watch_queue_depths`] found about `Q`.
+#[derive(Debug, Default)]
+struct Looked {
+    /// `Q` showed no leader this node reaches (no consumer while this session consumes
+    /// it, or no answer in time). Where the node cut off led `Q`, `Q` reads there as it
+    /// was, and nothing shows.
+    no_leader: bool,
+    /// `Q`'s consumers, where it was read.
+    consumers: Option<u32>,
+}
+
+/// One look of [`watch_queue_depths`] at each of `queues`.
 async fn look(
     conn: &Connection,
     topology: &Topology,
@@ -777,9 +807,10 @@ async fn look(
     stop: &CancellationToken,
     ch: &mut Option<Channel>,
     unread: &mut std::collections::HashSet<String>,
-) -> bool {
+) -> Looked {
     let mut gone = Vec::new();
     let mut no_leader = false;
+    let mut consumers = None;
     for q in queues {
         let Some(c) = open_channel(ch, conn, limit).await else {
             break;
@@ -795,7 +826,10 @@ async fn look(
                  queue without a leader answers 0 messages for what it holds)"
                     .to_string()
             }
-            Ok(Ok((n, _))) => {
+            Ok(Ok((n, c))) => {
+                if *q == topology.queue {
+                    consumers = Some(c);
+                }
                 metrics::gauge!(m::QUEUE_MESSAGES, "queue" => q.clone()).set(f64::from(n));
                 unreadable.set(0.0);
                 if unread.remove(q) {
@@ -838,13 +872,21 @@ async fn look(
              hand, or by a policy's `expires`: keep such policies off the service's queues); \
              declaring them again");
         let why = match tokio::time::timeout(limit, topology.declare(conn)).await {
-            Ok(Ok(_)) => return no_leader,
+            Ok(Ok(_)) => {
+                return Looked {
+                    no_leader,
+                    consumers,
+                };
+            }
             Ok(Err(e)) => e.to_string(),
             Err(_) => format!("timed out after {limit:?}"),
         };
         warn!(error = %m::LogText(&why), "could not declare the gone queues again; the next look tries again");
     }
-    no_leader
+    Looked {
+        no_leader,
+        consumers,
+    }
 }
 
 /// `ch` while it is open, else a new channel of `conn` in its place (None if none opens): a
@@ -1657,10 +1699,7 @@ impl<P: MessageProcessor> Shared<P> {
         }
         match published {
             // Counted once the ack has left (the settler sends it).
-            Ok(()) => {
-                settler.ack(delivery.delivery_tag, label);
-                ctx.done(label);
-            }
+            Ok(()) => settler.ack_counting(delivery.delivery_tag, label, ctx.when_done(label)),
             Err(e) if e.body_too_large(&[delivery.data.len()]) => {
                 // The input itself is larger than the broker now takes (its
                 // max_message_size lowered since the message was queued): no retry or dead
@@ -1671,7 +1710,9 @@ impl<P: MessageProcessor> Shared<P> {
                     the broker dead-letters it as it came");
                 settler.reject(delivery.delivery_tag);
                 label = "dead_letter";
-                ctx.done(label);
+                for (counter, n) in ctx.when_done(label) {
+                    counter.increment(n);
+                }
             }
             Err(e) => {
                 // Not even our own retry tier took it. Our topology gone: re-declare it in a

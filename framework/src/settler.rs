@@ -22,8 +22,9 @@ use crate::telemetry::QueueMetrics;
 
 /// How a handler left its delivery.
 enum Settlement {
-    /// Acked; counted under this outcome label once the ack is sent.
-    Ack(&'static str),
+    /// Acked; counted under this outcome label once the ack is sent, with the processor's
+    /// own counts held until then ([`crate::MessageContext::count_when_done`]).
+    Ack(&'static str, Vec<(metrics::Counter, u64)>),
     /// Given back to the queue to be delivered again: `basic.nack` (not handled: shutdown,
     /// an interrupted handler) or, when its outcome could not be published, `basic.reject`
     /// (a failed delivery: RabbitMQ 4.3 counts only rejects toward a quorum queue's
@@ -106,7 +107,19 @@ impl Settling {
 impl Settler {
     /// Acks `tag` (its outcome is confirmed by the broker), counted as `label`.
     pub(crate) fn ack(&self, tag: u64, label: &'static str) {
-        let _ = self.tx.send(Event::Settled(tag, Settlement::Ack(label)));
+        self.ack_counting(tag, label, Vec::new());
+    }
+
+    /// Acks `tag` as [`Settler::ack`] does, adding `counts` once the ack is sent.
+    pub(crate) fn ack_counting(
+        &self,
+        tag: u64,
+        label: &'static str,
+        counts: Vec<(metrics::Counter, u64)>,
+    ) {
+        let _ = self
+            .tx
+            .send(Event::Settled(tag, Settlement::Ack(label, counts)));
     }
 
     /// Returns `tag` to its queue to be delivered again, unhandled.
@@ -206,9 +219,9 @@ async fn run(ch: Channel, metrics: Arc<QueueMetrics>, mut rx: mpsc::UnboundedRec
                         continue;
                     }
                     match s {
-                        Settlement::Ack(label) => {
+                        Settlement::Ack(label, counts) => {
                             acked.push(t);
-                            labels.push(label);
+                            labels.push((label, counts));
                         }
                         Settlement::GiveBack { failed } => give_back.push((t, failed)),
                         Settlement::Reject => rejected.push(t),
@@ -257,8 +270,11 @@ async fn run(ch: Channel, metrics: Arc<QueueMetrics>, mut rx: mpsc::UnboundedRec
         if let Some(e) = refused {
             warn!(error = %e, "acks not sent (channel closed); their messages will be redelivered");
         } else {
-            for label in &labels {
+            for (label, counts) in labels.drain(..) {
                 metrics.count(label);
+                for (counter, n) in counts {
+                    counter.increment(n);
+                }
             }
         }
         acked.clear();

@@ -305,6 +305,8 @@ pub struct Topology {
     pub consumer_timeout_ms: u64,
     /// `x-single-active-consumer` on `Q` ([`crate::Binding::single_active_consumer`]).
     pub single_active_consumer: bool,
+    /// [`crate::Binding::one_consumer_advised`].
+    pub one_consumer_advised: Option<String>,
 }
 
 /// A queue with its arguments, as declared.
@@ -402,6 +404,7 @@ impl Topology {
             operation_timeout: amqp.operation_timeout(),
             consumer_timeout_ms: amqp.consumer_timeout_ms,
             single_active_consumer: false,
+            one_consumer_advised: None,
         }
     }
 
@@ -424,6 +427,7 @@ impl Topology {
         );
         t.publishes_to = b.publishes_to.clone();
         t.single_active_consumer = b.single_active_consumer;
+        t.one_consumer_advised = b.one_consumer_advised.clone();
         t
     }
 

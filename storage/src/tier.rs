@@ -1642,6 +1642,8 @@ mod tests {
     /// claim of the same key waiting in its batch behind a paused replica's lock, up to the
     /// lock timeout) is kept once the lock goes, while its lease still covers it: renewed
     /// a quarter lease after each failure, it was lost after two, whenever the lock went.
+    /// The lock goes once two renewals have waited on it (seen in `pg_stat_activity`), not
+    /// at a time set beforehand.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_claim_outlasts_a_lock_on_its_row_shorter_than_its_lease() {
         use db::sqlx::Connection as _;
@@ -1654,14 +1656,10 @@ mod tests {
             .await
             .expect("claimed");
         let mut kept = Box::pin(claim.keep());
-        let began = tokio::time::Instant::now();
-        // Past the first renewal (a quarter lease in), the row locked until the lease is
-        // down to its last quarter: the next two regular renewals meet the lock.
-        let lock_at = began + lease * 3 / 10;
-        let unlock_at = began + lease * 17 / 20;
+        // Past the first renewal (a quarter lease in).
         tokio::select! {
             lost = &mut kept => panic!("lost before the lock: {lost}"),
-            () = tokio::time::sleep_until(lock_at) => {}
+            () = tokio::time::sleep(lease * 3 / 10) => {}
         }
         let mut locker = db::sqlx::AnyConnection::connect(&pg.url)
             .await
@@ -1675,18 +1673,46 @@ mod tests {
                 .await
                 .expect("the row, locked");
         }
-        tokio::select! {
-            lost = &mut kept => panic!("lost while the lock still left it time: {lost}"),
-            () = tokio::time::sleep_until(unlock_at) => {}
+        let mut look = db::sqlx::AnyConnection::connect(&pg.url)
+            .await
+            .expect("a session to look with");
+        // Two renewals wait on the lock and give up (half a second each).
+        for waiting in [true, false, true, false] {
+            let deadline = tokio::time::Instant::now() + framework::testing::WAIT;
+            loop {
+                let waits: i64 = db::sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                )
+                .fetch_one(&mut look)
+                .await
+                .expect("activity");
+                if (waits > 0) == waiting {
+                    break;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "a renewal {} the lock",
+                    if waiting {
+                        "waiting on"
+                    } else {
+                        "giving up on"
+                    }
+                );
+                tokio::select! {
+                    lost = &mut kept => panic!("lost while the lease still covered it: {lost}"),
+                    () = tokio::time::sleep(std::time::Duration::from_millis(20)) => {}
+                }
+            }
         }
         db::sqlx::raw_sql("ROLLBACK")
             .execute(&mut locker)
             .await
             .expect("unlocked");
-        // Without a prompt renewal the lease ran out a quarter lease after the lock went.
+        // Renewed a quarter lease after its second failure, the lease had run out by then.
         tokio::select! {
             lost = &mut kept => panic!("lost after the lock went: {lost}"),
-            () = tokio::time::sleep_until(unlock_at + lease / 2) => {}
+            () = tokio::time::sleep(lease / 2) => {}
         }
         drop(kept);
         claim.release().await;

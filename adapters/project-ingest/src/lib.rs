@@ -672,6 +672,13 @@ impl Service for ProjectIngest {
             // Same-time updates keep the queue's order across replicas only if one of
             // them consumes at a time (within one, its clock orders them as received).
             single_active_consumer: cfg.settings.ordered,
+            one_consumer_advised: (!cfg.settings.ordered).then(|| {
+                "several consumers take this queue with [project_ingest] ordered = false: \
+                 updates of one project that pluto-core gives one `updated` time are ordered \
+                 by when a replica first saw each, its own clock, so two replicas may keep an \
+                 older one; set ordered = true with more than one replica (docs/scaling.md)"
+                    .to_string()
+            }),
             ..Default::default()
         }
     }

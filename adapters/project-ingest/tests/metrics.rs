@@ -91,6 +91,7 @@ async fn each_record_is_counted_once_and_every_result_from_the_start() {
     // rejects publishes) makes the message a retry: its record is counted when its outcome
     // is published at last, not at the refused attempt too.
     let full = format!("{}-full", hs.q);
+    let _full_gone = Cleanup::new(vec![full.clone()], vec![]);
     let mut args = framework::lapin::types::FieldTable::default();
     args.insert(
         "x-max-length".into(),
