@@ -442,9 +442,9 @@ pub(crate) async fn session<P: MessageProcessor>(
     // Cancelled by the watcher when `Q` has had no leader this node reaches for
     // `CUT_OFF_AFTER`: only with other nodes to move to.
     let cut_off = CancellationToken::new();
-    // Deliveries taken: a node that still delivers is not cut off, however slowly its
-    // queue's leader answers the watcher.
-    let taken = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    // A node that still delivers is not cut off, however slowly its queue's leader
+    // answers the watcher; nor can one be told while every handler is busy.
+    let activity = Arc::new(Activity::default());
     if inner.amqp.queue_metrics_interval_ms > 0 {
         tokio::spawn(watch_queue_depths(
             conn.clone(),
@@ -452,7 +452,13 @@ pub(crate) async fn session<P: MessageProcessor>(
             Duration::from_millis(inner.amqp.queue_metrics_interval_ms),
             limit,
             handlers.cancel.clone(),
-            (inner.amqp.endpoints().len() > 1).then(|| (cut_off.clone(), taken.clone())),
+            (inner.amqp.endpoints().len() > 1).then(|| {
+                (
+                    cut_off.clone(),
+                    activity.clone(),
+                    inner.amqp.effective_concurrency(),
+                )
+            }),
         ));
     }
     if inner.amqp.rebind_interval_ms > 0 {
@@ -520,7 +526,7 @@ pub(crate) async fn session<P: MessageProcessor>(
         match next {
             Some(Ok(delivery)) => {
                 settling.delivered(delivery.delivery_tag);
-                taken.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let busy = Busy::enter(&activity);
                 // Taken here, in delivery order, not in the handler: handlers start in any
                 // order (tokio runs the last spawned first), and one taking its own time
                 // put a later update of a project before an earlier one.
@@ -569,6 +575,7 @@ pub(crate) async fn session<P: MessageProcessor>(
                         }
                     }
                     drop(permit);
+                    drop(busy);
                 };
                 handlers.tasks.spawn(fut);
             }
@@ -697,7 +704,7 @@ async fn watch_queue_depths(
     every: Duration,
     limit: Duration,
     stop: CancellationToken,
-    cut_off: Option<(CancellationToken, Arc<std::sync::atomic::AtomicU64>)>,
+    cut_off: Option<(CancellationToken, Arc<Activity>, usize)>,
 ) {
     let queues = topology.queue_names();
     let mut tick = tokio::time::interval(every);
@@ -708,8 +715,8 @@ async fn watch_queue_depths(
     let mut unread: std::collections::HashSet<String> = std::collections::HashSet::new();
     let mut leaderless = Leaderless::default();
     let mut taken_before = 0;
-    // Warned about once a session (and again after `Q` was seen with one consumer).
-    let mut shared_warned = false;
+    // Since when `Q` has shown more than one consumer, and whether that was warned about.
+    let mut shared: Option<(tokio::time::Instant, bool)> = None;
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
@@ -723,19 +730,32 @@ async fn watch_queue_depths(
             l = look(&conn, &topology, &queues, limit, &stop, &mut ch, &mut unread) => l,
         };
         if let (Some(why), Some(consumers)) = (&topology.one_consumer_advised, looked.consumers) {
-            if consumers > 1 && !shared_warned {
-                warn!(queue = %topology.queue, consumers, "{why}");
-            }
-            shared_warned = consumers > 1;
+            // Lasting, not a moment's: a rolling update's overlap, or the consumer of this
+            // replica's last session the broker has not yet seen gone (its heartbeat, a
+            // cut-off node's `net_ticktime`), is not a second replica.
+            shared = (consumers > 1).then(|| {
+                let (since, warned) = shared.unwrap_or((tokio::time::Instant::now(), false));
+                let lasting = since.elapsed() >= every * SHARED_LOOKS;
+                if lasting && !warned {
+                    warn!(queue = %topology.queue, consumers, "{why}");
+                }
+                (since, warned || lasting)
+            });
         }
         // RabbitMQ answers a look with no leader also where the leader is only slow (a
-        // quarter second): one still delivering is not taken for gone.
-        let taken = cut_off
-            .as_ref()
-            .map_or(0, |(_, t)| t.load(std::sync::atomic::Ordering::Relaxed));
+        // quarter second): a session still taking deliveries is not taken for cut off,
+        // nor one whose handlers are all busy (it takes none then, cut off or not).
+        let (taken, idle) = cut_off.as_ref().map_or((0, false), |(_, a, handlers)| {
+            (
+                a.taken.load(std::sync::atomic::Ordering::Relaxed),
+                a.running.load(std::sync::atomic::Ordering::Relaxed) < *handlers,
+            )
+        });
         let delivering = std::mem::replace(&mut taken_before, taken) != taken;
-        if leaderless.seen(looked.no_leader && !delivering, std::time::Instant::now())
-            && let Some((cut_off, _)) = &cut_off
+        if leaderless.seen(
+            looked.no_leader && !delivering && idle,
+            std::time::Instant::now(),
+        ) && let Some((cut_off, _, _)) = &cut_off
         {
             error!(queue = %topology.queue, after_s = CUT_OFF_AFTER.as_secs(),
                 "the queue has no leader this broker node reaches (it shows no consumer while \
@@ -752,6 +772,38 @@ async fn watch_queue_depths(
     // replica would otherwise serve as current to the alerts (`max by` a stale `Q-dlq`).
     for q in &queues {
         metrics::gauge!(m::QUEUE_DEPTH_UNREADABLE, "queue" => q.clone()).set(1.0);
+    }
+}
+
+/// Looks over which `Q` shows more than one consumer before a service that advises one
+/// ([`crate::Binding::one_consumer_advised`]) warns: two minutes at the default interval.
+const SHARED_LOOKS: u32 = 8;
+
+/// What the queue watcher reads of its session to tell a node cut off from a slow leader.
+#[derive(Debug, Default)]
+struct Activity {
+    /// Deliveries taken.
+    taken: std::sync::atomic::AtomicU64,
+    /// Handlers running.
+    running: std::sync::atomic::AtomicUsize,
+}
+
+/// A handler running, counted in its session's [`Activity`] while it lives.
+struct Busy(Arc<Activity>);
+
+impl Busy {
+    fn enter(a: &Arc<Activity>) -> Busy {
+        a.taken.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        a.running.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Busy(a.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0
+            .running
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

@@ -270,11 +270,12 @@ async fn run(ch: Channel, metrics: Arc<QueueMetrics>, mut rx: mpsc::UnboundedRec
         if let Some(e) = refused {
             warn!(error = %e, "acks not sent (channel closed); their messages will be redelivered");
         } else {
+            // The processor's counts first: one who saw the outcome counted has them.
             for (label, counts) in labels.drain(..) {
-                metrics.count(label);
                 for (counter, n) in counts {
                     counter.increment(n);
                 }
+                metrics.count(label);
             }
         }
         acked.clear();

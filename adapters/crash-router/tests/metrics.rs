@@ -56,15 +56,24 @@ async fn every_result_is_exported_at_zero_from_the_start() {
     hs.publish("k", body.to_string().as_bytes(), Default::default())
         .await;
     next(&mut out).await;
-    let text = handle.render();
-    for (result, n) in [
+    // Counted once the input's ack is sent, which may follow the output's arrival here.
+    let want: Vec<String> = [
         ("accepted", 1),
         ("deferred", 1),
         ("junk", 1),
         ("ignored", 1),
-    ] {
-        let line = format!("{RECORDS_METRIC}{{result=\"{result}\"}} {n}");
-        assert!(text.lines().any(|l| l == line), "`{line}` in:\n{text}");
+    ]
+    .iter()
+    .map(|(result, n)| format!("{RECORDS_METRIC}{{result=\"{result}\"}} {n}"))
+    .collect();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let text = handle.render();
+        if want.iter().all(|line| text.lines().any(|l| l == line)) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{want:?} in:\n{text}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     hs.stop().await;
 }
