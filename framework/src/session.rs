@@ -452,12 +452,11 @@ pub(crate) async fn session<P: MessageProcessor>(
             Duration::from_millis(inner.amqp.queue_metrics_interval_ms),
             limit,
             handlers.cancel.clone(),
-            (inner.amqp.endpoints().len() > 1).then(|| {
-                (
-                    cut_off.clone(),
-                    activity.clone(),
-                    inner.amqp.effective_concurrency(),
-                )
+            (inner.amqp.endpoints().len() > 1).then(|| Watched {
+                cut_off: cut_off.clone(),
+                activity: activity.clone(),
+                confirming: handlers.confirming.clone(),
+                handlers: inner.amqp.effective_concurrency(),
             }),
         ));
     }
@@ -704,7 +703,7 @@ async fn watch_queue_depths(
     every: Duration,
     limit: Duration,
     stop: CancellationToken,
-    cut_off: Option<(CancellationToken, Arc<Activity>, usize)>,
+    cut_off: Option<Watched>,
 ) {
     let queues = topology.queue_names();
     let mut tick = tokio::time::interval(every);
@@ -715,8 +714,8 @@ async fn watch_queue_depths(
     let mut unread: std::collections::HashSet<String> = std::collections::HashSet::new();
     let mut leaderless = Leaderless::default();
     let mut taken_before = 0;
-    // Since when `Q` has shown more than one consumer, and whether that was warned about.
-    let mut shared: Option<(tokio::time::Instant, bool)> = None;
+    // Looks in a row (of those that read it) at which `Q` showed more than one consumer.
+    let mut shared: u32 = 0;
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
@@ -733,29 +732,35 @@ async fn watch_queue_depths(
             // Lasting, not a moment's: a rolling update's overlap, or the consumer of this
             // replica's last session the broker has not yet seen gone (its heartbeat, a
             // cut-off node's `net_ticktime`), is not a second replica.
-            shared = (consumers > 1).then(|| {
-                let (since, warned) = shared.unwrap_or((tokio::time::Instant::now(), false));
-                let lasting = since.elapsed() >= every * SHARED_LOOKS;
-                if lasting && !warned {
-                    warn!(queue = %topology.queue, consumers, "{why}");
-                }
-                (since, warned || lasting)
-            });
+            shared = if consumers > 1 {
+                shared.saturating_add(1)
+            } else {
+                0
+            };
+            if shared == SHARED_LOOKS {
+                warn!(queue = %topology.queue, consumers, "{why}");
+            }
         }
         // RabbitMQ answers a look with no leader also where the leader is only slow (a
         // quarter second): a session still taking deliveries is not taken for cut off,
-        // nor one whose handlers are all busy (it takes none then, cut off or not).
-        let (taken, idle) = cut_off.as_ref().map_or((0, false), |(_, a, handlers)| {
+        // nor one whose handlers are all at work (it takes none then, cut off or not). A
+        // handler awaiting a confirm is not at work: on a node cut off, none comes.
+        let (taken, idle) = cut_off.as_ref().map_or((0, false), |w| {
+            let running = w
+                .activity
+                .running
+                .load(std::sync::atomic::Ordering::Relaxed);
+            let confirming = w.confirming.load(std::sync::atomic::Ordering::SeqCst);
             (
-                a.taken.load(std::sync::atomic::Ordering::Relaxed),
-                a.running.load(std::sync::atomic::Ordering::Relaxed) < *handlers,
+                w.activity.taken.load(std::sync::atomic::Ordering::Relaxed),
+                running.saturating_sub(confirming) < w.handlers,
             )
         });
         let delivering = std::mem::replace(&mut taken_before, taken) != taken;
         if leaderless.seen(
             looked.no_leader && !delivering && idle,
             std::time::Instant::now(),
-        ) && let Some((cut_off, _, _)) = &cut_off
+        ) && let Some(Watched { cut_off, .. }) = &cut_off
         {
             error!(queue = %topology.queue, after_s = CUT_OFF_AFTER.as_secs(),
                 "the queue has no leader this broker node reaches (it shows no consumer while \
@@ -778,6 +783,19 @@ async fn watch_queue_depths(
 /// Looks over which `Q` shows more than one consumer before a service that advises one
 /// ([`crate::Binding::one_consumer_advised`]) warns: two minutes at the default interval.
 const SHARED_LOOKS: u32 = 8;
+
+/// What the queue watcher is given to end a session on a node cut off (several nodes in
+/// `[amqp] urls`).
+struct Watched {
+    /// Cancelled to end the session.
+    cut_off: CancellationToken,
+    /// The session's deliveries and handlers.
+    activity: Arc<Activity>,
+    /// The session's confirms awaited ([`SessionTasks`]).
+    confirming: Arc<AtomicUsize>,
+    /// `[amqp]`'s effective concurrency.
+    handlers: usize,
+}
 
 /// What the queue watcher reads of its session to tell a node cut off from a slow leader.
 #[derive(Debug, Default)]
