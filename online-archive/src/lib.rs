@@ -6,10 +6,9 @@
 use std::path::PathBuf;
 
 use db::DatabaseUrl;
-use framework::config::{Config, ConfigError};
-use framework::{Binding, BoxError, Service, async_trait};
 use serde::{Deserialize, Serialize};
-use storage::service::{TierProcessor, TierSetup};
+use storage::overlap::TierKeys;
+use storage::service::{TierKind, TierService, TierSetup};
 use storage::{Algorithm, AssetSweeperFile, CopyReport, StoreOptions, TierPolicy};
 
 /// `[online_archive]` keys.
@@ -41,89 +40,54 @@ pub struct ArchiveSettings {
     pub keep_failures_days: u64,
 }
 
+/// What sets online-archive apart from the other tier (see [`TierService`]).
+pub struct Archive;
+
 /// The online-archive service.
-pub struct OnlineArchive;
+pub type OnlineArchive = TierService<Archive>;
 
-fn success(r: &CopyReport, m: &AssetSweeperFile) -> serde_json::Value {
-    serde_json::json!({
-        "original_file_path": r.original_path,
-        "archive_store": r.store,
-        "archive_key": r.key,
-        "size": r.size,
-        "checksum": r.checksum,
-        "checksum_algorithm": r.algorithm,
-        "imported_id": m.imported_id,
-        "archived_at": storage::records::now(),
-        "mtime": r.mtime,
-        "uploaded": r.uploaded,
-    })
-}
-
-/// Where the tier reads from and writes to, as configured.
-fn setup(s: &ArchiveSettings) -> TierSetup {
-    TierSetup {
-        online_roots: s.online_roots.clone(),
-        store_url: s.archive_url.clone(),
-        store_options: s.archive_options.clone(),
-        database_url: s.database_url.clone(),
-        database_password_file: s.database_password_file.clone(),
-        abort_abandoned_uploads_after: std::time::Duration::from_millis(
-            s.abort_abandoned_uploads_after_ms,
-        ),
-        keep_failures: storage::service::keep_failures(s.keep_failures_days),
-    }
-}
-
-#[async_trait]
-impl Service for OnlineArchive {
+impl TierKind for Archive {
     const NAME: &'static str = "online-archive";
     const ABOUT: &'static str =
         "copies online media into the archive object store (SHA-256 verified)";
-    const SECTION: &'static str = "online_archive";
+    const OWN: TierKeys = storage::overlap::ARCHIVE;
+    const OTHER: TierKeys = storage::overlap::NEARLINE;
+    const OUTPUT_ROUTING_KEY: &'static str = "storagetier.onlinearchive.newfile";
+    const POLICY: TierPolicy = TierPolicy {
+        algorithm: Algorithm::Sha256,
+        keep_metadata: false,
+        reuse_identical: false,
+        skip_ignored: true,
+        read_back: false,
+    };
     type Settings = ArchiveSettings;
-    type Processor = TierProcessor;
 
-    fn binding(_cfg: &Config<ArchiveSettings>) -> Binding {
-        Binding {
-            exchange: "assetsweeper".into(),
-            routing_keys: vec![storage::service::SWEEPER_FILE_EVENTS.into()],
-            output_routing_key: "storagetier.onlinearchive.newfile".into(),
-            ..Default::default()
+    fn setup(s: &ArchiveSettings) -> TierSetup {
+        TierSetup {
+            online_roots: s.online_roots.clone(),
+            store_url: s.archive_url.clone(),
+            store_options: s.archive_options.clone(),
+            database_url: s.database_url.clone(),
+            database_password_file: s.database_password_file.clone(),
+            abort_abandoned_uploads_after: std::time::Duration::from_millis(
+                s.abort_abandoned_uploads_after_ms,
+            ),
+            keep_failures: storage::service::keep_failures(s.keep_failures_days),
         }
     }
 
-    fn validate(cfg: &Config<ArchiveSettings>) -> Result<(), ConfigError> {
-        setup(&cfg.settings).validate(
-            Self::NAME,
-            storage::overlap::ARCHIVE,
-            storage::overlap::NEARLINE,
-            cfg,
-        )
-    }
-
-    fn resolved(cfg: &Config<ArchiveSettings>) -> Option<serde_json::Value> {
-        Some(setup(&cfg.settings).resolved(
-            Self::NAME,
-            &cfg.storage.data_dir,
-            storage::overlap::ARCHIVE.default_dir,
-        ))
-    }
-
-    async fn processor(cfg: &Config<ArchiveSettings>) -> Result<TierProcessor, BoxError> {
-        TierProcessor::open(
-            Self::NAME,
-            &cfg.storage.data_dir,
-            storage::overlap::ARCHIVE.default_dir,
-            &setup(&cfg.settings),
-            TierPolicy {
-                algorithm: Algorithm::Sha256,
-                keep_metadata: false,
-                reuse_identical: false,
-                skip_ignored: true,
-                read_back: false,
-            },
-            success,
-        )
-        .await
+    fn success(r: &CopyReport, m: &AssetSweeperFile) -> serde_json::Value {
+        serde_json::json!({
+            "original_file_path": r.original_path,
+            "archive_store": r.store,
+            "archive_key": r.key,
+            "size": r.size,
+            "checksum": r.checksum,
+            "checksum_algorithm": r.algorithm,
+            "imported_id": m.imported_id,
+            "archived_at": storage::records::now(),
+            "mtime": r.mtime,
+            "uploaded": r.uploaded,
+        })
     }
 }

@@ -7,10 +7,9 @@
 use std::path::PathBuf;
 
 use db::DatabaseUrl;
-use framework::config::{Config, ConfigError};
-use framework::{Binding, BoxError, Service, async_trait};
 use serde::{Deserialize, Serialize};
-use storage::service::{TierProcessor, TierSetup};
+use storage::overlap::TierKeys;
+use storage::service::{TierKind, TierService, TierSetup};
 use storage::{Algorithm, AssetSweeperFile, CopyReport, StoreOptions, TierPolicy};
 
 /// `[online_nearline]` keys.
@@ -42,96 +41,61 @@ pub struct NearlineSettings {
     pub keep_failures_days: u64,
 }
 
+/// What sets online-nearline apart from the other tier (see [`TierService`]).
+pub struct Nearline;
+
 /// The online-nearline service.
-pub struct OnlineNearline;
+pub type OnlineNearline = TierService<Nearline>;
 
-fn success(r: &CopyReport, m: &AssetSweeperFile) -> serde_json::Value {
-    let mut v = serde_json::json!({
-        "original_file_path": r.original_path,
-        "vault_store": r.store,
-        "vault_key": r.key,
-        "size": r.size,
-        "checksum": r.checksum,
-        "checksum_algorithm": r.algorithm,
-        "md5": r.checksum,
-        "mtime": r.mtime,
-        "imported_id": m.imported_id,
-        "copied_at": storage::records::now(),
-        "uploaded": r.uploaded,
-    });
-    // The content's collision-resistant digest, for fixity checks downstream (MD5 alone
-    // tells no two contents apart); absent where not known.
-    if let Some(sha256) = &r.content_sha256 {
-        v["sha256"] = sha256.clone().into();
-    }
-    v
-}
-
-/// Where the tier reads from and writes to, as configured.
-fn setup(s: &NearlineSettings) -> TierSetup {
-    TierSetup {
-        online_roots: s.online_roots.clone(),
-        store_url: s.vault_url.clone(),
-        store_options: s.vault_options.clone(),
-        database_url: s.database_url.clone(),
-        database_password_file: s.database_password_file.clone(),
-        abort_abandoned_uploads_after: std::time::Duration::from_millis(
-            s.abort_abandoned_uploads_after_ms,
-        ),
-        keep_failures: storage::service::keep_failures(s.keep_failures_days),
-    }
-}
-
-#[async_trait]
-impl Service for OnlineNearline {
+impl TierKind for Nearline {
     const NAME: &'static str = "online-nearline";
     const ABOUT: &'static str =
         "copies online media into the nearline vault (MD5 verified, metadata kept)";
-    const SECTION: &'static str = "online_nearline";
+    const OWN: TierKeys = storage::overlap::NEARLINE;
+    const OTHER: TierKeys = storage::overlap::ARCHIVE;
+    const OUTPUT_ROUTING_KEY: &'static str = "storagetier.onlinenearline.newfile";
+    const POLICY: TierPolicy = TierPolicy {
+        algorithm: Algorithm::Md5,
+        keep_metadata: true,
+        reuse_identical: true,
+        skip_ignored: false,
+        read_back: true,
+    };
     type Settings = NearlineSettings;
-    type Processor = TierProcessor;
 
-    fn binding(_cfg: &Config<NearlineSettings>) -> Binding {
-        Binding {
-            exchange: "assetsweeper".into(),
-            routing_keys: vec![storage::service::SWEEPER_FILE_EVENTS.into()],
-            output_routing_key: "storagetier.onlinenearline.newfile".into(),
-            ..Default::default()
+    fn setup(s: &NearlineSettings) -> TierSetup {
+        TierSetup {
+            online_roots: s.online_roots.clone(),
+            store_url: s.vault_url.clone(),
+            store_options: s.vault_options.clone(),
+            database_url: s.database_url.clone(),
+            database_password_file: s.database_password_file.clone(),
+            abort_abandoned_uploads_after: std::time::Duration::from_millis(
+                s.abort_abandoned_uploads_after_ms,
+            ),
+            keep_failures: storage::service::keep_failures(s.keep_failures_days),
         }
     }
 
-    fn validate(cfg: &Config<NearlineSettings>) -> Result<(), ConfigError> {
-        setup(&cfg.settings).validate(
-            Self::NAME,
-            storage::overlap::NEARLINE,
-            storage::overlap::ARCHIVE,
-            cfg,
-        )
-    }
-
-    fn resolved(cfg: &Config<NearlineSettings>) -> Option<serde_json::Value> {
-        Some(setup(&cfg.settings).resolved(
-            Self::NAME,
-            &cfg.storage.data_dir,
-            storage::overlap::NEARLINE.default_dir,
-        ))
-    }
-
-    async fn processor(cfg: &Config<NearlineSettings>) -> Result<TierProcessor, BoxError> {
-        TierProcessor::open(
-            Self::NAME,
-            &cfg.storage.data_dir,
-            storage::overlap::NEARLINE.default_dir,
-            &setup(&cfg.settings),
-            TierPolicy {
-                algorithm: Algorithm::Md5,
-                keep_metadata: true,
-                reuse_identical: true,
-                skip_ignored: false,
-                read_back: true,
-            },
-            success,
-        )
-        .await
+    fn success(r: &CopyReport, m: &AssetSweeperFile) -> serde_json::Value {
+        let mut v = serde_json::json!({
+            "original_file_path": r.original_path,
+            "vault_store": r.store,
+            "vault_key": r.key,
+            "size": r.size,
+            "checksum": r.checksum,
+            "checksum_algorithm": r.algorithm,
+            "md5": r.checksum,
+            "mtime": r.mtime,
+            "imported_id": m.imported_id,
+            "copied_at": storage::records::now(),
+            "uploaded": r.uploaded,
+        });
+        // The content's collision-resistant digest, for fixity checks downstream (MD5 alone
+        // tells no two contents apart); absent where not known.
+        if let Some(sha256) = &r.content_sha256 {
+            v["sha256"] = sha256.clone().into();
+        }
+        v
     }
 }

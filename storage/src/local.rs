@@ -52,8 +52,14 @@ const WRITEBACK_WINDOW: u64 = 8 * 1024 * 1024;
 pub const STAGING_DIR: &str = ".storagetier-staging";
 
 /// A staging file untouched for this long belongs to a process that died mid-copy
-/// (kill -9, out of memory): a live copy writes to it continuously.
+/// (kill -9, out of memory): a live copy writes to it continuously, and touches it
+/// while it reads it back ([`FRESHEN_EVERY`]).
 pub const STALE_STAGING: Duration = Duration::from_secs(15 * 60);
+
+/// How often a copy being read back touches its staging file: a read-back writes nothing,
+/// and one of a large file on a slow share (200 GiB at 150 MB/s: 23 minutes) was taken
+/// for a dead copy's and swept, every attempt, so the file was never published.
+const FRESHEN_EVERY: Duration = Duration::from_secs(60);
 
 /// Why a key whose path goes through a stored file can never be stored.
 pub const FILE_IN_THE_WAY: &str =
@@ -274,6 +280,9 @@ fn read_back(
 ) -> Result<(), ReadBack> {
     // Advice only: a filesystem that ignores it is read as it is.
     let _ = rustix::fs::fadvise(f, 0, None, rustix::fs::Advice::DontNeed);
+    // The fsync may have taken long too.
+    freshen(f);
+    let mut freshened = std::time::Instant::now();
     let (mut h, _) = alg.hasher().split();
     // One byte more than the copy: its end is seen in the read that fills the rest.
     let mut buf =
@@ -291,6 +300,17 @@ fn read_back(
         };
         h.update(&buf[..n]);
         at += n as u64;
+        #[cfg(test)]
+        let swept = age_staging_for_test(f);
+        #[cfg(not(test))]
+        let swept: Option<std::path::PathBuf> = None;
+        if swept.is_some() || freshened.elapsed() >= FRESHEN_EVERY {
+            freshen(f);
+            freshened = std::time::Instant::now();
+        }
+        if let Some(root) = swept {
+            sweep_stale_staging(&root).map_err(ReadBack::Io)?;
+        }
     }
     let (checksum, _) = h.finish();
     if at == written.size && checksum == written.checksum {
@@ -306,11 +326,45 @@ fn read_back(
     }))
 }
 
+/// Sets the modification time of the staging file `f` to now by the store's clock
+/// (`UTIME_NOW`: on a share, the file server's, which the staging sweep ages it by).
+/// Best effort: where it fails, the copy goes on as it did before.
+fn freshen(f: &File) {
+    use rustix::fs::{Timespec, Timestamps, UTIME_NOW, UTIME_OMIT};
+    let times = Timestamps {
+        last_access: Timespec {
+            tv_sec: 0,
+            tv_nsec: UTIME_OMIT,
+        },
+        last_modification: Timespec {
+            tv_sec: 0,
+            tv_nsec: UTIME_NOW,
+        },
+    };
+    if let Err(e) = rustix::fs::futimens(f, &times) {
+        tracing::debug!(error = %e, "could not touch a staging file being read back");
+    }
+}
+
 #[cfg(test)]
 thread_local! {
     /// Set by a test: the next copy on this thread has its first byte changed once it is
     /// fsynced, as a disk that does not keep what it was given would.
     static CORRUPT_NEXT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Set by a test to a store's root: the next read-back on this thread, after its first
+    /// block, finds [`STALE_STAGING`] and more gone by (its file aged so), and the staging
+    /// sweep of that root runs.
+    static SWEEP_DURING_READ_BACK: std::cell::RefCell<Option<std::path::PathBuf>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// See `SWEEP_DURING_READ_BACK`: the root to sweep, once `f` is aged.
+#[cfg(test)]
+fn age_staging_for_test(f: &File) -> Option<std::path::PathBuf> {
+    let root = SWEEP_DURING_READ_BACK.with(|r| r.borrow_mut().take())?;
+    let long_ago = std::time::SystemTime::now() - STALE_STAGING - Duration::from_secs(60);
+    f.set_modified(long_ago).expect("age the staging file");
+    Some(root)
 }
 
 #[cfg(test)]
@@ -1338,6 +1392,44 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A copy read back for longer than the staging sweep gives an untouched file (a
+    /// large file on a slow share) is still published: it touches its staging file as it
+    /// reads. It was swept mid-read, and every attempt failed to publish.
+    #[test]
+    fn a_long_read_back_keeps_its_staging_file_from_the_sweep() {
+        let dir = tempfile::tempdir().expect("temp");
+        let len = 3 * BLOCK + 7;
+        let body: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        let src = dir.path().join("src");
+        std::fs::write(&src, &body).expect("write");
+        let f = File::open(&src).expect("open");
+        let expected = Expected {
+            size: len as u64,
+            digest: None,
+            unchanged: None,
+            stopped: None,
+            read_back: true,
+        };
+        SWEEP_DURING_READ_BACK.with(|r| *r.borrow_mut() = Some(dir.path().to_path_buf()));
+        let stored = dir.path().join("k/out.bin");
+        copy_via(
+            &f,
+            dir.path(),
+            "k/out.bin",
+            "src",
+            Algorithm::Md5,
+            expected,
+            false,
+        )
+        .expect("published");
+        assert!(
+            SWEEP_DURING_READ_BACK.with(|r| r.borrow().is_none()),
+            "the sweep ran"
+        );
+        assert_eq!(std::fs::read(&stored).expect("stored"), body);
+        assert_eq!(staged_files(dir.path()), 0, "no staging file left");
     }
 
     /// A source that grows while it is copied (here without end) is read a block past

@@ -192,6 +192,81 @@ pub const COPIED_EVENTS: [&str; 2] = ["new", "update"];
 /// How often old failure records are looked for.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
+/// What sets one storage tier service apart from the other (online-archive,
+/// online-nearline): names, keys, policy and success message. [`TierService`] is the rest
+/// of the service, written once for both.
+pub trait TierKind: Send + Sync + 'static {
+    /// The binary's name (`online-archive`), also its database's owner name.
+    const NAME: &'static str;
+    /// One line for `--help`.
+    const ABOUT: &'static str;
+    /// Its own tier's keys: section, store key and options table, default directory.
+    const OWN: TierKeys;
+    /// The other tier's keys: the two stores must stay apart.
+    const OTHER: TierKeys;
+    /// The routing key of its success messages.
+    const OUTPUT_ROUTING_KEY: &'static str;
+    /// How it copies and verifies.
+    const POLICY: TierPolicy;
+    /// Its section's keys.
+    type Settings: serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static;
+    /// Where it reads from and writes to, as `settings` configure.
+    fn setup(settings: &Self::Settings) -> TierSetup;
+    /// The body of its success message for a copy of `m` reported as `r`.
+    fn success(r: &CopyReport, m: &AssetSweeperFile) -> serde_json::Value;
+}
+
+/// The storage tier service of kind `K`: asset-sweeper file events in, one verified copy
+/// per file out.
+pub struct TierService<K>(std::marker::PhantomData<K>);
+
+#[async_trait]
+impl<K: TierKind> framework::Service for TierService<K> {
+    const NAME: &'static str = K::NAME;
+    const ABOUT: &'static str = K::ABOUT;
+    const SECTION: &'static str = K::OWN.section;
+    type Settings = K::Settings;
+    type Processor = TierProcessor;
+
+    fn binding(_cfg: &framework::config::Config<K::Settings>) -> framework::Binding {
+        framework::Binding {
+            exchange: "assetsweeper".into(),
+            routing_keys: vec![SWEEPER_FILE_EVENTS.into()],
+            output_routing_key: K::OUTPUT_ROUTING_KEY.into(),
+            ..Default::default()
+        }
+    }
+
+    fn validate(
+        cfg: &framework::config::Config<K::Settings>,
+    ) -> Result<(), framework::config::ConfigError> {
+        K::setup(&cfg.settings).validate(K::NAME, K::OWN, K::OTHER, cfg)
+    }
+
+    fn resolved(cfg: &framework::config::Config<K::Settings>) -> Option<serde_json::Value> {
+        Some(K::setup(&cfg.settings).resolved(K::NAME, &cfg.storage.data_dir, K::OWN.default_dir))
+    }
+
+    async fn processor(
+        cfg: &framework::config::Config<K::Settings>,
+    ) -> Result<TierProcessor, BoxError> {
+        TierProcessor::open(
+            K::NAME,
+            &cfg.storage.data_dir,
+            K::OWN.default_dir,
+            &K::setup(&cfg.settings),
+            K::POLICY,
+            K::success,
+        )
+        .await
+    }
+}
+
 /// Builds the success message body from a report and the input.
 pub type SuccessBody = fn(&CopyReport, &AssetSweeperFile) -> serde_json::Value;
 

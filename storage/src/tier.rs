@@ -1354,19 +1354,9 @@ impl<'a> Claim<'a> {
             }
             tokio::time::sleep(pause).await;
             pause = self.records.claim_lease() / 4;
-            let asked = Instant::now();
             let held_until = self.held_until();
-            let budget = held_until
-                .saturating_duration_since(asked)
-                .saturating_sub(margin);
-            let renewal = self
-                .records
-                .renew(&self.key, &self.owner, self.records.claim_lease());
-            match tokio::time::timeout(budget, renewal).await {
-                Ok(Ok(true)) => {
-                    *self.held_until.lock().unwrap_or_else(|p| p.into_inner()) =
-                        asked + self.records.claim_lease();
-                }
+            match self.renew_within(margin).await {
+                Ok(Ok(true)) => {}
                 // Released by the copy's own record, committed with this renewal: the
                 // copy is done, and its result is the one to report.
                 Ok(Ok(false)) if self.releasing.load(std::sync::atomic::Ordering::Relaxed) => {
@@ -1402,23 +1392,30 @@ impl<'a> Claim<'a> {
         if !surely_held() {
             return false;
         }
-        let asked = Instant::now();
+        match self.renew_within(margin).await {
+            Ok(Ok(held)) => held,
+            Ok(Err(_)) | Err(_) => surely_held(),
+        }
+    }
+
+    /// Renews the claim once, given until `margin` before its lease ends (the lease is
+    /// counted from the request), and extends the lease where the renewal held.
+    async fn renew_within(
+        &self,
+        margin: Duration,
+    ) -> Result<Result<bool, db::sqlx::Error>, tokio::time::error::Elapsed> {
+        let asked = tokio::time::Instant::now();
+        let lease = self.records.claim_lease();
         let budget = self
             .held_until()
             .saturating_duration_since(asked)
             .saturating_sub(margin);
-        let renewal = self
-            .records
-            .renew(&self.key, &self.owner, self.records.claim_lease());
-        match tokio::time::timeout(budget, renewal).await {
-            Ok(Ok(true)) => {
-                *self.held_until.lock().unwrap_or_else(|p| p.into_inner()) =
-                    asked + self.records.claim_lease();
-                true
-            }
-            Ok(Ok(false)) => false,
-            Ok(Err(_)) | Err(_) => surely_held(),
+        let renewed =
+            tokio::time::timeout(budget, self.records.renew(&self.key, &self.owner, lease)).await;
+        if let Ok(Ok(true)) = renewed {
+            *self.held_until.lock().unwrap_or_else(|p| p.into_inner()) = asked + lease;
         }
+        renewed
     }
 
     fn held_until(&self) -> tokio::time::Instant {
