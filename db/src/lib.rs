@@ -2182,7 +2182,7 @@ impl DatabaseKeys<'_> {
     }
 }
 
-/// `url` (PostgreSQL) with its password read from `file`, trimmed: an empty one (a secret
+/// `url` (PostgreSQL) with its password read from `file` (its line ending dropped): an empty one (a secret
 /// not mounted yet) is refused, as is a file beside an SQLite URL, which has no password.
 pub fn with_password_file(url: &str, file: &Path) -> Result<String, String> {
     if !is_postgres(url) {
@@ -2194,8 +2194,8 @@ pub fn with_password_file(url: &str, file: &Path) -> Result<String, String> {
             framework::config::secret_path_shown(file)
         )
     })?;
-    let pw = text.trim();
-    if pw.is_empty() {
+    let pw = framework::config::secret_of_file(&text);
+    if pw.trim().is_empty() {
         return Err(format!("{} is empty", file.display()));
     }
     let mut u = url::Url::parse(url).map_err(|e| format!("database_url: {e}"))?;

@@ -630,6 +630,13 @@ pub fn misplaced_userinfo(password_file_key: &str) -> String {
     )
 }
 
+/// The secret a mounted file holds: its text without the line ending(s) an editor or
+/// `kubectl create secret --from-file` leaves at its end. Only those: spaces are a
+/// password's own (trimmed, a password ending in one could not be given by file).
+pub fn secret_of_file(text: &str) -> &str {
+    text.trim_end_matches(['\n', '\r'])
+}
+
 /// The path of a secret file (`password_file`, `token_file`…) as an error shows it: not
 /// where neither it nor its directory is there — then the value may well be the secret
 /// itself, set under the `_file` key (`token_file = "Bearer …"`), and an error is printed
@@ -1516,6 +1523,7 @@ pub fn load<S: DeserializeOwned>(
         })?;
         // An empty one (a secret not mounted yet) would remove the password from the URL,
         // and the client would log in as guest: refused, and retried for ever.
+        let pw = secret_of_file(&pw);
         if pw.trim().is_empty() {
             return Err(ConfigError::new(
                 "amqp.password_file",
@@ -1528,12 +1536,12 @@ pub fn load<S: DeserializeOwned>(
         if amqp.urls.is_empty() {
             amqp.url = amqp
                 .url
-                .with_password(pw.trim())
+                .with_password(pw)
                 .map_err(|e| ConfigError::new("amqp.password_file", e))?;
         }
         for u in &mut amqp.urls {
             *u = u
-                .with_password(pw.trim())
+                .with_password(pw)
                 .map_err(|e| ConfigError::new("amqp.password_file", e))?;
         }
     }
@@ -2836,6 +2844,21 @@ prefetch = 4
             let with = u.with_password(pw).expect("password set");
             let seen: lapin::uri::AMQPUri = with.expose().parse().expect("usable by lapin");
             assert_eq!(seen.authority.userinfo.password, pw);
+        }
+    }
+
+    /// A secret file loses only the line ending at its end: a password's own spaces are
+    /// kept (trimmed, one starting or ending in a space could not be given by file).
+    #[test]
+    fn a_secret_file_loses_only_its_line_ending() {
+        for (text, secret) in [
+            ("pw\n", "pw"),
+            ("pw\r\n", "pw"),
+            ("pw", "pw"),
+            (" pass word \n", " pass word "),
+            ("\tpw\t\n\n", "\tpw\t"),
+        ] {
+            assert_eq!(secret_of_file(text), secret, "{text:?}");
         }
     }
 

@@ -106,8 +106,8 @@ fn current_password(url: &AmqpUrl, amqp: &AmqpConfig) -> AmqpUrl {
     let Some(pf) = &amqp.password_file else {
         return url.clone();
     };
-    match std::fs::read_to_string(pf) {
-        Ok(pw) if !pw.trim().is_empty() => url.with_password(pw.trim()).unwrap_or_else(|e| {
+    match std::fs::read_to_string(pf).map(|t| crate::config::secret_of_file(&t).to_string()) {
+        Ok(pw) if !pw.trim().is_empty() => url.with_password(&pw).unwrap_or_else(|e| {
             warn!(file = %pf.display(), error = %e, "amqp.password_file not applied; using the password read at start");
             url.clone()
         }),

@@ -124,6 +124,9 @@ pub struct MessageContext {
     pub message_id: Option<String>,
     /// AMQP correlation id, if set.
     pub correlation_id: Option<String>,
+    /// Where the message has no id: a digest of its body, which its outputs' ids are
+    /// derived from instead (see `publisher::output_message_id`).
+    pub(crate) content_id: Option<String>,
     /// AMQP `timestamp` property (seconds since the epoch), if the producer set one: when
     /// the message was first published (retries and replays keep it).
     pub timestamp: Option<u64>,
@@ -217,6 +220,7 @@ impl MessageContext {
             redelivered: false,
             message_id: None,
             correlation_id: None,
+            content_id: None,
             timestamp: None,
             headers: FieldTable::default(),
             retry_notes: Arc::default(),
@@ -451,6 +455,7 @@ impl MessageContext {
     pub(crate) fn origin(&self) -> Origin<'_> {
         Origin {
             message_id: self.message_id.as_deref(),
+            content_id: self.content_id.as_deref(),
             correlation_id: self.correlation_id.as_deref(),
             exchange: &self.exchange,
             routing_key: &self.routing_key,

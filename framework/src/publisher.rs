@@ -253,6 +253,8 @@ pub struct Outgoing {
 pub(crate) struct Origin<'a> {
     /// The delivery's message id, if any.
     pub message_id: Option<&'a str>,
+    /// Without one, a digest of its body ([`content_id`]).
+    pub content_id: Option<&'a str>,
     /// Its correlation id, if any.
     pub correlation_id: Option<&'a str>,
     /// The exchange it was first published to.
@@ -692,14 +694,26 @@ pub(crate) fn output_properties(
     p
 }
 
+/// What stands for the message id of an input that has none: a digest of its body, which
+/// its redeliveries, retries and replays keep (as SQS's content-based deduplication
+/// takes one body for one message).
+pub(crate) fn content_id(body: &[u8]) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(body);
+    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!("content sha256:{hex}")
+}
+
 /// An output's message id: derived from the input's message id (with the service, where
 /// the input first came from, which part of a batch it is, and which output it is), so the outputs of a redelivered,
 /// retried or replayed input carry the ids the first attempt's had, and a consumer can
-/// drop the duplicates that at-least-once delivery makes. Random where the input has no
-/// id (nothing stable to derive it from).
+/// drop the duplicates that at-least-once delivery makes. An input without an id is known
+/// by its body ([`content_id`]): its outputs were given random ids, so a re-sent
+/// export-state or monitoring message could not be told from a new one. Random only
+/// where neither is known (a context made outside a runtime).
 fn output_message_id(service: &str, origin: &Origin<'_>, output: OutputOf<'_>) -> ShortString {
     use sha2::Digest;
-    let Some(input) = origin.message_id else {
+    let Some(input) = origin.message_id.or(origin.content_id) else {
         return new_message_id();
     };
     // A replayed part of a batch keeps its batch's message id: which part it is tells its
@@ -768,6 +782,7 @@ mod tests {
         let trace = TraceContext::continue_from(&headers);
         let origin = Origin {
             message_id: Some("m-1"),
+            content_id: None,
             correlation_id: None,
             exchange: "assetsweeper",
             routing_key: "assetsweeper.asset_folder_importer.file.new",
@@ -796,5 +811,35 @@ mod tests {
         };
         let of_part = output_message_id("online-archive", &origin, OutputOf::Success);
         assert_eq!(of_part.as_str(), "3de3908e-ee03-81c0-8ea1-725813cab7f7");
+    }
+
+    /// An input without a message id is known by its body: its outputs' ids are the same
+    /// for every delivery of that body, other for another body, and a message id, where
+    /// there is one, decides alone.
+    #[test]
+    fn outputs_of_an_input_without_an_id_are_named_by_its_body() {
+        let headers = FieldTable::default();
+        let properties = BasicProperties::default();
+        let trace = TraceContext::continue_from(&headers);
+        let (a, b) = (content_id(br#"{"n":1}"#), content_id(br#"{"n":2}"#));
+        let origin = |message_id, content_id| Origin {
+            message_id,
+            content_id,
+            correlation_id: None,
+            exchange: "x",
+            routing_key: "k",
+            attempt: 0,
+            headers: &headers,
+            properties: &properties,
+            trace: &trace,
+        };
+        let id = |o: &Origin<'_>| output_message_id("s", o, OutputOf::Success);
+        assert_eq!(id(&origin(None, Some(&a))), id(&origin(None, Some(&a))));
+        assert_ne!(id(&origin(None, Some(&a))), id(&origin(None, Some(&b))));
+        assert_eq!(
+            id(&origin(Some("m"), Some(&a))),
+            id(&origin(Some("m"), Some(&b)))
+        );
+        assert_eq!(a, content_id(br#"{"n":1}"#));
     }
 }

@@ -1499,6 +1499,9 @@ impl<P: MessageProcessor> Shared<P> {
                 routing_key: inc.routing_key,
                 attempt: inc.attempt,
                 redelivered: delivery.redelivered,
+                content_id: message_id
+                    .is_none()
+                    .then(|| crate::publisher::content_id(&delivery.data)),
                 message_id,
                 correlation_id: properties.correlation_id().as_ref().map(|s| s.to_string()),
                 timestamp: *properties.timestamp(),

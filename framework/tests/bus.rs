@@ -292,12 +292,13 @@ async fn success_is_published_with_response_headers() {
     assert_eq!(header(&d, h::IN_RESPONSE_TO).as_deref(), Some("other.two"));
     assert!(d.properties.message_id().is_some());
 
-    // A blank message id is none: two such inputs on one key are answered by outputs
-    // with ids of their own, in response to the routing key.
+    // A blank message id is none: two such inputs of other bodies on one key are
+    // answered by outputs with ids of their own (taken as an id, "" made them one), in
+    // response to the routing key.
     let mut ids = Vec::new();
-    for blank in ["", " "] {
+    for (blank, body) in [("", br#"{"z":3}"#), (" ", br#"{"z":4}"#)] {
         let props = BasicProperties::default().with_message_id(blank.into());
-        hs.publish("other.three", br#"{"z":3}"#, props).await;
+        hs.publish("other.three", body, props).await;
         let d = next(&mut out).await;
         assert_eq!(
             header(&d, h::IN_RESPONSE_TO).as_deref(),
@@ -460,14 +461,20 @@ async fn outputs_of_an_input_delivered_again_keep_their_ids() {
         output_ids(&mut out, &mut side).await,
         "a producer's part header changes no id"
     );
-    // Without an input id there is nothing to derive one from: fresh ids each time.
+    // Without an input id its body names it: delivered again, the same ids (they were
+    // random, and a re-sent output could not be told from a new one); another body's
+    // outputs have other ids.
     hs.publish("test.a", b"{}", BasicProperties::default())
         .await;
     let bare = output_ids(&mut out, &mut side).await;
     hs.publish("test.a", b"{}", BasicProperties::default())
         .await;
-    let bare_again = output_ids(&mut out, &mut side).await;
-    assert!(bare.iter().all(|i| !bare_again.contains(i)));
+    assert_eq!(bare, output_ids(&mut out, &mut side).await);
+    assert!(bare.iter().all(|i| !first.contains(i)));
+    hs.publish("test.a", b"{ }", BasicProperties::default())
+        .await;
+    let other_body = output_ids(&mut out, &mut side).await;
+    assert!(other_body.iter().all(|i| !bare.contains(i)));
     hs.stop().await;
 }
 

@@ -343,6 +343,39 @@ async fn a_replay_the_broker_cannot_deliver_keeps_its_dead_letter() {
     await_ready_count(&hs.ch, &dlq_name, 2).await;
 }
 
+/// A replay that fails partway (here the broker returns its publish: `Q` is gone) gives
+/// back what it held before it says so — the dead letters it passed over and the one it
+/// failed on — in their order, and they are all there when it returns: it left them held
+/// until its connection closed, on RabbitMQ 3.x behind the rest of the DLQ, and an
+/// operator's next command right after it (as its text invites) found fewer of them.
+#[tokio::test]
+async fn a_replay_that_fails_partway_leaves_the_dlq_as_it_was() {
+    let mut hs = Harness::start("failpartway", &[], failing()).await;
+    hs.stop().await;
+    let dlq_name = format!("{}-dlq", hs.q);
+    dead_letters_of_kinds(&hs, "fp", &["permanent", "retries-exhausted", "permanent"]).await;
+    hs.ch
+        .queue_delete(hs.q.as_str().into(), Default::default())
+        .await
+        .expect("Q deleted");
+    let exhausted = Filter {
+        kind: Some("retries-exhausted".into()),
+        ..Filter::default()
+    };
+    let e = dlq::replay_filtered(&hs.conn, &hs.topology(), &exhausted, false)
+        .await
+        .expect_err("nothing can be replayed into a queue that is not there");
+    assert!(matches!(e, dlq::DlqError::Publish(_)), "{e}");
+    assert_eq!(ready_count(&hs.ch, &dlq_name).await, 3, "all back at once");
+    let order: Vec<_> = dlq::list(&hs.conn, &hs.topology(), 10)
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|d| d.message_id.unwrap_or_default())
+        .collect();
+    assert_eq!(order, ["fp-0", "fp-1", "fp-2"]);
+}
+
 /// Replays every dead letter of `hs` (its service stopped) and takes the one that lands
 /// in `Q`: what was moved, and the message as the service would get it.
 async fn replay_the_one(

@@ -825,6 +825,40 @@ async fn unblock(env: &Env, full: Blocked) {
         .unwrap();
 }
 
+/// The sender's messages carry no message id (the Lambda's, the SQS bridge's): the
+/// export-state and monitoring messages a retried input sends again have the ids the first
+/// ones had, so the snapshot-sender and Slack can drop them. They had random ids: `_success`
+/// went to Crown twice, and Slack had a second "All collections successful".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_sent_again_for_an_input_without_an_id_keep_their_ids() {
+    let mut env = start(Backend::Sqlite, &[]).await;
+    let c = "corr-no-id";
+    env.process(&msg(c, "db.a", json!({"files_exported": 1})))
+        .await;
+    let id = |d: &framework::lapin::message::Delivery| {
+        d.properties
+            .message_id()
+            .as_ref()
+            .map(|m| m.to_string())
+            .expect("an output has a message id")
+    };
+    let bare = BasicProperties::default();
+    env.send(&file(c, "db.a", "f1")).await;
+    next(&mut env.out).await;
+    let first = id(&next(&mut env.export).await);
+    env.send_retried(&file(c, "db.a", "f1"), bare.clone()).await;
+    next(&mut env.out).await;
+    assert_eq!(first, id(&next(&mut env.export).await), "export-state");
+    let success = msg(c, "db.a", json!({"is_success_file": "true"}));
+    env.send(&success).await;
+    next(&mut env.out).await;
+    let first = id(&env.monitoring.next().await);
+    env.send_retried(&success, bare).await;
+    next(&mut env.out).await;
+    assert_eq!(first, id(&env.monitoring.next().await), "monitoring");
+    env.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_publish_is_repeated_on_redelivery() {
     let mut env = start(Backend::Sqlite, &[("amqp.delivery_limit", "1000")]).await;

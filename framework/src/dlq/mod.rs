@@ -946,158 +946,191 @@ async fn replay_each_told(
     let run = uuid::Uuid::new_v4().to_string();
     // Dead letters of the `total` fetched so far (this run's own copies not counted).
     let mut fetched = 0u32;
-    while fetched < total {
-        if stop.is_cancelled() {
-            interrupted = true;
-            break;
-        }
-        // Its limit reached, a replay is done: looked at before the hold limit, which
-        // would call it stopped with nothing of its limit left.
-        if filter.limit.is_some_and(|n| moved >= n) {
-            break;
-        }
-        // Stopped before the next look or replay (its paced wait included) would hold
-        // the first one passed over longer than allowed.
-        // Only once it has moved some: one that stopped before its first would stop
-        // there again on every run (a match deep in a long DLQ), so it looks on as it
-        // did before, for as long as the broker lets it.
-        let next = next_at.max(tokio::time::Instant::now());
-        if let Some(since) = held_since
-            && moved > 0
-            && next.duration_since(since) >= hold_at_most
-        {
-            stopped = Some(since.elapsed());
-            break;
-        }
-        // Paced before the look, not after it: a dead letter fetched and then held through
-        // the wait (1000 s at `--rate 0.001`) could outlast the broker's consumer timeout.
-        if !dry_run && pace.is_some() {
-            tokio::select! {
-                _ = tokio::time::sleep_until(next_at) => {}
-                _ = stop.cancelled() => {
-                    interrupted = true;
-                    break;
-                }
+    // The delivery tag of the last dead letter fetched: a replay that fails holds it and
+    // those passed over before it.
+    let mut last_fetched = None;
+    // Every exit of the loop, failures too, goes on below: what it holds is given back
+    // and waited for, so the DLQ keeps its order and the operator's next command (as a
+    // failure's text invites) finds every dead letter there.
+    let looped: Result<(), DlqError> = async {
+        while fetched < total {
+            if stop.is_cancelled() {
+                interrupted = true;
+                break;
             }
-        }
-        let get = ch.basic_get(
-            topo.dlq().as_str().into(),
-            BasicGetOptions { no_ack: false },
-        );
-        let Some(m) = bounded(t, "basic.get", get).await? else {
-            break;
-        };
-        let d = m.delivery;
-        let own = d
-            .properties
-            .headers()
-            .as_ref()
-            .and_then(|t| h::get_str(t, h::REPLAY_RUN))
-            .is_some_and(|r| r == run);
-        if own {
-            // Replayed by this run and failed again: left where it is, like one passed over.
-            held_since.get_or_insert_with(tokio::time::Instant::now);
-            held.last = Some(d.delivery_tag);
-            continue;
-        }
-        let info = describe(
-            &d.properties,
-            d.routing_key.as_str(),
-            d.data.len(),
-            &topo.queue,
-        );
-        // One of priority 5 or more that failed after the run began is not one of the
-        // `total` either (looked at all the same): a quorum DLQ on RabbitMQ 4.x hands
-        // such a one out before those already there, and counted it took the place of one
-        // the run then never looked at, while the run said it had replayed them all. Only
-        // those: the rule compares this host's clock with the writer's, and any other
-        // arrival comes after the dead letters the run set out to look at. (A second's
-        // margin: the failure time is written in whole seconds.)
-        let arrived = d.properties.priority().is_some_and(|p| p >= 5)
-            && info
-                .failed_time()
-                .is_some_and(|t| t > now + chrono::TimeDelta::seconds(1));
-        if !arrived {
-            fetched += 1;
-        }
-        looked += 1;
-        let wanted = filter.matches(&info, now);
-        // A dry run holds what it would replay too (nothing is removed).
-        if dry_run || !wanted {
-            held_since.get_or_insert_with(tokio::time::Instant::now);
-            held.last = Some(d.delivery_tag);
-        }
-        if !wanted {
-            continue;
-        }
-        if !dry_run {
-            if let Some(p) = pace {
-                next_at = tokio::time::Instant::now() + p;
+            // Its limit reached, a replay is done: looked at before the hold limit, which
+            // would call it stopped with nothing of its limit left.
+            if filter.limit.is_some_and(|n| moved >= n) {
+                break;
             }
-            let mut hdr =
-                h::without_where(&d.properties.headers().clone().unwrap_or_default(), |k| {
-                    h::replay_stripped(k) || (info.from_producer && k == h::BATCH_PART)
-                });
-            if info.from_producer {
-                h::set_str(&mut hdr, h::PRODUCERS_REPLAY, "true");
+            // Stopped before the next look or replay (its paced wait included) would hold
+            // the first one passed over longer than allowed.
+            // Only once it has moved some: one that stopped before its first would stop
+            // there again on every run (a match deep in a long DLQ), so it looks on as it
+            // did before, for as long as the broker lets it.
+            let next = next_at.max(tokio::time::Instant::now());
+            if let Some(since) = held_since
+                && moved > 0
+                && next.duration_since(since) >= hold_at_most
+            {
+                stopped = Some(since.elapsed());
+                break;
             }
-            h::set_str(&mut hdr, h::REPLAY_RUN, &run);
-            h::set_str(&mut hdr, h::ORIGINAL_EXCHANGE, &info.original_exchange);
-            h::set_str(
-                &mut hdr,
-                h::ORIGINAL_ROUTING_KEY,
-                &info.original_routing_key,
-            );
-            let published = publish_confirmed(
-                &ch,
-                vec![Outgoing {
-                    exchange: String::new(),
-                    routing_key: topo.queue.clone(),
-                    body: d.data.clone(),
-                    properties: crate::publisher::republished(&d.properties, hdr),
-                    mandatory: true,
-                }],
-                &alarm,
-                topo.operation_timeout,
-                crate::connection::frame_max(conn),
-            );
-            // The wait for a confirm has no end while the broker blocks publishes (a
-            // resource alarm): a stop asked for meanwhile ends it, saying that this one
-            // may still land, as a second stop does whatever the broker does. Otherwise
-            // the confirm is on its way (bounded): waited for, so the dead letter is
-            // removed and the stop falls between two dead letters.
-            tokio::pin!(published);
-            loop {
+            // Paced before the look, not after it: a dead letter fetched and then held through
+            // the wait (1000 s at `--rate 0.001`) could outlast the broker's consumer timeout.
+            if !dry_run && pace.is_some() {
                 tokio::select! {
-                    r = &mut published => {
-                        // Refused for its size (a dead letter the broker made of an input
-                        // larger than it now accepts): nothing landed, and it never will.
-                        r.map_err(|e| e.sized("", d.data.len()))?;
+                    _ = tokio::time::sleep_until(next_at) => {}
+                    _ = stop.cancelled() => {
+                        interrupted = true;
                         break;
                     }
-                    _ = stop.cancelled(), if !stop.is_cancelled() => {}
-                    _ = stop_now.cancelled() => {}
-                    _ = tokio::time::sleep(Duration::from_millis(100)), if stop.is_cancelled() => {}
-                }
-                if (stop.is_cancelled() && alarm.blocked()) || stop_now.is_cancelled() {
-                    return Err(DlqError::Unconfirmed {
-                        moved,
-                        message_id: info.message_id,
-                    });
                 }
             }
-            // Confirmed in `Q`: whatever keeps the ack from landing (a closed channel, a
-            // connection lost or blocked) leaves the dead letter too, and the operator must
-            // hear that a second replay would deliver it twice, not "broker error".
-            if !matches!(
-                bounded(t, "basic.ack", d.acker.ack(BasicAckOptions::default())).await,
-                Ok(true)
-            ) {
-                return Err(DlqError::NotRemoved(info.message_id));
+            let get = ch.basic_get(
+                topo.dlq().as_str().into(),
+                BasicGetOptions { no_ack: false },
+            );
+            let Some(m) = bounded(t, "basic.get", get).await? else {
+                break;
+            };
+            let d = m.delivery;
+            last_fetched = Some(d.delivery_tag);
+            let own = d
+                .properties
+                .headers()
+                .as_ref()
+                .and_then(|t| h::get_str(t, h::REPLAY_RUN))
+                .is_some_and(|r| r == run);
+            if own {
+                // Replayed by this run and failed again: left where it is, like one passed over.
+                held_since.get_or_insert_with(tokio::time::Instant::now);
+                held.last = Some(d.delivery_tag);
+                continue;
+            }
+            let info = describe(
+                &d.properties,
+                d.routing_key.as_str(),
+                d.data.len(),
+                &topo.queue,
+            );
+            // One of priority 5 or more that failed after the run began is not one of the
+            // `total` either (looked at all the same): a quorum DLQ on RabbitMQ 4.x hands
+            // such a one out before those already there, and counted it took the place of one
+            // the run then never looked at, while the run said it had replayed them all. Only
+            // those: the rule compares this host's clock with the writer's, and any other
+            // arrival comes after the dead letters the run set out to look at. (A second's
+            // margin: the failure time is written in whole seconds.)
+            let arrived = d.properties.priority().is_some_and(|p| p >= 5)
+                && info
+                    .failed_time()
+                    .is_some_and(|t| t > now + chrono::TimeDelta::seconds(1));
+            if !arrived {
+                fetched += 1;
+            }
+            looked += 1;
+            let wanted = filter.matches(&info, now);
+            // A dry run holds what it would replay too (nothing is removed).
+            if dry_run || !wanted {
+                held_since.get_or_insert_with(tokio::time::Instant::now);
+                held.last = Some(d.delivery_tag);
+            }
+            if !wanted {
+                continue;
+            }
+            if !dry_run {
+                if let Some(p) = pace {
+                    next_at = tokio::time::Instant::now() + p;
+                }
+                let mut hdr =
+                    h::without_where(&d.properties.headers().clone().unwrap_or_default(), |k| {
+                        h::replay_stripped(k) || (info.from_producer && k == h::BATCH_PART)
+                    });
+                if info.from_producer {
+                    h::set_str(&mut hdr, h::PRODUCERS_REPLAY, "true");
+                }
+                h::set_str(&mut hdr, h::REPLAY_RUN, &run);
+                h::set_str(&mut hdr, h::ORIGINAL_EXCHANGE, &info.original_exchange);
+                h::set_str(
+                    &mut hdr,
+                    h::ORIGINAL_ROUTING_KEY,
+                    &info.original_routing_key,
+                );
+                let published = publish_confirmed(
+                    &ch,
+                    vec![Outgoing {
+                        exchange: String::new(),
+                        routing_key: topo.queue.clone(),
+                        body: d.data.clone(),
+                        properties: crate::publisher::republished(&d.properties, hdr),
+                        mandatory: true,
+                    }],
+                    &alarm,
+                    topo.operation_timeout,
+                    crate::connection::frame_max(conn),
+                );
+                // The wait for a confirm has no end while the broker blocks publishes (a
+                // resource alarm): a stop asked for meanwhile ends it, saying that this one
+                // may still land, as a second stop does whatever the broker does. Otherwise
+                // the confirm is on its way (bounded): waited for, so the dead letter is
+                // removed and the stop falls between two dead letters.
+                tokio::pin!(published);
+                loop {
+                    tokio::select! {
+                        r = &mut published => {
+                            // Refused for its size (a dead letter the broker made of an input
+                            // larger than it now accepts): nothing landed, and it never will.
+                            r.map_err(|e| e.sized("", d.data.len()))?;
+                            break;
+                        }
+                        _ = stop.cancelled(), if !stop.is_cancelled() => {}
+                        _ = stop_now.cancelled() => {}
+                        _ = tokio::time::sleep(Duration::from_millis(100)), if stop.is_cancelled() => {}
+                    }
+                    if (stop.is_cancelled() && alarm.blocked()) || stop_now.is_cancelled() {
+                        return Err(DlqError::Unconfirmed {
+                            moved,
+                            message_id: info.message_id,
+                        });
+                    }
+                }
+                // Confirmed in `Q`: whatever keeps the ack from landing (a closed channel, a
+                // connection lost or blocked) leaves the dead letter too, and the operator must
+                // hear that a second replay would deliver it twice, not "broker error".
+                if !matches!(
+                    bounded(t, "basic.ack", d.acker.ack(BasicAckOptions::default())).await,
+                    Ok(true)
+                ) {
+                    return Err(DlqError::NotRemoved(info.message_id));
+                }
+            }
+            each(&info);
+            moved += 1;
+        }
+        Ok(())
+    }
+    .await;
+    if let Err(e) = looped {
+        held.last = last_fetched.or(held.last);
+        // Stopped at once (a second signal), or with a publish that may yet land: given
+        // back, not waited for.
+        let quick = matches!(e, DlqError::Unconfirmed { .. });
+        let through = match quick {
+            true => None,
+            false => ReadThrough::allowed(conn, topo).await.then(|| ReadThrough {
+                until: held_since.unwrap_or_else(tokio::time::Instant::now) + hold_at_most,
+                stop: Some(&stop),
+            }),
+        };
+        held.give_back_in_order(&ch, &topo.dlq(), through, t).await;
+        let _ = bounded(t, "channel.close", ch.close(200, "replay failed".into())).await;
+        if !quick {
+            let kept = total.saturating_sub(u32::try_from(moved).unwrap_or(u32::MAX));
+            if let Err(c) = await_returned(conn, &topo.dlq(), kept, t).await {
+                tracing::warn!(error = %c, "the dead letters left could not be counted after the replay failed");
             }
         }
-        each(&info);
-        moved += 1;
+        return Err(e);
     }
     // Stopped or interrupted, it holds no more than it did: the broker's consumer timeout
     // may be near, or the operator waits.
