@@ -753,21 +753,52 @@ async fn dlq_command(
     };
     match cmd {
         DlqCommand::List { limit, json } => {
-            let dlq::Listing {
-                items,
-                total,
-                cut_short,
-            } = dlq::list_of_total(conn, topo, limit)
-                .await
-                .map_err(|e| other(&e))?;
-            use std::fmt::Write as _;
-            // Written at once, and a reader that stops early (`| head`) is no error.
-            let mut text = String::new();
+            // Each dead letter written as it is read, so a long look holds none of them
+            // and one stopped (a signal, a broker error) has shown what it read; a reader
+            // that stops early (`| head`) is no error: nothing more is written to it.
+            let mut printing: Result<bool, Failure> = Ok(true);
+            let mut print = |text: &str| {
+                if let Ok(true) = printing {
+                    printing = print_out(text).map(|()| true);
+                }
+            };
+            if !json {
+                print(&format!(
+                    "{:<38} {:<18} {:<26} {:>8}  {:<40} ERROR\n",
+                    "MESSAGE-ID", "KIND", "FAILED-AT", "SIZE", "ORIGINAL-KEY"
+                ));
+            }
+            let looked = dlq::list_each(conn, topo, limit, dlq::HOLD_AT_MOST, |i| {
+                let line = if json {
+                    match serde_json::to_string(&i) {
+                        Ok(line) => crate::telemetry::json_for_terminal(line),
+                        Err(e) => format!("{{\"error\": {:?}}}", e.to_string()),
+                    }
+                } else {
+                    let field = |s: Option<&str>| crate::dlq::printable(s.unwrap_or("-"));
+                    format!(
+                        "{:<38} {:<18} {:<26} {:>8}  {:<40} {}",
+                        field(i.message_id.as_deref()),
+                        field(i.kind.as_deref()),
+                        field(i.failed_at.as_deref()),
+                        i.size,
+                        crate::dlq::printable(&format!(
+                            "{}/{}",
+                            i.original_exchange, i.original_routing_key
+                        )),
+                        field(i.error.as_deref())
+                    )
+                };
+                print(&format!("{line}\n"));
+            })
+            .await
+            .map_err(|e| other(&e))?;
             let shown = format!(
-                "{} of {total} dead letter(s) in {} shown{}",
-                items.len(),
+                "{} of {} dead letter(s) in {} shown{}",
+                looked.shown,
+                looked.total,
                 topo.dlq(),
-                if cut_short {
+                if looked.cut_short {
                     format!(
                         " (the look stopped after {} min holding them unacknowledged, before \
                          the broker's consumer timeout would take them back: ask for fewer \
@@ -779,39 +810,13 @@ async fn dlq_command(
                 }
             );
             if json {
-                for i in &items {
-                    let line = serde_json::to_string(i).map_err(|e| other(&e))?;
-                    let line = crate::telemetry::json_for_terminal(line);
-                    let _ = writeln!(text, "{line}");
-                }
                 // On stderr, stdout keeping one dead letter per line: whether `--limit`
                 // left some out is told as in the table.
                 print_err(&shown);
             } else {
-                let _ = writeln!(
-                    text,
-                    "{:<38} {:<18} {:<26} {:>8}  {:<40} ERROR",
-                    "MESSAGE-ID", "KIND", "FAILED-AT", "SIZE", "ORIGINAL-KEY"
-                );
-                for i in &items {
-                    let field = |s: Option<&str>| crate::dlq::printable(s.unwrap_or("-"));
-                    let _ = writeln!(
-                        text,
-                        "{:<38} {:<18} {:<26} {:>8}  {:<40} {}",
-                        field(i.message_id.as_deref()),
-                        field(i.kind.as_deref()),
-                        field(i.failed_at.as_deref()),
-                        i.size,
-                        crate::dlq::printable(&format!(
-                            "{}/{}",
-                            i.original_exchange, i.original_routing_key
-                        )),
-                        field(i.error.as_deref())
-                    );
-                }
-                let _ = writeln!(text, "{shown}");
+                print(&format!("{shown}\n"));
             }
-            print_out(&text)
+            printing.map(|_| ())
         }
         DlqCommand::Replay {
             all: _,

@@ -124,8 +124,9 @@ pub struct MessageContext {
     pub message_id: Option<String>,
     /// AMQP correlation id, if set.
     pub correlation_id: Option<String>,
-    /// Where the message has no id: a digest of its body, which its outputs' ids are
-    /// derived from instead (see `publisher::output_message_id`).
+    /// Where the message has no id and its processor knows inputs by their body
+    /// ([`MessageProcessor::knows_inputs_by_body`]): a digest of its body, which its
+    /// outputs' ids are derived from instead (see `publisher::output_message_id`).
     pub(crate) content_id: Option<String>,
     /// AMQP `timestamp` property (seconds since the epoch), if the producer set one: when
     /// the message was first published (retries and replays keep it).
@@ -621,6 +622,17 @@ pub trait MessageProcessor: Send + Sync + 'static {
     /// would otherwise carry the producer's, believed when it came back.
     fn progress_headers(&self) -> &'static [&'static str] {
         &[]
+    }
+
+    /// Whether an input without a message id is known by its body: true where one body
+    /// coming again can only be that message again (a redelivery, a producer's re-send),
+    /// and its outputs then get ids derived from the body, kept across redeliveries,
+    /// retries and replays, so a consumer can drop a re-sent one. False (the default)
+    /// where one body may come again as a new message — project-ingest's updates A, B, A
+    /// of one project carry one `updated` time — whose outputs must not share the first's
+    /// ids: each attempt's outputs then get fresh ids.
+    fn knows_inputs_by_body(&self) -> bool {
+        false
     }
 
     /// Why this processor takes no message of this kind (its routing key, say), or None:

@@ -708,9 +708,10 @@ pub(crate) fn content_id(body: &[u8]) -> String {
 /// the input first came from, which part of a batch it is, and which output it is), so the outputs of a redelivered,
 /// retried or replayed input carry the ids the first attempt's had, and a consumer can
 /// drop the duplicates that at-least-once delivery makes. An input without an id is known
-/// by its body ([`content_id`]): its outputs were given random ids, so a re-sent
-/// export-state or monitoring message could not be told from a new one. Random only
-/// where neither is known (a context made outside a runtime).
+/// by its body ([`content_id`]) where its processor says one body is one message
+/// (`MessageProcessor::knows_inputs_by_body`: snapshot-status, whose re-sent export-state
+/// or monitoring message had a random id no consumer could drop it by). Random otherwise:
+/// one body may come again as a new message, whose outputs must not share the first's.
 fn output_message_id(service: &str, origin: &Origin<'_>, output: OutputOf<'_>) -> ShortString {
     use sha2::Digest;
     let Some(input) = origin.message_id.or(origin.content_id) else {

@@ -1499,8 +1499,7 @@ impl<P: MessageProcessor> Shared<P> {
                 routing_key: inc.routing_key,
                 attempt: inc.attempt,
                 redelivered: delivery.redelivered,
-                content_id: message_id
-                    .is_none()
+                content_id: (message_id.is_none() && inner.processor.knows_inputs_by_body())
                     .then(|| crate::publisher::content_id(&delivery.data)),
                 message_id,
                 correlation_id: properties.correlation_id().as_ref().map(|s| s.to_string()),

@@ -461,20 +461,66 @@ async fn outputs_of_an_input_delivered_again_keep_their_ids() {
         output_ids(&mut out, &mut side).await,
         "a producer's part header changes no id"
     );
-    // Without an input id its body names it: delivered again, the same ids (they were
-    // random, and a re-sent output could not be told from a new one); another body's
-    // outputs have other ids.
+    // Without an input id, and its processor not knowing inputs by their body, one body
+    // may be a new message: fresh ids each time.
     hs.publish("test.a", b"{}", BasicProperties::default())
         .await;
     let bare = output_ids(&mut out, &mut side).await;
     hs.publish("test.a", b"{}", BasicProperties::default())
         .await;
-    assert_eq!(bare, output_ids(&mut out, &mut side).await);
-    assert!(bare.iter().all(|i| !first.contains(i)));
+    let bare_again = output_ids(&mut out, &mut side).await;
+    assert!(bare.iter().all(|i| !bare_again.contains(i)));
+    hs.stop().await;
+}
+
+/// Succeeds with three side messages to its exchange, knowing inputs by their body.
+struct KnownByBody(String);
+
+#[async_trait]
+impl MessageProcessor for KnownByBody {
+    type Input = serde_json::Value;
+    fn knows_inputs_by_body(&self) -> bool {
+        true
+    }
+    async fn handle(&self, v: serde_json::Value, _: &MessageContext) -> Outcome {
+        Outcome::success(&v).with_extra([
+            framework::Publication::text(&self.0, "side.a", "one"),
+            framework::Publication::text(&self.0, "side.a", "two"),
+            framework::Publication::text(&self.0, "side.b", "one"),
+        ])
+    }
+}
+
+/// A processor knowing its inputs by their body (one body is one message): the outputs of
+/// an input without an id keep their ids when it is delivered again (they were random, and
+/// a re-sent output could not be told from a new one); another body's outputs have others.
+#[tokio::test]
+async fn outputs_of_an_input_known_by_its_body_keep_their_ids() {
+    let extra_ex = unique("bodyids");
+    let _gone = Cleanup::new(vec![], vec![extra_ex.clone()]);
+    let mut hs = Harness::start("bodyids", &[], KnownByBody(extra_ex.clone())).await;
+    declare_topic(&hs.ch, &extra_ex).await;
+    let mut out = hs.watch_output().await;
+    let mut side = watch(&hs.ch, &extra_ex, "#").await;
+    hs.publish("test.a", b"{}", BasicProperties::default())
+        .await;
+    let first = output_ids(&mut out, &mut side).await;
+    let distinct: std::collections::HashSet<_> = first.iter().collect();
+    assert_eq!(distinct.len(), 4, "{first:?}");
+    hs.publish("test.a", b"{}", BasicProperties::default())
+        .await;
+    assert_eq!(first, output_ids(&mut out, &mut side).await);
     hs.publish("test.a", b"{ }", BasicProperties::default())
         .await;
-    let other_body = output_ids(&mut out, &mut side).await;
-    assert!(other_body.iter().all(|i| !bare.contains(i)));
+    let other = output_ids(&mut out, &mut side).await;
+    assert!(other.iter().all(|i| !first.contains(i)), "{other:?}");
+    // A message id, where there is one, names the input alone.
+    let with_id = |m: &str| BasicProperties::default().with_message_id(m.into());
+    hs.publish("test.a", b"{}", with_id("m-1")).await;
+    let named = output_ids(&mut out, &mut side).await;
+    hs.publish("test.a", b"{ }", with_id("m-1")).await;
+    assert_eq!(named, output_ids(&mut out, &mut side).await);
+    assert!(named.iter().all(|i| !first.contains(i)));
     hs.stop().await;
 }
 

@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use framework::testing::broker::{PrivateBroker, Tally};
 use framework::testing::{
-    Cleanup, RunWithin, WAIT, amqp_url, next, next_within, process, service_command, test_channel,
-    unique, watch,
+    Cleanup, RunWithin, WAIT, amqp_url, next, next_within, process, ready_count, service_command,
+    test_channel, unique, watch,
 };
 use storage::testing::{files_under, put_online_file, sweeper_message};
 
@@ -311,5 +311,157 @@ async fn kill_9_mid_s3_multipart_upload_resumes_from_the_stored_parts() {
     println!(
         "| kill -9 mid-multipart upload to S3 (moto) of a {} MiB file ({PARTS} parts), then restart, online-archive | parts begun before the kill: {before}, recorded: {recorded} | parts sent after the restart: {resumed} of {PARTS} |",
         content.len() >> 20
+    );
+}
+
+/// Two replicas of online-archive on S3 (moto) and one PostgreSQL database, every file's
+/// message sent twice in a row (so the replicas take one key at once), one replica killed
+/// (`kill -9`) mid-stream with copies — multipart ones among them — in flight: every file
+/// is archived once, at its own key (nothing stored beside it, no second object), one
+/// record each, no upload left recorded, nothing dead-lettered, and every message answered.
+/// The production backends with two instances and a death mid-upload: before, only the
+/// local store and SQLite saw two replicas end to end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_one_of_two_replicas_on_s3_and_postgres_archives_each_file_once() {
+    use futures_util::TryStreamExt;
+    use sha2::Digest;
+    const FILES: usize = 40;
+    let bucket = "archive-pair";
+    let moto = storage::testing::MotoServer::start(bucket).await;
+    let pg = db::testing::TempPostgres::create()
+        .await
+        .expect("a test database on the local PostgreSQL");
+    let q = unique("archive-pair");
+    let _gone = Cleanup::service(&q, &[1000]);
+    let data = tempfile::tempdir().expect("data dir");
+    // Every fifth file takes three parts of 5 MiB; the others one request.
+    let files: Vec<(String, String, Vec<u8>)> = (0..FILES)
+        .map(|i| {
+            let len = if i % 5 == 0 { 11 << 20 } else { 200 << 10 };
+            let body: Vec<u8> = (0..len).map(|j| ((j * 7 + i) % 251) as u8).collect();
+            let name = format!("f{i}.bin");
+            let dir = put_online_file(data.path(), &format!("pair/{name}"), &body);
+            (dir, name, body)
+        })
+        .collect();
+    let archive = || {
+        let bin = env!("CARGO_BIN_EXE_online-archive");
+        let mut c = service_command(bin, "online_archive", &q, &amqp_url(), data.path());
+        let o = "STORAGETIER__ONLINE_ARCHIVE__ARCHIVE_OPTIONS__";
+        c.env("STORAGETIER__STORAGE__DATA_DIR", data.path())
+            .env("STORAGETIER__AMQP__PREFETCH", "4")
+            // The redeliveries of the killed replica's copies wait out its claims (20 s).
+            .env("STORAGETIER__RETRY__DELAYS_MS", "1000")
+            .env("STORAGETIER__ONLINE_ARCHIVE__DATABASE_URL", &pg.url)
+            .env(
+                "STORAGETIER__ONLINE_ARCHIVE__ARCHIVE_URL",
+                format!("s3://{bucket}/pre"),
+            )
+            .env(format!("{o}ENDPOINT"), &moto.endpoint)
+            .env(format!("{o}ALLOW_HTTP"), "true")
+            .env(format!("{o}ACCESS_KEY_ID"), "test")
+            .env(format!("{o}SECRET_ACCESS_KEY"), "test")
+            .env(format!("{o}PART_SIZE_MIB"), "5")
+            .stderr(Stdio::null());
+        c
+    };
+    assert!(
+        archive()
+            .arg("declare")
+            .status_within(WAIT)
+            .expect("declare runs")
+            .success()
+    );
+    let (_c, ch) = test_channel().await;
+    let mut out = watch(&ch, &format!("{q}-out"), "#").await;
+    for (dir, name, _) in &files {
+        let msg = sweeper_message(dir, name, false).to_string();
+        for _ in 0..2 {
+            framework::testing::publish(
+                &ch,
+                &format!("{q}-in"),
+                KEY,
+                msg.as_bytes(),
+                Default::default(),
+            )
+            .await;
+        }
+    }
+    let mut replicas: Vec<process::Guarded> = (0..2)
+        .map(|_| process::spawn(archive().arg("run")).expect("online-archive starts"))
+        .collect();
+    // Outputs per file (by its path), until every message is answered.
+    let mut answers: std::collections::HashMap<String, Vec<serde_json::Value>> =
+        std::collections::HashMap::new();
+    let mut seen = 0usize;
+    let mut killed = false;
+    let deadline = std::time::Instant::now() + 3 * WAIT;
+    while answers.len() < FILES || answers.values().any(|a| a.len() < 2) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let d = next_within(&mut out, left).await.unwrap_or_else(|| {
+            panic!(
+                "every message answered: {} of {FILES} files, {seen} outputs",
+                answers.len()
+            )
+        });
+        let v: serde_json::Value = serde_json::from_slice(&d.data).expect("json output");
+        let path = v["original_file_path"]
+            .as_str()
+            .expect("a path")
+            .to_string();
+        answers.entry(path).or_default().push(v);
+        seen += 1;
+        if !killed && seen >= FILES / 2 {
+            replicas[0].kill();
+            killed = true;
+        }
+    }
+    let code = replicas[1].terminate(WAIT).and_then(|s| s.code());
+    assert_eq!(code, Some(0), "the survivor drained and exited cleanly");
+    for (dir, name, body) in &files {
+        let path = format!("{dir}/{name}");
+        let key = format!("pre/pair/{name}");
+        let sum = hex::encode(sha2::Sha256::digest(body));
+        for v in &answers[&path] {
+            assert_eq!(v["archive_key"], key.as_str(), "at its own key: {v}");
+            assert_eq!(v["checksum"], sum.as_str(), "{v}");
+        }
+    }
+    let opts = moto.store_options();
+    let tier = storage::store::open(&format!("s3://{bucket}/pre"), &opts).expect("tier");
+    let prefix = object_store::path::Path::from("pre");
+    let objects: Vec<_> = tier
+        .store
+        .list(Some(&prefix))
+        .try_collect()
+        .await
+        .expect("list the bucket");
+    assert_eq!(objects.len(), FILES, "one object per file: {objects:?}");
+    for (_, name, body) in &files {
+        let key = tier.key(&format!("pair/{name}"));
+        let got = storage::copy::hash_object(&tier, &key, storage::Algorithm::Sha256)
+            .await
+            .expect("read back")
+            .expect("stored");
+        assert_eq!(
+            got.checksum,
+            hex::encode(sha2::Sha256::digest(body)),
+            "{key}"
+        );
+    }
+    let records = storage::Records::open(&pg.url).await.expect("records");
+    assert_eq!(
+        records.count("stored_objects").await.expect("count"),
+        FILES as i64
+    );
+    assert_eq!(records.count("multipart_uploads").await.expect("count"), 0);
+    records.close().await;
+    assert_eq!(
+        ready_count(&ch, &format!("{q}-dlq")).await,
+        0,
+        "nothing dead-lettered"
+    );
+    println!(
+        "| kill -9 of one of 2 replicas on S3 (moto) + PostgreSQL, {FILES} files each sent twice, online-archive | {seen} outputs | one object and one record per file |"
     );
 }

@@ -335,6 +335,8 @@ async fn apply_waiting<'a>(
             .await?;
         conn.unsafe_if_dropped = relaxed;
         *full = !relaxed;
+        #[cfg(test)]
+        RELAXED_HERE.with(|r| r.set(relaxed));
     }
     let applied = apply_in(conn.conn, &writes, lock_wait).await;
     if let Err(e) = &applied
@@ -363,6 +365,13 @@ async fn apply_waiting<'a>(
         restored?;
     }
     applied
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Set where a batch on this thread made its connection `synchronous = NORMAL`: a test
+    /// gives the batch up only once it did.
+    static RELAXED_HERE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// The writer's connection during a batch: closed instead of going back to the pool where
@@ -1636,12 +1645,20 @@ mod tests {
             lease_ms: 20_000,
         };
         let mut full = true;
-        let given_up = tokio::time::timeout(
-            std::time::Duration::from_millis(300),
-            apply(&r.write, true, &mut full, [&claim].into_iter()),
-        )
+        RELAXED_HERE.with(|r| r.set(false));
+        let mut batch = Box::pin(apply(&r.write, true, &mut full, [&claim].into_iter()));
+        // Given up once it relaxed its connection and waits for the lock (at a set time
+        // it could be given up before, on a slow machine, and show nothing).
+        framework::testing::within(framework::testing::WAIT, "the batch relaxed", async {
+            while !RELAXED_HERE.with(|r| r.get()) {
+                tokio::select! {
+                    r = &mut batch => panic!("waits for the lock: {r:?}"),
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(10)) => {}
+                }
+            }
+        })
         .await;
-        assert!(given_up.is_err(), "waits for the lock: {given_up:?}");
+        drop(batch);
         db::sqlx::query("ROLLBACK")
             .execute(&mut locker)
             .await

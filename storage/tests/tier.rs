@@ -962,6 +962,56 @@ async fn s3_objects_are_verified_and_redeliveries_confirmed_by_the_stores_checks
     }
 }
 
+/// Files at the edges of the sizes a copy treats apart — empty, one byte, around a read
+/// block, around a part, exactly two parts — are stored whole and verified on S3 (with
+/// the store's checksums and without: one request, or a multipart upload ending on a whole
+/// part) and on a local store, and a redelivery of each finds its copy. No test stored an
+/// empty file, or one of exactly a part, on S3.
+#[tokio::test]
+async fn files_at_every_size_edge_are_stored_whole() {
+    let bucket = "tier-size-edges";
+    let (moto, _proxy, s3) = s3_tier(bucket).await;
+    let mut opts = moto.store_options();
+    opts.part_size_mib = 5;
+    opts.checksums = false;
+    let plain = storage::store::open(&format!("s3://{bucket}/plain"), &opts).expect("tier");
+    let base = tempfile::tempdir().expect("temp");
+    let local = storage::store::local(&base.path().join("store")).expect("tier");
+    let part = 5 * MIB;
+    let sizes = [
+        0,
+        1,
+        MIB - 1,
+        MIB,
+        MIB + 1,
+        part - 1,
+        part,
+        part + 1,
+        2 * part,
+    ];
+    for (name, tier) in [("s3", s3), ("s3-no-checksums", plain), ("local", local)] {
+        let dir = base.path().join(name);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let c = copier(&dir, "online", tier.clone(), records(&dir).await);
+        for (i, size) in sizes.into_iter().enumerate() {
+            let body = content(size, i as u8);
+            let msg = put(&dir, "online", &format!("edge/{size}.bin"), &body);
+            let r = copied(c.handle(&msg, 1).await);
+            assert!(r.uploaded, "{name} {size}");
+            assert_eq!(r.size, size as u64, "{name} {size}");
+            assert_eq!(r.checksum, sha256(&body), "{name} {size}");
+            assert_eq!(
+                stored_sha256(&tier, &r.key).await,
+                sha256(&body),
+                "{name} {size}"
+            );
+            let again = copied(c.handle(&msg, 2).await);
+            assert!(!again.uploaded, "{name} {size}: its copy found again");
+            assert_eq!(again.key, r.key, "{name} {size}");
+        }
+    }
+}
+
 /// An object whose store facts changed while its bytes did not (re-encrypted or copied in
 /// place, the vault moved to another bucket, checksums switched off) is read back once and
 /// its new facts recorded: the next redelivery is settled by one HEAD again. They were

@@ -186,9 +186,11 @@ async fn an_endpoint_that_never_connects_is_down() {
 /// kind (`client error (Connect)`), and names the endpoint and the system's reason.
 #[tokio::test]
 async fn a_refused_connection_is_said_in_words() {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    drop(listener);
+    // Bound, never listening: a connection to it is refused, and while it is held no other
+    // test's server can be given its port (a listener bound and dropped left it free).
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = socket.local_addr().unwrap();
     match forwarder(&format!("http://{addr}"), 2000)
         .post("{}", &HeaderMap::new())
         .await
@@ -201,6 +203,7 @@ async fn a_refused_connection_is_said_in_words() {
         }
         r => panic!("{r:?}"),
     }
+    drop(socket);
 }
 
 /// A 409 is a 4xx like any other (design §7: Permanent), an `Idempotency-Key` sent or not.

@@ -721,6 +721,13 @@ impl MessageProcessor for StatusProcessor {
         &[PUBLISHED_HEADER, COUNTED_HEADER, DEAD_LETTERED_HEADER]
     }
 
+    /// A status message names its run, collection and file (or counts): the same body
+    /// again is that message again (a file is counted once by its body's digest too), so
+    /// the export-state and monitoring messages a re-sent one sends again keep their ids.
+    fn knows_inputs_by_body(&self) -> bool {
+        true
+    }
+
     async fn handle(&self, input: Value, ctx: &MessageContext) -> Outcome {
         // Seen before: retried, redelivered, or replayed from the DLQ (a replay keeps
         // `x-original-exchange`, which only the framework's retries and replays carry).

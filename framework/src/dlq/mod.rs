@@ -525,16 +525,47 @@ pub async fn list_held_at_most(
     limit: usize,
     hold: Duration,
 ) -> Result<Listing, DlqError> {
+    let mut items = Vec::new();
+    let looked = list_each(conn, topo, limit, hold, |d| items.push(d)).await?;
+    Ok(Listing {
+        items,
+        total: looked.total,
+        cut_short: looked.cut_short,
+    })
+}
+
+/// What a look at the DLQ whose dead letters went to a callback found ([`list_each`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Looked {
+    /// How many dead letters were shown.
+    pub shown: usize,
+    /// How many the DLQ held.
+    pub total: usize,
+    /// Whether the look stopped before its limit ([`Listing::cut_short`]).
+    pub cut_short: bool,
+}
+
+/// Reads up to `limit` dead letters without removing them, for no longer than `hold` (at
+/// least one), handing each to `each` as it is read: `dlq list` prints them as they come,
+/// holding none of them (a look at a million kept them all, and printed nothing if
+/// stopped). They return to the DLQ, in order, before it ends.
+pub async fn list_each(
+    conn: &Connection,
+    topo: &Topology,
+    limit: usize,
+    hold: Duration,
+    mut each: impl FnMut(DeadLetter),
+) -> Result<Looked, DlqError> {
     // Every broker call bounded: an operator's command never hangs on a stuck broker.
     let t = topo.operation_timeout;
     let ch = bounded(t, "channel.open", conn.create_channel()).await?;
     let total = dlq_total(&ch, topo, t).await? as usize;
     let began = tokio::time::Instant::now();
-    let mut out = Vec::new();
+    let mut shown = 0usize;
     let mut last = None;
     let mut cut_short = false;
-    while out.len() < limit.min(total) {
-        if !out.is_empty() && began.elapsed() >= hold {
+    while shown < limit.min(total) {
+        if shown > 0 && began.elapsed() >= hold {
             cut_short = true;
             break;
         }
@@ -546,12 +577,13 @@ pub async fn list_held_at_most(
             break;
         };
         last = Some(m.delivery.delivery_tag);
-        out.push(describe(
+        each(describe(
             &m.delivery.properties,
             m.delivery.routing_key.as_str(),
             m.delivery.data.len(),
             &topo.queue,
         ));
+        shown += 1;
     }
     let through = ReadThrough::allowed(conn, topo).await.then(|| ReadThrough {
         until: began + hold,
@@ -562,8 +594,8 @@ pub async fn list_held_at_most(
         .await;
     let _ = bounded(t, "channel.close", ch.close(200, "list done".into())).await;
     await_returned(conn, &topo.dlq(), total as u32, t).await?;
-    Ok(Listing {
-        items: out,
+    Ok(Looked {
+        shown,
         total,
         cut_short,
     })
@@ -1103,6 +1135,9 @@ async fn replay_each_told(
                 ) {
                     return Err(DlqError::NotRemoved(info.message_id));
                 }
+                // Removed: a failure from here on gives back only what is held (a nack
+                // naming a tag acked already would close the channel instead).
+                last_fetched = held.last;
             }
             each(&info);
             moved += 1;
@@ -1111,24 +1146,29 @@ async fn replay_each_told(
     }
     .await;
     if let Err(e) = looped {
-        held.last = last_fetched.or(held.last);
-        // Stopped at once (a second signal), or with a publish that may yet land: given
-        // back, not waited for.
-        let quick = matches!(e, DlqError::Unconfirmed { .. });
-        let through = match quick {
-            true => None,
-            false => ReadThrough::allowed(conn, topo).await.then(|| ReadThrough {
+        // Stopped at once (a second signal, or a stop while the broker blocks publishes,
+        // when it would not read a give-back either): what is held returns as the
+        // connection closes.
+        if matches!(e, DlqError::Unconfirmed { .. }) {
+            return Err(e);
+        }
+        held.last = last_fetched;
+        let cleanup = async {
+            let through = ReadThrough::allowed(conn, topo).await.then(|| ReadThrough {
                 until: held_since.unwrap_or_else(tokio::time::Instant::now) + hold_at_most,
                 stop: Some(&stop),
-            }),
-        };
-        held.give_back_in_order(&ch, &topo.dlq(), through, t).await;
-        let _ = bounded(t, "channel.close", ch.close(200, "replay failed".into())).await;
-        if !quick {
+            });
+            held.give_back_in_order(&ch, &topo.dlq(), through, t).await;
+            let _ = bounded(t, "channel.close", ch.close(200, "replay failed".into())).await;
             let kept = total.saturating_sub(u32::try_from(moved).unwrap_or(u32::MAX));
             if let Err(c) = await_returned(conn, &topo.dlq(), kept, t).await {
                 tracing::warn!(error = %c, "the dead letters left could not be counted after the replay failed");
             }
+        };
+        // A second signal ends the clean-up too: the operator waits for no more.
+        tokio::select! {
+            () = cleanup => {}
+            () = stop_now.cancelled() => {}
         }
         return Err(e);
     }
