@@ -665,12 +665,26 @@ async fn execute<S: Service>(cmd: Command, cfg: Config<S::Settings>) -> Result<(
                 Some(Err(e)) => Err(failed(e.to_string())),
                 None => Err(not_begun()),
             };
-            let close = bounded(limit, "connection.close", conn.close(200, "done".into()));
+            // After a stop, not waited for long: a broker blocking publishes (a resource
+            // alarm: the stop's reason to return at once) does not read the close either,
+            // and what the connection held returns to it as it drops.
+            let close_within = match first.is_some_and(|f| f.is_cancelled()) {
+                true => limit.min(STOPPED_CLOSE),
+                false => limit,
+            };
+            let close = bounded(
+                close_within,
+                "connection.close",
+                conn.close(200, "done".into()),
+            );
             let _ = unless_stopped(second, close).await;
             r
         }
     }
 }
+
+/// How long a `dlq` command stopped by a signal waits for its connection's close.
+const STOPPED_CLOSE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// `name` as a regular expression matching only itself (a policy's pattern).
 fn regex_escape(name: &str) -> String {
@@ -753,17 +767,17 @@ async fn dlq_command(
     };
     match cmd {
         DlqCommand::List { limit, json } => {
-            // Each dead letter written as it is read, so a long look holds none of them
-            // and one stopped (a signal, a broker error) has shown what it read; a reader
-            // that stops early (`| head`) is no error: nothing more is written to it.
-            let mut printing: Result<bool, Failure> = Ok(true);
-            let mut print = |text: &str| {
-                if let Ok(true) = printing {
-                    printing = print_out(text).map(|()| true);
-                }
+            // Each dead letter written as it is read, so one stopped (a signal, a broker
+            // error) has shown what it read — by a thread of its own: a reader that does not
+            // read on (`| less` left unscrolled) blocks that thread, not the look, which
+            // still gives everything back within its hold limit (the rows wait in memory).
+            let (rows, written) = std::sync::mpsc::channel::<String>();
+            let writer = std::thread::spawn(move || write_rows(written));
+            let row = |text: String| {
+                let _ = rows.send(text);
             };
             if !json {
-                print(&format!(
+                row(format!(
                     "{:<38} {:<18} {:<26} {:>8}  {:<40} ERROR\n",
                     "MESSAGE-ID", "KIND", "FAILED-AT", "SIZE", "ORIGINAL-KEY"
                 ));
@@ -789,34 +803,43 @@ async fn dlq_command(
                         field(i.error.as_deref())
                     )
                 };
-                print(&format!("{line}\n"));
+                row(format!("{line}\n"));
             })
-            .await
-            .map_err(|e| other(&e))?;
-            let shown = format!(
-                "{} of {} dead letter(s) in {} shown{}",
-                looked.shown,
-                looked.total,
-                topo.dlq(),
-                if looked.cut_short {
-                    format!(
-                        " (the look stopped after {} min holding them unacknowledged, before \
-                         the broker's consumer timeout would take them back: ask for fewer \
-                         with --limit)",
-                        dlq::HOLD_AT_MOST.as_secs() / 60
-                    )
-                } else {
-                    String::new()
-                }
-            );
-            if json {
-                // On stderr, stdout keeping one dead letter per line: whether `--limit`
-                // left some out is told as in the table.
-                print_err(&shown);
-            } else {
-                print(&format!("{shown}\n"));
+            .await;
+            // Summed up below the table (on stderr for JSON, stdout keeping one dead letter
+            // per line): whether `--limit` left some out.
+            let shown = looked.as_ref().ok().map(|looked| {
+                format!(
+                    "{} of {} dead letter(s) in {} shown{}",
+                    looked.shown,
+                    looked.total,
+                    topo.dlq(),
+                    if looked.cut_short {
+                        format!(
+                            " (the look stopped after {} min holding them unacknowledged, \
+                             before the broker's consumer timeout would take them back: ask \
+                             for fewer with --limit)",
+                            dlq::HOLD_AT_MOST.as_secs() / 60
+                        )
+                    } else {
+                        String::new()
+                    }
+                )
+            });
+            if let (Some(shown), false) = (&shown, json) {
+                row(format!("{shown}\n"));
             }
-            printing.map(|_| ())
+            // What was read is written out before the command ends, a failed look's too.
+            drop(rows);
+            let written = tokio::task::spawn_blocking(move || writer.join())
+                .await
+                .map_err(|e| other(&e))?
+                .unwrap_or_else(|_| Err(Failure::Other("the output writer failed".into())));
+            looked.map_err(|e| other(&e))?;
+            if let (Some(shown), true) = (&shown, json) {
+                print_err(shown);
+            }
+            written
         }
         DlqCommand::Replay {
             all: _,
@@ -953,6 +976,28 @@ pub fn print_out(text: &str) -> Result<(), Failure> {
         }
         _ => Ok(()),
     }
+}
+
+/// Writes `dlq list`'s rows to stdout as they come, until the sender is done. A reader that
+/// stops early (`| head`) is no error, and is written no more; another write error is the
+/// command's failure once every row was taken.
+fn write_rows(rows: std::sync::mpsc::Receiver<String>) -> Result<(), Failure> {
+    use std::io::Write as _;
+    let mut result = Ok(());
+    let mut open = true;
+    for text in rows {
+        if !open {
+            continue;
+        }
+        let mut out = std::io::stdout().lock();
+        if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+            open = false;
+            if e.kind() != std::io::ErrorKind::BrokenPipe {
+                result = Err(Failure::Other(format!("cannot write the output: {e}")));
+            }
+        }
+    }
+    result
 }
 
 /// Writes `text` and a newline to stderr, ignoring a stderr nobody reads any more

@@ -668,6 +668,15 @@ pub fn header(d: &Delivery, key: &str) -> Option<String> {
     crate::headers::get_str(d.properties.headers().as_ref()?, key)
 }
 
+/// The message id of an output (every output has one: design §3).
+pub fn message_id(d: &Delivery) -> String {
+    d.properties
+        .message_id()
+        .as_ref()
+        .map(|m| m.to_string())
+        .expect("an output has a message id")
+}
+
 /// Takes the next dead letter from `dlq` and asserts it is record `n` of a batch,
 /// dead-lettered on its own (`x-error-kind: permanent`, `x-error` starting `record n: `),
 /// and that no other follows it within 300 ms.

@@ -364,16 +364,9 @@ async fn output_ids(
     out: &mut framework::lapin::Consumer,
     side: &mut framework::lapin::Consumer,
 ) -> Vec<String> {
-    let id = |d: &framework::lapin::message::Delivery| {
-        d.properties
-            .message_id()
-            .as_ref()
-            .map(|m| m.to_string())
-            .expect("an output has a message id")
-    };
-    let mut ids = vec![id(&next(out).await)];
+    let mut ids = vec![message_id(&next(out).await)];
     for _ in 0..3 {
-        ids.push(id(&next(side).await));
+        ids.push(message_id(&next(side).await));
     }
     ids
 }

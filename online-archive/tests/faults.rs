@@ -11,7 +11,7 @@
 //! `cargo test -p online-archive --test faults -- --nocapture` (RESTART_MESSAGES overrides
 //! the 10,000).
 
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 
 use std::time::Duration;
 
@@ -30,6 +30,51 @@ fn messages() -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10_000)
+}
+
+/// online-archive as a process on `q` of the shared broker, its data under `data`; where
+/// `s3` names a bucket and its endpoint, archiving there (parts of 5 MiB), its retries a
+/// second apart (a redelivery waits out a killed copy's 20 s claim a second at a time).
+fn archive_command(q: &str, data: &std::path::Path, s3: Option<(&str, &str)>) -> Command {
+    let bin = env!("CARGO_BIN_EXE_online-archive");
+    let mut c = service_command(bin, "online_archive", q, &amqp_url(), data);
+    c.env("STORAGETIER__STORAGE__DATA_DIR", data);
+    if let Some((bucket, endpoint)) = s3 {
+        let o = "STORAGETIER__ONLINE_ARCHIVE__ARCHIVE_OPTIONS__";
+        c.env("STORAGETIER__RETRY__DELAYS_MS", "1000")
+            .env(
+                "STORAGETIER__ONLINE_ARCHIVE__ARCHIVE_URL",
+                format!("s3://{bucket}/pre"),
+            )
+            .env(format!("{o}ENDPOINT"), endpoint)
+            .env(format!("{o}ALLOW_HTTP"), "true")
+            .env(format!("{o}ACCESS_KEY_ID"), "test")
+            .env(format!("{o}SECRET_ACCESS_KEY"), "test")
+            .env(format!("{o}PART_SIZE_MIB"), "5");
+    }
+    c
+}
+
+/// Declares `q`'s topology with `archive` (its `declare` command) and watches its output
+/// exchange: the test's connection, channel and output consumer.
+async fn declared_and_watched(
+    mut archive: Command,
+    q: &str,
+) -> (
+    framework::lapin::Connection,
+    framework::lapin::Channel,
+    framework::lapin::Consumer,
+) {
+    assert!(
+        archive
+            .arg("declare")
+            .status_within(WAIT)
+            .expect("declare runs")
+            .success()
+    );
+    let (c, ch) = test_channel().await;
+    let out = watch(&ch, &format!("{q}-out"), "#").await;
+    (c, ch, out)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -111,21 +156,8 @@ async fn death_mid_copy_leaves_no_partial_object() {
     let data = tempfile::tempdir().expect("data dir");
     let content: Vec<u8> = (0..64 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
     let dir = put_online_file(data.path(), "big/file.bin", &content);
-    let archive = || {
-        let bin = env!("CARGO_BIN_EXE_online-archive");
-        let mut c = service_command(bin, "online_archive", &q, &amqp_url(), data.path());
-        c.env("STORAGETIER__STORAGE__DATA_DIR", data.path());
-        c
-    };
-    assert!(
-        archive()
-            .arg("declare")
-            .status_within(WAIT)
-            .expect("declare runs")
-            .success()
-    );
-    let (_c, ch) = test_channel().await;
-    let mut out = watch(&ch, &format!("{q}-out"), "#").await;
+    let archive = || archive_command(&q, data.path(), None);
+    let (_c, ch, mut out) = declared_and_watched(archive(), &q).await;
     framework::testing::publish(
         &ch,
         &format!("{q}-in"),
@@ -203,33 +235,8 @@ async fn kill_9_mid_s3_multipart_upload_resumes_from_the_stored_parts() {
     let len = PARTS * 5 * 1024 * 1024 - 4096;
     let content: Vec<u8> = (0..len as u32).map(|i| (i % 253) as u8).collect();
     let dir = put_online_file(data.path(), "big/resume.bin", &content);
-    let archive = || {
-        let bin = env!("CARGO_BIN_EXE_online-archive");
-        let mut c = service_command(bin, "online_archive", &q, &amqp_url(), data.path());
-        let o = "STORAGETIER__ONLINE_ARCHIVE__ARCHIVE_OPTIONS__";
-        c.env("STORAGETIER__STORAGE__DATA_DIR", data.path())
-            // The redelivery waits out the killed copy's claim (20 s) a second at a time.
-            .env("STORAGETIER__RETRY__DELAYS_MS", "1000")
-            .env(
-                "STORAGETIER__ONLINE_ARCHIVE__ARCHIVE_URL",
-                format!("s3://{bucket}/pre"),
-            )
-            .env(format!("{o}ENDPOINT"), &proxy.endpoint)
-            .env(format!("{o}ALLOW_HTTP"), "true")
-            .env(format!("{o}ACCESS_KEY_ID"), "test")
-            .env(format!("{o}SECRET_ACCESS_KEY"), "test")
-            .env(format!("{o}PART_SIZE_MIB"), "5");
-        c
-    };
-    assert!(
-        archive()
-            .arg("declare")
-            .status_within(WAIT)
-            .expect("declare runs")
-            .success()
-    );
-    let (_c, ch) = test_channel().await;
-    let mut out = watch(&ch, &format!("{q}-out"), "#").await;
+    let archive = || archive_command(&q, data.path(), Some((bucket, &proxy.endpoint)));
+    let (_c, ch, mut out) = declared_and_watched(archive(), &q).await;
     framework::testing::publish(
         &ch,
         &format!("{q}-in"),
@@ -316,11 +323,11 @@ async fn kill_9_mid_s3_multipart_upload_resumes_from_the_stored_parts() {
 
 /// Two replicas of online-archive on S3 (moto) and one PostgreSQL database, every file's
 /// message sent twice in a row (so the replicas take one key at once), one replica killed
-/// (`kill -9`) mid-stream with copies — multipart ones among them — in flight: every file
-/// is archived once, at its own key (nothing stored beside it, no second object), one
-/// record each, no upload left recorded, nothing dead-lettered, and every message answered.
-/// The production backends with two instances and a death mid-upload: before, only the
-/// local store and SQLite saw two replicas end to end.
+/// (`kill -9`) while its first upload is on its way (held at a proxy: a copy in flight,
+/// its claim on the key held): every message is answered, each file archived once at its
+/// own key (nothing stored beside it, no second object), one record each, no upload left
+/// recorded, nothing dead-lettered. The production backends with two instances and a death
+/// mid-upload: before, only the local store and SQLite saw two replicas end to end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_one_of_two_replicas_on_s3_and_postgres_archives_each_file_once() {
     use futures_util::TryStreamExt;
@@ -328,6 +335,8 @@ async fn kill_9_of_one_of_two_replicas_on_s3_and_postgres_archives_each_file_onc
     const FILES: usize = 40;
     let bucket = "archive-pair";
     let moto = storage::testing::MotoServer::start(bucket).await;
+    // A request-holding proxy in front of it.
+    let proxy = storage::testing::CountingProxy::start(&moto.endpoint).await;
     let pg = db::testing::TempPostgres::create()
         .await
         .expect("a test database on the local PostgreSQL");
@@ -344,110 +353,103 @@ async fn kill_9_of_one_of_two_replicas_on_s3_and_postgres_archives_each_file_onc
             (dir, name, body)
         })
         .collect();
+    // Both replicas through the proxy: the records name the store by its endpoint.
     let archive = || {
-        let bin = env!("CARGO_BIN_EXE_online-archive");
-        let mut c = service_command(bin, "online_archive", &q, &amqp_url(), data.path());
-        let o = "STORAGETIER__ONLINE_ARCHIVE__ARCHIVE_OPTIONS__";
-        c.env("STORAGETIER__STORAGE__DATA_DIR", data.path())
-            .env("STORAGETIER__AMQP__PREFETCH", "4")
-            // The redeliveries of the killed replica's copies wait out its claims (20 s).
-            .env("STORAGETIER__RETRY__DELAYS_MS", "1000")
+        let mut c = archive_command(&q, data.path(), Some((bucket, &proxy.endpoint)));
+        c.env("STORAGETIER__AMQP__PREFETCH", "4")
             .env("STORAGETIER__ONLINE_ARCHIVE__DATABASE_URL", &pg.url)
-            .env(
-                "STORAGETIER__ONLINE_ARCHIVE__ARCHIVE_URL",
-                format!("s3://{bucket}/pre"),
-            )
-            .env(format!("{o}ENDPOINT"), &moto.endpoint)
-            .env(format!("{o}ALLOW_HTTP"), "true")
-            .env(format!("{o}ACCESS_KEY_ID"), "test")
-            .env(format!("{o}SECRET_ACCESS_KEY"), "test")
-            .env(format!("{o}PART_SIZE_MIB"), "5")
             .stderr(Stdio::null());
         c
     };
-    assert!(
-        archive()
-            .arg("declare")
-            .status_within(WAIT)
-            .expect("declare runs")
-            .success()
-    );
-    let (_c, ch) = test_channel().await;
-    let mut out = watch(&ch, &format!("{q}-out"), "#").await;
-    for (dir, name, _) in &files {
+    let (_c, ch, mut out) = declared_and_watched(archive(), &q).await;
+    let mut inputs = std::collections::HashSet::new();
+    for (i, (dir, name, _)) in files.iter().enumerate() {
         let msg = sweeper_message(dir, name, false).to_string();
-        for _ in 0..2 {
-            framework::testing::publish(
-                &ch,
-                &format!("{q}-in"),
-                KEY,
-                msg.as_bytes(),
-                Default::default(),
-            )
-            .await;
+        for copy in ["a", "b"] {
+            let id = format!("f{i}-{copy}");
+            let props =
+                framework::lapin::BasicProperties::default().with_message_id(id.clone().into());
+            framework::testing::publish(&ch, &format!("{q}-in"), KEY, msg.as_bytes(), props).await;
+            inputs.insert(id);
         }
     }
-    let mut replicas: Vec<process::Guarded> = (0..2)
-        .map(|_| process::spawn(archive().arg("run")).expect("online-archive starts"))
-        .collect();
-    // Outputs per file (by its path), until every message is answered.
-    let mut answers: std::collections::HashMap<String, Vec<serde_json::Value>> =
-        std::collections::HashMap::new();
-    let mut seen = 0usize;
+    // The first upload request (of the replica started first) is held, never let through
+    // (sent on for a client gone, the store would wait for a body that never comes); every
+    // other request passes.
+    let first = std::sync::atomic::AtomicBool::new(false);
+    let held = proxy.hold_from(
+        "PUT",
+        move |_| !first.swap(true, std::sync::atomic::Ordering::SeqCst),
+        1,
+    );
+    let mut doomed = process::spawn(archive().arg("run")).expect("starts");
+    framework::testing::wait_until("the first upload held", || held.reached()).await;
+    let mut survivor = process::spawn(archive().arg("run")).expect("starts");
+    // Outputs by the input they answer, until every input is answered; the replica whose
+    // upload is held is killed once half are (both at work meanwhile, its held copy's
+    // message answered only after the survivor took the key over).
+    let mut answered = std::collections::HashSet::new();
+    let mut outputs = Vec::new();
     let mut killed = false;
     let deadline = std::time::Instant::now() + 3 * WAIT;
-    while answers.len() < FILES || answers.values().any(|a| a.len() < 2) {
+    while answered.len() < inputs.len() {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         let d = next_within(&mut out, left).await.unwrap_or_else(|| {
             panic!(
-                "every message answered: {} of {FILES} files, {seen} outputs",
-                answers.len()
+                "every message answered: {} of {}",
+                answered.len(),
+                inputs.len()
             )
         });
-        let v: serde_json::Value = serde_json::from_slice(&d.data).expect("json output");
-        let path = v["original_file_path"]
-            .as_str()
-            .expect("a path")
-            .to_string();
-        answers.entry(path).or_default().push(v);
-        seen += 1;
-        if !killed && seen >= FILES / 2 {
-            replicas[0].kill();
+        let by = framework::testing::header(&d, framework::headers::IN_RESPONSE_TO)
+            .expect("an output answers its input");
+        assert!(inputs.contains(&by), "answers one of the inputs: {by}");
+        answered.insert(by);
+        outputs.push(serde_json::from_slice::<serde_json::Value>(&d.data).expect("json"));
+        if !killed && answered.len() >= inputs.len() / 2 {
+            doomed.kill();
             killed = true;
         }
     }
-    let code = replicas[1].terminate(WAIT).and_then(|s| s.code());
+    let code = survivor.terminate(WAIT).and_then(|s| s.code());
     assert_eq!(code, Some(0), "the survivor drained and exited cleanly");
-    for (dir, name, body) in &files {
-        let path = format!("{dir}/{name}");
-        let key = format!("pre/pair/{name}");
-        let sum = hex::encode(sha2::Sha256::digest(body));
-        for v in &answers[&path] {
-            assert_eq!(v["archive_key"], key.as_str(), "at its own key: {v}");
-            assert_eq!(v["checksum"], sum.as_str(), "{v}");
-        }
+    let expected: std::collections::HashMap<String, (String, String)> = files
+        .iter()
+        .map(|(dir, name, body)| {
+            (
+                format!("{dir}/{name}"),
+                (
+                    format!("pre/pair/{name}"),
+                    hex::encode(sha2::Sha256::digest(body)),
+                ),
+            )
+        })
+        .collect();
+    for v in &outputs {
+        let path = v["original_file_path"].as_str().expect("a path");
+        let (key, sum) = &expected[path];
+        assert_eq!(v["archive_key"], key.as_str(), "at its own key: {v}");
+        assert_eq!(v["checksum"], sum.as_str(), "{v}");
     }
-    let opts = moto.store_options();
-    let tier = storage::store::open(&format!("s3://{bucket}/pre"), &opts).expect("tier");
-    let prefix = object_store::path::Path::from("pre");
+    let tier =
+        storage::store::open(&format!("s3://{bucket}/pre"), &moto.store_options()).expect("tier");
     let objects: Vec<_> = tier
         .store
-        .list(Some(&prefix))
+        .list(Some(&object_store::path::Path::from("pre")))
         .try_collect()
         .await
         .expect("list the bucket");
     assert_eq!(objects.len(), FILES, "one object per file: {objects:?}");
-    for (_, name, body) in &files {
-        let key = tier.key(&format!("pair/{name}"));
-        let got = storage::copy::hash_object(&tier, &key, storage::Algorithm::Sha256)
-            .await
-            .expect("read back")
-            .expect("stored");
-        assert_eq!(
-            got.checksum,
-            hex::encode(sha2::Sha256::digest(body)),
-            "{key}"
-        );
+    for (key, sum) in expected.values() {
+        let got = storage::copy::hash_object(
+            &tier,
+            &storage::store::object_path(key),
+            storage::Algorithm::Sha256,
+        )
+        .await
+        .expect("read back")
+        .expect("stored");
+        assert_eq!(&got.checksum, sum, "{key}");
     }
     let records = storage::Records::open(&pg.url).await.expect("records");
     assert_eq!(
@@ -462,6 +464,8 @@ async fn kill_9_of_one_of_two_replicas_on_s3_and_postgres_archives_each_file_onc
         "nothing dead-lettered"
     );
     println!(
-        "| kill -9 of one of 2 replicas on S3 (moto) + PostgreSQL, {FILES} files each sent twice, online-archive | {seen} outputs | one object and one record per file |"
+        "| kill -9 of one of 2 replicas on S3 (moto) + PostgreSQL mid-upload, {FILES} files each sent twice, online-archive | {} inputs | {} outputs | one object and one record per file |",
+        inputs.len(),
+        outputs.len()
     );
 }

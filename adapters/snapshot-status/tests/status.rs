@@ -835,13 +835,7 @@ async fn messages_sent_again_for_an_input_without_an_id_keep_their_ids() {
     let c = "corr-no-id";
     env.process(&msg(c, "db.a", json!({"files_exported": 1})))
         .await;
-    let id = |d: &framework::lapin::message::Delivery| {
-        d.properties
-            .message_id()
-            .as_ref()
-            .map(|m| m.to_string())
-            .expect("an output has a message id")
-    };
+    let id = framework::testing::message_id;
     let bare = BasicProperties::default();
     env.send(&file(c, "db.a", "f1")).await;
     next(&mut env.out).await;

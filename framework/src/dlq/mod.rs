@@ -1133,6 +1133,9 @@ async fn replay_each_told(
                     bounded(t, "basic.ack", d.acker.ack(BasicAckOptions::default())).await,
                     Ok(true)
                 ) {
+                    // The ack may have landed: a give-back naming its tag would close the
+                    // channel; it returns as the channel closes, if it is still there.
+                    last_fetched = held.last;
                     return Err(DlqError::NotRemoved(info.message_id));
                 }
                 // Removed: a failure from here on gives back only what is held (a nack
