@@ -199,6 +199,31 @@ async fn escapes_and_missing_files_are_dead_lettered() {
     hs.stop().await;
 }
 
+/// The default online root is the service's own directory, made by it: while it is empty
+/// a missing file is missing (dead-lettered at once), not an unmounted share's outage
+/// retried for up to a day as a configured root's would be.
+#[tokio::test]
+async fn a_missing_file_under_the_empty_default_root_is_dead_lettered() {
+    let data = tempfile::tempdir().unwrap();
+    let mut hs =
+        Harness::start_service::<OnlineArchive>(service_config::<OnlineArchive>(data.path(), &[]))
+            .await;
+    let mut dlq = hs.watch_dlq().await;
+    let online = data.path().join("online");
+    assert_eq!(std::fs::read_dir(&online).unwrap().count(), 0, "made empty");
+    let msg = sweeper_message(
+        &online.join("proj").display().to_string(),
+        "gone.mov",
+        false,
+    );
+    send(&hs, &msg).await;
+    let d = next(&mut dlq).await;
+    assert_eq!(header(&d, h::ERROR_KIND).as_deref(), Some("permanent"));
+    let e = header(&d, h::ERROR).unwrap_or_default();
+    assert!(e.contains("does not exist"), "{e}");
+    hs.stop().await;
+}
+
 #[tokio::test]
 async fn ignored_files_are_recorded_and_dropped() {
     let data = tempfile::tempdir().unwrap();

@@ -84,6 +84,11 @@ pub struct Root {
     /// The device it was on at start (`st_dev`): a root gone since, whose nearest
     /// directory still there is on another device, went with the filesystem it was on.
     pub device: u64,
+    /// Whether it may be a share's mount point, left empty while the share is not mounted:
+    /// a configured root. The default root under `data_dir` is this machine's own
+    /// directory, made by the service: empty, it holds no file, and a missing file is
+    /// missing (dead-lettered), not an outage retried for a day.
+    pub share: bool,
 }
 
 /// A file inside a root, opened once beneath it.
@@ -139,6 +144,7 @@ pub fn open_roots(roots: &[PathBuf], create: bool) -> Result<Vec<Root>, RootErro
                 configured: normalize(&abs),
                 canonical,
                 device: std::os::unix::fs::MetadataExt::dev(&meta),
+                share: true,
             })
         })
         .collect()
@@ -361,10 +367,11 @@ pub fn may_be_unmounted(root: &Root) -> bool {
     };
     let gone = |e: &std::io::Error| matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR));
     match std::fs::read_dir(&root.canonical) {
-        Ok(mut entries) => return entries.next().is_none(),
+        Ok(mut entries) => return root.share && entries.next().is_none(),
         // A root that may not be listed (EACCES) says the file is missing as well as any
         // other.
         Err(e) if !gone(&e) => return passing(&e),
+        Err(_) if !root.share => return false,
         Err(_) => {}
     }
     for d in root.canonical.ancestors().skip(1) {

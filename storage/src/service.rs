@@ -292,7 +292,10 @@ impl TierProcessor {
         // Only the default root is created: a configured one that is missing (an
         // unmounted share) must stop the service, not be replaced by an empty directory.
         let (roots, default) = setup.roots(data_dir);
-        let roots = crate::paths::open_roots(&roots, default)?;
+        let mut roots = crate::paths::open_roots(&roots, default)?;
+        for r in roots.iter_mut() {
+            r.share = !default;
+        }
         let tier = match &setup.store_url {
             Some(u) => store::open(u, &setup.store_options)?,
             None => store::local(&data_dir.join(default_store_dir))?,

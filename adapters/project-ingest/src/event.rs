@@ -266,17 +266,26 @@ pub fn normalize_time(s: &str) -> Option<String> {
 /// the year 5000, which no producer means.
 pub(crate) const FINER_UNIT_FROM: i64 = 100_000_000_000;
 
-/// [`normalize_time`] of a producer's time, which may come without an offset — Python's
-/// `isoformat()` of a naive datetime (`2018-08-01T12:21:12.532000`), as a Pluto whose
-/// datetimes are naive writes them — read as UTC: refused, every event of such a producer
-/// was a dead letter, where the original Lambda passed the text on unread.
+/// [`normalize_time`] of a producer's time, which may come with an offset without its
+/// colon — Java's and Joda's `yyyy-MM-dd'T'HH:mm:ss.SSSZ` (`2017-04-24T17:20:11.503+0000`),
+/// as Pluto's project service before pluto-core wrote `created` — or without an offset —
+/// Python's `isoformat()` of a naive datetime (`2018-08-01T12:21:12.532000`), as a Pluto
+/// whose datetimes are naive writes them — read as UTC: refused, every event of such a
+/// producer was a dead letter, where the original Lambda passed the text on unread.
 fn producer_time(s: &str) -> Option<String> {
-    normalize_time(s).or_else(|| {
-        ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"]
-            .into_iter()
-            .find_map(|f| chrono::NaiveDateTime::parse_from_str(s, f).ok())
-            .and_then(|t| time_key(t.and_utc()))
-    })
+    normalize_time(s)
+        .or_else(|| {
+            ["%Y-%m-%dT%H:%M:%S%.f%z", "%Y-%m-%d %H:%M:%S%.f%z"]
+                .into_iter()
+                .find_map(|f| chrono::DateTime::parse_from_str(s, f).ok())
+                .and_then(|t| time_key(t.with_timezone(&chrono::Utc)))
+        })
+        .or_else(|| {
+            ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"]
+                .into_iter()
+                .find_map(|f| chrono::NaiveDateTime::parse_from_str(s, f).ok())
+                .and_then(|t| time_key(t.and_utc()))
+        })
 }
 
 fn time_field(o: &Map<String, Value>, f: &str) -> Result<(String, String), FieldError> {
@@ -964,6 +973,37 @@ mod tests {
             assert_eq!(e.version.as_deref(), Some(key), "{created}");
         }
         for bad in ["2018-08-01", "2018-08-01T25:00:00", "yesterday"] {
+            let mut p = project();
+            p["created"] = json!(bad);
+            let e = parse_project(&p, None).expect_err(bad);
+            assert!(e.to_string().contains("field `created`"), "{e}");
+        }
+    }
+
+    /// A time whose offset has no colon (Java's and Joda's `…SSSZ`: `+0000`) is read at
+    /// that offset, not refused.
+    #[test]
+    fn a_producer_time_with_an_offset_without_its_colon_is_read() {
+        for (created, key) in [
+            (
+                "2017-04-24T17:20:11.503+0000",
+                "2017-04-24T17:20:11.503000Z",
+            ),
+            (
+                "2017-04-24T18:20:11.503+0100",
+                "2017-04-24T17:20:11.503000Z",
+            ),
+            ("2017-04-24T15:50:11-0130", "2017-04-24T17:20:11.000000Z"),
+            ("2017-04-24 17:20:11.5+0000", "2017-04-24T17:20:11.500000Z"),
+        ] {
+            let mut p = project();
+            p["created"] = json!(created);
+            let Parsed::Project(e) = parse_project(&p, None).expect(created) else {
+                panic!()
+            };
+            assert_eq!(e.version.as_deref(), Some(key), "{created}");
+        }
+        for bad in ["2017-04-24T17:20:11+2500", "2017-04-24T17:20:11+00000"] {
             let mut p = project();
             p["created"] = json!(bad);
             let e = parse_project(&p, None).expect_err(bad);
