@@ -86,6 +86,7 @@ impl Planner {
                         of,
                     ),
                     mandatory: false,
+                    broker_adds: 0,
                 });
                 for x in extra {
                     let of = OutputOf::Publication {
@@ -104,6 +105,7 @@ impl Planner {
                         routing_key: x.routing_key,
                         body: x.body,
                         mandatory: x.mandatory,
+                        broker_adds: 0,
                     });
                 }
                 // Debug, not info: a line per message is the log's (and the CPU's) biggest
@@ -261,6 +263,7 @@ impl Planner {
             body: body.to_vec(),
             properties: props,
             mandatory: true,
+            broker_adds: crate::headers::DEAD_LETTERING_ROOM,
         }
     }
 

@@ -129,7 +129,8 @@ pub enum PublishError {
     /// broker would close the whole connection over it. Nothing was published.
     #[error(
         "the message to exchange `{exchange}` has {bytes} bytes of properties and headers, \
-         more than one frame of the connection carries ({frame_max} bytes); nothing published"
+         more than one frame of the connection carries ({frame_max} bytes){}; nothing published",
+        if *kept > 0 { format!(" less the {kept} kept for the headers the broker adds on its way back") } else { String::new() }
     )]
     TooLarge {
         /// Destination exchange.
@@ -138,6 +139,9 @@ pub enum PublishError {
         bytes: usize,
         /// The connection's negotiated frame size.
         frame_max: usize,
+        /// Bytes kept free for headers the broker adds before it is delivered again
+        /// ([`Outgoing::broker_adds`]).
+        kept: usize,
     },
     /// The broker refused the body for its size (larger than its `max_message_size`) and
     /// closed the channel: nothing was published, and no retry will make it fit.
@@ -246,6 +250,11 @@ pub struct Outgoing {
     pub properties: BasicProperties,
     /// Must reach a queue (retry and dead letters).
     pub mandatory: bool,
+    /// Bytes of headers the broker adds before the message is delivered again (a retry
+    /// tier's `x-death` on its way back to the queue), kept free in its frame: a retry
+    /// that fitted by less came back larger than a frame, and the client closed the
+    /// connection over it — every handler's, at every redelivery.
+    pub broker_adds: usize,
 }
 
 /// The delivery a service's own messages answer: what their properties and dead letters
@@ -360,6 +369,7 @@ impl Publisher {
             body: p.body,
             properties,
             mandatory: p.mandatory,
+            broker_adds: 0,
         }])
         .await
         .map_err(|e| e.sized(&exchange, bytes))
@@ -388,6 +398,7 @@ impl Publisher {
             body,
             properties: env.properties(attempts, kind, error),
             mandatory: true,
+            broker_adds: 0,
         }
     }
 
@@ -559,11 +570,12 @@ async fn publish_and_confirm(
     // connection on a frame over its frame_max (every handler of the session with it).
     for o in &msgs {
         let bytes = header_frame_len(&o.properties);
-        if bytes > frame_max {
+        if bytes.saturating_add(o.broker_adds) > frame_max {
             return Err(PublishError::TooLarge {
                 exchange: o.exchange.clone(),
                 bytes,
                 frame_max,
+                kept: o.broker_adds,
             });
         }
     }

@@ -112,6 +112,7 @@ fn refused(e: &PublishError) -> bool {
 /// framework's own headers (errors of up to 1 KiB each, original names, trace), the
 /// properties, and the `x-death` entries the broker adds on the way through the tiers.
 const HEADER_HEADROOM: usize = 16 * 1024;
+const _: () = assert!(HEADER_HEADROOM >= 3 * h::DEAD_LETTERING_ROOM);
 
 /// The most header bytes an input may carry to be handled: with more, its retry or dead
 /// letter would not fit in one frame of `frame_max`.
@@ -1236,6 +1237,31 @@ fn incoming(d: &Delivery, queue: &str) -> Incoming {
                     && !(keep_origin
                         && [h::ORIGINAL_EXCHANGE, h::ORIGINAL_ROUTING_KEY].contains(&k)))
         });
+    }
+    if came_back {
+        // Back through the default exchange to `Q`: a retry from its tier or a replay, which
+        // carry no dead letter's error headers (a retry writes only its last error, a
+        // replay strips them) — or a publish to "" / a shovel of a dead letter, which may.
+        // Not carried on: they are left out of the header budget as a retry's own, and one
+        // near a frame made the retry come back over it (the connection closed at every
+        // redelivery); a broker's dead letter of that retry was listed with their kind
+        // and time. The counts go on as the numbers they read as, not as the text they
+        // came in (`"000…0"` is 0, and as long as a frame).
+        let dead_letters = [h::ERROR, h::ERROR_KIND, h::FAILED_AT, h::SERVICE];
+        if dead_letters
+            .iter()
+            .any(|k| headers.inner().contains_key(*k))
+        {
+            headers = h::without(&headers, &dead_letters);
+        }
+        for k in [h::RETRY_COUNT, h::PROGRESS_ATTEMPTS, h::OUTAGE_SINCE] {
+            if headers.inner().contains_key(k) {
+                match h::get_int(&headers, k) {
+                    Some(v) => h::set_int(&mut headers, k, v),
+                    None => headers = h::without(&headers, &[k]),
+                }
+            }
+        }
     }
     let attempt = h::get_int(&headers, h::RETRY_COUNT)
         .unwrap_or(0)

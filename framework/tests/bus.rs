@@ -1580,6 +1580,7 @@ async fn concurrent_publishes_on_one_channel_are_each_confirmed_by_their_own() {
                         body,
                         properties: BasicProperties::default(),
                         mandatory: false,
+                        broker_adds: 0,
                     };
                     let r = publish_confirmed_in_order(
                         &ch,
@@ -2716,6 +2717,99 @@ async fn headers_that_leave_no_room_for_a_retry_never_cost_the_session() {
         .await;
     assert_eq!(next(&mut out).await.data, br#"{"n":1}"#);
     assert_eq!(*sessions.borrow(), first_session, "no reconnect");
+    hs.stop().await;
+}
+
+/// A retry that fits in a frame by less than what the broker adds as its tier hands it
+/// back (`x-death`) came back larger than a frame, and the client closed the connection
+/// over it — every handler's, at every redelivery. Retries whose processor headers bring
+/// them ever nearer the frame: each comes back (and, its headers now over the input
+/// budget, is dead-lettered without them) or, with too little room left for the way back,
+/// is dead-lettered bare at once; the session lives through all of them.
+#[tokio::test]
+async fn a_retry_that_would_come_back_over_a_frame_never_costs_the_session() {
+    let calls: Calls = Arc::default();
+    let p = recording(&calls, |v, ctx| {
+        let pad = v["pad"].as_u64().unwrap_or(0) as usize;
+        ctx.set_retry_header("x-progress-of-sorts", &"y".repeat(pad));
+        Outcome::retry("e")
+    });
+    let mut hs = Harness::start("frameback", &[("retry.delays_ms", "[100]")], p).await;
+    let mut dlq = hs.watch_dlq().await;
+    let sessions = hs.status.sessions();
+    let first_session = *sessions.borrow();
+    // 128 KiB less 0.1 to 6 KiB: the window x-death falls in (about 0.3 to 0.5 KiB
+    // under a frame with the names here) is crossed whatever the framework's own headers
+    // take.
+    let (mut bare, mut came_back) = (Vec::new(), Vec::new());
+    for short_by in (100..=6000).step_by(100) {
+        let body = json!({"pad": 131_072 - short_by}).to_string();
+        hs.publish("test.back", body.as_bytes(), BasicProperties::default())
+            .await;
+        let d = next(&mut dlq).await;
+        assert_eq!(d.data, body.as_bytes());
+        assert_eq!(header(&d, "x-progress-of-sorts"), None, "without them");
+        let e = header(&d, h::ERROR).unwrap_or_default();
+        if e.contains("could not publish the retry outcome") {
+            assert!(e.contains("kept for the headers the broker adds"), "{e}");
+            bare.push(short_by);
+        } else {
+            assert!(e.contains("the message's headers take"), "{short_by}: {e}");
+            came_back.push(short_by);
+        }
+    }
+    assert!(
+        !bare.is_empty() && !came_back.is_empty(),
+        "{bare:?} {came_back:?}"
+    );
+    assert!(
+        bare.iter().max() < came_back.iter().min(),
+        "only those nearest the frame are dead-lettered at once: {bare:?} {came_back:?}"
+    );
+    assert_eq!(*sessions.borrow(), first_session, "no reconnect");
+    hs.stop().await;
+}
+
+/// A dead letter's error headers on a message sent back to `Q` through the default
+/// exchange (a publish to "", a shovel of a dead letter) are not carried onto its retry:
+/// left out of the header budget as a retry's own, one near a frame made every retry of
+/// the message too large to publish, and it was dead-lettered at its first failure.
+#[tokio::test]
+async fn a_dead_letters_error_headers_sent_back_to_the_queue_are_not_carried_on() {
+    let calls: Calls = Arc::default();
+    let p = recording(&calls, |v, ctx| {
+        if ctx.attempt < 2 {
+            Outcome::retry("e")
+        } else {
+            Outcome::success(v.clone())
+        }
+    });
+    let mut hs = Harness::start("frameforged", &[("retry.delays_ms", "[100]")], p).await;
+    let mut out = hs.watch_output().await;
+    let mut forged = FieldTable::default();
+    h::set_str(&mut forged, h::ERROR, &"e".repeat(128_500));
+    h::set_str(&mut forged, h::ERROR_KIND, h::KIND_PERMANENT);
+    h::set_str(&mut forged, h::FAILED_AT, "2020-01-01T00:00:00Z");
+    h::set_str(&mut forged, h::PROGRESS_ATTEMPTS, &"0".repeat(500));
+    hs.publish_retried(
+        "test.forged",
+        br#"{"n":1}"#,
+        BasicProperties::default().with_headers(forged),
+        1,
+    )
+    .await;
+    assert_eq!(
+        next(&mut out).await.data,
+        br#"{"n":1}"#,
+        "retried, then handled"
+    );
+    let seen = calls.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "attempts 1 and 2");
+    for (_, ctx) in &seen {
+        for k in [h::ERROR, h::ERROR_KIND, h::FAILED_AT] {
+            assert!(!ctx.headers.inner().contains_key(k), "{k} not carried");
+        }
+    }
     hs.stop().await;
 }
 

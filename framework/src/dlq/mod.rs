@@ -1096,6 +1096,7 @@ async fn replay_each_told(
                         body: d.data.clone(),
                         properties: crate::publisher::republished(&d.properties, hdr),
                         mandatory: true,
+                        broker_adds: 0,
                     }],
                     &alarm,
                     topo.operation_timeout,
