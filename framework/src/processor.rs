@@ -212,6 +212,18 @@ pub(crate) struct RetryNotes {
 }
 
 impl MessageContext {
+    /// Awaits `wait`, a wait of the handler's own (a backoff before it tries again, an
+    /// outage waited out), as a handler not at work: where the session's broker node is cut
+    /// off from its cluster (the queue's messages going to other consumers meanwhile), a
+    /// session whose handlers all only wait is ended as an idle one is (and `cancelled`
+    /// completes), not kept until the wait is over. Outside a runtime, only `wait`.
+    pub async fn waiting<T>(&self, wait: impl std::future::Future<Output = T>) -> T {
+        match &self.confirming {
+            Some(c) => c.waiting(wait).await,
+            None => wait.await,
+        }
+    }
+
     /// A context for calling a processor directly in unit tests (publishing unavailable).
     pub fn for_test(exchange: &str, routing_key: &str, attempt: u32) -> Self {
         Self {

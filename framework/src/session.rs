@@ -133,6 +133,8 @@ struct SessionTasks {
     force: CancellationToken,
     /// How many such confirms its handlers await.
     confirming: Arc<AtomicUsize>,
+    /// How many of its handlers only wait ([`MessageContext::waiting`]).
+    waiting: Arc<AtomicUsize>,
     /// When `kill` comes, once the session is ending ([`MessageContext::time_left`]).
     stops_at: Arc<std::sync::OnceLock<Instant>>,
 }
@@ -145,6 +147,7 @@ impl SessionTasks {
             kill: CancellationToken::new(),
             force: CancellationToken::new(),
             confirming: Arc::default(),
+            waiting: Arc::default(),
             stops_at: Arc::default(),
         }
     }
@@ -155,6 +158,7 @@ impl SessionTasks {
             on: AtomicUsize::new(0),
             done: tokio::sync::Notify::new(),
             session: self.confirming.clone(),
+            waiting: self.waiting.clone(),
         }
     }
 
@@ -283,6 +287,8 @@ pub(crate) struct Confirming {
     done: tokio::sync::Notify,
     /// The session's count of confirms awaited.
     session: Arc<AtomicUsize>,
+    /// The session's count of handlers only waiting ([`Confirming::waiting`]).
+    waiting: Arc<AtomicUsize>,
 }
 
 impl Confirming {
@@ -304,6 +310,21 @@ impl Confirming {
         self.session.fetch_add(1, Ordering::SeqCst);
         let _clear = Clear(self);
         publish.await
+    }
+
+    /// Runs `wait`, a wait of the handler's own, counted as the session's handler not at
+    /// work (see [`MessageContext::waiting`]).
+    pub(crate) async fn waiting<T>(&self, wait: impl std::future::Future<Output = T>) -> T {
+        /// Clears the count however the wait ends (done, or dropped with its handler).
+        struct Clear<'a>(&'a AtomicUsize);
+        impl Drop for Clear<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let _clear = Clear(&self.waiting);
+        wait.await
     }
 
     /// Completes once no confirm is awaited.
@@ -457,6 +478,7 @@ pub(crate) async fn session<P: MessageProcessor>(
                 cut_off: cut_off.clone(),
                 activity: activity.clone(),
                 confirming: handlers.confirming.clone(),
+                waiting: handlers.waiting.clone(),
                 handlers: inner.amqp.effective_concurrency(),
             }),
         ));
@@ -745,16 +767,21 @@ async fn watch_queue_depths(
         // RabbitMQ answers a look with no leader also where the leader is only slow (a
         // quarter second): a session still taking deliveries is not taken for cut off,
         // nor one whose handlers are all at work (it takes none then, cut off or not). A
-        // handler awaiting a confirm is not at work: on a node cut off, none comes.
+        // handler awaiting a confirm is not at work: on a node cut off, none comes. Nor is
+        // one only waiting (an ordered event-forwarder's backoff between tries in place,
+        // an outage waited out): counted at work, a cut-off replica kept its one event —
+        // posting it beside the replica the majority gave it to — until the wait ended,
+        // up to ten minutes.
         let (taken, idle) = cut_off.as_ref().map_or((0, false), |w| {
             let running = w
                 .activity
                 .running
                 .load(std::sync::atomic::Ordering::Relaxed);
             let confirming = w.confirming.load(std::sync::atomic::Ordering::SeqCst);
+            let waiting = w.waiting.load(std::sync::atomic::Ordering::SeqCst);
             (
                 w.activity.taken.load(std::sync::atomic::Ordering::Relaxed),
-                running.saturating_sub(confirming) < w.handlers,
+                running.saturating_sub(confirming).saturating_sub(waiting) < w.handlers,
             )
         });
         let delivering = std::mem::replace(&mut taken_before, taken) != taken;
@@ -794,6 +821,8 @@ struct Watched {
     activity: Arc<Activity>,
     /// The session's confirms awaited ([`SessionTasks`]).
     confirming: Arc<AtomicUsize>,
+    /// The session's handlers only waiting ([`SessionTasks`]).
+    waiting: Arc<AtomicUsize>,
     /// `[amqp]`'s effective concurrency.
     handlers: usize,
 }

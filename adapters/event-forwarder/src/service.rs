@@ -397,7 +397,9 @@ impl EventForwarder {
                     }
                     tracing::warn!(error = %framework::telemetry::LogText(&e.to_string()), attempt, retry_in_ms = delay, "retrying in place");
                     tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_millis(delay)) => {}
+                        // Only waiting: on a broker node cut off from its cluster the
+                        // session ends meanwhile (the event is the majority's to give).
+                        _ = ctx.waiting(tokio::time::sleep(Duration::from_millis(delay))) => {}
                         _ = ctx.cancelled() => {
                             return Posted::Interrupted(format!(
                                 "shutting down during an in-place retry: {e}"
@@ -465,7 +467,7 @@ impl EventForwarder {
             "handing the event back in its place after a wait"
         );
         tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
+            _ = ctx.waiting(tokio::time::sleep(wait)) => {}
             _ = ctx.cancelled() => {}
         }
         let mut state = self.outage();
