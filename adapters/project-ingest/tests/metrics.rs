@@ -102,7 +102,15 @@ async fn each_record_is_counted_once_and_every_result_from_the_start() {
         framework::lapin::types::AMQPValue::LongString("reject-publish".into()),
     );
     hs.ch
-        .queue_declare(full.as_str().into(), Default::default(), args)
+        .queue_declare(
+            full.as_str().into(),
+            // Durable: RabbitMQ 4.x deprecates transient queues that are not exclusive.
+            framework::lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
         .await
         .expect("a full queue");
     hs.ch
