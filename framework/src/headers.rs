@@ -84,9 +84,10 @@ pub const BROKER_OWNED: &[&str] = &[
 /// Room a retry keeps free in its frame for what the broker adds as its tier hands it
 /// back ([`BROKER_OWNED`]): one `x-death` entry (the retry carries none of the input's)
 /// and the `x-first-death-*` and (4.x) `x-last-death-*` headers, each naming a queue, an
-/// exchange and a routing key of up to 255 bytes — about 2 KiB at most, 0.5 KiB for
-/// names of usual length.
-pub const DEAD_LETTERING_ROOM: usize = 4 * 1024;
+/// exchange and a routing key of up to 255 bytes — about 2.1 KiB at most, 0.5 KiB for
+/// names of usual length — and a delivery count. An eighth of the frame at most (a
+/// small `frame_max` has room for little beside the input's headers).
+pub const DEAD_LETTERING_ROOM: usize = 3 * 1024;
 
 /// The error headers of a dead letter (and a retry's last error).
 pub(crate) const ERROR_HEADERS: &[&str] = &[LAST_ERROR, ERROR, ERROR_KIND, FAILED_AT, SERVICE];

@@ -216,7 +216,8 @@ impl MessageContext {
     /// outage waited out), as a handler not at work: where the session's broker node is cut
     /// off from its cluster (the queue's messages going to other consumers meanwhile), a
     /// session whose handlers all only wait is ended as an idle one is (and `cancelled`
-    /// completes), not kept until the wait is over. Outside a runtime, only `wait`.
+    /// completes), not kept until the wait is over. In a context for tests
+    /// ([`MessageContext::for_test`]), only `wait`.
     pub async fn waiting<T>(&self, wait: impl std::future::Future<Output = T>) -> T {
         match &self.confirming {
             Some(c) => c.waiting(wait).await,

@@ -251,9 +251,9 @@ pub struct Outgoing {
     /// Must reach a queue (retry and dead letters).
     pub mandatory: bool,
     /// Bytes of headers the broker adds before the message is delivered again (a retry
-    /// tier's `x-death` on its way back to the queue), kept free in its frame: a retry
-    /// that fitted by less came back larger than a frame, and the client closed the
-    /// connection over it — every handler's, at every redelivery.
+    /// tier's `x-death` on its way back to the queue), kept free in its frame (an eighth
+    /// of it at most): a retry that fitted by less came back larger than a frame, and the
+    /// client closed the connection over it — every handler's, at every redelivery.
     pub broker_adds: usize,
 }
 
@@ -570,12 +570,13 @@ async fn publish_and_confirm(
     // connection on a frame over its frame_max (every handler of the session with it).
     for o in &msgs {
         let bytes = header_frame_len(&o.properties);
-        if bytes.saturating_add(o.broker_adds) > frame_max {
+        let kept = o.broker_adds.min(frame_max / 8);
+        if bytes.saturating_add(kept) > frame_max {
             return Err(PublishError::TooLarge {
                 exchange: o.exchange.clone(),
                 bytes,
                 frame_max,
-                kept: o.broker_adds,
+                kept,
             });
         }
     }

@@ -112,7 +112,7 @@ fn refused(e: &PublishError) -> bool {
 /// framework's own headers (errors of up to 1 KiB each, original names, trace), the
 /// properties, and the `x-death` entries the broker adds on the way through the tiers.
 const HEADER_HEADROOM: usize = 16 * 1024;
-const _: () = assert!(HEADER_HEADROOM >= 3 * h::DEAD_LETTERING_ROOM);
+const _: () = assert!(HEADER_HEADROOM >= 4 * h::DEAD_LETTERING_ROOM);
 
 /// The most header bytes an input may carry to be handled: with more, its retry or dead
 /// letter would not fit in one frame of `frame_max`.

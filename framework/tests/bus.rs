@@ -2809,6 +2809,14 @@ async fn a_dead_letters_error_headers_sent_back_to_the_queue_are_not_carried_on(
         for k in [h::ERROR, h::ERROR_KIND, h::FAILED_AT] {
             assert!(!ctx.headers.inner().contains_key(k), "{k} not carried");
         }
+        assert!(
+            matches!(
+                ctx.headers.inner().get(h::PROGRESS_ATTEMPTS),
+                Some(AMQPValue::LongLongInt(0))
+            ),
+            "the count as the number it read as: {:?}",
+            ctx.headers.inner().get(h::PROGRESS_ATTEMPTS)
+        );
     }
     hs.stop().await;
 }

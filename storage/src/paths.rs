@@ -87,7 +87,8 @@ pub struct Root {
     /// Whether it may be a share's mount point, left empty while the share is not mounted:
     /// a configured root. The default root under `data_dir` is this machine's own
     /// directory, made by the service: empty, it holds no file, and a missing file is
-    /// missing (dead-lettered), not an outage retried for a day.
+    /// missing (dead-lettered), not an outage retried for a day (gone, it is still taken
+    /// for away with its filesystem).
     pub share: bool,
 }
 
@@ -371,7 +372,8 @@ pub fn may_be_unmounted(root: &Root) -> bool {
         // A root that may not be listed (EACCES) says the file is missing as well as any
         // other.
         Err(e) if !gone(&e) => return passing(&e),
-        Err(_) if !root.share => return false,
+        // Gone, the default root too may have gone with the filesystem it was on (a
+        // volume mounted at `data_dir`).
         Err(_) => {}
     }
     for d in root.canonical.ancestors().skip(1) {

@@ -16,14 +16,15 @@ async fn posts(server: &MockServer) -> usize {
 
 /// An ordered event-forwarder whose endpoint keeps failing waits between its tries of the
 /// one event it holds (in place, up to a third of the consumer timeout: ten minutes). On a
-/// node cut off from its cluster (RabbitMQ 4.3 keeps its clients connected whatever
-/// `cluster_partition_handling` says; 3.x pauses the minority and closes them) that wait
+/// node cut off from its cluster (as the private clusters here are set, with the default
+/// `cluster_partition_handling`, and on RabbitMQ 4.3 whatever it says, the node keeps its
+/// clients connected) that wait
 /// counted as work: the queue watcher, which ends a session finding its queue without a
 /// leader for 30 s only where some handler is idle, kept the replica there — posting its
 /// event beside the replica the majority gave it to — until the wait ended. A handler
 /// only waiting is not at work: the replica finds itself cut off, moves to another node,
-/// and posts the event from there. (RabbitMQ 3.x closes a paused minority's connections
-/// itself, and there this holds without the watcher.)
+/// and posts the event from there. (With `pause_minority`, RabbitMQ 3.x closes a paused
+/// minority's connections itself, and there this holds without the watcher.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ordered_replica_waiting_between_tries_on_a_cut_off_node_moves_to_another() {
     let server = MockServer::start().await;
