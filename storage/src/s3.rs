@@ -169,13 +169,7 @@ impl S3Native {
                     if resp.status().is_server_error()
                         || resp.status() == reqwest::StatusCode::TOO_MANY_REQUESTS =>
                 {
-                    Some(
-                        resp.headers()
-                            .get(reqwest::header::RETRY_AFTER)
-                            .and_then(|v| v.to_str().ok())
-                            .and_then(|v| v.trim().parse::<u64>().ok())
-                            .map(std::time::Duration::from_secs),
-                    )
+                    Some(retry_after(resp))
                 }
                 Err(S3Error::Http(..)) if safe => Some(None),
                 _ => None,
@@ -352,13 +346,18 @@ impl S3Native {
         let url = self.url(key, &format!("uploadId={id}"));
         let headers = [("if-none-match".to_string(), "*".to_string())];
         let body = bytes::Bytes::from(xml);
+        // As many as another request gets (`max_retries`), paced as the store asks: a store
+        // throttling (503 SlowDown, 429) was given three tries in a second, and the copy
+        // then retried whole — the source read and hashed again to come back here.
+        let attempts = COMPLETE_ATTEMPTS.max(self.retries.saturating_add(1));
+        let mut asked = None;
         let mut attempt = 0;
         loop {
             if attempt > 0 {
-                tokio::time::sleep(pause(attempt, None)).await;
+                tokio::time::sleep(pause(attempt, asked.take())).await;
             }
             attempt += 1;
-            let last = attempt >= COMPLETE_ATTEMPTS;
+            let last = attempt >= attempts;
             let r = match self
                 .send(
                     WHAT,
@@ -375,6 +374,7 @@ impl S3Native {
                 Err(e) => return Err(e),
             };
             let status = r.status();
+            asked = retry_after(&r);
             let text = match body_text(WHAT, r).await {
                 Ok(t) => t,
                 Err(S3Error::Http(..)) if !last => continue,
@@ -394,7 +394,10 @@ impl S3Native {
             if !failed {
                 return Ok(());
             }
-            if last || !(status.is_server_error() || status.is_success()) {
+            let again = status.is_server_error()
+                || status.is_success()
+                || status == reqwest::StatusCode::TOO_MANY_REQUESTS;
+            if last || !again {
                 return Err(S3Error::Status(WHAT, status.as_u16(), snippet(&text)));
             }
         }
@@ -492,6 +495,15 @@ async fn body_text(what: &'static str, mut r: reqwest::Response) -> Result<Strin
 
 /// The pause before try `attempt + 1`: what the store asked for (`Retry-After`), or 200 ms
 /// doubling; at most 20 s.
+/// The wait an answer asks for (`Retry-After` in seconds), if any.
+fn retry_after(resp: &reqwest::Response) -> Option<std::time::Duration> {
+    resp.headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(std::time::Duration::from_secs)
+}
+
 fn pause(attempt: u32, asked: Option<std::time::Duration>) -> std::time::Duration {
     let doubling = std::time::Duration::from_millis(200).saturating_mul(1 << attempt.min(10));
     asked
@@ -695,6 +707,54 @@ mod tests {
             ..Default::default()
         };
         S3Native::new(Some(&server.uri()), "b", "us-east-1", creds, &opts).expect("client")
+    }
+
+    /// A completion the store throttles (503 SlowDown, 429) is tried as often as any other
+    /// request (`max_retries`), after the wait the store asks for: it was given three
+    /// tries within a second, and the whole copy was retried, its source read again.
+    #[tokio::test]
+    async fn a_throttled_completion_is_tried_again_as_the_store_asks() {
+        use wiremock::matchers::method;
+        use wiremock::{Mock, ResponseTemplate};
+        let server = wiremock::MockServer::start().await;
+        let slow_down =
+            "<Error><Code>SlowDown</Code><Message>Reduce your request rate.</Message></Error>";
+        Mock::given(method("POST"))
+            .respond_with(
+                ResponseTemplate::new(503)
+                    .insert_header("Retry-After", "1")
+                    .set_body_string(slow_down),
+            )
+            .up_to_n_times(2)
+            .mount(&server)
+            .await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(429).insert_header("Retry-After", "1"))
+            .up_to_n_times(1)
+            .mount(&server)
+            .await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(200).set_body_string(
+                "<CompleteMultipartUploadResult><ETag>\"e-1\"</ETag></CompleteMultipartUploadResult>",
+            ))
+            .mount(&server)
+            .await;
+        let mut s3 = client_of(&server);
+        s3.retries = 3;
+        let parts = [object_store::multipart::PartId {
+            content_id: "\"p1\"".into(),
+        }];
+        let began = std::time::Instant::now();
+        s3.complete_multipart_create(&ObjectPath::from("k"), "u", &parts)
+            .await
+            .expect("completed at the fourth try");
+        let tries = server.received_requests().await.unwrap_or_default().len();
+        assert_eq!(tries, 4);
+        assert!(
+            began.elapsed() >= std::time::Duration::from_secs(3),
+            "each wait as long as asked: {:?}",
+            began.elapsed()
+        );
     }
 
     /// An endpoint (a proxy's or portal's page) answering with more than any S3 answer
