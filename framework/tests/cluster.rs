@@ -282,11 +282,7 @@ async fn a_replica_on_a_node_cut_off_from_its_cluster_moves_to_another() {
     assert!(declared.success());
     cluster.sink(&sink, &format!("{q}-out")).await;
     cluster.await_replicas_online(&[&q, &sink]).await;
-    let leader = cluster.index_of(&cluster.replicas(&q).expect("the queue exists").leader);
-    let others: Vec<String> = (0..cluster.nodes().len())
-        .filter(|&i| i != leader)
-        .map(|i| cluster.nodes()[i].url())
-        .collect();
+    let (leader, others) = cluster.leader_and_others(&q);
     let name = unique("cutoff-replica");
     let mut replica = process::spawn(
         echo(&cluster, 0, &q, dir.path(), 0)
@@ -301,14 +297,7 @@ async fn a_replica_on_a_node_cut_off_from_its_cluster_moves_to_another() {
     assert_ne!(through, leader, "the replica is given only the other nodes");
     // Consuming (not only connected) before the cut: a consumer the majority knew.
     let majority = &cluster.nodes()[leader];
-    let deadline = std::time::Instant::now() + WAIT;
-    while cluster.consumers(&q).await == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the replica consumes {q}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    cluster.await_consumer(&q).await;
     cluster.cut_off(through);
     let n = 20;
     let since = std::time::Instant::now();
@@ -322,12 +311,7 @@ async fn a_replica_on_a_node_cut_off_from_its_cluster_moves_to_another() {
         framework::testing::broker::await_outputs(majority, &sink, n, since),
     )
     .await;
-    assert!(replica.is_running(), "the replica moved without a restart");
-    let moved = cluster.node_of_connection(&name).await;
-    assert!(
-        moved != through && moved != leader,
-        "moved to the other node: {moved}"
-    );
-    let code = replica.terminate(WAIT).and_then(|s| s.code());
-    assert_eq!(code, Some(0), "the replica drained and exited cleanly");
+    cluster
+        .assert_moved(&mut replica, &name, through, leader)
+        .await;
 }

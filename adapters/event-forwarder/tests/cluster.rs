@@ -60,11 +60,7 @@ async fn an_ordered_replica_waiting_between_tries_on_a_cut_off_node_moves_to_ano
         .expect("event-forwarder runs");
     assert!(declared.success());
     cluster.await_replicas_online(&[&q]).await;
-    let leader = cluster.index_of(&cluster.replicas(&q).expect("the queue exists").leader);
-    let others: Vec<String> = (0..cluster.nodes().len())
-        .filter(|&i| i != leader)
-        .map(|i| cluster.nodes()[i].url())
-        .collect();
+    let (leader, others) = cluster.leader_and_others(&q);
     let name = unique("efcut-replica");
     let log = dir.path().join("replica.log");
     let mut replica = process::spawn(
@@ -75,11 +71,7 @@ async fn an_ordered_replica_waiting_between_tries_on_a_cut_off_node_moves_to_ano
     .expect("event-forwarder starts");
     let through = cluster.node_of_connection(&name).await;
     assert_ne!(through, leader, "the replica is given only the other nodes");
-    let deadline = Instant::now() + WAIT;
-    while cluster.consumers(&q).await == 0 {
-        assert!(Instant::now() < deadline, "the replica consumes {q}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    cluster.await_consumer(&q).await;
     let majority = &cluster.nodes()[leader];
     majority
         .preload(
@@ -106,14 +98,9 @@ async fn an_ordered_replica_waiting_between_tries_on_a_cut_off_node_moves_to_ano
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(replica.is_running(), "the replica moved without a restart");
-    let moved = cluster.node_of_connection(&name).await;
-    assert!(
-        moved != through && moved != leader,
-        "moved to the other node: {moved}"
-    );
-    let code = replica.terminate(WAIT).and_then(|s| s.code());
-    assert_eq!(code, Some(0), "the replica drained and exited cleanly");
+    cluster
+        .assert_moved(&mut replica, &name, through, leader)
+        .await;
     // Moved as cut off, not by the broker's own error a minute later (a look at a queue
     // failing with an internal timeout that closes the connection, on 4.3).
     let said = std::fs::read_to_string(&log).unwrap_or_default();

@@ -349,6 +349,47 @@ impl PrivateCluster {
         None
     }
 
+    /// The node leading quorum queue `queue` and the URLs of the others: a replica given
+    /// only those is on a node other than the leader's (one cut off with the leader
+    /// answers for the queue from its own state there).
+    pub fn leader_and_others(&self, queue: &str) -> (usize, Vec<String>) {
+        let leader = self.index_of(&self.replicas(queue).expect("the queue exists").leader);
+        let others = (0..self.nodes.len())
+            .filter(|&i| i != leader)
+            .map(|i| self.nodes[i].url())
+            .collect();
+        (leader, others)
+    }
+
+    /// Waits (at most `WAIT`) until `queue` has a consumer the cluster knows.
+    pub async fn await_consumer(&self, queue: &str) {
+        let deadline = Instant::now() + WAIT;
+        while self.consumers(queue).await == 0 {
+            assert!(Instant::now() < deadline, "a replica consumes {queue}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Asserts that `replica` (connection `name`), once on node `from`, moved without a
+    /// restart to the node that is neither `from` nor `leader`, then stops it and
+    /// asserts that it drained and exited cleanly.
+    pub async fn assert_moved(
+        &self,
+        replica: &mut super::process::Guarded,
+        name: &str,
+        from: usize,
+        leader: usize,
+    ) {
+        assert!(replica.is_running(), "the replica moved without a restart");
+        let moved = self.node_of_connection(name).await;
+        assert!(
+            moved != from && moved != leader,
+            "moved to the other node: {moved}"
+        );
+        let code = replica.terminate(WAIT).and_then(|s| s.code());
+        assert_eq!(code, Some(0), "the replica drained and exited cleanly");
+    }
+
     /// Consumers on `queue`, from the first node that answers (0 where none does, or the
     /// queue is not there yet).
     pub async fn consumers(&self, queue: &str) -> u32 {
