@@ -956,6 +956,16 @@ mod tests {
         assert!(format!("{arrival} 2026-01-01T00:00:00.000000Z") < format!("{arrival} {small}"));
     }
 
+    /// The ordering key of the seed project created at `created`, or why it is refused.
+    fn created_keyed_as(created: &str) -> Result<String, EventError> {
+        let mut p = project();
+        p["created"] = json!(created);
+        match parse_project(&p, None)? {
+            Parsed::Project(e) => Ok(e.version.expect("a created project has a key")),
+            other => panic!("{created}: not a project: {other:?}"),
+        }
+    }
+
     /// A time without an offset (Python's `isoformat()` of a naive datetime, with or
     /// without its fraction) is read as UTC, not refused; what is no time still is.
     #[test]
@@ -965,17 +975,10 @@ mod tests {
             ("2018-08-01T12:21:12", "2018-08-01T12:21:12.000000Z"),
             ("2018-08-01 12:21:12.5", "2018-08-01T12:21:12.500000Z"),
         ] {
-            let mut p = project();
-            p["created"] = json!(created);
-            let Parsed::Project(e) = parse_project(&p, None).expect(created) else {
-                panic!()
-            };
-            assert_eq!(e.version.as_deref(), Some(key), "{created}");
+            assert_eq!(created_keyed_as(created).unwrap(), key, "{created}");
         }
         for bad in ["2018-08-01", "2018-08-01T25:00:00", "yesterday"] {
-            let mut p = project();
-            p["created"] = json!(bad);
-            let e = parse_project(&p, None).expect_err(bad);
+            let e = created_keyed_as(bad).expect_err(bad);
             assert!(e.to_string().contains("field `created`"), "{e}");
         }
     }
@@ -996,17 +999,10 @@ mod tests {
             ("2017-04-24T15:50:11-0130", "2017-04-24T17:20:11.000000Z"),
             ("2017-04-24 17:20:11.5+0000", "2017-04-24T17:20:11.500000Z"),
         ] {
-            let mut p = project();
-            p["created"] = json!(created);
-            let Parsed::Project(e) = parse_project(&p, None).expect(created) else {
-                panic!()
-            };
-            assert_eq!(e.version.as_deref(), Some(key), "{created}");
+            assert_eq!(created_keyed_as(created).unwrap(), key, "{created}");
         }
         for bad in ["2017-04-24T17:20:11+2500", "2017-04-24T17:20:11+00000"] {
-            let mut p = project();
-            p["created"] = json!(bad);
-            let e = parse_project(&p, None).expect_err(bad);
+            let e = created_keyed_as(bad).expect_err(bad);
             assert!(e.to_string().contains("field `created`"), "{e}");
         }
     }
