@@ -9,7 +9,7 @@ use db::DatabaseUrl;
 use serde::{Deserialize, Serialize};
 use storage::overlap::TierKeys;
 use storage::service::{TierKind, TierService, TierSetup};
-use storage::{Algorithm, AssetSweeperFile, CopyReport, StoreOptions, TierPolicy};
+use storage::{Algorithm, CopyReport, StoreOptions, TierPolicy};
 
 /// `[online_archive]` keys.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -76,7 +76,7 @@ impl TierKind for Archive {
         }
     }
 
-    fn success(r: &CopyReport, m: &AssetSweeperFile) -> serde_json::Value {
+    fn success(r: &CopyReport) -> serde_json::Value {
         serde_json::json!({
             "original_file_path": r.original_path,
             "archive_store": r.store,
@@ -84,7 +84,7 @@ impl TierKind for Archive {
             "size": r.size,
             "checksum": r.checksum,
             "checksum_algorithm": r.algorithm,
-            "imported_id": m.imported_id,
+            "imported_id": r.imported_id,
             "archived_at": storage::records::now(),
             "mtime": r.mtime,
             "uploaded": r.uploaded,

@@ -73,6 +73,14 @@ async fn archives_verifies_and_reports_then_is_idempotent() {
     let v2: serde_json::Value = serde_json::from_slice(&next(&mut out).await.data).unwrap();
     assert_eq!(v2["archive_key"], "proj/clip.mov");
     assert_eq!(v2["uploaded"], false);
+    // Resent without the Pluto id (the sweeper's `file.new` after its `file.update`): the
+    // report names the id recorded with the copy, not none.
+    let mut without = msg.clone();
+    without["imported_id"] = serde_json::Value::Null;
+    send(&hs, &without).await;
+    let v3: serde_json::Value = serde_json::from_slice(&next(&mut out).await.data).unwrap();
+    assert_eq!(v3["uploaded"], false);
+    assert_eq!(v3["imported_id"], "VX-1234");
     let r = records(data.path()).await;
     assert_eq!(r.count("stored_objects").await.unwrap(), 1);
     assert_eq!(r.count("copied_files").await.unwrap(), 1);

@@ -10,7 +10,7 @@ use db::DatabaseUrl;
 use serde::{Deserialize, Serialize};
 use storage::overlap::TierKeys;
 use storage::service::{TierKind, TierService, TierSetup};
-use storage::{Algorithm, AssetSweeperFile, CopyReport, StoreOptions, TierPolicy};
+use storage::{Algorithm, CopyReport, StoreOptions, TierPolicy};
 
 /// `[online_nearline]` keys.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -77,7 +77,7 @@ impl TierKind for Nearline {
         }
     }
 
-    fn success(r: &CopyReport, m: &AssetSweeperFile) -> serde_json::Value {
+    fn success(r: &CopyReport) -> serde_json::Value {
         let mut v = serde_json::json!({
             "original_file_path": r.original_path,
             "vault_store": r.store,
@@ -87,7 +87,7 @@ impl TierKind for Nearline {
             "checksum_algorithm": r.algorithm,
             "md5": r.checksum,
             "mtime": r.mtime,
-            "imported_id": m.imported_id,
+            "imported_id": r.imported_id,
             "copied_at": storage::records::now(),
             "uploaded": r.uploaded,
         });

@@ -181,8 +181,8 @@ fn copy_via(
     .map_err(write_err)?;
     // The key's directory is found by name: a link planted in the store (by anyone who may
     // write there) would take the copy, and the files after it, out of the store. An
-    // unnamed file says where it really is (one readlink); the named staging is checked
-    // where it is published.
+    // unnamed file says where it really is (one readlink); the key's directory of a named
+    // staging (a share: NFS, most FUSE) is resolved once it is there.
     if let Staged::Unnamed(f) = &staged
         && !created_beneath(root, f)
     {
@@ -190,11 +190,18 @@ fn copy_via(
         return Err(CopyError::Unstorable(key.to_string(), LEADS_OUT));
     }
     // Staged elsewhere: its link (or rename) needs the key's directory.
-    if let Staged::Named(..) = staged
-        && let Err(e) = create_dirs_durably(parent)
-    {
-        staged.discard();
-        return Err(write_err(e));
+    if let Staged::Named(..) = staged {
+        match create_dirs_durably(parent).and_then(|()| std::fs::canonicalize(parent)) {
+            Ok(real) if real.starts_with(root) => {}
+            Ok(_) => {
+                staged.discard();
+                return Err(CopyError::Unstorable(key.to_string(), LEADS_OUT));
+            }
+            Err(e) => {
+                staged.discard();
+                return Err(write_err(e));
+            }
+        }
     }
     let staging = staged.file();
     // Held until the copy ends: the room it takes is not offered to another copy.
@@ -750,7 +757,7 @@ fn same_file(a: &Path, b: &Path) -> bool {
 /// short by a crash; fresh ones may be another live instance's), so a crash mid-copy
 /// costs no disk; returns how many. Blocking.
 pub fn sweep_stale_staging(root: &Path) -> std::io::Result<usize> {
-    let dir = root.join(STAGING_DIR);
+    let dir = staging_dir(root)?;
     if !dir.is_dir() {
         return Ok(0);
     }
@@ -1023,7 +1030,7 @@ fn start_writeback(f: &File, offset: u64, len: u64) {
 /// A new staging file in `root`'s [`STAGING_DIR`], named uniquely among every process
 /// that shares the store (two replicas may write to one directory).
 fn staging_file(root: &Path, mode: u32) -> std::io::Result<(File, PathBuf)> {
-    let dir = root.join(STAGING_DIR);
+    let dir = staging_dir(root)?;
     create_dirs_durably(&dir)?;
     loop {
         let p = dir.join(uuid::Uuid::new_v4().simple().to_string());
@@ -1038,6 +1045,20 @@ fn staging_file(root: &Path, mode: u32) -> std::io::Result<(File, PathBuf)> {
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(e),
         }
+    }
+}
+
+/// `root`'s staging directory, refused where it is a link: copies would be staged, and
+/// sweeps delete old files, wherever it leads.
+fn staging_dir(root: &Path) -> std::io::Result<PathBuf> {
+    let dir = root.join(STAGING_DIR);
+    match std::fs::symlink_metadata(&dir) {
+        Ok(m) if m.file_type().is_symlink() => Err(std::io::Error::other(format!(
+            "{} is a link: the store's staging directory is never followed out of it (remove \
+             the link)",
+            dir.display()
+        ))),
+        _ => Ok(dir),
     }
 }
 
@@ -1492,6 +1513,71 @@ mod tests {
             );
         }
         copy_to(".storagetier-staging-not/a.mov").expect("another name");
+    }
+
+    /// A directory link planted in the store never takes a copy out of it, whichever way
+    /// the copy is staged (a named staging file is what NFS and most FUSE stores get),
+    /// small or large; nor is a staging directory that is a link staged in or swept.
+    #[test]
+    fn a_link_in_the_store_never_takes_a_copy_or_a_sweep_out_of_it() {
+        for (unnamed, size) in [
+            (true, 100usize),
+            (false, 100),
+            (true, 3 * BLOCK),
+            (false, 3 * BLOCK),
+        ] {
+            let dir = tempfile::tempdir().expect("temp");
+            let src = dir.path().join("src");
+            std::fs::write(&src, vec![7u8; size]).expect("write");
+            let root = dir.path().join("store");
+            let elsewhere = dir.path().join("elsewhere");
+            std::fs::create_dir_all(&root).expect("dir");
+            std::fs::create_dir_all(&elsewhere).expect("dir");
+            std::os::unix::fs::symlink("../elsewhere", root.join("out")).expect("link");
+            let expected = Expected {
+                size: size as u64,
+                digest: None,
+                unchanged: None,
+                stopped: None,
+                read_back: false,
+            };
+            let f = File::open(&src).expect("open");
+            let e = copy_via(
+                &f,
+                &root,
+                "out/f.mov",
+                "src",
+                Algorithm::Sha256,
+                expected,
+                unnamed,
+            )
+            .expect_err("refused");
+            assert!(
+                matches!(e, CopyError::Unstorable(_, LEADS_OUT)),
+                "unnamed {unnamed}, {size} bytes: {e}"
+            );
+            assert!(
+                !elsewhere.join("f.mov").exists(),
+                "nothing written out of the store"
+            );
+            assert_eq!(staged_files(&root), 0);
+        }
+        let dir = tempfile::tempdir().expect("temp");
+        let (root, other) = (dir.path().join("store"), dir.path().join("other"));
+        std::fs::create_dir_all(&root).expect("dir");
+        std::fs::create_dir_all(&other).expect("dir");
+        let old = other.join("0123456789abcdef0123456789abcdef");
+        File::create(&old)
+            .expect("create")
+            .set_modified(std::time::SystemTime::now() - Duration::from_secs(3600))
+            .expect("age");
+        std::os::unix::fs::symlink(&other, root.join(STAGING_DIR)).expect("link");
+        assert!(
+            sweep_stale_staging(&root).is_err(),
+            "a linked staging directory is not swept"
+        );
+        assert!(old.exists(), "nothing deleted through the link");
+        assert!(staging_file(&root, 0o644).is_err(), "nor staged in");
     }
 
     /// A copy whose caller is gone (its handler stopped) stops and publishes nothing,

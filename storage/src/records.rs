@@ -1079,6 +1079,27 @@ impl Records {
             .map(|_| ())
     }
 
+    /// The Pluto id recorded with the copy of `original_path` at `object_key`, if one came:
+    /// a resent message without one (the sweeper's `file.new` after its `file.update`)
+    /// reports the copy's id, not none.
+    pub async fn recorded_imported_id(
+        &self,
+        original_path: &str,
+        object_key: &str,
+    ) -> Result<Option<String>, db::sqlx::Error> {
+        db::bounded(async {
+            db::sqlx::query_scalar::<_, Option<String>>(
+                "SELECT imported_id FROM copied_files WHERE original_path = $1 AND object_key = $2",
+            )
+            .bind(original_path)
+            .bind(object_key)
+            .fetch_optional(&self.pool)
+            .await
+            .map(Option::flatten)
+        })
+        .await
+    }
+
     /// Records an ignored file (idempotent).
     pub async fn record_ignored(
         &self,

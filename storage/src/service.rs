@@ -217,8 +217,8 @@ pub trait TierKind: Send + Sync + 'static {
         + 'static;
     /// Where it reads from and writes to, as `settings` configure.
     fn setup(settings: &Self::Settings) -> TierSetup;
-    /// The body of its success message for a copy of `m` reported as `r`.
-    fn success(r: &CopyReport, m: &AssetSweeperFile) -> serde_json::Value;
+    /// The body of its success message for a copy reported as `r`.
+    fn success(r: &CopyReport) -> serde_json::Value;
 }
 
 /// The storage tier service of kind `K`: asset-sweeper file events in, one verified copy
@@ -267,8 +267,8 @@ impl<K: TierKind> framework::Service for TierService<K> {
     }
 }
 
-/// Builds the success message body from a report and the input.
-pub type SuccessBody = fn(&CopyReport, &AssetSweeperFile) -> serde_json::Value;
+/// Builds the success message body from a report.
+pub type SuccessBody = fn(&CopyReport) -> serde_json::Value;
 
 /// Processor copying asset-sweeper files into one tier.
 pub struct TierProcessor {
@@ -530,7 +530,7 @@ impl MessageProcessor for TierProcessor {
 
     async fn handle(&self, msg: AssetSweeperFile, ctx: &MessageContext) -> Outcome {
         match self.copier.handle(&msg, ctx.attempt).await {
-            Ok(TierOutcome::Copied(r)) => Outcome::success((self.success)(&r, &msg)),
+            Ok(TierOutcome::Copied(r)) => Outcome::success((self.success)(&r)),
             Ok(TierOutcome::Ignored) => {
                 Outcome::drop(format!("{} is marked ignore", msg.joined_path()))
             }

@@ -71,6 +71,8 @@ pub struct CopyReport {
     pub mtime: String,
     /// Whether this attempt uploaded (false: an identical copy already existed).
     pub uploaded: bool,
+    /// The Pluto id: the message's, else the one recorded with the copy.
+    pub imported_id: Option<String>,
 }
 
 /// What the processor should do.
@@ -421,7 +423,22 @@ impl TierCopier {
         msg: &AssetSweeperFile,
         attempt: u32,
     ) -> Result<TierOutcome, TierError> {
-        let r = self.copy(msg).await;
+        let mut r = self.copy(msg).await;
+        // An earlier copy found, by a message without the id an earlier one brought: the
+        // report names the recorded id (a fresh upload's record holds the message's).
+        if let Ok(TierOutcome::Copied(c)) = &mut r
+            && c.imported_id.is_none()
+            && !c.uploaded
+        {
+            match self
+                .records
+                .recorded_imported_id(&c.original_path, &c.key)
+                .await
+            {
+                Ok(id) => c.imported_id = id,
+                Err(e) => r = Err(e.into()),
+            }
+        }
         let recorded = |e: &TierError| {
             !matches!(e, TierError::Unavailable(_)) || attempt == 0 || attempt.is_power_of_two()
         };
@@ -577,6 +594,7 @@ impl TierCopier {
             content_sha256: obj.content_sha256.clone(),
             mtime: mtime.clone(),
             uploaded,
+            imported_id: msg.imported_id.clone(),
         };
 
         // 1. This very file (same size and mtime) was copied before and the stored object
@@ -961,6 +979,7 @@ impl TierCopier {
             content_sha256: obj.content_sha256,
             mtime,
             uploaded: false,
+            imported_id: msg.imported_id.clone(),
         };
         for path in &candidates {
             let original = path.display().to_string();
