@@ -723,7 +723,8 @@ pub(crate) fn content_id(body: &[u8]) -> String {
 /// drop the duplicates that at-least-once delivery makes. An input without an id is known
 /// by its body ([`content_id`]) where its processor says one body is one message
 /// (`MessageProcessor::knows_inputs_by_body`: snapshot-status, whose re-sent export-state
-/// or monitoring message had a random id no consumer could drop it by). Random otherwise:
+/// or monitoring message had a random id no consumer could drop it by, and crash-router,
+/// whose MinIO notifications come without one). Random otherwise:
 /// one body may come again as a new message, whose outputs must not share the first's.
 fn output_message_id(service: &str, origin: &Origin<'_>, output: OutputOf<'_>) -> ShortString {
     use sha2::Digest;

@@ -374,6 +374,13 @@ impl MessageProcessor for CrashRouter {
         &[PUBLISHED_HEADER, SENT_HEADER]
     }
 
+    /// An S3 notification names its events (time, sequencer, request id): the same body
+    /// again is that notification again — MinIO's AMQP target sets no message id and
+    /// re-sends a body after a reconnect — so its crash ids keep their ids.
+    fn knows_inputs_by_body(&self) -> bool {
+        true
+    }
+
     async fn handle(&self, input: Value, ctx: &MessageContext) -> Outcome {
         // Counted before anything is classified, then as an SQS batch's bodies are opened
         // (each may hold a million): counted after opening, 8 bodies of `[0,0,…]` made 8
@@ -516,14 +523,47 @@ impl MessageProcessor for CrashRouter {
             }
         }
 
-        Outcome::success(json!({
-            "records": records.len(),
-            "accepted": accepted,
-            "deliveries": deliveries,
-            "already_published": already,
-            "counts": counts,
-        }))
+        summary(records.len(), accepted, deliveries, already, &counts)
     }
+}
+
+/// Crash ids a success summary lists, in `accepted` and per queue in `deliveries`; the
+/// rest are counted. Listed whole, a notification of many records (a raised
+/// `max_records`, many queues) made a summary larger than the broker takes, refused after
+/// every id went out, and the notification dead-lettered again at every replay.
+const MAX_LISTED: usize = 1000;
+
+/// The success summary: ids past [`MAX_LISTED`] in a list are left out, and that list's
+/// whole count is given beside it (`accepted_total`, `deliveries_total`).
+fn summary(
+    records: usize,
+    mut accepted: Vec<String>,
+    mut deliveries: BTreeMap<String, Vec<String>>,
+    already: u64,
+    counts: &Counts,
+) -> Outcome {
+    let mut body = json!({
+        "records": records,
+        "already_published": already,
+        "counts": counts,
+    });
+    if accepted.len() > MAX_LISTED {
+        body["accepted_total"] = accepted.len().into();
+        accepted.truncate(MAX_LISTED);
+    }
+    let mut totals = serde_json::Map::new();
+    for (queue, ids) in deliveries.iter_mut() {
+        if ids.len() > MAX_LISTED {
+            totals.insert(queue.clone(), ids.len().into());
+            ids.truncate(MAX_LISTED);
+        }
+    }
+    if !totals.is_empty() {
+        body["deliveries_total"] = totals.into();
+    }
+    body["accepted"] = json!(accepted);
+    body["deliveries"] = json!(deliveries);
+    Outcome::success(body)
 }
 
 /// The mark an earlier release's [`SENT_HEADER`] begins with (`"queues <routing>"`).
@@ -1477,6 +1517,44 @@ mod tests {
         };
         assert_eq!(body["already_published"], 2);
         assert_eq!(body["deliveries"], json!({"a": [ID], "b": [ID]}));
+    }
+
+    /// A notification of many crash ids lists at most [`MAX_LISTED`] of them in its summary
+    /// (and per queue), counting the rest: whole, the summary outgrew what the broker takes.
+    #[tokio::test]
+    async fn a_summary_lists_a_bounded_number_of_crash_ids_and_counts_the_rest() {
+        let r = router("a,b", 1);
+        let ids = ids(3000);
+        let keys: Vec<String> = ids
+            .iter()
+            .map(|id| format!("v2/raw_crash/000/20180313/{id}"))
+            .collect();
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        // Every delivery already made by an earlier attempt: nothing is published here.
+        let marks: Vec<String> = ids
+            .iter()
+            .flat_map(|id| [format!("{id} a"), format!("{id} b")])
+            .collect();
+        let mut ctx = MessageContext::for_test("s3-events", "k", 1);
+        ctx.headers.insert(
+            PUBLISHED_HEADER.into(),
+            AMQPValue::LongString(json!(marks).to_string().as_str().into()),
+        );
+        let Outcome::Success { body, .. } = r.handle(event(&keys), &ctx).await else {
+            panic!("no publish should have been attempted")
+        };
+        assert_eq!(body["already_published"], 6000);
+        assert_eq!(body["counts"]["accepted"], 3000);
+        assert_eq!(body["accepted"].as_array().map(Vec::len), Some(MAX_LISTED));
+        assert_eq!(body["accepted_total"], 3000);
+        for q in ["a", "b"] {
+            assert_eq!(
+                body["deliveries"][q].as_array().map(Vec::len),
+                Some(MAX_LISTED)
+            );
+            assert_eq!(body["deliveries_total"][q], 3000);
+        }
+        assert!(body.to_string().len() < 256 * 1024, "bounded");
     }
 
     fn ids(n: u32) -> Vec<String> {
