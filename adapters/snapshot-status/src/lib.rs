@@ -192,7 +192,9 @@ fn sent_mark(record: usize, what: Sent) -> u64 {
 /// handled and announced — and the input is retried at the end for what they refused.
 #[derive(Default)]
 struct Refused {
-    exchanges: Vec<String>,
+    /// Where a publish was refused, as (exchange, routing key): whether a message can be
+    /// routed depends on its key, and the two kinds may share one exchange.
+    destinations: Vec<(String, String)>,
     /// The first refusal (why, the error): the retry's reason.
     first: Option<(String, PublishError)>,
     /// Messages left for the retry so far (refused, or to an exchange that refused one).
@@ -236,7 +238,8 @@ async fn publish_extras(
             continue;
         }
         let exchange = e.publication.exchange.clone();
-        if refused.exchanges.contains(&exchange) {
+        let destination = (exchange.clone(), e.publication.routing_key.clone());
+        if refused.destinations.contains(&destination) {
             refused.held += 1;
             continue;
         }
@@ -249,7 +252,7 @@ async fn publish_extras(
                 }
                 tracing::warn!(error = %LogText(&err.to_string()), "{why}; the rest go on, and \
                     it goes with the retry");
-                refused.exchanges.push(exchange);
+                refused.destinations.push(destination);
                 refused.first.get_or_insert((why, err));
                 refused.held += 1;
             }

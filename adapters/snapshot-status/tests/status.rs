@@ -1403,6 +1403,56 @@ async fn a_refused_all_received_is_sent_after_its_run_completed() {
     env.finish().await;
 }
 
+/// Both kinds set to one exchange, only the monitoring key bound there: the unroutable
+/// export-state message holds back only what goes to its own key — the all-received alert
+/// still goes at once (held per exchange, it waited for the export-state consumer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_exchange_for_both_kinds_holds_back_only_the_refused_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = db::default_url(dir.path(), "snapshot-status");
+    let shared = unique("snapshot-out");
+    let cfg = service_config::<SnapshotStatus>(
+        dir.path(),
+        &[
+            ("snapshot_status.database_url", url.as_str()),
+            ("snapshot_status.export_state_exchange", shared.as_str()),
+            ("snapshot_status.monitoring_exchange", shared.as_str()),
+            ("amqp.prefetch", "1"),
+        ],
+    );
+    let mut hs = Harness::start_service::<SnapshotStatus>(cfg).await;
+    let mut out = hs.watch_output().await;
+    let mut monitoring = watch(&hs.ch, &shared, "monitoring.#").await;
+    let c = "corr-shared-exchange";
+    let send = |body: Value| {
+        let hs = &hs;
+        async move {
+            hs.publish(
+                "snapshot.status.update",
+                &serde_json::to_vec(&body).unwrap(),
+                BasicProperties::default(),
+            )
+            .await
+        }
+    };
+    send(msg(c, "db.s", json!({"files_exported": 1}))).await;
+    next(&mut out).await;
+    let mut retried = hs.watch_first_retry().await;
+    send(file(c, "db.s", "s1")).await;
+    let m = json_of(&next(&mut monitoring).await);
+    assert!(
+        m["title_text"]
+            .as_str()
+            .is_some_and(|t| t.contains("All collections received")),
+        "{m}"
+    );
+    assert_eq!(m["custom_elements"][1]["value"], c);
+    // The export-state message, unroutable, goes with the retry.
+    next(&mut retried).await;
+    hs.stop().await;
+    cleanup(vec![], vec![shared]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unroutable_export_state_message_is_retried_until_bound() {
     let mut env = start_unbound(&[]).await;
