@@ -679,10 +679,11 @@ impl TierCopier {
         //    stored under the claim, and another copy of it meanwhile waits (an outage's
         //    retry, not counted) until the first is recorded, then reuses its object. The
         //    content's later copies reuse it without a claim.
+        let natural = self.tier.key(&resolved.relative);
         if self.policy.reuse_identical
             && let Some(d) = &source
             && let Some(obj) = self
-                .identical_object(d, file, &original, &mtime, msg)
+                .identical_object(d, &natural, file, &original, &mtime, msg)
                 .await?
         {
             return Ok(TierOutcome::Copied(report(&obj, false)));
@@ -704,12 +705,10 @@ impl TierCopier {
             _ => None,
         };
         let placed = async {
-            let natural = self.tier.key(&resolved.relative);
-
             // Looked for again under the claim: a copy of it may have finished meanwhile.
             if let Some(d) = identical.as_ref().and(source.as_ref())
                 && let Some(obj) = self
-                    .identical_object(d, file, &original, &mtime, msg)
+                    .identical_object(d, &natural, file, &original, &mtime, msg)
                     .await?
             {
                 return Ok(TierOutcome::Copied(report(&obj, false)));
@@ -844,20 +843,31 @@ impl TierCopier {
     }
 
     /// An object of the vault holding `d` (nearline's reuse), recorded as the copy of
-    /// `original` too, if there is one that reads back as recorded.
+    /// `original` too, if there is one that reads back as recorded — unless the file's own
+    /// key `natural` holds an unrecorded object of its size: an earlier attempt's finished
+    /// copy (stopped after its upload, its verification or record failed), which the file
+    /// then takes under its key claim. Reusing another file's object left that one in the
+    /// bucket unrecorded for ever, and the content stored twice.
     async fn identical_object(
         &self,
         d: &Digest,
+        natural: &ObjectPath,
         file: &std::fs::File,
         original: &str,
         mtime: &str,
         msg: &AssetSweeperFile,
     ) -> Result<Option<StoredObject>, TierError> {
-        for mut obj in self
+        let found = self
             .records
             .objects_with(&d.checksum, d.size, original)
-            .await?
+            .await?;
+        if found.iter().any(|o| o.object_key != natural.as_ref())
+            && copy::object_size(&self.tier, natural).await? == Some(d.size)
+            && self.records.object_at(natural.as_ref()).await?.is_none()
         {
+            return Ok(None);
+        }
+        for mut obj in found {
             // Another file's key with this path may be more than the records can index
             // (roots of different depths): that object is not reused, this file is copied
             // under its own key instead of its record being refused.

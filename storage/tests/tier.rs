@@ -3299,6 +3299,45 @@ fn md5_twins(len: usize) -> (Vec<u8>, Vec<u8>) {
     (a, b)
 }
 
+/// A file whose earlier attempt left its finished copy at its key unrecorded (stopped after
+/// the upload completed, its verification or record failed) takes that object when it
+/// comes again, though another file of its content was recorded meanwhile: reusing the
+/// other's left its own in the bucket unrecorded for ever, the content stored twice.
+#[tokio::test]
+async fn a_files_own_unrecorded_copy_is_taken_before_another_files_identical_one() {
+    let bucket = "tier-own-orphan";
+    let (moto, _proxy, tier) = s3_tier(bucket).await;
+    let base = tempfile::tempdir().expect("temp");
+    let c = nearline(base.path(), tier, records(base.path()).await);
+    let body = content(64 * 1024, 9);
+    let x = put(base.path(), "online", "a/x.mov", &body);
+    let y = put(base.path(), "online", "b/y.mov", &body);
+    object_store::ObjectStore::put(
+        &plain_client(&moto, bucket),
+        &storage::store::object_path("pre/a/x.mov"),
+        body.clone().into(),
+    )
+    .await
+    .expect("an earlier attempt's copy");
+    let ry = copied(c.handle(&y, 1).await);
+    assert_eq!(ry.key, "pre/b/y.mov");
+    let rx = copied(c.handle(&x, 1).await);
+    assert_eq!(rx.key, "pre/a/x.mov", "its own copy: {rx:?}");
+    assert!(!rx.uploaded);
+    assert!(
+        c.records()
+            .object_at("pre/a/x.mov")
+            .await
+            .expect("records")
+            .is_some(),
+        "recorded"
+    );
+    // Recorded, it is reused like any other: the next file of the content takes one of the
+    // two, and nothing more is stored.
+    let z = put(base.path(), "online", "c/z.mov", &body);
+    assert!(!copied(c.handle(&z, 1).await).uploaded);
+}
+
 /// A nearline copier (MD5, identical content reused) over `<base>/online` into `tier`.
 fn nearline(base: &Path, tier: Tier, records: Records) -> TierCopier {
     let roots = open_roots(&[base.join("online")], true).expect("roots");
