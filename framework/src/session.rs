@@ -1283,6 +1283,14 @@ fn incoming(d: &Delivery, queue: &str) -> Incoming {
         {
             headers = h::without(&headers, &dead_letters);
         }
+        // A retry's last error, kept for its dead letter (which carries it as it is): no
+        // longer than a retry writes one, or that dead letter, too large for a frame,
+        // became one more retry — a permanent failure's work done again.
+        if let Some(last) = h::get_str(&headers, h::LAST_ERROR)
+            && last.len() > h::MAX_ERROR_BYTES
+        {
+            h::set_str(&mut headers, h::LAST_ERROR, &h::error_text(&last));
+        }
         for k in [h::RETRY_COUNT, h::PROGRESS_ATTEMPTS, h::OUTAGE_SINCE] {
             if headers.inner().contains_key(k) {
                 match h::get_int(&headers, k) {

@@ -2821,6 +2821,42 @@ async fn a_dead_letters_error_headers_sent_back_to_the_queue_are_not_carried_on(
     hs.stop().await;
 }
 
+/// A retry's last error sent back to the queue longer than a retry writes one (a forged or
+/// shovelled `x-last-error`) is cut as a retry cuts it: carried whole onto the dead letter
+/// of a permanent failure, it made that dead letter too large for a frame, and the
+/// permanent failure was retried (its work done once more) before it could go.
+#[tokio::test]
+async fn a_long_last_error_sent_back_costs_a_permanent_failure_no_second_attempt() {
+    let calls: Calls = Arc::default();
+    let p = recording(&calls, |_, _| Outcome::permanent("refused"));
+    let mut hs = Harness::start("framelast", &[("retry.delays_ms", "[100]")], p).await;
+    let mut dlq = hs.watch_dlq().await;
+    let mut forged = FieldTable::default();
+    // Accepted by the broker, but with a dead letter's own headers over a frame.
+    h::set_str(&mut forged, h::LAST_ERROR, &"e".repeat(130_750));
+    hs.publish_retried(
+        "test.last",
+        br#"{"n":1}"#,
+        BasicProperties::default().with_headers(forged),
+        1,
+    )
+    .await;
+    let d = next(&mut dlq).await;
+    assert_eq!(
+        header(&d, h::ERROR_KIND).as_deref(),
+        Some(h::KIND_PERMANENT)
+    );
+    assert_eq!(calls.lock().unwrap().len(), 1, "handled once");
+    let last = header(&d, h::LAST_ERROR).expect("the last error kept");
+    assert!(
+        last.len() <= h::MAX_ERROR_BYTES,
+        "cut: {} bytes",
+        last.len()
+    );
+    assert!(last.ends_with("(130750 bytes in all)"), "the cut said");
+    hs.stop().await;
+}
+
 /// A header of the framework's name that a retry carries as it came (`x-in-response-to`, a
 /// producer's or a forged one) counts against the budget like any other: one near a whole
 /// frame is dead-lettered unread, naming its headers. Not counted, the processor did its work and its
