@@ -163,13 +163,14 @@ impl<'de> Deserialize<'de> for Fields {
 }
 
 impl AssetSweeperFile {
-    /// Refuses a text field holding U+0000: valid JSON, but PostgreSQL text cannot store
-    /// it (the file's records name it), so it would fail every retry instead of once.
+    /// Refuses a text field holding U+0000 that the file's records keep: valid JSON, but
+    /// PostgreSQL text cannot store it, so it would fail every retry instead of once.
+    /// `mime_type` is kept nowhere: one with a NUL (a type guessed from a file's magic,
+    /// written verbatim) is no reason to leave its file uncopied.
     pub fn check_text(&self) -> Result<(), framework::fields::FieldError> {
         use framework::fields::no_nul;
         no_nul("parent_dir", &self.parent_dir)?;
         no_nul("filename", &self.filename)?;
-        no_nul("mime_type", &self.mime_type)?;
         if let Some(id) = &self.imported_id {
             no_nul("imported_id", id)?;
         }
@@ -449,6 +450,26 @@ mod tests {
         both["parent_dir"] = "q".into();
         let e = serde_json::from_value::<AssetSweeperFile>(both).expect_err("two directories");
         assert!(e.to_string().contains("different directories"), "{e}");
+    }
+
+    /// A NUL is refused where the records keep the text (the path, Pluto's id), not in
+    /// the MIME type, which nothing keeps.
+    #[test]
+    fn a_nul_is_refused_only_in_what_the_records_keep() {
+        let msg = |field: &str| {
+            let mut v = serde_json::json!({"size": 3, "ignore": false, "mime_type": "video/mp4",
+                "mtime": 1, "ctime": 1, "atime": 1, "owner": 0, "group": 0,
+                "parent_dir": "p", "filename": "a.mp4", "imported_id": "VX-1"});
+            v[field] = format!("{}\u{0}", v[field].as_str().unwrap_or_default()).into();
+            serde_json::from_value::<AssetSweeperFile>(v).expect("read")
+        };
+        msg("mime_type")
+            .check_text()
+            .expect("a NUL in the MIME type is no matter");
+        for field in ["parent_dir", "filename", "imported_id"] {
+            let e = msg(field).check_text().expect_err("refused");
+            assert!(e.to_string().contains(field), "{field}: {e}");
+        }
     }
 
     /// Pluto's id as a string, null, absent or an integer (kept as its digits); any other
