@@ -95,11 +95,12 @@ pub async fn status(
         let store = Store::open_read_only(&url).await?;
         let cs = store.collections(&parsed.correlation_id).await?;
         let product = store.product_status(&parsed.correlation_id).await?;
+        let pruned = cs.is_empty() && store.was_pruned(&parsed.correlation_id).await?;
         store.close().await;
-        Ok::<_, crate::store::StoreError>((cs, product))
+        Ok::<_, crate::store::StoreError>((cs, product, pruned))
     }
     .await;
-    let (cs, product) = found.map_err(|e| match e.is_missing_table() {
+    let (cs, product, pruned) = found.map_err(|e| match e.is_missing_table() {
         true => Failure::Other(format!(
             "database {} holds no snapshot-status records (nothing recorded yet? the service \
              makes its tables when it first starts)",
@@ -107,10 +108,19 @@ pub async fn status(
         )),
         false => Failure::Other(format!("database {}: {e}", db::redact_url(&url))),
     })?;
+    // A run deleted past its keeping is told from one never seen: its messages are
+    // dropped now, which an operator looking into those drops needs to know.
+    if pruned {
+        return Err(Failure::Other(format!(
+            "run `{}` was deleted past its keeping ([snapshot_status] \
+             keep_completed_runs_days or keep_idle_runs_days): its messages are now dropped",
+            framework::dlq::printable(&parsed.correlation_id)
+        )));
+    }
     if cs.is_empty() {
         return Err(Failure::Other(format!(
             "no collections for correlation id `{}`",
-            parsed.correlation_id
+            framework::dlq::printable(&parsed.correlation_id)
         )));
     }
     if parsed.json {

@@ -548,6 +548,12 @@ async fn files_arriving_before_counts_are_counted(b: Backend) {
         assert!(text.contains("db.x"), "{text}");
         assert!(text.contains("Received"), "{text}");
         assert_eq!(migrations().await, before - 1, "not migrated by looking");
+        db::sqlx::query(
+            "INSERT INTO pruned_runs (correlation_id, pruned_at) VALUES ('corr-pruned', '2026-01-01')",
+        )
+        .execute(&raw)
+        .await
+        .unwrap();
         raw.close().await;
         let o = isolated_command(env!("CARGO_BIN_EXE_snapshot-status"))
             .args(["status", "unknown-id"])
@@ -556,6 +562,18 @@ async fn files_arriving_before_counts_are_counted(b: Backend) {
             .output_within(WAIT)
             .unwrap();
         assert_eq!(o.status.code(), Some(1));
+        let unknown = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(unknown.contains("no collections"), "{unknown}");
+        // A run deleted past its keeping is told from one never seen.
+        let o = isolated_command(env!("CARGO_BIN_EXE_snapshot-status"))
+            .args(["status", "corr-pruned"])
+            .current_dir(env.dir.path())
+            .env("STORAGETIER__STORAGE__DATA_DIR", env.dir.path())
+            .output_within(WAIT)
+            .unwrap();
+        assert_eq!(o.status.code(), Some(1));
+        let pruned = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(pruned.contains("was deleted past its keeping"), "{pruned}");
         // No database yet: reported, and none is created by looking.
         let empty = tempfile::tempdir().unwrap();
         let o = isolated_command(env!("CARGO_BIN_EXE_snapshot-status"))
