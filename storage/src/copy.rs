@@ -1515,10 +1515,15 @@ pub async fn confirm_recorded(
     tier: &Tier,
     obj: &crate::records::StoredObject,
     alg: Algorithm,
-) -> Result<(bool, Option<crate::records::StoreFacts>), CopyError> {
+) -> Result<Confirmation, CopyError> {
+    let held = |held| Confirmation {
+        held,
+        facts: None,
+        other_content: false,
+    };
     match head_of(tier, obj).await? {
-        Head::Gone => Ok((false, None)),
-        Head::Seen { same: true, .. } => Ok((true, None)),
+        Head::Gone => Ok(held(false)),
+        Head::Seen { same: true, .. } => Ok(held(true)),
         Head::Seen { same: false, facts } => {
             let read = read_back_tagged(tier, obj, alg).await?;
             // Only where the bytes read are those of the object the HEAD described (its
@@ -1526,10 +1531,26 @@ pub async fn confirm_recorded(
             let described = read
                 .as_ref()
                 .is_some_and(|(_, etag)| same_etag(etag.as_deref(), facts.etag.as_deref()));
-            Ok((read.is_some(), described.then_some(facts)))
+            Ok(Confirmation {
+                held: read.is_some(),
+                facts: described.then_some(facts),
+                other_content: read.is_none(),
+            })
         }
-        Head::NotS3 => Ok((read_back(tier, obj, alg).await?.is_some(), None)),
+        Head::NotS3 => Ok(held(read_back(tier, obj, alg).await?.is_some())),
     }
+}
+
+/// What a look at a recorded object found ([`confirm_recorded`]).
+#[derive(Debug)]
+pub struct Confirmation {
+    /// Whether it still holds what was recorded.
+    pub held: bool,
+    /// The store's facts of it, where they changed while its bytes did not.
+    pub facts: Option<crate::records::StoreFacts>,
+    /// The key holds an object of other facts that read back as other content (replaced
+    /// behind the service's back): the record no longer describes anything there.
+    pub other_content: bool,
 }
 
 /// The store facts of the recorded object `obj` where one HEAD confirms it (see

@@ -1100,6 +1100,29 @@ impl Records {
         .await
     }
 
+    /// Forgets the record of the object at `object_key` as it was recorded (`size`,
+    /// `checksum`): the key was found holding other content. A record of it made since
+    /// (other facts) stays; the copies recorded of it no longer name it.
+    pub async fn forget_object(
+        &self,
+        object_key: &str,
+        size: u64,
+        checksum: &str,
+    ) -> Result<(), db::sqlx::Error> {
+        db::bounded(async {
+            db::sqlx::query(
+                "DELETE FROM stored_objects WHERE object_key = $1 AND size = $2 AND checksum = $3",
+            )
+            .bind(object_key)
+            .bind(size as i64)
+            .bind(checksum)
+            .execute(&self.write)
+            .await
+            .map(|_| ())
+        })
+        .await
+    }
+
     /// Records an ignored file (idempotent).
     pub async fn record_ignored(
         &self,

@@ -900,7 +900,21 @@ impl TierCopier {
     /// ([`copy::confirm_recorded`]); the store's facts of it recorded again where they
     /// changed while its bytes did not.
     async fn confirm(&self, obj: &mut StoredObject) -> Result<bool, CopyError> {
-        let (held, facts) = copy::confirm_recorded(&self.tier, obj, self.policy.algorithm).await?;
+        let copy::Confirmation {
+            held,
+            facts,
+            other_content,
+        } = copy::confirm_recorded(&self.tier, obj, self.policy.algorithm).await?;
+        // Kept, the record of an object replaced behind the service's back sent every later
+        // look (this file's, every file of its content) to download it whole again.
+        if other_content
+            && let Err(e) = self
+                .records
+                .forget_object(&obj.object_key, obj.size, &obj.checksum)
+                .await
+        {
+            tracing::warn!(key = %obj.object_key, error = %e, "could not forget the record of an object replaced by other content");
+        }
         if let Some(facts) = facts {
             if let Err(e) = self
                 .records

@@ -381,8 +381,9 @@ async fn an_archive_copy_swept_through_an_online_root_is_not_copied_into_the_sto
     assert!(copied(c.handle(&msg, 1).await).uploaded);
 }
 
-/// U+0000 is valid JSON but PostgreSQL text cannot hold it: a field with one is refused
-/// at once, naming the field (on PostgreSQL every attempt failed to record, 50 retries).
+/// U+0000 is valid JSON but PostgreSQL text cannot hold it: a field the records keep with
+/// one is refused at once, naming the field (on PostgreSQL every attempt failed to record,
+/// 50 retries); one in `mime_type`, which nothing keeps, is no matter.
 #[tokio::test]
 async fn a_nul_character_in_a_text_field_is_permanent_naming_it() {
     let base = tempfile::tempdir().expect("temp");
@@ -392,13 +393,16 @@ async fn a_nul_character_in_a_text_field_is_permanent_naming_it() {
     msg.imported_id = Some("id\0".into());
     let mut ignored = put(base.path(), "online", "n/other.mov", b"y");
     ignored.ignore = true;
-    ignored.mime_type = "video/\0mp4".into();
-    for (m, field) in [(&msg, "imported_id"), (&ignored, "mime_type")] {
+    ignored.filename = "other\0.mov".into();
+    for (m, field) in [(&msg, "imported_id"), (&ignored, "filename")] {
         match c.handle(m, 1).await {
             Err(TierError::Permanent(e)) => assert!(e.contains(field) && e.contains("NUL"), "{e}"),
             other => panic!("{field}: expected permanent, got {other:?}"),
         }
     }
+    let mut typed = put(base.path(), "online", "n/typed.mov", b"z");
+    typed.mime_type = "video/\0mp4".into();
+    assert!(copied(c.handle(&typed, 1).await).uploaded);
 }
 
 /// Keys a local store handles unlike object_store's local backend: a name like `take#1`
@@ -916,6 +920,14 @@ async fn s3_objects_are_verified_and_redeliveries_confirmed_by_the_stores_checks
         assert!(beside.uploaded);
         let replaced_gets = downloads(&proxy, bucket, &key);
         assert!(replaced_gets >= 1, "the replaced object was read back");
+        // Once: its record forgotten, the next look goes to the copy beside it.
+        proxy.reset();
+        assert_eq!(copied(c.handle(&msg, 5).await).key, beside.key);
+        assert_eq!(
+            downloads(&proxy, bucket, &key),
+            0,
+            "the replaced object is not read again"
+        );
         let stored = storage::copy::hash_object(
             &tier,
             &storage::store::object_path(&beside.key),
@@ -944,9 +956,9 @@ async fn s3_objects_are_verified_and_redeliveries_confirmed_by_the_stores_checks
         ));
     }
     // The store's checksum of the multipart object as recorded (S3 writes `<b64>-3`,
-    // moto the `<b64>` alone).
+    // moto the `<b64>` alone): its copy beside the replaced one, whose record is forgotten.
     let row = db::sqlx::query(
-        "SELECT store_checksum FROM stored_objects WHERE object_key = 'pre/c/multi.bin'",
+        "SELECT store_checksum FROM stored_objects WHERE object_key LIKE 'pre/c/multi.bin.%'",
     )
     .fetch_one(c.records().pool())
     .await
