@@ -1223,12 +1223,22 @@ impl Multipart<'_> {
             ));
         }
         unchanged(self.source.0, self.shown, &self.source.1, size).await?;
+        let composite = {
+            use base64::Engine;
+            use sha2::Digest as _;
+            base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(&part_sums))
+        };
         if self.create_only {
             match self
                 .s3
                 .complete_multipart_create(self.key, upload_id, &ids)
                 .await
             {
+                // This completion's own, its answer lost (tried again, the upload was gone
+                // or the key taken): the object holds exactly these parts. Taken for
+                // another's, it was read back whole and the source hashed again.
+                Err(crate::s3::S3Error::Taken(_))
+                    if self.holds_these_parts(&composite, size).await => {}
                 Err(crate::s3::S3Error::Taken(_)) => {
                     // Another copy published first (one whose claim had lapsed, or a
                     // writer outside the services): these parts are never completed.
@@ -1253,11 +1263,6 @@ impl Multipart<'_> {
             // Harmless: the sweep finds the store has no such upload any more.
             tracing::warn!(key = %self.key, error = %framework::telemetry::LogText(&e.to_string()), "could not forget a completed upload");
         }
-        let composite = {
-            use base64::Engine;
-            use sha2::Digest as _;
-            base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(&part_sums))
-        };
         Ok(Uploaded {
             digest: Digest {
                 size,
@@ -1271,6 +1276,21 @@ impl Multipart<'_> {
             written_durably: false,
             torn: None,
         })
+    }
+
+    /// Whether the key holds an object of `size` bytes whose `ChecksumSHA256` is
+    /// `composite` (of this upload's parts' checksums, with or without its `-<parts>`): a
+    /// store that keeps no checksum says nothing, and the key is taken as another's.
+    async fn holds_these_parts(&self, composite: &str, size: u64) -> bool {
+        match self.s3.head(self.key).await {
+            Ok(Some(h)) => {
+                h.size == size
+                    && h.checksum_sha256
+                        .as_deref()
+                        .is_some_and(|c| c.split('-').next() == Some(composite))
+            }
+            _ => false,
+        }
     }
 
     /// `e`, a failed completion of `upload_id`, once the upload is given up where the store

@@ -601,7 +601,13 @@ struct RequestLog {
     /// The next request matching is answered with this status and body by the proxy
     /// itself (a store's answer the client must not trust).
     canned: Option<Canned>,
+    /// The next request with this method whose target matches is forwarded, and the
+    /// server's answer lost: the client is answered 500 once the server has answered.
+    lose: Option<(String, TargetMatch)>,
 }
+
+/// Which request targets (path and query) a fault applies to.
+type TargetMatch = Box<dyn Fn(&str) -> bool + Send + Sync>;
 
 /// An answer the proxy gives itself, once, to a request matching.
 struct Canned {
@@ -743,6 +749,17 @@ impl CountingProxy {
         });
     }
 
+    /// Forwards the next request with this method whose target satisfies `pred`, and
+    /// loses the server's answer: once the server has answered, the client gets 500
+    /// `InternalError` instead (a connection that dropped with the answer on its way).
+    pub fn lose_next_answer(
+        &self,
+        method: &str,
+        pred: impl Fn(&str) -> bool + Send + Sync + 'static,
+    ) {
+        lock(&self.log).lose = Some((method.to_string(), Box::new(pred)));
+    }
+
     /// Requests answered 400 for a refused header.
     pub fn refused(&self) -> usize {
         lock(&self.log).refused
@@ -782,11 +799,14 @@ async fn proxy_connection(
     // Shared with the requests the proxy answers itself (a client waits for each
     // response before its next request, so the two never interleave).
     let cw = tokio::sync::Mutex::new(cw);
+    // The server's answers are lost from here on (`lose_next_answer`), each said.
+    let lost = Lost::default();
     let back = async {
         let mut chunk = vec![0u8; 64 * 1024];
         loop {
             match sr.read(&mut chunk).await {
                 Ok(0) | Err(_) => break,
+                Ok(_) if lost.muted.load(Ordering::SeqCst) => lost.answered.notify_one(),
                 Ok(n) => {
                     if cw.lock().await.write_all(&chunk[..n]).await.is_err() {
                         break;
@@ -797,12 +817,20 @@ async fn proxy_connection(
         let _ = cw.lock().await.shutdown().await;
     };
     let forth = async {
-        forward_requests(&mut cr, &mut sw, &cw, &log, generation).await;
+        forward_requests(&mut cr, &mut sw, &cw, &log, generation, &lost).await;
         // The client is gone (or answered by the proxy): the server sees its connection end,
         // as it would the client's own, instead of waiting for the rest of a request.
         let _ = sw.shutdown().await;
     };
     tokio::join!(back, forth);
+}
+
+/// A connection's server answers being lost ([`CountingProxy::lose_next_answer`]).
+#[derive(Default)]
+struct Lost {
+    muted: AtomicBool,
+    /// Notified as the server's (lost) answer arrives.
+    answered: Notify,
 }
 
 /// Reads the client's requests one by one, logging (and, as set, holding back, refusing or
@@ -813,6 +841,7 @@ async fn forward_requests(
     cw: &tokio::sync::Mutex<tokio::net::tcp::OwnedWriteHalf>,
     log: &Mutex<RequestLog>,
     generation: u64,
+    lost: &Lost,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     {
@@ -855,7 +884,16 @@ async fn forward_requests(
                          <Message>{message}</Message></Error>"
                     )
                 };
-                let canned = l.canned.take_if(|c| c.method == method && (c.pred)(target));
+                // One whose answer is to be lost goes to the server; a canned answer waits
+                // for the next (the try again after the loss, say).
+                let losing = l
+                    .lose
+                    .as_ref()
+                    .is_some_and(|(m, pred)| m == method && pred(target));
+                let canned = match losing || refuse || throttle {
+                    true => None,
+                    false => l.canned.take_if(|c| c.method == method && (c.pred)(target)),
+                };
                 if refuse {
                     l.refused += 1;
                     Some((
@@ -897,6 +935,12 @@ async fn forward_requests(
                 let mut l = lock(log);
                 if l.generation == generation {
                     l.requests.push(format!("{method} {target}"));
+                }
+                if l.lose
+                    .take_if(|(m, pred)| m == method && pred(target))
+                    .is_some()
+                {
+                    lost.muted.store(true, Ordering::SeqCst);
                 }
                 match l.hold.as_mut() {
                     Some(h) if h.method == method && (h.pred)(target) => {
@@ -951,6 +995,21 @@ async fn forward_requests(
                         left -= n as u64;
                     }
                 }
+            }
+            if lost.muted.load(Ordering::SeqCst) {
+                // Carried out by the server (it has begun to answer), the answer lost.
+                lost.answered.notified().await;
+                let why = "<Error><Code>InternalError</Code><Message>lost</Message></Error>";
+                let response = format!(
+                    "HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/xml\r\n\
+                     Retry-After: 0\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{why}",
+                    why.len()
+                );
+                let mut w = cw.lock().await;
+                let _ = w.write_all(response.as_bytes()).await;
+                let _ = w.shutdown().await;
+                let _ = sw.shutdown().await;
+                return;
             }
         }
     }

@@ -574,6 +574,39 @@ async fn s3_tier_with(
     (moto, proxy, tier)
 }
 
+/// A multipart completion the store carried out but whose answer was lost (answered 500
+/// here; tried again, the upload is gone: S3's 404 `NoSuchUpload`, which moto does not
+/// give, answered here) is this copy's own: reported uploaded and not downloaded — taken
+/// for another's, the object was read back whole and compared.
+#[tokio::test]
+async fn a_completion_whose_answer_was_lost_is_this_copys_own() {
+    let bucket = "tier-lost-completion";
+    let (_moto, proxy, tier) = s3_tier(bucket).await;
+    let base = tempfile::tempdir().expect("temp");
+    let c = copier(base.path(), "online", tier, records(base.path()).await);
+    let body = content(11 * MIB, 3);
+    let msg = put(base.path(), "online", "l/big.bin", &body);
+    let completion = |t: &str| t.contains("uploadId=") && !t.contains("partNumber=");
+    proxy.lose_next_answer("POST", completion);
+    proxy.answer_next(
+        "POST",
+        completion,
+        "404 Not Found",
+        "<Error><Code>NoSuchUpload</Code><Message>The specified upload does not exist.</Message></Error>",
+    );
+    let r = c.handle(&msg, 1).await;
+    let r = copied(r);
+    assert_eq!(r.key, "pre/l/big.bin");
+    assert!(r.uploaded, "this copy's upload: {r:?}");
+    assert_eq!(
+        downloads(&proxy, bucket, &r.key),
+        0,
+        "not read back: {:?}",
+        proxy.requests()
+    );
+    assert_eq!(c.records().count("multipart_uploads").await.unwrap(), 0);
+}
+
 /// S3 keys written with a trailing newline (a Kubernetes secret made `--from-file`) are
 /// used trimmed, as a key file's is: every request signed with the newline failed, retried
 /// as an outage for a day, while `check-config` showed nothing amiss.
