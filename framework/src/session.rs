@@ -1286,10 +1286,15 @@ fn incoming(d: &Delivery, queue: &str) -> Incoming {
         // A retry's last error, kept for its dead letter (which carries it as it is): no
         // longer than a retry writes one, or that dead letter, too large for a frame,
         // became one more retry — a permanent failure's work done again.
-        if let Some(last) = h::get_str(&headers, h::LAST_ERROR)
-            && last.len() > h::MAX_ERROR_BYTES
-        {
-            h::set_str(&mut headers, h::LAST_ERROR, &h::error_text(&last));
+        match h::get_str(&headers, h::LAST_ERROR) {
+            Some(last) if last.len() > h::MAX_ERROR_BYTES => {
+                h::set_str(&mut headers, h::LAST_ERROR, &h::error_text(&last));
+            }
+            // Not text (an array, a table): no error a retry wrote.
+            None if headers.inner().contains_key(h::LAST_ERROR) => {
+                headers = h::without(&headers, &[h::LAST_ERROR]);
+            }
+            _ => {}
         }
         for k in [h::RETRY_COUNT, h::PROGRESS_ATTEMPTS, h::OUTAGE_SINCE] {
             if headers.inner().contains_key(k) {

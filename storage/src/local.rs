@@ -173,8 +173,15 @@ fn copy_via(
     // (one stat per file fewer).
     let mode = expected.unchanged.map_or(0o644, |s| s.copy_mode());
     let staged = match Staged::create(root, parent, unnamed, mode) {
+        // Its directories are made only where no link leads out of the store: made through
+        // one, they were left outside it whatever the copy then found.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            create_dirs_durably(parent).and_then(|()| Staged::create(root, parent, unnamed, mode))
+            match resolves_beneath(root, parent) {
+                Ok(true) => create_dirs_durably(parent)
+                    .and_then(|()| Staged::create(root, parent, unnamed, mode)),
+                Ok(false) => return Err(CopyError::Unstorable(key.to_string(), LEADS_OUT)),
+                Err(e) => Err(e),
+            }
         }
         r => r,
     }
@@ -191,9 +198,13 @@ fn copy_via(
     }
     // Staged elsewhere: its link (or rename) needs the key's directory.
     if let Staged::Named(..) = staged {
-        match create_dirs_durably(parent).and_then(|()| std::fs::canonicalize(parent)) {
-            Ok(real) if real.starts_with(root) => {}
-            Ok(_) => {
+        let beneath = resolves_beneath(root, parent).and_then(|beneath| match beneath {
+            true => create_dirs_durably(parent).and_then(|()| resolves_beneath(root, parent)),
+            false => Ok(false),
+        });
+        match beneath {
+            Ok(true) => {}
+            Ok(false) => {
                 staged.discard();
                 return Err(CopyError::Unstorable(key.to_string(), LEADS_OUT));
             }
@@ -1048,6 +1059,22 @@ fn staging_file(root: &Path, mode: u32) -> std::io::Result<(File, PathBuf)> {
     }
 }
 
+/// Whether `dir`, or where it is not there yet its nearest ancestor that is, resolves
+/// (links followed) beneath `root` (canonical).
+fn resolves_beneath(root: &Path, dir: &Path) -> std::io::Result<bool> {
+    let mut d = dir;
+    loop {
+        match std::fs::canonicalize(d) {
+            Ok(real) => return Ok(real.starts_with(root)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match d.parent() {
+                Some(p) => d = p,
+                None => return Err(e),
+            },
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// `root`'s staging directory, refused where it is a link: copies would be staged, and
 /// sweeps delete old files, wherever it leads.
 fn staging_dir(root: &Path) -> std::io::Result<PathBuf> {
@@ -1541,26 +1568,21 @@ mod tests {
                 stopped: None,
                 read_back: false,
             };
-            let f = File::open(&src).expect("open");
-            let e = copy_via(
-                &f,
-                &root,
-                "out/f.mov",
-                "src",
-                Algorithm::Sha256,
-                expected,
-                unnamed,
-            )
-            .expect_err("refused");
-            assert!(
-                matches!(e, CopyError::Unstorable(_, LEADS_OUT)),
-                "unnamed {unnamed}, {size} bytes: {e}"
-            );
-            assert!(
-                !elsewhere.join("f.mov").exists(),
-                "nothing written out of the store"
-            );
-            assert_eq!(staged_files(&root), 0);
+            // Its directory there, or to be made there (nothing made through the link).
+            for key in ["out/f.mov", "out/sub/f.mov"] {
+                let f = File::open(&src).expect("open");
+                let e = copy_via(&f, &root, key, "src", Algorithm::Sha256, expected, unnamed)
+                    .expect_err("refused");
+                assert!(
+                    matches!(e, CopyError::Unstorable(_, LEADS_OUT)),
+                    "unnamed {unnamed}, {size} bytes, {key}: {e}"
+                );
+                assert!(
+                    std::fs::read_dir(&elsewhere).expect("dir").next().is_none(),
+                    "nothing written out of the store: {key}"
+                );
+                assert_eq!(staged_files(&root), 0);
+            }
         }
         let dir = tempfile::tempdir().expect("temp");
         let (root, other) = (dir.path().join("store"), dir.path().join("other"));

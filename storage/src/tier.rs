@@ -862,8 +862,7 @@ impl TierCopier {
             .objects_with(&d.checksum, d.size, original)
             .await?;
         if found.iter().any(|o| o.object_key != natural.as_ref())
-            && copy::object_size(&self.tier, natural).await? == Some(d.size)
-            && self.records.object_at(natural.as_ref()).await?.is_none()
+            && self.own_unrecorded_copy(natural, d).await
         {
             return Ok(None);
         }
@@ -894,6 +893,31 @@ impl TierCopier {
             }
         }
         Ok(None)
+    }
+
+    /// Whether the key `natural` holds an unrecorded object that may be this file's copy:
+    /// of its size and, where the store's ETag is a single request's MD5 and MD5 is this
+    /// tier's checksum, of its MD5 (an object replaced behind the service's back, whose
+    /// record was forgotten, is not taken for it). A look that fails says no: reuse goes
+    /// on as before.
+    async fn own_unrecorded_copy(&self, natural: &ObjectPath, d: &Digest) -> bool {
+        if !matches!(self.records.object_at(natural.as_ref()).await, Ok(None)) {
+            return false;
+        }
+        let Some(s3) = &self.tier.s3 else {
+            return matches!(copy::object_size(&self.tier, natural).await, Ok(Some(s)) if s == d.size);
+        };
+        match s3.head(natural).await {
+            Ok(Some(h)) if h.size == d.size => {
+                match h.etag.as_deref().map(|e| e.trim_matches('"')) {
+                    Some(md5) if !md5.contains('-') && self.policy.algorithm == Algorithm::Md5 => {
+                        md5.eq_ignore_ascii_case(&d.checksum)
+                    }
+                    _ => true,
+                }
+            }
+            _ => false,
+        }
     }
 
     /// Whether the recorded object `obj` still holds what was recorded

@@ -3383,6 +3383,47 @@ async fn a_files_own_unrecorded_copy_is_taken_before_another_files_identical_one
     assert!(!copied(c.handle(&z, 1).await).uploaded);
 }
 
+/// An object replaced behind the service's back (other bytes of its size; its record
+/// forgotten once that was found) is not taken for the file's own unrecorded copy: the
+/// file touched (a new mtime) goes to its copy beside it without reading the replaced one.
+#[tokio::test]
+async fn a_replaced_object_is_not_taken_for_a_files_own_unrecorded_copy() {
+    let bucket = "tier-replaced-own";
+    let (moto, proxy, tier) = s3_tier(bucket).await;
+    let base = tempfile::tempdir().expect("temp");
+    let c = nearline(base.path(), tier, records(base.path()).await);
+    let body = content(64 * 1024, 5);
+    let msg = put(base.path(), "online", "r/f.mov", &body);
+    let first = copied(c.handle(&msg, 1).await);
+    assert_eq!(first.key, "pre/r/f.mov");
+    let mut other = body.clone();
+    other[100] ^= 0x55;
+    object_store::ObjectStore::put(
+        &plain_client(&moto, bucket),
+        &storage::store::object_path(&first.key),
+        other.into(),
+    )
+    .await
+    .expect("replace the object");
+    let beside = copied(c.handle(&msg, 2).await);
+    assert_ne!(beside.key, first.key, "stored beside the replaced object");
+    std::fs::File::options()
+        .write(true)
+        .open(base.path().join("online/r/f.mov"))
+        .expect("open")
+        .set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(60))
+        .expect("touch");
+    proxy.reset();
+    let again = copied(c.handle(&msg, 3).await);
+    assert_eq!(again.key, beside.key);
+    assert_eq!(
+        downloads(&proxy, bucket, &first.key),
+        0,
+        "the replaced object is not read: {:?}",
+        proxy.requests()
+    );
+}
+
 /// A nearline copier (MD5, identical content reused) over `<base>/online` into `tier`.
 fn nearline(base: &Path, tier: Tier, records: Records) -> TierCopier {
     let roots = open_roots(&[base.join("online")], true).expect("roots");

@@ -95,7 +95,14 @@ pub async fn status(
         let store = Store::open_read_only(&url).await?;
         let cs = store.collections(&parsed.correlation_id).await?;
         let product = store.product_status(&parsed.correlation_id).await?;
-        let pruned = cs.is_empty() && store.was_pruned(&parsed.correlation_id).await?;
+        // A database from before runs were pruned has no record of them: none was.
+        let pruned = match cs.is_empty() {
+            true => match store.was_pruned(&parsed.correlation_id).await {
+                Err(e) if e.is_missing_table() => false,
+                r => r?,
+            },
+            false => false,
+        };
         store.close().await;
         Ok::<_, crate::store::StoreError>((cs, product, pruned))
     }

@@ -197,7 +197,7 @@ struct Refused {
     destinations: Vec<(String, String)>,
     /// The first refusal (why, the error): the retry's reason.
     first: Option<(String, PublishError)>,
-    /// Messages left for the retry so far (refused, or to an exchange that refused one).
+    /// Messages left for the retry so far (refused, or to a destination that refused one).
     held: usize,
     /// The runs (correlation ids) one of whose messages was left for the retry: their
     /// later records wait for it too. The retry builds a message again from the run's
