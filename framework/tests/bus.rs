@@ -2854,6 +2854,22 @@ async fn a_long_last_error_sent_back_costs_a_permanent_failure_no_second_attempt
         last.len()
     );
     assert!(last.ends_with("(130750 bytes in all)"), "the cut said");
+    // Not text at all (bytes): no error a retry wrote, dropped.
+    let mut forged = FieldTable::default();
+    forged.insert(
+        h::LAST_ERROR.into(),
+        AMQPValue::ByteArray(vec![b'e'; 130_750].into()),
+    );
+    hs.publish_retried(
+        "test.last",
+        br#"{"n":2}"#,
+        BasicProperties::default().with_headers(forged),
+        1,
+    )
+    .await;
+    let d = next(&mut dlq).await;
+    assert_eq!(calls.lock().unwrap().len(), 2, "each handled once");
+    assert_eq!(header(&d, h::LAST_ERROR), None, "dropped");
     hs.stop().await;
 }
 
