@@ -825,6 +825,26 @@ async fn proxy_connection(
     tokio::join!(back, forth);
 }
 
+/// Answers the client with `status` and `body` (XML) itself and ends the connection, its
+/// server's side too (and with it the copy of its responses).
+async fn answer_and_close(
+    cw: &tokio::sync::Mutex<tokio::net::tcp::OwnedWriteHalf>,
+    sw: &mut tokio::net::tcp::OwnedWriteHalf,
+    status: &str,
+    body: &str,
+) {
+    use tokio::io::AsyncWriteExt;
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: application/xml\r\nRetry-After: 0\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let mut w = cw.lock().await;
+    let _ = w.write_all(response.as_bytes()).await;
+    let _ = w.shutdown().await;
+    let _ = sw.shutdown().await;
+}
+
 /// A connection's server answers being lost ([`CountingProxy::lose_next_answer`]).
 #[derive(Default)]
 struct Lost {
@@ -919,16 +939,7 @@ async fn forward_requests(
                 } else {
                     body
                 };
-                let response = format!(
-                    "HTTP/1.1 {status}\r\nContent-Type: application/xml\r\nRetry-After: 0\r\n\
-                     Content-Length: {}\r\nConnection: close\r\n\r\n{why}",
-                    why.len()
-                );
-                let mut w = cw.lock().await;
-                let _ = w.write_all(response.as_bytes()).await;
-                let _ = w.shutdown().await;
-                // The server's side ends too, and with it the copy of its responses.
-                let _ = sw.shutdown().await;
+                answer_and_close(cw, sw, status, &why).await;
                 return;
             }
             let held = {
@@ -1000,15 +1011,7 @@ async fn forward_requests(
                 // Carried out by the server (it has begun to answer), the answer lost.
                 lost.answered.notified().await;
                 let why = "<Error><Code>InternalError</Code><Message>lost</Message></Error>";
-                let response = format!(
-                    "HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/xml\r\n\
-                     Retry-After: 0\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{why}",
-                    why.len()
-                );
-                let mut w = cw.lock().await;
-                let _ = w.write_all(response.as_bytes()).await;
-                let _ = w.shutdown().await;
-                let _ = sw.shutdown().await;
+                answer_and_close(cw, sw, "500 Internal Server Error", why).await;
                 return;
             }
         }
