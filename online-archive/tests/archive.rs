@@ -575,22 +575,28 @@ fn run_on_database(dir: &std::path::Path, url: &str) -> (Option<i32>, String) {
 }
 
 /// A store that is an online root would take every file there for its own copy, and
-/// report each as archived: refused at start (exit 2, naming the store's key).
+/// report each as archived: refused at start (exit 2, naming the store's key), and by
+/// `check-config` too (a deployment gated on it crash-looped).
 #[test]
 fn a_store_that_is_an_online_root_exits_2_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let online = dir.path().join("online");
     std::fs::create_dir(&online).unwrap();
-    let (mut cmd, _cleanup) = refused_run(dir.path());
-    let o = cmd
-        .env("STORAGETIER__ONLINE_ARCHIVE__ONLINE_ROOTS", &online)
-        .env("STORAGETIER__ONLINE_ARCHIVE__ARCHIVE_URL", &online)
-        .arg("run")
-        .output_within(WAIT)
-        .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{err}");
-    assert!(err.contains("online_archive.archive_url"), "{err}");
+    for command in ["run", "check-config"] {
+        let (mut cmd, _cleanup) = refused_run(dir.path());
+        let o = cmd
+            .env("STORAGETIER__ONLINE_ARCHIVE__ONLINE_ROOTS", &online)
+            .env("STORAGETIER__ONLINE_ARCHIVE__ARCHIVE_URL", &online)
+            .arg(command)
+            .output_within(WAIT)
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{command}: {err}");
+        assert!(
+            err.contains("online_archive.archive_url"),
+            "{command}: {err}"
+        );
+    }
 }
 
 /// The status line of `GET path` on `127.0.0.1:port`.

@@ -92,6 +92,27 @@ impl TierSetup {
         self.check_data_dir(own.section, own.store, data_dir)?;
         self.database_keys(service, data_dir).check(own.section)?;
         crate::paths::check_configured_roots(&key("online_roots"), &self.online_roots)?;
+        // A local store that is an online root: refused by `check-config` too, not first
+        // at start (a deployment gated on `check-config` crash-looped).
+        if let Some(url) = self
+            .store_url
+            .as_deref()
+            .filter(|u| !u.starts_with("s3://"))
+            && let Ok(store) = std::fs::canonicalize(url.strip_prefix("file://").unwrap_or(url))
+            && let Some(root) = self
+                .online_roots
+                .iter()
+                .find(|r| std::fs::canonicalize(r).is_ok_and(|r| r == store))
+        {
+            return Err(framework::config::ConfigError::new(
+                key(own.store),
+                format!(
+                    "the store {url} is the online root {}: its files would be taken for \
+                     their own copies; give the store a directory of its own",
+                    root.display()
+                ),
+            ));
+        }
         crate::overlap::check_apart(
             own,
             self.store_url.as_deref(),
