@@ -751,6 +751,16 @@ enum Access {
     ReadOnly,
 }
 
+/// SQLite `url` opened in `mode` unless its query names one: whatever else the query says
+/// (`?cache=shared` alone left the file never created, and every first start failed).
+fn with_mode(url: &str, mode: &str) -> String {
+    match url.split_once('?') {
+        None => format!("{url}?mode={mode}"),
+        Some((_, query)) if query.split('&').any(|p| p.starts_with("mode=")) => url.to_string(),
+        Some(_) => format!("{url}&mode={mode}"),
+    }
+}
+
 /// `url` as sqlx takes it (SQLite: its directory created, `mode=rwc` by default).
 fn full_url(url: &str) -> Result<String, DbError> {
     full_url_as(url, Access::Own)
@@ -762,11 +772,7 @@ fn full_url_as(url: &str, access: Access) -> Result<String, DbError> {
     sqlx::any::install_default_drivers();
     if url.starts_with("sqlite://") {
         if access == Access::ReadOnly {
-            return Ok(if url.contains('?') {
-                url.to_string()
-            } else {
-                format!("{url}?mode=ro")
-            });
+            return Ok(with_mode(url, "ro"));
         }
         if let Some(file) = sqlite_file(url)
             && let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty())
@@ -774,11 +780,7 @@ fn full_url_as(url: &str, access: Access) -> Result<String, DbError> {
             // Flushed into their parents once the database is open (`flush_file_entry`).
             std::fs::create_dir_all(dir).map_err(|e| DbError::Dir(dir.display().to_string(), e))?;
         }
-        Ok(if url.contains('?') {
-            url.to_string()
-        } else {
-            format!("{url}?mode=rwc")
-        })
+        Ok(with_mode(url, "rwc"))
     } else if is_supported(url) {
         Ok(url.to_string())
     } else {
@@ -1140,6 +1142,25 @@ mod tests {
             .filter(|(url, _)| url.contains(path))
             .map(|(_, n)| n)
             .sum()
+    }
+
+    /// A SQLite database whose URL carries a query of its own (`?cache=shared`) is created
+    /// on first start all the same; a mode it names stands.
+    #[tokio::test]
+    async fn a_sqlite_url_with_a_query_is_created_on_first_start() {
+        let dir = tempfile::tempdir().expect("temp");
+        let url = format!(
+            "sqlite://{}?cache=shared",
+            dir.path().join("q.db").display()
+        );
+        let pool = connect(&url, &Migrator::DEFAULT).await.expect("created");
+        pool.close().await;
+        assert!(dir.path().join("q.db").exists());
+        assert_eq!(
+            with_mode("sqlite:///x.db?mode=ro", "rwc"),
+            "sqlite:///x.db?mode=ro"
+        );
+        assert_eq!(with_mode("sqlite:///x.db", "ro"), "sqlite:///x.db?mode=ro");
     }
 
     /// A database that cannot serve is an outage; a query's own failure, or a row the
