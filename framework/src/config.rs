@@ -235,11 +235,7 @@ impl AmqpUrl {
     /// the password (refused, retried for ever as if the broker were away), a password
     /// without a user was sent as `guest`'s.
     pub fn login_gap(&self) -> Option<String> {
-        let external = self.0.query_pairs().any(|(k, v)| {
-            k == "auth_mechanism"
-                && v.parse::<lapin::uri::SASLMechanism>()
-                    .is_ok_and(|m| m == lapin::uri::SASLMechanism::External)
-        });
+        let external = self.external();
         let user = self.0.username();
         match (user.is_empty(), self.0.password().is_some()) {
             _ if external => None,
@@ -252,6 +248,24 @@ impl AmqpUrl {
             ),
             _ => None,
         }
+    }
+    /// Whether the URL logs in by `auth_mechanism=external` (a client certificate).
+    fn external(&self) -> bool {
+        self.0.query_pairs().any(|(k, v)| {
+            k == "auth_mechanism"
+                && v.parse::<lapin::uri::SASLMechanism>()
+                    .is_ok_and(|m| m == lapin::uri::SASLMechanism::External)
+        })
+    }
+    /// Whether the client would log in as `guest` (no user, no password, not `EXTERNAL`)
+    /// to another machine: RabbitMQ refuses `guest` off loopback by default, and the
+    /// service would retry that refusal for ever as if the broker were away.
+    pub fn guest_on_another_machine(&self) -> bool {
+        let external = self.external();
+        !external
+            && self.0.username().is_empty()
+            && self.0.password().is_none()
+            && !self.0.host_str().is_some_and(is_this_machine)
     }
     /// Whether the login crosses a network in the clear: plaintext `amqp://` to another
     /// machine (the password, and every message, readable by anyone on the path).
@@ -2048,6 +2062,18 @@ impl<S> Config<S> {
                  every message cross the network readable by anyone on the path; use amqps://"
             ));
         }
+        for u in self
+            .amqp
+            .endpoints()
+            .into_iter()
+            .filter(|u| u.guest_on_another_machine())
+        {
+            out.push(format!(
+                "amqp: {u} names no user: the client logs in as guest/guest, which RabbitMQ \
+                 refuses from other machines by default (retried for ever, never ready); \
+                 write the user and password in the URL (or amqp.password_file)"
+            ));
+        }
         out
     }
 
@@ -2984,6 +3010,15 @@ prefetch = 4
         }
         assert_eq!(
             warned("amqps://app:s3cret@rabbit.internal/%2f"),
+            Vec::<String>::new()
+        );
+        // No user at all: guest's login, refused off loopback by default.
+        let w = warned("amqps://rabbit.internal:5671/v");
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("guest/guest"), "{w:?}");
+        assert_eq!(warned("amqp://127.0.0.1:5672/%2f"), Vec::<String>::new());
+        assert_eq!(
+            warned("amqps://rabbit.internal/v?auth_mechanism=external"),
             Vec::<String>::new()
         );
     }
