@@ -208,7 +208,8 @@ async fn queue_leader_stopped_mid_stream_archives_every_file_once() {
             )
         )
     );
-    assert!(f.outputs_before < n, "the leader was stopped mid-stream");
+    // Mid-stream by construction: half the files are published only after the stop (an
+    // assertion on the outputs before it could not fail).
     assert_eq!(t.lost, 0, "every file reported");
     assert!(
         t.duplicated <= REPLICAS * PREFETCH,
